@@ -1,0 +1,3 @@
+from keter.cli import main
+
+raise SystemExit(main())

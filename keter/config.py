@@ -1,0 +1,637 @@
+"""The global keter config, ``ROOT/etc/keter-config.yaml``.
+
+The file is optional and every key has a default. Keys use Keter's dashed
+names so an existing Keter config keeps working: Keter keys that mean nothing
+here are accepted with a warning instead of failing the daemon's start.
+
+Validation is strict and collects every problem before raising, so an operator
+fixes the whole file in one round. Each problem names the key path, what was
+found and what was expected. Values are echoed JSON-quoted (and shortened) so a
+hostile or broken value cannot forge extra log lines.
+
+The YAML helpers at the end (``read_yaml_file``, ``describe``, ``unknown_key``,
+``parse_env``) are shared with ``keter.bundle``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import math
+import os
+import pwd
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+from psycopg.conninfo import conninfo_to_dict
+
+CONFIG_NAME = "keter-config.yaml"
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+# Configs are a few hundred bytes; the cap only stops a runaway file from
+# being read into memory.
+MAX_YAML_BYTES = 1 << 20
+MIB = 1 << 20
+GIB = 1 << 30
+
+
+class ConfigError(Exception):
+    """The global config is unusable; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        prefix = f"{source}: " if source else ""
+        super().__init__("\n".join(prefix + p for p in self.problems))
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """One address nginx listens on for plain HTTP.
+
+    ``host`` is ``"*"`` (every address) or one IP address in its canonical
+    spelling. Keter's ``"*4"`` / ``"*6"`` (every IPv4 / IPv6 address) are read
+    as ``"0.0.0.0"`` / ``"::"``, which say the same in nginx's terms.
+    """
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class NginxSettings:
+    """Where keter writes its nginx config and how it checks and reloads nginx."""
+
+    config_file: Path = Path("/etc/nginx/sites-enabled/keter")
+    test_command: tuple[str, ...] = ("nginx", "-t")
+    reload_command: tuple[str, ...] = ("nginx", "-s", "reload")
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeterConfig:
+    """The validated global config; every field but ``root`` has Keter's default."""
+
+    root: Path
+    listeners: tuple[Listener, ...] = (Listener("*", 80),)
+    nginx: NginxSettings = NginxSettings()
+    port_range: tuple[int, int] = (4000, 4999)
+    health_check_timeout: float = 30.0
+    drain_seconds: float = 2.0
+    stop_timeout: float = 10.0
+    # Values may be secrets (API keys, a DSN with a password): kept out of repr.
+    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
+    postgres_admin_dsn: str = field(default="", repr=False)
+    setuid: str | None = None
+    log_max_bytes: int = 10 * MIB
+    log_backups: int = 5
+    max_unpacked_bytes: int = 2 * GIB
+    max_members: int = 100_000
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def incoming_dir(self) -> Path:
+        return self.root / "incoming"
+
+    @property
+    def temp_dir(self) -> Path:
+        return self.root / "temp"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.root / "log"
+
+    @property
+    def etc_dir(self) -> Path:
+        return self.root / "etc"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run"
+
+
+# -- loading -------------------------------------------------------------------------
+
+
+def load_config(
+    target: str | Path, *, ephemeral_range: tuple[int, int] | None = None
+) -> KeterConfig:
+    """Load the config the way Keter's command line does.
+
+    ``target`` is either ROOT (reads ``ROOT/etc/keter-config.yaml`` if it
+    exists, else uses the defaults) or the config file itself, in which case
+    ROOT defaults to the parent of the file's folder
+    (``/opt/keter/etc/keter-config.yaml`` -> ``/opt/keter``). Relative paths in
+    the file, ``root:`` included, are relative to the file's folder.
+    """
+    target = _absolute(Path(target))
+    if target.is_dir():
+        path = target / "etc" / CONFIG_NAME
+        root, base, root_given = target, target / "etc", True
+        if not path.exists():
+            return parse_config({}, root=root, base=base, ephemeral_range=ephemeral_range)
+    elif target.exists():
+        path = target
+        root, base, root_given = target.parent.parent, target.parent, False
+    else:
+        raise ConfigError([f"{target}: no such file or folder"])
+    try:
+        data = read_yaml_file(path)
+    except ValueError as exc:
+        raise ConfigError([str(exc)], source=str(path)) from None
+    try:
+        return parse_config(
+            data, root=root, base=base, ephemeral_range=ephemeral_range, root_given=root_given
+        )
+    except ConfigError as exc:
+        raise ConfigError(exc.problems, source=str(path)) from None
+
+
+def read_ephemeral_range(path: Path | None = None) -> tuple[int, int] | None:
+    """The kernel's range for outgoing ports (read from /proc), or None if unreadable."""
+    try:
+        low, high = (int(word) for word in (path or EPHEMERAL_RANGE_FILE).read_text().split())
+    except (OSError, ValueError):
+        return None
+    return (low, high)
+
+
+# -- parsing -------------------------------------------------------------------------
+
+# Keter keys that have no meaning in this implementation (yet).
+KETER_ONLY_KEYS = (
+    "cli-port",
+    "port-manager",
+    "rotate-logs",
+    "ip-from-header",
+    "external-http-port",
+    "external-https-port",
+    "healthcheck-path",
+    "unknown-host-response-file",
+    "missing-host-response-file",
+    "proxy-exception-response-file",
+    "connection-time-bound",
+)
+TLS_LISTENER_KEYS = ("key", "certificate", "chain-certificates", "session")
+# Keter's spellings for "every address of one family".
+WILDCARD_HOSTS = {"*4": "0.0.0.0", "*6": "::"}
+
+
+class Checker:
+    """Collects problems (fatal) and warnings (notes) while a document is parsed."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}")
+
+    def warn(self, path: str, message: str) -> None:
+        self.warnings.append(f"{path}: {message}")
+
+
+def parse_config(
+    data: object,
+    *,
+    root: Path,
+    base: Path,
+    ephemeral_range: tuple[int, int] | None = None,
+    root_given: bool = False,
+) -> KeterConfig:
+    """Validate a parsed YAML value into a KeterConfig, or raise ConfigError.
+
+    ``root`` is used when the data has no ``root:`` key; ``base`` is the folder
+    relative paths are resolved against (the config file's folder).
+    ``ephemeral_range`` is the kernel's outgoing port range (None: read it from
+    /proc). ``root_given`` means the operator named ROOT on the command line, so
+    a ``root:`` key must agree with it.
+    """
+    if data is None:  # an empty or all-comments file: every default
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"expected a mapping of settings, got {describe(data)}"])
+    check = Checker()
+    root, base = _absolute(root), _absolute(base)
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _FIELDS:
+            attr, parser = _FIELDS[key]
+            parsed = parser(value, key, check, base)
+            if parsed is not None:
+                values[attr] = parsed
+        elif key == "root":
+            given = _string(value, "root", check, "a folder path")
+            if given:
+                values["root"] = _absolute(base / given)
+                if root_given and values["root"] != root:
+                    check.problem(
+                        "root",
+                        f"points to {values['root']}, but keter was started with ROOT {root}; "
+                        "remove the key or start keter with the config file instead",
+                    )
+        elif key in KETER_ONLY_KEYS:
+            check.warn(key, "accepted for compatibility with Keter; it has no effect here")
+        else:
+            check.problem(key_name(key), unknown_key(key, _KNOWN_KEYS))
+    values.setdefault("root", root)
+    _check_ports(values, check, ephemeral_range)
+    if check.problems:
+        raise ConfigError(check.problems)
+    return KeterConfig(**values, warnings=tuple(check.warnings))
+
+
+Parser = Callable[[object, str, Checker, Path], object]
+
+
+def _parse_listeners(value: object, path: str, check: Checker, base: Path) -> object:
+    if not isinstance(value, list) or not value:
+        check.problem(
+            path, f'expected a list like [{{host: "*", port: 80}}], got {describe(value)}'
+        )
+        return None
+    before = len(check.problems)
+    listeners: list[Listener] = []
+    seen: dict[tuple[str, int], str] = {}
+    for i, entry in enumerate(value):
+        where = f"{path}[{i}]"
+        listener = _parse_listener(entry, where, check)
+        if listener is None:
+            continue
+        # nginx binds "*" as 0.0.0.0, so the two would be one socket listed twice.
+        key = ("0.0.0.0" if listener.host == "*" else listener.host, listener.port)
+        if key in seen:
+            check.problem(where, f"{listener.host} port {listener.port} repeats {seen[key]}")
+        seen[key] = where
+        listeners.append(listener)
+    if len(check.problems) > before:
+        return None
+    if not listeners:
+        check.problem(path, "no plain HTTP listener left (TLS listeners are not supported yet)")
+        return None
+    return tuple(listeners)
+
+
+def _parse_listener(entry: object, where: str, check: Checker) -> Listener | None:
+    """The listener, or None after a problem or for a (skipped) TLS listener."""
+    if not isinstance(entry, dict):
+        check.problem(
+            where, f'expected a mapping like {{host: "*", port: 80}}, got {describe(entry)}'
+        )
+        return None
+    before = len(check.problems)
+    tls_keys = [key for key in TLS_LISTENER_KEYS if key in entry]
+    host, port = "*", 443 if tls_keys else 80  # Keter's defaults
+    for key, value in entry.items():
+        if key == "host":
+            host = _parse_listen_host(value, f"{where}.host", check) or host
+        elif key == "port":
+            port = _integer(value, f"{where}.port", check, 1, 65535) or port
+        elif key not in TLS_LISTENER_KEYS:
+            known = ("host", "port", *TLS_LISTENER_KEYS)
+            check.problem(f"{where}.{key_name(key)}", unknown_key(key, known))
+    if len(check.problems) > before:
+        return None
+    if tls_keys:
+        check.warn(
+            where,
+            f"TLS listener ({host} port {port}, {', '.join(tls_keys)}) is not supported yet; "
+            "it is skipped",
+        )
+        return None
+    return Listener(host, port)
+
+
+def _parse_listen_host(value: object, path: str, check: Checker) -> str | None:
+    expected = 'expected "*", "*4", "*6" or an IP address'
+    if not isinstance(value, str):
+        check.problem(path, f"{expected}, got {describe(value)}")
+        return None
+    if value == "*":
+        return value
+    if value in WILDCARD_HOSTS:
+        return WILDCARD_HOSTS[value]
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        check.problem(path, f"{expected}, got {describe(value)}")
+        return None
+
+
+def _parse_nginx(value: object, path: str, check: Checker, base: Path) -> object:
+    if not isinstance(value, dict):
+        check.problem(path, f"expected a mapping like {{config-file: ...}}, got {describe(value)}")
+        return None
+    fields: dict[str, Any] = {}
+    keys = ("config-file", "test-command", "reload-command")
+    for key, item in value.items():
+        where = f"{path}.{key_name(key)}"
+        if key == "config-file":
+            text = _string(item, where, check, "a file path")
+            if text:
+                fields["config_file"] = _absolute(base / text)
+        elif key in ("test-command", "reload-command"):
+            command = _command(item, where, check)
+            if command:
+                fields[key.replace("-", "_")] = command
+        else:
+            check.problem(where, unknown_key(key, keys))
+    return NginxSettings(**fields)
+
+
+def _command(value: object, path: str, check: Checker) -> tuple[str, ...] | None:
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(word, str) and word and "\0" not in word for word in value)
+    ):
+        return tuple(value)
+    expected = "a non-empty list of strings like [nginx, -t]"
+    check.problem(path, f"expected {expected}, got {describe(value)}")
+    return None
+
+
+def _parse_port_range(value: object, path: str, check: Checker, base: Path) -> object:
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(_is_int(port) for port in value)
+        and 1024 <= value[0] <= value[1] <= 65535
+    ):
+        return (value[0], value[1])
+    check.problem(
+        path, f"expected [LOW, HIGH] with 1024 <= LOW <= HIGH <= 65535, got {describe(value)}"
+    )
+    return None
+
+
+def _check_ports(
+    values: dict[str, object], check: Checker, ephemeral: tuple[int, int] | None
+) -> None:
+    """Cross-key checks: the app port range must not collide with anything."""
+    if "port_range" not in values and any(p.startswith("port-range:") for p in check.problems):
+        return  # already reported as malformed
+    low, high = values.get("port_range", KeterConfig.port_range)
+    shown = f"[{low}, {high}]"
+    if ephemeral is None:
+        ephemeral = read_ephemeral_range()
+    if ephemeral is None:
+        check.warn("port-range", f"cannot read {EPHEMERAL_RANGE_FILE}; overlap with it not checked")
+    elif low <= ephemeral[1] and ephemeral[0] <= high:
+        check.problem(
+            "port-range",
+            f"{shown} overlaps the kernel's ephemeral port range {ephemeral[0]}-{ephemeral[1]} "
+            f"({EPHEMERAL_RANGE_FILE}): apps would race outgoing connections for those ports; "
+            "choose a range outside it",
+        )
+    listeners = values.get("listeners", KeterConfig.listeners)
+    for i, listener in enumerate(listeners):
+        if low <= listener.port <= high:
+            check.problem(
+                f"listeners[{i}].port",
+                f"{listener.port} is inside port-range {shown}, so keter could give it to an app",
+            )
+
+
+def _seconds(minimum: float, *, inclusive: bool) -> Parser:
+    bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+
+    def parse(value: object, path: str, check: Checker, base: Path) -> object:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            number = float(value)
+            if math.isfinite(number) and (number >= minimum if inclusive else number > minimum):
+                return number
+        check.problem(path, f"expected a number of seconds {bound}, got {describe(value)}")
+        return None
+
+    return parse
+
+
+def _count(minimum: int) -> Parser:
+    def parse(value: object, path: str, check: Checker, base: Path) -> object:
+        return _integer(value, path, check, minimum, None)
+
+    return parse
+
+
+def _parse_env(value: object, path: str, check: Checker, base: Path) -> object:
+    return parse_env(value, path, check)
+
+
+def _parse_postgres(value: object, path: str, check: Checker, base: Path) -> object:
+    if not isinstance(value, dict):
+        check.problem(path, f'expected a mapping like {{admin-dsn: ""}}, got {describe(value)}')
+        return None
+    dsn = None
+    for key, item in value.items():
+        where = f"{path}.{key_name(key)}"
+        if key != "admin-dsn":
+            check.problem(where, unknown_key(key, ("admin-dsn",)))
+        elif not isinstance(item, str):
+            # The value may hold a password: name its type only.
+            check.problem(where, f"expected a libpq connection string, got {type_name(item)}")
+        else:
+            try:
+                conninfo_to_dict(item)
+            except Exception:  # psycopg.ProgrammingError; its text quotes the value
+                check.problem(
+                    where,
+                    "not a valid libpq connection string (value not shown: it may hold a password)",
+                )
+            else:
+                dsn = item
+    return dsn
+
+
+def _parse_setuid(value: object, path: str, check: Checker, base: Path) -> object:
+    name = _string(value, path, check, "a user name")
+    if name is None:
+        return None
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        check.problem(path, f"no user named {describe(name)} on this machine")
+        return None
+    return name
+
+
+_FIELDS: dict[str, tuple[str, Parser]] = {
+    "listeners": ("listeners", _parse_listeners),
+    "nginx": ("nginx", _parse_nginx),
+    "port-range": ("port_range", _parse_port_range),
+    "health-check-timeout": ("health_check_timeout", _seconds(0, inclusive=False)),
+    "drain-seconds": ("drain_seconds", _seconds(0, inclusive=True)),
+    "stop-timeout": ("stop_timeout", _seconds(0, inclusive=False)),
+    "env": ("env", _parse_env),
+    "postgres": ("postgres_admin_dsn", _parse_postgres),
+    "setuid": ("setuid", _parse_setuid),
+    "log-max-bytes": ("log_max_bytes", _count(1)),
+    "log-backups": ("log_backups", _count(0)),
+    "max-unpacked-bytes": ("max_unpacked_bytes", _count(1)),
+    "max-members": ("max_members", _count(1)),
+}
+_KNOWN_KEYS = (*_FIELDS, "root", *KETER_ONLY_KEYS)
+
+
+# -- helpers shared with keter.bundle --------------------------------------------------
+
+
+class _AliasRefused(Exception):
+    """Raised by the loader at the first anchor or alias; carries its line."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors/aliases (alias bombs) and duplicate keys."""
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _AliasRefused(event.start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, list | dict):
+                continue  # SafeLoader reports unhashable keys itself
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {describe(key)}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> object:
+    """Parse one YAML document strictly; raises ValueError(reason)."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        # Only the position: the snippet PyYAML adds would echo file content.
+        where = ""
+        if exc.problem_mark is not None:
+            where = f" at line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}"
+        reason = ", ".join(part for part in (exc.context, exc.problem) if part)
+        raise ValueError(f"not valid YAML{where}: {reason}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"not valid YAML: {exc}") from None
+    except _AliasRefused as exc:
+        raise ValueError(
+            f"uses YAML anchors/aliases (line {exc.args[0]}), which keter refuses: "
+            "they allow alias bombs"
+        ) from None
+    except RecursionError:
+        raise ValueError("not valid YAML: nested too deeply") from None
+
+
+def read_yaml_file(path: Path, max_bytes: int = MAX_YAML_BYTES) -> object:
+    """Read and parse a small YAML file; raises ValueError(reason)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read: {exc.strerror}") from None
+    if len(raw) > max_bytes:
+        raise ValueError(f"larger than {max_bytes} bytes")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 (bad byte at offset {exc.start})") from None
+    return load_yaml(text)
+
+
+def type_name(value: object) -> str:
+    """The YAML name of a value's type, for messages that must not show the value."""
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string"}
+    names.update({list: "a list", dict: "a mapping", type(None): "nothing (null)"})
+    return names.get(type(value), type(value).__name__)
+
+
+def describe(value: object, limit: int = 60) -> str:
+    """A value as it would look in JSON, shortened: safe to put in one log line."""
+    if value is None:
+        return "nothing (null)"
+    text = json.dumps(value, ensure_ascii=True, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def key_name(key: object) -> str:
+    """A mapping key as shown in a key path; odd keys are quoted so they stay one line."""
+    if isinstance(key, str) and re.fullmatch(r"[A-Za-z0-9_.*-]{1,60}", key):
+        return key
+    return describe(key, limit=40)
+
+
+def unknown_key(key: object, known: tuple[str, ...] | list[str]) -> str:
+    """'unknown key', with a difflib suggestion when one is close."""
+    if isinstance(key, str):
+        close = difflib.get_close_matches(key, known, n=1)
+        if close:
+            return f"unknown key (did you mean {close[0]}?)"
+        return "unknown key"
+    return f"unknown key: keys must be strings, got {type_name(key)}"
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def parse_env(value: object, path: str, check: Checker) -> Mapping[str, str] | None:
+    """An ``env:`` mapping: names are shell-style, values strings (numbers, booleans converted)."""
+    if not isinstance(value, dict):
+        check.problem(path, f"expected a mapping of NAME: value, got {describe(value)}")
+        return None
+    env: dict[str, str] = {}
+    ok = True
+    for name, item in value.items():
+        where = f"{path}.{key_name(name)}"
+        if isinstance(name, bool):  # YAML 1.1 reads ON, YES, NO... as booleans
+            check.problem(where, "YAML reads this name as a boolean; quote it")
+            ok = False
+        elif not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+            check.problem(where, "expected a variable name of letters, digits and _")
+            ok = False
+        elif isinstance(item, bool):
+            env[name] = "true" if item else "false"  # as written in YAML, not Python's True
+        elif isinstance(item, int | float | str) and "\0" not in str(item):
+            env[name] = str(item)
+        else:
+            # Values may be secrets: say what kind of value was wrong, not what it was.
+            check.problem(where, f"expected a string, number or boolean, got {type_name(item)}")
+            ok = False
+    return MappingProxyType(env) if ok else None
+
+
+def _string(value: object, path: str, check: Checker, what: str) -> str | None:
+    if isinstance(value, str) and value and "\0" not in value:
+        return value
+    check.problem(path, f"expected {what}, got {describe(value)}")
+    return None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _integer(
+    value: object, path: str, check: Checker, minimum: int, maximum: int | None
+) -> int | None:
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value >= minimum
+        and (maximum is None or value <= maximum)
+    ):
+        return value
+    expected = f"an integer {minimum}-{maximum}" if maximum else f"an integer >= {minimum}"
+    check.problem(path, f"expected {expected}, got {describe(value)}")
+    return None
+
+
+def _absolute(path: Path) -> Path:
+    """Absolute and normalised without following symlinks, as Keter joins paths."""
+    return Path(os.path.normpath(os.path.abspath(path)))

@@ -1,0 +1,499 @@
+"""Bundle configs (config/keter.yaml), app names and host names."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from keter.bundle import (
+    BundleConfig,
+    BundleConfigError,
+    WebApp,
+    parse_bundle_config,
+    parse_bundle_data,
+    validate_app_name,
+    validate_host,
+)
+from keter.config import load_yaml
+
+FOO_V04 = Path("/work/shared/keter-fixtures/foo-v04.keter.yaml")
+
+
+def make_bundle(tmp_path: Path, config: str | bytes | None, name: str = "keter.yaml") -> Path:
+    """An unpacked bundle folder with an executable ``hello`` beside ``config/``."""
+    folder = tmp_path / "bundle"
+    (folder / "config").mkdir(parents=True)
+    hello = folder / "hello"
+    hello.write_text("#!/bin/sh\nexit 0\n")
+    hello.chmod(0o755)
+    if config is not None:
+        path = folder / "config" / name
+        path.write_bytes(config.encode() if isinstance(config, str) else config)
+    return folder
+
+
+def parse(tmp_path: Path, config: str) -> BundleConfig:
+    return parse_bundle_config(make_bundle(tmp_path, config), "app")
+
+
+def problems(tmp_path: Path, config: str) -> list[str]:
+    with pytest.raises(BundleConfigError) as info:
+        parse(tmp_path, config)
+    return info.value.problems
+
+
+# -- app names -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["a", "foo", "Foo-bar_1.2", "0day", "x" * 64, "a.b.c", "v1.0-rc_2"]
+)
+def test_valid_app_names(name: str) -> None:
+    assert validate_app_name(name) == name
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("", "empty"),
+        ("x" * 65, "65 characters"),
+        ("a..b", '".."'),
+        ("..", '".."'),
+        (".hidden", "must start with a letter or digit"),
+        ("-flag", "must start with a letter or digit"),
+        ("_x", "must start with a letter or digit"),
+        ("a b", "only letters"),
+        ("a/b", "only letters"),
+        ("a\\b", "only letters"),
+        ("app\n", "only letters"),
+        ("a\nb", "only letters"),
+        ("café", "only letters"),
+        ("a;b", "only letters"),
+    ],
+)
+def test_invalid_app_names(name: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        validate_app_name(name)
+
+
+# -- host names ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("localhost", "localhost"),
+        ("tealc-mint", "tealc-mint"),
+        ("www.mysite.com", "www.mysite.com"),
+        ("WWW.Example.COM", "www.example.com"),
+        ("*.example.com", "*.example.com"),
+        ("*.com", "*.com"),
+        ("a", "a"),
+        ("4chan.org", "4chan.org"),
+        ("xn--bcher-kva.example", "xn--bcher-kva.example"),
+        ("a-b.c-d", "a-b.c-d"),
+        ("1.2.3.example", "1.2.3.example"),
+        ("x" * 63 + ".com", "x" * 63 + ".com"),
+        (".".join(["a" * 63] * 3) + "." + "b" * 61, ".".join(["a" * 63] * 3) + "." + "b" * 61),
+    ],
+)
+def test_valid_hosts(host: str, expected: str) -> None:
+    assert validate_host(host) == expected
+
+
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        ("", "empty"),
+        ("a b", 'contains " "'),
+        ('a"b', "contains"),
+        ("a'b", "contains"),
+        ("a;b", 'contains ";"'),
+        ("a{b", "contains"),
+        ("a}b", "contains"),
+        ("a#b", "contains"),
+        ("a$b", "contains"),
+        ("a~b", "contains"),
+        ("a_b", 'contains "_"'),
+        ("a\nb", 'contains "\\n"'),
+        ("a\tb", "contains"),
+        ("a/b", "contains"),
+        ("a:80", "contains"),
+        ("a..b", "empty label"),
+        (".a", "empty label"),
+        ("example.com.", "ends with a dot"),
+        ("-a.com", "starts or ends with '-'"),
+        ("a-.com", "starts or ends with '-'"),
+        ("x" * 64 + ".com", "longer than 63"),
+        (".".join(["a" * 63] * 4), "at most 253"),
+        ("1.2.3.4", "IP address"),
+        ("127.1", "IP address"),
+        ("0x7f000001", "IP address"),
+        ("10", "IP address"),
+        ("::1", "IP address"),
+        ("[::1]", "IP address"),
+        ("fe80::1", "IP address"),
+        ("*", "wildcard"),
+        ("a.*.com", "wildcard"),
+        ("*a.com", "wildcard"),
+        ("**.com", "wildcard"),
+        ("*.", "ends with a dot"),
+        ("bücher.de", "non-ASCII"),
+        ("\u212a.com", "non-ASCII"),  # KELVIN SIGN lower-cases to "k"
+    ],
+)
+def test_invalid_hosts(host: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        validate_host(host)
+
+
+@given(st.text())
+@example("K.com")
+@example("\u212a.com")
+@example("İ.com")
+def test_accepted_hosts_are_plain_and_round_trip(text: str) -> None:
+    try:
+        host = validate_host(text)
+    except ValueError:
+        return
+    assert re.fullmatch(r"[a-z0-9.*-]+", host)
+    assert host == text.lower()
+    assert validate_host(host) == host
+
+
+_labels = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", fullmatch=True)
+# The last label starts with a letter: otherwise "10" or "0x7f" would read as IP addresses.
+_tops = st.from_regex(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?", fullmatch=True)
+_names = st.builds(
+    lambda labels, top: ".".join([*labels, top]), st.lists(_labels, max_size=3), _tops
+)
+_hosts = st.builds(lambda wild, name: "*." + name if wild else name, st.booleans(), _names).filter(
+    lambda host: len(host) <= 253
+)
+
+
+@given(_hosts, st.randoms())
+def test_every_rfc1123_name_is_accepted_in_any_case(host: str, random) -> None:
+    mixed = "".join(c.upper() if random.random() < 0.5 else c for c in host)
+    assert validate_host(mixed) == host
+
+
+@given(_hosts, st.sampled_from(" \"';{}#$~_\n\r\t/\\:@!\x00\x7f"), st.data())
+def test_any_forbidden_character_is_refused(host: str, bad: str, data) -> None:
+    at = data.draw(st.integers(0, len(host)))
+    with pytest.raises(ValueError):
+        validate_host(host[:at] + bad + host[at:])
+
+
+# -- config/keter.yaml -----------------------------------------------------------------
+
+
+def test_minimal_flat_config(tmp_path: Path) -> None:
+    config = parse(tmp_path, "exec: ../hello\nhost: Example.COM\n")
+    folder = (tmp_path / "bundle").resolve()
+    assert config == BundleConfig(
+        app="app",
+        webapp=WebApp(exec=folder / "hello", args=(), hosts=("example.com",), env={}),
+        postgres=False,
+        warnings=(),
+    )
+    assert config.webapp is not None
+    assert config.webapp.health_check_path is None
+
+
+def test_every_flat_key(tmp_path: Path) -> None:
+    config = parse(
+        tmp_path,
+        """
+        exec: ../hello
+        args: [--port, 8080, 1.5, "two words"]
+        host: a.example
+        hosts: [b.example, "*.c.example"]
+        extra-hosts: [d]
+        env: {MODE: prod, N: 3, "ON": true}
+        health-check-path: /healthz?full=1
+        postgres: true
+        """,
+    )
+    webapp = config.webapp
+    assert webapp is not None
+    assert webapp.args == ("--port", "8080", "1.5", "two words")
+    assert webapp.hosts == ("a.example", "b.example", "*.c.example", "d")
+    assert dict(webapp.env) == {"MODE": "prod", "N": "3", "ON": "true"}
+    assert webapp.health_check_path == "/healthz?full=1"
+    assert config.postgres is True
+    assert config.warnings == ()
+
+
+def test_config_is_immutable(tmp_path: Path) -> None:
+    config = parse(tmp_path, "exec: ../hello\nhost: a\nenv: {A: b}\n")
+    with pytest.raises(AttributeError):
+        config.postgres = True  # type: ignore[misc]
+    assert config.webapp is not None
+    with pytest.raises(TypeError):
+        config.webapp.env["A"] = "c"  # type: ignore[index]
+
+
+def test_keter_yml_is_read_too(tmp_path: Path) -> None:
+    folder = make_bundle(tmp_path, "exec: ../hello\nhost: a\n", name="keter.yml")
+    assert parse_bundle_config(folder, "app").webapp is not None
+
+
+def test_repeated_hosts_are_listed_once_with_a_warning(tmp_path: Path) -> None:
+    config = parse(tmp_path, "exec: ../hello\nhost: a\nhosts: [b, A]\n")
+    assert config.webapp is not None
+    assert config.webapp.hosts == ("a", "b")
+    assert config.warnings == ("hosts[1]: a repeats host; listed once",)
+
+
+def test_plugins_postgres_is_keters_spelling(tmp_path: Path) -> None:
+    assert parse(tmp_path, "plugins: {postgres: true}\n").postgres is True
+
+
+def test_no_exec_means_no_web_app(tmp_path: Path) -> None:
+    config = parse(tmp_path, "postgres: false\nplugins:\n")
+    assert config.webapp is None
+    assert config.warnings == ("exec: missing, so this bundle runs no web app",)
+
+
+def test_unknown_and_later_keys_are_warnings(tmp_path: Path) -> None:
+    config = parse(
+        tmp_path,
+        """
+        exec: ../hello
+        host: a
+        hots: [b]
+        forward-env: [HOME]
+        static-hosts: [{host: s, root: ..}]
+        redirects: [{from: r, to: a}]
+        ssl: true
+        plugins: {postgress: true}
+        """,
+    )
+    assert config.webapp is not None
+    assert config.warnings == (
+        "hots: unknown key (did you mean hosts?); ignored",
+        "forward-env: unknown key; ignored",
+        "static-hosts: not supported yet; ignored",
+        "redirects: not supported yet; ignored",
+        "ssl: not supported yet; ignored",
+        "plugins.postgress: unknown key (did you mean postgres?); ignored",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("exec: ../hello", "host: missing; a web app needs at least one host"),
+        ("host: a", "exec: missing, but host given for a web app"),
+        ("exec: 5\nhost: a", "exec: expected a path to the app's executable, got 5"),
+        ("exec: ''\nhost: a", "exec: expected a path"),
+        ("exec: ../../x\nhost: a", 'exec: "../../x" escapes the bundle folder'),
+        ("exec: /bin/sh\nhost: a", 'exec: "/bin/sh" escapes the bundle folder'),
+        ("exec: ../nope\nhost: a", 'exec: "../nope" does not exist in the bundle'),
+        ("exec: ..\nhost: a", 'exec: ".." is not a regular file'),
+        ("exec: keter.yaml\nhost: a", 'exec: "keter.yaml" is not executable (no x permission bit)'),
+        (
+            "exec: ../hello\nhost: a b",
+            'host: "a b" is not a valid host name: the host name contains " "',
+        ),
+        ("exec: ../hello\nhost: 5", "host: expected a host name, got 5"),
+        ("exec: ../hello\nhosts: a", 'hosts: expected a list of host names, got "a"'),
+        ("exec: ../hello\nhosts: [a, 1.2.3.4]", 'hosts[1]: "1.2.3.4" is not a valid host name'),
+        ("exec: ../hello\nhosts: []", "host: missing"),
+        ("exec: ../hello\nhost: a\nextra-hosts: [x_y]", 'extra-hosts[0]: "x_y" is not a valid'),
+        ("exec: ../hello\nhost: a\nargs: --flag", 'args: expected a list of strings, got "--flag"'),
+        (
+            "exec: ../hello\nhost: a\nargs: [x, yes]",
+            "args[1]: expected a string (quote it), got true",
+        ),
+        (
+            "exec: ../hello\nhost: a\nargs: [[x]]",
+            'args[0]: expected a string (quote it), got ["x"]',
+        ),
+        ("exec: ../hello\nhost: a\nenv: [A]", 'env: expected a mapping of NAME: value, got ["A"]'),
+        ("exec: ../hello\nhost: a\nenv: {A: {}}", "env.A: expected a string, number or boolean"),
+        (
+            "exec: ../hello\nhost: a\nhealth-check-path: health",
+            "health-check-path: expected a URL path",
+        ),
+        (
+            "exec: ../hello\nhost: a\nhealth-check-path: /a b",
+            "health-check-path: expected a URL path",
+        ),
+        ("exec: ../hello\nhost: a\nhealth-check-path: 5", "health-check-path: expected a URL path"),
+        ('exec: ../hello\nhost: a\nhealth-check-path: "/a\\x01"', "health-check-path: expected"),
+        ("postgres: yes please", 'postgres: expected true or false, got "yes please"'),
+        ("postgres: 1", "postgres: expected true or false, got 1"),
+        ("plugins: [postgres]", "plugins: expected a mapping like {postgres: true}"),
+        ("plugins: {postgres: 1}", "plugins.postgres: expected true or false, got 1"),
+        (
+            "plugins: {postgres: [{server: db}]}",
+            "plugins.postgres: remote database servers are not",
+        ),
+        (
+            "postgres: true\nplugins: {postgres: false}",
+            "postgres: postgres and plugins.postgres disagree",
+        ),
+        ("stanzas: []", "stanzas: the stanza format (Keter 1.0) is not supported yet"),
+    ],
+)
+def test_each_mistake_names_its_key(tmp_path: Path, text: str, expected: str) -> None:
+    found = problems(tmp_path, text)
+    assert len(found) == 1, found
+    assert found[0].startswith(expected), found[0]
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    with pytest.raises(BundleConfigError) as info:
+        parse(tmp_path, "exec: ../../x\nhosts: [ok, 'bad host', a_b]\nargs: [true]\npostgres: 2\n")
+    keys = [problem.split(":")[0] for problem in info.value.problems]
+    assert keys == ["exec", "args[0]", "hosts[1]", "hosts[2]", "postgres"]
+    assert str(info.value) == "; ".join(info.value.problems)
+
+
+def test_exec_through_a_symlink_out_of_the_bundle_is_refused(tmp_path: Path) -> None:
+    folder = make_bundle(tmp_path, "exec: ../link\nhost: a\n")
+    (folder / "link").symlink_to("/bin/sh")
+    with pytest.raises(
+        BundleConfigError, match=re.escape('exec: "../link" escapes the bundle folder')
+    ):
+        parse_bundle_config(folder, "app")
+
+
+def test_exec_through_a_symlink_inside_the_bundle_is_resolved(tmp_path: Path) -> None:
+    folder = make_bundle(tmp_path, "exec: ../link\nhost: a\n")
+    (folder / "link").symlink_to("hello")
+    webapp = parse_bundle_config(folder, "app").webapp
+    assert webapp is not None
+    assert webapp.exec == (folder / "hello").resolve()
+
+
+def test_exec_symlink_loop_is_refused(tmp_path: Path) -> None:
+    folder = make_bundle(tmp_path, "exec: ../loop\nhost: a\n")
+    (folder / "loop").symlink_to("loop")
+    with pytest.raises(BundleConfigError, match=r'exec: "\.\./loop"'):
+        parse_bundle_config(folder, "app")
+
+
+def test_sibling_folder_with_the_same_prefix_is_outside(tmp_path: Path) -> None:
+    folder = make_bundle(tmp_path, "exec: ../../bundle2/hello\nhost: a\n")
+    sibling = tmp_path / "bundle2"
+    sibling.mkdir()
+    (sibling / "hello").write_text("#!/bin/sh\n")
+    (sibling / "hello").chmod(0o755)
+    with pytest.raises(BundleConfigError, match="escapes the bundle folder"):
+        parse_bundle_config(folder, "app")
+
+
+# -- the file itself -------------------------------------------------------------------
+
+
+def test_missing_config(tmp_path: Path) -> None:
+    with pytest.raises(BundleConfigError) as info:
+        parse_bundle_config(make_bundle(tmp_path, None), "app")
+    assert info.value.problems == ["missing config/keter.yaml"]
+
+
+def test_both_yaml_and_yml_is_ambiguous(tmp_path: Path) -> None:
+    folder = make_bundle(tmp_path, "exec: ../hello\nhost: a\n")
+    (folder / "config/keter.yml").write_text("exec: ../hello\nhost: b\n")
+    with pytest.raises(
+        BundleConfigError, match=re.escape("both config/keter.yaml and config/keter.yml")
+    ):
+        parse_bundle_config(folder, "app")
+
+
+def test_config_linked_out_of_the_bundle_is_not_read(tmp_path: Path) -> None:
+    folder = make_bundle(tmp_path, None)
+    secret = tmp_path / "secret"
+    secret.write_text("password: hunter2 {\n")
+    (folder / "config/keter.yaml").symlink_to(secret)
+    with pytest.raises(BundleConfigError) as info:
+        parse_bundle_config(folder, "app")
+    assert info.value.problems == ["config/keter.yaml: is a link to a file outside the bundle"]
+
+
+def test_config_that_is_a_folder(tmp_path: Path) -> None:
+    folder = make_bundle(tmp_path, None)
+    (folder / "config/keter.yaml").mkdir()
+    with pytest.raises(
+        BundleConfigError, match=re.escape("config/keter.yaml: is not a regular file")
+    ):
+        parse_bundle_config(folder, "app")
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("", "config/keter.yaml: expected a mapping with keys like exec and host, got nothing"),
+        (
+            "- exec\n",
+            'config/keter.yaml: expected a mapping with keys like exec and host, got ["exec"]',
+        ),
+        ("exec: [\n", "config/keter.yaml: not valid YAML at line 2"),
+        (
+            "exec: ../hello\nexec: ../hello\n",
+            'config/keter.yaml: not valid YAML at line 2, column 1: duplicate key "exec"',
+        ),
+        ("a: &x [1]\nb: *x\n", "config/keter.yaml: uses YAML anchors/aliases (line 1)"),
+        (b"host: \xc3\x28\n", "config/keter.yaml: not UTF-8"),
+        ("#" * (2**20 + 1), "config/keter.yaml: is 1048577 bytes; at most 1048576 are allowed"),
+    ],
+)
+def test_a_bad_file_is_one_clear_problem(
+    tmp_path: Path, content: str | bytes, expected: str
+) -> None:
+    with pytest.raises(BundleConfigError) as info:
+        parse_bundle_config(make_bundle(tmp_path, content), "app")
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith(expected), info.value.problems
+
+
+def test_parse_bundle_data_refuses_a_non_mapping(tmp_path: Path) -> None:
+    with pytest.raises(BundleConfigError, match="expected a mapping"):
+        parse_bundle_data([], folder=tmp_path, config_dir=tmp_path, app="app")
+
+
+# -- Keter's own sample ----------------------------------------------------------------
+
+
+@pytest.mark.skipif(not FOO_V04.exists(), reason="shared Keter fixtures are not here")
+def test_keters_v04_sample_is_accepted_with_warnings(tmp_path: Path) -> None:
+    folder = make_bundle(tmp_path, FOO_V04.read_bytes())
+    config = parse_bundle_config(folder, "foo")
+    assert config.app == "foo"
+    assert config.webapp is not None
+    assert config.webapp.exec == (folder / "hello").resolve()
+    assert config.webapp.args == ("Hello World 1",)
+    assert config.webapp.hosts == (
+        "tealc-mint",
+        "pong",
+        "www.mysite.com",
+        "*.example.com",
+        "baz.example.com",
+    )
+    assert config.postgres is True
+    assert config.warnings == (
+        "static-hosts: not supported yet; ignored",
+        "redirects: not supported yet; ignored",
+    )
+
+
+@pytest.mark.skipif(not FOO_V04.exists(), reason="shared Keter fixtures are not here")
+def test_keters_v04_sample_needs_its_exec(tmp_path: Path) -> None:
+    folder = make_bundle(tmp_path, FOO_V04.read_bytes())
+    os.chmod(folder / "hello", 0o644)
+    with pytest.raises(BundleConfigError, match=re.escape('exec: "../hello" is not executable')):
+        parse_bundle_config(folder, "foo")
+
+
+def test_stanza_fixture_is_refused_as_not_yet_supported(tmp_path: Path) -> None:
+    stanzas = load_yaml("stanzas:\n  - type: webapp\n    exec: ../hello\n    hosts: [a]\n")
+    with pytest.raises(BundleConfigError, match=r"stanza format .* not supported yet"):
+        parse_bundle_data(stanzas, folder=tmp_path, config_dir=tmp_path / "config", app="app")

@@ -1,0 +1,503 @@
+"""The global config: defaults, every key, every kind of mistake, Keter's sample file."""
+
+from __future__ import annotations
+
+import os
+import pwd
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from keter.config import (
+    KETER_ONLY_KEYS,
+    ConfigError,
+    KeterConfig,
+    Listener,
+    NginxSettings,
+    load_config,
+    load_yaml,
+    parse_config,
+    read_ephemeral_range,
+    read_yaml_file,
+)
+
+ROOT = Path("/srv/keter")
+EPHEMERAL = (32768, 60999)
+SAMPLE = Path("/work/shared/keter-fixtures/keter-config.yaml")
+
+
+def parse(text: str, **kwargs: object) -> KeterConfig:
+    kwargs.setdefault("ephemeral_range", EPHEMERAL)
+    return parse_config(load_yaml(text), root=ROOT, base=ROOT / "etc", **kwargs)
+
+
+def problems(text: str, **kwargs: object) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse(text, **kwargs)
+    return info.value.problems
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, str):
+        text = text.encode()
+    path.write_bytes(text)
+    return path
+
+
+# -- defaults and valid values ---------------------------------------------------------
+
+
+def test_empty_document_gives_keters_defaults() -> None:
+    config = parse("# every line commented out\n")
+    assert config == KeterConfig(root=ROOT)
+    assert config.listeners == (Listener("*", 80),)
+    assert config.nginx == NginxSettings(
+        config_file=Path("/etc/nginx/sites-enabled/keter"),
+        test_command=("nginx", "-t"),
+        reload_command=("nginx", "-s", "reload"),
+    )
+    assert config.port_range == (4000, 4999)
+    assert (config.health_check_timeout, config.drain_seconds, config.stop_timeout) == (30, 2, 10)
+    assert dict(config.env) == {}
+    assert config.postgres_admin_dsn == ""
+    assert config.setuid is None
+    assert (config.log_max_bytes, config.log_backups) == (10 * 2**20, 5)
+    assert (config.max_unpacked_bytes, config.max_members) == (2 * 2**30, 100_000)
+    assert config.warnings == ()
+
+
+def test_folder_properties() -> None:
+    config = parse("{}")
+    assert config.incoming_dir == ROOT / "incoming"
+    assert config.temp_dir == ROOT / "temp"
+    assert config.log_dir == ROOT / "log"
+    assert config.etc_dir == ROOT / "etc"
+    assert config.run_dir == ROOT / "run"
+
+
+def test_every_key_is_read() -> None:
+    config = parse(
+        """
+        listeners:
+          - {host: "*", port: 8080}
+          - {host: "*4", port: 8081}
+          - {host: "*6"}
+          - {host: "127.0.0.1", port: 8082}
+          - {host: "0:0::1", port: 8082}
+        nginx:
+          config-file: nginx/keter.conf
+          test-command: [/usr/sbin/nginx, -t, -c, /x/nginx.conf]
+          reload-command: [/usr/sbin/nginx, -s, reload]
+        port-range: [20000, 20099]
+        health-check-timeout: 7.5
+        drain-seconds: 0
+        stop-timeout: 3
+        env: {MODE: production, WORKERS: 4, RATIO: 0.5, DEBUG: false}
+        postgres: {admin-dsn: "host=/run/pg port=5433 user=postgres"}
+        setuid: root
+        log-max-bytes: 1024
+        log-backups: 0
+        max-unpacked-bytes: 5000000
+        max-members: 10
+        root: /var/keter
+        """
+    )
+    assert config.listeners == (
+        Listener("*", 8080),
+        Listener("0.0.0.0", 8081),  # Keter's "*4": every IPv4 address
+        Listener("::", 80),  # Keter's "*6": every IPv6 address
+        Listener("127.0.0.1", 8082),
+        Listener("::1", 8082),  # canonical spelling, so nginx sees one address
+    )
+    assert config.nginx.config_file == ROOT / "etc/nginx/keter.conf"  # relative to the file
+    assert config.nginx.test_command == ("/usr/sbin/nginx", "-t", "-c", "/x/nginx.conf")
+    assert config.nginx.reload_command == ("/usr/sbin/nginx", "-s", "reload")
+    assert config.port_range == (20000, 20099)
+    assert config.health_check_timeout == 7.5
+    assert config.drain_seconds == 0
+    assert config.stop_timeout == 3
+    assert dict(config.env) == {
+        "MODE": "production",
+        "WORKERS": "4",
+        "RATIO": "0.5",
+        "DEBUG": "false",
+    }
+    assert config.postgres_admin_dsn == "host=/run/pg port=5433 user=postgres"
+    assert config.setuid == "root"
+    assert (config.log_max_bytes, config.log_backups) == (1024, 0)
+    assert (config.max_unpacked_bytes, config.max_members) == (5_000_000, 10)
+    assert config.root == Path("/var/keter")
+    assert config.warnings == ()
+
+
+def test_config_is_immutable() -> None:
+    config = parse("env: {A: b}")
+    with pytest.raises(AttributeError):
+        config.stop_timeout = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        config.env["A"] = "c"  # type: ignore[index]
+
+
+def test_secrets_stay_out_of_repr() -> None:
+    config = parse('env: {API_KEY: hunter2}\npostgres: {admin-dsn: "password=s3cret"}')
+    assert "hunter2" not in repr(config)
+    assert "s3cret" not in repr(config)
+
+
+def test_relative_root_is_relative_to_the_config_folder() -> None:
+    assert parse("root: ..").root == ROOT
+    assert parse("root: ../../other").root == Path("/srv/other")
+
+
+@pytest.mark.parametrize("key", KETER_ONLY_KEYS)
+def test_keter_keys_without_meaning_warn_once(key: str) -> None:
+    config = parse(f"{key}: 1")
+    assert config.warnings == (
+        f"{key}: accepted for compatibility with Keter; it has no effect here",
+    )
+
+
+def test_port_range_may_touch_but_not_overlap_the_ephemeral_range() -> None:
+    assert parse("port-range: [1024, 32767]").port_range == (1024, 32767)
+    assert parse("port-range: [61000, 65535]").port_range == (61000, 65535)
+    assert parse("port-range: [4000, 4000]").port_range == (4000, 4000)
+
+
+# -- mistakes --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "port-range: [5000, 10]",
+            "port-range: expected [LOW, HIGH] with 1024 <= LOW <= HIGH <= 65535, got [5000, 10]",
+        ),
+        ("port-range: [80, 90]", "port-range: expected [LOW, HIGH] with 1024"),
+        ("port-range: [4000, 70000]", "port-range: expected [LOW, HIGH]"),
+        ("port-range: [4000]", "port-range: expected [LOW, HIGH]"),
+        ("port-range: [true, 5000]", "port-range: expected [LOW, HIGH]"),
+        (
+            "port-range: 4000-4999",
+            'port-range: expected [LOW, HIGH] with 1024 <= LOW <= HIGH <= 65535, got "4000-4999"',
+        ),
+        (
+            "listeners: [{port: 80}, {port: eighty}]",
+            'listeners[1].port: expected an integer 1-65535, got "eighty"',
+        ),
+        ("listeners: [{port: 0}]", "listeners[0].port: expected an integer 1-65535, got 0"),
+        ("listeners: [{port: 65536}]", "listeners[0].port: expected an integer 1-65535"),
+        ("listeners: [{port: true}]", "listeners[0].port: expected an integer 1-65535, got true"),
+        ("listeners: [{port: 80.0}]", "listeners[0].port: expected an integer 1-65535, got 80.0"),
+        ("listeners: [{host: localhost}]", 'listeners[0].host: expected "*", "*4", "*6" or an IP'),
+        ("listeners: [{host: '!4'}]", 'listeners[0].host: expected "*", "*4", "*6" or an IP'),
+        ("listeners: [{host: 1}]", "listeners[0].host: expected"),
+        ("listeners: [{prot: 80}]", "listeners[0].prot: unknown key (did you mean port?)"),
+        ("listeners: [80]", 'listeners[0]: expected a mapping like {host: "*", port: 80}, got 80'),
+        ("listeners: []", "listeners: expected a list"),
+        ("listeners: {host: '*'}", "listeners: expected a list"),
+        ("listeners: [{port: 80}, {host: '*'}]", "listeners[1]: * port 80 repeats listeners[0]"),
+        (
+            "listeners: [{port: 81}, {host: '*4', port: 81}]",
+            "listeners[1]: 0.0.0.0 port 81 repeats",
+        ),
+        ("listeners: [{host: '::1'}, {host: '0::1'}]", "listeners[1]: ::1 port 80 repeats"),
+        ("listeners: [{port: 443, key: k.pem}]", "listeners: no plain HTTP listener left"),
+        (
+            "nginx: /etc/nginx",
+            'nginx: expected a mapping like {config-file: ...}, got "/etc/nginx"',
+        ),
+        ("nginx: {config-file: 5}", "nginx.config-file: expected a file path, got 5"),
+        ("nginx: {config-file: ''}", 'nginx.config-file: expected a file path, got ""'),
+        ("nginx: {test-command: nginx -t}", "nginx.test-command: expected a non-empty list"),
+        ("nginx: {reload-command: []}", "nginx.reload-command: expected a non-empty list"),
+        ("nginx: {reload-command: [nginx, 1]}", "nginx.reload-command: expected a non-empty list"),
+        ("nginx: {config_file: x}", "nginx.config_file: unknown key (did you mean config-file?)"),
+        (
+            "health-check-timeout: '30'",
+            'health-check-timeout: expected a number of seconds > 0, got "30"',
+        ),
+        (
+            "health-check-timeout: 0",
+            "health-check-timeout: expected a number of seconds > 0, got 0",
+        ),
+        (
+            "health-check-timeout: true",
+            "health-check-timeout: expected a number of seconds > 0, got true",
+        ),
+        ("health-check-timeout: .inf", "health-check-timeout: expected a number of seconds > 0"),
+        ("health-check-timeout: .nan", "health-check-timeout: expected a number of seconds > 0"),
+        (
+            "health-check-timeout:",
+            "health-check-timeout: expected a number of seconds > 0, got nothing",
+        ),
+        ("drain-seconds: -1", "drain-seconds: expected a number of seconds >= 0, got -1"),
+        ("stop-timeout: [10]", "stop-timeout: expected a number of seconds > 0, got [10]"),
+        ("env: [A=b]", 'env: expected a mapping of NAME: value, got ["A=b"]'),
+        ("env: {A: [1]}", "env.A: expected a string, number or boolean, got a list"),
+        ("env: {A: }", "env.A: expected a string, number or boolean, got nothing (null)"),
+        ("env: {1A: x}", "env.1A: expected a variable name"),
+        ("env: {ON: x}", "env.true: YAML reads this name as a boolean; quote it"),
+        ("env: {'A=B': x}", 'env."A=B": expected a variable name'),
+        ("postgres: true", 'postgres: expected a mapping like {admin-dsn: ""}, got true'),
+        (
+            "postgres: {admin-dsn: 5}",
+            "postgres.admin-dsn: expected a libpq connection string, got a number",
+        ),
+        ("postgres: {admin_dsn: ''}", "postgres.admin_dsn: unknown key (did you mean admin-dsn?)"),
+        ("setuid: 1000", "setuid: expected a user name, got 1000"),
+        ("log-max-bytes: 0", "log-max-bytes: expected an integer >= 1, got 0"),
+        ("log-max-bytes: 1.5", "log-max-bytes: expected an integer >= 1, got 1.5"),
+        ("log-backups: -1", "log-backups: expected an integer >= 0, got -1"),
+        ("log-backups: false", "log-backups: expected an integer >= 0, got false"),
+        ("max-unpacked-bytes: 2G", 'max-unpacked-bytes: expected an integer >= 1, got "2G"'),
+        ("max-members: {}", "max-members: expected an integer >= 1, got {}"),
+        ("root: [a]", 'root: expected a folder path, got ["a"]'),
+        (
+            "helth-check-timeout: 3",
+            "helth-check-timeout: unknown key (did you mean health-check-timeout?)",
+        ),
+        ("listener: []", "listener: unknown key (did you mean listeners?)"),
+        ("zzz: 1", "zzz: unknown key"),
+        ("1: 1", "1: unknown key: keys must be strings, got a number"),
+        ('"evil\\nkey": 1', '"evil\\nkey": unknown key'),
+    ],
+)
+def test_each_mistake_is_named_with_its_key_path(text: str, expected: str) -> None:
+    found = problems(text)
+    assert len(found) == 1, found
+    assert found[0].startswith(expected), found[0]
+    assert "\n" not in found[0]  # a hostile value cannot forge a second log line
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    found = problems(
+        """
+        port-range: [5000, 10]
+        listeners: [{port: eighty}, {host: x}]
+        helth-check-timeout: 3
+        stop-timeout: "10"
+        nginx: {test-command: nginx -t}
+        env: {A: [1]}
+        """
+    )
+    assert [p.split(":")[0] for p in found] == [
+        "port-range",
+        "listeners[0].port",
+        "listeners[1].host",
+        "helth-check-timeout",
+        "stop-timeout",
+        "nginx.test-command",
+        "env.A",
+    ]
+    with pytest.raises(ConfigError) as info:
+        parse("port-range: [5000, 10]\nstop-timeout: x")
+    assert str(info.value).splitlines() == info.value.problems
+
+
+def test_port_range_overlapping_the_ephemeral_range_is_refused_with_the_reason() -> None:
+    (found,) = problems("port-range: [30000, 40000]", ephemeral_range=(32768, 60999))
+    assert found.startswith("port-range: [30000, 40000] overlaps the kernel's ephemeral port range")
+    assert "32768-60999" in found
+    assert "race outgoing connections" in found
+    # the default range is checked too
+    (found,) = problems("{}", ephemeral_range=(4500, 5000))
+    assert found.startswith("port-range: [4000, 4999] overlaps")
+
+
+def test_ephemeral_range_is_read_from_proc_when_not_given() -> None:
+    live = read_ephemeral_range()
+    if live is None:
+        pytest.skip("no /proc/sys/net/ipv4/ip_local_port_range here")
+    low = live[0]
+    with pytest.raises(ConfigError, match="overlaps the kernel's ephemeral"):
+        parse_config({"port-range": [low, low]}, root=ROOT, base=ROOT)
+
+
+def test_read_ephemeral_range(tmp_path: Path) -> None:
+    assert read_ephemeral_range(write(tmp_path / "ok", "32768\t60999\n")) == (32768, 60999)
+    assert read_ephemeral_range(write(tmp_path / "bad", "32768\n")) is None
+    assert read_ephemeral_range(tmp_path / "missing") is None
+
+
+def test_unreadable_ephemeral_range_is_a_warning(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("keter.config.EPHEMERAL_RANGE_FILE", tmp_path / "missing")
+    config = parse_config({}, root=ROOT, base=ROOT)
+    assert config.warnings == (
+        f"port-range: cannot read {tmp_path / 'missing'}; overlap with it not checked",
+    )
+
+
+def test_listener_port_inside_the_app_port_range_is_refused() -> None:
+    (found,) = problems("listeners: [{port: 80}, {port: 4500}]")
+    assert found == (
+        "listeners[1].port: 4500 is inside port-range [4000, 4999], "
+        "so keter could give it to an app"
+    )
+
+
+def test_tls_listeners_are_skipped_with_a_warning() -> None:
+    config = parse(
+        'listeners: [{host: "*4"}, {host: "*4", key: k.pem, certificate: c.pem, session: true}]'
+    )
+    assert config.listeners == (Listener("0.0.0.0", 80),)
+    assert config.warnings == (
+        "listeners[1]: TLS listener (0.0.0.0 port 443, key, certificate, session) is not supported "
+        "yet; it is skipped",
+    )
+
+
+def test_unknown_setuid_user_is_refused() -> None:
+    name = "keter-no-such-user"
+    with pytest.raises(KeyError):
+        pwd.getpwnam(name)
+    assert problems(f"setuid: {name}") == [f'setuid: no user named "{name}" on this machine']
+
+
+def test_bad_admin_dsn_is_refused_without_showing_it() -> None:
+    (found,) = problems('postgres: {admin-dsn: "password=s3cret host"}')
+    assert found.startswith("postgres.admin-dsn: not a valid libpq connection string")
+    assert "s3cret" not in found
+    assert parse('postgres: {admin-dsn: "postgresql://u@h:5/db"}').postgres_admin_dsn
+
+
+def test_root_key_must_agree_with_a_root_given_on_the_command_line() -> None:
+    assert parse("root: ..", root_given=True).root == ROOT
+    (found,) = problems("root: /elsewhere", root_given=True)
+    assert found.startswith(
+        "root: points to /elsewhere, but keter was started with ROOT /srv/keter"
+    )
+
+
+# -- files -----------------------------------------------------------------------------
+
+
+def test_load_config_from_a_root_without_a_config_file(tmp_path: Path) -> None:
+    config = load_config(tmp_path, ephemeral_range=EPHEMERAL)
+    assert config == KeterConfig(root=tmp_path)
+
+
+def test_load_config_from_a_root_reads_etc(tmp_path: Path) -> None:
+    write(tmp_path / "etc/keter-config.yaml", "stop-timeout: 4\nnginx: {config-file: k.conf}\n")
+    config = load_config(str(tmp_path), ephemeral_range=EPHEMERAL)
+    assert config.root == tmp_path
+    assert config.stop_timeout == 4
+    assert config.nginx.config_file == tmp_path / "etc/k.conf"
+
+
+def test_load_config_from_a_file_defaults_root_to_its_folders_parent(tmp_path: Path) -> None:
+    path = write(tmp_path / "opt/keter/etc/keter-config.yaml", "stop-timeout: 4\n")
+    assert load_config(path, ephemeral_range=EPHEMERAL).root == tmp_path / "opt/keter"
+    write(path, "root: ../data\n")
+    assert load_config(path, ephemeral_range=EPHEMERAL).root == tmp_path / "opt/keter/data"
+
+
+def test_load_config_relative_target(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "etc/keter-config.yaml", "root: ..\n")
+    assert load_config(".", ephemeral_range=EPHEMERAL).root == tmp_path
+
+
+def test_load_config_names_the_file_in_every_problem(tmp_path: Path) -> None:
+    path = write(tmp_path / "etc/keter-config.yaml", "stop-timeout: x\nlog-backups: y\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path, ephemeral_range=EPHEMERAL)
+    assert str(info.value).splitlines() == [
+        f'{path}: stop-timeout: expected a number of seconds > 0, got "x"',
+        f'{path}: log-backups: expected an integer >= 0, got "y"',
+    ]
+
+
+def test_load_config_root_conflict(tmp_path: Path) -> None:
+    write(tmp_path / "etc/keter-config.yaml", "root: /somewhere/else\n")
+    with pytest.raises(ConfigError, match="root: points to /somewhere/else"):
+        load_config(tmp_path, ephemeral_range=EPHEMERAL)
+
+
+def test_load_config_missing_target(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "nope")
+    assert info.value.problems == [f"{tmp_path / 'nope'}: no such file or folder"]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("- just\n- a list\n", 'expected a mapping of settings, got ["just", "a list"]'),
+        ("just text\n", 'expected a mapping of settings, got "just text"'),
+        ("listeners: [\n", "not valid YAML at line 2, column 1"),
+        ("a: 1\n---\nb: 2\n", "not valid YAML at line 2, column 1: expected a single document"),
+        ("x: &a [1, 2]\ny: *a\n", "uses YAML anchors/aliases (line 1), which keter refuses"),
+        ("x: &a 1\n", "uses YAML anchors/aliases (line 1)"),
+        (
+            "stop-timeout: 1\nstop-timeout: 2\n",
+            'not valid YAML at line 2, column 1: duplicate key "stop-timeout"',
+        ),
+        ("x: !!python/object/apply:os.system [id]\n", "not valid YAML at line 1, column 4"),
+        ("[" * 5000 + "]" * 5000, "not valid YAML: nested too deeply"),
+        (b"env: {A: \xff}\n", "not UTF-8 (bad byte at offset 9)"),
+        ("x" * (2**20 + 1), "larger than 1048576 bytes"),
+    ],
+)
+def test_a_bad_file_is_one_clear_problem(
+    tmp_path: Path, content: str | bytes, expected: str
+) -> None:
+    path = write(tmp_path / "etc/keter-config.yaml", content)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ephemeral_range=EPHEMERAL)
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith(expected), info.value.problems
+    assert str(info.value).startswith(f"{path}: {expected}")
+
+
+def test_alias_bomb_is_refused_quickly() -> None:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    with pytest.raises(ValueError, match="anchors/aliases"):
+        load_yaml("\n".join(lines))
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot read"):
+        read_yaml_file(tmp_path)  # a folder
+
+
+def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
+    path = write(tmp_path / "etc/keter-config.yaml", "\ufeffstop-timeout: 4\n")
+    assert load_config(path, ephemeral_range=EPHEMERAL).stop_timeout == 4
+
+
+# -- Keter's own sample ----------------------------------------------------------------
+
+
+@pytest.mark.skipif(not SAMPLE.exists(), reason="shared Keter fixtures are not here")
+def test_keters_sample_config_is_accepted_with_warnings() -> None:
+    config = load_config(SAMPLE, ephemeral_range=EPHEMERAL)
+    assert config.root == Path(os.path.normpath(SAMPLE.parent / ".."))  # `root: ..`
+    assert config.listeners == (Listener("0.0.0.0", 80),)
+    assert config.warnings == (
+        "rotate-logs: accepted for compatibility with Keter; it has no effect here",
+        "listeners[1]: TLS listener (0.0.0.0 port 443, key, certificate, session) is not supported "
+        "yet; it is skipped",
+    )
+
+
+# -- properties ------------------------------------------------------------------------
+
+
+@given(low=st.integers(-5, 70000), high=st.integers(-5, 70000))
+def test_port_range_property(low: int, high: int) -> None:
+    """Any accepted range is well-formed and clear of the ephemeral range and port 80."""
+    try:
+        config = parse_config(
+            {"port-range": [low, high]}, root=ROOT, base=ROOT, ephemeral_range=EPHEMERAL
+        )
+    except ConfigError as exc:
+        assert all(p.startswith("port-range") for p in exc.problems)
+        assert not (1024 <= low <= high <= 65535) or (low <= EPHEMERAL[1] and EPHEMERAL[0] <= high)
+    else:
+        assert config.port_range == (low, high)
+        assert 1024 <= low <= high < EPHEMERAL[0] or EPHEMERAL[1] < low <= high <= 65535

@@ -1,0 +1,234 @@
+"""A private nginx for tests: own prefix, own port, never the machine's nginx.
+
+Each ``PrivateNginx`` lives entirely under a directory it owns (config, pid,
+logs, temp paths), listens on a free 127.0.0.1 port and runs as a child
+process in its own session, so any number can run side by side and none
+touches /etc/nginx or the system service.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from support import wait_for
+
+from keter.nginx import fetch_generation
+
+NGINX = "/usr/sbin/nginx"
+WORKERS = 1
+
+# Until keter writes its own default server, requests get this instead of a
+# silent connection refusal; it also lets start() see that nginx listens.
+_MAIN_CONF = """\
+# Private nginx started by the keter test-suite.
+{user}worker_processes {workers};
+daemon off;
+pid {base}/nginx.pid;
+error_log {error_log} info;
+
+events {{
+    worker_connections 1024;
+}}
+
+http {{
+    access_log off;
+    client_body_temp_path {base}/temp/client_body;
+    proxy_temp_path {base}/temp/proxy;
+    fastcgi_temp_path {base}/temp/fastcgi;
+    uwsgi_temp_path {base}/temp/uwsgi;
+    scgi_temp_path {base}/temp/scgi;
+
+    server {{
+        listen 127.0.0.1:{port};
+        server_name _nginx-fixture;
+        default_type text/plain;
+        return 503 "keter has not configured nginx yet\\n";
+    }}
+
+    include {config_file};
+    include {extra_dir}/*.conf;
+}}
+"""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrivateNginx:
+    """An nginx master process confined to ``base``."""
+
+    def __init__(self, base: Path, port: int | None = None) -> None:
+        self.base = Path(base)
+        self.port = port if port is not None else free_port()
+        self.config_file = self.base / "keter.conf"
+        # Tests drop extra *.conf files here (e.g. a broken one to fail `nginx -t`).
+        self.extra_dir = self.base / "conf.d"
+        self.main_conf = self.base / "nginx.conf"
+        self.error_log = self.base / "logs" / "error.log"
+        self.stderr_log = self.base / "logs" / "stderr.log"
+        prefix = (NGINX, "-p", str(self.base), "-e", str(self.error_log), "-c", str(self.main_conf))
+        self.start_command: tuple[str, ...] = prefix
+        self.test_command: tuple[str, ...] = (*prefix, "-t", "-q")
+        self.reload_command: tuple[str, ...] = (*prefix, "-s", "reload")
+        self._process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Write the config, start the master and wait until it answers on the port."""
+        for folder in ("logs", "temp", "conf.d"):
+            (self.base / folder).mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text("")
+        # A root master's workers would run as nobody and could not use the temp
+        # dirs inside the test's private (0700) tmp dir.
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        self.main_conf.write_text(
+            _MAIN_CONF.format(
+                user=user,
+                workers=WORKERS,
+                base=self.base,
+                error_log=self.error_log,
+                port=self.port,
+                config_file=self.config_file,
+                extra_dir=self.extra_dir,
+            )
+        )
+        with self.stderr_log.open("ab") as stderr:
+            self._process = subprocess.Popen(
+                self.start_command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+            )
+        process = self._process
+        wait_for(
+            lambda: process.poll() is not None or self._answers(),
+            timeout=10,
+            what=f"private nginx to listen on port {self.port}",
+        )
+        if process.poll() is not None:
+            self._process = None
+            raise RuntimeError(
+                f"nginx exited with status {process.returncode}:\n"
+                f"{self.stderr_log.read_text()}{self.error_log_text()}"
+            )
+
+    def stop(self) -> None:
+        """Graceful QUIT, then SIGKILL for the whole process group; no process is left."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        try:
+            workers = psutil.Process(process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            workers = []
+        if process.poll() is None:
+            process.send_signal(signal.SIGQUIT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=5)
+        # The group id is the master's pid (start_new_session); this also gets
+        # workers that a killed master would otherwise leave behind.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=5)
+        _, alive = psutil.wait_procs(workers, timeout=5)
+        if alive:
+            raise RuntimeError(f"nginx workers survived: {[p.pid for p in alive]}")
+
+    @property
+    def pid(self) -> int | None:
+        """The master's pid while it runs."""
+        return self._process.pid if self._process is not None else None
+
+    def request(
+        self, host: str, path: str = "/", timeout: float = 5, port: int | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        """GET ``path`` through nginx with this Host header: (status, headers, body).
+
+        Header names are lower-cased.
+        """
+        connection = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=timeout)
+        try:
+            connection.request("GET", path, headers={"Host": host, "Connection": "close"})
+            response = connection.getresponse()
+            body = response.read()
+            headers = {name.lower(): value for name, value in response.getheaders()}
+            return response.status, headers, body
+        finally:
+            connection.close()
+
+    def wait_generation(self, generation: int, timeout: float = 10) -> None:
+        """Wait until nginx serves ``generation`` and no older worker still accepts.
+
+        A reload starts new workers about 100 ms before the old ones are told to
+        stop accepting, so right after the status host first shows a new
+        generation a connection may still land on an old worker. Tests that
+        assert the new routing at once wait here first.
+        """
+        master = psutil.Process(self.pid)
+
+        def settled() -> bool:
+            if fetch_generation("127.0.0.1", self.port) != str(generation):
+                return False
+            # An old worker renames itself to "... is shutting down" as it closes
+            # its listening sockets.
+            accepting = [
+                worker
+                for worker in master.children()
+                if "shutting down" not in " ".join(worker.cmdline())
+            ]
+            return len(accepting) == WORKERS
+
+        wait_for(settled, timeout, f"nginx to serve only generation {generation}")
+
+    def reload(self) -> None:
+        """Have the master reload its config (tests that write the include file themselves)."""
+        subprocess.run(self.reload_command, check=True, capture_output=True, timeout=30)
+
+    def keter_config(self) -> dict:
+        """The keter-config.yaml content that points keter at this nginx."""
+        return {
+            "listeners": [{"host": "127.0.0.1", "port": self.port}],
+            "nginx": {
+                "config-file": str(self.config_file),
+                "test-command": list(self.test_command),
+                "reload-command": list(self.reload_command),
+            },
+        }
+
+    def error_log_text(self) -> str:
+        """Everything nginx has written to its error log so far."""
+        try:
+            return self.error_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+
+@pytest.fixture
+def private_nginx(tmp_path: Path) -> Iterator[PrivateNginx]:
+    """A started private nginx, stopped (with all its processes) on teardown."""
+    nginx = PrivateNginx(tmp_path / "nginx")
+    nginx.start()
+    try:
+        yield nginx
+    finally:
+        nginx.stop()

@@ -1,0 +1,248 @@
+"""The SQL that gives an app its PostgreSQL role and database, and two ways to run it.
+
+Every admin action is a JSON-able *request* (a dict) answered by a JSON-able
+*answer*; ``run(request)`` executes one in this process. Both connection modes
+of the provisioner (keter.postgres) go through it, so the same functions build
+the same SQL either way:
+
+* With an admin DSN (``postgres: {admin-dsn: ...}``) keter calls ``run``
+  directly over that connection. The admin role needs only CREATEROLE and
+  CREATEDB.
+* With no DSN (the default) keter targets a stock Debian host: the
+  distribution's cluster on /var/run/postgresql port 5432, where only the
+  ``postgres`` OS user may log in as the ``postgres`` superuser (peer
+  authentication). ``run_as(os_user, request)`` starts
+  ``python -m keter.pgadmin --as-user postgres`` as a short-lived child, writes
+  the request to its stdin and reads the answer from its stdout, so no password
+  is ever on a command line or in an environment. The child starts as root and
+  drops to the OS user (setgroups([]), setgid, setuid) as its first act, before
+  reading the request or touching the socket, so the server sees a connection
+  from ``postgres``. It drops privileges itself rather than being started with
+  ``subprocess``'s ``user=``: the interpreter and keter are often installed where
+  only root can read them (a venv under /root), and a freshly exec'd
+  single-threaded child can change users safely, which a ``preexec_fn`` in the
+  multi-threaded daemon cannot.
+
+Requests (``op`` plus the connection string ``dsn`` and ``connect_timeout``):
+
+* ``{"op": "find", "pattern": REGEX, "claimed": [NAME, ...]}`` -> the names of
+  roles matching ``pattern`` that are not in ``claimed`` (used to adopt an
+  app's role and database after its postgres.yaml entry was lost).
+* ``{"op": "ensure", "name": DB, "user": ROLE, "password": PW}`` -> ``None``;
+  makes the role and database exist with least privilege (see
+  ``ensure_role_and_database``).
+
+Answers: ``{"ok": true, "result": ...}`` or
+``{"ok": false, "error": "one line", "retry": bool}``; ``retry`` is true when the
+server could not be reached or refused the login, i.e. trying later may help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pwd
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+# Bounds how long one admin statement may block the provisioner's thread (a lock
+# held by someone else, say) so other apps' requests are not held up forever.
+STATEMENT_TIMEOUT_MS = 30_000
+# Headroom for the child's interpreter start-up and its statements.
+CHILD_EXTRA_SECONDS = 2 * STATEMENT_TIMEOUT_MS / 1000 + 10
+
+Request = dict[str, Any]
+Answer = dict[str, Any]
+
+
+class Refused(Exception):
+    """The server's state must not be handed to an app (e.g. a superuser role)."""
+
+
+# -- the SQL ----------------------------------------------------------------------------
+
+
+def find_unclaimed_roles(
+    conn: psycopg.Connection, *, pattern: str, claimed: list[str]
+) -> list[str]:
+    """Names of roles matching the POSIX regex ``pattern`` and not in ``claimed``."""
+    rows = conn.execute(
+        "SELECT rolname FROM pg_roles WHERE rolname ~ %s AND NOT rolname = ANY(%s) ORDER BY 1",
+        (pattern, claimed),
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+def ensure_role_and_database(
+    conn: psycopg.Connection, *, name: str, user: str, password: str
+) -> None:
+    """Make role ``user`` (password ``password``) and database ``name`` it owns exist.
+
+    Every step looks at the catalogs first, so running this again after a crash
+    at any point converges instead of failing. ``conn`` must be in autocommit
+    mode (CREATE DATABASE cannot run in a transaction).
+    """
+    # Only a salted verifier reaches the server, so the password cannot show
+    # up in its statement log.
+    verifier = conn.pgconn.encrypt_password(password.encode(), user.encode()).decode()
+    role_is_superuser = _scalar(conn, "SELECT rolsuper FROM pg_roles WHERE rolname = %s", user)
+    if role_is_superuser:
+        raise Refused(f"role {user} is a superuser; refusing to give it to an app")
+    if role_is_superuser is None:
+        conn.execute(
+            sql.SQL(
+                "CREATE ROLE {} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}"
+            ).format(sql.Identifier(user), sql.Literal(verifier))
+        )
+    else:
+        # The stored password is the truth: reset it. (A non-superuser may not
+        # even mention SUPERUSER here; the role was checked above.)
+        conn.execute(
+            sql.SQL("ALTER ROLE {} WITH LOGIN NOCREATEDB NOCREATEROLE PASSWORD {}").format(
+                sql.Identifier(user), sql.Literal(verifier)
+            )
+        )
+    if not _scalar(conn, "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+        # Giving a database to a role (CREATE DATABASE ... OWNER, ALTER ... OWNER
+        # TO) requires membership in it; repeating the grant is harmless.
+        conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(sql.Identifier(user)))
+    owner = _scalar(
+        conn, "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", name
+    )
+    if owner is None:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} WITH OWNER {} TEMPLATE template0").format(
+                sql.Identifier(name), sql.Identifier(user)
+            )
+        )
+    elif owner != user:
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+                sql.Identifier(name), sql.Identifier(user)
+            )
+        )
+    # Without this every role may connect to every database: keep apps apart.
+    conn.execute(
+        sql.SQL("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC").format(sql.Identifier(name))
+    )
+
+
+def _scalar(conn: psycopg.Connection, query: str, *params: str) -> Any:
+    """The first column of the first row, or None when there is no row."""
+    row = conn.execute(query, params).fetchone()
+    return None if row is None else row[0]
+
+
+# -- running a request ------------------------------------------------------------------
+
+
+def run(request: Request) -> Answer:
+    """Execute ``request`` in this process and answer it; never raises for server errors."""
+    try:
+        timeout = max(2, math.ceil(float(request["connect_timeout"])))
+        with psycopg.connect(request["dsn"], autocommit=True, connect_timeout=timeout) as conn:
+            conn.execute(
+                "SELECT set_config('statement_timeout', %s, false)", (str(STATEMENT_TIMEOUT_MS),)
+            )
+            match request["op"]:
+                case "find":
+                    result: Any = find_unclaimed_roles(
+                        conn, pattern=request["pattern"], claimed=list(request["claimed"])
+                    )
+                case "ensure":
+                    ensure_role_and_database(
+                        conn,
+                        name=request["name"],
+                        user=request["user"],
+                        password=request["password"],
+                    )
+                    result = None
+                case op:
+                    return _failed(f"unknown request {op!r}", retry=False)
+    except psycopg.OperationalError as exc:
+        # Connection refused, login refused, server shutting down: may pass.
+        return _failed(str(exc), retry=True)
+    except (psycopg.Error, Refused) as exc:
+        return _failed(str(exc), retry=False)
+    return {"ok": True, "result": result}
+
+
+def run_as(os_user: str, request: Request, *, timeout: float) -> Answer:
+    """Execute ``request`` in a child process connected as OS user ``os_user``."""
+    package_parent = Path(__file__).resolve().parent.parent
+    try:
+        child = subprocess.run(
+            [sys.executable, "-m", "keter.pgadmin", "--as-user", os_user],
+            input=json.dumps(request).encode(),
+            capture_output=True,
+            timeout=timeout,
+            cwd="/",
+            # A clean environment: keter's own (PG* variables included) must not
+            # steer the admin connection. PYTHONPATH finds keter when it runs
+            # from a checkout rather than an installed package.
+            env={"PATH": os.defpath, "PYTHONPATH": str(package_parent)},
+        )
+    except subprocess.TimeoutExpired:
+        return _failed(f"admin helper gave no answer within {timeout:.0f}s", retry=True)
+    except OSError as exc:
+        return _failed(f"cannot start the admin helper: {exc}", retry=False)
+    try:
+        answer = json.loads(child.stdout)
+    except ValueError:
+        lines = child.stderr.decode(errors="replace").strip().splitlines() or ["no output"]
+        return _failed(
+            f"admin helper failed (exit status {child.returncode}): {lines[-1]}", retry=False
+        )
+    if not isinstance(answer, dict) or "ok" not in answer:
+        return _failed("admin helper gave a malformed answer", retry=False)
+    return answer
+
+
+def _failed(error: str, *, retry: bool) -> Answer:
+    # Server messages span lines; keter logs one line per event.
+    return {"ok": False, "error": " ".join(error.split()), "retry": retry}
+
+
+# -- the child process ------------------------------------------------------------------
+
+
+def become(os_user: str) -> None:
+    """Turn this (single-threaded) process into ``os_user``, irrevocably."""
+    entry = pwd.getpwnam(os_user)
+    if os.geteuid() == entry.pw_uid:
+        return
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+    os.environ["HOME"] = entry.pw_dir  # libpq looks for ~/.pgpass and service files
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Child entry point: become ``--as-user``, answer the JSON request on stdin."""
+    parser = argparse.ArgumentParser(prog="python -m keter.pgadmin", description=__doc__)
+    parser.add_argument("--as-user", required=True, help="OS user to connect as")
+    args = parser.parse_args(argv)
+    try:
+        become(args.as_user)
+    except (KeyError, OSError) as exc:
+        answer = _failed(f"cannot become OS user {args.as_user}: {exc}", retry=False)
+    else:
+        try:
+            request = json.loads(sys.stdin.buffer.read())
+        except ValueError as exc:
+            answer = _failed(f"malformed request: {exc}", retry=False)
+        else:
+            answer = run(request)
+    sys.stdout.buffer.write(json.dumps(answer).encode())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,563 @@
+"""The PostgreSQL provisioner against a real, private PostgreSQL cluster."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import re
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+from pg_server import ADMIN_ROLE, PrivatePostgres, free_port
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from support import wait_for
+
+from keter import pgadmin
+from keter.messages import DatabaseFailed, DatabaseReady, DbInfo, ProvisionDatabase
+from keter.postgres import (
+    PostgresProvisioner,
+    db_env,
+    name_pattern,
+    new_name,
+    new_password,
+    server_of,
+    slug,
+)
+
+REPLY_TIMEOUT = 20.0
+_app_numbers = itertools.count(1)
+
+
+def unique_app(stem: str) -> str:
+    """An app name no other test in this session uses (roles are cluster-wide)."""
+    return f"{stem}{next(_app_numbers)}"
+
+
+# -- pure functions ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("app", "expected"),
+    [
+        ("myapp", "myapp"),
+        ("My-App.v2", "my_app_v2"),
+        ("pg_stat", "app_pg_stat"),
+        ("PG", "app_pg"),
+        ("9lives", "app_9lives"),
+        ("--", "app"),
+        ("café", "caf"),
+        ('x"; DROP ROLE postgres; --', "x_drop_role_postgres"),
+    ],
+)
+def test_slug(app: str, expected: str) -> None:
+    assert slug(app) == expected
+
+
+@given(st.text(max_size=200))
+def test_new_name_is_a_safe_identifier_the_pattern_recognises(app: str) -> None:
+    name = new_name(app)
+    assert re.fullmatch(r"[a-z0-9_]{1,63}", name)
+    assert not name.startswith("pg_")
+    assert not name[0].isdigit()
+    assert re.fullmatch(name_pattern(app), name)
+
+
+def test_new_names_and_passwords_are_random() -> None:
+    assert new_name("shop") != new_name("shop")
+    password = new_password()
+    assert password != new_password()
+    assert len(password) >= 22  # URL-safe base64: 6 bits a character, so >= 128 bits
+
+
+def test_server_of_defaults_to_the_debian_socket() -> None:
+    assert server_of("") == ("/var/run/postgresql", 5432)
+    assert server_of("host=db.example port=6543 user=admin") == ("db.example", 6543)
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["/var/run/postgresql", "127.0.0.1", "::1", "db.example"],
+)
+def test_database_url_round_trips_through_libpq(host: str) -> None:
+    db = DbInfo(name="shop_1", user="shop_1", password="p@ss:/?#%&= w", host=host, port=5433)
+    env = db_env(db)
+    params = conninfo_to_dict(env["DATABASE_URL"])
+    assert params["user"] == "shop_1"
+    assert params["password"] == "p@ss:/?#%&= w"
+    assert params["dbname"] == "shop_1"
+    assert params["host"] == host
+    assert params["port"] == "5433"
+    assert env["PGPASS"] == env["PGPASSWORD"] == db.password
+    assert (env["PGHOST"], env["PGPORT"], env["PGUSER"], env["PGDATABASE"]) == (
+        host,
+        "5433",
+        "shop_1",
+        "shop_1",
+    )
+
+
+def test_socket_host_goes_in_the_query_string() -> None:
+    db = DbInfo(name="a_b", user="a_b", password="pw", host="/var/run/postgresql", port=5432)
+    url = db_env(db)["DATABASE_URL"]
+    assert url == "postgresql://a_b:pw@/a_b?host=/var/run/postgresql&port=5432"
+
+
+# -- harness ------------------------------------------------------------------------------
+
+
+@dataclass
+class Running:
+    """A started provisioner and the queue it reports to."""
+
+    actor: PostgresProvisioner
+    reports: queue.Queue
+
+    def send(self, app: str, deploy_id: int = 1) -> None:
+        self.actor.tell(ProvisionDatabase(app=app, deploy_id=deploy_id))
+
+    def reply(self, timeout: float = REPLY_TIMEOUT) -> object:
+        return self.reports.get(timeout=timeout)
+
+    def ready(self, app: str, deploy_id: int = 1) -> DbInfo:
+        """Ask for ``app``'s database and insist on getting it."""
+        self.send(app, deploy_id)
+        reply = self.reply()
+        assert reply == DatabaseReady(app=app, deploy_id=deploy_id, db=reply.db), reply
+        return reply.db
+
+
+@pytest.fixture
+def etc_dir(tmp_path: Path) -> Path:
+    return tmp_path / "etc"
+
+
+@pytest.fixture
+def start(etc_dir: Path) -> Iterator[Callable[..., Running]]:
+    """Start provisioners (admin DSN given per call); all are stopped afterwards."""
+    started: list[PostgresProvisioner] = []
+
+    def start_one(admin_dsn: str, **kwargs) -> Running:
+        reports: queue.Queue = queue.Queue()
+        kwargs.setdefault("etc_dir", etc_dir)
+        actor = PostgresProvisioner(admin_dsn=admin_dsn, report_to=reports, **kwargs)
+        actor.start()
+        started.append(actor)
+        return Running(actor, reports)
+
+    yield start_one
+    for actor in started:
+        actor.stop()
+    for actor in started:
+        actor.join(timeout=10)
+        assert not actor.is_alive()
+
+
+def query(pg: PrivatePostgres, sql: str, *params: object) -> list[tuple]:
+    with psycopg.connect(pg.superuser_dsn, autocommit=True) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def stored(etc_dir: Path) -> dict:
+    return yaml.safe_load((etc_dir / "postgres.yaml").read_text())
+
+
+def connect_as(db: DbInfo, dbname: str | None = None) -> psycopg.Connection:
+    return psycopg.connect(
+        host=db.host, port=db.port, user=db.user, password=db.password, dbname=dbname or db.name
+    )
+
+
+def assert_converged(pg: PrivatePostgres, etc_dir: Path, app: str, db: DbInfo) -> None:
+    """One role, one database, one stored credential for ``app``, and it works."""
+    pattern = name_pattern(app)
+    assert query(pg, "SELECT rolname FROM pg_roles WHERE rolname ~ %s", pattern) == [(db.user,)]
+    owners = query(
+        pg,
+        "SELECT datname, pg_get_userbyid(datdba), datacl::text[] FROM pg_database"
+        " WHERE datname ~ %s",
+        pattern,
+    )
+    assert owners == [(db.name, db.user, [f"{db.user}=CTc/{db.user}"])]
+    assert stored(etc_dir)[app]["pass"] == db.password
+    with connect_as(db) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (db.user,)
+
+
+# -- provisioning ---------------------------------------------------------------------------
+
+
+def test_provision_creates_least_privilege_role_and_database(
+    private_postgres: PrivatePostgres, start: Callable[..., Running], etc_dir: Path
+) -> None:
+    app = unique_app("shop")
+    db = start(private_postgres.admin_dsn).ready(app)
+
+    assert db.name == db.user and re.fullmatch(name_pattern(app), db.name)
+    assert (db.host, db.port) == ("127.0.0.1", private_postgres.port)
+    roles = query(
+        private_postgres,
+        "SELECT rolsuper, rolcreatedb, rolcreaterole, rolcanlogin FROM pg_roles WHERE rolname = %s",
+        db.user,
+    )
+    assert roles == [(False, False, False, True)]
+    assert_converged(private_postgres, etc_dir, app, db)
+
+    path = etc_dir / "postgres.yaml"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stored(etc_dir) == {
+        app: {
+            "name": db.name,
+            "user": db.user,
+            "pass": db.password,
+            "server": "127.0.0.1",
+            "port": private_postgres.port,
+        }
+    }
+
+
+def test_credentials_are_reused_by_later_deploys_and_after_a_restart(
+    private_postgres: PrivatePostgres, start: Callable[..., Running], etc_dir: Path
+) -> None:
+    app = unique_app("blog")
+    first = start(private_postgres.admin_dsn)
+    db = first.ready(app, deploy_id=1)
+    assert first.ready(app, deploy_id=2) == db
+
+    first.actor.stop()
+    first.actor.join(timeout=10)
+    restarted = start(private_postgres.admin_dsn)
+    assert restarted.ready(app, deploy_id=3) == db
+    assert_converged(private_postgres, etc_dir, app, db)
+
+
+APP_SCRIPT = """
+import os, sys, psycopg
+with psycopg.connect(os.environ.get("URL_ONLY", "")) as conn:
+    conn.execute("CREATE TABLE IF NOT EXISTS notes (body text)")
+    if sys.argv[1] == "write":
+        conn.execute("INSERT INTO notes VALUES (%s)", (sys.argv[2],))
+    else:
+        print(conn.execute("SELECT string_agg(body, ',') FROM notes").fetchone()[0])
+"""
+
+
+def run_app(env: dict[str, str], *args: str) -> str:
+    """Run a tiny 'app' in a child process with exactly ``env``; its stdout."""
+    result = subprocess.run(
+        [sys.executable, "-c", APP_SCRIPT, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_app_environment_connects_with_libpq_defaults_and_database_url(
+    private_postgres: PrivatePostgres, start: Callable[..., Running]
+) -> None:
+    db = start(private_postgres.admin_dsn).ready(unique_app("notes"))
+    env = db_env(db)
+
+    run_app(env, "write", "hello")
+    assert run_app(env, "read") == "hello"
+    url_only = {"URL_ONLY": env["DATABASE_URL"]}
+    run_app(url_only, "write", "again")
+    assert run_app(url_only, "read") == "hello,again"
+    with psycopg.connect(env["DATABASE_URL"]) as conn:
+        assert conn.execute("SELECT current_database()").fetchone() == (db.name,)
+
+
+def test_one_apps_role_cannot_open_another_apps_database(
+    private_postgres: PrivatePostgres, start: Callable[..., Running]
+) -> None:
+    running = start(private_postgres.admin_dsn)
+    a = running.ready(unique_app("alpha"))
+    b = running.ready(unique_app("beta"))
+
+    with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+        connect_as(a, dbname=b.name)
+    with connect_as(b) as conn:  # while b itself gets in
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+# -- crash safety ---------------------------------------------------------------------------
+
+
+def drop_role_and_database(pg: PrivatePostgres, db: DbInfo) -> None:
+    with psycopg.connect(pg.superuser_dsn, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("DROP DATABASE {}").format(psycopg.sql.Identifier(db.name)))
+        conn.execute(psycopg.sql.SQL("DROP ROLE {}").format(psycopg.sql.Identifier(db.user)))
+
+
+def superuser_run(pg: PrivatePostgres, statement: str, *identifiers: str) -> None:
+    with psycopg.connect(pg.superuser_dsn, autocommit=True) as conn:
+        names = [psycopg.sql.Identifier(name) for name in identifiers]
+        conn.execute(psycopg.sql.SQL(statement).format(*names))
+
+
+def test_crash_after_saving_credentials_before_the_role(
+    private_postgres: PrivatePostgres, start: Callable[..., Running], etc_dir: Path
+) -> None:
+    app = unique_app("crashrole")
+    running = start(private_postgres.admin_dsn)
+    db = running.ready(app, deploy_id=1)
+    superuser_run(private_postgres, "DROP DATABASE {}", db.name)
+    superuser_run(private_postgres, "DROP ROLE {}", db.user)
+
+    assert running.ready(app, deploy_id=2) == db
+    assert_converged(private_postgres, etc_dir, app, db)
+
+
+def test_crash_after_the_role_before_the_database(
+    private_postgres: PrivatePostgres, start: Callable[..., Running], etc_dir: Path
+) -> None:
+    app = unique_app("crashdb")
+    running = start(private_postgres.admin_dsn)
+    db = running.ready(app, deploy_id=1)
+    superuser_run(private_postgres, "DROP DATABASE {}", db.name)
+    # The role may even hold a different password than the file (a crash
+    # between choosing a new password and setting it): the file wins.
+    superuser_run(private_postgres, "ALTER ROLE {} PASSWORD 'something else'", db.user)
+
+    assert running.ready(app, deploy_id=2) == db
+    assert_converged(private_postgres, etc_dir, app, db)
+
+
+def test_crash_after_the_database_before_owner_and_revokes(
+    private_postgres: PrivatePostgres, start: Callable[..., Running], etc_dir: Path
+) -> None:
+    app = unique_app("crashacl")
+    running = start(private_postgres.admin_dsn)
+    db = running.ready(app, deploy_id=1)
+    # As if created by the admin role, which had not yet handed it over.
+    superuser_run(private_postgres, "ALTER DATABASE {} OWNER TO {}", db.name, ADMIN_ROLE)
+    superuser_run(private_postgres, "GRANT CONNECT, TEMPORARY ON DATABASE {} TO PUBLIC", db.name)
+
+    assert running.ready(app, deploy_id=2) == db
+    assert_converged(private_postgres, etc_dir, app, db)
+
+
+def test_lost_credentials_file_adopts_the_existing_role_and_database(
+    private_postgres: PrivatePostgres, start: Callable[..., Running], etc_dir: Path
+) -> None:
+    app = unique_app("lost")
+    other = unique_app("kept")
+    running = start(private_postgres.admin_dsn)
+    db = running.ready(app, deploy_id=1)
+    (etc_dir / "postgres.yaml").unlink()
+    kept = running.ready(other, deploy_id=2)  # the file exists again, without app
+
+    again = running.ready(app, deploy_id=3)
+    assert (again.name, again.user) == (db.name, db.user)
+    assert again.password != db.password  # a fresh one, set on the role
+    assert_converged(private_postgres, etc_dir, app, again)
+    assert stored(etc_dir)[other]["name"] == kept.name
+
+
+def test_an_unclaimed_role_of_a_similar_app_name_is_not_adopted_when_claimed(
+    private_postgres: PrivatePostgres, start: Callable[..., Running], etc_dir: Path
+) -> None:
+    app = unique_app("twin")
+    running = start(private_postgres.admin_dsn)
+    first = running.ready(app)
+    # "Twin7" slugs like "twin7", but the role is claimed by the first entry.
+    second = running.ready(app.capitalize())
+    assert second.name != first.name
+    assert re.fullmatch(name_pattern(app), second.name)
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+
+def test_hostile_app_name_is_harmless(
+    private_postgres: PrivatePostgres,
+    start: Callable[..., Running],
+    etc_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="keter")
+    app = f'x{next(_app_numbers)}"; DROP ROLE postgres; --'
+    running = start(private_postgres.admin_dsn)
+    db = running.ready(app)
+
+    assert re.fullmatch(r"x\d+_drop_role_postgres_[a-z0-9]{10}", db.name)
+    assert query(private_postgres, "SELECT rolsuper FROM pg_roles WHERE rolname = 'postgres'") == [
+        (True,)
+    ]
+    assert stored(etc_dir)[app]["name"] == db.name
+    assert running.ready(app, deploy_id=2) == db
+    assert any(r.getMessage().startswith(f"{app}: ") for r in caplog.records)
+
+
+def test_unreadable_credentials_file_fails_clearly_and_is_left_alone(
+    start: Callable[..., Running], etc_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    etc_dir.mkdir()
+    path = etc_dir / "postgres.yaml"
+    path.write_text("shop: [unclosed\n")
+    dsn = make_conninfo(host="127.0.0.1", port=free_port(), user="nobody", password="x")
+    running = start(dsn, retry_for=30.0)
+
+    running.send("shop")
+    reply = running.reply(timeout=5)
+    assert isinstance(reply, DatabaseFailed) and "postgres.yaml" in reply.reason
+    assert path.read_text() == "shop: [unclosed\n"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        f"shop: no database: {reply.reason}"
+    ]
+
+
+def test_malformed_entry_fails_clearly_and_is_left_alone(
+    start: Callable[..., Running], etc_dir: Path
+) -> None:
+    etc_dir.mkdir()
+    path = etc_dir / "postgres.yaml"
+    path.write_text("shop:\n  name: shop_x\n")
+    dsn = make_conninfo(host="127.0.0.1", port=free_port(), user="nobody", password="x")
+    running = start(dsn)
+
+    running.send("shop")
+    reply = running.reply(timeout=5)
+    assert isinstance(reply, DatabaseFailed) and "lacks 'user'" in reply.reason
+    assert path.read_text() == "shop:\n  name: shop_x\n"
+
+
+# -- faults ---------------------------------------------------------------------------------
+
+
+def retry_logged(caplog: pytest.LogCaptureFixture, app: str) -> bool:
+    return any(
+        r.getMessage().startswith(f"{app}: database server unavailable, retrying")
+        for r in list(caplog.records)
+    )
+
+
+def test_unreachable_server_fails_after_retry_for_without_holding_up_other_apps(
+    start: Callable[..., Running], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="keter")
+    retry_for = 1.5
+    dsn = make_conninfo(host="127.0.0.1", port=free_port(), user="nobody", password="x")
+    running = start(dsn, retry_for=retry_for)
+
+    sent_a = time.monotonic()
+    running.send("first")
+    wait_for(lambda: retry_logged(caplog, "first"), 5, "first app's first retry")
+    sent_b = time.monotonic()
+    running.send("second")
+
+    reply_a = running.reply()
+    got_a = time.monotonic()
+    reply_b = running.reply()
+    got_b = time.monotonic()
+    for reply, app in ((reply_a, "first"), (reply_b, "second")):
+        assert isinstance(reply, DatabaseFailed) and reply.app == app
+        assert "unavailable for 1.5s" in reply.reason and "refused" in reply.reason
+    # Each gave up after its own retry_for: the second was not queued behind
+    # the first app's retries.
+    assert retry_for <= got_a - sent_a < retry_for + 1.0
+    assert retry_for <= got_b - sent_b < retry_for + 1.0
+    assert retry_logged(caplog, "second")
+
+
+def test_refused_admin_login_is_retried_then_reported(
+    private_postgres: PrivatePostgres, start: Callable[..., Running]
+) -> None:
+    params = conninfo_to_dict(private_postgres.admin_dsn)
+    params["password"] = "wrong"
+    running = start(make_conninfo(**params), retry_for=0.3)
+
+    running.send("refused")
+    reply = running.reply()
+    assert isinstance(reply, DatabaseFailed)
+    assert "password authentication failed" in reply.reason
+
+
+def test_server_outage_is_waited_out_and_later_requests_succeed(
+    private_postgres: PrivatePostgres,
+    start: Callable[..., Running],
+    etc_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="keter")
+    patient = start(private_postgres.admin_dsn, retry_for=30.0)
+    impatient = start(private_postgres.admin_dsn, retry_for=0.3, etc_dir=etc_dir / "other")
+    waiting, failing = unique_app("patient"), unique_app("impatient")
+    private_postgres.stop()
+    try:
+        impatient.send(failing)
+        assert isinstance(impatient.reply(), DatabaseFailed)
+        patient.send(waiting)
+        wait_for(lambda: retry_logged(caplog, waiting), 5, "a retry while the server is down")
+    finally:
+        private_postgres.start()
+
+    db = patient.reply()
+    assert isinstance(db, DatabaseReady) and db.app == waiting
+    assert_converged(private_postgres, etc_dir, waiting, db.db)
+    impatient.ready(failing)  # the next request after a failure works
+
+
+def test_passwords_never_reach_the_log(
+    private_postgres: PrivatePostgres,
+    start: Callable[..., Running],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    running = start(private_postgres.admin_dsn)
+    app = unique_app("secret")
+    db = running.ready(app, deploy_id=1)
+    assert running.ready(app, deploy_id=2) == db
+    admin_password = conninfo_to_dict(private_postgres.admin_dsn)["password"]
+
+    assert caplog.records  # the provisioner did log its work
+    assert db.password not in caplog.text
+    assert admin_password not in caplog.text
+    assert db.password not in repr(DatabaseReady(app=app, deploy_id=1, db=db))
+
+
+# -- default mode: the local cluster as the postgres OS user ---------------------------------
+
+
+def test_default_mode_provisions_through_a_child_running_as_postgres(
+    private_postgres: PrivatePostgres, start: Callable[..., Running], etc_dir: Path
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the default mode switches to the postgres OS user, which needs root")
+    socket_dsn = f"host={private_postgres.socket_dir} port={private_postgres.port}"
+    # The fixture lets the postgres superuser in over the socket by peer
+    # authentication only: this very process (root) is turned away ...
+    as_root = {"dsn": f"{socket_dsn} user=postgres", "connect_timeout": 5}
+    refused = pgadmin.run({"op": "find", "pattern": "x", "claimed": [], **as_root})
+    assert not refused["ok"] and "Peer authentication failed" in refused["error"]
+
+    # ... so succeeding proves the helper really connected as the postgres OS user.
+    app = unique_app("peer")
+    db = start("", peer_dsn=socket_dsn).ready(app)
+    assert (db.host, db.port) == (str(private_postgres.socket_dir), private_postgres.port)
+    assert stored(etc_dir)[app]["server"] == str(private_postgres.socket_dir)
+    assert_converged(private_postgres, etc_dir, app, db)
+
+    env = db_env(db)
+    run_app(env, "write", "over the socket")
+    assert run_app({"URL_ONLY": env["DATABASE_URL"]}, "read") == "over the socket"
+
+
+def test_admin_helper_reports_an_unknown_os_user_in_one_line() -> None:
+    answer = pgadmin.run_as("no-such-user-keter", {"op": "find"}, timeout=30)
+    assert (answer["ok"], answer["retry"]) == (False, False)
+    assert answer["error"].startswith("cannot become OS user no-such-user-keter")

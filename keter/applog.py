@@ -1,0 +1,175 @@
+"""Per-app log files: app output with timestamps, rotated by size.
+
+One ``AppLog`` exists per log file and is shared by every version of the app
+that writes to it (old and new versions overlap during a deploy), so writes
+are serialised by a lock and rotation happens in one place. Each running
+process gets its own ``OutputCapture``, which cuts its byte stream into lines
+and remembers the last few for crash reports.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+TAIL_LINES = 50
+MAX_PARTIAL = 64 * 1024  # a "line" longer than this is written in pieces
+
+
+def timestamp() -> bytes:
+    """The ISO-8601 prefix put in front of every logged line."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").encode() + b" "
+
+
+class AppLog:
+    """An append-only log file rotated to ``path.1`` ... ``path.N`` when it exceeds ``max_bytes``.
+
+    At most ``backups + 1`` files exist, each at most ``max_bytes`` long unless
+    a single line is longer. Thread-safe.
+    """
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        self.path = Path(path)
+        self.max_bytes = max(1, max_bytes)
+        self.backups = max(0, backups)
+        self._lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Unbuffered: every batch is one write() that reaches the file at once,
+        # so the log is current when an app dies and keter is killed.
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - lives as long as the log
+        self._size = self._file.seek(0, os.SEEK_END)
+
+    def write_line(self, line: bytes) -> None:
+        """Append one line (without its newline), prefixed with the current time."""
+        self.write_lines([line], timestamp())
+
+    def write_lines(self, lines: Iterable[bytes], stamp: bytes) -> None:
+        """Append lines that arrived together, each prefixed with ``stamp``."""
+        with self._lock:
+            if self._file.closed:
+                return
+            pending = bytearray()
+            for line in lines:
+                record = stamp + line + b"\n"
+                if self._size + len(pending) > 0 and (
+                    self._size + len(pending) + len(record) > self.max_bytes
+                ):
+                    self._write(pending)
+                    pending.clear()
+                    self._rotate()
+                pending += record
+            self._write(pending)
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+    def _write(self, data: bytearray) -> None:
+        if data:
+            self._file.write(data)
+            self._size += len(data)
+
+    def _rotate(self) -> None:
+        self._file.close()
+        try:
+            for n in range(self.backups - 1, 0, -1):
+                older = self._backup(n)
+                if older.exists():
+                    os.replace(older, self._backup(n + 1))
+            if self.backups:
+                os.replace(self.path, self._backup(1))
+        finally:
+            # Reopen even if a rename failed, so logging goes on (and retries the rotation).
+            mode = "ab" if self.backups else "wb"
+            self._file = open(self.path, mode, buffering=0)  # noqa: SIM115
+            self._size = self._file.seek(0, os.SEEK_END)
+
+    def _backup(self, n: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.{n}")
+
+
+class LogRegistry:
+    """Hands out one shared ``AppLog`` per path and closes it when its last user lets go."""
+
+    def __init__(self, max_bytes: int, backups: int) -> None:
+        self._max_bytes = max_bytes
+        self._backups = backups
+        self._lock = threading.Lock()
+        self._logs: dict[Path, tuple[AppLog, int]] = {}
+
+    def acquire(self, path: Path) -> AppLog:
+        with self._lock:
+            applog, users = self._logs.get(path, (None, 0))
+            if applog is None:
+                applog = AppLog(path, self._max_bytes, self._backups)
+            self._logs[path] = (applog, users + 1)
+            return applog
+
+    def release(self, applog: AppLog) -> None:
+        with self._lock:
+            _, users = self._logs[applog.path]
+            if users > 1:
+                self._logs[applog.path] = (applog, users - 1)
+                return
+            del self._logs[applog.path]
+        applog.close()
+
+
+class OutputCapture:
+    """Splits one process's output into lines for its ``AppLog`` and keeps the last ones.
+
+    ``feed`` is called by the process's reader thread; ``tail`` may be called
+    from any thread.
+    """
+
+    def __init__(self, app: str, applog: AppLog, *, tail_lines: int = TAIL_LINES) -> None:
+        self.app = app
+        self.applog = applog
+        self._partial = b""
+        self._tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+        self._tail_lock = threading.Lock()
+        self._write_error_logged = False
+
+    def feed(self, data: bytes) -> None:
+        """Log every complete line in ``data``; keep an unfinished last line for later."""
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        # A writer that never ends its line must not grow memory without bound.
+        while len(self._partial) >= MAX_PARTIAL:
+            lines.append(self._partial[:MAX_PARTIAL])
+            self._partial = self._partial[MAX_PARTIAL:]
+        self._emit(lines)
+
+    def flush(self) -> None:
+        """Log the unfinished last line, if any (the process has exited)."""
+        if self._partial:
+            line, self._partial = self._partial, b""
+            self._emit([line])
+
+    def tail(self, n: int = TAIL_LINES) -> tuple[str, ...]:
+        """The last ``n`` lines the process printed, oldest first."""
+        with self._tail_lock:
+            lines = tuple(self._tail)
+        return lines[-n:] if n > 0 else ()
+
+    def _emit(self, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        lines = [line.removesuffix(b"\r") for line in lines]
+        recent = [line.decode("utf-8", "replace") for line in lines[-self._tail.maxlen :]]
+        with self._tail_lock:
+            self._tail.extend(recent)
+        try:
+            self.applog.write_lines(lines, timestamp())
+        except OSError as exc:
+            # A full disk must not stop the reader: it also detects the exit.
+            if not self._write_error_logged:
+                log.error("%s: cannot write %s: %s", self.app, self.applog.path, exc)
+                self._write_error_logged = True

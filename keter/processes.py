@@ -1,0 +1,966 @@
+"""The process monitor: starts, health-checks, restarts and stops app processes.
+
+Each deploy (``deploy_id``) has one entry with an explicit state machine
+(``ProcessState``, transitions listed in ``TRANSITIONS``). A process is always
+started in its own session, so "the app" is a process group: signals go to the
+whole group and the app only counts as stopped when nothing of the group is left
+(a shell wrapper's grandchildren may hold the port after the wrapper died).
+
+Nothing here blocks the actor's loop, which manages every app:
+
+* Exit detection and output capture run in one small reader thread per process.
+  It selects on the output pipe *and* a pidfd, so an exit is seen at once even
+  when a daemonised grandchild keeps the pipe open, and posts ``_Exited``.
+* Health probes are plain blocking HTTP requests run in a shared
+  ``ThreadPoolExecutor``; results come back as ``_ProbeDone``. A pool keeps each
+  probe a dozen readable lines (vs. a hand-written non-blocking HTTP client) and
+  bounds the threads; a probe takes at most ``probe_timeout`` of one worker.
+* Every delay (probe interval, backoff, drain, kill escalation) is a timer
+  message from ``Actor.schedule``.
+
+What the supervisor hears about a deploy: ``ProcessStarted`` and (once it
+answers) ``ProcessHealthy``, each once; ``ProcessStateChanged`` on every
+transition, restarts included (a restart keeps the port, so nothing else
+changes). A first start that fails is stopped, then reported as
+``ProcessFailed``; every deploy ends with exactly one ``ProcessStopped``.
+
+A process that leaves the group (``setsid``) escapes ``killpg``; only cgroups
+could follow it, which keter does not use.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import pwd
+import queue
+import random
+import re
+import select
+import selectors
+import signal
+import socket
+import subprocess
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from keter.actor import Actor
+from keter.applog import LogRegistry, OutputCapture
+from keter.fsutil import atomic_write
+from keter.messages import (
+    HealthCheck,
+    ProcessFailed,
+    ProcessHealthy,
+    ProcessSpec,
+    ProcessStarted,
+    ProcessStateChanged,
+    ProcessStopped,
+    StartProcess,
+    StopProcess,
+    message,
+)
+
+log = logging.getLogger(__name__)
+
+RECORDS_FILE = "processes.json"
+FAILURE_TAIL = 20  # output lines sent with ProcessFailed
+CRASH_TAIL = 10  # output lines logged when a running app crashes
+READ_CHUNK = 64 * 1024
+MAX_PIPE_BUFFER = 1024 * 1024  # Linux's default /proc/sys/fs/pipe-max-size
+PROBE_FIRST_INTERVAL = 0.01
+PROBE_MAX_INTERVAL = 0.25
+GONE_FIRST_POLL = 0.01  # polling for a group's stragglers after its leader died
+GONE_MAX_POLL = 0.2
+KILL_WAIT = 5.0  # how long shutdown waits for SIGKILLed processes to vanish
+
+
+# -- the state machine ----------------------------------------------------------------
+
+
+class ProcessState(enum.Enum):
+    STARTING = "STARTING"  # spawned, not yet answering its health check
+    RUNNING = "RUNNING"  # answering (or spawned, when there is no health check)
+    BACKOFF = "BACKOFF"  # crashed; waiting to be restarted on the same port
+    STOPPING = "STOPPING"  # being stopped; waiting until its whole group is gone
+    EXITED = "EXITED"  # not started yet, or stopped on request (the group is gone)
+    FATAL = "FATAL"  # the first start failed; it was stopped and is not retried
+
+
+S = ProcessState
+
+TRANSITIONS: dict[tuple[ProcessState, ProcessState], str] = {
+    (S.EXITED, S.STARTING): "first start: spawned",
+    (S.EXITED, S.FATAL): "first start: could not even spawn (exec error, unknown user, ...)",
+    (S.STARTING, S.RUNNING): "answered the health check, or has none",
+    (S.STARTING, S.STOPPING): "stop requested, or the first start failed (it gets stopped)",
+    (S.STARTING, S.BACKOFF): "a restart exited or never answered: try again later",
+    (S.RUNNING, S.BACKOFF): "crashed: restart after a backoff",
+    (S.RUNNING, S.STOPPING): "stop requested, or crashed while a stop was pending",
+    (S.BACKOFF, S.STARTING): "backoff over: respawned with the same spec and port",
+    (S.BACKOFF, S.BACKOFF): "the respawn itself failed (exec error, port taken): wait longer",
+    (S.BACKOFF, S.STOPPING): "stop requested: the pending restart is cancelled",
+    (S.STOPPING, S.EXITED): "the whole group is gone after a requested stop",
+    (S.STOPPING, S.FATAL): "the whole group of a failed first start is gone",
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A state change that TRANSITIONS does not allow: a bug in the monitor."""
+
+
+def check_transition(old: ProcessState, new: ProcessState) -> str:
+    """Why ``old -> new`` is allowed; raises ``IllegalTransition`` if it is not."""
+    try:
+        return TRANSITIONS[(old, new)]
+    except KeyError:
+        raise IllegalTransition(f"{old.value} -> {new.value}") from None
+
+
+# -- pure helpers ---------------------------------------------------------------------
+
+
+def backoff_delay(failures: int, base: float, cap: float, jitter: float) -> float:
+    """Delay before restart number ``failures + 1`` of a crash loop.
+
+    ``base * 2**failures`` capped at ``cap``, scaled into its upper half by
+    ``jitter`` (0..1) so apps that crash together do not restart in lockstep.
+    """
+    delay = min(cap, base * 2 ** min(failures, 64))
+    return delay * (0.5 + 0.5 * jitter)
+
+
+def describe_exit(returncode: int) -> str:
+    """``exited with status 3`` or ``killed by SIGKILL``, from a Popen returncode."""
+    if returncode >= 0:
+        return f"exited with status {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"killed by {name}"
+
+
+def is_healthy(status: int, strict: bool) -> bool:
+    """An explicit health-check path must answer 2xx/3xx; "/" anything below 500."""
+    return 200 <= status < 400 if strict else status < 500
+
+
+_SAFE_PATH = re.compile(r"/[\x21-\x7e]*")  # no spaces or control characters: no injection
+_SAFE_HOST = re.compile(r"[\x21-\x7e]+")
+_STATUS_LINE = re.compile(rb"HTTP/\d(?:\.\d)? (\d{3})")
+
+
+def probe_http(port: int, check: HealthCheck, timeout: float = 1.0) -> tuple[bool, str]:
+    """One health probe of 127.0.0.1:port; returns (healthy, what happened)."""
+    if not _SAFE_PATH.fullmatch(check.path) or not _SAFE_HOST.fullmatch(check.host):
+        return False, f"invalid health check path {check.path!r} or host {check.host!r}"
+    request = (
+        f"GET {check.path} HTTP/1.1\r\nHost: {check.host}\r\n"
+        "User-Agent: keter-health-check\r\nConnection: close\r\n\r\n"
+    ).encode()
+    head = b""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(request)
+            while b"\r\n" not in head and len(head) < 4096:
+                chunk = sock.recv(1024)
+                if not chunk:
+                    break
+                head += chunk
+    except TimeoutError:
+        return False, f"no answer within {timeout:g}s"
+    except ConnectionRefusedError:
+        return False, "connection refused"
+    except OSError as exc:
+        return False, exc.strerror or str(exc)
+    match = _STATUS_LINE.match(head)
+    if not match:
+        return False, "not an HTTP answer"
+    status = int(match.group(1))
+    return is_healthy(status, check.strict), f"HTTP {status} on {check.path}"
+
+
+def port_is_free(port: int) -> bool:
+    """Whether nothing listens on ``port`` (else a health probe would reach a stranger)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # REUSEADDR: a closed connection in TIME_WAIT does not make the port busy.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def user_credentials(name: str) -> dict[str, object]:
+    """Popen keyword arguments to run as ``name`` with its groups (initgroups semantics)."""
+    entry = pwd.getpwnam(name)
+    return {
+        "user": entry.pw_uid,
+        "group": entry.pw_gid,
+        "extra_groups": os.getgrouplist(name, entry.pw_gid),
+    }
+
+
+# -- process groups -------------------------------------------------------------------
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to a process group; False if the group no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a group.
+
+    Zombies do not count: they hold no port and no memory, and an orphan's
+    zombie may never be reaped when PID 1 is not a real init.
+    """
+    try:
+        os.killpg(pgid, 0)  # cheap answer for the common case: nothing left at all
+    except ProcessLookupError:
+        return []
+    except PermissionError:
+        pass  # exists, but owned by another user
+    members = []
+    for pid in psutil.pids():
+        try:
+            if os.getpgid(pid) == pgid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                members.append(pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return members
+
+
+def wait_group_gone(pgid: int, deadline: float) -> bool:
+    """Block until no live process of the group remains, or until ``deadline`` (monotonic).
+
+    Only for keter's own start-up and shutdown, when blocking is the point.
+    Waits on pidfds of the members; rescans now and then for new forks.
+    """
+    while True:
+        members = group_members(pgid)
+        if not members:
+            return True
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        pidfds = []
+        for pid in members:
+            try:
+                pidfds.append(os.pidfd_open(pid))
+            except ProcessLookupError:
+                continue
+        try:
+            if pidfds:
+                select.select(pidfds, [], [], min(remaining, 0.1))
+        finally:
+            for fd in pidfds:
+                os.close(fd)
+
+
+def stop_groups(groups: dict[int, str], timeout: float) -> None:
+    """SIGTERM every group, SIGKILL what is left after one shared ``timeout``, wait for all.
+
+    ``groups`` maps pgid to a label for the log (``"app: pid 123"``).
+    """
+    for pgid in groups:
+        signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    stubborn = [pgid for pgid in groups if not wait_group_gone(pgid, deadline)]
+    for pgid in stubborn:
+        log.warning("%s: still running %gs after SIGTERM; sending SIGKILL", groups[pgid], timeout)
+        signal_group(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + KILL_WAIT
+    for pgid in stubborn:
+        if not wait_group_gone(pgid, deadline):
+            log.error("%s: still alive after SIGKILL", groups[pgid])
+
+
+# -- private messages (timers and reports from this actor's own threads) --------------
+
+
+@message
+class _Probe:
+    """Time for the next health probe."""
+
+    deploy_id: int
+    run: int
+
+
+@message
+class _ProbeDone:
+    deploy_id: int
+    run: int
+    healthy: bool
+    detail: str
+
+
+@message
+class _HealthDeadline:
+    deploy_id: int
+    run: int
+
+
+@message
+class _Exited:
+    """The group leader exited and was reaped (posted by the reader thread)."""
+
+    deploy_id: int
+    run: int
+    returncode: int
+    tail: tuple[str, ...]
+
+
+@message
+class _Restart:
+    deploy_id: int
+    run: int
+
+
+@message
+class _BeginStop:
+    """A StopProcess's drain delay is over."""
+
+    deploy_id: int
+
+
+@message
+class _Escalate:
+    """stop_timeout after SIGTERM: SIGKILL whatever is left."""
+
+    deploy_id: int
+    run: int
+
+
+@message
+class _CheckGone:
+    deploy_id: int
+    run: int
+
+
+# -- per-deploy bookkeeping -----------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Run:
+    """One spawned incarnation of a deploy (a restart makes a new one)."""
+
+    number: int
+    proc: subprocess.Popen
+    create_time: float
+    capture: OutputCapture
+    wake_w: int  # closed by the monitor to tell the reader thread to finish
+    reader: threading.Thread | None = None
+    exited: bool = False
+    gone: bool = False  # the whole group is known to be gone
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def pgid(self) -> int:
+        return self.proc.pid  # start_new_session: the leader's pid is the group id
+
+
+@dataclass(eq=False)
+class _Entry:
+    app: str
+    deploy_id: int
+    spec: ProcessSpec
+    state: ProcessState = ProcessState.EXITED
+    run: _Run | None = None
+    runs: int = 0
+    failures: int = 0  # consecutive crashes, for the backoff
+    ever_healthy: bool = False  # False until the first start answered
+    running_since: float | None = None
+    stop_requested: bool = False
+    failure: str | None = None  # why the first start failed
+    failure_tail: tuple[str, ...] = ()
+    probe_interval: float = PROBE_FIRST_INTERVAL
+    last_probe: str = "no probe finished"
+    gone_poll: float = GONE_FIRST_POLL
+
+
+# -- the actor ------------------------------------------------------------------------
+
+
+class ProcessMonitor(Actor):
+    """Runs every app process; see the module docstring for the design."""
+
+    def __init__(
+        self,
+        *,
+        report_to: queue.Queue,
+        run_dir: Path,
+        health_check_timeout: float,
+        stop_timeout: float,
+        log_max_bytes: int,
+        log_backups: int,
+        probe_timeout: float = 1.0,
+        backoff_base: float = 0.1,
+        backoff_cap: float = 60.0,
+        backoff_reset: float = 10.0,
+        probe_workers: int = 4,
+    ) -> None:
+        super().__init__("processes", report_to)
+        self.run_dir = Path(run_dir)
+        self.health_check_timeout = health_check_timeout
+        self.stop_timeout = stop_timeout
+        self.probe_timeout = probe_timeout
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.backoff_reset = backoff_reset  # RUNNING this long forgives earlier crashes
+        self._logs = LogRegistry(log_max_bytes, log_backups)
+        self._probes = ThreadPoolExecutor(probe_workers, thread_name_prefix="keter-probe")
+        self._entries: dict[int, _Entry] = {}
+        self._saved_records: list[dict] | None = None
+        self._random = random.Random()
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._kill_leftovers()
+        self._save_records()
+
+    def on_stop(self) -> None:
+        """Keter is shutting down: stop every process in parallel and wait for all."""
+        entries = list(self._entries.values())
+        runs = [e.run for e in entries if e.run is not None and not e.run.gone]
+        if runs:
+            labels = {e.run.pgid: f"{e.app}: pid {e.run.pid}" for e in entries if e.run in runs}
+            stop_groups(labels, self.stop_timeout)
+        for run in runs:
+            self._release_run(run)
+        for run in runs:
+            if run.reader is not None:
+                run.reader.join(timeout=KILL_WAIT)
+        for entry in entries:
+            log.info("%s: stopped (keter is shutting down)", entry.app)
+            self.report(ProcessStopped(app=entry.app, deploy_id=entry.deploy_id))
+        self._entries.clear()
+        self._save_records()
+        self._probes.shutdown(wait=False, cancel_futures=True)
+
+    # -- messages ---------------------------------------------------------------------
+
+    def handle(self, message: object) -> None:
+        match message:
+            case StartProcess():
+                self._start(message)
+            case StopProcess():
+                self._stop_requested(message)
+            case _Probe() | _ProbeDone() | _HealthDeadline() as msg:
+                if entry := self._current(msg.deploy_id, msg.run, ProcessState.STARTING):
+                    self._on_health(entry, msg)
+            case _Exited():
+                self._on_exited(message)
+            case _Restart():
+                if entry := self._current(message.deploy_id, message.run, ProcessState.BACKOFF):
+                    self._restart(entry)
+            case _BeginStop():
+                if entry := self._entries.get(message.deploy_id):
+                    self._begin_stop(entry)
+            case _Escalate():
+                if entry := self._current(message.deploy_id, message.run, ProcessState.STOPPING):
+                    self._escalate(entry)
+            case _CheckGone():
+                if entry := self._current(message.deploy_id, message.run, ProcessState.STOPPING):
+                    self._check_gone(entry)
+            case _:
+                log.warning("processes: ignoring unexpected message %r", message)
+
+    def _current(self, deploy_id: int, run: int, state: ProcessState) -> _Entry | None:
+        """The entry, if a private message about it is not stale."""
+        entry = self._entries.get(deploy_id)
+        if entry is None or entry.state is not state or entry.runs != run:
+            return None
+        return entry
+
+    # -- starting ---------------------------------------------------------------------
+
+    def _start(self, msg: StartProcess) -> None:
+        if msg.deploy_id in self._entries:
+            log.error(
+                "%s: deploy %d is already running; StartProcess ignored", msg.app, msg.deploy_id
+            )
+            return
+        entry = _Entry(app=msg.app, deploy_id=msg.deploy_id, spec=msg.spec)
+        self._entries[msg.deploy_id] = entry
+        error = self._spawn(entry)
+        if error:
+            entry.failure = error
+            log.error("%s: deploy %d failed: %s", entry.app, entry.deploy_id, error)
+            self._transition(entry, ProcessState.FATAL, error)
+            del self._entries[entry.deploy_id]
+            self.report(ProcessFailed(app=entry.app, deploy_id=entry.deploy_id, reason=error))
+            self.report(ProcessStopped(app=entry.app, deploy_id=entry.deploy_id))
+            return
+        assert entry.run is not None
+        self.report(
+            ProcessStarted(
+                app=entry.app, deploy_id=entry.deploy_id, pid=entry.run.pid, port=msg.spec.port
+            )
+        )
+        self._transition(entry, ProcessState.STARTING, self._where(entry))
+        self._await_health(entry)
+
+    def _spawn(self, entry: _Entry) -> str | None:
+        """Start a new run of ``entry``; returns why it could not start, or None."""
+        spec = entry.spec
+        if not spec.command:
+            return "empty command"
+        if spec.port is not None and not port_is_free(spec.port):
+            return f"port {spec.port} is already in use"
+        try:
+            credentials = user_credentials(spec.user) if spec.user else {}
+        except KeyError:
+            return f"unknown user {spec.user!r}"
+        try:
+            applog = self._logs.acquire(spec.log_path)
+        except OSError as exc:
+            return f"cannot open log {spec.log_path}: {exc.strerror or exc}"
+        try:
+            proc = subprocess.Popen(
+                list(spec.command),
+                cwd=spec.cwd,
+                env=dict(spec.env),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+                **credentials,
+            )
+        except OSError as exc:
+            self._logs.release(applog)
+            # The failing file may be the working directory rather than the program.
+            where = f"{exc.filename}: " if exc.filename not in (None, spec.command[0]) else ""
+            return f"cannot run {spec.command[0]}: {where}{exc.strerror or exc}"
+        except (ValueError, TypeError, subprocess.SubprocessError) as exc:
+            self._logs.release(applog)
+            return f"cannot run {spec.command[0]}: {exc}"
+        # The pidfd is opened before anyone can reap the child, so it refers to it.
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            create_time = psutil.Process(proc.pid).create_time()
+        except psutil.NoSuchProcess:
+            create_time = 0.0
+        wake_r, wake_w = os.pipe()
+        entry.runs += 1
+        run = _Run(
+            number=entry.runs,
+            proc=proc,
+            create_time=create_time,
+            capture=OutputCapture(entry.app, applog),
+            wake_w=wake_w,
+        )
+        run.reader = threading.Thread(
+            target=self._pump,
+            args=(entry.deploy_id, run, pidfd, wake_r),
+            name=f"keter-output-{entry.app}",
+            daemon=True,
+        )
+        entry.run = run
+        run.reader.start()
+        self._save_records()
+        return None
+
+    def _await_health(self, entry: _Entry) -> None:
+        spec = entry.spec
+        if spec.health is None or spec.port is None:
+            self._became_healthy(entry)
+            return
+        entry.probe_interval = PROBE_FIRST_INTERVAL
+        entry.last_probe = "no probe finished"
+        self.schedule(
+            self.health_check_timeout, _HealthDeadline(deploy_id=entry.deploy_id, run=entry.runs)
+        )
+        self._submit_probe(entry)
+
+    def _submit_probe(self, entry: _Entry) -> None:
+        deploy_id, run, spec = entry.deploy_id, entry.runs, entry.spec
+        assert spec.health is not None and spec.port is not None
+        future = self._probes.submit(probe_http, spec.port, spec.health, self.probe_timeout)
+
+        def done(f: Future) -> None:
+            try:
+                healthy, detail = f.result()
+            except Exception as exc:  # a bug in the probe must not hang the start
+                healthy, detail = False, f"probe failed: {exc}"
+            self.tell(_ProbeDone(deploy_id=deploy_id, run=run, healthy=healthy, detail=detail))
+
+        future.add_done_callback(done)
+
+    def _on_health(self, entry: _Entry, msg: _Probe | _ProbeDone | _HealthDeadline) -> None:
+        match msg:
+            case _Probe():
+                self._submit_probe(entry)
+            case _ProbeDone(healthy=True):
+                self._became_healthy(entry)
+            case _ProbeDone(detail=detail):
+                entry.last_probe = detail
+                self.schedule(
+                    entry.probe_interval, _Probe(deploy_id=entry.deploy_id, run=entry.runs)
+                )
+                entry.probe_interval = min(entry.probe_interval * 1.5, PROBE_MAX_INTERVAL)
+            case _HealthDeadline():
+                reason = (
+                    f"did not answer on port {entry.spec.port} within "
+                    f"{self.health_check_timeout:g}s (last: {entry.last_probe})"
+                )
+                if entry.ever_healthy:
+                    # A restart that never answered is killed, not drained: it served nobody.
+                    assert entry.run is not None
+                    signal_group(entry.run.pgid, signal.SIGKILL)
+                    self._crashed(entry, reason, entry.run.capture.tail(CRASH_TAIL))
+                else:
+                    self._fail_start(entry, reason)
+
+    def _became_healthy(self, entry: _Entry) -> None:
+        self._transition(entry, ProcessState.RUNNING, self._where(entry))
+        entry.running_since = time.monotonic()
+        if not entry.ever_healthy:
+            entry.ever_healthy = True
+            self.report(ProcessHealthy(app=entry.app, deploy_id=entry.deploy_id))
+
+    def _fail_start(self, entry: _Entry, reason: str) -> None:
+        """The first start failed: stop what is left of it, then report ProcessFailed."""
+        run = entry.run
+        assert run is not None
+        entry.failure = reason
+        entry.failure_tail = run.capture.tail(FAILURE_TAIL)
+        log.error(
+            "%s: deploy %d failed: %s; last output: %s",
+            entry.app,
+            entry.deploy_id,
+            reason,
+            " | ".join(entry.failure_tail) or "(none)",
+        )
+        if run.exited:
+            signal_group(run.pgid, signal.SIGKILL)  # leftovers of a dead leader
+            self._transition(entry, ProcessState.STOPPING, reason)
+            self._check_gone(entry)
+        else:
+            self._terminate(entry, reason)
+
+    # -- exits, crashes and restarts ----------------------------------------------------
+
+    def _on_exited(self, msg: _Exited) -> None:
+        entry = self._entries.get(msg.deploy_id)
+        if entry is None or entry.run is None or entry.run.number != msg.run:
+            return
+        entry.run.exited = True
+        reason = describe_exit(msg.returncode)
+        match entry.state:
+            case ProcessState.STARTING if not entry.ever_healthy:
+                self._fail_start(entry, f"{reason} before answering")
+            case ProcessState.STARTING | ProcessState.RUNNING:
+                # The leader is gone: kill the rest so no orphan holds the port.
+                signal_group(entry.run.pgid, signal.SIGKILL)
+                if entry.state is ProcessState.STARTING:
+                    reason = f"{reason} before answering"
+                self._crashed(entry, reason, msg.tail[-CRASH_TAIL:])
+            case ProcessState.STOPPING:
+                self._check_gone(entry)
+            case _:
+                pass  # BACKOFF: a killed restart's leader; _restart waits for this
+
+    def _crashed(self, entry: _Entry, reason: str, tail: tuple[str, ...]) -> None:
+        """A process that had been running died (or a restart of it failed)."""
+        entry.running_since, ran_since = None, entry.running_since
+        if entry.stop_requested:
+            self._transition(entry, ProcessState.STOPPING, f"{reason} while stopping")
+            self._check_gone(entry)
+            return
+        log.error(
+            "%s: crashed: %s; last output: %s", entry.app, reason, " | ".join(tail) or "(none)"
+        )
+        if ran_since is not None and time.monotonic() - ran_since >= self.backoff_reset:
+            entry.failures = 0
+        self._back_off(entry, reason)
+
+    def _back_off(self, entry: _Entry, reason: str) -> None:
+        delay = backoff_delay(
+            entry.failures, self.backoff_base, self.backoff_cap, self._random.random()
+        )
+        entry.failures += 1
+        self._transition(entry, ProcessState.BACKOFF, f"{reason}; restarting in {delay:.3f}s")
+        self.schedule(delay, _Restart(deploy_id=entry.deploy_id, run=entry.runs))
+
+    def _restart(self, entry: _Entry) -> None:
+        old = entry.run
+        assert old is not None
+        if not old.exited or group_members(old.pgid):
+            # Still dying from the SIGKILL: the port is not free yet. Look again soon.
+            signal_group(old.pgid, signal.SIGKILL)
+            self.schedule(entry.gone_poll, _Restart(deploy_id=entry.deploy_id, run=entry.runs))
+            entry.gone_poll = min(entry.gone_poll * 2, GONE_MAX_POLL)
+            return
+        entry.gone_poll = GONE_FIRST_POLL
+        self._release_run(old)
+        error = self._spawn(entry)
+        if error:
+            log.error("%s: restart failed: %s", entry.app, error)
+            self._save_records()  # the old run is gone
+            self._back_off(entry, error)
+            return
+        self._transition(entry, ProcessState.STARTING, self._where(entry))
+        self._await_health(entry)
+
+    # -- stopping ---------------------------------------------------------------------
+
+    def _stop_requested(self, msg: StopProcess) -> None:
+        entry = self._entries.get(msg.deploy_id)
+        if entry is None:
+            # Already gone (or never started): stopping is idempotent.
+            self.report(ProcessStopped(app=msg.app, deploy_id=msg.deploy_id))
+            return
+        entry.stop_requested = True
+        if entry.state is ProcessState.BACKOFF or msg.delay <= 0:
+            # Nothing is being served from BACKOFF, so there is nothing to drain.
+            self._begin_stop(entry)
+        else:
+            self.schedule(msg.delay, _BeginStop(deploy_id=msg.deploy_id))
+
+    def _begin_stop(self, entry: _Entry) -> None:
+        match entry.state:
+            case ProcessState.STARTING | ProcessState.RUNNING:
+                self._terminate(entry, "stop requested")
+            case ProcessState.BACKOFF:
+                self._transition(entry, ProcessState.STOPPING, "stop requested; restart cancelled")
+                self._check_gone(entry)
+            case _:
+                pass  # already stopping
+
+    def _terminate(self, entry: _Entry, why: str) -> None:
+        run = entry.run
+        assert run is not None
+        entry.running_since = None
+        signal_group(run.pgid, signal.SIGTERM)
+        self._transition(entry, ProcessState.STOPPING, f"{why}; sent SIGTERM to group {run.pgid}")
+        self.schedule(self.stop_timeout, _Escalate(deploy_id=entry.deploy_id, run=entry.runs))
+
+    def _escalate(self, entry: _Entry) -> None:
+        run = entry.run
+        assert run is not None
+        if not run.exited or group_members(run.pgid):
+            log.warning(
+                "%s: still running %gs after SIGTERM; sending SIGKILL to group %d",
+                entry.app,
+                self.stop_timeout,
+                run.pgid,
+            )
+            signal_group(run.pgid, signal.SIGKILL)
+
+    def _check_gone(self, entry: _Entry) -> None:
+        """Finish the stop once the leader was reaped and nothing of its group is left."""
+        run = entry.run
+        if run is not None and not run.exited:
+            return  # its _Exited will call us again
+        if run is not None and group_members(run.pgid):
+            # Stragglers have no pidfd here to wake us; poll, briefly, with backoff.
+            self.schedule(entry.gone_poll, _CheckGone(deploy_id=entry.deploy_id, run=entry.runs))
+            entry.gone_poll = min(entry.gone_poll * 2, GONE_MAX_POLL)
+            return
+        if run is not None:
+            self._release_run(run)
+        final = ProcessState.FATAL if entry.failure else ProcessState.EXITED
+        self._transition(entry, final, entry.failure or "stopped")
+        del self._entries[entry.deploy_id]
+        self._save_records()
+        if entry.failure:
+            self.report(
+                ProcessFailed(
+                    app=entry.app,
+                    deploy_id=entry.deploy_id,
+                    reason=entry.failure,
+                    output_tail=entry.failure_tail,
+                )
+            )
+        self.report(ProcessStopped(app=entry.app, deploy_id=entry.deploy_id))
+
+    # -- shared helpers ---------------------------------------------------------------
+
+    def _transition(self, entry: _Entry, new: ProcessState, detail: str) -> None:
+        """The one place where an entry changes state: checked, logged and reported."""
+        check_transition(entry.state, new)
+        log.info("%s: state %s -> %s (%s)", entry.app, entry.state.value, new.value, detail)
+        entry.state = new
+        self.report(
+            ProcessStateChanged(
+                app=entry.app, deploy_id=entry.deploy_id, state=new.value, detail=detail
+            )
+        )
+
+    @staticmethod
+    def _where(entry: _Entry) -> str:
+        assert entry.run is not None
+        return f"pid {entry.run.pid}, port {entry.spec.port}"
+
+    def _release_run(self, run: _Run) -> None:
+        """The run's group is gone: let its reader thread finish."""
+        if not run.gone:
+            run.gone = True
+            os.close(run.wake_w)  # EOF on the reader's wake pipe
+
+    # -- the reader thread (one per run) ----------------------------------------------
+
+    def _pump(self, deploy_id: int, run: _Run, pidfd: int, wake_r: int) -> None:
+        """Copy the run's output to its log; report the leader's exit the moment it happens."""
+        out = run.proc.stdout
+        assert out is not None
+        fd = out.fileno()
+        selector = selectors.DefaultSelector()
+        selector.register(fd, selectors.EVENT_READ, "out")
+        selector.register(pidfd, selectors.EVENT_READ, "exit")
+        selector.register(wake_r, selectors.EVENT_READ, "wake")
+        pipe_open, exited, woken = True, False, False
+        try:
+            # Ends when the leader is reaped and either the pipe is closed (the whole
+            # group is gone) or the monitor says the group is gone (then whoever still
+            # holds the pipe has escaped the group, and we will not wait for it).
+            while not (exited and (woken or not pipe_open)):
+                for key, _ in selector.select():
+                    if key.data == "out":
+                        if pipe_open and not self._read_once(run, fd):
+                            selector.unregister(fd)
+                            pipe_open = False
+                    elif key.data == "exit":
+                        # Everything the leader wrote is in the pipe by now: take it
+                        # first so the exit report shows its last words.
+                        if pipe_open and not self._drain(run, fd):
+                            selector.unregister(fd)
+                            pipe_open = False
+                        run.capture.flush()
+                        returncode = run.proc.wait()
+                        selector.unregister(pidfd)
+                        exited = True
+                        self.tell(
+                            _Exited(
+                                deploy_id=deploy_id,
+                                run=run.number,
+                                returncode=returncode,
+                                tail=run.capture.tail(FAILURE_TAIL),
+                            )
+                        )
+                    elif key.data == "wake":
+                        selector.unregister(wake_r)
+                        woken = True
+            if pipe_open:
+                self._drain(run, fd)
+        except Exception:
+            log.exception("processes: output reader of pid %d failed", run.pid)
+            if not exited:  # without the exit report the entry would hang forever
+                self.tell(
+                    _Exited(
+                        deploy_id=deploy_id,
+                        run=run.number,
+                        returncode=run.proc.wait(),
+                        tail=run.capture.tail(FAILURE_TAIL),
+                    )
+                )
+        finally:
+            run.capture.flush()
+            selector.close()
+            out.close()
+            os.close(pidfd)
+            os.close(wake_r)
+            self._logs.release(run.capture.applog)
+
+    @staticmethod
+    def _read_once(run: _Run, fd: int) -> bool:
+        """One chunk from the pipe into the log; False at end of file."""
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return True
+        if not data:
+            return False
+        run.capture.feed(data)
+        return True
+
+    @staticmethod
+    def _drain(run: _Run, fd: int) -> bool:
+        """Read what the pipe holds right now without waiting; False at end of file.
+
+        Reads at most the largest pipe buffer: enough for everything a dead
+        leader wrote, and a chatty grandchild cannot keep us here forever.
+        """
+        os.set_blocking(fd, False)
+        for _ in range(MAX_PIPE_BUFFER // READ_CHUNK):
+            try:
+                data = os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                return True
+            if not data:
+                return False
+            run.capture.feed(data)
+        return True
+
+    # -- records of running processes, for cleanup after keter was killed --------------
+
+    def _save_records(self) -> None:
+        records = [
+            {
+                "pid": entry.run.pid,
+                "pgid": entry.run.pgid,
+                "create_time": entry.run.create_time,
+                "app": entry.app,
+                "deploy_id": entry.deploy_id,
+            }
+            for entry in self._entries.values()
+            if entry.run is not None and not entry.run.gone
+        ]
+        if records != self._saved_records:
+            atomic_write(self.run_dir / RECORDS_FILE, json.dumps(records, indent=1).encode())
+            self._saved_records = records
+
+    def _kill_leftovers(self) -> None:
+        """Stop processes a previous keter started and could not stop (it was SIGKILLed)."""
+        path = self.run_dir / RECORDS_FILE
+        try:
+            records = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("processes: ignoring unreadable %s: %s", path, exc)
+            return
+        groups: dict[int, str] = {}
+        for record in records if isinstance(records, list) else []:
+            try:
+                app, pid, pgid = str(record["app"]), int(record["pid"]), int(record["pgid"])
+                create_time = float(record["create_time"])
+            except (KeyError, TypeError, ValueError):
+                log.warning("processes: ignoring malformed record %r in %s", record, path)
+                continue
+            if not group_members(pgid):
+                continue
+            try:
+                leader = psutil.Process(pid)
+                reused = leader.status() != psutil.STATUS_ZOMBIE and (
+                    abs(leader.create_time() - create_time) > 0.01
+                )
+            except psutil.NoSuchProcess:
+                reused = False  # the leader died; its group's leftovers are still ours
+            if reused:
+                log.info("%s: pid %d now belongs to another program; leaving it alone", app, pid)
+                continue
+            groups[pgid] = f"{app}: leftover pid {pid} (deploy {record.get('deploy_id')})"
+        if groups:
+            stop_groups(groups, self.stop_timeout)
+            for label in groups.values():
+                log.warning("%s from a previous keter run was stopped", label)

@@ -1,0 +1,720 @@
+"""The process monitor with real child processes (tests/apps/versioned_app.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import pwd
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+from support import wait_for
+
+from keter.applog import MAX_PARTIAL, AppLog, LogRegistry, OutputCapture
+from keter.messages import (
+    HealthCheck,
+    ProcessFailed,
+    ProcessHealthy,
+    ProcessSpec,
+    ProcessStarted,
+    ProcessStateChanged,
+    ProcessStopped,
+    StartProcess,
+    StopProcess,
+)
+from keter.processes import (
+    TRANSITIONS,
+    IllegalTransition,
+    ProcessMonitor,
+    ProcessState,
+    backoff_delay,
+    check_transition,
+    describe_exit,
+    group_members,
+    is_healthy,
+    port_is_free,
+    probe_http,
+)
+
+APP = Path(__file__).parent / "apps" / "versioned_app.py"
+STAMP = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00 ")
+S = ProcessState
+HEALTH = HealthCheck(host="app.test")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not: it may never be reaped here)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def get(port: int, path: str = "/") -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        return response.read().decode()
+
+
+def own_children() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if alive(p.pid)]
+
+
+class Harness:
+    """A running ProcessMonitor plus a record of everything it reported."""
+
+    def __init__(self, tmp_path: Path, **options: object) -> None:
+        self.tmp_path = tmp_path
+        self.reports: queue.Queue = queue.Queue()
+        self.seen: list[tuple[float, object]] = []
+        settings = {
+            "health_check_timeout": 10.0,
+            "stop_timeout": 2.0,
+            "log_max_bytes": 1_000_000,
+            "log_backups": 3,
+        }
+        settings.update(options)
+        self.monitor = ProcessMonitor(report_to=self.reports, run_dir=tmp_path / "run", **settings)
+        self.pgids: set[int] = set()
+
+    def spec(
+        self,
+        *args: str,
+        port: int | None = None,
+        health: HealthCheck | None = HEALTH,
+        env: dict[str, str] | None = None,
+        command: tuple[str, ...] | None = None,
+        log_name: str = "app",
+        **fields: object,
+    ) -> ProcessSpec:
+        environment = {"VERSION": "v1", **(env or {})}
+        if port is not None:
+            environment["PORT"] = str(port)
+        return ProcessSpec(
+            command=command or (sys.executable, "-u", str(APP), *args),
+            cwd=self.tmp_path,
+            env=environment,
+            log_path=self.tmp_path / "log" / f"{log_name}.log",
+            port=port,
+            health=health if port is not None else None,
+            **fields,
+        )
+
+    def start(self, deploy_id: int, spec: ProcessSpec, app: str = "app") -> None:
+        self.monitor.tell(StartProcess(app=app, deploy_id=deploy_id, spec=spec))
+
+    def expect(self, kind: type, timeout: float = 10.0, after: int = 0, **fields: object):
+        """The first report of ``kind`` with these fields (at index >= after), waiting for it."""
+        deadline = time.monotonic() + timeout
+        index = after
+        while True:
+            while index < len(self.seen):
+                message = self.seen[index][1]
+                index += 1
+                if isinstance(message, kind) and all(
+                    getattr(message, k) == v for k, v in fields.items()
+                ):
+                    return message
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {kind.__name__} {fields}; seen: {self.messages()}")
+            try:
+                message = self.reports.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            self.seen.append((time.monotonic(), message))
+            if isinstance(message, ProcessStateChanged) and message.state == "STARTING":
+                self.pgids.add(self.pid_of(message))  # checked for leftovers at the end
+
+    def index(self, message: object) -> int:
+        return next(i for i, (_, m) in enumerate(self.seen) if m is message)
+
+    def when(self, message: object) -> float:
+        return self.seen[self.index(message)][0]
+
+    def messages(self) -> list[object]:
+        return [m for _, m in self.seen]
+
+    def states(self, deploy_id: int) -> list[str]:
+        return [
+            m.state
+            for m in self.messages()
+            if isinstance(m, ProcessStateChanged) and m.deploy_id == deploy_id
+        ]
+
+    @staticmethod
+    def pid_of(change: ProcessStateChanged) -> int:
+        return int(re.search(r"pid (\d+)", change.detail).group(1))
+
+    def healthy(self, deploy_id: int, spec: ProcessSpec) -> int:
+        """Start a deploy, wait until it is healthy, return its pid."""
+        self.start(deploy_id, spec)
+        self.expect(ProcessHealthy, deploy_id=deploy_id)
+        return self.expect(ProcessStarted, deploy_id=deploy_id).pid
+
+
+@pytest.fixture
+def make_monitor(tmp_path):
+    """Start ProcessMonitors; afterwards stop them and check no process is left."""
+    harnesses: list[Harness] = []
+
+    def make(**options: object) -> Harness:
+        harness = Harness(tmp_path, **options)
+        harness.monitor.start()
+        harnesses.append(harness)
+        return harness
+
+    yield make
+    for harness in harnesses:
+        harness.monitor.stop()
+        harness.monitor.join(timeout=30)
+        assert not harness.monitor.is_alive()
+        for pgid in harness.pgids:
+            assert group_members(pgid) == [], f"group {pgid} survived the monitor"
+    assert own_children() == []
+
+
+@pytest.fixture
+def monitor(make_monitor):
+    return make_monitor()
+
+
+# -- starting ---------------------------------------------------------------------------
+
+
+def test_start_becomes_healthy_with_exactly_its_env(monitor, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="keter.processes")
+    monkeypatch.setenv("KETER_SECRET_OF_THE_DAEMON", "must not leak")
+    port = free_port()
+    monitor.start(1, monitor.spec(port=port, env={"MARKER": "yes"}))
+
+    started = monitor.expect(ProcessStarted, deploy_id=1)
+    monitor.expect(ProcessHealthy, deploy_id=1)
+    assert started.port == port
+    assert monitor.states(1) == ["STARTING", "RUNNING"]
+    assert get(port) == "v1\n"
+    env = json.loads(get(port, "/env"))
+    assert env["MARKER"] == "yes"
+    assert "KETER_SECRET_OF_THE_DAEMON" not in env
+    # Its own session and group, so keter can signal all of it at once.
+    assert os.getsid(started.pid) == os.getpgid(started.pid) == started.pid
+    assert f"app: state STARTING -> RUNNING (pid {started.pid}, port {port})" in caplog.messages
+
+    records = json.loads((tmp_path / "run" / "processes.json").read_text())
+    assert records == [
+        {
+            "pid": started.pid,
+            "pgid": started.pid,
+            "create_time": psutil.Process(started.pid).create_time(),
+            "app": "app",
+            "deploy_id": 1,
+        }
+    ]
+    log_lines = (tmp_path / "log" / "app.log").read_bytes().splitlines()
+    assert any(line.endswith(b"listening on port %d version v1" % port) for line in log_lines)
+    assert all(STAMP.match(line) for line in log_lines)
+
+
+def test_without_health_check_it_runs_once_spawned(monitor):
+    # The app never listens, so only "no health check" can make it RUNNING.
+    spec = monitor.spec("--never-listen", port=free_port(), health=None)
+    monitor.start(1, spec)
+    monitor.expect(ProcessHealthy, deploy_id=1)
+    assert monitor.states(1) == ["STARTING", "RUNNING"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "error"),
+    [(None, "No such file or directory"), (0o644, "Permission denied")],
+)
+def test_exec_failure_is_reported_at_once(monitor, tmp_path, mode, error):
+    program = tmp_path / "program"
+    if mode is not None:
+        program.write_text("#!/bin/sh\n")
+        program.chmod(mode)
+    command = (str(program),)
+    monitor.start(1, monitor.spec(port=free_port(), command=command))
+
+    failed = monitor.expect(ProcessFailed, timeout=2, deploy_id=1)
+    assert failed.reason == f"cannot run {command[0]}: {error}"
+    monitor.expect(ProcessStopped, timeout=2, deploy_id=1)
+    assert monitor.states(1) == ["FATAL"]
+
+
+def test_missing_working_directory_is_named(monitor, tmp_path):
+    spec = dataclasses.replace(monitor.spec(port=free_port()), cwd=tmp_path / "gone")
+    monitor.start(1, spec)
+    failed = monitor.expect(ProcessFailed, timeout=2, deploy_id=1)
+    assert failed.reason == (
+        f"cannot run {sys.executable}: {tmp_path / 'gone'}: No such file or directory"
+    )
+
+
+def test_unknown_user_is_reported(monitor):
+    monitor.start(1, monitor.spec(port=free_port(), user="no-such-user-here"))
+    failed = monitor.expect(ProcessFailed, timeout=2, deploy_id=1)
+    assert failed.reason == "unknown user 'no-such-user-here'"
+
+
+def test_port_already_taken_is_reported(monitor):
+    with socket.create_server(("127.0.0.1", 0)) as squatter:
+        port = squatter.getsockname()[1]
+        monitor.start(1, monitor.spec(port=port))
+        failed = monitor.expect(ProcessFailed, timeout=2, deploy_id=1)
+    assert failed.reason == f"port {port} is already in use"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_runs_as_the_configured_user_with_its_groups(monitor, tmp_path):
+    nobody = pwd.getpwnam("nobody")
+    port = free_port()
+    # /usr/bin/python3 and tests/apps are readable by nobody; root's pyenv is not.
+    spec = monitor.spec(port=port, user="nobody", command=("/usr/bin/python3", "-u", str(APP)))
+    monitor.healthy(1, spec)
+    ids = json.loads(get(port, "/whoami"))
+    assert (ids["uid"], ids["gid"]) == (nobody.pw_uid, nobody.pw_gid)
+    assert set(ids["groups"]) == set(os.getgrouplist("nobody", nobody.pw_gid))
+
+
+# -- failed first starts ----------------------------------------------------------------
+
+
+def test_exit_at_start_fails_fast_with_its_output(monitor):
+    spec = monitor.spec("--exit-at-start", "3", port=free_port())
+    start = time.monotonic()
+    monitor.start(1, spec)
+
+    failed = monitor.expect(ProcessFailed, deploy_id=1)
+    assert time.monotonic() - start < 5  # the health check timeout is 10 s
+    assert failed.reason == "exited with status 3 before answering"
+    assert failed.output_tail[-1] == "fatal: exiting with status 3"
+    monitor.expect(ProcessStopped, deploy_id=1)
+    assert monitor.states(1) == ["STARTING", "STOPPING", "FATAL"]
+
+
+def test_exit_is_seen_while_a_grandchild_holds_the_pipe(monitor):
+    spec = monitor.spec("--exit-at-start", "4", "--grandchildren", "1", port=free_port())
+    monitor.start(1, spec)
+
+    failed = monitor.expect(ProcessFailed, deploy_id=1)
+    assert failed.reason == "exited with status 4 before answering"
+    grandchild = next(int(line.split()[-1]) for line in failed.output_tail if "grandchild" in line)
+    monitor.expect(ProcessStopped, deploy_id=1)
+    assert not alive(grandchild)
+
+
+def test_app_that_never_listens_times_out(make_monitor):
+    monitor = make_monitor(health_check_timeout=0.5)
+    port = free_port()
+    asked = time.monotonic()
+    monitor.start(1, monitor.spec("--never-listen", port=port))
+
+    started = monitor.expect(ProcessStarted, deploy_id=1)
+    failed = monitor.expect(ProcessFailed, deploy_id=1)
+    assert not alive(started.pid)  # a failed version is reported once it is stopped
+    assert monitor.when(failed) - asked >= 0.5
+    assert failed.reason == f"did not answer on port {port} within 0.5s (last: connection refused)"
+    assert failed.output_tail == (f"starting version v1 as pid {started.pid}",)
+    stopped = monitor.expect(ProcessStopped, deploy_id=1)
+    assert monitor.index(stopped) > monitor.index(failed)
+
+
+@pytest.mark.parametrize(
+    ("path", "strict", "answer"),
+    [
+        ("/", False, "HTTP 200"),
+        ("/", True, "HTTP 200"),
+        ("/missing", False, "HTTP 404"),  # any answer below 500 shows the app is up
+        ("/missing", True, None),  # an explicit health path must answer 2xx/3xx
+        ("/fail", True, None),
+        ("/fail", False, None),
+    ],
+)
+def test_health_check_status_rules(make_monitor, path, strict, answer):
+    monitor = make_monitor(health_check_timeout=0.5)
+    port = free_port()
+    health = HealthCheck(host="app.test", path=path, strict=strict)
+    monitor.start(1, monitor.spec("--fail-path", "/fail", port=port, health=health))
+    if answer:
+        monitor.expect(ProcessHealthy, deploy_id=1)
+        assert probe_http(port, health) == (True, f"{answer} on {path}")
+    else:
+        failed = monitor.expect(ProcessFailed, deploy_id=1)
+        status = 500 if path == "/fail" else 404
+        assert failed.reason.endswith(f"(last: HTTP {status} on {path})")
+
+
+@pytest.mark.parametrize(("host", "healthy"), [("app.test", True), ("other.test", False)])
+def test_health_check_sends_the_configured_host(make_monitor, host, healthy):
+    monitor = make_monitor(health_check_timeout=0.5)
+    health = HealthCheck(host=host)
+    monitor.start(1, monitor.spec("--require-host", "app.test", port=free_port(), health=health))
+    monitor.expect(ProcessHealthy if healthy else ProcessFailed, deploy_id=1)
+
+
+def test_a_hanging_probe_does_not_delay_other_apps(make_monitor, tmp_path):
+    monitor = make_monitor(probe_timeout=3.0)
+    hanging_port, good_port = free_port(), free_port()
+    monitor.start(1, monitor.spec("--hang", port=hanging_port, log_name="hanging"), app="hanging")
+    hanging_log = tmp_path / "log" / "hanging.log"
+    wait_for(lambda: b"holding a connection" in hanging_log.read_bytes(), what="a stuck probe")
+    started = time.monotonic()
+    monitor.start(2, monitor.spec(port=good_port), app="good")
+
+    monitor.expect(ProcessHealthy, deploy_id=2)
+    assert time.monotonic() - started < 3.0  # before the hanging probe could give up
+    assert monitor.states(1) == ["STARTING"]
+
+
+# -- crashes and restarts ---------------------------------------------------------------
+
+
+def test_crash_is_restarted_on_the_same_port(monitor, caplog):
+    caplog.set_level(logging.INFO, logger="keter.processes")
+    port = free_port()
+    pid = monitor.healthy(1, monitor.spec(port=port))
+
+    os.kill(pid, signal.SIGKILL)
+    backoff = monitor.expect(ProcessStateChanged, deploy_id=1, state="BACKOFF")
+    assert backoff.detail.startswith("killed by SIGKILL; restarting in ")
+    after = monitor.index(backoff)
+    restarted = monitor.expect(ProcessStateChanged, deploy_id=1, state="STARTING", after=after)
+    monitor.expect(ProcessStateChanged, deploy_id=1, state="RUNNING", after=after)
+    new_pid = monitor.pid_of(restarted)
+    assert new_pid != pid
+    assert get(port) == "v1\n"
+    crash = next(r for r in caplog.records if r.levelno == logging.ERROR)
+    assert crash.getMessage().startswith("app: crashed: killed by SIGKILL; last output: starting")
+    # A restart is not a new deploy: no second ProcessStarted / ProcessHealthy.
+    assert sum(isinstance(m, ProcessHealthy) for m in monitor.messages()) == 1
+
+
+def backoff_delays(monitor: Harness, deploy_id: int, count: int) -> list[float]:
+    delays, after = [], 0
+    for _ in range(count):
+        change = monitor.expect(
+            ProcessStateChanged, deploy_id=deploy_id, state="BACKOFF", after=after
+        )
+        after = monitor.index(change) + 1
+        delays.append(float(re.search(r"restarting in ([\d.]+)s", change.detail).group(1)))
+    return delays
+
+
+def test_crash_loop_backs_off_exponentially(monitor):
+    # Healthy for one probe, then it exits: every restart crashes at once.
+    monitor.healthy(1, monitor.spec("--exit-after-requests", "1", port=free_port()))
+    delays = backoff_delays(monitor, 1, 4)
+
+    assert 0.05 <= delays[0] <= 0.1
+    assert all(later >= earlier for earlier, later in itertools.pairwise(delays))
+    assert delays[3] >= 4 * delays[0]
+    backoffs = [m for m in monitor.messages() if getattr(m, "state", None) == "BACKOFF"]
+    waited = monitor.when(backoffs[3]) - monitor.when(backoffs[0])
+    assert waited >= sum(delays[:3]) - 0.02
+
+
+def test_backoff_resets_after_the_app_stayed_up(make_monitor):
+    monitor = make_monitor(backoff_reset=0.2)
+    # Each run stays up ~0.4 s (longer than backoff_reset) before it crashes.
+    monitor.healthy(1, monitor.spec("--exit-after", "0.4", port=free_port()))
+    assert all(delay <= 0.1 for delay in backoff_delays(monitor, 1, 3))
+
+
+def test_a_restart_that_never_answers_is_killed_and_retried(make_monitor, tmp_path):
+    monitor = make_monitor(health_check_timeout=0.3)
+    port = free_port()
+    first_run = ("--first-run-only", str(tmp_path / "ran"), "--exit-after-requests", "1")
+    monitor.healthy(1, monitor.spec(*first_run, port=port))
+    backoff_delays(monitor, 1, 3)
+
+    # Restarts that never answer are crashes of a running deploy: retried, never FATAL.
+    changes = [m for m in monitor.messages() if isinstance(m, ProcessStateChanged)]
+    states = ["STARTING", "RUNNING", "BACKOFF", "STARTING", "BACKOFF", "STARTING"]
+    assert [c.state for c in changes[:6]] == states
+    assert changes[4].detail.startswith(f"did not answer on port {port} within 0.3s")
+    assert not any(isinstance(m, ProcessFailed) for m in monitor.messages())
+
+
+# -- stopping ---------------------------------------------------------------------------
+
+
+def test_stop_after_the_drain_delay(monitor):
+    port = free_port()
+    pid = monitor.healthy(1, monitor.spec(port=port))
+    asked = time.monotonic()
+    monitor.monitor.tell(StopProcess(app="app", deploy_id=1, delay=0.3))
+
+    stopping = monitor.expect(ProcessStateChanged, deploy_id=1, state="STOPPING")
+    assert monitor.when(stopping) - asked >= 0.3
+    monitor.expect(ProcessStopped, deploy_id=1)
+    assert monitor.states(1) == ["STARTING", "RUNNING", "STOPPING", "EXITED"]
+    assert not alive(pid)
+    assert port_is_free(port)
+
+
+def test_app_ignoring_sigterm_is_killed_after_stop_timeout(make_monitor, caplog):
+    monitor = make_monitor(stop_timeout=0.3)
+    pid = monitor.healthy(1, monitor.spec("--ignore-term", port=free_port()))
+    asked = time.monotonic()
+    monitor.monitor.tell(StopProcess(app="app", deploy_id=1))
+
+    stopped = monitor.expect(ProcessStopped, deploy_id=1)
+    assert monitor.when(stopped) - asked >= 0.3
+    assert not alive(pid)
+    assert any("sending SIGKILL" in message for message in caplog.messages)
+
+
+def test_stop_waits_for_grandchildren_that_hold_the_port(make_monitor):
+    monitor = make_monitor(stop_timeout=0.3)
+    port = free_port()
+    args = ("--grandchildren", "2", "--grandchildren-ignore-term")
+    pid = monitor.healthy(1, monitor.spec(*args, port=port))
+    members = wait_for(lambda: len(group_members(pid)) == 3 and group_members(pid), what="3 pids")
+    asked = time.monotonic()
+    monitor.monitor.tell(StopProcess(app="app", deploy_id=1))
+
+    # The leader dies of SIGTERM at once; its grandchildren only of the SIGKILL.
+    stopped = monitor.expect(ProcessStopped, deploy_id=1)
+    assert monitor.when(stopped) - asked >= 0.3
+    assert not any(alive(member) for member in members)
+    assert port_is_free(port)
+
+
+def test_stop_during_backoff_is_immediate(make_monitor):
+    monitor = make_monitor(backoff_base=60.0)
+    monitor.start(1, monitor.spec("--exit-at-start", "3", port=free_port(), health=None))
+    monitor.expect(ProcessStateChanged, deploy_id=1, state="BACKOFF")
+    asked = time.monotonic()
+    monitor.monitor.tell(StopProcess(app="app", deploy_id=1, delay=30.0))
+
+    stopped = monitor.expect(ProcessStopped, deploy_id=1)
+    assert monitor.when(stopped) - asked < 2
+    assert monitor.states(1) == ["STARTING", "RUNNING", "BACKOFF", "STOPPING", "EXITED"]
+
+
+def test_stop_while_starting_is_not_a_failure(monitor):
+    monitor.start(1, monitor.spec("--never-listen", port=free_port()))
+    started = monitor.expect(ProcessStarted, deploy_id=1)
+    monitor.monitor.tell(StopProcess(app="app", deploy_id=1))
+
+    monitor.expect(ProcessStopped, deploy_id=1)
+    assert monitor.states(1) == ["STARTING", "STOPPING", "EXITED"]
+    assert not any(isinstance(m, ProcessFailed) for m in monitor.messages())
+    assert not alive(started.pid)
+
+
+def test_stop_of_an_unknown_deploy_is_answered(monitor):
+    monitor.monitor.tell(StopProcess(app="ghost", deploy_id=99))
+    monitor.expect(ProcessStopped, app="ghost", deploy_id=99)
+
+
+def test_shutdown_stops_everything_in_parallel(make_monitor, tmp_path):
+    monitor = make_monitor(stop_timeout=0.5)
+    pids = [
+        monitor.healthy(1, monitor.spec(port=free_port())),
+        monitor.healthy(2, monitor.spec("--ignore-term", port=free_port())),
+        monitor.healthy(
+            3, monitor.spec("--grandchildren", "2", "--grandchildren-ignore-term", port=free_port())
+        ),
+    ]
+    members = [m for pid in pids for m in group_members(pid)]
+    asked = time.monotonic()
+    monitor.monitor.stop()
+    monitor.monitor.join(timeout=10)
+
+    # One shared deadline for both stubborn apps, not one stop_timeout each.
+    assert 0.5 <= time.monotonic() - asked < 0.95
+    assert not any(alive(member) for member in members)
+    assert json.loads((tmp_path / "run" / "processes.json").read_text()) == []
+    for deploy_id in (1, 2, 3):
+        monitor.expect(ProcessStopped, deploy_id=deploy_id)
+
+
+# -- leftovers of a keter that was SIGKILLed ----------------------------------------------
+
+
+def orphan(*args: str, port: int) -> int:
+    """Start the app in its own session under a parent that exits: as a dead keter leaves it."""
+    launcher = (
+        "import subprocess, sys;"
+        "p = subprocess.Popen(sys.argv[1:], start_new_session=True,"
+        " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL);"
+        "print(p.pid)"
+    )
+    command = [sys.executable, "-c", launcher, sys.executable, str(APP), *args]
+    env = {**os.environ, "PORT": str(port)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return int(done.stdout)
+
+
+def test_orphans_of_a_killed_keter_are_stopped_on_start(make_monitor, tmp_path, caplog):
+    stubborn_port = free_port()
+    stubborn = orphan("--ignore-term", port=stubborn_port)
+    # Listening means it has also set SIGTERM to be ignored.
+    wait_for(lambda: not port_is_free(stubborn_port), what="the orphan listening")
+    grandparent = orphan("--grandchildren", "1", "--exit-at-start", "0", port=free_port())
+    # The leader exits; its grandchild lives on in the group.
+    grandchild = wait_for(lambda: set(group_members(grandparent)) - {grandparent}, what="fork")
+    innocent = subprocess.Popen(
+        [sys.executable, str(APP), "--never-listen"], start_new_session=True
+    )
+    records = [
+        {
+            "pid": pid,
+            "pgid": pid,
+            "create_time": psutil.Process(pid).create_time() if alive(pid) else 0.0,
+            "app": "old",
+            "deploy_id": n,
+        }
+        for n, pid in enumerate((stubborn, grandparent), start=1)
+    ]
+    # This pid was reused by a process keter never started: not to be touched.
+    records.append(
+        {"pid": innocent.pid, "pgid": innocent.pid, "create_time": 1.0, "app": "x", "deploy_id": 3}
+    )
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "processes.json").write_text(json.dumps(records))
+    try:
+        monitor = make_monitor(stop_timeout=0.3)
+        # Messages are handled only after on_start, so this answer means it is done.
+        monitor.monitor.tell(StopProcess(app="sync", deploy_id=0))
+        monitor.expect(ProcessStopped, deploy_id=0)
+
+        assert not alive(stubborn)
+        assert not any(alive(pid) for pid in grandchild)
+        assert alive(innocent.pid)
+        assert json.loads((tmp_path / "run" / "processes.json").read_text()) == []
+        stopped = [m for m in caplog.messages if "from a previous keter run was stopped" in m]
+        assert len(stopped) == 2
+    finally:
+        innocent.kill()
+        innocent.wait()
+
+
+# -- output capture ---------------------------------------------------------------------
+
+
+def test_a_flood_of_output_is_rotated_within_the_cap(make_monitor, tmp_path):
+    max_bytes, backups = 1_000_000, 3
+    monitor = make_monitor(log_max_bytes=max_bytes, log_backups=backups)
+    monitor.start(1, monitor.spec("--spam-mb", "100"))
+    log_path = tmp_path / "log" / "app.log"
+
+    wait_for(lambda: log_path.read_bytes().endswith(b" DONE\n"), timeout=60, what="100 MB read")
+    files = sorted(tmp_path.joinpath("log").iterdir())
+    assert [f.name for f in files] == ["app.log", "app.log.1", "app.log.2", "app.log.3"]
+    longest_line = 1000 + len("2024-01-01T00:00:00.000+00:00 ")
+    assert sum(f.stat().st_size for f in files) <= max_bytes * (backups + 1) + longest_line
+    for f in files:
+        assert f.stat().st_size <= max_bytes
+        lines = f.read_bytes().splitlines()
+        assert all(STAMP.match(line) for line in lines[:5] + lines[-5:])
+
+
+def test_applog_rotates_and_keeps_the_newest(tmp_path):
+    applog = AppLog(tmp_path / "a.log", max_bytes=100, backups=2)
+    for n in range(20):
+        applog.write_line(b"line %02d" % n)  # 30 + 8 bytes: two lines per file
+    applog.close()
+
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["a.log", "a.log.1", "a.log.2"]
+    newest = (tmp_path / "a.log").read_bytes().splitlines()
+    assert [line[-7:] for line in newest] == [b"line 18", b"line 19"]
+    assert (tmp_path / "a.log.2").read_bytes().splitlines()[0].endswith(b"line 14")
+
+
+def test_applog_without_backups_truncates(tmp_path):
+    applog = AppLog(tmp_path / "a.log", max_bytes=100, backups=0)
+    for n in range(5):
+        applog.write_line(b"line %02d" % n)
+    applog.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["a.log"]
+    assert (tmp_path / "a.log").read_bytes().splitlines()[-1].endswith(b"line 04")
+
+
+def test_applog_appends_to_an_existing_file(tmp_path):
+    (tmp_path / "a.log").write_bytes(b"from the previous version\n")
+    applog = AppLog(tmp_path / "a.log", max_bytes=1000, backups=1)
+    applog.write_line(b"new")
+    applog.close()
+    assert (tmp_path / "a.log").read_bytes().startswith(b"from the previous version\n")
+
+
+def test_output_capture_joins_split_lines_and_keeps_a_tail(tmp_path):
+    registry = LogRegistry(max_bytes=10_000_000, backups=1)
+    applog = registry.acquire(tmp_path / "a.log")
+    assert registry.acquire(tmp_path / "a.log") is applog  # shared by versions
+    capture = OutputCapture("app", applog)
+    capture.feed(b"hel")
+    capture.feed(b"lo\r\nwor")
+    capture.feed(b"ld\n" + b"".join(b"n%d\n" % n for n in range(100)) + b"unfinished")
+    assert capture.tail(3) == ("n97", "n98", "n99")
+    assert len(capture.tail(1000)) == 50
+    capture.flush()
+    assert capture.tail(1) == ("unfinished",)
+
+    capture.feed(b"y" * (MAX_PARTIAL + 10))  # never ends its line: memory stays bounded
+    assert capture.tail(1) == ("y" * MAX_PARTIAL,)
+    registry.release(applog)
+    registry.release(applog)
+    assert applog._file.closed
+    lines = [line[30:] for line in (tmp_path / "a.log").read_bytes().splitlines()]
+    assert lines[:3] == [b"hello", b"world", b"n0"]
+    assert lines[-2] == b"unfinished"
+
+
+# -- pure functions ---------------------------------------------------------------------
+
+
+def test_transitions_are_checked():
+    assert check_transition(S.STARTING, S.RUNNING)
+    assert check_transition(S.BACKOFF, S.STOPPING)
+    for old, new in [(S.RUNNING, S.STARTING), (S.EXITED, S.RUNNING), (S.FATAL, S.STARTING)]:
+        with pytest.raises(IllegalTransition):
+            check_transition(old, new)
+    assert not any(old is S.FATAL for old, _ in TRANSITIONS)  # FATAL is final
+
+
+def test_backoff_delay_doubles_to_a_cap_with_jitter():
+    assert backoff_delay(0, 0.1, 60, jitter=1.0) == pytest.approx(0.1)
+    assert backoff_delay(0, 0.1, 60, jitter=0.0) == pytest.approx(0.05)
+    assert backoff_delay(3, 0.1, 60, jitter=1.0) == pytest.approx(0.8)
+    assert backoff_delay(30, 0.1, 60, jitter=1.0) == 60
+    assert backoff_delay(10_000, 0.1, 60, jitter=0.0) == 30
+
+
+def test_exit_descriptions():
+    assert describe_exit(0) == "exited with status 0"
+    assert describe_exit(3) == "exited with status 3"
+    assert describe_exit(-signal.SIGKILL) == "killed by SIGKILL"
+
+
+def test_health_status_rules():
+    assert is_healthy(404, strict=False) and not is_healthy(404, strict=True)
+    assert is_healthy(302, strict=True) and is_healthy(204, strict=True)
+    assert not is_healthy(500, strict=False) and not is_healthy(199, strict=True)
+
+
+def test_probe_of_a_closed_port_and_of_bad_input():
+    check = HealthCheck(host="app.test")
+    assert probe_http(free_port(), check) == (False, "connection refused")
+    injected = HealthCheck(host="app.test", path="/ HTTP/1.1\r\nX: y")
+    assert probe_http(free_port(), injected)[0] is False

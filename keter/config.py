@@ -73,6 +73,17 @@ class NginxSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PostgresSettings:
+    """Where keter creates app databases (``postgres:`` in keter-config.yaml)."""
+
+    # libpq conninfo of an admin role (CREATEROLE CREATEDB); empty = the local
+    # server as the postgres OS user. May hold a password: kept out of repr.
+    admin_dsn: str = field(default="", repr=False)
+    # How long a deploy waits for an unreachable server before it fails.
+    retry_seconds: float = 30.0
+
+
+@dataclass(frozen=True, kw_only=True)
 class KeterConfig:
     """The validated global config; every field but ``root`` has Keter's default."""
 
@@ -85,13 +96,17 @@ class KeterConfig:
     stop_timeout: float = 10.0
     # Values may be secrets (API keys, a DSN with a password): kept out of repr.
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
-    postgres_admin_dsn: str = field(default="", repr=False)
+    postgres: PostgresSettings = PostgresSettings()
     setuid: str | None = None
     log_max_bytes: int = 10 * MIB
     log_backups: int = 5
     max_unpacked_bytes: int = 2 * GIB
     max_members: int = 100_000
     warnings: tuple[str, ...] = ()
+
+    @property
+    def postgres_admin_dsn(self) -> str:
+        return self.postgres.admin_dsn
 
     @property
     def incoming_dir(self) -> Path:
@@ -426,25 +441,35 @@ def _parse_postgres(value: object, path: str, check: Checker, base: Path) -> obj
     if not isinstance(value, dict):
         check.problem(path, f'expected a mapping like {{admin-dsn: ""}}, got {describe(value)}')
         return None
-    dsn = None
+    settings: dict[str, Any] = {}
     for key, item in value.items():
         where = f"{path}.{key_name(key)}"
-        if key != "admin-dsn":
-            check.problem(where, unknown_key(key, ("admin-dsn",)))
-        elif not isinstance(item, str):
-            # The value may hold a password: name its type only.
-            check.problem(where, f"expected a libpq connection string, got {type_name(item)}")
+        if key == "admin-dsn":
+            dsn = _parse_dsn(item, where, check)
+            if dsn is not None:
+                settings["admin_dsn"] = dsn
+        elif key == "retry-seconds":
+            seconds = _seconds(0, inclusive=False)(item, where, check, base)
+            if seconds is not None:
+                settings["retry_seconds"] = seconds
         else:
-            try:
-                conninfo_to_dict(item)
-            except Exception:  # psycopg.ProgrammingError; its text quotes the value
-                check.problem(
-                    where,
-                    "not a valid libpq connection string (value not shown: it may hold a password)",
-                )
-            else:
-                dsn = item
-    return dsn
+            check.problem(where, unknown_key(key, ("admin-dsn", "retry-seconds")))
+    return PostgresSettings(**settings)
+
+
+def _parse_dsn(value: object, path: str, check: Checker) -> str | None:
+    if not isinstance(value, str):
+        # The value may hold a password: name its type only.
+        check.problem(path, f"expected a libpq connection string, got {type_name(value)}")
+        return None
+    try:
+        conninfo_to_dict(value)
+    except Exception:  # psycopg.ProgrammingError; its text quotes the value
+        check.problem(
+            path, "not a valid libpq connection string (value not shown: it may hold a password)"
+        )
+        return None
+    return value
 
 
 def _parse_setuid(value: object, path: str, check: Checker, base: Path) -> object:
@@ -467,7 +492,7 @@ _FIELDS: dict[str, tuple[str, Parser]] = {
     "drain-seconds": ("drain_seconds", _seconds(0, inclusive=True)),
     "stop-timeout": ("stop_timeout", _seconds(0, inclusive=False)),
     "env": ("env", _parse_env),
-    "postgres": ("postgres_admin_dsn", _parse_postgres),
+    "postgres": ("postgres", _parse_postgres),
     "setuid": ("setuid", _parse_setuid),
     "log-max-bytes": ("log_max_bytes", _count(1)),
     "log-backups": ("log_backups", _count(0)),

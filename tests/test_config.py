@@ -96,7 +96,7 @@ def test_every_key_is_read() -> None:
         drain-seconds: 0
         stop-timeout: 3
         env: {MODE: production, WORKERS: 4, RATIO: 0.5, DEBUG: false}
-        postgres: {admin-dsn: "host=/run/pg port=5433 user=postgres"}
+        postgres: {admin-dsn: "host=/run/pg port=5433 user=postgres", retry-seconds: 4}
         setuid: root
         log-max-bytes: 1024
         log-backups: 0
@@ -126,6 +126,7 @@ def test_every_key_is_read() -> None:
         "DEBUG": "false",
     }
     assert config.postgres_admin_dsn == "host=/run/pg port=5433 user=postgres"
+    assert config.postgres.retry_seconds == 4
     assert config.setuid == "root"
     assert (config.log_max_bytes, config.log_backups) == (1024, 0)
     assert (config.max_unpacked_bytes, config.max_members) == (5_000_000, 10)
@@ -248,6 +249,10 @@ def test_port_range_may_touch_but_not_overlap_the_ephemeral_range() -> None:
             "postgres.admin-dsn: expected a libpq connection string, got a number",
         ),
         ("postgres: {admin_dsn: ''}", "postgres.admin_dsn: unknown key (did you mean admin-dsn?)"),
+        (
+            "postgres: {retry-seconds: -1}",
+            "postgres.retry-seconds: expected a number of seconds > 0, got -1",
+        ),
         ("setuid: 1000", "setuid: expected a user name, got 1000"),
         ("log-max-bytes: 0", "log-max-bytes: expected an integer >= 1, got 0"),
         ("log-max-bytes: 1.5", "log-max-bytes: expected an integer >= 1, got 1.5"),

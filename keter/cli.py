@@ -1,0 +1,91 @@
+"""``keter ROOT`` (or ``keter CONFIGFILE``): run the daemon in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import sys
+
+from keter import __version__
+from keter.config import ConfigError, KeterConfig, load_config
+from keter.log import setup_logging
+
+log = logging.getLogger("keter")
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+def prepare_root(config: KeterConfig) -> None:
+    """Create ROOT's folders. etc/ holds database credentials: owner only."""
+    for folder, mode in [
+        (config.root, 0o755),
+        (config.incoming_dir, 0o755),
+        (config.etc_dir, 0o700),
+        (config.temp_dir, 0o755),
+        (config.log_dir, 0o750),
+        (config.run_dir, 0o755),
+    ]:
+        folder.mkdir(parents=True, exist_ok=True)
+        if folder is config.etc_dir:
+            os.chmod(folder, mode)
+
+
+def take_lock(config: KeterConfig) -> int:
+    """Hold ROOT/run/keter.lock for the life of the process: one keter per ROOT."""
+    path = config.run_dir / "keter.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise AlreadyRunning(
+            f"another keter (pid {holder}) is already running on {config.root}"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="keter",
+        description="Deploy web-app bundles dropped into ROOT/incoming/ behind nginx.",
+    )
+    parser.add_argument(
+        "target",
+        metavar="ROOT|CONFIGFILE",
+        help="keter's root folder (e.g. /opt/keter) or its keter-config.yaml",
+    )
+    parser.add_argument("--debug", action="store_true", help="log at debug level")
+    parser.add_argument("--version", action="version", version=f"keter {__version__}")
+    args = parser.parse_args(argv)
+
+    setup_logging(logging.DEBUG if args.debug else logging.INFO)
+    try:
+        config = load_config(args.target)
+    except ConfigError as exc:
+        print(f"keter: bad configuration:\n{exc}", file=sys.stderr)
+        return 2
+    try:
+        prepare_root(config)
+        lock_fd = take_lock(config)
+    except AlreadyRunning as exc:
+        print(f"keter: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"keter: cannot prepare {config.root}: {exc}", file=sys.stderr)
+        return 1
+
+    from keter.supervisor import Supervisor  # imports every component; after the cheap checks
+
+    supervisor = Supervisor(config)
+    supervisor.install_signal_handlers()
+    try:
+        return supervisor.run()
+    finally:
+        os.close(lock_fd)

@@ -1,0 +1,53 @@
+"""The pool of ports handed to apps; owned by the supervisor alone."""
+
+from __future__ import annotations
+
+import socket
+
+
+class NoFreePort(Exception):
+    pass
+
+
+class PortPool:
+    """Hands each port to one app at a time; a port comes back only when its process is gone.
+
+    Ports are handed out round-robin, so a port just released (whose old
+    connections may linger in TIME_WAIT) is the last to be reused.
+    """
+
+    def __init__(self, low: int, high: int) -> None:
+        self.low, self.high = low, high
+        self._in_use: set[int] = set()
+        self._next = low
+
+    def allocate(self) -> int:
+        size = self.high - self.low + 1
+        for i in range(size):
+            port = self.low + (self._next - self.low + i) % size
+            if port in self._in_use or not _bindable(port):
+                # Not bindable: something outside keter (or a leftover app) holds it.
+                continue
+            self._in_use.add(port)
+            self._next = port + 1 if port < self.high else self.low
+            return port
+        raise NoFreePort(
+            f"no free port in {self.low}-{self.high} ({len(self._in_use)} in use by apps)"
+        )
+
+    def release(self, port: int) -> None:
+        self._in_use.discard(port)
+
+    def __contains__(self, port: int) -> bool:
+        return port in self._in_use
+
+
+def _bindable(port: int) -> bool:
+    # SO_REUSEADDR as servers set it: a port whose old connections are in TIME_WAIT is usable.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

@@ -1,0 +1,556 @@
+"""The supervisor: the main thread, sole owner of what is deployed.
+
+Every component reports facts into the supervisor's inbox; the supervisor
+decides and sends commands back. The deploy of one bundle version walks these
+stages, each finished by a reply message:
+
+    UNPACKING     -> BundleUnpacked      (unpacker)
+    PROVISIONING  -> DatabaseReady       (postgres provisioner, only for postgres: true)
+    STARTING      -> ProcessHealthy      (process monitor: spawned and answering)
+    SWITCHING     -> NginxApplied        (nginx writer: config written, tested, reloaded, confirmed)
+    SERVING          the old version is retired: stopped after the drain period, folder removed
+
+Any failure on the way stops the new version and removes its folder; the
+version that was serving is never touched. An app has at most one version
+serving and one on its way (``next``); a newer bundle supersedes ``next``,
+except while nginx is already switching to it, in which case the newer bundle
+waits for that switch to finish (only the latest waiting bundle is kept).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import pwd
+import queue
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from keter import systemd
+from keter.bundle import BundleConfig
+from keter.config import KeterConfig
+from keter.messages import (
+    ApplyNginx,
+    BundleArrived,
+    BundleIgnored,
+    BundleRemoved,
+    BundleUnpacked,
+    ComponentFailed,
+    DatabaseFailed,
+    DatabaseReady,
+    DbInfo,
+    HealthCheck,
+    NginxApplied,
+    NginxFailed,
+    ProcessFailed,
+    ProcessHealthy,
+    ProcessSpec,
+    ProcessStarted,
+    ProcessStateChanged,
+    ProcessStopped,
+    ProvisionDatabase,
+    RemoveFolder,
+    Rescan,
+    RescanRequested,
+    ScanCompleted,
+    ShutdownRequested,
+    Site,
+    StartProcess,
+    StopProcess,
+    UnpackBundle,
+    UnpackFailed,
+)
+from keter.nginx import NginxWriter
+from keter.ports import NoFreePort, PortPool
+from keter.postgres import PostgresProvisioner, db_env
+from keter.processes import ProcessMonitor
+from keter.unpacker import Unpacker
+from keter.watcher import IncomingWatcher
+
+log = logging.getLogger(__name__)
+
+BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class Stage(enum.Enum):
+    UNPACKING = "unpacking"
+    PROVISIONING = "provisioning"
+    STARTING = "starting"
+    SWITCHING = "switching"
+    SERVING = "serving"
+
+
+@dataclass(kw_only=True)
+class Deploy:
+    """One version of one app, from bundle to retirement."""
+
+    id: int
+    app: str
+    bundle: Path
+    stage: Stage = Stage.UNPACKING
+    began: float = field(default_factory=time.monotonic)
+    folder: Path | None = None
+    config: BundleConfig | None = None
+    port: int | None = None
+    pid: int | None = None
+    db: DbInfo | None = None
+    generation: int | None = None  # the nginx generation that switches traffic to it
+    process_state: str = ""
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        if self.config is None or self.config.webapp is None:
+            return ()
+        return self.config.webapp.hosts
+
+
+@dataclass(kw_only=True)
+class App:
+    name: str
+    serving: Deploy | None = None
+    next: Deploy | None = None
+    waiting: BundleArrived | None = None  # a newer bundle held back while nginx switches
+    removing: bool = False
+    remove_generation: int | None = None
+
+    @property
+    def idle(self) -> bool:
+        return self.serving is None and self.next is None and self.waiting is None
+
+
+def app_environment(
+    config: KeterConfig, bundle: BundleConfig, port: int, db: DbInfo | None
+) -> dict[str, str]:
+    """The complete environment an app process gets (nothing else leaks from keter's)."""
+    home = "/"
+    if config.setuid:
+        home = pwd.getpwnam(config.setuid).pw_dir
+    env = {"PATH": BASE_PATH, "LANG": os.environ.get("LANG", "C.UTF-8"), "HOME": home}
+    env.update(config.env)
+    webapp = bundle.webapp
+    assert webapp is not None
+    env.update(webapp.env)
+    env["PORT"] = str(port)
+    env["APPROOT"] = approot(webapp.hosts[0], config.listeners[0].port)
+    if db is not None:
+        env.update(db_env(db))
+    return env
+
+
+def _covered(assigned: int | None, generation: int) -> bool:
+    """Whether a change sent with nginx generation ``assigned`` is settled by this reply."""
+    return assigned is not None and assigned <= generation
+
+
+def approot(host: str, port: int) -> str:
+    host = host.removeprefix("*.")
+    return f"http://{host}" if port == 80 else f"http://{host}:{port}"
+
+
+class Supervisor:
+    def __init__(self, config: KeterConfig) -> None:
+        self.config = config
+        # SimpleQueue, not Queue: its put() is reentrant, so signal handlers may call it.
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.apps: dict[str, App] = {}
+        self.retiring: dict[int, Deploy] = {}  # deploys whose processes are being stopped
+        self.ports = PortPool(*config.port_range)
+        self._deploy_ids = iter(range(1, 1 << 62))
+        self._generation = 0
+        self._nginx_inflight: int | None = None
+        self._nginx_dirty = False
+        self._exit_code: int | None = None
+
+        report = self.inbox
+        self.watcher = IncomingWatcher(config.incoming_dir, report_to=report)
+        self.unpacker = Unpacker(
+            config.temp_dir,
+            max_bytes=config.max_unpacked_bytes,
+            max_members=config.max_members,
+            report_to=report,
+        )
+        self.monitor = ProcessMonitor(
+            report_to=report,
+            run_dir=config.run_dir,
+            health_check_timeout=config.health_check_timeout,
+            stop_timeout=config.stop_timeout,
+            log_max_bytes=config.log_max_bytes,
+            log_backups=config.log_backups,
+        )
+        self.nginx = NginxWriter(
+            listeners=config.listeners,
+            config_file=config.nginx.config_file,
+            test_command=config.nginx.test_command,
+            reload_command=config.nginx.reload_command,
+            report_to=report,
+        )
+        self.postgres = PostgresProvisioner(
+            etc_dir=config.etc_dir,
+            admin_dsn=config.postgres.admin_dsn,
+            retry_for=config.postgres.retry_seconds,
+            report_to=report,
+        )
+        # Started in this order; the watcher comes last so that the monitor has
+        # cleared leftovers of an earlier run before any deploy can start.
+        self.components = [self.unpacker, self.monitor, self.nginx, self.postgres, self.watcher]
+
+    # -- running ---------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        """Handlers only enqueue; all work (and all logging) happens in the loop."""
+
+        def on_stop(signum, _frame):
+            self.inbox.put(ShutdownRequested(signal_name=signal.Signals(signum).name))
+
+        def on_hup(_signum, _frame):
+            self.inbox.put(RescanRequested())
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
+
+    def run(self) -> int:
+        """Run until shutdown; returns the process exit code."""
+        log.info("keter: starting on %s", self.config.root)
+        for warning in self.config.warnings:
+            log.warning("keter: %s", warning)
+        for component in self.components:
+            component.start()
+        # nginx must reflect reality from the start: apps of an earlier run are gone.
+        self._request_nginx()
+        while self._exit_code is None:
+            self.dispatch(self.inbox.get())
+        return self._exit_code
+
+    def dispatch(self, message: object) -> None:
+        match message:
+            case BundleArrived():
+                self._bundle_arrived(message)
+            case BundleRemoved(app=app):
+                self._bundle_removed(app)
+            case BundleIgnored():
+                pass  # the watcher has logged it
+            case ScanCompleted():
+                log.info("keter: initial scan done, %d bundle(s) found", len(self.apps))
+                systemd.notify("READY=1")
+            case BundleUnpacked():
+                self._unpacked(message)
+            case UnpackFailed(app=app, deploy_id=deploy_id, reason=reason):
+                if deploy := self._next_deploy(app, deploy_id):
+                    deploy.folder = None  # the unpacker removed it
+                    self._fail(deploy, reason)
+            case DatabaseReady(app=app, deploy_id=deploy_id, db=db):
+                if deploy := self._next_deploy(app, deploy_id):
+                    deploy.db = db
+                    self._start_process(deploy)
+            case DatabaseFailed(app=app, deploy_id=deploy_id, reason=reason):
+                if deploy := self._next_deploy(app, deploy_id):
+                    self._fail(deploy, f"database: {reason}")
+            case ProcessStarted(app=app, deploy_id=deploy_id, pid=pid, port=port):
+                log.info("%s: deploy #%d started pid %d on port %s", app, deploy_id, pid, port)
+                if deploy := self._find_deploy(app, deploy_id):
+                    deploy.pid = pid
+            case ProcessHealthy(app=app, deploy_id=deploy_id):
+                if deploy := self._next_deploy(app, deploy_id):
+                    log.info("%s: deploy #%d is healthy, switching traffic", app, deploy_id)
+                    deploy.stage = Stage.SWITCHING
+                    self._request_nginx()
+            case ProcessFailed(app=app, deploy_id=deploy_id, reason=reason, output_tail=tail):
+                if deploy := self._next_deploy(app, deploy_id):
+                    # The monitor has already stopped it; ProcessStopped follows.
+                    self._fail(deploy, reason, tail, process_stopping=True)
+            case ProcessStateChanged(app=app, deploy_id=deploy_id, state=state):
+                if deploy := self._find_deploy(app, deploy_id):
+                    deploy.process_state = state
+            case ProcessStopped(app=app, deploy_id=deploy_id):
+                self._process_stopped(app, deploy_id)
+            case NginxApplied(generation=generation):
+                self._nginx_replied(generation, None)
+            case NginxFailed(generation=generation, reason=reason):
+                self._nginx_replied(generation, reason)
+            case RescanRequested():
+                self.watcher.tell(Rescan())
+            case ShutdownRequested(signal_name=name):
+                log.info("keter: %s received, stopping every app", name)
+                self._shutdown(0)
+            case ComponentFailed(component=component, error=error, traceback=tb):
+                log.critical("keter: component %s failed: %s\n%s", component, error, tb)
+                self._shutdown(1)
+            case _:
+                log.error("keter: unexpected message %r", message)
+
+    # -- bundles ---------------------------------------------------------------------
+
+    def _bundle_arrived(self, arrived: BundleArrived) -> None:
+        app = self.apps.setdefault(arrived.app, App(name=arrived.app))
+        log.info("%s: bundle seen (%d bytes)", arrived.app, arrived.size)
+        if app.next is not None:
+            if app.next.stage is Stage.SWITCHING and app.next.generation is not None:
+                # nginx may already route to it; let the switch finish, then deploy this one.
+                app.waiting = arrived
+                return
+            self._abandon(app.next, "superseded by a newer bundle")
+        self._begin(app, arrived)
+
+    def _begin(self, app: App, arrived: BundleArrived) -> None:
+        deploy_id = next(self._deploy_ids)
+        deploy = Deploy(id=deploy_id, app=app.name, bundle=arrived.path)
+        deploy.folder = self.config.temp_dir / f"{app.name}-{deploy_id}"
+        app.next = deploy
+        app.waiting = None
+        self.unpacker.tell(
+            UnpackBundle(app=app.name, deploy_id=deploy_id, bundle=arrived.path, dest=deploy.folder)
+        )
+
+    def _bundle_removed(self, name: str) -> None:
+        app = self.apps.get(name)
+        if app is None:
+            return
+        log.info("%s: bundle removed from incoming/", name)
+        app.waiting = None
+        if app.next is not None:
+            if app.next.stage is Stage.SWITCHING and app.next.generation is not None:
+                app.removing = True  # handled when the switch completes
+                return
+            self._abandon(app.next, "its bundle was removed")
+        if app.serving is None:
+            self._forget_if_idle(app)
+            return
+        app.removing = True
+        app.remove_generation = None
+        self._request_nginx()
+
+    def _unpacked(self, msg: BundleUnpacked) -> None:
+        deploy = self._next_deploy(msg.app, msg.deploy_id)
+        if deploy is None:
+            self.unpacker.tell(RemoveFolder(path=msg.folder))  # superseded meanwhile
+            return
+        config: BundleConfig = msg.config  # type: ignore[assignment]
+        deploy.config = config
+        for warning in msg.warnings:
+            log.warning("%s: %s", msg.app, warning)
+        if config.webapp is None:
+            self._fail(deploy, "config/keter.yaml defines no web app (exec and host)")
+            return
+        for host in config.webapp.hosts:
+            owner = self._host_owner(host, except_app=msg.app)
+            if owner is not None:
+                self._fail(deploy, f"host {host} is already served by app {owner}")
+                return
+        log.info(
+            "%s: deploy #%d unpacked, hosts %s", msg.app, msg.deploy_id, ", ".join(deploy.hosts)
+        )
+        if config.postgres:
+            deploy.stage = Stage.PROVISIONING
+            self.postgres.tell(ProvisionDatabase(app=msg.app, deploy_id=msg.deploy_id))
+        else:
+            self._start_process(deploy)
+
+    def _host_owner(self, host: str, *, except_app: str) -> str | None:
+        for app in self.apps.values():
+            if app.name == except_app:
+                continue
+            for deploy in (app.serving, app.next):
+                if deploy is not None and host in deploy.hosts:
+                    return app.name
+        return None
+
+    def _start_process(self, deploy: Deploy) -> None:
+        assert deploy.config is not None and deploy.config.webapp is not None
+        webapp = deploy.config.webapp
+        try:
+            deploy.port = self.ports.allocate()
+        except NoFreePort as exc:
+            self._fail(deploy, str(exc))
+            return
+        deploy.stage = Stage.STARTING
+        health_host = next((h for h in webapp.hosts if not h.startswith("*.")), webapp.hosts[0])
+        spec = ProcessSpec(
+            command=(str(webapp.exec), *webapp.args),
+            cwd=deploy.folder,
+            env=app_environment(self.config, deploy.config, deploy.port, deploy.db),
+            log_path=self.config.log_dir / f"app-{deploy.app}.log",
+            port=deploy.port,
+            health=HealthCheck(
+                host=health_host.removeprefix("*."),
+                path=webapp.health_check_path or "/",
+                strict=webapp.health_check_path is not None,
+            ),
+            user=self.config.setuid,
+        )
+        self.monitor.tell(StartProcess(app=deploy.app, deploy_id=deploy.id, spec=spec))
+
+    # -- nginx -----------------------------------------------------------------------
+
+    def _desired_sites(self) -> tuple[Site, ...]:
+        sites = []
+        for app in self.apps.values():
+            target = app.serving if not app.removing else None
+            if app.next is not None and app.next.stage is Stage.SWITCHING:
+                target = app.next
+            if target is not None and target.port is not None:
+                sites.append(Site(app=app.name, hosts=target.hosts, port=target.port))
+        return tuple(sorted(sites, key=lambda s: s.app))
+
+    def _request_nginx(self) -> None:
+        """Send the desired routing to nginx; one generation in flight at a time."""
+        if self._nginx_inflight is not None:
+            self._nginx_dirty = True  # sent again, with everything since, when the reply comes
+            return
+        self._generation += 1
+        generation = self._generation
+        for app in self.apps.values():
+            if (
+                app.next is not None
+                and app.next.stage is Stage.SWITCHING
+                and app.next.generation is None
+            ):
+                app.next.generation = generation
+            if app.removing and app.remove_generation is None:
+                app.remove_generation = generation
+        self._nginx_inflight = generation
+        self._nginx_dirty = False
+        self.nginx.tell(ApplyNginx(generation=generation, sites=self._desired_sites()))
+
+    def _nginx_replied(self, generation: int, failure: str | None) -> None:
+        """Finish every switch and removal that rode on ``generation``, either way.
+
+        The nginx writer has logged a failure already; each deploy it sinks says so too.
+        """
+        for app in list(self.apps.values()):
+            deploy = app.next
+            if deploy is not None and _covered(deploy.generation, generation):
+                if failure is None:
+                    self._switched(app, deploy)
+                else:
+                    self._fail(deploy, f"nginx did not take the new config: {failure}")
+            if app.removing and _covered(app.remove_generation, generation):
+                # On failure nginx still routes to the app, but the user removed its bundle:
+                # stop it anyway; nginx catches up with its next successful generation.
+                if app.serving is not None:
+                    self._retire(app.serving, self.config.drain_seconds if failure is None else 0)
+                    app.serving = None
+                app.removing, app.remove_generation = False, None
+                log.info("%s: removed", app.name)
+            self._continue_waiting(app)
+        # Cleared only now, so requests made while handling the reply are batched into one.
+        self._nginx_inflight = None
+        if self._nginx_dirty:
+            self._request_nginx()
+
+    def _switched(self, app: App, deploy: Deploy) -> None:
+        old, app.serving, app.next = app.serving, deploy, None
+        deploy.stage = Stage.SERVING
+        took = time.monotonic() - deploy.began
+        hosts = ", ".join(deploy.hosts)
+        log.info("%s: deploy #%d now serving %s (took %.2fs)", app.name, deploy.id, hosts, took)
+        if old is not None:
+            self._retire(old, self.config.drain_seconds)
+
+    def _continue_waiting(self, app: App) -> None:
+        """After a switch ended (either way): carry out what waited for it."""
+        if app.removing and app.next is None and app.remove_generation is None:
+            self._request_nginx()  # a removal requested mid-switch
+        if app.waiting is not None and app.next is None:
+            self._begin(app, app.waiting)
+        self._forget_if_idle(app)
+
+    # -- endings ---------------------------------------------------------------------
+
+    def _fail(
+        self,
+        deploy: Deploy,
+        reason: str,
+        tail: tuple[str, ...] = (),
+        *,
+        process_stopping: bool = False,
+    ) -> None:
+        log.error("%s: deploy #%d failed: %s", deploy.app, deploy.id, reason)
+        if tail:
+            log.error("%s: last output:\n%s", deploy.app, "\n".join(f"  | {line}" for line in tail))
+        app = self.apps[deploy.app]
+        if app.next is deploy:
+            app.next = None
+        self._cleanup(deploy, process_stopping=process_stopping)
+        serving = app.serving
+        if serving is not None:
+            log.info("%s: deploy #%d keeps serving", app.name, serving.id)
+        self._continue_waiting(app)
+
+    def _abandon(self, deploy: Deploy, reason: str) -> None:
+        log.info("%s: deploy #%d abandoned: %s", deploy.app, deploy.id, reason)
+        self.apps[deploy.app].next = None
+        self._cleanup(deploy, process_stopping=False)
+
+    def _cleanup(self, deploy: Deploy, *, process_stopping: bool) -> None:
+        """Undo whatever a deploy that will never serve has set up so far."""
+        if deploy.stage in (Stage.STARTING, Stage.SWITCHING, Stage.SERVING):
+            self.retiring[deploy.id] = deploy
+            if not process_stopping:
+                self.monitor.tell(StopProcess(app=deploy.app, deploy_id=deploy.id, delay=0))
+        elif deploy.folder is not None and (
+            deploy.stage is Stage.PROVISIONING or deploy.config is not None
+        ):
+            self.unpacker.tell(RemoveFolder(path=deploy.folder))
+        # An UNPACKING deploy without config is still in the unpacker: its late reply is
+        # recognised as stale and its folder removed then.
+
+    def _retire(self, deploy: Deploy, delay: float) -> None:
+        log.info("%s: stopping deploy #%d in %.1fs", deploy.app, deploy.id, delay)
+        self.retiring[deploy.id] = deploy
+        self.monitor.tell(StopProcess(app=deploy.app, deploy_id=deploy.id, delay=delay))
+
+    def _process_stopped(self, app_name: str, deploy_id: int) -> None:
+        deploy = self.retiring.pop(deploy_id, None)
+        if deploy is None:
+            return
+        if deploy.port is not None:
+            self.ports.release(deploy.port)
+        if deploy.folder is not None:
+            self.unpacker.tell(RemoveFolder(path=deploy.folder))
+        log.info("%s: deploy #%d stopped and removed", app_name, deploy_id)
+        app = self.apps.get(app_name)
+        if app is not None:
+            self._forget_if_idle(app)
+
+    def _forget_if_idle(self, app: App) -> None:
+        if app.idle and not app.removing and self.apps.get(app.name) is app:
+            del self.apps[app.name]
+
+    # -- lookups ---------------------------------------------------------------------
+
+    def _next_deploy(self, app: str, deploy_id: int) -> Deploy | None:
+        """The app's in-flight deploy if it is ``deploy_id``; None for a stale reply."""
+        state = self.apps.get(app)
+        if state is not None and state.next is not None and state.next.id == deploy_id:
+            return state.next
+        return None
+
+    def _find_deploy(self, app: str, deploy_id: int) -> Deploy | None:
+        if deploy_id in self.retiring:
+            return self.retiring[deploy_id]
+        state = self.apps.get(app)
+        if state is None:
+            return None
+        for deploy in (state.serving, state.next):
+            if deploy is not None and deploy.id == deploy_id:
+                return deploy
+        return None
+
+    # -- shutdown --------------------------------------------------------------------
+
+    def _shutdown(self, code: int) -> None:
+        if self._exit_code is not None:
+            return
+        # The watcher goes first so no new deploy starts; the monitor's own stop
+        # then stops every app gracefully (TERM, shared deadline, KILL).
+        for component in [self.watcher, self.unpacker, self.postgres, self.monitor, self.nginx]:
+            component.stop()
+        for component in [self.watcher, self.unpacker, self.postgres, self.monitor, self.nginx]:
+            if component.is_alive():
+                component.join()
+        log.info("keter: stopped")
+        self._exit_code = code

@@ -1,0 +1,165 @@
+"""Run the real ``keter ROOT`` daemon as a child process, and build bundles for it."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from support import wait_for
+
+APPS = Path(__file__).parent / "apps"
+
+
+def make_bundle(
+    path: Path,
+    *,
+    config: dict | str,
+    files: dict[str, bytes | str] | None = None,
+    app_source: Path | None = APPS / "versioned_app.py",
+) -> Path:
+    """Write a NAME.keter gzip tarball: config/keter.yaml, bin/app (executable) and ``files``.
+
+    ``app_source`` is copied to bin/app with this interpreter in its shebang, so
+    the app runs with the tests' Python whatever PATH keter gives it.
+    """
+    members: dict[str, tuple[bytes, int]] = {}
+    text = config if isinstance(config, str) else yaml.safe_dump(config)
+    members["config/keter.yaml"] = (text.encode(), 0o644)
+    if app_source is not None:
+        body = app_source.read_text().split("\n", 1)
+        source = body[1] if body[0].startswith("#!") else app_source.read_text()
+        members["bin/app"] = (f"#!{sys.executable}\n{source}".encode(), 0o755)
+    for name, data in (files or {}).items():
+        members[name] = (data.encode() if isinstance(data, str) else data, 0o644)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, (data, mode) in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), mode, int(time.time())
+            tar.addfile(info, io.BytesIO(data))
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def webapp_config(host: str, version: str, **extra) -> dict:
+    """A bundle config for tests/apps/versioned_app.py answering ``version``."""
+    config = {"exec": "../bin/app", "host": host, "env": {"VERSION": version}}
+    env = extra.pop("env", {})
+    config["env"].update(env)
+    config.update(extra)
+    return config
+
+
+class KeterDaemon:
+    """One keter process on a private ROOT, pointed at a private nginx."""
+
+    def __init__(self, root: Path, settings: dict) -> None:
+        self.root = root
+        self.settings = settings
+        self.incoming = root / "incoming"
+        self.stderr_path = root.parent / f"{root.name}-keter.log"
+        self.proc: subprocess.Popen | None = None
+
+    def write_config(self) -> None:
+        (self.root / "etc").mkdir(parents=True, exist_ok=True)
+        (self.root / "etc" / "keter-config.yaml").write_text(yaml.safe_dump(self.settings))
+
+    def start(self, *, wait_ready: bool = True) -> None:
+        self.write_config()
+        self._log_offset = self.stderr_path.stat().st_size if self.stderr_path.exists() else 0
+        stderr = open(self.stderr_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "keter", str(self.root)],
+            stdin=subprocess.DEVNULL,
+            stdout=stderr,
+            stderr=stderr,
+            start_new_session=True,
+        )
+        stderr.close()
+        if wait_ready:
+            wait_for(lambda: "initial scan done" in self.log_since_start(), 20, "keter to be ready")
+
+    def log(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    def log_since_start(self) -> str:
+        return self.log()[self._log_offset :]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL keter alone (not its apps), like an OOM kill or a crash."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def children(self) -> list[psutil.Process]:
+        assert self.proc is not None
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def drop(self, bundle: Path, name: str | None = None) -> Path:
+        """Copy a bundle in the way careful users do: write a hidden temp name, rename in."""
+        target = self.incoming / (name or bundle.name)
+        tmp = self.incoming / f".{target.name}.part"
+        tmp.write_bytes(bundle.read_bytes())
+        os.replace(tmp, target)
+        return target
+
+
+def keter_settings(nginx, **overrides) -> dict:
+    """Settings for a test keter: the private nginx, a private port range, short timers."""
+    base = random.randrange(10, 30) * 1000  # below the ephemeral range; differs per test
+    settings = nginx.keter_config()
+    settings.update(
+        {
+            "port-range": [base, base + 999],
+            "health-check-timeout": 10,
+            # nginx's old workers may take new connections briefly after a reload.
+            "drain-seconds": 1,
+            "stop-timeout": 3,
+        }
+    )
+    settings.update(overrides)
+    return settings
+
+
+@pytest.fixture
+def keter_factory(tmp_path, private_nginx) -> Iterator:
+    """Make (and on teardown stop) keter daemons: ``keter_factory(name="root", **settings)``."""
+    daemons: list[KeterDaemon] = []
+
+    def make(name: str = "root", *, start: bool = True, **overrides) -> KeterDaemon:
+        daemon = KeterDaemon(tmp_path / name, keter_settings(private_nginx, **overrides))
+        daemons.append(daemon)
+        if start:
+            daemon.start()
+        return daemon
+
+    yield make
+    for daemon in daemons:
+        if daemon.proc and daemon.proc.poll() is None:
+            daemon.stop()
+
+
+@pytest.fixture
+def keter(keter_factory) -> KeterDaemon:
+    return keter_factory()

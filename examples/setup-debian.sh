@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Set up keter on a fresh Debian machine and run it on ROOT (default /opt/keter):
+#   sudo ./examples/setup-debian.sh /opt/keter
+# Installs nginx, PostgreSQL and Python from Debian, keter into /usr/local/lib/keter
+# (a virtualenv, linked as /usr/local/bin/keter), removes Debian's default nginx site
+# (it would shadow keter's 404 for unknown hosts), then starts keter: as the systemd
+# service when systemd runs (`journalctl -u keter` shows what it does), else in the
+# foreground.
+set -euo pipefail
+root=${1:-/opt/keter}
+src=$(cd "$(dirname "$0")/.." && pwd)
+[ "$(id -u)" = 0 ] || { echo "run as root (sudo)" >&2; exit 1; }
+
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends nginx postgresql python3 python3-venv >/dev/null
+
+python3 -m venv /usr/local/lib/keter
+/usr/local/lib/keter/bin/pip install -q --disable-pip-version-check "$src"
+ln -sf /usr/local/lib/keter/bin/keter /usr/local/bin/keter
+install -D -m 644 "$src/README.md" /usr/local/share/doc/keter/README.md
+
+rm -f /etc/nginx/sites-enabled/default
+mkdir -p "$root/incoming" /etc/nginx/sites-enabled
+
+if [ -d /run/systemd/system ]; then
+    sed "s|/opt/keter|$root|g" "$src/keter.service" > /etc/systemd/system/keter.service
+    systemctl daemon-reload
+    systemctl enable --now nginx postgresql
+    systemctl enable --now keter
+    systemctl restart keter
+    echo "keter is running on $root: copy bundles into $root/incoming/; logs: journalctl -u keter"
+else
+    pgrep -x nginx >/dev/null || nginx
+    pg_ctlcluster --help >/dev/null 2>&1 && pg_ctlcluster "$(ls /etc/postgresql | sort -V | tail -1)" main start || true
+    exec /usr/local/bin/keter "$root"
+fi

@@ -1,0 +1,315 @@
+"""The deploy pipeline end to end: a real keter daemon, real nginx, real apps, real inotify."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+from keter_daemon import make_bundle, webapp_config
+from support import wait_for
+
+
+def body(nginx, host: str, path: str = "/") -> bytes | None:
+    status, _headers, data = nginx.request(host, path)
+    return data if status == 200 else None
+
+
+def served(nginx, host: str, version: str, timeout: float = 20) -> None:
+    """Wait until every new connection gets ``version``.
+
+    For about 100 ms after a reload nginx's old workers still accept connections
+    with the old config (nginx signals them only after that); for an app's first
+    version the old config has no such host yet.
+    """
+    expected = f"{version}\n".encode()
+    wait_for(
+        lambda: all(body(nginx, host) == expected for _ in range(10)),
+        timeout,
+        f"{host} to serve {version}",
+    )
+
+
+def failures(keter, app: str) -> list[str]:
+    return re.findall(rf"^.*{re.escape(app)}: deploy #\d+ failed: .*$", keter.log(), re.M)
+
+
+def app_processes(keter) -> list[psutil.Process]:
+    return [p for p in keter.children() if "bin/app" in " ".join(p.cmdline())]
+
+
+# -- deploy --------------------------------------------------------------------------------
+
+
+def test_bundle_is_served_through_nginx_with_port_and_approot(keter, private_nginx, tmp_path):
+    keter.drop(make_bundle(tmp_path / "hello.keter", config=webapp_config("hello.test", "v1")))
+    served(private_nginx, "hello.test", "v1")
+
+    env = json.loads(body(private_nginx, "hello.test", "/env"))
+    low, high = keter.settings["port-range"]
+    assert low <= int(env["PORT"]) <= high
+    assert env["APPROOT"] == f"http://hello.test:{private_nginx.port}"
+    assert env["VERSION"] == "v1"
+    assert env["PATH"].startswith("/usr/local/sbin")
+    # Nothing of keter's own environment leaks into the app's.
+    assert not any(name.startswith("PYTEST") for name in env)
+    # The app runs in its unpacked bundle.
+    [app] = app_processes(keter)
+    assert Path(app.cwd()).parent == keter.root / "temp"
+    # keter logs the switch just after nginx confirms it.
+    log = wait_for(lambda: "now serving" in keter.log() and keter.log(), 5, "the switch log line")
+    for event in ["bundle seen", "unpacked", "started pid", "is healthy"]:
+        assert re.search(rf"hello: .*{event}", log), event
+
+
+def test_unknown_host_gets_a_404_from_nginx(keter, private_nginx, tmp_path):
+    keter.drop(make_bundle(tmp_path / "hello.keter", config=webapp_config("hello.test", "v1")))
+    served(private_nginx, "hello.test", "v1")
+    status, _, data = private_nginx.request("other.test")
+    assert status == 404
+    assert b"v1" not in data
+
+
+def test_global_and_bundle_env_reach_the_app(keter_factory, private_nginx, tmp_path):
+    keter = keter_factory(env={"SHARED": "global", "OVERRIDDEN": "global"})
+    config = webapp_config("env.test", "v1", env={"OVERRIDDEN": "bundle"})
+    keter.drop(make_bundle(tmp_path / "envapp.keter", config=config))
+    served(private_nginx, "env.test", "v1")
+    env = json.loads(body(private_nginx, "env.test", "/env"))
+    assert env["SHARED"] == "global"
+    assert env["OVERRIDDEN"] == "bundle"
+
+
+# -- zero downtime -------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    """Concurrent clients through nginx; every failure is recorded."""
+
+    port: int
+    host: str
+    stop: threading.Event = field(default_factory=threading.Event)
+    bodies: dict[bytes, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    requests: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run(self, clients: int = 6) -> list[threading.Thread]:
+        threads = [
+            threading.Thread(target=self._client, args=(i % 2 == 0,), daemon=True)
+            for i in range(clients)
+        ]
+        for thread in threads:
+            thread.start()
+        return threads
+
+    def _record(self, status: int | None, data: bytes, error: str | None) -> None:
+        with self.lock:
+            self.requests += 1
+            if error is not None:
+                self.errors.append(error)
+            elif status != 200:
+                self.errors.append(f"status {status}: {data[:80]!r}")
+            else:
+                self.bodies[data] = self.bodies.get(data, 0) + 1
+
+    def _client(self, keep_alive: bool) -> None:
+        conn = None
+        while not self.stop.is_set():
+            reused = conn is not None
+            if conn is None:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            try:
+                headers = {"Host": self.host}
+                if not keep_alive:
+                    headers["Connection"] = "close"
+                conn.request("GET", "/", headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+                self._record(response.status, data, None)
+                if not keep_alive or response.will_close:
+                    conn.close()
+                    conn = None
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+                conn.close()
+                conn = None
+                # A server may close an idle keep-alive connection just as a request is sent;
+                # clients retry that (RFC 9112 9.3.1). On a fresh connection it is a failure.
+                if not reused:
+                    self._record(None, b"", repr(exc))
+            except OSError as exc:
+                conn.close()
+                conn = None
+                self._record(None, b"", repr(exc))
+
+
+def test_ten_redeploys_under_load_lose_no_request(keter, private_nginx, tmp_path):
+    bundle = tmp_path / "zdt.keter"
+    keter.drop(make_bundle(bundle, config=webapp_config("zdt.test", "v0")))
+    served(private_nginx, "zdt.test", "v0")
+
+    load = Load(private_nginx.port, "zdt.test")
+    threads = load.run()
+    try:
+        for version in range(1, 11):
+            keter.drop(make_bundle(bundle, config=webapp_config("zdt.test", f"v{version}")))
+            served(private_nginx, "zdt.test", f"v{version}")
+        # Keep the load on until the last old version has been stopped.
+        wait_for(lambda: len(app_processes(keter)) == 1, 15, "old versions to stop")
+        before = load.requests
+        wait_for(lambda: load.requests > before + 50, 10, "more requests after the last stop")
+    finally:
+        load.stop.set()
+        for thread in threads:
+            thread.join(15)
+    assert load.errors == []
+    assert load.requests > 500
+    assert b"v10\n" in load.bodies
+    assert failures(keter, "zdt") == []
+    assert len(re.findall(r"zdt: deploy #\d+ now serving", keter.log())) == 11
+
+
+# -- noticing bundles ----------------------------------------------------------------------
+
+
+def test_slow_in_place_copy_deploys_exactly_once(keter, private_nginx, tmp_path):
+    source = make_bundle(
+        tmp_path / "slow.keter",
+        config=webapp_config("slow.test", "v1"),
+        files={"padding.bin": os.urandom(200_000)},  # incompressible, so the copy has many chunks
+    )
+    data = source.read_bytes()
+    chunk = len(data) // 5 + 1
+    with open(keter.incoming / "slow.keter", "wb") as out:
+        for start in range(0, len(data), chunk):
+            out.write(data[start : start + chunk])
+            out.flush()
+            # A slow network copy: pauses longer than the watcher's quiet period.
+            time.sleep(0.4)
+    served(private_nginx, "slow.test", "v1")
+    assert keter.log().count("slow: bundle seen") == 1
+    assert failures(keter, "slow") == []
+    assert "ERROR" not in keter.log()
+
+
+def test_rename_in_and_touch_each_deploy_exactly_once(keter, private_nginx, tmp_path):
+    target = keter.drop(make_bundle(tmp_path / "ren.keter", config=webapp_config("ren.test", "v1")))
+    served(private_nginx, "ren.test", "v1")
+    wait_for(lambda: "ren: deploy #1 now serving" in keter.log(), 5)
+    assert keter.log().count("ren: bundle seen") == 1
+
+    # Users touch a bundle to restart its app.
+    [first] = app_processes(keter)
+    os.utime(target)
+    wait_for(lambda: "now serving" in keter.log().split("ren: bundle seen")[-1], 15, "redeploy")
+    wait_for(lambda: not first.is_running(), 10, "the first process to stop")
+    assert keter.log().count("ren: bundle seen") == 2
+    served(private_nginx, "ren.test", "v1")
+
+
+# -- failing new versions ------------------------------------------------------------------
+
+
+def deploy_then_break(keter, nginx, tmp_path, host: str, **broken) -> None:
+    app = host.split(".")[0]
+    bundle = tmp_path / f"{app}.keter"
+    keter.drop(make_bundle(bundle, config=webapp_config(host, "v1")))
+    served(nginx, host, "v1")
+    keter.drop(make_bundle(bundle, config=webapp_config(host, "v2", **broken)))
+    wait_for(lambda: failures(keter, app), 30, "the failure to be logged")
+    assert body(nginx, host) == b"v1\n"
+
+
+def test_new_version_that_exits_at_start_leaves_the_old_one_serving(keter, private_nginx, tmp_path):
+    deploy_then_break(keter, private_nginx, tmp_path, "crash.test", args=["--exit-at-start", "3"])
+    [line] = failures(keter, "crash")
+    assert "status 3" in line
+    assert "fatal: exiting with status 3" in keter.log()  # the app's last words are in the log
+    wait_for(lambda: len(app_processes(keter)) == 1, 10, "the failed version to be gone")
+    wait_for(lambda: len(list((keter.root / "temp").iterdir())) == 1, 10, "its folder removed")
+
+
+def test_new_version_that_never_answers_is_abandoned(keter_factory, private_nginx, tmp_path):
+    keter = keter_factory(**{"health-check-timeout": 1.5})
+    deploy_then_break(keter, private_nginx, tmp_path, "hang.test", args=["--hang"])
+    [line] = failures(keter, "hang")
+    assert "did not answer" in line
+    wait_for(lambda: len(app_processes(keter)) == 1, 10, "the hung version to be stopped")
+
+
+def test_new_version_failing_its_health_path_is_abandoned(keter, private_nginx, tmp_path):
+    deploy_then_break(
+        keter,
+        private_nginx,
+        tmp_path,
+        "sick.test",
+        args=["--fail-path", "/health"],
+        **{"health-check-path": "/health"},
+    )
+    [line] = failures(keter, "sick")
+    assert "500" in line
+
+
+# -- removal, restart, shutdown ------------------------------------------------------------
+
+
+def test_removing_the_bundle_stops_the_app_and_frees_its_host(keter, private_nginx, tmp_path):
+    target = keter.drop(
+        make_bundle(tmp_path / "gone.keter", config=webapp_config("gone.test", "v1"))
+    )
+    served(private_nginx, "gone.test", "v1")
+    [app] = app_processes(keter)
+    target.unlink()
+    wait_for(lambda: private_nginx.request("gone.test")[0] == 404, 15, "the host to 404")
+    wait_for(lambda: not app.is_running(), 10, "the app to stop")
+    wait_for(lambda: list((keter.root / "temp").iterdir()) == [], 10, "its folder removed")
+    assert "gone: removed" in keter.log()
+
+
+def test_sigterm_stops_every_app_and_a_restart_brings_them_back(keter, private_nginx, tmp_path):
+    for name in ["one", "two"]:
+        keter.drop(
+            make_bundle(tmp_path / f"{name}.keter", config=webapp_config(f"{name}.test", name))
+        )
+    for name in ["one", "two"]:
+        served(private_nginx, f"{name}.test", name)
+    apps = app_processes(keter)
+    assert len(apps) == 2
+
+    assert keter.stop() == 0
+    _gone, alive = psutil.wait_procs(apps, timeout=0)
+    assert alive == []
+    assert "keter: stopped" in keter.log()
+
+    keter.start()
+    for name in ["one", "two"]:
+        served(private_nginx, f"{name}.test", name)
+    assert len(app_processes(keter)) == 2
+
+
+def test_a_second_keter_on_the_same_root_is_refused(keter):
+    second = keter.__class__(keter.root, keter.settings)
+    second.stderr_path = keter.root.parent / "second.log"
+    second.start(wait_ready=False)
+    assert second.proc.wait(15) == 1
+    assert "already running" in second.log()
+    assert keter.proc.poll() is None
+
+
+# -- bad bundles ---------------------------------------------------------------------------
+
+
+def test_bad_global_config_is_refused_with_every_problem(keter_factory):
+    keter = keter_factory(start=False, **{"port-range": [5000, 10], "helth-check-timeout": 3})
+    keter.start(wait_ready=False)
+    assert keter.proc.wait(15) == 2
+    log = keter.log()
+    assert "port-range" in log
+    assert "did you mean health-check-timeout" in log

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
+from support import keter_sample
 
 from keter.bundle import (
     BundleConfig,
@@ -21,7 +22,7 @@ from keter.bundle import (
 )
 from keter.config import load_yaml
 
-FOO_V04 = Path("/work/shared/keter-fixtures/foo-v04.keter.yaml")
+FOO_V04 = keter_sample("foo-v04.keter.yaml")
 
 
 def make_bundle(tmp_path: Path, config: str | bytes | None, name: str = "keter.yaml") -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support import keter_sample
 
 from keter.config import (
     KETER_ONLY_KEYS,
@@ -25,7 +26,7 @@ from keter.config import (
 
 ROOT = Path("/srv/keter")
 EPHEMERAL = (32768, 60999)
-SAMPLE = Path("/work/shared/keter-fixtures/keter-config.yaml")
+SAMPLE = keter_sample("keter-config.yaml")
 
 
 def parse(text: str, **kwargs: object) -> KeterConfig:

@@ -19,6 +19,7 @@ without a word.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import queue
@@ -73,8 +74,11 @@ class UnpackError(Exception):
     """A bundle was refused; ``str()`` is one clear reason."""
 
 
-def safe_unpack(bundle: Path, dest: Path, *, max_bytes: int, max_members: int) -> None:
-    """Extract the gzip tarball ``bundle`` into the new folder ``dest``.
+def safe_unpack(bundle: Path, dest: Path, *, max_bytes: int, max_members: int) -> str:
+    """Extract the gzip tarball ``bundle`` into the new folder ``dest``; return its sha256.
+
+    The hash is of the bytes actually unpacked (the file is read once, from one
+    open descriptor), so it names exactly the version that will run.
 
     ``dest`` must not exist; it is created with mode 0o755. Only regular files
     and directories are accepted, every name must stay inside ``dest``, modes
@@ -100,13 +104,16 @@ def safe_unpack(bundle: Path, dest: Path, *, max_bytes: int, max_members: int) -
         except OSError as exc:
             raise UnpackError(f"cannot open {bundle}: {exc.strerror}") from None
         with raw:
-            _Extraction(raw, dest, max_bytes=max_bytes, max_members=max_members).run()
+            extraction = _Extraction(raw, dest, max_bytes=max_bytes, max_members=max_members)
+            extraction.run()
+            digest = extraction.stream.sha256_of_rest()
         done = True
     except tarfile.TarError as exc:
         raise UnpackError(_tar_reason(exc)) from None
     finally:
         if not done:
             shutil.rmtree(dest, ignore_errors=True)
+    return digest
 
 
 def _tar_reason(exc: tarfile.TarError) -> str:
@@ -137,6 +144,7 @@ class _GzipReader:
         self._started = False
         self._finished = False
         self.produced = 0
+        self._sha256 = hashlib.sha256()
 
     def read(self, size: int = -1) -> bytes:
         if size < 0:
@@ -147,6 +155,12 @@ class _GzipReader:
         chunk = self._buf[self._pos : self._pos + size]
         self._pos += len(chunk)
         return chunk
+
+    def sha256_of_rest(self) -> str:
+        """The hash of the whole file, reading what follows the gzip data (padding)."""
+        while self._read_raw():
+            pass
+        return self._sha256.hexdigest()
 
     def drain(self) -> None:
         """Read to the end so the gzip trailer (CRC and length) gets checked."""
@@ -185,6 +199,7 @@ class _GzipReader:
             data = self._raw.read(_INPUT_CHUNK)
         except OSError as exc:
             raise UnpackError(f"cannot read bundle: {exc.strerror or exc}") from None
+        self._sha256.update(data)
         if not self._started:
             self._started = True
             if not data:
@@ -384,7 +399,7 @@ class Unpacker(Actor):
             self._failed(msg, f"destination {msg.dest} is not inside {self.temp_dir}")
             return
         try:
-            safe_unpack(
+            sha256 = safe_unpack(
                 msg.bundle, msg.dest, max_bytes=self.max_bytes, max_members=self.max_members
             )
         except UnpackError as exc:
@@ -404,6 +419,7 @@ class Unpacker(Actor):
                 folder=msg.dest,
                 config=config,
                 warnings=tuple(config.warnings),
+                sha256=sha256,
             )
         )
 

@@ -8,6 +8,7 @@ reason, for the destination being gone and for nothing appearing elsewhere.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import logging
 import os
@@ -232,6 +233,13 @@ def test_concatenated_gzip_members_and_trailing_zeros(area: Area) -> None:
     payload = gzip.compress(data[:half]) + gzip.compress(data[half:]) + bytes(1024)
     safe_unpack(area.bundle(payload), area.dest, **CAPS)
     assert sorted(p.name for p in area.dest.iterdir()) == sorted(f"f{i}" for i in range(10))
+
+
+def test_returns_the_sha256_of_the_whole_file(area: Area) -> None:
+    data = tar_bytes(good_entries())
+    payload = gzip.compress(data) + bytes(1024)  # trailing padding counts: it is the file
+    digest = safe_unpack(area.bundle(payload), area.dest, **CAPS)
+    assert digest == hashlib.sha256(payload).hexdigest()
 
 
 def test_caps_are_inclusive(area: Area) -> None:

@@ -150,6 +150,7 @@ class BundleUnpacked:
     folder: Path
     config: object  # keter.bundle.BundleConfig
     warnings: tuple[str, ...] = ()
+    sha256: str = ""  # of the bundle file as unpacked: the version's identity
 
 
 @message
@@ -240,6 +241,7 @@ class ProcessStateChanged:
     deploy_id: int
     state: str
     detail: str = ""
+    pid: int | None = None  # the current process, if one is running
 
 
 @message
@@ -274,3 +276,61 @@ class NginxFailed:
 
     generation: int
     reason: str
+
+
+# -- status component (supervisor -> status; facts only) -----------------------------
+
+
+@message
+class AppSnapshot:
+    """What an operator sees of one app right now."""
+
+    app: str
+    # deploying (first version on its way), running, backoff (crashed, restarting),
+    # failed (no version serving after a failed deploy)
+    state: str
+    version: str | None  # short sha256 of the serving bundle
+    bundle_mtime: float | None  # of the serving bundle, seconds since the epoch
+    hosts: tuple[str, ...]
+    port: int | None
+    pid: int | None
+    started_at: float | None  # wall clock time the serving process (re)started
+    restarts: int  # crash restarts of the serving version
+    database: str | None  # never the password
+    deploying: str | None = None  # short sha256 of a version on its way, if any
+
+
+@message
+class AppChanged:
+    snapshot: AppSnapshot
+
+
+@message
+class AppGone:
+    """The app's bundle was removed and its last process stopped."""
+
+    app: str
+
+
+@message
+class DeployFinished:
+    """One deploy attempt ended; a line of the app's deploy history."""
+
+    app: str
+    version: str  # short sha256
+    sha256: str
+    bundle_mtime: float
+    outcome: str  # serving | failed | superseded
+    reason: str
+    duration: float  # seconds from bundle seen to outcome
+    at: float  # wall clock
+
+
+@message
+class AppEvent:
+    """Something an operator wants in the recent-events feed (crash, restart, removal)."""
+
+    app: str
+    kind: str
+    text: str
+    at: float

@@ -800,9 +800,10 @@ class ProcessMonitor(Actor):
         check_transition(entry.state, new)
         log.info("%s: state %s -> %s (%s)", entry.app, entry.state.value, new.value, detail)
         entry.state = new
+        pid = entry.run.pid if entry.run is not None and not entry.run.gone else None
         self.report(
             ProcessStateChanged(
-                app=entry.app, deploy_id=entry.deploy_id, state=new.value, detail=detail
+                app=entry.app, deploy_id=entry.deploy_id, state=new.value, detail=detail, pid=pid
             )
         )
 

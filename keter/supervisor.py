@@ -33,7 +33,11 @@ from keter import systemd
 from keter.bundle import BundleConfig
 from keter.config import KeterConfig
 from keter.messages import (
+    AppChanged,
+    AppEvent,
+    AppGone,
     ApplyNginx,
+    AppSnapshot,
     BundleArrived,
     BundleIgnored,
     BundleRemoved,
@@ -42,6 +46,7 @@ from keter.messages import (
     DatabaseFailed,
     DatabaseReady,
     DbInfo,
+    DeployFinished,
     HealthCheck,
     NginxApplied,
     NginxFailed,
@@ -90,6 +95,7 @@ class Deploy:
     id: int
     app: str
     bundle: Path
+    bundle_mtime: float  # seconds since the epoch
     stage: Stage = Stage.UNPACKING
     began: float = field(default_factory=time.monotonic)
     folder: Path | None = None
@@ -99,6 +105,13 @@ class Deploy:
     db: DbInfo | None = None
     generation: int | None = None  # the nginx generation that switches traffic to it
     process_state: str = ""
+    sha256: str = ""  # of the bundle as unpacked
+    started_at: float | None = None  # wall clock time its current process started
+    restarts: int = 0
+
+    @property
+    def version(self) -> str:
+        return self.sha256[:12] or "unknown"
 
     @property
     def hosts(self) -> tuple[str, ...]:
@@ -115,10 +128,35 @@ class App:
     waiting: BundleArrived | None = None  # a newer bundle held back while nginx switches
     removing: bool = False
     remove_generation: int | None = None
+    # While its bundle is in incoming/, an app stays known, even with nothing serving
+    # (its first deploy failed): the operator must see it as failed, not as absent.
+    bundle_present: bool = True
 
     @property
     def idle(self) -> bool:
         return self.serving is None and self.next is None and self.waiting is None
+
+    def snapshot(self) -> AppSnapshot:
+        shown = self.serving
+        if shown is None:
+            state = "deploying" if self.next is not None or self.waiting else "failed"
+        elif shown.process_state in ("BACKOFF", "STARTING"):
+            state = "backoff"  # a serving version is only STARTING again after a crash
+        else:
+            state = "running"
+        return AppSnapshot(
+            app=self.name,
+            state=state,
+            version=shown.version if shown else None,
+            bundle_mtime=shown.bundle_mtime if shown else None,
+            hosts=shown.hosts if shown else (),
+            port=shown.port if shown else None,
+            pid=shown.pid if shown else None,
+            started_at=shown.started_at if shown else None,
+            restarts=shown.restarts if shown else 0,
+            database=shown.db.name if shown and shown.db else None,
+            deploying=self.next.version if self.next and self.next.sha256 else None,
+        )
 
 
 def app_environment(
@@ -163,6 +201,7 @@ class Supervisor:
         self._nginx_inflight: int | None = None
         self._nginx_dirty = False
         self._exit_code: int | None = None
+        self._published: dict[str, AppSnapshot] = {}
 
         report = self.inbox
         self.watcher = IncomingWatcher(config.incoming_dir, report_to=report)
@@ -195,6 +234,7 @@ class Supervisor:
         )
         # Started in this order; the watcher comes last so that the monitor has
         # cleared leftovers of an earlier run before any deploy can start.
+        self.status = None  # the status component (operator API) when there is one
         self.components = [self.unpacker, self.monitor, self.nginx, self.postgres, self.watcher]
 
     # -- running ---------------------------------------------------------------------
@@ -226,6 +266,10 @@ class Supervisor:
         return self._exit_code
 
     def dispatch(self, message: object) -> None:
+        self._handle(message)
+        self._publish()
+
+    def _handle(self, message: object) -> None:
         match message:
             case BundleArrived():
                 self._bundle_arrived(message)
@@ -252,7 +296,7 @@ class Supervisor:
             case ProcessStarted(app=app, deploy_id=deploy_id, pid=pid, port=port):
                 log.info("%s: deploy #%d started pid %d on port %s", app, deploy_id, pid, port)
                 if deploy := self._find_deploy(app, deploy_id):
-                    deploy.pid = pid
+                    deploy.pid, deploy.started_at = pid, time.time()
             case ProcessHealthy(app=app, deploy_id=deploy_id):
                 if deploy := self._next_deploy(app, deploy_id):
                     log.info("%s: deploy #%d is healthy, switching traffic", app, deploy_id)
@@ -262,9 +306,8 @@ class Supervisor:
                 if deploy := self._next_deploy(app, deploy_id):
                     # The monitor has already stopped it; ProcessStopped follows.
                     self._fail(deploy, reason, tail, process_stopping=True)
-            case ProcessStateChanged(app=app, deploy_id=deploy_id, state=state):
-                if deploy := self._find_deploy(app, deploy_id):
-                    deploy.process_state = state
+            case ProcessStateChanged():
+                self._process_state_changed(message)
             case ProcessStopped(app=app, deploy_id=deploy_id):
                 self._process_stopped(app, deploy_id)
             case NginxApplied(generation=generation):
@@ -282,10 +325,61 @@ class Supervisor:
             case _:
                 log.error("keter: unexpected message %r", message)
 
+    # -- status ----------------------------------------------------------------------
+
+    def _publish(self) -> None:
+        """Tell the status component what changed since the last message (cheap: no I/O)."""
+        if self.status is None:
+            return
+        for app in self.apps.values():
+            snapshot = app.snapshot()
+            if self._published.get(app.name) != snapshot:
+                self._published[app.name] = snapshot
+                self.status.tell(AppChanged(snapshot=snapshot))
+        for name in self._published.keys() - self.apps.keys():
+            del self._published[name]
+            self.status.tell(AppGone(app=name))
+
+    def _event(self, app: str, kind: str, text: str) -> None:
+        if self.status is not None:
+            self.status.tell(AppEvent(app=app, kind=kind, text=text, at=time.time()))
+
+    def _finished(self, deploy: Deploy, outcome: str, reason: str = "") -> None:
+        if self.status is not None:
+            self.status.tell(
+                DeployFinished(
+                    app=deploy.app,
+                    version=deploy.version,
+                    sha256=deploy.sha256,
+                    bundle_mtime=deploy.bundle_mtime,
+                    outcome=outcome,
+                    reason=reason,
+                    duration=time.monotonic() - deploy.began,
+                    at=time.time(),
+                )
+            )
+
+    def _process_state_changed(self, msg: ProcessStateChanged) -> None:
+        deploy = self._find_deploy(msg.app, msg.deploy_id)
+        if deploy is None:
+            return
+        previous, deploy.process_state = deploy.process_state, msg.state
+        if msg.pid is not None and msg.pid != deploy.pid:
+            deploy.pid, deploy.started_at = msg.pid, time.time()
+        if deploy.stage is not Stage.SERVING:
+            return  # a new version's start is reported through its deploy
+        if msg.state == "BACKOFF":
+            deploy.restarts += 1
+            if previous == "RUNNING":
+                self._event(msg.app, "crash", msg.detail)
+        elif msg.state == "RUNNING" and previous == "STARTING":
+            self._event(msg.app, "restart", f"running again ({msg.detail})")
+
     # -- bundles ---------------------------------------------------------------------
 
     def _bundle_arrived(self, arrived: BundleArrived) -> None:
         app = self.apps.setdefault(arrived.app, App(name=arrived.app))
+        app.bundle_present = True
         log.info("%s: bundle seen (%d bytes)", arrived.app, arrived.size)
         if app.next is not None:
             if app.next.stage is Stage.SWITCHING and app.next.generation is not None:
@@ -297,7 +391,9 @@ class Supervisor:
 
     def _begin(self, app: App, arrived: BundleArrived) -> None:
         deploy_id = next(self._deploy_ids)
-        deploy = Deploy(id=deploy_id, app=app.name, bundle=arrived.path)
+        deploy = Deploy(
+            id=deploy_id, app=app.name, bundle=arrived.path, bundle_mtime=arrived.mtime_ns / 1e9
+        )
         deploy.folder = self.config.temp_dir / f"{app.name}-{deploy_id}"
         app.next = deploy
         app.waiting = None
@@ -311,6 +407,7 @@ class Supervisor:
             return
         log.info("%s: bundle removed from incoming/", name)
         app.waiting = None
+        app.bundle_present = False
         if app.next is not None:
             if app.next.stage is Stage.SWITCHING and app.next.generation is not None:
                 app.removing = True  # handled when the switch completes
@@ -330,6 +427,7 @@ class Supervisor:
             return
         config: BundleConfig = msg.config  # type: ignore[assignment]
         deploy.config = config
+        deploy.sha256 = msg.sha256
         for warning in msg.warnings:
             log.warning("%s: %s", msg.app, warning)
         if config.webapp is None:
@@ -435,6 +533,7 @@ class Supervisor:
                     app.serving = None
                 app.removing, app.remove_generation = False, None
                 log.info("%s: removed", app.name)
+                self._event(app.name, "removed", "bundle removed; app stopped")
             self._continue_waiting(app)
         # Cleared only now, so requests made while handling the reply are batched into one.
         self._nginx_inflight = None
@@ -447,6 +546,7 @@ class Supervisor:
         took = time.monotonic() - deploy.began
         hosts = ", ".join(deploy.hosts)
         log.info("%s: deploy #%d now serving %s (took %.2fs)", app.name, deploy.id, hosts, took)
+        self._finished(deploy, "serving")
         if old is not None:
             self._retire(old, self.config.drain_seconds)
 
@@ -469,6 +569,7 @@ class Supervisor:
         process_stopping: bool = False,
     ) -> None:
         log.error("%s: deploy #%d failed: %s", deploy.app, deploy.id, reason)
+        self._finished(deploy, "failed", reason)
         if tail:
             log.error("%s: last output:\n%s", deploy.app, "\n".join(f"  | {line}" for line in tail))
         app = self.apps[deploy.app]
@@ -482,6 +583,7 @@ class Supervisor:
 
     def _abandon(self, deploy: Deploy, reason: str) -> None:
         log.info("%s: deploy #%d abandoned: %s", deploy.app, deploy.id, reason)
+        self._finished(deploy, "superseded", reason)
         self.apps[deploy.app].next = None
         self._cleanup(deploy, process_stopping=False)
 
@@ -517,7 +619,8 @@ class Supervisor:
             self._forget_if_idle(app)
 
     def _forget_if_idle(self, app: App) -> None:
-        if app.idle and not app.removing and self.apps.get(app.name) is app:
+        gone = app.idle and not app.removing and not app.bundle_present
+        if gone and self.apps.get(app.name) is app:
             del self.apps[app.name]
 
     # -- lookups ---------------------------------------------------------------------

@@ -27,11 +27,12 @@ def make_bundle(
     config: dict | str,
     files: dict[str, bytes | str] | None = None,
     app_source: Path | None = APPS / "versioned_app.py",
+    interpreter: str = sys.executable,
 ) -> Path:
     """Write a NAME.keter gzip tarball: config/keter.yaml, bin/app (executable) and ``files``.
 
-    ``app_source`` is copied to bin/app with this interpreter in its shebang, so
-    the app runs with the tests' Python whatever PATH keter gives it.
+    ``app_source`` is copied to bin/app with ``interpreter`` (default: the tests' own
+    Python) in its shebang, so the app runs with it whatever PATH keter gives it.
     """
     members: dict[str, tuple[bytes, int]] = {}
     text = config if isinstance(config, str) else yaml.safe_dump(config)
@@ -39,7 +40,7 @@ def make_bundle(
     if app_source is not None:
         body = app_source.read_text().split("\n", 1)
         source = body[1] if body[0].startswith("#!") else app_source.read_text()
-        members["bin/app"] = (f"#!{sys.executable}\n{source}".encode(), 0o755)
+        members["bin/app"] = (f"#!{interpreter}\n{source}".encode(), 0o755)
     for name, data in (files or {}).items():
         members[name] = (data.encode() if isinstance(data, str) else data, 0o644)
     buf = io.BytesIO()
@@ -75,7 +76,7 @@ class KeterDaemon:
         (self.root / "etc").mkdir(parents=True, exist_ok=True)
         (self.root / "etc" / "keter-config.yaml").write_text(yaml.safe_dump(self.settings))
 
-    def start(self, *, wait_ready: bool = True) -> None:
+    def start(self, *, wait_ready: bool = True, env: dict[str, str] | None = None) -> None:
         self.write_config()
         self._log_offset = self.stderr_path.stat().st_size if self.stderr_path.exists() else 0
         stderr = open(self.stderr_path, "ab")  # noqa: SIM115 - handed to the child
@@ -85,6 +86,7 @@ class KeterDaemon:
             stdout=stderr,
             stderr=stderr,
             start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
         stderr.close()
         if wait_ready:
@@ -147,8 +149,10 @@ def keter_factory(tmp_path, private_nginx) -> Iterator:
     """Make (and on teardown stop) keter daemons: ``keter_factory(name="root", **settings)``."""
     daemons: list[KeterDaemon] = []
 
-    def make(name: str = "root", *, start: bool = True, **overrides) -> KeterDaemon:
-        daemon = KeterDaemon(tmp_path / name, keter_settings(private_nginx, **overrides))
+    def make(
+        name: str = "root", *, start: bool = True, root: Path | None = None, **overrides
+    ) -> KeterDaemon:
+        daemon = KeterDaemon(root or tmp_path / name, keter_settings(private_nginx, **overrides))
         daemons.append(daemon)
         if start:
             daemon.start()

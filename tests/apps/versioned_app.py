@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import threading
+import urllib.parse
 
 
 def parse_args() -> argparse.Namespace:
@@ -112,6 +113,14 @@ def main() -> None:
                 self.answer(200, f"{args.version}\n")
             elif self.path == "/env":
                 self.answer(200, json.dumps(dict(os.environ)))
+            elif self.path.startswith("/can-read?"):
+                # Whether this app may read a file (e.g. keter's credentials): it must not.
+                path = urllib.parse.unquote(self.path.partition("?")[2])
+                try:
+                    with open(path, "rb"):
+                        self.answer(200, "yes\n")
+                except OSError as exc:
+                    self.answer(200, f"no: {exc.strerror}\n")
             elif self.path == "/whoami":
                 ids = {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups()}
                 self.answer(200, json.dumps(ids))

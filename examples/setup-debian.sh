@@ -31,7 +31,10 @@ if [ -d /run/systemd/system ]; then
     systemctl restart keter
     echo "keter is running on $root: copy bundles into $root/incoming/; logs: journalctl -u keter"
 else
+    # No systemd (e.g. a container): start the services by hand, keter in the foreground.
     pgrep -x nginx >/dev/null || nginx
-    pg_ctlcluster --help >/dev/null 2>&1 && pg_ctlcluster "$(ls /etc/postgresql | sort -V | tail -1)" main start || true
+    pg_lsclusters -h | while read -r version name _port status _rest; do
+        [ "$status" = down ] && pg_ctlcluster "$version" "$name" start
+    done
     exec /usr/local/bin/keter "$root"
 fi

@@ -34,7 +34,7 @@ else
     # No systemd (e.g. a container): start the services by hand, keter in the foreground.
     pgrep -x nginx >/dev/null || nginx
     pg_lsclusters -h | while read -r version name _port status _rest; do
-        [ "$status" = down ] && pg_ctlcluster "$version" "$name" start
+        if [ "$status" = down ]; then pg_ctlcluster "$version" "$name" start; fi
     done
     exec /usr/local/bin/keter "$root"
 fi

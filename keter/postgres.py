@@ -225,6 +225,10 @@ class PostgresProvisioner(Actor):
         dsn = admin_dsn or peer_dsn
         try:
             self.server = server_of(dsn)
+            if self._peer:
+                # Only the postgres OS user gets in over the socket (Debian's pg_hba says
+                # `local all all peer`); apps log in with their password over TCP.
+                self.server = ("127.0.0.1", self.server[1])
             if "dbname" not in conninfo_to_dict(dsn):
                 dsn = make_conninfo(dsn, dbname="postgres")
         except (psycopg.Error, ValueError):
@@ -272,7 +276,7 @@ class PostgresProvisioner(Actor):
 
     def _fail(self, app: str, reason: str) -> None:
         attempt = self._attempts.pop(app)
-        log.error("%s: no database: %s", app, reason)
+        log.debug("%s: no database: %s", app, reason)  # the supervisor logs the failed deploy
         self.report(DatabaseFailed(app=app, deploy_id=attempt.deploy_id, reason=reason))
 
     def _provision(self, app: str) -> DbInfo:

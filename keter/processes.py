@@ -643,13 +643,8 @@ class ProcessMonitor(Actor):
         assert run is not None
         entry.failure = reason
         entry.failure_tail = run.capture.tail(FAILURE_TAIL)
-        log.error(
-            "%s: deploy %d failed: %s; last output: %s",
-            entry.app,
-            entry.deploy_id,
-            reason,
-            " | ".join(entry.failure_tail) or "(none)",
-        )
+        # The supervisor logs the failed deploy with this output; once is enough.
+        log.debug("%s: first start of deploy %d failed: %s", entry.app, entry.deploy_id, reason)
         if run.exited:
             signal_group(run.pgid, signal.SIGKILL)  # leftovers of a dead leader
             self._transition(entry, ProcessState.STOPPING, reason)

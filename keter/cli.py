@@ -1,4 +1,8 @@
-"""``keter ROOT`` (or ``keter CONFIGFILE``): run the daemon in the foreground."""
+"""``keter ROOT`` (or ``keter CONFIGFILE``): run the daemon in the foreground.
+
+``keter COMMAND ...`` (status, deploy, bundle, logs, rollback, restart) operates
+a running daemon instead; see ``keter.commands``.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,9 @@ from keter.config import ConfigError, KeterConfig, load_config
 from keter.log import setup_logging
 
 log = logging.getLogger("keter")
+
+# Subcommands; a ROOT folder with one of these names is given as ./NAME.
+COMMANDS = ("status", "deploy", "bundle", "logs", "rollback", "restart")
 
 
 class AlreadyRunning(Exception):
@@ -29,9 +36,9 @@ def prepare_root(config: KeterConfig) -> None:
         (config.log_dir, 0o750),
         (config.run_dir, 0o755),
     ]:
-        folder.mkdir(parents=True, exist_ok=True)
-        if folder is config.etc_dir:
-            os.chmod(folder, mode)
+        folder.mkdir(mode=mode, parents=True, exist_ok=True)
+        if folder == config.etc_dir:
+            os.chmod(folder, mode)  # also when an earlier version left it open
 
 
 def take_lock(config: KeterConfig) -> int:
@@ -52,9 +59,15 @@ def take_lock(config: KeterConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        from keter.commands import main as run_command
+
+        return run_command(argv)
     parser = argparse.ArgumentParser(
         prog="keter",
         description="Deploy web-app bundles dropped into ROOT/incoming/ behind nginx.",
+        epilog=f"Operating a running keter: keter {{{','.join(COMMANDS)}}} --help",
     )
     parser.add_argument(
         "target",

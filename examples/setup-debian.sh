@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up keter on a fresh Debian machine and run it on ROOT (default /opt/keter):
 #   sudo ./examples/setup-debian.sh /opt/keter
-# Installs nginx, PostgreSQL and Python from Debian, keter into /usr/local/lib/keter
+# Installs nginx, PostgreSQL and Python (with psycopg, for examples/pgtest) from Debian, keter into /usr/local/lib/keter
 # (a virtualenv, linked as /usr/local/bin/keter), removes Debian's default nginx site
 # (it would shadow keter's 404 for unknown hosts), then starts keter: as the systemd
 # service when systemd runs (`journalctl -u keter` shows what it does), else in the
@@ -13,7 +13,7 @@ src=$(cd "$(dirname "$0")/.." && pwd)
 
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends nginx postgresql python3 python3-venv >/dev/null
+apt-get install -y -qq --no-install-recommends nginx postgresql python3 python3-venv python3-psycopg >/dev/null
 
 python3 -m venv /usr/local/lib/keter
 /usr/local/lib/keter/bin/pip install -q --disable-pip-version-check "$src"
@@ -32,7 +32,8 @@ if [ -d /run/systemd/system ]; then
     echo "keter is running on $root: copy bundles into $root/incoming/; logs: journalctl -u keter"
 else
     # No systemd (e.g. a container): start the services by hand, keter in the foreground.
-    pgrep -x nginx >/dev/null || nginx
+    # The system nginx, by its pid file (other nginx instances may run on this machine).
+    if ! { [ -s /run/nginx.pid ] && kill -0 "$(cat /run/nginx.pid)" 2>/dev/null; }; then nginx; fi
     pg_lsclusters -h | while read -r version name _port status _rest; do
         if [ "$status" = down ]; then pg_ctlcluster "$version" "$name" start; fi
     done

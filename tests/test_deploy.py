@@ -214,6 +214,20 @@ def test_rename_in_and_touch_each_deploy_exactly_once(keter, private_nginx, tmp_
     served(private_nginx, "ren.test", "v1")
 
 
+def test_a_newer_bundle_supersedes_a_deploy_in_flight(keter, private_nginx, tmp_path):
+    bundle = tmp_path / "sup.keter"
+    keter.drop(make_bundle(bundle, config=webapp_config("sup.test", "v1")))
+    served(private_nginx, "sup.test", "v1")
+    # v2 never answers, so its deploy stays in flight until v3 replaces it.
+    keter.drop(make_bundle(bundle, config=webapp_config("sup.test", "v2", args=["--hang"])))
+    wait_for(lambda: "sup: deploy #2 started" in keter.log(), 10, "v2 to start")
+    keter.drop(make_bundle(bundle, config=webapp_config("sup.test", "v3")))
+    served(private_nginx, "sup.test", "v3")
+    assert "sup: deploy #2 abandoned: superseded by a newer bundle" in keter.log()
+    assert failures(keter, "sup") == []
+    wait_for(lambda: len(app_processes(keter)) == 1, 10, "v1 and v2 to be stopped")
+
+
 # -- failing new versions ------------------------------------------------------------------
 
 

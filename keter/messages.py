@@ -57,12 +57,116 @@ class DbInfo:
 
 
 @message
+class TlsFiles:
+    """A certificate nginx presents for some hosts (chosen by SNI)."""
+
+    certificate: Path
+    key: Path
+    chain: tuple[Path, ...] = ()  # intermediate certificates, sent after ``certificate``
+    # nginx wants certificate and chain in one file: the writer writes them here.
+    # None when there is no chain (``certificate`` is used as it is).
+    combined: Path | None = None
+
+
+@message
+class BasicAuth:
+    """HTTP basic authentication in front of a route."""
+
+    realm: str
+    user_file: Path  # the htpasswd file the nginx writer writes (hashed passwords only)
+    credentials: tuple[tuple[str, str], ...] = field(repr=False, default=())  # (user, password)
+
+
+@message
+class LocalOnly:
+    """Keter's ``local`` middleware: callers other than localhost get this answer."""
+
+    status: int
+    text: str
+
+
+@message
+class ProxyApp:
+    """Proxy to the app's own process on 127.0.0.1."""
+
+    port: int
+    timeout: float | None = None  # seconds per read/send; 0 unbounded; None the global bound
+
+
+@message
+class ServeFiles:
+    """nginx serves a folder of the unpacked bundle itself."""
+
+    root: Path  # absolute, symlinks resolved, inside the unpacked bundle
+    listing: bool = False
+
+
+@message
+class RedirectRule:
+    """One redirect action: ``url`` verbatim, or the request path on another host."""
+
+    path: str | None = None  # only this exact path; None matches every path
+    url: str | None = None
+    host: str | None = None  # used when ``url`` is None
+    secure: bool = False
+    port: int | None = None
+
+
+@message
+class SendRedirect:
+    """Answer every request with a redirect (the first matching rule wins; else 404)."""
+
+    status: int
+    rules: tuple[RedirectRule, ...]
+
+
+@message
+class ProxyRemote:
+    """Proxy to a server elsewhere (Keter's reverse-proxy stanza)."""
+
+    host: str
+    port: int
+    ssl: bool = False
+    host_header: str | None = None  # None: the client's own Host header
+    timeout: float | None = None  # seconds; 0 unbounded; None the global bound
+
+
+@message
+class Route:
+    """Some hosts of one app and what nginx does with their requests."""
+
+    hosts: tuple[str, ...]
+    action: ProxyApp | ServeFiles | SendRedirect | ProxyRemote
+    tls: TlsFiles | None = None  # own certificate; None: each TLS listener's default
+    requires_secure: bool = False  # plain HTTP requests are redirected to https
+    basic_auth: BasicAuth | None = None
+    headers: tuple[tuple[str, str], ...] = ()  # added to every response
+    local_only: LocalOnly | None = None
+
+
+@message
 class Site:
-    """One app's entry in the nginx config: these hosts go to this port."""
+    """Everything nginx serves for one app.
+
+    ``Site(app=..., hosts=..., port=...)`` is a plain web app: these hosts are
+    proxied to this port. ``routes`` carries everything else (static files,
+    redirects, reverse proxies, TLS, middleware); ``all_routes`` joins both.
+    """
 
     app: str
-    hosts: tuple[str, ...]
-    port: int
+    hosts: tuple[str, ...] = ()
+    port: int | None = None
+    routes: tuple[Route, ...] = ()
+
+    @property
+    def all_routes(self) -> tuple[Route, ...]:
+        if not self.hosts and self.port is None:
+            return self.routes
+        return (Route(hosts=self.hosts, action=ProxyApp(port=self.port)), *self.routes)
+
+    @property
+    def all_hosts(self) -> tuple[str, ...]:
+        return tuple(host for route in self.all_routes for host in route.hosts)
 
 
 # -- lifecycle -----------------------------------------------------------------------

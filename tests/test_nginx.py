@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import http.client
 import json
 import queue
 import re
 import socket
+import ssl
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -19,9 +22,33 @@ from hypothesis import given
 from hypothesis import strategies as st
 from nginx_server import PrivateNginx, free_port
 from support import wait_for
+from tls_certs import make_certificate
 
-from keter.messages import ApplyNginx, NginxApplied, NginxFailed, Site, Stop
-from keter.nginx import STATUS_HOST, NginxWriter, fetch_generation, render, upstream_name
+from keter.config import Listener as KeterListener
+from keter.messages import (
+    ApplyNginx,
+    BasicAuth,
+    LocalOnly,
+    NginxApplied,
+    NginxFailed,
+    ProxyApp,
+    ProxyRemote,
+    RedirectRule,
+    Route,
+    SendRedirect,
+    ServeFiles,
+    Site,
+    Stop,
+    TlsFiles,
+)
+from keter.nginx import (
+    STATUS_HOST,
+    NginxWriter,
+    ProxyOptions,
+    fetch_generation,
+    render,
+    upstream_name,
+)
 
 
 @dataclass(frozen=True)
@@ -192,7 +219,8 @@ def test_output_is_deterministic() -> None:
 @pytest.mark.parametrize(
     "host",
     ["a;b", "x{", "evil\n", "evil.com\nserver_name x", "a b", "$host", "", "UPPER.com",
-     "a_b.com", "-a.com", "a..com", "*", "a.*.com", "a.com*", "**.a.com", "é.com"],
+     "_a.com", "a_.com", "_keter-status", "-a.com", "a..com", "*", "a.*.com", "a.com*",
+     "**.a.com", "é.com"],
 )  # fmt: skip
 def test_hostile_host_is_refused(host: str) -> None:
     with pytest.raises(ValueError, match="invalid host"):
@@ -211,7 +239,7 @@ def test_render_never_emits_unsafe_host(host: str) -> None:
         text = render([site("blog", host)], LOCAL, 1)
     except ValueError:
         return
-    assert re.fullmatch(r"[a-z0-9.*-]+", host)
+    assert re.fullmatch(r"[a-z0-9.*_-]+", host)
     assert f"server_name {host};" in text
 
 
@@ -581,3 +609,687 @@ def test_stop_cuts_a_pending_confirmation_short(tmp_path: Path, reports: queue.Q
     failed = reports.get_nowait()
     assert isinstance(failed, NginxFailed)
     assert "stopped" in failed.reason
+
+
+# -- the full bundle format: rendering -----------------------------------------------------
+
+
+def route(*hosts: str, action: object, **options: object) -> Route:
+    return Route(hosts=hosts, action=action, **options)
+
+
+def one_block(text: str, host: str, listen: str | None = None) -> str:
+    [block] = [
+        b
+        for b in server_blocks(text)
+        if f" {host};" in b.splitlines()[2] and (listen is None or f"listen {listen}" in b)
+    ]
+    return block
+
+
+def test_static_route_serves_its_root_with_types_and_no_links() -> None:
+    files = Site(app="docs", routes=(route("docs.test", action=ServeFiles(root=Path("/b/pub"))),))
+    block = one_block(render([files], LOCAL, 1), "docs.test")
+    assert 'root "/b/pub";' in block
+    assert "autoindex off;" in block
+    assert "disable_symlinks on;" in block
+    assert "text/css css;" in block and "application/javascript js mjs;" in block
+    assert "proxy_pass" not in block
+    listing = Site(
+        app="d", routes=(route("d.test", action=ServeFiles(root=Path("/b"), listing=True)),)
+    )
+    assert "autoindex on;" in render([listing], LOCAL, 1)
+
+
+def test_redirect_route_tries_exact_paths_before_the_catch_all() -> None:
+    rules = (
+        RedirectRule(path="/a", url="https://x.test/a?b=$c"),
+        RedirectRule(path="/b", host="y.test", secure=True, port=443),
+        RedirectRule(host="z.test", port=8080),
+        RedirectRule(path="/never", host="y.test"),  # after the catch-all: never reached
+    )
+    site = Site(app="r", routes=(route("r.test", action=SendRedirect(status=308, rules=rules)),))
+    block = one_block(render([site], LOCAL, 1), "r.test")
+    assert 'location = /a {\n        return 308 "https://x.test/a?b=${keter_dollar}c";' in block
+    assert "location = /b {\n        return 308 https://y.test$request_uri;" in block
+    assert "location / {\n        return 308 http://z.test:8080$request_uri;" in block
+    assert "/never" not in block
+    no_fallback = Site(
+        app="r", routes=(route("r.test", action=SendRedirect(status=303, rules=rules[:1])),)
+    )
+    assert 'return 404 "File not found";' in render([no_fallback], LOCAL, 1)
+
+
+def test_reverse_proxy_route_has_its_own_upstream_and_host_header() -> None:
+    remote = ProxyRemote(host="::1", port=8443, ssl=True, host_header="api.test", timeout=2.5)
+    site = Site(app="p", hosts=("app.test",), port=4000, routes=(route("p.test", action=remote),))
+    text = render([site], LOCAL, 1)
+    upstream = re.search(r"upstream keter_p__r1 \{(.*?)\}", text, re.S).group(1)
+    assert "server [::1]:8443;" in upstream
+    block = one_block(text, "p.test")
+    assert "proxy_pass https://keter_p__r1;" in block
+    assert 'proxy_set_header Host "api.test";' in block
+    assert "proxy_ssl_verify on;" in block and "proxy_ssl_name [::1];" in block
+    assert "proxy_read_timeout 2500ms;" in block
+    preserving = ProxyRemote(host="up.test", port=80)
+    site = Site(app="p", routes=(route("p.test", action=preserving),))
+    assert "proxy_set_header Host $http_host;" in one_block(render([site], LOCAL, 1), "p.test")
+
+
+def test_tls_listener_serves_every_host_with_its_own_or_the_default_certificate() -> None:
+    tls = KeterListener(
+        "127.0.0.1", 8443, certificate=Path("/c/default.crt"), key=Path("/c/default.key")
+    )
+    own = TlsFiles(certificate=Path("/c/own.crt"), key=Path("/c/own.key"))
+    site = Site(
+        app="a",
+        hosts=("plain.test",),
+        port=4000,
+        routes=(route("own.test", action=ServeFiles(root=Path("/b")), tls=own),),
+    )
+    text = render([site], [*LOCAL, tls], 1)
+    plain_tls = one_block(text, "plain.test", "127.0.0.1:8443")
+    assert "listen 127.0.0.1:8443 ssl;" in plain_tls
+    assert 'ssl_certificate "/c/default.crt";' in plain_tls
+    assert "ssl_protocols TLSv1.2 TLSv1.3;" in plain_tls
+    own_tls = one_block(text, "own.test", "127.0.0.1:8443")
+    assert 'ssl_certificate "/c/own.crt";' in own_tls
+    assert 'ssl_certificate_key "/c/own.key";' in own_tls
+    assert "ssl" not in one_block(text, "own.test", "127.0.0.1:8080;")
+    [default] = [b for b in server_blocks(text) if "8443 ssl default_server" in b]
+    assert 'ssl_certificate "/c/default.crt";' in default
+    # The status server stays on plain HTTP: keter confirms reloads over it.
+    assert "listen 127.0.0.1:8080;" in next(b for b in server_blocks(text) if STATUS_HOST in b)
+
+
+def test_certificate_with_a_chain_uses_the_joined_file() -> None:
+    own = TlsFiles(
+        certificate=Path("/c/own.crt"),
+        key=Path("/c/own.key"),
+        chain=(Path("/c/ca.crt"),),
+        combined=Path("/n/.keter.d/a.webapp.crt"),
+    )
+    tls = KeterListener("*", 443, certificate=Path("/c/d.crt"), key=Path("/c/d.key"))
+    site = Site(app="a", routes=(route("a.test", action=ProxyApp(port=4000), tls=own),))
+    text = render([site], [*LOCAL, tls], 1)
+    assert 'ssl_certificate "/n/.keter.d/a.webapp.crt";' in text
+
+
+def test_requires_secure_redirects_plain_http_only() -> None:
+    tls = KeterListener("*", 8443, certificate=Path("/c/d.crt"), key=Path("/c/d.key"))
+    site = Site(
+        app="a", routes=(route("a.test", action=ProxyApp(port=4000), requires_secure=True),)
+    )
+    text = render([site], [*LOCAL, tls], 1)
+    plain = one_block(text, "a.test", "127.0.0.1:8080;")
+    assert "return 301 https://$host:8443$request_uri;" in plain
+    assert "proxy_pass" not in plain
+    assert "proxy_pass http://keter_a;" in one_block(text, "a.test", "8443 ssl")
+    options = ProxyOptions(https_port=443)
+    assert "return 301 https://$host$request_uri;" in render([site], [*LOCAL, tls], 1, options)
+
+
+def test_middleware_becomes_guards_in_every_serving_location() -> None:
+    site = Site(
+        app="a",
+        routes=(
+            route(
+                "a.test",
+                action=ProxyApp(port=4000),
+                basic_auth=BasicAuth(realm='Team "A"', user_file=Path("/n/a.htpasswd")),
+                headers=(("X-Frame-Options", "DENY"), ("X-Price", "$5")),
+                local_only=LocalOnly(status=405, text="local only"),
+            ),
+        ),
+    )
+    block = one_block(render([site], LOCAL, 1, ProxyOptions(healthcheck_path="/up")), "a.test")
+    location = block[block.index("location / {") :]
+    assert 'if ($keter_nonlocal) {\n            return 405 "local only";' in location
+    assert 'auth_basic "Team \\"A\\"";' in location
+    assert 'auth_basic_user_file "/n/a.htpasswd";' in location
+    assert 'add_header X-Frame-Options "DENY" always;' in location
+    assert 'add_header X-Price "${keter_dollar}5" always;' in location
+    # The health check answers before any of them.
+    health = block[block.index("location = /up {") : block.index("location / {")]
+    assert "auth_basic off;" in health and 'return 200 "OK\\n";' in health
+
+
+def test_global_options_render_into_every_server() -> None:
+    options = ProxyOptions(
+        real_ip_from=("127.0.0.0/8", "10.0.0.0/8"),
+        healthcheck_path="/keter-health",
+        unknown_host_file=Path("/e/unknown.html"),
+        missing_host_file=Path("/e/missing.html"),
+        proxy_exception_file=Path("/e/exception.html"),
+        time_bound=0,
+    )
+    text = render([site("a", "a.test")], LOCAL, 1, options)
+    app = one_block(text, "a.test")
+    [default] = [b for b in server_blocks(text) if "default_server" in b]
+    for block in (app, default):
+        assert "set_real_ip_from 10.0.0.0/8;" in block
+        assert "real_ip_header X-Forwarded-For;" in block
+        assert "location = /keter-health {" in block
+    assert "geo $realip_remote_addr $keter_status_denied {" in text
+    assert "proxy_read_timeout 24d;" in app  # connection-time-bound 0: unbounded
+    assert "error_page 502 504 =502 /_keter_proxy_exception;" in app
+    assert 'alias "/e/exception.html";' in app
+    assert "error_page 404 /_keter_unknown_host;" in default
+    assert "error_page 502 /_keter_missing_host;" in default
+    assert 'if ($http_host = "") {' in default
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        (route("a.test", action=ServeFiles(root=Path("relative"))), "invalid file path"),
+        (route("a.test", action=ServeFiles(root=Path('/a"b'))), "invalid file path"),
+        (route("a.test", action=ServeFiles(root=Path("/a$b"))), "invalid file path"),
+        (route("a.test", action=SendRedirect(status=200, rules=())), "invalid redirect status"),
+        (route("a.test", action=SendRedirect(status=301, rules=(RedirectRule(url="/a\nb"),))),
+         "invalid text"),
+        (route("a.test", action=SendRedirect(status=301, rules=(RedirectRule(host="a;b"),))),
+         "invalid redirect host"),
+        (route("a.test", action=SendRedirect(status=301, rules=(
+            RedirectRule(path="/a b", host="b"),))), "invalid redirect path"),
+        (route("a.test", action=ProxyRemote(host="a b", port=80)), "invalid upstream host"),
+        (route("a.test", action=ProxyApp(port=1), headers=(("X A", "v"),)), "invalid header name"),
+        (route("a.test", action=ProxyApp(port=1), local_only=LocalOnly(status=1, text="x")),
+         "invalid local status"),
+        (route("a.test", action=ProxyApp(port=99999)), "invalid port"),
+        (route("a.test", action="nothing"), "unknown route action"),
+    ],
+)  # fmt: skip
+def test_hostile_route_values_are_refused(bad: Route, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        render([Site(app="a", routes=(bad,))], LOCAL, 1)
+
+
+def test_a_host_twice_within_one_app_is_refused() -> None:
+    twice = Site(app="a", hosts=("a.test",), port=4000, routes=(
+        route("a.test", action=ServeFiles(root=Path("/b"))),))  # fmt: skip
+    with pytest.raises(ValueError, match=r"host a\.test already belongs to a"):
+        render([twice], LOCAL, 1)
+
+
+def test_full_config_passes_nginx_test(private_nginx: PrivateNginx, tmp_path: Path) -> None:
+    certificate, key = make_certificate(tmp_path / "certs", "default", "default.test")
+    own, own_key = make_certificate(tmp_path / "certs", "own", "own.test")
+    page = tmp_path / "sorry.html"
+    page.write_text("<p>sorry</p>")
+    listeners = [
+        Listener("127.0.0.1", private_nginx.port),
+        KeterListener("127.0.0.1", free_port(), certificate=certificate, key=key, session=True),
+    ]
+    sites = [
+        Site(
+            app="every",
+            hosts=("app.test",),
+            port=4001,
+            routes=(
+                route(
+                    "files.test",
+                    action=ServeFiles(root=tmp_path, listing=True),
+                    tls=TlsFiles(certificate=own, key=own_key),
+                    basic_auth=BasicAuth(realm="r", user_file=page),
+                    headers=(("X-A", "a$b"),),
+                    local_only=LocalOnly(status=403, text="no"),
+                ),
+                route(
+                    "go.test",
+                    action=SendRedirect(
+                        status=303,
+                        rules=(
+                            RedirectRule(path="/a", url="https://x.test/"),
+                            RedirectRule(host="y.test"),
+                        ),
+                    ),
+                    requires_secure=True,
+                ),
+                route("up.test", action=ProxyRemote(host="127.0.0.1", port=9, ssl=True)),
+            ),
+        )
+    ]
+    options = ProxyOptions(
+        real_ip_from=("127.0.0.0/8", "::1"),
+        healthcheck_path="/keter-health",
+        unknown_host_file=page,
+        missing_host_file=page,
+        proxy_exception_file=page,
+        time_bound=0,
+    )
+    private_nginx.config_file.write_text(render(sites, listeners, 9, options))
+    result = subprocess.run(private_nginx.test_command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+# -- the full bundle format: served by a real nginx ------------------------------------------
+
+
+def get(
+    port: int, host: str, path: str = "/", headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One GET through nginx on 127.0.0.1 with these headers: (status, headers, body)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        connection.request("GET", path, headers={"Host": host, **(headers or {})})
+        response = connection.getresponse()
+        body = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, body
+    finally:
+        connection.close()
+
+
+def https_get(
+    port: int, host: str, cafile: Path, path: str = "/", sni: str | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """GET over TLS trusting only ``cafile``, which must name ``sni`` (default ``host``).
+
+    Fails with ssl.SSLCertVerificationError if nginx presents another certificate.
+    """
+    context = ssl.create_default_context(cafile=str(cafile))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=sni or host) as tls,
+    ):
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        tls.sendall(request.encode())
+        response = http.client.HTTPResponse(tls)
+        response.begin()
+        body = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, body
+
+
+@pytest.fixture
+def writer_for(private_nginx: PrivateNginx, reports: queue.Queue) -> Iterator:
+    """Start a writer with extra listeners or options: ``writer_for(*extra, options=...)``."""
+    started: list[NginxWriter] = []
+
+    def make(*extra: object, options: ProxyOptions | None = None) -> NginxWriter:
+        actor = make_writer(
+            private_nginx,
+            reports,
+            listeners=[Listener("127.0.0.1", private_nginx.port), *extra],
+            options=options,
+        )
+        actor.start()
+        started.append(actor)
+        return actor
+
+    yield make
+    for actor in started:
+        actor.stop()
+        actor.join(timeout=15)
+
+
+def serve(nginx: PrivateNginx, writer: NginxWriter, reports: queue.Queue, *sites: Site) -> None:
+    """Apply the next generation and wait until nginx serves only it."""
+    generation = getattr(writer, "_test_generation", 0) + 1
+    writer._test_generation = generation  # type: ignore[attr-defined]
+    assert apply(writer, reports, generation, *sites) == NginxApplied(generation=generation)
+    nginx.wait_generation(generation)
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> Path:
+    """An unpacked bundle with a public/ folder; config/ and a secret lie beside it."""
+    folder = tmp_path / "bundle"
+    files = {
+        "public/index.html": "<h1>home</h1>",
+        "public/style.css": "h1 { color: red }",
+        "public/app.js": "console.log(1)",
+        "public/data.json": "{}",
+        "public/logo.png": "\x89PNG",
+        "public/blob.bin": "??",
+        "public/sub/page.txt": "a page",
+        "config/keter.yaml": "password: in-the-config",
+    }
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    (tmp_path / "secret.txt").write_text("outside the bundle")
+    return folder
+
+
+def files_site(root: Path, listing: bool = False, **options: object) -> Site:
+    return Site(
+        app="files",
+        routes=(route("files.test", action=ServeFiles(root=root, listing=listing), **options),),
+    )
+
+
+def test_static_files_have_their_content_types_and_nothing_else_is_reachable(
+    private_nginx: PrivateNginx, writer: NginxWriter, reports: queue.Queue, bundle: Path
+) -> None:
+    serve(private_nginx, writer, reports, files_site(bundle / "public"))
+    port = private_nginx.port
+    expected = {
+        "/": ("text/html; charset=utf-8", b"<h1>home</h1>"),
+        "/style.css": ("text/css; charset=utf-8", b"h1 { color: red }"),
+        "/app.js": ("application/javascript; charset=utf-8", b"console.log(1)"),
+        "/data.json": ("application/json; charset=utf-8", b"{}"),
+        "/logo.png": ("image/png", b"\xc2\x89PNG"),
+        "/blob.bin": ("application/octet-stream", b"??"),
+        "/sub/page.txt": ("text/plain; charset=utf-8", b"a page"),
+    }
+    for path, (content_type, body) in expected.items():
+        status, headers, data = get(port, "files.test", path)
+        assert (status, headers["content-type"], data) == (200, content_type, body), path
+    for path in [
+        "/../config/keter.yaml",
+        "/%2e%2e/config/keter.yaml",
+        "/sub/../../config/keter.yaml",
+        "/../../secret.txt",
+        "/..%2f..%2fsecret.txt",
+    ]:
+        status, _, data = get(port, "files.test", path)
+        assert status in (400, 404), (path, status)
+        assert b"in-the-config" not in data and b"outside the bundle" not in data
+    assert get(port, "files.test", "/nope.html")[0] == 404
+    # Listing is off: a folder without an index is not shown.
+    assert get(port, "files.test", "/sub/")[0] == 403
+
+
+def test_static_files_listing_on(
+    private_nginx: PrivateNginx, writer: NginxWriter, reports: queue.Queue, bundle: Path
+) -> None:
+    serve(private_nginx, writer, reports, files_site(bundle / "public", listing=True))
+    status, headers, data = get(private_nginx.port, "files.test", "/sub/")
+    assert status == 200
+    assert headers["content-type"].startswith("text/html")
+    assert b'<a href="page.txt">page.txt</a>' in data
+
+
+def test_static_files_refuse_a_link_planted_after_the_check(
+    private_nginx: PrivateNginx, writer: NginxWriter, reports: queue.Queue, bundle: Path
+) -> None:
+    (bundle / "public/escape.txt").symlink_to(bundle.parent / "secret.txt")
+    serve(private_nginx, writer, reports, files_site(bundle / "public"))
+    status, _, data = get(private_nginx.port, "files.test", "/escape.txt")
+    assert status == 403 and b"outside the bundle" not in data
+
+
+def test_redirects_answer_with_their_status_and_location(
+    private_nginx: PrivateNginx, writer: NginxWriter, reports: queue.Queue
+) -> None:
+    rules = (
+        RedirectRule(path="/docs", url="https://docs.example.com/start?from=$old"),
+        RedirectRule(path="/shop", host="shop.test", secure=True, port=8443),
+        RedirectRule(host="new.test"),
+    )
+    only = (RedirectRule(path="/a", url="/b"),)
+    sites = [
+        Site(app="old", routes=(route("old.test", action=SendRedirect(status=303, rules=rules)),)),
+        Site(app="few", routes=(route("few.test", action=SendRedirect(status=301, rules=only)),)),
+    ]
+    serve(private_nginx, writer, reports, *sites)
+    port = private_nginx.port
+    for path, location in [
+        ("/docs", "https://docs.example.com/start?from=$old"),
+        ("/shop", "https://shop.test:8443/shop"),
+        ("/elsewhere?q=1", "http://new.test/elsewhere?q=1"),
+    ]:
+        status, headers, _ = get(port, "old.test", path)
+        assert (status, headers["location"]) == (303, location), path
+    status, headers, _ = get(port, "few.test", "/a")
+    assert (status, headers["location"]) == (301, "/b")
+    status, _, data = get(port, "few.test", "/other")
+    assert (status, data) == (404, b"File not found")
+
+
+def test_reverse_proxy_reaches_a_second_server(
+    private_nginx: PrivateNginx, writer: NginxWriter, reports: queue.Queue, backends
+) -> None:
+    _, upstream = backends
+    keter_host = ProxyRemote(
+        host="127.0.0.1", port=upstream.port, host_header=f"127.0.0.1:{upstream.port}"
+    )
+    preserving = ProxyRemote(host="127.0.0.1", port=upstream.port)
+    site = Site(
+        app="proxy",
+        routes=(route("api.test", action=keter_host), route("keep.test", action=preserving)),
+    )
+    serve(private_nginx, writer, reports, site)
+    status, _, data = get(private_nginx.port, "api.test", "/x")
+    reply = json.loads(data)
+    assert (status, reply["name"]) == (200, "second")
+    assert reply["headers"]["host"] == f"127.0.0.1:{upstream.port}"
+    assert reply["headers"]["x-forwarded-for"] == "127.0.0.1"
+    reply = json.loads(get(private_nginx.port, "keep.test")[2])
+    assert reply["headers"]["host"] == "keep.test"
+
+
+def test_two_hosts_for_one_webapp(
+    private_nginx: PrivateNginx, writer: NginxWriter, reports: queue.Queue, backends
+) -> None:
+    first, _ = backends
+    serve(private_nginx, writer, reports, site("two", "one.test", "two.test", port=first.port))
+    for host in ("one.test", "two.test"):
+        reply = json.loads(get(private_nginx.port, host)[2])
+        assert (reply["name"], reply["headers"]["host"]) == ("first", host)
+
+
+def test_https_host_gets_its_own_certificate_and_others_the_listeners(
+    private_nginx: PrivateNginx, writer_for, reports: queue.Queue, backends, tmp_path: Path
+) -> None:
+    first, _ = backends
+    default, default_key = make_certificate(tmp_path / "certs", "default", "plain.test")
+    own, own_key = make_certificate(tmp_path / "certs", "own", "secure.test")
+    tls = KeterListener("127.0.0.1", free_port(), certificate=default, key=default_key)
+    writer = writer_for(tls)
+    site = Site(
+        app="web",
+        hosts=("plain.test",),
+        port=first.port,
+        routes=(
+            route(
+                "secure.test",
+                action=ProxyRemote(host="127.0.0.1", port=first.port),
+                tls=TlsFiles(certificate=own, key=own_key),
+            ),
+        ),
+    )
+    serve(private_nginx, writer, reports, site)
+    status, _, data = https_get(tls.port, "secure.test", own)
+    reply = json.loads(data)
+    assert (status, reply["name"]) == (200, "first")
+    assert reply["headers"]["x-forwarded-proto"] == "https"
+    # Without its own certificate a host gets the listener's.
+    assert json.loads(https_get(tls.port, "plain.test", default)[2])["name"] == "first"
+    with pytest.raises(ssl.SSLCertVerificationError):
+        https_get(tls.port, "plain.test", own)
+    # Plain HTTP keeps working for both.
+    assert json.loads(get(private_nginx.port, "secure.test")[2])["name"] == "first"
+
+
+def test_requires_secure_redirects_plain_http_to_https(
+    private_nginx: PrivateNginx, writer_for, reports: queue.Queue, backends, tmp_path: Path
+) -> None:
+    first, _ = backends
+    certificate, key = make_certificate(tmp_path / "certs", "default", "secure.test")
+    tls = KeterListener("127.0.0.1", free_port(), certificate=certificate, key=key)
+    writer = writer_for(tls)
+    secure = route("secure.test", action=ProxyApp(port=first.port), requires_secure=True)
+    serve(private_nginx, writer, reports, Site(app="web", routes=(secure,)))
+    status, headers, _ = get(private_nginx.port, "secure.test", "/a/b?c=d")
+    assert status == 301
+    assert headers["location"] == f"https://secure.test:{tls.port}/a/b?c=d"
+    status, _, data = https_get(tls.port, "secure.test", certificate, "/a/b?c=d")
+    assert (status, json.loads(data)["name"]) == (200, "first")
+
+
+def test_basic_auth_turns_strangers_away(
+    private_nginx: PrivateNginx, writer: NginxWriter, reports: queue.Queue, bundle: Path
+) -> None:
+    user_file = private_nginx.base / ".keter.conf.d" / "files.static-0.htpasswd"
+    auth = BasicAuth(
+        realm="Team", user_file=user_file, credentials=(("jon", "rocks"), ("bla", "da:da"))
+    )
+    serve(private_nginx, writer, reports, files_site(bundle / "public", basic_auth=auth))
+    port = private_nginx.port
+
+    def login(user: str, password: str) -> int:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        return get(port, "files.test", headers={"Authorization": f"Basic {token}"})[0]
+
+    status, headers, _ = get(port, "files.test")
+    assert status == 401
+    assert headers["www-authenticate"] == 'Basic realm="Team"'
+    assert (login("jon", "rocks"), login("bla", "da:da")) == (200, 200)
+    assert (login("jon", "wrong"), login("nobody", "rocks")) == (401, 401)
+    # Hashed, and readable by nginx's group only.
+    text = user_file.read_text()
+    assert "rocks" not in text and re.fullmatch(r"jon:\$6\$\S+\nbla:\$6\$\S+\n", text)
+    assert user_file.stat().st_mode & 0o777 == 0o640
+    assert user_file.parent.stat().st_mode & 0o7777 == 0o2750
+
+
+def test_support_files_go_once_no_config_names_them(
+    private_nginx: PrivateNginx, writer: NginxWriter, reports: queue.Queue, bundle: Path
+) -> None:
+    user_file = private_nginx.base / ".keter.conf.d" / "files.static-0.htpasswd"
+    auth = BasicAuth(realm="r", user_file=user_file, credentials=(("jon", "rocks"),))
+    serve(private_nginx, writer, reports, files_site(bundle / "public", basic_auth=auth))
+    first = user_file.read_text()
+    serve(private_nginx, writer, reports, files_site(bundle / "public", basic_auth=auth))
+    assert user_file.read_text() == first  # same password, same hash: not rewritten
+    serve(private_nginx, writer, reports, files_site(bundle / "public"))
+    assert not user_file.exists()
+
+
+def test_a_user_file_outside_the_support_folder_is_refused(
+    private_nginx: PrivateNginx, writer: NginxWriter, reports: queue.Queue, bundle: Path
+) -> None:
+    auth = BasicAuth(realm="r", user_file=bundle / "evil", credentials=(("a", "b"),))
+    failed = apply(writer, reports, 1, files_site(bundle / "public", basic_auth=auth))
+    assert isinstance(failed, NginxFailed)
+    assert "is not in" in failed.reason
+    assert not (bundle / "evil").exists()
+
+
+def test_headers_and_the_local_guard(
+    private_nginx: PrivateNginx, writer_for, reports: queue.Queue, bundle: Path
+) -> None:
+    outside = non_loopback_ipv4()
+    if outside is None:
+        pytest.skip("no non-loopback IPv4 address to call from")
+    everywhere = Listener("*", free_port())
+    writer = writer_for(everywhere)
+    site = files_site(
+        bundle / "public",
+        headers=(("Access-Control-Allow-Origin", "*"), ("X-Price", "$5")),
+        local_only=LocalOnly(status=405, text="Keter Rocks"),
+    )
+    serve(private_nginx, writer, reports, site)
+    status, headers, _ = get(everywhere.port, "files.test")
+    assert status == 200
+    assert headers["access-control-allow-origin"] == "*"
+    assert headers["x-price"] == "$5"
+    connection = http.client.HTTPConnection(outside, everywhere.port, timeout=5)
+    try:
+        connection.request("GET", "/", headers={"Host": "files.test"})
+        response = connection.getresponse()
+        assert (response.status, response.read()) == (405, b"Keter Rocks")
+    finally:
+        connection.close()
+
+
+def test_global_options_health_real_ip_and_error_pages(
+    private_nginx: PrivateNginx, writer_for, reports: queue.Queue, backends, tmp_path: Path
+) -> None:
+    first, _ = backends
+    pages = {}
+    for kind in ("unknown", "missing", "exception"):
+        pages[kind] = tmp_path / f"{kind}.html"
+        pages[kind].write_text(f"<p>{kind} page</p>")
+    options = ProxyOptions(
+        real_ip_from=("127.0.0.0/8",),
+        healthcheck_path="/keter-health",
+        unknown_host_file=pages["unknown"],
+        missing_host_file=pages["missing"],
+        proxy_exception_file=pages["exception"],
+    )
+    writer = writer_for(options=options)
+    dead_port = free_port()
+    sites = [site("web", "web.test", port=first.port), site("dead", "dead.test", port=dead_port)]
+    serve(private_nginx, writer, reports, *sites)
+    port = private_nginx.port
+    for host in ("web.test", "nobody.test"):
+        assert get(port, host, "/keter-health")[::2] == (200, b"OK\n")
+    reply = json.loads(get(port, "web.test", headers={"X-Forwarded-For": "203.0.113.9"})[2])
+    assert reply["headers"]["x-real-ip"] == "203.0.113.9"
+    status, headers, data = get(port, "nobody.test")
+    assert (status, data) == (404, b"<p>unknown page</p>")
+    assert headers["content-type"] == "text/html"
+    assert get(port, "dead.test")[::2] == (502, b"<p>exception page</p>")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        raw.sendall(b"GET / HTTP/1.0\r\n\r\n")  # no Host header at all
+        reply = b""
+        while chunk := raw.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 502") and reply.endswith(b"<p>missing page</p>")
+
+
+def unquote(token: str) -> str:
+    """What nginx's config reader makes of a double-quoted token."""
+    assert token[0] == token[-1] == '"'
+    out, i = [], 1
+    while i < len(token) - 1:
+        if token[i] == "\\":
+            out.append(token[i + 1])
+            i += 2
+        else:
+            assert token[i] != '"', token  # an unescaped quote would end the string early
+            out.append(token[i])
+            i += 1
+    return "".join(out)
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40))
+def test_bundle_text_stays_one_quoted_string(text: str) -> None:
+    site = Site(
+        app="a",
+        routes=(
+            route(
+                "a.test",
+                action=ProxyApp(port=4000),
+                headers=(("X-Any", text),),
+                local_only=LocalOnly(status=403, text=text),
+            ),
+        ),
+    )
+    text_out = render([site], LOCAL, 1)  # server_blocks() would miscount braces in the text
+    header = re.search(r'add_header X-Any (".*") always;', text_out).group(1)
+    local = re.search(r'return 403 (".*");', text_out).group(1)
+    # '$' only ever reaches nginx as the literal-dollar variable, never as a variable of its own.
+    expected = text.replace("$", "${keter_dollar}")
+    assert unquote(header) == unquote(local) == expected
+
+
+def test_chain_certificates_are_joined_after_the_certificate(
+    private_nginx: PrivateNginx, writer_for, reports: queue.Queue, backends, tmp_path: Path
+) -> None:
+    first, _ = backends
+    default, default_key = make_certificate(tmp_path / "certs", "default", "plain.test")
+    own, own_key = make_certificate(tmp_path / "certs", "own", "secure.test")
+    middle, _ = make_certificate(tmp_path / "certs", "middle", "ca.test")
+    tls = KeterListener(
+        "127.0.0.1", free_port(), certificate=default, key=default_key, chain=(middle,)
+    )
+    writer = writer_for(tls)
+    joined = private_nginx.base / ".keter.conf.d" / "web.webapp.crt"
+    own_tls = TlsFiles(certificate=own, key=own_key, chain=(middle,), combined=joined)
+    site = Site(
+        app="web",
+        routes=(
+            route("secure.test", action=ProxyApp(port=first.port), tls=own_tls),
+            route("plain.test", action=ProxyRemote(host="127.0.0.1", port=first.port)),
+        ),
+    )
+    serve(private_nginx, writer, reports, site)
+    assert joined.read_bytes() == own.read_bytes() + middle.read_bytes()
+    [listener_file] = joined.parent.glob("listener-*.crt")
+    assert listener_file.read_bytes() == default.read_bytes() + middle.read_bytes()
+    assert https_get(tls.port, "secure.test", own)[0] == 200
+    assert https_get(tls.port, "plain.test", default)[0] == 200

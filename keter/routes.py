@@ -1,0 +1,190 @@
+"""From a deployed bundle to what nginx serves for it, and the URL the app is told.
+
+``sites_for`` is pure: it turns a ``BundleConfig`` (every stanza) into the
+``Site`` message the nginx writer renders. ``deploy_problems`` is the check
+the supervisor runs before nginx is touched: a certificate that went missing
+or a TLS stanza with no TLS listener to serve it fails only that deploy, with
+its own message, instead of failing ``nginx -t`` for every app.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from keter.bundle import (
+    BasicAuthConfig,
+    BundleConfig,
+    HeadersConfig,
+    LocalConfig,
+    Middleware,
+    ReverseProxy,
+    Ssl,
+    TlsConfig,
+)
+from keter.config import KeterConfig, pem_problem
+from keter.messages import (
+    BasicAuth,
+    LocalOnly,
+    ProxyApp,
+    ProxyRemote,
+    RedirectRule,
+    Route,
+    SendRedirect,
+    ServeFiles,
+    Site,
+    TlsFiles,
+)
+from keter.nginx import support_dir
+
+
+def sites_for(
+    app: str, config: BundleConfig, folder: Path, port: int | None, settings: KeterConfig
+) -> tuple[Site, ...]:
+    """What nginx must serve for one deployed version of ``app``.
+
+    ``folder`` is where the version is unpacked, ``port`` its web app's port
+    (None when it has no web app, or it is not started). One Site, or none
+    when the bundle serves no host. Raises ValueError if a static root lies
+    outside ``folder`` (the parser already refuses that; this is a second lock).
+    """
+    support = support_dir(settings.nginx.config_file)
+    folder = Path(os.path.realpath(folder))
+
+    def route(label: str, stanza: object, hosts: tuple[str, ...], action: object) -> Route:
+        middleware = getattr(stanza, "middleware", ())
+        return Route(
+            hosts=hosts,
+            action=action,
+            tls=_tls(getattr(stanza, "ssl", False), support / f"{app}.{label}.crt"),
+            requires_secure=getattr(stanza, "requires_secure", False),
+            basic_auth=_basic_auth(middleware, support / f"{app}.{label}.htpasswd"),
+            headers=tuple(
+                pair for m in middleware if isinstance(m, HeadersConfig) for pair in m.headers
+            ),
+            local_only=next(
+                (LocalOnly(status=m.status, text=m.message) for m in middleware if _local(m)),
+                None,
+            ),
+        )
+
+    routes = []
+    webapp = config.webapp
+    if webapp is not None and port is not None:
+        action = ProxyApp(port=port, timeout=webapp.time_bound)
+        routes.append(route("webapp", webapp, webapp.hosts, action))
+    for i, static in enumerate(config.static_files):
+        if not Path(static.root).is_relative_to(folder):
+            raise ValueError(f"{app}: static root {static.root} is outside {folder}")
+        action = ServeFiles(root=static.root, listing=static.directory_listing)
+        routes.append(route(f"static-{i}", static, static.hosts, action))
+    for i, redirect in enumerate(config.redirects):
+        rules = tuple(
+            RedirectRule(path=a.path, url=a.url, host=a.host, secure=a.secure, port=a.port)
+            for a in redirect.actions
+        )
+        action = SendRedirect(status=redirect.status, rules=rules)
+        routes.append(route(f"redirect-{i}", redirect, redirect.hosts, action))
+    for i, proxy in enumerate(config.reverse_proxies):
+        action = ProxyRemote(
+            host=proxy.reversed_host,
+            port=proxy.reversed_port,
+            ssl=proxy.reversed_ssl,
+            host_header=None if proxy.preserve_host else _host_header(proxy),
+            timeout=proxy.timeout,
+        )
+        routes.append(route(f"proxy-{i}", proxy, proxy.hosts, action))
+    return (Site(app=app, routes=tuple(routes)),) if routes else ()
+
+
+def deploy_problems(config: BundleConfig, settings: KeterConfig) -> list[str]:
+    """Why nginx could not serve this bundle as configured (empty: it can).
+
+    Run by the supervisor before the deploy reaches nginx. Certificate files
+    are read again here: they live outside the bundle and may have changed
+    since the bundle was unpacked.
+    """
+    problems = []
+    has_tls_listener = any(listener.tls for listener in settings.listeners)
+    for hosts, stanza in _stanzas(config):
+        shown = ", ".join(hosts)
+        ssl = getattr(stanza, "ssl", False)
+        if ssl is not False and not has_tls_listener:
+            problems.append(
+                f"hosts {shown}: ssl is set, but keter-config.yaml has no TLS listener "
+                "(a listener with certificate and key) to serve HTTPS on"
+            )
+        requires = getattr(stanza, "requires_secure", False)
+        if requires and not has_tls_listener and settings.external_https_port is None:
+            problems.append(
+                f"hosts {shown}: requires-secure redirects to HTTPS, but keter-config.yaml has "
+                "no TLS listener (nor an external-https-port served elsewhere)"
+            )
+        if isinstance(ssl, TlsConfig):
+            files = [(ssl.certificate, "certificate"), (ssl.key, "key")]
+            files += [(file, "certificate") for file in ssl.chain]
+            for file, kind in files:
+                problem = pem_problem(file, kind)
+                if problem:
+                    problems.append(f"hosts {shown}: ssl {kind}: {problem}")
+    return problems
+
+
+def approot(host: str, *, secure: bool, settings: KeterConfig) -> str:
+    """The APPROOT an app gets: its first host, as browsers reach it.
+
+    The scheme is https for an app with ``ssl``. The port is Keter's
+    external-http(s)-port when set, else that of the first listener of the
+    kind (plain or TLS), left out when it is the scheme's default.
+    """
+    host = host.removeprefix("*.")
+    if secure:
+        tls = [listener.port for listener in settings.listeners if listener.tls]
+        port = settings.external_https_port or (tls[0] if tls else 443)
+        return f"https://{host}" if port == 443 else f"https://{host}:{port}"
+    plain = [listener.port for listener in settings.listeners if not listener.tls]
+    port = settings.external_http_port or (plain[0] if plain else 80)
+    return f"http://{host}" if port == 80 else f"http://{host}:{port}"
+
+
+def _stanzas(config: BundleConfig) -> list[tuple[tuple[str, ...], object]]:
+    stanzas: list[tuple[tuple[str, ...], object]] = []
+    if config.webapp is not None:
+        stanzas.append((config.webapp.hosts, config.webapp))
+    for stanza in (*config.static_files, *config.redirects, *config.reverse_proxies):
+        stanzas.append((stanza.hosts, stanza))
+    return stanzas
+
+
+def _tls(ssl: Ssl, combined: Path) -> TlsFiles | None:
+    """The stanza's own certificate; None for none (``ssl: true`` uses the listener's)."""
+    if not isinstance(ssl, TlsConfig):
+        return None
+    return TlsFiles(
+        certificate=ssl.certificate,
+        key=ssl.key,
+        chain=ssl.chain,
+        combined=combined if ssl.chain else None,
+    )
+
+
+def _basic_auth(middleware: tuple[Middleware, ...], user_file: Path) -> BasicAuth | None:
+    """One htpasswd per route: several basic-auth entries pool their users (first realm)."""
+    auths = [m for m in middleware if isinstance(m, BasicAuthConfig)]
+    if not auths:
+        return None
+    credentials = tuple(pair for auth in auths for pair in auth.credentials)
+    return BasicAuth(realm=auths[0].realm, user_file=user_file, credentials=credentials)
+
+
+def _local(middleware: Middleware) -> bool:
+    return isinstance(middleware, LocalConfig)
+
+
+def _host_header(proxy: ReverseProxy) -> str:
+    """The Host Keter's proxy sends upstream: reversed-host, with a non-default port."""
+    host = proxy.reversed_host
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    default = 443 if proxy.reversed_ssl else 80
+    return host if proxy.reversed_port == default else f"{host}:{proxy.reversed_port}"

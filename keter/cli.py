@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="keter",
         description="Deploy web-app bundles dropped into ROOT/incoming/ behind nginx.",
-        epilog=f"Operating a running keter: keter {{{','.join(COMMANDS)}}} --help",
+        epilog=f"To operate a running keter: keter {{{','.join(COMMANDS)}}} --help",
     )
     parser.add_argument(
         "target",

@@ -1,0 +1,156 @@
+"""Talking to a running keter through its status socket, ``ROOT/run/keter.sock``."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+from pathlib import Path
+from urllib.parse import quote, urlencode
+
+from keter.status import TOKEN_HEADER, socket_path
+
+
+class ClientError(Exception):
+    """The request could not be answered; ``str()`` says why, for the operator."""
+
+
+class NotRunning(ClientError):
+    """No keter is listening on this ROOT."""
+
+
+class PermissionDenied(ClientError):
+    """The socket exists but this user may not use it."""
+
+
+class ApiError(ClientError):
+    """keter answered with an error (``status``: the HTTP status)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(str(self.path))
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class KeterClient:
+    """The status API of the keter running on ``root``."""
+
+    def __init__(self, root: Path, timeout: float = 10.0) -> None:
+        self.root = Path(root)
+        self.socket = socket_path(self.root)
+        self.timeout = timeout
+        self._token: str | None = None
+
+    # -- the API ---------------------------------------------------------------------
+
+    def status(self) -> dict:
+        return self.get("/api/status")
+
+    def app(self, name: str) -> dict:
+        return self.get(f"/api/apps/{quote(name, safe='')}")
+
+    def history_after(self, name: str, after: int, wait: float) -> list[dict]:
+        """Entries newer than ``after``; the daemon holds the request up to ``wait`` s for one."""
+        query = urlencode({"after": after, "wait": wait})
+        path = f"/api/apps/{quote(name, safe='')}/history?{query}"
+        return self.get(path, timeout=wait + self.timeout)["entries"]
+
+    def log(self, name: str, lines: int) -> list[str]:
+        return self.get(f"/api/apps/{quote(name, safe='')}/log?n={lines}")["lines"]
+
+    def restart(self, name: str) -> dict:
+        return self.post(f"/api/apps/{quote(name, safe='')}/restart", {})
+
+    def rollback(self, name: str, version: str | None = None) -> dict:
+        body = {"version": version} if version else {}
+        return self.post(f"/api/apps/{quote(name, safe='')}/rollback", body)
+
+    # -- HTTP over the socket --------------------------------------------------------
+
+    def get(self, path: str, *, timeout: float | None = None) -> dict:
+        return _json(*self._request("GET", path, None, timeout))
+
+    def text(self, path: str) -> str:
+        """A page that is not JSON (``/metrics``)."""
+        status, raw = self._request("GET", path, None, None)
+        if status >= 400:
+            _json(status, raw)  # raises with keter's reason
+        return raw.decode()
+
+    def post(self, path: str, body: dict) -> dict:
+        if self._token is None:
+            self._token = self.get("/api/token")["token"]
+        return _json(*self._request("POST", path, body, None))
+
+    def _request(
+        self, method: str, path: str, body: dict | None, timeout: float | None
+    ) -> tuple[int, bytes]:
+        connection = _UnixConnection(self.socket, timeout or self.timeout)
+        headers = {"Connection": "close"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers.update({"Content-Type": "application/json", TOKEN_HEADER: self._token or ""})
+        try:
+            connection.request(method, path, body=data, headers=headers)
+            response = connection.getresponse()
+            raw = response.read()
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise NotRunning(
+                f"keter is not running on {self.root} (nothing listens on {self.socket})"
+            ) from None
+        except PermissionError:
+            raise PermissionDenied(
+                f"permission denied on {self.socket}: run as root or as a member of the "
+                "group set by status-group"
+            ) from None
+        except TimeoutError:
+            raise ClientError(f"keter did not answer within {connection.timeout:g}s") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise ClientError(f"cannot talk to keter on {self.socket}: {exc}") from None
+        finally:
+            connection.close()
+        return response.status, raw
+
+
+def _json(status: int, raw: bytes) -> dict:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise ClientError(f"keter answered {status} with something not JSON") from None
+    if status >= 400:
+        raise ApiError(status, value.get("error", f"HTTP {status}"))
+    return value
+
+
+def wait_for_verdict(
+    client: KeterClient, app: str, after: int, sha256: str | None, timeout: float
+) -> dict | None:
+    """The first history entry after ``after`` about this version of ``app``, or None.
+
+    An entry with an empty sha256 is a deploy that failed before the bundle was
+    read (it cannot name its version) and so counts as ours too.
+    """
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        for entry in client.history_after(app, after, wait=min(left, 25.0)):
+            after = max(after, entry["seq"])
+            if sha256 is None or entry["sha256"] in (sha256, ""):
+                return entry
+    return None

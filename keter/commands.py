@@ -1,0 +1,417 @@
+"""The operator's subcommands of ``keter``: status, deploy, bundle, logs, rollback, restart.
+
+All but ``bundle`` talk to the running daemon through its status socket
+(``keter.client``). Exit codes: 0 done; 1 the operation failed (a deploy
+failed, an unknown app); 2 bad usage or a bundle refused locally; 3 keter is
+not running or the socket may not be used; 4 no verdict within ``--timeout``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import stat
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from keter.archive import SUFFIX, copy_hashed, install_bundle
+from keter.bundle import BundleConfigError, parse_bundle_config, validate_app_name
+from keter.client import (
+    ApiError,
+    ClientError,
+    KeterClient,
+    NotRunning,
+    PermissionDenied,
+    wait_for_verdict,
+)
+from keter.config import KeterConfig
+from keter.logtail import LogFollower, tail_lines
+from keter.unpacker import UnpackError, safe_unpack
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+DEFAULT_ROOT = "/opt/keter"
+LOG_LINES_ON_FAILURE = 15
+
+
+class Refused(Exception):
+    """Bad input from the operator: say why and exit with EXIT_USAGE."""
+
+
+def main(argv: list[str]) -> int:
+    """Run one subcommand; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except Refused as exc:
+        print(f"keter: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (NotRunning, PermissionDenied) as exc:
+        print(f"keter: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except ClientError as exc:
+        print(f"keter: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except BrokenPipeError:  # `keter logs app | head`
+        with contextlib.suppress(OSError):
+            sys.stdout.close()
+        return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keter", description="Operate a running keter.")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    root_help = "keter's root folder (default: $KETER_ROOT, else /opt/keter)"
+
+    def command(name: str, run, help: str, description: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=description)
+        sub.add_argument("--root", type=Path, default=default_root(), help=root_help)
+        sub.set_defaults(run=run)
+        return sub
+
+    status = command(
+        "status", cmd_status, "show every app", "Show every app keter runs and its state."
+    )
+    status.add_argument("--json", action="store_true", help="print the API's JSON for scripts")
+
+    deploy = command(
+        "deploy",
+        cmd_deploy,
+        "deploy a bundle and wait for the verdict",
+        "Check a bundle locally, copy it into ROOT/incoming/ and wait until keter serves it "
+        "(exit 0) or gives up on it (exit 1, with the reason and the app's last log lines).",
+    )
+    deploy.add_argument("bundle", help="NAME.keter, or - to read the bundle from stdin")
+    deploy.add_argument("--name", help="the app's name (required with -; default: from BUNDLE)")
+    deploy.add_argument("--timeout", type=float, default=120, help="seconds to wait (120)")
+
+    bundle = command(
+        "bundle",
+        cmd_bundle,
+        "build a bundle from a folder",
+        "Build NAME.keter from a folder holding config/keter.yaml and the app, "
+        "after checking the config.",
+    )
+    bundle.add_argument("dir", type=Path, help="the folder to pack")
+    bundle.add_argument("-o", "--output", type=Path, help="NAME.keter (default: FOLDER.keter)")
+
+    logs = command("logs", cmd_logs, "show an app's log", "Show the app's stdout and stderr.")
+    logs.add_argument("app")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("-n", "--lines", type=int, default=20, help="lines of backlog (20)")
+
+    rollback = command(
+        "rollback",
+        cmd_rollback,
+        "redeploy an archived version",
+        "Redeploy the version served before the current one (or VERSION) from ROOT/archive/, "
+        "with the usual zero-downtime switch, and wait for the verdict.",
+    )
+    rollback.add_argument("app")
+    rollback.add_argument("version", nargs="?", help="a version (sha256 prefix) to go back to")
+    rollback.add_argument("--timeout", type=float, default=120, help="seconds to wait (120)")
+
+    restart = command(
+        "restart",
+        cmd_restart,
+        "redeploy the current bundle",
+        "Redeploy the app's current bundle with the usual zero-downtime switch.",
+    )
+    restart.add_argument("app")
+    restart.add_argument("--timeout", type=float, default=120, help="seconds to wait (120)")
+    return parser
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("KETER_ROOT") or DEFAULT_ROOT)
+
+
+# -- status ------------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = KeterClient(args.root).status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return EXIT_OK
+    print(render_table(status["apps"], status["now"]))
+    return EXIT_OK
+
+
+def render_table(apps: list[dict], now: float) -> str:
+    """The apps as an aligned text table."""
+    if not apps:
+        return "no apps"
+    header = (
+        "APP",
+        "STATE",
+        "VERSION",
+        "HOSTS",
+        "PORT",
+        "PID",
+        "UPTIME",
+        "RESTARTS",
+        "LAST DEPLOY",
+    )
+    rows = [header]
+    for app in apps:
+        last = app.get("last_deploy")
+        deployed = f"{last['outcome']} {human_duration(now - last['at'])} ago" if last else "-"
+        rows.append(
+            (
+                app["name"],
+                app["state"] + (f" (deploying {app['deploying']})" if app["deploying"] else ""),
+                app["version"] or "-",
+                ",".join(app["hosts"]) or "-",
+                str(app["port"] or "-"),
+                str(app["pid"] or "-"),
+                human_duration(app["uptime"]) if app["uptime"] is not None else "-",
+                str(app["restarts"]),
+                deployed,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def human_duration(seconds: float) -> str:
+    """3s, 4m05s, 2h13m, 3d04h."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+# -- deploy ------------------------------------------------------------------------------
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from_stdin = args.bundle == "-"
+    if from_stdin and not args.name:
+        raise Refused("--name is required when the bundle comes from stdin")
+    name = args.name or Path(args.bundle).name.removesuffix(SUFFIX)
+    if not from_stdin and not args.name and not args.bundle.endswith(SUFFIX):
+        raise Refused(f"{args.bundle}: a bundle's name must end in {SUFFIX} (or give --name)")
+    name = checked_name(name)
+    with tempfile.TemporaryDirectory(prefix="keter-deploy-") as tmp:
+        # The bundle is copied once and checked; that copy is what goes to incoming/.
+        spool = Path(tmp) / "bundle.keter"
+        try:
+            with contextlib.ExitStack() as stack:
+                source = sys.stdin.buffer
+                if not from_stdin:
+                    source = stack.enter_context(open(args.bundle, "rb"))
+                copy_hashed(source, spool.parent, spool.name, mode=0o600)
+        except OSError as exc:
+            raise Refused(f"cannot read {args.bundle}: {exc.strerror or exc}") from None
+        problem = check_bundle(spool, name, Path(tmp) / "unpacked")
+        if problem:
+            raise Refused(f"{name}: bundle refused, nothing was deployed: {problem}")
+
+        client = KeterClient(args.root)
+        after = client.status()["history_seq"]
+        incoming = args.root / "incoming"
+        try:
+            with open(spool, "rb") as source:
+                sha256 = install_bundle(source, incoming, name)
+        except PermissionError:
+            raise PermissionDenied(f"permission denied writing to {incoming}") from None
+        except OSError as exc:
+            raise ClientError(f"cannot copy the bundle into {incoming}: {exc}") from None
+    print(f"{name}: {sha256[:12]} copied to {incoming}, waiting for keter", file=sys.stderr)
+    entry = wait_for_verdict(client, name, after, sha256, args.timeout)
+    return report_verdict(client, args.root, name, entry, args.timeout)
+
+
+def check_bundle(bundle: Path, app: str, scratch: Path) -> str | None:
+    """Why keter would refuse this bundle, or None: unpacked and parsed as keter would."""
+    try:
+        safe_unpack(
+            bundle,
+            scratch,
+            max_bytes=KeterConfig.max_unpacked_bytes,
+            max_members=KeterConfig.max_members,
+        )
+        config = parse_bundle_config(scratch, app)
+    except UnpackError as exc:
+        return str(exc)
+    except BundleConfigError as exc:
+        return "; ".join(exc.problems)
+    if not (config.runs_something or config.serves_http):  # the supervisor's own rule
+        return "config/keter.yaml defines nothing to run or serve"
+    return None
+
+
+def checked_name(name: str) -> str:
+    try:
+        return validate_app_name(name)
+    except ValueError as exc:
+        raise Refused(f"{name!r} cannot be an app's name: {exc}") from None
+
+
+def report_verdict(
+    client: KeterClient, root: Path, app: str, entry: dict | None, timeout: float
+) -> int:
+    """Print what became of a deploy; returns the exit code."""
+    if entry is None:
+        print(
+            f"keter: {app}: no verdict within {timeout:g}s; keter is still at it "
+            "(see `keter status`)",
+            file=sys.stderr,
+        )
+        return EXIT_TIMEOUT
+    version = entry["version"]
+    if entry["outcome"] == "serving":
+        view = client.app(app)
+        where = ", ".join(view.get("urls") or view.get("hosts") or ["(no host)"])
+        print(f"{app} {version} serving at {where}")
+        return EXIT_OK
+    print(f"keter: {app} {version} {entry['outcome']}: {entry['reason']}", file=sys.stderr)
+    lines = client.log(app, LOG_LINES_ON_FAILURE)
+    if lines:
+        print(f"last lines of {root / 'log' / f'app-{app}.log'}:", file=sys.stderr)
+        for line in lines:
+            print(f"  | {line}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+# -- rollback and restart ----------------------------------------------------------------
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    app = checked_name(args.app)
+    client = KeterClient(args.root)
+    return _redeploy(
+        client, args, app, "rolling back to", lambda: client.rollback(app, args.version)
+    )
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    app = checked_name(args.app)
+    client = KeterClient(args.root)
+    return _redeploy(client, args, app, "restarting", lambda: client.restart(app))
+
+
+def _redeploy(
+    client: KeterClient, args: argparse.Namespace, app: str, doing: str, request: Callable[[], dict]
+) -> int:
+    """Ask keter to redeploy, then wait for the verdict like ``deploy`` does."""
+    try:
+        started = request()
+    except ApiError as exc:
+        print(f"keter: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{app}: {doing} {started['version']}", file=sys.stderr)
+    entry = wait_for_verdict(client, app, started["after"], started["sha256"], args.timeout)
+    return report_verdict(client, args.root, app, entry, args.timeout)
+
+
+# -- logs --------------------------------------------------------------------------------
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    app = checked_name(args.app)
+    try:
+        KeterClient(args.root).app(app)
+    except ApiError as exc:
+        print(f"keter: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    path = args.root / "log" / f"app-{app}.log"
+    try:
+        if not args.follow:
+            for line in tail_lines(path, args.lines):
+                print(line)
+            return EXIT_OK
+        with LogFollower(path, backlog=args.lines) as follower:
+            try:
+                for line in follower.lines():
+                    print(line, flush=True)
+            except KeyboardInterrupt:
+                pass
+    except FileNotFoundError:
+        print(f"keter: {app} has written no log yet ({path})", file=sys.stderr)
+        return EXIT_FAILED
+    except PermissionError:
+        print(f"keter: permission denied reading {path}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    return EXIT_OK
+
+
+# -- bundle ------------------------------------------------------------------------------
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    folder: Path = args.dir
+    if not folder.is_dir():
+        raise Refused(f"{folder} is not a folder")
+    output = args.output or Path(folder.resolve().name + SUFFIX)
+    if not output.name.endswith(SUFFIX):
+        raise Refused(f"{output}: the bundle's name must end in {SUFFIX} (it names the app)")
+    app = checked_name(output.name.removesuffix(SUFFIX))
+    try:
+        config = parse_bundle_config(folder, app)
+    except BundleConfigError as exc:
+        raise Refused(f"{folder}: {'; '.join(exc.problems)}") from None
+    if not (config.runs_something or config.serves_http):
+        raise Refused(f"{folder}: config/keter.yaml defines nothing to run or serve")
+    members = bundle_members(folder, skip=output)
+    write_bundle(output, members)
+    hosts = ", ".join(config.all_hosts) or "no host"
+    print(f"wrote {output} ({len(members)} entries) for {hosts}")
+    return EXIT_OK
+
+
+def bundle_members(folder: Path, *, skip: Path) -> list[tuple[Path, str]]:
+    """(path, name in the archive) of every file and folder, sorted; links are refused."""
+    skip_resolved = skip.resolve()
+    members = []
+    for current, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in [*dirs, *sorted(files)]:
+            path = Path(current) / name
+            arcname = path.relative_to(folder).as_posix()
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                raise Refused(f"{arcname} is a symlink; bundles hold only files and folders")
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise Refused(f"{arcname} is not a regular file or folder")
+            if path.resolve() == skip_resolved or path.name.startswith(f".{skip.name}."):
+                continue  # the bundle being written, when it is inside the folder
+            members.append((path, arcname))
+    return sorted(members, key=lambda member: member[1])
+
+
+def write_bundle(output: Path, members: list[tuple[Path, str]]) -> None:
+    """Write the gzip tarball atomically (a half-written bundle never has the final name)."""
+
+    def clean(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        # Ownership means nothing on the server (keter ignores it); names would leak.
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        info.mtime = min(info.mtime, int(time.time()))
+        return info
+
+    parent = output.parent if str(output.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
+            for path, arcname in members:
+                tar.add(path, arcname=arcname, recursive=False, filter=clean)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, output)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,216 @@
+// keter dashboard: polls the JSON API every second and redraws; no build step, no framework.
+// Every value from the API goes into the page as text (textContent), never as HTML.
+"use strict";
+
+const POLL_MS = 1000;
+const token = document.querySelector('meta[name="keter-token"]').content;
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "class") node.className = value;
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) {
+    if (child !== null && child !== undefined) {
+      node.append(child instanceof Node ? child : String(child));
+    }
+  }
+  return node;
+}
+
+function duration(seconds) {
+  const s = Math.max(0, Math.floor(seconds));
+  if (s < 60) return `${s}s`;
+  if (s < 3600) return `${Math.floor(s / 60)}m${String(s % 60).padStart(2, "0")}s`;
+  if (s < 86400) return `${Math.floor(s / 3600)}h${String(Math.floor((s % 3600) / 60)).padStart(2, "0")}m`;
+  return `${Math.floor(s / 86400)}d${String(Math.floor((s % 86400) / 3600)).padStart(2, "0")}h`;
+}
+
+function clock(epoch) {
+  return new Date(epoch * 1000).toLocaleTimeString([], { hour12: false });
+}
+
+function when(epoch) {
+  return new Date(epoch * 1000).toLocaleString([], { hour12: false });
+}
+
+function badge(state) {
+  return el("span", { class: `badge ${state}` }, state);
+}
+
+function setLive(ok) {
+  const live = document.getElementById("live");
+  live.textContent = ok ? "live" : "keter is not answering";
+  live.className = ok ? "live ok" : "live down";
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { cache: "no-store", ...options });
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error || `HTTP ${response.status}`);
+  return body;
+}
+
+// Calls ``step`` every POLL_MS, one call at a time, for as long as the page is open.
+function poll(step) {
+  const run = async () => {
+    try {
+      await step();
+      setLive(true);
+    } catch (error) {
+      setLive(false);
+    }
+    setTimeout(run, POLL_MS);
+  };
+  run();
+}
+
+function hostLinks(app) {
+  const cell = el("td", { class: "hosts" });
+  for (const host of app.hosts) {
+    const url = app.urls.find((u) => u.startsWith(`http://${host}`));
+    cell.append(url ? el("a", { href: url, rel: "noreferrer" }, host) : el("span", {}, host), " ");
+  }
+  return cell;
+}
+
+function lastDeploy(last, now) {
+  if (!last) return el("td", {}, "–");
+  const cell = el("td", {}, badge(last.outcome), ` ${duration(now - last.at)} ago`);
+  if (last.reason) cell.title = last.reason;
+  return cell;
+}
+
+// -- the list of apps -----------------------------------------------------------------
+
+async function refreshList() {
+  const status = await api("/api/status");
+  document.getElementById("root").textContent = status.keter.root;
+  const rows = status.apps.map((app) =>
+    el(
+      "tr",
+      { "data-app": app.name },
+      el("td", {}, el("a", { href: `/app/${encodeURIComponent(app.name)}` }, app.name)),
+      el("td", { class: "state" }, badge(app.state),
+        app.deploying ? el("span", { class: "muted" }, ` → ${app.deploying}`) : null),
+      el("td", { class: "mono" }, app.version || "–"),
+      hostLinks(app),
+      el("td", {}, app.uptime === null ? "–" : duration(app.uptime)),
+      el("td", { class: "num" }, app.restarts),
+      lastDeploy(app.last_deploy, status.now),
+    ),
+  );
+  document.querySelector("#apps tbody").replaceChildren(...rows);
+  document.getElementById("empty").hidden = rows.length > 0;
+  const events = status.events.slice(0, 30).map((event) =>
+    el("li", {}, el("time", {}, clock(event.at)), el("span", { class: "app" }, event.app),
+      el("span", {}, event.text)),
+  );
+  if (events.length === 0) events.push(el("li", { class: "empty" }, "Nothing has happened yet."));
+  document.getElementById("events").replaceChildren(...events);
+}
+
+// -- one app ----------------------------------------------------------------------------
+
+const appName = decodeURIComponent(location.pathname.replace(/^\/app\//, ""));
+
+function fact(label, value) {
+  return el("div", {}, el("dt", {}, label), el("dd", {}, value ?? "–"));
+}
+
+function showMessage(text, error = false) {
+  const message = document.getElementById("message");
+  message.textContent = text;
+  message.className = error ? "message error" : "message";
+  message.hidden = false;
+}
+
+let archiveShown = "";
+
+async function refreshApp() {
+  const app = await api(`/api/apps/${encodeURIComponent(appName)}`);
+  document.title = `${app.name} · keter`;
+  document.getElementById("name").textContent = app.name;
+  document.getElementById("state").replaceWith(Object.assign(badge(app.state), { id: "state" }));
+  document.getElementById("facts").replaceChildren(
+    fact("Version", app.version),
+    fact("Bundle from", app.bundle_mtime ? when(app.bundle_mtime) : null),
+    fact("Hosts", app.hosts ? app.hosts.join(", ") : null),
+    fact("Port", app.port),
+    fact("PID", app.pid),
+    fact("Uptime", app.uptime == null ? null : duration(app.uptime)),
+    fact("Restarts", app.restarts),
+    fact("Database", app.database),
+    fact("Deploying", app.deploying),
+    fact("Last deploy", app.last_deploy ? `${app.last_deploy.outcome}, ${when(app.last_deploy.at)}` : null),
+  );
+  const history = app.history.map((entry) =>
+    el("tr", {},
+      el("td", {}, when(entry.at)),
+      el("td", { class: "mono" }, entry.version),
+      el("td", {}, badge(entry.outcome)),
+      el("td", { class: "num" }, `${entry.duration.toFixed(1)}s`),
+      el("td", { class: "reason" }, entry.reason)),
+  );
+  document.querySelector("#history tbody").replaceChildren(...history);
+
+  // Redrawn only when the archive changes, so an open menu is not reset every second.
+  const older = app.archive.filter((bundle) => bundle.version !== app.version);
+  const key = older.map((bundle) => bundle.version).join(",");
+  if (key !== archiveShown) {
+    archiveShown = key;
+    document.getElementById("version").replaceChildren(
+      ...older.map((bundle) => el("option", { value: bundle.version },
+        `${bundle.version} (served ${when(bundle.served_at)})`)),
+    );
+  }
+  // Nothing to go back to: no menu, and the button says why.
+  document.getElementById("version").hidden = older.length === 0;
+  const rollback = document.getElementById("rollback");
+  rollback.disabled = older.length === 0;
+  rollback.title = older.length === 0 ? "no earlier version is archived" : "";
+  document.getElementById("restart").disabled = app.state === "removed";
+}
+
+async function refreshLog() {
+  const log = await api(`/api/apps/${encodeURIComponent(appName)}/log?n=200`);
+  const pre = document.getElementById("log");
+  const atBottom = pre.scrollHeight - pre.scrollTop - pre.clientHeight < 24;
+  const text = log.lines.join("\n");
+  if (pre.textContent !== text) {
+    pre.textContent = text;
+    if (atBottom) pre.scrollTop = pre.scrollHeight;
+  }
+  document.getElementById("logfile").textContent = log.file;
+}
+
+async function post(action, body) {
+  const buttons = document.querySelectorAll(".actions button");
+  buttons.forEach((button) => { button.disabled = true; });
+  try {
+    const result = await api(`/api/apps/${encodeURIComponent(appName)}/${action}`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", "X-Keter-Token": token },
+      body: JSON.stringify(body),
+    });
+    showMessage(action === "restart"
+      ? `Restarting version ${result.version}; the new process takes over once it answers.`
+      : `Rolling back to version ${result.version}.`);
+  } catch (error) {
+    showMessage(`${action} failed: ${error.message}`, true);
+  } finally {
+    buttons.forEach((button) => { button.disabled = false; });
+  }
+}
+
+if (document.body.dataset.page === "app") {
+  document.getElementById("restart").addEventListener("click", () => post("restart", {}));
+  document.getElementById("rollback").addEventListener("click", () =>
+    post("rollback", { version: document.getElementById("version").value }));
+  poll(async () => {
+    await Promise.all([refreshApp(), refreshLog()]);
+  });
+} else {
+  poll(refreshList);
+}

@@ -1,0 +1,187 @@
+"""Reading app logs: the last lines of a file, and following it across rotations.
+
+``keter.applog`` rotates ``app-NAME.log`` by renaming it to ``app-NAME.log.1``
+and opening a fresh file under the old name. A follower therefore keeps its
+descriptor on the old file until that is drained, then reopens the name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+_BLOCK = 1 << 16
+# How long a follower waits for inotify before checking the file anyway: a safety
+# net for events lost to a full queue, not the normal way of noticing new lines.
+RECHECK_SECONDS = 2.0
+
+
+def tail_lines(path: Path, count: int) -> list[str]:
+    """The last ``count`` lines of a text file (decoded leniently), oldest first.
+
+    Reads backwards in blocks, so a large log costs only what is shown.
+    Raises OSError (FileNotFoundError, PermissionError) like open().
+    """
+    with open(path, "rb") as f:
+        f.seek(start_of_last_lines(f, count))
+        data = f.read()
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    return [line.decode("utf-8", "replace") for line in lines]
+
+
+def start_of_last_lines(f: BinaryIO, count: int) -> int:
+    """The offset in ``f`` where its last ``count`` lines begin (an unfinished one counts)."""
+    end = f.seek(0, os.SEEK_END)
+    if count <= 0:
+        return end
+    position = end
+    data = b""
+    # The newline that ends the file does not start a line; every one before it does.
+    while position > 0:
+        step = min(_BLOCK, position)
+        position -= step
+        f.seek(position)
+        data = f.read(step) + data
+        body = data[:-1] if data.endswith(b"\n") else data  # data always reaches the end
+        if body.count(b"\n") >= count:
+            cut = len(body)
+            for _ in range(count):
+                cut = body.rindex(b"\n", 0, cut)
+            return position + cut + 1
+    return 0
+
+
+class _Wakeup(FileSystemEventHandler):
+    def __init__(self, name: str, event: threading.Event) -> None:
+        self.name = name
+        self.event = event
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        paths = [event.src_path, getattr(event, "dest_path", "")]
+        if any(os.path.basename(str(p)).startswith(self.name) for p in paths if p):
+            self.event.set()
+
+
+class LogFollower:
+    """Yields the last ``backlog`` lines of ``path``, then every line appended, across rotations.
+
+    Use as a context manager; ``lines()`` runs until ``stop()`` is called (from
+    any thread) and waits on inotify events in between, never on a timer alone.
+    The backlog and the new lines come from one open file, so none is lost or
+    shown twice.
+    """
+
+    def __init__(self, path: Path, backlog: int = 0) -> None:
+        self.path = Path(path)
+        self._changed = threading.Event()
+        self._stopped = threading.Event()
+        self._observer = Observer()
+        self._observer.schedule(_Wakeup(self.path.name, self._changed), str(self.path.parent))
+        self._file = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+        self._file.seek(start_of_last_lines(self._file, backlog))
+        self._partial = b""
+
+    def __enter__(self) -> LogFollower:
+        self._observer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._changed.set()
+
+    def close(self) -> None:
+        self.stop()
+        if self._observer.is_alive():
+            self._observer.stop()
+            self._observer.join()
+        self._file.close()
+
+    def lines(self) -> Iterator[str]:
+        while not self._stopped.is_set():
+            # Cleared before reading, so a write during the read wakes the next wait.
+            self._changed.clear()
+            yield from self._read_available()
+            if self._rotated():
+                yield from self._read_available()  # what the old file got before the rename
+                if self._partial:
+                    yield self._partial.decode("utf-8", "replace")
+                    self._partial = b""
+                self._reopen()
+                continue
+            self._changed.wait(RECHECK_SECONDS)
+        if self._partial:
+            yield self._partial.decode("utf-8", "replace")
+            self._partial = b""
+
+    def _read_available(self) -> Iterator[str]:
+        while data := self._file.read(_BLOCK):
+            parts = (self._partial + data).split(b"\n")
+            self._partial = parts.pop()
+            for line in parts:
+                yield line.decode("utf-8", "replace")
+
+    def _rotated(self) -> bool:
+        """Whether the name now points to a different (or truncated) file."""
+        try:
+            current = os.stat(self.path)
+        except FileNotFoundError:
+            return False  # between the rename and the new file: keep reading the old one
+        mine = os.fstat(self._file.fileno())
+        return (current.st_dev, current.st_ino) != (mine.st_dev, mine.st_ino) or (
+            current.st_size < self._file.tell()
+        )
+
+    def _reopen(self) -> None:
+        """Go on with the file written after the current one.
+
+        Rotation renames ``path.1`` to ``path.2`` ... and ``path`` to ``path.1``, so a
+        follower that fell behind by several rotations finds its file in that chain
+        and reads every newer one in turn instead of skipping to ``path``.
+        """
+        mine = os.fstat(self._file.fileno())
+        me = (mine.st_dev, mine.st_ino)
+        for _ in range(10):  # a rotation during the lookup: look again
+            chain = self._chain()
+            if not chain:
+                return  # no file right now: keep the old one until one appears
+            ids = [(info.st_dev, info.st_ino) for _, info in chain]
+            # The next file, or our own again if it is the current one (truncated). If ours
+            # was the oldest backup and is deleted, everything left is newer.
+            position = min(ids.index(me) + 1, len(chain) - 1) if me in ids else 0
+            path, info = chain[position]
+            try:
+                new = open(path, "rb")  # noqa: SIM115 - replaces self._file
+            except FileNotFoundError:
+                continue
+            found = os.fstat(new.fileno())
+            if (found.st_dev, found.st_ino) == (info.st_dev, info.st_ino):
+                self._file.close()
+                self._file = new
+                return
+            new.close()
+
+    def _chain(self) -> list[tuple[Path, os.stat_result]]:
+        """The log's files, oldest first: ``path.N`` ... ``path.1``, ``path``."""
+        found = []
+        for n in range(1, 1000):
+            backup = self.path.with_name(f"{self.path.name}.{n}")
+            try:
+                found.append((backup, os.stat(backup)))
+            except FileNotFoundError:
+                break
+        found.reverse()
+        with contextlib.suppress(FileNotFoundError):
+            found.append((self.path, os.stat(self.path)))
+        return found

@@ -1,0 +1,338 @@
+"""The operator's commands (`keter status|deploy|bundle|logs|rollback|restart`).
+
+Against a real keter daemon with a private nginx they run as their own
+processes, the way an operator (or a CI job over ssh) runs them; checks that
+need no daemon call ``keter.commands.main`` in the test's process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+from keter_daemon import keter_cli, make_bundle, status_api, webapp_config
+from support import wait_for
+from test_deploy import Load, app_processes, served
+
+from keter import commands
+
+EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 1, 2, 3
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cli(capsys, root: Path, *args: str) -> tuple[int, str, str]:
+    """Run a command in this process: (exit code, stdout, stderr)."""
+    command, *rest = args
+    code = commands.main([command, "--root", str(root), *rest])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# -- deploy --------------------------------------------------------------------------------
+
+
+def test_deploy_waits_for_serving_then_status_and_logs_show_the_app(keter, private_nginx, tmp_path):
+    bundle = make_bundle(tmp_path / "hello.keter", config=webapp_config("hello.test", "v1"))
+    result = keter_cli(keter.root, "deploy", str(bundle))
+    assert result.returncode == 0, result.stderr
+    url = f"http://hello.test:{private_nginx.port}/"
+    assert result.stdout == f"hello {sha(bundle)[:12]} serving at {url}\n"
+    served(private_nginx, "hello.test", "v1")
+
+    table = keter_cli(keter.root, "status")
+    assert table.returncode == 0
+    header, row = table.stdout.splitlines()
+    assert header.split()[:4] == ["APP", "STATE", "VERSION", "HOSTS"]
+    assert row.split()[:4] == ["hello", "running", sha(bundle)[:12], "hello.test"]
+    assert "serving" in row
+
+    as_json = json.loads(keter_cli(keter.root, "status", "--json").stdout)
+    [app] = as_json["apps"]
+    assert (app["name"], app["state"], app["last_deploy"]["outcome"]) == (
+        "hello",
+        "running",
+        "serving",
+    )
+
+    logs = keter_cli(keter.root, "logs", "hello", "-n", "2")
+    assert logs.returncode == 0
+    assert len(logs.stdout.splitlines()) == 2
+    assert "listening on port" in logs.stdout
+
+    # `ssh server keter deploy - --name hello < hello.keter`
+    bundle2 = make_bundle(tmp_path / "v2.keter", config=webapp_config("hello.test", "v2"))
+    result = keter_cli(keter.root, "deploy", "-", "--name", "hello", stdin=bundle2.read_bytes())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"hello {sha(bundle2)[:12]} serving at {url}\n"
+    served(private_nginx, "hello.test", "v2")
+    assert sorted(p.name for p in keter.incoming.iterdir()) == ["hello.keter"]
+
+
+def test_deploy_of_an_app_failing_its_health_check_says_why(keter_factory, private_nginx, tmp_path):
+    keter = keter_factory(**{"health-check-timeout": 1.5})
+    config = webapp_config(
+        "sick.test", "v1", args=["--fail-path", "/health"], **{"health-check-path": "/health"}
+    )
+    bundle = make_bundle(tmp_path / "sick.keter", config=config)
+    result = keter_cli(keter.root, "deploy", str(bundle))
+    assert result.returncode == EXIT_FAILED
+    assert result.stdout == ""
+    assert f"sick {sha(bundle)[:12]} failed: did not answer" in result.stderr
+    assert "HTTP 500 on /health" in result.stderr
+    # The app's own last words come along.
+    assert "last lines of" in result.stderr
+    assert re.search(r"\| .*listening on port \d+ version v1", result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        ({"exec": "../bin/missing", "host": "a.test"}, "exec"),
+        (webapp_config("Not A Host!", "v1"), "host"),
+        ("exec: [unclosed", "not valid YAML"),
+        ({"host": "a.test"}, "exec"),
+    ],
+)
+def test_a_bundle_keter_would_refuse_never_reaches_incoming(capsys, tmp_path, config, reason):
+    root = tmp_path / "root"
+    (root / "incoming").mkdir(parents=True)
+    source = make_bundle(tmp_path / "bad.keter", config=config)
+    code, _, err = cli(capsys, root, "deploy", str(source))
+    assert code == EXIT_USAGE
+    assert "bad: bundle refused, nothing was deployed" in err
+    assert reason in err
+    assert list((root / "incoming").iterdir()) == []
+
+
+def test_a_file_that_is_no_bundle_is_refused(capsys, tmp_path):
+    root = tmp_path / "root"
+    (root / "incoming").mkdir(parents=True)
+    junk = tmp_path / "junk.keter"
+    junk.write_bytes(b"not a gzip file")
+    code, _, err = cli(capsys, root, "deploy", str(junk))
+    assert code == EXIT_USAGE
+    assert "not a gzip file" in err
+    code, _, err = cli(capsys, root, "deploy", str(tmp_path / "junk.tar.gz"))
+    assert code == EXIT_USAGE
+    assert "must end in .keter" in err
+    code, _, err = cli(capsys, root, "deploy", "-")
+    assert code == EXIT_USAGE
+    assert "--name is required" in err
+    assert list((root / "incoming").iterdir()) == []
+
+
+# -- rollback and restart ------------------------------------------------------------------
+
+
+def test_rollback_and_restart_under_load_lose_no_request(keter, private_nginx, tmp_path):
+    client = status_api(keter)
+    v1 = make_bundle(tmp_path / "v1.keter", config=webapp_config("rb.test", "v1"))
+    v2 = make_bundle(tmp_path / "v2.keter", config=webapp_config("rb.test", "v2"))
+    for bundle in (v1, v2):
+        deployed = keter_cli(keter.root, "deploy", str(bundle), "--name", "rb")
+        assert deployed.returncode == 0, deployed.stderr
+    wait_for(lambda: len(client.app("rb")["archive"]) == 2, 10, "both versions archived")
+    served(private_nginx, "rb.test", "v2")
+
+    load = Load(private_nginx.port, "rb.test")
+    threads = load.run()
+    try:
+        result = keter_cli(keter.root, "rollback", "rb")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"rb {sha(v1)[:12]} serving at ")
+        served(private_nginx, "rb.test", "v1")
+
+        before = client.app("rb")["pid"]
+        result = keter_cli(keter.root, "restart", "rb")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"rb {sha(v1)[:12]} serving at ")
+        assert client.app("rb")["pid"] not in (before, None)  # a new process serves
+
+        # Back to v2, named by a prefix of its version.
+        result = keter_cli(keter.root, "rollback", "rb", sha(v2)[:8])
+        assert result.returncode == 0, result.stderr
+        served(private_nginx, "rb.test", "v2")
+        wait_for(lambda: len(app_processes(keter)) == 1, 30, "old versions to stop")
+        count = load.requests
+        wait_for(lambda: load.requests > count + 50, 10, "more requests after the last stop")
+    finally:
+        load.stop.set()
+        for thread in threads:
+            thread.join(15)
+    assert load.errors == []
+    assert load.bodies.keys() == {b"v1\n", b"v2\n"}
+    outcomes = [h["outcome"] for h in client.app("rb")["history"]]
+    assert outcomes == ["serving"] * 5
+
+
+def test_rollback_without_an_earlier_version_is_refused(keter, tmp_path):
+    bundle = make_bundle(tmp_path / "one.keter", config=webapp_config("one.test", "v1"))
+    deployed = keter_cli(keter.root, "deploy", str(bundle))
+    assert deployed.returncode == 0, deployed.stderr
+    result = keter_cli(keter.root, "rollback", "one")
+    assert result.returncode == EXIT_FAILED
+    assert "one has no earlier version archived" in result.stderr
+    result = keter_cli(keter.root, "rollback", "one", "abcdef")
+    assert result.returncode == EXIT_FAILED
+    assert "version abcdef of one is not archived" in result.stderr
+
+
+# -- logs ----------------------------------------------------------------------------------
+
+
+def test_logs_follow_the_app_across_log_rotation(keter_factory, tmp_path):
+    # Two lines of app output already exceed this: every restart rotates the log.
+    keter = keter_factory(**{"log-max-bytes": 150, "log-backups": 3})
+    bundle = make_bundle(tmp_path / "fol.keter", config=webapp_config("fol.test", "v1"))
+    deployed = keter_cli(keter.root, "deploy", str(bundle))
+    assert deployed.returncode == 0, deployed.stderr
+
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "keter", "logs", "fol", "-f", "-n", "1", "--root", str(keter.root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(follower.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: lines, 10, "the backlog line")
+        assert "listening on port" in lines[0]
+        restart = keter_cli(keter.root, "restart", "fol")
+        assert restart.returncode == 0, restart.stderr
+        pid = status_api(keter).app("fol")["pid"]
+        wait_for(lambda: any(f"as pid {pid}" in line for line in lines), 10, "the new process")
+        assert (keter.root / "log" / "app-fol.log.1").exists()  # it did rotate
+    finally:
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(10) == 0
+        reader.join(5)
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+def test_unknown_apps_are_named(keter):
+    status_api(keter)
+    for args in (["logs", "nope"], ["restart", "nope"], ["rollback", "nope"]):
+        result = keter_cli(keter.root, *args)
+        assert result.returncode == EXIT_FAILED, args
+        assert result.stderr == "keter: no app named nope\n", args
+
+
+def test_every_command_says_when_keter_is_not_running(capsys, tmp_path):
+    root = tmp_path / "root"
+    (root / "incoming").mkdir(parents=True)
+    bundle = make_bundle(tmp_path / "ok.keter", config=webapp_config("ok.test", "v1"))
+    for args in (["status"], ["logs", "ok"], ["restart", "ok"], ["rollback", "ok"]):
+        code, _, err = cli(capsys, root, *args)
+        assert code == EXIT_UNAVAILABLE, args
+        assert f"keter is not running on {root}" in err, args
+    code, _, _ = cli(capsys, root, "deploy", str(bundle))
+    assert code == EXIT_UNAVAILABLE
+    assert list((root / "incoming").iterdir()) == []  # not copied: nobody would deploy it
+
+
+def test_a_user_without_access_to_the_socket_is_told_so(keter):
+    status_api(keter)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: become nobody, run the command, report the exit code
+        code = 99
+        try:
+            sys.stderr = open(write, "w")  # noqa: SIM115 - flushed before os._exit
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            code = commands.main(["status", "--root", str(keter.root)])
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as stderr:
+        message = stderr.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == EXIT_UNAVAILABLE
+    assert "permission denied" in message
+    assert "status-group" in message
+
+
+def test_every_command_has_help(capsys):
+    for command in ("status", "deploy", "bundle", "logs", "rollback", "restart"):
+        with pytest.raises(SystemExit) as info:
+            commands.main([command, "--help"])
+        assert info.value.code == 0
+        assert f"usage: keter {command}" in capsys.readouterr().out
+
+
+# -- bundle --------------------------------------------------------------------------------
+
+
+def app_folder(base: Path, config: str = "exec: ../bin/app\nhost: built.test\n") -> Path:
+    (base / "config").mkdir(parents=True)
+    (base / "config" / "keter.yaml").write_text(config)
+    (base / "bin").mkdir()
+    (base / "bin" / "app").write_text("#!/bin/sh\nexec sleep 1000\n")
+    os.chmod(base / "bin" / "app", 0o755)
+    (base / "static").mkdir()
+    (base / "static" / "index.html").write_text("<h1>hi</h1>\n")
+    return base
+
+
+def test_bundle_builds_what_keter_accepts(capsys, tmp_path):
+    folder = app_folder(tmp_path / "built")
+    output = tmp_path / "out" / "built.keter"
+    output.parent.mkdir()
+    code, out, err = cli(capsys, tmp_path, "bundle", str(folder), "-o", str(output))
+    assert code == 0, err
+    assert out == f"wrote {output} (6 entries) for built.test\n"
+    assert commands.check_bundle(output, "built", tmp_path / "check") is None
+    with tarfile.open(output) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    assert sorted(members) == [
+        "bin",
+        "bin/app",
+        "config",
+        "config/keter.yaml",
+        "static",
+        "static/index.html",
+    ]
+    assert members["bin/app"].mode & 0o111
+    assert {(m.uid, m.uname) for m in members.values()} == {(0, "")}
+
+
+def test_bundle_refuses_a_folder_keter_would_refuse(capsys, tmp_path):
+    broken = app_folder(tmp_path / "broken", config="exec: ../bin/nothing\nhost: b.test\n")
+    code, _, err = cli(
+        capsys, tmp_path, "bundle", str(broken), "-o", str(tmp_path / "broken.keter")
+    )
+    assert code == EXIT_USAGE
+    assert "exec" in err
+    assert not (tmp_path / "broken.keter").exists()
+
+    linked = app_folder(tmp_path / "linked")
+    (linked / "static" / "passwd").symlink_to("/etc/passwd")
+    code, _, err = cli(
+        capsys, tmp_path, "bundle", str(linked), "-o", str(tmp_path / "linked.keter")
+    )
+    assert code == EXIT_USAGE
+    assert "static/passwd is a symlink" in err
+    assert not (tmp_path / "linked.keter").exists()
+
+    code, _, err = cli(capsys, tmp_path, "bundle", str(linked), "-o", str(tmp_path / "linked.tgz"))
+    assert code == EXIT_USAGE
+    assert "must end in .keter" in err
+    assert list(tmp_path.glob(".*")) == []  # no temporary file left behind

@@ -1,0 +1,221 @@
+"""The web dashboard in a real browser: headless Chromium against a real keter.
+
+Chromium is driven through the DevTools protocol over ``--remote-debugging-pipe``
+(JSON messages separated by NUL bytes on file descriptors 3 and 4), so no
+WebSocket client or browser download is needed. Screenshots go to
+test-artifacts/ for a human to look at.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import select
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from keter_daemon import make_bundle, status_api, webapp_config
+from nginx_server import free_port
+from support import wait_for
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--remote-debugging-pipe",
+]
+
+
+class Browser:
+    """One headless Chromium with one page, driven over the DevTools pipe."""
+
+    def __init__(self, profile: Path) -> None:
+        commands_read, self._commands = os.pipe()
+        self._replies, replies_write = os.pipe()
+
+        def onto_3_and_4() -> None:  # Chromium's fixed descriptors for the pipe
+            os.dup2(commands_read, 3)
+            os.dup2(replies_write, 4)
+
+        self.process = subprocess.Popen(
+            [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=onto_3_and_4,
+            pass_fds=(3, 4),
+            start_new_session=True,
+        )
+        os.close(commands_read)
+        os.close(replies_write)
+        self._ids = itertools.count(1)
+        self._buffer = b""
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)[
+            "sessionId"
+        ]
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            width=1200,
+            height=760,
+            deviceScaleFactor=1,
+            mobile=False,
+            session=True,
+        )
+
+    def call(self, method: str, *, session: bool = False, timeout: float = 20, **params):
+        """Send one command and return its result (events on the way are skipped)."""
+        message = {"id": next(self._ids), "method": method, "params": params}
+        if session:
+            message["sessionId"] = self.session
+        os.write(self._commands, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._next(deadline)
+            if reply.get("id") == message["id"]:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+    def _next(self, deadline: float) -> dict:
+        while b"\0" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._replies], [], [], left)[0]:
+                raise TimeoutError("Chromium did not answer")
+            chunk = os.read(self._replies, 1 << 20)
+            if not chunk:
+                raise RuntimeError("Chromium closed the DevTools pipe")
+            self._buffer += chunk
+        raw, self._buffer = self._buffer.split(b"\0", 1)
+        return json.loads(raw)
+
+    def open(self, url: str) -> None:
+        self.call("Page.navigate", url=url, session=True)
+
+    def js(self, expression: str):
+        """Evaluate in the page; the value comes back as JSON."""
+        result = self.call(
+            "Runtime.evaluate",
+            expression=expression,
+            returnByValue=True,
+            awaitPromise=True,
+            session=True,
+        )
+        if "exceptionDetails" in result:
+            raise RuntimeError(result["exceptionDetails"].get("text", "script failed"))
+        return result["result"].get("value")
+
+    def screenshot(self, path: Path) -> Path:
+        data = self.call("Page.captureScreenshot", format="png", session=True)["data"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(data))
+        return path
+
+    def close(self) -> None:
+        for fd in (self._commands, self._replies):
+            os.close(fd)
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, 9)
+            self.process.wait(10)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (tests/run installs it)")
+        pytest.skip("chromium is not installed (tests/run installs it)")
+    chromium = Browser(tmp_path / "chromium-profile")
+    yield chromium
+    chromium.close()
+
+
+ROWS = """[...document.querySelectorAll('#apps tbody tr')].map(tr => [
+    tr.dataset.app, tr.querySelector('.state .badge').textContent,
+    tr.querySelector('.hosts a') ? tr.querySelector('.hosts a').href : null])"""
+
+
+def test_dashboard_lists_apps_and_follows_a_state_change_without_reload(
+    keter_factory, private_nginx, browser, tmp_path
+):
+    port = free_port()
+    keter = keter_factory(**{"status-listen": f"127.0.0.1:{port}"})
+    client = status_api(keter)
+    keter.drop(make_bundle(tmp_path / "alpha.keter", config=webapp_config("alpha.test", "v1")))
+    broken = webapp_config("beta.test", "v1", args=["--exit-at-start", "3"])
+    keter.drop(make_bundle(tmp_path / "beta.keter", config=broken))
+    states = {"alpha": "running", "beta": "failed"}
+    wait_for(
+        lambda: {a["name"]: a["state"] for a in client.status()["apps"]} == states,
+        20,
+        "alpha running and beta failed",
+    )
+
+    browser.open(f"http://127.0.0.1:{port}/")
+    rows = wait_for(lambda: len(browser.js(ROWS) or []) == 2 and browser.js(ROWS), 10, "rows")
+    assert rows == [
+        ["alpha", "running", f"http://alpha.test:{private_nginx.port}/"],
+        ["beta", "failed", None],  # nothing serves beta: no link
+    ]
+    events = browser.js("document.getElementById('events').textContent")
+    assert "failed: exited with status 3 before answering" in events
+    browser.js("window.keterTestMarker = 42")  # gone if the page ever reloads
+    browser.screenshot(ARTIFACTS / "dashboard-list.png")
+
+    # beta gets a working version: the open page shows it by itself.
+    keter.drop(make_bundle(tmp_path / "beta.keter", config=webapp_config("beta.test", "v2")))
+    wait_for(
+        lambda: ["beta", "running", f"http://beta.test:{private_nginx.port}/"] in browser.js(ROWS),
+        20,
+        "the page to show beta running",
+    )
+    assert browser.js("window.keterTestMarker") == 42
+    browser.screenshot(ARTIFACTS / "dashboard-list-updated.png")
+
+
+def test_app_page_shows_history_and_log_and_its_restart_button_works(
+    keter_factory, browser, tmp_path
+):
+    port = free_port()
+    keter = keter_factory(**{"status-listen": f"127.0.0.1:{port}"})
+    client = status_api(keter)
+    keter.drop(make_bundle(tmp_path / "alpha.keter", config=webapp_config("alpha.test", "v1")))
+    wait_for(lambda: client.app("alpha")["state"] == "running", 20, "alpha to run")
+
+    browser.open(f"http://127.0.0.1:{port}/app/alpha")
+    history = "document.querySelectorAll('#history tbody tr').length"
+    wait_for(lambda: browser.js(history) == 1, 10, "the deploy history")
+    wait_for(
+        lambda: "listening on port" in browser.js("document.getElementById('log').textContent"),
+        10,
+        "the log tail",
+    )
+    assert browser.js("document.getElementById('state').textContent") == "running"
+
+    # The button posts with the page's token; keter redeploys the same version.
+    browser.js("document.getElementById('restart').click()")
+    message = "document.getElementById('message').textContent"
+    wait_for(lambda: "Restarting version" in browser.js(message), 10, "the restart accepted")
+    wait_for(lambda: browser.js(history) == 2, 20, "the restart in the history")
+    assert [h["outcome"] for h in client.app("alpha")["history"]] == ["serving", "serving"]
+    wait_for(
+        lambda: browser.js("document.getElementById('log').textContent").count("listening on") == 2,
+        10,
+        "the new process's lines in the log",
+    )
+    browser.screenshot(ARTIFACTS / "dashboard-app.png")

@@ -1,0 +1,551 @@
+"""The status component: its API, history, archive, metrics and request checks.
+
+Most tests run the real StatusServer actor on its own (its socket, its TCP
+listener, its files under tmp_path) and feed it the messages the supervisor
+sends; the last ones run it inside a real keter daemon with a private nginx.
+"""
+
+from __future__ import annotations
+
+import grp
+import hashlib
+import http.client
+import io
+import itertools
+import json
+import logging
+import os
+import queue
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from keter_daemon import make_bundle, status_api, webapp_config
+from nginx_server import free_port
+from prometheus_client.parser import text_string_to_metric_families
+from support import wait_for
+
+from keter.applog import AppLog
+from keter.archive import BundleArchive
+from keter.client import ApiError, KeterClient
+from keter.config import KeterConfig, Listener
+from keter.history import DeployHistory
+from keter.logtail import LogFollower, tail_lines
+from keter.messages import AppChanged, AppEvent, AppGone, AppSnapshot, DeployFinished
+from keter.status import StatusServer, app_urls, is_health_check_failure
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def snapshot(app: str = "hello", **fields) -> AppSnapshot:
+    values = {
+        "state": "running",
+        "version": "0123456789ab",
+        "bundle_mtime": 1_700_000_000.0,
+        "hosts": (f"{app}.test",),
+        "port": 4001,
+        "pid": os.getpid(),
+        "started_at": time.time() - 125,
+        "restarts": 0,
+        "database": None,
+    }
+    values.update(fields)
+    return AppSnapshot(app=app, **values)
+
+
+def finished(app: str = "hello", outcome: str = "serving", sha256: str = "", **fields):
+    sha256 = sha256 or hashlib.sha256(app.encode()).hexdigest()
+    values = {
+        "version": sha256[:12],
+        "bundle_mtime": 1_700_000_000.0,
+        "reason": "",
+        "duration": 0.8,
+        "at": time.time(),
+    }
+    values.update(fields)
+    return DeployFinished(app=app, sha256=sha256, outcome=outcome, **values)
+
+
+class Running:
+    """A started StatusServer with a client for its socket and its TCP address."""
+
+    def __init__(self, config: KeterConfig) -> None:
+        self.config = config
+        self.reports: queue.Queue = queue.Queue()
+        self.server = StatusServer(config, report_to=self.reports)
+        self._markers = itertools.count()
+        self.server.start()
+        assert self.server.listening.wait(10), "the status component did not start"
+        self.client = KeterClient(config.root)
+
+    def tell_and_wait(self, *messages: object) -> None:
+        """Send messages and wait until the actor has handled them all."""
+        for message in messages:
+            self.server.tell(message)
+        marker = f"marker {next(self._markers)}"
+        self.server.tell(AppEvent(app="-", kind="marker", text=marker, at=0))
+        wait_for(
+            lambda: any(e["text"] == marker for e in self.client.status()["events"]),
+            5,
+            "the actor to catch up",
+        )
+
+    def stop(self) -> None:
+        if self.server.is_alive():
+            self.server.stop()
+            self.server.join(10)
+
+    def http(self, method: str, path: str, headers: dict | None = None, body: bytes = b""):
+        host, port = self.server.tcp_address
+        connection = http.client.HTTPConnection(host, port, timeout=10)
+        try:
+            connection.request(method, path, body=body or None, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            connection.close()
+
+
+@pytest.fixture
+def make_status(tmp_path):
+    started: list[Running] = []
+
+    def make(**settings) -> Running:
+        root = tmp_path / "root"
+        for folder in ("incoming", "etc", "log", "run"):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+        settings.setdefault("status_listen", ("127.0.0.1", free_port()))
+        running = Running(KeterConfig(root=root, **settings))
+        started.append(running)
+        return running
+
+    yield make
+    for running in started:
+        running.stop()
+    assert all(not r.server.is_alive() for r in started)
+    assert all(r.reports.empty() for r in started), "the status component reported a failure"
+
+
+def drop_bundle(config: KeterConfig, app: str, data: bytes) -> str:
+    (config.incoming_dir / f"{app}.keter").write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+# -- the API ---------------------------------------------------------------------------------
+
+
+def test_apps_appear_change_and_go(make_status):
+    status = make_status()
+    status.tell_and_wait(AppChanged(snapshot=snapshot(database="hello_db")))
+    [app] = status.client.status()["apps"]
+    assert app["name"] == "hello"
+    assert app["state"] == "running"
+    assert app["version"] == "0123456789ab"
+    assert app["hosts"] == ["hello.test"]
+    assert app["urls"] == ["http://hello.test/"]  # the default listener is port 80
+    assert app["database"] == "hello_db"
+    assert 124 <= app["uptime"] < 200
+    assert "password" not in json.dumps(app)
+
+    status.tell_and_wait(AppChanged(snapshot=snapshot(state="backoff", pid=None, restarts=1)))
+    [app] = status.client.status()["apps"]
+    assert (app["state"], app["uptime"], app["restarts"]) == ("backoff", None, 1)
+
+    status.tell_and_wait(AppGone(app="hello"))
+    assert status.client.status()["apps"] == []
+    with pytest.raises(ApiError) as info:
+        status.client.app("hello")
+    assert info.value.status == 404
+
+
+def test_events_feed_is_newest_first_and_names_deploys(make_status):
+    status = make_status()
+    status.tell_and_wait(
+        AppEvent(app="hello", kind="crash", text="exited with status 3", at=time.time()),
+        finished(outcome="failed", reason="did not answer on port 4001 within 1s"),
+    )
+    events = [e for e in status.client.status()["events"] if e["kind"] != "marker"]
+    assert [e["kind"] for e in events] == ["deploy-failed", "crash"]
+    assert "did not answer" in events[0]["text"]
+
+
+def test_app_urls(tmp_path):
+    on_8080 = KeterConfig(root=tmp_path, listeners=(Listener("*", 8080),))
+    assert app_urls(("a.test", "*.b.test"), on_8080) == ["http://a.test:8080/"]
+    assert app_urls(("a.test",), KeterConfig(root=tmp_path)) == ["http://a.test/"]
+
+
+def test_history_is_kept_bounded_and_survives_a_restart(make_status):
+    status = make_status()
+    status.tell_and_wait(
+        AppChanged(snapshot=snapshot()),
+        finished(outcome="failed", reason="boom", duration=1.25),
+        finished(outcome="serving"),
+    )
+    view = status.client.app("hello")
+    assert [h["outcome"] for h in view["history"]] == ["serving", "failed"]  # newest first
+    assert view["history"][1]["reason"] == "boom"
+    assert view["history"][1]["duration"] == 1.25
+    assert view["last_deploy"]["outcome"] == "serving"
+    path = status.config.etc_dir / "history.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    status.stop()
+
+    again = make_status()
+    view = again.client.app("hello")  # not running any more, but remembered
+    assert view["state"] == "removed"
+    assert [h["seq"] for h in view["history"]] == [2, 1]
+    again.tell_and_wait(finished(outcome="serving"))
+    assert again.client.app("hello")["history"][0]["seq"] == 3  # numbers never repeat
+
+
+def test_history_keeps_the_last_entries_per_app(tmp_path):
+    history = DeployHistory(tmp_path / "history.json", per_app=3, max_apps=2)
+    for i in range(5):
+        history.record(finished(app="a", reason=str(i)))
+    history.record(finished(app="b"))
+    history.record(finished(app="c"))
+    assert [e["reason"] for e in history.entries("a")] == []  # the app seen longest ago left
+    loaded = DeployHistory(tmp_path / "history.json", per_app=3, max_apps=2)
+    loaded.load()
+    assert loaded.seq == 7
+    assert "a" not in loaded and "b" in loaded and "c" in loaded
+    history = DeployHistory(tmp_path / "other.json", per_app=3)
+    for i in range(5):
+        history.record(finished(app="a", reason=str(i)))
+    assert [e["reason"] for e in history.entries("a")] == ["2", "3", "4"]
+
+
+def test_a_damaged_history_file_is_set_aside(tmp_path, caplog):
+    path = tmp_path / "history.json"
+    path.write_text("{not json")
+    history = DeployHistory(path)
+    with caplog.at_level(logging.ERROR):
+        history.load()
+    assert history.seq == 0
+    assert (tmp_path / "history.json.damaged").read_text() == "{not json"
+    assert "history.json is unreadable" in caplog.text
+
+
+def test_history_request_waits_for_the_next_entry(make_status):
+    status = make_status()
+    status.tell_and_wait(AppChanged(snapshot=snapshot()))
+    seq = status.client.status()["history_seq"]
+    assert status.client.history_after("hello", seq, wait=0) == []
+    timer = threading.Timer(0.2, status.server.tell, [finished(outcome="serving")])
+    timer.start()
+    began = time.monotonic()
+    [entry] = status.client.history_after("hello", seq, wait=20)
+    assert entry["outcome"] == "serving"
+    assert time.monotonic() - began < 10  # answered by the entry, not by the time limit
+
+
+def test_log_lines(make_status):
+    status = make_status()
+    status.tell_and_wait(AppChanged(snapshot=snapshot()))
+    assert status.client.log("hello", 5) == []  # no log file yet
+    log_file = status.config.log_dir / "app-hello.log"
+    log_file.write_text("".join(f"line {i}\n" for i in range(2000)))
+    assert status.client.log("hello", 3) == ["line 1997", "line 1998", "line 1999"]
+    assert len(status.client.log("hello", 5000)) == 1000  # capped
+    with pytest.raises(ApiError):
+        status.client.log("..", 5)
+
+
+# -- archive, restart, rollback ----------------------------------------------------------------
+
+
+def test_served_bundles_are_archived_and_the_oldest_dropped(make_status):
+    status = make_status(archive_keep=2)
+    shas = []
+    for n in range(3):
+        sha = drop_bundle(status.config, "hello", f"bundle {n}".encode())
+        shas.append(sha)
+        status.tell_and_wait(finished(sha256=sha, at=1_700_000_000 + n))
+    archive = status.config.archive_dir / "hello"
+    assert sorted(p.name for p in archive.iterdir()) == sorted(f"{s}.keter" for s in shas[1:])
+    assert stat.S_IMODE(status.config.archive_dir.stat().st_mode) == 0o700
+    assert [a["sha256"] for a in status.client.app("hello")["archive"]] == shas[:0:-1]
+
+
+def test_a_bundle_replaced_since_its_deploy_is_not_archived(make_status, caplog):
+    status = make_status()
+    drop_bundle(status.config, "hello", b"the newer bundle")
+    with caplog.at_level(logging.WARNING):
+        status.tell_and_wait(finished(sha256=hashlib.sha256(b"what was deployed").hexdigest()))
+    assert not (status.config.archive_dir / "hello").exists() or not any(
+        (status.config.archive_dir / "hello").iterdir()
+    )
+    assert "hello: version" in caplog.text and "has changed since" in caplog.text
+
+
+def test_restart_touches_the_bundle(make_status):
+    status = make_status()
+    sha = drop_bundle(status.config, "hello", b"v1")
+    bundle = status.config.incoming_dir / "hello.keter"
+    os.utime(bundle, (1_000_000, 1_000_000))
+    status.tell_and_wait(AppChanged(snapshot=snapshot()))
+    result = status.client.restart("hello")
+    assert result["sha256"] == sha
+    assert bundle.stat().st_mtime > 1_000_000
+    with pytest.raises(ApiError) as info:
+        status.client.restart("nobody")
+    assert info.value.status == 404
+
+
+def test_rollback_copies_the_previous_version_into_incoming(make_status):
+    status = make_status()
+    old = drop_bundle(status.config, "hello", b"v1")
+    status.tell_and_wait(finished(sha256=old, at=1_700_000_000))
+    new = drop_bundle(status.config, "hello", b"v2")
+    status.tell_and_wait(
+        finished(sha256=new, at=1_700_000_100), AppChanged(snapshot=snapshot(version=new[:12]))
+    )
+    result = status.client.rollback("hello")
+    assert (result["sha256"], result["version"]) == (old, old[:12])
+    assert (status.config.incoming_dir / "hello.keter").read_bytes() == b"v1"
+    assert [p.name for p in status.config.incoming_dir.iterdir()] == ["hello.keter"]
+
+    status.client.rollback("hello", new[:6])  # a named version, by a prefix
+    assert (status.config.incoming_dir / "hello.keter").read_bytes() == b"v2"
+    with pytest.raises(ApiError) as info:
+        status.client.rollback("hello", "ffffffff")
+    assert info.value.status == 404 or "not archived" in str(info.value)
+
+
+def test_rollback_needs_an_earlier_version(make_status):
+    status = make_status()
+    sha = drop_bundle(status.config, "hello", b"v1")
+    status.tell_and_wait(finished(sha256=sha), AppChanged(snapshot=snapshot(version=sha[:12])))
+    with pytest.raises(ApiError) as info:
+        status.client.rollback("hello")
+    assert info.value.status == 409
+    assert "no earlier version" in str(info.value)
+
+
+def test_a_damaged_archive_is_never_deployed(tmp_path):
+    archive = BundleArchive(tmp_path / "archive", keep=3)
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / "hello.keter").write_bytes(b"v1")
+    stored = archive.store("hello", incoming / "hello.keter", hashlib.sha256(b"v1").hexdigest(), 1)
+    stored.path.write_bytes(b"tampered")
+    (incoming / "hello.keter").write_bytes(b"v2")
+    with pytest.raises(Exception, match="damaged"):
+        archive.restore("hello", stored, incoming)
+    assert (incoming / "hello.keter").read_bytes() == b"v2"
+    assert [p.name for p in incoming.iterdir()] == ["hello.keter"]
+
+
+# -- request checks ----------------------------------------------------------------------------
+
+
+def test_writes_need_the_token_and_the_same_origin(make_status):
+    status = make_status()
+    drop_bundle(status.config, "hello", b"v1")
+    status.tell_and_wait(AppChanged(snapshot=snapshot()))
+    host, port = status.server.tcp_address
+    here = f"{host}:{port}"
+    token = status.server.token
+    path = "/api/apps/hello/restart"
+
+    code, _, body = status.http("POST", path, {"Host": here})
+    assert code == 403 and b"X-Keter-Token" in body
+    code, _, _ = status.http("POST", path, {"Host": here, "X-Keter-Token": "guess"})
+    assert code == 403
+    evil = {"Host": here, "X-Keter-Token": token, "Origin": "http://evil.example"}
+    assert status.http("POST", path, evil)[0] == 403
+    cross = {"Host": here, "X-Keter-Token": token, "Sec-Fetch-Site": "cross-site"}
+    assert status.http("POST", path, cross)[0] == 403
+    good = {"Host": here, "X-Keter-Token": token, "Origin": f"http://{here}"}
+    assert status.http("POST", path, good)[0] == 202
+    # A page that rebinds its own name to 127.0.0.1 reads nothing.
+    assert status.http("GET", "/api/token", {"Host": f"evil.example:{port}"})[0] == 421
+    assert status.http("GET", "/api/status", {"Host": here})[0] == 200
+    assert status.http("GET", path, {"Host": here})[0] == 405
+
+
+def test_pages_carry_the_token_and_strict_headers(make_status):
+    status = make_status()
+    here = "{}:{}".format(*status.server.tcp_address)
+    code, headers, body = status.http("GET", "/", {"Host": here})
+    assert code == 200
+    assert f'content="{status.server.token}"' in body.decode()
+    assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+    for path in ("/app/hello", "/static/dashboard.js", "/static/style.css"):
+        assert status.http("GET", path, {"Host": here})[0] == 200, path
+    assert status.http("GET", "/static/../status.py", {"Host": here})[0] == 404
+    assert status.http("GET", "/nothing", {"Host": here})[0] == 404
+
+
+def test_socket_is_0660_for_root_or_the_status_group(make_status):
+    stale = make_status().config.root / "run" / "keter.sock"
+    assert stat.S_ISSOCK(stale.stat().st_mode)
+    status = make_status(status_group="daemon")  # the first one's socket is replaced
+    info = status.server.socket_path.stat()
+    assert stat.S_IMODE(info.st_mode) == 0o660
+    assert info.st_gid == grp.getgrnam("daemon").gr_gid
+    status.stop()
+    assert not status.server.socket_path.exists()
+
+
+# -- metrics -----------------------------------------------------------------------------------
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def test_metrics_count_deploys_restarts_and_health_check_failures(make_status):
+    status = make_status()
+    status.tell_and_wait(
+        AppChanged(snapshot=snapshot()),
+        finished(outcome="serving", duration=0.4),
+        finished(outcome="failed", reason="did not answer on port 4002 within 1s (last: HTTP 500)"),
+        finished(outcome="failed", reason="exited with status 3 before answering"),
+        finished(outcome="superseded", reason="superseded by a newer bundle"),
+        AppChanged(snapshot=snapshot(state="backoff", restarts=1)),
+        AppChanged(snapshot=snapshot(state="running", restarts=2)),
+        AppChanged(snapshot=snapshot(app="other", state="failed", version=None)),
+    )
+    here = "{}:{}".format(*status.server.tcp_address)
+    code, headers, body = status.http("GET", "/metrics", {"Host": here})
+    assert code == 200 and headers["Content-Type"].startswith("text/plain")
+    samples = metric_samples(body.decode())
+    assert samples[("keter_app_up", (("app", "hello"),))] == 1
+    assert samples[("keter_app_up", (("app", "other"),))] == 0
+    for outcome, count in [("serving", 1), ("failed", 2), ("superseded", 1)]:
+        key = ("keter_deploys_total", (("app", "hello"), ("outcome", outcome)))
+        assert samples[key] == count
+    assert samples[("keter_deploy_duration_seconds_count", ())] == 1
+    assert samples[("keter_deploy_duration_seconds_bucket", (("le", "0.5"),))] == 1
+    assert samples[("keter_restarts_total", (("app", "hello"),))] == 2
+    assert samples[("keter_health_check_failures_total", (("app", "hello"),))] == 1
+
+    status.tell_and_wait(AppGone(app="other"))
+    _, _, body = status.http("GET", "/metrics", {"Host": here})
+    assert ("keter_app_up", (("app", "other"),)) not in metric_samples(body.decode())
+
+
+def test_health_check_failures_are_told_apart():
+    assert is_health_check_failure("did not answer on port 4000 within 30s (last: HTTP 500)")
+    assert not is_health_check_failure("exited with status 3 before answering")
+    assert not is_health_check_failure("host a.test is already served by app b")
+
+
+# -- log files ---------------------------------------------------------------------------------
+
+
+@given(st.lists(st.text(alphabet="ab\n", max_size=5), max_size=8), st.integers(0, 6))
+def test_tail_lines_matches_splitlines(chunks: list[str], count: int):
+    data = "".join(chunks)
+    path = Path(f"/tmp/keter-tail-{os.getpid()}.txt")
+    path.write_text(data)
+    try:
+        expected = data.split("\n")
+        if expected[-1] == "":
+            expected.pop()
+        assert tail_lines(path, count) == (expected[-count:] if count else [])
+    finally:
+        path.unlink()
+
+
+def test_tail_of_a_large_file_reads_only_its_end(tmp_path):
+    path = tmp_path / "big.log"
+    path.write_bytes(b"x" * 10_000_000 + b"\nlast\n")
+    assert tail_lines(path, 1) == ["last"]
+
+
+def test_follower_sees_every_line_across_rotations(tmp_path):
+    path = tmp_path / "app-hello.log"
+    # Enough backups that nothing is deleted while the follower falls behind.
+    applog = AppLog(path, max_bytes=400, backups=10)
+    applog.write_line(b"before 0")
+    applog.write_line(b"before 1")
+    seen: list[str] = []
+    with LogFollower(path, backlog=1) as follower:
+        reader = threading.Thread(target=lambda: seen.extend(follower.lines()))
+        reader.start()
+        for i in range(60):  # about 40 bytes a line: a rotation every ten lines, written at once
+            applog.write_line(f"line {i}".encode())
+        wait_for(lambda: seen and seen[-1].endswith("line 59"), 10, "the last line")
+        follower.stop()
+        reader.join(5)
+    applog.close()
+    assert (tmp_path / "app-hello.log.2").exists()  # it did rotate, more than once
+    assert [line.split(" ", 1)[1] for line in seen] == ["before 1"] + [
+        f"line {i}" for i in range(60)
+    ]
+
+
+def test_follower_of_a_truncated_file_starts_again(tmp_path):
+    path = tmp_path / "app.log"
+    path.write_text("old line\n")
+    seen: list[str] = []
+    with LogFollower(path) as follower:
+        reader = threading.Thread(target=lambda: seen.extend(follower.lines()))
+        reader.start()
+        path.write_text("new\n")  # truncates in place
+        wait_for(lambda: seen == ["new"], 10, "the line after truncation")
+        follower.stop()
+        reader.join(5)
+
+
+# -- inside a real keter -----------------------------------------------------------------------
+
+
+def test_a_real_keter_reports_its_apps_and_keeps_history_across_restarts(
+    keter, private_nginx, tmp_path
+):
+    client = status_api(keter)
+    bundle = make_bundle(tmp_path / "hello.keter", config=webapp_config("hello.test", "v1"))
+    sha = hashlib.sha256(bundle.read_bytes()).hexdigest()
+    keter.drop(bundle)
+    app = wait_for(
+        lambda: next((a for a in client.status()["apps"] if a["state"] == "running"), None),
+        20,
+        "hello to run",
+    )
+    assert app["name"] == "hello" and app["version"] == sha[:12]
+    assert app["urls"] == [f"http://hello.test:{private_nginx.port}/"]
+    low, high = keter.settings["port-range"]
+    assert low <= app["port"] <= high
+    assert [p.pid for p in keter.children() if p.pid == app["pid"]]
+    [entry] = client.app("hello")["history"]
+    assert (entry["outcome"], entry["sha256"]) == ("serving", sha)
+    assert (keter.root / "archive" / "hello" / f"{sha}.keter").read_bytes() == bundle.read_bytes()
+    metrics = metric_samples(client.text("/metrics"))
+    assert metrics[("keter_app_up", (("app", "hello"),))] == 1
+
+    assert keter.stop() == 0
+    assert not (keter.root / "run" / "keter.sock").exists()
+    keter.start()
+    client = status_api(keter)
+    # Before the app is back, its history is there; then the redeploy adds to it.
+    history = wait_for(
+        lambda: len(client.app("hello")["history"]) == 2 and client.app("hello")["history"],
+        20,
+        "the redeploy after the restart",
+    )
+    assert [h["seq"] for h in history] == [2, 1]
+    assert history[1]["sha256"] == sha
+
+
+def test_status_api_also_listens_on_tcp_when_configured(keter_factory):
+    port = free_port()
+    keter = keter_factory(**{"status-listen": f"127.0.0.1:{port}"})
+    status_api(keter)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    connection.request("GET", "/api/status")
+    response = connection.getresponse()
+    assert response.status == 200
+    assert json.load(io.BytesIO(response.read()))["keter"]["root"] == str(keter.root)
+    connection.close()

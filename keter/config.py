@@ -16,6 +16,7 @@ The YAML helpers at the end (``read_yaml_file``, ``describe``, ``unknown_key``,
 from __future__ import annotations
 
 import difflib
+import grp
 import ipaddress
 import json
 import math
@@ -52,15 +53,24 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Listener:
-    """One address nginx listens on for plain HTTP.
+    """One address nginx listens on, for plain HTTP or (with a certificate) HTTPS.
 
     ``host`` is ``"*"`` (every address) or one IP address in its canonical
     spelling. Keter's ``"*4"`` / ``"*6"`` (every IPv4 / IPv6 address) are read
-    as ``"0.0.0.0"`` / ``"::"``, which say the same in nginx's terms.
+    as ``"0.0.0.0"`` / ``"::"``, which say the same in nginx's terms. A TLS
+    listener's certificate is the default for every host without its own.
     """
 
     host: str
     port: int
+    certificate: Path | None = None
+    key: Path | None = None
+    chain: tuple[Path, ...] = ()  # Keter's chain-certificates
+    session: bool = False  # TLS session resumption (an nginx session cache)
+
+    @property
+    def tls(self) -> bool:
+        return self.certificate is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +112,22 @@ class KeterConfig:
     log_backups: int = 5
     max_unpacked_bytes: int = 2 * GIB
     max_members: int = 100_000
+    # Keter's proxy keys, carried out by nginx (see keter.nginx.ProxyOptions).
+    ip_from_header: tuple[str, ...] = ()  # proxies trusted to set X-Forwarded-For
+    external_http_port: int | None = None  # for APPROOT; None: the first plain listener's
+    external_https_port: int | None = None  # for APPROOT; None: the first TLS listener's
+    healthcheck_path: str | None = None
+    unknown_host_response_file: Path | None = None
+    missing_host_response_file: Path | None = None
+    proxy_exception_response_file: Path | None = None
+    connection_time_bound: int = 300_000  # milliseconds; 0 = unbounded
+    # The operator's side (keter.status): an optional TCP address for the API and dashboard
+    # besides ROOT/run/keter.sock, the group allowed to use that socket, how many served
+    # bundles each app keeps for rollback, and the host nginx may route to the dashboard.
+    status_listen: tuple[str, int] | None = None
+    status_group: str | None = None
+    archive_keep: int = 3
+    dashboard_host: str | None = None
     warnings: tuple[str, ...] = ()
 
     @property
@@ -127,6 +153,10 @@ class KeterConfig:
     @property
     def run_dir(self) -> Path:
         return self.root / "run"
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.root / "archive"
 
 
 # -- loading -------------------------------------------------------------------------
@@ -177,20 +207,20 @@ def read_ephemeral_range(path: Path | None = None) -> tuple[int, int] | None:
 
 # -- parsing -------------------------------------------------------------------------
 
-# Keter keys that have no meaning in this implementation (yet).
-KETER_ONLY_KEYS = (
-    "cli-port",
-    "port-manager",
-    "rotate-logs",
-    "ip-from-header",
-    "external-http-port",
-    "external-https-port",
-    "healthcheck-path",
-    "unknown-host-response-file",
-    "missing-host-response-file",
-    "proxy-exception-response-file",
-    "connection-time-bound",
+# Keter keys that have no meaning in this implementation: keter has no CLI
+# port, port-range replaces port-manager, and app logs are always rotated.
+KETER_ONLY_KEYS = ("cli-port", "port-manager", "rotate-logs")
+# With `ip-from-header: true`, X-Forwarded-For is believed from these peers:
+# loopback and the private ranges load balancers sit in (an AWS ELB, a local proxy).
+TRUSTED_PROXIES = (
+    "127.0.0.0/8",
+    "::1",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "fc00::/7",
 )
+MAX_PEM_BYTES = 1 << 20
 TLS_LISTENER_KEYS = ("key", "certificate", "chain-certificates", "session")
 # Keter's spellings for "every address of one family".
 WILDCARD_HOSTS = {"*4": "0.0.0.0", "*6": "::"}
@@ -255,6 +285,7 @@ def parse_config(
             check.problem(key_name(key), unknown_key(key, _KNOWN_KEYS))
     values.setdefault("root", root)
     _check_ports(values, check, ephemeral_range)
+    _check_status_port(values, check)
     if check.problems:
         raise ConfigError(check.problems)
     return KeterConfig(**values, warnings=tuple(check.warnings))
@@ -274,7 +305,7 @@ def _parse_listeners(value: object, path: str, check: Checker, base: Path) -> ob
     seen: dict[tuple[str, int], str] = {}
     for i, entry in enumerate(value):
         where = f"{path}[{i}]"
-        listener = _parse_listener(entry, where, check)
+        listener = _parse_listener(entry, where, check, base)
         if listener is None:
             continue
         # nginx binds "*" as 0.0.0.0, so the two would be one socket listed twice.
@@ -285,40 +316,91 @@ def _parse_listeners(value: object, path: str, check: Checker, base: Path) -> ob
         listeners.append(listener)
     if len(check.problems) > before:
         return None
-    if not listeners:
-        check.problem(path, "no plain HTTP listener left (TLS listeners are not supported yet)")
+    if not any(not listener.tls for listener in listeners):
+        # keter confirms each nginx reload over plain HTTP on the first such listener.
+        check.problem(path, "at least one plain HTTP listener (without a certificate) is needed")
         return None
     return tuple(listeners)
 
 
-def _parse_listener(entry: object, where: str, check: Checker) -> Listener | None:
-    """The listener, or None after a problem or for a (skipped) TLS listener."""
+def _parse_listener(entry: object, where: str, check: Checker, base: Path) -> Listener | None:
+    """The listener (plain, or TLS with certificate and key), or None after a problem."""
     if not isinstance(entry, dict):
         check.problem(
             where, f'expected a mapping like {{host: "*", port: 80}}, got {describe(entry)}'
         )
         return None
     before = len(check.problems)
-    tls_keys = [key for key in TLS_LISTENER_KEYS if key in entry]
-    host, port = "*", 443 if tls_keys else 80  # Keter's defaults
+    tls = any(key in entry for key in TLS_LISTENER_KEYS if key != "session")
+    host, port = "*", 443 if tls else 80  # Keter's defaults
+    files: dict[str, Any] = {}
     for key, value in entry.items():
         if key == "host":
             host = _parse_listen_host(value, f"{where}.host", check) or host
         elif key == "port":
             port = _integer(value, f"{where}.port", check, 1, 65535) or port
-        elif key not in TLS_LISTENER_KEYS:
+        elif key in ("certificate", "key"):
+            files[key] = pem_file(value, f"{where}.{key}", check, base, key)
+        elif key == "chain-certificates":
+            files["chain"] = pem_files(value, f"{where}.{key}", check, base)
+        elif key == "session":
+            if not isinstance(value, bool):
+                check.problem(f"{where}.session", f"expected true or false, got {describe(value)}")
+            files["session"] = value is True
+        else:
             known = ("host", "port", *TLS_LISTENER_KEYS)
             check.problem(f"{where}.{key_name(key)}", unknown_key(key, known))
+    if tls and ("certificate" not in entry or "key" not in entry):
+        check.problem(where, "a TLS listener needs both certificate and key")
+    elif "session" in entry and not tls:
+        check.problem(f"{where}.session", "only a TLS listener (certificate and key) has sessions")
     if len(check.problems) > before:
         return None
-    if tls_keys:
-        check.warn(
-            where,
-            f"TLS listener ({host} port {port}, {', '.join(tls_keys)}) is not supported yet; "
-            "it is skipped",
-        )
+    return Listener(host, port, **files)
+
+
+def pem_file(
+    value: object, path: str, check: Checker, base: Path, kind: str = "certificate"
+) -> Path | None:
+    """A certificate (or, ``kind`` "key", private key) file relative to ``base``, checked."""
+    text = _string(value, path, check, "a file path")
+    if text is None:
         return None
-    return Listener(host, port)
+    file = _absolute(base / text)
+    problem = pem_problem(file, kind)
+    if problem:
+        check.problem(path, problem)
+        return None
+    return file
+
+
+def pem_files(value: object, path: str, check: Checker, base: Path) -> tuple[Path, ...] | None:
+    """``chain-certificates``: a list of certificate files."""
+    if not isinstance(value, list):
+        check.problem(path, f"expected a list of certificate files, got {describe(value)}")
+        return None
+    files = [pem_file(item, f"{path}[{i}]", check, base) for i, item in enumerate(value)]
+    return None if None in files else tuple(file for file in files if file is not None)
+
+
+def pem_problem(file: Path, kind: str) -> str | None:
+    """Why ``file`` cannot serve as a certificate (``kind`` "key": a private key), if it cannot.
+
+    nginx would refuse the whole config over one bad file, so this is checked
+    before nginx ever sees it. Only the PEM header is looked at.
+    """
+    try:
+        with open(file, "rb") as f:
+            head = f.read(MAX_PEM_BYTES)
+    except OSError as exc:
+        return f"{file} cannot be read: {exc.strerror}"
+    if kind == "key":
+        ok = re.search(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----", head) is not None
+        what = "a PEM private key"
+    else:
+        ok = b"-----BEGIN CERTIFICATE-----" in head
+        what = "a PEM certificate"
+    return None if ok else f"{file} is not {what}"
 
 
 def _parse_listen_host(value: object, path: str, check: Checker) -> str | None:
@@ -472,6 +554,47 @@ def _parse_dsn(value: object, path: str, check: Checker) -> str | None:
     return value
 
 
+def _parse_ip_from_header(value: object, path: str, check: Checker, base: Path) -> object:
+    """``true`` (trust the usual proxy networks), ``false``, or a list of trusted networks."""
+    if isinstance(value, bool):
+        return TRUSTED_PROXIES if value else ()
+    if isinstance(value, list) and value:
+        networks = []
+        for i, item in enumerate(value):
+            try:
+                networks.append(str(ipaddress.ip_network(item)))
+            except (TypeError, ValueError):
+                check.problem(
+                    f"{path}[{i}]", f"expected an address or network, got {describe(item)}"
+                )
+        return tuple(networks) if len(networks) == len(value) else None
+    check.problem(path, f"expected true, false or a list of networks, got {describe(value)}")
+    return None
+
+
+def _parse_port(value: object, path: str, check: Checker, base: Path) -> object:
+    return _integer(value, path, check, 1, 65535)
+
+
+def _parse_url_path(value: object, path: str, check: Checker, base: Path) -> object:
+    # Printable ASCII without spaces, quotes, $ or braces: it goes verbatim into nginx.
+    if isinstance(value, str) and re.fullmatch(r"/[A-Za-z0-9._~!&'()*+,;=:@%/-]{0,254}", value):
+        return value
+    check.problem(path, f'expected a URL path like "/keter-health", got {describe(value)}')
+    return None
+
+
+def _parse_response_file(value: object, path: str, check: Checker, base: Path) -> object:
+    text = _string(value, path, check, "a file path")
+    if text is None:
+        return None
+    file = _absolute(base / text)
+    if not file.is_file():
+        check.problem(path, f"{file} is not a file")
+        return None
+    return file
+
+
 def _parse_setuid(value: object, path: str, check: Checker, base: Path) -> object:
     name = _string(value, path, check, "a user name")
     if name is None:
@@ -482,6 +605,69 @@ def _parse_setuid(value: object, path: str, check: Checker, base: Path) -> objec
         check.problem(path, f"no user named {describe(name)} on this machine")
         return None
     return name
+
+
+def _parse_status_listen(value: object, path: str, check: Checker, base: Path) -> object:
+    expected = 'expected "ADDRESS:PORT" like "127.0.0.1:8999" or "[::1]:8999"'
+    host, _, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    try:
+        address = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        address = None
+    if address is None or not port.isdigit() or not 1 <= int(port) <= 65535:
+        check.problem(path, f"{expected}, got {describe(value)}")
+        return None
+    if (address.version == 6) != host.startswith("["):
+        check.problem(path, f"{expected} (IPv6 addresses in brackets), got {describe(value)}")
+        return None
+    if not address.is_loopback:
+        check.warn(
+            path,
+            f"{address} is not a loopback address: whoever reaches it can see every app "
+            "and restart or roll them back",
+        )
+    return (str(address), int(port))
+
+
+def _parse_status_group(value: object, path: str, check: Checker, base: Path) -> object:
+    name = _string(value, path, check, "a group name")
+    if name is None:
+        return None
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        check.problem(path, f"no group named {describe(name)} on this machine")
+        return None
+    return name
+
+
+def _parse_dashboard_host(value: object, path: str, check: Checker, base: Path) -> object:
+    from keter.bundle import validate_host  # keter.bundle imports this module
+
+    name = _string(value, path, check, "a host name")
+    if name is None:
+        return None
+    try:
+        host = validate_host(name)
+    except ValueError as exc:
+        check.problem(path, f"{exc}, got {describe(name)}")
+        return None
+    if host.startswith("*."):
+        check.problem(path, f"expected one host name, not a wildcard, got {describe(name)}")
+        return None
+    return host
+
+
+def _check_status_port(values: dict[str, object], check: Checker) -> None:
+    """The status listener must not take a port keter hands to apps."""
+    listen = values.get("status_listen")
+    low, high = values.get("port_range", KeterConfig.port_range)
+    if listen is not None and low <= listen[1] <= high:
+        check.problem(
+            "status-listen",
+            f"port {listen[1]} is inside port-range [{low}, {high}], so keter could give it "
+            "to an app",
+        )
 
 
 _FIELDS: dict[str, tuple[str, Parser]] = {
@@ -498,6 +684,18 @@ _FIELDS: dict[str, tuple[str, Parser]] = {
     "log-backups": ("log_backups", _count(0)),
     "max-unpacked-bytes": ("max_unpacked_bytes", _count(1)),
     "max-members": ("max_members", _count(1)),
+    "ip-from-header": ("ip_from_header", _parse_ip_from_header),
+    "external-http-port": ("external_http_port", _parse_port),
+    "external-https-port": ("external_https_port", _parse_port),
+    "healthcheck-path": ("healthcheck_path", _parse_url_path),
+    "unknown-host-response-file": ("unknown_host_response_file", _parse_response_file),
+    "missing-host-response-file": ("missing_host_response_file", _parse_response_file),
+    "proxy-exception-response-file": ("proxy_exception_response_file", _parse_response_file),
+    "connection-time-bound": ("connection_time_bound", _count(0)),
+    "status-listen": ("status_listen", _parse_status_listen),
+    "status-group": ("status_group", _parse_status_group),
+    "archive-keep": ("archive_keep", _count(1)),
+    "dashboard-host": ("dashboard_host", _parse_dashboard_host),
 }
 _KNOWN_KEYS = (*_FIELDS, "root", *KETER_ONLY_KEYS)
 

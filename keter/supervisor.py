@@ -15,6 +15,20 @@ version that was serving is never touched. An app has at most one version
 serving and one on its way (``next``); a newer bundle supersedes ``next``,
 except while nginx is already switching to it, in which case the newer bundle
 waits for that switch to finish (only the latest waiting bundle is kept).
+
+A bundle is any mix of Keter's stanzas (``keter.bundle``). One without a web
+app (static files, redirects, reverse proxies, workers only) skips STARTING:
+nothing needs a port or a health check before nginx switches to it. Certificates
+and TLS listeners are checked (``keter.routes.deploy_problems``) right after
+unpacking, so a bad certificate fails that deploy alone, before nginx sees it.
+
+Background workers are processes of the deploy like its web app, each with its
+own process id from the deploy-id counter (``Deploy.workers``), supervised by
+the process monitor without port or health check. A version's workers start
+once it serves, and stop with it: on a redeploy the old version's workers are
+stopped after the new version's have started (after the drain period, together
+with the old web app), as in Keter. A worker that crashed more often than its
+``restart-count`` is stopped for good.
 """
 
 from __future__ import annotations
@@ -30,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keter import systemd
-from keter.bundle import BundleConfig
+from keter.bundle import Background, BundleConfig
 from keter.config import KeterConfig
 from keter.messages import (
     AppChanged,
@@ -68,10 +82,12 @@ from keter.messages import (
     UnpackBundle,
     UnpackFailed,
 )
-from keter.nginx import NginxWriter
+from keter.nginx import NginxWriter, ProxyOptions
 from keter.ports import NoFreePort, PortPool
 from keter.postgres import PostgresProvisioner, db_env
 from keter.processes import ProcessMonitor
+from keter.routes import approot, deploy_problems, sites_for
+from keter.status import StatusServer
 from keter.unpacker import Unpacker
 from keter.watcher import IncomingWatcher
 
@@ -108,6 +124,9 @@ class Deploy:
     sha256: str = ""  # of the bundle as unpacked
     started_at: float | None = None  # wall clock time its current process started
     restarts: int = 0
+    # Background workers: process id -> index into config.backgrounds; and their restarts.
+    workers: dict[int, int] = field(default_factory=dict)
+    worker_restarts: dict[int, int] = field(default_factory=dict)
 
     @property
     def version(self) -> str:
@@ -115,9 +134,15 @@ class Deploy:
 
     @property
     def hosts(self) -> tuple[str, ...]:
-        if self.config is None or self.config.webapp is None:
+        """Every host the version claims, from all its stanzas."""
+        if self.config is None:
             return ()
-        return self.config.webapp.hosts
+        return self.config.all_hosts
+
+    @property
+    def process_ids(self) -> tuple[int, ...]:
+        """The web app's id (the deploy's own, used even without a web app) and the workers'."""
+        return (self.id, *self.workers)
 
 
 @dataclass(kw_only=True)
@@ -162,30 +187,50 @@ class App:
 def app_environment(
     config: KeterConfig, bundle: BundleConfig, port: int, db: DbInfo | None
 ) -> dict[str, str]:
-    """The complete environment an app process gets (nothing else leaks from keter's)."""
+    """The complete environment an app process gets (nothing else leaks from keter's).
+
+    After the base and the global ``env``: the ``forward-env`` names that keter's
+    own environment has, the bundle's ``env``, then PORT (also under every
+    ``port-env-vars`` name), APPROOT and the database variables.
+    """
+    webapp = bundle.webapp
+    assert webapp is not None
+    env = _base_environment(config, webapp.forward_env)
+    env.update(webapp.env)
+    for name in ("PORT", *webapp.port_env_vars):
+        env[name] = str(port)
+    secure = webapp.ssl is not False
+    env["APPROOT"] = approot(webapp.hosts[0], secure=secure, settings=config)
+    if db is not None:
+        env.update(db_env(db))
+    return env
+
+
+def worker_environment(
+    config: KeterConfig, worker: Background, db: DbInfo | None
+) -> dict[str, str]:
+    """A background worker's environment: as an app's, without PORT and APPROOT."""
+    env = _base_environment(config, worker.forward_env)
+    env.update(worker.env)
+    if db is not None:
+        env.update(db_env(db))
+    return env
+
+
+def _base_environment(config: KeterConfig, forward: tuple[str, ...]) -> dict[str, str]:
     home = "/"
     if config.setuid:
         home = pwd.getpwnam(config.setuid).pw_dir
     env = {"PATH": BASE_PATH, "LANG": os.environ.get("LANG", "C.UTF-8"), "HOME": home}
     env.update(config.env)
-    webapp = bundle.webapp
-    assert webapp is not None
-    env.update(webapp.env)
-    env["PORT"] = str(port)
-    env["APPROOT"] = approot(webapp.hosts[0], config.listeners[0].port)
-    if db is not None:
-        env.update(db_env(db))
+    # Only what the bundle names: the rest of keter's environment stays out.
+    env.update({name: os.environ[name] for name in forward if name in os.environ})
     return env
 
 
 def _covered(assigned: int | None, generation: int) -> bool:
     """Whether a change sent with nginx generation ``assigned`` is settled by this reply."""
     return assigned is not None and assigned <= generation
-
-
-def approot(host: str, port: int) -> str:
-    host = host.removeprefix("*.")
-    return f"http://{host}" if port == 80 else f"http://{host}:{port}"
 
 
 class Supervisor:
@@ -225,6 +270,7 @@ class Supervisor:
             test_command=config.nginx.test_command,
             reload_command=config.nginx.reload_command,
             report_to=report,
+            options=ProxyOptions.from_config(config),
         )
         self.postgres = PostgresProvisioner(
             etc_dir=config.etc_dir,
@@ -234,8 +280,16 @@ class Supervisor:
         )
         # Started in this order; the watcher comes last so that the monitor has
         # cleared leftovers of an earlier run before any deploy can start.
-        self.status = None  # the status component (operator API) when there is one
-        self.components = [self.unpacker, self.monitor, self.nginx, self.postgres, self.watcher]
+        # The operator's API (keter.status); _publish tells it every change.
+        self.status: StatusServer | None = StatusServer(config, report_to=report)
+        self.components = [
+            self.unpacker,
+            self.monitor,
+            self.nginx,
+            self.postgres,
+            self.status,
+            self.watcher,
+        ]
 
     # -- running ---------------------------------------------------------------------
 
@@ -293,6 +347,10 @@ class Supervisor:
             case DatabaseFailed(app=app, deploy_id=deploy_id, reason=reason):
                 if deploy := self._next_deploy(app, deploy_id):
                     self._fail(deploy, f"database: {reason}")
+            case ProcessStarted(app=app, deploy_id=deploy_id, pid=pid) if self._worker_deploy(
+                deploy_id
+            ):
+                log.info("%s: background worker #%d started pid %d", app, deploy_id, pid)
             case ProcessStarted(app=app, deploy_id=deploy_id, pid=pid, port=port):
                 log.info("%s: deploy #%d started pid %d on port %s", app, deploy_id, pid, port)
                 if deploy := self._find_deploy(app, deploy_id):
@@ -302,6 +360,11 @@ class Supervisor:
                     log.info("%s: deploy #%d is healthy, switching traffic", app, deploy_id)
                     deploy.stage = Stage.SWITCHING
                     self._request_nginx()
+            case ProcessFailed(app=app, deploy_id=deploy_id, reason=reason) if self._worker_deploy(
+                deploy_id
+            ):
+                # Its deploy serves on; ProcessStopped follows and forgets the worker.
+                log.error("%s: background worker #%d could not start: %s", app, deploy_id, reason)
             case ProcessFailed(app=app, deploy_id=deploy_id, reason=reason, output_tail=tail):
                 if deploy := self._next_deploy(app, deploy_id):
                     # The monitor has already stopped it; ProcessStopped follows.
@@ -360,6 +423,9 @@ class Supervisor:
             )
 
     def _process_state_changed(self, msg: ProcessStateChanged) -> None:
+        if worker_of := self._worker_deploy(msg.deploy_id):
+            self._worker_state_changed(worker_of, msg)
+            return
         deploy = self._find_deploy(msg.app, msg.deploy_id)
         if deploy is None:
             return
@@ -430,14 +496,18 @@ class Supervisor:
         deploy.sha256 = msg.sha256
         for warning in msg.warnings:
             log.warning("%s: %s", msg.app, warning)
-        if config.webapp is None:
-            self._fail(deploy, "config/keter.yaml defines no web app (exec and host)")
+        if not config.runs_something and not config.serves_http:
+            self._fail(deploy, "config/keter.yaml defines nothing to run or serve")
             return
-        for host in config.webapp.hosts:
+        for host in config.all_hosts:
             owner = self._host_owner(host, except_app=msg.app)
             if owner is not None:
                 self._fail(deploy, f"host {host} is already served by app {owner}")
                 return
+        problems = deploy_problems(config, self.config)
+        if problems:
+            self._fail(deploy, "; ".join(problems))
+            return
         log.info(
             "%s: deploy #%d unpacked, hosts %s", msg.app, msg.deploy_id, ", ".join(deploy.hosts)
         )
@@ -457,14 +527,28 @@ class Supervisor:
         return None
 
     def _start_process(self, deploy: Deploy) -> None:
-        assert deploy.config is not None and deploy.config.webapp is not None
+        assert deploy.config is not None
         webapp = deploy.config.webapp
+        if webapp is None:
+            # Nothing to start or health-check: nginx can switch to it right away.
+            log.info("%s: deploy #%d runs no web app, switching", deploy.app, deploy.id)
+            deploy.stage = Stage.SWITCHING
+            self._request_nginx()
+            return
         try:
             deploy.port = self.ports.allocate()
         except NoFreePort as exc:
             self._fail(deploy, str(exc))
             return
         deploy.stage = Stage.STARTING
+        if webapp.ensure_alive is not None:
+            # The process monitor has one timeout for every app (no per-spec field yet).
+            log.warning(
+                "%s: ensure-alive-time-bound (%gs) is not applied; health-check-timeout (%gs) is",
+                deploy.app,
+                webapp.ensure_alive,
+                self.config.health_check_timeout,
+            )
         health_host = next((h for h in webapp.hosts if not h.startswith("*.")), webapp.hosts[0])
         spec = ProcessSpec(
             command=(str(webapp.exec), *webapp.args),
@@ -481,16 +565,73 @@ class Supervisor:
         )
         self.monitor.tell(StartProcess(app=deploy.app, deploy_id=deploy.id, spec=spec))
 
+    # -- background workers ------------------------------------------------------------
+
+    def _start_workers(self, deploy: Deploy) -> None:
+        """Start the version's background workers; it serves now (see the module docstring)."""
+        assert deploy.config is not None and deploy.folder is not None
+        for index, worker in enumerate(deploy.config.backgrounds):
+            process_id = next(self._deploy_ids)
+            deploy.workers[process_id] = index
+            spec = ProcessSpec(
+                command=(str(worker.exec), *worker.args),
+                cwd=deploy.folder,
+                env=worker_environment(self.config, worker, deploy.db),
+                log_path=self.config.log_dir / f"app-{deploy.app}.log",
+                user=self.config.setuid,
+            )
+            log.info(
+                "%s: deploy #%d starts background worker #%d (%s)",
+                deploy.app,
+                deploy.id,
+                process_id,
+                worker.exec.name,
+            )
+            self.monitor.tell(StartProcess(app=deploy.app, deploy_id=process_id, spec=spec))
+
+    def _worker_deploy(self, process_id: int) -> Deploy | None:
+        """The deploy that runs background worker ``process_id``, if it is one."""
+        deploy = self.retiring.get(process_id)
+        if deploy is None:
+            serving = (app.serving for app in self.apps.values() if app.serving is not None)
+            deploy = next((d for d in serving if process_id in d.workers), None)
+        return deploy if deploy is not None and process_id in deploy.workers else None
+
+    def _worker_state_changed(self, deploy: Deploy, msg: ProcessStateChanged) -> None:
+        """Count a worker's crashes; past its restart-count it is stopped for good."""
+        if msg.state != "BACKOFF" or msg.deploy_id in self.retiring:
+            return
+        assert deploy.config is not None
+        worker = deploy.config.backgrounds[deploy.workers[msg.deploy_id]]
+        restarts = deploy.worker_restarts.get(msg.deploy_id, 0) + 1
+        deploy.worker_restarts[msg.deploy_id] = restarts
+        self._event(msg.app, "crash", f"background worker #{msg.deploy_id}: {msg.detail}")
+        if worker.restart_count is not None and restarts > worker.restart_count:
+            log.error(
+                "%s: background worker #%d crashed again after %d restart(s); "
+                "restart-count reached, not restarting",
+                msg.app,
+                msg.deploy_id,
+                worker.restart_count,
+            )
+            self.monitor.tell(StopProcess(app=msg.app, deploy_id=msg.deploy_id, delay=0))
+
     # -- nginx -----------------------------------------------------------------------
 
     def _desired_sites(self) -> tuple[Site, ...]:
-        sites = []
+        sites: list[Site] = []
         for app in self.apps.values():
             target = app.serving if not app.removing else None
             if app.next is not None and app.next.stage is Stage.SWITCHING:
                 target = app.next
-            if target is not None and target.port is not None:
-                sites.append(Site(app=app.name, hosts=target.hosts, port=target.port))
+            if target is None or target.config is None or target.folder is None:
+                continue
+            try:
+                sites.extend(
+                    sites_for(app.name, target.config, target.folder, target.port, self.config)
+                )
+            except ValueError as exc:  # the bundle parser refuses this already
+                log.error("%s: not routed: %s", app.name, exc)
         return tuple(sorted(sites, key=lambda s: s.app))
 
     def _request_nginx(self) -> None:
@@ -547,6 +688,7 @@ class Supervisor:
         hosts = ", ".join(deploy.hosts)
         log.info("%s: deploy #%d now serving %s (took %.2fs)", app.name, deploy.id, hosts, took)
         self._finished(deploy, "serving")
+        self._start_workers(deploy)
         if old is not None:
             self._retire(old, self.config.drain_seconds)
 
@@ -590,9 +732,10 @@ class Supervisor:
     def _cleanup(self, deploy: Deploy, *, process_stopping: bool) -> None:
         """Undo whatever a deploy that will never serve has set up so far."""
         if deploy.stage in (Stage.STARTING, Stage.SWITCHING, Stage.SERVING):
-            self.retiring[deploy.id] = deploy
-            if not process_stopping:
-                self.monitor.tell(StopProcess(app=deploy.app, deploy_id=deploy.id, delay=0))
+            for process_id in deploy.process_ids:
+                self.retiring[process_id] = deploy
+                if process_id != deploy.id or not process_stopping:
+                    self.monitor.tell(StopProcess(app=deploy.app, deploy_id=process_id, delay=0))
         elif deploy.folder is not None and (
             deploy.stage is Stage.PROVISIONING or deploy.config is not None
         ):
@@ -602,13 +745,21 @@ class Supervisor:
 
     def _retire(self, deploy: Deploy, delay: float) -> None:
         log.info("%s: stopping deploy #%d in %.1fs", deploy.app, deploy.id, delay)
-        self.retiring[deploy.id] = deploy
-        self.monitor.tell(StopProcess(app=deploy.app, deploy_id=deploy.id, delay=delay))
+        # Without a web app the deploy's own id names no process; the monitor
+        # answers ProcessStopped at once, so every deploy ends the same way.
+        for process_id in deploy.process_ids:
+            self.retiring[process_id] = deploy
+            self.monitor.tell(StopProcess(app=deploy.app, deploy_id=process_id, delay=delay))
 
     def _process_stopped(self, app_name: str, deploy_id: int) -> None:
         deploy = self.retiring.pop(deploy_id, None)
         if deploy is None:
+            if owner := self._worker_deploy(deploy_id):  # a worker that gave up
+                log.info("%s: background worker #%d stopped", app_name, deploy_id)
+                owner.workers.pop(deploy_id, None)
             return
+        if any(self.retiring.get(other) is deploy for other in deploy.process_ids):
+            return  # the last of its processes finishes it
         if deploy.port is not None:
             self.ports.release(deploy.port)
         if deploy.folder is not None:
@@ -633,8 +784,10 @@ class Supervisor:
         return None
 
     def _find_deploy(self, app: str, deploy_id: int) -> Deploy | None:
+        """The deploy whose web app process is ``deploy_id`` (never a worker's)."""
         if deploy_id in self.retiring:
-            return self.retiring[deploy_id]
+            deploy = self.retiring[deploy_id]
+            return deploy if deploy.id == deploy_id else None
         state = self.apps.get(app)
         if state is None:
             return None
@@ -650,10 +803,16 @@ class Supervisor:
             return
         # The watcher goes first so no new deploy starts; the monitor's own stop
         # then stops every app gracefully (TERM, shared deadline, KILL).
-        for component in [self.watcher, self.unpacker, self.postgres, self.monitor, self.nginx]:
+        # The status API goes last: it answers while the apps stop.
+        stopping = [self.watcher, self.unpacker, self.postgres, self.monitor, self.nginx]
+        for component in stopping:
             component.stop()
-        for component in [self.watcher, self.unpacker, self.postgres, self.monitor, self.nginx]:
+        for component in stopping:
             if component.is_alive():
                 component.join()
+        if self.status is not None:
+            self.status.stop()
+            if self.status.is_alive():
+                self.status.join()
         log.info("keter: stopped")
         self._exit_code = code

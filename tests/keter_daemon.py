@@ -18,6 +18,8 @@ import pytest
 import yaml
 from support import wait_for
 
+from keter.client import KeterClient
+
 APPS = Path(__file__).parent / "apps"
 
 
@@ -167,3 +169,31 @@ def keter_factory(tmp_path, private_nginx) -> Iterator:
 @pytest.fixture
 def keter(keter_factory) -> KeterDaemon:
     return keter_factory()
+
+
+# -- the operator's side: status API and CLI (keter.status, keter.commands) -------------
+
+
+def status_api(daemon: KeterDaemon, timeout: float = 10) -> KeterClient:
+    """A client of the daemon's status socket, once the socket answers."""
+    client = KeterClient(daemon.root)
+    wait_for(client.status, timeout, "the status API to answer")
+    return client
+
+
+def keter_cli(
+    root: Path, *args: str, stdin: bytes | None = None, timeout: float = 60, **popen
+) -> subprocess.CompletedProcess:
+    """Run ``keter COMMAND --root ROOT ARGS...`` as its own process (text output)."""
+    command, *rest = args
+    result = subprocess.run(
+        [sys.executable, "-m", "keter", command, "--root", str(root), *rest],
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+        **popen,
+    )
+    result.stdout = result.stdout.decode(errors="replace")
+    result.stderr = result.stderr.decode(errors="replace")
+    return result

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pwd
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from support import keter_sample
+from tls_certs import make_certificate
 
 from keter.config import (
     KETER_ONLY_KEYS,
@@ -207,7 +207,10 @@ def test_port_range_may_touch_but_not_overlap_the_ephemeral_range() -> None:
             "listeners[1]: 0.0.0.0 port 81 repeats",
         ),
         ("listeners: [{host: '::1'}, {host: '0::1'}]", "listeners[1]: ::1 port 80 repeats"),
-        ("listeners: [{port: 443, key: k.pem}]", "listeners: no plain HTTP listener left"),
+        (
+            "listeners: [{port: 8443, session: true}]",
+            "listeners[0].session: only a TLS listener (certificate and key) has sessions",
+        ),
         (
             "nginx: /etc/nginx",
             'nginx: expected a mapping like {config-file: ...}, got "/etc/nginx"',
@@ -345,15 +348,62 @@ def test_listener_port_inside_the_app_port_range_is_refused() -> None:
     )
 
 
-def test_tls_listeners_are_skipped_with_a_warning() -> None:
-    config = parse(
-        'listeners: [{host: "*4"}, {host: "*4", key: k.pem, certificate: c.pem, session: true}]'
+def test_tls_listeners_have_certificates_relative_to_the_config_file(tmp_path: Path) -> None:
+    make_certificate(tmp_path / "etc", "certificate", "example.com")
+    make_certificate(tmp_path / "etc/chain", "middle", "ca.example.com")
+    config = parse_config(
+        load_yaml(
+            'listeners: [{host: "*4"}, {host: "*4", key: certificate.key,'
+            " certificate: certificate.crt, chain-certificates: [chain/middle.crt],"
+            " session: true}]"
+        ),
+        root=tmp_path,
+        base=tmp_path / "etc",
+        ephemeral_range=EPHEMERAL,
     )
-    assert config.listeners == (Listener("0.0.0.0", 80),)
-    assert config.warnings == (
-        "listeners[1]: TLS listener (0.0.0.0 port 443, key, certificate, session) is not supported "
-        "yet; it is skipped",
+    plain, tls = config.listeners
+    assert plain == Listener("0.0.0.0", 80) and not plain.tls
+    assert tls == Listener(
+        "0.0.0.0",
+        443,  # Keter's default port for a TLS listener
+        certificate=tmp_path / "etc/certificate.crt",
+        key=tmp_path / "etc/certificate.key",
+        chain=(tmp_path / "etc/chain/middle.crt",),
+        session=True,
     )
+    assert tls.tls
+    assert config.warnings == ()
+
+
+def test_tls_listener_mistakes(tmp_path: Path) -> None:
+    certificate, key = make_certificate(tmp_path / "etc", "certificate", "example.com")
+
+    def found(text: str) -> list[str]:
+        with pytest.raises(ConfigError) as info:
+            parse_config(load_yaml(text), root=tmp_path, base=tmp_path / "etc")
+        return info.value.problems
+
+    assert found("listeners: [{port: 80}, {port: 443, key: certificate.key}]") == [
+        "listeners[1]: a TLS listener needs both certificate and key"
+    ]
+    assert found("listeners: [{port: 80}, {certificate: nope.crt, key: certificate.crt}]") == [
+        f"listeners[1].certificate: {tmp_path}/etc/nope.crt cannot be read: "
+        "No such file or directory",
+        f"listeners[1].key: {certificate} is not a PEM private key",
+    ]
+    assert found(
+        "listeners: [{port: 80}, {certificate: certificate.crt, key: certificate.key,"
+        " chain-certificates: certificate.crt, session: 1}]"
+    ) == [
+        "listeners[1].chain-certificates: expected a list of certificate files, "
+        'got "certificate.crt"',
+        "listeners[1].session: expected true or false, got 1",
+    ]
+    # keter confirms every reload over plain HTTP.
+    assert found("listeners: [{certificate: certificate.crt, key: certificate.key}]") == [
+        "listeners: at least one plain HTTP listener (without a certificate) is needed"
+    ]
+    assert key.exists()
 
 
 def test_unknown_setuid_user_is_refused() -> None:
@@ -480,15 +530,109 @@ def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not SAMPLE.exists(), reason="shared Keter fixtures are not here")
-def test_keters_sample_config_is_accepted_with_warnings() -> None:
-    config = load_config(SAMPLE, ephemeral_range=EPHEMERAL)
-    assert config.root == Path(os.path.normpath(SAMPLE.parent / ".."))  # `root: ..`
-    assert config.listeners == (Listener("0.0.0.0", 80),)
+def test_keters_sample_config_is_accepted_with_warnings(tmp_path: Path) -> None:
+    # The sample names key.pem and certificate.pem beside it; keter checks they exist.
+    (tmp_path / "etc").mkdir()
+    path = tmp_path / "etc/keter-config.yaml"
+    path.write_bytes(SAMPLE.read_bytes())
+    certificate, key = make_certificate(tmp_path / "etc", "sample", "example.com")
+    certificate.rename(tmp_path / "etc/certificate.pem")
+    key.rename(tmp_path / "etc/key.pem")
+    config = load_config(path, ephemeral_range=EPHEMERAL)
+    assert config.root == tmp_path  # `root: ..`
+    assert config.listeners == (
+        Listener("0.0.0.0", 80),
+        Listener(
+            "0.0.0.0",
+            443,
+            certificate=tmp_path / "etc/certificate.pem",
+            key=tmp_path / "etc/key.pem",
+            session=True,
+        ),
+    )
     assert config.warnings == (
         "rotate-logs: accepted for compatibility with Keter; it has no effect here",
-        "listeners[1]: TLS listener (0.0.0.0 port 443, key, certificate, session) is not supported "
-        "yet; it is skipped",
     )
+
+
+@pytest.mark.skipif(not SAMPLE.exists(), reason="shared Keter fixtures are not here")
+def test_keters_sample_config_in_place_names_its_missing_certificate_files() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(SAMPLE, ephemeral_range=EPHEMERAL)
+    assert info.value.problems == [
+        f"listeners[1].key: {SAMPLE.parent}/key.pem cannot be read: No such file or directory",
+        f"listeners[1].certificate: {SAMPLE.parent}/certificate.pem cannot be read: "
+        "No such file or directory",
+    ]
+
+
+def test_keters_proxy_keys_are_read(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    for name in ("unknown.html", "missing.html", "exception.html"):
+        (tmp_path / "etc" / name).write_text("<p>sorry</p>")
+    config = parse_config(
+        load_yaml(
+            """
+            ip-from-header: true
+            external-http-port: 8080
+            external-https-port: 450
+            healthcheck-path: /keter-health
+            unknown-host-response-file: unknown.html
+            missing-host-response-file: ./missing.html
+            proxy-exception-response-file: exception.html
+            connection-time-bound: 0
+            cli-port: 1234
+            """
+        ),
+        root=tmp_path,
+        base=tmp_path / "etc",
+        ephemeral_range=EPHEMERAL,
+    )
+    assert "127.0.0.0/8" in config.ip_from_header and "10.0.0.0/8" in config.ip_from_header
+    assert (config.external_http_port, config.external_https_port) == (8080, 450)
+    assert config.healthcheck_path == "/keter-health"
+    assert config.unknown_host_response_file == tmp_path / "etc/unknown.html"
+    assert config.missing_host_response_file == tmp_path / "etc/missing.html"
+    assert config.proxy_exception_response_file == tmp_path / "etc/exception.html"
+    assert config.connection_time_bound == 0
+    assert config.warnings == (
+        "cli-port: accepted for compatibility with Keter; it has no effect here",
+    )
+
+
+def test_keters_proxy_key_defaults() -> None:
+    config = parse("{}")
+    assert config.ip_from_header == ()
+    assert (config.external_http_port, config.external_https_port) == (None, None)
+    assert config.healthcheck_path is None
+    assert config.unknown_host_response_file is None
+    assert config.connection_time_bound == 300_000  # Keter's five minutes, in milliseconds
+    assert parse("ip-from-header: false").ip_from_header == ()
+    assert parse("ip-from-header: [10.1.2.3, 192.168.0.0/24]").ip_from_header == (
+        "10.1.2.3/32",
+        "192.168.0.0/24",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("ip-from-header: yes-please", "ip-from-header: expected true, false or a list"),
+        ("ip-from-header: [10.0.0.0/33]", 'ip-from-header[0]: expected an address or network'),
+        ("external-http-port: 0", "external-http-port: expected an integer 1-65535, got 0"),
+        ("external-https-port: '443'", "external-https-port: expected an integer 1-65535"),
+        ("healthcheck-path: health", 'healthcheck-path: expected a URL path like "/keter-health"'),
+        ("healthcheck-path: '/a b'", "healthcheck-path: expected a URL path"),
+        ("healthcheck-path: '/$x'", "healthcheck-path: expected a URL path"),
+        ("unknown-host-response-file: nope.html",
+         "unknown-host-response-file: /srv/keter/etc/nope.html is not a file"),
+        ("connection-time-bound: -1", "connection-time-bound: expected an integer >= 0, got -1"),
+    ],
+)  # fmt: skip
+def test_keters_proxy_key_mistakes(text: str, expected: str) -> None:
+    found = problems(text)
+    assert len(found) == 1, found
+    assert found[0].startswith(expected), found[0]
 
 
 # -- properties ------------------------------------------------------------------------
@@ -507,3 +651,63 @@ def test_port_range_property(low: int, high: int) -> None:
     else:
         assert config.port_range == (low, high)
         assert 1024 <= low <= high < EPHEMERAL[0] or EPHEMERAL[1] < low <= high <= 65535
+
+
+# -- the operator's side: status socket, dashboard, archive ------------------------------
+
+
+def test_status_keys_default_to_socket_only() -> None:
+    config = parse("{}")
+    assert config.status_listen is None
+    assert config.status_group is None
+    assert config.archive_keep == 3
+    assert config.dashboard_host is None
+    assert config.archive_dir == ROOT / "archive"
+
+
+def test_status_keys_are_read() -> None:
+    config = parse(
+        """
+        status-listen: "127.0.0.1:8999"
+        status-group: daemon
+        archive-keep: 5
+        dashboard-host: Keter.Example.com
+        """
+    )
+    assert config.status_listen == ("127.0.0.1", 8999)
+    assert config.status_group == "daemon"
+    assert config.archive_keep == 5
+    assert config.dashboard_host == "keter.example.com"
+    assert config.warnings == ()
+    assert parse('status-listen: "[::1]:8999"').status_listen == ("::1", 8999)
+
+
+def test_a_status_listener_beyond_loopback_is_a_warning() -> None:
+    config = parse('status-listen: "0.0.0.0:8999"')
+    assert config.status_listen == ("0.0.0.0", 8999)
+    [warning] = config.warnings
+    assert warning.startswith("status-listen: 0.0.0.0 is not a loopback address")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("status-listen: 8999", 'status-listen: expected "ADDRESS:PORT"'),
+        ("status-listen: 'localhost:8999'", 'status-listen: expected "ADDRESS:PORT"'),
+        ("status-listen: '127.0.0.1:0'", 'status-listen: expected "ADDRESS:PORT"'),
+        ("status-listen: '127.0.0.1:x'", 'status-listen: expected "ADDRESS:PORT"'),
+        ("status-listen: '::1:8999'", "status-listen: expected"),
+        ("status-listen: '127.0.0.1:4500'", "status-listen: port 4500 is inside port-range"),
+        ("status-group: no-such-group-here", 'status-group: no group named "no-such-group-here"'),
+        ("status-group: 5", "status-group: expected a group name, got 5"),
+        ("archive-keep: 0", "archive-keep: expected an integer >= 1, got 0"),
+        ("dashboard-host: 'a b'", 'dashboard-host: the host name contains " "'),
+        ("dashboard-host: '*.example.com'", "dashboard-host: expected one host name"),
+        ("dashboard-host: 10.0.0.1", "dashboard-host: an IP address is not a host name"),
+        ("archiv-keep: 1", "archiv-keep: unknown key (did you mean archive-keep?)"),
+    ],
+)
+def test_status_key_mistakes_are_named(text: str, expected: str) -> None:
+    found = problems(text)
+    assert len(found) == 1, found
+    assert found[0].startswith(expected), found[0]

@@ -1,0 +1,202 @@
+"""Benchmark 3: requests/s through keter's generated nginx config.
+
+Three targets, all on 127.0.0.1, measured in turns in the same run:
+
+* keter: an nginx whose ``http {}`` holds exactly what ``keter.nginx.render``
+  writes for one Site;
+* hand-written: an nginx with a minimal proxy and an upstream keep-alive pool;
+* direct: the backend itself, a further nginx returning a fixed body (fast, so
+  that the proxy is what is measured).
+
+Every nginx has the same main config and worker count. wrk uses 2 threads and
+64 connections, with keep-alive clients and with ``Connection: close`` clients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness import NGINX, Row, Settings, fetch, free_port, median, poll, port_accepts, run_wrk
+
+from keter.messages import Site
+from keter.nginx import render
+
+NAME = "proxy"
+HOST = "bench.example.com"
+BODY = "a fixed body from the backend\n"
+TARGET = 0.95  # keter's req/s as a fraction of the hand-written proxy's
+CONNECTIONS = 64
+
+_MAIN = """\
+{user}worker_processes {workers};
+daemon off;
+pid {base}/nginx.pid;
+error_log {base}/error.log warn;
+events {{
+    worker_connections 4096;
+}}
+http {{
+    access_log off;
+    client_body_temp_path {base}/temp;
+    proxy_temp_path {base}/temp;
+    fastcgi_temp_path {base}/temp;
+    uwsgi_temp_path {base}/temp;
+    scgi_temp_path {base}/temp;
+    include {base}/site.conf;
+}}
+"""
+
+_BACKEND = """\
+server {{
+    listen 127.0.0.1:{port};
+    keepalive_requests 1000000;
+    default_type text/plain;
+    location / {{
+        return 200 "{body}";
+    }}
+}}
+"""
+
+_HAND_WRITTEN = """\
+upstream backend {{
+    server 127.0.0.1:{backend};
+    keepalive 64;
+}}
+server {{
+    listen 127.0.0.1:{port};
+    location / {{
+        proxy_pass http://backend;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+    }}
+}}
+"""
+
+
+@dataclass(frozen=True)
+class _Listener:
+    host: str
+    port: int
+
+
+class _Nginx:
+    """An nginx with the shared main config and ``site`` in its ``http {}``."""
+
+    def __init__(self, base: Path, port: int, workers: int, site: str) -> None:
+        self.base, self.port = base, port
+        (base / "temp").mkdir(parents=True, exist_ok=True)
+        (base / "site.conf").write_text(site)
+        # A root master's workers would run as nobody and not reach the private temp dir.
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        (base / "nginx.conf").write_text(_MAIN.format(user=user, workers=workers, base=base))
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        command = [NGINX, "-p", str(self.base), "-e", str(self.base / "error.log")]
+        self.proc = subprocess.Popen(
+            [*command, "-c", str(self.base / "nginx.conf")],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        proc = self.proc
+        poll(lambda: proc.poll() is not None or port_accepts(self.port), 10, "nginx to listen")
+        if proc.poll() is not None:
+            raise RuntimeError(f"nginx exited: {(self.base / 'error.log').read_text()}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the group: master and workers
+        self.proc.wait(10)
+
+
+@contextlib.contextmanager
+def _running(*servers: _Nginx) -> Iterator[None]:
+    try:
+        for server in servers:
+            server.start()
+        yield
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def run(settings: Settings) -> list[Row]:
+    reps = settings.pick(5, 3)
+    seconds = settings.pick(2, 1)
+    rows = []
+    for workers in settings.pick([1, 2], [1]):
+        base = settings.workdir / f"proxy-{workers}"
+        backend_port, keter_port, hand_port = free_port(), free_port(), free_port()
+        sites = [Site(app="bench", hosts=(HOST,), port=backend_port)]
+        keter_site = render(sites, [_Listener("127.0.0.1", keter_port)], generation=1)
+        servers = {
+            "backend": _Nginx(
+                base / "backend",
+                backend_port,
+                workers,
+                _BACKEND.format(port=backend_port, body=BODY.replace("\n", "\\n")),
+            ),
+            "keter": _Nginx(base / "keter", keter_port, workers, keter_site),
+            "hand": _Nginx(
+                base / "hand",
+                hand_port,
+                workers,
+                _HAND_WRITTEN.format(backend=backend_port, port=hand_port),
+            ),
+        }
+        ports = {"keter": keter_port, "hand": hand_port, "direct": backend_port}
+        with _running(*servers.values()):
+            for name, port in ports.items():
+                reply = fetch(port, HOST)
+                if reply != (200, BODY.encode()):
+                    raise RuntimeError(f"{name} on port {port} answered {reply!r}")
+            for close in (False, True):
+                rps = _measure(ports, reps, seconds, close)
+                rows.append(_row(workers, close, rps))
+    return rows
+
+
+def _measure(ports: dict[str, int], reps: int, seconds: int, close: bool) -> dict[str, list[float]]:
+    """req/s of each target, ``reps`` times.
+
+    keter and hand-written run back to back, in alternating order, so each pair
+    sees the same background load (the machine may be shared); direct follows.
+    """
+    rps: dict[str, list[float]] = {name: [] for name in ports}
+    for rep in range(reps):
+        pair = ["keter", "hand"] if rep % 2 == 0 else ["hand", "keter"]
+        for name in [*pair, "direct"]:
+            result = run_wrk(
+                ports[name], HOST, seconds=seconds, connections=CONNECTIONS, close=close
+            )
+            if result.non2xx:
+                raise RuntimeError(f"{name}: {result.non2xx} error responses under load")
+            rps[name].append(result.rps)
+    return rps
+
+
+def _row(workers: int, close: bool, rps: dict[str, list[float]]) -> Row:
+    # The median of the per-pair ratios: robust against load that drifts between pairs.
+    ratio = median(k / h for k, h in zip(rps["keter"], rps["hand"], strict=True))
+    keter, hand, direct = (median(rps[name]) for name in ("keter", "hand", "direct"))
+    clients = "Connection: close" if close else "keep-alive"
+    original = "12.8k" if close else "17k"
+    hand_ref = "22-24k" if close else ("47k" if workers == 1 else "67k")
+    return Row(
+        f"proxy: {clients} clients, {workers} worker{'s' if workers > 1 else ''}",
+        f"keter's config {keter:,.0f} req/s = {ratio:.0%} of hand-written (n={len(rps['keter'])})",
+        f"hand-written {hand:,.0f}, direct {direct:,.0f} req/s "
+        f"(issue's machine: hand-written {hand_ref}, Keter 2.3.5 {original})",
+        f">= {TARGET:.0%} of hand-written",
+        ratio >= TARGET,
+    )

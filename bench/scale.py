@@ -1,0 +1,108 @@
+"""Benchmark 5: keter with many apps.
+
+In one keter run: its RSS with no app; N apps dropped in at once until all
+answer (repeated: removed and dropped again); keter's RSS and CPU while idle
+with N apps (after a few seconds that are reported apart: keter's own
+after-deploy work is not idleness); one app's redeploy with N apps running; three rounds of
+redeploying all N (RSS after each, once the old versions are gone); then all
+apps but one are removed and the same redeploy is timed with one app running.
+"""
+
+from __future__ import annotations
+
+from harness import Row, Settings, Stack, keter_stack, median, observe, rss_mb, spread
+
+NAME = "scale"
+RSS_TARGET_MB = 60
+FLAT = 1.05  # "flat": the last round's RSS within 5% of the first's
+IDLE_CPU_TARGET = 0.5  # percent of one core
+REDEPLOY_RATIO_TARGET = 1.5
+ROUNDS = 3
+
+
+def run(settings: Settings) -> list[Row]:
+    n = settings.pick(100, 20)
+    idle = settings.pick(30, 5)
+    reps = settings.pick(5, 3)
+    apps = [f"s{i:03d}" for i in range(n)]
+    with keter_stack(settings, NAME) as stack:
+        empty = observe(stack.pid, settings.pick(5, 2))
+
+        drops = []
+        for attempt in range(settings.pick(3, 2)):
+            if attempt:
+                stack.remove(apps)
+                stack.settle(0, timeout=120)
+            bundles = {app: stack.bundle(app, f"d{attempt}") for app in apps}
+            drops.append(stack.deploy(bundles, timeout=120))
+            stack.settle(n, timeout=120)
+
+        # What keter still does right after the last deploy (e.g. the status component
+        # recording the versions just deployed) is shown apart from the idle window.
+        after = observe(stack.pid, settings.pick(5, 2))
+        loaded = observe(stack.pid, idle)
+        with_n = _redeploys(stack, apps[0], reps, n)
+
+        round_rss, round_times = [], []
+        for r in range(1, ROUNDS + 1):
+            bundles = {app: stack.bundle(app, f"round{r}") for app in apps}
+            round_times.append(stack.deploy(bundles, timeout=120))
+            stack.settle(n, timeout=120)
+            round_rss.append(rss_mb(stack.pid))
+
+        stack.remove(apps[1:])
+        stack.settle(1, timeout=120)
+        with_1 = _redeploys(stack, apps[0], reps, 1)
+
+    mb = 2**20
+    rss_n = max(loaded.rss_max / mb, *round_rss)
+    ratio = median(with_n) / median(with_1)
+    rounds = " -> ".join(f"{rss:.1f}" for rss in round_rss)
+    return [
+        Row(
+            f"scale: {n} apps dropped at once, all answering",
+            spread(drops),
+            "Keter 2.3.5: 3.8 s for 50",
+            "(none)",
+            None,
+        ),
+        Row(
+            f"scale: keter RSS with {n} apps",
+            f"{rss_n:.1f} MB (no apps: {empty.rss_max / mb:.1f} MB)",
+            "Keter 2.3.5: 28 MB with none, 37-45 MB with 50",
+            f"< {RSS_TARGET_MB} MB",
+            rss_n < RSS_TARGET_MB,
+        ),
+        Row(
+            f"scale: keter RSS after {ROUNDS} rounds of redeploying all {n}",
+            f"{rounds} MB (a round takes {spread(round_times)})",
+            "Keter 2.3.5: grows across rounds",
+            f"flat (last within {FLAT - 1:.0%} of first)",
+            round_rss[-1] <= FLAT * round_rss[0],
+        ),
+        Row(
+            f"scale: keter idle CPU with {n} apps, {idle} s",
+            f"{loaded.cpu_percent:.2f}% of a core",
+            f"no apps: {empty.cpu_percent:.2f}%; the {after.seconds:.0f} s right after the "
+            f"last deploy, before this window: {after.cpu_percent:.2f}%",
+            f"< {IDLE_CPU_TARGET}%",
+            loaded.cpu_percent < IDLE_CPU_TARGET,
+        ),
+        Row(
+            f"scale: one redeploy with {n} apps running",
+            f"{spread(with_n)} = {ratio:.2f}x",
+            f"with 1 app: {spread(with_1)}",
+            f"<= {REDEPLOY_RATIO_TARGET}x",
+            ratio <= REDEPLOY_RATIO_TARGET,
+        ),
+    ]
+
+
+def _redeploys(stack: Stack, app: str, reps: int, running: int) -> list[float]:
+    """Time ``reps`` redeploys of ``app``, each from a quiet keter."""
+    times = []
+    for rep in range(reps):
+        bundle = stack.bundle(app, f"x{running}-{rep}")
+        stack.settle(running, timeout=120)
+        times.append(stack.deploy({app: bundle}))
+    return times

@@ -247,6 +247,7 @@ class Supervisor:
         self._nginx_dirty = False
         self._exit_code: int | None = None
         self._published: dict[str, AppSnapshot] = {}
+        self._watching = False  # the watcher runs (from nginx's first reply on)
 
         report = self.inbox
         self.watcher = IncomingWatcher(config.incoming_dir, report_to=report)
@@ -278,18 +279,11 @@ class Supervisor:
             retry_for=config.postgres.retry_seconds,
             report_to=report,
         )
-        # Started in this order; the watcher comes last so that the monitor has
-        # cleared leftovers of an earlier run before any deploy can start.
         # The operator's API (keter.status); _publish tells it every change.
         self.status: StatusServer | None = StatusServer(config, report_to=report)
-        self.components = [
-            self.unpacker,
-            self.monitor,
-            self.nginx,
-            self.postgres,
-            self.status,
-            self.watcher,
-        ]
+        # The watcher is not among these: it starts once nginx has taken keter's
+        # first config (see run), so no deploy begins before that.
+        self.components = [self.unpacker, self.monitor, self.nginx, self.postgres, self.status]
 
     # -- running ---------------------------------------------------------------------
 
@@ -313,7 +307,8 @@ class Supervisor:
             log.warning("keter: %s", warning)
         for component in self.components:
             component.start()
-        # nginx must reflect reality from the start: apps of an earlier run are gone.
+        # nginx must reflect reality before any app starts: an earlier run's config
+        # routes hosts to ports this run may hand to other apps.
         self._request_nginx()
         while self._exit_code is None:
             self.dispatch(self.inbox.get())
@@ -680,6 +675,11 @@ class Supervisor:
         self._nginx_inflight = None
         if self._nginx_dirty:
             self._request_nginx()
+        if not self._watching and self._exit_code is None:
+            # The first reply: deploys may begin (the monitor, started earlier, has
+            # already stopped any leftovers of an earlier run).
+            self._watching = True
+            self.watcher.start()
 
     def _switched(self, app: App, deploy: Deploy) -> None:
         old, app.serving, app.next = app.serving, deploy, None

@@ -170,18 +170,24 @@ class PrivateNginx:
             connection.close()
 
     def wait_generation(self, generation: int, timeout: float = 10) -> None:
-        """Wait until nginx serves ``generation`` and no older worker still accepts.
+        """Wait until nginx serves ``generation`` and no older worker still accepts."""
+        wait_for(
+            lambda: fetch_generation("127.0.0.1", self.port) == str(generation),
+            timeout,
+            f"nginx to serve generation {generation}",
+        )
+        self.wait_settled(timeout)
+
+    def wait_settled(self, timeout: float = 10) -> None:
+        """Wait until only the newest workers accept connections.
 
         A reload starts new workers about 100 ms before the old ones are told to
-        stop accepting, so right after the status host first shows a new
-        generation a connection may still land on an old worker. Tests that
-        assert the new routing at once wait here first.
+        stop accepting, so right after a reload a connection may still land on an
+        old worker with the old config. Tests that assert new routing wait here.
         """
         master = psutil.Process(self.pid)
 
         def settled() -> bool:
-            if fetch_generation("127.0.0.1", self.port) != str(generation):
-                return False
             # An old worker renames itself to "... is shutting down" as it closes
             # its listening sockets.
             accepting = [
@@ -191,7 +197,7 @@ class PrivateNginx:
             ]
             return len(accepting) == WORKERS
 
-        wait_for(settled, timeout, f"nginx to serve only generation {generation}")
+        wait_for(settled, timeout, "nginx's old workers to stop accepting")
 
     def reload(self) -> None:
         """Have the master reload its config (tests that write the include file themselves)."""

@@ -22,18 +22,11 @@ def body(nginx, host: str, path: str = "/") -> bytes | None:
 
 
 def served(nginx, host: str, version: str, timeout: float = 20) -> None:
-    """Wait until every new connection gets ``version``.
-
-    For about 100 ms after a reload nginx's old workers still accept connections
-    with the old config (nginx signals them only after that); for an app's first
-    version the old config has no such host yet.
-    """
+    """Wait until ``version`` answers and nginx's older workers (old config) stop accepting."""
     expected = f"{version}\n".encode()
-    wait_for(
-        lambda: all(body(nginx, host) == expected for _ in range(10)),
-        timeout,
-        f"{host} to serve {version}",
-    )
+    wait_for(lambda: body(nginx, host) == expected, timeout, f"{host} to serve {version}")
+    nginx.wait_settled(timeout)
+    assert body(nginx, host) == expected
 
 
 def failures(keter, app: str) -> list[str]:

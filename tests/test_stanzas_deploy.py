@@ -171,7 +171,9 @@ def test_background_worker_runs_restarts_on_crash_and_follows_its_version(
     served(private_nginx, "jobs.test", "v1")
     [first] = wait_for(lambda: processes(keter, "worker-v1"), 10, "the worker to start")
     assert "PORT" not in first.environ()
-    assert "starting version worker-v1" in (keter.root / "log/app-jobs.log").read_text()
+    # Its output reaches the app's log (once the process has started up).
+    log = keter.root / "log/app-jobs.log"
+    wait_for(lambda: "starting version worker-v1" in log.read_text(), 10, "the worker's output")
 
     first.send_signal(signal.SIGKILL)
     [again] = wait_for(

@@ -24,13 +24,33 @@ transition, restarts included (a restart keeps the port, so nothing else
 changes). A first start that fails is stopped, then reported as
 ``ProcessFailed``; every deploy ends with exactly one ``ProcessStopped``.
 
-A process that leaves the group (``setsid``) escapes ``killpg``; only cgroups
-could follow it, which keter does not use.
+A process that leaves the group (``setsid``, a daemon's double fork) escapes
+``killpg``; only cgroups could follow it, which keter does not use. Keter
+cannot stop such a process. It notices one that still holds the app's port
+once the group is gone, and names it in a warning; the port pool skips a port
+that is still bound, so later deploys are not harmed. A daemon that holds no
+port goes unnoticed.
+
+Resource limits (``ResourceLimits``): every app process runs under hard
+``RLIMIT_NOFILE`` and ``RLIMIT_NPROC`` limits, no core dumps (a crash loop
+must not fill the disk) and, if configured, an ``RLIMIT_DATA`` memory cap, so
+an fd hog, a fork bomb or a memory hog fails inside the app instead of taking
+the machine down. They are set by exec'ing the app through util-linux's
+``prlimit``, which sets them on itself and then execs the app: the limits are
+in place before the app's first instruction. ``preexec_fn`` would be the
+obvious tool but is unsafe in a multi-threaded program, and ``prlimit(2)``
+on the child after spawning races with an app that forks at once. Caveats,
+from the kernel: ``RLIMIT_NPROC`` counts every process and thread of the
+app's *user*, and does not bind root at all; and root may raise its own hard
+limits. The limits therefore really hold for apps run as an unprivileged
+user (``setuid``); a per-app cgroup (``pids.max``, ``memory.max``) would hold
+for root too and is not used yet.
 """
 
 from __future__ import annotations
 
 import enum
+import errno
 import json
 import logging
 import os
@@ -38,13 +58,16 @@ import pwd
 import queue
 import random
 import re
+import resource
 import select
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +102,9 @@ PROBE_MAX_INTERVAL = 0.25
 GONE_FIRST_POLL = 0.01  # polling for a group's stragglers after its leader died
 GONE_MAX_POLL = 0.2
 KILL_WAIT = 5.0  # how long shutdown waits for SIGKILLed processes to vanish
+# Where prlimit is looked for: the system's own folders, never the app's PATH.
+SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
+PRLIMIT = shutil.which("prlimit", path=SYSTEM_PATH)
 
 
 # -- the state machine ----------------------------------------------------------------
@@ -207,6 +233,88 @@ def user_credentials(name: str) -> dict[str, object]:
         "group": entry.pw_gid,
         "extra_groups": os.getgrouplist(name, entry.pw_gid),
     }
+
+
+# -- resource limits ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResourceLimits:
+    """Limits every app process runs under; None leaves that one as keter's own.
+
+    Soft and hard limits are set alike, so an unprivileged app cannot raise
+    them. A value above keter's own hard limit is lowered to it: an app run as
+    another user could not be given more anyway.
+    """
+
+    nofile: int | None = 65536  # open files per process (an fd hog gets EMFILE)
+    nproc: int | None = 4096  # processes and threads of the app's user (a fork bomb gets EAGAIN)
+    core: int | None = 0  # core dump bytes: a crash loop must not fill the disk
+    data: int | None = None  # bytes of heap and private mappings (a memory hog gets ENOMEM)
+
+    def effective(self) -> dict[str, int]:
+        """prlimit's resource names and the values that will be set, capped as documented."""
+        wanted = {
+            "nofile": (self.nofile, resource.RLIMIT_NOFILE),
+            "nproc": (self.nproc, resource.RLIMIT_NPROC),
+            "core": (self.core, resource.RLIMIT_CORE),
+            "data": (self.data, resource.RLIMIT_DATA),
+        }
+        limits = {}
+        for name, (value, which) in wanted.items():
+            if value is None:
+                continue
+            hard = resource.getrlimit(which)[1]
+            limits[name] = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        return limits
+
+    def prlimit_args(self) -> list[str]:
+        """``--nofile=N:N`` ... for util-linux prlimit."""
+        return [f"--{name}={value}:{value}" for name, value in self.effective().items()]
+
+    def apply_to(self, pid: int) -> None:
+        """Set the limits on a running process (the fallback when prlimit is missing)."""
+        for name, value in self.effective().items():
+            which = getattr(resource, f"RLIMIT_{name.upper()}")
+            resource.prlimit(pid, which, (value, value))
+
+
+DEFAULT_LIMITS = ResourceLimits()
+
+
+def exec_problem(program: str, cwd: Path, env: Mapping[str, str]) -> str | None:
+    """Why exec'ing ``program`` would fail at once (an strerror text), or None.
+
+    The app is exec'd by prlimit, which can only tell a failed exec through its
+    exit status; checking first keeps the usual immediate and exact reason.
+    A missing ``cwd`` is left for Popen to report, naming the folder.
+    """
+    if "/" not in program:
+        found = shutil.which(program, path=env.get("PATH", os.defpath))
+        return None if found else os.strerror(errno.ENOENT)
+    if not os.path.isdir(cwd):
+        return None
+    path = os.path.join(cwd, program)  # an absolute program stays as it is
+    if not os.path.exists(path):
+        return os.strerror(errno.ENOENT)
+    if os.path.isdir(path) or not os.access(path, os.X_OK):
+        return os.strerror(errno.EACCES)
+    return None
+
+
+def port_holders(port: int) -> list[int]:
+    """Pids of the processes listening on TCP ``port`` (any address)."""
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except psutil.Error:
+        return []
+    return sorted(
+        {
+            c.pid
+            for c in connections
+            if c.pid and c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+        }
+    )
 
 
 # -- process groups -------------------------------------------------------------------
@@ -414,7 +522,11 @@ class ProcessMonitor(Actor):
         backoff_cap: float = 60.0,
         backoff_reset: float = 10.0,
         probe_workers: int = 4,
+        limits: ResourceLimits = DEFAULT_LIMITS,
+        prlimit: str | None = PRLIMIT,
     ) -> None:
+        """``prlimit`` is the util-linux program that applies ``limits``; without it they
+        are set just after the spawn instead (see the module docstring for the race)."""
         super().__init__("processes", report_to)
         self.run_dir = Path(run_dir)
         self.health_check_timeout = health_check_timeout
@@ -427,12 +539,20 @@ class ProcessMonitor(Actor):
         self._probes = ThreadPoolExecutor(probe_workers, thread_name_prefix="keter-probe")
         self._entries: dict[int, _Entry] = {}
         self._saved_records: list[dict] | None = None
+        self._records_unsaved = False  # the last save failed (and was logged)
         self._random = random.Random()
+        self.limits = limits
+        self.prlimit = prlimit
 
     # -- lifecycle --------------------------------------------------------------------
 
     def on_start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.prlimit is None:
+            log.warning(
+                "processes: prlimit (util-linux) not found; app resource limits are set "
+                "just after each start, so an app that forks at once may escape them"
+            )
         self._kill_leftovers()
         self._save_records()
 
@@ -503,7 +623,8 @@ class ProcessMonitor(Actor):
         error = self._spawn(entry)
         if error:
             entry.failure = error
-            log.error("%s: deploy %d failed: %s", entry.app, entry.deploy_id, error)
+            # The supervisor logs the failed deploy with this reason; once is enough.
+            log.debug("%s: deploy %d could not start: %s", entry.app, entry.deploy_id, error)
             self._transition(entry, ProcessState.FATAL, error)
             del self._entries[entry.deploy_id]
             self.report(ProcessFailed(app=entry.app, deploy_id=entry.deploy_id, reason=error))
@@ -529,13 +650,19 @@ class ProcessMonitor(Actor):
             credentials = user_credentials(spec.user) if spec.user else {}
         except KeyError:
             return f"unknown user {spec.user!r}"
+        problem = exec_problem(spec.command[0], spec.cwd, spec.env)
+        if problem:
+            return f"cannot run {spec.command[0]}: {problem}"
+        command = list(spec.command)
+        if self.prlimit is not None:
+            command = [self.prlimit, *self.limits.prlimit_args(), "--", *command]
         try:
             applog = self._logs.acquire(spec.log_path)
         except OSError as exc:
             return f"cannot open log {spec.log_path}: {exc.strerror or exc}"
         try:
             proc = subprocess.Popen(
-                list(spec.command),
+                command,
                 cwd=spec.cwd,
                 env=dict(spec.env),
                 stdin=subprocess.DEVNULL,
@@ -553,6 +680,11 @@ class ProcessMonitor(Actor):
         except (ValueError, TypeError, subprocess.SubprocessError) as exc:
             self._logs.release(applog)
             return f"cannot run {spec.command[0]}: {exc}"
+        if self.prlimit is None:
+            try:
+                self.limits.apply_to(proc.pid)
+            except OSError as exc:
+                log.warning("%s: cannot set resource limits: %s", entry.app, exc)
         # The pidfd is opened before anyone can reap the child, so it refers to it.
         pidfd = os.pidfd_open(proc.pid)
         try:
@@ -773,6 +905,7 @@ class ProcessMonitor(Actor):
             return
         if run is not None:
             self._release_run(run)
+            self._warn_if_port_held(entry)
         final = ProcessState.FATAL if entry.failure else ProcessState.EXITED
         self._transition(entry, final, entry.failure or "stopped")
         del self._entries[entry.deploy_id]
@@ -787,6 +920,21 @@ class ProcessMonitor(Actor):
                 )
             )
         self.report(ProcessStopped(app=entry.app, deploy_id=entry.deploy_id))
+
+    def _warn_if_port_held(self, entry: _Entry) -> None:
+        """The group is gone; a process still on its port left the group (a daemon)."""
+        port = entry.spec.port
+        if port is None or port_is_free(port):
+            return
+        holders = ", ".join(str(pid) for pid in port_holders(port)) or "unknown"
+        log.warning(
+            "%s: port %d is still held by pid %s after deploy %d stopped: it left the app's "
+            "process group (setsid or a daemon's double fork), so keter cannot stop it",
+            entry.app,
+            port,
+            holders,
+            entry.deploy_id,
+        )
 
     # -- shared helpers ---------------------------------------------------------------
 
@@ -921,9 +1069,25 @@ class ProcessMonitor(Actor):
             for entry in self._entries.values()
             if entry.run is not None and not entry.run.gone
         ]
-        if records != self._saved_records:
-            atomic_write(self.run_dir / RECORDS_FILE, json.dumps(records, indent=1).encode())
-            self._saved_records = records
+        if records == self._saved_records:
+            return
+        path = self.run_dir / RECORDS_FILE
+        try:
+            atomic_write(path, json.dumps(records, indent=1).encode())
+        except OSError as exc:
+            # A full disk must not stop the monitor, and with it every app: the old
+            # file stays whole, and the next change tries again.
+            if not self._records_unsaved:
+                log.error(
+                    "processes: cannot save %s: %s; apps started from now on are not "
+                    "recorded, so a killed keter could not stop them at its next start",
+                    path,
+                    exc.strerror or exc,
+                )
+                self._records_unsaved = True
+            return
+        self._saved_records = records
+        self._records_unsaved = False
 
     def _kill_leftovers(self) -> None:
         """Stop processes a previous keter started and could not stop (it was SIGKILLed)."""

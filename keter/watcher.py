@@ -15,6 +15,7 @@ for a long time, so the user hears about it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -192,7 +193,9 @@ class IncomingWatcher(Actor):
         except ValueError as exc:
             if path.name not in self._ignored:
                 self._ignored.add(path.name)
-                log.error("%s: ignored: %s", path.name, exc)
+                # A name with a newline or other control character would forge log lines.
+                shown = path.name if path.name.isprintable() else json.dumps(path.name)
+                log.error("%s: ignored: %s", shown, exc)
                 self.report(BundleIgnored(filename=path.name, reason=str(exc)))
             return None
 

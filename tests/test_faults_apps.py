@@ -1,0 +1,188 @@
+"""Fault suite, part 2: apps that misbehave, and the resource limits keter puts on them.
+
+Through a real keter: a new version that never listens, apps that daemonize
+(what keter can and cannot catch), and the limits every app process gets. The
+limits at work (fork bomb, fd hog, memory hog) are in tests/test_faults_limits.py.
+
+Covered elsewhere: exits at once, hangs (tests/test_deploy.py); crash loop after
+becoming healthy, ignores TERM, forks grandchildren, SIGKILLed keter's orphans
+(tests/test_supervision.py); exec failures and every monitor state
+(tests/test_processes.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from keter_daemon import make_bundle, webapp_config
+from support import wait_for
+from test_deploy import app_processes, body, served
+from test_faults import Rig, assert_one_error
+from test_processes import alive
+
+from keter.processes import ResourceLimits, group_members
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    rig = Rig(tmp_path_factory.mktemp("apps"), **{"health-check-timeout": 1.5})
+    try:
+        yield rig
+    finally:
+        rig.close()
+
+
+# -- through keter -----------------------------------------------------------------------
+
+
+def test_new_version_that_never_listens_fails_and_the_old_one_keeps_serving(rig: Rig) -> None:
+    bundle = rig.bundles / "mute.keter"
+    rig.keter.drop(make_bundle(bundle, config=webapp_config("mute.test", "v1")))
+    served(rig.nginx, "mute.test", "v1")
+    [v1] = [p for p in app_processes(rig.keter) if "/mute-" in p.cwd()]
+    v1_folder = Path(v1.cwd())
+
+    before = rig.checkpoint()
+    config = webapp_config("mute.test", "v2", args=["--never-listen"])
+    rig.keter.drop(make_bundle(bundle, config=config))
+    outcome = wait_for(
+        lambda: re.search(r"mute: deploy #\d+ (failed|now serving)", rig.log_since(before)),
+        20,
+        "the deploy's outcome",
+    )
+    assert outcome[1] == "failed", rig.log_since(before)
+    assert_one_error(rig.log_since(before), "mute", "did not answer on port", "within 1.5s")
+    assert body(rig.nginx, "mute.test") == b"v1\n"
+    assert rig.nginx.config_file.read_bytes() == before["config"]
+    # The failed version is gone, processes and folder; the serving one is untouched.
+    wait_for(
+        lambda: [p.pid for p in app_processes(rig.keter) if "/mute-" in p.cwd()] == [v1.pid],
+        10,
+        "only v1 to run",
+    )
+    temp = rig.keter.root / "temp"
+    wait_for(lambda: sorted(temp.glob("mute-*")) == [v1_folder], 10, "only v1's folder to remain")
+
+
+# An app that daemonizes a helper the classic way: fork, setsid, fork again, stdio to
+# /dev/null. With DAEMON_HOLDS_PORT the daemon keeps the app's listening socket.
+DAEMONIZING_APP = r"""
+import http.server, os, signal, socket
+
+port = int(os.environ["PORT"])
+listener = socket.create_server(("127.0.0.1", port))
+if os.fork() == 0:
+    os.setsid()
+    daemon = os.fork()
+    if daemon:
+        print(f"daemon pid {daemon}", flush=True)
+        os._exit(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if os.environ.get("DAEMON_HOLDS_PORT") != "yes":
+        listener.close()
+    while True:
+        signal.pause()
+os.wait()
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        data = (os.environ["VERSION"] + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+server = http.server.HTTPServer(("127.0.0.1", port), Handler, bind_and_activate=False)
+server.socket.close()
+server.socket = listener
+server.serve_forever()
+"""
+
+
+@pytest.mark.parametrize("holds_port", [True, False], ids=["holding-the-port", "silent"])
+def test_daemonized_helper_escapes_keter_which_names_it_when_it_holds_the_port(
+    rig: Rig, holds_port: bool
+) -> None:
+    """What keter can and cannot catch of a process that leaves the app's group.
+
+    keter stops the app's whole process group, but ``setsid`` takes a daemon out
+    of it, and without cgroups nothing else ties it to the app: the daemon
+    survives. If it holds the app's port, keter notices when the group is gone and
+    names its pid in a warning (the port pool skips a bound port, so later deploys
+    are not harmed); a daemon that holds nothing goes unnoticed.
+    """
+    app = "daemon" if holds_port else "quiet"
+    source = rig.bundles / f"{app}.py"
+    source.write_text(DAEMONIZING_APP)
+    env = {"DAEMON_HOLDS_PORT": "yes" if holds_port else "no"}
+    bundle = make_bundle(
+        rig.bundles / f"{app}.keter",
+        config=webapp_config(f"{app}.test", "d1", env=env),
+        app_source=source,
+    )
+    rig.keter.drop(bundle)
+    served(rig.nginx, f"{app}.test", "d1")
+    applog = rig.keter.root / "log" / f"app-{app}.log"
+    daemon_pid = int(
+        wait_for(lambda: re.search(r"daemon pid (\d+)", applog.read_text()), 10, "the daemon")[1]
+    )
+    daemon = psutil.Process(daemon_pid)
+    try:
+        [leader] = [p for p in app_processes(rig.keter) if f"/{app}-" in p.cwd()]
+        # Its own session and group: out of reach of the signals keter sends the app's group.
+        assert os.getsid(daemon_pid) != os.getsid(leader.pid)
+        assert os.getpgid(daemon_pid) != leader.pid
+
+        offset = len(rig.keter.log())
+        (rig.keter.incoming / f"{app}.keter").unlink()
+        wait_for(lambda: f"{app}: removed" in rig.keter.log()[offset:], 15, "the removal")
+        wait_for(lambda: group_members(leader.pid) == [], 10, "the app's group to be gone")
+        wait_for(lambda: re.search(rf"{app}: deploy #\d+ stopped", rig.keter.log()[offset:]), 10)
+        log = rig.keter.log()[offset:]
+        assert alive(daemon_pid), "keter cannot reach a daemon outside the group"
+        warnings = [line for line in log.splitlines() if "still held by pid" in line]
+        if holds_port:
+            [warning] = warnings
+            assert f"{app}: port " in warning and f"pid {daemon_pid} " in warning, warning
+            assert "WARNING" in warning
+        else:
+            assert warnings == []
+        assert "ERROR" not in log
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            daemon.kill()
+
+
+def limits_of(pid: int) -> dict[str, tuple[str, str]]:
+    """/proc/PID/limits as {name: (soft, hard)}."""
+    limits = {}
+    with open(f"/proc/{pid}/limits") as f:
+        next(f)
+        for line in f:
+            match = re.match(r"(Max [a-z ]+?)\s{2,}(\S+)\s+(\S+)", line)
+            if match:
+                limits[match[1]] = (match[2], match[3])
+    return limits
+
+
+def test_every_app_runs_under_the_default_limits(rig: Rig) -> None:
+    [pid] = [p.pid for p in app_processes(rig.keter) if p.cwd().endswith("/good-1")]
+    limits = limits_of(pid)
+    expected = ResourceLimits().effective()
+    assert limits["Max open files"] == (str(expected["nofile"]),) * 2
+    assert limits["Max processes"] == (str(expected["nproc"]),) * 2
+    assert limits["Max core file size"] == ("0", "0")
+    assert limits["Max data size"] == limits_of(rig.keter.proc.pid)["Max data size"]

@@ -8,12 +8,14 @@ import tempfile
 from pathlib import Path
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` so readers see the old or the new file, never a mix.
 
     The bytes go to a temporary file in the same folder, are fsynced, then
     renamed over ``path``; the folder is fsynced so the rename survives a
-    power cut. On any error (a full disk included) the old file is untouched
+    power cut. ``durable=False`` skips both fsyncs, for files that matter only
+    while the machine stays up (the rename alone keeps readers from seeing a
+    partial file). On any error (a full disk included) the old file is untouched
     and the temporary file is removed.
     """
     path = Path(path)
@@ -23,13 +25,15 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
             os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(folder: Path) -> None:

@@ -43,6 +43,9 @@ class ProcessSpec:
     port: int | None = None  # None for processes that serve no HTTP
     health: HealthCheck | None = None
     user: str | None = None  # global `setuid`
+    # Per-app overrides (Keter's ensure-alive-time-bound, restart-delay-seconds).
+    health_timeout: float | None = None  # instead of the global health-check-timeout
+    restart_delay: float | None = None  # a fixed delay between restarts, not the backoff
 
 
 @message

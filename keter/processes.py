@@ -518,7 +518,7 @@ class ProcessMonitor(Actor):
         log_max_bytes: int,
         log_backups: int,
         probe_timeout: float = 1.0,
-        backoff_base: float = 0.1,
+        backoff_base: float = 0.025,
         backoff_cap: float = 60.0,
         backoff_reset: float = 10.0,
         probe_workers: int = 4,
@@ -719,9 +719,12 @@ class ProcessMonitor(Actor):
         entry.probe_interval = PROBE_FIRST_INTERVAL
         entry.last_probe = "no probe finished"
         self.schedule(
-            self.health_check_timeout, _HealthDeadline(deploy_id=entry.deploy_id, run=entry.runs)
+            self._health_timeout(spec), _HealthDeadline(deploy_id=entry.deploy_id, run=entry.runs)
         )
         self._submit_probe(entry)
+
+    def _health_timeout(self, spec: ProcessSpec) -> float:
+        return self.health_check_timeout if spec.health_timeout is None else spec.health_timeout
 
     def _submit_probe(self, entry: _Entry) -> None:
         deploy_id, run, spec = entry.deploy_id, entry.runs, entry.spec
@@ -752,7 +755,7 @@ class ProcessMonitor(Actor):
             case _HealthDeadline():
                 reason = (
                     f"did not answer on port {entry.spec.port} within "
-                    f"{self.health_check_timeout:g}s (last: {entry.last_probe})"
+                    f"{self._health_timeout(entry.spec):g}s (last: {entry.last_probe})"
                 )
                 if entry.ever_healthy:
                     # A restart that never answered is killed, not drained: it served nobody.
@@ -821,9 +824,11 @@ class ProcessMonitor(Actor):
         self._back_off(entry, reason)
 
     def _back_off(self, entry: _Entry, reason: str) -> None:
-        delay = backoff_delay(
-            entry.failures, self.backoff_base, self.backoff_cap, self._random.random()
-        )
+        delay = entry.spec.restart_delay
+        if delay is None:
+            delay = backoff_delay(
+                entry.failures, self.backoff_base, self.backoff_cap, self._random.random()
+            )
         entry.failures += 1
         self._transition(entry, ProcessState.BACKOFF, f"{reason}; restarting in {delay:.3f}s")
         self.schedule(delay, _Restart(deploy_id=entry.deploy_id, run=entry.runs))
@@ -1073,7 +1078,9 @@ class ProcessMonitor(Actor):
             return
         path = self.run_dir / RECORDS_FILE
         try:
-            atomic_write(path, json.dumps(records, indent=1).encode())
+            # Rewritten on every spawn and stop; it only has to outlive keter, not
+            # the machine (a power cut ends the apps too), so no fsync.
+            atomic_write(path, json.dumps(records, indent=1).encode(), durable=False)
         except OSError as exc:
             # A full disk must not stop the monitor, and with it every app: the old
             # file stays whole, and the next change tries again.

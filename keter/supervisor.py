@@ -536,14 +536,6 @@ class Supervisor:
             self._fail(deploy, str(exc))
             return
         deploy.stage = Stage.STARTING
-        if webapp.ensure_alive is not None:
-            # The process monitor has one timeout for every app (no per-spec field yet).
-            log.warning(
-                "%s: ensure-alive-time-bound (%gs) is not applied; health-check-timeout (%gs) is",
-                deploy.app,
-                webapp.ensure_alive,
-                self.config.health_check_timeout,
-            )
         health_host = next((h for h in webapp.hosts if not h.startswith("*.")), webapp.hosts[0])
         spec = ProcessSpec(
             command=(str(webapp.exec), *webapp.args),
@@ -557,6 +549,7 @@ class Supervisor:
                 strict=webapp.health_check_path is not None,
             ),
             user=self.config.setuid,
+            health_timeout=webapp.ensure_alive,
         )
         self.monitor.tell(StartProcess(app=deploy.app, deploy_id=deploy.id, spec=spec))
 
@@ -574,6 +567,7 @@ class Supervisor:
                 env=worker_environment(self.config, worker, deploy.db),
                 log_path=self.config.log_dir / f"app-{deploy.app}.log",
                 user=self.config.setuid,
+                restart_delay=worker.restart_delay,
             )
             log.info(
                 "%s: deploy #%d starts background worker #%d (%s)",

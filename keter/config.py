@@ -128,6 +128,8 @@ class KeterConfig:
     status_group: str | None = None
     archive_keep: int = 3
     dashboard_host: str | None = None
+    # Who may open the dashboard at dashboard-host (basic auth in nginx): (user, password).
+    dashboard_users: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     warnings: tuple[str, ...] = ()
 
     @property
@@ -286,6 +288,7 @@ def parse_config(
     values.setdefault("root", root)
     _check_ports(values, check, ephemeral_range)
     _check_status_port(values, check)
+    _check_dashboard(values, check)
     if check.problems:
         raise ConfigError(check.problems)
     return KeterConfig(**values, warnings=tuple(check.warnings))
@@ -658,6 +661,44 @@ def _parse_dashboard_host(value: object, path: str, check: Checker, base: Path) 
     return host
 
 
+def _parse_dashboard_users(value: object, path: str, check: Checker, base: Path) -> object:
+    if not isinstance(value, dict) or not value:
+        check.problem(path, f"expected a mapping like {{admin: PASSWORD}}, got {describe(value)}")
+        return None
+    users = []
+    for name, password in value.items():
+        where = f"{path}.{key_name(name)}"
+        if not isinstance(name, str) or not _USER_NAME.fullmatch(name):
+            check.problem(where, "expected a user name of letters, digits, '.', '_' or '-'")
+        elif not isinstance(password, str) or not password:
+            # The value is a password: name its type only.
+            check.problem(where, f"expected a password (a string), got {type_name(password)}")
+        else:
+            users.append((name, password))
+    return tuple(users)
+
+
+_USER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _check_dashboard(values: dict[str, object], check: Checker) -> None:
+    """The dashboard at dashboard-host restarts and rolls back apps: never open, never unlisted."""
+    if values.get("dashboard_host") is None:
+        if values.get("dashboard_users"):
+            check.warn("dashboard-users", "has no effect without dashboard-host")
+        return
+    if values.get("status_listen") is None:
+        check.problem(
+            "dashboard-host",
+            'needs status-listen (e.g. "127.0.0.1:8999"): nginx reaches the dashboard over TCP',
+        )
+    if not values.get("dashboard_users"):
+        check.problem(
+            "dashboard-host",
+            "needs dashboard-users ({user: password}): nginx asks for them (basic auth)",
+        )
+
+
 def _check_status_port(values: dict[str, object], check: Checker) -> None:
     """The status listener must not take a port keter hands to apps."""
     listen = values.get("status_listen")
@@ -696,6 +737,7 @@ _FIELDS: dict[str, tuple[str, Parser]] = {
     "status-group": ("status_group", _parse_status_group),
     "archive-keep": ("archive_keep", _count(1)),
     "dashboard-host": ("dashboard_host", _parse_dashboard_host),
+    "dashboard-users": ("dashboard_users", _parse_dashboard_users),
 }
 _KNOWN_KEYS = (*_FIELDS, "root", *KETER_ONLY_KEYS)
 

@@ -97,6 +97,31 @@ def sites_for(
     return (Site(app=app, routes=tuple(routes)),) if routes else ()
 
 
+# Not a possible bundle name (those start with a letter or digit), so no app can clash.
+DASHBOARD_SITE = "_dashboard"
+
+
+def dashboard_site(settings: KeterConfig) -> Site | None:
+    """The dashboard at ``dashboard-host``: nginx asks for a password, then proxies to
+    keter's status listener with the client's Host (the status API checks it)."""
+    if settings.dashboard_host is None or settings.status_listen is None:
+        return None
+    address, port = settings.status_listen
+    address = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address, address)  # wildcard: loopback
+    user_file = support_dir(settings.nginx.config_file) / f"{DASHBOARD_SITE}.htpasswd"
+    route = Route(
+        hosts=(settings.dashboard_host,),
+        # A wildcard listen address is reached on loopback.
+        action=ProxyRemote(
+            host={"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address, address), port=port
+        ),
+        basic_auth=BasicAuth(
+            realm="keter", user_file=user_file, credentials=settings.dashboard_users
+        ),
+    )
+    return Site(app=DASHBOARD_SITE, routes=(route,))
+
+
 def deploy_problems(config: BundleConfig, settings: KeterConfig) -> list[str]:
     """Why nginx could not serve this bundle as configured (empty: it can).
 

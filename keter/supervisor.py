@@ -86,7 +86,7 @@ from keter.nginx import NginxWriter, ProxyOptions
 from keter.ports import NoFreePort, PortPool
 from keter.postgres import PostgresProvisioner, db_env
 from keter.processes import ProcessMonitor
-from keter.routes import approot, deploy_problems, sites_for
+from keter.routes import approot, dashboard_site, deploy_problems, sites_for
 from keter.status import StatusServer
 from keter.unpacker import Unpacker
 from keter.watcher import IncomingWatcher
@@ -248,6 +248,7 @@ class Supervisor:
         self._exit_code: int | None = None
         self._published: dict[str, AppSnapshot] = {}
         self._watching = False  # the watcher runs (from nginx's first reply on)
+        self._dashboard = dashboard_site(config)  # routed with the apps when configured
 
         report = self.inbox
         self.watcher = IncomingWatcher(config.incoming_dir, report_to=report)
@@ -513,6 +514,8 @@ class Supervisor:
             self._start_process(deploy)
 
     def _host_owner(self, host: str, *, except_app: str) -> str | None:
+        if host == self.config.dashboard_host:
+            return "keter (its dashboard-host)"
         for app in self.apps.values():
             if app.name == except_app:
                 continue
@@ -621,6 +624,8 @@ class Supervisor:
                 )
             except ValueError as exc:  # the bundle parser refuses this already
                 log.error("%s: not routed: %s", app.name, exc)
+        if self._dashboard is not None:
+            sites.append(self._dashboard)
         return tuple(sorted(sites, key=lambda s: s.app))
 
     def _request_nginx(self) -> None:

@@ -672,6 +672,7 @@ def test_status_keys_are_read() -> None:
         status-group: daemon
         archive-keep: 5
         dashboard-host: Keter.Example.com
+        dashboard-users: {admin: pw}
         """
     )
     assert config.status_listen == ("127.0.0.1", 8999)
@@ -711,3 +712,27 @@ def test_status_key_mistakes_are_named(text: str, expected: str) -> None:
     found = problems(text)
     assert len(found) == 1, found
     assert found[0].startswith(expected), found[0]
+
+
+def test_dashboard_host_needs_a_tcp_status_listener_and_users() -> None:
+    assert problems("dashboard-host: dash.example.com") == [
+        'dashboard-host: needs status-listen (e.g. "127.0.0.1:8999"): '
+        "nginx reaches the dashboard over TCP",
+        "dashboard-host: needs dashboard-users ({user: password}): "
+        "nginx asks for them (basic auth)",
+    ]
+    config = parse(
+        "dashboard-host: dash.example.com\n"
+        'status-listen: "127.0.0.1:8999"\n'
+        "dashboard-users: {admin: hunter2}\n"
+    )
+    assert config.dashboard_users == (("admin", "hunter2"),)
+    assert "hunter2" not in repr(config)
+
+
+def test_dashboard_users_are_checked_without_showing_passwords() -> None:
+    found = problems("dashboard-users: {'a b': x, ops: 5}")
+    assert found == [
+        "dashboard-users.\"a b\": expected a user name of letters, digits, '.', '_' or '-'",
+        "dashboard-users.ops: expected a password (a string), got a number",
+    ]

@@ -7,6 +7,7 @@ sends; the last ones run it inside a real keter daemon with a private nginx.
 
 from __future__ import annotations
 
+import base64
 import grp
 import hashlib
 import http.client
@@ -549,3 +550,59 @@ def test_status_api_also_listens_on_tcp_when_configured(keter_factory):
     assert response.status == 200
     assert json.load(io.BytesIO(response.read()))["keter"]["root"] == str(keter.root)
     connection.close()
+
+
+# -- the dashboard through nginx at dashboard-host -------------------------------------------
+
+
+def through_nginx(nginx, path: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
+    headers = {"Host": "dash.test", "Connection": "close"}
+    if auth is not None:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+    connection = http.client.HTTPConnection("127.0.0.1", nginx.port, timeout=10)
+    try:
+        connection.request("GET", path, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def test_dashboard_host_is_served_by_nginx_behind_basic_auth(
+    keter_factory, private_nginx, tmp_path
+):
+    keter = keter_factory(
+        **{
+            "status-listen": f"127.0.0.1:{free_port()}",
+            "dashboard-host": "dash.test",
+            "dashboard-users": {"admin": "s3cret"},
+        }
+    )
+    keter.drop(make_bundle(tmp_path / "shown.keter", config=webapp_config("shown.test", "v1")))
+    wait_for(
+        lambda: through_nginx(private_nginx, "/", ("admin", "s3cret"))[0] == 200,
+        20,
+        "the dashboard through nginx",
+    )
+    private_nginx.wait_settled()
+    status, page = through_nginx(private_nginx, "/", ("admin", "s3cret"))
+    assert status == 200 and b"<title>keter</title>" in page
+    assert through_nginx(private_nginx, "/")[0] == 401
+    assert through_nginx(private_nginx, "/", ("admin", "wrong"))[0] == 401
+    wait_for(
+        lambda: (
+            "shown" in through_nginx(private_nginx, "/api/status", ("admin", "s3cret"))[1].decode()
+        ),
+        20,
+        "the API through nginx to list the app",
+    )
+    # The password is stored hashed, never as given.
+    assert b"s3cret" not in b"".join(
+        p.read_bytes() for p in private_nginx.config_file.parent.rglob("*") if p.is_file()
+    )
+
+    # No bundle may claim the dashboard's host.
+    keter.drop(make_bundle(tmp_path / "squat.keter", config=webapp_config("dash.test", "v1")))
+    wait_for(lambda: "squat: deploy #" in keter.log() and "dashboard-host" in keter.log(), 20)
+    assert through_nginx(private_nginx, "/", ("admin", "s3cret"))[0] == 200

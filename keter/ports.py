@@ -25,7 +25,7 @@ class PortPool:
         size = self.high - self.low + 1
         for i in range(size):
             port = self.low + (self._next - self.low + i) % size
-            if port in self._in_use or not _bindable(port):
+            if port in self._in_use or not port_is_free(port):
                 # Not bindable: something outside keter (or a leftover app) holds it.
                 continue
             self._in_use.add(port)
@@ -42,12 +42,14 @@ class PortPool:
         return port in self._in_use
 
 
-def _bindable(port: int) -> bool:
-    # SO_REUSEADDR as servers set it: a port whose old connections are in TIME_WAIT is usable.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+def port_is_free(port: int) -> bool:
+    """Whether nothing holds ``port`` on any address (a listener elsewhere would take the
+    app's traffic, or a health probe would reach a stranger)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # SO_REUSEADDR as servers set it: a port whose old connections are in TIME_WAIT is usable.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", port))
+            sock.bind(("0.0.0.0", port))
         except OSError:
             return False
     return True

@@ -89,6 +89,7 @@ from keter.messages import (
     StopProcess,
     message,
 )
+from keter.ports import port_is_free
 
 log = logging.getLogger(__name__)
 
@@ -211,18 +212,6 @@ def probe_http(port: int, check: HealthCheck, timeout: float = 1.0) -> tuple[boo
         return False, "not an HTTP answer"
     status = int(match.group(1))
     return is_healthy(status, check.strict), f"HTTP {status} on {check.path}"
-
-
-def port_is_free(port: int) -> bool:
-    """Whether nothing listens on ``port`` (else a health probe would reach a stranger)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        # REUSEADDR: a closed connection in TIME_WAIT does not make the port busy.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
 
 
 def user_credentials(name: str) -> dict[str, object]:

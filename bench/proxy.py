@@ -5,6 +5,9 @@ Three targets, all on 127.0.0.1, measured in turns in the same run:
 * keter: an nginx whose ``http {}`` holds exactly what ``keter.nginx.render``
   writes for one Site;
 * hand-written: an nginx with a minimal proxy and an upstream keep-alive pool;
+* hand-written with headers: the same, plus the forwarding headers keter must
+  send (Host, X-Real-IP, X-Forwarded-For, X-Forwarded-Proto, WebSocket upgrade),
+  which tells what those headers cost apart from the rest of keter's config;
 * direct: the backend itself, a further nginx returning a fixed body (fast, so
   that the proxy is what is measured).
 
@@ -78,6 +81,30 @@ server {{
 }}
 """
 
+_HAND_WRITTEN_HEADERS = """\
+map $http_upgrade $upgrade_or_keepalive {{
+    default upgrade;
+    "" "";
+}}
+upstream backend {{
+    server 127.0.0.1:{backend};
+    keepalive 64;
+}}
+server {{
+    listen 127.0.0.1:{port};
+    location / {{
+        proxy_pass http://backend;
+        proxy_http_version 1.1;
+        proxy_set_header Host $http_host;
+        proxy_set_header X-Real-IP $remote_addr;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        proxy_set_header X-Forwarded-Proto $scheme;
+        proxy_set_header Upgrade $http_upgrade;
+        proxy_set_header Connection $upgrade_or_keepalive;
+    }}
+}}
+"""
+
 
 @dataclass(frozen=True)
 class _Listener:
@@ -137,6 +164,7 @@ def run(settings: Settings) -> list[Row]:
     for workers in settings.pick([1, 2], [1]):
         base = settings.workdir / f"proxy-{workers}"
         backend_port, keter_port, hand_port = free_port(), free_port(), free_port()
+        headers_port = free_port()
         sites = [Site(app="bench", hosts=(HOST,), port=backend_port)]
         keter_site = render(sites, [_Listener("127.0.0.1", keter_port)], generation=1)
         servers = {
@@ -153,8 +181,19 @@ def run(settings: Settings) -> list[Row]:
                 workers,
                 _HAND_WRITTEN.format(backend=backend_port, port=hand_port),
             ),
+            "headers": _Nginx(
+                base / "headers",
+                headers_port,
+                workers,
+                _HAND_WRITTEN_HEADERS.format(backend=backend_port, port=headers_port),
+            ),
         }
-        ports = {"keter": keter_port, "hand": hand_port, "direct": backend_port}
+        ports = {
+            "keter": keter_port,
+            "hand": hand_port,
+            "headers": headers_port,
+            "direct": backend_port,
+        }
         with _running(*servers.values()):
             for name, port in ports.items():
                 reply = fetch(port, HOST)
@@ -170,12 +209,13 @@ def _measure(ports: dict[str, int], reps: int, seconds: int, close: bool) -> dic
     """req/s of each target, ``reps`` times.
 
     keter and hand-written run back to back, in alternating order, so each pair
-    sees the same background load (the machine may be shared); direct follows.
+    sees the same background load (the machine may be shared); the hand-written
+    proxy with headers and direct follow.
     """
     rps: dict[str, list[float]] = {name: [] for name in ports}
     for rep in range(reps):
         pair = ["keter", "hand"] if rep % 2 == 0 else ["hand", "keter"]
-        for name in [*pair, "direct"]:
+        for name in [*pair, "headers", "direct"]:
             result = run_wrk(
                 ports[name], HOST, seconds=seconds, connections=CONNECTIONS, close=close
             )
@@ -189,13 +229,15 @@ def _row(workers: int, close: bool, rps: dict[str, list[float]]) -> Row:
     # The median of the per-pair ratios: robust against load that drifts between pairs.
     ratio = median(k / h for k, h in zip(rps["keter"], rps["hand"], strict=True))
     keter, hand, direct = (median(rps[name]) for name in ("keter", "hand", "direct"))
+    headers = median(rps["headers"])
     clients = "Connection: close" if close else "keep-alive"
     original = "12.8k" if close else "17k"
     hand_ref = "22-24k" if close else ("47k" if workers == 1 else "67k")
     return Row(
         f"proxy: {clients} clients, {workers} worker{'s' if workers > 1 else ''}",
         f"keter's config {keter:,.0f} req/s = {ratio:.0%} of hand-written (n={len(rps['keter'])})",
-        f"hand-written {hand:,.0f}, direct {direct:,.0f} req/s "
+        f"hand-written {hand:,.0f}, hand-written with keter's headers {headers:,.0f}, "
+        f"direct {direct:,.0f} req/s "
         f"(issue's machine: hand-written {hand_ref}, Keter 2.3.5 {original})",
         f">= {TARGET:.0%} of hand-written",
         ratio >= TARGET,

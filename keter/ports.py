@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 
+import psutil
+
 
 class NoFreePort(Exception):
     pass
@@ -53,3 +55,18 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def port_holders(port: int) -> list[int]:
+    """Pids of the processes listening on TCP ``port`` (any address)."""
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except psutil.Error:
+        return []
+    return sorted(
+        {
+            c.pid
+            for c in connections
+            if c.pid and c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+        }
+    )

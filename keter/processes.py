@@ -50,24 +50,16 @@ for root too and is not used yet.
 from __future__ import annotations
 
 import enum
-import errno
 import json
 import logging
 import os
-import pwd
 import queue
 import random
-import re
-import resource
-import select
 import selectors
-import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,8 +69,9 @@ import psutil
 from keter.actor import Actor
 from keter.applog import LogRegistry, OutputCapture
 from keter.fsutil import atomic_write
+from keter.groups import KILL_WAIT, group_members, signal_group, stop_groups
+from keter.health import probe_http
 from keter.messages import (
-    HealthCheck,
     ProcessFailed,
     ProcessHealthy,
     ProcessSpec,
@@ -89,7 +82,8 @@ from keter.messages import (
     StopProcess,
     message,
 )
-from keter.ports import port_is_free
+from keter.ports import port_holders, port_is_free
+from keter.spawn import DEFAULT_LIMITS, PRLIMIT, ResourceLimits, exec_problem, user_credentials
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +96,7 @@ PROBE_FIRST_INTERVAL = 0.01
 PROBE_MAX_INTERVAL = 0.25
 GONE_FIRST_POLL = 0.01  # polling for a group's stragglers after its leader died
 GONE_MAX_POLL = 0.2
-KILL_WAIT = 5.0  # how long shutdown waits for SIGKILLed processes to vanish
 # Where prlimit is looked for: the system's own folders, never the app's PATH.
-SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
-PRLIMIT = shutil.which("prlimit", path=SYSTEM_PATH)
 
 
 # -- the state machine ----------------------------------------------------------------
@@ -172,217 +163,6 @@ def describe_exit(returncode: int) -> str:
     except ValueError:
         name = f"signal {-returncode}"
     return f"killed by {name}"
-
-
-def is_healthy(status: int, strict: bool) -> bool:
-    """An explicit health-check path must answer 2xx/3xx; "/" anything below 500."""
-    return 200 <= status < 400 if strict else status < 500
-
-
-_SAFE_PATH = re.compile(r"/[\x21-\x7e]*")  # no spaces or control characters: no injection
-_SAFE_HOST = re.compile(r"[\x21-\x7e]+")
-_STATUS_LINE = re.compile(rb"HTTP/\d(?:\.\d)? (\d{3})")
-
-
-def probe_http(port: int, check: HealthCheck, timeout: float = 1.0) -> tuple[bool, str]:
-    """One health probe of 127.0.0.1:port; returns (healthy, what happened)."""
-    if not _SAFE_PATH.fullmatch(check.path) or not _SAFE_HOST.fullmatch(check.host):
-        return False, f"invalid health check path {check.path!r} or host {check.host!r}"
-    request = (
-        f"GET {check.path} HTTP/1.1\r\nHost: {check.host}\r\n"
-        "User-Agent: keter-health-check\r\nConnection: close\r\n\r\n"
-    ).encode()
-    head = b""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-            sock.sendall(request)
-            while b"\r\n" not in head and len(head) < 4096:
-                chunk = sock.recv(1024)
-                if not chunk:
-                    break
-                head += chunk
-    except TimeoutError:
-        return False, f"no answer within {timeout:g}s"
-    except ConnectionRefusedError:
-        return False, "connection refused"
-    except OSError as exc:
-        return False, exc.strerror or str(exc)
-    match = _STATUS_LINE.match(head)
-    if not match:
-        return False, "not an HTTP answer"
-    status = int(match.group(1))
-    return is_healthy(status, check.strict), f"HTTP {status} on {check.path}"
-
-
-def user_credentials(name: str) -> dict[str, object]:
-    """Popen keyword arguments to run as ``name`` with its groups (initgroups semantics)."""
-    entry = pwd.getpwnam(name)
-    return {
-        "user": entry.pw_uid,
-        "group": entry.pw_gid,
-        "extra_groups": os.getgrouplist(name, entry.pw_gid),
-    }
-
-
-# -- resource limits ------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class ResourceLimits:
-    """Limits every app process runs under; None leaves that one as keter's own.
-
-    Soft and hard limits are set alike, so an unprivileged app cannot raise
-    them. A value above keter's own hard limit is lowered to it: an app run as
-    another user could not be given more anyway.
-    """
-
-    nofile: int | None = 65536  # open files per process (an fd hog gets EMFILE)
-    nproc: int | None = 4096  # processes and threads of the app's user (a fork bomb gets EAGAIN)
-    core: int | None = 0  # core dump bytes: a crash loop must not fill the disk
-    data: int | None = None  # bytes of heap and private mappings (a memory hog gets ENOMEM)
-
-    def effective(self) -> dict[str, int]:
-        """prlimit's resource names and the values that will be set, capped as documented."""
-        wanted = {
-            "nofile": (self.nofile, resource.RLIMIT_NOFILE),
-            "nproc": (self.nproc, resource.RLIMIT_NPROC),
-            "core": (self.core, resource.RLIMIT_CORE),
-            "data": (self.data, resource.RLIMIT_DATA),
-        }
-        limits = {}
-        for name, (value, which) in wanted.items():
-            if value is None:
-                continue
-            hard = resource.getrlimit(which)[1]
-            limits[name] = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        return limits
-
-    def prlimit_args(self) -> list[str]:
-        """``--nofile=N:N`` ... for util-linux prlimit."""
-        return [f"--{name}={value}:{value}" for name, value in self.effective().items()]
-
-    def apply_to(self, pid: int) -> None:
-        """Set the limits on a running process (the fallback when prlimit is missing)."""
-        for name, value in self.effective().items():
-            which = getattr(resource, f"RLIMIT_{name.upper()}")
-            resource.prlimit(pid, which, (value, value))
-
-
-DEFAULT_LIMITS = ResourceLimits()
-
-
-def exec_problem(program: str, cwd: Path, env: Mapping[str, str]) -> str | None:
-    """Why exec'ing ``program`` would fail at once (an strerror text), or None.
-
-    The app is exec'd by prlimit, which can only tell a failed exec through its
-    exit status; checking first keeps the usual immediate and exact reason.
-    A missing ``cwd`` is left for Popen to report, naming the folder.
-    """
-    if "/" not in program:
-        found = shutil.which(program, path=env.get("PATH", os.defpath))
-        return None if found else os.strerror(errno.ENOENT)
-    if not os.path.isdir(cwd):
-        return None
-    path = os.path.join(cwd, program)  # an absolute program stays as it is
-    if not os.path.exists(path):
-        return os.strerror(errno.ENOENT)
-    if os.path.isdir(path) or not os.access(path, os.X_OK):
-        return os.strerror(errno.EACCES)
-    return None
-
-
-def port_holders(port: int) -> list[int]:
-    """Pids of the processes listening on TCP ``port`` (any address)."""
-    try:
-        connections = psutil.net_connections(kind="tcp")
-    except psutil.Error:
-        return []
-    return sorted(
-        {
-            c.pid
-            for c in connections
-            if c.pid and c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
-        }
-    )
-
-
-# -- process groups -------------------------------------------------------------------
-
-
-def signal_group(pgid: int, sig: int) -> bool:
-    """Send ``sig`` to a process group; False if the group no longer exists."""
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a group.
-
-    Zombies do not count: they hold no port and no memory, and an orphan's
-    zombie may never be reaped when PID 1 is not a real init.
-    """
-    try:
-        os.killpg(pgid, 0)  # cheap answer for the common case: nothing left at all
-    except ProcessLookupError:
-        return []
-    except PermissionError:
-        pass  # exists, but owned by another user
-    members = []
-    for pid in psutil.pids():
-        try:
-            if os.getpgid(pid) == pgid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                members.append(pid)
-        except (ProcessLookupError, psutil.NoSuchProcess):
-            continue
-    return members
-
-
-def wait_group_gone(pgid: int, deadline: float) -> bool:
-    """Block until no live process of the group remains, or until ``deadline`` (monotonic).
-
-    Only for keter's own start-up and shutdown, when blocking is the point.
-    Waits on pidfds of the members; rescans now and then for new forks.
-    """
-    while True:
-        members = group_members(pgid)
-        if not members:
-            return True
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        pidfds = []
-        for pid in members:
-            try:
-                pidfds.append(os.pidfd_open(pid))
-            except ProcessLookupError:
-                continue
-        try:
-            if pidfds:
-                select.select(pidfds, [], [], min(remaining, 0.1))
-        finally:
-            for fd in pidfds:
-                os.close(fd)
-
-
-def stop_groups(groups: dict[int, str], timeout: float) -> None:
-    """SIGTERM every group, SIGKILL what is left after one shared ``timeout``, wait for all.
-
-    ``groups`` maps pgid to a label for the log (``"app: pid 123"``).
-    """
-    for pgid in groups:
-        signal_group(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    stubborn = [pgid for pgid in groups if not wait_group_gone(pgid, deadline)]
-    for pgid in stubborn:
-        log.warning("%s: still running %gs after SIGTERM; sending SIGKILL", groups[pgid], timeout)
-        signal_group(pgid, signal.SIGKILL)
-    deadline = time.monotonic() + KILL_WAIT
-    for pgid in stubborn:
-        if not wait_group_gone(pgid, deadline):
-            log.error("%s: still alive after SIGKILL", groups[pgid])
 
 
 # -- private messages (timers and reports from this actor's own threads) --------------

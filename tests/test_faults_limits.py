@@ -23,8 +23,9 @@ from support import wait_for
 from test_faults_apps import limits_of
 from test_processes import Harness, make_monitor  # noqa: F401  (a fixture)
 
+from keter.groups import group_members
 from keter.messages import ProcessStarted, ProcessStopped, StopProcess
-from keter.processes import PRLIMIT, ResourceLimits, group_members
+from keter.spawn import PRLIMIT, ResourceLimits
 
 NOBODY_PYTHON = "/usr/bin/python3"  # readable by nobody, unlike a virtualenv under /root
 

@@ -23,6 +23,8 @@ import pytest
 from support import wait_for
 
 from keter.applog import MAX_PARTIAL, AppLog, LogRegistry, OutputCapture
+from keter.groups import group_members
+from keter.health import is_healthy, probe_http
 from keter.messages import (
     HealthCheck,
     ProcessFailed,
@@ -34,6 +36,7 @@ from keter.messages import (
     StartProcess,
     StopProcess,
 )
+from keter.ports import port_is_free
 from keter.processes import (
     TRANSITIONS,
     IllegalTransition,
@@ -42,10 +45,6 @@ from keter.processes import (
     backoff_delay,
     check_transition,
     describe_exit,
-    group_members,
-    is_healthy,
-    port_is_free,
-    probe_http,
 )
 
 APP = Path(__file__).parent / "apps" / "versioned_app.py"

@@ -1,0 +1,96 @@
+"""Process groups: every app runs in its own session, so "the app" is a group.
+
+Signals go to the whole group, and an app only counts as stopped when nothing
+of its group is left (a shell wrapper's grandchildren may hold the port after
+the wrapper died).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import time
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+KILL_WAIT = 5.0  # how long shutdown waits for SIGKILLed processes to vanish
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to a process group; False if the group no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a group.
+
+    Zombies do not count: they hold no port and no memory, and an orphan's
+    zombie may never be reaped when PID 1 is not a real init.
+    """
+    try:
+        os.killpg(pgid, 0)  # cheap answer for the common case: nothing left at all
+    except ProcessLookupError:
+        return []
+    except PermissionError:
+        pass  # exists, but owned by another user
+    members = []
+    for pid in psutil.pids():
+        try:
+            if os.getpgid(pid) == pgid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                members.append(pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return members
+
+
+def wait_group_gone(pgid: int, deadline: float) -> bool:
+    """Block until no live process of the group remains, or until ``deadline`` (monotonic).
+
+    Only for keter's own start-up and shutdown, when blocking is the point.
+    Waits on pidfds of the members; rescans now and then for new forks.
+    """
+    while True:
+        members = group_members(pgid)
+        if not members:
+            return True
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        pidfds = []
+        for pid in members:
+            try:
+                pidfds.append(os.pidfd_open(pid))
+            except ProcessLookupError:
+                continue
+        try:
+            if pidfds:
+                select.select(pidfds, [], [], min(remaining, 0.1))
+        finally:
+            for fd in pidfds:
+                os.close(fd)
+
+
+def stop_groups(groups: dict[int, str], timeout: float) -> None:
+    """SIGTERM every group, SIGKILL what is left after one shared ``timeout``, wait for all.
+
+    ``groups`` maps pgid to a label for the log (``"app: pid 123"``).
+    """
+    for pgid in groups:
+        signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    stubborn = [pgid for pgid in groups if not wait_group_gone(pgid, deadline)]
+    for pgid in stubborn:
+        log.warning("%s: still running %gs after SIGTERM; sending SIGKILL", groups[pgid], timeout)
+        signal_group(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + KILL_WAIT
+    for pgid in stubborn:
+        if not wait_group_gone(pgid, deadline):
+            log.error("%s: still alive after SIGKILL", groups[pgid])

@@ -68,6 +68,13 @@ def problems(tmp_path: Path, config: str, *folders: str) -> list[str]:
     return info.value.problems
 
 
+def only_problem(tmp_path: Path, stanza: str) -> str:
+    """The one problem a bundle made of ``stanza`` has."""
+    found = problems(tmp_path, f"stanzas: [{stanza}]")
+    assert len(found) == 1, found
+    return found[0]
+
+
 def sample(name: str) -> bytes:
     path = keter_sample(name)
     if not path.exists():
@@ -326,9 +333,8 @@ def test_bad_certificates_fail_the_bundle_naming_the_file(tmp_path) -> None:
     ],
 )  # fmt: skip
 def test_webapp_mistakes_name_their_key(tmp_path, stanza: str, expected: str) -> None:
-    found = problems(tmp_path, f"stanzas: [{stanza}]")
-    assert len(found) == 1, found
-    assert found[0].startswith(expected), found[0]
+    problem = only_problem(tmp_path, stanza)
+    assert problem.startswith(expected), problem
 
 
 def test_a_second_webapp_stanza_is_refused(tmp_path) -> None:
@@ -383,9 +389,8 @@ def test_background_keys(tmp_path) -> None:
     ],
 )  # fmt: skip
 def test_background_mistakes_name_their_key(tmp_path, stanza: str, expected: str) -> None:
-    found = problems(tmp_path, f"stanzas: [{stanza}]")
-    assert len(found) == 1, found
-    assert found[0].startswith(expected), found[0]
+    problem = only_problem(tmp_path, stanza)
+    assert problem.startswith(expected), problem
 
 
 def test_background_keys_of_a_webapp_are_warned_about(tmp_path) -> None:
@@ -522,9 +527,8 @@ def test_redirect_keys_and_defaults(tmp_path) -> None:
     ],
 )  # fmt: skip
 def test_redirect_mistakes_name_their_key(tmp_path, stanza: str, expected: str) -> None:
-    found = problems(tmp_path, f"stanzas: [{stanza}]")
-    assert len(found) == 1, found
-    assert found[0].startswith(expected), found[0]
+    problem = only_problem(tmp_path, stanza)
+    assert problem.startswith(expected), problem
 
 
 # -- reverse proxy ---------------------------------------------------------------------------
@@ -583,9 +587,8 @@ def test_reverse_proxy_keys(tmp_path) -> None:
     ],
 )  # fmt: skip
 def test_reverse_proxy_mistakes_name_their_key(tmp_path, stanza: str, expected: str) -> None:
-    found = problems(tmp_path, f"stanzas: [{stanza}]")
-    assert len(found) == 1, found
-    assert found[0].startswith(expected), found[0]
+    problem = only_problem(tmp_path, stanza)
+    assert problem.startswith(expected), problem
 
 
 # -- middleware ------------------------------------------------------------------------------

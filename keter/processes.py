@@ -754,7 +754,7 @@ class ProcessMonitor(Actor):
             while not (exited and (woken or not pipe_open)):
                 for key, _ in selector.select():
                     if key.data == "out":
-                        if pipe_open and not self._read_once(run, fd):
+                        if pipe_open and self._read_once(run, fd) is False:
                             selector.unregister(fd)
                             pipe_open = False
                     elif key.data == "exit":
@@ -800,19 +800,23 @@ class ProcessMonitor(Actor):
             self._logs.release(run.capture.applog)
 
     @staticmethod
-    def _read_once(run: _Run, fd: int) -> bool:
-        """One chunk from the pipe into the log; False at end of file."""
+    def _read_once(run: _Run, fd: int) -> bool | None:
+        """One chunk from the pipe into the log.
+
+        True when data was read, None when there is none right now (a
+        non-blocking pipe), False at end of file.
+        """
         try:
             data = os.read(fd, READ_CHUNK)
         except BlockingIOError:
-            return True
+            return None
         if not data:
             return False
         run.capture.feed(data)
         return True
 
-    @staticmethod
-    def _drain(run: _Run, fd: int) -> bool:
+    @classmethod
+    def _drain(cls, run: _Run, fd: int) -> bool:
         """Read what the pipe holds right now without waiting; False at end of file.
 
         Reads at most the largest pipe buffer: enough for everything a dead
@@ -820,13 +824,9 @@ class ProcessMonitor(Actor):
         """
         os.set_blocking(fd, False)
         for _ in range(MAX_PIPE_BUFFER // READ_CHUNK):
-            try:
-                data = os.read(fd, READ_CHUNK)
-            except BlockingIOError:
-                return True
-            if not data:
-                return False
-            run.capture.feed(data)
+            got = cls._read_once(run, fd)
+            if got is not True:
+                return got is None
         return True
 
     # -- records of running processes, for cleanup after keter was killed --------------

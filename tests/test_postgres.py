@@ -297,12 +297,6 @@ def test_one_apps_role_cannot_open_another_apps_database(
 # -- crash safety ---------------------------------------------------------------------------
 
 
-def drop_role_and_database(pg: PrivatePostgres, db: DbInfo) -> None:
-    with psycopg.connect(pg.superuser_dsn, autocommit=True) as conn:
-        conn.execute(psycopg.sql.SQL("DROP DATABASE {}").format(psycopg.sql.Identifier(db.name)))
-        conn.execute(psycopg.sql.SQL("DROP ROLE {}").format(psycopg.sql.Identifier(db.user)))
-
-
 def superuser_run(pg: PrivatePostgres, statement: str, *identifiers: str) -> None:
     with psycopg.connect(pg.superuser_dsn, autocommit=True) as conn:
         names = [psycopg.sql.Identifier(name) for name in identifiers]

@@ -37,7 +37,9 @@ from keter.config import KeterConfig, Listener
 from keter.history import DeployHistory
 from keter.logtail import LogFollower, tail_lines
 from keter.messages import AppChanged, AppEvent, AppGone, AppSnapshot, DeployFinished
-from keter.status import StatusServer, app_urls, is_health_check_failure
+from keter.status import StatusServer
+from keter.status.component import is_health_check_failure
+from keter.status.views import app_urls
 
 # -- helpers ---------------------------------------------------------------------------------
 

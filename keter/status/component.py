@@ -1,0 +1,139 @@
+"""The status actor: the supervisor's facts in, the status API's state and metrics out.
+
+The supervisor tells this actor every change (``AppChanged``, ``AppGone``,
+``DeployFinished``, ``AppEvent``); it never looks at the supervisor's objects.
+From those facts it keeps the ``StatusBoard`` the API shows, the Prometheus
+metrics and the archive of served bundles for rollback. It also runs the
+restart and rollback requests the HTTP threads hand it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+
+from keter.actor import Actor
+from keter.archive import SUFFIX, ArchiveError, BundleArchive
+from keter.config import KeterConfig
+from keter.history import DeployHistory
+from keter.messages import AppChanged, AppEvent, AppGone, AppSnapshot, DeployFinished
+from keter.status import redeploy
+from keter.status.checks import RequestChecks
+from keter.status.errors import ApiError
+from keter.status.metrics import Metrics
+from keter.status.redeploy import Action, Redeploy
+from keter.status.servers import Listeners, join_host_port, socket_path
+from keter.status.views import StatusBoard
+
+log = logging.getLogger(__name__)
+
+COMMAND_TIMEOUT = 60.0  # archiving a large bundle may hold the actor for a while
+
+
+def is_health_check_failure(reason: str) -> bool:
+    """Whether a failed deploy's reason says the app never passed its health check."""
+    return "did not answer" in reason or "health check" in reason
+
+
+class StatusServer(Actor):
+    """The status actor and its HTTP listeners (Unix socket, optional TCP)."""
+
+    def __init__(self, config: KeterConfig, report_to: queue.Queue | None = None) -> None:
+        super().__init__("status", report_to)
+        self.config = config
+        self.socket_path = socket_path(config.root)
+        self.checks = RequestChecks(config)
+        self.metrics = Metrics()
+        self.archive = BundleArchive(config.archive_dir, config.archive_keep)
+        self.board = StatusBoard(
+            config, DeployHistory(config.etc_dir / "history.json"), self.archive
+        )
+        self.listeners = Listeners(self)
+        self.tcp_address: tuple[str, int] | None = None  # once listening
+        self.listening = threading.Event()  # set once every listener accepts connections
+
+    @property
+    def token(self) -> str:
+        """The token POST requests need (the dashboard's pages carry it)."""
+        return self.checks.token
+
+    # -- the actor ---------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        self.board.history.load()
+        self.listeners.bind_unix(self.socket_path, self.config.status_group)
+        if self.config.status_listen is not None:
+            self.listeners.bind_tcp(*self.config.status_listen)
+            self.tcp_address = self.listeners.tcp_address
+        self.listeners.start()
+        where = f" and http://{join_host_port(*self.tcp_address)}" if self.tcp_address else ""
+        log.info("keter: status API on %s%s", self.socket_path, where)
+        self.listening.set()
+
+    def on_stop(self) -> None:
+        self.board.close()
+        self.listeners.close()
+
+    def handle(self, message: object) -> None:
+        match message:
+            case AppChanged(snapshot=snapshot):
+                self._app_changed(snapshot)
+            case AppGone(app=app):
+                self.board.app_gone(app)
+                self.metrics.forget(app)
+            case DeployFinished():
+                self._deploy_finished(message)
+            case AppEvent(app=app, kind=kind, text=text, at=at):
+                self.board.add_event(app, kind, text, at)
+            case Redeploy():
+                redeploy.run(self.board, message)
+            case _:
+                log.error("status: unexpected message %r", message)
+
+    def _app_changed(self, snapshot: AppSnapshot) -> None:
+        previous = self.board.app_changed(snapshot)
+        self.metrics.up.labels(snapshot.app).set(1 if snapshot.state == "running" else 0)
+        # restarts counts crashes of the serving version; a new version starts again at 0.
+        if previous is not None and previous.version == snapshot.version:
+            added = snapshot.restarts - previous.restarts
+        else:
+            added = snapshot.restarts
+        if added > 0:
+            self.metrics.restarts.labels(snapshot.app).inc(added)
+
+    def _deploy_finished(self, msg: DeployFinished) -> None:
+        self.metrics.deploys.labels(msg.app, msg.outcome).inc()
+        if msg.outcome == "serving":
+            self.metrics.duration.observe(msg.duration)
+        elif msg.outcome == "failed" and is_health_check_failure(msg.reason):
+            self.metrics.health_check_failures.labels(msg.app).inc()
+        if msg.outcome == "serving":
+            self._archive(msg)  # before the verdict is visible, so a rollback can use it at once
+        self.board.record(msg)
+        text = {
+            "serving": f"version {msg.version} serving (took {msg.duration:.1f}s)",
+            "failed": f"version {msg.version} failed: {msg.reason}",
+        }.get(msg.outcome, f"version {msg.version} {msg.outcome}: {msg.reason}")
+        self.board.add_event(msg.app, f"deploy-{msg.outcome}", text, msg.at)
+
+    def _archive(self, msg: DeployFinished) -> None:
+        bundle = self.config.incoming_dir / f"{msg.app}{SUFFIX}"
+        try:
+            self.archive.store(msg.app, bundle, msg.sha256, msg.at)
+        except ArchiveError as exc:
+            log.warning("%s: version %s not archived: %s", msg.app, msg.version, exc)
+        except OSError as exc:
+            log.error("%s: cannot archive version %s: %s", msg.app, msg.version, exc)
+
+    # -- for the HTTP threads ------------------------------------------------------------
+
+    def command(self, action: Action, app: str, version: str | None = None) -> dict:
+        """Run restart or rollback in the actor's thread and wait for the answer."""
+        request = Redeploy(action=action, app=app, version=version)
+        self.tell(request)
+        try:
+            return request.reply.result(timeout=COMMAND_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            raise ApiError(503, "keter is busy or stopping; try again") from None

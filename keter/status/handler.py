@@ -1,0 +1,209 @@
+"""HTTP requests to the status API: routing, the dashboard's pages, JSON in and out.
+
+Requests run on the listeners' threads. They read through the status actor's
+``board`` and hand restart and rollback to the actor (``api.command``). Every
+request passes ``checks`` first (Host; for POST also the token and Origin).
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs, urlsplit
+
+from keter.bundle import validate_app_name
+from keter.status.checks import TOKEN_HEADER
+from keter.status.errors import ApiError
+from keter.status.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from keter.status.redeploy import Action
+
+if TYPE_CHECKING:
+    from keter.status.component import StatusServer
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 4096
+DASHBOARD_DIR = Path(__file__).resolve().parent.parent / "dashboard"
+STATIC_FILES = {"dashboard.js": "text/javascript", "style.css": "text/css"}
+
+_APP = r"/api/apps/(?P<app>[^/]+)"
+_ROUTES: list[tuple[str, re.Pattern[str], str]] = [
+    ("GET", re.compile(r"/"), "index"),
+    ("GET", re.compile(r"/app/(?P<app>[^/]+)"), "app_page"),
+    ("GET", re.compile(r"/static/(?P<name>[a-z.]+)"), "static"),
+    ("GET", re.compile(r"/metrics"), "metrics"),
+    ("GET", re.compile(r"/api/token"), "token"),
+    ("GET", re.compile(r"/api/status"), "status"),
+    ("GET", re.compile(_APP), "app"),
+    ("GET", re.compile(_APP + r"/history"), "history"),
+    ("GET", re.compile(_APP + r"/log"), "log"),
+    ("POST", re.compile(_APP + r"/restart"), "restart"),
+    ("POST", re.compile(_APP + r"/rollback"), "rollback"),
+]
+_HTML_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    server_version = "keter-status"
+    sys_version = ""
+    timeout = 15  # a stalled client must not hold a thread for ever
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # the dashboard polls every second; keter's log is for events
+
+    def _dispatch(self, method: str) -> None:
+        api: StatusServer = self.server.api  # type: ignore[attr-defined]
+        url = urlsplit(self.path)
+        self.body = b""
+        try:
+            # Read before anything can answer: closing a connection with the body unread
+            # makes the client's send fail (EPIPE) or its read (a reset) lose the answer.
+            if method == "POST":
+                self.body = self._read_body()
+            api.checks.check_host(self.headers.get("Host"))
+            for route_method, pattern, name in _ROUTES:
+                match = pattern.fullmatch(url.path)
+                if match:
+                    if route_method != method:
+                        raise ApiError(405, f"{url.path} does not take {method}")
+                    if method == "POST":
+                        api.checks.check_write(self.headers)
+                    args = match.groupdict()
+                    if "app" in args:
+                        args["app"] = _app_name(args["app"])
+                    getattr(self, f"_{name}")(api, parse_qs(url.query), **args)
+                    return
+            raise ApiError(404, f"nothing at {url.path}")
+        except ApiError as exc:
+            self._send_json(exc.status, {"error": exc.message}, exc.headers)
+        except Exception:  # a bug answers 500 instead of dropping the connection
+            log.exception("keter: status request %s %s failed", method, url.path)
+            self._send_json(500, {"error": "internal error; see keter's log"})
+
+    # -- pages -----------------------------------------------------------------------
+
+    def _index(self, api: StatusServer, query: dict) -> None:
+        self._page(api, "index.html")
+
+    def _app_page(self, api: StatusServer, query: dict, app: str) -> None:
+        self._page(api, "app.html")
+
+    def _page(self, api: StatusServer, name: str) -> None:
+        html = (DASHBOARD_DIR / name).read_text().replace("{{token}}", api.checks.token)
+        self._send(200, html.encode(), "text/html; charset=utf-8", _HTML_HEADERS)
+
+    def _static(self, api: StatusServer, query: dict, name: str) -> None:
+        if name not in STATIC_FILES:
+            raise ApiError(404, f"nothing at /static/{name}")
+        data = (DASHBOARD_DIR / name).read_bytes()
+        self._send(200, data, f"{STATIC_FILES[name]}; charset=utf-8")
+
+    def _metrics(self, api: StatusServer, query: dict) -> None:
+        self._send(200, api.metrics.render(), METRICS_CONTENT_TYPE)
+
+    # -- API -------------------------------------------------------------------------
+
+    def _token(self, api: StatusServer, query: dict) -> None:
+        self._send_json(200, {"token": api.checks.token, "header": TOKEN_HEADER})
+
+    def _status(self, api: StatusServer, query: dict) -> None:
+        self._send_json(200, api.board.status_view())
+
+    def _app(self, api: StatusServer, query: dict, app: str) -> None:
+        self._send_json(200, api.board.app_view(app))
+
+    def _history(self, api: StatusServer, query: dict, app: str) -> None:
+        after = _number(query, "after", 0, int)
+        wait = _number(query, "wait", 0.0, float)
+        self._send_json(200, api.board.history_after(app, after, wait))
+
+    def _log(self, api: StatusServer, query: dict, app: str) -> None:
+        self._send_json(200, api.board.log_lines(app, _number(query, "n", 100, int)))
+
+    def _restart(self, api: StatusServer, query: dict, app: str) -> None:
+        self._send_json(202, api.command(Action.RESTART, app))
+
+    def _rollback(self, api: StatusServer, query: dict, app: str) -> None:
+        body = self._read_json()
+        version = body.get("version")
+        if version is not None and not isinstance(version, str):
+            raise ApiError(400, "version must be a string")
+        self._send_json(202, api.command(Action.ROLLBACK, app, version or None))
+
+    # -- plumbing --------------------------------------------------------------------
+
+    def _read_body(self) -> bytes:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            self.close_connection = True
+            raise ApiError(400, "bad Content-Length") from None
+        if length > MAX_BODY:
+            self.close_connection = True
+            raise ApiError(413, f"request body larger than {MAX_BODY} bytes")
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _read_json(self) -> dict:
+        if not self.body.strip():
+            return {}
+        try:
+            body = json.loads(self.body)
+        except ValueError:
+            raise ApiError(400, "request body is not JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        return body
+
+    def _send_json(self, code: int, value: object, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(value, separators=(",", ":")).encode()
+        self._send(code, data, "application/json", headers)
+
+    def _send(
+        self, code: int, data: bytes, content_type: str, headers: dict[str, str] | None = None
+    ) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def _app_name(text: str) -> str:
+    try:
+        return validate_app_name(text)
+    except ValueError:
+        raise ApiError(404, f"no app named {text[:64]!r}") from None
+
+
+def _number(query: dict, key: str, default: float, kind: type) -> float:
+    values = query.get(key)
+    if not values:
+        return default
+    try:
+        number = kind(values[0])
+    except ValueError:
+        raise ApiError(400, f"{key} must be a number") from None
+    if not math.isfinite(number):
+        raise ApiError(400, f"{key} must be a finite number")
+    return number

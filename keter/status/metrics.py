@@ -1,0 +1,48 @@
+"""keter's Prometheus metrics (``GET /metrics``), in a registry of their own."""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+DURATION_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """Counters and gauges the status actor updates from the supervisor's messages."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.up = Gauge(
+            "keter_app_up", "1 while the app's serving version runs", ["app"], registry=r
+        )
+        self.deploys = Counter(
+            "keter_deploys", "Finished deploy attempts by outcome", ["app", "outcome"], registry=r
+        )
+        self.duration = Histogram(
+            "keter_deploy_duration_seconds",
+            "Seconds from bundle seen to serving, for deploys that reached serving",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.restarts = Counter(
+            "keter_restarts", "Restarts of a serving version after a crash", ["app"], registry=r
+        )
+        self.health_check_failures = Counter(
+            "keter_health_check_failures",
+            "Deploys abandoned because the new version failed its health check",
+            ["app"],
+            registry=r,
+        )
+
+    def forget(self, app: str) -> None:
+        """The app is gone: it is no longer up or down."""
+        with contextlib.suppress(KeyError):  # never seen up or down
+            self.up.remove(app)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

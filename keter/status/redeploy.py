@@ -1,0 +1,93 @@
+"""Restart and rollback: the only requests that change anything, run in the actor's thread.
+
+Both put a bundle into incoming/ and let the usual pipeline deploy it: restart
+touches the current bundle (the watcher redeploys a touched bundle), rollback
+copies an archived version over it. HTTP threads hand them over as a
+``Redeploy`` with a future for the answer (``StatusServer.command``), so every
+change to incoming/ and the archive happens in one thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+
+from keter.archive import SUFFIX, ArchiveError
+from keter.status.errors import ApiError
+from keter.status.views import StatusBoard
+
+log = logging.getLogger(__name__)
+
+
+class Action(Enum):
+    RESTART = "restart"
+    ROLLBACK = "rollback"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Redeploy:
+    """From an HTTP thread to the status actor; the answer comes back in ``reply``."""
+
+    action: Action
+    app: str
+    version: str | None = None  # rollback: a sha256 prefix; None: the one served before
+    reply: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+def run(board: StatusBoard, request: Redeploy) -> None:
+    """Carry out ``request`` and answer it: a dict for the client, or an ApiError."""
+    try:
+        if request.action is Action.RESTART:
+            result = restart(board, request.app)
+        else:
+            result = rollback(board, request.app, request.version)
+    except ApiError as exc:
+        request.reply.set_exception(exc)
+    except OSError as exc:
+        action = request.action.value
+        log.error("%s: %s failed: %s", request.app, action, exc)
+        request.reply.set_exception(ApiError(500, f"{action} failed: {exc}"))
+    else:
+        request.reply.set_result(result)
+
+
+def restart(board: StatusBoard, app: str) -> dict:
+    if board.snapshot(app) is None:
+        raise ApiError(404, f"no app named {app}")
+    bundle = board.config.incoming_dir / f"{app}{SUFFIX}"
+    after = board.history.seq
+    try:
+        with open(bundle, "rb") as f:
+            sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        os.utime(bundle)
+    except FileNotFoundError:
+        raise ApiError(409, f"{app} has no bundle in incoming/ to restart") from None
+    log.info("%s: restart requested through the status API", app)
+    return {"app": app, "version": sha256[:12], "sha256": sha256, "after": after}
+
+
+def rollback(board: StatusBoard, app: str, version: str | None) -> dict:
+    archived = board.archive.versions(app)
+    snapshot = board.snapshot(app)
+    if snapshot is None and not archived:
+        raise ApiError(404, f"no app named {app}")
+    try:
+        if version:
+            chosen = board.archive.find(app, version)
+        else:
+            current = snapshot.version if snapshot is not None else None
+            older = [bundle for bundle in archived if bundle.version != current]
+            if not older:
+                shown = ", ".join(bundle.version for bundle in archived) or "none"
+                raise ApiError(409, f"{app} has no earlier version archived ({shown})")
+            chosen = older[0]
+        after = board.history.seq
+        board.archive.restore(app, chosen, board.config.incoming_dir)
+    except ArchiveError as exc:
+        raise ApiError(409, str(exc)) from None
+    log.info("%s: rolling back to version %s", app, chosen.version)
+    return {"app": app, "version": chosen.version, "sha256": chosen.sha256, "after": after}

@@ -1,0 +1,166 @@
+"""What the status API shows: every app's latest snapshot, recent events, deploy history.
+
+The status actor's thread is the only writer (``StatusBoard``'s ``app_changed``,
+``record`` ...); the HTTP threads only read, through the ``*_view`` methods.
+Both sides hold ``cond``; a writer that adds a history entry wakes the long
+polls waiting for one.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+
+from keter import __version__
+from keter.archive import BundleArchive
+from keter.config import KeterConfig
+from keter.history import DeployHistory
+from keter.logtail import tail_lines
+from keter.messages import AppSnapshot, DeployFinished
+from keter.routes import approot
+from keter.status.errors import ApiError
+
+EVENTS_KEPT = 100
+MAX_LOG_LINES = 1000
+LONG_POLL_SECONDS = 30.0  # the longest a history request waits for a new entry
+
+
+def app_urls(hosts: tuple[str, ...], config: KeterConfig) -> list[str]:
+    """Where an app is reached through nginx, as in its APPROOT (wildcards have no one URL)."""
+    return [
+        approot(host, secure=False, settings=config) + "/"
+        for host in hosts
+        if not host.startswith("*.")
+    ]
+
+
+class StatusBoard:
+    """The facts the status API serves, guarded by ``cond``."""
+
+    def __init__(self, config: KeterConfig, history: DeployHistory, archive: BundleArchive) -> None:
+        self.config = config
+        self.history = history
+        self.archive = archive
+        self.started_at = time.time()
+        self.cond = threading.Condition()  # guards everything below, and the history
+        self.closing = False
+        self._apps: dict[str, AppSnapshot] = {}
+        self._events: collections.deque[dict] = collections.deque(maxlen=EVENTS_KEPT)
+
+    # -- changes (the actor's thread) -----------------------------------------------------
+
+    def app_changed(self, snapshot: AppSnapshot) -> AppSnapshot | None:
+        """Keep the app's new snapshot; returns the one it replaces."""
+        with self.cond:
+            previous = self._apps.get(snapshot.app)
+            self._apps[snapshot.app] = snapshot
+            return previous
+
+    def app_gone(self, app: str) -> None:
+        with self.cond:
+            self._apps.pop(app, None)
+
+    def record(self, finished: DeployFinished) -> None:
+        """Add a deploy to the history and wake the requests waiting for one."""
+        with self.cond:
+            self.history.record(finished)
+            self.cond.notify_all()
+
+    def add_event(self, app: str, kind: str, text: str, at: float) -> None:
+        with self.cond:
+            self._events.append({"at": at, "app": app, "kind": kind, "text": text})
+
+    def close(self) -> None:
+        """keter is stopping: long polls answer now."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def snapshot(self, app: str) -> AppSnapshot | None:
+        with self.cond:
+            return self._apps.get(app)
+
+    def knows(self, app: str) -> bool:
+        """Whether keter runs the app now or remembers it from its history."""
+        with self.cond:
+            return app in self._apps or app in self.history
+
+    def status_view(self) -> dict:
+        """Every app, the recent events and keter's own facts."""
+        now = time.time()
+        with self.cond:
+            apps = [self._app_json(self._apps[name], now) for name in sorted(self._apps)]
+            events = list(reversed(self._events))
+            seq = self.history.seq
+        keter = {
+            "version": __version__,
+            "root": str(self.config.root),
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+        }
+        return {"keter": keter, "now": now, "apps": apps, "events": events, "history_seq": seq}
+
+    def app_view(self, app: str) -> dict:
+        """One app with its whole history and archived versions; 404 if keter never saw it."""
+        now = time.time()
+        with self.cond:
+            snapshot = self._apps.get(app)
+            if snapshot is not None:
+                view = self._app_json(snapshot, now)
+            elif app in self.history:
+                view = {"name": app, "state": "removed", "last_deploy": self.history.last(app)}
+            else:
+                raise ApiError(404, f"no app named {app}")
+            view["history"] = list(reversed(self.history.entries(app)))
+            view["events"] = [e for e in reversed(self._events) if e["app"] == app]
+        view["archive"] = [
+            {"version": b.version, "sha256": b.sha256, "served_at": b.served_at}
+            for b in self.archive.versions(app)
+        ]
+        view["now"] = now
+        return view
+
+    def history_after(self, app: str, after: int, wait: float) -> dict:
+        """The app's history entries newer than ``after``, waiting up to ``wait`` s for one.
+
+        An app keter has not seen yet is no error: its first bundle may be on its way.
+        """
+        with self.cond:
+            self.cond.wait_for(
+                lambda: self.closing or self.history.entries(app, after),
+                timeout=min(max(wait, 0.0), LONG_POLL_SECONDS),
+            )
+            return {"app": app, "entries": self.history.entries(app, after)}
+
+    def log_lines(self, app: str, count: int) -> dict:
+        if not self.knows(app):
+            raise ApiError(404, f"no app named {app}")
+        path = self.config.log_dir / f"app-{app}.log"
+        try:
+            lines = tail_lines(path, min(max(count, 0), MAX_LOG_LINES))
+        except FileNotFoundError:
+            lines = []
+        return {"app": app, "file": str(path), "lines": lines}
+
+    def _app_json(self, snapshot: AppSnapshot, now: float) -> dict:
+        started = snapshot.started_at
+        return {
+            "name": snapshot.app,
+            "state": snapshot.state,
+            "version": snapshot.version,
+            "bundle_mtime": snapshot.bundle_mtime,
+            "hosts": list(snapshot.hosts),
+            "urls": app_urls(snapshot.hosts, self.config),
+            "port": snapshot.port,
+            "pid": snapshot.pid,
+            "started_at": started,
+            "uptime": now - started if started is not None and snapshot.pid else None,
+            "restarts": snapshot.restarts,
+            "database": snapshot.database,
+            "deploying": snapshot.deploying,
+            "last_deploy": self.history.last(snapshot.app),
+        }

@@ -1,13 +1,23 @@
 """The one-inbox-per-thread loop every keter component runs on.
 
 Modelled on pykka's actor loop: a component owns its state privately and is
-reached only through ``tell``. It stops when it receives ``Stop``. If its
-handler raises, the failure is reported to the supervisor as
-``ComponentFailed`` and the thread ends; nothing is swallowed.
+reached only through ``tell``. It stops when it receives ``Stop``.
+
+Failures are reported, never swallowed. If a handler raises, the loop reports
+``ComponentFailed`` (naming the deploy the message was about, if any) and the
+thread ends. The supervisor then fails that one deploy and calls ``restart``:
+a new thread on the same object, inbox and timers, so nothing queued is lost
+and the component's own state (e.g. the processes it supervises) survives.
+``on_restart`` lets a component drop whatever the failure may have left half
+done. ``on_stop`` runs only after ``Stop``: a failure must not tear down what
+the component manages (the process monitor would stop every app).
 
 Components that must act later (a backoff, a drain period, a poll) do not
 sleep: they ``schedule`` a message to themselves and the loop waits on the
 inbox with a timeout that ends when the earliest timer is due.
+
+Every component answers a message it does not know the same way:
+``unexpected`` logs one ERROR line and the message is ignored.
 """
 
 from __future__ import annotations
@@ -20,21 +30,22 @@ import threading
 import time
 import traceback
 
-from keter.messages import ComponentFailed, Stop
+from keter.messages import Component, ComponentFailed, Stop
 
 log = logging.getLogger(__name__)
 
 
-class Actor(threading.Thread):
-    """A named, non-daemon thread with an inbox and private timers."""
+class Actor:
+    """A named component with an inbox, private timers and a (restartable) thread."""
 
-    def __init__(self, name: str, report_to: queue.Queue | None) -> None:
-        super().__init__(name=f"keter-{name}", daemon=False)
-        self.component = name
+    def __init__(self, component: Component | str, report_to: queue.Queue | None) -> None:
+        self.component = Component(component)
         self.inbox: queue.Queue = queue.Queue()
         self._report_to = report_to
         self._timers: list[tuple[float, int, object]] = []
         self._timer_seq = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._started = False  # on_start completed once
 
     # -- API used by other threads -------------------------------------------------
 
@@ -43,6 +54,26 @@ class Actor(threading.Thread):
 
     def stop(self) -> None:
         self.inbox.put(Stop())
+
+    def start(self) -> None:
+        """Start the component's thread (``on_start`` first, then the loop)."""
+        self._thread = threading.Thread(
+            target=self._run, name=f"keter-{self.component}", daemon=False
+        )
+        self._thread.start()
+
+    def restart(self) -> None:
+        """After a failure: a new thread on the same state and inbox."""
+        if self.is_alive():
+            raise RuntimeError(f"{self.component} is still running")
+        self.start()
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     # -- API used by the component itself --------------------------------------------
 
@@ -56,20 +87,32 @@ class Actor(threading.Thread):
         due = time.monotonic() + max(0.0, delay)
         heapq.heappush(self._timers, (due, next(self._timer_seq), message))
 
+    def unexpected(self, message: object) -> None:
+        """The one policy for a message a component does not know: log and ignore it."""
+        log.error("%s: ignoring unexpected message %s", self.component, type(message).__name__)
+
     def handle(self, message: object) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def on_start(self) -> None:
-        """Runs in the actor's thread before the first message."""
+        """Runs in the actor's thread before the first message (once, not on restarts)."""
+
+    def on_restart(self) -> None:
+        """Runs in the new thread after a failure, before the next message."""
 
     def on_stop(self) -> None:
-        """Runs in the actor's thread after Stop (or a failure); must not raise."""
+        """Runs in the actor's thread after Stop; must not raise."""
 
     # -- the loop --------------------------------------------------------------------
 
-    def run(self) -> None:
+    def _run(self) -> None:
+        message: object = None
         try:
-            self.on_start()
+            if not self._started:
+                self.on_start()
+                self._started = True
+            else:
+                self.on_restart()
             while True:
                 message = self._next_message()
                 if message is None:
@@ -78,19 +121,22 @@ class Actor(threading.Thread):
                     break
                 self.handle(message)
         except Exception as exc:  # reported, never swallowed
-            log.error("component %s failed: %s", self.component, exc)
+            log.error("%s: failed handling %s: %s", self.component, type(message).__name__, exc)
             self.report(
                 ComponentFailed(
                     component=self.component,
                     error=f"{type(exc).__name__}: {exc}",
                     traceback=traceback.format_exc(),
+                    message=type(message).__name__ if message is not None else "",
+                    app=_field(message, "app", str),
+                    deploy_id=_field(message, "deploy_id", int),
                 )
             )
-        finally:
-            try:
-                self.on_stop()
-            except Exception:
-                log.exception("component %s failed while stopping", self.component)
+            return
+        try:
+            self.on_stop()
+        except Exception:
+            log.exception("%s: failed while stopping", self.component)
 
     def _next_message(self) -> object | None:
         """The next due timer message, else the next inbox message, else None."""
@@ -102,3 +148,8 @@ class Actor(threading.Thread):
             return self.inbox.get(timeout=timeout)
         except queue.Empty:
             return None
+
+
+def _field(message: object, name: str, kind: type) -> object:
+    value = getattr(message, name, None)
+    return value if isinstance(value, kind) and not isinstance(value, bool) else None

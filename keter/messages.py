@@ -11,11 +11,81 @@ late answer about a superseded deploy can be recognised and ignored.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from keter.bundle import BundleConfig
+
 message = dataclass(frozen=True, kw_only=True, slots=True)
+
+
+# -- value enums carried by messages ---------------------------------------------------
+# StrEnums: their values are what the status API, history.json and the metrics show,
+# so serialising them needs no mapping, and nothing compares reason wording.
+
+
+class Component(enum.StrEnum):
+    """keter's actors, as named in logs, ComponentFailed and the status API."""
+
+    WATCHER = "watcher"
+    UNPACKER = "unpacker"
+    PROCESSES = "processes"
+    NGINX = "nginx"
+    POSTGRES = "postgres"
+    STATUS = "status"
+
+
+class ProcessState(enum.StrEnum):
+    """One app process's state; the transition table is in the process monitor."""
+
+    STARTING = "STARTING"  # spawned, not yet answering its health check
+    RUNNING = "RUNNING"  # answering (or spawned, when there is no health check)
+    BACKOFF = "BACKOFF"  # crashed; waiting to be restarted on the same port
+    STOPPING = "STOPPING"  # being stopped; waiting until its whole group is gone
+    EXITED = "EXITED"  # not started yet, or stopped on request (the group is gone)
+    FATAL = "FATAL"  # the first start failed; it was stopped and is not retried
+
+
+class Outcome(enum.StrEnum):
+    """How one deploy attempt ended (a line of the app's history)."""
+
+    SERVING = "serving"  # it took the traffic
+    FAILED = "failed"  # it never served; the previous version (if any) serves on
+    SUPERSEDED = "superseded"  # a newer bundle (or the bundle's removal) replaced it first
+
+
+class FailureKind(enum.StrEnum):
+    """Why a deploy failed, for metrics and operators; the reason text says the details."""
+
+    UNPACK = "unpack"  # the archive was refused (unsafe, corrupt, too big)
+    CONFIG = "config"  # config/keter.yaml was refused
+    CONFLICT = "conflict"  # a host is already served by another app
+    DATABASE = "database"  # its database could not be provisioned
+    PORTS = "ports"  # no free port
+    SPAWN = "spawn"  # the program could not be started at all
+    EXITED = "exited"  # it exited (or was killed) before answering
+    HEALTH_CHECK = "health-check"  # it ran but never passed its health check
+    NGINX = "nginx"  # nginx refused its site, or did not take the new config
+    INTERNAL = "internal"  # a bug in keter while handling this bundle
+
+
+class AppState(enum.StrEnum):
+    """What an operator sees of an app."""
+
+    DEPLOYING = "deploying"  # its first version is on its way
+    RUNNING = "running"
+    BACKOFF = "backoff"  # crashed, being restarted
+    FAILED = "failed"  # no version serving after a failed deploy
+
+
+class EventKind(enum.StrEnum):
+    """Entries of the recent-events feed that are not deploy outcomes."""
+
+    CRASH = "crash"
+    RESTART = "restart"
+    REMOVED = "removed"
 
 
 # -- value types carried by messages -------------------------------------------------
@@ -182,11 +252,18 @@ class Stop:
 
 @message
 class ComponentFailed:
-    """A component thread died on an unexpected exception."""
+    """A component's handler raised: its thread ended and the supervisor restarts it.
 
-    component: str
+    ``app`` and ``deploy_id`` name the deploy the failing message was about (when it
+    was about one): only that deploy fails.
+    """
+
+    component: Component
     error: str
     traceback: str = field(repr=False, default="")
+    message: str = ""  # the failing message's type
+    app: str | None = None
+    deploy_id: int | None = None
 
 
 @message
@@ -255,7 +332,7 @@ class BundleUnpacked:
     app: str
     deploy_id: int
     folder: Path
-    config: object  # keter.bundle.BundleConfig
+    config: BundleConfig
     warnings: tuple[str, ...] = ()
     sha256: str = ""  # of the bundle file as unpacked: the version's identity
 
@@ -265,6 +342,7 @@ class UnpackFailed:
     app: str
     deploy_id: int
     reason: str
+    kind: FailureKind = FailureKind.UNPACK  # or CONFIG when config/keter.yaml was refused
 
 
 @message
@@ -337,6 +415,7 @@ class ProcessFailed:
     app: str
     deploy_id: int
     reason: str
+    kind: FailureKind  # SPAWN, EXITED or HEALTH_CHECK
     output_tail: tuple[str, ...] = ()
 
 
@@ -346,7 +425,7 @@ class ProcessStateChanged:
 
     app: str
     deploy_id: int
-    state: str
+    state: ProcessState
     detail: str = ""
     pid: int | None = None  # the current process, if one is running
 
@@ -393,9 +472,7 @@ class AppSnapshot:
     """What an operator sees of one app right now."""
 
     app: str
-    # deploying (first version on its way), running, backoff (crashed, restarting),
-    # failed (no version serving after a failed deploy)
-    state: str
+    state: AppState
     version: str | None  # short sha256 of the serving bundle
     bundle_mtime: float | None  # of the serving bundle, seconds since the epoch
     hosts: tuple[str, ...]
@@ -427,10 +504,11 @@ class DeployFinished:
     version: str  # short sha256
     sha256: str
     bundle_mtime: float
-    outcome: str  # serving | failed | superseded
+    outcome: Outcome
     reason: str
     duration: float  # seconds from bundle seen to outcome
     at: float  # wall clock
+    kind: FailureKind | None = None  # why it failed (None unless outcome is FAILED)
 
 
 @message
@@ -438,6 +516,6 @@ class AppEvent:
     """Something an operator wants in the recent-events feed (crash, restart, removal)."""
 
     app: str
-    kind: str
+    kind: EventKind
     text: str
     at: float

@@ -750,7 +750,7 @@ class NginxWriter(Actor):
             case ApplyNginx():
                 self._apply(self._latest(message))
             case _:
-                log.warning("nginx: ignoring unexpected message %r", message)
+                self.unexpected(message)
 
     # -- coalescing --------------------------------------------------------------------
 

@@ -252,7 +252,7 @@ class PostgresProvisioner(Actor):
                 if attempt is not None and attempt.deploy_id == deploy_id:
                     self._attempt(app)
             case _:
-                log.warning("postgres: ignoring unexpected message %r", message)
+                self.unexpected(message)
 
     def _attempt(self, app: str) -> None:
         attempt = self._attempts[app]

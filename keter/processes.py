@@ -49,7 +49,6 @@ for root too and is not used yet.
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
 import os
@@ -72,10 +71,12 @@ from keter.fsutil import atomic_write
 from keter.groups import KILL_WAIT, group_members, signal_group, stop_groups
 from keter.health import probe_http
 from keter.messages import (
+    FailureKind,
     ProcessFailed,
     ProcessHealthy,
     ProcessSpec,
     ProcessStarted,
+    ProcessState,
     ProcessStateChanged,
     ProcessStopped,
     StartProcess,
@@ -100,15 +101,6 @@ GONE_MAX_POLL = 0.2
 
 
 # -- the state machine ----------------------------------------------------------------
-
-
-class ProcessState(enum.Enum):
-    STARTING = "STARTING"  # spawned, not yet answering its health check
-    RUNNING = "RUNNING"  # answering (or spawned, when there is no health check)
-    BACKOFF = "BACKOFF"  # crashed; waiting to be restarted on the same port
-    STOPPING = "STOPPING"  # being stopped; waiting until its whole group is gone
-    EXITED = "EXITED"  # not started yet, or stopped on request (the group is gone)
-    FATAL = "FATAL"  # the first start failed; it was stopped and is not retried
 
 
 S = ProcessState
@@ -265,6 +257,7 @@ class _Entry:
     running_since: float | None = None
     stop_requested: bool = False
     failure: str | None = None  # why the first start failed
+    failure_kind: FailureKind = FailureKind.EXITED
     failure_tail: tuple[str, ...] = ()
     probe_interval: float = PROBE_FIRST_INTERVAL
     last_probe: str = "no probe finished"
@@ -370,7 +363,7 @@ class ProcessMonitor(Actor):
                 if entry := self._current(message.deploy_id, message.run, ProcessState.STOPPING):
                     self._check_gone(entry)
             case _:
-                log.warning("processes: ignoring unexpected message %r", message)
+                self.unexpected(message)
 
     def _current(self, deploy_id: int, run: int, state: ProcessState) -> _Entry | None:
         """The entry, if a private message about it is not stale."""
@@ -396,7 +389,11 @@ class ProcessMonitor(Actor):
             log.debug("%s: deploy %d could not start: %s", entry.app, entry.deploy_id, error)
             self._transition(entry, ProcessState.FATAL, error)
             del self._entries[entry.deploy_id]
-            self.report(ProcessFailed(app=entry.app, deploy_id=entry.deploy_id, reason=error))
+            self.report(
+                ProcessFailed(
+                    app=entry.app, deploy_id=entry.deploy_id, reason=error, kind=FailureKind.SPAWN
+                )
+            )
             self.report(ProcessStopped(app=entry.app, deploy_id=entry.deploy_id))
             return
         assert entry.run is not None
@@ -532,7 +529,7 @@ class ProcessMonitor(Actor):
                     signal_group(entry.run.pgid, signal.SIGKILL)
                     self._crashed(entry, reason, entry.run.capture.tail(CRASH_TAIL))
                 else:
-                    self._fail_start(entry, reason)
+                    self._fail_start(entry, reason, FailureKind.HEALTH_CHECK)
 
     def _became_healthy(self, entry: _Entry) -> None:
         self._transition(entry, ProcessState.RUNNING, self._where(entry))
@@ -541,11 +538,14 @@ class ProcessMonitor(Actor):
             entry.ever_healthy = True
             self.report(ProcessHealthy(app=entry.app, deploy_id=entry.deploy_id))
 
-    def _fail_start(self, entry: _Entry, reason: str) -> None:
+    def _fail_start(
+        self, entry: _Entry, reason: str, kind: FailureKind = FailureKind.EXITED
+    ) -> None:
         """The first start failed: stop what is left of it, then report ProcessFailed."""
         run = entry.run
         assert run is not None
         entry.failure = reason
+        entry.failure_kind = kind
         entry.failure_tail = run.capture.tail(FAILURE_TAIL)
         # The supervisor logs the failed deploy with this output; once is enough.
         log.debug("%s: first start of deploy %d failed: %s", entry.app, entry.deploy_id, reason)
@@ -690,6 +690,7 @@ class ProcessMonitor(Actor):
                     app=entry.app,
                     deploy_id=entry.deploy_id,
                     reason=entry.failure,
+                    kind=entry.failure_kind,
                     output_tail=entry.failure_tail,
                 )
             )
@@ -720,7 +721,7 @@ class ProcessMonitor(Actor):
         pid = entry.run.pid if entry.run is not None and not entry.run.gone else None
         self.report(
             ProcessStateChanged(
-                app=entry.app, deploy_id=entry.deploy_id, state=new.value, detail=detail, pid=pid
+                app=entry.app, deploy_id=entry.deploy_id, state=new, detail=detail, pid=pid
             )
         )
 

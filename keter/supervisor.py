@@ -52,6 +52,7 @@ from keter.messages import (
     AppGone,
     ApplyNginx,
     AppSnapshot,
+    AppState,
     BundleArrived,
     BundleIgnored,
     BundleRemoved,
@@ -61,13 +62,17 @@ from keter.messages import (
     DatabaseReady,
     DbInfo,
     DeployFinished,
+    EventKind,
+    FailureKind,
     HealthCheck,
     NginxApplied,
     NginxFailed,
+    Outcome,
     ProcessFailed,
     ProcessHealthy,
     ProcessSpec,
     ProcessStarted,
+    ProcessState,
     ProcessStateChanged,
     ProcessStopped,
     ProvisionDatabase,
@@ -94,6 +99,9 @@ from keter.watcher import IncomingWatcher
 log = logging.getLogger(__name__)
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# A component restarted more often than this within the window means keter cannot go on.
+RESTART_LIMIT = 5
+RESTART_WINDOW = 60.0
 
 
 class Stage(enum.Enum):
@@ -120,7 +128,7 @@ class Deploy:
     pid: int | None = None
     db: DbInfo | None = None
     generation: int | None = None  # the nginx generation that switches traffic to it
-    process_state: str = ""
+    process_state: ProcessState | None = None
     sha256: str = ""  # of the bundle as unpacked
     started_at: float | None = None  # wall clock time its current process started
     restarts: int = 0
@@ -164,11 +172,12 @@ class App:
     def snapshot(self) -> AppSnapshot:
         shown = self.serving
         if shown is None:
-            state = "deploying" if self.next is not None or self.waiting else "failed"
-        elif shown.process_state in ("BACKOFF", "STARTING"):
-            state = "backoff"  # a serving version is only STARTING again after a crash
+            busy = self.next is not None or self.waiting
+            state = AppState.DEPLOYING if busy else AppState.FAILED
+        elif shown.process_state in (ProcessState.BACKOFF, ProcessState.STARTING):
+            state = AppState.BACKOFF  # a serving version is only STARTING again after a crash
         else:
-            state = "running"
+            state = AppState.RUNNING
         return AppSnapshot(
             app=self.name,
             state=state,
@@ -247,6 +256,7 @@ class Supervisor:
         self._nginx_dirty = False
         self._exit_code: int | None = None
         self._published: dict[str, AppSnapshot] = {}
+        self._failures: dict[str, list[float]] = {}  # component -> recent failure times
         self._watching = False  # the watcher runs (from nginx's first reply on)
         self._dashboard = dashboard_site(config)  # routed with the apps when configured
 
@@ -332,17 +342,17 @@ class Supervisor:
                 systemd.notify("READY=1")
             case BundleUnpacked():
                 self._unpacked(message)
-            case UnpackFailed(app=app, deploy_id=deploy_id, reason=reason):
+            case UnpackFailed(app=app, deploy_id=deploy_id, reason=reason, kind=kind):
                 if deploy := self._next_deploy(app, deploy_id):
                     deploy.folder = None  # the unpacker removed it
-                    self._fail(deploy, reason)
+                    self._fail(deploy, reason, kind=kind)
             case DatabaseReady(app=app, deploy_id=deploy_id, db=db):
                 if deploy := self._next_deploy(app, deploy_id):
                     deploy.db = db
                     self._start_process(deploy)
             case DatabaseFailed(app=app, deploy_id=deploy_id, reason=reason):
                 if deploy := self._next_deploy(app, deploy_id):
-                    self._fail(deploy, f"database: {reason}")
+                    self._fail(deploy, f"database: {reason}", kind=FailureKind.DATABASE)
             case ProcessStarted(app=app, deploy_id=deploy_id, pid=pid) if self._worker_deploy(
                 deploy_id
             ):
@@ -361,10 +371,12 @@ class Supervisor:
             ):
                 # Its deploy serves on; ProcessStopped follows and forgets the worker.
                 log.error("%s: background worker #%d could not start: %s", app, deploy_id, reason)
-            case ProcessFailed(app=app, deploy_id=deploy_id, reason=reason, output_tail=tail):
+            case ProcessFailed(
+                app=app, deploy_id=deploy_id, reason=reason, kind=kind, output_tail=tail
+            ):
                 if deploy := self._next_deploy(app, deploy_id):
                     # The monitor has already stopped it; ProcessStopped follows.
-                    self._fail(deploy, reason, tail, process_stopping=True)
+                    self._fail(deploy, reason, tail, kind=kind, process_stopping=True)
             case ProcessStateChanged():
                 self._process_state_changed(message)
             case ProcessStopped(app=app, deploy_id=deploy_id):
@@ -378,11 +390,58 @@ class Supervisor:
             case ShutdownRequested(signal_name=name):
                 log.info("keter: %s received, stopping every app", name)
                 self._shutdown(0)
-            case ComponentFailed(component=component, error=error, traceback=tb):
-                log.critical("keter: component %s failed: %s\n%s", component, error, tb)
-                self._shutdown(1)
+            case ComponentFailed():
+                self._component_failed(message)
             case _:
                 log.error("keter: unexpected message %r", message)
+
+    # -- component failures ------------------------------------------------------------
+
+    def _component_failed(self, failed: ComponentFailed) -> None:
+        """One-for-one: fail the deploy the failing message was about, restart the component.
+
+        A component that keeps failing (RESTART_LIMIT times within RESTART_WINDOW
+        seconds) means keter cannot go on: it exits non-zero and systemd restarts it.
+        """
+        log.critical(
+            "keter: component %s failed handling %s: %s\n%s",
+            failed.component,
+            failed.message or "its start",
+            failed.error,
+            failed.traceback,
+        )
+        component = next(c for c in self._all_components() if c.component == failed.component)
+        now = time.monotonic()
+        recent = [t for t in self._failures.get(failed.component, []) if now - t < RESTART_WINDOW]
+        recent.append(now)
+        self._failures[failed.component] = recent
+        if failed.deploy_id is not None:
+            deploy = self._in_flight(failed.deploy_id)
+            if deploy is not None:
+                reason = f"internal error in {failed.component}: {failed.error}"
+                self._fail(deploy, reason, kind=FailureKind.INTERNAL)
+        if len(recent) > RESTART_LIMIT:
+            log.critical(
+                "keter: component %s failed %d times within %gs; stopping",
+                failed.component,
+                len(recent),
+                RESTART_WINDOW,
+            )
+            self._shutdown(1)
+            return
+        component.join(timeout=1.0)
+        component.restart()
+        log.warning("keter: component %s restarted", failed.component)
+
+    def _all_components(self) -> list:
+        return [self.watcher, *self.components]
+
+    def _in_flight(self, process_id: int) -> Deploy | None:
+        """The deploy on its way whose id (or one of whose processes) is ``process_id``."""
+        for app in self.apps.values():
+            if app.next is not None and process_id in app.next.process_ids:
+                return app.next
+        return None
 
     # -- status ----------------------------------------------------------------------
 
@@ -399,11 +458,17 @@ class Supervisor:
             del self._published[name]
             self.status.tell(AppGone(app=name))
 
-    def _event(self, app: str, kind: str, text: str) -> None:
+    def _event(self, app: str, kind: EventKind, text: str) -> None:
         if self.status is not None:
             self.status.tell(AppEvent(app=app, kind=kind, text=text, at=time.time()))
 
-    def _finished(self, deploy: Deploy, outcome: str, reason: str = "") -> None:
+    def _finished(
+        self,
+        deploy: Deploy,
+        outcome: Outcome,
+        reason: str = "",
+        kind: FailureKind | None = None,
+    ) -> None:
         if self.status is not None:
             self.status.tell(
                 DeployFinished(
@@ -412,6 +477,7 @@ class Supervisor:
                     sha256=deploy.sha256,
                     bundle_mtime=deploy.bundle_mtime,
                     outcome=outcome,
+                    kind=kind,
                     reason=reason,
                     duration=time.monotonic() - deploy.began,
                     at=time.time(),
@@ -430,12 +496,12 @@ class Supervisor:
             deploy.pid, deploy.started_at = msg.pid, time.time()
         if deploy.stage is not Stage.SERVING:
             return  # a new version's start is reported through its deploy
-        if msg.state == "BACKOFF":
+        if msg.state is ProcessState.BACKOFF:
             deploy.restarts += 1
-            if previous == "RUNNING":
-                self._event(msg.app, "crash", msg.detail)
-        elif msg.state == "RUNNING" and previous == "STARTING":
-            self._event(msg.app, "restart", f"running again ({msg.detail})")
+            if previous is ProcessState.RUNNING:
+                self._event(msg.app, EventKind.CRASH, msg.detail)
+        elif msg.state is ProcessState.RUNNING and previous is ProcessState.STARTING:
+            self._event(msg.app, EventKind.RESTART, f"running again ({msg.detail})")
 
     # -- bundles ---------------------------------------------------------------------
 
@@ -493,16 +559,19 @@ class Supervisor:
         for warning in msg.warnings:
             log.warning("%s: %s", msg.app, warning)
         if not config.runs_something and not config.serves_http:
-            self._fail(deploy, "config/keter.yaml defines nothing to run or serve")
+            self._fail(
+                deploy, "config/keter.yaml defines nothing to run or serve", kind=FailureKind.CONFIG
+            )
             return
         for host in config.all_hosts:
             owner = self._host_owner(host, except_app=msg.app)
             if owner is not None:
-                self._fail(deploy, f"host {host} is already served by app {owner}")
+                reason = f"host {host} is already served by app {owner}"
+                self._fail(deploy, reason, kind=FailureKind.CONFLICT)
                 return
         problems = deploy_problems(config, self.config)
         if problems:
-            self._fail(deploy, "; ".join(problems))
+            self._fail(deploy, "; ".join(problems), kind=FailureKind.CONFIG)
             return
         log.info(
             "%s: deploy #%d unpacked, hosts %s", msg.app, msg.deploy_id, ", ".join(deploy.hosts)
@@ -536,7 +605,7 @@ class Supervisor:
         try:
             deploy.port = self.ports.allocate()
         except NoFreePort as exc:
-            self._fail(deploy, str(exc))
+            self._fail(deploy, str(exc), kind=FailureKind.PORTS)
             return
         deploy.stage = Stage.STARTING
         health_host = next((h for h in webapp.hosts if not h.startswith("*.")), webapp.hosts[0])
@@ -591,13 +660,14 @@ class Supervisor:
 
     def _worker_state_changed(self, deploy: Deploy, msg: ProcessStateChanged) -> None:
         """Count a worker's crashes; past its restart-count it is stopped for good."""
-        if msg.state != "BACKOFF" or msg.deploy_id in self.retiring:
+        if msg.state is not ProcessState.BACKOFF or msg.deploy_id in self.retiring:
             return
         assert deploy.config is not None
         worker = deploy.config.backgrounds[deploy.workers[msg.deploy_id]]
         restarts = deploy.worker_restarts.get(msg.deploy_id, 0) + 1
         deploy.worker_restarts[msg.deploy_id] = restarts
-        self._event(msg.app, "crash", f"background worker #{msg.deploy_id}: {msg.detail}")
+        text = f"background worker #{msg.deploy_id}: {msg.detail}"
+        self._event(msg.app, EventKind.CRASH, text)
         if worker.restart_count is not None and restarts > worker.restart_count:
             log.error(
                 "%s: background worker #%d crashed again after %d restart(s); "
@@ -659,7 +729,8 @@ class Supervisor:
                 if failure is None:
                     self._switched(app, deploy)
                 else:
-                    self._fail(deploy, f"nginx did not take the new config: {failure}")
+                    reason = f"nginx did not take the new config: {failure}"
+                    self._fail(deploy, reason, kind=FailureKind.NGINX)
             if app.removing and _covered(app.remove_generation, generation):
                 # On failure nginx still routes to the app, but the user removed its bundle:
                 # stop it anyway; nginx catches up with its next successful generation.
@@ -668,7 +739,7 @@ class Supervisor:
                     app.serving = None
                 app.removing, app.remove_generation = False, None
                 log.info("%s: removed", app.name)
-                self._event(app.name, "removed", "bundle removed; app stopped")
+                self._event(app.name, EventKind.REMOVED, "bundle removed; app stopped")
             self._continue_waiting(app)
         # Cleared only now, so requests made while handling the reply are batched into one.
         self._nginx_inflight = None
@@ -686,7 +757,7 @@ class Supervisor:
         took = time.monotonic() - deploy.began
         hosts = ", ".join(deploy.hosts)
         log.info("%s: deploy #%d now serving %s (took %.2fs)", app.name, deploy.id, hosts, took)
-        self._finished(deploy, "serving")
+        self._finished(deploy, Outcome.SERVING)
         self._start_workers(deploy)
         if old is not None:
             self._retire(old, self.config.drain_seconds)
@@ -707,10 +778,11 @@ class Supervisor:
         reason: str,
         tail: tuple[str, ...] = (),
         *,
+        kind: FailureKind,
         process_stopping: bool = False,
     ) -> None:
         log.error("%s: deploy #%d failed: %s", deploy.app, deploy.id, reason)
-        self._finished(deploy, "failed", reason)
+        self._finished(deploy, Outcome.FAILED, reason, kind)
         if tail:
             log.error("%s: last output:\n%s", deploy.app, "\n".join(f"  | {line}" for line in tail))
         app = self.apps[deploy.app]
@@ -724,7 +796,7 @@ class Supervisor:
 
     def _abandon(self, deploy: Deploy, reason: str) -> None:
         log.info("%s: deploy #%d abandoned: %s", deploy.app, deploy.id, reason)
-        self._finished(deploy, "superseded", reason)
+        self._finished(deploy, Outcome.SUPERSEDED, reason)
         self.apps[deploy.app].next = None
         self._cleanup(deploy, process_stopping=False)
 

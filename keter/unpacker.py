@@ -31,7 +31,13 @@ from typing import BinaryIO
 
 from keter.actor import Actor
 from keter.bundle import BundleConfigError, parse_bundle_config
-from keter.messages import BundleUnpacked, RemoveFolder, UnpackBundle, UnpackFailed
+from keter.messages import (
+    BundleUnpacked,
+    FailureKind,
+    RemoveFolder,
+    UnpackBundle,
+    UnpackFailed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -392,7 +398,7 @@ class Unpacker(Actor):
             case RemoveFolder(path=path):
                 self._remove(path)
             case _:
-                log.error("unpacker: ignoring unexpected message %r", message)
+                self.unexpected(message)
 
     def _unpack(self, msg: UnpackBundle) -> None:
         if not self._inside_temp(msg.dest):
@@ -409,7 +415,7 @@ class Unpacker(Actor):
             config = parse_bundle_config(msg.dest, msg.app)
         except (BundleConfigError, OSError) as exc:
             shutil.rmtree(msg.dest, ignore_errors=True)
-            self._failed(msg, f"bad config in {msg.bundle.name}: {exc}")
+            self._failed(msg, f"bad config in {msg.bundle.name}: {exc}", FailureKind.CONFIG)
             return
         log.info("%s: unpacked %s into %s", msg.app, msg.bundle.name, msg.dest)
         self.report(
@@ -423,10 +429,12 @@ class Unpacker(Actor):
             )
         )
 
-    def _failed(self, msg: UnpackBundle, reason: str) -> None:
+    def _failed(
+        self, msg: UnpackBundle, reason: str, kind: FailureKind = FailureKind.UNPACK
+    ) -> None:
         # The supervisor logs the failure ("APP: deploy failed: REASON"); once is enough.
         log.debug("%s: %s", msg.app, reason)
-        self.report(UnpackFailed(app=msg.app, deploy_id=msg.deploy_id, reason=reason))
+        self.report(UnpackFailed(app=msg.app, deploy_id=msg.deploy_id, reason=reason, kind=kind))
 
     def _remove(self, path: Path, why: str = "") -> None:
         if not self._inside_temp(path):

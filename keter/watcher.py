@@ -177,7 +177,7 @@ class IncomingWatcher(Actor):
                 log.info("incoming: rescanning %s", self.incoming_dir)
                 self._scan(initial=False)
             case _:
-                raise TypeError(f"watcher: unexpected message {message!r}")
+                self.unexpected(message)
 
     # -- internals -------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from keter.bundle import BundleConfig
 from keter.messages import (
     BundleUnpacked,
     ComponentFailed,
+    FailureKind,
     RemoveFolder,
     UnpackBundle,
     UnpackFailed,
@@ -541,7 +542,10 @@ def test_actor_reports_a_bad_config_and_removes_the_folder(area: Area, unpacker)
     reply = ask(actor, reports, UnpackBundle(app="app", deploy_id=4, bundle=bundle, dest=area.dest))
 
     assert reply == UnpackFailed(
-        app="app", deploy_id=4, reason="bad config in app.keter: missing config/keter.yaml"
+        app="app",
+        deploy_id=4,
+        reason="bad config in app.keter: missing config/keter.yaml",
+        kind=FailureKind.CONFIG,
     )
     assert list(area.temp.iterdir()) == []
 

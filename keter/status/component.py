@@ -18,7 +18,7 @@ from keter.actor import Actor
 from keter.archive import SUFFIX, ArchiveError, BundleArchive
 from keter.config import KeterConfig
 from keter.history import DeployHistory
-from keter.messages import AppChanged, AppEvent, AppGone, AppSnapshot, DeployFinished
+from keter.messages import AppChanged, AppEvent, AppGone, AppSnapshot, DeployFinished, FailureKind
 from keter.status import redeploy
 from keter.status.checks import RequestChecks
 from keter.status.errors import ApiError
@@ -30,11 +30,6 @@ from keter.status.views import StatusBoard
 log = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT = 60.0  # archiving a large bundle may hold the actor for a while
-
-
-def is_health_check_failure(reason: str) -> bool:
-    """Whether a failed deploy's reason says the app never passed its health check."""
-    return "did not answer" in reason or "health check" in reason
 
 
 class StatusServer(Actor):
@@ -90,7 +85,7 @@ class StatusServer(Actor):
             case Redeploy():
                 redeploy.run(self.board, message)
             case _:
-                log.error("status: unexpected message %r", message)
+                self.unexpected(message)
 
     def _app_changed(self, snapshot: AppSnapshot) -> None:
         previous = self.board.app_changed(snapshot)
@@ -107,7 +102,7 @@ class StatusServer(Actor):
         self.metrics.deploys.labels(msg.app, msg.outcome).inc()
         if msg.outcome == "serving":
             self.metrics.duration.observe(msg.duration)
-        elif msg.outcome == "failed" and is_health_check_failure(msg.reason):
+        elif msg.kind is FailureKind.HEALTH_CHECK:
             self.metrics.health_check_failures.labels(msg.app).inc()
         if msg.outcome == "serving":
             self._archive(msg)  # before the verdict is visible, so a rollback can use it at once

@@ -22,17 +22,16 @@ nginx cannot provide (most middleware) are warnings and are skipped.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import math
 import os
 import re
-import socket
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from keter import names
 from keter.config import (
     Checker,
     describe,
@@ -44,6 +43,9 @@ from keter.config import (
     type_name,
     unknown_key,
 )
+from keter.names import validate_app_name
+
+__all__ = ["validate_app_name"]  # re-exported: the watcher, commands and status use it
 
 CONFIG_NAMES = ("keter.yaml", "keter.yml")
 MAX_CONFIG_BYTES = 1 << 20
@@ -217,97 +219,19 @@ class BundleConfig:
 
 # -- names ---------------------------------------------------------------------------
 
-_APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
+def validate_host(host: object) -> str:
+    """``keter.names.validate_host``, with ``*`` only as the leading label for now.
 
-def validate_app_name(name: str) -> str:
-    """Check a bundle's file stem (``NAME`` of ``NAME.keter``); raises ValueError(reason).
-
-    The name becomes part of folder names, log file names and the nginx
-    config, so it is limited to a plain ASCII alphabet.
+    Wildcards elsewhere (``foo.*.example.com``) are accepted once the nginx
+    renderer writes them as regex server names (``keter.names.nginx_server_name``).
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError("the name is empty")
-    if len(name) > 64:
-        raise ValueError(f"the name is {len(name)} characters long; at most 64 are allowed")
-    if ".." in name:
-        raise ValueError('the name contains ".."')
-    if not _APP_NAME.fullmatch(name):
+    name = names.validate_host(host)
+    if names.WILDCARD in name.split(".")[1:]:
         raise ValueError(
-            "the name must start with a letter or digit and use only letters, digits, '.', '_', '-'"
+            "a wildcard is only allowed as the leading label, as in *.example.com, for now"
         )
     return name
-
-
-# Underscores are allowed inside a label (Keter's own samples use hosts like
-# keter1_0); never at its start, which keeps nginx.STATUS_HOST unclaimable.
-_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-
-
-def validate_host(host: str) -> str:
-    """Check a virtual host name and return it lower-cased; raises ValueError(reason).
-
-    RFC 1123 names: dot-separated labels of 1-63 characters from [a-z0-9-]
-    that neither start nor end with '-', 253 characters in all, optionally
-    preceded by a ``*.`` wildcard. Single-label names (``localhost``) are fine.
-    '_' is refused: DNS host names cannot carry it, and keter's own status
-    host in nginx (``_keter-status``) relies on no app being able to claim it.
-    Refused: IP literals (nginx would treat them as a listen address match,
-    not a virtual host), and a trailing dot, because ``example.com.`` is a
-    different Host header from ``example.com`` and would silently never match
-    what browsers send.
-    """
-    if not isinstance(host, str) or not host:
-        raise ValueError("the host name is empty")
-    # Checked before lower-casing: some non-ASCII letters lower-case to ASCII
-    # (the Kelvin sign becomes "k"), which would let look-alike names through.
-    if not host.isascii():
-        raise ValueError("the host name has non-ASCII characters (use the xn-- punycode form)")
-    name = host.lower()
-    if _is_ip_literal(name):
-        raise ValueError("an IP address is not a host name")
-    if name.endswith("."):
-        raise ValueError(
-            "the host name ends with a dot; write it without, since browsers send it without"
-        )
-    if len(name) > 253:
-        raise ValueError(f"the host name is {len(name)} characters long; at most 253 are allowed")
-    labels = name.split(".")
-    if labels[0] == "*" and len(labels) > 1:
-        labels = labels[1:]
-    for label in labels:
-        if not label:
-            raise ValueError(
-                "the host name has an empty label (two dots in a row or a leading dot)"
-            )
-        if "*" in label:
-            raise ValueError(
-                "a wildcard is only allowed as a whole leading label, as in *.example.com"
-            )
-        if len(label) > 63:
-            raise ValueError(f"the label {label[:20]}... is longer than 63 characters")
-        if not _LABEL.fullmatch(label):
-            bad = sorted({c for c in label if not (c.isalnum() or c == "-")})
-            if bad:
-                raise ValueError(f"the host name contains {describe(''.join(bad))}")
-            raise ValueError(f"the label {label} starts or ends with '-'")
-    return name
-
-
-def _is_ip_literal(name: str) -> bool:
-    candidate = name.strip("[]")
-    try:
-        ipaddress.ip_address(candidate)
-        return True
-    except ValueError:
-        pass
-    try:
-        # inet_aton also takes the short and hex spellings (127.1, 0x7f.1) that
-        # resolvers and browsers treat as addresses.
-        socket.inet_aton(candidate)
-        return True
-    except (OSError, ValueError):
-        return False
 
 
 # -- reading config/keter.yaml -------------------------------------------------------
@@ -801,16 +725,15 @@ class _Parser:
         return host
 
     def upstream_host(self, value: object, path: str) -> str | None:
-        """A host name or an IP address to connect to."""
-        if isinstance(value, str):
-            try:
-                return str(ipaddress.ip_address(value.strip("[]")))
-            except ValueError:
-                pass
+        """A host name or an IP address (no IPv6 zone id) to connect to."""
         if value is None:
             self.check.problem(path, "missing; the server to pass requests to")
             return None
-        return self.host(value, path, wildcard=False)
+        try:
+            return names.validate_upstream_host(value)
+        except ValueError as exc:
+            self.check.problem(path, f"{describe(value)} is not a valid host name: {exc}")
+            return None
 
     def names(self, value: object, path: str) -> tuple[str, ...]:
         """A list of environment variable names (``forward-env``, ``port-env-vars``)."""

@@ -32,6 +32,8 @@ from typing import Any
 import yaml
 from psycopg.conninfo import conninfo_to_dict
 
+from keter.names import validate_host
+
 CONFIG_NAME = "keter-config.yaml"
 EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 # Configs are a few hundred bytes; the cap only stops a runaway file from
@@ -645,20 +647,14 @@ def _parse_status_group(value: object, path: str, check: Checker, base: Path) ->
 
 
 def _parse_dashboard_host(value: object, path: str, check: Checker, base: Path) -> object:
-    from keter.bundle import validate_host  # keter.bundle imports this module
-
     name = _string(value, path, check, "a host name")
     if name is None:
         return None
     try:
-        host = validate_host(name)
+        return validate_host(name, wildcard=False)
     except ValueError as exc:
         check.problem(path, f"{exc}, got {describe(name)}")
         return None
-    if host.startswith("*."):
-        check.problem(path, f"expected one host name, not a wildcard, got {describe(name)}")
-        return None
-    return host
 
 
 def _parse_dashboard_users(value: object, path: str, check: Checker, base: Path) -> object:

@@ -94,15 +94,8 @@ def test_v10_sample_with_roots_outside_the_bundle_is_refused_naming_each(tmp_pat
         'stanzas[3].root: "/home" escapes the bundle folder; '
         "static files must come from the bundle",
     ]
-    # Its hosts (keter1_0, ...) also carry '_', which no DNS host name may: each is named.
-    hosts = [problem.split(":")[0] for problem in found if '"_"' in problem]
-    assert hosts == [
-        "stanzas[0].hosts[0]",
-        "stanzas[0].hosts[1]",
-        "stanzas[2].host",
-        "stanzas[3].host",
-        "stanzas[5].actions[0].host",
-    ]
+    # Its hosts (keter1_0, ...) carry '_', which keter accepts as Keter does.
+    assert len(found) == 2, found
 
 
 def test_v04_sample_with_roots_outside_the_bundle_is_refused_naming_each(tmp_path) -> None:
@@ -117,17 +110,13 @@ def test_v04_sample_with_roots_outside_the_bundle_is_refused_naming_each(tmp_pat
 
 def test_v10_sample_parses_into_the_model_once_its_roots_are_inside(tmp_path) -> None:
     text = sample("foo1_0.keter.yaml").replace(b"root: ../../", b"root: ../public")
-    # keter, unlike Keter, refuses '_' in host names (RFC 1123).
-    text = re.sub(
-        rb"\b(keter1|pong1|unsafe[12])((?:_\d)+)", lambda m: m[1] + m[2].replace(b"_", b"-"), text
-    )
     config = parse(tmp_path, text.replace(b"root: /home", b"root: ../public/home"), "public/home")
     folder = (tmp_path / "bundle").resolve()
     webapp = config.webapp
     assert webapp is not None
     assert webapp.exec == folder / "hello"
     assert webapp.args == ("Hello World v1.0",)
-    assert webapp.hosts == ("keter1-0", "pong1-0")
+    assert webapp.hosts == ("keter1_0", "pong1_0")
     assert dict(webapp.env) == {"FROM_KETER_CONFIG": "foo bar baz"}
     assert webapp.forward_env == ("FROM_SYSTEM_ENV", "ANOTHER_ENV_VAR")
     assert webapp.ssl is False
@@ -144,12 +133,12 @@ def test_v10_sample_parses_into_the_model_once_its_roots_are_inside(tmp_path) ->
     listed, protected = config.static_files
     assert listed == StaticFiles(
         root=folder / "public",
-        hosts=("unsafe1-1-0",),
+        hosts=("unsafe1_1_0",),
         directory_listing=True,
         requires_secure=True,
     )
     assert protected.root == folder / "public/home"
-    assert protected.hosts == ("unsafe2-1-0",)
+    assert protected.hosts == ("unsafe2_1_0",)
     assert protected.directory_listing is False
     assert protected.middleware == (
         LocalConfig(status=405, message="Keter Rocks (local status message)"),
@@ -163,7 +152,7 @@ def test_v10_sample_parses_into_the_model_once_its_roots_are_inside(tmp_path) ->
         Redirect(
             hosts=("asome.com", "www.asome.com", "bsome.com", "www.bsome.com"),
             status=303,
-            actions=(RedirectAction(host="keter1-0", secure=True),),
+            actions=(RedirectAction(host="keter1_0", secure=True),),
         ),
     )
     assert config.postgres is False
@@ -173,7 +162,7 @@ def test_v10_sample_parses_into_the_model_once_its_roots_are_inside(tmp_path) ->
         for i, name in enumerate(skipped)
     )
     assert set(config.all_hosts) == {
-        "keter1-0", "pong1-0", "unsafe1-1-0", "unsafe2-1-0", "localhost",
+        "keter1_0", "pong1_0", "unsafe1_1_0", "unsafe2_1_0", "localhost",
         "asome.com", "www.asome.com", "bsome.com", "www.bsome.com",
     }  # fmt: skip
 

@@ -1,6 +1,6 @@
 """Reading app logs: the last lines of a file, and following it across rotations.
 
-``keter.applog`` rotates ``app-NAME.log`` by renaming it to ``app-NAME.log.1``
+``keter.processes.applog`` rotates ``app-NAME.log`` by renaming it to ``app-NAME.log.1``
 and opening a fresh file under the old name. A follower therefore keeps its
 descriptor on the old file until that is drained, then reopens the name.
 """

@@ -88,9 +88,9 @@ from keter.messages import (
     UnpackFailed,
 )
 from keter.nginx import NginxWriter, ProxyOptions
-from keter.ports import NoFreePort, PortPool
 from keter.postgres import PostgresProvisioner, db_env
 from keter.processes import ProcessMonitor
+from keter.processes.ports import NoFreePort, PortPool
 from keter.routes import approot, dashboard_site, deploy_problems, sites_for
 from keter.status import StatusServer
 from keter.unpacker import Unpacker

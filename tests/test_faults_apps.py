@@ -26,8 +26,8 @@ from test_deploy import app_processes, body, served
 from test_faults import Rig, assert_one_error
 from test_processes import alive
 
-from keter.groups import group_members
-from keter.spawn import ResourceLimits
+from keter.processes.groups import group_members
+from keter.processes.spawn import ResourceLimits
 
 
 @pytest.fixture(scope="module")

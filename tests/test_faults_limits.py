@@ -6,7 +6,7 @@ hit their limit inside the app, and leave nothing behind once stopped. That
 every app gets keter's default limits is checked through a real keter in
 tests/test_faults_apps.py.
 
-``RLIMIT_NPROC`` does not bind root (see keter.processes), so the fork bomb runs
+``RLIMIT_NPROC`` does not bind root (see keter.processes.spawn), so the fork bomb runs
 as ``nobody``, as apps do under keter's ``setuid``.
 """
 
@@ -23,9 +23,9 @@ from support import wait_for
 from test_faults_apps import limits_of
 from test_processes import Harness, make_monitor  # noqa: F401  (a fixture)
 
-from keter.groups import group_members
 from keter.messages import ProcessStarted, ProcessStopped, StopProcess
-from keter.spawn import PRLIMIT, ResourceLimits
+from keter.processes.groups import group_members
+from keter.processes.spawn import PRLIMIT, ResourceLimits
 
 NOBODY_PYTHON = "/usr/bin/python3"  # readable by nobody, unlike a virtualenv under /root
 

@@ -22,26 +22,26 @@ import psutil
 import pytest
 from support import wait_for
 
-from keter.applog import MAX_PARTIAL, AppLog, LogRegistry, OutputCapture
-from keter.groups import group_members
-from keter.health import is_healthy, probe_http
 from keter.messages import (
     HealthCheck,
     ProcessFailed,
     ProcessHealthy,
     ProcessSpec,
     ProcessStarted,
+    ProcessState,
     ProcessStateChanged,
     ProcessStopped,
     StartProcess,
     StopProcess,
 )
-from keter.ports import port_is_free
-from keter.processes import (
+from keter.processes import ProcessMonitor
+from keter.processes.applog import MAX_PARTIAL, AppLog, LogRegistry, OutputCapture
+from keter.processes.groups import group_members
+from keter.processes.health import is_healthy, probe_http
+from keter.processes.ports import port_is_free
+from keter.processes.states import (
     TRANSITIONS,
     IllegalTransition,
-    ProcessMonitor,
-    ProcessState,
     backoff_delay,
     check_transition,
     describe_exit,

@@ -30,7 +30,6 @@ from nginx_server import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from support import wait_for
 
-from keter.applog import AppLog
 from keter.archive import BundleArchive
 from keter.client import ApiError, KeterClient
 from keter.config import KeterConfig, Listener
@@ -44,6 +43,7 @@ from keter.messages import (
     DeployFinished,
     FailureKind,
 )
+from keter.processes.applog import AppLog
 from keter.status import StatusServer
 from keter.status.views import app_urls
 

@@ -1,6 +1,20 @@
-"""What an app process runs as: its user and groups, its resource limits, and
-whether its program can run at all (checked before spawning, so the error is
-immediate and clear).
+"""Starting an app process: its user and groups, its resource limits, whether
+its program can run at all (checked before spawning, so the error is
+immediate and clear), and the spawn itself.
+
+Resource limits (``ResourceLimits``): every app process runs under hard
+``RLIMIT_NOFILE`` and ``RLIMIT_NPROC`` limits, no core dumps (a crash loop
+must not fill the disk) and, if configured, an ``RLIMIT_DATA`` memory cap, so
+an fd hog, a fork bomb or a memory hog fails inside the app instead of taking
+the machine down. They are set by exec'ing the app through util-linux's
+``prlimit``, which sets them on itself and then execs the app: the limits are
+in place before the app's first instruction. ``preexec_fn`` would be the
+obvious tool but is unsafe in a multi-threaded program, and ``prlimit(2)``
+on the child after spawning races with an app that forks at once. Caveats,
+from the kernel: ``RLIMIT_NPROC`` counts every process and thread of the
+app's *user*, and does not bind root at all; and root may raise its own hard
+limits. The limits therefore really hold for apps run as an unprivileged
+user (``setuid``).
 """
 
 from __future__ import annotations
@@ -11,9 +25,12 @@ import os
 import pwd
 import resource
 import shutil
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from keter.messages import ProcessSpec
 
 log = logging.getLogger(__name__)
 
@@ -93,3 +110,51 @@ def exec_problem(program: str, cwd: Path, env: Mapping[str, str]) -> str | None:
     if os.path.isdir(path) or not os.access(path, os.X_OK):
         return os.strerror(errno.EACCES)
     return None
+
+
+class SpawnError(Exception):
+    """Why an app process could not be started (the text is the whole reason)."""
+
+
+def spawn(spec: ProcessSpec, limits: ResourceLimits, prlimit: str | None) -> subprocess.Popen:
+    """Start ``spec``'s program in a session of its own, its output on one pipe.
+
+    Raises ``SpawnError`` with a reason fit for the operator when it cannot run.
+    Without ``prlimit`` the limits are set just after the start (see above).
+    """
+    if not spec.command:
+        raise SpawnError("empty command")
+    try:
+        credentials = user_credentials(spec.user) if spec.user else {}
+    except KeyError:
+        raise SpawnError(f"unknown user {spec.user!r}") from None
+    problem = exec_problem(spec.command[0], spec.cwd, spec.env)
+    if problem:
+        raise SpawnError(f"cannot run {spec.command[0]}: {problem}")
+    command = list(spec.command)
+    if prlimit is not None:
+        command = [prlimit, *limits.prlimit_args(), "--", *command]
+    try:
+        proc = subprocess.Popen(
+            command,
+            cwd=spec.cwd,
+            env=dict(spec.env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+            **credentials,
+        )
+    except OSError as exc:
+        # The failing file may be the working directory rather than the program.
+        where = f"{exc.filename}: " if exc.filename not in (None, spec.command[0]) else ""
+        raise SpawnError(f"cannot run {spec.command[0]}: {where}{exc.strerror or exc}") from None
+    except (ValueError, TypeError, subprocess.SubprocessError) as exc:
+        raise SpawnError(f"cannot run {spec.command[0]}: {exc}") from None
+    if prlimit is None:
+        try:
+            limits.apply_to(proc.pid)
+        except OSError as exc:
+            log.warning("cannot set resource limits of pid %d: %s", proc.pid, exc)
+    return proc

@@ -1,16 +1,16 @@
 """The process monitor: starts, health-checks, restarts and stops app processes.
 
 Each deploy (``deploy_id``) has one entry with an explicit state machine
-(``ProcessState``, transitions listed in ``TRANSITIONS``). A process is always
-started in its own session, so "the app" is a process group: signals go to the
-whole group and the app only counts as stopped when nothing of the group is left
-(a shell wrapper's grandchildren may hold the port after the wrapper died).
+(``ProcessState``, transitions in ``keter.processes.states``). A process is
+always started in its own session, so "the app" is a process group: signals go
+to the whole group and the app only counts as stopped when nothing of the group
+is left (a shell wrapper's grandchildren may hold the port after the wrapper
+died).
 
 Nothing here blocks the actor's loop, which manages every app:
 
-* Exit detection and output capture run in one small reader thread per process.
-  It selects on the output pipe *and* a pidfd, so an exit is seen at once even
-  when a daemonised grandchild keeps the pipe open, and posts ``_Exited``.
+* Exit detection and output capture run in the output reader
+  (``keter.processes.reader``), which posts ``_Exited``.
 * Health probes are plain blocking HTTP requests run in a shared
   ``ThreadPoolExecutor``; results come back as ``_ProbeDone``. A pool keeps each
   probe a dozen readable lines (vs. a hand-written non-blocking HTTP client) and
@@ -30,34 +30,15 @@ cannot stop such a process. It notices one that still holds the app's port
 once the group is gone, and names it in a warning; the port pool skips a port
 that is still bound, so later deploys are not harmed. A daemon that holds no
 port goes unnoticed.
-
-Resource limits (``ResourceLimits``): every app process runs under hard
-``RLIMIT_NOFILE`` and ``RLIMIT_NPROC`` limits, no core dumps (a crash loop
-must not fill the disk) and, if configured, an ``RLIMIT_DATA`` memory cap, so
-an fd hog, a fork bomb or a memory hog fails inside the app instead of taking
-the machine down. They are set by exec'ing the app through util-linux's
-``prlimit``, which sets them on itself and then execs the app: the limits are
-in place before the app's first instruction. ``preexec_fn`` would be the
-obvious tool but is unsafe in a multi-threaded program, and ``prlimit(2)``
-on the child after spawning races with an app that forks at once. Caveats,
-from the kernel: ``RLIMIT_NPROC`` counts every process and thread of the
-app's *user*, and does not bind root at all; and root may raise its own hard
-limits. The limits therefore really hold for apps run as an unprivileged
-user (``setuid``); a per-app cgroup (``pids.max``, ``memory.max``) would hold
-for root too and is not used yet.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import queue
 import random
-import selectors
 import signal
 import subprocess
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -66,10 +47,6 @@ from pathlib import Path
 import psutil
 
 from keter.actor import Actor
-from keter.applog import LogRegistry, OutputCapture
-from keter.fsutil import atomic_write
-from keter.groups import KILL_WAIT, group_members, signal_group, stop_groups
-from keter.health import probe_http
 from keter.messages import (
     FailureKind,
     ProcessFailed,
@@ -83,78 +60,22 @@ from keter.messages import (
     StopProcess,
     message,
 )
-from keter.ports import port_holders, port_is_free
-from keter.spawn import DEFAULT_LIMITS, PRLIMIT, ResourceLimits, exec_problem, user_credentials
+from keter.processes.applog import LogRegistry, OutputCapture
+from keter.processes.groups import KILL_WAIT, group_members, signal_group, stop_groups
+from keter.processes.health import probe_http
+from keter.processes.ports import port_holders, port_is_free
+from keter.processes.reader import FAILURE_TAIL, OutputReader
+from keter.processes.records import Record, RecordsFile
+from keter.processes.spawn import DEFAULT_LIMITS, PRLIMIT, ResourceLimits, SpawnError, spawn
+from keter.processes.states import backoff_delay, check_transition, describe_exit
 
 log = logging.getLogger(__name__)
 
-RECORDS_FILE = "processes.json"
-FAILURE_TAIL = 20  # output lines sent with ProcessFailed
 CRASH_TAIL = 10  # output lines logged when a running app crashes
-READ_CHUNK = 64 * 1024
-MAX_PIPE_BUFFER = 1024 * 1024  # Linux's default /proc/sys/fs/pipe-max-size
 PROBE_FIRST_INTERVAL = 0.01
 PROBE_MAX_INTERVAL = 0.25
 GONE_FIRST_POLL = 0.01  # polling for a group's stragglers after its leader died
 GONE_MAX_POLL = 0.2
-# Where prlimit is looked for: the system's own folders, never the app's PATH.
-
-
-# -- the state machine ----------------------------------------------------------------
-
-
-S = ProcessState
-
-TRANSITIONS: dict[tuple[ProcessState, ProcessState], str] = {
-    (S.EXITED, S.STARTING): "first start: spawned",
-    (S.EXITED, S.FATAL): "first start: could not even spawn (exec error, unknown user, ...)",
-    (S.STARTING, S.RUNNING): "answered the health check, or has none",
-    (S.STARTING, S.STOPPING): "stop requested, or the first start failed (it gets stopped)",
-    (S.STARTING, S.BACKOFF): "a restart exited or never answered: try again later",
-    (S.RUNNING, S.BACKOFF): "crashed: restart after a backoff",
-    (S.RUNNING, S.STOPPING): "stop requested, or crashed while a stop was pending",
-    (S.BACKOFF, S.STARTING): "backoff over: respawned with the same spec and port",
-    (S.BACKOFF, S.BACKOFF): "the respawn itself failed (exec error, port taken): wait longer",
-    (S.BACKOFF, S.STOPPING): "stop requested: the pending restart is cancelled",
-    (S.STOPPING, S.EXITED): "the whole group is gone after a requested stop",
-    (S.STOPPING, S.FATAL): "the whole group of a failed first start is gone",
-}
-
-
-class IllegalTransition(RuntimeError):
-    """A state change that TRANSITIONS does not allow: a bug in the monitor."""
-
-
-def check_transition(old: ProcessState, new: ProcessState) -> str:
-    """Why ``old -> new`` is allowed; raises ``IllegalTransition`` if it is not."""
-    try:
-        return TRANSITIONS[(old, new)]
-    except KeyError:
-        raise IllegalTransition(f"{old.value} -> {new.value}") from None
-
-
-# -- pure helpers ---------------------------------------------------------------------
-
-
-def backoff_delay(failures: int, base: float, cap: float, jitter: float) -> float:
-    """Delay before restart number ``failures + 1`` of a crash loop.
-
-    ``base * 2**failures`` capped at ``cap``, scaled into its upper half by
-    ``jitter`` (0..1) so apps that crash together do not restart in lockstep.
-    """
-    delay = min(cap, base * 2 ** min(failures, 64))
-    return delay * (0.5 + 0.5 * jitter)
-
-
-def describe_exit(returncode: int) -> str:
-    """``exited with status 3`` or ``killed by SIGKILL``, from a Popen returncode."""
-    if returncode >= 0:
-        return f"exited with status {returncode}"
-    try:
-        name = signal.Signals(-returncode).name
-    except ValueError:
-        name = f"signal {-returncode}"
-    return f"killed by {name}"
 
 
 # -- private messages (timers and reports from this actor's own threads) --------------
@@ -226,12 +147,11 @@ class _CheckGone:
 class _Run:
     """One spawned incarnation of a deploy (a restart makes a new one)."""
 
+    deploy_id: int
     number: int
     proc: subprocess.Popen
     create_time: float
     capture: OutputCapture
-    wake_w: int  # closed by the monitor to tell the reader thread to finish
-    reader: threading.Thread | None = None
     exited: bool = False
     gone: bool = False  # the whole group is known to be gone
 
@@ -298,10 +218,10 @@ class ProcessMonitor(Actor):
         self.backoff_cap = backoff_cap
         self.backoff_reset = backoff_reset  # RUNNING this long forgives earlier crashes
         self._logs = LogRegistry(log_max_bytes, log_backups)
+        self._reader = OutputReader(self._logs, self._exited)
         self._probes = ThreadPoolExecutor(probe_workers, thread_name_prefix="keter-probe")
         self._entries: dict[int, _Entry] = {}
-        self._saved_records: list[dict] | None = None
-        self._records_unsaved = False  # the last save failed (and was logged)
+        self._records = RecordsFile(self.run_dir)
         self._random = random.Random()
         self.limits = limits
         self.prlimit = prlimit
@@ -315,7 +235,7 @@ class ProcessMonitor(Actor):
                 "processes: prlimit (util-linux) not found; app resource limits are set "
                 "just after each start, so an app that forks at once may escape them"
             )
-        self._kill_leftovers()
+        self._records.stop_leftovers(self.stop_timeout)
         self._save_records()
 
     def on_stop(self) -> None:
@@ -326,10 +246,8 @@ class ProcessMonitor(Actor):
             labels = {e.run.pgid: f"{e.app}: pid {e.run.pid}" for e in entries if e.run in runs}
             stop_groups(labels, self.stop_timeout)
         for run in runs:
-            self._release_run(run)
-        for run in runs:
-            if run.reader is not None:
-                run.reader.join(timeout=KILL_WAIT)
+            run.gone = True
+        self._reader.join(runs, timeout=KILL_WAIT)
         for entry in entries:
             log.info("%s: stopped (keter is shutting down)", entry.app)
             self.report(ProcessStopped(app=entry.app, deploy_id=entry.deploy_id))
@@ -408,72 +326,31 @@ class ProcessMonitor(Actor):
     def _spawn(self, entry: _Entry) -> str | None:
         """Start a new run of ``entry``; returns why it could not start, or None."""
         spec = entry.spec
-        if not spec.command:
-            return "empty command"
         if spec.port is not None and not port_is_free(spec.port):
             return f"port {spec.port} is already in use"
-        try:
-            credentials = user_credentials(spec.user) if spec.user else {}
-        except KeyError:
-            return f"unknown user {spec.user!r}"
-        problem = exec_problem(spec.command[0], spec.cwd, spec.env)
-        if problem:
-            return f"cannot run {spec.command[0]}: {problem}"
-        command = list(spec.command)
-        if self.prlimit is not None:
-            command = [self.prlimit, *self.limits.prlimit_args(), "--", *command]
         try:
             applog = self._logs.acquire(spec.log_path)
         except OSError as exc:
             return f"cannot open log {spec.log_path}: {exc.strerror or exc}"
         try:
-            proc = subprocess.Popen(
-                command,
-                cwd=spec.cwd,
-                env=dict(spec.env),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-                **credentials,
-            )
-        except OSError as exc:
+            proc = spawn(spec, self.limits, self.prlimit)
+        except SpawnError as exc:
             self._logs.release(applog)
-            # The failing file may be the working directory rather than the program.
-            where = f"{exc.filename}: " if exc.filename not in (None, spec.command[0]) else ""
-            return f"cannot run {spec.command[0]}: {where}{exc.strerror or exc}"
-        except (ValueError, TypeError, subprocess.SubprocessError) as exc:
-            self._logs.release(applog)
-            return f"cannot run {spec.command[0]}: {exc}"
-        if self.prlimit is None:
-            try:
-                self.limits.apply_to(proc.pid)
-            except OSError as exc:
-                log.warning("%s: cannot set resource limits: %s", entry.app, exc)
-        # The pidfd is opened before anyone can reap the child, so it refers to it.
-        pidfd = os.pidfd_open(proc.pid)
+            return str(exc)
         try:
             create_time = psutil.Process(proc.pid).create_time()
         except psutil.NoSuchProcess:
             create_time = 0.0
-        wake_r, wake_w = os.pipe()
         entry.runs += 1
         run = _Run(
+            deploy_id=entry.deploy_id,
             number=entry.runs,
             proc=proc,
             create_time=create_time,
             capture=OutputCapture(entry.app, applog),
-            wake_w=wake_w,
-        )
-        run.reader = threading.Thread(
-            target=self._pump,
-            args=(entry.deploy_id, run, pidfd, wake_r),
-            name=f"keter-output-{entry.app}",
-            daemon=True,
         )
         entry.run = run
-        run.reader.start()
+        self._reader.watch(run, proc, run.capture)
         self._save_records()
         return None
 
@@ -557,6 +434,13 @@ class ProcessMonitor(Actor):
             self._terminate(entry, reason)
 
     # -- exits, crashes and restarts ----------------------------------------------------
+
+    def _exited(self, run: object, returncode: int, tail: tuple[str, ...]) -> None:
+        """The reader saw a run's leader exit (called in the reader's thread)."""
+        assert isinstance(run, _Run)
+        self.tell(
+            _Exited(deploy_id=run.deploy_id, run=run.number, returncode=returncode, tail=tail)
+        )
 
     def _on_exited(self, msg: _Exited) -> None:
         entry = self._entries.get(msg.deploy_id)
@@ -731,173 +615,24 @@ class ProcessMonitor(Actor):
         return f"pid {entry.run.pid}, port {entry.spec.port}"
 
     def _release_run(self, run: _Run) -> None:
-        """The run's group is gone: let its reader thread finish."""
+        """The run's group is gone: the reader may stop reading its output."""
         if not run.gone:
             run.gone = True
-            os.close(run.wake_w)  # EOF on the reader's wake pipe
-
-    # -- the reader thread (one per run) ----------------------------------------------
-
-    def _pump(self, deploy_id: int, run: _Run, pidfd: int, wake_r: int) -> None:
-        """Copy the run's output to its log; report the leader's exit the moment it happens."""
-        out = run.proc.stdout
-        assert out is not None
-        fd = out.fileno()
-        selector = selectors.DefaultSelector()
-        selector.register(fd, selectors.EVENT_READ, "out")
-        selector.register(pidfd, selectors.EVENT_READ, "exit")
-        selector.register(wake_r, selectors.EVENT_READ, "wake")
-        pipe_open, exited, woken = True, False, False
-        try:
-            # Ends when the leader is reaped and either the pipe is closed (the whole
-            # group is gone) or the monitor says the group is gone (then whoever still
-            # holds the pipe has escaped the group, and we will not wait for it).
-            while not (exited and (woken or not pipe_open)):
-                for key, _ in selector.select():
-                    if key.data == "out":
-                        if pipe_open and self._read_once(run, fd) is False:
-                            selector.unregister(fd)
-                            pipe_open = False
-                    elif key.data == "exit":
-                        # Everything the leader wrote is in the pipe by now: take it
-                        # first so the exit report shows its last words.
-                        if pipe_open and not self._drain(run, fd):
-                            selector.unregister(fd)
-                            pipe_open = False
-                        run.capture.flush()
-                        returncode = run.proc.wait()
-                        selector.unregister(pidfd)
-                        exited = True
-                        self.tell(
-                            _Exited(
-                                deploy_id=deploy_id,
-                                run=run.number,
-                                returncode=returncode,
-                                tail=run.capture.tail(FAILURE_TAIL),
-                            )
-                        )
-                    elif key.data == "wake":
-                        selector.unregister(wake_r)
-                        woken = True
-            if pipe_open:
-                self._drain(run, fd)
-        except Exception:
-            log.exception("processes: output reader of pid %d failed", run.pid)
-            if not exited:  # without the exit report the entry would hang forever
-                self.tell(
-                    _Exited(
-                        deploy_id=deploy_id,
-                        run=run.number,
-                        returncode=run.proc.wait(),
-                        tail=run.capture.tail(FAILURE_TAIL),
-                    )
-                )
-        finally:
-            run.capture.flush()
-            selector.close()
-            out.close()
-            os.close(pidfd)
-            os.close(wake_r)
-            self._logs.release(run.capture.applog)
-
-    @staticmethod
-    def _read_once(run: _Run, fd: int) -> bool | None:
-        """One chunk from the pipe into the log.
-
-        True when data was read, None when there is none right now (a
-        non-blocking pipe), False at end of file.
-        """
-        try:
-            data = os.read(fd, READ_CHUNK)
-        except BlockingIOError:
-            return None
-        if not data:
-            return False
-        run.capture.feed(data)
-        return True
-
-    @classmethod
-    def _drain(cls, run: _Run, fd: int) -> bool:
-        """Read what the pipe holds right now without waiting; False at end of file.
-
-        Reads at most the largest pipe buffer: enough for everything a dead
-        leader wrote, and a chatty grandchild cannot keep us here forever.
-        """
-        os.set_blocking(fd, False)
-        for _ in range(MAX_PIPE_BUFFER // READ_CHUNK):
-            got = cls._read_once(run, fd)
-            if got is not True:
-                return got is None
-        return True
+            self._reader.release(run)
 
     # -- records of running processes, for cleanup after keter was killed --------------
 
     def _save_records(self) -> None:
-        records = [
-            {
-                "pid": entry.run.pid,
-                "pgid": entry.run.pgid,
-                "create_time": entry.run.create_time,
-                "app": entry.app,
-                "deploy_id": entry.deploy_id,
-            }
-            for entry in self._entries.values()
-            if entry.run is not None and not entry.run.gone
-        ]
-        if records == self._saved_records:
-            return
-        path = self.run_dir / RECORDS_FILE
-        try:
-            # Rewritten on every spawn and stop; it only has to outlive keter, not
-            # the machine (a power cut ends the apps too), so no fsync.
-            atomic_write(path, json.dumps(records, indent=1).encode(), durable=False)
-        except OSError as exc:
-            # A full disk must not stop the monitor, and with it every app: the old
-            # file stays whole, and the next change tries again.
-            if not self._records_unsaved:
-                log.error(
-                    "processes: cannot save %s: %s; apps started from now on are not "
-                    "recorded, so a killed keter could not stop them at its next start",
-                    path,
-                    exc.strerror or exc,
+        self._records.save(
+            [
+                Record(
+                    pid=entry.run.pid,
+                    pgid=entry.run.pgid,
+                    create_time=entry.run.create_time,
+                    app=entry.app,
+                    deploy_id=entry.deploy_id,
                 )
-                self._records_unsaved = True
-            return
-        self._saved_records = records
-        self._records_unsaved = False
-
-    def _kill_leftovers(self) -> None:
-        """Stop processes a previous keter started and could not stop (it was SIGKILLed)."""
-        path = self.run_dir / RECORDS_FILE
-        try:
-            records = json.loads(path.read_bytes())
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as exc:
-            log.warning("processes: ignoring unreadable %s: %s", path, exc)
-            return
-        groups: dict[int, str] = {}
-        for record in records if isinstance(records, list) else []:
-            try:
-                app, pid, pgid = str(record["app"]), int(record["pid"]), int(record["pgid"])
-                create_time = float(record["create_time"])
-            except (KeyError, TypeError, ValueError):
-                log.warning("processes: ignoring malformed record %r in %s", record, path)
-                continue
-            if not group_members(pgid):
-                continue
-            try:
-                leader = psutil.Process(pid)
-                reused = leader.status() != psutil.STATUS_ZOMBIE and (
-                    abs(leader.create_time() - create_time) > 0.01
-                )
-            except psutil.NoSuchProcess:
-                reused = False  # the leader died; its group's leftovers are still ours
-            if reused:
-                log.info("%s: pid %d now belongs to another program; leaving it alone", app, pid)
-                continue
-            groups[pgid] = f"{app}: leftover pid {pid} (deploy {record.get('deploy_id')})"
-        if groups:
-            stop_groups(groups, self.stop_timeout)
-            for label in groups.values():
-                log.warning("%s from a previous keter run was stopped", label)
+                for entry in self._entries.values()
+                if entry.run is not None and not entry.run.gone
+            ]
+        )

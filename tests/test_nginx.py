@@ -38,7 +38,6 @@ from keter.messages import (
     SendRedirect,
     ServeFiles,
     Site,
-    Stop,
     TlsFiles,
 )
 from keter.nginx import (
@@ -565,28 +564,6 @@ def test_invalid_site_is_refused_and_writer_keeps_running(
     assert apply(writer, reports, 2, site("blog", "blog.test", port=backends[0].port)) == (
         NginxApplied(generation=2)
     )
-
-
-def test_queued_applies_coalesce_to_the_latest(
-    private_nginx: PrivateNginx, reports: queue.Queue, backends
-) -> None:
-    first, second = backends
-    writer = make_writer(private_nginx, reports)
-    # Queued before the thread runs, so the first handle() finds the rest waiting.
-    writer.tell(ApplyNginx(generation=1, sites=(site("blog", "blog.test", port=first.port),)))
-    writer.tell(ApplyNginx(generation=2, sites=(site("blog", "blog.test", port=first.port),)))
-    writer.tell(ApplyNginx(generation=3, sites=(site("blog", "blog.test", port=second.port),)))
-    writer.tell(Stop())
-    writer.tell(ApplyNginx(generation=4, sites=()))  # after Stop: never handled
-    writer.start()
-    writer.join(timeout=15)
-    assert not writer.is_alive()
-
-    assert reports.get_nowait() == NginxApplied(generation=3)
-    assert reports.empty()
-    private_nginx.wait_generation(3)
-    assert app_name(private_nginx, "blog.test") == "second"
-    assert "# generation 3" in private_nginx.config_file.read_text()
 
 
 def test_stop_cuts_a_pending_confirmation_short(tmp_path: Path, reports: queue.Queue) -> None:

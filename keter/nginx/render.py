@@ -1,54 +1,32 @@
-"""keter's nginx reverse-proxy config: the pure renderer and the writer component.
+"""The pure renderer: keter's nginx include file from the sites it must serve.
 
 Keter itself proxies with http-reverse-proxy; here nginx does the proxying and
-keter owns one include file inside nginx's ``http {}`` context. A deploy
-switches traffic by rewriting that file and reloading nginx: the master starts
-new workers with the new upstreams while the old workers finish the requests
-they already hold, so no request is lost.
+keter owns one include file inside nginx's ``http {}`` context. Everything of
+a bundle that nginx can do itself, it does: static files, redirects, reverse
+proxies to other servers, TLS (one certificate per host by SNI, else the TLS
+listener's), ``requires-secure``, and the ``basic-auth``, ``headers`` and
+``local`` middleware. As in Keter, every host is served on every listener:
+plain ones over HTTP, TLS ones over HTTPS.
 
-Everything of a bundle that nginx can do itself, it does: static files,
-redirects, reverse proxies to other servers, TLS (one certificate per host by
-SNI, else the TLS listener's), ``requires-secure``, and the ``basic-auth``,
-``headers`` and ``local`` middleware. As in Keter, every host is served on
-every listener: plain ones over HTTP, TLS ones over HTTPS.
+Every config carries its generation number, served at ``/generation`` on a
+status host, so the writer can tell when nginx really serves it.
 
-``nginx -s reload`` only sends a signal; nginx may still reject the new config
-(a listen port already taken) and keep the old one. Every config therefore
-carries its generation number, served at ``/generation`` on a status host, and
-the writer only reports success once nginx answers with the new number.
-
-Files nginx reads besides the config (htpasswd files with hashed passwords,
-certificates joined with their chain) live in a hidden folder beside it,
-``.NAME.d``: hidden, because Debian's ``include sites-enabled/*`` would read
-anything else there as config.
+Nothing here does I/O: the same sites always render the same text, and
+anything that could inject nginx syntax raises ValueError.
 """
 
 from __future__ import annotations
 
-import contextlib
-import grp
-import hashlib
-import http.client
 import ipaddress
-import logging
 import os
-import queue
 import re
-import subprocess
-import threading
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from keter.actor import Actor
-from keter.fsutil import atomic_write
 from keter.messages import (
-    ApplyNginx,
     BasicAuth,
-    NginxApplied,
-    NginxFailed,
     ProxyApp,
     ProxyRemote,
     RedirectRule,
@@ -56,22 +34,16 @@ from keter.messages import (
     SendRedirect,
     ServeFiles,
     Site,
-    Stop,
     TlsFiles,
 )
 
 if TYPE_CHECKING:
     from keter.config import KeterConfig
 
-log = logging.getLogger(__name__)
-
 # A server_name no app can claim: host labels never start with '_'.
 STATUS_HOST = "_keter-status"
 STATUS_PATH = "/generation"
 
-COMMAND_TIMEOUT = 30.0
-CONFIRM_INTERVAL = 0.03
-CONFIRM_SOCKET_TIMEOUT = 0.25
 TLS_PROTOCOLS = "TLSv1.2 TLSv1.3"
 # nginx has no "no timeout"; its timers are safe up to 2**31 ms (24.8 days).
 UNBOUNDED = "24d"
@@ -239,12 +211,6 @@ class ProxyOptions:
             time_bound=config.connection_time_bound / 1000,
             https_port=config.external_https_port,
         )
-
-
-def support_dir(config_file: Path) -> Path:
-    """The hidden folder beside ``config_file`` for the files its config names."""
-    config_file = Path(config_file)
-    return config_file.parent / f".{config_file.name}.d"
 
 
 def upstream_name(app: str) -> str:
@@ -686,349 +652,3 @@ def _checked_sites(sites: Iterable[Site]) -> list[Site]:
                     raise ValueError(f"{site.app}: host {host} already belongs to {owners[host]}")
                 owners[host] = site.app
     return ordered
-
-
-class NginxWriter(Actor):
-    """Applies ``ApplyNginx`` messages: write, ``nginx -t``, reload, confirm.
-
-    Reports ``NginxApplied`` once nginx serves the new generation, otherwise
-    ``NginxFailed`` with the old file restored (nginx keeps serving it).
-
-    Before the config, it writes the files the config names into
-    ``support_dir(config_file)``: htpasswd files (mode 0640; the folder is
-    setgid ``auth_group``, the group nginx's workers run as, so only root and
-    nginx can read them) and certificates joined with their chains.
-    """
-
-    def __init__(
-        self,
-        *,
-        listeners: Sequence[ListenerLike],
-        config_file: Path,
-        test_command: Sequence[str],
-        reload_command: Sequence[str],
-        report_to: queue.Queue | None,
-        confirm_timeout: float = 10.0,
-        error_log: Path | None = None,
-        options: ProxyOptions | None = None,
-        auth_group: str | None = "www-data",
-    ) -> None:
-        """``error_log``, if given, is nginx's error log; its new ``[emerg]``
-        lines explain a reload nginx did not take. ``options`` are the global
-        proxy settings (``ProxyOptions.from_config``). ``auth_group`` is the
-        group of nginx's workers (Debian's www-data); when no such group
-        exists, support files keep root's group."""
-        super().__init__("nginx", report_to)
-        self.listeners = tuple(listeners)
-        self.options = options or ProxyOptions()
-        self.auth_group = auth_group
-        self.config_file = Path(config_file)
-        self.support = support_dir(self.config_file)
-        # Hashes by sha256(user, password): unchanged passwords keep their hash
-        # (and salt), so an unchanged htpasswd file is not rewritten.
-        self._hashes: dict[bytes, str] = {}
-        self.test_command = tuple(test_command)
-        self.reload_command = tuple(reload_command)
-        self.confirm_timeout = confirm_timeout
-        self.error_log = Path(error_log) if error_log is not None else None
-        # Set by stop() so a shutdown does not wait out a whole confirm timeout.
-        self._stopping = threading.Event()
-        self._stop_drained = False
-
-    def stop(self) -> None:
-        """Queue Stop and cut short a confirmation that is waiting on nginx."""
-        self._stopping.set()
-        super().stop()
-
-    def handle(self, message: object) -> None:
-        if self._stop_drained:
-            # Coalescing took a Stop out of the inbox and put it back behind
-            # whatever had queued up after it; that must not run any more.
-            log.debug("nginx: dropping %r that arrived after Stop", message)
-            return
-        match message:
-            case ApplyNginx():
-                self._apply(self._latest(message))
-            case _:
-                self.unexpected(message)
-
-    # -- coalescing --------------------------------------------------------------------
-
-    def _latest(self, first: ApplyNginx) -> ApplyNginx:
-        """The newest ApplyNginx waiting in the inbox; older ones are superseded.
-
-        Draining ends at a Stop, which goes back into the inbox so the loop
-        ends right after this apply. Nothing else is ever sent to this
-        component, so anything else drained is only logged, in order.
-        """
-        latest = first
-        while True:
-            try:
-                message = self.inbox.get_nowait()
-            except queue.Empty:
-                return latest
-            match message:
-                case ApplyNginx() if message.generation >= latest.generation:
-                    log.debug("nginx: generation %d superseded", latest.generation)
-                    latest = message
-                case ApplyNginx():
-                    log.debug("nginx: generation %d superseded", message.generation)
-                case Stop():
-                    self._stop_drained = True
-                    self.inbox.put(message)
-                    return latest
-                case _:
-                    log.warning("nginx: ignoring unexpected message %r", message)
-
-    # -- one apply -----------------------------------------------------------------------
-
-    def _apply(self, command: ApplyNginx) -> None:
-        generation = command.generation
-        try:
-            text = render(command.sites, self.listeners, generation, self.options, self.support)
-        except ValueError as exc:
-            self._fail(generation, f"refused to render: {exc}")
-            return
-        try:
-            wanted = self._write_support_files(command.sites)
-        except (OSError, ValueError) as exc:
-            self._fail(generation, f"cannot write the files nginx needs: {exc}")
-            return
-        try:
-            old = self.config_file.read_bytes()
-        except FileNotFoundError:
-            old = None
-        except OSError as exc:
-            self._fail(generation, f"cannot read {self.config_file}: {exc}")
-            return
-        try:
-            atomic_write(self.config_file, text.encode(), mode=0o644)
-        except OSError as exc:
-            self._fail(generation, f"cannot write {self.config_file}: {exc}")
-            return
-
-        error = _run(self.test_command)
-        if error is not None:
-            self._fail(generation, f"nginx rejected the config: {error}{self._restore(old)}")
-            return
-
-        log_offset = self._error_log_size()
-        error = _run(self.reload_command)
-        if error is not None:
-            self._fail(generation, f"nginx reload failed: {error}{self._restore(old)}")
-            return
-
-        if not self._confirm(generation):
-            if self._stopping.is_set():
-                # nginx was told to load this config and may well have done so:
-                # leave the file as it is rather than guess.
-                self._fail(generation, "keter stopped before nginx confirmed the reload")
-                return
-            restored = self._restore(old)
-            reason = (
-                f"nginx did not serve generation {generation} within "
-                f"{self.confirm_timeout:g}s; it kept the previous configuration"
-            )
-            emerg = self._new_emerg(log_offset)
-            if emerg:
-                reason += f": {emerg}"
-            self._fail(generation, reason + restored)
-            return
-
-        log.info("nginx: generation %d applied (%d sites)", generation, len(command.sites))
-        self._prune_support_files(wanted)
-        self.report(NginxApplied(generation=generation))
-
-    def _fail(self, generation: int, reason: str) -> None:
-        log.error("nginx: generation %d failed: %s", generation, reason)
-        self.report(NginxFailed(generation=generation, reason=reason))
-
-    def _restore(self, old: bytes | None) -> str:
-        """Put back the file nginx is still running, so disk and nginx agree.
-
-        Returns "" or, if that fails too, a note to append to the failure reason.
-        """
-        try:
-            if old is None:
-                self.config_file.unlink(missing_ok=True)
-            else:
-                atomic_write(self.config_file, old, mode=0o644)
-        except OSError as exc:
-            return f" (and restoring the previous {self.config_file} failed: {exc})"
-        return ""
-
-    # -- files beside the config ----------------------------------------------------------
-
-    def _write_support_files(self, sites: Sequence[Site]) -> set[Path]:
-        """Write every htpasswd and joined certificate file; returns all their paths."""
-        wanted: dict[Path, tuple[bytes, int]] = {}
-        for site in sites:
-            for route in site.all_routes:
-                if route.basic_auth is not None:
-                    data = self._htpasswd(route.basic_auth)
-                    wanted[Path(route.basic_auth.user_file)] = (data, 0o640)
-                if route.tls is not None and route.tls.chain:
-                    files = (route.tls.certificate, *route.tls.chain)
-                    wanted[Path(route.tls.combined)] = (_joined(files), 0o644)
-        for listener in self.listeners:
-            if is_tls(listener) and getattr(listener, "chain", ()):
-                files = (listener.certificate, *listener.chain)
-                wanted[listener_chain_file(self.support, listener)] = (_joined(files), 0o644)
-        if not wanted:
-            return set()
-        self._make_support_dir()
-        for path, (data, mode) in wanted.items():
-            if path.parent != self.support:
-                raise ValueError(f"{path} is not in {self.support}")
-            with contextlib.suppress(OSError):
-                if path.read_bytes() == data:
-                    continue
-            atomic_write(path, data, mode=mode)
-        return set(wanted)
-
-    def _make_support_dir(self) -> None:
-        self.support.mkdir(mode=0o750, exist_ok=True)
-        gid = -1
-        if self.auth_group is not None:
-            with contextlib.suppress(KeyError):
-                gid = grp.getgrnam(self.auth_group).gr_gid
-        os.chown(self.support, -1, gid)
-        # setgid: files created inside take the folder's group, already at creation.
-        os.chmod(self.support, 0o2750)
-
-    def _htpasswd(self, auth: BasicAuth) -> bytes:
-        lines = []
-        for user, password in auth.credentials:
-            if not user or ":" in user or any(ord(c) < 0x21 for c in user):
-                raise ValueError(f"invalid basic-auth user name {user!r}")
-            digest = hashlib.sha256(f"{user}\0{password}".encode()).digest()
-            if digest not in self._hashes:
-                self._hashes[digest] = hash_password(password)
-            lines.append(f"{user}:{self._hashes[digest]}\n")
-        return "".join(lines).encode()
-
-    def _prune_support_files(self, wanted: set[Path]) -> None:
-        """Remove files no config names any more (a removed app's htpasswd)."""
-        try:
-            present = list(self.support.iterdir())
-        except OSError:
-            return
-        for path in present:
-            if path not in wanted and path.suffix in (".htpasswd", ".crt"):
-                with contextlib.suppress(OSError):
-                    path.unlink()
-
-    # -- confirmation ----------------------------------------------------------------------
-
-    def _confirm(self, generation: int) -> bool:
-        """Poll the status server until it reports ``generation``; False on timeout."""
-        listener = next(each for each in self.listeners if not is_tls(each))
-        host, port = status_address(listener), listener.port
-        expected = str(generation)
-        deadline = time.monotonic() + self.confirm_timeout
-        while True:
-            if fetch_generation(host, port) == expected:
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            # An Event wait, not a sleep: stop() cuts the wait short.
-            if self._stopping.wait(CONFIRM_INTERVAL):
-                return fetch_generation(host, port) == expected
-
-    def _error_log_size(self) -> int:
-        if self.error_log is None:
-            return 0
-        try:
-            return self.error_log.stat().st_size
-        except OSError:
-            return 0
-
-    def _new_emerg(self, offset: int) -> str | None:
-        """The last ``[emerg]`` line nginx logged after ``offset``, if any."""
-        if self.error_log is None:
-            return None
-        try:
-            with self.error_log.open("rb") as f:
-                f.seek(offset)
-                tail = f.read(1 << 20).decode(errors="replace")
-        except OSError:
-            return None
-        lines = [line.strip() for line in tail.splitlines() if "[emerg]" in line]
-        return lines[-1] if lines else None
-
-
-def fetch_generation(host: str, port: int, timeout: float = CONFIRM_SOCKET_TIMEOUT) -> str | None:
-    """The generation nginx's status server reports, or None if it does not answer."""
-    connection = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        connection.request("GET", STATUS_PATH, headers={"Host": STATUS_HOST, "Connection": "close"})
-        response = connection.getresponse()
-        body = response.read()
-    except (OSError, http.client.HTTPException):
-        return None
-    finally:
-        connection.close()
-    if response.status != 200:
-        return None
-    return body.decode(errors="replace").strip()
-
-
-def hash_password(password: str) -> str:
-    """The password as SHA-512 crypt (``$6$``, random salt, 5000 rounds).
-
-    nginx checks htpasswd entries with the system's crypt(3), which reads
-    ``$6$`` everywhere glibc or libxcrypt runs; its alternatives are {SSHA}
-    (one salted SHA-1, far quicker to brute-force) and {PLAIN}. The openssl
-    CLI makes the hash because Python's crypt module is deprecated. The
-    password goes through a pipe, never the command line.
-    """
-    if "\n" in password or "\r" in password or not password:
-        raise ValueError("a basic-auth password is empty or has a line break")
-    try:
-        result = subprocess.run(
-            ["openssl", "passwd", "-6", "-stdin"],
-            input=password + "\n",
-            capture_output=True,
-            text=True,
-            timeout=COMMAND_TIMEOUT,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ValueError(f"cannot hash a basic-auth password with openssl: {exc}") from None
-    hashed = result.stdout.strip()
-    if result.returncode != 0 or not hashed.startswith("$6$"):
-        raise ValueError(f"openssl passwd failed: {result.stderr.strip()[:200]}")
-    return hashed
-
-
-def _joined(files: Sequence[Path]) -> bytes:
-    """Certificate files one after another, as nginx's ssl_certificate wants a chain."""
-    parts = []
-    for file in files:
-        data = Path(file).read_bytes()
-        parts.append(data if data.endswith(b"\n") else data + b"\n")
-    return b"".join(parts)
-
-
-def _run(command: Sequence[str]) -> str | None:
-    """Run an nginx command; None on success, else a reason quoting nginx's errors."""
-    try:
-        result = subprocess.run(
-            list(command), capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return f"{_shell(command)} did not finish within {COMMAND_TIMEOUT:g}s"
-    except OSError as exc:
-        return f"cannot run {_shell(command)}: {exc}"
-    if result.returncode == 0:
-        return None
-    output = (result.stderr + result.stdout).strip().splitlines()
-    # nginx says why in its [emerg] lines; the rest ("test failed") adds nothing.
-    detail = [line for line in output if "[emerg]" in line] or output[-3:]
-    text = "; ".join(detail) or "no output"
-    # The full command line (with -p/-c paths) is in the config; the program's name is enough here.
-    return f"{os.path.basename(command[0])} exited with status {result.returncode}: {text}"
-
-
-def _shell(command: Sequence[str]) -> str:
-    return " ".join(command)

@@ -130,8 +130,12 @@ class KeterConfig:
     status_group: str | None = None
     archive_keep: int = 3
     dashboard_host: str | None = None
-    # Who may open the dashboard at dashboard-host (basic auth in nginx): (user, password).
+    # Who may open the dashboard (basic auth in nginx at dashboard-host, and in the status
+    # API on TCP, which also takes the token in ROOT/etc/status-token): (user, password).
     dashboard_users: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    # More names the status API answers to (Host header), besides localhost, the
+    # status-listen address and dashboard-host: with 0.0.0.0 the only way to add one.
+    status_hosts: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 
     @property
@@ -291,6 +295,7 @@ def parse_config(
     _check_ports(values, check, ephemeral_range)
     _check_status_port(values, check)
     _check_dashboard(values, check)
+    _check_status_auth(values, check)
     if check.problems:
         raise ConfigError(check.problems)
     return KeterConfig(**values, warnings=tuple(check.warnings))
@@ -625,12 +630,6 @@ def _parse_status_listen(value: object, path: str, check: Checker, base: Path) -
     if (address.version == 6) != host.startswith("["):
         check.problem(path, f"{expected} (IPv6 addresses in brackets), got {describe(value)}")
         return None
-    if not address.is_loopback:
-        check.warn(
-            path,
-            f"{address} is not a loopback address: whoever reaches it can see every app "
-            "and restart or roll them back",
-        )
     return (str(address), int(port))
 
 
@@ -657,6 +656,35 @@ def _parse_dashboard_host(value: object, path: str, check: Checker, base: Path) 
         return None
 
 
+def _parse_status_hosts(value: object, path: str, check: Checker, base: Path) -> object:
+    from keter.bundle import validate_host  # keter.bundle imports this module
+
+    if not isinstance(value, list):
+        check.problem(path, f"expected a list of host names, got {describe(value)}")
+        return None
+    hosts = []
+    for index, item in enumerate(value):
+        where = f"{path}[{index}]"
+        name = _string(item, where, check, "a host name or IP address")
+        if name is None:
+            continue
+        try:
+            hosts.append(str(ipaddress.ip_address(name.removeprefix("[").removesuffix("]"))))
+            continue
+        except ValueError:
+            pass
+        try:
+            host = validate_host(name)
+        except ValueError as exc:
+            check.problem(where, f"{exc}, got {describe(name)}")
+            continue
+        if host.startswith("*."):
+            check.problem(where, f"expected one host name, not a wildcard, got {describe(name)}")
+            continue
+        hosts.append(host)
+    return tuple(hosts)
+
+
 def _parse_dashboard_users(value: object, path: str, check: Checker, base: Path) -> object:
     if not isinstance(value, dict) or not value:
         check.problem(path, f"expected a mapping like {{admin: PASSWORD}}, got {describe(value)}")
@@ -680,8 +708,8 @@ _USER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 def _check_dashboard(values: dict[str, object], check: Checker) -> None:
     """The dashboard at dashboard-host restarts and rolls back apps: never open, never unlisted."""
     if values.get("dashboard_host") is None:
-        if values.get("dashboard_users"):
-            check.warn("dashboard-users", "has no effect without dashboard-host")
+        if values.get("dashboard_users") and values.get("status_listen") is None:
+            check.warn("dashboard-users", "has no effect without status-listen or dashboard-host")
         return
     if values.get("status_listen") is None:
         check.problem(
@@ -692,6 +720,23 @@ def _check_dashboard(values: dict[str, object], check: Checker) -> None:
         check.problem(
             "dashboard-host",
             "needs dashboard-users ({user: password}): nginx asks for them (basic auth)",
+        )
+
+
+def _check_status_auth(values: dict[str, object], check: Checker) -> None:
+    """The status API beyond loopback needs credentials a person can give (dashboard-users).
+
+    Every request on TCP must authenticate; the token file under ROOT/etc only
+    reaches local users, so an address others can reach needs dashboard-users.
+    """
+    listen = values.get("status_listen")
+    if listen is None or values.get("dashboard_users"):
+        return
+    if not ipaddress.ip_address(listen[0]).is_loopback:
+        check.problem(
+            "status-listen",
+            f"{listen[0]} is not a loopback address, and every request there must log in: "
+            "set dashboard-users ({user: password}) or listen on 127.0.0.1",
         )
 
 
@@ -734,6 +779,7 @@ _FIELDS: dict[str, tuple[str, Parser]] = {
     "archive-keep": ("archive_keep", _count(1)),
     "dashboard-host": ("dashboard_host", _parse_dashboard_host),
     "dashboard-users": ("dashboard_users", _parse_dashboard_users),
+    "status-hosts": ("status_hosts", _parse_status_hosts),
 }
 _KNOWN_KEYS = (*_FIELDS, "root", *KETER_ONLY_KEYS)
 

@@ -683,11 +683,31 @@ def test_status_keys_are_read() -> None:
     assert parse('status-listen: "[::1]:8999"').status_listen == ("::1", 8999)
 
 
-def test_a_status_listener_beyond_loopback_is_a_warning() -> None:
-    config = parse('status-listen: "0.0.0.0:8999"')
+def test_a_status_listener_beyond_loopback_needs_dashboard_users() -> None:
+    for address in ("0.0.0.0", "[::]", "192.0.2.7"):
+        [problem] = problems(f'status-listen: "{address}:8999"')
+        assert problem.startswith("status-listen: ") and "not a loopback address" in problem
+        assert "set dashboard-users" in problem
+    config = parse('status-listen: "0.0.0.0:8999"\ndashboard-users: {ops: pw}')
     assert config.status_listen == ("0.0.0.0", 8999)
-    [warning] = config.warnings
-    assert warning.startswith("status-listen: 0.0.0.0 is not a loopback address")
+    assert config.warnings == ()
+    # On loopback the token file under ROOT/etc is enough.
+    assert parse('status-listen: "127.0.0.1:8999"').warnings == ()
+
+
+def test_status_hosts_are_names_or_addresses() -> None:
+    config = parse("status-hosts: [Keter.LAN, 192.0.2.7, '[2001:db8::1]']")
+    assert config.status_hosts == ("keter.lan", "192.0.2.7", "2001:db8::1")
+    assert parse("{}").status_hosts == ()
+    assert problems("status-hosts: keter.lan") == [
+        'status-hosts: expected a list of host names, got "keter.lan"'
+    ]
+    found = problems("status-hosts: ['*.lan', 'a b', 5]")
+    assert [p.split(":")[0] for p in found] == [
+        "status-hosts[0]",
+        "status-hosts[1]",
+        "status-hosts[2]",
+    ]
 
 
 @pytest.mark.parametrize(

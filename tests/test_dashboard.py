@@ -101,6 +101,17 @@ class Browser:
         raw, self._buffer = self._buffer.split(b"\0", 1)
         return json.loads(raw)
 
+    def log_in(self, user: str, password: str) -> None:
+        """Send basic-auth credentials with every request, as a browser does once a user
+        has answered its login prompt for the site."""
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        self.call("Network.enable", session=True)
+        self.call(
+            "Network.setExtraHTTPHeaders",
+            headers={"Authorization": f"Basic {token}"},
+            session=True,
+        )
+
     def open(self, url: str) -> None:
         self.call("Page.navigate", url=url, session=True)
 
@@ -145,6 +156,10 @@ def browser(tmp_path):
     chromium.close()
 
 
+# The status API on TCP asks every request to log in (issue 11.6).
+USER = ("ops", "dashboard-pw")
+LOGIN_SETTINGS = {"dashboard-users": dict([USER])}
+
 ROWS = """[...document.querySelectorAll('#apps tbody tr')].map(tr => [
     tr.dataset.app, tr.querySelector('.state .badge').textContent,
     tr.querySelector('.hosts a') ? tr.querySelector('.hosts a').href : null])"""
@@ -154,9 +169,14 @@ def test_dashboard_lists_apps_and_follows_a_state_change_without_reload(
     keter_factory, private_nginx, browser, tmp_path
 ):
     port = free_port()
-    keter = keter_factory(**{"status-listen": f"127.0.0.1:{port}"})
+    keter = keter_factory(**LOGIN_SETTINGS, **{"status-listen": f"127.0.0.1:{port}"})
     client = status_api(keter)
     keter.drop(make_bundle(tmp_path / "alpha.keter", config=webapp_config("alpha.test", "v1")))
+    browser.open(f"http://127.0.0.1:{port}/")  # not logged in: nothing but the refusal
+    # Headless Chromium has no login prompt: it gives up on the page with an error page.
+    wait_for(lambda: browser.js("location.href").startswith("chrome-error:"), 10, "a refusal")
+    assert browser.js("document.querySelector('#apps')") is None
+    browser.log_in(*USER)
     broken = webapp_config("beta.test", "v1", args=["--exit-at-start", "3"])
     keter.drop(make_bundle(tmp_path / "beta.keter", config=broken))
     states = {"alpha": "running", "beta": "failed"}
@@ -192,10 +212,11 @@ def test_app_page_shows_history_and_log_and_its_restart_button_works(
     keter_factory, browser, tmp_path
 ):
     port = free_port()
-    keter = keter_factory(**{"status-listen": f"127.0.0.1:{port}"})
+    keter = keter_factory(**LOGIN_SETTINGS, **{"status-listen": f"127.0.0.1:{port}"})
     client = status_api(keter)
     keter.drop(make_bundle(tmp_path / "alpha.keter", config=webapp_config("alpha.test", "v1")))
     wait_for(lambda: client.app("alpha")["state"] == "running", 20, "alpha to run")
+    browser.log_in(*USER)
 
     browser.open(f"http://127.0.0.1:{port}/app/alpha")
     history = "document.querySelectorAll('#history tbody tr').length"

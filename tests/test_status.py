@@ -11,7 +11,6 @@ import base64
 import grp
 import hashlib
 import http.client
-import io
 import itertools
 import json
 import logging
@@ -45,6 +44,8 @@ from keter.messages import (
 )
 from keter.processes.applog import AppLog
 from keter.status import StatusServer
+from keter.status.checks import RequestChecks
+from keter.status.errors import ApiError as StatusApiError
 from keter.status.views import app_urls
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -103,16 +104,31 @@ class Running:
             "the actor to catch up",
         )
 
+    def api_token(self) -> str:
+        return (self.config.etc_dir / "status-token").read_text().strip()
+
     def stop(self) -> None:
         if self.server.is_alive():
             self.server.stop()
             self.server.join(10)
 
-    def http(self, method: str, path: str, headers: dict | None = None, body: bytes = b""):
+    def http(
+        self,
+        method: str,
+        path: str,
+        headers: dict | None = None,
+        body: bytes = b"",
+        *,
+        login: bool = True,
+    ):
+        """A request on TCP, with the API token unless ``login`` is False or one is given."""
         host, port = self.server.tcp_address
+        headers = dict(headers or {})
+        if login:
+            headers.setdefault("Authorization", f"Bearer {self.api_token()}")
         connection = http.client.HTTPConnection(host, port, timeout=10)
         try:
-            connection.request(method, path, body=body or None, headers=headers or {})
+            connection.request(method, path, body=body or None, headers=headers)
             response = connection.getresponse()
             return response.status, dict(response.getheaders()), response.read()
         finally:
@@ -378,6 +394,94 @@ def test_writes_need_the_token_and_the_same_origin(make_status):
     assert status.http("GET", path, {"Host": here})[0] == 405
 
 
+def test_a_rebinding_page_gets_nothing(make_status):
+    """A page on evil.example whose name now points at keter: foreign Host, its own Origin.
+
+    Even with a valid login and the write token (which such a page cannot have),
+    nothing is read and nothing changes.
+    """
+    status = make_status(dashboard_users=(("ops", "pw"),))
+    bundle = status.config.incoming_dir / "hello.keter"
+    drop_bundle(status.config, "hello", b"v1")
+    os.utime(bundle, (1_000_000, 1_000_000))
+    status.tell_and_wait(AppChanged(snapshot=snapshot()))
+    port = status.server.tcp_address[1]
+    evil = {
+        "Host": f"evil.example:{port}",
+        "Origin": f"http://evil.example:{port}",
+        "Sec-Fetch-Site": "same-origin",
+        "Authorization": basic("ops", "pw"),
+        "X-Keter-Token": status.server.token,
+    }
+    for method, path in [
+        ("GET", "/"),
+        ("GET", "/api/token"),
+        ("GET", "/api/status"),
+        ("GET", "/api/apps/hello/log"),
+        ("GET", "/metrics"),
+        ("POST", "/api/apps/hello/restart"),
+    ]:
+        code, _, body = status.http(method, path, evil)
+        assert code == 421, path
+        assert b"hello" not in body and status.server.token.encode() not in body
+    assert bundle.stat().st_mtime == 1_000_000  # not restarted
+
+
+def test_the_api_token_file_is_kept_and_shared_with_the_status_group(make_status):
+    status = make_status(status_group="daemon")
+    etc = status.config.etc_dir
+    path = etc / "status-token"
+    token = status.api_token()
+    daemon_gid = grp.getgrnam("daemon").gr_gid
+    assert len(token) >= 32
+    assert (stat.S_IMODE(path.stat().st_mode), path.stat().st_gid) == (0o640, daemon_gid)
+    assert (stat.S_IMODE(etc.stat().st_mode), etc.stat().st_gid) == (0o710, daemon_gid)
+    here = "{}:{}".format(*status.server.tcp_address)
+    assert status.http("GET", "/api/status", {"Host": here})[0] == 200
+    status.stop()
+
+    again = make_status(status_group="daemon")
+    assert again.api_token() == token  # scripts keep working across restarts
+    again.stop()
+
+    path.write_text("short\n")
+    path.chmod(0o644)
+    third = make_status()
+    assert third.api_token() not in (token, "short")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    third.stop()
+
+    path.unlink()
+    elsewhere = etc.parent / "elsewhere"
+    elsewhere.write_text("x" * 40 + "\n")
+    path.symlink_to(elsewhere)  # never followed: replaced by a file of keter's
+    fourth = make_status()
+    assert not path.is_symlink() and fourth.api_token() != "x" * 40
+    assert elsewhere.read_text() == "x" * 40 + "\n"
+
+
+@given(st.text(max_size=80))
+def test_a_login_header_is_accepted_only_when_exactly_right(header: str):
+    config = KeterConfig(root=Path("/nonexistent"), dashboard_users=(("ops", "pw"),))
+    checks = RequestChecks(config)
+    checks.api_token = "t" * 43
+    accepted = {basic("ops", "pw"), "Bearer " + "t" * 43}
+
+    def normalized(text: str) -> str:
+        scheme, _, rest = " ".join(text.split()).partition(" ")
+        return f"{scheme.lower()} {rest}"
+
+    try:
+        checks.check_login(header)
+    except StatusApiError as exc:
+        assert exc.status == 401
+        assert exc.headers["WWW-Authenticate"].startswith("Basic ")
+    else:  # nothing but the right credentials gets in
+        assert normalized(header) in {normalized(a) for a in accepted}
+    for good in accepted:
+        checks.check_login(good)
+
+
 def test_pages_carry_the_token_and_strict_headers(make_status):
     status = make_status()
     here = "{}:{}".format(*status.server.tcp_address)
@@ -550,16 +654,67 @@ def test_a_real_keter_reports_its_apps_and_keeps_history_across_restarts(
     assert history[1]["sha256"] == sha
 
 
-def test_status_api_also_listens_on_tcp_when_configured(keter_factory):
-    port = free_port()
-    keter = keter_factory(**{"status-listen": f"127.0.0.1:{port}"})
-    status_api(keter)
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def tcp_get(port: int, path: str, headers: dict) -> tuple[int, dict, bytes]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    connection.request("GET", "/api/status")
-    response = connection.getresponse()
-    assert response.status == 200
-    assert json.load(io.BytesIO(response.read()))["keter"]["root"] == str(keter.root)
-    connection.close()
+    try:
+        connection.request("GET", path, headers=headers)
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+def test_status_api_on_tcp_needs_a_login_and_a_host_it_knows(keter_factory, tmp_path):
+    """Issue 11.6, of record: 401 without credentials, 421 for a foreign Host on 0.0.0.0."""
+    port = free_port()
+    keter = keter_factory(
+        **{
+            "status-listen": f"0.0.0.0:{port}",
+            "dashboard-users": {"ops": "pa55word"},
+            "status-hosts": ["keter.lan"],
+        }
+    )
+    client = status_api(keter)  # the CLI's socket needs no login
+    keter.drop(make_bundle(tmp_path / "hello.keter", config=webapp_config("hello.test", "v1")))
+    wait_for(lambda: client.status()["apps"], 20, "hello to show")
+    here = {"Host": f"127.0.0.1:{port}"}
+    for path in ("/", "/api/status", "/api/token", "/metrics", "/static/dashboard.js"):
+        code, headers, body = tcp_get(port, path, here)
+        assert code == 401, path
+        assert headers["WWW-Authenticate"].startswith("Basic ")
+        assert b"hello" not in body
+    assert tcp_get(port, "/api/status", {**here, "Authorization": basic("ops", "wrong")})[0] == 401
+    assert tcp_get(port, "/api/status", {**here, "Authorization": "Bearer " + "x" * 43})[0] == 401
+
+    login = {"Authorization": basic("ops", "pa55word")}
+    code, _, body = tcp_get(port, "/api/status", {**here, **login})
+    assert code == 200 and json.loads(body)["apps"][0]["name"] == "hello"
+    token = (keter.root / "etc" / "status-token").read_text().strip()
+    assert tcp_get(port, "/metrics", {**here, "Authorization": f"Bearer {token}"})[0] == 200
+    listed = {"Host": f"keter.lan:{port}", "Authorization": basic("ops", "pa55word")}
+    assert tcp_get(port, "/api/status", listed)[0] == 200
+
+    # Listening on every address, only the names the operator listed are answered.
+    for foreign in ("evil.example", f"evil.example:{port}", "192.0.2.1", "keter.lan.evil.example"):
+        code, _, body = tcp_get(
+            port, "/api/status", {"Host": foreign, "Authorization": basic("ops", "pa55word")}
+        )
+        assert code == 421, foreign
+        assert b"hello" not in body
+    assert tcp_get(port, "/api/status", {"Host": f"evil.example:{port}"})[0] == 421
+
+
+def test_a_non_loopback_status_listener_without_users_stops_keter_at_start(keter_factory):
+    keter = keter_factory(start=False, **{"status-listen": f"0.0.0.0:{free_port()}"})
+    keter.start(wait_ready=False)
+    assert keter.proc.wait(20) == 2
+    assert "status-listen: 0.0.0.0 is not a loopback address" in keter.log()
+    assert "set dashboard-users" in keter.log()
+    assert not (keter.root / "run" / "keter.sock").exists()
 
 
 # -- the dashboard through nginx at dashboard-host -------------------------------------------

@@ -12,7 +12,8 @@ One job per module:
 - ``servers``: the listeners, ``ROOT/run/keter.sock`` (mode 0660, group root
   or ``status-group``) and the optional TCP ``status-listen``.
 - ``handler``: HTTP routing, the dashboard's pages (``keter/dashboard/``).
-- ``checks``: what every request must pass (Host; the token and Origin for writes).
+- ``checks``: what every request must pass (Host; a login on TCP, by
+  ``dashboard-users`` or ``ROOT/etc/status-token``; the token and Origin for writes).
 """
 
 from keter.status.checks import TOKEN_HEADER

@@ -20,7 +20,7 @@ from keter.config import KeterConfig
 from keter.history import DeployHistory
 from keter.messages import AppChanged, AppEvent, AppGone, AppSnapshot, DeployFinished, FailureKind
 from keter.status import redeploy
-from keter.status.checks import RequestChecks
+from keter.status.checks import RequestChecks, load_api_token
 from keter.status.errors import ApiError
 from keter.status.metrics import Metrics
 from keter.status.redeploy import Action, Redeploy
@@ -60,6 +60,12 @@ class StatusServer(Actor):
         self.board.history.load()
         self.listeners.bind_unix(self.socket_path, self.config.status_group)
         if self.config.status_listen is not None:
+            try:
+                self.checks.api_token = load_api_token(
+                    self.config.etc_dir, self.config.status_group
+                )
+            except OSError as exc:  # dashboard-users still log in
+                log.error("keter: no status API token, cannot write %s: %s", exc.filename, exc)
             self.listeners.bind_tcp(*self.config.status_listen)
             self.tcp_address = self.listeners.tcp_address
         self.listeners.start()

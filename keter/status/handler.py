@@ -2,7 +2,8 @@
 
 Requests run on the listeners' threads. They read through the status actor's
 ``board`` and hand restart and rollback to the actor (``api.command``). Every
-request passes ``checks`` first (Host; for POST also the token and Origin).
+request passes ``checks`` first (Host; on TCP a login; for POST also the
+token and Origin).
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if method == "POST":
                 self.body = self._read_body()
             api.checks.check_host(self.headers.get("Host"))
+            if self.server.tcp:  # type: ignore[attr-defined]
+                api.checks.check_login(self.headers.get("Authorization"))
             for route_method, pattern, name in _ROUTES:
                 match = pattern.fullmatch(url.path)
                 if match:

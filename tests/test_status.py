@@ -39,8 +39,11 @@ from keter.messages import (
     AppEvent,
     AppGone,
     AppSnapshot,
+    AppState,
     DeployFinished,
+    EventKind,
     FailureKind,
+    Outcome,
 )
 from keter.processes.applog import AppLog
 from keter.status import StatusServer
@@ -64,6 +67,7 @@ def snapshot(app: str = "hello", **fields) -> AppSnapshot:
         "database": None,
     }
     values.update(fields)
+    values["state"] = AppState(values["state"])
     return AppSnapshot(app=app, **values)
 
 
@@ -77,7 +81,7 @@ def finished(app: str = "hello", outcome: str = "serving", sha256: str = "", **f
         "at": time.time(),
     }
     values.update(fields)
-    return DeployFinished(app=app, sha256=sha256, outcome=outcome, **values)
+    return DeployFinished(app=app, sha256=sha256, outcome=Outcome(outcome), **values)
 
 
 class Running:
@@ -97,7 +101,7 @@ class Running:
         for message in messages:
             self.server.tell(message)
         marker = f"marker {next(self._markers)}"
-        self.server.tell(AppEvent(app="-", kind="marker", text=marker, at=0))
+        self.server.tell(AppEvent(app="-", kind=EventKind.RESTART, text=marker, at=0))
         wait_for(
             lambda: any(e["text"] == marker for e in self.client.status()["events"]),
             5,
@@ -190,10 +194,10 @@ def test_apps_appear_change_and_go(make_status):
 def test_events_feed_is_newest_first_and_names_deploys(make_status):
     status = make_status()
     status.tell_and_wait(
-        AppEvent(app="hello", kind="crash", text="exited with status 3", at=time.time()),
+        AppEvent(app="hello", kind=EventKind.CRASH, text="exited with status 3", at=time.time()),
         finished(outcome="failed", reason="did not answer on port 4001 within 1s"),
     )
-    events = [e for e in status.client.status()["events"] if e["kind"] != "marker"]
+    events = [e for e in status.client.status()["events"] if e["app"] != "-"]
     assert [e["kind"] for e in events] == ["deploy-failed", "crash"]
     assert "did not answer" in events[0]["text"]
 

@@ -18,7 +18,16 @@ from keter.actor import Actor
 from keter.archive import SUFFIX, ArchiveError, BundleArchive
 from keter.config import KeterConfig
 from keter.history import DeployHistory
-from keter.messages import AppChanged, AppEvent, AppGone, AppSnapshot, DeployFinished, FailureKind
+from keter.messages import (
+    AppChanged,
+    AppEvent,
+    AppGone,
+    AppSnapshot,
+    AppState,
+    DeployFinished,
+    FailureKind,
+    Outcome,
+)
 from keter.status import redeploy
 from keter.status.checks import RequestChecks, load_api_token
 from keter.status.errors import ApiError
@@ -95,7 +104,7 @@ class StatusServer(Actor):
 
     def _app_changed(self, snapshot: AppSnapshot) -> None:
         previous = self.board.app_changed(snapshot)
-        self.metrics.up.labels(snapshot.app).set(1 if snapshot.state == "running" else 0)
+        self.metrics.up.labels(snapshot.app).set(1 if snapshot.state is AppState.RUNNING else 0)
         # restarts counts crashes of the serving version; a new version starts again at 0.
         if previous is not None and previous.version == snapshot.version:
             added = snapshot.restarts - previous.restarts
@@ -105,19 +114,18 @@ class StatusServer(Actor):
             self.metrics.restarts.labels(snapshot.app).inc(added)
 
     def _deploy_finished(self, msg: DeployFinished) -> None:
-        self.metrics.deploys.labels(msg.app, msg.outcome).inc()
-        if msg.outcome == "serving":
+        self.metrics.deploys.labels(msg.app, msg.outcome.value).inc()
+        if msg.outcome is Outcome.SERVING:
             self.metrics.duration.observe(msg.duration)
+            self._archive(msg)  # before the verdict is visible, so a rollback can use it at once
         elif msg.kind is FailureKind.HEALTH_CHECK:
             self.metrics.health_check_failures.labels(msg.app).inc()
-        if msg.outcome == "serving":
-            self._archive(msg)  # before the verdict is visible, so a rollback can use it at once
         self.board.record(msg)
-        text = {
-            "serving": f"version {msg.version} serving (took {msg.duration:.1f}s)",
-            "failed": f"version {msg.version} failed: {msg.reason}",
-        }.get(msg.outcome, f"version {msg.version} {msg.outcome}: {msg.reason}")
-        self.board.add_event(msg.app, f"deploy-{msg.outcome}", text, msg.at)
+        if msg.outcome is Outcome.SERVING:
+            text = f"version {msg.version} serving (took {msg.duration:.1f}s)"
+        else:
+            text = f"version {msg.version} {msg.outcome.value}: {msg.reason}"
+        self.board.add_event(msg.app, f"deploy-{msg.outcome.value}", text, msg.at)
 
     def _archive(self, msg: DeployFinished) -> None:
         bundle = self.config.incoming_dir / f"{msg.app}{SUFFIX}"

@@ -9,18 +9,15 @@ fixes the whole file in one round. Each problem names the key path, what was
 found and what was expected. Values are echoed JSON-quoted (and shortened) so a
 hostile or broken value cannot forge extra log lines.
 
-The YAML helpers at the end (``read_yaml_file``, ``describe``, ``unknown_key``,
-``parse_env``) are shared with ``keter.bundle``.
+The YAML reading and value checks it shares with ``keter.bundle`` live in
+``keter.yamlcheck``; names and hosts are checked by ``keter.names``.
 """
 
 from __future__ import annotations
 
-import difflib
 import grp
 import ipaddress
-import json
 import math
-import os
 import pwd
 import re
 from collections.abc import Callable, Mapping
@@ -29,16 +26,28 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import yaml
 from psycopg.conninfo import conninfo_to_dict
 
-from keter.names import validate_host
+from keter.names import validate_host, validate_upstream_host
+from keter.yamlcheck import (
+    Checker,
+    absolute,
+    describe,
+    integer,
+    is_int,
+    key_name,
+    parse_env,
+    pem_file,
+    pem_files,
+    read_yaml_file,
+    string,
+    type_name,
+    unknown_key,
+)
+from keter.yamlcheck import pem_problem as pem_problem  # keter.routes imports it from here
 
 CONFIG_NAME = "keter-config.yaml"
 EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
-# Configs are a few hundred bytes; the cap only stops a runaway file from
-# being read into memory.
-MAX_YAML_BYTES = 1 << 20
 MIB = 1 << 20
 GIB = 1 << 30
 
@@ -181,7 +190,7 @@ def load_config(
     (``/opt/keter/etc/keter-config.yaml`` -> ``/opt/keter``). Relative paths in
     the file, ``root:`` included, are relative to the file's folder.
     """
-    target = _absolute(Path(target))
+    target = absolute(Path(target))
     if target.is_dir():
         path = target / "etc" / CONFIG_NAME
         root, base, root_given = target, target / "etc", True
@@ -228,24 +237,9 @@ TRUSTED_PROXIES = (
     "192.168.0.0/16",
     "fc00::/7",
 )
-MAX_PEM_BYTES = 1 << 20
 TLS_LISTENER_KEYS = ("key", "certificate", "chain-certificates", "session")
 # Keter's spellings for "every address of one family".
 WILDCARD_HOSTS = {"*4": "0.0.0.0", "*6": "::"}
-
-
-class Checker:
-    """Collects problems (fatal) and warnings (notes) while a document is parsed."""
-
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-        self.warnings: list[str] = []
-
-    def problem(self, path: str, message: str) -> None:
-        self.problems.append(f"{path}: {message}")
-
-    def warn(self, path: str, message: str) -> None:
-        self.warnings.append(f"{path}: {message}")
 
 
 def parse_config(
@@ -269,7 +263,7 @@ def parse_config(
     if not isinstance(data, dict):
         raise ConfigError([f"expected a mapping of settings, got {describe(data)}"])
     check = Checker()
-    root, base = _absolute(root), _absolute(base)
+    root, base = absolute(root), absolute(base)
     values: dict[str, Any] = {}
     for key, value in data.items():
         if key in _FIELDS:
@@ -278,9 +272,9 @@ def parse_config(
             if parsed is not None:
                 values[attr] = parsed
         elif key == "root":
-            given = _string(value, "root", check, "a folder path")
+            given = string(value, "root", check, "a folder path")
             if given:
-                values["root"] = _absolute(base / given)
+                values["root"] = absolute(base / given)
                 if root_given and values["root"] != root:
                     check.problem(
                         "root",
@@ -348,7 +342,7 @@ def _parse_listener(entry: object, where: str, check: Checker, base: Path) -> Li
         if key == "host":
             host = _parse_listen_host(value, f"{where}.host", check) or host
         elif key == "port":
-            port = _integer(value, f"{where}.port", check, 1, 65535) or port
+            port = integer(value, f"{where}.port", check, 1, 65535) or port
         elif key in ("certificate", "key"):
             files[key] = pem_file(value, f"{where}.{key}", check, base, key)
         elif key == "chain-certificates":
@@ -367,50 +361,6 @@ def _parse_listener(entry: object, where: str, check: Checker, base: Path) -> Li
     if len(check.problems) > before:
         return None
     return Listener(host, port, **files)
-
-
-def pem_file(
-    value: object, path: str, check: Checker, base: Path, kind: str = "certificate"
-) -> Path | None:
-    """A certificate (or, ``kind`` "key", private key) file relative to ``base``, checked."""
-    text = _string(value, path, check, "a file path")
-    if text is None:
-        return None
-    file = _absolute(base / text)
-    problem = pem_problem(file, kind)
-    if problem:
-        check.problem(path, problem)
-        return None
-    return file
-
-
-def pem_files(value: object, path: str, check: Checker, base: Path) -> tuple[Path, ...] | None:
-    """``chain-certificates``: a list of certificate files."""
-    if not isinstance(value, list):
-        check.problem(path, f"expected a list of certificate files, got {describe(value)}")
-        return None
-    files = [pem_file(item, f"{path}[{i}]", check, base) for i, item in enumerate(value)]
-    return None if None in files else tuple(file for file in files if file is not None)
-
-
-def pem_problem(file: Path, kind: str) -> str | None:
-    """Why ``file`` cannot serve as a certificate (``kind`` "key": a private key), if it cannot.
-
-    nginx would refuse the whole config over one bad file, so this is checked
-    before nginx ever sees it. Only the PEM header is looked at.
-    """
-    try:
-        with open(file, "rb") as f:
-            head = f.read(MAX_PEM_BYTES)
-    except OSError as exc:
-        return f"{file} cannot be read: {exc.strerror}"
-    if kind == "key":
-        ok = re.search(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----", head) is not None
-        what = "a PEM private key"
-    else:
-        ok = b"-----BEGIN CERTIFICATE-----" in head
-        what = "a PEM certificate"
-    return None if ok else f"{file} is not {what}"
 
 
 def _parse_listen_host(value: object, path: str, check: Checker) -> str | None:
@@ -438,9 +388,9 @@ def _parse_nginx(value: object, path: str, check: Checker, base: Path) -> object
     for key, item in value.items():
         where = f"{path}.{key_name(key)}"
         if key == "config-file":
-            text = _string(item, where, check, "a file path")
+            text = string(item, where, check, "a file path")
             if text:
-                fields["config_file"] = _absolute(base / text)
+                fields["config_file"] = absolute(base / text)
         elif key in ("test-command", "reload-command"):
             command = _command(item, where, check)
             if command:
@@ -466,7 +416,7 @@ def _parse_port_range(value: object, path: str, check: Checker, base: Path) -> o
     if (
         isinstance(value, list)
         and len(value) == 2
-        and all(_is_int(port) for port in value)
+        and all(is_int(port) for port in value)
         and 1024 <= value[0] <= value[1] <= 65535
     ):
         return (value[0], value[1])
@@ -520,7 +470,7 @@ def _seconds(minimum: float, *, inclusive: bool) -> Parser:
 
 def _count(minimum: int) -> Parser:
     def parse(value: object, path: str, check: Checker, base: Path) -> object:
-        return _integer(value, path, check, minimum, None)
+        return integer(value, path, check, minimum, None)
 
     return parse
 
@@ -583,7 +533,7 @@ def _parse_ip_from_header(value: object, path: str, check: Checker, base: Path) 
 
 
 def _parse_port(value: object, path: str, check: Checker, base: Path) -> object:
-    return _integer(value, path, check, 1, 65535)
+    return integer(value, path, check, 1, 65535)
 
 
 def _parse_url_path(value: object, path: str, check: Checker, base: Path) -> object:
@@ -595,10 +545,10 @@ def _parse_url_path(value: object, path: str, check: Checker, base: Path) -> obj
 
 
 def _parse_response_file(value: object, path: str, check: Checker, base: Path) -> object:
-    text = _string(value, path, check, "a file path")
+    text = string(value, path, check, "a file path")
     if text is None:
         return None
-    file = _absolute(base / text)
+    file = absolute(base / text)
     if not file.is_file():
         check.problem(path, f"{file} is not a file")
         return None
@@ -606,7 +556,7 @@ def _parse_response_file(value: object, path: str, check: Checker, base: Path) -
 
 
 def _parse_setuid(value: object, path: str, check: Checker, base: Path) -> object:
-    name = _string(value, path, check, "a user name")
+    name = string(value, path, check, "a user name")
     if name is None:
         return None
     try:
@@ -634,7 +584,7 @@ def _parse_status_listen(value: object, path: str, check: Checker, base: Path) -
 
 
 def _parse_status_group(value: object, path: str, check: Checker, base: Path) -> object:
-    name = _string(value, path, check, "a group name")
+    name = string(value, path, check, "a group name")
     if name is None:
         return None
     try:
@@ -646,7 +596,7 @@ def _parse_status_group(value: object, path: str, check: Checker, base: Path) ->
 
 
 def _parse_dashboard_host(value: object, path: str, check: Checker, base: Path) -> object:
-    name = _string(value, path, check, "a host name")
+    name = string(value, path, check, "a host name")
     if name is None:
         return None
     try:
@@ -657,31 +607,20 @@ def _parse_dashboard_host(value: object, path: str, check: Checker, base: Path) 
 
 
 def _parse_status_hosts(value: object, path: str, check: Checker, base: Path) -> object:
-    from keter.bundle import validate_host  # keter.bundle imports this module
-
     if not isinstance(value, list):
         check.problem(path, f"expected a list of host names, got {describe(value)}")
         return None
     hosts = []
     for index, item in enumerate(value):
         where = f"{path}[{index}]"
-        name = _string(item, where, check, "a host name or IP address")
+        name = string(item, where, check, "a host name or IP address")
         if name is None:
             continue
         try:
-            hosts.append(str(ipaddress.ip_address(name.removeprefix("[").removesuffix("]"))))
-            continue
-        except ValueError:
-            pass
-        try:
-            host = validate_host(name)
+            # An address in canonical form (no IPv6 zone id) or one host name, no wildcard.
+            hosts.append(validate_upstream_host(name))
         except ValueError as exc:
             check.problem(where, f"{exc}, got {describe(name)}")
-            continue
-        if host.startswith("*."):
-            check.problem(where, f"expected one host name, not a wildcard, got {describe(name)}")
-            continue
-        hosts.append(host)
     return tuple(hosts)
 
 
@@ -782,163 +721,3 @@ _FIELDS: dict[str, tuple[str, Parser]] = {
     "status-hosts": ("status_hosts", _parse_status_hosts),
 }
 _KNOWN_KEYS = (*_FIELDS, "root", *KETER_ONLY_KEYS)
-
-
-# -- helpers shared with keter.bundle --------------------------------------------------
-
-
-class _AliasRefused(Exception):
-    """Raised by the loader at the first anchor or alias; carries its line."""
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses anchors/aliases (alias bombs) and duplicate keys."""
-
-    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise _AliasRefused(event.start_mark.line + 1)
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, list | dict):
-                continue  # SafeLoader reports unhashable keys itself
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {describe(key)}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def load_yaml(text: str) -> object:
-    """Parse one YAML document strictly; raises ValueError(reason)."""
-    try:
-        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
-    except yaml.MarkedYAMLError as exc:
-        # Only the position: the snippet PyYAML adds would echo file content.
-        where = ""
-        if exc.problem_mark is not None:
-            where = f" at line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}"
-        reason = ", ".join(part for part in (exc.context, exc.problem) if part)
-        raise ValueError(f"not valid YAML{where}: {reason}") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"not valid YAML: {exc}") from None
-    except _AliasRefused as exc:
-        raise ValueError(
-            f"uses YAML anchors/aliases (line {exc.args[0]}), which keter refuses: "
-            "they allow alias bombs"
-        ) from None
-    except RecursionError:
-        raise ValueError("not valid YAML: nested too deeply") from None
-
-
-def read_yaml_file(path: Path, max_bytes: int = MAX_YAML_BYTES) -> object:
-    """Read and parse a small YAML file; raises ValueError(reason)."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(max_bytes + 1)
-    except OSError as exc:
-        raise ValueError(f"cannot read: {exc.strerror}") from None
-    if len(raw) > max_bytes:
-        raise ValueError(f"larger than {max_bytes} bytes")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"not UTF-8 (bad byte at offset {exc.start})") from None
-    return load_yaml(text)
-
-
-def type_name(value: object) -> str:
-    """The YAML name of a value's type, for messages that must not show the value."""
-    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string"}
-    names.update({list: "a list", dict: "a mapping", type(None): "nothing (null)"})
-    return names.get(type(value), type(value).__name__)
-
-
-def describe(value: object, limit: int = 60) -> str:
-    """A value as it would look in JSON, shortened: safe to put in one log line."""
-    if value is None:
-        return "nothing (null)"
-    text = json.dumps(value, ensure_ascii=True, default=str)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def key_name(key: object) -> str:
-    """A mapping key as shown in a key path; odd keys are quoted so they stay one line."""
-    if isinstance(key, str) and re.fullmatch(r"[A-Za-z0-9_.*-]{1,60}", key):
-        return key
-    return describe(key, limit=40)
-
-
-def unknown_key(key: object, known: tuple[str, ...] | list[str]) -> str:
-    """'unknown key', with a difflib suggestion when one is close."""
-    if isinstance(key, str):
-        close = difflib.get_close_matches(key, known, n=1)
-        if close:
-            return f"unknown key (did you mean {close[0]}?)"
-        return "unknown key"
-    return f"unknown key: keys must be strings, got {type_name(key)}"
-
-
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def parse_env(value: object, path: str, check: Checker) -> Mapping[str, str] | None:
-    """An ``env:`` mapping: names are shell-style, values strings (numbers, booleans converted)."""
-    if not isinstance(value, dict):
-        check.problem(path, f"expected a mapping of NAME: value, got {describe(value)}")
-        return None
-    env: dict[str, str] = {}
-    ok = True
-    for name, item in value.items():
-        where = f"{path}.{key_name(name)}"
-        if isinstance(name, bool):  # YAML 1.1 reads ON, YES, NO... as booleans
-            check.problem(where, "YAML reads this name as a boolean; quote it")
-            ok = False
-        elif not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
-            check.problem(where, "expected a variable name of letters, digits and _")
-            ok = False
-        elif isinstance(item, bool):
-            env[name] = "true" if item else "false"  # as written in YAML, not Python's True
-        elif isinstance(item, int | float | str) and "\0" not in str(item):
-            env[name] = str(item)
-        else:
-            # Values may be secrets: say what kind of value was wrong, not what it was.
-            check.problem(where, f"expected a string, number or boolean, got {type_name(item)}")
-            ok = False
-    return MappingProxyType(env) if ok else None
-
-
-def _string(value: object, path: str, check: Checker, what: str) -> str | None:
-    if isinstance(value, str) and value and "\0" not in value:
-        return value
-    check.problem(path, f"expected {what}, got {describe(value)}")
-    return None
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _integer(
-    value: object, path: str, check: Checker, minimum: int, maximum: int | None
-) -> int | None:
-    if (
-        isinstance(value, int)
-        and not isinstance(value, bool)
-        and value >= minimum
-        and (maximum is None or value <= maximum)
-    ):
-        return value
-    expected = f"an integer {minimum}-{maximum}" if maximum else f"an integer >= {minimum}"
-    check.problem(path, f"expected {expected}, got {describe(value)}")
-    return None
-
-
-def _absolute(path: Path) -> Path:
-    """Absolute and normalised without following symlinks, as Keter joins paths."""
-    return Path(os.path.normpath(os.path.abspath(path)))

@@ -16,7 +16,7 @@ from keter.bundle import (
     parse_bundle_config,
     parse_bundle_data,
 )
-from keter.config import load_yaml
+from keter.yamlcheck import load_yaml
 
 FOO_V04 = keter_sample("foo-v04.keter.yaml")
 

@@ -18,11 +18,10 @@ from keter.config import (
     Listener,
     NginxSettings,
     load_config,
-    load_yaml,
     parse_config,
     read_ephemeral_range,
-    read_yaml_file,
 )
+from keter.yamlcheck import load_yaml, read_yaml_file
 
 ROOT = Path("/srv/keter")
 EPHEMERAL = (32768, 60999)

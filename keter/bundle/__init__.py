@@ -1,0 +1,58 @@
+"""A bundle's own config, ``config/keter.yaml``: Keter's two formats, one model.
+
+* ``model``: the validated result, ``BundleConfig`` and its stanza types;
+* ``reader``: finding and reading the file, choosing the format;
+* ``v04``: Keter 0.4's flat format (``exec``, ``host``, ``static-hosts``, ...);
+* ``v10``: Keter 1.0's ``stanzas:`` (webapp, background, static-files,
+  redirect, reverse-proxy) and the stanza readers both formats share;
+* ``values``: the checks for single values (paths, hosts, numbers, TLS files);
+* ``middleware``: Keter's middleware list.
+
+Everything a bundle says is untrusted: host names, URLs and header values end
+up in the nginx config, paths are served or run, so all of them are checked
+tightly (names by the shared grammar, ``keter.names``). Keter features nginx
+cannot provide (most middleware) are warnings and are skipped.
+"""
+
+from __future__ import annotations
+
+from keter.bundle.model import (
+    Background,
+    BasicAuthConfig,
+    BundleConfig,
+    BundleConfigError,
+    HeadersConfig,
+    LocalConfig,
+    Middleware,
+    Redirect,
+    RedirectAction,
+    ReverseProxy,
+    Ssl,
+    StaticFiles,
+    TlsConfig,
+    WebApp,
+)
+from keter.bundle.reader import parse_bundle_config, parse_bundle_data
+from keter.bundle.values import validate_host
+from keter.names import validate_app_name
+
+__all__ = [
+    "Background",
+    "BasicAuthConfig",
+    "BundleConfig",
+    "BundleConfigError",
+    "HeadersConfig",
+    "LocalConfig",
+    "Middleware",
+    "Redirect",
+    "RedirectAction",
+    "ReverseProxy",
+    "Ssl",
+    "StaticFiles",
+    "TlsConfig",
+    "WebApp",
+    "parse_bundle_config",
+    "parse_bundle_data",
+    "validate_app_name",
+    "validate_host",
+]

@@ -1,0 +1,181 @@
+"""The bundle model: what a bundle's ``config/keter.yaml`` asks for, validated.
+
+Both of Keter's formats are read into these frozen dataclasses
+(``keter.bundle.v04`` and ``keter.bundle.v10``); the rest of keter uses only
+these. Paths are absolute and checked, hosts validated and lower-cased,
+durations in seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+KETER_RESTART_DELAY = 5.0  # Keter's default restart-delay-seconds
+KETER_REALM = "keter"  # Keter's default basic-auth realm
+KETER_LOCAL_STATUS = 401  # Keter's defaults for the local middleware
+KETER_LOCAL_MESSAGE = "Unauthorized Accessing from Localhost ONLY"
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+
+
+class BundleConfigError(Exception):
+    """The bundle's config is unusable; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+# -- the model -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsConfig:
+    """A stanza's own certificate (``ssl: {certificate, key, chain-certificates}``)."""
+
+    certificate: Path  # absolute; checked to hold a PEM certificate
+    key: Path  # absolute; checked to hold a PEM private key
+    chain: tuple[Path, ...] = ()
+
+
+# ``ssl``: False (HTTP only), True (HTTPS with the TLS listener's certificate),
+# or the stanza's own certificate.
+Ssl = bool | TlsConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class BasicAuthConfig:
+    """The ``basic-auth`` middleware: only these users get through."""
+
+    realm: str = KETER_REALM
+    credentials: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadersConfig:
+    """The ``headers`` middleware: response headers added to every answer."""
+
+    headers: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalConfig:
+    """The ``local`` middleware: callers other than localhost get this answer."""
+
+    status: int = KETER_LOCAL_STATUS
+    message: str = KETER_LOCAL_MESSAGE
+
+
+Middleware = BasicAuthConfig | HeadersConfig | LocalConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class WebApp:
+    """The bundle's HTTP app: how to run it and which hosts it answers."""
+
+    exec: Path  # absolute, symlinks resolved, inside the bundle folder, executable
+    args: tuple[str, ...] = ()
+    hosts: tuple[str, ...]  # validated, lower-cased, at least one; the first gives APPROOT
+    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
+    health_check_path: str | None = None
+    forward_env: tuple[str, ...] = ()  # copied from keter's own environment when set there
+    port_env_vars: tuple[str, ...] = ()  # extra variables that also receive the port
+    ssl: Ssl = False
+    requires_secure: bool = False
+    ensure_alive: float | None = None  # seconds to answer (Keter's microseconds converted)
+    time_bound: float | None = None  # seconds per proxied read/send; 0 = unbounded
+    middleware: tuple[Middleware, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Background:
+    """A process without a port (a queue worker); restarted when it exits."""
+
+    exec: Path
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
+    forward_env: tuple[str, ...] = ()
+    restart_count: int | None = None  # restarts allowed; None = unlimited
+    restart_delay: float = KETER_RESTART_DELAY  # seconds
+
+
+@dataclass(frozen=True, kw_only=True)
+class StaticFiles:
+    """A folder of the bundle that nginx serves itself."""
+
+    root: Path  # absolute, symlinks resolved, a folder inside the bundle
+    hosts: tuple[str, ...]
+    directory_listing: bool = False
+    requires_secure: bool = False
+    ssl: Ssl = False
+    middleware: tuple[Middleware, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RedirectAction:
+    """Where one request path goes: ``url`` as it is, or the same path on ``host``."""
+
+    path: str | None = None  # this exact path only; None: any path
+    url: str | None = None
+    host: str | None = None
+    secure: bool = False
+    port: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Redirect:
+    """Hosts that only redirect; the first action matching the path wins, else 404."""
+
+    hosts: tuple[str, ...]
+    status: int = 303
+    actions: tuple[RedirectAction, ...]
+    requires_secure: bool = False
+    ssl: Ssl = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReverseProxy:
+    """Requests for ``hosts`` (Keter's reversing-host) go to another server."""
+
+    hosts: tuple[str, ...]
+    reversed_host: str  # a host name or IP address
+    reversed_port: int
+    reversed_ssl: bool = False
+    preserve_host: bool = False  # send the client's Host header instead of reversed-host
+    timeout: float | None = None  # seconds to wait for the answer; None: the global bound
+    requires_secure: bool = False
+    ssl: Ssl = False
+    middleware: tuple[Middleware, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class BundleConfig:
+    """A validated bundle config."""
+
+    app: str
+    webapp: WebApp | None
+    postgres: bool = False
+    warnings: tuple[str, ...] = ()
+    backgrounds: tuple[Background, ...] = ()
+    static_files: tuple[StaticFiles, ...] = ()
+    redirects: tuple[Redirect, ...] = ()
+    reverse_proxies: tuple[ReverseProxy, ...] = ()
+
+    @property
+    def all_hosts(self) -> tuple[str, ...]:
+        """Every host any stanza claims (no two stanzas share one)."""
+        hosts = list(self.webapp.hosts) if self.webapp else []
+        for stanza in (*self.static_files, *self.redirects, *self.reverse_proxies):
+            hosts.extend(stanza.hosts)
+        return tuple(hosts)
+
+    @property
+    def serves_http(self) -> bool:
+        """Whether nginx routes anything for this bundle."""
+        return bool(self.all_hosts)
+
+    @property
+    def runs_something(self) -> bool:
+        return self.webapp is not None or bool(self.backgrounds)

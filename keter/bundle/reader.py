@@ -1,0 +1,79 @@
+"""Reading an unpacked bundle's ``config/keter.yaml`` into a ``BundleConfig``.
+
+The file is found and read carefully (inside the bundle, a regular file,
+size-capped, strict YAML), then handed to the reader of its format: Keter
+1.0's ``stanzas:`` (``keter.bundle.v10``) or Keter 0.4's flat keys
+(``keter.bundle.v04``). Problems are collected so the uploader sees all of
+them in one log line, each with its key path (``stanzas[2].root``).
+"""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+from keter.bundle import v04, v10
+from keter.bundle.model import BundleConfig, BundleConfigError
+from keter.bundle.values import Values, inside
+from keter.yamlcheck import describe, read_yaml_file
+
+CONFIG_NAMES = ("keter.yaml", "keter.yml")
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def parse_bundle_config(folder: Path, app: str) -> BundleConfig:
+    """Read and validate ``folder/config/keter.yaml`` (or ``.yml``) of an unpacked bundle."""
+    folder = Path(folder)
+    config_dir = folder / "config"
+    found = [config_dir / name for name in CONFIG_NAMES if (config_dir / name).exists()]
+    if not found:
+        raise BundleConfigError(["missing config/keter.yaml"])
+    if len(found) > 1:
+        raise BundleConfigError(
+            ["both config/keter.yaml and config/keter.yml exist; keep only one"]
+        )
+    path = found[0]
+    shown = f"config/{path.name}"
+    problem = _config_file_problem(path, folder)
+    if problem:
+        raise BundleConfigError([f"{shown}: {problem}"])
+    try:
+        data = read_yaml_file(path, MAX_CONFIG_BYTES)
+    except ValueError as exc:
+        raise BundleConfigError([f"{shown}: {exc}"]) from None
+    return parse_bundle_data(data, folder=folder, config_dir=config_dir, app=app)
+
+
+def _config_file_problem(path: Path, folder: Path) -> str | None:
+    """Why the config file must not be read, if it must not."""
+    # A symlink out of the bundle could make keter read (and quote in errors)
+    # any file on the machine.
+    if not inside(path, folder):
+        return "is a link to a file outside the bundle"
+    try:
+        info = path.stat()
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file"
+    if info.st_size > MAX_CONFIG_BYTES:
+        return f"is {info.st_size} bytes; at most {MAX_CONFIG_BYTES} are allowed"
+    return None
+
+
+def parse_bundle_data(data: object, *, folder: Path, config_dir: Path, app: str) -> BundleConfig:
+    """Validate a parsed ``config/keter.yaml`` value; raises BundleConfigError.
+
+    ``folder`` is the unpacked bundle and ``config_dir`` the folder relative
+    paths (``exec``, ``root``, certificates) are resolved against. File system
+    access: checking the executables, static roots and certificate files.
+    """
+    if not isinstance(data, dict):
+        expected = "a mapping with keys like exec and host"
+        raise BundleConfigError([f"config/keter.yaml: expected {expected}, got {describe(data)}"])
+    values = Values(Path(folder), Path(config_dir))
+    read = v10.read if "stanzas" in data else v04.read
+    config = read(data, app, values)
+    if values.check.problems:
+        raise BundleConfigError(values.check.problems)
+    return config

@@ -1,0 +1,334 @@
+"""Checks for the values a bundle config holds, shared by both formats.
+
+A ``Values`` is one parse of one bundle: it knows the unpacked bundle folder
+(``folder``), the folder relative paths are resolved against (``config_dir``)
+and collects problems and warnings in ``check``. Each method checks one kind
+of value, records a problem naming its key path when the value is wrong, and
+returns the value for the model (or a harmless default after a problem).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+from pathlib import Path
+
+from keter import names
+from keter.bundle.model import KETER_RESTART_DELAY, Ssl, TlsConfig
+from keter.yamlcheck import (
+    Checker,
+    describe,
+    is_int,
+    key_name,
+    pem_file,
+    pem_files,
+    unknown_key,
+)
+
+
+def validate_host(host: object) -> str:
+    """``keter.names.validate_host``, with ``*`` only as the leading label for now.
+
+    Wildcards elsewhere (``foo.*.example.com``) are accepted once the nginx
+    renderer writes them as regex server names (``keter.names.nginx_server_name``).
+    """
+    name = names.validate_host(host)
+    if names.WILDCARD in name.split(".")[1:]:
+        raise ValueError(
+            "a wildcard is only allowed as the leading label, as in *.example.com, for now"
+        )
+    return name
+
+
+class Values:
+    """One parse of one bundle config: where its files are, and the problems found."""
+
+    def __init__(self, folder: Path, config_dir: Path) -> None:
+        self.folder = folder
+        self.config_dir = config_dir
+        self.check = Checker()
+
+    # -- programs ----------------------------------------------------------------------
+
+    def exec(self, value: object, path: str) -> Path | None:
+        """The program to run: a regular, executable file inside the bundle."""
+        check = self.check
+        if not isinstance(value, str) or not value or "\0" in value:
+            check.problem(path, f"expected a path to the app's executable, got {describe(value)}")
+            return None
+        shown = describe(value)
+        try:
+            target = (self.config_dir / value).resolve()
+        except (OSError, RuntimeError):  # a symlink loop
+            check.problem(path, f"{shown} cannot be resolved (symlink loop?)")
+            return None
+        if not inside(target, self.folder):
+            check.problem(path, f"{shown} escapes the bundle folder")
+            return None
+        try:
+            info = target.stat()
+        except OSError:
+            check.problem(path, f"{shown} does not exist in the bundle")
+            return None
+        if not stat.S_ISREG(info.st_mode):
+            check.problem(path, f"{shown} is not a regular file")
+            return None
+        if not info.st_mode & 0o111:
+            check.problem(path, f"{shown} is not executable (no x permission bit)")
+            return None
+        return target
+
+    def args(self, value: object, path: str) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            self.check.problem(path, f"expected a list of strings, got {describe(value)}")
+            return ()
+        args: list[str] = []
+        for i, item in enumerate(value):
+            # Numbers are fine unquoted (a port, a count); a YAML boolean is more
+            # likely an accident (`- yes`), so it must be quoted.
+            ok_type = isinstance(item, int | float | str) and not isinstance(item, bool)
+            if ok_type and "\0" not in str(item):
+                args.append(str(item))
+                continue
+            self.check.problem(
+                f"{path}[{i}]", f"expected a string (quote it), got {describe(item)}"
+            )
+        return tuple(args) if len(args) == len(value) else ()
+
+    def names(self, value: object, path: str) -> tuple[str, ...]:
+        """A list of environment variable names (``forward-env``, ``port-env-vars``)."""
+        if not isinstance(value, list):
+            self.check.problem(path, f"expected a list of variable names, got {describe(value)}")
+            return ()
+        found = []
+        for i, item in enumerate(value):
+            try:
+                found.append(names.validate_env_name(item))
+            except ValueError as exc:
+                self.check.problem(f"{path}[{i}]", str(exc))
+        return tuple(dict.fromkeys(found))
+
+    # -- hosts -------------------------------------------------------------------------
+
+    def hosts(
+        self, data: dict, prefix: str, keys: tuple[str, ...] = ("host", "hosts", "extra-hosts")
+    ) -> tuple[str, ...]:
+        """``host``, then ``hosts``, then ``extra-hosts``, validated and without repeats."""
+        check = self.check
+        before = len(check.problems)
+        named: list[tuple[str, object]] = []
+        if "host" in keys and "host" in data:
+            named.append((f"{prefix}host", data["host"]))
+        for key in keys:
+            if key == "host" or key not in data:
+                continue
+            value = data[key]
+            if not isinstance(value, list):
+                check.problem(
+                    f"{prefix}{key}", f"expected a list of host names, got {describe(value)}"
+                )
+                continue
+            named.extend((f"{prefix}{key}[{i}]", item) for i, item in enumerate(value))
+        hosts: dict[str, str] = {}  # host -> where it was first given
+        for where, value in named:
+            host = self.host(value, where)
+            if host is None:
+                continue
+            if host in hosts:
+                check.warn(where, f"{host} repeats {hosts[host]}; listed once")
+            else:
+                hosts[host] = where
+        if not named and len(check.problems) == before:
+            check.problem(f"{prefix}host", "missing; at least one host is needed (host or hosts)")
+        return tuple(hosts)
+
+    def host(self, value: object, path: str, *, wildcard: bool = True) -> str | None:
+        if not isinstance(value, str):
+            self.check.problem(path, f"expected a host name, got {describe(value)}")
+            return None
+        try:
+            host = validate_host(value)
+        except ValueError as exc:
+            self.check.problem(path, f"{describe(value)} is not a valid host name: {exc}")
+            return None
+        if not wildcard and names.is_wildcard(host):
+            self.check.problem(
+                path, f"expected one host name, not a wildcard, got {describe(value)}"
+            )
+            return None
+        return host
+
+    def upstream_host(self, value: object, path: str) -> str | None:
+        """A host name or an IP address (no IPv6 zone id) to connect to."""
+        if value is None:
+            self.check.problem(path, "missing; the server to pass requests to")
+            return None
+        try:
+            return names.validate_upstream_host(value)
+        except ValueError as exc:
+            self.check.problem(path, f"{describe(value)} is not a valid host name: {exc}")
+            return None
+
+    def health_path(self, value: object, path: str) -> str | None:
+        if value is None:
+            return None
+        try:
+            # Only ever sent in a request line, never written into nginx's config.
+            return names.validate_request_path(value)
+        except ValueError as exc:
+            self.check.problem(path, str(exc))
+            return None
+
+    # -- flags and numbers -------------------------------------------------------------
+
+    def flag(self, data: dict, key: str, prefix: str, default: bool = False) -> bool:
+        value = data.get(key, default)
+        if isinstance(value, bool):
+            return value
+        self.check.problem(f"{prefix}{key}", f"expected true or false, got {describe(value)}")
+        return default
+
+    def microseconds(self, value: object, path: str) -> float | None:
+        """Keter's microsecond durations, as seconds."""
+        if value is None:
+            return None
+        if is_int(value) and value > 0:
+            return value / 1_000_000
+        self.check.problem(
+            path, f"expected a positive number of microseconds, got {describe(value)}"
+        )
+        return None
+
+    def time_bound(self, data: dict, prefix: str) -> float | None:
+        """``connection-time-bound`` (milliseconds, 0 = unbounded) as seconds."""
+        value = data.get("connection-time-bound")
+        if value is None:
+            return None
+        if is_int(value) and value >= 0:
+            return value / 1000
+        self.check.problem(
+            f"{prefix}connection-time-bound",
+            f"expected a number of milliseconds >= 0, got {describe(value)}",
+        )
+        return None
+
+    def seconds(self, value: object, path: str) -> float:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if number and math.isfinite(value) and value >= 0:
+            return float(value)
+        self.check.problem(path, f"expected a number of seconds >= 0, got {describe(value)}")
+        return KETER_RESTART_DELAY
+
+    def restart_count(self, value: object, prefix: str) -> int | None:
+        if value == "unlimited":
+            return None
+        if is_int(value) and value >= 0:
+            return value
+        self.check.problem(
+            f"{prefix}restart-count",
+            f'expected a number of restarts or "unlimited", got {describe(value)}',
+        )
+        return None
+
+    def port(self, value: object, path: str) -> int | None:
+        try:
+            return names.validate_port(value)
+        except ValueError:
+            self.check.problem(path, f"expected an integer 1-65535, got {describe(value)}")
+            return None
+
+    # -- files -------------------------------------------------------------------------
+
+    def root(self, value: object, path: str) -> Path | None:
+        """A static root: a folder inside the bundle, with symlinks resolved."""
+        if not isinstance(value, str) or not value or "\0" in value:
+            self.check.problem(path, f"expected a folder path, got {describe(value)}")
+            return None
+        shown = describe(value)
+        try:
+            target = (self.config_dir / value).resolve()
+        except (OSError, RuntimeError):
+            self.check.problem(path, f"{shown} cannot be resolved (symlink loop?)")
+            return None
+        if not inside(target, self.folder):
+            self.check.problem(
+                path, f"{shown} escapes the bundle folder; static files must come from the bundle"
+            )
+            return None
+        if not target.is_dir():
+            self.check.problem(path, f"{shown} is not a folder in the bundle")
+            return None
+        return target
+
+    def ssl(self, value: object, path: str) -> Ssl:
+        if isinstance(value, bool):
+            return value
+        if not isinstance(value, dict):
+            self.check.problem(
+                path,
+                f"expected true, false or {{certificate: ..., key: ...}}, got {describe(value)}",
+            )
+            return False
+        known = ("certificate", "key", "chain-certificates")
+        for key in value:
+            if key not in known:
+                self.check.problem(f"{path}.{key_name(key)}", unknown_key(key, known))
+        missing = [key for key in ("certificate", "key") if key not in value]
+        if missing:
+            self.check.problem(path, f"missing {' and '.join(missing)}")
+            return False
+        before = len(self.check.problems)
+        certificate = pem_file(
+            value["certificate"], f"{path}.certificate", self.check, self.config_dir
+        )
+        key = pem_file(value["key"], f"{path}.key", self.check, self.config_dir, "key")
+        chain = pem_files(
+            value.get("chain-certificates", []),
+            f"{path}.chain-certificates",
+            self.check,
+            self.config_dir,
+        )
+        if len(self.check.problems) > before or certificate is None or key is None:
+            return False
+        return TlsConfig(certificate=certificate, key=key, chain=chain or ())
+
+    # -- the bundle's plugins ----------------------------------------------------------
+
+    def postgres(self, data: dict) -> bool:
+        """``postgres: true`` or Keter's ``plugins: {postgres: true}``."""
+        check = self.check
+        wanted: dict[str, bool] = {}
+        if "postgres" in data:
+            value = data["postgres"]
+            if isinstance(value, bool):
+                wanted["postgres"] = value
+            else:
+                check.problem("postgres", f"expected true or false, got {describe(value)}")
+        plugins = data.get("plugins")
+        if isinstance(plugins, dict):
+            for key, value in plugins.items():
+                where = f"plugins.{key_name(key)}"
+                if key != "postgres":
+                    check.warn(where, unknown_key(key, ("postgres",)) + "; ignored")
+                elif isinstance(value, bool):
+                    wanted[where] = value
+                elif isinstance(value, list):
+                    check.problem(where, "remote database servers are not supported yet; use true")
+                else:
+                    check.problem(where, f"expected true or false, got {describe(value)}")
+        elif plugins is not None:
+            check.problem(
+                "plugins", f"expected a mapping like {{postgres: true}}, got {describe(plugins)}"
+            )
+        if len(set(wanted.values())) > 1:
+            check.problem("postgres", "postgres and plugins.postgres disagree")
+        return any(wanted.values())
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """Whether ``path``, symlinks resolved, is ``folder`` or inside it."""
+    try:
+        return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
+    except (OSError, ValueError):
+        return False

@@ -14,6 +14,7 @@ from itertools import product
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from support import wait_for
 
 from keter import names
 from keter.names import (
@@ -557,6 +558,8 @@ def test_real_nginx_routes_as_keter_and_quotes_exactly(private_nginx) -> None:
     dollar = 'geo $keter_dollar {\n    default "$";\n}\n'
     private_nginx.config_file.write_text(dollar + "".join(servers))
     private_nginx.reload()
+    # The new config is in effect once a new worker answers; then no old worker accepts.
+    wait_for(lambda: private_nginx.request("exact.example.test")[0] == 200, what="the reload")
     private_nginx.wait_settled()
     labels = ["exact", "foo", "bar", "app", "a_b", "x"]
     hosts = [

@@ -35,13 +35,14 @@ import yaml
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-# The tests' fixtures are plain modules in tests/; the benchmarks reuse them as they are.
+# The tests' helpers are the package tests/support/; the benchmarks reuse them as they are.
 sys.path.insert(0, str(REPO / "tests"))
 
-from keter_daemon import KeterDaemon, keter_settings  # noqa: E402
-from nginx_server import WORKERS as NGINX_WORKERS  # noqa: E402
-from nginx_server import PrivateNginx, free_port  # noqa: E402
-from support import wait_for  # noqa: E402
+from support.daemon import KeterDaemon, keter_settings  # noqa: E402
+from support.net import free_port  # noqa: E402
+from support.nginx import WORKERS as NGINX_WORKERS  # noqa: E402
+from support.nginx import PrivateNginx  # noqa: E402
+from support.wait import wait_for  # noqa: E402
 
 T = TypeVar("T")
 

@@ -1,8 +1,10 @@
-import sys
-from pathlib import Path
+"""The fixtures every test module may use; their code lives in tests/support/.
 
-# The tests import their helpers (support, nginx_server, pg_server) as top-level modules.
-sys.path.insert(0, str(Path(__file__).parent))
-from keter_daemon import keter, keter_factory  # noqa: F401  (a real keter daemon)
-from nginx_server import private_nginx  # noqa: F401
-from pg_server import private_postgres  # noqa: F401  (the private PostgreSQL fixture)
+pytest puts tests/ on sys.path (rootdir-relative "prepend" import mode), so the
+helpers import as the ``support`` package: ``from support.wait import wait_for``.
+"""
+
+from support.daemon import keter, keter_factory  # noqa: F401  (a real keter daemon)
+from support.nginx import private_nginx  # noqa: F401  (a private nginx)
+from support.postgres import private_postgres  # noqa: F401  (a private PostgreSQL)
+from support.processes import make_monitor  # noqa: F401  (real ProcessMonitors)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import socket
 import tarfile
@@ -10,9 +9,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from keter_daemon import make_bundle, webapp_config
-from support import wait_for
-from test_deploy import body, failures, served
+from support.bundles import config_member, make_bundle, member, webapp_config
+from support.daemon import failures
+from support.net import body, served
+from support.wait import wait_for
 
 GOOD = "good.test"
 
@@ -23,28 +23,6 @@ def running(keter, private_nginx, tmp_path):
     keter.drop(make_bundle(tmp_path / "good.keter", config=webapp_config(GOOD, "good-v1")))
     served(private_nginx, GOOD, "good-v1")
     return keter
-
-
-def tarball(path: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> Path:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for info, data in members:
-            info.size = len(data) if info.isfile() else 0
-            tar.addfile(info, io.BytesIO(data) if info.isfile() else None)
-    path.write_bytes(buf.getvalue())
-    return path
-
-
-def member(name: str, data: bytes = b"", **attrs) -> tuple[tarfile.TarInfo, bytes]:
-    info = tarfile.TarInfo(name)
-    info.mode = 0o644
-    for key, value in attrs.items():
-        setattr(info, key, value)
-    return info, data
-
-
-def config_member(host: str = "evil.test") -> tuple[tarfile.TarInfo, bytes]:
-    return member("config/keter.yaml", f"exec: ../bin/app\nhost: {host}\n".encode())
 
 
 def assert_refused(keter, nginx, app: str, reason: str, tmp_path: Path, marker: str = "") -> None:
@@ -68,8 +46,11 @@ def assert_refused(keter, nginx, app: str, reason: str, tmp_path: Path, marker: 
 
 def test_path_traversal_is_refused(running, private_nginx, tmp_path):
     marker = f"escaped-{uuid.uuid4().hex}"
-    bundle = tarball(
-        tmp_path / "trav.keter", [config_member(), member(f"../../{marker}.txt", b"gotcha")]
+    bundle = make_bundle(
+        tmp_path / "trav.keter",
+        config=None,
+        app_source=None,
+        members=[config_member(), member(f"../../{marker}.txt", b"gotcha")],
     )
     running.drop(bundle)
     assert_refused(running, private_nginx, "trav", "escapes", tmp_path, marker)
@@ -77,7 +58,12 @@ def test_path_traversal_is_refused(running, private_nginx, tmp_path):
 
 def test_absolute_path_is_refused(running, private_nginx, tmp_path):
     marker = f"absolute-{uuid.uuid4().hex}"
-    bundle = tarball(tmp_path / "abs.keter", [config_member(), member(f"/tmp/{marker}.txt", b"x")])
+    bundle = make_bundle(
+        tmp_path / "abs.keter",
+        config=None,
+        app_source=None,
+        members=[config_member(), member(f"/tmp/{marker}.txt", b"x")],
+    )
     running.drop(bundle)
     assert_refused(running, private_nginx, "abs", "absolute", tmp_path, marker)
     assert not Path(f"/tmp/{marker}.txt").exists()
@@ -87,9 +73,11 @@ def test_symlink_escape_is_refused(running, private_nginx, tmp_path):
     marker = f"through-link-{uuid.uuid4().hex}"
     outside = tmp_path / "outside"
     outside.mkdir()
-    bundle = tarball(
+    bundle = make_bundle(
         tmp_path / "link.keter",
-        [
+        config=None,
+        app_source=None,
+        members=[
             config_member(),
             member("data", type=tarfile.SYMTYPE, linkname=str(outside)),
             member(f"data/{marker}.txt", b"x"),
@@ -107,7 +95,12 @@ def test_not_gzip_is_refused(running, private_nginx, tmp_path):
 
 
 def test_missing_config_is_refused(running, private_nginx, tmp_path):
-    bundle = tarball(tmp_path / "noconf.keter", [member("bin/app", b"#!/bin/sh\n", mode=0o755)])
+    bundle = make_bundle(
+        tmp_path / "noconf.keter",
+        config=None,
+        app_source=None,
+        members=[member("bin/app", b"#!/bin/sh\n", mode=0o755)],
+    )
     running.drop(bundle)
     assert_refused(running, private_nginx, "noconf", "config/keter.yaml", tmp_path)
 

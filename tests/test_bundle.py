@@ -7,7 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
-from support import keter_sample
+from support.bundles import make_bundle
+from support.samples import keter_sample
 
 from keter.bundle import (
     BundleConfig,
@@ -21,21 +22,21 @@ from keter.yamlcheck import load_yaml
 FOO_V04 = keter_sample("foo-v04.keter.yaml")
 
 
-def make_bundle(tmp_path: Path, config: str | bytes | None, name: str = "keter.yaml") -> Path:
+def unpacked(tmp_path: Path, config: str | bytes | None, name: str = "keter.yaml") -> Path:
     """An unpacked bundle folder with an executable ``hello`` beside ``config/``."""
-    folder = tmp_path / "bundle"
-    (folder / "config").mkdir(parents=True)
-    hello = folder / "hello"
-    hello.write_text("#!/bin/sh\nexit 0\n")
-    hello.chmod(0o755)
-    if config is not None:
-        path = folder / "config" / name
-        path.write_bytes(config.encode() if isinstance(config, str) else config)
-    return folder
+    return make_bundle(
+        tmp_path / "bundle",
+        config=config,
+        config_name=name,
+        folders=["config"],
+        executables=["hello"],
+        app_source=None,
+        unpacked=True,
+    )
 
 
 def parse(tmp_path: Path, config: str) -> BundleConfig:
-    return parse_bundle_config(make_bundle(tmp_path, config), "app")
+    return parse_bundle_config(unpacked(tmp_path, config), "app")
 
 
 def problems(tmp_path: Path, config: str) -> list[str]:
@@ -109,7 +110,7 @@ def test_config_is_immutable(tmp_path: Path) -> None:
 
 
 def test_keter_yml_is_read_too(tmp_path: Path) -> None:
-    folder = make_bundle(tmp_path, "exec: ../hello\nhost: a\n", name="keter.yml")
+    folder = unpacked(tmp_path, "exec: ../hello\nhost: a\n", name="keter.yml")
     assert parse_bundle_config(folder, "app").webapp is not None
 
 
@@ -224,7 +225,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
 
 
 def test_exec_through_a_symlink_out_of_the_bundle_is_refused(tmp_path: Path) -> None:
-    folder = make_bundle(tmp_path, "exec: ../link\nhost: a\n")
+    folder = unpacked(tmp_path, "exec: ../link\nhost: a\n")
     (folder / "link").symlink_to("/bin/sh")
     with pytest.raises(
         BundleConfigError, match=re.escape('exec: "../link" escapes the bundle folder')
@@ -233,7 +234,7 @@ def test_exec_through_a_symlink_out_of_the_bundle_is_refused(tmp_path: Path) -> 
 
 
 def test_exec_through_a_symlink_inside_the_bundle_is_resolved(tmp_path: Path) -> None:
-    folder = make_bundle(tmp_path, "exec: ../link\nhost: a\n")
+    folder = unpacked(tmp_path, "exec: ../link\nhost: a\n")
     (folder / "link").symlink_to("hello")
     webapp = parse_bundle_config(folder, "app").webapp
     assert webapp is not None
@@ -241,14 +242,14 @@ def test_exec_through_a_symlink_inside_the_bundle_is_resolved(tmp_path: Path) ->
 
 
 def test_exec_symlink_loop_is_refused(tmp_path: Path) -> None:
-    folder = make_bundle(tmp_path, "exec: ../loop\nhost: a\n")
+    folder = unpacked(tmp_path, "exec: ../loop\nhost: a\n")
     (folder / "loop").symlink_to("loop")
     with pytest.raises(BundleConfigError, match=r'exec: "\.\./loop"'):
         parse_bundle_config(folder, "app")
 
 
 def test_sibling_folder_with_the_same_prefix_is_outside(tmp_path: Path) -> None:
-    folder = make_bundle(tmp_path, "exec: ../../bundle2/hello\nhost: a\n")
+    folder = unpacked(tmp_path, "exec: ../../bundle2/hello\nhost: a\n")
     sibling = tmp_path / "bundle2"
     sibling.mkdir()
     (sibling / "hello").write_text("#!/bin/sh\n")
@@ -262,12 +263,12 @@ def test_sibling_folder_with_the_same_prefix_is_outside(tmp_path: Path) -> None:
 
 def test_missing_config(tmp_path: Path) -> None:
     with pytest.raises(BundleConfigError) as info:
-        parse_bundle_config(make_bundle(tmp_path, None), "app")
+        parse_bundle_config(unpacked(tmp_path, None), "app")
     assert info.value.problems == ["missing config/keter.yaml"]
 
 
 def test_both_yaml_and_yml_is_ambiguous(tmp_path: Path) -> None:
-    folder = make_bundle(tmp_path, "exec: ../hello\nhost: a\n")
+    folder = unpacked(tmp_path, "exec: ../hello\nhost: a\n")
     (folder / "config/keter.yml").write_text("exec: ../hello\nhost: b\n")
     with pytest.raises(
         BundleConfigError, match=re.escape("both config/keter.yaml and config/keter.yml")
@@ -276,7 +277,7 @@ def test_both_yaml_and_yml_is_ambiguous(tmp_path: Path) -> None:
 
 
 def test_config_linked_out_of_the_bundle_is_not_read(tmp_path: Path) -> None:
-    folder = make_bundle(tmp_path, None)
+    folder = unpacked(tmp_path, None)
     secret = tmp_path / "secret"
     secret.write_text("password: hunter2 {\n")
     (folder / "config/keter.yaml").symlink_to(secret)
@@ -286,7 +287,7 @@ def test_config_linked_out_of_the_bundle_is_not_read(tmp_path: Path) -> None:
 
 
 def test_config_that_is_a_folder(tmp_path: Path) -> None:
-    folder = make_bundle(tmp_path, None)
+    folder = unpacked(tmp_path, None)
     (folder / "config/keter.yaml").mkdir()
     with pytest.raises(
         BundleConfigError, match=re.escape("config/keter.yaml: is not a regular file")
@@ -316,7 +317,7 @@ def test_a_bad_file_is_one_clear_problem(
     tmp_path: Path, content: str | bytes, expected: str
 ) -> None:
     with pytest.raises(BundleConfigError) as info:
-        parse_bundle_config(make_bundle(tmp_path, content), "app")
+        parse_bundle_config(unpacked(tmp_path, content), "app")
     assert len(info.value.problems) == 1
     assert info.value.problems[0].startswith(expected), info.value.problems
 
@@ -332,7 +333,7 @@ def test_parse_bundle_data_refuses_a_non_mapping(tmp_path: Path) -> None:
 @pytest.mark.skipif(not FOO_V04.exists(), reason="shared Keter fixtures are not here")
 def test_keters_v04_sample_is_refused_for_its_static_roots_alone(tmp_path: Path) -> None:
     # test_stanzas.py reads the sample in full; here: nothing but the two roots is wrong.
-    folder = make_bundle(tmp_path, FOO_V04.read_bytes())
+    folder = unpacked(tmp_path, FOO_V04.read_bytes())
     with pytest.raises(BundleConfigError) as info:
         parse_bundle_config(folder, "foo")
     assert [p.split(":")[0] for p in info.value.problems] == [
@@ -343,14 +344,14 @@ def test_keters_v04_sample_is_refused_for_its_static_roots_alone(tmp_path: Path)
 
 @pytest.mark.skipif(not FOO_V04.exists(), reason="shared Keter fixtures are not here")
 def test_keters_v04_sample_needs_its_exec(tmp_path: Path) -> None:
-    folder = make_bundle(tmp_path, FOO_V04.read_bytes())
+    folder = unpacked(tmp_path, FOO_V04.read_bytes())
     os.chmod(folder / "hello", 0o644)
     with pytest.raises(BundleConfigError, match=re.escape('exec: "../hello" is not executable')):
         parse_bundle_config(folder, "foo")
 
 
 def test_the_stanza_format_reads_into_the_same_model(tmp_path: Path) -> None:
-    folder = make_bundle(tmp_path, None)
+    folder = unpacked(tmp_path, None)
     stanzas = load_yaml("stanzas:\n  - type: webapp\n    exec: ../hello\n    hosts: [a]\n")
     flat = load_yaml("exec: ../hello\nhosts: [a]\n")
     config_dir = folder / "config"

@@ -19,9 +19,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from keter_daemon import keter_cli, make_bundle, status_api, webapp_config
-from support import wait_for
-from test_deploy import Load, app_processes, served
+from support.bundles import make_bundle, webapp_config
+from support.daemon import app_processes, keter_cli, status_api
+from support.net import Load, served
+from support.wait import wait_for
 
 from keter import commands
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from support import keter_sample
-from tls_certs import make_certificate
+from support.samples import keter_sample
+from support.tls import make_certificate
 
 from keter.config import (
     KETER_ONLY_KEYS,

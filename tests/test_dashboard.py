@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
-from keter_daemon import make_bundle, status_api, webapp_config
-from nginx_server import free_port
-from support import wait_for
+from support.bundles import make_bundle, webapp_config
+from support.daemon import status_api
+from support.net import free_port
+from support.wait import wait_for
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

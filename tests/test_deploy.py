@@ -2,40 +2,17 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-from keter_daemon import make_bundle, webapp_config
-from support import wait_for
-
-
-def body(nginx, host: str, path: str = "/") -> bytes | None:
-    status, _headers, data = nginx.request(host, path)
-    return data if status == 200 else None
-
-
-def served(nginx, host: str, version: str, timeout: float = 20) -> None:
-    """Wait until ``version`` answers and nginx's older workers (old config) stop accepting."""
-    expected = f"{version}\n".encode()
-    wait_for(lambda: body(nginx, host) == expected, timeout, f"{host} to serve {version}")
-    nginx.wait_settled(timeout)
-    assert body(nginx, host) == expected
-
-
-def failures(keter, app: str) -> list[str]:
-    return re.findall(rf"^.*{re.escape(app)}: deploy #\d+ failed: .*$", keter.log(), re.M)
-
-
-def app_processes(keter) -> list[psutil.Process]:
-    return [p for p in keter.children() if "bin/app" in " ".join(p.cmdline())]
-
+from support.bundles import make_bundle, webapp_config
+from support.daemon import app_processes, failures
+from support.net import Load, body, served
+from support.wait import wait_for
 
 # -- deploy --------------------------------------------------------------------------------
 
@@ -80,67 +57,6 @@ def test_global_and_bundle_env_reach_the_app(keter_factory, private_nginx, tmp_p
 
 
 # -- zero downtime -------------------------------------------------------------------------
-
-
-@dataclass
-class Load:
-    """Concurrent clients through nginx; every failure is recorded."""
-
-    port: int
-    host: str
-    stop: threading.Event = field(default_factory=threading.Event)
-    bodies: dict[bytes, int] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
-    requests: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def run(self, clients: int = 6) -> list[threading.Thread]:
-        threads = [
-            threading.Thread(target=self._client, args=(i % 2 == 0,), daemon=True)
-            for i in range(clients)
-        ]
-        for thread in threads:
-            thread.start()
-        return threads
-
-    def _record(self, status: int | None, data: bytes, error: str | None) -> None:
-        with self.lock:
-            self.requests += 1
-            if error is not None:
-                self.errors.append(error)
-            elif status != 200:
-                self.errors.append(f"status {status}: {data[:80]!r}")
-            else:
-                self.bodies[data] = self.bodies.get(data, 0) + 1
-
-    def _client(self, keep_alive: bool) -> None:
-        conn = None
-        while not self.stop.is_set():
-            reused = conn is not None
-            if conn is None:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-            try:
-                headers = {"Host": self.host}
-                if not keep_alive:
-                    headers["Connection"] = "close"
-                conn.request("GET", "/", headers=headers)
-                response = conn.getresponse()
-                data = response.read()
-                self._record(response.status, data, None)
-                if not keep_alive or response.will_close:
-                    conn.close()
-                    conn = None
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
-                conn.close()
-                conn = None
-                # A server may close an idle keep-alive connection just as a request is sent;
-                # clients retry that (RFC 9112 9.3.1). On a fresh connection it is a failure.
-                if not reused:
-                    self._record(None, b"", repr(exc))
-            except OSError as exc:
-                conn.close()
-                conn = None
-                self._record(None, b"", repr(exc))
 
 
 def test_ten_redeploys_under_load_lose_no_request(keter, private_nginx, tmp_path):

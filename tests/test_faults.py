@@ -11,8 +11,8 @@ bundles go through it too: one with hostile modes (checked on disk once
 deployed) and one copied three times in a row (deployed once, whole). The host
 list fuzzing at the end is pure: validate_host and keter.nginx.render.
 
-The helpers here (``Rig``, ``error_records``, ``assert_one_error``, ...) are
-shared with the other ``test_faults_*`` modules.
+The helpers (``Rig``, ``error_records``, ``assert_one_error``, ...) live in
+tests/support/faults.py, shared with the other ``test_faults_*`` modules.
 
 Covered elsewhere, not repeated here: absolute and ``..`` member names, a
 symlink out of the bundle, not-gzip, a missing keter.yaml, exec outside the
@@ -28,7 +28,6 @@ import gzip
 import io
 import json
 import os
-import random
 import re
 import stat
 import tarfile
@@ -40,80 +39,21 @@ import pytest
 import yaml
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from keter_daemon import KeterDaemon, keter_settings, make_bundle, webapp_config
-from nginx_server import PrivateNginx
-from support import wait_for
-from test_bad_input import config_member, member
-from test_deploy import body, served
-from test_unpacker import Zeros
+from support.bundles import Zeros, bundle_bytes, config_member, make_bundle, member, webapp_config
+from support.faults import Rig, assert_one_error, error_records
+from support.net import served
+from support.wait import wait_for
 
 from keter.bundle import validate_host
 from keter.messages import Site
 from keter.nginx import render
 
-GOOD = "good.test"
 MIB = 1 << 20
 MAX_BYTES = 4 * MIB
 MAX_MEMBERS = 1000
-# keter's log without the journal's priority prefixes: one timestamp per record.
-NO_JOURNAL = {"JOURNAL_STREAM": ""}
-_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL)\s+")
 
 
-# -- reading keter's log ---------------------------------------------------------------
-
-
-def error_records(text: str) -> list[str]:
-    """The ERROR and CRITICAL records of a stretch of keter's log, continuation lines joined.
-
-    The supervisor's ``APP: last output:`` record, which only carries the app's
-    output for the failure line logged just before it, is left out.
-    """
-    records: list[tuple[str, str]] = []
-    for line in text.splitlines():
-        match = _RECORD.match(line)
-        if match:
-            records.append((match.group(1), line[match.end() :]))
-        elif records:
-            level, message = records[-1]
-            records[-1] = (level, f"{message}\n{line}")
-    return [
-        message
-        for level, message in records
-        if level in ("ERROR", "CRITICAL") and not re.match(r"[\w.-]+: last output:", message)
-    ]
-
-
-def assert_one_error(text: str, name: str, *fragments: str) -> str:
-    """Exactly one ERROR record, one physical line starting with ``name:``, holding every
-    fragment (the rule that was broken); returns it."""
-    errors = error_records(text)
-    assert len(errors) == 1, errors
-    [line] = errors
-    assert line.startswith(f"{name}: "), line
-    assert "\n" not in line, line
-    for fragment in fragments:
-        assert fragment in line, (fragment, line)
-    return line
-
-
-# -- what may change on disk -------------------------------------------------------------
-
-
-def snapshot(base: Path, skip: tuple[str, ...]) -> dict[str, tuple[int, int, int]]:
-    """(size, mtime, mode) of everything under ``base`` except the relative paths in ``skip``."""
-    found = {}
-    for folder, dirs, files in os.walk(base):
-        rel_folder = os.path.relpath(folder, base)
-        dirs[:] = [d for d in dirs if os.path.normpath(os.path.join(rel_folder, d)) not in skip]
-        for name in [*dirs, *files]:
-            rel = os.path.normpath(os.path.join(rel_folder, name))
-            if rel in skip:
-                continue
-            st = os.lstat(os.path.join(folder, name))
-            size = 0 if stat.S_ISDIR(st.st_mode) else st.st_size
-            found[rel] = (size, st.st_mtime_ns, st.st_mode)
-    return found
+# -- memory and writes, from /proc -------------------------------------------------------------
 
 
 def proc_status(pid: int, field: str) -> int:
@@ -132,104 +72,7 @@ def bytes_written(pid: int) -> int:
     return int(fields["wchar"])
 
 
-def settled_generation(nginx: PrivateNginx) -> int:
-    """The generation in nginx's config file, once nginx serves it and no older one.
-
-    Right after a reload nginx's old workers still answer for a moment with the
-    previous generation, so a single look at /generation can see either.
-    """
-    generation = int(re.search(r"^# generation (\d+)$", nginx.config_file.read_text(), re.M)[1])
-    nginx.wait_generation(generation)
-    return generation
-
-
-def private_port_range() -> list[int]:
-    """A narrower port range than keter_settings' picks, from more of them.
-
-    An app that never listens leaves its port free; a keter of another test session
-    on this machine must not start an app there that our health probes would reach.
-    """
-    low = random.randrange(10_000, 30_000, 200)
-    return [low, low + 199]
-
-
 # -- one keter serving one good app, shared by a module's cases ----------------------------
-
-
-class Rig:
-    """A private nginx and a keter on ``base``, serving GOOD; bad bundles are dropped at it."""
-
-    # Keter's own folders (written freely), the nginx's logs, and the test's own bundles.
-    OWN = ("root", "root-keter.log", "nginx/logs", "nginx/temp", "bundles")
-
-    def __init__(self, base: Path, **settings: object) -> None:
-        self.base = base
-        self.bundles = base / "bundles"
-        self.bundles.mkdir()
-        self.nginx = PrivateNginx(base / "nginx")
-        self.nginx.start()
-        settings = {"port-range": private_port_range(), **settings}
-        self.keter = KeterDaemon(base / "root", keter_settings(self.nginx, **settings))
-        self.keter.start(env=NO_JOURNAL)
-        self.keter.drop(make_bundle(self.bundles / "good.keter", config=webapp_config(GOOD, "g1")))
-        served(self.nginx, GOOD, "g1")
-        wait_for(lambda: "good: deploy #1 now serving" in self.keter.log(), 10, "good to serve")
-
-    def close(self) -> None:
-        try:
-            if self.keter.proc is not None and self.keter.proc.poll() is None:
-                self.keter.stop()
-        finally:
-            self.nginx.stop()
-
-    # -- one case ------------------------------------------------------------------------
-
-    def checkpoint(self) -> dict:
-        """What must not change while a bad bundle is refused."""
-        return {
-            "log": len(self.keter.log()),
-            "config": self.nginx.config_file.read_bytes(),
-            "generation": settled_generation(self.nginx),
-            "outside": snapshot(self.base, self.OWN),
-            "etc": (self.keter.root / "etc" / "keter-config.yaml").read_bytes(),
-        }
-
-    def log_since(self, checkpoint: dict) -> str:
-        return self.keter.log()[checkpoint["log"] :]
-
-    def drop(self, name: str, data: bytes) -> Path:
-        path = self.bundles / name
-        path.write_bytes(data)
-        return self.keter.drop(path)
-
-    def refused(self, checkpoint: dict, app: str, *fragments: str, marker: str = "") -> str:
-        """Wait for ``app``'s refusal, check the invariants, remove its bundle; the error line."""
-        wait_for(
-            lambda: re.search(rf"^.*ERROR\s+{re.escape(app)}: ", self.log_since(checkpoint), re.M),
-            30,
-            f"{app} to be refused",
-        )
-        line = assert_one_error(self.log_since(checkpoint), app, *fragments)
-        self.assert_unchanged(checkpoint, marker)
-        (self.keter.incoming / f"{app}.keter").unlink(missing_ok=True)
-        return line
-
-    def assert_unchanged(self, checkpoint: dict, marker: str = "") -> None:
-        assert body(self.nginx, GOOD) == b"g1\n"
-        assert self.nginx.config_file.read_bytes() == checkpoint["config"]
-        self.nginx.wait_generation(checkpoint["generation"])
-        assert snapshot(self.base, self.OWN) == checkpoint["outside"]
-        assert (self.keter.root / "etc" / "keter-config.yaml").read_bytes() == checkpoint["etc"]
-        wait_for(
-            lambda: [p.name for p in (self.keter.root / "temp").iterdir()] == ["good-1"],
-            10,
-            "only the good app's folder in temp/",
-        )
-        if marker:
-            # Wherever a link could have led a write: the test's tree, /tmp and ROOT's parents.
-            places = [Path("/tmp"), *self.keter.root.parents]
-            assert [p for p in places if (p / marker).exists()] == []
-            assert list(self.base.rglob(f"*{marker}*")) == []
 
 
 @pytest.fixture(scope="module")
@@ -242,16 +85,6 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         yield rig
     finally:
         rig.close()
-
-
-def gz(entries: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
-    """A gzip tarball of hand-made members (any type, any mode), in memory."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for info, data in entries:
-            info.size = len(data) if info.isfile() else 0
-            tar.addfile(info, io.BytesIO(data) if info.isfile() else None)
-    return buf.getvalue()
 
 
 # -- archives ------------------------------------------------------------------------------
@@ -305,7 +138,12 @@ def test_hostile_member_is_refused_and_nothing_lands_anywhere(rig: Rig, case: st
     build, rule = HOSTILE[case]
     marker = f"faults-{uuid.uuid4().hex}"
     before = rig.checkpoint()
-    rig.drop(f"{case}.keter", gz([config_member(f"{case}.test"), *build(marker)]))
+    rig.drop(
+        f"{case}.keter",
+        bundle_bytes(
+            config=None, app_source=None, members=[config_member(f"{case}.test"), *build(marker)]
+        ),
+    )
     rig.refused(before, case, f"cannot unpack {case}.keter", rule, marker=marker)
 
 
@@ -404,7 +242,7 @@ def test_modes_are_made_safe_in_the_deployed_folder(rig: Rig) -> None:
     entries.append((member("shared", type=tarfile.DIRTYPE, mode=0o1777)[0], b""))
     entries.append(member("shared/world", b"w", mode=0o777))
     entries.append(member("shared/setgid", b"g", mode=0o2711))
-    rig.drop("modes.keter", gz(entries))
+    rig.drop("modes.keter", bundle_bytes(config=None, app_source=None, members=entries))
     served(rig.nginx, "modes.test", "m1")
     [folder] = [p for p in (rig.keter.root / "temp").iterdir() if p.name.startswith("modes-")]
     found = {str(p.relative_to(folder)): stat.S_IMODE(p.lstat().st_mode) for p in folder.rglob("*")}
@@ -556,7 +394,7 @@ def test_exec_that_is_a_symlink_is_refused(rig: Rig) -> None:
         member("config/keter.yaml", b"exec: ../bin/app\nhost: link.test\n"),
         _link("bin/app", "/bin/sh", tarfile.SYMTYPE),
     ]
-    rig.drop("execlink.keter", gz(entries))
+    rig.drop("execlink.keter", bundle_bytes(config=None, app_source=None, members=entries))
     rig.refused(before, "execlink", "member 'bin/app' is a symlink")
 
 

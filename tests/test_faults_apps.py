@@ -20,11 +20,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from keter_daemon import make_bundle, webapp_config
-from support import wait_for
-from test_deploy import app_processes, body, served
-from test_faults import Rig, assert_one_error
-from test_processes import alive
+from support.bundles import make_bundle, webapp_config
+from support.daemon import app_processes
+from support.faults import Rig, assert_one_error, limits_of
+from support.net import body, served
+from support.processes import alive
+from support.wait import wait_for
 
 from keter.processes.groups import group_members
 from keter.processes.spawn import ResourceLimits
@@ -165,18 +166,6 @@ def test_daemonized_helper_escapes_keter_which_names_it_when_it_holds_the_port(
     finally:
         with contextlib.suppress(psutil.NoSuchProcess):
             daemon.kill()
-
-
-def limits_of(pid: int) -> dict[str, tuple[str, str]]:
-    """/proc/PID/limits as {name: (soft, hard)}."""
-    limits = {}
-    with open(f"/proc/{pid}/limits") as f:
-        next(f)
-        for line in f:
-            match = re.match(r"(Max [a-z ]+?)\s{2,}(\S+)\s+(\S+)", line)
-            if match:
-                limits[match[1]] = (match[2], match[3])
-    return limits
 
 
 def test_every_app_runs_under_the_default_limits(rig: Rig) -> None:

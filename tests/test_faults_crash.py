@@ -34,11 +34,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from keter_daemon import KeterDaemon, make_bundle, webapp_config
-from support import wait_for
-from test_deploy import served
-from test_faults import NO_JOURNAL, error_records, private_port_range, settled_generation
-from test_processes import alive
+from support.bundles import make_bundle, webapp_config
+from support.daemon import KeterDaemon
+from support.faults import NO_JOURNAL, error_records, private_port_range, settled_generation
+from support.net import served
+from support.processes import alive
+from support.wait import wait_for
 
 from keter.nginx import fetch_generation
 

@@ -23,17 +23,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from keter_daemon import KeterDaemon, keter_settings, make_bundle, webapp_config
-from nginx_server import PrivateNginx
-from support import wait_for
-from test_deploy import body, served
-from test_faults import (
+from support.bundles import make_bundle, webapp_config
+from support.daemon import KeterDaemon, keter_settings
+from support.faults import (
     NO_JOURNAL,
     assert_one_error,
     error_records,
     private_port_range,
     settled_generation,
 )
+from support.net import body, served
+from support.nginx import PrivateNginx
+from support.wait import wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 

@@ -19,9 +19,9 @@ import re
 from pathlib import Path
 
 import pytest
-from support import wait_for
-from test_faults_apps import limits_of
-from test_processes import Harness, make_monitor  # noqa: F401  (a fixture)
+from support.faults import limits_of
+from support.processes import Harness
+from support.wait import wait_for
 
 from keter.messages import ProcessStarted, ProcessStopped, StopProcess
 from keter.processes.groups import group_members
@@ -111,7 +111,7 @@ def stop(monitor: Harness, pid: int) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="running the app as nobody needs root")
-def test_fork_bomb_hits_the_process_limit_and_leaves_nothing(make_monitor) -> None:  # noqa: F811
+def test_fork_bomb_hits_the_process_limit_and_leaves_nothing(make_monitor) -> None:
     monitor = make_monitor(limits=ResourceLimits(nproc=24), stop_timeout=1.0)
     pid, line = run_hog(monitor, FORK_BOMB, user="nobody")
     assert line == "fork refused: Resource temporarily unavailable"
@@ -119,7 +119,7 @@ def test_fork_bomb_hits_the_process_limit_and_leaves_nothing(make_monitor) -> No
     stop(monitor, pid)
 
 
-def test_fd_hog_hits_the_open_files_limit(make_monitor) -> None:  # noqa: F811
+def test_fd_hog_hits_the_open_files_limit(make_monitor) -> None:
     monitor = make_monitor(limits=ResourceLimits(nofile=64))
     pid, line = run_hog(monitor, FD_HOG)
     count = int(re.search(r"after (\d+) files", line)[1])
@@ -127,7 +127,7 @@ def test_fd_hog_hits_the_open_files_limit(make_monitor) -> None:  # noqa: F811
     stop(monitor, pid)
 
 
-def test_memory_hog_hits_the_data_limit(make_monitor) -> None:  # noqa: F811
+def test_memory_hog_hits_the_data_limit(make_monitor) -> None:
     monitor = make_monitor(limits=ResourceLimits(data=256 << 20))
     pid, line = run_hog(monitor, MEMORY_HOG)
     assert re.fullmatch(r"refused after \d+ MiB", line), line
@@ -135,7 +135,7 @@ def test_memory_hog_hits_the_data_limit(make_monitor) -> None:  # noqa: F811
     stop(monitor, pid)
 
 
-def test_without_prlimit_the_limits_are_set_just_after_the_start(make_monitor, caplog) -> None:  # noqa: F811
+def test_without_prlimit_the_limits_are_set_just_after_the_start(make_monitor, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="keter.processes")
     monitor = make_monitor(limits=ResourceLimits(nofile=64), prlimit=None)
     pid, line = run_hog(monitor, FD_HOG)
@@ -146,7 +146,7 @@ def test_without_prlimit_the_limits_are_set_just_after_the_start(make_monitor, c
 
 
 @pytest.mark.skipif(PRLIMIT is None, reason="util-linux prlimit is not installed")
-def test_limits_hold_from_the_apps_first_instruction(make_monitor) -> None:  # noqa: F811
+def test_limits_hold_from_the_apps_first_instruction(make_monitor) -> None:
     """Through prlimit the limits are set before the app is exec'd, so even a program
     that looks at once (cat, ~1 ms after exec) sees them: no window to fork around them."""
     monitor = make_monitor(limits=ResourceLimits(nofile=64, nproc=77, core=0))

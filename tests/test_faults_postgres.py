@@ -1,7 +1,7 @@
 """Fault suite, part 6: PostgreSQL refusing keter's login, slow, down, and back.
 
 Through a real keter. The destructive cases (SIGSTOP, stop) use a cluster of
-their own, so the session's shared one (tests/pg_server.py) is never disturbed;
+their own, so the session's shared one (tests/support/postgres.py) is never disturbed;
 the refused login only needs a wrong password against the shared one.
 
 Covered elsewhere: an unreachable server failing one app's deploy without
@@ -23,18 +23,19 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from keter_daemon import KeterDaemon, make_bundle, webapp_config
-from pg_server import PrivatePostgres
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from support import wait_for
-from test_deploy import body, served
-from test_faults import (
+from support.bundles import make_bundle, webapp_config
+from support.daemon import KeterDaemon
+from support.faults import (
     NO_JOURNAL,
     assert_one_error,
     error_records,
     private_port_range,
     settled_generation,
 )
+from support.net import body, served
+from support.postgres import PrivatePostgres
+from support.wait import wait_for
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from itertools import product
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from support import wait_for
+from support.wait import wait_for
 
 from keter import names
 from keter.names import (

@@ -10,19 +10,18 @@ import re
 import socket
 import ssl
 import subprocess
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from nginx_server import PrivateNginx, free_port
-from support import wait_for
-from tls_certs import make_certificate
+from support.net import Backend, free_port, get, https_get
+from support.nginx import PrivateNginx
+from support.tls import make_certificate
+from support.wait import wait_for
 
 from keter.config import Listener as KeterListener
 from keter.messages import (
@@ -273,47 +272,6 @@ def test_rendered_config_passes_nginx_test(private_nginx: PrivateNginx) -> None:
 
 
 # -- writer against a real nginx ---------------------------------------------------------
-
-
-class Backend:
-    """A tiny HTTP/1.1 app that answers with its name and what it was sent."""
-
-    def __init__(self, name: str) -> None:
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                body = json.dumps(
-                    {
-                        "name": owner.name,
-                        "peer_port": self.client_address[1],
-                        "headers": {k.lower(): v for k, v in self.headers.items()},
-                    }
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.name = name
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        # A short poll interval only makes shutdown() at teardown quick.
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -841,41 +799,6 @@ def test_full_config_passes_nginx_test(private_nginx: PrivateNginx, tmp_path: Pa
 
 
 # -- the full bundle format: served by a real nginx ------------------------------------------
-
-
-def get(
-    port: int, host: str, path: str = "/", headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    """One GET through nginx on 127.0.0.1 with these headers: (status, headers, body)."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        connection.request("GET", path, headers={"Host": host, **(headers or {})})
-        response = connection.getresponse()
-        body = response.read()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, body
-    finally:
-        connection.close()
-
-
-def https_get(
-    port: int, host: str, cafile: Path, path: str = "/", sni: str | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    """GET over TLS trusting only ``cafile``, which must name ``sni`` (default ``host``).
-
-    Fails with ssl.SSLCertVerificationError if nginx presents another certificate.
-    """
-    context = ssl.create_default_context(cafile=str(cafile))
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
-        context.wrap_socket(raw, server_hostname=sni or host) as tls,
-    ):
-        assert tls.version() in ("TLSv1.2", "TLSv1.3")
-        request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-        tls.sendall(request.encode())
-        response = http.client.HTTPResponse(tls)
-        response.begin()
-        body = response.read()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, body
 
 
 @pytest.fixture

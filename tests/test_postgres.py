@@ -20,9 +20,10 @@ import pytest
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
-from pg_server import ADMIN_ROLE, PrivatePostgres, free_port
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from support import wait_for
+from support.net import free_port
+from support.postgres import ADMIN_ROLE, PrivatePostgres
+from support.wait import wait_for
 
 from keter import pgadmin
 from keter.messages import DatabaseFailed, DatabaseReady, DbInfo, ProvisionDatabase

@@ -7,9 +7,10 @@ import stat
 from pathlib import Path
 
 import yaml
-from keter_daemon import make_bundle, webapp_config
-from support import wait_for
-from test_deploy import body, failures, served
+from support.bundles import make_bundle, webapp_config
+from support.daemon import failures
+from support.net import body, served
+from support.wait import wait_for
 
 PGTEST = Path(__file__).parent.parent / "examples" / "pgtest" / "bin" / "pgtest"
 

@@ -7,8 +7,9 @@ import re
 from pathlib import Path
 
 import pytest
-from support import keter_sample
-from tls_certs import make_certificate
+from support.bundles import make_bundle
+from support.samples import keter_sample
+from support.tls import make_certificate
 
 from keter.bundle import (
     Background,
@@ -42,24 +43,20 @@ from keter.routes import approot, deploy_problems, sites_for
 EXECUTABLES = ("hello", "worker", "nc.sh", "chat", "bin/backend")
 
 
-def make_bundle(tmp_path: Path, config: str | bytes, *folders: str) -> Path:
+def unpacked(tmp_path: Path, config: str | bytes, *folders: str) -> Path:
     """An unpacked bundle: config/keter.yaml, the samples' executables and ``folders``."""
-    folder = tmp_path / "bundle"
-    (folder / "config").mkdir(parents=True)
-    for name in EXECUTABLES:
-        path = folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("#!/bin/sh\nexit 0\n")
-        path.chmod(0o755)
-    for name in folders:
-        (folder / name).mkdir(parents=True)
-    data = config.encode() if isinstance(config, str) else config
-    (folder / "config" / "keter.yaml").write_bytes(data)
-    return folder
+    return make_bundle(
+        tmp_path / "bundle",
+        config=config,
+        folders=["config", *folders],
+        executables=EXECUTABLES,
+        app_source=None,
+        unpacked=True,
+    )
 
 
 def parse(tmp_path: Path, config: str | bytes, *folders: str) -> BundleConfig:
-    return parse_bundle_config(make_bundle(tmp_path, config, *folders), "app")
+    return parse_bundle_config(unpacked(tmp_path, config, *folders), "app")
 
 
 def problems(tmp_path: Path, config: str, *folders: str) -> list[str]:
@@ -265,7 +262,7 @@ def test_webapp_ssl_true_uses_the_listener_certificate(tmp_path) -> None:
 
 
 def test_ssl_certificate_paths_are_relative_to_the_config_folder(tmp_path) -> None:
-    folder = make_bundle(tmp_path, "")
+    folder = unpacked(tmp_path, "")
     make_certificate(folder / "certs", "own", "a")
     (folder / "config/keter.yaml").write_text(
         "stanzas:\n  - {type: webapp, exec: ../hello, host: a,\n"
@@ -421,7 +418,7 @@ def test_static_files_keys(tmp_path) -> None:
     ],
 )
 def test_a_static_root_outside_the_bundle_is_refused(tmp_path, root: str, expected: str) -> None:
-    folder = make_bundle(tmp_path, f"stanzas: [{{type: static-files, root: '{root}', host: s}}]")
+    folder = unpacked(tmp_path, f"stanzas: [{{type: static-files, root: '{root}', host: s}}]")
     (folder / "public").mkdir()
     (folder / "link").symlink_to(tmp_path)
     with pytest.raises(BundleConfigError) as info:

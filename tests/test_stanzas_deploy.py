@@ -11,12 +11,12 @@ import signal
 
 import psutil
 import pytest
-from keter_daemon import make_bundle
-from nginx_server import free_port
-from support import wait_for
-from test_deploy import body, failures, served
-from test_nginx import Backend, get, https_get
-from tls_certs import make_certificate
+from support.bundles import make_bundle
+from support.daemon import failures
+from support.net import Backend, body, free_port, get, https_get, served
+from support.samples import keter_sample
+from support.tls import make_certificate
+from support.wait import wait_for
 
 
 def webapp(host: str | list[str], version: str, **keys) -> dict:
@@ -293,8 +293,6 @@ def test_ssl_without_a_tls_listener_is_refused(keter, private_nginx, tmp_path):
 
 
 def test_sample_with_roots_outside_the_bundle_is_refused_as_a_whole(keter, private_nginx, tmp_path):
-    from support import keter_sample
-
     sample = keter_sample("foo1_0.keter.yaml")
     if not sample.exists():
         pytest.skip("shared Keter fixtures are not here")

@@ -24,10 +24,11 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from keter_daemon import make_bundle, status_api, webapp_config
-from nginx_server import free_port
 from prometheus_client.parser import text_string_to_metric_families
-from support import wait_for
+from support.bundles import make_bundle, webapp_config
+from support.daemon import status_api
+from support.net import free_port
+from support.wait import wait_for
 
 from keter.archive import BundleArchive
 from keter.client import ApiError, KeterClient

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from keter_daemon import make_bundle, webapp_config
-from support import wait_for
-from test_deploy import app_processes, body, served
+from support.bundles import make_bundle, webapp_config
+from support.daemon import app_processes
+from support.net import body, served
+from support.wait import wait_for
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import wait_for
+from support.bundles import Zeros
+from support.wait import wait_for
 
 from keter.bundle import BundleConfig
 from keter.messages import (
@@ -70,18 +71,6 @@ def tar_bytes(entries: list[tuple[tarfile.TarInfo, bytes | None]], fmt: int = ta
         for info, data in entries:
             tar.addfile(info, io.BytesIO(data) if info.size else None)
     return buf.getvalue()
-
-
-class Zeros:
-    """A file object of ``size`` zero bytes that never holds them all in memory."""
-
-    def __init__(self, size: int) -> None:
-        self.left = size
-
-    def read(self, n: int = -1) -> bytes:
-        n = self.left if n < 0 else min(n, self.left)
-        self.left -= n
-        return bytes(n)
 
 
 @pytest.fixture

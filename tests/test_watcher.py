@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pytest
+from support.bundles import bundle_bytes
 
 from keter.messages import BundleArrived, BundleIgnored, BundleRemoved, Rescan, ScanCompleted
 from keter.watcher import (
@@ -43,24 +44,21 @@ REPORT_TIMEOUT = 10.0
 # -- bundles and writers -------------------------------------------------------------
 
 
-def make_bundle(payload_size: int) -> bytes:
+def payload_bundle(payload_size: int) -> bytes:
     """A gzip tarball around random (incompressible) bytes: the size on disk ~ payload_size."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        info = tarfile.TarInfo("payload.bin")
-        info.size = payload_size
-        tar.addfile(info, io.BytesIO(os.urandom(payload_size)))
-    return buf.getvalue()
+    return bundle_bytes(
+        config=None, app_source=None, files={"payload.bin": os.urandom(payload_size)}
+    )
 
 
 @cache
 def small_bundle() -> bytes:
-    return make_bundle(2048)
+    return payload_bundle(2048)
 
 
 @cache
 def big_bundle() -> bytes:
-    return make_bundle(3 * MIB)
+    return payload_bundle(3 * MIB)
 
 
 def write_chunks(f: BinaryIO, data: bytes) -> None:

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from support import wait_for
 
 from keter.nginx import fetch_generation
+from support.net import free_port
+from support.wait import wait_for
 
 NGINX = "/usr/sbin/nginx"
 WORKERS = 1
@@ -58,13 +59,6 @@ http {{
     include {extra_dir}/*.conf;
 }}
 """
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PrivateNginx:

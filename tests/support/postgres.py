@@ -18,7 +18,6 @@ import pwd
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -28,6 +27,8 @@ import psycopg
 import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
+
+from support.net import free_port
 
 ADMIN_ROLE = "keter_admin"
 
@@ -42,12 +43,6 @@ def newest_bin_dir() -> Path:
     if not found:
         pytest.skip("PostgreSQL server binaries not installed under /usr/lib/postgresql")
     return found[-1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PrivatePostgres:

@@ -1,10 +1,9 @@
-"""Helpers shared by the tests: waiting on conditions, never on the clock."""
+"""Waiting on a condition with a deadline, never on the clock."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -33,16 +32,3 @@ def wait_for(predicate: Callable[[], T], timeout: float = 10.0, what: str = "") 
             )
         time.sleep(interval)  # polling interval of the test itself, not a wait for an outcome
         interval = min(interval * 1.5, 0.2)
-
-
-def keter_sample(name: str) -> Path:
-    """One of Keter's own sample files from shared/keter-fixtures (beside the checkout).
-
-    The checkout and shared/ sit side by side both here and in CI; the result may not
-    exist, so tests skip on ``.exists()``.
-    """
-    checkout = Path(__file__).resolve().parent.parent
-    for shared in (checkout.parent / "shared", Path("/work/shared")):
-        if (shared / "keter-fixtures" / name).exists():
-            return shared / "keter-fixtures" / name
-    return checkout.parent / "shared" / "keter-fixtures" / name

@@ -1,67 +1,23 @@
-"""Run the real ``keter ROOT`` daemon as a child process, and build bundles for it."""
+"""The real ``keter ROOT`` daemon as a child process: fixtures, and the operator's side
+(status API, CLI) and what tests read of it (its log, its apps)."""
 
 from __future__ import annotations
 
-import io
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
-import tarfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 import yaml
-from support import wait_for
 
 from keter.client import KeterClient
-
-APPS = Path(__file__).parent / "apps"
-
-
-def make_bundle(
-    path: Path,
-    *,
-    config: dict | str,
-    files: dict[str, bytes | str] | None = None,
-    app_source: Path | None = APPS / "versioned_app.py",
-    interpreter: str = sys.executable,
-) -> Path:
-    """Write a NAME.keter gzip tarball: config/keter.yaml, bin/app (executable) and ``files``.
-
-    ``app_source`` is copied to bin/app with ``interpreter`` (default: the tests' own
-    Python) in its shebang, so the app runs with it whatever PATH keter gives it.
-    """
-    members: dict[str, tuple[bytes, int]] = {}
-    text = config if isinstance(config, str) else yaml.safe_dump(config)
-    members["config/keter.yaml"] = (text.encode(), 0o644)
-    if app_source is not None:
-        body = app_source.read_text().split("\n", 1)
-        source = body[1] if body[0].startswith("#!") else app_source.read_text()
-        members["bin/app"] = (f"#!{interpreter}\n{source}".encode(), 0o755)
-    for name, data in (files or {}).items():
-        members[name] = (data.encode() if isinstance(data, str) else data, 0o644)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, (data, mode) in members.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(data), mode, int(time.time())
-            tar.addfile(info, io.BytesIO(data))
-    path.write_bytes(buf.getvalue())
-    return path
-
-
-def webapp_config(host: str, version: str, **extra) -> dict:
-    """A bundle config for tests/apps/versioned_app.py answering ``version``."""
-    config = {"exec": "../bin/app", "host": host, "env": {"VERSION": version}}
-    env = extra.pop("env", {})
-    config["env"].update(env)
-    config.update(extra)
-    return config
+from support.wait import wait_for
 
 
 class KeterDaemon:
@@ -197,3 +153,16 @@ def keter_cli(
     result.stdout = result.stdout.decode(errors="replace")
     result.stderr = result.stderr.decode(errors="replace")
     return result
+
+
+# -- what tests read of a daemon ----------------------------------------------------------
+
+
+def failures(keter: KeterDaemon, app: str) -> list[str]:
+    """The "APP: deploy #N failed: ..." lines of keter's log."""
+    return re.findall(rf"^.*{re.escape(app)}: deploy #\d+ failed: .*$", keter.log(), re.M)
+
+
+def app_processes(keter: KeterDaemon) -> list[psutil.Process]:
+    """keter's descendants that run a bundle's bin/app."""
+    return [p for p in keter.children() if "bin/app" in " ".join(p.cmdline())]

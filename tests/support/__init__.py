@@ -1,0 +1,13 @@
+"""What the tests share, one job per module; fixtures are exposed by tests/conftest.py.
+
+- ``wait``: ``wait_for``, waiting on a condition with a deadline.
+- ``bundles``: the one ``make_bundle`` (tarball or unpacked folder), raw tar members, configs.
+- ``net``: ``free_port``, requests through nginx (``body``, ``served``, ``get``,
+  ``https_get``), concurrent clients (``Load``), a tiny HTTP ``Backend``.
+- ``daemon``: a real keter daemon (``KeterDaemon``, fixtures), its status API and CLI.
+- ``nginx``, ``postgres``: private servers (own prefix or data dir, own port).
+- ``tls``: self-signed certificates.
+- ``processes``: a real ProcessMonitor under a ``Harness``.
+- ``faults``: the fault suites' ERROR-record checks and their ``Rig``.
+- ``samples``: Keter's own sample files.
+"""

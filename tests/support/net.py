@@ -1,0 +1,181 @@
+"""Talking to servers in tests: free ports, requests through nginx, load, tiny backends."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import ssl
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from support.wait import wait_for
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- through a private nginx ----------------------------------------------------------------
+
+
+def body(nginx, host: str, path: str = "/") -> bytes | None:
+    """The body of GET ``path`` for ``host`` through a PrivateNginx, if the status is 200."""
+    status, _headers, data = nginx.request(host, path)
+    return data if status == 200 else None
+
+
+def served(nginx, host: str, version: str, timeout: float = 20) -> None:
+    """Wait until ``version`` answers and nginx's older workers (old config) stop accepting."""
+    expected = f"{version}\n".encode()
+    wait_for(lambda: body(nginx, host) == expected, timeout, f"{host} to serve {version}")
+    nginx.wait_settled(timeout)
+    assert body(nginx, host) == expected
+
+
+def get(
+    port: int, host: str, path: str = "/", headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One GET through nginx on 127.0.0.1 with these headers: (status, headers, body)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        connection.request("GET", path, headers={"Host": host, **(headers or {})})
+        response = connection.getresponse()
+        body = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, body
+    finally:
+        connection.close()
+
+
+def https_get(
+    port: int, host: str, cafile: Path, path: str = "/", sni: str | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """GET over TLS trusting only ``cafile``, which must name ``sni`` (default ``host``).
+
+    Fails with ssl.SSLCertVerificationError if nginx presents another certificate.
+    """
+    context = ssl.create_default_context(cafile=str(cafile))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=sni or host) as tls,
+    ):
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        tls.sendall(request.encode())
+        response = http.client.HTTPResponse(tls)
+        response.begin()
+        body = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, body
+
+
+# -- concurrent clients ---------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    """Concurrent clients through nginx; every failure is recorded."""
+
+    port: int
+    host: str
+    stop: threading.Event = field(default_factory=threading.Event)
+    bodies: dict[bytes, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    requests: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run(self, clients: int = 6) -> list[threading.Thread]:
+        threads = [
+            threading.Thread(target=self._client, args=(i % 2 == 0,), daemon=True)
+            for i in range(clients)
+        ]
+        for thread in threads:
+            thread.start()
+        return threads
+
+    def _record(self, status: int | None, data: bytes, error: str | None) -> None:
+        with self.lock:
+            self.requests += 1
+            if error is not None:
+                self.errors.append(error)
+            elif status != 200:
+                self.errors.append(f"status {status}: {data[:80]!r}")
+            else:
+                self.bodies[data] = self.bodies.get(data, 0) + 1
+
+    def _client(self, keep_alive: bool) -> None:
+        conn = None
+        while not self.stop.is_set():
+            reused = conn is not None
+            if conn is None:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            try:
+                headers = {"Host": self.host}
+                if not keep_alive:
+                    headers["Connection"] = "close"
+                conn.request("GET", "/", headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+                self._record(response.status, data, None)
+                if not keep_alive or response.will_close:
+                    conn.close()
+                    conn = None
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+                conn.close()
+                conn = None
+                # A server may close an idle keep-alive connection just as a request is sent;
+                # clients retry that (RFC 9112 9.3.1). On a fresh connection it is a failure.
+                if not reused:
+                    self._record(None, b"", repr(exc))
+            except OSError as exc:
+                conn.close()
+                conn = None
+                self._record(None, b"", repr(exc))
+
+
+# -- a tiny backend ----------------------------------------------------------------------------
+
+
+class Backend:
+    """A tiny HTTP/1.1 app that answers with its name and what it was sent."""
+
+    def __init__(self, name: str) -> None:
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                body = json.dumps(
+                    {
+                        "name": owner.name,
+                        "peer_port": self.client_address[1],
+                        "headers": {k.lower(): v for k, v in self.headers.items()},
+                    }
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.name = name
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        # A short poll interval only makes shutdown() at teardown quick.
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

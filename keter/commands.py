@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from keter.archive import SUFFIX, copy_hashed, install_bundle
-from keter.bundle import BundleConfigError, parse_bundle_config, validate_app_name
+from keter.bundle import BundleConfigError, parse_bundle_config
 from keter.client import (
     ApiError,
     ClientError,
@@ -31,7 +31,9 @@ from keter.client import (
     wait_for_verdict,
 )
 from keter.config import KeterConfig
+from keter.history import REASON_LIMIT, capped_text
 from keter.logtail import LogFollower, tail_lines
+from keter.names import log_text, validate_app_name
 from keter.unpacker import UnpackError, safe_unpack
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
@@ -218,6 +220,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             raise Refused(f"cannot read {args.bundle}: {exc.strerror or exc}") from None
         problem = check_bundle(spool, name, Path(tmp) / "unpacked")
         if problem:
+            problem = capped_text(problem, REASON_LIMIT)  # a bundle may make it big or odd
             raise Refused(f"{name}: bundle refused, nothing was deployed: {problem}")
 
         client = KeterClient(args.root)
@@ -278,12 +281,14 @@ def report_verdict(
         where = ", ".join(view.get("urls") or view.get("hosts") or ["(no host)"])
         print(f"{app} {version} serving at {where}")
         return EXIT_OK
-    print(f"keter: {app} {version} {entry['outcome']}: {entry['reason']}", file=sys.stderr)
+    reason = capped_text(entry["reason"], REASON_LIMIT)  # the API's is safe; an old keter's?
+    print(f"keter: {app} {version} {entry['outcome']}: {reason}", file=sys.stderr)
     lines = client.log(app, LOG_LINES_ON_FAILURE)
     if lines:
         print(f"last lines of {root / 'log' / f'app-{app}.log'}:", file=sys.stderr)
         for line in lines:
-            print(f"  | {line}", file=sys.stderr)
+            # The API shows them escaped already; capped_text escapes only what is not.
+            print(f"  | {capped_text(line, LOG_LINE_LIMIT)}", file=sys.stderr)
     return EXIT_FAILED
 
 
@@ -320,6 +325,14 @@ def _redeploy(
 
 # -- logs --------------------------------------------------------------------------------
 
+LOG_LINE_LIMIT = 64 * 1024  # characters of a line shown (keter splits lines at 64 KiB)
+
+
+def shown(line: str) -> str:
+    """A line an app wrote, safe for the operator's terminal: control characters and escape
+    sequences are shown escaped (``\\x1b[2J``), never run by the terminal."""
+    return log_text(line, LOG_LINE_LIMIT)
+
 
 def cmd_logs(args: argparse.Namespace) -> int:
     app = checked_name(args.app)
@@ -332,12 +345,12 @@ def cmd_logs(args: argparse.Namespace) -> int:
     try:
         if not args.follow:
             for line in tail_lines(path, args.lines):
-                print(line)
+                print(shown(line))
             return EXIT_OK
         with LogFollower(path, backlog=args.lines) as follower:
             try:
                 for line in follower.lines():
-                    print(line, flush=True)
+                    print(shown(line), flush=True)
             except KeyboardInterrupt:
                 pass
     except FileNotFoundError:
@@ -363,7 +376,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     try:
         config = parse_bundle_config(folder, app)
     except BundleConfigError as exc:
-        raise Refused(f"{folder}: {'; '.join(exc.problems)}") from None
+        raise Refused(f"{folder}: {capped_text('; '.join(exc.problems), REASON_LIMIT)}") from None
     if not (config.runs_something or config.serves_http):
         raise Refused(f"{folder}: config/keter.yaml defines nothing to run or serve")
     members = bundle_members(folder, skip=output)

@@ -2,24 +2,51 @@
 
 Every finished deploy attempt becomes one entry with a sequence number that
 never repeats (it is stored too), so a client can ask "what finished after
-entry N" and never mistake an old verdict for the one it waits for. The file
-is bounded: the last ``per_app`` entries of at most ``max_apps`` apps.
+entry N" and never mistake an old verdict for the one it waits for.
+
+Everything is bounded, whatever a bundle puts in its failure reason: an
+entry's reason is capped (``REASON_LIMIT``), the file keeps the last
+``per_app`` entries of at most ``max_apps`` apps and stays under
+``FILE_BUDGET`` (the oldest entries go first). A file that is too big, cut
+short or damaged (an older keter, a full disk, a hand edit) never stops
+keter: ``load`` keeps every entry it can read, in bounded memory.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 from keter.fsutil import atomic_write
 from keter.messages import DeployFinished
+from keter.names import log_text, validate_app_name
 
 log = logging.getLogger(__name__)
 
 PER_APP = 50
 MAX_APPS = 200
-MAX_FILE_BYTES = 16 << 20  # far above PER_APP * MAX_APPS entries; guards a corrupt file
+REASON_LIMIT = 2048  # characters of one entry's reason (TEAM.md decision 5: a few KiB)
+FILE_BUDGET = 4 << 20  # bytes history.json may take; the oldest entries make room
+READ_LIMIT = 32 << 20  # bytes of a (too big) file load reads; the rest is lost
+_TEXT_FIELDS = {"version": 64, "sha256": 64, "outcome": 32, "kind": 32}
+_NUMBER_FIELDS = ("at", "bundle_mtime", "duration")
+
+
+def capped_text(text: object, limit: int) -> str:
+    """Text from a bundle or an app, safe to show and at most about ``limit`` characters.
+
+    Printable text (already escaped text included) is only cut, with
+    "... (N more characters)"; anything else goes through ``names.log_text``,
+    which escapes control characters and escape sequences. So text escaped
+    once upstream is never escaped twice.
+    """
+    if not isinstance(text, str) or not text.isprintable():
+        return log_text(text, limit)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 class DeployHistory:
@@ -29,45 +56,63 @@ class DeployHistory:
     guards readers with its lock.
     """
 
-    def __init__(self, path: Path, *, per_app: int = PER_APP, max_apps: int = MAX_APPS) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        per_app: int = PER_APP,
+        max_apps: int = MAX_APPS,
+        budget: int = FILE_BUDGET,
+        read_limit: int = READ_LIMIT,
+    ) -> None:
         self.path = Path(path)
         self.per_app = per_app
         self.max_apps = max_apps
+        self.budget = budget
+        self.read_limit = read_limit
         self.seq = 0  # the number of the newest entry
         self._apps: dict[str, list[dict]] = {}
 
     def load(self) -> None:
-        """Read the file if there is one; a damaged file is set aside, with one log line."""
+        """Read the file if there is one, keeping every entry that can be read.
+
+        A file that cannot be read whole (damaged, cut short, beyond
+        ``read_limit``) is kept beside as ``history.json.damaged``, with one
+        log line saying how many entries were saved from it.
+        """
         try:
             with open(self.path, "rb") as f:
-                raw = f.read(MAX_FILE_BYTES + 1)
+                raw = f.read(self.read_limit + 1)
         except FileNotFoundError:
             return
-        try:
-            if len(raw) > MAX_FILE_BYTES:
-                raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
-            data = json.loads(raw)
-            seq = data["seq"]
-            apps = data["apps"]
-            if not isinstance(seq, int) or not isinstance(apps, dict):
-                raise ValueError("unexpected layout")
-            for entries in apps.values():
-                if not isinstance(entries, list) or not all(
-                    isinstance(e, dict) and isinstance(e.get("seq"), int) for e in entries
-                ):
-                    raise ValueError("unexpected layout")
-        except (ValueError, KeyError, TypeError) as exc:
-            aside = self.path.with_name(self.path.name + ".damaged")
-            self.path.replace(aside)
-            log.error(
-                "keter: %s is unreadable (%s); starting a new history, the old file is kept as %s",
-                self.path,
-                exc,
-                aside.name,
-            )
+        except OSError as exc:
+            log.error("keter: cannot read %s (%s); starting a new history", self.path, exc)
             return
-        self.seq = seq
-        self._apps = {name: entries[-self.per_app :] for name, entries in apps.items()}
+        text = raw[: self.read_limit].decode("utf-8", "replace")
+        seq, apps, problem = _parse(text)
+        if problem is None and len(raw) > self.read_limit:
+            problem = f"larger than {self.read_limit} bytes"
+        for name, entries in apps.items():
+            self._apps[name] = entries[-self.per_app :]
+        self.seq = max([seq, *(e["seq"] for es in self._apps.values() for e in es)])
+        self._forget_oldest_apps()
+        if problem is not None:
+            aside = self.path.with_name(self.path.name + ".damaged")
+            try:
+                self.path.replace(aside)
+            except OSError as exc:
+                aside = f"not set aside: {exc}"
+            kept = sum(len(entries) for entries in self._apps.values())
+            log.error(
+                "keter: %s is damaged (%s); kept the %d entries that could be read, "
+                "the old file is kept as %s",
+                self.path,
+                problem,
+                kept,
+                getattr(aside, "name", aside),
+            )
+        if problem is not None or len(raw) > self.budget:
+            self.save()  # the file keter keeps from now on is bounded again
 
     def record(self, finished: DeployFinished) -> dict:
         """Add one finished deploy, save, and return its entry."""
@@ -78,8 +123,9 @@ class DeployHistory:
             "version": finished.version,
             "sha256": finished.sha256,
             "bundle_mtime": finished.bundle_mtime,
-            "outcome": finished.outcome,
-            "reason": finished.reason,
+            "outcome": str(finished.outcome),
+            "kind": str(finished.kind) if finished.kind is not None else None,
+            "reason": capped_text(finished.reason, REASON_LIMIT),
             "duration": round(finished.duration, 3),
         }
         entries = self._apps.setdefault(finished.app, [])
@@ -91,9 +137,12 @@ class DeployHistory:
 
     def save(self) -> None:
         """Write the file; a failure (full disk) is logged and the history stays in memory."""
-        data = json.dumps({"seq": self.seq, "apps": self._apps}, separators=(",", ":"))
+        data = self._dump()
+        if len(data) > self.budget:
+            self._drop_oldest(len(data) - self.budget)
+            data = self._dump()
         try:
-            atomic_write(self.path, data.encode(), mode=0o600)
+            atomic_write(self.path, data, mode=0o600)
         except OSError as exc:
             log.error("keter: cannot save the deploy history to %s: %s", self.path, exc)
 
@@ -114,3 +163,142 @@ class DeployHistory:
         by_age = sorted(self._apps, key=lambda name: self._apps[name][-1]["seq"])
         for name in by_age[: len(self._apps) - self.max_apps]:
             del self._apps[name]
+
+    def _dump(self) -> bytes:
+        return json.dumps({"seq": self.seq, "apps": self._apps}, separators=(",", ":")).encode()
+
+    def _drop_oldest(self, excess: int) -> None:
+        """Drop the oldest entries worth ``excess`` bytes of the file (each app keeps its last)."""
+        older = sorted(
+            (e for entries in self._apps.values() for e in entries[:-1]), key=lambda e: e["seq"]
+        )
+        dropped = set()
+        for entry in older:
+            if excess <= 0:
+                break
+            dropped.add(entry["seq"])
+            excess -= len(json.dumps(entry, separators=(",", ":")).encode()) + 1
+        for name, entries in self._apps.items():
+            self._apps[name] = [e for e in entries if e["seq"] not in dropped]
+        log.warning(
+            "keter: the deploy history would pass %d bytes; dropped its %d oldest entries",
+            self.budget,
+            len(dropped),
+        )
+
+
+# -- reading a file that may be damaged -------------------------------------------------
+
+
+def _parse(text: str) -> tuple[int, dict[str, list[dict]], str | None]:
+    """(seq, entries per app, what was wrong or None) from a history file's text.
+
+    The file is read as JSON when it is whole; else entry by entry, keeping
+    everything before the damage. Each entry is checked and cleaned (``_entry``).
+    """
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        seq, apps = _salvage(text)
+        return seq, apps, f"not valid JSON: {exc}"
+    if not isinstance(data, dict) or not isinstance(data.get("apps"), dict):
+        return 0, {}, "unexpected layout"
+    seq = data.get("seq")
+    apps: dict[str, list[dict]] = {}
+    problem = None if _is_int(seq) else "no sequence number"
+    for name, raw_entries in data["apps"].items():
+        raw_list = raw_entries if isinstance(raw_entries, list) else []
+        entries = _entries(name, raw_list)
+        if entries is None or len(entries) != len(raw_list) or raw_list is not raw_entries:
+            problem = problem or "unexpected entries"
+        if entries:
+            apps[name] = entries
+    return (seq if _is_int(seq) else 0), apps, problem
+
+
+def _salvage(text: str) -> tuple[int, dict[str, list[dict]]]:
+    """The entries before the first damage in ``{"seq":N,"apps":{"APP":[{...},...],...}}``."""
+    decoder = json.JSONDecoder()
+    apps: dict[str, list[dict]] = {}
+    seq = 0
+    at = text.find('"seq"')
+    if at >= 0:
+        try:
+            value, _ = decoder.raw_decode(text, _skip(text, at + 5, ":"))
+            seq = value if _is_int(value) else 0
+        except (ValueError, IndexError):
+            pass
+    at = text.find('"apps"')
+    if at < 0:
+        return seq, apps
+    try:
+        pos = _skip(text, _skip(text, at + 6, ":"), "{")
+        while text[_ws(text, pos)] != "}":
+            name, pos = decoder.raw_decode(text, _ws(text, pos))
+            pos = _skip(text, _skip(text, pos, ":"), "[")
+            found: list[object] = []
+            try:
+                while text[_ws(text, pos)] != "]":
+                    value, pos = decoder.raw_decode(text, _ws(text, pos))
+                    found.append(value)
+                    pos = _ws(text, pos)
+                    if text[pos] == ",":
+                        pos += 1
+                pos = _ws(text, pos) + 1
+            finally:  # the entries before the damage count, even in a list cut short
+                entries = _entries(name, found) if isinstance(name, str) else None
+                if entries:
+                    apps[name] = entries
+            pos = _ws(text, pos)
+            if text[pos] == ",":
+                pos += 1
+    except (ValueError, IndexError):
+        pass
+    return seq, apps
+
+
+def _ws(text: str, pos: int) -> int:
+    while text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _skip(text: str, pos: int, char: str) -> int:
+    pos = _ws(text, pos)
+    if text[pos] != char:
+        raise ValueError(f"expected {char!r} at {pos}")
+    return pos + 1
+
+
+def _entries(app: object, raw: list[object]) -> list[dict] | None:
+    """The app's valid entries in sequence order; None if the app's name is not valid."""
+    try:
+        validate_app_name(app)
+    except ValueError:
+        return None
+    entries = [entry for item in raw if (entry := _entry(item)) is not None]
+    return sorted(entries, key=lambda e: e["seq"])
+
+
+def _entry(raw: object) -> dict | None:
+    """A stored entry checked field by field, its texts capped; None without a sequence number."""
+    if not isinstance(raw, dict) or not _is_int(raw.get("seq")) or raw["seq"] <= 0:
+        return None
+    entry: dict[str, object] = {"seq": raw["seq"]}
+    for key in _NUMBER_FIELDS:
+        value = raw.get(key)
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        entry[key] = value if ok else 0.0
+    for key, limit in _TEXT_FIELDS.items():
+        value = raw.get(key)
+        entry[key] = capped_text(value, limit) if isinstance(value, str) else None
+    entry["version"] = entry["version"] or ""
+    entry["sha256"] = entry["sha256"] or ""
+    entry["outcome"] = entry["outcome"] or "unknown"
+    reason = raw.get("reason")
+    entry["reason"] = capped_text(reason, REASON_LIMIT) if isinstance(reason, str) else ""
+    return entry
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -19,7 +19,14 @@ import threading
 from pathlib import Path
 
 import pytest
-from support.bundles import make_bundle, webapp_config
+from support.bundles import (
+    NOISE,
+    NOISE_SHOWN,
+    TERMINAL_CONTROL,
+    make_bundle,
+    noisy_app,
+    webapp_config,
+)
 from support.daemon import app_processes, keter_cli, status_api
 from support.net import Load, served
 from support.wait import wait_for
@@ -221,6 +228,44 @@ def test_logs_follow_the_app_across_log_rotation(keter_factory, tmp_path):
         follower.send_signal(signal.SIGINT)
         assert follower.wait(10) == 0
         reader.join(5)
+
+
+def test_an_app_cannot_reach_the_operators_terminal_through_keter_logs(keter, tmp_path):
+    """Issue 10.6, of record: escape sequences from an app are shown escaped, never run."""
+    config = webapp_config("noisy.test", "v1")
+    bundle = make_bundle(tmp_path / "noisy.keter", config=config, app_source=noisy_app(tmp_path))
+    deployed = keter_cli(keter.root, "deploy", str(bundle))
+    assert deployed.returncode == 0, deployed.stderr
+    assert NOISE.encode() in (keter.root / "log" / "app-noisy.log").read_bytes()  # kept whole
+
+    logs = keter_cli(keter.root, "logs", "noisy", "-n", "5")
+    assert logs.returncode == 0
+    assert NOISE_SHOWN in logs.stdout
+    assert not TERMINAL_CONTROL.search(logs.stdout.replace("\n", ""))
+
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "keter", "logs", "noisy", "-f", "--root", str(keter.root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out: list[bytes] = []
+    reader = threading.Thread(target=lambda: out.extend(follower.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: NOISE_SHOWN.encode() in b"".join(out), 10, "the noisy line, escaped")
+    finally:
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(10) == 0
+        reader.join(5)
+    assert not TERMINAL_CONTROL.search(b"".join(out).decode().replace("\n", ""))
+
+    # A failed deploy shows the app's last lines: escaped too.
+    failing = webapp_config("noisy.test", "v2", args=["--exit-at-start", "3"])
+    bundle = make_bundle(tmp_path / "noisy.keter", config=failing, app_source=noisy_app(tmp_path))
+    failed = keter_cli(keter.root, "deploy", str(bundle))
+    assert failed.returncode == EXIT_FAILED
+    assert NOISE_SHOWN in failed.stderr, failed.stderr[-3000:]
+    assert not TERMINAL_CONTROL.search(failed.stderr.replace("\n", ""))
 
 
 # -- errors --------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.bundles import make_bundle, webapp_config
+from support.bundles import NOISE_SHOWN, TERMINAL_CONTROL, make_bundle, noisy_app, webapp_config
 from support.daemon import status_api
 from support.net import free_port
 from support.wait import wait_for
@@ -241,3 +241,35 @@ def test_app_page_shows_history_and_log_and_its_restart_button_works(
         "the new process's lines in the log",
     )
     browser.screenshot(ARTIFACTS / "dashboard-app.png")
+
+
+def test_text_from_apps_and_bundles_is_shown_inert(keter_factory, browser, tmp_path):
+    """Issue 10.6, of record: escape sequences and HTML from an app or a bundle are shown
+    as text (escaped), never run by the page."""
+    port = free_port()
+    keter = keter_factory(**LOGIN_SETTINGS, **{"status-listen": f"127.0.0.1:{port}"})
+    client = status_api(keter)
+    config = webapp_config("noisy.test", "v1")
+    keter.drop(make_bundle(tmp_path / "noisy.keter", config=config, app_source=noisy_app(tmp_path)))
+    wait_for(lambda: client.app("noisy")["state"] == "running", 20, "noisy to run")
+    hostile = '<img src=x onerror="window.pwned=1">\x1b[31m'
+    keter.drop(make_bundle(tmp_path / "noisy.keter", config=webapp_config(hostile, "v2")))
+    wait_for(lambda: len(client.app("noisy")["history"]) == 2, 20, "the refused bundle")
+    browser.log_in(*USER)
+
+    browser.open(f"http://127.0.0.1:{port}/app/noisy")
+    log = "document.getElementById('log').textContent"
+    wait_for(lambda: NOISE_SHOWN in (browser.js(log) or ""), 10, "the app's line, escaped")
+    history = "document.querySelector('#history tbody').textContent"
+    wait_for(lambda: "<img" in (browser.js(history) or ""), 10, "the refusal's reason")
+    browser.open(f"http://127.0.0.1:{port}/")
+    events = "document.getElementById('events').textContent"
+    wait_for(lambda: "<img" in (browser.js(events) or ""), 10, "the event, as text")
+    for page in (f"http://127.0.0.1:{port}/app/noisy", f"http://127.0.0.1:{port}/"):
+        browser.open(page)
+        wait_for(lambda: browser.js("!!document.querySelector('#live.ok')"), 10, "the page")
+        text = browser.js("document.body.textContent")
+        assert not TERMINAL_CONTROL.search(text.replace("\n", "")), page
+        assert browser.js("document.querySelectorAll('main img, main b').length") == 0
+        assert browser.js("window.pwned") is None
+    browser.screenshot(ARTIFACTS / "dashboard-inert.png")

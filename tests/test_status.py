@@ -33,7 +33,6 @@ from support.wait import wait_for
 from keter.archive import BundleArchive
 from keter.client import ApiError, KeterClient
 from keter.config import KeterConfig, Listener
-from keter.history import DeployHistory
 from keter.logtail import LogFollower, tail_lines
 from keter.messages import (
     AppChanged,
@@ -231,34 +230,6 @@ def test_history_is_kept_bounded_and_survives_a_restart(make_status):
     assert [h["seq"] for h in view["history"]] == [2, 1]
     again.tell_and_wait(finished(outcome="serving"))
     assert again.client.app("hello")["history"][0]["seq"] == 3  # numbers never repeat
-
-
-def test_history_keeps_the_last_entries_per_app(tmp_path):
-    history = DeployHistory(tmp_path / "history.json", per_app=3, max_apps=2)
-    for i in range(5):
-        history.record(finished(app="a", reason=str(i)))
-    history.record(finished(app="b"))
-    history.record(finished(app="c"))
-    assert [e["reason"] for e in history.entries("a")] == []  # the app seen longest ago left
-    loaded = DeployHistory(tmp_path / "history.json", per_app=3, max_apps=2)
-    loaded.load()
-    assert loaded.seq == 7
-    assert "a" not in loaded and "b" in loaded and "c" in loaded
-    history = DeployHistory(tmp_path / "other.json", per_app=3)
-    for i in range(5):
-        history.record(finished(app="a", reason=str(i)))
-    assert [e["reason"] for e in history.entries("a")] == ["2", "3", "4"]
-
-
-def test_a_damaged_history_file_is_set_aside(tmp_path, caplog):
-    path = tmp_path / "history.json"
-    path.write_text("{not json")
-    history = DeployHistory(path)
-    with caplog.at_level(logging.ERROR):
-        history.load()
-    assert history.seq == 0
-    assert (tmp_path / "history.json.damaged").read_text() == "{not json"
-    assert "history.json is unreadable" in caplog.text
 
 
 def test_history_request_waits_for_the_next_entry(make_status):
@@ -776,3 +747,20 @@ def test_dashboard_host_is_served_by_nginx_behind_basic_auth(
     keter.drop(make_bundle(tmp_path / "squat.keter", config=webapp_config("dash.test", "v1")))
     wait_for(lambda: "squat: deploy #" in keter.log() and "dashboard-host" in keter.log(), 20)
     assert through_nginx(private_nginx, "/", ("admin", "s3cret"))[0] == 200
+
+
+def test_a_huge_bad_config_leaves_small_traces(keter, tmp_path):
+    """Issue 10.5, of record: a 195 KiB config once left a 4 MiB reason in history.json
+    and the events feed (and the log). Now each keeps a few KiB."""
+    client = status_api(keter)
+    stanza = "  - {type: webapp, exec: 5, host: 'bad host %d', port: x, env: [1, 2, 3]}\n"
+    config = "stanzas:\n" + "".join(stanza % i for i in range(2800))
+    assert len(config) > 195 * 1024
+    bundle = make_bundle(tmp_path / "big.keter", config=config)
+    keter.drop(bundle)
+    [entry] = wait_for(lambda: client.app("big")["history"], 20, "the refusal")
+    assert entry["outcome"] == "failed"
+    assert len(entry["reason"]) < 2200
+    [event] = [e for e in client.status()["events"] if e["app"] == "big"]
+    assert len(event["text"]) < 2300
+    assert (keter.root / "etc" / "history.json").stat().st_size < 8 * 1024

@@ -120,11 +120,11 @@ class StatusServer(Actor):
             self._archive(msg)  # before the verdict is visible, so a rollback can use it at once
         elif msg.kind is FailureKind.HEALTH_CHECK:
             self.metrics.health_check_failures.labels(msg.app).inc()
-        self.board.record(msg)
+        entry = self.board.record(msg)
         if msg.outcome is Outcome.SERVING:
             text = f"version {msg.version} serving (took {msg.duration:.1f}s)"
-        else:
-            text = f"version {msg.version} {msg.outcome.value}: {msg.reason}"
+        else:  # the reason as the history keeps it: capped, whatever the bundle made of it
+            text = f"version {msg.version} {msg.outcome.value}: {entry['reason']}"
         self.board.add_event(msg.app, f"deploy-{msg.outcome.value}", text, msg.at)
 
     def _archive(self, msg: DeployFinished) -> None:

@@ -16,14 +16,17 @@ import time
 from keter import __version__
 from keter.archive import BundleArchive
 from keter.config import KeterConfig
-from keter.history import DeployHistory
+from keter.history import REASON_LIMIT, DeployHistory, capped_text
 from keter.logtail import tail_lines
 from keter.messages import AppSnapshot, DeployFinished
+from keter.names import log_text
 from keter.routes import approot
 from keter.status.errors import ApiError
 
 EVENTS_KEPT = 100
+EVENT_LIMIT = REASON_LIMIT + 100  # characters of one event's text (a deploy's reason and more)
 MAX_LOG_LINES = 1000
+LOG_LINE_LIMIT = 4096  # characters of one log line shown (an app's lines go up to 64 KiB)
 LONG_POLL_SECONDS = 30.0  # the longest a history request waits for a new entry
 
 
@@ -62,15 +65,17 @@ class StatusBoard:
         with self.cond:
             self._apps.pop(app, None)
 
-    def record(self, finished: DeployFinished) -> None:
-        """Add a deploy to the history and wake the requests waiting for one."""
+    def record(self, finished: DeployFinished) -> dict:
+        """Add a deploy to the history and wake the requests waiting for one; its entry."""
         with self.cond:
-            self.history.record(finished)
+            entry = self.history.record(finished)
             self.cond.notify_all()
+        return entry
 
     def add_event(self, app: str, kind: str, text: str, at: float) -> None:
+        event = {"at": at, "app": app, "kind": str(kind), "text": capped_text(text, EVENT_LIMIT)}
         with self.cond:
-            self._events.append({"at": at, "app": app, "kind": kind, "text": text})
+            self._events.append(event)
 
     def close(self) -> None:
         """keter is stopping: long polls answer now."""
@@ -144,7 +149,9 @@ class StatusBoard:
             lines = tail_lines(path, min(max(count, 0), MAX_LOG_LINES))
         except FileNotFoundError:
             lines = []
-        return {"app": app, "file": str(path), "lines": lines}
+        # The app wrote these: shown with control characters and escape sequences escaped.
+        shown = [log_text(line, LOG_LINE_LIMIT) for line in lines]
+        return {"app": app, "file": str(path), "lines": shown}
 
     def _app_json(self, snapshot: AppSnapshot, now: float) -> dict:
         started = snapshot.started_at

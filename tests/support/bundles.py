@@ -9,6 +9,7 @@ tarball in memory.
 from __future__ import annotations
 
 import io
+import re
 import sys
 import tarfile
 import time
@@ -185,6 +186,23 @@ class Zeros:
 
 
 # -- configs ------------------------------------------------------------------------------
+
+
+# What a hostile app prints: a window title, clear screen, colours, a carriage return that
+# would overwrite the line, a C1 CSI, HTML and a right-to-left override.
+NOISE = "\x1b]0;pwned\x07\x1b[2J\x1b[31mRED\x1b[0m\rFORGED \x9b31m <b>bold</b> \u202egnp.exe"
+NOISE_SHOWN = "\\x1b]0;pwned\\x07\\x1b[2J\\x1b[31mRED\\x1b[0m\\rFORGED \\x9b31m <b>bold</b>"
+TERMINAL_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def noisy_app(tmp_path: Path) -> Path:
+    """tests/apps/versioned_app.py that first prints NOISE on its stdout."""
+    source = (APPS / "versioned_app.py").read_text()
+    future = "from __future__ import annotations\n"
+    noise = f"import sys\nsys.stdout.write({NOISE!r} + '\\n')\nsys.stdout.flush()\n"
+    path = tmp_path / "noisy_app.py"
+    path.write_text(source.replace(future, future + noise, 1))
+    return path
 
 
 def webapp_config(host: str, version: str, **extra) -> dict:

@@ -50,7 +50,7 @@ APP_SCRIPT = BENCH / "app.sh"
 WRK = "/usr/bin/wrk"
 WRK_REPORT = BENCH / "wrk_report.lua"
 NGINX = "/usr/sbin/nginx"
-# What keter gives every app (keter.supervisor.BASE_PATH).
+# What keter gives every app (keter.environment.BASE_PATH).
 APP_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 POLL = 0.005  # how often a measured wait looks: the resolution of a deploy or downtime figure

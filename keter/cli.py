@@ -11,6 +11,7 @@ import fcntl
 import logging
 import os
 import sys
+import threading
 
 from keter import __version__
 from keter.config import ConfigError, KeterConfig, load_config
@@ -94,11 +95,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"keter: cannot prepare {config.root}: {exc}", file=sys.stderr)
         return 1
 
-    from keter.supervisor import Supervisor  # imports every component; after the cheap checks
+    from keter import daemon  # imports every component; after the cheap checks
 
-    supervisor = Supervisor(config)
-    supervisor.install_signal_handlers()
     try:
-        return supervisor.run()
+        code = daemon.run(config)
     finally:
         os.close(lock_fd)
+    main = threading.main_thread()
+    if any(t is not main and t.is_alive() and not t.daemon for t in threading.enumerate()):
+        # A component stuck past the shutdown deadline (logged): its thread must not
+        # keep keter alive.
+        logging.shutdown()
+        os._exit(code)
+    return code

@@ -450,10 +450,23 @@ class ApplyNginx:
 
 
 @message
+class SiteRefused:
+    """One app's site that nginx could not take; that app keeps its previous site (if any)."""
+
+    app: str
+    reason: str
+
+
+@message
 class NginxApplied:
-    """nginx now serves ``generation`` (and so every earlier one is obsolete)."""
+    """nginx now serves ``generation`` (and so every earlier one is obsolete).
+
+    Sites in ``refused`` failed alone (rendering or ``nginx -t``): each of those apps
+    kept the site it had before, or none; every other site is as asked.
+    """
 
     generation: int
+    refused: tuple[SiteRefused, ...] = ()
 
 
 @message

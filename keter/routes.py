@@ -39,12 +39,16 @@ from keter.nginx import support_dir
 
 
 def sites_for(
-    app: str, config: BundleConfig, folder: Path, port: int | None, settings: KeterConfig
+    app: str,
+    config: BundleConfig,
+    folder: Path,
+    ports: tuple[int | None, ...],
+    settings: KeterConfig,
 ) -> tuple[Site, ...]:
     """What nginx must serve for one deployed version of ``app``.
 
-    ``folder`` is where the version is unpacked, ``port`` its web app's port
-    (None when it has no web app, or it is not started). One Site, or none
+    ``folder`` is where the version is unpacked, ``ports`` its web apps' ports in
+    ``config.webapps`` order (None for one not started). One Site, or none
     when the bundle serves no host. Raises ValueError if a static root lies
     outside ``folder`` (the parser already refuses that; this is a second lock).
     """
@@ -69,10 +73,11 @@ def sites_for(
         )
 
     routes = []
-    webapp = config.webapp
-    if webapp is not None and port is not None:
-        action = ProxyApp(port=port, timeout=webapp.time_bound)
-        routes.append(route("webapp", webapp, webapp.hosts, action))
+    for i, (webapp, port) in enumerate(zip(config.webapps, ports, strict=True)):
+        if port is not None:
+            action = ProxyApp(port=port, timeout=webapp.time_bound)
+            label = "webapp" if i == 0 else f"webapp-{i}"
+            routes.append(route(label, webapp, webapp.hosts, action))
     for i, static in enumerate(config.static_files):
         if not Path(static.root).is_relative_to(folder):
             raise ValueError(f"{app}: static root {static.root} is outside {folder}")

@@ -755,7 +755,7 @@ def settings(tmp_path: Path, *listeners: Listener, **keys) -> KeterConfig:
 
 def test_sites_for_a_plain_webapp_is_the_old_site(tmp_path) -> None:
     config = parse(tmp_path, "exec: ../hello\nhosts: [a.test, b.test]\n")
-    [site] = sites_for("app", config, tmp_path / "bundle", 4001, settings(tmp_path))
+    [site] = sites_for("app", config, tmp_path / "bundle", (4001,), settings(tmp_path))
     assert site.all_routes == Site(app="app", hosts=("a.test", "b.test"), port=4001).all_routes
 
 
@@ -806,7 +806,7 @@ def test_sites_for_every_stanza(tmp_path) -> None:
     )
     folder = (tmp_path / "bundle").resolve()
     support = tmp_path / "nginx/.keter.conf.d"
-    [site] = sites_for("app", config, folder, 4001, settings(tmp_path))
+    [site] = sites_for("app", config, folder, (4001,), settings(tmp_path))
     assert site.app == "app"
     assert site.hosts == () and site.port is None
     webapp, static, redirect, proxy, proxy_v6, preserving = site.routes
@@ -850,16 +850,16 @@ def test_sites_for_every_stanza(tmp_path) -> None:
 
 def test_sites_for_without_a_port_or_hosts(tmp_path) -> None:
     config = parse(tmp_path, "stanzas: [{type: background, exec: ../worker}]")
-    assert sites_for("app", config, tmp_path / "bundle", None, settings(tmp_path)) == ()
+    assert sites_for("app", config, tmp_path / "bundle", (), settings(tmp_path)) == ()
     webapp = parse(tmp_path / "w", "exec: ../hello\nhost: a\n")
     # A web app not started yet is not routed.
-    assert sites_for("app", webapp, tmp_path / "w/bundle", None, settings(tmp_path)) == ()
+    assert sites_for("app", webapp, tmp_path / "w/bundle", (None,), settings(tmp_path)) == ()
 
 
 def test_sites_for_refuses_a_root_outside_the_folder(tmp_path) -> None:
     config = parse(tmp_path, "stanzas: [{type: static-files, root: .., host: s}]")
     with pytest.raises(ValueError, match="outside"):
-        sites_for("app", config, tmp_path / "elsewhere", None, settings(tmp_path))
+        sites_for("app", config, tmp_path / "elsewhere", (), settings(tmp_path))
 
 
 def test_deploy_problems_need_a_tls_listener_for_ssl_and_requires_secure(tmp_path) -> None:

@@ -164,6 +164,11 @@ class BundleConfig:
     reverse_proxies: tuple[ReverseProxy, ...] = ()
 
     @property
+    def webapps(self) -> tuple[WebApp, ...]:
+        """The bundle's web apps, each its own process, port and hosts."""
+        return (self.webapp,) if self.webapp is not None else ()
+
+    @property
     def all_hosts(self) -> tuple[str, ...]:
         """Every host any stanza claims (no two stanzas share one)."""
         hosts = list(self.webapp.hosts) if self.webapp else []

@@ -11,6 +11,7 @@ import logging
 import os
 import select
 import signal
+import threading
 import time
 
 import psutil
@@ -51,7 +52,7 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-def wait_group_gone(pgid: int, deadline: float) -> bool:
+def wait_group_gone(pgid: int, deadline: float, cancel: threading.Event | None = None) -> bool:
     """Block until no live process of the group remains, or until ``deadline`` (monotonic).
 
     Only for keter's own start-up and shutdown, when blocking is the point.
@@ -62,7 +63,7 @@ def wait_group_gone(pgid: int, deadline: float) -> bool:
         if not members:
             return True
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if remaining <= 0 or (cancel is not None and cancel.is_set()):
             return False
         pidfds = []
         for pid in members:
@@ -78,15 +79,18 @@ def wait_group_gone(pgid: int, deadline: float) -> bool:
                 os.close(fd)
 
 
-def stop_groups(groups: dict[int, str], timeout: float) -> None:
+def stop_groups(
+    groups: dict[int, str], timeout: float, cancel: threading.Event | None = None
+) -> None:
     """SIGTERM every group, SIGKILL what is left after one shared ``timeout``, wait for all.
 
-    ``groups`` maps pgid to a label for the log (``"app: pid 123"``).
+    ``groups`` maps pgid to a label for the log (``"app: pid 123"``). Setting
+    ``cancel`` cuts the grace period short (keter must stop now).
     """
     for pgid in groups:
         signal_group(pgid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    stubborn = [pgid for pgid in groups if not wait_group_gone(pgid, deadline)]
+    stubborn = [pgid for pgid in groups if not wait_group_gone(pgid, deadline, cancel)]
     for pgid in stubborn:
         log.warning("%s: still running %gs after SIGTERM; sending SIGKILL", groups[pgid], timeout)
         signal_group(pgid, signal.SIGKILL)

@@ -39,6 +39,7 @@ import queue
 import random
 import signal
 import subprocess
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -222,6 +223,7 @@ class ProcessMonitor(Actor):
         self._probes = ThreadPoolExecutor(probe_workers, thread_name_prefix="keter-probe")
         self._entries: dict[int, _Entry] = {}
         self._records = RecordsFile(self.run_dir)
+        self._kill_now = threading.Event()  # set by kill_now(): no grace period any more
         self._random = random.Random()
         self.limits = limits
         self.prlimit = prlimit
@@ -238,13 +240,20 @@ class ProcessMonitor(Actor):
         self._records.stop_leftovers(self.stop_timeout)
         self._save_records()
 
+    def kill_now(self) -> None:
+        """From another thread: keter must stop at once (a second SIGTERM, or the monitor
+        itself is stuck). SIGKILLs every recorded app process group; a shutdown still
+        waiting out the grace period goes on to SIGKILL too."""
+        self._kill_now.set()
+        self._records.kill_saved()
+
     def on_stop(self) -> None:
         """Keter is shutting down: stop every process in parallel and wait for all."""
         entries = list(self._entries.values())
         runs = [e.run for e in entries if e.run is not None and not e.run.gone]
         if runs:
             labels = {e.run.pgid: f"{e.app}: pid {e.run.pid}" for e in entries if e.run in runs}
-            stop_groups(labels, self.stop_timeout)
+            stop_groups(labels, self.stop_timeout, self._kill_now)
         for run in runs:
             run.gone = True
         self._reader.join(runs, timeout=KILL_WAIT)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
 
 from keter.fsutil import atomic_write
-from keter.processes.groups import group_members, stop_groups
+from keter.processes.groups import group_members, signal_group, stop_groups
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,11 @@ class RecordsFile:
             return
         self._saved = records
         self._unsaved = False
+
+    def kill_saved(self) -> None:
+        """SIGKILL every group the last save listed (safe from any thread: keter must stop now)."""
+        for record in self._saved or []:
+            signal_group(record.pgid, signal.SIGKILL)
 
     def stop_leftovers(self, stop_timeout: float) -> None:
         """Stop processes a previous keter started and could not stop (it was killed)."""

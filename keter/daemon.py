@@ -1,0 +1,160 @@
+"""``keter ROOT`` at run time: the real components, the supervisor's loop, signals, shutdown.
+
+The supervisor (``keter.supervisor``) decides; this module only runs it:
+
+* ``build_components`` makes the real actors, all reporting into one inbox.
+* ``run`` installs the signal handlers (they only enqueue, as in gunicorn's
+  arbiter), starts the supervisor and feeds it every message and due timer
+  until it sets an exit code.
+* ``shutdown`` stops the components in order with one deadline: the watcher
+  first (no new deploy starts), the process monitor stops every app
+  gracefully (TERM, ``stop-timeout``, KILL), the status API last (it answers
+  while the apps stop). A component still running at the deadline
+  (``stop-timeout`` plus ``SHUTDOWN_MARGIN``) cannot keep keter alive: every
+  app process is killed and keter exits anyway. A second SIGTERM or SIGINT
+  means stop now: apps are killed at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import time
+
+from keter.config import KeterConfig
+from keter.messages import RescanRequested, ShutdownRequested
+from keter.nginx import NginxWriter, ProxyOptions
+from keter.postgres import PostgresProvisioner
+from keter.processes import ProcessMonitor
+from keter.status import StatusServer
+from keter.supervisor import Components, Supervisor
+from keter.unpacker import Unpacker
+from keter.watcher import IncomingWatcher
+
+log = logging.getLogger(__name__)
+
+# How long past stop-timeout a shutdown may take before stuck components are abandoned.
+SHUTDOWN_MARGIN = 5.0
+POLL = 0.05  # how often a shutdown looks at its inbox for a second signal
+
+
+def build_components(config: KeterConfig, inbox: queue.SimpleQueue) -> Components:
+    """The real actors, each reporting into ``inbox``."""
+    return Components(
+        watcher=IncomingWatcher(config.incoming_dir, report_to=inbox),
+        unpacker=Unpacker(
+            config.temp_dir,
+            max_bytes=config.max_unpacked_bytes,
+            max_members=config.max_members,
+            report_to=inbox,
+        ),
+        monitor=ProcessMonitor(
+            report_to=inbox,
+            run_dir=config.run_dir,
+            health_check_timeout=config.health_check_timeout,
+            stop_timeout=config.stop_timeout,
+            log_max_bytes=config.log_max_bytes,
+            log_backups=config.log_backups,
+        ),
+        nginx=NginxWriter(
+            listeners=config.listeners,
+            config_file=config.nginx.config_file,
+            test_command=config.nginx.test_command,
+            reload_command=config.nginx.reload_command,
+            report_to=inbox,
+            options=ProxyOptions.from_config(config),
+        ),
+        postgres=PostgresProvisioner(
+            etc_dir=config.etc_dir,
+            admin_dsn=config.postgres.admin_dsn,
+            retry_for=config.postgres.retry_seconds,
+            report_to=inbox,
+        ),
+        status=StatusServer(config, report_to=inbox),
+    )
+
+
+def install_signal_handlers(inbox: queue.SimpleQueue) -> None:
+    """Handlers only enqueue; all work (and all logging) happens in the loop.
+
+    SimpleQueue, not Queue: its put() is reentrant, so a signal handler may call it.
+    """
+
+    def on_stop(signum, _frame):
+        inbox.put(ShutdownRequested(signal_name=signal.Signals(signum).name))
+
+    def on_hup(_signum, _frame):
+        inbox.put(RescanRequested())
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+
+
+def run(config: KeterConfig) -> int:
+    """Run keter until it is told to stop; returns the process exit code."""
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    components = build_components(config, inbox)
+    supervisor = Supervisor(config, components)
+    install_signal_handlers(inbox)
+    log.info("keter: starting on %s", config.root)
+    supervisor.start()
+    while supervisor.exit_code is None:
+        for timer in supervisor.due_timers():
+            supervisor.dispatch(timer)
+        if supervisor.exit_code is not None:
+            break
+        try:
+            message = inbox.get(timeout=supervisor.next_timer())
+        except queue.Empty:
+            continue
+        supervisor.dispatch(message)
+    shutdown(components, inbox, config.stop_timeout)
+    return supervisor.exit_code
+
+
+def shutdown(components: Components, inbox: queue.SimpleQueue, stop_timeout: float) -> bool:
+    """Stop every component within one deadline; False if some had to be abandoned."""
+    monitor = components.monitor
+    deadline = time.monotonic() + stop_timeout + SHUTDOWN_MARGIN
+    order = [
+        components.watcher,
+        components.unpacker,
+        components.postgres,
+        components.monitor,
+        components.nginx,
+    ]
+    for component in order:
+        component.stop()
+    stuck = _wait(order, inbox, deadline, monitor)
+    if components.status is not None:
+        components.status.stop()
+        stuck += _wait([components.status], inbox, time.monotonic() + 2.0, monitor)
+    if stuck:
+        log.critical(
+            "keter: %s did not stop in time; every app process was killed and keter exits anyway",
+            ", ".join(str(c.component) for c in stuck),
+        )
+        monitor.kill_now()
+        return False
+    log.info("keter: stopped")
+    return True
+
+
+def _wait(components: list, inbox: queue.SimpleQueue, deadline: float, monitor) -> list:
+    """Wait for ``components`` to end; a second signal kills every app at once."""
+    while True:
+        alive = [c for c in components if c.is_alive()]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        alive[0].join(POLL)
+        while True:
+            try:
+                message = inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(message, ShutdownRequested):
+                log.warning("keter: %s again: killing every app now", message.signal_name)
+                monitor.kill_now()
+            # Anything else (apps reporting that they stopped) needs no decision any more.

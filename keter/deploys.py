@@ -1,0 +1,202 @@
+"""The deploy state machine: one version of one app, from bundle to retirement.
+
+Pure data and rules, no threads and no I/O; the supervisor (``keter.supervisor``)
+drives it with the components' replies. A deploy walks these stages::
+
+    UNPACKING ─► PROVISIONING ─► STARTING ─► SWITCHING ─► SERVING ─► RETIRING ─► ENDED
+        │              │             │            │                     ▲
+        │              └─────────────┴────────────┴── failed/superseded ┘
+        └─────────────────── failed/superseded (nothing runs yet) ─────────────► ENDED
+
+Every allowed move is in ``TRANSITIONS`` with the reason it happens; any other
+move is a bug (``IllegalTransition``). A deploy that never served still goes
+through RETIRING when it has processes to stop, so every deploy ends the same
+way: processes stopped, port released, folder removed, then ENDED.
+
+An app (``App``) has at most one deploy serving and one on its way (``next``);
+a deploy that ended is forgotten.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from keter.bundle import BundleConfig
+from keter.messages import (
+    AppSnapshot,
+    AppState,
+    BundleArrived,
+    DbInfo,
+    Outcome,
+    ProcessState,
+    Site,
+)
+
+
+class Stage(enum.StrEnum):
+    UNPACKING = "unpacking"  # the unpacker unpacks the bundle and reads its config
+    PROVISIONING = "provisioning"  # the provisioner creates (or finds) its database
+    STARTING = "starting"  # its web apps run; waiting until every one answers
+    SWITCHING = "switching"  # nginx is being pointed at it
+    SERVING = "serving"  # it takes the traffic; its background workers run
+    RETIRING = "retiring"  # its processes are being stopped (replaced, removed or failed)
+    ENDED = "ended"  # nothing of it runs; port released, folder removed
+
+
+S = Stage
+
+TRANSITIONS: dict[tuple[Stage, Stage], str] = {
+    (S.UNPACKING, S.PROVISIONING): "unpacked and checked; it asks for a database",
+    (S.UNPACKING, S.STARTING): "unpacked and checked; its web apps are spawned",
+    (S.UNPACKING, S.SWITCHING): "unpacked and checked; it runs no web app to wait for",
+    (S.UNPACKING, S.ENDED): "failed or superseded before anything ran; its folder is removed",
+    (S.PROVISIONING, S.STARTING): "database ready; its web apps are spawned",
+    (S.PROVISIONING, S.SWITCHING): "database ready; it runs no web app to wait for",
+    (S.PROVISIONING, S.ENDED): "failed or superseded before anything ran; its folder is removed",
+    (S.STARTING, S.SWITCHING): "every web app answers its health check",
+    (S.STARTING, S.RETIRING): "a web app failed, or a newer bundle superseded it",
+    (S.STARTING, S.ENDED): "failed before any process was spawned (e.g. no free port)",
+    (S.SWITCHING, S.SERVING): "nginx serves it; the version before it retires",
+    (S.SWITCHING, S.RETIRING): "nginx refused its site; the version before it serves on",
+    (S.SWITCHING, S.ENDED): "nginx refused its site, and it runs no process",
+    (S.SERVING, S.RETIRING): "replaced by a newer version, or its bundle was removed",
+    (S.SERVING, S.ENDED): "replaced or removed, and it runs no process",
+    (S.RETIRING, S.ENDED): "every process of it has stopped",
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A move that TRANSITIONS does not allow: a bug in the supervisor."""
+
+
+def check_transition(old: Stage, new: Stage) -> str:
+    """Why ``old -> new`` is allowed; raises ``IllegalTransition`` if it is not."""
+    try:
+        return TRANSITIONS[(old, new)]
+    except KeyError:
+        raise IllegalTransition(f"{old} -> {new}") from None
+
+
+@dataclass(kw_only=True, eq=False)
+class WebProcess:
+    """One web app of a deploy (a bundle may have several webapp stanzas)."""
+
+    index: int  # into config.webapps
+    process_id: int  # the process monitor's id for it
+    port: int
+    pid: int | None = None
+    state: ProcessState | None = None
+    healthy: bool = False  # answered its first health check
+    started_at: float | None = None  # wall clock time its current process started
+    restarts: int = 0  # crash restarts while serving
+
+
+@dataclass(kw_only=True, eq=False)
+class Worker:
+    """One background worker of a deploy (started once the deploy serves)."""
+
+    index: int  # into config.backgrounds
+    process_id: int
+    restarts: int = 0
+
+
+@dataclass(kw_only=True, eq=False)
+class Deploy:
+    """One version of one app, from bundle to retirement."""
+
+    id: int
+    app: str
+    bundle: Path
+    bundle_mtime: float  # seconds since the epoch
+    folder: Path  # where it is unpacked (ROOT/temp/APP-ID)
+    stage: Stage = Stage.UNPACKING
+    began: float = field(default_factory=time.monotonic)
+    config: BundleConfig | None = None  # known once unpacked
+    sha256: str = ""  # of the bundle as unpacked: the version's identity
+    db: DbInfo | None = None
+    generation: int | None = None  # the nginx generation that switches traffic to it
+    web: list[WebProcess] = field(default_factory=list)
+    workers: dict[int, Worker] = field(default_factory=dict)  # by process id
+    sites: tuple[Site, ...] = ()  # what nginx serves for it, from the moment it switches
+    outcome: Outcome | None = None  # how its attempt ended, once it did
+    folder_exists: bool = True  # False once the unpacker removed it (or never made it)
+
+    def move(self, new: Stage) -> str:
+        """Go to ``new``; returns the table's reason. Raises IllegalTransition."""
+        why = check_transition(self.stage, new)
+        self.stage = new
+        return why
+
+    @property
+    def version(self) -> str:
+        return self.sha256[:12] or "unknown"
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """Every host the version claims, from all its stanzas."""
+        return self.config.all_hosts if self.config is not None else ()
+
+    @property
+    def process_ids(self) -> tuple[int, ...]:
+        """Every process the monitor runs for it (web apps, then workers)."""
+        return (*(w.process_id for w in self.web), *self.workers)
+
+    @property
+    def ports(self) -> tuple[int | None, ...]:
+        """One port per web app of its config, in order (None before it started)."""
+        count = len(self.config.webapps) if self.config is not None else 0
+        by_index = {w.index: w.port for w in self.web}
+        return tuple(by_index.get(i) for i in range(count))
+
+    def web_process(self, process_id: int) -> WebProcess | None:
+        return next((w for w in self.web if w.process_id == process_id), None)
+
+    @property
+    def all_healthy(self) -> bool:
+        return all(w.healthy for w in self.web)
+
+
+@dataclass(kw_only=True, eq=False)
+class App:
+    """Everything the supervisor knows of one app (one NAME.keter)."""
+
+    name: str
+    serving: Deploy | None = None
+    next: Deploy | None = None
+    waiting: BundleArrived | None = None  # a newer bundle held back while nginx switches
+    removing: bool = False
+    remove_generation: int | None = None
+    # While its bundle is in incoming/, an app stays known, even with nothing serving
+    # (its first deploy failed): the operator must see it as failed, not as absent.
+    bundle_present: bool = True
+
+    @property
+    def idle(self) -> bool:
+        return self.serving is None and self.next is None and self.waiting is None
+
+    def snapshot(self) -> AppSnapshot:
+        shown = self.serving
+        if shown is None:
+            busy = self.next is not None or self.waiting is not None
+            state = AppState.DEPLOYING if busy else AppState.FAILED
+        elif any(w.state in (ProcessState.BACKOFF, ProcessState.STARTING) for w in shown.web):
+            state = AppState.BACKOFF  # a serving version is only STARTING again after a crash
+        else:
+            state = AppState.RUNNING
+        first = shown.web[0] if shown is not None and shown.web else None
+        return AppSnapshot(
+            app=self.name,
+            state=state,
+            version=shown.version if shown else None,
+            bundle_mtime=shown.bundle_mtime if shown else None,
+            hosts=shown.hosts if shown else (),
+            port=first.port if first else None,
+            pid=first.pid if first else None,
+            started_at=first.started_at if first else None,
+            restarts=sum(w.restarts for w in shown.web) if shown else 0,
+            database=shown.db.name if shown and shown.db else None,
+            deploying=self.next.version if self.next and self.next.sha256 else None,
+        )

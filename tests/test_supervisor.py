@@ -1,0 +1,623 @@
+"""The supervisor's decisions, driven with scripted messages and fake components.
+
+No threads, no processes, no nginx: every component is a ``FakeComponent`` that
+records what it is told, and each test plays the components' replies. The
+end-to-end tests (test_deploy.py and friends) show the same flows for real.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from keter.bundle import Background, BundleConfig, StaticFiles, WebApp
+from keter.config import KeterConfig
+from keter.deploys import TRANSITIONS, Deploy, IllegalTransition, Stage
+from keter.messages import (
+    AppChanged,
+    AppGone,
+    ApplyNginx,
+    AppState,
+    BundleArrived,
+    BundleRemoved,
+    BundleUnpacked,
+    Component,
+    ComponentFailed,
+    DatabaseFailed,
+    DatabaseReady,
+    DbInfo,
+    DeployFinished,
+    FailureKind,
+    NginxApplied,
+    NginxFailed,
+    Outcome,
+    ProcessFailed,
+    ProcessHealthy,
+    ProcessStarted,
+    ProcessState,
+    ProcessStateChanged,
+    ProcessStopped,
+    ProvisionDatabase,
+    ProxyApp,
+    RemoveFolder,
+    ScanCompleted,
+    ShutdownRequested,
+    SiteRefused,
+    StartProcess,
+    StopProcess,
+    UnpackBundle,
+    UnpackFailed,
+)
+from keter.processes.ports import PortPool
+from keter.supervisor import RESTART_LIMIT, Components, Supervisor
+
+# -- the rig -----------------------------------------------------------------------------
+
+
+class FakeComponent:
+    """Records every message; start/restart are counted, never run."""
+
+    def __init__(self, name: str) -> None:
+        self.component = Component(name)
+        self.told: list[object] = []
+        self.started = 0
+        self.restarted = 0
+
+    def tell(self, message: object) -> None:
+        self.told.append(message)
+
+    def start(self) -> None:
+        self.started += 1
+
+    def restart(self) -> None:
+        self.restarted += 1
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+    def take(self, kind: type = object) -> list:
+        """The messages of ``kind`` told since the last take (removed from the record)."""
+        taken = [m for m in self.told if isinstance(m, kind)]
+        self.told = [m for m in self.told if not isinstance(m, kind)]
+        return taken
+
+    def one(self, kind: type):
+        [message] = self.take(kind)
+        return message
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Rig:
+    sup: Supervisor
+    watcher: FakeComponent
+    unpacker: FakeComponent
+    monitor: FakeComponent
+    nginx: FakeComponent
+    postgres: FakeComponent
+    status: FakeComponent
+    clock: Clock
+    tmp: Path
+
+    def send(self, *messages: object) -> None:
+        for message in messages:
+            self.sup.dispatch(message)
+
+    # -- playing the components ---------------------------------------------------------
+
+    def arrive(self, app: str, size: int = 100) -> UnpackBundle:
+        self.send(BundleArrived(app=app, path=self.tmp / f"{app}.keter", mtime_ns=1, size=size))
+        return self.unpacker.one(UnpackBundle)
+
+    def unpacked(self, unpack: UnpackBundle, config: BundleConfig, sha: str = "ab" * 32) -> None:
+        self.send(
+            BundleUnpacked(
+                app=unpack.app,
+                deploy_id=unpack.deploy_id,
+                folder=unpack.dest,
+                config=config,
+                sha256=sha,
+            )
+        )
+
+    def healthy(self, start: StartProcess, pid: int = 4242) -> None:
+        self.send(
+            ProcessStarted(app=start.app, deploy_id=start.deploy_id, pid=pid, port=start.spec.port),
+            ProcessHealthy(app=start.app, deploy_id=start.deploy_id),
+        )
+
+    def nginx_ok(self, refused: tuple[SiteRefused, ...] = ()) -> ApplyNginx:
+        apply = self.nginx.one(ApplyNginx)
+        self.send(NginxApplied(generation=apply.generation, refused=refused))
+        return apply
+
+    def stopped(self, *stops: StopProcess) -> None:
+        for stop in stops:
+            self.send(ProcessStopped(app=stop.app, deploy_id=stop.deploy_id))
+
+    def deploy(self, app: str, config: BundleConfig, sha: str = "ab" * 32) -> StartProcess:
+        """A whole deploy up to serving; returns the StartProcess of its web app."""
+        unpack = self.arrive(app)
+        self.unpacked(unpack, config, sha)
+        start = self.monitor.one(StartProcess)
+        self.healthy(start)
+        self.nginx_ok()
+        return start
+
+    def finished(self) -> list[DeployFinished]:
+        return self.status.take(DeployFinished)
+
+    def snapshot(self, app: str):
+        changes = [m.snapshot for m in self.status.told if isinstance(m, AppChanged)]
+        return [s for s in changes if s.app == app][-1]
+
+
+def webapp(tmp: Path, host: str = "a.test", **extra) -> BundleConfig:
+    return BundleConfig(
+        app=host.split(".")[0],
+        webapp=WebApp(exec=tmp / "bin/app", hosts=(host,), **extra),
+    )
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    base = random.randrange(20, 30) * 1000 + random.randrange(0, 900)
+    config = KeterConfig(root=tmp_path / "root", port_range=(base, base + 99), drain_seconds=2)
+    parts = {name: FakeComponent(name) for name in Component}
+    components = Components(
+        watcher=parts[Component.WATCHER],
+        unpacker=parts[Component.UNPACKER],
+        monitor=parts[Component.PROCESSES],
+        nginx=parts[Component.NGINX],
+        postgres=parts[Component.POSTGRES],
+        status=parts[Component.STATUS],
+    )
+    clock = Clock()
+    sup = Supervisor(config, components, ports=PortPool(base, base + 99), clock=clock)
+    rig = Rig(
+        sup,
+        parts[Component.WATCHER],
+        parts[Component.UNPACKER],
+        parts[Component.PROCESSES],
+        parts[Component.NGINX],
+        parts[Component.POSTGRES],
+        parts[Component.STATUS],
+        clock,
+        tmp_path,
+    )
+    sup.start()
+    rig.nginx_ok()  # keter's first config; the watcher starts with its reply
+    return rig
+
+
+# -- the table ---------------------------------------------------------------------------
+
+
+def test_every_stage_is_reachable_and_ends() -> None:
+    reachable, frontier = {Stage.UNPACKING}, [Stage.UNPACKING]
+    while frontier:
+        stage = frontier.pop()
+        for old, new in TRANSITIONS:
+            if old is stage and new not in reachable:
+                reachable.add(new)
+                frontier.append(new)
+    assert reachable == set(Stage)
+    assert not any(old is Stage.ENDED for old, _ in TRANSITIONS)
+    assert all(TRANSITIONS.values())
+
+
+def test_a_move_outside_the_table_is_refused(tmp_path) -> None:
+    deploy = Deploy(id=1, app="a", bundle=tmp_path, bundle_mtime=0, folder=tmp_path)
+    with pytest.raises(IllegalTransition):
+        deploy.move(Stage.SERVING)
+    assert deploy.stage is Stage.UNPACKING
+
+
+# -- start-up ----------------------------------------------------------------------------
+
+
+def test_nothing_deploys_before_nginx_took_the_first_config(tmp_path) -> None:
+    config = KeterConfig(root=tmp_path / "root")
+    parts = {name: FakeComponent(name) for name in Component}
+    components = Components(
+        watcher=parts[Component.WATCHER],
+        unpacker=parts[Component.UNPACKER],
+        monitor=parts[Component.PROCESSES],
+        nginx=parts[Component.NGINX],
+        postgres=parts[Component.POSTGRES],
+    )
+    sup = Supervisor(config, components)
+    sup.start()
+    assert parts[Component.WATCHER].started == 0
+    assert all(
+        parts[c].started == 1 for c in Component if c not in (Component.WATCHER, Component.STATUS)
+    )
+    first = parts[Component.NGINX].one(ApplyNginx)
+    assert first.sites == ()
+    sup.dispatch(NginxApplied(generation=first.generation))
+    assert parts[Component.WATCHER].started == 1
+
+
+def test_a_restarted_keter_redeploys_what_incoming_holds(rig: Rig) -> None:
+    """After a restart the watcher reports every bundle present; each deploys afresh."""
+    unpacks = [rig.arrive(app) for app in ("a", "b")]
+    rig.send(ScanCompleted())
+    for unpack in unpacks:
+        rig.unpacked(unpack, webapp(rig.tmp, f"{unpack.app}.test"))
+    for start in rig.monitor.take(StartProcess):
+        rig.healthy(start)
+    rig.nginx_ok()  # a's switch
+    rig.nginx_ok()  # b's, batched behind it
+    assert [(f.app, f.outcome) for f in rig.finished()] == [
+        ("a", Outcome.SERVING),
+        ("b", Outcome.SERVING),
+    ]
+
+
+# -- the happy path --------------------------------------------------------------------------
+
+
+def test_a_deploy_walks_every_stage_to_serving(rig: Rig) -> None:
+    unpack = rig.arrive("a")
+    assert unpack.dest == rig.sup.config.temp_dir / f"a-{unpack.deploy_id}"
+    deploy = rig.sup.apps["a"].next
+    assert deploy.stage is Stage.UNPACKING
+    assert rig.snapshot("a").state is AppState.DEPLOYING
+
+    rig.unpacked(unpack, webapp(rig.tmp))
+    start = rig.monitor.one(StartProcess)
+    assert deploy.stage is Stage.STARTING
+    assert start.spec.env["PORT"] == str(start.spec.port)
+    assert start.spec.health.host == "a.test"
+
+    rig.healthy(start)
+    assert deploy.stage is Stage.SWITCHING
+    apply = rig.nginx.one(ApplyNginx)
+    [site] = apply.sites
+    assert site.routes[0].action == ProxyApp(port=start.spec.port)
+
+    rig.send(NginxApplied(generation=apply.generation))
+    assert deploy.stage is Stage.SERVING
+    assert rig.sup.apps["a"].serving is deploy
+    [done] = rig.finished()
+    assert (done.outcome, done.kind, done.app) == (Outcome.SERVING, None, "a")
+    assert rig.snapshot("a").state is AppState.RUNNING
+
+
+def test_a_redeploy_retires_the_old_version_after_the_drain(rig: Rig) -> None:
+    first = rig.deploy("a", webapp(rig.tmp), sha="11" * 32)
+    second = rig.deploy("a", webapp(rig.tmp), sha="22" * 32)
+    assert second.spec.port != first.spec.port
+    [stop] = rig.monitor.take(StopProcess)
+    assert (stop.deploy_id, stop.delay) == (first.deploy_id, 2)
+    old = rig.sup.owners[first.deploy_id]
+    assert old.stage is Stage.RETIRING
+    rig.stopped(stop)
+    assert old.stage is Stage.ENDED
+    assert rig.unpacker.one(RemoveFolder).path == old.folder
+    assert first.spec.port not in rig.sup.ports  # released for later deploys
+
+
+def test_a_database_deploy_provisions_before_starting(rig: Rig) -> None:
+    unpack = rig.arrive("a")
+    config = BundleConfig(app="a", webapp=webapp(rig.tmp).webapp, postgres=True)
+    rig.unpacked(unpack, config)
+    provision = rig.postgres.one(ProvisionDatabase)
+    assert rig.monitor.take(StartProcess) == []
+    db = DbInfo(name="a_x", user="a_x", password="secret", host="localhost", port=5432)
+    rig.send(DatabaseReady(app="a", deploy_id=provision.deploy_id, db=db))
+    start = rig.monitor.one(StartProcess)
+    assert start.spec.env["PGDATABASE"] == "a_x"
+
+
+def test_workers_start_once_the_version_serves_and_stop_with_it(rig: Rig) -> None:
+    config = BundleConfig(
+        app="a",
+        webapp=webapp(rig.tmp).webapp,
+        backgrounds=(Background(exec=rig.tmp / "bin/worker", restart_count=1),),
+    )
+    unpack = rig.arrive("a")
+    rig.unpacked(unpack, config)
+    start = rig.monitor.one(StartProcess)
+    rig.healthy(start)
+    assert rig.monitor.take(StartProcess) == []  # not before it serves
+    rig.nginx_ok()
+    worker = rig.monitor.one(StartProcess)
+    assert worker.spec.port is None and "PORT" not in worker.spec.env
+
+    # Crashing more often than restart-count stops it for good; the web app serves on.
+    for _ in range(2):
+        rig.send(
+            ProcessStateChanged(app="a", deploy_id=worker.deploy_id, state=ProcessState.BACKOFF)
+        )
+    [stop] = rig.monitor.take(StopProcess)
+    assert stop.deploy_id == worker.deploy_id
+    rig.stopped(stop)
+    assert rig.sup.apps["a"].serving.workers == {}
+
+
+def test_a_bundle_without_a_web_app_switches_at_once(rig: Rig) -> None:
+    unpack = rig.arrive("docs")
+    (unpack.dest / "public").mkdir(parents=True)
+    config = BundleConfig(
+        app="docs",
+        webapp=None,
+        static_files=(StaticFiles(root=unpack.dest / "public", hosts=("docs.test",)),),
+    )
+    rig.unpacked(unpack, config)
+    assert rig.monitor.take(StartProcess) == []
+    rig.nginx_ok()
+    assert rig.sup.apps["docs"].serving.stage is Stage.SERVING
+
+
+# -- superseding -------------------------------------------------------------------------------
+
+
+def test_a_newer_bundle_supersedes_one_still_unpacking(rig: Rig) -> None:
+    first = rig.arrive("a")
+    second = rig.arrive("a")
+    [done] = rig.finished()
+    assert done.outcome is Outcome.SUPERSEDED
+    # The late reply about the first is stale: its folder goes, nothing starts.
+    rig.unpacked(first, webapp(rig.tmp))
+    assert rig.unpacker.one(RemoveFolder).path == first.dest
+    assert rig.monitor.take(StartProcess) == []
+    rig.unpacked(second, webapp(rig.tmp))
+    assert rig.monitor.one(StartProcess).deploy_id == second.deploy_id
+
+
+def test_a_newer_bundle_supersedes_one_still_starting(rig: Rig) -> None:
+    unpack = rig.arrive("a")
+    rig.unpacked(unpack, webapp(rig.tmp))
+    start = rig.monitor.one(StartProcess)
+    rig.arrive("a")
+    [stop] = rig.monitor.take(StopProcess)
+    assert (stop.deploy_id, stop.delay) == (start.deploy_id, 0)
+    # Its late health report changes nothing.
+    rig.healthy(start)
+    assert rig.nginx.take(ApplyNginx) == []
+    rig.stopped(stop)
+    assert rig.unpacker.one(RemoveFolder).path == unpack.dest
+
+
+def test_a_newer_bundle_waits_for_a_switch_in_flight(rig: Rig) -> None:
+    unpack = rig.arrive("a")
+    rig.unpacked(unpack, webapp(rig.tmp))
+    rig.healthy(rig.monitor.one(StartProcess))
+    apply = rig.nginx.one(ApplyNginx)
+    rig.send(BundleArrived(app="a", path=rig.tmp / "a.keter", mtime_ns=2, size=1))
+    assert rig.unpacker.take(UnpackBundle) == []  # nginx may route to it already
+    rig.send(NginxApplied(generation=apply.generation))
+    assert rig.sup.apps["a"].serving.id == unpack.deploy_id
+    assert rig.unpacker.one(UnpackBundle).app == "a"  # now the waiting one begins
+
+
+# -- removal ---------------------------------------------------------------------------------
+
+
+def test_removing_a_bundle_unroutes_then_stops_the_app(rig: Rig) -> None:
+    start = rig.deploy("a", webapp(rig.tmp))
+    rig.send(BundleRemoved(app="a"))
+    apply = rig.nginx.one(ApplyNginx)
+    assert apply.sites == ()
+    assert rig.monitor.take(StopProcess) == []  # nginx first
+    rig.send(NginxApplied(generation=apply.generation))
+    [stop] = rig.monitor.take(StopProcess)
+    assert stop.deploy_id == start.deploy_id
+    rig.stopped(stop)
+    assert "a" not in rig.sup.apps
+    assert any(isinstance(m, AppGone) and m.app == "a" for m in rig.status.told)
+
+
+def test_removal_mid_switch_happens_after_the_switch(rig: Rig) -> None:
+    unpack = rig.arrive("a")
+    rig.unpacked(unpack, webapp(rig.tmp))
+    start = rig.monitor.one(StartProcess)
+    rig.healthy(start)
+    apply = rig.nginx.one(ApplyNginx)
+    rig.send(BundleRemoved(app="a"))
+    rig.send(NginxApplied(generation=apply.generation))
+    # The switch finished; the removal is a new generation without the app.
+    removal = rig.nginx.one(ApplyNginx)
+    assert removal.sites == ()
+    rig.send(NginxApplied(generation=removal.generation))
+    [stop] = rig.monitor.take(StopProcess)
+    rig.stopped(stop)
+    assert "a" not in rig.sup.apps
+
+
+def test_removal_while_starting_abandons_the_deploy(rig: Rig) -> None:
+    unpack = rig.arrive("a")
+    rig.unpacked(unpack, webapp(rig.tmp))
+    start = rig.monitor.one(StartProcess)
+    rig.send(BundleRemoved(app="a"))
+    [done] = rig.finished()
+    assert done.outcome is Outcome.SUPERSEDED
+    [stop] = rig.monitor.take(StopProcess)
+    assert stop.deploy_id == start.deploy_id
+    rig.stopped(stop)
+    assert "a" not in rig.sup.apps
+
+
+# -- failure at every stage ------------------------------------------------------------------
+
+
+@pytest.fixture
+def serving(rig: Rig) -> StartProcess:
+    """App "a" serves version 11..; the next deploy may fail anywhere."""
+    start = rig.deploy("a", webapp(rig.tmp), sha="11" * 32)
+    rig.finished()
+    return start
+
+
+def assert_failed(rig: Rig, serving: StartProcess, kind: FailureKind) -> DeployFinished:
+    [done] = rig.finished()
+    assert (done.outcome, done.kind) == (Outcome.FAILED, kind)
+    app = rig.sup.apps["a"]
+    assert app.next is None
+    assert app.serving.id == serving.deploy_id and app.serving.stage is Stage.SERVING
+    assert not any(s.deploy_id == serving.deploy_id for s in rig.monitor.take(StopProcess))
+    assert rig.snapshot("a").state is AppState.RUNNING
+    return done
+
+
+def test_failure_while_unpacking(rig: Rig, serving: StartProcess) -> None:
+    unpack = rig.arrive("a")
+    rig.send(UnpackFailed(app="a", deploy_id=unpack.deploy_id, reason="not gzip"))
+    assert assert_failed(rig, serving, FailureKind.UNPACK).reason == "not gzip"
+    assert rig.unpacker.take(RemoveFolder) == []  # the unpacker removed it itself
+
+
+def test_failure_of_the_config_checks(rig: Rig, serving: StartProcess) -> None:
+    rig.deploy("b", webapp(rig.tmp, "b.test"))
+    rig.finished()
+    unpack = rig.arrive("a")
+    rig.unpacked(unpack, webapp(rig.tmp, "b.test"))  # b's host
+    done = assert_failed(rig, serving, FailureKind.CONFLICT)
+    assert "already served by app b" in done.reason
+    assert rig.unpacker.one(RemoveFolder).path == unpack.dest
+
+
+def test_failure_while_provisioning(rig: Rig, serving: StartProcess) -> None:
+    unpack = rig.arrive("a")
+    rig.unpacked(unpack, BundleConfig(app="a", webapp=webapp(rig.tmp).webapp, postgres=True))
+    provision = rig.postgres.one(ProvisionDatabase)
+    rig.send(DatabaseFailed(app="a", deploy_id=provision.deploy_id, reason="server down"))
+    assert_failed(rig, serving, FailureKind.DATABASE)
+    assert rig.unpacker.one(RemoveFolder).path == unpack.dest
+
+
+def test_failure_while_starting(rig: Rig, serving: StartProcess) -> None:
+    unpack = rig.arrive("a")
+    rig.unpacked(unpack, webapp(rig.tmp))
+    start = rig.monitor.one(StartProcess)
+    rig.send(
+        ProcessFailed(
+            app="a",
+            deploy_id=start.deploy_id,
+            reason="did not answer",
+            kind=FailureKind.HEALTH_CHECK,
+        )
+    )
+    assert_failed(rig, serving, FailureKind.HEALTH_CHECK)
+    # The monitor stops a failed start itself; its ProcessStopped ends the deploy.
+    rig.send(ProcessStopped(app="a", deploy_id=start.deploy_id))
+    assert rig.unpacker.one(RemoveFolder).path == unpack.dest
+    assert start.deploy_id not in rig.sup.owners
+
+
+def test_failure_while_switching(rig: Rig, serving: StartProcess) -> None:
+    unpack = rig.arrive("a")
+    rig.unpacked(unpack, webapp(rig.tmp))
+    start = rig.monitor.one(StartProcess)
+    rig.healthy(start)
+    apply = rig.nginx.one(ApplyNginx)
+    rig.send(NginxFailed(generation=apply.generation, reason="nginx -t failed"))
+    app = rig.sup.apps["a"]
+    [done] = rig.finished()
+    assert (done.outcome, done.kind) == (Outcome.FAILED, FailureKind.NGINX)
+    assert app.serving.id == serving.deploy_id
+    [stop] = rig.monitor.take(StopProcess)
+    assert stop.deploy_id == start.deploy_id
+
+
+def test_a_refused_site_fails_only_its_own_deploy(rig: Rig, serving: StartProcess) -> None:
+    """Two deploys ride on one generation; nginx refuses one site; the other switches."""
+    unpack_a = rig.arrive("a")
+    rig.unpacked(unpack_a, webapp(rig.tmp))
+    start_a = rig.monitor.one(StartProcess)
+    unpack_b = rig.arrive("b")
+    rig.unpacked(unpack_b, webapp(rig.tmp, "b.test"))
+    start_b = rig.monitor.one(StartProcess)
+    rig.healthy(start_a)
+    first = rig.nginx.one(ApplyNginx)  # a's switch
+    rig.healthy(start_b)  # b's switch waits for the generation in flight
+    assert rig.nginx.take(ApplyNginx) == []
+    rig.send(
+        NginxApplied(
+            generation=first.generation, refused=(SiteRefused(app="a", reason="bad cert"),)
+        )
+    )
+    [done] = rig.finished()
+    assert (done.app, done.outcome, done.kind) == ("a", Outcome.FAILED, FailureKind.NGINX)
+    assert "bad cert" in done.reason
+    assert rig.sup.apps["a"].serving.id == serving.deploy_id
+    second = rig.nginx.one(ApplyNginx)  # b, batched after
+    rig.send(NginxApplied(generation=second.generation))
+    [done] = rig.finished()
+    assert (done.app, done.outcome) == ("b", Outcome.SERVING)
+
+
+def test_no_free_port_fails_the_deploy(rig: Rig, serving: StartProcess) -> None:
+    pool = rig.sup.ports
+    for _ in range(pool.high - pool.low + 1):
+        try:
+            pool.allocate()
+        except Exception:
+            break
+    unpack = rig.arrive("a")
+    rig.unpacked(unpack, webapp(rig.tmp))
+    assert_failed(rig, serving, FailureKind.PORTS)
+
+
+# -- failures of keter itself -----------------------------------------------------------------
+
+
+def test_a_component_failure_fails_its_deploy_and_restarts_the_component(
+    rig: Rig, serving: StartProcess
+) -> None:
+    unpack = rig.arrive("a")
+    rig.send(
+        ComponentFailed(
+            component=Component.UNPACKER,
+            error="TypeError: boom",
+            message="UnpackBundle",
+            app="a",
+            deploy_id=unpack.deploy_id,
+        )
+    )
+    done = assert_failed(rig, serving, FailureKind.INTERNAL)
+    assert "internal error in unpacker" in done.reason
+    assert rig.unpacker.restarted == 0  # after a backoff, not at once
+    rig.clock.now += 1
+    for timer in rig.sup.due_timers():
+        rig.send(timer)
+    assert rig.unpacker.restarted == 1
+    assert rig.sup.exit_code is None
+
+
+def test_a_component_failing_again_and_again_stops_keter(rig: Rig) -> None:
+    for _ in range(RESTART_LIMIT + 1):
+        rig.send(ComponentFailed(component=Component.NGINX, error="OSError: boom"))
+    assert rig.sup.exit_code == 1
+
+
+def test_a_bug_in_the_supervisor_fails_only_that_deploy(rig: Rig, serving: StartProcess) -> None:
+    unpack = rig.arrive("a")
+    broken = BundleUnpacked(
+        app="a",
+        deploy_id=unpack.deploy_id,
+        folder=unpack.dest,
+        config=None,  # what no unpacker sends: the handler raises
+        sha256="",
+    )
+    rig.send(broken)
+    assert_failed(rig, serving, FailureKind.INTERNAL)
+    assert rig.sup.exit_code is None
+    rig.deploy("b", webapp(rig.tmp, "b.test"))  # keter goes on
+    assert rig.sup.apps["b"].serving is not None
+
+
+def test_shutdown_sets_the_exit_code(rig: Rig) -> None:
+    rig.send(ShutdownRequested(signal_name="SIGTERM"))
+    assert rig.sup.exit_code == 0

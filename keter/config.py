@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import grp
 import ipaddress
+import logging
 import math
 import pwd
 import re
@@ -28,14 +29,25 @@ from typing import Any
 
 from psycopg.conninfo import conninfo_to_dict
 
-from keter.names import validate_host, validate_upstream_host
+from keter.names import (
+    cap_problems,
+    validate_host,
+    validate_ip,
+    validate_upstream_host,
+    validate_url_path,
+)
 from keter.yamlcheck import (
+    MAX_INT,
+    MAX_SECONDS,
     Checker,
     absolute,
     describe,
+    file_path,
     integer,
+    is_arg,
     is_int,
     key_name,
+    number,
     parse_env,
     pem_file,
     pem_files,
@@ -45,6 +57,8 @@ from keter.yamlcheck import (
     unknown_key,
 )
 from keter.yamlcheck import pem_problem as pem_problem  # keter.routes imports it from here
+
+log = logging.getLogger(__name__)
 
 CONFIG_NAME = "keter-config.yaml"
 EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
@@ -56,7 +70,7 @@ class ConfigError(Exception):
     """The global config is unusable; ``problems`` lists every reason."""
 
     def __init__(self, problems: list[str], source: str | None = None) -> None:
-        self.problems = list(problems)
+        self.problems = cap_problems(problems)  # a few KiB at most, then "... and N more"
         self.source = source
         prefix = f"{source}: " if source else ""
         super().__init__("\n".join(prefix + p for p in self.problems))
@@ -256,8 +270,30 @@ def parse_config(
     relative paths are resolved against (the config file's folder).
     ``ephemeral_range`` is the kernel's outgoing port range (None: read it from
     /proc). ``root_given`` means the operator named ROOT on the command line, so
-    a ``root:`` key must agree with it.
+    a ``root:`` key must agree with it. Raises nothing but ConfigError: an
+    exception nobody anticipated becomes one naming its type (traceback at debug).
     """
+    try:
+        return _parse_config(
+            data, root=root, base=base, ephemeral_range=ephemeral_range, root_given=root_given
+        )
+    except ConfigError:
+        raise
+    except Exception as exc:
+        log.debug("internal error while reading %s", CONFIG_NAME, exc_info=True)
+        raise ConfigError(
+            [f"internal error while reading {CONFIG_NAME}: {type(exc).__name__}"]
+        ) from None
+
+
+def _parse_config(
+    data: object,
+    *,
+    root: Path,
+    base: Path,
+    ephemeral_range: tuple[int, int] | None,
+    root_given: bool,
+) -> KeterConfig:
     if data is None:  # an empty or all-comments file: every default
         data = {}
     if not isinstance(data, dict):
@@ -272,7 +308,7 @@ def parse_config(
             if parsed is not None:
                 values[attr] = parsed
         elif key == "root":
-            given = string(value, "root", check, "a folder path")
+            given = file_path(value, "root", check, "a folder path")
             if given:
                 values["root"] = absolute(base / given)
                 if root_given and values["root"] != root:
@@ -373,9 +409,9 @@ def _parse_listen_host(value: object, path: str, check: Checker) -> str | None:
     if value in WILDCARD_HOSTS:
         return WILDCARD_HOSTS[value]
     try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        check.problem(path, f"{expected}, got {describe(value)}")
+        return validate_ip(value)  # an IPv6 zone id is refused: nginx takes none
+    except ValueError as exc:
+        check.problem(path, f"{expected}, got {describe(value)} ({exc})")
         return None
 
 
@@ -388,7 +424,7 @@ def _parse_nginx(value: object, path: str, check: Checker, base: Path) -> object
     for key, item in value.items():
         where = f"{path}.{key_name(key)}"
         if key == "config-file":
-            text = string(item, where, check, "a file path")
+            text = file_path(item, where, check)
             if text:
                 fields["config_file"] = absolute(base / text)
         elif key in ("test-command", "reload-command"):
@@ -404,7 +440,7 @@ def _command(value: object, path: str, check: Checker) -> tuple[str, ...] | None
     if (
         isinstance(value, list)
         and value
-        and all(isinstance(word, str) and word and "\0" not in word for word in value)
+        and all(isinstance(word, str) and word and is_arg(word) for word in value)
     ):
         return tuple(value)
     expected = "a non-empty list of strings like [nginx, -t]"
@@ -458,18 +494,24 @@ def _seconds(minimum: float, *, inclusive: bool) -> Parser:
     bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
 
     def parse(value: object, path: str, check: Checker, base: Path) -> object:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            number = float(value)
-            if math.isfinite(number) and (number >= minimum if inclusive else number > minimum):
-                return number
-        check.problem(path, f"expected a number of seconds {bound}, got {describe(value)}")
+        # Compared before float(): float() of a 400-digit integer overflows.
+        real = number(value, math.inf) if not is_int(value) else value
+        if real is None or not (real >= minimum if inclusive else real > minimum):
+            check.problem(path, f"expected a number of seconds {bound}, got {describe(value)}")
+        elif real > MAX_SECONDS:
+            check.problem(path, f"{describe(value)} seconds is more than a year ({MAX_SECONDS})")
+        else:
+            return float(real)
         return None
 
     return parse
 
 
-def _count(minimum: int) -> Parser:
+def _count(minimum: int, maximum: int = MAX_INT) -> Parser:
     def parse(value: object, path: str, check: Checker, base: Path) -> object:
+        if is_int(value) and value > maximum:  # a 400-digit count would overflow later
+            check.problem(path, f"{describe(value)} is more than {maximum}")
+            return None
         return integer(value, path, check, minimum, None)
 
     return parse
@@ -522,8 +564,10 @@ def _parse_ip_from_header(value: object, path: str, check: Checker, base: Path) 
         networks = []
         for i, item in enumerate(value):
             try:
+                if not isinstance(item, str) or "%" in item:  # no booleans, no IPv6 zone ids
+                    raise ValueError(item)
                 networks.append(str(ipaddress.ip_network(item)))
-            except (TypeError, ValueError):
+            except ValueError:
                 check.problem(
                     f"{path}[{i}]", f"expected an address or network, got {describe(item)}"
                 )
@@ -537,15 +581,16 @@ def _parse_port(value: object, path: str, check: Checker, base: Path) -> object:
 
 
 def _parse_url_path(value: object, path: str, check: Checker, base: Path) -> object:
-    # Printable ASCII without spaces, quotes, $ or braces: it goes verbatim into nginx.
-    if isinstance(value, str) and re.fullmatch(r"/[A-Za-z0-9._~!&'()*+,;=:@%/-]{0,254}", value):
-        return value
-    check.problem(path, f'expected a URL path like "/keter-health", got {describe(value)}')
-    return None
+    # It goes verbatim into an nginx location: the shared grammar's URL path.
+    try:
+        return validate_url_path(value)
+    except ValueError:
+        check.problem(path, f'expected a URL path like "/keter-health", got {describe(value)}')
+        return None
 
 
 def _parse_response_file(value: object, path: str, check: Checker, base: Path) -> object:
-    text = string(value, path, check, "a file path")
+    text = file_path(value, path, check)
     if text is None:
         return None
     file = absolute(base / text)
@@ -571,10 +616,12 @@ def _parse_status_listen(value: object, path: str, check: Checker, base: Path) -
     expected = 'expected "ADDRESS:PORT" like "127.0.0.1:8999" or "[::1]:8999"'
     host, _, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
     try:
-        address = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+        # validate_ip refuses IPv6 zone ids; ip_address gives the version.
+        address = ipaddress.ip_address(validate_ip(host.removeprefix("[").removesuffix("]")))
     except ValueError:
         address = None
-    if address is None or not port.isdigit() or not 1 <= int(port) <= 65535:
+    digits = port.isascii() and port.isdigit() and len(port) <= 5
+    if address is None or not digits or not 1 <= int(port) <= 65535:
         check.problem(path, f"{expected}, got {describe(value)}")
         return None
     if (address.version == 6) != host.startswith("["):
@@ -633,7 +680,7 @@ def _parse_dashboard_users(value: object, path: str, check: Checker, base: Path)
         where = f"{path}.{key_name(name)}"
         if not isinstance(name, str) or not _USER_NAME.fullmatch(name):
             check.problem(where, "expected a user name of letters, digits, '.', '_' or '-'")
-        elif not isinstance(password, str) or not password:
+        elif not isinstance(password, str) or not password or not is_arg(password):
             # The value is a password: name its type only.
             check.problem(where, f"expected a password (a string), got {type_name(password)}")
         else:
@@ -702,7 +749,7 @@ _FIELDS: dict[str, tuple[str, Parser]] = {
     "postgres": ("postgres", _parse_postgres),
     "setuid": ("setuid", _parse_setuid),
     "log-max-bytes": ("log_max_bytes", _count(1)),
-    "log-backups": ("log_backups", _count(0)),
+    "log-backups": ("log_backups", _count(0, 1000)),
     "max-unpacked-bytes": ("max_unpacked_bytes", _count(1)),
     "max-members": ("max_members", _count(1)),
     "ip-from-header": ("ip_from_header", _parse_ip_from_header),
@@ -712,10 +759,10 @@ _FIELDS: dict[str, tuple[str, Parser]] = {
     "unknown-host-response-file": ("unknown_host_response_file", _parse_response_file),
     "missing-host-response-file": ("missing_host_response_file", _parse_response_file),
     "proxy-exception-response-file": ("proxy_exception_response_file", _parse_response_file),
-    "connection-time-bound": ("connection_time_bound", _count(0)),
+    "connection-time-bound": ("connection_time_bound", _count(0, MAX_SECONDS * 1000)),
     "status-listen": ("status_listen", _parse_status_listen),
     "status-group": ("status_group", _parse_status_group),
-    "archive-keep": ("archive_keep", _count(1)),
+    "archive-keep": ("archive_keep", _count(1, 1000)),
     "dashboard-host": ("dashboard_host", _parse_dashboard_host),
     "dashboard-users": ("dashboard_users", _parse_dashboard_users),
     "status-hosts": ("status_hosts", _parse_status_hosts),

@@ -395,15 +395,16 @@ def nginx_quote(text: object) -> str:
 
 # -- log lines -----------------------------------------------------------------------
 
-_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def log_text(value: object, limit: int = LOG_LIMIT) -> str:
     """Text from a bundle or an app, made safe for one log line or a terminal.
 
-    Backslashes, control characters, escape sequences, invisible and
-    line-breaking characters and lone surrogates are shown as Python-style
-    escapes (``\\x1b``, ``\\u2028``, ``\\udcff``); printable text is kept. After
+    Control characters, escape sequences, invisible and line-breaking
+    characters and lone surrogates are shown as Python-style escapes
+    (``\\x1b``, ``\\u2028``, ``\\udcff``); printable text, backslashes
+    included, is kept (so text already escaped, like ``describe``'s, reads the same). After
     ``limit`` characters of the value the rest is counted, not shown:
     ``... (N more characters)``. The result is one printable line of at most
     about ``limit`` + 40 characters. Non-text values are shown as ``str()``

@@ -12,18 +12,26 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 
 import yaml
 
+from keter import names
+
 # Configs are a few hundred bytes; the cap only stops a runaway file from
 # being read into memory.
 MAX_YAML_BYTES = 1 << 20
 MAX_PEM_BYTES = 1 << 20
+# Keter reads its numbers as Haskell Ints: anything larger Keter refuses too.
+MAX_INT = 2**63 - 1
+# Durations longer than this are refused: keter's timers (and Python's) take no more.
+MAX_SECONDS = 365 * 24 * 3600
 
 
 class Checker:
@@ -60,8 +68,12 @@ class _StrictLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
-            if isinstance(key, list | dict):
-                continue  # SafeLoader reports unhashable keys itself
+            try:
+                hash(key)
+            except TypeError:  # a list, mapping or !!set as a key
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key cannot be {type_name(key)}", key_node.start_mark
+                ) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {describe(key)}", key_node.start_mark
@@ -71,7 +83,7 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def load_yaml(text: str) -> object:
-    """Parse one YAML document strictly; raises ValueError(reason)."""
+    """Parse one YAML document strictly; raises ValueError(reason), whatever the text."""
     try:
         return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
@@ -80,9 +92,10 @@ def load_yaml(text: str) -> object:
         if exc.problem_mark is not None:
             where = f" at line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}"
         reason = ", ".join(part for part in (exc.context, exc.problem) if part)
-        raise ValueError(f"not valid YAML{where}: {reason}") from None
+        raise ValueError(f"not valid YAML{where}: {names.log_text(reason, 200)}") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"not valid YAML: {exc}") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"not valid YAML: {names.log_text(first, 200)}") from None
     except _AliasRefused as exc:
         raise ValueError(
             f"uses YAML anchors/aliases (line {exc.args[0]}), which keter refuses: "
@@ -90,17 +103,16 @@ def load_yaml(text: str) -> object:
         ) from None
     except RecursionError:
         raise ValueError("not valid YAML: nested too deeply") from None
+    except ValueError as exc:
+        # From a value's constructor: an integer of over 4300 digits, a date like 2024-13-45.
+        raise ValueError(
+            f"not valid YAML: a value cannot be read ({names.log_text(exc, 80)})"
+        ) from None
 
 
 def read_yaml_file(path: Path, max_bytes: int = MAX_YAML_BYTES) -> object:
     """Read and parse a small YAML file; raises ValueError(reason)."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(max_bytes + 1)
-    except OSError as exc:
-        raise ValueError(f"cannot read: {exc.strerror}") from None
-    if len(raw) > max_bytes:
-        raise ValueError(f"larger than {max_bytes} bytes")
+    raw = read_regular_file(path, max_bytes)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -108,22 +120,100 @@ def read_yaml_file(path: Path, max_bytes: int = MAX_YAML_BYTES) -> object:
     return load_yaml(text)
 
 
+def read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``; raises ValueError(reason).
+
+    Never blocks: a FIFO, socket or device is refused from its ``stat`` before
+    it is opened (opening some devices has effects), and the file is opened
+    non-blocking and checked again on the open descriptor, so a file swapped
+    for a FIFO in between cannot hang the reader either.
+    """
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("is not a regular file")
+        if info.st_size > max_bytes:
+            raise ValueError(f"is larger than {max_bytes} bytes")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ValueError(f"cannot be read: {exc.strerror}") from None
+    except UnicodeError:
+        raise ValueError("cannot be read: the path is not valid Unicode") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("is not a regular file")
+        chunks, size = [], 0
+        while size <= max_bytes:
+            chunk = os.read(fd, max_bytes + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise ValueError(f"cannot be read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if size > max_bytes:
+        raise ValueError(f"is larger than {max_bytes} bytes")
+    return b"".join(chunks)
+
+
 # -- showing values in problems ----------------------------------------------------
 
 
 def type_name(value: object) -> str:
     """The YAML name of a value's type, for messages that must not show the value."""
-    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string"}
-    names.update({list: "a list", dict: "a mapping", type(None): "nothing (null)"})
-    return names.get(type(value), type(value).__name__)
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    kinds = {str: "a string", list: "a list", tuple: "a list", dict: "a mapping"}
+    kinds.update({set: "a set", bytes: "binary data", type(None): "nothing (null)"})
+    return kinds.get(type(value), "a date" if hasattr(value, "isoformat") else "a value")
 
 
 def describe(value: object, limit: int = 60) -> str:
-    """A value as it would look in JSON, shortened: safe to put in one log line."""
+    """A value as it would look in JSON, shortened: safe to put in one log line.
+
+    Bounded work whatever the value: only about ``limit`` characters of it are
+    ever rendered, nesting is cut short, and a huge number is named by its size.
+    """
     if value is None:
         return "nothing (null)"
-    text = json.dumps(value, ensure_ascii=True, default=str)
+    text = _json_head(value, limit + 1, 0)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _json_head(value: object, budget: int, depth: int) -> str:
+    """The start (at least ``budget`` characters, when there are that many) of ``value``
+    as ASCII JSON."""
+    if depth > 4:
+        return "..."
+    if value is None or isinstance(value, bool | float):
+        return json.dumps(value)  # null, true, NaN, Infinity, 1.5
+    if isinstance(value, int):
+        digits = len(str(abs(value))) if value.bit_length() > 200 else 0
+        return f"a {digits}-digit number" if digits else str(value)
+    if isinstance(value, str):
+        return json.dumps(value[:budget], ensure_ascii=True)
+    if isinstance(value, bytes | bytearray):
+        return f"binary data ({len(value)} bytes)"
+    if isinstance(value, dict):
+        pairs = ((_json_head(k, budget, depth + 1), v) for k, v in value.items())
+        items = (f"{k}: {_json_head(v, budget, depth + 1)}" for k, v in pairs)
+        return _joined("{", items, "}", budget)
+    if isinstance(value, list | tuple | set | frozenset):
+        return _joined("[", (_json_head(v, budget, depth + 1) for v in value), "]", budget)
+    return _json_head(str(value), budget, depth)  # dates and times
+
+
+def _joined(start: str, items, end: str, budget: int) -> str:
+    text = start
+    for i, item in enumerate(items):
+        text += (", " if i else "") + item
+        if len(text) >= budget:
+            return text + "..."
+    return text + end
 
 
 def key_name(key: object) -> str:
@@ -166,7 +256,7 @@ def parse_env(value: object, path: str, check: Checker) -> Mapping[str, str] | N
             ok = False
         elif isinstance(item, bool):
             env[name] = "true" if item else "false"  # as written in YAML, not Python's True
-        elif isinstance(item, int | float | str) and "\0" not in str(item):
+        elif isinstance(item, int | float | str) and is_arg(str(item)):
             env[name] = str(item)
         else:
             # Values may be secrets: say what kind of value was wrong, not what it was.
@@ -176,10 +266,31 @@ def parse_env(value: object, path: str, check: Checker) -> Mapping[str, str] | N
 
 
 def string(value: object, path: str, check: Checker, what: str) -> str | None:
-    if isinstance(value, str) and value and "\0" not in value:
+    """Non-empty text without NUL that a file name or a program could carry."""
+    if isinstance(value, str) and value and is_arg(value):
         return value
     check.problem(path, f"expected {what}, got {describe(value)}")
     return None
+
+
+def file_path(value: object, path: str, check: Checker, what: str = "a file path") -> str | None:
+    """A path as ``keter.names.validate_file_path`` takes it (printable, encodable, bounded)."""
+    if not isinstance(value, str) or not value:
+        check.problem(path, f"expected {what}, got {describe(value)}")
+        return None
+    try:
+        return names.validate_file_path(value)
+    except ValueError as exc:
+        check.problem(path, f"{describe(value)} cannot be used: {exc}")
+        return None
+
+
+def is_arg(text: str) -> bool:
+    try:
+        names.validate_arg(text)
+    except ValueError:
+        return False
+    return True
 
 
 def is_int(value: object) -> bool:
@@ -187,18 +298,27 @@ def is_int(value: object) -> bool:
 
 
 def integer(
-    value: object, path: str, check: Checker, minimum: int, maximum: int | None
+    value: object, path: str, check: Checker, minimum: int, maximum: int | None = MAX_INT
 ) -> int | None:
-    if (
-        isinstance(value, int)
-        and not isinstance(value, bool)
-        and value >= minimum
-        and (maximum is None or value <= maximum)
-    ):
+    if is_int(value) and value >= minimum and (maximum is None or value <= maximum):
         return value
     expected = f"an integer {minimum}-{maximum}" if maximum else f"an integer >= {minimum}"
     check.problem(path, f"expected {expected}, got {describe(value)}")
     return None
+
+
+def number(value: object, maximum: float) -> float | None:
+    """An int or float (not a boolean, NaN or infinity) of at most ``maximum``, as a float.
+
+    Checked before converting: ``float()`` of a 400-digit integer overflows.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if not -maximum <= value <= maximum:
+        return None
+    return float(value)
 
 
 def absolute(path: Path) -> Path:
@@ -210,7 +330,7 @@ def pem_file(
     value: object, path: str, check: Checker, base: Path, kind: str = "certificate"
 ) -> Path | None:
     """A certificate (or, ``kind`` "key", private key) file relative to ``base``, checked."""
-    text = string(value, path, check, "a file path")
+    text = file_path(value, path, check)
     if text is None:
         return None
     file = absolute(base / text)
@@ -234,17 +354,18 @@ def pem_problem(file: Path, kind: str) -> str | None:
     """Why ``file`` cannot serve as a certificate (``kind`` "key": a private key), if it cannot.
 
     nginx would refuse the whole config over one bad file, so this is checked
-    before nginx ever sees it. Only the PEM header is looked at.
+    before nginx ever sees it. Only regular files of at most 1 MiB are read
+    (never blocking on a FIFO or device), and only their PEM header is looked at.
     """
+    shown = names.log_text(str(file), 200)
     try:
-        with open(file, "rb") as f:
-            head = f.read(MAX_PEM_BYTES)
-    except OSError as exc:
-        return f"{file} cannot be read: {exc.strerror}"
+        head = read_regular_file(file, MAX_PEM_BYTES)
+    except ValueError as exc:
+        return f"{shown} {exc}"
     if kind == "key":
         ok = re.search(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----", head) is not None
         what = "a PEM private key"
     else:
         ok = b"-----BEGIN CERTIFICATE-----" in head
         what = "a PEM certificate"
-    return None if ok else f"{file} is not {what}"
+    return None if ok else f"{shown} is not {what}"

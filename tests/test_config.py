@@ -494,7 +494,7 @@ def test_load_config_missing_target(tmp_path: Path) -> None:
         ("x: !!python/object/apply:os.system [id]\n", "not valid YAML at line 1, column 4"),
         ("[" * 5000 + "]" * 5000, "not valid YAML: nested too deeply"),
         (b"env: {A: \xff}\n", "not UTF-8 (bad byte at offset 9)"),
-        ("x" * (2**20 + 1), "larger than 1048576 bytes"),
+        ("x" * (2**20 + 1), "is larger than 1048576 bytes"),
     ],
 )
 def test_a_bad_file_is_one_clear_problem(
@@ -516,8 +516,10 @@ def test_alias_bomb_is_refused_quickly() -> None:
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(ValueError, match="is not a regular file"):
         read_yaml_file(tmp_path)  # a folder
+    with pytest.raises(ValueError, match="cannot be read: No such file"):
+        read_yaml_file(tmp_path / "missing")
 
 
 def test_utf8_bom_is_accepted(tmp_path: Path) -> None:

@@ -508,7 +508,7 @@ def test_log_text_is_one_bounded_printable_line(value, limit: int) -> None:
 
 def test_log_text_examples() -> None:
     assert log_text("plain text é") == "plain text é"
-    assert log_text("a\nb\x1b[31m\\") == "a\\nb\\x1b[31m\\\\"
+    assert log_text("a\nb\x1b[31m\\") == "a\\nb\\x1b[31m\\"
     assert log_text("\udcff\u2028") == "\\udcff\\u2028"
     assert log_text("x" * 30, 10) == "x" * 10 + "... (20 more characters)"
 

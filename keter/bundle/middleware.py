@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from keter import names
 from keter.bundle.model import (
     KETER_LOCAL_MESSAGE,
     KETER_LOCAL_STATUS,
@@ -34,9 +35,6 @@ SKIPPED_MIDDLEWARE = (
 )
 SUPPORTED_MIDDLEWARE = ("basic-auth", "headers", "local")
 _HEADER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
-# Printable ASCII: header values and realms go into the nginx config (quoted
-# and escaped) and into HTTP headers, where control characters split lines.
-_PRINTABLE = re.compile(r"[\x20-\x7e]*")
 
 
 def parse_middleware(value: object, path: str, check: Checker) -> tuple[Middleware, ...]:
@@ -78,8 +76,10 @@ def _basic_auth(body: object, path: str, check: Checker) -> list[Middleware]:
         if key not in ("realm", "creds"):
             check.problem(f"{path}.{key_name(key)}", unknown_key(key, ("realm", "creds")))
     realm = body.get("realm", KETER_REALM)
-    if not (isinstance(realm, str) and _PRINTABLE.fullmatch(realm)):
-        check.problem(f"{path}.realm", f"expected printable text, got {describe(realm)}")
+    try:
+        names.validate_header_value(realm)
+    except ValueError as exc:
+        check.problem(f"{path}.realm", str(exc))
     creds = body.get("creds") or {}
     if not isinstance(creds, dict):
         check.problem(
@@ -94,9 +94,11 @@ def _basic_auth(body: object, path: str, check: Checker) -> list[Middleware]:
             check.problem(where, "expected a user name of printable characters without ':'")
         elif isinstance(password, bool) or not isinstance(password, str | int | float):
             check.problem(where, f"expected a password string, got {type_name(password)}")
-        elif not str(password) or re.search(r"[\x00-\x1f\x7f]", str(password)):
+        elif not _password_ok(str(password)):
             # The password itself is never shown.
-            check.problem(where, "the password is empty or has control characters")
+            check.problem(
+                where, "the password is empty, has control characters or is not valid Unicode"
+            )
         else:
             pairs.append((user, str(password)))
     if not creds:
@@ -115,10 +117,11 @@ def _headers(body: object, path: str, check: Checker) -> list[Middleware]:
             check.problem(where, "expected a header name of letters, digits and '-'")
         elif isinstance(value, bool) or not isinstance(value, str | int | float):
             check.problem(where, f"expected a header value, got {type_name(value)}")
-        elif not _PRINTABLE.fullmatch(str(value)):
-            check.problem(where, f"expected printable ASCII, got {describe(value)}")
         else:
-            headers.append((name, str(value)))
+            try:
+                headers.append((name, names.validate_header_value(str(value))))
+            except ValueError as exc:
+                check.problem(where, str(exc))
     return [HeadersConfig(headers=tuple(headers))]
 
 
@@ -135,10 +138,23 @@ def _local(body: object, path: str, check: Checker) -> list[Middleware]:
     if not is_int(status) or not 200 <= status <= 599:
         check.problem(f"{path}.status", f"expected an HTTP status 200-599, got {describe(status)}")
         return []
-    if not isinstance(message, str) or not message.isprintable():
-        check.problem(f"{path}.message", f"expected printable text, got {describe(message)}")
+    if not isinstance(message, str) or not message.isprintable() or len(message) > 4096:
+        check.problem(
+            f"{path}.message", f"expected printable text (at most 4096), got {describe(message)}"
+        )
         return []
     return [LocalConfig(status=status, message=message)]
+
+
+def _password_ok(password: str) -> bool:
+    """Non-empty, no control characters, encodable (it is hashed into an htpasswd file)."""
+    if not password or re.search(r"[\x00-\x1f\x7f]", password):
+        return False
+    try:
+        names.validate_arg(password)
+    except ValueError:
+        return False
+    return True
 
 
 _PARSERS: dict[str, Callable[[object, str, Checker], list[Middleware]]] = {

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from keter.names import cap_problems
+
 KETER_RESTART_DELAY = 5.0  # Keter's default restart-delay-seconds
 KETER_REALM = "keter"  # Keter's default basic-auth realm
 KETER_LOCAL_STATUS = 401  # Keter's defaults for the local middleware
@@ -21,10 +23,14 @@ REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 
 
 class BundleConfigError(Exception):
-    """The bundle's config is unusable; ``problems`` lists every reason."""
+    """The bundle's config is unusable; ``problems`` lists the reasons.
+
+    However many there are, the list is capped at a few KiB of log-safe text,
+    the last entry saying how many more there were ("... and 12 more problems").
+    """
 
     def __init__(self, problems: list[str]) -> None:
-        self.problems = list(problems)
+        self.problems = cap_problems(problems)
         super().__init__("; ".join(self.problems))
 
 

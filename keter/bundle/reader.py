@@ -9,7 +9,10 @@ them in one log line, each with its key path (``stanzas[2].root``).
 
 from __future__ import annotations
 
+import logging
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from keter.bundle import v04, v10
@@ -17,13 +20,22 @@ from keter.bundle.model import BundleConfig, BundleConfigError
 from keter.bundle.values import Values, inside
 from keter.yamlcheck import describe, read_yaml_file
 
+log = logging.getLogger(__name__)
+
 CONFIG_NAMES = ("keter.yaml", "keter.yml")
 MAX_CONFIG_BYTES = 1 << 20
 
 
 def parse_bundle_config(folder: Path, app: str) -> BundleConfig:
-    """Read and validate ``folder/config/keter.yaml`` (or ``.yml``) of an unpacked bundle."""
-    folder = Path(folder)
+    """Read and validate ``folder/config/keter.yaml`` (or ``.yml``) of an unpacked bundle.
+
+    Raises BundleConfigError and nothing else, whatever the file holds.
+    """
+    with _last_resort():
+        return _parse_bundle_config(Path(folder), app)
+
+
+def _parse_bundle_config(folder: Path, app: str) -> BundleConfig:
     config_dir = folder / "config"
     found = [config_dir / name for name in CONFIG_NAMES if (config_dir / name).exists()]
     if not found:
@@ -41,7 +53,7 @@ def parse_bundle_config(folder: Path, app: str) -> BundleConfig:
         data = read_yaml_file(path, MAX_CONFIG_BYTES)
     except ValueError as exc:
         raise BundleConfigError([f"{shown}: {exc}"]) from None
-    return parse_bundle_data(data, folder=folder, config_dir=config_dir, app=app)
+    return _parse_bundle_data(data, folder=folder, config_dir=config_dir, app=app)
 
 
 def _config_file_problem(path: Path, folder: Path) -> str | None:
@@ -68,6 +80,11 @@ def parse_bundle_data(data: object, *, folder: Path, config_dir: Path, app: str)
     paths (``exec``, ``root``, certificates) are resolved against. File system
     access: checking the executables, static roots and certificate files.
     """
+    with _last_resort():
+        return _parse_bundle_data(data, folder=folder, config_dir=config_dir, app=app)
+
+
+def _parse_bundle_data(data: object, *, folder: Path, config_dir: Path, app: str) -> BundleConfig:
     if not isinstance(data, dict):
         expected = "a mapping with keys like exec and host"
         raise BundleConfigError([f"config/keter.yaml: expected {expected}, got {describe(data)}"])
@@ -77,3 +94,17 @@ def parse_bundle_data(data: object, *, folder: Path, config_dir: Path, app: str)
     if values.check.problems:
         raise BundleConfigError(values.check.problems)
     return config
+
+
+@contextmanager
+def _last_resort() -> Iterator[None]:
+    """An exception nobody anticipated while reading a bundle's config fails only that
+    bundle, with a reason naming the exception's type; the traceback goes to debug."""
+    try:
+        yield
+    except BundleConfigError:
+        raise
+    except Exception as exc:
+        log.debug("internal error while reading config/keter.yaml", exc_info=True)
+        reason = f"internal error while reading config/keter.yaml: {type(exc).__name__}"
+        raise BundleConfigError([reason]) from None

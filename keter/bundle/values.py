@@ -9,7 +9,6 @@ returns the value for the model (or a harmless default after a problem).
 
 from __future__ import annotations
 
-import math
 import os
 import stat
 from pathlib import Path
@@ -17,10 +16,14 @@ from pathlib import Path
 from keter import names
 from keter.bundle.model import KETER_RESTART_DELAY, Ssl, TlsConfig
 from keter.yamlcheck import (
+    MAX_INT,
+    MAX_SECONDS,
     Checker,
     describe,
+    file_path,
     is_int,
     key_name,
+    number,
     pem_file,
     pem_files,
     unknown_key,
@@ -54,8 +57,7 @@ class Values:
     def exec(self, value: object, path: str) -> Path | None:
         """The program to run: a regular, executable file inside the bundle."""
         check = self.check
-        if not isinstance(value, str) or not value or "\0" in value:
-            check.problem(path, f"expected a path to the app's executable, got {describe(value)}")
+        if file_path(value, path, check, "a path to the app's executable") is None:
             return None
         shown = describe(value)
         try:
@@ -88,8 +90,12 @@ class Values:
             # Numbers are fine unquoted (a port, a count); a YAML boolean is more
             # likely an accident (`- yes`), so it must be quoted.
             ok_type = isinstance(item, int | float | str) and not isinstance(item, bool)
-            if ok_type and "\0" not in str(item):
-                args.append(str(item))
+            try:
+                if ok_type:
+                    args.append(names.validate_arg(str(item)))
+                    continue
+            except ValueError as exc:
+                self.check.problem(f"{path}[{i}]", str(exc))
                 continue
             self.check.problem(
                 f"{path}[{i}]", f"expected a string (quote it), got {describe(item)}"
@@ -190,13 +196,15 @@ class Values:
         return default
 
     def microseconds(self, value: object, path: str) -> float | None:
-        """Keter's microsecond durations, as seconds."""
+        """Keter's microsecond durations, as seconds (at most a year)."""
         if value is None:
             return None
-        if is_int(value) and value > 0:
+        if is_int(value) and 0 < value <= MAX_SECONDS * 1_000_000:
             return value / 1_000_000
         self.check.problem(
-            path, f"expected a positive number of microseconds, got {describe(value)}"
+            path,
+            f"expected a positive number of microseconds up to {MAX_SECONDS * 1_000_000} "
+            f"(a year), got {describe(value)}",
         )
         return None
 
@@ -205,25 +213,29 @@ class Values:
         value = data.get("connection-time-bound")
         if value is None:
             return None
-        if is_int(value) and value >= 0:
+        if is_int(value) and 0 <= value <= MAX_SECONDS * 1000:
             return value / 1000
         self.check.problem(
             f"{prefix}connection-time-bound",
-            f"expected a number of milliseconds >= 0, got {describe(value)}",
+            f"expected a number of milliseconds from 0 to {MAX_SECONDS * 1000} (a year), "
+            f"got {describe(value)}",
         )
         return None
 
     def seconds(self, value: object, path: str) -> float:
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if number and math.isfinite(value) and value >= 0:
-            return float(value)
-        self.check.problem(path, f"expected a number of seconds >= 0, got {describe(value)}")
+        seconds = number(value, MAX_SECONDS)
+        if seconds is not None and seconds >= 0:
+            return seconds
+        self.check.problem(
+            path,
+            f"expected a number of seconds from 0 to {MAX_SECONDS} (a year), got {describe(value)}",
+        )
         return KETER_RESTART_DELAY
 
     def restart_count(self, value: object, prefix: str) -> int | None:
         if value == "unlimited":
             return None
-        if is_int(value) and value >= 0:
+        if is_int(value) and 0 <= value <= MAX_INT:
             return value
         self.check.problem(
             f"{prefix}restart-count",
@@ -242,8 +254,7 @@ class Values:
 
     def root(self, value: object, path: str) -> Path | None:
         """A static root: a folder inside the bundle, with symlinks resolved."""
-        if not isinstance(value, str) or not value or "\0" in value:
-            self.check.problem(path, f"expected a folder path, got {describe(value)}")
+        if file_path(value, path, self.check, "a folder path") is None:
             return None
         shown = describe(value)
         try:

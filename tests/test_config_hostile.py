@@ -1,0 +1,590 @@
+"""Hostile and careless configs (issue 10): reading one can only ever fail that config.
+
+For a bundle's config/keter.yaml, whatever it holds, ``parse_bundle_config`` returns a
+``BundleConfig`` or raises ``BundleConfigError`` with a bounded, one-line, printable
+reason; for keter-config.yaml the same holds with ``ConfigError``. A regression test
+per input named in the issue, then hypothesis fuzzing of both bundle formats and of
+the global config with tags, anchors, huge and odd numbers, surrogates, wrong types at
+every key and deep nesting.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from keter.bundle import BundleConfig, BundleConfigError, parse_bundle_config
+from keter.bundle import reader as bundle_reader
+from keter.config import ConfigError, KeterConfig, load_config, parse_config
+from keter.yamlcheck import load_yaml
+
+MAX_REASON = 6000  # a few KiB (shared decision 5) plus the "... and N more" line
+EPHEMERAL = (32768, 60999)
+CERT = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+KEY = b"-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n"
+
+
+def bundle_folder(base: Path) -> Path:
+    """An unpacked bundle with everything a config may point at: programs, a static
+    folder, certificate files (headers only: the parser reads no more)."""
+    folder = base / "bundle"
+    (folder / "config").mkdir(parents=True, exist_ok=True)
+    (folder / "public").mkdir(exist_ok=True)
+    for program in ("hello", "worker"):
+        (folder / program).write_text("#!/bin/sh\nexit 0\n")
+        (folder / program).chmod(0o755)
+    (folder / "config" / "cert.pem").write_bytes(CERT)
+    (folder / "config" / "key.pem").write_bytes(KEY)
+    return folder
+
+
+def outcome(folder: Path, text: str | bytes) -> BundleConfig | BundleConfigError:
+    path = folder / "config" / "keter.yaml"
+    path.write_bytes(text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text)
+    try:
+        return parse_bundle_config(folder, "app")
+    except BundleConfigError as exc:
+        return exc
+
+
+def assert_safe_reason(text: str) -> None:
+    assert text, "an empty reason"
+    assert len(text) <= MAX_REASON, len(text)
+    assert text.isprintable(), text[:300]  # one line: no newline, control or escape character
+    text.encode("utf-8")  # no lone surrogate
+
+
+def assert_refused(folder: Path, text: str, *needles: str) -> str:
+    result = outcome(folder, text)
+    assert isinstance(result, BundleConfigError), result
+    reason = str(result)
+    assert_safe_reason(reason)
+    for needle in needles:
+        assert needle in reason, reason
+    return reason
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    return bundle_folder(tmp_path)
+
+
+WEBAPP = "exec: ../hello\nhost: a.test\n"
+HUGE = "9" * 400
+
+# -- the inputs named in issue 10 ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "? !!set {a, b}\n: 1\n" + WEBAPP,
+        WEBAPP + "env:\n  ? !!set {A}\n  : x\n",
+        "stanzas:\n- type: webapp\n  exec: ../hello\n  host: a.test\n  ? !!set {x}\n  : 1\n",
+        WEBAPP + "? [a, b]\n: 1\n",
+        WEBAPP + "? {a: 1}\n: 1\n",
+    ],
+)
+def test_an_unhashable_key_is_a_config_problem(folder, text) -> None:
+    assert_refused(folder, text, "a key cannot be")
+
+
+NUMERIC = [
+    ("webapp", "connection-time-bound", "stanzas[0].connection-time-bound"),
+    ("webapp", "ensure-alive-time-bound", "stanzas[0].ensure-alive-time-bound"),
+    ("background", "restart-delay-seconds", "stanzas[0].restart-delay-seconds"),
+    ("background", "restart-count", "stanzas[0].restart-count"),
+    ("reverse-proxy", "timeout", "stanzas[0].timeout"),
+    ("reverse-proxy", "reversed-port", "stanzas[0].reversed-port"),
+    ("reverse-proxy", "connection-time-bound", "stanzas[0].connection-time-bound"),
+    ("redirect", "status", "stanzas[0].status"),
+]
+STANZA = {
+    "webapp": "type: webapp\n  exec: ../hello\n  host: a.test\n",
+    "background": "type: background\n  exec: ../worker\n",
+    "reverse-proxy": "type: reverse-proxy\n  reversed-host: b.test\n  reversed-port: 80\n"
+    "  reversing-host: a.test\n",
+    "redirect": "type: redirect\n  host: a.test\n  actions: [{host: b.test}]\n",
+}
+
+
+@pytest.mark.parametrize(("kind", "key", "where"), NUMERIC)
+@pytest.mark.parametrize("number", [HUGE, "-" + HUGE, "1e400", ".nan", ".inf", "-.inf", "1.5"])
+def test_huge_and_odd_numbers_in_every_numeric_key(folder, kind, key, where, number) -> None:
+    base = STANZA[kind].replace(f"  {key}: 80\n", "")
+    text = f"stanzas:\n- {base}  {key}: {number}\n"
+    result = outcome(folder, text)
+    if isinstance(result, BundleConfig):  # 1.5 seconds of restart delay is fine
+        assert (key, number) == ("restart-delay-seconds", "1.5")
+        return
+    assert_safe_reason(str(result))
+    assert where in str(result), str(result)
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        (f"exec: ../hello\nhost: a.test\nstatic-hosts: [{{host: b.test, root: ../public}}]\n"
+         f"redirects: [{{from: c.test, to: d.test}}]\npostgres: {HUGE}\n", "postgres"),
+        (f"stanzas:\n- type: redirect\n  host: a.test\n"
+         f"  actions: [{{host: b.test, port: {HUGE}}}]\n", "stanzas[0].actions[0].port"),
+        (f"stanzas:\n- type: webapp\n  exec: ../hello\n  host: a.test\n  middleware:\n"
+         f"  - local: {{status: {HUGE}}}\n", "stanzas[0].middleware[0].local.status"),
+        ("a: " + "9" * 5000 + "\n" + WEBAPP, "a value cannot be read"),
+    ],
+)  # fmt: skip
+def test_huge_numbers_elsewhere(folder, text, where) -> None:
+    assert_refused(folder, text, where)
+
+
+def test_a_huge_number_where_text_is_expected_is_just_text(folder) -> None:
+    result = outcome(folder, WEBAPP + f"args: [{HUGE}]\nenv: {{N: {HUGE}}}\n")
+    assert isinstance(result, BundleConfig)
+    assert result.webapp.args == (HUGE,) and result.webapp.env["N"] == HUGE
+
+
+SURROGATE_INPUTS = [
+    ('exec: "../\\ud800"\nhost: a.test\n', "exec"),
+    ('exec: "../\\udcff"\nhost: a.test\n', "exec"),
+    (WEBAPP + 'static-hosts: [{host: b.test, root: "../pub\\ud800"}]\n', "static-hosts[0].root"),
+    ("stanzas:\n- type: static-files\n  host: b.test\n  root: \"\\udcff\"\n", "stanzas[0].root"),
+    (WEBAPP + 'ssl: {certificate: "cert\\ud800.pem", key: key.pem}\n', "ssl.certificate"),
+    (WEBAPP + 'ssl: {certificate: cert.pem, key: "\\udcffkey.pem"}\n', "ssl.key"),
+    (WEBAPP + 'ssl: {certificate: cert.pem, key: key.pem, chain-certificates: ["\\ud800"]}\n',
+     "ssl.chain-certificates[0]"),
+    (WEBAPP + 'args: ["\\ud800"]\n', "args[0]"),
+    (WEBAPP + 'env: {A: "\\ud800"}\n', "env.A"),
+    ('exec: ../hello\nhost: "a\\ud800.test"\n', "host"),
+    ("stanzas:\n- type: webapp\n  exec: ../hello\n  host: a.test\n  forward-env: [\"\\ud800\"]\n",
+     "stanzas[0].forward-env[0]"),
+    ("stanzas:\n- type: reverse-proxy\n  reversed-host: \"fe80::1%\\udcff\"\n  reversed-port: 80\n"
+     "  reversing-host: a.test\n", "stanzas[0].reversed-host"),
+    ("stanzas:\n- type: reverse-proxy\n  reversed-host: \"fe80::1%eth0\"\n  reversed-port: 80\n"
+     "  reversing-host: a.test\n", "zone id"),
+    ("stanzas:\n- type: redirect\n  host: a.test\n  actions: [{url: \"http://x/\\ud800\"}]\n",
+     "stanzas[0].actions[0].url"),
+    ("stanzas:\n- type: webapp\n  exec: ../hello\n  host: a.test\n  middleware:\n"
+     "  - basic-auth: {realm: \"\\ud800\", creds: {u: p}}\n", "basic-auth.realm"),
+    ("stanzas:\n- type: webapp\n  exec: ../hello\n  host: a.test\n  middleware:\n"
+     "  - basic-auth: {creds: {u: \"\\ud800\"}}\n", "basic-auth.creds.u"),
+    ("stanzas:\n- type: webapp\n  exec: ../hello\n  host: a.test\n  middleware:\n"
+     "  - headers: {X-A: \"\\udcff\"}\n", "headers.X-A"),
+    ("stanzas:\n- type: webapp\n  exec: ../hello\n  host: a.test\n  middleware:\n"
+     "  - local: {message: \"\\ud800\"}\n", "local.message"),
+    (WEBAPP + '"\\ud800": 1\nexec2: x\n' + "stanzas: 1\n", "stanzas"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "where"), SURROGATE_INPUTS)
+def test_lone_surrogates_anywhere_are_config_problems(folder, text, where) -> None:
+    assert_refused(folder, text, where)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 3000 + "]" * 3000,
+        "a: " + "{b: " * 3000 + "1" + "}" * 3000,
+        "- " * 3000 + "x",
+        "stanzas: " + "[" * 900 + "]" * 900,
+    ],
+)
+def test_deep_nesting(folder, text) -> None:
+    assert_refused(folder, text)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("x: !!python/object/apply:os.system [id]\n" + WEBAPP, "not valid YAML"),
+        ("x: !custom 1\n" + WEBAPP, "not valid YAML"),
+        ("exec: !!binary aGVsbG8=\nhost: a.test\n", "exec"),
+        ("exec: ../hello\nhost: 2024-01-01\n", "host"),
+        ("exec: ../hello\nhost: a.test\nargs: !!set {a}\n", "args"),
+        ("exec: ../hello\nhost: a.test\nenv: !!omap [{A: x}]\n", "env"),
+        ("exec: &e ../hello\nhost: *e\n", "anchors"),
+        ("base: &b {exec: ../hello}\n<<: *b\nhost: a.test\n", "anchors"),
+        ("<<: {exec: ../hello}\nhost: a.test\n<<: 5\n", "not valid YAML"),
+        ("x: 2024-13-45\n" + WEBAPP, "a value cannot be read"),
+        ("\x00", "not valid YAML"),
+        (b"\xff\xfe", "not UTF-8"),
+        ("--- 1\n--- 2\n", "not valid YAML"),
+        ("", "expected a mapping"),
+        ("stanzas: {type: webapp}\n", "stanzas"),
+        ("stanzas:\n- !!set {type}\n", "stanzas[0]"),
+        ("stanzas:\n- type: [webapp]\n", "stanzas[0].type"),
+        ("stanzas:\n- type: webapp\n  exec: ../hello\n  hosts: {a: 1}\n", "stanzas[0].hosts"),
+        ("stanzas:\n- type: webapp\n  exec: ../hello\n  host: a.test\n  middleware: {a: 1}\n",
+         "stanzas[0].middleware"),
+        ("exec: ../hello\nhost: a.test\nplugins: [postgres]\n", "plugins"),
+        ("exec: ../hello\nhost: a.test\nredirects: [{from: !!set {a}, to: b}]\n", "redirects[0]"),
+    ],
+)  # fmt: skip
+def test_tags_anchors_and_wrong_types(folder, text, needle) -> None:
+    assert_refused(folder, text, needle)
+
+
+# -- files that would block or that are not files ---------------------------------------------
+
+
+def _parse_with_deadline(folder: Path, seconds: float = 10) -> object:
+    """Parse in a thread: a parser blocked on a FIFO fails the test instead of hanging it."""
+    result: list[object] = []
+
+    def run() -> None:
+        try:
+            result.append(parse_bundle_config(folder, "app"))
+        except BaseException as exc:  # the test inspects whatever came out
+            result.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "parsing blocked"
+    return result[0]
+
+
+def _special(kind: str, path: Path) -> None:
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "socket":
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(str(path))
+    elif kind == "device":
+        os.symlink("/dev/zero", path)  # reading it would never end
+    else:
+        os.mkdir(path)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "device", "folder"])
+@pytest.mark.parametrize("key", ["certificate", "key", "chain"])
+def test_a_certificate_path_that_is_not_a_regular_file_is_refused_without_blocking(
+    folder, kind, key
+) -> None:
+    _special(kind, folder / "config" / "odd")
+    files = {"certificate": "cert.pem", "key": "key.pem", "chain": "cert.pem"}
+    files[key] = "odd"
+    text = (
+        f"{WEBAPP}ssl:\n  certificate: {files['certificate']}\n  key: {files['key']}\n"
+        f"  chain-certificates: [{files['chain']}]\n"
+    )
+    (folder / "config" / "keter.yaml").write_text(text)
+    result = _parse_with_deadline(folder)
+    assert isinstance(result, BundleConfigError), result
+    assert "is not a regular file" in str(result), str(result)
+    assert_safe_reason(str(result))
+
+
+def test_a_huge_certificate_file_is_refused(folder) -> None:
+    with open(folder / "config" / "big.pem", "wb") as f:
+        f.truncate(2 << 20)  # sparse: the size alone refuses it
+    (folder / "config" / "keter.yaml").write_text(
+        WEBAPP + "ssl: {certificate: big.pem, key: key.pem}\n"
+    )
+    result = _parse_with_deadline(folder)
+    assert isinstance(result, BundleConfigError) and "is larger than" in str(result)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "device", "folder"])
+def test_a_config_file_that_is_not_a_regular_file_is_refused_without_blocking(folder, kind) -> None:
+    _special(kind, folder / "config" / "keter.yaml")
+    result = _parse_with_deadline(folder)
+    assert isinstance(result, BundleConfigError), result
+    assert_safe_reason(str(result))
+
+
+# -- caps and the last resort -------------------------------------------------------------
+
+
+def test_a_flood_of_problems_is_capped(folder) -> None:
+    hosts = "".join(f"- bad host {i}\n" for i in range(20_000))
+    reason = assert_refused(folder, "exec: ../hello\nhosts:\n" + hosts, "more problems")
+    assert reason.endswith(" more problems")
+    assert 1000 < len(reason) <= MAX_REASON
+
+
+def test_one_huge_value_is_shortened(folder) -> None:
+    reason = assert_refused(folder, f'exec: ../hello\nhost: "{"x " * 400_000}"\n', "host")
+    assert len(reason) < 300
+
+
+def test_an_unanticipated_exception_becomes_a_config_problem(folder, monkeypatch) -> None:
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(bundle_reader.v10, "read", broken)
+    reason = assert_refused(folder, "stanzas: [{type: webapp}]\n")
+    assert reason == "internal error while reading config/keter.yaml: KeyError"
+
+
+# -- fuzzing both bundle formats ----------------------------------------------------------
+
+WEBAPP_KEYS = [
+    "exec",
+    "args",
+    "env",
+    "forward-env",
+    "host",
+    "hosts",
+    "extra-hosts",
+    "ssl",
+    "port-env-vars",
+    "ensure-alive-time-bound",
+    "connection-time-bound",
+    "health-check-path",
+    "middleware",
+    "requires-secure",
+]
+OTHER_KEYS = [
+    "root",
+    "directory-listing",
+    "status",
+    "actions",
+    "reversed-host",
+    "reversed-port",
+    "reversed-ssl",
+    "reversing-host",
+    "preserve-host",
+    "timeout",
+    "restart-count",
+    "restart-delay-seconds",
+    "rewrite-request",
+    "rewrite-response",
+    "type",
+]
+FLAT_EXTRA = ["static-hosts", "redirects", "postgres", "plugins"]
+GOOD_VALUES = [
+    "../hello", "../worker", "a.test", "*.b.test", "../public", "cert.pem", "key.pem",
+    "webapp", "background", "static-files", "redirect", "reverse-proxy", "unlimited",
+    "postgres", "basic-auth", "headers", "local", "autohead", "/health", "http://x.test/",
+]  # fmt: skip
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=10**300, max_value=10**400),
+    st.integers(min_value=-(10**400), max_value=-(10**300)),
+    st.floats(),
+    st.text(st.characters(exclude_categories=()), max_size=20),
+    st.sampled_from(GOOD_VALUES),
+    st.binary(max_size=8),
+    st.dates(),
+)
+
+
+def _values(children):
+    keys = st.one_of(st.sampled_from(WEBAPP_KEYS + OTHER_KEYS + FLAT_EXTRA), scalars)
+    hashable_keys = keys.filter(lambda k: not isinstance(k, float) or k == k)
+    return st.one_of(
+        st.lists(children, max_size=4),
+        st.dictionaries(hashable_keys, children, max_size=5),
+        st.frozensets(st.sampled_from(GOOD_VALUES), max_size=3).map(set),
+    )
+
+
+values = st.recursive(scalars, _values, max_leaves=25)
+
+
+def _stanza(kind: str, extra: dict) -> dict:
+    base = {"type": kind, "exec": "../hello", "host": "a.test"}
+    return {**base, **extra}
+
+
+stanza_docs = st.builds(
+    lambda stanzas, extra: {"stanzas": stanzas, **extra},
+    st.lists(
+        st.builds(
+            _stanza,
+            st.sampled_from(["webapp", "background", "static-files", "redirect", "reverse-proxy"]),
+            st.dictionaries(st.sampled_from(WEBAPP_KEYS + OTHER_KEYS), values, max_size=5),
+        )
+        | values,
+        max_size=4,
+    ),
+    st.dictionaries(st.sampled_from(["plugins", "postgres", "other"]), values, max_size=2),
+)
+flat_docs = st.builds(
+    lambda extra: {"exec": "../hello", "host": "a.test", **extra},
+    st.dictionaries(st.sampled_from(WEBAPP_KEYS + FLAT_EXTRA), values, max_size=6),
+)
+
+
+def _dump(doc: object) -> str:
+    return yaml.safe_dump(doc, allow_unicode=False, default_flow_style=None)
+
+
+# Text-level mischief the structured documents cannot produce: tags, anchors, nesting.
+_MISCHIEF = [
+    "!!set {a, b}", "!!python/name:os.system", "!custom x", "&a [1, *a]", "*undefined",
+    "[" * 200, "{" * 50 + "}" * 50, "!!binary ____", "!!float nan", "!!int 0x" + "f" * 600,
+    "!!timestamp 2024-99-99", '"\\ud800\\udcff"', "? [a]\n  : b", "<<: [1]", "9" * 5000,
+]  # fmt: skip
+
+
+@st.composite
+def documents(draw) -> str:
+    text = _dump(draw(st.one_of(stanza_docs, flat_docs, values)))
+    if draw(st.booleans()):
+        lines = text.splitlines() or [""]
+        at = draw(st.integers(0, len(lines) - 1))
+        line = lines[at]
+        cut = line.find(": ") + 2 if ": " in line else len(line)
+        lines[at] = line[:cut] + draw(st.sampled_from(_MISCHIEF))
+        text = "\n".join(lines) + "\n"
+    return text
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(documents())
+@example("stanzas:\n- type: webapp\n  exec: ../hello\n  host: a.test\n  ? !!set {x}\n  : 1\n")
+@example('exec: "../\\ud800"\nhost: a.test\n')
+@example(f"stanzas:\n- type: webapp\n  exec: ../hello\n  host: a.test\n  timeout: {HUGE}\n")
+def test_fuzzed_bundle_configs_only_parse_or_fail_cleanly(tmp_path_factory, text: str) -> None:
+    folder = bundle_folder(tmp_path_factory.mktemp("fuzz"))
+    result = outcome(folder, text)
+    if isinstance(result, BundleConfigError):
+        assert_safe_reason(str(result))
+        assert all(p.isprintable() for p in result.problems)
+    else:
+        assert isinstance(result, BundleConfig)
+        for warning in result.warnings:
+            assert_safe_reason(warning)
+
+
+# -- the global config ----------------------------------------------------------------------
+
+
+def config_outcome(text: str, base: Path) -> KeterConfig | ConfigError:
+    try:
+        data = load_yaml(text)
+    except ValueError as exc:
+        assert_safe_reason(str(exc))
+        return ConfigError([str(exc)])
+    try:
+        return parse_config(data, root=base, base=base, ephemeral_range=EPHEMERAL)
+    except ConfigError as exc:
+        return exc
+
+
+def config_refused(text: str, base: Path, *needles: str) -> str:
+    result = config_outcome(text, base)
+    assert isinstance(result, ConfigError), result
+    for problem in result.problems:
+        assert_safe_reason(problem)
+    reason = "; ".join(result.problems)
+    for needle in needles:
+        assert needle in reason, reason
+    return reason
+
+
+GLOBAL_NUMERIC = [
+    "health-check-timeout", "drain-seconds", "stop-timeout", "log-max-bytes", "log-backups",
+    "max-unpacked-bytes", "max-members", "connection-time-bound", "archive-keep",
+    "external-http-port", "external-https-port",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("key", GLOBAL_NUMERIC)
+@pytest.mark.parametrize("number", [HUGE, "-" + HUGE, "1e400", ".nan", ".inf"])
+def test_global_huge_and_odd_numbers(tmp_path, key, number) -> None:
+    config_refused(f"{key}: {number}\n", tmp_path, key)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        (f"port-range: [{HUGE}, 1]\n", "port-range"),
+        (f"postgres: {{retry-seconds: {HUGE}}}\n", "postgres.retry-seconds"),
+        (f"listeners: [{{host: '*', port: {HUGE}}}]\n", "listeners[0].port"),
+        ("listeners: [{host: 'fe80::1%eth0', port: 80}]\n", "listeners[0].host"),
+        ("listeners: [{host: \"fe80::1%\\udcff\", port: 80}]\n", "listeners[0].host"),
+        ('status-listen: "[fe80::1%eth0]:8999"\n', "status-listen"),
+        ('status-listen: "127.0.0.1:' + "9" * 5000 + '"\n', "status-listen"),
+        ("status-hosts: ['fe80::1%eth0']\n", "status-hosts[0]"),
+        ("ip-from-header: ['fe80::%eth0/64']\n", "ip-from-header[0]"),
+        ("ip-from-header: [true]\n", "ip-from-header[0]"),
+        ('root: "/srv/\\ud800"\n', "root"),
+        ('setuid: "\\ud800"\n', "setuid"),
+        ('status-group: "\\udcff"\n', "status-group"),
+        ('nginx: {config-file: "/etc/\\ud800"}\n', "nginx.config-file"),
+        ('nginx: {test-command: [nginx, "\\ud800"]}\n', "nginx.test-command"),
+        ('env: {A: "\\ud800"}\n', "env.A"),
+        ('unknown-host-response-file: "\\ud800"\n', "unknown-host-response-file"),
+        ("healthcheck-path: /a;b\n", "healthcheck-path"),
+        ('dashboard-host: a.test\nstatus-listen: "127.0.0.1:8999"\n'
+         'dashboard-users: {admin: "\\ud800"}\n', "dashboard-users.admin"),
+        ("? !!set {a}\n: 1\n", "a key cannot be"),
+        ("a: " + "9" * 5000 + "\n", "a value cannot be read"),
+    ],
+)  # fmt: skip
+def test_global_config_hostile_values(tmp_path, text, needle) -> None:
+    config_refused(text, tmp_path, needle)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_global_listener_certificate_that_would_block(tmp_path, kind) -> None:
+    _special(kind, tmp_path / "odd")
+    (tmp_path / "key.pem").write_bytes(KEY)
+    text = "listeners: [{port: 8080}, {port: 8443, certificate: odd, key: key.pem}]\n"
+    done: list[object] = []
+    thread = threading.Thread(target=lambda: done.append(config_outcome(text, tmp_path)))
+    thread.daemon = True
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "parsing blocked"
+    assert isinstance(done[0], ConfigError) and "not a regular file" in str(done[0])
+
+
+def test_global_config_file_that_is_a_fifo(tmp_path) -> None:
+    (tmp_path / "etc").mkdir()
+    os.mkfifo(tmp_path / "etc" / "keter-config.yaml")
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        load_config(tmp_path, ephemeral_range=EPHEMERAL)
+
+
+def test_global_unanticipated_exception(tmp_path, monkeypatch) -> None:
+    import keter.config
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError
+
+    monkeypatch.setattr(keter.config, "_check_ports", broken)
+    assert config_refused("{}", tmp_path) == (
+        "internal error while reading keter-config.yaml: ZeroDivisionError"
+    )
+
+
+GLOBAL_KEYS = [
+    "root", "listeners", "nginx", "port-range", "health-check-timeout", "drain-seconds",
+    "stop-timeout", "env", "postgres", "setuid", "log-max-bytes", "ip-from-header",
+    "external-http-port", "healthcheck-path", "unknown-host-response-file",
+    "connection-time-bound", "status-listen", "status-group", "archive-keep",
+    "dashboard-host", "dashboard-users", "status-hosts", "cli-port", "rotate-logs",
+    "port-manager", "graceful-drain-micros", "app-crash-hook", "host", "port", "ssl",
+]  # fmt: skip
+global_docs = st.dictionaries(
+    st.one_of(st.sampled_from(GLOBAL_KEYS), scalars.filter(lambda k: k == k)), values, max_size=6
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(global_docs.map(_dump) | documents())
+def test_fuzzed_global_configs_only_parse_or_fail_cleanly(tmp_path_factory, text: str) -> None:
+    base = tmp_path_factory.mktemp("global")
+    result = config_outcome(text, base)
+    if isinstance(result, ConfigError):
+        for problem in result.problems:
+            assert_safe_reason(problem)
+        assert len("; ".join(result.problems)) <= MAX_REASON
+    else:
+        assert isinstance(result, KeterConfig)
+        for warning in result.warnings:
+            assert_safe_reason(warning)

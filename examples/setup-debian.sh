@@ -13,7 +13,8 @@ src=$(cd "$(dirname "$0")/.." && pwd)
 
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends nginx postgresql python3 python3-venv python3-psycopg >/dev/null
+# procps: keter.service reloads keter with /bin/kill.
+apt-get install -y -qq --no-install-recommends nginx postgresql procps python3 python3-venv python3-psycopg >/dev/null
 
 python3 -m venv /usr/local/lib/keter
 /usr/local/lib/keter/bin/pip install -q --disable-pip-version-check "$src"

@@ -10,6 +10,12 @@ apps but one are removed and the same redeploy is timed with one app running.
 
 from __future__ import annotations
 
+import argparse
+import random
+import tempfile
+from pathlib import Path
+
+import psutil
 from harness import Row, Settings, Stack, keter_stack, median, observe, rss_mb, spread
 
 NAME = "scale"
@@ -106,3 +112,41 @@ def _redeploys(stack: Stack, app: str, reps: int, running: int) -> list[float]:
         stack.settle(running, timeout=120)
         times.append(stack.deploy({app: bundle}))
     return times
+
+
+def quick(apps: int, idle: float, rounds: int) -> None:
+    """``python bench/scale.py --apps N``: the scale figures for N apps, printed as measured.
+
+    A quick look for whoever changes the process monitor; the suite's table
+    comes from ``run``.
+    """
+    settings = Settings(quick=False, workdir=Path(tempfile.mkdtemp(prefix="keter-scale-")))
+    names = [f"s{i:04d}" for i in range(apps)]
+    ports = random.randrange(10, 25) * 1000
+    with keter_stack(settings, NAME, **{"port-range": [ports, ports + 3 * apps + 99]}) as stack:
+        print(f"no apps: RSS {rss_mb(stack.pid):.1f} MB", flush=True)
+        for r in range(rounds):
+            bundles = {app: stack.bundle(app, f"r{r}") for app in names}
+            took = stack.deploy(bundles, timeout=600)
+            stack.settle(apps, timeout=600)
+            print(
+                f"round {r}: {apps} apps answering after {took:.2f} s; "
+                f"RSS {rss_mb(stack.pid):.1f} MB",
+                flush=True,
+            )
+        usage = observe(stack.pid, idle)
+        print(
+            f"idle {idle:g} s with {apps} apps: {usage.cpu_percent:.2f}% of a core, "
+            f"RSS max {usage.rss_max / 2**20:.1f} MB",
+            flush=True,
+        )
+        print(f"threads: {psutil.Process(stack.pid).num_threads()}", flush=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=quick.__doc__.splitlines()[0])
+    parser.add_argument("--apps", type=int, default=100)
+    parser.add_argument("--idle", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    options = parser.parse_args()
+    quick(options.apps, options.idle, options.rounds)

@@ -235,7 +235,7 @@ def test_full_log_folder_keeps_the_app_running_with_one_error(
 def test_full_run_folder_does_not_take_keter_down(
     tmpfs, keter_factory, private_nginx, tmp_path: Path
 ) -> None:
-    """run/ holds the record of running processes, rewritten on every start and stop.
+    """run/processes/ holds a record of each running process, written at every start.
 
     Regression: the process monitor died on the failed write, and keter stopped every app.
     """
@@ -245,7 +245,7 @@ def test_full_run_folder_does_not_take_keter_down(
     bundle = tmp_path / "runner.keter"
     keter.drop(make_bundle(bundle, config=webapp_config("runner.test", "v1")))
     served(private_nginx, "runner.test", "v1")
-    records = (run / "processes.json").read_bytes()
+    assert json.loads((run / "processes" / "1.json").read_bytes())["deploy_id"] == 1
 
     filler = fill(run)
     offset = len(keter.log())
@@ -253,14 +253,14 @@ def test_full_run_folder_does_not_take_keter_down(
     served(private_nginx, "runner.test", "v2")
     wait_for(lambda: "runner: deploy #1 stopped" in keter.log()[offset:], 15, "v1 to stop")
     assert keter.proc.poll() is None
-    assert_one_error(keter.log()[offset:], "processes", "cannot save", "No space left on device")
-    assert (run / "processes.json").read_bytes() == records
-    assert stray_temp_files(run) == []
+    assert_one_error(keter.log()[offset:], "processes", "cannot record", "No space left on device")
+    assert list((run / "processes").iterdir()) == []  # v1's removed, v2's could not be written
+    assert stray_temp_files(run / "processes") == []
 
-    # With space again, the next change is recorded.
+    # With space again, the next start is recorded.
     filler.unlink()
     keter.drop(make_bundle(bundle, config=webapp_config("runner.test", "v3")))
     served(private_nginx, "runner.test", "v3")
     wait_for(lambda: "runner: deploy #2 stopped" in keter.log(), 15, "v2 to stop")
-    [record] = json.loads((run / "processes.json").read_bytes())
+    [record] = [json.loads(p.read_bytes()) for p in (run / "processes").iterdir()]
     assert record["deploy_id"] == 3

@@ -10,7 +10,7 @@ with a small API:
 * ``applog``  -- per-app log files, rotated by size;
 * ``health``  -- one HTTP health probe;
 * ``groups``  -- process groups: signalling, waiting until one is gone;
-* ``records`` -- ``run/processes.json``, to stop a killed keter's leftovers;
+* ``records`` -- ``run/processes/``, to stop a killed keter's leftovers;
 * ``ports``   -- the supervisor's port pool and "who holds this port".
 """
 

@@ -9,8 +9,9 @@ died).
 
 Nothing here blocks the actor's loop, which manages every app:
 
-* Exit detection and output capture run in the output reader
-  (``keter.processes.reader``), which posts ``_Exited``.
+* Exit detection and output capture run in ONE output reader thread for all
+  apps (``keter.processes.reader``: a selector on every output pipe and a
+  pidfd per process), which posts ``_Exited``.
 * Health probes are plain blocking HTTP requests run in a shared
   ``ThreadPoolExecutor``; results come back as ``_ProbeDone``. A pool keeps each
   probe a dozen readable lines (vs. a hand-written non-blocking HTTP client) and
@@ -66,7 +67,7 @@ from keter.processes.groups import KILL_WAIT, group_members, signal_group, stop_
 from keter.processes.health import probe_http
 from keter.processes.ports import port_holders, port_is_free
 from keter.processes.reader import FAILURE_TAIL, OutputReader
-from keter.processes.records import Record, RecordsFile
+from keter.processes.records import Record, Records
 from keter.processes.spawn import DEFAULT_LIMITS, PRLIMIT, ResourceLimits, SpawnError, spawn
 from keter.processes.states import backoff_delay, check_transition, describe_exit
 
@@ -222,7 +223,7 @@ class ProcessMonitor(Actor):
         self._reader = OutputReader(self._logs, self._exited)
         self._probes = ThreadPoolExecutor(probe_workers, thread_name_prefix="keter-probe")
         self._entries: dict[int, _Entry] = {}
-        self._records = RecordsFile(self.run_dir)
+        self._records = Records(self.run_dir)
         self._kill_now = threading.Event()  # set by kill_now(): no grace period any more
         self._random = random.Random()
         self.limits = limits
@@ -238,14 +239,13 @@ class ProcessMonitor(Actor):
                 "just after each start, so an app that forks at once may escape them"
             )
         self._records.stop_leftovers(self.stop_timeout)
-        self._save_records()
 
     def kill_now(self) -> None:
         """From another thread: keter must stop at once (a second SIGTERM, or the monitor
         itself is stuck). SIGKILLs every recorded app process group; a shutdown still
         waiting out the grace period goes on to SIGKILL too."""
         self._kill_now.set()
-        self._records.kill_saved()
+        self._records.kill_running()
 
     def on_stop(self) -> None:
         """Keter is shutting down: stop every process in parallel and wait for all."""
@@ -255,13 +255,12 @@ class ProcessMonitor(Actor):
             labels = {e.run.pgid: f"{e.app}: pid {e.run.pid}" for e in entries if e.run in runs}
             stop_groups(labels, self.stop_timeout, self._kill_now)
         for run in runs:
-            run.gone = True
-        self._reader.join(runs, timeout=KILL_WAIT)
+            self._release_run(run)
+        self._reader.close(timeout=KILL_WAIT)
         for entry in entries:
             log.info("%s: stopped (keter is shutting down)", entry.app)
             self.report(ProcessStopped(app=entry.app, deploy_id=entry.deploy_id))
         self._entries.clear()
-        self._save_records()
         self._probes.shutdown(wait=False, cancel_futures=True)
 
     # -- messages ---------------------------------------------------------------------
@@ -360,7 +359,15 @@ class ProcessMonitor(Actor):
         )
         entry.run = run
         self._reader.watch(run, proc, run.capture)
-        self._save_records()
+        self._records.add(
+            Record(
+                pid=run.pid,
+                pgid=run.pgid,
+                create_time=create_time,
+                app=entry.app,
+                deploy_id=entry.deploy_id,
+            )
+        )
         return None
 
     def _await_health(self, entry: _Entry) -> None:
@@ -509,7 +516,6 @@ class ProcessMonitor(Actor):
         error = self._spawn(entry)
         if error:
             log.error("%s: restart failed: %s", entry.app, error)
-            self._save_records()  # the old run is gone
             self._back_off(entry, error)
             return
         self._transition(entry, ProcessState.STARTING, self._where(entry))
@@ -576,7 +582,6 @@ class ProcessMonitor(Actor):
         final = ProcessState.FATAL if entry.failure else ProcessState.EXITED
         self._transition(entry, final, entry.failure or "stopped")
         del self._entries[entry.deploy_id]
-        self._save_records()
         if entry.failure:
             self.report(
                 ProcessFailed(
@@ -628,20 +633,4 @@ class ProcessMonitor(Actor):
         if not run.gone:
             run.gone = True
             self._reader.release(run)
-
-    # -- records of running processes, for cleanup after keter was killed --------------
-
-    def _save_records(self) -> None:
-        self._records.save(
-            [
-                Record(
-                    pid=entry.run.pid,
-                    pgid=entry.run.pgid,
-                    create_time=entry.run.create_time,
-                    app=entry.app,
-                    deploy_id=entry.deploy_id,
-                )
-                for entry in self._entries.values()
-                if entry.run is not None and not entry.run.gone
-            ]
-        )
+            self._records.remove(run.deploy_id)

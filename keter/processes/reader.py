@@ -1,19 +1,34 @@
-"""Reading app output and noticing exits: one reader thread per run.
+"""Reading every app's output and noticing every exit: ONE thread for all runs.
 
-The thread selects on the run's output pipe *and* a pidfd of its leader, so an
-exit is seen at once even when a daemonised grandchild keeps the pipe open,
-and calls ``on_exit`` (which posts ``_Exited`` to the monitor).
+The thread waits on one selector (epoll) holding, for each run, its output
+pipe and a pidfd of its leader, plus a wake pipe that tells it about new
+runs and released ones. A pidfd becomes readable the moment the leader
+exits, even when a daemonised grandchild keeps the output pipe open, so an
+exit is seen at once; the thread then takes what the pipe holds (the leader's
+last words), reaps the leader and calls ``on_exit`` (the monitor posts
+``_Exited`` to itself).
+
+Why one thread: a thread per process costs a stack and a scheduler entry per
+app, and 1000 apps meant 1000 threads. One selector scales with the number
+of *ready* pipes, not of apps. Fairness: a pipe is read one chunk per round,
+so an app that floods its output cannot starve the others.
+
+A run is watched until its leader has exited and either its pipe reached end
+of file (the whole group is gone) or the monitor released it (its group is
+gone; whoever still holds the pipe escaped the group and is not waited for).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import os
 import selectors
 import subprocess
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from keter.processes.applog import LogRegistry, OutputCapture
 
@@ -23,17 +38,21 @@ READ_CHUNK = 64 * 1024
 MAX_PIPE_BUFFER = 1024 * 1024  # Linux's default /proc/sys/fs/pipe-max-size
 FAILURE_TAIL = 20  # output lines sent with an exit report
 
-# on_exit(key, returncode, last output lines)
+# on_exit(key, returncode, last output lines); called in the reader's thread.
 ExitCallback = Callable[[object, int, tuple[str, ...]], None]
 
 
 @dataclass(eq=False)
 class _Watched:
+    """One run, as the reader thread sees it (touched by that thread only)."""
+
     key: object
     proc: subprocess.Popen
     capture: OutputCapture
-    wake_w: int
-    thread: threading.Thread | None = field(default=None)
+    fd: int  # the output pipe's read end
+    pidfd: int
+    pipe_open: bool = True
+    exited: bool = False
     released: bool = False
 
 
@@ -43,92 +62,169 @@ class OutputReader:
     def __init__(self, logs: LogRegistry, on_exit: ExitCallback) -> None:
         self._logs = logs
         self._on_exit = on_exit
+        # Commands from other threads: deque appends and pops are atomic.
+        self._commands: collections.deque[tuple[str, object]] = collections.deque()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._selector = selectors.DefaultSelector()
         self._watched: dict[object, _Watched] = {}
+        self._thread = threading.Thread(target=self._loop, name="keter-output", daemon=True)
+        self._started = False
+
+    # -- API, called from the monitor's thread ----------------------------------------
 
     def watch(self, key: object, proc: subprocess.Popen, capture: OutputCapture) -> None:
         """Start reading ``proc``'s stdout; ``on_exit(key, ...)`` when its leader exits."""
-        # The pidfd is opened before anyone can reap the child, so it refers to it.
+        assert proc.stdout is not None
+        # Opened here, right after the spawn and before anyone can reap the child,
+        # so the pidfd refers to it and not to a process that reused its pid.
         pidfd = os.pidfd_open(proc.pid)
-        wake_r, wake_w = os.pipe()
-        watched = _Watched(key=key, proc=proc, capture=capture, wake_w=wake_w)
-        watched.thread = threading.Thread(
-            target=self._pump,
-            args=(watched, pidfd, wake_r),
-            name=f"keter-output-{capture.app}",
-            daemon=True,
-        )
-        self._watched[key] = watched
-        watched.thread.start()
+        fd = proc.stdout.fileno()
+        os.set_blocking(fd, False)
+        self._send("watch", _Watched(key=key, proc=proc, capture=capture, fd=fd, pidfd=pidfd))
 
     def release(self, key: object) -> None:
         """The run's group is gone: read what is left and stop watching it."""
-        watched = self._watched.pop(key, None)
-        if watched is not None and not watched.released:
-            watched.released = True
-            os.close(watched.wake_w)  # EOF on the reader's wake pipe
+        self._send("release", key)
 
-    def join(self, keys: list[object], timeout: float) -> None:
-        threads = [w.thread for k in keys if (w := self._watched.get(k)) and w.thread]
-        for key in keys:
-            self.release(key)
-        for thread in threads:
-            thread.join(timeout=timeout)
+    def close(self, timeout: float) -> None:
+        """Finish every run (what their pipes hold is logged) and end the thread."""
+        if self._started:
+            self._send("close", None)
+            self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._selector.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
-    def _pump(self, watched: _Watched, pidfd: int, wake_r: int) -> None:
-        """Copy the run's output to its log; report the leader's exit the moment it happens."""
-        proc, capture = watched.proc, watched.capture
-        out = proc.stdout
-        assert out is not None
-        fd = out.fileno()
-        selector = selectors.DefaultSelector()
-        selector.register(fd, selectors.EVENT_READ, "out")
-        selector.register(pidfd, selectors.EVENT_READ, "exit")
-        selector.register(wake_r, selectors.EVENT_READ, "wake")
-        pipe_open, exited, woken = True, False, False
+    def _send(self, command: str, argument: object) -> None:
+        self._commands.append((command, argument))
+        if not self._started:
+            self._started = True
+            self._thread.start()
+        # A full pipe holds wake-ups already: the thread will look.
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+
+    # -- the thread -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        while True:
+            for key, _ in self._selector.select():
+                if key.data is None:
+                    if not self._take_commands():
+                        self._finish_all()
+                        return
+                    continue
+                kind, watched = key.data
+                try:
+                    if kind == "out":
+                        self._readable(watched)
+                    else:
+                        self._leader_exited(watched)
+                except Exception:
+                    self._failed(watched)
+
+    def _take_commands(self) -> bool:
+        """Handle what other threads asked for; False once asked to close."""
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 4096):
+                pass
+        while self._commands:
+            command, argument = self._commands.popleft()
+            if command == "watch":
+                assert isinstance(argument, _Watched)
+                self._add(argument)
+            elif command == "release":
+                if (watched := self._watched.get(argument)) is not None:
+                    watched.released = True
+                    self._finish_if_done(watched)
+            else:
+                return False
+        return True
+
+    def _add(self, watched: _Watched) -> None:
+        self._watched[watched.key] = watched
+        self._selector.register(watched.fd, selectors.EVENT_READ, ("out", watched))
+        self._selector.register(watched.pidfd, selectors.EVENT_READ, ("exit", watched))
+
+    def _readable(self, watched: _Watched) -> None:
+        if not watched.pipe_open:
+            return  # closed earlier in this round (its leader's exit drained it)
+        # One chunk per round: every other ready pipe is read before this one again.
+        if read_once(watched.capture, watched.fd) is False:
+            self._close_pipe(watched)
+            self._finish_if_done(watched)
+
+    def _leader_exited(self, watched: _Watched) -> None:
+        if watched.exited:
+            return
+        # Everything the leader wrote is in the pipe by now: take it first so the
+        # exit report shows its last words.
+        if watched.pipe_open and not drain(watched.capture, watched.fd):
+            self._close_pipe(watched)
+        watched.capture.flush()
+        returncode = watched.proc.wait()  # it has exited: this reaps it at once
+        self._close_pidfd(watched)
+        self._on_exit(watched.key, returncode, watched.capture.tail(FAILURE_TAIL))
+        self._finish_if_done(watched)
+
+    def _failed(self, watched: _Watched) -> None:
+        """A bug while handling one run must not stop the thread that serves all."""
+        log.exception("processes: output reader failed for pid %d", watched.proc.pid)
         try:
-            # Ends when the leader is reaped and either the pipe is closed (the whole
-            # group is gone) or the monitor says the group is gone (then whoever still
-            # holds the pipe has escaped the group, and we will not wait for it).
-            while not (exited and (woken or not pipe_open)):
-                for key, _ in selector.select():
-                    if key.data == "out":
-                        if pipe_open and read_once(capture, fd) is False:
-                            selector.unregister(fd)
-                            pipe_open = False
-                    elif key.data == "exit":
-                        # Everything the leader wrote is in the pipe by now: take it
-                        # first so the exit report shows its last words.
-                        if pipe_open and not drain(capture, fd):
-                            selector.unregister(fd)
-                            pipe_open = False
-                        capture.flush()
-                        returncode = proc.wait()
-                        selector.unregister(pidfd)
-                        exited = True
-                        self._on_exit(watched.key, returncode, capture.tail(FAILURE_TAIL))
-                    elif key.data == "wake":
-                        selector.unregister(wake_r)
-                        woken = True
-            if pipe_open:
-                drain(capture, fd)
+            self._close_pipe(watched)
+            if not watched.exited:
+                # Without an exit report the monitor would wait for it forever; the
+                # stop that follows kills the group, so the leader is reaped then.
+                returncode = watched.proc.poll()
+                self._on_exit(watched.key, -9 if returncode is None else returncode, ())
+                self._close_pidfd(watched)
+            self._finish_if_done(watched)
         except Exception:
-            log.exception("processes: output reader of pid %d failed", proc.pid)
-            if not exited:  # without the exit report the entry would hang forever
-                self._on_exit(watched.key, proc.wait(), capture.tail(FAILURE_TAIL))
-        finally:
-            capture.flush()
-            selector.close()
-            out.close()
-            os.close(pidfd)
-            os.close(wake_r)
-            self._logs.release(capture.applog)
+            log.exception("processes: cannot clean up after pid %d", watched.proc.pid)
+
+    def _finish_if_done(self, watched: _Watched) -> None:
+        if watched.exited and (watched.released or not watched.pipe_open):
+            self._finish(watched)
+
+    def _finish(self, watched: _Watched) -> None:
+        if watched.pipe_open:
+            drain(watched.capture, watched.fd)
+            self._close_pipe(watched)
+        if not watched.exited:
+            self._close_pidfd(watched)
+            watched.proc.poll()  # reaps it if it has exited (keter is closing)
+        watched.capture.flush()
+        self._logs.release(watched.capture.applog)
+        del self._watched[watched.key]
+
+    def _finish_all(self) -> None:
+        for watched in list(self._watched.values()):
+            try:
+                self._finish(watched)
+            except Exception:
+                log.exception("processes: cannot finish the output of pid %d", watched.proc.pid)
+
+    def _close_pipe(self, watched: _Watched) -> None:
+        if watched.pipe_open:
+            watched.pipe_open = False
+            self._selector.unregister(watched.fd)
+            assert watched.proc.stdout is not None
+            watched.proc.stdout.close()
+
+    def _close_pidfd(self, watched: _Watched) -> None:
+        if not watched.exited:
+            watched.exited = True
+            self._selector.unregister(watched.pidfd)
+            os.close(watched.pidfd)
 
 
 def read_once(capture: OutputCapture, fd: int) -> bool | None:
-    """One chunk from the pipe into the log.
+    """One chunk from a non-blocking pipe into the log.
 
-    True when data was read, None when there is none right now (a
-    non-blocking pipe), False at end of file.
+    True when data was read, None when there is none right now, False at end
+    of file.
     """
     try:
         data = os.read(fd, READ_CHUNK)
@@ -144,9 +240,8 @@ def drain(capture: OutputCapture, fd: int) -> bool:
     """Read what the pipe holds right now without waiting; False at end of file.
 
     Reads at most the largest pipe buffer: enough for everything a dead
-    leader wrote, and a chatty grandchild cannot keep us here forever.
+    leader wrote, and a chatty grandchild cannot keep the reader here.
     """
-    os.set_blocking(fd, False)
     for _ in range(MAX_PIPE_BUFFER // READ_CHUNK):
         got = read_once(capture, fd)
         if got is not True:

@@ -1,15 +1,20 @@
-"""``ROOT/run/processes.json``: which app processes keter started, so that the
-next keter can stop them if this one is killed (SIGKILL, OOM, a crash).
+"""``ROOT/run/processes/``: which app processes keter started, so that the next
+keter can stop them if this one is killed (SIGKILL, OOM, a crash).
 
-The monitor rewrites the file on every spawn and stop; at start it reads the
-file a previous keter left and stops every group still alive, unless its
-leader's pid now belongs to another program (told apart by its start time).
+One small file per deploy (``DEPLOY_ID.json``), written when a process is
+spawned and removed when its group is gone: each event costs one tiny write,
+whatever the number of apps (one file listing every process would be
+rewritten whole on every spawn and stop). At start, keter reads the files a
+previous keter left (and the single ``processes.json`` older versions wrote)
+and stops every group still alive, unless its leader's pid now belongs to
+another program (told apart by its start time).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,12 +26,13 @@ from keter.processes.groups import group_members, signal_group, stop_groups
 
 log = logging.getLogger(__name__)
 
-RECORDS_FILE = "processes.json"
+RECORDS_DIR = "processes"
+OLD_RECORDS_FILE = "processes.json"  # what keter wrote before the folder existed
 
 
 @dataclass(frozen=True, kw_only=True)
 class Record:
-    """One running app process, as the file keeps it."""
+    """One running app process, as its file keeps it."""
 
     pid: int
     pgid: int
@@ -35,45 +41,61 @@ class Record:
     deploy_id: int
 
 
-class RecordsFile:
-    """Saves the list of running processes; stops the leftovers of a killed keter."""
+class Records:
+    """Records running processes one file each; stops the leftovers of a killed keter."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / RECORDS_FILE
-        self._saved: list[Record] | None = None
-        self._unsaved = False  # the last save failed (and was logged)
+        self.run_dir = Path(run_dir)
+        self.folder = self.run_dir / RECORDS_DIR
+        self._failed = False  # the last write failed (and was logged)
+        # What the files say, for kill_running (read from another thread: only
+        # whole-dict operations, which the GIL makes atomic).
+        self._running: dict[int, Record] = {}
 
-    def save(self, records: list[Record]) -> None:
-        """Write ``records`` unless the file already says exactly this."""
-        if records == self._saved:
-            return
-        data = json.dumps([asdict(r) for r in records], indent=1).encode()
+    def add(self, record: Record) -> None:
+        """Record a spawned process (replacing its deploy's previous one)."""
+        self._running[record.deploy_id] = record
         try:
             # It only has to outlive keter, not the machine (a power cut ends the
             # apps too), so no fsync.
-            atomic_write(self.path, data, durable=False)
+            atomic_write(
+                self._path(record.deploy_id), json.dumps(asdict(record)).encode(), durable=False
+            )
         except OSError as exc:
-            # A full disk must not stop the monitor, and with it every app: the old
-            # file stays whole, and the next change tries again.
-            if not self._unsaved:
+            # A full disk must not stop the monitor, and with it every app.
+            if not self._failed:
                 log.error(
-                    "processes: cannot save %s: %s; apps started from now on are not "
-                    "recorded, so a killed keter could not stop them at its next start",
-                    self.path,
+                    "processes: cannot record pid %d in %s: %s; a killed keter could not "
+                    "stop it at its next start",
+                    record.pid,
+                    self.folder,
                     exc.strerror or exc,
                 )
-                self._unsaved = True
+                self._failed = True
             return
-        self._saved = records
-        self._unsaved = False
+        self._failed = False
 
-    def kill_saved(self) -> None:
-        """SIGKILL every group the last save listed (safe from any thread: keter must stop now)."""
-        for record in self._saved or []:
+    def remove(self, deploy_id: int) -> None:
+        """The deploy's process group is gone."""
+        self._running.pop(deploy_id, None)
+        try:
+            os.unlink(self._path(deploy_id))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("processes: cannot remove %s: %s", self._path(deploy_id), exc)
+
+    def kill_running(self) -> None:
+        """SIGKILL every recorded group (safe from any thread: keter must stop now)."""
+        for record in list(self._running.values()):
             signal_group(record.pgid, signal.SIGKILL)
 
     def stop_leftovers(self, stop_timeout: float) -> None:
-        """Stop processes a previous keter started and could not stop (it was killed)."""
+        """Stop processes a previous keter started and could not stop (it was killed).
+
+        Afterwards no record is left: this keter records its own processes.
+        """
+        self.folder.mkdir(parents=True, exist_ok=True)
         groups: dict[int, str] = {}
         for record in self._load():
             if not group_members(record.pgid):
@@ -99,17 +121,25 @@ class RecordsFile:
             stop_groups(groups, stop_timeout)
             for label in groups.values():
                 log.warning("%s from a previous keter run was stopped", label)
+        for path in [self.run_dir / OLD_RECORDS_FILE, *self.folder.glob("*.json")]:
+            path.unlink(missing_ok=True)
+
+    def _path(self, deploy_id: int) -> Path:
+        return self.folder / f"{int(deploy_id)}.json"
 
     def _load(self) -> list[Record]:
-        try:
-            raw = json.loads(self.path.read_bytes())
-        except FileNotFoundError:
-            return []
-        except (OSError, ValueError) as exc:
-            log.warning("processes: ignoring unreadable %s: %s", self.path, exc)
-            return []
+        items: list[object] = []
+        for path in [self.run_dir / OLD_RECORDS_FILE, *sorted(self.folder.glob("*.json"))]:
+            try:
+                raw = json.loads(path.read_bytes())
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as exc:
+                log.warning("processes: ignoring unreadable %s: %s", path, exc)
+                continue
+            items.extend(raw if isinstance(raw, list) else [raw])
         records = []
-        for item in raw if isinstance(raw, list) else []:
+        for item in items:
             try:
                 records.append(
                     Record(
@@ -121,5 +151,5 @@ class RecordsFile:
                     )
                 )
             except (KeyError, TypeError, ValueError, AttributeError):
-                log.warning("processes: ignoring malformed record %r in %s", item, self.path)
+                log.warning("processes: ignoring a malformed process record %r", item)
         return records

@@ -89,6 +89,7 @@ from keter.messages import (
     UnpackFailed,
     message,
 )
+from keter.names import PROBLEMS_LIMIT, log_text
 from keter.processes.ports import NoFreePort, PortPool
 from keter.routes import dashboard_site, deploy_problems, sites_for
 
@@ -259,6 +260,8 @@ class Supervisor:
                 part.join(1.0)  # it reported its failure as its thread's last act
                 part.restart()
                 log.warning("keter: component %s restarted", component)
+                if part is self.c.watcher:
+                    part.tell(Rescan())  # file events during its failure may be lost
             case _:
                 log.error("keter: ignoring unexpected message %s", type(msg).__name__)
 
@@ -669,6 +672,10 @@ class Supervisor:
         stopped_already: int | None = None,
     ) -> None:
         """The deploy on its way failed: undo it; the serving version is untouched."""
+        if len(reason) > PROBLEMS_LIMIT:  # components cap theirs; this is the last gate
+            reason = (
+                f"{reason[:PROBLEMS_LIMIT]}... ({len(reason) - PROBLEMS_LIMIT} more characters)"
+            )
         log.error("%s: deploy #%d failed: %s", deploy.app, deploy.id, reason)
         self._finished(deploy, Outcome.FAILED, reason, kind)
         if tail:
@@ -757,13 +764,16 @@ class Supervisor:
             "keter: component %s failed handling %s: %s\n%s",
             failed.component,
             failed.message or "its start",
-            failed.error,
+            log_text(failed.error),
             failed.traceback.rstrip(),
         )
+        reason = f"internal error in {failed.component}: {log_text(failed.error)}"
         if failed.deploy_id is not None:
-            self._fail_owner(
-                failed.deploy_id, f"internal error in {failed.component}: {failed.error}"
-            )
+            self._fail_owner(failed.deploy_id, reason)
+        if failed.component is Component.NGINX and self._nginx_inflight is not None:
+            # The generation it was applying will never be answered.
+            self._nginx_replied(self._nginx_inflight, reason, {})
+
         recent = self._recent(self._failures.setdefault(failed.component, []))
         if len(recent) > RESTART_LIMIT:
             log.critical(

@@ -1,0 +1,112 @@
+"""keter survives its own failures (issue 10, tests (c) and (e)), against the real daemon.
+
+- A component whose handler raises fails only the deploy it was handling, is
+  restarted, and every app keeps serving (the fault is injected from outside
+  keter's code: tests/apps/fault_injection/sitecustomize.py).
+- Shutdown has a deadline: a component stuck in a call cannot keep keter alive
+  past stop-timeout plus a small margin, and every app is still stopped.
+- A second SIGTERM means stop now.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from support.bundles import make_bundle, webapp_config
+from support.daemon import app_processes, failures
+from support.net import body, served
+from support.wait import wait_for
+
+from keter.daemon import SHUTDOWN_MARGIN
+
+FAULTS = Path(__file__).parent / "apps" / "fault_injection"
+
+
+def fault_env(component: str) -> dict[str, str]:
+    path = os.pathsep.join(filter(None, [str(FAULTS), os.environ.get("PYTHONPATH")]))
+    return {"PYTHONPATH": path, "KETER_TEST_FAULT": component}
+
+
+@pytest.mark.parametrize("component", ["unpacker", "processes"])
+def test_a_failing_component_is_restarted_and_only_its_deploy_fails(
+    keter_factory, private_nginx, tmp_path, component
+):
+    keter = keter_factory(start=False)
+    keter.start(env=fault_env(component))
+    keter.drop(make_bundle(tmp_path / "good.keter", config=webapp_config("good.test", "v1")))
+    served(private_nginx, "good.test", "v1")
+
+    keter.drop(make_bundle(tmp_path / "boom.keter", config=webapp_config("boom.test", "v1")))
+    [line] = wait_for(lambda: failures(keter, "boom"), 20, "boom's deploy to fail")
+    assert f"internal error in {component}: RuntimeError: injected fault" in line
+    wait_for(lambda: f"component {component} restarted" in keter.log(), 10, "the restart")
+    assert keter.proc.poll() is None
+    assert body(private_nginx, "good.test") == b"v1\n"
+
+    # The restarted component works: a new version of the good app deploys through it.
+    keter.drop(make_bundle(tmp_path / "good.keter", config=webapp_config("good.test", "v2")))
+    served(private_nginx, "good.test", "v2")
+    if component == "processes":
+        # ... and it still supervises what it ran before its failure.
+        [app] = wait_for(
+            lambda: len(found := app_processes(keter)) == 1 and found, 10, "v1 to be retired"
+        )
+        app.kill()
+        wait_for(
+            lambda: [p.pid for p in app_processes(keter)] not in ([], [app.pid]),
+            10,
+            "the crashed app to be restarted",
+        )
+        served(private_nginx, "good.test", "v2")
+
+
+def test_shutdown_has_a_deadline_when_a_component_is_stuck(keter_factory, private_nginx, tmp_path):
+    """The nginx writer hangs in a test command; SIGTERM still ends keter and its apps."""
+    stall = tmp_path / "stall"
+    stuck_test = ["sh", "-c", f'[ -e "{stall}" ] && exec sleep 600; exec "$@"', "sh"]
+    keter = keter_factory(start=False, **{"stop-timeout": 2})
+    nginx = keter.settings["nginx"]
+    nginx["test-command"] = stuck_test + nginx["test-command"]
+    keter.start()
+    keter.drop(make_bundle(tmp_path / "app.keter", config=webapp_config("app.test", "v1")))
+    served(private_nginx, "app.test", "v1")
+    pids = [p.pid for p in app_processes(keter)]
+
+    stall.touch()
+    keter.drop(make_bundle(tmp_path / "app.keter", config=webapp_config("app.test", "v2")))
+    sleeper = wait_for(
+        lambda: [p for p in keter.children() if "sleep" in p.cmdline()], 20, "nginx -t to hang"
+    )
+    began = time.monotonic()
+    keter.proc.send_signal(signal.SIGTERM)
+    try:
+        keter.proc.wait(2 + SHUTDOWN_MARGIN + 5)
+        took = time.monotonic() - began
+        assert took < 2 + SHUTDOWN_MARGIN + 3, took
+        assert "nginx did not stop in time" in keter.log()
+        assert not [pid for pid in pids if psutil.pid_exists(pid)]
+    finally:
+        for process in sleeper:
+            process.kill()
+
+
+def test_a_second_sigterm_stops_at_once(keter_factory, private_nginx, tmp_path):
+    keter = keter_factory(**{"stop-timeout": 60})
+    config = webapp_config("stub.test", "v1", args=["--ignore-term"])
+    keter.drop(make_bundle(tmp_path / "stub.keter", config=config))
+    served(private_nginx, "stub.test", "v1")
+    [app] = app_processes(keter)
+
+    keter.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: "SIGTERM received" in keter.log(), 10, "the first SIGTERM")
+    began = time.monotonic()
+    keter.proc.send_signal(signal.SIGTERM)
+    assert keter.proc.wait(10) == 0
+    assert time.monotonic() - began < 5
+    assert "again: killing every app now" in keter.log()
+    wait_for(lambda: not psutil.pid_exists(app.pid), 5, "the app to be gone")

@@ -10,15 +10,20 @@ every key and deep nesting.
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
+from support.bundles import bundle_bytes, make_bundle
+from support.faults import GOOD, Rig
+from support.net import body
 
 from keter.bundle import BundleConfig, BundleConfigError, parse_bundle_config
 from keter.bundle import reader as bundle_reader
@@ -588,3 +593,73 @@ def test_fuzzed_global_configs_only_parse_or_fail_cleanly(tmp_path_factory, text
         assert isinstance(result, KeterConfig)
         for warning in result.warnings:
             assert_safe_reason(warning)
+
+
+# -- the daemon of record: fuzzed bundles against a running keter and real nginx ----------
+
+_FUZZ_FILES = {"config/cert.pem": CERT, "config/key.pem": KEY}
+_fuzz_names = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    rig = Rig(tmp_path_factory.mktemp("config-fuzz"), **{"health-check-timeout": 5})
+    try:
+        yield rig
+    finally:
+        rig.close()
+
+
+def _fuzz_bundle(**where) -> dict:
+    return {
+        "config": None,
+        "files": _FUZZ_FILES,
+        "executables": ["hello", "worker"],
+        "folders": ["public"],
+        **where,
+    }
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,  # the same bundles each run: a test of record, not a lottery
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+@given(documents())
+@example("stanzas:\n- type: webapp\n  exec: ../hello\n  host: a.test\n  ? !!set {x}\n  : 1\n")
+@example(f"stanzas:\n- type: webapp\n  exec: ../hello\n  host: a.test\n  timeout: {HUGE}\n")
+@example(
+    "stanzas:\n- type: webapp\n  exec: ../hello\n  host: a.test\n"
+    f"  ensure-alive-time-bound: {HUGE}\n  connection-time-bound: {HUGE}\n"
+)
+@example(f"stanzas:\n- type: background\n  exec: ../worker\n  restart-delay-seconds: {HUGE}\n")
+@example('exec: "../\\ud800"\nhost: a.test\n')
+@example('exec: ../hello\nhost: a.test\nstatic-hosts: [{host: b.test, root: "\\udcff"}]\n')
+@example('exec: ../hello\nhost: a.test\nssl: {certificate: "\\ud800", key: key.pem}\n')
+@example(
+    'stanzas:\n- type: reverse-proxy\n  reversed-host: "fe80::1%\\udcff"\n  reversed-port: 80\n'
+    "  reversing-host: a.test\n"
+)
+def test_a_running_keter_refuses_fuzzed_configs_with_one_line_each(
+    rig: Rig, tmp_path_factory: pytest.TempPathFactory, text: str
+) -> None:
+    """Issue 10's test of record (a), the YAML half: each generated bundle that the parser
+    refuses is refused by the running keter with one line naming it, keter stays alive,
+    the good app still answers through nginx and nothing else changes."""
+    data = text.encode("utf-8", "surrogatepass")
+    local = tmp_path_factory.mktemp("verdict") / "bundle"
+    make_bundle(local, **_fuzz_bundle(config=data), unpacked=True)
+    try:
+        parse_bundle_config(local, "verdict")
+    except BundleConfigError:
+        pass
+    else:
+        assume(False)  # a config that deploys is another test's business
+    app = f"fuzz{next(_fuzz_names)}"
+    checkpoint = rig.checkpoint()
+    rig.drop(f"{app}.keter", bundle_bytes(**_fuzz_bundle(config=data)))
+    line = rig.refused(checkpoint, app, f"{app}.keter")
+    assert len(line) < MAX_REASON + 200, len(line)
+    assert rig.keter.proc.poll() is None, "keter exited"
+    assert body(rig.nginx, GOOD) == b"g1\n"

@@ -7,8 +7,8 @@ descriptor on the old file until that is drained, then reopens the name.
 
 from __future__ import annotations
 
-import contextlib
 import os
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +21,8 @@ _BLOCK = 1 << 16
 # How long a follower waits for inotify before checking the file anyway: a safety
 # net for events lost to a full queue, not the normal way of noticing new lines.
 RECHECK_SECONDS = 2.0
+# How many looks at the rotated files a follower takes before it waits for the next change.
+_LOOKS = 20
 
 
 def tail_lines(path: Path, count: int) -> list[str]:
@@ -118,8 +120,9 @@ class LogFollower:
                 if self._partial:
                     yield self._partial.decode("utf-8", "replace")
                     self._partial = b""
-                self._reopen()
-                continue
+                if self._reopen():
+                    continue
+                # A rotation is under way: its renames wake the wait below.
             self._changed.wait(RECHECK_SECONDS)
         if self._partial:
             yield self._partial.decode("utf-8", "replace")
@@ -143,45 +146,72 @@ class LogFollower:
             current.st_size < self._file.tell()
         )
 
-    def _reopen(self) -> None:
-        """Go on with the file written after the current one.
+    def _reopen(self) -> bool:
+        """Go on with the file written after the current one; False if it cannot be told yet.
 
         Rotation renames ``path.1`` to ``path.2`` ... and ``path`` to ``path.1``, so a
-        follower that fell behind by several rotations finds its file in that chain
-        and reads every newer one in turn instead of skipping to ``path``.
+        follower that fell behind by several rotations finds its file in that chain and
+        reads every newer one in turn instead of skipping to ``path``.
+
+        A look taken while a rotation renames files sees a gap (``path.1`` already
+        renamed to ``path.2``, ``path`` not yet renamed to ``path.1``), no ``path``, or
+        one file under two names. So every ``path.N`` counts, gap or not, and the chain
+        is only trusted when two looks in a row agree and ``path`` exists. (A look that
+        stopped at the first missing number once saw only ``path`` in that moment, and
+        the follower skipped every file in between.)
         """
+        chain = self._settled_chain()
+        if chain is None:
+            return False  # keep the old file; the rotation's renames wake us to look again
         mine = os.fstat(self._file.fileno())
+        ids = [file_id for _, file_id in chain]
         me = (mine.st_dev, mine.st_ino)
-        for _ in range(10):  # a rotation during the lookup: look again
-            chain = self._chain()
-            if not chain:
-                return  # no file right now: keep the old one until one appears
-            ids = [(info.st_dev, info.st_ino) for _, info in chain]
-            # The next file, or our own again if it is the current one (truncated). If ours
-            # was the oldest backup and is deleted, everything left is newer.
-            position = min(ids.index(me) + 1, len(chain) - 1) if me in ids else 0
-            path, info = chain[position]
+        if me == ids[-1]:
+            # Ours is still the current file, so it was truncated in place: start again.
+            self._file.seek(0)
+            return True
+        # The next file; if ours is in the chain no more (it was the oldest backup and is
+        # deleted), every file left is newer.
+        path, expected = chain[ids.index(me) + 1 if me in ids else 0]
+        try:
+            new = open(path, "rb")  # noqa: SIM115 - replaces self._file
+        except FileNotFoundError:
+            return False
+        found = os.fstat(new.fileno())
+        if (found.st_dev, found.st_ino) != expected:
+            new.close()  # renamed since the look: look again
+            return False
+        self._file.close()
+        self._file = new
+        return True
+
+    def _settled_chain(self) -> list[tuple[Path, tuple[int, int]]] | None:
+        """The log's files, oldest first, as two looks in a row saw them; None if they differ."""
+        previous = self._chain()
+        for _ in range(_LOOKS):
+            current = self._chain()
+            if current == previous and current and current[-1][0] == self.path:
+                return current
+            previous = current
+        return None
+
+    def _chain(self) -> list[tuple[Path, tuple[int, int]]]:
+        """The log's files, oldest first: ``path.N`` ... ``path.1``, ``path`` as (path, file id).
+
+        Every ``path.N`` in the folder counts, so a gap left by a rename under way (or by
+        an operator who deleted one backup) does not hide the older ones.
+        """
+        numbered = []
+        for name in os.listdir(self.path.parent):
+            match = re.fullmatch(re.escape(self.path.name) + r"\.([0-9]+)", name)
+            if match:
+                numbered.append((int(match[1]), self.path.with_name(name)))
+        candidates = [path for _, path in sorted(numbered, reverse=True)] + [self.path]
+        found = []
+        for path in candidates:
             try:
-                new = open(path, "rb")  # noqa: SIM115 - replaces self._file
+                info = os.stat(path)
             except FileNotFoundError:
                 continue
-            found = os.fstat(new.fileno())
-            if (found.st_dev, found.st_ino) == (info.st_dev, info.st_ino):
-                self._file.close()
-                self._file = new
-                return
-            new.close()
-
-    def _chain(self) -> list[tuple[Path, os.stat_result]]:
-        """The log's files, oldest first: ``path.N`` ... ``path.1``, ``path``."""
-        found = []
-        for n in range(1, 1000):
-            backup = self.path.with_name(f"{self.path.name}.{n}")
-            try:
-                found.append((backup, os.stat(backup)))
-            except FileNotFoundError:
-                break
-        found.reverse()
-        with contextlib.suppress(FileNotFoundError):
-            found.append((self.path, os.stat(self.path)))
+            found.append((path, (info.st_dev, info.st_ino)))
         return found

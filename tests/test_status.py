@@ -33,7 +33,6 @@ from support.wait import wait_for
 from keter.archive import BundleArchive
 from keter.client import ApiError, KeterClient
 from keter.config import KeterConfig, Listener
-from keter.logtail import LogFollower, tail_lines
 from keter.messages import (
     AppChanged,
     AppEvent,
@@ -45,7 +44,6 @@ from keter.messages import (
     FailureKind,
     Outcome,
 )
-from keter.processes.applog import AppLog
 from keter.status import StatusServer
 from keter.status.checks import RequestChecks
 from keter.status.errors import ApiError as StatusApiError
@@ -530,64 +528,6 @@ def test_metrics_count_deploys_restarts_and_health_check_failures(make_status):
     status.tell_and_wait(AppGone(app="other"))
     _, _, body = status.http("GET", "/metrics", {"Host": here})
     assert ("keter_app_up", (("app", "other"),)) not in metric_samples(body.decode())
-
-
-# -- log files ---------------------------------------------------------------------------------
-
-
-@given(st.lists(st.text(alphabet="ab\n", max_size=5), max_size=8), st.integers(0, 6))
-def test_tail_lines_matches_splitlines(chunks: list[str], count: int):
-    data = "".join(chunks)
-    path = Path(f"/tmp/keter-tail-{os.getpid()}.txt")
-    path.write_text(data)
-    try:
-        expected = data.split("\n")
-        if expected[-1] == "":
-            expected.pop()
-        assert tail_lines(path, count) == (expected[-count:] if count else [])
-    finally:
-        path.unlink()
-
-
-def test_tail_of_a_large_file_reads_only_its_end(tmp_path):
-    path = tmp_path / "big.log"
-    path.write_bytes(b"x" * 10_000_000 + b"\nlast\n")
-    assert tail_lines(path, 1) == ["last"]
-
-
-def test_follower_sees_every_line_across_rotations(tmp_path):
-    path = tmp_path / "app-hello.log"
-    # Enough backups that nothing is deleted while the follower falls behind.
-    applog = AppLog(path, max_bytes=400, backups=10)
-    applog.write_line(b"before 0")
-    applog.write_line(b"before 1")
-    seen: list[str] = []
-    with LogFollower(path, backlog=1) as follower:
-        reader = threading.Thread(target=lambda: seen.extend(follower.lines()))
-        reader.start()
-        for i in range(60):  # about 40 bytes a line: a rotation every ten lines, written at once
-            applog.write_line(f"line {i}".encode())
-        wait_for(lambda: seen and seen[-1].endswith("line 59"), 10, "the last line")
-        follower.stop()
-        reader.join(5)
-    applog.close()
-    assert (tmp_path / "app-hello.log.2").exists()  # it did rotate, more than once
-    assert [line.split(" ", 1)[1] for line in seen] == ["before 1"] + [
-        f"line {i}" for i in range(60)
-    ]
-
-
-def test_follower_of_a_truncated_file_starts_again(tmp_path):
-    path = tmp_path / "app.log"
-    path.write_text("old line\n")
-    seen: list[str] = []
-    with LogFollower(path) as follower:
-        reader = threading.Thread(target=lambda: seen.extend(follower.lines()))
-        reader.start()
-        path.write_text("new\n")  # truncates in place
-        wait_for(lambda: seen == ["new"], 10, "the line after truncation")
-        follower.stop()
-        reader.join(5)
 
 
 # -- inside a real keter -----------------------------------------------------------------------

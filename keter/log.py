@@ -3,6 +3,15 @@
 Under systemd (JOURNAL_STREAM is set) each line starts with a syslog priority
 prefix such as ``<3>`` so ``journalctl -p err`` works, and carries no timestamp
 because the journal adds its own. Run by hand, lines get a timestamp instead.
+
+Log lines quote text keter does not control (app output, bundle names and
+values, exception messages). So that no app can forge a line of keter's log,
+every message is made ONE physical line: line breaks, control characters and
+escape sequences in it are shown escaped (``\\n``, ``\\x1b``, see
+``keter.names.log_text``), and it is capped well below journald's line limit
+(a longer line would be split, and its continuation would start with text
+keter did not write). Only a traceback spans several lines, each escaped and
+each with keter's own prefix.
 """
 
 from __future__ import annotations
@@ -10,6 +19,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+
+from keter.names import log_text
+
+MESSAGE_LIMIT = 16 * 1024  # characters; journald's LineMax is 48 KiB
 
 _PRIORITY = {
     logging.CRITICAL: 2,
@@ -20,12 +33,42 @@ _PRIORITY = {
 }
 
 
-class JournalFormatter(logging.Formatter):
+def one_line(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """``text`` as one printable line: non-printable characters escaped, capped.
+
+    Printable characters (backslashes included) are kept as they are, so text
+    that was already made safe with ``log_text`` is not escaped twice.
+    """
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text) - limit} more characters)"
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else log_text(char) for char in text)
+
+
+class SafeFormatter(logging.Formatter):
+    """The message on one escaped line; a traceback's lines escaped one by one."""
+
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+        record.message = one_line(record.getMessage())
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        lines = [self.formatMessage(record)]
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        extras = [record.exc_text, record.stack_info and self.formatStack(record.stack_info)]
+        for extra in extras:
+            if extra:
+                # Split on "\n" only: any other line break inside is escaped, not obeyed.
+                lines.extend(one_line(line) for line in extra.split("\n"))
+        return "\n".join(lines)
+
+
+class JournalFormatter(SafeFormatter):
+    def format(self, record: logging.LogRecord) -> str:
         prefix = f"<{_PRIORITY.get(record.levelno, 6)}>"
         # Every physical line gets the prefix so a traceback keeps its priority.
-        return "\n".join(prefix + line for line in text.splitlines())
+        return "\n".join(prefix + line for line in super().format(record).split("\n"))
 
 
 def setup_logging(level: int = logging.INFO, *, stream=None) -> None:
@@ -35,7 +78,7 @@ def setup_logging(level: int = logging.INFO, *, stream=None) -> None:
         handler.setFormatter(JournalFormatter("%(message)s"))
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S")
+            SafeFormatter("%(asctime)s %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S")
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -33,7 +33,13 @@ from keter.messages import (
     ProcessStopped,
     StopProcess,
 )
-from keter.processes.applog import MAX_PARTIAL, AppLog, LogRegistry, OutputCapture
+from keter.processes.applog import (
+    MAX_PARTIAL,
+    TAIL_LINE_LIMIT,
+    AppLog,
+    LogRegistry,
+    OutputCapture,
+)
 from keter.processes.groups import group_members
 from keter.processes.health import is_healthy, probe_http
 from keter.processes.ports import port_is_free
@@ -557,13 +563,26 @@ def test_output_capture_joins_split_lines_and_keeps_a_tail(tmp_path):
     assert capture.tail(1) == ("unfinished",)
 
     capture.feed(b"y" * (MAX_PARTIAL + 10))  # never ends its line: memory stays bounded
-    assert capture.tail(1) == ("y" * MAX_PARTIAL,)
+    [quoted] = capture.tail(1)
+    cut = TAIL_LINE_LIMIT
+    assert quoted.startswith("y" * cut + "... (") and quoted.endswith(
+        f" [{MAX_PARTIAL} bytes in all]"
+    )
+    capture.feed(b"\n" + "\x1b[2J\rbell\x07 \u2028<0>forged\n".encode())
+    assert capture.tail(1) == ("\\x1b[2J\\rbell\\x07 \\u2028<0>forged",)
     registry.release(applog)
     registry.release(applog)
     assert applog._file.closed
-    lines = [line[30:] for line in (tmp_path / "a.log").read_bytes().splitlines()]
+    lines = [line[30:] for line in (tmp_path / "a.log").read_bytes().split(b"\n")]
     assert lines[:3] == [b"hello", b"world", b"n0"]
-    assert lines[-2] == b"unfinished"
+    # The file keeps what the app wrote, as it wrote it (`keter logs` escapes it).
+    assert lines[-5:] == [
+        b"unfinished",
+        b"y" * MAX_PARTIAL,
+        b"y" * 10,
+        "\x1b[2J\rbell\x07 \u2028<0>forged".encode(),
+        b"",  # after the last newline
+    ]
 
 
 # -- pure functions ---------------------------------------------------------------------

@@ -17,10 +17,14 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from keter.names import LOG_LIMIT, log_text
+
 log = logging.getLogger(__name__)
 
 TAIL_LINES = 50
 MAX_PARTIAL = 64 * 1024  # a "line" longer than this is written in pieces
+TAIL_LINE_LIMIT = LOG_LIMIT  # characters of one quoted output line (then "... (N more ...)")
+_TAIL_KEEP = 4 * TAIL_LINE_LIMIT + 4  # bytes kept of a line: enough for TAIL_LINE_LIMIT characters
 
 
 def timestamp() -> bytes:
@@ -125,15 +129,21 @@ class LogRegistry:
 class OutputCapture:
     """Splits one process's output into lines for its ``AppLog`` and keeps the last ones.
 
-    ``feed`` is called by the process's reader thread; ``tail`` may be called
-    from any thread.
+    ``feed`` is called by the output reader's thread; ``tail`` may be called
+    from any thread. The tail is what keter quotes of an app (crash lines,
+    failed deploys, history): each line comes out escaped and capped by
+    ``log_text``, so an app cannot put control characters, escape sequences
+    or line breaks into keter's own log, and no line is longer than a few
+    hundred characters.
     """
 
     def __init__(self, app: str, applog: AppLog, *, tail_lines: int = TAIL_LINES) -> None:
         self.app = app
         self.applog = applog
         self._partial = b""
-        self._tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+        # (the line's first bytes, how many more it had): decoded and escaped only
+        # when asked for, since most output is never quoted.
+        self._tail: collections.deque[tuple[bytes, int]] = collections.deque(maxlen=tail_lines)
         self._tail_lock = threading.Lock()
         self._write_error_logged = False
 
@@ -154,16 +164,19 @@ class OutputCapture:
             self._emit([line])
 
     def tail(self, n: int = TAIL_LINES) -> tuple[str, ...]:
-        """The last ``n`` lines the process printed, oldest first."""
+        """The last ``n`` lines the process printed, oldest first, escaped and capped."""
         with self._tail_lock:
             lines = tuple(self._tail)
-        return lines[-n:] if n > 0 else ()
+        return tuple(_quoted(head, more) for head, more in (lines[-n:] if n > 0 else ()))
 
     def _emit(self, lines: list[bytes]) -> None:
         if not lines:
             return
         lines = [line.removesuffix(b"\r") for line in lines]
-        recent = [line.decode("utf-8", "replace") for line in lines[-self._tail.maxlen :]]
+        recent = [
+            (line[:_TAIL_KEEP], max(0, len(line) - _TAIL_KEEP))
+            for line in lines[-self._tail.maxlen :]
+        ]
         with self._tail_lock:
             self._tail.extend(recent)
         try:
@@ -173,3 +186,9 @@ class OutputCapture:
             if not self._write_error_logged:
                 log.error("%s: cannot write %s: %s", self.app, self.applog.path, exc)
                 self._write_error_logged = True
+
+
+def _quoted(head: bytes, more: int) -> str:
+    """One kept output line as keter quotes it."""
+    text = log_text(head.decode("utf-8", "replace"), TAIL_LINE_LIMIT)
+    return f"{text} [{len(head) + more} bytes in all]" if more else text

@@ -1,0 +1,87 @@
+"""An app cannot forge a line of keter's own log (issue 10, item 6).
+
+A real keter, logging for journald (every line starts with a ``<N>`` priority
+prefix that journald obeys), runs apps that print terminal escape sequences,
+carriage returns, fake priority prefixes, NUL and Unicode line breaks, a
+newline inside one write and a huge line. keter quotes their output when one
+crashes and when one fails to start; its real stderr must still be lines that
+each start with keter's own prefix, hold only printable characters, and quote
+each output line capped.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from support.bundles import APPS, make_bundle, webapp_config
+from support.faults import private_port_range
+from support.wait import wait_for
+
+from keter.processes.applog import TAIL_LINE_LIMIT
+
+HOSTILE = (
+    "\x1b]0;pwned\x07\x1b[2J\x1b[31mRED\x1b[0m",
+    "progress 10%\r<0>FORGED after a carriage return",
+    "<0>FORGED at the start of a line",
+    "\x00<1>FORGED after a NUL\x85<2>FORGED after NEL\u2028<3>FORGED after LS",
+    "one write\n<0>FORGED after a newline in the same write",
+    "x" * 20000,
+)
+# A journal line keter writes: its priority prefix, then printable text only.
+JOURNAL_LINE = re.compile(r"<[0-7]>[^<]")
+
+
+def hostile_app(tmp_path: Path) -> Path:
+    """tests/apps/versioned_app.py that first prints HOSTILE, all in one write."""
+    source = (APPS / "versioned_app.py").read_text()
+    future = "from __future__ import annotations\n"
+    text = "\n".join(HOSTILE) + "\n"
+    noise = f"import sys\nsys.stdout.write({text!r})\nsys.stdout.flush()\n"
+    path = tmp_path / "hostile_app.py"
+    path.write_text(source.replace(future, future + noise, 1))
+    return path
+
+
+def test_app_output_cannot_forge_or_garble_keters_journal_lines(keter_factory, tmp_path):
+    keter = keter_factory(start=False, **{"port-range": private_port_range()})
+    keter.start(env={"JOURNAL_STREAM": "8:4242"})  # log for journald: priority prefixes
+    app = hostile_app(tmp_path)
+    # Healthy for one probe, then exits: a crash of a running app (its tail is logged).
+    crashing = webapp_config("crashing.test", "v1", args=["--exit-after-requests", "1"])
+    keter.drop(make_bundle(tmp_path / "crashing.keter", config=crashing, app_source=app))
+    # Exits at once: a failed deploy (the supervisor logs the output it sent).
+    failing = webapp_config("failing.test", "v1", args=["--exit-at-start", "3"])
+    keter.drop(make_bundle(tmp_path / "failing.keter", config=failing, app_source=app))
+
+    log = wait_for(
+        lambda: (
+            (text := keter.log_since_start())
+            and "crashing: crashed:" in text
+            and "failing: deploy #2 failed" in text
+            and text
+        ),
+        20,
+        "a crash and a failed deploy",
+    )
+    keter.stop()
+    raw = keter.stderr_path.read_bytes()
+
+    lines = raw.decode("utf-8").split("\n")
+    assert lines.pop() == ""  # the log ends with a whole line
+    for line in lines:
+        # Every physical line is keter's: its prefix, then nothing a terminal obeys.
+        assert JOURNAL_LINE.match(line), line[:200]
+        assert line.isprintable(), ascii(line[:300])
+    forged = [line for line in lines if "FORGED" in line]
+    assert forged  # the output was quoted ...
+    for line in forged:
+        # ... only inside keter's lines about the app, never where journald parses.
+        assert re.match(r"<\d>(crashing|failing): ", line), line[:200]
+    assert max(len(line) for line in lines) < 16 * TAIL_LINE_LIMIT  # 20,000 x's were capped
+    crash = next(line for line in lines if "crashing: crashed:" in line)
+    assert "\\x1b]0;pwned\\x07\\x1b[2J\\x1b[31mRED\\x1b[0m" in crash
+    assert "progress 10%\\r<0>FORGED" in crash
+    assert "\\x00<1>FORGED after a NUL\\x85<2>FORGED after NEL\\u2028<3>FORGED" in crash
+    assert "x" * TAIL_LINE_LIMIT + "... (" in crash
+    assert "\x1b" not in log and "\r" not in log

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import queue
-import re
 import sys
 import time
 from pathlib import Path
@@ -122,7 +121,8 @@ class Harness:
 
     @staticmethod
     def pid_of(change: ProcessStateChanged) -> int:
-        return int(re.search(r"pid (\d+)", change.detail).group(1))
+        assert change.pid is not None, change
+        return change.pid
 
     def healthy(self, deploy_id: int, spec: ProcessSpec) -> int:
         """Start a deploy, wait until it is healthy, return its pid."""

@@ -29,6 +29,7 @@ from typing import Any
 
 from psycopg.conninfo import conninfo_to_dict
 
+from keter import names
 from keter.names import (
     cap_problems,
     validate_host,
@@ -105,6 +106,12 @@ class NginxSettings:
     config_file: Path = Path("/etc/nginx/sites-enabled/keter")
     test_command: tuple[str, ...] = ("nginx", "-t")
     reload_command: tuple[str, ...] = ("nginx", "-s", "reload")
+    # DNS servers nginx asks for reverse-proxy host names ("IP" or "IP:PORT");
+    # None: the name servers of /etc/resolv.conf.
+    resolver: tuple[str, ...] | None = None
+    # A folder of certificates nginx may read in place (renewed by another tool);
+    # any other certificate is copied by keter when its site is deployed.
+    shared_certificates: Path | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -420,13 +427,19 @@ def _parse_nginx(value: object, path: str, check: Checker, base: Path) -> object
         check.problem(path, f"expected a mapping like {{config-file: ...}}, got {describe(value)}")
         return None
     fields: dict[str, Any] = {}
-    keys = ("config-file", "test-command", "reload-command")
+    keys = ("config-file", "test-command", "reload-command", "resolver", "shared-certificates")
     for key, item in value.items():
         where = f"{path}.{key_name(key)}"
         if key == "config-file":
             text = file_path(item, where, check)
             if text:
                 fields["config_file"] = absolute(base / text)
+        elif key == "resolver":
+            fields["resolver"] = _resolver(item, where, check)
+        elif key == "shared-certificates":
+            text = string(item, where, check, "a folder path")
+            if text:
+                fields["shared_certificates"] = absolute(base / text)
         elif key in ("test-command", "reload-command"):
             command = _command(item, where, check)
             if command:
@@ -434,6 +447,30 @@ def _parse_nginx(value: object, path: str, check: Checker, base: Path) -> object
         else:
             check.problem(where, unknown_key(key, keys))
     return NginxSettings(**fields)
+
+
+def _resolver(value: object, path: str, check: Checker) -> tuple[str, ...] | None:
+    """DNS servers for nginx: a list of "IP" or "IP:PORT" (IPv6 as "[IP]:PORT")."""
+    if not isinstance(value, list):
+        check.problem(path, f'expected a list like ["127.0.0.53"], got {describe(value)}')
+        return None
+    servers = []
+    for i, item in enumerate(value):
+        text, port = item if isinstance(item, str) else "", None
+        if text.startswith("[") and "]:" in text:
+            text, _, port = text[1:].partition("]:")
+        elif text.count(":") == 1:
+            text, _, port = text.partition(":")
+        try:
+            address = names.validate_ip(text)
+            if port is not None:
+                names.validate_port(int(port) if port.isdigit() else port)
+        except ValueError as exc:
+            check.problem(f"{path}[{i}]", f"expected an IP address with an optional port: {exc}")
+            continue
+        shown = f"[{address}]" if ":" in address else address
+        servers.append(shown if port is None else f"{shown}:{int(port)}")
+    return tuple(servers)
 
 
 def _command(value: object, path: str, check: Checker) -> tuple[str, ...] | None:

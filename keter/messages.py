@@ -131,14 +131,15 @@ class DbInfo:
 
 @message
 class TlsFiles:
-    """A certificate nginx presents for some hosts (chosen by SNI)."""
+    """A certificate nginx presents for some hosts (chosen by SNI).
+
+    The paths are where the bundle's files are; the nginx writer copies them
+    (the chain joined to the certificate) and nginx reads only the copies.
+    """
 
     certificate: Path
     key: Path
     chain: tuple[Path, ...] = ()  # intermediate certificates, sent after ``certificate``
-    # nginx wants certificate and chain in one file: the writer writes them here.
-    # None when there is no chain (``certificate`` is used as it is).
-    combined: Path | None = None
 
 
 @message
@@ -146,8 +147,9 @@ class BasicAuth:
     """HTTP basic authentication in front of a route."""
 
     realm: str
-    user_file: Path  # the htpasswd file the nginx writer writes (hashed passwords only)
     credentials: tuple[tuple[str, str], ...] = field(repr=False, default=())  # (user, password)
+    # The htpasswd file (hashed passwords only): set by the nginx writer, which writes it.
+    user_file: Path | None = None
 
 
 @message
@@ -471,7 +473,9 @@ class NginxApplied:
 
 @message
 class NginxFailed:
-    """``generation`` was not applied; nginx still serves the previous config."""
+    """``generation`` was not applied at all (nginx itself is broken: even keter's
+    config without any site fails, or the reload was not taken); nginx still
+    serves the previous config."""
 
     generation: int
     reason: str

@@ -35,7 +35,6 @@ from keter.messages import (
     Site,
     TlsFiles,
 )
-from keter.nginx import support_dir
 
 
 def sites_for(
@@ -52,17 +51,16 @@ def sites_for(
     when the bundle serves no host. Raises ValueError if a static root lies
     outside ``folder`` (the parser already refuses that; this is a second lock).
     """
-    support = support_dir(settings.nginx.config_file)
     folder = Path(os.path.realpath(folder))
 
-    def route(label: str, stanza: object, hosts: tuple[str, ...], action: object) -> Route:
+    def route(stanza: object, hosts: tuple[str, ...], action: object) -> Route:
         middleware = getattr(stanza, "middleware", ())
         return Route(
             hosts=hosts,
             action=action,
-            tls=_tls(getattr(stanza, "ssl", False), support / f"{app}.{label}.crt"),
+            tls=_tls(getattr(stanza, "ssl", False)),
             requires_secure=getattr(stanza, "requires_secure", False),
-            basic_auth=_basic_auth(middleware, support / f"{app}.{label}.htpasswd"),
+            basic_auth=_basic_auth(middleware),
             headers=tuple(
                 pair for m in middleware if isinstance(m, HeadersConfig) for pair in m.headers
             ),
@@ -73,24 +71,23 @@ def sites_for(
         )
 
     routes = []
-    for i, (webapp, port) in enumerate(zip(config.webapps, ports, strict=True)):
+    for webapp, port in zip(config.webapps, ports, strict=True):
         if port is not None:
             action = ProxyApp(port=port, timeout=webapp.time_bound)
-            label = "webapp" if i == 0 else f"webapp-{i}"
-            routes.append(route(label, webapp, webapp.hosts, action))
-    for i, static in enumerate(config.static_files):
+            routes.append(route(webapp, webapp.hosts, action))
+    for static in config.static_files:
         if not Path(static.root).is_relative_to(folder):
             raise ValueError(f"{app}: static root {static.root} is outside {folder}")
         action = ServeFiles(root=static.root, listing=static.directory_listing)
-        routes.append(route(f"static-{i}", static, static.hosts, action))
-    for i, redirect in enumerate(config.redirects):
+        routes.append(route(static, static.hosts, action))
+    for redirect in config.redirects:
         rules = tuple(
             RedirectRule(path=a.path, url=a.url, host=a.host, secure=a.secure, port=a.port)
             for a in redirect.actions
         )
         action = SendRedirect(status=redirect.status, rules=rules)
-        routes.append(route(f"redirect-{i}", redirect, redirect.hosts, action))
-    for i, proxy in enumerate(config.reverse_proxies):
+        routes.append(route(redirect, redirect.hosts, action))
+    for proxy in config.reverse_proxies:
         action = ProxyRemote(
             host=proxy.reversed_host,
             port=proxy.reversed_port,
@@ -98,7 +95,7 @@ def sites_for(
             host_header=None if proxy.preserve_host else _host_header(proxy),
             timeout=proxy.timeout,
         )
-        routes.append(route(f"proxy-{i}", proxy, proxy.hosts, action))
+        routes.append(route(proxy, proxy.hosts, action))
     return (Site(app=app, routes=tuple(routes)),) if routes else ()
 
 
@@ -113,16 +110,13 @@ def dashboard_site(settings: KeterConfig) -> Site | None:
         return None
     address, port = settings.status_listen
     address = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address, address)  # wildcard: loopback
-    user_file = support_dir(settings.nginx.config_file) / f"{DASHBOARD_SITE}.htpasswd"
     route = Route(
         hosts=(settings.dashboard_host,),
         # A wildcard listen address is reached on loopback.
         action=ProxyRemote(
             host={"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address, address), port=port
         ),
-        basic_auth=BasicAuth(
-            realm="keter", user_file=user_file, credentials=settings.dashboard_users
-        ),
+        basic_auth=BasicAuth(realm="keter", credentials=settings.dashboard_users),
     )
     return Site(app=DASHBOARD_SITE, routes=(route,))
 
@@ -179,35 +173,30 @@ def approot(host: str, *, secure: bool, settings: KeterConfig) -> str:
 
 def _stanzas(config: BundleConfig) -> list[tuple[tuple[str, ...], object]]:
     stanzas: list[tuple[tuple[str, ...], object]] = []
-    for stanza in (
-        *config.webapps,
-        *config.static_files,
-        *config.redirects,
-        *config.reverse_proxies,
-    ):
+    if config.webapp is not None:
+        stanzas.append((config.webapp.hosts, config.webapp))
+    for stanza in (*config.static_files, *config.redirects, *config.reverse_proxies):
         stanzas.append((stanza.hosts, stanza))
     return stanzas
 
 
-def _tls(ssl: Ssl, combined: Path) -> TlsFiles | None:
-    """The stanza's own certificate; None for none (``ssl: true`` uses the listener's)."""
+def _tls(ssl: Ssl) -> TlsFiles | None:
+    """The stanza's own certificate; None for none (``ssl: true`` uses the listener's).
+
+    The nginx writer copies these files when the site is deployed; nginx reads the copies.
+    """
     if not isinstance(ssl, TlsConfig):
         return None
-    return TlsFiles(
-        certificate=ssl.certificate,
-        key=ssl.key,
-        chain=ssl.chain,
-        combined=combined if ssl.chain else None,
-    )
+    return TlsFiles(certificate=ssl.certificate, key=ssl.key, chain=ssl.chain)
 
 
-def _basic_auth(middleware: tuple[Middleware, ...], user_file: Path) -> BasicAuth | None:
+def _basic_auth(middleware: tuple[Middleware, ...]) -> BasicAuth | None:
     """One htpasswd per route: several basic-auth entries pool their users (first realm)."""
     auths = [m for m in middleware if isinstance(m, BasicAuthConfig)]
     if not auths:
         return None
     credentials = tuple(pair for auth in auths for pair in auth.credentials)
-    return BasicAuth(realm=auths[0].realm, user_file=user_file, credentials=credentials)
+    return BasicAuth(realm=auths[0].realm, credentials=credentials)
 
 
 def _local(middleware: Middleware) -> bool:

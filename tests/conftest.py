@@ -5,6 +5,7 @@ helpers import as the ``support`` package: ``from support.wait import wait_for``
 """
 
 from support.daemon import keter, keter_factory  # noqa: F401  (a real keter daemon)
+from support.dns import private_dns  # noqa: F401  (a private DNS server)
 from support.nginx import private_nginx  # noqa: F401  (a private nginx)
 from support.postgres import private_postgres  # noqa: F401  (a private PostgreSQL)
 from support.processes import make_monitor  # noqa: F401  (real ProcessMonitors)

@@ -233,7 +233,7 @@ def test_keter_killed_at_each_step_recovers_to_one_clean_version(
         )
         # nginx serves the config on disk, and it routes to the running version.
         port = app_port(app)
-        text = nginx.config_file.read_text()
+        text = nginx.served_config()
         settled_generation(nginx)
         assert re.findall(r"server 127\.0\.0\.1:(\d+);", text) == [str(port)]
         assert error_records(keter.log_since_start()) == []

@@ -23,6 +23,7 @@ from support.nginx import PrivateNginx
 from support.tls import make_certificate
 from support.wait import wait_for
 
+from keter import names
 from keter.config import Listener as KeterListener
 from keter.messages import (
     ApplyNginx,
@@ -217,7 +218,7 @@ def test_output_is_deterministic() -> None:
 @pytest.mark.parametrize(
     "host",
     ["a;b", "x{", "evil\n", "evil.com\nserver_name x", "a b", "$host", "", "UPPER.com",
-     "_a.com", "a_.com", "_keter-status", "-a.com", "a..com", "*", "a.*.com", "a.com*",
+     "_a.com", "a_.com", "_keter-status", "-a.com", "a..com", "*", "*.*", "a.com*",
      "**.a.com", "é.com"],
 )  # fmt: skip
 def test_hostile_host_is_refused(host: str) -> None:
@@ -238,7 +239,7 @@ def test_render_never_emits_unsafe_host(host: str) -> None:
     except ValueError:
         return
     assert re.fullmatch(r"[a-z0-9.*_-]+", host)
-    assert f"server_name {host};" in text
+    assert f"server_name {names.nginx_server_name(host)};" in text
 
 
 @pytest.mark.parametrize(
@@ -313,6 +314,11 @@ def writer(private_nginx: PrivateNginx, reports: queue.Queue) -> Iterator[NginxW
 def apply(writer: NginxWriter, reports: queue.Queue, generation: int, *sites: Site) -> object:
     writer.tell(ApplyNginx(generation=generation, sites=sites))
     return reports.get(timeout=15)
+
+
+def copy_of(writer: NginxWriter, app: str, index: int = 0) -> Route:
+    """A route of ``app`` as nginx serves it: naming keter's copies of its files."""
+    return writer.live[app].local.site.routes[index]
 
 
 def app_name(nginx: PrivateNginx, host: str) -> str:
@@ -511,17 +517,20 @@ def test_reload_command_failure_restores_old_file(
     assert private_nginx.config_file.read_bytes() == before
 
 
-def test_invalid_site_is_refused_and_writer_keeps_running(
+def test_invalid_site_is_refused_alone_and_writer_keeps_running(
     private_nginx: PrivateNginx, writer: NginxWriter, reports: queue.Queue, backends
 ) -> None:
-    before = private_nginx.config_file.read_bytes()
-    failed = apply(writer, reports, 1, site("blog", "evil.test;"))
-    assert isinstance(failed, NginxFailed)
-    assert "invalid host 'evil.test;'" in failed.reason
-    assert private_nginx.config_file.read_bytes() == before
-    assert apply(writer, reports, 2, site("blog", "blog.test", port=backends[0].port)) == (
-        NginxApplied(generation=2)
-    )
+    good = site("good", "good.test", port=backends[1].port)
+    applied = apply(writer, reports, 1, site("blog", "evil.test;"), good)
+    assert isinstance(applied, NginxApplied)
+    [refused] = applied.refused
+    assert refused.app == "blog"
+    assert "invalid host" in refused.reason and "evil.test;" in refused.reason
+    assert "evil.test;" not in private_nginx.config_file.read_text()
+    private_nginx.wait_generation(1)
+    assert app_name(private_nginx, "good.test") == "second"
+    applied = apply(writer, reports, 2, site("blog", "blog.test", port=backends[0].port), good)
+    assert applied == NginxApplied(generation=2)
 
 
 def test_stop_cuts_a_pending_confirmation_short(tmp_path: Path, reports: queue.Queue) -> None:
@@ -608,7 +617,10 @@ def test_reverse_proxy_route_has_its_own_upstream_and_host_header() -> None:
     assert "proxy_read_timeout 2500ms;" in block
     preserving = ProxyRemote(host="up.test", port=80)
     site = Site(app="p", routes=(route("p.test", action=preserving),))
-    assert "proxy_set_header Host $http_host;" in one_block(render([site], LOCAL, 1), "p.test")
+    options = ProxyOptions(resolver=("127.0.0.53",))
+    assert "proxy_set_header Host $http_host;" in one_block(
+        render([site], LOCAL, 1, options), "p.test"
+    )
 
 
 def test_tls_listener_serves_every_host_with_its_own_or_the_default_certificate() -> None:
@@ -637,17 +649,24 @@ def test_tls_listener_serves_every_host_with_its_own_or_the_default_certificate(
     assert "listen 127.0.0.1:8080;" in next(b for b in server_blocks(text) if STATUS_HOST in b)
 
 
-def test_certificate_with_a_chain_uses_the_joined_file() -> None:
-    own = TlsFiles(
-        certificate=Path("/c/own.crt"),
-        key=Path("/c/own.key"),
-        chain=(Path("/c/ca.crt"),),
-        combined=Path("/n/.keter.d/a.webapp.crt"),
-    )
+def test_a_chain_must_be_joined_to_its_certificate_before_rendering() -> None:
+    own = TlsFiles(certificate=Path("/c/own.crt"), key=Path("/c/own.key"), chain=(Path("/c/ca"),))
     tls = KeterListener("*", 443, certificate=Path("/c/d.crt"), key=Path("/c/d.key"))
     site = Site(app="a", routes=(route("a.test", action=ProxyApp(port=4000), tls=own),))
-    text = render([site], [*LOCAL, tls], 1)
-    assert 'ssl_certificate "/n/.keter.d/a.webapp.crt";' in text
+    with pytest.raises(ValueError, match="joined"):
+        render([site], [*LOCAL, tls], 1)
+
+
+def test_files_outside_the_allowed_folders_are_refused() -> None:
+    own = TlsFiles(certificate=Path("/keter/own.crt"), key=Path("/elsewhere/own.key"))
+    tls = KeterListener("*", 443, certificate=Path("/keter/d.crt"), key=Path("/keter/d.key"))
+    site = Site(app="a", routes=(route("a.test", action=ProxyApp(port=4000), tls=own),))
+    options = ProxyOptions(file_roots=(Path("/keter"), Path("/shared")))
+    with pytest.raises(ValueError, match="neither keter's own copy nor a shared certificate"):
+        render([site], [*LOCAL, tls], 1, options)
+    shared = TlsFiles(certificate=Path("/shared/own.crt"), key=Path("/shared/own.key"))
+    site = Site(app="a", routes=(route("a.test", action=ProxyApp(port=4000), tls=shared),))
+    assert 'ssl_certificate_key "/shared/own.key";' in render([site], [*LOCAL, tls], 1, options)
 
 
 def test_requires_secure_redirects_plain_http_only() -> None:
@@ -722,16 +741,21 @@ def test_global_options_render_into_every_server() -> None:
         (route("a.test", action=ServeFiles(root=Path("/a$b"))), "invalid file path"),
         (route("a.test", action=SendRedirect(status=200, rules=())), "invalid redirect status"),
         (route("a.test", action=SendRedirect(status=301, rules=(RedirectRule(url="/a\nb"),))),
-         "invalid text"),
+         "expected an absolute URL"),
         (route("a.test", action=SendRedirect(status=301, rules=(RedirectRule(host="a;b"),))),
-         "invalid redirect host"),
+         "host name contains"),
         (route("a.test", action=SendRedirect(status=301, rules=(
-            RedirectRule(path="/a b", host="b"),))), "invalid redirect path"),
-        (route("a.test", action=ProxyRemote(host="a b", port=80)), "invalid upstream host"),
-        (route("a.test", action=ProxyApp(port=1), headers=(("X A", "v"),)), "invalid header name"),
+            RedirectRule(path="/a b", host="b"),))), "expected a URL path"),
+        (route("a.test", action=ProxyRemote(host="a b", port=80)), "host name contains"),
+        (route("a.test", action=ProxyRemote(host="fe80::1%eth0", port=80)), "zone id"),
+        (route("a.test", action=ProxyRemote(host="fe80::1%\udcff", port=80)), "zone id"),
+        (route("a.test", action=ProxyApp(port=1), headers=(("X A", "v"),)),
+         "expected a header name"),
+        (route("a.test", action=ProxyApp(port=1), headers=(("X-A", "v\u00e9"),)),
+         "expected printable ASCII"),
         (route("a.test", action=ProxyApp(port=1), local_only=LocalOnly(status=1, text="x")),
          "invalid local status"),
-        (route("a.test", action=ProxyApp(port=99999)), "invalid port"),
+        (route("a.test", action=ProxyApp(port=99999)), "expected a port"),
         (route("a.test", action="nothing"), "unknown route action"),
     ],
 )  # fmt: skip
@@ -743,7 +767,7 @@ def test_hostile_route_values_are_refused(bad: Route, error: str) -> None:
 def test_a_host_twice_within_one_app_is_refused() -> None:
     twice = Site(app="a", hosts=("a.test",), port=4000, routes=(
         route("a.test", action=ServeFiles(root=Path("/b"))),))  # fmt: skip
-    with pytest.raises(ValueError, match=r"host a\.test already belongs to a"):
+    with pytest.raises(ValueError, match=r"host a\.test appears twice"):
         render([twice], LOCAL, 1)
 
 
@@ -1022,12 +1046,11 @@ def test_requires_secure_redirects_plain_http_to_https(
 def test_basic_auth_turns_strangers_away(
     private_nginx: PrivateNginx, writer: NginxWriter, reports: queue.Queue, bundle: Path
 ) -> None:
-    user_file = private_nginx.base / ".keter.conf.d" / "files.static-0.htpasswd"
-    auth = BasicAuth(
-        realm="Team", user_file=user_file, credentials=(("jon", "rocks"), ("bla", "da:da"))
-    )
+    auth = BasicAuth(realm="Team", credentials=(("jon", "rocks"), ("bla", "da:da")))
     serve(private_nginx, writer, reports, files_site(bundle / "public", basic_auth=auth))
     port = private_nginx.port
+    user_file = copy_of(writer, "files").basic_auth.user_file
+    assert user_file.parent == private_nginx.base / ".keter.conf.d" / "apps" / "keter_files"
 
     def login(user: str, password: str) -> int:
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
@@ -1048,24 +1071,22 @@ def test_basic_auth_turns_strangers_away(
 def test_support_files_go_once_no_config_names_them(
     private_nginx: PrivateNginx, writer: NginxWriter, reports: queue.Queue, bundle: Path
 ) -> None:
-    user_file = private_nginx.base / ".keter.conf.d" / "files.static-0.htpasswd"
-    auth = BasicAuth(realm="r", user_file=user_file, credentials=(("jon", "rocks"),))
+    auth = BasicAuth(realm="r", credentials=(("jon", "rocks"),))
     serve(private_nginx, writer, reports, files_site(bundle / "public", basic_auth=auth))
+    user_file = copy_of(writer, "files").basic_auth.user_file
     first = user_file.read_text()
-    serve(private_nginx, writer, reports, files_site(bundle / "public", basic_auth=auth))
-    assert user_file.read_text() == first  # same password, same hash: not rewritten
-    serve(private_nginx, writer, reports, files_site(bundle / "public"))
+    other = Site(app="other", routes=(route("other.test", action=ServeFiles(root=bundle)),))
+    # A changed site gets new copies; the same password keeps its hash (the same file).
+    serve(private_nginx, writer, reports, files_site(bundle, basic_auth=auth), other)
+    assert copy_of(writer, "files").basic_auth.user_file == user_file
+    assert user_file.read_text() == first
+    serve(private_nginx, writer, reports, files_site(bundle / "public"), other)
     assert not user_file.exists()
-
-
-def test_a_user_file_outside_the_support_folder_is_refused(
-    private_nginx: PrivateNginx, writer: NginxWriter, reports: queue.Queue, bundle: Path
-) -> None:
-    auth = BasicAuth(realm="r", user_file=bundle / "evil", credentials=(("a", "b"),))
-    failed = apply(writer, reports, 1, files_site(bundle / "public", basic_auth=auth))
-    assert isinstance(failed, NginxFailed)
-    assert "is not in" in failed.reason
-    assert not (bundle / "evil").exists()
+    folder = user_file.parent
+    assert [path.suffix for path in folder.iterdir()] == [".conf"]  # the site file only
+    serve(private_nginx, writer, reports, other)
+    assert not folder.exists()  # removed with the site
+    assert [path.name for path in folder.parent.iterdir()] == ["keter_other"]
 
 
 def test_headers_and_the_local_guard(
@@ -1178,8 +1199,7 @@ def test_chain_certificates_are_joined_after_the_certificate(
         "127.0.0.1", free_port(), certificate=default, key=default_key, chain=(middle,)
     )
     writer = writer_for(tls)
-    joined = private_nginx.base / ".keter.conf.d" / "web.webapp.crt"
-    own_tls = TlsFiles(certificate=own, key=own_key, chain=(middle,), combined=joined)
+    own_tls = TlsFiles(certificate=own, key=own_key, chain=(middle,))
     site = Site(
         app="web",
         routes=(
@@ -1188,8 +1208,12 @@ def test_chain_certificates_are_joined_after_the_certificate(
         ),
     )
     serve(private_nginx, writer, reports, site)
-    assert joined.read_bytes() == own.read_bytes() + middle.read_bytes()
-    [listener_file] = joined.parent.glob("listener-*.crt")
-    assert listener_file.read_bytes() == default.read_bytes() + middle.read_bytes()
+    joined = copy_of(writer, "web").tls
+    assert joined.certificate.read_bytes() == own.read_bytes() + middle.read_bytes()
+    assert joined.key.read_bytes() == own_key.read_bytes()
+    assert joined.key.stat().st_mode & 0o777 == 0o600
+    served_listener = writer._globals[0][1]
+    assert served_listener.certificate.read_bytes() == default.read_bytes() + middle.read_bytes()
+    assert served_listener.certificate.parent.name == "global"
     assert https_get(tls.port, "secure.test", own)[0] == 200
     assert https_get(tls.port, "plain.test", default)[0] == 200

@@ -323,25 +323,16 @@ def test_webapp_mistakes_name_their_key(tmp_path, stanza: str, expected: str) ->
     assert problem.startswith(expected), problem
 
 
-def test_several_webapp_stanzas_each_become_a_web_app(tmp_path) -> None:
-    config = parse(
-        tmp_path,
-        "stanzas:\n  - {type: webapp, exec: ../hello, host: a}\n"
-        "  - {type: webapp, exec: ../hello, hosts: [b, c], args: [two]}\n",
-    )
-    assert [w.hosts for w in config.webapps] == [("a",), ("b", "c")]
-    assert config.webapps[1].args == ("two",)
-    assert config.webapp == config.webapps[0]  # the first, for callers that know one
-    assert config.all_hosts == ("a", "b", "c")
-
-
-def test_two_web_apps_cannot_share_a_host(tmp_path) -> None:
+def test_a_second_webapp_stanza_is_refused(tmp_path) -> None:
     found = problems(
         tmp_path,
         "stanzas:\n  - {type: webapp, exec: ../hello, host: a}\n"
-        "  - {type: webapp, exec: ../hello, hosts: [b, a]}\n",
+        "  - {type: webapp, exec: ../hello, host: b}\n",
     )
-    assert found == ["stanzas[1]: host a is already claimed by stanzas[0]"]
+    assert found == [
+        "stanzas[1]: a second webapp stanza (stanzas[0] is the first); keter runs one web app "
+        "per bundle, so split it into two bundles"
+    ]
 
 
 # -- background ------------------------------------------------------------------------------
@@ -814,7 +805,6 @@ def test_sites_for_every_stanza(tmp_path) -> None:
         "public",
     )
     folder = (tmp_path / "bundle").resolve()
-    support = tmp_path / "nginx/.keter.conf.d"
     [site] = sites_for("app", config, folder, (4001,), settings(tmp_path))
     assert site.app == "app"
     assert site.hosts == () and site.port is None
@@ -822,18 +812,10 @@ def test_sites_for_every_stanza(tmp_path) -> None:
     assert webapp == Route(
         hosts=("a.test",),
         action=ProxyApp(port=4001, timeout=2.0),
-        tls=TlsFiles(
-            certificate=certificate,
-            key=key,
-            chain=(certificate,),
-            combined=support / "app.webapp.crt",
-        ),
+        # The nginx writer copies the files and writes the htpasswd file when it applies.
+        tls=TlsFiles(certificate=certificate, key=key, chain=(certificate,)),
         requires_secure=True,
-        basic_auth=BasicAuth(
-            realm="Team",
-            user_file=support / "app.webapp.htpasswd",
-            credentials=(("jon", "rocks"), ("bla", "dada")),
-        ),
+        basic_auth=BasicAuth(realm="Team", credentials=(("jon", "rocks"), ("bla", "dada"))),
         headers=(("X-One", "1"), ("X-Two", "2")),
         local_only=LocalOnly(status=403, text="go away"),
     )

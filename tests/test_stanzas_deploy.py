@@ -264,7 +264,7 @@ def test_basic_auth_guards_a_webapp(keter, private_nginx, tmp_path):
     assert (
         get(private_nginx.port, "staff.test", headers={"Authorization": f"Basic {wrong}"})[0] == 401
     )
-    [htpasswd] = (private_nginx.config_file.parent / ".keter.conf.d").glob("*.htpasswd")
+    [htpasswd] = (private_nginx.config_file.parent / ".keter.conf.d").glob("apps/*/*.htpasswd")
     assert "rocks" not in htpasswd.read_text()
     assert "rocks" not in keter.log()
 
@@ -289,7 +289,7 @@ def test_ssl_without_a_tls_listener_is_refused(keter, private_nginx, tmp_path):
     keter.drop(make_bundle(tmp_path / "nossl.keter", config={"stanzas": [stanza]}))
     [line] = wait_for(lambda: failures(keter, "nossl"), 20, "the deploy to fail")
     assert "no TLS listener" in line
-    assert "nossl.test" not in private_nginx.config_file.read_text()
+    assert "nossl.test" not in private_nginx.served_config()
 
 
 def test_sample_with_roots_outside_the_bundle_is_refused_as_a_whole(keter, private_nginx, tmp_path):
@@ -303,5 +303,5 @@ def test_sample_with_roots_outside_the_bundle_is_refused_as_a_whole(keter, priva
     keter.drop(bundle)
     [line] = wait_for(lambda: failures(keter, "foo1_0"), 20, "the refusal")
     assert "stanzas[2].root" in line and "stanzas[3].root" in line
-    assert "keter1_0" not in private_nginx.config_file.read_text()
+    assert "keter1_0" not in private_nginx.served_config()
     assert os.listdir(keter.root / "temp") == []

@@ -1,13 +1,17 @@
 """keter's nginx: the pure renderer, the writer component and the files nginx reads.
 
-- ``render``: the text of keter's include file for a set of sites (pure);
-- ``writer``: the ``NginxWriter`` actor (write, ``nginx -t``, reload, confirm);
-- ``files``: htpasswd files and joined certificates beside the config.
+- ``render``: config text for the sites keter serves (pure);
+- ``writer``: the ``NginxWriter`` actor (copy, render, ``nginx -t``, reload,
+  confirm), which refuses a failing site alone;
+- ``files``: keter's own copies of every file nginx reads for a site;
+- ``blame``: which sites an ``nginx -t`` failure is about;
+- ``probe``: which config nginx really serves.
 """
 
 from keter.nginx.files import hash_password, support_dir
+from keter.nginx.probe import fetch_generation
 from keter.nginx.render import STATUS_HOST, ProxyOptions, render, upstream_name
-from keter.nginx.writer import NginxWriter, fetch_generation
+from keter.nginx.writer import NginxWriter
 
 __all__ = [
     "STATUS_HOST",

@@ -1,30 +1,37 @@
-"""The pure renderer: keter's nginx include file from the sites it must serve.
+"""The pure renderer: nginx config text from the sites keter must serve.
 
-Keter itself proxies with http-reverse-proxy; here nginx does the proxying and
-keter owns one include file inside nginx's ``http {}`` context. Everything of
-a bundle that nginx can do itself, it does: static files, redirects, reverse
-proxies to other servers, TLS (one certificate per host by SNI, else the TLS
-listener's), ``requires-secure``, and the ``basic-auth``, ``headers`` and
-``local`` middleware. As in Keter, every host is served on every listener:
-plain ones over HTTP, TLS ones over HTTPS.
+Keter itself proxies with http-reverse-proxy; here nginx does the proxying.
+Everything of a bundle that nginx can do itself, it does: static files,
+redirects, reverse proxies to other servers, TLS (one certificate per host by
+SNI, else the TLS listener's), ``requires-secure``, and the ``basic-auth``,
+``headers`` and ``local`` middleware. As in Keter, every host is served on
+every listener: plain ones over HTTP, TLS ones over HTTPS.
 
-Every config carries its generation number, served at ``/generation`` on a
+keter's config comes in two parts, so one app's mistake stays that app's:
+
+- ``render_site``: one app's upstreams and servers, the text of its own file;
+- ``render_main``: keter's include file in nginx's ``http {}``: what every
+  site shares (maps, default servers, the status server) and the sites,
+  as ``include`` lines (the writer) or inline (``render``, for tests).
+
+Every main file carries its generation number, served at ``/generation`` on a
 status host, so the writer can tell when nginx really serves it.
 
-Nothing here does I/O: the same sites always render the same text, and
+Nothing here does I/O: the same sites always render the same text. Every
+value from a bundle or a config passes ``keter.names`` on its way in, and
 anything that could inject nginx syntax raises ValueError.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from keter import names
 from keter.messages import (
     BasicAuth,
     ProxyApp,
@@ -43,6 +50,8 @@ if TYPE_CHECKING:
 # A server_name no app can claim: host labels never start with '_'.
 STATUS_HOST = "_keter-status"
 STATUS_PATH = "/generation"
+# The status server names the worker that answered, so the writer can find nginx's master.
+WORKER_HEADER = "X-Keter-Worker"
 
 TLS_PROTOCOLS = "TLSv1.2 TLSv1.3"
 # nginx has no "no timeout"; its timers are safe up to 2**31 ms (24.8 days).
@@ -54,13 +63,10 @@ _ERROR_URI = {
     "missing": "/_keter_missing_host",
     "exception": "/_keter_proxy_exception",
 }
-
-# Lower-case RFC 1123 labels (with '_' inside), optionally behind a leading "*." wildcard.
-_LABEL = r"[a-z0-9](?:[a-z0-9_-]*[a-z0-9])?"
-_HOST_RE = re.compile(rf"(?:\*\.)?{_LABEL}(?:\.{_LABEL})*")
-_APP_RE = re.compile(r"[A-Za-z0-9._-]+")
-_HEADER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-_PATH_RE = re.compile(r"/[A-Za-z0-9._~!&()*+,=:@%/-]*")
+# keter's internal app names (the dashboard's "_dashboard") and bundle names.
+_APP_RE = re.compile(r"_?[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# Names RFC 6761 reserves for this machine; nginx's resolver would ask DNS for them.
+_LOOPBACK_NAMES = ("localhost",)
 
 # Content types for static files: keter's include cannot rely on the main
 # nginx.conf having included mime.types.
@@ -140,7 +146,7 @@ geo {peer}$keter_nonlocal {{
 }}
 
 # nginx strings have no escape for "$"; text from bundles uses this instead.
-geo $keter_dollar {{
+geo ${dollar} {{
     default "$";
 }}
 """
@@ -162,6 +168,7 @@ server {{
         if ($keter_status_denied) {{
             return 403;
         }}
+        add_header {worker_header} $pid always;
         return 200 "{generation}\\n";
     }}
     location / {{
@@ -176,7 +183,8 @@ class ListenerLike(Protocol):
 
     A TLS listener also has ``certificate`` and ``key`` (and may have ``chain``
     and ``session``); these are read with ``getattr`` so plain listeners need
-    nothing more.
+    nothing more. The writer hands the renderer listeners whose certificate
+    files are keter's own copies, the chain already joined to the certificate.
     """
 
     @property
@@ -198,6 +206,15 @@ class ProxyOptions:
     time_bound: float = 300.0  # seconds per proxied read or send; 0 = unbounded
     https_port: int | None = None  # where requires-secure sends browsers; None: listener's
     ca_file: Path = DEBIAN_CA_FILE  # verifies reverse-proxy upstreams with reversed-ssl
+    # DNS servers nginx asks, at request time, for reverse-proxy host names
+    # ("IP" or "IP:PORT", IPv6 in brackets); None: /etc/resolv.conf's (filled in
+    # by the writer); empty: such proxies are refused.
+    resolver: tuple[str, ...] | None = None
+    # The operator's folder of certificates nginx reads in place (not copied).
+    shared_certificates: Path | None = None
+    # Where the files a config names may lie (keter's support folder, the
+    # operator's shared certificates); empty: anywhere (tests of the renderer).
+    file_roots: tuple[Path, ...] = ()
 
     @classmethod
     def from_config(cls, config: KeterConfig) -> ProxyOptions:
@@ -210,6 +227,8 @@ class ProxyOptions:
             proxy_exception_file=config.proxy_exception_response_file,
             time_bound=config.connection_time_bound / 1000,
             https_port=config.external_https_port,
+            resolver=config.nginx.resolver,
+            shared_certificates=config.nginx.shared_certificates,
         )
 
 
@@ -220,7 +239,8 @@ def upstream_name(app: str) -> str:
     lower-case letters and digits is hex-escaped as ``_xx``; distinct app names
     ("a.b", "a-b", "a_b", "A") therefore never share an upstream. Escapes
     never put two '_' in a row, so the ``__rN`` suffix of an app's reverse
-    proxies cannot collide with another app's name either.
+    proxies cannot collide with another app's name either. The same escaped
+    name names the app's folder of files (see ``keter.nginx.files``).
     """
     _check_app(app)
     escaped = "".join(c if c.isdigit() or ("a" <= c <= "z") else f"_{ord(c):02x}" for c in app)
@@ -235,7 +255,7 @@ def listen_address(listener: ListenerLike) -> str:
     if listener.host == "*":
         return str(port)
     try:
-        address = ipaddress.ip_address(listener.host)
+        address = ipaddress.ip_address(names.validate_ip(listener.host))
     except ValueError:
         raise ValueError(f"invalid listener host {listener.host!r}: need '*' or an IP") from None
     if address.version == 6:
@@ -257,52 +277,46 @@ def is_tls(listener: ListenerLike) -> bool:
     return getattr(listener, "certificate", None) is not None
 
 
-def listener_chain_file(support: Path, listener: ListenerLike) -> Path:
-    """Where the writer joins a TLS listener's certificate and chain."""
-    return support / f"listener-{listen_address(listener).replace(':', '_')}.crt"
+def hosts_of(site: Site) -> tuple[str, ...]:
+    """Every host a site claims, checked by the shared grammar; raises ValueError."""
+    seen: set[str] = set()
+    for route in site.all_routes:
+        for host in route.hosts:
+            _check_host(site.app, host)
+            if host in seen:
+                raise ValueError(f"{site.app}: host {host} appears twice")
+            seen.add(host)
+    return tuple(seen)
 
 
-# -- rendering -------------------------------------------------------------------------
+# -- the main file ---------------------------------------------------------------------
 
 
-def render(
-    sites: Iterable[Site],
+def render_main(
+    sites: Sequence[str],
     listeners: Sequence[ListenerLike],
     generation: int,
     options: ProxyOptions | None = None,
-    support: Path | None = None,
 ) -> str:
-    """The complete text of keter's nginx include file for these sites.
+    """keter's include file: what all sites share, then ``sites`` as given.
 
-    Pure: no I/O. Sites are sorted by app, so the same state always renders
-    the same text. ``support`` is the folder of the writer's extra files (only
-    needed for a TLS listener with chain certificates). Raises ValueError for
-    anything that could inject nginx syntax, a host claimed twice, or a bad
-    listener.
+    Each entry of ``sites`` is one app's text (``render_site``) or the
+    ``include_line`` of the file holding it.
     """
     options = options or ProxyOptions()
-    if not listeners:
-        raise ValueError("no listeners")
     if isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
         raise ValueError(f"invalid generation {generation!r}")
-    # Two identical listen lines would each claim default_server: nginx rejects that.
-    unique: dict[str, ListenerLike] = {}
-    for listener in listeners:
-        unique.setdefault(listen_address(listener), listener)
+    unique = _unique_listeners(listeners)
     plain = [listen for listen, listener in unique.items() if not is_tls(listener)]
     if not plain:
         raise ValueError("no plain HTTP listener for the status server")
-    ordered = _checked_sites(sites)
-    renderer = _Renderer(options, unique, support)
-
+    renderer = _Renderer(options, unique)
     peer = "$realip_remote_addr " if options.real_ip_from else ""
-    parts = [_HEADER.format(generation=generation), _COMMON.format(peer=peer)]
-    for site in ordered:
-        parts.extend(renderer.upstreams(site))
-    for site in ordered:
-        for index, route in enumerate(site.all_routes):
-            for listen in unique:
-                parts.append(renderer.server(site.app, index, route, listen))
+    parts = [
+        _HEADER.format(generation=generation),
+        _COMMON.format(peer=peer, dollar=names.NGINX_DOLLAR_VARIABLE),
+        *sites,
+    ]
     for listen in unique:
         parts.append(renderer.default_server(listen))
     parts.append(
@@ -310,21 +324,84 @@ def render(
             listen=plain[0],
             status_host=STATUS_HOST,
             status_path=STATUS_PATH,
+            worker_header=WORKER_HEADER,
             generation=generation,
         )
     )
     return "\n".join(parts)
 
 
+def include_line(path: Path) -> str:
+    """The line that has nginx read one site's file."""
+    text = _path(path)
+    if any(c in text for c in "*?["):  # nginx's include reads these as a pattern
+        raise ValueError(f"invalid include path {text}")
+    return f"include {text};\n"
+
+
+def render(
+    sites: Iterable[Site],
+    listeners: Sequence[ListenerLike],
+    generation: int,
+    options: ProxyOptions | None = None,
+) -> str:
+    """The whole config in one text, each site inline (tests and the benchmark).
+
+    Sites are sorted by app, so the same state always renders the same text.
+    Raises ValueError for anything ``render_site`` refuses and for a host
+    claimed by two apps.
+    """
+    ordered = sorted(sites, key=lambda site: site.app)
+    owners: dict[str, str] = {}
+    for site in ordered:
+        for host in hosts_of(site):
+            # nginx would only warn and route the host to whichever server came first.
+            if host in owners:
+                raise ValueError(f"{site.app}: host {host} already belongs to {owners[host]}")
+            owners[host] = site.app
+    if len({upstream_name(site.app) for site in ordered}) < len(ordered):
+        raise ValueError("an app appears twice")
+    texts = [render_site(site, listeners, options) for site in ordered]
+    return render_main(texts, listeners, generation, options)
+
+
+# -- one site --------------------------------------------------------------------------
+
+
+def render_site(
+    site: Site, listeners: Sequence[ListenerLike], options: ProxyOptions | None = None
+) -> str:
+    """One app's upstreams and server blocks: the text of its own file.
+
+    Raises ValueError for anything that could inject nginx syntax or that
+    nginx would take differently from what the bundle meant.
+    """
+    options = options or ProxyOptions()
+    _check_site(site)
+    renderer = _Renderer(options, _unique_listeners(listeners))
+    parts = [f"# keter: app {site.app}\n", *renderer.upstreams(site)]
+    for index, route in enumerate(site.all_routes):
+        for listen in renderer.listeners:
+            parts.append(renderer.server(site.app, index, route, listen))
+    return "\n".join(parts)
+
+
+def _unique_listeners(listeners: Sequence[ListenerLike]) -> dict[str, ListenerLike]:
+    # Two identical listen lines would each claim default_server: nginx rejects that.
+    if not listeners:
+        raise ValueError("no listeners")
+    unique: dict[str, ListenerLike] = {}
+    for listener in listeners:
+        unique.setdefault(listen_address(listener), listener)
+    return unique
+
+
 class _Renderer:
     """Text for one config: server blocks, upstreams and their parts."""
 
-    def __init__(
-        self, options: ProxyOptions, listeners: dict[str, ListenerLike], support: Path | None
-    ) -> None:
+    def __init__(self, options: ProxyOptions, listeners: dict[str, ListenerLike]) -> None:
         self.options = options
         self.listeners = listeners
-        self.support = support
         tls_ports = [listener.port for listener in listeners.values() if is_tls(listener)]
         self.https_port = options.https_port or (tls_ports[0] if tls_ports else 443)
 
@@ -335,11 +412,13 @@ class _Renderer:
         for index, route in enumerate(site.all_routes):
             action = route.action
             if isinstance(action, ProxyApp):
-                server = f"    server 127.0.0.1:{action.port};\n"
+                server = f"    server 127.0.0.1:{names.validate_port(action.port)};\n"
                 name = upstream_name(site.app)
                 blocks.append(_UPSTREAM.format(name=name, servers=server, keepalive=64))
-            elif isinstance(action, ProxyRemote):
-                server = f"    server {_host_port(action.host, action.port)};\n"
+            elif isinstance(action, ProxyRemote) and _remote_address(action.host) is not None:
+                # Host names get no upstream block: nginx would resolve them once, at
+                # load, and refuse the whole config when one stops resolving.
+                server = f"    server {_remote_address(action.host)}:{action.port};\n"
                 name = f"{upstream_name(site.app)}__r{index}"
                 blocks.append(_UPSTREAM.format(name=name, servers=server, keepalive=16))
         return blocks
@@ -351,7 +430,8 @@ class _Renderer:
         secure = is_tls(listener)
         action = route.action
         lines = [f"listen {listen}{' ssl' if secure else ''};"]
-        lines.append(f"server_name {' '.join(sorted(route.hosts))};")
+        server_names = (names.nginx_server_name(host) for host in sorted(route.hosts))
+        lines.append(f"server_name {' '.join(server_names)};")
         if secure:
             lines.extend(self.tls(listener, route.tls))
         lines.extend(self.real_ip())
@@ -362,9 +442,10 @@ class _Renderer:
         elif isinstance(action, SendRedirect):
             # Keter sends a relative url as it is; nginx would make it absolute.
             lines.append("absolute_redirect off;")
-            lines.extend(self.redirect(action, _guards(route)))
+            lines.extend(self.redirect(action, self.guards(route)))
         else:
-            lines.extend(_block("location /", _guards(route) + self.content(app, index, action)))
+            body = self.guards(route) + self.content(app, index, action)
+            lines.extend(_block("location /", body))
             if isinstance(action, ProxyApp | ProxyRemote) and self.options.proxy_exception_file:
                 lines.append(f"error_page 502 504 =502 {_ERROR_URI['exception']};")
                 lines.extend(self.error_location("exception", self.options.proxy_exception_file))
@@ -399,21 +480,21 @@ class _Renderer:
 
     # -- parts -----------------------------------------------------------------------------
 
+    def file(self, path: object) -> str:
+        """A file nginx reads: quoted, and inside one of the folders keter allows."""
+        text = _path(path)
+        roots = self.options.file_roots
+        if roots and not any(Path(str(path)).is_relative_to(root) for root in roots):
+            raise ValueError(f"{text} is neither keter's own copy nor a shared certificate")
+        return text
+
     def tls(self, listener: ListenerLike, own: TlsFiles | None) -> list[str]:
-        if own is not None:
-            certificate = own.combined if own.chain else own.certificate
-            if own.chain and own.combined is None:
-                raise ValueError("a certificate with a chain needs its combined file")
-            key = own.key
-        else:
-            certificate, key = listener.certificate, listener.key
-            if getattr(listener, "chain", ()):
-                if self.support is None:
-                    raise ValueError("a TLS listener with a chain needs the support folder")
-                certificate = listener_chain_file(self.support, listener)
+        source = own if own is not None else listener
+        if getattr(source, "chain", ()):
+            raise ValueError("a certificate chain must be joined to its certificate first")
         lines = [
-            f"ssl_certificate {_path(certificate)};",
-            f"ssl_certificate_key {_path(key)};",
+            f"ssl_certificate {self.file(source.certificate)};",
+            f"ssl_certificate_key {self.file(source.key)};",
             f"ssl_protocols {TLS_PROTOCOLS};",
         ]
         if getattr(listener, "session", False):
@@ -430,41 +511,47 @@ class _Renderer:
         path = self.options.healthcheck_path
         if path is None:
             return []
-        if not _PATH_RE.fullmatch(path):
-            raise ValueError(f"invalid healthcheck path {path!r}")
+        path = names.validate_url_path(path)
         body = ["auth_basic off;", "default_type text/plain;", 'return 200 "OK\\n";']
         return _block(f"location = {path}", body)
 
     def error_location(self, kind: str, file: Path) -> list[str]:
-        body = ["internal;", "default_type text/html;", f"alias {_path(file)};"]
+        body = ["internal;", "default_type text/html;", f"alias {self.file(file)};"]
         return _block(f"location = {_ERROR_URI[kind]}", body)
+
+    def guards(self, route: Route) -> list[str]:
+        """The middleware of a route, in every location that serves it."""
+        lines = []
+        if route.local_only is not None:
+            status = route.local_only.status
+            if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
+                raise ValueError(f"invalid local status {status!r}")
+            text = names.nginx_quote(route.local_only.text)
+            lines.extend(_block("if ($keter_nonlocal)", [f"return {status} {text};"]))
+        if route.basic_auth is not None:
+            auth: BasicAuth = route.basic_auth
+            if auth.user_file is None:
+                raise ValueError("basic-auth has no user file yet")
+            realm = names.nginx_quote(names.validate_header_value(auth.realm))
+            lines.append(f"auth_basic {realm};")
+            lines.append(f"auth_basic_user_file {self.file(auth.user_file)};")
+        for name, value in route.headers:
+            name = names.validate_header_name(name)
+            value = names.nginx_quote(names.validate_header_value(value))
+            lines.append(f"add_header {name} {value} always;")
+        return lines
 
     def content(self, app: str, index: int, action: object) -> list[str]:
         match action:
             case ProxyApp(port=port, timeout=timeout):
-                _check_port(app, port)
+                names.validate_port(port)
                 return [
                     f"proxy_pass http://{upstream_name(app)};",
                     "proxy_set_header Host $http_host;",
                     *self.proxy_common(timeout),
                 ]
             case ProxyRemote() as remote:
-                _check_port(app, remote.port)
-                scheme = "https" if remote.ssl else "http"
-                lines = [f"proxy_pass {scheme}://{upstream_name(app)}__r{index};"]
-                if remote.host_header is None:
-                    lines.append("proxy_set_header Host $http_host;")
-                else:
-                    lines.append(f"proxy_set_header Host {_quote(remote.host_header)};")
-                if remote.ssl:
-                    lines += [
-                        "proxy_ssl_server_name on;",
-                        f"proxy_ssl_name {_upstream_host(remote.host)};",
-                        "proxy_ssl_verify on;",
-                        f"proxy_ssl_trusted_certificate {_path(self.options.ca_file)};",
-                        "proxy_ssl_protocols TLSv1.2 TLSv1.3;",
-                    ]
-                return lines + self.proxy_common(remote.timeout)
+                return self.remote(app, index, remote) + self.proxy_common(remote.timeout)
             case ServeFiles(root=root, listing=listing):
                 types = [f"{mime} {exts};" for mime, exts in MIME_TYPES.items()]
                 return [
@@ -479,7 +566,50 @@ class _Renderer:
                     f"charset_types {' '.join(TEXT_TYPES)};",
                 ]
             case _:
-                raise ValueError(f"{app}: unknown route action {action!r}")
+                raise ValueError(f"{app}: unknown route action {type(action).__name__}")
+
+    def remote(self, app: str, index: int, remote: ProxyRemote) -> list[str]:
+        """Another server: an upstream block for an address; a name is resolved per request.
+
+        With a variable in ``proxy_pass`` nginx resolves the name with ``resolver``
+        when a request comes (caching the answer for its TTL), so a name that
+        stops resolving fails only its own requests (502), never ``nginx -t``.
+        The port is always written, so the variable can never name an upstream
+        block (nginx looks those up by name only for a target without a port).
+        """
+        port = names.validate_port(remote.port)
+        scheme = "https" if remote.ssl else "http"
+        address = _remote_address(remote.host)
+        if address is not None:
+            lines = [f"proxy_pass {scheme}://{upstream_name(app)}__r{index};"]
+        else:
+            if not self.options.resolver:
+                raise ValueError(
+                    f"reverse-proxy to the host name {remote.host} needs a DNS resolver: "
+                    "set nginx.resolver in keter-config.yaml (or use an IP address)"
+                )
+            target = names.nginx_quote(f"{remote.host}:{port}")
+            lines = [
+                f"resolver {' '.join(_resolver(entry) for entry in self.options.resolver)};",
+                "resolver_timeout 5s;",
+                f"set $keter_upstream {target};",
+                f"proxy_pass {scheme}://$keter_upstream;",
+            ]
+        if remote.host_header is None:
+            lines.append("proxy_set_header Host $http_host;")
+        else:
+            header = names.validate_header_value(remote.host_header)
+            lines.append(f"proxy_set_header Host {names.nginx_quote(header)};")
+        if remote.ssl:
+            name = names.validate_upstream_host(remote.host)
+            lines += [
+                "proxy_ssl_server_name on;",
+                f"proxy_ssl_name {_bracketed(name)};",
+                "proxy_ssl_verify on;",
+                f"proxy_ssl_trusted_certificate {self.file(self.options.ca_file)};",
+                "proxy_ssl_protocols TLSv1.2 TLSv1.3;",
+            ]
+        return lines
 
     def proxy_common(self, timeout: float | None) -> list[str]:
         # Keter bounds each connection by connection-time-bound; the nearest nginx
@@ -512,65 +642,34 @@ class _Renderer:
             if rule.path is None:
                 fallback = [target]
                 break
-            if not _PATH_RE.fullmatch(rule.path):
-                raise ValueError(f"invalid redirect path {rule.path!r}")
-            if rule.path not in seen:  # a later rule for the same path never wins
-                seen.add(rule.path)
-                lines.extend(_block(f"location = {rule.path}", [*guards, target]))
+            path = names.validate_url_path(rule.path)
+            if path not in seen:  # a later rule for the same path never wins
+                seen.add(path)
+                lines.extend(_block(f"location = {path}", [*guards, target]))
         return lines + _block("location /", guards + fallback)
 
     def redirect_target(self, rule: RedirectRule) -> str:
         if rule.url is not None:
-            return _quote(rule.url)
-        if rule.host is None or not _HOST_RE.fullmatch(rule.host) or rule.host.startswith("*"):
-            raise ValueError(f"invalid redirect host {rule.host!r}")
+            return names.nginx_quote(names.validate_url(rule.url))
+        if rule.host is None:
+            raise ValueError("a redirect needs a url or a host")
+        host = names.validate_host(rule.host, wildcard=False)
         scheme = "https" if rule.secure else "http"
         port = ""
         if rule.port is not None and rule.port != (443 if rule.secure else 80):
-            if isinstance(rule.port, bool) or not 0 < rule.port < 65536:
-                raise ValueError(f"invalid redirect port {rule.port!r}")
-            port = f":{rule.port}"
-        return f"{scheme}://{rule.host}{port}$request_uri"
-
-
-def _guards(route: Route) -> list[str]:
-    """The middleware of a route, in every location that serves it."""
-    lines = []
-    if route.local_only is not None:
-        status = route.local_only.status
-        if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
-            raise ValueError(f"invalid local status {status!r}")
-        lines.extend(
-            _block("if ($keter_nonlocal)", [f"return {status} {_quote(route.local_only.text)};"])
-        )
-    if route.basic_auth is not None:
-        auth: BasicAuth = route.basic_auth
-        lines.append(f"auth_basic {_quote(auth.realm)};")
-        lines.append(f"auth_basic_user_file {_path(auth.user_file)};")
-    for name, value in route.headers:
-        if not _HEADER_RE.fullmatch(name):
-            raise ValueError(f"invalid header name {name!r}")
-        lines.append(f"add_header {name} {_quote(value)} always;")
-    return lines
+            port = f":{names.validate_port(rule.port)}"
+        return f"{scheme}://{host}{port}$request_uri"
 
 
 def _block(head: str, body: list[str]) -> list[str]:
     return [f"{head} {{", *(f"    {line}" for line in body), "}"]
 
 
-def _quote(text: str) -> str:
-    """A double-quoted nginx string meaning exactly ``text`` (variables included)."""
-    if not isinstance(text, str) or any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
-        raise ValueError(f"invalid text {text!r}")
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("$", "${keter_dollar}")
-    return f'"{escaped}"'
-
-
 def _path(path: object) -> str:
     """A quoted absolute file path; '$' is refused since it would make nginx load it per request."""
-    text = str(path)
-    if not os.path.isabs(text) or any(c in text for c in '"\\$') or not text.isprintable():
-        raise ValueError(f"invalid file path {text!r}")
+    text = names.validate_file_path(str(path))
+    if not text.startswith("/") or any(c in text for c in '"\\$;{}'):
+        raise ValueError(f"invalid file path {names.log_text(text)}")
     return f'"{text}"'
 
 
@@ -587,68 +686,69 @@ def _duration(seconds: float) -> str:
 
 def _network(text: str) -> str:
     try:
+        if not isinstance(text, str) or "%" in text:
+            raise ValueError
         return str(ipaddress.ip_network(text, strict=False))
     except ValueError:
-        raise ValueError(f"invalid network {text!r}") from None
+        raise ValueError(f"invalid network {names.log_text(text)}") from None
 
 
-def _upstream_host(host: str) -> str:
-    """A reverse proxy's server: an IP address (bracketed for IPv6) or a host name."""
+def _remote_address(host: str) -> str | None:
+    """A reverse proxy's server as an address for an upstream block, or None for a
+    name nginx must resolve per request. ``localhost`` is this machine's loopback."""
+    host = names.validate_upstream_host(host)
+    if host in _LOOPBACK_NAMES:
+        return "127.0.0.1"
     try:
-        address = ipaddress.ip_address(host)
+        return _bracketed(names.validate_ip(host))
     except ValueError:
-        if not isinstance(host, str) or not _HOST_RE.fullmatch(host) or "*" in host:
-            raise ValueError(f"invalid upstream host {host!r}") from None
-        return host
-    return f"[{address.compressed}]" if address.version == 6 else address.compressed
+        return None
 
 
-def _host_port(host: str, port: int) -> str:
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        raise ValueError(f"invalid upstream port {port!r}")
-    return f"{_upstream_host(host)}:{port}"
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
-def _check_port(app: str, port: object) -> None:
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        raise ValueError(f"{app}: invalid port {port!r}")
+def _resolver(entry: str) -> str:
+    """One DNS server for nginx's ``resolver``: ``IP``, ``IP:PORT`` or ``[IPv6]:PORT``."""
+    if not isinstance(entry, str):
+        raise ValueError(f"invalid resolver {entry!r}")
+    address, port = entry, None
+    if entry.startswith("[") and "]:" in entry:
+        address, _, port = entry[1:].partition("]:")
+    elif entry.count(":") == 1:
+        address, _, port = entry.partition(":")
+    address = _bracketed(names.validate_ip(address))
+    if port is None:
+        return address
+    if not port.isdigit():
+        raise ValueError(f"invalid resolver port in {names.log_text(entry)}")
+    return f"{address}:{names.validate_port(int(port))}"
 
 
 def _check_app(app: str) -> None:
     if not isinstance(app, str) or not _APP_RE.fullmatch(app):
-        raise ValueError(f"invalid app name {app!r}")
+        raise ValueError(f"invalid app name {names.log_text(app)}")
 
 
 def _check_host(app: str, host: str) -> None:
-    if not isinstance(host, str) or not _HOST_RE.fullmatch(host):
-        raise ValueError(f"{app}: invalid host {host!r}")
+    try:
+        checked = names.validate_host(host)
+    except ValueError as exc:
+        raise ValueError(f"{app}: invalid host {names.log_text(host)}: {exc}") from None
+    if checked != host:  # the supervisor passes names as the parser lower-cased them
+        raise ValueError(f"{app}: invalid host {names.log_text(host)}: not lower-case")
 
 
-def _checked_sites(sites: Iterable[Site]) -> list[Site]:
-    """The sites sorted by app, after refusing anything nginx must never see."""
-    ordered = sorted(sites, key=lambda site: site.app)
-    owners: dict[str, str] = {}
-    upstreams: set[str] = set()
-    for site in ordered:
-        _check_app(site.app)
-        name = upstream_name(site.app)
-        if name in upstreams:
-            raise ValueError(f"{site.app}: app appears twice")
-        upstreams.add(name)
-        routes = site.all_routes
-        if not routes:
+def _check_site(site: Site) -> None:
+    """Refuse a site nginx must never see."""
+    _check_app(site.app)
+    routes = site.all_routes
+    if not routes:
+        raise ValueError(f"{site.app}: no hosts")
+    if sum(isinstance(route.action, ProxyApp) for route in routes) > 1:
+        raise ValueError(f"{site.app}: more than one app port")
+    for route in routes:
+        if not route.hosts:
             raise ValueError(f"{site.app}: no hosts")
-        if sum(isinstance(route.action, ProxyApp) for route in routes) > 1:
-            raise ValueError(f"{site.app}: more than one app port")
-        for route in routes:
-            if not route.hosts:
-                raise ValueError(f"{site.app}: no hosts")
-            if isinstance(route.action, ProxyApp):
-                _check_port(site.app, route.action.port)
-            for host in route.hosts:
-                _check_host(site.app, host)
-                # nginx would only warn and route the host to whichever server came first.
-                if host in owners:
-                    raise ValueError(f"{site.app}: host {host} already belongs to {owners[host]}")
-                owners[host] = site.app
-    return ordered
+    hosts_of(site)

@@ -4,6 +4,16 @@ A deploy switches traffic by rewriting keter's include file and reloading
 nginx: the master starts new workers with the new upstreams while the old
 workers finish the requests they already hold, so no request is lost.
 
+One app's site never sinks the others. Each app's site is its own file
+(``keter.nginx.files``), and the writer remembers the last site of each app
+that nginx took. When a site fails to render, its files cannot be copied, or
+``nginx -t`` fails on it (nginx names the file), that app alone keeps its
+previous site, or is withdrawn if it has none or if that one fails too (a file
+changed outside keter); every other app is served as asked, and the reply
+names each refused app (``NginxApplied.refused``). Only when keter's config
+fails without any site at all is nginx itself broken: then nothing changes and
+the reply is ``NginxFailed``.
+
 ``nginx -s reload`` only sends a signal; nginx may still reject the new config
 (a listen port already taken) and keep the old one. The writer therefore only
 reports success once nginx's status server answers with the new generation.
@@ -11,27 +21,31 @@ reports success once nginx's status server answers with the new generation.
 
 from __future__ import annotations
 
-import http.client
 import logging
 import os
 import queue
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from keter import names
 from keter.actor import Actor
 from keter.fsutil import atomic_write
-from keter.messages import ApplyNginx, NginxApplied, NginxFailed
-from keter.nginx.files import SupportFiles, support_dir
+from keter.messages import ApplyNginx, NginxApplied, NginxFailed, Site, SiteRefused
+from keter.nginx import blame
+from keter.nginx.files import Localized, SupportFiles, support_dir
+from keter.nginx.probe import fetch_generation
 from keter.nginx.render import (
-    STATUS_HOST,
-    STATUS_PATH,
     ListenerLike,
     ProxyOptions,
+    hosts_of,
+    include_line,
     is_tls,
-    render,
+    render_main,
+    render_site,
     status_address,
 )
 
@@ -39,17 +53,34 @@ log = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT = 30.0
 CONFIRM_INTERVAL = 0.03
-CONFIRM_SOCKET_TIMEOUT = 0.25
+WITHDRAWN_KEPT = 16  # refused sites remembered per app not serving
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """One app's site as nginx serves it, or would."""
+
+    site: Site  # as the supervisor asked for it: an unchanged site is not redone
+    local: Localized  # the same site naming keter's copies
+    file: Path  # its rendered site file
+    hosts: tuple[str, ...]
+
+    @property
+    def files(self) -> frozenset[Path]:
+        """Every file nginx reads for this site, its own file included."""
+        return self.local.files | {self.file}
+
+
+class NginxBroken(Exception):
+    """keter's config fails ``nginx -t`` even without any site."""
 
 
 class NginxWriter(Actor):
-    """Applies ``ApplyNginx`` messages: write, ``nginx -t``, reload, confirm.
+    """Applies ``ApplyNginx`` messages: copy, render, ``nginx -t``, reload, confirm.
 
-    Reports ``NginxApplied`` once nginx serves the new generation, otherwise
-    ``NginxFailed`` with the old file restored (nginx keeps serving it).
-
-    Before the config, it writes the files the config names into
-    ``support_dir(config_file)`` (see ``keter.nginx.files``).
+    Reports ``NginxApplied`` once nginx serves the new generation (naming the
+    apps whose new site it refused), otherwise ``NginxFailed`` with the old
+    config restored (nginx keeps serving it).
     """
 
     def __init__(
@@ -68,20 +99,29 @@ class NginxWriter(Actor):
         """``error_log``, if given, is nginx's error log; its new ``[emerg]``
         lines explain a reload nginx did not take. ``options`` are the global
         proxy settings (``ProxyOptions.from_config``). ``auth_group`` is the
-        group of nginx's workers (Debian's www-data); when no such group
-        exists, support files keep root's group."""
+        group of nginx's workers (Debian's www-data)."""
         super().__init__("nginx", report_to)
         self.listeners = tuple(listeners)
         self.options = options or ProxyOptions()
         self.config_file = Path(config_file)
         self.support = support_dir(self.config_file)
-        self.files = SupportFiles(self.support, auth_group)
+        self.files = SupportFiles(self.support, auth_group, self.options.shared_certificates)
         self.test_command = tuple(test_command)
         self.reload_command = tuple(reload_command)
         self.confirm_timeout = confirm_timeout
         self.error_log = Path(error_log) if error_log is not None else None
         # Set by stop() so a shutdown does not wait out a whole confirm timeout.
         self._stopping = threading.Event()
+        # What nginx serves: each app's site, and keter's main file as written.
+        self.live: dict[str, Rendered] = {}
+        self._live_main: bytes | None = None  # None: there was no file
+        self._main_read = False  # the file nginx runs was read (at the first apply)
+        self._pruned = False  # every app folder was looked at since the last failure
+        # The listeners and options as nginx reads them (files copied) and their files.
+        self._globals: tuple[tuple[ListenerLike, ...], ProxyOptions, frozenset[Path]] | None = None
+        # Sites refused with nothing of the app left serving: not tried again (the
+        # supervisor may still ask for one) until the app asks for another (a new deploy).
+        self.withdrawn: dict[str, list[Site]] = {}
 
     def stop(self) -> None:
         """Queue Stop and cut short a confirmation that is waiting on nginx."""
@@ -99,80 +139,256 @@ class NginxWriter(Actor):
 
     def _apply(self, command: ApplyNginx) -> None:
         generation = command.generation
+        if not self._main_read:
+            try:
+                self._live_main = self.config_file.read_bytes()
+            except FileNotFoundError:
+                self._live_main = None  # nothing to restore: removed on failure
+            except OSError as exc:
+                self._fail(generation, f"cannot read {self.config_file}: {exc}")
+                return
+            self._main_read = True
+        refused: dict[str, str] = {}
         try:
-            text = render(command.sites, self.listeners, generation, self.options, self.support)
-        except ValueError as exc:
-            self._fail(generation, f"refused to render: {exc}")
+            self._refresh_globals(refused)
+        except (OSError, ValueError) as exc:
+            self._fail(generation, f"cannot copy the files nginx needs: {exc}")
             return
         try:
-            wanted = self.files.write(command.sites, self.listeners)
-        except (OSError, ValueError) as exc:
+            chosen = self._candidates(command.sites, refused)
+        except OSError as exc:  # keter's own folder, not a bundle's file (a full disk)
             self._fail(generation, f"cannot write the files nginx needs: {exc}")
             return
         try:
-            old = self.config_file.read_bytes()
-        except FileNotFoundError:
-            old = None
+            chosen = self._tested(chosen, refused, generation)
+        except NginxBroken as exc:
+            self._fail(generation, f"nginx rejected the config: {exc}{self._restore()}")
+            return
         except OSError as exc:
-            self._fail(generation, f"cannot read {self.config_file}: {exc}")
+            self._fail(generation, f"cannot write {self.config_file}: {exc}{self._restore()}")
             return
-        try:
-            atomic_write(self.config_file, text.encode(), mode=0o644)
-        except OSError as exc:
-            self._fail(generation, f"cannot write {self.config_file}: {exc}")
+        main = self._main_text(chosen, generation).encode()
+        if not self._reload(generation):
             return
-
-        error = _run(self.test_command)
-        if error is not None:
-            self._fail(generation, f"nginx rejected the config: {error}{self._restore(old)}")
-            return
-
-        log_offset = self._error_log_size()
-        error = _run(self.reload_command)
-        if error is not None:
-            self._fail(generation, f"nginx reload failed: {error}{self._restore(old)}")
-            return
-
-        if not self._confirm(generation):
-            if self._stopping.is_set():
-                # nginx was told to load this config and may well have done so:
-                # leave the file as it is rather than guess.
-                self._fail(generation, "keter stopped before nginx confirmed the reload")
-                return
-            restored = self._restore(old)
-            reason = (
-                f"nginx did not serve generation {generation} within "
-                f"{self.confirm_timeout:g}s; it kept the previous configuration"
-            )
-            emerg = self._new_emerg(log_offset)
-            if emerg:
-                reason += f": {emerg}"
-            self._fail(generation, reason + restored)
-            return
-
-        log.info("nginx: generation %d applied (%d sites)", generation, len(command.sites))
-        self.files.prune(wanted)
-        self.report(NginxApplied(generation=generation))
+        # Folders to prune: sites that changed or went, and refused ones (their new files).
+        every = chosen.keys() | self.live.keys()
+        changed = {app for app in every if chosen.get(app) is not self.live.get(app)}
+        changed |= refused.keys()
+        self.live, self._live_main = chosen, main
+        for site in command.sites:
+            if site.app in chosen:
+                self.withdrawn.pop(site.app, None)
+            elif site.app in refused:
+                kept = self.withdrawn.setdefault(site.app, [])
+                kept[:] = [*kept[-(WITHDRAWN_KEPT - 1) :], site]
+        # The first apply looks at every folder: an earlier run may have left some.
+        apps = changed if self._pruned else None
+        self.files.prune({app: r.files for app, r in chosen.items()}, self._globals[2], apps)
+        self._pruned = True
+        log.info(
+            "nginx: generation %d applied (%d sites%s)",
+            generation,
+            len(chosen),
+            f", {len(refused)} refused" if refused else "",
+        )
+        refusals = tuple(SiteRefused(app=app, reason=why) for app, why in sorted(refused.items()))
+        self.report(NginxApplied(generation=generation, refused=refusals))
 
     def _fail(self, generation: int, reason: str) -> None:
         log.error("nginx: generation %d failed: %s", generation, reason)
+        self._pruned = False  # this attempt may have left files: the next prune looks everywhere
         self.report(NginxFailed(generation=generation, reason=reason))
 
-    def _restore(self, old: bytes | None) -> str:
-        """Put back the file nginx is still running, so disk and nginx agree.
+    # -- choosing each app's site ------------------------------------------------------
+
+    def _refresh_globals(self, refused: dict[str, str]) -> None:
+        """Copy the listeners' certificates and the response pages again.
+
+        A source that has gone since the last apply is not fatal: the earlier copies
+        stay in use. When the copies changed, every live site is rendered again (one
+        that no longer renders is ``refused``).
+        """
+        try:
+            fresh = self.files.localize_globals(self.listeners, self.options)
+        except (OSError, ValueError) as exc:
+            if self._globals is None:
+                raise
+            log.warning("nginx: keeping the earlier copies of keter's own files: %s", exc)
+            return
+        if self._globals is not None and fresh[:2] == self._globals[:2]:
+            return
+        previous, self._globals = self._globals, fresh
+        live = {}
+        try:
+            for app, rendered in self.live.items():
+                try:
+                    live[app] = self._render(rendered.site, rendered.local)
+                except ValueError as exc:
+                    refused[app] = names.log_text(str(exc), 2000)
+                    log.warning("nginx: %s: site refused, the app is not served: %s", app, exc)
+        except OSError:
+            self._globals = previous  # all or nothing: the next apply tries again
+            raise
+        self.live = live
+
+    def _candidates(self, sites: Iterable[Site], refused: dict[str, str]) -> dict[str, Rendered]:
+        """Each app's site to try: the one asked for, else its live one, else none.
+
+        Raises OSError when keter's own folder cannot be written.
+        """
+        chosen: dict[str, Rendered] = {}
+        for site in sites:
+            app = site.app
+            live = self.live.get(app)
+            if app in chosen:
+                refused[app] = "the app appears twice in one generation"
+            elif live is not None and live.site == site:
+                chosen[app] = live
+            elif site in self.withdrawn.get(app, ()):
+                continue  # refused already, with its reason; a new deploy tries again
+            else:
+                # ValueError is the site's own (a bad value, a file it names that cannot be
+                # read); OSError writing keter's folder is not, and fails the generation.
+                try:
+                    chosen[app] = self._render(site, self.files.localize(site))
+                except ValueError as exc:
+                    self._refuse(app, str(exc), refused, chosen)
+        return chosen
+
+    def _render(self, site: Site, local: Localized) -> Rendered:
+        listeners, options, _ = self._globals
+        text = render_site(local.site, listeners, options)
+        file = self.files.write_site(site.app, text)
+        return Rendered(site=site, local=local, file=file, hosts=hosts_of(site))
+
+    def _refuse(
+        self, app: str, reason: str, refused: dict[str, str], chosen: dict[str, Rendered]
+    ) -> None:
+        """Take ``app``'s candidate back: its live site, unless that is what failed.
+
+        Logged as a warning: the supervisor's line about the app is the error.
+        """
+        reason = names.log_text(reason, 2000)
+        live, tried = self.live.get(app), chosen.pop(app, None)
+        refused.setdefault(app, reason)
+        if live is not None and tried is not live:
+            chosen[app] = live
+            log.warning("nginx: %s: new site refused, its previous site stays: %s", app, reason)
+        else:
+            log.warning("nginx: %s: site refused, the app is not served: %s", app, reason)
+
+    def _settle_hosts(self, chosen: dict[str, Rendered], refused: dict[str, str]) -> None:
+        """Refuse new sites that claim a host another app serves (nginx would only warn).
+
+        Live sites claim first, then new ones in app order; a refused app falls back
+        to its live site, which is checked like the others.
+        """
+        while True:
+            owners: dict[str, str] = {}
+            order = sorted(chosen, key=lambda app: (chosen[app] is not self.live.get(app), app))
+            clash = None
+            for app in order:
+                taken = [host for host in chosen[app].hosts if host in owners]
+                if taken:
+                    clash = (app, f"host {taken[0]} already belongs to {owners[taken[0]]}")
+                    break
+                owners.update(dict.fromkeys(chosen[app].hosts, app))
+            if clash is None:
+                return
+            self._refuse(*clash, refused, chosen)
+
+    # -- testing -------------------------------------------------------------------------
+
+    def _tested(
+        self, chosen: dict[str, Rendered], refused: dict[str, str], generation: int
+    ) -> dict[str, Rendered]:
+        """The candidates minus every site ``nginx -t`` fails on; the main file written.
+
+        Each round blames the sites nginx's errors name (or finds one by halving
+        when they name none) and takes them back. Raises NginxBroken when keter's
+        config fails with no site at all.
+        """
+        chosen = dict(chosen)
+        self._settle_hosts(chosen, refused)
+        for _ in range(2 * len(chosen) + 2):
+            error = self._test(chosen, generation)
+            if error is None:
+                return chosen
+            culprits = blame.apps_named(error, {app: r.files for app, r in chosen.items()})
+            if not culprits:
+                culprit = self._search(chosen, generation)
+                if culprit is None:
+                    raise NginxBroken(error)
+                culprits = {culprit}
+            for app in sorted(culprits):
+                self._refuse(app, f"nginx -t failed: {error}", refused, chosen)
+            self._settle_hosts(chosen, refused)
+        raise NginxBroken("nginx -t kept failing after every site was taken back")
+
+    def _search(self, chosen: Mapping[str, Rendered], generation: int) -> str | None:
+        """One app whose site makes ``nginx -t`` fail, found by halving; None if even
+        keter's config without sites fails."""
+        if self._test({}, generation) is not None:
+            return None
+        suspects = sorted(chosen)
+        while len(suspects) > 1:
+            half = suspects[: len(suspects) // 2]
+            if self._test({app: chosen[app] for app in half}, generation) is not None:
+                suspects = half
+            else:
+                suspects = suspects[len(suspects) // 2 :]
+        return suspects[0] if suspects else None
+
+    def _test(self, chosen: Mapping[str, Rendered], generation: int) -> str | None:
+        """Write the main file including these sites and run ``nginx -t``."""
+        atomic_write(self.config_file, self._main_text(chosen, generation).encode(), mode=0o644)
+        return _run(self.test_command)
+
+    def _main_text(self, chosen: Mapping[str, Rendered], generation: int) -> str:
+        listeners, options, _ = self._globals
+        includes = [include_line(chosen[app].file) for app in sorted(chosen)]
+        return render_main(includes, listeners, generation, options)
+
+    def _restore(self) -> str:
+        """Put back the main file nginx is still running, so disk and nginx agree.
 
         Returns "" or, if that fails too, a note to append to the failure reason.
         """
         try:
-            if old is None:
+            if self._live_main is None:
                 self.config_file.unlink(missing_ok=True)
             else:
-                atomic_write(self.config_file, old, mode=0o644)
+                atomic_write(self.config_file, self._live_main, mode=0o644)
         except OSError as exc:
             return f" (and restoring the previous {self.config_file} failed: {exc})"
         return ""
 
-    # -- confirmation ----------------------------------------------------------------------
+    # -- reload and confirmation -----------------------------------------------------------
+
+    def _reload(self, generation: int) -> bool:
+        """Reload nginx and confirm it serves ``generation``; on failure, report it."""
+        log_offset = self._error_log_size()
+        error = _run(self.reload_command)
+        if error is not None:
+            self._fail(generation, f"nginx reload failed: {error}{self._restore()}")
+            return False
+        if self._confirm(generation):
+            return True
+        if self._stopping.is_set():
+            # nginx was told to load this config and may well have done so:
+            # leave the file as it is rather than guess.
+            self._fail(generation, "keter stopped before nginx confirmed the reload")
+            return False
+        restored = self._restore()
+        reason = (
+            f"nginx did not serve generation {generation} within "
+            f"{self.confirm_timeout:g}s; it kept the previous configuration"
+        )
+        emerg = self._new_emerg(log_offset)
+        if emerg:
+            reason += f": {emerg}"
+        self._fail(generation, reason + restored)
+        return False
 
     def _confirm(self, generation: int) -> bool:
         """Poll the status server until it reports ``generation``; False on timeout."""
@@ -209,22 +425,6 @@ class NginxWriter(Actor):
             return None
         lines = [line.strip() for line in tail.splitlines() if "[emerg]" in line]
         return lines[-1] if lines else None
-
-
-def fetch_generation(host: str, port: int, timeout: float = CONFIRM_SOCKET_TIMEOUT) -> str | None:
-    """The generation nginx's status server reports, or None if it does not answer."""
-    connection = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        connection.request("GET", STATUS_PATH, headers={"Host": STATUS_HOST, "Connection": "close"})
-        response = connection.getresponse()
-        body = response.read()
-    except (OSError, http.client.HTTPException):
-        return None
-    finally:
-        connection.close()
-    if response.status != 200:
-        return None
-    return body.decode(errors="replace").strip()
 
 
 def _run(command: Sequence[str]) -> str | None:

@@ -5,7 +5,7 @@
 - ``net``: ``free_port``, requests through nginx (``body``, ``served``, ``get``,
   ``https_get``), concurrent clients (``Load``), a tiny HTTP ``Backend``.
 - ``daemon``: a real keter daemon (``KeterDaemon``, fixtures), its status API and CLI.
-- ``nginx``, ``postgres``: private servers (own prefix or data dir, own port).
+- ``nginx``, ``postgres``, ``dns``: private servers (own prefix or data dir, own port).
 - ``tls``: self-signed certificates.
 - ``processes``: a real ProcessMonitor under a ``Harness``.
 - ``faults``: the fault suites' ERROR-record checks and their ``Rig``.

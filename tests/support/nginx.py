@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -207,6 +208,14 @@ class PrivateNginx:
                 "reload-command": list(self.reload_command),
             },
         }
+
+    def served_config(self) -> str:
+        """keter's include file with every site file it includes written in place."""
+
+        def inline(match: re.Match) -> str:
+            return Path(match.group(1)).read_text()
+
+        return re.sub(r'^include "([^"]+)";$', inline, self.config_file.read_text(), flags=re.M)
 
     def error_log_text(self) -> str:
         """Everything nginx has written to its error log so far."""

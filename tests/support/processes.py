@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import re
 import sys
 import time
 from pathlib import Path
@@ -121,8 +122,7 @@ class Harness:
 
     @staticmethod
     def pid_of(change: ProcessStateChanged) -> int:
-        assert change.pid is not None, change
-        return change.pid
+        return int(re.search(r"pid (\d+)", change.detail).group(1))
 
     def healthy(self, deploy_id: int, spec: ProcessSpec) -> int:
         """Start a deploy, wait until it is healthy, return its pid."""

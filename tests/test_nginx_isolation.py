@@ -1,0 +1,504 @@
+"""One app's site is that app's alone (issue 10.4), against a real private nginx.
+
+- nginx reads only keter's own copies of the files a site names (or the
+  operator's shared certificates): a bundle's file that goes away later, or
+  one that is a FIFO or not a certificate at all, cannot break nginx;
+- a reverse proxy to a host name that stops resolving breaks nothing;
+- a site that fails (rendering, its files, or its part of ``nginx -t``) is
+  refused alone: every other site of the same generation is applied, and an
+  app whose new site fails keeps its previous one;
+- a site broken from outside keter is withdrawn alone at the next apply;
+- whatever happens, ``nginx -t`` on the live config passes (a stateful test).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import queue
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from support.bundles import make_bundle, webapp_config
+from support.faults import error_records
+from support.net import Backend, body, free_port, https_get, served
+from support.nginx import PrivateNginx
+from support.tls import make_certificate
+
+from keter.config import Listener as KeterListener
+from keter.messages import (
+    ApplyNginx,
+    NginxApplied,
+    ProxyApp,
+    ProxyRemote,
+    Route,
+    Site,
+    TlsFiles,
+)
+from keter.nginx import NginxWriter, ProxyOptions, fetch_generation
+
+
+@dataclass(frozen=True)
+class Listener:
+    host: str
+    port: int
+
+
+class Writers:
+    """Starts NginxWriters on one private nginx, applies generations, stops them all."""
+
+    def __init__(self, nginx: PrivateNginx) -> None:
+        self.nginx = nginx
+        self.reports: queue.Queue = queue.Queue()
+        self.generation = 0
+        self.started: list[NginxWriter] = []
+        self.tls = None  # a TLS listener, once with_tls() made one
+
+    def start(self, *, options: ProxyOptions | None = None) -> NginxWriter:
+        listeners = [Listener("127.0.0.1", self.nginx.port)]
+        if self.tls is not None:
+            listeners.append(self.tls)
+        writer = NginxWriter(
+            listeners=listeners,
+            config_file=self.nginx.config_file,
+            test_command=self.nginx.test_command,
+            reload_command=self.nginx.reload_command,
+            report_to=self.reports,
+            options=options,
+        )
+        writer.start()
+        self.started.append(writer)
+        return writer
+
+    def with_tls(self, folder: Path) -> tuple[Path, Path]:
+        certificate, key = make_certificate(folder, "listener", "default.test")
+        self.tls = KeterListener("127.0.0.1", free_port(), certificate=certificate, key=key)
+        return certificate, key
+
+    def apply(self, writer: NginxWriter, *sites: Site) -> NginxApplied:
+        """The next generation; returns the reply once nginx serves only it."""
+        self.generation += 1
+        writer.tell(ApplyNginx(generation=self.generation, sites=sites))
+        reply = self.reports.get(timeout=30)
+        assert isinstance(reply, NginxApplied), reply
+        assert reply.generation == self.generation
+        self.nginx.wait_generation(self.generation)
+        return reply
+
+    def nginx_t_passes(self) -> bool:
+        return subprocess.run(self.nginx.test_command, capture_output=True).returncode == 0
+
+    def stop(self, writer: NginxWriter) -> None:
+        writer.stop()
+        writer.join(timeout=15)
+        assert not writer.is_alive()
+
+    def stop_all(self) -> None:
+        for writer in self.started:
+            if writer.is_alive():
+                self.stop(writer)
+
+
+@pytest.fixture
+def writers(private_nginx: PrivateNginx) -> Iterator[Writers]:
+    each = Writers(private_nginx)
+    yield each
+    each.stop_all()
+
+
+@pytest.fixture
+def backends() -> Iterator[dict[str, Backend]]:
+    pair = {name: Backend(name) for name in ("first", "second")}
+    yield pair
+    for backend in pair.values():
+        backend.close()
+
+
+def web(app: str, backend: Backend, tls: TlsFiles | None = None, host: str | None = None) -> Site:
+    route = Route(hosts=(host or f"{app}.test",), action=ProxyApp(port=backend.port), tls=tls)
+    return Site(app=app, routes=(route,))
+
+
+def answer(nginx: PrivateNginx, host: str) -> str | int:
+    """The backend's name for ``host`` through nginx, or the status if it is not 200."""
+    status, _, body = nginx.request(host)
+    if status != 200:
+        return status
+    return json.loads(body)["name"]
+
+
+def refused(reply: NginxApplied) -> dict[str, str]:
+    return {each.app: each.reason for each in reply.refused}
+
+
+def refusal_lines(caplog: pytest.LogCaptureFixture, app: str) -> list[str]:
+    """The writer's lines about ``app``'s site (warnings: the supervisor's line is the error)."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.getMessage().startswith(f"nginx: {app}:")
+    ]
+
+
+# -- nginx reads keter's own copies --------------------------------------------------------
+
+
+def test_certificate_copies_outlive_the_files_a_bundle_named(
+    private_nginx: PrivateNginx, writers: Writers, backends, tmp_path: Path
+) -> None:
+    writers.with_tls(tmp_path / "listener")
+    writer = writers.start()
+    # The bundle's certificate lies in its version's folder, deleted after the next switch.
+    version = tmp_path / "temp" / "web-1"
+    own, own_key = make_certificate(version, "own", "web.test")
+    middle, _ = make_certificate(version, "middle", "ca.test")
+    site = web("web", backends["first"], TlsFiles(certificate=own, key=own_key, chain=(middle,)))
+    assert writers.apply(writer, site).refused == ()
+    trusted = shutil.copy(own, tmp_path / "trusted.crt")
+    assert https_get(writers.tls.port, "web.test", trusted)[0] == 200
+
+    shutil.rmtree(version)
+    # Another app's deploy: nginx -t rereads every file, and each one is still there.
+    reply = writers.apply(writer, site, web("other", backends["second"]))
+    assert reply.refused == ()
+    assert writers.nginx_t_passes()
+    assert https_get(writers.tls.port, "web.test", trusted)[0] == 200
+    assert answer(private_nginx, "other.test") == "second"
+    # Every file the config names is keter's own copy.
+    support = private_nginx.base / ".keter.conf.d"
+    config = private_nginx.served_config()
+    named = [line.split('"')[1] for line in config.splitlines() if "ssl_certificate" in line]
+    assert named and all(Path(path).is_relative_to(support) for path in named)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "not-a-certificate", "too-big", "missing"])
+def test_a_certificate_that_is_no_certificate_is_refused_alone(
+    private_nginx: PrivateNginx, writers: Writers, backends, tmp_path: Path, kind: str
+) -> None:
+    writers.with_tls(tmp_path / "listener")
+    writer = writers.start()
+    certificate, key = make_certificate(tmp_path / "certs", "evil", "evil.test")
+    bad = tmp_path / "bad"
+    if kind == "fifo":
+        os.mkfifo(bad)  # opening it for reading would block forever
+    elif kind == "folder":
+        bad.mkdir()
+    elif kind == "not-a-certificate":
+        bad.write_text("root:$6$secret:19000:0:99999:7:::\n")
+    elif kind == "too-big":
+        bad.write_bytes(certificate.read_bytes() * (2 + (1 << 20) // certificate.stat().st_size))
+    tls = TlsFiles(certificate=bad, key=key)
+    reply = writers.apply(
+        writer, web("evil", backends["first"], tls), web("good", backends["second"])
+    )
+    assert set(refused(reply)) == {"evil"}
+    assert str(bad) in refused(reply)["evil"]
+    assert answer(private_nginx, "good.test") == "second"
+    assert answer(private_nginx, "evil.test") == 404
+    assert writers.nginx_t_passes()
+    support = private_nginx.base / ".keter.conf.d"
+    copied = b"".join(p.read_bytes() for p in support.rglob("*") if p.is_file())
+    assert b"secret" not in copied
+
+
+def test_shared_certificates_are_named_in_place(
+    private_nginx: PrivateNginx, writers: Writers, backends, tmp_path: Path
+) -> None:
+    writers.with_tls(tmp_path / "listener")
+    shared = tmp_path / "letsencrypt" / "live"
+    writer = writers.start(options=ProxyOptions(shared_certificates=shared))
+    own, own_key = make_certificate(shared / "web.test", "fullchain", "web.test")
+    site = web("web", backends["first"], TlsFiles(certificate=own, key=own_key))
+    assert writers.apply(writer, site).refused == ()
+    assert f'ssl_certificate "{own}";' in private_nginx.served_config()
+    assert https_get(writers.tls.port, "web.test", own)[0] == 200
+
+
+# -- host names resolved per request ----------------------------------------------------------
+
+
+def test_a_reverse_proxy_name_that_stops_resolving_breaks_nothing(
+    private_nginx: PrivateNginx, private_dns, writers: Writers, backends
+) -> None:
+    writer = writers.start(options=ProxyOptions(resolver=(private_dns.resolver,)))
+    private_dns.add("backend.test")
+    remote = Route(
+        hosts=("p.test",), action=ProxyRemote(host="backend.test", port=backends["first"].port)
+    )
+    proxy = Site(app="p", routes=(remote,))
+    never = Route(hosts=("n.test",), action=ProxyRemote(host="never.test", port=80))
+    # A name that never resolved deploys too: nginx asks only when a request comes.
+    reply = writers.apply(writer, proxy, Site(app="n", routes=(never,)))
+    assert reply.refused == ()
+    assert answer(private_nginx, "p.test") == "first"
+    assert answer(private_nginx, "n.test") == 502
+
+    private_dns.remove("backend.test")
+    assert writers.nginx_t_passes()
+    reply = writers.apply(
+        writer, proxy, Site(app="n", routes=(never,)), web("w", backends["second"])
+    )
+    assert reply.refused == ()
+    assert answer(private_nginx, "w.test") == "second"
+
+
+def test_a_reverse_proxy_name_needs_a_resolver(
+    private_nginx: PrivateNginx, writers: Writers, backends
+) -> None:
+    writer = writers.start(options=ProxyOptions(resolver=()))
+    remote = Route(hosts=("p.test",), action=ProxyRemote(host="backend.test", port=80))
+    local = Route(
+        hosts=("l.test",), action=ProxyRemote(host="localhost", port=backends["first"].port)
+    )
+    reply = writers.apply(writer, Site(app="p", routes=(remote,)), Site(app="l", routes=(local,)))
+    assert set(refused(reply)) == {"p"}
+    assert "resolver" in refused(reply)["p"]
+    # localhost is this machine, not a DNS question.
+    assert answer(private_nginx, "l.test") == "first"
+
+
+# -- a failing site is refused alone ----------------------------------------------------------
+
+
+def test_a_failing_site_in_a_batch_is_refused_alone(
+    private_nginx: PrivateNginx, writers: Writers, backends, tmp_path: Path, caplog
+) -> None:
+    writers.with_tls(tmp_path / "listener")
+    writer = writers.start()
+    certs = {app: make_certificate(tmp_path / "certs", app, f"{app}.test") for app in "abcd"}
+
+    def own(app: str, key_of: str | None = None) -> TlsFiles:
+        return TlsFiles(certificate=certs[app][0], key=certs[key_of or app][1])
+
+    first, second = backends["first"], backends["second"]
+    assert writers.apply(writer, web("a", first, own("a")), web("b", first, own("b"))).refused == ()
+
+    # In one generation: a's new site has a key that does not match its certificate
+    # (nginx -t fails on it), d is new with the same fault, c is new and fine, b is unchanged.
+    reply = writers.apply(
+        writer,
+        web("a", second, own("a", key_of="b")),
+        web("b", first, own("b")),
+        web("c", second, own("c")),
+        web("d", second, own("d", key_of="a")),
+    )
+    assert set(refused(reply)) == {"a", "d"}
+    assert "nginx -t failed" in refused(reply)["a"]
+    assert answer(private_nginx, "a.test") == "first"  # its previous site stays
+    assert answer(private_nginx, "b.test") == "first"
+    assert answer(private_nginx, "c.test") == "second"
+    assert answer(private_nginx, "d.test") == 404
+    assert len(refusal_lines(caplog, "a")) == 1 and len(refusal_lines(caplog, "d")) == 1
+    assert writers.nginx_t_passes()
+
+
+def test_a_host_another_app_serves_is_refused_to_the_newcomer(
+    private_nginx: PrivateNginx, writers: Writers, backends
+) -> None:
+    writer = writers.start()
+    first, second = backends["first"], backends["second"]
+    writers.apply(writer, web("owner", first))
+    reply = writers.apply(writer, web("owner", first), web("thief", second, host="owner.test"))
+    assert set(refused(reply)) == {"thief"}
+    assert "owner.test already belongs to owner" in refused(reply)["thief"]
+    assert answer(private_nginx, "owner.test") == "first"
+
+
+@pytest.mark.parametrize("what", ["site-file", "key-copy"])
+def test_a_site_broken_from_outside_is_withdrawn_alone(
+    private_nginx: PrivateNginx, writers: Writers, backends, tmp_path: Path, caplog, what: str
+) -> None:
+    writers.with_tls(tmp_path / "listener")
+    writer = writers.start()
+    certs = {app: make_certificate(tmp_path / "certs", app, f"{app}.test") for app in "abc"}
+    first, second = backends["first"], backends["second"]
+
+    def site(app: str, backend: Backend) -> Site:
+        return web(app, backend, TlsFiles(certificate=certs[app][0], key=certs[app][1]))
+
+    writers.apply(writer, site("a", first), site("b", first), site("c", first))
+    served_b = writer.live["b"]
+    if what == "site-file":
+        served_b.file.write_text("this is not nginx;\n")
+    else:
+        served_b.local.site.routes[0].tls.key.write_text("gone\n")
+
+    # Any apply finds it: here c's redeploy.
+    reply = writers.apply(writer, site("a", first), site("b", first), site("c", second))
+    assert set(refused(reply)) == {"b"}
+    [line] = refusal_lines(caplog, "b")
+    assert "site refused, the app is not served" in line
+    assert answer(private_nginx, "a.test") == "first"
+    assert answer(private_nginx, "b.test") == 404
+    assert answer(private_nginx, "c.test") == "second"
+    assert writers.nginx_t_passes()
+
+    # The others stay deployable; the withdrawn site is not retried as it was...
+    reply = writers.apply(writer, site("a", second), site("b", first), site("c", second))
+    assert reply.refused == ()
+    assert answer(private_nginx, "a.test") == "second"
+    assert len(refusal_lines(caplog, "b")) == 1
+    # ...but a new deploy of it is.
+    reply = writers.apply(writer, site("a", second), site("b", second), site("c", second))
+    assert reply.refused == ()
+    assert answer(private_nginx, "b.test") == "second"
+
+
+def test_a_restarted_writer_removes_what_the_earlier_one_left(
+    private_nginx: PrivateNginx, writers: Writers, backends
+) -> None:
+    first = writers.start()
+    writers.apply(first, web("a", backends["first"]), web("b", backends["second"]))
+    writers.stop(first)
+    apps = private_nginx.base / ".keter.conf.d" / "apps"
+    assert sorted(p.name for p in apps.iterdir()) == ["keter_a", "keter_b"]
+    second = writers.start()
+    writers.apply(second, web("a", backends["second"]))
+    assert sorted(p.name for p in apps.iterdir()) == ["keter_a"]
+    assert answer(private_nginx, "a.test") == "second"
+    assert answer(private_nginx, "b.test") == 404
+
+
+# -- the invariant: nginx -t passes after anything -------------------------------------------------
+
+APPS = ("a", "b", "c")
+GOOD, MISMATCHED_KEY, MISSING_FILE = "good", "mismatched-key", "missing-file"
+
+
+def test_nginx_t_passes_after_any_sequence_of_deploys_removals_failures_and_restarts(
+    private_nginx: PrivateNginx, writers: Writers, backends, tmp_path: Path
+) -> None:
+    writers.with_tls(tmp_path / "listener")
+    certs = {app: make_certificate(tmp_path / "certs", app, f"{app}.test") for app in APPS}
+
+    deploys = itertools.count()
+
+    def make_site(app: str, kind: str, backend: str) -> Site:
+        certificate, key = certs[app]
+        if kind == MISMATCHED_KEY:
+            key = certs[APPS[(APPS.index(app) + 1) % len(APPS)]][1]
+        elif kind == MISSING_FILE:
+            certificate = tmp_path / "no-such.crt"
+        [route] = web(app, backends[backend], TlsFiles(certificate=certificate, key=key)).routes
+        # Every deploy's site differs from the last, as a new version's port would.
+        tagged = Route(hosts=route.hosts, action=route.action, tls=route.tls,
+                       headers=(("X-Deploy", str(next(deploys))),))  # fmt: skip
+        return Site(app=app, routes=(tagged,))
+
+    class Keter(RuleBasedStateMachine):
+        """What the supervisor asks for, and what nginx must then serve."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.writer = writers.start()
+            self.desired: dict[str, Site] = {}  # the serving version's site, per app
+            self.expected: dict[str, str] = {}  # the backend each served app answers with
+            self.reply = writers.apply(self.writer)
+
+        def apply(self) -> NginxApplied:
+            self.reply = writers.apply(self.writer, *self.desired.values())
+            return self.reply
+
+        @rule(app=st.sampled_from(APPS), backend=st.sampled_from(["first", "second"]))
+        def deploy(self, app: str, backend: str) -> None:
+            self.desired[app] = make_site(app, GOOD, backend)
+            assert refused(self.apply()) == {}
+            self.expected[app] = backend
+
+        @rule(app=st.sampled_from(APPS), kind=st.sampled_from([MISMATCHED_KEY, MISSING_FILE]))
+        def deploy_a_bad_site(self, app: str, kind: str) -> None:
+            previous = self.desired.get(app)
+            self.desired[app] = make_site(app, kind, "second")
+            assert set(refused(self.apply())) == {app}
+            # The supervisor fails the deploy and keeps asking for the previous site.
+            if previous is None:
+                del self.desired[app]
+            else:
+                self.desired[app] = previous
+
+        @rule(app=st.sampled_from(APPS))
+        def remove(self, app: str) -> None:
+            self.desired.pop(app, None)
+            self.expected.pop(app, None)
+            assert refused(self.apply()) == {}
+
+        @rule(app=st.sampled_from(APPS), what=st.sampled_from(["site-file", "key-copy"]))
+        def break_from_outside(self, app: str, what: str) -> None:
+            served = self.writer.live.get(app)
+            if served is None:
+                return
+            if what == "site-file":
+                served.file.write_text("}\n")
+            else:
+                served.local.site.routes[0].tls.key.write_bytes(b"")
+            assert set(refused(self.apply())) == {app}
+            self.expected.pop(app)
+
+        @rule()
+        def restart(self) -> None:
+            writers.stop(self.writer)
+            self.writer = writers.start()
+            assert self.apply().refused == ()
+            # A fresh writer copies every site's files from their sources again.
+            self.expected = {app: answer_of(site) for app, site in self.desired.items()}
+
+        @invariant()
+        def nginx_serves_what_it_should(self) -> None:
+            assert writers.nginx_t_passes()
+            port = private_nginx.port
+            assert fetch_generation("127.0.0.1", port) == str(writers.generation)
+            for app in APPS:
+                assert answer(private_nginx, f"{app}.test") == self.expected.get(app, 404)
+
+        def teardown(self) -> None:
+            writers.stop(self.writer)
+
+    def answer_of(site: Site) -> str:
+        port = site.routes[0].action.port
+        return next(name for name, backend in backends.items() if backend.port == port)
+
+    run_state_machine_as_test(
+        Keter, settings=settings(max_examples=6, stateful_step_count=10, deadline=None)
+    )
+
+
+# -- the same against the daemon: issue 10's test (d) ---------------------------------------------
+
+
+def test_keter_withdraws_a_site_broken_from_outside_and_keeps_the_others_deployable(
+    keter, private_nginx: PrivateNginx, tmp_path: Path
+) -> None:
+    for app in "abc":
+        keter.drop(
+            make_bundle(tmp_path / f"{app}.keter", config=webapp_config(f"{app}.test", "v1"))
+        )
+    for app in "abc":
+        served(private_nginx, f"{app}.test", "v1")
+    [site_file] = (private_nginx.base / ".keter.conf.d" / "apps" / "keter_b").glob("*.conf")
+    site_file.write_text("this is not nginx;\n")  # from outside keter
+
+    offset = len(keter.log())
+    keter.drop(make_bundle(tmp_path / "a.keter", config=webapp_config("a.test", "v2")))
+    served(private_nginx, "a.test", "v2")
+    assert answer(private_nginx, "b.test") == 404
+    assert body(private_nginx, "c.test") == b"v1\n"
+    [line] = error_records(keter.log()[offset:])
+    assert line.startswith("b: nginx withdrew its site: nginx -t failed:")
+    assert str(site_file) in line
+    assert subprocess.run(private_nginx.test_command, capture_output=True).returncode == 0
+
+    # Every app stays deployable, b too.
+    keter.drop(make_bundle(tmp_path / "c.keter", config=webapp_config("c.test", "v2")))
+    served(private_nginx, "c.test", "v2")
+    keter.drop(make_bundle(tmp_path / "b.keter", config=webapp_config("b.test", "v2")))
+    served(private_nginx, "b.test", "v2")
+    assert body(private_nginx, "a.test") == b"v2\n"

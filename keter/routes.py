@@ -173,9 +173,12 @@ def approot(host: str, *, secure: bool, settings: KeterConfig) -> str:
 
 def _stanzas(config: BundleConfig) -> list[tuple[tuple[str, ...], object]]:
     stanzas: list[tuple[tuple[str, ...], object]] = []
-    if config.webapp is not None:
-        stanzas.append((config.webapp.hosts, config.webapp))
-    for stanza in (*config.static_files, *config.redirects, *config.reverse_proxies):
+    for stanza in (
+        *config.webapps,
+        *config.static_files,
+        *config.redirects,
+        *config.reverse_proxies,
+    ):
         stanzas.append((stanza.hosts, stanza))
     return stanzas
 

@@ -108,6 +108,10 @@ def load_yaml(text: str) -> object:
         raise ValueError(
             f"not valid YAML: a value cannot be read ({names.log_text(exc, 80)})"
         ) from None
+    except Exception as exc:
+        # PyYAML's own constructors trip on some odd values (a !!timestamp its pattern
+        # does not match raises AttributeError): still just a file that cannot be read.
+        raise ValueError(f"not valid YAML: a value cannot be read ({type(exc).__name__})") from None
 
 
 def read_yaml_file(path: Path, max_bytes: int = MAX_YAML_BYTES) -> object:

@@ -199,11 +199,11 @@ def test_unknown_keys_are_warnings(tmp_path: Path) -> None:
         ("postgres: yes please", 'postgres: expected true or false, got "yes please"'),
         ("postgres: 1", "postgres: expected true or false, got 1"),
         ("plugins: [postgres]", "plugins: expected a mapping like {postgres: true}"),
-        ("plugins: {postgres: 1}", "plugins.postgres: expected true or false, got 1"),
-        (
-            "plugins: {postgres: [{server: db}]}",
-            "plugins.postgres: remote database servers are not",
-        ),
+        ("plugins: {postgres: 1}", "plugins.postgres: expected true, false or a list"),
+        ("plugins: {postgres: []}", "plugins.postgres: expected at least one"),
+        ("plugins: {postgres: [{server: 'a b'}]}", "plugins.postgres[0].server: "),
+        ("plugins: {postgres: [{server: db, port: 0}]}", "plugins.postgres[0].port: "),
+        ("plugins: {postgres: [{server: db, hots: 1}]}", "plugins.postgres[0].hots: unknown key"),
         (
             "postgres: true\nplugins: {postgres: false}",
             "postgres: postgres and plugins.postgres disagree",

@@ -323,16 +323,25 @@ def test_webapp_mistakes_name_their_key(tmp_path, stanza: str, expected: str) ->
     assert problem.startswith(expected), problem
 
 
-def test_a_second_webapp_stanza_is_refused(tmp_path) -> None:
+def test_several_webapp_stanzas_each_become_a_web_app(tmp_path) -> None:
+    config = parse(
+        tmp_path,
+        "stanzas:\n  - {type: webapp, exec: ../hello, host: a}\n"
+        "  - {type: webapp, exec: ../hello, hosts: [b, c], args: [two]}\n",
+    )
+    assert [w.hosts for w in config.webapps] == [("a",), ("b", "c")]
+    assert config.webapps[1].args == ("two",)
+    assert config.webapp == config.webapps[0]  # the first, for callers that know one
+    assert config.all_hosts == ("a", "b", "c")
+
+
+def test_two_web_apps_cannot_share_a_host(tmp_path) -> None:
     found = problems(
         tmp_path,
         "stanzas:\n  - {type: webapp, exec: ../hello, host: a}\n"
-        "  - {type: webapp, exec: ../hello, host: b}\n",
+        "  - {type: webapp, exec: ../hello, hosts: [b, a]}\n",
     )
-    assert found == [
-        "stanzas[1]: a second webapp stanza (stanzas[0] is the first); keter runs one web app "
-        "per bundle, so split it into two bundles"
-    ]
+    assert found == ["stanzas[1]: host a is already claimed by stanzas[0]"]
 
 
 # -- background ------------------------------------------------------------------------------

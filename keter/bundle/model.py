@@ -157,28 +157,74 @@ class ReverseProxy:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PostgresServer:
+    """The database server a bundle asks for (Keter's ``plugins: {postgres: [{server, port}]}``).
+
+    Whether keter may provision there is the operator's policy
+    (``keter.config.PostgresSettings.server_problem``).
+    """
+
+    host: str  # a host name or IP address (keter.names.validate_upstream_host)
+    port: int = 5432
+
+
+@dataclass(frozen=True, kw_only=True, init=False)
 class BundleConfig:
     """A validated bundle config."""
 
     app: str
-    webapp: WebApp | None
+    webapps: tuple[WebApp, ...] = ()  # each its own process, port, hosts and health check
     postgres: bool = False
+    postgres_server: PostgresServer | None = None  # None: the server keter is configured for
     warnings: tuple[str, ...] = ()
     backgrounds: tuple[Background, ...] = ()
     static_files: tuple[StaticFiles, ...] = ()
     redirects: tuple[Redirect, ...] = ()
     reverse_proxies: tuple[ReverseProxy, ...] = ()
 
+    def __init__(
+        self,
+        *,
+        app: str,
+        webapps: tuple[WebApp, ...] = (),
+        webapp: WebApp | None = None,
+        postgres: bool = False,
+        postgres_server: PostgresServer | None = None,
+        warnings: tuple[str, ...] = (),
+        backgrounds: tuple[Background, ...] = (),
+        static_files: tuple[StaticFiles, ...] = (),
+        redirects: tuple[Redirect, ...] = (),
+        reverse_proxies: tuple[ReverseProxy, ...] = (),
+    ) -> None:
+        # ``webapp=`` (one web app) is still taken until every caller says ``webapps=``.
+        if webapp is not None:
+            if webapps:
+                raise TypeError("give webapps or webapp, not both")
+            webapps = (webapp,)
+        values = {
+            "app": app,
+            "webapps": tuple(webapps),
+            "postgres": postgres,
+            "postgres_server": postgres_server,
+            "warnings": tuple(warnings),
+            "backgrounds": tuple(backgrounds),
+            "static_files": tuple(static_files),
+            "redirects": tuple(redirects),
+            "reverse_proxies": tuple(reverse_proxies),
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
     @property
-    def webapps(self) -> tuple[WebApp, ...]:
-        """The bundle's web apps, each its own process, port and hosts."""
-        return (self.webapp,) if self.webapp is not None else ()
+    def webapp(self) -> WebApp | None:
+        """The first web app, or None (for callers that know only one)."""
+        return self.webapps[0] if self.webapps else None
 
     @property
     def all_hosts(self) -> tuple[str, ...]:
         """Every host any stanza claims (no two stanzas share one)."""
-        hosts = list(self.webapp.hosts) if self.webapp else []
-        for stanza in (*self.static_files, *self.redirects, *self.reverse_proxies):
+        hosts: list[str] = []
+        for stanza in (*self.webapps, *self.static_files, *self.redirects, *self.reverse_proxies):
             hosts.extend(stanza.hosts)
         return tuple(hosts)
 
@@ -189,4 +235,4 @@ class BundleConfig:
 
     @property
     def runs_something(self) -> bool:
-        return self.webapp is not None or bool(self.backgrounds)
+        return bool(self.webapps) or bool(self.backgrounds)

@@ -12,7 +12,8 @@ import dataclasses
 
 from keter.bundle import v10
 from keter.bundle.model import BundleConfig, Redirect, RedirectAction, StaticFiles
-from keter.bundle.values import Values
+from keter.bundle.plugins import read_postgres
+from keter.bundle.values import Values, warn_overridden_env
 from keter.yamlcheck import describe, key_name, unknown_key
 
 FLAT_EXTRA_KEYS = ("static-hosts", "redirects", "ssl")
@@ -32,10 +33,13 @@ def read(data: dict, app: str, v: Values) -> BundleConfig:
     v10.check_shared_hosts([("", webapp), *statics, *redirects], v)
     if webapp is None and not statics and not redirects and not check.problems:
         check.warn("exec", "missing, so this bundle runs no web app")
+    postgres, server = read_postgres(data, check)
+    warn_overridden_env([("", webapp)], postgres, check)
     config = BundleConfig(
         app=app,
-        webapp=webapp,
-        postgres=v.postgres(data),
+        webapps=(webapp,) if webapp is not None else (),
+        postgres=postgres,
+        postgres_server=server,
         static_files=tuple(stanza for _, stanza in statics),
         redirects=tuple(stanza for _, stanza in redirects),
     )

@@ -1,8 +1,9 @@
 """Keter 1.0's format: ``stanzas:``, a list of typed stanzas, plus ``plugins``.
 
-Stanza types: ``webapp``, ``background``, ``static-files``, ``redirect`` and
-``reverse-proxy``. Each stanza's reader here is also what the 0.4 reader uses
-for the parts the two formats share (a web app, a static folder).
+Stanza types: ``webapp`` (several are fine: each runs as its own process on its
+own port), ``background``, ``static-files``, ``redirect`` and ``reverse-proxy``.
+Each stanza's reader here is also what the 0.4 reader uses for the parts the two
+formats share (a web app, a static folder).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from keter.bundle.model import (
     StaticFiles,
     WebApp,
 )
-from keter.bundle.values import Values
+from keter.bundle.plugins import read_postgres
+from keter.bundle.values import Values, warn_overridden_env
 from keter.yamlcheck import describe, key_name, parse_env, unknown_key
 
 # The keys a web app reads in either format.
@@ -69,7 +71,6 @@ def read(data: dict, app: str, v: Values) -> BundleConfig:
         )
         stanzas = []
     parsed: dict[str, list] = {kind: [] for kind in STANZA_KEYS}
-    webapp_at: str | None = None
     for i, stanza in enumerate(stanzas):
         prefix = f"stanzas[{i}]."
         kind = stanza_type(stanza, f"stanzas[{i}]", v)
@@ -79,28 +80,23 @@ def read(data: dict, app: str, v: Values) -> BundleConfig:
             if key not in (*COMMON_STANZA_KEYS, *STANZA_KEYS[kind]):
                 known = (*COMMON_STANZA_KEYS, *STANZA_KEYS[kind])
                 check.warn(f"{prefix}{key_name(key)}", unknown_key(key, known) + "; ignored")
-        if kind == "webapp" and webapp_at is not None:
-            check.problem(
-                f"stanzas[{i}]",
-                f"a second webapp stanza ({webapp_at} is the first); "
-                "keter runs one web app per bundle, so split it into two bundles",
-            )
-            continue
-        if kind == "webapp":
-            webapp_at = f"stanzas[{i}]"
         result = _READERS[kind](stanza, prefix, v)
         if result is not None:
             parsed[kind].append((prefix, result))
+    postgres, server = read_postgres(data, check)
     config = BundleConfig(
         app=app,
-        webapp=parsed["webapp"][0][1] if parsed["webapp"] else None,
-        postgres=v.postgres(data),
+        webapps=tuple(item for _, item in parsed["webapp"]),
+        postgres=postgres,
+        postgres_server=server,
         backgrounds=tuple(item for _, item in parsed["background"]),
         static_files=tuple(item for _, item in parsed["static-files"]),
         redirects=tuple(item for _, item in parsed["redirect"]),
         reverse_proxies=tuple(item for _, item in parsed["reverse-proxy"]),
     )
-    check_shared_hosts([entry for entries in parsed.values() for entry in entries], v)
+    entries = [entry for entries in parsed.values() for entry in entries]
+    check_shared_hosts(entries, v)
+    warn_overridden_env(entries, postgres, check)
     return dataclasses.replace(config, warnings=tuple(check.warnings))
 
 

@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 
 from keter import names
-from keter.bundle.model import KETER_RESTART_DELAY, Ssl, TlsConfig
+from keter.bundle.model import KETER_RESTART_DELAY, Background, Ssl, TlsConfig, WebApp
 from keter.yamlcheck import (
     MAX_INT,
     MAX_SECONDS,
@@ -304,38 +304,6 @@ class Values:
             return False
         return TlsConfig(certificate=certificate, key=key, chain=chain or ())
 
-    # -- the bundle's plugins ----------------------------------------------------------
-
-    def postgres(self, data: dict) -> bool:
-        """``postgres: true`` or Keter's ``plugins: {postgres: true}``."""
-        check = self.check
-        wanted: dict[str, bool] = {}
-        if "postgres" in data:
-            value = data["postgres"]
-            if isinstance(value, bool):
-                wanted["postgres"] = value
-            else:
-                check.problem("postgres", f"expected true or false, got {describe(value)}")
-        plugins = data.get("plugins")
-        if isinstance(plugins, dict):
-            for key, value in plugins.items():
-                where = f"plugins.{key_name(key)}"
-                if key != "postgres":
-                    check.warn(where, unknown_key(key, ("postgres",)) + "; ignored")
-                elif isinstance(value, bool):
-                    wanted[where] = value
-                elif isinstance(value, list):
-                    check.problem(where, "remote database servers are not supported yet; use true")
-                else:
-                    check.problem(where, f"expected true or false, got {describe(value)}")
-        elif plugins is not None:
-            check.problem(
-                "plugins", f"expected a mapping like {{postgres: true}}, got {describe(plugins)}"
-            )
-        if len(set(wanted.values())) > 1:
-            check.problem("postgres", "postgres and plugins.postgres disagree")
-        return any(wanted.values())
-
 
 def inside(path: Path, folder: Path) -> bool:
     """Whether ``path``, symlinks resolved, is ``folder`` or inside it."""
@@ -343,3 +311,41 @@ def inside(path: Path, folder: Path) -> bool:
         return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
     except (OSError, ValueError):
         return False
+
+
+# What keter sets in an app's environment itself (keter.environment), and why its value
+# must win over a bundle's: Keter lets the bundle's env win over all of these.
+DATABASE_VARIABLES = (
+    "PGHOST", "PGPORT", "PGUSER", "PGPASS", "PGPASSWORD", "PGDATABASE", "DATABASE_URL",
+)  # fmt: skip
+_WHY = {
+    "PORT": "the health check probes the port keter chose",
+    "APPROOT": "it names the host and scheme nginx serves the app at",
+    "database": "they name the database keter provisioned",
+}
+
+
+def warn_overridden_env(stanzas: list[tuple[str, object]], postgres: bool, check: Checker) -> None:
+    """One warning for each ``env`` or ``forward-env`` name a stanza gives that keter sets itself.
+
+    ``stanzas`` are (key path prefix, parsed stanza); ``postgres`` whether the bundle
+    gets a database (and so its variables).
+    """
+    for prefix, stanza in stanzas:
+        if not isinstance(stanza, WebApp | Background):
+            continue
+        owned: dict[str, str] = {}
+        if isinstance(stanza, WebApp):
+            owned.update({name: _WHY["PORT"] for name in ("PORT", *stanza.port_env_vars)})
+            owned["APPROOT"] = _WHY["APPROOT"]
+        if postgres:
+            owned.update({name: _WHY["database"] for name in DATABASE_VARIABLES})
+        given = [(f"env.{name}", name) for name in stanza.env]
+        given += [(f"forward-env[{i}]", name) for i, name in enumerate(stanza.forward_env)]
+        for where, name in given:
+            if name in owned:
+                check.warn(
+                    f"{prefix}{where}",
+                    f"keter sets {name} itself and its value wins ({owned[name]}); "
+                    "this one is ignored",
+                )

@@ -65,6 +65,10 @@ CONFIG_NAME = "keter-config.yaml"
 EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 MIB = 1 << 20
 GIB = 1 << 30
+# The local PostgreSQL cluster, as Debian runs it; Keter's default server is localhost:5432.
+LOCAL_SOCKET_DIR = "/var/run/postgresql"
+DEFAULT_PG_PORT = 5432
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 class ConfigError(Exception):
@@ -123,6 +127,38 @@ class PostgresSettings:
     admin_dsn: str = field(default="", repr=False)
     # How long a deploy waits for an unreachable server before it fails.
     retry_seconds: float = 30.0
+
+    def server(self) -> tuple[str, int]:
+        """The server keter provisions on: the admin DSN's first host and port, or the
+        local cluster's socket folder."""
+        try:
+            info = conninfo_to_dict(self.admin_dsn) if self.admin_dsn else {}
+        except Exception:  # checked when the config was read; a default keeps this total
+            info = {}
+        host = str(info.get("host") or info.get("hostaddr") or LOCAL_SOCKET_DIR).split(",")[0]
+        port = str(info.get("port") or DEFAULT_PG_PORT).split(",")[0]
+        return host, int(port) if port.isdigit() and len(port) <= 5 else DEFAULT_PG_PORT
+
+    def server_problem(self, host: str, port: int) -> str | None:
+        """Why keter must not provision a bundle's database on ``host``:``port``, if so.
+
+        keter can only create roles where its admin connection reaches: the server
+        of ``postgres.admin-dsn`` (by default the local cluster). localhost,
+        127.0.0.1, ::1 and a socket folder all name the local server.
+        """
+        own_host, own_port = self.server()
+
+        def local(name: str) -> bool:
+            return name.lower() in LOCAL_NAMES or name.startswith("/")
+
+        same = host.lower() == own_host.lower() or (local(host) and local(own_host))
+        if same and port == own_port:
+            return None
+        shown = "the local server" if local(own_host) else own_host
+        return (
+            f"asks for a database on {host} port {port}, but keter provisions databases only "
+            f"on {shown} port {own_port} (postgres.admin-dsn in keter-config.yaml)"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -245,9 +281,23 @@ def read_ephemeral_range(path: Path | None = None) -> tuple[int, int] | None:
 
 # -- parsing -------------------------------------------------------------------------
 
-# Keter keys that have no meaning in this implementation: keter has no CLI
-# port, port-range replaces port-manager, and app logs are always rotated.
-KETER_ONLY_KEYS = ("cli-port", "port-manager", "rotate-logs")
+# Keter 2.3.5 keys keter does not act on, each accepted with one warning saying what
+# keter does instead (README, "Differences from Keter").
+KETER_IGNORED = {
+    "cli-port": "keter has no debug port; the operator's interface is the status API on "
+    "ROOT/run/keter.sock (status-listen adds TCP)",
+    "port-manager": "keter hands out app ports from port-range",
+    "rotate-logs": "keter always rotates app logs (log-max-bytes, log-backups)",
+    "app-crash-hook": "keter runs no crash hook; a crash is an ERROR line, a history entry "
+    "and the app's state in the status API (Keter 2.3.5 reads this key as its "
+    "healthcheck path: use healthcheck-path for that)",
+    "reverse-proxy": "keter serves no reverse proxies from keter-config.yaml; put each in a "
+    "bundle's reverse-proxy stanza",
+}
+KETER_ONLY_KEYS = tuple(KETER_IGNORED)
+# Keter 0.4's listener keys, read as Keter reads them when there is no listeners key:
+# one plain listener (host, port) and, with ssl, a TLS one.
+KETER_04_LISTENER_KEYS = ("host", "port", "ssl")
 # With `ip-from-header: true`, X-Forwarded-For is believed from these peers:
 # loopback and the private ranges load balancers sit in (an AWS ELB, a local proxy).
 TRUSTED_PROXIES = (
@@ -259,8 +309,9 @@ TRUSTED_PROXIES = (
     "fc00::/7",
 )
 TLS_LISTENER_KEYS = ("key", "certificate", "chain-certificates", "session")
-# Keter's spellings for "every address of one family".
-WILDCARD_HOSTS = {"*4": "0.0.0.0", "*6": "::"}
+# Keter's (warp's) spellings for "every address of one family": "*4"/"*6", and the
+# "!4"/"!6" variants that only differ in what warp prefers on a dual-stack host.
+WILDCARD_HOSTS = {"*4": "0.0.0.0", "*6": "::", "!4": "0.0.0.0", "!6": "::"}
 
 
 def parse_config(
@@ -324,10 +375,15 @@ def _parse_config(
                         f"points to {values['root']}, but keter was started with ROOT {root}; "
                         "remove the key or start keter with the config file instead",
                     )
-        elif key in KETER_ONLY_KEYS:
-            check.warn(key, "accepted for compatibility with Keter; it has no effect here")
+        elif key in KETER_IGNORED:
+            check.warn(key, f"accepted for compatibility with Keter; {KETER_IGNORED[key]}")
+        elif key in (*KETER_04_LISTENER_KEYS, "graceful-drain-micros"):
+            pass  # read below, with the keys they interact with
         else:
             check.problem(key_name(key), unknown_key(key, _KNOWN_KEYS))
+    _keter04_listeners(data, values, check, base)
+    _graceful_drain(data, values, check)
+    _warn_keter_variables(values, check)
     values.setdefault("root", root)
     _check_ports(values, check, ephemeral_range)
     _check_status_port(values, check)
@@ -406,8 +462,77 @@ def _parse_listener(entry: object, where: str, check: Checker, base: Path) -> Li
     return Listener(host, port, **files)
 
 
+def _keter04_listeners(data: dict, values: dict[str, Any], check: Checker, base: Path) -> None:
+    """Keter 0.4's ``host``/``port``/``ssl`` as listeners, as Keter reads them.
+
+    Keter reads them only when the config has no ``listeners``; then each is
+    ignored with a warning, as Keter ignores it.
+    """
+    given = [key for key in KETER_04_LISTENER_KEYS if key in data]
+    if not given:
+        return
+    if "listeners" in data:
+        for key in given:
+            check.warn(key, "Keter 0.4's listener key; ignored because listeners is given")
+        return
+    before = len(check.problems)
+    host = _parse_listen_host(data["host"], "host", check) if "host" in data else "*"
+    port = integer(data["port"], "port", check, 1, 65535) if "port" in data else 80
+    listeners = [Listener(host or "*", port or 80)]
+    if "ssl" in data:
+        ssl = data["ssl"]
+        if not isinstance(ssl, dict):
+            check.problem(
+                "ssl",
+                f"expected a mapping like {{certificate: ..., key: ...}}, got {describe(ssl)}",
+            )
+        elif "certificate" not in ssl or "key" not in ssl:
+            check.problem("ssl", "needs both certificate and key (Keter 0.4's TLS listener)")
+        else:
+            listener = _parse_listener(ssl, "ssl", check, base)
+            if listener is not None:
+                listeners.append(listener)
+    if len(check.problems) > before:
+        return
+    if len(listeners) == 2 and _bind_key(listeners[0]) == _bind_key(listeners[1]):
+        check.problem("ssl", f"port {listeners[1].port} is also the plain listener's (port)")
+        return
+    values["listeners"] = tuple(listeners)
+
+
+def _bind_key(listener: Listener) -> tuple[str, int]:
+    # nginx binds "*" as 0.0.0.0, so the two are one socket.
+    return ("0.0.0.0" if listener.host == "*" else listener.host, listener.port)
+
+
+def _graceful_drain(data: dict, values: dict[str, Any], check: Checker) -> None:
+    """Keter's ``graceful-drain-micros`` (how long the old version runs on) sets the drain."""
+    if "graceful-drain-micros" not in data:
+        return
+    micros = data["graceful-drain-micros"]
+    if not is_int(micros) or not 0 <= micros <= MAX_SECONDS * 1_000_000:
+        check.problem(
+            "graceful-drain-micros",
+            f"expected a number of microseconds from 0 to {MAX_SECONDS * 1_000_000} (a year), "
+            f"got {describe(micros)}",
+        )
+    elif "drain-seconds" in data:
+        check.warn("graceful-drain-micros", "ignored: drain-seconds is given and wins")
+    else:
+        values["drain_seconds"] = micros / 1_000_000
+
+
+def _warn_keter_variables(values: dict[str, Any], check: Checker) -> None:
+    """The global env cannot set what keter sets for each app (Keter lets a bundle's win)."""
+    for name in values.get("env", {}):
+        if name in ("PORT", "APPROOT"):
+            check.warn(
+                f"env.{name}", f"keter sets {name} for each app itself; this value is ignored"
+            )
+
+
 def _parse_listen_host(value: object, path: str, check: Checker) -> str | None:
-    expected = 'expected "*", "*4", "*6" or an IP address'
+    expected = 'expected "*", "*4", "*6", "!4", "!6" or an IP address'
     if not isinstance(value, str):
         check.problem(path, f"{expected}, got {describe(value)}")
         return None
@@ -638,7 +763,15 @@ def _parse_response_file(value: object, path: str, check: Checker, base: Path) -
 
 
 def _parse_setuid(value: object, path: str, check: Checker, base: Path) -> object:
-    name = string(value, path, check, "a user name")
+    """A user name, or (as Keter takes it) a numeric uid, given as the user's name."""
+    if is_int(value) or (isinstance(value, str) and value.isascii() and value.isdigit()):
+        uid = int(value)
+        try:
+            return pwd.getpwuid(uid).pw_name
+        except (KeyError, OverflowError):
+            check.problem(path, f"no user with uid {describe(value)} on this machine")
+            return None
+    name = string(value, path, check, "a user name or uid")
     if name is None:
         return None
     try:
@@ -804,4 +937,4 @@ _FIELDS: dict[str, tuple[str, Parser]] = {
     "dashboard-users": ("dashboard_users", _parse_dashboard_users),
     "status-hosts": ("status_hosts", _parse_status_hosts),
 }
-_KNOWN_KEYS = (*_FIELDS, "root", *KETER_ONLY_KEYS)
+_KNOWN_KEYS = (*_FIELDS, "root", *KETER_ONLY_KEYS, *KETER_04_LISTENER_KEYS, "graceful-drain-micros")

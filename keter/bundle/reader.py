@@ -18,6 +18,7 @@ from pathlib import Path
 from keter.bundle import v04, v10
 from keter.bundle.model import BundleConfig, BundleConfigError
 from keter.bundle.values import Values, inside
+from keter.config import PostgresSettings
 from keter.yamlcheck import describe, read_yaml_file
 
 log = logging.getLogger(__name__)
@@ -26,13 +27,23 @@ CONFIG_NAMES = ("keter.yaml", "keter.yml")
 MAX_CONFIG_BYTES = 1 << 20
 
 
-def parse_bundle_config(folder: Path, app: str) -> BundleConfig:
+def parse_bundle_config(
+    folder: Path, app: str, *, postgres: PostgresSettings | None = None
+) -> BundleConfig:
     """Read and validate ``folder/config/keter.yaml`` (or ``.yml``) of an unpacked bundle.
 
-    Raises BundleConfigError and nothing else, whatever the file holds.
+    Raises BundleConfigError and nothing else, whatever the file holds. With the
+    operator's ``postgres`` settings, a database server the bundle names
+    (``plugins.postgres``) must be one keter provisions on.
     """
     with _last_resort():
-        return _parse_bundle_config(Path(folder), app)
+        config = _parse_bundle_config(Path(folder), app)
+        server = config.postgres_server
+        if postgres is not None and config.postgres and server is not None:
+            problem = postgres.server_problem(server.host, server.port)
+            if problem:
+                raise BundleConfigError([f"plugins.postgres[0]: {problem}"])
+        return config
 
 
 def _parse_bundle_config(folder: Path, app: str) -> BundleConfig:

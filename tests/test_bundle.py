@@ -48,13 +48,15 @@ def problems(tmp_path: Path, config: str) -> list[str]:
 # -- host names in a bundle (the grammar itself: tests/test_names.py) --------------------
 
 
-@pytest.mark.parametrize("host", ["foo1_0", "a_b.example.com", "*.example.com"])
+@pytest.mark.parametrize(
+    "host", ["foo1_0", "a_b.example.com", "*.example.com", "foo.*.example.com", "example.*"]
+)
 def test_bundle_hosts_follow_the_shared_grammar(tmp_path: Path, host: str) -> None:
     config = parse(tmp_path, f"exec: ../hello\nhost: '{host}'\n")
     assert config.webapp is not None and config.webapp.hosts == (host,)
 
 
-@pytest.mark.parametrize("host", ["_a.example.com", "a.*.example.com", "*"])
+@pytest.mark.parametrize("host", ["_a.example.com", "a.b*.example.com", "*", "*.*"])
 def test_bundle_hosts_refused(tmp_path: Path, host: str) -> None:
     [problem] = problems(tmp_path, f'exec: ../hello\nhost: "{host}"\n')
     assert problem.startswith("host: ")

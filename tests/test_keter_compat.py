@@ -16,7 +16,7 @@ import pytest
 from support.bundles import make_bundle, webapp_config
 from support.daemon import KeterDaemon, keter_settings
 from support.faults import NO_JOURNAL
-from support.net import served
+from support.net import body, served
 from support.samples import keter_sample
 
 from keter.bundle import BundleConfig, BundleConfigError, parse_bundle_config
@@ -263,6 +263,14 @@ def test_keters_v04_sample_reads_as_keter_reads_it(tmp_path) -> None:
     assert (redirect.hosts, redirect.status) == (("mysite.com",), 301)
 
 
+@pytest.mark.parametrize(
+    "host", ["*.example.com", "foo.*.example.com", "example.*", "*.*.example.com", "a_b.*"]
+)
+def test_keters_wildcards_in_any_label(tmp_path, host) -> None:
+    config = parse(tmp_path, f"stanzas: [{{type: webapp, exec: ../hello, host: '{host}'}}]\n")
+    assert config.webapp.hosts == (host,)
+
+
 def test_keters_underscore_hosts_are_accepted(tmp_path) -> None:
     config = parse(
         tmp_path,
@@ -456,3 +464,13 @@ def test_keter_starts_with_keters_global_keys_and_says_what_it_does_instead(
         assert sorted(warnings) == ["app-crash-hook", "cli-port", "port-manager", "rotate-logs"]
     finally:
         daemon.stop()
+
+
+def test_keters_host_forms_are_served_through_nginx(keter, private_nginx, tmp_path) -> None:
+    """'_' in a label and a wildcard in the middle, as Keter's samples use them."""
+    config = webapp_config("keter1_0.test", "w1", hosts=["foo.*.wild.test"])
+    keter.drop(make_bundle(tmp_path / "wild.keter", config=config))
+    served(private_nginx, "keter1_0.test", "w1")
+    assert body(private_nginx, "foo.bar.wild.test") == b"w1\n"
+    assert body(private_nginx, "foo.wild.test") is None  # a * is exactly one label
+    assert body(private_nginx, "foo.a.b.wild.test") is None

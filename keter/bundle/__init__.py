@@ -33,8 +33,7 @@ from keter.bundle.model import (
     WebApp,
 )
 from keter.bundle.reader import parse_bundle_config, parse_bundle_data
-from keter.bundle.values import validate_host
-from keter.names import validate_app_name
+from keter.names import validate_app_name, validate_host
 
 __all__ = [
     "Background",

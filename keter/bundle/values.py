@@ -30,20 +30,6 @@ from keter.yamlcheck import (
 )
 
 
-def validate_host(host: object) -> str:
-    """``keter.names.validate_host``, with ``*`` only as the leading label for now.
-
-    Wildcards elsewhere (``foo.*.example.com``) are accepted once the nginx
-    renderer writes them as regex server names (``keter.names.nginx_server_name``).
-    """
-    name = names.validate_host(host)
-    if names.WILDCARD in name.split(".")[1:]:
-        raise ValueError(
-            "a wildcard is only allowed as the leading label, as in *.example.com, for now"
-        )
-    return name
-
-
 class Values:
     """One parse of one bundle config: where its files are, and the problems found."""
 
@@ -154,7 +140,7 @@ class Values:
             self.check.problem(path, f"expected a host name, got {describe(value)}")
             return None
         try:
-            host = validate_host(value)
+            host = names.validate_host(value)
         except ValueError as exc:
             self.check.problem(path, f"{describe(value)} is not a valid host name: {exc}")
             return None

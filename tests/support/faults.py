@@ -115,13 +115,20 @@ class Rig:
         self.bundles = base / "bundles"
         self.bundles.mkdir()
         self.nginx = PrivateNginx(base / "nginx")
-        self.nginx.start()
         settings = {"port-range": private_port_range(), **settings}
         self.keter = KeterDaemon(base / "root", keter_settings(self.nginx, **settings))
-        self.keter.start(env=NO_JOURNAL)
-        self.keter.drop(make_bundle(self.bundles / "good.keter", config=webapp_config(GOOD, "g1")))
-        served(self.nginx, GOOD, "g1")
-        wait_for(lambda: "good: deploy #1 now serving" in self.keter.log(), 10, "good to serve")
+        try:
+            self.nginx.start()
+            self.keter.start(env=NO_JOURNAL)
+            good = make_bundle(self.bundles / "good.keter", config=webapp_config(GOOD, "g1"))
+            self.keter.drop(good)
+            served(self.nginx, GOOD, "g1")
+            wait_for(lambda: "good: deploy #1 now serving" in self.keter.log(), 10, "good")
+        except BaseException as exc:
+            # No fixture will close a rig that was never made: leave no process behind.
+            exc.add_note(f"keter's log:\n{self.keter.log()[-4000:]}")
+            self.close()
+            raise
 
     def close(self) -> None:
         try:

@@ -20,7 +20,7 @@ from keter.log import setup_logging
 log = logging.getLogger("keter")
 
 # Subcommands; a ROOT folder with one of these names is given as ./NAME.
-COMMANDS = ("status", "deploy", "bundle", "logs", "rollback", "restart")
+COMMANDS = ("status", "deploy", "bundle", "logs", "stats", "rollback", "restart")
 
 
 class AlreadyRunning(Exception):

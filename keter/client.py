@@ -71,6 +71,10 @@ class KeterClient:
         path = f"/api/apps/{quote(name, safe='')}/history?{query}"
         return self.get(path, timeout=wait + self.timeout)["entries"]
 
+    def stats(self, name: str) -> dict:
+        """The app's traffic windows and last hour (issue 14)."""
+        return self.get(f"/api/apps/{quote(name, safe='')}/stats")
+
     def log(self, name: str, lines: int) -> list[str]:
         return self.get(f"/api/apps/{quote(name, safe='')}/log?n={lines}")["lines"]
 

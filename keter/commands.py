@@ -1,4 +1,4 @@
-"""The operator's subcommands of ``keter``: status, deploy, bundle, logs, rollback, restart.
+"""The operator's subcommands of ``keter``: status, deploy, bundle, logs, stats, rollback, restart.
 
 All but ``bundle`` talk to the running daemon through its status socket
 (``keter.client``). Exit codes: 0 done; 1 the operation failed (a deploy
@@ -106,6 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("app")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     logs.add_argument("-n", "--lines", type=int, default=20, help="lines of backlog (20)")
+    logs.add_argument(
+        "--access", action="store_true", help="the app's access log (one line per request)"
+    )
+
+    stats = command(
+        "stats",
+        cmd_stats,
+        "show an app's traffic",
+        "Show the app's requests, status classes, bytes and upstream latency over the last "
+        "minute, 5, 15 and 60 minutes, for the app and for each version.",
+    )
+    stats.add_argument("app")
+    stats.add_argument("--json", action="store_true", help="print the API's JSON for scripts")
 
     rollback = command(
         "rollback",
@@ -158,12 +171,15 @@ def render_table(apps: list[dict], now: float) -> str:
         "PID",
         "UPTIME",
         "RESTARTS",
+        "REQ/S",
+        "5XX",
         "LAST DEPLOY",
     )
     rows = [header]
     for app in apps:
         last = app.get("last_deploy")
         deployed = f"{last['outcome']} {human_duration(now - last['at'])} ago" if last else "-"
+        traffic = app.get("traffic")  # None when traffic-stats is off
         rows.append(
             (
                 app["name"],
@@ -174,6 +190,8 @@ def render_table(apps: list[dict], now: float) -> str:
                 str(app["pid"] or "-"),
                 human_duration(app["uptime"]) if app["uptime"] is not None else "-",
                 str(app["restarts"]),
+                f"{traffic['rate']:.1f}" if traffic else "-",
+                f"{traffic['error_ratio']:.1%}" if traffic else "-",
                 deployed,
             )
         )
@@ -341,7 +359,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     except ApiError as exc:
         print(f"keter: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    path = args.root / "log" / f"app-{app}.log"
+    path = args.root / "log" / (f"access-{app}.log" if args.access else f"app-{app}.log")
     try:
         if not args.follow:
             for line in tail_lines(path, args.lines):
@@ -360,6 +378,78 @@ def cmd_logs(args: argparse.Namespace) -> int:
         print(f"keter: permission denied reading {path}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     return EXIT_OK
+
+
+# -- stats -------------------------------------------------------------------------------
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    app = checked_name(args.app)
+    client = KeterClient(args.root)
+    try:
+        stats = client.stats(app)
+    except ApiError as exc:
+        print(f"keter: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return EXIT_OK
+    print(render_stats(stats))
+    return EXIT_OK
+
+
+def render_stats(stats: dict) -> str:
+    """The app's windows as a table, then each version's."""
+    header = ("", "WINDOW", "REQUESTS", "REQ/S", "2XX", "3XX", "4XX", "5XX", "5XX%")
+    header += ("P50", "P95", "P99", "BYTES")
+    rows = [header]
+    groups = [("all", stats["windows"])]
+    groups += [(v["version"], v["windows"]) for v in stats["versions"]]
+    for name, windows in groups:
+        for window in windows:
+            classes = window["classes"]
+            latency = window["latency"]
+            rows.append(
+                (
+                    name,
+                    window_name(window["seconds"]),
+                    str(window["requests"]),
+                    f"{window['rate']:.2f}",
+                    *(str(classes[c]) for c in ("2xx", "3xx", "4xx", "5xx")),
+                    f"{window['error_ratio']:.1%}",
+                    *(milliseconds(latency[p]) for p in ("p50", "p95", "p99")),
+                    human_bytes(window["bytes"]),
+                )
+            )
+            name = ""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    table = "\n".join(
+        "  ".join(
+            cell.ljust(width) if i < 2 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    )
+    return f"{stats['app']}: requests through nginx (latency: the app's answer time)\n{table}"
+
+
+def window_name(seconds: int) -> str:
+    """1m, 5m, 15m, 1h."""
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 60}m" if seconds % 60 == 0 else f"{seconds}s"
+
+
+def milliseconds(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}ms"
+
+
+def human_bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f}{unit}" if unit == "B" else f"{count:.1f}{unit}"
+        count /= 1024
+    return f"{count}"  # pragma: no cover
 
 
 # -- bundle ------------------------------------------------------------------------------

@@ -202,6 +202,9 @@ class KeterConfig:
     # More names the status API answers to (Host header), besides localhost, the
     # status-listen address and dashboard-host: with 0.0.0.0 the only way to add one.
     status_hosts: tuple[str, ...] = ()
+    # Traffic statistics and access logs (keter.stats): nginx logs every request of an
+    # app to keter.
+    traffic_stats: bool = True
     warnings: tuple[str, ...] = ()
 
     @property
@@ -669,6 +672,13 @@ def _seconds(minimum: float, *, inclusive: bool) -> Parser:
     return parse
 
 
+def _parse_bool(value: object, path: str, check: Checker, base: Path) -> object:
+    if not isinstance(value, bool):
+        check.problem(path, f"expected true or false, got {describe(value)}")
+        return None
+    return value
+
+
 def _count(minimum: int, maximum: int = MAX_INT) -> Parser:
     def parse(value: object, path: str, check: Checker, base: Path) -> object:
         if is_int(value) and value > maximum:  # a 400-digit count would overflow later
@@ -936,5 +946,6 @@ _FIELDS: dict[str, tuple[str, Parser]] = {
     "dashboard-host": ("dashboard_host", _parse_dashboard_host),
     "dashboard-users": ("dashboard_users", _parse_dashboard_users),
     "status-hosts": ("status_hosts", _parse_status_hosts),
+    "traffic-stats": ("traffic_stats", _parse_bool),
 }
 _KNOWN_KEYS = (*_FIELDS, "root", *KETER_ONLY_KEYS, *KETER_04_LISTENER_KEYS, "graceful-drain-micros")

@@ -27,6 +27,7 @@ from keter.messages import RescanRequested, ShutdownRequested
 from keter.nginx import NginxWriter, ProxyOptions
 from keter.postgres import PostgresProvisioner
 from keter.processes import ProcessMonitor
+from keter.stats.component import StatsCollector
 from keter.status import StatusServer
 from keter.supervisor import Components, Supervisor
 from keter.unpacker import Unpacker
@@ -41,6 +42,11 @@ POLL = 0.05  # how often a shutdown looks at its inbox for a second signal
 
 def build_components(config: KeterConfig, inbox: queue.SimpleQueue) -> Components:
     """The real actors, each reporting into ``inbox``."""
+    status = StatusServer(config, report_to=inbox)
+    stats = None
+    if config.traffic_stats:
+        stats = StatsCollector(config, report_to=inbox, status=status)
+        status.stats = stats  # the API's detailed views ask it
     return Components(
         watcher=IncomingWatcher(config.incoming_dir, report_to=inbox),
         unpacker=Unpacker(
@@ -71,7 +77,8 @@ def build_components(config: KeterConfig, inbox: queue.SimpleQueue) -> Component
             retry_for=config.postgres.retry_seconds,
             report_to=inbox,
         ),
-        status=StatusServer(config, report_to=inbox),
+        status=status,
+        stats=stats,
     )
 
 
@@ -128,6 +135,9 @@ def shutdown(components: Components, inbox: queue.SimpleQueue, stop_timeout: flo
     for component in order:
         component.stop()
     stuck = _wait(order, inbox, deadline, monitor)
+    if components.stats is not None:  # after nginx: the last requests are counted
+        components.stats.stop()
+        stuck += _wait([components.stats], inbox, time.monotonic() + 2.0, monitor)
     if components.status is not None:
         components.status.stop()
         stuck += _wait([components.status], inbox, time.monotonic() + 2.0, monitor)

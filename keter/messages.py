@@ -35,6 +35,7 @@ class Component(enum.StrEnum):
     NGINX = "nginx"
     POSTGRES = "postgres"
     STATUS = "status"
+    STATS = "stats"  # traffic statistics and access logs (keter.stats)
 
 
 class ProcessState(enum.StrEnum):
@@ -54,6 +55,7 @@ class Outcome(enum.StrEnum):
     SERVING = "serving"  # it took the traffic
     FAILED = "failed"  # it never served; the previous version (if any) serves on
     SUPERSEDED = "superseded"  # a newer bundle (or the bundle's removal) replaced it first
+    ROLLED_BACK = "rolled-back"  # it served, made real traffic worse, and was rolled back
 
 
 class FailureKind(enum.StrEnum):
@@ -232,6 +234,9 @@ class Site:
     hosts: tuple[str, ...] = ()
     port: int | None = None
     routes: tuple[Route, ...] = ()
+    # The deployed version (short sha256): nginx writes it into each request's access
+    # record (keter.stats). "" for keter's own sites, which are not counted.
+    version: str = ""
 
     @property
     def all_routes(self) -> tuple[Route, ...]:
@@ -536,3 +541,78 @@ class AppEvent:
     kind: EventKind
     text: str
     at: float
+
+
+# -- traffic statistics (keter.stats -> status, supervisor) ----------------------------
+
+
+class WatchVerdict(enum.StrEnum):
+    """Where the watch of a newly serving version stands (issue 14's watched rollout)."""
+
+    WATCHING = "watching"  # within its window
+    PASSED = "passed"  # the window ended and the version stays
+    FAILED = "failed"  # it made things worse for real traffic: VersionUnhealthy was sent
+
+
+@message
+class VersionTraffic:
+    """Requests one version of an app got since keter started, by status class."""
+
+    version: str
+    classes: tuple[int, int, int, int, int]  # 1xx, 2xx, 3xx, 4xx, 5xx
+
+
+@message
+class AppTraffic:
+    """One app's traffic: the last minute, and totals since keter started (for /metrics)."""
+
+    app: str
+    rate: float  # requests per second over the last minute
+    error_ratio: float  # share of 5xx answers over the last minute
+    versions: tuple[VersionTraffic, ...]
+    latency_buckets: tuple[int, ...]  # upstream response times per keter.stats bucket bound
+    latency_sum: float  # seconds
+    latency_count: int
+
+
+@message
+class WatchState:
+    """A watched version's numbers so far."""
+
+    app: str
+    version: str
+    until: float  # wall clock time the window ends
+    requests: int
+    errors: int  # 5xx answers
+    verdict: WatchVerdict
+    reason: str = ""  # why it failed, in numbers
+
+
+@message
+class TrafficReport:
+    """Stats -> status, every second: what keter status, the API and /metrics show."""
+
+    at: float
+    apps: tuple[AppTraffic, ...]
+    watches: tuple[WatchState, ...] = ()
+
+
+@message
+class WatchVersion:
+    """Supervisor -> stats: a version just started serving; watch it for ``seconds``."""
+
+    app: str
+    version: str  # short sha256
+    previous: str | None  # the version it replaced: its 5xx ratio is the baseline
+    seconds: float
+    max_error_ratio: float
+    min_requests: int
+
+
+@message
+class VersionUnhealthy:
+    """Stats -> supervisor: a watched version makes things worse for real traffic."""
+
+    app: str
+    version: str
+    reason: str  # in numbers, e.g. "5xx 48% of 212 requests vs 0.0% before"

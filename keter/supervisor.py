@@ -35,6 +35,7 @@ fail only the deploy the failing message was about; a component is restarted
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -123,10 +124,11 @@ class Components:
     nginx: Teller
     postgres: Teller
     status: Teller | None = None
+    stats: Teller | None = None  # traffic statistics (keter.stats); None with traffic-stats off
 
     def all(self) -> list[Teller]:
         parts = [self.watcher, self.unpacker, self.monitor, self.nginx, self.postgres]
-        return [*parts, self.status] if self.status is not None else parts
+        return [*parts, *(c for c in (self.status, self.stats) if c is not None)]
 
 
 @message
@@ -545,9 +547,9 @@ class Supervisor:
         """Point nginx at the deploy (its sites are computed once, here)."""
         assert deploy.config is not None
         try:
-            deploy.sites = sites_for(
-                deploy.app, deploy.config, deploy.folder, deploy.ports, self.config
-            )
+            found = sites_for(deploy.app, deploy.config, deploy.folder, deploy.ports, self.config)
+            # Its version goes into every access record nginx writes (keter.stats).
+            deploy.sites = tuple(dataclasses.replace(s, version=deploy.version) for s in found)
         except ValueError as exc:  # the bundle parser refuses this already; a second lock
             self._fail(deploy, f"cannot route it: {exc}", kind=FailureKind.CONFIG)
             return

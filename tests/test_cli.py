@@ -1,4 +1,4 @@
-"""The operator's commands (`keter status|deploy|bundle|logs|rollback|restart`).
+"""The operator's commands (`keter status|deploy|bundle|logs|stats|rollback|restart`).
 
 Against a real keter daemon with a private nginx they run as their own
 processes, the way an operator (or a CI job over ssh) runs them; checks that
@@ -317,7 +317,7 @@ def test_a_user_without_access_to_the_socket_is_told_so(keter):
 
 
 def test_every_command_has_help(capsys):
-    for command in ("status", "deploy", "bundle", "logs", "rollback", "restart"):
+    for command in ("status", "deploy", "bundle", "logs", "stats", "rollback", "restart"):
         with pytest.raises(SystemExit) as info:
             commands.main([command, "--help"])
         assert info.value.code == 0

@@ -758,3 +758,9 @@ def test_dashboard_users_are_checked_without_showing_passwords() -> None:
         "dashboard-users.\"a b\": expected a user name of letters, digits, '.', '_' or '-'",
         "dashboard-users.ops: expected a password (a string), got a number",
     ]
+
+
+def test_traffic_stats_is_on_unless_turned_off() -> None:
+    assert parse("{}").traffic_stats is True
+    assert parse("traffic-stats: false").traffic_stats is False
+    assert problems("traffic-stats: 'no'") == ['traffic-stats: expected true or false, got "no"']

@@ -122,7 +122,7 @@ class SupportFiles:
                 files.add(user_file)
             routes.append(dataclasses.replace(route, **changes) if changes else route)
         # Site(hosts, port) routes are folded in: the copy is described by routes alone.
-        local = Site(app=site.app, routes=tuple(routes))
+        local = Site(app=site.app, routes=tuple(routes), version=site.version)
         return Localized(site=local, files=frozenset(files))
 
     def localize_globals(

@@ -43,6 +43,8 @@ from keter.messages import (
     Site,
     TlsFiles,
 )
+from keter.stats.record import access_log_directive, log_format_directive
+from keter.stats.spool import spool_path
 
 if TYPE_CHECKING:
     from keter.config import KeterConfig
@@ -215,6 +217,8 @@ class ProxyOptions:
     # Where the files a config names may lie (keter's support folder, the
     # operator's shared certificates); empty: anywhere (tests of the renderer).
     file_roots: tuple[Path, ...] = ()
+    # keter.stats: every app's requests are logged to this spool (None: not logged).
+    access_spool: Path | None = None
 
     @classmethod
     def from_config(cls, config: KeterConfig) -> ProxyOptions:
@@ -229,6 +233,7 @@ class ProxyOptions:
             https_port=config.external_https_port,
             resolver=config.nginx.resolver,
             shared_certificates=config.nginx.shared_certificates,
+            access_spool=spool_path(config.root) if config.traffic_stats else None,
         )
 
 
@@ -380,9 +385,13 @@ def render_site(
     _check_site(site)
     renderer = _Renderer(options, _unique_listeners(listeners))
     parts = [f"# keter: app {site.app}\n", *renderer.upstreams(site)]
+    # keter.stats: the app's own log format, its name and version literal (keter.stats.record).
+    logged = bool(site.version) and options.access_spool is not None
+    if logged:
+        parts.append(log_format_directive(site.app, site.version) + "\n")
     for index, route in enumerate(site.all_routes):
         for listen in renderer.listeners:
-            parts.append(renderer.server(site.app, index, route, listen))
+            parts.append(renderer.server(site.app, index, route, listen, logged))
     return "\n".join(parts)
 
 
@@ -425,13 +434,15 @@ class _Renderer:
 
     # -- server blocks -------------------------------------------------------------------
 
-    def server(self, app: str, index: int, route: Route, listen: str) -> str:
+    def server(self, app: str, index: int, route: Route, listen: str, logged: bool = False) -> str:
         listener = self.listeners[listen]
         secure = is_tls(listener)
         action = route.action
         lines = [f"listen {listen}{' ssl' if secure else ''};"]
         server_names = (names.nginx_server_name(host) for host in sorted(route.hosts))
         lines.append(f"server_name {' '.join(server_names)};")
+        if logged and self.options.access_spool is not None:
+            lines.append(access_log_directive(str(self.options.access_spool), app))
         if secure:
             lines.extend(self.tls(listener, route.tls))
         lines.extend(self.real_ip())

@@ -27,7 +27,9 @@ from keter.messages import (
     DeployFinished,
     FailureKind,
     Outcome,
+    TrafficReport,
 )
+from keter.stats.component import StatsCollector
 from keter.status import redeploy
 from keter.status.checks import RequestChecks, load_api_token
 from keter.status.errors import ApiError
@@ -57,6 +59,16 @@ class StatusServer(Actor):
         self.listeners = Listeners(self)
         self.tcp_address: tuple[str, int] | None = None  # once listening
         self.listening = threading.Event()  # set once every listener accepts connections
+        self.stats: StatsCollector | None = None  # keter.stats, when traffic-stats is on
+
+    def traffic_details(self, app: str) -> dict:
+        """One app's traffic windows and last hour (HTTP threads; asks the stats component)."""
+        if self.stats is None:
+            raise ApiError(404, "traffic statistics are off (traffic-stats: false)")
+        try:
+            return self.stats.query(app)
+        except concurrent.futures.TimeoutError:
+            raise ApiError(503, "the statistics are busy; try again") from None
 
     @property
     def token(self) -> str:
@@ -99,6 +111,9 @@ class StatusServer(Actor):
                 self.board.add_event(app, kind, text, at)
             case Redeploy():
                 redeploy.run(self.board, message)
+            case TrafficReport():
+                self.board.traffic_changed(message)
+                self.metrics.traffic.report = message
             case _:
                 self.unexpected(message)
 

@@ -43,6 +43,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("GET", re.compile(_APP), "app"),
     ("GET", re.compile(_APP + r"/history"), "history"),
     ("GET", re.compile(_APP + r"/log"), "log"),
+    ("GET", re.compile(_APP + r"/stats"), "stats"),
     ("POST", re.compile(_APP + r"/restart"), "restart"),
     ("POST", re.compile(_APP + r"/rollback"), "rollback"),
 ]
@@ -139,6 +140,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _log(self, api: StatusServer, query: dict, app: str) -> None:
         self._send_json(200, api.board.log_lines(app, _number(query, "n", 100, int)))
+
+    def _stats(self, api: StatusServer, query: dict, app: str) -> None:
+        if not api.board.knows(app):
+            raise ApiError(404, f"no app named {app}")
+        self._send_json(200, api.traffic_details(app))
 
     def _restart(self, api: StatusServer, query: dict, app: str) -> None:
         self._send_json(202, api.command(Action.RESTART, app))

@@ -5,7 +5,11 @@ from __future__ import annotations
 import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from keter.messages import TrafficReport
+from keter.stats.traffic import CLASSES, METRIC_BUCKETS
 
 DURATION_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -38,6 +42,8 @@ class Metrics:
             ["app"],
             registry=r,
         )
+        self.traffic = TrafficMetrics()
+        r.register(self.traffic)
 
     def forget(self, app: str) -> None:
         """The app is gone: it is no longer up or down."""
@@ -46,3 +52,41 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class TrafficMetrics:
+    """Requests and upstream latency per app, from the stats component's latest report.
+
+    A collector of its own: the counts are the stats component's (since keter
+    started), exported as they are at each scrape.
+    """
+
+    def __init__(self) -> None:
+        self.report: TrafficReport | None = None
+
+    def collect(self):
+        requests = CounterMetricFamily(
+            "keter_http_requests",
+            "Requests nginx answered for the app, by version and status class",
+            labels=["app", "version", "status"],
+        )
+        latency = HistogramMetricFamily(
+            "keter_http_upstream_latency_seconds",
+            "Seconds the app took to answer (nginx's upstream response time)",
+            labels=["app"],
+        )
+        report = self.report
+        for app in report.apps if report is not None else ():
+            for version in app.versions:
+                for status, count in zip(CLASSES, version.classes, strict=True):
+                    if count:
+                        requests.add_metric([app.app, version.version, status], count)
+            if app.latency_buckets:
+                cumulative, buckets = 0, []
+                for bound, count in zip(METRIC_BUCKETS, app.latency_buckets, strict=True):
+                    cumulative += count
+                    buckets.append((repr(float(bound)), cumulative))
+                buckets.append(("+Inf", app.latency_count))
+                latency.add_metric([app.app], buckets, app.latency_sum)
+        yield requests
+        yield latency

@@ -18,7 +18,7 @@ from keter.archive import BundleArchive
 from keter.config import KeterConfig
 from keter.history import REASON_LIMIT, DeployHistory, capped_text
 from keter.logtail import tail_lines
-from keter.messages import AppSnapshot, DeployFinished
+from keter.messages import AppSnapshot, AppTraffic, DeployFinished, TrafficReport, WatchState
 from keter.names import log_text
 from keter.routes import approot
 from keter.status.errors import ApiError
@@ -51,6 +51,8 @@ class StatusBoard:
         self.closing = False
         self._apps: dict[str, AppSnapshot] = {}
         self._events: collections.deque[dict] = collections.deque(maxlen=EVENTS_KEPT)
+        self._traffic: dict[str, AppTraffic] = {}  # the stats component's latest report
+        self._watches: dict[str, WatchState] = {}
 
     # -- changes (the actor's thread) -----------------------------------------------------
 
@@ -71,6 +73,13 @@ class StatusBoard:
             entry = self.history.record(finished)
             self.cond.notify_all()
         return entry
+
+    def traffic_changed(self, report: TrafficReport) -> None:
+        traffic = {app.app: app for app in report.apps}
+        watches = {watch.app: watch for watch in report.watches}
+        with self.cond:
+            self._traffic = traffic
+            self._watches = watches
 
     def add_event(self, app: str, kind: str, text: str, at: float) -> None:
         event = {"at": at, "app": app, "kind": str(kind), "text": capped_text(text, EVENT_LIMIT)}
@@ -170,4 +179,28 @@ class StatusBoard:
             "database": snapshot.database,
             "deploying": snapshot.deploying,
             "last_deploy": self.history.last(snapshot.app),
+            "traffic": self._traffic_json(snapshot.app),
+            "watch": self._watch_json(snapshot.app),
+        }
+
+    def _traffic_json(self, app: str) -> dict | None:
+        """The last minute's rate and 5xx ratio; None when nginx logs nothing for keter."""
+        if not self.config.traffic_stats:
+            return None
+        traffic = self._traffic.get(app)
+        if traffic is None:
+            return {"rate": 0.0, "error_ratio": 0.0}
+        return {"rate": round(traffic.rate, 3), "error_ratio": round(traffic.error_ratio, 5)}
+
+    def _watch_json(self, app: str) -> dict | None:
+        watch = self._watches.get(app)
+        if watch is None:
+            return None
+        return {
+            "version": watch.version,
+            "until": watch.until,
+            "requests": watch.requests,
+            "errors": watch.errors,
+            "verdict": str(watch.verdict),
+            "reason": watch.reason,
         }

@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import urllib.parse
 
 
@@ -32,6 +33,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--exit-after-requests", type=int, metavar="N", help="exit 3 after N")
     parser.add_argument("--spam-mb", type=int, default=0, help="print this much first")
     parser.add_argument("--first-run-only", metavar="FILE", help="later runs never listen")
+    parser.add_argument("--fail-every", type=int, metavar="N", help="every Nth / answers 500")
     return parser.parse_args()
 
 
@@ -110,7 +112,19 @@ def main() -> None:
             if self.path == args.fail_path or wrong_host:
                 self.answer(500, "failing on purpose\n")
             elif self.path == "/":
-                self.answer(200, f"{args.version}\n")
+                with lock:
+                    served = requests + 1
+                if args.fail_every and served % args.fail_every == 0:
+                    self.answer(500, "failing every few requests\n")
+                else:
+                    self.answer(200, f"{args.version}\n")
+            elif self.path.startswith("/answer/"):
+                # /answer/404?sleep=0.05: this status, after this long (traffic tests).
+                code, _, query = self.path.removeprefix("/answer/").partition("?")
+                delay = float(urllib.parse.parse_qs(query).get("sleep", ["0"])[0])
+                if delay > 0:
+                    time.sleep(delay)
+                self.answer(int(code), "as asked\n")
             elif self.path == "/env":
                 self.answer(200, json.dumps(dict(os.environ)))
             elif self.path.startswith("/can-read?"):

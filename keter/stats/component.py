@@ -1,0 +1,336 @@
+"""The stats component: nginx's access records in; statistics, access logs and verdicts out.
+
+Every ``TICK`` seconds it reads what nginx added to the spool (``spool``),
+parses each record (``record``), counts it (``traffic``) and appends its
+access line to ``ROOT/log/access-APP.log`` (rotated like app logs). Every
+second it tells the status component what ``keter status``, the API and
+``/metrics`` show (``TrafficReport``), and checks the versions it watches
+(``WatchVersion``): one that makes things worse for real traffic is reported
+to the supervisor (``VersionUnhealthy``), which rolls it back.
+
+The status API's detailed views (``keter stats APP``, the dashboard's hour)
+ask through ``TrafficQuery`` and wait for the answer.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import time
+from dataclasses import dataclass, field
+
+from keter.actor import Actor
+from keter.config import KeterConfig
+from keter.messages import (
+    AppTraffic,
+    Component,
+    TrafficReport,
+    VersionTraffic,
+    VersionUnhealthy,
+    WatchState,
+    WatchVerdict,
+    WatchVersion,
+)
+from keter.names import validate_app_name
+from keter.processes.applog import AppLog
+from keter.stats import spool
+from keter.stats.record import Record, parse
+from keter.stats.traffic import CLASSES, METRIC_BUCKETS, WINDOWS, Summary, Traffic
+
+log = logging.getLogger(__name__)
+
+TICK = 0.25  # seconds between two reads of the spool (nginx writes it at least every second)
+REPORT_EVERY = 1.0  # seconds between two TrafficReports
+TICK_BUDGET = 0.2  # seconds of reading per tick; the rest waits for the next one
+BASELINE_SECONDS = 300  # the window of the previous version's 5xx ratio
+QUERY_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrafficQuery:
+    """From a status HTTP thread: one app's windows and last hour; the answer in ``reply``."""
+
+    app: str
+    reply: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+@dataclass(frozen=True)
+class _Tick:
+    """Private timer: read the spool."""
+
+
+@dataclass
+class _Watch:
+    """A version being watched, and its exact numbers since the watch began."""
+
+    order: WatchVersion
+    started: float
+    until: float
+    baseline: float  # the previous version's 5xx ratio
+    baseline_requests: int
+    requests: int = 0
+    errors: int = 0
+    verdict: WatchVerdict = WatchVerdict.WATCHING
+    reason: str = ""
+
+    def counts(self, record: Record) -> bool:
+        """Whether a request is the watched version's, within its window.
+
+        Every request of that version counts, even one that reached the spool
+        before the watch began: the version is new, all its traffic is recent.
+        """
+        return record.version == self.order.version and record.at <= self.until
+
+    def state(self) -> WatchState:
+        o = self.order
+        return WatchState(
+            app=o.app,
+            version=o.version,
+            until=self.until,
+            requests=self.requests,
+            errors=self.errors,
+            verdict=self.verdict,
+            reason=self.reason,
+        )
+
+
+class StatsCollector(Actor):
+    def __init__(
+        self,
+        config: KeterConfig,
+        report_to: queue.Queue | None = None,
+        status: Actor | None = None,
+    ) -> None:
+        super().__init__(Component.STATS, report_to)
+        self.config = config
+        self.status = status  # told every TrafficReport
+        self.spool_path = spool.spool_path(config.root)
+        self.traffic = Traffic()
+        self.records = 0  # parsed since keter started
+        self.skipped = 0  # spool lines that were not keter's records
+        self._spool: spool.Spool | None = None
+        self._logs: dict[str, AppLog] = {}
+        self._log_used: dict[str, float] = {}
+        self._watches: dict[str, _Watch] = {}
+        self._last_report = 0.0
+        # Made now, before nginx is first configured: nginx would make it readable by all.
+        self.spool_path.parent.mkdir(parents=True, exist_ok=True)
+        spool.create(self.spool_path)
+
+    # -- the actor ---------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        self._spool = spool.Spool(self.spool_path)
+        self.schedule(0, _Tick())
+
+    def on_restart(self) -> None:
+        self.schedule(0, _Tick())  # the timer that was due may have died with the failure
+
+    def on_stop(self) -> None:
+        if self._spool is not None:
+            self._read(time.monotonic() + TICK_BUDGET)
+            self._spool.close()
+        for applog in self._logs.values():
+            applog.close()
+
+    def handle(self, message: object) -> None:
+        match message:
+            case _Tick():
+                self._tick()
+            case WatchVersion():
+                self._watch(message)
+            case TrafficQuery(app=app, reply=reply):
+                reply.set_result(self.details(app, time.time()))
+            case _:
+                self.unexpected(message)
+
+    def _tick(self) -> None:
+        busy = self._read(time.monotonic() + TICK_BUDGET)
+        now = time.time()
+        if now - self._last_report >= REPORT_EVERY:
+            self._last_report = now
+            self.traffic.prune(now)
+            self._close_idle_logs(now)
+            self._check_watches(now)
+            if self.status is not None:
+                self.status.tell(self.report(now))
+        self.schedule(0 if busy else TICK, _Tick())
+
+    # -- reading -------------------------------------------------------------------------
+
+    def _read(self, deadline: float) -> bool:
+        """Take in what nginx wrote; True if there is more than one tick could read."""
+        assert self._spool is not None
+        while time.monotonic() < deadline:
+            lines = self._spool.read_lines()
+            if not lines:
+                return False
+            by_app: dict[str, list[bytes]] = {}
+            for raw in lines:
+                record = parse(raw)
+                if record is None:
+                    self.skipped += 1
+                    continue
+                self.records += 1
+                self.traffic.add(record)
+                by_app.setdefault(record.app, []).append(record.line)
+                watch = self._watches.get(record.app)
+                if watch is not None and watch.counts(record):
+                    watch.requests += 1
+                    watch.errors += record.status >= 500
+            for app, access in by_app.items():
+                self._access_log(app, access)
+        return True
+
+    def _access_log(self, app: str, lines: list[bytes]) -> None:
+        applog = self._logs.get(app)
+        if applog is None:
+            try:
+                validate_app_name(app)  # it names a file
+            except ValueError:
+                return
+            path = self.config.log_dir / f"access-{app}.log"
+            try:
+                applog = self._logs[app] = AppLog(
+                    path, self.config.log_max_bytes, self.config.log_backups
+                )
+            except OSError as exc:
+                log.error("%s: cannot open %s: %s", app, path, exc)
+                return
+        self._log_used[app] = time.monotonic()
+        try:
+            applog.write_lines(lines, b"")
+        except OSError as exc:  # a full disk: the statistics go on
+            log.error("%s: cannot write %s: %s", app, applog.path, exc)
+
+    def _close_idle_logs(self, now: float) -> None:
+        idle = time.monotonic() - 3600
+        for app in [a for a, used in self._log_used.items() if used < idle]:
+            self._logs.pop(app).close()
+            del self._log_used[app]
+
+    # -- watched rollout -----------------------------------------------------------------
+
+    def _watch(self, order: WatchVersion) -> None:
+        now = time.time()
+        ratio, requests = 0.0, 0
+        if order.previous:  # its last minutes of traffic, before the switch
+            baseline = self.traffic.summary(order.app, now, BASELINE_SECONDS, order.previous)
+            ratio, requests = baseline.error_ratio, baseline.requests
+        self._watches[order.app] = _Watch(
+            order=order,
+            started=now,
+            until=now + order.seconds,
+            baseline=ratio,
+            baseline_requests=requests,
+        )
+        log.info(
+            "%s: watching version %s for %gs (5xx before: %s)",
+            order.app,
+            order.version,
+            order.seconds,
+            _percent(ratio, requests),
+        )
+
+    def _check_watches(self, now: float) -> None:
+        for app, watch in list(self._watches.items()):
+            if watch.verdict is not WatchVerdict.WATCHING:
+                if now > watch.until + 600:  # shown for a while, then forgotten
+                    del self._watches[app]
+                continue
+            order = watch.order
+            ratio = watch.errors / watch.requests if watch.requests else 0.0
+            if (
+                watch.requests >= order.min_requests
+                and ratio > order.max_error_ratio
+                and ratio > watch.baseline
+            ):
+                watch.verdict = WatchVerdict.FAILED
+                watch.reason = (
+                    f"5xx {_percent(ratio, watch.requests)} of {watch.requests} requests "
+                    f"vs {_percent(watch.baseline, watch.baseline_requests)} before"
+                )
+                log.warning("%s: version %s is unhealthy: %s", app, order.version, watch.reason)
+                self.report(VersionUnhealthy(app=app, version=order.version, reason=watch.reason))
+            elif now >= watch.until:
+                watch.verdict = WatchVerdict.PASSED
+                log.info(
+                    "%s: version %s passed its watch (5xx %s of %d requests)",
+                    app,
+                    order.version,
+                    _percent(ratio, watch.requests),
+                    watch.requests,
+                )
+
+    # -- what others see ---------------------------------------------------------------
+
+    def report(self, now: float) -> TrafficReport:
+        apps = []
+        for app in self.traffic.apps():
+            minute = self.traffic.summary(app, now, 60)
+            totals = self.traffic.totals.get(app)
+            versions = ()
+            if totals is not None:
+                versions = tuple(
+                    VersionTraffic(version=v, classes=tuple(c))  # type: ignore[arg-type]
+                    for v, c in sorted(totals.by_version.items())
+                )
+            apps.append(
+                AppTraffic(
+                    app=app,
+                    rate=minute.rate,
+                    error_ratio=minute.error_ratio,
+                    versions=versions,
+                    latency_buckets=tuple(totals.buckets) if totals else (),
+                    latency_sum=totals.latency_sum if totals else 0.0,
+                    latency_count=totals.latency_count if totals else 0,
+                )
+            )
+        watches = tuple(w.state() for w in self._watches.values())
+        return TrafficReport(at=now, apps=tuple(apps), watches=watches)
+
+    def details(self, app: str, now: float) -> dict:
+        """One app's windows (all versions, and each version) and its last hour, per minute."""
+
+        def shown(summary: Summary) -> dict:
+            return {
+                "seconds": summary.seconds,
+                "requests": summary.requests,
+                "rate": round(summary.rate, 3),
+                "classes": dict(zip(CLASSES, summary.classes, strict=True)),
+                "error_ratio": round(summary.error_ratio, 5),
+                "bytes": summary.bytes,
+                "latency": {
+                    "p50": summary.percentile(0.50),
+                    "p95": summary.percentile(0.95),
+                    "p99": summary.percentile(0.99),
+                },
+            }
+
+        return {
+            "app": app,
+            "windows": [shown(self.traffic.summary(app, now, s)) for s in WINDOWS],
+            "versions": [
+                {
+                    "version": version,
+                    "windows": [shown(self.traffic.summary(app, now, s, version)) for s in WINDOWS],
+                }
+                for version in self.traffic.versions(app)
+            ],
+            "minutes": [
+                {"at": start, "requests": requests, "errors": errors, "p99": p99}
+                for start, requests, errors, p99 in self.traffic.minutes(app, now)
+            ],
+            "latency_buckets": list(METRIC_BUCKETS),
+        }
+
+    def query(self, app: str) -> dict:
+        """For the status API's threads: ``details`` from the actor's thread."""
+        request = TrafficQuery(app=app)
+        self.tell(request)
+        return request.reply.result(timeout=QUERY_TIMEOUT)
+
+
+def _percent(ratio: float, requests: int) -> str:
+    return f"{ratio:.1%}" if requests else "no requests"

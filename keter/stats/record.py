@@ -1,0 +1,162 @@
+"""The one line nginx writes per request, and what keter reads from it.
+
+This is the contract between the nginx renderer (which writes the
+``log_format`` and ``access_log`` lines, ``log_format_directive`` and
+``access_log_directive``) and the stats component (which parses the lines,
+``parse``). Every server block nginx serves for an app logs to one spool file
+of keter's, ``ROOT/run/access.spool``, through a ``log_format`` of that app,
+whose app name and version are literal text: nginx spends nothing per request
+beyond formatting the line into its buffer.
+
+One record, fields separated by tabs (nginx escapes a tab, a quote, a
+backslash and every byte below 32 or above 126 inside a value as ``\\xHH``,
+so a record is always one line)::
+
+    k1 APP VERSION $msec $status $body_bytes_sent $request_time
+    $upstream_response_time $remote_addr $remote_user $time_local $host
+    $request $http_referer $http_user_agent
+
+``access_line`` turns a record into the line of ``ROOT/log/access-APP.log``:
+the combined log format followed by the host, the request time, the upstream
+response time (seconds; ``-`` when nginx answered itself) and the version::
+
+    127.0.0.1 - - [30/Nov/2026:03:40:25 +0000] "GET / HTTP/1.1" 200 3 "-" "curl/7.88"
+        a.test 0.004 0.004 9b1c07d2e4aa
+
+(one line; broken here to fit).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from keter.names import validate_app_name
+
+TAG = b"k1"  # the format's version: a spool line of another format is skipped
+_FIELDS = 15
+_VERSION = re.compile(r"[0-9a-f]{1,64}|-")
+_VARIABLES = (
+    "$msec",
+    "$status",
+    "$body_bytes_sent",
+    "$request_time",
+    "$upstream_response_time",
+    "$remote_addr",
+    "$remote_user",
+    "$time_local",
+    "$host",
+    "$request",
+    "$http_referer",
+    "$http_user_agent",
+)
+
+
+def log_format_name(app: str) -> str:
+    """The nginx name of an app's log format: letters, digits and ``_`` only."""
+    validate_app_name(app)
+    escaped = "".join(c if c.isascii() and c.isalnum() else f"_{ord(c):02x}" for c in app)
+    return f"keter_log_{escaped}"
+
+
+def log_format_directive(app: str, version: str) -> str:
+    """The http-level ``log_format`` for one app serving ``version`` (a short sha256)."""
+    version = version if _VERSION.fullmatch(version or "") else "-"  # e.g. "unknown"
+    fields = [TAG.decode(), validate_app_name(app), version, *_VARIABLES]
+    text = "\\t".join(fields)  # nginx turns \t into a tab
+    return f"log_format {log_format_name(app)} '{text}';"
+
+
+def access_log_directive(spool: str, app: str) -> str:
+    """The server-level ``access_log`` that sends an app's requests to keter's spool.
+
+    Buffered: nginx writes the spool every 64 KiB or every second, whichever
+    comes first, so a request costs it no system call.
+    """
+    if not re.fullmatch(r"/[A-Za-z0-9._/+-]+", spool):
+        raise ValueError(f"invalid access spool path {spool!r}")
+    return f"access_log {spool} {log_format_name(app)} buffer=64k flush=1s;"
+
+
+@dataclass(slots=True)
+class Record:
+    """One request, as keter keeps it: enough for the statistics and the access log."""
+
+    app: str
+    version: str
+    at: float  # seconds since the epoch, when nginx finished the request
+    status: int
+    bytes_sent: int
+    request_time: float
+    upstream_time: float | None  # None when nginx answered without an upstream
+    line: bytes  # the access log line, without its newline
+
+
+def parse(raw: bytes) -> Record | None:
+    """A spool line (without its newline) as a Record; None if it is not one of keter's."""
+    fields = raw.split(b"\t")
+    if len(fields) != _FIELDS or fields[0] != TAG:
+        return None
+    (
+        _,
+        app,
+        version,
+        msec,
+        status,
+        sent,
+        request_time,
+        upstream,
+        addr,
+        user,
+        time_local,
+        host,
+        request,
+        referer,
+        agent,
+    ) = fields
+    try:
+        code = int(status)
+        record = Record(
+            app=app.decode("ascii"),
+            version=version.decode("ascii"),
+            at=float(msec),
+            status=code,
+            bytes_sent=int(sent),
+            request_time=float(request_time),
+            upstream_time=_upstream_time(upstream),
+            line=b'%s - %s [%s] "%s" %s %s "%s" "%s" %s %s %s %s'
+            % (
+                addr,
+                user,
+                time_local,
+                request,
+                status,
+                sent,
+                referer,
+                agent,
+                host,
+                request_time,
+                upstream,
+                version,
+            ),
+        )
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not 100 <= code <= 599:
+        return None
+    return record
+
+
+def _upstream_time(text: bytes) -> float | None:
+    """$upstream_response_time: "0.004", "-", or several ("0.001, 0.004"; "0.002 : 0.003")
+    when nginx tried more than one upstream or redirected internally: their sum."""
+    if text == b"-":
+        return None
+    total = 0.0
+    seen = False
+    for part in re.split(rb"[,:]", text):
+        part = part.strip()
+        if part and part != b"-":
+            total += float(part)
+            seen = True
+    return total if seen else None

@@ -1,0 +1,198 @@
+"""Per app and per version: request counts by status class, bytes and latency, over time.
+
+Each version of an app has a ring of 10-second slots covering the last hour
+(counts per status class, bytes, a latency ``Histogram``); every window
+(the last minute, 5, 15 and 60 minutes) and the dashboard's per-minute
+series are sums of slots. Cumulative counters since keter started (for
+``/metrics``) are kept beside them. Memory is bounded whatever the traffic:
+at most ``SLOTS`` slots per version seen in the last hour, at most
+``histogram.BUCKETS`` counters per slot, ``VERSIONS_KEPT`` versions per app
+in the cumulative counters.
+
+Time is the request's own (nginx's ``$msec``), so a record that arrives late
+still lands in the slot it belongs to.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+
+from keter.stats.histogram import Histogram
+from keter.stats.record import Record
+
+SLOT = 10  # seconds per slot
+KEEP = 3600  # seconds of slots kept
+SLOTS = KEEP // SLOT + 1
+WINDOWS = (60, 300, 900, 3600)  # what `keter stats` and the API show
+CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+VERSIONS_KEPT = 5  # per app, in the cumulative counters
+# Upper bounds (seconds) of /metrics' latency histogram, Prometheus' usual ones.
+METRIC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Slot:
+    __slots__ = ("bytes", "classes", "latency", "start")
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.classes = [0, 0, 0, 0, 0]  # 1xx .. 5xx
+        self.bytes = 0
+        self.latency = Histogram()  # upstream response times
+
+
+@dataclass
+class Totals:
+    """Since keter started: what /metrics exports for one app."""
+
+    by_version: dict[str, list[int]] = field(default_factory=dict)  # version -> per class
+    last_seen: dict[str, float] = field(default_factory=dict)  # version -> newest record
+    buckets: list[int] = field(default_factory=lambda: [0] * len(METRIC_BUCKETS))
+    latency_sum: float = 0.0
+    latency_count: int = 0
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Traffic over one window."""
+
+    seconds: int
+    classes: tuple[int, int, int, int, int]
+    bytes: int
+    latency: Histogram
+
+    @property
+    def requests(self) -> int:
+        return sum(self.classes)
+
+    @property
+    def errors(self) -> int:
+        return self.classes[4]
+
+    @property
+    def error_ratio(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+    def percentile(self, q: float) -> float | None:
+        return self.latency.quantile(q)
+
+
+class Traffic:
+    """Everything keter has counted of its apps' requests."""
+
+    def __init__(self) -> None:
+        self._slots: dict[tuple[str, str], dict[int, Slot]] = {}
+        self.totals: dict[str, Totals] = {}
+
+    def add(self, record: Record) -> None:
+        app, version = record.app, record.version
+        index = CLASSES_INDEX[record.status // 100]
+        totals = self.totals.get(app)
+        if totals is None:
+            totals = self.totals[app] = Totals()
+        per_class = totals.by_version.get(version)
+        if per_class is None:
+            per_class = totals.by_version[version] = [0, 0, 0, 0, 0]
+        per_class[index] += 1
+        totals.last_seen[version] = record.at
+        upstream = record.upstream_time
+        if upstream is not None and math.isfinite(upstream):
+            position = bisect.bisect_left(METRIC_BUCKETS, upstream)
+            if position < len(METRIC_BUCKETS):
+                totals.buckets[position] += 1
+            totals.latency_sum += upstream
+            totals.latency_count += 1
+
+        slots = self._slots.get((app, version))
+        if slots is None:
+            slots = self._slots[(app, version)] = {}
+        start = int(record.at // SLOT) * SLOT
+        slot = slots.get(start)
+        if slot is None:
+            if len(slots) >= SLOTS:  # a clock gone wild must not grow memory
+                return
+            slot = slots[start] = Slot(start)
+        slot.classes[index] += 1
+        slot.bytes += record.bytes_sent
+        if upstream is not None:
+            slot.latency.add(upstream)
+
+    def prune(self, now: float) -> None:
+        """Forget slots older than an hour, and versions nobody has asked about since."""
+        oldest = now - KEEP - SLOT
+        for key in list(self._slots):
+            slots = self._slots[key]
+            for start in [s for s in slots if s < oldest or s > now + KEEP]:
+                del slots[start]
+            if not slots:
+                del self._slots[key]
+        for app, totals in list(self.totals.items()):
+            by_age = sorted(totals.last_seen, key=totals.last_seen.__getitem__, reverse=True)
+            for version in by_age[VERSIONS_KEPT:]:
+                del totals.by_version[version], totals.last_seen[version]
+            if max(totals.last_seen.values(), default=0) < oldest:
+                del self.totals[app]
+
+    # -- views -------------------------------------------------------------------------------
+
+    def apps(self) -> list[str]:
+        return sorted({app for app, _ in self._slots} | set(self.totals))
+
+    def versions(self, app: str) -> list[str]:
+        """The app's versions with traffic in the last hour, the one seen last first."""
+        seen = self.totals.get(app, Totals()).last_seen
+        found = {version for a, version in self._slots if a == app}
+        return sorted(found, key=lambda v: seen.get(v, 0), reverse=True)
+
+    def summary(
+        self, app: str, now: float, seconds: int, version: str | None = None, *, since: float = 0
+    ) -> Summary:
+        """The app's traffic (one version's, if given) in the last ``seconds`` before ``now``.
+
+        ``since`` leaves out slots that started before it (a version watched since then).
+        """
+        first = max(now - seconds, since)
+        classes = [0, 0, 0, 0, 0]
+        size = 0
+        slots = []
+        for (a, v), by_start in self._slots.items():
+            if a != app or (version is not None and v != version):
+                continue
+            for start, slot in by_start.items():
+                if first - SLOT < start <= now:
+                    slots.append(slot)
+                    size += slot.bytes
+                    for i, n in enumerate(slot.classes):
+                        classes[i] += n
+        latency = Histogram.of(slot.latency for slot in slots)
+        return Summary(seconds=seconds, classes=tuple(classes), bytes=size, latency=latency)
+
+    def minutes(
+        self, app: str, now: float, count: int = 60
+    ) -> list[tuple[int, int, int, float | None]]:
+        """The app's last ``count`` minutes, oldest first: (start, requests, 5xx, p99)."""
+        end = int(now // 60) * 60 + 60
+        first = end - count * 60
+        buckets: dict[int, list[Slot]] = {}
+        for (a, _), by_start in self._slots.items():
+            if a != app:
+                continue
+            for start, slot in by_start.items():
+                if first <= start < end:
+                    buckets.setdefault(int(start // 60) * 60, []).append(slot)
+        points = []
+        for minute in range(first, end, 60):
+            slots = buckets.get(minute, [])
+            requests = sum(sum(slot.classes) for slot in slots)
+            errors = sum(slot.classes[4] for slot in slots)
+            p99 = Histogram.of(slot.latency for slot in slots).quantile(0.99) if slots else None
+            points.append((minute, requests, errors, p99))
+        return points
+
+
+CLASSES_INDEX = {1: 0, 2: 1, 3: 2, 4: 3, 5: 4}

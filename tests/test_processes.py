@@ -218,7 +218,8 @@ def test_app_that_never_listens_times_out(make_monitor):
     ],
 )
 def test_health_check_status_rules(make_monitor, path, strict, answer):
-    monitor = make_monitor(health_check_timeout=0.5)
+    # 2 s: the failing cases wait it out, and the app must have started (a busy machine).
+    monitor = make_monitor(health_check_timeout=2.0)
     port = free_port()
     health = HealthCheck(host="app.test", path=path, strict=strict)
     monitor.start(1, monitor.spec("--fail-path", "/fail", port=port, health=health))

@@ -409,6 +409,19 @@ def test_stop_while_starting_is_not_a_failure(monitor):
     assert not alive(started.pid)
 
 
+def test_stop_right_after_start_stops_the_process_once_spawned(monitor):
+    # The stop arrives while the spawn is (most likely) still in the spawn pool.
+    for deploy_id in range(1, 6):
+        monitor.start(deploy_id, monitor.spec(port=free_port()))
+        monitor.monitor.tell(StopProcess(app="app", deploy_id=deploy_id))
+    for deploy_id in range(1, 6):
+        monitor.expect(ProcessStopped, deploy_id=deploy_id)
+        started = monitor.expect(ProcessStarted, deploy_id=deploy_id)
+        assert monitor.states(deploy_id) == ["STARTING", "STOPPING", "EXITED"]
+        assert not alive(started.pid)
+    assert not any(isinstance(m, ProcessFailed) for m in monitor.messages())
+
+
 def test_stop_of_an_unknown_deploy_is_answered(monitor):
     monitor.monitor.tell(StopProcess(app="ghost", deploy_id=99))
     monitor.expect(ProcessStopped, app="ghost", deploy_id=99)

@@ -9,6 +9,10 @@ died).
 
 Nothing here blocks the actor's loop, which manages every app:
 
+* Spawns run in a small pool (``_Spawned`` comes back): a spawn waits for the
+  child's exec, and spawns must not wait on each other. While a deploy's
+  spawn is in flight nothing else happens to it; a stop is carried out once
+  the spawn is done.
 * Exit detection and output capture run in ONE output reader thread for all
   apps (``keter.processes.reader``: a selector on every output pipe and a
   pidfd per process), which posts ``_Exited``.
@@ -62,7 +66,7 @@ from keter.messages import (
     StopProcess,
     message,
 )
-from keter.processes.applog import LogRegistry, OutputCapture
+from keter.processes.applog import AppLog, LogRegistry, OutputCapture
 from keter.processes.groups import KILL_WAIT, group_members, signal_group, stop_groups
 from keter.processes.health import probe_http
 from keter.processes.ports import port_holders, port_is_free
@@ -113,6 +117,13 @@ class _Exited:
     run: int
     returncode: int
     tail: tuple[str, ...]
+
+
+@message
+class _Spawned:
+    """A spawn handed to the spawn pool has finished (started, or failed)."""
+
+    deploy_id: int
 
 
 @message
@@ -184,6 +195,9 @@ class _Entry:
     probe_interval: float = PROBE_FIRST_INTERVAL
     last_probe: str = "no probe finished"
     gone_poll: float = GONE_FIRST_POLL
+    spawning: Future | None = None  # a spawn in the pool; nothing else happens meanwhile
+    spawn_log: AppLog | None = None  # the log that spawn will write to
+    stop_due: bool = False  # a stop began while spawning: carry it out once spawned
 
 
 # -- the actor ------------------------------------------------------------------------
@@ -206,6 +220,7 @@ class ProcessMonitor(Actor):
         backoff_cap: float = 60.0,
         backoff_reset: float = 10.0,
         probe_workers: int = 4,
+        spawn_workers: int = 4,
         limits: ResourceLimits = DEFAULT_LIMITS,
         prlimit: str | None = PRLIMIT,
     ) -> None:
@@ -222,6 +237,9 @@ class ProcessMonitor(Actor):
         self._logs = LogRegistry(log_max_bytes, log_backups)
         self._reader = OutputReader(self._logs, self._exited)
         self._probes = ThreadPoolExecutor(probe_workers, thread_name_prefix="keter-probe")
+        # Spawning waits for the child's exec; in a pool, spawns overlap and the
+        # monitor's loop never waits for one.
+        self._spawner = ThreadPoolExecutor(spawn_workers, thread_name_prefix="keter-spawn")
         self._entries: dict[int, _Entry] = {}
         self._records = Records(self.run_dir)
         self._kill_now = threading.Event()  # set by kill_now(): no grace period any more
@@ -249,7 +267,11 @@ class ProcessMonitor(Actor):
 
     def on_stop(self) -> None:
         """Keter is shutting down: stop every process in parallel and wait for all."""
+        self._spawner.shutdown(wait=True)  # spawns take milliseconds
         entries = list(self._entries.values())
+        for entry in entries:
+            if entry.spawning is not None:
+                self._take_spawn(entry)
         runs = [e.run for e in entries if e.run is not None and not e.run.gone]
         if runs:
             labels = {e.run.pgid: f"{e.app}: pid {e.run.pid}" for e in entries if e.run in runs}
@@ -274,6 +296,9 @@ class ProcessMonitor(Actor):
             case _Probe() | _ProbeDone() | _HealthDeadline() as msg:
                 if entry := self._current(msg.deploy_id, msg.run, ProcessState.STARTING):
                     self._on_health(entry, msg)
+            case _Spawned():
+                if (entry := self._entries.get(message.deploy_id)) and entry.spawning:
+                    self._on_spawned(entry)
             case _Exited():
                 self._on_exited(message)
             case _Restart():
@@ -308,40 +333,54 @@ class ProcessMonitor(Actor):
             return
         entry = _Entry(app=msg.app, deploy_id=msg.deploy_id, spec=msg.spec)
         self._entries[msg.deploy_id] = entry
-        error = self._spawn(entry)
-        if error:
-            entry.failure = error
-            # The supervisor logs the failed deploy with this reason; once is enough.
-            log.debug("%s: deploy %d could not start: %s", entry.app, entry.deploy_id, error)
-            self._transition(entry, ProcessState.FATAL, error)
-            del self._entries[entry.deploy_id]
-            self.report(
-                ProcessFailed(
-                    app=entry.app, deploy_id=entry.deploy_id, reason=error, kind=FailureKind.SPAWN
-                )
-            )
-            self.report(ProcessStopped(app=entry.app, deploy_id=entry.deploy_id))
-            return
-        assert entry.run is not None
-        self.report(
-            ProcessStarted(
-                app=entry.app, deploy_id=entry.deploy_id, pid=entry.run.pid, port=msg.spec.port
-            )
-        )
-        self._transition(entry, ProcessState.STARTING, self._where(entry))
-        self._await_health(entry)
+        self._spawn(entry)
 
-    def _spawn(self, entry: _Entry) -> str | None:
-        """Start a new run of ``entry``; returns why it could not start, or None."""
+    def _spawn(self, entry: _Entry) -> None:
+        """Hand a new run of ``entry`` to the spawn pool; ``_Spawned`` follows."""
         spec = entry.spec
         if spec.port is not None and not port_is_free(spec.port):
-            return f"port {spec.port} is already in use"
+            self._spawn_failed(entry, f"port {spec.port} is already in use")
+            return
         try:
-            applog = self._logs.acquire(spec.log_path)
+            entry.spawn_log = self._logs.acquire(spec.log_path)
         except OSError as exc:
-            return f"cannot open log {spec.log_path}: {exc.strerror or exc}"
+            self._spawn_failed(entry, f"cannot open log {spec.log_path}: {exc.strerror or exc}")
+            return
+        entry.spawning = self._spawner.submit(spawn, spec, self.limits, self.prlimit)
+        deploy_id = entry.deploy_id
+        entry.spawning.add_done_callback(lambda _: self.tell(_Spawned(deploy_id=deploy_id)))
+
+    def _on_spawned(self, entry: _Entry) -> None:
+        first = entry.run is None
+        error = self._take_spawn(entry)
+        if error:
+            self._spawn_failed(entry, error)
+        elif first:
+            assert entry.run is not None
+            self.report(
+                ProcessStarted(
+                    app=entry.app,
+                    deploy_id=entry.deploy_id,
+                    pid=entry.run.pid,
+                    port=entry.spec.port,
+                )
+            )
+            self._transition(entry, ProcessState.STARTING, self._where(entry))
+            self._await_health(entry)
+        else:
+            self._transition(entry, ProcessState.STARTING, self._where(entry))
+            self._await_health(entry)
+        if entry.stop_due and self._entries.get(entry.deploy_id) is entry:
+            entry.stop_due = False
+            self._begin_stop(entry)
+
+    def _take_spawn(self, entry: _Entry) -> str | None:
+        """The finished spawn becomes the entry's run (watched, recorded); or why it failed."""
+        future, entry.spawning = entry.spawning, None
+        applog, entry.spawn_log = entry.spawn_log, None
+        assert future is not None and applog is not None
         try:
-            proc = spawn(spec, self.limits, self.prlimit)
+            proc = future.result()
         except SpawnError as exc:
             self._logs.release(applog)
             return str(exc)
@@ -369,6 +408,23 @@ class ProcessMonitor(Actor):
             )
         )
         return None
+
+    def _spawn_failed(self, entry: _Entry, error: str) -> None:
+        if entry.run is not None:  # a restart: try again later
+            log.error("%s: restart failed: %s", entry.app, error)
+            self._back_off(entry, error)
+            return
+        entry.failure = error
+        # The supervisor logs the failed deploy with this reason; once is enough.
+        log.debug("%s: deploy %d could not start: %s", entry.app, entry.deploy_id, error)
+        self._transition(entry, ProcessState.FATAL, error)
+        del self._entries[entry.deploy_id]
+        self.report(
+            ProcessFailed(
+                app=entry.app, deploy_id=entry.deploy_id, reason=error, kind=FailureKind.SPAWN
+            )
+        )
+        self.report(ProcessStopped(app=entry.app, deploy_id=entry.deploy_id))
 
     def _await_health(self, entry: _Entry) -> None:
         spec = entry.spec
@@ -513,13 +569,7 @@ class ProcessMonitor(Actor):
             return
         entry.gone_poll = GONE_FIRST_POLL
         self._release_run(old)
-        error = self._spawn(entry)
-        if error:
-            log.error("%s: restart failed: %s", entry.app, error)
-            self._back_off(entry, error)
-            return
-        self._transition(entry, ProcessState.STARTING, self._where(entry))
-        self._await_health(entry)
+        self._spawn(entry)
 
     # -- stopping ---------------------------------------------------------------------
 
@@ -537,6 +587,9 @@ class ProcessMonitor(Actor):
             self.schedule(msg.delay, _BeginStop(deploy_id=msg.deploy_id))
 
     def _begin_stop(self, entry: _Entry) -> None:
+        if entry.spawning is not None:
+            entry.stop_due = True  # _on_spawned carries it out
+            return
         match entry.state:
             case ProcessState.STARTING | ProcessState.RUNNING:
                 self._terminate(entry, "stop requested")

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keter.messages import ProcessSpec
+from keter.processes.forkgate import FORK_GATE
 
 log = logging.getLogger(__name__)
 
@@ -135,17 +136,18 @@ def spawn(spec: ProcessSpec, limits: ResourceLimits, prlimit: str | None) -> sub
     if prlimit is not None:
         command = [prlimit, *limits.prlimit_args(), "--", *command]
     try:
-        proc = subprocess.Popen(
-            command,
-            cwd=spec.cwd,
-            env=dict(spec.env),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            close_fds=True,
-            **credentials,
-        )
+        with FORK_GATE.spawning():
+            proc = subprocess.Popen(
+                command,
+                cwd=spec.cwd,
+                env=dict(spec.env),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+                **credentials,
+            )
     except OSError as exc:
         # The failing file may be the working directory rather than the program.
         where = f"{exc.filename}: " if exc.filename not in (None, spec.command[0]) else ""

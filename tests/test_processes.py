@@ -41,6 +41,7 @@ from keter.processes.applog import (
     LogRegistry,
     OutputCapture,
 )
+from keter.processes.cgroups import Cgroups
 from keter.processes.forkgate import ForkGate
 from keter.processes.groups import group_members
 from keter.processes.health import is_healthy, probe_http
@@ -662,3 +663,60 @@ def test_fork_gate_keeps_spawns_and_executable_writes_apart():
     writer.join(5)
     later.join(5)
     assert order == ["first spawn done", "write", "spawn"]
+
+
+# -- cgroups -------------------------------------------------------------------------------
+
+# Prints the cgroup it started in, then daemonizes a helper the classic way (fork,
+# setsid, fork again) that prints its pid and waits; the leader waits too.
+DAEMONIZING = r"""
+import os, signal, sys
+sys.stdout.write("cgroup " + open("/proc/self/cgroup").read().split("0::", 1)[1])
+sys.stdout.flush()
+if os.fork() == 0:
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    sys.stdout.write(f"daemon pid {os.getpid()}\n")
+    sys.stdout.flush()
+    while True:
+        signal.pause()
+os.wait()
+while True:
+    signal.pause()
+"""
+
+
+@pytest.fixture
+def cgroups(tmp_path):
+    found = Cgroups.find(tmp_path)
+    if found is None:
+        pytest.skip("no writable cgroup v2 hierarchy")
+    yield found
+    found.base.rmdir()  # every deploy's cgroup was removed with it
+
+
+def test_a_setsid_daemon_stays_in_the_apps_cgroup_and_goes_with_it(make_monitor, cgroups, tmp_path):
+    monitor = make_monitor(cgroups=cgroups, stop_timeout=0.5)
+    script = tmp_path / "daemonizing.py"
+    script.write_text(DAEMONIZING)
+    monitor.start(1, monitor.spec(command=(sys.executable, str(script))))
+    started = monitor.expect(ProcessStarted, deploy_id=1)
+    log_path = tmp_path / "log" / "app.log"
+    daemon = int(
+        wait_for(lambda: re.search(rb"daemon pid (\d+)", log_path.read_bytes()), what="daemon")[1]
+    )
+    cgroup = cgroups.base / "d1-app"
+    # In its cgroup from its first instruction, and the daemon with it, though in a
+    # session of its own (out of reach of the app's process group).
+    assert f"/{cgroups.base.name}/d1-app\n".encode() in log_path.read_bytes()
+    assert os.getsid(daemon) != os.getsid(started.pid)
+    assert set(cgroup.joinpath("cgroup.procs").read_text().split()) >= {
+        str(started.pid),
+        str(daemon),
+    }
+
+    monitor.monitor.tell(StopProcess(app="app", deploy_id=1))
+    monitor.expect(ProcessStopped, deploy_id=1)
+    assert not alive(daemon) and not alive(started.pid)
+    assert not cgroup.exists()

@@ -67,13 +67,22 @@ from keter.messages import (
     message,
 )
 from keter.processes.applog import AppLog, LogRegistry, OutputCapture
+from keter.processes.cgroups import Cgroup, Cgroups
 from keter.processes.groups import KILL_WAIT, group_members, signal_group, stop_groups
 from keter.processes.health import probe_http
 from keter.processes.ports import port_holders, port_is_free
 from keter.processes.reader import FAILURE_TAIL, OutputReader
 from keter.processes.records import Record, Records
-from keter.processes.spawn import DEFAULT_LIMITS, PRLIMIT, ResourceLimits, SpawnError, spawn
+from keter.processes.spawn import (
+    DEFAULT_LIMITS,
+    PRLIMIT,
+    Identity,
+    ResourceLimits,
+    SpawnError,
+    spawn,
+)
 from keter.processes.states import backoff_delay, check_transition, describe_exit
+from keter.users import AppUsers
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +207,7 @@ class _Entry:
     spawning: Future | None = None  # a spawn in the pool; nothing else happens meanwhile
     spawn_log: AppLog | None = None  # the log that spawn will write to
     stop_due: bool = False  # a stop began while spawning: carry it out once spawned
+    cgroup: Cgroup | None = None  # every process of the deploy, when cgroups are available
 
 
 # -- the actor ------------------------------------------------------------------------
@@ -223,6 +233,9 @@ class ProcessMonitor(Actor):
         spawn_workers: int = 4,
         limits: ResourceLimits = DEFAULT_LIMITS,
         prlimit: str | None = PRLIMIT,
+        users: AppUsers | None = None,
+        app_groups: tuple[int, ...] = (),
+        cgroups: Cgroups | None = None,
     ) -> None:
         """``prlimit`` is the util-linux program that applies ``limits``; without it they
         are set just after the spawn instead (see the module docstring for the race)."""
@@ -246,6 +259,10 @@ class ProcessMonitor(Actor):
         self._random = random.Random()
         self.limits = limits
         self.prlimit = prlimit
+        # Each app's own uid and gid (None: apps run as keter, or as spec.user).
+        self.users = users
+        self.app_groups = app_groups  # supplementary groups every app user gets
+        self._cgroups = cgroups
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -257,6 +274,19 @@ class ProcessMonitor(Actor):
                 "just after each start, so an app that forks at once may escape them"
             )
         self._records.stop_leftovers(self.stop_timeout)
+        if self._cgroups is None:
+            log.warning(
+                "processes: no cgroup v2 hierarchy keter can write to: apps are contained by "
+                "process groups only, so a process that leaves its group (setsid, a daemon's "
+                "double fork) survives its app"
+            )
+            return
+        for cgroup in self._cgroups.leftovers():
+            if cgroup.populated():
+                log.warning("processes: stopping what a previous keter left in %s", cgroup.path)
+                cgroup.kill()
+                cgroup.wait_empty(KILL_WAIT)
+            cgroup.remove()
 
     def kill_now(self) -> None:
         """From another thread: keter must stop at once (a second SIGTERM, or the monitor
@@ -276,6 +306,12 @@ class ProcessMonitor(Actor):
         if runs:
             labels = {e.run.pgid: f"{e.app}: pid {e.run.pid}" for e in entries if e.run in runs}
             stop_groups(labels, self.stop_timeout, self._kill_now)
+        cgroups = [e.cgroup for e in entries if e.cgroup is not None]
+        for cgroup in cgroups:
+            cgroup.kill()  # whatever left the process groups
+        for cgroup in cgroups:
+            cgroup.wait_empty(KILL_WAIT)
+            cgroup.remove()
         for run in runs:
             self._release_run(run)
         self._reader.close(timeout=KILL_WAIT)
@@ -346,7 +382,26 @@ class ProcessMonitor(Actor):
         except OSError as exc:
             self._spawn_failed(entry, f"cannot open log {spec.log_path}: {exc.strerror or exc}")
             return
-        entry.spawning = self._spawner.submit(spawn, spec, self.limits, self.prlimit)
+        identity = None
+        if spec.user is None and self.users is not None:
+            uid = self.users.uid(entry.app)
+            identity = Identity(uid, uid, self.app_groups)
+        if self._cgroups is not None and entry.cgroup is None:
+            try:
+                entry.cgroup = self._cgroups.for_deploy(entry.app, entry.deploy_id)
+            except OSError as exc:
+                self._logs.release(entry.spawn_log)
+                entry.spawn_log = None
+                self._spawn_failed(entry, f"cannot create its cgroup: {exc.strerror or exc}")
+                return
+        entry.spawning = self._spawner.submit(
+            spawn,
+            spec,
+            self.limits,
+            self.prlimit,
+            identity=identity,
+            cgroup=entry.cgroup,
+        )
         deploy_id = entry.deploy_id
         entry.spawning.add_done_callback(lambda _: self.tell(_Spawned(deploy_id=deploy_id)))
 
@@ -475,7 +530,7 @@ class ProcessMonitor(Actor):
                 if entry.ever_healthy:
                     # A restart that never answered is killed, not drained: it served nobody.
                     assert entry.run is not None
-                    signal_group(entry.run.pgid, signal.SIGKILL)
+                    self._kill(entry)
                     self._crashed(entry, reason, entry.run.capture.tail(CRASH_TAIL))
                 else:
                     self._fail_start(entry, reason, FailureKind.HEALTH_CHECK)
@@ -499,7 +554,7 @@ class ProcessMonitor(Actor):
         # The supervisor logs the failed deploy with this output; once is enough.
         log.debug("%s: first start of deploy %d failed: %s", entry.app, entry.deploy_id, reason)
         if run.exited:
-            signal_group(run.pgid, signal.SIGKILL)  # leftovers of a dead leader
+            self._kill(entry)  # leftovers of a dead leader
             self._transition(entry, ProcessState.STOPPING, reason)
             self._check_gone(entry)
         else:
@@ -525,7 +580,7 @@ class ProcessMonitor(Actor):
                 self._fail_start(entry, f"{reason} before answering")
             case ProcessState.STARTING | ProcessState.RUNNING:
                 # The leader is gone: kill the rest so no orphan holds the port.
-                signal_group(entry.run.pgid, signal.SIGKILL)
+                self._kill(entry)
                 if entry.state is ProcessState.STARTING:
                     reason = f"{reason} before answering"
                 self._crashed(entry, reason, msg.tail[-CRASH_TAIL:])
@@ -561,9 +616,9 @@ class ProcessMonitor(Actor):
     def _restart(self, entry: _Entry) -> None:
         old = entry.run
         assert old is not None
-        if not old.exited or group_members(old.pgid):
+        if not old.exited or self._left(entry):
             # Still dying from the SIGKILL: the port is not free yet. Look again soon.
-            signal_group(old.pgid, signal.SIGKILL)
+            self._kill(entry)
             self.schedule(entry.gone_poll, _Restart(deploy_id=entry.deploy_id, run=entry.runs))
             entry.gone_poll = min(entry.gone_poll * 2, GONE_MAX_POLL)
             return
@@ -610,21 +665,21 @@ class ProcessMonitor(Actor):
     def _escalate(self, entry: _Entry) -> None:
         run = entry.run
         assert run is not None
-        if not run.exited or group_members(run.pgid):
+        if not run.exited or self._left(entry):
             log.warning(
                 "%s: still running %gs after SIGTERM; sending SIGKILL to group %d",
                 entry.app,
                 self.stop_timeout,
                 run.pgid,
             )
-            signal_group(run.pgid, signal.SIGKILL)
+            self._kill(entry)
 
     def _check_gone(self, entry: _Entry) -> None:
         """Finish the stop once the leader was reaped and nothing of its group is left."""
         run = entry.run
         if run is not None and not run.exited:
             return  # its _Exited will call us again
-        if run is not None and group_members(run.pgid):
+        if run is not None and self._left(entry):
             # Stragglers have no pidfd here to wake us; poll, briefly, with backoff.
             self.schedule(entry.gone_poll, _CheckGone(deploy_id=entry.deploy_id, run=entry.runs))
             entry.gone_poll = min(entry.gone_poll * 2, GONE_MAX_POLL)
@@ -632,6 +687,8 @@ class ProcessMonitor(Actor):
         if run is not None:
             self._release_run(run)
             self._warn_if_port_held(entry)
+        if entry.cgroup is not None:
+            entry.cgroup.remove()
         final = ProcessState.FATAL if entry.failure else ProcessState.EXITED
         self._transition(entry, final, entry.failure or "stopped")
         del self._entries[entry.deploy_id]
@@ -680,6 +737,19 @@ class ProcessMonitor(Actor):
     def _where(entry: _Entry) -> str:
         assert entry.run is not None
         return f"pid {entry.run.pid}, port {entry.spec.port}"
+
+    def _kill(self, entry: _Entry) -> None:
+        """SIGKILL what is left of the deploy: its cgroup, else its process group."""
+        if entry.run is not None:
+            signal_group(entry.run.pgid, signal.SIGKILL)
+        if entry.cgroup is not None:
+            entry.cgroup.kill()  # double forks and setsid included
+
+    def _left(self, entry: _Entry) -> bool:
+        """Whether any process of the deploy's current run is still alive."""
+        if entry.cgroup is not None:
+            return entry.cgroup.populated()
+        return entry.run is not None and bool(group_members(entry.run.pgid))
 
     def _release_run(self, run: _Run) -> None:
         """The run's group is gone: the reader may stop reading its output."""

@@ -31,22 +31,33 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keter.messages import ProcessSpec
+from keter.processes.cgroups import Cgroup, enter_command
 from keter.processes.forkgate import FORK_GATE
 
 log = logging.getLogger(__name__)
 
 SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
 PRLIMIT = shutil.which("prlimit", path=SYSTEM_PATH)
+SETPRIV = shutil.which("setpriv", path=SYSTEM_PATH)
 
 
-def user_credentials(name: str) -> dict[str, object]:
-    """Popen keyword arguments to run as ``name`` with its groups (initgroups semantics)."""
-    entry = pwd.getpwnam(name)
-    return {
-        "user": entry.pw_uid,
-        "group": entry.pw_gid,
-        "extra_groups": os.getgrouplist(name, entry.pw_gid),
-    }
+@dataclass(frozen=True)
+class Identity:
+    """Who an app process runs as."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()  # supplementary groups
+
+    @classmethod
+    def of_user(cls, name: str) -> Identity:
+        """A named user with its groups (initgroups semantics); KeyError if unknown."""
+        entry = pwd.getpwnam(name)
+        return cls(entry.pw_uid, entry.pw_gid, tuple(os.getgrouplist(name, entry.pw_gid)))
+
+    def setpriv_args(self) -> list[str]:
+        groups = f"--groups={','.join(map(str, self.groups))}" if self.groups else "--clear-groups"
+        return [f"--reuid={self.uid}", f"--regid={self.gid}", groups]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,24 +128,48 @@ class SpawnError(Exception):
     """Why an app process could not be started (the text is the whole reason)."""
 
 
-def spawn(spec: ProcessSpec, limits: ResourceLimits, prlimit: str | None) -> subprocess.Popen:
+def spawn(
+    spec: ProcessSpec,
+    limits: ResourceLimits,
+    prlimit: str | None,
+    *,
+    identity: Identity | None = None,
+    cgroup: Cgroup | None = None,
+) -> subprocess.Popen:
     """Start ``spec``'s program in a session of its own, its output on one pipe.
 
-    Raises ``SpawnError`` with a reason fit for the operator when it cannot run.
-    Without ``prlimit`` the limits are set just after the start (see above).
+    It runs as ``identity`` (else as ``spec.user``, else as keter), inside
+    ``cgroup`` if given. The chain, each step exec'ing the next: ``sh`` enters
+    the cgroup (as root), ``prlimit`` sets the limits, ``setpriv`` drops to the
+    app's uid, gid and groups, then the app. Raises ``SpawnError`` with a reason
+    fit for the operator when it cannot run. Without ``prlimit`` the limits
+    are set just after the start (see above).
     """
     if not spec.command:
         raise SpawnError("empty command")
-    try:
-        credentials = user_credentials(spec.user) if spec.user else {}
-    except KeyError:
-        raise SpawnError(f"unknown user {spec.user!r}") from None
+    if identity is None and spec.user:
+        try:
+            identity = Identity.of_user(spec.user)
+        except KeyError:
+            raise SpawnError(f"unknown user {spec.user!r}") from None
     problem = exec_problem(spec.command[0], spec.cwd, spec.env)
     if problem:
         raise SpawnError(f"cannot run {spec.command[0]}: {problem}")
     command = list(spec.command)
+    credentials: dict[str, object] = {}
+    if identity is not None and (SETPRIV is None or cgroup is None):
+        # Popen switches users itself (no cgroup to enter as root first).
+        credentials = {
+            "user": identity.uid,
+            "group": identity.gid,
+            "extra_groups": list(identity.groups),
+        }
+    elif identity is not None:
+        command = [SETPRIV, *identity.setpriv_args(), "--", *command]
     if prlimit is not None:
         command = [prlimit, *limits.prlimit_args(), "--", *command]
+    if cgroup is not None:
+        command = enter_command(cgroup, command)
     try:
         with FORK_GATE.spawning():
             proc = subprocess.Popen(

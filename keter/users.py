@@ -1,0 +1,118 @@
+"""One uid and gid per app (TEAM decision 6, issue 11), in the manner of
+systemd's DynamicUser: numbers without a passwd entry, allocated by keter
+from a range it owns, stable across deploys and keter restarts.
+
+The range's default lies in the gap systemd documents as unused
+(1879048192-2147483647: above its container range, below 2^31): far above
+Debian's system (0-999) and human (1000-59999) ranges and its reserved ones
+(policy 9.2.2), and above the subordinate ranges ``useradd`` hands out
+(``/etc/subuid`` from 100000, 65536 each). Every number actually used is
+checked too: one that ``/etc/passwd``/``/etc/group`` know, or that lies in
+an ``/etc/subuid``/``/etc/subgid`` range, is skipped.
+
+The allocation is recorded in ``ROOT/etc/app-users.json`` (``{"app": uid}``,
+gid = uid), written atomically before the number is first used, so an app
+keeps its uid for good: its files, data and anything it left stay its own.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import logging
+import pwd
+import threading
+from pathlib import Path
+
+from keter.fsutil import atomic_write
+
+log = logging.getLogger(__name__)
+
+USERS_FILE = "app-users.json"
+DEFAULT_RANGE = (1_900_000_000, 1_900_999_999)
+
+
+class NoFreeUid(Exception):
+    pass
+
+
+def subordinate_ranges(paths: tuple[str, ...] = ("/etc/subuid", "/etc/subgid")) -> list[range]:
+    """The ``/etc/subuid`` and ``/etc/subgid`` ranges (``name:first:count`` lines)."""
+    ranges = []
+    for path in paths:
+        try:
+            text = Path(path).read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            parts = line.strip().split(":")
+            if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+                first, count = int(parts[1]), int(parts[2])
+                ranges.append(range(first, first + count))
+    return ranges
+
+
+def _known(uid: int) -> bool:
+    """Whether the system already uses ``uid`` as a user or group id."""
+    try:
+        pwd.getpwuid(uid)
+        return True
+    except KeyError:
+        pass
+    try:
+        grp.getgrgid(uid)
+        return True
+    except KeyError:
+        return False
+
+
+class AppUsers:
+    """Allocates and remembers each app's uid (= its gid). Thread-safe."""
+
+    def __init__(self, etc_dir: Path, uid_range: tuple[int, int] = DEFAULT_RANGE) -> None:
+        self.path = Path(etc_dir) / USERS_FILE
+        self.low, self.high = uid_range
+        self._lock = threading.Lock()
+        self._uids: dict[str, int] = self._load()
+
+    def uid(self, app: str) -> int:
+        """The app's uid (and gid), allocated and recorded on first use."""
+        with self._lock:
+            uid = self._uids.get(app)
+            if uid is not None:
+                return uid
+            uid = self._free_uid()
+            uids = {**self._uids, app: uid}
+            # Recorded before first use: a crash after this never hands it out twice.
+            atomic_write(self.path, json.dumps(uids, indent=1, sort_keys=True).encode(), mode=0o600)
+            self._uids = uids
+            log.info("%s: runs as uid %d and gid %d of its own", app, uid, uid)
+            return uid
+
+    def known(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._uids)
+
+    def _free_uid(self) -> int:
+        used = set(self._uids.values())
+        avoid = subordinate_ranges()
+        for uid in range(self.low, self.high + 1):
+            if uid in used or any(uid in r for r in avoid) or _known(uid):
+                continue
+            return uid
+        raise NoFreeUid(f"no free uid in {self.low}-{self.high} ({len(used)} apps have one)")
+
+    def _load(self) -> dict[str, int]:
+        try:
+            raw = json.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            # Refusing to start is better than handing an app another app's files.
+            raise RuntimeError(f"cannot read {self.path}: {exc}") from exc
+        if not isinstance(raw, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+            for k, v in raw.items()
+        ):
+            raise RuntimeError(f"{self.path}: expected a mapping of app names to uids")
+        return raw

@@ -141,15 +141,23 @@ def test_default_server_answers_404_on_every_listener() -> None:
         assert "proxy_pass" not in block
 
 
-def test_one_server_per_site_per_listener() -> None:
+def test_one_server_per_site_per_listener_and_per_wildcard() -> None:
     listeners = [Listener("127.0.0.1", 8080), Listener("10.0.0.1", 80)]
-    sites = [site("blog", "blog.example.com", "*.blog.example.com"), site("shop", "shop.io")]
+    sites = [site("blog", "blog.example.com", "www.blog.example.com"), site("shop", "shop.io")]
     blocks = [b for b in server_blocks(render(sites, listeners, 1)) if "proxy_pass" in b]
     assert len(blocks) == 4
     listens = sorted(re.search(r"listen (\S+);", b).group(1) for b in blocks)
     assert listens == ["10.0.0.1:80", "10.0.0.1:80", "127.0.0.1:8080", "127.0.0.1:8080"]
     blog = [b for b in blocks if "keter_blog" in b]
-    assert all("server_name *.blog.example.com blog.example.com;" in b for b in blog)
+    assert all("server_name blog.example.com www.blog.example.com;" in b for b in blog)
+    # A wildcard host gets servers of its own, placed after every exact name.
+    sites = [site("blog", "blog.example.com", "*.blog.example.com")]
+    text = render(sites, listeners, 1)
+    blog = [b for b in server_blocks(text) if "keter_blog" in b]
+    assert len(blog) == 4
+    wild = [b for b in blog if "server_name ~^[^.]+\\.blog\\.example\\.com$;" in b]
+    assert len(wild) == 2
+    assert text.index(wild[0]) > max(text.index(b) for b in blog if b not in wild)
 
 
 @pytest.mark.parametrize(

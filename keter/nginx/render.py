@@ -243,9 +243,10 @@ def upstream_name(app: str) -> str:
     nginx compares upstream names case-insensitively, so every character but
     lower-case letters and digits is hex-escaped as ``_xx``; distinct app names
     ("a.b", "a-b", "a_b", "A") therefore never share an upstream. Escapes
-    never put two '_' in a row, so the ``__rN`` suffix of an app's reverse
-    proxies cannot collide with another app's name either. The same escaped
-    name names the app's folder of files (see ``keter.nginx.files``).
+    never put two '_' in a row, so the ``__wN`` and ``__rN`` suffixes (an
+    app's further web apps and its reverse proxies) cannot collide with
+    another app's name either. The same escaped name names the app's folder
+    of files (see ``keter.nginx.files``).
     """
     _check_app(app)
     escaped = "".join(c if c.isdigit() or ("a" <= c <= "z") else f"_{ord(c):02x}" for c in app)
@@ -367,16 +368,41 @@ def render(
     if len({upstream_name(site.app) for site in ordered}) < len(ordered):
         raise ValueError("an app appears twice")
     texts = [render_site(site, listeners, options) for site in ordered]
-    return render_main(texts, listeners, generation, options)
+    wildcards = sorted(
+        (wildcard for text in texts for wildcard in text.wildcards),
+        key=lambda wildcard: wildcard_order(wildcard[0]),
+    )
+    parts = [text.text for text in texts] + [servers for _, servers in wildcards]
+    return render_main(parts, listeners, generation, options)
 
 
 # -- one site --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SiteText:
+    """One app's part of the config.
+
+    ``text`` holds its upstreams and the servers of its exact host names.
+    Each wildcard host gets servers of its own in ``wildcards`` (host, text):
+    nginx tries regex server names in the order the config lists them, so
+    the writer lists every app's wildcards together, sorted by
+    ``wildcard_order`` (Keter's precedence).
+    """
+
+    text: str
+    wildcards: tuple[tuple[str, str], ...] = ()
+
+
+def wildcard_order(host: str) -> tuple:
+    """Where a wildcard host's servers go among all wildcards: Keter's precedence."""
+    return names.host_precedence(host)
+
+
 def render_site(
     site: Site, listeners: Sequence[ListenerLike], options: ProxyOptions | None = None
-) -> str:
-    """One app's upstreams and server blocks: the text of its own file.
+) -> SiteText:
+    """One app's upstreams and server blocks.
 
     Raises ValueError for anything that could inject nginx syntax or that
     nginx would take differently from what the bundle meant.
@@ -389,10 +415,20 @@ def render_site(
     logged = bool(site.version) and options.access_spool is not None
     if logged:
         parts.append(log_format_directive(site.app, site.version) + "\n")
+    wildcards = []
     for index, route in enumerate(site.all_routes):
-        for listen in renderer.listeners:
-            parts.append(renderer.server(site.app, index, route, listen, logged))
-    return "\n".join(parts)
+        exact = tuple(host for host in route.hosts if not names.is_wildcard(host))
+        if exact:
+            for listen in renderer.listeners:
+                parts.append(renderer.server(site.app, index, route, listen, exact, logged))
+        for host in route.hosts:
+            if names.is_wildcard(host):
+                servers = [
+                    renderer.server(site.app, index, route, listen, (host,), logged)
+                    for listen in renderer.listeners
+                ]
+                wildcards.append((host, "\n".join(servers)))
+    return SiteText(text="\n".join(parts), wildcards=tuple(wildcards))
 
 
 def _unique_listeners(listeners: Sequence[ListenerLike]) -> dict[str, ListenerLike]:
@@ -422,7 +458,7 @@ class _Renderer:
             action = route.action
             if isinstance(action, ProxyApp):
                 server = f"    server 127.0.0.1:{names.validate_port(action.port)};\n"
-                name = upstream_name(site.app)
+                name = _app_upstream(site.app, index)
                 blocks.append(_UPSTREAM.format(name=name, servers=server, keepalive=64))
             elif isinstance(action, ProxyRemote) and _remote_address(action.host) is not None:
                 # Host names get no upstream block: nginx would resolve them once, at
@@ -434,12 +470,22 @@ class _Renderer:
 
     # -- server blocks -------------------------------------------------------------------
 
-    def server(self, app: str, index: int, route: Route, listen: str, logged: bool = False) -> str:
+    def server(
+        self,
+        app: str,
+        index: int,
+        route: Route,
+        listen: str,
+        hosts: tuple[str, ...],
+        logged: bool = False,
+    ) -> str:
+        """One server block of a route, for some of its hosts on one listener."""
         listener = self.listeners[listen]
         secure = is_tls(listener)
         action = route.action
         lines = [f"listen {listen}{' ssl' if secure else ''};"]
-        server_names = (names.nginx_server_name(host) for host in sorted(route.hosts))
+        # A wildcard's "*" is one label, as in Keter (nginx's own "*.x" matches any depth).
+        server_names = (names.nginx_server_name(host, one_label=True) for host in sorted(hosts))
         lines.append(f"server_name {' '.join(server_names)};")
         if logged and self.options.access_spool is not None:
             lines.append(access_log_directive(str(self.options.access_spool), app))
@@ -557,7 +603,7 @@ class _Renderer:
             case ProxyApp(port=port, timeout=timeout):
                 names.validate_port(port)
                 return [
-                    f"proxy_pass http://{upstream_name(app)};",
+                    f"proxy_pass http://{_app_upstream(app, index)};",
                     "proxy_set_header Host $http_host;",
                     *self.proxy_common(timeout),
                 ]
@@ -716,6 +762,12 @@ def _remote_address(host: str) -> str | None:
         return None
 
 
+def _app_upstream(app: str, index: int) -> str:
+    """The upstream of the web app of route ``index``: the first route's is the app's
+    own name (web apps come first), another's carries ``__wINDEX``."""
+    return upstream_name(app) if index == 0 else f"{upstream_name(app)}__w{index}"
+
+
 def _bracketed(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -757,8 +809,6 @@ def _check_site(site: Site) -> None:
     routes = site.all_routes
     if not routes:
         raise ValueError(f"{site.app}: no hosts")
-    if sum(isinstance(route.action, ProxyApp) for route in routes) > 1:
-        raise ValueError(f"{site.app}: more than one app port")
     for route in routes:
         if not route.hosts:
             raise ValueError(f"{site.app}: no hosts")

@@ -47,6 +47,7 @@ from keter.nginx.render import (
     render_main,
     render_site,
     status_address,
+    wildcard_order,
 )
 
 log = logging.getLogger(__name__)
@@ -64,11 +65,12 @@ class Rendered:
     local: Localized  # the same site naming keter's copies
     file: Path  # its rendered site file
     hosts: tuple[str, ...]
+    wildcards: tuple[tuple[str, Path], ...] = ()  # each wildcard host's servers: (host, file)
 
     @property
     def files(self) -> frozenset[Path]:
-        """Every file nginx reads for this site, its own file included."""
-        return self.local.files | {self.file}
+        """Every file nginx reads for this site, its own files included."""
+        return self.local.files | {self.file} | {file for _, file in self.wildcards}
 
 
 class NginxBroken(Exception):
@@ -258,8 +260,13 @@ class NginxWriter(Actor):
     def _render(self, site: Site, local: Localized) -> Rendered:
         listeners, options, _ = self._globals
         text = render_site(local.site, listeners, options)
-        file = self.files.write_site(site.app, text)
-        return Rendered(site=site, local=local, file=file, hosts=hosts_of(site))
+        file = self.files.write_site(site.app, text.text)
+        wildcards = tuple(
+            (host, self.files.write_site(site.app, servers)) for host, servers in text.wildcards
+        )
+        return Rendered(
+            site=site, local=local, file=file, hosts=hosts_of(site), wildcards=wildcards
+        )
 
     def _refuse(
         self, app: str, reason: str, refused: dict[str, str], chosen: dict[str, Rendered]
@@ -347,6 +354,12 @@ class NginxWriter(Actor):
     def _main_text(self, chosen: Mapping[str, Rendered], generation: int) -> str:
         listeners, options, _ = self._globals
         includes = [include_line(chosen[app].file) for app in sorted(chosen)]
+        # nginx tries regex server names in config order: every app's wildcards, by precedence.
+        wildcards = sorted(
+            (wildcard for rendered in chosen.values() for wildcard in rendered.wildcards),
+            key=lambda wildcard: wildcard_order(wildcard[0]),
+        )
+        includes += [include_line(file) for _, file in wildcards]
         return render_main(includes, listeners, generation, options)
 
     def _restore(self) -> str:

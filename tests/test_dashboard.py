@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from support.bundles import NOISE_SHOWN, TERMINAL_CONTROL, make_bundle, noisy_app, webapp_config
 from support.daemon import status_api
-from support.net import free_port
+from support.net import free_port, get
 from support.wait import wait_for
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -273,3 +273,45 @@ def test_text_from_apps_and_bundles_is_shown_inert(keter_factory, browser, tmp_p
         assert browser.js("document.querySelectorAll('main img, main b').length") == 0
         assert browser.js("window.pwned") is None
     browser.screenshot(ARTIFACTS / "dashboard-inert.png")
+
+
+def test_app_page_draws_the_last_hour_with_deploys_marked(keter_factory, browser, tmp_path):
+    """Issue 14.2: the dashboard draws requests, errors and p99 per minute for the last
+    hour, and marks each deploy on the time line."""
+    port = free_port()
+    keter = keter_factory(**LOGIN_SETTINGS, **{"status-listen": f"127.0.0.1:{port}"})
+    client = status_api(keter)
+    nginx_port = keter.settings["listeners"][0]["port"]
+
+    def traffic(paths: list[str]) -> None:
+        for path in paths:
+            status, _, _ = get(nginx_port, "chart.test", path)
+            assert status in (200, 500)
+
+    for n, version in enumerate(("v1", "v2"), start=1):
+        bundle = make_bundle(tmp_path / "chart.keter", config=webapp_config("chart.test", version))
+        keter.drop(bundle)
+        wait_for(lambda n=n: len(client.app("chart")["history"]) == n, 20, version)
+        traffic(["/"] * 12 + ["/answer/500"] * 3)
+    history = client.app("chart")["history"]
+    assert [h["outcome"] for h in history] == ["serving", "serving"]
+
+    browser.log_in(*USER)
+    browser.open(f"http://127.0.0.1:{port}/app/chart")
+    requests = """[...document.querySelectorAll('#traffic g.minute')]
+        .reduce((sum, g) => sum + Number(g.dataset.requests), 0)"""
+    wait_for(lambda: browser.js(requests) == 30, 15, "30 requests drawn")
+    assert browser.js("document.querySelectorAll('#traffic g.minute').length") == 60
+    errors = requests.replace("requests", "errors")
+    assert browser.js(errors) == 6
+    assert browser.js("document.querySelectorAll('#traffic rect.errors').length") >= 1
+    assert browser.js("!!document.querySelector('#traffic polyline.p99')")
+    marks = "[...document.querySelectorAll('#traffic g.mark.serving')].map(g => g.dataset.version)"
+    assert sorted(browser.js(marks)) == sorted(h["version"] for h in history)
+    browser.screenshot(ARTIFACTS / "dashboard-traffic.png")
+
+    browser.open(f"http://127.0.0.1:{port}/")
+    row = "document.querySelector('#apps tr[data-app=chart] .{}').textContent"
+    # The list shows the last minute from the stats component's report, sent every second.
+    wait_for(lambda: browser.js(row.format("errors")) == "20.0%", 10, "6 of 30 are 5xx")
+    assert float(browser.js(row.format("rate"))) > 0

@@ -35,6 +35,10 @@ function when(epoch) {
   return new Date(epoch * 1000).toLocaleString([], { hour12: false });
 }
 
+function percent(ratio) {
+  return `${(ratio * 100).toFixed(1)}%`;
+}
+
 function badge(state) {
   return el("span", { class: `badge ${state}` }, state);
 }
@@ -98,6 +102,8 @@ async function refreshList() {
       hostLinks(app),
       el("td", {}, app.uptime === null ? "–" : duration(app.uptime)),
       el("td", { class: "num" }, app.restarts),
+      el("td", { class: "num rate" }, app.traffic ? app.traffic.rate.toFixed(1) : "–"),
+      el("td", { class: "num errors" }, app.traffic ? percent(app.traffic.error_ratio) : "–"),
       lastDeploy(app.last_deploy, status.now),
     ),
   );
@@ -171,6 +177,76 @@ async function refreshApp() {
   rollback.disabled = older.length === 0;
   rollback.title = older.length === 0 ? "no earlier version is archived" : "";
   document.getElementById("restart").disabled = app.state === "removed";
+  return app;
+}
+
+// -- the last hour of traffic: requests and 5xx per minute (bars), p99 (line), deploys (marks)
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+const CHART = { width: 960, height: 180, left: 8, right: 8, top: 14, bottom: 22 };
+
+function svg(tag, attrs = {}, ...children) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, String(value));
+  for (const child of children) node.append(child);
+  return node;
+}
+
+function drawTraffic(stats, history) {
+  const minutes = stats.minutes;
+  const chart = document.getElementById("traffic");
+  if (!minutes.length) return;
+  const first = minutes[0].at;
+  const span = minutes.length * 60;
+  const inner = CHART.width - CHART.left - CHART.right;
+  const low = CHART.height - CHART.bottom;
+  const high = low - CHART.top;
+  const x = (t) => CHART.left + ((t - first) / span) * inner;
+  const slot = inner / minutes.length;
+  const maxRequests = Math.max(1, ...minutes.map((m) => m.requests));
+  const p99s = minutes.filter((m) => m.p99 !== null).map((m) => m.p99);
+  const maxP99 = Math.max(0.001, ...p99s);
+  const parts = [svg("line", { class: "axis", x1: CHART.left, x2: CHART.width - CHART.right, y1: low, y2: low })];
+  const points = [];
+  minutes.forEach((m, i) => {
+    const left = CHART.left + i * slot + 1;
+    const height = (m.requests / maxRequests) * high;
+    const group = svg("g", { class: "minute", "data-at": m.at, "data-requests": m.requests, "data-errors": m.errors },
+      svg("title", {}, `${clock(m.at)}: ${m.requests} requests, ${m.errors} 5xx` +
+        (m.p99 === null ? "" : `, p99 ${(m.p99 * 1000).toFixed(1)} ms`)));
+    group.append(svg("rect", { class: "bar", x: left, y: low - height, width: slot - 2, height }));
+    if (m.errors) {
+      const errors = (m.errors / maxRequests) * high;
+      group.append(svg("rect", { class: "bar errors", x: left, y: low - errors, width: slot - 2, height: errors }));
+    }
+    parts.push(group);
+    if (m.p99 !== null) points.push(`${left + slot / 2 - 1},${low - (m.p99 / maxP99) * high}`);
+  });
+  if (points.length) parts.push(svg("polyline", { class: "p99", points: points.join(" ") }));
+  // Every deploy verdict within the hour, at the minute it came.
+  for (const entry of history) {
+    if (entry.at < first || entry.at > first + span) continue;
+    const at = x(entry.at);
+    parts.push(svg("g", { class: `mark ${entry.outcome}`, "data-version": entry.version },
+      svg("title", {}, `${when(entry.at)}: version ${entry.version} ${entry.outcome}`),
+      svg("line", { x1: at, x2: at, y1: CHART.top - 6, y2: low }),
+      svg("text", { x: at + 3, y: CHART.top }, entry.version.slice(0, 7))));
+  }
+  parts.push(svg("text", { class: "label", x: CHART.left, y: CHART.height - 6 }, clock(first)));
+  parts.push(svg("text", { class: "label end", x: CHART.width - CHART.right, y: CHART.height - 6 }, "now"));
+  chart.replaceChildren(...parts);
+  const lastHour = stats.windows[stats.windows.length - 1];
+  document.getElementById("traffic-legend").textContent =
+    `${lastHour.requests} requests, ${percent(lastHour.error_ratio)} 5xx; ` +
+    `bars: requests per minute (max ${maxRequests}), red: 5xx, line: p99 (max ${(maxP99 * 1000).toFixed(1)} ms)`;
+}
+
+async function refreshTraffic(history) {
+  try {
+    drawTraffic(await api(`/api/apps/${encodeURIComponent(appName)}/stats`), history);
+  } catch (error) {
+    document.getElementById("traffic-legend").textContent = error.message;
+  }
 }
 
 async function refreshLog() {
@@ -209,7 +285,8 @@ if (document.body.dataset.page === "app") {
   document.getElementById("rollback").addEventListener("click", () =>
     post("rollback", { version: document.getElementById("version").value }));
   poll(async () => {
-    await Promise.all([refreshApp(), refreshLog()]);
+    const [app] = await Promise.all([refreshApp(), refreshLog()]);
+    await refreshTraffic(app.history);
   });
 } else {
   poll(refreshList);

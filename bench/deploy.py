@@ -5,7 +5,7 @@
   accepts, measured by hand between the deploys). A small bundle and a big one
   (incompressible padding). Each deploy starts from a quiet keter: the previous
   old version has been stopped and its folder removed.
-* Unpack speed: ``keter.unpacker.safe_unpack`` against ``tar xzf`` on the same
+* Unpack speed: ``keter.incoming.unpack.safe_unpack`` against ``tar xzf`` on the same
   big bundle, alternating, page cache flushed to disk before each.
 * Many at once: N new apps renamed in together, until the last one answers.
 """
@@ -19,7 +19,7 @@ import time
 
 from harness import Row, Settings, app_start_times, keter_stack, median, ms, spread
 
-from keter.unpacker import safe_unpack
+from keter.incoming.unpack import safe_unpack
 
 NAME = "deploy"
 SMALL_TARGET = 0.250

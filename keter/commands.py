@@ -32,9 +32,9 @@ from keter.client import (
 )
 from keter.config import KeterConfig
 from keter.history import REASON_LIMIT, capped_text
+from keter.incoming.unpack import UnpackError, safe_unpack
 from keter.logtail import LogFollower, tail_lines
 from keter.names import log_text, validate_app_name
-from keter.unpacker import UnpackError, safe_unpack
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 DEFAULT_ROOT = "/opt/keter"

@@ -23,6 +23,9 @@ import signal
 import time
 
 from keter.config import KeterConfig
+from keter.incoming.unpack import stream_limit
+from keter.incoming.unpacker import Unpacker
+from keter.incoming.watcher import IncomingWatcher
 from keter.messages import RescanRequested, ShutdownRequested
 from keter.nginx import NginxWriter, ProxyOptions
 from keter.postgres import PostgresProvisioner
@@ -30,8 +33,6 @@ from keter.processes import ProcessMonitor
 from keter.stats.component import StatsCollector
 from keter.status import StatusServer
 from keter.supervisor import Components, Supervisor
-from keter.unpacker import Unpacker
-from keter.watcher import IncomingWatcher
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,12 @@ def build_components(config: KeterConfig, inbox: queue.SimpleQueue) -> Component
         stats = StatsCollector(config, report_to=inbox, status=status)
         status.stats = stats  # the API's detailed views ask it
     return Components(
-        watcher=IncomingWatcher(config.incoming_dir, report_to=inbox),
+        watcher=IncomingWatcher(
+            config.incoming_dir,
+            report_to=inbox,
+            # Its completeness check stops where the unpacker would refuse anyway.
+            expand_limit=stream_limit(config.max_unpacked_bytes, config.max_members),
+        ),
         unpacker=Unpacker(
             config.temp_dir,
             max_bytes=config.max_unpacked_bytes,

@@ -1,4 +1,4 @@
-"""The incoming-folder watcher against real inotify events, and gzip_complete().
+"""The incoming-folder watcher against real inotify events, and the gzip completeness check.
 
 Every actor test starts a real IncomingWatcher on a private incoming/ folder,
 writes files the way real tools do (cp, scp, rename-into-place, touch, chmod,
@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import os
 import queue
+import socket
+import stat
+import struct
 import tarfile
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
@@ -20,16 +25,19 @@ from typing import BinaryIO
 
 import pytest
 from support.bundles import bundle_bytes
+from watchdog.events import FileSystemEventHandler
+from watchdog.observers import Observer
 
-from keter.messages import BundleArrived, BundleIgnored, BundleRemoved, Rescan, ScanCompleted
-from keter.watcher import (
+from keter.incoming import watcher as watcher_module
+from keter.incoming.gzipcheck import GzipCheck, Verdict, check_file
+from keter.incoming.watcher import (
     CLOSED_QUIET,
     DOUBT_QUIET,
     IncomingWatcher,
     _PathTouched,
     _Settle,
-    gzip_complete,
 )
+from keter.messages import BundleArrived, BundleIgnored, BundleRemoved, Rescan, ScanCompleted
 
 MIB = 1 << 20
 CHUNK = 64 * 1024  # cp-sized writes: a big bundle takes dozens of them
@@ -59,6 +67,28 @@ def small_bundle() -> bytes:
 @cache
 def big_bundle() -> bytes:
     return payload_bundle(3 * MIB)
+
+
+def zero_gzip(path: Path, compressed_size: int) -> Path:
+    """A complete gzip file of about ``compressed_size`` bytes of deflated zeros
+    (about 1000 times as many once inflated), made in a second, not a minute."""
+    chunk = bytes(16 * MIB)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    first = deflate.compress(chunk) + deflate.flush(zlib.Z_FULL_FLUSH)
+    # After a full flush deflate forgets its history: every further chunk comes out alike.
+    again = deflate.compress(chunk) + deflate.flush(zlib.Z_FULL_FLUSH)
+    repeats = max(1, compressed_size // len(again))
+    crc = zlib.crc32(chunk)
+    for _ in range(repeats):
+        crc = zlib.crc32(chunk, crc)
+    with open(path, "wb") as f:
+        f.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff")  # gzip header, no name
+        f.write(first)
+        for _ in range(repeats):
+            f.write(again)
+        f.write(deflate.flush())  # the final (empty) block
+        f.write(struct.pack("<II", crc, ((repeats + 1) * len(chunk)) & 0xFFFFFFFF))
+    return path
 
 
 def write_chunks(f: BinaryIO, data: bytes) -> None:
@@ -102,6 +132,14 @@ def no_report(q: queue.Queue, within: float = NOTHING_WITHIN) -> None:
     except queue.Empty:
         return
     raise AssertionError(f"unexpected report from the watcher: {extra!r}")
+
+
+def run_until_idle(watcher: IncomingWatcher) -> None:
+    """Play an unstarted watcher's loop by hand until no timer or message is left."""
+    while watcher._timers or not watcher.inbox.empty():
+        message = watcher._next_message()
+        if message is not None:
+            watcher.handle(message)
 
 
 # -- the actor under test ------------------------------------------------------------
@@ -159,8 +197,10 @@ def test_initial_scan_reports_complete_bundles_then_waits_for_the_half_written(
     half.write_bytes(big_bundle()[:cut])
 
     start_watcher()
-    assert {next_report(reports), next_report(reports)} == {arrived(small), arrived(big)}
+    # Files this young may still be being written: the scan ends at once and their
+    # checks follow, so the end of the scan (READY=1) never waits for a check.
     assert next_report(reports) == ScanCompleted()
+    assert {next_report(reports), next_report(reports)} == {arrived(small), arrived(big)}
     no_report(reports)  # the half-written file is not reported while it stays incomplete
 
     with open(half, "ab", buffering=0) as f:
@@ -350,6 +390,205 @@ def test_bad_names_are_ignored_once_and_other_files_are_not_mentioned(
     no_report(reports)
 
 
+# -- entries that are not regular files ------------------------------------------------
+
+
+def make_fifo(path: Path, outside: Path) -> None:
+    os.mkfifo(path)
+
+
+def make_socket(path: Path, outside: Path) -> None:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(path))
+    sock.close()  # the socket file stays
+
+
+def make_loop(path: Path, outside: Path) -> None:
+    os.symlink(path.name, path)  # a link to itself: ELOOP for whoever follows it
+
+
+def make_link_to_secret(path: Path, outside: Path) -> None:
+    os.symlink(outside / "secret", path)
+
+
+def make_device(path: Path, outside: Path) -> None:
+    os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 5))  # what /dev/zero is
+
+
+def make_folder(path: Path, outside: Path) -> None:
+    path.mkdir()
+
+
+NOT_REGULAR = {
+    "fifo": (make_fifo, "FIFO"),
+    "socket": (make_socket, "socket"),
+    "symlink-loop": (make_loop, "symbolic link"),
+    "link-outside": (make_link_to_secret, "symbolic link"),
+    "device": (make_device, "character device"),
+    "folder": (make_folder, "folder"),
+}
+
+
+def poke(path: Path) -> None:
+    """Cause more events on an entry, without following it or blocking on it."""
+    os.utime(path, ns=(0, time.time_ns()), follow_symlinks=False)
+    if stat.S_ISFIFO(os.lstat(path).st_mode):
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)  # a writer that needs no reader
+        os.write(fd, b"data nobody reads")
+        os.close(fd)
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A folder beside incoming/ holding a secret a link may lead to."""
+    path = tmp_path / "outside"
+    path.mkdir()
+    secret = path / "secret"
+    secret.write_bytes(small_bundle())  # even a valid bundle: links are never followed
+    secret.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def watch_opens(outside: Path) -> Iterator[Callable[[], list[str]]]:
+    """From the call on, record every opening of a file in ``outside`` (a second,
+    independent inotify watch), so a test sees whether keter read through a link."""
+    observers: list[Observer] = []
+
+    def start() -> list[str]:
+        seen: list[str] = []
+
+        class Record(FileSystemEventHandler):
+            def on_opened(self, event) -> None:
+                seen.append(os.fsdecode(event.src_path))
+
+        observer = Observer()
+        observer.schedule(Record(), str(outside), recursive=False)
+        observer.start()
+        observers.append(observer)
+        return seen
+
+    yield start
+    for observer in observers:
+        observer.stop()
+        observer.join()
+
+
+def refused(report: object, filename: str, kind: str) -> None:
+    assert isinstance(report, BundleIgnored), report
+    assert report.filename == filename
+    assert kind in report.reason, report.reason
+
+
+@pytest.mark.parametrize("kind", NOT_REGULAR)
+def test_an_entry_that_is_no_regular_file_is_refused_once_and_never_opened(
+    watcher, incoming: Path, outside: Path, watch_opens, reports: queue.Queue, kind: str
+) -> None:
+    make, word = NOT_REGULAR[kind]
+    path = incoming / "x.keter"
+    opened = watch_opens()
+    make(path, outside)
+    refused(next_report(reports), "x.keter", word)
+    poke(path)
+    watcher.tell(Rescan())
+    no_report(reports)  # said once, however often it is touched
+
+    # The watcher did not hang on it or die of it: a real bundle still arrives.
+    good = incoming / "good.keter"
+    copy_like_cp(good, small_bundle())
+    assert next_report(reports) == arrived(good)
+    assert opened == []
+
+
+@pytest.mark.parametrize("kind", NOT_REGULAR)
+def test_an_entry_that_is_no_regular_file_is_refused_at_start_up(
+    start_watcher, incoming: Path, outside: Path, watch_opens, reports: queue.Queue, kind: str
+) -> None:
+    make, word = NOT_REGULAR[kind]
+    make(incoming / "x.keter", outside)
+    opened = watch_opens()
+    good = incoming / "good.keter"
+    good.write_bytes(small_bundle())
+    watcher = start_watcher()
+    refused(next_report(reports), "x.keter", word)
+    assert next_report(reports) == ScanCompleted()
+    assert next_report(reports) == arrived(good)
+    watcher.tell(Rescan())
+    no_report(reports)
+    assert opened == []
+
+
+def test_a_deployed_bundle_replaced_by_a_link_keeps_its_version(
+    watcher, incoming: Path, outside: Path, reports: queue.Queue
+) -> None:
+    path = incoming / "app.keter"
+    copy_like_cp(path, small_bundle())
+    assert next_report(reports) == arrived(path)
+
+    link = incoming / ".app.keter.new"
+    make_link_to_secret(link, outside)
+    os.replace(link, path)  # refused, but it is no removal of the running version
+    refused(next_report(reports), "app.keter", "symbolic link")
+    watcher.tell(Rescan())
+    no_report(reports)
+
+    path.unlink()  # the name is gone: now the app is removed
+    assert next_report(reports) == BundleRemoved(app="app")
+    copy_like_cp(path, small_bundle())
+    assert next_report(reports) == arrived(path)
+
+
+def test_an_unexpected_error_with_one_file_fails_that_file_alone(
+    watcher, incoming: Path, reports: queue.Queue, monkeypatch
+) -> None:
+    real_open = watcher_module.open_regular
+
+    def open_regular(path: Path):
+        if path.name == "boom.keter":
+            raise RuntimeError("a bug nobody anticipated")
+        return real_open(path)
+
+    monkeypatch.setattr(watcher_module, "open_regular", open_regular)
+    boom = incoming / "boom.keter"
+    with open(boom, "wb", buffering=0) as f:  # no close-write yet: the check opens it
+        f.write(small_bundle())
+        report = next_report(reports)
+        assert isinstance(report, BundleIgnored), report
+        assert report.filename == "boom.keter"
+        assert "RuntimeError: a bug nobody anticipated" in report.reason
+
+    good = incoming / "good.keter"
+    copy_like_cp(good, small_bundle())
+    assert next_report(reports) == arrived(good)
+    assert watcher.is_alive()
+    # A new version of the failed file is looked at afresh.
+    copy_like_cp(boom, big_bundle())
+    assert next_report(reports) == arrived(boom)
+    no_report(reports)
+
+
+def test_a_zero_bomb_at_start_up_delays_neither_the_scan_nor_other_bundles(
+    start_watcher, incoming: Path, reports: queue.Queue
+) -> None:
+    """4 MB of deflated zeros (4 GB inflated) took 9 s to check before the scan ended."""
+    bomb = zero_gzip(incoming / "zeros.keter", 4 * MIB)
+    older = incoming / "older.keter"
+    older.write_bytes(small_bundle())
+
+    started = time.monotonic()
+    start_watcher()
+    assert next_report(reports, timeout=2.0) == ScanCompleted()
+    assert next_report(reports, timeout=2.0) == arrived(older)
+    # Checked a slice at a time: a bundle written meanwhile is reported promptly.
+    newer = incoming / "newer.keter"
+    copy_like_cp(newer, small_bundle())
+    assert next_report(reports, timeout=2.0) == arrived(newer)
+    # The bomb itself is handed on once it has inflated past what the unpacker
+    # accepts (the unpacker then refuses it with its reason).
+    assert next_report(reports, timeout=60.0) == arrived(bomb)
+    assert time.monotonic() - started < 60.0
+
+
 # -- Rescan --------------------------------------------------------------------------
 
 
@@ -359,8 +598,8 @@ def test_rescan_of_an_unchanged_folder_reports_nothing(
     path = incoming / "app.keter"
     path.write_bytes(small_bundle())
     watcher = start_watcher()
-    assert next_report(reports) == arrived(path)
     assert next_report(reports) == ScanCompleted()
+    assert next_report(reports) == arrived(path)  # young: checked after the scan
 
     watcher.tell(Rescan())
     no_report(reports)
@@ -372,8 +611,8 @@ def test_rescan_right_after_a_deletion_reports_the_removal_once(
     path = incoming / "app.keter"
     path.write_bytes(small_bundle())
     watcher = start_watcher()
-    assert next_report(reports) == arrived(path)
     assert next_report(reports) == ScanCompleted()
+    assert next_report(reports) == arrived(path)  # young: checked after the scan
 
     # The rescan and the deletion's own event race; either may notice first.
     path.unlink()
@@ -392,8 +631,10 @@ def test_rescan_reports_what_the_events_missed(incoming: Path, reports: queue.Qu
     path = incoming / "app.keter"
     path.write_bytes(small_bundle())
     watcher.handle(Rescan())
+    run_until_idle(watcher)  # the young file's settling and check
     assert reports.get_nowait() == arrived(path)
     watcher.handle(Rescan())
+    run_until_idle(watcher)
     assert reports.empty()
 
     path.unlink()
@@ -403,13 +644,19 @@ def test_rescan_reports_what_the_events_missed(incoming: Path, reports: queue.Qu
     assert reports.empty()
 
 
-# -- gzip_complete -------------------------------------------------------------------
+# -- the completeness check (gzipcheck) ------------------------------------------------
+
+NO_LIMIT = 1 << 40
 
 
 def write(tmp_path: Path, data: bytes) -> Path:
     path = tmp_path / "f.keter"
     path.write_bytes(data)
     return path
+
+
+def verdict(tmp_path: Path, data: bytes, limit: int = NO_LIMIT) -> Verdict:
+    return check_file(write(tmp_path, data), limit)
 
 
 def member_of_exact_size(size: int) -> bytes:
@@ -423,46 +670,78 @@ def member_of_exact_size(size: int) -> bytes:
     raise AssertionError(f"could not build a gzip member of {size} bytes")
 
 
-def test_gzip_complete_accepts_complete_streams(tmp_path: Path) -> None:
-    assert gzip_complete(write(tmp_path, small_bundle()))
-    assert gzip_complete(write(tmp_path, big_bundle()))
+def test_check_accepts_complete_streams(tmp_path: Path) -> None:
+    assert verdict(tmp_path, small_bundle()) is Verdict.COMPLETE
+    assert verdict(tmp_path, big_bundle()) is Verdict.COMPLETE
     # Highly compressible: the bounded output buffer is refilled many times per read.
-    assert gzip_complete(write(tmp_path, gzip.compress(bytes(20 * MIB))))
+    assert verdict(tmp_path, gzip.compress(bytes(20 * MIB))) is Verdict.COMPLETE
 
 
-@pytest.mark.parametrize("keep", [1, 9, 10, 100, "half", -8, -4, -1])
-def test_gzip_complete_refuses_a_truncated_stream(tmp_path: Path, keep: int | str) -> None:
+@pytest.mark.parametrize("keep", [0, 1, 2, 9, 10, 100, "half", -8, -4, -1])
+def test_check_finds_a_truncated_stream_incomplete(tmp_path: Path, keep: int | str) -> None:
     data = big_bundle()
     cut = len(data) // 2 if keep == "half" else keep
-    assert not gzip_complete(write(tmp_path, data[:cut]))
+    assert verdict(tmp_path, data[:cut]) is Verdict.INCOMPLETE
 
 
-def test_gzip_complete_accepts_concatenated_members(tmp_path: Path) -> None:
+def test_check_accepts_concatenated_members(tmp_path: Path) -> None:
     data = gzip.compress(b"first") + gzip.compress(b"second")
-    assert gzip_complete(write(tmp_path, data))
-    # A truncated second member is still incomplete.
-    assert not gzip_complete(write(tmp_path, data[:-1]))
+    assert verdict(tmp_path, data) is Verdict.COMPLETE
+    # A truncated second member is still incomplete, down to its first byte.
+    assert verdict(tmp_path, data[:-1]) is Verdict.INCOMPLETE
+    assert verdict(tmp_path, gzip.compress(b"first") + b"\x1f") is Verdict.INCOMPLETE
 
 
-def test_gzip_complete_across_a_member_boundary_on_a_read_boundary(tmp_path: Path) -> None:
-    first = member_of_exact_size(MIB)  # gzip_complete reads 1 MiB at a time
+def test_check_across_a_member_boundary_on_a_read_boundary(tmp_path: Path) -> None:
+    first = member_of_exact_size(MIB)  # a multiple of the check's read size
     second = gzip.compress(os.urandom(1000))
-    assert gzip_complete(write(tmp_path, first))
-    assert gzip_complete(write(tmp_path, first + second))
-    assert not gzip_complete(write(tmp_path, first + second[:5]))
-    assert not gzip_complete(write(tmp_path, first + second[:-3]))
+    assert verdict(tmp_path, first) is Verdict.COMPLETE
+    assert verdict(tmp_path, first + second) is Verdict.COMPLETE
+    assert verdict(tmp_path, first + second[:1]) is Verdict.INCOMPLETE
+    assert verdict(tmp_path, first + second[:5]) is Verdict.INCOMPLETE
+    assert verdict(tmp_path, first + second[:-3]) is Verdict.INCOMPLETE
 
 
-@pytest.mark.parametrize("garbage", [b"x", b"\0" * 512, b"\x1f\x8b", b"not gzip at all"], ids=repr)
-def test_gzip_complete_refuses_trailing_garbage(tmp_path: Path, garbage: bytes) -> None:
-    assert not gzip_complete(write(tmp_path, small_bundle() + garbage))
+@pytest.mark.parametrize("padding", [b"x", b"\0" * 512, b"not gzip at all"], ids=repr)
+def test_check_takes_padding_after_a_member_as_the_end(tmp_path: Path, padding: bytes) -> None:
+    # The unpacker ignores what follows the last member unless it starts another one.
+    assert verdict(tmp_path, small_bundle() + padding) is Verdict.COMPLETE
 
 
-def test_gzip_complete_refuses_empty_missing_and_non_gzip_files(tmp_path: Path) -> None:
-    assert not gzip_complete(write(tmp_path, b""))
-    assert not gzip_complete(tmp_path / "missing.keter")
-    assert not gzip_complete(write(tmp_path, b"plain text, not a bundle\n" * 100))
+def test_check_finds_what_no_appending_can_save_hopeless(tmp_path: Path) -> None:
+    assert verdict(tmp_path, b"plain text, not a bundle\n" * 100) is Verdict.HOPELESS
+    assert verdict(tmp_path, b"x") is Verdict.HOPELESS
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:  # an uncompressed tarball
         tar.addfile(tarfile.TarInfo("empty"), io.BytesIO())
-    assert not gzip_complete(write(tmp_path, buf.getvalue()))
+    assert verdict(tmp_path, buf.getvalue()) is Verdict.HOPELESS
+    corrupt = bytearray(big_bundle())
+    for i in range(len(corrupt) // 2, len(corrupt) // 2 + 64):
+        corrupt[i] ^= 0xFF
+    assert verdict(tmp_path, bytes(corrupt)) is Verdict.HOPELESS
+
+
+def test_check_stops_once_the_data_expands_past_the_limit(tmp_path: Path) -> None:
+    # About 1 GiB of zeros in 1 MB: inflating all of it is what took 2 s per MB.
+    path = zero_gzip(tmp_path / "zeros.keter", MIB)
+    started = time.process_time()
+    assert check_file(path, 8 * MIB) is Verdict.HOPELESS
+    assert time.process_time() - started < 1.0
+    # Under a limit it stays within, the same stream is judged by its end.
+    assert check_file(path, NO_LIMIT) is Verdict.COMPLETE
+
+
+def test_check_works_in_bounded_slices(tmp_path: Path) -> None:
+    path = write(tmp_path, gzip.compress(bytes(64 * MIB), compresslevel=1))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        check = GzipCheck(fd, NO_LIMIT)
+        seen = [0]
+        while (result := check.step(max_input=MIB, max_output=4 * MIB)) is None:
+            seen.append(check.inflated)
+        assert result is Verdict.COMPLETE
+        slices = [b - a for a, b in itertools.pairwise(seen)]
+        assert len(slices) >= 15  # 64 MiB in slices of about 4 MiB
+        assert max(slices) <= 5 * MIB
+    finally:
+        os.close(fd)

@@ -1,4 +1,4 @@
-"""Unpacking bundles safely, and the actor that does it for the supervisor.
+"""Unpacking one bundle safely: ``safe_unpack``, a pure function of a file and a folder.
 
 A bundle is untrusted input: anyone who can drop a file into incoming/ must not
 be able to write outside the bundle's folder, create device nodes or setuid
@@ -14,33 +14,30 @@ Decompression is ours rather than tarfile's ``"r|gz"`` because tarfile's stream
 mode never checks the gzip trailer (CRC and length) and takes a cut-off stream
 or a corrupt header for the end of the archive, which would deploy half an app
 without a word.
+
+Whatever the file holds, ``safe_unpack`` returns or raises ``UnpackError`` with
+one short, log-safe reason (names quoted through ``log_text`` and capped), and
+on failure leaves nothing behind: the bundle is opened like every file in
+incoming/ (``files.open_regular``: never a FIFO, device or link), and
+whatever tarfile raises while parsing a hostile header (it is a parser of
+untrusted input: ``ValueError`` from a pax ``GNU.sparse.size=x``,
+``UnicodeError``, ...) is that archive's refusal, as is any OS or zlib error.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import os
-import queue
 import shutil
 import tarfile
 import zlib
 from pathlib import Path
 from typing import BinaryIO
 
-from keter.actor import Actor
-from keter.bundle import BundleConfigError, parse_bundle_config
-from keter.messages import (
-    BundleUnpacked,
-    FailureKind,
-    RemoveFolder,
-    UnpackBundle,
-    UnpackFailed,
-)
+from keter.incoming.files import NotABundleFile, open_regular
+from keter.names import log_text
 from keter.processes.forkgate import FORK_GATE
-
-log = logging.getLogger(__name__)
 
 _COPY_CHUNK = 1 << 20  # bytes per read when copying a member's data
 _INPUT_CHUNK = 1 << 16  # compressed bytes fed to zlib at a time
@@ -63,6 +60,10 @@ _META_TYPES = frozenset(
     | {tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK}
 )
 _MAX_META_BYTES = 1 << 20
+
+# Characters of a member name (or of an error's text) quoted in a reason; a
+# hostile archive can carry names of a megabyte (TEAM.md decision 5).
+NAME_LIMIT = 200
 
 # shutil.rmtree recurses once per folder level, so a deeper tree could not be
 # removed again (RecursionError); real apps nest far less.
@@ -107,20 +108,50 @@ def safe_unpack(bundle: Path, dest: Path, *, max_bytes: int, max_members: int) -
     try:
         os.chmod(dest, 0o755)  # mkdir's mode was reduced by the umask
         try:
-            raw = open(bundle, "rb")  # noqa: SIM115 - closed below, error mapped separately
+            fd, _ = open_regular(bundle)
+        except NotABundleFile as exc:
+            raise UnpackError(f"{Path(bundle).name} is not a regular file: {exc}") from None
         except OSError as exc:
             raise UnpackError(f"cannot open {bundle}: {exc.strerror}") from None
-        with raw:
+        with open(fd, "rb") as raw:
             extraction = _Extraction(raw, dest, max_bytes=max_bytes, max_members=max_members)
             extraction.run()
             digest = extraction.stream.sha256_of_rest()
         done = True
+    except UnpackError:
+        raise
     except tarfile.TarError as exc:
         raise UnpackError(_tar_reason(exc)) from None
+    except OSError as exc:
+        raise UnpackError(f"cannot unpack: {exc.strerror or _text(exc)}") from None
+    except zlib.error as exc:
+        raise UnpackError(f"corrupt gzip data ({_text(exc)})") from None
+    except (ValueError, UnicodeError, OverflowError, EOFError, RecursionError) as exc:
+        # Raised from deep inside tarfile by a header it could not make sense of.
+        raise UnpackError(f"malformed archive ({type(exc).__name__}: {_text(exc)})") from None
     finally:
         if not done:
             shutil.rmtree(dest, ignore_errors=True)
     return digest
+
+
+def stream_limit(max_bytes: int, max_members: int) -> int:
+    """How far the decompressed tar stream of an acceptable bundle can reach.
+
+    File data (``max_bytes``) plus headers and padding for ``max_members``
+    members: a stream that inflates past this is refused whatever follows.
+    """
+    return max_bytes + max_members * _OVERHEAD_PER_MEMBER + _OVERHEAD_FIXED
+
+
+def _name(name: str) -> str:
+    """A member name as a reason quotes it: escaped, capped, in single quotes."""
+    return "'" + log_text(name, NAME_LIMIT).replace("'", "\\'") + "'"
+
+
+def _text(exc: BaseException) -> str:
+    """An exception's own text (which may quote the archive), escaped and capped."""
+    return log_text(str(exc), NAME_LIMIT)
 
 
 def _tar_reason(exc: tarfile.TarError) -> str:
@@ -179,6 +210,8 @@ class _GzipReader:
         while not self._finished:
             if self._zlib.eof:
                 rest = self._zlib.unused_data or self._read_raw()
+                if len(rest) < len(_GZIP_MAGIC):  # a read may end inside the next magic
+                    rest += self._read_raw()
                 # Anything but another gzip member is trailing padding; gzip ignores it too.
                 if not rest.startswith(_GZIP_MAGIC):
                     self._finished = True
@@ -229,12 +262,28 @@ class _CheckedTarInfo(tarfile.TarInfo):
         try:
             info = super().frombuf(buf, encoding, errors)
         except tarfile.InvalidHeaderError as exc:
-            raise UnpackError(f"bad tar header ({exc})") from None
+            raise UnpackError(f"bad tar header ({_text(exc)})") from None
         except tarfile.TruncatedHeaderError:
             raise UnpackError("truncated archive") from None
         if info.type in _META_TYPES and info.size > _MAX_META_BYTES:
             raise UnpackError(f"extended header of {info.size} bytes is too large")
         return info
+
+
+def _parsing(parse, *args, **kwargs):
+    """Call tarfile's header parsing: whatever it raises is the archive's refusal.
+
+    tarfile parses untrusted headers in many places that raise plain Python
+    errors (``int()`` of a pax ``GNU.sparse.size=x`` is a ``ValueError``); the
+    only code of ours it runs is the reader and ``_CheckedTarInfo``, which
+    raise ``UnpackError`` themselves.
+    """
+    try:
+        return parse(*args, **kwargs)
+    except (UnpackError, tarfile.TarError):
+        raise
+    except Exception as exc:
+        raise UnpackError(f"malformed tar header ({type(exc).__name__}: {_text(exc)})") from None
 
 
 class _Extraction:
@@ -244,18 +293,19 @@ class _Extraction:
         self.dest = os.path.realpath(dest)
         self.max_bytes = max_bytes
         self.max_members = max_members
-        limit = max_bytes + max_members * _OVERHEAD_PER_MEMBER + _OVERHEAD_FIXED
-        self.stream = _GzipReader(raw, limit)
+        self.stream = _GzipReader(raw, stream_limit(max_bytes, max_members))
         self.members = 0
         self.written = 0
         self.dirs: set[str] = {self.dest}  # folders known to exist
         self.resolved: dict[str, str] = {}  # folder -> its realpath
 
     def run(self) -> None:
-        with tarfile.open(fileobj=self.stream, mode="r|", tarinfo=_CheckedTarInfo) as tar:
+        # Opening reads the first header already.
+        tar = _parsing(tarfile.open, fileobj=self.stream, mode="r|", tarinfo=_CheckedTarInfo)
+        with tar:
             # next() rather than iteration, and forgetting each member, so a
             # million-member archive is not held in memory.
-            while (member := tar.next()) is not None:
+            while (member := _parsing(tar.next)) is not None:
                 tar.members.clear()
                 self.members += 1
                 if self.members > self.max_members:
@@ -267,8 +317,10 @@ class _Extraction:
                     else:
                         self._write_file(tar, member, target)
                 except OSError as exc:  # reading errors became UnpackError in the reader
-                    reason = exc.strerror or str(exc)
-                    raise UnpackError(f"cannot write member {member.name!r}: {reason}") from None
+                    reason = exc.strerror or _text(exc)
+                    raise UnpackError(
+                        f"cannot write member {_name(member.name)}: {reason}"
+                    ) from None
         if self.members == 0:
             raise UnpackError("empty archive (no members)")
         self.stream.drain()
@@ -277,14 +329,16 @@ class _Extraction:
         """Refuse anything but a plain file or folder inside dest; return its path."""
         name = member.name
         if "\0" in name:
-            raise UnpackError(f"member {name!r} has a NUL byte in its name")
+            raise UnpackError(f"member {_name(name)} has a NUL byte in its name")
         if name.startswith("/"):
-            raise UnpackError(f"member {name!r} has an absolute path")
+            raise UnpackError(f"member {_name(name)} has an absolute path")
         parts = [p for p in name.split("/") if p not in ("", ".")]
         if ".." in parts:
-            raise UnpackError(f"member {name!r} escapes the bundle")
+            raise UnpackError(f"member {_name(name)} escapes the bundle")
         if len(parts) > MAX_DEPTH:
-            raise UnpackError(f"member {name[:60]!r}... is nested deeper than {MAX_DEPTH} levels")
+            raise UnpackError(
+                f"member {_name(name[:60])}... is nested deeper than {MAX_DEPTH} levels"
+            )
         kind = _KINDS.get(member.type)
         if kind is None and member.issparse():
             kind = "a sparse file"
@@ -292,18 +346,20 @@ class _Extraction:
             kind = f"of unsupported type {member.type!r}"
         if kind is not None:
             raise UnpackError(
-                f"member {name!r} is {kind}; only regular files and folders are allowed"
+                f"member {_name(name)} is {kind}; only regular files and folders are allowed"
             )
         if not parts and not member.isdir():
-            raise UnpackError(f"member {name!r} is a file without a name")
+            raise UnpackError(f"member {_name(name)} is a file without a name")
         target = self._resolve(parts)
         if os.path.commonpath([self.dest, target]) != self.dest:
-            raise UnpackError(f"member {name!r} escapes the bundle")
+            raise UnpackError(f"member {_name(name)} escapes the bundle")
         if _data_filter is not None:
             try:
                 _data_filter(member, self.dest)
             except tarfile.FilterError as exc:
-                raise UnpackError(f"member {name!r} refused by tarfile's filter: {exc}") from None
+                raise UnpackError(
+                    f"member {_name(name)} refused by tarfile's filter: {_text(exc)}"
+                ) from None
         return target
 
     def _resolve(self, parts: list[str]) -> str:
@@ -335,7 +391,7 @@ class _Extraction:
                 # An earlier member wrote a file here (we never create symlinks).
                 if not os.path.isdir(folder):
                     name = os.path.relpath(folder, self.dest)
-                    raise UnpackError(f"{name!r} is both a file and a folder") from None
+                    raise UnpackError(f"{_name(name)} is both a file and a folder") from None
             os.chmod(folder, 0o755)  # mkdir's mode was reduced by the umask
             self.dirs.add(folder)
 
@@ -375,94 +431,3 @@ def _file_mode(mode: int) -> int:
 
 
 _data_filter = getattr(tarfile, "data_filter", None)
-
-
-class Unpacker(Actor):
-    """Unpacks bundles into folders under ``temp_dir`` and removes old ones."""
-
-    def __init__(
-        self, temp_dir: Path, *, max_bytes: int, max_members: int, report_to: queue.Queue
-    ) -> None:
-        super().__init__("unpacker", report_to)
-        self.temp_dir = Path(temp_dir)
-        self.max_bytes = max_bytes
-        self.max_members = max_members
-
-    def on_start(self) -> None:
-        """Remove the folders a previous run left behind: no process uses them now."""
-        self.temp_dir.mkdir(parents=True, exist_ok=True)
-        for entry in sorted(self.temp_dir.iterdir()):
-            self._remove(entry, why="stale ")
-
-    def handle(self, message: object) -> None:
-        match message:
-            case UnpackBundle():
-                self._unpack(message)
-            case RemoveFolder(path=path):
-                self._remove(path)
-            case _:
-                self.unexpected(message)
-
-    def _unpack(self, msg: UnpackBundle) -> None:
-        if not self._inside_temp(msg.dest):
-            self._failed(msg, f"destination {msg.dest} is not inside {self.temp_dir}")
-            return
-        try:
-            sha256 = safe_unpack(
-                msg.bundle, msg.dest, max_bytes=self.max_bytes, max_members=self.max_members
-            )
-        except UnpackError as exc:
-            self._failed(msg, f"cannot unpack {msg.bundle.name}: {exc}")
-            return
-        try:
-            config = parse_bundle_config(msg.dest, msg.app)
-        except (BundleConfigError, OSError) as exc:
-            shutil.rmtree(msg.dest, ignore_errors=True)
-            self._failed(msg, f"bad config in {msg.bundle.name}: {exc}", FailureKind.CONFIG)
-            return
-        log.info("%s: unpacked %s into %s", msg.app, msg.bundle.name, msg.dest)
-        self.report(
-            BundleUnpacked(
-                app=msg.app,
-                deploy_id=msg.deploy_id,
-                folder=msg.dest,
-                config=config,
-                warnings=tuple(config.warnings),
-                sha256=sha256,
-            )
-        )
-
-    def _failed(
-        self, msg: UnpackBundle, reason: str, kind: FailureKind = FailureKind.UNPACK
-    ) -> None:
-        # The supervisor logs the failure ("APP: deploy failed: REASON"); once is enough.
-        log.debug("%s: %s", msg.app, reason)
-        self.report(UnpackFailed(app=msg.app, deploy_id=msg.deploy_id, reason=reason, kind=kind))
-
-    def _remove(self, path: Path, why: str = "") -> None:
-        if not self._inside_temp(path):
-            log.error("unpacker: refusing to remove %s: not inside %s", path, self.temp_dir)
-            return
-        if not os.path.lexists(path):
-            return
-        try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.unlink(path)  # a stray file, or a symlink (never followed)
-        except OSError as exc:
-            log.error("unpacker: cannot remove %s%s: %s", why, path, exc)
-            return
-        log.info("unpacker: removed %s%s", why, path)
-
-    def _inside_temp(self, path: Path) -> bool:
-        """True if ``path`` names an entry strictly below ``temp_dir``.
-
-        The parent is resolved but the last component is not, so a symlink
-        placed in temp_dir is itself removed, never what it points to.
-        """
-        root = os.path.realpath(self.temp_dir)
-        path = Path(path)
-        if path.name in ("", ".", ".."):
-            return False
-        return os.path.commonpath([root, os.path.realpath(path.parent)]) == root

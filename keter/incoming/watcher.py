@@ -1,0 +1,416 @@
+"""The incoming-folder watcher: turns file-system noise into one fact per bundle change.
+
+watchdog's observer thread only forwards raw paths into this actor's inbox;
+all decisions happen here, on this actor's own thread.
+
+Which files are bundles? ``NAME.keter`` with a valid app name that is a
+regular file (``files.py``): a FIFO, socket, device, folder or symbolic link
+under such a name is refused with one line, once per entry, and is never
+opened or followed. A refused entry changes nothing: the running version of
+the app keeps serving until a bundle replaces it or the name disappears.
+
+When is a bundle "completely written"? A writer that closes the file (cp,
+scp, a text editor) gives inotify's close-write, and a bundle renamed into
+the folder is complete by construction; both are trusted after a short quiet
+period. A file untouched (by its ctime) for ``GIVE_UP_QUIET`` is done as well:
+nobody is writing it. Anything else (a touch, a write we saw no close for, a
+young file found by a scan) is in doubt, and its gzip stream is checked
+(``gzipcheck.py``) one slice per message, so the check never holds up other
+files, the end of the start-up scan (``ScanCompleted``, systemd's READY=1)
+or anything else. A half-written bundle never reaches the unpacker; a truly
+truncated one is still reported once it has been quiet for ``GIVE_UP_QUIET``,
+so the user hears about it.
+
+Whatever goes wrong while handling one file (an error nobody anticipated
+included) is that file's failure: one line, and the watcher carries on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import (
+    FileClosedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+
+from keter.actor import Actor
+from keter.config import KeterConfig
+from keter.incoming.files import NotABundleFile, Stamp, look, open_regular
+from keter.incoming.gzipcheck import GzipCheck, Verdict
+from keter.incoming.unpack import stream_limit
+from keter.messages import (
+    BundleArrived,
+    BundleIgnored,
+    BundleRemoved,
+    Rescan,
+    ScanCompleted,
+)
+from keter.names import log_text, validate_app_name
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".keter"
+# After a close-write or a rename, wait this long for further events before trusting the file.
+CLOSED_QUIET = 0.05
+# Without a close-write, the file must be quiet this long before its gzip stream is checked.
+DOUBT_QUIET = 0.25
+# A file quiet this long is done: reported even if its stream is incomplete (truly truncated).
+GIVE_UP_QUIET = 30.0
+# A reason quoted from an exception nobody anticipated is cut to this many characters.
+REASON_LIMIT = 500
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _PathTouched:
+    """Private: the observer saw something happen to ``path``."""
+
+    path: str
+    certain: bool  # close-write or rename-in: the writer is done
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Settle:
+    """Private timer: look again at a file that may have settled."""
+
+    app: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _CheckStep:
+    """Private: do the next slice of check ``check_id`` (sent to the inbox, so it
+    takes its turn with every other message)."""
+
+    app: str
+    check_id: int
+
+
+@dataclass(kw_only=True, slots=True)
+class _Pending:
+    """A bundle file that changed and is not reported yet."""
+
+    stamp: Stamp | None
+    certain: bool
+    last_event: float  # time.monotonic()
+    timer_due: float = 0.0
+    check: GzipCheck | None = None  # a completeness check under way ...
+    check_fd: int = -1  # ... on this descriptor ...
+    check_id: int = 0  # ... and its number
+    incomplete: Stamp | None = None  # the version a finished check found incomplete
+
+
+class _Forwarder(FileSystemEventHandler):
+    """Runs on watchdog's thread: forwards, decides nothing."""
+
+    def __init__(self, inbox: queue.Queue) -> None:
+        self._inbox = inbox
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        # Folders are forwarded too: one named NAME.keter deserves its line.
+        if isinstance(event, FileMovedEvent) or event.event_type == "moved":
+            # Moved out (or renamed away) is a possible removal; moved in is a complete file.
+            self._inbox.put(_PathTouched(path=os.fsdecode(event.src_path), certain=False))
+            self._inbox.put(_PathTouched(path=os.fsdecode(event.dest_path), certain=True))
+        elif event.event_type in ("opened", "closed_no_write"):
+            return  # reads (our own gzip check, the unpacker) are not changes
+        else:
+            certain = isinstance(event, FileClosedEvent)
+            self._inbox.put(_PathTouched(path=os.fsdecode(event.src_path), certain=certain))
+
+
+class IncomingWatcher(Actor):
+    """Reports BundleArrived / BundleRemoved / BundleIgnored for ``incoming_dir``.
+
+    ``expand_limit`` is how far the unpacker lets a bundle's tar stream grow
+    (``unpack.stream_limit``): the completeness check stops there, since a
+    bundle that grows further is refused whatever follows.
+    """
+
+    def __init__(
+        self,
+        incoming_dir: Path,
+        *,
+        report_to: queue.Queue,
+        expand_limit: int = stream_limit(KeterConfig.max_unpacked_bytes, KeterConfig.max_members),
+    ) -> None:
+        super().__init__("watcher", report_to)
+        self.incoming_dir = Path(incoming_dir)
+        self.expand_limit = expand_limit
+        self._observer: Observer | None = None
+        self._pending: dict[str, _Pending] = {}
+        self._reported: dict[str, Stamp] = {}  # app -> stamp last reported as arrived
+        self._ignored: set[str] = set()  # file names that are no app name
+        self._refused: dict[str, tuple[int, ...]] = {}  # file name -> identity of what was refused
+        self._check_ids = itertools.count(1)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        # Watch before scanning so nothing written during the scan is missed.
+        self._observer = Observer()
+        self._observer.name = "keter-watchdog"
+        self._observer.schedule(_Forwarder(self.inbox), str(self.incoming_dir), recursive=False)
+        self._observer.start()
+        self._scan(initial=True)
+        # Bundles in doubt are still being checked; they follow when settled.
+        self.report(ScanCompleted())
+
+    def on_stop(self) -> None:
+        for pending in self._pending.values():
+            self._cancel_check(pending)
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join()
+
+    # -- messages --------------------------------------------------------------------
+
+    def handle(self, message: object) -> None:
+        match message:
+            case _PathTouched(path=path, certain=certain):
+                self._guarded(os.path.basename(path), self._touched, Path(path), certain)
+            case _Settle(app=app):
+                self._guarded(app + SUFFIX, self._settle, app)
+            case _CheckStep(app=app, check_id=check_id):
+                self._guarded(app + SUFFIX, self._check_step, app, check_id)
+            case Rescan():
+                log.info("incoming: rescanning %s", self.incoming_dir)
+                self._scan(initial=False)
+            case _:
+                self.unexpected(message)
+
+    # -- one file's failure ----------------------------------------------------------
+
+    def _guarded(self, filename: str, step, *args) -> None:
+        """Run one step of handling ``filename``; an exception fails that file alone."""
+        try:
+            step(*args)
+        except Exception as exc:
+            self._file_failed(filename, exc)
+
+    def _file_failed(self, filename: str, exc: Exception) -> None:
+        log.debug("incoming: %s failed:\n%s", log_text(filename), traceback.format_exc())
+        app = filename.removesuffix(SUFFIX)
+        if (pending := self._pending.pop(app, None)) is not None:
+            self._cancel_check(pending)
+        try:
+            stamp = look(self.incoming_dir / filename)
+        except Exception:  # the file cannot even be looked at: remember that
+            stamp = None
+        if isinstance(exc, OSError):
+            reason = f"cannot read it: {exc.strerror or exc}"
+        else:
+            reason = f"unexpected error while watching it: {type(exc).__name__}: {exc}"
+        self._refuse(filename, stamp, log_text(reason, REASON_LIMIT))
+
+    def _refuse(self, filename: str, stamp: Stamp | None, reason: str) -> None:
+        """One ERROR line (and one BundleIgnored) per refused entry, however often it is touched."""
+        identity = _identity(stamp)
+        if self._refused.get(filename) == identity:
+            return
+        self._refused[filename] = identity
+        log.error("%s: refused: %s", log_text(filename), reason)
+        self.report(BundleIgnored(filename=filename, reason=reason))
+
+    # -- internals -------------------------------------------------------------------
+
+    def _app_of(self, path: Path) -> str | None:
+        """The app a path in incoming/ stands for, or None if it is not a bundle."""
+        if path.parent != self.incoming_dir or not path.name.endswith(SUFFIX):
+            return None
+        if path.name.startswith("."):
+            return None  # scp/rsync temp names and editors' swap files
+        name = path.name[: -len(SUFFIX)]
+        try:
+            return validate_app_name(name)
+        except ValueError as exc:
+            if path.name not in self._ignored:
+                self._ignored.add(path.name)
+                reason = log_text(exc, REASON_LIMIT)
+                log.error("%s: ignored: %s", log_text(path.name), reason)
+                self.report(BundleIgnored(filename=path.name, reason=reason))
+            return None
+
+    def _touched(self, path: Path, certain: bool) -> None:
+        app = self._app_of(path)
+        if app is None:
+            return
+        now = time.monotonic()
+        pending = self._pending.get(app)
+        if pending is None:
+            pending = self._pending[app] = _Pending(stamp=None, certain=certain, last_event=now)
+        else:
+            pending.last_event = now
+            # A close after writes settles the doubt; later writes raise it again.
+            pending.certain = certain
+            self._cancel_check(pending)  # it was reading an older version
+        pending.stamp = look(path)
+        self._wake(app, CLOSED_QUIET if certain else DOUBT_QUIET)
+
+    def _wake(self, app: str, delay: float) -> None:
+        pending = self._pending[app]
+        due = time.monotonic() + delay
+        # One timer per file is enough: a later due time supersedes an earlier one.
+        if pending.timer_due <= time.monotonic() or due < pending.timer_due:
+            pending.timer_due = due
+            self.schedule(delay, _Settle(app=app))
+
+    def _settle(self, app: str) -> None:
+        pending = self._pending.get(app)
+        if pending is None or pending.check is not None:
+            return  # nothing to do, or a check under way will decide
+        now = time.monotonic()
+        quiet_needed = CLOSED_QUIET if pending.certain else DOUBT_QUIET
+        quiet = now - pending.last_event
+        if quiet < quiet_needed:
+            self._wake(app, quiet_needed - quiet)
+            return
+        path = self.incoming_dir / f"{app}{SUFFIX}"
+        stamp = look(path)
+        if stamp != pending.stamp:
+            # Changed since the last event we saw (events can be coalesced or still on
+            # their way); start over. A close seen earlier no longer vouches for these
+            # newer writes: doubt until their own close-write event arrives.
+            self._doubt(app, pending, stamp)
+            return
+        if stamp is None:
+            del self._pending[app]
+            self._gone(app)
+            return
+        if (reason := stamp.refusal()) is not None:
+            del self._pending[app]
+            self._refuse(path.name, stamp, reason)
+            return
+        if self._refused.get(path.name) == _identity(stamp):
+            del self._pending[app]  # this very version failed before: said once already
+            return
+        if not pending.certain and quiet < GIVE_UP_QUIET:
+            if pending.incomplete == stamp:
+                # Checked and found incomplete, and nothing changed since: wait (looking
+                # now and then, in case an event was lost) until it has been quiet enough.
+                self._wake(app, min(max(quiet, 1.0), GIVE_UP_QUIET - quiet + 0.01))
+            else:
+                self._start_check(app, pending, path)
+            return
+        if pending.incomplete == stamp:
+            log.warning("%s: bundle has been incomplete for %.0fs; deploying it anyway", app, quiet)
+        del self._pending[app]
+        self._arrived(app, path, stamp)
+
+    def _doubt(self, app: str, pending: _Pending, stamp: Stamp | None) -> None:
+        self._cancel_check(pending)
+        pending.stamp, pending.last_event, pending.certain = stamp, time.monotonic(), False
+        self._wake(app, DOUBT_QUIET)
+
+    def _start_check(self, app: str, pending: _Pending, path: Path) -> None:
+        try:
+            fd, st = open_regular(path)
+        except NotABundleFile as exc:  # swapped for something else since the look
+            del self._pending[app]
+            self._refuse(path.name, look(path), str(exc))
+            return
+        except FileNotFoundError:
+            self._doubt(app, pending, None)
+            return
+        if Stamp.of_stat(st) != pending.stamp:
+            os.close(fd)
+            self._doubt(app, pending, look(path))
+            return
+        pending.check = GzipCheck(fd, self.expand_limit)
+        pending.check_fd, pending.check_id = fd, next(self._check_ids)
+        self.inbox.put(_CheckStep(app=app, check_id=pending.check_id))
+
+    def _check_step(self, app: str, check_id: int) -> None:
+        pending = self._pending.get(app)
+        if pending is None or pending.check is None or pending.check_id != check_id:
+            return  # cancelled: the file changed or went away
+        verdict = pending.check.step()
+        if verdict is None:
+            self.inbox.put(_CheckStep(app=app, check_id=check_id))
+            return
+        self._cancel_check(pending)
+        path = self.incoming_dir / f"{app}{SUFFIX}"
+        stamp = look(path)
+        if stamp != pending.stamp:
+            self._doubt(app, pending, stamp)  # written to while being read: the verdict is void
+            return
+        if verdict is Verdict.INCOMPLETE:
+            pending.incomplete = stamp
+            quiet = time.monotonic() - pending.last_event
+            self._wake(app, min(max(quiet, 1.0), GIVE_UP_QUIET - quiet + 0.01))
+            return
+        # COMPLETE, or HOPELESS: nothing appended could save it, so the unpacker
+        # may as well refuse it now, with its own reason.
+        del self._pending[app]
+        self._arrived(app, path, stamp)
+
+    def _cancel_check(self, pending: _Pending) -> None:
+        if pending.check is not None:
+            pending.check = None
+            os.close(pending.check_fd)
+            pending.check_fd = -1
+
+    def _arrived(self, app: str, path: Path, stamp: Stamp) -> None:
+        self._refused.pop(path.name, None)  # a good version ends an earlier refusal
+        if self._reported.get(app) == stamp:
+            return  # an event without a change (e.g. a chmod): already deployed
+        self._reported[app] = stamp
+        self.report(BundleArrived(app=app, path=path, mtime_ns=stamp.mtime_ns, size=stamp.size))
+
+    def _gone(self, app: str) -> None:
+        self._refused.pop(app + SUFFIX, None)
+        if self._reported.pop(app, None) is not None:
+            self.report(BundleRemoved(app=app))
+
+    def _scan(self, *, initial: bool) -> None:
+        present: set[str] = set()
+        with os.scandir(self.incoming_dir) as entries:
+            names = sorted(entry.name for entry in entries)
+        for name in names:
+            self._guarded(name, self._scan_one, self.incoming_dir / name, present)
+        if not initial:
+            for app in set(self._reported) - present - set(self._pending):
+                self._gone(app)
+
+    def _scan_one(self, path: Path, present: set[str]) -> None:
+        app = self._app_of(path)
+        if app is None:
+            return
+        stamp = look(path)
+        if stamp is None:
+            return  # removed since the listing
+        present.add(app)  # a refused entry keeps the running version: not a removal
+        if app in self._pending:
+            return  # already being watched settle
+        if (reason := stamp.refusal()) is not None:
+            self._refuse(path.name, stamp, reason)
+            return
+        if self._reported.get(app) == stamp or self._refused.get(path.name) == _identity(stamp):
+            return
+        # How long nobody has changed it (ctime cannot be set by a writer).
+        age = max(0.0, time.time() - stamp.ctime_ns / 1e9)
+        if age >= GIVE_UP_QUIET:
+            self._arrived(app, path, stamp)  # done by the give-up rule: no need to read it
+            return
+        # Possibly still being written: let the usual settling decide.
+        self._pending[app] = _Pending(stamp=stamp, certain=False, last_event=time.monotonic() - age)
+        self._wake(app, max(0.0, DOUBT_QUIET - age))
+
+
+def _identity(stamp: Stamp | None) -> tuple[int, ...]:
+    """What makes a refused entry the same one: a FIFO or socket being written to
+    changes its size and mtime, but is still the entry already refused."""
+    if stamp is None:
+        return ()
+    if stamp.regular:
+        return (stamp.kind, stamp.ino, stamp.size, stamp.mtime_ns)
+    return (stamp.kind, stamp.ino)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import json
 import os
 import re
 import stat
@@ -46,6 +45,7 @@ from support.wait import wait_for
 
 from keter.bundle import validate_host
 from keter.messages import Site
+from keter.names import log_text
 from keter.nginx import render
 
 MIB = 1 << 20
@@ -341,9 +341,8 @@ def test_bad_bundle_name_is_ignored_in_one_line(rig: Rig, name: str, rule: str) 
     good = make_bundle(rig.bundles / "named.keter", config=webapp_config("named.test", "n1"))
     rig.keter.drop(good, name=f"{name}.keter")
     wait_for(lambda: "ignored" in rig.log_since(before), 10, "the name to be refused")
-    # The file's name (JSON-escaped when it would break the line), then the rule.
-    filename = f"{name}.keter"
-    shown = filename if filename.isprintable() else json.dumps(filename)
+    # The file's name (escaped by log_text when it would break the line), then the rule.
+    shown = log_text(f"{name}.keter")
     assert_one_error(rig.log_since(before), f"{shown}", "ignored", rule)
     assert "deploy" not in rig.log_since(before)
     rig.assert_unchanged(before)

@@ -61,10 +61,6 @@ _META_TYPES = frozenset(
 )
 _MAX_META_BYTES = 1 << 20
 
-# Characters of a member name (or of an error's text) quoted in a reason; a
-# hostile archive can carry names of a megabyte (TEAM.md decision 5).
-NAME_LIMIT = 200
-
 # shutil.rmtree recurses once per folder level, so a deeper tree could not be
 # removed again (RecursionError); real apps nest far less.
 MAX_DEPTH = 128
@@ -145,13 +141,14 @@ def stream_limit(max_bytes: int, max_members: int) -> int:
 
 
 def _name(name: str) -> str:
-    """A member name as a reason quotes it: escaped, capped, in single quotes."""
-    return "'" + log_text(name, NAME_LIMIT).replace("'", "\\'") + "'"
+    """A member name as a reason quotes it: escaped, capped (a hostile archive can
+    carry names of a megabyte; TEAM.md decision 5), in single quotes."""
+    return "'" + log_text(name).replace("'", "\\'") + "'"
 
 
 def _text(exc: BaseException) -> str:
     """An exception's own text (which may quote the archive), escaped and capped."""
-    return log_text(str(exc), NAME_LIMIT)
+    return log_text(str(exc))
 
 
 def _tar_reason(exc: tarfile.TarError) -> str:

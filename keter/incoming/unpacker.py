@@ -30,9 +30,6 @@ from keter.names import log_text
 
 log = logging.getLogger(__name__)
 
-# An unanticipated error's text is quoted in the reason up to this many characters.
-REASON_LIMIT = 500
-
 
 class Unpacker(Actor):
     """Unpacks bundles into folders under ``temp_dir`` and removes old ones."""
@@ -70,7 +67,7 @@ class Unpacker(Actor):
             # A bug, or a failure nobody foresaw: this bundle's, not the unpacker's.
             log.debug("%s: unpacking failed:\n%s", msg.app, traceback.format_exc())
             shutil.rmtree(msg.dest, ignore_errors=True)
-            reason = log_text(f"{type(exc).__name__}: {exc}", REASON_LIMIT)
+            reason = log_text(f"{type(exc).__name__}: {exc}")
             self._failed(
                 msg,
                 f"cannot unpack {msg.bundle.name}: internal error: {reason}",

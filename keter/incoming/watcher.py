@@ -67,8 +67,6 @@ CLOSED_QUIET = 0.05
 DOUBT_QUIET = 0.25
 # A file quiet this long is done: reported even if its stream is incomplete (truly truncated).
 GIVE_UP_QUIET = 30.0
-# A reason quoted from an exception nobody anticipated is cut to this many characters.
-REASON_LIMIT = 500
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -210,7 +208,7 @@ class IncomingWatcher(Actor):
             reason = f"cannot read it: {exc.strerror or exc}"
         else:
             reason = f"unexpected error while watching it: {type(exc).__name__}: {exc}"
-        self._refuse(filename, stamp, log_text(reason, REASON_LIMIT))
+        self._refuse(filename, stamp, log_text(reason))
 
     def _refuse(self, filename: str, stamp: Stamp | None, reason: str) -> None:
         """One ERROR line (and one BundleIgnored) per refused entry, however often it is touched."""
@@ -235,7 +233,7 @@ class IncomingWatcher(Actor):
         except ValueError as exc:
             if path.name not in self._ignored:
                 self._ignored.add(path.name)
-                reason = log_text(exc, REASON_LIMIT)
+                reason = log_text(exc)
                 log.error("%s: ignored: %s", log_text(path.name), reason)
                 self.report(BundleIgnored(filename=path.name, reason=reason))
             return None

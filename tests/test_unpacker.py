@@ -21,10 +21,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import hostile_tar
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import tars
 from support.bundles import Zeros
 from support.wait import wait_for
 
@@ -637,7 +637,7 @@ def test_remove_folder_refuses_paths_outside_temp(area: Area, unpacker, caplog, 
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(bundle=hostile_tar.hostile_bundles())
+@given(bundle=tars.hostile_bundles())
 def test_any_archive_is_unpacked_or_refused_and_nothing_lands_outside(bundle: bytes) -> None:
     """Whatever the bytes: a sha256, or UnpackError with one short printable reason."""
     with tempfile.TemporaryDirectory() as tmp:

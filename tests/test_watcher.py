@@ -14,17 +14,15 @@ import os
 import queue
 import socket
 import stat
-import struct
 import tarfile
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
-from support.bundles import bundle_bytes
+from support.bundles import bundle_bytes, zero_gzip
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
@@ -67,28 +65,6 @@ def small_bundle() -> bytes:
 @cache
 def big_bundle() -> bytes:
     return payload_bundle(3 * MIB)
-
-
-def zero_gzip(path: Path, compressed_size: int) -> Path:
-    """A complete gzip file of about ``compressed_size`` bytes of deflated zeros
-    (about 1000 times as many once inflated), made in a second, not a minute."""
-    chunk = bytes(16 * MIB)
-    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    first = deflate.compress(chunk) + deflate.flush(zlib.Z_FULL_FLUSH)
-    # After a full flush deflate forgets its history: every further chunk comes out alike.
-    again = deflate.compress(chunk) + deflate.flush(zlib.Z_FULL_FLUSH)
-    repeats = max(1, compressed_size // len(again))
-    crc = zlib.crc32(chunk)
-    for _ in range(repeats):
-        crc = zlib.crc32(chunk, crc)
-    with open(path, "wb") as f:
-        f.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff")  # gzip header, no name
-        f.write(first)
-        for _ in range(repeats):
-            f.write(again)
-        f.write(deflate.flush())  # the final (empty) block
-        f.write(struct.pack("<II", crc, ((repeats + 1) * len(chunk)) & 0xFFFFFFFF))
-    return path
 
 
 def write_chunks(f: BinaryIO, data: bytes) -> None:

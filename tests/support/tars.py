@@ -14,8 +14,8 @@ What a careless or hostile user can put in a ``.keter`` file, layer by layer:
   concatenated archives;
 * the gzip layer whole, cut short, split into several members, or absent.
 
-``prefix`` can put a valid bundle's members first, so some examples are bundles
-keter should deploy.
+``prefix`` can put a valid bundle's members first, and ``odd_but_valid`` frames
+valid members oddly but legally, so some examples are bundles keter deploys.
 """
 
 from __future__ import annotations
@@ -197,6 +197,19 @@ def hostile_bundles(draw, prefix: bytes = b"") -> bytes:
     if layer == "cut":
         return packed[: draw(st.integers(0, len(packed) - 1))]
     return packed
+
+
+@st.composite
+def odd_but_valid(draw, members: bytes) -> bytes:
+    """A valid bundle of ``members`` in unusual but legal framing: any number of
+    end-of-archive blocks, one gzip member or several, padding after the gzip data."""
+    data = members + draw(st.sampled_from([b"", bytes(BLOCK), bytes(2 * BLOCK), bytes(20 * BLOCK)]))
+    if draw(st.booleans()):
+        cut = draw(st.integers(0, len(data)))
+        packed = gzip.compress(data[:cut], mtime=0) + gzip.compress(data[cut:], mtime=0)
+    else:
+        packed = gzip.compress(data, compresslevel=draw(st.integers(0, 9)), mtime=0)
+    return packed + draw(st.sampled_from([b"", bytes(BLOCK), b"trailing padding"]))
 
 
 def tar_members(files: dict[str, bytes]) -> bytes:

@@ -307,7 +307,8 @@ class BundleRemoved:
 
 @message
 class BundleIgnored:
-    """A file in incoming/ cannot be a bundle (bad name); said once per file."""
+    """An entry in incoming/ cannot be a bundle (a bad name, not a regular file, or
+    unreadable); said once per entry."""
 
     filename: str
     reason: str

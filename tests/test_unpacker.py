@@ -29,6 +29,7 @@ from support.bundles import Zeros
 from support.wait import wait_for
 
 from keter.bundle import BundleConfig
+from keter.incoming import unpacker as unpacker_module
 from keter.incoming.unpack import MAX_DEPTH, UnpackError, safe_unpack
 from keter.incoming.unpacker import Unpacker
 from keter.messages import (
@@ -567,6 +568,29 @@ def test_actor_keeps_working_after_failures(area: Area, unpacker) -> None:
     good = area.bundle(good_entries())
     second = ask(actor, reports, UnpackBundle(app="app", deploy_id=2, bundle=good, dest=area.dest))
     assert isinstance(second, BundleUnpacked)
+
+
+def test_an_unanticipated_error_fails_that_bundle_alone(area: Area, unpacker, monkeypatch) -> None:
+    """A bug (here: the config parser raising what nobody expected) is that deploy's
+    UnpackFailed, kind INTERNAL, with its folder removed; the actor goes on."""
+    actor, reports = unpacker
+
+    def parse(folder: Path, app: str) -> BundleConfig:
+        raise RuntimeError("a bug nobody anticipated")
+
+    monkeypatch.setattr(unpacker_module, "parse_bundle_config", parse)
+    bundle = area.bundle(good_entries())
+    reply = ask(actor, reports, UnpackBundle(app="app", deploy_id=1, bundle=bundle, dest=area.dest))
+    assert reply == UnpackFailed(
+        app="app",
+        deploy_id=1,
+        reason="cannot unpack app.keter: internal error: RuntimeError: a bug nobody anticipated",
+        kind=FailureKind.INTERNAL,
+    )
+    assert list(area.temp.iterdir()) == []
+    monkeypatch.undo()
+    again = ask(actor, reports, UnpackBundle(app="app", deploy_id=2, bundle=bundle, dest=area.dest))
+    assert isinstance(again, BundleUnpacked)
 
 
 def test_actor_removes_stale_folders_on_start(area: Area, caplog) -> None:

@@ -12,6 +12,10 @@ bundle:
   checking where a link leads before opening it is a race the link's owner
   can win. A bundle is copied or renamed into incoming/, never linked.
 
+A hard link is no link to follow but the file itself under a second name, and
+the kernel's ``fs.protected_hardlinks`` (on by default) lets nobody make one to
+a file they could not read and write already.
+
 ``look`` (an ``lstat``, which follows nothing) tells the watcher what a name
 is; ``open_regular`` is the only way keter opens a bundle: non-blocking, never
 following a link, and checked again on the open descriptor, so a file swapped

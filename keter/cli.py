@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import grp
 import logging
 import os
 import sys
@@ -29,17 +30,23 @@ class AlreadyRunning(Exception):
 
 def prepare_root(config: KeterConfig) -> None:
     """Create ROOT's folders. etc/ holds database credentials: owner only."""
+    # Apps (each its own user, keter.users) may cross temp/ to their own folder but list
+    # nothing there, and see nothing of incoming/, etc/ and log/. Bundles arrive in
+    # incoming/ from the status-group (setgid: scp'd files keep that group).
+    group = grp.getgrnam(config.status_group).gr_gid if config.status_group else None
     for folder, mode in [
         (config.root, 0o755),
-        (config.incoming_dir, 0o755),
+        (config.incoming_dir, 0o2770 if group is not None else 0o700),
         (config.etc_dir, 0o700),
-        (config.temp_dir, 0o755),
-        (config.log_dir, 0o750),
+        (config.temp_dir, 0o711),
+        (config.log_dir, 0o700),
         (config.run_dir, 0o755),
     ]:
         folder.mkdir(mode=mode, parents=True, exist_ok=True)
-        if folder == config.etc_dir:
+        if folder != config.root:
             os.chmod(folder, mode)  # also when an earlier version left it open
+    if group is not None:
+        os.chown(config.incoming_dir, 0, group)
 
 
 def take_lock(config: KeterConfig) -> int:

@@ -176,6 +176,10 @@ class KeterConfig:
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
     postgres: PostgresSettings = PostgresSettings()
     setuid: str | None = None
+    # Apps run under a uid and gid of their own from this range (keter.users), unless
+    # setuid names one user for all, or the operator opts in to running them as root.
+    app_uid_range: tuple[int, int] = (1_900_000_000, 1_900_999_999)
+    run_apps_as_root: bool = False
     log_max_bytes: int = 10 * MIB
     log_backups: int = 5
     max_unpacked_bytes: int = 2 * GIB
@@ -627,6 +631,21 @@ def _parse_port_range(value: object, path: str, check: Checker, base: Path) -> o
     return None
 
 
+def _parse_uid_range(value: object, path: str, check: Checker, base: Path) -> object:
+    # Above Debian's reserved ids (policy 9.2.2: up to 65535), below 2^31 (signed 32 bits).
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(is_int(uid) for uid in value)
+        and 65536 <= value[0] <= value[1] < 2**31
+    ):
+        return (value[0], value[1])
+    check.problem(
+        path, f"expected [LOW, HIGH] with 65536 <= LOW <= HIGH < 2^31, got {describe(value)}"
+    )
+    return None
+
+
 def _check_ports(
     values: dict[str, object], check: Checker, ephemeral: tuple[int, int] | None
 ) -> None:
@@ -928,6 +947,8 @@ _FIELDS: dict[str, tuple[str, Parser]] = {
     "env": ("env", _parse_env),
     "postgres": ("postgres", _parse_postgres),
     "setuid": ("setuid", _parse_setuid),
+    "app-uid-range": ("app_uid_range", _parse_uid_range),
+    "run-apps-as-root": ("run_apps_as_root", _parse_bool),
     "log-max-bytes": ("log_max_bytes", _count(1)),
     "log-backups": ("log_backups", _count(0, 1000)),
     "max-unpacked-bytes": ("max_unpacked_bytes", _count(1)),

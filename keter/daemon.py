@@ -30,9 +30,11 @@ from keter.messages import RescanRequested, ShutdownRequested
 from keter.nginx import NginxWriter, ProxyOptions
 from keter.postgres import PostgresProvisioner
 from keter.processes import ProcessMonitor
+from keter.processes.cgroups import Cgroups
 from keter.stats.component import StatsCollector
 from keter.status import StatusServer
 from keter.supervisor import Components, Supervisor
+from keter.users import app_users
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,12 @@ POLL = 0.05  # how often a shutdown looks at its inbox for a second signal
 def build_components(config: KeterConfig, inbox: queue.SimpleQueue) -> Components:
     """The real actors, each reporting into ``inbox``."""
     status = StatusServer(config, report_to=inbox)
+    users = app_users(
+        config.etc_dir,
+        config.app_uid_range,
+        setuid=config.setuid,
+        as_root=config.run_apps_as_root,
+    )
     stats = None
     if config.traffic_stats:
         stats = StatsCollector(config, report_to=inbox, status=status)
@@ -60,6 +68,7 @@ def build_components(config: KeterConfig, inbox: queue.SimpleQueue) -> Component
             max_bytes=config.max_unpacked_bytes,
             max_members=config.max_members,
             report_to=inbox,
+            users=users,
         ),
         monitor=ProcessMonitor(
             report_to=inbox,
@@ -68,6 +77,8 @@ def build_components(config: KeterConfig, inbox: queue.SimpleQueue) -> Component
             stop_timeout=config.stop_timeout,
             log_max_bytes=config.log_max_bytes,
             log_backups=config.log_backups,
+            users=users,
+            cgroups=Cgroups.find(config.root),
         ),
         nginx=NginxWriter(
             listeners=config.listeners,

@@ -20,7 +20,9 @@ from __future__ import annotations
 import grp
 import json
 import logging
+import os
 import pwd
+import stat
 import threading
 from pathlib import Path
 
@@ -116,3 +118,39 @@ class AppUsers:
         ):
             raise RuntimeError(f"{self.path}: expected a mapping of app names to uids")
         return raw
+
+
+def app_users(etc_dir: Path, uid_range: tuple[int, int], *, setuid: str | None, as_root: bool):
+    """Who apps run as, from keter-config.yaml: AppUsers (the default), or None when
+    ``setuid`` names one user for all apps or the operator opted in to root."""
+    if setuid:
+        log.info("keter: every app runs as %s (setuid): apps can read each other's files", setuid)
+        return None
+    if as_root:
+        log.warning(
+            "keter: apps run as root (run-apps-as-root): any app can read and change every "
+            "other app, keter and the machine; remove the key to give each app its own user"
+        )
+        return None
+    return AppUsers(etc_dir, uid_range)
+
+
+def secure_folder(folder: Path, gid: int) -> None:
+    """Make an unpacked bundle readable by its app alone (issue 11.2).
+
+    Everything becomes root-owned with the app's group: the group gets the
+    owner's read and execute bits, never write, and "other" gets nothing, so
+    neither another app nor a local user can read its config, secrets or code.
+    Symbolic links are re-owned, never followed.
+    """
+    os.lchown(folder, 0, gid)
+    os.chmod(folder, 0o750)
+    for parent, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(parent, name)
+            os.lchown(path, 0, gid)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISLNK(mode):
+                continue
+            owner = mode & 0o700
+            os.chmod(path, owner | ((owner & 0o500) >> 3))

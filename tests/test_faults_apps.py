@@ -115,17 +115,16 @@ server.serve_forever()
 
 
 @pytest.mark.parametrize("holds_port", [True, False], ids=["holding-the-port", "silent"])
-def test_daemonized_helper_escapes_keter_which_names_it_when_it_holds_the_port(
-    rig: Rig, holds_port: bool
-) -> None:
-    """What keter can and cannot catch of a process that leaves the app's group.
+def test_a_daemonized_helper_goes_with_its_app(rig: Rig, holds_port: bool) -> None:
+    """A process that leaves the app's group (fork, setsid, fork) is stopped with it.
 
-    keter stops the app's whole process group, but ``setsid`` takes a daemon out
-    of it, and without cgroups nothing else ties it to the app: the daemon
-    survives. If it holds the app's port, keter notices when the group is gone and
-    names its pid in a warning (the port pool skips a bound port, so later deploys
-    are not harmed); a daemon that holds nothing goes unnoticed.
+    ``setsid`` takes a daemon out of the app's process group, out of reach of the
+    signals keter sends the group; the app's cgroup still holds it, so removing the
+    app kills it too (issue 11.3). Without cgroup v2 (keter says so at start) it
+    would survive: then keter names it in a warning if it holds the app's port.
     """
+    if "no cgroup v2 hierarchy" in rig.keter.log():
+        pytest.skip("keter runs without cgroup v2 here")
     app = "daemon" if holds_port else "quiet"
     source = rig.bundles / f"{app}.py"
     source.write_text(DAEMONIZING_APP)
@@ -151,17 +150,11 @@ def test_daemonized_helper_escapes_keter_which_names_it_when_it_holds_the_port(
         offset = len(rig.keter.log())
         (rig.keter.incoming / f"{app}.keter").unlink()
         wait_for(lambda: f"{app}: removed" in rig.keter.log()[offset:], 15, "the removal")
-        wait_for(lambda: group_members(leader.pid) == [], 10, "the app's group to be gone")
         wait_for(lambda: re.search(rf"{app}: deploy #\d+ stopped", rig.keter.log()[offset:]), 10)
+        assert not alive(daemon_pid), "the app's cgroup took the daemon with it"
+        assert group_members(leader.pid) == []
         log = rig.keter.log()[offset:]
-        assert alive(daemon_pid), "keter cannot reach a daemon outside the group"
-        warnings = [line for line in log.splitlines() if "still held by pid" in line]
-        if holds_port:
-            [warning] = warnings
-            assert f"{app}: port " in warning and f"pid {daemon_pid} " in warning, warning
-            assert "WARNING" in warning
-        else:
-            assert warnings == []
+        assert "still held by pid" not in log
         assert "ERROR" not in log
     finally:
         with contextlib.suppress(psutil.NoSuchProcess):

@@ -27,6 +27,7 @@ from keter.messages import (
     UnpackFailed,
 )
 from keter.names import log_text
+from keter.users import AppUsers, NoFreeUid, secure_folder
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +36,16 @@ class Unpacker(Actor):
     """Unpacks bundles into folders under ``temp_dir`` and removes old ones."""
 
     def __init__(
-        self, temp_dir: Path, *, max_bytes: int, max_members: int, report_to: queue.Queue
+        self,
+        temp_dir: Path,
+        *,
+        max_bytes: int,
+        max_members: int,
+        report_to: queue.Queue,
+        users: AppUsers | None = None,
     ) -> None:
         super().__init__("unpacker", report_to)
+        self.users = users  # each app's own group gets its folder (keter.users)
         self.temp_dir = Path(temp_dir)
         self.max_bytes = max_bytes
         self.max_members = max_members
@@ -88,6 +96,13 @@ class Unpacker(Actor):
             shutil.rmtree(msg.dest, ignore_errors=True)
             self._failed(msg, f"bad config in {msg.bundle.name}: {exc}", FailureKind.CONFIG)
             return
+        if self.users is not None:
+            try:
+                secure_folder(msg.dest, self.users.uid(msg.app))
+            except (OSError, NoFreeUid) as exc:
+                shutil.rmtree(msg.dest, ignore_errors=True)
+                self._failed(msg, f"cannot hand {msg.dest.name} to its app's group: {exc}")
+                return
         log.info("%s: unpacked %s into %s", msg.app, msg.bundle.name, msg.dest)
         self.report(
             BundleUnpacked(

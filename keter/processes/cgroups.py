@@ -118,6 +118,12 @@ class Cgroup:
         finally:
             os.close(fd)
 
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to every process in it (one that forks meanwhile may be missed)."""
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
     def pids(self) -> list[int]:
         try:
             return [int(p) for p in self.procs.read_text().split()]

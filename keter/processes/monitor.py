@@ -82,7 +82,7 @@ from keter.processes.spawn import (
     spawn,
 )
 from keter.processes.states import backoff_delay, check_transition, describe_exit
-from keter.users import AppUsers
+from keter.users import AppUsers, NoFreeUid
 
 log = logging.getLogger(__name__)
 
@@ -384,7 +384,13 @@ class ProcessMonitor(Actor):
             return
         identity = None
         if spec.user is None and self.users is not None:
-            uid = self.users.uid(entry.app)
+            try:
+                uid = self.users.uid(entry.app)
+            except (OSError, NoFreeUid) as exc:
+                self._logs.release(entry.spawn_log)
+                entry.spawn_log = None
+                self._spawn_failed(entry, f"no user of its own: {exc}")
+                return
             identity = Identity(uid, uid, self.app_groups)
         if self._cgroups is not None and entry.cgroup is None:
             try:
@@ -659,6 +665,8 @@ class ProcessMonitor(Actor):
         assert run is not None
         entry.running_since = None
         signal_group(run.pgid, signal.SIGTERM)
+        if entry.cgroup is not None:
+            entry.cgroup.signal(signal.SIGTERM)  # what left the group gets its grace too
         self._transition(entry, ProcessState.STOPPING, f"{why}; sent SIGTERM to group {run.pgid}")
         self.schedule(self.stop_timeout, _Escalate(deploy_id=entry.deploy_id, run=entry.runs))
 

@@ -96,6 +96,9 @@ def keter_settings(nginx, **overrides) -> dict:
             # nginx's old workers may take new connections briefly after a reload.
             "drain-seconds": 1,
             "stop-timeout": 3,
+            # The tests' apps run on the tests' own Python under /root, which the users
+            # keter gives each app cannot read; tests of those users turn this off.
+            "run-apps-as-root": True,
         }
     )
     settings.update(overrides)

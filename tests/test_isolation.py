@@ -1,0 +1,129 @@
+"""Apps cannot touch each other (issue 11): a user of its own per app, private files.
+
+Against the real daemon as root, with keter's default of one uid and gid per
+app: two apps with secrets in their environment. Whatever one tries against
+the other, run with its own identity, fails with EACCES or EPERM: reading
+the other's /proc/PID/environ, its bundle, its unpacked files and its log,
+and signalling its process. The same attempts against its own files succeed,
+so the failures are the isolation and not a broken probe.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from support.bundles import make_bundle, webapp_config
+from support.daemon import app_processes
+from support.faults import private_port_range
+from support.net import served
+from support.wait import wait_for
+
+from keter.processes.spawn import SETPRIV
+from keter.users import DEFAULT_RANGE
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # readable by every user, unlike the tests' own Python
+
+# Run as one app's uid and gid: try everything against another app, print errno names.
+ATTACK = r"""
+import errno, json, os, signal, sys
+pid, bundle, folder, log = sys.argv[1:5]
+results = {}
+def attempt(name, action):
+    try:
+        action()
+        results[name] = "ok"
+    except OSError as exc:
+        results[name] = errno.errorcode.get(exc.errno, str(exc.errno))
+attempt("environ", lambda: open(f"/proc/{pid}/environ", "rb").read())
+attempt("bundle", lambda: open(bundle, "rb").read())
+attempt("listing", lambda: os.listdir(folder))
+attempt("unpacked", lambda: open(os.path.join(folder, "config", "keter.yaml"), "rb").read())
+attempt("log", lambda: open(log, "rb").read())
+attempt("signal", lambda: os.kill(int(pid), signal.SIGTERM if sys.argv[5] == "kill" else 0))
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture
+def open_base() -> Iterator[Path]:
+    """A folder every user may cross (tmp_path is root's alone); removed after keter stops."""
+    base = Path(tempfile.mkdtemp(prefix="keter-isolation-", dir="/tmp"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def uid_of(pid: int) -> int:
+    return psutil.Process(pid).uids().real
+
+
+def attack(uid: int, target_pid: int, root: Path, app: str, signal_mode: str) -> dict:
+    [folder] = (root / "temp").glob(f"{app}-*")
+    command = [
+        SETPRIV,
+        f"--reuid={uid}",
+        f"--regid={uid}",
+        "--clear-groups",
+        SYSTEM_PYTHON,
+        "-c",
+        ATTACK,
+        str(target_pid),
+        str(root / "incoming" / f"{app}.keter"),
+        str(folder),
+        str(root / "log" / f"app-{app}.log"),
+        signal_mode,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=30)
+    return json.loads(done.stdout)
+
+
+@pytest.mark.skipif(SETPRIV is None, reason="needs util-linux setpriv")
+def test_two_apps_cannot_read_or_signal_each_other(open_base, keter_factory, private_nginx):
+    keter = keter_factory(
+        root=open_base / "root",
+        **{"port-range": private_port_range(), "run-apps-as-root": False},
+    )
+    for app in ("alpha", "beta"):
+        config = webapp_config(f"{app}.test", "v1", env={"SECRET": f"{app}-secret-42"})
+        bundle = make_bundle(open_base / f"{app}.keter", config=config, interpreter=SYSTEM_PYTHON)
+        keter.drop(bundle)
+    pids = {}
+    for app in ("alpha", "beta"):
+        served(private_nginx, f"{app}.test", "v1")  # they work, as users of their own
+        pids[app] = wait_for(
+            lambda app=app: [p.pid for p in app_processes(keter) if f"/{app}-" in p.cwd()],
+            20,
+            f"{app} running",
+        )[0]
+    # Each app runs as a uid (and gid) of its own, from keter's range, recorded.
+    uids = {app: uid_of(pid) for app, pid in pids.items()}
+    assert uids["alpha"] != uids["beta"]
+    assert all(DEFAULT_RANGE[0] <= uid <= DEFAULT_RANGE[1] for uid in uids.values())
+    assert json.loads((keter.root / "etc" / "app-users.json").read_text()) == uids
+    assert all(psutil.Process(pid).gids().real == uids[app] for app, pid in pids.items())
+
+    for me, other in (("alpha", "beta"), ("beta", "alpha")):
+        stolen = attack(uids[me], pids[other], keter.root, other, "kill")
+        assert stolen == {
+            "environ": stolen["environ"],
+            "bundle": "EACCES",
+            "listing": "EACCES",
+            "unpacked": "EACCES",
+            "log": "EACCES",
+            "signal": "EPERM",
+        }, stolen
+        assert stolen["environ"] in ("EACCES", "EPERM"), stolen
+        # The same probe on its own things works: the failures above are the isolation.
+        own = attack(uids[me], pids[me], keter.root, me, "probe")
+        assert own["environ"] == "ok" and own["unpacked"] == "ok" and own["listing"] == "ok"
+        assert own["signal"] == "ok"
+        # A bundle and a log belong to keter, not to the app.
+        assert own["bundle"] == "EACCES" and own["log"] == "EACCES"
+    assert all(psutil.Process(pid).is_running() for pid in pids.values())

@@ -208,6 +208,8 @@ class _Entry:
     spawn_log: AppLog | None = None  # the log that spawn will write to
     stop_due: bool = False  # a stop began while spawning: carry it out once spawned
     cgroup: Cgroup | None = None  # every process of the deploy, when cgroups are available
+    probing: bool = False  # a health probe is out
+    exit_pending: _Exited | None = None  # the leader exited while a probe was out
 
 
 # -- the actor ------------------------------------------------------------------------
@@ -494,6 +496,7 @@ class ProcessMonitor(Actor):
             return
         entry.probe_interval = PROBE_FIRST_INTERVAL
         entry.last_probe = "no probe finished"
+        entry.probing, entry.exit_pending = False, None
         self.schedule(
             self._health_timeout(spec), _HealthDeadline(deploy_id=entry.deploy_id, run=entry.runs)
         )
@@ -506,6 +509,7 @@ class ProcessMonitor(Actor):
         deploy_id, run, spec = entry.deploy_id, entry.runs, entry.spec
         assert spec.health is not None and spec.port is not None
         future = self._probes.submit(probe_http, spec.port, spec.health, self.probe_timeout)
+        entry.probing = True
 
         def done(f: Future) -> None:
             try:
@@ -520,9 +524,19 @@ class ProcessMonitor(Actor):
         match msg:
             case _Probe():
                 self._submit_probe(entry)
+            case _ProbeDone() if entry.exit_pending is not None:
+                # The leader exited while this probe was out: if it answered, it was
+                # healthy first (and then crashed); if not, it never answered.
+                entry.probing = False
+                exited, entry.exit_pending = entry.exit_pending, None
+                if msg.healthy:
+                    self._became_healthy(entry)
+                self._leader_exited(entry, exited)
             case _ProbeDone(healthy=True):
+                entry.probing = False
                 self._became_healthy(entry)
             case _ProbeDone(detail=detail):
+                entry.probing = False
                 entry.last_probe = detail
                 self.schedule(
                     entry.probe_interval, _Probe(deploy_id=entry.deploy_id, run=entry.runs)
@@ -580,6 +594,13 @@ class ProcessMonitor(Actor):
         if entry is None or entry.run is None or entry.run.number != msg.run:
             return
         entry.run.exited = True
+        if entry.state is ProcessState.STARTING and entry.probing:
+            # A probe is out: its answer may be from before the exit. Decide once it is in.
+            entry.exit_pending = msg
+            return
+        self._leader_exited(entry, msg)
+
+    def _leader_exited(self, entry: _Entry, msg: _Exited) -> None:
         reason = describe_exit(msg.returncode)
         match entry.state:
             case ProcessState.STARTING if not entry.ever_healthy:

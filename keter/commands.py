@@ -39,6 +39,7 @@ from keter.names import log_text, validate_app_name
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 DEFAULT_ROOT = "/opt/keter"
 LOG_LINES_ON_FAILURE = 15
+WATCH_MARGIN = 15.0  # seconds past a watch window deploy --watch waits for its end
 
 
 class Refused(Exception):
@@ -91,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("bundle", help="NAME.keter, or - to read the bundle from stdin")
     deploy.add_argument("--name", help="the app's name (required with -; default: from BUNDLE)")
     deploy.add_argument("--timeout", type=float, default=120, help="seconds to wait (120)")
+    deploy.add_argument(
+        "--watch",
+        action="store_true",
+        help="once it serves, also wait through its watch window (watch-seconds): exit 1 "
+        "with the reason if keter rolls it back",
+    )
 
     bundle = command(
         "bundle",
@@ -253,7 +260,37 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             raise ClientError(f"cannot copy the bundle into {incoming}: {exc}") from None
     print(f"{name}: {sha256[:12]} copied to {incoming}, waiting for keter", file=sys.stderr)
     entry = wait_for_verdict(client, name, after, sha256, args.timeout)
-    return report_verdict(client, args.root, name, entry, args.timeout)
+    code = report_verdict(client, args.root, name, entry, args.timeout)
+    if code == EXIT_OK and args.watch and entry is not None:
+        return watch_verdict(client, name, entry)
+    return code
+
+
+def watch_verdict(client: KeterClient, app: str, served: dict) -> int:
+    """Wait through a serving version's watch window; EXIT_FAILED if it was rolled back."""
+    version, seconds = served["version"], served.get("watch") or 0
+    if not seconds:
+        print(f"{app} {version}: not watched (first version, or watch-seconds is 0)")
+        return EXIT_OK
+    print(f"{app} {version}: watching real traffic for {seconds:g}s", file=sys.stderr)
+    deadline = time.monotonic() + seconds + WATCH_MARGIN
+    after = served["seq"]
+    while (left := deadline - time.monotonic()) > 0:
+        for entry in client.history_after(app, after, wait=min(left, 2.0)):
+            after = max(after, entry["seq"])
+            if entry["sha256"] == served["sha256"] and entry["outcome"] == "rolled-back":
+                reason = capped_text(entry["reason"], REASON_LIMIT)
+                print(f"keter: {app} {version} rolled back: {reason}", file=sys.stderr)
+                return EXIT_FAILED
+            if entry["outcome"] == "serving" and entry["sha256"] != served["sha256"]:
+                print(f"{app} {version}: replaced by {entry['version']} during its watch")
+                return EXIT_OK
+        watch = client.app(app).get("watch")
+        if watch and watch["version"] == version and watch["verdict"] == "passed":
+            print(f"{app} {version} passed its watch ({watch['requests']} requests)")
+            return EXIT_OK
+    print(f"keter: {app} {version}: no end of its watch seen in time", file=sys.stderr)
+    return EXIT_TIMEOUT
 
 
 def check_bundle(bundle: Path, app: str, scratch: Path) -> str | None:

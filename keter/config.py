@@ -207,8 +207,14 @@ class KeterConfig:
     # status-listen address and dashboard-host: with 0.0.0.0 the only way to add one.
     status_hosts: tuple[str, ...] = ()
     # Traffic statistics and access logs (keter.stats): nginx logs every request of an
-    # app to keter.
+    # app to keter. After a switch, keter watches the new version for watch_seconds (0:
+    # never; a bundle's own watch-seconds wins) and rolls it back if its 5xx share passes
+    # both watch_max_error_ratio and the previous version's, over at least
+    # watch_min_requests requests, or if it crash-loops.
     traffic_stats: bool = True
+    watch_seconds: float = 60.0
+    watch_max_error_ratio: float = 0.05
+    watch_min_requests: int = 20
     warnings: tuple[str, ...] = ()
 
     @property
@@ -698,6 +704,14 @@ def _parse_bool(value: object, path: str, check: Checker, base: Path) -> object:
     return value
 
 
+def _parse_ratio(value: object, path: str, check: Checker, base: Path) -> object:
+    real = number(value, math.inf) if not is_int(value) else value
+    if real is None or not 0 <= real <= 1:
+        check.problem(path, f"expected a ratio from 0 to 1 (0.05 is 5%), got {describe(value)}")
+        return None
+    return float(real)
+
+
 def _count(minimum: int, maximum: int = MAX_INT) -> Parser:
     def parse(value: object, path: str, check: Checker, base: Path) -> object:
         if is_int(value) and value > maximum:  # a 400-digit count would overflow later
@@ -968,5 +982,8 @@ _FIELDS: dict[str, tuple[str, Parser]] = {
     "dashboard-users": ("dashboard_users", _parse_dashboard_users),
     "status-hosts": ("status_hosts", _parse_status_hosts),
     "traffic-stats": ("traffic_stats", _parse_bool),
+    "watch-seconds": ("watch_seconds", _seconds(0, inclusive=True)),
+    "watch-max-error-ratio": ("watch_max_error_ratio", _parse_ratio),
+    "watch-min-requests": ("watch_min_requests", _count(1, 1_000_000_000)),
 }
 _KNOWN_KEYS = (*_FIELDS, "root", *KETER_ONLY_KEYS, *KETER_04_LISTENER_KEYS, "graceful-drain-micros")

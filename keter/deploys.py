@@ -123,6 +123,10 @@ class Deploy:
     sites: tuple[Site, ...] = ()  # what nginx serves for it, from the moment it switches
     outcome: Outcome | None = None  # how its attempt ended, once it did
     folder_exists: bool = True  # False once the unpacker removed it (or never made it)
+    # Watched after its switch (keter.stats, issue 14): the version to roll back to
+    # (sha256) until the watch ends (supervisor clock); None when not watched.
+    rollback_to: str | None = None
+    watch_until: float = 0.0
 
     def move(self, new: Stage) -> str:
         """Go to ``new``; returns the table's reason. Raises IllegalTransition."""

@@ -31,7 +31,7 @@ REASON_LIMIT = 2048  # characters of one entry's reason (TEAM.md decision 5: a f
 FILE_BUDGET = 4 << 20  # bytes history.json may take; the oldest entries make room
 READ_LIMIT = 32 << 20  # bytes of a (too big) file load reads; the rest is lost
 _TEXT_FIELDS = {"version": 64, "sha256": 64, "outcome": 32, "kind": 32}
-_NUMBER_FIELDS = ("at", "bundle_mtime", "duration")
+_NUMBER_FIELDS = ("at", "bundle_mtime", "duration", "watch")
 
 
 def capped_text(text: object, limit: int) -> str:
@@ -127,6 +127,7 @@ class DeployHistory:
             "kind": str(finished.kind) if finished.kind is not None else None,
             "reason": capped_text(finished.reason, REASON_LIMIT),
             "duration": round(finished.duration, 3),
+            "watch": finished.watch_seconds,  # serving: watched this long (0: not watched)
         }
         entries = self._apps.setdefault(finished.app, [])
         entries.append(entry)

@@ -532,6 +532,9 @@ class DeployFinished:
     duration: float  # seconds from bundle seen to outcome
     at: float  # wall clock
     kind: FailureKind | None = None  # why it failed (None unless outcome is FAILED)
+    # SERVING: keter watches it this many seconds from ``at`` and may roll it back
+    # (keter.stats); 0: not watched.
+    watch_seconds: float = 0.0
 
 
 @message
@@ -617,3 +620,13 @@ class VersionUnhealthy:
     app: str
     version: str
     reason: str  # in numbers, e.g. "5xx 48% of 212 requests vs 0.0% before"
+
+
+@message
+class RollBack:
+    """Supervisor -> status: put this archived version back into incoming/ (a watched
+    version made things worse); the usual pipeline deploys it."""
+
+    app: str
+    sha256: str
+    reason: str

@@ -81,6 +81,7 @@ from keter.messages import (
     RemoveFolder,
     Rescan,
     RescanRequested,
+    RollBack,
     ScanCompleted,
     ShutdownRequested,
     Site,
@@ -88,6 +89,8 @@ from keter.messages import (
     StopProcess,
     UnpackBundle,
     UnpackFailed,
+    VersionUnhealthy,
+    WatchVersion,
     message,
 )
 from keter.names import PROBLEMS_LIMIT, log_text
@@ -101,6 +104,10 @@ RESTART_LIMIT = 5
 RESTART_WINDOW = 60.0
 RESTART_FIRST_DELAY = 0.05  # doubled for each recent failure
 RESTART_MAX_DELAY = 5.0
+# Watched rollout: this many crashes of a watched version within its window roll it back;
+# a verdict arriving this long after the window (the stats lag a second) still counts.
+WATCH_CRASHES = 3
+WATCH_GRACE = 5.0
 
 
 class Teller(Protocol):
@@ -250,6 +257,8 @@ class Supervisor:
                 self._nginx_replied(generation, None, {r.app: r.reason for r in refused})
             case NginxFailed(generation=generation, reason=reason):
                 self._nginx_replied(generation, reason, {})
+            case VersionUnhealthy(app=app, version=version, reason=reason):
+                self._unhealthy(app, version, reason)
             case RescanRequested():
                 self.c.watcher.tell(Rescan())
             case ShutdownRequested(signal_name=name):
@@ -498,6 +507,11 @@ class Supervisor:
             web.restarts += 1
             if previous is ProcessState.RUNNING:
                 self._event(msg.app, EventKind.CRASH, msg.detail)
+            crashes = sum(w.restarts for w in deploy.web)
+            watched = deploy.rollback_to is not None and self.clock() < deploy.watch_until
+            if watched and crashes >= WATCH_CRASHES:  # it crash-loops: roll back
+                reason = f"crashed {crashes} times since its switch"
+                self._unhealthy(deploy.app, deploy.version, reason)
         elif msg.state is ProcessState.RUNNING and previous is ProcessState.STARTING:
             self._event(msg.app, EventKind.RESTART, f"running again ({msg.detail})")
 
@@ -635,11 +649,67 @@ class Supervisor:
         took = self.clock() - deploy.began
         hosts = ", ".join(deploy.hosts)
         log.info("%s: deploy #%d now serving %s (took %.2fs)", app.name, deploy.id, hosts, took)
-        self._finished(deploy, Outcome.SERVING)
+        self._finished(deploy, Outcome.SERVING, watch_seconds=self._watch(deploy, old))
         self._start_workers(deploy)
         if old is not None:
             self._release_hosts(old, keep=deploy)
             self._retire(old, self.config.drain_seconds)
+
+    # -- watched rollout (issue 14: keter.stats watches, the supervisor decides) ------------
+
+    def _watch(self, deploy: Deploy, previous: Deploy | None) -> float:
+        """Have the stats component watch a version that replaced ``previous``; the seconds.
+
+        Not watched: the first version (nothing to go back to), or watch-seconds 0.
+        """
+        assert deploy.config is not None
+        seconds = deploy.config.watch_seconds
+        if seconds is None:
+            seconds = self.config.watch_seconds
+        if self.c.stats is None or previous is None or not previous.sha256 or seconds <= 0:
+            return 0.0
+        deploy.rollback_to = previous.sha256
+        deploy.watch_until = self.clock() + seconds
+        self.c.stats.tell(
+            WatchVersion(
+                app=deploy.app,
+                version=deploy.version,
+                previous=previous.version,
+                seconds=seconds,
+                max_error_ratio=self.config.watch_max_error_ratio,
+                min_requests=self.config.watch_min_requests,
+            )
+        )
+        return seconds
+
+    def _unhealthy(self, app_name: str, version: str, reason: str) -> None:
+        """A watched version made things worse: roll back to the version before it, once.
+
+        The archived bundle goes back into incoming/ (the status component holds the
+        archive) and the usual pipeline deploys it, with no request lost.
+        """
+        app = self.apps.get(app_name)
+        deploy = app.serving if app is not None else None
+        if deploy is None or deploy.version != version or deploy.rollback_to is None:
+            return  # replaced, removed or rolled back meanwhile
+        if app.next is not None or self.clock() > deploy.watch_until + WATCH_GRACE:
+            return  # a newer bundle is on its way, or the watch is over
+        target, deploy.rollback_to = deploy.rollback_to, None
+        log.warning("%s: version %s rolled back to %s: %s", app_name, version, target[:12], reason)
+        if self.c.status is not None:
+            self.c.status.tell(
+                DeployFinished(
+                    app=deploy.app,
+                    version=deploy.version,
+                    sha256=deploy.sha256,
+                    bundle_mtime=deploy.bundle_mtime,
+                    outcome=Outcome.ROLLED_BACK,
+                    reason=reason,
+                    duration=self.clock() - deploy.began,
+                    at=time.time(),
+                )
+            )
+            self.c.status.tell(RollBack(app=app_name, sha256=target, reason=reason))
 
     def _removed(self, app: App, *, drain: bool) -> None:
         """The app's bundle was removed and nginx no longer routes it (or failed to change)."""
@@ -855,6 +925,7 @@ class Supervisor:
         outcome: Outcome,
         reason: str = "",
         kind: FailureKind | None = None,
+        watch_seconds: float = 0.0,
     ) -> None:
         deploy.outcome = outcome
         if self.c.status is not None:
@@ -869,5 +940,6 @@ class Supervisor:
                     duration=self.clock() - deploy.began,
                     at=time.time(),
                     kind=kind,
+                    watch_seconds=watch_seconds,
                 )
             )

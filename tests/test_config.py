@@ -764,3 +764,23 @@ def test_traffic_stats_is_on_unless_turned_off() -> None:
     assert parse("{}").traffic_stats is True
     assert parse("traffic-stats: false").traffic_stats is False
     assert problems("traffic-stats: 'no'") == ['traffic-stats: expected true or false, got "no"']
+
+
+def test_watch_keys_are_read_and_checked() -> None:
+    config = parse("{}")
+    assert (config.watch_seconds, config.watch_max_error_ratio, config.watch_min_requests) == (
+        60.0,
+        0.05,
+        20,
+    )
+    config = parse("watch-seconds: 0\nwatch-max-error-ratio: 0.2\nwatch-min-requests: 5")
+    assert (config.watch_seconds, config.watch_max_error_ratio, config.watch_min_requests) == (
+        0.0,
+        0.2,
+        5,
+    )
+    assert problems("watch-max-error-ratio: 1.5") == [
+        "watch-max-error-ratio: expected a ratio from 0 to 1 (0.05 is 5%), got 1.5"
+    ]
+    assert problems("watch-seconds: -1")[0].startswith("watch-seconds: expected a number")
+    assert problems("watch-min-requests: 0")[0].startswith("watch-min-requests: expected")

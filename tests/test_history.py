@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from keter.history import REASON_LIMIT, DeployHistory, capped_text
 from keter.messages import DeployFinished, FailureKind, Outcome
 
-FIELDS = {"seq", "at", "version", "sha256", "bundle_mtime", "outcome", "kind", "reason", "duration"}
+FIELDS = {"seq", "at", "version", "sha256", "bundle_mtime", "outcome", "kind", "reason"}
+FIELDS |= {"duration", "watch"}
 
 
 def finished(app: str = "hello", outcome: str = "serving", reason: str = "", **fields):
@@ -43,7 +44,8 @@ def well_formed(history: DeployHistory) -> list[dict]:
     for entry in entries:
         assert set(entry) == FIELDS
         assert isinstance(entry["seq"], int) and 0 < entry["seq"] <= history.seq
-        assert all(isinstance(entry[k], float | int) for k in ("at", "bundle_mtime", "duration"))
+        numbers = ("at", "bundle_mtime", "duration", "watch")
+        assert all(isinstance(entry[k], float | int) for k in numbers)
         assert all(isinstance(entry[k], str) for k in ("version", "sha256", "outcome", "reason"))
         assert entry["reason"].isprintable() and len(entry["reason"]) <= REASON_LIMIT + 40
     return entries

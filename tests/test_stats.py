@@ -12,6 +12,7 @@ import http.client
 import math
 import os
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -348,3 +349,138 @@ def test_latency_percentiles_match_the_clients_own(keter, private_nginx, tmp_pat
         # The client also measures nginx and the loopback: a few ms on a busy machine.
         assert ours <= theirs * (1 + RELATIVE_ERROR) + 0.001, (name, ours, theirs)
         assert ours >= theirs * (1 - RELATIVE_ERROR) - 0.015, (name, ours, theirs)
+
+
+# -- the watched rollout ---------------------------------------------------------------------
+
+
+class Clients:
+    """Keep-alive clients through nginx until stopped; every answer and failure is kept."""
+
+    def __init__(self, port: int, host: str, clients: int = 4) -> None:
+        self.port, self.host = port, host
+        self.answers: Counter = Counter()  # (status, body)
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._client) for _ in range(clients)]
+        for thread in self.threads:
+            thread.start()
+
+    def _client(self) -> None:
+        connection = None
+        while not self.stop.is_set():
+            reused = connection is not None
+            if connection is None:
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            try:
+                connection.request("GET", "/", headers={"Host": self.host})
+                response = connection.getresponse()
+                answer = (response.status, response.read())
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+                connection.close()
+                connection = None
+                if not reused:  # a keep-alive connection closed as it was reused: retried
+                    with self.lock:
+                        self.failures.append(repr(exc))
+                continue
+            except OSError as exc:
+                connection.close()
+                connection = None
+                with self.lock:
+                    self.failures.append(repr(exc))
+                continue
+            with self.lock:
+                self.answers[answer] += 1
+            time.sleep(0.002)  # pacing a client, not waiting for an outcome
+
+    def finish(self) -> Counter:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(15)
+        return self.answers
+
+
+WATCH = {"watch-seconds": 8, "watch-min-requests": 20}
+
+
+def test_a_version_that_fails_real_traffic_is_rolled_back_without_losing_a_request(
+    keter_factory, private_nginx, tmp_path
+):
+    """Issue 14.4, of record: v2 answers 500 to every other request while its health check
+    passes; keter rolls it back within watch-seconds, and the rollback itself fails no
+    request (every answer is v1's 200, or v2's own 200 or 500)."""
+    keter = keter_factory(**WATCH)
+    client = status_api(keter)
+    deploy(keter, client, private_nginx, tmp_path, "watched", "v1")
+    clients = Clients(private_nginx.port, "watched.test")
+    try:
+        bad = webapp_config("watched.test", "v2", args=["--fail-every", "2"])
+        (tmp_path / "v2").mkdir()
+        bundle = make_bundle(tmp_path / "v2" / "watched.keter", config=bad)
+        result = keter_cli(keter.root, "deploy", str(bundle), "--watch", timeout=90)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "watching real traffic for 8s" in result.stderr
+        reason = r"rolled back: 5xx [3-6]\d\.\d% of \d+ requests vs 0\.0% before"
+        assert re.search(reason, result.stderr), result.stderr
+        wait_for(lambda: len(client.app("watched")["history"]) == 4, 20, "v1 back")
+        private_nginx.wait_settled()
+        served_v1 = clients.answers[(200, b"v1\n")]
+        wait_for(lambda: clients.answers[(200, b"v1\n")] > served_v1 + 100, 10, "v1 answering")
+    finally:
+        answers = clients.finish()
+    back, rolled, v2, v1 = client.app("watched")["history"]
+    assert [e["outcome"] for e in (back, rolled, v2, v1)] == [
+        "serving",
+        "rolled-back",
+        "serving",
+        "serving",
+    ]
+    assert rolled["sha256"] == v2["sha256"] and back["sha256"] == v1["sha256"]
+    assert rolled["at"] - v2["at"] <= 8  # within watch-seconds
+    assert clients.failures == []
+    assert set(answers) == {
+        (200, b"v1\n"),
+        (200, b"v2\n"),
+        (500, b"failing every few requests\n"),
+    }, answers
+    assert answers[(200, b"v1\n")] > 0
+    events = [e["text"] for e in client.status()["events"] if e["kind"] == "deploy-rolled-back"]
+    assert events and "5xx" in events[0]
+
+
+def test_a_healthy_version_passes_its_watch(keter_factory, private_nginx, tmp_path):
+    keter = keter_factory(**{"watch-seconds": 3, "watch-min-requests": 20})
+    client = status_api(keter)
+    deploy(keter, client, private_nginx, tmp_path, "fine", "v1")
+    clients = Clients(private_nginx.port, "fine.test", clients=2)
+    try:
+        (tmp_path / "v2").mkdir()
+        good = make_bundle(tmp_path / "v2" / "fine.keter", config=webapp_config("fine.test", "v2"))
+        result = keter_cli(keter.root, "deploy", str(good), "--watch", timeout=90)
+    finally:
+        answers = clients.finish()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "passed its watch" in result.stdout
+    assert [e["outcome"] for e in client.app("fine")["history"]] == ["serving", "serving"]
+    assert clients.failures == [] and {status for status, _ in answers} == {200}
+    assert client.app("fine")["watch"]["verdict"] == "passed"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("exec: ../bin/app\nhost: a.test\n", None),
+        ("exec: ../bin/app\nhost: a.test\nwatch-seconds: 0\n", 0),
+        ("stanzas:\n  - {type: webapp, exec: ../bin/app, host: a.test}\nwatch-seconds: 30\n", 30),
+    ],
+)
+def test_a_bundle_may_set_its_own_watch_seconds(tmp_path, text, expected):
+    from keter.bundle import parse_bundle_config
+
+    (tmp_path / "config").mkdir()
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "app").write_text("#!/bin/sh\n")
+    (tmp_path / "bin" / "app").chmod(0o755)
+    (tmp_path / "config" / "keter.yaml").write_text(text)
+    assert parse_bundle_config(tmp_path, "a").watch_seconds == expected

@@ -181,6 +181,9 @@ class BundleConfig:
     static_files: tuple[StaticFiles, ...] = ()
     redirects: tuple[Redirect, ...] = ()
     reverse_proxies: tuple[ReverseProxy, ...] = ()
+    # keter.stats' watched rollout: seconds to watch a new version after its switch
+    # (0: not watched); None: keter-config.yaml's watch-seconds.
+    watch_seconds: float | None = None
 
     def __init__(
         self,
@@ -195,6 +198,7 @@ class BundleConfig:
         static_files: tuple[StaticFiles, ...] = (),
         redirects: tuple[Redirect, ...] = (),
         reverse_proxies: tuple[ReverseProxy, ...] = (),
+        watch_seconds: float | None = None,
     ) -> None:
         # ``webapp=`` (one web app) is still taken until every caller says ``webapps=``.
         if webapp is not None:
@@ -211,6 +215,7 @@ class BundleConfig:
             "static_files": tuple(static_files),
             "redirects": tuple(redirects),
             "reverse_proxies": tuple(reverse_proxies),
+            "watch_seconds": watch_seconds,
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)

@@ -37,6 +37,7 @@ def read(data: dict, app: str, v: Values) -> BundleConfig:
     warn_overridden_env([("", webapp)], postgres, check)
     config = BundleConfig(
         app=app,
+        watch_seconds=v10.watch_seconds(data, v),
         webapps=(webapp,) if webapp is not None else (),
         postgres=postgres,
         postgres_server=server,

@@ -32,7 +32,7 @@ from keter.yamlcheck import describe, key_name, parse_env, unknown_key
 # The keys a web app reads in either format.
 WEBAPP_KEYS = ("exec", "args", "host", "hosts", "extra-hosts", "env", "health-check-path")
 # Keys of the whole bundle, beside the stanzas (or the 0.4 keys).
-BUNDLE_KEYS = ("postgres", "plugins")
+BUNDLE_KEYS = ("postgres", "plugins", "watch-seconds")
 # Keys every stanza may carry besides its own.
 COMMON_STANZA_KEYS = ("type", "requires-secure")
 STANZA_KEYS = {
@@ -86,6 +86,7 @@ def read(data: dict, app: str, v: Values) -> BundleConfig:
     postgres, server = read_postgres(data, check)
     config = BundleConfig(
         app=app,
+        watch_seconds=watch_seconds(data, v),
         webapps=tuple(item for _, item in parsed["webapp"]),
         postgres=postgres,
         postgres_server=server,
@@ -98,6 +99,11 @@ def read(data: dict, app: str, v: Values) -> BundleConfig:
     check_shared_hosts(entries, v)
     warn_overridden_env(entries, postgres, check)
     return dataclasses.replace(config, warnings=tuple(check.warnings))
+
+
+def watch_seconds(data: dict, v: Values) -> float | None:
+    """``watch-seconds``: how long keter watches a new version of this app (0: never)."""
+    return v.seconds(data["watch-seconds"], "watch-seconds") if "watch-seconds" in data else None
 
 
 def stanza_type(stanza: object, where: str, v: Values) -> str | None:

@@ -154,7 +154,7 @@ class StatsCollector(Actor):
             self._close_idle_logs(now)
             self._check_watches(now)
             if self.status is not None:
-                self.status.tell(self.report(now))
+                self.status.tell(self.traffic_report(now))
         self.schedule(0 if busy else TICK, _Tick())
 
     # -- reading -------------------------------------------------------------------------
@@ -214,24 +214,10 @@ class StatsCollector(Actor):
 
     def _watch(self, order: WatchVersion) -> None:
         now = time.time()
-        ratio, requests = 0.0, 0
-        if order.previous:  # its last minutes of traffic, before the switch
-            baseline = self.traffic.summary(order.app, now, BASELINE_SECONDS, order.previous)
-            ratio, requests = baseline.error_ratio, baseline.requests
         self._watches[order.app] = _Watch(
-            order=order,
-            started=now,
-            until=now + order.seconds,
-            baseline=ratio,
-            baseline_requests=requests,
+            order=order, started=now, until=now + order.seconds, baseline=0.0, baseline_requests=0
         )
-        log.info(
-            "%s: watching version %s for %gs (5xx before: %s)",
-            order.app,
-            order.version,
-            order.seconds,
-            _percent(ratio, requests),
-        )
+        log.info("%s: watching version %s for %gs", order.app, order.version, order.seconds)
 
     def _check_watches(self, now: float) -> None:
         for app, watch in list(self._watches.items()):
@@ -240,6 +226,11 @@ class StatsCollector(Actor):
                     del self._watches[app]
                 continue
             order = watch.order
+            if order.previous:
+                # The previous version's last minutes before the switch; computed at each
+                # check, as nginx's buffers bring its last requests a second late.
+                before = self.traffic.summary(app, watch.started, BASELINE_SECONDS, order.previous)
+                watch.baseline, watch.baseline_requests = before.error_ratio, before.requests
             ratio = watch.errors / watch.requests if watch.requests else 0.0
             if (
                 watch.requests >= order.min_requests
@@ -265,7 +256,7 @@ class StatsCollector(Actor):
 
     # -- what others see ---------------------------------------------------------------
 
-    def report(self, now: float) -> TrafficReport:
+    def traffic_report(self, now: float) -> TrafficReport:
         apps = []
         for app in self.traffic.apps():
             minute = self.traffic.summary(app, now, 60)

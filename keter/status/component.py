@@ -27,6 +27,7 @@ from keter.messages import (
     DeployFinished,
     FailureKind,
     Outcome,
+    RollBack,
     TrafficReport,
 )
 from keter.stats.component import StatsCollector
@@ -111,6 +112,8 @@ class StatusServer(Actor):
                 self.board.add_event(app, kind, text, at)
             case Redeploy():
                 redeploy.run(self.board, message)
+            case RollBack():
+                redeploy.roll_back(self.board, message)
             case TrafficReport():
                 self.board.traffic_changed(message)
                 self.metrics.traffic.report = message

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from keter.archive import SUFFIX, ArchiveError
+from keter.messages import RollBack
 from keter.status.errors import ApiError
 from keter.status.views import StatusBoard
 
@@ -91,3 +92,18 @@ def rollback(board: StatusBoard, app: str, version: str | None) -> dict:
         raise ApiError(409, str(exc)) from None
     log.info("%s: rolling back to version %s", app, chosen.version)
     return {"app": app, "version": chosen.version, "sha256": chosen.sha256, "after": after}
+
+
+def roll_back(board: StatusBoard, order: RollBack) -> bool:
+    """The supervisor's automatic rollback (a watched version made things worse).
+
+    Puts the archived version back into incoming/; False (with a line) if it cannot.
+    """
+    try:
+        chosen = board.archive.find(order.app, order.sha256)
+        board.archive.restore(order.app, chosen, board.config.incoming_dir)
+    except (ArchiveError, OSError) as exc:
+        log.error("%s: cannot roll back to %s: %s", order.app, order.sha256[:12], exc)
+        return False
+    log.info("%s: rolling back to version %s", order.app, chosen.version)
+    return True

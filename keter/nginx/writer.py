@@ -27,7 +27,7 @@ import queue
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +37,7 @@ from keter.fsutil import atomic_write
 from keter.messages import ApplyNginx, NginxApplied, NginxFailed, Site, SiteRefused
 from keter.nginx import blame
 from keter.nginx.files import Localized, SupportFiles, support_dir
-from keter.nginx.probe import fetch_generation
+from keter.nginx.probe import probe
 from keter.nginx.render import (
     ListenerLike,
     ProxyOptions,
@@ -49,11 +49,13 @@ from keter.nginx.render import (
     status_address,
     wildcard_order,
 )
+from keter.nginx.workers import Retiring
 
 log = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT = 30.0
 CONFIRM_INTERVAL = 0.03
+RETIRE_INTERVAL = 0.01  # old workers close their listening sockets ~100 ms after a reload
 WITHDRAWN_KEPT = 16  # refused sites remembered per app not serving
 
 
@@ -119,6 +121,8 @@ class NginxWriter(Actor):
         self._live_main: bytes | None = None  # None: there was no file
         self._main_read = False  # the file nginx runs was read (at the first apply)
         self._pruned = False  # every app folder was looked at since the last failure
+        self._master: int | None = None  # nginx's master, learnt from its workers
+        self._warned_unknown_master = False
         # The listeners and options as nginx reads them (files copied) and their files.
         self._globals: tuple[tuple[ListenerLike, ...], ProxyOptions, frozenset[Path]] | None = None
         # Sites refused with nothing of the app left serving: not tried again (the
@@ -379,13 +383,24 @@ class NginxWriter(Actor):
     # -- reload and confirmation -----------------------------------------------------------
 
     def _reload(self, generation: int) -> bool:
-        """Reload nginx and confirm it serves ``generation``; on failure, report it."""
+        """Reload nginx, confirm it serves ``generation`` and that its old workers have
+        stopped accepting; on failure, report it."""
         log_offset = self._error_log_size()
+        retiring = Retiring.before_reload(self._master)
         error = _run(self.reload_command)
         if error is not None:
             self._fail(generation, f"nginx reload failed: {error}{self._restore()}")
             return False
-        if self._confirm(generation):
+        deadline = time.monotonic() + self.confirm_timeout
+        if retiring.known:
+            # Watching the workers is quicker than asking: while old workers still
+            # accept, half the questions would reach them.
+            self._wait_until(retiring.replaced, deadline)
+        worker = self._confirm(generation, deadline)
+        if worker is not None:
+            retiring.after_reload(worker or None)
+            self._master = retiring.master
+            self._wait_retired(retiring, generation)
             return True
         if self._stopping.is_set():
             # nginx was told to load this config and may well have done so:
@@ -403,20 +418,54 @@ class NginxWriter(Actor):
         self._fail(generation, reason + restored)
         return False
 
-    def _confirm(self, generation: int) -> bool:
-        """Poll the status server until it reports ``generation``; False on timeout."""
+    def _confirm(self, generation: int, deadline: float) -> int | None:
+        """Poll the status server until it reports ``generation``; None on timeout.
+
+        Returns the pid of the worker that answered (0 if nginx did not say).
+        """
         listener = next(each for each in self.listeners if not is_tls(each))
         host, port = status_address(listener), listener.port
         expected = str(generation)
-        deadline = time.monotonic() + self.confirm_timeout
         while True:
-            if fetch_generation(host, port) == expected:
-                return True
+            answer = probe(host, port)
+            if answer is not None and answer[0] == expected:
+                return answer[1] or 0
             if time.monotonic() >= deadline:
-                return False
+                return None
             # An Event wait, not a sleep: stop() cuts the wait short.
             if self._stopping.wait(CONFIRM_INTERVAL):
-                return fetch_generation(host, port) == expected
+                return None
+
+    def _wait_retired(self, retiring: Retiring, generation: int) -> None:
+        """Wait until no worker from before the reload accepts connections any more.
+
+        Until then a fresh connection may still reach a retiring worker and the old
+        config (issue 16: "now serving" must be true for every new connection).
+        """
+        if not retiring.known:
+            if not self._warned_unknown_master:
+                self._warned_unknown_master = True
+                log.warning(
+                    "nginx: cannot find nginx's master process; right after a switch a "
+                    "new connection may still reach the previous configuration for a moment"
+                )
+            return
+        deadline = time.monotonic() + self.confirm_timeout
+        if not self._wait_until(lambda: not retiring.still_accepting(), deadline):
+            log.warning(
+                "nginx: generation %d: old workers %s still accept connections after %gs",
+                generation,
+                retiring.still_accepting(),
+                self.confirm_timeout,
+            )
+
+    def _wait_until(self, condition: Callable[[], bool], deadline: float) -> bool:
+        """Check ``condition`` every few ms until it holds (True) or the deadline or a
+        stop comes (False). An Event wait, not a sleep: stop() cuts it short."""
+        while not condition():
+            if time.monotonic() >= deadline or self._stopping.wait(RETIRE_INTERVAL):
+                return False
+        return True
 
     def _error_log_size(self) -> int:
         if self.error_log is None:

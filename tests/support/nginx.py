@@ -65,9 +65,10 @@ http {{
 class PrivateNginx:
     """An nginx master process confined to ``base``."""
 
-    def __init__(self, base: Path, port: int | None = None) -> None:
+    def __init__(self, base: Path, port: int | None = None, workers: int = WORKERS) -> None:
         self.base = Path(base)
         self.port = port if port is not None else free_port()
+        self.workers = workers
         self.config_file = self.base / "keter.conf"
         # Tests drop extra *.conf files here (e.g. a broken one to fail `nginx -t`).
         self.extra_dir = self.base / "conf.d"
@@ -91,7 +92,7 @@ class PrivateNginx:
         self.main_conf.write_text(
             _MAIN_CONF.format(
                 user=user,
-                workers=WORKERS,
+                workers=self.workers,
                 base=self.base,
                 error_log=self.error_log,
                 port=self.port,
@@ -190,7 +191,7 @@ class PrivateNginx:
                 for worker in master.children()
                 if "shutting down" not in " ".join(worker.cmdline())
             ]
-            return len(accepting) == WORKERS
+            return len(accepting) == self.workers
 
         wait_for(settled, timeout, "nginx's old workers to stop accepting")
 

@@ -1,0 +1,211 @@
+"""Knowing when nginx's retiring workers have stopped accepting connections.
+
+On a reload nginx's master starts workers with the new config, waits about
+100 ms, and only then tells the old workers to stop; each old worker then
+closes its copies of the listening sockets and finishes what it holds. Until
+it has closed them, a fresh connection may still land on it and be served by
+the old config. So "nginx serves the new generation" (one answer from a new
+worker) is not yet "every new connection gets the new config".
+
+Nothing in nginx reports that moment, but Linux shows it: a worker still
+accepting holds one of the master's listening sockets among its open files
+(``/proc/PID/fd``). ``Retiring`` notes nginx's workers before a reload and,
+after it, tells which of them still hold a listening socket; the writer waits
+(on its stop event, with a deadline) until none does.
+
+Everything here reads ``/proc`` only, and fails soft: a process that is gone
+is not accepting, and when the master cannot be found the writer is told so
+(``Retiring.known`` is False) and does not wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROC = Path("/proc")
+_LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's "st" column
+_TCP_LISTEN = 10
+# Netlink's sock_diag (linux/netlink.h, linux/sock_diag.h, linux/inet_diag.h).
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST_DUMP = 0x1 | 0x300
+_NLMSG_ERROR = 2
+_NLMSG_DONE = 3
+
+
+def master_of(worker: int) -> int | None:
+    """The parent of a worker process (nginx's master), or None if it is gone."""
+    stat = _stat(worker)
+    return int(stat[1]) if stat is not None else None
+
+
+def children(pid: int) -> set[int]:
+    """The child processes of ``pid`` (nginx's workers, cache manager, ...)."""
+    try:
+        text = (PROC / str(pid) / "task" / str(pid) / "children").read_text()
+    except OSError:
+        return set()
+    return {int(word) for word in text.split()}
+
+
+def started(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (None if it is gone)."""
+    stat = _stat(pid)
+    return int(stat[19]) if stat is not None else None
+
+
+def now_ticks() -> int:
+    """The current time in the same clock ticks since boot as ``started``."""
+    uptime = float((PROC / "uptime").read_text().split()[0])
+    return int(uptime * os.sysconf("SC_CLK_TCK"))
+
+
+def listening_sockets(master: int) -> set[str]:
+    """The socket inodes ("socket:[N]") of the TCP listening sockets ``master`` holds."""
+    try:
+        inodes = _listening_inodes()
+    except OSError:
+        inodes = _listening_inodes_from_proc(master)
+    return {f"socket:[{inode}]" for inode in inodes} & _sockets(master)
+
+
+def _listening_inodes() -> set[int]:
+    """The inodes of every listening TCP socket, asked of the kernel (sock_diag).
+
+    Much cheaper than reading /proc/net/tcp, which lists every socket (tens of
+    thousands in TIME_WAIT on a busy host) to find the few that listen.
+    """
+    inodes = set()
+    for family in (socket.AF_INET, socket.AF_INET6):
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as diag:
+            diag.settimeout(1)
+            # struct inet_diag_req_v2: family, protocol, ext, pad, states; an empty id.
+            request = struct.pack("=BBBxI", family, socket.IPPROTO_TCP, 0, 1 << _TCP_LISTEN)
+            request += bytes(48)
+            header = struct.pack(
+                "=IHHII", 16 + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, 1, 0
+            )
+            diag.sendto(header + request, (0, 0))
+            done = False
+            while not done:
+                for kind, body in _netlink_messages(diag.recv(65536)):
+                    if kind == _NLMSG_DONE:
+                        done = True
+                        break
+                    if kind == _NLMSG_ERROR or len(body) < 72:
+                        raise OSError("sock_diag refused the request")
+                    # struct inet_diag_msg: the inode is its last field, at byte 68.
+                    inodes.add(struct.unpack_from("=I", body, 68)[0])
+    return inodes
+
+
+def _netlink_messages(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(type, payload) of each netlink message in one datagram."""
+    offset = 0
+    while offset + 16 <= len(data):
+        length, kind = struct.unpack_from("=IH", data, offset)
+        if length < 16:
+            return
+        yield kind, data[offset + 16 : offset + length]
+        offset += (length + 3) & ~3
+
+
+def _listening_inodes_from_proc(master: int) -> set[int]:
+    inodes = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in (PROC / str(master) / "net" / table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if len(fields) > 9 and fields[3] == _LISTEN:
+                    inodes.add(int(fields[9]))
+    return inodes
+
+
+def is_master(pid: int) -> bool:
+    """Whether ``pid`` is an nginx master process (it retitles itself so)."""
+    try:
+        return (PROC / str(pid) / "cmdline").read_bytes().startswith(b"nginx: master process")
+    except OSError:
+        return False
+
+
+def holds_any(pid: int, sockets: set[str]) -> bool:
+    """Whether ``pid`` has one of ``sockets`` among its open files."""
+    return bool(_sockets(pid) & sockets)
+
+
+@dataclass
+class Retiring:
+    """nginx's workers as they were just before a reload."""
+
+    master: int | None
+    before: set[int] = field(default_factory=set)  # the master's children then
+    at: int = 0  # clock ticks when the reload was sent
+
+    @classmethod
+    def before_reload(cls, master: int | None) -> Retiring:
+        """Note the workers of ``master`` (the last known one; None if none yet)."""
+        if master is not None and not is_master(master):
+            master = None  # nginx was restarted: its new master is learnt after the reload
+        return cls(master=master, before=children(master) if master else set(), at=now_ticks())
+
+    def replaced(self) -> bool:
+        """Whether new workers run and none from before the reload accepts any more."""
+        if self.master is None:
+            return False
+        return bool(children(self.master) - self.before) and not self.still_accepting()
+
+    def after_reload(self, new_worker: int | None) -> None:
+        """Learn the master from a worker that serves the new config."""
+        master = master_of(new_worker) if new_worker else None
+        if master is not None and master != self.master:
+            # nginx was restarted since the last reload (or this is the first): its
+            # workers from before ours are told apart by when they started.
+            self.master, self.before = master, set()
+
+    @property
+    def known(self) -> bool:
+        return self.master is not None
+
+    def still_accepting(self) -> list[int]:
+        """The workers from before the reload that still hold a listening socket."""
+        if self.master is None:
+            return []
+        listening = listening_sockets(self.master)
+        old = set(self.before)
+        for child in children(self.master):
+            begun = started(child)
+            if begun is not None and begun < self.at:
+                old.add(child)
+        return sorted(pid for pid in old if holds_any(pid, listening))
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (field 3 is index 0)."""
+    try:
+        text = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    # The command name is in parentheses and may itself hold spaces or ")".
+    return text[text.rindex(")") + 2 :].split()
+
+
+def _sockets(pid: int) -> set[str]:
+    found = set()
+    folder = PROC / str(pid) / "fd"
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return found
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            target = os.readlink(folder / entry)
+            if target.startswith("socket:["):
+                found.add(target)
+    return found

@@ -45,7 +45,7 @@ from support.wait import wait_for
 
 from keter.bundle import validate_host
 from keter.messages import Site
-from keter.names import log_text
+from keter.names import is_wildcard, log_text, nginx_server_name
 from keter.nginx import render
 
 MIB = 1 << 20
@@ -470,13 +470,22 @@ def test_fuzzed_host_list_never_changes_the_config_structure(hosts: list[str]) -
     if not accepted or "other.test" in accepted:
         return
     text = render([Site(app="fuzz", hosts=tuple(accepted), port=4000), other], [_Listener()], 7)
-    placeholders = tuple(f"h{i}.example" for i in range(len(accepted)))
+    # A wildcard gets servers of its own (nginx tries regex names in config order).
+    placeholders = tuple(
+        f"*.h{i}.example" if is_wildcard(host) else f"h{i}.example"
+        for i, host in enumerate(accepted)
+    )
     reference = render([Site(app="fuzz", hosts=placeholders, port=4000), other], [_Listener()], 7)
     tokens = nginx_tokens(text)
     # Same directives, blocks and arguments as a config made of harmless names...
     assert skeleton(tokens) == skeleton(nginx_tokens(reference))
     # ... and the hosts are exactly the accepted names, one token each.
-    assert sorted(accepted) in server_names(tokens)
+    exact = sorted(host for host in accepted if not is_wildcard(host))
+    wildcards = [
+        [nginx_server_name(host, one_label=True)] for host in accepted if is_wildcard(host)
+    ]
+    for expected in ([exact] if exact else []) + wildcards:
+        assert expected in server_names(tokens)
 
 
 @settings(max_examples=100, deadline=None)

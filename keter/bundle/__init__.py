@@ -6,7 +6,8 @@
 * ``v10``: Keter 1.0's ``stanzas:`` (webapp, background, static-files,
   redirect, reverse-proxy) and the stanza readers both formats share;
 * ``values``: the checks for single values (paths, hosts, numbers, TLS files);
-* ``middleware``: Keter's middleware list.
+* ``middleware``: Keter's middleware list;
+* ``plugins``: the database a bundle asks for (``postgres``, ``plugins.postgres``).
 
 Everything a bundle says is untrusted: host names, URLs and header values end
 up in the nginx config, paths are served or run, so all of them are checked

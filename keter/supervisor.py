@@ -346,6 +346,11 @@ class Supervisor:
                 self._fail(deploy, reason, kind=FailureKind.CONFLICT)
                 return
         problems = deploy_problems(config, self.config)
+        if config.postgres and config.postgres_server is not None:
+            server = config.postgres_server
+            problem = self.config.postgres.server_problem(server.host, server.port)
+            if problem:
+                problems.append(f"plugins.postgres {problem}")
         if problems:
             self._fail(deploy, "; ".join(problems), kind=FailureKind.CONFIG)
             return

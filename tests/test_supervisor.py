@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from keter.bundle import Background, BundleConfig, StaticFiles, WebApp
+from keter.bundle.model import PostgresServer
 from keter.config import KeterConfig
 from keter.deploys import TRANSITIONS, Deploy, IllegalTransition, Stage
 from keter.messages import (
@@ -488,6 +489,22 @@ def test_failure_of_the_config_checks(rig: Rig, serving: StartProcess) -> None:
     done = assert_failed(rig, serving, FailureKind.CONFLICT)
     assert "already served by app b" in done.reason
     assert rig.unpacker.one(RemoveFolder).path == unpack.dest
+
+
+def test_a_database_server_keter_cannot_provision_on_refuses_the_bundle(
+    rig: Rig, serving: StartProcess
+) -> None:
+    unpack = rig.arrive("a")
+    config = BundleConfig(
+        app="a",
+        webapp=webapp(rig.tmp).webapp,
+        postgres=True,
+        postgres_server=PostgresServer(host="db.example.com", port=5432),
+    )
+    rig.unpacked(unpack, config)
+    done = assert_failed(rig, serving, FailureKind.CONFIG)
+    assert "db.example.com" in done.reason and "admin-dsn" in done.reason
+    assert rig.postgres.take(ProvisionDatabase) == []
 
 
 def test_failure_while_provisioning(rig: Rig, serving: StartProcess) -> None:

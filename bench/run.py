@@ -28,9 +28,10 @@ import deploy
 import downtime
 import proxy
 import scale
+import stats
 from harness import BENCH, Row, Settings
 
-BENCHMARKS = {module.NAME: module for module in (deploy, downtime, proxy, crash, scale)}
+BENCHMARKS = {module.NAME: module for module in (deploy, downtime, proxy, crash, scale, stats)}
 # Hard ceilings on the whole run (the suite is sized for about a third of each).
 LIMIT = {False: 25 * 60, True: 5 * 60}
 COLUMNS = ("benchmark", "figure", "reference", "target", "met?")

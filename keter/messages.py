@@ -439,6 +439,29 @@ class ProcessStateChanged:
 
 
 @message
+class ProcessPortTaken:
+    """A stranger (not one of the deploy's processes) listens on its port.
+
+    The monitor has stopped the deploy's process and waits (BACKOFF) for a
+    ``MoveProcess``; keter must not route to ``port`` any more.
+    """
+
+    app: str
+    deploy_id: int
+    port: int
+
+
+@message
+class MoveProcess:
+    """Answer to ``ProcessPortTaken``: restart the deploy's process with this spec (a
+    fresh port)."""
+
+    app: str
+    deploy_id: int
+    spec: ProcessSpec
+
+
+@message
 class ProcessStopped:
     """Every process of the deploy's group is gone; its port is free again."""
 

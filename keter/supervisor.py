@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from keter import systemd
+from keter.bundle import WebApp
 from keter.config import KeterConfig
 from keter.deploys import App, Deploy, Stage, WebProcess, Worker
 from keter.environment import app_environment, worker_environment
@@ -67,11 +68,13 @@ from keter.messages import (
     EventKind,
     FailureKind,
     HealthCheck,
+    MoveProcess,
     NginxApplied,
     NginxFailed,
     Outcome,
     ProcessFailed,
     ProcessHealthy,
+    ProcessPortTaken,
     ProcessSpec,
     ProcessStarted,
     ProcessState,
@@ -253,6 +256,8 @@ class Supervisor:
                 self._process_state_changed(msg)
             case ProcessStopped(deploy_id=process_id):
                 self._process_stopped(process_id)
+            case ProcessPortTaken(deploy_id=process_id):
+                self._port_taken(process_id)
             case NginxApplied(generation=generation, refused=refused):
                 self._nginx_replied(generation, None, {r.app: r.reason for r in refused})
             case NginxFailed(generation=generation, reason=reason):
@@ -398,22 +403,49 @@ class Supervisor:
             process_id = deploy.id if index == 0 else next(self._ids)
             deploy.web.append(WebProcess(index=index, process_id=process_id, port=port))
             self.owners[process_id] = deploy
-            health_host = next((h for h in webapp.hosts if "*" not in h), webapp.hosts[0])
-            spec = ProcessSpec(
-                command=(str(webapp.exec), *webapp.args),
-                cwd=deploy.folder,
-                env=app_environment(self.config, webapp, port, deploy.db),
-                log_path=self.config.log_dir / f"app-{deploy.app}.log",
-                port=port,
-                health=HealthCheck(
-                    host=health_host.removeprefix("*."),
-                    path=webapp.health_check_path or "/",
-                    strict=webapp.health_check_path is not None,
-                ),
-                user=self.config.setuid,
-                health_timeout=webapp.ensure_alive,
-            )
+            spec = self._web_spec(deploy, webapp, port)
             self.c.monitor.tell(StartProcess(app=deploy.app, deploy_id=process_id, spec=spec))
+
+    def _web_spec(self, deploy: Deploy, webapp: WebApp, port: int) -> ProcessSpec:
+        health_host = next((h for h in webapp.hosts if "*" not in h), webapp.hosts[0])
+        return ProcessSpec(
+            command=(str(webapp.exec), *webapp.args),
+            cwd=deploy.folder,
+            env=app_environment(self.config, webapp, port, deploy.db),
+            log_path=self.config.log_dir / f"app-{deploy.app}.log",
+            port=port,
+            health=HealthCheck(
+                host=health_host.removeprefix("*."),
+                path=webapp.health_check_path or "/",
+                strict=webapp.health_check_path is not None,
+            ),
+            user=self.config.setuid,
+            health_timeout=webapp.ensure_alive,
+        )
+
+    def _port_taken(self, process_id: int) -> None:
+        """A stranger holds a web process's port (the monitor stopped it): give it a fresh
+        one, and if nginx routes to it, re-point nginx at once: the stranger gets nothing."""
+        deploy = self.owners.get(process_id)
+        web = deploy.web_process(process_id) if deploy is not None else None
+        if deploy is None or web is None or deploy.config is None:
+            return
+        try:
+            port = self.ports.allocate()
+        except NoFreePort as exc:
+            log.error("%s: cannot move deploy #%d to another port: %s", deploy.app, process_id, exc)
+            return
+        self.ports.release(web.port)  # the pool skips it while the stranger holds it
+        log.info("%s: deploy #%d moves from port %d to %d", deploy.app, process_id, web.port, port)
+        web.port = port
+        webapp = deploy.config.webapps[web.index]
+        spec = self._web_spec(deploy, webapp, port)
+        self.c.monitor.tell(MoveProcess(app=deploy.app, deploy_id=process_id, spec=spec))
+        self._changed.add(deploy.app)
+        if deploy.sites:
+            found = sites_for(deploy.app, deploy.config, deploy.folder, deploy.ports, self.config)
+            deploy.sites = tuple(dataclasses.replace(s, version=deploy.version) for s in found)
+            self._request_nginx()
 
     def _start_workers(self, deploy: Deploy) -> None:
         """Start the version's background workers; it serves now (see the module docstring)."""

@@ -1,4 +1,5 @@
-"""Apps cannot touch each other (issue 11): a user of its own per app, private files.
+"""Apps cannot touch each other (issue 11): a user of its own per app, private files,
+ports that cannot be stolen.
 
 Against the real daemon as root, with keter's default of one uid and gid per
 app: two apps with secrets in their environment. Whatever one tries against
@@ -11,9 +12,14 @@ so the failures are the isolation and not a broken probe.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +28,7 @@ import pytest
 from support.bundles import make_bundle, webapp_config
 from support.daemon import app_processes
 from support.faults import private_port_range
-from support.net import served
+from support.net import body, served
 from support.wait import wait_for
 
 from keter.processes.spawn import SETPRIV
@@ -127,3 +133,66 @@ def test_two_apps_cannot_read_or_signal_each_other(open_base, keter_factory, pri
         # A bundle and a log belong to keter, not to the app.
         assert own["bundle"] == "EACCES" and own["log"] == "EACCES"
     assert all(psutil.Process(pid).is_running() for pid in pids.values())
+
+
+def bind_when_free(port: int, timeout: float = 10.0) -> socket.socket:
+    """Listen on ``port`` the moment it is free, as a stranger racing for it would."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+            sock.setblocking(False)
+            return sock
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            # Busy on purpose: the point is to win the race against keter's restart.
+
+
+def test_a_stranger_on_a_crashed_apps_port_gets_no_traffic(keter_factory, private_nginx, tmp_path):
+    keter = keter_factory(**{"port-range": private_port_range()})
+    bundle = make_bundle(tmp_path / "moving.keter", config=webapp_config("moving.test", "v1"))
+    keter.drop(bundle)
+    served(private_nginx, "moving.test", "v1")
+    started = re.search(r"moving: deploy #(\d+) started pid (\d+) on port (\d+)", keter.log())
+    assert started
+    deploy, pid, port = (int(group) for group in started.groups())
+
+    offset = len(keter.log())
+    os.kill(pid, signal.SIGKILL)
+    stranger = bind_when_free(port)  # before keter restarts the app (its backoff)
+    try:
+        moved = wait_for(
+            lambda: re.search(
+                rf"moving: deploy #{deploy} moves from port {port} to (\d+)", keter.log()[offset:]
+            ),
+            15,
+            "the move to another port",
+        )
+        new_port = int(moved[1])
+        [error] = [line for line in keter.log()[offset:].splitlines() if "is held by" in line]
+        assert "ERROR" in error
+        assert f"moving: port {port} is held by pid {os.getpid()} (user root)" in error, error
+        # nginx follows: once it serves the generation that moved it, every request
+        # reaches the app (requests sent before that could still meet the old routing).
+        after_move = keter.log()[offset:].index(moved[0])
+        generation = wait_for(
+            lambda: re.search(
+                r"nginx: generation (\d+) applied", keter.log()[offset:][after_move:]
+            ),
+            15,
+            "nginx to take the new port",
+        )
+        private_nginx.wait_generation(int(generation[1]))
+        assert f"127.0.0.1:{new_port}" in private_nginx.served_config()
+        served(private_nginx, "moving.test", "v1")
+        for _ in range(20):
+            assert body(private_nginx, "moving.test") == b"v1\n"
+        with pytest.raises(BlockingIOError):
+            stranger.accept()  # not one request: not even keter's health probe
+    finally:
+        stranger.close()

@@ -26,8 +26,10 @@ from support.wait import wait_for
 
 from keter.messages import (
     HealthCheck,
+    MoveProcess,
     ProcessFailed,
     ProcessHealthy,
+    ProcessPortTaken,
     ProcessStarted,
     ProcessState,
     ProcessStateChanged,
@@ -720,3 +722,52 @@ def test_a_setsid_daemon_stays_in_the_apps_cgroup_and_goes_with_it(make_monitor,
     monitor.expect(ProcessStopped, deploy_id=1)
     assert not alive(daemon) and not alive(started.pid)
     assert not cgroup.exists()
+
+
+# -- ports that cannot be stolen ---------------------------------------------------------------
+
+
+def bind_when_free(port: int, timeout: float = 10.0) -> socket.socket:
+    """Listen on ``port`` the moment it is free (as a stranger racing for it would)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+            sock.setblocking(False)
+            return sock
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            # Busy: the point is to win the race against keter's restart.
+
+
+def test_a_stranger_on_a_crashed_apps_port_makes_it_move(make_monitor):
+    monitor = make_monitor(backoff_base=0.2)  # time for the stranger to win the race
+    port = free_port()
+    pid = monitor.healthy(1, monitor.spec(port=port))
+
+    os.kill(pid, signal.SIGKILL)
+    stranger = bind_when_free(port)
+    try:
+        taken = monitor.expect(ProcessPortTaken, deploy_id=1)
+        assert taken.port == port
+        parked = monitor.expect(
+            ProcessStateChanged, deploy_id=1, state="BACKOFF", after=monitor.index(taken) - 1
+        )
+        assert f"port {port} taken by pid {os.getpid()} (user root)" in parked.detail
+        new_port = free_port()
+        spec = monitor.spec(port=new_port)
+        monitor.monitor.tell(MoveProcess(app="app", deploy_id=1, spec=spec))
+        running = monitor.expect(
+            ProcessStateChanged, deploy_id=1, state="RUNNING", after=monitor.index(taken)
+        )
+        assert f"port {new_port}" in running.detail
+        assert get(new_port) == "v1\n"
+        with pytest.raises(BlockingIOError):
+            stranger.accept()  # keter never sent it anything, not even a health probe
+    finally:
+        stranger.close()

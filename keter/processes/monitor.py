@@ -40,6 +40,8 @@ port goes unnoticed.
 from __future__ import annotations
 
 import logging
+import os
+import pwd
 import queue
 import random
 import signal
@@ -55,8 +57,10 @@ import psutil
 from keter.actor import Actor
 from keter.messages import (
     FailureKind,
+    MoveProcess,
     ProcessFailed,
     ProcessHealthy,
+    ProcessPortTaken,
     ProcessSpec,
     ProcessStarted,
     ProcessState,
@@ -70,7 +74,7 @@ from keter.processes.applog import AppLog, LogRegistry, OutputCapture
 from keter.processes.cgroups import Cgroup, Cgroups
 from keter.processes.groups import KILL_WAIT, group_members, signal_group, stop_groups
 from keter.processes.health import probe_http
-from keter.processes.ports import port_holders, port_is_free
+from keter.processes.ports import listeners, port_holders, port_is_free, socket_pids
 from keter.processes.reader import FAILURE_TAIL, OutputReader
 from keter.processes.records import Record, Records
 from keter.processes.spawn import (
@@ -209,6 +213,7 @@ class _Entry:
     stop_due: bool = False  # a stop began while spawning: carry it out once spawned
     cgroup: Cgroup | None = None  # every process of the deploy, when cgroups are available
     probing: bool = False  # a health probe is out
+    moving: bool = False  # a stranger took its port: waiting (BACKOFF) for MoveProcess
     exit_pending: _Exited | None = None  # the leader exited while a probe was out
 
 
@@ -334,6 +339,8 @@ class ProcessMonitor(Actor):
             case _Probe() | _ProbeDone() | _HealthDeadline() as msg:
                 if entry := self._current(msg.deploy_id, msg.run, ProcessState.STARTING):
                     self._on_health(entry, msg)
+            case MoveProcess():
+                self._move(message)
             case _Spawned():
                 if (entry := self._entries.get(message.deploy_id)) and entry.spawning:
                     self._on_spawned(entry)
@@ -377,7 +384,11 @@ class ProcessMonitor(Actor):
         """Hand a new run of ``entry`` to the spawn pool; ``_Spawned`` follows."""
         spec = entry.spec
         if spec.port is not None and not port_is_free(spec.port):
-            self._spawn_failed(entry, f"port {spec.port} is already in use")
+            stranger = self._port_stranger(entry) if entry.ever_healthy else None
+            if stranger:
+                self._port_taken(entry, stranger)
+            else:
+                self._spawn_failed(entry, f"port {spec.port} is already in use")
             return
         try:
             entry.spawn_log = self._logs.acquire(spec.log_path)
@@ -524,6 +535,24 @@ class ProcessMonitor(Actor):
         match msg:
             case _Probe():
                 self._submit_probe(entry)
+            case _ProbeDone(healthy=True) if stranger := self._port_stranger(entry):
+                # The answer came from a process that is not the app's: it never gets
+                # traffic. A first start fails; a running app moves to another port.
+                entry.probing, entry.exit_pending = False, None
+                if entry.ever_healthy:
+                    self._port_taken(entry, stranger)
+                else:
+                    log.error(
+                        "%s: port %d is held by %s, not by the app: not routing there",
+                        entry.app,
+                        entry.spec.port,
+                        stranger,
+                    )
+                    self._fail_start(
+                        entry,
+                        f"port {entry.spec.port} is held by {stranger}, not by the app",
+                        FailureKind.PORTS,
+                    )
             case _ProbeDone() if entry.exit_pending is not None:
                 # The leader exited while this probe was out: if it answered, it was
                 # healthy first (and then crashed); if not, it never answered.
@@ -766,6 +795,73 @@ class ProcessMonitor(Actor):
     def _where(entry: _Entry) -> str:
         assert entry.run is not None
         return f"pid {entry.run.pid}, port {entry.spec.port}"
+
+    def _port_stranger(self, entry: _Entry) -> str | None:
+        """Who listens on the deploy's port if it is not the deploy ("pid 12 (user x)")."""
+        port = entry.spec.port
+        if port is None:
+            return None
+        found = listeners(port)
+        if not found:
+            return None
+        own_uid = self.users.uid(entry.app) if self.users and entry.spec.user is None else None
+        if entry.cgroup is not None:
+            mine = entry.cgroup.pids()
+        else:
+            mine = group_members(entry.run.pgid) if entry.run is not None else []
+        for listener in found:
+            if listener.uid == own_uid or socket_pids(listener.inode, mine):
+                continue
+            # Maybe a stranger: the only time every process is looked at, to name it.
+            # A holder that is gone meanwhile, or of the app after all, is no stranger.
+            strangers = [p for p in socket_pids(listener.inode) if not self._ours(entry, p)]
+            if strangers:
+                try:
+                    user = pwd.getpwuid(listener.uid).pw_name
+                except KeyError:
+                    user = str(listener.uid)
+                return f"pid {strangers[0]} (user {user})"
+        return None
+
+    @staticmethod
+    def _ours(entry: _Entry, pid: int) -> bool:
+        if entry.cgroup is not None and pid in entry.cgroup.pids():
+            return True
+        if entry.run is None:
+            return False
+        try:
+            return pid == entry.run.pid or os.getpgid(pid) == entry.run.pgid
+        except ProcessLookupError:
+            return True  # gone: it holds nothing any more
+
+    def _port_taken(self, entry: _Entry, stranger: str) -> None:
+        """A stranger holds a running app's port: stop the app, ask for another port."""
+        port = entry.spec.port
+        log.error(
+            "%s: port %s is held by %s, not by the app: keter routes nothing there and "
+            "moves the app to another port",
+            entry.app,
+            port,
+            stranger,
+        )
+        entry.running_since = None
+        if entry.run is not None and not entry.run.gone:
+            self._kill(entry)
+        entry.moving = True
+        self._transition(
+            entry, ProcessState.BACKOFF, f"port {port} taken by {stranger}; waiting for another"
+        )
+        assert port is not None
+        self.report(ProcessPortTaken(app=entry.app, deploy_id=entry.deploy_id, port=port))
+
+    def _move(self, msg: MoveProcess) -> None:
+        entry = self._entries.get(msg.deploy_id)
+        if entry is None or not entry.moving or entry.state is not ProcessState.BACKOFF:
+            return  # stopped meanwhile
+        entry.moving = False
+        entry.spec = msg.spec
+        entry.failures = 0
+        self.schedule(0, _Restart(deploy_id=entry.deploy_id, run=entry.runs))
 
     def _kill(self, entry: _Entry) -> None:
         """SIGKILL what is left of the deploy: its cgroup, else its process group."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+from dataclasses import dataclass
 
 import psutil
 
@@ -70,3 +72,54 @@ def port_holders(port: int) -> list[int]:
             if c.pid and c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
         }
     )
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A TCP socket listening on a port: who owns it (from /proc/net/tcp and tcp6)."""
+
+    uid: int
+    inode: int
+
+
+def listeners(port: int) -> list[Listener]:
+    """The sockets listening on TCP ``port``, any address, IPv4 and IPv6.
+
+    One read of ``/proc/net/tcp{,6}``: done when an app is about to be trusted
+    with traffic (its health check passed, or it restarts), not per request.
+    """
+    found = []
+    wanted = f":{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f, None)  # the header
+                for line in f:
+                    # sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...
+                    fields = line.split()
+                    if len(fields) > 9 and fields[3] == "0A" and fields[1].endswith(wanted):
+                        found.append(Listener(uid=int(fields[7]), inode=int(fields[9])))
+        except OSError:
+            continue
+    return found
+
+
+def socket_pids(inode: int, pids: list[int] | None = None) -> list[int]:
+    """Which of ``pids`` (default: every process) hold the socket ``inode`` open."""
+    target = f"socket:[{inode}]"
+    if pids is None:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    holders = []
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    holders.append(pid)
+                    break
+            except OSError:
+                continue
+    return holders

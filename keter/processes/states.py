@@ -31,16 +31,18 @@ TRANSITIONS: dict[tuple[ProcessState, ProcessState], str] = {
     (S.STARTING, S.RUNNING): "answered the health check, or has none",
     # A stop was requested, or the first start failed: its group is being stopped.
     (S.STARTING, S.STOPPING): "stop requested, or the first start failed (it gets stopped)",
-    # A restart (not a first start) exited or never answered: try again later.
-    (S.STARTING, S.BACKOFF): "a restart exited or never answered: try again later",
+    # A restart (not a first start) exited or never answered: try again later. Or a
+    # stranger answered on its port: wait (no timer) for the supervisor's MoveProcess.
+    (S.STARTING, S.BACKOFF): "a restart exited, never answered, or its port was taken",
     # A running version died: it is restarted on the same port after a backoff.
     (S.RUNNING, S.BACKOFF): "crashed: restart after a backoff",
     # A stop was requested (or it crashed while one was pending).
     (S.RUNNING, S.STOPPING): "stop requested, or crashed while a stop was pending",
     # The backoff is over: the same spec is spawned again on the same port.
     (S.BACKOFF, S.STARTING): "backoff over: respawned with the same spec and port",
-    # The respawn itself failed (exec error, port taken): wait longer and retry.
-    (S.BACKOFF, S.BACKOFF): "the respawn itself failed (exec error, port taken): wait longer",
+    # The respawn itself failed (exec error): wait longer and retry. Or a stranger holds
+    # its port: wait (no timer) for the supervisor's MoveProcess to a fresh port.
+    (S.BACKOFF, S.BACKOFF): "the respawn itself failed, or a stranger holds its port",
     # A stop was requested while waiting: the pending restart is cancelled.
     (S.BACKOFF, S.STOPPING): "stop requested: the pending restart is cancelled",
     # Final: the whole group is gone after a requested stop.

@@ -53,6 +53,7 @@ from keter.yamlcheck import (
     pem_file,
     pem_files,
     read_yaml_file,
+    size,
     string,
     type_name,
     unknown_key,
@@ -212,6 +213,12 @@ class KeterConfig:
     # both watch_max_error_ratio and the previous version's, over at least
     # watch_min_requests requests, or if it crash-loops.
     traffic_stats: bool = True
+    # The HTTP features nginx adds (keter.nginx): a request body limit (bytes; 0:
+    # unlimited; a stanza may set its own), gzip for text answers, and the HSTS
+    # max-age for requires-secure stanzas (0: no header).
+    client_max_body_size: int = 10 << 20
+    gzip: bool = True
+    hsts_max_age: int = 31_536_000
     watch_seconds: float = 60.0
     watch_max_error_ratio: float = 0.05
     watch_min_requests: int = 20
@@ -704,6 +711,10 @@ def _parse_bool(value: object, path: str, check: Checker, base: Path) -> object:
     return value
 
 
+def _parse_size(value: object, path: str, check: Checker, base: Path) -> object:
+    return size(value, path, check)
+
+
 def _parse_ratio(value: object, path: str, check: Checker, base: Path) -> object:
     real = number(value, math.inf) if not is_int(value) else value
     if real is None or not 0 <= real <= 1:
@@ -982,6 +993,9 @@ _FIELDS: dict[str, tuple[str, Parser]] = {
     "dashboard-users": ("dashboard_users", _parse_dashboard_users),
     "status-hosts": ("status_hosts", _parse_status_hosts),
     "traffic-stats": ("traffic_stats", _parse_bool),
+    "client-max-body-size": ("client_max_body_size", _parse_size),
+    "gzip": ("gzip", _parse_bool),
+    "hsts-max-age": ("hsts_max_age", _count(0, 10 * 365 * 24 * 3600)),
     "watch-seconds": ("watch_seconds", _seconds(0, inclusive=True)),
     "watch-max-error-ratio": ("watch_max_error_ratio", _parse_ratio),
     "watch-min-requests": ("watch_min_requests", _count(1, 1_000_000_000)),

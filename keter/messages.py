@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keter.bundle import BundleConfig
+from keter.bundle.model import RateLimiterConfig
 
 message = dataclass(frozen=True, kw_only=True, slots=True)
 
@@ -219,6 +220,10 @@ class Route:
     basic_auth: BasicAuth | None = None
     headers: tuple[tuple[str, str], ...] = ()  # added to every response
     local_only: LocalOnly | None = None
+    rate_limiters: tuple[RateLimiterConfig, ...] = ()  # nginx's limit_req
+    autohead: bool = False  # a HEAD request reaches the app as GET
+    max_body_size: int | None = None  # request body limit in bytes (0: none); None: global
+    buffering: bool = True  # False: proxied answers stream through unbuffered
 
 
 @message

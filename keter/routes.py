@@ -13,11 +13,13 @@ import os
 from pathlib import Path
 
 from keter.bundle import (
+    AutoheadConfig,
     BasicAuthConfig,
     BundleConfig,
     HeadersConfig,
     LocalConfig,
     Middleware,
+    RateLimiterConfig,
     ReverseProxy,
     Ssl,
     TlsConfig,
@@ -68,6 +70,10 @@ def sites_for(
                 (LocalOnly(status=m.status, text=m.message) for m in middleware if _local(m)),
                 None,
             ),
+            rate_limiters=tuple(m for m in middleware if isinstance(m, RateLimiterConfig)),
+            autohead=any(isinstance(m, AutoheadConfig) for m in middleware),
+            max_body_size=getattr(stanza, "max_body_size", None),
+            buffering=getattr(stanza, "proxy_buffering", True),
         )
 
     routes = []

@@ -325,6 +325,27 @@ def number(value: object, maximum: float) -> float | None:
     return float(value)
 
 
+_SIZE = re.compile(r"(\d{1,15})([kKmMgG]?)")
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+MAX_BODY_SIZE = 1 << 40  # 1 TiB: past that, "unlimited" (0) says it better
+
+
+def size(value: object, path: str, check: Checker) -> int | None:
+    """A size in bytes: a byte count, or nginx's size syntax ("512k", "10m", "1g")."""
+    if is_int(value) and 0 <= value <= MAX_BODY_SIZE:
+        return value
+    match = _SIZE.fullmatch(value) if isinstance(value, str) else None
+    if match:
+        bytes_ = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+        if bytes_ <= MAX_BODY_SIZE:
+            return bytes_
+    check.problem(
+        path,
+        f'expected a size like "10m", "512k" or a byte count (0: unlimited), got {describe(value)}',
+    )
+    return None
+
+
 def absolute(path: Path) -> Path:
     """Absolute and normalised without following symlinks, as Keter joins paths."""
     return Path(os.path.normpath(os.path.abspath(path)))

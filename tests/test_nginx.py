@@ -644,14 +644,14 @@ def test_tls_listener_serves_every_host_with_its_own_or_the_default_certificate(
     )
     text = render([site], [*LOCAL, tls], 1)
     plain_tls = one_block(text, "plain.test", "127.0.0.1:8443")
-    assert "listen 127.0.0.1:8443 ssl;" in plain_tls
+    assert "listen 127.0.0.1:8443 ssl http2;" in plain_tls
     assert 'ssl_certificate "/c/default.crt";' in plain_tls
     assert "ssl_protocols TLSv1.2 TLSv1.3;" in plain_tls
     own_tls = one_block(text, "own.test", "127.0.0.1:8443")
     assert 'ssl_certificate "/c/own.crt";' in own_tls
     assert 'ssl_certificate_key "/c/own.key";' in own_tls
     assert "ssl" not in one_block(text, "own.test", "127.0.0.1:8080;")
-    [default] = [b for b in server_blocks(text) if "8443 ssl default_server" in b]
+    [default] = [b for b in server_blocks(text) if "8443 ssl http2 default_server" in b]
     assert 'ssl_certificate "/c/default.crt";' in default
     # The status server stays on plain HTTP: keter confirms reloads over it.
     assert "listen 127.0.0.1:8080;" in next(b for b in server_blocks(text) if STATUS_HOST in b)

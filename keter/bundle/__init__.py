@@ -18,6 +18,7 @@ cannot provide (most middleware) are warnings and are skipped.
 from __future__ import annotations
 
 from keter.bundle.model import (
+    AutoheadConfig,
     Background,
     BasicAuthConfig,
     BundleConfig,
@@ -25,11 +26,16 @@ from keter.bundle.model import (
     HeadersConfig,
     LocalConfig,
     Middleware,
+    RateAlgorithm,
+    RateIdentifier,
+    RateLimiterConfig,
+    RateZone,
     Redirect,
     RedirectAction,
     ReverseProxy,
     Ssl,
     StaticFiles,
+    Throttle,
     TlsConfig,
     WebApp,
 )
@@ -37,6 +43,7 @@ from keter.bundle.reader import parse_bundle_config, parse_bundle_data
 from keter.names import validate_app_name, validate_host
 
 __all__ = [
+    "AutoheadConfig",
     "Background",
     "BasicAuthConfig",
     "BundleConfig",
@@ -44,11 +51,16 @@ __all__ = [
     "HeadersConfig",
     "LocalConfig",
     "Middleware",
+    "RateAlgorithm",
+    "RateIdentifier",
+    "RateLimiterConfig",
+    "RateZone",
     "Redirect",
     "RedirectAction",
     "ReverseProxy",
     "Ssl",
     "StaticFiles",
+    "Throttle",
     "TlsConfig",
     "WebApp",
     "parse_bundle_config",

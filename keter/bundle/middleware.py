@@ -1,10 +1,12 @@
 """Keter's middleware list (``middleware:`` of a webapp, static-files or reverse-proxy
 stanza), read into what nginx carries out.
 
-``basic-auth``, ``headers`` and ``local`` become nginx directives. The others
-(``autohead``, ``jsonp``, ...) have no nginx equivalent: each is warned about
-and skipped. An unknown name is a problem, not a warning: a misspelt
-``basic-auth`` would publish what it was meant to protect.
+``basic-auth``, ``headers``, ``local``, ``rate-limiter`` (nginx's limit_req) and
+``autohead`` become nginx directives. The others (``jsonp``, ``accept-override``,
+``method-override``, ``method-override-post``) cannot be carried out by nginx
+here, and refuse the bundle: a site never goes live with less than its bundle
+asked for. An unknown name is refused too: a misspelt ``basic-auth`` would
+publish what it was meant to protect.
 """
 
 from __future__ import annotations
@@ -17,23 +19,28 @@ from keter.bundle.model import (
     KETER_LOCAL_MESSAGE,
     KETER_LOCAL_STATUS,
     KETER_REALM,
+    AutoheadConfig,
     BasicAuthConfig,
     HeadersConfig,
     LocalConfig,
     Middleware,
+    RateAlgorithm,
+    RateIdentifier,
+    RateLimiterConfig,
+    RateZone,
+    Throttle,
 )
 from keter.yamlcheck import Checker, describe, is_int, key_name, type_name, unknown_key
 
-# Keter middleware nginx has no equivalent for here: warned about and skipped.
-SKIPPED_MIDDLEWARE = (
-    "accept-override",
-    "autohead",
-    "jsonp",
-    "method-override",
-    "method-override-post",
-    "rate-limiter",
-)
-SUPPORTED_MIDDLEWARE = ("basic-auth", "headers", "local")
+# Keter middleware keter cannot carry out with nginx: refused, with the reason.
+REFUSED_MIDDLEWARE = {
+    "accept-override": "nginx cannot decode the _accept query parameter into the Accept header",
+    "jsonp": "nginx cannot wrap a JSON answer in the callback",
+    "method-override": "keter does not let a query parameter change the request method",
+    "method-override-post": "nginx cannot read _method from a request body",
+}
+SUPPORTED_MIDDLEWARE = ("basic-auth", "headers", "local", "rate-limiter", "autohead")
+MAX_THROTTLES = 16
 _HEADER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 
 
@@ -50,14 +57,20 @@ def parse_middleware(value: object, path: str, check: Checker) -> tuple[Middlewa
         name, body = item, None
         if isinstance(item, dict) and len(item) == 1:
             [(name, body)] = item.items()
-        if name in SKIPPED_MIDDLEWARE:
-            check.warn(where, f"{name} has no nginx equivalent in keter; skipped")
+        if name in REFUSED_MIDDLEWARE:
+            check.problem(
+                where,
+                f"{name} cannot be carried out by keter ({REFUSED_MIDDLEWARE[name]}); "
+                "remove it rather than serve the site without it",
+            )
+        elif name == "autohead":
+            found.append(AutoheadConfig())
         elif name in SUPPORTED_MIDDLEWARE and isinstance(item, dict):
             found.extend(_PARSERS[name](body, f"{where}.{name}", check))
         elif isinstance(name, str):
             # Refused rather than skipped: a misspelt basic-auth would publish
             # what it was meant to protect.
-            known = (*SUPPORTED_MIDDLEWARE, *SKIPPED_MIDDLEWARE)
+            known = (*SUPPORTED_MIDDLEWARE, *REFUSED_MIDDLEWARE)
             hint = unknown_key(name, known).removeprefix("unknown key")
             check.problem(where, f"unknown middleware {describe(name)}{hint}")
         else:
@@ -146,6 +159,98 @@ def _local(body: object, path: str, check: Checker) -> list[Middleware]:
     return [LocalConfig(status=status, message=message)]
 
 
+def _rate_limiter(body: object, path: str, check: Checker) -> list[Middleware]:
+    """Keter's rate-limiter: ``zone_by`` and ``throttles`` (keter-rate-limiting-plugin)."""
+    if not isinstance(body, dict):
+        check.problem(path, f"expected a mapping with zone_by and throttles, got {describe(body)}")
+        return []
+    for key in body:
+        if key not in ("zone_by", "throttles"):
+            check.problem(f"{path}.{key_name(key)}", unknown_key(key, ("zone_by", "throttles")))
+    before = len(check.problems)
+    zone, zone_header = _rate_choice(
+        body.get("zone_by", "default"), f"{path}.zone_by", RateZone, {"header": RateZone.HEADER},
+        check,
+    )  # fmt: skip
+    throttles = body.get("throttles")
+    if not isinstance(throttles, list) or not throttles or len(throttles) > MAX_THROTTLES:
+        check.problem(
+            f"{path}.throttles", f"expected a list of 1 to {MAX_THROTTLES} throttles, "
+            f"got {describe(throttles)}",
+        )  # fmt: skip
+        return []
+    parsed = [_throttle(item, f"{path}.throttles[{i}]", check) for i, item in enumerate(throttles)]
+    if len(check.problems) > before or zone is None or None in parsed:
+        return []
+    return [RateLimiterConfig(zone=zone, zone_header=zone_header, throttles=tuple(parsed))]
+
+
+def _throttle(item: object, path: str, check: Checker) -> Throttle | None:
+    known = ("name", "limit", "period", "algorithm", "identifier_by", "token_bucket_ttl")
+    if not isinstance(item, dict):
+        check.problem(path, f"expected a throttle mapping, got {describe(item)}")
+        return None
+    for key in item:
+        if key not in known:
+            check.problem(f"{path}.{key_name(key)}", unknown_key(key, known))
+    for key in ("name", "limit", "period", "algorithm", "identifier_by"):
+        if key not in item:
+            check.problem(f"{path}.{key}", "missing")
+    if any(key not in item for key in ("name", "limit", "period", "algorithm", "identifier_by")):
+        return None
+    name, limit, period = item["name"], item["limit"], item["period"]
+    ok = True
+    if not (isinstance(name, str) and name.isprintable() and 0 < len(name) <= 100):
+        check.problem(f"{path}.name", f"expected a short name, got {describe(name)}")
+        ok = False
+    for key, value in (("limit", limit), ("period", period)):
+        if not (is_int(value) and 1 <= value <= 10**9):
+            check.problem(f"{path}.{key}", f"expected a whole number 1-10^9, got {describe(value)}")
+            ok = False
+    algorithm = {each.value: each for each in RateAlgorithm}.get(item["algorithm"])
+    if algorithm is None:
+        choices = ", ".join(each.value for each in RateAlgorithm)
+        check.problem(
+            f"{path}.algorithm", f"expected one of {choices}, got {describe(item['algorithm'])}"
+        )
+        ok = False
+    identifier, identifier_name = _rate_choice(
+        item["identifier_by"], f"{path}.identifier_by", RateIdentifier,
+        {"header": RateIdentifier.HEADER, "cookie": RateIdentifier.COOKIE,
+         "header+ip": RateIdentifier.HEADER_IP},
+        check,
+    )  # fmt: skip
+    if not ok or identifier is None:
+        return None
+    return Throttle(
+        name=name,
+        limit=limit,
+        period=period,
+        algorithm=algorithm,
+        identifier=identifier,
+        identifier_name=identifier_name,
+    )
+
+
+def _rate_choice(value, path, kinds, named, check):  # type: ignore[no-untyped-def]
+    """A plain choice ("ip") or a one-key mapping naming a header or cookie ({header: X})."""
+    plain = {each.value: each for each in kinds if each not in named.values()}
+    if isinstance(value, str) and value in plain:
+        return plain[value], None
+    if isinstance(value, dict) and len(value) == 1:
+        [(key, name)] = value.items()
+        # nginx reads a cookie as $cookie_NAME: no '-' in its name.
+        pattern = _COOKIE_NAME if key == "cookie" else _RATE_NAME
+        if key in named and isinstance(name, str) and pattern.fullmatch(name):
+            return named[key], name
+    choices = ", ".join([*plain, *(f"{{{key}: NAME}}" for key in named)])
+    check.problem(
+        path, f"expected one of {choices} (a header or cookie name of letters, digits, '-' "
+        f"and '_'), got {describe(value)}",
+    )  # fmt: skip
+    return None, None
+
+
 def _password_ok(password: str) -> bool:
     """Non-empty, no control characters, encodable (it is hashed into an htpasswd file)."""
     if not password or re.search(r"[\x00-\x1f\x7f]", password):
@@ -161,4 +266,8 @@ _PARSERS: dict[str, Callable[[object, str, Checker], list[Middleware]]] = {
     "basic-auth": _basic_auth,
     "headers": _headers,
     "local": _local,
+    "rate-limiter": _rate_limiter,
 }
+# Header and cookie names nginx can read as variables ($http_x_api_key, $cookie_session).
+_RATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_COOKIE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_]{0,63}")

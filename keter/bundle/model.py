@@ -8,6 +8,7 @@ durations in seconds.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +75,64 @@ class LocalConfig:
     message: str = KETER_LOCAL_MESSAGE
 
 
-Middleware = BasicAuthConfig | HeadersConfig | LocalConfig
+class RateIdentifier(enum.Enum):
+    """Keter's rate-limiter ``identifier_by``: whose requests one counter counts."""
+
+    IP = "ip"
+    IP_PATH = "ip+path"
+    IP_UA = "ip+ua"
+    HEADER = "header"  # a request header's value
+    COOKIE = "cookie"  # a cookie's value
+    HEADER_IP = "header+ip"
+
+
+class RateZone(enum.Enum):
+    """Keter's rate-limiter ``zone_by``: separate counters per zone."""
+
+    DEFAULT = "default"  # one zone
+    IP = "ip"
+    HEADER = "header"  # a request header's value
+
+
+class RateAlgorithm(enum.Enum):
+    """The window algorithm a throttle names; nginx's limit_req carries out every one
+    the same way (a burst of ``limit``, refilled at limit/period)."""
+
+    FIXED_WINDOW = "FixedWindow"
+    SLIDING_WINDOW = "SlidingWindow"
+    TOKEN_BUCKET = "TokenBucket"
+    LEAKY_BUCKET = "LeakyBucket"
+    TINY_LRU = "TinyLRU"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Throttle:
+    """One throttle: at most ``limit`` requests per ``period`` seconds per identifier."""
+
+    name: str
+    limit: int
+    period: int  # seconds
+    algorithm: RateAlgorithm
+    identifier: RateIdentifier
+    identifier_name: str | None = None  # the header or cookie of HEADER, COOKIE, HEADER_IP
+
+
+@dataclass(frozen=True, kw_only=True)
+class RateLimiterConfig:
+    """The ``rate-limiter`` middleware (Keter 2.3's keter-rate-limiting-plugin)."""
+
+    zone: RateZone = RateZone.DEFAULT
+    zone_header: str | None = None  # the header of RateZone.HEADER
+    throttles: tuple[Throttle, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class AutoheadConfig:
+    """The ``autohead`` middleware: a HEAD request reaches the app as GET (nginx sends
+    the headers only)."""
+
+
+Middleware = BasicAuthConfig | HeadersConfig | LocalConfig | RateLimiterConfig | AutoheadConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,6 +151,8 @@ class WebApp:
     ensure_alive: float | None = None  # seconds to answer (Keter's microseconds converted)
     time_bound: float | None = None  # seconds per proxied read/send; 0 = unbounded
     middleware: tuple[Middleware, ...] = ()
+    max_body_size: int | None = None  # client-max-body-size; None: the global one
+    proxy_buffering: bool = True  # false: answers stream through (server-sent events)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,6 +211,8 @@ class ReverseProxy:
     reversed_ssl: bool = False
     preserve_host: bool = False  # send the client's Host header instead of reversed-host
     timeout: float | None = None  # seconds to wait for the answer; None: the global bound
+    max_body_size: int | None = None  # client-max-body-size; None: the global one
+    proxy_buffering: bool = True  # false: answers stream through (server-sent events)
     requires_secure: bool = False
     ssl: Ssl = False
     middleware: tuple[Middleware, ...] = ()

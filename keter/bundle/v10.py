@@ -39,6 +39,7 @@ STANZA_KEYS = {
     "webapp": (
         "exec", "args", "env", "forward-env", "host", "hosts", "ssl", "port-env-vars",
         "ensure-alive-time-bound", "connection-time-bound", "health-check-path", "middleware",
+        "client-max-body-size", "proxy-buffering",
     ),
     "background": (
         "exec", "args", "env", "forward-env", "restart-count", "restart-delay-seconds",
@@ -51,7 +52,7 @@ STANZA_KEYS = {
     "reverse-proxy": (
         "reversed-host", "reversed-port", "reversed-ssl", "reversing-host", "preserve-host",
         "timeout", "ssl", "middleware", "connection-time-bound", "rewrite-request",
-        "rewrite-response",
+        "rewrite-response", "client-max-body-size", "proxy-buffering",
     ),
 }  # fmt: skip
 
@@ -168,6 +169,8 @@ def webapp(data: dict, prefix: str, v: Values, *, flat: bool = False) -> WebApp 
         ),
         time_bound=v.time_bound(data, prefix),
         middleware=parse_middleware(data.get("middleware"), f"{prefix}middleware", check),
+        max_body_size=v.body_size(data, prefix),
+        proxy_buffering=v.flag(data, "proxy-buffering", prefix, default=True),
     )
     return app if len(check.problems) == before else None
 
@@ -305,6 +308,8 @@ def reverse_proxy(data: dict, prefix: str, v: Values) -> ReverseProxy | None:
         requires_secure=v.flag(data, "requires-secure", prefix),
         ssl=v.ssl(data.get("ssl", False), f"{prefix}ssl"),
         middleware=parse_middleware(data.get("middleware"), f"{prefix}middleware", check),
+        max_body_size=v.body_size(data, prefix),
+        proxy_buffering=v.flag(data, "proxy-buffering", prefix, default=True),
     )
     return stanza if len(check.problems) == before else None
 

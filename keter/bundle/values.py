@@ -26,6 +26,7 @@ from keter.yamlcheck import (
     number,
     pem_file,
     pem_files,
+    size,
     unknown_key,
 )
 
@@ -193,6 +194,12 @@ class Values:
             f"(a year), got {describe(value)}",
         )
         return None
+
+    def body_size(self, data: dict, prefix: str) -> int | None:
+        """``client-max-body-size``: this stanza's request body limit, if it sets one."""
+        if "client-max-body-size" not in data:
+            return None
+        return size(data["client-max-body-size"], f"{prefix}client-max-body-size", self.check)
 
     def time_bound(self, data: dict, prefix: str) -> float | None:
         """``connection-time-bound`` (milliseconds, 0 = unbounded) as seconds."""

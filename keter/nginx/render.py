@@ -24,6 +24,7 @@ anything that could inject nginx syntax raises ValueError.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from keter import names
+from keter.bundle.model import RateIdentifier, RateZone
 from keter.messages import (
     BasicAuth,
     ProxyApp,
@@ -103,6 +105,23 @@ MIME_TYPES = {
     "video/webm": "webm",
 }
 
+# Answers nginx compresses (text/html always is, when gzip is on).
+GZIP_TYPES = (
+    "text/plain",
+    "text/css",
+    "text/xml",
+    "text/csv",
+    "text/markdown",
+    "text/javascript",
+    "application/javascript",
+    "application/json",
+    "application/xml",
+    "application/rss+xml",
+    "application/atom+xml",
+    "application/manifest+json",
+    "image/svg+xml",
+)
+
 # Text types sent as "; charset=utf-8" (text/html always is).
 TEXT_TYPES = (
     "text/css",
@@ -145,6 +164,12 @@ geo {peer}$keter_nonlocal {{
     default   1;
     127.0.0.1 0;
     ::1       0;
+}}
+
+# Keter's `autohead` middleware: a HEAD request reaches the app as GET.
+map $request_method $keter_autohead {{
+    HEAD    GET;
+    default $request_method;
 }}
 
 # nginx strings have no escape for "$"; text from bundles uses this instead.
@@ -214,6 +239,9 @@ class ProxyOptions:
     resolver: tuple[str, ...] | None = None
     # The operator's folder of certificates nginx reads in place (not copied).
     shared_certificates: Path | None = None
+    max_body_size: int = 10 << 20  # bytes a request body may have (0: no limit)
+    gzip: bool = True  # text answers compressed, with Vary: Accept-Encoding
+    hsts_max_age: int = 31_536_000  # Strict-Transport-Security for requires-secure; 0: none
     # Where the files a config names may lie (keter's support folder, the
     # operator's shared certificates); empty: anywhere (tests of the renderer).
     file_roots: tuple[Path, ...] = ()
@@ -233,6 +261,9 @@ class ProxyOptions:
             https_port=config.external_https_port,
             resolver=config.nginx.resolver,
             shared_certificates=config.nginx.shared_certificates,
+            max_body_size=config.client_max_body_size,
+            gzip=config.gzip,
+            hsts_max_age=config.hsts_max_age,
             access_spool=spool_path(config.root) if config.traffic_stats else None,
         )
 
@@ -410,7 +441,7 @@ def render_site(
     options = options or ProxyOptions()
     _check_site(site)
     renderer = _Renderer(options, _unique_listeners(listeners))
-    parts = [f"# keter: app {site.app}\n", *renderer.upstreams(site)]
+    parts = [f"# keter: app {site.app}\n", *renderer.upstreams(site), *_rate_limit_zones(site)]
     # keter.stats: the app's own log format, its name and version literal (keter.stats.record).
     logged = bool(site.version) and options.access_spool is not None
     if logged:
@@ -483,7 +514,7 @@ class _Renderer:
         listener = self.listeners[listen]
         secure = is_tls(listener)
         action = route.action
-        lines = [f"listen {listen}{' ssl' if secure else ''};"]
+        lines = [f"listen {listen}{' ssl http2' if secure else ''};"]
         # A wildcard's "*" is one label, as in Keter (nginx's own "*.x" matches any depth).
         server_names = (names.nginx_server_name(host, one_label=True) for host in sorted(hosts))
         lines.append(f"server_name {' '.join(server_names)};")
@@ -492,6 +523,7 @@ class _Renderer:
         if secure:
             lines.extend(self.tls(listener, route.tls))
         lines.extend(self.real_ip())
+        lines.extend(self.gzip())
         lines.extend(self.health())
         if route.requires_secure and not secure:
             port = "" if self.https_port == 443 else f":{self.https_port}"
@@ -499,9 +531,9 @@ class _Renderer:
         elif isinstance(action, SendRedirect):
             # Keter sends a relative url as it is; nginx would make it absolute.
             lines.append("absolute_redirect off;")
-            lines.extend(self.redirect(action, self.guards(route)))
+            lines.extend(self.redirect(action, self.guards(app, index, route, secure)))
         else:
-            body = self.guards(route) + self.content(app, index, action)
+            body = self.guards(app, index, route, secure) + self.content(app, index, route)
             lines.extend(_block("location /", body))
             if isinstance(action, ProxyApp | ProxyRemote) and self.options.proxy_exception_file:
                 lines.append(f"error_page 502 504 =502 {_ERROR_URI['exception']};")
@@ -512,7 +544,7 @@ class _Renderer:
     def default_server(self, listen: str) -> str:
         """Every host no app claims: a 404 (or the operator's pages)."""
         listener = self.listeners[listen]
-        lines = [f"listen {listen}{' ssl' if is_tls(listener) else ''} default_server;"]
+        lines = [f"listen {listen}{' ssl http2' if is_tls(listener) else ''} default_server;"]
         if is_tls(listener):
             lines.extend(self.tls(listener, None))
         lines.extend(self.real_ip())
@@ -576,9 +608,29 @@ class _Renderer:
         body = ["internal;", "default_type text/html;", f"alias {self.file(file)};"]
         return _block(f"location = {_ERROR_URI[kind]}", body)
 
-    def guards(self, route: Route) -> list[str]:
-        """The middleware of a route, in every location that serves it."""
+    def gzip(self) -> list[str]:
+        """Text answers compressed when the client takes gzip (Vary: Accept-Encoding)."""
+        if not self.options.gzip:
+            return []
+        return [
+            "gzip on;",
+            "gzip_vary on;",
+            "gzip_proxied any;",
+            "gzip_min_length 256;",
+            f"gzip_types {' '.join(GZIP_TYPES)};",
+        ]
+
+    def guards(self, app: str, index: int, route: Route, secure: bool) -> list[str]:
+        """The middleware of a route, in every location that serves it.
+
+        Every add_header of a route is here: nginx drops a server's add_header in a
+        location that has its own.
+        """
         lines = []
+        for zone, burst in _rate_zones(app, index, route):
+            lines.append(f"limit_req zone={zone} burst={burst} nodelay;")
+        if route.rate_limiters:
+            lines.append("limit_req_status 429;")
         if route.local_only is not None:
             status = route.local_only.status
             if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
@@ -596,19 +648,22 @@ class _Renderer:
             name = names.validate_header_name(name)
             value = names.nginx_quote(names.validate_header_value(value))
             lines.append(f"add_header {name} {value} always;")
+        if secure and route.requires_secure and self.options.hsts_max_age:
+            age = _count(self.options.hsts_max_age, "HSTS max-age")
+            lines.append(f'add_header Strict-Transport-Security "max-age={age}" always;')
         return lines
 
-    def content(self, app: str, index: int, action: object) -> list[str]:
-        match action:
+    def content(self, app: str, index: int, route: Route) -> list[str]:
+        match route.action:
             case ProxyApp(port=port, timeout=timeout):
                 names.validate_port(port)
                 return [
                     f"proxy_pass http://{_app_upstream(app, index)};",
                     "proxy_set_header Host $http_host;",
-                    *self.proxy_common(timeout),
+                    *self.proxy_common(timeout, route),
                 ]
             case ProxyRemote() as remote:
-                return self.remote(app, index, remote) + self.proxy_common(remote.timeout)
+                return self.remote(app, index, remote) + self.proxy_common(remote.timeout, route)
             case ServeFiles(root=root, listing=listing):
                 types = [f"{mime} {exts};" for mime, exts in MIME_TYPES.items()]
                 return [
@@ -622,7 +677,7 @@ class _Renderer:
                     "charset utf-8;",
                     f"charset_types {' '.join(TEXT_TYPES)};",
                 ]
-            case _:
+            case action:
                 raise ValueError(f"{app}: unknown route action {type(action).__name__}")
 
     def remote(self, app: str, index: int, remote: ProxyRemote) -> list[str]:
@@ -668,10 +723,15 @@ class _Renderer:
             ]
         return lines
 
-    def proxy_common(self, timeout: float | None) -> list[str]:
+    def proxy_common(self, timeout: float | None, route: Route) -> list[str]:
         # Keter bounds each connection by connection-time-bound; the nearest nginx
         # has is a bound on each read and send. Connecting gets Keter's 5 s.
         bound = _duration(self.options.time_bound if timeout is None else timeout)
+        body = route.max_body_size
+        body = _count(self.options.max_body_size if body is None else body, "body size")
+        extra = [] if route.buffering else ["proxy_buffering off;"]
+        if route.autohead:
+            extra.append("proxy_method $keter_autohead;")  # nginx still sends HEAD's headers only
         return [
             "proxy_http_version 1.1;",
             "proxy_set_header X-Real-IP $remote_addr;",
@@ -682,8 +742,9 @@ class _Renderer:
             "proxy_connect_timeout 5s;",
             f"proxy_send_timeout {bound};",
             f"proxy_read_timeout {bound};",
-            # Keter imposes no body limit of its own, so neither do we (apps enforce theirs).
-            "client_max_body_size 0;",
+            # Larger request bodies get 413 from nginx; 0: no limit.
+            f"client_max_body_size {body};",
+            *extra,
         ]
 
     def redirect(self, action: SendRedirect, guards: list[str]) -> list[str]:
@@ -760,6 +821,97 @@ def _remote_address(host: str) -> str | None:
         return _bracketed(names.validate_ip(host))
     except ValueError:
         return None
+
+
+def _rate_zones(app: str, index: int, route: Route) -> list[tuple[str, int]]:
+    """(zone name, burst) of each throttle of a route's rate-limiters.
+
+    The first request of a burst is nginx's own: ``limit`` requests at once is a
+    burst of ``limit - 1``.
+    """
+    found = _rate_limits(app, index, route)
+    return [(zone, throttle.limit - 1) for zone, throttle, _, _ in found]
+
+
+def _rate_limit_zones(site: Site) -> list[str]:
+    """The http-level half of the rate-limiters: a key and a shared zone per throttle.
+
+    Keter's plugin skips a throttle for a request without its identifier (no such
+    header or cookie); nginx does the same for a request whose key is empty, so the
+    key is empty whenever the identifier is (a map), zone prefix or not.
+    """
+    lines = []
+    for index, route in enumerate(site.all_routes):
+        for zone, throttle, optional, key in _rate_limits(site.app, index, route):
+            variable = f'"{key}"'
+            if optional is not None:
+                variable = f"${zone}_key"
+                lines.append(f'map "{optional}" {variable} {{ "" ""; default "{key}"; }}')
+            per_minute = max(1, round(60 * throttle.limit / throttle.period))
+            lines.append(f"limit_req_zone {variable} zone={zone}:1m rate={per_minute}r/m;")
+    return [line + "\n" for line in lines]
+
+
+def _rate_limits(app: str, index: int, route: Route) -> list[tuple[str, object, str | None, str]]:
+    """Each throttle of a route: (zone name, throttle, optional part, key expression).
+
+    The zone's name carries a hash of its key: nginx refuses a reload that gives a
+    zone of the old config another key.
+    """
+    found = []
+    for n, limiter in enumerate(route.rate_limiters):
+        match limiter.zone:
+            case RateZone.DEFAULT:
+                zone_part = ""
+            case RateZone.IP:
+                zone_part = "$binary_remote_addr|"
+            case RateZone.HEADER:
+                zone_part = f"{_http_variable(limiter.zone_header)}|"
+        for m, throttle in enumerate(limiter.throttles):
+            optional, part = _rate_identifier(throttle.identifier, throttle.identifier_name)
+            _count(throttle.limit, "rate limit")
+            _count(throttle.period, "rate period")
+            key = f"{zone_part}{part}"
+            digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+            zone = f"{upstream_name(app)}__l{index}_{n}_{m}_{digest}"
+            found.append((zone, throttle, optional, key))
+    return found
+
+
+def _rate_identifier(identifier: RateIdentifier, name: str | None) -> tuple[str | None, str]:
+    """(the part that may be empty, the whole identifier) as nginx variables."""
+    match identifier:
+        case RateIdentifier.IP:
+            return None, "$binary_remote_addr"
+        case RateIdentifier.IP_PATH:
+            return None, "$binary_remote_addr$uri"
+        case RateIdentifier.IP_UA:
+            return None, "$binary_remote_addr$http_user_agent"
+        case RateIdentifier.HEADER:
+            return _http_variable(name), _http_variable(name)
+        case RateIdentifier.COOKIE:
+            return _cookie_variable(name), _cookie_variable(name)
+        case RateIdentifier.HEADER_IP:
+            return _http_variable(name), f"{_http_variable(name)}|$binary_remote_addr"
+    raise ValueError(f"invalid rate-limiter identifier {identifier!r}")
+
+
+def _http_variable(header: str | None) -> str:
+    if not isinstance(header, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", header):
+        raise ValueError(f"invalid header name {names.log_text(header)}")
+    return "$http_" + header.lower().replace("-", "_")
+
+
+def _cookie_variable(cookie: str | None) -> str:
+    if not isinstance(cookie, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_]{0,63}", cookie):
+        raise ValueError(f"invalid cookie name {names.log_text(cookie)}")
+    return "$cookie_" + cookie
+
+
+def _count(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"invalid {what} {value!r}")
+    return value
 
 
 def _app_upstream(app: str, index: int) -> str:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up keter on a fresh Debian machine and run it on ROOT (default /opt/keter):
 #   sudo ./examples/setup-debian.sh /opt/keter
-# Installs nginx, PostgreSQL and Python (with psycopg, for examples/pgtest) from Debian, keter into /usr/local/lib/keter
+# Installs nginx, nftables, PostgreSQL and Python (with psycopg, for examples/pgtest) from Debian, keter into /usr/local/lib/keter
 # (a virtualenv, linked as /usr/local/bin/keter), removes Debian's default nginx site
 # (it would shadow keter's 404 for unknown hosts), then starts keter: as the systemd
 # service when systemd runs (`journalctl -u keter` shows what it does), else in the
@@ -13,8 +13,9 @@ src=$(cd "$(dirname "$0")/.." && pwd)
 
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-# procps: keter.service reloads keter with /bin/kill.
-apt-get install -y -qq --no-install-recommends nginx postgresql procps python3 python3-venv python3-psycopg >/dev/null
+# procps: keter.service reloads keter with /bin/kill. nftables: keter switches versions in
+# the kernel (see README, "Zero-downtime switch").
+apt-get install -y -qq --no-install-recommends nginx nftables postgresql procps python3 python3-venv python3-psycopg >/dev/null
 
 python3 -m venv /usr/local/lib/keter
 /usr/local/lib/keter/bin/pip install -q --disable-pip-version-check "$src"

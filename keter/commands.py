@@ -162,7 +162,19 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2))
         return EXIT_OK
     print(render_table(status["apps"], status["now"]))
+    print(switch_line(status["keter"].get("switch") or {}))
     return EXIT_OK
+
+
+def switch_line(switch: dict) -> str:
+    """How keter switches versions (keter.switch), as `keter status` says it."""
+    match switch.get("mode"):
+        case "kernel":
+            return "switch: kernel (nftables re-points stable addresses; no nginx reload)"
+        case "reload":
+            return f"switch: reload (nginx is reloaded on every switch: {switch.get('reason')})"
+        case _:
+            return "switch: not known yet"
 
 
 def render_table(apps: list[dict], now: float) -> str:

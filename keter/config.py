@@ -173,6 +173,9 @@ class KeterConfig:
     health_check_timeout: float = 30.0
     drain_seconds: float = 2.0
     stop_timeout: float = 10.0
+    # How versions are switched (keter.switch): "auto" re-points stable addresses in the
+    # kernel where nftables allows it, else reloads nginx; "reload" always reloads nginx.
+    switch: str = "auto"
     # Values may be secrets (API keys, a DSN with a password): kept out of repr.
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
     postgres: PostgresSettings = PostgresSettings()
@@ -836,6 +839,16 @@ def _parse_setuid(value: object, path: str, check: Checker, base: Path) -> objec
     return name
 
 
+SWITCH_MODES = ("auto", "reload")
+
+
+def _parse_switch(value: object, path: str, check: Checker, base: Path) -> object:
+    if value in SWITCH_MODES:
+        return value
+    check.problem(path, f"expected one of {', '.join(SWITCH_MODES)}, got {describe(value)}")
+    return None
+
+
 def _parse_status_listen(value: object, path: str, check: Checker, base: Path) -> object:
     expected = 'expected "ADDRESS:PORT" like "127.0.0.1:8999" or "[::1]:8999"'
     host, _, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
@@ -969,6 +982,7 @@ _FIELDS: dict[str, tuple[str, Parser]] = {
     "health-check-timeout": ("health_check_timeout", _seconds(0, inclusive=False)),
     "drain-seconds": ("drain_seconds", _seconds(0, inclusive=True)),
     "stop-timeout": ("stop_timeout", _seconds(0, inclusive=False)),
+    "switch": ("switch", _parse_switch),
     "env": ("env", _parse_env),
     "postgres": ("postgres", _parse_postgres),
     "setuid": ("setuid", _parse_setuid),

@@ -28,12 +28,14 @@ from keter.incoming.unpacker import Unpacker
 from keter.incoming.watcher import IncomingWatcher
 from keter.messages import RescanRequested, ShutdownRequested
 from keter.nginx import NginxWriter, ProxyOptions
+from keter.nginx.render import POOL_SECONDS
 from keter.postgres import PostgresProvisioner
 from keter.processes import ProcessMonitor
 from keter.processes.cgroups import Cgroups
 from keter.stats.component import StatsCollector
 from keter.status import StatusServer
 from keter.supervisor import Components, Supervisor
+from keter.switch import Switch
 from keter.users import app_users
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,15 @@ def build_components(config: KeterConfig, inbox: queue.SimpleQueue) -> Component
         ),
         status=status,
         stats=stats,
+        switch=Switch(
+            root=config.root,
+            port_range=config.port_range,
+            # nginx's pooled connections to a replaced version end within this (plus slack
+            # for nginx's timers), see keter.nginx.render.
+            pool_seconds=POOL_SECONDS + 0.05,
+            report_to=inbox,
+            kernel=config.switch == "auto",
+        ),
     )
 
 
@@ -148,6 +159,7 @@ def shutdown(components: Components, inbox: queue.SimpleQueue, stop_timeout: flo
         components.postgres,
         components.monitor,
         components.nginx,
+        *([components.switch] if components.switch is not None else []),
     ]
     for component in order:
         component.stop()

@@ -3,15 +3,25 @@
 Pure data and rules, no threads and no I/O; the supervisor (``keter.supervisor``)
 drives it with the components' replies. A deploy walks these stages::
 
-    UNPACKING ─► PROVISIONING ─► STARTING ─► SWITCHING ─► SERVING ─► RETIRING ─► ENDED
-        │              │             │            │                     ▲
-        │              └─────────────┴────────────┴── failed/superseded ┘
-        └─────────────────── failed/superseded (nothing runs yet) ─────────────► ENDED
+    UNPACKING ─► PROVISIONING ─► STARTING ─► POINTING ─► SWITCHING ─► SERVING ─► DRAINING
+        │              │             │   │       │   routes  ▲ │          │           │
+        │              │             │   │       └─unchanged─┘ │          ▼           ▼
+        │              │             │   └─(reload mode)─►─────┘       RETIRING ◄─────┘
+        │              └─────────────┴─────────┴──── failed/superseded ──►┘ │
+        └─────────────────── failed/superseded (nothing runs yet) ──────────► ENDED
+
+POINTING is the kernel switch (``keter.switch``): the app's stable addresses
+are led to the new version. When its routes are those of the version it
+replaces, that is the whole switch and nginx is not touched; otherwise (a
+first deploy, changed hosts) nginx then routes the new stable addresses
+(SWITCHING). Without the kernel mode every switch is an nginx reload.
 
 Every allowed move is in ``TRANSITIONS`` with the reason it happens; any other
 move is a bug (``IllegalTransition``). A deploy that never served still goes
 through RETIRING when it has processes to stop, so every deploy ends the same
-way: processes stopped, port released, folder removed, then ENDED.
+way: processes stopped, port released, folder removed, then ENDED. A version
+that served drains first: it gets no new connections, and is stopped once it
+holds none (at most ``drain-seconds`` later).
 
 An app (``App``) has at most one deploy serving and one on its way (``next``);
 a deploy that ended is forgotten.
@@ -40,8 +50,10 @@ class Stage(enum.StrEnum):
     UNPACKING = "unpacking"  # the unpacker unpacks the bundle and reads its config
     PROVISIONING = "provisioning"  # the provisioner creates (or finds) its database
     STARTING = "starting"  # its web apps run; waiting until every one answers
+    POINTING = "pointing"  # the kernel leads its stable addresses to it (keter.switch)
     SWITCHING = "switching"  # nginx is being pointed at it
     SERVING = "serving"  # it takes the traffic; its background workers run
+    DRAINING = "draining"  # replaced or removed: new connections go elsewhere, its own end
     RETIRING = "retiring"  # its processes are being stopped (replaced, removed or failed)
     ENDED = "ended"  # nothing of it runs; port released, folder removed
 
@@ -56,14 +68,23 @@ TRANSITIONS: dict[tuple[Stage, Stage], str] = {
     (S.PROVISIONING, S.STARTING): "database ready; its web apps are spawned",
     (S.PROVISIONING, S.SWITCHING): "database ready; it runs no web app to wait for",
     (S.PROVISIONING, S.ENDED): "failed or superseded before anything ran; its folder is removed",
-    (S.STARTING, S.SWITCHING): "every web app answers its health check",
+    (S.STARTING, S.POINTING): "every web app answers its health check (kernel mode)",
+    (S.STARTING, S.SWITCHING): "every web app answers its health check (reload mode)",
     (S.STARTING, S.RETIRING): "a web app failed, or a newer bundle superseded it",
     (S.STARTING, S.ENDED): "failed before any process was spawned (e.g. no free port)",
-    (S.SWITCHING, S.SERVING): "nginx serves it; the version before it retires",
+    (S.POINTING, S.SERVING): "routes unchanged: its stable addresses lead to it, and nginx "
+    "can no longer send a new request to the version before it",
+    (S.POINTING, S.SWITCHING): "its new stable addresses lead to it; nginx must route them",
+    (S.POINTING, S.RETIRING): "the kernel did not lead new connections to it; the version "
+    "before it serves on",
+    (S.SWITCHING, S.SERVING): "nginx serves it; the version before it drains",
     (S.SWITCHING, S.RETIRING): "nginx refused its site; the version before it serves on",
     (S.SWITCHING, S.ENDED): "nginx refused its site, and it runs no process",
-    (S.SERVING, S.RETIRING): "replaced by a newer version, or its bundle was removed",
+    (S.SERVING, S.DRAINING): "replaced by a newer version, or its bundle was removed",
+    (S.SERVING, S.RETIRING): "removed while nginx failed to change: stopped at once",
     (S.SERVING, S.ENDED): "replaced or removed, and it runs no process",
+    (S.DRAINING, S.RETIRING): "it holds no connection any more, or drain-seconds passed",
+    (S.DRAINING, S.ENDED): "it runs no process",
     (S.RETIRING, S.ENDED): "every process of it has stopped",
 }
 
@@ -118,6 +139,11 @@ class Deploy:
     sha256: str = ""  # of the bundle as unpacked: the version's identity
     db: DbInfo | None = None
     generation: int | None = None  # the nginx generation that switches traffic to it
+    # Kernel mode: the stable ports nginx proxies its web apps to (config.webapps order);
+    # shared with the version before it when the routes are the same.
+    services: tuple[int, ...] = ()
+    reroute: bool = False  # its routes differ from the version before: nginx after POINTING
+    pointed_at: float | None = None  # wall clock: the kernel began leading connections to it
     web: list[WebProcess] = field(default_factory=list)
     workers: dict[int, Worker] = field(default_factory=dict)  # by process id
     sites: tuple[Site, ...] = ()  # what nginx serves for it, from the moment it switches
@@ -154,6 +180,13 @@ class Deploy:
         count = len(self.config.webapps) if self.config is not None else 0
         by_index = {w.index: w.port for w in self.web}
         return tuple(by_index.get(i) for i in range(count))
+
+    @property
+    def switch_in_flight(self) -> bool:
+        """Whether traffic may already reach it: it can no longer be abandoned."""
+        if self.stage is Stage.POINTING:
+            return True
+        return self.stage is Stage.SWITCHING and self.generation is not None
 
     def web_process(self, process_id: int) -> WebProcess | None:
         return next((w for w in self.web if w.process_id == process_id), None)

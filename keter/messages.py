@@ -37,6 +37,7 @@ class Component(enum.StrEnum):
     POSTGRES = "postgres"
     STATUS = "status"
     STATS = "stats"  # traffic statistics and access logs (keter.stats)
+    SWITCH = "switch"  # stable addresses in the kernel, drains (keter.switch)
 
 
 class ProcessState(enum.StrEnum):
@@ -71,7 +72,15 @@ class FailureKind(enum.StrEnum):
     EXITED = "exited"  # it exited (or was killed) before answering
     HEALTH_CHECK = "health-check"  # it ran but never passed its health check
     NGINX = "nginx"  # nginx refused its site, or did not take the new config
+    SWITCH = "switch"  # the kernel did not lead new connections to it
     INTERNAL = "internal"  # a bug in keter while handling this bundle
+
+
+class SwitchMode(enum.StrEnum):
+    """How keter moves traffic from one version of an app to the next."""
+
+    KERNEL = "kernel"  # nftables re-points the app's stable address; nginx is not reloaded
+    RELOAD = "reload"  # nginx is reloaded with the new version's port (the fallback)
 
 
 class AppState(enum.StrEnum):
@@ -165,9 +174,12 @@ class LocalOnly:
 
 @message
 class ProxyApp:
-    """Proxy to the app's own process on 127.0.0.1."""
+    """Proxy to the app's own process: its port on 127.0.0.1, or its stable address."""
 
     port: int
+    # A loopback address of keter's own where the kernel leads ``port`` to the version
+    # serving now (keter.switch); 127.0.0.1 is the process itself.
+    host: str = "127.0.0.1"
     timeout: float | None = None  # seconds per read/send; 0 unbounded; None the global bound
 
 
@@ -515,6 +527,76 @@ class NginxFailed:
     reason: str
 
 
+# -- switch (keter.switch: the kernel's stable addresses, drains) --------------------
+
+
+@message
+class SwitchReady:
+    """The switch component's mode, once at start; the supervisor tells status too."""
+
+    mode: SwitchMode
+    address: str | None = None  # the stable addresses' loopback IP (kernel mode)
+    reason: str = ""  # why the kernel mode is not used (reload mode)
+
+
+@message
+class PointServices:
+    """Lead these stable ports to these app ports, confirm, and report ServicesPointed.
+
+    ``previous`` holds what the same stable ports led to until now: the report
+    waits until nginx can no longer send a new request to those (see keter.switch).
+    """
+
+    app: str
+    deploy_id: int
+    targets: tuple[tuple[int, int], ...]  # (stable port, app port)
+    previous: tuple[tuple[int, int], ...] = ()
+
+
+@message
+class ServicesPointed:
+    """New connections to the deploy's stable ports reach it, and only it."""
+
+    app: str
+    deploy_id: int
+    at: float = 0.0  # wall clock time the kernel began leading them to it
+
+
+@message
+class PointFailed:
+    """The stable ports could not be led to the deploy; they lead where they did before."""
+
+    app: str
+    deploy_id: int
+    reason: str
+
+
+@message
+class ReleaseServices:
+    """No deploy uses these stable ports any more: remove them from the kernel."""
+
+    app: str
+    ports: tuple[int, ...]
+
+
+@message
+class WatchDrain:
+    """Report Drained once these app ports hold no connection (give up after ``seconds``)."""
+
+    app: str
+    deploy_id: int
+    ports: tuple[int, ...]
+    seconds: float
+
+
+@message
+class Drained:
+    """The deploy's ports hold no connection any more."""
+
+    app: str
+    deploy_id: int
+
+
 # -- status component (supervisor -> status; facts only) -----------------------------
 
 
@@ -627,6 +709,20 @@ class TrafficReport:
     at: float
     apps: tuple[AppTraffic, ...]
     watches: tuple[WatchState, ...] = ()
+
+
+@message
+class VersionServing:
+    """Supervisor -> stats: from ``since`` (wall clock) the app's requests reach ``version``.
+
+    nginx's access records of an app behind a stable address (keter.switch) say
+    "-" for the version: the kernel switched it without nginx, so the stats
+    component gives each such record the version serving when it was made.
+    """
+
+    app: str
+    version: str  # short sha256
+    since: float
 
 
 @message

@@ -45,11 +45,15 @@ def sites_for(
     folder: Path,
     ports: tuple[int | None, ...],
     settings: KeterConfig,
+    *,
+    upstream_host: str = "127.0.0.1",
 ) -> tuple[Site, ...]:
     """What nginx must serve for one deployed version of ``app``.
 
     ``folder`` is where the version is unpacked, ``ports`` its web apps' ports in
-    ``config.webapps`` order (None for one not started). One Site, or none
+    ``config.webapps`` order (None for one not started) on ``upstream_host``:
+    127.0.0.1 for the processes themselves, or keter's switch address for their
+    stable ports (``keter.switch``). One Site, or none
     when the bundle serves no host. Raises ValueError if a static root lies
     outside ``folder`` (the parser already refuses that; this is a second lock).
     """
@@ -79,7 +83,7 @@ def sites_for(
     routes = []
     for webapp, port in zip(config.webapps, ports, strict=True):
         if port is not None:
-            action = ProxyApp(port=port, timeout=webapp.time_bound)
+            action = ProxyApp(port=port, timeout=webapp.time_bound, host=upstream_host)
             routes.append(route(webapp, webapp.hosts, action))
     for static in config.static_files:
         if not Path(static.root).is_relative_to(folder):

@@ -14,14 +14,22 @@ that module's table first), each step finished by a component's reply:
     UNPACKING     -> BundleUnpacked   (unpacker)
     PROVISIONING  -> DatabaseReady    (postgres provisioner, only for postgres: true)
     STARTING      -> ProcessHealthy   (process monitor, once for every web app)
+    POINTING      -> ServicesPointed  (switch: the kernel leads its stable addresses to it)
     SWITCHING     -> NginxApplied     (nginx writer: written, tested, reloaded, confirmed)
-    SERVING          the old version retires: stopped after the drain period
+    SERVING          the old version drains: Drained (switch) or drain-seconds, then retires
+
+In kernel mode (``keter.switch``) nginx proxies each web app to a stable
+address for as long as its routes stay the same; a redeploy with the same
+routes is POINTING alone, without an nginx reload. A first deploy, or one that
+changes routes, gets stable addresses of its own and then an nginx generation.
+Without the kernel mode (no nftables, or ``switch: reload``) every switch is
+an nginx generation with the version's own ports, as in the original Keter.
 
 Any failure on the way stops the new version and removes its folder; the
 version that was serving is never touched. An app has at most one version
 serving and one on its way (``next``); a newer bundle supersedes ``next``,
-except while nginx is already switching to it: then the newer bundle waits
-for that switch to finish (only the latest waiting bundle is kept).
+except while the kernel or nginx is already switching to it: then the newer
+bundle waits for that switch to finish (only the latest waiting bundle is kept).
 
 Background workers are processes of their deploy like its web apps, each
 with an id of its own from the same counter as deploy ids. A version's
@@ -65,6 +73,7 @@ from keter.messages import (
     DatabaseFailed,
     DatabaseReady,
     DeployFinished,
+    Drained,
     EventKind,
     FailureKind,
     HealthCheck,
@@ -72,6 +81,8 @@ from keter.messages import (
     NginxApplied,
     NginxFailed,
     Outcome,
+    PointFailed,
+    PointServices,
     ProcessFailed,
     ProcessHealthy,
     ProcessPortTaken,
@@ -81,24 +92,31 @@ from keter.messages import (
     ProcessStateChanged,
     ProcessStopped,
     ProvisionDatabase,
+    ReleaseServices,
     RemoveFolder,
     Rescan,
     RescanRequested,
     RollBack,
     ScanCompleted,
+    ServicesPointed,
     ShutdownRequested,
     Site,
     StartProcess,
     StopProcess,
+    SwitchMode,
+    SwitchReady,
     UnpackBundle,
     UnpackFailed,
+    VersionServing,
     VersionUnhealthy,
+    WatchDrain,
     WatchVersion,
     message,
 )
 from keter.names import PROBLEMS_LIMIT, log_text
 from keter.processes.ports import NoFreePort, PortPool
 from keter.routes import dashboard_site, deploy_problems, sites_for
+from keter.switch import NoStablePort, StablePorts
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +153,12 @@ class Components:
     postgres: Teller
     status: Teller | None = None
     stats: Teller | None = None  # traffic statistics (keter.stats); None with traffic-stats off
+    switch: Teller | None = None  # None: reload mode, drains end after drain-seconds
 
     def all(self) -> list[Teller]:
         parts = [self.watcher, self.unpacker, self.monitor, self.nginx, self.postgres]
-        return [*parts, *(c for c in (self.status, self.stats) if c is not None)]
+        optional = (self.status, self.stats, self.switch)
+        return [*parts, *(c for c in optional if c is not None)]
 
 
 @message
@@ -146,6 +166,13 @@ class _RestartComponent:
     """Private timer: a failed component's backoff is over."""
 
     component: Component
+
+
+@message
+class _DrainOver:
+    """Private timer: a draining deploy's drain-seconds are over."""
+
+    deploy_id: int
 
 
 class Supervisor:
@@ -172,6 +199,13 @@ class Supervisor:
         self._nginx_dirty = False
         self._waiting_on_nginx: set[str] = set()  # apps with a switch or removal in flight
         self._watching = False  # the watcher runs (from nginx's first reply on)
+        self._nginx_ready = False  # nginx took keter's first config
+        # The switch mode, known from the switch component's first report (no component:
+        # reload mode at once). Deploys begin only once it is known.
+        self.switch_mode = SwitchMode.RELOAD
+        self._switch_address = "127.0.0.1"
+        self._switch_ready = components.switch is None
+        self.stable_ports = StablePorts()
         self._dashboard = dashboard_site(config)  # routed with the apps when configured
         self._published: dict[str, AppSnapshot] = {}
         self._changed: set[str] = set()  # apps whose snapshot may have changed
@@ -264,6 +298,18 @@ class Supervisor:
                 self._nginx_replied(generation, reason, {})
             case VersionUnhealthy(app=app, version=version, reason=reason):
                 self._unhealthy(app, version, reason)
+            case SwitchReady():
+                self._switch_known(msg)
+            case ServicesPointed(deploy_id=deploy_id, at=at):
+                self._services_pointed(deploy_id, at)
+            case PointFailed(deploy_id=deploy_id, reason=reason):
+                deploy = self.owners.get(deploy_id)
+                if deploy is not None and deploy.stage is Stage.POINTING:
+                    self._fail(deploy, f"switch: {reason}", kind=FailureKind.SWITCH)
+            case Drained(deploy_id=deploy_id) | _DrainOver(deploy_id=deploy_id):
+                deploy = self.owners.get(deploy_id)
+                if deploy is not None and deploy.stage is Stage.DRAINING:
+                    self._retire(deploy, 0)
             case RescanRequested():
                 self.c.watcher.tell(Rescan())
             case ShutdownRequested(signal_name=name):
@@ -289,8 +335,8 @@ class Supervisor:
         self._changed.add(app.name)
         log.info("%s: bundle seen (%d bytes)", arrived.app, arrived.size)
         if app.next is not None:
-            if app.next.stage is Stage.SWITCHING and app.next.generation is not None:
-                # nginx may already route to it; let the switch finish, then deploy this one.
+            if app.next.switch_in_flight:
+                # Traffic may already reach it; let the switch finish, then deploy this one.
                 app.waiting = arrived
                 return
             self._abandon(app.next, "superseded by a newer bundle")
@@ -321,7 +367,7 @@ class Supervisor:
         app.waiting = None
         app.bundle_present = False
         if app.next is not None:
-            if app.next.stage is Stage.SWITCHING and app.next.generation is not None:
+            if app.next.switch_in_flight:
                 app.removing = True  # carried out when the switch completes
                 return
             self._abandon(app.next, "its bundle was removed")
@@ -579,7 +625,7 @@ class Supervisor:
         if deploy.workers.pop(process_id, None) is not None and deploy.stage is Stage.SERVING:
             log.info("%s: background worker #%d stopped", deploy.app, process_id)
             return
-        if deploy.stage is Stage.RETIRING and not self._live(deploy):
+        if deploy.stage in (Stage.RETIRING, Stage.DRAINING) and not self._live(deploy):
             self._ended(deploy)
 
     def _live(self, deploy: Deploy) -> bool:
@@ -595,17 +641,98 @@ class Supervisor:
         return app.serving if not app.removing else None
 
     def _switch(self, deploy: Deploy) -> None:
-        """Point nginx at the deploy (its sites are computed once, here)."""
-        assert deploy.config is not None
+        """Lead traffic to the deploy: through the kernel (kernel mode), else nginx.
+
+        Its sites are computed once, here. In kernel mode they name stable
+        addresses: those of the version it replaces when that gives the very
+        same sites (the kernel switch is then all there is), else new ones.
+        """
+        if self.switch_mode is SwitchMode.KERNEL and deploy.web:
+            self._point(deploy)
+            return
         try:
-            found = sites_for(deploy.app, deploy.config, deploy.folder, deploy.ports, self.config)
-            # Its version goes into every access record nginx writes (keter.stats).
-            deploy.sites = tuple(dataclasses.replace(s, version=deploy.version) for s in found)
+            deploy.sites = self._sites(deploy, deploy.ports)
         except ValueError as exc:  # the bundle parser refuses this already; a second lock
             self._fail(deploy, f"cannot route it: {exc}", kind=FailureKind.CONFIG)
             return
         deploy.move(Stage.SWITCHING)
         self._request_nginx()
+
+    def _sites(
+        self, deploy: Deploy, ports: tuple[int | None, ...], host: str = "127.0.0.1"
+    ) -> tuple[Site, ...]:
+        """The deploy's sites, its web apps on ``ports`` at ``host``.
+
+        Its version goes into every access record nginx writes (keter.stats), except
+        behind stable addresses: the kernel switches those without nginx, so the
+        records say "-" and the stats component tells versions apart by the time
+        each began serving (``VersionServing``).
+        """
+        assert deploy.config is not None
+        found = sites_for(
+            deploy.app, deploy.config, deploy.folder, ports, self.config, upstream_host=host
+        )
+        version = "-" if host != "127.0.0.1" else deploy.version
+        return tuple(dataclasses.replace(site, version=version) for site in found)
+
+    def _point(self, deploy: Deploy) -> None:
+        """Kernel mode: lead stable addresses to the deploy (STARTING -> POINTING)."""
+        old = self.apps[deploy.app].serving
+        previous: tuple[tuple[int, int], ...] = ()
+        try:
+            if old is not None and len(old.services) == len(deploy.web):
+                sites = self._sites(deploy, old.services, self._switch_address)
+                if sites == old.sites:
+                    deploy.services, deploy.sites = old.services, sites
+                    previous = tuple(zip(old.services, old.ports, strict=True))
+            if not deploy.services:
+                deploy.services = tuple(self.stable_ports.allocate() for _ in deploy.web)
+                deploy.sites = self._sites(deploy, deploy.services, self._switch_address)
+                deploy.reroute = True
+        except (ValueError, NoStablePort) as exc:
+            kind = FailureKind.PORTS if isinstance(exc, NoStablePort) else FailureKind.CONFIG
+            self._fail(deploy, f"cannot route it: {exc}", kind=kind)
+            return
+        deploy.move(Stage.POINTING)
+        assert self.c.switch is not None
+        self.c.switch.tell(
+            PointServices(
+                app=deploy.app,
+                deploy_id=deploy.id,
+                targets=tuple(zip(deploy.services, deploy.ports, strict=True)),
+                previous=previous,
+            )
+        )
+
+    def _services_pointed(self, deploy_id: int, at: float) -> None:
+        deploy = self.owners.get(deploy_id)
+        if deploy is None or deploy.stage is not Stage.POINTING:
+            return  # a restore after a failure, or a deploy that ended meanwhile
+        deploy.pointed_at = at or None
+        app = self.apps[deploy.app]
+        if deploy.reroute:
+            # Its stable addresses lead to it; nginx must now route its hosts to them.
+            deploy.move(Stage.SWITCHING)
+            self._request_nginx()
+            return
+        log.info("%s: deploy #%d: the kernel leads new connections to it", app.name, deploy.id)
+        self._switched(app, deploy)
+        self._continue_waiting(app)
+
+    def _restore_services(self, app: App, deploy: Deploy) -> None:
+        """A deploy failed while POINTING at stable ports it shares with the serving
+        version: lead them back to that version (the switch may not have done it)."""
+        serving = app.serving
+        if serving is None or deploy.reroute or serving.services != deploy.services:
+            return
+        assert self.c.switch is not None
+        self.c.switch.tell(
+            PointServices(
+                app=app.name,
+                deploy_id=serving.id,
+                targets=tuple(zip(serving.services, serving.ports, strict=True)),
+            )
+        )
 
     def _desired_sites(self) -> tuple[Site, ...]:
         sites: list[Site] = []
@@ -673,24 +800,47 @@ class Supervisor:
         self._nginx_inflight = None
         if self._nginx_dirty:
             self._request_nginx()
-        if not self._watching and self.exit_code is None:
-            # The first reply: deploys may begin (the monitor, started earlier, has
-            # already stopped any leftovers of an earlier run).
+        self._nginx_ready = True
+        self._start_watching()
+
+    def _switch_known(self, ready: SwitchReady) -> None:
+        """The switch component's one report at start: the mode for this run."""
+        self.switch_mode = ready.mode
+        if ready.address is not None:
+            self._switch_address = ready.address
+        if self.c.status is not None:
+            self.c.status.tell(ready)
+        self._switch_ready = True
+        self._start_watching()
+
+    def _start_watching(self) -> None:
+        """Deploys may begin once nginx took keter's first config and the switch mode is
+        known (the monitor, started earlier, has already stopped an earlier run's leftovers)."""
+        if self._watching or not (self._nginx_ready and self._switch_ready):
+            return
+        if self.exit_code is None:
             self._watching = True
             self.c.watcher.start()
 
     def _switched(self, app: App, deploy: Deploy) -> None:
+        """The deploy takes the traffic (POINTING or SWITCHING -> SERVING); the old drains."""
         old, app.serving, app.next = app.serving, deploy, None
         deploy.move(Stage.SERVING)
         self._changed.add(app.name)
         took = self.clock() - deploy.began
         hosts = ", ".join(deploy.hosts)
         log.info("%s: deploy #%d now serving %s (took %.2fs)", app.name, deploy.id, hosts, took)
+        if self.c.stats is not None:  # before any watch of it: records are named by time
+            self.c.stats.tell(
+                VersionServing(
+                    app=app.name, version=deploy.version, since=deploy.pointed_at or time.time()
+                )
+            )
         self._finished(deploy, Outcome.SERVING, watch_seconds=self._watch(deploy, old))
         self._start_workers(deploy)
         if old is not None:
             self._release_hosts(old, keep=deploy)
-            self._retire(old, self.config.drain_seconds)
+            self._drain(old)
 
     # -- watched rollout (issue 14: keter.stats watches, the supervisor decides) ------------
 
@@ -754,7 +904,10 @@ class Supervisor:
         # stop it anyway; nginx catches up with its next successful generation.
         if app.serving is not None:
             self._release_hosts(app.serving)
-            self._retire(app.serving, self.config.drain_seconds if drain else 0)
+            if drain:
+                self._drain(app.serving)
+            else:
+                self._retire(app.serving, 0)
             app.serving = None
         app.removing, app.remove_generation = False, None
         self._changed.add(app.name)
@@ -793,6 +946,8 @@ class Supervisor:
         if app.next is deploy:
             app.next = None
         self._changed.add(app.name)
+        if deploy.stage is Stage.POINTING:
+            self._restore_services(app, deploy)
         self._release_hosts(deploy, keep=app.serving)
         self._retire(deploy, 0, skip=stopped_already)
         if app.serving is not None:
@@ -807,6 +962,25 @@ class Supervisor:
         self._release_hosts(deploy, keep=app.serving)
         self._retire(deploy, 0)
 
+    def _drain(self, deploy: Deploy) -> None:
+        """A version that served no longer gets new connections (SERVING -> DRAINING).
+
+        It is stopped once its ports hold no connection (the switch reports Drained),
+        or when drain-seconds are over, whichever comes first.
+        """
+        drain = self.config.drain_seconds
+        if not self._live(deploy) or drain <= 0:
+            self._retire(deploy, 0)
+            return
+        deploy.move(Stage.DRAINING)
+        log.info("%s: deploy #%d drains (at most %.1fs)", deploy.app, deploy.id, drain)
+        ports = tuple(web.port for web in deploy.web)
+        if self.c.switch is not None and ports:
+            self.c.switch.tell(
+                WatchDrain(app=deploy.app, deploy_id=deploy.id, ports=ports, seconds=drain)
+            )
+        self._schedule(drain, _DrainOver(deploy_id=deploy.id))
+
     def _retire(self, deploy: Deploy, delay: float, *, skip: int | None = None) -> None:
         """Stop whatever of the deploy runs, then end it (see keter.deploys for the stages)."""
         if deploy.stage in (Stage.UNPACKING, Stage.PROVISIONING):
@@ -817,8 +991,8 @@ class Supervisor:
         if not self._live(deploy):
             self._ended(deploy)
             return
-        if deploy.stage is Stage.SERVING:
-            log.info("%s: stopping deploy #%d in %.1fs", deploy.app, deploy.id, delay)
+        if deploy.stage in (Stage.SERVING, Stage.DRAINING):
+            log.info("%s: stopping deploy #%d", deploy.app, deploy.id)
         deploy.move(Stage.RETIRING)
         for process_id in deploy.process_ids:
             if process_id != skip and self.owners.get(process_id) is deploy:
@@ -829,6 +1003,7 @@ class Supervisor:
         deploy.move(Stage.ENDED)
         for web in deploy.web:
             self.ports.release(web.port)
+        self._release_stable_ports(deploy)
         self.owners.pop(deploy.id, None)
         if remove_folder and deploy.folder_exists:
             self.c.unpacker.tell(RemoveFolder(path=deploy.folder))
@@ -837,6 +1012,20 @@ class Supervisor:
         app = self.apps.get(deploy.app)
         if app is not None:
             self._forget_if_idle(app)
+
+    def _release_stable_ports(self, deploy: Deploy) -> None:
+        """Its stable ports that no other version of the app uses go back, kernel rules too."""
+        app = self.apps.get(deploy.app)
+        kept = set()
+        if app is not None:
+            for other in (app.serving, app.next):
+                if other is not None and other is not deploy:
+                    kept.update(other.services)
+        gone = tuple(port for port in deploy.services if port not in kept)
+        for port in gone:
+            self.stable_ports.release(port)
+        if gone and self.c.switch is not None:
+            self.c.switch.tell(ReleaseServices(app=deploy.app, ports=gone))
 
     def _release_hosts(self, deploy: Deploy, keep: Deploy | None = None) -> None:
         """The deploy no longer claims its hosts (those ``keep`` claims stay claimed)."""

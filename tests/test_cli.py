@@ -61,7 +61,8 @@ def test_deploy_waits_for_serving_then_status_and_logs_show_the_app(keter, priva
 
     table = keter_cli(keter.root, "status")
     assert table.returncode == 0
-    header, row = table.stdout.splitlines()
+    header, row, switch = table.stdout.splitlines()
+    assert switch.startswith("switch: ")  # how keter switches versions (keter.switch)
     assert header.split()[:4] == ["APP", "STATE", "VERSION", "HOSTS"]
     assert row.split()[:4] == ["hello", "running", sha(bundle)[:12], "hello.test"]
     assert "serving" in row

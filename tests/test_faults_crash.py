@@ -12,8 +12,11 @@ added to keter for tests:
 * config written: keter's nginx test-command is a wrapper that waits before
   running ``nginx -t``: the new config is on disk, nginx has not seen it;
 * reloaded: the reload-command wrapper waits after ``nginx -s reload``: nginx
-  routes to the new version, keter has not confirmed it;
-* before the old version's SIGTERM: a long drain, killed in the middle of it.
+  routes to the new version, keter has not confirmed it (for these two the new
+  version adds a host: a version with the same routes switches in the kernel,
+  without nginx);
+* before the old version's SIGTERM: a long drain (a slow request keeps the old
+  version busy), killed in the middle of it.
 
 After the restart, whatever the step: the app serves the version in incoming/
 (one version, one process group), temp/ holds only that version's folder, every
@@ -42,6 +45,7 @@ from support.processes import alive
 from support.wait import wait_for
 
 from keter.nginx import fetch_generation
+from keter.switch import Table
 
 APP = Path(__file__).parent / "apps" / "versioned_app.py"
 
@@ -177,8 +181,13 @@ def test_keter_killed_at_each_step_recovers_to_one_clean_version(
             gates.arm("app")
             gated_bundle(bundle, gates, "crash.test", "v2")
         else:
-            extra = {"postgres": True} if step == "unpacked" else {}
+            extra: dict = {"postgres": True} if step == "unpacked" else {}
+            if step in ("config-written", "reloaded"):
+                extra["extra-hosts"] = ["crash2.test"]  # new routes: nginx must switch
             make_bundle(bundle, config=webapp_config("crash.test", "v2", **extra))
+        if step == "draining":
+            slow = stack.enter_context(socket.create_connection(("127.0.0.1", nginx.port)))
+            slow.sendall(b"GET /slow?60 HTTP/1.1\r\nHost: crash.test\r\n\r\n")
         if step == "config-written":
             gates.arm("test")
         if step == "reloaded":
@@ -203,7 +212,7 @@ def test_keter_killed_at_each_step_recovers_to_one_clean_version(
                 wait_for(lambda: gates.held("reload"), 20, "nginx to be reloaded")
                 assert "now serving" not in keter.log().split("deploy #2 is healthy")[1]
             case "draining":
-                wait_for(lambda: "stopping deploy #1 in 60.0s" in keter.log(), 20, "the drain")
+                wait_for(lambda: "deploy #1 drains (at most 60.0s)" in keter.log(), 20, "the drain")
         killed_run = keter.children()  # its apps, and the gate it is held at
         # v1 serving, and v2 too once it has been started.
         assert len(app_leaders(keter)) == (1 if step == "unpacked" else 2)
@@ -231,11 +240,15 @@ def test_keter_killed_at_each_step_recovers_to_one_clean_version(
         wait_for(
             lambda: not any(alive(p.pid) for p in killed_run), 15, "the killed run's processes"
         )
-        # nginx serves the config on disk, and it routes to the running version.
+        # nginx serves the config on disk, and it routes to the running version (through
+        # its stable address, which the kernel leads to the version's port).
         port = app_port(app)
         text = nginx.served_config()
         settled_generation(nginx)
-        assert re.findall(r"server 127\.0\.0\.1:(\d+);", text) == [str(port)]
+        [(address, upstream)] = re.findall(r"server (127\.[\d.]+):(\d+);", text)
+        table = Table.for_root(keter.root)
+        assert address == table.address
+        assert table.read() == {int(upstream): port}
         assert error_records(keter.log_since_start()) == []
         if step == "unpacked":
             assert "crash:" in (keter.root / "etc" / "postgres.yaml").read_text()

@@ -195,7 +195,9 @@ def test_full_nginx_config_folder_fails_the_switch_and_keeps_the_old_config(
 
         filler = fill(folder)
         offset = len(keter.log())
-        keter.drop(make_bundle(bundle, config=webapp_config("conf.test", "v2")))
+        # A new host: nginx must switch (the same routes would switch in the kernel alone).
+        v2 = webapp_config("conf.test", "v2", **{"extra-hosts": ["conf2.test"]})
+        keter.drop(make_bundle(bundle, config=v2))
         wait_for(lambda: re.search(r"conf: deploy #\d+ failed", keter.log()[offset:]), 30)
         errors = error_records(keter.log()[offset:])
         [line] = [e for e in errors if e.startswith("conf: ")]

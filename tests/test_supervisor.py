@@ -31,10 +31,13 @@ from keter.messages import (
     DatabaseReady,
     DbInfo,
     DeployFinished,
+    Drained,
     FailureKind,
     NginxApplied,
     NginxFailed,
     Outcome,
+    PointFailed,
+    PointServices,
     ProcessFailed,
     ProcessHealthy,
     ProcessStarted,
@@ -43,14 +46,19 @@ from keter.messages import (
     ProcessStopped,
     ProvisionDatabase,
     ProxyApp,
+    ReleaseServices,
     RemoveFolder,
     ScanCompleted,
+    ServicesPointed,
     ShutdownRequested,
     SiteRefused,
     StartProcess,
     StopProcess,
+    SwitchMode,
+    SwitchReady,
     UnpackBundle,
     UnpackFailed,
+    WatchDrain,
 )
 from keter.processes.ports import PortPool
 from keter.supervisor import RESTART_LIMIT, Components, Supervisor
@@ -109,6 +117,7 @@ class Rig:
     status: FakeComponent
     clock: Clock
     tmp: Path
+    switch: FakeComponent | None = None
 
     def send(self, *messages: object) -> None:
         for message in messages:
@@ -142,6 +151,12 @@ class Rig:
         self.send(NginxApplied(generation=apply.generation, refused=refused))
         return apply
 
+    def drain_over(self) -> None:
+        """drain-seconds pass: every draining version's timer is due."""
+        self.clock.now += self.sup.config.drain_seconds
+        for timer in self.sup.due_timers():
+            self.send(timer)
+
     def stopped(self, *stops: StopProcess) -> None:
         for stop in stops:
             self.send(ProcessStopped(app=stop.app, deploy_id=stop.deploy_id))
@@ -163,6 +178,9 @@ class Rig:
         return [s for s in changes if s.app == app][-1]
 
 
+SWITCH_ADDRESS = "127.9.9.9"
+
+
 def webapp(tmp: Path, host: str = "a.test", **extra) -> BundleConfig:
     return BundleConfig(
         app=host.split(".")[0],
@@ -172,6 +190,11 @@ def webapp(tmp: Path, host: str = "a.test", **extra) -> BundleConfig:
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Rig:
+    """A supervisor without a switch component: every switch reloads nginx."""
+    return make_rig(tmp_path, kernel=False)
+
+
+def make_rig(tmp_path: Path, *, kernel: bool) -> Rig:
     base = random.randrange(20, 30) * 1000 + random.randrange(0, 900)
     config = KeterConfig(root=tmp_path / "root", port_range=(base, base + 99), drain_seconds=2)
     parts = {name: FakeComponent(name) for name in Component}
@@ -182,6 +205,7 @@ def rig(tmp_path: Path) -> Rig:
         nginx=parts[Component.NGINX],
         postgres=parts[Component.POSTGRES],
         status=parts[Component.STATUS],
+        switch=parts[Component.SWITCH] if kernel else None,
     )
     clock = Clock()
     sup = Supervisor(config, components, ports=PortPool(base, base + 99), clock=clock)
@@ -195,9 +219,12 @@ def rig(tmp_path: Path) -> Rig:
         parts[Component.STATUS],
         clock,
         tmp_path,
+        parts[Component.SWITCH] if kernel else None,
     )
     sup.start()
     rig.nginx_ok()  # keter's first config; the watcher starts with its reply
+    if kernel:
+        rig.send(SwitchReady(mode=SwitchMode.KERNEL, address=SWITCH_ADDRESS))
     return rig
 
 
@@ -228,6 +255,7 @@ def test_a_move_outside_the_table_is_refused(tmp_path) -> None:
 
 
 def test_nothing_deploys_before_nginx_took_the_first_config(tmp_path) -> None:
+    """... and before the switch component said which mode it runs in."""
     config = KeterConfig(root=tmp_path / "root")
     parts = {name: FakeComponent(name) for name in Component}
     components = Components(
@@ -236,6 +264,7 @@ def test_nothing_deploys_before_nginx_took_the_first_config(tmp_path) -> None:
         monitor=parts[Component.PROCESSES],
         nginx=parts[Component.NGINX],
         postgres=parts[Component.POSTGRES],
+        switch=parts[Component.SWITCH],
     )
     sup = Supervisor(config, components)
     sup.start()
@@ -248,7 +277,10 @@ def test_nothing_deploys_before_nginx_took_the_first_config(tmp_path) -> None:
     first = parts[Component.NGINX].one(ApplyNginx)
     assert first.sites == ()
     sup.dispatch(NginxApplied(generation=first.generation))
+    assert parts[Component.WATCHER].started == 0
+    sup.dispatch(SwitchReady(mode=SwitchMode.KERNEL, address="127.9.9.9"))
     assert parts[Component.WATCHER].started == 1
+    assert sup.switch_mode is SwitchMode.KERNEL
 
 
 def test_a_restarted_keter_redeploys_what_incoming_holds(rig: Rig) -> None:
@@ -301,9 +333,12 @@ def test_a_redeploy_retires_the_old_version_after_the_drain(rig: Rig) -> None:
     first = rig.deploy("a", webapp(rig.tmp), sha="11" * 32)
     second = rig.deploy("a", webapp(rig.tmp), sha="22" * 32)
     assert second.spec.port != first.spec.port
-    [stop] = rig.monitor.take(StopProcess)
-    assert (stop.deploy_id, stop.delay) == (first.deploy_id, 2)
     old = rig.sup.owners[first.deploy_id]
+    assert old.stage is Stage.DRAINING
+    assert rig.monitor.take(StopProcess) == []  # not before drain-seconds (no switch to ask)
+    rig.drain_over()
+    [stop] = rig.monitor.take(StopProcess)
+    assert (stop.deploy_id, stop.delay) == (first.deploy_id, 0)
     assert old.stage is Stage.RETIRING
     rig.stopped(stop)
     assert old.stage is Stage.ENDED
@@ -415,6 +450,7 @@ def test_removing_a_bundle_unroutes_then_stops_the_app(rig: Rig) -> None:
     assert apply.sites == ()
     assert rig.monitor.take(StopProcess) == []  # nginx first
     rig.send(NginxApplied(generation=apply.generation))
+    rig.drain_over()
     [stop] = rig.monitor.take(StopProcess)
     assert stop.deploy_id == start.deploy_id
     rig.stopped(stop)
@@ -434,6 +470,7 @@ def test_removal_mid_switch_happens_after_the_switch(rig: Rig) -> None:
     removal = rig.nginx.one(ApplyNginx)
     assert removal.sites == ()
     rig.send(NginxApplied(generation=removal.generation))
+    rig.drain_over()
     [stop] = rig.monitor.take(StopProcess)
     rig.stopped(stop)
     assert "a" not in rig.sup.apps
@@ -640,3 +677,218 @@ def test_a_bug_in_the_supervisor_fails_only_that_deploy(rig: Rig, serving: Start
 def test_shutdown_sets_the_exit_code(rig: Rig) -> None:
     rig.send(ShutdownRequested(signal_name="SIGTERM"))
     assert rig.sup.exit_code == 0
+
+
+# -- kernel mode (keter.switch): stable addresses instead of nginx reloads -------------------
+
+
+@pytest.fixture
+def kernel(tmp_path: Path) -> Rig:
+    """A supervisor whose switch component runs in kernel mode."""
+    return make_rig(tmp_path, kernel=True)
+
+
+def point(rig: Rig) -> PointServices:
+    """Play the switch: the stable ports lead to the deploy, confirmed."""
+    assert rig.switch is not None
+    command = rig.switch.one(PointServices)
+    rig.send(ServicesPointed(app=command.app, deploy_id=command.deploy_id))
+    return command
+
+
+def kernel_deploy(rig: Rig, config: BundleConfig, sha: str = "ab" * 32) -> StartProcess:
+    """A first deploy in kernel mode: stable port pointed, then one nginx generation."""
+    unpack = rig.arrive(config.app)
+    rig.unpacked(unpack, config, sha)
+    start = rig.monitor.one(StartProcess)
+    rig.healthy(start)
+    point(rig)
+    rig.nginx_ok()
+    return start
+
+
+def test_a_first_deploy_points_a_stable_address_then_routes_it(kernel: Rig) -> None:
+    unpack = kernel.arrive("a")
+    kernel.unpacked(unpack, webapp(kernel.tmp))
+    start = kernel.monitor.one(StartProcess)
+    kernel.healthy(start)
+    deploy = kernel.sup.apps["a"].next
+    assert deploy.stage is Stage.POINTING
+    assert kernel.nginx.take(ApplyNginx) == []  # nothing routes it before the kernel leads to it
+    command = kernel.switch.one(PointServices)
+    [(stable, port)] = command.targets
+    assert port == start.spec.port and command.previous == ()
+
+    kernel.send(ServicesPointed(app="a", deploy_id=command.deploy_id))
+    assert deploy.stage is Stage.SWITCHING
+    apply = kernel.nginx.one(ApplyNginx)
+    [site] = apply.sites
+    assert site.routes[0].action == ProxyApp(port=stable, host=SWITCH_ADDRESS)
+    kernel.send(NginxApplied(generation=apply.generation))
+    assert deploy.stage is Stage.SERVING
+    [done] = kernel.finished()
+    assert done.outcome is Outcome.SERVING
+
+
+def test_a_redeploy_with_the_same_routes_never_touches_nginx(kernel: Rig) -> None:
+    first = kernel_deploy(kernel, webapp(kernel.tmp), sha="11" * 32)
+    stable = kernel.sup.apps["a"].serving.services
+    kernel.finished()
+
+    unpack = kernel.arrive("a")
+    kernel.unpacked(unpack, webapp(kernel.tmp), sha="22" * 32)
+    second = kernel.monitor.one(StartProcess)
+    kernel.healthy(second)
+    command = kernel.switch.one(PointServices)
+    assert command.targets == ((stable[0], second.spec.port),)
+    # The report waits until nginx can no longer send new requests to these.
+    assert command.previous == ((stable[0], first.spec.port),)
+    assert kernel.sup.apps["a"].serving.id == first.deploy_id  # until the switch is confirmed
+    kernel.send(ServicesPointed(app="a", deploy_id=command.deploy_id))
+
+    app = kernel.sup.apps["a"]
+    assert app.serving.id == second.deploy_id and app.serving.services == stable
+    assert [f.outcome for f in kernel.finished()] == [Outcome.SERVING]
+    assert kernel.nginx.take(ApplyNginx) == []  # no generation at all
+
+    # The old version drains: stopped as soon as its port holds no connection.
+    old = kernel.sup.owners[first.deploy_id]
+    assert old.stage is Stage.DRAINING
+    watch = kernel.switch.one(WatchDrain)
+    assert (watch.deploy_id, watch.ports) == (first.deploy_id, (first.spec.port,))
+    assert kernel.monitor.take(StopProcess) == []
+    kernel.send(Drained(app="a", deploy_id=first.deploy_id))
+    [stop] = kernel.monitor.take(StopProcess)
+    assert (stop.deploy_id, stop.delay) == (first.deploy_id, 0)
+    kernel.drain_over()  # the ceiling's timer is harmless now
+    assert kernel.monitor.take(StopProcess) == []
+    kernel.stopped(stop)
+    assert old.stage is Stage.ENDED
+    assert kernel.switch.take(ReleaseServices) == []  # the new version uses them
+
+
+def test_a_drain_ends_at_drain_seconds_when_connections_stay(kernel: Rig) -> None:
+    first = kernel_deploy(kernel, webapp(kernel.tmp), sha="11" * 32)
+    unpack = kernel.arrive("a")
+    kernel.unpacked(unpack, webapp(kernel.tmp), sha="22" * 32)
+    kernel.healthy(kernel.monitor.one(StartProcess))
+    point(kernel)
+    assert kernel.monitor.take(StopProcess) == []
+    kernel.drain_over()
+    [stop] = kernel.monitor.take(StopProcess)
+    assert stop.deploy_id == first.deploy_id
+    kernel.send(Drained(app="a", deploy_id=first.deploy_id))  # late: changes nothing
+    assert kernel.monitor.take(StopProcess) == []
+
+
+def test_changed_routes_get_new_stable_addresses_and_an_nginx_generation(kernel: Rig) -> None:
+    kernel_deploy(kernel, webapp(kernel.tmp), sha="11" * 32)
+    [old_stable] = kernel.sup.apps["a"].serving.services
+    unpack = kernel.arrive("a")
+    kernel.unpacked(unpack, webapp(kernel.tmp, time_bound=5.0))  # a route changes
+    kernel.healthy(kernel.monitor.one(StartProcess))
+    command = point(kernel)
+    [(new_stable, _)] = command.targets
+    assert new_stable != old_stable and command.previous == ()
+    apply = kernel.nginx.one(ApplyNginx)
+    [site] = apply.sites
+    assert site.routes[0].action.port == new_stable
+    kernel.send(NginxApplied(generation=apply.generation))
+    assert kernel.sup.apps["a"].serving.services == (new_stable,)
+    kernel.drain_over()
+    kernel.stopped(*kernel.monitor.take(StopProcess))
+    release = kernel.switch.one(ReleaseServices)
+    assert release.ports == (old_stable,)
+    assert old_stable not in kernel.sup.stable_ports
+
+
+def test_a_failed_kernel_switch_fails_only_the_new_version(kernel: Rig) -> None:
+    first = kernel_deploy(kernel, webapp(kernel.tmp), sha="11" * 32)
+    kernel.finished()
+    unpack = kernel.arrive("a")
+    kernel.unpacked(unpack, webapp(kernel.tmp), sha="22" * 32)
+    second = kernel.monitor.one(StartProcess)
+    kernel.healthy(second)
+    command = kernel.switch.one(PointServices)
+    kernel.send(PointFailed(app="a", deploy_id=command.deploy_id, reason="did not reach it"))
+    [done] = kernel.finished()
+    assert (done.outcome, done.kind) == (Outcome.FAILED, FailureKind.SWITCH)
+    app = kernel.sup.apps["a"]
+    assert app.serving.id == first.deploy_id and app.serving.stage is Stage.SERVING
+    [stop] = kernel.monitor.take(StopProcess)
+    assert stop.deploy_id == second.deploy_id
+    kernel.stopped(stop)
+    assert kernel.switch.take(ReleaseServices) == []  # the serving version keeps them
+
+
+def test_a_switch_component_failure_leads_the_addresses_back(kernel: Rig) -> None:
+    first = kernel_deploy(kernel, webapp(kernel.tmp), sha="11" * 32)
+    kernel.finished()
+    unpack = kernel.arrive("a")
+    kernel.unpacked(unpack, webapp(kernel.tmp), sha="22" * 32)
+    kernel.healthy(kernel.monitor.one(StartProcess))
+    command = kernel.switch.one(PointServices)
+    kernel.send(
+        ComponentFailed(
+            component=Component.SWITCH,
+            error="OSError: boom",
+            message="PointServices",
+            app="a",
+            deploy_id=command.deploy_id,
+        )
+    )
+    [done] = kernel.finished()
+    assert (done.outcome, done.kind) == (Outcome.FAILED, FailureKind.INTERNAL)
+    # The kernel may have changed already: the stable port leads to the serving version.
+    restore = kernel.switch.one(PointServices)
+    assert restore.targets == ((command.targets[0][0], first.spec.port),)
+    kernel.send(ServicesPointed(app="a", deploy_id=restore.deploy_id))  # changes nothing
+    assert kernel.sup.apps["a"].serving.id == first.deploy_id
+
+
+def test_a_newer_bundle_waits_for_a_kernel_switch_in_flight(kernel: Rig) -> None:
+    kernel_deploy(kernel, webapp(kernel.tmp), sha="11" * 32)
+    unpack = kernel.arrive("a")
+    kernel.unpacked(unpack, webapp(kernel.tmp), sha="22" * 32)
+    kernel.healthy(kernel.monitor.one(StartProcess))
+    command = kernel.switch.one(PointServices)
+    kernel.send(BundleArrived(app="a", path=kernel.tmp / "a.keter", mtime_ns=3, size=1))
+    assert kernel.unpacker.take(UnpackBundle) == []
+    kernel.send(ServicesPointed(app="a", deploy_id=command.deploy_id))
+    assert kernel.sup.apps["a"].serving.id == command.deploy_id
+    assert kernel.unpacker.one(UnpackBundle).app == "a"
+
+
+def test_removing_an_app_removes_its_stable_address(kernel: Rig) -> None:
+    start = kernel_deploy(kernel, webapp(kernel.tmp))
+    [stable] = kernel.sup.apps["a"].serving.services
+    kernel.send(BundleRemoved(app="a"))
+    assert kernel.nginx_ok().sites == ()
+    kernel.switch.one(WatchDrain)
+    kernel.send(Drained(app="a", deploy_id=start.deploy_id))
+    kernel.stopped(*kernel.monitor.take(StopProcess))
+    assert kernel.switch.one(ReleaseServices).ports == (stable,)
+    assert "a" not in kernel.sup.apps and stable not in kernel.sup.stable_ports
+
+
+def test_a_crash_restart_changes_neither_nginx_nor_the_kernel(kernel: Rig) -> None:
+    start = kernel_deploy(kernel, webapp(kernel.tmp))
+    for state in (ProcessState.BACKOFF, ProcessState.STARTING, ProcessState.RUNNING):
+        kernel.send(ProcessStateChanged(app="a", deploy_id=start.deploy_id, state=state, pid=99))
+    assert kernel.nginx.take(ApplyNginx) == []
+    assert kernel.switch.take(PointServices) == []
+    assert kernel.snapshot("a").restarts == 1
+
+
+def test_a_bundle_without_a_web_app_switches_through_nginx(kernel: Rig) -> None:
+    unpack = kernel.arrive("docs")
+    (unpack.dest / "public").mkdir(parents=True)
+    config = BundleConfig(
+        app="docs",
+        webapp=None,
+        static_files=(StaticFiles(root=unpack.dest / "public", hosts=("docs.test",)),),
+    )
+    kernel.unpacked(unpack, config)
+    assert kernel.switch.take(PointServices) == []
+    kernel.nginx_ok()
+    assert kernel.sup.apps["docs"].serving.stage is Stage.SERVING

@@ -186,6 +186,24 @@ upstream {name} {{
 }}
 """
 
+# An app's own upstream leads to a stable address the kernel re-points to each new
+# version (keter.switch). Connections nginx pooled before a switch still lead to the
+# old version: they are closed by nginx itself once this old (after the request in
+# progress) or this long idle, so new requests reach the new version within
+# POOL_SECONDS and the old one drains without ever closing a connection under nginx.
+POOLED_CONNECTION_MAX_AGE = 0.05  # keepalive_time
+POOLED_CONNECTION_MAX_IDLE = 0.05  # keepalive_timeout
+POOL_SECONDS = POOLED_CONNECTION_MAX_AGE + POOLED_CONNECTION_MAX_IDLE
+
+_APP_UPSTREAM = """\
+upstream {name} {{
+{servers}    keepalive {keepalive};
+    keepalive_requests 1000;
+    keepalive_time {max_age};
+    keepalive_timeout {max_idle};
+}}
+"""
+
 _STATUS_SERVER = """\
 server {{
     listen {listen};
@@ -488,9 +506,17 @@ class _Renderer:
         for index, route in enumerate(site.all_routes):
             action = route.action
             if isinstance(action, ProxyApp):
-                server = f"    server 127.0.0.1:{names.validate_port(action.port)};\n"
-                name = _app_upstream(site.app, index)
-                blocks.append(_UPSTREAM.format(name=name, servers=server, keepalive=64))
+                port = names.validate_port(action.port)
+                server = f"    server {_app_host(action.host)}:{port};\n"
+                blocks.append(
+                    _APP_UPSTREAM.format(
+                        name=_app_upstream(site.app, index),
+                        servers=server,
+                        keepalive=64,
+                        max_age=_duration(POOLED_CONNECTION_MAX_AGE),
+                        max_idle=_duration(POOLED_CONNECTION_MAX_IDLE),
+                    )
+                )
             elif isinstance(action, ProxyRemote) and _remote_address(action.host) is not None:
                 # Host names get no upstream block: nginx would resolve them once, at
                 # load, and refuse the whole config when one stops resolving.
@@ -918,6 +944,17 @@ def _app_upstream(app: str, index: int) -> str:
     """The upstream of the web app of route ``index``: the first route's is the app's
     own name (web apps come first), another's carries ``__wINDEX``."""
     return upstream_name(app) if index == 0 else f"{upstream_name(app)}__w{index}"
+
+
+def _app_host(host: str) -> str:
+    """An app's upstream: an IPv4 loopback address (its process, or its stable address)."""
+    try:
+        address = ipaddress.IPv4Address(host)
+    except ValueError:
+        raise ValueError(f"invalid app address {names.log_text(host)}") from None
+    if not address.is_loopback:
+        raise ValueError(f"app address {host} is not a loopback address")
+    return address.compressed
 
 
 def _bracketed(host: str) -> str:

@@ -14,6 +14,7 @@ ask through ``TrafficQuery`` and wait for the answer.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import queue
@@ -26,6 +27,7 @@ from keter.messages import (
     AppTraffic,
     Component,
     TrafficReport,
+    VersionServing,
     VersionTraffic,
     VersionUnhealthy,
     WatchState,
@@ -45,6 +47,8 @@ REPORT_EVERY = 1.0  # seconds between two TrafficReports
 TICK_BUDGET = 0.2  # seconds of reading per tick; the rest waits for the next one
 BASELINE_SECONDS = 300  # the window of the previous version's 5xx ratio
 QUERY_TIMEOUT = 10.0
+SERVING_KEPT = 8  # versions remembered per app to name the records that say "-"
+SETTLE_SECONDS = 1.0  # records that say "-" wait this long for news of a switch
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,6 +117,9 @@ class StatsCollector(Actor):
         self._logs: dict[str, AppLog] = {}
         self._log_used: dict[str, float] = {}
         self._watches: dict[str, _Watch] = {}
+        # Per app, the latest versions that began serving: (since, version), oldest first.
+        self._serving: dict[str, list[tuple[float, str]]] = {}
+        self._unsettled: collections.deque[Record] = collections.deque()  # "-", not yet named
         self._last_report = 0.0
         # Made now, before nginx is first configured: nginx would make it readable by all.
         self.spool_path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,6 +137,7 @@ class StatsCollector(Actor):
     def on_stop(self) -> None:
         if self._spool is not None:
             self._read(time.monotonic() + TICK_BUDGET)
+            self._count(self._settled(float("inf")))
             self._spool.close()
         for applog in self._logs.values():
             applog.close()
@@ -140,6 +148,10 @@ class StatsCollector(Actor):
                 self._tick()
             case WatchVersion():
                 self._watch(message)
+            case VersionServing(app=app, version=version, since=since):
+                kept = self._serving.setdefault(app, [])
+                kept.append((since, version))
+                del kept[:-SERVING_KEPT]
             case TrafficQuery(app=app, reply=reply):
                 reply.set_result(self.details(app, time.time()))
             case _:
@@ -162,26 +174,63 @@ class StatsCollector(Actor):
     def _read(self, deadline: float) -> bool:
         """Take in what nginx wrote; True if there is more than one tick could read."""
         assert self._spool is not None
+        self._count(self._settled(time.time() - SETTLE_SECONDS))
         while time.monotonic() < deadline:
             lines = self._spool.read_lines()
             if not lines:
                 return False
-            by_app: dict[str, list[bytes]] = {}
+            records = []
             for raw in lines:
                 record = parse(raw)
                 if record is None:
                     self.skipped += 1
                     continue
                 self.records += 1
-                self.traffic.add(record)
-                by_app.setdefault(record.app, []).append(record.line)
-                watch = self._watches.get(record.app)
-                if watch is not None and watch.counts(record):
-                    watch.requests += 1
-                    watch.errors += record.status >= 500
-            for app, access in by_app.items():
-                self._access_log(app, access)
+                if record.version == "-":
+                    self._unsettled.append(record)
+                else:
+                    records.append(record)
+            self._count(records)
         return True
+
+    def _count(self, records: list[Record]) -> None:
+        by_app: dict[str, list[bytes]] = {}
+        for record in records:
+            self.traffic.add(record)
+            by_app.setdefault(record.app, []).append(record.line)
+            watch = self._watches.get(record.app)
+            if watch is not None and watch.counts(record):
+                watch.requests += 1
+                watch.errors += record.status >= 500
+        for app, access in by_app.items():
+            self._access_log(app, access)
+
+    def _settled(self, before: float) -> list[Record]:
+        """The records that say "-" made before ``before``, each with its version named.
+
+        They waited SETTLE_SECONDS: by then the supervisor's word on a switch they may
+        follow (``VersionServing``) has arrived.
+        """
+        ready = []
+        while self._unsettled and self._unsettled[0].at < before:
+            record = self._unsettled.popleft()
+            self._resolve(record)
+            ready.append(record)
+        return ready
+
+    def _resolve(self, record: Record) -> None:
+        """A record of an app the kernel switches: the version serving when it was made.
+
+        Off by at most the ~0.1 s after a switch during which nginx may still send
+        a request on a connection it pooled to the version before (keter.switch).
+        """
+        version = "-"
+        for since, serving in self._serving.get(record.app, ()):
+            if since <= record.at:
+                version = serving
+        if version != "-":
+            record.version = version
+            record.line = record.line[:-1] + version.encode()  # the line ends with it
 
     def _access_log(self, app: str, lines: list[bytes]) -> None:
         applog = self._logs.get(app)

@@ -28,6 +28,7 @@ from keter.messages import (
     FailureKind,
     Outcome,
     RollBack,
+    SwitchReady,
     TrafficReport,
 )
 from keter.stats.component import StatsCollector
@@ -117,6 +118,8 @@ class StatusServer(Actor):
             case TrafficReport():
                 self.board.traffic_changed(message)
                 self.metrics.traffic.report = message
+            case SwitchReady(mode=mode, reason=reason):
+                self.board.set_switch(mode, reason)
             case _:
                 self.unexpected(message)
 

@@ -53,6 +53,7 @@ class StatusBoard:
         self._events: collections.deque[dict] = collections.deque(maxlen=EVENTS_KEPT)
         self._traffic: dict[str, AppTraffic] = {}  # the stats component's latest report
         self._watches: dict[str, WatchState] = {}
+        self._switch: dict = {"mode": None, "reason": ""}  # how versions are switched
 
     # -- changes (the actor's thread) -----------------------------------------------------
 
@@ -86,6 +87,10 @@ class StatusBoard:
         with self.cond:
             self._events.append(event)
 
+    def set_switch(self, mode: str, reason: str) -> None:
+        with self.cond:
+            self._switch = {"mode": str(mode), "reason": reason}
+
     def close(self) -> None:
         """keter is stopping: long polls answer now."""
         with self.cond:
@@ -110,11 +115,13 @@ class StatusBoard:
             apps = [self._app_json(self._apps[name], now) for name in sorted(self._apps)]
             events = list(reversed(self._events))
             seq = self.history.seq
+            switch = dict(self._switch)
         keter = {
             "version": __version__,
             "root": str(self.config.root),
             "pid": os.getpid(),
             "started_at": self.started_at,
+            "switch": switch,
         }
         return {"keter": keter, "now": now, "apps": apps, "events": events, "history_seq": seq}
 

@@ -34,6 +34,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--spam-mb", type=int, default=0, help="print this much first")
     parser.add_argument("--first-run-only", metavar="FILE", help="later runs never listen")
     parser.add_argument("--fail-every", type=int, metavar="N", help="every Nth / answers 500")
+    parser.add_argument("--keep-alive", action="store_true", help="HTTP/1.1 persistent connections")
     return parser.parse_args()
 
 
@@ -106,6 +107,8 @@ def main() -> None:
     lock = threading.Lock()
 
     class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1" if args.keep_alive else "HTTP/1.0"
+
         def do_GET(self) -> None:
             nonlocal requests
             wrong_host = args.require_host and self.headers["Host"] != args.require_host
@@ -125,6 +128,9 @@ def main() -> None:
                 if delay > 0:
                     time.sleep(delay)
                 self.answer(int(code), "as asked\n")
+            elif self.path.startswith("/slow?"):  # answers after this many seconds
+                time.sleep(float(self.path.partition("?")[2]))
+                self.answer(200, f"{args.version} slow\n")
             elif self.path == "/env":
                 self.answer(200, json.dumps(dict(os.environ)))
             elif self.path.startswith("/can-read?"):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -17,6 +18,7 @@ import pytest
 import yaml
 
 from keter.client import KeterClient
+from keter.switch import Table, nft
 from support.wait import wait_for
 
 
@@ -123,6 +125,15 @@ def keter_factory(tmp_path, private_nginx) -> Iterator:
     for daemon in daemons:
         if daemon.proc and daemon.proc.poll() is None:
             daemon.stop()
+        forget_kernel_rules(daemon.root)
+
+
+def forget_kernel_rules(root: Path) -> None:
+    """Delete the nftables table of a keter on ``root`` (a killed keter leaves it behind)."""
+    program = nft.find_nft()
+    if program is not None:
+        with contextlib.suppress(nft.NftError):
+            nft.apply(Table.for_root(root).delete_script(), program)
 
 
 @pytest.fixture

@@ -87,6 +87,9 @@ class Load:
     errors: list[str] = field(default_factory=list)
     requests: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Strict: a reset on a reused keep-alive connection counts as a failure too (wrk
+    # counts it; many API clients do not retry it).
+    strict: bool = False
 
     def run(self, clients: int = 6) -> list[threading.Thread]:
         threads = [
@@ -129,7 +132,7 @@ class Load:
                 conn = None
                 # A server may close an idle keep-alive connection just as a request is sent;
                 # clients retry that (RFC 9112 9.3.1). On a fresh connection it is a failure.
-                if not reused:
+                if not reused or self.strict:
                     self._record(None, b"", repr(exc))
             except OSError as exc:
                 conn.close()

@@ -1,0 +1,284 @@
+"""The switch component: owns keter's nftables table and watches old versions drain.
+
+Told by the supervisor only (``PointServices``, ``ReleaseServices``,
+``WatchDrain``), it answers with facts (``SwitchReady``, ``ServicesPointed``,
+``PointFailed``, ``Drained``). What it does:
+
+* At start it replaces whatever an earlier run left in this ROOT's table with an
+  empty one (an earlier keter killed mid-switch leaves rules pointing at ports
+  whose processes are gone) and reports the mode: ``kernel``, or ``reload``
+  when nft is missing, not permitted, or switched off (``switch: reload``).
+  It says which, once. At a clean stop it deletes the table.
+* ``PointServices``: one nft transaction changes the map for every command
+  queued at that moment (1000 apps redeployed at once cost one transaction).
+  Then, for each stable port, it connects through it and asks the kernel
+  whether that very connection was accepted on the new version's port; if not,
+  the previous targets are put back and the deploy fails. When the ports led
+  somewhere before, the report waits until nginx can no longer put a new
+  request on a connection it pooled to the previous version: those ports hold
+  no connection, or ``pool_seconds`` passed (nginx closes pooled upstream
+  connections that old: see ``keter.nginx.render``).
+* ``WatchDrain``: reports ``Drained`` when the ports hold no live connection;
+  after ``seconds`` it stops looking (the supervisor's own timer ends the drain).
+
+Both waits share one poll: a single sock_diag dump over keter's port range
+every ``POLL`` seconds while anything waits (``keter.switch.sockets``).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from keter.actor import Actor
+from keter.messages import (
+    Drained,
+    PointFailed,
+    PointServices,
+    ReleaseServices,
+    ServicesPointed,
+    SwitchMode,
+    SwitchReady,
+    WatchDrain,
+    message,
+)
+from keter.switch import nft, sockets
+
+log = logging.getLogger(__name__)
+
+POLL = 0.05  # seconds between looks at the connections of draining versions
+CONFIRM_TIMEOUT = 1.0  # seconds a confirming connection may take
+
+
+@message
+class _Poll:
+    """Private timer: look at the watched ports again."""
+
+
+@dataclass(kw_only=True, eq=False)
+class _Wait:
+    """Ports to see empty (or a deadline), then a report."""
+
+    ports: frozenset[int]
+    deadline: float
+    report: object  # sent when the ports are empty (or, for a switch, at the deadline)
+    at_deadline: bool  # report at the deadline too (a switch), or just stop looking (a drain)
+
+
+class Switch(Actor):
+    """See the module docstring. ``port_range`` is keter's app port range (watched ports)."""
+
+    def __init__(
+        self,
+        *,
+        root: Path,
+        port_range: tuple[int, int],
+        pool_seconds: float,
+        report_to: queue.Queue | None,
+        kernel: bool = True,
+        nft_program: str | None = None,
+    ) -> None:
+        super().__init__("switch", report_to)
+        self.table = nft.Table.for_root(root)
+        self.port_range = port_range
+        self.pool_seconds = pool_seconds
+        self.wanted = kernel  # False: the operator chose the reload switch
+        self.nft = nft_program
+        self.mode = SwitchMode.RELOAD
+        self.mapping: dict[int, int] = {}  # stable port -> app port, as the kernel holds it
+        self._waits: dict[tuple[str, int], _Wait] = {}  # by (kind, deploy id)
+        self._polling = False
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        reason = self._create()
+        if reason is None:
+            self.mode = SwitchMode.KERNEL
+            log.info(
+                "keter: switching versions in the kernel: nftables table %s, "
+                "stable addresses on %s; nginx reloads only when routes change",
+                self.table.name,
+                self.table.address,
+            )
+            self.report(SwitchReady(mode=self.mode, address=self.table.address))
+        else:
+            log.warning(
+                "keter: switching versions by reloading nginx: %s. "
+                "Keep-alive clients may see a reset on each switch.",
+                reason,
+            )
+            self.report(SwitchReady(mode=self.mode, reason=reason))
+
+    def _create(self) -> str | None:
+        """Make this ROOT's table afresh; None, or why the kernel mode cannot be used."""
+        if not self.wanted:
+            return "keter-config.yaml sets switch: reload"
+        if self.nft is None:
+            self.nft = nft.find_nft()
+        if self.nft is None:
+            return "nft is not installed (Debian's nftables package)"
+        try:
+            nft.apply(self.table.create_script(), self.nft)
+        except nft.NftError as exc:
+            return f"nft cannot create table {self.table.name}: {exc}"
+        return None
+
+    def on_stop(self) -> None:
+        if self.mode is SwitchMode.KERNEL and self.nft is not None:
+            try:
+                nft.apply(self.table.delete_script(), self.nft)
+            except nft.NftError as exc:
+                log.error("keter: cannot delete nftables table %s: %s", self.table.name, exc)
+
+    # -- messages --------------------------------------------------------------------
+
+    def handle(self, message: object) -> None:
+        match message:
+            case PointServices():
+                self._point([message, *self._queued(PointServices)])
+            case ReleaseServices():
+                self._release([message, *self._queued(ReleaseServices)])
+            case WatchDrain(app=app, deploy_id=deploy_id, ports=ports, seconds=seconds):
+                self._watch(
+                    ("drain", deploy_id),
+                    _Wait(
+                        ports=frozenset(ports),
+                        deadline=time.monotonic() + seconds,
+                        report=Drained(app=app, deploy_id=deploy_id),
+                        at_deadline=False,
+                    ),
+                )
+            case _Poll():
+                self._poll()
+            case _:
+                self.unexpected(message)
+
+    def _queued(self, kind: type) -> list:
+        """Take the messages of ``kind`` waiting in the inbox now (the rest keep their order)."""
+        taken, others = [], []
+        while True:
+            try:
+                queued = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            (taken if isinstance(queued, kind) else others).append(queued)
+        for other in others:
+            self.inbox.put(other)
+        return taken
+
+    # -- pointing --------------------------------------------------------------------
+
+    def _point(self, commands: list[PointServices]) -> None:
+        if self.mode is not SwitchMode.KERNEL:
+            for command in commands:
+                self._failed(command, "keter switches by reloading nginx")
+            return
+        wanted = {stable: port for command in commands for stable, port in command.targets}
+        # Taken before: a request the new version answers ends after this (keter.stats).
+        changed = time.time()
+        try:
+            self._change(wanted)
+        except nft.NftError as exc:
+            if len(commands) > 1:  # find the one at fault: each alone
+                for command in commands:
+                    self._point([command])
+                return
+            # The transaction changed nothing: the stable ports lead where they did.
+            self._failed(commands[0], f"nft refused the change: {exc}")
+            return
+        for command in commands:
+            problem = self._confirm(command.targets)
+            pointed = ServicesPointed(app=command.app, deploy_id=command.deploy_id, at=changed)
+            if problem is not None:
+                self._restore(command)
+                self._failed(command, problem)
+            elif command.previous:
+                self._watch(
+                    ("switch", command.deploy_id),
+                    _Wait(
+                        ports=frozenset(port for _, port in command.previous),
+                        deadline=time.monotonic() + self.pool_seconds,
+                        report=pointed,
+                        at_deadline=True,
+                    ),
+                )
+            else:
+                self.report(pointed)
+
+    def _change(self, wanted: dict[int, int]) -> None:
+        """Make the kernel's map hold ``wanted`` (0: no element); raises NftError."""
+        assert self.nft is not None
+        nft.apply(self.table.update_script(self.mapping, wanted), self.nft)
+        for stable, port in wanted.items():
+            if port:
+                self.mapping[stable] = port
+            else:
+                self.mapping.pop(stable, None)
+
+    def _confirm(self, targets: tuple[tuple[int, int], ...]) -> str | None:
+        """Connect through each stable port: None if each lands on its new port, else why."""
+        for stable, port in targets:
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                    probe.settimeout(CONFIRM_TIMEOUT)
+                    probe.bind(("127.0.0.1", 0))
+                    probe.connect((self.table.address, stable))
+                    landed = sockets.accepted_on(port, probe.getsockname()[1])
+            except OSError as exc:
+                return f"a connection to {self.table.address}:{stable} failed: {exc}"
+            if not landed:
+                return f"a connection to {self.table.address}:{stable} did not reach port {port}"
+        return None
+
+    def _restore(self, command: PointServices) -> None:
+        """Lead the command's stable ports back where they led before (or nowhere)."""
+        back = {stable: 0 for stable, _ in command.targets}
+        back.update(dict(command.previous))
+        try:
+            self._change(back)
+        except nft.NftError as exc:
+            log.error("%s: cannot restore the stable addresses: %s", command.app, exc)
+
+    def _failed(self, command: PointServices, reason: str) -> None:
+        self.report(PointFailed(app=command.app, deploy_id=command.deploy_id, reason=reason))
+
+    def _release(self, commands: list[ReleaseServices]) -> None:
+        if self.mode is not SwitchMode.KERNEL:
+            return
+        gone = {stable: 0 for command in commands for stable in command.ports}
+        try:
+            self._change(gone)
+        except nft.NftError as exc:
+            apps = ", ".join(sorted({command.app for command in commands}))
+            log.error("%s: cannot remove stable addresses: %s", apps, exc)
+
+    # -- waiting for ports to empty ----------------------------------------------------
+
+    def _watch(self, key: tuple[str, int], wait: _Wait) -> None:
+        self._waits[key] = wait
+        if not self._polling:
+            self._polling = True
+            self._poll()
+
+    def _poll(self) -> None:
+        now = time.monotonic()
+        low, high = self.port_range
+        try:
+            counts = sockets.connections(low, high)
+        except OSError as exc:
+            log.debug("keter: cannot count connections: %s", exc)
+            counts = None  # unknown: only the deadlines end the waits
+        for key, wait in list(self._waits.items()):
+            empty = counts is not None and not any(counts[port] for port in wait.ports)
+            if empty or now >= wait.deadline:
+                del self._waits[key]
+                if empty or wait.at_deadline:
+                    self.report(wait.report)
+        self._polling = bool(self._waits)
+        if self._polling:
+            self.schedule(POLL, _Poll())

@@ -1,0 +1,150 @@
+"""keter's nftables table: one per ROOT, holding its web apps' stable addresses.
+
+nginx proxies each web app to a stable address on a loopback IP of this
+ROOT's own (``Table.address``, one port per web app) for as long as the app's
+routes stay the same. The table's ``output`` NAT chain rewrites every new
+connection to that address to the app version's real port on 127.0.0.1,
+through the map ``services`` (stable port -> app port). Re-pointing a web app
+is one element of that map, changed in one atomic nft transaction: new
+connections reach the new version at once, while connections already
+established keep the mapping conntrack gave them, so the old version drains on
+its own. A connection to a stable port with no element is reset by the
+``refuse`` chain, so it can never reach a process that happens to listen on
+that port number on every address.
+
+Names are derived from ROOT (``keter_`` and 12 hex digits of its hash), so
+several keters on one machine never share a table or an address; keter only
+ever touches its own table. The functions here build nft scripts (pure) and
+run them; ``keter.switch.actor`` decides when.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+MAP = "services"
+TIMEOUT = 10.0  # seconds an nft command may take
+
+
+class NftError(Exception):
+    """nft failed (or is missing); the message says why in nft's words."""
+
+
+@dataclass(frozen=True)
+class Table:
+    """This ROOT's table: its name and the loopback IP its stable addresses use."""
+
+    name: str
+    address: str
+
+    @classmethod
+    def for_root(cls, root: Path) -> Table:
+        digest = hashlib.sha256(str(root).encode()).digest()
+        # 127.0.x.x stays clear (127.0.0.1, Debian's 127.0.1.1, resolved's 127.0.0.53).
+        address = f"127.{1 + digest[0] % 254}.{digest[1]}.{1 + digest[2] % 254}"
+        return cls(name=f"keter_{digest.hex()[:12]}", address=address)
+
+    # -- scripts (pure) ---------------------------------------------------------------
+
+    def create_script(self) -> str:
+        """Replace whatever this table held (an earlier run's rules) with an empty map.
+
+        "table X" before "delete table X" makes the delete valid when there was
+        none; the whole script is one transaction, so the table is never absent.
+        """
+        return f"""\
+table ip {self.name}
+delete table ip {self.name}
+table ip {self.name} {{
+    map {MAP} {{
+        type inet_service : inet_service
+    }}
+    chain output {{
+        type nat hook output priority -100; policy accept;
+        ip daddr {self.address} meta l4proto tcp dnat to 127.0.0.1 : tcp dport map @{MAP}
+    }}
+    chain refuse {{
+        type filter hook output priority 0; policy accept;
+        ip daddr {self.address} meta l4proto tcp reject with tcp reset
+    }}
+}}
+"""
+
+    def update_script(self, current: Mapping[int, int], wanted: Mapping[int, int]) -> str:
+        """Change the map from ``current`` to ``current`` updated by ``wanted``.
+
+        ``wanted`` maps stable ports to app ports, or to 0 to remove the element.
+        A changed element is deleted and added in the same transaction: no
+        connection ever finds it missing.
+        """
+        gone = sorted(p for p, target in wanted.items() if p in current and current[p] != target)
+        added = sorted((p, t) for p, t in wanted.items() if t and current.get(p) != t)
+        lines = []
+        if gone:
+            lines.append(f"delete element ip {self.name} {MAP} {{ {_ports(gone)} }}")
+        if added:
+            pairs = ", ".join(f"{p} : {t}" for p, t in added)
+            lines.append(f"add element ip {self.name} {MAP} {{ {pairs} }}")
+        return "".join(line + "\n" for line in lines)
+
+    def delete_script(self) -> str:
+        return f"table ip {self.name}\ndelete table ip {self.name}\n"
+
+    # -- running nft ------------------------------------------------------------------
+
+    def read(self, nft: str = "nft") -> dict[int, int]:
+        """The map as the kernel holds it (stable port -> app port); for tests and checks."""
+        output = run([nft, "-j", "list", "map", "ip", self.name, MAP])
+        for item in json.loads(output)["nftables"]:
+            if "map" in item:
+                return {int(key): int(value) for key, value in item["map"].get("elem", [])}
+        return {}
+
+    def exists(self, nft: str = "nft") -> bool:
+        try:
+            run([nft, "list", "table", "ip", self.name])
+        except NftError:
+            return False
+        return True
+
+
+def apply(script: str, nft: str = "nft") -> None:
+    """Run an nft script as one transaction (all of it, or nothing). Raises NftError."""
+    if script:
+        run([nft, "-f", "-"], script)
+
+
+def run(command: list[str], stdin: str | None = None) -> str:
+    try:
+        result = subprocess.run(
+            command,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise NftError(f"{command[0]} did not finish within {TIMEOUT:g}s") from None
+    except OSError as exc:
+        raise NftError(f"cannot run {command[0]}: {exc.strerror}") from None
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines()
+        errors = [line for line in lines if line.startswith("Error")] or lines[-1:]
+        raise NftError("; ".join(errors) or f"{command[0]} exited with {result.returncode}")
+    return result.stdout
+
+
+def find_nft() -> str | None:
+    """The nft program (Debian's nftables package), or None."""
+    return shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
+
+
+def _ports(ports: Iterable[int]) -> str:
+    return ", ".join(str(p) for p in ports)

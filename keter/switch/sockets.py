@@ -1,0 +1,135 @@
+"""Which TCP connections an app's port holds, asked of the kernel (sock_diag netlink).
+
+The question ``ss -tn state established '( sport = :PORT )'`` asks, without
+running ``ss``. Two uses:
+
+* ``connections(low, high)``: how many live connections each port in a range
+  holds (an old version is drained when its ports hold none). One dump, both
+  address families at once, filtered by the kernel; its cost grows with the
+  machine's sockets (the kernel walks its connection table), so callers ask
+  once for every port they watch, a few times a second at most.
+* ``accepted_on(port, peer_port)``: whether the connection keter just made from
+  ``peer_port`` was accepted on ``port``, i.e. a new version really gets new
+  connections through its stable address. One exact lookup, no walk.
+
+An app listening on ``::`` holds IPv4 connections as IPv6 sockets with mapped
+addresses; both are counted. Needs no privilege.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import ipaddress
+import os
+import socket
+import struct
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+TCPDIAG_GETSOCK = 18  # the older request: its dumps cover IPv4 and IPv6 in one walk
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+INET_DIAG_REQ_BYTECODE = 1
+NO_COOKIE = 0xFFFFFFFF
+
+# TCP states (include/net/tcp_states.h). A connection in SYN_RECV or ESTABLISHED may
+# still carry a request; in the others one side has closed, so the app owes nothing.
+TCP_ESTABLISHED = 1
+TCP_SYN_RECV = 3
+LIVE_STATES = (1 << TCP_ESTABLISHED) | (1 << TCP_SYN_RECV)
+
+# Filter opcodes (include/uapi/linux/inet_diag.h): source port >= and <=.
+_S_GE, _S_LE = 2, 3
+
+_HEADER = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
+_HEAD = struct.Struct("=BBBB")  # family, then protocol (or lengths), ext, pad / state ...
+_SOCKID = struct.Struct("!HH16s16s")  # ports and addresses, network order (then if, cookie)
+_TAIL = struct.Struct("=III")  # the socket id's interface and cookie
+_OP = struct.Struct("=BBH")  # inet_diag_bc_op: code, yes, no
+_RECEIVE_SIZE = 1 << 16
+
+
+class DiagError(OSError):
+    """The kernel cannot answer (no sock_diag in this kernel, or a refused request)."""
+
+
+def connections(low: int, high: int) -> collections.Counter[int]:
+    """How many live TCP connections each local port in ``low..high`` holds.
+
+    Listening sockets are not connections; nor are those one side has closed.
+    Raises DiagError when the kernel cannot answer.
+    """
+    bytecode = _OP.pack(_S_GE, 8, 20) + _OP.pack(0, 0, low)
+    bytecode += _OP.pack(_S_LE, 8, 12) + _OP.pack(0, 0, high)
+    attribute = struct.pack("=HH", 4 + len(bytecode), INET_DIAG_REQ_BYTECODE) + bytecode
+    # struct inet_diag_req: family AF_UNSPEC (both), no lengths, no extensions, an empty
+    # socket id, the states, no tables.
+    body = _HEAD.pack(0, 0, 0, 0) + bytes(_SOCKID.size + _TAIL.size)
+    body += struct.pack("=II", LIVE_STATES, 0) + attribute
+    found = collections.Counter()
+    for message in _ask(TCPDIAG_GETSOCK, NLM_F_DUMP, body):
+        source, _dest, _src, _dst = _SOCKID.unpack_from(message, _HEAD.size)
+        found[source] += 1
+    return found
+
+
+def accepted_on(port: int, peer_port: int, address: str = "127.0.0.1") -> bool:
+    """Whether a live connection from ``address:peer_port`` was accepted on ``address:port``.
+
+    Asked in both families (an IPv6 listener holds it with mapped addresses).
+    """
+    for family, packed in (
+        (socket.AF_INET, ipaddress.IPv4Address(address).packed.ljust(16, b"\0")),
+        (socket.AF_INET6, ipaddress.IPv6Address(f"::ffff:{address}").packed),
+    ):
+        body = _HEAD.pack(family, socket.IPPROTO_TCP, 0, 0) + struct.pack("=I", LIVE_STATES)
+        body += _SOCKID.pack(port, peer_port, packed, packed) + _TAIL.pack(0, NO_COOKIE, NO_COOKIE)
+        try:
+            answers = _ask(SOCK_DIAG_BY_FAMILY, 0, body)
+        except DiagError as exc:
+            if exc.errno in (errno.ENOENT, errno.EAFNOSUPPORT):
+                continue
+            raise
+        for message in answers:
+            state = message[1]
+            source, dest, _src, _dst = _SOCKID.unpack_from(message, _HEAD.size)
+            # An exact lookup falls back to the listener; only the connection itself counts.
+            if (1 << state) & LIVE_STATES and (source, dest) == (port, peer_port):
+                return True
+    return False
+
+
+def _ask(kind: int, flags: int, body: bytes) -> list[bytes]:
+    """Send one sock_diag request; the answers' payloads (each an inet_diag_msg)."""
+    header = _HEADER.pack(_HEADER.size + len(body), kind, NLM_F_REQUEST | flags, 1, 0)
+    answers: list[bytes] = []
+    try:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
+    except OSError as exc:
+        raise DiagError(exc.errno, f"sock_diag: {exc.strerror}") from None
+    with sock:
+        sock.sendall(header + body)
+        while True:
+            data = sock.recv(_RECEIVE_SIZE)
+            if not data:
+                return answers
+            offset = 0
+            while offset + _HEADER.size <= len(data):
+                length, kind, _flags, _seq, _pid = _HEADER.unpack_from(data, offset)
+                if length < _HEADER.size or offset + length > len(data):
+                    raise DiagError(errno.EPROTO, "sock_diag: a malformed answer")
+                payload = data[offset + _HEADER.size : offset + length]
+                if kind == NLMSG_DONE:
+                    return answers
+                if kind == NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", payload)
+                    if code == 0:
+                        return answers
+                    raise DiagError(-code, f"sock_diag: {os.strerror(-code)}")
+                answers.append(payload)
+                offset += (length + 3) & ~3
+            if not flags & NLM_F_DUMP:
+                return answers  # an exact lookup answers in one datagram

@@ -1,0 +1,360 @@
+"""keter.switch on the real kernel: nftables tables, DNAT on loopback, sock_diag.
+
+Every table here is made for a ROOT under tmp_path, so its name is unique to
+this test; each test deletes what it made and never touches another table.
+Needs root and Debian's nftables (tests/run installs it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.wait import wait_for
+
+from keter.config import KeterConfig
+from keter.messages import (
+    Drained,
+    PointFailed,
+    PointServices,
+    ReleaseServices,
+    ServicesPointed,
+    SwitchMode,
+    SwitchReady,
+    VersionServing,
+    WatchDrain,
+)
+from keter.stats.component import StatsCollector
+from keter.stats.record import TAG
+from keter.switch import StablePorts, Switch, Table, nft, sockets
+
+NFT = nft.find_nft()
+pytestmark = pytest.mark.skipif(NFT is None, reason="needs nft (tests/run installs nftables)")
+
+
+class Listener:
+    """A TCP server on 127.0.0.1 that answers each connection with its own name."""
+
+    def __init__(self, name: bytes) -> None:
+        self.name = name
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with contextlib.suppress(OSError):
+                conn.sendall(self.name)
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+def ask(address: str, port: int) -> bytes:
+    """What answers on a fresh connection to address:port."""
+    with socket.create_connection((address, port), timeout=2) as conn:
+        return conn.recv(100)
+
+
+@pytest.fixture
+def table(tmp_path: Path) -> Iterator[Table]:
+    made = Table.for_root(tmp_path / "root")
+    yield made
+    nft.apply(made.delete_script(), NFT)
+
+
+@pytest.fixture
+def listeners() -> Iterator[list[Listener]]:
+    made: list[Listener] = []
+    yield made
+    for listener in made:
+        listener.close()
+
+
+def listen(listeners: list[Listener], name: bytes) -> Listener:
+    listener = Listener(name)
+    listeners.append(listener)
+    return listener
+
+
+# -- names and scripts (pure) ----------------------------------------------------------------
+
+
+def test_each_root_gets_its_own_table_and_loopback_address(tmp_path: Path) -> None:
+    tables = [Table.for_root(tmp_path / f"root{i}") for i in range(50)]
+    assert len({t.name for t in tables}) == 50 and len({t.address for t in tables}) == 50
+    for t in tables:
+        octets = [int(part) for part in t.address.split(".")]
+        assert octets[0] == 127 and octets[1] != 0 and 0 < octets[3] < 255
+        assert t.name.startswith("keter_") and len(t.name) == 18
+    assert Table.for_root(tmp_path / "root0") == tables[0]  # the same ROOT, the same names
+
+
+def test_an_update_deletes_and_adds_a_changed_element_in_one_script() -> None:
+    t = Table(name="keter_x", address="127.1.2.3")
+    script = t.update_script({5000: 4001, 5001: 4002}, {5000: 4003, 5001: 0, 5002: 4004})
+    assert script == (
+        "delete element ip keter_x services { 5000, 5001 }\n"
+        "add element ip keter_x services { 5000 : 4003, 5002 : 4004 }\n"
+    )
+    assert t.update_script({5000: 4001}, {5000: 4001, 5009: 0}) == ""  # nothing to change
+
+
+def test_stable_ports_go_round() -> None:
+    pool = StablePorts()
+    first, second = pool.allocate(), pool.allocate()
+    assert first != second
+    pool.release(first)
+    assert pool.allocate() not in (first, second)  # a released port is the last to return
+
+
+# -- the kernel --------------------------------------------------------------------------------
+
+
+def test_a_stable_port_leads_where_the_map_says_and_nowhere_else(
+    table: Table, listeners: list[Listener]
+) -> None:
+    one, two = listen(listeners, b"one"), listen(listeners, b"two")
+    nft.apply(table.create_script(), NFT)
+    nft.apply(table.update_script({}, {7000: one.port}), NFT)
+    assert ask(table.address, 7000) == b"one"
+    # An established connection keeps its mapping when the map changes.
+    held = socket.create_connection((table.address, 7000), timeout=2)
+    assert held.recv(100) == b"one"
+    nft.apply(table.update_script({7000: one.port}, {7000: two.port}), NFT)
+    assert ask(table.address, 7000) == b"two"
+    assert table.read(NFT) == {7000: two.port}
+    held.sendall(b"still there?")  # no reset: the old mapping holds
+    assert sockets.connections(one.port, one.port)[one.port] == 1
+    held.close()
+    # A port without an element is refused, even if something listens on it everywhere.
+    with socket.create_server(("0.0.0.0", 0)) as everywhere:
+        port = everywhere.getsockname()[1]
+        with pytest.raises(ConnectionRefusedError):
+            ask(table.address, port)
+
+
+def test_creating_the_table_replaces_an_earlier_runs_rules_only_its_own(
+    tmp_path: Path, table: Table, listeners: list[Listener]
+) -> None:
+    other = Table.for_root(tmp_path / "another-root")
+    try:
+        nft.apply(other.create_script(), NFT)
+        nft.apply(other.update_script({}, {7000: 1234}), NFT)
+        nft.apply(table.create_script(), NFT)
+        nft.apply(table.update_script({}, {7000: 4321}), NFT)
+        nft.apply(table.create_script(), NFT)  # what a restarted keter does
+        assert table.read(NFT) == {}
+        assert other.read(NFT) == {7000: 1234}
+        nft.apply(table.delete_script(), NFT)
+        assert not table.exists(NFT) and other.exists(NFT)
+    finally:
+        nft.apply(other.delete_script(), NFT)
+
+
+def test_sock_diag_counts_live_connections_and_finds_where_one_landed(
+    listeners: list[Listener],
+) -> None:
+    server = listen(listeners, b"x")
+    assert sockets.connections(server.port, server.port)[server.port] == 0
+    client = socket.create_connection(("127.0.0.1", server.port), timeout=2)
+    client.recv(10)
+    local = client.getsockname()[1]
+    assert sockets.connections(server.port, server.port)[server.port] == 1
+    assert sockets.accepted_on(server.port, local)
+    assert not sockets.accepted_on(server.port, local + 1 if local < 65535 else local - 1)
+    client.close()
+    # Closed by the client: the app owes it nothing any more.
+    wait_for(lambda: sockets.connections(server.port, server.port)[server.port] == 0, 5)
+    # An IPv6 listener holds IPv4 connections with mapped addresses.
+    with socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True) as six:
+        port = six.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as client6:
+            assert sockets.accepted_on(port, client6.getsockname()[1])
+            assert sockets.connections(port, port)[port] == 1
+
+
+# -- the component -------------------------------------------------------------------------------
+
+
+class Running:
+    """A Switch actor in its thread, and what it reported."""
+
+    def __init__(self, tmp_path: Path, **options) -> None:
+        self.reports: queue.Queue = queue.Queue()
+        settings = {"root": tmp_path / "root", "port_range": (1024, 65535), "pool_seconds": 0.5}
+        settings.update(options)
+        self.switch = Switch(report_to=self.reports, **settings)
+        self.switch.start()
+
+    def next(self, timeout: float = 5) -> object:
+        return self.reports.get(timeout=timeout)
+
+    def stop(self) -> None:
+        self.switch.stop()
+        self.switch.join(10)
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[Running]:
+    made = Running(tmp_path)
+    yield made
+    made.stop()
+    assert not made.switch.table.exists(NFT)  # a clean stop deletes the table
+
+
+def pointed(report: object) -> tuple[str, int]:
+    assert isinstance(report, ServicesPointed), report
+    return report.app, report.deploy_id
+
+
+def test_the_component_points_confirms_and_waits_for_the_old_pool(
+    running: Running, listeners: list[Listener]
+) -> None:
+    ready = running.next()
+    assert ready == SwitchReady(mode=SwitchMode.KERNEL, address=running.switch.table.address)
+    address = ready.address
+    old, new = listen(listeners, b"old"), listen(listeners, b"new")
+    running.switch.tell(PointServices(app="a", deploy_id=1, targets=((7100, old.port),)))
+    assert pointed(running.next()) == ("a", 1)
+    assert ask(address, 7100) == b"old"
+
+    # A connection pooled to the old version: the report waits until it is gone.
+    pooled = socket.create_connection((address, 7100), timeout=2)
+    pooled.recv(10)
+    before_switch = time.time()
+    running.switch.tell(
+        PointServices(
+            app="a", deploy_id=2, targets=((7100, new.port),), previous=((7100, old.port),)
+        )
+    )
+    wait_for(lambda: running.switch.table.read(NFT) == {7100: new.port}, 5, "the switch")
+    assert ask(address, 7100) == b"new"  # new connections at once
+    with pytest.raises(queue.Empty):
+        running.next(timeout=0.2)
+    pooled.close()
+    report = running.next()
+    assert pointed(report) == ("a", 2)
+    assert before_switch <= report.at <= time.time()  # when the kernel began leading to it
+
+    # ... but never longer than pool_seconds (nginx closes what it pooled by then).
+    pooled = socket.create_connection((address, 7100), timeout=2)
+    pooled.recv(10)
+    running.switch.tell(
+        PointServices(
+            app="a", deploy_id=3, targets=((7100, old.port),), previous=((7100, new.port),)
+        )
+    )
+    assert pointed(running.next(timeout=2)) == ("a", 3)
+    pooled.close()
+
+    running.switch.tell(ReleaseServices(app="a", ports=(7100,)))
+    wait_for(lambda: running.switch.table.read(NFT) == {}, 5, "the element to go")
+
+
+def test_a_switch_that_does_not_land_is_undone(running: Running, listeners: list[Listener]) -> None:
+    address = running.next().address
+    serving = listen(listeners, b"serving")
+    running.switch.tell(PointServices(app="a", deploy_id=1, targets=((7200, serving.port),)))
+    assert isinstance(running.next(), ServicesPointed)
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    running.switch.tell(
+        PointServices(
+            app="a", deploy_id=2, targets=((7200, dead),), previous=((7200, serving.port),)
+        )
+    )
+    failed = running.next()
+    assert isinstance(failed, PointFailed) and failed.deploy_id == 2
+    assert str(dead) in failed.reason or "refused" in failed.reason
+    assert ask(address, 7200) == b"serving"
+    assert running.switch.table.read(NFT) == {7200: serving.port}
+
+
+def test_a_drain_is_reported_when_the_last_connection_ends(
+    running: Running, listeners: list[Listener]
+) -> None:
+    running.next()
+    old = listen(listeners, b"old")
+    held = socket.create_connection(("127.0.0.1", old.port), timeout=2)
+    held.recv(10)
+    running.switch.tell(WatchDrain(app="a", deploy_id=5, ports=(old.port,), seconds=30))
+    with pytest.raises(queue.Empty):
+        running.next(timeout=0.3)
+    held.close()
+    assert running.next() == Drained(app="a", deploy_id=5)
+    # Past ``seconds`` the component just stops looking: the supervisor's timer decides.
+    held = socket.create_connection(("127.0.0.1", old.port), timeout=2)
+    running.switch.tell(WatchDrain(app="a", deploy_id=6, ports=(old.port,), seconds=0.1))
+    with pytest.raises(queue.Empty):
+        running.next(timeout=0.5)
+    held.close()
+
+
+def test_the_reload_mode_when_chosen_or_when_nft_is_missing(tmp_path: Path) -> None:
+    chosen = Running(tmp_path / "chosen", kernel=False)
+    missing = Running(tmp_path / "missing", nft_program=str(tmp_path / "no-such-nft"))
+    try:
+        ready = chosen.next()
+        assert (ready.mode, ready.address) == (SwitchMode.RELOAD, None)
+        assert "switch: reload" in ready.reason
+        ready = missing.next()
+        assert ready.mode is SwitchMode.RELOAD and "no-such-nft" in ready.reason
+        for run in (chosen, missing):
+            assert not run.switch.table.exists(NFT)
+            # Commands for the kernel fail plainly; drains are still watched.
+            run.switch.tell(PointServices(app="a", deploy_id=1, targets=((7300, 1),)))
+            assert isinstance(run.next(), PointFailed)
+            run.switch.tell(WatchDrain(app="a", deploy_id=2, ports=(1,), seconds=5))
+            assert run.next() == Drained(app="a", deploy_id=2)
+    finally:
+        chosen.stop()
+        missing.stop()
+
+
+# -- traffic statistics of apps the kernel switches ---------------------------------------------
+
+
+def test_records_that_say_no_version_get_the_version_serving_when_made(tmp_path: Path) -> None:
+    """nginx's config does not change on a kernel switch, so its records of such an app say
+    "-"; the stats component names the version by the time each began serving."""
+    config = KeterConfig(root=tmp_path / "root")
+    stats = StatsCollector(config)
+    stats.on_start()
+    stats.handle(VersionServing(app="hello", version="aaaaaaaaaaaa", since=1000.0))
+    stats.handle(VersionServing(app="hello", version="bbbbbbbbbbbb", since=2000.0))
+    with stats.spool_path.open("ab") as spool:
+        for at, version in ((1500.0, "-"), (2500.0, "-"), (2600.0, "cccccccccccc"), (10.0, "-")):
+            spool.write(spool_line("hello", version, at=at) + b"\n")
+    stats._read(time.monotonic() + 5)
+    stats.on_stop()
+    access = (config.log_dir / "access-hello.log").read_text().splitlines()
+    assert sorted(line.rsplit(" ", 1)[1] for line in access) == [
+        "-",  # older than anything known
+        "aaaaaaaaaaaa",
+        "bbbbbbbbbbbb",
+        "cccccccccccc",  # a version nginx named itself stays
+    ]
+
+
+def spool_line(app: str, version: str, *, at: float) -> bytes:
+    """A record as nginx writes it with keter's log format (keter.stats.record)."""
+    fields = [TAG.decode(), app, version, f"{at:.3f}", "200", "3", "0.005", "0.004"]
+    fields += ["127.0.0.1", "-", "30/Nov/2026:03:40:25 +0000", f"{app}.test", "GET / HTTP/1.1"]
+    return "\t".join([*fields, "-", "curl/7.88"]).encode()

@@ -113,6 +113,7 @@ class WebProcess:
     healthy: bool = False  # answered its first health check
     started_at: float | None = None  # wall clock time its current process started
     restarts: int = 0  # crash restarts while serving
+    repoint: bool = False  # moved to another port: lead its stable port there once it runs
 
 
 @dataclass(kw_only=True, eq=False)

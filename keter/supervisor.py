@@ -488,9 +488,16 @@ class Supervisor:
         spec = self._web_spec(deploy, webapp, port)
         self.c.monitor.tell(MoveProcess(app=deploy.app, deploy_id=process_id, spec=spec))
         self._changed.add(deploy.app)
-        if deploy.sites:
-            found = sites_for(deploy.app, deploy.config, deploy.folder, deploy.ports, self.config)
-            deploy.sites = tuple(dataclasses.replace(s, version=deploy.version) for s in found)
+        if deploy.services:
+            # Kernel mode: nginx routes to the stable port; it stops leading to the stranger
+            # now and leads to the app again once it answers on its new port.
+            if deploy.stage is Stage.SERVING:
+                assert self.c.switch is not None
+                web.repoint = True
+                stable = deploy.services[web.index]
+                self.c.switch.tell(ReleaseServices(app=deploy.app, ports=(stable,)))
+        elif deploy.sites:
+            deploy.sites = self._sites(deploy, deploy.ports)
             self._request_nginx()
 
     def _start_workers(self, deploy: Deploy) -> None:
@@ -586,6 +593,12 @@ class Supervisor:
             web.pid, web.started_at = msg.pid, time.time()
         if deploy.stage is not Stage.SERVING:
             return  # a new version's start is reported through its deploy
+        if web.repoint and msg.state is ProcessState.RUNNING:
+            web.repoint = False  # it answers on the port it moved to (_port_taken)
+            assert self.c.switch is not None
+            stable = deploy.services[web.index]
+            targets = ((stable, web.port),)
+            self.c.switch.tell(PointServices(app=deploy.app, deploy_id=deploy.id, targets=targets))
         if msg.state is ProcessState.BACKOFF:
             web.restarts += 1
             if previous is ProcessState.RUNNING:

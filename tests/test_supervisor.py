@@ -33,6 +33,7 @@ from keter.messages import (
     DeployFinished,
     Drained,
     FailureKind,
+    MoveProcess,
     NginxApplied,
     NginxFailed,
     Outcome,
@@ -40,6 +41,7 @@ from keter.messages import (
     PointServices,
     ProcessFailed,
     ProcessHealthy,
+    ProcessPortTaken,
     ProcessStarted,
     ProcessState,
     ProcessStateChanged,
@@ -892,3 +894,25 @@ def test_a_bundle_without_a_web_app_switches_through_nginx(kernel: Rig) -> None:
     assert kernel.switch.take(PointServices) == []
     kernel.nginx_ok()
     assert kernel.sup.apps["docs"].serving.stage is Stage.SERVING
+
+
+def test_an_app_moved_off_a_stolen_port_is_led_there_by_the_kernel(kernel: Rig) -> None:
+    start = kernel_deploy(kernel, webapp(kernel.tmp))
+    [stable] = kernel.sup.apps["a"].serving.services
+    kernel.send(ProcessPortTaken(app="a", deploy_id=start.deploy_id, port=start.spec.port))
+    move = kernel.monitor.one(MoveProcess)
+    assert move.spec.port != start.spec.port
+    # At once the stable port leads nowhere (a reset, never the stranger) ...
+    assert kernel.switch.one(ReleaseServices).ports == (stable,)
+    assert kernel.nginx.take(ApplyNginx) == []  # nginx routes to the stable port regardless
+    kernel.send(
+        ProcessStateChanged(app="a", deploy_id=start.deploy_id, state=ProcessState.STARTING)
+    )
+    assert kernel.switch.take(PointServices) == []
+    # ... and to the new port once the app answers there.
+    kernel.send(ProcessStateChanged(app="a", deploy_id=start.deploy_id, state=ProcessState.RUNNING))
+    command = kernel.switch.one(PointServices)
+    assert command.targets == ((stable, move.spec.port),)
+    kernel.send(ServicesPointed(app="a", deploy_id=command.deploy_id))
+    assert kernel.sup.apps["a"].serving.id == start.deploy_id  # nothing else changes
+    assert stable in kernel.sup.stable_ports

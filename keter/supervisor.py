@@ -113,7 +113,7 @@ from keter.messages import (
     WatchVersion,
     message,
 )
-from keter.names import PROBLEMS_LIMIT, log_text
+from keter.names import PROBLEMS_LIMIT, log_text, validate_app_name
 from keter.processes.ports import NoFreePort, PortPool
 from keter.routes import dashboard_site, deploy_problems, sites_for
 from keter.switch import NoStablePort, StablePorts
@@ -262,8 +262,8 @@ class Supervisor:
                 self._bundle_arrived(msg)
             case BundleRemoved(app=app):
                 self._bundle_removed(app)
-            case BundleIgnored():
-                pass  # the watcher has logged it
+            case BundleIgnored(filename=filename, reason=reason):
+                self._refused_file(filename, reason)
             case ScanCompleted():
                 log.info("keter: initial scan done, %d bundle(s) found", len(self.apps))
                 systemd.notify("READY=1")
@@ -341,6 +341,31 @@ class Supervisor:
                 return
             self._abandon(app.next, "superseded by a newer bundle")
         self._begin(app, arrived)
+
+    def _refused_file(self, filename: str, reason: str) -> None:
+        """The watcher refused an entry of incoming/ (and logged it): a line of history.
+
+        Only under a valid app name; a name no app can have has no history to go in.
+        Whatever serves under that name serves on.
+        """
+        try:
+            app = validate_app_name(filename.removesuffix(".keter"))
+        except ValueError:
+            return
+        if self.c.status is not None and filename.endswith(".keter"):
+            self.c.status.tell(
+                DeployFinished(
+                    app=app,
+                    version="unknown",
+                    sha256="",
+                    bundle_mtime=0.0,
+                    outcome=Outcome.FAILED,
+                    reason=reason,
+                    duration=0.0,
+                    at=time.time(),
+                    kind=FailureKind.UNPACK,
+                )
+            )
 
     def _begin(self, app: App, arrived: BundleArrived) -> None:
         deploy_id = next(self._ids)
@@ -793,9 +818,12 @@ class Supervisor:
                     done = False
                 elif failure is None and name not in refused:
                     self._switched(app, deploy)
+                elif failure is not None:
+                    reason = f"nginx did not take the new config: {failure}"
+                    self._fail(deploy, reason, kind=FailureKind.NGINX)
                 else:
-                    reason = failure or refused[name]
-                    self._fail(deploy, f"nginx refused its site: {reason}", kind=FailureKind.NGINX)
+                    reason = f"nginx refused its site: {refused[name]}"
+                    self._fail(deploy, reason, kind=FailureKind.NGINX)
             if app.removing and app.remove_generation is not None:
                 if app.remove_generation > generation:
                     done = False

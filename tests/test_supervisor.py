@@ -23,6 +23,7 @@ from keter.messages import (
     ApplyNginx,
     AppState,
     BundleArrived,
+    BundleIgnored,
     BundleRemoved,
     BundleUnpacked,
     Component,
@@ -518,6 +519,15 @@ def test_failure_while_unpacking(rig: Rig, serving: StartProcess) -> None:
     rig.send(UnpackFailed(app="a", deploy_id=unpack.deploy_id, reason="not gzip"))
     assert assert_failed(rig, serving, FailureKind.UNPACK).reason == "not gzip"
     assert rig.unpacker.take(RemoveFolder) == []  # the unpacker removed it itself
+
+
+def test_a_file_the_watcher_refused_is_a_line_of_its_apps_history(rig: Rig) -> None:
+    rig.send(BundleIgnored(filename="x.keter", reason="x.keter: refused: it is a FIFO"))
+    [done] = rig.finished()
+    assert (done.app, done.outcome, done.kind) == ("x", Outcome.FAILED, FailureKind.UNPACK)
+    assert "x" not in rig.sup.apps  # nothing deploys, nothing else changes
+    rig.send(BundleIgnored(filename="bad name!.keter", reason="not an app name"))
+    assert rig.finished() == []
 
 
 def test_failure_of_the_config_checks(rig: Rig, serving: StartProcess) -> None:

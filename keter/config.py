@@ -225,6 +225,11 @@ class KeterConfig:
     watch_seconds: float = 60.0
     watch_max_error_ratio: float = 0.05
     watch_min_requests: int = 20
+    # Backups taken before a release (keter.backups): how many each app keeps, whether a
+    # failed backup fails the deploy, and how long pg_dump and pg_restore may take.
+    backup_keep: int = 5
+    backup_required: bool = True
+    backup_timeout: float = 600.0
     warnings: tuple[str, ...] = ()
 
     @property
@@ -254,6 +259,14 @@ class KeterConfig:
     @property
     def archive_dir(self) -> Path:
         return self.root / "archive"
+
+    @property
+    def backups_dir(self) -> Path:
+        return self.root / "backups"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
 
 
 # -- loading -------------------------------------------------------------------------
@@ -1013,5 +1026,8 @@ _FIELDS: dict[str, tuple[str, Parser]] = {
     "watch-seconds": ("watch_seconds", _seconds(0, inclusive=True)),
     "watch-max-error-ratio": ("watch_max_error_ratio", _parse_ratio),
     "watch-min-requests": ("watch_min_requests", _count(1, 1_000_000_000)),
+    "backup-keep": ("backup_keep", _count(1, 1000)),
+    "backup-required": ("backup_required", _parse_bool),
+    "backup-timeout": ("backup_timeout", _seconds(0, inclusive=False)),
 }
 _KNOWN_KEYS = (*_FIELDS, "root", *KETER_ONLY_KEYS, *KETER_04_LISTENER_KEYS, "graceful-drain-micros")

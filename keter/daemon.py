@@ -22,6 +22,7 @@ import queue
 import signal
 import time
 
+from keter.backups import Backups
 from keter.config import KeterConfig
 from keter.incoming.unpack import stream_limit
 from keter.incoming.unpacker import Unpacker
@@ -96,6 +97,12 @@ def build_components(config: KeterConfig, inbox: queue.SimpleQueue) -> Component
             retry_for=config.postgres.retry_seconds,
             report_to=inbox,
         ),
+        backups=Backups(
+            backups_dir=config.backups_dir,
+            keep=config.backup_keep,
+            timeout=config.backup_timeout,
+            report_to=inbox,
+        ),
         status=status,
         stats=stats,
         switch=Switch(
@@ -157,6 +164,7 @@ def shutdown(components: Components, inbox: queue.SimpleQueue, stop_timeout: flo
         components.watcher,
         components.unpacker,
         components.postgres,
+        components.backups,
         components.monitor,
         components.nginx,
         *([components.switch] if components.switch is not None else []),

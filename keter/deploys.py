@@ -16,6 +16,17 @@ replaces, that is the whole switch and nginx is not touched; otherwise (a
 first deploy, changed hosts) nginx then routes the new stable addresses
 (SWITCHING). Without the kernel mode every switch is an nginx reload.
 
+A bundle with a ``release`` command (``keter.release``) takes a detour before
+STARTING: its database (if any) is backed up, then the release runs once::
+
+    PROVISIONING ─► BACKING_UP ─► RELEASING ─► STARTING      (postgres: true)
+    UNPACKING ───────────────────► RELEASING ─► STARTING      (no database)
+                       │               │
+                       └── failed ─────┴─► ENDED (nothing else ran; folder removed)
+
+A running release is never interrupted by a newer bundle or the removal of
+the bundle: they wait for it (like a switch in flight), see ``keter.release``.
+
 Every allowed move is in ``TRANSITIONS`` with the reason it happens; any other
 move is a bug (``IllegalTransition``). A deploy that never served still goes
 through RETIRING when it has processes to stop, so every deploy ends the same
@@ -31,8 +42,10 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 from keter.bundle import BundleConfig
 from keter.messages import (
@@ -49,6 +62,8 @@ from keter.messages import (
 class Stage(enum.StrEnum):
     UNPACKING = "unpacking"  # the unpacker unpacks the bundle and reads its config
     PROVISIONING = "provisioning"  # the provisioner creates (or finds) its database
+    BACKING_UP = "backing-up"  # its database is dumped before its release runs
+    RELEASING = "releasing"  # its release command runs (once, before any web app starts)
     STARTING = "starting"  # its web apps run; waiting until every one answers
     POINTING = "pointing"  # the kernel leads its stable addresses to it (keter.switch)
     SWITCHING = "switching"  # nginx is being pointed at it
@@ -68,6 +83,14 @@ TRANSITIONS: dict[tuple[Stage, Stage], str] = {
     (S.PROVISIONING, S.STARTING): "database ready; its web apps are spawned",
     (S.PROVISIONING, S.SWITCHING): "database ready; it runs no web app to wait for",
     (S.PROVISIONING, S.ENDED): "failed or superseded before anything ran; its folder is removed",
+    # The release detour (keter.release).
+    (S.UNPACKING, S.RELEASING): "unpacked and checked; its release runs (it has no database)",
+    (S.PROVISIONING, S.BACKING_UP): "database ready; it has a release, so it is backed up first",
+    (S.BACKING_UP, S.RELEASING): "backup written (or failed, with backup-required: false)",
+    (S.BACKING_UP, S.ENDED): "the backup failed, or it was superseded; nothing ran",
+    (S.RELEASING, S.STARTING): "every release exited with status 0; its web apps are spawned",
+    (S.RELEASING, S.RETIRING): "keter failed while its release ran: the release is stopped",
+    (S.RELEASING, S.ENDED): "the release failed, or finished after a newer bundle came",
     (S.STARTING, S.POINTING): "every web app answers its health check (kernel mode)",
     (S.STARTING, S.SWITCHING): "every web app answers its health check (reload mode)",
     (S.STARTING, S.RETIRING): "a web app failed, or a newer bundle superseded it",
@@ -154,6 +177,15 @@ class Deploy:
     # (sha256) until the watch ends (supervisor clock); None when not watched.
     rollback_to: str | None = None
     watch_until: float = 0.0
+    # Ports held for its web apps, in config.webapps order: reserved before its release
+    # runs (the release gets the app's PORT), released when it ends.
+    ports_held: tuple[int, ...] = ()
+    # ``keter env`` settings, read once when it is prepared: all its processes get the same.
+    settings: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
+    releases: list[int] = field(default_factory=list)  # web apps whose release is still to run
+    release_id: int | None = None  # the process id of the release running now
+    release_index: int = 0  # the web app (config.webapps) whose release runs or ran last
+    backup: str | None = None  # the backup taken before its release (ROOT/backups/APP/...)
 
     def move(self, new: Stage) -> str:
         """Go to ``new``; returns the table's reason. Raises IllegalTransition."""
@@ -172,8 +204,9 @@ class Deploy:
 
     @property
     def process_ids(self) -> tuple[int, ...]:
-        """Every process the monitor runs for it (web apps, then workers)."""
-        return (*(w.process_id for w in self.web), *self.workers)
+        """Every process the monitor runs for it (its release, web apps, then workers)."""
+        release = (self.release_id,) if self.release_id is not None else ()
+        return (*release, *(w.process_id for w in self.web), *self.workers)
 
     @property
     def ports(self) -> tuple[int | None, ...]:

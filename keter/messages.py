@@ -11,6 +11,7 @@ late answer about a superseded deploy can be recognised and ignored.
 
 from __future__ import annotations
 
+import concurrent.futures
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ class Component(enum.StrEnum):
     STATUS = "status"
     STATS = "stats"  # traffic statistics and access logs (keter.stats)
     SWITCH = "switch"  # stable addresses in the kernel, drains (keter.switch)
+    BACKUPS = "backups"
 
 
 class ProcessState(enum.StrEnum):
@@ -73,6 +75,8 @@ class FailureKind(enum.StrEnum):
     HEALTH_CHECK = "health-check"  # it ran but never passed its health check
     NGINX = "nginx"  # nginx refused its site, or did not take the new config
     SWITCH = "switch"  # the kernel did not lead new connections to it
+    BACKUP = "backup"  # the database backup before its release failed (backup-required)
+    RELEASE = "release"  # its release command failed, timed out or could not run
     INTERNAL = "internal"  # a bug in keter while handling this bundle
 
 
@@ -90,6 +94,21 @@ class AppState(enum.StrEnum):
     RUNNING = "running"
     BACKOFF = "backoff"  # crashed, being restarted
     FAILED = "failed"  # no version serving after a failed deploy
+
+
+class BackupKind(enum.StrEnum):
+    """Why a database backup was taken (part of its file name)."""
+
+    RELEASE = "release"  # before a version's release command ran
+    MANUAL = "manual"  # `keter db backup`
+    RESTORE = "restore"  # before `keter db restore` replaced the data
+
+
+class DbAction(enum.StrEnum):
+    """What an operator asks of an app's database."""
+
+    BACKUP = "backup"
+    RESTORE = "restore"
 
 
 class EventKind(enum.StrEnum):
@@ -128,6 +147,9 @@ class ProcessSpec:
     # Per-app overrides (Keter's ensure-alive-time-bound, restart-delay-seconds).
     health_timeout: float | None = None  # instead of the global health-check-timeout
     restart_delay: float | None = None  # a fixed delay between restarts, not the backoff
+    # ROOT/data/APP (KETER_DATA_DIR): made before the spawn if missing, owned by ``user``,
+    # mode 0700 (see keter.appdata).
+    data_dir: Path | None = None
 
 
 @message
@@ -266,6 +288,31 @@ class Site:
         return tuple(host for route in self.all_routes for host in route.hosts)
 
 
+@message
+class BackupInfo:
+    """One backup file under ROOT/backups/APP/ (see keter.backups)."""
+
+    app: str
+    name: str  # the file name
+    kind: BackupKind
+    version: str  # the version it precedes (RELEASE) or that served when it was taken
+    at: float  # wall clock
+    size: int  # bytes
+
+
+class RequestRefused(Exception):
+    """An operator's request keter will not carry out; ``status`` is the API's HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _reply() -> concurrent.futures.Future:
+    return concurrent.futures.Future()
+
+
 # -- lifecycle -----------------------------------------------------------------------
 
 
@@ -400,6 +447,71 @@ class DatabaseFailed:
     reason: str
 
 
+# -- backups (keter.backups) ---------------------------------------------------------
+
+
+@message
+class BackupDatabase:
+    """Dump the app's database into ROOT/backups/APP/.
+
+    From a deploy (``deploy_id``), before its release: answered by ``BackupTaken``
+    or ``BackupFailed``. From an operator (``deploy_id`` None): answered in
+    ``reply`` only (a dict for the API, or ``RequestRefused``).
+    """
+
+    app: str
+    deploy_id: int | None
+    db: DbInfo
+    user: str | None  # the OS user pg_dump runs as: the app's (keter.appdata.app_user)
+    kind: BackupKind
+    version: str
+    reply: concurrent.futures.Future | None = field(default=None, repr=False, compare=False)
+
+
+@message
+class RestoreDatabase:
+    """Replace the app's data with a backup (the newest when ``backup`` is None).
+
+    The current data is backed up first (kind RESTORE). Answered in ``reply``.
+    """
+
+    app: str
+    db: DbInfo
+    user: str | None
+    backup: str | None
+    version: str  # the version serving now, named in the backup taken first
+    reply: concurrent.futures.Future = field(default_factory=_reply, repr=False, compare=False)
+
+
+@message
+class BackupTaken:
+    app: str
+    deploy_id: int
+    backup: BackupInfo
+
+
+@message
+class BackupFailed:
+    app: str
+    deploy_id: int
+    reason: str
+
+
+@message
+class DatabaseRequest:
+    """``keter db backup`` or ``restore``, from a status API thread to the supervisor.
+
+    The supervisor checks it (the app serves, has a database, no deploy is under
+    way for a restore) and hands it to the backups component; the answer comes
+    back in ``reply``.
+    """
+
+    action: DbAction
+    app: str
+    backup: str | None = None  # restore: a file name; None: the newest
+    reply: concurrent.futures.Future = field(default_factory=_reply, repr=False, compare=False)
+
+
 # -- process monitor -----------------------------------------------------------------
 
 
@@ -484,6 +596,37 @@ class ProcessStopped:
 
     app: str
     deploy_id: int
+
+
+@message
+class RunOnce:
+    """Run ``spec`` once (a release command): never restarted, no health check.
+
+    Stopped (TERM, then KILL after stop-timeout) if it runs longer than
+    ``timeout`` seconds, or on ``StopProcess``. Always answered by exactly one
+    ``RunFinished``, once nothing of its process group is left.
+    """
+
+    app: str
+    deploy_id: int
+    spec: ProcessSpec
+    timeout: float
+
+
+@message
+class RunFinished:
+    """A ``RunOnce`` process ended and its whole group is gone."""
+
+    app: str
+    deploy_id: int
+    returncode: int | None  # None: it could not be started at all
+    reason: str  # for the operator: "exited with status 1", "cannot run ...", ...
+    timed_out: bool = False  # it was stopped at its timeout
+    output_tail: tuple[str, ...] = ()  # its last lines of output
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
 
 
 # -- nginx writer --------------------------------------------------------------------

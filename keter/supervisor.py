@@ -13,6 +13,8 @@ that module's table first), each step finished by a component's reply:
 
     UNPACKING     -> BundleUnpacked   (unpacker)
     PROVISIONING  -> DatabaseReady    (postgres provisioner, only for postgres: true)
+    BACKING_UP    -> BackupTaken      (backups, only with a release and postgres: true)
+    RELEASING     -> RunFinished      (process monitor, only with a release: keter.release)
     STARTING      -> ProcessHealthy   (process monitor, once for every web app)
     POINTING      -> ServicesPointed  (switch: the kernel leads its stable addresses to it)
     SWITCHING     -> NginxApplied     (nginx writer: written, tested, reloaded, confirmed)
@@ -28,8 +30,9 @@ an nginx generation with the version's own ports, as in the original Keter.
 Any failure on the way stops the new version and removes its folder; the
 version that was serving is never touched. An app has at most one version
 serving and one on its way (``next``); a newer bundle supersedes ``next``,
-except while the kernel or nginx is already switching to it: then the newer
-bundle waits for that switch to finish (only the latest waiting bundle is kept).
+except while the kernel or nginx is already switching to it, or its release
+runs: then the newer bundle waits for that to finish (only the latest waiting
+bundle is kept).
 
 Background workers are processes of their deploy like its web apps, each
 with an id of its own from the same counter as deploy ids. A version's
@@ -51,10 +54,11 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Protocol
 
-from keter import systemd
-from keter.bundle import WebApp
+from keter import envstore, systemd
+from keter.appdata import app_user, data_dir
 from keter.config import KeterConfig
 from keter.deploys import App, Deploy, Stage, WebProcess, Worker
 from keter.environment import app_environment, worker_environment
@@ -64,6 +68,10 @@ from keter.messages import (
     AppGone,
     ApplyNginx,
     AppSnapshot,
+    BackupDatabase,
+    BackupFailed,
+    BackupKind,
+    BackupTaken,
     BundleArrived,
     BundleIgnored,
     BundleRemoved,
@@ -72,6 +80,8 @@ from keter.messages import (
     ComponentFailed,
     DatabaseFailed,
     DatabaseReady,
+    DatabaseRequest,
+    DbAction,
     DeployFinished,
     Drained,
     EventKind,
@@ -94,9 +104,13 @@ from keter.messages import (
     ProvisionDatabase,
     ReleaseServices,
     RemoveFolder,
+    RequestRefused,
     Rescan,
     RescanRequested,
+    RestoreDatabase,
     RollBack,
+    RunFinished,
+    RunOnce,
     ScanCompleted,
     ServicesPointed,
     ShutdownRequested,
@@ -115,6 +129,7 @@ from keter.messages import (
 )
 from keter.names import PROBLEMS_LIMIT, log_text, validate_app_name
 from keter.processes.ports import NoFreePort, PortPool
+from keter.release import failure_reason, release_command
 from keter.routes import dashboard_site, deploy_problems, sites_for
 from keter.switch import NoStablePort, StablePorts
 
@@ -151,12 +166,13 @@ class Components:
     monitor: Teller
     nginx: Teller
     postgres: Teller
+    backups: Teller
     status: Teller | None = None
     stats: Teller | None = None  # traffic statistics (keter.stats); None with traffic-stats off
     switch: Teller | None = None  # None: reload mode, drains end after drain-seconds
 
     def all(self) -> list[Teller]:
-        parts = [self.watcher, self.unpacker, self.monitor, self.nginx, self.postgres]
+        parts = [self.watcher, self.unpacker, self.monitor, self.nginx, self.postgres, self.backups]
         optional = (self.status, self.stats, self.switch)
         return [*parts, *(c for c in optional if c is not None)]
 
@@ -276,10 +292,16 @@ class Supervisor:
             case DatabaseReady(app=app, deploy_id=deploy_id, db=db):
                 if deploy := self._next(app, deploy_id):
                     deploy.db = db
-                    self._start(deploy)
+                    self._prepare(deploy)
             case DatabaseFailed(app=app, deploy_id=deploy_id, reason=reason):
                 if deploy := self._next(app, deploy_id):
                     self._fail(deploy, f"database: {reason}", kind=FailureKind.DATABASE)
+            case BackupTaken() | BackupFailed():
+                self._backup_done(msg)
+            case RunFinished():
+                self._release_finished(msg)
+            case DatabaseRequest():
+                self._database_request(msg)
             case ProcessStarted():
                 self._process_started(msg)
             case ProcessHealthy(deploy_id=process_id):
@@ -335,12 +357,24 @@ class Supervisor:
         self._changed.add(app.name)
         log.info("%s: bundle seen (%d bytes)", arrived.app, arrived.size)
         if app.next is not None:
-            if app.next.switch_in_flight:
-                # Traffic may already reach it; let the switch finish, then deploy this one.
+            if self._must_finish(app.next):
+                # Let the switch (or the release) finish, then deploy this one.
                 app.waiting = arrived
                 return
             self._abandon(app.next, "superseded by a newer bundle")
         self._begin(app, arrived)
+
+    @staticmethod
+    def _must_finish(deploy: Deploy) -> bool:
+        """Whether a newer bundle or a removal must wait for the deploy's current step.
+
+        Traffic may already reach a deploy that is switching; a release may be half
+        way through changing the database (see keter.release).
+        """
+        if deploy.stage is Stage.RELEASING:
+            log.info("%s: waiting for the release of deploy #%d to finish", deploy.app, deploy.id)
+            return True
+        return deploy.switch_in_flight
 
     def _refused_file(self, filename: str, reason: str) -> None:
         """The watcher refused an entry of incoming/ (and logged it): a line of history.
@@ -392,8 +426,8 @@ class Supervisor:
         app.waiting = None
         app.bundle_present = False
         if app.next is not None:
-            if app.next.switch_in_flight:
-                app.removing = True  # carried out when the switch completes
+            if self._must_finish(app.next):
+                app.removing = True  # carried out when the switch (or the release) completes
                 return
             self._abandon(app.next, "its bundle was removed")
         if app.serving is None:
@@ -439,13 +473,188 @@ class Supervisor:
             deploy.move(Stage.PROVISIONING)
             self.c.postgres.tell(ProvisionDatabase(app=msg.app, deploy_id=msg.deploy_id))
         else:
-            self._start(deploy)
+            self._prepare(deploy)
 
     def _host_owner(self, host: str, app: str) -> str | None:
         if host == self.config.dashboard_host:
             return "keter (its dashboard-host)"
         owner = self.hosts.get(host)
         return owner if owner != app else None
+
+    # -- preparing: settings, ports, backup and release (keter.release) -------------------
+
+    def _prepare(self, deploy: Deploy) -> None:
+        """Unpacked, its database ready: read its settings and reserve its ports, then
+        back up and run its release if it has one, else start it."""
+        assert deploy.config is not None
+        try:
+            settings = envstore.load(self.config.etc_dir, deploy.app)
+        except envstore.SettingsError as exc:
+            self._fail(deploy, f"its settings (keter env): {exc}", kind=FailureKind.CONFIG)
+            return
+        deploy.settings = MappingProxyType(settings)
+        ports: list[int] = []
+        try:
+            for _ in deploy.config.webapps:
+                ports.append(self.ports.allocate())
+        except NoFreePort as exc:
+            for port in ports:
+                self.ports.release(port)
+            self._fail(deploy, str(exc), kind=FailureKind.PORTS)
+            return
+        deploy.ports_held = tuple(ports)
+        webapps = deploy.config.webapps
+        deploy.releases = [i for i, webapp in enumerate(webapps) if webapp.release is not None]
+        if not deploy.releases:
+            self._start(deploy)
+        elif deploy.db is not None:
+            deploy.move(Stage.BACKING_UP)
+            self.c.backups.tell(
+                BackupDatabase(
+                    app=deploy.app,
+                    deploy_id=deploy.id,
+                    db=deploy.db,
+                    user=app_user(self.config, deploy.app),
+                    kind=BackupKind.RELEASE,
+                    version=deploy.version,
+                )
+            )
+        else:
+            deploy.move(Stage.RELEASING)
+            self._run_release(deploy)
+
+    def _backup_done(self, msg: BackupTaken | BackupFailed) -> None:
+        deploy = self._next(msg.app, msg.deploy_id)
+        if deploy is None or deploy.stage is not Stage.BACKING_UP:
+            return  # superseded meanwhile: the backup is kept, like any other
+        if isinstance(msg, BackupTaken):
+            deploy.backup = msg.backup.name
+            name = msg.backup.name
+            log.info("%s: deploy #%d: database backed up to %s", msg.app, deploy.id, name)
+        elif self.config.backup_required:
+            reason = f"database backup before the release failed: {msg.reason}"
+            self._fail(deploy, reason, kind=FailureKind.BACKUP)
+            return
+        else:
+            log.warning(
+                "%s: deploy #%d: database backup failed, releasing anyway "
+                "(backup-required: false): %s",
+                msg.app,
+                deploy.id,
+                msg.reason,
+            )
+        deploy.move(Stage.RELEASING)
+        self._run_release(deploy)
+
+    def _run_release(self, deploy: Deploy) -> None:
+        """Run the next web app's release, once, through the process monitor."""
+        assert deploy.config is not None
+        index = deploy.releases.pop(0)
+        release = deploy.config.webapps[index].release
+        assert release is not None
+        process_id = next(self._ids)
+        deploy.release_id, deploy.release_index = process_id, index
+        self.owners[process_id] = deploy
+        spec = ProcessSpec(
+            command=release_command(release),
+            cwd=deploy.folder,
+            env=self._web_environment(deploy, index, deploy.ports_held[index]),
+            log_path=self.config.log_dir / f"app-{deploy.app}.log",
+            user=app_user(self.config, deploy.app),
+            data_dir=data_dir(self.config, deploy.app),
+        )
+        log.info(
+            "%s: deploy #%d runs its release %s (#%d, at most %gs)",
+            deploy.app,
+            deploy.id,
+            release.exec.name,
+            process_id,
+            release.timeout,
+        )
+        self.c.monitor.tell(
+            RunOnce(app=deploy.app, deploy_id=process_id, spec=spec, timeout=release.timeout)
+        )
+
+    def _release_finished(self, msg: RunFinished) -> None:
+        deploy = self.owners.get(msg.deploy_id)
+        if deploy is None or deploy.release_id != msg.deploy_id:
+            return
+        del self.owners[msg.deploy_id]
+        deploy.release_id = None
+        if deploy.stage is not Stage.RELEASING:  # stopped: keter failed while it ran
+            if deploy.stage is Stage.RETIRING and not self._live(deploy):
+                self._ended(deploy)
+            return
+        assert deploy.config is not None
+        if not msg.ok:
+            release = deploy.config.webapps[deploy.release_index].release
+            assert release is not None
+            reason = failure_reason(release, deploy.folder, msg.reason, msg.output_tail)
+            self._fail(deploy, reason, msg.output_tail, kind=FailureKind.RELEASE)
+            return
+        log.info("%s: deploy #%d: release finished (%s)", deploy.app, deploy.id, msg.reason)
+        app = self.apps[deploy.app]
+        if app.waiting is not None or app.removing:
+            # What waited for the release (see keter.release) goes on now.
+            why = "its bundle was removed" if app.removing else "superseded by a newer bundle"
+            self._abandon(deploy, why)
+            self._continue_waiting(app)
+        elif deploy.releases:
+            self._run_release(deploy)
+        else:
+            self._start(deploy)
+
+    def _web_environment(self, deploy: Deploy, index: int, port: int) -> dict[str, str]:
+        """Web app ``index``'s environment on ``port``, which its release command gets too."""
+        assert deploy.config is not None
+        return app_environment(
+            self.config,
+            deploy.config.webapps[index],
+            port,
+            deploy.db,
+            settings=deploy.settings,
+            data_dir=data_dir(self.config, deploy.app),
+        )
+
+    # -- an operator's database requests (keter db backup / restore) -----------------------
+
+    def _database_request(self, request: DatabaseRequest) -> None:
+        """Check it here (the one place that knows what runs), carry it out in backups."""
+        app = self.apps.get(request.app)
+        serving = app.serving if app is not None else None
+        refusal = None
+        if serving is None:
+            refusal = RequestRefused(404 if app is None else 409, f"{request.app} is not running")
+        elif serving.db is None:
+            refusal = RequestRefused(409, f"{request.app} has no database (postgres: true)")
+        elif request.action is DbAction.RESTORE and app is not None and app.next is not None:
+            refusal = RequestRefused(
+                409, f"a deploy of {request.app} is under way; restore once it has ended"
+            )
+        if refusal is not None or serving is None or serving.db is None:
+            request.reply.set_exception(refusal or RequestRefused(500, "no database"))
+            return
+        user = app_user(self.config, request.app)
+        if request.action is DbAction.BACKUP:
+            command: object = BackupDatabase(
+                app=request.app,
+                deploy_id=None,
+                db=serving.db,
+                user=user,
+                kind=BackupKind.MANUAL,
+                version=serving.version,
+                reply=request.reply,
+            )
+        else:
+            command = RestoreDatabase(
+                app=request.app,
+                db=serving.db,
+                user=user,
+                backup=request.backup,
+                version=serving.version,
+                reply=request.reply,
+            )
+        self.c.backups.tell(command)
 
     # -- starting ----------------------------------------------------------------------------
 
@@ -458,31 +667,25 @@ class Supervisor:
             log.info("%s: deploy #%d runs no web app, switching", deploy.app, deploy.id)
             self._switch(deploy)
             return
-        ports: list[int] = []
-        try:
-            for _ in webapps:
-                ports.append(self.ports.allocate())
-        except NoFreePort as exc:
-            for port in ports:
-                self.ports.release(port)
-            self._fail(deploy, str(exc), kind=FailureKind.PORTS)
-            return
         deploy.move(Stage.STARTING)
-        for index, (webapp, port) in enumerate(zip(webapps, ports, strict=True)):
+        for index, port in enumerate(deploy.ports_held):
             # The first web app's process is known by the deploy's own id (as in the log's
             # "deploy #N"); further ones and workers take fresh ids from the same counter.
             process_id = deploy.id if index == 0 else next(self._ids)
             deploy.web.append(WebProcess(index=index, process_id=process_id, port=port))
             self.owners[process_id] = deploy
-            spec = self._web_spec(deploy, webapp, port)
+            spec = self._web_spec(deploy, index, port)
             self.c.monitor.tell(StartProcess(app=deploy.app, deploy_id=process_id, spec=spec))
 
-    def _web_spec(self, deploy: Deploy, webapp: WebApp, port: int) -> ProcessSpec:
+    def _web_spec(self, deploy: Deploy, index: int, port: int) -> ProcessSpec:
+        """Web app ``index`` of the deploy on ``port``."""
+        assert deploy.config is not None
+        webapp = deploy.config.webapps[index]
         health_host = next((h for h in webapp.hosts if "*" not in h), webapp.hosts[0])
         return ProcessSpec(
             command=(str(webapp.exec), *webapp.args),
             cwd=deploy.folder,
-            env=app_environment(self.config, webapp, port, deploy.db),
+            env=self._web_environment(deploy, index, port),
             log_path=self.config.log_dir / f"app-{deploy.app}.log",
             port=port,
             health=HealthCheck(
@@ -490,8 +693,9 @@ class Supervisor:
                 path=webapp.health_check_path or "/",
                 strict=webapp.health_check_path is not None,
             ),
-            user=self.config.setuid,
+            user=app_user(self.config, deploy.app),
             health_timeout=webapp.ensure_alive,
+            data_dir=data_dir(self.config, deploy.app),
         )
 
     def _port_taken(self, process_id: int) -> None:
@@ -509,8 +713,10 @@ class Supervisor:
         self.ports.release(web.port)  # the pool skips it while the stranger holds it
         log.info("%s: deploy #%d moves from port %d to %d", deploy.app, process_id, web.port, port)
         web.port = port
-        webapp = deploy.config.webapps[web.index]
-        spec = self._web_spec(deploy, webapp, port)
+        held = list(deploy.ports_held)
+        held[web.index] = port  # released when the deploy ends
+        deploy.ports_held = tuple(held)
+        spec = self._web_spec(deploy, web.index, port)
         self.c.monitor.tell(MoveProcess(app=deploy.app, deploy_id=process_id, spec=spec))
         self._changed.add(deploy.app)
         if deploy.services:
@@ -535,10 +741,17 @@ class Supervisor:
             spec = ProcessSpec(
                 command=(str(worker.exec), *worker.args),
                 cwd=deploy.folder,
-                env=worker_environment(self.config, worker, deploy.db),
+                env=worker_environment(
+                    self.config,
+                    worker,
+                    deploy.db,
+                    settings=deploy.settings,
+                    data_dir=data_dir(self.config, deploy.app),
+                ),
                 log_path=self.config.log_dir / f"app-{deploy.app}.log",
-                user=self.config.setuid,
+                user=app_user(self.config, deploy.app),
                 restart_delay=worker.restart_delay,
+                data_dir=data_dir(self.config, deploy.app),
             )
             log.info(
                 "%s: deploy #%d starts background worker #%d (%s)",
@@ -1042,8 +1255,8 @@ class Supervisor:
     def _ended(self, deploy: Deploy, *, remove_folder: bool = True) -> None:
         """Nothing of the deploy runs any more: release its ports, remove its folder."""
         deploy.move(Stage.ENDED)
-        for web in deploy.web:
-            self.ports.release(web.port)
+        for port in deploy.ports_held:
+            self.ports.release(port)
         self._release_stable_ports(deploy)
         self.owners.pop(deploy.id, None)
         if remove_folder and deploy.folder_exists:

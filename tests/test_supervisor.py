@@ -7,18 +7,16 @@ end-to-end tests (test_deploy.py and friends) show the same flows for real.
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support.supervisor import SWITCH_ADDRESS, FakeComponent, Rig, make_rig, webapp
 
-from keter.bundle import Background, BundleConfig, StaticFiles, WebApp
+from keter.bundle import Background, BundleConfig, StaticFiles
 from keter.bundle.model import PostgresServer
 from keter.config import KeterConfig
 from keter.deploys import TRANSITIONS, Deploy, IllegalTransition, Stage
 from keter.messages import (
-    AppChanged,
     AppGone,
     ApplyNginx,
     AppState,
@@ -41,9 +39,7 @@ from keter.messages import (
     PointFailed,
     PointServices,
     ProcessFailed,
-    ProcessHealthy,
     ProcessPortTaken,
-    ProcessStarted,
     ProcessState,
     ProcessStateChanged,
     ProcessStopped,
@@ -63,173 +59,7 @@ from keter.messages import (
     UnpackFailed,
     WatchDrain,
 )
-from keter.processes.ports import PortPool
 from keter.supervisor import RESTART_LIMIT, Components, Supervisor
-
-# -- the rig -----------------------------------------------------------------------------
-
-
-class FakeComponent:
-    """Records every message; start/restart are counted, never run."""
-
-    def __init__(self, name: str) -> None:
-        self.component = Component(name)
-        self.told: list[object] = []
-        self.started = 0
-        self.restarted = 0
-
-    def tell(self, message: object) -> None:
-        self.told.append(message)
-
-    def start(self) -> None:
-        self.started += 1
-
-    def restart(self) -> None:
-        self.restarted += 1
-
-    def join(self, timeout: float | None = None) -> None:
-        pass
-
-    def take(self, kind: type = object) -> list:
-        """The messages of ``kind`` told since the last take (removed from the record)."""
-        taken = [m for m in self.told if isinstance(m, kind)]
-        self.told = [m for m in self.told if not isinstance(m, kind)]
-        return taken
-
-    def one(self, kind: type):
-        [message] = self.take(kind)
-        return message
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@dataclass
-class Rig:
-    sup: Supervisor
-    watcher: FakeComponent
-    unpacker: FakeComponent
-    monitor: FakeComponent
-    nginx: FakeComponent
-    postgres: FakeComponent
-    status: FakeComponent
-    clock: Clock
-    tmp: Path
-    switch: FakeComponent | None = None
-
-    def send(self, *messages: object) -> None:
-        for message in messages:
-            self.sup.dispatch(message)
-
-    # -- playing the components ---------------------------------------------------------
-
-    def arrive(self, app: str, size: int = 100) -> UnpackBundle:
-        self.send(BundleArrived(app=app, path=self.tmp / f"{app}.keter", mtime_ns=1, size=size))
-        return self.unpacker.one(UnpackBundle)
-
-    def unpacked(self, unpack: UnpackBundle, config: BundleConfig, sha: str = "ab" * 32) -> None:
-        self.send(
-            BundleUnpacked(
-                app=unpack.app,
-                deploy_id=unpack.deploy_id,
-                folder=unpack.dest,
-                config=config,
-                sha256=sha,
-            )
-        )
-
-    def healthy(self, start: StartProcess, pid: int = 4242) -> None:
-        self.send(
-            ProcessStarted(app=start.app, deploy_id=start.deploy_id, pid=pid, port=start.spec.port),
-            ProcessHealthy(app=start.app, deploy_id=start.deploy_id),
-        )
-
-    def nginx_ok(self, refused: tuple[SiteRefused, ...] = ()) -> ApplyNginx:
-        apply = self.nginx.one(ApplyNginx)
-        self.send(NginxApplied(generation=apply.generation, refused=refused))
-        return apply
-
-    def drain_over(self) -> None:
-        """drain-seconds pass: every draining version's timer is due."""
-        self.clock.now += self.sup.config.drain_seconds
-        for timer in self.sup.due_timers():
-            self.send(timer)
-
-    def stopped(self, *stops: StopProcess) -> None:
-        for stop in stops:
-            self.send(ProcessStopped(app=stop.app, deploy_id=stop.deploy_id))
-
-    def deploy(self, app: str, config: BundleConfig, sha: str = "ab" * 32) -> StartProcess:
-        """A whole deploy up to serving; returns the StartProcess of its web app."""
-        unpack = self.arrive(app)
-        self.unpacked(unpack, config, sha)
-        start = self.monitor.one(StartProcess)
-        self.healthy(start)
-        self.nginx_ok()
-        return start
-
-    def finished(self) -> list[DeployFinished]:
-        return self.status.take(DeployFinished)
-
-    def snapshot(self, app: str):
-        changes = [m.snapshot for m in self.status.told if isinstance(m, AppChanged)]
-        return [s for s in changes if s.app == app][-1]
-
-
-SWITCH_ADDRESS = "127.9.9.9"
-
-
-def webapp(tmp: Path, host: str = "a.test", **extra) -> BundleConfig:
-    return BundleConfig(
-        app=host.split(".")[0],
-        webapp=WebApp(exec=tmp / "bin/app", hosts=(host,), **extra),
-    )
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Rig:
-    """A supervisor without a switch component: every switch reloads nginx."""
-    return make_rig(tmp_path, kernel=False)
-
-
-def make_rig(tmp_path: Path, *, kernel: bool) -> Rig:
-    base = random.randrange(20, 30) * 1000 + random.randrange(0, 900)
-    config = KeterConfig(root=tmp_path / "root", port_range=(base, base + 99), drain_seconds=2)
-    parts = {name: FakeComponent(name) for name in Component}
-    components = Components(
-        watcher=parts[Component.WATCHER],
-        unpacker=parts[Component.UNPACKER],
-        monitor=parts[Component.PROCESSES],
-        nginx=parts[Component.NGINX],
-        postgres=parts[Component.POSTGRES],
-        status=parts[Component.STATUS],
-        switch=parts[Component.SWITCH] if kernel else None,
-    )
-    clock = Clock()
-    sup = Supervisor(config, components, ports=PortPool(base, base + 99), clock=clock)
-    rig = Rig(
-        sup,
-        parts[Component.WATCHER],
-        parts[Component.UNPACKER],
-        parts[Component.PROCESSES],
-        parts[Component.NGINX],
-        parts[Component.POSTGRES],
-        parts[Component.STATUS],
-        clock,
-        tmp_path,
-        parts[Component.SWITCH] if kernel else None,
-    )
-    sup.start()
-    rig.nginx_ok()  # keter's first config; the watcher starts with its reply
-    if kernel:
-        rig.send(SwitchReady(mode=SwitchMode.KERNEL, address=SWITCH_ADDRESS))
-    return rig
-
 
 # -- the table ---------------------------------------------------------------------------
 
@@ -268,6 +98,7 @@ def test_nothing_deploys_before_nginx_took_the_first_config(tmp_path) -> None:
         nginx=parts[Component.NGINX],
         postgres=parts[Component.POSTGRES],
         switch=parts[Component.SWITCH],
+        backups=parts[Component.BACKUPS],
     )
     sup = Supervisor(config, components)
     sup.start()

@@ -21,6 +21,7 @@ KETER_REALM = "keter"  # Keter's default basic-auth realm
 KETER_LOCAL_STATUS = 401  # Keter's defaults for the local middleware
 KETER_LOCAL_MESSAGE = "Unauthorized Accessing from Localhost ONLY"
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+RELEASE_TIMEOUT = 300.0  # seconds a release command may run (release-timeout)
 
 
 class BundleConfigError(Exception):
@@ -136,6 +137,15 @@ Middleware = BasicAuthConfig | HeadersConfig | LocalConfig | RateLimiterConfig |
 
 
 @dataclass(frozen=True, kw_only=True)
+class Release:
+    """A web app's ``release`` command: run once per deploy, before the version starts."""
+
+    exec: Path  # absolute, symlinks resolved, inside the bundle folder, executable
+    args: tuple[str, ...] = ()
+    timeout: float = RELEASE_TIMEOUT  # seconds; then it is stopped and the deploy fails
+
+
+@dataclass(frozen=True, kw_only=True)
 class WebApp:
     """The bundle's HTTP app: how to run it and which hosts it answers."""
 
@@ -153,6 +163,7 @@ class WebApp:
     middleware: tuple[Middleware, ...] = ()
     max_body_size: int | None = None  # client-max-body-size; None: the global one
     proxy_buffering: bool = True  # false: answers stream through (server-sent events)
+    release: Release | None = None  # see keter.release
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -30,7 +30,10 @@ from keter.bundle.values import Values, warn_overridden_env
 from keter.yamlcheck import describe, key_name, parse_env, unknown_key
 
 # The keys a web app reads in either format.
-WEBAPP_KEYS = ("exec", "args", "host", "hosts", "extra-hosts", "env", "health-check-path")
+WEBAPP_KEYS = (
+    "exec", "args", "host", "hosts", "extra-hosts", "env", "health-check-path", "release",
+    "release-timeout",
+)  # fmt: skip
 # Keys of the whole bundle, beside the stanzas (or the 0.4 keys).
 BUNDLE_KEYS = ("postgres", "plugins", "watch-seconds")
 # Keys every stanza may carry besides its own.
@@ -40,6 +43,7 @@ STANZA_KEYS = {
         "exec", "args", "env", "forward-env", "host", "hosts", "ssl", "port-env-vars",
         "ensure-alive-time-bound", "connection-time-bound", "health-check-path", "middleware",
         "client-max-body-size", "proxy-buffering",
+        "release", "release-timeout",
     ),
     "background": (
         "exec", "args", "env", "forward-env", "restart-count", "restart-delay-seconds",
@@ -171,6 +175,7 @@ def webapp(data: dict, prefix: str, v: Values, *, flat: bool = False) -> WebApp 
         middleware=parse_middleware(data.get("middleware"), f"{prefix}middleware", check),
         max_body_size=v.body_size(data, prefix),
         proxy_buffering=v.flag(data, "proxy-buffering", prefix, default=True),
+        release=v.release(data, prefix),
     )
     return app if len(check.problems) == before else None
 

@@ -14,7 +14,15 @@ import stat
 from pathlib import Path
 
 from keter import names
-from keter.bundle.model import KETER_RESTART_DELAY, Background, Ssl, TlsConfig, WebApp
+from keter.bundle.model import (
+    KETER_RESTART_DELAY,
+    RELEASE_TIMEOUT,
+    Background,
+    Release,
+    Ssl,
+    TlsConfig,
+    WebApp,
+)
 from keter.yamlcheck import (
     MAX_INT,
     MAX_SECONDS,
@@ -67,6 +75,37 @@ class Values:
             check.problem(path, f"{shown} is not executable (no x permission bit)")
             return None
         return target
+
+    def release(self, data: dict, prefix: str) -> Release | None:
+        """``release``: a path (relative to config/) or [path, args...]; ``release-timeout``."""
+        value, timeout = data.get("release"), data.get("release-timeout")
+        if value is None:
+            if timeout is not None:
+                where = f"{prefix}release-timeout"
+                self.check.warn(where, "has no effect without release; ignored")
+            return None
+        path = f"{prefix}release"
+        if isinstance(value, list):
+            if not value:
+                self.check.problem(path, "expected [program, arguments...], got an empty list")
+                return None
+            program, args = value[0], self.args(value[1:], path)
+        else:
+            program, args = value, ()
+        seconds = RELEASE_TIMEOUT
+        if timeout is not None:
+            seconds = number(timeout, MAX_SECONDS)
+            if seconds is None or seconds <= 0:
+                self.check.problem(
+                    f"{prefix}release-timeout",
+                    f"expected a number of seconds above 0, at most {MAX_SECONDS} (a year), "
+                    f"got {describe(timeout)}",
+                )
+                return None
+        program_path = self.exec(program, f"{path}[0]" if isinstance(value, list) else path)
+        if program_path is None:
+            return None
+        return Release(exec=program_path, args=args, timeout=seconds)
 
     def args(self, value: object, path: str) -> tuple[str, ...]:
         if not isinstance(value, list):

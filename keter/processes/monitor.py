@@ -29,6 +29,13 @@ transition, restarts included (a restart keeps the port, so nothing else
 changes). A first start that fails is stopped, then reported as
 ``ProcessFailed``; every deploy ends with exactly one ``ProcessStopped``.
 
+One-shot processes (``RunOnce``: a release command) use the same entries,
+spawn, records and stop path, without health check or restart: spawned
+(STARTING, then RUNNING at once), and when the leader exits, at their timeout
+or on ``StopProcess``, their whole group is stopped (STOPPING -> EXITED) and
+they are reported once, as ``RunFinished`` with the exit status and the last
+lines of output.
+
 A process that leaves the group (``setsid``, a daemon's double fork) escapes
 ``killpg``; only cgroups could follow it, which keter does not use. Keter
 cannot stop such a process. It notices one that still holds the app's port
@@ -66,6 +73,8 @@ from keter.messages import (
     ProcessState,
     ProcessStateChanged,
     ProcessStopped,
+    RunFinished,
+    RunOnce,
     StartProcess,
     StopProcess,
     message,
@@ -166,6 +175,14 @@ class _CheckGone:
     run: int
 
 
+@message
+class _OnceTimeout:
+    """A one-shot process's timeout is over."""
+
+    deploy_id: int
+    run: int
+
+
 # -- per-deploy bookkeeping -----------------------------------------------------------
 
 
@@ -215,6 +232,10 @@ class _Entry:
     probing: bool = False  # a health probe is out
     moving: bool = False  # a stranger took its port: waiting (BACKOFF) for MoveProcess
     exit_pending: _Exited | None = None  # the leader exited while a probe was out
+    # One-shot processes (RunOnce) only: its timeout, and how it ended.
+    once_timeout: float | None = None
+    returncode: int | None = None
+    timed_out: bool = False
 
 
 # -- the actor ------------------------------------------------------------------------
@@ -334,6 +355,12 @@ class ProcessMonitor(Actor):
         match message:
             case StartProcess():
                 self._start(message)
+            case RunOnce():
+                self._start_once(message)
+            case _OnceTimeout():
+                if entry := self._current(message.deploy_id, message.run, ProcessState.RUNNING):
+                    entry.timed_out = True
+                    self._terminate(entry, f"did not finish within {entry.once_timeout:g}s")
             case StopProcess():
                 self._stop_requested(message)
             case _Probe() | _ProbeDone() | _HealthDeadline() as msg:
@@ -429,6 +456,8 @@ class ProcessMonitor(Actor):
         error = self._take_spawn(entry)
         if error:
             self._spawn_failed(entry, error)
+        elif entry.once_timeout is not None:
+            self._once_spawned(entry)
         elif first:
             assert entry.run is not None
             self.report(
@@ -493,6 +522,11 @@ class ProcessMonitor(Actor):
         log.debug("%s: deploy %d could not start: %s", entry.app, entry.deploy_id, error)
         self._transition(entry, ProcessState.FATAL, error)
         del self._entries[entry.deploy_id]
+        if entry.once_timeout is not None:
+            self.report(
+                RunFinished(app=entry.app, deploy_id=entry.deploy_id, returncode=None, reason=error)
+            )
+            return
         self.report(
             ProcessFailed(
                 app=entry.app, deploy_id=entry.deploy_id, reason=error, kind=FailureKind.SPAWN
@@ -623,6 +657,9 @@ class ProcessMonitor(Actor):
         if entry is None or entry.run is None or entry.run.number != msg.run:
             return
         entry.run.exited = True
+        if entry.once_timeout is not None:
+            self._once_exited(entry, msg)
+            return
         if entry.state is ProcessState.STARTING and entry.probing:
             # A probe is out: its answer may be from before the exit. Decide once it is in.
             entry.exit_pending = msg
@@ -750,6 +787,9 @@ class ProcessMonitor(Actor):
         final = ProcessState.FATAL if entry.failure else ProcessState.EXITED
         self._transition(entry, final, entry.failure or "stopped")
         del self._entries[entry.deploy_id]
+        if entry.once_timeout is not None:
+            self.report(self._once_finished(entry))
+            return
         if entry.failure:
             self.report(
                 ProcessFailed(
@@ -775,6 +815,48 @@ class ProcessMonitor(Actor):
             port,
             holders,
             entry.deploy_id,
+        )
+
+    # -- one-shot processes (RunOnce) -----------------------------------------------------
+
+    def _start_once(self, msg: RunOnce) -> None:
+        if msg.deploy_id in self._entries:
+            log.error("%s: process %d is already running; RunOnce ignored", msg.app, msg.deploy_id)
+            return
+        entry = _Entry(app=msg.app, deploy_id=msg.deploy_id, spec=msg.spec)
+        entry.once_timeout = msg.timeout
+        self._entries[msg.deploy_id] = entry
+        self._spawn(entry)  # _Spawned follows: _once_spawned, or _spawn_failed
+
+    def _once_spawned(self, entry: _Entry) -> None:
+        assert entry.once_timeout is not None
+        self._transition(entry, ProcessState.STARTING, self._where(entry))
+        self._transition(entry, ProcessState.RUNNING, "one-shot: no health check")
+        self.schedule(entry.once_timeout, _OnceTimeout(deploy_id=entry.deploy_id, run=entry.runs))
+
+    def _once_exited(self, entry: _Entry, msg: _Exited) -> None:
+        """The one-shot's leader exited: stop what is left of its group, then report it."""
+        assert entry.run is not None
+        entry.returncode = msg.returncode
+        if entry.state is ProcessState.RUNNING:
+            self._kill(entry)  # nothing a release started may outlive it
+            self._transition(entry, ProcessState.STOPPING, describe_exit(msg.returncode))
+        self._check_gone(entry)
+
+    def _once_finished(self, entry: _Entry) -> RunFinished:
+        assert entry.run is not None
+        reason = describe_exit(entry.returncode) if entry.returncode is not None else "stopped"
+        if entry.timed_out:
+            reason = f"did not finish within {entry.once_timeout:g}s ({reason})"
+        elif entry.stop_requested:
+            reason = f"stopped on request ({reason})"
+        return RunFinished(
+            app=entry.app,
+            deploy_id=entry.deploy_id,
+            returncode=entry.returncode,
+            reason=reason,
+            timed_out=entry.timed_out,
+            output_tail=entry.run.capture.tail(FAILURE_TAIL),
         )
 
     # -- shared helpers ---------------------------------------------------------------

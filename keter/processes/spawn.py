@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from keter.appdata import prepare_data_dir
 from keter.messages import ProcessSpec
 from keter.processes.cgroups import Cgroup, enter_command
 from keter.processes.forkgate import FORK_GATE
@@ -152,6 +153,13 @@ def spawn(
             identity = Identity.of_user(spec.user)
         except KeyError:
             raise SpawnError(f"unknown user {spec.user!r}") from None
+    if spec.data_dir is not None:
+        # The app's data folder, owned by the identity it runs as (keter.appdata).
+        uid, gid = (identity.uid, identity.gid) if identity else (os.getuid(), os.getgid())
+        try:
+            prepare_data_dir(spec.data_dir, uid, gid)
+        except OSError as exc:
+            raise SpawnError(f"cannot prepare {spec.data_dir}: {exc.strerror or exc}") from None
     problem = exec_problem(spec.command[0], spec.cwd, spec.env)
     if problem:
         raise SpawnError(f"cannot run {spec.command[0]}: {problem}")

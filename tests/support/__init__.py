@@ -10,6 +10,7 @@
 - ``nginx``, ``postgres``, ``dns``: private servers (own prefix or data dir, own port).
 - ``tls``: self-signed certificates.
 - ``processes``: a real ProcessMonitor under a ``Harness``.
+- ``supervisor``: the supervisor driven without threads (``FakeComponent``, ``Rig``).
 - ``faults``: the fault suites' ERROR-record checks and their ``Rig``.
 - ``samples``: Keter's own sample files.
 """

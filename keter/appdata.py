@@ -1,0 +1,100 @@
+"""What an app keeps between versions: its user and its data folder, ``ROOT/data/APP``.
+
+Every version of an app is unpacked into a fresh folder that is deleted when
+the version retires, so an app has nowhere else to keep files. ``ROOT/data/APP``
+is its place: made before its first process starts (by the process monitor,
+at the spawn, see ``keter.processes.spawn``), owned by the app's user, mode
+0700, passed as ``KETER_DATA_DIR``. Nothing in keter deletes it: not a new
+version, a restart, a keter upgrade, nor the removal of the bundle. Only
+``keter data purge APP`` does (``purge_data_dir``).
+
+``ROOT/data`` itself is root's, mode 0711: an app can reach its own folder by
+name but cannot list the others, and cannot replace its folder with a link.
+
+``app_user`` is the one place that says which OS user an app's processes,
+release command and database tools run as (issue 11 gives each app its own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import stat
+from pathlib import Path
+
+from keter.config import KeterConfig
+
+log = logging.getLogger(__name__)
+
+DATA_MODE = 0o700
+PARENT_MODE = 0o711
+
+
+def app_user(config: KeterConfig, app: str) -> str | None:
+    """The OS user ``app`` runs as (None: keter's own, root).
+
+    Today the global ``setuid`` for every app; the per-app users of issue 11
+    replace this body, and every caller follows.
+    """
+    return config.setuid
+
+
+def data_dir(config: KeterConfig, app: str) -> Path:
+    """``ROOT/data/APP``: the app name is checked by the bundle's grammar already."""
+    return config.data_dir / app
+
+
+def prepare_data_dir(folder: Path, uid: int, gid: int) -> None:
+    """Make ``folder`` exist as a folder owned by ``uid:gid`` with mode 0700.
+
+    The parent (``ROOT/data``) is made root's with mode 0711. A folder that
+    exists with another owner (``setuid`` changed, or issue 11's per-app users
+    arrived) is given to the new owner, contents included; links are never
+    followed, and a file with several hard links is left alone (it may be a
+    link to a file outside the folder) with a warning. Raises OSError.
+    """
+    parent = folder.parent
+    parent.mkdir(mode=PARENT_MODE, parents=True, exist_ok=True)
+    info = os.lstat(parent)
+    if stat.S_IMODE(info.st_mode) != PARENT_MODE or info.st_uid != os.getuid():
+        os.chown(parent, os.getuid(), os.getgid(), follow_symlinks=False)
+        os.chmod(parent, PARENT_MODE)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(folder, DATA_MODE)
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode):
+        raise NotADirectoryError(f"{folder} is not a folder")
+    if (info.st_uid, info.st_gid) != (uid, gid):
+        _give(folder, uid, gid)
+    if stat.S_IMODE(info.st_mode) != DATA_MODE:
+        os.chmod(folder, DATA_MODE)
+
+
+def _give(folder: Path, uid: int, gid: int) -> None:
+    """chown -R without following links or touching multiply-linked files."""
+    os.chown(folder, uid, gid, follow_symlinks=False)
+    for _top, dirs, files, top_fd in os.fwalk(folder, follow_symlinks=False):
+        for name in (*dirs, *files):
+            info = os.stat(name, dir_fd=top_fd, follow_symlinks=False)
+            if not stat.S_ISDIR(info.st_mode) and info.st_nlink > 1:
+                log.warning("keter: %s/%s has several hard links; its owner is kept", _top, name)
+                continue
+            os.chown(name, uid, gid, dir_fd=top_fd, follow_symlinks=False)
+
+
+def purge_data_dir(folder: Path) -> bool:
+    """Delete ``folder`` and everything in it; False if there was none.
+
+    It is renamed away first, so a version that starts meanwhile gets a fresh
+    empty folder rather than one being deleted under it.
+    """
+    doomed = folder.with_name(f".purged-{folder.name}-{secrets.token_hex(4)}")
+    try:
+        os.rename(folder, doomed)
+    except FileNotFoundError:
+        return False
+    shutil.rmtree(doomed)  # fd-based on Linux: links inside are removed, never followed
+    return True

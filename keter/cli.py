@@ -1,7 +1,8 @@
 """``keter ROOT`` (or ``keter CONFIGFILE``): run the daemon in the foreground.
 
-``keter COMMAND ...`` (status, deploy, bundle, logs, rollback, restart) operates
-a running daemon instead; see ``keter.commands``.
+``keter COMMAND ...`` (status, deploy, bundle, logs, rollback, restart; env, db,
+data) operates a running daemon instead; see ``keter.commands`` and
+``keter.appcommands``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ log = logging.getLogger("keter")
 
 # Subcommands; a ROOT folder with one of these names is given as ./NAME.
 COMMANDS = ("status", "deploy", "bundle", "logs", "stats", "rollback", "restart")
+APP_COMMANDS = ("env", "db", "data")  # an app's settings, database and data folder
 
 
 class AlreadyRunning(Exception):
@@ -41,6 +43,8 @@ def prepare_root(config: KeterConfig) -> None:
         (config.temp_dir, 0o711),
         (config.log_dir, 0o700),
         (config.run_dir, 0o755),
+        (config.backups_dir, 0o700),  # database dumps: root only, never an app
+        (config.data_dir, 0o711),  # apps reach their own folder by name, list none
     ]:
         folder.mkdir(mode=mode, parents=True, exist_ok=True)
         if folder != config.root:
@@ -72,10 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         from keter.commands import main as run_command
 
         return run_command(argv)
+    if argv and argv[0] in APP_COMMANDS:
+        from keter.appcommands import main as run_app_command
+
+        return run_app_command(argv)
     parser = argparse.ArgumentParser(
         prog="keter",
         description="Deploy web-app bundles dropped into ROOT/incoming/ behind nginx.",
-        epilog=f"To operate a running keter: keter {{{','.join(COMMANDS)}}} --help",
+        epilog=f"To operate a running keter: keter {{{','.join(COMMANDS + APP_COMMANDS)}}} --help",
     )
     parser.add_argument(
         "target",

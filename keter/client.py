@@ -81,9 +81,42 @@ class KeterClient:
     def restart(self, name: str) -> dict:
         return self.post(f"/api/apps/{quote(name, safe='')}/restart", {})
 
-    def rollback(self, name: str, version: str | None = None) -> dict:
-        body = {"version": version} if version else {}
-        return self.post(f"/api/apps/{quote(name, safe='')}/rollback", body)
+    def rollback(
+        self,
+        name: str,
+        version: str | None = None,
+        *,
+        with_data: bool = False,
+        timeout: float | None = None,
+    ) -> dict:
+        body: dict = {"version": version} if version else {}
+        if with_data:
+            body["with_data"] = True
+        return self.post(f"/api/apps/{quote(name, safe='')}/rollback", body, timeout=timeout)
+
+    # Issue 13: settings, database, data folder (keter.status.appops).
+
+    def env_names(self, name: str) -> list[str]:
+        return self.get(f"/api/apps/{quote(name, safe='')}/env")["names"]
+
+    def env_change(
+        self, name: str, changes: dict[str, str], removals: list[str], *, restart: bool
+    ) -> dict:
+        body = {"set": changes, "unset": removals, "restart": restart}
+        return self.post(f"/api/apps/{quote(name, safe='')}/env", body)
+
+    def backups(self, name: str) -> list[dict]:
+        return self.get(f"/api/apps/{quote(name, safe='')}/backups")["backups"]
+
+    def take_backup(self, name: str, timeout: float) -> dict:
+        return self.post(f"/api/apps/{quote(name, safe='')}/backups", {}, timeout=timeout)
+
+    def restore(self, name: str, backup: str | None, timeout: float) -> dict:
+        body = {"backup": backup} if backup else {}
+        return self.post(f"/api/apps/{quote(name, safe='')}/restore", body, timeout=timeout)
+
+    def purge(self, name: str) -> dict:
+        return self.post(f"/api/apps/{quote(name, safe='')}/data/purge", {"confirm": name})
 
     # -- HTTP over the socket --------------------------------------------------------
 
@@ -97,10 +130,10 @@ class KeterClient:
             _json(status, raw)  # raises with keter's reason
         return raw.decode()
 
-    def post(self, path: str, body: dict) -> dict:
+    def post(self, path: str, body: dict, *, timeout: float | None = None) -> dict:
         if self._token is None:
             self._token = self.get("/api/token")["token"]
-        return _json(*self._request("POST", path, body, None))
+        return _json(*self._request("POST", path, body, timeout))
 
     def _request(
         self, method: str, path: str, body: dict | None, timeout: float | None

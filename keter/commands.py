@@ -48,7 +48,13 @@ class Refused(Exception):
 
 def main(argv: list[str]) -> int:
     """Run one subcommand; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    return run(build_parser(), argv)
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    """Parse ``argv`` and run its subcommand, mapping failures to exit codes
+    (``keter.appcommands`` runs env, db and data through this too)."""
+    args = parser.parse_args(argv)
     try:
         return args.run(args)
     except Refused as exc:
@@ -136,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rollback.add_argument("app")
     rollback.add_argument("version", nargs="?", help="a version (sha256 prefix) to go back to")
+    rollback.add_argument(
+        "--with-data",
+        action="store_true",
+        help="first restore the database backup taken before the version being undone",
+    )
     rollback.add_argument("--timeout", type=float, default=120, help="seconds to wait (120)")
 
     restart = command(
@@ -365,9 +376,16 @@ def report_verdict(
 def cmd_rollback(args: argparse.Namespace) -> int:
     app = checked_name(args.app)
     client = KeterClient(args.root)
-    return _redeploy(
-        client, args, app, "rolling back to", lambda: client.rollback(app, args.version)
-    )
+
+    def request() -> dict:
+        if args.with_data:
+            print(f"{app}: restoring the database, then rolling back", file=sys.stderr)
+        started = client.rollback(app, args.version, with_data=args.with_data, timeout=args.timeout)
+        if "restored" in started:
+            print(f"{app}: database restored from {started['restored']['name']}", file=sys.stderr)
+        return started
+
+    return _redeploy(client, args, app, "rolling back to", request)
 
 
 def cmd_restart(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
 from keter.bundle import validate_app_name
+from keter.status import appops
 from keter.status.checks import TOKEN_HEADER
 from keter.status.errors import ApiError
 from keter.status.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 4096
+MAX_BODY = 64 * 1024  # `keter env set` values (certificates, keys) may be a few KiB
 DASHBOARD_DIR = Path(__file__).resolve().parent.parent / "dashboard"
 STATIC_FILES = {"dashboard.js": "text/javascript", "style.css": "text/css"}
 
@@ -46,6 +47,13 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("GET", re.compile(_APP + r"/stats"), "stats"),
     ("POST", re.compile(_APP + r"/restart"), "restart"),
     ("POST", re.compile(_APP + r"/rollback"), "rollback"),
+    # Issue 13 (keter.status.appops): settings, database, data folder.
+    ("GET", re.compile(_APP + r"/env"), "env"),
+    ("POST", re.compile(_APP + r"/env"), "env_change"),
+    ("GET", re.compile(_APP + r"/backups"), "backups"),
+    ("POST", re.compile(_APP + r"/backups"), "take_backup"),
+    ("POST", re.compile(_APP + r"/restore"), "restore"),
+    ("POST", re.compile(_APP + r"/data/purge"), "purge"),
 ]
 _HTML_HEADERS = {
     "Content-Security-Policy": (
@@ -82,11 +90,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             api.checks.check_host(self.headers.get("Host"))
             if self.server.tcp:  # type: ignore[attr-defined]
                 api.checks.check_login(self.headers.get("Authorization"))
+            matched = False
             for route_method, pattern, name in _ROUTES:
                 match = pattern.fullmatch(url.path)
-                if match:
-                    if route_method != method:
-                        raise ApiError(405, f"{url.path} does not take {method}")
+                matched = matched or match is not None
+                if match and route_method == method:
                     if method == "POST":
                         api.checks.check_write(self.headers)
                     args = match.groupdict()
@@ -94,6 +102,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                         args["app"] = _app_name(args["app"])
                     getattr(self, f"_{name}")(api, parse_qs(url.query), **args)
                     return
+            if matched:
+                raise ApiError(405, f"{url.path} does not take {method}")
             raise ApiError(404, f"nothing at {url.path}")
         except ApiError as exc:
             self._send_json(exc.status, {"error": exc.message}, exc.headers)
@@ -154,7 +164,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
         version = body.get("version")
         if version is not None and not isinstance(version, str):
             raise ApiError(400, "version must be a string")
+        if body.get("with_data") is True:
+            self._send_json(202, appops.rollback_with_data(api, app, version or None))
+            return
         self._send_json(202, api.command(Action.ROLLBACK, app, version or None))
+
+    def _env(self, api: StatusServer, query: dict, app: str) -> None:
+        self._send_json(200, appops.env_names(api, app))
+
+    def _env_change(self, api: StatusServer, query: dict, app: str) -> None:
+        self._send_json(200, appops.env_change(api, app, self._read_json()))
+
+    def _backups(self, api: StatusServer, query: dict, app: str) -> None:
+        self._send_json(200, appops.backups(api, app))
+
+    def _take_backup(self, api: StatusServer, query: dict, app: str) -> None:
+        self._send_json(200, appops.take_backup(api, app))
+
+    def _restore(self, api: StatusServer, query: dict, app: str) -> None:
+        self._send_json(202, appops.restore(api, app, self._read_json()))
+
+    def _purge(self, api: StatusServer, query: dict, app: str) -> None:
+        self._send_json(200, appops.purge(api, app, self._read_json()))
 
     # -- plumbing --------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from enum import Enum
 
-from keter.archive import SUFFIX, ArchiveError
+from keter.archive import SUFFIX, ArchivedBundle, ArchiveError
 from keter.messages import RollBack
 from keter.status.errors import ApiError
 from keter.status.views import StatusBoard
@@ -72,26 +72,33 @@ def restart(board: StatusBoard, app: str) -> dict:
 
 
 def rollback(board: StatusBoard, app: str, version: str | None) -> dict:
+    chosen = rollback_target(board, app, version)
+    after = board.history.seq
+    try:
+        board.archive.restore(app, chosen, board.config.incoming_dir)
+    except ArchiveError as exc:
+        raise ApiError(409, str(exc)) from None
+    log.info("%s: rolling back to version %s", app, chosen.version)
+    return {"app": app, "version": chosen.version, "sha256": chosen.sha256, "after": after}
+
+
+def rollback_target(board: StatusBoard, app: str, version: str | None) -> ArchivedBundle:
+    """The archived version a rollback would deploy (``version``, else the one before)."""
     archived = board.archive.versions(app)
     snapshot = board.snapshot(app)
     if snapshot is None and not archived:
         raise ApiError(404, f"no app named {app}")
     try:
         if version:
-            chosen = board.archive.find(app, version)
-        else:
-            current = snapshot.version if snapshot is not None else None
-            older = [bundle for bundle in archived if bundle.version != current]
-            if not older:
-                shown = ", ".join(bundle.version for bundle in archived) or "none"
-                raise ApiError(409, f"{app} has no earlier version archived ({shown})")
-            chosen = older[0]
-        after = board.history.seq
-        board.archive.restore(app, chosen, board.config.incoming_dir)
+            return board.archive.find(app, version)
     except ArchiveError as exc:
         raise ApiError(409, str(exc)) from None
-    log.info("%s: rolling back to version %s", app, chosen.version)
-    return {"app": app, "version": chosen.version, "sha256": chosen.sha256, "after": after}
+    current = snapshot.version if snapshot is not None else None
+    older = [bundle for bundle in archived if bundle.version != current]
+    if not older:
+        shown = ", ".join(bundle.version for bundle in archived) or "none"
+        raise ApiError(409, f"{app} has no earlier version archived ({shown})")
+    return older[0]
 
 
 def roll_back(board: StatusBoard, order: RollBack) -> bool:

@@ -1,0 +1,365 @@
+"""Issue 13's tests of record: a real keter, real nginx, real PostgreSQL.
+
+The release phase (a release runs before its version serves; a failing one
+switches nothing, under load), backups and restores (``keter db``,
+``rollback --with-data``), ``KETER_DATA_DIR``, and settings changed without a
+new bundle (``keter env``), whose values never leave keter but to the app.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+from support.bundles import make_bundle, member
+from support.daemon import keter_cli, status_api
+from support.net import Load, body, served
+from support.wait import wait_for
+
+appS = Path(__file__).parent / "apps"
+HOST = "rel.test"
+
+
+def release_bundle(
+    path: Path,
+    version: str,
+    release: list[str] | None = None,
+    *,
+    postgres: bool = True,
+    timeout: float | None = None,
+) -> Path:
+    """tests/apps/db_app.py answering ``version``, with tests/apps/release.py as bin/release."""
+    config: dict = {"exec": "../bin/app", "host": HOST, "env": {"VERSION": version}}
+    if postgres:
+        config["postgres"] = True
+    if release is not None:
+        config["release"] = ["../bin/release", *release]
+    if timeout is not None:
+        config["release-timeout"] = timeout
+    script = f"#!{sys.executable}\n{(appS / 'release.py').read_text()}".encode()
+    return make_bundle(
+        path,
+        config=config,
+        app_source=appS / "db_app.py",
+        members=[member("bin/release", script, mode=0o755)],
+    )
+
+
+def info(nginx, env: str = "") -> dict:
+    data = body(nginx, HOST, f"/info?env={env}")
+    assert data is not None, "the app did not answer /info"
+    return json.loads(data)
+
+
+def deploy(keter, app: str, bundle: Path) -> object:
+    """``keter deploy`` of a bundle, waiting for the verdict."""
+    return keter_cli(keter.root, "deploy", str(bundle), "--name", app, "--timeout", "60")
+
+
+def history(keter, app: str) -> list[dict]:
+    return status_api(keter).app(app)["history"]
+
+
+@pytest.fixture
+def app() -> str:
+    """A name of its own for each test: the PostgreSQL cluster is shared by the session,
+    and keter adopts an unclaimed database whose name fits the app's."""
+    return f"rel{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+def pg_keter(keter_factory, private_postgres):
+    return keter_factory(postgres={"admin-dsn": private_postgres.admin_dsn}, **{"stop-timeout": 2})
+
+
+NOTES = "CREATE TABLE IF NOT EXISTS notes (note text)"
+
+
+# -- the release phase -------------------------------------------------------------------
+
+
+def test_a_release_makes_a_table_before_its_version_starts(
+    pg_keter, private_nginx, tmp_path, app
+) -> None:
+    keter = pg_keter
+    bundle = release_bundle(tmp_path / "v1.keter", "v1", ["--sql", NOTES])
+    result = deploy(keter, app, bundle)
+    assert result.returncode == 0, result.stderr
+    served(private_nginx, HOST, "v1")
+    first = info(private_nginx)
+    # The version started after the release: the table was there when it began.
+    assert first["tables_at_start"] == ["notes"]
+    log = keter.log_since_start()
+    assert log.index("release finished") < log.index(f"{app}: deploy #1 started pid")
+    # Its output is in the app's log, with the port the version got.
+    app_log = (keter.root / "log" / f"app-{app}.log").read_text()
+    assert f"ran: {NOTES}" in app_log
+    port = status_api(keter).app(app)["port"]
+    assert f"release of v1 starting, PORT={port}" in app_log
+
+    # The backup taken before it: the database as it was, root's alone.
+    [backup] = status_api(keter).backups(app)
+    assert backup["kind"] == "release" and backup["version"] == history(keter, app)[0]["version"]
+    folder = keter.root / "backups" / app
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE((folder / backup["name"]).stat().st_mode) == 0o600
+    assert stat.S_IMODE((keter.root / "backups").stat().st_mode) == 0o700
+
+    # The next version's release sees the first's data, and runs before it starts too.
+    bundle = release_bundle(
+        tmp_path / "v2.keter", "v2", ["--sql", NOTES, "--sql", "CREATE TABLE v2_only (x int)"]
+    )
+    assert deploy(keter, app, bundle).returncode == 0
+    served(private_nginx, HOST, "v2")
+    assert info(private_nginx)["tables_at_start"] == ["notes", "v2_only"]
+    assert len(status_api(keter).backups(app)) == 2
+
+
+@pytest.mark.parametrize("how", ["exit", "timeout"])
+def test_a_failing_release_switches_nothing_under_load_and_the_backup_restores(
+    pg_keter, private_nginx, tmp_path, how, app
+) -> None:
+    keter = pg_keter
+    assert (
+        deploy(keter, app, release_bundle(tmp_path / "v1.keter", "v1", ["--sql", NOTES])).returncode
+        == 0
+    )
+    served(private_nginx, HOST, "v1")
+    body(private_nginx, HOST, "/write?note=before")
+
+    load = Load(private_nginx.port, HOST)
+    threads = load.run()
+    try:
+        wait_for(lambda: load.requests > 20, 10, "load to start")
+        changes = ["--sql", "CREATE TABLE v2_only (x int)", "--sql", "DELETE FROM notes"]
+        failing = ["--exit", "1"] if how == "exit" else ["--hang"]
+        bundle = release_bundle(
+            tmp_path / "v2.keter",
+            "v2",
+            [*changes, *failing],
+            timeout=5 if how == "timeout" else None,
+        )
+        result = deploy(keter, app, bundle)
+        wait_for(lambda: load.requests > 200, 20, "more load after the failure")
+    finally:
+        load.stop.set()
+        for thread in threads:
+            thread.join(10)
+    assert load.errors == []
+    assert set(load.bodies) == {b"v1\n"}
+
+    # keter deploy says why, with the release's last lines; so does keter's log.
+    assert result.returncode == 1
+    expected = "exited with status 1" if how == "exit" else "did not finish within 5s"
+    assert expected in result.stderr
+    last_line = "ERROR: release of v2 failed on purpose" if how == "exit" else "hanging"
+    assert last_line in result.stderr
+    [entry] = [e for e in history(keter, app) if e["outcome"] == "failed"]
+    assert entry["kind"] == "release"
+    assert re.search(rf"{app}: deploy #\d+ failed: release bin/release", keter.log())
+    assert f"  | {last_line}" in keter.log()
+
+    # The release got half way: the backup taken just before it undoes that.
+    now = info(private_nginx)
+    assert now["version"] == "v1" and now["tables"] == ["notes", "v2_only"]
+    assert now["notes"] is None or now["notes"] == []
+    before_v2 = [b for b in status_api(keter).backups(app) if b["version"] == entry["version"]]
+    assert [b["kind"] for b in before_v2] == ["release"]
+    restored = keter_cli(keter.root, "db", "restore", app, before_v2[0]["name"])
+    assert restored.returncode == 0, restored.stderr
+    assert f"database restored from {before_v2[0]['name']}" in restored.stderr
+    served(private_nginx, HOST, "v1")
+    after = info(private_nginx)
+    assert after["tables"] == ["notes"] and after["notes"] == ["before"]
+    assert after["pid"] != now["pid"]  # told by a restart of the version serving
+
+
+def test_a_backup_restores_the_data_of_its_time(pg_keter, private_nginx, tmp_path, app) -> None:
+    keter = pg_keter
+    assert (
+        deploy(keter, app, release_bundle(tmp_path / "v1.keter", "v1", ["--sql", NOTES])).returncode
+        == 0
+    )
+    served(private_nginx, HOST, "v1")
+    body(private_nginx, HOST, "/write?note=a")
+
+    taken = keter_cli(keter.root, "db", "backup", app)
+    assert taken.returncode == 0, taken.stderr
+    name = taken.stdout.strip()
+    assert re.fullmatch(r"\d{8}T\d{6}\.\d{6}Z-manual-[0-9a-f]{12}\.dump", name)
+    body(private_nginx, HOST, "/write?note=b")
+    assert info(private_nginx)["notes"] == ["a", "b"]
+    listing = keter_cli(keter.root, "db", "backups", app)
+    assert name in listing.stdout and "manual" in listing.stdout
+
+    before = info(private_nginx)["pid"]
+    restored = keter_cli(keter.root, "db", "restore", app, name)
+    assert restored.returncode == 0, restored.stderr
+    served(private_nginx, HOST, "v1")
+    after = info(private_nginx)
+    assert after["notes"] == ["a"] and after["pid"] != before
+    # What the restore replaced was backed up first: restoring that undoes the restore.
+    [safety] = [b for b in status_api(keter).backups(app) if b["kind"] == "restore"]
+    assert safety["name"] in restored.stderr
+    undone = keter_cli(keter.root, "db", "restore", app, safety["name"])
+    assert undone.returncode == 0, undone.stderr
+    served(private_nginx, HOST, "v1")
+    assert info(private_nginx)["notes"] == ["a", "b"]
+
+    missing = keter_cli(keter.root, "db", "restore", app, "nope.dump")
+    assert missing.returncode == 1 and "no backup named" in missing.stderr
+
+
+def test_rollback_with_data_restores_the_backup_before_the_undone_version(
+    pg_keter, private_nginx, tmp_path, app
+) -> None:
+    keter = pg_keter
+    assert (
+        deploy(keter, app, release_bundle(tmp_path / "v1.keter", "v1", ["--sql", NOTES])).returncode
+        == 0
+    )
+    served(private_nginx, HOST, "v1")
+    body(private_nginx, HOST, "/write?note=by-v1")
+    v2_release = ["--sql", NOTES, "--sql", "CREATE TABLE v2_only (x int)"]
+    assert (
+        deploy(keter, app, release_bundle(tmp_path / "v2.keter", "v2", v2_release)).returncode == 0
+    )
+    served(private_nginx, HOST, "v2")
+    body(private_nginx, HOST, "/write?note=by-v2")
+    assert info(private_nginx)["tables"] == ["notes", "v2_only"]
+
+    result = keter_cli(keter.root, "rollback", app, "--with-data")
+    assert result.returncode == 0, result.stderr
+    assert "database restored from" in result.stderr
+    served(private_nginx, HOST, "v1")
+    back = info(private_nginx)
+    assert back["tables"] == ["notes"] and back["notes"] == ["by-v1"]
+
+
+# -- KETER_DATA_DIR ------------------------------------------------------------------------
+
+
+def test_the_data_folder_survives_redeploys_restarts_and_removal(
+    keter, private_nginx, tmp_path, app
+) -> None:
+    bundle = release_bundle(tmp_path / "v1.keter", "v1", [], postgres=False)
+    keter.drop(bundle, f"{app}.keter")
+    served(private_nginx, HOST, "v1")
+    folder = keter.root / "data" / app
+    assert info(private_nginx)["data_dir"] == str(folder)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE(folder.parent.stat().st_mode) == 0o711
+    body(private_nginx, HOST, "/data-write?name=kept&text=hello")
+
+    keter.drop(release_bundle(tmp_path / "v2.keter", "v2", [], postgres=False), f"{app}.keter")
+    served(private_nginx, HOST, "v2")
+    assert info(private_nginx)["data"] == {"kept": "hello", "releases": "v1\nv2\n"}
+
+    keter.stop()
+    keter.start()
+    served(private_nginx, HOST, "v2")
+    assert info(private_nginx)["data"]["kept"] == "hello"
+
+    (keter.incoming / f"{app}.keter").unlink()
+    wait_for(lambda: body(private_nginx, HOST) is None, 20, "the app to be removed")
+    assert (folder / "kept").read_text() == "hello"  # removing the bundle keeps it
+
+    keter.drop(bundle, f"{app}.keter")
+    served(private_nginx, HOST, "v1")
+    assert info(private_nginx)["data"]["kept"] == "hello"
+
+    # keter data purge: never while the app runs, only with its name typed again.
+    running = keter_cli(keter.root, "data", "purge", app, stdin=f"{app}\n".encode())
+    assert running.returncode == 1 and "remove its bundle first" in running.stderr
+    (keter.incoming / f"{app}.keter").unlink()
+    wait_for(lambda: app not in [a["name"] for a in status_api(keter).status()["apps"]], 20)
+    wrong = keter_cli(keter.root, "data", "purge", app, stdin=b"other\n")
+    assert wrong.returncode == 1 and (folder / "kept").exists()
+    purged = keter_cli(keter.root, "data", "purge", app, stdin=f"{app}\n".encode())
+    assert purged.returncode == 0, purged.stderr
+    assert not folder.exists()
+
+
+# -- keter env -------------------------------------------------------------------------------
+
+
+def test_env_set_under_load_restarts_without_a_failed_request(
+    keter, private_nginx, tmp_path, app
+) -> None:
+    keter.drop(release_bundle(tmp_path / "v1.keter", "v1", postgres=False), f"{app}.keter")
+    served(private_nginx, HOST, "v1")
+    assert info(private_nginx, "GREETING")["env"] == {"GREETING": None}
+
+    load = Load(private_nginx.port, HOST)
+    threads = load.run()
+    try:
+        wait_for(lambda: load.requests > 20, 10, "load to start")
+        result = keter_cli(keter.root, "env", "set", app, "GREETING=hello", "API_KEY=k-1")
+        wait_for(lambda: load.requests > 200, 20, "more load after the restart")
+    finally:
+        load.stop.set()
+        for thread in threads:
+            thread.join(10)
+    assert result.returncode == 0, result.stderr
+    assert load.errors == []
+    wait_for(lambda: info(private_nginx, "GREETING")["env"]["GREETING"] == "hello", 10)
+    assert info(private_nginx, "API_KEY")["env"]["API_KEY"] == "k-1"
+
+    listing = keter_cli(keter.root, "env", app)
+    assert listing.stdout.split() == ["API_KEY", "GREETING"]
+    shown = keter_cli(keter.root, "env", app, "--show")
+    assert shown.stdout.split() == ["API_KEY=k-1", "GREETING=hello"]
+    stored = keter.root / "etc" / "env" / f"{app}.json"
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+
+    # --no-restart stores only; the next deploy applies it.
+    pid = info(private_nginx)["pid"]
+    quiet = keter_cli(keter.root, "env", "set", app, "GREETING=later", "--no-restart")
+    assert quiet.returncode == 0 and info(private_nginx, "GREETING")["env"]["GREETING"] == "hello"
+    assert info(private_nginx)["pid"] == pid
+    assert keter_cli(keter.root, "env", "unset", app, "API_KEY").returncode == 0
+    now = info(private_nginx, "GREETING,API_KEY")["env"]
+    assert now == {"GREETING": "later", "API_KEY": None}
+
+    # Settings from stdin stay off the command line.
+    piped = keter_cli(keter.root, "env", "set", app, "--stdin", stdin=b"FROM_STDIN=yes\n")
+    assert piped.returncode == 0, piped.stderr
+    assert info(private_nginx, "FROM_STDIN")["env"]["FROM_STDIN"] == "yes"
+    refused = keter_cli(keter.root, "env", "set", app, "PORT=1")
+    assert refused.returncode == 2 and "set by keter" in refused.stderr
+
+
+def test_no_setting_value_leaves_keter_but_to_the_app(
+    keter_factory, private_nginx, private_postgres, tmp_path, app
+) -> None:
+    keter = keter_factory(postgres={"admin-dsn": private_postgres.admin_dsn})
+    secret = "s3cr3t-Value-That-Must-Not-Leak"
+    bundle = release_bundle(tmp_path / "v1.keter", "v1", ["--sql", NOTES])
+    assert deploy(keter, app, bundle).returncode == 0
+    result = keter_cli(keter.root, "env", "set", app, f"SECRET_TOKEN={secret}")
+    assert result.returncode == 0, result.stderr
+    # The app has it (so the checks below could fail) ...
+    assert info(private_nginx, "SECRET_TOKEN")["env"]["SECRET_TOKEN"] == secret
+    password = info(private_nginx, "PGPASSWORD")["env"]["PGPASSWORD"]
+    assert password
+
+    client = status_api(keter)
+    seen = {
+        "status --json": keter_cli(keter.root, "status", "--json").stdout,
+        "app API": json.dumps(client.app(app)),
+        "env API": json.dumps(client.get(f"/api/apps/{app}/env")),
+        "history": json.dumps(client.history_after(app, 0, 0)),
+        "history.json": (keter.root / "etc" / "history.json").read_text(),
+        "metrics": client.text("/metrics"),
+        "dashboard": client.text("/") + client.text(f"/app/{app}"),
+        "keter's log": keter.log(),
+    }
+    assert "SECRET_TOKEN" in seen["env API"]  # names may show
+    for where, text in seen.items():
+        assert secret not in text, where
+        assert password not in text, where

@@ -11,8 +11,9 @@ version, a restart, a keter upgrade, nor the removal of the bundle. Only
 ``ROOT/data`` itself is root's, mode 0711: an app can reach its own folder by
 name but cannot list the others, and cannot replace its folder with a link.
 
-``app_user`` is the one place that says which OS user an app's processes,
-release command and database tools run as (issue 11 gives each app its own).
+``app_user`` is the one place that names the OS user an app's processes,
+release command and database tools run as; None means the app's own uid
+(``keter.users``, issue 11) where keter allocates them, else keter's own.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ PARENT_MODE = 0o711
 
 
 def app_user(config: KeterConfig, app: str) -> str | None:
-    """The OS user ``app`` runs as (None: keter's own, root).
+    """The named OS user ``app`` runs as: the global ``setuid`` (one user for all apps).
 
-    Today the global ``setuid`` for every app; the per-app users of issue 11
-    replace this body, and every caller follows.
+    None: the app's own uid from ``keter.users`` when the process monitor and
+    the backups component are given one (issue 11), else keter's own user.
     """
     return config.setuid
 

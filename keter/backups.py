@@ -39,7 +39,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import pwd
 import queue
 import re
 import shutil
@@ -66,6 +65,8 @@ from keter.messages import (
     message,
 )
 from keter.names import log_text
+from keter.processes.spawn import Identity
+from keter.users import AppUsers
 
 log = logging.getLogger(__name__)
 
@@ -186,16 +187,11 @@ def program_env(db: DbInfo) -> dict[str, str]:
     }
 
 
-def credentials(user: str | None) -> dict[str, object]:
-    """Popen arguments to run as ``user`` (None: keter's own user)."""
-    if user is None:
+def credentials(identity: Identity | None) -> dict[str, object]:
+    """Popen arguments to run as ``identity`` (None: keter's own user)."""
+    if identity is None:
         return {}
-    entry = pwd.getpwnam(user)
-    return {
-        "user": entry.pw_uid,
-        "group": entry.pw_gid,
-        "extra_groups": os.getgrouplist(user, entry.pw_gid),
-    }
+    return {"user": identity.uid, "group": identity.gid, "extra_groups": list(identity.groups)}
 
 
 # -- the component -------------------------------------------------------------------------
@@ -248,8 +244,11 @@ class Backups(Actor):
         keep: int,
         timeout: float,
         report_to: queue.Queue | None,
+        users: AppUsers | None = None,
     ) -> None:
+        """``users``: each app's own uid, as the process monitor has them (issue 11)."""
         super().__init__("backups", report_to)
+        self.users = users
         self.backups_dir = Path(backups_dir)
         self.keep = keep
         self.timeout = timeout
@@ -490,10 +489,7 @@ class Backups(Actor):
     def _spawn(self, job: _Job, program: str, args: list[str], **streams: object) -> None:
         request = job.request
         job.program = program
-        try:
-            run_as = credentials(request.user)
-        except KeyError:
-            raise BackupFailure(f"unknown user {request.user!r}") from None
+        run_as = credentials(self._identity(request))
         job.child = subprocess.Popen(
             [pg_program(program), *args],
             env=program_env(request.db),
@@ -506,6 +502,19 @@ class Backups(Actor):
             **run_as,
         )
         log.info("%s: %s started (pid %d)", request.app, program, job.child.pid)
+
+
+    def _identity(self, request: BackupDatabase | RestoreDatabase) -> Identity | None:
+        """Who the app's processes run as, decided as the process monitor decides it."""
+        if request.user is not None:
+            try:
+                return Identity.of_user(request.user)
+            except KeyError:
+                raise BackupFailure(f"unknown user {request.user!r}") from None
+        if self.users is not None:
+            uid = self.users.uid(request.app)
+            return Identity(uid, uid)
+        return None
 
 
 def _kill(child: subprocess.Popen) -> None:

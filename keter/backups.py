@@ -489,7 +489,8 @@ class Backups(Actor):
     def _spawn(self, job: _Job, program: str, args: list[str], **streams: object) -> None:
         request = job.request
         job.program = program
-        run_as = credentials(self._identity(request))
+        identity = self._identity(request)
+        run_as = credentials(identity)
         job.child = subprocess.Popen(
             [pg_program(program), *args],
             env=program_env(request.db),
@@ -501,7 +502,8 @@ class Backups(Actor):
             **streams,
             **run_as,
         )
-        log.info("%s: %s started (pid %d)", request.app, program, job.child.pid)
+        uid = identity.uid if identity is not None else os.getuid()
+        log.info("%s: %s started (pid %d, uid %d)", request.app, program, job.child.pid, uid)
 
 
     def _identity(self, request: BackupDatabase | RestoreDatabase) -> Identity | None:

@@ -102,6 +102,7 @@ def build_components(config: KeterConfig, inbox: queue.SimpleQueue) -> Component
             keep=config.backup_keep,
             timeout=config.backup_timeout,
             report_to=inbox,
+            users=users,  # pg_dump and psql run as the app, as its processes do
         ),
         status=status,
         stats=stats,

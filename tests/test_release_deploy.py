@@ -11,15 +11,22 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import shutil
 import stat
+import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support.bundles import make_bundle, member
 from support.daemon import keter_cli, status_api
+from support.faults import private_port_range
 from support.net import Load, body, served
 from support.wait import wait_for
+
+from keter.processes.spawn import SETPRIV
 
 appS = Path(__file__).parent / "apps"
 HOST = "rel.test"
@@ -32,6 +39,7 @@ def release_bundle(
     *,
     postgres: bool = True,
     timeout: float | None = None,
+    interpreter: str = sys.executable,
 ) -> Path:
     """tests/apps/db_app.py answering ``version``, with tests/apps/release.py as bin/release."""
     config: dict = {"exec": "../bin/app", "host": HOST, "env": {"VERSION": version}}
@@ -50,7 +58,11 @@ def release_bundle(
     )
 
 
-def info(nginx, env: str = "") -> dict:
+def info(nginx, env: str = "", *, settled: bool = False) -> dict:
+    """The app's /info; ``settled``: first wait until no nginx worker has an older config
+    (right after a switch an old worker may still route to the version before)."""
+    if settled:
+        nginx.wait_settled()
     data = body(nginx, HOST, f"/info?env={env}")
     assert data is not None, "the app did not answer /info"
     return json.loads(data)
@@ -74,7 +86,16 @@ def app() -> str:
 
 @pytest.fixture
 def pg_keter(keter_factory, private_postgres):
-    return keter_factory(postgres={"admin-dsn": private_postgres.admin_dsn}, **{"stop-timeout": 2})
+    return keter_factory(
+        postgres={"admin-dsn": private_postgres.admin_dsn},
+        **{"stop-timeout": 2, "port-range": private_port_range()},
+    )
+
+
+@pytest.fixture
+def keter(keter_factory):
+    """A keter whose narrow port range other test sessions on this machine rarely share."""
+    return keter_factory(**{"port-range": private_port_range()})
 
 
 NOTES = "CREATE TABLE IF NOT EXISTS notes (note text)"
@@ -258,7 +279,8 @@ def test_the_data_folder_survives_redeploys_restarts_and_removal(
 
     keter.drop(release_bundle(tmp_path / "v2.keter", "v2", [], postgres=False), f"{app}.keter")
     served(private_nginx, HOST, "v2")
-    assert info(private_nginx)["data"] == {"kept": "hello", "releases": "v1\nv2\n"}
+    data = info(private_nginx)["data"]
+    assert (data["kept"], data["releases"]) == ("hello", "v1\nv2\n")
 
     keter.stop()
     keter.start()
@@ -307,8 +329,10 @@ def test_env_set_under_load_restarts_without_a_failed_request(
             thread.join(10)
     assert result.returncode == 0, result.stderr
     assert load.errors == []
-    wait_for(lambda: info(private_nginx, "GREETING")["env"]["GREETING"] == "hello", 10)
-    assert info(private_nginx, "API_KEY")["env"]["API_KEY"] == "k-1"
+    assert info(private_nginx, "GREETING,API_KEY", settled=True)["env"] == {
+        "GREETING": "hello",
+        "API_KEY": "k-1",
+    }
 
     listing = keter_cli(keter.root, "env", app)
     assert listing.stdout.split() == ["API_KEY", "GREETING"]
@@ -323,13 +347,13 @@ def test_env_set_under_load_restarts_without_a_failed_request(
     assert quiet.returncode == 0 and info(private_nginx, "GREETING")["env"]["GREETING"] == "hello"
     assert info(private_nginx)["pid"] == pid
     assert keter_cli(keter.root, "env", "unset", app, "API_KEY").returncode == 0
-    now = info(private_nginx, "GREETING,API_KEY")["env"]
+    now = info(private_nginx, "GREETING,API_KEY", settled=True)["env"]
     assert now == {"GREETING": "later", "API_KEY": None}
 
     # Settings from stdin stay off the command line.
     piped = keter_cli(keter.root, "env", "set", app, "--stdin", stdin=b"FROM_STDIN=yes\n")
     assert piped.returncode == 0, piped.stderr
-    assert info(private_nginx, "FROM_STDIN")["env"]["FROM_STDIN"] == "yes"
+    assert info(private_nginx, "FROM_STDIN", settled=True)["env"]["FROM_STDIN"] == "yes"
     refused = keter_cli(keter.root, "env", "set", app, "PORT=1")
     assert refused.returncode == 2 and "set by keter" in refused.stderr
 
@@ -337,14 +361,16 @@ def test_env_set_under_load_restarts_without_a_failed_request(
 def test_no_setting_value_leaves_keter_but_to_the_app(
     keter_factory, private_nginx, private_postgres, tmp_path, app
 ) -> None:
-    keter = keter_factory(postgres={"admin-dsn": private_postgres.admin_dsn})
+    keter = keter_factory(
+        postgres={"admin-dsn": private_postgres.admin_dsn}, **{"port-range": private_port_range()}
+    )
     secret = "s3cr3t-Value-That-Must-Not-Leak"
     bundle = release_bundle(tmp_path / "v1.keter", "v1", ["--sql", NOTES])
     assert deploy(keter, app, bundle).returncode == 0
     result = keter_cli(keter.root, "env", "set", app, f"SECRET_TOKEN={secret}")
     assert result.returncode == 0, result.stderr
     # The app has it (so the checks below could fail) ...
-    assert info(private_nginx, "SECRET_TOKEN")["env"]["SECRET_TOKEN"] == secret
+    assert info(private_nginx, "SECRET_TOKEN", settled=True)["env"]["SECRET_TOKEN"] == secret
     password = info(private_nginx, "PGPASSWORD")["env"]["PGPASSWORD"]
     assert password
 
@@ -363,3 +389,45 @@ def test_no_setting_value_leaves_keter_but_to_the_app(
     for where, text in seen.items():
         assert secret not in text, where
         assert password not in text, where
+
+
+# -- as the app's own user (issue 11's default) ------------------------------------------------
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # readable by every user, unlike the tests' own Python
+
+
+@pytest.fixture
+def open_base() -> Iterator[Path]:
+    """A folder every user may cross (tmp_path is root's alone); removed afterwards."""
+    base = Path(tempfile.mkdtemp(prefix="keter-release-", dir="/tmp"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(SETPRIV is None, reason="needs util-linux setpriv")
+def test_the_release_data_and_backups_belong_to_the_apps_own_user(
+    open_base, keter_factory, private_nginx, private_postgres, app
+) -> None:
+    keter = keter_factory(
+        root=open_base / "root",
+        postgres={"admin-dsn": private_postgres.admin_dsn},
+        **{"port-range": private_port_range(), "run-apps-as-root": False},
+    )
+    bundle = release_bundle(open_base / "v1.keter", "v1", [], interpreter=SYSTEM_PYTHON)
+    assert deploy(keter, app, bundle).returncode == 0
+    served(private_nginx, HOST, "v1")
+    uid = json.loads((keter.root / "etc" / "app-users.json").read_text())[app]
+    folder = keter.root / "data" / app
+    # The release ran as the app's uid, in its data folder, which is that uid's alone.
+    assert (folder / "release-uid").read_text() == f"{uid}\n"
+    assert (folder.stat().st_uid, stat.S_IMODE(folder.stat().st_mode)) == (uid, 0o700)
+    # pg_dump ran as the app too; its backup is root's, and the app cannot read it.
+    assert re.search(rf"{app}: pg_dump started \(pid \d+, uid {uid}\)", keter.log())
+    [backup] = (keter.root / "backups" / app).iterdir()
+    assert (backup.stat().st_uid, stat.S_IMODE(backup.stat().st_mode)) == (0, 0o600)
+    probe = [SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", SYSTEM_PYTHON, "-c"]
+    read = "import sys\ntry: open(sys.argv[1], 'rb')\nexcept OSError as e: print(e.errno)"
+    for target in (backup, backup.parent, keter.root / "etc" / "env"):
+        done = subprocess.run([*probe, read, str(target)], capture_output=True, text=True)
+        assert done.stdout.strip() == "13", (target, done)  # EACCES

@@ -24,9 +24,12 @@ DATA = os.environ.get("KETER_DATA_DIR")
 
 
 def tables() -> list[str] | None:
+    try:
+        import psycopg
+    except ImportError:  # the system's Python (tests of per-app users) may lack it
+        return None
     if "PGDATABASE" not in os.environ:
         return None
-    import psycopg
 
     with psycopg.connect("", autocommit=True) as conn:
         rows = conn.execute(

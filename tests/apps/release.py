@@ -34,6 +34,8 @@ def main() -> int:
     if data:
         with open(os.path.join(data, "releases"), "a") as f:
             f.write(f"{version}\n")
+        with open(os.path.join(data, "release-uid"), "w") as f:
+            f.write(f"{os.getuid()}\n")
     if args.hang:
         print("hanging", flush=True)
         time.sleep(3600)

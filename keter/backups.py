@@ -505,7 +505,6 @@ class Backups(Actor):
         uid = identity.uid if identity is not None else os.getuid()
         log.info("%s: %s started (pid %d, uid %d)", request.app, program, job.child.pid, uid)
 
-
     def _identity(self, request: BackupDatabase | RestoreDatabase) -> Identity | None:
         """Who the app's processes run as, decided as the process monitor decides it."""
         if request.user is not None:

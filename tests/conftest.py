@@ -4,6 +4,7 @@ pytest puts tests/ on sys.path (rootdir-relative "prepend" import mode), so the
 helpers import as the ``support`` package: ``from support.wait import wait_for``.
 """
 
+from support.browser import browser  # noqa: F401  (headless Chromium, for the dashboard)
 from support.daemon import keter, keter_factory  # noqa: F401  (a real keter daemon)
 from support.dns import private_dns  # noqa: F401  (a private DNS server)
 from support.nginx import private_nginx  # noqa: F401  (a private nginx)

@@ -11,7 +11,7 @@ import dataclasses
 import json
 
 import pytest
-from support.supervisor import Rig, webapp
+from support.supervisor import Rig, make_rig, webapp
 
 from keter.bundle import BundleConfig, Release
 from keter.deploys import Stage
@@ -32,12 +32,14 @@ from keter.messages import (
     DbInfo,
     FailureKind,
     Outcome,
+    PointServices,
     ProvisionDatabase,
     RemoveFolder,
     RequestRefused,
     RestoreDatabase,
     RunFinished,
     RunOnce,
+    ServicesPointed,
     StartProcess,
     StopProcess,
     UnpackBundle,
@@ -321,6 +323,28 @@ def test_removing_the_bundle_waits_for_the_running_release(rig: Rig, serving: St
     assert stop.deploy_id == serving.deploy_id
     rig.stopped(stop)
     assert "a" not in rig.sup.apps
+
+
+def test_in_kernel_mode_the_release_runs_before_the_stable_address_is_pointed(tmp_path) -> None:
+    kernel = make_rig(tmp_path, kernel=True)
+    first = to_release(kernel, released(kernel))
+    kernel.send(finished(first))
+    kernel.healthy(kernel.monitor.one(StartProcess))
+    command = kernel.switch.one(PointServices)
+    kernel.send(ServicesPointed(app="a", deploy_id=command.deploy_id))
+    kernel.nginx_ok()
+    assert kernel.sup.apps["a"].serving.id == command.deploy_id
+
+    # The next version: nothing is pointed at it before its release has finished.
+    run = to_release(kernel, released(kernel), "ef" * 32)
+    kernel.send(BundleArrived(app="a", path=kernel.tmp / "a.keter", mtime_ns=5, size=1))
+    assert kernel.switch.take(PointServices) == [] and kernel.unpacker.take(UnpackBundle) == []
+    kernel.send(finished(run, 2))
+    [done] = [d for d in kernel.finished() if d.outcome is Outcome.FAILED]
+    assert done.kind is FailureKind.RELEASE
+    assert kernel.switch.take(PointServices) == []
+    assert kernel.unpacker.one(UnpackBundle).app == "a"  # the waiting bundle deploys now
+    assert kernel.sup.apps["a"].serving.id == command.deploy_id
 
 
 # -- operators' database requests ----------------------------------------------------------

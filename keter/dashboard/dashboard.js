@@ -280,12 +280,57 @@ async function post(action, body) {
   }
 }
 
+// -- settings (keter env): names only; a value goes in, never out ---------------------------
+
+let settingsShown = null;
+
+async function refreshSettings() {
+  const settings = await api(`/api/apps/${encodeURIComponent(appName)}/env`);
+  const key = settings.names.join(",");
+  if (key === settingsShown) return;
+  settingsShown = key;
+  const items = settings.names.map((name) => {
+    const unset = el("button", { type: "button", "data-name": name }, "Unset");
+    unset.addEventListener("click", () => changeSettings({ unset: [name] }, `Unset ${name}`));
+    return el("li", {}, el("span", { class: "mono" }, name), unset);
+  });
+  if (items.length === 0) items.push(el("li", { class: "empty" }, "No settings."));
+  document.getElementById("settings").replaceChildren(...items);
+}
+
+async function changeSettings(body, done) {
+  const buttons = document.querySelectorAll(".settings button");
+  buttons.forEach((button) => { button.disabled = true; });
+  try {
+    const result = await api(`/api/apps/${encodeURIComponent(appName)}/env`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", "X-Keter-Token": token },
+      body: JSON.stringify({ ...body, restart: true }),
+    });
+    showMessage(result.restart
+      ? `${done}; restarting version ${result.restart.version} with it.`
+      : `${done}; the next deploy applies it.`);
+    document.getElementById("setting-value").value = "";
+    settingsShown = null;
+    await refreshSettings();
+  } catch (error) {
+    showMessage(`settings: ${error.message}`, true);
+  } finally {
+    buttons.forEach((button) => { button.disabled = false; });
+  }
+}
+
 if (document.body.dataset.page === "app") {
+  document.getElementById("setting-set").addEventListener("click", () => {
+    const name = document.getElementById("setting-name").value.trim();
+    const value = document.getElementById("setting-value").value;
+    changeSettings({ set: { [name]: value } }, `Set ${name}`);
+  });
   document.getElementById("restart").addEventListener("click", () => post("restart", {}));
   document.getElementById("rollback").addEventListener("click", () =>
     post("rollback", { version: document.getElementById("version").value }));
   poll(async () => {
-    const [app] = await Promise.all([refreshApp(), refreshLog()]);
+    const [app] = await Promise.all([refreshApp(), refreshLog(), refreshSettings()]);
     await refreshTraffic(app.history);
   });
 } else {

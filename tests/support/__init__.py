@@ -9,6 +9,7 @@
 - ``daemon``: a real keter daemon (``KeterDaemon``, fixtures), its status API and CLI.
 - ``nginx``, ``postgres``, ``dns``: private servers (own prefix or data dir, own port).
 - ``tls``: self-signed certificates.
+- ``browser``: headless Chromium driven over the DevTools pipe (the dashboard's tests).
 - ``processes``: a real ProcessMonitor under a ``Harness``.
 - ``supervisor``: the supervisor driven without threads (``FakeComponent``, ``Rig``).
 - ``faults``: the fault suites' ERROR-record checks and their ``Rig``.

@@ -36,6 +36,7 @@ from keter.names import validate_app_name
 TAG = b"k1"  # the format's version: a spool line of another format is skipped
 _FIELDS = 15
 _VERSION = re.compile(r"[0-9a-f]{1,64}|-")
+_SEPARATORS = re.compile(rb"[,:]")
 _VARIABLES = (
     "$msec",
     "$status",
@@ -152,9 +153,13 @@ def _upstream_time(text: bytes) -> float | None:
     when nginx tried more than one upstream or redirected internally: their sum."""
     if text == b"-":
         return None
+    try:
+        return float(text)  # the common case: one upstream
+    except ValueError:
+        pass
     total = 0.0
     seen = False
-    for part in re.split(rb"[,:]", text):
+    for part in _SEPARATORS.split(text):
         part = part.strip()
         if part and part != b"-":
             total += float(part)

@@ -33,6 +33,7 @@ from keter.nginx.render import POOL_SECONDS
 from keter.postgres import PostgresProvisioner
 from keter.processes import ProcessMonitor
 from keter.processes.cgroups import Cgroups
+from keter.processes.spawn import ResourceLimits
 from keter.stats.component import StatsCollector
 from keter.status import StatusServer
 from keter.supervisor import Components, Supervisor
@@ -82,6 +83,11 @@ def build_components(config: KeterConfig, inbox: queue.SimpleQueue) -> Component
             log_backups=config.log_backups,
             users=users,
             cgroups=Cgroups.find(config.root),
+            limits=ResourceLimits(
+                nofile=config.app_limits.open_files,
+                nproc=config.app_limits.processes,
+                data=config.app_limits.memory,
+            ),
         ),
         nginx=NginxWriter(
             listeners=config.listeners,

@@ -695,10 +695,11 @@ def cgroups(tmp_path):
     if found is None:
         pytest.skip("no writable cgroup v2 hierarchy")
     yield found
-    found.base.rmdir()  # every deploy's cgroup was removed with it
+    assert not found.base.exists()  # the monitor removed it (and each deploy's) on stopping
 
 
-def test_a_setsid_daemon_stays_in_the_apps_cgroup_and_goes_with_it(make_monitor, cgroups, tmp_path):
+def test_a_setsid_daemon_stays_in_the_apps_cgroup_and_goes_with_it(cgroups, make_monitor, tmp_path):
+    # cgroups first: its check that keter removed its subtree runs after make_monitor's stop
     monitor = make_monitor(cgroups=cgroups, stop_timeout=0.5)
     script = tmp_path / "daemonizing.py"
     script.write_text(DAEMONIZING)

@@ -167,8 +167,13 @@ class Cgroups:
         if cgroup.path.exists():
             cgroup.kill()
         else:
-            cgroup.path.mkdir()
+            cgroup.path.mkdir(parents=True)  # keter's subtree too, should it be gone
         return cgroup
+
+    def remove(self) -> None:
+        """keter is stopping and every deploy's cgroup is gone: remove keter's subtree."""
+        with contextlib.suppress(OSError):  # not empty: a later start sweeps it
+            self.base.rmdir()
 
     def leftovers(self) -> list[Cgroup]:
         """Deploy cgroups a previous keter left (it was killed)."""

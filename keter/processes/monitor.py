@@ -340,6 +340,8 @@ class ProcessMonitor(Actor):
         for cgroup in cgroups:
             cgroup.wait_empty(KILL_WAIT)
             cgroup.remove()
+        if self._cgroups is not None:
+            self._cgroups.remove()
         for run in runs:
             self._release_run(run)
         self._reader.close(timeout=KILL_WAIT)

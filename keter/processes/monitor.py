@@ -322,6 +322,9 @@ class ProcessMonitor(Actor):
         waiting out the grace period goes on to SIGKILL too."""
         self._kill_now.set()
         self._records.kill_running()
+        if self._cgroups is not None:
+            for cgroup in self._cgroups.leftovers():  # daemons that left their group too
+                cgroup.kill()
 
     def on_stop(self) -> None:
         """Keter is shutting down: stop every process in parallel and wait for all."""

@@ -119,6 +119,21 @@ class NginxSettings:
     shared_certificates: Path | None = None
 
 
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AcmeSettings:
+    """Where stanzas with ``ssl: acme`` get their certificates (``acme:``; keter.acme)."""
+
+    directory: str = LETS_ENCRYPT  # any RFC 8555 CA's directory URL
+    email: str | None = None  # the account's contact
+    # External account binding (some CAs require one): the key id and its base64url HMAC key.
+    eab_kid: str | None = None
+    eab_hmac_key: str | None = field(default=None, repr=False)
+    ca_bundle: Path | None = None  # PEM file trusted for the directory's own HTTPS
+
+
 @dataclass(frozen=True, kw_only=True)
 class PostgresSettings:
     """Where keter creates app databases (``postgres:`` in keter-config.yaml)."""
@@ -189,6 +204,7 @@ class KeterConfig:
     # Values may be secrets (API keys, a DSN with a password): kept out of repr.
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
     postgres: PostgresSettings = PostgresSettings()
+    acme: AcmeSettings = AcmeSettings()
     setuid: str | None = None
     # Apps run under a uid and gid of their own from this range (keter.users), unless
     # setuid names one user for all, or the operator opts in to running them as root.
@@ -764,6 +780,43 @@ def _parse_env(value: object, path: str, check: Checker, base: Path) -> object:
     return parse_env(value, path, check)
 
 
+def _parse_acme(value: object, path: str, check: Checker, base: Path) -> object:
+    known = ("directory", "email", "eab", "ca-bundle")
+    if not isinstance(value, dict):
+        check.problem(path, f"expected a mapping like {{email: ...}}, got {describe(value)}")
+        return None
+    settings: dict[str, Any] = {}
+    for key, item in value.items():
+        where = f"{path}.{key_name(key)}"
+        if key == "directory":
+            if isinstance(item, str) and re.fullmatch(r"https?://[\x21-\x7e]{1,2000}", item):
+                settings["directory"] = item
+            else:
+                check.problem(where, f"expected an http(s) URL, got {describe(item)}")
+        elif key == "email":
+            if isinstance(item, str) and re.fullmatch(r"[^@\s]{1,200}@[A-Za-z0-9.-]{1,253}", item):
+                settings["email"] = item
+            else:
+                check.problem(where, f"expected an email address, got {describe(item)}")
+        elif key == "eab":
+            eab = item if isinstance(item, dict) else {}
+            kid, hmac = eab.get("kid"), eab.get("hmac-key")
+            if set(eab) == {"kid", "hmac-key"} and all(
+                isinstance(x, str) and re.fullmatch(r"[A-Za-z0-9_=-]{1,512}", x)
+                for x in (kid, hmac)
+            ):
+                settings["eab_kid"], settings["eab_hmac_key"] = kid, hmac
+            else:
+                check.problem(where, "expected {kid: ..., hmac-key: ...} (the HMAC key base64url)")
+        elif key == "ca-bundle":
+            file = pem_file(item, where, check, base)
+            if file is not None:
+                settings["ca_bundle"] = file
+        else:
+            check.problem(where, unknown_key(key, known))
+    return AcmeSettings(**settings)
+
+
 def _parse_postgres(value: object, path: str, check: Checker, base: Path) -> object:
     if not isinstance(value, dict):
         check.problem(path, f'expected a mapping like {{admin-dsn: ""}}, got {describe(value)}')
@@ -1030,6 +1083,7 @@ _FIELDS: dict[str, tuple[str, Parser]] = {
     "switch": ("switch", _parse_switch),
     "env": ("env", _parse_env),
     "postgres": ("postgres", _parse_postgres),
+    "acme": ("acme", _parse_acme),
     "setuid": ("setuid", _parse_setuid),
     "app-uid-range": ("app_uid_range", _parse_uid_range),
     "run-apps-as-root": ("run_apps_as_root", _parse_bool),

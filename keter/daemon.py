@@ -22,6 +22,7 @@ import queue
 import signal
 import time
 
+from keter.acme import AcmeManager
 from keter.backups import Backups
 from keter.config import KeterConfig
 from keter.incoming.unpack import stream_limit
@@ -29,7 +30,7 @@ from keter.incoming.unpacker import Unpacker
 from keter.incoming.watcher import IncomingWatcher
 from keter.messages import RescanRequested, ShutdownRequested
 from keter.nginx import NginxWriter, ProxyOptions
-from keter.nginx.render import POOL_SECONDS
+from keter.nginx.render import POOL_SECONDS, acme_challenges
 from keter.postgres import PostgresProvisioner
 from keter.processes import ProcessMonitor
 from keter.processes.cgroups import Cgroups
@@ -120,6 +121,12 @@ def build_components(config: KeterConfig, inbox: queue.SimpleQueue) -> Component
             pool_seconds=POOL_SECONDS + 0.05,
             report_to=inbox,
             kernel=config.switch == "auto",
+        ),
+        acme=AcmeManager(
+            settings=config.acme,
+            folder=config.etc_dir / "acme",
+            challenges=acme_challenges(config.nginx.config_file),
+            report_to=inbox,
         ),
     )
 

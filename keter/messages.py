@@ -40,6 +40,7 @@ class Component(enum.StrEnum):
     STATS = "stats"  # traffic statistics and access logs (keter.stats)
     SWITCH = "switch"  # stable addresses in the kernel, drains (keter.switch)
     BACKUPS = "backups"
+    ACME = "acme"  # certificates from an ACME CA (keter.acme)
 
 
 class ProcessState(enum.StrEnum):
@@ -258,6 +259,9 @@ class Route:
     autohead: bool = False  # a HEAD request reaches the app as GET
     max_body_size: int | None = None  # request body limit in bytes (0: none); None: global
     buffering: bool = True  # False: proxied answers stream through unbuffered
+    # ssl: acme. Until keter has a certificate for these hosts (then in ``tls``), they
+    # are served over plain HTTP only and requires-secure does not redirect yet.
+    acme: bool = False
 
 
 @message
@@ -738,6 +742,48 @@ class Drained:
 
     app: str
     deploy_id: int
+
+
+# -- ACME (keter.acme) ---------------------------------------------------------------
+
+
+class CertificateOutcome(enum.StrEnum):
+    """How a host's last certificate attempt ended."""
+
+    ISSUED = "issued"  # a new certificate from the CA
+    STORED = "stored"  # a valid certificate from an earlier run, used again
+    FAILED = "failed"  # the CA refused, timed out or the challenge failed; retried later
+    REFUSED = "refused"  # the host cannot get one by HTTP-01 (a wildcard)
+
+
+@message
+class CertificatesWanted:
+    """Supervisor -> ACME: every host that should have a certificate now (ssl: acme)."""
+
+    hosts: tuple[str, ...]
+
+
+@message
+class CertificateIssued:
+    """ACME -> supervisor: ``host`` has a valid certificate (new, renewed or stored)."""
+
+    host: str
+    certificate: Path  # the chain, leaf first, under ROOT/etc/acme (a new file per issue)
+    key: Path
+    not_after: float  # seconds since the epoch
+
+
+@message
+class CertificateState:
+    """ACME -> supervisor -> status: what an operator sees of one host's certificate."""
+
+    host: str
+    outcome: CertificateOutcome
+    issuer: str | None = None
+    not_after: float | None = None  # of the certificate in use, if any
+    last_attempt: float | None = None  # wall clock of the last order
+    next_attempt: float | None = None  # when keter will try (or renew) next
+    detail: str = ""  # why it failed
 
 
 # -- status component (supervisor -> status; facts only) -----------------------------

@@ -9,10 +9,13 @@ its own message, instead of failing ``nginx -t`` for every app.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from keter.bundle import (
+    AcmeTls,
     AutoheadConfig,
     BasicAuthConfig,
     BundleConfig,
@@ -37,6 +40,7 @@ from keter.messages import (
     Site,
     TlsFiles,
 )
+from keter.names import is_wildcard
 
 
 def sites_for(
@@ -47,19 +51,33 @@ def sites_for(
     settings: KeterConfig,
     *,
     upstream_host: str = "127.0.0.1",
+    certificates: Mapping[str, TlsFiles] | None = None,
 ) -> tuple[Site, ...]:
     """What nginx must serve for one deployed version of ``app``.
 
     ``folder`` is where the version is unpacked, ``ports`` its web apps' ports in
     ``config.webapps`` order (None for one not started) on ``upstream_host``:
     127.0.0.1 for the processes themselves, or keter's switch address for their
-    stable ports (``keter.switch``). One Site, or none
-    when the bundle serves no host. Raises ValueError if a static root lies
-    outside ``folder`` (the parser already refuses that; this is a second lock).
+    stable ports (``keter.switch``). ``certificates`` are the ones keter.acme has
+    issued, by host. One Site, or none when the bundle serves no host. Raises
+    ValueError if a static root lies outside ``folder`` (the parser already
+    refuses that; this is a second lock).
     """
     folder = Path(os.path.realpath(folder))
+    issued = certificates or {}
 
-    def route(stanza: object, hosts: tuple[str, ...], action: object) -> Route:
+    def route(stanza: object, hosts: tuple[str, ...], action: object) -> list[Route]:
+        ssl = getattr(stanza, "ssl", False)
+        if isinstance(ssl, AcmeTls):
+            # A certificate per host: each host is a route of its own, on TLS listeners
+            # only once its certificate is there.
+            return [
+                dataclasses.replace(one(stanza, (host,), action), acme=True, tls=issued.get(host))
+                for host in hosts
+            ]
+        return [one(stanza, hosts, action)]
+
+    def one(stanza: object, hosts: tuple[str, ...], action: object) -> Route:
         middleware = getattr(stanza, "middleware", ())
         return Route(
             hosts=hosts,
@@ -84,19 +102,19 @@ def sites_for(
     for webapp, port in zip(config.webapps, ports, strict=True):
         if port is not None:
             action = ProxyApp(port=port, timeout=webapp.time_bound, host=upstream_host)
-            routes.append(route(webapp, webapp.hosts, action))
+            routes.extend(route(webapp, webapp.hosts, action))
     for static in config.static_files:
         if not Path(static.root).is_relative_to(folder):
             raise ValueError(f"{app}: static root {static.root} is outside {folder}")
         action = ServeFiles(root=static.root, listing=static.directory_listing)
-        routes.append(route(static, static.hosts, action))
+        routes.extend(route(static, static.hosts, action))
     for redirect in config.redirects:
         rules = tuple(
             RedirectRule(path=a.path, url=a.url, host=a.host, secure=a.secure, port=a.port)
             for a in redirect.actions
         )
         action = SendRedirect(status=redirect.status, rules=rules)
-        routes.append(route(redirect, redirect.hosts, action))
+        routes.extend(route(redirect, redirect.hosts, action))
     for proxy in config.reverse_proxies:
         action = ProxyRemote(
             host=proxy.reversed_host,
@@ -105,7 +123,7 @@ def sites_for(
             host_header=None if proxy.preserve_host else _host_header(proxy),
             timeout=proxy.timeout,
         )
-        routes.append(route(proxy, proxy.hosts, action))
+        routes.extend(route(proxy, proxy.hosts, action))
     return (Site(app=app, routes=tuple(routes)),) if routes else ()
 
 
@@ -154,6 +172,13 @@ def deploy_problems(config: BundleConfig, settings: KeterConfig) -> list[str]:
                 f"hosts {shown}: requires-secure redirects to HTTPS, but keter-config.yaml has "
                 "no TLS listener (nor an external-https-port served elsewhere)"
             )
+        if isinstance(ssl, AcmeTls):
+            wildcards = [host for host in hosts if is_wildcard(host)]
+            if wildcards:
+                problems.append(
+                    f"hosts {', '.join(wildcards)}: ssl: acme cannot get a certificate for a "
+                    "wildcard host (HTTP-01 validates one name at a time)"
+                )
         if isinstance(ssl, TlsConfig):
             files = [(ssl.certificate, "certificate"), (ssl.key, "key")]
             files += [(file, "certificate") for file in ssl.chain]
@@ -223,3 +248,21 @@ def _host_header(proxy: ReverseProxy) -> str:
         host = f"[{host}]"
     default = 443 if proxy.reversed_ssl else 80
     return host if proxy.reversed_port == default else f"{host}:{proxy.reversed_port}"
+
+
+def with_certificates(site: Site, certificates: Mapping[str, TlsFiles]) -> Site:
+    """``site`` with the certificates keter.acme has issued put into its ssl: acme routes."""
+    routes = tuple(
+        dataclasses.replace(route, tls=certificates.get(route.hosts[0]))
+        if route.acme and route.hosts
+        else route
+        for route in site.routes
+    )
+    return site if routes == site.routes else dataclasses.replace(site, routes=routes)
+
+
+def acme_hosts(sites: tuple[Site, ...]) -> frozenset[str]:
+    """Every host of these sites that wants a certificate from keter.acme."""
+    return frozenset(
+        host for site in sites for route in site.all_routes if route.acme for host in route.hosts
+    )

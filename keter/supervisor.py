@@ -76,6 +76,9 @@ from keter.messages import (
     BundleIgnored,
     BundleRemoved,
     BundleUnpacked,
+    CertificateIssued,
+    CertificateState,
+    CertificatesWanted,
     Component,
     ComponentFailed,
     DatabaseFailed,
@@ -119,6 +122,7 @@ from keter.messages import (
     StopProcess,
     SwitchMode,
     SwitchReady,
+    TlsFiles,
     UnpackBundle,
     UnpackFailed,
     VersionServing,
@@ -130,7 +134,13 @@ from keter.messages import (
 from keter.names import PROBLEMS_LIMIT, log_text, validate_app_name
 from keter.processes.ports import NoFreePort, PortPool
 from keter.release import failure_reason, release_command
-from keter.routes import dashboard_site, deploy_problems, sites_for
+from keter.routes import (
+    acme_hosts,
+    dashboard_site,
+    deploy_problems,
+    sites_for,
+    with_certificates,
+)
 from keter.switch import NoStablePort, StablePorts
 
 log = logging.getLogger(__name__)
@@ -170,10 +180,11 @@ class Components:
     status: Teller | None = None
     stats: Teller | None = None  # traffic statistics (keter.stats); None with traffic-stats off
     switch: Teller | None = None  # None: reload mode, drains end after drain-seconds
+    acme: Teller | None = None  # certificates for ssl: acme (keter.acme)
 
     def all(self) -> list[Teller]:
         parts = [self.watcher, self.unpacker, self.monitor, self.nginx, self.postgres, self.backups]
-        optional = (self.status, self.stats, self.switch)
+        optional = (self.status, self.stats, self.switch, self.acme)
         return [*parts, *(c for c in optional if c is not None)]
 
 
@@ -223,6 +234,9 @@ class Supervisor:
         self._switch_ready = components.switch is None
         self.stable_ports = StablePorts()
         self._dashboard = dashboard_site(config)  # routed with the apps when configured
+        # keter.acme: the certificates it has issued, and the hosts it was last asked for.
+        self._certificates: dict[str, TlsFiles] = {}
+        self._acme_hosts: frozenset[str] = frozenset()
         self._published: dict[str, AppSnapshot] = {}
         self._changed: set[str] = set()  # apps whose snapshot may have changed
         self._failures: dict[Component, list[float]] = {}  # recent component failures
@@ -318,6 +332,14 @@ class Supervisor:
                 self._nginx_replied(generation, None, {r.app: r.reason for r in refused})
             case NginxFailed(generation=generation, reason=reason):
                 self._nginx_replied(generation, reason, {})
+            case CertificateIssued(host=host, certificate=certificate, key=key):
+                # keter.acme: the host's sites get it at the next nginx generation.
+                self._certificates[host] = TlsFiles(certificate=certificate, key=key)
+                self._request_nginx()
+            case CertificateState():
+                # keter.acme's view of one host; logged there. For the status component
+                # (`keter certs`, the API, /metrics) once it shows certificates.
+                pass
             case VersionUnhealthy(app=app, version=version, reason=reason):
                 self._unhealthy(app, version, reason)
             case SwitchReady():
@@ -993,6 +1015,7 @@ class Supervisor:
                 sites.extend(deploy.sites)
         if self._dashboard is not None:
             sites.append(self._dashboard)
+        sites = [with_certificates(site, self._certificates) for site in sites]
         return tuple(sorted(sites, key=lambda s: s.app))
 
     def _request_nginx(self) -> None:
@@ -1012,7 +1035,12 @@ class Supervisor:
                 self._waiting_on_nginx.add(app.name)
         self._nginx_inflight = generation
         self._nginx_dirty = False
-        self.c.nginx.tell(ApplyNginx(generation=generation, sites=self._desired_sites()))
+        sites = self._desired_sites()
+        self.c.nginx.tell(ApplyNginx(generation=generation, sites=sites))
+        wanted = acme_hosts(sites)
+        if wanted != self._acme_hosts and self.c.acme is not None:
+            self._acme_hosts = wanted
+            self.c.acme.tell(CertificatesWanted(hosts=tuple(sorted(wanted))))
 
     def _nginx_replied(self, generation: int, failure: str | None, refused: dict[str, str]) -> None:
         """Finish every switch and removal that rode on ``generation``, either way.

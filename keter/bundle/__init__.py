@@ -18,6 +18,7 @@ cannot provide (most middleware) are warnings and are skipped.
 from __future__ import annotations
 
 from keter.bundle.model import (
+    AcmeTls,
     AutoheadConfig,
     Background,
     BasicAuthConfig,
@@ -44,6 +45,7 @@ from keter.bundle.reader import parse_bundle_config, parse_bundle_data
 from keter.names import validate_app_name, validate_host
 
 __all__ = [
+    "AcmeTls",
     "AutoheadConfig",
     "Background",
     "BasicAuthConfig",

@@ -48,9 +48,14 @@ class TlsConfig:
     chain: tuple[Path, ...] = ()
 
 
+@dataclass(frozen=True)
+class AcmeTls:
+    """``ssl: acme``: keter gets a certificate for each host from its ACME CA (keter.acme)."""
+
+
 # ``ssl``: False (HTTP only), True (HTTPS with the TLS listener's certificate),
-# or the stanza's own certificate.
-Ssl = bool | TlsConfig
+# the stanza's own certificate, or one keter gets by ACME.
+Ssl = bool | TlsConfig | AcmeTls
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,6 +17,7 @@ from keter import names
 from keter.bundle.model import (
     KETER_RESTART_DELAY,
     RELEASE_TIMEOUT,
+    AcmeTls,
     Background,
     Release,
     Ssl,
@@ -307,10 +308,13 @@ class Values:
     def ssl(self, value: object, path: str) -> Ssl:
         if isinstance(value, bool):
             return value
+        if value == "acme":
+            return AcmeTls()
         if not isinstance(value, dict):
             self.check.problem(
                 path,
-                f"expected true, false or {{certificate: ..., key: ...}}, got {describe(value)}",
+                "expected true, false, acme or {certificate: ..., key: ...}, "
+                f"got {describe(value)}",
             )
             return False
         known = ("certificate", "key", "chain-certificates")

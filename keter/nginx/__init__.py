@@ -8,9 +8,9 @@
 - ``probe``: which config nginx really serves.
 """
 
-from keter.nginx.files import hash_password, support_dir
+from keter.nginx.files import hash_password
 from keter.nginx.probe import fetch_generation
-from keter.nginx.render import STATUS_HOST, ProxyOptions, render, upstream_name
+from keter.nginx.render import STATUS_HOST, ProxyOptions, render, support_dir, upstream_name
 from keter.nginx.writer import NginxWriter
 
 __all__ = [

@@ -47,7 +47,13 @@ from pathlib import Path
 from keter import names
 from keter.fsutil import atomic_write
 from keter.messages import BasicAuth, Site, TlsFiles
-from keter.nginx.render import ListenerLike, ProxyOptions, is_tls, upstream_name
+from keter.nginx.render import (
+    ACME_CHALLENGES,
+    ListenerLike,
+    ProxyOptions,
+    is_tls,
+    upstream_name,
+)
 
 COMMAND_TIMEOUT = 30.0
 MAX_PEM_BYTES = 1 << 20  # a certificate with its chain, or a key
@@ -60,12 +66,6 @@ GLOBAL = "global"
 _PEM_BLOCK = re.compile(
     rb"-----BEGIN ([A-Z0-9 ]{1,40})-----\r?\n([A-Za-z0-9+/=\r\n]{1,1048576}?)-----END \1-----"
 )
-
-
-def support_dir(config_file: Path) -> Path:
-    """The hidden folder beside ``config_file`` for the files its config names."""
-    config_file = Path(config_file)
-    return config_file.parent / f".{config_file.name}.d"
 
 
 @dataclass(frozen=True)
@@ -151,6 +151,9 @@ class SupportFiles:
         ca = _pem_blocks(read_source(options.ca_file, MAX_CA_BYTES), options.ca_file, "CERTIFICATE")
         ca_file = self._write(folder, ca, ".crt", 0o640)
         files.add(ca_file)
+        if options.acme_challenges is not None:
+            self._make_folder(self.support)
+            self._make_folder(options.acme_challenges)
         resolver = options.resolver if options.resolver is not None else system_resolvers()
         local = dataclasses.replace(
             options, ca_file=ca_file, file_roots=self.roots, resolver=resolver, **pages
@@ -190,7 +193,7 @@ class SupportFiles:
             if path not in global_files:
                 _remove(path)
         for path in _children(self.support):
-            if path.name not in (APPS, GLOBAL):
+            if path.name not in (APPS, GLOBAL, ACME_CHALLENGES):
                 _remove(path)
 
     # -- parts -------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from keter.stats.spool import spool_path
 if TYPE_CHECKING:
     from keter.config import KeterConfig
 
+ACME_CHALLENGES = "acme-challenge"
 # A server_name no app can claim: host labels never start with '_'.
 STATUS_HOST = "_keter-status"
 STATUS_PATH = "/generation"
@@ -258,6 +259,8 @@ class ProxyOptions:
     # The operator's folder of certificates nginx reads in place (not copied).
     shared_certificates: Path | None = None
     max_body_size: int = 10 << 20  # bytes a request body may have (0: no limit)
+    # Where keter.acme writes HTTP-01 answers, served on every plain server; None: nowhere.
+    acme_challenges: Path | None = None
     gzip: bool = True  # text answers compressed, with Vary: Accept-Encoding
     hsts_max_age: int = 31_536_000  # Strict-Transport-Security for requires-secure; 0: none
     # Where the files a config names may lie (keter's support folder, the
@@ -282,8 +285,20 @@ class ProxyOptions:
             max_body_size=config.client_max_body_size,
             gzip=config.gzip,
             hsts_max_age=config.hsts_max_age,
+            acme_challenges=acme_challenges(config.nginx.config_file),
             access_spool=spool_path(config.root) if config.traffic_stats else None,
         )
+
+
+def support_dir(config_file: Path) -> Path:
+    """The hidden folder beside ``config_file`` for the files its config names."""
+    config_file = Path(config_file)
+    return config_file.parent / f".{config_file.name}.d"
+
+
+def acme_challenges(config_file: Path) -> Path:
+    """The folder of HTTP-01 answers, inside the support folder (nginx's workers read it)."""
+    return support_dir(config_file) / ACME_CHALLENGES
 
 
 def upstream_name(app: str) -> str:
@@ -466,15 +481,21 @@ def render_site(
         parts.append(log_format_directive(site.app, site.version) + "\n")
     wildcards = []
     for index, route in enumerate(site.all_routes):
+        # ssl: acme before its certificate: plain HTTP only (nothing to present on TLS).
+        listens = [
+            listen
+            for listen, listener in renderer.listeners.items()
+            if not (route.acme and route.tls is None and is_tls(listener))
+        ]
         exact = tuple(host for host in route.hosts if not names.is_wildcard(host))
         if exact:
-            for listen in renderer.listeners:
+            for listen in listens:
                 parts.append(renderer.server(site.app, index, route, listen, exact, logged))
         for host in route.hosts:
             if names.is_wildcard(host):
                 servers = [
                     renderer.server(site.app, index, route, listen, (host,), logged)
-                    for listen in renderer.listeners
+                    for listen in listens
                 ]
                 wildcards.append((host, "\n".join(servers)))
     return SiteText(text="\n".join(parts), wildcards=tuple(wildcards))
@@ -551,7 +572,9 @@ class _Renderer:
         lines.extend(self.real_ip())
         lines.extend(self.gzip())
         lines.extend(self.health())
-        if route.requires_secure and not secure:
+        lines.extend(self.acme_challenges(secure))
+        # ssl: acme redirects to HTTPS only once its certificate is there.
+        if route.requires_secure and not secure and not (route.acme and route.tls is None):
             port = "" if self.https_port == 443 else f":{self.https_port}"
             lines.extend(_block("location /", [f"return 301 https://$host{port}$request_uri;"]))
         elif isinstance(action, SendRedirect):
@@ -576,6 +599,7 @@ class _Renderer:
         lines.extend(self.real_ip())
         lines.append("default_type text/plain;")
         lines.extend(self.health())
+        lines.extend(self.acme_challenges(is_tls(listener)))
         body = []
         if self.options.missing_host_file:
             body.extend(_block('if ($http_host = "")', ["return 502;"]))
@@ -633,6 +657,15 @@ class _Renderer:
     def error_location(self, kind: str, file: Path) -> list[str]:
         body = ["internal;", "default_type text/html;", f"alias {self.file(file)};"]
         return _block(f"location = {_ERROR_URI[kind]}", body)
+
+    def acme_challenges(self, secure: bool) -> list[str]:
+        """HTTP-01 answers (keter.acme) on every plain server; ``^~`` so that no
+        location of a site (and no guard of it) comes before."""
+        if secure or self.options.acme_challenges is None:
+            return []
+        folder = str(self.options.acme_challenges).rstrip("/") + "/"
+        body = ["auth_basic off;", "default_type text/plain;", f"alias {_path(folder)};"]
+        return _block("location ^~ /.well-known/acme-challenge/", body)
 
     def gzip(self) -> list[str]:
         """Text answers compressed when the client takes gzip (Vary: Accept-Encoding)."""

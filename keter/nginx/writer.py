@@ -36,7 +36,7 @@ from keter.actor import Actor
 from keter.fsutil import atomic_write
 from keter.messages import ApplyNginx, NginxApplied, NginxFailed, Site, SiteRefused
 from keter.nginx import blame
-from keter.nginx.files import Localized, SupportFiles, support_dir
+from keter.nginx.files import Localized, SupportFiles
 from keter.nginx.probe import probe
 from keter.nginx.render import (
     ListenerLike,
@@ -47,6 +47,7 @@ from keter.nginx.render import (
     render_main,
     render_site,
     status_address,
+    support_dir,
     wildcard_order,
 )
 from keter.nginx.workers import Retiring

@@ -28,7 +28,9 @@ CHALLTESTSRV = "/usr/bin/pebble-challtestsrv"
 class PrivateDns:
     """A running pebble-challtestsrv with every challenge server off."""
 
-    def __init__(self, log: Path) -> None:
+    def __init__(self, log: Path, default_ipv4: str = "") -> None:
+        """``default_ipv4``: the answer for every name not added (none by default)."""
+        self.default_ipv4 = default_ipv4
         self.port = free_port()
         self.management = free_port()
         self.log = log
@@ -42,7 +44,7 @@ class PrivateDns:
     def start(self) -> None:
         command = [
             CHALLTESTSRV,
-            "-defaultIPv4", "",
+            "-defaultIPv4", self.default_ipv4,
             "-defaultIPv6", "",
             "-dns01", f"127.0.0.1:{self.port}",
             "-management", f"127.0.0.1:{self.management}",

@@ -1,0 +1,291 @@
+"""The ACME component: keeps a certificate for every host that asks for ``ssl: acme``.
+
+It talks to the supervisor only through messages: it is told the hosts that
+want a certificate (``CertificatesWanted``, the whole set each time) and
+reports each certificate it has (``CertificateIssued``: new, renewed, or
+stored by an earlier run) and each host's state (``CertificateState``). The
+supervisor puts an issued certificate into that host's site; nothing here
+touches nginx, and nothing here blocks a deploy: a site serves over plain
+HTTP until its certificate arrives.
+
+Keys and certificates live under ``ROOT/etc/acme`` (0600), with ``state.json``
+(when each host was last tried, how it went, when to try again). A certificate
+is renewed 30 days before it expires, spread over two more days by host so a
+hundred hosts do not renew at once. A failure (CA down, challenge failed, rate
+limit) is one line and a retry with backoff (1 minute doubling to a day, at
+least an hour after a rate limit), kept across restarts so a restart never
+makes a retry storm. A wildcard cannot be validated by HTTP-01: refused with a
+line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import queue
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from acme import errors as acme_errors
+from acme import messages as acme_messages
+
+from keter import names
+from keter.acme import client
+from keter.actor import Actor
+from keter.config import AcmeSettings
+from keter.fsutil import atomic_write
+from keter.messages import (
+    CertificateIssued,
+    CertificateOutcome,
+    CertificateState,
+    CertificatesWanted,
+    Component,
+)
+
+log = logging.getLogger(__name__)
+
+DAY = 24 * 3600.0
+RENEW_BEFORE = 30 * DAY
+RENEW_SPREAD = 2 * DAY
+FIRST_BACKOFF = 60.0
+MAX_BACKOFF = DAY
+RATE_LIMIT_BACKOFF = 3600.0
+
+
+@dataclass
+class HostState:
+    """What keter knows of one host's certificate (a row of state.json)."""
+
+    certificate: str | None = None  # path of the chain in use
+    key: str | None = None
+    not_before: float | None = None
+    not_after: float | None = None
+    issuer: str | None = None
+    last_attempt: float | None = None
+    outcome: str | None = None  # a CertificateOutcome
+    detail: str = ""
+    failures: int = 0
+    retry_at: float = 0.0  # after a failure: not before this
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Check:
+    """Private timer: look for hosts whose certificate is due."""
+
+
+class AcmeManager(Actor):
+    def __init__(
+        self,
+        *,
+        settings: AcmeSettings,
+        folder: Path,
+        challenges: Path,
+        report_to: queue.Queue | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``folder`` is ROOT/etc/acme; ``challenges`` the folder nginx serves at
+        /.well-known/acme-challenge/. ``clock`` is the wall clock (tests move it)."""
+        super().__init__(Component.ACME, report_to)
+        self.settings = settings
+        self.folder = Path(folder)
+        self.challenges = Path(challenges)
+        self.clock = clock
+        self.hosts: dict[str, HostState] = {}
+        self.wanted: set[str] = set()
+        self._loaded = False
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        if self._loaded:
+            return  # a restart after a failure: the state is in memory
+        self._loaded = True
+        self._load()
+        now = self.clock()
+        for host, state in sorted(self.hosts.items()):
+            if _usable(state, now):
+                self._issued(host, state, CertificateOutcome.STORED)
+
+    def handle(self, message: object) -> None:
+        match message:
+            case CertificatesWanted(hosts=hosts):
+                self.wanted = set(hosts)
+                for host in sorted(self.wanted):
+                    if names.is_wildcard(host) and self._state(host).outcome != "refused":
+                        self._refuse(host)
+                self._check()
+            case _Check():
+                self._check()
+            case _:
+                self.unexpected(message)
+
+    def _check(self) -> None:
+        """Order a certificate for each host that is due (one at a time), then sleep
+        until the next one is."""
+        now = self.clock()
+        for host in sorted(self.wanted):
+            if names.is_wildcard(host):
+                continue
+            if self._due(host) <= now:
+                self._order(host)
+        upcoming = [self._due(host) for host in self.wanted if not names.is_wildcard(host)]
+        if upcoming:
+            # Checked at least hourly: a moved wall clock must not leave a timer far off.
+            self.schedule(min(max(min(upcoming) - self.clock(), 0.0), 3600.0), _Check())
+
+    def _due(self, host: str) -> float:
+        state = self._state(host)
+        if state.not_after is None:
+            return state.retry_at
+        # 30 days before expiry, or with a third of its life left for a short-lived
+        # certificate (else every new one would be due at once).
+        lifetime = state.not_after - (state.not_before or state.not_after - 90 * DAY)
+        before = min(RENEW_BEFORE, lifetime / 3)
+        fraction = int(hashlib.sha256(host.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        spread = fraction * min(RENEW_SPREAD, lifetime / 10)
+        return max(state.not_after - before - spread, state.retry_at)
+
+    # -- one order -----------------------------------------------------------------------
+
+    def _order(self, host: str) -> None:
+        state = self._state(host)
+        state.last_attempt = self.clock()
+        try:
+            # Normally made (group nginx) by the nginx writer; it may not have run yet.
+            self.challenges.mkdir(mode=0o755, parents=True, exist_ok=True)
+            issued = client.order(self._ca(), host, self.challenges)
+        except Exception as exc:  # the library raises many kinds; each is this host's failure
+            self._failed(host, state, exc)
+            return
+        folder = self.folder / "hosts" / host
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        chain, key = folder / f"{issued.serial}.crt", folder / f"{issued.serial}.key"
+        atomic_write(key, issued.key, mode=0o600)
+        atomic_write(chain, issued.chain, mode=0o600)
+        for old in folder.iterdir():  # nginx reads keter's copies: the old files can go
+            if old not in (chain, key):
+                with contextlib.suppress(OSError):
+                    old.unlink()
+        state.certificate, state.key = str(chain), str(key)
+        state.not_before, state.not_after = issued.not_before, issued.not_after
+        state.issuer = issued.issuer
+        state.failures, state.retry_at, state.detail = 0, 0.0, ""
+        log.info("acme: %s: certificate issued by %s", host, names.log_text(issued.issuer))
+        self._issued(host, state, CertificateOutcome.ISSUED)
+
+    def _failed(self, host: str, state: HostState, exc: Exception) -> None:
+        detail = names.log_text(_reason(exc), 500)
+        state.failures += 1
+        backoff = min(FIRST_BACKOFF * 2 ** (state.failures - 1), MAX_BACKOFF)
+        if _rate_limited(exc):
+            backoff = max(backoff, RATE_LIMIT_BACKOFF)
+        state.retry_at = self.clock() + backoff
+        state.outcome, state.detail = CertificateOutcome.FAILED.value, detail
+        log.warning(
+            "acme: %s: no certificate (attempt %d; next in %ds): %s",
+            host,
+            state.failures,
+            int(backoff),
+            detail,
+        )
+        self._save()
+        self.report(self._state_message(host, state))
+
+    def _refuse(self, host: str) -> None:
+        state = self._state(host)
+        state.outcome = CertificateOutcome.REFUSED.value
+        state.detail = "a wildcard host cannot be validated by HTTP-01"
+        log.warning("acme: %s: %s", host, state.detail)
+        self.report(self._state_message(host, state))
+
+    def _issued(self, host: str, state: HostState, outcome: CertificateOutcome) -> None:
+        state.outcome = outcome.value
+        self._save()
+        self.report(
+            CertificateIssued(
+                host=host,
+                certificate=Path(state.certificate),
+                key=Path(state.key),
+                not_after=state.not_after,
+            )
+        )
+        self.report(self._state_message(host, state))
+
+    def _state_message(self, host: str, state: HostState) -> CertificateState:
+        return CertificateState(
+            host=host,
+            outcome=CertificateOutcome(state.outcome),
+            issuer=state.issuer,
+            not_after=state.not_after,
+            last_attempt=state.last_attempt,
+            next_attempt=self._due(host),
+            detail=state.detail,
+        )
+
+    # -- files ---------------------------------------------------------------------------
+
+    def _ca(self) -> client.Ca:
+        account = self.folder / "account.key"
+        try:
+            key = account.read_bytes()
+        except FileNotFoundError:
+            key = client.new_account_key()
+            self._make_folder()
+            atomic_write(account, key, mode=0o600)
+        settings = self.settings
+        return client.Ca(
+            directory=settings.directory,
+            account_key=key,
+            email=settings.email,
+            eab_kid=settings.eab_kid,
+            eab_hmac_key=settings.eab_hmac_key,
+            ca_bundle=settings.ca_bundle,
+        )
+
+    def _state(self, host: str) -> HostState:
+        return self.hosts.setdefault(host, HostState())
+
+    def _load(self) -> None:
+        try:
+            data = json.loads((self.folder / "state.json").read_text())
+            self.hosts = {host: HostState(**row) for host, row in data.items()}
+        except FileNotFoundError:
+            self.hosts = {}
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("acme: state.json unreadable, starting afresh: %s", exc)
+            self.hosts = {}
+
+    def _save(self) -> None:
+        self._make_folder()
+        data = {host: asdict(state) for host, state in sorted(self.hosts.items())}
+        atomic_write(self.folder / "state.json", json.dumps(data, indent=1).encode(), mode=0o600)
+
+    def _make_folder(self) -> None:
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.folder, 0o700)
+
+
+def _usable(state: HostState, now: float) -> bool:
+    if state.certificate is None or state.key is None or state.not_after is None:
+        return False
+    if state.not_after <= now:
+        return False
+    return Path(state.certificate).is_file() and Path(state.key).is_file()
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, acme_messages.Error):
+        return f"{exc.typ}: {exc.detail}"
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"
+
+
+def _rate_limited(exc: Exception) -> bool:
+    return (isinstance(exc, acme_messages.Error) and (exc.code == "rateLimited")) or (
+        isinstance(exc, acme_errors.Error) and "rateLimited" in str(exc)
+    )

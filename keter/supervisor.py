@@ -1078,6 +1078,9 @@ class Supervisor:
             if app is not None and app.serving is not None and app.next is None:
                 # nginx withdrew a site that had been serving (its files changed outside keter).
                 log.error("%s: nginx withdrew its site: %s", name, reason)
+                # No longer routed: nginx is not asked for it again, and the app's next
+                # deploy (even one with the very same routes) goes through nginx.
+                app.serving.sites = ()
         # Cleared only now, so requests made while handling the reply are batched into one.
         self._nginx_inflight = None
         if self._nginx_dirty:

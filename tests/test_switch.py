@@ -8,6 +8,7 @@ Needs root and Debian's nftables (tests/run installs it).
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import socket
 import threading
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 from support.wait import wait_for
 
+from keter import sockdiag
 from keter.config import KeterConfig
 from keter.messages import (
     Drained,
@@ -32,7 +34,7 @@ from keter.messages import (
 )
 from keter.stats.component import StatsCollector
 from keter.stats.record import TAG
-from keter.switch import StablePorts, Switch, Table, nft, sockets
+from keter.switch import StablePorts, Switch, Table, nft
 
 NFT = nft.find_nft()
 pytestmark = pytest.mark.skipif(NFT is None, reason="needs nft (tests/run installs nftables)")
@@ -140,7 +142,7 @@ def test_a_stable_port_leads_where_the_map_says_and_nowhere_else(
     assert ask(table.address, 7000) == b"two"
     assert table.read(NFT) == {7000: two.port}
     held.sendall(b"still there?")  # no reset: the old mapping holds
-    assert sockets.connections(one.port, one.port)[one.port] == 1
+    assert sockdiag.connections(one.port, one.port)[one.port] == 1
     held.close()
     # A port without an element is refused, even if something listens on it everywhere.
     with socket.create_server(("0.0.0.0", 0)) as everywhere:
@@ -171,22 +173,25 @@ def test_sock_diag_counts_live_connections_and_finds_where_one_landed(
     listeners: list[Listener],
 ) -> None:
     server = listen(listeners, b"x")
-    assert sockets.connections(server.port, server.port)[server.port] == 0
+    assert sockdiag.connections(server.port, server.port)[server.port] == 0
     client = socket.create_connection(("127.0.0.1", server.port), timeout=2)
     client.recv(10)
     local = client.getsockname()[1]
-    assert sockets.connections(server.port, server.port)[server.port] == 1
-    assert sockets.accepted_on(server.port, local)
-    assert not sockets.accepted_on(server.port, local + 1 if local < 65535 else local - 1)
+    assert sockdiag.connections(server.port, server.port)[server.port] == 1
+    assert sockdiag.accepted_on(server.port, local)
+    assert not sockdiag.accepted_on(server.port, local + 1 if local < 65535 else local - 1)
     client.close()
     # Closed by the client: the app owes it nothing any more.
-    wait_for(lambda: sockets.connections(server.port, server.port)[server.port] == 0, 5)
+    wait_for(lambda: sockdiag.connections(server.port, server.port)[server.port] == 0, 5)
+    # Who listens: its owner and its socket, as /proc/net/tcp would say.
+    inode = os.fstat(server.sock.fileno()).st_ino
+    assert sockdiag.listening(server.port) == [(os.getuid(), inode)]
     # An IPv6 listener holds IPv4 connections with mapped addresses.
     with socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True) as six:
         port = six.getsockname()[1]
         with socket.create_connection(("127.0.0.1", port), timeout=2) as client6:
-            assert sockets.accepted_on(port, client6.getsockname()[1])
-            assert sockets.connections(port, port)[port] == 1
+            assert sockdiag.accepted_on(port, client6.getsockname()[1])
+            assert sockdiag.connections(port, port)[port] == 1
 
 
 # -- the component -------------------------------------------------------------------------------

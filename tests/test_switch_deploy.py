@@ -19,8 +19,9 @@ from support.daemon import app_processes, keter_cli, status_api
 from support.net import Load, served
 from support.wait import wait_for
 
+from keter import sockdiag
 from keter.nginx import fetch_generation
-from keter.switch import Table, nft, sockets
+from keter.switch import Table, nft
 
 NFT = nft.find_nft()
 pytestmark = pytest.mark.skipif(NFT is None, reason="needs nft (tests/run installs nftables)")
@@ -111,7 +112,7 @@ def test_the_old_version_is_stopped_only_after_its_last_connection_ends(
 
     request = threading.Thread(target=slow_request)
     request.start()
-    wait_for(lambda: sockets.connections(*keter.settings["port-range"]), 5, "the request")
+    wait_for(lambda: sockdiag.connections(*keter.settings["port-range"]), 5, "the request")
     keter.drop(make_bundle(bundle, config=webapp_config("slow.test", "v2")))
     served(private_nginx, "slow.test", "v2")
     assert old.is_running()  # the slow request is still in the old version

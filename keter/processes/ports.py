@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from keter import sockdiag
+
 
 class NoFreePort(Exception):
     pass
@@ -85,9 +87,14 @@ class Listener:
 def listeners(port: int) -> list[Listener]:
     """The sockets listening on TCP ``port``, any address, IPv4 and IPv6.
 
-    One read of ``/proc/net/tcp{,6}``: done when an app is about to be trusted
-    with traffic (its health check passed, or it restarts), not per request.
+    Asked of the kernel's listening table (``keter.sockdiag``), which stays cheap
+    however many connections the machine has: done when an app is about to be
+    trusted with traffic (its health check passed, or it restarts).
     """
+    try:
+        return [Listener(uid=uid, inode=inode) for uid, inode in sockdiag.listening(port)]
+    except sockdiag.DiagError:
+        pass  # no sock_diag: read the kernel's tables (their cost grows with every socket)
     found = []
     wanted = f":{port:04X}"
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):

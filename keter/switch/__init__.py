@@ -1,7 +1,6 @@
 """Switching versions without reloading nginx: stable addresses the kernel re-points.
 
 - ``nft``: this ROOT's nftables table (names, scripts, running nft);
-- ``sockets``: which connections a port holds (sock_diag), and where one landed;
 - ``actor``: the ``Switch`` component (owns the table, confirms switches, watches drains);
 - ``StablePorts``: the supervisor's allocator of stable ports (pure).
 """

@@ -22,7 +22,7 @@ Told by the supervisor only (``PointServices``, ``ReleaseServices``,
   after ``seconds`` it stops looking (the supervisor's own timer ends the drain).
 
 Both waits share one poll: a single sock_diag dump over keter's port range
-every ``POLL`` seconds while anything waits (``keter.switch.sockets``).
+every ``POLL`` seconds while anything waits (``keter.sockdiag``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from keter import sockdiag
 from keter.actor import Actor
 from keter.messages import (
     Drained,
@@ -46,7 +47,7 @@ from keter.messages import (
     WatchDrain,
     message,
 )
-from keter.switch import nft, sockets
+from keter.switch import nft
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ class Switch(Actor):
                     probe.settimeout(CONFIRM_TIMEOUT)
                     probe.bind(("127.0.0.1", 0))
                     probe.connect((self.table.address, stable))
-                    landed = sockets.accepted_on(port, probe.getsockname()[1])
+                    landed = sockdiag.accepted_on(port, probe.getsockname()[1])
             except OSError as exc:
                 return f"a connection to {self.table.address}:{stable} failed: {exc}"
             if not landed:
@@ -269,7 +270,7 @@ class Switch(Actor):
         now = time.monotonic()
         low, high = self.port_range
         try:
-            counts = sockets.connections(low, high)
+            counts = sockdiag.connections(low, high)
         except OSError as exc:
             log.debug("keter: cannot count connections: %s", exc)
             counts = None  # unknown: only the deadlines end the waits

@@ -1,8 +1,12 @@
-"""Which TCP connections an app's port holds, asked of the kernel (sock_diag netlink).
+"""Which TCP sockets a port holds, asked of the kernel (sock_diag netlink).
 
-The question ``ss -tn state established '( sport = :PORT )'`` asks, without
-running ``ss``. Two uses:
+The questions ``ss -tln`` and ``ss -tn state established '( sport = :PORT )'``
+ask, without running ``ss``, without reading ``/proc/net/tcp`` (whose cost grows
+with every socket on the machine, TIME_WAIT included):
 
+* ``listening(port)``: who listens on a port (owner uid and socket inode). The
+  kernel walks its table of listening sockets only: cheap however busy the
+  machine is.
 * ``connections(low, high)``: how many live connections each port in a range
   holds (an old version is drained when its ports hold none). One dump, both
   address families at once, filtered by the kernel; its cost grows with the
@@ -39,6 +43,7 @@ NO_COOKIE = 0xFFFFFFFF
 # still carry a request; in the others one side has closed, so the app owes nothing.
 TCP_ESTABLISHED = 1
 TCP_SYN_RECV = 3
+TCP_LISTEN = 10
 LIVE_STATES = (1 << TCP_ESTABLISHED) | (1 << TCP_SYN_RECV)
 
 # Filter opcodes (include/uapi/linux/inet_diag.h): source port >= and <=.
@@ -48,6 +53,8 @@ _HEADER = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 _HEAD = struct.Struct("=BBBB")  # family, then protocol (or lengths), ext, pad / state ...
 _SOCKID = struct.Struct("!HH16s16s")  # ports and addresses, network order (then if, cookie)
 _TAIL = struct.Struct("=III")  # the socket id's interface and cookie
+_OWNER = struct.Struct("=II")  # inet_diag_msg after expires, rqueue, wqueue: uid, inode
+_OWNER_AT = _HEAD.size + _SOCKID.size + _TAIL.size + 12
 _OP = struct.Struct("=BBH")  # inet_diag_bc_op: code, yes, no
 _RECEIVE_SIZE = 1 << 16
 
@@ -62,18 +69,33 @@ def connections(low: int, high: int) -> collections.Counter[int]:
     Listening sockets are not connections; nor are those one side has closed.
     Raises DiagError when the kernel cannot answer.
     """
+    found = collections.Counter()
+    for message in _dump(LIVE_STATES, low, high):
+        source, _dest, _src, _dst = _SOCKID.unpack_from(message, _HEAD.size)
+        found[source] += 1
+    return found
+
+
+def listening(port: int) -> list[tuple[int, int]]:
+    """(owner uid, socket inode) of each socket listening on TCP ``port``, any address.
+
+    Raises DiagError when the kernel cannot answer.
+    """
+    return [
+        _OWNER.unpack_from(message, _OWNER_AT) for message in _dump(1 << TCP_LISTEN, port, port)
+    ]
+
+
+def _dump(states: int, low: int, high: int) -> list[bytes]:
+    """Every TCP socket in one of ``states`` whose local port is in ``low..high``."""
     bytecode = _OP.pack(_S_GE, 8, 20) + _OP.pack(0, 0, low)
     bytecode += _OP.pack(_S_LE, 8, 12) + _OP.pack(0, 0, high)
     attribute = struct.pack("=HH", 4 + len(bytecode), INET_DIAG_REQ_BYTECODE) + bytecode
     # struct inet_diag_req: family AF_UNSPEC (both), no lengths, no extensions, an empty
     # socket id, the states, no tables.
     body = _HEAD.pack(0, 0, 0, 0) + bytes(_SOCKID.size + _TAIL.size)
-    body += struct.pack("=II", LIVE_STATES, 0) + attribute
-    found = collections.Counter()
-    for message in _ask(TCPDIAG_GETSOCK, NLM_F_DUMP, body):
-        source, _dest, _src, _dst = _SOCKID.unpack_from(message, _HEAD.size)
-        found[source] += 1
-    return found
+    body += struct.pack("=II", states, 0) + attribute
+    return _ask(TCPDIAG_GETSOCK, NLM_F_DUMP, body)
 
 
 def accepted_on(port: int, peer_port: int, address: str = "127.0.0.1") -> bool:

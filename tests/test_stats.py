@@ -237,7 +237,12 @@ def test_memory_stays_flat_under_a_million_requests():
             traffic.add(template)
 
     def size() -> tuple[int, int]:
-        slots = [slot for by_start in traffic._slots.values() for slot in by_start.values()]
+        slots = [
+            slot
+            for versions in traffic._slots.values()
+            for by_start in versions.values()
+            for slot in by_start.values()
+        ]
         return len(slots), sum(len(slot.latency.counts) for slot in slots)
 
     feed(200_000)

@@ -86,7 +86,8 @@ class Traffic:
     """Everything keter has counted of its apps' requests."""
 
     def __init__(self) -> None:
-        self._slots: dict[tuple[str, str], dict[int, Slot]] = {}
+        # app -> version -> slot start -> Slot: an app's views never look at other apps.
+        self._slots: dict[str, dict[str, dict[int, Slot]]] = {}
         self.totals: dict[str, Totals] = {}
 
     def add(self, record: Record) -> None:
@@ -108,9 +109,12 @@ class Traffic:
             totals.latency_sum += upstream
             totals.latency_count += 1
 
-        slots = self._slots.get((app, version))
+        versions = self._slots.get(app)
+        if versions is None:
+            versions = self._slots[app] = {}
+        slots = versions.get(version)
         if slots is None:
-            slots = self._slots[(app, version)] = {}
+            slots = versions[version] = {}
         start = int(record.at // SLOT) * SLOT
         slot = slots.get(start)
         if slot is None:
@@ -125,12 +129,16 @@ class Traffic:
     def prune(self, now: float) -> None:
         """Forget slots older than an hour, and versions nobody has asked about since."""
         oldest = now - KEEP - SLOT
-        for key in list(self._slots):
-            slots = self._slots[key]
-            for start in [s for s in slots if s < oldest or s > now + KEEP]:
-                del slots[start]
-            if not slots:
-                del self._slots[key]
+        for app in list(self._slots):
+            versions = self._slots[app]
+            for version in list(versions):
+                slots = versions[version]
+                for start in [s for s in slots if s < oldest or s > now + KEEP]:
+                    del slots[start]
+                if not slots:
+                    del versions[version]
+            if not versions:
+                del self._slots[app]
         for app, totals in list(self.totals.items()):
             by_age = sorted(totals.last_seen, key=totals.last_seen.__getitem__, reverse=True)
             for version in by_age[VERSIONS_KEPT:]:
@@ -141,12 +149,12 @@ class Traffic:
     # -- views -------------------------------------------------------------------------------
 
     def apps(self) -> list[str]:
-        return sorted({app for app, _ in self._slots} | set(self.totals))
+        return sorted(set(self._slots) | set(self.totals))
 
     def versions(self, app: str) -> list[str]:
         """The app's versions with traffic in the last hour, the one seen last first."""
         seen = self.totals.get(app, Totals()).last_seen
-        found = {version for a, version in self._slots if a == app}
+        found = set(self._slots.get(app, ()))
         return sorted(found, key=lambda v: seen.get(v, 0), reverse=True)
 
     def summary(
@@ -160,8 +168,8 @@ class Traffic:
         classes = [0, 0, 0, 0, 0]
         size = 0
         slots = []
-        for (a, v), by_start in self._slots.items():
-            if a != app or (version is not None and v != version):
+        for v, by_start in self._slots.get(app, {}).items():
+            if version is not None and v != version:
                 continue
             for start, slot in by_start.items():
                 if first - SLOT < start <= now:
@@ -179,9 +187,7 @@ class Traffic:
         end = int(now // 60) * 60 + 60
         first = end - count * 60
         buckets: dict[int, list[Slot]] = {}
-        for (a, _), by_start in self._slots.items():
-            if a != app:
-                continue
+        for by_start in self._slots.get(app, {}).values():
             for start, slot in by_start.items():
                 if first <= start < end:
                     buckets.setdefault(int(start // 60) * 60, []).append(slot)

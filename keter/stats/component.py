@@ -120,6 +120,10 @@ class StatsCollector(Actor):
         # Per app, the latest versions that began serving: (since, version), oldest first.
         self._serving: dict[str, list[tuple[float, str]]] = {}
         self._unsettled: collections.deque[Record] = collections.deque()  # "-", not yet named
+        # The last report's entry per app, and the apps counted since: an app with no
+        # request in the last minute and none since is reported as it was, not added up.
+        self._reported: dict[str, AppTraffic] = {}
+        self._counted: set[str] = set()
         self._last_report = 0.0
         # Made now, before nginx is first configured: nginx would make it readable by all.
         self.spool_path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,6 +201,7 @@ class StatsCollector(Actor):
         by_app: dict[str, list[bytes]] = {}
         for record in records:
             self.traffic.add(record)
+            self._counted.add(record.app)
             by_app.setdefault(record.app, []).append(record.line)
             watch = self._watches.get(record.app)
             if watch is not None and watch.counts(record):
@@ -308,6 +313,10 @@ class StatsCollector(Actor):
     def traffic_report(self, now: float) -> TrafficReport:
         apps = []
         for app in self.traffic.apps():
+            reported = self._reported.get(app)
+            if reported is not None and app not in self._counted and reported.rate == 0:
+                apps.append(reported)  # quiet since its last report: nothing to add up again
+                continue
             minute = self.traffic.summary(app, now, 60)
             totals = self.traffic.totals.get(app)
             versions = ()
@@ -327,6 +336,8 @@ class StatsCollector(Actor):
                     latency_count=totals.latency_count if totals else 0,
                 )
             )
+        self._counted.clear()
+        self._reported = {traffic.app: traffic for traffic in apps}
         watches = tuple(w.state() for w in self._watches.values())
         return TrafficReport(at=now, apps=tuple(apps), watches=watches)
 

@@ -78,7 +78,9 @@ def test_shutdown_has_a_deadline_when_a_component_is_stuck(keter_factory, privat
     pids = [p.pid for p in app_processes(keter)]
 
     stall.touch()
-    keter.drop(make_bundle(tmp_path / "app.keter", config=webapp_config("app.test", "v2")))
+    # A new host: nginx must take a new config (the same routes would switch in the kernel).
+    v2 = webapp_config("app.test", "v2", **{"extra-hosts": ["app2.test"]})
+    keter.drop(make_bundle(tmp_path / "app.keter", config=v2))
     sleeper = wait_for(
         lambda: [p for p in keter.children() if "sleep" in p.cmdline()], 20, "nginx -t to hang"
     )

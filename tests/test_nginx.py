@@ -483,7 +483,7 @@ def test_reload_not_taken_is_reported_and_rolled_back(
             private_nginx,
             reports,
             listeners=taken,
-            confirm_timeout=0.5,
+            confirm_timeout=2,  # nginx logs the failed bind within this, even when busy
             error_log=private_nginx.error_log,
         )
         blocked.start()

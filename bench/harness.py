@@ -69,6 +69,7 @@ class Settings:
 
     quick: bool
     workdir: Path
+    plot: bool = False  # draw the figures' plots (bench/*.png; needs the bench extra)
 
     def pick(self, full: T, quick: T) -> T:
         """``full`` for the real run, ``quick`` for the --quick smoke run."""

@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append", help="repeatable")
-    parser.add_argument("--write", action="store_true", help="also write bench/results.md")
+    parser.add_argument(
+        "--write", action="store_true", help="also write bench/results.md and bench/*.png"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     names = args.only or list(BENCHMARKS)
     workdir = Path(tempfile.mkdtemp(prefix="keter-bench-"))
-    settings = Settings(quick=args.quick, workdir=workdir)
+    settings = Settings(quick=args.quick, workdir=workdir, plot=args.write)
 
     def out_of_time(_signum, _frame):
         raise OutOfTime(f"the run took longer than {LIMIT[args.quick]} s")

@@ -22,7 +22,8 @@ Told by the supervisor only (``PointServices``, ``ReleaseServices``,
   after ``seconds`` it stops looking (the supervisor's own timer ends the drain).
 
 Both waits share one poll: a single sock_diag dump over keter's port range
-every ``POLL`` seconds while anything waits (``keter.sockdiag``).
+every ``POLL`` seconds while anything waits, every ``SWITCH_POLL`` while a
+switch does (``keter.sockdiag``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from keter.switch import nft
 log = logging.getLogger(__name__)
 
 POLL = 0.05  # seconds between looks at the connections of draining versions
+SWITCH_POLL = 0.01  # ... while a switch waits for nginx's pool (a verdict waits on it)
 CONFIRM_TIMEOUT = 1.0  # seconds a confirming connection may take
 
 
@@ -282,4 +284,5 @@ class Switch(Actor):
                     self.report(wait.report)
         self._polling = bool(self._waits)
         if self._polling:
-            self.schedule(POLL, _Poll())
+            switching = any(wait.at_deadline for wait in self._waits.values())
+            self.schedule(SWITCH_POLL if switching else POLL, _Poll())

@@ -71,6 +71,7 @@ class DeployHistory:
         self.budget = budget
         self.read_limit = read_limit
         self.seq = 0  # the number of the newest entry
+        self.unsaved = False  # recorded in memory, not yet in the file
         self._apps: dict[str, list[dict]] = {}
 
     def load(self) -> None:
@@ -114,8 +115,9 @@ class DeployHistory:
         if problem is not None or len(raw) > self.budget:
             self.save()  # the file keter keeps from now on is bounded again
 
-    def record(self, finished: DeployFinished) -> dict:
-        """Add one finished deploy, save, and return its entry."""
+    def record(self, finished: DeployFinished, *, save: bool = True) -> dict:
+        """Add one finished deploy, save (or, with ``save=False``, leave that to
+        ``flush``), and return its entry."""
         self.seq += 1
         entry = {
             "seq": self.seq,
@@ -133,8 +135,17 @@ class DeployHistory:
         entries.append(entry)
         del entries[: -self.per_app]
         self._forget_oldest_apps()
-        self.save()
+        if save:
+            self.save()
+        else:
+            self.unsaved = True
         return entry
+
+    def flush(self) -> None:
+        """Save what ``record(save=False)`` added since the last save, if anything."""
+        if self.unsaved:
+            self.unsaved = False
+            self.save()
 
     def save(self) -> None:
         """Write the file; a failure (full disk) is logged and the history stays in memory."""

@@ -30,6 +30,7 @@ from keter.messages import (
     RollBack,
     SwitchReady,
     TrafficReport,
+    message,
 )
 from keter.stats.component import StatsCollector
 from keter.status import redeploy
@@ -42,7 +43,15 @@ from keter.status.views import StatusBoard
 
 log = logging.getLogger(__name__)
 
-COMMAND_TIMEOUT = 60.0  # archiving a large bundle may hold the actor for a while
+COMMAND_TIMEOUT = 60.0
+# The history file is written at most this often: it holds every app's history, and
+# 1000 deploys finishing together must not write it 1000 times.
+HISTORY_SAVE_DELAY = 0.2  # archiving a large bundle may hold the actor for a while
+
+
+@message
+class _SaveHistory:
+    """Private timer: write the deploy history file (deploys finished since the last)."""
 
 
 class StatusServer(Actor):
@@ -51,6 +60,7 @@ class StatusServer(Actor):
     def __init__(self, config: KeterConfig, report_to: queue.Queue | None = None) -> None:
         super().__init__("status", report_to)
         self.config = config
+        self._save_pending = False  # a _SaveHistory timer is set
         self.socket_path = socket_path(config.root)
         self.checks = RequestChecks(config)
         self.metrics = Metrics()
@@ -97,7 +107,7 @@ class StatusServer(Actor):
         self.listening.set()
 
     def on_stop(self) -> None:
-        self.board.close()
+        self.board.close()  # saves the history too
         self.listeners.close()
 
     def handle(self, message: object) -> None:
@@ -120,6 +130,9 @@ class StatusServer(Actor):
                 self.metrics.traffic.report = message
             case SwitchReady(mode=mode, reason=reason):
                 self.board.set_switch(mode, reason)
+            case _SaveHistory():
+                self._save_pending = False
+                self.board.save_history()
             case _:
                 self.unexpected(message)
 
@@ -142,6 +155,9 @@ class StatusServer(Actor):
         elif msg.kind is FailureKind.HEALTH_CHECK:
             self.metrics.health_check_failures.labels(msg.app).inc()
         entry = self.board.record(msg)
+        if not self._save_pending:
+            self._save_pending = True
+            self.schedule(HISTORY_SAVE_DELAY, _SaveHistory())
         if msg.outcome is Outcome.SERVING:
             text = f"version {msg.version} serving (took {msg.duration:.1f}s)"
         else:  # the reason as the history keeps it: capped, whatever the bundle made of it

@@ -69,11 +69,18 @@ class StatusBoard:
             self._apps.pop(app, None)
 
     def record(self, finished: DeployFinished) -> dict:
-        """Add a deploy to the history and wake the requests waiting for one; its entry."""
+        """Add a deploy to the history and wake the requests waiting for one; its entry.
+
+        The file is written by ``save_history`` (the status actor, soon after).
+        """
         with self.cond:
-            entry = self.history.record(finished)
+            entry = self.history.record(finished, save=False)
             self.cond.notify_all()
         return entry
+
+    def save_history(self) -> None:
+        with self.cond:
+            self.history.flush()
 
     def traffic_changed(self, report: TrafficReport) -> None:
         traffic = {app.app: app for app in report.apps}
@@ -92,7 +99,8 @@ class StatusBoard:
             self._switch = {"mode": str(mode), "reason": reason}
 
     def close(self) -> None:
-        """keter is stopping: long polls answer now."""
+        """keter is stopping: the history is saved, long polls answer now."""
+        self.save_history()
         with self.cond:
             self.closing = True
             self.cond.notify_all()

@@ -19,6 +19,7 @@ All of them go through the status socket (``keter.client``); exit codes as in
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import time
 from pathlib import Path
@@ -158,7 +159,7 @@ def _env_list(client: KeterClient, root: Path, app: str, *, show: bool) -> int:
     try:
         settings = envstore.load(root / "etc", app)
     except envstore.SettingsError as exc:
-        if "Permission denied" in str(exc):
+        if exc.errno == errno.EACCES:
             raise PermissionDenied(f"{exc}; --show reads the file itself: run as root") from None
         print(f"keter: {exc}", file=sys.stderr)
         return EXIT_FAILED

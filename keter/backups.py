@@ -266,6 +266,13 @@ class Backups(Actor):
             with contextlib.suppress(OSError):
                 part.unlink()
 
+    def on_restart(self) -> None:
+        """A bug failed a job (ComponentFailed): end what ran, so the app's queue goes on."""
+        for job in list(self._running.values()):
+            if job.child is not None:
+                _kill(job.child)
+            self._finish(job, "internal error in keter's backups component")
+
     def on_stop(self) -> None:
         """keter is stopping: kill what runs (a dump can be taken again; a restore's
         transaction is rolled back) and refuse what waits."""

@@ -33,7 +33,14 @@ _lock = threading.Lock()  # one read-modify-write at a time
 
 
 class SettingsError(ValueError):
-    """A setting or the file is unusable; the message never shows a value."""
+    """A setting or the file is unusable; the message never shows a value.
+
+    ``errno`` is set when the file could not be read (EACCES: not root).
+    """
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 def settings_path(etc_dir: Path, app: str) -> Path:
@@ -48,7 +55,7 @@ def load(etc_dir: Path, app: str) -> dict[str, str]:
     except FileNotFoundError:
         return {}
     except OSError as exc:
-        raise SettingsError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise SettingsError(f"cannot read {path}: {exc.strerror or exc}", exc.errno) from None
     with os.fdopen(fd, "rb") as f:
         data = f.read(MAX_FILE + 1)
     if len(data) > MAX_FILE:

@@ -1,0 +1,85 @@
+"""The backups component on its own (keter.backups): how a dump fails, and that nothing
+of a failed or killed dump is left behind. The successful paths run against real
+PostgreSQL in tests/test_release_deploy.py."""
+
+from __future__ import annotations
+
+import queue
+import socket
+
+import pytest
+
+from keter.backups import Backups
+from keter.messages import (
+    BackupDatabase,
+    BackupFailed,
+    BackupKind,
+    DbInfo,
+    RequestRefused,
+    RestoreDatabase,
+)
+
+
+@pytest.fixture
+def backups(tmp_path):
+    reports: queue.Queue = queue.Queue()
+    component = Backups(backups_dir=tmp_path / "backups", keep=2, timeout=1.0, report_to=reports)
+    component.start()
+    yield component, reports
+    component.stop()
+    component.join(10)
+    assert not component.is_alive()
+
+
+def db(port: int) -> DbInfo:
+    return DbInfo(name="app_db", user="app_db", password="pw", host="127.0.0.1", port=port)
+
+
+def request(port: int, deploy_id: int = 1) -> BackupDatabase:
+    return BackupDatabase(
+        app="app",
+        deploy_id=deploy_id,
+        db=db(port),
+        user=None,
+        kind=BackupKind.RELEASE,
+        version="0123456789ab",
+    )
+
+
+def test_a_dump_that_cannot_connect_fails_with_pg_dumps_reason(backups, tmp_path) -> None:
+    component, reports = backups
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # nothing listens once it is closed
+    component.tell(request(port))
+    failed = reports.get(timeout=20)
+    assert isinstance(failed, BackupFailed) and failed.deploy_id == 1
+    assert failed.reason.startswith("pg_dump exited with status 1: ")
+    assert "connection" in failed.reason.lower()
+    assert list((tmp_path / "backups" / "app").iterdir()) == []  # no half-written file
+
+
+def test_a_dump_that_hangs_is_killed_at_backup_timeout(backups, tmp_path) -> None:
+    component, reports = backups
+    with socket.socket() as silent:  # accepts connections, never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        component.tell(request(silent.getsockname()[1]))
+        failed = reports.get(timeout=20)
+    assert isinstance(failed, BackupFailed)
+    assert failed.reason.startswith("pg_dump did not finish within 1s")
+    assert list((tmp_path / "backups" / "app").iterdir()) == []
+
+
+def test_a_restore_of_a_backup_that_does_not_exist_is_refused(backups) -> None:
+    component, _ = backups
+    restore = RestoreDatabase(app="app", db=db(1), user=None, backup="nope.dump", version="x")
+    component.tell(restore)
+    with pytest.raises(RequestRefused) as refused:
+        restore.reply.result(timeout=10)
+    assert refused.value.status == 404
+    newest = RestoreDatabase(app="app", db=db(1), user=None, backup=None, version="x")
+    component.tell(newest)
+    with pytest.raises(RequestRefused) as none:
+        newest.reply.result(timeout=10)
+    assert "has no backup" in none.value.message

@@ -200,6 +200,32 @@ def test_a_failing_release_switches_nothing_under_load_and_the_backup_restores(
     assert after["pid"] != now["pid"]  # told by a restart of the version serving
 
 
+def test_a_newer_bundle_waits_for_a_running_release_to_finish(
+    pg_keter, private_nginx, tmp_path, app
+) -> None:
+    keter = pg_keter
+    first = release_bundle(tmp_path / "v1.keter", "v1", ["--sql", NOTES])
+    assert deploy(keter, app, first).returncode == 0
+    slow = ["--sleep", "3", "--sql", "CREATE TABLE by_v2 (x int)"]
+    keter.drop(release_bundle(tmp_path / "v2.keter", "v2", slow), f"{app}.keter")
+    wait_for(lambda: "release of v2 starting" in app_log(keter, app), 20, "v2's release to run")
+    result = deploy(keter, app, release_bundle(tmp_path / "v3.keter", "v3", ["--sql", NOTES]))
+    assert result.returncode == 0, result.stderr
+    served(private_nginx, HOST, "v3")
+    # v2's release was finished, not cut short; v2 itself never started.
+    assert info(private_nginx)["tables"] == ["by_v2", "notes"]
+    outcomes = [(e["outcome"], e["reason"]) for e in reversed(history(keter, app))]
+    assert [o for o, _ in outcomes] == ["serving", "superseded", "serving"]
+    assert "newer bundle" in outcomes[1][1]
+    assert "waiting for the release of deploy" in keter.log()
+    assert "db_app v2" not in app_log(keter, app)
+
+
+def app_log(keter, app: str) -> str:
+    path = keter.root / "log" / f"app-{app}.log"
+    return path.read_text() if path.exists() else ""
+
+
 def test_a_backup_restores_the_data_of_its_time(pg_keter, private_nginx, tmp_path, app) -> None:
     keter = pg_keter
     assert (

@@ -1,6 +1,6 @@
 """A release command for the release tests (issue 13): runs SQL, then exits or hangs.
 
-    release [--sql STATEMENT]... [--exit STATUS] [--hang]
+    release [--sleep SECONDS] [--sql STATEMENT]... [--exit STATUS] [--hang]
 
 Each statement runs in its own transaction, through libpq's defaults (the PG*
 variables keter gives the app). It appends a line to $KETER_DATA_DIR/releases
@@ -20,9 +20,11 @@ def main() -> int:
     parser.add_argument("--sql", action="append", default=[])
     parser.add_argument("--exit", type=int, default=0)
     parser.add_argument("--hang", action="store_true")
+    parser.add_argument("--sleep", type=float, default=0.0, help="wait this long first")
     args = parser.parse_args()
     version = os.environ.get("VERSION", "unversioned")
     print(f"release of {version} starting, PORT={os.environ.get('PORT')}", flush=True)
+    time.sleep(args.sleep)
     if args.sql:
         import psycopg
 

@@ -132,7 +132,10 @@ def test_duplicate_host_is_refused_and_names_the_owner(running, private_nginx, t
 
 
 def redeploy_good(keter, tmp_path) -> None:
-    keter.drop(make_bundle(tmp_path / "good.keter", config=webapp_config(GOOD, "good-v2")))
+    """A new version of GOOD with one more host: its routes change, so the switch goes
+    through nginx (a redeploy with the very same routes is a kernel switch alone)."""
+    config = webapp_config(GOOD, "good-v2", **{"extra-hosts": ["more.good.test"]})
+    keter.drop(make_bundle(tmp_path / "good.keter", config=config))
 
 
 def test_nginx_test_failure_keeps_the_old_version(running, private_nginx, tmp_path):

@@ -38,7 +38,7 @@ from keter.names import validate_app_name
 from keter.processes.applog import AppLog
 from keter.stats import spool
 from keter.stats.record import Record, parse
-from keter.stats.traffic import CLASSES, METRIC_BUCKETS, WINDOWS, Summary, Traffic
+from keter.stats.traffic import CLASSES, METRIC_BUCKETS, SLOT, WINDOWS, Summary, Traffic
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ class StatsCollector(Actor):
         # request in the last minute and none since is reported as it was, not added up.
         self._reported: dict[str, AppTraffic] = {}
         self._counted: set[str] = set()
+        self._report_slot = 0  # the 10 s slot of the last report
         self._last_report = 0.0
         # Made now, before nginx is first configured: nginx would make it readable by all.
         self.spool_path.parent.mkdir(parents=True, exist_ok=True)
@@ -312,12 +313,16 @@ class StatsCollector(Actor):
 
     def traffic_report(self, now: float) -> TrafficReport:
         apps = []
+        slot = int(now // SLOT)
+        same, self._report_slot = slot == self._report_slot, slot  # no slot left the window
         for app in self.traffic.apps():
             reported = self._reported.get(app)
-            if reported is not None and app not in self._counted and reported.rate == 0:
-                apps.append(reported)  # quiet since its last report: nothing to add up again
+            if reported is not None and app not in self._counted and (reported.rate == 0 or same):
+                # Nothing counted since its last report, and the minute's slots are the same
+                # (or it had none): its entry stands.
+                apps.append(reported)
                 continue
-            minute = self.traffic.summary(app, now, 60)
+            minute = self.traffic.summary(app, now, 60, latency=False)
             totals = self.traffic.totals.get(app)
             versions = ()
             if totals is not None:

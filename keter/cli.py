@@ -1,7 +1,7 @@
 """``keter ROOT`` (or ``keter CONFIGFILE``): run the daemon in the foreground.
 
-``keter COMMAND ...`` (status, deploy, bundle, logs, rollback, restart; env, db,
-data) operates a running daemon instead; see ``keter.commands`` and
+``keter COMMAND ...`` (status, certs, deploy, bundle, logs, rollback, restart; env,
+db, data) operates a running daemon instead; see ``keter.commands`` and
 ``keter.appcommands``.
 """
 
@@ -22,7 +22,7 @@ from keter.log import setup_logging
 log = logging.getLogger("keter")
 
 # Subcommands; a ROOT folder with one of these names is given as ./NAME.
-COMMANDS = ("status", "deploy", "bundle", "logs", "stats", "rollback", "restart")
+COMMANDS = ("status", "certs", "deploy", "bundle", "logs", "stats", "rollback", "restart")
 APP_COMMANDS = ("env", "db", "data")  # an app's settings, database and data folder
 
 

@@ -62,6 +62,10 @@ class KeterClient:
     def status(self) -> dict:
         return self.get("/api/status")
 
+    def certificates(self) -> dict:
+        """Each host's certificate from keter.acme (issue 12)."""
+        return self.get("/api/certificates")
+
     def app(self, name: str) -> dict:
         return self.get(f"/api/apps/{quote(name, safe='')}")
 

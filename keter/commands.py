@@ -1,4 +1,5 @@
-"""The operator's subcommands of ``keter``: status, deploy, bundle, logs, stats, rollback, restart.
+"""The operator's subcommands of ``keter``: status, certs, deploy, bundle, logs, stats,
+rollback, restart.
 
 All but ``bundle`` talk to the running daemon through its status socket
 (``keter.client``). Exit codes: 0 done; 1 the operation failed (a deploy
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import os
 import stat
@@ -87,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
         "status", cmd_status, "show every app", "Show every app keter runs and its state."
     )
     status.add_argument("--json", action="store_true", help="print the API's JSON for scripts")
+
+    certs = command(
+        "certs",
+        cmd_certs,
+        "show each host's certificate",
+        "Show each host's certificate from the ACME CA (ssl: acme): its issuer, when it "
+        "expires, the last attempt to get or renew it and how it went, and the next one.",
+    )
+    certs.add_argument("--json", action="store_true", help="print the API's JSON for scripts")
 
     deploy = command(
         "deploy",
@@ -242,6 +253,74 @@ def human_duration(seconds: float) -> str:
     if s < 86400:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+# -- certs -------------------------------------------------------------------------------
+
+ISSUER_SHOWN = 200  # characters of an issuer shown (the API caps it too)
+DETAIL_SHOWN = 600
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    answer = KeterClient(args.root).certificates()
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return EXIT_OK
+    print(render_certificates(answer["certificates"], answer["now"]))
+    return EXIT_OK
+
+
+def render_certificates(certificates: list[dict], now: float) -> str:
+    """One line per host: issuer, expiry, last attempt and its outcome, next attempt, why."""
+    if not certificates:
+        return "no certificates (no host of a running app has ssl: acme, or none was tried yet)"
+    header = ("HOST", "ISSUER", "EXPIRES", "LAST ATTEMPT", "OUTCOME", "NEXT", "DETAIL")
+    rows = [header]
+    for cert in certificates:
+        last = cert["last_attempt"]
+        rows.append(
+            (
+                log_text(cert["host"]),
+                log_text(cert["issuer"], ISSUER_SHOWN) if cert["issuer"] else "-",
+                expiry_text(cert["not_after"], now),
+                f"{human_duration(now - last)} ago" if last is not None else "-",
+                log_text(cert["outcome"]),
+                next_text(cert["next_attempt"], now),
+                log_text(cert["detail"], DETAIL_SHOWN),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def utc_date(epoch: float) -> str:
+    """2026-03-01 12:00 UTC."""
+    moment = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def expiry_text(not_after: float | None, now: float) -> str:
+    """The expiry date and how far off it is: "... (in 89 days)", "... (expired 2h05m ago)"."""
+    if not_after is None:
+        return "-"
+    left = not_after - now
+    if left <= 0:
+        return f"{utc_date(not_after)} (expired {human_duration(-left)} ago)"
+    if left < 86400:
+        return f"{utc_date(not_after)} (in {human_duration(left)})"
+    days = int(left // 86400)
+    return f"{utc_date(not_after)} (in {days} day{'s' if days != 1 else ''})"
+
+
+def next_text(next_attempt: float | None, now: float) -> str:
+    if next_attempt is None:
+        return "-"
+    if next_attempt <= now:
+        return "due now"
+    return f"in {human_duration(next_attempt - now)}"
 
 
 # -- deploy ------------------------------------------------------------------------------

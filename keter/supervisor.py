@@ -337,9 +337,10 @@ class Supervisor:
                 self._certificates[host] = TlsFiles(certificate=certificate, key=key)
                 self._request_nginx()
             case CertificateState():
-                # keter.acme's view of one host; logged there. For the status component
-                # (`keter certs`, the API, /metrics) once it shows certificates.
-                pass
+                # keter.acme's view of one host (logged there), for `keter certs`, the
+                # status API, the dashboard and /metrics.
+                if self.c.status is not None:
+                    self.c.status.tell(msg)
             case VersionUnhealthy(app=app, version=version, reason=reason):
                 self._unhealthy(app, version, reason)
             case SwitchReady():

@@ -32,6 +32,7 @@ from support.net import Load, served
 from support.wait import wait_for
 
 from keter import commands
+from keter.cli import COMMANDS
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 1, 2, 3
 
@@ -318,7 +319,7 @@ def test_a_user_without_access_to_the_socket_is_told_so(keter):
 
 
 def test_every_command_has_help(capsys):
-    for command in ("status", "deploy", "bundle", "logs", "stats", "rollback", "restart"):
+    for command in COMMANDS:
         with pytest.raises(SystemExit) as info:
             commands.main([command, "--help"])
         assert info.value.code == 0

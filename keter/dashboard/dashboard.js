@@ -86,10 +86,57 @@ function lastDeploy(last, now) {
   return cell;
 }
 
+// -- certificates (keter.acme), on both pages -------------------------------------------
+
+// 2026-11-30 05:44, local time: short enough for a table cell.
+function date(epoch) {
+  const d = new Date(epoch * 1000);
+  const two = (n) => String(n).padStart(2, "0");
+  return `${d.getFullYear()}-${two(d.getMonth() + 1)}-${two(d.getDate())} ` +
+    `${two(d.getHours())}:${two(d.getMinutes())}`;
+}
+
+function expires(notAfter, now) {
+  if (notAfter === null) return "–";
+  const left = notAfter - now;
+  if (left <= 0) return `${date(notAfter)} (expired ${duration(-left)} ago)`;
+  if (left < 86400) return `${date(notAfter)} (in ${duration(left)})`;
+  const days = Math.floor(left / 86400);
+  return `${date(notAfter)} (in ${days} day${days === 1 ? "" : "s"})`;
+}
+
+// "3m05s ago" or "in 56s", the date and time on hover; a next attempt already due is
+// "due now" (keter.acme orders one host at a time).
+function momentCell(name, epoch, now) {
+  const cell = el("td", { class: name }, "–");
+  if (epoch === null) return cell;
+  cell.title = when(epoch);
+  if (epoch > now) cell.textContent = `in ${duration(epoch - now)}`;
+  else cell.textContent = name === "next" ? "due now" : `${duration(now - epoch)} ago`;
+  return cell;
+}
+
+// Hidden while no host has a certificate state (no ssl: acme anywhere).
+function drawCertificates(certificates, now) {
+  const rows = certificates.map((cert) =>
+    el("tr", { "data-host": cert.host },
+      el("td", { class: "host" }, cert.host),
+      el("td", { class: "issuer" }, cert.issuer || "–"),
+      el("td", { class: "expires" }, expires(cert.not_after, now)),
+      momentCell("attempt", cert.last_attempt, now),
+      el("td", { class: "outcome" }, badge(cert.outcome)),
+      momentCell("next", cert.next_attempt, now),
+      el("td", { class: "detail reason" }, cert.detail)),
+  );
+  document.querySelector("#certificates tbody").replaceChildren(...rows);
+  document.getElementById("certificates-block").hidden = rows.length === 0;
+}
+
 // -- the list of apps -----------------------------------------------------------------
 
 async function refreshList() {
-  const status = await api("/api/status");
+  const [status, certificates] = await Promise.all([api("/api/status"), api("/api/certificates")]);
+  drawCertificates(certificates.certificates, certificates.now);
   document.getElementById("root").textContent = status.keter.root;
   const rows = status.apps.map((app) =>
     el(
@@ -160,6 +207,7 @@ async function refreshApp() {
       el("td", { class: "reason" }, entry.reason)),
   );
   document.querySelector("#history tbody").replaceChildren(...history);
+  drawCertificates(app.certificates || [], app.now);
 
   // Redrawn only when the archive changes, so an open menu is not reset every second.
   const older = app.archive.filter((bundle) => bundle.version !== app.version);

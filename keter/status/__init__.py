@@ -3,9 +3,10 @@
 One job per module:
 
 - ``component``: the actor. The supervisor's facts (``AppChanged``,
-  ``AppGone``, ``DeployFinished``, ``AppEvent``) come in; it updates the
-  board, the metrics, the history and the archive.
-- ``views``: the ``StatusBoard`` (apps, recent events, history) and the JSON
+  ``AppGone``, ``DeployFinished``, ``AppEvent``, keter.acme's
+  ``CertificateState``) come in; it updates the board, the metrics, the
+  history and the archive.
+- ``views``: the ``StatusBoard`` (apps, recent events, history, certificates) and the JSON
   views the API serves from it.
 - ``metrics``: the Prometheus metrics at ``/metrics``.
 - ``redeploy``: restart and rollback, run in the actor's thread.

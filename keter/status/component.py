@@ -1,7 +1,8 @@
 """The status actor: the supervisor's facts in, the status API's state and metrics out.
 
 The supervisor tells this actor every change (``AppChanged``, ``AppGone``,
-``DeployFinished``, ``AppEvent``); it never looks at the supervisor's objects.
+``DeployFinished``, ``AppEvent``) and passes on keter.acme's ``CertificateState``
+of each host; it never looks at the supervisor's objects.
 From those facts it keeps the ``StatusBoard`` the API shows, the Prometheus
 metrics and the archive of served bundles for rollback. It also runs the
 restart and rollback requests the HTTP threads hand it.
@@ -24,6 +25,7 @@ from keter.messages import (
     AppGone,
     AppSnapshot,
     AppState,
+    CertificateState,
     DeployFinished,
     FailureKind,
     Outcome,
@@ -63,11 +65,11 @@ class StatusServer(Actor):
         self._save_pending = False  # a _SaveHistory timer is set
         self.socket_path = socket_path(config.root)
         self.checks = RequestChecks(config)
-        self.metrics = Metrics()
         self.archive = BundleArchive(config.archive_dir, config.archive_keep)
         self.board = StatusBoard(
             config, DeployHistory(config.etc_dir / "history.json"), self.archive
         )
+        self.metrics = Metrics(certificates=self.board.certificate_expiries)
         self.listeners = Listeners(self)
         self.tcp_address: tuple[str, int] | None = None  # once listening
         self.listening = threading.Event()  # set once every listener accepts connections
@@ -128,6 +130,8 @@ class StatusServer(Actor):
             case TrafficReport():
                 self.board.traffic_changed(message)
                 self.metrics.traffic.report = message
+            case CertificateState():
+                self.board.certificate_changed(message)  # /metrics reads the board too
             case SwitchReady(mode=mode, reason=reason):
                 self.board.set_switch(mode, reason)
             case _SaveHistory():

@@ -41,6 +41,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("GET", re.compile(r"/metrics"), "metrics"),
     ("GET", re.compile(r"/api/token"), "token"),
     ("GET", re.compile(r"/api/status"), "status"),
+    ("GET", re.compile(r"/api/certificates"), "certificates"),
     ("GET", re.compile(_APP), "app"),
     ("GET", re.compile(_APP + r"/history"), "history"),
     ("GET", re.compile(_APP + r"/log"), "log"),
@@ -139,6 +140,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _status(self, api: StatusServer, query: dict) -> None:
         self._send_json(200, api.board.status_view())
+
+    def _certificates(self, api: StatusServer, query: dict) -> None:
+        self._send_json(200, api.board.certificates_view())
 
     def _app(self, api: StatusServer, query: dict, app: str) -> None:
         self._send_json(200, api.board.app_view(app))

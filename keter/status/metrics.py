@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from keter.messages import TrafficReport
@@ -18,7 +19,9 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 class Metrics:
     """Counters and gauges the status actor updates from the supervisor's messages."""
 
-    def __init__(self) -> None:
+    def __init__(self, certificates: Callable[[], list[tuple[str, float]]] = list) -> None:
+        """``certificates``: (host, not_after) of each host with a certificate, read at
+        every scrape (``StatusBoard.certificate_expiries``)."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.up = Gauge(
@@ -44,6 +47,7 @@ class Metrics:
         )
         self.traffic = TrafficMetrics()
         r.register(self.traffic)
+        r.register(CertificateMetrics(certificates))
 
     def forget(self, app: str) -> None:
         """The app is gone: it is no longer up or down."""
@@ -90,3 +94,24 @@ class TrafficMetrics:
                 latency.add_metric([app.app], buckets, app.latency_sum)
         yield requests
         yield latency
+
+
+class CertificateMetrics:
+    """When each host's certificate expires, as the status board has it at each scrape.
+
+    A collector of its own, so a host whose app went away (or that has no
+    certificate yet) simply has no sample, with nothing to remove.
+    """
+
+    def __init__(self, expiries: Callable[[], list[tuple[str, float]]]) -> None:
+        self.expiries = expiries
+
+    def collect(self):
+        expiry = GaugeMetricFamily(
+            "keter_certificate_expiry_timestamp_seconds",
+            "When the host's certificate from keter.acme expires (seconds since the epoch)",
+            labels=["host"],
+        )
+        for host, not_after in self.expiries():
+            expiry.add_metric([host], not_after)
+        yield expiry

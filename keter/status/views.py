@@ -1,4 +1,5 @@
-"""What the status API shows: every app's latest snapshot, recent events, deploy history.
+"""What the status API shows: every app's latest snapshot, recent events, deploy history,
+each host's certificate.
 
 The status actor's thread is the only writer (``StatusBoard``'s ``app_changed``,
 ``record`` ...); the HTTP threads only read, through the ``*_view`` methods.
@@ -12,13 +13,22 @@ import collections
 import os
 import threading
 import time
+from dataclasses import replace
 
 from keter import __version__
 from keter.archive import BundleArchive
 from keter.config import KeterConfig
 from keter.history import REASON_LIMIT, DeployHistory, capped_text
 from keter.logtail import tail_lines
-from keter.messages import AppSnapshot, AppTraffic, DeployFinished, TrafficReport, WatchState
+from keter.messages import (
+    AppSnapshot,
+    AppTraffic,
+    CertificateOutcome,
+    CertificateState,
+    DeployFinished,
+    TrafficReport,
+    WatchState,
+)
 from keter.names import log_text
 from keter.routes import approot
 from keter.status.errors import ApiError
@@ -28,6 +38,8 @@ EVENT_LIMIT = REASON_LIMIT + 100  # characters of one event's text (a deploy's r
 MAX_LOG_LINES = 1000
 LOG_LINE_LIMIT = 4096  # characters of one log line shown (an app's lines go up to 64 KiB)
 LONG_POLL_SECONDS = 30.0  # the longest a history request waits for a new entry
+ISSUER_LIMIT = 300  # characters of a certificate's issuer shown (the CA's name)
+DETAIL_LIMIT = 600  # characters of why a host's last attempt failed (keter.acme caps it too)
 
 
 def app_urls(hosts: tuple[str, ...], config: KeterConfig) -> list[str]:
@@ -54,6 +66,9 @@ class StatusBoard:
         self._traffic: dict[str, AppTraffic] = {}  # the stats component's latest report
         self._watches: dict[str, WatchState] = {}
         self._switch: dict = {"mode": None, "reason": ""}  # how versions are switched
+        # keter.acme's latest word on each host. Bounded: the hosts are those of deployed
+        # bundles (and of ROOT/etc/acme/state.json); only the hosts of current apps are shown.
+        self._certificates: dict[str, CertificateState] = {}
 
     # -- changes (the actor's thread) -----------------------------------------------------
 
@@ -93,6 +108,16 @@ class StatusBoard:
         event = {"at": at, "app": app, "kind": str(kind), "text": capped_text(text, EVENT_LIMIT)}
         with self.cond:
             self._events.append(event)
+
+    def certificate_changed(self, state: CertificateState) -> None:
+        """Keep keter.acme's latest state of one host (the CA's text made safe to show)."""
+        shown = replace(
+            state,
+            issuer=None if state.issuer is None else log_text(state.issuer, ISSUER_LIMIT),
+            detail=log_text(state.detail, DETAIL_LIMIT),
+        )
+        with self.cond:
+            self._certificates[state.host] = shown
 
     def set_switch(self, mode: str, reason: str) -> None:
         with self.cond:
@@ -145,6 +170,7 @@ class StatusBoard:
             else:
                 raise ApiError(404, f"no app named {app}")
             view["history"] = list(reversed(self.history.entries(app)))
+            view["certificates"] = self._certificate_rows(snapshot.hosts if snapshot else ())
             view["events"] = [e for e in reversed(self._events) if e["app"] == app]
         view["archive"] = [
             {"version": b.version, "sha256": b.sha256, "served_at": b.served_at}
@@ -152,6 +178,18 @@ class StatusBoard:
         ]
         view["now"] = now
         return view
+
+    def certificates_view(self) -> dict:
+        """Each host's certificate, for the hosts of the apps keter runs now, by host."""
+        with self.cond:
+            hosts = {host for snapshot in self._apps.values() for host in snapshot.hosts}
+            rows = self._certificate_rows(hosts)
+        return {"now": time.time(), "certificates": rows}
+
+    def certificate_expiries(self) -> list[tuple[str, float]]:
+        """(host, not_after) of every shown host that has a certificate (for /metrics)."""
+        rows = self.certificates_view()["certificates"]
+        return [(row["host"], row["not_after"]) for row in rows if row["not_after"] is not None]
 
     def history_after(self, app: str, after: int, wait: float) -> dict:
         """The app's history entries newer than ``after``, waiting up to ``wait`` s for one.
@@ -197,6 +235,39 @@ class StatusBoard:
             "traffic": self._traffic_json(snapshot.app),
             "watch": self._watch_json(snapshot.app),
         }
+
+    def _certificate_rows(self, hosts) -> list[dict]:
+        """The known certificate states of ``hosts``, by host (hold ``cond``).
+
+        A host appears once keter.acme has reported on it: its first order's
+        outcome, or a certificate stored by an earlier run. Hosts a bundle no
+        longer claims are not shown (keter.acme no longer renews them).
+        """
+        claimed: dict[str, list[str]] = {}
+        for snapshot in self._apps.values():
+            for host in snapshot.hosts:
+                claimed.setdefault(host, []).append(snapshot.app)
+        rows = []
+        for host in sorted(set(hosts)):
+            state = self._certificates.get(host)
+            if state is None or host not in claimed:
+                continue
+            rows.append(
+                {
+                    "host": host,
+                    "apps": sorted(claimed[host]),
+                    "outcome": str(state.outcome),
+                    "issuer": state.issuer,
+                    "not_after": state.not_after,
+                    "last_attempt": state.last_attempt,
+                    # A refused host (a wildcard) is never tried again.
+                    "next_attempt": None
+                    if state.outcome is CertificateOutcome.REFUSED
+                    else state.next_attempt,
+                    "detail": state.detail,
+                }
+            )
+        return rows
 
     def _traffic_json(self, app: str) -> dict | None:
         """The last minute's rate and 5xx ratio; None when nginx logs nothing for keter."""

@@ -201,3 +201,28 @@ def test_dashboard_draws_the_certificates_table(acme_keter: AcmeKeter, browser) 
         "[...document.querySelectorAll('#certificates tbody td.host')].map(td => td.textContent)"
     )
     wait_for(lambda: browser.js(hosts) == [GOOD], 10, "shop's certificate on its page")
+
+
+def test_after_a_restart_certs_shows_the_stored_certificate_and_the_retry_still_due(
+    acme_keter: AcmeKeter,
+) -> None:
+    """keter.acme reports what state.json holds at start: a stored certificate before any
+    app is back, and a host whose first order failed with its backoff kept."""
+    served = acme_keter.served(GOOD)
+    before = acme_keter.rows()
+    acme_keter.keter.stop()
+    acme_keter.pebble.stop()  # what is shown now comes from ROOT/etc/acme, not a new order
+    acme_keter.keter.start()
+    client = status_api(acme_keter.keter)
+    rows = wait_for(
+        lambda: len(acme_keter.rows()) == 2 and acme_keter.rows(), 20, "both hosts again"
+    )
+    good, broken = rows[GOOD], rows[BROKEN]
+    assert good["outcome"] == "stored"
+    for field in ("issuer", "not_after", "last_attempt", "next_attempt"):
+        assert good[field] == before[GOOD][field], field
+    assert broken == before[BROKEN]  # failed, same detail, the same retry time: no storm
+    assert acme_keter.served(GOOD).not_after == served.not_after
+    shown = keter_cli(acme_keter.keter.root, "certs")
+    assert " stored " in shown.stdout and " failed " in shown.stdout
+    assert f'keter_certificate_expiry_timestamp_seconds{{host="{GOOD}"}}' in client.text("/metrics")

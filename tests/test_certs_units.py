@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import time
 from pathlib import Path
 
@@ -22,13 +23,15 @@ from support.supervisor import webapp
 from support.wait import wait_for
 
 from keter import commands
+from keter.acme import AcmeManager
 from keter.client import KeterClient
-from keter.config import KeterConfig
+from keter.config import AcmeSettings, KeterConfig
 from keter.messages import (
     AppChanged,
     AppGone,
     AppSnapshot,
     AppState,
+    CertificateIssued,
     CertificateOutcome,
     CertificateState,
 )
@@ -195,6 +198,58 @@ def test_the_supervisor_passes_certificate_states_to_the_status_component(rig):
     state = failed("a.test")
     rig.send(state)
     assert rig.status.one(CertificateState) == state
+
+
+def test_keter_acme_tells_what_state_json_holds_when_it_starts(tmp_path):
+    """So `keter certs` shows every host after a restart, before its next attempt."""
+    folder = tmp_path / "acme"
+    (folder / "hosts").mkdir(parents=True)
+    chain, key = folder / "hosts" / "a.crt", folder / "hosts" / "a.key"
+    chain.write_text("chain")
+    key.write_text("key")
+    now = time.time()
+    row = {"last_attempt": now - 600, "retry_at": now + 3000}
+    state = {
+        # A valid certificate whose renewal failed: served again, shown as failed.
+        "renewing.test": {
+            **row,
+            "certificate": str(chain),
+            "key": str(key),
+            "not_before": now - 80 * DAY,
+            "not_after": now + 10 * DAY,
+            "issuer": ISSUER,
+            "outcome": "failed",
+            "detail": "urn:ietf:params:acme:error:rateLimited: too many",
+            "failures": 3,
+        },
+        # A first order that failed: no certificate, the retry time kept.
+        "new.test": {**row, "outcome": "failed", "detail": "connection refused", "failures": 1},
+        # Unreadable outcome (a hand-edited file): nothing said.
+        "odd.test": {**row, "outcome": "???", "failures": 1},
+    }
+    (folder / "state.json").write_text(json.dumps(state))
+    reports: queue.Queue = queue.Queue()
+    manager = AcmeManager(
+        settings=AcmeSettings(), folder=folder, challenges=tmp_path / "c", report_to=reports
+    )
+    manager.start()
+    try:
+        told = [reports.get(timeout=5) for _ in range(3)]
+        with pytest.raises(queue.Empty):
+            reports.get(timeout=0.3)
+    finally:
+        manager.stop()
+        manager.join(10)
+    [served] = [m for m in told if isinstance(m, CertificateIssued)]
+    assert (served.host, served.certificate) == ("renewing.test", chain)
+    states = {m.host: m for m in told if isinstance(m, CertificateState)}
+    assert set(states) == {"renewing.test", "new.test"}
+    renewing, new = states["renewing.test"], states["new.test"]
+    assert renewing.outcome is CertificateOutcome.FAILED
+    assert (renewing.not_after, renewing.issuer) == (now + 10 * DAY, ISSUER)
+    assert "rateLimited" in renewing.detail
+    assert new.outcome is CertificateOutcome.FAILED
+    assert (new.not_after, new.next_attempt, new.last_attempt) == (None, now + 3000, now - 600)
 
 
 # -- keter certs ---------------------------------------------------------------------------

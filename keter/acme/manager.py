@@ -109,7 +109,13 @@ class AcmeManager(Actor):
         now = self.clock()
         for host, state in sorted(self.hosts.items()):
             if _usable(state, now):
-                self._issued(host, state, CertificateOutcome.STORED)
+                # Served again at once; a failed renewal stays the last attempt's outcome
+                # (what `keter certs` shows) until the next attempt.
+                outcome = CertificateOutcome.FAILED if state.failures else CertificateOutcome.STORED
+                self._issued(host, state, outcome)
+            elif state.outcome in frozenset(CertificateOutcome):
+                # No certificate (a failed first order): `keter certs` shows it until the retry.
+                self.report(self._state_message(host, state))
 
     def handle(self, message: object) -> None:
         match message:

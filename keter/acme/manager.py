@@ -30,12 +30,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-from acme import errors as acme_errors
-from acme import messages as acme_messages
+from typing import TYPE_CHECKING
 
 from keter import names
-from keter.acme import client
 from keter.actor import Actor
 from keter.config import AcmeSettings
 from keter.fsutil import atomic_write
@@ -46,6 +43,9 @@ from keter.messages import (
     CertificatesWanted,
     Component,
 )
+
+if TYPE_CHECKING:
+    from keter.acme import client
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class AcmeManager(Actor):
         try:
             # Normally made (group nginx) by the nginx writer; it may not have run yet.
             self.challenges.mkdir(mode=0o755, parents=True, exist_ok=True)
-            issued = client.order(self._ca(), host, self.challenges)
+            issued = _client().order(self._ca(), host, self.challenges)
         except Exception as exc:  # the library raises many kinds; each is this host's failure
             self._failed(host, state, exc)
             return
@@ -240,11 +240,11 @@ class AcmeManager(Actor):
         try:
             key = account.read_bytes()
         except FileNotFoundError:
-            key = client.new_account_key()
+            key = _client().new_account_key()
             self._make_folder()
             atomic_write(account, key, mode=0o600)
         settings = self.settings
-        return client.Ca(
+        return _client().Ca(
             directory=settings.directory,
             account_key=key,
             email=settings.email,
@@ -284,7 +284,18 @@ def _usable(state: HostState, now: float) -> bool:
     return Path(state.certificate).is_file() and Path(state.key).is_file()
 
 
+def _client():
+    """keter.acme.client, imported when a certificate is first ordered: the ACME
+    libraries (acme, cryptography, josepy, requests) cost every keter about 15 MB of
+    memory, and most run no app with ``ssl: acme``."""
+    from keter.acme import client
+
+    return client
+
+
 def _reason(exc: Exception) -> str:
+    from acme import messages as acme_messages
+
     if isinstance(exc, acme_messages.Error):
         return f"{exc.typ}: {exc.detail}"
     text = str(exc) or type(exc).__name__
@@ -292,6 +303,9 @@ def _reason(exc: Exception) -> str:
 
 
 def _rate_limited(exc: Exception) -> bool:
+    from acme import errors as acme_errors
+    from acme import messages as acme_messages
+
     return (isinstance(exc, acme_messages.Error) and (exc.code == "rateLimited")) or (
         isinstance(exc, acme_errors.Error) and "rateLimited" in str(exc)
     )

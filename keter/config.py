@@ -588,7 +588,7 @@ def _graceful_drain(data: dict, values: dict[str, Any], check: Checker) -> None:
 def _warn_keter_variables(values: dict[str, Any], check: Checker) -> None:
     """The global env cannot set what keter sets for each app (Keter lets a bundle's win)."""
     for name in values.get("env", {}):
-        if name in ("PORT", "APPROOT"):
+        if name in ("PORT", "APPROOT", "KETER_DATA_DIR"):
             check.warn(
                 f"env.{name}", f"keter sets {name} for each app itself; this value is ignored"
             )

@@ -274,3 +274,11 @@ def test_listing_and_pruning_keep_the_newest(tmp_path: Path) -> None:
     assert prune(tmp_path, "app", 2) == [names[1], names[0]]
     assert [b.name for b in list_backups(tmp_path, "app")] == names[:1:-1]
     assert list_backups(tmp_path, "other") == []
+
+
+def test_a_bundle_cannot_set_keter_data_dir(tmp_path: Path) -> None:
+    folder = bundle(tmp_path, "exec: ../bin/app\nhost: a.test\nenv: {KETER_DATA_DIR: /tmp}\n")
+    [warning] = parse_bundle_config(folder, "app").warnings
+    assert warning.startswith("env.KETER_DATA_DIR: keter sets KETER_DATA_DIR itself")
+    config = parse_config({"env": {"KETER_DATA_DIR": "/tmp"}}, root=tmp_path, base=tmp_path)
+    assert any("KETER_DATA_DIR" in w for w in config.warnings)

@@ -358,6 +358,7 @@ _WHY = {
     "PORT": "the health check probes the port keter chose",
     "APPROOT": "it names the host and scheme nginx serves the app at",
     "database": "they name the database keter provisioned",
+    "KETER_DATA_DIR": "it names the app's own folder, ROOT/data/APP",
 }
 
 
@@ -370,7 +371,7 @@ def warn_overridden_env(stanzas: list[tuple[str, object]], postgres: bool, check
     for prefix, stanza in stanzas:
         if not isinstance(stanza, WebApp | Background):
             continue
-        owned: dict[str, str] = {}
+        owned: dict[str, str] = {"KETER_DATA_DIR": _WHY["KETER_DATA_DIR"]}
         if isinstance(stanza, WebApp):
             owned.update({name: _WHY["PORT"] for name in ("PORT", *stanza.port_env_vars)})
             owned["APPROOT"] = _WHY["APPROOT"]

@@ -30,6 +30,7 @@ from typing import Any
 from psycopg.conninfo import conninfo_to_dict
 
 from keter import names
+from keter.limits import AppLimits, parse_app_limits
 from keter.names import (
     cap_problems,
     validate_host,
@@ -178,16 +179,6 @@ class PostgresSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
-class AppLimits:
-    """Limits every app process runs under (keter.processes.spawn.ResourceLimits); None:
-    keter's own."""
-
-    memory: int | None = None  # bytes of heap and private mappings (RLIMIT_DATA)
-    processes: int | None = 4096  # processes and threads of the app's user (RLIMIT_NPROC)
-    open_files: int | None = 65536  # per process (RLIMIT_NOFILE)
-
-
-@dataclass(frozen=True, kw_only=True)
 class KeterConfig:
     """The validated global config; every field but ``root`` has Keter's default."""
 
@@ -210,7 +201,7 @@ class KeterConfig:
     # setuid names one user for all, or the operator opts in to running them as root.
     app_uid_range: tuple[int, int] = (1_900_000_000, 1_900_999_999)
     run_apps_as_root: bool = False
-    app_limits: AppLimits = AppLimits()
+    app_limits: AppLimits = field(default_factory=AppLimits)
     log_max_bytes: int = 10 * MIB
     log_backups: int = 5
     max_unpacked_bytes: int = 2 * GIB
@@ -837,25 +828,8 @@ def _parse_postgres(value: object, path: str, check: Checker, base: Path) -> obj
     return PostgresSettings(**settings)
 
 
-_LIMIT_KEYS = {"memory": "memory", "processes": "processes", "open-files": "open_files"}
-
-
 def _parse_app_limits(value: object, path: str, check: Checker, base: Path) -> object:
-    if not isinstance(value, dict):
-        check.problem(path, f"expected a mapping like {{memory: 536870912}}, got {describe(value)}")
-        return None
-    limits: dict[str, int | None] = {}
-    for key, item in value.items():
-        where = f"{path}.{key_name(key)}"
-        if key not in _LIMIT_KEYS:
-            check.problem(where, unknown_key(key, tuple(_LIMIT_KEYS)))
-        elif item is None:
-            limits[_LIMIT_KEYS[key]] = None
-        else:
-            number = _count(1)(item, where, check, base)
-            if number is not None:
-                limits[_LIMIT_KEYS[key]] = number
-    return AppLimits(**limits)
+    return parse_app_limits(value, path, check)
 
 
 def _parse_dsn(value: object, path: str, check: Checker) -> str | None:

@@ -34,7 +34,7 @@ from keter.nginx.render import POOL_SECONDS, acme_challenges
 from keter.postgres import PostgresProvisioner
 from keter.processes import ProcessMonitor
 from keter.processes.cgroups import Cgroups
-from keter.processes.spawn import ResourceLimits
+from keter.processes.controllers import Controllers
 from keter.stats.component import StatsCollector
 from keter.status import StatusServer
 from keter.supervisor import Components, Supervisor
@@ -57,6 +57,7 @@ def build_components(config: KeterConfig, inbox: queue.SimpleQueue) -> Component
         setuid=config.setuid,
         as_root=config.run_apps_as_root,
     )
+    cgroups = Cgroups.find(config.root)
     stats = None
     if config.traffic_stats:
         stats = StatsCollector(config, report_to=inbox, status=status)
@@ -83,12 +84,9 @@ def build_components(config: KeterConfig, inbox: queue.SimpleQueue) -> Component
             log_max_bytes=config.log_max_bytes,
             log_backups=config.log_backups,
             users=users,
-            cgroups=Cgroups.find(config.root),
-            limits=ResourceLimits(
-                nofile=config.app_limits.open_files,
-                nproc=config.app_limits.processes,
-                data=config.app_limits.memory,
-            ),
+            cgroups=cgroups,
+            limits=config.app_limits.defaults,
+            controllers=Controllers.find(config.root, cgroups),
         ),
         nginx=NginxWriter(
             listeners=config.listeners,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from keter.bundle import BundleConfig
 from keter.bundle.model import RateLimiterConfig
+from keter.limits import NO_LIMITS, Limits
 
 message = dataclass(frozen=True, kw_only=True, slots=True)
 
@@ -73,6 +74,7 @@ class FailureKind(enum.StrEnum):
     PORTS = "ports"  # no free port
     SPAWN = "spawn"  # the program could not be started at all
     EXITED = "exited"  # it exited (or was killed) before answering
+    OOM = "oom"  # the OOM killer killed it before it answered (its memory limit)
     HEALTH_CHECK = "health-check"  # it ran but never passed its health check
     NGINX = "nginx"  # nginx refused its site, or did not take the new config
     SWITCH = "switch"  # the kernel did not lead new connections to it
@@ -151,6 +153,8 @@ class ProcessSpec:
     # ROOT/data/APP (KETER_DATA_DIR): made before the spawn if missing, owned by ``user``,
     # mode 0700 (see keter.appdata).
     data_dir: Path | None = None
+    # The stanza's own resource limits; the ones it leaves unset are app-limits' defaults.
+    limits: Limits = NO_LIMITS
 
 
 @message
@@ -556,7 +560,7 @@ class ProcessFailed:
     app: str
     deploy_id: int
     reason: str
-    kind: FailureKind  # SPAWN, EXITED or HEALTH_CHECK
+    kind: FailureKind  # SPAWN, EXITED, OOM, HEALTH_CHECK or PORTS
     output_tail: tuple[str, ...] = ()
 
 

@@ -484,6 +484,7 @@ class Supervisor:
             problem = self.config.postgres.server_problem(server.host, server.port)
             if problem:
                 problems.append(f"plugins.postgres {problem}")
+        problems += self.config.app_limits.over_ceiling(config.process_limits)
         if problems:
             self._fail(deploy, "; ".join(problems), kind=FailureKind.CONFIG)
             return
@@ -585,6 +586,7 @@ class Supervisor:
             log_path=self.config.log_dir / f"app-{deploy.app}.log",
             user=app_user(self.config, deploy.app),
             data_dir=data_dir(self.config, deploy.app),
+            limits=deploy.config.webapps[index].limits,
         )
         log.info(
             "%s: deploy #%d runs its release %s (#%d, at most %gs)",
@@ -719,6 +721,7 @@ class Supervisor:
             user=app_user(self.config, deploy.app),
             health_timeout=webapp.ensure_alive,
             data_dir=data_dir(self.config, deploy.app),
+            limits=webapp.limits,
         )
 
     def _port_taken(self, process_id: int) -> None:
@@ -775,6 +778,7 @@ class Supervisor:
                 user=app_user(self.config, deploy.app),
                 restart_delay=worker.restart_delay,
                 data_dir=data_dir(self.config, deploy.app),
+                limits=worker.limits,
             )
             log.info(
                 "%s: deploy #%d starts background worker #%d (%s)",

@@ -2,7 +2,7 @@
 
 Through a real keter: a new version that never listens, apps that daemonize
 (what keter can and cannot catch), and the limits every app process gets. The
-limits at work (fork bomb, fd hog, memory hog) are in tests/test_faults_limits.py.
+limits at work are in tests/test_faults_limits.py (rlimits) and tests/test_limits.py.
 
 Covered elsewhere: exits at once, hangs (tests/test_deploy.py); crash loop after
 becoming healthy, ignores TERM, forks grandchildren, SIGKILLed keter's orphans
@@ -23,12 +23,12 @@ import pytest
 from support.bundles import make_bundle, webapp_config
 from support.daemon import app_processes
 from support.faults import Rig, assert_one_error, limits_of
+from support.limits import applied, mechanisms
 from support.net import body, served
 from support.processes import alive
 from support.wait import wait_for
 
 from keter.processes.groups import group_members
-from keter.processes.spawn import ResourceLimits
 
 
 @pytest.fixture(scope="module")
@@ -163,9 +163,10 @@ def test_a_daemonized_helper_goes_with_its_app(rig: Rig, holds_port: bool) -> No
 
 def test_every_app_runs_under_the_default_limits(rig: Rig) -> None:
     [pid] = [p.pid for p in app_processes(rig.keter) if p.cwd().endswith("/good-1")]
-    limits = limits_of(pid)
-    expected = ResourceLimits().effective()
-    assert limits["Max open files"] == (str(expected["nofile"]),) * 2
-    assert limits["Max processes"] == (str(expected["nproc"]),) * 2
-    assert limits["Max core file size"] == ("0", "0")
-    assert limits["Max data size"] == limits_of(rig.keter.proc.pid)["Max data size"]
+    # keter's defaults (keter.limits.DEFAULTS), where keter says it puts each; open
+    # files at most keter's own hard limit (see keter.processes.spawn.ResourceLimits).
+    keter_files = limits_of(rig.keter.proc.pid)["Max open files"][1]
+    files = 65536 if keter_files == "unlimited" else min(65536, int(keter_files))
+    expected = {"memory": None, "processes": 4096, "open-files": files, "cpu": None}
+    assert applied(pid, mechanisms(rig.keter.log())) == expected
+    assert limits_of(pid)["Max core file size"] == ("0", "0")

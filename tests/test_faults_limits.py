@@ -2,9 +2,11 @@
 
 A fork bomb, an fd hog and a memory hog each run as a real process under the
 process monitor with small limits (so a test stays cheap and the machine safe),
-hit their limit inside the app, and leave nothing behind once stopped. That
-every app gets keter's default limits is checked through a real keter in
-tests/test_faults_apps.py.
+hit their limit inside the app, and leave nothing behind once stopped. The
+monitor here has no cgroup controllers, so these are the rlimits keter falls
+back to (keter.processes.controllers); the cgroup limits and OOM kills, and
+every app's default limits, are checked through a real keter in
+tests/test_limits.py.
 
 ``RLIMIT_NPROC`` does not bind root (see keter.processes.spawn), so the fork bomb runs
 as ``nobody``, as apps do under keter's ``setuid``.
@@ -23,9 +25,10 @@ from support.faults import limits_of
 from support.processes import Harness
 from support.wait import wait_for
 
+from keter.limits import Limits
 from keter.messages import ProcessStarted, ProcessStopped, StopProcess
 from keter.processes.groups import group_members
-from keter.processes.spawn import PRLIMIT, ResourceLimits
+from keter.processes.spawn import PRLIMIT
 
 NOBODY_PYTHON = "/usr/bin/python3"  # readable by nobody, unlike a virtualenv under /root
 
@@ -112,7 +115,7 @@ def stop(monitor: Harness, pid: int) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="running the app as nobody needs root")
 def test_fork_bomb_hits_the_process_limit_and_leaves_nothing(make_monitor) -> None:
-    monitor = make_monitor(limits=ResourceLimits(nproc=24), stop_timeout=1.0)
+    monitor = make_monitor(limits=Limits(processes=24), stop_timeout=1.0)
     pid, line = run_hog(monitor, FORK_BOMB, user="nobody")
     assert line == "fork refused: Resource temporarily unavailable"
     assert len(group_members(pid)) <= 24
@@ -120,7 +123,7 @@ def test_fork_bomb_hits_the_process_limit_and_leaves_nothing(make_monitor) -> No
 
 
 def test_fd_hog_hits_the_open_files_limit(make_monitor) -> None:
-    monitor = make_monitor(limits=ResourceLimits(nofile=64))
+    monitor = make_monitor(limits=Limits(open_files=64))
     pid, line = run_hog(monitor, FD_HOG)
     count = int(re.search(r"after (\d+) files", line)[1])
     assert "Too many open files" in line and 50 < count <= 64
@@ -128,7 +131,7 @@ def test_fd_hog_hits_the_open_files_limit(make_monitor) -> None:
 
 
 def test_memory_hog_hits_the_data_limit(make_monitor) -> None:
-    monitor = make_monitor(limits=ResourceLimits(data=256 << 20))
+    monitor = make_monitor(limits=Limits(memory=256 << 20))
     pid, line = run_hog(monitor, MEMORY_HOG)
     assert re.fullmatch(r"refused after \d+ MiB", line), line
     assert int(line.split()[2]) < 256
@@ -137,7 +140,7 @@ def test_memory_hog_hits_the_data_limit(make_monitor) -> None:
 
 def test_without_prlimit_the_limits_are_set_just_after_the_start(make_monitor, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="keter.processes")
-    monitor = make_monitor(limits=ResourceLimits(nofile=64), prlimit=None)
+    monitor = make_monitor(limits=Limits(open_files=64), prlimit=None)
     pid, line = run_hog(monitor, FD_HOG)
     assert "Too many open files" in line
     assert limits_of(pid)["Max open files"] == ("64", "64")
@@ -149,7 +152,7 @@ def test_without_prlimit_the_limits_are_set_just_after_the_start(make_monitor, c
 def test_limits_hold_from_the_apps_first_instruction(make_monitor) -> None:
     """Through prlimit the limits are set before the app is exec'd, so even a program
     that looks at once (cat, ~1 ms after exec) sees them: no window to fork around them."""
-    monitor = make_monitor(limits=ResourceLimits(nofile=64, nproc=77, core=0))
+    monitor = make_monitor(limits=Limits(open_files=64, processes=77))
     command = ("/bin/sh", "-c", "cat /proc/self/limits; echo never refused; exec sleep 600")
     pid, _ = run_hog(monitor, "", command=command)
     text = (monitor.tmp_path / "log" / "app.log").read_text()

@@ -27,7 +27,7 @@ import psutil
 import pytest
 from support.bundles import make_bundle, webapp_config
 from support.daemon import app_processes
-from support.faults import limits_of, private_port_range
+from support.faults import private_port_range
 from support.net import body, served
 from support.wait import wait_for
 
@@ -190,15 +190,3 @@ def test_a_stranger_on_a_crashed_apps_port_gets_no_traffic(keter_factory, privat
             stranger.accept()  # not one request: not even keter's health probe
     finally:
         stranger.close()
-
-
-def test_app_limits_from_keter_config_bind_every_app(keter_factory, private_nginx, tmp_path):
-    limits = {"memory": 1 << 30, "processes": 300, "open-files": 1000}
-    keter = keter_factory(**{"port-range": private_port_range(), "app-limits": limits})
-    keter.drop(make_bundle(tmp_path / "bound.keter", config=webapp_config("bound.test", "v1")))
-    served(private_nginx, "bound.test", "v1")
-    [pid] = [p.pid for p in app_processes(keter) if "/bound-" in p.cwd()]
-    shown = limits_of(pid)
-    assert shown["Max data size"] == (str(1 << 30),) * 2
-    assert shown["Max processes"] == ("300", "300")
-    assert shown["Max open files"] == ("1000", "1000")

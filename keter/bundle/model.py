@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from keter.limits import NO_LIMITS, Limits
 from keter.names import cap_problems
 
 KETER_RESTART_DELAY = 5.0  # Keter's default restart-delay-seconds
@@ -169,6 +170,7 @@ class WebApp:
     max_body_size: int | None = None  # client-max-body-size; None: the global one
     proxy_buffering: bool = True  # false: answers stream through (server-sent events)
     release: Release | None = None  # see keter.release
+    limits: Limits = NO_LIMITS  # its own (and its release's); unset: app-limits in keter-config
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -181,6 +183,7 @@ class Background:
     forward_env: tuple[str, ...] = ()
     restart_count: int | None = None  # restarts allowed; None = unlimited
     restart_delay: float = KETER_RESTART_DELAY  # seconds
+    limits: Limits = NO_LIMITS  # its own; unset: app-limits in keter-config.yaml
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -315,6 +318,21 @@ class BundleConfig:
     def serves_http(self) -> bool:
         """Whether nginx routes anything for this bundle."""
         return bool(self.all_hosts)
+
+    @property
+    def process_limits(self) -> tuple[tuple[str, Limits], ...]:
+        """Each process stanza's own limits, named for a log line ("" if it is the only
+        one, else "webapp 2: ")."""
+        named = [("webapp", stanza) for stanza in self.webapps]
+        named += [("background", stanza) for stanza in self.backgrounds]
+        if len(named) == 1:
+            return (("", named[0][1].limits),)
+        counts: dict[str, int] = {}
+        found = []
+        for kind, stanza in named:
+            counts[kind] = counts.get(kind, 0) + 1
+            found.append((f"{kind} {counts[kind]}: ", stanza.limits))
+        return tuple(found)
 
     @property
     def runs_something(self) -> bool:

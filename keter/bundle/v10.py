@@ -32,7 +32,7 @@ from keter.yamlcheck import describe, key_name, parse_env, unknown_key
 # The keys a web app reads in either format.
 WEBAPP_KEYS = (
     "exec", "args", "host", "hosts", "extra-hosts", "env", "health-check-path", "release",
-    "release-timeout",
+    "release-timeout", "limits",
 )  # fmt: skip
 # Keys of the whole bundle, beside the stanzas (or the 0.4 keys).
 BUNDLE_KEYS = ("postgres", "plugins", "watch-seconds")
@@ -43,10 +43,11 @@ STANZA_KEYS = {
         "exec", "args", "env", "forward-env", "host", "hosts", "ssl", "port-env-vars",
         "ensure-alive-time-bound", "connection-time-bound", "health-check-path", "middleware",
         "client-max-body-size", "proxy-buffering",
-        "release", "release-timeout",
+        "release", "release-timeout", "limits",
     ),
     "background": (
         "exec", "args", "env", "forward-env", "restart-count", "restart-delay-seconds",
+        "limits",
     ),
     "static-files": (
         "root", "host", "hosts", "directory-listing", "ssl", "middleware",
@@ -176,6 +177,7 @@ def webapp(data: dict, prefix: str, v: Values, *, flat: bool = False) -> WebApp 
         max_body_size=v.body_size(data, prefix),
         proxy_buffering=v.flag(data, "proxy-buffering", prefix, default=True),
         release=v.release(data, prefix),
+        limits=v.limits(data, prefix),
     )
     return app if len(check.problems) == before else None
 
@@ -196,6 +198,7 @@ def background(data: dict, prefix: str, v: Values) -> Background | None:
             data.get("restart-delay-seconds", KETER_RESTART_DELAY),
             f"{prefix}restart-delay-seconds",
         ),
+        limits=v.limits(data, prefix),
     )
     return worker if len(check.problems) == before else None
 

@@ -24,6 +24,7 @@ from keter.bundle.model import (
     TlsConfig,
     WebApp,
 )
+from keter.limits import NO_LIMITS, Limits, parse_limits
 from keter.yamlcheck import (
     MAX_INT,
     MAX_SECONDS,
@@ -107,6 +108,13 @@ class Values:
         if program_path is None:
             return None
         return Release(exec=program_path, args=args, timeout=seconds)
+
+    def limits(self, data: dict, prefix: str) -> Limits:
+        """``limits``: the stanza's own resource limits (the ceiling is checked later,
+        against keter-config.yaml: see keter.limits)."""
+        if "limits" not in data:
+            return NO_LIMITS
+        return parse_limits(data["limits"], f"{prefix}limits", self.check)
 
     def args(self, value: object, path: str) -> tuple[str, ...]:
         if not isinstance(value, list):

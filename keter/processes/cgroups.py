@@ -7,9 +7,10 @@ keter's apps live under ``keter-ID`` beside keter's own cgroup's processes
 (ID tells one keter ROOT from another), one child per deploy: ``d12-NAME``.
 
 A process enters its cgroup BEFORE the app's first instruction: keter spawns
-``/bin/sh -c 'echo 0 > PROCS && shift && exec "$@"'``, which moves itself
-(still root) into the cgroup and then execs the rest of the chain (limits,
-dropping privileges, the app). ``preexec_fn`` is unsafe in a threaded
+``/bin/sh -c 'echo 0 > PROCS ...; exec "$@"'``, which moves itself (still
+root) into the cgroup (and its v1 limit groups, see ``controllers.py``) and
+then execs the rest of the chain (limits, dropping privileges, the app).
+``preexec_fn`` is unsafe in a threaded
 program, and moving the child after the spawn races with an app that forks
 at once. Double forks and ``setsid`` stay in the cgroup, so stopping an app
 (``cgroup.kill`` after the grace period) and telling when it is gone
@@ -32,8 +33,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# The wrapper: $1 is the cgroup.procs file, the rest the command to exec.
-ENTER = 'echo 0 > "$1" && shift && exec "$@"'
+# The wrapper: the cgroup.procs files to join up to "--", then the command to exec.
+# ``[`` and ``echo`` are dash builtins: joining forks nothing.
+ENTER = 'while [ "$1" != -- ]; do echo 0 > "$1" || exit 126; shift; done; shift; exec "$@"'
 SHELL = "/bin/sh"
 
 
@@ -61,6 +63,11 @@ def own_cgroup(proc_cgroup: str = "/proc/self/cgroup") -> str | None:
         if line.startswith("0::"):
             return line[3:]
     return None
+
+
+def keter_id(root: Path) -> str:
+    """What tells one keter ROOT's cgroups from another's (``keter-ID``)."""
+    return hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:12]
 
 
 class Cgroup:
@@ -152,8 +159,7 @@ class Cgroups:
         mount, own = unified_mount(), own_cgroup()
         if mount is None or own is None:
             return None
-        ident = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:12]
-        base = mount / own.lstrip("/") / f"keter-{ident}"
+        base = mount / own.lstrip("/") / f"keter-{keter_id(root)}"
         try:
             base.mkdir(exist_ok=True)
         except OSError as exc:
@@ -183,6 +189,7 @@ class Cgroups:
             return []
 
 
-def enter_command(cgroup: Cgroup, command: list[str]) -> list[str]:
-    """``command`` run so that it enters ``cgroup`` before it starts."""
-    return [SHELL, "-c", ENTER, "keter-enter", str(cgroup.procs), *command]
+def enter_command(procs: list[Path], command: list[str]) -> list[str]:
+    """``command`` run so that it joins every cgroup of ``procs`` (their ``cgroup.procs``
+    files: its v2 cgroup, its v1 limit groups) before it starts."""
+    return [SHELL, "-c", ENTER, "keter-enter", *map(str, procs), "--", *command]

@@ -62,6 +62,7 @@ from pathlib import Path
 import psutil
 
 from keter.actor import Actor
+from keter.limits import DEFAULTS, Limits
 from keter.messages import (
     FailureKind,
     MoveProcess,
@@ -81,19 +82,13 @@ from keter.messages import (
 )
 from keter.processes.applog import AppLog, LogRegistry, OutputCapture
 from keter.processes.cgroups import Cgroup, Cgroups
+from keter.processes.controllers import Controllers, DeployLimits, oom_reason
 from keter.processes.groups import KILL_WAIT, group_members, signal_group, stop_groups
 from keter.processes.health import probe_http
 from keter.processes.ports import listeners, port_holders, port_is_free, socket_pids
 from keter.processes.reader import FAILURE_TAIL, OutputReader
 from keter.processes.records import Record, Records
-from keter.processes.spawn import (
-    DEFAULT_LIMITS,
-    PRLIMIT,
-    Identity,
-    ResourceLimits,
-    SpawnError,
-    spawn,
-)
+from keter.processes.spawn import PRLIMIT, Identity, SpawnError, spawn
 from keter.processes.states import backoff_delay, check_transition, describe_exit
 from keter.users import AppUsers, NoFreeUid
 
@@ -229,12 +224,16 @@ class _Entry:
     spawn_log: AppLog | None = None  # the log that spawn will write to
     stop_due: bool = False  # a stop began while spawning: carry it out once spawned
     cgroup: Cgroup | None = None  # every process of the deploy, when cgroups are available
+    limits: Limits = DEFAULTS  # what it runs under (app-limits merged with its own)
+    limit_groups: DeployLimits | None = None  # its v1/v2 groups carrying out limits
+    oom_kills: int | None = None  # its OOM kill count when its current run started
     probing: bool = False  # a health probe is out
     moving: bool = False  # a stranger took its port: waiting (BACKOFF) for MoveProcess
     exit_pending: _Exited | None = None  # the leader exited while a probe was out
     # One-shot processes (RunOnce) only: its timeout, and how it ended.
     once_timeout: float | None = None
     returncode: int | None = None
+    exit_reason: str | None = None  # how its leader ended ("killed by the OOM killer ...")
     timed_out: bool = False
 
 
@@ -259,14 +258,17 @@ class ProcessMonitor(Actor):
         backoff_reset: float = 10.0,
         probe_workers: int = 4,
         spawn_workers: int = 4,
-        limits: ResourceLimits = DEFAULT_LIMITS,
+        limits: Limits = DEFAULTS,
         prlimit: str | None = PRLIMIT,
         users: AppUsers | None = None,
         app_groups: tuple[int, ...] = (),
         cgroups: Cgroups | None = None,
+        controllers: Controllers | None = None,
     ) -> None:
-        """``prlimit`` is the util-linux program that applies ``limits``; without it they
-        are set just after the spawn instead (see the module docstring for the race)."""
+        """``limits`` are app-limits' defaults; ``controllers`` where each limit is carried
+        out (None: by rlimits only). ``prlimit`` is the util-linux program that sets the
+        rlimits; without it they are set just after the spawn instead (see
+        keter.processes.spawn for the race)."""
         super().__init__("processes", report_to)
         self.run_dir = Path(run_dir)
         self.health_check_timeout = health_check_timeout
@@ -286,6 +288,7 @@ class ProcessMonitor(Actor):
         self._kill_now = threading.Event()  # set by kill_now(): no grace period any more
         self._random = random.Random()
         self.limits = limits
+        self.controllers = controllers or Controllers()
         self.prlimit = prlimit
         # Each app's own uid and gid (None: apps run as keter, or as spec.user).
         self.users = users
@@ -302,19 +305,32 @@ class ProcessMonitor(Actor):
                 "just after each start, so an app that forks at once may escape them"
             )
         self._records.stop_leftovers(self.stop_timeout)
+        self._say_limits()
         if self._cgroups is None:
             log.warning(
                 "processes: no cgroup v2 hierarchy keter can write to: apps are contained by "
                 "process groups only, so a process that leaves its group (setsid, a daemon's "
                 "double fork) survives its app"
             )
-            return
-        for cgroup in self._cgroups.leftovers():
-            if cgroup.populated():
-                log.warning("processes: stopping what a previous keter left in %s", cgroup.path)
-                cgroup.kill()
-                cgroup.wait_empty(KILL_WAIT)
-            cgroup.remove()
+        else:
+            for cgroup in self._cgroups.leftovers():
+                if cgroup.populated():
+                    log.warning("processes: stopping what a previous keter left in %s", cgroup.path)
+                    cgroup.kill()
+                    cgroup.wait_empty(KILL_WAIT)
+                cgroup.remove()
+        self.controllers.sweep()
+
+    def _say_limits(self) -> None:
+        """Once at start: every app's default limits, and how each is carried out."""
+        if self.controllers.fallbacks():
+            log.warning(
+                "processes: app limits: %s; without a cgroup controller memory and processes "
+                "are rlimits (per process, per user) and cpu is not limited",
+                self.controllers.describe(self.limits),
+            )
+        else:
+            log.info("processes: app limits: %s", self.controllers.describe(self.limits))
 
     def kill_now(self) -> None:
         """From another thread: keter must stop at once (a second SIGTERM, or the monitor
@@ -345,6 +361,10 @@ class ProcessMonitor(Actor):
             cgroup.remove()
         if self._cgroups is not None:
             self._cgroups.remove()
+        for entry in entries:
+            if entry.limit_groups is not None:
+                entry.limit_groups.remove()
+        self.controllers.remove()
         for run in runs:
             self._release_run(run)
         self._reader.close(timeout=KILL_WAIT)
@@ -445,13 +465,27 @@ class ProcessMonitor(Actor):
                 entry.spawn_log = None
                 self._spawn_failed(entry, f"cannot create its cgroup: {exc.strerror or exc}")
                 return
+        if entry.limit_groups is None:
+            entry.limits = self.limits.merged(spec.limits)
+            try:
+                entry.limit_groups = self.controllers.for_deploy(
+                    entry.app, entry.deploy_id, entry.cgroup
+                )
+                entry.limit_groups.apply(entry.limits)
+            except OSError as exc:
+                self._logs.release(entry.spawn_log)
+                entry.spawn_log = None
+                self._spawn_failed(entry, f"cannot set its limits: {exc.strerror or exc}")
+                return
+        entry.oom_kills = entry.limit_groups.oom_kills()
         entry.spawning = self._spawner.submit(
             spawn,
             spec,
-            self.limits,
+            self.controllers.rlimits(entry.limits),
             self.prlimit,
             identity=identity,
             cgroup=entry.cgroup,
+            join=entry.limit_groups.procs(),
         )
         deploy_id = entry.deploy_id
         entry.spawning.add_done_callback(lambda _: self.tell(_Spawned(deploy_id=deploy_id)))
@@ -672,10 +706,11 @@ class ProcessMonitor(Actor):
         self._leader_exited(entry, msg)
 
     def _leader_exited(self, entry: _Entry, msg: _Exited) -> None:
-        reason = describe_exit(msg.returncode)
+        reason, oom = self._exit_reason(entry, msg.returncode)
         match entry.state:
             case ProcessState.STARTING if not entry.ever_healthy:
-                self._fail_start(entry, f"{reason} before answering")
+                kind = FailureKind.OOM if oom else FailureKind.EXITED
+                self._fail_start(entry, f"{reason} before answering", kind)
             case ProcessState.STARTING | ProcessState.RUNNING:
                 # The leader is gone: kill the rest so no orphan holds the port.
                 self._kill(entry)
@@ -686,6 +721,18 @@ class ProcessMonitor(Actor):
                 self._check_gone(entry)
             case _:
                 pass  # BACKOFF: a killed restart's leader; _restart waits for this
+
+    def _exit_reason(self, entry: _Entry, returncode: int) -> tuple[str, bool]:
+        """Why the run's leader died, and whether the OOM killer did it: it died by SIGKILL
+        (or a wrapper exited after the OOM killer killed its child) and the deploy's OOM
+        kill count rose since the run started."""
+        reason = describe_exit(returncode)
+        groups, before = entry.limit_groups, entry.oom_kills
+        now = groups.oom_kills() if groups is not None else None
+        if now is None or before is None or now <= before:
+            return reason, False
+        entry.oom_kills = now  # counted once
+        return oom_reason(entry.limits.memory, returncode), True
 
     def _crashed(self, entry: _Entry, reason: str, tail: tuple[str, ...]) -> None:
         """A process that had been running died (or a restart of it failed)."""
@@ -789,6 +836,8 @@ class ProcessMonitor(Actor):
             self._warn_if_port_held(entry)
         if entry.cgroup is not None:
             entry.cgroup.remove()
+        if entry.limit_groups is not None:
+            entry.limit_groups.remove()
         final = ProcessState.FATAL if entry.failure else ProcessState.EXITED
         self._transition(entry, final, entry.failure or "stopped")
         del self._entries[entry.deploy_id]
@@ -843,14 +892,16 @@ class ProcessMonitor(Actor):
         """The one-shot's leader exited: stop what is left of its group, then report it."""
         assert entry.run is not None
         entry.returncode = msg.returncode
+        reason, _ = self._exit_reason(entry, msg.returncode)
+        entry.exit_reason = reason
         if entry.state is ProcessState.RUNNING:
             self._kill(entry)  # nothing a release started may outlive it
-            self._transition(entry, ProcessState.STOPPING, describe_exit(msg.returncode))
+            self._transition(entry, ProcessState.STOPPING, reason)
         self._check_gone(entry)
 
     def _once_finished(self, entry: _Entry) -> RunFinished:
         assert entry.run is not None
-        reason = describe_exit(entry.returncode) if entry.returncode is not None else "stopped"
+        reason = entry.exit_reason or "stopped"
         if entry.timed_out:
             reason = f"did not finish within {entry.once_timeout:g}s ({reason})"
         elif entry.stop_requested:

@@ -2,19 +2,19 @@
 its program can run at all (checked before spawning, so the error is
 immediate and clear), and the spawn itself.
 
-Resource limits (``ResourceLimits``): every app process runs under hard
-``RLIMIT_NOFILE`` and ``RLIMIT_NPROC`` limits, no core dumps (a crash loop
-must not fill the disk) and, if configured, an ``RLIMIT_DATA`` memory cap, so
-an fd hog, a fork bomb or a memory hog fails inside the app instead of taking
-the machine down. They are set by exec'ing the app through util-linux's
-``prlimit``, which sets them on itself and then execs the app: the limits are
-in place before the app's first instruction. ``preexec_fn`` would be the
-obvious tool but is unsafe in a multi-threaded program, and ``prlimit(2)``
-on the child after spawning races with an app that forks at once. Caveats,
-from the kernel: ``RLIMIT_NPROC`` counts every process and thread of the
-app's *user*, and does not bind root at all; and root may raise its own hard
-limits. The limits therefore really hold for apps run as an unprivileged
-user (``setuid``).
+Resource limits (``ResourceLimits``): the rlimits of an app process: always
+``RLIMIT_NOFILE`` and no core dumps (a crash loop must not fill the disk), and
+``RLIMIT_NPROC`` and ``RLIMIT_DATA`` for the limits no cgroup controller
+carries out (``keter.processes.controllers`` decides), so an fd hog, a fork
+bomb or a memory hog fails inside the app instead of taking the machine down.
+They are set by exec'ing the app through util-linux's ``prlimit``, which sets
+them on itself and then execs the app: the limits are in place before the
+app's first instruction. ``preexec_fn`` would be the obvious tool but is
+unsafe in a multi-threaded program, and ``prlimit(2)`` on the child after
+spawning races with an app that forks at once. Caveats, from the kernel:
+``RLIMIT_NPROC`` counts every process and thread of the app's *user*, and
+does not bind root at all; and root may raise its own hard limits. The
+rlimits therefore really hold for apps run as an unprivileged user.
 """
 
 from __future__ import annotations
@@ -136,12 +136,15 @@ def spawn(
     *,
     identity: Identity | None = None,
     cgroup: Cgroup | None = None,
+    join: tuple[Path, ...] = (),
 ) -> subprocess.Popen:
     """Start ``spec``'s program in a session of its own, its output on one pipe.
 
     It runs as ``identity`` (else as ``spec.user``, else as keter), inside
-    ``cgroup`` if given. The chain, each step exec'ing the next: ``sh`` enters
-    the cgroup (as root), ``prlimit`` sets the limits, ``setpriv`` drops to the
+    ``cgroup`` if given and in the v1 limit groups whose ``cgroup.procs`` files
+    ``join`` lists (keter.processes.controllers). The chain, each step exec'ing
+    the next: ``sh`` enters the cgroups (as root), ``prlimit`` sets the limits
+    (``limits``: the rlimits), ``setpriv`` drops to the
     app's uid, gid and groups, then the app. Raises ``SpawnError`` with a reason
     fit for the operator when it cannot run. Without ``prlimit`` the limits
     are set just after the start (see above).
@@ -165,7 +168,8 @@ def spawn(
         raise SpawnError(f"cannot run {spec.command[0]}: {problem}")
     command = list(spec.command)
     credentials: dict[str, object] = {}
-    if identity is not None and (SETPRIV is None or cgroup is None):
+    procs = ([cgroup.procs] if cgroup is not None else []) + list(join)
+    if identity is not None and (SETPRIV is None or not procs):
         # Popen switches users itself (no cgroup to enter as root first).
         credentials = {
             "user": identity.uid,
@@ -176,8 +180,8 @@ def spawn(
         command = [SETPRIV, *identity.setpriv_args(), "--", *command]
     if prlimit is not None:
         command = [prlimit, *limits.prlimit_args(), "--", *command]
-    if cgroup is not None:
-        command = enter_command(cgroup, command)
+    if procs:
+        command = enter_command(procs, command)
     try:
         with FORK_GATE.spawning():
             proc = subprocess.Popen(

@@ -35,6 +35,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--first-run-only", metavar="FILE", help="later runs never listen")
     parser.add_argument("--fail-every", type=int, metavar="N", help="every Nth / answers 500")
     parser.add_argument("--keep-alive", action="store_true", help="HTTP/1.1 persistent connections")
+    parser.add_argument("--allocate-at-start", type=int, metavar="MB", help="use this much first")
+    parser.add_argument("--spin", action="store_true", help="a child burns CPU meanwhile")
     return parser.parse_args()
 
 
@@ -67,11 +69,32 @@ def spam(megabytes: int) -> None:
     say("DONE")
 
 
+HELD: list[bytearray] = []  # memory the app was asked to use (--allocate-at-start, /allocate)
+
+
+def allocate(megabytes: int) -> None:
+    """Use this many MiB for real: every page written (a zeroed allocation costs nothing)."""
+    for _ in range(megabytes):
+        HELD.append(bytearray(b"x") * (1 << 20))
+
+
+def spin() -> None:
+    """A child process that burns CPU until the app's group is stopped."""
+    if os.fork() == 0:
+        while True:
+            pass
+
+
 def main() -> None:
     args = parse_args()
     if args.ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     say(f"starting version {args.version} as pid {os.getpid()}")
+    if args.allocate_at_start:
+        allocate(args.allocate_at_start)
+        say(f"allocated {args.allocate_at_start} MiB")
+    if args.spin:
+        spin()
     if args.spam_mb:
         spam(args.spam_mb)
     if args.first_run_only:
@@ -131,6 +154,9 @@ def main() -> None:
             elif self.path.startswith("/slow?"):  # answers after this many seconds
                 time.sleep(float(self.path.partition("?")[2]))
                 self.answer(200, f"{args.version} slow\n")
+            elif self.path.startswith("/allocate?"):  # use this many MiB more
+                allocate(int(self.path.partition("?")[2]))
+                self.answer(200, f"holding {len(HELD)} MiB\n")
             elif self.path == "/env":
                 self.answer(200, json.dumps(dict(os.environ)))
             elif self.path.startswith("/can-read?"):

@@ -25,8 +25,9 @@ from support.wait import wait_for
 class KeterDaemon:
     """One keter process on a private ROOT, pointed at a private nginx."""
 
-    def __init__(self, root: Path, settings: dict) -> None:
+    def __init__(self, root: Path, settings: dict, wrapper: tuple[str, ...] = ()) -> None:
         self.root = root
+        self.wrapper = wrapper  # a command keter is started through (exec'ing it in place)
         self.settings = settings
         self.incoming = root / "incoming"
         self.stderr_path = root.parent / f"{root.name}-keter.log"
@@ -41,7 +42,7 @@ class KeterDaemon:
         self._log_offset = self.stderr_path.stat().st_size if self.stderr_path.exists() else 0
         stderr = open(self.stderr_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "keter", str(self.root)],
+            [*self.wrapper, sys.executable, "-m", "keter", str(self.root)],
             stdin=subprocess.DEVNULL,
             stdout=stderr,
             stderr=stderr,
@@ -109,13 +110,20 @@ def keter_settings(nginx, **overrides) -> dict:
 
 @pytest.fixture
 def keter_factory(tmp_path, private_nginx) -> Iterator:
-    """Make (and on teardown stop) keter daemons: ``keter_factory(name="root", **settings)``."""
+    """Make (and on teardown stop) keter daemons: ``keter_factory(name="root", **settings)``
+    (``wrapper``: a command keter is started through, see ``KeterDaemon``)."""
     daemons: list[KeterDaemon] = []
 
     def make(
-        name: str = "root", *, start: bool = True, root: Path | None = None, **overrides
+        name: str = "root",
+        *,
+        start: bool = True,
+        root: Path | None = None,
+        wrapper: tuple[str, ...] = (),
+        **overrides,
     ) -> KeterDaemon:
-        daemon = KeterDaemon(root or tmp_path / name, keter_settings(private_nginx, **overrides))
+        settings = keter_settings(private_nginx, **overrides)
+        daemon = KeterDaemon(root or tmp_path / name, settings, wrapper=wrapper)
         daemons.append(daemon)
         if start:
             daemon.start()

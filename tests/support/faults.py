@@ -110,13 +110,15 @@ class Rig:
     # Keter's own folders (written freely), the nginx's logs, and the test's own bundles.
     OWN = ("root", "root-keter.log", "nginx/logs", "nginx/temp", "bundles")
 
-    def __init__(self, base: Path, **settings: object) -> None:
+    def __init__(self, base: Path, *, wrapper: tuple[str, ...] = (), **settings: object) -> None:
         self.base = base
         self.bundles = base / "bundles"
         self.bundles.mkdir()
         self.nginx = PrivateNginx(base / "nginx")
         settings = {"port-range": private_port_range(), **settings}
-        self.keter = KeterDaemon(base / "root", keter_settings(self.nginx, **settings))
+        self.keter = KeterDaemon(
+            base / "root", keter_settings(self.nginx, **settings), wrapper=wrapper
+        )
         try:
             self.nginx.start()
             self.keter.start(env=NO_JOURNAL)

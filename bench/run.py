@@ -28,10 +28,13 @@ import deploy
 import downtime
 import proxy
 import scale
+import spawn
 import stats
 from harness import BENCH, Row, Settings
 
-BENCHMARKS = {module.NAME: module for module in (deploy, downtime, proxy, crash, scale, stats)}
+BENCHMARKS = {
+    module.NAME: module for module in (deploy, downtime, proxy, crash, scale, stats, spawn)
+}
 # Hard ceilings on the whole run (the suite is sized for about a third of each).
 LIMIT = {False: 25 * 60, True: 5 * 60}
 COLUMNS = ("benchmark", "figure", "reference", "target", "met?")

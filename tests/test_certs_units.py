@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
+from support.browser import ARTIFACTS
 from support.bundles import TERMINAL_CONTROL
 from support.net import free_port
 from support.supervisor import webapp
@@ -40,6 +41,7 @@ from keter.status import StatusServer
 DAY = 86400.0
 NOW = 1_780_000_000.0  # 2026-05-28 20:26:40 UTC
 ISSUER = "CN=Pebble Intermediate CA 0a1b2c"
+USER = ("ops", "units-pw")
 
 
 def snapshot(app: str, *hosts: str) -> AppSnapshot:
@@ -86,7 +88,9 @@ class Status:
     def __init__(self, root: Path) -> None:
         for folder in ("incoming", "etc", "log", "run"):
             (root / folder).mkdir(parents=True, exist_ok=True)
-        self.config = KeterConfig(root=root, status_listen=("127.0.0.1", free_port()))
+        self.config = KeterConfig(
+            root=root, status_listen=("127.0.0.1", free_port()), dashboard_users=(USER,)
+        )
         self.server = StatusServer(self.config)
         self.server.start()
         assert self.server.listening.wait(10)
@@ -191,6 +195,31 @@ def test_text_from_the_ca_is_made_safe_and_capped(status):
         assert text.startswith("\\x1b]0;pwned\\x07\\x1b[2J<b>CA</b>\\u202e")
         assert not TERMINAL_CONTROL.search(text)
         assert len(text) < 700 and text.endswith("more characters)")
+
+
+def test_text_from_the_ca_is_shown_inert_on_the_dashboard(status, browser):
+    hostile = '<img src=x onerror="window.pwned=1">\x1b[31m<b>CA</b>'
+    status.tell(
+        AppChanged(snapshot=snapshot("shop", "shop.test")),
+        CertificateState(
+            host="shop.test",
+            outcome=CertificateOutcome.FAILED,
+            issuer=hostile,
+            not_after=time.time() + 3 * DAY,
+            last_attempt=time.time() - 5,
+            next_attempt=time.time() + 55,
+            detail=hostile,
+        ),
+    )
+    browser.log_in(*USER)
+    browser.open("http://{}:{}/".format(*status.server.tcp_address))
+    table = "document.getElementById('certificates').textContent"
+    text = wait_for(lambda: "<img" in (browser.js(table) or "") and browser.js(table), 10, "row")
+    assert text.count('<img src=x onerror="window.pwned=1">\\x1b[31m<b>CA</b>') == 2
+    assert not TERMINAL_CONTROL.search(text.replace("\n", ""))
+    assert browser.js("document.querySelectorAll('main img, main b').length") == 0
+    assert browser.js("window.pwned") is None
+    browser.screenshot(ARTIFACTS / "dashboard-certificates-inert.png")
 
 
 def test_the_supervisor_passes_certificate_states_to_the_status_component(rig):

@@ -38,7 +38,7 @@ from support.net import body, served
 from support.wait import wait_for
 
 from keter.limits import Limits
-from keter.messages import RunFinished, RunOnce
+from keter.messages import FailureKind, ProcessFailed, RunFinished, RunOnce
 from keter.processes.controllers import Controllers, Mechanism
 
 MIB = 1 << 20
@@ -318,3 +318,14 @@ def test_what_a_killed_keter_left_in_its_groups_is_swept_at_the_next_start(
     keter.start()
     wait_for(lambda: not app.is_running(), 20, "the leftover app to be stopped")
     wait_for(lambda: not any(folder.exists() for folder in folders), 10, "its groups to go")
+
+
+def test_a_process_that_cannot_start_leaves_no_group(make_monitor, tmp_path):
+    found = Controllers.find(tmp_path, None)
+    if not found.v1:
+        pytest.skip("no v1 controller keter uses on this machine")
+    monitor = make_monitor(controllers=found)
+    monitor.start(1, monitor.spec(command=(str(tmp_path / "missing"),)))
+    failed = monitor.expect(ProcessFailed, deploy_id=1)
+    assert failed.kind is FailureKind.SPAWN
+    assert not any((base / "d1-app").exists() for base in found.v1.values())

@@ -208,13 +208,18 @@ class Controllers:
         ``cgroup`` is its v2 cgroup, if it has one."""
         name = f"d{int(deploy_id)}-{app}"
         groups = {}
-        for controller, base in self.v1.items():
-            group = base / name
-            if group.is_dir():
-                _kill_listed(group)
-            else:
-                group.mkdir(parents=True)  # keter's subtree too, should it be gone
-            groups[controller] = group
+        try:
+            for controller, base in self.v1.items():
+                group = base / name
+                if group.is_dir():
+                    _kill_listed(group)
+                else:
+                    group.mkdir(parents=True)  # keter's subtree too, should it be gone
+                groups[controller] = group
+        except OSError:
+            for group in groups.values():
+                _remove(group)
+            raise
         v2 = cgroup.path if cgroup is not None and self.v2 else None
         return DeployLimits(v2=v2, v2_controllers=self.v2, v1=groups)
 

@@ -561,6 +561,7 @@ class ProcessMonitor(Actor):
         log.debug("%s: deploy %d could not start: %s", entry.app, entry.deploy_id, error)
         self._transition(entry, ProcessState.FATAL, error)
         del self._entries[entry.deploy_id]
+        self._remove_groups(entry)  # nothing ever ran in them
         if entry.once_timeout is not None:
             self.report(
                 RunFinished(app=entry.app, deploy_id=entry.deploy_id, returncode=None, reason=error)
@@ -834,10 +835,7 @@ class ProcessMonitor(Actor):
         if run is not None:
             self._release_run(run)
             self._warn_if_port_held(entry)
-        if entry.cgroup is not None:
-            entry.cgroup.remove()
-        if entry.limit_groups is not None:
-            entry.limit_groups.remove()
+        self._remove_groups(entry)
         final = ProcessState.FATAL if entry.failure else ProcessState.EXITED
         self._transition(entry, final, entry.failure or "stopped")
         del self._entries[entry.deploy_id]
@@ -1013,6 +1011,14 @@ class ProcessMonitor(Actor):
         if entry.cgroup is not None:
             return entry.cgroup.populated()
         return entry.run is not None and bool(group_members(entry.run.pgid))
+
+    @staticmethod
+    def _remove_groups(entry: _Entry) -> None:
+        """The deploy is over and nothing of it runs: its cgroup and limit groups go."""
+        if entry.cgroup is not None:
+            entry.cgroup.remove()
+        if entry.limit_groups is not None:
+            entry.limit_groups.remove()
 
     def _release_run(self, run: _Run) -> None:
         """The run's group is gone: the reader may stop reading its output."""

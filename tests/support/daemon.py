@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from keter.client import KeterClient
+from keter.processes import cgroups, controllers
 from keter.switch import Table, nft
 from support.wait import wait_for
 
@@ -134,6 +135,7 @@ def keter_factory(tmp_path, private_nginx) -> Iterator:
         if daemon.proc and daemon.proc.poll() is None:
             daemon.stop()
         forget_kernel_rules(daemon.root)
+        forget_cgroups(daemon.root)
 
 
 def forget_kernel_rules(root: Path) -> None:
@@ -142,6 +144,29 @@ def forget_kernel_rules(root: Path) -> None:
     if program is not None:
         with contextlib.suppress(nft.NftError):
             nft.apply(Table.for_root(root).delete_script(), program)
+
+
+def forget_cgroups(root: Path) -> None:
+    """Remove the empty cgroups a killed keter on ``root`` left (keter-ID in the v2
+    hierarchy and in each v1 one it uses): the test machine's hierarchies stay tidy. A
+    cgroup with a process in it is left alone (rmdir refuses)."""
+    ident = f"keter-{cgroups.keter_id(root)}"
+    bases = []
+    mount, own = cgroups.unified_mount(), cgroups.own_cgroup()
+    if mount is not None and own is not None:
+        bases.append(mount / own.lstrip("/") / ident)
+    mounts, paths = controllers.v1_mounts(), controllers.v1_paths()
+    for name in set(mounts) & set(paths):
+        group = controllers.own_v1_group(*mounts[name], paths[name])
+        if group is not None:
+            bases.append(group / ident)
+    for base in bases:
+        with contextlib.suppress(OSError):
+            for child in base.iterdir():
+                if child.is_dir():
+                    with contextlib.suppress(OSError):
+                        child.rmdir()
+            base.rmdir()
 
 
 @pytest.fixture

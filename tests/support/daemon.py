@@ -211,5 +211,12 @@ def failures(keter: KeterDaemon, app: str) -> list[str]:
 
 
 def app_processes(keter: KeterDaemon) -> list[psutil.Process]:
-    """keter's descendants that run a bundle's bin/app."""
-    return [p for p in keter.children() if "bin/app" in " ".join(p.cmdline())]
+    """keter's live descendants that run a bundle's bin/app (one that just died is not)."""
+    found = []
+    for process in keter.children():
+        try:
+            if "bin/app" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.Error:  # gone, or a zombie not reaped yet
+            continue
+    return found

@@ -1,0 +1,162 @@
+"""Bundles in and out of incoming/: a deploy begins, is superseded, or its app is removed.
+
+Also the checks a freshly unpacked bundle must pass against what else runs
+(host conflicts, the operator's limits) before anything of it starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from keter.deploys import App, Deploy, Stage
+from keter.messages import (
+    BundleArrived,
+    BundleUnpacked,
+    DeployFinished,
+    FailureKind,
+    Outcome,
+    ProvisionDatabase,
+    RemoveFolder,
+    UnpackBundle,
+)
+from keter.names import validate_app_name
+from keter.routes import deploy_problems
+from keter.supervisor.state import SupervisorState
+
+log = logging.getLogger(__name__)
+
+
+class Intake(SupervisorState):
+    """Bundles arriving in and leaving incoming/; a freshly unpacked bundle's checks."""
+
+    def _bundle_arrived(self, arrived: BundleArrived) -> None:
+        app = self.apps.setdefault(arrived.app, App(name=arrived.app))
+        app.bundle_present = True
+        self._changed.add(app.name)
+        log.info("%s: bundle seen (%d bytes)", arrived.app, arrived.size)
+        if app.next is not None:
+            if self._must_finish(app.next):
+                # Let the switch (or the release) finish, then deploy this one.
+                app.waiting = arrived
+                return
+            self._abandon(app.next, "superseded by a newer bundle")
+        self._begin(app, arrived)
+
+    @staticmethod
+    def _must_finish(deploy: Deploy) -> bool:
+        """Whether a newer bundle or a removal must wait for the deploy's current step.
+
+        Traffic may already reach a deploy that is switching; a release may be half
+        way through changing the database (see keter.release).
+        """
+        if deploy.stage is Stage.RELEASING:
+            log.info("%s: waiting for the release of deploy #%d to finish", deploy.app, deploy.id)
+            return True
+        return deploy.switch_in_flight
+
+    def _refused_file(self, filename: str, reason: str) -> None:
+        """The watcher refused an entry of incoming/ (and logged it): a line of history.
+
+        Only under a valid app name; a name no app can have has no history to go in.
+        Whatever serves under that name serves on.
+        """
+        try:
+            app = validate_app_name(filename.removesuffix(".keter"))
+        except ValueError:
+            return
+        if self.c.status is not None and filename.endswith(".keter"):
+            self.c.status.tell(
+                DeployFinished(
+                    app=app,
+                    version="unknown",
+                    sha256="",
+                    bundle_mtime=0.0,
+                    outcome=Outcome.FAILED,
+                    reason=reason,
+                    duration=0.0,
+                    at=time.time(),
+                    kind=FailureKind.UNPACK,
+                )
+            )
+
+    def _begin(self, app: App, arrived: BundleArrived) -> None:
+        deploy_id = next(self._ids)
+        deploy = Deploy(
+            id=deploy_id,
+            app=app.name,
+            bundle=arrived.path,
+            bundle_mtime=arrived.mtime_ns / 1e9,
+            folder=self.config.temp_dir / f"{app.name}-{deploy_id}",
+            began=self.clock(),
+        )
+        app.next, app.waiting = deploy, None
+        self.owners[deploy_id] = deploy
+        self.c.unpacker.tell(
+            UnpackBundle(app=app.name, deploy_id=deploy_id, bundle=arrived.path, dest=deploy.folder)
+        )
+
+    def _bundle_removed(self, name: str) -> None:
+        app = self.apps.get(name)
+        if app is None:
+            return
+        log.info("%s: bundle removed from incoming/", name)
+        self._changed.add(name)
+        app.waiting = None
+        app.bundle_present = False
+        if app.next is not None:
+            if self._must_finish(app.next):
+                app.removing = True  # carried out when the switch (or the release) completes
+                return
+            self._abandon(app.next, "its bundle was removed")
+        if app.serving is None:
+            self._forget_if_idle(app)
+            return
+        app.removing, app.remove_generation = True, None
+        self._request_nginx()
+
+    def _unpacked(self, msg: BundleUnpacked) -> None:
+        deploy = self._next(msg.app, msg.deploy_id)
+        if deploy is None:
+            self.c.unpacker.tell(RemoveFolder(path=msg.folder))  # superseded meanwhile
+            return
+        config = deploy.config = msg.config
+        deploy.sha256 = msg.sha256
+        for warning in msg.warnings:
+            log.warning("%s: %s", msg.app, warning)
+        if not config.runs_something and not config.serves_http:
+            reason = "config/keter.yaml defines nothing to run or serve"
+            self._fail(deploy, reason, kind=FailureKind.CONFIG)
+            return
+        for host in config.all_hosts:
+            owner = self._host_owner(host, msg.app)
+            if owner is not None:
+                reason = f"host {host} is already served by app {owner}"
+                self._fail(deploy, reason, kind=FailureKind.CONFLICT)
+                return
+        problems = deploy_problems(config, self.config)
+        if config.postgres and config.postgres_server is not None:
+            server = config.postgres_server
+            problem = self.config.postgres.server_problem(server.host, server.port)
+            if problem:
+                problems.append(f"plugins.postgres {problem}")
+        problems += self.config.app_limits.over_ceiling(config.process_limits)
+        if problems:
+            self._fail(deploy, "; ".join(problems), kind=FailureKind.CONFIG)
+            return
+        for host in config.all_hosts:
+            self.hosts[host] = msg.app
+        log.info(
+            "%s: deploy #%d unpacked, hosts %s", msg.app, msg.deploy_id, ", ".join(deploy.hosts)
+        )
+        if config.postgres:
+            deploy.move(Stage.PROVISIONING)
+            self.c.postgres.tell(ProvisionDatabase(app=msg.app, deploy_id=msg.deploy_id))
+        else:
+            self._prepare(deploy)
+
+    def _host_owner(self, host: str, app: str) -> str | None:
+        if host == self.config.dashboard_host:
+            return "keter (its dashboard-host)"
+        owner = self.hosts.get(host)
+        return owner if owner != app else None

@@ -1,0 +1,79 @@
+"""Watched rollout (issue 14): keter.stats watches a new version, the supervisor decides.
+
+A version that made things worse (or crash-loops) within its watch-seconds is
+rolled back once: its predecessor's archived bundle is deployed again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from keter.deploys import Deploy
+from keter.messages import DeployFinished, Outcome, RollBack, WatchVersion
+from keter.supervisor.state import SupervisorState
+
+log = logging.getLogger(__name__)
+
+# This many crashes of a watched version within its window roll it back; a verdict
+# arriving this long after the window (the stats lag a second) still counts.
+WATCH_CRASHES = 3
+WATCH_GRACE = 5.0
+
+
+class Rollout(SupervisorState):
+    """Watching a new version, and rolling it back once if it made things worse."""
+
+    def _watch(self, deploy: Deploy, previous: Deploy | None) -> float:
+        """Have the stats component watch a version that replaced ``previous``; the seconds.
+
+        Not watched: the first version (nothing to go back to), or watch-seconds 0.
+        """
+        assert deploy.config is not None
+        seconds = deploy.config.watch_seconds
+        if seconds is None:
+            seconds = self.config.watch_seconds
+        if self.c.stats is None or previous is None or not previous.sha256 or seconds <= 0:
+            return 0.0
+        deploy.rollback_to = previous.sha256
+        deploy.watch_until = self.clock() + seconds
+        self.c.stats.tell(
+            WatchVersion(
+                app=deploy.app,
+                version=deploy.version,
+                previous=previous.version,
+                seconds=seconds,
+                max_error_ratio=self.config.watch_max_error_ratio,
+                min_requests=self.config.watch_min_requests,
+            )
+        )
+        return seconds
+
+    def _unhealthy(self, app_name: str, version: str, reason: str) -> None:
+        """A watched version made things worse: roll back to the version before it, once.
+
+        The archived bundle goes back into incoming/ (the status component holds the
+        archive) and the usual pipeline deploys it, with no request lost.
+        """
+        app = self.apps.get(app_name)
+        deploy = app.serving if app is not None else None
+        if deploy is None or deploy.version != version or deploy.rollback_to is None:
+            return  # replaced, removed or rolled back meanwhile
+        if app.next is not None or self.clock() > deploy.watch_until + WATCH_GRACE:
+            return  # a newer bundle is on its way, or the watch is over
+        target, deploy.rollback_to = deploy.rollback_to, None
+        log.warning("%s: version %s rolled back to %s: %s", app_name, version, target[:12], reason)
+        if self.c.status is not None:
+            self.c.status.tell(
+                DeployFinished(
+                    app=deploy.app,
+                    version=deploy.version,
+                    sha256=deploy.sha256,
+                    bundle_mtime=deploy.bundle_mtime,
+                    outcome=Outcome.ROLLED_BACK,
+                    reason=reason,
+                    duration=self.clock() - deploy.began,
+                    at=time.time(),
+                )
+            )
+            self.c.status.tell(RollBack(app=app_name, sha256=target, reason=reason))

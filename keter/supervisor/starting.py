@@ -1,0 +1,138 @@
+"""Spawning a deploy's processes: its web apps (STARTING), then its background
+workers once it serves; and moving a web app whose port a stranger took.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from keter.appdata import app_user, data_dir
+from keter.deploys import Deploy, Stage, WebProcess, Worker
+from keter.environment import app_environment, worker_environment
+from keter.messages import HealthCheck, MoveProcess, ProcessSpec, ReleaseServices, StartProcess
+from keter.processes.ports import NoFreePort
+from keter.supervisor.state import SupervisorState
+
+log = logging.getLogger(__name__)
+
+
+class Starting(SupervisorState):
+    """Spawning a deploy's web apps and workers."""
+
+    def _start(self, deploy: Deploy) -> None:
+        """Spawn every web app of the deploy (each on a port of its own), or switch at once."""
+        assert deploy.config is not None
+        webapps = deploy.config.webapps
+        if not webapps:
+            # Nothing to start or health-check: nginx can switch to it right away.
+            log.info("%s: deploy #%d runs no web app, switching", deploy.app, deploy.id)
+            self._switch(deploy)
+            return
+        deploy.move(Stage.STARTING)
+        for index, port in enumerate(deploy.ports_held):
+            # The first web app's process is known by the deploy's own id (as in the log's
+            # "deploy #N"); further ones and workers take fresh ids from the same counter.
+            process_id = deploy.id if index == 0 else next(self._ids)
+            deploy.web.append(WebProcess(index=index, process_id=process_id, port=port))
+            self.owners[process_id] = deploy
+            spec = self._web_spec(deploy, index, port)
+            self.c.monitor.tell(StartProcess(app=deploy.app, deploy_id=process_id, spec=spec))
+
+    def _web_spec(self, deploy: Deploy, index: int, port: int) -> ProcessSpec:
+        """Web app ``index`` of the deploy on ``port``."""
+        assert deploy.config is not None
+        webapp = deploy.config.webapps[index]
+        health_host = next((h for h in webapp.hosts if "*" not in h), webapp.hosts[0])
+        return ProcessSpec(
+            command=(str(webapp.exec), *webapp.args),
+            cwd=deploy.folder,
+            env=self._web_environment(deploy, index, port),
+            log_path=self.config.log_dir / f"app-{deploy.app}.log",
+            port=port,
+            health=HealthCheck(
+                host=health_host.removeprefix("*."),
+                path=webapp.health_check_path or "/",
+                strict=webapp.health_check_path is not None,
+            ),
+            user=app_user(self.config, deploy.app),
+            health_timeout=webapp.ensure_alive,
+            data_dir=data_dir(self.config, deploy.app),
+            limits=webapp.limits,
+        )
+
+    def _web_environment(self, deploy: Deploy, index: int, port: int) -> dict[str, str]:
+        """Web app ``index``'s environment on ``port``, which its release command gets too."""
+        assert deploy.config is not None
+        return app_environment(
+            self.config,
+            deploy.config.webapps[index],
+            port,
+            deploy.db,
+            settings=deploy.settings,
+            data_dir=data_dir(self.config, deploy.app),
+        )
+
+    def _port_taken(self, process_id: int) -> None:
+        """A stranger holds a web process's port (the monitor stopped it): give it a fresh
+        one, and if nginx routes to it, re-point nginx at once: the stranger gets nothing."""
+        deploy = self.owners.get(process_id)
+        web = deploy.web_process(process_id) if deploy is not None else None
+        if deploy is None or web is None or deploy.config is None:
+            return
+        try:
+            port = self.ports.allocate()
+        except NoFreePort as exc:
+            log.error("%s: cannot move deploy #%d to another port: %s", deploy.app, process_id, exc)
+            return
+        self.ports.release(web.port)  # the pool skips it while the stranger holds it
+        log.info("%s: deploy #%d moves from port %d to %d", deploy.app, process_id, web.port, port)
+        web.port = port
+        held = list(deploy.ports_held)
+        held[web.index] = port  # released when the deploy ends
+        deploy.ports_held = tuple(held)
+        spec = self._web_spec(deploy, web.index, port)
+        self.c.monitor.tell(MoveProcess(app=deploy.app, deploy_id=process_id, spec=spec))
+        self._changed.add(deploy.app)
+        if deploy.services:
+            # Kernel mode: nginx routes to the stable port; it stops leading to the stranger
+            # now and leads to the app again once it answers on its new port.
+            if deploy.stage is Stage.SERVING:
+                assert self.c.switch is not None
+                web.repoint = True
+                stable = deploy.services[web.index]
+                self.c.switch.tell(ReleaseServices(app=deploy.app, ports=(stable,)))
+        elif deploy.sites:
+            deploy.sites = self._sites(deploy, deploy.ports)
+            self._request_nginx()
+
+    def _start_workers(self, deploy: Deploy) -> None:
+        """Start the version's background workers; it serves now (see the module docstring)."""
+        assert deploy.config is not None
+        for index, worker in enumerate(deploy.config.backgrounds):
+            process_id = next(self._ids)
+            deploy.workers[process_id] = Worker(index=index, process_id=process_id)
+            self.owners[process_id] = deploy
+            spec = ProcessSpec(
+                command=(str(worker.exec), *worker.args),
+                cwd=deploy.folder,
+                env=worker_environment(
+                    self.config,
+                    worker,
+                    deploy.db,
+                    settings=deploy.settings,
+                    data_dir=data_dir(self.config, deploy.app),
+                ),
+                log_path=self.config.log_dir / f"app-{deploy.app}.log",
+                user=app_user(self.config, deploy.app),
+                restart_delay=worker.restart_delay,
+                data_dir=data_dir(self.config, deploy.app),
+                limits=worker.limits,
+            )
+            log.info(
+                "%s: deploy #%d starts background worker #%d (%s)",
+                deploy.app,
+                deploy.id,
+                process_id,
+                worker.exec.name,
+            )
+            self.c.monitor.tell(StartProcess(app=deploy.app, deploy_id=process_id, spec=spec))

@@ -1,0 +1,77 @@
+"""What the supervisor holds: its apps and their deploys, ports, hosts, nginx and
+switch bookkeeping; and the two look-ups every part uses.
+
+The ``Supervisor`` (``keter.supervisor.core``) is this state plus one part per
+concern (a mixin each, in its own module); the parts call one another through
+``self``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+
+from keter.config import KeterConfig
+from keter.deploys import App, Deploy
+from keter.messages import AppSnapshot, Component, SwitchMode, TlsFiles
+from keter.processes.ports import PortPool
+from keter.routes import dashboard_site
+from keter.supervisor.components import Components
+from keter.supervisor.timers import Timers
+from keter.switch import StablePorts
+
+
+class SupervisorState:
+    """The supervisor's state; every part of it (a mixin) builds on this."""
+
+    def __init__(
+        self,
+        config: KeterConfig,
+        components: Components,
+        *,
+        ports: PortPool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.c = components
+        self.clock = clock
+        self.apps: dict[str, App] = {}
+        # Every deploy that has not ENDED, by its own id and by each of its process ids.
+        self.owners: dict[int, Deploy] = {}
+        self.hosts: dict[str, str] = {}  # host -> the app whose serving or next deploy claims it
+        self.ports = ports or PortPool(*config.port_range)
+        self.exit_code: int | None = None  # set when keter must stop
+        self._ids = itertools.count(1)
+        self._generation = 0
+        self._nginx_inflight: int | None = None
+        self._nginx_dirty = False
+        self._waiting_on_nginx: set[str] = set()  # apps with a switch or removal in flight
+        self._watching = False  # the watcher runs (from nginx's first reply on)
+        self._nginx_ready = False  # nginx took keter's first config
+        # The switch mode, known from the switch component's first report (no component:
+        # reload mode at once). Deploys begin only once it is known.
+        self.switch_mode = SwitchMode.RELOAD
+        self._switch_address = "127.0.0.1"
+        self._switch_ready = components.switch is None
+        self.stable_ports = StablePorts()
+        self._dashboard = dashboard_site(config)  # routed with the apps when configured
+        # keter.acme: the certificates it has issued, and the hosts it was last asked for.
+        self._certificates: dict[str, TlsFiles] = {}
+        self._acme_hosts: frozenset[str] = frozenset()
+        self._published: dict[str, AppSnapshot] = {}
+        self._changed: set[str] = set()  # apps whose snapshot may have changed
+        self._failures: dict[Component, list[float]] = {}  # recent component failures
+        self._own_failures: list[float] = []  # recent failures of the supervisor's handlers
+        self.timers = Timers(clock)
+
+    def _next(self, app: str, deploy_id: int) -> Deploy | None:
+        """The app's in-flight deploy if it is ``deploy_id``; None for a stale reply."""
+        state = self.apps.get(app)
+        if state is not None and state.next is not None and state.next.id == deploy_id:
+            return state.next
+        return None
+
+    def _live(self, deploy: Deploy) -> bool:
+        """Whether any process of the deploy has not reported ProcessStopped yet."""
+        return any(self.owners.get(pid) is deploy for pid in deploy.process_ids)

@@ -897,11 +897,13 @@ class WatchState:
 
 @message
 class TrafficReport:
-    """Stats -> status, every second: what keter status, the API and /metrics show."""
+    """Stats -> status, each second something changed: what keter status, the API and
+    /metrics show. Only the apps whose entry changed; the others' stand as last reported."""
 
     at: float
-    apps: tuple[AppTraffic, ...]
-    watches: tuple[WatchState, ...] = ()
+    apps: tuple[AppTraffic, ...]  # the entries that changed
+    gone: tuple[str, ...] = ()  # apps with no request for an hour: no entry any more
+    watches: tuple[WatchState, ...] = ()  # all of them
 
 
 @message

@@ -25,10 +25,12 @@ from support.bundles import make_bundle, webapp_config
 from support.daemon import keter_cli, status_api
 from support.wait import wait_for
 
+from keter.config import KeterConfig
 from keter.stats import spool
+from keter.stats.component import StatsCollector
 from keter.stats.histogram import FLOOR, RELATIVE_ERROR, Histogram
 from keter.stats.record import TAG, access_log_directive, log_format_directive, parse
-from keter.stats.traffic import Traffic
+from keter.stats.traffic import SLOT, Traffic
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -253,6 +255,47 @@ def test_memory_stays_flat_under_a_million_requests():
     assert traffic.summary("hello", now, 3600).requests == 1_000_000
     assert size()[0] == slots <= 2 * (600 // 10 + 1)
     assert size()[1] < buckets * 1.25  # the rarest latencies fill a few more buckets
+
+
+def test_a_quiet_keter_adds_up_no_app_and_reports_nothing(tmp_path):
+    """Idle costs nothing per app (issue 16.5): after 1000 apps' last requests, each app
+    is added up once more (when their slot leaves the minute, its rate falls to 0);
+    otherwise a second adds up no app and sends no report; an hour later one report
+    says they are gone."""
+    stats = StatsCollector(KeterConfig(root=tmp_path / "root"))
+    stats.on_start()
+    start = (int(time.time()) // 60) * 60 + 1.0  # just after a slot began
+    apps = [f"app{i:04d}" for i in range(1000)]
+    with stats.spool_path.open("ab") as out:
+        out.write(b"".join(spool_line(app, at=start - 0.5) + b"\n" for app in apps))
+    stats._read(time.monotonic() + 30)
+    added_up = Counter()
+    summary = stats.traffic.summary
+
+    def counting(app, *args, **kwargs):
+        added_up[app] += 1
+        return summary(app, *args, **kwargs)
+
+    stats.traffic.summary = counting
+    first = stats.traffic_report(start)
+    assert first is not None and [a.app for a in first.apps] == apps
+    assert all(a.rate > 0 for a in first.apps)
+    assert stats.traffic_report(start + 1) is None  # nothing new, no slot left the minute
+    added_up.clear()
+    reports = [stats.traffic_report(start + s) for s in range(2, 200)]
+    zeroed = [r for r in reports if r is not None]
+    # The rates fall to 0 once the requests' slot leaves the minute: one report says so.
+    assert len(zeroed) == 1 and [a.rate for a in zeroed[0].apps] == [0.0] * 1000
+    assert set(added_up.values()) == {1}  # once: when the slot of their requests left
+    added_up.clear()
+    assert all(stats.traffic_report(start + s) is None for s in range(200, 3600))
+    assert not stats.traffic.prune(start + 3600)
+    assert not added_up  # a quiet hour: no app added up
+    assert stats.traffic.prune(start + 3600 + 2 * SLOT) == set(apps)
+    stats._gone |= set(apps)
+    gone = stats.traffic_report(start + 3600 + 2 * SLOT)
+    assert gone is not None and gone.gone == tuple(apps) and not gone.apps
+    stats.on_stop()
 
 
 # -- the spool -------------------------------------------------------------------------------

@@ -2,11 +2,16 @@
 
 Every ``TICK`` seconds it reads what nginx added to the spool (``spool``),
 parses each record (``record``), counts it (``traffic``) and appends its
-access line to ``ROOT/log/access-APP.log`` (rotated like app logs). Every
-second it tells the status component what ``keter status``, the API and
-``/metrics`` show (``TrafficReport``), and checks the versions it watches
-(``WatchVersion``): one that makes things worse for real traffic is reported
-to the supervisor (``VersionUnhealthy``), which rolls it back.
+access line to ``ROOT/log/access-APP.log`` (rotated like app logs). Once a
+second it tells the status component what changed, if anything, in what
+``keter status``, the API and ``/metrics`` show (``TrafficReport``), and checks
+the versions it watches (``WatchVersion``): one that makes things worse for real
+traffic is reported to the supervisor (``VersionUnhealthy``), which rolls it back.
+
+Idle costs nothing per app: a second's work looks only at the apps that got
+requests, the apps with requests in the 10-second slot that just left their
+last minute (their rate falls), the slots that left the hour and the watches.
+With no traffic nothing is added up and no report is sent.
 
 The status API's detailed views (``keter stats APP``, the dashboard's hour)
 ask through ``TrafficQuery`` and wait for the answer.
@@ -115,16 +120,18 @@ class StatsCollector(Actor):
         self.skipped = 0  # spool lines that were not keter's records
         self._spool: spool.Spool | None = None
         self._logs: dict[str, AppLog] = {}
-        self._log_used: dict[str, float] = {}
+        self._log_used: dict[str, float] = {}  # app -> last write; least recent first
         self._watches: dict[str, _Watch] = {}
         # Per app, the latest versions that began serving: (since, version), oldest first.
         self._serving: dict[str, list[tuple[float, str]]] = {}
         self._unsettled: collections.deque[Record] = collections.deque()  # "-", not yet named
-        # The last report's entry per app, and the apps counted since: an app with no
-        # request in the last minute and none since is reported as it was, not added up.
+        # The last report's entry per app, and the apps counted since: only those, and the
+        # apps with requests in a slot that left the minute since, are added up again.
         self._reported: dict[str, AppTraffic] = {}
         self._counted: set[str] = set()
-        self._report_slot = 0  # the 10 s slot of the last report
+        self._gone: set[str] = set()  # apps forgotten (an hour without requests), to report
+        self._reported_watches: tuple[WatchState, ...] = ()
+        self._left = -float("inf")  # slots starting by this had left the last report's minute
         self._last_report = 0.0
         # Made now, before nginx is first configured: nginx would make it readable by all.
         self.spool_path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,11 +174,12 @@ class StatsCollector(Actor):
         now = time.time()
         if now - self._last_report >= REPORT_EVERY:
             self._last_report = now
-            self.traffic.prune(now)
+            self._gone |= self.traffic.prune(now)
             self._close_idle_logs(now)
             self._check_watches(now)
-            if self.status is not None:
-                self.status.tell(self.traffic_report(now))
+            report = self.traffic_report(now)
+            if self.status is not None and report is not None:
+                self.status.tell(report)
         self.schedule(0 if busy else TICK, _Tick())
 
     # -- reading -------------------------------------------------------------------------
@@ -253,7 +261,8 @@ class StatsCollector(Actor):
             except OSError as exc:
                 log.error("%s: cannot open %s: %s", app, path, exc)
                 return
-        self._log_used[app] = time.monotonic()
+        self._log_used.pop(app, None)
+        self._log_used[app] = time.monotonic()  # now the most recent: last in the dict
         try:
             applog.write_lines(lines, b"")
         except OSError as exc:  # a full disk: the statistics go on
@@ -261,7 +270,10 @@ class StatsCollector(Actor):
 
     def _close_idle_logs(self, now: float) -> None:
         idle = time.monotonic() - 3600
-        for app in [a for a, used in self._log_used.items() if used < idle]:
+        while self._log_used:
+            app, used = next(iter(self._log_used.items()))  # the least recent
+            if used >= idle:
+                break
             self._logs.pop(app).close()
             del self._log_used[app]
 
@@ -311,40 +323,50 @@ class StatsCollector(Actor):
 
     # -- what others see ---------------------------------------------------------------
 
-    def traffic_report(self, now: float) -> TrafficReport:
+    def traffic_report(self, now: float) -> TrafficReport | None:
+        """What changed since the last report; None when nothing did.
+
+        An app is added up again when it got requests, or when a 10 s slot in
+        which it had some left its minute (its rate falls). Every other app's
+        entry stands as last reported: the status component keeps it.
+        """
+        left = now - 60 - SLOT  # Traffic.summary's minute: the slots starting after this
+        changed = self._counted | self.traffic.apps_with_slots(self._left, left)
+        self._left = left
+        self._counted = set()
         apps = []
-        slot = int(now // SLOT)
-        same, self._report_slot = slot == self._report_slot, slot  # no slot left the window
-        for app in self.traffic.apps():
-            reported = self._reported.get(app)
-            if reported is not None and app not in self._counted and (reported.rate == 0 or same):
-                # Nothing counted since its last report, and the minute's slots are the same
-                # (or it had none): its entry stands.
-                apps.append(reported)
+        for app in sorted(changed - self._gone):
+            entry = self._app_traffic(app, now)
+            if entry == self._reported.get(app):
                 continue
-            minute = self.traffic.summary(app, now, 60, latency=False)
-            totals = self.traffic.totals.get(app)
-            versions = ()
-            if totals is not None:
-                versions = tuple(
-                    VersionTraffic(version=v, classes=tuple(c))  # type: ignore[arg-type]
-                    for v, c in sorted(totals.by_version.items())
-                )
-            apps.append(
-                AppTraffic(
-                    app=app,
-                    rate=minute.rate,
-                    error_ratio=minute.error_ratio,
-                    versions=versions,
-                    latency_buckets=tuple(totals.buckets) if totals else (),
-                    latency_sum=totals.latency_sum if totals else 0.0,
-                    latency_count=totals.latency_count if totals else 0,
-                )
-            )
-        self._counted.clear()
-        self._reported = {traffic.app: traffic for traffic in apps}
+            self._reported[app] = entry
+            apps.append(entry)
+        gone = tuple(sorted(app for app in self._gone if self._reported.pop(app, None)))
+        self._gone.clear()
         watches = tuple(w.state() for w in self._watches.values())
-        return TrafficReport(at=now, apps=tuple(apps), watches=watches)
+        if not apps and not gone and watches == self._reported_watches:
+            return None
+        self._reported_watches = watches
+        return TrafficReport(at=now, apps=tuple(apps), gone=gone, watches=watches)
+
+    def _app_traffic(self, app: str, now: float) -> AppTraffic:
+        minute = self.traffic.summary(app, now, 60, latency=False)
+        totals = self.traffic.totals.get(app)
+        versions = ()
+        if totals is not None:
+            versions = tuple(
+                VersionTraffic(version=v, classes=tuple(c))  # type: ignore[arg-type]
+                for v, c in sorted(totals.by_version.items())
+            )
+        return AppTraffic(
+            app=app,
+            rate=minute.rate,
+            error_ratio=minute.error_ratio,
+            versions=versions,
+            latency_buckets=tuple(totals.buckets) if totals else (),
+            latency_sum=totals.latency_sum if totals else 0.0,
+            latency_count=totals.latency_count if totals else 0,
+        )
 
     def details(self, app: str, now: float) -> dict:
         """One app's windows (all versions, and each version) and its last hour, per minute."""

@@ -128,8 +128,7 @@ class StatusServer(Actor):
             case RollBack():
                 redeploy.roll_back(self.board, message)
             case TrafficReport():
-                self.board.traffic_changed(message)
-                self.metrics.traffic.report = message
+                self.metrics.traffic.apps = self.board.traffic_changed(message)
             case CertificateState():
                 self.board.certificate_changed(message)  # /metrics reads the board too
             case SwitchReady(mode=mode, reason=reason):

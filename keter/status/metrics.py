@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from keter.messages import TrafficReport
+from keter.messages import AppTraffic
 from keter.stats.traffic import CLASSES, METRIC_BUCKETS
 
 DURATION_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
@@ -59,14 +59,14 @@ class Metrics:
 
 
 class TrafficMetrics:
-    """Requests and upstream latency per app, from the stats component's latest report.
+    """Requests and upstream latency per app, as the stats component last reported them.
 
     A collector of its own: the counts are the stats component's (since keter
     started), exported as they are at each scrape.
     """
 
     def __init__(self) -> None:
-        self.report: TrafficReport | None = None
+        self.apps: dict[str, AppTraffic] = {}  # replaced whole at each report, never changed
 
     def collect(self):
         requests = CounterMetricFamily(
@@ -79,8 +79,7 @@ class TrafficMetrics:
             "Seconds the app took to answer (nginx's upstream response time)",
             labels=["app"],
         )
-        report = self.report
-        for app in report.apps if report is not None else ():
+        for app in self.apps.values():
             for version in app.versions:
                 for status, count in zip(CLASSES, version.classes, strict=True):
                     if count:

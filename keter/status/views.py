@@ -97,12 +97,17 @@ class StatusBoard:
         with self.cond:
             self.history.flush()
 
-    def traffic_changed(self, report: TrafficReport) -> None:
-        traffic = {app.app: app for app in report.apps}
+    def traffic_changed(self, report: TrafficReport) -> dict[str, AppTraffic]:
+        """Take in what changed; returns every app's entry now (a new dict, never changed:
+        /metrics reads it from another thread)."""
+        traffic = {**self._traffic, **{app.app: app for app in report.apps}}
+        for app in report.gone:
+            traffic.pop(app, None)
         watches = {watch.app: watch for watch in report.watches}
         with self.cond:
             self._traffic = traffic
             self._watches = watches
+        return traffic
 
     def add_event(self, app: str, kind: str, text: str, at: float) -> None:
         event = {"at": at, "app": app, "kind": str(kind), "text": capped_text(text, EVENT_LIMIT)}

@@ -27,7 +27,7 @@ from keter.bundle import (
     Ssl,
     TlsConfig,
 )
-from keter.config import KeterConfig, pem_problem
+from keter.config import KeterConfig
 from keter.messages import (
     BasicAuth,
     LocalOnly,
@@ -41,6 +41,7 @@ from keter.messages import (
     TlsFiles,
 )
 from keter.names import is_wildcard
+from keter.yamlcheck import pem_problem
 
 
 def sites_for(

@@ -1,6 +1,6 @@
 """Reading YAML configs strictly and checking their values, for both config files.
 
-``keter/config.py`` (the operator's ``keter-config.yaml``) and ``keter/bundle/``
+``keter/config/`` (the operator's ``keter-config.yaml``) and ``keter/bundle/``
 (a bundle's ``config/keter.yaml``) share these: the strict YAML loader, the
 ``Checker`` that collects every problem with its key path, the helpers that
 show a value in a problem safely (``describe``, ``key_name``, ``type_name``,

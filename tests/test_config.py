@@ -333,7 +333,7 @@ def test_read_ephemeral_range(tmp_path: Path) -> None:
 
 
 def test_unreadable_ephemeral_range_is_a_warning(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr("keter.config.EPHEMERAL_RANGE_FILE", tmp_path / "missing")
+    monkeypatch.setattr("keter.config.ports.EPHEMERAL_RANGE_FILE", tmp_path / "missing")
     config = parse_config({}, root=ROOT, base=ROOT)
     assert config.warnings == (
         f"port-range: cannot read {tmp_path / 'missing'}; overlap with it not checked",

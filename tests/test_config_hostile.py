@@ -556,12 +556,12 @@ def test_global_config_file_that_is_a_fifo(tmp_path) -> None:
 
 
 def test_global_unanticipated_exception(tmp_path, monkeypatch) -> None:
-    import keter.config
+    import keter.config.reader
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError
 
-    monkeypatch.setattr(keter.config, "_check_ports", broken)
+    monkeypatch.setattr(keter.config.reader, "check_ports", broken)
     assert config_refused("{}", tmp_path) == (
         "internal error while reading keter-config.yaml: ZeroDivisionError"
     )

@@ -70,7 +70,7 @@ def test_minimal_flat_config(tmp_path: Path) -> None:
     folder = (tmp_path / "bundle").resolve()
     assert config == BundleConfig(
         app="app",
-        webapp=WebApp(exec=folder / "hello", args=(), hosts=("example.com",), env={}),
+        webapps=(WebApp(exec=folder / "hello", args=(), hosts=("example.com",), env={}),),
         postgres=False,
         warnings=(),
     )

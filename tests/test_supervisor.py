@@ -7,12 +7,21 @@ end-to-end tests (test_deploy.py and friends) show the same flows for real.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from support.supervisor import SWITCH_ADDRESS, FakeComponent, Rig, make_rig, webapp
+from support.supervisor import (
+    SWITCH_ADDRESS,
+    Rig,
+    assert_kept_serving,
+    fake_components,
+    make_rig,
+    static_only,
+    webapp,
+)
 
-from keter.bundle import Background, BundleConfig, StaticFiles
+from keter.bundle import Background, BundleConfig
 from keter.bundle.model import PostgresServer
 from keter.config import KeterConfig
 from keter.deploys import TRANSITIONS, Deploy, IllegalTransition, Stage
@@ -59,7 +68,7 @@ from keter.messages import (
     UnpackFailed,
     WatchDrain,
 )
-from keter.supervisor import RESTART_LIMIT, Components, Supervisor
+from keter.supervisor import RESTART_LIMIT, Supervisor
 
 # -- the table ---------------------------------------------------------------------------
 
@@ -90,16 +99,7 @@ def test_a_move_outside_the_table_is_refused(tmp_path) -> None:
 def test_nothing_deploys_before_nginx_took_the_first_config(tmp_path) -> None:
     """... and before the switch component said which mode it runs in."""
     config = KeterConfig(root=tmp_path / "root")
-    parts = {name: FakeComponent(name) for name in Component}
-    components = Components(
-        watcher=parts[Component.WATCHER],
-        unpacker=parts[Component.UNPACKER],
-        monitor=parts[Component.PROCESSES],
-        nginx=parts[Component.NGINX],
-        postgres=parts[Component.POSTGRES],
-        switch=parts[Component.SWITCH],
-        backups=parts[Component.BACKUPS],
-    )
+    parts, components = fake_components(switch=True, status=False)
     sup = Supervisor(config, components)
     sup.start()
     assert parts[Component.WATCHER].started == 0
@@ -182,7 +182,7 @@ def test_a_redeploy_retires_the_old_version_after_the_drain(rig: Rig) -> None:
 
 def test_a_database_deploy_provisions_before_starting(rig: Rig) -> None:
     unpack = rig.arrive("a")
-    config = BundleConfig(app="a", webapp=webapp(rig.tmp).webapp, postgres=True)
+    config = replace(webapp(rig.tmp), postgres=True)
     rig.unpacked(unpack, config)
     provision = rig.postgres.one(ProvisionDatabase)
     assert rig.monitor.take(StartProcess) == []
@@ -193,11 +193,8 @@ def test_a_database_deploy_provisions_before_starting(rig: Rig) -> None:
 
 
 def test_workers_start_once_the_version_serves_and_stop_with_it(rig: Rig) -> None:
-    config = BundleConfig(
-        app="a",
-        webapp=webapp(rig.tmp).webapp,
-        backgrounds=(Background(exec=rig.tmp / "bin/worker", restart_count=1),),
-    )
+    worker = Background(exec=rig.tmp / "bin/worker", restart_count=1)
+    config = replace(webapp(rig.tmp), backgrounds=(worker,))
     unpack = rig.arrive("a")
     rig.unpacked(unpack, config)
     start = rig.monitor.one(StartProcess)
@@ -220,13 +217,7 @@ def test_workers_start_once_the_version_serves_and_stop_with_it(rig: Rig) -> Non
 
 def test_a_bundle_without_a_web_app_switches_at_once(rig: Rig) -> None:
     unpack = rig.arrive("docs")
-    (unpack.dest / "public").mkdir(parents=True)
-    config = BundleConfig(
-        app="docs",
-        webapp=None,
-        static_files=(StaticFiles(root=unpack.dest / "public", hosts=("docs.test",)),),
-    )
-    rig.unpacked(unpack, config)
+    rig.unpacked(unpack, static_only(unpack.dest / "public"))
     assert rig.monitor.take(StartProcess) == []
     rig.nginx_ok()
     assert rig.sup.apps["docs"].serving.stage is Stage.SERVING
@@ -326,22 +317,12 @@ def test_removal_while_starting_abandons_the_deploy(rig: Rig) -> None:
 # -- failure at every stage ------------------------------------------------------------------
 
 
-@pytest.fixture
-def serving(rig: Rig) -> StartProcess:
-    """App "a" serves version 11..; the next deploy may fail anywhere."""
-    start = rig.deploy("a", webapp(rig.tmp), sha="11" * 32)
-    rig.finished()
-    return start
-
-
 def assert_failed(rig: Rig, serving: StartProcess, kind: FailureKind) -> DeployFinished:
+    """The deploy on its way failed (``kind``); the ``serving`` version serves on."""
     [done] = rig.finished()
     assert (done.outcome, done.kind) == (Outcome.FAILED, kind)
-    app = rig.sup.apps["a"]
-    assert app.next is None
-    assert app.serving.id == serving.deploy_id and app.serving.stage is Stage.SERVING
-    assert not any(s.deploy_id == serving.deploy_id for s in rig.monitor.take(StopProcess))
-    assert rig.snapshot("a").state is AppState.RUNNING
+    assert rig.sup.apps["a"].next is None
+    assert_kept_serving(rig, serving)
     return done
 
 
@@ -375,12 +356,8 @@ def test_a_database_server_keter_cannot_provision_on_refuses_the_bundle(
     rig: Rig, serving: StartProcess
 ) -> None:
     unpack = rig.arrive("a")
-    config = BundleConfig(
-        app="a",
-        webapp=webapp(rig.tmp).webapp,
-        postgres=True,
-        postgres_server=PostgresServer(host="db.example.com", port=5432),
-    )
+    server = PostgresServer(host="db.example.com", port=5432)
+    config = replace(webapp(rig.tmp), postgres=True, postgres_server=server)
     rig.unpacked(unpack, config)
     done = assert_failed(rig, serving, FailureKind.CONFIG)
     assert "db.example.com" in done.reason and "admin-dsn" in done.reason
@@ -389,7 +366,7 @@ def test_a_database_server_keter_cannot_provision_on_refuses_the_bundle(
 
 def test_failure_while_provisioning(rig: Rig, serving: StartProcess) -> None:
     unpack = rig.arrive("a")
-    rig.unpacked(unpack, BundleConfig(app="a", webapp=webapp(rig.tmp).webapp, postgres=True))
+    rig.unpacked(unpack, replace(webapp(rig.tmp), postgres=True))
     provision = rig.postgres.one(ProvisionDatabase)
     rig.send(DatabaseFailed(app="a", deploy_id=provision.deploy_id, reason="server down"))
     assert_failed(rig, serving, FailureKind.DATABASE)
@@ -725,13 +702,7 @@ def test_a_crash_restart_changes_neither_nginx_nor_the_kernel(kernel: Rig) -> No
 
 def test_a_bundle_without_a_web_app_switches_through_nginx(kernel: Rig) -> None:
     unpack = kernel.arrive("docs")
-    (unpack.dest / "public").mkdir(parents=True)
-    config = BundleConfig(
-        app="docs",
-        webapp=None,
-        static_files=(StaticFiles(root=unpack.dest / "public", hosts=("docs.test",)),),
-    )
-    kernel.unpacked(unpack, config)
+    kernel.unpacked(unpack, static_only(unpack.dest / "public"))
     assert kernel.switch.take(PointServices) == []
     kernel.nginx_ok()
     assert kernel.sup.apps["docs"].serving.stage is Stage.SERVING

@@ -11,12 +11,11 @@ import dataclasses
 import json
 
 import pytest
-from support.supervisor import Rig, make_rig, webapp
+from support.supervisor import Rig, assert_kept_serving, make_rig, webapp
 
 from keter.bundle import BundleConfig, Release
 from keter.deploys import Stage
 from keter.messages import (
-    AppState,
     BackupDatabase,
     BackupFailed,
     BackupInfo,
@@ -87,21 +86,6 @@ def finished(run: RunOnce, returncode: int | None = 0, **fields) -> RunFinished:
         reason=fields.pop("reason", reason),
         **fields,
     )
-
-
-@pytest.fixture
-def serving(rig: Rig) -> StartProcess:
-    """App "a" serves version 11.. (no release); the next deploy has one."""
-    start = rig.deploy("a", webapp(rig.tmp), sha="11" * 32)
-    rig.finished()
-    return start
-
-
-def assert_kept_serving(rig: Rig, serving: StartProcess) -> None:
-    app = rig.sup.apps["a"]
-    assert app.serving.id == serving.deploy_id and app.serving.stage is Stage.SERVING
-    assert not any(s.deploy_id == serving.deploy_id for s in rig.monitor.take(StopProcess))
-    assert rig.snapshot("a").state is AppState.RUNNING
 
 
 # -- the stages ---------------------------------------------------------------------------

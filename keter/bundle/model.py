@@ -249,7 +249,7 @@ class PostgresServer:
     port: int = 5432
 
 
-@dataclass(frozen=True, kw_only=True, init=False)
+@dataclass(frozen=True, kw_only=True)
 class BundleConfig:
     """A validated bundle config."""
 
@@ -265,41 +265,6 @@ class BundleConfig:
     # keter.stats' watched rollout: seconds to watch a new version after its switch
     # (0: not watched); None: keter-config.yaml's watch-seconds.
     watch_seconds: float | None = None
-
-    def __init__(
-        self,
-        *,
-        app: str,
-        webapps: tuple[WebApp, ...] = (),
-        webapp: WebApp | None = None,
-        postgres: bool = False,
-        postgres_server: PostgresServer | None = None,
-        warnings: tuple[str, ...] = (),
-        backgrounds: tuple[Background, ...] = (),
-        static_files: tuple[StaticFiles, ...] = (),
-        redirects: tuple[Redirect, ...] = (),
-        reverse_proxies: tuple[ReverseProxy, ...] = (),
-        watch_seconds: float | None = None,
-    ) -> None:
-        # ``webapp=`` (one web app) is still taken until every caller says ``webapps=``.
-        if webapp is not None:
-            if webapps:
-                raise TypeError("give webapps or webapp, not both")
-            webapps = (webapp,)
-        values = {
-            "app": app,
-            "webapps": tuple(webapps),
-            "postgres": postgres,
-            "postgres_server": postgres_server,
-            "warnings": tuple(warnings),
-            "backgrounds": tuple(backgrounds),
-            "static_files": tuple(static_files),
-            "redirects": tuple(redirects),
-            "reverse_proxies": tuple(reverse_proxies),
-            "watch_seconds": watch_seconds,
-        }
-        for name, value in values.items():
-            object.__setattr__(self, name, value)
 
     @property
     def webapp(self) -> WebApp | None:

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from keter.bundle import BundleConfig, WebApp
+from keter.bundle import BundleConfig, StaticFiles, WebApp
 from keter.config import KeterConfig
+from keter.deploys import Stage
 from keter.messages import (
     AppChanged,
     ApplyNginx,
+    AppState,
     BundleArrived,
     BundleUnpacked,
     Component,
@@ -155,9 +157,19 @@ SWITCH_ADDRESS = "127.9.9.9"
 
 
 def webapp(tmp: Path, host: str = "a.test", **extra) -> BundleConfig:
+    """A bundle of one web app on ``host`` (``extra``: more ``WebApp`` fields); its app
+    is the host's first label. ``dataclasses.replace`` it for the bundle's own keys."""
     return BundleConfig(
         app=host.split(".")[0],
-        webapp=WebApp(exec=tmp / "bin/app", hosts=(host,), **extra),
+        webapps=(WebApp(exec=tmp / "bin/app", hosts=(host,), **extra),),
+    )
+
+
+def static_only(folder: Path, host: str = "docs.test") -> BundleConfig:
+    """A bundle that runs nothing: static files from ``folder`` (made here) on ``host``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return BundleConfig(
+        app=host.split(".")[0], static_files=(StaticFiles(root=folder, hosts=(host,)),)
     )
 
 
@@ -177,9 +189,11 @@ def free_range(size: int = 100) -> int:
     raise RuntimeError(f"no {size} free ports in a row above 61000")
 
 
-def make_rig(tmp_path: Path, *, kernel: bool) -> Rig:
-    base = free_range()
-    config = KeterConfig(root=tmp_path / "root", port_range=(base, base + 99), drain_seconds=2)
+def fake_components(
+    *, switch: bool, status: bool = True
+) -> tuple[dict[Component, FakeComponent], Components]:
+    """A ``FakeComponent`` for every component, and the ``Components`` the supervisor gets:
+    the switch and the status component only when asked (stats and acme never)."""
     parts = {name: FakeComponent(name) for name in Component}
     components = Components(
         watcher=parts[Component.WATCHER],
@@ -188,9 +202,32 @@ def make_rig(tmp_path: Path, *, kernel: bool) -> Rig:
         nginx=parts[Component.NGINX],
         postgres=parts[Component.POSTGRES],
         backups=parts[Component.BACKUPS],
-        status=parts[Component.STATUS],
-        switch=parts[Component.SWITCH] if kernel else None,
+        status=parts[Component.STATUS] if status else None,
+        switch=parts[Component.SWITCH] if switch else None,
     )
+    return parts, components
+
+
+@pytest.fixture
+def serving(rig: Rig) -> StartProcess:
+    """App "a" serves version 11.. (no release); the next deploy may fail anywhere."""
+    start = rig.deploy("a", webapp(rig.tmp), sha="11" * 32)
+    rig.finished()
+    return start
+
+
+def assert_kept_serving(rig: Rig, serving: StartProcess) -> None:
+    """The version that served (the ``serving`` fixture's) serves on, untouched."""
+    app = rig.sup.apps["a"]
+    assert app.serving.id == serving.deploy_id and app.serving.stage is Stage.SERVING
+    assert not any(s.deploy_id == serving.deploy_id for s in rig.monitor.take(StopProcess))
+    assert rig.snapshot("a").state is AppState.RUNNING
+
+
+def make_rig(tmp_path: Path, *, kernel: bool) -> Rig:
+    base = free_range()
+    config = KeterConfig(root=tmp_path / "root", port_range=(base, base + 99), drain_seconds=2)
+    parts, components = fake_components(switch=kernel)
     clock = Clock()
     sup = Supervisor(config, components, ports=PortPool(base, base + 99), clock=clock)
     rig = Rig(

@@ -6,6 +6,7 @@ them astray. So every name the docs make a claim with is checked here:
 
 * every ``keter/...`` path in README.md and ARCHITECTURE.md exists;
 * every dotted ``keter.x.y`` name in ARCHITECTURE.md imports (module or attribute);
+* every number it gives as ```NAME` = value`` is that constant's value in the code;
 * ARCHITECTURE.md's deploy stage table lists exactly ``keter.deploys.Stage`` and
   its moves table exactly ``keter.deploys.TRANSITIONS``;
 * its process state table lists exactly ``ProcessState`` and its process
@@ -41,6 +42,7 @@ DOTTED = re.compile(r"`(keter(?:\.[A-Za-z_]\w*)+)`")
 NOT_NAMES = {"keter.lock", "keter.sock", "keter.service", "keter.yaml", "keter.keter"}
 CODE = re.compile(r"`([^`]+)`")
 WORD = re.compile(r"\b[A-Z][a-z]\w*\b")  # a CamelCase name (all-caps words are not)
+CONSTANT = re.compile(r"`([A-Z][A-Z0-9_]+)` = (\d+(?:\.\d+)?)")
 
 
 def text(path: Path) -> str:
@@ -124,6 +126,22 @@ def test_every_dotted_name_in_architecture_resolves() -> None:
     named = set(DOTTED.findall(text(ARCHITECTURE))) - NOT_NAMES
     missing = sorted(name for name in named if not resolves(name))
     assert not missing, f"ARCHITECTURE.md names what does not exist: {missing}"
+
+
+def test_every_constant_the_doc_quotes_has_that_value() -> None:
+    """The doc quotes numbers as ```NAME` = value``; NAME is found where it is defined."""
+    quoted = CONSTANT.findall(text(ARCHITECTURE))
+    assert len(quoted) >= 5, "the doc quotes hardly any constant: the pattern is broken"
+    sources = {
+        path: path.read_text(encoding="utf-8") for path in sorted((REPO / "keter").rglob("*.py"))
+    }
+    for name, value in quoted:
+        defined = re.compile(rf"^{name}\b.*=", re.M)
+        where = [path for path, source in sources.items() if defined.search(source)]
+        assert len(where) == 1, f"ARCHITECTURE.md quotes {name}, defined in {where or 'no module'}"
+        dotted = ".".join(where[0].relative_to(REPO).with_suffix("").parts)
+        actual = getattr(importlib.import_module(dotted.removesuffix(".__init__")), name)
+        assert float(value) == actual, f"ARCHITECTURE.md: {name} = {value}, {dotted}: {actual}"
 
 
 # -- the deploy state machine --------------------------------------------------------------

@@ -3,7 +3,7 @@
 ``make_bundle`` writes a NAME.keter gzip tarball (or, with ``unpacked=True``, the
 folder keter would unpack it to) from a config, files, folders, no-op executables,
 an app script and raw tar members of any type. ``bundle_bytes`` is the same
-tarball in memory.
+tarball in memory; ``bundle_entries`` what either holds.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import tarfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -27,17 +28,17 @@ NO_OP = b"#!/bin/sh\nexit 0\n"
 Member = tuple[tarfile.TarInfo, bytes | None]
 
 
-def _entries(
+def bundle_entries(
     *,
     config: dict | str | bytes | None,
-    config_name: str,
-    files: Mapping[str, bytes | str] | None,
-    executables: Iterable[str],
-    folders: Iterable[str],
-    app_source: Path | None,
-    interpreter: str,
+    config_name: str = "keter.yaml",
+    files: Mapping[str, bytes | str] | None = None,
+    executables: Iterable[str] = (),
+    folders: Iterable[str] = (),
+    app_source: Path | None = VERSIONED_APP,
+    interpreter: str = sys.executable,
 ) -> dict[str, tuple[bytes | None, int]]:
-    """``{path: (data, mode)}`` of a bundle; data None is a folder."""
+    """``{path: (data, mode)}`` of a bundle; data None is a folder (see ``make_bundle``)."""
     entries: dict[str, tuple[bytes | None, int]] = {}
     for name in folders:
         entries[name] = (None, 0o755)
@@ -57,30 +58,11 @@ def _entries(
     return entries
 
 
-def bundle_bytes(
-    *,
-    config: dict | str | bytes | None,
-    config_name: str = "keter.yaml",
-    files: Mapping[str, bytes | str] | None = None,
-    executables: Iterable[str] = (),
-    folders: Iterable[str] = (),
-    app_source: Path | None = VERSIONED_APP,
-    interpreter: str = sys.executable,
-    members: Iterable[Member] = (),
-) -> bytes:
+def bundle_bytes(*, members: Iterable[Member] = (), **contents: Any) -> bytes:
     """A gzip tarball in memory; see ``make_bundle``."""
-    entries = _entries(
-        config=config,
-        config_name=config_name,
-        files=files,
-        executables=executables,
-        folders=folders,
-        app_source=app_source,
-        interpreter=interpreter,
-    )
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, (data, mode) in entries.items():
+        for name, (data, mode) in bundle_entries(**contents).items():
             info = tarfile.TarInfo(name)
             info.mode, info.mtime = mode, int(time.time())
             if data is None:
@@ -97,19 +79,11 @@ def bundle_bytes(
 
 
 def make_bundle(
-    path: Path,
-    *,
-    config: dict | str | bytes | None,
-    config_name: str = "keter.yaml",
-    files: Mapping[str, bytes | str] | None = None,
-    executables: Iterable[str] = (),
-    folders: Iterable[str] = (),
-    app_source: Path | None = VERSIONED_APP,
-    interpreter: str = sys.executable,
-    members: Iterable[Member] = (),
-    unpacked: bool = False,
+    path: Path, *, members: Iterable[Member] = (), unpacked: bool = False, **contents: Any
 ) -> Path:
     """Write a bundle at ``path``; returns ``path``.
+
+    ``contents`` are ``bundle_entries``' keywords:
 
     - ``config``: config/``config_name`` (a dict is dumped as YAML; None: no config).
     - ``files``: more files (mode 0644), ``folders``: empty folders,
@@ -117,36 +91,17 @@ def make_bundle(
     - ``app_source``: copied to bin/app (0755) with ``interpreter`` (default: the
       tests' own Python) in its shebang, so the app runs with it whatever PATH
       keter gives it. None: no bin/app.
-    - ``members``: raw tar members (see ``member``), added last, as they are.
-    - ``unpacked``: write the folder keter would unpack the bundle to, not a tarball.
+
+    ``members``: raw tar members (see ``member``), added last, as they are.
+    ``unpacked``: write the folder keter would unpack the bundle to, not a tarball.
     """
     if not unpacked:
-        path.write_bytes(
-            bundle_bytes(
-                config=config,
-                config_name=config_name,
-                files=files,
-                executables=executables,
-                folders=folders,
-                app_source=app_source,
-                interpreter=interpreter,
-                members=members,
-            )
-        )
+        path.write_bytes(bundle_bytes(members=members, **contents))
         return path
     if members:
         raise ValueError("raw tar members need a tarball, not an unpacked folder")
-    entries = _entries(
-        config=config,
-        config_name=config_name,
-        files=files,
-        executables=executables,
-        folders=folders,
-        app_source=app_source,
-        interpreter=interpreter,
-    )
     path.mkdir(parents=True)
-    for name, (data, mode) in entries.items():
+    for name, (data, mode) in bundle_entries(**contents).items():
         target = path / name
         if data is None:
             target.mkdir(parents=True, exist_ok=True)

@@ -53,15 +53,21 @@ def released(rig: Rig, *, postgres: bool = False, timeout: float = 5.0) -> Bundl
     return dataclasses.replace(webapp(rig.tmp, release=release), postgres=postgres)
 
 
+def to_backup(rig: Rig, config: BundleConfig | None = None, sha: str = SHA) -> BackupDatabase:
+    """Play a deploy of ``config`` (default: a release and a database) up to its backup."""
+    unpack = rig.arrive("a")
+    rig.unpacked(unpack, config or released(rig, postgres=True), sha)
+    provision = rig.postgres.one(ProvisionDatabase)
+    rig.send(DatabaseReady(app="a", deploy_id=provision.deploy_id, db=DB))
+    return rig.backups.one(BackupDatabase)
+
+
 def to_release(rig: Rig, config: BundleConfig, sha: str = SHA) -> RunOnce:
     """Play a deploy of ``config`` up to its release (with its backup if it has a database)."""
-    unpack = rig.arrive("a")
-    rig.unpacked(unpack, config, sha)
     if config.postgres:
-        provision = rig.postgres.one(ProvisionDatabase)
-        rig.send(DatabaseReady(app="a", deploy_id=provision.deploy_id, db=DB))
-        backup = rig.backups.one(BackupDatabase)
-        rig.send(taken(backup))
+        rig.send(taken(to_backup(rig, config, sha)))
+    else:
+        rig.unpacked(rig.arrive("a"), config, sha)
     return rig.monitor.one(RunOnce)
 
 
@@ -123,13 +129,9 @@ def test_the_release_runs_before_any_web_app_starts(rig: Rig) -> None:
 
 
 def test_a_database_is_backed_up_before_the_release(rig: Rig) -> None:
-    unpack = rig.arrive("a")
-    rig.unpacked(unpack, released(rig, postgres=True), SHA)
-    provision = rig.postgres.one(ProvisionDatabase)
-    rig.send(DatabaseReady(app="a", deploy_id=provision.deploy_id, db=DB))
+    backup = to_backup(rig)
     deploy = rig.sup.apps["a"].next
     assert deploy.stage is Stage.BACKING_UP
-    backup = rig.backups.one(BackupDatabase)
     assert (backup.kind, backup.version, backup.db, backup.deploy_id) == (
         BackupKind.RELEASE,
         SHA[:12],
@@ -193,11 +195,7 @@ def test_a_failed_release_fails_the_deploy_and_nothing_switches(
 def test_a_failed_backup_fails_the_deploy_before_the_release(
     rig: Rig, serving: StartProcess
 ) -> None:
-    unpack = rig.arrive("a")
-    rig.unpacked(unpack, released(rig, postgres=True), SHA)
-    provision = rig.postgres.one(ProvisionDatabase)
-    rig.send(DatabaseReady(app="a", deploy_id=provision.deploy_id, db=DB))
-    backup = rig.backups.one(BackupDatabase)
+    backup = to_backup(rig)
     rig.send(BackupFailed(app="a", deploy_id=backup.deploy_id, reason="pg_dump exited 1"))
     [done] = rig.finished()
     assert (done.outcome, done.kind) == (Outcome.FAILED, FailureKind.BACKUP)
@@ -208,11 +206,7 @@ def test_a_failed_backup_fails_the_deploy_before_the_release(
 
 def test_a_failed_backup_may_be_allowed(rig: Rig) -> None:
     rig.sup.config = dataclasses.replace(rig.sup.config, backup_required=False)
-    unpack = rig.arrive("a")
-    rig.unpacked(unpack, released(rig, postgres=True), SHA)
-    provision = rig.postgres.one(ProvisionDatabase)
-    rig.send(DatabaseReady(app="a", deploy_id=provision.deploy_id, db=DB))
-    backup = rig.backups.one(BackupDatabase)
+    backup = to_backup(rig)
     rig.send(BackupFailed(app="a", deploy_id=backup.deploy_id, reason="disk full"))
     assert rig.monitor.one(RunOnce).app == "a"
 
@@ -280,11 +274,7 @@ def test_a_newer_bundle_after_a_failed_release_deploys(rig: Rig, serving: StartP
 
 
 def test_a_newer_bundle_stops_a_backup_at_once(rig: Rig, serving: StartProcess) -> None:
-    unpack = rig.arrive("a")
-    rig.unpacked(unpack, released(rig, postgres=True), SHA)
-    provision = rig.postgres.one(ProvisionDatabase)
-    rig.send(DatabaseReady(app="a", deploy_id=provision.deploy_id, db=DB))
-    backup = rig.backups.one(BackupDatabase)
+    backup = to_backup(rig)
     rig.send(BundleArrived(app="a", path=rig.tmp / "a.keter", mtime_ns=2, size=1))
     [done] = rig.finished()
     assert done.outcome is Outcome.SUPERSEDED  # a dump changes nothing: no need to wait

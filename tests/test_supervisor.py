@@ -56,6 +56,7 @@ from keter.messages import (
     ProxyApp,
     ReleaseServices,
     RemoveFolder,
+    RollBack,
     ScanCompleted,
     ServicesPointed,
     ShutdownRequested,
@@ -66,7 +67,9 @@ from keter.messages import (
     SwitchReady,
     UnpackBundle,
     UnpackFailed,
+    VersionUnhealthy,
     WatchDrain,
+    WatchVersion,
 )
 from keter.supervisor import RESTART_LIMIT, Supervisor
 
@@ -497,6 +500,56 @@ def test_a_bug_in_the_supervisor_fails_only_that_deploy(rig: Rig, serving: Start
 def test_shutdown_sets_the_exit_code(rig: Rig) -> None:
     rig.send(ShutdownRequested(signal_name="SIGTERM"))
     assert rig.sup.exit_code == 0
+
+
+# -- watched rollout (keter.stats watches, the supervisor decides) ---------------------------
+
+
+@pytest.fixture
+def watched(tmp_path: Path) -> Rig:
+    """Version 11.. served, then 22.. replaced it and is watched by the stats component."""
+    rig = make_rig(tmp_path, kernel=False, stats=True)
+    rig.deploy("a", webapp(rig.tmp), sha="11" * 32)
+    assert rig.stats.take(WatchVersion) == []  # a first version has nothing to go back to
+    rig.deploy("a", webapp(rig.tmp), sha="22" * 32)
+    rig.finished()
+    return rig
+
+
+def test_a_watched_version_that_made_things_worse_rolls_back_once(watched: Rig) -> None:
+    watch = watched.stats.one(WatchVersion)
+    assert (watch.version, watch.previous) == ("22" * 6, "11" * 6)
+    assert watch.seconds == watched.sup.config.watch_seconds
+    unhealthy = VersionUnhealthy(app="a", version="22" * 6, reason="5xx 50% of 40 requests")
+    watched.send(unhealthy)
+    [done] = watched.finished()
+    assert (done.outcome, done.sha256, done.reason) == (
+        Outcome.ROLLED_BACK,
+        "22" * 32,
+        unhealthy.reason,
+    )
+    assert watched.status.one(RollBack).sha256 == "11" * 32
+    serving = watched.sup.apps["a"].serving
+    assert serving.sha256 == "22" * 32 and serving.outcome is Outcome.SERVING  # until replaced
+    watched.send(unhealthy)  # once only
+    assert watched.finished() == [] and watched.status.take(RollBack) == []
+
+
+def test_a_verdict_after_the_watch_or_for_another_version_changes_nothing(watched: Rig) -> None:
+    watched.send(VersionUnhealthy(app="a", version="11" * 6, reason="old news"))
+    watched.clock.now += watched.sup.config.watch_seconds + 60
+    watched.send(VersionUnhealthy(app="a", version="22" * 6, reason="too late"))
+    assert watched.finished() == [] and watched.status.take(RollBack) == []
+
+
+def test_a_watched_version_that_crash_loops_rolls_back(watched: Rig) -> None:
+    process_id = watched.sup.apps["a"].serving.id  # its web app's process (the first)
+    for _ in range(3):
+        for state in (ProcessState.RUNNING, ProcessState.BACKOFF):
+            watched.send(ProcessStateChanged(app="a", deploy_id=process_id, state=state))
+    [done] = watched.finished()
+    assert done.outcome is Outcome.ROLLED_BACK and "crashed 3 times" in done.reason
+    assert watched.status.one(RollBack).sha256 == "11" * 32
 
 
 # -- kernel mode (keter.switch): stable addresses instead of nginx reloads -------------------

@@ -50,7 +50,19 @@ class Reports(SupervisorState):
         kind: FailureKind | None = None,
         watch_seconds: float = 0.0,
     ) -> None:
+        """The deploy's outcome: kept on it, and a line of the app's history."""
         deploy.outcome = outcome
+        self._report_outcome(deploy, outcome, reason, kind, watch_seconds)
+
+    def _report_outcome(
+        self,
+        deploy: Deploy,
+        outcome: Outcome,
+        reason: str = "",
+        kind: FailureKind | None = None,
+        watch_seconds: float = 0.0,
+    ) -> None:
+        """Tell the status component (history, events, metrics) how the deploy went."""
         if self.c.status is not None:
             self.c.status.tell(
                 DeployFinished(

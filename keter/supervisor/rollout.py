@@ -7,10 +7,9 @@ rolled back once: its predecessor's archived bundle is deployed again.
 from __future__ import annotations
 
 import logging
-import time
 
 from keter.deploys import Deploy
-from keter.messages import DeployFinished, Outcome, RollBack, WatchVersion
+from keter.messages import Outcome, RollBack, WatchVersion
 from keter.supervisor.state import SupervisorState
 
 log = logging.getLogger(__name__)
@@ -63,17 +62,7 @@ class Rollout(SupervisorState):
             return  # a newer bundle is on its way, or the watch is over
         target, deploy.rollback_to = deploy.rollback_to, None
         log.warning("%s: version %s rolled back to %s: %s", app_name, version, target[:12], reason)
+        # History says so; the deploy's own outcome stays SERVING: it serves until replaced.
+        self._report_outcome(deploy, Outcome.ROLLED_BACK, reason)
         if self.c.status is not None:
-            self.c.status.tell(
-                DeployFinished(
-                    app=deploy.app,
-                    version=deploy.version,
-                    sha256=deploy.sha256,
-                    bundle_mtime=deploy.bundle_mtime,
-                    outcome=Outcome.ROLLED_BACK,
-                    reason=reason,
-                    duration=self.clock() - deploy.began,
-                    at=time.time(),
-                )
-            )
             self.c.status.tell(RollBack(app=app_name, sha256=target, reason=reason))

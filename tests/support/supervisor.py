@@ -93,6 +93,7 @@ class Rig:
     tmp: Path
     backups: FakeComponent
     switch: FakeComponent | None = None
+    stats: FakeComponent | None = None  # make_rig(stats=True): watched rollout
 
     def send(self, *messages: object) -> None:
         for message in messages:
@@ -190,10 +191,10 @@ def free_range(size: int = 100) -> int:
 
 
 def fake_components(
-    *, switch: bool, status: bool = True
+    *, switch: bool, status: bool = True, stats: bool = False
 ) -> tuple[dict[Component, FakeComponent], Components]:
     """A ``FakeComponent`` for every component, and the ``Components`` the supervisor gets:
-    the switch and the status component only when asked (stats and acme never)."""
+    the switch, status and stats components only when asked (acme never)."""
     parts = {name: FakeComponent(name) for name in Component}
     components = Components(
         watcher=parts[Component.WATCHER],
@@ -204,6 +205,7 @@ def fake_components(
         backups=parts[Component.BACKUPS],
         status=parts[Component.STATUS] if status else None,
         switch=parts[Component.SWITCH] if switch else None,
+        stats=parts[Component.STATS] if stats else None,
     )
     return parts, components
 
@@ -224,10 +226,10 @@ def assert_kept_serving(rig: Rig, serving: StartProcess) -> None:
     assert rig.snapshot("a").state is AppState.RUNNING
 
 
-def make_rig(tmp_path: Path, *, kernel: bool) -> Rig:
+def make_rig(tmp_path: Path, *, kernel: bool, stats: bool = False) -> Rig:
     base = free_range()
     config = KeterConfig(root=tmp_path / "root", port_range=(base, base + 99), drain_seconds=2)
-    parts, components = fake_components(switch=kernel)
+    parts, components = fake_components(switch=kernel, stats=stats)
     clock = Clock()
     sup = Supervisor(config, components, ports=PortPool(base, base + 99), clock=clock)
     rig = Rig(
@@ -242,6 +244,7 @@ def make_rig(tmp_path: Path, *, kernel: bool) -> Rig:
         tmp_path,
         parts[Component.BACKUPS],
         parts[Component.SWITCH] if kernel else None,
+        parts[Component.STATS] if stats else None,
     )
     sup.start()
     rig.nginx_ok()  # keter's first config; the watcher starts with its reply

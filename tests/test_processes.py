@@ -45,7 +45,7 @@ from keter.processes.applog import (
 )
 from keter.processes.cgroups import Cgroups
 from keter.processes.forkgate import ForkGate
-from keter.processes.groups import group_members
+from keter.processes.groups import group_members, wait_group_gone
 from keter.processes.health import is_healthy, probe_http
 from keter.processes.ports import port_is_free
 from keter.processes.states import (
@@ -452,6 +452,23 @@ def test_shutdown_stops_everything_in_parallel(make_monitor, tmp_path):
     assert list((tmp_path / "run" / "processes").iterdir()) == []
     for deploy_id in (1, 2, 3):
         monitor.expect(ProcessStopped, deploy_id=deploy_id)
+
+
+def test_waiting_for_a_group_works_with_descriptors_past_1024():
+    """With a thousand apps keter holds more than 1024 descriptors; a stop still waits."""
+    proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    # Hold the low descriptors so the pidfds wait_group_gone opens land past select's 1024.
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        assert not wait_group_gone(proc.pid, time.monotonic() + 0.05)  # still alive
+        os.killpg(proc.pid, signal.SIGKILL)
+        threading.Timer(0.1, proc.wait).start()  # reap it, as the output reader would
+        assert wait_group_gone(proc.pid, time.monotonic() + 5)
+    finally:
+        for fd in held:
+            os.close(fd)
+        proc.kill()
+        proc.wait()
 
 
 # -- leftovers of a keter that was SIGKILLed ----------------------------------------------

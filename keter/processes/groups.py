@@ -72,14 +72,18 @@ def wait_group_gone(pgid: int, deadline: float, cancel: threading.Event | None =
         if remaining <= 0 or (cancel is not None and cancel.is_set()):
             return False
         pidfds = []
-        for pid in members:
-            try:
-                pidfds.append(os.pidfd_open(pid))
-            except ProcessLookupError:
-                continue
+        # poll, not select: with a thousand apps running, keter's descriptors go past
+        # select's limit of 1024.
+        poller = select.poll()
         try:
+            for pid in members:
+                try:
+                    pidfds.append(os.pidfd_open(pid))
+                except ProcessLookupError:
+                    continue
+                poller.register(pidfds[-1], select.POLLIN)
             if pidfds:
-                select.select(pidfds, [], [], min(remaining, 0.1))
+                poller.poll(min(remaining, 0.1) * 1000)
         finally:
             for fd in pidfds:
                 os.close(fd)

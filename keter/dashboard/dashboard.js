@@ -116,8 +116,24 @@ function momentCell(name, epoch, now) {
   return cell;
 }
 
+// The same block on both pages: built here, once, into their empty #certificates-block.
+function certificatesTable() {
+  const block = document.getElementById("certificates-block");
+  if (!block.firstElementChild) {
+    const heads = ["Host", "Issuer", "Expires", "Last attempt", "Outcome", "Next attempt", "Detail"];
+    block.append(
+      el("h2", {}, "Certificates ", el("span", { class: "muted" }, "from the ACME CA (ssl: acme)")),
+      el("section", { class: "card" },
+        el("table", { id: "certificates" },
+          el("thead", {}, el("tr", {}, ...heads.map((head) => el("th", {}, head)))),
+          el("tbody"))));
+  }
+  return block;
+}
+
 // Hidden while no host has a certificate state (no ssl: acme anywhere).
 function drawCertificates(certificates, now) {
+  const block = certificatesTable();
   const rows = certificates.map((cert) =>
     el("tr", { "data-host": cert.host },
       el("td", { class: "host" }, cert.host),
@@ -128,8 +144,8 @@ function drawCertificates(certificates, now) {
       momentCell("next", cert.next_attempt, now),
       el("td", { class: "detail reason" }, cert.detail)),
   );
-  document.querySelector("#certificates tbody").replaceChildren(...rows);
-  document.getElementById("certificates-block").hidden = rows.length === 0;
+  block.querySelector("tbody").replaceChildren(...rows);
+  block.hidden = rows.length === 0;
 }
 
 // -- the list of apps -----------------------------------------------------------------

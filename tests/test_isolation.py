@@ -16,10 +16,8 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import pytest
 from support.bundles import make_bundle, webapp_config
 from support.daemon import app_processes
 from support.faults import private_port_range
-from support.net import body, served
+from support.net import bind_when_free, body, served
 from support.wait import wait_for
 
 from keter.processes.spawn import SETPRIV
@@ -134,24 +132,6 @@ def test_two_apps_cannot_read_or_signal_each_other(open_base, keter_factory, pri
         # A bundle and a log belong to keter, not to the app.
         assert own["bundle"] == "EACCES" and own["log"] == "EACCES"
     assert all(psutil.Process(pid).is_running() for pid in pids.values())
-
-
-def bind_when_free(port: int, timeout: float = 10.0) -> socket.socket:
-    """Listen on ``port`` the moment it is free, as a stranger racing for it would."""
-    deadline = time.monotonic() + timeout
-    while True:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-            sock.listen()
-            sock.setblocking(False)
-            return sock
-        except OSError:
-            sock.close()
-            if time.monotonic() > deadline:
-                raise
-            # Busy on purpose: the point is to win the race against keter's restart.
 
 
 def test_a_stranger_on_a_crashed_apps_port_gets_no_traffic(keter_factory, private_nginx, tmp_path):

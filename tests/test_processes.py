@@ -20,7 +20,7 @@ import urllib.request
 import psutil
 import pytest
 from support.bundles import VERSIONED_APP
-from support.net import free_port
+from support.net import bind_when_free, free_port
 from support.processes import Harness, alive
 from support.wait import wait_for
 
@@ -743,24 +743,6 @@ def test_a_setsid_daemon_stays_in_the_apps_cgroup_and_goes_with_it(cgroups, make
 
 
 # -- ports that cannot be stolen ---------------------------------------------------------------
-
-
-def bind_when_free(port: int, timeout: float = 10.0) -> socket.socket:
-    """Listen on ``port`` the moment it is free (as a stranger racing for it would)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-            sock.listen()
-            sock.setblocking(False)
-            return sock
-        except OSError:
-            sock.close()
-            if time.monotonic() > deadline:
-                raise
-            # Busy: the point is to win the race against keter's restart.
 
 
 def test_a_stranger_on_a_crashed_apps_port_makes_it_move(make_monitor):

@@ -9,17 +9,16 @@ nginx's plain listener). It signs with a root it makes up at start
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
 import ssl
 import subprocess
 import urllib.request
 from pathlib import Path
 
 from support.dns import PrivateDns
-from support.net import free_port
+from support.net import free_port, listening
+from support.processes import stop_child
 from support.tls import make_certificate
 from support.wait import wait_for
 
@@ -74,13 +73,7 @@ class PrivatePebble:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is not None:
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        stop_child(process)
         self.dns.stop()
 
     def root_ca(self) -> bytes:
@@ -93,9 +86,4 @@ class PrivatePebble:
     def _answers(self) -> bool:
         if self._process is not None and self._process.poll() is not None:
             raise RuntimeError(f"pebble exited: {(self.base / 'pebble.log').read_text()}")
-        with (
-            contextlib.suppress(OSError),
-            socket.create_connection(("127.0.0.1", self.port), timeout=1),
-        ):
-            return True
-        return False
+        return listening(self.port)

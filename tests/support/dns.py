@@ -9,9 +9,7 @@ their DNS server too.)
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -19,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from support.net import free_port
+from support.net import free_port, listening
+from support.processes import stop_child
 from support.wait import wait_for
 
 CHALLTESTSRV = "/usr/bin/pebble-challtestsrv"
@@ -60,13 +59,7 @@ class PrivateDns:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is not None:
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        stop_child(process)
 
     def add(self, host: str, address: str = "127.0.0.1") -> None:
         """Answer A queries for ``host`` with ``address``."""
@@ -86,12 +79,7 @@ class PrivateDns:
     def _answers(self) -> bool:
         if self._process is not None and self._process.poll() is not None:
             raise RuntimeError(f"pebble-challtestsrv exited: {self.log.read_text()}")
-        with (
-            contextlib.suppress(OSError),
-            socket.create_connection(("127.0.0.1", self.management), timeout=1),
-        ):
-            return True
-        return False
+        return listening(self.management)
 
 
 @pytest.fixture

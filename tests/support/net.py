@@ -22,6 +22,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening(port: int, timeout: float = 1.0) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port`` (a server the tests
+    started is up)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def bind_when_free(port: int, timeout: float = 10.0) -> socket.socket:
     """Listen on ``port`` the moment it is free, as a stranger racing for it would."""
     deadline = time.monotonic() + timeout

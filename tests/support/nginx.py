@@ -13,7 +13,6 @@ import http.client
 import os
 import re
 import signal
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ import psutil
 import pytest
 
 from keter.nginx import fetch_generation
-from support.net import free_port
+from support.net import free_port, listening
 from support.wait import wait_for
 
 NGINX = "/usr/sbin/nginx"
@@ -226,11 +225,7 @@ class PrivateNginx:
             return ""
 
     def _answers(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                return True
-        except OSError:
-            return False
+        return listening(self.port, timeout=0.5)
 
 
 @pytest.fixture

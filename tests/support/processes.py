@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,19 @@ from keter.processes.groups import group_members
 from support.bundles import VERSIONED_APP
 
 HEALTH = HealthCheck(host="app.test")
+
+
+def stop_child(process: subprocess.Popen | None, timeout: float = 5) -> None:
+    """A helper server the tests started: TERM, then KILL if it is still there after
+    ``timeout`` seconds; it is reaped either way. None: nothing was started."""
+    if process is None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=timeout)
 
 
 def alive(pid: int) -> bool:

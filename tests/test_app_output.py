@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from support.bundles import APPS, make_bundle, webapp_config
-from support.faults import private_port_range
+from support.net import app_port_range
 from support.wait import wait_for
 
 from keter.processes.applog import TAIL_LINE_LIMIT
@@ -44,7 +44,7 @@ def hostile_app(tmp_path: Path) -> Path:
 
 
 def test_app_output_cannot_forge_or_garble_keters_journal_lines(keter_factory, tmp_path):
-    keter = keter_factory(start=False, **{"port-range": private_port_range()})
+    keter = keter_factory(start=False, **{"port-range": app_port_range()})
     keter.start(env={"JOURNAL_STREAM": "8:4242"})  # log for journald: priority prefixes
     app = hostile_app(tmp_path)
     # Healthy for one probe, then exits: a crash of a running app (its tail is logged).

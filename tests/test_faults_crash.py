@@ -39,8 +39,8 @@ import psutil
 import pytest
 from support.bundles import make_bundle, webapp_config
 from support.daemon import KeterDaemon
-from support.faults import NO_JOURNAL, error_records, private_port_range, settled_generation
-from support.net import served
+from support.faults import NO_JOURNAL, error_records, settled_generation
+from support.net import app_port_range, served
 from support.processes import alive
 from support.wait import wait_for
 
@@ -156,7 +156,7 @@ def test_keter_killed_at_each_step_recovers_to_one_clean_version(
     nginx = private_nginx
     stack = contextlib.ExitStack()
     with stack:
-        keter: KeterDaemon = keter_factory(start=False, **{"port-range": private_port_range()})
+        keter: KeterDaemon = keter_factory(start=False, **{"port-range": app_port_range()})
         keter.settings["nginx"] = {
             "config-file": str(nginx.config_file),
             "test-command": gates.wrap("before", "test", list(nginx.test_command)),

@@ -29,10 +29,9 @@ from support.faults import (
     NO_JOURNAL,
     assert_one_error,
     error_records,
-    private_port_range,
     settled_generation,
 )
-from support.net import body, served
+from support.net import app_port_range, body, served
 from support.nginx import PrivateNginx
 from support.wait import wait_for
 
@@ -99,7 +98,7 @@ def stray_temp_files(folder: Path) -> list[str]:
 def test_full_temp_fails_the_unpack_and_leaves_the_running_version_intact(
     tmpfs, keter_factory, private_nginx, tmp_path: Path
 ) -> None:
-    keter: KeterDaemon = keter_factory(start=False, **{"port-range": private_port_range()})
+    keter: KeterDaemon = keter_factory(start=False, **{"port-range": app_port_range()})
     tmpfs(keter.root / "temp", size="1m")
     keter.start(env=NO_JOURNAL)
     bundle = tmp_path / "full.keter"
@@ -135,7 +134,7 @@ def test_full_etc_fails_the_credentials_save_and_keeps_postgres_yaml_whole(
 ) -> None:
     keter: KeterDaemon = keter_factory(
         start=False,
-        **{"port-range": private_port_range()},
+        **{"port-range": app_port_range()},
         postgres={"admin-dsn": private_postgres.admin_dsn},
     )
     etc = tmpfs(keter.root / "etc", size="1m", mode="0700")
@@ -182,7 +181,7 @@ def test_full_nginx_config_folder_fails_the_switch_and_keeps_the_old_config(
     nginx.config_file = folder / "keter.conf"
     nginx.start()
     keter = KeterDaemon(
-        tmp_path / "root", keter_settings(nginx, **{"port-range": private_port_range()})
+        tmp_path / "root", keter_settings(nginx, **{"port-range": app_port_range()})
     )
     try:
         keter.start(env=NO_JOURNAL)
@@ -222,7 +221,7 @@ def test_full_nginx_config_folder_fails_the_switch_and_keeps_the_old_config(
 def test_full_log_folder_keeps_the_app_running_with_one_error(
     tmpfs, keter_factory, private_nginx, tmp_path: Path
 ) -> None:
-    keter: KeterDaemon = keter_factory(start=False, **{"port-range": private_port_range()})
+    keter: KeterDaemon = keter_factory(start=False, **{"port-range": app_port_range()})
     logs = tmpfs(keter.root / "log", size="256k", mode="0750")
     keter.start(env=NO_JOURNAL)
     fill(logs)
@@ -241,7 +240,7 @@ def test_full_run_folder_does_not_take_keter_down(
 
     Regression: the process monitor died on the failed write, and keter stopped every app.
     """
-    keter: KeterDaemon = keter_factory(start=False, **{"port-range": private_port_range()})
+    keter: KeterDaemon = keter_factory(start=False, **{"port-range": app_port_range()})
     run = tmpfs(keter.root / "run", size="256k")
     keter.start(env=NO_JOURNAL)
     bundle = tmp_path / "runner.keter"

@@ -30,10 +30,9 @@ from support.faults import (
     NO_JOURNAL,
     assert_one_error,
     error_records,
-    private_port_range,
     settled_generation,
 )
-from support.net import body, served
+from support.net import app_port_range, body, served
 from support.postgres import PrivatePostgres
 from support.wait import wait_for
 
@@ -60,7 +59,7 @@ def postmaster_pid(server: PrivatePostgres) -> int:
 def start_keter(keter_factory, dsn: str, retry: float) -> KeterDaemon:
     keter = keter_factory(
         start=False,
-        **{"port-range": private_port_range()},
+        **{"port-range": app_port_range()},
         postgres={"admin-dsn": dsn, "retry-seconds": retry},
     )
     keter.start(env=NO_JOURNAL)

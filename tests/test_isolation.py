@@ -25,8 +25,7 @@ import psutil
 import pytest
 from support.bundles import make_bundle, webapp_config
 from support.daemon import app_processes
-from support.faults import private_port_range
-from support.net import bind_when_free, body, served
+from support.net import app_port_range, bind_when_free, body, served
 from support.wait import wait_for
 
 from keter.processes.spawn import SETPRIV
@@ -93,7 +92,7 @@ def attack(uid: int, target_pid: int, root: Path, app: str, signal_mode: str) ->
 def test_two_apps_cannot_read_or_signal_each_other(open_base, keter_factory, private_nginx):
     keter = keter_factory(
         root=open_base / "root",
-        **{"port-range": private_port_range(), "run-apps-as-root": False},
+        **{"port-range": app_port_range(), "run-apps-as-root": False},
     )
     for app in ("alpha", "beta"):
         config = webapp_config(f"{app}.test", "v1", env={"SECRET": f"{app}-secret-42"})
@@ -135,7 +134,7 @@ def test_two_apps_cannot_read_or_signal_each_other(open_base, keter_factory, pri
 
 
 def test_a_stranger_on_a_crashed_apps_port_gets_no_traffic(keter_factory, private_nginx, tmp_path):
-    keter = keter_factory(**{"port-range": private_port_range()})
+    keter = keter_factory(**{"port-range": app_port_range()})
     bundle = make_bundle(tmp_path / "moving.keter", config=webapp_config("moving.test", "v1"))
     keter.drop(bundle)
     served(private_nginx, "moving.test", "v1")

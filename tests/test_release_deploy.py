@@ -22,8 +22,7 @@ from pathlib import Path
 import pytest
 from support.bundles import make_bundle, member
 from support.daemon import keter_cli, status_api
-from support.faults import private_port_range
-from support.net import Load, body, served
+from support.net import Load, app_port_range, body, served
 from support.wait import wait_for
 
 from keter.processes.spawn import SETPRIV
@@ -88,14 +87,14 @@ def app() -> str:
 def pg_keter(keter_factory, private_postgres):
     return keter_factory(
         postgres={"admin-dsn": private_postgres.admin_dsn},
-        **{"stop-timeout": 2, "port-range": private_port_range()},
+        **{"stop-timeout": 2, "port-range": app_port_range()},
     )
 
 
 @pytest.fixture
 def keter(keter_factory):
     """A keter whose narrow port range other test sessions on this machine rarely share."""
-    return keter_factory(**{"port-range": private_port_range()})
+    return keter_factory(**{"port-range": app_port_range()})
 
 
 NOTES = "CREATE TABLE IF NOT EXISTS notes (note text)"
@@ -388,7 +387,7 @@ def test_no_setting_value_leaves_keter_but_to_the_app(
     keter_factory, private_nginx, private_postgres, tmp_path, app
 ) -> None:
     keter = keter_factory(
-        postgres={"admin-dsn": private_postgres.admin_dsn}, **{"port-range": private_port_range()}
+        postgres={"admin-dsn": private_postgres.admin_dsn}, **{"port-range": app_port_range()}
     )
     secret = "s3cr3t-Value-That-Must-Not-Leak"
     bundle = release_bundle(tmp_path / "v1.keter", "v1", ["--sql", NOTES])
@@ -438,7 +437,7 @@ def test_the_release_data_and_backups_belong_to_the_apps_own_user(
     keter = keter_factory(
         root=open_base / "root",
         postgres={"admin-dsn": private_postgres.admin_dsn},
-        **{"port-range": private_port_range(), "run-apps-as-root": False},
+        **{"port-range": app_port_range(), "run-apps-as-root": False},
     )
     bundle = release_bundle(open_base / "v1.keter", "v1", [], interpreter=SYSTEM_PYTHON)
     assert deploy(keter, app, bundle).returncode == 0

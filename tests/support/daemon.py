@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import re
 import signal
 import subprocess
@@ -20,6 +19,7 @@ import yaml
 from keter.client import KeterClient
 from keter.processes import cgroups, controllers
 from keter.switch import Table, nft
+from support.net import app_port_range
 from support.wait import wait_for
 
 
@@ -91,11 +91,10 @@ class KeterDaemon:
 
 def keter_settings(nginx, **overrides) -> dict:
     """Settings for a test keter: the private nginx, a private port range, short timers."""
-    base = random.randrange(10, 30) * 1000  # below the ephemeral range; differs per test
     settings = nginx.keter_config()
     settings.update(
         {
-            "port-range": [base, base + 999],
+            "port-range": app_port_range(),
             "health-check-timeout": 10,
             # nginx's old workers may take new connections briefly after a reload.
             "drain-seconds": 1,

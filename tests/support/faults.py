@@ -4,14 +4,13 @@ and the ``Rig`` (one keter serving one good app, at which bad bundles are droppe
 from __future__ import annotations
 
 import os
-import random
 import re
 import stat
 from pathlib import Path
 
 from support.bundles import make_bundle, webapp_config
 from support.daemon import KeterDaemon, keter_settings
-from support.net import body, served
+from support.net import app_port_range, body, served
 from support.nginx import PrivateNginx
 from support.wait import wait_for
 
@@ -91,16 +90,6 @@ def settled_generation(nginx: PrivateNginx) -> int:
     return generation
 
 
-def private_port_range() -> list[int]:
-    """A narrower port range than keter_settings' picks, from more of them.
-
-    An app that never listens leaves its port free; a keter of another test session
-    on this machine must not start an app there that our health probes would reach.
-    """
-    low = random.randrange(10_000, 30_000, 200)
-    return [low, low + 199]
-
-
 # -- one keter serving one good app, shared by a module's cases ----------------------------
 
 
@@ -115,7 +104,7 @@ class Rig:
         self.bundles = base / "bundles"
         self.bundles.mkdir()
         self.nginx = PrivateNginx(base / "nginx")
-        settings = {"port-range": private_port_range(), **settings}
+        settings = {"port-range": app_port_range(), **settings}
         self.keter = KeterDaemon(
             base / "root", keter_settings(self.nginx, **settings), wrapper=wrapper
         )

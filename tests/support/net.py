@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
+import os
+import random
 import socket
 import ssl
 import threading
@@ -48,6 +51,30 @@ def bind_when_free(port: int, timeout: float = 10.0) -> socket.socket:
             if time.monotonic() > deadline:
                 raise
             # Busy on purpose: the point is to win the race against keter's restart.
+
+
+# App ports for test kters: 10000-29999, below the kernel's ephemeral range.
+_APP_PORTS = range(10_000, 30_000)
+_RANGE_WIDTH = 200
+# Ranges are handed out in turn from a random start, so kters alive at once in one
+# worker (a module's shared rig and a test's own) never share one.
+_next_slot = itertools.count(random.randrange(1000))
+
+
+def app_port_range() -> list[int]:
+    """A private ``port-range`` for one test keter: [low, high].
+
+    Each pytest-xdist worker has its own slice of the range, so two kters of one suite
+    never hand out the same port (keter would then see the other's app on "its" port
+    and, rightly, refuse to route to it); another test session on this machine meets
+    ours only by chance.
+    """
+    workers = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), 1)
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    span = len(_APP_PORTS) // workers
+    slots = span // _RANGE_WIDTH
+    low = _APP_PORTS.start + (worker % workers) * span + (next(_next_slot) % slots) * _RANGE_WIDTH
+    return [low, low + _RANGE_WIDTH - 1]
 
 
 # -- through a private nginx ----------------------------------------------------------------

@@ -315,6 +315,37 @@ def test_an_earlier_close_does_not_vouch_for_writes_whose_events_are_late(
     assert reports.empty()
 
 
+def test_a_small_whole_bundle_needs_no_quiet_period_but_a_cut_tar_does(
+    incoming: Path, reports: queue.Queue
+) -> None:
+    """On a close-write or rename, a small bundle whose tar has ended is reported at
+    once; a stream cut between two gzip members (complete as gzip, its tar not ended)
+    waits as before, so the rest of it can still come.
+
+    Drives the (unstarted) actor's handler directly: "at once" means while handling
+    the event, before any timer.
+    """
+    watcher = IncomingWatcher(incoming, report_to=reports)
+    path = incoming / "app.keter"
+    tar = gzip.decompress(small_bundle())
+    first, rest = gzip.compress(tar[:512]), gzip.compress(tar[512:])
+    path.write_bytes(first)  # a writer appending member by member, between two members
+    watcher.handle(_PathTouched(path=str(path), certain=True))
+    assert reports.empty(), f"a partial file was reported: {reports.get()!r}"
+
+    with open(path, "ab") as f:
+        f.write(rest)
+    watcher.handle(_PathTouched(path=str(path), certain=True))
+    assert reports.get_nowait() == arrived(path)
+
+    temp = incoming / ".app.keter.part"
+    temp.write_bytes(small_bundle())
+    os.replace(temp, path)
+    watcher.handle(_PathTouched(path=str(path), certain=True))  # the rename's event
+    assert reports.get_nowait() == arrived(path)
+    assert reports.empty()
+
+
 # -- removal -------------------------------------------------------------------------
 
 
@@ -683,6 +714,21 @@ def test_check_across_a_member_boundary_on_a_read_boundary(tmp_path: Path) -> No
 def test_check_takes_padding_after_a_member_as_the_end(tmp_path: Path, padding: bytes) -> None:
     # The unpacker ignores what follows the last member unless it starts another one.
     assert verdict(tmp_path, small_bundle() + padding) is Verdict.COMPLETE
+
+
+def test_check_tells_whether_the_tar_inside_has_ended(tmp_path: Path) -> None:
+    tar = gzip.decompress(small_bundle())
+    cut = gzip.compress(tar[:1024])  # whole as gzip, but only the start of the archive
+    for data, ended in [(small_bundle(), True), (cut, False), (gzip.compress(b""), False)]:
+        fd = os.open(write(tmp_path, data), os.O_RDONLY)
+        try:
+            check = GzipCheck(fd, NO_LIMIT)
+            while (result := check.step()) is None:
+                pass
+            assert result is Verdict.COMPLETE
+            assert check.tar_ended is ended
+        finally:
+            os.close(fd)
 
 
 def test_check_finds_what_no_appending_can_save_hopeless(tmp_path: Path) -> None:

@@ -19,7 +19,10 @@ answer. The check is therefore bounded twice:
   when there is more, so the watcher interleaves it with everything else
   and never sits in one check.
 
-Nothing inflated is kept: each piece is thrown away as soon as it is counted.
+Nothing inflated is kept: each piece is thrown away as soon as it is counted,
+but for its last ``TAR_END`` bytes: whether the tar archive inside ends with its
+end-of-archive marker (``tar_ended``), which a stream cut between two gzip
+members does not.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ _OUT = 1 << 20  # most bytes one zlib call may produce: memory stays flat
 # One step's work: about 20-40 ms of inflating on a slow core.
 STEP_INPUT = 4 << 20
 STEP_OUTPUT = 16 << 20
+TAR_END = 1024  # a tar archive ends with two 512-byte blocks of zeros
 
 
 class Verdict(enum.Enum):
@@ -58,7 +62,13 @@ class GzipCheck:
         self._pending = b""  # input read but not yet given to zlib
         self._at_start = True  # no byte of the file seen yet
         self._between = False  # a member has ended; what follows decides
+        self._tail = b""  # the last TAR_END bytes inflated
         self.inflated = 0
+
+    @property
+    def tar_ended(self) -> bool:
+        """Whether what was inflated so far ends with a tar end-of-archive marker."""
+        return len(self._tail) == TAR_END and self._tail.count(0) == TAR_END
 
     def step(self, max_input: int = STEP_INPUT, max_output: int = STEP_OUTPUT) -> Verdict | None:
         """Do a slice of the work; the verdict, or None if there is more to do."""
@@ -81,6 +91,8 @@ class GzipCheck:
             self._pending = self._zlib.unconsumed_tail
             self.inflated += len(out)
             used_out += len(out)
+            if out:
+                self._tail = (self._tail + out[-TAR_END:])[-TAR_END:]
             if self.inflated > self._limit:
                 return Verdict.HOPELESS
             if self._zlib.eof:

@@ -12,7 +12,11 @@ the app keeps serving until a bundle replaces it or the name disappears.
 When is a bundle "completely written"? A writer that closes the file (cp,
 scp, a text editor) gives inotify's close-write, and a bundle renamed into
 the folder is complete by construction; both are trusted after a short quiet
-period. A file untouched (by its ctime) for ``GIVE_UP_QUIET`` is done as well:
+period. A small bundle (``FAST_CHECK_BYTES``) needs no quiet period when, at
+that event, its gzip stream is whole and the tar inside it ends with its
+end-of-archive marker: nothing is missing, even if the writer was about to
+append another gzip member (the unpacker stops at the tar's end anyway).
+A file untouched (by its ctime) for ``GIVE_UP_QUIET`` is done as well:
 nobody is writing it. Anything else (a touch, a write we saw no close for, a
 young file found by a scan) is in doubt, and its gzip stream is checked
 (``gzipcheck.py``) one slice per message, so the check never holds up other
@@ -67,6 +71,10 @@ CLOSED_QUIET = 0.05
 DOUBT_QUIET = 0.25
 # A file quiet this long is done: reported even if its stream is incomplete (truly truncated).
 GIVE_UP_QUIET = 30.0
+# A bundle up to this size is checked at once on its close-write or rename (one gzip step,
+# capped as below): complete, it is reported without the quiet period.
+FAST_CHECK_BYTES = 1 << 20
+FAST_CHECK_OUTPUT = 4 << 20
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -252,7 +260,38 @@ class IncomingWatcher(Actor):
             pending.certain = certain
             self._cancel_check(pending)  # it was reading an older version
         pending.stamp = look(path)
+        if certain and self._complete_now(path, pending.stamp):
+            del self._pending[app]  # its timer finds nothing pending
+            self._arrived(app, path, pending.stamp)
+            return
         self._wake(app, CLOSED_QUIET if certain else DOUBT_QUIET)
+
+    def _complete_now(self, path: Path, stamp: Stamp | None) -> bool:
+        """Whether a small bundle whose close-write or rename just arrived is whole now.
+
+        Whole means: still this very version, a complete gzip stream, and a tar
+        archive inside that has ended. Anything else (a bigger file, a stream that
+        needs more than one bounded step, a version refused before) takes the usual
+        way, with its quiet period.
+        """
+        if stamp is None or not stamp.regular or stamp.size > FAST_CHECK_BYTES:
+            return False
+        if self._refused.get(path.name) == _identity(stamp):
+            return False
+        try:
+            fd, st = open_regular(path)
+        except (NotABundleFile, OSError):
+            return False
+        try:
+            if Stamp.of_stat(st) != stamp:
+                return False
+            check = GzipCheck(fd, self.expand_limit)
+            verdict = check.step(max_input=FAST_CHECK_BYTES + 1, max_output=FAST_CHECK_OUTPUT)
+            if verdict is not Verdict.COMPLETE or not check.tar_ended:
+                return False
+        finally:
+            os.close(fd)
+        return look(path) == stamp  # not written to while it was read
 
     def _wake(self, app: str, delay: float) -> None:
         pending = self._pending[app]

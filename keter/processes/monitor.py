@@ -237,6 +237,19 @@ class _Entry:
     timed_out: bool = False
 
 
+@dataclass(eq=False)
+class _Launched:
+    """What a spawn in the pool made (``ProcessMonitor._launch``): the process, or why
+    not, and the deploy's groups either way."""
+
+    cgroup: Cgroup | None
+    limit_groups: DeployLimits | None
+    oom_kills: int | None = None
+    proc: subprocess.Popen | None = None
+    create_time: float = 0.0
+    error: str | None = None
+
+
 # -- the actor ------------------------------------------------------------------------
 
 
@@ -433,7 +446,13 @@ class ProcessMonitor(Actor):
         self._spawn(entry)
 
     def _spawn(self, entry: _Entry) -> None:
-        """Hand a new run of ``entry`` to the spawn pool; ``_Spawned`` follows."""
+        """Hand a new run of ``entry`` to the spawn pool; ``_Spawned`` follows.
+
+        Only the decisions happen here; the slow parts (the deploy's cgroup and limit
+        groups, the exec chain, its record) run in the pool (``_launch``): each is a
+        few system calls that block on the kernel's cgroup locks, and this loop
+        serves every app.
+        """
         spec = entry.spec
         if spec.port is not None and not port_is_free(spec.port):
             stranger = self._port_stranger(entry) if entry.ever_healthy else None
@@ -457,38 +476,77 @@ class ProcessMonitor(Actor):
                 self._spawn_failed(entry, f"no user of its own: {exc}")
                 return
             identity = Identity(uid, uid, self.app_groups)
-        if self._cgroups is not None and entry.cgroup is None:
-            try:
-                entry.cgroup = self._cgroups.for_deploy(entry.app, entry.deploy_id)
-            except OSError as exc:
-                self._logs.release(entry.spawn_log)
-                entry.spawn_log = None
-                self._spawn_failed(entry, f"cannot create its cgroup: {exc.strerror or exc}")
-                return
         if entry.limit_groups is None:
             entry.limits = self.limits.merged(spec.limits)
-            try:
-                entry.limit_groups = self.controllers.for_deploy(
-                    entry.app, entry.deploy_id, entry.cgroup
-                )
-                entry.limit_groups.apply(entry.limits)
-            except OSError as exc:
-                self._logs.release(entry.spawn_log)
-                entry.spawn_log = None
-                self._spawn_failed(entry, f"cannot set its limits: {exc.strerror or exc}")
-                return
-        entry.oom_kills = entry.limit_groups.oom_kills()
         entry.spawning = self._spawner.submit(
-            spawn,
+            self._launch,
+            entry.app,
+            entry.deploy_id,
             spec,
-            self.controllers.rlimits(entry.limits),
-            self.prlimit,
-            identity=identity,
-            cgroup=entry.cgroup,
-            join=entry.limit_groups.procs(),
+            entry.limits,
+            identity,
+            entry.cgroup,
+            entry.limit_groups,
         )
         deploy_id = entry.deploy_id
         entry.spawning.add_done_callback(lambda _: self.tell(_Spawned(deploy_id=deploy_id)))
+
+    def _launch(
+        self,
+        app: str,
+        deploy_id: int,
+        spec: ProcessSpec,
+        limits: Limits,
+        identity: Identity | None,
+        cgroup: Cgroup | None,
+        limit_groups: DeployLimits | None,
+    ) -> _Launched:
+        """In the spawn pool: the deploy's groups (on its first run), then the process.
+
+        Never raises: whatever it made is in the result, so the monitor owns (and
+        removes) it whether or not the process started.
+        """
+        done = _Launched(cgroup=cgroup, limit_groups=limit_groups)
+        if self._cgroups is not None and done.cgroup is None:
+            try:
+                done.cgroup = self._cgroups.for_deploy(app, deploy_id)
+            except OSError as exc:
+                done.error = f"cannot create its cgroup: {exc.strerror or exc}"
+                return done
+        if done.limit_groups is None:
+            try:
+                done.limit_groups = self.controllers.for_deploy(app, deploy_id, done.cgroup)
+                done.limit_groups.apply(limits)
+            except OSError as exc:
+                done.error = f"cannot set its limits: {exc.strerror or exc}"
+                return done
+        done.oom_kills = done.limit_groups.oom_kills()
+        try:
+            done.proc = spawn(
+                spec,
+                self.controllers.rlimits(limits),
+                self.prlimit,
+                identity=identity,
+                cgroup=done.cgroup,
+                join=done.limit_groups.procs(),
+            )
+        except SpawnError as exc:
+            done.error = str(exc)
+            return done
+        try:
+            done.create_time = psutil.Process(done.proc.pid).create_time()
+        except psutil.NoSuchProcess:
+            done.create_time = 0.0
+        self._records.add(
+            Record(
+                pid=done.proc.pid,
+                pgid=done.proc.pid,  # start_new_session: the leader's pid is the group id
+                create_time=done.create_time,
+                app=app,
+                deploy_id=deploy_id,
+            )
+        )
+        return done
 
     def _on_spawned(self, entry: _Entry) -> None:
         first = entry.run is None
@@ -521,34 +579,23 @@ class ProcessMonitor(Actor):
         future, entry.spawning = entry.spawning, None
         applog, entry.spawn_log = entry.spawn_log, None
         assert future is not None and applog is not None
-        try:
-            proc = future.result()
-        except SpawnError as exc:
+        launched = future.result()  # _launch never raises
+        # The groups are the entry's even if the process did not start: they go with it.
+        entry.cgroup, entry.limit_groups = launched.cgroup, launched.limit_groups
+        if launched.proc is None:
             self._logs.release(applog)
-            return str(exc)
-        try:
-            create_time = psutil.Process(proc.pid).create_time()
-        except psutil.NoSuchProcess:
-            create_time = 0.0
+            return launched.error or "not started"
+        entry.oom_kills = launched.oom_kills
         entry.runs += 1
         run = _Run(
             deploy_id=entry.deploy_id,
             number=entry.runs,
-            proc=proc,
-            create_time=create_time,
+            proc=launched.proc,
+            create_time=launched.create_time,
             capture=OutputCapture(entry.app, applog),
         )
         entry.run = run
-        self._reader.watch(run, proc, run.capture)
-        self._records.add(
-            Record(
-                pid=run.pid,
-                pgid=run.pgid,
-                create_time=create_time,
-                app=entry.app,
-                deploy_id=entry.deploy_id,
-            )
-        )
+        self._reader.watch(run, launched.proc, run.capture)
         return None
 
     def _spawn_failed(self, entry: _Entry, error: str) -> None:

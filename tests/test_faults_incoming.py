@@ -27,11 +27,10 @@ import os
 import re
 import signal
 import socket
-import stat
 import sys
 import tarfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,6 +38,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from support import tars
 from support.bundles import APPS, bundle_bytes, make_bundle, member, webapp_config, zero_gzip
+from support.entries import NOT_REGULAR, OpenWatch, poke
 from support.faults import (
     GOOD,
     NO_JOURNAL,
@@ -49,8 +49,6 @@ from support.faults import (
 )
 from support.net import body, served
 from support.wait import wait_for
-from watchdog.events import FileSystemEventHandler
-from watchdog.observers import Observer
 
 MIB = 1 << 20
 MAX_BYTES = 64 * MIB  # the module's unpack cap: the completeness check stops about here
@@ -100,26 +98,6 @@ def rescan(rig: Rig) -> None:
 # -- entries that are no regular file --------------------------------------------------------
 
 
-class OpenWatch:
-    """Every opening of a file in ``folder``, seen by an inotify watch of the test's own."""
-
-    def __init__(self, folder: Path) -> None:
-        self.opened: list[str] = []
-        opened = self.opened
-
-        class Record(FileSystemEventHandler):
-            def on_opened(self, event) -> None:
-                opened.append(os.fsdecode(event.src_path))
-
-        self._observer = Observer()
-        self._observer.schedule(Record(), str(folder), recursive=False)
-        self._observer.start()
-
-    def close(self) -> None:
-        self._observer.stop()
-        self._observer.join()
-
-
 def secret(rig: Rig) -> Path:
     """A 0600 file outside incoming/ (a valid bundle even: a link to it is still refused)."""
     folder = rig.base / "secrets"
@@ -131,59 +109,20 @@ def secret(rig: Rig) -> Path:
     return path
 
 
-def make_fifo(path: Path, rig: Rig) -> None:
-    os.mkfifo(path)
-
-
-def make_socket(path: Path, rig: Rig) -> None:
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.bind(str(path))  # the socket file stays after close
-
-
-def make_device(path: Path, rig: Rig) -> None:
-    os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 5))  # what /dev/zero is
-
-
-def make_loop(path: Path, rig: Rig) -> None:
-    os.symlink(path.name, path)  # a link to itself: ELOOP for whoever follows it
-
-
-def make_link_out(path: Path, rig: Rig) -> None:
-    os.symlink(secret(rig), path)
-
-
-NOT_REGULAR: dict[str, tuple[Callable[[Path, Rig], None], str]] = {
-    "fifo": (make_fifo, "it is a FIFO"),
-    "socket": (make_socket, "it is a socket"),
-    "device": (make_device, "it is a character device"),
-    "loop": (make_loop, "it is a symbolic link"),
-    "linkout": (make_link_out, "it is a symbolic link"),
-}
-
-
-def poke(path: Path) -> None:
-    """More events on the entry, without following or blocking on it."""
-    os.utime(path, ns=(0, time.time_ns()), follow_symlinks=False)
-    if stat.S_ISFIFO(os.lstat(path).st_mode):
-        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)  # a writer that needs no reader
-        os.write(fd, b"data nobody reads")
-        os.close(fd)
-
-
 @pytest.mark.parametrize("kind", NOT_REGULAR)
 def test_an_entry_that_is_no_regular_file_is_refused_in_one_line(rig: Rig, kind: str) -> None:
-    make, reason = NOT_REGULAR[kind]
-    secret(rig)  # before the checkpoint: it is part of what must stay unchanged
+    make, what = NOT_REGULAR[kind]
+    outside = secret(rig)  # before the checkpoint: it is part of what must stay unchanged
     before = rig.checkpoint()
     watch = OpenWatch(rig.base / "secrets")
     path = rig.keter.incoming / f"{kind}.keter"
     try:
-        make(path, rig)
+        make(path, outside)
         wait_for(lambda: error_records(rig.log_since(before)), 10, f"{kind}.keter's line")
         # Touched again and rescanned: still the one line, still nothing opened.
         poke(path)
         rescan(rig)
-        assert_one_error(rig.log_since(before), f"{kind}.keter", "refused", reason)
+        assert_one_error(rig.log_since(before), f"{kind}.keter", "refused", f"it is a {what}")
         assert "deploy" not in rig.log_since(before)
         alive(rig)
         rig.assert_unchanged(before)

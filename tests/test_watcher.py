@@ -12,8 +12,6 @@ import io
 import itertools
 import os
 import queue
-import socket
-import stat
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -22,9 +20,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pytest
+from support import entries
 from support.bundles import bundle_bytes, zero_gzip
-from watchdog.events import FileSystemEventHandler
-from watchdog.observers import Observer
+from support.entries import OpenWatch, make_link_out, poke
 
 from keter.incoming import watcher as watcher_module
 from keter.incoming.gzipcheck import GzipCheck, Verdict, check_file
@@ -400,49 +398,11 @@ def test_bad_names_are_ignored_once_and_other_files_are_not_mentioned(
 # -- entries that are not regular files ------------------------------------------------
 
 
-def make_fifo(path: Path, outside: Path) -> None:
-    os.mkfifo(path)
-
-
-def make_socket(path: Path, outside: Path) -> None:
-    sock = socket.socket(socket.AF_UNIX)
-    sock.bind(str(path))
-    sock.close()  # the socket file stays
-
-
-def make_loop(path: Path, outside: Path) -> None:
-    os.symlink(path.name, path)  # a link to itself: ELOOP for whoever follows it
-
-
-def make_link_to_secret(path: Path, outside: Path) -> None:
-    os.symlink(outside / "secret", path)
-
-
-def make_device(path: Path, outside: Path) -> None:
-    os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 5))  # what /dev/zero is
-
-
-def make_folder(path: Path, outside: Path) -> None:
+def make_folder(path: Path, secret: Path) -> None:
     path.mkdir()
 
 
-NOT_REGULAR = {
-    "fifo": (make_fifo, "FIFO"),
-    "socket": (make_socket, "socket"),
-    "symlink-loop": (make_loop, "symbolic link"),
-    "link-outside": (make_link_to_secret, "symbolic link"),
-    "device": (make_device, "character device"),
-    "folder": (make_folder, "folder"),
-}
-
-
-def poke(path: Path) -> None:
-    """Cause more events on an entry, without following it or blocking on it."""
-    os.utime(path, ns=(0, time.time_ns()), follow_symlinks=False)
-    if stat.S_ISFIFO(os.lstat(path).st_mode):
-        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)  # a writer that needs no reader
-        os.write(fd, b"data nobody reads")
-        os.close(fd)
+NOT_REGULAR = {**entries.NOT_REGULAR, "folder": (make_folder, "folder")}
 
 
 @pytest.fixture
@@ -458,27 +418,16 @@ def outside(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def watch_opens(outside: Path) -> Iterator[Callable[[], list[str]]]:
-    """From the call on, record every opening of a file in ``outside`` (a second,
-    independent inotify watch), so a test sees whether keter read through a link."""
-    observers: list[Observer] = []
+    """From the call on, record every opening of a file in ``outside``."""
+    watches: list[OpenWatch] = []
 
     def start() -> list[str]:
-        seen: list[str] = []
-
-        class Record(FileSystemEventHandler):
-            def on_opened(self, event) -> None:
-                seen.append(os.fsdecode(event.src_path))
-
-        observer = Observer()
-        observer.schedule(Record(), str(outside), recursive=False)
-        observer.start()
-        observers.append(observer)
-        return seen
+        watches.append(OpenWatch(outside))
+        return watches[-1].opened
 
     yield start
-    for observer in observers:
-        observer.stop()
-        observer.join()
+    for watch in watches:
+        watch.close()
 
 
 def refused(report: object, filename: str, kind: str) -> None:
@@ -494,7 +443,7 @@ def test_an_entry_that_is_no_regular_file_is_refused_once_and_never_opened(
     make, word = NOT_REGULAR[kind]
     path = incoming / "x.keter"
     opened = watch_opens()
-    make(path, outside)
+    make(path, outside / "secret")
     refused(next_report(reports), "x.keter", word)
     poke(path)
     watcher.tell(Rescan())
@@ -512,7 +461,7 @@ def test_an_entry_that_is_no_regular_file_is_refused_at_start_up(
     start_watcher, incoming: Path, outside: Path, watch_opens, reports: queue.Queue, kind: str
 ) -> None:
     make, word = NOT_REGULAR[kind]
-    make(incoming / "x.keter", outside)
+    make(incoming / "x.keter", outside / "secret")
     opened = watch_opens()
     good = incoming / "good.keter"
     good.write_bytes(small_bundle())
@@ -533,7 +482,7 @@ def test_a_deployed_bundle_replaced_by_a_link_keeps_its_version(
     assert next_report(reports) == arrived(path)
 
     link = incoming / ".app.keter.new"
-    make_link_to_secret(link, outside)
+    make_link_out(link, outside / "secret")
     os.replace(link, path)  # refused, but it is no removal of the running version
     refused(next_report(reports), "app.keter", "symbolic link")
     watcher.tell(Rescan())

@@ -10,6 +10,7 @@ import ipaddress
 import re
 from pathlib import Path
 
+from keter.config.values import machine_name
 from keter.names import validate_host, validate_ip, validate_upstream_host
 from keter.yamlcheck import Checker, describe, is_arg, key_name, string, type_name
 
@@ -33,15 +34,7 @@ def parse_status_listen(value: object, path: str, check: Checker, base: Path) ->
 
 
 def parse_status_group(value: object, path: str, check: Checker, base: Path) -> object:
-    name = string(value, path, check, "a group name")
-    if name is None:
-        return None
-    try:
-        grp.getgrnam(name)
-    except KeyError:
-        check.problem(path, f"no group named {describe(name)} on this machine")
-        return None
-    return name
+    return machine_name(value, path, check, "group", grp.getgrnam, "a group name")
 
 
 def parse_dashboard_host(value: object, path: str, check: Checker, base: Path) -> object:

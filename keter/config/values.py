@@ -135,13 +135,26 @@ def parse_setuid(value: object, path: str, check: Checker, base: Path) -> object
         except (KeyError, OverflowError):
             check.problem(path, f"no user with uid {describe(value)} on this machine")
             return None
-    name = string(value, path, check, "a user name or uid")
+    return machine_name(value, path, check, "user", pwd.getpwnam, "a user name or uid")
+
+
+def machine_name(
+    value: object,
+    path: str,
+    check: Checker,
+    kind: str,
+    lookup: Callable[[str], object],
+    expected: str,
+) -> str | None:
+    """A ``kind`` (user, group) name this machine knows (``lookup`` raises KeyError for
+    one it does not), or None after a problem."""
+    name = string(value, path, check, expected)
     if name is None:
         return None
     try:
-        pwd.getpwnam(name)
+        lookup(name)
     except KeyError:
-        check.problem(path, f"no user named {describe(name)} on this machine")
+        check.problem(path, f"no {kind} named {describe(name)} on this machine")
         return None
     return name
 

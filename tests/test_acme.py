@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from support.acme import PrivatePebble
 from support.bundles import make_bundle
-from support.net import Backend, free_port
+from support.net import Backend, free_port, https_get
 from support.nginx import PrivateNginx
 from support.tls import make_certificate
 from support.wait import wait_for
@@ -291,33 +291,19 @@ def test_keter_serves_an_acme_site_over_http_then_https(
     pebble = PrivatePebble(tmp_path / "pebble", http_port=private_nginx.port)
     pebble.start()
     try:
-        certificate, key = make_certificate(tmp_path / "certs", "default", "default.test")
-        tls_port = free_port()
-        keter = keter_factory(
-            listeners=[
-                {"host": "127.0.0.1", "port": private_nginx.port},
-                {"host": "127.0.0.1", "port": tls_port,
-                 "certificate": str(certificate), "key": str(key)},
-            ],
-            acme={"directory": pebble.directory, "ca-bundle": str(pebble.tls_certificate)},
-        )  # fmt: skip
+        settings, tls_port = pebble.keter_settings(tmp_path / "certs")
+        keter = keter_factory(**settings)
         stanza = {"type": "webapp", "exec": "../bin/app", "env": {"VERSION": "v1"},
                   "host": "auto.test", "ssl": "acme", "requires-secure": True}  # fmt: skip
         keter.drop(make_bundle(tmp_path / "auto.keter", config={"stanzas": [stanza]}))
         root = tmp_path / "pebble-root.pem"
         root.write_bytes(pebble.root_ca())
 
-        def https() -> bytes | None:
-            context = ssl.create_default_context(cafile=str(root))
-            with (
-                socket.create_connection(("127.0.0.1", tls_port), timeout=5) as raw,
-                context.wrap_socket(raw, server_hostname="auto.test") as tls,
-            ):
-                tls.sendall(b"GET / HTTP/1.1\r\nHost: auto.test\r\nConnection: close\r\n\r\n")
-                return b"".join(iter(lambda: tls.recv(4096), b""))
+        def https() -> tuple[int, dict[str, str], bytes]:
+            return https_get(tls_port, "auto.test", root)  # trusting pebble's root only
 
-        answer = wait_for(https, 60, "auto.test over HTTPS with pebble's certificate")
-        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"v1\n")
+        status, _, data = wait_for(https, 60, "auto.test over HTTPS with pebble's certificate")
+        assert status == 200 and data.endswith(b"v1\n")
         # Now that the certificate is there, plain HTTP redirects (requires-secure).
         wait_for(lambda: private_nginx.request("auto.test")[0] == 301, 10, "the redirect")
         assert "auto.test: certificate issued" in keter.log()

@@ -27,7 +27,6 @@ from support.browser import ARTIFACTS
 from support.bundles import TERMINAL_CONTROL, make_bundle, webapp_config
 from support.daemon import KeterDaemon, keter_cli, status_api
 from support.net import free_port
-from support.tls import make_certificate
 from support.wait import wait_for
 
 from keter.client import KeterClient
@@ -77,17 +76,12 @@ def acme_keter(keter_factory, private_nginx, tmp_path) -> Iterator[AcmeKeter]:
     pebble.start()
     try:
         pebble.dns.add(BROKEN, "127.0.0.2")  # pebble's challenge finds nothing there
-        certificate, key = make_certificate(tmp_path / "listener", "default", "default.test")
-        tls_port, status_port = free_port(), free_port()
+        settings, tls_port = pebble.keter_settings(tmp_path / "listener")
+        status_port = free_port()
         keter = keter_factory(
-            listeners=[
-                {"host": "127.0.0.1", "port": private_nginx.port},
-                {"host": "127.0.0.1", "port": tls_port,
-                 "certificate": str(certificate), "key": str(key)},
-            ],
-            acme={"directory": pebble.directory, "ca-bundle": str(pebble.tls_certificate)},
+            **settings,
             **{"status-listen": f"127.0.0.1:{status_port}", "dashboard-users": dict([USER])},
-        )  # fmt: skip
+        )
         for app, host in (("shop", GOOD), ("broken", BROKEN)):
             config = webapp_config(host, "v1", ssl="acme")
             keter.drop(make_bundle(tmp_path / f"{app}.keter", config={"stanzas": [

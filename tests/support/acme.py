@@ -76,6 +76,22 @@ class PrivatePebble:
         stop_child(process)
         self.dns.stop()
 
+    def keter_settings(self, certs: Path) -> tuple[dict, int]:
+        """keter-config.yaml settings with this pebble as the CA: a plain listener on
+        ``http_port`` (where pebble validates), a TLS listener on a free port with a
+        default certificate made in ``certs``, and the acme section; and that TLS port."""
+        certificate, key = make_certificate(certs, "default", "default.test")
+        tls_port = free_port()
+        settings = {
+            "listeners": [
+                {"host": "127.0.0.1", "port": self.http_port},
+                {"host": "127.0.0.1", "port": tls_port,
+                 "certificate": str(certificate), "key": str(key)},
+            ],
+            "acme": {"directory": self.directory, "ca-bundle": str(self.tls_certificate)},
+        }  # fmt: skip
+        return settings, tls_port
+
     def root_ca(self) -> bytes:
         """The root pebble signs with (PEM), from its management interface."""
         context = ssl.create_default_context(cafile=str(self.tls_certificate))

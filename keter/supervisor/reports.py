@@ -49,20 +49,13 @@ class Reports(SupervisorState):
         reason: str = "",
         kind: FailureKind | None = None,
         watch_seconds: float = 0.0,
+        *,
+        history_only: bool = False,
     ) -> None:
-        """The deploy's outcome: kept on it, and a line of the app's history."""
-        deploy.outcome = outcome
-        self._report_outcome(deploy, outcome, reason, kind, watch_seconds)
-
-    def _report_outcome(
-        self,
-        deploy: Deploy,
-        outcome: Outcome,
-        reason: str = "",
-        kind: FailureKind | None = None,
-        watch_seconds: float = 0.0,
-    ) -> None:
-        """Tell the status component (history, events, metrics) how the deploy went."""
+        """The deploy's outcome: kept on it (unless ``history_only``: a rollback leaves a
+        version serving until it is replaced), and a line of the app's history."""
+        if not history_only:
+            deploy.outcome = outcome
         if self.c.status is not None:
             self.c.status.tell(
                 DeployFinished(

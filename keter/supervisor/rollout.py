@@ -62,7 +62,6 @@ class Rollout(SupervisorState):
             return  # a newer bundle is on its way, or the watch is over
         target, deploy.rollback_to = deploy.rollback_to, None
         log.warning("%s: version %s rolled back to %s: %s", app_name, version, target[:12], reason)
-        # History says so; the deploy's own outcome stays SERVING: it serves until replaced.
-        self._report_outcome(deploy, Outcome.ROLLED_BACK, reason)
+        self._finished(deploy, Outcome.ROLLED_BACK, reason, history_only=True)
         if self.c.status is not None:
             self.c.status.tell(RollBack(app=app_name, sha256=target, reason=reason))

@@ -72,6 +72,13 @@ def deploy(keter, app: str, bundle: Path) -> object:
     return keter_cli(keter.root, "deploy", str(bundle), "--name", app, "--timeout", "60")
 
 
+def serve_v1(keter, nginx, tmp_path: Path, app: str) -> None:
+    """``keter deploy`` v1, whose release makes the notes table, and wait until it serves."""
+    result = deploy(keter, app, release_bundle(tmp_path / "v1.keter", "v1", ["--sql", NOTES]))
+    assert result.returncode == 0, result.stderr
+    served(nginx, HOST, "v1")
+
+
 def history(keter, app: str) -> list[dict]:
     return status_api(keter).app(app)["history"]
 
@@ -107,10 +114,7 @@ def test_a_release_makes_a_table_before_its_version_starts(
     pg_keter, private_nginx, tmp_path, app
 ) -> None:
     keter = pg_keter
-    bundle = release_bundle(tmp_path / "v1.keter", "v1", ["--sql", NOTES])
-    result = deploy(keter, app, bundle)
-    assert result.returncode == 0, result.stderr
-    served(private_nginx, HOST, "v1")
+    serve_v1(keter, private_nginx, tmp_path, app)
     first = info(private_nginx)
     # The version started after the release: the table was there when it began.
     assert first["tables_at_start"] == ["notes"]
@@ -145,11 +149,7 @@ def test_a_failing_release_switches_nothing_under_load_and_the_backup_restores(
     pg_keter, private_nginx, tmp_path, how, app
 ) -> None:
     keter = pg_keter
-    assert (
-        deploy(keter, app, release_bundle(tmp_path / "v1.keter", "v1", ["--sql", NOTES])).returncode
-        == 0
-    )
-    served(private_nginx, HOST, "v1")
+    serve_v1(keter, private_nginx, tmp_path, app)
     body(private_nginx, HOST, "/write?note=before")
 
     load = Load(private_nginx.port, HOST)
@@ -227,11 +227,7 @@ def app_log(keter, app: str) -> str:
 
 def test_a_backup_restores_the_data_of_its_time(pg_keter, private_nginx, tmp_path, app) -> None:
     keter = pg_keter
-    assert (
-        deploy(keter, app, release_bundle(tmp_path / "v1.keter", "v1", ["--sql", NOTES])).returncode
-        == 0
-    )
-    served(private_nginx, HOST, "v1")
+    serve_v1(keter, private_nginx, tmp_path, app)
     body(private_nginx, HOST, "/write?note=a")
 
     taken = keter_cli(keter.root, "db", "backup", app)
@@ -265,11 +261,7 @@ def test_rollback_with_data_restores_the_backup_before_the_undone_version(
     pg_keter, private_nginx, tmp_path, app
 ) -> None:
     keter = pg_keter
-    assert (
-        deploy(keter, app, release_bundle(tmp_path / "v1.keter", "v1", ["--sql", NOTES])).returncode
-        == 0
-    )
-    served(private_nginx, HOST, "v1")
+    serve_v1(keter, private_nginx, tmp_path, app)
     body(private_nginx, HOST, "/write?note=by-v1")
     v2_release = ["--sql", NOTES, "--sql", "CREATE TABLE v2_only (x int)"]
     assert (

@@ -13,7 +13,6 @@ import time
 from keter.deploys import Deploy, Stage, Worker
 from keter.messages import (
     EventKind,
-    PointServices,
     ProcessFailed,
     ProcessStarted,
     ProcessState,
@@ -98,10 +97,7 @@ class ProcessFacts(SupervisorState):
             return  # a new version's start is reported through its deploy
         if web.repoint and msg.state is ProcessState.RUNNING:
             web.repoint = False  # it answers on the port it moved to (_port_taken)
-            assert self.c.switch is not None
-            stable = deploy.services[web.index]
-            targets = ((stable, web.port),)
-            self.c.switch.tell(PointServices(app=deploy.app, deploy_id=deploy.id, targets=targets))
+            self._point_services(deploy, ((deploy.services[web.index], web.port),))
         if msg.state is ProcessState.BACKOFF:
             web.restarts += 1
             if previous is ProcessState.RUNNING:

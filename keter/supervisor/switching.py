@@ -85,14 +85,21 @@ class Switching(SupervisorState):
             self._fail(deploy, f"cannot route it: {exc}", kind=kind)
             return
         deploy.move(Stage.POINTING)
+        self._point_services(deploy, previous=previous)
+
+    def _point_services(
+        self,
+        deploy: Deploy,
+        targets: tuple[tuple[int, int], ...] | None = None,
+        previous: tuple[tuple[int, int], ...] = (),
+    ) -> None:
+        """Have the switch lead stable ports to ``targets`` (stable, port) pairs; by
+        default every one of the deploy's stable ports to its web app's own port."""
         assert self.c.switch is not None
+        if targets is None:
+            targets = tuple(zip(deploy.services, deploy.ports, strict=True))
         self.c.switch.tell(
-            PointServices(
-                app=deploy.app,
-                deploy_id=deploy.id,
-                targets=tuple(zip(deploy.services, deploy.ports, strict=True)),
-                previous=previous,
-            )
+            PointServices(app=deploy.app, deploy_id=deploy.id, targets=targets, previous=previous)
         )
 
     def _services_pointed(self, deploy_id: int, at: float) -> None:
@@ -116,14 +123,7 @@ class Switching(SupervisorState):
         serving = app.serving
         if serving is None or deploy.reroute or serving.services != deploy.services:
             return
-        assert self.c.switch is not None
-        self.c.switch.tell(
-            PointServices(
-                app=app.name,
-                deploy_id=serving.id,
-                targets=tuple(zip(serving.services, serving.ports, strict=True)),
-            )
-        )
+        self._point_services(serving)
 
     def _switched(self, app: App, deploy: Deploy) -> None:
         """The deploy takes the traffic (POINTING or SWITCHING -> SERVING); the old drains."""

@@ -206,6 +206,12 @@ def test_workers_start_once_the_version_serves_and_stop_with_it(rig: Rig) -> Non
     rig.nginx_ok()
     worker = rig.monitor.one(StartProcess)
     assert worker.spec.port is None and "PORT" not in worker.spec.env
+    # Both run in the deploy's folder, as the app's user, into the app's log.
+    config = rig.sup.config
+    for spec in (start.spec, worker.spec):
+        assert (spec.cwd, spec.log_path) == (unpack.dest, config.log_dir / "app-a.log")
+        assert (spec.user, spec.data_dir) == (config.setuid, config.data_dir / "a")
+    assert (start.spec.health is not None, worker.spec.health) == (True, None)
 
     # Crashing more often than restart-count stops it for good; the web app serves on.
     for _ in range(2):

@@ -10,7 +10,7 @@ import logging
 from types import MappingProxyType
 
 from keter import envstore
-from keter.appdata import app_user, data_dir
+from keter.appdata import app_user
 from keter.deploys import Deploy, Stage
 from keter.messages import (
     BackupDatabase,
@@ -18,7 +18,6 @@ from keter.messages import (
     BackupKind,
     BackupTaken,
     FailureKind,
-    ProcessSpec,
     RunFinished,
     RunOnce,
 )
@@ -104,14 +103,11 @@ class Preparing(SupervisorState):
         process_id = next(self._ids)
         deploy.release_id, deploy.release_index = process_id, index
         self.owners[process_id] = deploy
-        spec = ProcessSpec(
-            command=release_command(release),
-            cwd=deploy.folder,
-            env=self._web_environment(deploy, index, deploy.ports_held[index]),
-            log_path=self.config.log_dir / f"app-{deploy.app}.log",
-            user=app_user(self.config, deploy.app),
-            data_dir=data_dir(self.config, deploy.app),
-            limits=deploy.config.webapps[index].limits,
+        spec = self._process_spec(
+            deploy,
+            release_command(release),
+            self._web_environment(deploy, index, deploy.ports_held[index]),
+            deploy.config.webapps[index].limits,
         )
         log.info(
             "%s: deploy #%d runs its release %s (#%d, at most %gs)",

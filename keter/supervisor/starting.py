@@ -5,10 +5,12 @@ workers once it serves; and moving a web app whose port a stranger took.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from keter.appdata import app_user, data_dir
 from keter.deploys import Deploy, Stage, WebProcess, Worker
 from keter.environment import app_environment, worker_environment
+from keter.limits import Limits
 from keter.messages import HealthCheck, MoveProcess, ProcessSpec, ReleaseServices, StartProcess
 from keter.processes.ports import NoFreePort
 from keter.supervisor.state import SupervisorState
@@ -43,21 +45,39 @@ class Starting(SupervisorState):
         assert deploy.config is not None
         webapp = deploy.config.webapps[index]
         health_host = next((h for h in webapp.hosts if "*" not in h), webapp.hosts[0])
-        return ProcessSpec(
-            command=(str(webapp.exec), *webapp.args),
-            cwd=deploy.folder,
-            env=self._web_environment(deploy, index, port),
-            log_path=self.config.log_dir / f"app-{deploy.app}.log",
+        return self._process_spec(
+            deploy,
+            (str(webapp.exec), *webapp.args),
+            self._web_environment(deploy, index, port),
+            webapp.limits,
             port=port,
             health=HealthCheck(
                 host=health_host.removeprefix("*."),
                 path=webapp.health_check_path or "/",
                 strict=webapp.health_check_path is not None,
             ),
-            user=app_user(self.config, deploy.app),
             health_timeout=webapp.ensure_alive,
+        )
+
+    def _process_spec(
+        self,
+        deploy: Deploy,
+        command: tuple[str, ...],
+        env: dict[str, str],
+        limits: Limits,
+        **extra: Any,
+    ) -> ProcessSpec:
+        """What every process of a deploy (web app, worker, release) shares: it runs in
+        the deploy's folder as the app's user, with its data folder, into the app's log."""
+        return ProcessSpec(
+            command=command,
+            cwd=deploy.folder,
+            env=env,
+            log_path=self.config.log_dir / f"app-{deploy.app}.log",
+            user=app_user(self.config, deploy.app),
             data_dir=data_dir(self.config, deploy.app),
-            limits=webapp.limits,
+            limits=limits,
+            **extra,
         )
 
     def _web_environment(self, deploy: Deploy, index: int, port: int) -> dict[str, str]:
@@ -112,21 +132,16 @@ class Starting(SupervisorState):
             process_id = next(self._ids)
             deploy.workers[process_id] = Worker(index=index, process_id=process_id)
             self.owners[process_id] = deploy
-            spec = ProcessSpec(
-                command=(str(worker.exec), *worker.args),
-                cwd=deploy.folder,
-                env=worker_environment(
-                    self.config,
-                    worker,
-                    deploy.db,
-                    settings=deploy.settings,
-                    data_dir=data_dir(self.config, deploy.app),
-                ),
-                log_path=self.config.log_dir / f"app-{deploy.app}.log",
-                user=app_user(self.config, deploy.app),
-                restart_delay=worker.restart_delay,
+            env = worker_environment(
+                self.config,
+                worker,
+                deploy.db,
+                settings=deploy.settings,
                 data_dir=data_dir(self.config, deploy.app),
-                limits=worker.limits,
+            )
+            command = (str(worker.exec), *worker.args)
+            spec = self._process_spec(
+                deploy, command, env, worker.limits, restart_delay=worker.restart_delay
             )
             log.info(
                 "%s: deploy #%d starts background worker #%d (%s)",

@@ -71,7 +71,7 @@ def run(settings: Settings) -> list[Row]:
                     raise RuntimeError(f"the {name} proxy does not answer")
             # 1. nginx's own cost: keter's reader paused, the spool only grows.
             process.suspend()
-            nginx_only, sent = _pairs(ports, reps, seconds)
+            nginx_only, sent, nginx_cpu = _pairs(servers, ports, reps, seconds)
             # 2. keter's cost: the reader catches up on exactly those requests.
             cpu_before, rss_before = _cpu(process), process.memory_info().rss
             process.resume()
@@ -80,7 +80,7 @@ def run(settings: Settings) -> list[Row]:
             rss_after = process.memory_info().rss
             # 3. Both at once, as in production (reported; wrk, two nginx and keter share
             # this machine's cores).
-            together, sent_live = _pairs(ports, settings.pick(3, 1), seconds)
+            together, sent_live, _ = _pairs(servers, ports, settings.pick(3, 1), seconds)
             _graceful_stop(servers["on"])  # nginx writes its last buffers on the way out
         reader.send_signal(signal.SIGTERM)
         out, _ = reader.communicate(timeout=120)
@@ -91,25 +91,32 @@ def run(settings: Settings) -> list[Row]:
     counted = json.loads(out.strip().splitlines()[-1])
     logged = _logged(root)
     return [
-        _throughput_row(nginx_only),
+        _throughput_row(nginx_only, nginx_cpu),
         _together_row(together),
         _cost_row(cpu_backlog, backlog, counted, logged, sent + sent_live, (rss_before, rss_after)),
     ]
 
 
-def _pairs(ports: dict[str, int], reps: int, seconds: int) -> tuple[dict[str, list[float]], int]:
-    """req/s with statistics on and off, in pairs alternating which goes first; and the
-    requests wrk finished with them on."""
+def _pairs(
+    servers: dict[str, _Nginx], ports: dict[str, int], reps: int, seconds: int
+) -> tuple[dict[str, list[float]], int, dict[str, list[float]]]:
+    """req/s with statistics on and off, in pairs alternating which goes first; the
+    requests wrk finished with them on; and nginx's CPU per request (µs, the proxy's and
+    the backend's workers: it hardly moves when other work shares the cores)."""
     rps: dict[str, list[float]] = {"on": [], "off": []}
+    cpu: dict[str, list[float]] = {"on": [], "off": []}
     sent = 0
     for rep in range(reps):
         for name in ("on", "off") if rep % 2 == 0 else ("off", "on"):
+            before = servers[name].cpu() + servers["backend"].cpu()
             result = run_wrk(ports[name], HOST, seconds=seconds, connections=CONNECTIONS)
+            used = servers[name].cpu() + servers["backend"].cpu() - before
             if result.failed:
                 raise RuntimeError(f"{name}: {result.failed} failed requests")
             rps[name].append(result.rps)
+            cpu[name].append(used / max(result.requests, 1) * 1e6)
             sent += result.requests if name == "on" else 0
-    return rps, sent
+    return rps, sent, cpu
 
 
 def poll_until_read(reader: subprocess.Popen, timeout: float = 120) -> int:
@@ -155,11 +162,13 @@ def _ratio(rps: dict[str, list[float]]) -> float:
     return median(a / b for a, b in zip(rps["on"], rps["off"], strict=True))
 
 
-def _throughput_row(rps: dict[str, list[float]]) -> Row:
+def _throughput_row(rps: dict[str, list[float]], cpu: dict[str, list[float]]) -> Row:
     ratio = _ratio(rps)
+    on, off = median(cpu["on"]), median(cpu["off"])
     return Row(
         "stats: proxy throughput, statistics on",
-        f"{median(rps['on']):,.0f} req/s = {ratio:.1%} of statistics off (n={len(rps['on'])})",
+        f"{median(rps['on']):,.0f} req/s = {ratio:.1%} of statistics off (n={len(rps['on'])}); "
+        f"nginx CPU per request {on:.1f} µs vs {off:.1f} µs",
         f"statistics off {median(rps['off']):,.0f} req/s; keep-alive clients, 1 worker; "
         "nginx's cost alone (keter's reading is the next rows)",
         f">= {TARGET:.0%} of off",

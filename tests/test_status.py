@@ -341,6 +341,24 @@ def test_a_damaged_archive_is_never_deployed(tmp_path):
     assert [p.name for p in incoming.iterdir()] == ["hello.keter"]
 
 
+def test_an_archived_copy_left_short_is_made_again_and_syncs_are_batched(tmp_path):
+    """store leaves the disk to ``sync`` (the status timer); a copy a power cut left
+    empty or short is copied again when its version is archived once more."""
+    archive = BundleArchive(tmp_path / "archive", keep=3)
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / "hello.keter").write_bytes(b"v1")
+    sha = hashlib.sha256(b"v1").hexdigest()
+    stored = archive.store("hello", incoming / "hello.keter", sha, 1)
+    assert stored.path.read_bytes() == b"v1"
+    archive.sync()
+    stored.path.write_bytes(b"")  # what an unsynced copy may be after a power cut
+    again = archive.store("hello", incoming / "hello.keter", sha, 2)
+    assert again.path.read_bytes() == b"v1"
+    archive.sync()
+    archive.sync()  # nothing left to sync is fine too
+
+
 # -- request checks ----------------------------------------------------------------------------
 
 

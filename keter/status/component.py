@@ -110,6 +110,7 @@ class StatusServer(Actor):
 
     def on_stop(self) -> None:
         self.board.close()  # saves the history too
+        self._sync_archive()
         self.listeners.close()
 
     def handle(self, message: object) -> None:
@@ -136,6 +137,7 @@ class StatusServer(Actor):
             case _SaveHistory():
                 self._save_pending = False
                 self.board.save_history()
+                self._sync_archive()
             case _:
                 self.unexpected(message)
 
@@ -166,6 +168,13 @@ class StatusServer(Actor):
         else:  # the reason as the history keeps it: capped, whatever the bundle made of it
             text = f"version {msg.version} {msg.outcome.value}: {entry['reason']}"
         self.board.add_event(msg.app, f"deploy-{msg.outcome.value}", text, msg.at)
+
+    def _sync_archive(self) -> None:
+        """The bundles archived since the last time, made durable in one batch."""
+        try:
+            self.archive.sync()
+        except OSError as exc:
+            log.error("keter: cannot sync the archive in %s: %s", self.archive.folder, exc)
 
     def _archive(self, msg: DeployFinished) -> None:
         bundle = self.config.incoming_dir / f"{msg.app}{SUFFIX}"

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 POLL = 0.05  # seconds between looks at the connections of draining versions
 SWITCH_POLL = 0.01  # ... while a switch waits for nginx's pool (a verdict waits on it)
 CONFIRM_TIMEOUT = 1.0  # seconds a confirming connection may take
+CONFIRM_TRIES = 3  # connections through a stable port before it counts as led elsewhere
 
 
 @message
@@ -224,17 +225,27 @@ class Switch(Actor):
                 self.mapping.pop(stable, None)
 
     def _confirm(self, targets: tuple[tuple[int, int], ...]) -> str | None:
-        """Connect through each stable port: None if each lands on its new port, else why."""
+        """Connect through each stable port: None if each lands on its new port, else why.
+
+        A connection is looked up on the new port by its source port, which the
+        kernel's NAT may change when its tuple clashes with a conntrack entry of an
+        earlier connection (busy hosts reuse ephemeral ports within conntrack's two
+        minutes); so a port gets ``CONFIRM_TRIES`` connections before it counts as
+        led elsewhere. A map that leads elsewhere fails every one of them.
+        """
         for stable, port in targets:
-            try:
-                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-                    probe.settimeout(CONFIRM_TIMEOUT)
-                    probe.bind(("127.0.0.1", 0))
-                    probe.connect((self.table.address, stable))
-                    landed = sockdiag.accepted_on(port, probe.getsockname()[1])
-            except OSError as exc:
-                return f"a connection to {self.table.address}:{stable} failed: {exc}"
-            if not landed:
+            for _ in range(CONFIRM_TRIES):
+                try:
+                    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                        probe.settimeout(CONFIRM_TIMEOUT)
+                        probe.bind(("127.0.0.1", 0))
+                        probe.connect((self.table.address, stable))
+                        landed = sockdiag.accepted_on(port, probe.getsockname()[1])
+                except OSError as exc:
+                    return f"a connection to {self.table.address}:{stable} failed: {exc}"
+                if landed:
+                    break
+            else:
                 return f"a connection to {self.table.address}:{stable} did not reach port {port}"
         return None
 

@@ -224,10 +224,16 @@ def test_workers_start_once_the_version_serves_and_stop_with_it(rig: Rig) -> Non
     assert rig.sup.apps["a"].serving.workers == {}
 
 
-def test_a_bundle_without_a_web_app_switches_at_once(rig: Rig) -> None:
+@pytest.mark.parametrize("kernel_mode", [False, True], ids=["reload", "kernel"])
+def test_a_bundle_without_a_web_app_switches_through_nginx_at_once(
+    tmp_path: Path, kernel_mode: bool
+) -> None:
+    rig = make_rig(tmp_path, kernel=kernel_mode)
     unpack = rig.arrive("docs")
     rig.unpacked(unpack, static_only(unpack.dest / "public"))
     assert rig.monitor.take(StartProcess) == []
+    if rig.switch is not None:
+        assert rig.switch.take(PointServices) == []  # no stable address: nothing to lead
     rig.nginx_ok()
     assert rig.sup.apps["docs"].serving.stage is Stage.SERVING
 
@@ -757,14 +763,6 @@ def test_a_crash_restart_changes_neither_nginx_nor_the_kernel(kernel: Rig) -> No
     assert kernel.nginx.take(ApplyNginx) == []
     assert kernel.switch.take(PointServices) == []
     assert kernel.snapshot("a").restarts == 1
-
-
-def test_a_bundle_without_a_web_app_switches_through_nginx(kernel: Rig) -> None:
-    unpack = kernel.arrive("docs")
-    kernel.unpacked(unpack, static_only(unpack.dest / "public"))
-    assert kernel.switch.take(PointServices) == []
-    kernel.nginx_ok()
-    assert kernel.sup.apps["docs"].serving.stage is Stage.SERVING
 
 
 def test_an_app_moved_off_a_stolen_port_is_led_there_by_the_kernel(kernel: Rig) -> None:

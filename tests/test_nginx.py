@@ -93,6 +93,25 @@ def test_upstream_per_site_with_keepalive_pool() -> None:
     assert "proxy_pass http://keter_blog;" in text
 
 
+def test_only_a_stable_address_bounds_the_age_of_pooled_connections() -> None:
+    """Behind a stable address the kernel re-points, nginx must retire connections pooled
+    to the old version soon after a switch (keter.switch); to the process itself (the
+    reload switch) a reload gives nginx new pools, so the age keeps nginx's default.
+    Both keep the short idle bound."""
+    stable = Site(
+        app="a", routes=(Route(hosts=("a.test",), action=ProxyApp(port=8080, host="127.9.8.7")),)
+    )
+    itself = Site(app="b", routes=(Route(hosts=("b.test",), action=ProxyApp(port=4001)),))
+    text = render([stable, itself], LOCAL, 1)
+    bodies = dict(re.findall(r"upstream (keter_[ab])\S* \{(.*?)\}", text, re.S))
+    assert "server 127.9.8.7:8080;" in bodies["keter_a"]
+    assert "keepalive_time 50ms;" in bodies["keter_a"]
+    assert "server 127.0.0.1:4001;" in bodies["keter_b"]
+    assert "keepalive_time 1h;" in bodies["keter_b"]
+    for body in bodies.values():
+        assert "keepalive_timeout 50ms;" in body
+
+
 def test_upstream_names_are_safe_and_distinct() -> None:
     apps = ["a.b", "a-b", "a_b", "A.b", "a_2eb", "ab"]
     names = [upstream_name(app) for app in apps]

@@ -192,9 +192,17 @@ upstream {name} {{
 # old version: they are closed by nginx itself once this old (after the request in
 # progress) or this long idle, so new requests reach the new version within
 # POOL_SECONDS and the old one drains without ever closing a connection under nginx.
+# That age bound costs throughput: at full speed nginx reconnects every few dozen
+# requests (README, "Benchmarks"). An upstream that leads to the process itself (the
+# reload switch: each version has a port of its own, and the reload that routes to it
+# gives nginx new pools) needs no age bound and keeps nginx's default. The idle bound
+# stays for both: shorter than any app's own keep-alive timeout, it keeps nginx from
+# reusing a connection the app is closing at that moment.
 POOLED_CONNECTION_MAX_AGE = 0.05  # keepalive_time
 POOLED_CONNECTION_MAX_IDLE = 0.05  # keepalive_timeout
 POOL_SECONDS = POOLED_CONNECTION_MAX_AGE + POOLED_CONNECTION_MAX_IDLE
+PROCESS_CONNECTION_MAX_AGE = "1h"  # keepalive_time to the process itself: nginx's default
+PROCESS_ITSELF = "127.0.0.1"  # ProxyApp.host of an app's own process (keter.messages)
 
 _APP_UPSTREAM = """\
 upstream {name} {{
@@ -528,13 +536,17 @@ class _Renderer:
             action = route.action
             if isinstance(action, ProxyApp):
                 port = names.validate_port(action.port)
-                server = f"    server {_app_host(action.host)}:{port};\n"
+                host = _app_host(action.host)
+                server = f"    server {host}:{port};\n"
+                itself = host == PROCESS_ITSELF  # not a stable address the kernel re-points
                 blocks.append(
                     _APP_UPSTREAM.format(
                         name=_app_upstream(site.app, index),
                         servers=server,
                         keepalive=64,
-                        max_age=_duration(POOLED_CONNECTION_MAX_AGE),
+                        max_age=PROCESS_CONNECTION_MAX_AGE
+                        if itself
+                        else _duration(POOLED_CONNECTION_MAX_AGE),
                         max_idle=_duration(POOLED_CONNECTION_MAX_IDLE),
                     )
                 )

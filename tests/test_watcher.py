@@ -313,33 +313,33 @@ def test_an_earlier_close_does_not_vouch_for_writes_whose_events_are_late(
     assert reports.empty()
 
 
-def test_a_small_whole_bundle_needs_no_quiet_period_but_a_cut_tar_does(
+def test_a_small_whole_bundle_renamed_in_needs_no_quiet_period(
     incoming: Path, reports: queue.Queue
 ) -> None:
-    """On a close-write or rename, a small bundle whose tar has ended is reported at
-    once; a stream cut between two gzip members (complete as gzip, its tar not ended)
-    waits as before, so the rest of it can still come.
+    """A small bundle renamed in whole is reported at once; one written in place waits
+    for its quiet period even when it is whole at its close (the next copy may already
+    be truncating it), and so does a renamed stream cut between two gzip members
+    (complete as gzip, its tar not ended).
 
     Drives the (unstarted) actor's handler directly: "at once" means while handling
     the event, before any timer.
     """
     watcher = IncomingWatcher(incoming, report_to=reports)
     path = incoming / "app.keter"
+    temp = incoming / ".app.keter.part"
     tar = gzip.decompress(small_bundle())
-    first, rest = gzip.compress(tar[:512]), gzip.compress(tar[512:])
-    path.write_bytes(first)  # a writer appending member by member, between two members
-    watcher.handle(_PathTouched(path=str(path), certain=True))
+    temp.write_bytes(gzip.compress(tar[:512]))  # one member of two: the tar has not ended
+    os.replace(temp, path)
+    watcher.handle(_PathTouched(path=str(path), certain=True, renamed=True))
     assert reports.empty(), f"a partial file was reported: {reports.get()!r}"
 
-    with open(path, "ab") as f:
-        f.write(rest)
-    watcher.handle(_PathTouched(path=str(path), certain=True))
-    assert reports.get_nowait() == arrived(path)
+    path.write_bytes(small_bundle())  # whole, but written in place
+    watcher.handle(_PathTouched(path=str(path), certain=True))  # its close-write
+    assert reports.empty(), f"reported before its quiet period: {reports.get()!r}"
 
-    temp = incoming / ".app.keter.part"
     temp.write_bytes(small_bundle())
     os.replace(temp, path)
-    watcher.handle(_PathTouched(path=str(path), certain=True))  # the rename's event
+    watcher.handle(_PathTouched(path=str(path), certain=True, renamed=True))
     assert reports.get_nowait() == arrived(path)
     assert reports.empty()
 

@@ -12,10 +12,11 @@ the app keeps serving until a bundle replaces it or the name disappears.
 When is a bundle "completely written"? A writer that closes the file (cp,
 scp, a text editor) gives inotify's close-write, and a bundle renamed into
 the folder is complete by construction; both are trusted after a short quiet
-period. A small bundle (``FAST_CHECK_BYTES``) needs no quiet period when, at
-that event, its gzip stream is whole and the tar inside it ends with its
+period. A small bundle (``FAST_CHECK_BYTES``) renamed in needs no quiet period
+when its gzip stream is whole and the tar inside it ends with its
 end-of-archive marker: nothing is missing, even if the writer was about to
-append another gzip member (the unpacker stops at the tar's end anyway).
+append another gzip member (the unpacker stops at the tar's end anyway). A
+close-write never skips it: ``cp`` run again truncates the same inode at once.
 A file untouched (by its ctime) for ``GIVE_UP_QUIET`` is done as well:
 nobody is writing it. Anything else (a touch, a write we saw no close for, a
 young file found by a scan) is in doubt, and its gzip stream is checked
@@ -83,6 +84,9 @@ class _PathTouched:
 
     path: str
     certain: bool  # close-write or rename-in: the writer is done
+    # Renamed in: this inode is whole and nobody rewrites it in place (a newer copy
+    # renamed over it is another inode), so it may skip the quiet period.
+    renamed: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -126,7 +130,8 @@ class _Forwarder(FileSystemEventHandler):
         if isinstance(event, FileMovedEvent) or event.event_type == "moved":
             # Moved out (or renamed away) is a possible removal; moved in is a complete file.
             self._inbox.put(_PathTouched(path=os.fsdecode(event.src_path), certain=False))
-            self._inbox.put(_PathTouched(path=os.fsdecode(event.dest_path), certain=True))
+            dest = os.fsdecode(event.dest_path)
+            self._inbox.put(_PathTouched(path=dest, certain=True, renamed=True))
         elif event.event_type in ("opened", "closed_no_write"):
             return  # reads (our own gzip check, the unpacker) are not changes
         else:
@@ -182,8 +187,8 @@ class IncomingWatcher(Actor):
 
     def handle(self, message: object) -> None:
         match message:
-            case _PathTouched(path=path, certain=certain):
-                self._guarded(os.path.basename(path), self._touched, Path(path), certain)
+            case _PathTouched(path=path, certain=certain, renamed=renamed):
+                self._guarded(os.path.basename(path), self._touched, Path(path), certain, renamed)
             case _Settle(app=app):
                 self._guarded(app + SUFFIX, self._settle, app)
             case _CheckStep(app=app, check_id=check_id):
@@ -246,7 +251,7 @@ class IncomingWatcher(Actor):
                 self.report(BundleIgnored(filename=path.name, reason=reason))
             return None
 
-    def _touched(self, path: Path, certain: bool) -> None:
+    def _touched(self, path: Path, certain: bool, renamed: bool = False) -> None:
         app = self._app_of(path)
         if app is None:
             return
@@ -260,14 +265,18 @@ class IncomingWatcher(Actor):
             pending.certain = certain
             self._cancel_check(pending)  # it was reading an older version
         pending.stamp = look(path)
-        if certain and self._complete_now(path, pending.stamp):
+        if renamed and self._complete_now(path, pending.stamp):
             del self._pending[app]  # its timer finds nothing pending
             self._arrived(app, path, pending.stamp)
             return
         self._wake(app, CLOSED_QUIET if certain else DOUBT_QUIET)
 
     def _complete_now(self, path: Path, stamp: Stamp | None) -> bool:
-        """Whether a small bundle whose close-write or rename just arrived is whole now.
+        """Whether a small bundle just renamed in is whole now.
+
+        Only a rename: a close-write may be followed at once by the next copy's
+        truncating rewrite of the same inode (``cp`` again), which would pull the
+        file from under the unpacker; the quiet period lets such a burst settle.
 
         Whole means: still this very version, a complete gzip stream, and a tar
         archive inside that has ended. Anything else (a bigger file, a stream that

@@ -37,11 +37,11 @@ they are reported once, as ``RunFinished`` with the exit status and the last
 lines of output.
 
 A process that leaves the group (``setsid``, a daemon's double fork) escapes
-``killpg``; only cgroups could follow it, which keter does not use. Keter
-cannot stop such a process. It notices one that still holds the app's port
-once the group is gone, and names it in a warning; the port pool skips a port
-that is still bound, so later deploys are not harmed. A daemon that holds no
-port goes unnoticed.
+``killpg`` but not the deploy's cgroup (``keter.processes.cgroups``): stopping
+a deploy ends with ``cgroup.kill``, so nothing of it survives. Without a
+writable cgroup v2 hierarchy (said once at start) such a process cannot be
+stopped: keter names one that still holds the app's port once the group is
+gone, and the port pool skips a port that is still bound.
 """
 
 from __future__ import annotations

@@ -20,13 +20,16 @@ from keter.config import KeterConfig
 from keter.stats.component import StatsCollector
 
 QUIET = 0.5  # seconds without a new record before the spool counts as read
+# The access log rotates at keter's default (10 MiB, 5 backups: ~450,000 lines) and
+# the bench logs more: one file this large keeps every line for the count.
+LOG_MAX_BYTES = 1 << 30
 
 
 def main() -> None:
     root = Path(sys.argv[1])
     signals = {signal.SIGTERM, signal.SIGUSR1}
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # for sigwait, in every thread
-    collector = StatsCollector(KeterConfig(root=root))
+    collector = StatsCollector(KeterConfig(root=root, log_max_bytes=LOG_MAX_BYTES))
     collector.start()
     print("ready", flush=True)
     # SIGUSR1: how far it is (records counted, bytes of the spool not read yet).

@@ -228,6 +228,7 @@ class _Entry:
     limit_groups: DeployLimits | None = None  # its v1/v2 groups carrying out limits
     oom_kills: int | None = None  # its OOM kill count when its current run started
     probing: bool = False  # a health probe is out
+    health_deadline: int | None = None  # its timer while STARTING (cancelled on leaving)
     moving: bool = False  # a stranger took its port: waiting (BACKOFF) for MoveProcess
     exit_pending: _Exited | None = None  # the leader exited while a probe was out
     # One-shot processes (RunOnce) only: its timeout, and how it ended.
@@ -629,7 +630,7 @@ class ProcessMonitor(Actor):
         entry.probe_interval = PROBE_FIRST_INTERVAL
         entry.last_probe = "no probe finished"
         entry.probing, entry.exit_pending = False, None
-        self.schedule(
+        entry.health_deadline = self.schedule(
             self._health_timeout(spec), _HealthDeadline(deploy_id=entry.deploy_id, run=entry.runs)
         )
         self._submit_probe(entry)
@@ -967,6 +968,10 @@ class ProcessMonitor(Actor):
         check_transition(entry.state, new)
         log.info("%s: state %s -> %s (%s)", entry.app, entry.state.value, new.value, detail)
         entry.state = new
+        if new is not ProcessState.STARTING and entry.health_deadline is not None:
+            # An app that answered (or failed) needs no deadline: it must not wake us later.
+            self.cancel(entry.health_deadline)
+            entry.health_deadline = None
         pid = entry.run.pid if entry.run is not None and not entry.run.gone else None
         self.report(
             ProcessStateChanged(

@@ -107,6 +107,23 @@ def test_start_becomes_healthy_with_exactly_its_env(monitor, tmp_path, monkeypat
     assert all(STAMP.match(line) for line in log_lines)
 
 
+def test_a_state_leaves_no_deadline_that_would_wake_the_monitor(monitor):
+    """Issue 16.5 (idle CPU): the health deadline of an app that answered, and the SIGKILL
+    deadline of one that stopped, are cancelled: 1000 apps leave no 1000 wakeups."""
+    actor = monitor.monitor
+
+    def pending() -> list[str]:
+        cancelled = set(actor._timers_cancelled)
+        return [type(m).__name__ for _, n, m in list(actor._timers) if n not in cancelled]
+
+    monitor.start(1, monitor.spec(port=free_port()))
+    monitor.expect(ProcessHealthy, deploy_id=1)
+    assert "_HealthDeadline" not in pending()
+    actor.tell(StopProcess(app="app", deploy_id=1))
+    monitor.expect(ProcessStopped, deploy_id=1)
+    assert "_Escalate" not in pending()
+
+
 def test_without_health_check_it_runs_once_spawned(monitor):
     # The app never listens, so only "no health check" can make it RUNNING.
     spec = monitor.spec("--never-listen", port=free_port(), health=None)

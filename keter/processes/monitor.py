@@ -228,7 +228,10 @@ class _Entry:
     limit_groups: DeployLimits | None = None  # its v1/v2 groups carrying out limits
     oom_kills: int | None = None  # its OOM kill count when its current run started
     probing: bool = False  # a health probe is out
-    health_deadline: int | None = None  # its timer while STARTING (cancelled on leaving)
+    # The timer of its current state (the health deadline while STARTING, a one-shot's
+    # timeout while RUNNING, SIGKILL's while STOPPING): cancelled when the state changes,
+    # so it never wakes the monitor for nothing.
+    state_timer: int | None = None
     moving: bool = False  # a stranger took its port: waiting (BACKOFF) for MoveProcess
     exit_pending: _Exited | None = None  # the leader exited while a probe was out
     # One-shot processes (RunOnce) only: its timeout, and how it ended.
@@ -630,8 +633,10 @@ class ProcessMonitor(Actor):
         entry.probe_interval = PROBE_FIRST_INTERVAL
         entry.last_probe = "no probe finished"
         entry.probing, entry.exit_pending = False, None
-        entry.health_deadline = self.schedule(
-            self._health_timeout(spec), _HealthDeadline(deploy_id=entry.deploy_id, run=entry.runs)
+        self._state_timer(
+            entry,
+            self._health_timeout(spec),
+            _HealthDeadline(deploy_id=entry.deploy_id, run=entry.runs),
         )
         self._submit_probe(entry)
 
@@ -856,7 +861,9 @@ class ProcessMonitor(Actor):
         if entry.cgroup is not None:
             entry.cgroup.signal(signal.SIGTERM)  # what left the group gets its grace too
         self._transition(entry, ProcessState.STOPPING, f"{why}; sent SIGTERM to group {run.pgid}")
-        self.schedule(self.stop_timeout, _Escalate(deploy_id=entry.deploy_id, run=entry.runs))
+        self._state_timer(
+            entry, self.stop_timeout, _Escalate(deploy_id=entry.deploy_id, run=entry.runs)
+        )
 
     def _escalate(self, entry: _Entry) -> None:
         run = entry.run
@@ -932,7 +939,9 @@ class ProcessMonitor(Actor):
         assert entry.once_timeout is not None
         self._transition(entry, ProcessState.STARTING, self._where(entry))
         self._transition(entry, ProcessState.RUNNING, "one-shot: no health check")
-        self.schedule(entry.once_timeout, _OnceTimeout(deploy_id=entry.deploy_id, run=entry.runs))
+        self._state_timer(
+            entry, entry.once_timeout, _OnceTimeout(deploy_id=entry.deploy_id, run=entry.runs)
+        )
 
     def _once_exited(self, entry: _Entry, msg: _Exited) -> None:
         """The one-shot's leader exited: stop what is left of its group, then report it."""
@@ -963,15 +972,20 @@ class ProcessMonitor(Actor):
 
     # -- shared helpers ---------------------------------------------------------------
 
+    def _state_timer(self, entry: _Entry, delay: float, message: object) -> None:
+        """Schedule the deadline of the entry's current state (replacing any earlier)."""
+        if entry.state_timer is not None:
+            self.cancel(entry.state_timer)
+        entry.state_timer = self.schedule(delay, message)
+
     def _transition(self, entry: _Entry, new: ProcessState, detail: str) -> None:
         """The one place where an entry changes state: checked, logged and reported."""
         check_transition(entry.state, new)
         log.info("%s: state %s -> %s (%s)", entry.app, entry.state.value, new.value, detail)
         entry.state = new
-        if new is not ProcessState.STARTING and entry.health_deadline is not None:
-            # An app that answered (or failed) needs no deadline: it must not wake us later.
-            self.cancel(entry.health_deadline)
-            entry.health_deadline = None
+        if entry.state_timer is not None:  # the old state's deadline: nothing to do any more
+            self.cancel(entry.state_timer)
+            entry.state_timer = None
         pid = entry.run.pid if entry.run is not None and not entry.run.gone else None
         self.report(
             ProcessStateChanged(

@@ -26,8 +26,9 @@ from support.daemon import keter_cli, status_api
 from support.wait import wait_for
 
 from keter.config import KeterConfig
+from keter.messages import WatchVerdict, WatchVersion
 from keter.stats import spool
-from keter.stats.component import StatsCollector
+from keter.stats.component import FORGET_WATCH, StatsCollector, _Watch
 from keter.stats.histogram import FLOOR, RELATIVE_ERROR, Histogram
 from keter.stats.record import TAG, access_log_directive, log_format_directive, parse
 from keter.stats.traffic import SLOT, Traffic
@@ -295,6 +296,70 @@ def test_a_quiet_keter_adds_up_no_app_and_reports_nothing(tmp_path):
     stats._gone |= set(apps)
     gone = stats.traffic_report(start + 3600 + 2 * SLOT)
     assert gone is not None and gone.gone == tuple(apps) and not gone.apps
+    stats.on_stop()
+
+
+def test_quiet_watched_versions_cost_nothing_until_their_window_ends(tmp_path):
+    """1000 versions watched at once, without traffic (issue 16.5: idle): a second's
+    check looks at none of them and the report is not rebuilt; each passes once at its
+    window's end, then is forgotten FORGET_WATCH later. A request wakes only its app."""
+    stats = StatsCollector(KeterConfig(root=tmp_path / "root"))
+    stats.on_start()
+    apps = [f"app{i:04d}" for i in range(1000)]
+    for app in apps:
+        stats.handle(
+            WatchVersion(
+                app=app,
+                version="0123456789ab",
+                previous="ba9876543210",
+                seconds=60,
+                max_error_ratio=0.05,
+                min_requests=20,
+            )
+        )
+    start = min(w.started for w in stats._watches.values())
+    looked_at = Counter()
+    summary = stats.traffic.summary
+
+    def counting(app, *args, **kwargs):
+        looked_at[app] += 1
+        return summary(app, *args, **kwargs)
+
+    stats.traffic.summary = counting
+    states = Counter()
+    state = _Watch.state
+
+    def counting_state(watch):
+        states[watch.order.app] += 1
+        return state(watch)
+
+    _Watch.state = counting_state
+    try:
+        first = stats.traffic_report(start)
+        assert first is not None and len(first.watches) == 1000
+        states.clear()
+        for second in range(1, 59):
+            stats._check_watches(start + second)
+            assert stats.traffic_report(start + second) is None
+        assert not looked_at and not states  # nobody looked at a quiet watch
+
+        with stats.spool_path.open("ab") as out:
+            out.write(spool_line("app0007", at=time.time()) + b"\n")
+        stats._read(time.monotonic() + 30)
+        stats._check_watches(start + 59)
+        assert set(looked_at) == {"app0007"}  # its baseline, and only its
+        report = stats.traffic_report(start + 59)
+        assert (
+            report is not None and dict((w.app, w.requests) for w in report.watches)["app0007"] == 1
+        )
+
+        stats._check_watches(start + 61)
+        assert {w.verdict for w in stats._watches.values()} == {WatchVerdict.PASSED}
+        assert stats.traffic_report(start + 61) is not None
+        stats._check_watches(start + 61 + FORGET_WATCH)
+        assert not stats._watches
+    finally:
+        _Watch.state = state
     stats.on_stop()
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import heapq
 import logging
 import queue
 import time
@@ -47,6 +48,7 @@ from keter.stats.traffic import CLASSES, METRIC_BUCKETS, SLOT, WINDOWS, Summary,
 
 log = logging.getLogger(__name__)
 
+FORGET_WATCH = 600.0  # seconds a verdict stays shown after the window
 TICK = 0.25  # seconds between two reads of the spool (nginx writes it at least every second)
 REPORT_EVERY = 1.0  # seconds between two TrafficReports
 TICK_BUDGET = 0.2  # seconds of reading per tick; the rest waits for the next one
@@ -122,6 +124,12 @@ class StatsCollector(Actor):
         self._logs: dict[str, AppLog] = {}
         self._log_used: dict[str, float] = {}  # app -> last write; least recent first
         self._watches: dict[str, _Watch] = {}
+        # A watch is looked at again only when its app got requests (``_watch_dirty``) or
+        # a deadline of its came (``_watch_due``: its window's end, then the time it is
+        # forgotten), so a thousand quiet watched versions cost nothing per second.
+        self._watch_dirty: set[str] = set()
+        self._watch_due: list[tuple[float, str]] = []  # a heap
+        self._watches_changed = False  # since the last report
         # Per app, the latest versions that began serving: (since, version), oldest first.
         self._serving: dict[str, list[tuple[float, str]]] = {}
         self._unsettled: collections.deque[Record] = collections.deque()  # "-", not yet named
@@ -213,9 +221,13 @@ class StatsCollector(Actor):
             self._counted.add(record.app)
             by_app.setdefault(record.app, []).append(record.line)
             watch = self._watches.get(record.app)
-            if watch is not None and watch.counts(record):
-                watch.requests += 1
-                watch.errors += record.status >= 500
+            if watch is not None:
+                # Any version's request: the previous version's late ones move the baseline.
+                self._watch_dirty.add(record.app)
+                if watch.counts(record):
+                    watch.requests += 1
+                    watch.errors += record.status >= 500
+                    self._watches_changed = True
         for app, access in by_app.items():
             self._access_log(app, access)
 
@@ -281,16 +293,26 @@ class StatsCollector(Actor):
 
     def _watch(self, order: WatchVersion) -> None:
         now = time.time()
-        self._watches[order.app] = _Watch(
+        watch = _Watch(
             order=order, started=now, until=now + order.seconds, baseline=0.0, baseline_requests=0
         )
+        self._watches[order.app] = watch
+        heapq.heappush(self._watch_due, (watch.until, order.app))
+        self._watches_changed = True
         log.info("%s: watching version %s for %gs", order.app, order.version, order.seconds)
 
     def _check_watches(self, now: float) -> None:
-        for app, watch in list(self._watches.items()):
+        apps, self._watch_dirty = self._watch_dirty, set()
+        while self._watch_due and self._watch_due[0][0] <= now:
+            apps.add(heapq.heappop(self._watch_due)[1])  # an older watch's entry: harmless
+        for app in sorted(apps):
+            watch = self._watches.get(app)
+            if watch is None:
+                continue
             if watch.verdict is not WatchVerdict.WATCHING:
-                if now > watch.until + 600:  # shown for a while, then forgotten
+                if now >= watch.until + FORGET_WATCH:  # shown for a while, then forgotten
                     del self._watches[app]
+                    self._watches_changed = True
                 continue
             order = watch.order
             if order.previous:
@@ -310,6 +332,7 @@ class StatsCollector(Actor):
                     f"vs {_percent(watch.baseline, watch.baseline_requests)} before"
                 )
                 log.warning("%s: version %s is unhealthy: %s", app, order.version, watch.reason)
+                self._ended(watch, now)
                 self.report(VersionUnhealthy(app=app, version=order.version, reason=watch.reason))
             elif now >= watch.until:
                 watch.verdict = WatchVerdict.PASSED
@@ -320,6 +343,12 @@ class StatsCollector(Actor):
                     _percent(ratio, watch.requests),
                     watch.requests,
                 )
+                self._ended(watch, now)
+
+    def _ended(self, watch: _Watch, now: float) -> None:
+        """A verdict: shown for ``FORGET_WATCH`` more, then forgotten."""
+        heapq.heappush(self._watch_due, (max(now, watch.until) + FORGET_WATCH, watch.order.app))
+        self._watches_changed = True
 
     # -- what others see ---------------------------------------------------------------
 
@@ -343,7 +372,11 @@ class StatsCollector(Actor):
             apps.append(entry)
         gone = tuple(sorted(app for app in self._gone if self._reported.pop(app, None)))
         self._gone.clear()
-        watches = tuple(w.state() for w in self._watches.values())
+        if self._watches_changed:
+            self._watches_changed = False
+            watches = tuple(w.state() for w in self._watches.values())
+        else:
+            watches = self._reported_watches
         if not apps and not gone and watches == self._reported_watches:
             return None
         self._reported_watches = watches

@@ -26,6 +26,7 @@ from support.acme import PrivatePebble
 from support.browser import ARTIFACTS
 from support.bundles import TERMINAL_CONTROL, make_bundle, webapp_config
 from support.daemon import KeterDaemon, keter_cli, status_api
+from support.faults import settled_generation
 from support.net import free_port
 from support.wait import wait_for
 
@@ -97,6 +98,9 @@ def acme_keter(keter_factory, private_nginx, tmp_path) -> Iterator[AcmeKeter]:
                 return None  # plain HTTP only until the certificate comes
 
         wait_for(served, 60, f"{GOOD} over HTTPS with pebble's certificate")
+        # One worker with the certificate answered; retiring ones may still hold the
+        # config from before it for a moment (keter waits for them, the test must too).
+        settled_generation(private_nginx)
         wait_for(lambda: made.rows().get(BROKEN), 60, f"{BROKEN}'s first attempt")
         wait_for(lambda: made.rows().get(GOOD), 10, f"{GOOD}'s certificate in the status")
         yield made

@@ -47,6 +47,11 @@ def test_new_version_that_never_listens_fails_and_the_old_one_keeps_serving(rig:
     bundle = rig.bundles / "mute.keter"
     rig.keter.drop(make_bundle(bundle, config=webapp_config("mute.test", "v1")))
     served(rig.nginx, "mute.test", "v1")
+    # nginx may answer before keter's verdict: wait for it, or v1's "now serving" would be
+    # read below as v2's outcome.
+    wait_for(
+        lambda: re.search(r"mute: deploy #\d+ now serving", rig.keter.log()), 10, "v1's verdict"
+    )
     [v1] = [p for p in app_processes(rig.keter) if "/mute-" in p.cwd()]
     v1_folder = Path(v1.cwd())
 

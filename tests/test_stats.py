@@ -442,12 +442,18 @@ def test_counts_per_status_class_are_exact_per_version(keter, private_nginx, tmp
 
 
 def test_latency_percentiles_match_the_clients_own(keter, private_nginx, tmp_path):
-    """Issue 14, of record: p50/p95/p99 within the histogram's documented error (1%),
-    plus what nginx's millisecond clock and the path between client and app add."""
+    """Issue 14, of record: p50/p95/p99 within the histogram's documented error (1%) of
+    the load generator's own, plus what nginx's millisecond clock adds.
+
+    Each request asks the app to sleep a known time, so the percentiles are bounded on
+    both sides: never above what the clients measured (which adds nginx, the loopback
+    and their own scheduling), never below the sleeps asked for (nginx's upstream time
+    of each request is at least its sleep)."""
     client = status_api(keter)
     deploy(keter, client, private_nginx, tmp_path, "slow", "v1")
     rng = random.Random(7)
-    paths = [f"/answer/200?sleep={rng.uniform(0.01, 0.12):.4f}" for _ in range(300)]
+    sleeps = [round(rng.uniform(0.01, 0.12), 4) for _ in range(300)]
+    paths = [f"/answer/200?sleep={sleep:.4f}" for sleep in sleeps]
     statuses, latencies = send(private_nginx.port, "slow.test", paths, clients=8)
     assert statuses == {2: 300}
     stats = wait_for(
@@ -456,12 +462,13 @@ def test_latency_percentiles_match_the_clients_own(keter, private_nginx, tmp_pat
         "the records",
     )
     latencies.sort()
+    sleeps.sort()
     for name, q in (("p50", 0.50), ("p95", 0.95), ("p99", 0.99)):
-        theirs = latencies[max(1, math.ceil(q * len(latencies))) - 1]
+        rank = max(1, math.ceil(q * len(latencies))) - 1
+        theirs, asked = latencies[rank], sleeps[rank]
         ours = stats["windows"][0]["latency"][name]
-        # The client also measures nginx and the loopback: a few ms on a busy machine.
         assert ours <= theirs * (1 + RELATIVE_ERROR) + 0.001, (name, ours, theirs)
-        assert ours >= theirs * (1 - RELATIVE_ERROR) - 0.015, (name, ours, theirs)
+        assert ours >= asked * (1 - RELATIVE_ERROR) - 0.001, (name, ours, asked)
 
 
 # -- the watched rollout ---------------------------------------------------------------------

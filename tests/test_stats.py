@@ -258,7 +258,20 @@ def test_memory_stays_flat_under_a_million_requests():
     assert size()[1] < buckets * 1.25  # the rarest latencies fill a few more buckets
 
 
-def test_a_quiet_keter_adds_up_no_app_and_reports_nothing(tmp_path):
+def count_calls(monkeypatch, owner: object, name: str, key) -> Counter:
+    """Count the calls of ``owner.name`` by ``key(first argument)``, still making them."""
+    calls: Counter = Counter()
+    original = getattr(owner, name)
+
+    def counting(first, *args, **kwargs):
+        calls[key(first)] += 1
+        return original(first, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
+def test_a_quiet_keter_adds_up_no_app_and_reports_nothing(tmp_path, monkeypatch):
     """Idle costs nothing per app (issue 16.5): after 1000 apps' last requests, each app
     is added up once more (when their slot leaves the minute, its rate falls to 0);
     otherwise a second adds up no app and sends no report; an hour later one report
@@ -270,14 +283,7 @@ def test_a_quiet_keter_adds_up_no_app_and_reports_nothing(tmp_path):
     with stats.spool_path.open("ab") as out:
         out.write(b"".join(spool_line(app, at=start - 0.5) + b"\n" for app in apps))
     stats._read(time.monotonic() + 30)
-    added_up = Counter()
-    summary = stats.traffic.summary
-
-    def counting(app, *args, **kwargs):
-        added_up[app] += 1
-        return summary(app, *args, **kwargs)
-
-    stats.traffic.summary = counting
+    added_up = count_calls(monkeypatch, stats.traffic, "summary", key=str)
     first = stats.traffic_report(start)
     assert first is not None and [a.app for a in first.apps] == apps
     assert all(a.rate > 0 for a in first.apps)
@@ -299,7 +305,7 @@ def test_a_quiet_keter_adds_up_no_app_and_reports_nothing(tmp_path):
     stats.on_stop()
 
 
-def test_quiet_watched_versions_cost_nothing_until_their_window_ends(tmp_path):
+def test_quiet_watched_versions_cost_nothing_until_their_window_ends(tmp_path, monkeypatch):
     """1000 versions watched at once, without traffic (issue 16.5: idle): a second's
     check looks at none of them and the report is not rebuilt; each passes once at its
     window's end, then is forgotten FORGET_WATCH later. A request wakes only its app."""
@@ -318,48 +324,29 @@ def test_quiet_watched_versions_cost_nothing_until_their_window_ends(tmp_path):
             )
         )
     start = min(w.started for w in stats._watches.values())
-    looked_at = Counter()
-    summary = stats.traffic.summary
+    looked_at = count_calls(monkeypatch, stats.traffic, "summary", key=str)
+    states = count_calls(monkeypatch, _Watch, "state", key=lambda watch: watch.order.app)
+    first = stats.traffic_report(start)
+    assert first is not None and len(first.watches) == 1000
+    states.clear()
+    for second in range(1, 59):
+        stats._check_watches(start + second)
+        assert stats.traffic_report(start + second) is None
+    assert not looked_at and not states  # nobody looked at a quiet watch
 
-    def counting(app, *args, **kwargs):
-        looked_at[app] += 1
-        return summary(app, *args, **kwargs)
+    with stats.spool_path.open("ab") as out:
+        out.write(spool_line("app0007", at=time.time()) + b"\n")
+    stats._read(time.monotonic() + 30)
+    stats._check_watches(start + 59)
+    assert set(looked_at) == {"app0007"}  # its baseline, and only its
+    report = stats.traffic_report(start + 59)
+    assert report is not None and dict((w.app, w.requests) for w in report.watches)["app0007"] == 1
 
-    stats.traffic.summary = counting
-    states = Counter()
-    state = _Watch.state
-
-    def counting_state(watch):
-        states[watch.order.app] += 1
-        return state(watch)
-
-    _Watch.state = counting_state
-    try:
-        first = stats.traffic_report(start)
-        assert first is not None and len(first.watches) == 1000
-        states.clear()
-        for second in range(1, 59):
-            stats._check_watches(start + second)
-            assert stats.traffic_report(start + second) is None
-        assert not looked_at and not states  # nobody looked at a quiet watch
-
-        with stats.spool_path.open("ab") as out:
-            out.write(spool_line("app0007", at=time.time()) + b"\n")
-        stats._read(time.monotonic() + 30)
-        stats._check_watches(start + 59)
-        assert set(looked_at) == {"app0007"}  # its baseline, and only its
-        report = stats.traffic_report(start + 59)
-        assert (
-            report is not None and dict((w.app, w.requests) for w in report.watches)["app0007"] == 1
-        )
-
-        stats._check_watches(start + 61)
-        assert {w.verdict for w in stats._watches.values()} == {WatchVerdict.PASSED}
-        assert stats.traffic_report(start + 61) is not None
-        stats._check_watches(start + 61 + FORGET_WATCH)
-        assert not stats._watches
-    finally:
-        _Watch.state = state
+    stats._check_watches(start + 61)
+    assert {w.verdict for w in stats._watches.values()} == {WatchVerdict.PASSED}
+    assert stats.traffic_report(start + 61) is not None
+    stats._check_watches(start + 61 + FORGET_WATCH)
+    assert not stats._watches
     stats.on_stop()
 
 

@@ -332,7 +332,7 @@ class StatsCollector(Actor):
                     f"vs {_percent(watch.baseline, watch.baseline_requests)} before"
                 )
                 log.warning("%s: version %s is unhealthy: %s", app, order.version, watch.reason)
-                self._ended(watch, now)
+                self._ended(watch)
                 self.report(VersionUnhealthy(app=app, version=order.version, reason=watch.reason))
             elif now >= watch.until:
                 watch.verdict = WatchVerdict.PASSED
@@ -343,11 +343,11 @@ class StatsCollector(Actor):
                     _percent(ratio, watch.requests),
                     watch.requests,
                 )
-                self._ended(watch, now)
+                self._ended(watch)
 
-    def _ended(self, watch: _Watch, now: float) -> None:
-        """A verdict: shown for ``FORGET_WATCH`` more, then forgotten."""
-        heapq.heappush(self._watch_due, (max(now, watch.until) + FORGET_WATCH, watch.order.app))
+    def _ended(self, watch: _Watch) -> None:
+        """A verdict: shown until ``FORGET_WATCH`` after the window, then forgotten."""
+        heapq.heappush(self._watch_due, (watch.until + FORGET_WATCH, watch.order.app))
         self._watches_changed = True
 
     # -- what others see ---------------------------------------------------------------

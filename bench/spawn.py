@@ -3,8 +3,8 @@
 keter's own spawn (``keter.processes.spawn.spawn``, as the process monitor calls it)
 of a program that prints one line, timed from the call until the line is read:
 
-* the chain with the deploy's v2 cgroup only (``sh`` joins it, ``prlimit``,
-  ``setpriv`` to an app uid, the program): the reference;
+* the chain with the deploy's v2 cgroup only (``sh`` joins it and sets the
+  rlimits, ``setpriv`` to an app uid, the program): the reference;
 * the same chain also joining the deploy's limit groups (its v1 memory, pids
   and cpu groups on a hybrid machine) with its rlimits: the figure;
 * a plain ``Popen`` of the program, for scale.
@@ -27,7 +27,7 @@ from keter.limits import Limits
 from keter.messages import ProcessSpec
 from keter.processes.cgroups import Cgroups
 from keter.processes.controllers import Controllers
-from keter.processes.spawn import PRLIMIT, Identity, ResourceLimits, spawn
+from keter.processes.spawn import Identity, ResourceLimits, spawn
 
 NAME = "spawn"
 TARGET = 0.001  # joining the limit groups may add at most 1 ms to a start
@@ -56,13 +56,10 @@ def run(settings: Settings) -> list[Row]:
         identity = Identity(APP_UID, APP_UID)
         starts = {
             "plain": lambda: subprocess.Popen(["/bin/echo", "ready"], stdout=subprocess.PIPE),
-            "cgroup": lambda: spawn(
-                spec, ResourceLimits(), PRLIMIT, identity=identity, cgroup=cgroup
-            ),
+            "cgroup": lambda: spawn(spec, ResourceLimits(), identity=identity, cgroup=cgroup),
             "limits": lambda: spawn(
                 spec,
                 controllers.rlimits(LIMITS),
-                PRLIMIT,
                 identity=identity,
                 cgroup=cgroup,
                 join=groups.procs(),

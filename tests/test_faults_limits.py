@@ -15,20 +15,17 @@ as ``nobody``, as apps do under keter's ``setuid``.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import re
 from pathlib import Path
 
 import pytest
-from support.faults import limits_of
 from support.processes import Harness
 from support.wait import wait_for
 
 from keter.limits import Limits
 from keter.messages import ProcessStarted, ProcessStopped, StopProcess
 from keter.processes.groups import group_members
-from keter.processes.spawn import PRLIMIT
 
 NOBODY_PYTHON = "/usr/bin/python3"  # readable by nobody, unlike a virtualenv under /root
 
@@ -138,20 +135,9 @@ def test_memory_hog_hits_the_data_limit(make_monitor) -> None:
     stop(monitor, pid)
 
 
-def test_without_prlimit_the_limits_are_set_just_after_the_start(make_monitor, caplog) -> None:
-    caplog.set_level(logging.WARNING, logger="keter.processes")
-    monitor = make_monitor(limits=Limits(open_files=64), prlimit=None)
-    pid, line = run_hog(monitor, FD_HOG)
-    assert "Too many open files" in line
-    assert limits_of(pid)["Max open files"] == ("64", "64")
-    assert any("prlimit (util-linux) not found" in m for m in caplog.messages)
-    stop(monitor, pid)
-
-
-@pytest.mark.skipif(PRLIMIT is None, reason="util-linux prlimit is not installed")
 def test_limits_hold_from_the_apps_first_instruction(make_monitor) -> None:
-    """Through prlimit the limits are set before the app is exec'd, so even a program
-    that looks at once (cat, ~1 ms after exec) sees them: no window to fork around them."""
+    """The chain's shell sets the limits before it execs the app, so even a program that
+    looks at once (cat, ~1 ms after exec) sees them: no window to fork around them."""
     monitor = make_monitor(limits=Limits(open_files=64, processes=77))
     command = ("/bin/sh", "-c", "cat /proc/self/limits; echo never refused; exec sleep 600")
     pid, _ = run_hog(monitor, "", command=command)

@@ -74,7 +74,7 @@ def pid_of(rig: Rig, app: str, *flags: str, without: str | None = None) -> int:
             if f"/{app}-" not in cwd or without in cmdline:
                 continue
             if cmdline[1:2] != [str(Path(cwd) / "bin" / "app")]:
-                continue  # not exec'd yet: still the chain (sh, prlimit, setpriv) before it
+                continue  # not exec'd yet: still the chain (sh, setpriv) before it
             if all(flag in cmdline for flag in flags):
                 return process.pid
         return None

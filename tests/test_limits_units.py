@@ -27,8 +27,8 @@ from keter.limits import (
     show_bytes,
 )
 from keter.processes import controllers
-from keter.processes.cgroups import enter_command
 from keter.processes.controllers import Controllers, DeployLimits, Mechanism, oom_reason
+from keter.processes.spawn import ResourceLimits, chain
 from keter.yamlcheck import Checker
 
 MIB = 1 << 20
@@ -455,18 +455,48 @@ def test_the_oom_reason() -> None:
 # -- the exec chain joins every group before the app's first instruction ----------------------
 
 
+NO_LIMITS = ResourceLimits(nofile=None, nproc=None, core=None)
+
+
 def test_the_chain_joins_every_group_then_execs_the_command(tmp_path) -> None:
     procs = [tmp_path / "a.procs", tmp_path / "b.procs"]
-    command = enter_command(procs, ["/bin/sh", "-c", 'echo "ran $0"', "--"])
+    command = chain(procs, NO_LIMITS, ["/bin/sh", "-c", 'echo "ran $0"', "--"])
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     assert (result.returncode, result.stdout) == (0, "ran --\n")
     assert [p.read_text() for p in procs] == ["0\n", "0\n"]
 
 
+def test_the_chain_sets_every_limit_soft_and_hard_then_execs_the_command() -> None:
+    limits = ResourceLimits(nofile=77, nproc=55, core=0, data=(300 << 20) + 1000)
+    command = chain([], limits, ["/bin/cat", "/proc/self/limits"])
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    shown = {line[:26].strip(): line[26:].split()[:2] for line in result.stdout.splitlines()[1:]}
+    assert shown["Max open files"] == ["77", "77"]
+    assert shown["Max processes"] == ["55", "55"]
+    assert shown["Max core file size"] == ["0", "0"]
+    assert shown["Max data size"] == [str(300 << 20)] * 2  # whole KiB
+
+
+def test_only_no_core_dumps_or_keters_own_limit_is_taken() -> None:
+    with pytest.raises(ValueError, match="core must be 0"):
+        ResourceLimits(core=4096)
+
+
+def test_the_chain_stops_before_the_command_when_a_limit_is_refused(tmp_path) -> None:
+    marker = tmp_path / "ran"
+    # Above keter's own hard limit (root may raise it: ask what no kernel gives).
+    limits = ResourceLimits(nofile=None, nproc=None, core=None)
+    command = chain([], limits, ["/bin/touch", str(marker)])
+    command[command.index("--") + 1 : command.index("--") + 1] = ["-n", "99999999999"]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 126
+    assert not marker.exists()
+
+
 def test_the_chain_stops_before_the_command_when_a_group_refuses(tmp_path) -> None:
     refused = tmp_path / "no-such-group" / "cgroup.procs"
     marker = tmp_path / "ran"
-    command = enter_command([refused], ["/bin/touch", str(marker)])
+    command = chain([refused], NO_LIMITS, ["/bin/touch", str(marker)])
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     assert result.returncode == 126
     assert not marker.exists()

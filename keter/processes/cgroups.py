@@ -33,11 +33,6 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# The wrapper: the cgroup.procs files to join up to "--", then the command to exec.
-# ``[`` and ``echo`` are dash builtins: joining forks nothing.
-ENTER = 'while [ "$1" != -- ]; do echo 0 > "$1" || exit 126; shift; done; shift; exec "$@"'
-SHELL = "/bin/sh"
-
 
 def unified_mount(mountinfo: str = "/proc/self/mountinfo") -> Path | None:
     """Where the cgroup v2 hierarchy is mounted, or None."""
@@ -187,9 +182,3 @@ class Cgroups:
             return [Cgroup(p) for p in sorted(self.base.iterdir()) if p.is_dir()]
         except OSError:
             return []
-
-
-def enter_command(procs: list[Path], command: list[str]) -> list[str]:
-    """``command`` run so that it joins every cgroup of ``procs`` (their ``cgroup.procs``
-    files: its v2 cgroup, its v1 limit groups) before it starts."""
-    return [SHELL, "-c", ENTER, "keter-enter", *map(str, procs), "--", *command]

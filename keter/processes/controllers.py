@@ -23,7 +23,7 @@ Open files are always ``RLIMIT_NOFILE`` (per process; no controller counts them)
 
 A deploy's groups are made, and its limits written, before its first process
 starts; each of its processes joins them in the exec chain before the app's
-first instruction (``keter.processes.cgroups.enter_command``). When a
+first instruction (``keter.processes.spawn.chain``). When a
 process dies by SIGKILL and the deploy's OOM kill count rose meanwhile, the OOM
 killer killed it (``DeployLimits.oom_kills``).
 """

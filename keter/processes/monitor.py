@@ -88,7 +88,7 @@ from keter.processes.health import probe_http
 from keter.processes.ports import listeners, port_holders, port_is_free, socket_pids
 from keter.processes.reader import FAILURE_TAIL, OutputReader
 from keter.processes.records import Record, Records
-from keter.processes.spawn import PRLIMIT, Identity, SpawnError, spawn
+from keter.processes.spawn import Identity, SpawnError, spawn
 from keter.processes.states import backoff_delay, check_transition, describe_exit
 from keter.users import AppUsers, NoFreeUid
 
@@ -276,16 +276,13 @@ class ProcessMonitor(Actor):
         probe_workers: int = 4,
         spawn_workers: int = 4,
         limits: Limits = DEFAULTS,
-        prlimit: str | None = PRLIMIT,
         users: AppUsers | None = None,
         app_groups: tuple[int, ...] = (),
         cgroups: Cgroups | None = None,
         controllers: Controllers | None = None,
     ) -> None:
         """``limits`` are app-limits' defaults; ``controllers`` where each limit is carried
-        out (None: by rlimits only). ``prlimit`` is the util-linux program that sets the
-        rlimits; without it they are set just after the spawn instead (see
-        keter.processes.spawn for the race)."""
+        out (None: by rlimits only)."""
         super().__init__("processes", report_to)
         self.run_dir = Path(run_dir)
         self.health_check_timeout = health_check_timeout
@@ -306,7 +303,6 @@ class ProcessMonitor(Actor):
         self._random = random.Random()
         self.limits = limits
         self.controllers = controllers or Controllers()
-        self.prlimit = prlimit
         # Each app's own uid and gid (None: apps run as keter, or as spec.user).
         self.users = users
         self.app_groups = app_groups  # supplementary groups every app user gets
@@ -316,11 +312,6 @@ class ProcessMonitor(Actor):
 
     def on_start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.prlimit is None:
-            log.warning(
-                "processes: prlimit (util-linux) not found; app resource limits are set "
-                "just after each start, so an app that forks at once may escape them"
-            )
         self._records.stop_leftovers(self.stop_timeout)
         self._say_limits()
         if self._cgroups is None:
@@ -529,7 +520,6 @@ class ProcessMonitor(Actor):
             done.proc = spawn(
                 spec,
                 self.controllers.rlimits(limits),
-                self.prlimit,
                 identity=identity,
                 cgroup=done.cgroup,
                 join=done.limit_groups.procs(),

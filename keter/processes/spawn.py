@@ -7,39 +7,53 @@ Resource limits (``ResourceLimits``): the rlimits of an app process: always
 ``RLIMIT_NPROC`` and ``RLIMIT_DATA`` for the limits no cgroup controller
 carries out (``keter.processes.controllers`` decides), so an fd hog, a fork
 bomb or a memory hog fails inside the app instead of taking the machine down.
-They are set by exec'ing the app through util-linux's ``prlimit``, which sets
-them on itself and then execs the app: the limits are in place before the
-app's first instruction. ``preexec_fn`` would be the obvious tool but is
-unsafe in a multi-threaded program, and ``prlimit(2)`` on the child after
-spawning races with an app that forks at once. Caveats, from the kernel:
-``RLIMIT_NPROC`` counts every process and thread of the app's *user*, and
-does not bind root at all; and root may raise its own hard limits. The
-rlimits therefore really hold for apps run as an unprivileged user.
+
+Every start execs one shell first (``chain``): it joins the deploy's cgroups
+(writing its pid into each ``cgroup.procs`` as root), sets the rlimits with
+its ``ulimit`` builtin, and execs the app (through util-linux ``setpriv`` when
+the app has its own user and groups to enter as root), so the groups and
+limits are in place before the app's first instruction. ``preexec_fn`` would
+be the obvious tool but is unsafe in a multi-threaded program, and
+``prlimit(2)`` on the child after spawning races with an app that forks at
+once. Caveats, from the kernel: ``RLIMIT_NPROC`` counts every process and
+thread of the app's *user*, and does not bind root at all; and root may raise
+its own hard limits. The rlimits therefore really hold for apps run as an
+unprivileged user.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import pwd
 import resource
 import shutil
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from keter.appdata import prepare_data_dir
 from keter.messages import ProcessSpec
-from keter.processes.cgroups import Cgroup, enter_command
+from keter.processes.cgroups import Cgroup
 from keter.processes.forkgate import FORK_GATE
 
 log = logging.getLogger(__name__)
 
 SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
-PRLIMIT = shutil.which("prlimit", path=SYSTEM_PATH)
 SETPRIV = shutil.which("setpriv", path=SYSTEM_PATH)
+SHELL = "/bin/sh"
+# The chain's shell, with its arguments: the cgroup.procs files to join, "--", the
+# ulimit options and values, "--", the command. A step that fails ends the chain with
+# 126 before the command runs. ``[``, ``echo`` and ``ulimit`` are builtins: a start
+# execs one program before the app (two when setpriv drops to the app's user).
+CHAIN = (
+    'while [ "$1" != -- ]; do echo 0 > "$1" || exit 126; shift; done; shift; '
+    'while [ "$1" != -- ]; do ulimit "$1" "$2" || exit 126; shift 2; done; shift; '
+    'exec "$@"'
+)
 
 
 @dataclass(frozen=True)
@@ -72,11 +86,18 @@ class ResourceLimits:
 
     nofile: int | None = 65536  # open files per process (an fd hog gets EMFILE)
     nproc: int | None = 4096  # processes and threads of the app's user (a fork bomb gets EAGAIN)
-    core: int | None = 0  # core dump bytes: a crash loop must not fill the disk
+    # 0: no core dumps (a crash loop must not fill the disk). Shells count other sizes
+    # in blocks of different sizes (dash 512 bytes, bash 1024), so no other is taken.
+    core: int | None = 0
     data: int | None = None  # bytes of heap and private mappings (a memory hog gets ENOMEM)
 
+    def __post_init__(self) -> None:
+        if self.core not in (0, None):
+            raise ValueError("core must be 0 (no core dumps) or None (keter's own limit)")
+
     def effective(self) -> dict[str, int]:
-        """prlimit's resource names and the values that will be set, capped as documented."""
+        """The limits that will be set, by name (nofile, nproc, core, data; in bytes and
+        counts), capped as documented."""
         wanted = {
             "nofile": (self.nofile, resource.RLIMIT_NOFILE),
             "nproc": (self.nproc, resource.RLIMIT_NPROC),
@@ -91,15 +112,29 @@ class ResourceLimits:
             limits[name] = value if hard == resource.RLIM_INFINITY else min(value, hard)
         return limits
 
-    def prlimit_args(self) -> list[str]:
-        """``--nofile=N:N`` ... for util-linux prlimit."""
-        return [f"--{name}={value}:{value}" for name, value in self.effective().items()]
+    def ulimit_args(self) -> list[str]:
+        """Options and values for the shell's ``ulimit`` builtin, one pair per limit.
 
-    def apply_to(self, pid: int) -> None:
-        """Set the limits on a running process (the fallback when prlimit is missing)."""
+        Without -H or -S, ``ulimit`` sets the soft and the hard limit alike. Data is
+        counted in KiB (rounded down, at least 1).
+        """
+        args = []
         for name, value in self.effective().items():
-            which = getattr(resource, f"RLIMIT_{name.upper()}")
-            resource.prlimit(pid, which, (value, value))
+            if name == "data":
+                value = max(1, value // 1024)
+            args += [_nproc_option() if name == "nproc" else _ULIMIT[name], str(value)]
+        return args
+
+
+_ULIMIT = {"nofile": "-n", "core": "-c", "data": "-d"}
+
+
+@functools.cache
+def _nproc_option() -> str:
+    """The shell's ``ulimit`` option for RLIMIT_NPROC: dash (Debian's sh) has -p, bash
+    and busybox have -u (bash's -p is the pipe size)."""
+    asked = subprocess.run([SHELL, "-c", "ulimit -u"], capture_output=True, check=False)
+    return "-u" if asked.returncode == 0 else "-p"
 
 
 DEFAULT_LIMITS = ResourceLimits()
@@ -108,9 +143,9 @@ DEFAULT_LIMITS = ResourceLimits()
 def exec_problem(program: str, cwd: Path, env: Mapping[str, str]) -> str | None:
     """Why exec'ing ``program`` would fail at once (an strerror text), or None.
 
-    The app is exec'd by prlimit, which can only tell a failed exec through its
-    exit status; checking first keeps the usual immediate and exact reason.
-    A missing ``cwd`` is left for Popen to report, naming the folder.
+    The app is exec'd by the chain's shell, which can only tell a failed exec
+    through its exit status; checking first keeps the usual immediate and exact
+    reason. A missing ``cwd`` is left for Popen to report, naming the folder.
     """
     if "/" not in program:
         found = shutil.which(program, path=env.get("PATH", os.defpath))
@@ -129,10 +164,26 @@ class SpawnError(Exception):
     """Why an app process could not be started (the text is the whole reason)."""
 
 
+def chain(procs: Sequence[Path], limits: ResourceLimits, command: Sequence[str]) -> list[str]:
+    """``command`` run by the chain's shell: it joins every cgroup of ``procs`` (their
+    ``cgroup.procs`` files: its v2 cgroup, its v1 limit groups) and sets ``limits``
+    before it execs ``command``."""
+    return [
+        SHELL,
+        "-c",
+        CHAIN,
+        "keter-start",
+        *map(str, procs),
+        "--",
+        *limits.ulimit_args(),
+        "--",
+        *command,
+    ]
+
+
 def spawn(
     spec: ProcessSpec,
     limits: ResourceLimits,
-    prlimit: str | None,
     *,
     identity: Identity | None = None,
     cgroup: Cgroup | None = None,
@@ -142,12 +193,11 @@ def spawn(
 
     It runs as ``identity`` (else as ``spec.user``, else as keter), inside
     ``cgroup`` if given and in the v1 limit groups whose ``cgroup.procs`` files
-    ``join`` lists (keter.processes.controllers). The chain, each step exec'ing
-    the next: ``sh`` enters the cgroups (as root), ``prlimit`` sets the limits
-    (``limits``: the rlimits), ``setpriv`` drops to the
-    app's uid, gid and groups, then the app. Raises ``SpawnError`` with a reason
-    fit for the operator when it cannot run. Without ``prlimit`` the limits
-    are set just after the start (see above).
+    ``join`` lists (keter.processes.controllers), under ``limits`` (the rlimits).
+    The chain (see above): ``sh`` enters the cgroups (as root) and sets the
+    limits, then execs ``setpriv``, which drops to the app's uid, gid and
+    groups, then the app. Raises ``SpawnError`` with a reason fit for the
+    operator when it cannot run.
     """
     if not spec.command:
         raise SpawnError("empty command")
@@ -178,10 +228,7 @@ def spawn(
         }
     elif identity is not None:
         command = [SETPRIV, *identity.setpriv_args(), "--", *command]
-    if prlimit is not None:
-        command = [prlimit, *limits.prlimit_args(), "--", *command]
-    if procs:
-        command = enter_command(procs, command)
+    command = chain(procs, limits, command)
     try:
         with FORK_GATE.spawning():
             proc = subprocess.Popen(
@@ -201,9 +248,4 @@ def spawn(
         raise SpawnError(f"cannot run {spec.command[0]}: {where}{exc.strerror or exc}") from None
     except (ValueError, TypeError, subprocess.SubprocessError) as exc:
         raise SpawnError(f"cannot run {spec.command[0]}: {exc}") from None
-    if prlimit is None:
-        try:
-            limits.apply_to(proc.pid)
-        except OSError as exc:
-            log.warning("cannot set resource limits of pid %d: %s", proc.pid, exc)
     return proc

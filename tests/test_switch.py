@@ -151,6 +151,42 @@ def test_a_stable_port_leads_where_the_map_says_and_nowhere_else(
             ask(table.address, port)
 
 
+CONNTRACK = Path("/proc/net/nf_conntrack")
+
+
+def closed_entry(server: socket.socket, address: str, port: int) -> tuple[str, int]:
+    """Connect to address:port (leading to ``server``); the server closes first, then
+    the client: that connection's conntrack entry as (state, seconds left)."""
+    client = socket.create_connection((address, port), timeout=2)
+    source = client.getsockname()[1]
+    accepted, _ = server.accept()
+    accepted.close()
+    assert client.recv(10) == b""
+    client.close()  # both sides have closed: TIME_WAIT
+    for fields in map(str.split, CONNTRACK.read_text().splitlines()):
+        if {f"dst={address}", f"sport={source}", f"dport={port}"} <= set(fields):
+            return fields[5], int(fields[4])
+    raise AssertionError(f"no conntrack entry for port {source} -> {address}:{port}")
+
+
+@pytest.mark.skipif(not CONNTRACK.exists(), reason="no /proc/net/nf_conntrack")
+def test_closed_connections_through_the_table_leave_conntrack_within_seconds(
+    table: Table,
+) -> None:
+    """nginx reconnects many times a second under load: with the kernel's two minutes
+    per closed connection, one busy app could fill the machine's conntrack table."""
+    nft.apply(table.create_script(), NFT)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        nft.apply(table.update_script({}, {7000: port}), NFT)
+        state, left = closed_entry(server, table.address, 7000)
+        assert state == "TIME_WAIT" and 0 < left <= nft.SHORT_CLOSE
+        # Other connections keep the kernel's own timeouts.
+        state, left = closed_entry(server, "127.0.0.1", port)
+    default = Path("/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_time_wait").read_text()
+    assert state == "TIME_WAIT" and left in (int(default), int(default) - 1)
+
+
 def test_creating_the_table_replaces_an_earlier_runs_rules_only_its_own(
     tmp_path: Path, table: Table, listeners: list[Listener]
 ) -> None:
@@ -331,6 +367,30 @@ def test_the_reload_mode_when_chosen_or_when_nft_is_missing(tmp_path: Path) -> N
     finally:
         chosen.stop()
         missing.stop()
+
+
+def test_a_kernel_without_conntrack_timeout_policies_still_gets_the_kernel_mode(
+    tmp_path: Path, listeners: list[Listener], caplog: pytest.LogCaptureFixture
+) -> None:
+    # An nft that refuses timeout policies, as one built without their kernel support does.
+    refusing = tmp_path / "nft"
+    refusing.write_text(
+        "#!/bin/sh\nscript=$(cat)\n"
+        'case "$script" in *"ct timeout"*) echo "Error: no policies" >&2; exit 1;; esac\n'
+        f'printf "%s\\n" "$script" | exec {NFT} "$@"\n'
+    )
+    refusing.chmod(0o755)
+    run = Running(tmp_path, nft_program=str(refusing))
+    try:
+        assert run.next().mode is SwitchMode.KERNEL
+        assert "stay in conntrack for the kernel's default time" in caplog.text
+        one = listen(listeners, b"one")
+        run.switch.tell(PointServices(app="a", deploy_id=1, targets=((7300, one.port),)))
+        assert isinstance(run.next(), ServicesPointed)
+        assert ask(run.switch.table.address, 7300) == b"one"
+    finally:
+        run.stop()
+    assert not run.switch.table.exists(NFT)
 
 
 # -- traffic statistics of apps the kernel switches ---------------------------------------------

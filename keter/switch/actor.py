@@ -129,7 +129,15 @@ class Switch(Actor):
         try:
             nft.apply(self.table.create_script(), self.nft)
         except nft.NftError as exc:
-            return f"nft cannot create table {self.table.name}: {exc}"
+            try:  # a kernel without conntrack timeout policies (see keter.switch.nft)
+                nft.apply(self.table.create_script(short_close=False), self.nft)
+            except nft.NftError as plain:
+                return f"nft cannot create table {self.table.name}: {plain}"
+            log.warning(
+                "keter: closed connections through the stable addresses stay in conntrack "
+                "for the kernel's default time: %s",
+                exc,
+            )
         return None
 
     def on_stop(self) -> None:

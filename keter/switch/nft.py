@@ -12,6 +12,15 @@ its own. A connection to a stable port with no element is reset by the
 ``refuse`` chain, so it can never reach a process that happens to listen on
 that port number on every address.
 
+Connections through the table are tracked by conntrack with a timeout policy
+of the table's own (``SHORT_CLOSE``): once closed, their entries go after a
+few seconds instead of the kernel's two minutes. nginx reconnects to an app
+many times a second under load (its pool's age bound, ``keter.nginx.render``),
+and with the default every one of them would hold an entry that long: one busy
+app could fill the machine's conntrack table, and a full table drops new
+connections of every program on the machine. Kernels without conntrack
+timeout policies get the table without it (``create_script(short_close=False)``).
+
 Names are derived from ROOT (``keter_`` and 12 hex digits of its hash), so
 several keters on one machine never share a table or an address; keter only
 ever touches its own table. The functions here build nft scripts (pure) and
@@ -30,6 +39,10 @@ from pathlib import Path
 
 MAP = "services"
 TIMEOUT = 10.0  # seconds an nft command may take
+POLICY = "closed"  # the table's conntrack timeout policy
+# Seconds conntrack keeps a closed connection (TIME_WAIT, CLOSE) through the table:
+# enough for the last packets of a close on loopback; the default is 120 and 10.
+SHORT_CLOSE = 5
 
 
 class NftError(Exception):
@@ -52,22 +65,35 @@ class Table:
 
     # -- scripts (pure) ---------------------------------------------------------------
 
-    def create_script(self) -> str:
+    def create_script(self, *, short_close: bool = True) -> str:
         """Replace whatever this table held (an earlier run's rules) with an empty map.
 
         "table X" before "delete table X" makes the delete valid when there was
         none; the whole script is one transaction, so the table is never absent.
+        ``short_close``: with the conntrack timeout policy (see above).
         """
+        policy, set_policy = "", ""
+        if short_close:
+            policy = f"""\
+    ct timeout {POLICY} {{
+        protocol tcp
+        l3proto ip
+        policy = {{ time_wait : {SHORT_CLOSE}, close : {SHORT_CLOSE} }}
+    }}
+"""
+            # Set as the connection is first seen (a NAT chain sees only its first packet).
+            set_policy = f'ct timeout set "{POLICY}" '
+        dnat = f"{set_policy}dnat to 127.0.0.1 : tcp dport map @{MAP}"
         return f"""\
 table ip {self.name}
 delete table ip {self.name}
 table ip {self.name} {{
-    map {MAP} {{
+{policy}    map {MAP} {{
         type inet_service : inet_service
     }}
     chain output {{
         type nat hook output priority -100; policy accept;
-        ip daddr {self.address} meta l4proto tcp dnat to 127.0.0.1 : tcp dport map @{MAP}
+        ip daddr {self.address} meta l4proto tcp {dnat}
     }}
     chain refuse {{
         type filter hook output priority 0; policy accept;

@@ -566,3 +566,31 @@ def observe(pid: int, seconds: float, every: float = 1.0) -> Usage:
 
 def rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
+
+
+@dataclass(frozen=True)
+class CpuSpent:
+    """CPU seconds spent over an operation: the whole machine's, and keter's own threads'
+    and its reaped children's (``nginx -t``, ``nft``, the start chain's shells)."""
+
+    machine: float
+    process: float
+    children: float
+
+    def since(self, before: CpuSpent) -> CpuSpent:
+        return CpuSpent(
+            self.machine - before.machine,
+            self.process - before.process,
+            self.children - before.children,
+        )
+
+
+def cpu_spent(pid: int) -> CpuSpent:
+    """The totals so far: subtract two of these (``since``) for an operation's cost."""
+    busy = psutil.cpu_times()
+    cpu = psutil.Process(pid).cpu_times()
+    return CpuSpent(
+        machine=sum(busy) - busy.idle - busy.iowait - getattr(busy, "guest", 0.0),
+        process=cpu.user + cpu.system,
+        children=cpu.children_user + cpu.children_system,
+    )

@@ -21,7 +21,20 @@ import tempfile
 from pathlib import Path
 
 import psutil
-from harness import BENCH, Row, Settings, Stack, keter_stack, median, ms, observe, rss_mb, spread
+from harness import (
+    BENCH,
+    CpuSpent,
+    Row,
+    Settings,
+    Stack,
+    cpu_spent,
+    keter_stack,
+    median,
+    ms,
+    observe,
+    rss_mb,
+    spread,
+)
 
 NAME = "scale"
 RSS_TARGET_MB = 100
@@ -100,13 +113,16 @@ def _at_scale(settings: Settings, n: int) -> tuple[list[Row], tuple[int, float, 
     with keter_stack(settings, NAME, **{"port-range": _ports(n)}) as stack:
         empty = observe(stack.pid, settings.pick(5, 2))
 
-        drops = []
+        drops: list[float] = []
+        spent: list[CpuSpent] = []  # what each drop cost the machine, and keter
         for attempt in range(settings.pick(3, 2)):
             if attempt:
                 stack.remove(apps)
                 stack.settle(0, timeout=120)
             bundles = {app: stack.bundle(app, f"d{attempt}") for app in apps}
+            before = cpu_spent(stack.pid)
             drops.append(stack.deploy(bundles, timeout=300))
+            spent.append(cpu_spent(stack.pid).since(before))
             stack.settle(n, timeout=300)
         point = (n, median(drops), rss_mb(stack.pid))
 
@@ -131,10 +147,15 @@ def _at_scale(settings: Settings, n: int) -> tuple[list[Row], tuple[int, float, 
     rss_n = max(loaded.rss_max / mb, *round_rss)
     ratio = median(with_n) / median(with_1)
     rounds = " -> ".join(f"{rss:.1f}" for rss in round_rss)
+    machine = median(s.machine for s in spent)
+    own, children = median(s.process for s in spent), median(s.children for s in spent)
     rows = [
         Row(
             f"scale: {n} apps dropped at once, all answering",
-            spread(drops),
+            f"{spread(drops)}; CPU meanwhile (medians): machine {machine:.1f} s, keter "
+            f"{own:.1f} s and its finished children (nginx -t, nft) {children:.1f} s, "
+            f"the rest ({machine - own - children:.1f} s) the apps' own starts, nginx and the "
+            "bench's client",
             "Keter 2.3.5: 3.8 s for 50",
             f"< {ms(DROP_TARGET)}",
             median(drops) < DROP_TARGET,

@@ -16,15 +16,13 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from support.acme import PrivatePebble
 from support.bundles import make_bundle
 from support.net import Backend, free_port, https_get
-from support.nginx import PrivateNginx
-from support.tls import make_certificate
+from support.nginx import PrivateNginx, WriterRig
 from support.wait import wait_for
 
 from keter.acme import AcmeManager
@@ -32,28 +30,20 @@ from keter.bundle import AcmeTls, BundleConfig, WebApp
 from keter.config import AcmeSettings, KeterConfig
 from keter.config import Listener as KeterListener
 from keter.messages import (
-    ApplyNginx,
     CertificateIssued,
     CertificateOutcome,
     CertificateState,
     CertificatesWanted,
-    NginxApplied,
     ProxyApp,
     Route,
     Site,
     TlsFiles,
 )
-from keter.nginx import NginxWriter, ProxyOptions
+from keter.nginx import ProxyOptions
 from keter.nginx.render import acme_challenges
 from keter.routes import deploy_problems
 
 HOSTS = ("one.test", "two.test")
-
-
-@dataclass(frozen=True)
-class Listener:
-    host: str
-    port: int
 
 
 class Rig:
@@ -66,19 +56,8 @@ class Rig:
         self.pebble = PrivatePebble(base / "pebble", http_port=nginx.port)
         self.pebble.start()
         self.challenges = acme_challenges(nginx.config_file)
-        certificate, key = make_certificate(base / "listener", "listener", "default.test")
-        self.tls = KeterListener("127.0.0.1", free_port(), certificate=certificate, key=key)
-        self.nginx_reports: queue.Queue = queue.Queue()
-        self.writer = NginxWriter(
-            listeners=[Listener("127.0.0.1", nginx.port), self.tls],
-            config_file=nginx.config_file,
-            test_command=nginx.test_command,
-            reload_command=nginx.reload_command,
-            report_to=self.nginx_reports,
-            options=ProxyOptions(acme_challenges=self.challenges),
-        )
-        self.writer.start()
-        self.generation = 0
+        options = ProxyOptions(acme_challenges=self.challenges)
+        self.writer_rig = WriterRig(nginx, base / "listener", ("default.test",), options)
         self.managers: list[AcmeManager] = []
         self.reports: queue.Queue = queue.Queue()
 
@@ -111,12 +90,7 @@ class Rig:
             )
             for host in HOSTS
         )
-        self.generation += 1
-        self.writer.tell(
-            ApplyNginx(generation=self.generation, sites=(Site(app="web", routes=routes),))
-        )
-        reply = self.nginx_reports.get(timeout=30)
-        assert reply == NginxApplied(generation=self.generation), reply
+        self.writer_rig.apply(Site(app="web", routes=routes))
 
     def next(self, kind: type, timeout: float = 60) -> object:
         """The next report of ``kind`` from the managers (others are skipped)."""
@@ -129,7 +103,7 @@ class Rig:
     def https(self, host: str, root: Path) -> int:
         context = ssl.create_default_context(cafile=str(root))
         with (
-            socket.create_connection(("127.0.0.1", self.tls.port), timeout=5) as raw,
+            socket.create_connection(("127.0.0.1", self.writer_rig.tls.port), timeout=5) as raw,
             context.wrap_socket(raw, server_hostname=host) as tls,
         ):
             tls.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
@@ -139,8 +113,7 @@ class Rig:
         for manager in self.managers:
             manager.stop()
             manager.join(timeout=15)
-        self.writer.stop()
-        self.writer.join(timeout=15)
+        self.writer_rig.stop()
         self.pebble.stop()
         self.backend.close()
 
@@ -153,7 +126,7 @@ def rig(private_nginx: PrivateNginx, tmp_path: Path) -> Iterator[Rig]:
 
 
 def issue_all(rig: Rig, manager: AcmeManager) -> dict[str, CertificateIssued]:
-    if rig.generation == 0:
+    if rig.writer_rig.generation == 0:
         rig.serve({})  # keter's config answers the challenges on every plain server
     manager.tell(CertificatesWanted(hosts=HOSTS))
     issued = {}

@@ -10,7 +10,6 @@ import gzip
 import hashlib
 import http.client
 import os
-import queue
 import socket
 import socketserver
 import ssl
@@ -18,50 +17,19 @@ import struct
 import subprocess
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support.net import Backend, free_port
-from support.nginx import PrivateNginx
-from support.tls import make_certificate
+from support.net import Backend
+from support.nginx import PrivateNginx, WriterRig
 
 from keter.bundle import RateAlgorithm, RateIdentifier, RateLimiterConfig, RateZone, Throttle
-from keter.config import Listener as KeterListener
-from keter.messages import ApplyNginx, NginxApplied, ProxyApp, Route, ServeFiles, Site
-from keter.nginx import NginxWriter, ProxyOptions
+from keter.messages import ProxyApp, Route, ServeFiles, Site
+from keter.nginx import ProxyOptions
 
 
-@dataclass(frozen=True)
-class Listener:
-    host: str
-    port: int
-
-
-class Serving:
-    """A writer on the private nginx with a plain and a TLS listener."""
-
-    def __init__(self, nginx: PrivateNginx, folder: Path, options: ProxyOptions | None) -> None:
-        self.nginx = nginx
-        self.certificate, key = make_certificate(folder, "tls", "web.test", "secure.test")
-        self.tls = KeterListener("127.0.0.1", free_port(), certificate=self.certificate, key=key)
-        self.reports: queue.Queue = queue.Queue()
-        self.generation = 0
-        self.writer = NginxWriter(
-            listeners=[Listener("127.0.0.1", nginx.port), self.tls],
-            config_file=nginx.config_file,
-            test_command=nginx.test_command,
-            reload_command=nginx.reload_command,
-            report_to=self.reports,
-            options=options,
-        )
-        self.writer.start()
-
-    def apply(self, *sites: Site) -> None:
-        self.generation += 1
-        self.writer.tell(ApplyNginx(generation=self.generation, sites=sites))
-        reply = self.reports.get(timeout=30)
-        assert reply == NginxApplied(generation=self.generation), reply
+class Serving(WriterRig):
+    """The writer rig, with requests over its plain and its TLS listener."""
 
     def request(
         self, host: str, method: str = "GET", body: bytes | None = None, **headers: str
@@ -88,17 +56,14 @@ class Serving:
             response.read()
             return response.status, {k.lower(): v for k, v in response.getheaders()}
 
-    def stop(self) -> None:
-        self.writer.stop()
-        self.writer.join(timeout=15)
-
 
 @pytest.fixture
 def serving(private_nginx: PrivateNginx, tmp_path: Path) -> Iterator:
     made: list[Serving] = []
 
     def make(options: ProxyOptions | None = None) -> Serving:
-        made.append(Serving(private_nginx, tmp_path / f"certs{len(made)}", options))
+        folder = tmp_path / f"certs{len(made)}"
+        made.append(Serving(private_nginx, folder, ("web.test", "secure.test"), options))
         return made[-1]
 
     yield make

@@ -3,7 +3,8 @@
 Each ``PrivateNginx`` lives entirely under a directory it owns (config, pid,
 logs, temp paths), listens on a free 127.0.0.1 port and runs as a child
 process in its own session, so any number can run side by side and none
-touches /etc/nginx or the system service.
+touches /etc/nginx or the system service. A ``WriterRig`` puts keter's
+``NginxWriter`` on one, with a TLS listener beside its plain port.
 """
 
 from __future__ import annotations
@@ -11,17 +12,21 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import queue
 import re
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import psutil
 import pytest
 
-from keter.nginx import fetch_generation
+from keter.config import Listener
+from keter.messages import ApplyNginx, NginxApplied, Site
+from keter.nginx import NginxWriter, ProxyOptions, fetch_generation
 from support.net import free_port, listening
+from support.tls import make_certificate
 from support.wait import wait_for
 
 NGINX = "/usr/sbin/nginx"
@@ -226,6 +231,51 @@ class PrivateNginx:
 
     def _answers(self) -> bool:
         return listening(self.port, timeout=0.5)
+
+
+class WriterRig:
+    """keter's ``NginxWriter`` on a private nginx: its plain port and a TLS listener.
+
+    For tests of what nginx serves over both, as keter's config would have it.
+    The TLS listener's self-signed certificate names ``hosts`` (its files go in
+    ``folder``); ``options`` are the writer's global proxy settings.
+    """
+
+    def __init__(
+        self,
+        nginx: PrivateNginx,
+        folder: Path,
+        hosts: Sequence[str],
+        options: ProxyOptions | None = None,
+    ) -> None:
+        self.nginx = nginx
+        self.certificate, key = make_certificate(folder, "tls", *hosts)
+        self.tls = Listener("127.0.0.1", free_port(), certificate=self.certificate, key=key)
+        self.reports: queue.Queue = queue.Queue()
+        self.generation = 0
+        # The plain listener is keter's own Listener without a certificate, as
+        # keter's config makes it.
+        self.writer = NginxWriter(
+            listeners=[Listener("127.0.0.1", nginx.port), self.tls],
+            config_file=nginx.config_file,
+            test_command=nginx.test_command,
+            reload_command=nginx.reload_command,
+            report_to=self.reports,
+            options=options,
+        )
+        self.writer.start()
+
+    def apply(self, *sites: Site) -> None:
+        """Have the writer apply ``sites`` as the next generation; wait until nginx serves it."""
+        self.generation += 1
+        self.writer.tell(ApplyNginx(generation=self.generation, sites=sites))
+        reply = self.reports.get(timeout=30)
+        assert reply == NginxApplied(generation=self.generation), reply
+
+    def stop(self) -> None:
+        """Stop the writer (nginx itself is the fixture's to stop)."""
+        self.writer.stop()
+        self.writer.join(timeout=15)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from support.net import Backend, free_port, get, https_get
-from support.nginx import PrivateNginx
+from support.nginx import NGINX, PrivateNginx
 from support.tls import make_certificate
 from support.wait import wait_for
 
@@ -542,6 +542,30 @@ def test_reload_command_failure_restores_old_file(
     assert "reload failed" in failed.reason
     assert "no-such-signal" in failed.reason
     assert private_nginx.config_file.read_bytes() == before
+
+
+@pytest.mark.parametrize(("program", "runs"), [("nginx", 1), ("reload-nginx", 3)])
+def test_once_nginxs_master_is_known_the_writer_signals_it_instead_of_running_nginx_s(
+    private_nginx: PrivateNginx, reports: queue.Queue, tmp_path: Path, program: str, runs: int
+) -> None:
+    """`nginx -s reload` reads the whole config just to find the pid file; keter's own
+    SIGHUP to the master it learnt does the same. An operator's command always runs."""
+    ran = tmp_path / "ran"
+    wrapper = tmp_path / "bin" / program
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >> {ran}\nexec {NGINX} "$@"\n')
+    wrapper.chmod(0o755)
+    writer = make_writer(private_nginx, reports)
+    writer.reload_command = (str(wrapper), *private_nginx.reload_command[1:])
+    writer.start()
+    try:
+        for generation in (1, 2, 3):
+            assert apply(writer, reports, generation) == NginxApplied(generation=generation)
+            assert fetch_generation("127.0.0.1", private_nginx.port) == str(generation)
+    finally:
+        writer.stop()
+        writer.join(timeout=15)
+    assert len(ran.read_text().splitlines()) == runs
 
 
 def test_invalid_site_is_refused_alone_and_writer_keeps_running(

@@ -17,6 +17,12 @@ the reply is ``NginxFailed``.
 ``nginx -s reload`` only sends a signal; nginx may still reject the new config
 (a listen port already taken) and keep the old one. The writer therefore only
 reports success once nginx's status server answers with the new generation.
+Once it knows nginx's master (from the workers that answer), it sends that
+signal itself instead of running ``nginx -s reload``, which reads and checks
+the whole config just to find the pid file: with 1000 sites, 0.1 s of CPU on
+every generation, beside the ``nginx -t`` before it and the master's own
+reading after it. A reload command of the operator's own (``systemctl reload
+nginx``, a wrapper) always runs as it is.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 import subprocess
 import threading
 import time
@@ -388,7 +395,7 @@ class NginxWriter(Actor):
         stopped accepting; on failure, report it."""
         log_offset = self._error_log_size()
         retiring = Retiring.before_reload(self._master)
-        error = _run(self.reload_command)
+        error = self._send_reload(retiring)
         if error is not None:
             self._fail(generation, f"nginx reload failed: {error}{self._restore()}")
             return False
@@ -418,6 +425,20 @@ class NginxWriter(Actor):
             reason += f": {emerg}"
         self._fail(generation, reason + restored)
         return False
+
+    def _send_reload(self, retiring: Retiring) -> str | None:
+        """Tell nginx to reload: SIGHUP to its master when keter's reload command is
+        nginx's own ``-s reload`` and the master is known (see the module docstring),
+        else the command. None on success, else why not."""
+        command = self.reload_command
+        plain = os.path.basename(command[0]) == "nginx" and tuple(command[-2:]) == ("-s", "reload")
+        if plain and retiring.master is not None:
+            try:
+                os.kill(retiring.master, signal.SIGHUP)
+                return None
+            except OSError:
+                pass  # gone since it was looked at: the command finds nginx's new master
+        return _run(command)
 
     def _confirm(self, generation: int, deadline: float) -> int | None:
         """Poll the status server until it reports ``generation``; None on timeout.

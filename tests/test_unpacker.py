@@ -548,9 +548,11 @@ def test_actor_reports_a_bad_config_and_removes_the_folder(area: Area, unpacker)
     assert list(area.temp.iterdir()) == []
 
 
-def test_actor_refuses_a_destination_outside_temp(area: Area, unpacker) -> None:
+@pytest.mark.parametrize("where", ["outside", "through a link in temp"], ids=str)
+def test_actor_refuses_a_destination_outside_temp(area: Area, unpacker, where: str) -> None:
     actor, reports = unpacker
-    dest = area.outside / "app-1"
+    (area.temp / "link").symlink_to(area.outside)
+    dest = {"outside": area.outside, "through a link in temp": area.temp / "link"}[where] / "app-1"
     msg = UnpackBundle(app="app", deploy_id=5, bundle=area.bundle(good_entries()), dest=dest)
     reply = ask(actor, reports, msg)
     assert isinstance(reply, UnpackFailed)

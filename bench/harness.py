@@ -590,7 +590,9 @@ def cpu_spent(pid: int) -> CpuSpent:
     busy = psutil.cpu_times()
     cpu = psutil.Process(pid).cpu_times()
     return CpuSpent(
-        machine=sum(busy) - busy.idle - busy.iowait - getattr(busy, "guest", 0.0),
+        # The machine's own work: not idle, iowait or steal (the hypervisor's), and not
+        # guest, which Linux counts inside user and nice already.
+        machine=busy.user + busy.nice + busy.system + busy.irq + busy.softirq,
         process=cpu.user + cpu.system,
         children=cpu.children_user + cpu.children_system,
     )

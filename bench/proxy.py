@@ -242,7 +242,11 @@ def _stable_address(base: Path, backend: int) -> tuple[Table | None, ProxyApp]:
     table = Table.for_root(base / "keter-root")
     stable = 8080
     nft.apply(table.create_script(), program)
-    nft.apply(table.update_script({}, {stable: backend}), program)
+    writer = table.writer()
+    try:
+        writer.change(*table.changes({}, {stable: backend}))
+    finally:
+        writer.close()
     return table, ProxyApp(port=stable, host=table.address)
 
 

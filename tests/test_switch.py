@@ -8,6 +8,7 @@ Needs root and Debian's nftables (tests/run installs it).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import queue
 import socket
@@ -17,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support.wait import wait_for
 
 from keter import sockdiag
@@ -35,6 +38,7 @@ from keter.messages import (
 from keter.stats.component import StatsCollector
 from keter.stats.record import TAG
 from keter.switch import StablePorts, Switch, Table, nft
+from keter.switch.nfnetlink import NetlinkError
 
 NFT = nft.find_nft()
 pytestmark = pytest.mark.skipif(NFT is None, reason="needs nft (tests/run installs nftables)")
@@ -88,6 +92,15 @@ def listeners() -> Iterator[list[Listener]]:
         listener.close()
 
 
+def point(table: Table, current: dict[int, int], wanted: dict[int, int]) -> None:
+    """Change the table's map as the switch component does (netlink, one transaction)."""
+    writer = table.writer()
+    try:
+        writer.change(*table.changes(current, wanted))
+    finally:
+        writer.close()
+
+
 def listen(listeners: list[Listener], name: bytes) -> Listener:
     listener = Listener(name)
     listeners.append(listener)
@@ -107,14 +120,11 @@ def test_each_root_gets_its_own_table_and_loopback_address(tmp_path: Path) -> No
     assert Table.for_root(tmp_path / "root0") == tables[0]  # the same ROOT, the same names
 
 
-def test_an_update_deletes_and_adds_a_changed_element_in_one_script() -> None:
+def test_a_changed_element_is_deleted_and_added_in_one_change() -> None:
     t = Table(name="keter_x", address="127.1.2.3")
-    script = t.update_script({5000: 4001, 5001: 4002}, {5000: 4003, 5001: 0, 5002: 4004})
-    assert script == (
-        "delete element ip keter_x services { 5000, 5001 }\n"
-        "add element ip keter_x services { 5000 : 4003, 5002 : 4004 }\n"
-    )
-    assert t.update_script({5000: 4001}, {5000: 4001, 5009: 0}) == ""  # nothing to change
+    gone, added = t.changes({5000: 4001, 5001: 4002}, {5000: 4003, 5001: 0, 5002: 4004})
+    assert (gone, added) == ([5000, 5001], [(5000, 4003), (5002, 4004)])
+    assert t.changes({5000: 4001}, {5000: 4001, 5009: 0}) == ([], [])  # nothing to change
 
 
 def test_stable_ports_go_round() -> None:
@@ -133,12 +143,12 @@ def test_a_stable_port_leads_where_the_map_says_and_nowhere_else(
 ) -> None:
     one, two = listen(listeners, b"one"), listen(listeners, b"two")
     nft.apply(table.create_script(), NFT)
-    nft.apply(table.update_script({}, {7000: one.port}), NFT)
+    point(table, {}, {7000: one.port})
     assert ask(table.address, 7000) == b"one"
     # An established connection keeps its mapping when the map changes.
     held = socket.create_connection((table.address, 7000), timeout=2)
     assert held.recv(100) == b"one"
-    nft.apply(table.update_script({7000: one.port}, {7000: two.port}), NFT)
+    point(table, {7000: one.port}, {7000: two.port})
     assert ask(table.address, 7000) == b"two"
     assert table.read(NFT) == {7000: two.port}
     held.sendall(b"still there?")  # no reset: the old mapping holds
@@ -149,6 +159,58 @@ def test_a_stable_port_leads_where_the_map_says_and_nowhere_else(
         port = everywhere.getsockname()[1]
         with pytest.raises(ConnectionRefusedError):
             ask(table.address, port)
+
+
+def test_a_refused_change_changes_nothing(table: Table) -> None:
+    """The deletes and adds of one change are one transaction: when the kernel refuses
+    any part of it, the map stays as it was, and the writer still works after."""
+    nft.apply(table.create_script(), NFT)
+    writer = table.writer()
+    try:
+        writer.change([], [(7000, 4001), (7001, 4002)])
+        with pytest.raises(NetlinkError) as refused:
+            writer.change([7001, 7005], [(7002, 4003)])  # 7005 has no element
+        assert refused.value.errno == errno.ENOENT
+        with pytest.raises(NetlinkError) as clash:
+            writer.change([], [(7002, 4003), (7000, 4009)])  # 7000 leads elsewhere already
+        assert clash.value.errno == errno.EEXIST
+        assert table.read(NFT) == {7000: 4001, 7001: 4002}
+        writer.change([7000], [(7000, 4005)])
+        assert table.read(NFT) == {7000: 4005, 7001: 4002}
+    finally:
+        writer.close()
+    missing = Table(name="keter_nosuchtable", address="127.1.2.3").writer()
+    with pytest.raises(NetlinkError) as absent:
+        missing.change([], [(7000, 4001)])
+    assert absent.value.errno == errno.ENOENT
+    missing.close()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    steps=st.lists(
+        st.dictionaries(
+            st.sampled_from([1, 80, 255, 256, 7000, 40000, 65535]),
+            st.sampled_from([0, 1, 443, 8080, 65535]),
+            max_size=5,
+        ),
+        max_size=6,
+    )
+)
+def test_the_kernels_map_follows_any_series_of_changes(tmp_path_factory, steps) -> None:
+    """Keys and values at the edges of a port's two bytes, elements added, changed
+    and removed in any order: the kernel holds exactly what the switch believes."""
+    table = Table.for_root(tmp_path_factory.mktemp("root"))
+    nft.apply(table.create_script(), NFT)
+    writer, mapping = table.writer(), {}
+    try:
+        for wanted in steps:
+            writer.change(*table.changes(mapping, wanted))
+            mapping = {k: v for k, v in {**mapping, **wanted}.items() if v}
+        assert table.read(NFT) == mapping
+    finally:
+        writer.close()
+        nft.apply(table.delete_script(), NFT)
 
 
 CONNTRACK = Path("/proc/net/nf_conntrack")
@@ -178,7 +240,7 @@ def test_closed_connections_through_the_table_leave_conntrack_within_seconds(
     nft.apply(table.create_script(), NFT)
     with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]
-        nft.apply(table.update_script({}, {7000: port}), NFT)
+        point(table, {}, {7000: port})
         state, left = closed_entry(server, table.address, 7000)
         assert state == "TIME_WAIT" and 0 < left <= nft.SHORT_CLOSE
         # Other connections keep the kernel's own timeouts.
@@ -193,9 +255,9 @@ def test_creating_the_table_replaces_an_earlier_runs_rules_only_its_own(
     other = Table.for_root(tmp_path / "another-root")
     try:
         nft.apply(other.create_script(), NFT)
-        nft.apply(other.update_script({}, {7000: 1234}), NFT)
+        point(other, {}, {7000: 1234})
         nft.apply(table.create_script(), NFT)
-        nft.apply(table.update_script({}, {7000: 4321}), NFT)
+        point(table, {}, {7000: 4321})
         nft.apply(table.create_script(), NFT)  # what a restarted keter does
         assert table.read(NFT) == {}
         assert other.read(NFT) == {7000: 1234}

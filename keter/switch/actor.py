@@ -9,7 +9,7 @@ Told by the supervisor only (``PointServices``, ``ReleaseServices``,
   whose processes are gone) and reports the mode: ``kernel``, or ``reload``
   when nft is missing, not permitted, or switched off (``switch: reload``).
   It says which, once. At a clean stop it deletes the table.
-* ``PointServices``: one nft transaction changes the map for every command
+* ``PointServices``: one nf_tables transaction changes the map for every command
   queued at that moment (1000 apps redeployed at once cost one transaction).
   Then, for each stable port, it connects through it and asks the kernel
   whether that very connection was accepted on the new version's port; if not,
@@ -49,6 +49,7 @@ from keter.messages import (
     message,
 )
 from keter.switch import nft
+from keter.switch.nfnetlink import NetlinkError
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class Switch(Actor):
         self.nft = nft_program
         self.mode = SwitchMode.RELOAD
         self.mapping: dict[int, int] = {}  # stable port -> app port, as the kernel holds it
+        self.writer = self.table.writer()
         self._waits: dict[tuple[str, int], _Wait] = {}  # by (kind, deploy id)
         self._polling = False
 
@@ -146,6 +148,7 @@ class Switch(Actor):
                 nft.apply(self.table.delete_script(), self.nft)
             except nft.NftError as exc:
                 log.error("keter: cannot delete nftables table %s: %s", self.table.name, exc)
+        self.writer.close()
 
     # -- messages --------------------------------------------------------------------
 
@@ -195,13 +198,13 @@ class Switch(Actor):
         changed = time.time()
         try:
             self._change(wanted)
-        except nft.NftError as exc:
+        except NetlinkError as exc:
             if len(commands) > 1:  # find the one at fault: each alone
                 for command in commands:
                     self._point([command])
                 return
             # The transaction changed nothing: the stable ports lead where they did.
-            self._failed(commands[0], f"nft refused the change: {exc}")
+            self._failed(commands[0], f"the kernel refused the change: {exc.strerror}")
             return
         for command in commands:
             problem = self._confirm(command.targets)
@@ -223,9 +226,8 @@ class Switch(Actor):
                 self.report(pointed)
 
     def _change(self, wanted: dict[int, int]) -> None:
-        """Make the kernel's map hold ``wanted`` (0: no element); raises NftError."""
-        assert self.nft is not None
-        nft.apply(self.table.update_script(self.mapping, wanted), self.nft)
+        """Make the kernel's map hold ``wanted`` (0: no element); raises NetlinkError."""
+        self.writer.change(*self.table.changes(self.mapping, wanted))
         for stable, port in wanted.items():
             if port:
                 self.mapping[stable] = port
@@ -263,8 +265,8 @@ class Switch(Actor):
         back.update(dict(command.previous))
         try:
             self._change(back)
-        except nft.NftError as exc:
-            log.error("%s: cannot restore the stable addresses: %s", command.app, exc)
+        except NetlinkError as exc:
+            log.error("%s: cannot restore the stable addresses: %s", command.app, exc.strerror)
 
     def _failed(self, command: PointServices, reason: str) -> None:
         self.report(PointFailed(app=command.app, deploy_id=command.deploy_id, reason=reason))
@@ -275,9 +277,9 @@ class Switch(Actor):
         gone = {stable: 0 for command in commands for stable in command.ports}
         try:
             self._change(gone)
-        except nft.NftError as exc:
+        except NetlinkError as exc:
             apps = ", ".join(sorted({command.app for command in commands}))
-            log.error("%s: cannot remove stable addresses: %s", apps, exc)
+            log.error("%s: cannot remove stable addresses: %s", apps, exc.strerror)
 
     # -- waiting for ports to empty ----------------------------------------------------
 

@@ -5,7 +5,7 @@ ROOT's own (``Table.address``, one port per web app) for as long as the app's
 routes stay the same. The table's ``output`` NAT chain rewrites every new
 connection to that address to the app version's real port on 127.0.0.1,
 through the map ``services`` (stable port -> app port). Re-pointing a web app
-is one element of that map, changed in one atomic nft transaction: new
+is one element of that map, changed in one atomic transaction: new
 connections reach the new version at once, while connections already
 established keep the mapping conntrack gave them, so the old version drains on
 its own. A connection to a stable port with no element is reset by the
@@ -20,6 +20,9 @@ and with the default every one of them would hold an entry that long: one busy
 app could fill the machine's conntrack table, and a full table drops new
 connections of every program on the machine. Kernels without conntrack
 timeout policies get the table without it (``create_script(short_close=False)``).
+
+The table is made and deleted by running nft (once per run); the map's
+elements, which every switch changes, through netlink (``keter.switch.nfnetlink``).
 
 Names are derived from ROOT (``keter_`` and 12 hex digits of its hash), so
 several keters on one machine never share a table or an address; keter only
@@ -36,6 +39,8 @@ import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from keter.switch.nfnetlink import MapWriter
 
 MAP = "services"
 TIMEOUT = 10.0  # seconds an nft command may take
@@ -102,22 +107,23 @@ table ip {self.name} {{
 }}
 """
 
-    def update_script(self, current: Mapping[int, int], wanted: Mapping[int, int]) -> str:
-        """Change the map from ``current`` to ``current`` updated by ``wanted``.
+    def changes(
+        self, current: Mapping[int, int], wanted: Mapping[int, int]
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """What turns the map from ``current`` into ``current`` updated by ``wanted``:
+        the keys to delete and the elements to add.
 
         ``wanted`` maps stable ports to app ports, or to 0 to remove the element.
-        A changed element is deleted and added in the same transaction: no
-        connection ever finds it missing.
+        A changed element is deleted and added in the same transaction
+        (``MapWriter.change``): no connection ever finds it missing.
         """
         gone = sorted(p for p, target in wanted.items() if p in current and current[p] != target)
         added = sorted((p, t) for p, t in wanted.items() if t and current.get(p) != t)
-        lines = []
-        if gone:
-            lines.append(f"delete element ip {self.name} {MAP} {{ {_ports(gone)} }}")
-        if added:
-            pairs = ", ".join(f"{p} : {t}" for p, t in added)
-            lines.append(f"add element ip {self.name} {MAP} {{ {pairs} }}")
-        return "".join(line + "\n" for line in lines)
+        return gone, added
+
+    def writer(self) -> MapWriter:
+        """What changes the map's elements (netlink, no nft process: see nfnetlink)."""
+        return MapWriter(self.name, MAP, TIMEOUT)
 
     def delete_script(self) -> str:
         return f"table ip {self.name}\ndelete table ip {self.name}\n"

@@ -67,11 +67,12 @@ class MapWriter:
     def __init__(self, table: str, map_name: str, timeout: float = 10.0) -> None:
         self.table, self.map_name, self.timeout = table, map_name, timeout
         self._sock: socket.socket | None = None
-        self._sequence = int.from_bytes(os.urandom(3), "big")  # 2**24 + 4 per change: no wrap
+        # Below 2**24, 4 more per change: a billion changes before 32 bits run out.
+        self._sequence = int.from_bytes(os.urandom(3), "big")
 
     def change(self, remove: Sequence[int], add: Sequence[tuple[int, int]]) -> None:
         """In one transaction: delete the ``remove`` keys, then add the ``add`` elements
-        (key, value). Raises NetlinkError; then nothing changed."""
+        (key, value). Raises NetlinkError: a refusal changed nothing."""
         if not remove and not add:
             return
         self._sequence += 4
@@ -82,10 +83,10 @@ class MapWriter:
                 self._sock.settimeout(self.timeout)
             self._sock.sendall(batch)
             _await_ack(self._sock, self._sequence, last)
+        except NetlinkError:
+            raise  # the socket is fine: a late answer to this batch is told apart by number
         except OSError as exc:
-            self.close()  # whatever it still holds belongs to this change
-            if isinstance(exc, NetlinkError):
-                raise
+            self.close()  # a socket that failed or kept silent is not trusted again
             if isinstance(exc, TimeoutError):
                 raise NetlinkError(errno.ETIMEDOUT, "the kernel did not answer") from None
             raise NetlinkError(exc.errno, f"netlink: {exc.strerror}") from None
@@ -138,7 +139,7 @@ def _await_ack(sock: socket.socket, first: int, last: int) -> None:
         while offset + _HEADER.size <= len(data):
             length, kind, _flags, sequence, _port = _HEADER.unpack_from(data, offset)
             if length < _HEADER.size or offset + length > len(data):
-                raise NetlinkError(errno.EPROTO, "a malformed answer from the kernel")
+                raise OSError(errno.EPROTO, "a malformed answer from the kernel")
             if kind == NLMSG_ERROR:
                 (code,) = _ERROR.unpack_from(data, offset + _HEADER.size)
                 if code < 0 and first <= sequence <= last + 1:

@@ -221,3 +221,25 @@ def test_any_history_json_loads_what_it_can(tmp_path: Path, apps, cut: int):
     history = DeployHistory(path)
     history.load()
     well_formed(history)
+
+
+def test_the_app_forgotten_is_the_one_deployed_longest_ago(tmp_path):
+    history = DeployHistory(tmp_path / "history.json", max_apps=2)
+    for app in ("a", "b", "a", "c"):  # a deployed again after b: b is the oldest now
+        history.record(finished(app=app))
+    assert "a" in history and "b" not in history and "c" in history
+    # A loaded file keeps that order: the newest first to stay.
+    loaded = DeployHistory(tmp_path / "history.json", max_apps=1)
+    loaded.load()
+    assert "c" in loaded and "a" not in loaded
+
+
+def test_a_host_with_a_thousand_apps_keeps_every_apps_history(tmp_path):
+    history = DeployHistory(tmp_path / "history.json")
+    for round_ in range(2):
+        for n in range(1000):
+            history.record(finished(app=f"app{n:04d}", reason=str(round_)), save=False)
+    history.flush()
+    loaded = DeployHistory(tmp_path / "history.json")
+    loaded.load()
+    assert all(len(loaded.entries(f"app{n:04d}")) == 2 for n in range(1000))

@@ -548,14 +548,40 @@ class Usage:
         return max(rss for _, _, rss in self.samples)
 
 
+def _unpacking_workers(keter: psutil.Process) -> list[psutil.Process]:
+    """keter's unpacking worker (keter.incoming.worker): a part of keter, counted with it."""
+    found = []
+    for child in keter.children():
+        with contextlib.suppress(psutil.Error):
+            if "keter.incoming.worker" in child.cmdline():
+                found.append(child)
+    return found
+
+
+def _cpu(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return times.user + times.system
+
+
+def keter_cpu(keter: psutil.Process) -> float:
+    """CPU seconds keter has used so far: its threads and its unpacking worker."""
+    return _cpu(keter) + sum(_cpu(worker) for worker in _unpacking_workers(keter))
+
+
+def keter_memory(keter: psutil.Process) -> int:
+    """keter's memory in bytes: its RSS plus the memory its unpacking worker has alone
+    (USS: the pages it shares with keter, the interpreter's, count once)."""
+    own = keter.memory_info().rss
+    return own + sum(worker.memory_full_info().uss for worker in _unpacking_workers(keter))
+
+
 def observe(pid: int, seconds: float, every: float = 1.0) -> Usage:
-    """CPU and RSS of process ``pid`` (all its threads, not its children) over ``seconds``."""
+    """CPU and memory of keter (``pid``, with its unpacking worker) over ``seconds``."""
     proc = psutil.Process(pid)
     began = time.monotonic()
 
     def sample() -> tuple[float, float, int]:
-        cpu = proc.cpu_times()
-        return (time.monotonic() - began, cpu.user + cpu.system, proc.memory_info().rss)
+        return (time.monotonic() - began, keter_cpu(proc), keter_memory(proc))
 
     samples = [sample()]
     while (left := began + seconds - time.monotonic()) > 0:
@@ -565,13 +591,15 @@ def observe(pid: int, seconds: float, every: float = 1.0) -> Usage:
 
 
 def rss_mb(pid: int) -> float:
-    return psutil.Process(pid).memory_info().rss / 2**20
+    """keter's memory in MB (``keter_memory``: its RSS and its worker's own pages)."""
+    return keter_memory(psutil.Process(pid)) / 2**20
 
 
 @dataclass(frozen=True)
 class CpuSpent:
-    """CPU seconds spent over an operation: the whole machine's, and keter's own threads'
-    and its reaped children's (``nginx -t``, ``nft``, the start chain's shells)."""
+    """CPU seconds spent over an operation: the whole machine's, keter's own (its threads
+    and its unpacking worker) and its reaped children's (``nginx -t``, the start chain's
+    shells)."""
 
     machine: float
     process: float
@@ -588,11 +616,12 @@ class CpuSpent:
 def cpu_spent(pid: int) -> CpuSpent:
     """The totals so far: subtract two of these (``since``) for an operation's cost."""
     busy = psutil.cpu_times()
-    cpu = psutil.Process(pid).cpu_times()
+    keter = psutil.Process(pid)
+    cpu = keter.cpu_times()
     return CpuSpent(
         # The machine's own work: not idle, iowait or steal (the hypervisor's), and not
         # guest, which Linux counts inside user and nice already.
         machine=busy.user + busy.nice + busy.system + busy.irq + busy.softirq,
-        process=cpu.user + cpu.system,
+        process=keter_cpu(keter),
         children=cpu.children_user + cpu.children_system,
     )

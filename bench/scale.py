@@ -153,7 +153,8 @@ def _at_scale(settings: Settings, n: int) -> tuple[list[Row], tuple[int, float, 
         Row(
             f"scale: {n} apps dropped at once, all answering",
             f"{spread(drops)}; CPU meanwhile (medians): machine {machine:.1f} s, keter "
-            f"{own:.1f} s and its finished children (nginx -t, nft) {children:.1f} s, "
+            f"{own:.1f} s (its unpacking worker's included) and its finished children (nginx -t) "
+            f"{children:.1f} s, "
             f"the rest ({machine - own - children:.1f} s) the apps' own starts, nginx and the "
             "bench's client",
             "Keter 2.3.5: 3.8 s for 50",
@@ -161,7 +162,7 @@ def _at_scale(settings: Settings, n: int) -> tuple[list[Row], tuple[int, float, 
             median(drops) < DROP_TARGET,
         ),
         Row(
-            f"scale: keter RSS with {n} apps",
+            f"scale: keter RSS with {n} apps (its unpacking worker's own pages included)",
             f"{rss_n:.1f} MB (no apps: {empty.rss_max / mb:.1f} MB)",
             "Keter 2.3.5: 28 MB with none, 37-45 MB with 50",
             f"< {RSS_TARGET_MB} MB",

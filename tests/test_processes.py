@@ -24,6 +24,7 @@ from support.net import bind_when_free, free_port
 from support.processes import Harness, alive
 from support.wait import wait_for
 
+from keter.forkgate import ForkGate
 from keter.messages import (
     HealthCheck,
     MoveProcess,
@@ -44,7 +45,6 @@ from keter.processes.applog import (
     OutputCapture,
 )
 from keter.processes.cgroups import Cgroups
-from keter.processes.forkgate import ForkGate
 from keter.processes.groups import group_members, wait_group_gone
 from keter.processes.health import is_healthy, probe_http
 from keter.processes.ports import port_is_free

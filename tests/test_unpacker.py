@@ -492,6 +492,8 @@ def unpacker(area: Area) -> Iterator[tuple[Unpacker, queue.Queue]]:
     reports: queue.Queue = queue.Queue()
     actor = Unpacker(area.temp, max_bytes=10 * MIB, max_members=1000, report_to=reports)
     actor.start()
+    # Its start removes whatever is in temp/: a test's own entries come after that.
+    wait_for(lambda: actor._started, 10, "the unpacker to start")
     yield actor, reports
     actor.stop()
     actor.join(timeout=10)

@@ -35,9 +35,9 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO
 
+from keter.forkgate import FORK_GATE
 from keter.incoming.files import NotABundleFile, open_regular
 from keter.names import log_text
-from keter.processes.forkgate import FORK_GATE
 
 _COPY_CHUNK = 1 << 20  # bytes per read when copying a member's data
 _INPUT_CHUNK = 1 << 16  # compressed bytes fed to zlib at a time

@@ -5,6 +5,10 @@ fault boundary: whatever happens while unpacking and parsing one bundle, an
 error nobody anticipated included, becomes that deploy's ``UnpackFailed`` with
 one reason (the traceback at debug level), the half-written folder is
 removed, and the actor goes on with the next message.
+
+The extraction itself (``safe_unpack``) runs in a process of keter's own
+(``keter.incoming.worker``: why, and what happens when it dies); the config
+is parsed here, in the actor's thread.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from pathlib import Path
 
 from keter.actor import Actor
 from keter.bundle import BundleConfigError, parse_bundle_config
-from keter.incoming.unpack import UnpackError, safe_unpack
+from keter.incoming.unpack import UnpackError
+from keter.incoming.worker import UnpackWorker
 from keter.messages import (
     BundleUnpacked,
     FailureKind,
@@ -49,12 +54,17 @@ class Unpacker(Actor):
         self.temp_dir = Path(temp_dir)
         self.max_bytes = max_bytes
         self.max_members = max_members
+        self.worker = UnpackWorker()
 
     def on_start(self) -> None:
         """Remove the folders a previous run left behind: no process uses them now."""
         self.temp_dir.mkdir(parents=True, exist_ok=True)
         for entry in sorted(self.temp_dir.iterdir()):
             self._remove(entry, why="stale ")
+        self.worker.start()  # now rather than at the first deploy
+
+    def on_stop(self) -> None:
+        self.worker.stop()
 
     def handle(self, message: object) -> None:
         match message:
@@ -84,7 +94,7 @@ class Unpacker(Actor):
 
     def _unpack_and_parse(self, msg: UnpackBundle) -> None:
         try:
-            sha256 = safe_unpack(
+            sha256 = self.worker.unpack(
                 msg.bundle, msg.dest, max_bytes=self.max_bytes, max_members=self.max_members
             )
         except UnpackError as exc:

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keter.appdata import prepare_data_dir
+from keter.forkgate import FORK_GATE
 from keter.messages import ProcessSpec
 from keter.processes.cgroups import Cgroup
-from keter.processes.forkgate import FORK_GATE
 
 log = logging.getLogger(__name__)
 

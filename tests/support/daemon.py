@@ -74,6 +74,17 @@ class KeterDaemon:
         self.proc.wait(10)
 
     def children(self) -> list[psutil.Process]:
+        """keter's descendants: its apps and what they start, its `nginx -t` and the
+        like; not its own unpacking worker (``unpacking_worker``), which lives as long
+        as keter does."""
+        return [child for child in self._descendants() if not _is_unpacking_worker(child)]
+
+    def unpacking_worker(self) -> psutil.Process | None:
+        """keter's unpacking worker (keter.incoming.worker), if it runs."""
+        found = [child for child in self._descendants() if _is_unpacking_worker(child)]
+        return found[0] if found else None
+
+    def _descendants(self) -> list[psutil.Process]:
         assert self.proc is not None
         try:
             return psutil.Process(self.proc.pid).children(recursive=True)
@@ -219,3 +230,10 @@ def app_processes(keter: KeterDaemon) -> list[psutil.Process]:
         except psutil.Error:  # gone, or a zombie not reaped yet
             continue
     return found
+
+
+def _is_unpacking_worker(process: psutil.Process) -> bool:
+    try:
+        return "keter.incoming.worker" in process.cmdline()
+    except psutil.Error:
+        return False

@@ -1,0 +1,127 @@
+"""keter.incoming.worker: the unpacking process, its deaths and its answers.
+
+The unpacker actor's own tests (tests/test_unpacker.py) unpack every bundle
+through a real worker; these check keter's end when the worker misbehaves,
+with stand-in workers that die or answer nonsense on cue.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import signal
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+from support import tars
+from support.processes import alive
+from support.wait import wait_for
+
+from keter.incoming.unpack import UnpackError
+from keter.incoming.worker import UnpackWorker, WorkerDied
+
+MIB = 1 << 20
+
+
+def bundle(path: Path) -> Path:
+    members = tars.tar_members({"config/keter.yaml": b"exec: ../app\nhost: a.test\n"})
+    path.write_bytes(gzip.compress(members + bytes(2 * tars.BLOCK)))
+    return path
+
+
+def stand_in(script: str) -> list[str]:
+    """A worker that reads each request, then runs ``script``."""
+    return [sys.executable, "-c", f"import os, sys\nfor line in sys.stdin:\n    {script}"]
+
+
+@pytest.fixture
+def worker():
+    made: list[UnpackWorker] = []
+
+    def make(command: list[str] | None = None) -> UnpackWorker:
+        made.append(UnpackWorker(command))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.stop()
+
+
+def test_the_worker_unpacks_and_refuses_as_safe_unpack_does(tmp_path, worker) -> None:
+    unpacking = worker()
+    sha256 = unpacking.unpack(
+        bundle(tmp_path / "a.keter"), tmp_path / "a", max_bytes=MIB, max_members=10
+    )
+    assert len(sha256) == 64 and (tmp_path / "a" / "config" / "keter.yaml").is_file()
+    (tmp_path / "bad.keter").write_bytes(b"not gzip")
+    with pytest.raises(UnpackError, match="not a gzip file"):
+        unpacking.unpack(tmp_path / "bad.keter", tmp_path / "b", max_bytes=MIB, max_members=10)
+    assert not (tmp_path / "b").exists()
+    # A name that is not UTF-8 travels both ways.
+    odd = tmp_path / os.fsdecode(b"caf\xe9")
+    assert unpacking.unpack(bundle(tmp_path / "c.keter"), odd, max_bytes=MIB, max_members=10)
+    assert (odd / "config" / "keter.yaml").is_file()
+
+
+def test_a_worker_killed_between_bundles_is_replaced(tmp_path, worker) -> None:
+    unpacking = worker()
+    unpacking.start()
+    first = unpacking.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    wait_for(
+        lambda: not psutil.pid_exists(first) or psutil.Process(first).status() == "zombie",
+        10,
+        "the worker to die",
+    )
+    unpacking.unpack(bundle(tmp_path / "a.keter"), tmp_path / "a", max_bytes=MIB, max_members=10)
+    assert unpacking.pid not in (None, first)
+
+
+def test_a_bundle_that_kills_its_worker_twice_fails_alone(tmp_path, worker) -> None:
+    dest = tmp_path / "a"
+    dying = worker(stand_in(f"os.makedirs({str(dest)!r}, exist_ok=True); os._exit(3)"))
+    with pytest.raises(WorkerDied):
+        dying.unpack(bundle(tmp_path / "a.keter"), dest, max_bytes=MIB, max_members=10)
+    assert not dest.exists()  # what a dying worker wrote goes with it
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ('print("not json", flush=True)', "answered 'not json"),
+        ("print('[\"unpacked\", 7]', flush=True)", "answered ['unpacked', 7]"),
+        ('print(\'["failed", "KeyError: x"]\', flush=True)', "KeyError: x"),
+    ],
+    ids=["garbage", "a wrong answer", "a bug in the worker"],
+)
+def test_a_worker_that_answers_nonsense_fails_that_bundle(
+    tmp_path, worker, answer, expected
+) -> None:
+    confused = worker(stand_in(answer))
+    with pytest.raises(RuntimeError, match=expected.replace("[", r"\[")):
+        confused.unpack(bundle(tmp_path / "a.keter"), tmp_path / "a", max_bytes=MIB, max_members=10)
+
+
+def test_stop_ends_the_worker(worker) -> None:
+    unpacking = worker()
+    unpacking.start()
+    pid = unpacking.pid
+    unpacking.stop()
+    assert unpacking.pid is None and not psutil.pid_exists(pid)
+
+
+def test_keters_worker_lives_as_long_as_keter(keter, private_nginx, tmp_path) -> None:
+    """One worker for keter's life, not counted among its apps; it ends with a stopped
+    keter, and with a killed one (its input closes)."""
+    worker = keter.unpacking_worker()
+    assert worker is not None
+    keter.kill()  # SIGKILL: no on_stop, the pipe just closes
+    wait_for(lambda: not alive(worker.pid), 10, "the worker to go with a killed keter")
+    keter.start()
+    worker = keter.unpacking_worker()
+    assert worker is not None
+    keter.stop()
+    assert not alive(worker.pid)

@@ -40,6 +40,10 @@ def _last_seq(entries: list[dict]) -> int:
     return entries[-1]["seq"] if entries else 0
 
 
+def _compact(entry: dict) -> str:
+    return json.dumps(entry, separators=(",", ":"))
+
+
 def capped_text(text: object, limit: int) -> str:
     """Text from a bundle or an app, safe to show and at most about ``limit`` characters.
 
@@ -78,7 +82,10 @@ class DeployHistory:
         self.read_limit = read_limit
         self.seq = 0  # the number of the newest entry
         self.unsaved = False  # recorded in memory, not yet in the file
-        self._apps: dict[str, list[dict]] = {}
+        # Per app, oldest first: (sequence number, the entry as compact JSON). Text, not
+        # dicts: a host with 1000 apps keeps thousands of entries, and as text they
+        # take about what the file does (a dict of eleven fields took five times that).
+        self._apps: dict[str, list[tuple[int, str]]] = {}
 
     def load(self) -> None:
         """Read the file if there is one, keeping every entry that can be read.
@@ -101,8 +108,8 @@ class DeployHistory:
             problem = f"larger than {self.read_limit} bytes"
         # Kept in the order of each app's last deploy, the longest ago first.
         for name, entries in sorted(apps.items(), key=lambda item: _last_seq(item[1])):
-            self._apps[name] = entries[-self.per_app :]
-        self.seq = max([seq, *(e["seq"] for es in self._apps.values() for e in es)])
+            self._apps[name] = [(e["seq"], _compact(e)) for e in entries[-self.per_app :]]
+        self.seq = max([seq, *(s for es in self._apps.values() for s, _ in es)])
         self._forget_oldest_apps()
         if problem is not None:
             aside = self.path.with_name(self.path.name + ".damaged")
@@ -141,7 +148,7 @@ class DeployHistory:
         # Moved to the end: the app deployed longest ago is always the first key.
         entries = self._apps.pop(finished.app, [])
         self._apps[finished.app] = entries
-        entries.append(entry)
+        entries.append((entry["seq"], _compact(entry)))
         del entries[: -self.per_app]
         self._forget_oldest_apps()
         if save:
@@ -171,11 +178,11 @@ class DeployHistory:
 
     def entries(self, app: str, after: int = 0) -> list[dict]:
         """The app's entries newer than sequence number ``after``, oldest first."""
-        return [dict(e) for e in self._apps.get(app, ()) if e["seq"] > after]
+        return [json.loads(text) for seq, text in self._apps.get(app, ()) if seq > after]
 
     def last(self, app: str) -> dict | None:
         entries = self._apps.get(app)
-        return dict(entries[-1]) if entries else None
+        return json.loads(entries[-1][1]) if entries else None
 
     def __contains__(self, app: str) -> bool:
         return app in self._apps
@@ -185,21 +192,24 @@ class DeployHistory:
             del self._apps[next(iter(self._apps))]  # the app deployed longest ago
 
     def _dump(self) -> bytes:
-        return json.dumps({"seq": self.seq, "apps": self._apps}, separators=(",", ":")).encode()
+        # What json.dumps of {"seq": ..., "apps": {app: [entry, ...]}} writes, compact.
+        apps = ",".join(
+            f"{json.dumps(app)}:[{','.join(text for _, text in entries)}]"
+            for app, entries in self._apps.items()
+        )
+        return f'{{"seq":{self.seq},"apps":{{{apps}}}}}'.encode()
 
     def _drop_oldest(self, excess: int) -> None:
         """Drop the oldest entries worth ``excess`` bytes of the file (each app keeps its last)."""
-        older = sorted(
-            (e for entries in self._apps.values() for e in entries[:-1]), key=lambda e: e["seq"]
-        )
+        older = sorted(e for entries in self._apps.values() for e in entries[:-1])
         dropped = set()
-        for entry in older:
+        for seq, text in older:
             if excess <= 0:
                 break
-            dropped.add(entry["seq"])
-            excess -= len(json.dumps(entry, separators=(",", ":")).encode()) + 1
+            dropped.add(seq)
+            excess -= len(text) + 1  # ASCII: json.dumps escapes everything else
         for name, entries in self._apps.items():
-            self._apps[name] = [e for e in entries if e["seq"] not in dropped]
+            self._apps[name] = [e for e in entries if e[0] not in dropped]
         log.warning(
             "keter: the deploy history would pass %d bytes; dropped its %d oldest entries",
             self.budget,

@@ -243,3 +243,14 @@ def test_a_host_with_a_thousand_apps_keeps_every_apps_history(tmp_path):
     loaded = DeployHistory(tmp_path / "history.json")
     loaded.load()
     assert all(len(loaded.entries(f"app{n:04d}")) == 2 for n in range(1000))
+
+
+def test_the_file_is_the_json_of_every_apps_entries(tmp_path):
+    """Entries are kept as text in memory; the file is still exactly the JSON document
+    {"seq": N, "apps": {APP: [ENTRY, ...]}}, whatever the entries hold."""
+    history = DeployHistory(tmp_path / "history.json")
+    for i in range(30):
+        history.record(finished(app=f"a{i % 4}", reason="é\x1b[2J\n" * (i % 3)))
+    expected = {"seq": 30, "apps": {f"a{n}": history.entries(f"a{n}") for n in (2, 3, 0, 1)}}
+    raw = (tmp_path / "history.json").read_bytes()
+    assert raw == json.dumps(expected, separators=(",", ":")).encode()

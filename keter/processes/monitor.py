@@ -202,7 +202,7 @@ class _Run:
         return self.proc.pid  # start_new_session: the leader's pid is the group id
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # one per process: with 1000 apps, slots save ~0.5 MB
 class _Entry:
     app: str
     deploy_id: int

@@ -238,6 +238,9 @@ def spawn(
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
+                # Unbuffered: the output reader reads the pipe's fd itself; a buffered
+                # reader would hold 8 KiB per app for nothing (8 MB with 1000 apps).
+                bufsize=0,
                 start_new_session=True,
                 close_fds=True,
                 **credentials,

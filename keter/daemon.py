@@ -17,6 +17,7 @@ The supervisor (``keter.supervisor``) decides; this module only runs it:
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import queue
 import signal
@@ -146,8 +147,31 @@ def install_signal_handlers(inbox: queue.SimpleQueue) -> None:
     signal.signal(signal.SIGHUP, on_hup)
 
 
+# glibc's M_MMAP_THRESHOLD (malloc.h), and the value keter fixes it at: its default.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 128 * 1024
+
+
+def fix_mmap_threshold() -> bool:
+    """Keep glibc from raising its mmap threshold: True if it took.
+
+    glibc serves a large allocation with mmap and unmaps it when freed, but after
+    each such free it raises the threshold to that size, so later buffers of that
+    size (the history file keter writes, nginx's config, status answers) come
+    from the heap, whose freed pages mostly stay with the process. Fixed, they go
+    back to the system: with 1000 apps keter's RSS was 8-13 MB lower and the same
+    from one run to the next. Not glibc (musl): nothing to do.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
 def run(config: KeterConfig) -> int:
     """Run keter until it is told to stop; returns the process exit code."""
+    fix_mmap_threshold()  # first: before any thread allocates
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     components = build_components(config, inbox)
     supervisor = Supervisor(config, components)

@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 
 # How long past stop-timeout a shutdown may take before stuck components are abandoned.
 SHUTDOWN_MARGIN = 5.0
+# The longest the loop waits on its inbox. The kernel may hand a signal to any of
+# keter's threads, and Python runs the handler in the main thread only when that
+# thread runs again: an idle loop waiting without a bound would never notice a
+# SIGTERM that landed elsewhere. Once a second at most costs nothing measurable.
+MAX_WAIT = 1.0
 POLL = 0.05  # how often a shutdown looks at its inbox for a second signal
 
 
@@ -183,8 +188,9 @@ def run(config: KeterConfig) -> int:
             supervisor.dispatch(timer)
         if supervisor.exit_code is not None:
             break
+        due = supervisor.next_timer()
         try:
-            message = inbox.get(timeout=supervisor.next_timer())
+            message = inbox.get(timeout=MAX_WAIT if due is None else min(due, MAX_WAIT))
         except queue.Empty:
             continue
         supervisor.dispatch(message)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import time
@@ -112,3 +113,26 @@ def test_a_second_sigterm_stops_at_once(keter_factory, private_nginx, tmp_path):
     assert time.monotonic() - began < 5
     assert "again: killing every app now" in keter.log()
     wait_for(lambda: not psutil.pid_exists(app.pid), 5, "the app to be gone")
+
+
+def tgkill(pid: int, tid: int, sig: int) -> None:
+    """Send ``sig`` to one thread of process ``pid`` (tgkill(2); Python has no call for
+    another process's thread)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(SYS_TGKILL, pid, tid, sig) != 0:
+        raise OSError(ctypes.get_errno(), "tgkill")
+
+
+SYS_TGKILL = 234  # x86_64
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="tgkill's number is x86_64's")
+def test_a_sigterm_that_lands_on_another_thread_still_stops_keter(keter, private_nginx):
+    """The kernel may hand a process's signal to any of its threads; Python runs the
+    handler in the main thread only once that thread runs again. An idle keter (no
+    timer due) must still stop."""
+    wait_for(lambda: "initial scan done" in keter.log(), 10, "keter to be idle")
+    threads = [t.id for t in psutil.Process(keter.proc.pid).threads() if t.id != keter.proc.pid]
+    tgkill(keter.proc.pid, threads[-1], signal.SIGTERM)
+    assert keter.proc.wait(10) == 0
+    assert "SIGTERM received" in keter.log()

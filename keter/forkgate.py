@@ -11,6 +11,10 @@ The gate: spawns pass it together (``spawning``), writing a file that may be
 executed takes it alone (``writing_executable``), so no child can be between
 fork and exec while such a file is open for writing. Only executables wait:
 other files are written freely.
+
+keter's own unpacking now runs in its worker process (``keter.incoming.worker``),
+where nothing forks, so there the gate is never contended; it keeps
+``safe_unpack`` safe wherever else it runs beside spawns (the tests, the bench).
 """
 
 from __future__ import annotations

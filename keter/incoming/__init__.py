@@ -6,5 +6,7 @@
 - ``watcher``: the actor that turns inotify events into ``BundleArrived`` /
   ``BundleRemoved`` / ``BundleIgnored``;
 - ``unpack``: ``safe_unpack``, the pure, streaming, capped extraction;
-- ``unpacker``: the actor that unpacks and parses one bundle per message.
+- ``worker``: the process of keter's own that runs it, and keter's end of it;
+- ``unpacker``: the actor that unpacks (through the worker) and parses one bundle
+  per message.
 """

@@ -1,6 +1,7 @@
 """Switching versions without reloading nginx: stable addresses the kernel re-points.
 
 - ``nft``: this ROOT's nftables table (names, scripts, running nft);
+- ``nfnetlink``: changing the table's map by netlink, as every switch does;
 - ``actor``: the ``Switch`` component (owns the table, confirms switches, watches drains);
 - ``StablePorts``: the supervisor's allocator of stable ports (pure).
 """

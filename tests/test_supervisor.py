@@ -316,6 +316,30 @@ def test_removal_mid_switch_happens_after_the_switch(rig: Rig) -> None:
     assert "a" not in rig.sup.apps
 
 
+def test_a_bundle_back_while_its_app_is_removed_deploys_once_the_removal_is_done(
+    rig: Rig,
+) -> None:
+    """Removed, then copied in again before nginx took the removal: the new bundle waits
+    for the removal to finish, then deploys like a first one (it is never abandoned)."""
+    old = rig.deploy("a", webapp(rig.tmp))
+    rig.send(BundleRemoved(app="a"))
+    removal = rig.nginx.one(ApplyNginx)
+    rig.send(BundleArrived(app="a", path=rig.tmp / "a.keter", mtime_ns=2, size=100))
+    assert rig.unpacker.take(UnpackBundle) == []  # the removal first
+    rig.send(NginxApplied(generation=removal.generation))
+    unpack = rig.unpacker.one(UnpackBundle)
+    rig.drain_over()
+    [stop] = rig.monitor.take(StopProcess)
+    assert stop.deploy_id == old.deploy_id
+    rig.stopped(stop)
+    rig.unpacked(unpack, webapp(rig.tmp))
+    start = rig.monitor.one(StartProcess)
+    rig.healthy(start)
+    rig.nginx_ok()
+    assert rig.sup.apps["a"].serving is not None
+    assert rig.sup.apps["a"].serving.id == unpack.deploy_id
+
+
 def test_removal_while_starting_abandons_the_deploy(rig: Rig) -> None:
     unpack = rig.arrive("a")
     rig.unpacked(unpack, webapp(rig.tmp))

@@ -49,7 +49,7 @@ class Endings(SupervisorState):
         """After a switch ended (either way): carry out what waited for it."""
         if app.removing and app.next is None and app.remove_generation is None:
             self._request_nginx()  # a removal requested mid-switch
-        if app.waiting is not None and app.next is None:
+        if app.waiting is not None and app.next is None and not app.removing:
             self._begin(app, app.waiting)
         self._forget_if_idle(app)
 

@@ -35,6 +35,12 @@ class Intake(SupervisorState):
         app.bundle_present = True
         self._changed.add(app.name)
         log.info("%s: bundle seen (%d bytes)", arrived.app, arrived.size)
+        if app.removing:
+            # Copied in again while its removal is under way: that finishes first (nginx
+            # may be un-routing the app right now), then this deploys like a first one.
+            log.info("%s: waiting for its removal to finish", arrived.app)
+            app.waiting = arrived
+            return
         if app.next is not None:
             if self._must_finish(app.next):
                 # Let the switch (or the release) finish, then deploy this one.

@@ -190,6 +190,14 @@ def test_a_certificate_is_renewed_thirty_days_before_it_expires(rig: Rig) -> Non
         message = rig.next(CertificateIssued)
         renewed.setdefault(message.host, message)
     offset[0] = 0.0
+    # Until the clock moved back a renewed certificate was due again, and a second
+    # renewal may have replaced the first (removing its files): the last one counts.
+    renewing.stop()
+    renewing.join(timeout=15)
+    while not rig.reports.empty():
+        message = rig.reports.get_nowait()
+        if isinstance(message, CertificateIssued):
+            renewed[message.host] = message
     for host in HOSTS:
         assert renewed[host].certificate != issued[host].certificate
         assert renewed[host].not_after >= issued[host].not_after

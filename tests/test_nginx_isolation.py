@@ -33,6 +33,7 @@ from support.faults import error_records
 from support.net import Backend, body, free_port, https_get, served
 from support.nginx import PrivateNginx
 from support.tls import make_certificate
+from support.wait import wait_for
 
 from keter.config import Listener as KeterListener
 from keter.messages import (
@@ -492,6 +493,9 @@ def test_keter_withdraws_a_site_broken_from_outside_and_keeps_the_others_deploya
     served(private_nginx, "d.test", "v1")
     assert private_nginx.request("b.test")[0] == 404
     assert body(private_nginx, "a.test") == body(private_nginx, "c.test") == b"v1\n"
+    # nginx serves d as soon as it reloads; keter logs the withdrawal once its
+    # supervisor has the writer's reply, a moment later.
+    wait_for(lambda: error_records(keter.log()[offset:]), 10, "the withdrawal's line")
     [line] = error_records(keter.log()[offset:])
     assert line.startswith("b: nginx withdrew its site: nginx -t failed:")
     assert str(site_file) in line

@@ -144,4 +144,6 @@ def _serve(requests, answers) -> None:
 if __name__ == "__main__":
     # stdout carries answers only: anything printed goes to stderr (keter's log).
     answers, sys.stdout = sys.stdout, sys.stderr
-    _serve(sys.stdin, answers)
+    # keter gone mid-answer: nothing to tell, and no traceback in its log.
+    with contextlib.suppress(BrokenPipeError):
+        _serve(sys.stdin, answers)

@@ -4,9 +4,9 @@ The questions ``ss -tln`` and ``ss -tn state established '( sport = :PORT )'``
 ask, without running ``ss``, without reading ``/proc/net/tcp`` (whose cost grows
 with every socket on the machine, TIME_WAIT included):
 
-* ``listening(port)``: who listens on a port (owner uid and socket inode). The
-  kernel walks its table of listening sockets only: cheap however busy the
-  machine is.
+* ``listening(port)``: who listens on a port (owner uid and socket inode), and
+  ``listening_inodes()`` on any port. The kernel walks its table of listening
+  sockets only: cheap however busy the machine is.
 * ``connections(low, high)``: how many live connections each port in a range
   holds (an old version is drained when its ports hold none). One dump, both
   address families at once, filtered by the kernel; its cost grows with the
@@ -29,13 +29,11 @@ import os
 import socket
 import struct
 
+from keter import netlink
+
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 TCPDIAG_GETSOCK = 18  # the older request: its dumps cover IPv4 and IPv6 in one walk
-NLM_F_REQUEST = 0x1
-NLM_F_DUMP = 0x300
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
 INET_DIAG_REQ_BYTECODE = 1
 NO_COOKIE = 0xFFFFFFFF
 
@@ -49,7 +47,6 @@ LIVE_STATES = (1 << TCP_ESTABLISHED) | (1 << TCP_SYN_RECV)
 # Filter opcodes (include/uapi/linux/inet_diag.h): source port >= and <=.
 _S_GE, _S_LE = 2, 3
 
-_HEADER = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 _HEAD = struct.Struct("=BBBB")  # family, then protocol (or lengths), ext, pad / state ...
 _SOCKID = struct.Struct("!HH16s16s")  # ports and addresses, network order (then if, cookie)
 _TAIL = struct.Struct("=III")  # the socket id's interface and cookie
@@ -81,9 +78,17 @@ def listening(port: int) -> list[tuple[int, int]]:
 
     Raises DiagError when the kernel cannot answer.
     """
-    return [
-        _OWNER.unpack_from(message, _OWNER_AT) for message in _dump(1 << TCP_LISTEN, port, port)
-    ]
+    return _listeners(port, port)
+
+
+def listening_inodes() -> set[int]:
+    """The socket inode of every listening TCP socket, any port and address (which of
+    a process's sockets listen). Raises DiagError when the kernel cannot answer."""
+    return {inode for _uid, inode in _listeners(0, 0xFFFF)}
+
+
+def _listeners(low: int, high: int) -> list[tuple[int, int]]:
+    return [_OWNER.unpack_from(message, _OWNER_AT) for message in _dump(1 << TCP_LISTEN, low, high)]
 
 
 def _dump(states: int, low: int, high: int) -> list[bytes]:
@@ -95,7 +100,7 @@ def _dump(states: int, low: int, high: int) -> list[bytes]:
     # socket id, the states, no tables.
     body = _HEAD.pack(0, 0, 0, 0) + bytes(_SOCKID.size + _TAIL.size)
     body += struct.pack("=II", states, 0) + attribute
-    return _ask(TCPDIAG_GETSOCK, NLM_F_DUMP, body)
+    return _ask(TCPDIAG_GETSOCK, netlink.NLM_F_DUMP, body)
 
 
 def accepted_on(port: int, peer_port: int, address: str = "127.0.0.1") -> bool:
@@ -126,32 +131,25 @@ def accepted_on(port: int, peer_port: int, address: str = "127.0.0.1") -> bool:
 
 def _ask(kind: int, flags: int, body: bytes) -> list[bytes]:
     """Send one sock_diag request; the answers' payloads (each an inet_diag_msg)."""
-    header = _HEADER.pack(_HEADER.size + len(body), kind, NLM_F_REQUEST | flags, 1, 0)
     answers: list[bytes] = []
     try:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
     except OSError as exc:
         raise DiagError(exc.errno, f"sock_diag: {exc.strerror}") from None
     with sock:
-        sock.sendall(header + body)
+        sock.sendall(netlink.request(kind, flags, 1, body))
         while True:
             data = sock.recv(_RECEIVE_SIZE)
             if not data:
                 return answers
-            offset = 0
-            while offset + _HEADER.size <= len(data):
-                length, kind, _flags, _seq, _pid = _HEADER.unpack_from(data, offset)
-                if length < _HEADER.size or offset + length > len(data):
-                    raise DiagError(errno.EPROTO, "sock_diag: a malformed answer")
-                payload = data[offset + _HEADER.size : offset + length]
-                if kind == NLMSG_DONE:
+            for kind, _sequence, payload in netlink.split(data, DiagError):
+                if kind == netlink.NLMSG_DONE:
                     return answers
-                if kind == NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", payload)
+                if kind == netlink.NLMSG_ERROR:
+                    code = netlink.error_code(payload)
                     if code == 0:
                         return answers
-                    raise DiagError(-code, f"sock_diag: {os.strerror(-code)}")
+                    raise DiagError(code, f"sock_diag: {os.strerror(code)}")
                 answers.append(payload)
-                offset += (length + 3) & ~3
-            if not flags & NLM_F_DUMP:
+            if not flags & netlink.NLM_F_DUMP:
                 return answers  # an exact lookup answers in one datagram

@@ -13,7 +13,8 @@ accepting holds one of the master's listening sockets among its open files
 after it, tells which of them still hold a listening socket; the writer waits
 (on its stop event, with a deadline) until none does.
 
-Everything here reads ``/proc`` only, and fails soft: a process that is gone
+Everything here reads ``/proc`` (and asks ``keter.sockdiag`` which sockets
+listen), and fails soft: a process that is gone
 is not accepting, and when the master cannot be found the writer is told so
 (``Retiring.known`` is False) and does not wait.
 """
@@ -22,21 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from keter import sockdiag
+
 PROC = Path("/proc")
 _LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's "st" column
-_TCP_LISTEN = 10
-# Netlink's sock_diag (linux/netlink.h, linux/sock_diag.h, linux/inet_diag.h).
-_NETLINK_SOCK_DIAG = 4
-_SOCK_DIAG_BY_FAMILY = 20
-_NLM_F_REQUEST_DUMP = 0x1 | 0x300
-_NLMSG_ERROR = 2
-_NLMSG_DONE = 3
 
 
 def master_of(worker: int) -> int | None:
@@ -69,51 +62,10 @@ def now_ticks() -> int:
 def listening_sockets(master: int) -> set[str]:
     """The socket inodes ("socket:[N]") of the TCP listening sockets ``master`` holds."""
     try:
-        inodes = _listening_inodes()
+        inodes = sockdiag.listening_inodes()  # the kernel's listening table only
     except OSError:
         inodes = _listening_inodes_from_proc(master)
     return {f"socket:[{inode}]" for inode in inodes} & _sockets(master)
-
-
-def _listening_inodes() -> set[int]:
-    """The inodes of every listening TCP socket, asked of the kernel (sock_diag).
-
-    Much cheaper than reading /proc/net/tcp, which lists every socket (tens of
-    thousands in TIME_WAIT on a busy host) to find the few that listen.
-    """
-    inodes = set()
-    for family in (socket.AF_INET, socket.AF_INET6):
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as diag:
-            diag.settimeout(1)
-            # struct inet_diag_req_v2: family, protocol, ext, pad, states; an empty id.
-            request = struct.pack("=BBBxI", family, socket.IPPROTO_TCP, 0, 1 << _TCP_LISTEN)
-            request += bytes(48)
-            header = struct.pack(
-                "=IHHII", 16 + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, 1, 0
-            )
-            diag.sendto(header + request, (0, 0))
-            done = False
-            while not done:
-                for kind, body in _netlink_messages(diag.recv(65536)):
-                    if kind == _NLMSG_DONE:
-                        done = True
-                        break
-                    if kind == _NLMSG_ERROR or len(body) < 72:
-                        raise OSError("sock_diag refused the request")
-                    # struct inet_diag_msg: the inode is its last field, at byte 68.
-                    inodes.add(struct.unpack_from("=I", body, 68)[0])
-    return inodes
-
-
-def _netlink_messages(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """(type, payload) of each netlink message in one datagram."""
-    offset = 0
-    while offset + 16 <= len(data):
-        length, kind = struct.unpack_from("=IH", data, offset)
-        if length < 16:
-            return
-        yield kind, data[offset + 16 : offset + length]
-        offset += (length + 3) & ~3
 
 
 def _listening_inodes_from_proc(master: int) -> set[int]:

@@ -10,7 +10,8 @@ transaction, exactly as it applies nft's. Only the map's elements are changed
 here; making and deleting the table stays with nft (once per run).
 
 The encoding follows ``include/uapi/linux/netfilter/nf_tables.h`` and
-``nfnetlink.h``; keys and values are ``inet_service`` (2 bytes, network order).
+``nfnetlink.h`` (the framing is ``keter.netlink``'s); keys and values are
+``inet_service`` (2 bytes, network order).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import socket
 import struct
 from collections.abc import Iterable, Sequence
 
+from keter import netlink
+
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
@@ -28,11 +31,7 @@ NFNL_MSG_BATCH_END = 0x11
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_DELSETELEM = 14
 NFPROTO_IPV4 = 2
-
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
 NLM_F_CREATE = 0x400
-NLMSG_ERROR = 2
 NLA_F_NESTED = 0x8000
 
 # Attributes (enum nft_set_elem_list_attributes, nft_set_elem_attributes, nft_data_attributes).
@@ -44,11 +43,9 @@ NFTA_SET_ELEM_KEY = 1
 NFTA_SET_ELEM_DATA = 2
 NFTA_DATA_VALUE = 1
 
-_HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port id
 _NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, resource id (network order)
 _ATTR = struct.Struct("=HH")  # nlattr: length, type
 _PORT = struct.Struct("!H")  # an inet_service, in network order
-_ERROR = struct.Struct("=i")  # nlmsgerr's error (a negative errno, or 0 for an ack)
 _RECEIVE_SIZE = 1 << 16
 
 
@@ -122,7 +119,7 @@ def encode(
         sequence += 1
         # Only the last change asks for an ack: the kernel answers every message
         # that fails, in order, and a failure aborts the whole batch.
-        ack = NLM_F_ACK if index == len(changes) - 1 else 0
+        ack = netlink.NLM_F_ACK if index == len(changes) - 1 else 0
         messages.append(
             _message(NFNL_SUBSYS_NFTABLES << 8 | kind, flags | ack, sequence, NFPROTO_IPV4, 0, body)
         )
@@ -134,26 +131,18 @@ def _await_ack(sock: socket.socket, first: int, last: int) -> None:
     """Read answers until the last change is acked; raise at the first refusal of any
     message of this batch (numbered ``first`` to ``last + 1``: begin, changes, end)."""
     while True:
-        data = sock.recv(_RECEIVE_SIZE)
-        offset = 0
-        while offset + _HEADER.size <= len(data):
-            length, kind, _flags, sequence, _port = _HEADER.unpack_from(data, offset)
-            if length < _HEADER.size or offset + length > len(data):
-                raise OSError(errno.EPROTO, "a malformed answer from the kernel")
-            if kind == NLMSG_ERROR:
-                (code,) = _ERROR.unpack_from(data, offset + _HEADER.size)
-                if code < 0 and first <= sequence <= last + 1:
-                    raise NetlinkError(-code, os.strerror(-code))
+        for kind, sequence, payload in netlink.split(sock.recv(_RECEIVE_SIZE)):
+            if kind == netlink.NLMSG_ERROR:
+                code = netlink.error_code(payload)
+                if code and first <= sequence <= last + 1:
+                    raise NetlinkError(code, os.strerror(code))
                 if sequence == last:
                     return
-            offset += _align(length)
 
 
 def _message(kind: int, flags: int, sequence: int, family: int, resource: int, body=b"") -> bytes:
     payload = _NFGEN.pack(family, 0, socket.htons(resource)) + body
-    return _HEADER.pack(_HEADER.size + len(payload), kind, NLM_F_REQUEST | flags, sequence, 0) + (
-        payload
-    )
+    return netlink.request(kind, flags, sequence, payload)
 
 
 def _elements(elements: Iterable[bytes]) -> bytes:
@@ -169,12 +158,8 @@ def _element(key: int, value: int | None = None) -> bytes:
 
 def _attr(kind: int, value: bytes) -> bytes:
     length = _ATTR.size + len(value)
-    return _ATTR.pack(length, kind) + value + b"\0" * (_align(length) - length)
+    return _ATTR.pack(length, kind) + value + b"\0" * (netlink.align(length) - length)
 
 
 def _string(text: str) -> bytes:
     return text.encode("ascii") + b"\0"  # table and map names are keter's own
-
-
-def _align(length: int) -> int:
-    return (length + 3) & ~3

@@ -38,7 +38,7 @@ REPO = BENCH.parent
 # The tests' helpers are the package tests/support/; the benchmarks reuse them as they are.
 sys.path.insert(0, str(REPO / "tests"))
 
-from support.daemon import KeterDaemon, keter_settings  # noqa: E402
+from support.daemon import KeterDaemon, is_unpacking_worker, keter_settings  # noqa: E402
 from support.net import free_port  # noqa: E402
 from support.nginx import WORKERS as NGINX_WORKERS  # noqa: E402
 from support.nginx import PrivateNginx  # noqa: E402
@@ -550,12 +550,7 @@ class Usage:
 
 def _unpacking_workers(keter: psutil.Process) -> list[psutil.Process]:
     """keter's unpacking worker (keter.incoming.worker): a part of keter, counted with it."""
-    found = []
-    for child in keter.children():
-        with contextlib.suppress(psutil.Error):
-            if "keter.incoming.worker" in child.cmdline():
-                found.append(child)
-    return found
+    return [child for child in keter.children() if is_unpacking_worker(child)]
 
 
 def _cpu(proc: psutil.Process) -> float:

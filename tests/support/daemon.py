@@ -77,11 +77,11 @@ class KeterDaemon:
         """keter's descendants: its apps and what they start, its `nginx -t` and the
         like; not its own unpacking worker (``unpacking_worker``), which lives as long
         as keter does."""
-        return [child for child in self._descendants() if not _is_unpacking_worker(child)]
+        return [child for child in self._descendants() if not is_unpacking_worker(child)]
 
     def unpacking_worker(self) -> psutil.Process | None:
         """keter's unpacking worker (keter.incoming.worker), if it runs."""
-        found = [child for child in self._descendants() if _is_unpacking_worker(child)]
+        found = [child for child in self._descendants() if is_unpacking_worker(child)]
         return found[0] if found else None
 
     def _descendants(self) -> list[psutil.Process]:
@@ -232,7 +232,8 @@ def app_processes(keter: KeterDaemon) -> list[psutil.Process]:
     return found
 
 
-def _is_unpacking_worker(process: psutil.Process) -> bool:
+def is_unpacking_worker(process: psutil.Process) -> bool:
+    """Whether ``process`` is a keter's unpacking worker (keter.incoming.worker)."""
     try:
         return "keter.incoming.worker" in process.cmdline()
     except psutil.Error:

@@ -24,7 +24,6 @@ from support.net import bind_when_free, free_port
 from support.processes import Harness, alive
 from support.wait import wait_for
 
-from keter.forkgate import ForkGate
 from keter.messages import (
     HealthCheck,
     MoveProcess,
@@ -675,30 +674,6 @@ def test_probe_of_a_closed_port_and_of_bad_input():
     assert probe_http(free_port(), check) == (False, "connection refused")
     injected = HealthCheck(host="app.test", path="/ HTTP/1.1\r\nX: y")
     assert probe_http(free_port(), injected)[0] is False
-
-
-def test_fork_gate_keeps_spawns_and_executable_writes_apart():
-    gate, order = ForkGate(), []
-
-    def write() -> None:
-        with gate.writing_executable():
-            order.append("write")
-
-    def spawn() -> None:
-        with gate.spawning():
-            order.append("spawn")
-
-    with gate.spawning():
-        writer = threading.Thread(target=write)
-        writer.start()
-        wait_for(lambda: gate._writing, what="the writer waiting for the spawn")
-        later = threading.Thread(target=spawn)  # arrives while the writer waits: goes after it
-        later.start()
-        assert order == []
-        order.append("first spawn done")
-    writer.join(5)
-    later.join(5)
-    assert order == ["first spawn done", "write", "spawn"]
 
 
 # -- cgroups -------------------------------------------------------------------------------

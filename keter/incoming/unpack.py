@@ -35,7 +35,6 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO
 
-from keter.forkgate import FORK_GATE
 from keter.incoming.files import NotABundleFile, open_regular
 from keter.names import log_text
 
@@ -399,9 +398,7 @@ class _Extraction:
         source = tar.extractfile(member)
         assert source is not None  # regular files always have data
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-        # No spawn may fork while an executable is open for writing ("Text file busy").
-        gate = FORK_GATE.writing_executable() if member.mode & 0o111 else contextlib.nullcontext()
-        with gate, open(os.open(path, flags, 0o600), "wb") as out:
+        with open(os.open(path, flags, 0o600), "wb") as out:
             while chunk := source.read(_COPY_CHUNK):
                 # Counted as written: the header's size is only a first check.
                 self.written += len(chunk)

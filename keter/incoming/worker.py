@@ -4,7 +4,11 @@ Unpacking a bundle is thousands of small system calls, and each one gives up
 Python's lock. In keter's process, under a burst of deploys, every one of them
 handed the lock to another busy thread and back: with 1000 bundles dropped at
 once that doubled keter's context switches and cost a fifth of the machine's
-CPU. In a process of its own the unpacking costs only itself.
+CPU. In a process of its own the unpacking costs only itself. It also keeps an
+app's executable from being open for writing in keter while keter forks
+another app (that child's copy of the descriptor made the app's exec fail with
+"Text file busy"): the worker never forks, and closes each file before it
+answers.
 
 ``UnpackWorker`` is keter's end (used by the unpacker actor's thread alone): it
 starts ``python -m keter.incoming.worker`` (a small process: the unpacking

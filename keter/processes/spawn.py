@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keter.appdata import prepare_data_dir
-from keter.forkgate import FORK_GATE
 from keter.messages import ProcessSpec
 from keter.processes.cgroups import Cgroup
 
@@ -230,21 +229,20 @@ def spawn(
         command = [SETPRIV, *identity.setpriv_args(), "--", *command]
     command = chain(procs, limits, command)
     try:
-        with FORK_GATE.spawning():
-            proc = subprocess.Popen(
-                command,
-                cwd=spec.cwd,
-                env=dict(spec.env),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                # Unbuffered: the output reader reads the pipe's fd itself; a buffered
-                # reader would hold 8 KiB per app for nothing (8 MB with 1000 apps).
-                bufsize=0,
-                start_new_session=True,
-                close_fds=True,
-                **credentials,
-            )
+        proc = subprocess.Popen(
+            command,
+            cwd=spec.cwd,
+            env=dict(spec.env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            # Unbuffered: the output reader reads the pipe's fd itself; a buffered
+            # reader would hold 8 KiB per app for nothing (8 MB with 1000 apps).
+            bufsize=0,
+            start_new_session=True,
+            close_fds=True,
+            **credentials,
+        )
     except OSError as exc:
         # The failing file may be the working directory rather than the program.
         where = f"{exc.filename}: " if exc.filename not in (None, spec.command[0]) else ""

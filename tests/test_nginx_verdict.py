@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,3 +119,33 @@ def test_a_process_accepts_while_it_holds_a_listening_socket_of_the_master(tmp_p
             for child in (holding, without):
                 child.communicate(b"")
     assert not workers.holds_any(holding.pid, ours)  # gone: not accepting
+
+
+def test_workers_started_in_the_tick_before_the_reload_count_as_old() -> None:
+    # Before its first reload the writer does not know nginx's master, so the
+    # workers from before the reload are told apart by their start tick (10 ms);
+    # nginx answers within milliseconds of starting, so its first reload often
+    # comes in the tick its workers started in. Here this test process plays the
+    # master, an "old" child starts just before the reload, a "new" one just after.
+    def child(listener: socket.socket) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-c", "import sys; sys.stdin.read()"],
+            stdin=subprocess.PIPE,
+            pass_fds=(listener.fileno(),),
+        )
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        old = child(listener)
+        retiring = workers.Retiring.before_reload(None)
+        assert not retiring.known
+        deadline = time.monotonic() + 1
+        while not retiring.in_a_later_tick():  # what the writer waits for, on its stop event
+            assert time.monotonic() < deadline
+        new = child(listener)  # the reload: workers with the new config
+        try:
+            retiring.after_reload(new.pid)
+            assert retiring.master == os.getpid()
+            assert retiring.still_accepting() == [old.pid]
+        finally:
+            for each in (old, new):
+                each.communicate(b"")

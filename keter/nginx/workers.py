@@ -107,6 +107,21 @@ class Retiring:
             master = None  # nginx was restarted: its new master is learnt after the reload
         return cls(master=master, before=children(master) if master else set(), at=now_ticks())
 
+    def in_a_later_tick(self) -> bool:
+        """Whether a clock tick has begun since ``at`` (if so, ``at`` moves to it).
+
+        Until the master is known, the workers from before a reload are told from
+        the new ones only by their start tick, and nginx answers within
+        milliseconds of its start: its first workers may have started in the very
+        tick the reload is sent in. Sending it in a later tick (the writer waits
+        for this, at most 10 ms) keeps them older than ``at``.
+        """
+        now = now_ticks()
+        if now > self.at:
+            self.at = now
+            return True
+        return False
+
     def replaced(self) -> bool:
         """Whether new workers run and none from before the reload accepts any more."""
         if self.master is None:

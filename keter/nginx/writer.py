@@ -395,6 +395,8 @@ class NginxWriter(Actor):
         stopped accepting; on failure, report it."""
         log_offset = self._error_log_size()
         retiring = Retiring.before_reload(self._master)
+        if not retiring.known:
+            self._wait_until(retiring.in_a_later_tick, time.monotonic() + 1)
         error = self._send_reload(retiring)
         if error is not None:
             self._fail(generation, f"nginx reload failed: {error}{self._restore()}")

@@ -43,22 +43,30 @@ def hostile_app(tmp_path: Path) -> Path:
     return path
 
 
-def test_app_output_cannot_forge_or_garble_keters_journal_lines(keter_factory, tmp_path):
+def test_app_output_cannot_forge_or_garble_keters_journal_lines(
+    keter_factory, private_nginx, tmp_path
+):
     keter = keter_factory(start=False, **{"port-range": app_port_range()})
     keter.start(env={"JOURNAL_STREAM": "8:4242"})  # log for journald: priority prefixes
     app = hostile_app(tmp_path)
-    # Healthy for one probe, then exits: a crash of a running app (its tail is logged).
-    crashing = webapp_config("crashing.test", "v1", args=["--exit-after-requests", "1"])
+    # Answers keter's health probe and one request of this test, then exits: a crash
+    # of a running app (its tail is logged). Exiting after the probe alone would race
+    # with the switch's own check of the new version.
+    crashing = webapp_config("crashing.test", "v1", args=["--exit-after-requests", "2"])
     keter.drop(make_bundle(tmp_path / "crashing.keter", config=crashing, app_source=app))
     # Exits at once: a failed deploy (the supervisor logs the output it sent).
     failing = webapp_config("failing.test", "v1", args=["--exit-at-start", "3"])
     keter.drop(make_bundle(tmp_path / "failing.keter", config=failing, app_source=app))
 
+    serving = re.compile(r"crashing: deploy #\d+ now serving")
+    wait_for(lambda: serving.search(keter.log_since_start()), 20, "crashing to be served")
+    assert private_nginx.request("crashing.test")[0] == 200
+    failed = re.compile(r"failing: deploy #\d+ failed")
     log = wait_for(
         lambda: (
             (text := keter.log_since_start())
             and "crashing: crashed:" in text
-            and "failing: deploy #2 failed" in text
+            and failed.search(text)
             and text
         ),
         20,

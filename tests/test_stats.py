@@ -31,7 +31,7 @@ from keter.stats import spool
 from keter.stats.component import FORGET_WATCH, StatsCollector, _Watch
 from keter.stats.histogram import FLOOR, RELATIVE_ERROR, Histogram
 from keter.stats.record import TAG, access_log_directive, log_format_directive, parse
-from keter.stats.traffic import SLOT, Traffic
+from keter.stats.traffic import KEEP, SLOT, Traffic
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -222,6 +222,51 @@ def test_percentiles_are_within_the_documented_error(values: list[float], q: flo
         assert abs(found - exact) <= exact * RELATIVE_ERROR + 1e-12
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b", "c"]),  # app
+            st.sampled_from(["v1", "v2", "v3"]),  # version
+            st.integers(min_value=0, max_value=2 * KEEP),  # seconds after the first record
+            st.sampled_from([200, 302, 404, 503]),
+            st.booleans(),  # whether the collector prunes (at that moment) before it
+        ),
+        max_size=60,
+    )
+)
+def test_windows_are_the_records_still_in_the_hour_whatever_was_pruned(records):
+    """Every window equals a count of the records themselves (by app, version, status class),
+    after any prunes in between: pruning forgets exactly the slots that left the hour."""
+    base = 1_700_000_000
+    template = parse(spool_line())
+    traffic = Traffic()
+    clock = base
+    for app, version, offset, status, prune_first in sorted(records, key=lambda r: r[2]):
+        # The collector prunes every second, so its horizon never lags an hour behind.
+        clock = max(clock, base + offset - KEEP // 2)
+        traffic.prune(clock)
+        if prune_first:
+            traffic.prune(base + offset)
+        template.app, template.version, template.status = app, version, status
+        template.at = base + offset
+        traffic.add(template)
+    now = base + 2 * KEEP
+    traffic.prune(now)
+    for app in ("a", "b", "c"):
+        for version in (None, "v1", "v2", "v3"):
+            for seconds in (60, 3600):
+                summary = traffic.summary(app, now, seconds, version)
+                expected = [0, 0, 0, 0, 0]
+                for a, v, offset, status, _ in records:
+                    start = (base + offset) // SLOT * SLOT
+                    if a == app and version in (None, v) and now - seconds - SLOT < start <= now:
+                        expected[status // 100 - 1] += 1
+                assert list(summary.classes) == expected, (app, version, seconds)
+        kept = {v for v in ("v1", "v2", "v3") if traffic.summary(app, now, KEEP + SLOT, v).requests}
+        assert set(traffic.versions(app)) == kept
+
+
 def test_memory_stays_flat_under_a_million_requests():
     """Issue 14 of record, the pure half: no per-request storage. What grows is counted: a
     slot per version and 10 seconds, a counter per latency bucket used; a million requests
@@ -246,7 +291,7 @@ def test_memory_stays_flat_under_a_million_requests():
             for by_start in versions.values()
             for slot in by_start.values()
         ]
-        return len(slots), sum(len(slot.latency.counts) for slot in slots)
+        return len(slots), sum(len(slot.counts) for slot in slots)
 
     feed(200_000)
     traffic.prune(now)

@@ -12,9 +12,14 @@ in the cumulative counters.
 Time is the request's own (nginx's ``$msec``), so a record that arrives late
 still lands in the slot it belongs to.
 
-Forgetting costs nothing while nothing is old: every slot is also in a heap by
-its start, so ``prune`` (run every second) looks only at the slots that left
-the hour, not at every app (1000 quiet apps cost it nothing).
+Forgetting costs nothing while nothing is old: every slot start is in a heap
+beside the apps with a slot there, so ``prune`` (run every second) looks only
+at the apps whose slots left the hour, not at every app (1000 quiet apps cost
+it nothing).
+
+A thousand apps redeployed often keep thousands of slots, so a slot is kept
+small: one object (it is its own latency histogram) and no bookkeeping of its
+own beyond its start's entry.
 """
 
 from __future__ import annotations
@@ -37,14 +42,17 @@ VERSIONS_KEPT = 5  # per app, in the cumulative counters
 METRIC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-class Slot:
-    __slots__ = ("bytes", "classes", "latency", "start")
+class Slot(Histogram):
+    """Ten seconds of one version's requests: the histogram of their upstream response
+    times (a slot is one, rather than holding one: an object less per slot), their
+    counts per status class and the bytes sent."""
 
-    def __init__(self, start: int) -> None:
-        self.start = start
+    __slots__ = ("bytes", "classes")
+
+    def __init__(self) -> None:
+        super().__init__()
         self.classes = [0, 0, 0, 0, 0]  # 1xx .. 5xx
         self.bytes = 0
-        self.latency = Histogram()  # upstream response times
 
 
 @dataclass
@@ -94,9 +102,9 @@ class Traffic:
         # app -> version -> slot start -> Slot: an app's views never look at other apps.
         self._slots: dict[str, dict[str, dict[int, Slot]]] = {}
         self.totals: dict[str, Totals] = {}
-        # Every slot by its start, oldest first: what prune forgets, and nothing else.
-        self._ages: list[tuple[int, str, str]] = []
         self._apps_by_start: dict[int, set[str]] = {}  # slot start -> apps with requests in it
+        # The starts of _apps_by_start, oldest first: what prune forgets, and nothing else.
+        self._starts: list[int] = []
         # Slots starting after this are refused (a clock gone wild); set by prune.
         self._horizon = math.inf
 
@@ -133,33 +141,36 @@ class Traffic:
         if slot is None:
             if len(slots) >= SLOTS or start > self._horizon:  # a clock gone wild
                 return
-            slot = slots[start] = Slot(start)
-            heapq.heappush(self._ages, (start, app, version))
-            self._apps_by_start.setdefault(start, set()).add(app)
+            slot = slots[start] = Slot()
+            apps = self._apps_by_start.get(start)
+            if apps is None:
+                apps = self._apps_by_start[start] = set()
+                heapq.heappush(self._starts, start)
+            apps.add(app)
         slot.classes[index] += 1
         slot.bytes += record.bytes_sent
         if upstream is not None:
-            slot.latency.add(upstream)
+            slot.add(upstream)
 
     def prune(self, now: float) -> set[str]:
         """Forget slots older than an hour, and apps with no request for that long.
 
-        Returns the apps forgotten. Looks only at the slots that left the hour.
+        Returns the apps forgotten. Looks only at the apps with slots that left the hour.
         """
         oldest = now - KEEP - SLOT
         self._horizon = now + KEEP
         touched = set()
-        while self._ages and self._ages[0][0] < oldest:
-            start, app, version = heapq.heappop(self._ages)
-            self._apps_by_start.pop(start, None)
-            versions = self._slots.get(app, {})
-            slots = versions.get(version, {})
-            slots.pop(start, None)
-            if not slots:
-                versions.pop(version, None)
-            if not versions:
-                self._slots.pop(app, None)
-            touched.add(app)
+        while self._starts and self._starts[0] < oldest:
+            start = heapq.heappop(self._starts)
+            for app in self._apps_by_start.pop(start):
+                versions = self._slots.get(app, {})
+                for version, slots in list(versions.items()):
+                    slots.pop(start, None)
+                    if not slots:
+                        del versions[version]
+                if not versions:
+                    self._slots.pop(app, None)
+                touched.add(app)
         gone = set()
         for app in touched:
             totals = self.totals.get(app)
@@ -220,7 +231,7 @@ class Traffic:
                     size += slot.bytes
                     for i, n in enumerate(slot.classes):
                         classes[i] += n
-        merged = Histogram.of(slot.latency for slot in slots) if latency else Histogram()
+        merged = Histogram.of(slots) if latency else Histogram()
         return Summary(seconds=seconds, classes=tuple(classes), bytes=size, latency=merged)
 
     def minutes(
@@ -239,7 +250,7 @@ class Traffic:
             slots = buckets.get(minute, [])
             requests = sum(sum(slot.classes) for slot in slots)
             errors = sum(slot.classes[4] for slot in slots)
-            p99 = Histogram.of(slot.latency for slot in slots).quantile(0.99) if slots else None
+            p99 = Histogram.of(slots).quantile(0.99) if slots else None
             points.append((minute, requests, errors, p99))
         return points
 

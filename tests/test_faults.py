@@ -30,6 +30,7 @@ import os
 import re
 import stat
 import tarfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,7 @@ from support.net import served
 from support.wait import wait_for
 
 from keter.bundle import validate_host
+from keter.incoming.watcher import CLOSED_QUIET
 from keter.messages import Site
 from keter.names import is_wildcard, log_text, nginx_server_name
 from keter.nginx import render
@@ -204,25 +206,36 @@ def test_copied_three_times_in_a_second_deploys_the_complete_file_once(rig: Rig)
     ).read_bytes()
     offset = len(rig.keter.log())
     target = rig.keter.incoming / "thrice.keter"
-    for _ in range(3):
-        with open(target, "wb", buffering=0) as out:
-            for start in range(0, len(data), 64 * 1024):
-                out.write(data[start : start + 64 * 1024])
-    served(rig.nginx, "thrice.test", "t1")
-    log = wait_for(
-        lambda: (
-            "thrice: deploy" in (text := rig.keter.log()[offset:])
-            and "now serving" in text
-            and text
-        ),
-        10,
-        "the deploy",
-    )
-    assert log.count("thrice: bundle seen") == 1, log
-    assert f"thrice: bundle seen ({len(data)} bytes)" in log
-    assert len(re.findall(r"thrice: deploy #\d+ now serving", log)) == 1
-    assert error_records(log) == []
-    target.unlink()
+    try:
+        # The longest pause between one copy's close and the next one's truncation: a
+        # pause longer than keter's quiet period is a second copy made later, which
+        # rightly deploys again (seen once with the machine loaded by a benchmark).
+        pause, closed = 0.0, None
+        for _ in range(3):
+            if closed is not None:
+                pause = max(pause, time.monotonic() - closed)
+            with open(target, "wb", buffering=0) as out:
+                for start in range(0, len(data), 64 * 1024):
+                    out.write(data[start : start + 64 * 1024])
+            closed = time.monotonic()
+        served(rig.nginx, "thrice.test", "t1")
+        log = wait_for(
+            lambda: (
+                "thrice: deploy" in (text := rig.keter.log()[offset:])
+                and "now serving" in text
+                and text
+            ),
+            10,
+            "the deploy",
+        )
+        assert f"thrice: bundle seen ({len(data)} bytes)" in log
+        if pause < CLOSED_QUIET / 2:
+            assert log.count("thrice: bundle seen") == 1, log
+            assert len(re.findall(r"thrice: deploy #\d+ now serving", log)) == 1
+            assert error_records(log) == []  # no copy was unpacked half-written
+    finally:
+        # The rig's keter serves the module's other tests: leave it as it was.
+        target.unlink(missing_ok=True)
     wait_for(lambda: rig.nginx.request("thrice.test")[0] == 404, 15, "thrice.test to go")
 
 

@@ -256,15 +256,18 @@ class IncomingWatcher(Actor):
         if app is None:
             return
         now = time.monotonic()
+        stamp = look(path)
         pending = self._pending.get(app)
         if pending is None:
             pending = self._pending[app] = _Pending(stamp=None, certain=certain, last_event=now)
         else:
             pending.last_event = now
-            # A close after writes settles the doubt; later writes raise it again.
-            pending.certain = certain
+            # A close after writes settles the doubt; later writes raise it again. But a
+            # close cannot shrink a file: smaller than at the events before, the file was
+            # truncated since by a newer writer (cp again) whose close is still to come.
+            pending.certain = certain and not _shrank(pending.stamp, stamp)
             self._cancel_check(pending)  # it was reading an older version
-        pending.stamp = look(path)
+        pending.stamp = stamp
         if renamed and self._complete_now(path, pending.stamp):
             del self._pending[app]  # its timer finds nothing pending
             self._arrived(app, path, pending.stamp)
@@ -450,6 +453,13 @@ class IncomingWatcher(Actor):
         # Possibly still being written: let the usual settling decide.
         self._pending[app] = _Pending(stamp=stamp, certain=False, last_event=time.monotonic() - age)
         self._wake(app, max(0.0, DOUBT_QUIET - age))
+
+
+def _shrank(before: Stamp | None, now: Stamp | None) -> bool:
+    """Whether the same file got smaller (truncated) between two looks."""
+    if before is None or now is None:
+        return False
+    return now.ino == before.ino and now.size < before.size
 
 
 def _identity(stamp: Stamp | None) -> tuple[int, ...]:

@@ -150,7 +150,7 @@ class Traffic:
         slot.classes[index] += 1
         slot.bytes += record.bytes_sent
         if upstream is not None:
-            slot.add(upstream)
+            slot.add(upstream)  # into the latency histogram the slot is
 
     def prune(self, now: float) -> set[str]:
         """Forget slots older than an hour, and apps with no request for that long.

@@ -172,10 +172,10 @@ class SupportFiles:
     ) -> None:
         """Remove every file no live site names: a removed app's folder goes whole.
 
-        ``live`` maps each app nginx serves to the files it reads (its site
-        file included). Only the folders of ``apps`` are looked at (those whose
-        site changed), or every folder when None. Files directly in the support
-        folder are an older keter's and go too.
+        Only the folders of ``apps`` are looked at (those whose site changed), or
+        every folder when None; ``live`` maps each of those apps that nginx
+        serves to the files it reads (its site file included). Files directly in
+        the support folder are an older keter's and go too.
         """
         keep = {self.app_dir(app): used for app, used in live.items()}
         if apps is None:

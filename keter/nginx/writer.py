@@ -27,6 +27,7 @@ nginx``, a wrapper) always runs as it is.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -77,10 +78,16 @@ class Rendered:
     hosts: tuple[str, ...]
     wildcards: tuple[tuple[str, Path], ...] = ()  # each wildcard host's servers: (host, file)
 
-    @property
+    # Asked for at every generation, for every app nginx serves: worked out once.
+    @functools.cached_property
     def files(self) -> frozenset[Path]:
         """Every file nginx reads for this site, its own files included."""
         return self.local.files | {self.file} | {file for _, file in self.wildcards}
+
+    @functools.cached_property
+    def include(self) -> str:
+        """The main file's line that has nginx read the site's own file."""
+        return include_line(self.file)
 
 
 class NginxBroken(Exception):
@@ -196,8 +203,11 @@ class NginxWriter(Actor):
                 kept = self.withdrawn.setdefault(site.app, [])
                 kept[:] = [*kept[-(WITHDRAWN_KEPT - 1) :], site]
         # The first apply looks at every folder: an earlier run may have left some.
-        apps = changed if self._pruned else None
-        self.files.prune({app: r.files for app, r in chosen.items()}, self._globals[2], apps)
+        if self._pruned:
+            live = {app: chosen[app].files for app in changed if app in chosen}
+            self.files.prune(live, self._globals[2], changed)
+        else:
+            self.files.prune({app: r.files for app, r in chosen.items()}, self._globals[2])
         self._pruned = True
         log.info(
             "nginx: generation %d applied (%d sites%s)",
@@ -365,7 +375,7 @@ class NginxWriter(Actor):
 
     def _main_text(self, chosen: Mapping[str, Rendered], generation: int) -> str:
         listeners, options, _ = self._globals
-        includes = [include_line(chosen[app].file) for app in sorted(chosen)]
+        includes = [chosen[app].include for app in sorted(chosen)]
         # nginx tries regex server names in config order: every app's wildcards, by precedence.
         wildcards = sorted(
             (wildcard for rendered in chosen.values() for wildcard in rendered.wildcards),

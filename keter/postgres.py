@@ -18,10 +18,15 @@ How keter reaches the server (an admin DSN, or by default the local cluster as
 the ``postgres`` OS user through a child process) is described in
 keter.pgadmin. An unreachable server is retried with backoff for ``retry_for``
 seconds using timers, so other apps' requests are answered meanwhile.
+
+psycopg is imported where a database is first needed, not with this module:
+it loads libpq and its libraries, about 14 MB of keter's memory that a host
+whose apps ask for no database would hold for nothing.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -34,11 +39,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import psycopg
 import yaml
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from keter import pgadmin
 from keter.actor import Actor
 from keter.fsutil import atomic_write
 from keter.messages import DatabaseFailed, DatabaseReady, DbInfo, ProvisionDatabase, message
@@ -111,6 +113,8 @@ def new_password() -> str:
 
 def server_of(dsn: str) -> tuple[str, int]:
     """Host (or socket dir) and port that a libpq connection string points at."""
+    from psycopg.conninfo import conninfo_to_dict  # see the module docstring
+
     params = conninfo_to_dict(dsn)
     host = str(params.get("host") or params.get("hostaddr") or DEFAULT_HOST)
     return host, int(params.get("port") or DEFAULT_PORT)
@@ -222,20 +226,35 @@ class PostgresProvisioner(Actor):
         self.retry_for = retry_for
         self.connect_timeout = connect_timeout
         self._peer = not admin_dsn
-        dsn = admin_dsn or peer_dsn
+        self._given_dsn = admin_dsn or peer_dsn
+        self._attempts: dict[str, _Attempt] = {}
+
+    @functools.cached_property
+    def _target(self) -> tuple[tuple[str, int], str]:
+        """The server apps reach (host, port) and the DSN keter's admin requests use.
+
+        Worked out at the first provision, not at start: it needs psycopg (see the
+        module docstring). Raises ProvisionError for a DSN libpq cannot read (the
+        config reader refuses such an admin-dsn before keter starts).
+        """
+        from psycopg import Error
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+        dsn = self._given_dsn
         try:
-            self.server = server_of(dsn)
+            server = server_of(dsn)
             if self._peer:
                 # Only the postgres OS user gets in over the socket (Debian's pg_hba says
                 # `local all all peer`); apps log in with their password over TCP.
-                self.server = ("127.0.0.1", self.server[1])
+                server = ("127.0.0.1", server[1])
             if "dbname" not in conninfo_to_dict(dsn):
                 dsn = make_conninfo(dsn, dbname="postgres")
-        except (psycopg.Error, ValueError):
+        except (Error, ValueError):
             # libpq's message may quote part of the DSN, which may hold a password.
-            raise ValueError("postgres admin-dsn is not a valid libpq connection string") from None
-        self._dsn = dsn
-        self._attempts: dict[str, _Attempt] = {}
+            raise ProvisionError(
+                "postgres admin-dsn is not a valid libpq connection string"
+            ) from None
+        return server, dsn
 
     def handle(self, message: object) -> None:
         match message:
@@ -282,7 +301,7 @@ class PostgresProvisioner(Actor):
     def _provision(self, app: str) -> DbInfo:
         """Credentials for ``app``, saved first, then made true on the server."""
         store = load_store(self.store_path)
-        host, port = self.server
+        (host, port), _ = self._target
         if app in store:
             try:
                 db = entry_to_db(self.store_path, store[app])
@@ -319,7 +338,10 @@ class PostgresProvisioner(Actor):
 
     def _admin(self, request: dict[str, Any]) -> Any:
         """Run an admin request in the configured mode; its result, or raise."""
-        request = {"dsn": self._dsn, "connect_timeout": self.connect_timeout, **request}
+        from keter import pgadmin  # psycopg with it: see the module docstring
+
+        _, dsn = self._target
+        request = {"dsn": dsn, "connect_timeout": self.connect_timeout, **request}
         if self._peer:
             timeout = self.connect_timeout + pgadmin.CHILD_EXTRA_SECONDS
             answer = pgadmin.run_as(PEER_OS_USER, request, timeout=timeout)

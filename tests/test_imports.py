@@ -131,3 +131,24 @@ def test_every_module_imports_when_imported_first() -> None:
         check=True,
     )
     assert json.loads(result.stdout) == {}
+
+
+def test_the_daemon_loads_psycopg_only_when_a_database_is_needed() -> None:
+    """psycopg loads libpq and its libraries (~14 MB of RSS): keter's daemon and its
+    unpacking worker import it only where a database is first needed (keter.postgres,
+    the config's admin-dsn), so a host whose apps use none never holds it."""
+    script = (
+        "import importlib, json, sys\n"
+        "for name in ('keter.daemon', 'keter.cli', 'keter.incoming.worker'):\n"
+        "    importlib.import_module(name)\n"
+        "before = sorted(m for m in sys.modules if m.split('.')[0] == 'psycopg')\n"
+        "from keter.postgres import server_of\n"
+        "server_of('host=/tmp port=5433')\n"
+        "after = 'psycopg' in sys.modules\n"
+        "print(json.dumps([before, after]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    # The check can fail: parsing a DSN does load psycopg.
+    assert json.loads(result.stdout) == [[], True]

@@ -416,6 +416,21 @@ def test_unreadable_credentials_file_fails_clearly_and_is_left_alone(
     assert "line 1" in reply.reason
 
 
+def test_a_dsn_libpq_cannot_read_fails_the_deploy_without_showing_it(
+    start: Callable[..., Running],
+) -> None:
+    """The config reader refuses such an admin-dsn before keter starts; the provisioner,
+    which reads its DSN at the first deploy that needs a database (keter.postgres:
+    psycopg is loaded then), still fails each such deploy in one line."""
+    running = start("host=db.test password=s3cret port='unterminated")
+    for deploy_id in (1, 2):
+        running.send("shop", deploy_id)
+        reply = running.reply(timeout=5)
+        assert isinstance(reply, DatabaseFailed) and reply.deploy_id == deploy_id
+        assert "not a valid libpq connection string" in reply.reason
+        assert "s3cret" not in reply.reason
+
+
 def test_malformed_entry_fails_clearly_and_is_left_alone(
     start: Callable[..., Running], etc_dir: Path
 ) -> None:

@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from psycopg.conninfo import conninfo_to_dict
-
 from keter.limits import AppLimits
 from keter.names import cap_problems
 
@@ -99,6 +97,10 @@ class PostgresSettings:
         """The server keter provisions on: the admin DSN's first host and port, or the
         local cluster's socket folder."""
         try:
+            # Imported here: psycopg loads libpq (~14 MB), which only a config naming a
+            # database server needs (keter.postgres).
+            from psycopg.conninfo import conninfo_to_dict
+
             info = conninfo_to_dict(self.admin_dsn) if self.admin_dsn else {}
         except Exception:  # checked when the config was read; a default keeps this total
             info = {}

@@ -6,8 +6,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-from psycopg.conninfo import conninfo_to_dict
-
 from keter import names
 from keter.config.model import AcmeSettings, NginxSettings, PostgresSettings
 from keter.config.values import seconds_key
@@ -151,6 +149,10 @@ def _parse_dsn(value: object, path: str, check: Checker) -> str | None:
         check.problem(path, f"expected a libpq connection string, got {type_name(value)}")
         return None
     try:
+        # Imported here: psycopg loads libpq (~14 MB), which only a config naming a
+        # database server needs (keter.postgres).
+        from psycopg.conninfo import conninfo_to_dict
+
         conninfo_to_dict(value)
     except Exception:  # psycopg.ProgrammingError; its text quotes the value
         check.problem(

@@ -83,6 +83,17 @@ class AcmeSettings:
     ca_bundle: Path | None = None  # PEM file trusted for the directory's own HTTPS
 
 
+def conninfo(dsn: str) -> dict[str, str]:
+    """libpq's reading of a connection string; raises psycopg's error if it has none.
+
+    psycopg is imported here, not with the module: it loads libpq (~14 MB), which
+    only a config naming a database server needs (keter.postgres).
+    """
+    from psycopg.conninfo import conninfo_to_dict
+
+    return conninfo_to_dict(dsn)
+
+
 @dataclass(frozen=True, kw_only=True)
 class PostgresSettings:
     """Where keter creates app databases (``postgres:`` in keter-config.yaml)."""
@@ -97,11 +108,7 @@ class PostgresSettings:
         """The server keter provisions on: the admin DSN's first host and port, or the
         local cluster's socket folder."""
         try:
-            # Imported here: psycopg loads libpq (~14 MB), which only a config naming a
-            # database server needs (keter.postgres).
-            from psycopg.conninfo import conninfo_to_dict
-
-            info = conninfo_to_dict(self.admin_dsn) if self.admin_dsn else {}
+            info = conninfo(self.admin_dsn) if self.admin_dsn else {}
         except Exception:  # checked when the config was read; a default keeps this total
             info = {}
         host = str(info.get("host") or info.get("hostaddr") or LOCAL_SOCKET_DIR).split(",")[0]

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from keter import names
-from keter.config.model import AcmeSettings, NginxSettings, PostgresSettings
+from keter.config.model import AcmeSettings, NginxSettings, PostgresSettings, conninfo
 from keter.config.values import seconds_key
 from keter.yamlcheck import (
     Checker,
@@ -149,11 +149,7 @@ def _parse_dsn(value: object, path: str, check: Checker) -> str | None:
         check.problem(path, f"expected a libpq connection string, got {type_name(value)}")
         return None
     try:
-        # Imported here: psycopg loads libpq (~14 MB), which only a config naming a
-        # database server needs (keter.postgres).
-        from psycopg.conninfo import conninfo_to_dict
-
-        conninfo_to_dict(value)
+        conninfo(value)
     except Exception:  # psycopg.ProgrammingError; its text quotes the value
         check.problem(
             path, "not a valid libpq connection string (value not shown: it may hold a password)"

@@ -42,6 +42,7 @@ from urllib.parse import quote
 import yaml
 
 from keter.actor import Actor
+from keter.config.model import conninfo
 from keter.fsutil import atomic_write
 from keter.messages import DatabaseFailed, DatabaseReady, DbInfo, ProvisionDatabase, message
 
@@ -113,9 +114,10 @@ def new_password() -> str:
 
 def server_of(dsn: str) -> tuple[str, int]:
     """Host (or socket dir) and port that a libpq connection string points at."""
-    from psycopg.conninfo import conninfo_to_dict  # see the module docstring
+    return _server(conninfo(dsn))
 
-    params = conninfo_to_dict(dsn)
+
+def _server(params: dict[str, str]) -> tuple[str, int]:
     host = str(params.get("host") or params.get("hostaddr") or DEFAULT_HOST)
     return host, int(params.get("port") or DEFAULT_PORT)
 
@@ -238,16 +240,17 @@ class PostgresProvisioner(Actor):
         config reader refuses such an admin-dsn before keter starts).
         """
         from psycopg import Error
-        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+        from psycopg.conninfo import make_conninfo
 
         dsn = self._given_dsn
         try:
-            server = server_of(dsn)
+            params = conninfo(dsn)
+            server = _server(params)
             if self._peer:
                 # Only the postgres OS user gets in over the socket (Debian's pg_hba says
                 # `local all all peer`); apps log in with their password over TCP.
                 server = ("127.0.0.1", server[1])
-            if "dbname" not in conninfo_to_dict(dsn):
+            if "dbname" not in params:
                 dsn = make_conninfo(dsn, dbname="postgres")
         except (Error, ValueError):
             # libpq's message may quote part of the DSN, which may hold a password.

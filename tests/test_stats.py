@@ -31,7 +31,7 @@ from keter.stats import spool
 from keter.stats.component import FORGET_WATCH, StatsCollector, _Watch
 from keter.stats.histogram import FLOOR, RELATIVE_ERROR, Histogram
 from keter.stats.record import TAG, access_log_directive, log_format_directive, parse
-from keter.stats.traffic import KEEP, SLOT, Traffic
+from keter.stats.traffic import FINE, KEEP, MINUTE, SLOT, Traffic
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -255,12 +255,14 @@ def test_windows_are_the_records_still_in_the_hour_whatever_was_pruned(records):
     traffic.prune(now)
     for app in ("a", "b", "c"):
         for version in (None, "v1", "v2", "v3"):
-            for seconds in (60, 3600):
+            for seconds in (60, 300, 3600):
                 summary = traffic.summary(app, now, seconds, version)
                 expected = [0, 0, 0, 0, 0]
                 for a, v, offset, status, _ in records:
-                    start = (base + offset) // SLOT * SLOT
-                    if a == app and version in (None, v) and now - seconds - SLOT < start <= now:
+                    start, length = (base + offset) // SLOT * SLOT, SLOT
+                    if start < now - FINE:  # joined its minute
+                        start, length = (base + offset) // MINUTE * MINUTE, MINUTE
+                    if a == app and version in (None, v) and now - seconds - length < start <= now:
                         expected[status // 100 - 1] += 1
                 assert list(summary.classes) == expected, (app, version, seconds)
         kept = {v for v in ("v1", "v2", "v3") if traffic.summary(app, now, KEEP + SLOT, v).requests}
@@ -285,12 +287,7 @@ def test_memory_stays_flat_under_a_million_requests():
             traffic.add(template)
 
     def size() -> tuple[int, int]:
-        slots = [
-            slot
-            for versions in traffic._slots.values()
-            for by_start in versions.values()
-            for slot in by_start.values()
-        ]
+        slots = [slot for _, _, slot in traffic._slots("hello", None)]
         return len(slots), sum(len(slot.counts) for slot in slots)
 
     feed(200_000)
@@ -299,8 +296,53 @@ def test_memory_stays_flat_under_a_million_requests():
     feed(800_000)
     traffic.prune(now)
     assert traffic.summary("hello", now, 3600).requests == 1_000_000
-    assert size()[0] == slots <= 2 * (600 // 10 + 1)
+    # Per version: the last FINE seconds in 10-second slots, the rest of the ten minutes
+    # in minutes.
+    assert size()[0] == slots <= 2 * ((FINE // SLOT + 1) + (600 // MINUTE + 1))
     assert size()[1] < buckets * 1.25  # the rarest latencies fill a few more buckets
+
+
+def test_an_hour_of_uptime_checks_keeps_minutes_not_ten_second_slots():
+    """Issue 16's host: 1000 apps, each asked by a monitor every 10 seconds. A slot per
+    app and 10 seconds for an hour was 361 slots an app (about 200 MB for 1000 apps);
+    10-second slots join their minute once FINE old, so an app keeps about 75, and every
+    window and the per-minute series still count each request once."""
+    traffic = Traffic()
+    template = parse(spool_line())
+    end = 1_700_003_640  # on a minute: windows longer than FINE have minute edges
+    apps = [f"a{i}" for i in range(20)]
+    for at in range(end - KEEP + 5, end, SLOT):  # one check per app every 10 s, for an hour
+        for app in apps:
+            template.app, template.at = app, at
+            traffic.add(template)
+        traffic.prune(at)  # the collector prunes every second
+    traffic.prune(end)
+    for app in apps:
+        kept = list(traffic._slots(app, None))
+        assert len(kept) <= (FINE // SLOT + 2) + (KEEP // MINUTE + 1), len(kept)
+        assert traffic.summary(app, end, 60).requests == 6
+        assert traffic.summary(app, end, 300).requests == 30
+        assert traffic.summary(app, end, KEEP).requests == KEEP // SLOT
+        assert [requests for _, requests, _, _ in traffic.minutes(app, end)][:-1] == [6] * 59
+        # Off the minute, a window takes in the whole minute at its far edge: at most a
+        # minute's requests more.
+        assert 30 < traffic.summary(app, end - 20, 300).requests <= 30 + 6
+
+
+def test_a_record_arriving_after_its_slot_joined_its_minute_is_counted_there():
+    traffic = Traffic()
+    template = parse(spool_line())
+    now = 1_700_000_000
+    template.at = now - 5
+    traffic.add(template)
+    traffic.prune(now + FINE + SLOT)  # its 10-second slot has joined its minute
+    template.at = now - 1  # late: the same 10 seconds
+    traffic.add(template)
+    later = now + FINE + SLOT
+    assert traffic.summary("hello", later, 600).requests == 2
+    assert [slot.count for _, _, slot in traffic._slots("hello", None)] == [2]
+    traffic.prune(later + KEEP + MINUTE + SLOT)
+    assert traffic.apps() == []
 
 
 def count_calls(monkeypatch, owner: object, name: str, key) -> Counter:
@@ -343,9 +385,10 @@ def test_a_quiet_keter_adds_up_no_app_and_reports_nothing(tmp_path, monkeypatch)
     assert all(stats.traffic_report(start + s) is None for s in range(200, 3600))
     assert not stats.traffic.prune(start + 3600)
     assert not added_up  # a quiet hour: no app added up
-    assert stats.traffic.prune(start + 3600 + 2 * SLOT) == set(apps)
+    # Their minute ended an hour ago: forgotten.
+    assert stats.traffic.prune(start + 3600 + MINUTE) == set(apps)
     stats._gone |= set(apps)
-    gone = stats.traffic_report(start + 3600 + 2 * SLOT)
+    gone = stats.traffic_report(start + 3600 + MINUTE)
     assert gone is not None and gone.gone == tuple(apps) and not gone.apps
     stats.on_stop()
 

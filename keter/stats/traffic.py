@@ -1,21 +1,27 @@
 """Per app and per version: request counts by status class, bytes and latency, over time.
 
-Each version of an app has a ring of 10-second slots covering the last hour
-(counts per status class, bytes, a latency ``Histogram``); every window
-(the last minute, 5, 15 and 60 minutes) and the dashboard's per-minute
-series are sums of slots. Cumulative counters since keter started (for
-``/metrics``) are kept beside them. Memory is bounded whatever the traffic:
-at most ``SLOTS`` slots per version seen in the last hour, at most
+Each version of an app has 10-second slots for the last ``FINE`` seconds and
+one-minute slots for the rest of the hour (each: counts per status class,
+bytes, a latency ``Histogram``); every window (the last minute, 5, 15 and 60
+minutes) and the dashboard's per-minute series are sums of slots. A 10-second
+slot is merged into its minute once it is ``FINE`` old: the last minute (the
+status line, ``/metrics``' rate) keeps 10-second edges, longer windows have
+minute edges, and a version with a request every 10 seconds (an uptime monitor: on
+a host of 1000 apps, every app) keeps 75 slots for its hour, not 361.
+Cumulative counters since keter started (for ``/metrics``) are kept beside
+them. Memory is bounded whatever the traffic: at most ``SLOTS`` 10-second
+slots (``FINE`` seconds' worth once pruned) and ``MINUTES`` minutes per
+version seen in the last hour, at most
 ``histogram.BUCKETS`` counters per slot, ``VERSIONS_KEPT`` versions per app
 in the cumulative counters.
 
 Time is the request's own (nginx's ``$msec``), so a record that arrives late
 still lands in the slot it belongs to.
 
-Forgetting costs nothing while nothing is old: every slot start is in a heap
-beside the apps with a slot there, so ``prune`` (run every second) looks only
-at the apps whose slots left the hour, not at every app (1000 quiet apps cost
-it nothing).
+Merging and forgetting cost nothing while nothing is old: every slot start is
+in a heap beside the apps with a slot there, so ``prune`` (run every second)
+looks only at the apps whose slots became ``FINE`` old or left the hour, not at
+every app (1000 quiet apps cost it nothing).
 
 A thousand apps redeployed often keep thousands of slots, so a slot is kept
 small: one object (it is its own latency histogram) and no bookkeeping of its
@@ -27,14 +33,18 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from keter.stats.histogram import Histogram
 from keter.stats.record import Record
 
-SLOT = 10  # seconds per slot
+SLOT = 10  # seconds per recent slot
+MINUTE = 60  # seconds per older slot
+FINE = 120  # seconds a 10-second slot is kept before it joins its minute
 KEEP = 3600  # seconds of slots kept
-SLOTS = KEEP // SLOT + 1
+SLOTS = KEEP // SLOT + 1  # a version's 10-second slots, at most (between two prunes)
+MINUTES = KEEP // MINUTE + 2  # a version's minutes, at most
 WINDOWS = (60, 300, 900, 3600)  # what `keter stats` and the API show
 CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 VERSIONS_KEPT = 5  # per app, in the cumulative counters
@@ -43,9 +53,9 @@ METRIC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class Slot(Histogram):
-    """Ten seconds of one version's requests: the histogram of their upstream response
-    times (a slot is one, rather than holding one: an object less per slot), their
-    counts per status class and the bytes sent."""
+    """Ten seconds (or a minute) of one version's requests: the histogram of their upstream
+    response times (a slot is one, rather than holding one: an object less per slot),
+    their counts per status class and the bytes sent."""
 
     __slots__ = ("bytes", "classes")
 
@@ -53,6 +63,79 @@ class Slot(Histogram):
         super().__init__()
         self.classes = [0, 0, 0, 0, 0]  # 1xx .. 5xx
         self.bytes = 0
+
+    def absorb(self, other: Slot) -> None:
+        """Add ``other``'s requests to this slot's (a 10-second slot joining its minute)."""
+        self.merge(other)
+        for i, n in enumerate(other.classes):
+            self.classes[i] += n
+        self.bytes += other.bytes
+
+
+class _Tier:
+    """Slots of one length, per app and version, with the bookkeeping that finds old ones.
+
+    ``slots``: app -> version -> slot start -> Slot (an app's views never look at other
+    apps). ``_apps_by_start``: slot start -> apps with a slot there, and ``_starts`` the
+    same starts as a heap, oldest first: what ``take_before`` looks at, and nothing else.
+    """
+
+    def __init__(self, seconds: int, per_version: int) -> None:
+        self.seconds = seconds
+        self.per_version = per_version
+        self.slots: dict[str, dict[str, dict[int, Slot]]] = {}
+        self._apps_by_start: dict[int, set[str]] = {}
+        self._starts: list[int] = []
+
+    def slot(self, app: str, version: str, at: float) -> Slot | None:
+        """The slot holding time ``at``, made if need be; None if the version has its fill."""
+        versions = self.slots.get(app)
+        if versions is None:
+            versions = self.slots[app] = {}
+        slots = versions.get(version)
+        if slots is None:
+            slots = versions[version] = {}
+        start = int(at // self.seconds) * self.seconds
+        slot = slots.get(start)
+        if slot is None:
+            if len(slots) >= self.per_version:  # a clock gone wild
+                return None
+            slot = slots[start] = Slot()
+            apps = self._apps_by_start.get(start)
+            if apps is None:
+                apps = self._apps_by_start[start] = set()
+                heapq.heappush(self._starts, start)
+            apps.add(app)
+        return slot
+
+    def take_before(self, limit: float) -> list[tuple[str, str, int, Slot]]:
+        """Remove every slot that starts before ``limit``: (app, version, start, slot)."""
+        taken = []
+        while self._starts and self._starts[0] < limit:
+            start = heapq.heappop(self._starts)
+            for app in self._apps_by_start.pop(start):
+                versions = self.slots.get(app, {})
+                for version, slots in list(versions.items()):
+                    slot = slots.pop(start, None)
+                    if not slots:
+                        del versions[version]
+                    if slot is not None:
+                        taken.append((app, version, start, slot))
+                if not versions:
+                    self.slots.pop(app, None)
+        return taken
+
+    def apps_with_slots(self, after: float, until: float) -> set[str]:
+        """The apps with a slot that starts after ``after`` and by ``until``."""
+        if until - after <= KEEP:  # the usual second: at most one slot start to look up
+            first = (math.floor(after / self.seconds) + 1) * self.seconds
+            starts: Iterable[int] = range(first, math.floor(until) + 1, self.seconds)
+        else:
+            starts = [start for start in self._apps_by_start if after < start <= until]
+        found: set[str] = set()
+        for start in starts:
+            found |= self._apps_by_start.get(start, set())
+        return found
 
 
 @dataclass
@@ -99,13 +182,12 @@ class Traffic:
     """Everything keter has counted of its apps' requests."""
 
     def __init__(self) -> None:
-        # app -> version -> slot start -> Slot: an app's views never look at other apps.
-        self._slots: dict[str, dict[str, dict[int, Slot]]] = {}
+        self._fine = _Tier(SLOT, SLOTS)  # the last FINE seconds
+        self._minutes = _Tier(MINUTE, MINUTES)  # the rest of the hour
         self.totals: dict[str, Totals] = {}
-        self._apps_by_start: dict[int, set[str]] = {}  # slot start -> apps with requests in it
-        # The starts of _apps_by_start, oldest first: what prune forgets, and nothing else.
-        self._starts: list[int] = []
-        # Slots starting after this are refused (a clock gone wild); set by prune.
+        # Records before this go to their minute (their 10-second slot has joined it);
+        # slots starting after _horizon are refused (a clock gone wild). Set by prune.
+        self._fine_from = -math.inf
         self._horizon = math.inf
 
     def add(self, record: Record) -> None:
@@ -130,78 +212,62 @@ class Traffic:
             totals.latency_sum += upstream
             totals.latency_count += 1
 
-        versions = self._slots.get(app)
-        if versions is None:
-            versions = self._slots[app] = {}
-        slots = versions.get(version)
-        if slots is None:
-            slots = versions[version] = {}
-        start = int(record.at // SLOT) * SLOT
-        slot = slots.get(start)
+        start = record.at // SLOT * SLOT
+        if start > self._horizon:  # a clock gone wild
+            return
+        # A late record whose 10-second slot has joined its minute goes to the minute.
+        tier = self._fine if start >= self._fine_from else self._minutes
+        slot = tier.slot(app, version, record.at)
         if slot is None:
-            if len(slots) >= SLOTS or start > self._horizon:  # a clock gone wild
-                return
-            slot = slots[start] = Slot()
-            apps = self._apps_by_start.get(start)
-            if apps is None:
-                apps = self._apps_by_start[start] = set()
-                heapq.heappush(self._starts, start)
-            apps.add(app)
+            return
         slot.classes[index] += 1
         slot.bytes += record.bytes_sent
         if upstream is not None:
             slot.add(upstream)  # into the latency histogram the slot is
 
     def prune(self, now: float) -> set[str]:
-        """Forget slots older than an hour, and apps with no request for that long.
+        """Merge 10-second slots ``FINE`` old into their minutes; forget minutes that ended
+        more than an hour ago, and the apps left without a slot (no request for an hour).
 
-        Returns the apps forgotten. Looks only at the apps with slots that left the hour.
+        Returns the apps forgotten. Looks only at the apps with slots that aged.
         """
-        oldest = now - KEEP - SLOT
         self._horizon = now + KEEP
-        touched = set()
-        while self._starts and self._starts[0] < oldest:
-            start = heapq.heappop(self._starts)
-            for app in self._apps_by_start.pop(start):
-                versions = self._slots.get(app, {})
-                for version, slots in list(versions.items()):
-                    slots.pop(start, None)
-                    if not slots:
-                        del versions[version]
-                if not versions:
-                    self._slots.pop(app, None)
-                touched.add(app)
+        self._fine_from = now - FINE
+        for app, version, start, slot in self._fine.take_before(self._fine_from):
+            minute = self._minutes.slot(app, version, start)
+            if minute is not None:
+                minute.absorb(slot)
         gone = set()
-        for app in touched:
-            totals = self.totals.get(app)
-            if totals is not None and max(totals.last_seen.values(), default=0) < oldest:
-                del self.totals[app]
-            if app not in self._slots and app not in self.totals:
+        for app, _, _, _ in self._minutes.take_before(now - KEEP - MINUTE):
+            if app not in self._fine.slots and app not in self._minutes.slots:
+                self.totals.pop(app, None)  # nothing to export for an app gone an hour
                 gone.add(app)
         return gone
 
     # -- views -------------------------------------------------------------------------------
 
     def apps_with_slots(self, after: float, until: float) -> set[str]:
-        """The apps with requests in a slot that starts after ``after`` and by ``until``."""
-        if until - after <= KEEP:  # the usual second: at most one slot start to look up
-            first = (math.floor(after / SLOT) + 1) * SLOT
-            starts = range(first, math.floor(until) + 1, SLOT)
-        else:
-            starts = [start for start in self._apps_by_start if after < start <= until]
-        found: set[str] = set()
-        for start in starts:
-            found |= self._apps_by_start.get(start, set())
-        return found
+        """The apps with requests in a 10-second slot that starts after ``after`` and by
+        ``until`` (both within the last ``FINE`` seconds: older slots have joined their
+        minutes)."""
+        return self._fine.apps_with_slots(after, until)
 
     def apps(self) -> list[str]:
-        return sorted(set(self._slots) | set(self.totals))
+        return sorted(set(self._fine.slots) | set(self._minutes.slots) | set(self.totals))
 
     def versions(self, app: str) -> list[str]:
         """The app's versions with traffic in the last hour, the one seen last first."""
         seen = self.totals.get(app, Totals()).last_seen
-        found = set(self._slots.get(app, ()))
+        found = set(self._fine.slots.get(app, ())) | set(self._minutes.slots.get(app, ()))
         return sorted(found, key=lambda v: seen.get(v, 0), reverse=True)
+
+    def _slots(self, app: str, version: str | None) -> Iterator[tuple[int, int, Slot]]:
+        """The app's slots (one version's, if given): (start, seconds, slot)."""
+        for tier in (self._fine, self._minutes):
+            for v, by_start in tier.slots.get(app, {}).items():
+                if version is None or v == version:
+                    for start, slot in by_start.items():
+                        yield start, tier.seconds, slot
 
     def summary(
         self,
@@ -213,24 +279,22 @@ class Traffic:
         since: float = 0,
         latency: bool = True,
     ) -> Summary:
-        """The app's traffic (one version's, if given) in the last ``seconds`` before ``now``.
+        """The app's traffic (one version's, if given) in the last ``seconds`` before ``now``:
+        the slots that overlap that window.
 
-        ``since`` leaves out slots that started before it (a version watched since then);
+        ``since`` leaves out slots that ended before it (a version watched since then);
         ``latency=False`` leaves the latency histogram empty (merging it is the costly part).
         """
         first = max(now - seconds, since)
         classes = [0, 0, 0, 0, 0]
         size = 0
         slots = []
-        for v, by_start in self._slots.get(app, {}).items():
-            if version is not None and v != version:
-                continue
-            for start, slot in by_start.items():
-                if first - SLOT < start <= now:
-                    slots.append(slot)
-                    size += slot.bytes
-                    for i, n in enumerate(slot.classes):
-                        classes[i] += n
+        for start, length, slot in self._slots(app, version):
+            if first - length < start <= now:
+                slots.append(slot)
+                size += slot.bytes
+                for i, n in enumerate(slot.classes):
+                    classes[i] += n
         merged = Histogram.of(slots) if latency else Histogram()
         return Summary(seconds=seconds, classes=tuple(classes), bytes=size, latency=merged)
 
@@ -238,15 +302,14 @@ class Traffic:
         self, app: str, now: float, count: int = 60
     ) -> list[tuple[int, int, int, float | None]]:
         """The app's last ``count`` minutes, oldest first: (start, requests, 5xx, p99)."""
-        end = int(now // 60) * 60 + 60
-        first = end - count * 60
+        end = int(now // MINUTE) * MINUTE + MINUTE
+        first = end - count * MINUTE
         buckets: dict[int, list[Slot]] = {}
-        for by_start in self._slots.get(app, {}).values():
-            for start, slot in by_start.items():
-                if first <= start < end:
-                    buckets.setdefault(int(start // 60) * 60, []).append(slot)
+        for start, _, slot in self._slots(app, None):
+            if first <= start < end:
+                buckets.setdefault(int(start // MINUTE) * MINUTE, []).append(slot)
         points = []
-        for minute in range(first, end, 60):
+        for minute in range(first, end, MINUTE):
             slots = buckets.get(minute, [])
             requests = sum(sum(slot.classes) for slot in slots)
             errors = sum(slot.classes[4] for slot in slots)

@@ -31,7 +31,7 @@ from keter.stats import spool
 from keter.stats.component import FORGET_WATCH, StatsCollector, _Watch
 from keter.stats.histogram import FLOOR, RELATIVE_ERROR, Histogram
 from keter.stats.record import TAG, access_log_directive, log_format_directive, parse
-from keter.stats.traffic import FINE, KEEP, MINUTE, SLOT, Traffic
+from keter.stats.traffic import FINE, KEEP, MINUTE, MINUTES, SLOT, SLOTS, Slot, Traffic
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -160,6 +160,9 @@ def test_a_record_becomes_an_access_line():
         spool_line() + b"\textra",
         spool_line().replace(b"200", b"2x0", 1),
         spool_line(upstream="nope"),
+        spool_line(at=math.nan),
+        spool_line(at=math.inf),
+        spool_line(at=-math.inf),
         "\t".join(["k1", "h\u00e9llo"] + ["1"] * 13).encode(),
     ],
 )
@@ -287,7 +290,7 @@ def test_memory_stays_flat_under_a_million_requests():
             traffic.add(template)
 
     def size() -> tuple[int, int]:
-        slots = [slot for _, _, slot in traffic._slots("hello", None)]
+        slots = [slot for _, slot in traffic._slots("hello", None, 0, math.inf)]
         return len(slots), sum(len(slot.counts) for slot in slots)
 
     feed(200_000)
@@ -318,8 +321,10 @@ def test_an_hour_of_uptime_checks_keeps_minutes_not_ten_second_slots():
         traffic.prune(at)  # the collector prunes every second
     traffic.prune(end)
     for app in apps:
-        kept = list(traffic._slots(app, None))
+        kept = list(traffic._slots(app, None, 0, math.inf))
         assert len(kept) <= (FINE // SLOT + 2) + (KEEP // MINUTE + 1), len(kept)
+        minutes = traffic._minutes.slots[app]["0123456789ab"].values()
+        assert sum(type(minute) is bytes for minute in minutes) >= KEEP // MINUTE - 3  # packed
         assert traffic.summary(app, end, 60).requests == 6
         assert traffic.summary(app, end, 300).requests == 30
         assert traffic.summary(app, end, KEEP).requests == KEEP // SLOT
@@ -329,20 +334,67 @@ def test_an_hour_of_uptime_checks_keeps_minutes_not_ten_second_slots():
         assert 30 < traffic.summary(app, end - 20, 300).requests <= 30 + 6
 
 
-def test_a_record_arriving_after_its_slot_joined_its_minute_is_counted_there():
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_record_arriving_after_its_slot_joined_its_minute_is_counted_there(frozen):
     traffic = Traffic()
     template = parse(spool_line())
     now = 1_700_000_000
     template.at = now - 5
     traffic.add(template)
-    traffic.prune(now + FINE + SLOT)  # its 10-second slot has joined its minute
+    later = now + FINE + SLOT  # its 10-second slot has joined its minute
+    if frozen:
+        later += 2 * MINUTE  # and the minute is complete: packed
+    traffic.prune(later)
+    stored = traffic._minutes.slots["hello"][template.version]
+    assert [type(slot) for slot in stored.values()] == [bytes if frozen else Slot]
     template.at = now - 1  # late: the same 10 seconds
     traffic.add(template)
-    later = now + FINE + SLOT
     assert traffic.summary("hello", later, 600).requests == 2
-    assert [slot.count for _, _, slot in traffic._slots("hello", None)] == [2]
+    assert [slot.count for _, slot in traffic._slots("hello", None, 0, math.inf)] == [2]
     traffic.prune(later + KEEP + MINUTE + SLOT)
     assert traffic.apps() == []
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(st.integers(min_value=0, max_value=10**6), min_size=5, max_size=5),
+    st.integers(min_value=0, max_value=2**63),
+    st.lists(st.floats(min_value=0, max_value=10**6, allow_nan=False), max_size=50),
+)
+def test_a_frozen_slot_thaws_to_the_same_counts(classes, size, latencies):
+    slot = Slot()
+    slot.classes, slot.bytes = list(classes), size
+    for latency in latencies:
+        slot.add(latency)
+    thawed = Slot.thaw(slot.freeze())
+    assert (thawed.classes, thawed.bytes) == (slot.classes, slot.bytes)
+    assert (thawed.counts, thawed.count) == (slot.counts, slot.count)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(allow_nan=False, allow_infinity=False),  # a record's time: any clock
+            st.one_of(st.none(), st.floats(min_value=0, max_value=4e9)),  # a prune before it
+        ),
+        max_size=40,
+    )
+)
+def test_no_record_time_and_no_clock_breaks_the_statistics(records):
+    """Times from a clock gone wild (1970, the far future, jumps back) never raise and
+    never keep more than a version's bound of slots."""
+    traffic = Traffic()
+    template = parse(spool_line())
+    for at, pruned in records:
+        if pruned is not None:
+            traffic.prune(pruned)
+        template.at = at
+        traffic.add(template)
+        traffic.summary("hello", at, 3600)
+    kept = list(traffic._slots("hello", None, -math.inf, math.inf))
+    assert len(kept) <= SLOTS + MINUTES
+    assert sum(slot.count for _, slot in kept) <= len(records)
 
 
 def count_calls(monkeypatch, owner: object, name: str, key) -> Counter:

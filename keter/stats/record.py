@@ -28,7 +28,9 @@ response time (seconds; ``-`` when nginx answered itself) and the version::
 
 from __future__ import annotations
 
+import math
 import re
+import sys
 from dataclasses import dataclass
 
 from keter.names import validate_app_name
@@ -118,8 +120,9 @@ def parse(raw: bytes) -> Record | None:
     try:
         code = int(status)
         record = Record(
-            app=app.decode("ascii"),
-            version=version.decode("ascii"),
+            # Interned: an app's hour of slots then holds its name once, not once a slot.
+            app=sys.intern(app.decode("ascii")),
+            version=sys.intern(version.decode("ascii")),
             at=float(msec),
             status=code,
             bytes_sent=int(sent),
@@ -143,8 +146,8 @@ def parse(raw: bytes) -> Record | None:
         )
     except (ValueError, UnicodeDecodeError):
         return None
-    if not 100 <= code <= 599:
-        return None
+    if not 100 <= code <= 599 or not math.isfinite(record.at):
+        return None  # a time that is no time ("nan", "inf") has no slot
     return record
 
 

@@ -25,14 +25,20 @@ every app (1000 quiet apps cost it nothing).
 
 A thousand apps redeployed often keep thousands of slots, so a slot is kept
 small: one object (it is its own latency histogram) and no bookkeeping of its
-own beyond its start's entry.
+own beyond its start's entry; a minute nothing more joins is packed into
+bytes (``Slot.freeze``). A host of 1000 apps each asked every 10 seconds for
+an hour keeps about 19 MB of statistics this way (204 MB as 10-second slot
+objects).
 """
 
 from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import math
+import struct
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -71,6 +77,31 @@ class Slot(Histogram):
             self.classes[i] += n
         self.bytes += other.bytes
 
+    def freeze(self) -> bytes:
+        """The slot packed: its five class counts and bytes, then (bucket, count) pairs.
+
+        A minute nothing more joins is kept so: about 100 bytes for a minute of uptime
+        checks, against about 450 for the objects (the histogram's dict above all).
+        """
+        pairs = array("I", itertools.chain.from_iterable(self.counts.items()))
+        return _FROZEN.pack(*self.classes, self.bytes) + pairs.tobytes()
+
+    @classmethod
+    def thaw(cls, frozen: bytes) -> Slot:
+        slot = cls()
+        *classes, slot.bytes = _FROZEN.unpack_from(frozen)
+        slot.classes = classes
+        pairs = array("I", frozen[_FROZEN.size :])
+        slot.counts = dict(zip(pairs[::2], pairs[1::2], strict=True))
+        slot.count = sum(pairs[1::2])
+        return slot
+
+
+# A frozen slot's head: counts of 1xx .. 5xx (a minute of even 70,000 requests a second
+# fits 32 bits many times over), then the bytes sent.
+_FROZEN = struct.Struct("=5IQ")
+Stored = Slot | bytes  # a slot, or a minute nothing more joins, frozen (Slot.freeze)
+
 
 class _Tier:
     """Slots of one length, per app and version, with the bookkeeping that finds old ones.
@@ -83,9 +114,11 @@ class _Tier:
     def __init__(self, seconds: int, per_version: int) -> None:
         self.seconds = seconds
         self.per_version = per_version
-        self.slots: dict[str, dict[str, dict[int, Slot]]] = {}
+        self.slots: dict[str, dict[str, dict[int, Stored]]] = {}
         self._apps_by_start: dict[int, set[str]] = {}
+        self._start_keys: dict[int, int] = {}  # the one int object of each start
         self._starts: list[int] = []
+        self._frozen_to = -math.inf  # slots starting before this were frozen
 
     def slot(self, app: str, version: str, at: float) -> Slot | None:
         """The slot holding time ``at``, made if need be; None if the version has its fill."""
@@ -100,19 +133,36 @@ class _Tier:
         if slot is None:
             if len(slots) >= self.per_version:  # a clock gone wild
                 return None
-            slot = slots[start] = Slot()
             apps = self._apps_by_start.get(start)
             if apps is None:
                 apps = self._apps_by_start[start] = set()
+                self._start_keys[start] = start
                 heapq.heappush(self._starts, start)
             apps.add(app)
+            # Every app's slot at this start is keyed by one int object, not one each.
+            slot = slots[self._start_keys[start]] = Slot()
+        elif isinstance(slot, bytes):  # a record later than any: the slot thaws, for good
+            slot = slots[start] = Slot.thaw(slot)
         return slot
 
-    def take_before(self, limit: float) -> list[tuple[str, str, int, Slot]]:
+    def freeze_before(self, limit: float) -> None:
+        """Freeze the slots that start before ``limit`` (nothing more joins them)."""
+        # The starts are few (an hour's minutes) and a clock may jump: look at those there
+        # are, not at every minute since the last call.
+        for start in [start for start in self._apps_by_start if self._frozen_to <= start < limit]:
+            for app in self._apps_by_start[start]:
+                for slots in self.slots[app].values():
+                    slot = slots.get(start)
+                    if isinstance(slot, Slot):
+                        slots[start] = slot.freeze()
+        self._frozen_to = max(self._frozen_to, limit)
+
+    def take_before(self, limit: float) -> list[tuple[str, str, int, Stored]]:
         """Remove every slot that starts before ``limit``: (app, version, start, slot)."""
         taken = []
         while self._starts and self._starts[0] < limit:
             start = heapq.heappop(self._starts)
+            del self._start_keys[start]
             for app in self._apps_by_start.pop(start):
                 versions = self.slots.get(app, {})
                 for version, slots in list(versions.items()):
@@ -236,12 +286,14 @@ class Traffic:
         for app, version, start, slot in self._fine.take_before(self._fine_from):
             minute = self._minutes.slot(app, version, start)
             if minute is not None:
+                assert isinstance(slot, Slot)  # 10-second slots never freeze
                 minute.absorb(slot)
         gone = set()
         for app, _, _, _ in self._minutes.take_before(now - KEEP - MINUTE):
             if app not in self._fine.slots and app not in self._minutes.slots:
                 self.totals.pop(app, None)  # nothing to export for an app gone an hour
                 gone.add(app)
+        self._minutes.freeze_before(self._fine_from - MINUTE)  # the minutes all joined
         return gone
 
     # -- views -------------------------------------------------------------------------------
@@ -261,13 +313,17 @@ class Traffic:
         found = set(self._fine.slots.get(app, ())) | set(self._minutes.slots.get(app, ()))
         return sorted(found, key=lambda v: seen.get(v, 0), reverse=True)
 
-    def _slots(self, app: str, version: str | None) -> Iterator[tuple[int, int, Slot]]:
-        """The app's slots (one version's, if given): (start, seconds, slot)."""
+    def _slots(
+        self, app: str, version: str | None, after: float, until: float
+    ) -> Iterator[tuple[int, Slot]]:
+        """The app's slots (one version's, if given) that end after ``after`` and start by
+        ``until``: (start, slot); a frozen one thawed for the caller."""
         for tier in (self._fine, self._minutes):
             for v, by_start in tier.slots.get(app, {}).items():
                 if version is None or v == version:
                     for start, slot in by_start.items():
-                        yield start, tier.seconds, slot
+                        if start + tier.seconds > after and start <= until:
+                            yield start, Slot.thaw(slot) if isinstance(slot, bytes) else slot
 
     def summary(
         self,
@@ -289,12 +345,11 @@ class Traffic:
         classes = [0, 0, 0, 0, 0]
         size = 0
         slots = []
-        for start, length, slot in self._slots(app, version):
-            if first - length < start <= now:
-                slots.append(slot)
-                size += slot.bytes
-                for i, n in enumerate(slot.classes):
-                    classes[i] += n
+        for _, slot in self._slots(app, version, first, now):
+            slots.append(slot)
+            size += slot.bytes
+            for i, n in enumerate(slot.classes):
+                classes[i] += n
         merged = Histogram.of(slots) if latency else Histogram()
         return Summary(seconds=seconds, classes=tuple(classes), bytes=size, latency=merged)
 
@@ -305,9 +360,8 @@ class Traffic:
         end = int(now // MINUTE) * MINUTE + MINUTE
         first = end - count * MINUTE
         buckets: dict[int, list[Slot]] = {}
-        for start, _, slot in self._slots(app, None):
-            if first <= start < end:
-                buckets.setdefault(int(start // MINUTE) * MINUTE, []).append(slot)
+        for start, slot in self._slots(app, None, first, end - 1):
+            buckets.setdefault(int(start // MINUTE) * MINUTE, []).append(slot)
         points = []
         for minute in range(first, end, MINUTE):
             slots = buckets.get(minute, [])

@@ -334,6 +334,22 @@ def test_an_hour_of_uptime_checks_keeps_minutes_not_ten_second_slots():
         assert 30 < traffic.summary(app, end - 20, 300).requests <= 30 + 6
 
 
+def test_an_hour_read_at_once_is_packed_at_the_next_prune():
+    """A backlog (keter busy, or stopped while nginx logged) brings old minutes after
+    newer ones were packed: they are packed too, at the next prune."""
+    traffic = Traffic()
+    template = parse(spool_line())
+    end = 1_700_003_640
+    traffic.prune(end - 5)  # the collector ran before the backlog came
+    for at in range(end - KEEP + 5, end, SLOT):
+        template.at = at
+        traffic.add(template)
+    traffic.prune(end)
+    minutes = traffic._minutes.slots["hello"][template.version].values()
+    assert sum(type(minute) is bytes for minute in minutes) >= KEEP // MINUTE - 3
+    assert traffic.summary("hello", end, KEEP).requests == KEEP // SLOT
+
+
 @pytest.mark.parametrize("frozen", [False, True])
 def test_a_record_arriving_after_its_slot_joined_its_minute_is_counted_there(frozen):
     traffic = Traffic()

@@ -111,14 +111,16 @@ class _Tier:
     same starts as a heap, oldest first: what ``take_before`` looks at, and nothing else.
     """
 
-    def __init__(self, seconds: int, per_version: int) -> None:
+    def __init__(self, seconds: int, per_version: int, *, freezes: bool = False) -> None:
         self.seconds = seconds
         self.per_version = per_version
         self.slots: dict[str, dict[str, dict[int, Stored]]] = {}
         self._apps_by_start: dict[int, set[str]] = {}
         self._start_keys: dict[int, int] = {}  # the one int object of each start
         self._starts: list[int] = []
-        self._frozen_to = -math.inf  # slots starting before this were frozen
+        # start -> apps with a slot there not frozen yet (a tier whose slots freeze): a
+        # backlog read after a restart makes old minutes, not only the newest.
+        self._thawed: dict[int, set[str]] | None = {} if freezes else None
 
     def slot(self, app: str, version: str, at: float) -> Slot | None:
         """The slot holding time ``at``, made if need be; None if the version has its fill."""
@@ -141,21 +143,23 @@ class _Tier:
             apps.add(app)
             # Every app's slot at this start is keyed by one int object, not one each.
             slot = slots[self._start_keys[start]] = Slot()
-        elif isinstance(slot, bytes):  # a record later than any: the slot thaws, for good
+        elif isinstance(slot, bytes):  # a record later than any: the slot thaws
             slot = slots[start] = Slot.thaw(slot)
+        else:
+            return slot
+        if self._thawed is not None:
+            self._thawed.setdefault(start, set()).add(app)
         return slot
 
     def freeze_before(self, limit: float) -> None:
         """Freeze the slots that start before ``limit`` (nothing more joins them)."""
-        # The starts are few (an hour's minutes) and a clock may jump: look at those there
-        # are, not at every minute since the last call.
-        for start in [start for start in self._apps_by_start if self._frozen_to <= start < limit]:
-            for app in self._apps_by_start[start]:
-                for slots in self.slots[app].values():
+        assert self._thawed is not None
+        for start in [start for start in self._thawed if start < limit]:
+            for app in self._thawed.pop(start):
+                for slots in self.slots.get(app, {}).values():
                     slot = slots.get(start)
                     if isinstance(slot, Slot):
                         slots[start] = slot.freeze()
-        self._frozen_to = max(self._frozen_to, limit)
 
     def take_before(self, limit: float) -> list[tuple[str, str, int, Stored]]:
         """Remove every slot that starts before ``limit``: (app, version, start, slot)."""
@@ -163,6 +167,8 @@ class _Tier:
         while self._starts and self._starts[0] < limit:
             start = heapq.heappop(self._starts)
             del self._start_keys[start]
+            if self._thawed is not None:
+                self._thawed.pop(start, None)
             for app in self._apps_by_start.pop(start):
                 versions = self.slots.get(app, {})
                 for version, slots in list(versions.items()):
@@ -233,7 +239,7 @@ class Traffic:
 
     def __init__(self) -> None:
         self._fine = _Tier(SLOT, SLOTS)  # the last FINE seconds
-        self._minutes = _Tier(MINUTE, MINUTES)  # the rest of the hour
+        self._minutes = _Tier(MINUTE, MINUTES, freezes=True)  # the rest of the hour
         self.totals: dict[str, Totals] = {}
         # Records before this go to their minute (their 10-second slot has joined it);
         # slots starting after _horizon are refused (a clock gone wild). Set by prune.

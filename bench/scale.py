@@ -9,8 +9,10 @@ app; N apps dropped in at once until all answer (repeated: removed and dropped
 again); keter's RSS and CPU while idle with N apps (after a few seconds that are
 reported apart: keter's own after-deploy work is not idleness); one app's
 redeploy with N apps running; three rounds of redeploying all N (RSS after
-each, once the old versions are gone); then all apps but one are removed and
-the same redeploy is timed with one app running.
+each, once the old versions are gone); an hour of uptime checks (a record per
+app every 10 s for the last hour, appended to keter's spool as nginx logs
+them) and keter's RSS once it has read them; then all apps but one are removed
+and the same redeploy is timed with one app running.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import random
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -32,9 +35,12 @@ from harness import (
     median,
     ms,
     observe,
+    poll,
     rss_mb,
     spread,
 )
+
+from keter.client import KeterClient
 
 NAME = "scale"
 RSS_TARGET_MB = 100
@@ -43,6 +49,8 @@ FLAT = 1.05  # "flat": the last round's RSS within 5% of the first's
 IDLE_CPU_TARGET = 0.5  # percent of one core
 REDEPLOY_RATIO_TARGET = 1.5
 ROUNDS = 3
+CHECK_EVERY = 10  # seconds between an uptime monitor's requests to each app
+CHECK_VERSION = "c0ffee000000"  # the monitor's records' version: theirs alone
 
 
 def run(settings: Settings) -> list[Row]:
@@ -139,6 +147,10 @@ def _at_scale(settings: Settings, n: int) -> tuple[list[Row], tuple[int, float, 
             stack.settle(n, timeout=300)
             round_rss.append(rss_mb(stack.pid))
 
+        before_checks = rss_mb(stack.pid)
+        checks, checks_read = _an_hour_of_checks(stack, apps)
+        after_checks = rss_mb(stack.pid)
+
         stack.remove(apps[1:])
         stack.settle(1, timeout=300)
         with_1 = _redeploys(stack, apps[0], reps, 1)
@@ -176,6 +188,15 @@ def _at_scale(settings: Settings, n: int) -> tuple[list[Row], tuple[int, float, 
             round_rss[-1] <= FLAT * round_rss[0],
         ),
         Row(
+            f"scale: keter RSS with {n} apps and an hour of uptime checks",
+            f"{after_checks:.1f} MB after {checks:,} records (each app asked every "
+            f"{CHECK_EVERY} s for the last hour, appended to keter's spool as nginx logs them; "
+            f"all read in {checks_read:.1f} s)",
+            f"the same keter just before: {before_checks:.1f} MB",
+            f"< {RSS_TARGET_MB} MB",
+            after_checks < RSS_TARGET_MB,
+        ),
+        Row(
             f"scale: keter idle CPU with {n} apps, {idle} s",
             f"{loaded.cpu_percent:.2f}% of a core",
             f"no apps: {empty.cpu_percent:.2f}%; the {after.seconds:.0f} s right after the "
@@ -192,6 +213,56 @@ def _at_scale(settings: Settings, n: int) -> tuple[list[Row], tuple[int, float, 
         ),
     ]
     return rows, point
+
+
+def _an_hour_of_checks(stack: Stack, apps: list[str]) -> tuple[int, float]:
+    """Append to keter's spool what nginx logs when a monitor asks every app every
+    ``CHECK_EVERY`` seconds for an hour, and wait until keter has read it all and its
+    statistics settled (10-second slots joined their minutes): (records, seconds taken).
+
+    The records carry a version of their own, so the wait counts them and no others.
+    """
+    spool = stack.keter.root / "run" / "access.spool"
+    now = time.time()
+    times = [now - 3600 + CHECK_EVERY / 2 + k * CHECK_EVERY for k in range(3600 // CHECK_EVERY)]
+    client = KeterClient(stack.keter.root)
+    started = time.monotonic()
+    with spool.open("ab") as out:  # O_APPEND, whole lines per write: as nginx writes
+        for at in times:
+            out.write(b"".join(_check_line(app, at) for app in apps))
+    last = apps[-1]  # its records are the spool's last lines
+
+    def read() -> bool:
+        versions = client.stats(last)["versions"]
+        hour = [v["windows"][-1]["requests"] for v in versions if v["version"] == CHECK_VERSION]
+        return hour == [len(times)]
+
+    _, seen = poll(read, 120, "keter to read an hour of uptime checks", interval=0.2)
+    # The next prune (every second) joins the old 10-second slots into minutes.
+    observe(stack.pid, 3)
+    return len(times) * len(apps), seen - started
+
+
+def _check_line(app: str, at: float) -> bytes:
+    """One record of keter's spool format (keter.stats.record) for a monitor's check."""
+    fields = (
+        "k1",
+        app,
+        CHECK_VERSION,
+        f"{at:.3f}",
+        "200",
+        "2",
+        "0.002",
+        "0.002",
+        "127.0.0.1",
+        "-",
+        time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(at)),
+        f"{app}.bench",
+        "GET /health HTTP/1.1",
+        "-",
+        "uptime-monitor",
+    )
+    return "\t".join(fields).encode() + b"\n"
 
 
 def _redeploys(stack: Stack, app: str, reps: int, running: int) -> list[float]:

@@ -25,10 +25,11 @@ every app (1000 quiet apps cost it nothing).
 
 A thousand apps redeployed often keep thousands of slots, so a slot is kept
 small: one object (it is its own latency histogram) and no bookkeeping of its
-own beyond its start's entry; a minute nothing more joins is packed into
-bytes (``Slot.freeze``). A host of 1000 apps each asked every 10 seconds for
-an hour keeps about 19 MB of statistics this way (204 MB as 10-second slot
-objects).
+own beyond its start's entry. A minute nothing more joins is packed
+(``Slot.freeze``, varints) into its version's run of packed minutes, one bytes
+object (``_Run``). A host of 1000 apps each asked every 10 seconds for an hour
+keeps about 11 MB of statistics this way (tracemalloc; 204 MB as 10-second
+slot objects).
 """
 
 from __future__ import annotations
@@ -37,8 +38,6 @@ import bisect
 import heapq
 import itertools
 import math
-import struct
-from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -78,29 +77,108 @@ class Slot(Histogram):
         self.bytes += other.bytes
 
     def freeze(self) -> bytes:
-        """The slot packed: its five class counts and bytes, then (bucket, count) pairs.
+        """The slot packed: bytes sent, the five class counts, then (bucket, count) pairs,
+        each a varint.
 
-        A minute nothing more joins is kept so: about 100 bytes for a minute of uptime
+        A minute nothing more joins is kept so: about 25 bytes for a minute of uptime
         checks, against about 450 for the objects (the histogram's dict above all).
         """
-        pairs = array("I", itertools.chain.from_iterable(self.counts.items()))
-        return _FROZEN.pack(*self.classes, self.bytes) + pairs.tobytes()
+        numbers = [self.bytes, *self.classes, *itertools.chain.from_iterable(self.counts.items())]
+        return _varints(numbers)
 
     @classmethod
     def thaw(cls, frozen: bytes) -> Slot:
         slot = cls()
-        *classes, slot.bytes = _FROZEN.unpack_from(frozen)
-        slot.classes = classes
-        pairs = array("I", frozen[_FROZEN.size :])
-        slot.counts = dict(zip(pairs[::2], pairs[1::2], strict=True))
-        slot.count = sum(pairs[1::2])
+        numbers = _read_varints(frozen)
+        slot.bytes, slot.classes = numbers[0], numbers[1:6]
+        slot.counts = dict(zip(numbers[6::2], numbers[7::2], strict=True))
+        slot.count = sum(numbers[7::2])
         return slot
 
 
-# A frozen slot's head: counts of 1xx .. 5xx (a minute of even 70,000 requests a second
-# fits 32 bits many times over), then the bytes sent.
-_FROZEN = struct.Struct("=5IQ")
-Stored = Slot | bytes  # a slot, or a minute nothing more joins, frozen (Slot.freeze)
+def _varints(numbers: Iterable[int]) -> bytes:
+    """Integers as LEB128 varints, zigzagged (a hostile spool line may say -5 bytes)."""
+    out = bytearray()
+    for number in numbers:
+        number = number << 1 if number >= 0 else (~number << 1) | 1
+        while number > 0x7F:
+            out.append(number & 0x7F | 0x80)
+            number >>= 7
+        out.append(number)
+    return bytes(out)
+
+
+def _read_varints(data: bytes) -> list[int]:
+    numbers, offset = [], 0
+    while offset < len(data):
+        number, offset = _varint_at(data, offset)
+        numbers.append(number)
+    return numbers
+
+
+def _varint_at(data: bytes, offset: int) -> tuple[int, int]:
+    """The zigzagged varint at ``offset``, and the offset after it."""
+    number, shift = 0, 0
+    while True:
+        byte = data[offset]
+        offset += 1
+        number |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return (number >> 1 if not number & 1 else ~(number >> 1)), offset
+
+
+def _packed_records(packed: bytes) -> Iterator[tuple[int, int, int, int]]:
+    """A packed run's records: (slot start, record offset, slot offset, record end)."""
+    offset = 0
+    while offset < len(packed):
+        start, after = _varint_at(packed, offset)
+        length, slot_offset = _varint_at(packed, after)
+        yield start, offset, slot_offset, slot_offset + length
+        offset = slot_offset + length
+
+
+@dataclass(slots=True)
+class _Run:
+    """One version's packed slots: records (start, length, ``Slot.freeze``) in start order,
+    and the newest one's start (a slot newer than it is never in the run: no scan)."""
+
+    records: bytes
+    newest: int
+
+    def add(self, start: int, record: bytes) -> None:
+        if start > self.newest:  # the usual minute, and a backlog read in time order
+            self.records += record
+            self.newest = start
+            return
+        for at, begin, _, _ in _packed_records(self.records):
+            if at > start:
+                self.records = self.records[:begin] + record + self.records[begin:]
+                return
+        self.records += record  # a start equal to the newest: keter never packs one twice
+
+    def take(self, start: int) -> Slot | None:
+        """Take the slot at ``start`` out, if the run has it."""
+        if start > self.newest:
+            return None
+        before = None  # the start of the record before the one looked at
+        for at, begin, slot_offset, end in _packed_records(self.records):
+            if at == start:
+                slot = Slot.thaw(self.records[slot_offset:end])
+                if end == len(self.records) and before is not None:
+                    self.newest = before
+                self.records = self.records[:begin] + self.records[end:]
+                return slot
+            before = at
+        return None
+
+    def drop_before(self, limit: float) -> None:
+        """Drop the records of slots that start before ``limit`` (the run's head)."""
+        for at, begin, _, _ in _packed_records(self.records):
+            if at >= limit:
+                self.records = self.records[begin:]
+                return
+        self.records = b""
 
 
 class _Tier:
@@ -109,18 +187,27 @@ class _Tier:
     ``slots``: app -> version -> slot start -> Slot (an app's views never look at other
     apps). ``_apps_by_start``: slot start -> apps with a slot there, and ``_starts`` the
     same starts as a heap, oldest first: what ``take_before`` looks at, and nothing else.
+
+    A tier that packs (the minutes) moves each slot nothing more joins out of ``slots``
+    into ``packed``: app -> version -> ``_Run``, so a version's hour of minutes is one
+    bytes object, about 2 KB for an hour of uptime checks. A record later than any takes
+    its slot back out.
     """
 
-    def __init__(self, seconds: int, per_version: int, *, freezes: bool = False) -> None:
+    def __init__(self, seconds: int, per_version: int, *, packs: bool = False) -> None:
         self.seconds = seconds
         self.per_version = per_version
-        self.slots: dict[str, dict[str, dict[int, Stored]]] = {}
-        self._apps_by_start: dict[int, set[str]] = {}
+        self.slots: dict[str, dict[str, dict[int, Slot]]] = {}
+        self.packed: dict[str, dict[str, _Run]] = {}
+        # Lists, not sets (a third of the memory): an app is added once per slot it
+        # gets there (per version), and looking twice at an app is harmless.
+        self._apps_by_start: dict[int, list[str]] = {}
         self._start_keys: dict[int, int] = {}  # the one int object of each start
         self._starts: list[int] = []
-        # start -> apps with a slot there not frozen yet (a tier whose slots freeze): a
-        # backlog read after a restart makes old minutes, not only the newest.
-        self._thawed: dict[int, set[str]] | None = {} if freezes else None
+        # start -> apps with a slot there not packed yet (a tier that packs): a backlog
+        # read after a restart makes old minutes, not only the newest.
+        self._unpacked: dict[int, list[str]] | None = {} if packs else None
+        self.packed_before = -math.inf  # every packed slot starts before this
 
     def slot(self, app: str, version: str, at: float) -> Slot | None:
         """The slot holding time ``at``, made if need be; None if the version has its fill."""
@@ -132,54 +219,95 @@ class _Tier:
             slots = versions[version] = {}
         start = int(at // self.seconds) * self.seconds
         slot = slots.get(start)
-        if slot is None:
-            if len(slots) >= self.per_version:  # a clock gone wild
-                return None
-            apps = self._apps_by_start.get(start)
-            if apps is None:
-                apps = self._apps_by_start[start] = set()
-                self._start_keys[start] = start
-                heapq.heappush(self._starts, start)
-            apps.add(app)
-            # Every app's slot at this start is keyed by one int object, not one each.
-            slot = slots[self._start_keys[start]] = Slot()
-        elif isinstance(slot, bytes):  # a record later than any: the slot thaws
-            slot = slots[start] = Slot.thaw(slot)
-        else:
+        if slot is not None:
             return slot
-        if self._thawed is not None:
-            self._thawed.setdefault(start, set()).add(app)
+        if len(slots) >= self.per_version:  # a clock gone wild
+            return None
+        apps = self._apps_by_start.get(start)
+        if apps is None:
+            apps = self._apps_by_start[start] = []
+            self._start_keys[start] = start
+            heapq.heappush(self._starts, start)
+        apps.append(app)
+        # Every app's slot at this start is keyed by one int object, not one each.
+        if self._unpacked is None:
+            slot = slots[self._start_keys[start]] = Slot()
+        else:  # a record later than any takes its packed slot back out
+            slot = self._unpack(app, version, start) or Slot()
+            slots[self._start_keys[start]] = slot
+            self._unpacked.setdefault(start, []).append(app)
         return slot
 
-    def freeze_before(self, limit: float) -> None:
-        """Freeze the slots that start before ``limit`` (nothing more joins them)."""
-        assert self._thawed is not None
-        for start in [start for start in self._thawed if start < limit]:
-            for app in self._thawed.pop(start):
-                for slots in self.slots.get(app, {}).values():
-                    slot = slots.get(start)
-                    if isinstance(slot, Slot):
-                        slots[start] = slot.freeze()
+    def _unpack(self, app: str, version: str, start: int) -> Slot | None:
+        """Take the packed slot at ``start`` out of the version's run, if there is one."""
+        runs = self.packed.get(app, {})
+        run = runs.get(version)
+        if run is None:
+            return None
+        slot = run.take(start)
+        self._drop_if_empty(app, version)
+        return slot
 
-    def take_before(self, limit: float) -> list[tuple[str, str, int, Stored]]:
-        """Remove every slot that starts before ``limit``: (app, version, start, slot)."""
-        taken = []
-        while self._starts and self._starts[0] < limit:
-            start = heapq.heappop(self._starts)
-            del self._start_keys[start]
-            if self._thawed is not None:
-                self._thawed.pop(start, None)
-            for app in self._apps_by_start.pop(start):
+    def _drop_if_empty(self, app: str, version: str) -> None:
+        runs = self.packed.get(app, {})
+        run = runs.get(version)
+        if run is not None and not run.records:
+            del runs[version]
+            if not runs:
+                del self.packed[app]
+
+    def pack_before(self, limit: float) -> None:
+        """Pack the slots that start before ``limit`` (nothing more joins them).
+
+        A run is kept in start order, so forgetting drops its head: a slot newer than
+        every packed one (the usual minute) goes at the end, an older one (a backlog, a
+        record later than any) where it belongs.
+        """
+        assert self._unpacked is not None
+        # In start order: each goes after the ones packed before it in this call.
+        for start in sorted(start for start in self._unpacked if start < limit):
+            for app in self._unpacked.pop(start):
                 versions = self.slots.get(app, {})
                 for version, slots in list(versions.items()):
                     slot = slots.pop(start, None)
+                    if slot is not None:
+                        frozen = slot.freeze()
+                        record = _varints((start, len(frozen))) + frozen
+                        runs = self.packed.setdefault(app, {})
+                        run = runs.get(version)
+                        if run is None:
+                            runs[version] = _Run(record, start)
+                        else:
+                            run.add(start, record)
                     if not slots:
                         del versions[version]
-                    if slot is not None:
-                        taken.append((app, version, start, slot))
                 if not versions:
                     self.slots.pop(app, None)
-        return taken
+        self.packed_before = max(self.packed_before, limit)
+
+    def take_before(self, limit: float) -> tuple[list[tuple[str, str, int, Slot]], set[str]]:
+        """Remove every slot that starts before ``limit``: those not packed, as (app,
+        version, start, slot), and the apps that had any."""
+        taken, apps = [], set()
+        while self._starts and self._starts[0] < limit:
+            start = heapq.heappop(self._starts)
+            del self._start_keys[start]
+            if self._unpacked is not None:
+                self._unpacked.pop(start, None)
+            apps.update(self._apps_by_start.pop(start))
+        for app in apps:
+            versions = self.slots.get(app, {})
+            for version, slots in list(versions.items()):
+                for start in [start for start in slots if start < limit]:
+                    taken.append((app, version, start, slots.pop(start)))
+                if not slots:
+                    del versions[version]
+            if not versions:
+                self.slots.pop(app, None)
+            for version, run in list(self.packed.get(app, {}).items()):
+                run.drop_before(limit)
+                self._drop_if_empty(app, version)
+        return taken, apps
 
     def apps_with_slots(self, after: float, until: float) -> set[str]:
         """The apps with a slot that starts after ``after`` and by ``until``."""
@@ -190,7 +318,7 @@ class _Tier:
             starts = [start for start in self._apps_by_start if after < start <= until]
         found: set[str] = set()
         for start in starts:
-            found |= self._apps_by_start.get(start, set())
+            found.update(self._apps_by_start.get(start, ()))
         return found
 
 
@@ -239,7 +367,7 @@ class Traffic:
 
     def __init__(self) -> None:
         self._fine = _Tier(SLOT, SLOTS)  # the last FINE seconds
-        self._minutes = _Tier(MINUTE, MINUTES, freezes=True)  # the rest of the hour
+        self._minutes = _Tier(MINUTE, MINUTES, packs=True)  # the rest of the hour
         self.totals: dict[str, Totals] = {}
         # Records before this go to their minute (their 10-second slot has joined it);
         # slots starting after _horizon are refused (a clock gone wild). Set by prune.
@@ -289,18 +417,23 @@ class Traffic:
         """
         self._horizon = now + KEEP
         self._fine_from = now - FINE
-        for app, version, start, slot in self._fine.take_before(self._fine_from):
+        joining, _ = self._fine.take_before(self._fine_from)
+        for app, version, start, slot in joining:
             minute = self._minutes.slot(app, version, start)
             if minute is not None:
-                assert isinstance(slot, Slot)  # 10-second slots never freeze
                 minute.absorb(slot)
         gone = set()
-        for app, _, _, _ in self._minutes.take_before(now - KEEP - MINUTE):
-            if app not in self._fine.slots and app not in self._minutes.slots:
+        _, touched = self._minutes.take_before(now - KEEP - MINUTE)
+        for app in touched:
+            if not any(app in kept for kept in self._kept()):
                 self.totals.pop(app, None)  # nothing to export for an app gone an hour
                 gone.add(app)
-        self._minutes.freeze_before(self._fine_from - MINUTE)  # the minutes all joined
+        self._minutes.pack_before(self._fine_from - MINUTE)  # the minutes all joined
         return gone
+
+    def _kept(self) -> tuple[dict[str, dict], ...]:
+        """Where an app's slots are: app -> version -> slots, each."""
+        return self._fine.slots, self._minutes.slots, self._minutes.packed
 
     # -- views -------------------------------------------------------------------------------
 
@@ -311,25 +444,32 @@ class Traffic:
         return self._fine.apps_with_slots(after, until)
 
     def apps(self) -> list[str]:
-        return sorted(set(self._fine.slots) | set(self._minutes.slots) | set(self.totals))
+        return sorted(set(self.totals).union(*self._kept()))
 
     def versions(self, app: str) -> list[str]:
         """The app's versions with traffic in the last hour, the one seen last first."""
         seen = self.totals.get(app, Totals()).last_seen
-        found = set(self._fine.slots.get(app, ())) | set(self._minutes.slots.get(app, ()))
+        found = set().union(*(kept.get(app, ()) for kept in self._kept()))
         return sorted(found, key=lambda v: seen.get(v, 0), reverse=True)
 
     def _slots(
         self, app: str, version: str | None, after: float, until: float
     ) -> Iterator[tuple[int, Slot]]:
         """The app's slots (one version's, if given) that end after ``after`` and start by
-        ``until``: (start, slot); a frozen one thawed for the caller."""
+        ``until``: (start, slot); a packed one thawed for the caller."""
         for tier in (self._fine, self._minutes):
             for v, by_start in tier.slots.get(app, {}).items():
                 if version is None or v == version:
                     for start, slot in by_start.items():
                         if start + tier.seconds > after and start <= until:
-                            yield start, Slot.thaw(slot) if isinstance(slot, bytes) else slot
+                            yield start, slot
+        if after >= self._minutes.packed_before + MINUTE:
+            return  # the last minutes (the status line's): nothing packed is that recent
+        for v, run in self._minutes.packed.get(app, {}).items():
+            if version is None or v == version:
+                for start, _, slot_offset, end in _packed_records(run.records):
+                    if start + MINUTE > after and start <= until:
+                        yield start, Slot.thaw(run.records[slot_offset:end])
 
     def summary(
         self,

@@ -42,16 +42,14 @@ from urllib.parse import quote
 import yaml
 
 from keter.actor import Actor
-from keter.config.model import conninfo
+from keter.config.model import DEFAULT_PG_PORT, LOCAL_SOCKET_DIR, conninfo, first_server
 from keter.fsutil import atomic_write
 from keter.messages import DatabaseFailed, DatabaseReady, DbInfo, ProvisionDatabase, message
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HOST = "/var/run/postgresql"
-DEFAULT_PORT = 5432
 # Debian's cluster, reached by peer authentication as this OS user.
-DEFAULT_PEER_DSN = f"host={DEFAULT_HOST} port={DEFAULT_PORT}"
+DEFAULT_PEER_DSN = f"host={LOCAL_SOCKET_DIR} port={DEFAULT_PG_PORT}"
 PEER_OS_USER = "postgres"
 
 MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1, in bytes
@@ -113,13 +111,8 @@ def new_password() -> str:
 
 
 def server_of(dsn: str) -> tuple[str, int]:
-    """Host (or socket dir) and port that a libpq connection string points at."""
-    return _server(conninfo(dsn))
-
-
-def _server(params: dict[str, str]) -> tuple[str, int]:
-    host = str(params.get("host") or params.get("hostaddr") or DEFAULT_HOST)
-    return host, int(params.get("port") or DEFAULT_PORT)
+    """Host (or socket dir) and port that a libpq connection string points at first."""
+    return first_server(conninfo(dsn))
 
 
 def db_env(db: DbInfo) -> dict[str, str]:
@@ -245,7 +238,7 @@ class PostgresProvisioner(Actor):
         dsn = self._given_dsn
         try:
             params = conninfo(dsn)
-            server = _server(params)
+            server = first_server(params)
             if self._peer:
                 # Only the postgres OS user gets in over the socket (Debian's pg_hba says
                 # `local all all peer`); apps log in with their password over TCP.

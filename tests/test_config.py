@@ -21,6 +21,7 @@ from keter.config import (
     parse_config,
     read_ephemeral_range,
 )
+from keter.postgres import server_of
 from keter.yamlcheck import load_yaml, read_yaml_file
 
 ROOT = Path("/srv/keter")
@@ -418,6 +419,22 @@ def test_bad_admin_dsn_is_refused_without_showing_it() -> None:
     assert found.startswith("postgres.admin-dsn: not a valid libpq connection string")
     assert "s3cret" not in found
     assert parse('postgres: {admin-dsn: "postgresql://u@h:5/db"}').postgres_admin_dsn
+    for port in ("s3cret", "0", "65536", "5432x,5433"):
+        (found,) = problems(f'postgres: {{admin-dsn: "password=s3cret host=h port={port}"}}')
+        assert found == (
+            "postgres.admin-dsn: the port is not a port number "
+            "(value not shown: it may hold a password)"
+        )
+
+
+def test_keter_provisions_on_the_first_server_a_dsn_lists() -> None:
+    """libpq's lists (servers to try in turn): the config's check of a bundle's server and
+    the provisioner (what apps are given) both take the first."""
+    dsn = "host=db1.example,db2.example port=6543,6544 user=admin"
+    config = parse(f'postgres: {{admin-dsn: "{dsn}"}}')
+    assert config.postgres.server() == ("db1.example", 6543) == server_of(dsn)
+    assert config.postgres.server_problem("db1.example", 6543) is None
+    assert config.postgres.server_problem("db2.example", 6544) is not None
 
 
 def test_root_key_must_agree_with_a_root_given_on_the_command_line() -> None:

@@ -94,6 +94,21 @@ def conninfo(dsn: str) -> dict[str, str]:
     return conninfo_to_dict(dsn)
 
 
+def first_server(params: Mapping[str, str]) -> tuple[str, int]:
+    """The server a DSN names first: host (or socket folder) and port, from libpq's
+    reading of it (``conninfo``), libpq's defaults where it names none.
+
+    libpq takes lists (``host=a,b port=5432,5433``: servers to try in turn); keter
+    creates roles on, and hands apps, the first. Raises ValueError for a port that is
+    no port number.
+    """
+    host = str(params.get("host") or params.get("hostaddr") or LOCAL_SOCKET_DIR).split(",")[0]
+    port = str(params.get("port") or DEFAULT_PG_PORT).split(",")[0]
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError("the port is not a port number")
+    return host, int(port)
+
+
 @dataclass(frozen=True, kw_only=True)
 class PostgresSettings:
     """Where keter creates app databases (``postgres:`` in keter-config.yaml)."""
@@ -108,12 +123,9 @@ class PostgresSettings:
         """The server keter provisions on: the admin DSN's first host and port, or the
         local cluster's socket folder."""
         try:
-            info = conninfo(self.admin_dsn) if self.admin_dsn else {}
+            return first_server(conninfo(self.admin_dsn) if self.admin_dsn else {})
         except Exception:  # checked when the config was read; a default keeps this total
-            info = {}
-        host = str(info.get("host") or info.get("hostaddr") or LOCAL_SOCKET_DIR).split(",")[0]
-        port = str(info.get("port") or DEFAULT_PG_PORT).split(",")[0]
-        return host, int(port) if port.isdigit() and len(port) <= 5 else DEFAULT_PG_PORT
+            return LOCAL_SOCKET_DIR, DEFAULT_PG_PORT
 
     def server_problem(self, host: str, port: int) -> str | None:
         """Why keter must not provision a bundle's database on ``host``:``port``, if so.

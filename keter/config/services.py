@@ -7,7 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from keter import names
-from keter.config.model import AcmeSettings, NginxSettings, PostgresSettings, conninfo
+from keter.config.model import (
+    AcmeSettings,
+    NginxSettings,
+    PostgresSettings,
+    conninfo,
+    first_server,
+)
 from keter.config.values import seconds_key
 from keter.yamlcheck import (
     Checker,
@@ -149,10 +155,15 @@ def _parse_dsn(value: object, path: str, check: Checker) -> str | None:
         check.problem(path, f"expected a libpq connection string, got {type_name(value)}")
         return None
     try:
-        conninfo(value)
+        params = conninfo(value)
     except Exception:  # psycopg.ProgrammingError; its text quotes the value
         check.problem(
             path, "not a valid libpq connection string (value not shown: it may hold a password)"
         )
+        return None
+    try:
+        first_server(params)
+    except ValueError as exc:
+        check.problem(path, f"{exc} (value not shown: it may hold a password)")
         return None
     return value

@@ -31,6 +31,7 @@ from keter.stats import spool
 from keter.stats.component import FORGET_WATCH, StatsCollector, _Watch
 from keter.stats.histogram import FLOOR, RELATIVE_ERROR, Histogram
 from keter.stats.record import TAG, access_log_directive, log_format_directive, parse
+from keter.stats.slot import Slot, packed_records
 from keter.stats.traffic import (
     FINE,
     KEEP,
@@ -38,9 +39,7 @@ from keter.stats.traffic import (
     MINUTES,
     SLOT,
     SLOTS,
-    Slot,
     Traffic,
-    _packed_records,
 )
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -323,7 +322,7 @@ def test_late_records_and_backlogs_land_in_the_windows_once(records):
     # Packed runs stay in start order, so forgetting (which drops a run's head) leaves
     # nothing older than the hour behind.
     for run in traffic._minutes.packed.get("hello", {}).values():
-        starts = [start for start, *_ in _packed_records(run.records)]
+        starts = [start for start, *_ in packed_records(run.records)]
         assert starts == sorted(starts) and starts[-1] == run.newest
         assert starts[0] >= now - KEEP - MINUTE
 
@@ -364,7 +363,7 @@ def test_memory_stays_flat_under_a_million_requests():
 def packed_minutes(traffic: Traffic, app: str) -> int:
     """How many of the app's minutes are packed (``Slot.freeze``), all versions."""
     runs = traffic._minutes.packed.get(app, {}).values()
-    return sum(len(list(_packed_records(run.records))) for run in runs)
+    return sum(len(list(packed_records(run.records))) for run in runs)
 
 
 def test_an_hour_of_uptime_checks_keeps_minutes_not_ten_second_slots():

@@ -27,7 +27,7 @@ A thousand apps redeployed often keep thousands of slots, so a slot is kept
 small: one object (it is its own latency histogram) and no bookkeeping of its
 own beyond its start's entry. A minute nothing more joins is packed
 (``Slot.freeze``, varints) into its version's run of packed minutes, one bytes
-object (``_Run``). A host of 1000 apps each asked every 10 seconds for an hour
+object (``Run``). A host of 1000 apps each asked every 10 seconds for an hour
 keeps about 11 MB of statistics this way (tracemalloc; 204 MB as 10-second
 slot objects).
 """
@@ -36,13 +36,13 @@ from __future__ import annotations
 
 import bisect
 import heapq
-import itertools
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from keter.stats.histogram import Histogram
 from keter.stats.record import Record
+from keter.stats.slot import Run, Slot
 
 SLOT = 10  # seconds per recent slot
 MINUTE = 60  # seconds per older slot
@@ -57,130 +57,6 @@ VERSIONS_KEPT = 5  # per app, in the cumulative counters
 METRIC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-class Slot(Histogram):
-    """Ten seconds (or a minute) of one version's requests: the histogram of their upstream
-    response times (a slot is one, rather than holding one: an object less per slot),
-    their counts per status class and the bytes sent."""
-
-    __slots__ = ("bytes", "classes")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.classes = [0, 0, 0, 0, 0]  # 1xx .. 5xx
-        self.bytes = 0
-
-    def absorb(self, other: Slot) -> None:
-        """Add ``other``'s requests to this slot's (a 10-second slot joining its minute)."""
-        self.merge(other)
-        for i, n in enumerate(other.classes):
-            self.classes[i] += n
-        self.bytes += other.bytes
-
-    def freeze(self) -> bytes:
-        """The slot packed: bytes sent, the five class counts, then (bucket, count) pairs,
-        each a varint.
-
-        A minute nothing more joins is kept so: about 25 bytes for a minute of uptime
-        checks, against about 450 for the objects (the histogram's dict above all).
-        """
-        numbers = [self.bytes, *self.classes, *itertools.chain.from_iterable(self.counts.items())]
-        return _varints(numbers)
-
-    @classmethod
-    def thaw(cls, frozen: bytes) -> Slot:
-        slot = cls()
-        numbers = _read_varints(frozen)
-        slot.bytes, slot.classes = numbers[0], numbers[1:6]
-        slot.counts = dict(zip(numbers[6::2], numbers[7::2], strict=True))
-        slot.count = sum(numbers[7::2])
-        return slot
-
-
-def _varints(numbers: Iterable[int]) -> bytes:
-    """Integers as LEB128 varints, zigzagged (a hostile spool line may say -5 bytes)."""
-    out = bytearray()
-    for number in numbers:
-        number = number << 1 if number >= 0 else (~number << 1) | 1
-        while number > 0x7F:
-            out.append(number & 0x7F | 0x80)
-            number >>= 7
-        out.append(number)
-    return bytes(out)
-
-
-def _read_varints(data: bytes) -> list[int]:
-    numbers, offset = [], 0
-    while offset < len(data):
-        number, offset = _varint_at(data, offset)
-        numbers.append(number)
-    return numbers
-
-
-def _varint_at(data: bytes, offset: int) -> tuple[int, int]:
-    """The zigzagged varint at ``offset``, and the offset after it."""
-    number, shift = 0, 0
-    while True:
-        byte = data[offset]
-        offset += 1
-        number |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return (number >> 1 if not number & 1 else ~(number >> 1)), offset
-
-
-def _packed_records(packed: bytes) -> Iterator[tuple[int, int, int, int]]:
-    """A packed run's records: (slot start, record offset, slot offset, record end)."""
-    offset = 0
-    while offset < len(packed):
-        start, after = _varint_at(packed, offset)
-        length, slot_offset = _varint_at(packed, after)
-        yield start, offset, slot_offset, slot_offset + length
-        offset = slot_offset + length
-
-
-@dataclass(slots=True)
-class _Run:
-    """One version's packed slots: records (start, length, ``Slot.freeze``) in start order,
-    and the newest one's start (a slot newer than it is never in the run: no scan)."""
-
-    records: bytes
-    newest: int
-
-    def add(self, start: int, record: bytes) -> None:
-        if start > self.newest:  # the usual minute, and a backlog read in time order
-            self.records += record
-            self.newest = start
-            return
-        for at, begin, _, _ in _packed_records(self.records):
-            if at > start:
-                self.records = self.records[:begin] + record + self.records[begin:]
-                return
-        self.records += record  # a start equal to the newest: keter never packs one twice
-
-    def take(self, start: int) -> Slot | None:
-        """Take the slot at ``start`` out, if the run has it."""
-        if start > self.newest:
-            return None
-        before = None  # the start of the record before the one looked at
-        for at, begin, slot_offset, end in _packed_records(self.records):
-            if at == start:
-                slot = Slot.thaw(self.records[slot_offset:end])
-                if end == len(self.records) and before is not None:
-                    self.newest = before
-                self.records = self.records[:begin] + self.records[end:]
-                return slot
-            before = at
-        return None
-
-    def drop_before(self, limit: float) -> None:
-        """Drop the records of slots that start before ``limit`` (the run's head)."""
-        for at, begin, _, _ in _packed_records(self.records):
-            if at >= limit:
-                self.records = self.records[begin:]
-                return
-        self.records = b""
-
-
 class _Tier:
     """Slots of one length, per app and version, with the bookkeeping that finds old ones.
 
@@ -189,7 +65,7 @@ class _Tier:
     same starts as a heap, oldest first: what ``take_before`` looks at, and nothing else.
 
     A tier that packs (the minutes) moves each slot nothing more joins out of ``slots``
-    into ``packed``: app -> version -> ``_Run``, so a version's hour of minutes is one
+    into ``packed``: app -> version -> ``Run``, so a version's hour of minutes is one
     bytes object, about 2 KB for an hour of uptime checks. A record later than any takes
     its slot back out.
     """
@@ -198,7 +74,7 @@ class _Tier:
         self.seconds = seconds
         self.per_version = per_version
         self.slots: dict[str, dict[str, dict[int, Slot]]] = {}
-        self.packed: dict[str, dict[str, _Run]] = {}
+        self.packed: dict[str, dict[str, Run]] = {}
         # Lists, not sets (a third of the memory): an app is added once per slot it
         # gets there (per version), and looking twice at an app is harmless.
         self._apps_by_start: dict[int, list[str]] = {}
@@ -271,14 +147,7 @@ class _Tier:
                 for version, slots in list(versions.items()):
                     slot = slots.pop(start, None)
                     if slot is not None:
-                        frozen = slot.freeze()
-                        record = _varints((start, len(frozen))) + frozen
-                        runs = self.packed.setdefault(app, {})
-                        run = runs.get(version)
-                        if run is None:
-                            runs[version] = _Run(record, start)
-                        else:
-                            run.add(start, record)
+                        self.packed.setdefault(app, {}).setdefault(version, Run()).add(start, slot)
                     if not slots:
                         del versions[version]
                 if not versions:
@@ -467,9 +336,7 @@ class Traffic:
             return  # the last minutes (the status line's): nothing packed is that recent
         for v, run in self._minutes.packed.get(app, {}).items():
             if version is None or v == version:
-                for start, _, slot_offset, end in _packed_records(run.records):
-                    if start + MINUTE > after and start <= until:
-                        yield start, Slot.thaw(run.records[slot_offset:end])
+                yield from run.slots(after, until, MINUTE)
 
     def summary(
         self,

@@ -29,7 +29,14 @@ from keter.config import KeterConfig
 from keter.messages import WatchVerdict, WatchVersion
 from keter.stats import spool
 from keter.stats.component import FORGET_WATCH, StatsCollector, _Watch
-from keter.stats.histogram import FLOOR, RELATIVE_ERROR, Histogram
+from keter.stats.histogram import (
+    BUCKETS,
+    FLOOR,
+    GROWTH,
+    RELATIVE_ERROR,
+    Histogram,
+    bucket,
+)
 from keter.stats.record import TAG, access_log_directive, log_format_directive, parse
 from keter.stats.slot import Slot, packed_records
 from keter.stats.traffic import (
@@ -232,6 +239,20 @@ def test_percentiles_are_within_the_documented_error(values: list[float], q: flo
         assert found <= FLOOR
     else:
         assert abs(found - exact) <= exact * RELATIVE_ERROR + 1e-12
+
+
+@given(st.floats())
+def test_every_latency_a_spool_line_can_say_has_a_bucket(seconds: float):
+    """inf, 1e308, nan, negatives: nginx never writes them, a damaged spool might."""
+    assert 0 <= bucket(seconds) < BUCKETS
+    if seconds > FLOOR and seconds / FLOOR < math.inf:  # the formula has a value: the same
+        exact = math.ceil(math.log(seconds / FLOOR) / math.log(GROWTH))
+        assert bucket(seconds) == min(BUCKETS - 1, exact)
+    traffic = Traffic()
+    template = parse(spool_line())
+    template.upstream_time = seconds
+    traffic.add(template)
+    assert traffic.summary("hello", template.at, 60).requests == 1
 
 
 @settings(max_examples=150, deadline=None)

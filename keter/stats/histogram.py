@@ -18,12 +18,15 @@ GROWTH = 1.02  # each bucket is 2% wider than the one before
 BUCKETS = 1024
 RELATIVE_ERROR = math.sqrt(GROWTH) - 1  # of a reported quantile above FLOOR (about 1%)
 _LOG_GROWTH = math.log(GROWTH)
+_TOP = FLOOR * GROWTH ** (BUCKETS - 2)  # the last bucket holds everything above this
 
 
 def bucket(seconds: float) -> int:
-    """The bucket a latency falls in."""
+    """The bucket a latency falls in (any float: a spool line may say "inf")."""
     if not seconds > FLOOR:  # NaN too
         return 0
+    if seconds > _TOP:  # infinity too, whose logarithm has no ceiling
+        return BUCKETS - 1
     return min(BUCKETS - 1, math.ceil(math.log(seconds / FLOOR) / _LOG_GROWTH))
 
 

@@ -241,6 +241,42 @@ def test_percentiles_are_within_the_documented_error(values: list[float], q: flo
         assert abs(found - exact) <= exact * RELATIVE_ERROR + 1e-12
 
 
+_NUMBERISH = st.one_of(
+    st.floats().map(repr),
+    st.integers().map(str),
+    st.sampled_from(["-", "", "inf", "-inf", "nan", "1e400", "9" * 400, "0.001, 0.002 : -"]),
+    st.text(max_size=8),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(st.floats(1.6e9, 1.8e9).map(repr), _NUMBERISH),  # $msec
+            st.one_of(st.integers(100, 599).map(str), _NUMBERISH),  # $status
+            st.one_of(st.integers(0, 10**6).map(str), _NUMBERISH),  # $body_bytes_sent
+            _NUMBERISH,  # $upstream_response_time
+        ),
+        max_size=20,
+    )
+)
+def test_no_spool_line_breaks_the_statistics(fields):
+    """Whatever a (damaged) spool says for a record's time, status, bytes and upstream
+    time, reading it never raises: it is counted, or skipped."""
+    traffic = Traffic()
+    for at, status, sent, upstream in fields:
+        line = spool_line().split(b"\t")
+        line[3], line[4], line[5], line[7] = (
+            x.encode("utf-8", "replace") for x in (at, status, sent, upstream)
+        )
+        record = parse(b"\t".join(line))
+        if record is not None:
+            traffic.add(record)
+            traffic.prune(record.at)
+            traffic.summary("hello", record.at, 3600)
+
+
 @given(st.floats())
 def test_every_latency_a_spool_line_can_say_has_a_bucket(seconds: float):
     """inf, 1e308, nan, negatives: nginx never writes them, a damaged spool might."""

@@ -70,10 +70,15 @@ def _varints(numbers: Iterable[int]) -> bytes:
 
 
 def _read_varints(data: bytes) -> list[int]:
-    numbers, offset = [], 0
-    while offset < len(data):
-        number, offset = _varint_at(data, offset)
-        numbers.append(number)
+    if data.isascii():  # every number within -64 .. 63, one byte each: a quiet minute
+        return [byte >> 1 if not byte & 1 else ~(byte >> 1) for byte in data]
+    numbers, number, shift = [], 0, 0
+    for byte in data:  # inline: a call per number made a busy app's views 1.5x slower
+        number |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            numbers.append(number >> 1 if not number & 1 else ~(number >> 1))
+            number, shift = 0, 0
     return numbers
 
 

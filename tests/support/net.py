@@ -17,12 +17,36 @@ from pathlib import Path
 
 from support.wait import wait_for
 
+# Ports for what the tests start themselves (nginx, PostgreSQL, pebble, apps handed to a
+# process monitor): 30000-32767, above the test kters' app ports and below the kernel's
+# ephemeral range (32768-60999). A port the kernel picked (bind to port 0) could be
+# taken, before its user binds it, as the local port of any connection made meanwhile
+# ("port ... is already in use", seen once); the kernel never picks these.
+_OWN_PORTS = range(30_000, 32_768)
+_next_own = itertools.count(random.randrange(10_000))
+
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing holds right now, from this xdist worker's slice
+    of ``_OWN_PORTS`` in turn (a port handed out is not handed out again soon)."""
+    workers, worker = _xdist_worker()
+    span = len(_OWN_PORTS) // workers
+    for _ in range(span):
+        port = _OWN_PORTS.start + worker * span + next(_next_own) % span
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))  # no SO_REUSEADDR: a port in TIME_WAIT is skipped
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_OWN_PORTS} for this worker")
+
+
+def _xdist_worker() -> tuple[int, int]:
+    """(how many pytest-xdist workers run, which one this is): (1, 0) without xdist."""
+    workers = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), 1)
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    return workers, worker % workers
 
 
 def listening(port: int, timeout: float = 1.0) -> bool:
@@ -69,11 +93,10 @@ def app_port_range() -> list[int]:
     and, rightly, refuse to route to it); another test session on this machine meets
     ours only by chance.
     """
-    workers = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), 1)
-    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    workers, worker = _xdist_worker()
     span = len(_APP_PORTS) // workers
     slots = span // _RANGE_WIDTH
-    low = _APP_PORTS.start + (worker % workers) * span + (next(_next_slot) % slots) * _RANGE_WIDTH
+    low = _APP_PORTS.start + worker * span + (next(_next_slot) % slots) * _RANGE_WIDTH
     return [low, low + _RANGE_WIDTH - 1]
 
 

@@ -39,6 +39,7 @@ from harness import (
     rss_mb,
     spread,
 )
+from support.spool import spool_line
 
 from keter.client import KeterClient
 
@@ -51,6 +52,7 @@ REDEPLOY_RATIO_TARGET = 1.5
 ROUNDS = 3
 CHECK_EVERY = 10  # seconds between an uptime monitor's requests to each app
 CHECK_VERSION = "c0ffee000000"  # the monitor's records' version: theirs alone
+CHECK = "GET /health HTTP/1.1"
 
 
 def run(settings: Settings) -> list[Row]:
@@ -215,6 +217,12 @@ def _at_scale(settings: Settings, n: int) -> tuple[list[Row], tuple[int, float, 
     return rows, point
 
 
+def _check(app: str, at: float) -> bytes:
+    """The spool line of one monitor's check of ``app`` at ``at``."""
+    line = spool_line(app, CHECK_VERSION, at=at, sent=2, upstream="0.002", request=CHECK)
+    return line + b"\n"
+
+
 def _an_hour_of_checks(stack: Stack, apps: list[str]) -> tuple[int, float]:
     """Append to keter's spool what nginx logs when a monitor asks every app every
     ``CHECK_EVERY`` seconds for an hour, and wait until keter has read it all and its
@@ -229,7 +237,7 @@ def _an_hour_of_checks(stack: Stack, apps: list[str]) -> tuple[int, float]:
     started = time.monotonic()
     with spool.open("ab") as out:  # O_APPEND, whole lines per write: as nginx writes
         for at in times:
-            out.write(b"".join(_check_line(app, at) for app in apps))
+            out.write(b"".join(_check(app, at) for app in apps))
     last = apps[-1]  # its records are the spool's last lines
 
     def read() -> bool:
@@ -241,28 +249,6 @@ def _an_hour_of_checks(stack: Stack, apps: list[str]) -> tuple[int, float]:
     # The next prune (every second) joins the old 10-second slots into minutes.
     observe(stack.pid, 3)
     return len(times) * len(apps), seen - started
-
-
-def _check_line(app: str, at: float) -> bytes:
-    """One record of keter's spool format (keter.stats.record) for a monitor's check."""
-    fields = (
-        "k1",
-        app,
-        CHECK_VERSION,
-        f"{at:.3f}",
-        "200",
-        "2",
-        "0.002",
-        "0.002",
-        "127.0.0.1",
-        "-",
-        time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(at)),
-        f"{app}.bench",
-        "GET /health HTTP/1.1",
-        "-",
-        "uptime-monitor",
-    )
-    return "\t".join(fields).encode() + b"\n"
 
 
 def _redeploys(stack: Stack, app: str, reps: int, running: int) -> list[float]:

@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.bundles import make_bundle, webapp_config
 from support.daemon import keter_cli, status_api
+from support.spool import spool_line
 from support.wait import wait_for
 
 from keter.config import KeterConfig
@@ -37,7 +38,7 @@ from keter.stats.histogram import (
     Histogram,
     bucket,
 )
-from keter.stats.record import TAG, access_log_directive, log_format_directive, parse
+from keter.stats.record import access_log_directive, log_format_directive, parse
 from keter.stats.slot import Slot, packed_records
 from keter.stats.traffic import (
     FINE,
@@ -50,37 +51,6 @@ from keter.stats.traffic import (
 )
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def spool_line(
-    app: str = "hello",
-    version: str = "0123456789ab",
-    *,
-    at: float | None = None,
-    status: int = 200,
-    sent: int = 3,
-    upstream: str = "0.004",
-    request: str = "GET / HTTP/1.1",
-) -> bytes:
-    """A record as nginx writes it with keter's log format."""
-    fields = [
-        TAG.decode(),
-        app,
-        version,
-        f"{time.time() if at is None else at:.3f}",
-        str(status),
-        str(sent),
-        "0.005",
-        upstream,
-        "127.0.0.1",
-        "-",
-        "30/Nov/2026:03:40:25 +0000",
-        f"{app}.test",
-        request,
-        "-",
-        "curl/7.88",
-    ]
-    return "\t".join(fields).encode()
 
 
 def send(port: int, host: str, paths: list[str], clients: int = 4) -> tuple[Counter, list[float]]:

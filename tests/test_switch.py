@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.spool import spool_line
 from support.wait import wait_for
 
 from keter import sockdiag
@@ -36,7 +37,6 @@ from keter.messages import (
     WatchDrain,
 )
 from keter.stats.component import StatsCollector
-from keter.stats.record import TAG
 from keter.switch import StablePorts, Switch, Table, nft
 from keter.switch.nfnetlink import NetlinkError
 
@@ -478,10 +478,3 @@ def test_records_that_say_no_version_get_the_version_serving_when_made(tmp_path:
         "bbbbbbbbbbbb",
         "cccccccccccc",  # a version nginx named itself stays
     ]
-
-
-def spool_line(app: str, version: str, *, at: float) -> bytes:
-    """A record as nginx writes it with keter's log format (keter.stats.record)."""
-    fields = [TAG.decode(), app, version, f"{at:.3f}", "200", "3", "0.005", "0.004"]
-    fields += ["127.0.0.1", "-", "30/Nov/2026:03:40:25 +0000", f"{app}.test", "GET / HTTP/1.1"]
-    return "\t".join([*fields, "-", "curl/7.88"]).encode()

@@ -143,15 +143,8 @@ class _Tier:
         # In start order: each goes after the ones packed before it in this call.
         for start in sorted(start for start in self._unpacked if start < limit):
             for app in self._unpacked.pop(start):
-                versions = self.slots.get(app, {})
-                for version, slots in list(versions.items()):
-                    slot = slots.pop(start, None)
-                    if slot is not None:
-                        self.packed.setdefault(app, {}).setdefault(version, Run()).add(start, slot)
-                    if not slots:
-                        del versions[version]
-                if not versions:
-                    self.slots.pop(app, None)
+                for version, at, slot in self._pop_slots(app, start, start + 1):
+                    self.packed.setdefault(app, {}).setdefault(version, Run()).add(at, slot)
         self.packed_before = max(self.packed_before, limit)
 
     def take_before(self, limit: float) -> tuple[list[tuple[str, str, int, Slot]], set[str]]:
@@ -165,18 +158,25 @@ class _Tier:
                 self._unpacked.pop(start, None)
             apps.update(self._apps_by_start.pop(start))
         for app in apps:
-            versions = self.slots.get(app, {})
-            for version, slots in list(versions.items()):
-                for start in [start for start in slots if start < limit]:
-                    taken.append((app, version, start, slots.pop(start)))
-                if not slots:
-                    del versions[version]
-            if not versions:
-                self.slots.pop(app, None)
+            taken += ((app, *popped) for popped in self._pop_slots(app, -math.inf, limit))
             for version, run in list(self.packed.get(app, {}).items()):
                 run.drop_before(limit)
                 self._drop_if_empty(app, version)
         return taken, apps
+
+    def _pop_slots(self, app: str, low: float, high: float) -> list[tuple[str, int, Slot]]:
+        """Remove the app's slots (not packed) that start in [low, high): (version, start,
+        slot). A version, and an app, left with none go too."""
+        versions = self.slots.get(app, {})
+        popped = []
+        for version, slots in list(versions.items()):
+            for start in [start for start in slots if low <= start < high]:
+                popped.append((version, start, slots.pop(start)))
+            if not slots:
+                del versions[version]
+        if not versions:
+            self.slots.pop(app, None)
+        return popped
 
     def apps_with_slots(self, after: float, until: float) -> set[str]:
         """The apps with a slot that starts after ``after`` and by ``until``."""

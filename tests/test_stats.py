@@ -261,6 +261,16 @@ def test_every_latency_a_spool_line_can_say_has_a_bucket(seconds: float):
     assert traffic.summary("hello", template.at, 60).requests == 1
 
 
+def counted(at: float, now: float, seconds: int) -> bool:
+    """Whether a record made at ``at`` counts in the window of ``seconds`` before ``now``,
+    once pruned at ``now``: its slot (10 seconds, or its minute once FINE old) overlaps
+    the window and is not forgotten."""
+    start, length = at // SLOT * SLOT, SLOT
+    if start < now - FINE:  # joined its minute
+        start, length = at // MINUTE * MINUTE, MINUTE
+    return now - seconds - length < start <= now and start >= now - KEEP - MINUTE
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     st.lists(
@@ -298,10 +308,7 @@ def test_windows_are_the_records_still_in_the_hour_whatever_was_pruned(records):
                 summary = traffic.summary(app, now, seconds, version)
                 expected = [0, 0, 0, 0, 0]
                 for a, v, offset, status, _ in records:
-                    start, length = (base + offset) // SLOT * SLOT, SLOT
-                    if start < now - FINE:  # joined its minute
-                        start, length = (base + offset) // MINUTE * MINUTE, MINUTE
-                    if a == app and version in (None, v) and now - seconds - length < start <= now:
+                    if a == app and version in (None, v) and counted(base + offset, now, seconds):
                         expected[status // 100 - 1] += 1
                 assert list(summary.classes) == expected, (app, version, seconds)
         kept = {v for v in ("v1", "v2", "v3") if traffic.summary(app, now, KEEP + SLOT, v).requests}
@@ -340,10 +347,7 @@ def test_late_records_and_backlogs_land_in_the_windows_once(records):
     for seconds in (60, 300, 3600):
         expected = [0, 0, 0, 0, 0]
         for at, status in kept:
-            start, length = at // SLOT * SLOT, SLOT
-            if start < now - FINE:  # joined its minute
-                start, length = at // MINUTE * MINUTE, MINUTE
-            if now - seconds - length < start <= now and start >= now - KEEP - MINUTE:
+            if counted(at, now, seconds):
                 expected[status // 100 - 1] += 1
         assert list(traffic.summary("hello", now, seconds).classes) == expected, seconds
     # Packed runs stay in start order, so forgetting (which drops a run's head) leaves

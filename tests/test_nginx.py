@@ -48,6 +48,7 @@ from keter.nginx import (
     render,
     upstream_name,
 )
+from keter.nginx.render import generation_of
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,18 @@ def test_header_names_generation_and_warns() -> None:
     assert header[1] == "# generation 7"
 
 
+@given(st.integers(min_value=0, max_value=2**63))
+def test_the_generation_a_main_file_carries_is_read_back(generation: int) -> None:
+    assert generation_of(render([], LOCAL, generation).encode()) == generation
+
+
+@given(st.binary(max_size=60) | st.binary(max_size=6).map(b"x\n# generation %b\n".__mod__))
+def test_a_file_not_keters_carries_no_generation(text: bytes) -> None:
+    found = generation_of(text)
+    assert found is None or b"\n# generation %d\n" % found in text
+    assert generation_of(None) is None
+
+
 def test_output_is_deterministic() -> None:
     a = site("alpha", "b.alpha.com", "a.alpha.com", port=4001)
     b = site("beta", "beta.com", port=4002)
@@ -346,6 +359,12 @@ def apply(writer: NginxWriter, reports: queue.Queue, generation: int, *sites: Si
 def copy_of(writer: NginxWriter, app: str, index: int = 0) -> Route:
     """A route of ``app`` as nginx serves it: naming keter's copies of its files."""
     return writer.live[app].local.site.routes[index]
+
+
+def accepting_workers(nginx: PrivateNginx) -> set[int]:
+    """nginx's workers that are not shutting down."""
+    workers = psutil.Process(nginx.pid).children()
+    return {each.pid for each in workers if "shutting down" not in " ".join(each.cmdline())}
 
 
 def app_name(nginx: PrivateNginx, host: str) -> str:
@@ -490,6 +509,8 @@ def test_reload_not_taken_is_reported_and_rolled_back(
     finally:
         writer.stop()
         writer.join(timeout=15)
+    private_nginx.wait_settled()
+    workers_before = accepting_workers(private_nginx)
 
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
@@ -519,6 +540,10 @@ def test_reload_not_taken_is_reported_and_rolled_back(
     assert private_nginx.config_file.read_bytes() == before
     assert app_name(private_nginx, "blog.test") == "first"
     assert fetch_generation("127.0.0.1", private_nginx.port) == "1"
+    # nginx, which might yet take the refused reload late (a busy machine), was
+    # reloaded once more with the restored file: its workers are new, serving 1.
+    workers_after = accepting_workers(private_nginx)
+    assert workers_after and not workers_after & workers_before
 
 
 def test_reload_command_failure_restores_old_file(

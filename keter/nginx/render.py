@@ -409,6 +409,15 @@ def render_main(
     return "\n".join(parts)
 
 
+def generation_of(main: bytes | None) -> int | None:
+    """The generation a main file written by ``render_main`` carries (None if none)."""
+    lines = (main or b"").split(b"\n", 2)
+    if len(lines) < 3 or not lines[1].startswith(b"# generation "):
+        return None
+    number = lines[1].removeprefix(b"# generation ")
+    return int(number) if number.isdigit() and number == b"%d" % int(number) else None
+
+
 def include_line(path: Path) -> str:
     """The line that has nginx read one site's file."""
     text = _path(path)

@@ -17,6 +17,8 @@ the reply is ``NginxFailed``.
 ``nginx -s reload`` only sends a signal; nginx may still reject the new config
 (a listen port already taken) and keep the old one. The writer therefore only
 reports success once nginx's status server answers with the new generation.
+When nginx does not, the writer puts the previous file back and reloads nginx
+once more with it: a busy nginx may still take the refused reload late.
 Once it knows nginx's master (from the workers that answer), it sends that
 signal itself instead of running ``nginx -s reload``, which reads and checks
 the whole config just to find the pid file: with 1000 sites, 0.1 s of CPU on
@@ -49,6 +51,7 @@ from keter.nginx.probe import probe
 from keter.nginx.render import (
     ListenerLike,
     ProxyOptions,
+    generation_of,
     hosts_of,
     include_line,
     is_tls,
@@ -88,6 +91,13 @@ class Rendered:
     def include(self) -> str:
         """The main file's line that has nginx read the site's own file."""
         return include_line(self.file)
+
+
+@dataclass(frozen=True)
+class _NotSent:
+    """The reload command failed: nginx was not told to reload."""
+
+    reason: str
 
 
 class NginxBroken(Exception):
@@ -404,30 +414,17 @@ class NginxWriter(Actor):
         """Reload nginx, confirm it serves ``generation`` and that its old workers have
         stopped accepting; on failure, report it."""
         log_offset = self._error_log_size()
-        retiring = Retiring.before_reload(self._master)
-        if not retiring.known:
-            self._wait_until(retiring.in_a_later_tick, time.monotonic() + 1)
-        error = self._send_reload(retiring)
-        if error is not None:
-            self._fail(generation, f"nginx reload failed: {error}{self._restore()}")
-            return False
-        deadline = time.monotonic() + self.confirm_timeout
-        if retiring.known:
-            # Watching the workers is quicker than asking: while old workers still
-            # accept, half the questions would reach them.
-            self._wait_until(retiring.replaced, deadline)
-        worker = self._confirm(generation, deadline)
-        if worker is not None:
-            retiring.after_reload(worker or None)
-            self._master = retiring.master
-            self._wait_retired(retiring, generation)
+        error = self._take(generation)
+        if error is None:
             return True
         if self._stopping.is_set():
             # nginx was told to load this config and may well have done so:
             # leave the file as it is rather than guess.
             self._fail(generation, "keter stopped before nginx confirmed the reload")
             return False
-        restored = self._restore()
+        if isinstance(error, _NotSent):
+            self._fail(generation, f"nginx reload failed: {error.reason}{self._restore()}")
+            return False
         reason = (
             f"nginx did not serve generation {generation} within "
             f"{self.confirm_timeout:g}s; it kept the previous configuration"
@@ -435,8 +432,49 @@ class NginxWriter(Actor):
         emerg = self._new_emerg(log_offset)
         if emerg:
             reason += f": {emerg}"
-        self._fail(generation, reason + restored)
+        restored = self._restore()
+        self._fail(generation, reason + (restored or self._back_to_live()))
         return False
+
+    def _back_to_live(self) -> str:
+        """Reload nginx with the restored main file and confirm it serves it again.
+
+        nginx may take a reload keter gave up on: on a busy machine it can read the
+        new file and bind its ports seconds later. Without a second reload it would
+        then serve the generation keter reported as refused. Returns "" or a note
+        for the failure reason.
+        """
+        live = generation_of(self._live_main)
+        if live is None:
+            return ""  # not keter's file (or none): nothing nginx can be asked to confirm
+        error = self._take(live)
+        if error is None:
+            return ""
+        return f" (and nginx did not come back to generation {live}: {error})"
+
+    def _take(self, generation: int) -> _NotSent | str | None:
+        """Have nginx reload and serve ``generation``, its old workers retired.
+
+        None once it does; ``_NotSent`` if the reload could not be sent; else why not.
+        """
+        retiring = Retiring.before_reload(self._master)
+        if not retiring.known:
+            self._wait_until(retiring.in_a_later_tick, time.monotonic() + 1)
+        error = self._send_reload(retiring)
+        if error is not None:
+            return _NotSent(error)
+        deadline = time.monotonic() + self.confirm_timeout
+        if retiring.known:
+            # Watching the workers is quicker than asking: while old workers still
+            # accept, half the questions would reach them.
+            self._wait_until(retiring.replaced, deadline)
+        worker = self._confirm(generation, deadline)
+        if worker is None:
+            return f"not served within {self.confirm_timeout:g}s"
+        retiring.after_reload(worker or None)
+        self._master = retiring.master
+        self._wait_retired(retiring, generation)
+        return None
 
     def _send_reload(self, retiring: Retiring) -> str | None:
         """Tell nginx to reload: SIGHUP to its master when keter's reload command is

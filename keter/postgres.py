@@ -110,11 +110,6 @@ def new_password() -> str:
     return secrets.token_urlsafe(32)
 
 
-def server_of(dsn: str) -> tuple[str, int]:
-    """Host (or socket dir) and port that a libpq connection string points at first."""
-    return first_server(conninfo(dsn))
-
-
 def db_env(db: DbInfo) -> dict[str, str]:
     """The variables that let an app reach its database with no code of its own.
 

@@ -21,7 +21,7 @@ from keter.config import (
     parse_config,
     read_ephemeral_range,
 )
-from keter.postgres import server_of
+from keter.config.model import conninfo, first_server
 from keter.yamlcheck import load_yaml, read_yaml_file
 
 ROOT = Path("/srv/keter")
@@ -432,7 +432,7 @@ def test_keter_provisions_on_the_first_server_a_dsn_lists() -> None:
     the provisioner (what apps are given) both take the first."""
     dsn = "host=db1.example,db2.example port=6543,6544 user=admin"
     config = parse(f'postgres: {{admin-dsn: "{dsn}"}}')
-    assert config.postgres.server() == ("db1.example", 6543) == server_of(dsn)
+    assert config.postgres.server() == ("db1.example", 6543) == first_server(conninfo(dsn))
     assert config.postgres.server_problem("db1.example", 6543) is None
     assert config.postgres.server_problem("db2.example", 6544) is not None
 

@@ -142,8 +142,8 @@ def test_the_daemon_loads_psycopg_only_when_a_database_is_needed() -> None:
         "for name in ('keter.daemon', 'keter.cli', 'keter.incoming.worker'):\n"
         "    importlib.import_module(name)\n"
         "before = sorted(m for m in sys.modules if m.split('.')[0] == 'psycopg')\n"
-        "from keter.postgres import server_of\n"
-        "server_of('host=/tmp port=5433')\n"
+        "from keter.config.model import conninfo\n"
+        "conninfo('host=/tmp port=5433')\n"
         "after = 'psycopg' in sys.modules\n"
         "print(json.dumps([before, after]))\n"
     )

@@ -26,6 +26,7 @@ from support.postgres import ADMIN_ROLE, PrivatePostgres
 from support.wait import wait_for
 
 from keter import pgadmin
+from keter.config.model import conninfo, first_server
 from keter.messages import DatabaseFailed, DatabaseReady, DbInfo, ProvisionDatabase
 from keter.postgres import (
     PostgresProvisioner,
@@ -33,7 +34,6 @@ from keter.postgres import (
     name_pattern,
     new_name,
     new_password,
-    server_of,
     slug,
 )
 
@@ -82,9 +82,9 @@ def test_new_names_and_passwords_are_random() -> None:
     assert len(password) >= 22  # URL-safe base64: 6 bits a character, so >= 128 bits
 
 
-def test_server_of_defaults_to_the_debian_socket() -> None:
-    assert server_of("") == ("/var/run/postgresql", 5432)
-    assert server_of("host=db.example port=6543 user=admin") == ("db.example", 6543)
+def test_the_first_server_defaults_to_the_debian_socket() -> None:
+    assert first_server(conninfo("")) == ("/var/run/postgresql", 5432)
+    assert first_server(conninfo("host=db.example port=6543 user=admin")) == ("db.example", 6543)
 
 
 @pytest.mark.parametrize(

@@ -99,6 +99,7 @@ def build_components(config: KeterConfig, inbox: queue.SimpleQueue) -> Component
             config_file=config.nginx.config_file,
             test_command=config.nginx.test_command,
             reload_command=config.nginx.reload_command,
+            error_log=config.nginx.error_log,
             report_to=inbox,
             options=ProxyOptions.from_config(config),
         ),

@@ -59,7 +59,9 @@ def test_empty_document_gives_keters_defaults() -> None:
         config_file=Path("/etc/nginx/sites-enabled/keter"),
         test_command=("nginx", "-t"),
         reload_command=("nginx", "-s", "reload"),
+        error_log=Path("/var/log/nginx/error.log"),  # Debian's
     )
+    assert parse("nginx: {error-log: null}").nginx.error_log is None
     assert config.port_range == (4000, 4999)
     assert (config.health_check_timeout, config.drain_seconds, config.stop_timeout) == (30, 2, 10)
     assert dict(config.env) == {}
@@ -92,6 +94,7 @@ def test_every_key_is_read() -> None:
           config-file: nginx/keter.conf
           test-command: [/usr/sbin/nginx, -t, -c, /x/nginx.conf]
           reload-command: [/usr/sbin/nginx, -s, reload]
+          error-log: log/nginx-error.log
         port-range: [20000, 20099]
         health-check-timeout: 7.5
         drain-seconds: 0
@@ -116,6 +119,7 @@ def test_every_key_is_read() -> None:
     assert config.nginx.config_file == ROOT / "etc/nginx/keter.conf"  # relative to the file
     assert config.nginx.test_command == ("/usr/sbin/nginx", "-t", "-c", "/x/nginx.conf")
     assert config.nginx.reload_command == ("/usr/sbin/nginx", "-s", "reload")
+    assert config.nginx.error_log == ROOT / "etc/log/nginx-error.log"
     assert config.port_range == (20000, 20099)
     assert config.health_check_timeout == 7.5
     assert config.drain_seconds == 0
@@ -221,6 +225,7 @@ def test_port_range_may_touch_but_not_overlap_the_ephemeral_range() -> None:
         ("nginx: {reload-command: []}", "nginx.reload-command: expected a non-empty list"),
         ("nginx: {reload-command: [nginx, 1]}", "nginx.reload-command: expected a non-empty list"),
         ("nginx: {config_file: x}", "nginx.config_file: unknown key (did you mean config-file?)"),
+        ("nginx: {error-log: [a]}", 'nginx.error-log: expected a file path, got ["a"]'),
         (
             "health-check-timeout: '30'",
             'health-check-timeout: expected a number of seconds > 0, got "30"',

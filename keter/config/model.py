@@ -60,6 +60,9 @@ class NginxSettings:
     config_file: Path = Path("/etc/nginx/sites-enabled/keter")
     test_command: tuple[str, ...] = ("nginx", "-t")
     reload_command: tuple[str, ...] = ("nginx", "-s", "reload")
+    # nginx's error log: its [emerg] line says why nginx refused a reload (a listen
+    # port taken), at once rather than at the confirmation's timeout. None: not read.
+    error_log: Path | None = Path("/var/log/nginx/error.log")
     # DNS servers nginx asks for reverse-proxy host names ("IP" or "IP:PORT");
     # None: the name servers of /etc/resolv.conf.
     resolver: tuple[str, ...] | None = None

@@ -34,13 +34,25 @@ def parse_nginx(value: object, path: str, check: Checker, base: Path) -> object:
         check.problem(path, f"expected a mapping like {{config-file: ...}}, got {describe(value)}")
         return None
     fields: dict[str, Any] = {}
-    keys = ("config-file", "test-command", "reload-command", "resolver", "shared-certificates")
+    keys = (
+        "config-file",
+        "test-command",
+        "reload-command",
+        "error-log",
+        "resolver",
+        "shared-certificates",
+    )
     for key, item in value.items():
         where = f"{path}.{key_name(key)}"
         if key == "config-file":
             text = file_path(item, where, check)
             if text:
                 fields["config_file"] = absolute(base / text)
+        elif key == "error-log":
+            if item is None:
+                fields["error_log"] = None
+            elif text := file_path(item, where, check):
+                fields["error_log"] = absolute(base / text)
         elif key == "resolver":
             fields["resolver"] = _resolver(item, where, check)
         elif key == "shared-certificates":

@@ -34,6 +34,7 @@ import logging
 import os
 import queue
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -93,11 +94,13 @@ class Rendered:
         return include_line(self.file)
 
 
-@dataclass(frozen=True)
-class _NotSent:
-    """The reload command failed: nginx was not told to reload."""
+@dataclass(frozen=True, kw_only=True)
+class _Missed:
+    """Why nginx does not serve a generation it was to reload to."""
 
     reason: str
+    sent: bool = True  # False: the reload command failed, nginx was not told
+    emerg: str | None = None  # nginx's own words: it refused the reload
 
 
 class NginxBroken(Exception):
@@ -413,25 +416,22 @@ class NginxWriter(Actor):
     def _reload(self, generation: int) -> bool:
         """Reload nginx, confirm it serves ``generation`` and that its old workers have
         stopped accepting; on failure, report it."""
-        log_offset = self._error_log_size()
-        error = self._take(generation)
-        if error is None:
+        missed = self._take(generation)
+        if missed is None:
             return True
         if self._stopping.is_set():
             # nginx was told to load this config and may well have done so:
             # leave the file as it is rather than guess.
             self._fail(generation, "keter stopped before nginx confirmed the reload")
             return False
-        if isinstance(error, _NotSent):
-            self._fail(generation, f"nginx reload failed: {error.reason}{self._restore()}")
+        if not missed.sent:
+            self._fail(generation, f"nginx reload failed: {missed.reason}{self._restore()}")
             return False
-        reason = (
-            f"nginx did not serve generation {generation} within "
-            f"{self.confirm_timeout:g}s; it kept the previous configuration"
-        )
-        emerg = self._new_emerg(log_offset)
-        if emerg:
-            reason += f": {emerg}"
+        if missed.emerg:
+            reason = f"nginx refused generation {generation} and kept the previous configuration"
+        else:
+            reason = f"{missed.reason}; it kept the previous configuration"
+        reason += f": {missed.emerg}" if missed.emerg else ""
         restored = self._restore()
         self._fail(generation, reason + (restored or self._back_to_live()))
         return False
@@ -447,30 +447,35 @@ class NginxWriter(Actor):
         live = generation_of(self._live_main)
         if live is None:
             return ""  # not keter's file (or none): nothing nginx can be asked to confirm
-        error = self._take(live)
-        if error is None:
+        missed = self._take(live)
+        if missed is None:
             return ""
-        return f" (and nginx did not come back to generation {live}: {error})"
+        why = missed.emerg or missed.reason
+        return f" (and nginx did not come back to generation {live}: {why})"
 
-    def _take(self, generation: int) -> _NotSent | str | None:
+    def _take(self, generation: int) -> _Missed | None:
         """Have nginx reload and serve ``generation``, its old workers retired.
 
-        None once it does; ``_NotSent`` if the reload could not be sent; else why not.
+        None once it does, else what went wrong. A new ``[emerg]`` line in nginx's
+        error log means nginx refused the reload (it logs one and keeps its running
+        config): no use waiting for the confirmation's timeout then.
         """
+        errors = _ErrorLog(self.error_log)
         retiring = Retiring.before_reload(self._master)
         if not retiring.known:
             self._wait_until(retiring.in_a_later_tick, time.monotonic() + 1)
         error = self._send_reload(retiring)
         if error is not None:
-            return _NotSent(error)
+            return _Missed(reason=error, sent=False)
         deadline = time.monotonic() + self.confirm_timeout
         if retiring.known:
             # Watching the workers is quicker than asking: while old workers still
             # accept, half the questions would reach them.
-            self._wait_until(retiring.replaced, deadline)
-        worker = self._confirm(generation, deadline)
+            self._wait_until(lambda: retiring.replaced() or errors.refused(), deadline)
+        worker = None if errors.refused() else self._confirm(generation, deadline, errors)
         if worker is None:
-            return f"not served within {self.confirm_timeout:g}s"
+            reason = f"nginx did not serve generation {generation} within {self.confirm_timeout:g}s"
+            return _Missed(reason=reason, emerg=errors.last_emerg())
         retiring.after_reload(worker or None)
         self._master = retiring.master
         self._wait_retired(retiring, generation)
@@ -490,8 +495,9 @@ class NginxWriter(Actor):
                 pass  # gone since it was looked at: the command finds nginx's new master
         return _run(command)
 
-    def _confirm(self, generation: int, deadline: float) -> int | None:
-        """Poll the status server until it reports ``generation``; None on timeout.
+    def _confirm(self, generation: int, deadline: float, errors: _ErrorLog) -> int | None:
+        """Poll the status server until it reports ``generation``; None on timeout or
+        once nginx logs that it refused the reload.
 
         Returns the pid of the worker that answered (0 if nginx did not say).
         """
@@ -502,7 +508,7 @@ class NginxWriter(Actor):
             answer = probe(host, port)
             if answer is not None and answer[0] == expected:
                 return answer[1] or 0
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or errors.refused():
                 return None
             # An Event wait, not a sleep: stop() cuts the wait short.
             if self._stopping.wait(CONFIRM_INTERVAL):
@@ -539,26 +545,51 @@ class NginxWriter(Actor):
                 return False
         return True
 
-    def _error_log_size(self) -> int:
-        if self.error_log is None:
-            return 0
-        try:
-            return self.error_log.stat().st_size
-        except OSError:
-            return 0
 
-    def _new_emerg(self, offset: int) -> str | None:
-        """The last ``[emerg]`` line nginx logged after ``offset``, if any."""
-        if self.error_log is None:
+class _ErrorLog:
+    """nginx's error log from the moment this is made: the ``[emerg]`` lines nginx
+    writes when it refuses a reload (a listen port taken, a file it cannot open).
+
+    Read as keter's other inputs are: without blocking (a FIFO named as the log
+    cannot hang the writer), regular files only, at most ``READ_LIMIT`` bytes.
+    """
+
+    READ_LIMIT = 1 << 20
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.offset = self._size()
+
+    def refused(self) -> bool:
+        """Whether nginx logged an ``[emerg]`` line since."""
+        return self.last_emerg() is not None
+
+    def last_emerg(self) -> str | None:
+        """The last ``[emerg]`` line nginx logged since (escaped for a log line), or None."""
+        if self.path is None or self._size() <= self.offset:
             return None
         try:
-            with self.error_log.open("rb") as f:
-                f.seek(offset)
-                tail = f.read(1 << 20).decode(errors="replace")
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             return None
+        with os.fdopen(fd, "rb") as f:
+            try:
+                f.seek(self.offset)
+                tail = f.read(self.READ_LIMIT).decode(errors="replace")
+            except OSError:
+                return None
         lines = [line.strip() for line in tail.splitlines() if "[emerg]" in line]
-        return lines[-1] if lines else None
+        return names.log_text(lines[-1], 1000) if lines else None
+
+    def _size(self) -> int:
+        """The log's size if it is a regular file (0 otherwise: nothing to read)."""
+        if self.path is None:
+            return 0
+        try:
+            info = self.path.stat()
+        except OSError:
+            return 0
+        return info.st_size if stat.S_ISREG(info.st_mode) else 0
 
 
 def _run(command: Sequence[str]) -> str | None:

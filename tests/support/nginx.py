@@ -211,6 +211,7 @@ class PrivateNginx:
                 "config-file": str(self.config_file),
                 "test-command": list(self.test_command),
                 "reload-command": list(self.reload_command),
+                "error-log": str(self.error_log),
             },
         }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import queue
 import re
 import socket
@@ -48,6 +49,7 @@ from keter.nginx import (
     render,
     upstream_name,
 )
+from keter.nginx.errorlog import ErrorLog
 from keter.nginx.render import generation_of
 
 
@@ -544,6 +546,24 @@ def test_reload_not_taken_is_reported_and_rolled_back(
     # reloaded once more with the restored file: its workers are new, serving 1.
     workers_after = accepting_workers(private_nginx)
     assert workers_after and not workers_after & workers_before
+
+
+def test_nginx_error_log_is_read_from_the_reload_on_without_blocking(tmp_path: Path) -> None:
+    log = tmp_path / "error.log"
+    log.write_text("2026/11/30 [emerg] 1#1: an old refusal\n")
+    errors = ErrorLog(log)
+    assert not errors.refused()  # only what nginx writes from now on counts
+    with log.open("a") as f:
+        f.write("2026/11/30 [notice] 1#1: signal 1 (SIGHUP) received\n")
+    assert not errors.refused()
+    with log.open("a") as f:
+        f.write('2026/11/30 [emerg] 1#1: host "\x1b[31mred" ...\n')
+    assert errors.last_emerg() == '2026/11/30 [emerg] 1#1: host "\\x1b[31mred" ...'
+    fifo = tmp_path / "fifo.log"
+    os.mkfifo(fifo)
+    assert not ErrorLog(fifo).refused()  # no writer on the FIFO: an open would block
+    assert not ErrorLog(None).refused()
+    assert not ErrorLog(tmp_path / "missing.log").refused()
 
 
 def test_reload_command_failure_restores_old_file(

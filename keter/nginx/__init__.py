@@ -5,7 +5,8 @@
   confirm), which refuses a failing site alone;
 - ``files``: keter's own copies of every file nginx reads for a site;
 - ``blame``: which sites an ``nginx -t`` failure is about;
-- ``probe``: which config nginx really serves.
+- ``probe``: which config nginx really serves;
+- ``errorlog``: the ``[emerg]`` line of a reload nginx refused.
 """
 
 from keter.nginx.files import hash_password

@@ -34,7 +34,6 @@ import logging
 import os
 import queue
 import signal
-import stat
 import subprocess
 import threading
 import time
@@ -47,6 +46,7 @@ from keter.actor import Actor
 from keter.fsutil import atomic_write
 from keter.messages import ApplyNginx, NginxApplied, NginxFailed, Site, SiteRefused
 from keter.nginx import blame
+from keter.nginx.errorlog import ErrorLog
 from keter.nginx.files import Localized, SupportFiles
 from keter.nginx.probe import probe
 from keter.nginx.render import (
@@ -460,7 +460,7 @@ class NginxWriter(Actor):
         error log means nginx refused the reload (it logs one and keeps its running
         config): no use waiting for the confirmation's timeout then.
         """
-        errors = _ErrorLog(self.error_log)
+        errors = ErrorLog(self.error_log)
         retiring = Retiring.before_reload(self._master)
         if not retiring.known:
             self._wait_until(retiring.in_a_later_tick, time.monotonic() + 1)
@@ -495,7 +495,7 @@ class NginxWriter(Actor):
                 pass  # gone since it was looked at: the command finds nginx's new master
         return _run(command)
 
-    def _confirm(self, generation: int, deadline: float, errors: _ErrorLog) -> int | None:
+    def _confirm(self, generation: int, deadline: float, errors: ErrorLog) -> int | None:
         """Poll the status server until it reports ``generation``; None on timeout or
         once nginx logs that it refused the reload.
 
@@ -544,52 +544,6 @@ class NginxWriter(Actor):
             if time.monotonic() >= deadline or self._stopping.wait(RETIRE_INTERVAL):
                 return False
         return True
-
-
-class _ErrorLog:
-    """nginx's error log from the moment this is made: the ``[emerg]`` lines nginx
-    writes when it refuses a reload (a listen port taken, a file it cannot open).
-
-    Read as keter's other inputs are: without blocking (a FIFO named as the log
-    cannot hang the writer), regular files only, at most ``READ_LIMIT`` bytes.
-    """
-
-    READ_LIMIT = 1 << 20
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self.offset = self._size()
-
-    def refused(self) -> bool:
-        """Whether nginx logged an ``[emerg]`` line since."""
-        return self.last_emerg() is not None
-
-    def last_emerg(self) -> str | None:
-        """The last ``[emerg]`` line nginx logged since (escaped for a log line), or None."""
-        if self.path is None or self._size() <= self.offset:
-            return None
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return None
-        with os.fdopen(fd, "rb") as f:
-            try:
-                f.seek(self.offset)
-                tail = f.read(self.READ_LIMIT).decode(errors="replace")
-            except OSError:
-                return None
-        lines = [line.strip() for line in tail.splitlines() if "[emerg]" in line]
-        return names.log_text(lines[-1], 1000) if lines else None
-
-    def _size(self) -> int:
-        """The log's size if it is a regular file (0 otherwise: nothing to read)."""
-        if self.path is None:
-            return 0
-        try:
-            info = self.path.stat()
-        except OSError:
-            return 0
-        return info.st_size if stat.S_ISREG(info.st_mode) else 0
 
 
 def _run(command: Sequence[str]) -> str | None:

@@ -1,0 +1,62 @@
+"""nginx's error log, read for the lines that say why nginx refused a reload.
+
+nginx checks a config (``nginx -t``) without binding its ports or opening
+every file; a reload can still fail, and nginx then logs an ``[emerg]`` line
+and keeps the config it runs. The writer watches for such a line while it
+waits for nginx to serve a new generation, so a refused reload fails the
+deploy at once and says why.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from keter import names
+
+
+class ErrorLog:
+    """nginx's error log from the moment this is made: the ``[emerg]`` lines nginx
+    writes when it refuses a reload (a listen port taken, a file it cannot open).
+
+    Read as keter's other inputs are: without blocking (a FIFO named as the log
+    cannot hang the writer), regular files only, at most ``READ_LIMIT`` bytes.
+    """
+
+    READ_LIMIT = 1 << 20
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.offset = self._size()
+
+    def refused(self) -> bool:
+        """Whether nginx logged an ``[emerg]`` line since."""
+        return self.last_emerg() is not None
+
+    def last_emerg(self) -> str | None:
+        """The last ``[emerg]`` line nginx logged since (escaped for a log line), or None."""
+        if self.path is None or self._size() <= self.offset:
+            return None
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            try:
+                f.seek(self.offset)
+                tail = f.read(self.READ_LIMIT).decode(errors="replace")
+            except OSError:
+                return None
+        lines = [line.strip() for line in tail.splitlines() if "[emerg]" in line]
+        return names.log_text(lines[-1], 1000) if lines else None
+
+    def _size(self) -> int:
+        """The log's size if it is a regular file (0 otherwise: nothing to read)."""
+        if self.path is None:
+            return 0
+        try:
+            info = self.path.stat()
+        except OSError:
+            return 0
+        return info.st_size if stat.S_ISREG(info.st_mode) else 0

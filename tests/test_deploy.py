@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import time
 from pathlib import Path
 
@@ -165,6 +166,28 @@ def test_new_version_that_never_answers_is_abandoned(keter_factory, private_ngin
     [line] = failures(keter, "hang")
     assert "did not answer" in line
     wait_for(lambda: len(app_processes(keter)) == 1, 10, "the hung version to be stopped")
+
+
+def test_a_reload_nginx_refuses_fails_the_deploy_at_once_with_nginxs_reason(
+    keter_factory, private_nginx, tmp_path
+):
+    """A listener whose port another program holds passes `nginx -t` but not the
+    reload: the deploy fails with nginx's [emerg] line well before the confirmation's
+    10 s timeout, and nginx keeps serving what it served."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        listeners = [{"host": "127.0.0.1", "port": p} for p in (private_nginx.port, taken)]
+        keter = keter_factory(listeners=listeners)
+        served_before = private_nginx.request("taken.test")
+        began = time.monotonic()
+        keter.drop(make_bundle(tmp_path / "taken.keter", config=webapp_config("taken.test", "v1")))
+        [line] = wait_for(lambda: failures(keter, "taken"), 30, "the deploy to fail")
+        assert time.monotonic() - began < 8
+        assert "nginx refused generation" in line
+        assert f"127.0.0.1:{taken} failed (98: Address already in use)" in line
+        assert private_nginx.request("taken.test") == served_before
 
 
 def test_new_version_failing_its_health_path_is_abandoned(keter, private_nginx, tmp_path):

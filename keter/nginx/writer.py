@@ -428,10 +428,10 @@ class NginxWriter(Actor):
             self._fail(generation, f"nginx reload failed: {missed.reason}{self._restore()}")
             return False
         if missed.emerg:
-            reason = f"nginx refused generation {generation} and kept the previous configuration"
+            kept = "and kept the previous configuration"
+            reason = f"nginx refused generation {generation} {kept}: {missed.emerg}"
         else:
             reason = f"{missed.reason}; it kept the previous configuration"
-        reason += f": {missed.emerg}" if missed.emerg else ""
         restored = self._restore()
         self._fail(generation, reason + (restored or self._back_to_live()))
         return False

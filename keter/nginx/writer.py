@@ -16,9 +16,11 @@ the reply is ``NginxFailed``.
 
 ``nginx -s reload`` only sends a signal; nginx may still reject the new config
 (a listen port already taken) and keep the old one. The writer therefore only
-reports success once nginx's status server answers with the new generation.
-When nginx does not, the writer puts the previous file back and reloads nginx
-once more with it: a busy nginx may still take the refused reload late.
+reports success once nginx's status server answers with the new generation,
+and fails at once when nginx's error log shows it refused the reload
+(``keter.nginx.errorlog``). When nginx does not take it, the writer puts the
+previous file back and reloads nginx once more with it: a busy nginx may
+still take the refused reload late.
 Once it knows nginx's master (from the workers that answer), it sends that
 signal itself instead of running ``nginx -s reload``, which reads and checks
 the whole config just to find the pid file: with 1000 sites, 0.1 s of CPU on

@@ -13,7 +13,9 @@ history (kind ``oom``). A CPU-bound app gets about its share of a core.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -293,6 +295,42 @@ def test_a_release_killed_by_the_oom_killer_is_reported_as_such(make_monitor, tm
     finished = monitor.expect(RunFinished, deploy_id=1, timeout=30)
     assert finished.reason == "killed by the OOM killer (memory limit 64 MiB)"
     assert not (found.v1["memory"] / "d1-app").exists()  # its group went with it
+
+
+def test_a_removed_memory_group_leaves_no_page_cache_charged_to_it(make_monitor, tmp_path):
+    """The kernel keeps a removed v1 memory group, dead, while page cache is charged to
+    it; keter has it reclaimed first. Seen from the file the process read: its pages
+    leave the page cache with the group (without that they stay, 4 MiB resident)."""
+    found = Controllers.find(tmp_path, None)
+    if found.mechanism("memory") is not Mechanism.CGROUP_V1:
+        pytest.skip("no v1 memory controller here")
+    read = tmp_path / "read-by-the-app"
+    read.write_bytes(os.urandom(4 * MIB))
+    os.sync()
+    with read.open("rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    assert resident_bytes(read) == 0
+    monitor = make_monitor(controllers=found)
+    reader = ("/bin/sh", "-c", f"cat {read} > /dev/null")
+    monitor.monitor.tell(
+        RunOnce(app="app", deploy_id=1, spec=monitor.spec(command=reader), timeout=30)
+    )
+    finished = monitor.expect(RunFinished, deploy_id=1, timeout=30)
+    assert finished.ok, finished
+    assert not (found.v1["memory"] / "d1-app").exists()  # its group went with it
+    assert resident_bytes(read) == 0
+
+
+def resident_bytes(path: Path) -> int:
+    """How much of ``path`` is in the page cache (util-linux's fincore)."""
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    return int(out.split()[0])
 
 
 def test_what_a_killed_keter_left_in_its_groups_is_swept_at_the_next_start(

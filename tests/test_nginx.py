@@ -363,12 +363,6 @@ def copy_of(writer: NginxWriter, app: str, index: int = 0) -> Route:
     return writer.live[app].local.site.routes[index]
 
 
-def accepting_workers(nginx: PrivateNginx) -> set[int]:
-    """nginx's workers that are not shutting down."""
-    workers = psutil.Process(nginx.pid).children()
-    return {each.pid for each in workers if "shutting down" not in " ".join(each.cmdline())}
-
-
 def app_name(nginx: PrivateNginx, host: str) -> str:
     status, _, body = nginx.request(host)
     assert status == 200, (status, body)
@@ -512,7 +506,7 @@ def test_reload_not_taken_is_reported_and_rolled_back(
         writer.stop()
         writer.join(timeout=15)
     private_nginx.wait_settled()
-    workers_before = accepting_workers(private_nginx)
+    workers_before = private_nginx.accepting_workers()
 
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
@@ -544,7 +538,7 @@ def test_reload_not_taken_is_reported_and_rolled_back(
     assert fetch_generation("127.0.0.1", private_nginx.port) == "1"
     # nginx, which might yet take the refused reload late (a busy machine), was
     # reloaded once more with the restored file: its workers are new, serving 1.
-    workers_after = accepting_workers(private_nginx)
+    workers_after = private_nginx.accepting_workers()
     assert workers_after and not workers_after & workers_before
 
 

@@ -185,19 +185,18 @@ class PrivateNginx:
         stop accepting, so right after a reload a connection may still land on an
         old worker with the old config. Tests that assert new routing wait here.
         """
-        master = psutil.Process(self.pid)
+        wait_for(
+            lambda: len(self.accepting_workers()) == self.workers,
+            timeout,
+            "nginx's old workers to stop accepting",
+        )
 
-        def settled() -> bool:
-            # An old worker renames itself to "... is shutting down" as it closes
-            # its listening sockets.
-            accepting = [
-                worker
-                for worker in master.children()
-                if "shutting down" not in " ".join(worker.cmdline())
-            ]
-            return len(accepting) == self.workers
-
-        wait_for(settled, timeout, "nginx's old workers to stop accepting")
+    def accepting_workers(self) -> set[int]:
+        """The pids of nginx's workers that still accept connections."""
+        # An old worker renames itself to "... is shutting down" as it closes its
+        # listening sockets.
+        workers = psutil.Process(self.pid).children()
+        return {each.pid for each in workers if "shutting down" not in " ".join(each.cmdline())}
 
     def reload(self) -> None:
         """Have the master reload its config (tests that write the include file themselves)."""

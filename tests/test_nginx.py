@@ -551,8 +551,12 @@ def test_nginx_error_log_is_read_from_the_reload_on_without_blocking(tmp_path: P
         f.write("2026/11/30 [notice] 1#1: signal 1 (SIGHUP) received\n")
     assert not errors.refused()
     with log.open("a") as f:
-        f.write('2026/11/30 [emerg] 1#1: host "\x1b[31mred" ...\n')
+        f.write('2026/11/30 [emerg] 1#1: host "\x1b[31mred" ')
+    assert not errors.refused()  # a line nginx is still writing
+    with log.open("a") as f:
+        f.write("...\n")
     assert errors.last_emerg() == '2026/11/30 [emerg] 1#1: host "\\x1b[31mred" ...'
+    assert errors.last_emerg() == '2026/11/30 [emerg] 1#1: host "\\x1b[31mred" ...'  # kept
     fifo = tmp_path / "fifo.log"
     os.mkfifo(fifo)
     assert not ErrorLog(fifo).refused()  # no writer on the FIFO: an open would block

@@ -21,14 +21,16 @@ class ErrorLog:
     writes when it refuses a reload (a listen port taken, a file it cannot open).
 
     Read as keter's other inputs are: without blocking (a FIFO named as the log
-    cannot hang the writer), regular files only, at most ``READ_LIMIT`` bytes.
+    cannot hang the writer), regular files only, at most ``READ_LIMIT`` bytes at a
+    time. Each complete line is read once: the writer asks every few ms.
     """
 
     READ_LIMIT = 1 << 20
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self.offset = self._size()
+        self.offset = self._size()  # the first byte not read yet
+        self._emerg: str | None = None
 
     def refused(self) -> bool:
         """Whether nginx logged an ``[emerg]`` line since."""
@@ -36,20 +38,29 @@ class ErrorLog:
 
     def last_emerg(self) -> str | None:
         """The last ``[emerg]`` line nginx logged since (escaped for a log line), or None."""
-        if self.path is None or self._size() <= self.offset:
-            return None
+        if self.path is not None and self._size() > self.offset:
+            self._read_new_lines(self.path)
+        return self._emerg
+
+    def _read_new_lines(self, path: Path) -> None:
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
-            return None
+            return
         with os.fdopen(fd, "rb") as f:
             try:
                 f.seek(self.offset)
-                tail = f.read(self.READ_LIMIT).decode(errors="replace")
+                data = f.read(self.READ_LIMIT)
             except OSError:
-                return None
-        lines = [line.strip() for line in tail.splitlines() if "[emerg]" in line]
-        return names.log_text(lines[-1], 1000) if lines else None
+                return
+        complete = data[: data.rfind(b"\n") + 1]  # a line nginx is still writing: later
+        if not complete and len(data) >= self.READ_LIMIT:
+            complete = data  # no line is that long (nginx cuts its own at 2 KiB): skipped
+        self.offset += len(complete)
+        text = complete.decode(errors="replace")
+        lines = [line for line in text.splitlines() if "[emerg]" in line]
+        if lines:
+            self._emerg = names.log_text(lines[-1].strip(), 1000)
 
     def _size(self) -> int:
         """The log's size if it is a regular file (0 otherwise: nothing to read)."""

@@ -27,7 +27,8 @@ def bucket(seconds: float) -> int:
         return 0
     if seconds > _TOP:  # infinity too, whose logarithm has no ceiling
         return BUCKETS - 1
-    return min(BUCKETS - 1, math.ceil(math.log(seconds / FLOOR) / _LOG_GROWTH))
+    # At most BUCKETS - 1: seconds <= _TOP puts the logarithm at BUCKETS - 2 or below.
+    return math.ceil(math.log(seconds / FLOOR) / _LOG_GROWTH)
 
 
 def bucket_value(index: int) -> float:

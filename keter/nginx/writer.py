@@ -474,7 +474,7 @@ class NginxWriter(Actor):
             # Watching the workers is quicker than asking: while old workers still
             # accept, half the questions would reach them.
             self._wait_until(lambda: retiring.replaced() or errors.refused(), deadline)
-        worker = None if errors.refused() else self._confirm(generation, deadline, errors)
+        worker = self._confirm(generation, deadline, errors)
         if worker is None:
             reason = f"nginx did not serve generation {generation} within {self.confirm_timeout:g}s"
             return _Missed(reason=reason, emerg=errors.last_emerg())

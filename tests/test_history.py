@@ -254,3 +254,37 @@ def test_the_file_is_the_json_of_every_apps_entries(tmp_path):
     expected = {"seq": 30, "apps": {f"a{n}": history.entries(f"a{n}") for n in (2, 3, 0, 1)}}
     raw = (tmp_path / "history.json").read_bytes()
     assert raw == json.dumps(expected, separators=(",", ":")).encode()
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    apps=st.lists(st.sampled_from("abc"), min_size=1, max_size=40),
+    per_app=st.integers(1, 6),
+    budget=st.sampled_from([700, 2000, 1 << 20]),
+    after=st.integers(0, 45),
+)
+def test_the_entries_kept_packed_read_back_as_a_plain_list_would(
+    tmp_path, apps, per_app, budget, after
+):
+    """Older entries are kept compressed, the newest plain: what ``entries`` and ``last``
+    give, for any ``after``, is what a plain list of every app's entries gives, through
+    dropping for the budget and a reload."""
+    history = DeployHistory(tmp_path / "history.json", per_app=per_app, budget=budget)
+    for n, app in enumerate(apps):
+        history.record(finished(app=app, reason=f"r{n}"))
+    loaded = DeployHistory(tmp_path / "history.json", per_app=per_app, budget=budget)
+    loaded.load()
+    on_file = json.loads((tmp_path / "history.json").read_bytes())["apps"]
+    for kept in (history, loaded):
+        for app in set(apps):
+            plain = on_file[app]
+            assert 1 <= len(plain) <= per_app
+            assert kept.entries(app, after) == [e for e in plain if e["seq"] > after]
+            assert kept.last(app) == plain[-1]
+            reasons = [f"r{n}" for n, a in enumerate(apps) if a == app]
+            if budget == 1 << 20:  # nothing dropped for the budget
+                assert [e["reason"] for e in plain] == reasons[-per_app:]
+            else:  # the oldest dropped first, the newest always kept
+                assert [e["reason"] for e in plain] == reasons[len(reasons) - len(plain) :]

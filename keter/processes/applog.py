@@ -40,7 +40,7 @@ class AppLog:
     """
 
     def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
-        self.path = Path(path)
+        self.path = path  # not a copy: keter holds one per app already (the spec's)
         self.max_bytes = max(1, max_bytes)
         self.backups = max(0, backups)
         self._lock = threading.Lock()

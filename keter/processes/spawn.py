@@ -249,4 +249,7 @@ def spawn(
         raise SpawnError(f"cannot run {spec.command[0]}: {where}{exc.strerror or exc}") from None
     except (ValueError, TypeError, subprocess.SubprocessError) as exc:
         raise SpawnError(f"cannot run {spec.command[0]}: {exc}") from None
+    # Popen keeps what it ran for the process's life: the app's own command, not the
+    # chain's arguments (cgroup files, limits, setpriv's: about 1 KB, 1 MB for 1000 apps).
+    proc.args = spec.command
     return proc

@@ -135,11 +135,11 @@ class DeployHistory:
         if problem is None and len(raw) > self.read_limit:
             problem = f"larger than {self.read_limit} bytes"
         # Kept in the order of each app's last deploy, the longest ago first.
-        kept = 0
+        loaded = 0  # entries kept, for the log line below
         for name, entries in sorted(apps.items(), key=lambda item: _last_seq(item[1])):
             entries = entries[-self.per_app :]
             self._apps[name] = _Kept.of([e["seq"] for e in entries], [_compact(e) for e in entries])
-            kept += len(entries)
+            loaded += len(entries)
         self.seq = max([seq, *(kept.seqs[0] for kept in self._apps.values())])
         self._forget_oldest_apps()
         if problem is not None:
@@ -153,7 +153,7 @@ class DeployHistory:
                 "the old file is kept as %s",
                 self.path,
                 problem,
-                kept,
+                loaded,
                 getattr(aside, "name", aside),
             )
         if problem is not None or len(raw) > self.budget:

@@ -169,3 +169,43 @@ def test_a_stranger_on_a_crashed_apps_port_gets_no_traffic(keter_factory, privat
             stranger.accept()  # not one request: not even keter's health probe
     finally:
         stranger.close()
+
+
+def test_a_stranger_that_takes_the_port_while_a_restart_starts_gets_no_probe(
+    keter_factory, private_nginx, tmp_path
+):
+    """The restart's health probe asks who listens before it connects: a stranger that
+    bound the port after the respawn (the app has not listened yet) is never sent it."""
+    keter = keter_factory(**{"port-range": app_port_range()})
+    first_run = keter.root / "data" / "late" / "ran"  # the app's own folder: its user writes it
+    config = webapp_config("late.test", "v1", args=["--first-run-only", str(first_run)])
+    keter.drop(make_bundle(tmp_path / "late.keter", config=config))
+    served(private_nginx, "late.test", "v1")
+    started = re.search(r"late: deploy #(\d+) started pid (\d+) on port (\d+)", keter.log())
+    assert started
+    deploy, pid, port = (int(group) for group in started.groups())
+
+    offset = len(keter.log())
+    app_log = keter.root / "log" / "app-late.log"
+    os.kill(pid, signal.SIGKILL)
+    # The restart runs and will never listen; keter probes its port meanwhile.
+    wait_for(lambda: "not the first run" in app_log.read_text(errors="replace"), 15, "the restart")
+    stranger = bind_when_free(port)
+    try:
+        first_run.unlink()  # the run after the move listens again
+        moved = wait_for(
+            lambda: re.search(
+                rf"late: deploy #{deploy} moves from port {port} to (\d+)", keter.log()[offset:]
+            ),
+            15,
+            "the move to another port",
+        )
+        assert f"late: port {port} is held by pid {os.getpid()} (user root)" in keter.log()
+        new_port = int(moved[1])
+        table = Table.for_root(keter.root)
+        wait_for(lambda: new_port in table.read().values(), 15, "the kernel to take the port")
+        served(private_nginx, "late.test", "v1")
+        with pytest.raises(BlockingIOError):
+            stranger.accept()
+    finally:
+        stranger.close()

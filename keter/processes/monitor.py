@@ -628,10 +628,23 @@ class ProcessMonitor(Actor):
             self._health_timeout(spec),
             _HealthDeadline(deploy_id=entry.deploy_id, run=entry.runs),
         )
-        self._submit_probe(entry)
+        self._probe(entry)
 
     def _health_timeout(self, spec: ProcessSpec) -> float:
         return self.health_check_timeout if spec.health_timeout is None else spec.health_timeout
+
+    def _probe(self, entry: _Entry) -> None:
+        """Probe the deploy's port, unless a process that is not the app listens there.
+
+        A probe is a request like any other: one that connects to a stranger's
+        socket has handed it a connection (and the app's health path and Host),
+        so the port's owner is asked first. A stranger that binds between this
+        check and the probe's connect is still caught when it answers.
+        """
+        if stranger := self._port_stranger(entry):
+            self._stranger_on_port(entry, stranger)
+        else:
+            self._submit_probe(entry)
 
     def _submit_probe(self, entry: _Entry) -> None:
         deploy_id, run, spec = entry.deploy_id, entry.runs, entry.spec
@@ -651,25 +664,11 @@ class ProcessMonitor(Actor):
     def _on_health(self, entry: _Entry, msg: _Probe | _ProbeDone | _HealthDeadline) -> None:
         match msg:
             case _Probe():
-                self._submit_probe(entry)
+                self._probe(entry)
             case _ProbeDone(healthy=True) if stranger := self._port_stranger(entry):
-                # The answer came from a process that is not the app's: it never gets
-                # traffic. A first start fails; a running app moves to another port.
+                # The answer came from a process that is not the app's.
                 entry.probing, entry.exit_pending = False, None
-                if entry.ever_healthy:
-                    self._port_taken(entry, stranger)
-                else:
-                    log.error(
-                        "%s: port %d is held by %s, not by the app: not routing there",
-                        entry.app,
-                        entry.spec.port,
-                        stranger,
-                    )
-                    self._fail_start(
-                        entry,
-                        f"port {entry.spec.port} is held by {stranger}, not by the app",
-                        FailureKind.PORTS,
-                    )
+                self._stranger_on_port(entry, stranger)
             case _ProbeDone() if entry.exit_pending is not None:
                 # The leader exited while this probe was out: if it answered, it was
                 # healthy first (and then crashed); if not, it never answered.
@@ -981,6 +980,24 @@ class ProcessMonitor(Actor):
             ProcessStateChanged(
                 app=entry.app, deploy_id=entry.deploy_id, state=new, detail=detail, pid=pid
             )
+        )
+
+    def _stranger_on_port(self, entry: _Entry, stranger: str) -> None:
+        """A process that is not the app's listens on its port while it starts: it never
+        gets traffic. A first start fails; a running app moves to another port."""
+        if entry.ever_healthy:
+            self._port_taken(entry, stranger)
+            return
+        log.error(
+            "%s: port %d is held by %s, not by the app: not routing there",
+            entry.app,
+            entry.spec.port,
+            stranger,
+        )
+        self._fail_start(
+            entry,
+            f"port {entry.spec.port} is held by {stranger}, not by the app",
+            FailureKind.PORTS,
         )
 
     @staticmethod

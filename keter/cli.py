@@ -117,9 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         os.close(lock_fd)
     main = threading.main_thread()
-    if any(t is not main and t.is_alive() and not t.daemon for t in threading.enumerate()):
+    if running := [
+        t for t in threading.enumerate() if t is not main and t.is_alive() and not t.daemon
+    ]:
         # A component stuck past the shutdown deadline (logged): its thread must not
-        # keep keter alive.
+        # keep keter alive. Said once more here, so that a thread nobody stopped shows.
+        log.warning(
+            "keter: exiting while threads still run: %s", ", ".join(t.name for t in running)
+        )
         logging.shutdown()
         os._exit(code)
     return code

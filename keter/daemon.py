@@ -9,7 +9,8 @@ The supervisor (``keter.supervisor``) decides; this module only runs it:
 * ``shutdown`` stops the components in order with one deadline: the watcher
   first (no new deploy starts), the process monitor stops every app
   gracefully (TERM, ``stop-timeout``, KILL), the status API last (it answers
-  while the apps stop). A component still running at the deadline
+  while the apps stop). ACME gets ``ACME_GRACE`` after them: a certificate
+  order in flight is abandoned, not waited for. A component still running at the deadline
   (``stop-timeout`` plus ``SHUTDOWN_MARGIN``) cannot keep keter alive: every
   app process is killed and keter exits anyway. A second SIGTERM or SIGINT
   means stop now: apps are killed at once.
@@ -52,6 +53,10 @@ SHUTDOWN_MARGIN = 5.0
 # SIGTERM that landed elsewhere. Once a second at most costs nothing measurable.
 MAX_WAIT = 1.0
 POLL = 0.05  # how often a shutdown looks at its inbox for a second signal
+# How long a shutdown waits for the ACME component once the rest stopped. An order in
+# flight (each request may take the CA up to a NETWORK_TIMEOUT) is not worth holding
+# keter for: what it writes is written atomically, and the next start orders again.
+ACME_GRACE = 2.0
 
 
 def build_components(config: KeterConfig, inbox: queue.SimpleQueue) -> Components:
@@ -214,6 +219,8 @@ def shutdown(components: Components, inbox: queue.SimpleQueue, stop_timeout: flo
     ]
     for component in order:
         component.stop()
+    if components.acme is not None:
+        components.acme.stop()  # now: it finishes an order in flight meanwhile
     stuck = _wait(order, inbox, deadline, monitor)
     if components.stats is not None:  # after nginx: the last requests are counted
         components.stats.stop()
@@ -228,6 +235,13 @@ def shutdown(components: Components, inbox: queue.SimpleQueue, stop_timeout: flo
         )
         monitor.kill_now()
         return False
+    if components.acme is not None and _wait(
+        [components.acme], inbox, time.monotonic() + ACME_GRACE, monitor
+    ):
+        log.warning(
+            "keter: acme is still ordering a certificate: the order is abandoned and made "
+            "again at the next start"
+        )
     log.info("keter: stopped")
     return True
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import queue
+import select
 import socket
 import ssl
 import time
@@ -23,12 +24,14 @@ from support.acme import PrivatePebble
 from support.bundles import make_bundle
 from support.net import Backend, free_port, https_get
 from support.nginx import PrivateNginx, WriterRig
+from support.tls import make_certificate
 from support.wait import wait_for
 
 from keter.acme import AcmeManager
 from keter.bundle import AcmeTls, BundleConfig, WebApp
 from keter.config import AcmeSettings, KeterConfig
 from keter.config import Listener as KeterListener
+from keter.daemon import ACME_GRACE
 from keter.messages import (
     CertificateIssued,
     CertificateOutcome,
@@ -290,3 +293,35 @@ def test_keter_serves_an_acme_site_over_http_then_https(
         assert "auto.test: certificate issued" in keter.log()
     finally:
         pebble.stop()
+
+
+def test_sigterm_abandons_a_certificate_order_the_ca_never_answers(
+    keter_factory, private_nginx: PrivateNginx, tmp_path: Path
+) -> None:
+    """A CA that takes the order's first request and never answers holds the ACME
+    component; SIGTERM still stops keter within ACME_GRACE, saying so."""
+    ca = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel does), never answers
+    try:
+        certificate, key = make_certificate(tmp_path / "certs", "default", "default.test")
+        keter = keter_factory(
+            listeners=[
+                {"host": "127.0.0.1", "port": private_nginx.port},
+                {"host": "127.0.0.1", "port": free_port(),
+                 "certificate": str(certificate), "key": str(key)},
+            ],
+            acme={"directory": f"http://127.0.0.1:{ca.getsockname()[1]}/directory"},
+        )  # fmt: skip
+        stanza = {"type": "webapp", "exec": "../bin/app", "env": {"VERSION": "v1"},
+                  "host": "hung.test", "ssl": "acme"}  # fmt: skip
+        keter.drop(make_bundle(tmp_path / "hung.keter", config={"stanzas": [stanza]}))
+        wait_for(lambda: select.select([ca], [], [], 0)[0], 30, "the order to reach the CA")
+
+        began = time.monotonic()
+        assert keter.stop() == 0
+        assert time.monotonic() - began < ACME_GRACE + 5
+        log = keter.log()
+        assert "acme is still ordering a certificate: the order is abandoned" in log
+        assert "threads still run: keter-acme" in log
+        assert "keter: stopped" in log
+    finally:
+        ca.close()

@@ -234,6 +234,8 @@ def test_sigterm_stops_every_app_and_a_restart_brings_them_back(keter, private_n
     _gone, alive = psutil.wait_procs(apps, timeout=0)
     assert alive == []
     assert "keter: stopped" in keter.log()
+    # Every component's thread ended: none was left for the exit to abandon.
+    assert "threads still run" not in keter.log()
 
     keter.start()
     for name in ["one", "two"]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 from support.bundles import make_bundle, webapp_config
-from support.daemon import app_processes
+from support.daemon import app_processes, failures
 from support.net import app_port_range, bind_when_free, body, served
 from support.wait import wait_for
 
@@ -205,6 +205,36 @@ def test_a_stranger_that_takes_the_port_while_a_restart_starts_gets_no_probe(
         table = Table.for_root(keter.root)
         wait_for(lambda: new_port in table.read().values(), 15, "the kernel to take the port")
         served(private_nginx, "late.test", "v1")
+        with pytest.raises(BlockingIOError):
+            stranger.accept()
+    finally:
+        stranger.close()
+
+
+def test_a_new_version_whose_port_a_stranger_takes_fails_and_the_old_one_serves(
+    keter_factory, private_nginx, tmp_path
+):
+    """The new version never listens; a stranger binds its port while keter probes it.
+    The deploy fails naming the stranger, no probe reaches it, v1 keeps serving."""
+    keter = keter_factory(**{"port-range": app_port_range()})
+    keter.drop(make_bundle(tmp_path / "taken.keter", config=webapp_config("taken.test", "v1")))
+    served(private_nginx, "taken.test", "v1")
+
+    v2 = webapp_config("taken.test", "v2", args=["--never-listen"])
+    keter.drop(make_bundle(tmp_path / "taken.keter", config=v2))
+    started = wait_for(
+        lambda: re.search(r"taken: deploy #2 started pid \d+ on port (\d+)", keter.log()),
+        15,
+        "v2 to start",
+    )
+    port = int(started[1])
+    stranger = bind_when_free(port)
+    try:
+        reason = f"port {port} is held by pid {os.getpid()} (user root), not by the app"
+        wait_for(lambda: reason in "\n".join(failures(keter, "taken")), 15, "v2 to fail")
+        assert f"taken: port {port} is held by pid {os.getpid()}" in keter.log()
+        for _ in range(20):
+            assert body(private_nginx, "taken.test") == b"v1\n"
         with pytest.raises(BlockingIOError):
             stranger.accept()
     finally:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import errno
+import os
+import socket
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from keter import netlink
+from keter.processes import ports
 from keter.sockdiag import DiagError
 
 
@@ -37,3 +40,30 @@ def test_a_length_that_does_not_fit_is_refused_with_the_callers_error() -> None:
 def test_an_error_message_tells_its_errno_and_an_ack_zero() -> None:
     assert netlink.error_code(netlink.ERROR.pack(-errno.ENOENT)) == errno.ENOENT
     assert netlink.error_code(netlink.ERROR.pack(0)) == 0
+
+
+def test_listeners_read_the_kernels_tables_alike_when_sock_diag_cannot_answer(
+    monkeypatch,
+) -> None:
+    """keter.processes.ports.listeners falls back to /proc/net/tcp and tcp6: the same
+    owners and inodes as sock_diag's, IPv4 and IPv6, and nothing for a port only
+    connected to (not listened on)."""
+    v4 = socket.create_server(("127.0.0.1", 0))
+    port = v4.getsockname()[1]
+    v6 = socket.create_server(("::1", port), family=socket.AF_INET6)
+    client = socket.create_connection(("127.0.0.1", port))
+    try:
+        by_diag = sorted(ports.listeners(port), key=lambda listener: listener.inode)
+        assert len(by_diag) == 2
+        assert {listener.uid for listener in by_diag} == {os.geteuid()}
+
+        def refused(_port: int) -> list:
+            raise DiagError("no sock_diag here")
+
+        monkeypatch.setattr(ports.sockdiag, "listening", refused)
+        assert sorted(ports.listeners(port), key=lambda listener: listener.inode) == by_diag
+        assert ports.listeners(client.getsockname()[1]) == []
+    finally:
+        client.close()
+        v6.close()
+        v4.close()

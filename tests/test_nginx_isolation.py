@@ -64,14 +64,16 @@ class Writers:
         self.started: list[NginxWriter] = []
         self.tls = None  # a TLS listener, once with_tls() made one
 
-    def start(self, *, options: ProxyOptions | None = None) -> NginxWriter:
+    def start(
+        self, *, options: ProxyOptions | None = None, test_command: list[str] | None = None
+    ) -> NginxWriter:
         listeners = [Listener("127.0.0.1", self.nginx.port)]
         if self.tls is not None:
             listeners.append(self.tls)
         writer = NginxWriter(
             listeners=listeners,
             config_file=self.nginx.config_file,
-            test_command=self.nginx.test_command,
+            test_command=test_command or self.nginx.test_command,
             reload_command=self.nginx.reload_command,
             report_to=self.reports,
             options=options,
@@ -151,6 +153,38 @@ def refusal_lines(caplog: pytest.LogCaptureFixture, app: str) -> list[str]:
 
 
 # -- nginx reads keter's own copies --------------------------------------------------------
+
+
+def test_a_site_nginx_fails_on_without_naming_its_file_is_found_by_halving(
+    private_nginx: PrivateNginx, writers: Writers, backends, tmp_path: Path
+) -> None:
+    """nginx -t fails on one site of sixteen with an error that names no file (as
+    "could not build server_names_hash" does): the writer finds the site by halving,
+    in a handful of tests rather than one per site, and applies the other fifteen."""
+    runs = tmp_path / "runs"
+    script = tmp_path / "nginx-t"
+    # nginx's own test, but failing while the config includes poison's site.
+    script.write_text(
+        "#!/bin/sh\n"
+        f"echo >> {runs}\n"
+        f"sites=$(sed -n 's/^include \"\\(.*\\)\";$/\\1/p' {private_nginx.config_file})\n"
+        "if grep -qs poison.test $sites; then\n"
+        "    echo 'nginx: [emerg] could not build server_names_hash' >&2; exit 1\n"
+        "fi\n"
+        'exec "$@"\n'
+    )
+    script.chmod(0o755)
+    poisoned = [str(script), *private_nginx.test_command]
+    writer = writers.start(test_command=poisoned)
+    apps = [f"a{i:02d}" for i in range(15)] + ["poison"]
+    reply = writers.apply(writer, *(web(app, backends["first"]) for app in apps))
+    assert set(refused(reply)) == {"poison"}
+    assert "could not build server_names_hash" in refused(reply)["poison"]
+    for app in apps[:-1]:
+        assert answer(private_nginx, f"{app}.test") == "first"
+    assert answer(private_nginx, "poison.test") == 404
+    # All sixteen, none, halving to one of sixteen (4), the fifteen: 7 (one per site: 17).
+    assert len(runs.read_text().splitlines()) <= 8
 
 
 def test_certificate_copies_outlive_the_files_a_bundle_named(

@@ -13,21 +13,26 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 from support.bundles import bundle_bytes, make_bundle
 from support.faults import GOOD, Rig
 from support.net import body
 
-from keter.bundle import BundleConfig, BundleConfigError, parse_bundle_config
+from keter.bundle import BundleConfig, BundleConfigError, RateAlgorithm, parse_bundle_config
 from keter.bundle import reader as bundle_reader
 from keter.config import ConfigError, KeterConfig, load_config, parse_config
+from keter.config import Listener as KeterListener
+from keter.nginx.files import SupportFiles
+from keter.nginx.render import render
+from keter.routes import sites_for
 from keter.yamlcheck import load_yaml
 
 MAX_REASON = 6000  # a few KiB (shared decision 5) plus the "... and N more" line
@@ -462,6 +467,102 @@ def test_fuzzed_bundle_configs_only_parse_or_fail_cleanly(tmp_path_factory, text
         assert isinstance(result, BundleConfig)
         for warning in result.warnings:
             assert_safe_reason(warning)
+
+
+# -- middleware: anything that parses is a config nginx accepts ---------------------------
+
+# Text a bundle may put where nginx will see it: printable ASCII heavy on nginx's own
+# syntax, and any Unicode at all.
+nginx_ish = st.text(st.sampled_from(" ;{}\"'\\$#%:/-_=.aZ09\t"), max_size=12)
+any_text = st.text(st.characters(codec="utf-8"), max_size=12)
+texts = st.one_of(nginx_ish, any_text, st.sampled_from(["keter", "X-Api-Key", "a_b"]))
+numbers = st.one_of(
+    st.integers(-(2**70), 2**70), st.integers(1, 1000), st.sampled_from([0, 200, 429, 599])
+)
+odd = st.one_of(st.none(), st.booleans(), st.floats(), st.lists(st.integers(), max_size=2))
+
+
+def _maybe(strategy: st.SearchStrategy, *, key: bool = False) -> st.SearchStrategy:
+    """Mostly ``strategy`` (so that whole configs often parse and reach nginx), else
+    anything at all (anything hashable for a ``key``)."""
+    other = texts | numbers if key else texts | numbers | odd
+    return st.integers(0, 5).flatmap(lambda roll: other if roll == 5 else strategy)
+
+
+header_names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_-]{0,12}", fullmatch=True)
+throttles = st.fixed_dictionaries(
+    {
+        "name": _maybe(st.sampled_from(["ip", "key"])),
+        "limit": _maybe(st.integers(1, 10**9)),
+        "period": _maybe(st.integers(1, 10**9)),
+        "algorithm": _maybe(st.sampled_from([a.value for a in RateAlgorithm])),
+        "identifier_by": _maybe(
+            st.sampled_from(["ip", "ip+path", "ip+ua"])
+            | st.dictionaries(st.sampled_from(["header", "cookie", "header+ip", "x"]),
+                              _maybe(header_names), min_size=1, max_size=1)
+        ),
+    },
+    optional={"token_bucket_ttl": _maybe(st.integers(1, 3600)), "extra": odd},
+)  # fmt: skip
+user_names = st.from_regex(r"[\x21-\x39\x3b-\x7e]{1,8}", fullmatch=True)
+kinds = st.one_of(
+    st.sampled_from(["autohead", "local"]),
+    st.fixed_dictionaries(
+        {"basic-auth": st.fixed_dictionaries(
+            {}, optional={"realm": _maybe(texts),
+                          "creds": _maybe(st.dictionaries(
+                              _maybe(user_names, key=True), _maybe(texts), max_size=3))})}
+    ),
+    st.fixed_dictionaries(
+        {"headers": _maybe(st.dictionaries(
+            _maybe(header_names, key=True), _maybe(texts), min_size=1, max_size=3))}
+    ),
+    st.fixed_dictionaries(
+        {"local": st.fixed_dictionaries(
+            {}, optional={"status": _maybe(st.integers(200, 599)), "message": _maybe(texts)})}
+    ),
+    st.fixed_dictionaries(
+        {"rate-limiter": st.fixed_dictionaries(
+            {"throttles": _maybe(st.lists(_maybe(throttles), min_size=1, max_size=3))},
+            optional={"zone_by": _maybe(st.sampled_from(["default", "ip"])
+                                        | st.fixed_dictionaries({"header": header_names}))})}
+    ),
+)  # fmt: skip
+middleware_entries = _maybe(kinds) | st.sampled_from(["method-override-post", "gzip", "headers"])
+middleware_lists = st.lists(middleware_entries, max_size=4)
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(middleware=middleware_lists)
+def test_fuzzed_middleware_is_refused_cleanly_or_renders_a_config_nginx_accepts(
+    tmp_path_factory, private_nginx, middleware: list
+) -> None:
+    """A bundle's middleware (basic-auth, headers, local, the rate limiter), any shape
+    and any text: a clean refusal, or a site that real nginx accepts (``nginx -t``)."""
+    folder = bundle_folder(tmp_path_factory.mktemp("middleware"))
+    doc = {"stanzas": [{"type": "webapp", "exec": "../hello", "host": "a.test",
+                        "middleware": middleware}]}  # fmt: skip
+    result = outcome(folder, yaml.safe_dump(doc, allow_unicode=True))
+    if isinstance(result, BundleConfigError):
+        for problem in result.problems:
+            assert_safe_reason(problem)
+        event("refused")
+        return
+    event(f"rendered with {len(result.webapps[0].middleware)} middleware")
+    settings_ = KeterConfig(root=folder)
+    # The writer's own copies: basic-auth's user file is made here.
+    support = SupportFiles(folder.parent / "support", auth_group=None)
+    sites = [
+        support.localize(site).site for site in sites_for("app", result, folder, (4000,), settings_)
+    ]
+    listeners = [KeterListener("127.0.0.1", private_nginx.port)]
+    private_nginx.config_file.write_text(render(sites, listeners, 1))
+    tested = subprocess.run(private_nginx.test_command, capture_output=True, text=True)
+    assert tested.returncode == 0, (middleware, tested.stderr)
 
 
 # -- the global config ----------------------------------------------------------------------

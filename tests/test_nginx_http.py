@@ -166,6 +166,15 @@ def test_the_rate_limiter_answers_429_past_the_rate(serving, backend: Backend) -
     assert [nginx.request("api.test")[0] for _ in range(4)] == [200] * 4
 
 
+def test_a_rate_limit_of_one_request_lets_one_through(serving, backend: Backend) -> None:
+    """No burst at all (nginx refuses "burst=0", so none is written)."""
+    nginx = serving()
+    once = Throttle(name="ip", limit=1, period=60, algorithm=RateAlgorithm.FIXED_WINDOW,
+                    identifier=RateIdentifier.IP)  # fmt: skip
+    nginx.apply(app(backend, rate_limiters=(RateLimiterConfig(throttles=(once,)),)))
+    assert [nginx.request("web.test")[0] for _ in range(3)] == [200, 429, 429]
+
+
 def test_request_bodies_past_the_limit_get_413(serving, backend: Backend) -> None:
     nginx = serving(ProxyOptions(max_body_size=1024))
     big = Route(hosts=("big.test",), action=ProxyApp(port=backend.port), max_body_size=4096)

@@ -708,7 +708,8 @@ class _Renderer:
         """
         lines = []
         for zone, burst in _rate_zones(app, index, route):
-            lines.append(f"limit_req zone={zone} burst={burst} nodelay;")
+            # nginx refuses "burst=0", its own default: a limit of 1 names no burst.
+            lines.append(f"limit_req zone={zone}{f' burst={burst}' if burst else ''} nodelay;")
         if route.rate_limiters:
             lines.append("limit_req_status 429;")
         if route.local_only is not None:

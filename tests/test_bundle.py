@@ -156,6 +156,27 @@ def test_unknown_keys_are_warnings(tmp_path: Path) -> None:
     )
 
 
+def test_a_bare_middleware_name_that_takes_settings_says_how_to_write_it(tmp_path: Path) -> None:
+    text = "stanzas:\n- type: webapp\n  exec: ../hello\n  host: a\n  middleware: [local]\n"
+    assert problems(tmp_path, text) == [
+        "stanzas[0].middleware[0]: local takes its settings as a mapping: {local: {...}}"
+    ]
+
+
+@pytest.mark.parametrize(
+    "guard",
+    ["middleware: [{basic-auth: {creds: {u: p}}}]", "middleware: [local]", "requires-secure: true"],
+)
+def test_a_flat_config_with_a_stanzas_guard_is_refused_not_served_unguarded(
+    tmp_path: Path, guard: str
+) -> None:
+    """Ignored like other stanza keys, these would publish the site without the password,
+    the localhost limit or the HTTPS they ask for."""
+    [problem] = problems(tmp_path, f"exec: ../hello\nhost: a\n{guard}\n")
+    key = guard.split(":")[0]
+    assert problem.startswith(f"{key}: read only in a stanza: write the app as `stanzas:"), problem
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -67,6 +67,8 @@ def parse_middleware(value: object, path: str, check: Checker) -> tuple[Middlewa
             found.append(AutoheadConfig())
         elif name in SUPPORTED_MIDDLEWARE and isinstance(item, dict):
             found.extend(_PARSERS[name](body, f"{where}.{name}", check))
+        elif name in SUPPORTED_MIDDLEWARE:  # a bare "local": Keter reads these as mappings
+            check.problem(where, f"{name} takes its settings as a mapping: {{{name}: {{...}}}}")
         elif isinstance(name, str):
             # Refused rather than skipped: a misspelt basic-auth would publish
             # what it was meant to protect.

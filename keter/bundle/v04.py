@@ -18,13 +18,23 @@ from keter.yamlcheck import describe, key_name, unknown_key
 
 FLAT_EXTRA_KEYS = ("static-hosts", "redirects", "ssl")
 FLAT_KEYS = (*v10.WEBAPP_KEYS, *v10.BUNDLE_KEYS, *FLAT_EXTRA_KEYS)
+# Stanza keys that guard a site. Ignored like other unknown keys, they would publish
+# the site without what they ask for (a password, localhost only, a rate limit, HTTPS),
+# so a flat config that carries one is refused: its author meant it.
+GUARDS = ("middleware", "requires-secure")
 
 
 def read(data: dict, app: str, v: Values) -> BundleConfig:
     """A flat config; problems and warnings go to ``v.check``."""
     check = v.check
     for key in data:
-        if key not in FLAT_KEYS:
+        if key in GUARDS:
+            check.problem(
+                key_name(key),
+                "read only in a stanza: write the app as `stanzas: [{type: webapp, ...}]` "
+                "(ignoring it would serve the site unguarded)",
+            )
+        elif key not in FLAT_KEYS:
             check.warn(key_name(key), unknown_key(key, FLAT_KEYS) + "; ignored")
     webapp_data = {key: data[key] for key in (*v10.WEBAPP_KEYS, "ssl") if key in data}
     webapp = v10.webapp(webapp_data, "", v, flat=True)

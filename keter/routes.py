@@ -41,6 +41,8 @@ from keter.messages import (
     TlsFiles,
 )
 from keter.names import is_wildcard
+from keter.nginx.files import system_resolvers
+from keter.nginx.render import needs_resolver, resolver_missing
 from keter.yamlcheck import pem_problem
 
 
@@ -180,6 +182,11 @@ def deploy_problems(config: BundleConfig, settings: KeterConfig) -> list[str]:
                     f"hosts {', '.join(wildcards)}: ssl: acme cannot get a certificate for a "
                     "wildcard host (HTTP-01 validates one name at a time)"
                 )
+        if isinstance(stanza, ReverseProxy) and needs_resolver(stanza.reversed_host):
+            # None: the name servers of /etc/resolv.conf, as the nginx writer reads them.
+            resolver = settings.nginx.resolver
+            if not (system_resolvers() if resolver is None else resolver):
+                problems.append(f"hosts {shown}: {resolver_missing(stanza.reversed_host)}")
         if isinstance(ssl, TlsConfig):
             files = [(ssl.certificate, "certificate"), (ssl.key, "key")]
             files += [(file, "certificate") for file in ssl.chain]

@@ -28,11 +28,12 @@ from support.net import body
 
 from keter.bundle import BundleConfig, BundleConfigError, RateAlgorithm, parse_bundle_config
 from keter.bundle import reader as bundle_reader
-from keter.config import ConfigError, KeterConfig, load_config, parse_config
+from keter.config import ConfigError, KeterConfig, NginxSettings, load_config, parse_config
 from keter.config import Listener as KeterListener
+from keter.nginx import ProxyOptions
 from keter.nginx.files import SupportFiles
 from keter.nginx.render import render
-from keter.routes import sites_for
+from keter.routes import deploy_problems, sites_for
 from keter.yamlcheck import load_yaml
 
 MAX_REASON = 6000  # a few KiB (shared decision 5) plus the "... and N more" line
@@ -553,16 +554,100 @@ def test_fuzzed_middleware_is_refused_cleanly_or_renders_a_config_nginx_accepts(
         event("refused")
         return
     event(f"rendered with {len(result.webapps[0].middleware)} middleware")
-    settings_ = KeterConfig(root=folder)
+    assert_nginx_accepts(result, folder, private_nginx)
+
+
+def assert_nginx_accepts(config: BundleConfig, folder: Path, private_nginx) -> None:
+    """The sites of a parsed bundle, made as the writer makes them, pass real ``nginx -t``
+    (unless keter's settings refuse the deploy first, as the supervisor does)."""
+    nginx = NginxSettings(config_file=private_nginx.config_file, resolver=("127.0.0.53",))
+    settings_ = KeterConfig(root=folder, nginx=nginx)
+    refusals = deploy_problems(config, settings_)
+    for problem in refusals:
+        assert_safe_reason(problem)
+    if refusals:
+        return
     # The writer's own copies: basic-auth's user file is made here.
     support = SupportFiles(folder.parent / "support", auth_group=None)
+    ports = tuple(4000 + i for i in range(len(config.webapps)))
     sites = [
-        support.localize(site).site for site in sites_for("app", result, folder, (4000,), settings_)
+        support.localize(site).site for site in sites_for("app", config, folder, ports, settings_)
     ]
     listeners = [KeterListener("127.0.0.1", private_nginx.port)]
-    private_nginx.config_file.write_text(render(sites, listeners, 1))
+    options = ProxyOptions.from_config(settings_)
+    private_nginx.config_file.write_text(render(sites, listeners, 1, options))
     tested = subprocess.run(private_nginx.test_command, capture_output=True, text=True)
-    assert tested.returncode == 0, (middleware, tested.stderr)
+    assert tested.returncode == 0, tested.stderr
+
+
+# Stanzas mostly well formed, with hostile text where a bundle's values reach nginx
+# (hosts, paths, URLs, ports, sizes): configs that parse, so that nginx sees them.
+fuzz_hosts = _maybe(
+    st.sampled_from(["a.test", "b.test", "*.w.test", "xn--bcher-kva.test"])
+    | st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?(\.[a-z]{1,5}){1,2}", fullmatch=True)
+)
+fuzz_paths = _maybe(st.from_regex(r"/[\x21-\x7e]{0,15}", fullmatch=True))
+fuzz_urls = _maybe(
+    st.sampled_from(["http://x.test/", "https://x.test:8443/a?b=c"])
+    | st.from_regex(r"https?://[\x21-\x7e]{1,20}", fullmatch=True)
+)
+fuzz_ports = _maybe(st.integers(1, 65535))
+flags = _maybe(st.booleans())
+common = {
+    "middleware": middleware_lists,
+    "requires-secure": flags,
+    "ssl": flags,
+    "client-max-body-size": _maybe(st.integers(0, 2**40) | st.sampled_from(["10M", "1G", "5k"])),
+    "connection-time-bound": _maybe(st.integers(0, 10**7)),
+}
+fuzz_stanzas = st.one_of(
+    st.fixed_dictionaries(
+        {"type": st.just("webapp"), "exec": st.just("../hello"), "host": fuzz_hosts},
+        optional={**common, "health-check-path": fuzz_paths, "extra-hosts": st.lists(fuzz_hosts,
+                  max_size=2), "proxy-buffering": flags},
+    ),
+    st.fixed_dictionaries(
+        {"type": st.just("static-files"), "root": st.just("../public"), "host": fuzz_hosts},
+        optional={**common, "directory-listing": flags},
+    ),
+    st.fixed_dictionaries(
+        {"type": st.just("redirect"), "host": fuzz_hosts,
+         "actions": st.lists(st.fixed_dictionaries(
+             {}, optional={"path": fuzz_paths, "url": fuzz_urls, "host": fuzz_hosts,
+                           "secure": flags, "port": fuzz_ports}), min_size=1, max_size=2)},
+        optional={"status": _maybe(st.sampled_from([301, 302, 303, 307, 308])), "ssl": flags},
+    ),
+    st.fixed_dictionaries(
+        {"type": st.just("reverse-proxy"), "reversing-host": fuzz_hosts,
+         "reversed-host": _maybe(st.sampled_from(["127.0.0.1", "::1", "backend.test"])
+                                 | fuzz_hosts),
+         "reversed-port": fuzz_ports},
+        optional={**common, "reversed-ssl": flags, "preserve-host": flags,
+                  "timeout": _maybe(st.integers(0, 10**9))},
+    ),
+)  # fmt: skip
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(stanzas=st.lists(fuzz_stanzas, min_size=1, max_size=3))
+def test_fuzzed_stanzas_are_refused_cleanly_or_render_a_config_nginx_accepts(
+    tmp_path_factory, private_nginx, stanzas: list
+) -> None:
+    """Every kind of stanza with hostile hosts, paths, URLs, ports and sizes: a clean
+    refusal, or sites that real nginx accepts."""
+    folder = bundle_folder(tmp_path_factory.mktemp("stanzas"))
+    result = outcome(folder, yaml.safe_dump({"stanzas": stanzas}, allow_unicode=True))
+    if isinstance(result, BundleConfigError):
+        for problem in result.problems:
+            assert_safe_reason(problem)
+        event("refused")
+        return
+    event(f"rendered {len(stanzas)} stanza(s)")
+    assert_nginx_accepts(result, folder, private_nginx)
 
 
 # -- the global config ----------------------------------------------------------------------

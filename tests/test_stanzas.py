@@ -767,12 +767,8 @@ def test_flat_extras_mistakes(tmp_path, text: str, expected: str) -> None:
 
 
 def settings(tmp_path: Path, *listeners: Listener, **keys) -> KeterConfig:
-    return KeterConfig(
-        root=tmp_path / "root",
-        listeners=listeners or (Listener("*", 80),),
-        nginx=NginxSettings(config_file=tmp_path / "nginx/keter.conf"),
-        **keys,
-    )
+    keys.setdefault("nginx", NginxSettings(config_file=tmp_path / "nginx/keter.conf"))
+    return KeterConfig(root=tmp_path / "root", listeners=listeners or (Listener("*", 80),), **keys)
 
 
 def test_sites_for_a_plain_webapp_is_the_old_site(tmp_path) -> None:
@@ -893,6 +889,22 @@ def test_deploy_problems_need_a_tls_listener_for_ssl_and_requires_secure(tmp_pat
     # TLS ended by a load balancer in front: requires-secure is fine, ssl is not.
     behind = settings(tmp_path, external_https_port=443)
     assert len(deploy_problems(config, behind)) == 1
+
+
+def test_deploy_problems_need_a_resolver_for_a_reverse_proxy_to_a_name(tmp_path) -> None:
+    config = parse(
+        tmp_path,
+        "stanzas:\n  - {type: reverse-proxy, reversing-host: p, reversed-host: api.test, "
+        "reversed-port: 80}\n  - {type: reverse-proxy, reversing-host: q, "
+        "reversed-host: 127.0.0.1, reversed-port: 80}\n",
+    )
+    none = NginxSettings(config_file=tmp_path / "nginx/keter.conf", resolver=())
+    assert deploy_problems(config, settings(tmp_path, nginx=none)) == [
+        "hosts p: reverse-proxy to the host name api.test needs a DNS resolver: set "
+        "nginx.resolver in keter-config.yaml (or use an IP address)"
+    ]
+    resolving = NginxSettings(config_file=tmp_path / "nginx/keter.conf", resolver=("127.0.0.53",))
+    assert deploy_problems(config, settings(tmp_path, nginx=resolving)) == []
 
 
 def test_deploy_problems_read_the_certificates_again(tmp_path) -> None:

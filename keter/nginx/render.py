@@ -776,11 +776,8 @@ class _Renderer:
         if address is not None:
             lines = [f"proxy_pass {scheme}://{upstream_name(app)}__r{index};"]
         else:
-            if not self.options.resolver:
-                raise ValueError(
-                    f"reverse-proxy to the host name {remote.host} needs a DNS resolver: "
-                    "set nginx.resolver in keter-config.yaml (or use an IP address)"
-                )
+            if not self.options.resolver:  # keter.routes.deploy_problems refuses it first
+                raise ValueError(resolver_missing(remote.host))
             target = names.nginx_quote(f"{remote.host}:{port}")
             lines = [
                 f"resolver {' '.join(_resolver(entry) for entry in self.options.resolver)};",
@@ -890,6 +887,19 @@ def _network(text: str) -> str:
         return str(ipaddress.ip_network(text, strict=False))
     except ValueError:
         raise ValueError(f"invalid network {names.log_text(text)}") from None
+
+
+def needs_resolver(host: str) -> bool:
+    """Whether nginx must resolve a reverse proxy's server by name (nginx.resolver)."""
+    return _remote_address(host) is None
+
+
+def resolver_missing(host: str) -> str:
+    """Why a reverse proxy to ``host`` cannot be served without nginx.resolver."""
+    return (
+        f"reverse-proxy to the host name {host} needs a DNS resolver: "
+        "set nginx.resolver in keter-config.yaml (or use an IP address)"
+    )
 
 
 def _remote_address(host: str) -> str | None:

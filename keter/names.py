@@ -364,6 +364,26 @@ def validate_file_path(text: object) -> str:
     return text
 
 
+# Characters an nginx file path cannot hold: '"' and '\\' would end or escape its quoted
+# string, ';' '{' '}' end a directive, '$' makes nginx expand variables in it.
+NGINX_PATH_UNSAFE = '"\\$;{}'
+
+
+def validate_nginx_file_path(text: object) -> str:
+    """An absolute file path nginx will read: ``validate_file_path``, and none of
+    ``NGINX_PATH_UNSAFE`` (quoting cannot carry them)."""
+    path = validate_file_path(text)
+    if not path.startswith("/"):
+        raise ValueError(f"expected an absolute path, got {_quoted(path)}")
+    unsafe = sorted({c for c in path if c in NGINX_PATH_UNSAFE})
+    if unsafe:
+        raise ValueError(
+            f"the path has characters nginx cannot take in a file path ({' '.join(unsafe)}): "
+            f"{_quoted(path)}"
+        )
+    return path
+
+
 def _check_utf8(text: str, what: str) -> bytes:
     try:
         return text.encode("utf-8")

@@ -650,6 +650,28 @@ def test_fuzzed_stanzas_are_refused_cleanly_or_render_a_config_nginx_accepts(
     assert_nginx_accepts(result, folder, private_nginx)
 
 
+@pytest.mark.parametrize(
+    ("folder_name", "unsafe"),
+    [("a b", None), ("a'b", None), ("a#b", None), ("ä%", None), ("-x", None),
+     ('a";b', '" ;'), ("a$b", "$"), ("${x}", "$ { }"), ("a\\b", "\\")],
+)  # fmt: skip
+def test_a_static_root_nginx_cannot_name_is_refused_and_any_other_is_served(
+    tmp_path, private_nginx, folder_name: str, unsafe: str | None
+) -> None:
+    """A bundle's folder is served in place, so its path is written into nginx's config:
+    one nginx cannot quote is refused by the parser, with the characters named."""
+    folder = bundle_folder(tmp_path)
+    (folder / folder_name).mkdir()
+    stanza = {"type": "static-files", "root": f"../{folder_name}", "host": "s.test"}
+    result = outcome(folder, yaml.safe_dump({"stanzas": [stanza]}))
+    if unsafe is None:
+        assert isinstance(result, BundleConfig), result
+        assert_nginx_accepts(result, folder, private_nginx)
+    else:
+        assert isinstance(result, BundleConfigError)
+        assert result.problems[0].endswith(f"nginx cannot serve a folder whose path has {unsafe}")
+
+
 # -- the global config ----------------------------------------------------------------------
 
 

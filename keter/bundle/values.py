@@ -311,6 +311,13 @@ class Values:
         if not target.is_dir():
             self.check.problem(path, f"{shown} is not a folder in the bundle")
             return None
+        # nginx serves the folder in place: its path is written into nginx's config.
+        unsafe = sorted({c for c in str(target) if c in names.NGINX_PATH_UNSAFE})
+        if unsafe:
+            self.check.problem(
+                path, f"{shown}: nginx cannot serve a folder whose path has {' '.join(unsafe)}"
+            )
+            return None
         return target
 
     def ssl(self, value: object, path: str) -> Ssl:

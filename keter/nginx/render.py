@@ -862,11 +862,8 @@ def _block(head: str, body: list[str]) -> list[str]:
 
 
 def _path(path: object) -> str:
-    """A quoted absolute file path; '$' is refused since it would make nginx load it per request."""
-    text = names.validate_file_path(str(path))
-    if not text.startswith("/") or any(c in text for c in '"\\$;{}'):
-        raise ValueError(f"invalid file path {names.log_text(text)}")
-    return f'"{text}"'
+    """A quoted absolute file path (names.validate_nginx_file_path)."""
+    return f'"{names.validate_nginx_file_path(str(path))}"'
 
 
 def _duration(seconds: float) -> str:

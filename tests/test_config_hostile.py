@@ -30,6 +30,7 @@ from keter.bundle import BundleConfig, BundleConfigError, RateAlgorithm, parse_b
 from keter.bundle import reader as bundle_reader
 from keter.config import ConfigError, KeterConfig, NginxSettings, load_config, parse_config
 from keter.config import Listener as KeterListener
+from keter.messages import Site
 from keter.nginx import ProxyOptions
 from keter.nginx.files import SupportFiles
 from keter.nginx.render import render
@@ -801,6 +802,57 @@ def test_fuzzed_global_configs_only_parse_or_fail_cleanly(tmp_path_factory, text
         assert isinstance(result, KeterConfig)
         for warning in result.warnings:
             assert_safe_reason(warning)
+
+
+fuzz_global_docs = st.fixed_dictionaries(
+    {},
+    optional={
+        "listeners": st.lists(st.fixed_dictionaries(
+            {"host": _maybe(st.sampled_from(["*", "127.0.0.1", "::1", "0.0.0.0", "[::]"])),
+             "port": fuzz_ports}), min_size=1, max_size=3),
+        "healthcheck-path": fuzz_paths,
+        "ip-from-header": flags,
+        "external-http-port": fuzz_ports,
+        "external-https-port": fuzz_ports,
+        "connection-time-bound": _maybe(st.integers(0, 10**7)),
+        "unknown-host-response-file": st.just("page.html"),
+        "missing-host-response-file": st.just("page.html"),
+        "proxy-exception-response-file": st.just("page.html"),
+        "nginx": st.fixed_dictionaries({}, optional={"resolver": _maybe(st.lists(
+            _maybe(st.sampled_from(["127.0.0.53", "::1", "10.0.0.1:5353", "[::1]:53"])),
+            max_size=2))}),
+    },
+)  # fmt: skip
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(doc=fuzz_global_docs, page=st.binary(max_size=64))
+def test_fuzzed_global_configs_that_parse_render_a_config_nginx_accepts(
+    tmp_path_factory, private_nginx, doc: dict, page: bytes
+) -> None:
+    """The operator's settings that reach nginx (listeners, ports, response pages, the
+    health path, the resolver), any values: a clean refusal, or a config nginx accepts."""
+    base = tmp_path_factory.mktemp("global")
+    (base / "page.html").write_bytes(page)
+    result = config_outcome(yaml.safe_dump(doc, allow_unicode=True), base)
+    if isinstance(result, ConfigError):
+        for problem in result.problems:
+            assert_safe_reason(problem)
+        event("refused")
+        return
+    event("rendered")
+    support = SupportFiles(base / "support", auth_group=None)
+    listeners, options, _ = support.localize_globals(
+        result.listeners, ProxyOptions.from_config(result)
+    )
+    site = Site(app="a", hosts=("a.test",), port=4000)
+    private_nginx.config_file.write_text(render([site], listeners, 1, options))
+    tested = subprocess.run(private_nginx.test_command, capture_output=True, text=True)
+    assert tested.returncode == 0, tested.stderr
 
 
 # -- the daemon of record: fuzzed bundles against a running keter and real nginx ----------

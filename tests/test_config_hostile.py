@@ -548,14 +548,21 @@ def test_fuzzed_middleware_is_refused_cleanly_or_renders_a_config_nginx_accepts(
     folder = bundle_folder(tmp_path_factory.mktemp("middleware"))
     doc = {"stanzas": [{"type": "webapp", "exec": "../hello", "host": "a.test",
                         "middleware": middleware}]}  # fmt: skip
+    config = parsed_or_refused_cleanly(folder, doc)
+    if config is not None:
+        event(f"rendered with {len(config.webapps[0].middleware)} middleware")
+        assert_nginx_accepts(config, folder, private_nginx)
+
+
+def parsed_or_refused_cleanly(folder: Path, doc: dict) -> BundleConfig | None:
+    """The bundle config ``doc`` parsed, or None when it is refused with clean reasons."""
     result = outcome(folder, yaml.safe_dump(doc, allow_unicode=True))
     if isinstance(result, BundleConfigError):
         for problem in result.problems:
             assert_safe_reason(problem)
         event("refused")
-        return
-    event(f"rendered with {len(result.webapps[0].middleware)} middleware")
-    assert_nginx_accepts(result, folder, private_nginx)
+        return None
+    return result
 
 
 def assert_nginx_accepts(config: BundleConfig, folder: Path, private_nginx) -> None:
@@ -641,14 +648,10 @@ def test_fuzzed_stanzas_are_refused_cleanly_or_render_a_config_nginx_accepts(
     """Every kind of stanza with hostile hosts, paths, URLs, ports and sizes: a clean
     refusal, or sites that real nginx accepts."""
     folder = bundle_folder(tmp_path_factory.mktemp("stanzas"))
-    result = outcome(folder, yaml.safe_dump({"stanzas": stanzas}, allow_unicode=True))
-    if isinstance(result, BundleConfigError):
-        for problem in result.problems:
-            assert_safe_reason(problem)
-        event("refused")
-        return
-    event(f"rendered {len(stanzas)} stanza(s)")
-    assert_nginx_accepts(result, folder, private_nginx)
+    config = parsed_or_refused_cleanly(folder, {"stanzas": stanzas})
+    if config is not None:
+        event(f"rendered {len(stanzas)} stanza(s)")
+        assert_nginx_accepts(config, folder, private_nginx)
 
 
 @pytest.mark.parametrize(

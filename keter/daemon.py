@@ -10,10 +10,10 @@ The supervisor (``keter.supervisor``) decides; this module only runs it:
   first (no new deploy starts), the process monitor stops every app
   gracefully (TERM, ``stop-timeout``, KILL), the status API last (it answers
   while the apps stop). ACME gets ``ACME_GRACE`` after them: a certificate
-  order in flight is abandoned, not waited for. A component still running at the deadline
-  (``stop-timeout`` plus ``SHUTDOWN_MARGIN``) cannot keep keter alive: every
-  app process is killed and keter exits anyway. A second SIGTERM or SIGINT
-  means stop now: apps are killed at once.
+  order in flight is abandoned, not waited for. A component still running at
+  the deadline (``stop-timeout`` plus ``SHUTDOWN_MARGIN``) cannot keep keter
+  alive: every app process is killed and keter exits anyway. A second SIGTERM
+  or SIGINT means stop now: apps are killed at once.
 """
 
 from __future__ import annotations

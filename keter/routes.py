@@ -182,11 +182,8 @@ def deploy_problems(config: BundleConfig, settings: KeterConfig) -> list[str]:
                     f"hosts {', '.join(wildcards)}: ssl: acme cannot get a certificate for a "
                     "wildcard host (HTTP-01 validates one name at a time)"
                 )
-        if isinstance(stanza, ReverseProxy) and needs_resolver(stanza.reversed_host):
-            # None: the name servers of /etc/resolv.conf, as the nginx writer reads them.
-            resolver = settings.nginx.resolver
-            if not (system_resolvers() if resolver is None else resolver):
-                problems.append(f"hosts {shown}: {resolver_missing(stanza.reversed_host)}")
+        if isinstance(stanza, ReverseProxy):
+            problems += _resolver_problems(shown, stanza.reversed_host, settings)
         if isinstance(ssl, TlsConfig):
             files = [(ssl.certificate, "certificate"), (ssl.key, "key")]
             files += [(file, "certificate") for file in ssl.chain]
@@ -195,6 +192,20 @@ def deploy_problems(config: BundleConfig, settings: KeterConfig) -> list[str]:
                 if problem:
                     problems.append(f"hosts {shown}: ssl {kind}: {problem}")
     return problems
+
+
+def _resolver_problems(shown: str, host: str, settings: KeterConfig) -> list[str]:
+    """A reverse proxy to a host name needs a resolver for nginx to ask."""
+    try:
+        if not needs_resolver(host):
+            return []
+    except ValueError as exc:  # the parser checked the host; this is a second lock
+        return [f"hosts {shown}: reverse-proxy: {exc}"]
+    # None: the name servers of /etc/resolv.conf, as the nginx writer reads them.
+    resolver = settings.nginx.resolver
+    if system_resolvers() if resolver is None else resolver:
+        return []
+    return [f"hosts {shown}: {resolver_missing(host)}"]
 
 
 def approot(host: str, *, secure: bool, settings: KeterConfig) -> str:

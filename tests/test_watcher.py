@@ -749,3 +749,49 @@ def test_check_works_in_bounded_slices(tmp_path: Path) -> None:
         assert max(slices) <= 5 * MIB
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("swap", ["link", "gone"])
+def test_a_bundle_swapped_between_the_look_and_the_open_of_its_check(
+    incoming: Path, reports: queue.Queue, monkeypatch, tmp_path: Path, swap: str
+) -> None:
+    """The completeness check opens the file the watcher looked at a moment before; what
+    is there by then decides: a link is refused once (never followed), a removed file
+    is doubted, then forgotten (it never arrived), and a new copy arrives as usual.
+    The swap is put into that moment by wrapping the open: the race cannot be produced
+    on demand. Driven through the (unstarted) actor's handler, as the tests above."""
+    watcher = IncomingWatcher(incoming, report_to=reports)
+    path, data = incoming / "app.keter", big_bundle()
+    with open(path, "wb", buffering=0) as f:  # its close not seen: checked before use
+        write_chunks(f, data)
+        watcher.handle(_PathTouched(path=str(path), certain=False))
+    outside = tmp_path / "elsewhere.keter"
+    outside.write_bytes(data)
+    real_open = watcher_module.open_regular
+
+    def swapped_then_opened(target: Path):
+        path.unlink()
+        if swap == "link":
+            path.symlink_to(outside)
+        return real_open(target)
+
+    monkeypatch.setattr(watcher_module, "open_regular", swapped_then_opened)
+    # Time passing with no events is the scenario here, not a wait for an outcome.
+    time.sleep(2 * DOUBT_QUIET)
+    watcher.handle(_Settle(app="app"))
+    if swap == "link":
+        refused = reports.get_nowait()
+        assert isinstance(refused, BundleIgnored) and refused.filename == "app.keter"
+        assert "link" in refused.reason, refused.reason
+        watcher.handle(_Settle(app="app"))  # said once
+    else:
+        time.sleep(2 * DOUBT_QUIET)
+        watcher.handle(_Settle(app="app"))
+        assert reports.empty()  # nothing arrived, so nothing is removed either
+        monkeypatch.setattr(watcher_module, "open_regular", real_open)
+        copy_like_cp(path, data)
+        watcher.handle(_PathTouched(path=str(path), certain=True))
+        time.sleep(2 * CLOSED_QUIET)
+        watcher.handle(_Settle(app="app"))
+        assert reports.get_nowait() == arrived(path)
+    assert reports.empty()

@@ -369,13 +369,18 @@ def validate_file_path(text: object) -> str:
 NGINX_PATH_UNSAFE = '"\\$;{}'
 
 
+def nginx_path_unsafe(path: str) -> list[str]:
+    """The characters of ``NGINX_PATH_UNSAFE`` in ``path``, sorted, each once."""
+    return sorted({c for c in path if c in NGINX_PATH_UNSAFE})
+
+
 def validate_nginx_file_path(text: object) -> str:
     """An absolute file path nginx will read: ``validate_file_path``, and none of
     ``NGINX_PATH_UNSAFE`` (quoting cannot carry them)."""
     path = validate_file_path(text)
     if not path.startswith("/"):
         raise ValueError(f"expected an absolute path, got {_quoted(path)}")
-    unsafe = sorted({c for c in path if c in NGINX_PATH_UNSAFE})
+    unsafe = nginx_path_unsafe(path)
     if unsafe:
         raise ValueError(
             f"the path has characters nginx cannot take in a file path ({' '.join(unsafe)}): "

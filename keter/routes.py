@@ -41,7 +41,7 @@ from keter.messages import (
     TlsFiles,
 )
 from keter.names import is_wildcard
-from keter.nginx.files import system_resolvers
+from keter.nginx.files import resolvers
 from keter.nginx.render import needs_resolver, resolver_missing
 from keter.yamlcheck import pem_problem
 
@@ -201,9 +201,7 @@ def _resolver_problems(shown: str, host: str, settings: KeterConfig) -> list[str
             return []
     except ValueError as exc:  # the parser checked the host; this is a second lock
         return [f"hosts {shown}: reverse-proxy: {exc}"]
-    # None: the name servers of /etc/resolv.conf, as the nginx writer reads them.
-    resolver = settings.nginx.resolver
-    if system_resolvers() if resolver is None else resolver:
+    if resolvers(settings.nginx.resolver):  # as the nginx writer will read them
         return []
     return [f"hosts {shown}: {resolver_missing(host)}"]
 

@@ -312,7 +312,7 @@ class Values:
             self.check.problem(path, f"{shown} is not a folder in the bundle")
             return None
         # nginx serves the folder in place: its path is written into nginx's config.
-        unsafe = sorted({c for c in str(target) if c in names.NGINX_PATH_UNSAFE})
+        unsafe = names.nginx_path_unsafe(str(target))
         if unsafe:
             self.check.problem(
                 path, f"{shown}: nginx cannot serve a folder whose path has {' '.join(unsafe)}"

@@ -154,9 +154,12 @@ class SupportFiles:
         if options.acme_challenges is not None:
             self._make_folder(self.support)
             self._make_folder(options.acme_challenges)
-        resolver = options.resolver if options.resolver is not None else system_resolvers()
         local = dataclasses.replace(
-            options, ca_file=ca_file, file_roots=self.roots, resolver=resolver, **pages
+            options,
+            ca_file=ca_file,
+            file_roots=self.roots,
+            resolver=resolvers(options.resolver),
+            **pages,
         )
         return tuple(local_listeners), local, frozenset(files)
 
@@ -283,6 +286,12 @@ def read_source(path: Path, limit: int) -> bytes:
     if len(data) > limit:
         raise ValueError(f"{shown} is larger than {limit} bytes")
     return data
+
+
+def resolvers(configured: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The name servers nginx gets: ``nginx.resolver`` as configured (``()``: none), or
+    when it is unset those of ``/etc/resolv.conf``, read now."""
+    return system_resolvers() if configured is None else configured
 
 
 def system_resolvers(resolv_conf: Path = RESOLV_CONF) -> tuple[str, ...]:

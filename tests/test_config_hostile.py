@@ -33,7 +33,7 @@ from keter.config import Listener as KeterListener
 from keter.messages import Site
 from keter.nginx import ProxyOptions
 from keter.nginx.files import SupportFiles
-from keter.nginx.render import render
+from keter.nginx.render import render, support_dir
 from keter.routes import deploy_problems, sites_for
 from keter.yamlcheck import load_yaml
 
@@ -841,6 +841,9 @@ def test_fuzzed_global_configs_that_parse_render_a_config_nginx_accepts(
     health path, the resolver), any values: a clean refusal, or a config nginx accepts."""
     base = tmp_path_factory.mktemp("global")
     (base / "page.html").write_bytes(page)
+    # nginx's config file (and so the support folder the writer makes) inside the test's
+    # folder: the default is under /etc/nginx, which a test must not touch.
+    doc = {**doc, "nginx": {**doc.get("nginx", {}), "config-file": "keter.conf"}}
     result = config_outcome(yaml.safe_dump(doc, allow_unicode=True), base)
     if isinstance(result, ConfigError):
         for problem in result.problems:
@@ -848,7 +851,7 @@ def test_fuzzed_global_configs_that_parse_render_a_config_nginx_accepts(
         event("refused")
         return
     event("rendered")
-    support = SupportFiles(base / "support", auth_group=None)
+    support = SupportFiles(support_dir(result.nginx.config_file), auth_group=None)
     listeners, options, _ = support.localize_globals(
         result.listeners, ProxyOptions.from_config(result)
     )

@@ -46,8 +46,13 @@ class Browser:
             os.dup2(commands_read, 3)
             os.dup2(replies_write, 4)
 
+        # Chromium also writes under $HOME (crash reports, caches): the test's folder too.
+        home = profile / "home"
+        env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")}
+        env["XDG_CACHE_HOME"] = str(home / ".cache")
         self.process = subprocess.Popen(
             [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

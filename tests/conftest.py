@@ -8,6 +8,7 @@ from support.browser import browser  # noqa: F401  (headless Chromium, for the d
 from support.daemon import keter, keter_factory  # noqa: F401  (a real keter daemon)
 from support.dns import private_dns  # noqa: F401  (a private DNS server)
 from support.nginx import private_nginx  # noqa: F401  (a private nginx)
+from support.outside import pytest_sessionfinish, pytest_sessionstart  # noqa: F401  (no writes outside)
 from support.postgres import private_postgres  # noqa: F401  (a private PostgreSQL)
 from support.processes import make_monitor  # noqa: F401  (real ProcessMonitors)
 from support.supervisor import rig, serving  # noqa: F401  (the supervisor with fake components)

@@ -202,6 +202,13 @@ def test_rollback_without_an_earlier_version_is_refused(keter, tmp_path):
 # -- logs ----------------------------------------------------------------------------------
 
 
+def ctrl_c_ends_it() -> None:
+    """In a follower about to start: SIGINT as a terminal's Ctrl-C delivers it. A run started
+    in the background by a non-interactive shell inherits SIGINT ignored, and Python then
+    leaves it ignored: the follower would never see the test's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_logs_follow_the_app_across_log_rotation(keter_factory, tmp_path):
     # Two lines of app output already exceed this: every restart rotates the log.
     keter = keter_factory(**{"log-max-bytes": 150, "log-backups": 3})
@@ -214,6 +221,7 @@ def test_logs_follow_the_app_across_log_rotation(keter_factory, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=ctrl_c_ends_it,
     )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(follower.stdout), daemon=True)
@@ -249,6 +257,7 @@ def test_an_app_cannot_reach_the_operators_terminal_through_keter_logs(keter, tm
         [sys.executable, "-m", "keter", "logs", "noisy", "-f", "--root", str(keter.root)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=ctrl_c_ends_it,
     )
     out: list[bytes] = []
     reader = threading.Thread(target=lambda: out.extend(follower.stdout), daemon=True)

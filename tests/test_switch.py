@@ -38,6 +38,7 @@ from keter.messages import (
 )
 from keter.stats.component import StatsCollector
 from keter.switch import StablePorts, Switch, Table, nft
+from keter.switch import actor as switch_actor
 from keter.switch.nfnetlink import NetlinkError
 
 NFT = nft.find_nft()
@@ -408,6 +409,42 @@ def test_a_drain_is_reported_when_the_last_connection_ends(
     with pytest.raises(queue.Empty):
         running.next(timeout=0.5)
     held.close()
+
+
+def test_slow_connection_dumps_take_at_most_their_share_of_a_core(
+    running: Running, listeners: list[Listener], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dump that costs 40 ms of CPU (a host whose connection table holds tens of
+    thousands of entries) is made less often: polling takes at most POLL_SHARE of a core,
+    not the 44% that a look every POLL (50 ms) would take."""
+    running.next()
+    real = sockdiag.connections
+    spent: list[float] = []
+
+    def slow(low: int, high: int):
+        began = time.thread_time()
+        while time.thread_time() - began < 0.04:
+            pass
+        spent.append(time.thread_time() - began)
+        return real(low, high)
+
+    monkeypatch.setattr(sockdiag, "connections", slow)
+    old = listen(listeners, b"old")
+    held = socket.create_connection(("127.0.0.1", old.port), timeout=2)
+    held.recv(10)
+    began = time.monotonic()
+    running.switch.tell(WatchDrain(app="a", deploy_id=7, ports=(old.port,), seconds=30))
+    wait_for(lambda: len(spent) >= 8, 10, "eight looks")
+    share = sum(spent[:8]) / (time.monotonic() - began)
+    assert share <= switch_actor.POLL_SHARE * 1.25, share
+    held.close()
+    assert running.next() == Drained(app="a", deploy_id=7)
+
+
+def test_the_poll_waits_longer_only_when_a_look_was_slow() -> None:
+    assert switch_actor.poll_delay(0.05, 0.0003) == 0.05
+    assert switch_actor.poll_delay(0.01, 0.01) == pytest.approx(0.04)  # 10 ms of every 50
+    assert switch_actor.poll_delay(0.05, 0.04) == pytest.approx(0.16)
 
 
 def test_the_reload_mode_when_chosen_or_when_nft_is_missing(tmp_path: Path) -> None:

@@ -23,7 +23,8 @@ Told by the supervisor only (``PointServices``, ``ReleaseServices``,
 
 Both waits share one poll: a single sock_diag dump over keter's port range
 every ``POLL`` seconds while anything waits, every ``SWITCH_POLL`` while a
-switch does (``keter.sockdiag``).
+switch does (``keter.sockdiag``), less often when dumps are slow
+(``poll_delay``).
 """
 
 from __future__ import annotations
@@ -55,8 +56,20 @@ log = logging.getLogger(__name__)
 
 POLL = 0.05  # seconds between looks at the connections of draining versions
 SWITCH_POLL = 0.01  # ... while a switch waits for nginx's pool (a verdict waits on it)
+# The share of a core the dumps may take. A dump walks the kernel's whole connection
+# table, TIME_WAIT entries included: a few hundred µs on a quiet host, several ms while
+# 1000 apps are redeployed at once (every probe, confirmation and pooled connection of
+# the last minute is still there), when polling every SWITCH_POLL took half of keter's CPU.
+POLL_SHARE = 0.2
 CONFIRM_TIMEOUT = 1.0  # seconds a confirming connection may take
 CONFIRM_TRIES = 3  # connections through a stable port before it counts as led elsewhere
+
+
+def poll_delay(base: float, spent: float) -> float:
+    """Seconds until the next look at the ports: ``base``, or longer when the look just
+    made took ``spent`` seconds of CPU, so that looking takes at most ``POLL_SHARE`` of a
+    core (a verdict then waits a few ms more; keter's other work goes on)."""
+    return max(base, spent * (1 - POLL_SHARE) / POLL_SHARE)
 
 
 @message
@@ -292,11 +305,13 @@ class Switch(Actor):
     def _poll(self) -> None:
         now = time.monotonic()
         low, high = self.port_range
+        began = time.thread_time()  # this thread's CPU, the kernel's walk included
         try:
             counts = sockdiag.connections(low, high)
         except OSError as exc:
             log.debug("keter: cannot count connections: %s", exc)
             counts = None  # unknown: only the deadlines end the waits
+        spent = time.thread_time() - began
         for key, wait in list(self._waits.items()):
             empty = counts is not None and not any(counts[port] for port in wait.ports)
             if empty or now >= wait.deadline:
@@ -306,4 +321,4 @@ class Switch(Actor):
         self._polling = bool(self._waits)
         if self._polling:
             switching = any(wait.at_deadline for wait in self._waits.values())
-            self.schedule(SWITCH_POLL if switching else POLL, _Poll())
+            self.schedule(poll_delay(SWITCH_POLL if switching else POLL, spent), _Poll())

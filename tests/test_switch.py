@@ -391,6 +391,76 @@ def test_a_switch_that_does_not_land_is_undone(running: Running, listeners: list
     assert running.switch.table.read(NFT) == {7200: serving.port}
 
 
+def test_a_map_changed_behind_keters_back_is_read_again_and_the_switches_land(
+    tmp_path: Path, listeners: list[Listener], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Switches queued together share one transaction. An operator deleted app a's
+    element by hand, so the kernel refuses the deletion keter's picture asks for: each
+    command is tried alone, the one refused makes keter read the kernel's map, and both
+    switches land. Driven in this thread: both commands must be in the inbox when the
+    first is handled."""
+    reports: queue.Queue = queue.Queue()
+    switch = Switch(
+        report_to=reports, root=tmp_path / "root", port_range=(1024, 65535), pool_seconds=0.5
+    )
+    switch.on_start()
+    try:
+        address = reports.get_nowait().address
+        names = (b"a1", b"b1", b"a2", b"b2")
+        a_old, b_old, a_new, b_new = (listen(listeners, name) for name in names)
+        switch.handle(PointServices(app="a", deploy_id=1, targets=((7300, a_old.port),)))
+        switch.handle(PointServices(app="b", deploy_id=2, targets=((7301, b_old.port),)))
+        assert [pointed(reports.get_nowait()) for _ in range(2)] == [("a", 1), ("b", 2)]
+
+        nft.apply(f"delete element ip {switch.table.name} services {{ 7300 }}", NFT)
+        b_moves = PointServices(
+            app="b", deploy_id=4, targets=((7301, b_new.port),), previous=((7301, b_old.port),)
+        )
+        switch.inbox.put(b_moves)
+        switch.handle(
+            PointServices(
+                app="a", deploy_id=3, targets=((7300, a_new.port),), previous=((7300, a_old.port),)
+            )
+        )
+        assert switch.inbox.empty()  # b's command went into the same transaction
+        assert sorted(pointed(reports.get_nowait()) for _ in range(2)) == [("a", 3), ("b", 4)]
+        assert (ask(address, 7300), ask(address, 7301)) == (b"a2", b"b2")
+        assert switch.table.read(NFT) == {7300: a_new.port, 7301: b_new.port}
+        assert "was changed by someone else" in caplog.text
+    finally:
+        switch.on_stop()
+    assert not switch.table.exists(NFT)
+
+
+def test_a_table_deleted_behind_keters_back_is_made_again_with_every_address(
+    running: Running, listeners: list[Listener], caplog: pytest.LogCaptureFixture
+) -> None:
+    """`nft flush ruleset` (the nftables service restarting) deletes keter's table with
+    every stable address: keter hears the kernel announce it and makes it again."""
+    address = running.next().address
+    one, two = listen(listeners, b"one"), listen(listeners, b"two")
+    running.switch.tell(PointServices(app="a", deploy_id=1, targets=((7400, one.port),)))
+    running.switch.tell(PointServices(app="b", deploy_id=2, targets=((7401, two.port),)))
+    assert {pointed(running.next()) for _ in range(2)} == {("a", 1), ("b", 2)}
+
+    for _ in range(2):  # and again: the table made again is heard like the first
+        nft.apply(running.switch.table.delete_script(), NFT)
+        wait_for(
+            lambda: (
+                running.switch.table.exists(NFT)
+                and running.switch.table.read(NFT) == {7400: one.port, 7401: two.port}
+            ),
+            5,
+            "the table made again",
+        )
+        assert (ask(address, 7400), ask(address, 7401)) == (b"one", b"two")
+    assert caplog.text.count("was deleted by someone else") == 2
+    # keter's own changes are heard too, and change nothing.
+    running.switch.tell(PointServices(app="c", deploy_id=3, targets=((7402, one.port),)))
+    assert pointed(running.next()) == ("c", 3)
+    assert caplog.text.count("was deleted by someone else") == 2
+
+
 def test_a_drain_is_reported_when_the_last_connection_ends(
     running: Running, listeners: list[Listener]
 ) -> None:

@@ -8,7 +8,10 @@ Told by the supervisor only (``PointServices``, ``ReleaseServices``,
   empty one (an earlier keter killed mid-switch leaves rules pointing at ports
   whose processes are gone) and reports the mode: ``kernel``, or ``reload``
   when nft is missing, not permitted, or switched off (``switch: reload``).
-  It says which, once. At a clean stop it deletes the table.
+  It says which, once. At a clean stop it deletes the table. Should anyone else
+  delete it (``nft flush ruleset`` when the nftables service restarts), a thread
+  that hears the kernel's announcements (``TableWatch``) has the component make it
+  again with every stable address, and say so.
 * ``PointServices``: one nf_tables transaction changes the map for every command
   queued at that moment (1000 apps redeployed at once cost one transaction).
   Then, for each stable port, it connects through it and asks the kernel
@@ -32,6 +35,7 @@ from __future__ import annotations
 import logging
 import queue
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +54,7 @@ from keter.messages import (
     message,
 )
 from keter.switch import nft
-from keter.switch.nfnetlink import NetlinkError
+from keter.switch.nfnetlink import NetlinkError, TableWatch
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +79,11 @@ def poll_delay(base: float, spent: float) -> float:
 @message
 class _Poll:
     """Private timer: look at the watched ports again."""
+
+
+@message
+class _TableGone:
+    """Private, from the hearing thread: the kernel may have deleted the table."""
 
 
 @dataclass(kw_only=True, eq=False)
@@ -111,6 +120,8 @@ class Switch(Actor):
         self.writer = self.table.writer()
         self._waits: dict[tuple[str, int], _Wait] = {}  # by (kind, deploy id)
         self._polling = False
+        self._table_watch: TableWatch | None = None
+        self._hearing: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -124,6 +135,7 @@ class Switch(Actor):
                 self.table.name,
                 self.table.address,
             )
+            self._hear()
             self.report(SwitchReady(mode=self.mode, address=self.table.address))
         else:
             log.warning(
@@ -155,7 +167,36 @@ class Switch(Actor):
             )
         return None
 
+    def _hear(self) -> None:
+        """Start the thread that tells this actor when the table may have been deleted."""
+        try:
+            self._table_watch = TableWatch(self.table.name)
+        except OSError as exc:
+            log.warning(
+                "keter: cannot hear nftables changes (%s): if someone deletes table %s, "
+                "keter makes it again only at its next start",
+                exc.strerror or exc,
+                self.table.name,
+            )
+            return
+        self._hearing = threading.Thread(
+            target=self._listen, args=(self._table_watch,), name="keter-switch-hear", daemon=True
+        )
+        self._hearing.start()
+
+    def _listen(self, watch: TableWatch) -> None:
+        """The hearing thread: it only tells the actor, which does everything else."""
+        try:
+            while watch.wait():
+                self.tell(_TableGone())
+        except OSError as exc:
+            log.error("keter: stopped hearing nftables changes: %s", exc.strerror or exc)
+
     def on_stop(self) -> None:
+        if self._table_watch is not None and self._hearing is not None:
+            self._table_watch.stop()
+            self._hearing.join(5)
+            self._table_watch.close()
         if self.mode is SwitchMode.KERNEL and self.nft is not None:
             try:
                 nft.apply(self.table.delete_script(), self.nft)
@@ -183,8 +224,59 @@ class Switch(Actor):
                 )
             case _Poll():
                 self._poll()
+            case _TableGone():
+                self._make_again()
             case _:
                 self.unexpected(message)
+
+    def _look_again(self) -> bool:
+        """After a refused change: whether the kernel's table differed from keter's
+        picture of it (now made right: the table made again, or the picture read)."""
+        if self._make_again():
+            return True
+        try:
+            held = self.table.read(self.nft)
+        except (nft.NftError, ValueError, KeyError) as exc:
+            log.error("keter: cannot read nftables table %s: %s", self.table.name, exc)
+            return False
+        if held == self.mapping:
+            return False
+        log.warning(
+            "keter: the map of nftables table %s was changed by someone else; "
+            "keter follows the kernel's (%d stable addresses, %d in keter's picture)",
+            self.table.name,
+            len(held),
+            len(self.mapping),
+        )
+        self.mapping = held
+        return True
+
+    def _make_again(self) -> bool:
+        """The table may be gone: if it is, make it again and lead every stable port
+        where it led (connections made in between were refused). Whether it did."""
+        if self.mode is not SwitchMode.KERNEL or self.table.exists(self.nft):
+            return False
+        reason = self._create()
+        if reason is None:
+            try:
+                self.writer.change([], sorted(self.mapping.items()))
+            except NetlinkError as exc:
+                reason = f"its stable addresses cannot be added: {exc.strerror}"
+        if reason is not None:
+            log.error(
+                "keter: nftables table %s was deleted and cannot be made again (%s): "
+                "apps are unreachable through nginx until keter restarts",
+                self.table.name,
+                reason,
+            )
+            return False
+        log.warning(
+            "keter: nftables table %s was deleted by someone else (nft flush ruleset? "
+            "the nftables service restarting?): made it again, %d stable addresses",
+            self.table.name,
+            len(self.mapping),
+        )
+        return True
 
     def _queued(self, kind: type) -> list:
         """Take the messages of ``kind`` waiting in the inbox now (the rest keep their order)."""
@@ -201,7 +293,7 @@ class Switch(Actor):
 
     # -- pointing --------------------------------------------------------------------
 
-    def _point(self, commands: list[PointServices]) -> None:
+    def _point(self, commands: list[PointServices], *, again: bool = False) -> None:
         if self.mode is not SwitchMode.KERNEL:
             for command in commands:
                 self._failed(command, "keter switches by reloading nginx")
@@ -215,6 +307,11 @@ class Switch(Actor):
             if len(commands) > 1:  # find the one at fault: each alone
                 for command in commands:
                     self._point([command])
+                return
+            # keter's picture of the map may be wrong (someone changed the map, or deleted
+            # the table): refused for that, the change is worth one more try.
+            if not again and self._look_again():
+                self._point(commands, again=True)
                 return
             # The transaction changed nothing: the stable ports lead where they did.
             self._failed(commands[0], f"the kernel refused the change: {exc.strerror}")

@@ -1,4 +1,5 @@
-"""Changing the elements of an nftables map by talking netlink to the kernel directly.
+"""Changing the elements of an nftables map by talking netlink to the kernel directly,
+and hearing when a table is deleted behind keter's back (``TableWatch``).
 
 Every switch changes one or a few elements of keter's map (``keter.switch.nft``).
 Running ``nft -f`` for that costs a process (3 ms of CPU: starting it, loading
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import struct
 from collections.abc import Iterable, Sequence
@@ -28,11 +30,16 @@ NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
+NFT_MSG_DELTABLE = 2
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_DELSETELEM = 14
 NFPROTO_IPV4 = 2
 NLM_F_CREATE = 0x400
 NLA_F_NESTED = 0x8000
+NFNLGRP_NFTABLES = 7  # the multicast group of every nf_tables change
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+NFTA_TABLE_NAME = 1
 
 # Attributes (enum nft_set_elem_list_attributes, nft_set_elem_attributes, nft_data_attributes).
 NFTA_SET_ELEM_LIST_TABLE = 1
@@ -163,3 +170,71 @@ def _attr(kind: int, value: bytes) -> bytes:
 
 def _string(text: str) -> bytes:
     return text.encode("ascii") + b"\0"  # table and map names are keter's own
+
+
+class TableWatch:
+    """Hears the kernel announce nf_tables changes; ``wait`` returns when ``table`` may
+    be gone.
+
+    Whoever deletes keter's table, typically ``nft flush ruleset`` at the top of
+    /etc/nftables.conf when the nftables service restarts, takes every stable
+    address with it. The kernel announces each committed change to the
+    ``NFNLGRP_NFTABLES`` group; a ``DELTABLE`` naming the table (or naming none)
+    means look. Every other announcement, keter's own map changes included, is
+    read and dropped. Announcements lost to a full receive buffer (``ENOBUFS``)
+    may have held the deletion, so they also mean look. Needs CAP_NET_ADMIN.
+    """
+
+    def __init__(self, table: str) -> None:
+        self.table = table
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        try:
+            self._sock.bind((0, 0))  # unbound, it is sent nothing the group hears
+            self._sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+        except OSError:
+            self._sock.close()
+            raise
+        self._wake_read, self._wake_write = os.pipe()
+
+    def wait(self) -> bool:
+        """Block until an announcement may mean the table is gone (True), or until
+        ``stop`` (False). Raises OSError when the socket fails."""
+        while True:
+            ready, _, _ = select.select([self._sock, self._wake_read], [], [])
+            if self._wake_read in ready:
+                return False
+            try:
+                data = self._sock.recv(_RECEIVE_SIZE)
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    return True
+                raise
+            if any(
+                kind == NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_DELTABLE
+                and table_name(payload) in (None, self.table)
+                for kind, _, payload in netlink.split(data)
+            ):
+                return True
+
+    def stop(self) -> None:
+        """Make ``wait`` return False (from any thread)."""
+        os.write(self._wake_write, b"s")
+
+    def close(self) -> None:
+        self._sock.close()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+
+
+def table_name(payload: bytes) -> str | None:
+    """The ``NFTA_TABLE_NAME`` of a table message (after its nfgenmsg), if it has one."""
+    offset = _NFGEN.size
+    while offset + _ATTR.size <= len(payload):
+        length, kind = _ATTR.unpack_from(payload, offset)
+        if length < _ATTR.size:
+            return None
+        if kind & ~NLA_F_NESTED == NFTA_TABLE_NAME:
+            value = payload[offset + _ATTR.size : offset + length]
+            return value.split(b"\0", 1)[0].decode("ascii", "replace")
+        offset += netlink.align(length)
+    return None

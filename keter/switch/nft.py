@@ -131,7 +131,8 @@ table ip {self.name} {{
     # -- running nft ------------------------------------------------------------------
 
     def read(self, nft: str = "nft") -> dict[int, int]:
-        """The map as the kernel holds it (stable port -> app port); for tests and checks."""
+        """The map as the kernel holds it (stable port -> app port): for tests, and for
+        the switch when the kernel refused a change (someone else changed the map)."""
         output = run([nft, "-j", "list", "map", "ip", self.name, MAP])
         for item in json.loads(output)["nftables"]:
             if "map" in item:

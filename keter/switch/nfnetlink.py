@@ -195,12 +195,16 @@ class TableWatch:
             self._sock.close()
             raise
         self._wake_read, self._wake_write = os.pipe()
+        # poll, not select: keter holds thousands of descriptors with 1000 apps.
+        self._poller = select.poll()
+        self._poller.register(self._sock, select.POLLIN)
+        self._poller.register(self._wake_read, select.POLLIN)
 
     def wait(self) -> bool:
         """Block until an announcement may mean the table is gone (True), or until
         ``stop`` (False). Raises OSError when the socket fails."""
         while True:
-            ready, _, _ = select.select([self._sock, self._wake_read], [], [])
+            ready = {fd for fd, _ in self._poller.poll()}
             if self._wake_read in ready:
                 return False
             try:

@@ -412,7 +412,7 @@ def test_a_map_changed_behind_keters_back_is_read_again_and_the_switches_land(
         switch.handle(PointServices(app="b", deploy_id=2, targets=((7301, b_old.port),)))
         assert [pointed(reports.get_nowait()) for _ in range(2)] == [("a", 1), ("b", 2)]
 
-        nft.apply(f"delete element ip {switch.table.name} services {{ 7300 }}", NFT)
+        nft.apply(f"delete element ip {switch.table.name} {nft.MAP} {{ 7300 }}", NFT)
         b_moves = PointServices(
             app="b", deploy_id=4, targets=((7301, b_new.port),), previous=((7301, b_old.port),)
         )

@@ -23,6 +23,7 @@ import pytest
 from support import entries
 from support.bundles import bundle_bytes, zero_gzip
 from support.entries import OpenWatch, make_link_out, poke
+from support.wait import wait_for
 
 from keter.incoming import watcher as watcher_module
 from keter.incoming.gzipcheck import GzipCheck, Verdict, check_file
@@ -243,6 +244,36 @@ def test_hidden_temp_file_renamed_into_place_is_reported_once(
     assert second == arrived(path)
     assert second != first
     no_report(reports)  # in particular nothing about the hidden name
+
+
+def test_reading_a_bundle_wakes_nothing(
+    start_watcher, incoming: Path, reports: queue.Queue, monkeypatch
+) -> None:
+    """keter reads every bundle several times (the gzip check, the unpacker, the
+    archive): those opens and closes are no change and never reach the watcher,
+    nor does the folder's own "modified" after each change inside it."""
+    seen: list[str] = []
+    forward = watcher_module._Forwarder.on_any_event
+
+    def spy(self, event) -> None:
+        seen.append(f"{event.event_type} {os.path.basename(event.src_path)}")
+        forward(self, event)
+
+    monkeypatch.setattr(watcher_module._Forwarder, "on_any_event", spy)
+    start_watcher()
+    assert next_report(reports) == ScanCompleted()
+    path = incoming / "app.keter"
+    copy_like_cp(path, small_bundle())
+    assert next_report(reports) == arrived(path)
+    assert seen and all(line.endswith(" app.keter") for line in seen), seen
+
+    seen.clear()
+    for _ in range(3):
+        path.read_bytes()
+    (incoming / ".sentinel").touch()  # its event comes after any the reads caused
+    wait_for(lambda: seen, what="the sentinel's event")
+    assert seen[0] == "created .sentinel", seen
+    no_report(reports)
 
 
 def test_touch_redeploys_and_chmod_does_not(watcher, incoming: Path, reports: queue.Queue) -> None:

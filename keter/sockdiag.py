@@ -4,9 +4,10 @@ The questions ``ss -tln`` and ``ss -tn state established '( sport = :PORT )'``
 ask, without running ``ss``, without reading ``/proc/net/tcp`` (whose cost grows
 with every socket on the machine, TIME_WAIT included):
 
-* ``listening(port)``: who listens on a port (owner uid and socket inode), and
-  ``listening_inodes()`` on any port. The kernel walks its table of listening
-  sockets only: cheap however busy the machine is.
+* ``listeners(port)``: who listens on a port (owner uid and socket inode). The
+  kernel walks its table of listening sockets only and answers with the port's
+  own: cheap however busy the machine is. (Where sock_diag cannot answer, the
+  same is read from ``/proc/net/tcp`` and ``tcp6``.)
 * ``connections(low, high)``: how many live connections each port in a range
   holds (an old version is drained when its ports hold none). One dump, both
   address families at once, filtered by the kernel; its cost grows with the
@@ -28,6 +29,7 @@ import ipaddress
 import os
 import socket
 import struct
+from dataclasses import dataclass
 
 from keter import netlink
 
@@ -73,18 +75,42 @@ def connections(low: int, high: int) -> collections.Counter[int]:
     return found
 
 
+@dataclass(frozen=True)
+class Listener:
+    """A TCP socket listening on a port: who owns it, and its inode."""
+
+    uid: int
+    inode: int
+
+
+def listeners(port: int) -> list[Listener]:
+    """The sockets listening on TCP ``port``, any address, IPv4 and IPv6."""
+    try:
+        return [Listener(uid=uid, inode=inode) for uid, inode in listening(port)]
+    except DiagError:
+        pass  # no sock_diag: read the kernel's tables (their cost grows with every socket)
+    found = []
+    wanted = f":{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f, None)  # the header
+                for line in f:
+                    # sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...
+                    fields = line.split()
+                    if len(fields) > 9 and fields[3] == "0A" and fields[1].endswith(wanted):
+                        found.append(Listener(uid=int(fields[7]), inode=int(fields[9])))
+        except OSError:
+            continue
+    return found
+
+
 def listening(port: int) -> list[tuple[int, int]]:
     """(owner uid, socket inode) of each socket listening on TCP ``port``, any address.
 
     Raises DiagError when the kernel cannot answer.
     """
     return _listeners(port, port)
-
-
-def listening_inodes() -> set[int]:
-    """The socket inode of every listening TCP socket, any port and address (which of
-    a process's sockets listen). Raises DiagError when the kernel cannot answer."""
-    return {inode for _uid, inode in _listeners(0, 0xFFFF)}
 
 
 def _listeners(low: int, high: int) -> list[tuple[int, int]]:

@@ -10,8 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from keter import netlink
-from keter.processes import ports
+from keter import netlink, sockdiag
 from keter.sockdiag import DiagError
 
 
@@ -45,7 +44,7 @@ def test_an_error_message_tells_its_errno_and_an_ack_zero() -> None:
 def test_listeners_read_the_kernels_tables_alike_when_sock_diag_cannot_answer(
     monkeypatch,
 ) -> None:
-    """keter.processes.ports.listeners falls back to /proc/net/tcp and tcp6: the same
+    """keter.sockdiag.listeners falls back to /proc/net/tcp and tcp6: the same
     owners and inodes as sock_diag's, IPv4 and IPv6, and nothing for a port only
     connected to (not listened on)."""
     v4 = socket.create_server(("127.0.0.1", 0))
@@ -53,16 +52,16 @@ def test_listeners_read_the_kernels_tables_alike_when_sock_diag_cannot_answer(
     v6 = socket.create_server(("::1", port), family=socket.AF_INET6)
     client = socket.create_connection(("127.0.0.1", port))
     try:
-        by_diag = sorted(ports.listeners(port), key=lambda listener: listener.inode)
+        by_diag = sorted(sockdiag.listeners(port), key=lambda listener: listener.inode)
         assert len(by_diag) == 2
         assert {listener.uid for listener in by_diag} == {os.geteuid()}
 
         def refused(_port: int) -> list:
             raise DiagError("no sock_diag here")
 
-        monkeypatch.setattr(ports.sockdiag, "listening", refused)
-        assert sorted(ports.listeners(port), key=lambda listener: listener.inode) == by_diag
-        assert ports.listeners(client.getsockname()[1]) == []
+        monkeypatch.setattr(sockdiag, "listening", refused)
+        assert sorted(sockdiag.listeners(port), key=lambda listener: listener.inode) == by_diag
+        assert sockdiag.listeners(client.getsockname()[1]) == []
     finally:
         client.close()
         v6.close()

@@ -100,7 +100,12 @@ def test_a_fresh_connection_right_after_each_switch_reaches_the_new_version(
 def test_a_process_accepts_while_it_holds_a_listening_socket_of_the_master(tmp_path: Path) -> None:
     # This test process plays nginx's master: it holds a listening socket, and a
     # child started with it inherited (a worker) can accept on it until it closes it.
-    with socket.create_server(("127.0.0.1", 0)) as listener:
+    # Only the master's own ports count: another listening socket it holds (an
+    # app's port, in keter's case) is not asked about.
+    with (
+        socket.create_server(("127.0.0.1", 0)) as listener,
+        socket.create_server(("127.0.0.1", 0)) as elsewhere,
+    ):
         holding = subprocess.Popen(
             [sys.executable, "-c", "import sys; sys.stdin.read()"],
             stdin=subprocess.PIPE,
@@ -109,8 +114,10 @@ def test_a_process_accepts_while_it_holds_a_listening_socket_of_the_master(tmp_p
         without = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
                                    stdin=subprocess.PIPE)  # fmt: skip
         try:
-            ours = workers.listening_sockets(os.getpid())
-            assert f"socket:[{os.fstat(listener.fileno()).st_ino}]" in ours
+            ours = workers.listening_sockets(os.getpid(), [listener.getsockname()[1]])
+            assert ours == {f"socket:[{os.fstat(listener.fileno()).st_ino}]"}
+            both = [listener.getsockname()[1], elsewhere.getsockname()[1]]
+            assert len(workers.listening_sockets(os.getpid(), both)) == 2
             assert workers.holds_any(holding.pid, ours)
             assert not workers.holds_any(without.pid, ours)
             assert {holding.pid, without.pid} <= workers.children(os.getpid())
@@ -136,7 +143,7 @@ def test_workers_started_in_the_tick_before_the_reload_count_as_old() -> None:
 
     with socket.create_server(("127.0.0.1", 0)) as listener:
         old = child(listener)
-        retiring = workers.Retiring.before_reload(None)
+        retiring = workers.Retiring.before_reload(None, [listener.getsockname()[1]])
         assert not retiring.known
         deadline = time.monotonic() + 1
         while not retiring.in_a_later_tick():  # what the writer waits for, on its stop event

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from keter import sockdiag
 
 PROC = Path("/proc")
-_LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's "st" column
 
 
 def master_of(worker: int) -> int | None:
@@ -59,24 +59,16 @@ def now_ticks() -> int:
     return int(uptime * os.sysconf("SC_CLK_TCK"))
 
 
-def listening_sockets(master: int) -> set[str]:
-    """The socket inodes ("socket:[N]") of the TCP listening sockets ``master`` holds."""
-    try:
-        inodes = sockdiag.listening_inodes()  # the kernel's listening table only
-    except OSError:
-        inodes = _listening_inodes_from_proc(master)
+def listening_sockets(master: int, ports: Iterable[int]) -> set[str]:
+    """The socket inodes ("socket:[N]") of the TCP sockets listening on ``ports``
+    that ``master`` holds.
+
+    Only nginx's own ports are asked about, not every listening socket: those
+    include every app's (a thousand on a big host), and nginx's are enough, since
+    a retiring worker closes all its listening sockets at once.
+    """
+    inodes = {listener.inode for port in set(ports) for listener in sockdiag.listeners(port)}
     return {f"socket:[{inode}]" for inode in inodes} & _sockets(master)
-
-
-def _listening_inodes_from_proc(master: int) -> set[int]:
-    inodes = set()
-    for table in ("tcp", "tcp6"):
-        with contextlib.suppress(OSError):
-            for line in (PROC / str(master) / "net" / table).read_text().splitlines()[1:]:
-                fields = line.split()
-                if len(fields) > 9 and fields[3] == _LISTEN:
-                    inodes.add(int(fields[9]))
-    return inodes
 
 
 def is_master(pid: int) -> bool:
@@ -97,15 +89,18 @@ class Retiring:
     """nginx's workers as they were just before a reload."""
 
     master: int | None
+    ports: frozenset[int]  # the ports nginx listens on
     before: set[int] = field(default_factory=set)  # the master's children then
     at: int = 0  # clock ticks when the reload was sent
 
     @classmethod
-    def before_reload(cls, master: int | None) -> Retiring:
-        """Note the workers of ``master`` (the last known one; None if none yet)."""
+    def before_reload(cls, master: int | None, ports: Iterable[int]) -> Retiring:
+        """Note the workers of ``master`` (the last known one; None if none yet),
+        which listens on ``ports``."""
         if master is not None and not is_master(master):
             master = None  # nginx was restarted: its new master is learnt after the reload
-        return cls(master=master, before=children(master) if master else set(), at=now_ticks())
+        before = children(master) if master else set()
+        return cls(master=master, ports=frozenset(ports), before=before, at=now_ticks())
 
     def in_a_later_tick(self) -> bool:
         """Whether a clock tick has begun since ``at`` (if so, ``at`` moves to it).
@@ -144,7 +139,7 @@ class Retiring:
         """The workers from before the reload that still hold a listening socket."""
         if self.master is None:
             return []
-        listening = listening_sockets(self.master)
+        listening = listening_sockets(self.master, self.ports)
         old = set(self.before)
         for child in children(self.master):
             begun = started(child)

@@ -463,7 +463,7 @@ class NginxWriter(Actor):
         config): no use waiting for the confirmation's timeout then.
         """
         errors = ErrorLog(self.error_log)
-        retiring = Retiring.before_reload(self._master)
+        retiring = Retiring.before_reload(self._master, {each.port for each in self.listeners})
         if not retiring.known:
             self._wait_until(retiring.in_a_later_tick, time.monotonic() + 1)
         error = self._send_reload(retiring)

@@ -61,6 +61,7 @@ from pathlib import Path
 
 import psutil
 
+from keter import sockdiag
 from keter.actor import Actor
 from keter.limits import DEFAULTS, Limits
 from keter.messages import (
@@ -85,7 +86,7 @@ from keter.processes.cgroups import Cgroup, Cgroups
 from keter.processes.controllers import Controllers, DeployLimits, oom_reason
 from keter.processes.groups import KILL_WAIT, group_members, signal_group, stop_groups
 from keter.processes.health import probe_http
-from keter.processes.ports import listeners, port_holders, port_is_free, socket_pids
+from keter.processes.ports import port_holders, port_is_free, socket_pids
 from keter.processes.reader import FAILURE_TAIL, OutputReader
 from keter.processes.records import Record, Records
 from keter.processes.spawn import Identity, SpawnError, spawn
@@ -1010,7 +1011,7 @@ class ProcessMonitor(Actor):
         port = entry.spec.port
         if port is None:
             return None
-        found = listeners(port)
+        found = sockdiag.listeners(port)
         if not found:
             return None
         own_uid = self.users.uid(entry.app) if self.users and entry.spec.user is None else None

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
 
 import psutil
-
-from keter import sockdiag
 
 
 class NoFreePort(Exception):
@@ -74,41 +71,6 @@ def port_holders(port: int) -> list[int]:
             if c.pid and c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
         }
     )
-
-
-@dataclass(frozen=True)
-class Listener:
-    """A TCP socket listening on a port: who owns it (from /proc/net/tcp and tcp6)."""
-
-    uid: int
-    inode: int
-
-
-def listeners(port: int) -> list[Listener]:
-    """The sockets listening on TCP ``port``, any address, IPv4 and IPv6.
-
-    Asked of the kernel's listening table (``keter.sockdiag``), which stays cheap
-    however many connections the machine has: done when an app is about to be
-    trusted with traffic (its health check passed, or it restarts).
-    """
-    try:
-        return [Listener(uid=uid, inode=inode) for uid, inode in sockdiag.listening(port)]
-    except sockdiag.DiagError:
-        pass  # no sock_diag: read the kernel's tables (their cost grows with every socket)
-    found = []
-    wanted = f":{port:04X}"
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f, None)  # the header
-                for line in f:
-                    # sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...
-                    fields = line.split()
-                    if len(fields) > 9 and fields[3] == "0A" and fields[1].endswith(wanted):
-                        found.append(Listener(uid=int(fields[7]), inode=int(fields[9])))
-        except OSError:
-            continue
-    return found
 
 
 def socket_pids(inode: int, pids: list[int] | None = None) -> list[int]:

@@ -274,11 +274,13 @@ def quick(apps: int, idle: float, rounds: int) -> None:
         print(f"no apps: RSS {rss_mb(stack.pid):.1f} MB", flush=True)
         for r in range(rounds):
             bundles = {app: stack.bundle(app, f"r{r}") for app in names}
+            own = time.process_time()
             took = stack.deploy(bundles, timeout=600)
+            own = time.process_time() - own
             stack.settle(apps, timeout=600)
             print(
                 f"round {r}: {apps} apps answering after {took:.2f} s; "
-                f"RSS {rss_mb(stack.pid):.1f} MB",
+                f"RSS {rss_mb(stack.pid):.1f} MB; the bench's own CPU meanwhile {own:.2f} s",
                 flush=True,
             )
         usage = observe(stack.pid, idle)

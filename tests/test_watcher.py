@@ -641,6 +641,30 @@ def test_rescan_right_after_a_deletion_reports_the_removal_once(
     no_report(reports)
 
 
+def test_a_bundle_whose_events_the_kernel_dropped_is_found_all_the_same(
+    watcher, incoming: Path, reports: queue.Queue
+) -> None:
+    """The kernel queues at most ``max_queued_events`` inotify events (16384 by
+    default) for a reader that has fallen behind (a burst of bundles, a busy
+    machine); the rest it drops, and says only that it did. The watcher then
+    looks at the whole folder again, so no bundle is missed."""
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    if limit > 1 << 20:
+        pytest.skip(f"this machine queues {limit} inotify events: too many to overflow here")
+    noise = [incoming / ".noise-a", incoming / ".noise-b"]  # hidden: no bundles
+    for each in noise:
+        each.touch()
+    path = incoming / "app.keter"
+    # watchdog's reader takes this lock for every event it hands on: held, the reader
+    # stops and the kernel's queue fills up, as behind a busy reader.
+    with watcher._observer._inotify_fd._lock:
+        for i in range(limit + 100):
+            os.utime(noise[i % 2])  # alternate: the kernel merges repeats of one event
+        copy_like_cp(path, small_bundle())  # its events find the queue full
+    assert next_report(reports) == arrived(path)
+    no_report(reports)
+
+
 def test_rescan_reports_what_the_events_missed(incoming: Path, reports: queue.Queue) -> None:
     """Rescan's own comparison, without an observer that could notice first.
 

@@ -26,6 +26,10 @@ or anything else. A half-written bundle never reaches the unpacker; a truly
 truncated one is still reported once it has been quiet for ``GIVE_UP_QUIET``,
 so the user hears about it.
 
+The kernel drops inotify events for a reader that falls behind once its
+queue is full (a burst of thousands of files on a busy machine); the watcher
+then looks at every file again (``_OverflowAlarm``).
+
 Whatever goes wrong while handling one file (an error nobody anticipated
 included) is that file's failure: one line, and the watcher carries on.
 """
@@ -121,6 +125,11 @@ class _Settle:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class _EventsLost:
+    """Private: the kernel dropped inotify events (its queue for us was full)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class _CheckStep:
     """Private: do the next slice of check ``check_id`` (sent to the inbox, so it
     takes its turn with every other message)."""
@@ -161,6 +170,30 @@ class _Forwarder(FileSystemEventHandler):
             self._inbox.put(_PathTouched(path=os.fsdecode(event.src_path), certain=certain))
 
 
+class _OverflowAlarm(logging.Filter):
+    """Runs on watchdog's thread: turns watchdog's note that the kernel dropped
+    events into ``_EventsLost``, and drops the note (the watcher says it itself).
+
+    The kernel queues a limited number of inotify events (``max_queued_events``,
+    16384 by default) for a reader that falls behind, and then only says that it
+    dropped some. For a folder watched without recursion, watchdog (7.x) passes
+    nothing on to handlers but this log record: the bundles whose events were
+    lost would wait for someone's ``keter rescan``.
+    """
+
+    LOGGER = "watchdog.observers.inotify_c"
+
+    def __init__(self, inbox: queue.Queue) -> None:
+        super().__init__()
+        self._inbox = inbox
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Inotify queue overflowed"):
+            self._inbox.put(_EventsLost())
+            return False
+        return True
+
+
 class IncomingWatcher(Actor):
     """Reports BundleArrived / BundleRemoved / BundleIgnored for ``incoming_dir``.
 
@@ -185,10 +218,15 @@ class IncomingWatcher(Actor):
         self._ignored: set[str] = set()  # file names that are no app name
         self._refused: dict[str, tuple[int, ...]] = {}  # file name -> identity of what was refused
         self._check_ids = itertools.count(1)
+        self._alarm = _OverflowAlarm(self.inbox)
 
     # -- lifecycle -------------------------------------------------------------------
 
     def on_start(self) -> None:
+        alarmed = logging.getLogger(_OverflowAlarm.LOGGER)
+        alarmed.addFilter(self._alarm)
+        if not alarmed.isEnabledFor(logging.WARNING):
+            alarmed.setLevel(logging.WARNING)  # the note must be made to be heard
         # Watch before scanning so nothing written during the scan is missed.
         self._observer = Observer()
         self._observer.name = "keter-watchdog"
@@ -209,6 +247,7 @@ class IncomingWatcher(Actor):
         if self._observer is not None:
             self._observer.stop()
             self._observer.join()
+        logging.getLogger(_OverflowAlarm.LOGGER).removeFilter(self._alarm)
 
     # -- messages --------------------------------------------------------------------
 
@@ -222,6 +261,13 @@ class IncomingWatcher(Actor):
                 self._guarded(app + SUFFIX, self._check_step, app, check_id)
             case Rescan():
                 log.info("incoming: rescanning %s", self.incoming_dir)
+                self._scan(initial=False)
+            case _EventsLost():
+                log.warning(
+                    "incoming: the kernel dropped file events for %s (its queue was full); "
+                    "looking at every file again",
+                    self.incoming_dir,
+                )
                 self._scan(initial=False)
             case _:
                 self.unexpected(message)

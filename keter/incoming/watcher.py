@@ -178,7 +178,7 @@ class _OverflowAlarm(logging.Filter):
     16384 by default) for a reader that falls behind, and then only says that it
     dropped some. For a folder watched without recursion, watchdog (7.x) passes
     nothing on to handlers but this log record: the bundles whose events were
-    lost would wait for someone's ``keter rescan``.
+    lost would wait for a ``systemctl reload keter`` (SIGHUP: a rescan).
     """
 
     LOGGER = "watchdog.observers.inotify_c"

@@ -171,8 +171,8 @@ class _Forwarder(FileSystemEventHandler):
 
 
 class _OverflowAlarm(logging.Filter):
-    """Runs on watchdog's thread: turns watchdog's note that the kernel dropped
-    events into ``_EventsLost``, and drops the note (the watcher says it itself).
+    """Runs on watchdog's thread: turns watchdog's WARNING that the kernel dropped
+    events into ``_EventsLost`` (the line itself is logged as usual).
 
     The kernel queues a limited number of inotify events (``max_queued_events``,
     16384 by default) for a reader that falls behind, and then only says that it
@@ -190,8 +190,7 @@ class _OverflowAlarm(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.getMessage().startswith("Inotify queue overflowed"):
             self._inbox.put(_EventsLost())
-            return False
-        return True
+        return True  # not False: another watcher in this process may need it too
 
 
 class IncomingWatcher(Actor):
@@ -263,11 +262,7 @@ class IncomingWatcher(Actor):
                 log.info("incoming: rescanning %s", self.incoming_dir)
                 self._scan(initial=False)
             case _EventsLost():
-                log.warning(
-                    "incoming: the kernel dropped file events for %s (its queue was full); "
-                    "looking at every file again",
-                    self.incoming_dir,
-                )
+                log.info("incoming: file events were lost; rescanning %s", self.incoming_dir)
                 self._scan(initial=False)
             case _:
                 self.unexpected(message)

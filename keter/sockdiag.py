@@ -156,26 +156,36 @@ def accepted_on(port: int, peer_port: int, address: str = "127.0.0.1") -> bool:
 
 
 def _ask(kind: int, flags: int, body: bytes) -> list[bytes]:
-    """Send one sock_diag request; the answers' payloads (each an inet_diag_msg)."""
-    answers: list[bytes] = []
+    """Send one sock_diag request; the answers' payloads (each an inet_diag_msg).
+
+    Any failure is a DiagError (the kernel cannot answer), so that callers with a
+    fallback need to catch that alone.
+    """
     try:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
-    except OSError as exc:
-        raise DiagError(exc.errno, f"sock_diag: {exc.strerror}") from None
-    with sock:
-        sock.sendall(netlink.request(kind, flags, 1, body))
-        while True:
-            data = sock.recv(_RECEIVE_SIZE)
-            if not data:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as sock:
+            return _exchange(sock, kind, flags, body)
+    except DiagError:
+        raise
+    except OSError as exc:  # no netlink socket, or its send or receive failed (ENOBUFS)
+        raise DiagError(exc.errno, f"sock_diag: {exc.strerror or exc}") from None
+
+
+def _exchange(sock: socket.socket, kind: int, flags: int, body: bytes) -> list[bytes]:
+    """One request on ``sock`` and its answers."""
+    answers: list[bytes] = []
+    sock.sendall(netlink.request(kind, flags, 1, body))
+    while True:
+        data = sock.recv(_RECEIVE_SIZE)
+        if not data:
+            return answers
+        for answer, _sequence, payload in netlink.split(data, DiagError):
+            if answer == netlink.NLMSG_DONE:
                 return answers
-            for kind, _sequence, payload in netlink.split(data, DiagError):
-                if kind == netlink.NLMSG_DONE:
+            if answer == netlink.NLMSG_ERROR:
+                code = netlink.error_code(payload)
+                if code == 0:
                     return answers
-                if kind == netlink.NLMSG_ERROR:
-                    code = netlink.error_code(payload)
-                    if code == 0:
-                        return answers
-                    raise DiagError(code, f"sock_diag: {os.strerror(code)}")
-                answers.append(payload)
-            if not flags & netlink.NLM_F_DUMP:
-                return answers  # an exact lookup answers in one datagram
+                raise DiagError(code, f"sock_diag: {os.strerror(code)}")
+            answers.append(payload)
+        if not flags & netlink.NLM_F_DUMP:
+            return answers  # an exact lookup answers in one datagram

@@ -66,3 +66,29 @@ def test_listeners_read_the_kernels_tables_alike_when_sock_diag_cannot_answer(
         client.close()
         v6.close()
         v4.close()
+
+
+def test_a_failed_exchange_with_the_kernel_is_a_diag_error_and_listeners_fall_back(
+    monkeypatch,
+) -> None:
+    """Not only a refused socket: a send or receive that fails (ENOBUFS when the
+    kernel's answer did not fit) is the kernel not answering too, so whoever has a
+    fallback (``listeners``: /proc/net/tcp) takes it instead of failing."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    real_socket = socket.socket
+
+    class Overrun(real_socket):
+        def recv(self, *args):
+            raise OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
+
+    try:
+        expected = sockdiag.listeners(port)
+        assert len(expected) == 1
+        monkeypatch.setattr(sockdiag.socket, "socket", Overrun)
+        with pytest.raises(DiagError) as raised:
+            sockdiag.listening(port)
+        assert raised.value.errno == errno.ENOBUFS
+        assert sockdiag.listeners(port) == expected
+    finally:
+        server.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -261,13 +262,23 @@ def _redeploys(stack: Stack, app: str, reps: int, running: int) -> list[float]:
     return times
 
 
-def quick(apps: int, idle: float, rounds: int) -> None:
+def quick(apps: int, idle: float, rounds: int, keep: bool = False) -> None:
     """``python bench/scale.py --apps N``: the scale figures for N apps, printed as measured.
 
     A quick look for whoever changes the process monitor; the suite's table
-    comes from ``run``.
+    comes from ``run``. The work folder (keter's log among it) goes unless ``keep``.
     """
     settings = Settings(quick=False, workdir=Path(tempfile.mkdtemp(prefix="keter-scale-")))
+    try:
+        _quick(settings, apps, idle, rounds)
+    finally:
+        if keep:
+            print(f"kept {settings.workdir}", flush=True)
+        else:
+            shutil.rmtree(settings.workdir, ignore_errors=True)
+
+
+def _quick(settings: Settings, apps: int, idle: float, rounds: int) -> None:
     names = [f"s{i:04d}" for i in range(apps)]
     ports = random.randrange(10, 25) * 1000
     with keter_stack(settings, NAME, **{"port-range": [ports, ports + 3 * apps + 99]}) as stack:
@@ -297,5 +308,6 @@ if __name__ == "__main__":
     parser.add_argument("--apps", type=int, default=100)
     parser.add_argument("--idle", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
     options = parser.parse_args()
-    quick(options.apps, options.idle, options.rounds)
+    quick(options.apps, options.idle, options.rounds, options.keep)

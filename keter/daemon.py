@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import queue
+import resource
 import signal
 import time
 
@@ -180,9 +181,37 @@ def fix_mmap_threshold() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
+# The open files keter asks for when its hard limit allows any number (it never does
+# on Linux: the kernel's nr_open caps it; a million is its default).
+OPEN_FILES_WANTED = 1 << 20
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise keter's soft limit on open files to its hard limit: (before, after).
+
+    keter holds a few descriptors per app (its output pipe, its pidfd, its log
+    file): with 1000 apps several thousand, past the 1024 a shell usually starts
+    a program with. keter.service sets 65536; started otherwise, keter would
+    fail every deploy after a few hundred apps ("Too many open files"). Apps get
+    limits of their own (keter.limits), not keter's.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            return soft, soft
+        return soft, wanted
+    return soft, soft
+
+
 def run(config: KeterConfig) -> int:
     """Run keter until it is told to stop; returns the process exit code."""
     fix_mmap_threshold()  # first: before any thread allocates
+    before, after = raise_open_files_limit()
+    if after != before:
+        log.info("keter: open files limit raised from %d to %d", before, after)
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     components = build_components(config, inbox)
     supervisor = Supervisor(config, components)

@@ -110,11 +110,9 @@ def listening(port: int) -> list[tuple[int, int]]:
 
     Raises DiagError when the kernel cannot answer.
     """
-    return _listeners(port, port)
-
-
-def _listeners(low: int, high: int) -> list[tuple[int, int]]:
-    return [_OWNER.unpack_from(message, _OWNER_AT) for message in _dump(1 << TCP_LISTEN, low, high)]
+    return [
+        _OWNER.unpack_from(message, _OWNER_AT) for message in _dump(1 << TCP_LISTEN, port, port)
+    ]
 
 
 def _dump(states: int, low: int, high: int) -> list[bytes]:

@@ -33,6 +33,7 @@ import time
 import traceback
 
 from keter.messages import Component, ComponentFailed, Stop
+from keter.threadnames import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class Actor:
     # -- the loop --------------------------------------------------------------------
 
     def _run(self) -> None:
+        name_this_thread()
         message: object = None
         try:
             if not self._started:

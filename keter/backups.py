@@ -66,6 +66,7 @@ from keter.messages import (
 )
 from keter.names import log_text
 from keter.processes.spawn import Identity
+from keter.threadnames import name_this_thread
 from keter.users import AppUsers
 
 log = logging.getLogger(__name__)
@@ -358,6 +359,7 @@ class Backups(Actor):
 
     def _wait(self, app: str, number: int, child: subprocess.Popen) -> None:
         """In a thread of its own: the child's error output, then its exit, as a message."""
+        name_this_thread()
         kept = b""
         assert child.stderr is not None
         with child.stderr:

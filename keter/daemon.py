@@ -42,6 +42,7 @@ from keter.stats.component import StatsCollector
 from keter.status import StatusServer
 from keter.supervisor import Components, Supervisor
 from keter.switch import Switch
+from keter.threadnames import name_this_thread
 from keter.users import app_users
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,8 @@ def raise_open_files_limit() -> tuple[int, int]:
 def run(config: KeterConfig) -> int:
     """Run keter until it is told to stop; returns the process exit code."""
     fix_mmap_threshold()  # first: before any thread allocates
+    # The process's name for ps, top and pidof (not "python"); this thread supervises.
+    name_this_thread("keter")
     before, after = raise_open_files_limit()
     if after != before:
         log.info("keter: open files limit raised from %d to %d", before, after)

@@ -4,9 +4,12 @@ never does and never wakes the thread."""
 from __future__ import annotations
 
 import queue
+import threading
+from pathlib import Path
 
 from keter.actor import Actor
 from keter.messages import Component
+from keter.threadnames import kernel_name
 
 
 class Recorder(Actor):
@@ -58,3 +61,25 @@ def test_a_cancelled_timer_does_not_wake_the_loop() -> None:
     assert [message for _, _, message in actor._timers] == ["much later"]
     actor.cancel(timers[0])  # already gone: nothing to remember
     assert not actor._timers_cancelled
+
+
+def test_an_actor_thread_carries_its_name_into_the_kernel() -> None:
+    seen: queue.Queue = queue.Queue()
+
+    class Named(Actor):
+        def handle(self, message: object) -> None:
+            task = f"/proc/self/task/{threading.get_native_id()}/comm"
+            seen.put(Path(task).read_text().strip())
+
+    actor = Named(Component.NGINX, None)
+    actor.start()
+    actor.tell("which")
+    assert seen.get(timeout=10) == "keter-nginx"
+    actor.stop()
+    actor.join(10)
+
+
+def test_the_kernel_keeps_fifteen_ascii_bytes_of_a_name() -> None:
+    assert kernel_name("keter-processes") == b"keter-processes"
+    assert kernel_name("keter-status-http") == b"keter-status-ht"
+    assert kernel_name("keter-backup-çafé") == b"keter-backup-?a"

@@ -3,6 +3,7 @@ unprivileged apps, log caps, and what systemd sees."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -18,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 from support.bundles import make_bundle, webapp_config
-from support.daemon import app_processes
+from support.daemon import app_processes, is_unpacking_worker
 from support.net import body, served
 from support.wait import wait_for
 
@@ -63,6 +64,38 @@ def test_killed_app_is_restarted_on_the_same_port(keter, private_nginx, tmp_path
     assert app_env(private_nginx, "kill.test")["PORT"] == port
     # keter's own log says why the app died, without opening the app's log.
     assert re.search(r"kill: .*(SIGKILL|signal 9)", keter.log())
+
+
+def kernel_thread_names(pid: int) -> set[str]:
+    names = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            names.add((task / "comm").read_text().strip())
+    return names
+
+
+def test_the_kernel_knows_each_keter_thread_by_its_name(keter, private_nginx, tmp_path):
+    # top -H and ps -L show which part of keter spends its CPU, not "python" each.
+    keter.drop(make_bundle(tmp_path / "named.keter", config=webapp_config("named.test", "v1")))
+    served(private_nginx, "named.test", "v1")
+    expected = {
+        "keter-watcher",
+        "keter-watchdog",
+        "keter-inotify",
+        "keter-unpacker",
+        "keter-processes",
+        "keter-output",
+        "keter-spawn_0",
+        "keter-probe_0",
+        "keter-nginx",
+        "keter-status",
+        "keter-status-ht",  # keter-status-http, cut to the kernel's 15 bytes
+    }
+    wait_for(lambda: kernel_thread_names(keter.proc.pid) >= expected, 10, "every thread named")
+    # The process itself, and its unpacking worker, for ps, top and pidof.
+    assert psutil.Process(keter.proc.pid).name() == "keter"
+    [worker] = [p for p in psutil.Process(keter.proc.pid).children() if is_unpacking_worker(p)]
+    assert worker.name() == "keter-unpack"
 
 
 def test_crash_loop_backs_off_cheaply_and_a_good_bundle_replaces_it_at_once(

@@ -73,6 +73,7 @@ from keter.messages import (
     ScanCompleted,
 )
 from keter.names import log_text, validate_app_name
+from keter.threadnames import name_thread
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +237,10 @@ class IncomingWatcher(Actor):
             event_filter=list(WATCHED_EVENTS),
         )
         self._observer.start()
+        name_thread(self._observer)
+        for emitter in self._observer.emitters:
+            emitter.name = "keter-inotify"
+            name_thread(emitter)
         self._scan(initial=True)
         # Bundles in doubt are still being checked; they follow when settled.
         self.report(ScanCompleted())

@@ -37,6 +37,7 @@ import sys
 from pathlib import Path
 
 from keter.incoming.unpack import UnpackError, safe_unpack
+from keter.threadnames import name_this_thread
 
 STOP_TIMEOUT = 5.0  # seconds the worker gets to exit once its input is closed
 
@@ -148,6 +149,7 @@ def _serve(requests, answers) -> None:
 if __name__ == "__main__":
     # stdout carries answers only: anything printed goes to stderr (keter's log).
     answers, sys.stdout = sys.stdout, sys.stderr
+    name_this_thread("keter-unpack")  # ps and top: keter's, not some "python"
     # keter gone mid-answer: nothing to tell, and no traceback in its log.
     with contextlib.suppress(BrokenPipeError):
         _serve(sys.stdin, answers)

@@ -91,6 +91,7 @@ from keter.processes.reader import FAILURE_TAIL, OutputReader
 from keter.processes.records import Record, Records
 from keter.processes.spawn import Identity, SpawnError, spawn
 from keter.processes.states import backoff_delay, check_transition, describe_exit
+from keter.threadnames import name_this_thread
 from keter.users import AppUsers, NoFreeUid
 
 log = logging.getLogger(__name__)
@@ -294,10 +295,14 @@ class ProcessMonitor(Actor):
         self.backoff_reset = backoff_reset  # RUNNING this long forgives earlier crashes
         self._logs = LogRegistry(log_max_bytes, log_backups)
         self._reader = OutputReader(self._logs, self._exited)
-        self._probes = ThreadPoolExecutor(probe_workers, thread_name_prefix="keter-probe")
+        self._probes = ThreadPoolExecutor(
+            probe_workers, thread_name_prefix="keter-probe", initializer=name_this_thread
+        )
         # Spawning waits for the child's exec; in a pool, spawns overlap and the
         # monitor's loop never waits for one.
-        self._spawner = ThreadPoolExecutor(spawn_workers, thread_name_prefix="keter-spawn")
+        self._spawner = ThreadPoolExecutor(
+            spawn_workers, thread_name_prefix="keter-spawn", initializer=name_this_thread
+        )
         self._entries: dict[int, _Entry] = {}
         self._records = Records(self.run_dir)
         self._kill_now = threading.Event()  # set by kill_now(): no grace period any more

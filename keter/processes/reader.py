@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from keter.processes.applog import LogRegistry, OutputCapture
+from keter.threadnames import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class OutputReader:
     # -- the thread -------------------------------------------------------------------
 
     def _loop(self) -> None:
+        name_this_thread()
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         while True:
             for key, _ in self._selector.select():

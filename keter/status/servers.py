@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 from keter.status.handler import Handler
+from keter.threadnames import name_this_thread
 
 SOCKET_NAME = "keter.sock"
 
@@ -128,6 +129,7 @@ class Listeners:
         delay on every stop; this loop blocks until a connection comes, and
         closing wakes it (``_wake``).
         """
+        name_this_thread()
         while not self._closing:
             server.handle_request()
 

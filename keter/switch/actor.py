@@ -55,6 +55,7 @@ from keter.messages import (
 )
 from keter.switch import nft
 from keter.switch.nfnetlink import NetlinkError, TableWatch
+from keter.threadnames import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,7 @@ class Switch(Actor):
 
     def _listen(self, watch: TableWatch) -> None:
         """The hearing thread: it only tells the actor, which does everything else."""
+        name_this_thread()
         try:
             while watch.wait():
                 self.tell(_TableGone())

@@ -50,10 +50,14 @@ MAX_LABEL = 63
 MAX_URL_PATH = 1024
 MAX_URL = 2048
 MAX_HEADER_NAME = 128
-MAX_HEADER_VALUE = 4096
+MAX_HEADER_VALUE = 3900  # nginx's token bound, less room for its quotes and escapes
 MAX_ENV_NAME = 255
 MAX_PATH_BYTES = 4096  # PATH_MAX
 MAX_PATH_PART_BYTES = 255  # NAME_MAX
+# Bytes of one quoted string in nginx's config: its parser reads the config in 4 KiB
+# buffers and refuses a longer token ("too long parameter"); the margin is for the
+# buffer's other contents.
+NGINX_TOKEN_MAX = 4000
 LOG_LIMIT = 300  # characters of one quoted value in a log line
 PROBLEMS_LIMIT = 4096  # characters of a capped list of problems (shared decision 5)
 
@@ -277,7 +281,7 @@ _URL_PATH = re.compile(r"/[A-Za-z0-9._~!&()*+,=:@%/-]{0,1023}")
 _REQUEST_PATH = re.compile(r"/[\x21-\x7e]{0,1023}")
 _URL = re.compile(r"(?:[A-Za-z][A-Za-z0-9+.-]*:|/)[\x21-\x7e]{0,2047}")
 _HEADER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
-_HEADER_VALUE = re.compile(r"[\x20-\x7e]{0,4096}")
+_HEADER_VALUE = re.compile(r"[\x20-\x7e]{0,3900}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 
 
@@ -305,6 +309,7 @@ def validate_url(text: object) -> str:
         raise ValueError(f"expected an absolute URL without spaces or quotes, got {_shown(text)}")
     if '"' in text or "\\" in text:
         raise ValueError(f"percent-encode quotes and backslashes in {_shown(text)}")
+    nginx_quote(text)  # nginx sends it: each "$" grows to 15 characters in its config
     return text
 
 
@@ -316,10 +321,14 @@ def validate_header_name(text: object) -> str:
 
 
 def validate_header_value(text: object) -> str:
-    """An HTTP header value (also used for realms): printable ASCII, at most 4 KiB."""
-    if isinstance(text, str) and _HEADER_VALUE.fullmatch(text):
-        return text
-    raise ValueError(f"expected printable ASCII, got {_shown(text)}")
+    """An HTTP header value (also used for realms): printable ASCII, at most
+    ``MAX_HEADER_VALUE`` characters, that fits one nginx string once quoted."""
+    if not (isinstance(text, str) and _HEADER_VALUE.fullmatch(text)):
+        raise ValueError(
+            f"expected printable ASCII of at most {MAX_HEADER_VALUE} characters, got {_shown(text)}"
+        )
+    nginx_quote(text)  # each "$" grows to 15 characters: the quoted text must still fit
+    return text
 
 
 # -- environment, command lines, file paths ------------------------------------------
@@ -380,6 +389,8 @@ def validate_nginx_file_path(text: object) -> str:
     path = validate_file_path(text)
     if not path.startswith("/"):
         raise ValueError(f"expected an absolute path, got {_quoted(path)}")
+    if len(path.encode("utf-8")) + 2 > NGINX_TOKEN_MAX:  # quoted
+        raise ValueError(f"the path is too long for nginx (at most {NGINX_TOKEN_MAX - 2} bytes)")
     unsafe = nginx_path_unsafe(path)
     if unsafe:
         raise ValueError(
@@ -415,7 +426,13 @@ def nginx_quote(text: object) -> str:
     _check_utf8(text, "the text")
     escaped = text.replace("\\", "\\\\").replace('"', '\\"')
     escaped = escaped.replace("$", "${" + NGINX_DOLLAR_VARIABLE + "}")
-    return f'"{escaped}"'
+    quoted = f'"{escaped}"'
+    size = len(quoted.encode("utf-8"))
+    if size > NGINX_TOKEN_MAX:
+        raise ValueError(
+            f"the text is too long for nginx: {size} bytes once quoted, at most {NGINX_TOKEN_MAX}"
+        )
+    return quoted
 
 
 # -- log lines -----------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -14,9 +15,11 @@ from keter.bundle import (
     BundleConfig,
     BundleConfigError,
     WebApp,
+    budget,
     parse_bundle_config,
     parse_bundle_data,
 )
+from keter.bundle.middleware import MAX_THROTTLES
 from keter.yamlcheck import load_yaml
 
 FOO_V04 = keter_sample("foo-v04.keter.yaml")
@@ -381,3 +384,78 @@ def test_the_stanza_format_reads_into_the_same_model(tmp_path: Path) -> None:
     assert parse_bundle_data(stanzas, folder=folder, config_dir=config_dir, app="app") == (
         parse_bundle_data(flat, folder=folder, config_dir=config_dir, app="app")
     )
+
+
+# -- what one bundle may take of the shared parts (keter.bundle.budget) ---------------------
+
+
+def stanzas(*items: dict) -> str:
+    return json.dumps({"stanzas": list(items)})  # JSON is YAML
+
+
+def webapp(*hosts: str, **extra: object) -> dict:
+    return {"type": "webapp", "exec": "../hello", "hosts": list(hosts), **extra}
+
+
+BACKGROUND = {"type": "background", "exec": "../hello"}
+THROTTLE = {
+    "name": "t",
+    "limit": 5,
+    "period": 60,
+    "algorithm": "FixedWindow",
+    "identifier_by": "ip",
+}
+REDIRECT = {"type": "redirect", "actions": [{"host": "x.test"}]}
+
+
+def rate_limited(limiters: int) -> dict:
+    limiter = {"rate-limiter": {"zone_by": "default", "throttles": [THROTTLE] * MAX_THROTTLES}}
+    return webapp("rl.test", middleware=[limiter] * limiters)
+
+
+def test_a_bundle_takes_as_much_as_the_bounds_allow(tmp_path: Path) -> None:
+    wildcards = [f"*.w{i}.test" for i in range(budget.MAX_SERVER_BLOCKS - 2)]
+    config = parse(
+        tmp_path,
+        stanzas(
+            webapp("a.test", *wildcards),  # its exact host's server block and one per wildcard
+            rate_limited(budget.MAX_RATE_ZONES // MAX_THROTTLES),
+            *[BACKGROUND] * (budget.MAX_PROCESSES - 2),
+        ),
+    )
+    assert len(config.webapps) + len(config.backgrounds) == budget.MAX_PROCESSES
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        (
+            stanzas(webapp("a.test"), *[BACKGROUND] * budget.MAX_PROCESSES),
+            "stanzas: 65 web app and background stanzas, each a process; at most 64",
+        ),
+        (
+            stanzas(webapp("a.test", *(f"*.w{i}.test" for i in range(budget.MAX_SERVER_BLOCKS)))),
+            "stanzas: 101 nginx server blocks (one per stanza with hosts and one per wildcard "
+            "host); at most 100",
+        ),
+        (
+            stanzas(
+                *(webapp(f"h{i}.test") for i in range(budget.MAX_SERVER_BLOCKS // 2 + 1)),
+                *(
+                    {**REDIRECT, "hosts": [f"r{i}.test"]}
+                    for i in range(budget.MAX_SERVER_BLOCKS // 2)
+                ),
+            ),
+            "stanzas: 101 nginx server blocks",
+        ),
+        (
+            stanzas(rate_limited(budget.MAX_RATE_ZONES // MAX_THROTTLES + 1)),
+            "middleware: 80 rate-limit throttles, each 1 MiB of nginx's shared memory; at most 64",
+        ),
+    ],
+    ids=["processes", "wildcards", "stanzas", "rate-zones"],
+)
+def test_a_bundle_asking_more_of_the_shared_parts_is_refused(
+    tmp_path: Path, config: str, expected: str
+) -> None:
+    assert any(problem.startswith(expected) for problem in problems(tmp_path, config))

@@ -464,11 +464,28 @@ def nginx_unquote(token: str) -> str:
 def test_quoted_text_means_exactly_itself(text: str) -> None:
     try:
         quoted = nginx_quote(text)
-    except ValueError:
-        assert any(ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) < 0xE000 for c in text)
+    except ValueError as exc:
+        assert "too long for nginx" in str(exc) or any(
+            ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) < 0xE000 for c in text
+        )
         return
     assert "\n" not in quoted and "\r" not in quoted
+    assert len(quoted.encode()) <= names.NGINX_TOKEN_MAX
     assert nginx_unquote(quoted) == text
+
+
+def test_text_too_long_for_one_nginx_string_is_refused_by_its_quoted_size() -> None:
+    assert nginx_quote("v" * (names.NGINX_TOKEN_MAX - 2)).startswith('"v')
+    with pytest.raises(ValueError, match="too long for nginx: 4001 bytes once quoted"):
+        nginx_quote("v" * (names.NGINX_TOKEN_MAX - 1))
+    # Each "$" is written as ${keter_dollar}: 266 fit, 267 do not.
+    names.validate_header_value("$" * 266)
+    with pytest.raises(ValueError, match="too long for nginx"):
+        names.validate_header_value("$" * 267)
+    with pytest.raises(ValueError, match="at most 3900 characters"):
+        names.validate_header_value("v" * 3901)
+    with pytest.raises(ValueError, match="too long for nginx"):
+        names.validate_url("https://example.test/" + "$" * 300)
 
 
 @given(
@@ -539,6 +556,33 @@ _PATTERNS = [
     "a_b.example.test",
 ]
 _HOSTILE = ['quote " back \\ dollar $host semi ; brace { } hash #', "é ünïcode", "$", "\\"]
+
+
+def test_real_nginx_takes_the_longest_texts_keter_accepts(private_nginx) -> None:
+    """nginx reads its config in 4 KiB buffers and refuses a longer token; every text
+    the shared grammar accepts fits, however its quoting grows it."""
+    longest = ["v" * names.MAX_HEADER_VALUE, "$" * 266, '"' * 1999, "\\" * 1999]
+    for value in longest:
+        names.validate_header_value(value)
+    path = "/" + "/".join(["p" * 200] * 19)  # a file path close to the bound
+    names.validate_nginx_file_path(path)
+    lines = "".join(
+        f"    add_header X-Long{i} {nginx_quote(value)} always;\n"
+        for i, value in enumerate(longest)
+    )
+    alias = f'"{path}/"'  # as keter writes a path: quoted
+    server = (
+        f"server {{\n    listen 127.0.0.1:{private_nginx.port};\n    server_name long.test;\n"
+        f"{lines}    location /files/ {{ alias {alias}; }}\n"
+        "    return 200 ok;\n}\n"
+    )
+    private_nginx.config_file.write_text('geo $keter_dollar {\n    default "$";\n}\n' + server)
+    private_nginx.reload()
+    wait_for(lambda: private_nginx.request("long.test")[0] == 200, what="the reload")
+    private_nginx.wait_settled()  # no old worker left to answer the next request
+    status, headers, _ = private_nginx.request("long.test")
+    assert status == 200
+    assert [headers[f"x-long{i}"] for i in range(len(longest))] == longest
 
 
 def test_real_nginx_routes_as_keter_and_quotes_exactly(private_nginx) -> None:

@@ -718,6 +718,39 @@ def test_reverse_proxy_route_has_its_own_upstream_and_host_header() -> None:
     )
 
 
+def test_a_reverse_proxy_back_to_nginx_itself_ends_in_a_508_not_a_storm(
+    private_nginx: PrivateNginx, reports: queue.Queue, backends
+) -> None:
+    """A reverse proxy to nginx's own port that keeps the client's Host would send each
+    request round again until nginx ran out of connections, failing every app's requests
+    meanwhile; keter's token in X-Keter-Hop ends it after HOP_PASSES passes."""
+    first, _ = backends
+    writer = make_writer(private_nginx, reports, options=ProxyOptions(hop_token="0123abcd"))
+    writer.start()
+    try:
+        itself = ProxyRemote(host="127.0.0.1", port=private_nginx.port)  # Host kept
+        alias = ProxyRemote(host="127.0.0.1", port=private_nginx.port, host_header="blog.test")
+        sites = (
+            Site(app="blog", routes=(route("blog.test", action=ProxyApp(port=first.port)),)),
+            Site(app="loop", routes=(route("loop.test", action=itself),)),
+            Site(app="alias", routes=(route("alias.test", action=alias),)),
+        )
+        assert apply(writer, reports, 1, *sites) == NginxApplied(generation=1)
+        private_nginx.wait_generation(1)
+        for _ in range(20):
+            status, _, _ = private_nginx.request("loop.test")
+            assert status == 508
+            assert app_name(private_nginx, "blog.test") == "first"
+        assert "worker_connections are not enough" not in private_nginx.error_log_text()
+        # Through a reverse proxy once, then to an app: a chain, not a loop.
+        status, _, body = private_nginx.request("alias.test")
+        assert status == 200
+        assert json.loads(body)["headers"]["x-keter-hop"].strip() == "0123abcd"
+    finally:
+        writer.stop()
+        writer.join(timeout=15)
+
+
 def test_tls_listener_serves_every_host_with_its_own_or_the_default_certificate() -> None:
     tls = KeterListener(
         "127.0.0.1", 8443, certificate=Path("/c/default.crt"), key=Path("/c/default.key")

@@ -186,3 +186,46 @@ def test_nginx_picks_the_app_keter_would_pick(
     assert applier.apply(*sites).refused == ()
     for host in HOSTS:
         assert reached(private_nginx, host) == keter_choice(owners, host), (host, owners)
+
+
+# -- long host names ----------------------------------------------------------------------
+
+# Valid names nginx's default bucket for host names (64 bytes) cannot hold: 55 and 253
+# characters (the longest a host name may be), and a wildcard of that length.
+LONGEST = ".".join(("a" * 63, "b" * 63, "c" * 63, "d" * 61))
+LONG_HOSTS = ("a" * 43 + ".example.com", LONGEST, "*." + LONGEST[2:])
+
+
+def test_host_names_up_to_the_longest_valid_one_are_served(
+    applier: Applier, backends: dict[str, Backend]
+) -> None:
+    assert len(LONGEST) == names.MAX_HOST
+    applier.apply(
+        Site(app="long", routes=(tagged("long", backends["first"].port, *LONG_HOSTS),)),
+        Site(app="short", routes=(tagged("short", backends["second"].port, "short.test"),)),
+    )
+    assert reached(applier.nginx, LONG_HOSTS[0]) == "long"
+    assert reached(applier.nginx, LONGEST) == "long"
+    assert reached(applier.nginx, "x." + LONGEST[2:]) == "long"  # through the wildcard
+    assert reached(applier.nginx, "short.test") == "short"
+
+
+def test_an_operators_own_bucket_for_host_names_stands(
+    private_nginx: PrivateNginx, backends: dict[str, Backend], caplog: pytest.LogCaptureFixture
+) -> None:
+    # nginx.conf sets it (Debian's has the line, commented out): keter's own would be a
+    # duplicate, which nginx refuses for the whole config.
+    (private_nginx.extra_dir / "bucket.conf").write_text("server_names_hash_bucket_size 64;\n")
+    applier = Applier(private_nginx)
+    try:
+        reply = applier.apply(
+            Site(app="short", routes=(tagged("short", backends["first"].port, "short.test"),)),
+            Site(app="long", routes=(tagged("long", backends["second"].port, LONG_HOSTS[0]),)),
+        )
+        # The long name fails its own site, as nginx says; every other site is served.
+        assert [refused.app for refused in reply.refused] == ["long"]
+        assert "server_names_hash_bucket_size" in reply.refused[0].reason
+        assert reached(private_nginx, "short.test") == "short"
+        assert "nginx.conf sets server_names_hash_bucket_size" in caplog.text
+    finally:
+        applier.stop()

@@ -141,7 +141,10 @@ def test_requires_secure_sends_hsts_over_tls_only(serving, backend: Backend) -> 
     assert status == 301 and "strict-transport-security" not in headers
 
 
-def test_the_rate_limiter_answers_429_past_the_rate(serving, backend: Backend) -> None:
+# An app name of 64 characters (the longest), its "-" and "." escaped to 3 each: keter's
+# variables for its keys must still fit nginx's hash of variable names.
+@pytest.mark.parametrize("name", ["web", "customer-portal-api", "a-b." * 15 + "long"])
+def test_the_rate_limiter_answers_429_past_the_rate(serving, backend: Backend, name) -> None:
     nginx = serving()
     throttle = Throttle(name="ip", limit=3, period=60, algorithm=RateAlgorithm.FIXED_WINDOW,
                         identifier=RateIdentifier.IP)  # fmt: skip
@@ -157,7 +160,7 @@ def test_the_rate_limiter_answers_429_past_the_rate(serving, backend: Backend) -
         action=ProxyApp(port=backend.port),
         rate_limiters=(RateLimiterConfig(zone=RateZone.IP, throttles=(by_key,)),),
     )
-    nginx.apply(Site(app="web", routes=(limited, keyed)))
+    nginx.apply(Site(app=name, routes=(limited, keyed)))
     statuses = [nginx.request("web.test")[0] for _ in range(5)]
     assert statuses == [200, 200, 200, 429, 429]
     # Counted per API key; a request without the header is not counted (as in Keter).

@@ -8,6 +8,7 @@
 * ``values``: the checks for single values (paths, hosts, numbers, TLS files);
 * ``middleware``: Keter's middleware list;
 * ``plugins``: the database a bundle asks for (``postgres``, ``plugins.postgres``).
+* ``budget``: how much of the shared parts (processes, nginx) one bundle may take.
 
 Everything a bundle says is untrusted: host names, URLs and header values end
 up in the nginx config, paths are served or run, so all of them are checked

@@ -153,10 +153,13 @@ def _local(body: object, path: str, check: Checker) -> list[Middleware]:
     if not is_int(status) or not 200 <= status <= 599:
         check.problem(f"{path}.status", f"expected an HTTP status 200-599, got {describe(status)}")
         return []
-    if not isinstance(message, str) or not message.isprintable() or len(message) > 4096:
-        check.problem(
-            f"{path}.message", f"expected printable text (at most 4096), got {describe(message)}"
-        )
+    if not isinstance(message, str) or not message.isprintable():
+        check.problem(f"{path}.message", f"expected printable text, got {describe(message)}")
+        return []
+    try:
+        names.nginx_quote(message)  # nginx answers with it: it must fit one nginx string
+    except ValueError as exc:
+        check.problem(f"{path}.message", str(exc))
         return []
     return [LocalConfig(status=status, message=message)]
 

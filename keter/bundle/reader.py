@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from keter.bundle import v04, v10
+from keter.bundle.budget import check_budget
 from keter.bundle.model import BundleConfig, BundleConfigError
 from keter.bundle.values import Values, inside
 from keter.config import PostgresSettings
@@ -102,6 +103,7 @@ def _parse_bundle_data(data: object, *, folder: Path, config_dir: Path, app: str
     values = Values(Path(folder), Path(config_dir))
     read = v10.read if "stanzas" in data else v04.read
     config = read(data, app, values)
+    check_budget(config, values.check)
     if values.check.problems:
         raise BundleConfigError(values.check.problems)
     return config

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
+import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,8 @@ STATUS_HOST = "_keter-status"
 STATUS_PATH = "/generation"
 # The status server names the worker that answered, so the writer can find nginx's master.
 WORKER_HEADER = "X-Keter-Worker"
+# Passes through keter's reverse proxies after which a request is a loop (loop_guard).
+HOP_PASSES = 4
 
 TLS_PROTOCOLS = "TLSv1.2 TLSv1.3"
 # nginx has no "no timeout"; its timers are safe up to 2**31 ms (24.8 days).
@@ -179,6 +182,14 @@ geo ${dollar} {{
 }}
 """
 
+# Host names of up to 253 characters (names.MAX_HOST). nginx's default bucket (a
+# cache line, 64 bytes) holds a name of at most about 46, and nginx refuses the whole
+# config for a longer one. Left out when the operator's nginx.conf sets it already
+# (NginxWriter learns that from nginx -t): nginx refuses the directive twice.
+_NAMES_BUCKET = """\
+server_names_hash_bucket_size 512;
+"""
+
 _UPSTREAM = """\
 upstream {name} {{
 {servers}    keepalive {keepalive};
@@ -276,6 +287,9 @@ class ProxyOptions:
     file_roots: tuple[Path, ...] = ()
     # keter.stats: every app's requests are logged to this spool (None: not logged).
     access_spool: Path | None = None
+    # What reverse proxies add to X-Keter-Hop on each pass (hex, new at each start:
+    # only this keter's passes count); None: no loop guard (tests of the renderer).
+    hop_token: str | None = None
 
     @classmethod
     def from_config(cls, config: KeterConfig) -> ProxyOptions:
@@ -295,6 +309,7 @@ class ProxyOptions:
             hsts_max_age=config.hsts_max_age,
             acme_challenges=acme_challenges(config.nginx.config_file),
             access_spool=spool_path(config.root) if config.traffic_stats else None,
+            hop_token=secrets.token_hex(8),
         )
 
 
@@ -375,11 +390,14 @@ def render_main(
     listeners: Sequence[ListenerLike],
     generation: int,
     options: ProxyOptions | None = None,
+    *,
+    names_bucket: bool = True,
 ) -> str:
     """keter's include file: what all sites share, then ``sites`` as given.
 
     Each entry of ``sites`` is one app's text (``render_site``) or the
-    ``include_line`` of the file holding it.
+    ``include_line`` of the file holding it. ``names_bucket``: set nginx's
+    bucket for host names large enough for the longest (not when nginx.conf does).
     """
     options = options or ProxyOptions()
     if isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
@@ -393,6 +411,7 @@ def render_main(
     parts = [
         _HEADER.format(generation=generation),
         _COMMON.format(peer=peer, dollar=names.NGINX_DOLLAR_VARIABLE),
+        *([_NAMES_BUCKET] if names_bucket else []),
         *sites,
     ]
     for listen in unique:
@@ -773,13 +792,14 @@ class _Renderer:
         port = names.validate_port(remote.port)
         scheme = "https" if remote.ssl else "http"
         address = _remote_address(remote.host)
+        lines = self.loop_guard()
         if address is not None:
-            lines = [f"proxy_pass {scheme}://{upstream_name(app)}__r{index};"]
+            lines.append(f"proxy_pass {scheme}://{upstream_name(app)}__r{index};")
         else:
             if not self.options.resolver:  # keter.routes.deploy_problems refuses it first
                 raise ValueError(resolver_missing(remote.host))
             target = names.nginx_quote(f"{remote.host}:{port}")
-            lines = [
+            lines += [
                 f"resolver {' '.join(_resolver(entry) for entry in self.options.resolver)};",
                 "resolver_timeout 5s;",
                 f"set $keter_upstream {target};",
@@ -800,6 +820,23 @@ class _Renderer:
                 "proxy_ssl_protocols TLSv1.2 TLSv1.3;",
             ]
         return lines
+
+    def loop_guard(self) -> list[str]:
+        """A reverse proxy that leads back to this nginx (its own port on any address or
+        name that reaches it, with the host kept) would send each request round again
+        until nginx ran out of connections, every app's requests failing meanwhile.
+        Each pass appends this keter's token to X-Keter-Hop; a request that already
+        carries it ``HOP_PASSES`` times is answered 508 (Loop Detected). A chain
+        through keter's reverse proxies that comes back fewer times still passes."""
+        token = self.options.hop_token
+        if token is None:
+            return []
+        if not re.fullmatch(r"[0-9a-f]{1,64}", token):
+            raise ValueError(f"invalid hop token {token!r}")
+        return [
+            *_block(f'if ($http_x_keter_hop ~ "({token}.*){{{HOP_PASSES}}}")', ["return 508;"]),
+            f'proxy_set_header X-Keter-Hop "$http_x_keter_hop {token}";',
+        ]
 
     def proxy_common(self, timeout: float | None, route: Route) -> list[str]:
         # Keter bounds each connection by connection-time-bound; the nearest nginx
@@ -933,7 +970,10 @@ def _rate_limit_zones(site: Site) -> list[str]:
         for zone, throttle, optional, key in _rate_limits(site.app, index, route):
             variable = f'"{key}"'
             if optional is not None:
-                variable = f"${zone}_key"
+                # Short and of fixed length: nginx refuses a config whose variable names
+                # overflow its hash buckets (about 46 characters), and the zone's name
+                # grows with the app's.
+                variable = "$keter_rl_" + hashlib.sha256(zone.encode()).hexdigest()[:16]
                 lines.append(f'map "{optional}" {variable} {{ "" ""; default "{key}"; }}')
             per_minute = max(1, round(60 * throttle.limit / throttle.period))
             lines.append(f"limit_req_zone {variable} zone={zone}:1m rate={per_minute}r/m;")

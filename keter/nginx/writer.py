@@ -71,6 +71,8 @@ log = logging.getLogger(__name__)
 COMMAND_TIMEOUT = 30.0
 CONFIRM_INTERVAL = 0.03
 RETIRE_INTERVAL = 0.01  # old workers close their listening sockets ~100 ms after a reload
+# nginx -t's complaint when nginx.conf sets the bucket for host names that keter sets too.
+_NAMES_BUCKET_TWICE = '"server_names_hash_bucket_size" directive is duplicate'
 WITHDRAWN_KEPT = 16  # refused sites remembered per app not serving
 
 
@@ -152,6 +154,8 @@ class NginxWriter(Actor):
         self._main_read = False  # the file nginx runs was read (at the first apply)
         self._pruned = False  # every app folder was looked at since the last failure
         self._master: int | None = None  # nginx's master, learnt from its workers
+        # keter sets nginx's bucket for host names unless nginx.conf does (render_main).
+        self._names_bucket = True
         self._warned_unknown_master = False
         # The listeners and options as nginx reads them (files copied) and their files.
         self._globals: tuple[tuple[ListenerLike, ...], ProxyOptions, frozenset[Path]] | None = None
@@ -386,7 +390,17 @@ class NginxWriter(Actor):
     def _test(self, chosen: Mapping[str, Rendered], generation: int) -> str | None:
         """Write the main file including these sites and run ``nginx -t``."""
         atomic_write(self.config_file, self._main_text(chosen, generation).encode(), mode=0o644)
-        return _run(self.test_command)
+        error = _run(self.test_command)
+        if error is not None and self._names_bucket and _NAMES_BUCKET_TWICE in error:
+            # The operator's nginx.conf sets it: theirs stands, and names too long for it
+            # fail their own site (nginx says which), not every apply.
+            self._names_bucket = False
+            log.warning(
+                "nginx: nginx.conf sets server_names_hash_bucket_size, so keter leaves it "
+                "alone: host names longer than it allows will be refused"
+            )
+            return self._test(chosen, generation)
+        return error
 
     def _main_text(self, chosen: Mapping[str, Rendered], generation: int) -> str:
         listeners, options, _ = self._globals
@@ -397,7 +411,9 @@ class NginxWriter(Actor):
             key=lambda wildcard: wildcard_order(wildcard[0]),
         )
         includes += [include_line(file) for _, file in wildcards]
-        return render_main(includes, listeners, generation, options)
+        return render_main(
+            includes, listeners, generation, options, names_bucket=self._names_bucket
+        )
 
     def _restore(self) -> str:
         """Put back the main file nginx is still running, so disk and nginx agree.

@@ -545,24 +545,43 @@ def test_reload_not_taken_is_reported_and_rolled_back(
 
 def test_nginx_error_log_is_read_from_the_reload_on_without_blocking(tmp_path: Path) -> None:
     log = tmp_path / "error.log"
-    log.write_text("2026/11/30 [emerg] 1#1: an old refusal\n")
+    log.write_text("2026/11/30 12:00:00 [emerg] 1#1: an old refusal\n")
     errors = ErrorLog(log)
     assert not errors.refused()  # only what nginx writes from now on counts
     with log.open("a") as f:
-        f.write("2026/11/30 [notice] 1#1: signal 1 (SIGHUP) received\n")
+        f.write("2026/11/30 12:00:01 [notice] 1#1: signal 1 (SIGHUP) received\n")
     assert not errors.refused()
     with log.open("a") as f:
-        f.write('2026/11/30 [emerg] 1#1: host "\x1b[31mred" ')
+        f.write('2026/11/30 12:00:02 [emerg] 1#1: host "\x1b[31mred" ')
     assert not errors.refused()  # a line nginx is still writing
     with log.open("a") as f:
         f.write("...\n")
-    assert errors.last_emerg() == '2026/11/30 [emerg] 1#1: host "\\x1b[31mred" ...'
-    assert errors.last_emerg() == '2026/11/30 [emerg] 1#1: host "\\x1b[31mred" ...'  # kept
+    refusal = '2026/11/30 12:00:02 [emerg] 1#1: host "\\x1b[31mred" ...'
+    assert errors.last_emerg() == refusal
+    assert errors.last_emerg() == refusal  # kept
     fifo = tmp_path / "fifo.log"
     os.mkfifo(fifo)
     assert not ErrorLog(fifo).refused()  # no writer on the FIFO: an open would block
     assert not ErrorLog(None).refused()
     assert not ErrorLog(tmp_path / "missing.log").refused()
+
+
+def test_a_clients_emerg_quoted_in_nginxs_error_log_is_no_refused_reload(tmp_path: Path) -> None:
+    # nginx quotes a failed request's line: a client chooses that text, nginx's level field
+    # alone says whether nginx refused something.
+    log = tmp_path / "error.log"
+    log.write_text("")
+    errors = ErrorLog(log)
+    with log.open("a") as f:
+        f.write(
+            "2026/11/30 12:00:00 [error] 9#9: *3 recv() failed (104: Connection reset by peer) "
+            "while reading response header from upstream, client: 127.0.0.1, server: a.test, "
+            'request: "GET /[emerg] HTTP/1.1", upstream: "http://127.0.0.1:9/[emerg]"\n'
+            '2026/11/30 12:00:01 [error] 9#9: *4 open() "/srv/[emerg] 1#1: x" failed (2: No '
+            "such file or directory)\n"
+            "[emerg] 1#1: at the start of a line, but without nginx's timestamp\n"
+        )
+    assert not errors.refused()
 
 
 def test_reload_command_failure_restores_old_file(

@@ -10,10 +10,16 @@ deploy at once and says why.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
 from keter import names
+
+# nginx's own level field, right after its timestamp: "2026/12/01 12:00:00 [emerg] 7#7: ".
+# "[emerg]" elsewhere in a line is a client's text that nginx quotes (the request line
+# of a failed request), which must not pass for nginx refusing a reload.
+_EMERG = re.compile(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[emerg\] \d+#\d+: ")
 
 
 class ErrorLog:
@@ -58,7 +64,7 @@ class ErrorLog:
             complete = data  # no line is that long (nginx cuts its own at 2 KiB): skipped
         self.offset += len(complete)
         text = complete.decode(errors="replace")
-        lines = [line for line in text.splitlines() if "[emerg]" in line]
+        lines = [line for line in text.splitlines() if _EMERG.match(line)]
         if lines:
             self._emerg = names.log_text(lines[-1].strip(), 1000)
 

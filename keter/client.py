@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import struct
 import time
 from pathlib import Path
 from urllib.parse import quote, urlencode
@@ -40,8 +41,17 @@ class _UnixConnection(http.client.HTTPConnection):
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.settimeout(self.timeout)
+            # A blocking connect waits for room in keter's listen queue, for at most
+            # the send timeout; a non-blocking one (Python's timeout) would fail at
+            # once with EAGAIN when a burst of clients has filled it.
+            seconds = max(self.timeout or 0.0, 0.001)
+            timeout = struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
             sock.connect(str(self.path))
+            sock.settimeout(self.timeout)
+        except BlockingIOError:
+            sock.close()
+            raise TimeoutError(f"keter did not accept a connection within {seconds} s") from None
         except BaseException:
             sock.close()
             raise

@@ -8,6 +8,8 @@ sends; the last ones run it inside a real keter daemon with a private nginx.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
+import contextlib
 import grp
 import hashlib
 import http.client
@@ -16,11 +18,15 @@ import json
 import logging
 import os
 import queue
+import select
+import socket
 import stat
+import struct
 import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -44,7 +50,7 @@ from keter.messages import (
     FailureKind,
     Outcome,
 )
-from keter.status import StatusServer
+from keter.status import StatusServer, handler, servers
 from keter.status.checks import RequestChecks
 from keter.status.errors import ApiError as StatusApiError
 from keter.status.views import app_urls
@@ -728,3 +734,81 @@ def test_a_huge_bad_config_leaves_small_traces(keter, tmp_path):
     assert history.stat().st_size < 8 * 1024
     lines = keter.log()[log_before:].splitlines()
     assert lines and max(len(line) for line in lines) < 8 * 1024  # and keter's own log
+
+
+# -- clients that do not play by the rules -------------------------------------------------
+
+
+def raw_exchange(address: tuple[str, int], data: bytes) -> bytes:
+    """Send ``data``, then read until keter closes the connection."""
+    with socket.create_connection(address, timeout=10) as sock:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(data)
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+        return answer
+
+
+def test_a_request_head_past_its_bound_is_refused_before_any_login(make_status):
+    status = make_status()
+    head = b"GET /api/status HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 1000 + b"\r\n"
+    # No login, and headers that never end: keter stops reading at 16 KiB.
+    answer = raw_exchange(status.server.tcp_address, head * 20)
+    assert answer.split(b"\r\n")[0].split(b" ")[1] == b"431", answer[:100]
+    assert status.http("GET", "/api/status")[0] == 200
+
+
+def test_a_client_that_sends_its_request_slowly_is_let_go(make_status, monkeypatch):
+    monkeypatch.setattr(handler, "READ_SECONDS", 0.5)
+    status = make_status()
+    with socket.create_connection(status.server.tcp_address, timeout=10) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /api/status HTTP/1.1\r\n")
+        # A header byte now and then, each well within a read's timeout: the whole
+        # request still has READ_SECONDS.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while not select.select([sock], [], [], 0.1)[0]:
+                sock.sendall(b"X")
+                assert time.monotonic() - started < 5, "keter kept waiting for the request"
+        assert sock.recv(100) == b""  # closed, nothing answered to a request never sent
+
+
+def test_connections_past_the_bound_are_closed_not_given_a_thread(make_status):
+    status = make_status()
+    process = psutil.Process()
+    before = process.num_threads()
+    bound = servers.MAX_CONNECTIONS[True]
+    held = [socket.create_connection(status.server.tcp_address, timeout=10) for _ in range(bound)]
+    try:
+        for sock in held:
+            sock.sendall(b"GET /api/sta")  # and no more
+        wait_for(lambda: process.num_threads() >= before + bound, 10, "a thread per connection")
+        extra = [socket.create_connection(status.server.tcp_address, timeout=10) for _ in range(20)]
+        for sock in extra:
+            with sock:
+                assert sock.recv(100) == b""  # closed at once
+        assert process.num_threads() < before + bound + 5
+    finally:
+        for sock in held:
+            sock.close()
+    # The slots come back as the held connections end.
+    wait_for(lambda: status.http("GET", "/api/status")[0] == 200, 10, "the API again")
+
+
+def test_a_client_that_hangs_up_early_leaves_no_trace_in_keters_output(make_status, capfd):
+    status = make_status()
+    for _ in range(10):
+        with socket.create_connection(status.server.tcp_address, timeout=10) as sock:
+            sock.sendall(b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    assert status.http("GET", "/api/status")[0] == 200
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_burst_of_cli_clients_is_served_not_turned_away(make_status):
+    status = make_status()
+    with concurrent.futures.ThreadPoolExecutor(60) as pool:
+        answers = list(pool.map(lambda _: status.client.status(), range(60)))
+    assert all("apps" in answer for answer in answers)

@@ -9,10 +9,13 @@ token and Origin).
 from __future__ import annotations
 
 import http.server
+import io
 import json
 import logging
 import math
 import re
+import socket
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
@@ -30,6 +33,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024  # `keter env set` values (certificates, keys) may be a few KiB
+# A request's line and headers: a browser's are well under 8 KiB. Bounded before any
+# login is checked, so that a client cannot make keter hold megabytes per connection.
+MAX_HEAD = 16 * 1024
+READ_SECONDS = 15  # to send a whole request, head and body: a stalled client lets go
 DASHBOARD_DIR = Path(__file__).resolve().parent.parent / "dashboard"
 STATIC_FILES = {"dashboard.js": "text/javascript", "style.css": "text/css"}
 
@@ -65,10 +72,88 @@ _HTML_HEADERS = {
 }
 
 
+class _RequestInput:
+    """A connection's input while a request is read: at most ``MAX_HEAD`` bytes of
+    request line and headers, and the whole request within ``READ_SECONDS`` (the
+    socket's timeout shrinks to what is left before each read)."""
+
+    def __init__(self, raw: io.BufferedIOBase, sock: socket.socket) -> None:
+        self._raw = raw
+        self._sock = sock
+        self._head_left = 0
+        self._deadline = 0.0
+
+    def next_request(self) -> None:
+        self._head_left = MAX_HEAD
+        self._deadline = time.monotonic() + READ_SECONDS
+
+    def readline(self, limit: int = -1) -> bytes:
+        """A line of the head; raises ``HeadTooLarge`` past the bound."""
+        if self._head_left <= 0:
+            raise HeadTooLarge
+        size = self._head_left + 1 if limit < 0 else min(limit, self._head_left + 1)
+        parts = []
+        while size > 0:  # what one receive brings at a time, so the deadline holds
+            self._arm()
+            chunk = self._raw.peek(1)[:size]  # type: ignore[attr-defined]
+            if not chunk:
+                break
+            end = chunk.find(b"\n")
+            part = self._raw.read(len(chunk) if end < 0 else end + 1)  # from the buffer
+            parts.append(part)
+            size -= len(part)
+            if end >= 0:
+                break
+        line = b"".join(parts)
+        self._head_left -= len(line)
+        if self._head_left < 0:
+            raise HeadTooLarge
+        return line
+
+    def read(self, size: int) -> bytes:
+        """``size`` bytes of the body (fewer if the client closed)."""
+        chunks = []
+        while size > 0:
+            self._arm()
+            chunk = self._raw.read1(size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size -= len(chunk)
+        return b"".join(chunks)
+
+    def _arm(self) -> None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request was not sent in time")
+        self._sock.settimeout(left)
+
+    def close(self) -> None:
+        self._raw.close()
+
+
+class HeadTooLarge(Exception):
+    """A request's line and headers passed ``MAX_HEAD``."""
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     server_version = "keter-status"
     sys_version = ""
-    timeout = 15  # a stalled client must not hold a thread for ever
+    timeout = READ_SECONDS  # a stalled client must not hold a thread for ever
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = _RequestInput(self.rfile, self.connection)  # type: ignore[assignment]
+
+    def handle_one_request(self) -> None:
+        self.rfile.next_request()  # type: ignore[attr-defined]
+        try:
+            super().handle_one_request()
+        except HeadTooLarge:
+            # Answered without reading further: what follows cannot be trusted.
+            self.close_connection = True
+            self.command, self.request_version = None, "HTTP/1.1"
+            self.send_error(431, f"request line and headers larger than {MAX_HEAD} bytes")
 
     def do_GET(self) -> None:
         self._dispatch("GET")
@@ -202,7 +287,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if length > MAX_BODY:
             self.close_connection = True
             raise ApiError(413, f"request body larger than {MAX_BODY} bytes")
-        return self.rfile.read(length) if length > 0 else b""
+        try:
+            return self.rfile.read(length) if length > 0 else b""
+        except TimeoutError:
+            self.close_connection = True
+            raise ApiError(408, f"the request body was not sent within {READ_SECONDS} s") from None
 
     def _read_json(self) -> dict:
         if not self.body.strip():

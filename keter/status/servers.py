@@ -2,6 +2,13 @@
 
 Each listener accepts on a thread of its own and handles every connection on
 a further thread (``ThreadingMixIn``), so a long poll never blocks the others.
+
+Whoever can connect is not trusted yet (on TCP, anyone who reaches the port,
+before any login), so what a connection can hold is bounded: at most
+``MAX_CONNECTIONS`` at once per listener (one more is closed at once, not given
+a thread), and the request head (``handler.Handler``) is bounded in size and
+time. A backlog of 128 lets a burst of CLI clients wait for their turn instead
+of being refused. A client that hangs up early is not an error of keter's.
 """
 
 from __future__ import annotations
@@ -9,14 +16,18 @@ from __future__ import annotations
 import contextlib
 import grp
 import http.server
+import logging
 import os
 import socket
 import socketserver
+import sys
 import threading
 from pathlib import Path
 
 from keter.status.handler import Handler
 from keter.threadnames import name_this_thread
+
+log = logging.getLogger(__name__)
 
 SOCKET_NAME = "keter.sock"
 
@@ -30,12 +41,53 @@ def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
+# Connections handled at once per listener: each holds a thread. The Unix socket's
+# users are root and keter's group (long polls of `keter deploy`, the CLI); TCP is
+# the dashboard's and the metrics scraper's, reachable by more.
+MAX_CONNECTIONS = {False: 256, True: 64}  # keyed by "is TCP"
+BACKLOG = 128
+# A client gone before its answer was written: its own doing.
+_HUNG_UP = (BrokenPipeError, ConnectionResetError, TimeoutError)
 
 
-class _TCPHTTPServer(http.server.ThreadingHTTPServer):
+class _Bounded:
+    """A threading server that hands at most ``limit`` connections a thread at once."""
+
     daemon_threads = True
+    request_queue_size = BACKLOG
+    slots: threading.BoundedSemaphore
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+            return
+        try:
+            super().process_request(request, client_address)  # type: ignore[misc]
+        except BaseException:
+            self.slots.release()  # no thread was started to release it
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)  # type: ignore[misc]
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        """One line in keter's log, not socketserver's traceback on stderr."""
+        error = sys.exc_info()[1]
+        if isinstance(error, _HUNG_UP):
+            return
+        log.error("keter: status connection failed: %s: %s", type(error).__name__, error)
+        log.debug("status connection failure", exc_info=True)
+
+
+class _UnixHTTPServer(_Bounded, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    pass
+
+
+class _TCPHTTPServer(_Bounded, http.server.ThreadingHTTPServer):
+    pass
 
 
 class _TCP6HTTPServer(_TCPHTTPServer):
@@ -120,6 +172,7 @@ class Listeners:
     def _add(self, server: socketserver.BaseServer, *, tcp: bool) -> None:
         server.api = self.api  # type: ignore[attr-defined]
         server.tcp = tcp  # type: ignore[attr-defined]
+        server.slots = threading.BoundedSemaphore(MAX_CONNECTIONS[tcp])  # type: ignore[attr-defined]
         self._servers.append(server)
 
     def _serve(self, server: socketserver.BaseServer) -> None:

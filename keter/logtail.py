@@ -25,14 +25,15 @@ RECHECK_SECONDS = 2.0
 _LOOKS = 20
 
 
-def tail_lines(path: Path, count: int) -> list[str]:
+def tail_lines(path: Path, count: int, max_bytes: int | None = None) -> list[str]:
     """The last ``count`` lines of a text file (decoded leniently), oldest first.
 
-    Reads backwards in blocks, so a large log costs only what is shown.
+    Reads backwards in blocks, so a large log costs only what is shown; with
+    ``max_bytes``, never more than that (the first line may then be a line's end).
     Raises OSError (FileNotFoundError, PermissionError) like open().
     """
     with open(path, "rb") as f:
-        f.seek(start_of_last_lines(f, count))
+        f.seek(start_of_last_lines(f, count, max_bytes))
         data = f.read()
     lines = data.split(b"\n")
     if lines[-1] == b"":
@@ -40,26 +41,34 @@ def tail_lines(path: Path, count: int) -> list[str]:
     return [line.decode("utf-8", "replace") for line in lines]
 
 
-def start_of_last_lines(f: BinaryIO, count: int) -> int:
-    """The offset in ``f`` where its last ``count`` lines begin (an unfinished one counts)."""
+def start_of_last_lines(f: BinaryIO, count: int, max_bytes: int | None = None) -> int:
+    """The offset in ``f`` where its last ``count`` lines begin (an unfinished one counts),
+    or ``max_bytes`` before its end if they begin earlier.
+
+    Each block is read and searched once, however long the lines (an app that
+    writes no newline makes lines of 64 KiB).
+    """
     end = f.seek(0, os.SEEK_END)
     if count <= 0:
         return end
+    floor = 0 if max_bytes is None else max(0, end - max_bytes)
     position = end
-    data = b""
-    # The newline that ends the file does not start a line; every one before it does.
-    while position > 0:
-        step = min(_BLOCK, position)
+    wanted = count  # line starts still to find, each the byte after a newline
+    while position > floor:
+        step = min(_BLOCK, position - floor)
         position -= step
         f.seek(position)
-        data = f.read(step) + data
-        body = data[:-1] if data.endswith(b"\n") else data  # data always reaches the end
-        if body.count(b"\n") >= count:
-            cut = len(body)
-            for _ in range(count):
-                cut = body.rindex(b"\n", 0, cut)
+        block = f.read(step)
+        # The newline that ends the file does not start a line; every one before it does.
+        stop = len(block) - 1 if position + len(block) == end and block.endswith(b"\n") else None
+        found = block.count(b"\n", 0, stop)
+        if found >= wanted:
+            cut = len(block) if stop is None else stop
+            for _ in range(wanted):
+                cut = block.rindex(b"\n", 0, cut)
             return position + cut + 1
-    return 0
+        wanted -= found
+    return floor
 
 
 class _Wakeup(FileSystemEventHandler):

@@ -3,14 +3,18 @@ with real files rotated by keter's own AppLog."""
 
 from __future__ import annotations
 
+import io
 import os
 import threading
+import time
 from pathlib import Path
+from unittest import mock
 
 from hypothesis import given
 from hypothesis import strategies as st
 from support.wait import wait_for
 
+from keter import logtail
 from keter.logtail import LogFollower, tail_lines
 from keter.processes.applog import AppLog
 
@@ -38,6 +42,38 @@ def test_tail_lines_matches_splitlines(chunks: list[str], count: int):
         assert tail_lines(path, count) == (expected[-count:] if count else [])
     finally:
         path.unlink()
+
+
+@given(
+    st.lists(st.text(alphabet="ab\n", max_size=7), max_size=10),
+    st.integers(0, 8),
+    st.none() | st.integers(0, 40),
+    st.integers(1, 5),
+)
+def test_the_last_lines_start_where_they_start_whatever_the_blocks(
+    chunks: list[str], count: int, max_bytes: int | None, block: int
+):
+    data = "".join(chunks).encode()
+    with mock.patch.object(logtail, "_BLOCK", block):
+        found = logtail.start_of_last_lines(io.BytesIO(data), count, max_bytes)
+    # Each line starts after a newline, except after the one that ends the file.
+    starts = [0] + [i + 1 for i, byte in enumerate(data[:-1]) if byte == ord("\n")]
+    start = len(data) if count == 0 else starts[-count] if count <= len(starts) else 0
+    floor = 0 if max_bytes is None else max(0, len(data) - max_bytes)
+    assert found == max(start, floor)
+
+
+def test_the_log_of_an_app_that_writes_no_newlines_is_read_in_linear_time(tmp_path):
+    # 160 lines of 64 KiB (applog cuts an endless line there): each block read and
+    # searched once. Searching everything read so far at every block took about a
+    # second of CPU here, per request of the dashboard's (which asks every second).
+    path = tmp_path / "app-flood.log"
+    path.write_bytes((b"x" * 65535 + b"\n") * 160)
+    started = time.process_time()
+    lines = tail_lines(path, 1000)
+    assert time.process_time() - started < 0.25
+    assert len(lines) == 160
+    assert tail_lines(path, 1000, max_bytes=2 * 65536) == ["x" * 65535] * 2
 
 
 def test_tail_of_a_large_file_reads_only_its_end(tmp_path):

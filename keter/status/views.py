@@ -37,6 +37,7 @@ EVENTS_KEPT = 100
 EVENT_LIMIT = REASON_LIMIT + 100  # characters of one event's text (a deploy's reason and more)
 MAX_LOG_LINES = 1000
 LOG_LINE_LIMIT = 4096  # characters of one log line shown (an app's lines go up to 64 KiB)
+MAX_LOG_BYTES = MAX_LOG_LINES * LOG_LINE_LIMIT  # read of the log at most: what can be shown
 LONG_POLL_SECONDS = 30.0  # the longest a history request waits for a new entry
 ISSUER_LIMIT = 300  # characters of a certificate's issuer shown (the CA's name)
 DETAIL_LIMIT = 600  # characters of why a host's last attempt failed (keter.acme caps it too)
@@ -213,7 +214,7 @@ class StatusBoard:
             raise ApiError(404, f"no app named {app}")
         path = self.config.log_dir / f"app-{app}.log"
         try:
-            lines = tail_lines(path, min(max(count, 0), MAX_LOG_LINES))
+            lines = tail_lines(path, min(max(count, 0), MAX_LOG_LINES), MAX_LOG_BYTES)
         except FileNotFoundError:
             lines = []
         # The app wrote these: shown with control characters and escape sequences escaped.

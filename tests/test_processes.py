@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -676,6 +677,28 @@ def test_probe_of_a_closed_port_and_of_bad_input():
     assert probe_http(free_port(), check) == (False, "connection refused")
     injected = HealthCheck(host="app.test", path="/ HTTP/1.1\r\nX: y")
     assert probe_http(free_port(), injected)[0] is False
+
+
+def test_a_probe_of_an_app_that_dribbles_its_answer_ends_at_its_timeout():
+    # A byte every 0.1 s, never a whole status line: each receive is quick, the probe
+    # is not, and it holds a worker of the pool every app's probes share.
+    stop = threading.Event()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+
+        def dribble() -> None:
+            connection, _ = server.accept()
+            with connection:
+                while not stop.wait(0.1):
+                    with contextlib.suppress(OSError):
+                        connection.sendall(b"H")
+
+        threading.Thread(target=dribble, daemon=True).start()
+        started = time.monotonic()
+        result = probe_http(server.getsockname()[1], HealthCheck(host="app.test"), timeout=0.5)
+        took = time.monotonic() - started
+        stop.set()
+    assert result == (False, "no answer within 0.5s")
+    assert took < 2
 
 
 # -- cgroups -------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import time
 
 from keter.messages import HealthCheck
 
@@ -34,10 +35,17 @@ def probe_http(port: int, check: HealthCheck, timeout: float = 1.0) -> tuple[boo
         "User-Agent: keter-health-check\r\nConnection: close\r\n\r\n"
     ).encode()
     head = b""
+    # One deadline for the whole probe: an app that answers a byte at a time must not
+    # hold a worker of the shared pool (and so delay every other app's probes) for long.
+    deadline = time.monotonic() + timeout
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
             sock.sendall(request)
             while b"\r\n" not in head and len(head) < 4096:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                sock.settimeout(left)
                 chunk = sock.recv(1024)
                 if not chunk:
                     break

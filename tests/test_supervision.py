@@ -274,6 +274,8 @@ def test_sighup_rescans_incoming(keter, private_nginx, tmp_path):
 def test_systemd_unit_verifies(tmp_path):
     unit = (ROOT_DIR / "keter.service").read_text()
     assert "Type=notify" in unit and "ExecReload=" in unit and "KillMode=mixed" in unit
+    # The apps' processes are the unit's tasks, each app bounded by its own limit.
+    assert "\nTasksMax=infinity\n" in unit
     # The shipped unit runs what examples/setup-debian.sh installs, on /opt/keter.
     [exec_start] = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
     assert exec_start == "ExecStart=/usr/local/bin/keter /opt/keter"

@@ -12,13 +12,16 @@ each output line capped.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
+import psutil
 from support.bundles import APPS, make_bundle, webapp_config
 from support.net import app_port_range
 from support.wait import wait_for
 
 from keter.processes.applog import TAIL_LINE_LIMIT
+from keter.processes.reader import MAX_PIPE_BUFFER, OUTPUT_RATE
 
 HOSTILE = (
     "\x1b]0;pwned\x07\x1b[2J\x1b[31mRED\x1b[0m",
@@ -93,3 +96,37 @@ def test_app_output_cannot_forge_or_garble_keters_journal_lines(
     assert "\\x00<1>FORGED after a NUL\\x85<2>FORGED after NEL\\u2028<3>FORGED" in crash
     assert "x" * TAIL_LINE_LIMIT + "... (" in crash
     assert "\x1b" not in log and "\r" not in log
+
+
+def flooding_app(tmp_path: Path) -> Path:
+    """tests/apps/versioned_app.py that first starts ``yes`` on its own stdout, for ever."""
+    source = (APPS / "versioned_app.py").read_text()
+    future = "from __future__ import annotations\n"
+    flood = "import subprocess\nsubprocess.Popen(['yes', 'flood'])\n"
+    path = tmp_path / "flooding_app.py"
+    path.write_text(source.replace(future, future + flood, 1))
+    return path
+
+
+def test_an_app_flooding_its_output_costs_keter_little_and_waits_itself(
+    keter_factory, private_nginx, tmp_path
+):
+    keter = keter_factory(**{"port-range": app_port_range()})
+    app = flooding_app(tmp_path)
+    config = webapp_config("flood.test", "v1")
+    keter.drop(make_bundle(tmp_path / "flood.keter", config=config, app_source=app))
+    wait_for(lambda: "flood: deploy #" in keter.log() and "now serving" in keter.log(), 20)
+    wait_for(lambda: "writes output faster than 1024 KiB/s" in keter.log(), 20, "the throttle")
+    log = keter.root / "log" / "app-flood.log"
+    process = psutil.Process(keter.proc.pid)
+    size, cpu, started = log.stat().st_size, process.cpu_times(), time.monotonic()
+    # yes writes a few hundred MB a second; keter reads it at 1 MiB/s and stays idle.
+    # (Read as fast as it came, it took 1.8 s of keter's CPU in 2 s.)
+    wait_for(lambda: time.monotonic() - started > 2, 5)
+    elapsed = time.monotonic() - started
+    spent = sum(process.cpu_times()[:2]) - sum(cpu[:2])
+    grown = log.stat().st_size - size
+    assert spent < 0.5 * elapsed, f"keter spent {spent:.2f} s of CPU in {elapsed:.2f} s"
+    # 1 MiB/s of output ("flood\n": a 31-byte line in the log for 6 read) and a pipe's worth.
+    assert grown < (elapsed * OUTPUT_RATE + MAX_PIPE_BUFFER) * 31 / 6
+    assert private_nginx.request("flood.test")[0] == 200

@@ -13,7 +13,6 @@ import collections
 import logging
 import os
 import threading
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -54,12 +53,18 @@ class AppLog:
         """Append one line (without its newline), prefixed with the current time."""
         self.write_lines([line], timestamp())
 
-    def write_lines(self, lines: Iterable[bytes], stamp: bytes) -> None:
+    def write_lines(self, lines: list[bytes], stamp: bytes) -> None:
         """Append lines that arrived together, each prefixed with ``stamp``."""
         with self._lock:
-            if self._file.closed:
+            if self._file.closed or not lines:
                 return
-            pending = bytearray()
+            # Stamped in one join, not line by line: an app printing short lines as fast
+            # as it can ("yes") must not cost keter a Python loop per line.
+            block = stamp + (b"\n" + stamp).join(lines) + b"\n"
+            if self._size + len(block) <= self.max_bytes:
+                self._write(block)
+                return
+            pending = bytearray()  # a rotation falls inside: line by line
             for line in lines:
                 record = stamp + line + b"\n"
                 if self._size + len(pending) > 0 and (
@@ -75,7 +80,7 @@ class AppLog:
         with self._lock:
             self._file.close()
 
-    def _write(self, data: bytearray) -> None:
+    def _write(self, data: bytes | bytearray) -> None:
         if data:
             self._file.write(data)
             self._size += len(data)
@@ -149,7 +154,9 @@ class OutputCapture:
 
     def feed(self, data: bytes) -> None:
         """Log every complete line in ``data``; keep an unfinished last line for later."""
-        lines = (self._partial + data).split(b"\n")
+        # A line's "\r" before its "\n" goes (CRLF output); replaced in the whole chunk at
+        # once. An unfinished line may end in the "\r" of a "\r\n" cut by the read.
+        lines = (self._partial + data).replace(b"\r\n", b"\n").split(b"\n")
         self._partial = lines.pop()
         # A writer that never ends its line must not grow memory without bound.
         while len(self._partial) >= MAX_PARTIAL:
@@ -161,7 +168,7 @@ class OutputCapture:
         """Log the unfinished last line, if any (the process has exited)."""
         if self._partial:
             line, self._partial = self._partial, b""
-            self._emit([line])
+            self._emit([line.removesuffix(b"\r")])
 
     def tail(self, n: int = TAIL_LINES) -> tuple[str, ...]:
         """The last ``n`` lines the process printed, oldest first, escaped and capped."""
@@ -172,7 +179,6 @@ class OutputCapture:
     def _emit(self, lines: list[bytes]) -> None:
         if not lines:
             return
-        lines = [line.removesuffix(b"\r") for line in lines]
         recent = [
             (line[:_TAIL_KEEP], max(0, len(line) - _TAIL_KEEP))
             for line in lines[-self._tail.maxlen :]

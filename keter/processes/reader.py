@@ -11,7 +11,12 @@ last words), reaps the leader and calls ``on_exit`` (the monitor posts
 Why one thread: a thread per process costs a stack and a scheduler entry per
 app, and 1000 apps meant 1000 threads. One selector scales with the number
 of *ready* pipes, not of apps. Fairness: a pipe is read one chunk per round,
-so an app that floods its output cannot starve the others.
+so an app that floods its output cannot starve the others. Nor can it take
+keter's CPU: each run's output is read at most ``OUTPUT_RATE`` bytes a second
+after a burst of ``OUTPUT_BURST`` (a token bucket). Past that its pipe is left
+unread for as long as the excess takes at that rate; the pipe fills and the
+app's own writes wait, so the flood costs the app, not keter (an app running
+``yes`` had cost keter a whole core). One line says so, once per run.
 
 A run is watched until its leader has exited and either its pipe reached end
 of file (the whole group is gone) or the monitor released it (its group is
@@ -22,11 +27,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import heapq
 import logging
 import os
 import selectors
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,6 +43,8 @@ from keter.threadnames import name_this_thread
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
+OUTPUT_RATE = 1 << 20  # bytes a second read of one run's output, past its burst
+OUTPUT_BURST = 8 << 20  # bytes read at once before the rate applies (a stack dump)
 MAX_PIPE_BUFFER = 1024 * 1024  # Linux's default /proc/sys/fs/pipe-max-size
 FAILURE_TAIL = 20  # output lines sent with an exit report
 
@@ -55,6 +64,10 @@ class _Watched:
     pipe_open: bool = True
     exited: bool = False
     released: bool = False
+    tokens: float = OUTPUT_BURST  # bytes it may write before it waits
+    counted_at: float = 0.0  # when ``tokens`` was last brought up to date
+    paused_until: float | None = None  # its pipe is left unread until then
+    throttled: bool = False  # the line saying so was logged
 
 
 class OutputReader:
@@ -68,6 +81,8 @@ class OutputReader:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._selector = selectors.DefaultSelector()
         self._watched: dict[object, _Watched] = {}
+        self._paused: list[tuple[float, int, _Watched]] = []  # a heap: (until, seq, run)
+        self._pause_seq = 0
         self._thread = threading.Thread(target=self._loop, name="keter-output", daemon=True)
         self._started = False
 
@@ -112,7 +127,12 @@ class OutputReader:
         name_this_thread()
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         while True:
-            for key, _ in self._selector.select():
+            timeout = None
+            if self._paused:
+                timeout = max(0.0, self._paused[0][0] - time.monotonic())
+            ready = self._selector.select(timeout)
+            self._resume_due()
+            for key, _ in ready:
                 if key.data is None:
                     if not self._take_commands():
                         self._finish_all()
@@ -151,12 +171,45 @@ class OutputReader:
         self._selector.register(watched.pidfd, selectors.EVENT_READ, ("exit", watched))
 
     def _readable(self, watched: _Watched) -> None:
-        if not watched.pipe_open:
-            return  # closed earlier in this round (its leader's exit drained it)
+        if not watched.pipe_open or watched.paused_until is not None:
+            return  # closed or paused earlier in this round
         # One chunk per round: every other ready pipe is read before this one again.
-        if read_once(watched.capture, watched.fd) is False:
+        got = read_once(watched.capture, watched.fd)
+        if got is False:
             self._close_pipe(watched)
             self._finish_if_done(watched)
+        elif got:
+            self._spent(watched, got)
+
+    def _spent(self, watched: _Watched, count: int) -> None:
+        """Take ``count`` bytes from the run's budget; pause its pipe when it is spent."""
+        now = time.monotonic()
+        elapsed = now - watched.counted_at
+        watched.tokens = min(OUTPUT_BURST, watched.tokens + elapsed * OUTPUT_RATE) - count
+        watched.counted_at = now
+        if watched.tokens >= 0:
+            return
+        if not watched.throttled:
+            watched.throttled = True
+            log.warning(
+                "%s: pid %d writes output faster than %d KiB/s: keter reads it at that "
+                "rate from now on, and the app's writes wait",
+                watched.capture.app,
+                watched.proc.pid,
+                OUTPUT_RATE // 1024,
+            )
+        watched.paused_until = now - watched.tokens / OUTPUT_RATE
+        self._selector.unregister(watched.fd)
+        self._pause_seq += 1
+        heapq.heappush(self._paused, (watched.paused_until, self._pause_seq, watched))
+
+    def _resume_due(self) -> None:
+        now = time.monotonic()
+        while self._paused and self._paused[0][0] <= now:
+            _, _, watched = heapq.heappop(self._paused)
+            watched.paused_until = None
+            if watched.pipe_open:
+                self._selector.register(watched.fd, selectors.EVENT_READ, ("out", watched))
 
     def _leader_exited(self, watched: _Watched) -> None:
         if watched.exited:
@@ -211,7 +264,8 @@ class OutputReader:
     def _close_pipe(self, watched: _Watched) -> None:
         if watched.pipe_open:
             watched.pipe_open = False
-            self._selector.unregister(watched.fd)
+            if watched.paused_until is None:  # a paused pipe is not in the selector
+                self._selector.unregister(watched.fd)
             assert watched.proc.stdout is not None
             watched.proc.stdout.close()
 
@@ -222,10 +276,10 @@ class OutputReader:
             os.close(watched.pidfd)
 
 
-def read_once(capture: OutputCapture, fd: int) -> bool | None:
+def read_once(capture: OutputCapture, fd: int) -> int | bool | None:
     """One chunk from a non-blocking pipe into the log.
 
-    True when data was read, None when there is none right now, False at end
+    The number of bytes read, None when there are none right now, False at end
     of file.
     """
     try:
@@ -235,7 +289,7 @@ def read_once(capture: OutputCapture, fd: int) -> bool | None:
     if not data:
         return False
     capture.feed(data)
-    return True
+    return len(data)
 
 
 def drain(capture: OutputCapture, fd: int) -> bool:
@@ -246,6 +300,6 @@ def drain(capture: OutputCapture, fd: int) -> bool:
     """
     for _ in range(MAX_PIPE_BUFFER // READ_CHUNK):
         got = read_once(capture, fd)
-        if got is not True:
+        if got is None or got is False:
             return got is None
     return True

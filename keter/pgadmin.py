@@ -25,12 +25,13 @@ the same SQL either way:
 
 Requests (``op`` plus the connection string ``dsn`` and ``connect_timeout``):
 
-* ``{"op": "find", "pattern": REGEX, "claimed": [NAME, ...]}`` -> the names of
-  roles matching ``pattern`` that are not in ``claimed`` (used to adopt an
-  app's role and database after its postgres.yaml entry was lost).
-* ``{"op": "ensure", "name": DB, "user": ROLE, "password": PW}`` -> ``None``;
-  makes the role and database exist with least privilege (see
-  ``ensure_role_and_database``).
+* ``{"op": "find", "pattern": REGEX, "claimed": [NAME, ...]}`` -> ``[NAME,
+  OWNER]`` of each role matching ``pattern`` that is not in ``claimed``, OWNER
+  the app its comment names (None without one: made by an older keter); used
+  to adopt an app's role and database after its postgres.yaml entry was lost.
+* ``{"op": "ensure", "name": DB, "user": ROLE, "password": PW, "app": APP}``
+  -> ``None``; makes the role and database exist with least privilege and the
+  role's comment name APP (see ``ensure_role_and_database``).
 
 Answers: ``{"ok": true, "result": ...}`` or
 ``{"ok": false, "error": "one line", "retry": bool}``; ``retry`` is true when the
@@ -69,21 +70,35 @@ class Refused(Exception):
 # -- the SQL ----------------------------------------------------------------------------
 
 
+# A role's comment names the app it was made for: app names that slug alike ("a-b",
+# "a.b") share a name pattern, and only the comment tells whose a role is.
+OWNER_COMMENT = "keter app "
+
+
 def find_unclaimed_roles(
     conn: psycopg.Connection, *, pattern: str, claimed: list[str]
-) -> list[str]:
-    """Names of roles matching the POSIX regex ``pattern`` and not in ``claimed``."""
+) -> list[tuple[str, str | None]]:
+    """(name, owner app or None) of each role matching the POSIX regex ``pattern`` and
+    not in ``claimed``."""
     rows = conn.execute(
-        "SELECT rolname FROM pg_roles WHERE rolname ~ %s AND NOT rolname = ANY(%s) ORDER BY 1",
+        "SELECT rolname, shobj_description(oid, 'pg_authid') FROM pg_roles"
+        " WHERE rolname ~ %s AND NOT rolname = ANY(%s) ORDER BY 1",
         (pattern, claimed),
     ).fetchall()
-    return [row[0] for row in rows]
+    return [(name, _owner(comment)) for name, comment in rows]
+
+
+def _owner(comment: str | None) -> str | None:
+    if comment is None or not comment.startswith(OWNER_COMMENT):
+        return None
+    return comment.removeprefix(OWNER_COMMENT)
 
 
 def ensure_role_and_database(
-    conn: psycopg.Connection, *, name: str, user: str, password: str
+    conn: psycopg.Connection, *, name: str, user: str, password: str, app: str | None = None
 ) -> None:
-    """Make role ``user`` (password ``password``) and database ``name`` it owns exist.
+    """Make role ``user`` (password ``password``) and database ``name`` it owns exist,
+    the role's comment naming ``app``.
 
     Every step looks at the catalogs first, so running this again after a crash
     at any point converges instead of failing. ``conn`` must be in autocommit
@@ -107,6 +122,12 @@ def ensure_role_and_database(
         conn.execute(
             sql.SQL("ALTER ROLE {} WITH LOGIN NOCREATEDB NOCREATEROLE PASSWORD {}").format(
                 sql.Identifier(user), sql.Literal(verifier)
+            )
+        )
+    if app is not None:
+        conn.execute(
+            sql.SQL("COMMENT ON ROLE {} IS {}").format(
+                sql.Identifier(user), sql.Literal(OWNER_COMMENT + app)
             )
         )
     if not _scalar(conn, "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
@@ -162,6 +183,7 @@ def run(request: Request) -> Answer:
                         name=request["name"],
                         user=request["user"],
                         password=request["password"],
+                        app=request.get("app"),
                     )
                     result = None
                 case op:

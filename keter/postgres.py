@@ -308,7 +308,9 @@ class PostgresProvisioner(Actor):
             db = DbInfo(name=name, user=name, password=new_password(), host=host, port=port)
             store[app] = db_to_entry(db)
             self._save(store)
-        self._admin({"op": "ensure", "name": db.name, "user": db.user, "password": db.password})
+        self._admin(
+            {"op": "ensure", "name": db.name, "user": db.user, "password": db.password, "app": app}
+        )
         self._tighten_mode()
         return db
 
@@ -316,12 +318,18 @@ class PostgresProvisioner(Actor):
         claimed = sorted(
             {str(e.get(k)) for e in store.values() if isinstance(e, dict) for k in ("name", "user")}
         )
-        orphans = self._admin({"op": "find", "pattern": name_pattern(app), "claimed": claimed})
+        found = self._admin({"op": "find", "pattern": name_pattern(app), "claimed": claimed})
+        # Apps whose names slug alike share the pattern: a role whose comment names
+        # another app is that app's. One that names none was made by an older keter.
+        own = [name for name, owner in found if owner == app]
+        unknown = [name for name, owner in found if owner is None]
+        orphans = own or unknown
         if len(orphans) == 1:
             log.warning("%s: adopting role and database %s (not in postgres.yaml)", app, orphans[0])
             return orphans[0]
         if orphans:
             log.warning("%s: several unclaimed roles fit this app, creating a new one", app)
+        orphans = [name for name, _ in found]
         while (name := new_name(app)) in orphans or name in claimed:
             pass  # a suffix collision; vanishingly rare
         log.info("%s: chose database and role %s", app, name)

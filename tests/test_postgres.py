@@ -363,6 +363,29 @@ def test_lost_credentials_file_adopts_the_existing_role_and_database(
     assert stored(etc_dir)[other]["name"] == kept.name
 
 
+def test_a_lost_credentials_file_never_hands_an_app_the_role_of_a_namesake(
+    private_postgres: PrivatePostgres, start: Callable[..., Running], etc_dir: Path
+) -> None:
+    dotted = unique_app("sib.ling")
+    dashed = dotted.replace(".", "-")  # the same slug, so the same name pattern
+    running = start(private_postgres.admin_dsn)
+    db = running.ready(dotted, deploy_id=1)
+    (etc_dir / "postgres.yaml").unlink()
+
+    other = running.ready(dashed, deploy_id=2)
+    assert other.name != db.name  # the dotted app's role says whose it is
+    again = running.ready(dotted, deploy_id=3)
+    assert (again.name, again.user) == (db.name, db.user)  # adopted by its own app
+    comments = query(
+        private_postgres,
+        "SELECT rolname, shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = ANY(%s)",
+        [db.user, other.user],
+    )
+    assert sorted(comments) == sorted(
+        [(db.user, f"keter app {dotted}"), (other.user, f"keter app {dashed}")]
+    )
+
+
 def test_an_unclaimed_role_of_a_similar_app_name_is_not_adopted_when_claimed(
     private_postgres: PrivatePostgres, start: Callable[..., Running], etc_dir: Path
 ) -> None:

@@ -91,6 +91,9 @@ class SupportFiles:
         # Hashes by sha256(user, password): unchanged passwords keep their hash
         # (and salt), so an unchanged htpasswd file keeps its name.
         self._hashes: dict[bytes, str] = {}
+        # The CA bundle as read and its certificates: every apply reads the file again
+        # (it may change), and finding its ~150 blocks cost 3 ms each time.
+        self._ca: tuple[bytes, bytes] | None = None
 
     @property
     def roots(self) -> tuple[Path, ...]:
@@ -148,8 +151,10 @@ class SupportFiles:
                 data = read_source(source, MAX_PAGE_BYTES)
                 pages[field] = self._write(folder, data, ".html", 0o640)
                 files.add(pages[field])
-        ca = _pem_blocks(read_source(options.ca_file, MAX_CA_BYTES), options.ca_file, "CERTIFICATE")
-        ca_file = self._write(folder, ca, ".crt", 0o640)
+        raw = read_source(options.ca_file, MAX_CA_BYTES)
+        if self._ca is None or self._ca[0] != raw:
+            self._ca = (raw, _pem_blocks(raw, options.ca_file, "CERTIFICATE"))
+        ca_file = self._write(folder, self._ca[1], ".crt", 0o640)
         files.add(ca_file)
         if options.acme_challenges is not None:
             self._make_folder(self.support)

@@ -49,9 +49,9 @@ class _UnixConnection(http.client.HTTPConnection):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
             sock.connect(str(self.path))
             sock.settimeout(self.timeout)
-        except BlockingIOError:
+        except BlockingIOError:  # the send timeout ran out: keter is too busy to accept
             sock.close()
-            raise TimeoutError(f"keter did not accept a connection within {seconds} s") from None
+            raise TimeoutError from None
         except BaseException:
             sock.close()
             raise

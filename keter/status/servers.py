@@ -51,7 +51,7 @@ _HUNG_UP = (BrokenPipeError, ConnectionResetError, TimeoutError)
 
 
 class _Bounded:
-    """A threading server that hands at most ``limit`` connections a thread at once."""
+    """A threading server that gives at most ``slots`` connections a thread at once."""
 
     daemon_threads = True
     request_queue_size = BACKLOG

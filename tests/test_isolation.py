@@ -239,3 +239,31 @@ def test_a_new_version_whose_port_a_stranger_takes_fails_and_the_old_one_serves(
             stranger.accept()
     finally:
         stranger.close()
+
+
+@pytest.mark.skipif(SETPRIV is None, reason="needs util-linux setpriv")
+def test_a_bundles_environment_reaches_only_its_app_never_what_runs_as_root(
+    open_base, keter_factory, private_nginx
+):
+    """The loader and libc obey LD_PRELOAD, LD_AUDIT, GCONV_PATH... from the environment.
+    Here LD_DEBUG_OUTPUT makes every program that starts with the bundle's environment
+    leave a file, owned by whoever it ran as: none may be root (the start's shell and
+    setpriv, before they drop to the app's user)."""
+    traces = open_base / "traces"
+    traces.mkdir(mode=0o1777)
+    traces.chmod(0o1777)
+    keter = keter_factory(
+        root=open_base / "root",
+        **{"port-range": app_port_range(), "run-apps-as-root": False},
+    )
+    odd = 'it\'s "quoted" $HOME `date` \\ \n and a new line'
+    env = {"LD_DEBUG": "libs", "LD_DEBUG_OUTPUT": str(traces / "ld"), "ODD": odd}
+    config = webapp_config("env.test", "v1", env=env)
+    keter.drop(make_bundle(open_base / "env.keter", config=config, interpreter=SYSTEM_PYTHON))
+    served(private_nginx, "env.test", "v1")
+    [pid] = wait_for(lambda: [p.pid for p in app_processes(keter)], 20, "the app")
+    owners = {path.stat().st_uid for path in traces.iterdir()}
+    assert owners == {uid_of(pid)}  # the app's processes, and nothing as root
+    # The app has its environment, every character as the bundle gave it.
+    seen = json.loads(body(private_nginx, "env.test", "/env"))
+    assert (seen["ODD"], seen["LD_DEBUG_OUTPUT"]) == (odd, str(traces / "ld"))

@@ -48,12 +48,14 @@ def release_bundle(
         config["release"] = ["../bin/release", *release]
     if timeout is not None:
         config["release-timeout"] = timeout
-    script = f"#!{sys.executable}\n{(appS / 'release.py').read_text()}".encode()
+    # The app's user runs it: an interpreter that user may read (keter's own may be root's).
+    script = f"#!{interpreter}\n{(appS / 'release.py').read_text()}".encode()
     return make_bundle(
         path,
         config=config,
         app_source=appS / "db_app.py",
         members=[member("bin/release", script, mode=0o755)],
+        interpreter=interpreter,
     )
 
 

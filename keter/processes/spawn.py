@@ -12,8 +12,18 @@ Every start execs one shell first (``chain``): it joins the deploy's cgroups
 (writing its pid into each ``cgroup.procs`` as root), sets the rlimits with
 its ``ulimit`` builtin, and execs the app (through util-linux ``setpriv`` when
 the app has its own user and groups to enter as root), so the groups and
-limits are in place before the app's first instruction. ``preexec_fn`` would
-be the obvious tool but is unsafe in a multi-threaded program, and
+limits are in place before the app's first instruction.
+
+What runs as root before the privilege drop (the chain's shell and setpriv)
+gets a fixed environment, never the app's: the dynamic loader and libc read
+``LD_PRELOAD``, ``LD_LIBRARY_PATH``, ``GCONV_PATH`` and the like from the
+environment, so a bundle's ``env`` would otherwise run its own code as root.
+The app's environment reaches the app through a memfd on the chain's stdin: once
+setpriv has dropped to the app's user, a second shell sources its ``export``
+lines and execs the app with stdin from /dev/null (``APP_ENV``). The values
+never appear on a command line, which every user may read.
+
+``preexec_fn`` would be the obvious tool but is unsafe in a multi-threaded program, and
 ``prlimit(2)`` on the child after spawning races with an app that forks at
 once. Caveats, from the kernel: ``RLIMIT_NPROC`` counts every process and
 thread of the app's *user*, and does not bind root at all; and root may raise
@@ -35,6 +45,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from keter import names
 from keter.appdata import prepare_data_dir
 from keter.messages import ProcessSpec
 from keter.processes.cgroups import Cgroup
@@ -53,6 +64,11 @@ CHAIN = (
     'while [ "$1" != -- ]; do ulimit "$1" "$2" || exit 126; shift 2; done; shift; '
     'exec "$@"'
 )
+# Run as the app's user, in the environment of the root part: takes the app's own
+# environment from stdin (a memfd of ``export NAME='VALUE'`` lines), then execs the app.
+APP_ENV = '. /dev/fd/0 || exit 126; exec "$@" </dev/null'
+# All that the root part of a start sees of the environment.
+ROOT_ENV = {"PATH": SYSTEM_PATH}
 
 
 @dataclass(frozen=True)
@@ -163,6 +179,32 @@ class SpawnError(Exception):
     """Why an app process could not be started (the text is the whole reason)."""
 
 
+def environment_file(env: Mapping[str, str]) -> int:
+    """A memfd holding ``env`` as ``export NAME='VALUE'`` lines, at offset 0 (``APP_ENV``).
+
+    Raises SpawnError for a name the shell cannot export.
+    """
+    lines = []
+    for name, value in env.items():
+        try:
+            names.validate_env_name(name)
+        except ValueError:
+            raise SpawnError(f"invalid environment variable name {names.log_text(name)}") from None
+        # Inside single quotes everything is literal but the quote itself: ' -> '\''
+        quoted = os.fsencode(value).replace(b"'", b"'\\''")
+        lines.append(b"export %s='%s'\n" % (name.encode(), quoted))
+    data = memoryview(b"".join(lines))
+    fd = os.memfd_create("keter-app-env", os.MFD_CLOEXEC)
+    try:
+        while data:
+            data = data[os.write(fd, data) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def chain(procs: Sequence[Path], limits: ResourceLimits, command: Sequence[str]) -> list[str]:
     """``command`` run by the chain's shell: it joins every cgroup of ``procs`` (their
     ``cgroup.procs`` files: its v2 cgroup, its v1 limit groups) and sets ``limits``
@@ -217,23 +259,32 @@ def spawn(
         raise SpawnError(f"cannot run {spec.command[0]}: {problem}")
     command = list(spec.command)
     credentials: dict[str, object] = {}
+    env: dict[str, str] = dict(spec.env)
+    stdin: int = subprocess.DEVNULL
     procs = ([cgroup.procs] if cgroup is not None else []) + list(join)
     if identity is not None and (SETPRIV is None or not procs):
-        # Popen switches users itself (no cgroup to enter as root first).
+        # Popen switches users itself (no cgroup to enter as root first): nothing runs
+        # as root after the fork, so the app's environment may go along.
         credentials = {
             "user": identity.uid,
             "group": identity.gid,
             "extra_groups": list(identity.groups),
         }
     elif identity is not None:
-        command = [SETPRIV, *identity.setpriv_args(), "--", *command]
+        command = [SETPRIV, *identity.setpriv_args(), "--", SHELL, "-c", APP_ENV, "keter-env"]
+        command += spec.command
+        try:
+            stdin = environment_file(env)
+        except OSError as exc:
+            raise SpawnError(f"cannot pass the environment: {exc.strerror or exc}") from None
+        env = dict(ROOT_ENV)
     command = chain(procs, limits, command)
     try:
         proc = subprocess.Popen(
             command,
             cwd=spec.cwd,
-            env=dict(spec.env),
-            stdin=subprocess.DEVNULL,
+            env=env,
+            stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             # Unbuffered: the output reader reads the pipe's fd itself; a buffered
@@ -249,6 +300,9 @@ def spawn(
         raise SpawnError(f"cannot run {spec.command[0]}: {where}{exc.strerror or exc}") from None
     except (ValueError, TypeError, subprocess.SubprocessError) as exc:
         raise SpawnError(f"cannot run {spec.command[0]}: {exc}") from None
+    finally:
+        if stdin != subprocess.DEVNULL:
+            os.close(stdin)  # the child has its own copy
     # Popen keeps what it ran for the process's life: the app's own command, not the
     # chain's arguments (cgroup files, limits, setpriv's: about 1 KB, 1 MB for 1000 apps).
     proc.args = spec.command

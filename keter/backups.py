@@ -18,9 +18,13 @@ exit, and reports it as a message (``_StepDone``); a timer per job
 (``backup-timeout``) kills the child's group if it takes too long. Jobs of one
 app run one after the other; different apps' run side by side.
 
-The programs run as the app's user (``keter.appdata.app_user``), connected
-with the app's own credentials, so they can do nothing the app could not do
-itself (a restore executes SQL taken from a file the app's data shaped).
+The programs are connected with the app's own credentials, so they can do
+nothing the app could not do itself (a restore executes SQL taken from a file
+the app's data shaped). They run as a user of their own, the app's "tools"
+user (``keter.users.tools_key``), not as the app's: a process of the app could
+otherwise take over a program of its own user (ptrace) and, through it, run
+outside the app's cgroup and limits, and past its removal. A dump is taken
+only if it is one (pg_dump's custom format begins ``PGDMP``).
 They get the backup file as an open descriptor (stdin or stdout) and never
 see the backups folder. The password reaches them in ``PGPASSWORD``, never on
 a command line.
@@ -67,11 +71,12 @@ from keter.messages import (
 from keter.names import log_text
 from keter.processes.spawn import Identity
 from keter.threadnames import name_this_thread
-from keter.users import AppUsers
+from keter.users import AppUsers, tools_key
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".dump"
+DUMP_MAGIC = b"PGDMP"  # how pg_dump's custom format begins
 _NAME = re.compile(
     r"(?P<stamp>\d{8}T\d{6}\.\d{6}Z)-(?P<kind>release|manual|restore)-(?P<version>[0-9a-f]{12}|unknown)"
     + re.escape(SUFFIX)
@@ -382,6 +387,9 @@ class Backups(Actor):
             self._finish(job, f"{job.program} {why}{detail}")
             return
         if job.program == "pg_dump":
+            if os.pread(job.part_fd, len(DUMP_MAGIC), 0) != DUMP_MAGIC:  # type: ignore[arg-type]
+                self._finish(job, "pg_dump exited with status 0 but wrote no dump")
+                return
             self._dump_written(job)
         self._advance(job)
 
@@ -446,8 +454,9 @@ class Backups(Actor):
         name = backup_name(kind, request.version, time.time())
         job.backup = parse_name(request.app, name)
         job.part = folder / f".{name}.part"
+        # Read and write: keter reads its first bytes back (DUMP_MAGIC).
         job.part_fd = os.open(
-            job.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            job.part, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
         )
         self._spawn(job, "pg_dump", ["--format=custom", "--no-password"], stdout=job.part_fd)
 
@@ -522,7 +531,7 @@ class Backups(Actor):
             except KeyError:
                 raise BackupFailure(f"unknown user {request.user!r}") from None
         if self.users is not None:
-            uid = self.users.uid(request.app)
+            uid = self.users.uid(tools_key(request.app))
             return Identity(uid, uid)
         return None
 

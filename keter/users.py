@@ -68,8 +68,14 @@ def _known(uid: int) -> bool:
         return False
 
 
+def tools_key(app: str) -> str:
+    """The name under which ``AppUsers`` keeps the uid of the programs keter runs for
+    ``app`` but apart from it (its database tools, keter.backups). "/" is in no app name."""
+    return f"{app}/tools"
+
+
 class AppUsers:
-    """Allocates and remembers each app's uid (= its gid). Thread-safe."""
+    """Allocates and remembers each app's uid (= its gid), and its tools'. Thread-safe."""
 
     def __init__(self, etc_dir: Path, uid_range: tuple[int, int] = DEFAULT_RANGE) -> None:
         self.path = Path(etc_dir) / USERS_FILE

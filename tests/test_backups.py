@@ -9,6 +9,7 @@ import socket
 
 import pytest
 
+import keter.backups
 from keter.backups import Backups
 from keter.messages import (
     BackupDatabase,
@@ -83,3 +84,16 @@ def test_a_restore_of_a_backup_that_does_not_exist_is_refused(backups) -> None:
     with pytest.raises(RequestRefused) as none:
         newest.reply.result(timeout=10)
     assert "has no backup" in none.value.message
+
+
+def test_a_dump_program_that_exits_0_without_a_dump_takes_no_backup(
+    backups, tmp_path, monkeypatch
+) -> None:
+    # As pg_dump would after a process of the app took it over (ptrace) and made it exit.
+    monkeypatch.setattr(keter.backups, "pg_program", lambda name: "/bin/true")
+    component, reports = backups
+    component.tell(request(1))
+    failed = reports.get(timeout=20)
+    assert isinstance(failed, BackupFailed)
+    assert failed.reason == "pg_dump exited with status 0 but wrote no dump"
+    assert list((tmp_path / "backups" / "app").iterdir()) == []

@@ -436,13 +436,17 @@ def test_the_release_data_and_backups_belong_to_the_apps_own_user(
     bundle = release_bundle(open_base / "v1.keter", "v1", [], interpreter=SYSTEM_PYTHON)
     assert deploy(keter, app, bundle).returncode == 0
     served(private_nginx, HOST, "v1")
-    uid = json.loads((keter.root / "etc" / "app-users.json").read_text())[app]
+    users = json.loads((keter.root / "etc" / "app-users.json").read_text())
+    uid, tools = users[app], users[f"{app}/tools"]
+    assert tools != uid
     folder = keter.root / "data" / app
     # The release ran as the app's uid, in its data folder, which is that uid's alone.
     assert (folder / "release-uid").read_text() == f"{uid}\n"
     assert (folder.stat().st_uid, stat.S_IMODE(folder.stat().st_mode)) == (uid, 0o700)
-    # pg_dump ran as the app too; its backup is root's, and the app cannot read it.
-    assert re.search(rf"{app}: pg_dump started \(pid \d+, uid {uid}\)", keter.log())
+    # pg_dump ran as the app's tools user: not the app's own, whose processes could take
+    # it over (ptrace) and run outside the app's cgroup. Its backup is root's, and the
+    # app cannot read it.
+    assert re.search(rf"{app}: pg_dump started \(pid \d+, uid {tools}\)", keter.log())
     [backup] = (keter.root / "backups" / app).iterdir()
     assert (backup.stat().st_uid, stat.S_IMODE(backup.stat().st_mode)) == (0, 0o600)
     probe = [SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", SYSTEM_PYTHON, "-c"]

@@ -22,8 +22,9 @@ import contextlib
 import logging
 import os
 import secrets
-import shutil
 import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from keter.config import KeterConfig
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 DATA_MODE = 0o700
 PARENT_MODE = 0o711
+MAX_DEPTH = 4096  # levels of folders keter walks (each holds a descriptor meanwhile)
 
 
 def app_user(config: KeterConfig, app: str) -> str | None:
@@ -77,13 +79,80 @@ def prepare_data_dir(folder: Path, uid: int, gid: int) -> None:
 def _give(folder: Path, uid: int, gid: int) -> None:
     """chown -R without following links or touching multiply-linked files."""
     os.chown(folder, uid, gid, follow_symlinks=False)
-    for _top, dirs, files, top_fd in os.fwalk(folder, follow_symlinks=False):
-        for name in (*dirs, *files):
-            info = os.stat(name, dir_fd=top_fd, follow_symlinks=False)
-            if not stat.S_ISDIR(info.st_mode) and info.st_nlink > 1:
-                log.warning("keter: %s/%s has several hard links; its owner is kept", _top, name)
+    for level, entry in _walk(folder):
+        info = entry.stat(follow_symlinks=False)
+        if not stat.S_ISDIR(info.st_mode) and info.st_nlink > 1:
+            log.warning(
+                "keter: %s/%s has several hard links; its owner is kept", level.path, entry.name
+            )
+            continue
+        os.chown(entry.name, uid, gid, dir_fd=level.fd, follow_symlinks=False)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass
+class _Level:
+    """One folder on the walk's current path: its path, descriptor and entries left."""
+
+    path: str
+    fd: int
+    left: Iterator[os.DirEntry]
+
+    @classmethod
+    def open(cls, path: str, name: str | Path, parent_fd: int | None = None) -> _Level:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+        try:
+            with os.scandir(fd) as listing:
+                return cls(path, fd, iter(list(listing)))
+        except BaseException:
+            os.close(fd)
+            raise
+
+
+def _walk(folder: Path, leave: Callable[[_Level, _Level | None], None] | None = None):
+    """(level, entry) for everything under ``folder``, a folder before its contents;
+    ``leave(level, parent)`` once a folder's contents are done. Links are not followed.
+
+    Iterative, a descriptor open per level of the current path only: an app may nest
+    its folders deeper than Python recursion goes (os.fwalk and shutil.rmtree recurse
+    and raise RecursionError), and deeper than ``MAX_DEPTH`` is refused (OSError).
+    """
+    stack = [_Level.open(str(folder), folder)]
+    try:
+        while stack:
+            level = stack[-1]
+            entry = next(level.left, None)
+            if entry is None:
+                stack.pop()
+                try:
+                    if leave is not None:
+                        leave(level, stack[-1] if stack else None)
+                finally:
+                    os.close(level.fd)
                 continue
-            os.chown(name, uid, gid, dir_fd=top_fd, follow_symlinks=False)
+            yield level, entry
+            if entry.is_dir(follow_symlinks=False):
+                if len(stack) >= MAX_DEPTH:
+                    raise OSError(f"{level.path}: folders nested deeper than {MAX_DEPTH}")
+                stack.append(_Level.open(f"{level.path}/{entry.name}", entry.name, level.fd))
+    finally:
+        for level in stack:
+            os.close(level.fd)
+
+
+def _remove_tree(folder: Path) -> None:
+    """rm -rf ``folder`` without following links (iteratively, see ``_walk``)."""
+
+    def remove_folder(level: _Level, parent: _Level | None) -> None:
+        if parent is not None:
+            os.rmdir(os.path.basename(level.path), dir_fd=parent.fd)
+
+    for level, entry in _walk(folder, leave=remove_folder):
+        if not entry.is_dir(follow_symlinks=False):
+            os.unlink(entry.name, dir_fd=level.fd)
+    os.rmdir(folder)
 
 
 def purge_data_dir(folder: Path) -> bool:
@@ -97,5 +166,5 @@ def purge_data_dir(folder: Path) -> bool:
         os.rename(folder, doomed)
     except FileNotFoundError:
         return False
-    shutil.rmtree(doomed)  # fd-based on Linux: links inside are removed, never followed
+    _remove_tree(doomed)  # links inside are removed, never followed
     return True

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.bundles import make_bundle
 
-from keter import envstore
+from keter import appdata, envstore
 from keter.appdata import prepare_data_dir, purge_data_dir
 from keter.backups import backup_before, backup_name, list_backups, parse_name, prune
 from keter.bundle import BundleConfigError, Release, parse_bundle_config
@@ -233,6 +233,58 @@ def test_a_purge_deletes_the_folder(tmp_path: Path) -> None:
     assert purge_data_dir(folder) is True
     assert not folder.exists() and list(folder.parent.iterdir()) == []
     assert purge_data_dir(folder) is False
+
+
+def nest(folder: Path, depth: int) -> None:
+    """``depth`` folders one in another under ``folder``, a file at the bottom (as an app
+    makes them, with each step relative: the whole path is far past PATH_MAX)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        os.close(os.open("bottom", os.O_CREAT | os.O_WRONLY, dir_fd=fd))
+    finally:
+        os.close(fd)
+
+
+def test_folders_nested_deeper_than_recursion_goes_are_purged_and_handed_over(
+    tmp_path: Path,
+) -> None:
+    # An app makes 3000 levels in milliseconds; os.fwalk and shutil.rmtree recurse, and
+    # raised RecursionError out of the spawn (the monitor's) and the purge.
+    folder = tmp_path / "data" / "app"
+    prepare_data_dir(folder, os.getuid(), os.getgid())
+    nest(folder, 3000)
+    if os.getuid() == 0:
+        prepare_data_dir(folder, 65534, 65534)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        for _ in range(3000):
+            inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        assert os.stat("bottom", dir_fd=fd).st_uid == 65534
+        os.close(fd)
+    assert purge_data_dir(folder) is True
+    assert list(folder.parent.iterdir()) == []
+
+
+def test_folders_nested_past_the_bound_fail_the_handover_and_the_purge_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(appdata, "MAX_DEPTH", 50)
+    folder = tmp_path / "data" / "app"
+    prepare_data_dir(folder, os.getuid(), os.getgid())
+    nest(folder, 60)
+    open_before = len(os.listdir("/proc/self/fd"))
+    if os.getuid() == 0:
+        with pytest.raises(OSError, match="folders nested deeper than 50"):
+            prepare_data_dir(folder, 65534, 65534)
+    with pytest.raises(OSError, match="folders nested deeper than 50"):
+        purge_data_dir(folder)
+    assert len(os.listdir("/proc/self/fd")) == open_before  # every descriptor closed
 
 
 # -- backup file names ---------------------------------------------------------------------

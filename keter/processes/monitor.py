@@ -533,6 +533,10 @@ class ProcessMonitor(Actor):
         except SpawnError as exc:
             done.error = str(exc)
             return done
+        except Exception as exc:  # a bug fails this start, not the monitor every app needs
+            log.exception("%s: deploy #%d: starting it failed", app, deploy_id)
+            done.error = f"internal error while starting it: {type(exc).__name__}"
+            return done
         try:
             done.create_time = psutil.Process(done.proc.pid).create_time()
         except psutil.NoSuchProcess:

@@ -186,6 +186,9 @@ class Deploy:
     release_id: int | None = None  # the process id of the release running now
     release_index: int = 0  # the web app (config.webapps) whose release runs or ran last
     backup: str | None = None  # the backup taken before its release (ROOT/backups/APP/...)
+    # Its bundle was in incoming/ when keter started (BundleArrived.at_start): what
+    # served the app before is gone, and the archive's newest version is what served last.
+    at_start: bool = False
 
     def move(self, new: Stage) -> str:
         """Go to ``new``; returns the table's reason. Raises IllegalTransition."""

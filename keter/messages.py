@@ -368,6 +368,8 @@ class BundleArrived:
     path: Path
     mtime_ns: int
     size: int
+    # Found by keter's first scan (and unchanged since): there before keter started.
+    at_start: bool = False
 
 
 @message
@@ -949,3 +951,13 @@ class RollBack:
     app: str
     sha256: str
     reason: str
+
+
+@message
+class ServeLastServed:
+    """Supervisor -> status: at keter's start the bundle in incoming/ failed and nothing
+    serves the app; put the version that served last (the archive's newest) back into
+    incoming/, unless it is the one that failed."""
+
+    app: str
+    failed_sha256: str  # "" when the bundle failed before its hash was known

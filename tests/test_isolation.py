@@ -11,6 +11,7 @@ so the failures are the isolation and not a broken probe.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -235,8 +236,14 @@ def test_a_new_version_whose_port_a_stranger_takes_fails_and_the_old_one_serves(
         assert f"taken: port {port} is held by pid {os.getpid()}" in keter.log()
         for _ in range(20):
             assert body(private_nginx, "taken.test") == b"v1\n"
-        with pytest.raises(BlockingIOError):
-            stranger.accept()
+        # No probe reaches the stranger, save one whose connect raced its bind in the
+        # microseconds after keter's last look (README, "Ports cannot be stolen").
+        reached = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                stranger.accept()[0].close()
+                reached += 1
+        assert reached <= 1
     finally:
         stranger.close()
 

@@ -173,6 +173,32 @@ def test_keter_killed_with_sigkill_leaves_no_app_behind_after_restart(
     assert "ERROR" not in keter.log_since_start()
 
 
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_a_refused_redeploy_and_a_restart_do_not_take_the_app_down(
+    keter, private_nginx, tmp_path, how
+):
+    good = make_bundle(tmp_path / "v1.keter", config=webapp_config("up.test", "v1"))
+    keter.drop(good, name="up.keter")
+    served(private_nginx, "up.test", "v1")
+    bad = webapp_config("up.test", "v2", args=["--exit-at-start", "3"])
+    keter.drop(make_bundle(tmp_path / "v2.keter", config=bad), name="up.keter")
+    wait_for(lambda: re.search(r"up: deploy #\d+ failed", keter.log()), 20, "v2 to fail")
+    served(private_nginx, "up.test", "v1")  # the one serving is never touched
+
+    # A reboot, an upgrade, an OOM kill: the version that served is gone with keter, and
+    # the bundle in incoming/ still fails. The archived version that served comes back.
+    keter.stop() if how == "sigterm" else keter.kill()
+    keter.start()
+    served(private_nginx, "up.test", "v1")
+    log = keter.log_since_start()
+    assert "up: the bundle in incoming/ failed at keter's start; version" in log
+    assert (keter.incoming / "up.keter").read_bytes() == good.read_bytes()
+    # Once only: a first deploy that fails is not followed by anything of the kind.
+    keter.drop(make_bundle(tmp_path / "new.keter", config=bad), name="new.keter")
+    wait_for(lambda: re.search(r"new: deploy #\d+ failed", keter.log()), 20, "new to fail")
+    assert "new: the bundle in incoming/ failed" not in keter.log()
+
+
 # -- running apps unprivileged -------------------------------------------------------------
 
 

@@ -77,11 +77,16 @@ def copy_like_cp(path: Path, data: bytes) -> None:
         write_chunks(f, data)
 
 
-def arrived(path: Path) -> BundleArrived:
-    """The report the file as it is now on disk deserves."""
+def arrived(path: Path, *, at_start: bool = False) -> BundleArrived:
+    """The report the file as it is now on disk deserves (``at_start``: found by the
+    watcher's first scan, there before keter started)."""
     st = path.stat()
     return BundleArrived(
-        app=path.name.removesuffix(".keter"), path=path, mtime_ns=st.st_mtime_ns, size=st.st_size
+        app=path.name.removesuffix(".keter"),
+        path=path,
+        mtime_ns=st.st_mtime_ns,
+        size=st.st_size,
+        at_start=at_start,
     )
 
 
@@ -175,7 +180,10 @@ def test_initial_scan_reports_complete_bundles_then_waits_for_the_half_written(
     # Files this young may still be being written: the scan ends at once and their
     # checks follow, so the end of the scan (READY=1) never waits for a check.
     assert next_report(reports) == ScanCompleted()
-    assert {next_report(reports), next_report(reports)} == {arrived(small), arrived(big)}
+    assert {next_report(reports), next_report(reports)} == {
+        arrived(small, at_start=True),
+        arrived(big, at_start=True),
+    }
     no_report(reports)  # the half-written file is not reported while it stays incomplete
 
     with open(half, "ab", buffering=0) as f:
@@ -531,7 +539,7 @@ def test_an_entry_that_is_no_regular_file_is_refused_at_start_up(
     watcher = start_watcher()
     refused(next_report(reports), "x.keter", word)
     assert next_report(reports) == ScanCompleted()
-    assert next_report(reports) == arrived(good)
+    assert next_report(reports) == arrived(good, at_start=True)
     watcher.tell(Rescan())
     no_report(reports)
     assert opened == []
@@ -599,14 +607,14 @@ def test_a_zero_bomb_at_start_up_delays_neither_the_scan_nor_other_bundles(
     # Its check stops at 1 GiB inflated (keter passes its own unpack limit, 2.9 GB by default).
     start_watcher(expand_limit=1 << 30)
     assert next_report(reports, timeout=10.0) == ScanCompleted()
-    assert next_report(reports, timeout=10.0) == arrived(older)
+    assert next_report(reports, timeout=10.0) == arrived(older, at_start=True)
     # Checked a slice at a time: a bundle written meanwhile is reported before the bomb.
     newer = incoming / "newer.keter"
     copy_like_cp(newer, small_bundle())
     assert next_report(reports, timeout=10.0) == arrived(newer)
     # The bomb itself is handed on once it has inflated past what the unpacker
     # accepts (the unpacker then refuses it with its reason).
-    assert next_report(reports, timeout=60.0) == arrived(bomb)
+    assert next_report(reports, timeout=60.0) == arrived(bomb, at_start=True)
 
 
 # -- Rescan --------------------------------------------------------------------------
@@ -619,7 +627,7 @@ def test_rescan_of_an_unchanged_folder_reports_nothing(
     path.write_bytes(small_bundle())
     watcher = start_watcher()
     assert next_report(reports) == ScanCompleted()
-    assert next_report(reports) == arrived(path)  # young: checked after the scan
+    assert next_report(reports) == arrived(path, at_start=True)  # young: checked after the scan
 
     watcher.tell(Rescan())
     no_report(reports)
@@ -632,7 +640,7 @@ def test_rescan_right_after_a_deletion_reports_the_removal_once(
     path.write_bytes(small_bundle())
     watcher = start_watcher()
     assert next_report(reports) == ScanCompleted()
-    assert next_report(reports) == arrived(path)  # young: checked after the scan
+    assert next_report(reports) == arrived(path, at_start=True)  # young: checked after the scan
 
     # The rescan and the deletion's own event race; either may notice first.
     path.unlink()

@@ -151,6 +151,7 @@ class _Pending:
     check_fd: int = -1  # ... on this descriptor ...
     check_id: int = 0  # ... and its number
     incomplete: Stamp | None = None  # the version a finished check found incomplete
+    at_start: bool = False  # found by the first scan, unchanged since
 
 
 class _Forwarder(FileSystemEventHandler):
@@ -214,6 +215,7 @@ class IncomingWatcher(Actor):
         self.expand_limit = expand_limit
         self._observer: Observer | None = None
         self._pending: dict[str, _Pending] = {}
+        self._first_scan = False  # the scan under way is keter's first
         self._reported: dict[str, Stamp] = {}  # app -> stamp last reported as arrived
         self._ignored: set[str] = set()  # file names that are no app name
         self._refused: dict[str, tuple[int, ...]] = {}  # file name -> identity of what was refused
@@ -339,6 +341,7 @@ class IncomingWatcher(Actor):
             # close cannot shrink a file: smaller than at the events before, the file was
             # truncated since by a newer writer (cp again) whose close is still to come.
             pending.certain = certain and not _shrank(pending.stamp, stamp)
+            pending.at_start = False  # written since keter started
             self._cancel_check(pending)  # it was reading an older version
         pending.stamp = stamp
         if renamed and self._complete_now(path, pending.stamp):
@@ -426,7 +429,7 @@ class IncomingWatcher(Actor):
         if pending.incomplete == stamp:
             log.warning("%s: bundle has been incomplete for %.0fs; deploying it anyway", app, quiet)
         del self._pending[app]
-        self._arrived(app, path, stamp)
+        self._arrived(app, path, stamp, at_start=pending.at_start)
 
     def _doubt(self, app: str, pending: _Pending, stamp: Stamp | None) -> None:
         self._cancel_check(pending)
@@ -473,7 +476,7 @@ class IncomingWatcher(Actor):
         # COMPLETE, or HOPELESS: nothing appended could save it, so the unpacker
         # may as well refuse it now, with its own reason.
         del self._pending[app]
-        self._arrived(app, path, stamp)
+        self._arrived(app, path, stamp, at_start=pending.at_start)
 
     def _cancel_check(self, pending: _Pending) -> None:
         if pending.check is not None:
@@ -481,12 +484,16 @@ class IncomingWatcher(Actor):
             os.close(pending.check_fd)
             pending.check_fd = -1
 
-    def _arrived(self, app: str, path: Path, stamp: Stamp) -> None:
+    def _arrived(self, app: str, path: Path, stamp: Stamp, *, at_start: bool = False) -> None:
         self._refused.pop(path.name, None)  # a good version ends an earlier refusal
         if self._reported.get(app) == stamp:
             return  # an event without a change (e.g. a chmod): already deployed
         self._reported[app] = stamp
-        self.report(BundleArrived(app=app, path=path, mtime_ns=stamp.mtime_ns, size=stamp.size))
+        self.report(
+            BundleArrived(
+                app=app, path=path, mtime_ns=stamp.mtime_ns, size=stamp.size, at_start=at_start
+            )
+        )
 
     def _gone(self, app: str) -> None:
         self._refused.pop(app + SUFFIX, None)
@@ -494,6 +501,7 @@ class IncomingWatcher(Actor):
             self.report(BundleRemoved(app=app))
 
     def _scan(self, *, initial: bool) -> None:
+        self._first_scan = initial
         present: set[str] = set()
         with os.scandir(self.incoming_dir) as entries:
             names = sorted(entry.name for entry in entries)
@@ -521,10 +529,13 @@ class IncomingWatcher(Actor):
         # How long nobody has changed it (ctime cannot be set by a writer).
         age = max(0.0, time.time() - stamp.ctime_ns / 1e9)
         if age >= GIVE_UP_QUIET:
-            self._arrived(app, path, stamp)  # done by the give-up rule: no need to read it
+            # Done by the give-up rule: no need to read it.
+            self._arrived(app, path, stamp, at_start=self._first_scan)
             return
         # Possibly still being written: let the usual settling decide.
-        self._pending[app] = _Pending(stamp=stamp, certain=False, last_event=time.monotonic() - age)
+        self._pending[app] = _Pending(
+            stamp=stamp, certain=False, last_event=time.monotonic() - age, at_start=self._first_scan
+        )
         self._wake(app, max(0.0, DOUBT_QUIET - age))
 
 

@@ -30,6 +30,7 @@ from keter.messages import (
     FailureKind,
     Outcome,
     RollBack,
+    ServeLastServed,
     SwitchReady,
     TrafficReport,
     message,
@@ -128,6 +129,8 @@ class StatusServer(Actor):
                 redeploy.run(self.board, message)
             case RollBack():
                 redeploy.roll_back(self.board, message)
+            case ServeLastServed():
+                redeploy.serve_last_served(self.board, message)
             case TrafficReport():
                 self.metrics.traffic.apps = self.board.traffic_changed(message)
             case CertificateState():

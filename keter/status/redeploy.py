@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from keter.archive import SUFFIX, ArchivedBundle, ArchiveError
-from keter.messages import RollBack
+from keter.messages import RollBack, ServeLastServed
 from keter.status.errors import ApiError
 from keter.status.views import StatusBoard
 
@@ -99,6 +99,30 @@ def rollback_target(board: StatusBoard, app: str, version: str | None) -> Archiv
         shown = ", ".join(bundle.version for bundle in archived) or "none"
         raise ApiError(409, f"{app} has no earlier version archived ({shown})")
     return older[0]
+
+
+def serve_last_served(board: StatusBoard, order: ServeLastServed) -> bool:
+    """The version that served last (the archive's newest) back into incoming/, after
+    the bundle there failed at keter's start; False (with a line) if there is none."""
+    versions = board.archive.versions(order.app)
+    if not versions:
+        return False
+    last = versions[0]
+    if last.sha256 == order.failed_sha256:
+        log.error("%s: the version that served last is the one failing; nothing serves", order.app)
+        return False
+    try:
+        board.archive.restore(order.app, last, board.config.incoming_dir)
+    except (ArchiveError, OSError) as exc:
+        log.error("%s: cannot put back version %s: %s", order.app, last.version, exc)
+        return False
+    log.warning(
+        "%s: the bundle in incoming/ failed at keter's start; version %s, which served "
+        "before, goes back into incoming/ in its place",
+        order.app,
+        last.version,
+    )
+    return True
 
 
 def roll_back(board: StatusBoard, order: RollBack) -> bool:

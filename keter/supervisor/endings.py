@@ -16,6 +16,7 @@ from keter.messages import (
     Outcome,
     ReleaseServices,
     RemoveFolder,
+    ServeLastServed,
     StopProcess,
     WatchDrain,
 )
@@ -81,6 +82,11 @@ class Endings(SupervisorState):
         self._retire(deploy, 0, skip=stopped_already)
         if app.serving is not None:
             log.info("%s: deploy #%d keeps serving", app.name, app.serving.id)
+        elif deploy.at_start and not app.removing and app.waiting is None and self.c.status:
+            # The version that served before keter (re)started is gone with it: one bad
+            # upload and a reboot must not take the app down. Once only: what this puts
+            # back begins after the first scan.
+            self.c.status.tell(ServeLastServed(app=app.name, failed_sha256=deploy.sha256))
         self._continue_waiting(app)
 
     def _abandon(self, deploy: Deploy, reason: str) -> None:

@@ -95,6 +95,7 @@ class Intake(SupervisorState):
             bundle_mtime=arrived.mtime_ns / 1e9,
             folder=self.config.temp_dir / f"{app.name}-{deploy_id}",
             began=self.clock(),
+            at_start=arrived.at_start,
         )
         app.next, app.waiting = deploy, None
         self.owners[deploy_id] = deploy

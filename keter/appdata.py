@@ -111,7 +111,9 @@ class _Level:
             raise
 
 
-def _walk(folder: Path, leave: Callable[[_Level, _Level | None], None] | None = None):
+def _walk(
+    folder: Path, leave: Callable[[_Level, _Level | None], None] | None = None
+) -> Iterator[tuple[_Level, os.DirEntry]]:
     """(level, entry) for everything under ``folder``, a folder before its contents;
     ``leave(level, parent)`` once a folder's contents are done. Links are not followed.
 

@@ -20,6 +20,8 @@ import urllib.request
 
 import psutil
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support.bundles import VERSIONED_APP
 from support.net import bind_when_free, free_port
 from support.processes import Harness, alive
@@ -48,6 +50,7 @@ from keter.processes.cgroups import Cgroups
 from keter.processes.groups import group_members, wait_group_gone
 from keter.processes.health import is_healthy, probe_http
 from keter.processes.ports import port_is_free
+from keter.processes.spawn import APP_ENV, ROOT_ENV, SHELL, SpawnError, environment_file
 from keter.processes.states import (
     TRANSITIONS,
     IllegalTransition,
@@ -789,3 +792,36 @@ def test_a_stranger_on_a_crashed_apps_port_makes_it_move(make_monitor):
             stranger.accept()  # keter never sent it anything, not even a health probe
     finally:
         stranger.close()
+
+
+# -- the app's environment, handed over after the privilege drop ---------------------------
+
+_ENV_NAME = st.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,8}", fullmatch=True).filter(
+    lambda name: name not in ("PWD", "OLDPWD")  # the shell's own
+)
+_ENV_VALUE = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)))
+PRINT_ENV = "import json, os; print(json.dumps(dict(os.environ)))"
+
+
+@given(st.dictionaries(_ENV_NAME, _ENV_VALUE, max_size=6))
+@settings(max_examples=60, deadline=None)
+def test_the_environment_file_gives_the_app_exactly_its_environment(env: dict[str, str]):
+    # Quotes, backslashes, $, backticks, newlines, any Unicode: sourced by the real shell.
+    fd = environment_file(env)
+    try:
+        done = subprocess.run(
+            [SHELL, "-c", APP_ENV, "keter-env", "/usr/bin/python3", "-c", PRINT_ENV],
+            stdin=fd,
+            env=ROOT_ENV,
+            capture_output=True,
+            check=True,
+        )
+    finally:
+        os.close(fd)
+    seen = json.loads(done.stdout)
+    assert {name: seen.get(name) for name in env} == env
+
+
+def test_an_environment_name_the_shell_cannot_export_fails_the_start():
+    with pytest.raises(SpawnError, match="invalid environment variable name"):
+        environment_file({"A-B": "x"})

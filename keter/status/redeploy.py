@@ -103,7 +103,8 @@ def rollback_target(board: StatusBoard, app: str, version: str | None) -> Archiv
 
 def serve_last_served(board: StatusBoard, order: ServeLastServed) -> bool:
     """The version that served last (the archive's newest) back into incoming/, after
-    the bundle there failed at keter's start; False (with a line) if there is none."""
+    the bundle there failed at keter's start; False if there is none (a first deploy)
+    or it cannot be (with a line)."""
     versions = board.archive.versions(order.app)
     if not versions:
         return False

@@ -595,6 +595,34 @@ def test_quiet_watched_versions_cost_nothing_until_their_window_ends(tmp_path, m
     stats.on_stop()
 
 
+def test_answers_nginx_gave_itself_do_not_judge_a_watched_version(tmp_path):
+    """Any client can have nginx answer 501 or 400 itself (a bogus Transfer-Encoding, a
+    malformed request) on the app's host: no upstream time, and not the version's doing.
+    Counted, 30 of them had a healthy version rolled back."""
+    stats = StatsCollector(KeterConfig(root=tmp_path / "root"))
+    stats.on_start()
+    stats.handle(
+        WatchVersion(
+            app="hello",
+            version="0123456789ab",
+            previous="ba9876543210",
+            seconds=60,
+            max_error_ratio=0.05,
+            min_requests=20,
+        )
+    )
+    [watch] = stats._watches.values()
+    with stats.spool_path.open("ab") as out:
+        for _ in range(30):
+            out.write(spool_line(status=501, upstream="-", request="POST / HTTP/1.1") + b"\n")
+        for _ in range(5):
+            out.write(spool_line(status=502, upstream="0.000") + b"\n")  # the app was asked
+    stats._read(time.monotonic() + 30)
+    stats._check_watches(watch.started + 1)
+    assert (watch.requests, watch.errors, watch.verdict) == (5, 5, WatchVerdict.WATCHING)
+    stats.on_stop()
+
+
 # -- the spool -------------------------------------------------------------------------------
 
 

@@ -86,12 +86,19 @@ class _Watch:
     reason: str = ""
 
     def counts(self, record: Record) -> bool:
-        """Whether a request is the watched version's, within its window.
+        """Whether a request is the watched version's, within its window, and reached it.
 
         Every request of that version counts, even one that reached the spool
         before the watch began: the version is new, all its traffic is recent.
+        One nginx answered itself (no upstream time: a malformed request's 501 or
+        400, a rate limit's 429) says nothing of the version, and any client can
+        send them: counted, they let anyone have a healthy version rolled back.
         """
-        return record.version == self.order.version and record.at <= self.until
+        return (
+            record.version == self.order.version
+            and record.at <= self.until
+            and record.upstream_time is not None
+        )
 
     def state(self) -> WatchState:
         o = self.order

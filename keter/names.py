@@ -389,8 +389,7 @@ def validate_nginx_file_path(text: object) -> str:
     path = validate_file_path(text)
     if not path.startswith("/"):
         raise ValueError(f"expected an absolute path, got {_quoted(path)}")
-    if len(path.encode("utf-8")) + 2 > NGINX_TOKEN_MAX:  # quoted
-        raise ValueError(f"the path is too long for nginx (at most {NGINX_TOKEN_MAX - 2} bytes)")
+    _fits_nginx_token(f'"{path}"', "the path")  # written quoted, without escapes
     unsafe = nginx_path_unsafe(path)
     if unsafe:
         raise ValueError(
@@ -426,11 +425,15 @@ def nginx_quote(text: object) -> str:
     _check_utf8(text, "the text")
     escaped = text.replace("\\", "\\\\").replace('"', '\\"')
     escaped = escaped.replace("$", "${" + NGINX_DOLLAR_VARIABLE + "}")
-    quoted = f'"{escaped}"'
+    return _fits_nginx_token(f'"{escaped}"', "the text")
+
+
+def _fits_nginx_token(quoted: str, what: str) -> str:
+    """``quoted``, if nginx's parser takes it as one token (``NGINX_TOKEN_MAX``)."""
     size = len(quoted.encode("utf-8"))
     if size > NGINX_TOKEN_MAX:
         raise ValueError(
-            f"the text is too long for nginx: {size} bytes once quoted, at most {NGINX_TOKEN_MAX}"
+            f"{what} is too long for nginx: {size} bytes once quoted, at most {NGINX_TOKEN_MAX}"
         )
     return quoted
 

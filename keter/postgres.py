@@ -329,8 +329,8 @@ class PostgresProvisioner(Actor):
             return orphans[0]
         if orphans:
             log.warning("%s: several unclaimed roles fit this app, creating a new one", app)
-        orphans = [name for name, _ in found]
-        while (name := new_name(app)) in orphans or name in claimed:
+        taken = {name for name, _ in found} | set(claimed)
+        while (name := new_name(app)) in taken:
             pass  # a suffix collision; vanishingly rare
         log.info("%s: chose database and role %s", app, name)
         return name

@@ -215,7 +215,6 @@ class IncomingWatcher(Actor):
         self.expand_limit = expand_limit
         self._observer: Observer | None = None
         self._pending: dict[str, _Pending] = {}
-        self._first_scan = False  # the scan under way is keter's first
         self._reported: dict[str, Stamp] = {}  # app -> stamp last reported as arrived
         self._ignored: set[str] = set()  # file names that are no app name
         self._refused: dict[str, tuple[int, ...]] = {}  # file name -> identity of what was refused
@@ -501,17 +500,16 @@ class IncomingWatcher(Actor):
             self.report(BundleRemoved(app=app))
 
     def _scan(self, *, initial: bool) -> None:
-        self._first_scan = initial
         present: set[str] = set()
         with os.scandir(self.incoming_dir) as entries:
             names = sorted(entry.name for entry in entries)
         for name in names:
-            self._guarded(name, self._scan_one, self.incoming_dir / name, present)
+            self._guarded(name, self._scan_one, self.incoming_dir / name, present, initial)
         if not initial:
             for app in set(self._reported) - present - set(self._pending):
                 self._gone(app)
 
-    def _scan_one(self, path: Path, present: set[str]) -> None:
+    def _scan_one(self, path: Path, present: set[str], initial: bool) -> None:
         app = self._app_of(path)
         if app is None:
             return
@@ -530,11 +528,11 @@ class IncomingWatcher(Actor):
         age = max(0.0, time.time() - stamp.ctime_ns / 1e9)
         if age >= GIVE_UP_QUIET:
             # Done by the give-up rule: no need to read it.
-            self._arrived(app, path, stamp, at_start=self._first_scan)
+            self._arrived(app, path, stamp, at_start=initial)
             return
         # Possibly still being written: let the usual settling decide.
         self._pending[app] = _Pending(
-            stamp=stamp, certain=False, last_event=time.monotonic() - age, at_start=self._first_scan
+            stamp=stamp, certain=False, last_event=time.monotonic() - age, at_start=initial
         )
         self._wake(app, max(0.0, DOUBT_QUIET - age))
 

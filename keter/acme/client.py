@@ -73,6 +73,10 @@ def order(ca: Ca, host: str, challenges_dir: Path) -> Issued:
     written = []
     try:
         for authz in orderr.authorizations:
+            if authz.body.status == messages.STATUS_VALID:
+                # The CA reused one this account proved lately (Let's Encrypt keeps them
+                # 30 days): nothing to answer, and answering again fails the order.
+                continue
             challenge = next(
                 (c for c in authz.body.challenges if isinstance(c.chall, challenges.HTTP01)),
                 None,

@@ -26,9 +26,12 @@ PEBBLE = "/usr/bin/pebble"
 
 
 class PrivatePebble:
-    def __init__(self, base: Path, http_port: int) -> None:
+    def __init__(self, base: Path, http_port: int, *, authz_reuse: int = 0) -> None:
         self.base = Path(base)
         self.http_port = http_port
+        # Percent of orders given an authorization the account made valid lately, as
+        # Let's Encrypt does for 30 days; 0: every order validates again.
+        self.authz_reuse = authz_reuse
         self.port = free_port()
         self.management = free_port()
         self.dns = PrivateDns(self.base / "challtestsrv.log", default_ipv4="127.0.0.1")
@@ -61,7 +64,7 @@ class PrivatePebble:
             **os.environ,
             "PEBBLE_VA_NOSLEEP": "1",  # validate at once, not after a random pause
             "PEBBLE_WFE_NONCEREJECT": "0",  # no random "bad nonce" errors
-            "PEBBLE_AUTHZREUSE": "0",  # every order validates again
+            "PEBBLE_AUTHZREUSE": str(self.authz_reuse),
         }
         with (self.base / "pebble.log").open("ab") as log:
             self._process = subprocess.Popen(

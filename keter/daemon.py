@@ -28,6 +28,7 @@ import time
 from keter.acme import AcmeManager
 from keter.backups import Backups
 from keter.config import KeterConfig
+from keter.heap import Heap
 from keter.incoming.unpack import stream_limit
 from keter.incoming.unpacker import Unpacker
 from keter.incoming.watcher import IncomingWatcher
@@ -221,7 +222,9 @@ def run(config: KeterConfig) -> int:
     install_signal_handlers(inbox)
     log.info("keter: starting on %s", config.root)
     supervisor.start()
+    heap = Heap()
     while supervisor.exit_code is None:
+        heap.tend()
         for timer in supervisor.due_timers():
             supervisor.dispatch(timer)
         if supervisor.exit_code is not None:

@@ -52,12 +52,20 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 # Bounds how long one admin statement may block the provisioner's thread (a lock
 # held by someone else, say) so other apps' requests are not held up forever.
 STATEMENT_TIMEOUT_MS = 30_000
 # Headroom for the child's interpreter start-up and its statements.
 CHILD_EXTRA_SECONDS = 2 * STATEMENT_TIMEOUT_MS / 1000 + 10
+# Where the admin session looks up names: the system catalog alone. Every role may log
+# into the database keter works in (``postgres``, by default), and where PUBLIC may
+# create in its ``public`` schema (PostgreSQL 14 and older, and clusters upgraded from
+# them) an app's role could put an operator or function there that the SQL below would
+# pick over pg_catalog's (``~`` on a name and a text matches an exact ``~(name, name)``
+# first, wherever it is), and it would run with keter's admin rights.
+SEARCH_PATH = "-c search_path=pg_catalog,pg_temp"
 
 Request = dict[str, Any]
 Answer = dict[str, Any]
@@ -81,8 +89,9 @@ def find_unclaimed_roles(
     """(name, owner app or None) of each role matching the POSIX regex ``pattern`` and
     not in ``claimed``."""
     rows = conn.execute(
-        "SELECT rolname, shobj_description(oid, 'pg_authid') FROM pg_roles"
-        " WHERE rolname ~ %s AND NOT rolname = ANY(%s) ORDER BY 1",
+        "SELECT rolname, pg_catalog.shobj_description(oid, 'pg_authid') FROM pg_catalog.pg_roles"
+        " WHERE rolname OPERATOR(pg_catalog.~) %s::text AND NOT rolname = ANY(%s::text[])"
+        " ORDER BY 1",
         (pattern, claimed),
     ).fetchall()
     return [(name, _owner(comment)) for name, comment in rows]
@@ -168,9 +177,14 @@ def run(request: Request) -> Answer:
     """Execute ``request`` in this process and answer it; never raises for server errors."""
     try:
         timeout = max(2, math.ceil(float(request["connect_timeout"])))
-        with psycopg.connect(request["dsn"], autocommit=True, connect_timeout=timeout) as conn:
+        dsn = request["dsn"]
+        options = f"{conninfo_to_dict(dsn).get('options') or ''} {SEARCH_PATH}".strip()
+        with psycopg.connect(
+            dsn, autocommit=True, connect_timeout=timeout, options=options
+        ) as conn:
             conn.execute(
-                "SELECT set_config('statement_timeout', %s, false)", (str(STATEMENT_TIMEOUT_MS),)
+                "SELECT pg_catalog.set_config('statement_timeout', %s, false)",
+                (str(STATEMENT_TIMEOUT_MS),),
             )
             match request["op"]:
                 case "find":

@@ -295,6 +295,59 @@ def test_one_apps_role_cannot_open_another_apps_database(
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
+# An app's role logs into the admin database (every role may connect to `postgres`) and,
+# where PUBLIC may create in its public schema (PostgreSQL 14 and older), plants an
+# operator and a function that keter's unqualified SQL would have picked over
+# pg_catalog's: they record who ran them.
+_TROJANS = r"""
+CREATE TABLE public.trojan_calls (who text);
+GRANT INSERT ON public.trojan_calls TO PUBLIC;
+CREATE FUNCTION public.trojan_match(name, name) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO public.trojan_calls VALUES (current_user);
+    RETURN $1::text ~ $2::text;
+END $$;
+CREATE OPERATOR public.~ (LEFTARG = name, RIGHTARG = name, FUNCTION = public.trojan_match);
+CREATE FUNCTION public.shobj_description(oid, text) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO public.trojan_calls VALUES (current_user);
+    RETURN NULL;
+END $$;
+CREATE FUNCTION public.set_config(text, text, boolean) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO public.trojan_calls VALUES (current_user);
+    RETURN $2;
+END $$;
+"""
+
+
+def test_an_apps_operators_and_functions_never_run_with_keters_admin_rights(
+    private_postgres: PrivatePostgres, start: Callable[..., Running]
+) -> None:
+    running = start(private_postgres.admin_dsn)
+    attacker = running.ready(unique_app("alpha"))
+    superuser_run(private_postgres, "GRANT CREATE ON SCHEMA public TO PUBLIC")
+    try:
+        with connect_as(attacker, dbname="postgres") as conn:
+            conn.execute(_TROJANS)
+            conn.commit()
+        victim = running.ready(unique_app("beta"))  # a new app: keter looks for its roles
+        calls = query(private_postgres, "SELECT who FROM public.trojan_calls")
+    finally:
+        for statement in (
+            "DROP OPERATOR IF EXISTS public.~ (name, name)",
+            "DROP FUNCTION IF EXISTS public.trojan_match(name, name)",
+            "DROP FUNCTION IF EXISTS public.shobj_description(oid, text)",
+            "DROP FUNCTION IF EXISTS public.set_config(text, text, boolean)",
+            "DROP TABLE IF EXISTS public.trojan_calls",
+            "REVOKE CREATE ON SCHEMA public FROM PUBLIC",
+        ):
+            superuser_run(private_postgres, statement)
+    assert calls == []
+    with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+        connect_as(attacker, dbname=victim.name)
+
+
 # -- crash safety ---------------------------------------------------------------------------
 
 

@@ -42,7 +42,9 @@ def prepare_root(config: KeterConfig) -> None:
         (config.etc_dir, 0o700),
         (config.temp_dir, 0o711),
         (config.log_dir, 0o700),
-        (config.run_dir, 0o755),
+        # keter.sock's group crosses it; nobody else lists it or opens keter.lock (an app
+        # holding a lock of its own on that file would keep the next keter from starting).
+        (config.run_dir, 0o711),
         (config.backups_dir, 0o700),  # database dumps: root only, never an app
         (config.data_dir, 0o711),  # apps reach their own folder by name, list none
     ]:
@@ -56,7 +58,8 @@ def prepare_root(config: KeterConfig) -> None:
 def take_lock(config: KeterConfig) -> int:
     """Hold ROOT/run/keter.lock for the life of the process: one keter per ROOT."""
     path = config.run_dir / "keter.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)  # root's alone, also when an earlier version made it 0644
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -11,10 +11,12 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 from pathlib import Path
 
@@ -32,7 +34,9 @@ from support.net import Load, served
 from support.wait import wait_for
 
 from keter import commands
-from keter.cli import COMMANDS
+from keter.cli import COMMANDS, prepare_root, take_lock
+from keter.config import KeterConfig
+from keter.processes.records import Records
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 1, 2, 3
 
@@ -325,6 +329,63 @@ def test_a_user_without_access_to_the_socket_is_told_so(keter):
     assert os.waitstatus_to_exitcode(status) == EXIT_UNAVAILABLE
     assert "permission denied" in message
     assert "status-group" in message
+
+
+# Run as nobody: what another user (an app, each its own uid) can do with ROOT/run.
+_PEEK_AT_RUN = r"""
+import errno, json, os, sys
+run = sys.argv[1]
+seen = {}
+for what, act in [
+    ("list run", lambda: os.listdir(run)),
+    ("open the lock", lambda: os.open(run + "/keter.lock", os.O_RDONLY)),  # then flock it
+    ("list the records", lambda: os.listdir(run + "/processes")),
+]:
+    try:
+        act()
+        seen[what] = "done"
+    except OSError as exc:
+        seen[what] = errno.errorcode[exc.errno]
+print(json.dumps(seen))
+"""
+
+
+def test_no_other_user_can_lock_keters_lock_or_read_its_records() -> None:
+    """An app that could open keter.lock could hold a lock of its own on it from the
+    moment keter dies: the next keter would refuse to start ("another keter is already
+    running") and never stop the leftovers."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a probe as another user")
+    base = Path(tempfile.mkdtemp(prefix="keter-run-"))
+    try:
+        base.chmod(0o755)
+        config = KeterConfig(root=base / "root")
+        run = config.run_dir
+        run.mkdir(parents=True, mode=0o755)  # as an earlier version left them
+        (run / "keter.lock").write_text("1\n")
+        (run / "keter.lock").chmod(0o644)
+        prepare_root(config)
+        lock = take_lock(config)
+        try:
+            Records(run).stop_leftovers(1.0)  # makes the records' folder
+            peek = subprocess.run(
+                ["/usr/bin/python3", "-c", _PEEK_AT_RUN, str(run)],
+                user=65534,
+                group=65534,
+                extra_groups=[],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+        finally:
+            os.close(lock)
+    finally:
+        shutil.rmtree(base)
+    assert json.loads(peek.stdout) == {
+        "list run": "EACCES",
+        "open the lock": "EACCES",
+        "list the records": "EACCES",
+    }
 
 
 def test_every_command_has_help(capsys):

@@ -95,7 +95,8 @@ class Records:
 
         Afterwards no record is left: this keter records its own processes.
         """
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.folder, 0o700)  # apps' names and pids: keter's own
         groups: dict[int, str] = {}
         for record in self._load():
             if not group_members(record.pgid):

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from keter.fsutil import fsync_dir
+from keter.incoming.files import NotABundleFile, open_regular
 
 SUFFIX = ".keter"
 _CHUNK = 1 << 20
@@ -126,13 +127,16 @@ class BundleArchive:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.folder, 0o700)  # bundles may hold secrets in their config
             try:
-                with open(bundle, "rb") as source:
+                fd, _ = open_regular(bundle)  # never a FIFO's wait, never a link's target
+                with os.fdopen(fd, "rb") as source:
                     copy_hashed(
                         source, folder, target.name, mode=0o600, expected=sha256, durable=False
                     )
                 self._unsynced.add(target)
             except FileNotFoundError:
                 raise ArchiveError(f"{bundle.name} is no longer in incoming/") from None
+            except NotABundleFile as exc:
+                raise ArchiveError(f"{bundle.name} is no bundle now: {exc}") from None
             except HashMismatch:
                 raise ArchiveError(
                     f"{bundle.name} has changed since version {sha256[:12]} was deployed"
@@ -167,7 +171,7 @@ class BundleArchive:
         except FileNotFoundError:
             return False
         try:
-            return size == bundle.stat().st_size
+            return size == bundle.lstat().st_size
         except FileNotFoundError:
             return True  # nothing to copy from anyway; what is there stays
 

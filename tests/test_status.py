@@ -303,6 +303,35 @@ def test_restart_touches_the_bundle(make_status):
     assert info.value.status == 404
 
 
+@pytest.mark.parametrize("kind", ["fifo", "link"])
+def test_a_bundle_swapped_for_a_fifo_or_a_link_is_neither_restarted_nor_archived(
+    make_status, tmp_path, kind
+):
+    """Whoever may write incoming/ (root, the status group) chooses what lies there. A
+    FIFO held the status component for good: restart and archiving opened it and waited
+    for a writer, and every status request after that timed out. A link had root hash
+    the file it names, answer its sha256 and touch it."""
+    status = make_status()
+    secret = tmp_path / "secret.keter"
+    secret.write_bytes(b"v1")
+    secret.chmod(0o600)
+    os.utime(secret, (1_000_000, 1_000_000))
+    bundle = status.config.incoming_dir / "hello.keter"
+    if kind == "fifo":
+        os.mkfifo(bundle)
+    else:
+        bundle.symlink_to(secret)
+    status.tell_and_wait(AppChanged(snapshot=snapshot()))
+    with pytest.raises(ApiError) as info:
+        status.client.restart("hello")
+    assert info.value.status == 409 and "hello.keter is no bundle" in str(info.value)
+    # The deploy that read v1 before the swap reaches serving: nothing to archive now.
+    status.tell_and_wait(finished(sha256=hashlib.sha256(b"v1").hexdigest()))
+    assert not list(status.config.archive_dir.glob("hello/*"))
+    assert secret.stat().st_mtime == 1_000_000
+    assert status.client.status()["apps"]
+
+
 def test_rollback_copies_the_previous_version_into_incoming(make_status):
     status = make_status()
     old = drop_bundle(status.config, "hello", b"v1")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from keter.archive import SUFFIX, ArchivedBundle, ArchiveError
+from keter.incoming.files import NotABundleFile, open_regular
 from keter.messages import RollBack, ServeLastServed
 from keter.status.errors import ApiError
 from keter.status.views import StatusBoard
@@ -61,12 +62,19 @@ def restart(board: StatusBoard, app: str) -> dict:
         raise ApiError(404, f"no app named {app}")
     bundle = board.config.incoming_dir / f"{app}{SUFFIX}"
     after = board.history.seq
+    # Whoever may write incoming/ chooses what lies there: a FIFO would hold this thread
+    # (and every status request after it) for ever, a link would have root hash and
+    # touch whatever it names. Opened as the watcher opens bundles, touched through
+    # that descriptor.
     try:
-        with open(bundle, "rb") as f:
-            sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-        os.utime(bundle)
+        fd, _ = open_regular(bundle)
     except FileNotFoundError:
         raise ApiError(409, f"{app} has no bundle in incoming/ to restart") from None
+    except NotABundleFile as exc:
+        raise ApiError(409, f"incoming/{bundle.name} is no bundle: {exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        os.utime(f.fileno())
     log.info("%s: restart requested through the status API", app)
     return {"app": app, "version": sha256[:12], "sha256": sha256, "after": after}
 

@@ -118,8 +118,13 @@ def update(
         path = settings_path(etc_dir, app)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(path.parent, 0o700)
-        data = json.dumps(settings, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-        atomic_write(path, data.encode(), mode=0o600)
+        data = (json.dumps(settings, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+        if len(data) > MAX_FILE:  # load() would refuse it, and every deploy of the app with it
+            raise SettingsError(
+                f"the settings of {app} would take {len(data)} bytes, more than {MAX_FILE}; "
+                "unset some first"
+            )
+        atomic_write(path, data, mode=0o600)
     return sorted(changes), removed
 
 

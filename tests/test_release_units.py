@@ -166,6 +166,23 @@ def test_a_broken_settings_file_is_named_not_shown(tmp_path: Path) -> None:
         envstore.load(tmp_path, "app")
 
 
+def test_settings_that_would_outgrow_the_file_are_refused_and_the_file_stays_readable(
+    tmp_path: Path,
+) -> None:
+    """Each value within its bound, their sum past the file's: the store once wrote what
+    it then refused to read (every deploy of the app, and even `keter env unset`)."""
+    value = "x" * envstore.MAX_VALUE
+    count = envstore.MAX_FILE // envstore.MAX_VALUE + 1
+    with pytest.raises(envstore.SettingsError) as caught:
+        for i in range(count):
+            envstore.update(tmp_path, "app", {f"K{i}": value})
+    assert "more than" in str(caught.value) and value not in str(caught.value)
+    kept = envstore.load(tmp_path, "app")
+    assert 0 < len(kept) < count
+    envstore.update(tmp_path, "app", {}, ["K0"])  # the way out still works
+    assert "K0" not in envstore.load(tmp_path, "app")
+
+
 def test_command_line_assignments() -> None:
     assert envstore.parse_assignments(["A=1", "B=x=y", "C="]) == {"A": "1", "B": "x=y", "C": ""}
     with pytest.raises(envstore.SettingsError) as caught:

@@ -62,9 +62,17 @@ POLL = 0.05  # how often a shutdown looks at its inbox for a second signal
 ACME_GRACE = 2.0
 
 
+class CannotStart(Exception):
+    """keter cannot start; ``str()`` says why in one line."""
+
+
 def build_components(config: KeterConfig, inbox: queue.SimpleQueue) -> Components:
     """The real actors, each reporting into ``inbox``."""
     status = StatusServer(config, report_to=inbox)
+    try:  # first: a port another program holds stops keter here, in one line
+        status.bind()
+    except OSError as exc:
+        raise CannotStart(f"cannot serve the status API: {exc.strerror or exc}") from None
     users = app_users(
         config.etc_dir,
         config.app_uid_range,
@@ -217,7 +225,11 @@ def run(config: KeterConfig) -> int:
     if after != before:
         log.info("keter: open files limit raised from %d to %d", before, after)
     inbox: queue.SimpleQueue = queue.SimpleQueue()
-    components = build_components(config, inbox)
+    try:
+        components = build_components(config, inbox)
+    except CannotStart as exc:  # nothing has started yet
+        log.error("keter: %s", exc)
+        return 1
     supervisor = Supervisor(config, components)
     install_signal_handlers(inbox)
     log.info("keter: starting on %s", config.root)

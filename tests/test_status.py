@@ -687,6 +687,27 @@ def test_a_non_loopback_status_listener_without_users_stops_keter_at_start(keter
     assert not (keter.root / "run" / "keter.sock").exists()
 
 
+def test_a_status_port_another_program_holds_stops_keter_at_start_in_one_line(
+    keter_factory, tmp_path
+):
+    """keter had started every component (and with bundles in incoming/, their apps), then
+    the status component failed six times with a traceback each before keter gave up."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        keter = keter_factory(start=False, **{"status-listen": f"127.0.0.1:{port}"})
+        keter.incoming.mkdir(parents=True, exist_ok=True)
+        make_bundle(keter.incoming / "hello.keter", config=webapp_config("hello.test", "v1"))
+        keter.start(wait_ready=False)
+        assert keter.proc.wait(20) == 1
+    log = keter.log()
+    assert f"keter: cannot serve the status API: status-listen 127.0.0.1:{port}" in log
+    assert "Traceback" not in log and "CRITICAL" not in log
+    assert "hello" not in log  # no app was started
+    assert not (keter.root / "run" / "keter.sock").exists()
+
+
 # -- the dashboard through nginx at dashboard-host -------------------------------------------
 
 

@@ -92,18 +92,33 @@ class StatusServer(Actor):
 
     # -- the actor ---------------------------------------------------------------------
 
+    def bind(self) -> None:
+        """Take the socket and the TCP port; raises OSError (one line) if either is taken.
+
+        keter calls this before any component starts: a port another program holds
+        is then one line and keter not starting, rather than this component failing
+        at every restart while the others start apps. Closes what it took on failure.
+        """
+        if self.listeners.bound:
+            return
+        try:
+            self.listeners.bind_unix(self.socket_path, self.config.status_group)
+            if self.config.status_listen is not None:
+                try:
+                    self.checks.api_token = load_api_token(
+                        self.config.etc_dir, self.config.status_group
+                    )
+                except OSError as exc:  # dashboard-users still log in
+                    log.error("keter: no status API token, cannot write %s: %s", exc.filename, exc)
+                self.listeners.bind_tcp(*self.config.status_listen)
+                self.tcp_address = self.listeners.tcp_address
+        except BaseException:
+            self.listeners.close()
+            raise
+
     def on_start(self) -> None:
         self.board.history.load()
-        self.listeners.bind_unix(self.socket_path, self.config.status_group)
-        if self.config.status_listen is not None:
-            try:
-                self.checks.api_token = load_api_token(
-                    self.config.etc_dir, self.config.status_group
-                )
-            except OSError as exc:  # dashboard-users still log in
-                log.error("keter: no status API token, cannot write %s: %s", exc.filename, exc)
-            self.listeners.bind_tcp(*self.config.status_listen)
-            self.tcp_address = self.listeners.tcp_address
+        self.bind()  # already bound by keter's start; a restart after a failure binds again
         self.listeners.start()
         where = f" and http://{join_host_port(*self.tcp_address)}" if self.tcp_address else ""
         log.info("keter: status API on %s%s", self.socket_path, where)

@@ -106,6 +106,10 @@ class Listeners:
         self._socket_inode: int | None = None
         self._closing = False
 
+    @property
+    def bound(self) -> bool:
+        return bool(self._servers)
+
     def bind_unix(self, path: Path, group: str | None) -> None:
         """Listen on ``path``, mode 0660, group root or ``group``.
 
@@ -168,6 +172,11 @@ class Listeners:
             with contextlib.suppress(FileNotFoundError):
                 if os.stat(self.socket_path).st_ino == self._socket_inode:
                     self.socket_path.unlink()
+        # Ready to bind again (a failed bind is closed and tried again at a restart).
+        self._servers.clear()
+        self._threads.clear()
+        self.socket_path = self.tcp_address = self._socket_inode = None
+        self._closing = False
 
     def _add(self, server: socketserver.BaseServer, *, tcp: bool) -> None:
         server.api = self.api  # type: ignore[attr-defined]

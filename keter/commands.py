@@ -14,13 +14,15 @@ import contextlib
 import datetime
 import json
 import os
+import signal
 import stat
 import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from keter.archive import SUFFIX, copy_hashed, install_bundle
 from keter.bundle import BundleConfigError, parse_bundle_config
@@ -34,6 +36,7 @@ from keter.client import (
 )
 from keter.config import KeterConfig
 from keter.history import REASON_LIMIT, capped_text
+from keter.incoming.gzipcheck import GZIP_MAGIC
 from keter.incoming.unpack import UnpackError, safe_unpack
 from keter.logtail import LogFollower, tail_lines
 from keter.names import log_text, validate_app_name
@@ -334,7 +337,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     if not from_stdin and not args.name and not args.bundle.endswith(SUFFIX):
         raise Refused(f"{args.bundle}: a bundle's name must end in {SUFFIX} (or give --name)")
     name = checked_name(name)
-    with tempfile.TemporaryDirectory(prefix="keter-deploy-") as tmp:
+    # A hang-up (an ssh connection lost mid-upload) or SIGTERM must not leave the copy in
+    # $TMPDIR: both end the command through the `with` that removes it.
+    with _exit_on_hangup(), tempfile.TemporaryDirectory(prefix="keter-deploy-") as tmp:
         # The bundle is copied once and checked; that copy is what goes to incoming/.
         spool = Path(tmp) / "bundle.keter"
         try:
@@ -342,7 +347,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                 source = sys.stdin.buffer
                 if not from_stdin:
                     source = stack.enter_context(open(args.bundle, "rb"))
-                copy_hashed(source, spool.parent, spool.name, mode=0o600)
+                copy_hashed(_Bundle(source, args.bundle), spool.parent, spool.name, mode=0o600)
         except OSError as exc:
             raise Refused(f"cannot read {args.bundle}: {exc.strerror or exc}") from None
         problem = check_bundle(spool, name, Path(tmp) / "unpacked")
@@ -393,6 +398,46 @@ def watch_verdict(client: KeterClient, app: str, served: dict) -> int:
             return EXIT_OK
     print(f"keter: {app} {version}: no end of its watch seen in time", file=sys.stderr)
     return EXIT_TIMEOUT
+
+
+# The most a bundle keter unpacks can take as a gzip: its bytes, a tar header and padding
+# per member, gzip's few bytes per 32 KiB of what does not compress, and some slack.
+MAX_BUNDLE_BYTES = (
+    KeterConfig.max_unpacked_bytes * 1001 // 1000 + KeterConfig.max_members * 1024 + (1 << 20)
+)
+
+
+class _Bundle:
+    """What ``keter deploy`` reads: refused at its first bytes if it is no gzip, and past
+    ``MAX_BUNDLE_BYTES`` (``keter deploy /dev/zero`` filled $TMPDIR before any check)."""
+
+    def __init__(self, source: BinaryIO, shown: str) -> None:
+        self.source, self.shown, self.read_bytes = source, shown, 0
+
+    def read(self, size: int) -> bytes:
+        data = self.source.read(size)
+        if not self.read_bytes and data and not GZIP_MAGIC.startswith(data[:2]):
+            raise Refused(f"{self.shown}: not a gzip file, so no bundle")
+        self.read_bytes += len(data)
+        if self.read_bytes > MAX_BUNDLE_BYTES:
+            raise Refused(f"{self.shown}: larger than any bundle keter unpacks")
+        return data
+
+
+@contextlib.contextmanager
+def _exit_on_hangup() -> Iterator[None]:
+    """SIGHUP and SIGTERM end the command as an exception would (so ``with`` blocks clean
+    up) instead of killing it at once."""
+
+    def leave(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    before = {sig: signal.signal(sig, leave) for sig in (signal.SIGHUP, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def check_bundle(bundle: Path, app: str, scratch: Path) -> str | None:

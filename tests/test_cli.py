@@ -8,6 +8,7 @@ need no daemon call ``keter.commands.main`` in the test's process.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -145,6 +146,64 @@ def test_a_file_that_is_no_bundle_is_refused(capsys, tmp_path):
     assert code == EXIT_USAGE
     assert "--name is required" in err
     assert list((root / "incoming").iterdir()) == []
+
+
+class _Endless(io.RawIOBase):
+    """A stdin that never ends (``keter deploy - < /dev/zero``): ``head``, then zeros."""
+
+    def __init__(self, head: bytes = b"") -> None:
+        self.head, self.given = head, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = (self.head + bytes(len(buffer)))[: len(buffer)]
+        self.head = self.head[len(data) :]
+        buffer[: len(data)] = data
+        self.given += len(data)
+        return len(data)
+
+
+@pytest.mark.parametrize(("head", "reason"), [(b"", "not a gzip file"), (b"\x1f\x8b", "larger")])
+def test_endless_input_is_refused_early_and_leaves_nothing_behind(
+    capsys, monkeypatch, tmp_path, head, reason
+):
+    """`keter deploy /dev/zero --name x` wrote 2 GB into $TMPDIR in 5 s before any check."""
+    spools = tmp_path / "tmp"
+    spools.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spools))
+    monkeypatch.setattr(commands, "MAX_BUNDLE_BYTES", 8 << 20)  # the real one is 2 GiB
+    stdin = _Endless(head)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BufferedReader(stdin)))
+    code, _, err = cli(capsys, tmp_path / "root", "deploy", "-", "--name", "hello")
+    assert code == EXIT_USAGE and reason in err
+    assert stdin.given <= commands.MAX_BUNDLE_BYTES + (2 << 20)
+    assert list(spools.iterdir()) == []
+
+
+@pytest.mark.parametrize("hangup", [signal.SIGHUP, signal.SIGTERM])
+def test_a_deploy_hung_up_mid_upload_leaves_nothing_behind(tmp_path, hangup):
+    """`ssh server keter deploy - --name hello < bundle` and the connection drops: the
+    partial copy in $TMPDIR stayed there."""
+    spools = tmp_path / "tmp"
+    spools.mkdir()
+    upload = subprocess.Popen(
+        [sys.executable, "-m", "keter", "deploy", "-", "--name", "hello"],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "TMPDIR": str(spools), "KETER_ROOT": str(tmp_path / "root")},
+    )
+    try:
+        upload.stdin.write(b"\x1f\x8b" + bytes(1 << 20))
+        upload.stdin.flush()
+        wait_for(lambda: list(spools.rglob("*.tmp")), 20, "the upload to be spooled")
+        upload.send_signal(hangup)
+        assert upload.wait(20) == 128 + hangup
+    finally:
+        upload.kill()
+        upload.wait()
+    assert list(spools.iterdir()) == []
 
 
 # -- rollback and restart ------------------------------------------------------------------

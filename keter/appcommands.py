@@ -36,6 +36,7 @@ from keter.commands import (
     report_verdict,
     run,
 )
+from keter.history import REASON_LIMIT, capped_text
 from keter.names import log_text
 
 DB_TIMEOUT = 1800.0  # seconds `keter db` waits for a dump or a restore by default
@@ -142,6 +143,10 @@ def cmd_env(args: argparse.Namespace) -> int:
     done.append(f"unset {', '.join(result['unset'])}" if result["unset"] else "")
     print(f"{app}: {'; '.join(d for d in done if d) or 'nothing changed'}", file=sys.stderr)
     started = result["restart"]
+    if result.get("restart_error"):
+        error = capped_text(result["restart_error"], REASON_LIMIT)
+        print(f"keter: {app}: stored, but not restarted: {error}", file=sys.stderr)
+        return EXIT_FAILED
     if started is None:
         why = "--no-restart" if args.no_restart else f"{app} is not running"
         print(f"{app}: stored ({why}); the next deploy applies them", file=sys.stderr)

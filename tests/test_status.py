@@ -36,6 +36,7 @@ from support.daemon import status_api
 from support.net import free_port
 from support.wait import wait_for
 
+from keter import envstore
 from keter.archive import BundleArchive
 from keter.client import ApiError, KeterClient
 from keter.config import KeterConfig, Listener
@@ -330,6 +331,17 @@ def test_a_bundle_swapped_for_a_fifo_or_a_link_is_neither_restarted_nor_archived
     assert not list(status.config.archive_dir.glob("hello/*"))
     assert secret.stat().st_mtime == 1_000_000
     assert status.client.status()["apps"]
+
+
+def test_settings_stored_whose_restart_is_refused_are_said_to_be_stored(make_status):
+    """The app's bundle left incoming/ (it is being removed): the settings were stored but
+    the answer was the restart's 409, so the operator was told nothing had changed."""
+    status = make_status()
+    status.tell_and_wait(AppChanged(snapshot=snapshot()))  # serving, no bundle in incoming/
+    result = status.client.env_change("hello", {"MODE": "fast"}, [], restart=True)
+    assert result["set"] == ["MODE"] and result["restart"] is None
+    assert "no bundle in incoming/" in result["restart_error"]
+    assert envstore.load(status.config.etc_dir, "hello") == {"MODE": "fast"}
 
 
 def test_rollback_copies_the_previous_version_into_incoming(make_status):

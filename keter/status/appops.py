@@ -75,7 +75,11 @@ def env_change(api: StatusServer, app: str, body: dict) -> dict:
     )
     result: dict = {"app": app, "set": changed, "unset": removed, "restart": None}
     if restart and api.board.snapshot(app) is not None:
-        result["restart"] = api.command(Action.RESTART, app)
+        try:
+            result["restart"] = api.command(Action.RESTART, app)
+        except ApiError as exc:
+            # Stored all the same: an error answer would say nothing changed.
+            result["restart_error"] = exc.message
     return result
 
 

@@ -103,6 +103,21 @@ class Actor:
         if timer in self._timers_live:
             self._timers_cancelled.add(timer)  # dropped once it is the next due, without waking
 
+    def take_queued(self, kind: type) -> list:
+        """Take the messages of ``kind`` waiting in the inbox now; the rest keep their
+        order. For a component that answers many at once: the switch's one transaction
+        for every switch queued, the watcher's one rescan for every rescan asked."""
+        taken, others = [], []
+        while True:
+            try:
+                queued = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            (taken if isinstance(queued, kind) else others).append(queued)
+        for other in others:
+            self.inbox.put(other)
+        return taken
+
     def _pop_timer(self) -> object:
         """Take the next due timer out of the heap; its message."""
         _, number, message = heapq.heappop(self._timers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import io
 import itertools
+import logging
 import os
 import queue
 import tarfile
@@ -694,6 +695,23 @@ def test_rescan_reports_what_the_events_missed(incoming: Path, reports: queue.Qu
     watcher.handle(Rescan())
     assert reports.get_nowait() == BundleRemoved(app="app")
     watcher.handle(Rescan())
+    assert reports.empty()
+
+
+def test_rescans_asked_in_a_burst_are_one_rescan(
+    incoming: Path, reports: queue.Queue, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A burst of SIGHUPs (each a Rescan) made as many rescans, a line each; one rescan
+    after them all sees everything each would have seen."""
+    watcher = IncomingWatcher(incoming, report_to=reports)
+    path = incoming / "app.keter"
+    path.write_bytes(small_bundle())
+    for _ in range(100):
+        watcher.tell(Rescan())
+    with caplog.at_level(logging.INFO, logger="keter.incoming.watcher"):
+        run_until_idle(watcher)
+    assert caplog.text.count("incoming: rescanning") == 1
+    assert reports.get_nowait() == arrived(path)
     assert reports.empty()
 
 

@@ -265,6 +265,7 @@ class IncomingWatcher(Actor):
             case _CheckStep(app=app, check_id=check_id):
                 self._guarded(app + SUFFIX, self._check_step, app, check_id)
             case Rescan():
+                self.take_queued(Rescan)  # asked meanwhile (a burst of SIGHUPs): this one does
                 log.info("incoming: rescanning %s", self.incoming_dir)
                 self._scan(initial=False)
             case _EventsLost():

@@ -211,9 +211,9 @@ class Switch(Actor):
     def handle(self, message: object) -> None:
         match message:
             case PointServices():
-                self._point([message, *self._queued(PointServices)])
+                self._point([message, *self.take_queued(PointServices)])
             case ReleaseServices():
-                self._release([message, *self._queued(ReleaseServices)])
+                self._release([message, *self.take_queued(ReleaseServices)])
             case WatchDrain(app=app, deploy_id=deploy_id, ports=ports, seconds=seconds):
                 self._watch(
                     ("drain", deploy_id),
@@ -279,19 +279,6 @@ class Switch(Actor):
             len(self.mapping),
         )
         return True
-
-    def _queued(self, kind: type) -> list:
-        """Take the messages of ``kind`` waiting in the inbox now (the rest keep their order)."""
-        taken, others = [], []
-        while True:
-            try:
-                queued = self.inbox.get_nowait()
-            except queue.Empty:
-                break
-            (taken if isinstance(queued, kind) else others).append(queued)
-        for other in others:
-            self.inbox.put(other)
-        return taken
 
     # -- pointing --------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -337,6 +338,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     if not from_stdin and not args.name and not args.bundle.endswith(SUFFIX):
         raise Refused(f"{args.bundle}: a bundle's name must end in {SUFFIX} (or give --name)")
     name = checked_name(name)
+    client = KeterClient(args.root)
+    limits = _bundle_limits(client)
     # A hang-up (an ssh connection lost mid-upload) or SIGTERM must not leave the copy in
     # $TMPDIR: both end the command through the `with` that removes it.
     with _exit_on_hangup(), tempfile.TemporaryDirectory(prefix="keter-deploy-") as tmp:
@@ -347,15 +350,15 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                 source = sys.stdin.buffer
                 if not from_stdin:
                     source = stack.enter_context(open(args.bundle, "rb"))
-                copy_hashed(_Bundle(source, args.bundle), spool.parent, spool.name, mode=0o600)
+                bundle = _Bundle(source, args.bundle, limits.max_bundle_bytes)
+                copy_hashed(bundle, spool.parent, spool.name, mode=0o600)
         except OSError as exc:
             raise Refused(f"cannot read {args.bundle}: {exc.strerror or exc}") from None
-        problem = check_bundle(spool, name, Path(tmp) / "unpacked")
+        problem = check_bundle(spool, name, Path(tmp) / "unpacked", limits)
         if problem:
             problem = capped_text(problem, REASON_LIMIT)  # a bundle may make it big or odd
             raise Refused(f"{name}: bundle refused, nothing was deployed: {problem}")
 
-        client = KeterClient(args.root)
         after = client.status()["history_seq"]
         incoming = args.root / "incoming"
         try:
@@ -400,26 +403,46 @@ def watch_verdict(client: KeterClient, app: str, served: dict) -> int:
     return EXIT_TIMEOUT
 
 
-# The most a bundle keter unpacks can take as a gzip: its bytes, a tar header and padding
-# per member, gzip's few bytes per 32 KiB of what does not compress, and some slack.
-MAX_BUNDLE_BYTES = (
-    KeterConfig.max_unpacked_bytes * 1001 // 1000 + KeterConfig.max_members * 1024 + (1 << 20)
-)
+@dataclass(frozen=True)
+class BundleLimits:
+    """What keter unpacks at most (``max-unpacked-bytes``, ``max-members``)."""
+
+    max_unpacked_bytes: int = KeterConfig.max_unpacked_bytes
+    max_members: int = KeterConfig.max_members
+
+    @property
+    def max_bundle_bytes(self) -> int:
+        """The most such a bundle can take as a gzip: its bytes, a tar header and padding
+        per member, gzip's few bytes per 32 KiB of what does not compress, and slack."""
+        return self.max_unpacked_bytes * 1001 // 1000 + self.max_members * 1024 + (1 << 20)
+
+
+DEFAULT_LIMITS = BundleLimits()  # keter's defaults: when no keter answers
+
+
+def _bundle_limits(client: KeterClient) -> BundleLimits:
+    """The running keter's limits (its keter-config.yaml may raise or lower them), else
+    the defaults: a bundle is still checked when keter is not running."""
+    try:
+        shown = client.status()["keter"]["bundle_limits"]
+        return BundleLimits(int(shown["max_unpacked_bytes"]), int(shown["max_members"]))
+    except (ClientError, KeyError, TypeError, ValueError):
+        return DEFAULT_LIMITS
 
 
 class _Bundle:
     """What ``keter deploy`` reads: refused at its first bytes if it is no gzip, and past
-    ``MAX_BUNDLE_BYTES`` (``keter deploy /dev/zero`` filled $TMPDIR before any check)."""
+    ``limit`` bytes (``keter deploy /dev/zero`` filled $TMPDIR before any check)."""
 
-    def __init__(self, source: BinaryIO, shown: str) -> None:
-        self.source, self.shown, self.read_bytes = source, shown, 0
+    def __init__(self, source: BinaryIO, shown: str, limit: int) -> None:
+        self.source, self.shown, self.limit, self.read_bytes = source, shown, limit, 0
 
     def read(self, size: int) -> bytes:
         data = self.source.read(size)
         if not self.read_bytes and data and not GZIP_MAGIC.startswith(data[:2]):
             raise Refused(f"{self.shown}: not a gzip file, so no bundle")
         self.read_bytes += len(data)
-        if self.read_bytes > MAX_BUNDLE_BYTES:
+        if self.read_bytes > self.limit:
             raise Refused(f"{self.shown}: larger than any bundle keter unpacks")
         return data
 
@@ -440,14 +463,13 @@ def _exit_on_hangup() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def check_bundle(bundle: Path, app: str, scratch: Path) -> str | None:
+def check_bundle(
+    bundle: Path, app: str, scratch: Path, limits: BundleLimits = DEFAULT_LIMITS
+) -> str | None:
     """Why keter would refuse this bundle, or None: unpacked and parsed as keter would."""
     try:
         safe_unpack(
-            bundle,
-            scratch,
-            max_bytes=KeterConfig.max_unpacked_bytes,
-            max_members=KeterConfig.max_members,
+            bundle, scratch, max_bytes=limits.max_unpacked_bytes, max_members=limits.max_members
         )
         config = parse_bundle_config(scratch, app)
     except UnpackError as exc:

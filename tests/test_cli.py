@@ -131,6 +131,22 @@ def test_a_bundle_keter_would_refuse_never_reaches_incoming(capsys, tmp_path, co
     assert list((root / "incoming").iterdir()) == []
 
 
+def test_a_bundle_is_checked_with_the_running_keters_limits(keter_factory, tmp_path):
+    """The local check used keter's defaults, not ROOT/etc/keter-config.yaml's: a bundle
+    past the operator's max-unpacked-bytes went into incoming/ (and the reverse)."""
+    keter = keter_factory(**{"max-unpacked-bytes": 1 << 20})
+    status_api(keter)
+    bundle = make_bundle(
+        tmp_path / "big.keter",
+        config=webapp_config("big.test", "v1"),
+        files={"pad.bin": os.urandom(2 << 20)},
+    )
+    result = keter_cli(keter.root, "deploy", str(bundle))
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert "big: bundle refused, nothing was deployed" in result.stderr
+    assert list(keter.incoming.iterdir()) == []
+
+
 def test_a_file_that_is_no_bundle_is_refused(capsys, tmp_path):
     root = tmp_path / "root"
     (root / "incoming").mkdir(parents=True)
@@ -173,12 +189,13 @@ def test_endless_input_is_refused_early_and_leaves_nothing_behind(
     spools = tmp_path / "tmp"
     spools.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(spools))
-    monkeypatch.setattr(commands, "MAX_BUNDLE_BYTES", 8 << 20)  # the real one is 2 GiB
+    limits = commands.BundleLimits(max_unpacked_bytes=8 << 20, max_members=100)
+    monkeypatch.setattr(commands, "DEFAULT_LIMITS", limits)  # no keter: these; real: 2 GiB
     stdin = _Endless(head)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BufferedReader(stdin)))
     code, _, err = cli(capsys, tmp_path / "root", "deploy", "-", "--name", "hello")
     assert code == EXIT_USAGE and reason in err
-    assert stdin.given <= commands.MAX_BUNDLE_BYTES + (2 << 20)
+    assert stdin.given <= limits.max_bundle_bytes + (2 << 20)
     assert list(spools.iterdir()) == []
 
 

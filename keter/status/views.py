@@ -161,6 +161,11 @@ class StatusBoard:
             "pid": os.getpid(),
             "started_at": self.started_at,
             "switch": switch,
+            # `keter deploy` checks a bundle locally with these, as keter will.
+            "bundle_limits": {
+                "max_unpacked_bytes": self.config.max_unpacked_bytes,
+                "max_members": self.config.max_members,
+            },
         }
         return {"keter": keter, "now": now, "apps": apps, "events": events, "history_seq": seq}
 

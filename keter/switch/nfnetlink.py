@@ -10,9 +10,12 @@ and/or a ``NEWSETELEM``, ``BATCH_END``), which the kernel applies as one
 transaction, exactly as it applies nft's. Only the map's elements are changed
 here; making and deleting the table stays with nft (once per run).
 
+The same writer changes the isolation set (``SetWriter``), whose elements are
+``uid . inet_service`` pairs: see ``keter.switch.nft``.
+
 The encoding follows ``include/uapi/linux/netfilter/nf_tables.h`` and
-``nfnetlink.h`` (the framing is ``keter.netlink``'s); keys and values are
-``inet_service`` (2 bytes, network order).
+``nfnetlink.h`` (the framing is ``keter.netlink``'s); the map's keys and values
+are ``inet_service`` (2 bytes, network order), the set's keys ``own_key``'s.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ NFNL_MSG_BATCH_END = 0x11
 NFT_MSG_DELTABLE = 2
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_DELSETELEM = 14
+NFPROTO_INET = 1
 NFPROTO_IPV4 = 2
 NLM_F_CREATE = 0x400
 NLA_F_NESTED = 0x8000
@@ -60,27 +64,29 @@ class NetlinkError(OSError):
     """The kernel refused the change (nothing of it was applied), or did not answer."""
 
 
-class MapWriter:
-    """Changes the elements of one map, ``ip TABLE MAP``, over a netlink socket it keeps.
+class _Writer:
+    """Changes the elements of one set or map of one table over a netlink socket it keeps.
 
     The socket stays open between changes: closing one that sent a transaction
     waits for the kernel to finish freeing the transaction's old state (8-25 ms
     here), which would stall every switch. One thread uses it at a time.
     """
 
-    def __init__(self, table: str, map_name: str, timeout: float = 10.0) -> None:
-        self.table, self.map_name, self.timeout = table, map_name, timeout
+    def __init__(
+        self, table: str, set_name: str, timeout: float = 10.0, family: int = NFPROTO_IPV4
+    ) -> None:
+        self.table, self.set_name, self.timeout, self.family = table, set_name, timeout, family
         self._sock: socket.socket | None = None
         # Below 2**24, 4 more per change: a billion changes before 32 bits run out.
         self._sequence = int.from_bytes(os.urandom(3), "big")
 
-    def change(self, remove: Sequence[int], add: Sequence[tuple[int, int]]) -> None:
-        """In one transaction: delete the ``remove`` keys, then add the ``add`` elements
-        (key, value). Raises NetlinkError: a refusal changed nothing."""
+    def _send(self, remove: Sequence[bytes], add: Sequence[tuple[bytes, bytes | None]]) -> None:
         if not remove and not add:
             return
         self._sequence += 4
-        batch, last = encode(self.table, self.map_name, remove, add, self._sequence)
+        batch, last = encode(
+            self.table, self.set_name, remove, add, self._sequence, family=self.family
+        )
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
@@ -101,17 +107,61 @@ class MapWriter:
             self._sock = None
 
 
+class MapWriter(_Writer):
+    """Changes the elements of the map ``ip TABLE MAP`` (stable port -> app port)."""
+
+    def __init__(self, table: str, map_name: str, timeout: float = 10.0) -> None:
+        super().__init__(table, map_name, timeout, NFPROTO_IPV4)
+
+    @property
+    def map_name(self) -> str:
+        return self.set_name
+
+    def change(self, remove: Sequence[int], add: Sequence[tuple[int, int]]) -> None:
+        """In one transaction: delete the ``remove`` keys, then add the ``add`` elements
+        (key, value). Raises NetlinkError: a refusal changed nothing."""
+        self._send(
+            [_PORT.pack(key) for key in remove],
+            [(_PORT.pack(key), _PORT.pack(value)) for key, value in add],
+        )
+
+
+class SetWriter(_Writer):
+    """Changes the elements of the isolation set ``inet TABLE SET`` (``own_key`` pairs)."""
+
+    def __init__(self, table: str, set_name: str, timeout: float = 10.0) -> None:
+        super().__init__(table, set_name, timeout, NFPROTO_INET)
+
+    def change(self, remove: Sequence[tuple[int, int]], add: Sequence[tuple[int, int]]) -> None:
+        """In one transaction: delete the ``remove`` (uid, port) pairs, then add ``add``.
+        Raises NetlinkError: a refusal changed nothing."""
+        self._send(
+            [own_key(uid, port) for uid, port in remove],
+            [(own_key(uid, port), None) for uid, port in add],
+        )
+
+
+def own_key(uid: int, port: int) -> bytes:
+    """An element of type ``uid . inet_service``: each part of a concatenation fills whole
+    32-bit registers; a uid is in host order, a port in network order then 2 bytes of
+    padding (what ``nft --debug=netlink`` shows nft itself sending)."""
+    return struct.pack("=I", uid) + _PORT.pack(port) + b"\0\0"
+
+
 def encode(
     table: str,
-    map_name: str,
-    remove: Sequence[int],
-    add: Sequence[tuple[int, int]],
+    set_name: str,
+    remove: Sequence[bytes],
+    add: Sequence[tuple[bytes, bytes | None]],
     first: int,
+    *,
+    family: int = NFPROTO_IPV4,
 ) -> tuple[bytes, int]:
     """The batch's bytes, its messages numbered from ``first``, and the sequence number
-    of its last change (the one acked)."""
+    of its last change (the one acked). Keys and values are already encoded; a set's
+    elements have no value (None)."""
     names = _attr(NFTA_SET_ELEM_LIST_TABLE, _string(table)) + _attr(
-        NFTA_SET_ELEM_LIST_SET, _string(map_name)
+        NFTA_SET_ELEM_LIST_SET, _string(set_name)
     )
     changes = []
     if remove:
@@ -128,7 +178,7 @@ def encode(
         # that fails, in order, and a failure aborts the whole batch.
         ack = netlink.NLM_F_ACK if index == len(changes) - 1 else 0
         messages.append(
-            _message(NFNL_SUBSYS_NFTABLES << 8 | kind, flags | ack, sequence, NFPROTO_IPV4, 0, body)
+            _message(NFNL_SUBSYS_NFTABLES << 8 | kind, flags | ack, sequence, family, 0, body)
         )
     messages.append(_message(NFNL_MSG_BATCH_END, 0, sequence + 1, 0, NFNL_SUBSYS_NFTABLES))
     return b"".join(messages), sequence
@@ -156,10 +206,10 @@ def _elements(elements: Iterable[bytes]) -> bytes:
     return _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, b"".join(elements))
 
 
-def _element(key: int, value: int | None = None) -> bytes:
-    body = _attr(NFTA_SET_ELEM_KEY | NLA_F_NESTED, _attr(NFTA_DATA_VALUE, _PORT.pack(key)))
+def _element(key: bytes, value: bytes | None = None) -> bytes:
+    body = _attr(NFTA_SET_ELEM_KEY | NLA_F_NESTED, _attr(NFTA_DATA_VALUE, key))
     if value is not None:
-        body += _attr(NFTA_SET_ELEM_DATA | NLA_F_NESTED, _attr(NFTA_DATA_VALUE, _PORT.pack(value)))
+        body += _attr(NFTA_SET_ELEM_DATA | NLA_F_NESTED, _attr(NFTA_DATA_VALUE, value))
     return _attr(NFTA_LIST_ELEM | NLA_F_NESTED, body)
 
 

@@ -103,7 +103,7 @@ class Actor:
         if timer in self._timers_live:
             self._timers_cancelled.add(timer)  # dropped once it is the next due, without waking
 
-    def take_queued(self, kind: type) -> list:
+    def take_queued(self, kind: type | tuple[type, ...]) -> list:
         """Take the messages of ``kind`` waiting in the inbox now; the rest keep their
         order. For a component that answers many at once: the switch's one transaction
         for every switch queued, the watcher's one rescan for every rescan asked."""

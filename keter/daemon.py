@@ -142,6 +142,7 @@ def build_components(config: KeterConfig, inbox: queue.SimpleQueue) -> Component
             pool_seconds=POOL_SECONDS + 0.05,
             report_to=inbox,
             kernel=config.switch == "auto",
+            users=users,  # apps kept off each other's ports: by their uids
         ),
         acme=AcmeManager(
             settings=config.acme,

@@ -750,6 +750,24 @@ class Drained:
     deploy_id: int
 
 
+@message
+class GrantPorts:
+    """These app ports are the app's now (a version of it will listen there): its
+    processes may connect to them, and no other app's may (kernel mode, apps with
+    uids of their own)."""
+
+    app: str
+    ports: tuple[int, ...]
+
+
+@message
+class RevokePorts:
+    """These app ports are no longer the app's (nothing of its runs there any more)."""
+
+    app: str
+    ports: tuple[int, ...]
+
+
 # -- ACME (keter.acme) ---------------------------------------------------------------
 
 

@@ -1,5 +1,5 @@
 """Apps cannot touch each other (issue 11): a user of its own per app, private files,
-ports that cannot be stolen.
+ports that cannot be stolen, no connection to another app's port.
 
 Against the real daemon as root, with keter's default of one uid and gid per
 app: two apps with secrets in their environment. Whatever one tries against
@@ -274,3 +274,196 @@ def test_a_bundles_environment_reaches_only_its_app_never_what_runs_as_root(
     # The app has its environment, every character as the bundle gave it.
     seen = json.loads(body(private_nginx, "env.test", "/env"))
     assert (seen["ODD"], seen["LD_DEBUG_OUTPUT"]) == (odd, str(traces / "ld"))
+
+
+# -- the network: an app connects to its own ports, never to another app's -----------------------
+
+# The app that must be reached through nginx alone (basic-auth in front of it): on every
+# address, IPv4 and IPv6 ("::"), it notes every request it gets in its data folder.
+GUARDED = r"""#!/usr/bin/python3
+import http.server, os, socket
+seen = os.path.join(os.environ["KETER_DATA_DIR"], "seen")
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        with open(seen, "a") as f:
+            f.write(f"{self.path} {self.headers.get('X-Forwarded-For')}\n")
+        data = b"staff only\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+    def log_message(self, *args):
+        pass
+class Server(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+Server(("::", int(os.environ["PORT"])), Handler).serve_forever()
+"""
+
+# Run as an app's uid: one HTTP request to address:port, the answer's status line or errno.
+REQUEST = r"""
+import errno, socket, sys
+address, port, host = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+family = socket.AF_INET6 if ":" in address else socket.AF_INET
+with socket.socket(family) as s:
+    s.settimeout(5)
+    try:
+        s.connect((address, port))
+        s.sendall(f"GET /from-another-app HTTP/1.0\r\nHost: {host}\r\n"
+                  "X-Forwarded-For: 10.9.8.7\r\n\r\n".encode())
+        print(s.recv(1000).decode(errors="replace").splitlines()[0])
+    except OSError as exc:
+        print(errno.errorcode.get(exc.errno, str(exc.errno)))
+"""
+
+
+def request_as(uid: int, address: str, port: int, host: str = "x.test") -> str:
+    as_app = (SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups")
+    done = subprocess.run(
+        [*as_app, SYSTEM_PYTHON, "-c", REQUEST, address, str(port), host],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return done.stdout.strip()
+
+
+def two_apps(keter, private_nginx, base: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """alpha (the versioned app) and beta (GUARDED, behind basic-auth), deployed and
+    served: each one's uid and port."""
+    config = webapp_config("alpha.test", "v1")
+    keter.drop(make_bundle(base / "alpha.keter", config=config, interpreter=SYSTEM_PYTHON))
+    guarded = base / "guarded.py"
+    guarded.write_text(GUARDED)
+    middleware = [{"basic-auth": {"realm": "Staff", "creds": {"jon": "rocks"}}}]
+    stanza = {"type": "webapp", "exec": "../bin/app", "host": "beta.test", "middleware": middleware}
+    keter.drop(
+        make_bundle(
+            base / "beta.keter",
+            config={"stanzas": [stanza]},
+            app_source=guarded,
+            interpreter=SYSTEM_PYTHON,
+        )
+    )
+    served(private_nginx, "alpha.test", "v1")
+    wait_for(lambda: private_nginx.request("beta.test")[0] == 401, 20, "beta, guarded")
+    return wait_for(lambda: running_apps(keter), 20, "both apps listening")
+
+
+def running_apps(keter) -> tuple[dict[str, int], dict[str, int]] | None:
+    """Each running app's uid and listening port, by app name (None until both listen)."""
+    uids, ports = {}, {}
+    for process in keter.children():
+        try:
+            folder, user = process.cwd(), process.uids().real
+            listening = [
+                c.laddr.port
+                for c in process.net_connections(kind="tcp")
+                if c.status == psutil.CONN_LISTEN
+            ]
+        except psutil.Error:
+            continue
+        for app in ("alpha", "beta"):
+            if f"/{app}-" in folder and listening:
+                uids[app], ports[app] = user, listening[0]
+    return (uids, ports) if len(ports) == 2 else None
+
+
+def seen_by(keter, app: str) -> str:
+    path = keter.root / "data" / app / "seen"
+    return path.read_text() if path.exists() else ""
+
+
+@pytest.mark.skipif(SETPRIV is None, reason="needs util-linux setpriv")
+def test_an_app_cannot_connect_to_another_apps_port(open_base, keter_factory, private_nginx):
+    """The adversary's probe: an app finds another's port in /proc/net/tcp and connects
+    to it directly, past nginx's basic-auth, with a forged X-Forwarded-For. The kernel
+    resets it, on IPv4 and IPv6 loopback and through the stable address alike; the app
+    reaches its own port and every app through nginx, and keter's probes go on."""
+    keter = keter_factory(
+        root=open_base / "root", **{"port-range": app_port_range(), "run-apps-as-root": False}
+    )
+    uids, ports = two_apps(keter, private_nginx, open_base)
+    table = Table.for_root(keter.root)
+    assert table.read_own() == {ports[app]: uids[app] for app in ("alpha", "beta")}
+    stable = {port: stable for stable, port in table.read().items()}
+    alpha = uids["alpha"]
+    for address, port in (
+        ("127.0.0.1", ports["beta"]),
+        ("::1", ports["beta"]),
+        (table.address, stable[ports["beta"]]),
+    ):
+        assert request_as(alpha, address, port) == "ECONNREFUSED", (address, port)
+    assert "/from-another-app" not in seen_by(keter, "beta")  # beta got no request of alpha's
+    # What stays open to alpha: its own port, directly or through its stable address ...
+    assert request_as(alpha, "127.0.0.1", ports["alpha"]) == "HTTP/1.0 404 Not Found"
+    assert request_as(alpha, table.address, stable[ports["alpha"]]).startswith("HTTP/1.0 404")
+    # ... and beta through nginx, which asks for the password.
+    assert request_as(alpha, "127.0.0.1", private_nginx.port, "beta.test").endswith(
+        "401 Unauthorized"
+    )
+    # The same requests as beta itself reach beta: the refusals above are the isolation.
+    assert request_as(uids["beta"], "::1", ports["beta"]) == "HTTP/1.0 200 OK"
+    assert "/from-another-app None" not in seen_by(keter, "beta")
+    assert "/from-another-app 10.9.8.7" in seen_by(keter, "beta")
+    # keter's probes (root) reached both: they were deployed with the isolation in place.
+    assert "apps cannot connect to each other's ports" in keter.log()
+
+
+@pytest.mark.skipif(SETPRIV is None, reason="needs util-linux setpriv")
+def test_an_apps_pair_follows_its_port_through_redeploys_restarts_and_removal(
+    open_base, keter_factory, private_nginx
+):
+    keter = keter_factory(
+        root=open_base / "root", **{"port-range": app_port_range(), "run-apps-as-root": False}
+    )
+    uids, ports = two_apps(keter, private_nginx, open_base)
+    table = Table.for_root(keter.root)
+    alpha, beta = uids["alpha"], uids["beta"]
+
+    def pairs() -> dict[int, int]:
+        found = running_apps(keter)
+        return found and {found[1][app]: found[0][app] for app in ("alpha", "beta")}
+
+    # A redeploy: alpha's new port is its own, its old one no longer.
+    config = webapp_config("alpha.test", "v2")
+    keter.drop(make_bundle(open_base / "alpha.keter", config=config, interpreter=SYSTEM_PYTHON))
+    served(private_nginx, "alpha.test", "v2")
+    wait_for(
+        lambda: (p := pairs()) and ports["alpha"] not in p and table.read_own() == p,
+        20,
+        "the pair to follow",
+    )
+    [new] = [port for port, uid in table.read_own().items() if uid == alpha]
+    assert request_as(alpha, "127.0.0.1", new) == "HTTP/1.0 404 Not Found"
+    assert request_as(beta, "127.0.0.1", new) == "ECONNREFUSED"
+
+    # keter killed and started again: the set is made anew from what runs.
+    keter.kill()
+    keter.start()
+    served(private_nginx, "alpha.test", "v2")
+    wait_for(lambda: (p := pairs()) and table.read_own() == p, 20, "the set rebuilt")
+    assert set(table.read_own().values()) == {alpha, beta}
+
+    # Removed: alpha's pair goes with it.
+    (keter.incoming / "alpha.keter").unlink()
+    wait_for(lambda: set(table.read_own().values()) == {beta}, 20, "alpha's pair to go")
+    keter.stop()
+    assert not table.exists(family="inet")  # a clean stop leaves nothing in the kernel
+
+
+def test_the_reload_mode_does_not_isolate_apps_and_says_so(open_base, keter_factory, private_nginx):
+    keter = keter_factory(
+        root=open_base / "root",
+        switch="reload",
+        **{"port-range": app_port_range(), "run-apps-as-root": False},
+    )
+    uids, ports = two_apps(keter, private_nginx, open_base)
+    assert not Table.for_root(keter.root).exists(family="inet")
+    assert request_as(uids["alpha"], "127.0.0.1", ports["beta"]) == "HTTP/1.0 200 OK"
+    assert "/from-another-app 10.9.8.7" in seen_by(keter, "beta")
+    assert keter.log().count("apps can connect to each other's ports (no nftables isolation)") == 1

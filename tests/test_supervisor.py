@@ -41,6 +41,7 @@ from keter.messages import (
     DeployFinished,
     Drained,
     FailureKind,
+    GrantPorts,
     MoveProcess,
     NginxApplied,
     NginxFailed,
@@ -56,6 +57,7 @@ from keter.messages import (
     ProxyApp,
     ReleaseServices,
     RemoveFolder,
+    RevokePorts,
     RollBack,
     ScanCompleted,
     ServicesPointed,
@@ -809,3 +811,35 @@ def test_an_app_moved_off_a_stolen_port_is_led_there_by_the_kernel(kernel: Rig) 
     kernel.send(ServicesPointed(app="a", deploy_id=command.deploy_id))
     assert kernel.sup.apps["a"].serving.id == start.deploy_id  # nothing else changes
     assert stable in kernel.sup.stable_ports
+
+
+def test_an_apps_ports_are_granted_to_it_until_its_processes_are_gone(kernel: Rig) -> None:
+    """The switch's isolation set (keter.switch.nft) follows the ports keter hands out:
+    granted before the first process starts, moved with a stolen port, revoked once
+    nothing of the version runs."""
+    unpack = kernel.arrive("a")
+    kernel.unpacked(unpack, webapp(kernel.tmp), sha="11" * 32)
+    first = kernel.monitor.one(StartProcess)
+    assert kernel.switch.one(GrantPorts) == GrantPorts(app="a", ports=(first.spec.port,))
+    kernel.healthy(first)
+    point(kernel)
+    kernel.nginx_ok()
+    # A stranger took the port: the app's grant moves with it.
+    kernel.send(ProcessPortTaken(app="a", deploy_id=first.deploy_id, port=first.spec.port))
+    moved = kernel.monitor.one(MoveProcess).spec.port
+    assert kernel.switch.one(RevokePorts) == RevokePorts(app="a", ports=(first.spec.port,))
+    assert kernel.switch.one(GrantPorts) == GrantPorts(app="a", ports=(moved,))
+    kernel.send(ProcessStateChanged(app="a", deploy_id=first.deploy_id, state=ProcessState.RUNNING))
+    point(kernel)
+    # A redeploy: the new version's port is granted; the old one's revoked once it stopped.
+    unpack = kernel.arrive("a")
+    kernel.unpacked(unpack, webapp(kernel.tmp), sha="22" * 32)
+    second = kernel.monitor.one(StartProcess)
+    assert kernel.switch.one(GrantPorts).ports == (second.spec.port,)
+    kernel.healthy(second)
+    point(kernel)
+    kernel.drain_over()
+    assert kernel.switch.take(RevokePorts) == []  # the old version still runs
+    kernel.stopped(*kernel.monitor.take(StopProcess))
+    assert kernel.switch.one(RevokePorts) == RevokePorts(app="a", ports=(moved,))
+    assert kernel.switch.take(GrantPorts) == []

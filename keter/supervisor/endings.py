@@ -138,6 +138,7 @@ class Endings(SupervisorState):
         deploy.move(Stage.ENDED)
         for port in deploy.ports_held:
             self.ports.release(port)
+        self._revoke_ports(deploy.app, deploy.ports_held)
         self._release_stable_ports(deploy)
         self.owners.pop(deploy.id, None)
         if remove_folder and deploy.folder_exists:

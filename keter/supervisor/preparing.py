@@ -51,6 +51,7 @@ class Preparing(SupervisorState):
             self._fail(deploy, str(exc), kind=FailureKind.PORTS)
             return
         deploy.ports_held = tuple(ports)
+        self._grant_ports(deploy.app, deploy.ports_held)  # before any of its processes starts
         webapps = deploy.config.webapps
         deploy.releases = [i for i, webapp in enumerate(webapps) if webapp.release is not None]
         if not deploy.releases:

@@ -105,6 +105,8 @@ class Starting(SupervisorState):
             log.error("%s: cannot move deploy #%d to another port: %s", deploy.app, process_id, exc)
             return
         self.ports.release(web.port)  # the pool skips it while the stranger holds it
+        self._revoke_ports(deploy.app, (web.port,))
+        self._grant_ports(deploy.app, (port,))
         log.info("%s: deploy #%d moves from port %d to %d", deploy.app, process_id, web.port, port)
         web.port = port
         held = list(deploy.ports_held)

@@ -14,8 +14,10 @@ import time
 from keter.deploys import App, Deploy, Stage
 from keter.messages import (
     FailureKind,
+    GrantPorts,
     Outcome,
     PointServices,
+    RevokePorts,
     Site,
     SwitchMode,
     SwitchReady,
@@ -144,6 +146,17 @@ class Switching(SupervisorState):
         if old is not None:
             self._release_hosts(old, keep=deploy)
             self._drain(old)
+
+    def _grant_ports(self, app: str, ports: tuple[int, ...]) -> None:
+        """The app's processes may connect to these ports of its own, no other app's may
+        (the switch's isolation set; told whatever the mode, which it alone knows)."""
+        if ports and self.c.switch is not None:
+            self.c.switch.tell(GrantPorts(app=app, ports=ports))
+
+    def _revoke_ports(self, app: str, ports: tuple[int, ...]) -> None:
+        """Nothing of the app listens on these ports any more: they are no longer its."""
+        if ports and self.c.switch is not None:
+            self.c.switch.tell(RevokePorts(app=app, ports=ports))
 
     def _switch_known(self, ready: SwitchReady) -> None:
         """The switch component's one report at start: the mode for this run."""

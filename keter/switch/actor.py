@@ -1,8 +1,8 @@
 """The switch component: owns keter's nftables table and watches old versions drain.
 
 Told by the supervisor only (``PointServices``, ``ReleaseServices``,
-``WatchDrain``), it answers with facts (``SwitchReady``, ``ServicesPointed``,
-``PointFailed``, ``Drained``). What it does:
+``WatchDrain``, ``GrantPorts``, ``RevokePorts``), it answers with facts
+(``SwitchReady``, ``ServicesPointed``, ``PointFailed``, ``Drained``). What it does:
 
 * At start it replaces whatever an earlier run left in this ROOT's table with an
   empty one (an earlier keter killed mid-switch leaves rules pointing at ports
@@ -23,6 +23,13 @@ Told by the supervisor only (``PointServices``, ``ReleaseServices``,
   connections that old: see ``keter.nginx.render``).
 * ``WatchDrain``: reports ``Drained`` when the ports hold no live connection;
   after ``seconds`` it stops looking (the supervisor's own timer ends the drain).
+* ``GrantPorts`` / ``RevokePorts``: the isolation set (``keter.switch.nft``) holds
+  (the app's uid . port) for every port keter gave an app and has not taken
+  back, so apps reach their own ports and no other app's. Made empty at start
+  (what a killed keter left runs no more: the monitor stops its leftovers before
+  any deploy), filled as deploys get their ports; made again with the table.
+  Only with apps of their own uids (``users``): under ``setuid`` or
+  ``run-apps-as-root`` apps share one user and there is nothing to tell apart.
 
 Both waits share one poll: a single sock_diag dump over keter's port range
 every ``POLL`` seconds while anything waits, every ``SWITCH_POLL`` while a
@@ -39,14 +46,17 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from keter import sockdiag
 from keter.actor import Actor
 from keter.messages import (
     Drained,
+    GrantPorts,
     PointFailed,
     PointServices,
     ReleaseServices,
+    RevokePorts,
     ServicesPointed,
     SwitchMode,
     SwitchReady,
@@ -56,6 +66,9 @@ from keter.messages import (
 from keter.switch import nft
 from keter.switch.nfnetlink import NetlinkError, TableWatch
 from keter.threadnames import name_this_thread
+
+if TYPE_CHECKING:
+    from keter.users import AppUsers
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +122,7 @@ class Switch(Actor):
         report_to: queue.Queue | None,
         kernel: bool = True,
         nft_program: str | None = None,
+        users: AppUsers | None = None,
     ) -> None:
         super().__init__("switch", report_to)
         self.table = nft.Table.for_root(root)
@@ -119,6 +133,16 @@ class Switch(Actor):
         self.mode = SwitchMode.RELOAD
         self.mapping: dict[int, int] = {}  # stable port -> app port, as the kernel holds it
         self.writer = self.table.writer()
+        # Apps kept off each other's ports: only when each has a uid of its own.
+        self.users = users
+        self.isolation = (
+            nft.Isolation(uids=(users.low, users.high), ports=port_range)
+            if users is not None
+            else None
+        )
+        self.isolating = False  # the isolation table is made (kernel mode, and nft took it)
+        self.owned: dict[int, int] = {}  # app port -> its app's uid, as the kernel's set holds
+        self.own_writer = self.table.own_writer()
         self._waits: dict[tuple[str, int], _Wait] = {}  # by (kind, deploy id)
         self._polling = False
         self._table_watch: TableWatch | None = None
@@ -132,41 +156,71 @@ class Switch(Actor):
             self.mode = SwitchMode.KERNEL
             log.info(
                 "keter: switching versions in the kernel: nftables table %s, "
-                "stable addresses on %s; nginx reloads only when routes change",
+                "stable addresses on %s; nginx reloads only when routes change; %s",
                 self.table.name,
                 self.table.address,
+                self._isolation_said(),
             )
             self._hear()
             self.report(SwitchReady(mode=self.mode, address=self.table.address))
         else:
             log.warning(
                 "keter: switching versions by reloading nginx: %s. "
-                "Keep-alive clients may see a reset on each switch.",
+                "Keep-alive clients may see a reset on each switch, and apps can connect "
+                "to each other's ports (no nftables isolation).",
                 reason,
             )
             self.report(SwitchReady(mode=self.mode, reason=reason))
 
+    def _isolation_said(self) -> str:
+        """The start line's words on isolation."""
+        if self.isolating:
+            return "apps cannot connect to each other's ports"
+        if self.isolation is None:
+            return (
+                "apps share one user (setuid or run-apps-as-root) and can connect to "
+                "each other's ports"
+            )
+        return "apps can connect to each other's ports (see the warning above)"
+
     def _create(self) -> str | None:
-        """Make this ROOT's table afresh; None, or why the kernel mode cannot be used."""
+        """Make this ROOT's tables afresh; None, or why the kernel mode cannot be used.
+
+        The isolation table is part of the same transaction; a kernel that refuses it
+        (no reject for inet, say) gets the kernel mode without it, and a warning."""
         if not self.wanted:
             return "keter-config.yaml sets switch: reload"
         if self.nft is None:
             self.nft = nft.find_nft()
         if self.nft is None:
             return "nft is not installed (Debian's nftables package)"
-        try:
-            nft.apply(self.table.create_script(), self.nft)
-        except nft.NftError as exc:
-            try:  # a kernel without conntrack timeout policies (see keter.switch.nft)
-                nft.apply(self.table.create_script(short_close=False), self.nft)
-            except nft.NftError as plain:
-                return f"nft cannot create table {self.table.name}: {plain}"
-            log.warning(
-                "keter: closed connections through the stable addresses stay in conntrack "
-                "for the kernel's default time: %s",
-                exc,
-            )
-        return None
+        refused: dict[tuple[bool, bool], nft.NftError] = {}
+        # With the conntrack timeout policy if the kernel has them, with isolation if
+        # it takes it: the first script nft accepts (see keter.switch.nft).
+        for short_close in (True, False):
+            for isolation in dict.fromkeys((self.isolation, None)):
+                script = self.table.create_script(short_close=short_close, isolation=isolation)
+                try:
+                    nft.apply(script, self.nft)
+                except nft.NftError as exc:
+                    refused[short_close, isolation is not None] = exc
+                    continue
+                self.isolating = isolation is not None
+                if not short_close:
+                    log.warning(
+                        "keter: closed connections through the stable addresses stay in "
+                        "conntrack for the kernel's default time: %s",
+                        refused[True, False],
+                    )
+                if self.isolation is not None and not self.isolating:
+                    log.warning(
+                        "keter: apps can connect to each other's ports: nft cannot create "
+                        "table inet %s: %s",
+                        self.table.name,
+                        refused[short_close, True],
+                    )
+                return None
+        return f"nft cannot create table {self.table.name}: {refused[False, False]}"
 
     def _hear(self) -> None:
         """Start the thread that tells this actor when the table may have been deleted."""
@@ -205,6 +259,7 @@ class Switch(Actor):
             except nft.NftError as exc:
                 log.error("keter: cannot delete nftables table %s: %s", self.table.name, exc)
         self.writer.close()
+        self.own_writer.close()
 
     # -- messages --------------------------------------------------------------------
 
@@ -224,6 +279,8 @@ class Switch(Actor):
                         at_deadline=False,
                     ),
                 )
+            case GrantPorts() | RevokePorts():
+                self._own([message, *self.take_queued((GrantPorts, RevokePorts))])
             case _Poll():
                 self._poll()
             case _TableGone():
@@ -256,12 +313,16 @@ class Switch(Actor):
     def _make_again(self) -> bool:
         """The table may be gone: if it is, make it again and lead every stable port
         where it led (connections made in between were refused). Whether it did."""
-        if self.mode is not SwitchMode.KERNEL or self.table.exists(self.nft):
+        if self.mode is not SwitchMode.KERNEL or self._tables_exist():
             return False
         reason = self._create()
         if reason is None:
             try:
                 self.writer.change([], sorted(self.mapping.items()))
+                if self.isolating:
+                    self.own_writer.change([], sorted((u, p) for p, u in self.owned.items()))
+                else:
+                    self.owned = {}
             except NetlinkError as exc:
                 reason = f"its stable addresses cannot be added: {exc.strerror}"
         if reason is not None:
@@ -279,6 +340,11 @@ class Switch(Actor):
             len(self.mapping),
         )
         return True
+
+    def _tables_exist(self) -> bool:
+        if not self.table.exists(self.nft):
+            return False
+        return not self.isolating or self.table.exists(self.nft, "inet")
 
     # -- pointing --------------------------------------------------------------------
 
@@ -379,6 +445,68 @@ class Switch(Actor):
         except NetlinkError as exc:
             apps = ", ".join(sorted({command.app for command in commands}))
             log.error("%s: cannot remove stable addresses: %s", apps, exc.strerror)
+
+    # -- keeping apps off each other's ports ------------------------------------------
+
+    def _own(self, commands: list[GrantPorts | RevokePorts], *, again: bool = False) -> None:
+        """Make the isolation set hold (uid . port) for the ports granted, none for those
+        revoked, in the order told (a port revoked from one app may go to another)."""
+        if not self.isolating:
+            return
+        wanted: dict[int, int] = {}
+        for command in commands:
+            uid = 0
+            if isinstance(command, GrantPorts):
+                uid = self._uid(command.app)
+                if uid is None:
+                    continue
+            wanted.update(dict.fromkeys(command.ports, uid))
+        try:
+            self.own_writer.change(*self.table.own_changes(self.owned, wanted))
+        except NetlinkError as exc:
+            # keter's picture of the set may be wrong (changed by hand, the table deleted):
+            # read the kernel's and try once more.
+            if not again and self._read_own():
+                self._own(commands, again=True)
+                return
+            apps = ", ".join(sorted({command.app for command in commands}))
+            log.error("%s: cannot change which ports the apps may reach: %s", apps, exc.strerror)
+            return
+        for port, uid in wanted.items():
+            if uid:
+                self.owned[port] = uid
+            else:
+                self.owned.pop(port, None)
+
+    def _uid(self, app: str) -> int | None:
+        """The app's uid (allocated now if the process monitor has not yet, the same one)."""
+        assert self.users is not None
+        try:
+            return self.users.uid(app)
+        except Exception as exc:  # NoFreeUid, or app-users.json unwritable: its spawn fails too
+            log.error("%s: its ports stay closed to it: no uid: %s", app, exc)
+            return None
+
+    def _read_own(self) -> bool:
+        """After a refused change: whether the kernel's set differed from keter's picture
+        (now made right: the table made again, or the picture read)."""
+        if self._make_again():
+            return True
+        try:
+            held = self.table.read_own(self.nft)
+        except (nft.NftError, ValueError, KeyError, TypeError) as exc:
+            log.error("keter: cannot read nftables table inet %s: %s", self.table.name, exc)
+            return False
+        if held == self.owned:
+            return False
+        log.warning(
+            "keter: the set %s of nftables table inet %s was changed by someone else; "
+            "keter follows the kernel's",
+            nft.OWN,
+            self.table.name,
+        )
+        self.owned = held
+        return True
 
     # -- waiting for ports to empty ----------------------------------------------------
 

@@ -21,8 +21,18 @@ app could fill the machine's conntrack table, and a full table drops new
 connections of every program on the machine. Kernels without conntrack
 timeout policies get the table without it (``create_script(short_close=False)``).
 
-The table is made and deleted by running nft (once per run); the map's
-elements, which every switch changes, through netlink (``keter.switch.nfnetlink``).
+A second table of the same name, ``inet`` (IPv4 and IPv6), keeps apps off each
+other's ports (``Isolation``): its ``isolate`` chain, on the output hook after
+the NAT above (so it sees the port a stable address led to), resets every new
+TCP connection over loopback (any local address: 127.0.0.0/8, ::1, the host's
+own) from a socket owned by a uid of keter's app range to a port of keter's app
+port range, unless the set ``own`` holds that (uid . port): the ports keter
+gave that app. Root (keter's probes), nginx's workers and every other user are
+not judged; nor are answers (only a SYN without ACK is).
+
+The tables are made and deleted by running nft (once per run); the map's
+elements, which every switch changes, and the set's, which every port keter
+hands out or takes back changes, through netlink (``keter.switch.nfnetlink``).
 
 Names are derived from ROOT (``keter_`` and 12 hex digits of its hash), so
 several keters on one machine never share a table or an address; keter only
@@ -40,9 +50,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from keter.switch.nfnetlink import MapWriter
+from keter.switch.nfnetlink import MapWriter, SetWriter
 
 MAP = "services"
+OWN = "own"  # the isolation set: (uid . port) pairs an app may connect to
 TIMEOUT = 10.0  # seconds an nft command may take
 POLICY = "closed"  # the table's conntrack timeout policy
 # Seconds conntrack keeps a closed connection (TIME_WAIT, CLOSE) through the table:
@@ -52,6 +63,21 @@ SHORT_CLOSE = 5
 
 class NftError(Exception):
     """nft failed (or is missing); the message says why in nft's words."""
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """What the isolation chain judges: sockets of keter's app uids (``app-uid-range``)
+    connecting to keter's app ports (``port-range``), both inclusive."""
+
+    uids: tuple[int, int]
+    ports: tuple[int, int]
+
+    @property
+    def size(self) -> int:
+        """The set's bound: keter gives each port to one app at a time, so at most one
+        pair per port of the range."""
+        return self.ports[1] - self.ports[0] + 1
 
 
 @dataclass(frozen=True)
@@ -70,8 +96,9 @@ class Table:
 
     # -- scripts (pure) ---------------------------------------------------------------
 
-    def create_script(self, *, short_close: bool = True) -> str:
-        """Replace whatever this table held (an earlier run's rules) with an empty map.
+    def create_script(self, *, short_close: bool = True, isolation: Isolation | None = None) -> str:
+        """Replace whatever this table held (an earlier run's rules) with an empty map,
+        and the isolation table with an empty set (or none: ``isolation`` None).
 
         "table X" before "delete table X" makes the delete valid when there was
         none; the whole script is one transaction, so the table is never absent.
@@ -89,7 +116,10 @@ class Table:
             # Set as the connection is first seen (a NAT chain sees only its first packet).
             set_policy = f'ct timeout set "{POLICY}" '
         dnat = f"{set_policy}dnat to 127.0.0.1 : tcp dport map @{MAP}"
+        isolate = self._isolation_script(isolation) if isolation is not None else ""
         return f"""\
+table inet {self.name}
+delete table inet {self.name}
 table ip {self.name}
 delete table ip {self.name}
 table ip {self.name} {{
@@ -103,6 +133,26 @@ table ip {self.name} {{
     chain refuse {{
         type filter hook output priority 0; policy accept;
         ip daddr {self.address} meta l4proto tcp reject with tcp reset
+    }}
+}}
+{isolate}"""
+
+    def _isolation_script(self, isolation: Isolation) -> str:
+        (uid_low, uid_high), (port_low, port_high) = isolation.uids, isolation.ports
+        judged = (
+            # A new connection (its SYN; answers carry ACK) over loopback, to any local address.
+            'oif "lo" tcp flags & (syn | ack) == syn '
+            f"meta skuid {uid_low}-{uid_high} tcp dport {port_low}-{port_high}"
+        )
+        return f"""\
+table inet {self.name} {{
+    set {OWN} {{
+        type uid . inet_service
+        size {isolation.size}
+    }}
+    chain isolate {{
+        type filter hook output priority 0; policy accept;
+        {judged} meta skuid . tcp dport != @{OWN} reject with tcp reset
     }}
 }}
 """
@@ -121,12 +171,31 @@ table ip {self.name} {{
         added = sorted((p, t) for p, t in wanted.items() if t and current.get(p) != t)
         return gone, added
 
+    @staticmethod
+    def own_changes(
+        current: Mapping[int, int], wanted: Mapping[int, int]
+    ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """What turns the isolation set from ``current`` into ``current`` updated by
+        ``wanted`` (both: app port -> the uid that owns it, 0 for none): the (uid, port)
+        pairs to delete and to add, in one transaction."""
+        gone = sorted((current[p], p) for p, uid in wanted.items() if current.get(p, uid) != uid)
+        added = sorted((uid, p) for p, uid in wanted.items() if uid and current.get(p) != uid)
+        return gone, added
+
     def writer(self) -> MapWriter:
         """What changes the map's elements (netlink, no nft process: see nfnetlink)."""
         return MapWriter(self.name, MAP, TIMEOUT)
 
+    def own_writer(self) -> SetWriter:
+        """What changes the isolation set's elements (netlink)."""
+        return SetWriter(self.name, OWN, TIMEOUT)
+
     def delete_script(self) -> str:
-        return f"table ip {self.name}\ndelete table ip {self.name}\n"
+        """Both tables (the isolation one whether or not it was made)."""
+        return "".join(
+            f"table {family} {self.name}\ndelete table {family} {self.name}\n"
+            for family in ("ip", "inet")
+        )
 
     # -- running nft ------------------------------------------------------------------
 
@@ -139,9 +208,19 @@ table ip {self.name} {{
                 return {int(key): int(value) for key, value in item["map"].get("elem", [])}
         return {}
 
-    def exists(self, nft: str = "nft") -> bool:
+    def read_own(self, nft: str = "nft") -> dict[int, int]:
+        """The isolation set as the kernel holds it (app port -> uid)."""
+        output = run([nft, "-j", "list", "set", "inet", self.name, OWN])
+        for item in json.loads(output)["nftables"]:
+            if "set" in item:
+                pairs = (element["concat"] for element in item["set"].get("elem", []))
+                return {int(port): int(uid) for uid, port in pairs}
+        return {}
+
+    def exists(self, nft: str = "nft", family: str = "ip") -> bool:
+        """Whether the table (``ip``), or the isolation one (``inet``), is there."""
         try:
-            run([nft, "list", "table", "ip", self.name])
+            run([nft, "list", "table", family, self.name])
         except NftError:
             return False
         return True

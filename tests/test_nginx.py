@@ -89,7 +89,7 @@ def test_upstream_per_site_with_keepalive_pool() -> None:
     upstream = re.search(r"upstream keter_blog \{(.*?)\}", text, re.S)
     assert upstream, text
     body = upstream.group(1)
-    assert "server 127.0.0.1:4001;" in body
+    assert "server 127.0.0.1:4001 max_conns=256;" in body
     assert re.search(r"keepalive \d+;", body)
     assert "keepalive_requests" in body
     assert "keepalive_timeout" in body
@@ -107,9 +107,9 @@ def test_only_a_stable_address_bounds_the_age_of_pooled_connections() -> None:
     itself = Site(app="b", routes=(Route(hosts=("b.test",), action=ProxyApp(port=4001)),))
     text = render([stable, itself], LOCAL, 1)
     bodies = dict(re.findall(r"upstream (keter_[ab])\S* \{(.*?)\}", text, re.S))
-    assert "server 127.9.8.7:8080;" in bodies["keter_a"]
+    assert "server 127.9.8.7:8080 max_conns=256;" in bodies["keter_a"]
     assert "keepalive_time 50ms;" in bodies["keter_a"]
-    assert "server 127.0.0.1:4001;" in bodies["keter_b"]
+    assert "server 127.0.0.1:4001 max_conns=256;" in bodies["keter_b"]
     assert "keepalive_time 1h;" in bodies["keter_b"]
     for body in bodies.values():
         assert "keepalive_timeout 50ms;" in body
@@ -853,6 +853,47 @@ def test_middleware_becomes_guards_in_every_serving_location() -> None:
     # The health check answers before any of them.
     health = block[block.index("location = /up {") : block.index("location / {")]
     assert "auth_basic off;" in health and 'return 200 "OK\\n";' in health
+
+
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("stanza", "operator", "expected"),
+    [
+        ((None, None), (10 * MIB, 300.0), ("10485760", "300s")),  # the operator's
+        ((MIB, 60.0), (10 * MIB, 300.0), ("1048576", "60s")),  # lowered
+        ((2048 * MIB, 3000.0), (10 * MIB, 300.0), ("10485760", "300s")),  # not raised
+        ((0, 0.0), (10 * MIB, 300.0), ("10485760", "300s")),  # "none" is no way around it
+        ((2048 * MIB, 3000.0), (0, 0.0), ("2147483648", "3000s")),  # the operator has none
+        ((0, 0.0), (0, 0.0), ("0", "24d")),
+    ],
+)
+def test_a_stanza_lowers_the_operators_bounds_and_never_raises_them(
+    stanza, operator, expected
+) -> None:
+    """A bundle asking for no bound (client-max-body-size: 0, connection-time-bound: 0) let
+    one client spool a body of any size to the disk every app shares, or hold nginx's
+    connections for weeks."""
+    body, seconds = stanza
+    route = Route(
+        hosts=("a.test",), action=ProxyApp(port=4001, timeout=seconds), max_body_size=body
+    )
+    options = ProxyOptions(max_body_size=operator[0], time_bound=operator[1])
+    app = one_block(render([Site(app="a", routes=(route,))], LOCAL, 1, options), "a.test")
+    assert f"client_max_body_size {expected[0]};" in app
+    assert f"proxy_read_timeout {expected[1]};" in app
+    assert f"proxy_send_timeout {expected[1]};" in app
+
+
+def test_an_answer_is_never_spooled_to_disk_and_an_app_has_a_share_of_connections() -> None:
+    """nginx's defaults spooled up to 1 GiB of each answer a client did not read to the
+    disk every app shares, and let one app's held requests take every connection."""
+    text = render([site("a", "a.test")], LOCAL, 1, ProxyOptions(app_max_connections=7))
+    assert "proxy_max_temp_file_size 0;" in one_block(text, "a.test")
+    assert re.search(r"upstream keter_a\S* \{\s+server 127\.0\.0\.1:\d+ max_conns=7;", text)
+    uncapped = render([site("a", "a.test")], LOCAL, 1, ProxyOptions(app_max_connections=0))
+    assert "max_conns" not in uncapped
 
 
 def test_global_options_render_into_every_server() -> None:

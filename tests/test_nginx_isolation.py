@@ -19,7 +19,9 @@ import logging
 import os
 import queue
 import shutil
+import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +152,93 @@ def refusal_lines(caplog: pytest.LogCaptureFixture, app: str) -> list[str]:
         for r in caplog.records
         if r.levelno == logging.WARNING and r.getMessage().startswith(f"nginx: {app}:")
     ]
+
+
+class _Hostile:
+    """An app that holds every request it gets without answering, or, for ``/big``,
+    answers 64 MiB at once; counts the requests that reach it."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.reached = 0
+        self.sent_all = False  # a whole big answer went out
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            request = conn.recv(4096)
+            self.reached += 1
+            self.held.append(conn)
+            if request.startswith(b"GET /big"):
+                threading.Thread(target=self._big, args=(conn,), daemon=True).start()
+
+    def _big(self, conn: socket.socket) -> None:
+        size = 64 << 20
+        try:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + bytes(size))
+        except OSError:
+            return
+        self.sent_all = True
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.held:
+            conn.close()
+
+
+def _hold(port: int, host: str, path: str) -> socket.socket:
+    """A client that sends one request and reads nothing."""
+    client = socket.create_connection(("127.0.0.1", port))
+    client.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    return client
+
+
+def test_one_apps_held_requests_and_unread_answers_stay_its_own(
+    writers: Writers, backends: dict[str, Backend], private_nginx: PrivateNginx
+) -> None:
+    """Requests an app holds open took a connection of nginx's each, until nginx had none
+    for any app (about 511 with 1024 worker_connections); an answer its client did not
+    read was spooled to nginx's temp folder, up to 1 GiB a request."""
+    hostile = _Hostile()
+    writer = writers.start(options=ProxyOptions(app_max_connections=8))
+    clients = []
+    try:
+        writers.apply(
+            writer,
+            web("good", backends["first"]),
+            Site(
+                app="evil",
+                routes=(Route(hosts=("evil.test",), action=ProxyApp(port=hostile.port)),),
+            ),
+        )
+        clients = [_hold(private_nginx.port, "evil.test", "/big") for _ in range(2)]
+        temp = private_nginx.base / "temp" / "proxy"
+
+        def spooled() -> int:
+            return sum(f.stat().st_size for f in temp.rglob("*") if f.is_file())
+
+        # nginx takes in what fits its buffers, then the rest waits for the client.
+        with pytest.raises(AssertionError, match="timed out"):
+            wait_for(lambda: spooled() or hostile.sent_all, 3, "nginx to take the answers in")
+
+        clients += [_hold(private_nginx.port, "evil.test", "/hold") for _ in range(30)]
+        wait_for(lambda: hostile.reached >= 8, 10, "nginx to pass the app its share")
+        refused = _hold(private_nginx.port, "evil.test", "/past-its-share")
+        refused.settimeout(10)
+        assert refused.recv(64).startswith(b"HTTP/1.1 502")
+        clients.append(refused)
+        assert hostile.reached == 8
+        assert answer(private_nginx, "good.test") == "first"
+    finally:
+        for client in clients:
+            client.close()
+        hostile.close()
 
 
 # -- nginx reads keter's own copies --------------------------------------------------------

@@ -212,6 +212,9 @@ class KeterConfig:
     # unlimited; a stanza may set its own), gzip for text answers, and the HSTS
     # max-age for requires-secure stanzas (0: no header).
     client_max_body_size: int = 10 << 20
+    # Connections each nginx worker opens to one app version at most (0: no cap): one app
+    # holding requests open cannot take every connection nginx has from the others.
+    app_max_connections: int = 256
     gzip: bool = True
     hsts_max_age: int = 31_536_000
     watch_seconds: float = 60.0

@@ -224,6 +224,7 @@ _FIELDS: dict[str, tuple[str, Parser]] = {
     "status-hosts": ("status_hosts", parse_status_hosts),
     "traffic-stats": ("traffic_stats", parse_bool),
     "client-max-body-size": ("client_max_body_size", parse_size),
+    "app-max-connections": ("app_max_connections", count_key(0, 1_000_000)),
     "gzip": ("gzip", parse_bool),
     "hsts-max-age": ("hsts_max_age", count_key(0, 10 * 365 * 24 * 3600)),
     "watch-seconds": ("watch_seconds", seconds_key(0, inclusive=True)),

@@ -278,6 +278,7 @@ class ProxyOptions:
     # The operator's folder of certificates nginx reads in place (not copied).
     shared_certificates: Path | None = None
     max_body_size: int = 10 << 20  # bytes a request body may have (0: no limit)
+    app_max_connections: int = 256  # per worker, to one app version (0: no cap)
     # Where keter.acme writes HTTP-01 answers, served on every plain server; None: nowhere.
     acme_challenges: Path | None = None
     gzip: bool = True  # text answers compressed, with Vary: Accept-Encoding
@@ -305,12 +306,20 @@ class ProxyOptions:
             resolver=config.nginx.resolver,
             shared_certificates=config.nginx.shared_certificates,
             max_body_size=config.client_max_body_size,
+            app_max_connections=config.app_max_connections,
             gzip=config.gzip,
             hsts_max_age=config.hsts_max_age,
             acme_challenges=acme_challenges(config.nginx.config_file),
             access_spool=spool_path(config.root) if config.traffic_stats else None,
             hop_token=secrets.token_hex(8),
         )
+
+
+def _within(value: float | None, ceiling: float) -> float:
+    """A stanza's bound within the operator's (``None``: the operator's; 0: none)."""
+    if value is None or (value == 0 and ceiling != 0):
+        return ceiling
+    return value if ceiling == 0 else min(value, ceiling)
 
 
 def support_dir(config_file: Path) -> Path:
@@ -565,7 +574,10 @@ class _Renderer:
             if isinstance(action, ProxyApp):
                 port = names.validate_port(action.port)
                 host = _app_host(action.host)
-                server = f"    server {host}:{port};\n"
+                # Past its share nginx answers 502 for this app alone: requests it holds
+                # open cannot use up the connections every app's requests need.
+                cap = _count(self.options.app_max_connections, "app-max-connections")
+                server = f"    server {host}:{port}{f' max_conns={cap}' if cap else ''};\n"
                 itself = host == PROCESS_ITSELF  # not a stable address the kernel re-points
                 blocks.append(
                     _APP_UPSTREAM.format(
@@ -841,9 +853,11 @@ class _Renderer:
     def proxy_common(self, timeout: float | None, route: Route) -> list[str]:
         # Keter bounds each connection by connection-time-bound; the nearest nginx
         # has is a bound on each read and send. Connecting gets Keter's 5 s.
-        bound = _duration(self.options.time_bound if timeout is None else timeout)
-        body = route.max_body_size
-        body = _count(self.options.max_body_size if body is None else body, "body size")
+        # A stanza may lower the operator's bounds, never raise them (0: none): a bundle
+        # asking for no bound would let one client hold nginx's connections for weeks,
+        # or spool a body of any size to the disk every app shares.
+        bound = _duration(_within(timeout, self.options.time_bound))
+        body = _count(_within(route.max_body_size, self.options.max_body_size), "body size")
         extra = [] if route.buffering else ["proxy_buffering off;"]
         if route.autohead:
             extra.append("proxy_method $keter_autohead;")  # nginx still sends HEAD's headers only
@@ -859,6 +873,10 @@ class _Renderer:
             f"proxy_read_timeout {bound};",
             # Larger request bodies get 413 from nginx; 0: no limit.
             f"client_max_body_size {body};",
+            # An answer the client does not read stays with the app (at the client's pace)
+            # beyond nginx's buffers in memory: nginx's default spools up to 1 GiB of it
+            # per request to a disk every app shares.
+            "proxy_max_temp_file_size 0;",
             *extra,
         ]
 

@@ -24,6 +24,11 @@ install -D -m 644 "$src/README.md" /usr/local/share/doc/keter/README.md
 
 rm -f /etc/nginx/sites-enabled/default
 mkdir -p "$root/incoming" /etc/nginx/sites-enabled
+# An old worker ends a minute after a reload even when a request is held open (README,
+# "HTTP features"); without this it lives, with its copy of the config, until that ends.
+if ! grep -q '^[[:space:]]*worker_shutdown_timeout' /etc/nginx/nginx.conf; then
+    sed -i '/^worker_processes/a worker_shutdown_timeout 1m;' /etc/nginx/nginx.conf
+fi
 
 if [ -d /run/systemd/system ]; then
     sed "s|/opt/keter|$root|g" "$src/keter.service" > /etc/systemd/system/keter.service

@@ -12,9 +12,10 @@ its own. A connection to a stable port with no element is reset by the
 ``refuse`` chain, so it can never reach a process that happens to listen on
 that port number on every address.
 
-Connections through the table are tracked by conntrack with a timeout policy
-of the table's own (``SHORT_CLOSE``): once closed, their entries go after a
-few seconds instead of the kernel's two minutes. nginx reconnects to an app
+Connections over loopback (through the table, and any other: a NAT table makes
+the kernel track every connection on the machine) are tracked by conntrack with
+a timeout policy of the table's own (``SHORT_CLOSE``): once closed, their
+entries go after a few seconds instead of the kernel's two minutes. nginx reconnects to an app
 many times a second under load (its pool's age bound, ``keter.nginx.render``),
 and with the default every one of them would hold an entry that long: one busy
 app could fill the machine's conntrack table, and a full table drops new
@@ -113,9 +114,13 @@ class Table:
         policy = {{ time_wait : {SHORT_CLOSE}, close : {SHORT_CLOSE} }}
     }}
 """
-            # Set as the connection is first seen (a NAT chain sees only its first packet).
-            set_policy = f'ct timeout set "{POLICY}" '
-        dnat = f"{set_policy}dnat to 127.0.0.1 : tcp dport map @{MAP}"
+            # Set as the connection is first seen (a NAT chain sees only its first packet),
+            # for every TCP connection over loopback, not only those to a stable address:
+            # a NAT table has the kernel track every connection on the machine, and an app
+            # opening and closing plain loopback connections would otherwise fill the
+            # table with two minutes of them.
+            set_policy = f'        oif "lo" meta l4proto tcp ct timeout set "{POLICY}"\n'
+        dnat = f"dnat to 127.0.0.1 : tcp dport map @{MAP}"
         isolate = self._isolation_script(isolation) if isolation is not None else ""
         return f"""\
 table inet {self.name}
@@ -128,7 +133,7 @@ table ip {self.name} {{
     }}
     chain output {{
         type nat hook output priority -100; policy accept;
-        ip daddr {self.address} meta l4proto tcp {dnat}
+{set_policy}        ip daddr {self.address} meta l4proto tcp {dnat}
     }}
     chain refuse {{
         type filter hook output priority 0; policy accept;

@@ -21,6 +21,7 @@ from support.browser import ARTIFACTS
 from support.bundles import TERMINAL_CONTROL
 from support.net import free_port
 from support.supervisor import webapp
+from support.tls import ca_certificate
 from support.wait import wait_for
 
 from keter import commands
@@ -232,11 +233,16 @@ def test_the_supervisor_passes_certificate_states_to_the_status_component(rig):
 def test_keter_acme_tells_what_state_json_holds_when_it_starts(tmp_path):
     """So `keter certs` shows every host after a restart, before its next attempt."""
     folder = tmp_path / "acme"
-    (folder / "hosts").mkdir(parents=True)
-    chain, key = folder / "hosts" / "a.crt", folder / "hosts" / "a.key"
-    chain.write_text("chain")
-    key.write_text("key")
     now = time.time()
+    # Whole seconds: a certificate's dates have no fractions.
+    not_after = float(int(now + 10 * DAY))
+    chain, key = ca_certificate(
+        folder / "hosts" / "renewing.test",
+        "renewing.test",
+        issuer=ISSUER,
+        not_before=int(now - 80 * DAY),
+        not_after=not_after,
+    )
     row = {"last_attempt": now - 600, "retry_at": now + 3000}
     state = {
         # A valid certificate whose renewal failed: served again, shown as failed.
@@ -245,7 +251,7 @@ def test_keter_acme_tells_what_state_json_holds_when_it_starts(tmp_path):
             "certificate": str(chain),
             "key": str(key),
             "not_before": now - 80 * DAY,
-            "not_after": now + 10 * DAY,
+            "not_after": now + 10 * DAY,  # the certificate's own dates are used
             "issuer": ISSUER,
             "outcome": "failed",
             "detail": "urn:ietf:params:acme:error:rateLimited: too many",
@@ -275,7 +281,7 @@ def test_keter_acme_tells_what_state_json_holds_when_it_starts(tmp_path):
     assert set(states) == {"renewing.test", "new.test"}
     renewing, new = states["renewing.test"], states["new.test"]
     assert renewing.outcome is CertificateOutcome.FAILED
-    assert (renewing.not_after, renewing.issuer) == (now + 10 * DAY, ISSUER)
+    assert (renewing.not_after, renewing.issuer) == (not_after, ISSUER)
     assert "rateLimited" in renewing.detail
     assert new.outcome is CertificateOutcome.FAILED
     assert (new.not_after, new.next_attempt, new.last_attempt) == (None, now + 3000, now - 600)

@@ -3,6 +3,11 @@
 The protocol is the library's: keter only keeps the account key, makes a key
 and CSR per order, and answers HTTP-01 challenges by writing the key
 authorization where nginx serves ``/.well-known/acme-challenge/`` from.
+
+What the CA returns is checked before anyone sees it (``check``): nginx refuses
+its whole site for a chain it cannot read or a certificate that does not match
+its key, so such a certificate is a failed order, never "issued". The same
+checks decide whether a stored certificate is used again at start.
 """
 
 from __future__ import annotations
@@ -10,12 +15,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 import josepy as jose
 from acme import challenges, client, crypto_util, errors, messages
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -24,6 +31,16 @@ from keter.fsutil import atomic_write
 USER_AGENT = "keter"
 NETWORK_TIMEOUT = 30  # seconds per request to the CA
 ORDER_TIMEOUT = 90  # seconds for the CA to validate and issue
+# A new certificate must be good for at least this long: an expired or nearly expired one
+# would be due for renewal at once, and ordering it again at once is a retry storm.
+MIN_REMAINING = 3600.0
+CLOCK_SKEW = 300.0  # a new certificate may start this long after keter's clock
+MAX_STORED = 1 << 20  # bytes of a stored chain or key
+
+
+class BadCertificate(ValueError):
+    """What the CA returned (or what is stored) is not a certificate nginx can serve for
+    the host with its key."""
 
 
 @dataclass(frozen=True)
@@ -57,8 +74,9 @@ def new_certificate_key() -> bytes:
     return _pem(ec.generate_private_key(ec.SECP256R1()))
 
 
-def order(ca: Ca, host: str, challenges_dir: Path) -> Issued:
-    """A certificate for ``host`` by HTTP-01; raises ``acme.errors.Error`` or OSError."""
+def order(ca: Ca, host: str, challenges_dir: Path, now: float) -> Issued:
+    """A certificate for ``host`` by HTTP-01, checked against ``now`` (keter's clock);
+    raises ``acme.errors.Error``, ``BadCertificate`` or OSError."""
     account = jose.JWKRSA(key=serialization.load_pem_private_key(ca.account_key, None))
     verify: bool | str = str(ca.ca_bundle) if ca.ca_bundle else True
     net = client.ClientNetwork(
@@ -95,22 +113,81 @@ def order(ca: Ca, host: str, challenges_dir: Path) -> Issued:
         for path in written:
             with contextlib.suppress(OSError):
                 os.unlink(path)
-    chain = orderr.fullchain_pem.encode()
-    return describe(chain, key)
+    issued = check(orderr.fullchain_pem.encode(), key, host)
+    if issued.not_before > now + CLOCK_SKEW:
+        raise BadCertificate(f"the certificate is valid only from {_utc(issued.not_before)}")
+    if issued.not_after < now + MIN_REMAINING:
+        raise BadCertificate(f"the certificate expires at {_utc(issued.not_after)}, too soon")
+    return issued
 
 
-def describe(chain: bytes, key: bytes) -> Issued:
-    """The facts of a stored or new certificate chain."""
-    leaf = x509.load_pem_x509_certificate(chain)
-    issuer = leaf.issuer.rfc4514_string()
+def check(chain: bytes, key: bytes, host: str) -> Issued:
+    """The facts of ``chain`` (PEM, leaf first) for ``host`` with ``key``; raises
+    ``BadCertificate`` unless every PEM block of it is a certificate, the leaf names
+    ``host`` and is for ``key``. The chain returned is re-serialised from what parsed,
+    so nothing else the CA sent reaches nginx."""
+    try:
+        certificates = x509.load_pem_x509_certificates(chain)
+    except ValueError as exc:
+        raise BadCertificate(f"the chain does not parse: {exc}") from None
+    if chain.count(b"-----BEGIN") != len(certificates):
+        raise BadCertificate("the chain holds PEM blocks that are not certificates")
+    leaf = certificates[0]
+    try:
+        private = serialization.load_pem_private_key(key, None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise BadCertificate(f"the key does not load: {exc}") from None
+    public = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if leaf.public_key().public_bytes(*public) != private.public_key().public_bytes(*public):
+        raise BadCertificate("the certificate is not for the key keter made")
+    if host.lower() not in _dns_names(leaf):
+        raise BadCertificate(f"the certificate does not name {host}")
     return Issued(
-        chain=chain,
+        chain=b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certificates),
         key=key,
         not_before=leaf.not_valid_before_utc.timestamp(),
         not_after=leaf.not_valid_after_utc.timestamp(),
-        issuer=issuer,
+        issuer=leaf.issuer.rfc4514_string(),
         serial=f"{leaf.serial_number:x}",
     )
+
+
+def stored(chain: Path, key: Path, host: str) -> Issued:
+    """The facts of a stored chain and key for ``host``, after the checks a new one
+    passes (``check``, ``loadable``); raises ``BadCertificate`` or OSError."""
+    issued = check(_read(chain), _read(key), host)
+    loadable(chain, key)
+    return issued
+
+
+def loadable(chain: Path, key: Path) -> None:
+    """Raises ``BadCertificate`` unless OpenSSL (nginx's library) takes this chain and key
+    as a server certificate, as nginx will."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(chain, key)
+    except ssl.SSLError as exc:
+        raise BadCertificate(f"OpenSSL refuses it: {exc}") from None
+
+
+def _read(path: Path) -> bytes:
+    """A file keter wrote under ROOT/etc/acme, read with a bound: a chain is KBs."""
+    with path.open("rb") as file:
+        data = file.read(MAX_STORED + 1)
+    if len(data) > MAX_STORED:
+        raise BadCertificate(f"{path} is larger than {MAX_STORED} bytes")
+    return data
+
+
+def _dns_names(leaf: x509.Certificate) -> set[str]:
+    try:
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    return {name.lower() for name in names.get_values_for_type(x509.DNSName)}
+
+
+def _utc(when: float) -> str:
+    return datetime.datetime.fromtimestamp(when, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _register(acme: client.ClientV2, ca: Ca, account: jose.JWKRSA, directory) -> None:

@@ -10,12 +10,16 @@ HTTP until its certificate arrives.
 
 Keys and certificates live under ``ROOT/etc/acme`` (0600), with ``state.json``
 (when each host was last tried, how it went, when to try again). A certificate
-is renewed 30 days before it expires, spread over two more days by host so a
-hundred hosts do not renew at once. A failure (CA down, challenge failed, rate
-limit) is one line and a retry with backoff (1 minute doubling to a day, at
-least an hour after a rate limit), kept across restarts so a restart never
-makes a retry storm. A wildcard cannot be validated by HTTP-01: refused with a
-line.
+the CA returns, or one stored by an earlier run, is used only if it passes
+``client.check`` and OpenSSL loads it (nginx would refuse the site otherwise). A
+certificate is renewed 30 days before it expires, spread over two more days by
+host so a hundred hosts do not renew at once, never before half the time it had
+left when issued is over, and no host is tried sooner than a minute after its
+last attempt: no answer of the CA makes keter order again and again. A failure
+(CA down, challenge failed, rate limit, a certificate refused) is one line and a
+retry with backoff (1 minute doubling to a day, at least an hour after a rate
+limit), kept across restarts so a restart never makes a retry storm. A wildcard
+cannot be validated by HTTP-01: refused with a line.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import TYPE_CHECKING
 from keter import names
 from keter.actor import Actor
 from keter.config import AcmeSettings
-from keter.fsutil import atomic_write
+from keter.fsutil import atomic_write, fsync_dir
 from keter.messages import (
     CertificateIssued,
     CertificateOutcome,
@@ -108,7 +112,7 @@ class AcmeManager(Actor):
         self._load()
         now = self.clock()
         for host, state in sorted(self.hosts.items()):
-            if _usable(state, now):
+            if self._reusable(host, state, now):
                 # Served again at once; a failed renewal stays the last attempt's outcome
                 # (what `keter certs` shows) until the next attempt.
                 outcome = CertificateOutcome.FAILED if state.failures else CertificateOutcome.STORED
@@ -146,43 +150,66 @@ class AcmeManager(Actor):
 
     def _due(self, host: str) -> float:
         state = self._state(host)
+        # Never sooner than a minute after any attempt, whatever the certificate is or
+        # state.json says: nothing the CA answers can make keter order again and again.
+        floor = max(state.retry_at, (state.last_attempt or 0.0) + FIRST_BACKOFF)
         if state.not_after is None:
-            return state.retry_at
+            return floor
         # 30 days before expiry, or with a third of its life left for a short-lived
         # certificate (else every new one would be due at once).
         lifetime = state.not_after - (state.not_before or state.not_after - 90 * DAY)
         before = min(RENEW_BEFORE, lifetime / 3)
         fraction = int(hashlib.sha256(host.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
         spread = fraction * min(RENEW_SPREAD, lifetime / 10)
-        return max(state.not_after - before - spread, state.retry_at)
+        return max(state.not_after - before - spread, floor)
 
     # -- one order -----------------------------------------------------------------------
 
     def _order(self, host: str) -> None:
         state = self._state(host)
-        state.last_attempt = self.clock()
+        now = state.last_attempt = self.clock()
         try:
             # Normally made (group nginx) by the nginx writer; it may not have run yet.
             self.challenges.mkdir(mode=0o755, parents=True, exist_ok=True)
-            issued = _client().order(self._ca(), host, self.challenges)
+            issued = _client().order(self._ca(), host, self.challenges, now)
+            chain, key = self._store(host, issued)
         except Exception as exc:  # the library raises many kinds; each is this host's failure
             self._failed(host, state, exc)
             return
-        folder = self.folder / "hosts" / host
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        chain, key = folder / f"{issued.serial}.crt", folder / f"{issued.serial}.key"
-        atomic_write(key, issued.key, mode=0o600)
-        atomic_write(chain, issued.chain, mode=0o600)
-        for old in folder.iterdir():  # nginx reads keter's copies: the old files can go
-            if old not in (chain, key):
-                with contextlib.suppress(OSError):
-                    old.unlink()
         state.certificate, state.key = str(chain), str(key)
         state.not_before, state.not_after = issued.not_before, issued.not_after
         state.issuer = issued.issuer
-        state.failures, state.retry_at, state.detail = 0, 0.0, ""
+        state.failures, state.detail = 0, ""
+        # Not renewed before half the time it has left is over, however the CA dated it:
+        # one issued near its end must not be ordered again at once.
+        state.retry_at = now + max(FIRST_BACKOFF, (issued.not_after - now) / 2)
         log.info("acme: %s: certificate issued by %s", host, names.log_text(issued.issuer))
         self._issued(host, state, CertificateOutcome.ISSUED)
+
+    def _store(self, host: str, issued: client.Issued) -> tuple[Path, Path]:
+        """Write the host's new key and chain, and name them as its own only once OpenSSL
+        (nginx's library) has loaded them as nginx will: nginx refuses the whole site
+        for a chain it cannot read. The previous ones go (nginx reads keter's copies)."""
+        folder = self.folder / "hosts" / host
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        new_chain, new_key = folder / "new.crt.tmp", folder / "new.key.tmp"
+        chain, key = folder / f"{issued.serial}.crt", folder / f"{issued.serial}.key"
+        try:
+            atomic_write(new_key, issued.key, mode=0o600)
+            atomic_write(new_chain, issued.chain, mode=0o600)
+            _client().loadable(new_chain, new_key)
+            os.replace(new_key, key)
+            os.replace(new_chain, chain)
+            fsync_dir(folder)
+        finally:
+            for left in (new_chain, new_key):
+                with contextlib.suppress(OSError):
+                    left.unlink()
+        for old in folder.iterdir():
+            if old not in (chain, key):
+                with contextlib.suppress(OSError):
+                    old.unlink()
+        return chain, key
 
     def _failed(self, host: str, state: HostState, exc: Exception) -> None:
         detail = names.log_text(_reason(exc), 500)
@@ -235,6 +262,31 @@ class AcmeManager(Actor):
 
     # -- files ---------------------------------------------------------------------------
 
+    def _reusable(self, host: str, state: HostState, now: float) -> bool:
+        """Whether the host's stored certificate is served again. It must pass the checks
+        a new one does (a chain truncated by a crash, or edited, would have nginx refuse
+        the site); its dates and issuer are read from it, not from state.json. One that
+        fails is forgotten with a line, and a new order is due."""
+        if state.certificate is None or state.key is None:
+            return False
+        try:
+            issued = _client().stored(Path(state.certificate), Path(state.key), host)
+            if issued.not_after <= now:
+                raise _client().BadCertificate("it has expired")
+        except (OSError, ValueError) as exc:
+            detail = names.log_text(f"the stored certificate is not used: {_reason(exc)}", 500)
+            log.warning("acme: %s: %s", host, detail)
+            state.certificate = state.key = state.issuer = None
+            state.not_before = state.not_after = None
+            if state.outcome in (CertificateOutcome.ISSUED, CertificateOutcome.STORED):
+                state.outcome, state.detail = CertificateOutcome.FAILED.value, detail
+            if not state.failures:
+                state.retry_at = 0.0  # that certificate's renewal time: a new one is due now
+            return False
+        state.not_before, state.not_after = issued.not_before, issued.not_after
+        state.issuer = issued.issuer
+        return True
+
     def _ca(self) -> client.Ca:
         account = self.folder / "account.key"
         try:
@@ -274,14 +326,6 @@ class AcmeManager(Actor):
     def _make_folder(self) -> None:
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.folder, 0o700)
-
-
-def _usable(state: HostState, now: float) -> bool:
-    if state.certificate is None or state.key is None or state.not_after is None:
-        return False
-    if state.not_after <= now:
-        return False
-    return Path(state.certificate).is_file() and Path(state.key).is_file()
 
 
 def _client():

@@ -1,0 +1,266 @@
+"""keter.acme against a CA that misbehaves (tests/support/fakeca.py, in this process).
+
+Whatever the CA answers, nginx is never handed a certificate it refuses: a chain
+that does not parse whole, a leaf for another key or another host, or one that
+is expired or about to be, is a failed attempt (one line, a retry with backoff),
+never "issued"; a stored certificate that fails the same checks is not served
+again after a restart. No answer makes keter order again and again.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from support.bundles import make_bundle, webapp_config
+from support.fakeca import JUNK_BLOCK, FakeCa
+from support.net import free_port
+from support.nginx import PrivateNginx
+from support.tls import make_certificate
+from support.wait import wait_for
+
+from keter.acme import AcmeManager
+from keter.acme.manager import FIRST_BACKOFF
+from keter.config import AcmeSettings
+from keter.messages import (
+    CertificateIssued,
+    CertificateOutcome,
+    CertificateState,
+    CertificatesWanted,
+)
+
+HOST = "shop.test"
+PKCS8 = (
+    serialization.Encoding.PEM,
+    serialization.PrivateFormat.PKCS8,
+    serialization.NoEncryption(),
+)
+
+
+@pytest.fixture
+def ca() -> Iterator[FakeCa]:
+    made = FakeCa()
+    yield made
+    made.close()
+
+
+class Component:
+    """AcmeManagers (one at a time) on one ROOT/etc/acme, with the fake CA, and what they
+    report."""
+
+    def __init__(self, base: Path, ca: FakeCa) -> None:
+        self.base = base
+        self.ca = ca
+        self.reports: queue.Queue = queue.Queue()
+        self.manager: AcmeManager | None = None
+
+    @property
+    def folder(self) -> Path:
+        return self.base / "etc" / "acme"
+
+    def start(self, clock: Callable[[], float] = time.time) -> AcmeManager:
+        self.stop()
+        self.manager = AcmeManager(
+            settings=AcmeSettings(directory=self.ca.directory),
+            folder=self.folder,
+            challenges=self.base / "challenges",
+            report_to=self.reports,
+            clock=clock,
+        )
+        self.manager.start()
+        return self.manager
+
+    def want(self, *hosts: str) -> None:
+        assert self.manager is not None
+        self.manager.tell(CertificatesWanted(hosts=hosts))
+
+    def next(self, kind: type | tuple[type, ...], timeout: float = 30) -> object:
+        """The next report of ``kind`` (others are skipped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            message = self.reports.get(timeout=max(0.05, deadline - time.monotonic()))
+            if isinstance(message, kind):
+                return message
+
+    def stop(self) -> None:
+        if self.manager is not None:
+            self.manager.stop()
+            self.manager.join(timeout=30)
+            assert not self.manager.is_alive()
+            self.manager = None
+        while not self.reports.empty():  # what it said is over with
+            self.reports.get_nowait()
+
+
+@pytest.fixture
+def component(tmp_path: Path, ca: FakeCa) -> Iterator[Component]:
+    made = Component(tmp_path, ca)
+    yield made
+    made.stop()
+
+
+def test_the_fake_ca_issues_a_certificate_keter_serves(component: Component) -> None:
+    component.start()
+    component.want(HOST)
+    issued = component.next(CertificateIssued)
+    assert issued.host == HOST
+    assert issued.not_after > time.time() + 80 * 86400
+    chain = issued.certificate.read_bytes()
+    assert chain.count(b"-----BEGIN CERTIFICATE-----") == 2
+    assert sorted(p.name for p in issued.certificate.parent.iterdir()) == sorted(
+        [issued.certificate.name, issued.key.name]
+    )
+
+
+@pytest.mark.parametrize(
+    ("mode", "why"),
+    [
+        ("wrong_key", "not for the key keter made"),
+        ("wrong_host", "does not name shop.test"),
+        ("junk_chain", "the chain does not parse"),
+        ("not_pem", "the chain does not parse"),
+        ("expired", "too soon"),
+        ("zero_life", "too soon"),
+    ],
+)
+def test_a_certificate_nginx_could_not_serve_is_a_failed_attempt_not_a_retry_storm(
+    component: Component, caplog: pytest.LogCaptureFixture, mode: str, why: str
+) -> None:
+    component.ca.cert_mode = mode
+    began = time.time()
+    component.start()
+    component.want(HOST)
+    state = component.next((CertificateState, CertificateIssued))
+    assert isinstance(state, CertificateState), f"a {mode} certificate was taken as issued"
+    assert state.outcome is CertificateOutcome.FAILED
+    assert state.not_after is None
+    assert state.detail.startswith("BadCertificate: ") and why in state.detail
+    assert state.next_attempt >= began + FIRST_BACKOFF
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [line for line in lines if HOST in line] == [
+        f"acme: {HOST}: no certificate (attempt 1; next in 60s): {state.detail}"
+    ]
+    # Nothing of it is kept, and the CA is not asked again before the backoff is over.
+    folder = component.folder / "hosts" / HOST
+    assert not folder.exists() or list(folder.iterdir()) == []
+    with pytest.raises(queue.Empty):
+        component.next((CertificateState, CertificateIssued), timeout=2)
+    assert component.ca.orders == [HOST]
+
+
+# -- what a restart finds stored -------------------------------------------------------------
+
+
+def _damage(issued: CertificateIssued, damage: str) -> None:
+    chain = issued.certificate.read_bytes()
+    if damage == "truncated":  # a crash or a full disk mid-write
+        issued.certificate.write_bytes(chain[:200])
+    elif damage == "junk_appended":
+        issued.certificate.write_bytes(chain + JUNK_BLOCK)
+    elif damage == "another_key":
+        key = ec.generate_private_key(ec.SECP256R1())
+        issued.key.write_bytes(key.private_bytes(*PKCS8))
+    elif damage == "removed":
+        issued.certificate.unlink()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "junk_appended", "another_key", "removed"])
+def test_a_stored_certificate_that_fails_the_checks_is_not_served_and_a_new_one_is_ordered(
+    component: Component, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    component.start()
+    component.want(HOST)
+    issued = component.next(CertificateIssued)
+    component.stop()
+    _damage(issued, damage)
+    caplog.clear()
+    # A minute on: the last order is past its backoff.
+    component.start(clock=lambda: time.time() + FIRST_BACKOFF)
+    told = component.next((CertificateState, CertificateIssued), timeout=10)
+    assert isinstance(told, CertificateState), f"a {damage} stored certificate was served again"
+    assert told.outcome is CertificateOutcome.FAILED
+    assert told.not_after is None and told.issuer is None
+    assert "the stored certificate is not used" in told.detail
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"acme: {HOST}: {told.detail}"
+    ]
+    component.want(HOST)  # a new order at once, not at the old certificate's renewal
+    renewed = component.next(CertificateIssued, timeout=30)
+    assert renewed.certificate != issued.certificate
+    assert component.ca.orders == [HOST, HOST]
+
+
+# -- end to end: a real keter and nginx, the fake CA -----------------------------------------
+
+
+def acme_keter(keter_factory, tmp_path: Path, private_nginx: PrivateNginx, ca: FakeCa):
+    certificate, key = make_certificate(tmp_path / "listener", "default", "default.test")
+    return keter_factory(
+        listeners=[
+            {"host": "127.0.0.1", "port": private_nginx.port},
+            {"host": "127.0.0.1", "port": free_port(),
+             "certificate": str(certificate), "key": str(key)},
+        ],
+        acme={"directory": ca.directory},
+    )  # fmt: skip
+
+
+def deploy(keter, tmp_path: Path, app: str, host: str, **extra: object) -> None:
+    stanza = {"type": "webapp", **webapp_config(host, "v1", **extra)}
+    keter.drop(make_bundle(tmp_path / f"{app}.keter", config={"stanzas": [stanza]}))
+
+
+def answers(nginx: PrivateNginx, host: str) -> int:
+    return nginx.request(host)[0]
+
+
+@pytest.mark.parametrize("mode", ["junk_chain", "wrong_key"])
+def test_a_bad_certificate_from_the_ca_never_takes_the_site_down(
+    keter_factory, private_nginx: PrivateNginx, tmp_path: Path, ca: FakeCa, mode: str
+) -> None:
+    """Before, keter logged it "issued", nginx refused the site, keter withdrew the app,
+    and the next deploy of another app left its hosts with 404."""
+    ca.cert_mode = mode
+    keter = acme_keter(keter_factory, tmp_path, private_nginx, ca)
+    deploy(keter, tmp_path, "shop", HOST, ssl="acme")
+    attempt = wait_for(
+        lambda: re.search(rf"{HOST}: (no certificate|certificate issued).*", keter.log()),
+        60,
+        "the order's outcome",
+    )
+    assert "no certificate (attempt 1" in attempt.group(0)
+    assert answers(private_nginx, HOST) == 200  # over plain HTTP, as before the order
+    deploy(keter, tmp_path, "other", "other.test")
+    wait_for(lambda: answers(private_nginx, "other.test") == 200, 30, "other.test")
+    private_nginx.wait_settled()
+    assert answers(private_nginx, HOST) == 200
+    keter.stop()
+    keter.start()
+    wait_for(lambda: answers(private_nginx, "other.test") == 200, 30, "other.test again")
+    wait_for(lambda: answers(private_nginx, HOST) == 200, 30, f"{HOST} after the restart")
+    assert "withdrew" not in keter.log() and "refused its site" not in keter.log()
+
+
+def test_a_truncated_stored_certificate_leaves_the_site_on_http_after_a_restart(
+    keter_factory, private_nginx: PrivateNginx, tmp_path: Path, ca: FakeCa
+) -> None:
+    """Before, keter took it as usable at start: nginx refused the site and the app's
+    deploy failed."""
+    keter = acme_keter(keter_factory, tmp_path, private_nginx, ca)
+    deploy(keter, tmp_path, "shop", HOST, ssl="acme")
+    wait_for(lambda: f"{HOST}: certificate issued" in keter.log(), 60, "the certificate")
+    keter.stop()
+    [chain] = (keter.root / "etc" / "acme" / "hosts" / HOST).glob("*.crt")
+    chain.write_bytes(chain.read_bytes()[:200])  # a crash or a full disk mid-write
+    keter.start()
+    wait_for(lambda: answers(private_nginx, HOST) == 200, 30, f"{HOST} over HTTP")
+    log = keter.log_since_start()
+    assert f"acme: {HOST}: the stored certificate is not used: BadCertificate" in log
+    assert "refused its site" not in log

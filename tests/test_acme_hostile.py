@@ -26,7 +26,7 @@ from support.nginx import PrivateNginx
 from support.tls import make_certificate
 from support.wait import wait_for
 
-from keter.acme import AcmeManager
+from keter.acme import AcmeManager, client
 from keter.acme.manager import FIRST_BACKOFF
 from keter.config import AcmeSettings
 from keter.messages import (
@@ -264,3 +264,55 @@ def test_a_truncated_stored_certificate_leaves_the_site_on_http_after_a_restart(
     log = keter.log_since_start()
     assert f"acme: {HOST}: the stored certificate is not used: BadCertificate" in log
     assert "refused its site" not in log
+
+
+# -- answers too slow or too large -----------------------------------------------------------
+
+
+def test_a_ca_that_dribbles_its_answer_is_given_up_on_at_the_request_deadline(
+    component: Component, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, NETWORK_TIMEOUT bounded each read: a byte every few seconds held the ACME
+    component for good."""
+    monkeypatch.setattr(client, "NETWORK_TIMEOUT", 2)
+    component.ca.drip_path, component.ca.drip_every = "/dir", 0.2
+    began = time.monotonic()
+    component.start()
+    component.want(HOST)
+    state = component.next(CertificateState, timeout=20)
+    assert time.monotonic() - began < 10
+    assert state.outcome is CertificateOutcome.FAILED
+    assert f"AnswerError: no whole answer to GET {component.ca.directory} in time" in state.detail
+
+
+def test_a_whole_order_ends_at_its_deadline(
+    component: Component, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CA answering every request in time, each slowly, cannot stretch an order."""
+    monkeypatch.setattr(client, "ORDER_SECONDS", 3)
+    component.ca.delay = 1.0  # an order takes about ten requests
+    began = time.monotonic()
+    component.start()
+    component.want(HOST)
+    state = component.next((CertificateState, CertificateIssued), timeout=30)
+    assert isinstance(state, CertificateState), "the order went on past its deadline"
+    assert time.monotonic() - began < 8
+    assert "AnswerError: " in state.detail
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "until-close"])
+def test_an_answer_larger_than_a_mebibyte_is_refused_unread(
+    component: Component, declared: bool
+) -> None:
+    """Before, a 1 GiB answer was read whole (2.6 GB more memory in keter)."""
+    component.ca.huge_path, component.ca.huge_bytes = "/dir", 64 << 20
+    component.ca.huge_declared = declared
+    component.start()
+    component.want(HOST)
+    state = component.next(CertificateState, timeout=30)
+    assert state.outcome is CertificateOutcome.FAILED
+    assert f"AnswerError: an answer of {'67108866 bytes, ' if declared else ''}more than" in (
+        state.detail
+    )
+    # keter hung up: what it took is what the connection's buffers held, not the answer.
+    assert component.ca.huge_sent < 16 << 20

@@ -16,6 +16,7 @@ import contextlib
 import datetime
 import os
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +27,13 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from keter.acme import network
 from keter.fsutil import atomic_write
 
 USER_AGENT = "keter"
-NETWORK_TIMEOUT = 30  # seconds per request to the CA
+NETWORK_TIMEOUT = 30  # seconds for one whole request to the CA, its answer included
 ORDER_TIMEOUT = 90  # seconds for the CA to validate and issue
+ORDER_SECONDS = 300  # seconds for the whole order: a CA cannot hold the component longer
 # A new certificate must be good for at least this long: an expired or nearly expired one
 # would be due for renewal at once, and ordering it again at once is a retry storm.
 MIN_REMAINING = 3600.0
@@ -75,13 +78,38 @@ def new_certificate_key() -> bytes:
 
 
 def order(ca: Ca, host: str, challenges_dir: Path, now: float) -> Issued:
-    """A certificate for ``host`` by HTTP-01, checked against ``now`` (keter's clock);
-    raises ``acme.errors.Error``, ``BadCertificate`` or OSError."""
+    """A certificate for ``host`` by HTTP-01, checked against ``now`` (keter's clock),
+    within ``ORDER_SECONDS``; raises ``acme.errors.Error``, ``BadCertificate`` or
+    OSError."""
     account = jose.JWKRSA(key=serialization.load_pem_private_key(ca.account_key, None))
     verify: bool | str = str(ca.ca_bundle) if ca.ca_bundle else True
-    net = client.ClientNetwork(
-        account, user_agent=USER_AGENT, verify_ssl=verify, timeout=NETWORK_TIMEOUT
+    deadline = time.monotonic() + ORDER_SECONDS
+    net = network.BoundedNetwork(
+        account,
+        user_agent=USER_AGENT,
+        verify_ssl=verify,
+        request_seconds=NETWORK_TIMEOUT,
+        deadline=deadline,
     )
+    with contextlib.closing(net):
+        chain, key = _order(net, ca, account, host, challenges_dir, deadline)
+    issued = check(chain, key, host)
+    if issued.not_before > now + CLOCK_SKEW:
+        raise BadCertificate(f"the certificate is valid only from {_utc(issued.not_before)}")
+    if issued.not_after < now + MIN_REMAINING:
+        raise BadCertificate(f"the certificate expires at {_utc(issued.not_after)}, too soon")
+    return issued
+
+
+def _order(
+    net: network.BoundedNetwork,
+    ca: Ca,
+    account: jose.JWKRSA,
+    host: str,
+    challenges_dir: Path,
+    deadline: float,
+) -> tuple[bytes, bytes]:
+    """The protocol, with the library: the chain the CA returns and the key it is for."""
     directory = client.ClientV2.get_directory(ca.directory, net)
     acme = client.ClientV2(directory, net=net)
     _register(acme, ca, account, directory)
@@ -107,18 +135,14 @@ def order(ca: Ca, host: str, challenges_dir: Path, now: float) -> Issued:
             atomic_write(path, validation.encode(), mode=0o644, durable=False)
             written.append(path)
             acme.answer_challenge(challenge, response)
-        deadline = datetime.datetime.now() + datetime.timedelta(seconds=ORDER_TIMEOUT)
-        orderr = acme.poll_and_finalize(orderr, deadline=deadline)
+        seconds = min(ORDER_TIMEOUT, deadline - time.monotonic())
+        polling = datetime.datetime.now() + datetime.timedelta(seconds=seconds)
+        orderr = acme.poll_and_finalize(orderr, deadline=polling)
     finally:
         for path in written:
             with contextlib.suppress(OSError):
                 os.unlink(path)
-    issued = check(orderr.fullchain_pem.encode(), key, host)
-    if issued.not_before > now + CLOCK_SKEW:
-        raise BadCertificate(f"the certificate is valid only from {_utc(issued.not_before)}")
-    if issued.not_after < now + MIN_REMAINING:
-        raise BadCertificate(f"the certificate expires at {_utc(issued.not_after)}, too soon")
-    return issued
+    return orderr.fullchain_pem.encode(), key
 
 
 def check(chain: bytes, key: bytes, host: str) -> Issued:

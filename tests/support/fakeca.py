@@ -10,7 +10,9 @@ no signature, validates every challenge at once, and misbehaves on demand:
 - ``drip_path``: requests to paths starting with it are answered one byte every
   ``drip_every`` seconds, forever;
 - ``huge_path``: requests to paths starting with it get ``huge_bytes`` of JSON
-  whitespace; ``huge_sent`` counts what the client took.
+  whitespace (with a Content-Length if ``huge_declared``, else up to the
+  connection's end); ``huge_sent`` counts what the client took;
+- ``delay``: every answer waits this many seconds first.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ class FakeCa:
         self.drip_every = 1.0
         self.huge_path: str | None = None
         self.huge_bytes = 0
+        self.huge_declared = True
         self.huge_sent = 0
+        self.delay = 0.0
         self.orders: list[str] = []  # the host of each new order, in order
         self.token = "tok" + "A" * 40
         self._state: dict[str, object] = {"host": None, "csr": None, "answered": False}
@@ -108,6 +112,8 @@ class FakeCa:
             except (ValueError, KeyError):
                 payload = None
         path = h.path
+        if self.delay and self._closed.wait(self.delay):
+            return
         if self.huge_path and path.startswith(self.huge_path):
             return self._huge(h)
         if self.drip_path and path.startswith(self.drip_path):
@@ -159,7 +165,11 @@ class FakeCa:
     def _huge(self, h) -> None:
         h.send_response(200)
         h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(self.huge_bytes + 2))
+        if self.huge_declared:
+            h.send_header("Content-Length", str(self.huge_bytes + 2))
+        else:
+            h.send_header("Connection", "close")
+            h.close_connection = True
         h.end_headers()
         chunk = b" " * (1 << 16)
         try:

@@ -9,16 +9,20 @@ again after a restart. No answer makes keter order again and again.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import re
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from support.bundles import make_bundle, webapp_config
 from support.fakeca import JUNK_BLOCK, FakeCa
 from support.net import free_port
@@ -27,7 +31,8 @@ from support.tls import make_certificate
 from support.wait import wait_for
 
 from keter.acme import AcmeManager, client
-from keter.acme.manager import FIRST_BACKOFF
+from keter.acme import manager as manager_module
+from keter.acme.manager import FIRST_BACKOFF, HostState
 from keter.config import AcmeSettings
 from keter.messages import (
     CertificateIssued,
@@ -316,3 +321,102 @@ def test_an_answer_larger_than_a_mebibyte_is_refused_unread(
     )
     # keter hung up: what it took is what the connection's buffers held, not the answer.
     assert component.ca.huge_sent < 16 << 20
+
+
+# -- state.json as a hand or a bug may leave it ----------------------------------------------
+
+
+def _start_with_state(component: Component, state: object) -> AcmeManager:
+    component.folder.mkdir(parents=True, exist_ok=True)
+    (component.folder / "state.json").write_text(json.dumps(state))
+    return component.start()
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"not_after": "soon", "certificate": "/etc/hostname", "key": "/etc/hostname"},
+        {"outcome": ["issued"]},
+        {"failures": "3", "outcome": "failed"},
+        {"retry_at": None},
+        {"last_attempt": 1e400},  # json reads it as inf
+        {"not_before": 10**400},
+        {"failures": True},
+        "a row",
+    ],
+    ids=["not_after", "outcome", "failures", "retry_at", "inf", "huge", "bool", "text"],
+)
+def test_a_row_of_state_json_with_a_wrong_type_is_dropped_with_a_line(
+    component: Component, caplog: pytest.LogCaptureFixture, row: object
+) -> None:
+    now = time.time()
+    kept = {"outcome": "failed", "detail": "refused", "failures": 2, "retry_at": now + 600}
+    manager = _start_with_state(component, {"odd.test": row, "kept.test": kept})
+    told = component.next(CertificateState, timeout=10)
+    assert (told.host, told.next_attempt) == ("kept.test", now + 600)
+    manager.tell(CertificatesWanted(hosts=("odd.test", "kept.test")))
+    # odd.test is a host never tried: ordered now (the CA is the fake one).
+    assert component.next(CertificateIssued).host == "odd.test"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("acme: state.json: odd.test dropped: ")
+
+
+def test_a_host_that_failed_for_years_gets_its_line_and_a_day_of_backoff(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """2 ** 1024 was more than a float holds: the component crashed at the 1026th attempt."""
+    reports: queue.Queue = queue.Queue()
+    folder = tmp_path / "acme"
+    folder.mkdir()
+    row = {"outcome": "failed", "detail": "refused", "failures": 1025}
+    (folder / "state.json").write_text(json.dumps({"dead.test": row}))
+    manager = AcmeManager(
+        settings=AcmeSettings(directory=f"http://127.0.0.1:{free_port()}/dir"),
+        folder=folder,
+        challenges=tmp_path / "challenges",
+        report_to=reports,
+    )
+    manager.start()
+    try:
+        reports.get(timeout=10)  # what state.json holds
+        manager.tell(CertificatesWanted(hosts=("dead.test",)))
+        state = reports.get(timeout=30)
+    finally:
+        manager.stop()
+        manager.join(timeout=15)
+    assert isinstance(state, CertificateState), state
+    assert "dead.test: no certificate (attempt 1026; next in 86400s)" in caplog.text
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner),
+    max_leaves=20,
+)
+FIELD_VALUES = st.dictionaries(st.sampled_from([f.name for f in fields(HostState)]), JSON)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(state=JSON | st.dictionaries(st.text(max_size=12), JSON | FIELD_VALUES))
+def test_any_json_in_state_json_is_read_without_a_crash(tmp_path: Path, state: object) -> None:
+    folder = tmp_path / "acme"
+    folder.mkdir(exist_ok=True)
+    (folder / "state.json").write_text(json.dumps(state))
+    reports: queue.Queue = queue.Queue()
+    manager = AcmeManager(
+        settings=AcmeSettings(), folder=folder, challenges=tmp_path / "c", report_to=reports
+    )
+    manager.on_start()  # reads state.json and tells what it holds, on this thread
+    for host, row in manager.hosts.items():
+        assert isinstance(host, str)
+        manager._due(host)  # the arithmetic every row goes through
+        assert row.outcome is None or row.outcome in frozenset(CertificateOutcome)
+        assert isinstance(row.failures, int) and isinstance(row.detail, str)
+    while not reports.empty():
+        assert isinstance(reports.get_nowait(), CertificateIssued | CertificateState)
+
+
+def test_state_json_rows_are_checked_field_by_field() -> None:
+    assert set(manager_module._FIELDS) == {f.name for f in fields(HostState)}

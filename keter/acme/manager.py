@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import time
@@ -214,7 +215,9 @@ class AcmeManager(Actor):
     def _failed(self, host: str, state: HostState, exc: Exception) -> None:
         detail = names.log_text(_reason(exc), 500)
         state.failures += 1
-        backoff = min(FIRST_BACKOFF * 2 ** (state.failures - 1), MAX_BACKOFF)
+        # The exponent is capped: failures are kept across restarts, and a host failing
+        # daily for three years would have 2 ** 1024, more than a float holds.
+        backoff = min(FIRST_BACKOFF * 2 ** min(state.failures - 1, 20), MAX_BACKOFF)
         if _rate_limited(exc):
             backoff = max(backoff, RATE_LIMIT_BACKOFF)
         state.retry_at = self.clock() + backoff
@@ -309,14 +312,22 @@ class AcmeManager(Actor):
         return self.hosts.setdefault(host, HostState())
 
     def _load(self) -> None:
+        self.hosts = {}
         try:
             data = json.loads((self.folder / "state.json").read_text())
-            self.hosts = {host: HostState(**row) for host, row in data.items()}
         except FileNotFoundError:
-            self.hosts = {}
-        except (OSError, ValueError, TypeError) as exc:
+            return
+        except (OSError, ValueError) as exc:
             log.warning("acme: state.json unreadable, starting afresh: %s", exc)
-            self.hosts = {}
+            return
+        if not isinstance(data, dict):
+            log.warning("acme: state.json is not a mapping of hosts, starting afresh")
+            return
+        for host, row in data.items():
+            try:
+                self.hosts[host] = _row(row)
+            except ValueError as exc:  # one host forgotten (a hand-edited file), not all
+                log.warning("acme: state.json: %s dropped: %s", names.log_text(host, 300), exc)
 
     def _save(self) -> None:
         self._make_folder()
@@ -326,6 +337,68 @@ class AcmeManager(Actor):
     def _make_folder(self) -> None:
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.folder, 0o700)
+
+
+def _row(row: object) -> HostState:
+    """A row of state.json as a HostState; raises ValueError for anything of a wrong
+    type: every later use (arithmetic, paths, messages) takes the types for granted."""
+    if not isinstance(row, dict):
+        raise ValueError("not a mapping")
+    fields = {}
+    for name, value in row.items():
+        if name not in _FIELDS:
+            continue  # a field of another version of keter
+        check, optional = _FIELDS[name]
+        if not (value is None and optional):
+            value = check(value)
+        fields[name] = value
+    return HostState(**fields)
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected text, got {type(value).__name__}")
+    return value
+
+
+def _time(value: object) -> float:
+    # bool is an int to Python; an int too large for a float breaks arithmetic later.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a time, got {type(value).__name__}")
+    try:
+        seconds = float(value)
+    except OverflowError:
+        raise ValueError("a time out of range") from None
+    if not math.isfinite(seconds):
+        raise ValueError("a time out of range")
+    return seconds
+
+
+def _count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a count, got {value!r:.40}")
+    return value
+
+
+def _outcome(value: object) -> str:
+    if not isinstance(value, str) or value not in frozenset(CertificateOutcome):
+        raise ValueError(f"unknown outcome {value!r:.40}")
+    return str(value)
+
+
+# Each field of HostState: its check and whether it may be null.
+_FIELDS: dict[str, tuple[Callable[[object], object], bool]] = {
+    "certificate": (_text, True),
+    "key": (_text, True),
+    "not_before": (_time, True),
+    "not_after": (_time, True),
+    "issuer": (_text, True),
+    "last_attempt": (_time, True),
+    "outcome": (_outcome, True),
+    "detail": (_text, False),
+    "failures": (_count, False),
+    "retry_at": (_time, False),
+}
 
 
 def _client():

@@ -435,8 +435,15 @@ def test_a_bundle_takes_as_much_as_the_bounds_allow(tmp_path: Path) -> None:
         ),
         (
             stanzas(webapp("a.test", *(f"*.w{i}.test" for i in range(budget.MAX_SERVER_BLOCKS)))),
-            "stanzas: 101 nginx server blocks (one per stanza with hosts and one per wildcard "
-            "host); at most 100",
+            "stanzas: 101 nginx server blocks (one per stanza with hosts, one per wildcard "
+            "host and one per ssl: acme host); at most 100",
+        ),
+        (
+            # keter.routes makes a server block of each ssl: acme host (its own certificate).
+            stanzas(
+                webapp(*(f"h{i}.test" for i in range(budget.MAX_SERVER_BLOCKS + 1)), ssl="acme")
+            ),
+            "stanzas: 101 nginx server blocks",
         ),
         (
             stanzas(
@@ -453,7 +460,7 @@ def test_a_bundle_takes_as_much_as_the_bounds_allow(tmp_path: Path) -> None:
             "middleware: 80 rate-limit throttles, each 1 MiB of nginx's shared memory; at most 64",
         ),
     ],
-    ids=["processes", "wildcards", "stanzas", "rate-zones"],
+    ids=["processes", "wildcards", "acme-hosts", "stanzas", "rate-zones"],
 )
 def test_a_bundle_asking_more_of_the_shared_parts_is_refused(
     tmp_path: Path, config: str, expected: str

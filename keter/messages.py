@@ -782,7 +782,8 @@ class CertificateOutcome(enum.StrEnum):
 
 @message
 class CertificatesWanted:
-    """Supervisor -> ACME: every host that should have a certificate now (ssl: acme)."""
+    """Supervisor -> ACME: every host that should have a certificate now (ssl: acme),
+    in the order to try them: the apps' hosts in turn."""
 
     hosts: tuple[str, ...]
 

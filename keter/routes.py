@@ -10,6 +10,7 @@ its own message, instead of failing ``nginx -t`` for every app.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -276,6 +277,18 @@ def with_certificates(site: Site, certificates: Mapping[str, TlsFiles]) -> Site:
         for route in site.routes
     )
     return site if routes == site.routes else dataclasses.replace(site, routes=routes)
+
+
+def acme_hosts_in_turn(sites: tuple[Site, ...]) -> tuple[str, ...]:
+    """``acme_hosts`` in the order keter.acme tries them: each app's first host, then
+    each app's second, and so on, so one bundle's hundreds of hosts do not keep
+    another app waiting for its certificate."""
+    per_app = [
+        sorted({host for route in site.all_routes if route.acme for host in route.hosts})
+        for site in sorted(sites, key=lambda s: s.app)
+    ]
+    turns = itertools.zip_longest(*per_app)
+    return tuple(dict.fromkeys(host for turn in turns for host in turn if host is not None))
 
 
 def acme_hosts(sites: tuple[Site, ...]) -> frozenset[str]:

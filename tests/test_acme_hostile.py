@@ -39,7 +39,11 @@ from keter.messages import (
     CertificateOutcome,
     CertificateState,
     CertificatesWanted,
+    ProxyApp,
+    Route,
+    Site,
 )
+from keter.routes import acme_hosts_in_turn
 
 HOST = "shop.test"
 PKCS8 = (
@@ -420,3 +424,32 @@ def test_any_json_in_state_json_is_read_without_a_crash(tmp_path: Path, state: o
 
 def test_state_json_rows_are_checked_field_by_field() -> None:
     assert set(manager_module._FIELDS) == {f.name for f in fields(HostState)}
+
+
+# -- many hosts, many apps ---------------------------------------------------------------------
+
+
+def test_the_apps_hosts_are_listed_in_turn() -> None:
+    def site(app: str, *hosts: str) -> Site:
+        routes = (Route(hosts=(h,), action=ProxyApp(port=4000), acme=True) for h in hosts)
+        return Site(app=app, routes=tuple(routes))
+
+    sites = (site("many", "m2.test", "m1.test", "m3.test"), site("b", "b1.test"), Site(app="c"))
+    assert acme_hosts_in_turn(sites) == ("b1.test", "m1.test", "m2.test", "m3.test")
+
+
+def test_one_bundles_many_hosts_do_not_keep_another_apps_host_waiting(
+    component: Component,
+) -> None:
+    """Before, every due host was ordered in one go, in sorted order: a bundle's 400
+    hosts went before a host of an app deployed after it."""
+    many = [f"h{i:02d}.test" for i in range(30)]
+    component.ca.delay = 0.02
+    component.start()
+    component.want(*many)
+    wait_for(lambda: len(component.ca.orders) >= 3, 30, "the first orders")
+    # What the supervisor asks once another app with ssl: acme is deployed.
+    component.want(many[0], "zzz.test", *many[1:])
+    before = len(component.ca.orders)
+    wait_for(lambda: "zzz.test" in component.ca.orders, 60, "zzz.test's order")
+    assert component.ca.orders.index("zzz.test") <= before + 1, component.ca.orders

@@ -101,7 +101,9 @@ class AcmeManager(Actor):
         self.challenges = Path(challenges)
         self.clock = clock
         self.hosts: dict[str, HostState] = {}
-        self.wanted: set[str] = set()
+        self.wanted: tuple[str, ...] = ()  # in the order to try them (apps in turn)
+        self._timer: int | None = None
+        self._told = False  # a _Check waits in the inbox already
         self._loaded = False
 
     # -- the loop ------------------------------------------------------------------------
@@ -125,29 +127,39 @@ class AcmeManager(Actor):
     def handle(self, message: object) -> None:
         match message:
             case CertificatesWanted(hosts=hosts):
-                self.wanted = set(hosts)
+                self.wanted = tuple(dict.fromkeys(hosts))
                 for host in sorted(self.wanted):
                     if names.is_wildcard(host) and self._state(host).outcome != "refused":
                         self._refuse(host)
                 self._check()
             case _Check():
+                self._told = False
                 self._check()
             case _:
                 self.unexpected(message)
 
     def _check(self) -> None:
-        """Order a certificate for each host that is due (one at a time), then sleep
-        until the next one is."""
+        """Order a certificate for the next host that is due, then look again: at once
+        (after the messages already waiting: a new app's hosts, a stop) if another is
+        due, else when the next one is."""
+        orderable = [host for host in self.wanted if not names.is_wildcard(host)]
         now = self.clock()
-        for host in sorted(self.wanted):
-            if names.is_wildcard(host):
-                continue
-            if self._due(host) <= now:
-                self._order(host)
-        upcoming = [self._due(host) for host in self.wanted if not names.is_wildcard(host)]
-        if upcoming:
+        # The first due in the supervisor's order, which takes the apps' hosts in turn:
+        # one bundle's hundreds of hosts do not keep another app's waiting.
+        host = next((host for host in orderable if self._due(host) <= now), None)
+        if host is not None:
+            self._order(host)
+        if self._timer is not None:
+            self.cancel(self._timer)
+            self._timer = None
+        if any(self._due(each) <= self.clock() for each in orderable):
+            if not self._told:
+                self._told = True
+                self.tell(_Check())
+        elif orderable:
             # Checked at least hourly: a moved wall clock must not leave a timer far off.
-            self.schedule(min(max(min(upcoming) - self.clock(), 0.0), 3600.0), _Check())
+            wait = min(self._due(each) for each in orderable) - self.clock()
+            self._timer = self.schedule(min(max(wait, 0.0), 3600.0), _Check())
 
     def _due(self, host: str) -> float:
         state = self._state(host)

@@ -11,7 +11,7 @@ import logging
 
 from keter.deploys import App, Deploy, Stage
 from keter.messages import ApplyNginx, CertificatesWanted, FailureKind, Site
-from keter.routes import acme_hosts, with_certificates
+from keter.routes import acme_hosts, acme_hosts_in_turn, with_certificates
 from keter.supervisor.state import SupervisorState
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class Routing(SupervisorState):
         wanted = acme_hosts(sites)
         if wanted != self._acme_hosts and self.c.acme is not None:
             self._acme_hosts = wanted
-            self.c.acme.tell(CertificatesWanted(hosts=tuple(sorted(wanted))))
+            self.c.acme.tell(CertificatesWanted(hosts=acme_hosts_in_turn(sites)))
 
     def _nginx_replied(self, generation: int, failure: str | None, refused: dict[str, str]) -> None:
         """Finish every switch and removal that rode on ``generation``, either way.

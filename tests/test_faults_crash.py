@@ -245,7 +245,7 @@ def test_keter_killed_at_each_step_recovers_to_one_clean_version(
         port = app_port(app)
         text = nginx.served_config()
         settled_generation(nginx)
-        [(address, upstream)] = re.findall(r"server (127\.[\d.]+):(\d+);", text)
+        [(address, upstream)] = re.findall(r"server (127\.[\d.]+):(\d+)[ ;]", text)
         table = Table.for_root(keter.root)
         assert address == table.address
         assert table.read() == {int(upstream): port}

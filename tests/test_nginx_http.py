@@ -179,17 +179,16 @@ def test_a_rate_limit_of_one_request_lets_one_through(serving, backend: Backend)
 
 
 def test_request_bodies_past_the_limit_get_413(serving, backend: Backend) -> None:
-    nginx = serving(ProxyOptions(max_body_size=1024))
-    big = Route(hosts=("big.test",), action=ProxyApp(port=backend.port), max_body_size=4096)
-    nginx.apply(
-        Site(
-            app="web", routes=(Route(hosts=("web.test",), action=ProxyApp(port=backend.port)), big)
-        )
-    )
-    assert nginx.request("web.test", "POST", b"x" * 2000)[0] == 413
+    """The operator's limit, which a stanza may lower and never raise."""
+    nginx = serving(ProxyOptions(max_body_size=4096))
+    small = Route(hosts=("small.test",), action=ProxyApp(port=backend.port), max_body_size=1024)
+    big = Route(hosts=("big.test",), action=ProxyApp(port=backend.port), max_body_size=1 << 20)
+    web = Route(hosts=("web.test",), action=ProxyApp(port=backend.port))
+    nginx.apply(Site(app="web", routes=(web, small, big)))
     # Under the limit the request reaches the app (this one answers POST with 501).
-    assert nginx.request("web.test", "POST", b"x" * 1000)[0] == 501
-    assert nginx.request("big.test", "POST", b"x" * 2000)[0] == 501
+    for host, under, past in [("web.test", 4000, 5000), ("small.test", 1000, 2000)]:
+        assert nginx.request(host, "POST", b"x" * under)[0] == 501
+        assert nginx.request(host, "POST", b"x" * past)[0] == 413
     assert nginx.request("big.test", "POST", b"x" * 5000)[0] == 413
 
 

@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import json
 import os
+import select
 import signal
 import stat
 import sys
@@ -436,9 +437,21 @@ class _Bundle:
 
     def __init__(self, source: BinaryIO, shown: str, limit: int) -> None:
         self.source, self.shown, self.limit, self.read_bytes = source, shown, limit, 0
+        try:
+            self.fd: int | None = source.fileno()  # nothing has read it yet: no buffer
+        except (OSError, ValueError):  # io.UnsupportedOperation is both
+            self.fd = None
 
     def read(self, size: int) -> bytes:
-        data = self.source.read(size)
+        if self.fd is None:
+            data = self.source.read(size)
+        else:
+            # Python runs a signal's handler between reads: a hang-up that comes just
+            # before a blocking read would wait for more of the upload, which may never
+            # come. Waiting in select, a second at a time, lets the handler run.
+            while not select.select([self.fd], [], [], 1.0)[0]:
+                pass
+            data = os.read(self.fd, size)
         if not self.read_bytes and data and not GZIP_MAGIC.startswith(data[:2]):
             raise Refused(f"{self.shown}: not a gzip file, so no bundle")
         self.read_bytes += len(data)

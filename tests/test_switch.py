@@ -7,12 +7,10 @@ Needs root and Debian's nftables (tests/run installs it).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import queue
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.net import NamingListener
 from support.spool import spool_line
 from support.wait import wait_for
 
@@ -45,33 +44,6 @@ NFT = nft.find_nft()
 pytestmark = pytest.mark.skipif(NFT is None, reason="needs nft (tests/run installs nftables)")
 
 
-class Listener:
-    """A TCP server on 127.0.0.1 that answers each connection with its own name."""
-
-    def __init__(self, name: bytes) -> None:
-        self.name = name
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.held: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with contextlib.suppress(OSError):
-                conn.sendall(self.name)
-            self.held.append(conn)
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.held:
-            conn.close()
-
-
 def ask(address: str, port: int) -> bytes:
     """What answers on a fresh connection to address:port."""
     with socket.create_connection((address, port), timeout=2) as conn:
@@ -86,8 +58,8 @@ def table(tmp_path: Path) -> Iterator[Table]:
 
 
 @pytest.fixture
-def listeners() -> Iterator[list[Listener]]:
-    made: list[Listener] = []
+def listeners() -> Iterator[list[NamingListener]]:
+    made: list[NamingListener] = []
     yield made
     for listener in made:
         listener.close()
@@ -102,8 +74,8 @@ def point(table: Table, current: dict[int, int], wanted: dict[int, int]) -> None
         writer.close()
 
 
-def listen(listeners: list[Listener], name: bytes) -> Listener:
-    listener = Listener(name)
+def listen(listeners: list[NamingListener], name: bytes) -> NamingListener:
+    listener = NamingListener(name)
     listeners.append(listener)
     return listener
 
@@ -140,7 +112,7 @@ def test_stable_ports_go_round() -> None:
 
 
 def test_a_stable_port_leads_where_the_map_says_and_nowhere_else(
-    table: Table, listeners: list[Listener]
+    table: Table, listeners: list[NamingListener]
 ) -> None:
     one, two = listen(listeners, b"one"), listen(listeners, b"two")
     nft.apply(table.create_script(), NFT)
@@ -250,7 +222,7 @@ def test_closed_connections_through_the_table_leave_conntrack_within_seconds(
 
 
 def test_creating_the_table_replaces_an_earlier_runs_rules_only_its_own(
-    tmp_path: Path, table: Table, listeners: list[Listener]
+    tmp_path: Path, table: Table, listeners: list[NamingListener]
 ) -> None:
     other = Table.for_root(tmp_path / "another-root")
     try:
@@ -268,7 +240,7 @@ def test_creating_the_table_replaces_an_earlier_runs_rules_only_its_own(
 
 
 def test_sock_diag_counts_live_connections_and_finds_where_one_landed(
-    listeners: list[Listener],
+    listeners: list[NamingListener],
 ) -> None:
     server = listen(listeners, b"x")
     assert sockdiag.connections(server.port, server.port)[server.port] == 0
@@ -327,7 +299,7 @@ def pointed(report: object) -> tuple[str, int]:
 
 
 def test_the_component_points_confirms_and_waits_for_the_old_pool(
-    running: Running, listeners: list[Listener]
+    running: Running, listeners: list[NamingListener]
 ) -> None:
     ready = running.next()
     assert ready == SwitchReady(mode=SwitchMode.KERNEL, address=running.switch.table.address)
@@ -370,7 +342,9 @@ def test_the_component_points_confirms_and_waits_for_the_old_pool(
     wait_for(lambda: running.switch.table.read(NFT) == {}, 5, "the element to go")
 
 
-def test_a_switch_that_does_not_land_is_undone(running: Running, listeners: list[Listener]) -> None:
+def test_a_switch_that_does_not_land_is_undone(
+    running: Running, listeners: list[NamingListener]
+) -> None:
     address = running.next().address
     serving = listen(listeners, b"serving")
     running.switch.tell(PointServices(app="a", deploy_id=1, targets=((7200, serving.port),)))
@@ -391,7 +365,7 @@ def test_a_switch_that_does_not_land_is_undone(running: Running, listeners: list
 
 
 def test_a_map_changed_behind_keters_back_is_read_again_and_the_switches_land(
-    tmp_path: Path, listeners: list[Listener], caplog: pytest.LogCaptureFixture
+    tmp_path: Path, listeners: list[NamingListener], caplog: pytest.LogCaptureFixture
 ) -> None:
     """Switches queued together share one transaction. An operator deleted app a's
     element by hand, so the kernel refuses the deletion keter's picture asks for: each
@@ -432,7 +406,7 @@ def test_a_map_changed_behind_keters_back_is_read_again_and_the_switches_land(
 
 
 def test_a_table_deleted_behind_keters_back_is_made_again_with_every_address(
-    running: Running, listeners: list[Listener], caplog: pytest.LogCaptureFixture
+    running: Running, listeners: list[NamingListener], caplog: pytest.LogCaptureFixture
 ) -> None:
     """`nft flush ruleset` (the nftables service restarting) deletes keter's table with
     every stable address: keter hears the kernel announce it and makes it again."""
@@ -461,7 +435,7 @@ def test_a_table_deleted_behind_keters_back_is_made_again_with_every_address(
 
 
 def test_a_drain_is_reported_when_the_last_connection_ends(
-    running: Running, listeners: list[Listener]
+    running: Running, listeners: list[NamingListener]
 ) -> None:
     running.next()
     old = listen(listeners, b"old")
@@ -481,7 +455,7 @@ def test_a_drain_is_reported_when_the_last_connection_ends(
 
 
 def test_slow_connection_dumps_take_at_most_their_share_of_a_core(
-    running: Running, listeners: list[Listener], monkeypatch: pytest.MonkeyPatch
+    running: Running, listeners: list[NamingListener], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A dump that costs 40 ms of CPU (a host whose connection table holds tens of
     thousands of entries) is made less often: polling takes at most POLL_SHARE of a core,
@@ -538,7 +512,7 @@ def test_the_reload_mode_when_chosen_or_when_nft_is_missing(tmp_path: Path) -> N
 
 
 def test_a_kernel_without_conntrack_timeout_policies_still_gets_the_kernel_mode(
-    tmp_path: Path, listeners: list[Listener], caplog: pytest.LogCaptureFixture
+    tmp_path: Path, listeners: list[NamingListener], caplog: pytest.LogCaptureFixture
 ) -> None:
     # An nft that refuses timeout policies, as one built without their kernel support does.
     refusing = tmp_path / "nft"

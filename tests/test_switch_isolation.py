@@ -9,19 +9,17 @@ app's uid by /usr/bin/python3 (readable by every user).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
 import random
-import socket
 import struct
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.net import NamingListener
 from support.wait import wait_for
 
 from keter import netlink
@@ -120,39 +118,13 @@ def connect_as(uid: int, address: str, port: int) -> str:
     return done.stdout.strip()
 
 
-class Listener:
-    """A TCP server on every address, IPv4 and IPv6, that answers with its name."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name.encode()
-        self.sock = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
-        self.port = self.sock.getsockname()[1]
-        self.held: list[socket.socket] = []  # open: the switch looks a connection up
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with contextlib.suppress(OSError):
-                conn.sendall(self.name)
-            self.held.append(conn)
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.held:
-            conn.close()
-
-
 @pytest.fixture
-def apps(tmp_path: Path) -> Iterator[tuple[AppUsers, Listener, Listener]]:
+def apps(tmp_path: Path) -> Iterator[tuple[AppUsers, NamingListener, NamingListener]]:
     """Two apps' uids (a range of this test's own) and a listener for each."""
     low = 1_960_000_000 + random.randrange(0, 100_000) * 100
     users = AppUsers(tmp_path / "etc", (low, low + 99))
     (tmp_path / "etc").mkdir()
-    made = Listener("alpha"), Listener("beta")
+    made = NamingListener("alpha", dualstack=True), NamingListener("beta", dualstack=True)
     yield users, *made
     for listener in made:
         listener.close()
@@ -183,7 +155,7 @@ class Running:
         assert not self.switch.table.exists(NFT, "inet")  # a clean stop deletes it
 
 
-def port_range(*listeners: Listener) -> tuple[int, int]:
+def port_range(*listeners: NamingListener) -> tuple[int, int]:
     ports = [listener.port for listener in listeners]
     return min(ports), max(ports)
 

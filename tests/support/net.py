@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import itertools
 import json
@@ -261,3 +262,34 @@ class Backend:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class NamingListener:
+    """A TCP server that answers each connection with its name and keeps it open (the
+    switch looks an open connection up). On 127.0.0.1, or with ``dualstack`` on every
+    address, IPv4 and IPv6."""
+
+    def __init__(self, name: str | bytes, *, dualstack: bool = False) -> None:
+        self.name = name.encode() if isinstance(name, str) else name
+        if dualstack:
+            self.sock = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+        else:
+            self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with contextlib.suppress(OSError):
+                conn.sendall(self.name)
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()

@@ -8,8 +8,9 @@ The supervisor (``keter.supervisor``) decides; this module only runs it:
   until it sets an exit code.
 * ``shutdown`` stops the components in order with one deadline: the watcher
   first (no new deploy starts), the process monitor stops every app
-  gracefully (TERM, ``stop-timeout``, KILL), the status API last (it answers
-  while the apps stop). ACME gets ``ACME_GRACE`` after them: a certificate
+  gracefully (TERM, ``stop-timeout``, KILL), the switch once no app runs (its
+  tables keep the apps apart), the status API last (it answers while the apps
+  stop). ACME gets ``ACME_GRACE`` after them: a certificate
   order in flight is abandoned, not waited for. A component still running at
   the deadline (``stop-timeout`` plus ``SHUTDOWN_MARGIN``) cannot keep keter
   alive: every app process is killed and keter exits anyway. A second SIGTERM
@@ -263,13 +264,18 @@ def shutdown(components: Components, inbox: queue.SimpleQueue, stop_timeout: flo
         components.backups,
         components.monitor,
         components.nginx,
-        *([components.switch] if components.switch is not None else []),
     ]
     for component in order:
         component.stop()
     if components.acme is not None:
         components.acme.stop()  # now: it finishes an order in flight meanwhile
     stuck = _wait(order, inbox, deadline, monitor)
+    # The switch deletes keter's nftables tables, and with them the isolation between
+    # apps: only once the monitor has ended every app (an app that ignores SIGTERM runs
+    # until stop-timeout, and could reach every other app's port meanwhile).
+    if components.switch is not None:
+        components.switch.stop()
+        stuck += _wait([components.switch], inbox, max(deadline, time.monotonic() + 5.0), monitor)
     if components.stats is not None:  # after nginx: the last requests are counted
         components.stats.stop()
         stuck += _wait([components.stats], inbox, time.monotonic() + 2.0, monitor)

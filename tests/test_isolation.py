@@ -281,7 +281,9 @@ def test_a_bundles_environment_reaches_only_its_app_never_what_runs_as_root(
 # The app that must be reached through nginx alone (basic-auth in front of it): on every
 # address, IPv4 and IPv6 ("::"), it notes every request it gets in its data folder.
 GUARDED = r"""#!/usr/bin/python3
-import http.server, os, socket
+import http.server, os, signal, socket
+if os.environ.get("IGNORE_TERM"):  # stops only at keter's SIGKILL, after stop-timeout
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 seen = os.path.join(os.environ["KETER_DATA_DIR"], "seen")
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -332,15 +334,19 @@ def request_as(uid: int, address: str, port: int, host: str = "x.test") -> str:
     return done.stdout.strip()
 
 
-def two_apps(keter, private_nginx, base: Path) -> tuple[dict[str, int], dict[str, int]]:
-    """alpha (the versioned app) and beta (GUARDED, behind basic-auth), deployed and
-    served: each one's uid and port."""
+def two_apps(
+    keter, private_nginx, base: Path, *, stubborn: bool = False
+) -> tuple[dict[str, int], dict[str, int]]:
+    """alpha (the versioned app) and beta (GUARDED, behind basic-auth; ignoring SIGTERM
+    if ``stubborn``), deployed and served: each one's uid and port."""
     config = webapp_config("alpha.test", "v1")
     keter.drop(make_bundle(base / "alpha.keter", config=config, interpreter=SYSTEM_PYTHON))
     guarded = base / "guarded.py"
     guarded.write_text(GUARDED)
     middleware = [{"basic-auth": {"realm": "Staff", "creds": {"jon": "rocks"}}}]
     stanza = {"type": "webapp", "exec": "../bin/app", "host": "beta.test", "middleware": middleware}
+    if stubborn:
+        stanza["env"] = {"IGNORE_TERM": "1"}
     keter.drop(
         make_bundle(
             base / "beta.keter",
@@ -412,6 +418,33 @@ def test_an_app_cannot_connect_to_another_apps_port(open_base, keter_factory, pr
     assert "/from-another-app 10.9.8.7" in seen_by(keter, "beta")
     # keter's probes (root) reached both: they were deployed with the isolation in place.
     assert "apps cannot connect to each other's ports" in keter.log()
+
+
+@pytest.mark.skipif(SETPRIV is None, reason="needs util-linux setpriv")
+def test_the_isolation_stays_until_the_last_app_has_stopped(
+    open_base, keter_factory, private_nginx
+):
+    """keter deleted its tables as its stop began, while an app that ignores SIGTERM ran
+    on until stop-timeout: every keter restart opened each app's port to the others."""
+    keter = keter_factory(
+        root=open_base / "root",
+        **{"port-range": app_port_range(), "run-apps-as-root": False, "stop-timeout": 6},
+    )
+    uids, ports = two_apps(keter, private_nginx, open_base, stubborn=True)
+
+    def running(app: str) -> bool:
+        for process in keter.children():
+            with contextlib.suppress(psutil.Error):  # one that just ended
+                if process.uids().real == uids[app]:
+                    return True
+        return False
+
+    keter.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: not running("alpha"), 10, "alpha to stop")
+    assert running("beta")  # it runs on until keter kills it at stop-timeout
+    assert request_as(uids["alpha"], "::1", ports["beta"]) == "ECONNREFUSED"
+    assert keter.proc.wait(30) == 0
+    assert not Table.for_root(keter.root).exists(family="inet")  # gone once nothing runs
 
 
 @pytest.mark.skipif(SETPRIV is None, reason="needs util-linux setpriv")

@@ -10,10 +10,13 @@ its own message, instead of failing ``nginx -t`` for every app.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import itertools
 import os
 from collections.abc import Mapping
 from pathlib import Path
+
+import psutil
 
 from keter.bundle import (
     AcmeTls,
@@ -44,6 +47,7 @@ from keter.messages import (
 from keter.names import is_wildcard
 from keter.nginx.files import resolvers
 from keter.nginx.render import needs_resolver, resolver_missing
+from keter.switch.nft import Table
 from keter.yamlcheck import pem_problem
 
 
@@ -185,6 +189,7 @@ def deploy_problems(config: BundleConfig, settings: KeterConfig) -> list[str]:
                 )
         if isinstance(stanza, ReverseProxy):
             problems += _resolver_problems(shown, stanza.reversed_host, settings)
+            problems += _app_port_problems(shown, stanza, settings)
         if isinstance(ssl, TlsConfig):
             files = [(ssl.certificate, "certificate"), (ssl.key, "key")]
             files += [(file, "certificate") for file in ssl.chain]
@@ -205,6 +210,41 @@ def _resolver_problems(shown: str, host: str, settings: KeterConfig) -> list[str
     if resolvers(settings.nginx.resolver):  # as the nginx writer will read them
         return []
     return [f"hosts {shown}: {resolver_missing(host)}"]
+
+
+def _app_port_problems(shown: str, proxy: ReverseProxy, settings: KeterConfig) -> list[str]:
+    """A reverse proxy must not lead to another app past nginx's checks of it (its
+    basic-auth, `local`, rate limits): nginx's workers are not kept off apps' ports as
+    apps are (keter.switch.nft). A name is resolved by nginx when a request comes, so
+    only what a bundle writes as an address can be refused here."""
+    try:
+        address = ipaddress.ip_address(proxy.reversed_host.strip("[]"))
+    except ValueError:
+        return []
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address == ipaddress.ip_address(Table.for_root(settings.root).address):
+        return [f"hosts {shown}: reverse-proxy: {address} is keter's own stable address"]
+    low, high = settings.port_range
+    local = address.is_loopback or address.is_unspecified or str(address) in _host_addresses()
+    if local and low <= proxy.reversed_port <= high:
+        return [
+            f"hosts {shown}: reverse-proxy: {address}:{proxy.reversed_port} is in keter's "
+            f"port-range ({low}-{high}), where apps listen: reach an app through its host"
+        ]
+    return []
+
+
+def _host_addresses() -> set[str]:
+    """This machine's own addresses (a connection to any of them stays on the machine)."""
+    try:
+        return {
+            entry.address.split("%")[0]
+            for entries in psutil.net_if_addrs().values()
+            for entry in entries
+        }
+    except OSError:
+        return set()
 
 
 def approot(host: str, *, secure: bool, settings: KeterConfig) -> str:

@@ -894,6 +894,10 @@ def test_an_answer_is_never_spooled_to_disk_and_an_app_has_a_share_of_connection
     assert re.search(r"upstream keter_a\S* \{\s+server 127\.0\.0\.1:\d+ max_conns=7;", text)
     uncapped = render([site("a", "a.test")], LOCAL, 1, ProxyOptions(app_max_connections=0))
     assert "max_conns" not in uncapped
+    # A bundle's reverse proxy to an address (a tarpit of its own, say) has the same share.
+    remote = Route(hosts=("r.test",), action=ProxyRemote(host="10.1.2.3", port=81))
+    text = render([Site(app="r", routes=(remote,))], LOCAL, 1, ProxyOptions(app_max_connections=7))
+    assert "server 10.1.2.3:81 max_conns=7;" in text
 
 
 def test_global_options_render_into_every_server() -> None:

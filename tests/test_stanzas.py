@@ -44,6 +44,7 @@ from keter.messages import (
     TlsFiles,
 )
 from keter.routes import approot, deploy_problems, sites_for
+from keter.switch.nft import Table
 
 EXECUTABLES = ("hello", "worker", "nc.sh", "chat", "bin/backend")
 
@@ -905,6 +906,40 @@ def test_deploy_problems_need_a_resolver_for_a_reverse_proxy_to_a_name(tmp_path)
     ]
     resolving = NginxSettings(config_file=tmp_path / "nginx/keter.conf", resolver=("127.0.0.53",))
     assert deploy_problems(config, settings(tmp_path, nginx=resolving)) == []
+
+
+def test_a_reverse_proxy_to_an_apps_port_or_a_stable_address_is_refused(tmp_path) -> None:
+    """A bundle's reverse proxy to 127.0.0.1:PORT of another app, or to keter's stable
+    address, reached that app past its basic-auth, `local` and rate limits: nginx's
+    workers are not kept off apps' ports as apps are."""
+    stable = Table.for_root(tmp_path / "root").address
+    targets = {
+        "a": ("127.0.0.1", 4001),
+        "b": ("::1", 4500),
+        "c": ("::ffff:127.0.0.1", 4999),
+        "d": ("0.0.0.0", 4000),
+        "e": (stable, 7000),
+        "f": ("127.0.0.1", 5432),  # outside port-range: a local service of the operator's
+        "g": ("10.1.2.3", 4001),  # another machine
+        "h": ("api.test", 4001),  # a name: resolved by nginx when a request comes
+    }
+    stanzas = "".join(
+        f"  - {{type: reverse-proxy, reversing-host: {name}, reversed-host: '{host}', "
+        f"reversed-port: {port}}}\n"
+        for name, (host, port) in targets.items()
+    )
+    config = parse(tmp_path, "stanzas:\n" + stanzas)
+    resolving = NginxSettings(config_file=tmp_path / "nginx/keter.conf", resolver=("127.0.0.53",))
+    problems = deploy_problems(config, settings(tmp_path, nginx=resolving, port_range=(4000, 4999)))
+    assert [problem.split(":")[0] for problem in problems] == [
+        "hosts a",
+        "hosts b",
+        "hosts c",
+        "hosts d",
+        "hosts e",
+    ]
+    assert "is in keter's port-range (4000-4999)" in problems[0]
+    assert problems[4] == f"hosts e: reverse-proxy: {stable} is keter's own stable address"
 
 
 def test_deploy_problems_read_the_certificates_again(tmp_path) -> None:

@@ -593,7 +593,11 @@ class _Renderer:
             elif isinstance(action, ProxyRemote) and _remote_address(action.host) is not None:
                 # Host names get no upstream block: nginx would resolve them once, at
                 # load, and refuse the whole config when one stops resolving.
-                server = f"    server {_remote_address(action.host)}:{action.port};\n"
+                cap = _count(self.options.app_max_connections, "app-max-connections")
+                server = (
+                    f"    server {_remote_address(action.host)}:{action.port}"
+                    f"{f' max_conns={cap}' if cap else ''};\n"
+                )
                 name = f"{upstream_name(site.app)}__r{index}"
                 blocks.append(_UPSTREAM.format(name=name, servers=server, keepalive=16))
         return blocks

@@ -723,7 +723,7 @@ def test_reverse_proxy_route_has_its_own_upstream_and_host_header() -> None:
     site = Site(app="p", hosts=("app.test",), port=4000, routes=(route("p.test", action=remote),))
     text = render([site], LOCAL, 1)
     upstream = re.search(r"upstream keter_p__r1 \{(.*?)\}", text, re.S).group(1)
-    assert "server [::1]:8443;" in upstream
+    assert "server [::1]:8443 max_conns=256;" in upstream
     block = one_block(text, "p.test")
     assert "proxy_pass https://keter_p__r1;" in block
     assert 'proxy_set_header Host "api.test";' in block

@@ -46,7 +46,7 @@ from keter.messages import (
 )
 from keter.names import is_wildcard
 from keter.nginx.files import resolvers
-from keter.nginx.render import needs_resolver, resolver_missing
+from keter.nginx.render import needs_resolver, remote_address, resolver_missing
 from keter.switch.nft import Table
 from keter.yamlcheck import pem_problem
 
@@ -217,10 +217,13 @@ def _app_port_problems(shown: str, proxy: ReverseProxy, settings: KeterConfig) -
     basic-auth, `local`, rate limits): nginx's workers are not kept off apps' ports as
     apps are (keter.switch.nft). A name is resolved by nginx when a request comes, so
     only what a bundle writes as an address can be refused here."""
-    try:
-        address = ipaddress.ip_address(proxy.reversed_host.strip("[]"))
-    except ValueError:
+    try:  # the address nginx will be given, as the renderer reads it (localhost too)
+        given = remote_address(proxy.reversed_host)
+    except ValueError:  # the parser checked the host; the renderer refuses it alike
         return []
+    if given is None:
+        return []
+    address = ipaddress.ip_address(given.strip("[]"))
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     if address == ipaddress.ip_address(Table.for_root(settings.root).address):

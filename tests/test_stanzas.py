@@ -922,6 +922,7 @@ def test_a_reverse_proxy_to_an_apps_port_or_a_stable_address_is_refused(tmp_path
         "f": ("127.0.0.1", 5432),  # outside port-range: a local service of the operator's
         "g": ("10.1.2.3", 4001),  # another machine
         "h": ("api.test", 4001),  # a name: resolved by nginx when a request comes
+        "i": ("localhost", 4002),  # which nginx is given as 127.0.0.1
     }
     stanzas = "".join(
         f"  - {{type: reverse-proxy, reversing-host: {name}, reversed-host: '{host}', "
@@ -937,6 +938,7 @@ def test_a_reverse_proxy_to_an_apps_port_or_a_stable_address_is_refused(tmp_path
         "hosts c",
         "hosts d",
         "hosts e",
+        "hosts i",
     ]
     assert "is in keter's port-range (4000-4999)" in problems[0]
     assert problems[4] == f"hosts e: reverse-proxy: {stable} is keter's own stable address"

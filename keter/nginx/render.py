@@ -590,12 +590,12 @@ class _Renderer:
                         max_idle=_duration(POOLED_CONNECTION_MAX_IDLE),
                     )
                 )
-            elif isinstance(action, ProxyRemote) and _remote_address(action.host) is not None:
+            elif isinstance(action, ProxyRemote) and remote_address(action.host) is not None:
                 # Host names get no upstream block: nginx would resolve them once, at
                 # load, and refuse the whole config when one stops resolving.
                 cap = _count(self.options.app_max_connections, "app-max-connections")
                 server = (
-                    f"    server {_remote_address(action.host)}:{action.port}"
+                    f"    server {remote_address(action.host)}:{action.port}"
                     f"{f' max_conns={cap}' if cap else ''};\n"
                 )
                 name = f"{upstream_name(site.app)}__r{index}"
@@ -807,7 +807,7 @@ class _Renderer:
         """
         port = names.validate_port(remote.port)
         scheme = "https" if remote.ssl else "http"
-        address = _remote_address(remote.host)
+        address = remote_address(remote.host)
         lines = self.loop_guard()
         if address is not None:
             lines.append(f"proxy_pass {scheme}://{upstream_name(app)}__r{index};")
@@ -947,7 +947,7 @@ def _network(text: str) -> str:
 
 def needs_resolver(host: str) -> bool:
     """Whether nginx must resolve a reverse proxy's server by name (nginx.resolver)."""
-    return _remote_address(host) is None
+    return remote_address(host) is None
 
 
 def resolver_missing(host: str) -> str:
@@ -958,7 +958,7 @@ def resolver_missing(host: str) -> str:
     )
 
 
-def _remote_address(host: str) -> str | None:
+def remote_address(host: str) -> str | None:
     """A reverse proxy's server as an address for an upstream block, or None for a
     name nginx must resolve per request. ``localhost`` is this machine's loopback."""
     host = names.validate_upstream_host(host)

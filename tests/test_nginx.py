@@ -442,7 +442,11 @@ def test_status_host_answers_local_callers_only(private_nginx: PrivateNginx) -> 
     port = free_port()
     private_nginx.config_file.write_text(render([], [Listener("*", port)], 5))
     private_nginx.reload()
-    wait_for(lambda: fetch_generation("127.0.0.1", port) == "5", 10, "generation 5 on port")
+    wait_for(
+        lambda: fetch_generation("127.0.0.1", port) == "5",
+        10,
+        lambda: f"generation 5 on port {port}; nginx's log:\n{private_nginx.error_log_text()}",
+    )
     status, _, _ = private_nginx.request(STATUS_HOST, "/generation", port=port)
     assert status == 200
 

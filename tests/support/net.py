@@ -28,19 +28,35 @@ _next_own = itertools.count(random.randrange(10_000))
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing holds right now, from this xdist worker's slice
+    """A TCP port that nothing holds on any address right now, from this xdist worker's slice
     of ``_OWN_PORTS`` in turn (a port handed out is not handed out again soon)."""
     workers, worker = _xdist_worker()
     span = len(_OWN_PORTS) // workers
     for _ in range(span):
         port = _OWN_PORTS.start + worker * span + next(_next_own) % span
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))  # no SO_REUSEADDR: a port in TIME_WAIT is skipped
-            except OSError:
-                continue
+        if _free_everywhere(port):
             return port
     raise RuntimeError(f"no free port in {_OWN_PORTS} for this worker")
+
+
+def _free_everywhere(port: int) -> bool:
+    """Whether ``port`` is free on every address. A test nginx may listen on ``*:port``,
+    which a socket on another address (127.0.0.2, the host's own) keeps from binding even
+    when 127.0.0.1:port is free; the reload then fails and the test waits in vain."""
+    try:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:  # no IPv6 here: the IPv4 wildcard alone
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        address: tuple = ("0.0.0.0", port)
+    else:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # both families at once
+        address = ("::", port)
+    with s:
+        try:
+            s.bind(address)  # no SO_REUSEADDR: a port in TIME_WAIT is skipped
+        except OSError:
+            return False
+    return True
 
 
 def _xdist_worker() -> tuple[int, int]:

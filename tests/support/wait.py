@@ -9,8 +9,12 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 10.0, what: str = "") -> T:
+def wait_for(
+    predicate: Callable[[], T], timeout: float = 10.0, what: str | Callable[[], str] = ""
+) -> T:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s.
+
+    ``what`` names the wait in the failure; a callable is asked then (to show a log).
 
     Returns the truthy value so a test can wait for and use a result in one step.
     Exceptions from the predicate count as "not yet" until the deadline.
@@ -27,6 +31,7 @@ def wait_for(predicate: Callable[[], T], timeout: float = 10.0, what: str = "") 
             last_error = exc
         if time.monotonic() >= deadline:
             detail = f" (last error: {last_error!r})" if last_error else ""
+            what = what() if callable(what) else what
             raise AssertionError(
                 f"timed out after {timeout}s waiting for {what or predicate}{detail}"
             )

@@ -34,18 +34,35 @@ MAX_INT = 2**63 - 1
 MAX_SECONDS = 365 * 24 * 3600
 
 
+# Warnings kept of one document; the rest are counted. A bundle with 60,000 unknown keys
+# would otherwise be 60,000 log lines a deploy, past journald's rate limit, which would
+# then drop keter's lines about other apps.
+WARNINGS_KEPT = 20
+
+
 class Checker:
     """Collects problems (fatal) and warnings (notes) while a document is parsed."""
 
     def __init__(self) -> None:
         self.problems: list[str] = []
-        self.warnings: list[str] = []
+        self._warnings: list[str] = []
+        self._warnings_left = 0  # past WARNINGS_KEPT
 
     def problem(self, path: str, message: str) -> None:
         self.problems.append(f"{path}: {message}")
 
     def warn(self, path: str, message: str) -> None:
-        self.warnings.append(f"{path}: {message}")
+        if len(self._warnings) < WARNINGS_KEPT:
+            self._warnings.append(f"{path}: {message}")
+        else:
+            self._warnings_left += 1
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """The first ``WARNINGS_KEPT`` warnings, then "... and N more warnings"."""
+        left = self._warnings_left
+        more = (f"... and {left} more warning{'s' if left != 1 else ''}",) if left else ()
+        return (*self._warnings, *more)
 
 
 # -- YAML ------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from keter.bundle import (
     parse_bundle_data,
 )
 from keter.bundle.middleware import MAX_THROTTLES
-from keter.yamlcheck import load_yaml
+from keter.yamlcheck import WARNINGS_KEPT, load_yaml
 
 FOO_V04 = keter_sample("foo-v04.keter.yaml")
 
@@ -157,6 +157,21 @@ def test_unknown_keys_are_warnings(tmp_path: Path) -> None:
         "forward-env: unknown key; ignored",
         "plugins.postgress: unknown key (did you mean postgres?); ignored",
     )
+
+
+def test_a_flood_of_unknown_keys_is_a_few_warnings_and_a_count(tmp_path: Path) -> None:
+    # 60,000 unknown keys were 60,000 log lines a deploy: past journald's rate limit,
+    # which then drops keter's lines about every other app.
+    keys = "".join(f"k{i}: 0\n" for i in range(5000))
+    stanza = "".join(f"    s{i}: 0\n" for i in range(50))
+    config = parse(
+        tmp_path,
+        f"stanzas:\n  - type: webapp\n    exec: ../hello\n    host: a\n{stanza}{keys}",
+    )
+    assert config.webapp is not None
+    assert len(config.warnings) == WARNINGS_KEPT + 1
+    assert config.warnings[0] == "k0: unknown key; ignored"
+    assert config.warnings[-1] == f"... and {5050 - WARNINGS_KEPT} more warnings"
 
 
 def test_a_bare_middleware_name_that_takes_settings_says_how_to_write_it(tmp_path: Path) -> None:

@@ -204,6 +204,18 @@ def switch_line(switch: dict) -> str:
             return "switch: not known yet"
 
 
+HOSTS_SHOWN = 2  # in a row of ``keter status``; `keter status APP` and --json show all
+
+
+def _hosts_cell(hosts: list[str]) -> str:
+    """The first hosts and a count of the rest: the column is as wide as its widest cell,
+    and an app with hundreds of hosts would push every app's other columns off screen."""
+    if not hosts:
+        return "-"
+    more = len(hosts) - HOSTS_SHOWN
+    return ",".join(hosts[:HOSTS_SHOWN]) + (f" (+{more} more)" if more > 0 else "")
+
+
 def render_table(apps: list[dict], now: float) -> str:
     """The apps as an aligned text table."""
     if not apps:
@@ -231,7 +243,7 @@ def render_table(apps: list[dict], now: float) -> str:
                 app["name"],
                 app["state"] + (f" (deploying {app['deploying']})" if app["deploying"] else ""),
                 app["version"] or "-",
-                ",".join(app["hosts"]) or "-",
+                _hosts_cell(app["hosts"]),
                 str(app["port"] or "-"),
                 str(app["pid"] or "-"),
                 human_duration(app["uptime"]) if app["uptime"] is not None else "-",

@@ -430,15 +430,18 @@ def rate_limited(limiters: int) -> dict:
 
 def test_a_bundle_takes_as_much_as_the_bounds_allow(tmp_path: Path) -> None:
     wildcards = [f"*.w{i}.test" for i in range(budget.MAX_SERVER_BLOCKS - 2)]
+    plain = budget.MAX_HOSTS - len(wildcards) - 2  # a.test and rl.test are the other two
     config = parse(
         tmp_path,
         stanzas(
-            webapp("a.test", *wildcards),  # its exact host's server block and one per wildcard
+            # One server block for its plain hosts and one per wildcard; rl.test's is the last.
+            webapp("a.test", *wildcards, *(f"h{i}.test" for i in range(plain))),
             rate_limited(budget.MAX_RATE_ZONES // MAX_THROTTLES),
             *[BACKGROUND] * (budget.MAX_PROCESSES - 2),
         ),
     )
     assert len(config.webapps) + len(config.backgrounds) == budget.MAX_PROCESSES
+    assert len(config.all_hosts) == budget.MAX_HOSTS
 
 
 @pytest.mark.parametrize(
@@ -471,11 +474,19 @@ def test_a_bundle_takes_as_much_as_the_bounds_allow(tmp_path: Path) -> None:
             "stanzas: 101 nginx server blocks",
         ),
         (
+            # Plain hosts share a server block but every operator view lists them.
+            stanzas(
+                webapp(*(f"h{i}.test" for i in range(budget.MAX_HOSTS // 2))),
+                {**REDIRECT, "hosts": [f"r{i}.test" for i in range(budget.MAX_HOSTS // 2 + 1)]},
+            ),
+            "stanzas: 501 host names; at most 500 are allowed",
+        ),
+        (
             stanzas(rate_limited(budget.MAX_RATE_ZONES // MAX_THROTTLES + 1)),
             "middleware: 80 rate-limit throttles, each 1 MiB of nginx's shared memory; at most 64",
         ),
     ],
-    ids=["processes", "wildcards", "acme-hosts", "stanzas", "rate-zones"],
+    ids=["processes", "wildcards", "acme-hosts", "stanzas", "hosts", "rate-zones"],
 )
 def test_a_bundle_asking_more_of_the_shared_parts_is_refused(
     tmp_path: Path, config: str, expected: str

@@ -95,6 +95,32 @@ def test_deploy_waits_for_serving_then_status_and_logs_show_the_app(keter, priva
     assert sorted(p.name for p in keter.incoming.iterdir()) == ["hello.keter"]
 
 
+def _status_row(name: str, hosts: list[str]) -> dict:
+    return {
+        "name": name,
+        "state": "running",
+        "deploying": None,
+        "version": "abc",
+        "hosts": hosts,
+        "port": 4000,
+        "pid": 42,
+        "uptime": 5,
+        "restarts": 0,
+        "traffic": None,
+        "last_deploy": None,
+    }
+
+
+def test_an_app_with_many_hosts_keeps_the_status_table_readable() -> None:
+    # The column is as wide as its widest cell: 3,000 hosts made every row 200,000 wide.
+    many = [f"h{i}.example.test" for i in range(300)]
+    table = commands.render_table([_status_row("many", many), _status_row("plain", ["p.test"])], 0)
+    _header, wide, plain = table.splitlines()
+    assert wide.split()[:4] == ["many", "running", "abc", "h0.example.test,h1.example.test"]
+    assert "(+298 more)" in wide
+    assert len(plain) < 150, plain
+
+
 def test_deploy_of_an_app_failing_its_health_check_says_why(keter_factory, private_nginx, tmp_path):
     keter = keter_factory(**{"health-check-timeout": 1.5})
     config = webapp_config(

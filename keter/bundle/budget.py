@@ -10,9 +10,11 @@ would take the port range from the other apps, or nginx's memory (20,000
 wildcard hosts: 1.4 GB in each nginx process) and seconds from every later
 reload. So a bundle asking for more than these bounds is refused when it is
 read, before anything of it starts, with the count and the bound. Plain hosts
-are cheap (they share their stanza's server block) and are not counted; a host
-of an ``ssl: acme`` stanza is a server block of its own (its own certificate),
-and counted.
+are cheap for nginx (they share their stanza's server block) and count only
+against ``MAX_HOSTS``: every operator view lists an app's hosts (the status
+API the dashboard polls each second, ``keter status``), and 3,000 of them made
+one app's row 200,000 characters wide; a host of an ``ssl: acme`` stanza is a
+server block of its own (its own certificate), and counted there too.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ MAX_PROCESSES = 64  # web app and background stanzas
 # Per listener: one per stanza with hosts, one per wildcard host, one per ssl: acme host.
 MAX_SERVER_BLOCKS = 100
 MAX_RATE_ZONES = 64  # rate-limit throttles, 1 MiB of nginx's shared memory each
+MAX_HOSTS = 500  # host names of all routed stanzas together
 
 
 def check_budget(config: BundleConfig, check: Checker) -> None:
@@ -37,9 +40,10 @@ def check_budget(config: BundleConfig, check: Checker) -> None:
             f"at most {MAX_PROCESSES} are allowed",
         )
     routed = (*config.webapps, *config.static_files, *config.redirects, *config.reverse_proxies)
-    servers = zones = 0
+    servers = zones = hosts = 0
     for stanza in routed:
         servers += _server_blocks(stanza)
+        hosts += len(stanza.hosts)
         for middleware in getattr(stanza, "middleware", ()):
             if isinstance(middleware, RateLimiterConfig):
                 zones += len(middleware.throttles)
@@ -49,6 +53,8 @@ def check_budget(config: BundleConfig, check: Checker) -> None:
             f"{servers} nginx server blocks (one per stanza with hosts, one per wildcard "
             f"host and one per ssl: acme host); at most {MAX_SERVER_BLOCKS} are allowed",
         )
+    if hosts > MAX_HOSTS:
+        check.problem("stanzas", f"{hosts} host names; at most {MAX_HOSTS} are allowed")
     if zones > MAX_RATE_ZONES:
         check.problem(
             "middleware",

@@ -591,9 +591,34 @@ def test_metrics_count_deploys_restarts_and_health_check_failures(make_status):
     assert samples[("keter_restarts_total", (("app", "hello"),))] == 2
     assert samples[("keter_health_check_failures_total", (("app", "hello"),))] == 1
 
-    status.tell_and_wait(AppGone(app="other"))
+    status.tell_and_wait(AppGone(app="other"), AppGone(app="hello"))
     _, _, body = status.http("GET", "/metrics", {"Host": here})
     assert ("keter_app_up", (("app", "other"),)) not in metric_samples(body.decode())
+    # A gone app's series all go: the series stay as many as the apps.
+    assert not [key for key in metric_samples(body.decode()) if ("app", "hello") in key[1]]
+
+
+def test_refused_files_under_names_no_app_has_make_no_series_of_their_own(make_status):
+    # 1,500 junk files dropped and deleted were 3,000 series in every scrape until keter
+    # stopped; a refused upload of an app that runs is still that app's failed deploy.
+    status = make_status()
+    junk = [
+        finished(app=f"junk{i}", outcome="failed", reason="not gzip", kind=FailureKind.UNPACK)
+        for i in range(50)
+    ]
+    status.tell_and_wait(
+        AppChanged(snapshot=snapshot()),
+        *junk,
+        *junk,  # a name the history knows has no app either
+        finished(outcome="failed", reason="not gzip", kind=FailureKind.UNPACK),
+    )
+    here = "{}:{}".format(*status.server.tcp_address)
+    _, _, body = status.http("GET", "/metrics", {"Host": here})
+    samples = metric_samples(body.decode())
+    assert not [key for key in samples if ("app", "junk0") in key[1]]
+    assert samples[("keter_refused_bundles_total", ())] == 100
+    assert samples[("keter_deploys_total", (("app", "hello"), ("outcome", "failed")))] == 1
+    assert len(status.server.board.history.entries("junk0")) == 2  # the history keeps them
 
 
 # -- inside a real keter -----------------------------------------------------------------------

@@ -171,7 +171,10 @@ class StatusServer(Actor):
             self.metrics.restarts.labels(snapshot.app).inc(added)
 
     def _deploy_finished(self, msg: DeployFinished) -> None:
-        self.metrics.deploys.labels(msg.app, msg.outcome.value).inc()
+        if self.board.has_app(msg.app):
+            self.metrics.deploys.labels(msg.app, msg.outcome.value).inc()
+        else:  # a refused file under a name no app has (the supervisor never published it)
+            self.metrics.refused.inc()
         if msg.outcome is Outcome.SERVING:
             self.metrics.duration.observe(msg.duration)
             self._archive(msg)  # before the verdict is visible, so a rollback can use it at once

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from keter.messages import AppTraffic
+from keter.messages import AppTraffic, Outcome
 from keter.stats.traffic import CLASSES, METRIC_BUCKETS
 
 DURATION_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
@@ -45,14 +45,29 @@ class Metrics:
             ["app"],
             registry=r,
         )
+        # A refused entry of incoming/ under a name no app has: counted without its name.
+        # Every file name seen would otherwise be a series until keter stops (1,500 junk
+        # files dropped and deleted: 3,000 series in every scrape).
+        self.refused = Counter(
+            "keter_refused_bundles",
+            "Entries of incoming/ refused (not a bundle keter can read) under a name no app has",
+            registry=r,
+        )
         self.traffic = TrafficMetrics()
         r.register(self.traffic)
         r.register(CertificateMetrics(certificates))
 
     def forget(self, app: str) -> None:
-        """The app is gone: it is no longer up or down."""
-        with contextlib.suppress(KeyError):  # never seen up or down
-            self.up.remove(app)
+        """The app is gone: every series of its own goes (the deploy history keeps its
+        record), so the series stay as many as the apps."""
+        for metric, labels in (
+            (self.up, ()),
+            *((self.deploys, (outcome,)) for outcome in Outcome),
+            (self.restarts, ()),
+            (self.health_check_failures, ()),
+        ):
+            with contextlib.suppress(KeyError):  # never counted
+                metric.remove(app, *labels)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

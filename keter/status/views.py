@@ -80,6 +80,11 @@ class StatusBoard:
             self._apps[snapshot.app] = snapshot
             return previous
 
+    def has_app(self, app: str) -> bool:
+        """Whether the supervisor has told of an app by this name (and not of its end)."""
+        with self.cond:
+            return app in self._apps
+
     def app_gone(self, app: str) -> None:
         with self.cond:
             self._apps.pop(app, None)

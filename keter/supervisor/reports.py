@@ -56,6 +56,9 @@ class Reports(SupervisorState):
         version serving until it is replaced), and a line of the app's history."""
         if not history_only:
             deploy.outcome = outcome
+        # The app first (a deploy can end in the message that made its app): the status
+        # component counts a verdict under an app's name only if it knows that app.
+        self._publish()
         if self.c.status is not None:
             self.c.status.tell(
                 DeployFinished(

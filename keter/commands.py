@@ -40,6 +40,7 @@ from keter.config import KeterConfig
 from keter.history import REASON_LIMIT, capped_text
 from keter.incoming.gzipcheck import GZIP_MAGIC
 from keter.incoming.unpack import UnpackError, safe_unpack
+from keter.log import MESSAGE_LIMIT
 from keter.logtail import LogFollower, tail_lines
 from keter.names import log_text, validate_app_name
 
@@ -65,18 +66,25 @@ def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     try:
         return args.run(args)
     except Refused as exc:
-        print(f"keter: {exc}", file=sys.stderr)
+        _say(exc)
         return EXIT_USAGE
     except (NotRunning, PermissionDenied) as exc:
-        print(f"keter: {exc}", file=sys.stderr)
+        _say(exc)
         return EXIT_UNAVAILABLE
     except ClientError as exc:
-        print(f"keter: {exc}", file=sys.stderr)
+        _say(exc)
         return EXIT_FAILED
     except BrokenPipeError:  # `keter logs app | head`
         with contextlib.suppress(OSError):
             sys.stdout.close()
         return EXIT_OK
+
+
+def _say(failure: Exception) -> None:
+    """Why a command failed, as one line a terminal shows as it is: the text may carry a
+    name from a bundle folder or the operator's own arguments (escape sequences, a forged
+    "keter: wrote ..." line after a newline)."""
+    print(f"keter: {log_text(failure, limit=MESSAGE_LIMIT)}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:

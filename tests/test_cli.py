@@ -556,3 +556,16 @@ def test_bundle_refuses_a_folder_keter_would_refuse(capsys, tmp_path):
     assert code == EXIT_USAGE
     assert "must end in .keter" in err
     assert list(tmp_path.glob(".*")) == []  # no temporary file left behind
+
+
+def test_a_refusal_naming_a_hostile_file_is_one_escaped_line(capsys, tmp_path):
+    # A folder from an untrusted checkout: its file name set the terminal's title, cleared
+    # the screen and forged a success line after a newline.
+    folder = app_folder(tmp_path / "hostile")
+    name = "\x1b]0;pwned\x07\x1b[2J\rFORGED\nketer: wrote x.keter (3 entries)"
+    (folder / "static" / name).symlink_to("/etc/passwd")
+    code, _, err = cli(capsys, tmp_path, "bundle", str(folder), "-o", str(tmp_path / "h.keter"))
+    assert code == EXIT_USAGE
+    assert err.endswith("\n") and err.count("\n") == 1
+    assert err.rstrip("\n").isprintable(), err
+    assert "\\x1b]0;pwned\\x07" in err and "\\nketer: wrote" in err

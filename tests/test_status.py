@@ -54,7 +54,7 @@ from keter.messages import (
 from keter.status import StatusServer, handler, servers
 from keter.status.checks import RequestChecks
 from keter.status.errors import ApiError as StatusApiError
-from keter.status.views import app_urls
+from keter.status.views import MAX_LOG_ANSWER, app_urls
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -261,6 +261,22 @@ def test_log_lines(make_status):
     assert len(status.client.log("hello", 5000)) == 1000  # capped
     with pytest.raises(ApiError):
         status.client.log("..", 5)
+
+
+def test_log_lines_answer_is_bounded_in_bytes_whatever_the_characters(make_status):
+    # JSON writes an emoji in 12 bytes: 200 lines of 5,000 were 10 MB an answer, asked for
+    # each second by the dashboard's app page.
+    status = make_status()
+    status.tell_and_wait(AppChanged(snapshot=snapshot()))
+    log_file = status.config.log_dir / "app-hello.log"
+    log_file.write_text("".join(f"{i} " + "\U0001f600" * 5000 + "\n" for i in range(250)))
+    here = "{}:{}".format(*status.server.tcp_address)
+    code, _, body = status.http("GET", "/api/apps/hello/log?n=200", {"Host": here})
+    assert code == 200
+    assert len(body) <= MAX_LOG_ANSWER + 1000
+    lines = json.loads(body)["lines"]
+    assert 5 < len(lines) < 200
+    assert lines[-1].startswith("249 ")  # the newest are the ones kept
 
 
 # -- archive, restart, rollback ----------------------------------------------------------------

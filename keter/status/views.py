@@ -10,6 +10,7 @@ polls waiting for one.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import threading
 import time
@@ -37,6 +38,7 @@ EVENTS_KEPT = 100
 EVENT_LIMIT = REASON_LIMIT + 100  # characters of one event's text (a deploy's reason and more)
 MAX_LOG_LINES = 1000
 LOG_LINE_LIMIT = 4096  # characters of one log line shown (an app's lines go up to 64 KiB)
+MAX_LOG_ANSWER = 512 * 1024  # bytes of JSON of the lines of one answer, the newest kept
 MAX_LOG_BYTES = MAX_LOG_LINES * LOG_LINE_LIMIT  # read of the log at most: what can be shown
 LONG_POLL_SECONDS = 30.0  # the longest a history request waits for a new entry
 ISSUER_LIMIT = 300  # characters of a certificate's issuer shown (the CA's name)
@@ -229,7 +231,15 @@ class StatusBoard:
             lines = []
         # The app wrote these: shown with control characters and escape sequences escaped.
         shown = [log_text(line, LOG_LINE_LIMIT) for line in lines]
-        return {"app": app, "file": str(path), "lines": shown}
+        # Bounded in bytes too: JSON escapes each character past ASCII in 6 or 12 bytes,
+        # so 200 lines of emoji were 10 MB an answer, which the dashboard asks each second.
+        size, kept = 0, len(shown)
+        while kept:
+            size += len(json.dumps(shown[kept - 1])) + 1  # the line and its comma
+            if size > MAX_LOG_ANSWER:
+                break
+            kept -= 1
+        return {"app": app, "file": str(path), "lines": shown[kept:]}
 
     def _app_json(self, snapshot: AppSnapshot, now: float) -> dict:
         started = snapshot.started_at

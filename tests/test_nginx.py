@@ -11,6 +11,7 @@ import re
 import socket
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ from keter.nginx import (
     render,
     upstream_name,
 )
+from keter.nginx import writer as writer_module
 from keter.nginx.errorlog import ErrorLog
 from keter.nginx.render import generation_of
 
@@ -335,12 +337,14 @@ def make_writer(
     nginx: PrivateNginx, reports: queue.Queue, *, listeners: list[Listener] | None = None, **extra
 ) -> NginxWriter:
     return NginxWriter(
-        listeners=listeners or [Listener("127.0.0.1", nginx.port)],
-        config_file=nginx.config_file,
-        test_command=nginx.test_command,
-        reload_command=nginx.reload_command,
-        report_to=reports,
-        **extra,
+        **{
+            "listeners": listeners or [Listener("127.0.0.1", nginx.port)],
+            "config_file": nginx.config_file,
+            "test_command": nginx.test_command,
+            "reload_command": nginx.reload_command,
+            "report_to": reports,
+            **extra,
+        }
     )
 
 
@@ -484,6 +488,78 @@ def test_config_test_failure_restores_old_file(
     assert apply(writer, reports, 3, site("blog", "blog.test", port=second.port)) == NginxApplied(
         generation=3
     )
+
+
+def _wrapped_test(tmp_path: Path, nginx: PrivateNginx, body: str) -> tuple[str, ...]:
+    """A test-command that runs ``body`` (sh) once ``tmp_path/bad`` exists, else nginx -t."""
+    script = tmp_path / "test-command"
+    real = " ".join(nginx.test_command)
+    script.write_text(f"#!/bin/sh\nif [ -e {tmp_path}/bad ]; then\n{body}\nfi\nexec {real}\n")
+    script.chmod(0o755)
+    return (str(script),)
+
+
+def test_a_test_command_saying_bytes_that_are_no_utf8_fails_the_apply_and_restores(
+    private_nginx: PrivateNginx, reports: queue.Queue, backends, tmp_path: Path
+) -> None:
+    # Decoded strictly, they had crashed the writer mid-apply, leaving a config nginx never
+    # tested on disk (the next reload by anyone would have served it).
+    first, second = backends
+    command = _wrapped_test(
+        tmp_path, private_nginx, "printf 'nginx: [emerg] bad \\377\\376 thing\\n' >&2; exit 1"
+    )
+    writer = make_writer(private_nginx, reports, test_command=command)
+    writer.start()
+    try:
+        assert apply(writer, reports, 1, site("blog", "blog.test", port=first.port)) == (
+            NginxApplied(generation=1)
+        )
+        private_nginx.wait_generation(1)
+        before = private_nginx.config_file.read_bytes()
+        (tmp_path / "bad").touch()
+        failed = apply(writer, reports, 2, site("blog", "blog.test", port=second.port))
+        assert isinstance(failed, NginxFailed), failed
+        assert "[emerg] bad \ufffd\ufffd thing" in failed.reason
+        assert private_nginx.config_file.read_bytes() == before
+        assert writer.is_alive()
+        assert reports.empty()  # no component failure reported
+        (tmp_path / "bad").unlink()
+        assert apply(writer, reports, 3, site("blog", "blog.test", port=second.port)) == (
+            NginxApplied(generation=3)
+        )
+    finally:
+        writer.stop()
+        writer.join(timeout=15)
+
+
+def test_a_hung_test_command_is_killed_with_its_children_and_tried_once(
+    private_nginx: PrivateNginx,
+    reports: queue.Queue,
+    backends,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A wrapper whose nginx -t hangs: subprocess.run killed the wrapper alone and left the
+    # rest running, and the apply ran it twice (once more to find a culprit site).
+    monkeypatch.setattr(writer_module, "COMMAND_TIMEOUT", 1.0)
+    marker = f"4242.{os.getpid()}"
+    command = _wrapped_test(tmp_path, private_nginx, f"sleep {marker}")
+    writer = make_writer(private_nginx, reports, test_command=command)
+    writer.start()
+    try:
+        (tmp_path / "bad").touch()
+        began = time.monotonic()
+        failed = apply(writer, reports, 1, site("blog", "blog.test", port=backends[0].port))
+        took = time.monotonic() - began
+    finally:
+        writer.stop()
+        writer.join(timeout=15)
+    assert isinstance(failed, NginxFailed)
+    assert "did not finish within 1s" in failed.reason
+    assert took < 1.9, took
+    left = [p for p in psutil.process_iter(["cmdline"]) if marker in (p.info["cmdline"] or [])]
+    assert left == []
+    assert not private_nginx.config_file.read_text()  # the file nginx runs, put back
 
 
 def test_config_test_failure_without_old_file_removes_it(

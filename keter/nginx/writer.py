@@ -36,7 +36,6 @@ import logging
 import os
 import queue
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -65,6 +64,7 @@ from keter.nginx.render import (
     wildcard_order,
 )
 from keter.nginx.workers import Retiring
+from keter.shortrun import run_short
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,10 @@ class _Missed:
 
 class NginxBroken(Exception):
     """keter's config fails ``nginx -t`` even without any site."""
+
+
+class _Hung(NginxBroken):
+    """An nginx command did not finish in time: no use running it again in this apply."""
 
 
 class NginxWriter(Actor):
@@ -207,6 +211,9 @@ class NginxWriter(Actor):
         except OSError as exc:
             self._fail(generation, f"cannot write {self.config_file}: {exc}{self._restore()}")
             return
+        except BaseException:  # a bug: disk and the running nginx must agree all the same
+            self._restore()
+            raise
         main = self._main_text(chosen, generation).encode()
         if not self._reload(generation):
             return
@@ -511,7 +518,10 @@ class NginxWriter(Actor):
                 return None
             except OSError:
                 pass  # gone since it was looked at: the command finds nginx's new master
-        return _run(command)
+        try:
+            return _run(command)
+        except _Hung as exc:
+            return str(exc)
 
     def _confirm(self, generation: int, deadline: float, errors: ErrorLog) -> int | None:
         """Poll the status server until it reports ``generation``; None on timeout or
@@ -565,23 +575,22 @@ class NginxWriter(Actor):
 
 
 def _run(command: Sequence[str]) -> str | None:
-    """Run an nginx command; None on success, else a reason quoting nginx's errors."""
+    """Run an nginx command; None on success, else a reason quoting nginx's errors.
+    Raises _Hung if it did not finish in time (it and its children are killed)."""
     try:
-        result = subprocess.run(
-            list(command), capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return f"{_shell(command)} did not finish within {COMMAND_TIMEOUT:g}s"
+        ran = run_short(command, COMMAND_TIMEOUT)
     except OSError as exc:
         return f"cannot run {_shell(command)}: {exc}"
-    if result.returncode == 0:
+    if ran.returncode is None:
+        raise _Hung(f"{_shell(command)} did not finish within {COMMAND_TIMEOUT:g}s")
+    if ran.returncode == 0:
         return None
-    output = (result.stderr + result.stdout).strip().splitlines()
+    output = ran.output.strip().splitlines()
     # nginx says why in its [emerg] lines; the rest ("test failed") adds nothing.
     detail = [line for line in output if "[emerg]" in line] or output[-3:]
     text = "; ".join(detail) or "no output"
     # The full command line (with -p/-c paths) is in the config; the program's name is enough here.
-    return f"{os.path.basename(command[0])} exited with status {result.returncode}: {text}"
+    return f"{os.path.basename(command[0])} exited with status {ran.returncode}: {text}"
 
 
 def _shell(command: Sequence[str]) -> str:

@@ -244,6 +244,7 @@ def run(command: list[str], stdin: str | None = None) -> str:
             input=stdin,
             capture_output=True,
             text=True,
+            errors="replace",  # what nft says is quoted, never a reason to fail
             timeout=TIMEOUT,
             check=False,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import itertools
 import json
 import logging
@@ -39,6 +40,7 @@ from keter.messages import (
     ProcessStopped,
     StopProcess,
 )
+from keter.processes import applog as applog_module
 from keter.processes.applog import (
     MAX_PARTIAL,
     TAIL_LINE_LIMIT,
@@ -606,6 +608,32 @@ def test_applog_appends_to_an_existing_file(tmp_path):
     applog.write_line(b"new")
     applog.close()
     assert (tmp_path / "a.log").read_bytes().startswith(b"from the previous version\n")
+
+
+def test_applog_whose_new_file_cannot_be_made_logs_again_once_it_can(tmp_path, monkeypatch, caplog):
+    # A rotation that could not open the new file (no inode left) had stopped the app's
+    # log for good, silently, even after space came back.
+    applog = AppLog(tmp_path / "a.log", max_bytes=100, backups=2)
+    capture = OutputCapture("app", applog)
+    capture.feed(b"line 00\nline 01\n")
+    real_open = open
+
+    def no_inode_left(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(applog_module, "open", no_inode_left, raising=False)
+    with caplog.at_level(logging.INFO, logger=applog_module.__name__):
+        for n in range(2, 8):  # a rotation falls in, and each write after it fails
+            capture.feed(b"line %02d\n" % n)
+        monkeypatch.setattr(applog_module, "open", real_open, raising=False)
+        capture.feed(b"line 08\nline 09\n")
+    applog.close()
+    said = [record.getMessage() for record in caplog.records]
+    assert said == [
+        f"app: cannot write {tmp_path / 'a.log'}: [Errno 28] No space left on device",
+        f"app: writing {tmp_path / 'a.log'} again",
+    ]
+    assert (tmp_path / "a.log").read_bytes().splitlines()[-1].endswith(b"line 09")
 
 
 def test_output_capture_joins_split_lines_and_keeps_a_tail(tmp_path):

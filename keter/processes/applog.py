@@ -10,6 +10,7 @@ and remembers the last few for crash reports.
 from __future__ import annotations
 
 import collections
+import io
 import logging
 import os
 import threading
@@ -43,21 +44,39 @@ class AppLog:
         self.max_bytes = max(1, max_bytes)
         self.backups = max(0, backups)
         self._lock = threading.Lock()
+        self._closed = False  # by close(): no more writes
+        self._failing = False  # the last write failed (and was said once)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Unbuffered: every batch is one write() that reaches the file at once,
-        # so the log is current when an app dies and keter is killed.
-        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - lives as long as the log
-        self._size = self._file.seek(0, os.SEEK_END)
+        self._file: io.FileIO | None = None  # None after a reopen failed: retried at each write
+        self._size = 0
+        self._reopen("ab")
 
     def write_line(self, line: bytes) -> None:
         """Append one line (without its newline), prefixed with the current time."""
         self.write_lines([line], timestamp())
 
+    def append(self, lines: list[bytes], stamp: bytes, who: str) -> None:
+        """``write_lines`` for keter's readers, which must go on whatever the disk does: a
+        failure is logged once, naming ``who``, until a write works again (said once too)."""
+        try:
+            self.write_lines(lines, stamp)
+        except OSError as exc:
+            if not self._failing:
+                self._failing = True
+                log.error("%s: cannot write %s: %s", who, self.path, exc)
+            return
+        if self._failing:
+            self._failing = False
+            log.info("%s: writing %s again", who, self.path)
+
     def write_lines(self, lines: list[bytes], stamp: bytes) -> None:
-        """Append lines that arrived together, each prefixed with ``stamp``."""
+        """Append lines that arrived together, each prefixed with ``stamp``. Raises
+        OSError if they cannot be written (a full disk)."""
         with self._lock:
-            if self._file.closed or not lines:
+            if self._closed or not lines:
                 return
+            if self._file is None:  # a rotation could not make the new file: again now
+                self._reopen("ab")
             # Stamped in one join, not line by line: an app printing short lines as fast
             # as it can ("yes") must not cost keter a Python loop per line.
             block = stamp + (b"\n" + stamp).join(lines) + b"\n"
@@ -78,15 +97,26 @@ class AppLog:
 
     def close(self) -> None:
         with self._lock:
-            self._file.close()
+            self._closed = True
+            if self._file is not None:
+                self._file.close()
+
+    def _reopen(self, mode: str) -> None:
+        # Unbuffered: every batch is one write() that reaches the file at once,
+        # so the log is current when an app dies and keter is killed.
+        self._file = open(self.path, mode, buffering=0)  # noqa: SIM115 - lives as long as the log
+        self._size = self._file.seek(0, os.SEEK_END)
 
     def _write(self, data: bytes | bytearray) -> None:
         if data:
+            assert self._file is not None
             self._file.write(data)
             self._size += len(data)
 
     def _rotate(self) -> None:
+        assert self._file is not None
         self._file.close()
+        self._file = None  # until the new file is open: a failed open is retried
         try:
             for n in range(self.backups - 1, 0, -1):
                 older = self._backup(n)
@@ -96,9 +126,7 @@ class AppLog:
                 os.replace(self.path, self._backup(1))
         finally:
             # Reopen even if a rename failed, so logging goes on (and retries the rotation).
-            mode = "ab" if self.backups else "wb"
-            self._file = open(self.path, mode, buffering=0)  # noqa: SIM115
-            self._size = self._file.seek(0, os.SEEK_END)
+            self._reopen("ab" if self.backups else "wb")
 
     def _backup(self, n: int) -> Path:
         return self.path.with_name(f"{self.path.name}.{n}")
@@ -150,7 +178,6 @@ class OutputCapture:
         # when asked for, since most output is never quoted.
         self._tail: collections.deque[tuple[bytes, int]] = collections.deque(maxlen=tail_lines)
         self._tail_lock = threading.Lock()
-        self._write_error_logged = False
 
     def feed(self, data: bytes) -> None:
         """Log every complete line in ``data``; keep an unfinished last line for later."""
@@ -185,13 +212,8 @@ class OutputCapture:
         ]
         with self._tail_lock:
             self._tail.extend(recent)
-        try:
-            self.applog.write_lines(lines, timestamp())
-        except OSError as exc:
-            # A full disk must not stop the reader: it also detects the exit.
-            if not self._write_error_logged:
-                log.error("%s: cannot write %s: %s", self.app, self.applog.path, exc)
-                self._write_error_logged = True
+        # A full disk must not stop the reader: it also detects the exit.
+        self.applog.append(lines, timestamp(), self.app)
 
 
 def _quoted(head: bytes, more: int) -> str:

@@ -282,10 +282,7 @@ class StatsCollector(Actor):
                 return
         self._log_used.pop(app, None)
         self._log_used[app] = time.monotonic()  # now the most recent: last in the dict
-        try:
-            applog.write_lines(lines, b"")
-        except OSError as exc:  # a full disk: the statistics go on
-            log.error("%s: cannot write %s: %s", app, applog.path, exc)
+        applog.append(lines, b"", app)  # a full disk: said once, and the statistics go on
 
     def _close_idle_logs(self, now: float) -> None:
         idle = time.monotonic() - 3600

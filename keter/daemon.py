@@ -218,6 +218,25 @@ def raise_open_files_limit() -> tuple[int, int]:
     return soft, soft
 
 
+OOM_SCORE_ADJ = -900  # keter's own; its apps raise theirs (keter.processes.spawn)
+
+
+def protect_from_oom_killer() -> None:
+    """Make keter one of the last processes the kernel's OOM killer picks.
+
+    Apps without a memory limit can spread their memory over many processes, each a
+    little smaller than keter: the OOM killer then killed keter, and the apps ran on
+    unsupervised. Every app's start raises its own score (``spawn.CHAIN``: anyone may
+    raise theirs), which alone puts apps first; keter also lowers its own where it may
+    (that needs CAP_SYS_RESOURCE; the unit file sets ``OOMScoreAdjust`` too).
+    """
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(OOM_SCORE_ADJ))
+    except OSError as exc:
+        log.info("keter: its own OOM score stays as it is (%s); its apps' is raised", exc)
+
+
 def run(config: KeterConfig) -> int:
     """Run keter until it is told to stop; returns the process exit code."""
     fix_mmap_threshold()  # first: before any thread allocates
@@ -226,6 +245,7 @@ def run(config: KeterConfig) -> int:
     before, after = raise_open_files_limit()
     if after != before:
         log.info("keter: open files limit raised from %d to %d", before, after)
+    protect_from_oom_killer()
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     try:
         components = build_components(config, inbox)

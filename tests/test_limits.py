@@ -42,6 +42,7 @@ from support.wait import wait_for
 from keter.limits import Limits
 from keter.messages import FailureKind, ProcessFailed, RunFinished, RunOnce
 from keter.processes.controllers import Controllers, Mechanism
+from keter.processes.spawn import APP_OOM_SCORE_ADJ
 
 MIB = 1 << 20
 DEFAULTS = {"memory": "256M", "processes": 300, "open-files": 1000, "cpu": 1}
@@ -138,6 +139,17 @@ def test_the_global_defaults_and_a_bundles_own_limits_are_applied(rig: Rig) -> N
     if how["processes"] != "rlimit":
         assert plain["Max processes"] == keter_own["Max processes"]
     assert plain["Max core file size"] == ("0", "0")
+    # The OOM killer picks an app before keter: an app spread over processes each a
+    # little smaller than keter got keter killed, its apps then running unsupervised.
+    # keter lowers its own score where it may (CAP_SYS_RESOURCE; not in every container).
+    lowered = "its own OOM score stays as it is" not in rig.keter.log()
+    assert oom_score_adj(rig.keter.proc.pid) == (-900 if lowered else 0)
+    assert oom_score_adj(pid_of(rig, "plain")) == APP_OOM_SCORE_ADJ
+    assert oom_score_adj(pid_of(rig, "stanza", "worker")) == APP_OOM_SCORE_ADJ
+
+
+def oom_score_adj(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
 
 
 def test_a_bundle_over_the_ceiling_is_refused_and_the_running_version_serves_on(rig: Rig):

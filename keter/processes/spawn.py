@@ -58,8 +58,12 @@ SHELL = "/bin/sh"
 # The chain's shell, with its arguments: the cgroup.procs files to join, "--", the
 # ulimit options and values, "--", the command. A step that fails ends the chain with
 # 126 before the command runs. ``[``, ``echo`` and ``ulimit`` are builtins: a start
-# execs one program before the app (two when setpriv drops to the app's user).
+# execs one program before the app (two when setpriv drops to the app's user). First
+# the app's OOM score goes up (keter lowers its own where it may, keter.daemon): the
+# kernel's OOM killer picks an app, any app process, before keter, nginx or PostgreSQL.
+APP_OOM_SCORE_ADJ = 500
 CHAIN = (
+    f"echo {APP_OOM_SCORE_ADJ} > /proc/self/oom_score_adj || exit 126; "
     'while [ "$1" != -- ]; do echo 0 > "$1" || exit 126; shift; done; shift; '
     'while [ "$1" != -- ]; do ulimit "$1" "$2" || exit 126; shift 2; done; shift; '
     'exec "$@"'

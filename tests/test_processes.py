@@ -316,11 +316,22 @@ def test_a_spec_can_shorten_its_own_health_timeout(make_monitor):
 
 
 def test_a_spec_with_a_restart_delay_restarts_at_that_pace(monitor):
-    # Keter's restart-delay-seconds for background workers: a fixed delay, no backoff.
+    # Keter's restart-delay-seconds for background workers: the delay while the crash
+    # loop's own backoff is shorter.
     monitor.healthy(
         1, monitor.spec("--exit-after-requests", "1", port=free_port(), restart_delay=0.2)
     )
     assert backoff_delays(monitor, 1, 3) == [0.2, 0.2, 0.2]
+
+
+def test_a_restart_delay_of_zero_still_backs_off_a_crash_loop(monitor):
+    # At 0 a worker that exits at once was restarted at once, for as long as it ran.
+    monitor.healthy(
+        1, monitor.spec("--exit-after-requests", "1", port=free_port(), restart_delay=0.0)
+    )
+    delays = backoff_delays(monitor, 1, 4)
+    assert delays[0] > 0
+    assert delays[3] >= 4 * delays[0]
 
 
 def backoff_delays(monitor: Harness, deploy_id: int, count: int) -> list[float]:

@@ -41,6 +41,7 @@ from keter.messages import (
     StopProcess,
 )
 from keter.processes import applog as applog_module
+from keter.processes import monitor as monitor_module
 from keter.processes.applog import (
     MAX_PARTIAL,
     TAIL_LINE_LIMIT,
@@ -773,6 +774,27 @@ def cgroups(tmp_path):
         pytest.skip("no writable cgroup v2 hierarchy")
     yield found
     assert not found.base.exists()  # the monitor removed it (and each deploy's) on stopping
+
+
+def test_whose_socket_is_whose_is_told_by_its_cgroup_never_by_reading_file_descriptors(
+    cgroups, make_monitor, monkeypatch
+):
+    # Reading every descriptor of the app's processes (one readlink each) at each health
+    # check and stop: an app holding millions of them stalled the monitor, which every
+    # app waits on, for tens of seconds, and other apps' deploys failed meanwhile.
+    read: list[int] = []
+
+    def socket_pids(inode: int, pids: list[int] | None = None) -> list[int]:
+        read.append(inode)
+        return real(inode, pids)
+
+    real = monitor_module.socket_pids
+    monkeypatch.setattr(monitor_module, "socket_pids", socket_pids)
+    monitor = make_monitor(cgroups=cgroups, stop_timeout=0.5)
+    monitor.healthy(1, monitor.spec(port=free_port()))
+    monitor.monitor.tell(StopProcess(app="app", deploy_id=1))
+    monitor.expect(ProcessStopped, deploy_id=1)
+    assert read == []
 
 
 def test_a_setsid_daemon_stays_in_the_apps_cgroup_and_goes_with_it(cgroups, make_monitor, tmp_path):

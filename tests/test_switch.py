@@ -35,6 +35,7 @@ from keter.messages import (
     VersionServing,
     WatchDrain,
 )
+from keter.processes import cgroups
 from keter.stats.component import StatsCollector
 from keter.switch import StablePorts, Switch, Table, nft
 from keter.switch import actor as switch_actor
@@ -253,9 +254,14 @@ def test_sock_diag_counts_live_connections_and_finds_where_one_landed(
     client.close()
     # Closed by the client: the app owes it nothing any more.
     wait_for(lambda: sockdiag.connections(server.port, server.port)[server.port] == 0, 5)
-    # Who listens: its owner and its socket, as /proc/net/tcp would say.
+    # Who listens: its owner and its socket, as /proc/net/tcp would say, and its cgroup
+    # (the inode of the cgroup v2 folder this process is in).
     inode = os.fstat(server.sock.fileno()).st_ino
-    assert sockdiag.listening(server.port) == [(os.getuid(), inode)]
+    [found] = sockdiag.listening(server.port)
+    assert (found.uid, found.inode) == (os.getuid(), inode)
+    mount, own = cgroups.unified_mount(), cgroups.own_cgroup()
+    if mount is not None and own is not None:
+        assert found.cgroup == os.stat(mount / own.lstrip("/")).st_ino
     # An IPv6 listener holds IPv4 connections with mapped addresses.
     with socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True) as six:
         port = six.getsockname()[1]

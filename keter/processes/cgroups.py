@@ -70,6 +70,18 @@ class Cgroup:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._id: int | None = None
+
+    @property
+    def id(self) -> int:
+        """The cgroup's id (its folder's inode): how sock_diag names the cgroup a socket
+        was made in. 0 if the folder is gone."""
+        if self._id is None:
+            try:
+                self._id = os.stat(self.path).st_ino
+            except OSError:
+                return 0
+        return self._id
 
     @property
     def procs(self) -> Path:

@@ -86,7 +86,7 @@ from keter.processes.cgroups import Cgroup, Cgroups
 from keter.processes.controllers import Controllers, DeployLimits, oom_reason
 from keter.processes.groups import KILL_WAIT, group_members, signal_group, stop_groups
 from keter.processes.health import probe_http
-from keter.processes.ports import port_holders, port_is_free, socket_pids
+from keter.processes.ports import port_is_free, socket_pids, user_pids
 from keter.processes.reader import FAILURE_TAIL, OutputReader
 from keter.processes.records import Record, Records
 from keter.processes.spawn import Identity, SpawnError, spawn
@@ -912,18 +912,20 @@ class ProcessMonitor(Actor):
         self.report(ProcessStopped(app=entry.app, deploy_id=entry.deploy_id))
 
     def _warn_if_port_held(self, entry: _Entry) -> None:
-        """The group is gone; a process still on its port left the group (a daemon)."""
+        """The deploy is gone and something still listens on its port: another deploy
+        that shares it, or (without cgroups) a process that left the app's group."""
         port = entry.spec.port
         if port is None or port_is_free(port):
             return
-        holders = ", ".join(str(pid) for pid in port_holders(port)) or "unknown"
+        holders = ", ".join(map(self._holder, sockdiag.listeners(port))) or "unknown"
+        left = "" if entry.cgroup is not None else " (setsid or a daemon's double fork)"
         log.warning(
-            "%s: port %d is still held by pid %s after deploy %d stopped: it left the app's "
-            "process group (setsid or a daemon's double fork), so keter cannot stop it",
+            "%s: port %d is still held by %s after deploy %d stopped%s; keter does not stop it",
             entry.app,
             port,
             holders,
             entry.deploy_id,
+            left,
         )
 
     # -- one-shot processes (RunOnce) -----------------------------------------------------
@@ -1019,31 +1021,53 @@ class ProcessMonitor(Actor):
         return f"pid {entry.run.pid}, port {entry.spec.port}"
 
     def _port_stranger(self, entry: _Entry) -> str | None:
-        """Who listens on the deploy's port if it is not the deploy ("pid 12 (user x)")."""
+        """Who listens on the deploy's port if it is not the deploy ("pid 12 (user x)").
+
+        A socket's cgroup (sock_diag) tells at once: the app's processes make theirs in
+        the deploy's cgroup, and cannot leave it. Only without cgroups are file
+        descriptors read, the app's own first: one app holding millions of them had made
+        each look take seconds, on the thread every app's health checks wait on.
+        """
         port = entry.spec.port
         if port is None:
             return None
         found = sockdiag.listeners(port)
         if not found:
             return None
+        cgroup = entry.cgroup.id if entry.cgroup is not None else 0
         own_uid = self.users.uid(entry.app) if self.users and entry.spec.user is None else None
-        if entry.cgroup is not None:
-            mine = entry.cgroup.pids()
-        else:
-            mine = group_members(entry.run.pgid) if entry.run is not None else []
+        mine: list[int] | None = None  # the app's pids, read once if a socket needs them
         for listener in found:
-            if listener.uid == own_uid or socket_pids(listener.inode, mine):
+            if cgroup and listener.cgroup:
+                if listener.cgroup == cgroup:
+                    continue
+                return self._holder(listener)  # made in another cgroup: never the app's
+            if listener.uid == own_uid:
                 continue
-            # Maybe a stranger: the only time every process is looked at, to name it.
-            # A holder that is gone meanwhile, or of the app after all, is no stranger.
-            strangers = [p for p in socket_pids(listener.inode) if not self._ours(entry, p)]
-            if strangers:
-                try:
-                    user = pwd.getpwuid(listener.uid).pw_name
-                except KeyError:
-                    user = str(listener.uid)
-                return f"pid {strangers[0]} (user {user})"
+            if mine is None:
+                if entry.cgroup is not None:
+                    mine = entry.cgroup.pids()
+                else:
+                    mine = group_members(entry.run.pgid) if entry.run is not None else []
+            if socket_pids(listener.inode, mine):
+                continue
+            # Maybe a stranger. A holder that is gone meanwhile, or of the app after all,
+            # is no stranger.
+            holders = socket_pids(listener.inode, user_pids(listener.uid))
+            if strangers := [pid for pid in holders if not self._ours(entry, pid)]:
+                return f"pid {strangers[0]} (user {_user_name(listener.uid)})"
         return None
+
+    def _holder(self, listener: sockdiag.Listener) -> str:
+        """Who holds a socket, for the operator: another deploy of keter's, named by its
+        cgroup; else a process of the socket's owner (only that user's are looked at)."""
+        user = _user_name(listener.uid)
+        if listener.cgroup:
+            for other in self._entries.values():  # rare: a stranger on an app's port
+                if other.cgroup is not None and other.cgroup.id == listener.cgroup:
+                    return f"app {other.app}'s deploy {other.deploy_id} (user {user})"
+        pids = socket_pids(listener.inode, user_pids(listener.uid))
+        return f"pid {pids[0]} (user {user})" if pids else f"a process of user {user}"
 
     @staticmethod
     def _ours(entry: _Entry, pid: int) -> bool:
@@ -1112,3 +1136,10 @@ class ProcessMonitor(Actor):
             run.gone = True
             self._reader.release(run)
             self._records.remove(run.deploy_id)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)

@@ -144,6 +144,8 @@ def build_components(config: KeterConfig, inbox: queue.SimpleQueue) -> Component
             report_to=inbox,
             kernel=config.switch == "auto",
             users=users,  # apps kept off each other's ports: by their uids
+            # ... and off the status API's port: one app could hold its every connection.
+            closed_ports=(config.status_listen[1],) if config.status_listen else (),
         ),
         acme=AcmeManager(
             settings=config.acme,

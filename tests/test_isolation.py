@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ import psutil
 import pytest
 from support.bundles import make_bundle, webapp_config
 from support.daemon import app_processes, failures
-from support.net import app_port_range, bind_when_free, body, served
+from support.net import app_port_range, bind_when_free, body, free_port, served
 from support.wait import wait_for
 
 from keter.processes.spawn import SETPRIV
@@ -390,14 +391,23 @@ def test_an_app_cannot_connect_to_another_apps_port(open_base, keter_factory, pr
     to it directly, past nginx's basic-auth, with a forged X-Forwarded-For. The kernel
     resets it, on IPv4 and IPv6 loopback and through the stable address alike; the app
     reaches its own port and every app through nginx, and keter's probes go on."""
+    status_port = free_port()
     keter = keter_factory(
-        root=open_base / "root", **{"port-range": app_port_range(), "run-apps-as-root": False}
+        root=open_base / "root",
+        **{
+            "port-range": app_port_range(),
+            "run-apps-as-root": False,
+            "status-listen": f"127.0.0.1:{status_port}",
+        },
     )
     uids, ports = two_apps(keter, private_nginx, open_base)
     table = Table.for_root(keter.root)
     assert table.read_own() == {ports[app]: uids[app] for app in ("alpha", "beta")}
+    # Nor keter's status API on TCP: one app held its every connection and kept the
+    # operators out. Others (root here) reach it.
+    assert request_as(alpha := uids["alpha"], "127.0.0.1", status_port) == "ECONNREFUSED"
+    socket.create_connection(("127.0.0.1", status_port), timeout=5).close()
     stable = {port: stable for stable, port in table.read().items()}
-    alpha = uids["alpha"]
     for address, port in (
         ("127.0.0.1", ports["beta"]),
         ("::1", ports["beta"]),

@@ -123,6 +123,7 @@ class Switch(Actor):
         kernel: bool = True,
         nft_program: str | None = None,
         users: AppUsers | None = None,
+        closed_ports: tuple[int, ...] = (),
     ) -> None:
         super().__init__("switch", report_to)
         self.table = nft.Table.for_root(root)
@@ -136,7 +137,7 @@ class Switch(Actor):
         # Apps kept off each other's ports: only when each has a uid of its own.
         self.users = users
         self.isolation = (
-            nft.Isolation(uids=(users.low, users.high), ports=port_range)
+            nft.Isolation(uids=(users.low, users.high), ports=port_range, closed=closed_ports)
             if users is not None
             else None
         )

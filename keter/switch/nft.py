@@ -69,10 +69,13 @@ class NftError(Exception):
 @dataclass(frozen=True)
 class Isolation:
     """What the isolation chain judges: sockets of keter's app uids (``app-uid-range``)
-    connecting to keter's app ports (``port-range``), both inclusive."""
+    connecting to keter's app ports (``port-range``), both inclusive; and keter's own
+    local ports no app may connect to (``closed``: the status API's TCP port, whose 64
+    connections one app could otherwise hold and keep the operators out)."""
 
     uids: tuple[int, int]
     ports: tuple[int, int]
+    closed: tuple[int, ...] = ()
 
     @property
     def size(self) -> int:
@@ -144,10 +147,14 @@ table ip {self.name} {{
 
     def _isolation_script(self, isolation: Isolation) -> str:
         (uid_low, uid_high), (port_low, port_high) = isolation.uids, isolation.ports
-        judged = (
-            # A new connection (its SYN; answers carry ACK) over loopback, to any local address.
-            'oif "lo" tcp flags & (syn | ack) == syn '
-            f"meta skuid {uid_low}-{uid_high} tcp dport {port_low}-{port_high}"
+        # A new connection (its SYN; answers carry ACK) over loopback, to any local address.
+        new = f'oif "lo" tcp flags & (syn | ack) == syn meta skuid {uid_low}-{uid_high}'
+        judged = f"{new} tcp dport {port_low}-{port_high}"
+        closed = (
+            f"\n        {new} tcp dport {{ {', '.join(map(str, isolation.closed))} }} "
+            "reject with tcp reset"
+            if isolation.closed
+            else ""
         )
         return f"""\
 table inet {self.name} {{
@@ -157,7 +164,7 @@ table inet {self.name} {{
     }}
     chain isolate {{
         type filter hook output priority 0; policy accept;
-        {judged} meta skuid . tcp dport != @{OWN} reject with tcp reset
+        {judged} meta skuid . tcp dport != @{OWN} reject with tcp reset{closed}
     }}
 }}
 """

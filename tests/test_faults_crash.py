@@ -255,12 +255,13 @@ def test_keter_killed_at_each_step_recovers_to_one_clean_version(
 
 
 def app_leaders(keter: KeterDaemon) -> list[psutil.Process]:
-    """keter's app processes: each leads a process group of its own (keter's other
-    children, nginx -t and the like, do not)."""
+    """keter's app processes: each leads a process group of its own and has a PORT
+    (nginx -t and the reload command lead groups of their own too, without one)."""
     leaders = []
     for child in keter.children():
-        with contextlib.suppress(ProcessLookupError, psutil.NoSuchProcess):
-            if os.getpgid(child.pid) == child.pid and alive(child.pid):
+        with contextlib.suppress(ProcessLookupError, psutil.Error):
+            leads = os.getpgid(child.pid) == child.pid and alive(child.pid)
+            if leads and "PORT" in child.environ():
                 leaders.append(child)
     return leaders
 

@@ -60,7 +60,11 @@ def test_listeners_read_the_kernels_tables_alike_when_sock_diag_cannot_answer(
             raise DiagError("no sock_diag here")
 
         monkeypatch.setattr(sockdiag, "listening", refused)
-        assert sorted(sockdiag.listeners(port), key=lambda listener: listener.inode) == by_diag
+        # The same sockets, without their cgroup (the kernel's tables do not say it).
+        by_table = sorted(sockdiag.listeners(port), key=lambda listener: listener.inode)
+        assert [(each.uid, each.inode, each.cgroup) for each in by_table] == [
+            (each.uid, each.inode, 0) for each in by_diag
+        ]
         assert sockdiag.listeners(client.getsockname()[1]) == []
     finally:
         client.close()
@@ -89,6 +93,8 @@ def test_a_failed_exchange_with_the_kernel_is_a_diag_error_and_listeners_fall_ba
         with pytest.raises(DiagError) as raised:
             sockdiag.listening(port)
         assert raised.value.errno == errno.ENOBUFS
-        assert sockdiag.listeners(port) == expected
+        assert [(each.uid, each.inode) for each in sockdiag.listeners(port)] == [
+            (each.uid, each.inode) for each in expected
+        ]
     finally:
         server.close()

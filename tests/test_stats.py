@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -699,6 +700,18 @@ def test_counts_per_status_class_are_exact_per_version(keter, private_nginx, tmp
     assert "11.5%" in table[1]  # 10 of 87
     tail = keter_cli(keter.root, "logs", "traf", "--access", "-n", "2")
     assert tail.stdout.splitlines() == access[-2:]
+
+    # Once the app is removed keter lets go of its access log at once (it had kept it
+    # open for an hour: an operator deleting it got its disk space back only then).
+    log_file = keter.root / "log" / "access-traf.log"
+    assert holds(keter, log_file)
+    (keter.incoming / "traf.keter").unlink()
+    wait_for(lambda: not holds(keter, log_file), 10, "keter to close the access log")
+
+
+def holds(keter, path: Path) -> bool:
+    """Whether keter has ``path`` open."""
+    return any(Path(f.path) == path for f in psutil.Process(keter.proc.pid).open_files())
 
 
 def test_latency_percentiles_match_the_clients_own(keter, private_nginx, tmp_path):

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from keter.actor import Actor
 from keter.config import KeterConfig
 from keter.messages import (
+    AppGone,
     AppTraffic,
     Component,
     TrafficReport,
@@ -179,6 +180,10 @@ class StatsCollector(Actor):
                 kept = self._serving.setdefault(app, [])
                 kept.append((since, version))
                 del kept[:-SERVING_KEPT]
+            case AppGone(app=app):
+                # Its access log is closed now, not after an hour idle: the operator may
+                # delete it, and its disk space must come back then.
+                self._close_log(app)
             case TrafficQuery(app=app, reply=reply):
                 reply.set_result(self.details(app, time.time()))
             case _:
@@ -290,8 +295,13 @@ class StatsCollector(Actor):
             app, used = next(iter(self._log_used.items()))  # the least recent
             if used >= idle:
                 break
-            self._logs.pop(app).close()
-            del self._log_used[app]
+            self._close_log(app)
+
+    def _close_log(self, app: str) -> None:
+        applog = self._logs.pop(app, None)
+        if applog is not None:
+            applog.close()
+        self._log_used.pop(app, None)
 
     # -- watched rollout -----------------------------------------------------------------
 

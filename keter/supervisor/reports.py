@@ -32,6 +32,8 @@ class Reports(SupervisorState):
             if app is None:
                 if self._published.pop(name, None) is not None:
                     self.c.status.tell(AppGone(app=name))
+                    if self.c.stats is not None:  # it closes the app's access log
+                        self.c.stats.tell(AppGone(app=name))
                 continue
             snapshot = app.snapshot()
             if self._published.get(name) != snapshot:

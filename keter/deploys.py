@@ -189,6 +189,9 @@ class Deploy:
     # Its bundle was in incoming/ when keter started (BundleArrived.at_start): what
     # served the app before is gone, and the archive's newest version is what served last.
     at_start: bool = False
+    # The report its bundle began with: offered again when it was refused only for a
+    # host another app claims, once no other app does (keter.supervisor.conflicts).
+    arrival: BundleArrived | None = None
 
     def move(self, new: Stage) -> str:
         """Go to ``new``; returns the table's reason. Raises IllegalTransition."""

@@ -204,6 +204,61 @@ def test_new_version_failing_its_health_path_is_abandoned(keter, private_nginx, 
     assert "500" in line
 
 
+# -- host conflicts ----------------------------------------------------------------------
+
+
+def now_serving(log: str, app: str, host: str) -> bool:
+    """Whether ``log`` says one of ``app``'s deploys began serving ``host``."""
+    return bool(re.search(rf"^.*{app}: deploy #\d+ now serving {re.escape(host)}", log, re.M))
+
+
+def test_a_renamed_bundle_serves_its_host_under_the_new_name(keter, private_nginx, tmp_path):
+    """a.keter renamed b.keter: b is refused while a still claims x.test (unless a's
+    removal was quicker), then deploys by itself once a is removed."""
+    keter.drop(make_bundle(tmp_path / "a.keter", config=webapp_config("x.test", "v1")))
+    served(private_nginx, "x.test", "v1")
+    os.rename(keter.incoming / "a.keter", keter.incoming / "b.keter")
+    wait_for(lambda: now_serving(keter.log(), "b", "x.test"), 30, lambda: keter.log())
+    assert "a: removed" in keter.log()
+    served(private_nginx, "x.test", "v1")
+    assert [line for line in failures(keter, "b") if "x.test" not in line] == []
+
+
+def test_a_host_moved_between_apps_goes_to_the_app_waiting_for_it(keter, private_nginx, tmp_path):
+    """d claims y.test while c serves it (refused), then c's new version lets it go:
+    d deploys by itself, no operator needed."""
+    keter.drop(make_bundle(tmp_path / "c.keter", config=webapp_config("y.test", "c1")))
+    served(private_nginx, "y.test", "c1")
+    keter.drop(make_bundle(tmp_path / "d.keter", config=webapp_config("y.test", "d1")))
+    [refusal] = wait_for(lambda: failures(keter, "d"), 20, "d to be refused")
+    assert "host y.test is already served by app c" in refusal
+    keter.drop(make_bundle(tmp_path / "c.keter", config=webapp_config("z.test", "c2")))
+    served(private_nginx, "z.test", "c2")
+    served(private_nginx, "y.test", "d1", timeout=30)
+    assert len(failures(keter, "d")) == 1  # refused once, then deployed
+
+
+def test_after_a_restart_the_bundle_refused_for_a_host_still_gets_it(
+    keter, private_nginx, tmp_path
+):
+    """Two bundles claim x.test across a keter restart: whichever the new keter deploys
+    first serves; the other deploys once that one's bundle is removed."""
+    keter.drop(make_bundle(tmp_path / "e.keter", config=webapp_config("x.test", "e1")))
+    served(private_nginx, "x.test", "e1")
+    keter.drop(make_bundle(tmp_path / "f.keter", config=webapp_config("x.test", "f1")))
+    wait_for(lambda: failures(keter, "f"), 20, "f to be refused")
+    assert keter.stop() == 0
+    keter.start()
+    winner = wait_for(
+        lambda: next((a for a in "ef" if now_serving(keter.log_since_start(), a, "x.test")), None),
+        30,
+        "one of e and f to serve x.test",
+    )
+    loser = "f" if winner == "e" else "e"
+    (keter.incoming / f"{winner}.keter").unlink()
+    served(private_nginx, "x.test", f"{loser}1", timeout=30)
+
+
 # -- removal, restart, shutdown ------------------------------------------------------------
 
 

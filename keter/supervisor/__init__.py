@@ -51,6 +51,7 @@ add one part of it (a mixin over the state in ``state``):
     components  the components it owns (``Components``, ``Teller``)
     timers      messages it sends itself after a delay (drains, restarts)
     intake      bundles arrive or go: begin, supersede, remove; checks after unpacking
+    conflicts   hosts other apps claim; a bundle refused for one waits, then deploys
     preparing   settings and ports, backup before a release, the release itself
     starting    spawning web apps and workers; a web app whose port was taken
     processes   the process monitor's facts: healthy, failed, crashed, stopped

@@ -44,6 +44,7 @@ from keter.messages import (
     UnpackFailed,
     VersionUnhealthy,
 )
+from keter.supervisor.conflicts import Conflicts
 from keter.supervisor.database import DatabaseRequests
 from keter.supervisor.endings import Endings
 from keter.supervisor.intake import Intake
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 
 class Supervisor(
     Intake,
+    Conflicts,
     Preparing,
     DatabaseRequests,
     Starting,

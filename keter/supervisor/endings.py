@@ -166,9 +166,10 @@ class Endings(SupervisorState):
     def _release_hosts(self, deploy: Deploy, keep: Deploy | None = None) -> None:
         """The deploy no longer claims its hosts (those ``keep`` claims stay claimed)."""
         kept = set(keep.hosts) if keep is not None else set()
-        for host in deploy.hosts:
-            if host not in kept and self.hosts.get(host) == deploy.app:
-                del self.hosts[host]
+        released = [h for h in deploy.hosts if h not in kept and self.hosts.get(h) == deploy.app]
+        for host in released:
+            del self.hosts[host]
+        self._hosts_released(released)  # bundles refused for them deploy now
 
     def _forget_if_idle(self, app: App) -> None:
         gone = app.idle and not app.removing and not app.bundle_present

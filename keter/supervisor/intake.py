@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
+from keter.bundle import BundleConfig
 from keter.deploys import App, Deploy, Stage
 from keter.messages import (
     BundleArrived,
@@ -96,7 +97,9 @@ class Intake(SupervisorState):
             folder=self.config.temp_dir / f"{app.name}-{deploy_id}",
             began=self.clock(),
             at_start=arrived.at_start,
+            arrival=arrived,
         )
+        self._stop_waiting(app.name)  # this deploy supersedes a wait for a host
         app.next, app.waiting = deploy, None
         self.owners[deploy_id] = deploy
         self.c.unpacker.tell(
@@ -111,6 +114,7 @@ class Intake(SupervisorState):
         self._changed.add(name)
         app.waiting = None
         app.bundle_present = False
+        self._stop_waiting(name)
         if app.next is not None:
             if self._must_finish(app.next):
                 app.removing = True  # carried out when the switch (or the release) completes
@@ -135,19 +139,15 @@ class Intake(SupervisorState):
             reason = "config/keter.yaml defines nothing to run or serve"
             self._fail(deploy, reason, kind=FailureKind.CONFIG)
             return
-        for host in config.all_hosts:
-            owner = self._host_owner(host, msg.app)
-            if owner is not None:
-                reason = f"host {host} is already served by app {owner}"
-                self._fail(deploy, reason, kind=FailureKind.CONFLICT)
-                return
-        problems = deploy_problems(config, self.config)
-        if config.postgres and config.postgres_server is not None:
-            server = config.postgres_server
-            problem = self.config.postgres.server_problem(server.host, server.port)
-            if problem:
-                problems.append(f"plugins.postgres {problem}")
-        problems += self.config.app_limits.over_ceiling(config.process_limits)
+        conflicts = self._conflicts(deploy)
+        problems = self._config_problems(config)
+        if conflicts:
+            host, owner = next(iter(conflicts.items()))
+            reason = f"host {host} is already served by app {owner}"
+            self._fail(deploy, reason, kind=FailureKind.CONFLICT)
+            if not problems:  # nothing else to fix: it deploys once the hosts are free
+                self._wait_for_hosts(deploy, conflicts)
+            return
         if problems:
             self._fail(deploy, "; ".join(problems), kind=FailureKind.CONFIG)
             return
@@ -162,8 +162,13 @@ class Intake(SupervisorState):
         else:
             self._prepare(deploy)
 
-    def _host_owner(self, host: str, app: str) -> str | None:
-        if host == self.config.dashboard_host:
-            return "keter (its dashboard-host)"
-        owner = self.hosts.get(host)
-        return owner if owner != app else None
+    def _config_problems(self, config: BundleConfig) -> list[str]:
+        """Why the operator's config refuses the bundle's config (nothing: it may run)."""
+        problems = deploy_problems(config, self.config)
+        if config.postgres and config.postgres_server is not None:
+            server = config.postgres_server
+            problem = self.config.postgres.server_problem(server.host, server.port)
+            if problem:
+                problems.append(f"plugins.postgres {problem}")
+        problems += self.config.app_limits.over_ceiling(config.process_limits)
+        return problems

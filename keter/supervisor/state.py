@@ -11,15 +11,24 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from keter.config import KeterConfig
 from keter.deploys import App, Deploy
-from keter.messages import AppSnapshot, Component, SwitchMode, TlsFiles
+from keter.messages import AppSnapshot, BundleArrived, Component, SwitchMode, TlsFiles
 from keter.processes.ports import PortPool
 from keter.routes import dashboard_site
 from keter.supervisor.components import Components
 from keter.supervisor.timers import Timers
 from keter.switch import StablePorts
+
+
+@dataclass(frozen=True, kw_only=True)
+class HostWait:
+    """A bundle refused only because other apps claim some of its hosts."""
+
+    arrival: BundleArrived  # offered again, as it first arrived, once the hosts are free
+    hosts: tuple[str, ...]  # those other apps claimed when it was refused
 
 
 class SupervisorState:
@@ -40,6 +49,11 @@ class SupervisorState:
         # Every deploy that has not ENDED, by its own id and by each of its process ids.
         self.owners: dict[int, Deploy] = {}
         self.hosts: dict[str, str] = {}  # host -> the app whose serving or next deploy claims it
+        # keter.supervisor.conflicts: bundles refused only for hosts other apps claim.
+        # Per host the apps waiting on it, in the order they were refused (a dict as an
+        # ordered set); per app its bundle's report and the hosts it waits on.
+        self._host_waiters: dict[str, dict[str, None]] = {}
+        self._host_waits: dict[str, HostWait] = {}
         self.ports = ports or PortPool(*config.port_range)
         self.exit_code: int | None = None  # set when keter must stop
         self._ids = itertools.count(1)

@@ -6,7 +6,8 @@ is its place: made before its first process starts (by the process monitor,
 at the spawn, see ``keter.processes.spawn``), owned by the app's user, mode
 0700, passed as ``KETER_DATA_DIR``. Nothing in keter deletes it: not a new
 version, a restart, a keter upgrade, nor the removal of the bundle. Only
-``keter data purge APP`` does (``purge_data_dir``).
+``keter data purge APP`` does (``purge_data_dir``), at any depth, and it also
+finishes what an earlier purge of the app renamed away but could not delete.
 
 ``ROOT/data`` itself is root's, mode 0711: an app can reach its own folder by
 name but cannot list the others, and cannot replace its folder with a link.
@@ -21,9 +22,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 
 DATA_MODE = 0o700
 PARENT_MODE = 0o711
-MAX_DEPTH = 4096  # levels of folders keter walks (each holds a descriptor meanwhile)
+MAX_DEPTH = 4096  # levels of folders a handover walks (each holds a descriptor meanwhile)
 
 
 def app_user(config: KeterConfig, app: str) -> str | None:
@@ -111,11 +113,9 @@ class _Level:
             raise
 
 
-def _walk(
-    folder: Path, leave: Callable[[_Level, _Level | None], None] | None = None
-) -> Iterator[tuple[_Level, os.DirEntry]]:
-    """(level, entry) for everything under ``folder``, a folder before its contents;
-    ``leave(level, parent)`` once a folder's contents are done. Links are not followed.
+def _walk(folder: Path) -> Iterator[tuple[_Level, os.DirEntry]]:
+    """(level, entry) for everything under ``folder``, a folder before its contents.
+    Links are not followed.
 
     Iterative, a descriptor open per level of the current path only: an app may nest
     its folders deeper than Python recursion goes (os.fwalk and shutil.rmtree recurse
@@ -128,11 +128,7 @@ def _walk(
             entry = next(level.left, None)
             if entry is None:
                 stack.pop()
-                try:
-                    if leave is not None:
-                        leave(level, stack[-1] if stack else None)
-                finally:
-                    os.close(level.fd)
+                os.close(level.fd)
                 continue
             yield level, entry
             if entry.is_dir(follow_symlinks=False):
@@ -145,28 +141,84 @@ def _walk(
 
 
 def _remove_tree(folder: Path) -> None:
-    """rm -rf ``folder`` without following links (iteratively, see ``_walk``)."""
+    """rm -rf ``folder`` without following links, however deep, one descriptor open.
 
-    def remove_folder(level: _Level, parent: _Level | None) -> None:
-        if parent is not None:
-            os.rmdir(os.path.basename(level.path), dir_fd=parent.fd)
-
-    for level, entry in _walk(folder, leave=remove_folder):
-        if not entry.is_dir(follow_symlinks=False):
-            os.unlink(entry.name, dir_fd=level.fd)
+    An app may nest its folders as deep as the file system lets it, and what it left
+    must go with a purge whatever its shape: no depth bound here (``MAX_DEPTH`` bounds
+    the handover, whose walk keeps a descriptor per level). Down is by name from the
+    folder's descriptor (``O_NOFOLLOW``); up is by ".." checked against the identity
+    of the folder it came from, so a tree moved meanwhile is refused, never followed.
+    Per level only its name, its parent's identity and the parent's entries still to
+    remove are kept (each folder is listed once: a wide one is not read again).
+    """
+    fd = os.open(folder, _DIR_FLAGS)
+    # For each folder entered below ``folder``: its name, its parent's identity and the
+    # parent's entries left.
+    above: list[tuple[str, tuple[int, int], Iterator[os.DirEntry]]] = []
+    try:
+        left = _entries(fd)
+        while True:
+            entry = next(left, None)
+            if entry is None:
+                if not above:
+                    break
+                name, parent, left = above.pop()
+                up = os.open("..", _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = up
+                if _identity(fd) != parent:
+                    raise OSError(f"{folder}: a folder in it was moved while it was deleted")
+                os.rmdir(name, dir_fd=fd)
+            elif entry.is_dir(follow_symlinks=False):
+                here = _identity(fd)
+                inner = os.open(entry.name, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = inner
+                above.append((entry.name, here, left))
+                left = _entries(fd)
+            else:
+                os.unlink(entry.name, dir_fd=fd)
+    finally:
+        os.close(fd)
     os.rmdir(folder)
+
+
+def _entries(fd: int) -> Iterator[os.DirEntry]:
+    with os.scandir(fd) as listing:
+        return iter(list(listing))
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
 
 
 def purge_data_dir(folder: Path) -> bool:
     """Delete ``folder`` and everything in it; False if there was none.
 
     It is renamed away first, so a version that starts meanwhile gets a fresh
-    empty folder rather than one being deleted under it.
+    empty folder rather than one being deleted under it. What an earlier purge of
+    the app renamed away and could not delete (it failed midway, keter was killed)
+    goes too: no command reaches it otherwise.
     """
-    doomed = folder.with_name(f".purged-{folder.name}-{secrets.token_hex(4)}")
+    found = False
+    for victim in (folder, *_purged_before(folder)):
+        doomed = folder.with_name(f".purged-{folder.name}-{secrets.token_hex(4)}")
+        try:
+            os.rename(victim, doomed)  # a purge running at once takes each one only once
+        except FileNotFoundError:
+            continue
+        found = True
+        _remove_tree(doomed)  # links inside are removed, never followed
+    return found
+
+
+def _purged_before(folder: Path) -> list[Path]:
+    """The app's folders an earlier purge renamed away (not another app's: APP-b of app
+    APP-b is not APP's, the random part being exactly 8 hex digits)."""
+    pattern = re.compile(rf"\.purged-{re.escape(folder.name)}-[0-9a-f]{{8}}")
     try:
-        os.rename(folder, doomed)
+        names = os.listdir(folder.parent)
     except FileNotFoundError:
-        return False
-    _remove_tree(doomed)  # links inside are removed, never followed
-    return True
+        return []
+    return [folder.with_name(name) for name in sorted(names) if pattern.fullmatch(name)]

@@ -288,9 +288,11 @@ def test_folders_nested_deeper_than_recursion_goes_are_purged_and_handed_over(
     assert list(folder.parent.iterdir()) == []
 
 
-def test_folders_nested_past_the_bound_fail_the_handover_and_the_purge_cleanly(
+def test_folders_nested_past_the_bound_fail_the_handover_cleanly_and_are_purged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The purge had the bound too: it failed after renaming the folder away, and the
+    # next purge said "was already gone" while the data stayed where no command reaches.
     monkeypatch.setattr(appdata, "MAX_DEPTH", 50)
     folder = tmp_path / "data" / "app"
     prepare_data_dir(folder, os.getuid(), os.getgid())
@@ -299,9 +301,65 @@ def test_folders_nested_past_the_bound_fail_the_handover_and_the_purge_cleanly(
     if os.getuid() == 0:
         with pytest.raises(OSError, match="folders nested deeper than 50"):
             prepare_data_dir(folder, 65534, 65534)
-    with pytest.raises(OSError, match="folders nested deeper than 50"):
-        purge_data_dir(folder)
+        assert list(folder.parent.iterdir()) == [folder]  # the failed handover kept it all
+    assert purge_data_dir(folder) is True  # removal has no bound: nothing may stay
+    assert list(folder.parent.iterdir()) == []
     assert len(os.listdir("/proc/self/fd")) == open_before  # every descriptor closed
+
+
+def test_a_purge_that_failed_midway_is_finished_by_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "data" / "app"
+    prepare_data_dir(folder, os.getuid(), os.getgid())
+    for name in ("one", "two", "three"):
+        (folder / name).write_text(name)
+    nest(folder, 5)
+    other = folder.with_name(".purged-app-b-0123abcd")  # what a purge of app "app-b" left
+    other.mkdir()
+    real, calls = os.unlink, []
+
+    def fail_midway(*args, **kwargs) -> None:
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", fail_midway)
+    open_before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match="Input/output"):
+        purge_data_dir(folder)
+    monkeypatch.setattr(os, "unlink", real)
+    assert len(os.listdir("/proc/self/fd")) == open_before
+    [left] = [p for p in folder.parent.iterdir() if p != other]
+    assert left.name.startswith(".purged-app-")
+    assert purge_data_dir(folder) is True  # not "was already gone": it was not
+    assert list(folder.parent.iterdir()) == [other]  # another app's is not this app's
+    assert purge_data_dir(folder) is False
+
+
+def test_a_purge_never_climbs_out_of_a_folder_moved_under_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "data" / "app"
+    prepare_data_dir(folder, os.getuid(), os.getgid())
+    nest(folder, 2)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("not the app's")
+    real, calls = appdata._entries, []
+
+    def move_midway(fd: int):
+        calls.append(fd)
+        if len(calls) == 3:  # inside d/d: it moves to elsewhere/ while it is emptied
+            [doomed] = folder.parent.iterdir()
+            os.rename(doomed / "d" / "d", elsewhere / "d")
+        return real(fd)
+
+    monkeypatch.setattr(appdata, "_entries", move_midway)
+    with pytest.raises(OSError, match="was moved while it was deleted"):
+        purge_data_dir(folder)
+    assert (elsewhere / "keep").read_text() == "not the app's"
 
 
 # -- backup file names ---------------------------------------------------------------------

@@ -157,10 +157,14 @@ def test_keter_killed_at_each_step_recovers_to_one_clean_version(
     stack = contextlib.ExitStack()
     with stack:
         keter: KeterDaemon = keter_factory(start=False, **{"port-range": app_port_range()})
+        # "written": the new config is on disk, nginx not yet told (keter reloads first
+        # and runs nginx -t only when nginx refuses); "reload": nginx told.
+        reload = gates.wrap("after", "reload", list(nginx.reload_command))
         keter.settings["nginx"] = {
             "config-file": str(nginx.config_file),
-            "test-command": gates.wrap("before", "test", list(nginx.test_command)),
-            "reload-command": gates.wrap("after", "reload", list(nginx.reload_command)),
+            "test-command": list(nginx.test_command),
+            "reload-command": gates.wrap("before", "written", reload),
+            "error-log": str(nginx.error_log),
         }
         keter.settings["drain-seconds"] = 60 if step == "draining" else 1
         if step == "unpacked":
@@ -189,7 +193,7 @@ def test_keter_killed_at_each_step_recovers_to_one_clean_version(
             slow = stack.enter_context(socket.create_connection(("127.0.0.1", nginx.port)))
             slow.sendall(b"GET /slow?60 HTTP/1.1\r\nHost: crash.test\r\n\r\n")
         if step == "config-written":
-            gates.arm("test")
+            gates.arm("written")
         if step == "reloaded":
             gates.arm("reload")
         keter.drop(bundle)
@@ -203,7 +207,7 @@ def test_keter_killed_at_each_step_recovers_to_one_clean_version(
                 wait_for(lambda: gates.held("app"), 20, "v2 to start")
                 assert re.search(r"crash: deploy #2 started pid \d+", keter.log())
             case "config-written":
-                wait_for(lambda: gates.held("test"), 20, "the new config to be written")
+                wait_for(lambda: gates.held("written"), 20, "the new config to be written")
                 assert "crash: deploy #2 is healthy" in keter.log()
                 # nginx has not seen it: it still serves an older generation.
                 on_disk = re.search(r"^# generation (\d+)$", nginx.config_file.read_text(), re.M)[1]

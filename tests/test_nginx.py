@@ -343,6 +343,8 @@ def make_writer(
             "test_command": nginx.test_command,
             "reload_command": nginx.reload_command,
             "report_to": reports,
+            # As keter runs it: with nginx's error log, where a refused reload shows.
+            "error_log": nginx.error_log,
             **extra,
         }
     )
@@ -508,7 +510,8 @@ def test_a_test_command_saying_bytes_that_are_no_utf8_fails_the_apply_and_restor
     command = _wrapped_test(
         tmp_path, private_nginx, "printf 'nginx: [emerg] bad \\377\\376 thing\\n' >&2; exit 1"
     )
-    writer = make_writer(private_nginx, reports, test_command=command)
+    # Without nginx's error log every apply is tested before its reload.
+    writer = make_writer(private_nginx, reports, test_command=command, error_log=None)
     writer.start()
     try:
         assert apply(writer, reports, 1, site("blog", "blog.test", port=first.port)) == (
@@ -544,7 +547,8 @@ def test_a_hung_test_command_is_killed_with_its_children_and_tried_once(
     monkeypatch.setattr(writer_module, "COMMAND_TIMEOUT", 1.0)
     marker = f"4242.{os.getpid()}"
     command = _wrapped_test(tmp_path, private_nginx, f"sleep {marker}")
-    writer = make_writer(private_nginx, reports, test_command=command)
+    # Without nginx's error log every apply is tested before its reload.
+    writer = make_writer(private_nginx, reports, test_command=command, error_log=None)
     writer.start()
     try:
         (tmp_path / "bad").touch()

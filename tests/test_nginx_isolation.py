@@ -67,8 +67,14 @@ class Writers:
         self.tls = None  # a TLS listener, once with_tls() made one
 
     def start(
-        self, *, options: ProxyOptions | None = None, test_command: list[str] | None = None
+        self,
+        *,
+        options: ProxyOptions | None = None,
+        test_command: list[str] | None = None,
+        tested_first: bool = False,
     ) -> NginxWriter:
+        """A writer as keter runs it, with nginx's error log, where refused reloads show;
+        ``tested_first``: without it, so every apply runs the test command first."""
         listeners = [Listener("127.0.0.1", self.nginx.port)]
         if self.tls is not None:
             listeners.append(self.tls)
@@ -79,6 +85,7 @@ class Writers:
             reload_command=self.nginx.reload_command,
             report_to=self.reports,
             options=options,
+            error_log=None if tested_first else self.nginx.error_log,
         )
         writer.start()
         self.started.append(writer)
@@ -264,7 +271,8 @@ def test_a_site_nginx_fails_on_without_naming_its_file_is_found_by_halving(
     )
     script.chmod(0o755)
     poisoned = [str(script), *private_nginx.test_command]
-    writer = writers.start(test_command=poisoned)
+    # The test command fails where nginx itself would not: only a tested apply sees it.
+    writer = writers.start(test_command=poisoned, tested_first=True)
     apps = [f"a{i:02d}" for i in range(15)] + ["poison"]
     reply = writers.apply(writer, *(web(app, backends["first"]) for app in apps))
     assert set(refused(reply)) == {"poison"}
@@ -391,6 +399,32 @@ def test_a_reverse_proxy_name_needs_a_resolver(
 
 
 # -- a failing site is refused alone ----------------------------------------------------------
+
+
+def test_nginx_t_runs_only_when_nginx_refuses_a_reload(
+    private_nginx: PrivateNginx, writers: Writers, backends, tmp_path: Path
+) -> None:
+    # nginx checks the config as it reloads: testing it first read it once more on every
+    # apply (0.2 s of CPU with 1000 sites). It is tested only to find a site nginx refused.
+    runs = tmp_path / "runs"
+    script = tmp_path / "test-command"
+    test = " ".join(private_nginx.test_command)
+    script.write_text(f"#!/bin/sh\necho run >> {runs}\nexec {test}\n")
+    script.chmod(0o755)
+    writers.with_tls(tmp_path / "listener")
+    writer = writers.start(test_command=[str(script)])
+    certs = {app: make_certificate(tmp_path / "certs", app, f"{app}.test") for app in "ab"}
+    good = web("a", backends["first"], TlsFiles(certificate=certs["a"][0], key=certs["a"][1]))
+    assert writers.apply(writer, good).refused == ()
+    assert writers.apply(writer, good, web("c", backends["second"])).refused == ()
+    assert not runs.exists()
+    # b's key is not its certificate's: nginx refuses the reload, the test finds b.
+    bad = web("b", backends["second"], TlsFiles(certificate=certs["b"][0], key=certs["a"][1]))
+    reply = writers.apply(writer, good, bad, web("c", backends["second"]))
+    assert set(refused(reply)) == {"b"}
+    assert runs.exists()
+    assert answer(private_nginx, "a.test") == "first"
+    assert answer(private_nginx, "c.test") == "second"
 
 
 def test_a_failing_site_in_a_batch_is_refused_alone(

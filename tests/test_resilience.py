@@ -67,12 +67,12 @@ def test_a_failing_component_is_restarted_and_only_its_deploy_fails(
 
 
 def test_shutdown_has_a_deadline_when_a_component_is_stuck(keter_factory, private_nginx, tmp_path):
-    """The nginx writer hangs in a test command; SIGTERM still ends keter and its apps."""
+    """The nginx writer hangs in its reload command; SIGTERM still ends keter and its apps."""
     stall = tmp_path / "stall"
-    stuck_test = ["sh", "-c", f'[ -e "{stall}" ] && exec sleep 600; exec "$@"', "sh"]
+    stuck = ["sh", "-c", f'[ -e "{stall}" ] && exec sleep 600; exec "$@"', "sh"]
     keter = keter_factory(start=False, **{"stop-timeout": 2})
     nginx = keter.settings["nginx"]
-    nginx["test-command"] = stuck_test + nginx["test-command"]
+    nginx["reload-command"] = stuck + nginx["reload-command"]
     keter.start()
     keter.drop(make_bundle(tmp_path / "app.keter", config=webapp_config("app.test", "v1")))
     served(private_nginx, "app.test", "v1")
@@ -83,7 +83,7 @@ def test_shutdown_has_a_deadline_when_a_component_is_stuck(keter_factory, privat
     v2 = webapp_config("app.test", "v2", **{"extra-hosts": ["app2.test"]})
     keter.drop(make_bundle(tmp_path / "app.keter", config=v2))
     sleeper = wait_for(
-        lambda: [p for p in keter.children() if "sleep" in p.cmdline()], 20, "nginx -t to hang"
+        lambda: [p for p in keter.children() if "sleep" in p.cmdline()], 20, "the reload to hang"
     )
     began = time.monotonic()
     keter.proc.send_signal(signal.SIGTERM)

@@ -4,6 +4,11 @@ A deploy switches traffic by rewriting keter's include file and reloading
 nginx: the master starts new workers with the new upstreams while the old
 workers finish the requests they already hold, so no request is lost.
 
+nginx checks the whole config as it reloads, and keeps the one it runs when it
+refuses (saying why in its error log): so an apply reloads nginx at once, and
+runs ``nginx -t`` only when nginx refused, to find out which site it was (or
+before every reload when keter does not know nginx's error log).
+
 One app's site never sinks the others. Each app's site is its own file
 (``keter.nginx.files``), and the writer remembers the last site of each app
 that nginx took. When a site fails to render, its files cannot be copied, or
@@ -24,13 +29,13 @@ still take the refused reload late.
 Once it knows nginx's master (from the workers that answer), it sends that
 signal itself instead of running ``nginx -s reload``, which reads and checks
 the whole config just to find the pid file: with 1000 sites, 0.1 s of CPU on
-every generation, beside the ``nginx -t`` before it and the master's own
-reading after it. A reload command of the operator's own (``systemctl reload
+every generation, beside the master's own reading after it. A reload command of the operator's own (``systemctl reload
 nginx``, a wrapper) always runs as it is.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import logging
 import os
@@ -105,6 +110,14 @@ class _Missed:
     reason: str
     sent: bool = True  # False: the reload command failed, nginx was not told
     emerg: str | None = None  # nginx's own words: it refused the reload
+
+
+class _Taken(enum.Enum):
+    """How an untested reload went (``NginxWriter._untested``)."""
+
+    YES = "nginx serves it"
+    REFUSED = "nginx refused it (or was not asked): test the sites, then reload"
+    NO = "it failed otherwise, and the failure is reported"
 
 
 class NginxBroken(Exception):
@@ -204,7 +217,13 @@ class NginxWriter(Actor):
             self._fail(generation, f"cannot write the files nginx needs: {exc}")
             return
         try:
-            chosen = self._tested(chosen, refused, generation)
+            chosen = dict(chosen)
+            self._settle_hosts(chosen, refused)
+            taken = self._untested(chosen, generation)
+            if taken is _Taken.NO:
+                return  # failed, and said so
+            if taken is _Taken.REFUSED:
+                chosen = self._tested(chosen, refused, generation)
         except NginxBroken as exc:
             self._fail(generation, f"nginx rejected the config: {exc}{self._restore()}")
             return
@@ -215,7 +234,7 @@ class NginxWriter(Actor):
             self._restore()
             raise
         main = self._main_text(chosen, generation).encode()
-        if not self._reload(generation):
+        if taken is _Taken.REFUSED and not self._reload(generation):
             return
         # Folders to prune: sites that changed or went, and refused ones (their new files).
         every = chosen.keys() | self.live.keys()
@@ -438,20 +457,46 @@ class NginxWriter(Actor):
 
     # -- reload and confirmation -----------------------------------------------------------
 
+    def _untested(self, chosen: Mapping[str, Rendered], generation: int) -> _Taken:
+        """Reload nginx with every candidate site before any ``nginx -t``.
+
+        nginx checks the whole config as it reloads and keeps the one it runs when it
+        refuses (an ``[emerg]`` in its error log, seen at once): ``nginx -t`` first
+        read the same config once more on every apply, 0.2 s of CPU with 1000 sites,
+        for the rare apply a site of which nginx refuses. Then (REFUSED) the tested
+        path finds that site. Without nginx's error log a refusal would be seen only at
+        the confirmation's timeout: then every apply is tested first (REFUSED at once).
+        """
+        if self.error_log is None:
+            return _Taken.REFUSED
+        atomic_write(self.config_file, self._main_text(chosen, generation).encode(), mode=0o644)
+        missed = self._take(generation)
+        if missed is None:
+            return _Taken.YES
+        if missed.sent and missed.emerg and not self._stopping.is_set():
+            return _Taken.REFUSED
+        self._missed(generation, missed)
+        return _Taken.NO
+
     def _reload(self, generation: int) -> bool:
         """Reload nginx, confirm it serves ``generation`` and that its old workers have
         stopped accepting; on failure, report it."""
         missed = self._take(generation)
         if missed is None:
             return True
+        self._missed(generation, missed)
+        return False
+
+    def _missed(self, generation: int, missed: _Missed) -> None:
+        """nginx does not serve ``generation``: report why, and put the previous file back."""
         if self._stopping.is_set():
             # nginx was told to load this config and may well have done so:
             # leave the file as it is rather than guess.
             self._fail(generation, "keter stopped before nginx confirmed the reload")
-            return False
+            return
         if not missed.sent:
             self._fail(generation, f"nginx reload failed: {missed.reason}{self._restore()}")
-            return False
+            return
         if missed.emerg:
             kept = "and kept the previous configuration"
             reason = f"nginx refused generation {generation} {kept}: {missed.emerg}"
@@ -459,7 +504,6 @@ class NginxWriter(Actor):
             reason = f"{missed.reason}; it kept the previous configuration"
         restored = self._restore()
         self._fail(generation, reason + (restored or self._back_to_live()))
-        return False
 
     def _back_to_live(self) -> str:
         """Reload nginx with the restored main file and confirm it serves it again.

@@ -110,6 +110,7 @@ def build_components(config: KeterConfig, inbox: queue.SimpleQueue) -> Component
             cgroups=cgroups,
             limits=config.app_limits.defaults,
             controllers=Controllers.find(config.root, cgroups),
+            port_range=config.port_range,  # each deploy's cgroup binds only its own of them
         ),
         nginx=NginxWriter(
             listeners=config.listeners,

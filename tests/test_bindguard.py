@@ -2,20 +2,32 @@
 
 Against the real kernel as root: a process in a guarded cgroup v2 binds its own
 port and any port outside the range, and gets EPERM for every other port of the
-range, on IPv4 and IPv6; a new guard replaces the old.
+range, on IPv4 and IPv6; a new guard replaces the old. Then the wiring in a real
+process monitor (a moved app's new port is guarded before it restarts; without a
+guard keter says so once and apps bind as before), and the whole daemon against
+a squatter that tries to bind every port of the range.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.net import bind_when_free, free_port
+from support.bundles import make_bundle
+from support.daemon import failures
+from support.net import app_port_range, bind_when_free, body, free_port, served
+from support.wait import wait_for
 
+from keter.messages import MoveProcess, ProcessPortTaken, ProcessStateChanged
 from keter.processes import bindguard
 from keter.processes.cgroups import Cgroup, Cgroups, unified_mount
 
@@ -106,3 +118,118 @@ def test_where_the_kernel_refuses_the_check_says_why_and_leaves_nothing(tmp_path
     why = bindguard.unavailable(tmp_path, (30000, 30010))
     assert why is not None and why.startswith("the kernel refused it"), why
     assert list(tmp_path.iterdir()) == []
+
+
+# -- the wiring in the process monitor -------------------------------------------------------
+
+
+def hog_spec(monitor, port: int, try_ports: list[int], version: str = "v1"):
+    env = {"TRY_PORTS": ",".join(map(str, try_ports)), "VERSION": version}
+    return monitor.spec(port=port, env=env, command=(sys.executable, "-u", str(PORT_HOG)))
+
+
+def app_log(monitor) -> str:
+    return (monitor.tmp_path / "log" / "app.log").read_text()
+
+
+def test_a_guarded_apps_port_moves_with_it_before_it_restarts(make_monitor, cgroups, caplog):
+    """A stranger (not an app: root, outside keter's cgroups) takes a running app's port.
+    The app moves to a port of the range keter hands it: its restart binds there (the old
+    guard would refuse it) and no longer binds its old port."""
+    caplog.set_level(logging.INFO, logger="keter.processes.monitor")
+    (port, other, new_port), port_range, _ = ports_in_a_range(3)
+    monitor = make_monitor(cgroups=cgroups, port_range=port_range, backoff_base=0.2)
+    pid = monitor.healthy(1, hog_spec(monitor, port, [other]))
+    assert "bind guard on" in caplog.text
+    assert bind_results(app_log(monitor)) == {(4, other): "EPERM", (6, other): "EPERM"}
+
+    os.kill(pid, signal.SIGKILL)
+    stranger = bind_when_free(port)
+    try:
+        taken = monitor.expect(ProcessPortTaken, deploy_id=1)
+        monitor.monitor.tell(
+            MoveProcess(app="app", deploy_id=1, spec=hog_spec(monitor, new_port, [port]))
+        )
+        running = monitor.expect(
+            ProcessStateChanged, deploy_id=1, state="RUNNING", after=monitor.index(taken)
+        )
+        assert f"port {new_port}" in running.detail
+        wait_for(lambda: (4, port) in bind_results(app_log(monitor)), 10, "the restart's binds")
+        assert bind_results(app_log(monitor))[(4, port)] == "EPERM"
+        assert bind_results(app_log(monitor))[(6, port)] == "EPERM"
+    finally:
+        stranger.close()
+
+
+def test_without_a_bind_guard_keter_says_so_once_and_apps_bind_as_before(
+    make_monitor, cgroups, caplog, monkeypatch
+):
+    monkeypatch.setattr(bindguard, "unavailable", lambda parent, port_range: "forced off")
+    (port, other), port_range, _ = ports_in_a_range(2)
+    monitor = make_monitor(cgroups=cgroups, port_range=port_range)
+    monitor.healthy(1, hog_spec(monitor, port, [other]))
+    monitor.healthy(2, hog_spec(monitor, free_port(), []))
+    said = [r for r in caplog.records if "bind guard" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING, said
+    assert "no bind guard (forced off)" in said[0].getMessage()
+    wait_for(lambda: bind_results(app_log(monitor)), 10, "the app's binds")
+    assert bind_results(app_log(monitor)) == {(4, other): "ok", (6, other): "ok"}
+
+
+# -- the daemon against a squatter -------------------------------------------------------------
+
+
+@pytest.fixture
+def open_base() -> Iterator[Path]:
+    """A folder every app user may cross (tmp_path is root's alone)."""
+    base = Path(tempfile.mkdtemp(prefix="keter-bindguard-", dir="/tmp"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_squatter_cannot_take_the_port_range_from_other_apps(
+    open_base, keter_factory, private_nginx
+):
+    """An app that binds every port of port-range it can, and snipes any that frees: it
+    gets none. Another app deploys after it, and comes back on its own port after a
+    crash (the squatter would have taken it in the restart's backoff)."""
+    low, high = app_port_range()
+    keter = keter_factory(
+        root=open_base / "root", **{"port-range": [low, high], "run-apps-as-root": False}
+    )
+    assert "bind guard on" in keter.log()
+    hog = {"exec": "../bin/app", "host": "hog.test"}
+    hog["env"] = {"HOG_LOW": str(low), "HOG_HIGH": str(high), "VERSION": "hog"}
+    bundle = make_bundle(
+        open_base / "hog.keter", config=hog, app_source=PORT_HOG, interpreter=SYSTEM_PYTHON
+    )
+    keter.drop(bundle)
+    served(private_nginx, "hog.test", "hog")
+    hog_log = keter.root / "log" / "app-hog.log"
+    wait_for(lambda: "holding " in hog_log.read_text(), 20, "the squatter's first pass")
+    assert "holding 0 ports" in hog_log.read_text()
+
+    victim = {"exec": "../bin/app", "host": "victim.test", "env": {"VERSION": "victim"}}
+    bundle = make_bundle(
+        open_base / "victim.keter", config=victim, app_source=PORT_HOG, interpreter=SYSTEM_PYTHON
+    )
+    keter.drop(bundle)
+    served(private_nginx, "victim.test", "victim")
+    assert failures(keter, "victim") == []
+
+    started = re.search(r"victim: deploy #(\d+) started pid (\d+) on port (\d+)", keter.log())
+    assert started, keter.log()[-3000:]
+    port = started[3]
+    offset = len(keter.log())
+    os.kill(int(started[2]), signal.SIGKILL)  # a crash; the squatter tries for its port
+    wait_for(
+        lambda: re.search(
+            rf"victim: state STARTING -> RUNNING \(pid \d+, port {port}\)", keter.log()[offset:]
+        ),
+        30,
+        lambda: f"the victim back on port {port}: {keter.log()[offset:][-3000:]}",
+    )
+    assert body(private_nginx, "victim.test") == b"victim\n"
+    assert "moves from port" not in keter.log()
+    assert "sniped" not in hog_log.read_text()

@@ -42,6 +42,12 @@ a deploy ends with ``cgroup.kill``, so nothing of it survives. Without a
 writable cgroup v2 hierarchy (said once at start) such a process cannot be
 stopped: keter names one that still holds the app's port once the group is
 gone, and the port pool skips a port that is still bound.
+
+Each process's cgroup also gets a bind guard (``keter.processes.bindguard``,
+where the kernel allows it: checked once at start) before its first run: of
+``port-range`` its processes may bind only the port keter gave it, so no app
+can squat the ports keter hands to others. A process moved to another port
+(``MoveProcess``) has its guard replaced before its restart.
 """
 
 from __future__ import annotations
@@ -81,6 +87,7 @@ from keter.messages import (
     StopProcess,
     message,
 )
+from keter.processes import bindguard
 from keter.processes.applog import AppLog, LogRegistry, OutputCapture
 from keter.processes.cgroups import Cgroup, Cgroups
 from keter.processes.controllers import Controllers, DeployLimits, oom_reason
@@ -228,6 +235,7 @@ class _Entry:
     cgroup: Cgroup | None = None  # every process of the deploy, when cgroups are available
     limits: Limits = DEFAULTS  # what it runs under (app-limits merged with its own)
     limit_groups: DeployLimits | None = None  # its v1/v2 groups carrying out limits
+    guarded: tuple[int, ...] | None = None  # the ports its cgroup's bind guard allows
     oom_kills: int | None = None  # its OOM kill count when its current run started
     probing: bool = False  # a health probe is out
     # The timer of its current state (the health deadline while STARTING, a one-shot's
@@ -250,6 +258,7 @@ class _Launched:
 
     cgroup: Cgroup | None
     limit_groups: DeployLimits | None
+    guarded: tuple[int, ...] | None = None  # the ports its bind guard allows, if set now
     oom_kills: int | None = None
     proc: subprocess.Popen | None = None
     create_time: float = 0.0
@@ -282,9 +291,11 @@ class ProcessMonitor(Actor):
         app_groups: tuple[int, ...] = (),
         cgroups: Cgroups | None = None,
         controllers: Controllers | None = None,
+        port_range: tuple[int, int] | None = None,
     ) -> None:
         """``limits`` are app-limits' defaults; ``controllers`` where each limit is carried
-        out (None: by rlimits only)."""
+        out (None: by rlimits only); ``port_range`` the ports keter hands out, which an
+        app may not bind unless they are its own (None: no bind guard)."""
         super().__init__("processes", report_to)
         self.run_dir = Path(run_dir)
         self.health_check_timeout = health_check_timeout
@@ -313,6 +324,8 @@ class ProcessMonitor(Actor):
         self.users = users
         self.app_groups = app_groups  # supplementary groups every app user gets
         self._cgroups = cgroups
+        self.port_range = port_range
+        self._guarding = False  # decided at start (_check_guard)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -334,6 +347,32 @@ class ProcessMonitor(Actor):
                     cgroup.wait_empty(KILL_WAIT)
                 cgroup.remove()
         self.controllers.sweep()
+        self._check_guard()
+
+    def _check_guard(self) -> None:
+        """Once at start: whether each deploy's cgroup gets a bind guard, said in one line."""
+        if self.port_range is None:
+            return
+        low, high = self.port_range
+        if self._cgroups is None:
+            why: str | None = "no cgroup v2 hierarchy"
+        else:
+            why = bindguard.unavailable(self._cgroups.base, self.port_range)
+        if why is None:
+            self._guarding = True
+            log.info(
+                "processes: bind guard on: an app binds no port of %d-%d but its own (cgroup BPF)",
+                low,
+                high,
+            )
+            return
+        log.warning(
+            "processes: no bind guard (%s): an app may bind any free port of %d-%d, so one "
+            "app can take the ports keter hands to others",
+            why,
+            low,
+            high,
+        )
 
     def _say_limits(self) -> None:
         """Once at start: every app's default limits, and how each is carried out."""
@@ -488,9 +527,18 @@ class ProcessMonitor(Actor):
             identity,
             entry.cgroup,
             entry.limit_groups,
+            self._guard_wanted(entry),
         )
         deploy_id = entry.deploy_id
         entry.spawning.add_done_callback(lambda _: self.tell(_Spawned(deploy_id=deploy_id)))
+
+    def _guard_wanted(self, entry: _Entry) -> tuple[int, ...] | None:
+        """The ports the entry's bind guard must allow from its next run on, if its cgroup
+        does not have that guard yet (its first run, or it moved to another port)."""
+        if not self._guarding:
+            return None
+        wanted = () if entry.spec.port is None else (entry.spec.port,)
+        return None if wanted == entry.guarded else wanted
 
     def _launch(
         self,
@@ -501,8 +549,10 @@ class ProcessMonitor(Actor):
         identity: Identity | None,
         cgroup: Cgroup | None,
         limit_groups: DeployLimits | None,
+        guard: tuple[int, ...] | None,
     ) -> _Launched:
-        """In the spawn pool: the deploy's groups (on its first run), then the process.
+        """In the spawn pool: the deploy's groups (on its first run), its bind guard (when
+        ``guard`` says which ports), then the process.
 
         Never raises: whatever it made is in the result, so the monitor owns (and
         removes) it whether or not the process started.
@@ -514,6 +564,16 @@ class ProcessMonitor(Actor):
             except OSError as exc:
                 done.error = f"cannot create its cgroup: {exc.strerror or exc}"
                 return done
+        if guard is not None and done.cgroup is not None:
+            assert self.port_range is not None
+            try:
+                bindguard.guard(done.cgroup.path, self.port_range, guard)
+            except OSError as exc:
+                # Not started unguarded: keter checked at start that guards work, and an
+                # old guard would refuse the app its new port anyway. A restart retries.
+                done.error = f"cannot guard its ports: {exc.strerror or exc}"
+                return done
+            done.guarded = guard
         if done.limit_groups is None:
             try:
                 done.limit_groups = self.controllers.for_deploy(app, deploy_id, done.cgroup)
@@ -586,6 +646,8 @@ class ProcessMonitor(Actor):
         launched = future.result()  # _launch never raises
         # The groups are the entry's even if the process did not start: they go with it.
         entry.cgroup, entry.limit_groups = launched.cgroup, launched.limit_groups
+        if launched.guarded is not None:
+            entry.guarded = launched.guarded
         if launched.proc is None:
             self._logs.release(applog)
             return launched.error or "not started"

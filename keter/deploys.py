@@ -137,6 +137,8 @@ class WebProcess:
     started_at: float | None = None  # wall clock time its current process started
     restarts: int = 0  # crash restarts while serving
     repoint: bool = False  # moved to another port: lead its stable port there once it runs
+    # A stranger holds its port and no other was free: the next try's delay (None: none due).
+    move_retry: float | None = None
 
 
 @dataclass(kw_only=True, eq=False)

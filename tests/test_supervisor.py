@@ -7,6 +7,7 @@ end-to-end tests (test_deploy.py and friends) show the same flows for real.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -73,7 +74,9 @@ from keter.messages import (
     WatchDrain,
     WatchVersion,
 )
+from keter.processes.ports import NoFreePort
 from keter.supervisor import RESTART_LIMIT, Supervisor
+from keter.supervisor.starting import MOVE_RETRY_MAX
 
 # -- the table ---------------------------------------------------------------------------
 
@@ -811,6 +814,38 @@ def test_an_app_moved_off_a_stolen_port_is_led_there_by_the_kernel(kernel: Rig) 
     kernel.send(ServicesPointed(app="a", deploy_id=command.deploy_id))
     assert kernel.sup.apps["a"].serving.id == start.deploy_id  # nothing else changes
     assert stable in kernel.sup.stable_ports
+
+
+def test_an_app_whose_port_is_stolen_with_no_port_free_leads_nowhere_and_moves_later(
+    kernel: Rig,
+) -> None:
+    """Every port of the range is taken (a squatter outside keter's guard): the stable port
+    stops leading to the stranger at once, and keter looks for a port again, on a timer,
+    until one comes back to the pool; then the app moves as usual."""
+    start = kernel_deploy(kernel, webapp(kernel.tmp))
+    [stable] = kernel.sup.apps["a"].serving.services
+    taken = []
+    with contextlib.suppress(NoFreePort):
+        while True:
+            taken.append(kernel.sup.ports.allocate())
+    kernel.send(ProcessPortTaken(app="a", deploy_id=start.deploy_id, port=start.spec.port))
+    assert kernel.monitor.take(MoveProcess) == []
+    assert kernel.switch.one(ReleaseServices).ports == (stable,)  # never to the stranger
+    for _ in range(3):  # still none free: it keeps looking; the stable port stays released
+        kernel.clock.now += MOVE_RETRY_MAX
+        for timer in kernel.sup.due_timers():
+            kernel.send(timer)
+        assert kernel.monitor.take(MoveProcess) == []
+        assert kernel.switch.take(ReleaseServices) == []
+    kernel.sup.ports.release(taken[0])  # an app ended
+    kernel.clock.now += MOVE_RETRY_MAX
+    for timer in kernel.sup.due_timers():
+        kernel.send(timer)
+    move = kernel.monitor.one(MoveProcess)
+    assert move.spec.port == taken[0]
+    kernel.send(ProcessStateChanged(app="a", deploy_id=start.deploy_id, state=ProcessState.RUNNING))
+    assert kernel.switch.one(PointServices).targets == ((stable, taken[0]),)
+    assert kernel.sup.next_timer() is None  # no retry left behind
 
 
 def test_an_apps_ports_are_granted_to_it_until_its_processes_are_gone(kernel: Rig) -> None:

@@ -49,7 +49,7 @@ add one part of it (a mixin over the state in ``state``):
     core        the loop's API (start, dispatch, timers) and the one ``match``
     state       what it holds: apps, deploys by id, ports, hosts, bookkeeping
     components  the components it owns (``Components``, ``Teller``)
-    timers      messages it sends itself after a delay (drains, restarts)
+    timers      messages it sends itself after a delay (drains, restarts, moves)
     intake      bundles arrive or go: begin, supersede, remove; checks after unpacking
     conflicts   hosts other apps claim; a bundle refused for one waits, then deploys
     preparing   settings and ports, backup before a release, the release itself

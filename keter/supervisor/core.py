@@ -56,7 +56,7 @@ from keter.supervisor.rollout import Rollout
 from keter.supervisor.routing import Routing
 from keter.supervisor.starting import Starting
 from keter.supervisor.switching import Switching
-from keter.supervisor.timers import DrainOver, RestartComponent
+from keter.supervisor.timers import DrainOver, RestartComponent, RetryMove
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,8 @@ class Supervisor(
                 self._process_stopped(process_id)
             case ProcessPortTaken(deploy_id=process_id):
                 self._port_taken(process_id)
+            case RetryMove(process_id=process_id, port=port):
+                self._retry_move(process_id, port)
             case NginxApplied(generation=generation, refused=refused):
                 self._nginx_replied(generation, None, {r.app: r.reason for r in refused})
             case NginxFailed(generation=generation, reason=reason):

@@ -14,8 +14,14 @@ from keter.limits import Limits
 from keter.messages import HealthCheck, MoveProcess, ProcessSpec, ReleaseServices, StartProcess
 from keter.processes.ports import NoFreePort
 from keter.supervisor.state import SupervisorState
+from keter.supervisor.timers import RetryMove
 
 log = logging.getLogger(__name__)
+
+# A web process a stranger took the port of, with no other port free, tries again after
+# this long, doubled each time up to the most.
+MOVE_RETRY_FIRST = 0.5
+MOVE_RETRY_MAX = 10.0
 
 
 class Starting(SupervisorState):
@@ -99,31 +105,64 @@ class Starting(SupervisorState):
         web = deploy.web_process(process_id) if deploy is not None else None
         if deploy is None or web is None or deploy.config is None:
             return
+        self._lead_nowhere(deploy, web)
         try:
             port = self.ports.allocate()
         except NoFreePort as exc:
-            log.error("%s: cannot move deploy #%d to another port: %s", deploy.app, process_id, exc)
+            # Waiting for the monitor's next report would wait for good: the app is parked
+            # until it gets a port. Ports come back as apps end: look again later.
+            web.move_retry = MOVE_RETRY_FIRST
+            log.error(
+                "%s: cannot move deploy #%d off port %d: %s; trying again until a port is free",
+                deploy.app,
+                process_id,
+                web.port,
+                exc,
+            )
+            self.timers.schedule(web.move_retry, RetryMove(process_id=process_id, port=web.port))
             return
+        self._move_to(deploy, web, port)
+
+    def _retry_move(self, process_id: int, port: int) -> None:
+        """A RetryMove is due: a port may have come back to the pool since."""
+        deploy = self.owners.get(process_id)
+        web = deploy.web_process(process_id) if deploy is not None else None
+        if deploy is None or web is None or web.port != port or web.move_retry is None:
+            return  # it ended, or moved, meanwhile
+        try:
+            new_port = self.ports.allocate()
+        except NoFreePort:
+            web.move_retry = min(web.move_retry * 2, MOVE_RETRY_MAX)
+            self.timers.schedule(web.move_retry, RetryMove(process_id=process_id, port=port))
+            return
+        self._move_to(deploy, web, new_port)
+
+    def _lead_nowhere(self, deploy: Deploy, web: WebProcess) -> None:
+        """Kernel mode: the stranger's port gets no more of nginx's traffic for the app; the
+        stable port leads nowhere (a reset) until the app answers on its new port."""
+        if deploy.services and deploy.stage is Stage.SERVING and not web.repoint:
+            assert self.c.switch is not None
+            web.repoint = True
+            stable = deploy.services[web.index]
+            self.c.switch.tell(ReleaseServices(app=deploy.app, ports=(stable,)))
+
+    def _move_to(self, deploy: Deploy, web: WebProcess, port: int) -> None:
+        """Move a web process whose port a stranger holds to ``port`` (allocated)."""
+        web.move_retry = None
         self.ports.release(web.port)  # the pool skips it while the stranger holds it
         self._revoke_ports(deploy.app, (web.port,))
         self._grant_ports(deploy.app, (port,))
-        log.info("%s: deploy #%d moves from port %d to %d", deploy.app, process_id, web.port, port)
+        log.info(
+            "%s: deploy #%d moves from port %d to %d", deploy.app, web.process_id, web.port, port
+        )
         web.port = port
         held = list(deploy.ports_held)
         held[web.index] = port  # released when the deploy ends
         deploy.ports_held = tuple(held)
         spec = self._web_spec(deploy, web.index, port)
-        self.c.monitor.tell(MoveProcess(app=deploy.app, deploy_id=process_id, spec=spec))
+        self.c.monitor.tell(MoveProcess(app=deploy.app, deploy_id=web.process_id, spec=spec))
         self._changed.add(deploy.app)
-        if deploy.services:
-            # Kernel mode: nginx routes to the stable port; it stops leading to the stranger
-            # now and leads to the app again once it answers on its new port.
-            if deploy.stage is Stage.SERVING:
-                assert self.c.switch is not None
-                web.repoint = True
-                stable = deploy.services[web.index]
-                self.c.switch.tell(ReleaseServices(app=deploy.app, ports=(stable,)))
-        elif deploy.sites:
+        if not deploy.services and deploy.sites:
             deploy.sites = self._sites(deploy, deploy.ports)
             self._request_nginx()
 

@@ -28,6 +28,15 @@ class DrainOver:
     deploy_id: int
 
 
+@message
+class RetryMove:
+    """Timer: try again to move a web process off the port a stranger holds
+    (keter.supervisor.starting), which found no free port the last time."""
+
+    process_id: int
+    port: int  # the port it was to move off: a retry for a port it left is stale
+
+
 class Timers:
     """Timer messages ordered by when they are due (ties: in the order scheduled)."""
 

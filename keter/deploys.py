@@ -139,6 +139,7 @@ class WebProcess:
     repoint: bool = False  # moved to another port: lead its stable port there once it runs
     # A stranger holds its port and no other was free: the next try's delay (None: none due).
     move_retry: float | None = None
+    unrouted: bool = False  # reload mode: nginx routes it nowhere until it moves (as above)
 
 
 @dataclass(kw_only=True, eq=False)

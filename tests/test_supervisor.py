@@ -848,6 +848,29 @@ def test_an_app_whose_port_is_stolen_with_no_port_free_leads_nowhere_and_moves_l
     assert kernel.sup.next_timer() is None  # no retry left behind
 
 
+def proxied_ports(apply: ApplyNginx) -> set[int]:
+    return {r.action.port for s in apply.sites for r in s.routes if isinstance(r.action, ProxyApp)}
+
+
+def test_in_the_reload_mode_a_stolen_port_with_no_port_free_is_routed_nowhere_until_a_move(
+    rig: Rig,
+) -> None:
+    start = rig.deploy("a", webapp(rig.tmp))
+    taken = []
+    with contextlib.suppress(NoFreePort):
+        while True:
+            taken.append(rig.sup.ports.allocate())
+    rig.send(ProcessPortTaken(app="a", deploy_id=start.deploy_id, port=start.spec.port))
+    assert rig.monitor.take(MoveProcess) == []
+    assert proxied_ports(rig.nginx_ok()) == set()  # nginx no longer sends it to the stranger
+    rig.sup.ports.release(taken[0])
+    rig.clock.now += MOVE_RETRY_MAX
+    for timer in rig.sup.due_timers():
+        rig.send(timer)
+    assert rig.monitor.one(MoveProcess).spec.port == taken[0]
+    assert proxied_ports(rig.nginx_ok()) == {taken[0]}
+
+
 def test_an_apps_ports_are_granted_to_it_until_its_processes_are_gone(kernel: Rig) -> None:
     """The switch's isolation set (keter.switch.nft) follows the ports keter hands out:
     granted before the first process starts, moved with a stolen port, revoked once

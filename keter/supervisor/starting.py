@@ -120,6 +120,7 @@ class Starting(SupervisorState):
                 exc,
             )
             self.timers.schedule(web.move_retry, RetryMove(process_id=process_id, port=web.port))
+            self._route_nowhere(deploy, web)
             return
         self._move_to(deploy, web, port)
 
@@ -146,6 +147,17 @@ class Starting(SupervisorState):
             stable = deploy.services[web.index]
             self.c.switch.tell(ReleaseServices(app=deploy.app, ports=(stable,)))
 
+    def _route_nowhere(self, deploy: Deploy, web: WebProcess) -> None:
+        """Reload mode, no port to move to: nginx routes the web app's hosts to nothing
+        (nginx's answer for an unknown host) rather than to the stranger, until it moves."""
+        if deploy.services or not deploy.sites or web.unrouted:
+            return
+        web.unrouted = True
+        ports = list(deploy.ports)
+        ports[web.index] = None
+        deploy.sites = self._sites(deploy, tuple(ports))
+        self._request_nginx()
+
     def _move_to(self, deploy: Deploy, web: WebProcess, port: int) -> None:
         """Move a web process whose port a stranger holds to ``port`` (allocated)."""
         web.move_retry = None
@@ -162,7 +174,8 @@ class Starting(SupervisorState):
         spec = self._web_spec(deploy, web.index, port)
         self.c.monitor.tell(MoveProcess(app=deploy.app, deploy_id=web.process_id, spec=spec))
         self._changed.add(deploy.app)
-        if not deploy.services and deploy.sites:
+        if not deploy.services and (deploy.sites or web.unrouted):
+            web.unrouted = False
             deploy.sites = self._sites(deploy, deploy.ports)
             self._request_nginx()
 

@@ -173,6 +173,66 @@ def test_a_stranger_on_a_crashed_apps_port_gets_no_traffic(keter_factory, privat
         stranger.close()
 
 
+def listen_on(port: int) -> socket.socket | None:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+    except OSError:
+        sock.close()
+        return None
+    sock.setblocking(False)
+    return sock
+
+
+def test_a_stranger_holding_every_port_gets_no_traffic_and_the_app_moves_once_one_frees(
+    keter_factory, private_nginx, tmp_path
+):
+    """A stranger that is no app of keter's (no bind guard holds it back) holds every free
+    port of port-range, and takes a crashed app's port. keter has nowhere to move the app:
+    meanwhile its stable address leads nowhere (never to the stranger), and keter looks for
+    a port again until one frees; then the app moves there and serves."""
+    low, high = app_port_range()
+    keter = keter_factory(**{"port-range": [low, high]})
+    bundle = make_bundle(tmp_path / "moving.keter", config=webapp_config("moving.test", "v1"))
+    keter.drop(bundle)
+    served(private_nginx, "moving.test", "v1")
+    started = re.search(r"moving: deploy #(\d+) started pid (\d+) on port (\d+)", keter.log())
+    assert started
+    deploy, pid, port = (int(group) for group in started.groups())
+    hoard = [s for p in range(low, high + 1) if p != port and (s := listen_on(p)) is not None]
+    offset = len(keter.log())
+    os.kill(pid, signal.SIGKILL)
+    stranger = bind_when_free(port)  # before keter restarts the app (its backoff)
+    try:
+        wait_for(
+            lambda: f"moving: cannot move deploy #{deploy}" in keter.log()[offset:],
+            15,
+            lambda: f"keter to find no port: {keter.log()[offset:][-2000:]}",
+        )
+        # nginx routes to the app's stable address, which leads nowhere now: a 502.
+        assert private_nginx.request("moving.test")[0] == 502
+        freed = hoard.pop()
+        free = freed.getsockname()[1]
+        freed.close()
+        moved = wait_for(
+            lambda: re.search(
+                rf"moving: deploy #{deploy} moves from port {port} to (\d+)", keter.log()[offset:]
+            ),
+            30,
+            "keter to try again and move the app",
+        )
+        assert int(moved[1]) == free
+        served(private_nginx, "moving.test", "v1")
+        with pytest.raises(BlockingIOError):
+            stranger.accept()  # not one request
+    finally:
+        stranger.close()
+        for sock in hoard:
+            sock.close()
+
+
 def test_a_stranger_that_takes_the_port_while_a_restart_starts_gets_no_probe(
     keter_factory, private_nginx, tmp_path
 ):

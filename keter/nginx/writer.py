@@ -29,8 +29,8 @@ still take the refused reload late.
 Once it knows nginx's master (from the workers that answer), it sends that
 signal itself instead of running ``nginx -s reload``, which reads and checks
 the whole config just to find the pid file: with 1000 sites, 0.1 s of CPU on
-every generation, beside the master's own reading after it. A reload command of the operator's own (``systemctl reload
-nginx``, a wrapper) always runs as it is.
+every generation, beside the master's own reading after it. A reload command of
+the operator's own (``systemctl reload nginx``, a wrapper) always runs as it is.
 """
 
 from __future__ import annotations

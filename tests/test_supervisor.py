@@ -8,6 +8,7 @@ end-to-end tests (test_deploy.py and friends) show the same flows for real.
 from __future__ import annotations
 
 import contextlib
+import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -828,6 +829,7 @@ def test_an_app_whose_port_is_stolen_with_no_port_free_leads_nowhere_and_moves_l
     with contextlib.suppress(NoFreePort):
         while True:
             taken.append(kernel.sup.ports.allocate())
+    stranger = socket.create_server(("127.0.0.1", start.spec.port))  # held to the end
     kernel.send(ProcessPortTaken(app="a", deploy_id=start.deploy_id, port=start.spec.port))
     assert kernel.monitor.take(MoveProcess) == []
     assert kernel.switch.one(ReleaseServices).ports == (stable,)  # never to the stranger
@@ -846,6 +848,32 @@ def test_an_app_whose_port_is_stolen_with_no_port_free_leads_nowhere_and_moves_l
     kernel.send(ProcessStateChanged(app="a", deploy_id=start.deploy_id, state=ProcessState.RUNNING))
     assert kernel.switch.one(PointServices).targets == ((stable, taken[0]),)
     assert kernel.sup.next_timer() is None  # no retry left behind
+    stranger.close()
+
+
+def test_an_app_whose_port_is_stolen_with_no_port_free_goes_back_once_the_stranger_lets_go(
+    kernel: Rig,
+) -> None:
+    """The pool counts the stolen port the app's: once the stranger closes it, only the app
+    can have it back (it had waited for another port for good)."""
+    start = kernel_deploy(kernel, webapp(kernel.tmp))
+    [stable] = kernel.sup.apps["a"].serving.services
+    with contextlib.suppress(NoFreePort):
+        while True:
+            kernel.sup.ports.allocate()
+    with socket.create_server(("127.0.0.1", start.spec.port)):
+        kernel.send(ProcessPortTaken(app="a", deploy_id=start.deploy_id, port=start.spec.port))
+        kernel.clock.now += MOVE_RETRY_MAX
+        for timer in kernel.sup.due_timers():
+            kernel.send(timer)
+        assert kernel.monitor.take(MoveProcess) == []
+    kernel.clock.now += MOVE_RETRY_MAX
+    for timer in kernel.sup.due_timers():
+        kernel.send(timer)
+    assert kernel.monitor.one(MoveProcess).spec.port == start.spec.port
+    assert kernel.switch.take(RevokePorts) == []  # its own port all along
+    kernel.send(ProcessStateChanged(app="a", deploy_id=start.deploy_id, state=ProcessState.RUNNING))
+    assert kernel.switch.one(PointServices).targets == ((stable, start.spec.port),)
 
 
 def proxied_ports(apply: ApplyNginx) -> set[int]:
@@ -860,15 +888,16 @@ def test_in_the_reload_mode_a_stolen_port_with_no_port_free_is_routed_nowhere_un
     with contextlib.suppress(NoFreePort):
         while True:
             taken.append(rig.sup.ports.allocate())
-    rig.send(ProcessPortTaken(app="a", deploy_id=start.deploy_id, port=start.spec.port))
-    assert rig.monitor.take(MoveProcess) == []
-    assert proxied_ports(rig.nginx_ok()) == set()  # nginx no longer sends it to the stranger
-    rig.sup.ports.release(taken[0])
-    rig.clock.now += MOVE_RETRY_MAX
-    for timer in rig.sup.due_timers():
-        rig.send(timer)
-    assert rig.monitor.one(MoveProcess).spec.port == taken[0]
-    assert proxied_ports(rig.nginx_ok()) == {taken[0]}
+    with socket.create_server(("127.0.0.1", start.spec.port)):  # the stranger
+        rig.send(ProcessPortTaken(app="a", deploy_id=start.deploy_id, port=start.spec.port))
+        assert rig.monitor.take(MoveProcess) == []
+        assert proxied_ports(rig.nginx_ok()) == set()  # nginx no longer sends it there
+        rig.sup.ports.release(taken[0])
+        rig.clock.now += MOVE_RETRY_MAX
+        for timer in rig.sup.due_timers():
+            rig.send(timer)
+        assert rig.monitor.one(MoveProcess).spec.port == taken[0]
+        assert proxied_ports(rig.nginx_ok()) == {taken[0]}
 
 
 def test_an_apps_ports_are_granted_to_it_until_its_processes_are_gone(kernel: Rig) -> None:

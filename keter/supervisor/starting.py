@@ -12,7 +12,7 @@ from keter.deploys import Deploy, Stage, WebProcess, Worker
 from keter.environment import app_environment, worker_environment
 from keter.limits import Limits
 from keter.messages import HealthCheck, MoveProcess, ProcessSpec, ReleaseServices, StartProcess
-from keter.processes.ports import NoFreePort
+from keter.processes.ports import NoFreePort, port_is_free
 from keter.supervisor.state import SupervisorState
 from keter.supervisor.timers import RetryMove
 
@@ -130,6 +130,9 @@ class Starting(SupervisorState):
         web = deploy.web_process(process_id) if deploy is not None else None
         if deploy is None or web is None or web.port != port or web.move_retry is None:
             return  # it ended, or moved, meanwhile
+        if port_is_free(port):  # the stranger let go: the pool still counts it the app's
+            self._move_to(deploy, web, port)
+            return
         try:
             new_port = self.ports.allocate()
         except NoFreePort:
@@ -161,12 +164,19 @@ class Starting(SupervisorState):
     def _move_to(self, deploy: Deploy, web: WebProcess, port: int) -> None:
         """Move a web process whose port a stranger holds to ``port`` (allocated)."""
         web.move_retry = None
-        self.ports.release(web.port)  # the pool skips it while the stranger holds it
-        self._revoke_ports(deploy.app, (web.port,))
-        self._grant_ports(deploy.app, (port,))
-        log.info(
-            "%s: deploy #%d moves from port %d to %d", deploy.app, web.process_id, web.port, port
-        )
+        if port == web.port:  # its own, which the stranger let go of
+            log.info("%s: deploy #%d goes back to port %d", deploy.app, web.process_id, port)
+        else:
+            self.ports.release(web.port)  # the pool skips it while the stranger holds it
+            self._revoke_ports(deploy.app, (web.port,))
+            self._grant_ports(deploy.app, (port,))
+            log.info(
+                "%s: deploy #%d moves from port %d to %d",
+                deploy.app,
+                web.process_id,
+                web.port,
+                port,
+            )
         web.port = port
         held = list(deploy.ports_held)
         held[web.index] = port  # released when the deploy ends

@@ -22,6 +22,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,6 +250,67 @@ def test_one_apps_held_requests_and_unread_answers_stay_its_own(
 
 
 # -- nginx reads keter's own copies --------------------------------------------------------
+
+
+def _silent_log_writer(writers: Writers, tmp_path: Path) -> NginxWriter:
+    """A writer told of an error log nginx never writes (nginx.conf sends its errors
+    elsewhere, or the file is a link to /dev/stderr as in nginx's Docker image)."""
+    silent = tmp_path / "error.log"
+    silent.symlink_to("/dev/null")
+    writer = NginxWriter(
+        listeners=[Listener("127.0.0.1", writers.nginx.port), writers.tls],
+        config_file=writers.nginx.config_file,
+        test_command=writers.nginx.test_command,
+        reload_command=writers.nginx.reload_command,
+        report_to=writers.reports,
+        error_log=silent,
+        confirm_timeout=2,
+    )
+    writer.start()
+    writers.started.append(writer)
+    return writer
+
+
+def test_a_refused_site_is_found_when_nginx_says_nothing_where_keter_reads(
+    private_nginx: PrivateNginx, writers: Writers, backends, tmp_path: Path, caplog
+) -> None:
+    # Only a refusal keter sees sends it to nginx -t: this one failed every app's apply.
+    writers.with_tls(tmp_path / "listener")
+    writer = _silent_log_writer(writers, tmp_path)
+    certs = {app: make_certificate(tmp_path / "certs", app, f"{app}.test") for app in "ab"}
+    good = web("a", backends["first"], TlsFiles(certificate=certs["a"][0], key=certs["a"][1]))
+    assert writers.apply(writer, good).refused == ()
+    bad = web("b", backends["second"], TlsFiles(certificate=certs["b"][0], key=certs["a"][1]))
+    reply = writers.apply(writer, good, bad, web("c", backends["second"]))
+    assert set(refused(reply)) == {"b"}
+    assert answer(private_nginx, "c.test") == "second"
+    assert "every apply is tested before its reload from now on" in caplog.text
+    began = time.monotonic()  # tested first now: no wait for a confirmation that never comes
+    writers.apply(writer, good, bad, web("c", backends["first"]))
+    assert time.monotonic() - began < 2
+    assert answer(private_nginx, "c.test") == "first"
+
+
+def test_keter_stopped_while_nginx_has_not_taken_an_untested_config_leaves_one_that_passes(
+    private_nginx: PrivateNginx, writers: Writers, backends, tmp_path: Path
+) -> None:
+    # The file nginx's next start (a reboot) reads must pass nginx -t: an untested one
+    # with a site nginx refuses had stayed on disk.
+    writers.with_tls(tmp_path / "listener")
+    writer = _silent_log_writer(writers, tmp_path)
+    certs = {app: make_certificate(tmp_path / "certs", app, f"{app}.test") for app in "ab"}
+    good = web("a", backends["first"], TlsFiles(certificate=certs["a"][0], key=certs["a"][1]))
+    assert writers.apply(writer, good).refused == ()
+    bad = web("b", backends["second"], TlsFiles(certificate=certs["b"][0], key=certs["a"][1]))
+    writer.tell(ApplyNginx(generation=writers.generation + 1, sites=(good, bad)))
+    wait_for(
+        lambda: "# generation 2" in private_nginx.config_file.read_text(),
+        10,
+        "the untested config to be written",
+    )
+    writers.stop(writer)
+    assert "stopped" in writers.reports.get(timeout=5).reason
+    assert writers.nginx_t_passes(), private_nginx.config_file.read_text()[-800:]
 
 
 def test_a_site_nginx_fails_on_without_naming_its_file_is_found_by_halving(

@@ -163,6 +163,8 @@ class NginxWriter(Actor):
         self.reload_command = tuple(reload_command)
         self.confirm_timeout = confirm_timeout
         self.error_log = Path(error_log) if error_log is not None else None
+        # False once a reload was not taken with no [emerg] there (see _untested).
+        self._error_log_speaks = True
         # Set by stop() so a shutdown does not wait out a whole confirm timeout.
         self._stopping = threading.Event()
         # What nginx serves: each app's site, and keter's main file as written.
@@ -467,16 +469,35 @@ class NginxWriter(Actor):
         path finds that site. Without nginx's error log a refusal would be seen only at
         the confirmation's timeout: then every apply is tested first (REFUSED at once).
         """
-        if self.error_log is None:
+        if self.error_log is None or not self._error_log_speaks:
             return _Taken.REFUSED
         atomic_write(self.config_file, self._main_text(chosen, generation).encode(), mode=0o644)
         missed = self._take(generation)
         if missed is None:
             return _Taken.YES
-        if missed.sent and missed.emerg and not self._stopping.is_set():
-            return _Taken.REFUSED
-        self._missed(generation, missed)
-        return _Taken.NO
+        if self._stopping.is_set():
+            # What is on disk was never tested: put back what nginx ran, so that nginx's
+            # next start (a reboot) reads a config that passes. keter applies its own
+            # again when it starts.
+            reason = "keter stopped before nginx confirmed the reload"
+            self._fail(generation, reason + self._restore())
+            return _Taken.NO
+        if not missed.sent:
+            self._missed(generation, missed)
+            return _Taken.NO
+        if not missed.emerg:
+            # Not taken, and no word of it where keter reads nginx's errors: nginx's own
+            # config sends them elsewhere (or to a terminal). Without that word a refused
+            # site would fail every apply after the timeout: test first from now on.
+            self._error_log_speaks = False
+            log.warning(
+                "nginx: generation %d was not taken and %s says nothing of it: every apply "
+                "is tested before its reload from now on (is nginx.error-log where nginx "
+                "writes its errors?)",
+                generation,
+                self.error_log,
+            )
+        return _Taken.REFUSED
 
     def _reload(self, generation: int) -> bool:
         """Reload nginx, confirm it serves ``generation`` and that its old workers have

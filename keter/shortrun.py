@@ -5,10 +5,12 @@ The command is the operator's (a wrapper script, ``sudo nginx -t``), so it may h
 children, print without end or print bytes that are no UTF-8. ``subprocess.run`` with a
 timeout kills only the direct child: a wrapper's own ``nginx -t`` or ``sleep`` lived on,
 one more after every apply that timed out, and its output was all kept in memory. Here
-the command leads a process group of its own; once it has exited (or at the deadline)
-what is left of the group is killed. The exit is heard on a pidfd, which becomes readable
-before the child is reaped: its pid, the group's id, cannot be reused by then, so the
-kill cannot reach another program's group.
+the command leads a process group of its own, and at the deadline the whole group is
+killed. A command that exits in time is not waited for past its exit (a child of it may
+hold its output) and what it left is left alone: it may be a daemon it started (``nginx -s
+reload || nginx``), still forking its way out of the group. The exit is heard on a pidfd,
+which becomes readable before the child is reaped; at the deadline the child has not
+exited, so its pid, the group's id, cannot belong to another program's group.
 """
 
 from __future__ import annotations
@@ -67,9 +69,9 @@ def run_short(command: Sequence[str], timeout: float) -> Ran:
             if not _read(pipe.fileno(), kept) and pipe in selector.get_map():
                 selector.unregister(pipe)  # end of output; the exit is still awaited
     os.close(exited)
-    # What is left of its group goes: all of a hung command, or what the command left.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(child.pid, signal.SIGKILL)
+    if not done:  # hung: all of its group goes
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)
     status = child.wait()
     return Ran(returncode=status if done else None, output=kept.decode("utf-8", "replace"))
 

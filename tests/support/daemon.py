@@ -22,6 +22,8 @@ from keter.switch import Table, nft
 from support.net import app_port_range
 from support.wait import wait_for
 
+LOG_SHOWN = 120  # lines of each keter's log a failed test shows
+
 
 class KeterDaemon:
     """One keter process on a private ROOT, pointed at a private nginx."""
@@ -120,9 +122,10 @@ def keter_settings(nginx, **overrides) -> dict:
 
 
 @pytest.fixture
-def keter_factory(tmp_path, private_nginx) -> Iterator:
+def keter_factory(request, tmp_path, private_nginx) -> Iterator:
     """Make (and on teardown stop) keter daemons: ``keter_factory(name="root", **settings)``
-    (``wrapper``: a command keter is started through, see ``KeterDaemon``)."""
+    (``wrapper``: a command keter is started through, see ``KeterDaemon``). A failed test
+    shows each daemon's last log lines (its tmp folder is gone by the time one looks)."""
     daemons: list[KeterDaemon] = []
 
     def make(
@@ -141,6 +144,11 @@ def keter_factory(tmp_path, private_nginx) -> Iterator:
         return daemon
 
     yield make
+    call = getattr(request.node, "rep_call", None)
+    if call is not None and call.failed:
+        for daemon in daemons:
+            print(f"--- the last {LOG_SHOWN} lines of keter's log on {daemon.root} ---")
+            print("\n".join(daemon.log().splitlines()[-LOG_SHOWN:]))
     for daemon in daemons:
         if daemon.proc and daemon.proc.poll() is None:
             daemon.stop()

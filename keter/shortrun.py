@@ -63,7 +63,7 @@ def run_short(command: Sequence[str], timeout: float) -> Ran:
         selector.register(exited, selectors.EVENT_READ)
         while not done and (left := deadline - time.monotonic()) > 0:
             for key, _ in selector.select(left):
-                if key.fileobj is exited:
+                if key.fileobj == exited:
                     done = True
             # Read before deciding: what it wrote just before it exited counts.
             if not _read(pipe.fileno(), kept) and pipe in selector.get_map():

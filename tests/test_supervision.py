@@ -180,6 +180,10 @@ def test_a_refused_redeploy_and_a_restart_do_not_take_the_app_down(
     good = make_bundle(tmp_path / "v1.keter", config=webapp_config("up.test", "v1"))
     keter.drop(good, name="up.keter")
     served(private_nginx, "up.test", "v1")
+    # Archived once keter's verdict is in (nginx may answer just before): a bundle
+    # replaced before then is not the one that served, and is not archived.
+    archived = keter.root / "archive" / "up"
+    wait_for(lambda: list(archived.glob("*.keter")), 10, "v1 to be archived")
     bad = webapp_config("up.test", "v2", args=["--exit-at-start", "3"])
     keter.drop(make_bundle(tmp_path / "v2.keter", config=bad), name="up.keter")
     wait_for(lambda: re.search(r"up: deploy #\d+ failed", keter.log()), 20, "v2 to fail")

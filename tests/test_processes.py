@@ -399,6 +399,23 @@ def test_stop_after_the_drain_delay(monitor):
     assert port_is_free(port)
 
 
+@pytest.mark.parametrize(
+    "family, address, v6only",
+    [(socket.AF_INET, "127.0.0.1", None), (socket.AF_INET6, "::1", 1), (socket.AF_INET6, "::", 1)],
+)
+def test_a_port_held_on_any_address_of_either_family_is_not_free(family, address, v6only):
+    # The monitor counts a listener on any address a stranger: a test of IPv4 alone had an
+    # app moved back, again and again, onto a port an IPv6-only listener held.
+    port = free_port()
+    with socket.socket(family, socket.SOCK_STREAM) as stranger:
+        if v6only is not None:
+            stranger.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+        stranger.bind((address, port))
+        stranger.listen()
+        assert not port_is_free(port)
+    assert port_is_free(port)
+
+
 def test_app_ignoring_sigterm_is_killed_after_stop_timeout(make_monitor, caplog):
     monitor = make_monitor(stop_timeout=0.3)
     pid = monitor.healthy(1, monitor.spec("--ignore-term", port=free_port()))

@@ -44,13 +44,22 @@ class PortPool:
 
 
 def port_is_free(port: int) -> bool:
-    """Whether nothing holds ``port`` on any address (a listener elsewhere would take the
-    app's traffic, or a health probe would reach a stranger)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """Whether nothing holds ``port`` on any address, IPv4 or IPv6 (a listener elsewhere
+    would take the app's traffic, or a health probe would reach a stranger; the monitor
+    counts a stranger on any address, so a test of IPv4 alone had an app moved back, again
+    and again, onto a port an IPv6 listener held)."""
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:  # no IPv6 in this kernel: IPv4 is every address there is
+        sock, address = socket.socket(socket.AF_INET, socket.SOCK_STREAM), ("0.0.0.0", port)
+    else:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # both families at once
+        address = ("::", port)
+    with sock:
         # SO_REUSEADDR as servers set it: a port whose old connections are in TIME_WAIT is usable.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(("0.0.0.0", port))
+            sock.bind(address)
         except OSError:
             return False
     return True

@@ -72,6 +72,7 @@ class Writers:
         *,
         options: ProxyOptions | None = None,
         test_command: list[str] | None = None,
+        reload_command: list[str] | None = None,
         tested_first: bool = False,
     ) -> NginxWriter:
         """A writer as keter runs it, with nginx's error log, where refused reloads show;
@@ -83,7 +84,7 @@ class Writers:
             listeners=listeners,
             config_file=self.nginx.config_file,
             test_command=test_command or self.nginx.test_command,
-            reload_command=self.nginx.reload_command,
+            reload_command=reload_command or self.nginx.reload_command,
             report_to=self.reports,
             options=options,
             error_log=None if tested_first else self.nginx.error_log,
@@ -250,6 +251,30 @@ def test_one_apps_held_requests_and_unread_answers_stay_its_own(
 
 
 # -- nginx reads keter's own copies --------------------------------------------------------
+
+
+def test_a_refused_site_is_found_when_the_reload_command_itself_refuses_the_config(
+    private_nginx: PrivateNginx, writers: Writers, backends, tmp_path: Path
+) -> None:
+    # The first apply (keter does not know nginx's master yet) and a reload command of the
+    # operator's own run a command, which reads the config and refuses it before nginx
+    # hears of it: that was the whole apply failed, every app's deploy with it.
+    writers.with_tls(tmp_path / "listener")
+    certs = {app: make_certificate(tmp_path / "certs", app, f"{app}.test") for app in "ab"}
+    good = web("a", backends["first"], TlsFiles(certificate=certs["a"][0], key=certs["a"][1]))
+    bad = web("b", backends["second"], TlsFiles(certificate=certs["b"][0], key=certs["a"][1]))
+    writer = writers.start()
+    assert set(refused(writers.apply(writer, good, bad))) == {"b"}  # its first apply
+    writers.stop(writer)
+
+    wrapper = tmp_path / "reload"
+    wrapper.write_text(f"#!/bin/sh\nexec {' '.join(private_nginx.reload_command)}\n")
+    wrapper.chmod(0o755)
+    writer = writers.start(reload_command=[str(wrapper)])
+    assert writers.apply(writer, good).refused == ()
+    reply = writers.apply(writer, good, bad, web("c", backends["second"]))
+    assert set(refused(reply)) == {"b"}
+    assert answer(private_nginx, "c.test") == "second"
 
 
 def _silent_log_writer(writers: Writers, tmp_path: Path) -> NginxWriter:

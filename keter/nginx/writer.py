@@ -110,6 +110,9 @@ class _Missed:
     reason: str
     sent: bool = True  # False: the reload command failed, nginx was not told
     emerg: str | None = None  # nginx's own words: it refused the reload
+    # The reload command ran and said no (``nginx -s reload`` reads the config first and
+    # refuses one nginx would refuse), rather than hanging or not starting at all.
+    answered: bool = False
 
 
 class _Taken(enum.Enum):
@@ -418,7 +421,10 @@ class NginxWriter(Actor):
     def _test(self, chosen: Mapping[str, Rendered], generation: int) -> str | None:
         """Write the main file including these sites and run ``nginx -t``."""
         atomic_write(self.config_file, self._main_text(chosen, generation).encode(), mode=0o644)
-        error = _run(self.test_command)
+        try:
+            error = _run(self.test_command)
+        except OSError as exc:
+            error = f"cannot run {_shell(self.test_command)}: {exc}"
         if error is not None and self._names_bucket and _NAMES_BUCKET_TWICE in error:
             # The operator's nginx.conf sets it: theirs stands, and names too long for it
             # fail their own site (nginx says which), not every apply.
@@ -483,6 +489,11 @@ class NginxWriter(Actor):
             self._fail(generation, reason + self._restore())
             return _Taken.NO
         if not missed.sent:
+            if missed.answered:
+                # The command read the config and refused it (the first apply, before
+                # keter knows nginx's master, or a command of the operator's own): the
+                # tested path finds the site, as for a refusal nginx logs.
+                return _Taken.REFUSED
             self._missed(generation, missed)
             return _Taken.NO
         if not missed.emerg:
@@ -554,9 +565,9 @@ class NginxWriter(Actor):
         retiring = Retiring.before_reload(self._master, {each.port for each in self.listeners})
         if not retiring.known:
             self._wait_until(retiring.in_a_later_tick, time.monotonic() + 1)
-        error = self._send_reload(retiring)
-        if error is not None:
-            return _Missed(reason=error, sent=False)
+        missed = self._send_reload(retiring)
+        if missed is not None:
+            return missed
         deadline = time.monotonic() + self.confirm_timeout
         if retiring.known:
             # Watching the workers is quicker than asking: while old workers still
@@ -571,7 +582,7 @@ class NginxWriter(Actor):
         self._wait_retired(retiring, generation)
         return None
 
-    def _send_reload(self, retiring: Retiring) -> str | None:
+    def _send_reload(self, retiring: Retiring) -> _Missed | None:
         """Tell nginx to reload: SIGHUP to its master when keter's reload command is
         nginx's own ``-s reload`` and the master is known (see the module docstring),
         else the command. None on success, else why not."""
@@ -584,9 +595,12 @@ class NginxWriter(Actor):
             except OSError:
                 pass  # gone since it was looked at: the command finds nginx's new master
         try:
-            return _run(command)
+            error = _run(command)
         except _Hung as exc:
-            return str(exc)
+            return _Missed(reason=str(exc), sent=False)
+        except OSError as exc:
+            return _Missed(reason=f"cannot run {_shell(command)}: {exc}", sent=False)
+        return None if error is None else _Missed(reason=error, sent=False, answered=True)
 
     def _confirm(self, generation: int, deadline: float, errors: ErrorLog) -> int | None:
         """Poll the status server until it reports ``generation``; None on timeout or
@@ -641,11 +655,9 @@ class NginxWriter(Actor):
 
 def _run(command: Sequence[str]) -> str | None:
     """Run an nginx command; None on success, else a reason quoting nginx's errors.
-    Raises _Hung if it did not finish in time (it and its children are killed)."""
-    try:
-        ran = run_short(command, COMMAND_TIMEOUT)
-    except OSError as exc:
-        return f"cannot run {_shell(command)}: {exc}"
+    Raises _Hung if it did not finish in time (it and its children are killed), OSError
+    if it cannot be started."""
+    ran = run_short(command, COMMAND_TIMEOUT)
     if ran.returncode is None:
         raise _Hung(f"{_shell(command)} did not finish within {COMMAND_TIMEOUT:g}s")
     if ran.returncode == 0:

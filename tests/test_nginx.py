@@ -650,6 +650,21 @@ def test_nginx_error_log_is_read_from_the_reload_on_without_blocking(tmp_path: P
     assert not ErrorLog(tmp_path / "missing.log").refused()
 
 
+@pytest.mark.parametrize("rotation", ["copytruncate", "rename"])
+def test_an_emerg_after_the_log_was_rotated_is_read(tmp_path: Path, rotation: str) -> None:
+    # It was missed: the new file, shorter than where reading had got to, looked empty.
+    log = tmp_path / "error.log"
+    log.write_text("2026/11/30 12:00:00 [notice] 1#1: a long history\n" * 50)
+    errors = ErrorLog(log)
+    if rotation == "copytruncate":
+        log.write_text("")
+    else:
+        log.rename(tmp_path / "error.log.1")
+    with log.open("a") as f:
+        f.write("2026/11/30 12:00:02 [emerg] 1#1: bind() failed\n")
+    assert errors.last_emerg() == "2026/11/30 12:00:02 [emerg] 1#1: bind() failed"
+
+
 def test_a_clients_emerg_quoted_in_nginxs_error_log_is_no_refused_reload(tmp_path: Path) -> None:
     # nginx quotes a failed request's line: a client chooses that text, nginx's level field
     # alone says whether nginx refused something.

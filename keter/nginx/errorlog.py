@@ -28,14 +28,16 @@ class ErrorLog:
 
     Read as keter's other inputs are: without blocking (a FIFO named as the log
     cannot hang the writer), regular files only, at most ``READ_LIMIT`` bytes at a
-    time. Each complete line is read once: the writer asks every few ms.
+    time. Each complete line is read once: the writer asks every few ms. A log
+    rotated meanwhile (another file, or the same one cut shorter: logrotate's
+    copytruncate) is read from its start: nginx's line may be the first of it.
     """
 
     READ_LIMIT = 1 << 20
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self.offset = self._size()  # the first byte not read yet
+        self._file, self.offset = self._where()  # the file, and its first byte not read yet
         self._emerg: str | None = None
 
     def refused(self) -> bool:
@@ -44,7 +46,12 @@ class ErrorLog:
 
     def last_emerg(self) -> str | None:
         """The last ``[emerg]`` line nginx logged since (escaped for a log line), or None."""
-        if self.path is not None and self._size() > self.offset:
+        if self.path is None:
+            return self._emerg
+        file, size = self._where()
+        if file != self._file or size < self.offset:  # rotated since
+            self._file, self.offset = file, 0
+        if size > self.offset:
             self._read_new_lines(self.path)
         return self._emerg
 
@@ -68,12 +75,15 @@ class ErrorLog:
         if lines:
             self._emerg = names.log_text(lines[-1].strip(), 1000)
 
-    def _size(self) -> int:
-        """The log's size if it is a regular file (0 otherwise: nothing to read)."""
+    def _where(self) -> tuple[tuple[int, int] | None, int]:
+        """The log's identity (device, inode) and size if it is a regular file (else
+        None and 0: nothing to read)."""
         if self.path is None:
-            return 0
+            return None, 0
         try:
             info = self.path.stat()
         except OSError:
-            return 0
-        return info.st_size if stat.S_ISREG(info.st_mode) else 0
+            return None, 0
+        if not stat.S_ISREG(info.st_mode):
+            return None, 0
+        return (info.st_dev, info.st_ino), info.st_size

@@ -42,6 +42,7 @@ from keter.config import Listener as KeterListener
 from keter.messages import (
     ApplyNginx,
     NginxApplied,
+    NginxFailed,
     ProxyApp,
     ProxyRemote,
     Route,
@@ -275,6 +276,59 @@ def test_a_refused_site_is_found_when_the_reload_command_itself_refuses_the_conf
     reply = writers.apply(writer, good, bad, web("c", backends["second"]))
     assert set(refused(reply)) == {"b"}
     assert answer(private_nginx, "c.test") == "second"
+
+
+def test_an_apply_that_fails_after_its_untested_reload_brings_nginx_back(
+    private_nginx: PrivateNginx, writers: Writers, backends, tmp_path: Path
+) -> None:
+    # An unrelated [emerg] as nginx reloads sends the apply to nginx -t; when that fails
+    # too (no site named: out of descriptors, a hung test), nginx, which took the untested
+    # config meanwhile, kept serving a generation keter had reported as failed.
+    armed = tmp_path / "armed"
+    emerg = "2026/12/01 12:00:00 [emerg] 1#1: open() a log nginx needs no more failed"
+    reload = tmp_path / "reload"
+    log = private_nginx.error_log
+    reload.write_text(
+        f"#!/bin/sh\nif [ -e {armed} ]; then rm {armed}; echo '{emerg}' >> {log}; fi\n"
+        f"exec {' '.join(private_nginx.reload_command)}\n"
+    )
+    test = tmp_path / "nginx-t"
+    test.write_text(
+        f"#!/bin/sh\n[ -e {tmp_path}/broken ] && echo 'nginx: [emerg] socketpair() failed'"
+        ' && exit 1\nexec "$@"\n'
+    )
+    for script in (reload, test):
+        script.chmod(0o755)
+    writer = writers.start(
+        reload_command=[str(reload)], test_command=[str(test), *private_nginx.test_command]
+    )
+    writers.apply(writer, web("a", backends["first"]))
+    armed.touch()
+    (tmp_path / "broken").touch()
+    writer.tell(
+        ApplyNginx(generation=2, sites=(web("a", backends["first"]), web("b", backends["second"])))
+    )
+    failed = writers.reports.get(timeout=60)
+    assert isinstance(failed, NginxFailed), failed
+    private_nginx.wait_generation(1)  # back to what keter reported, disk and nginx alike
+    assert "# generation 1\n" in private_nginx.config_file.read_text()
+
+
+def test_an_apply_queued_as_keter_stops_never_reaches_nginx(
+    private_nginx: PrivateNginx, writers: Writers, backends
+) -> None:
+    # It was sent to nginx untested, then the previous file put back: nginx served a
+    # generation on disk nowhere and reported failed.
+    writer = writers.start()
+    writers.apply(writer, web("a", backends["first"]))
+    writer.tell(
+        ApplyNginx(generation=2, sites=(web("a", backends["first"]), web("b", backends["second"])))
+    )
+    writers.stop(writer)
+    reply = writers.reports.get(timeout=10)
+    served = "2" if isinstance(reply, NginxApplied) else "1"  # taken before the stop, or not
+    private_nginx.wait_generation(int(served))
+    assert f"# generation {served}\n" in private_nginx.config_file.read_text()
 
 
 def _silent_log_writer(writers: Writers, tmp_path: Path) -> NginxWriter:

@@ -168,6 +168,7 @@ class NginxWriter(Actor):
         self.error_log = Path(error_log) if error_log is not None else None
         # False once a reload was not taken with no [emerg] there (see _untested).
         self._error_log_speaks = True
+        self._told = False  # this apply's untested config was sent to nginx (see _put_back)
         # Set by stop() so a shutdown does not wait out a whole confirm timeout.
         self._stopping = threading.Event()
         # What nginx serves: each app's site, and keter's main file as written.
@@ -221,6 +222,7 @@ class NginxWriter(Actor):
         except OSError as exc:  # keter's own folder, not a bundle's file (a full disk)
             self._fail(generation, f"cannot write the files nginx needs: {exc}")
             return
+        self._told = False
         try:
             chosen = dict(chosen)
             self._settle_hosts(chosen, refused)
@@ -230,13 +232,13 @@ class NginxWriter(Actor):
             if taken is _Taken.REFUSED:
                 chosen = self._tested(chosen, refused, generation)
         except NginxBroken as exc:
-            self._fail(generation, f"nginx rejected the config: {exc}{self._restore()}")
+            self._fail(generation, f"nginx rejected the config: {exc}{self._put_back()}")
             return
         except OSError as exc:
-            self._fail(generation, f"cannot write {self.config_file}: {exc}{self._restore()}")
+            self._fail(generation, f"cannot write {self.config_file}: {exc}{self._put_back()}")
             return
         except BaseException:  # a bug: disk and the running nginx must agree all the same
-            self._restore()
+            self._put_back()
             raise
         main = self._main_text(chosen, generation).encode()
         if taken is _Taken.REFUSED and not self._reload(generation):
@@ -449,6 +451,12 @@ class NginxWriter(Actor):
             includes, listeners, generation, options, names_bucket=self._names_bucket
         )
 
+    def _put_back(self) -> str:
+        """``_restore``, and if nginx was told of the untested config this apply (it may
+        have taken it: an unrelated [emerg], a slow nginx), reload nginx back to it too."""
+        restored = self._restore()
+        return restored or (self._back_to_live() if self._told else "")
+
     def _restore(self) -> str:
         """Put back the main file nginx is still running, so disk and nginx agree.
 
@@ -481,6 +489,7 @@ class NginxWriter(Actor):
         missed = self._take(generation)
         if missed is None:
             return _Taken.YES
+        self._told = missed.sent or missed.answered  # nginx may have taken it yet
         if self._stopping.is_set():
             # What is on disk was never tested: put back what nginx ran, so that nginx's
             # next start (a reboot) reads a config that passes. keter applies its own
@@ -561,6 +570,8 @@ class NginxWriter(Actor):
         error log means nginx refused the reload (it logs one and keeps its running
         config): no use waiting for the confirmation's timeout then.
         """
+        if self._stopping.is_set():  # nginx must not take a config keter will not confirm
+            return _Missed(reason="keter is stopping", sent=False)
         errors = ErrorLog(self.error_log)
         retiring = Retiring.before_reload(self._master, {each.port for each in self.listeners})
         if not retiring.known:

@@ -651,18 +651,22 @@ def test_nginx_error_log_is_read_from_the_reload_on_without_blocking(tmp_path: P
 
 
 @pytest.mark.parametrize("rotation", ["copytruncate", "rename"])
-def test_an_emerg_after_the_log_was_rotated_is_read(tmp_path: Path, rotation: str) -> None:
-    # It was missed: the new file, shorter than where reading had got to, looked empty.
+@pytest.mark.parametrize("history", [50, 1])
+def test_an_emerg_after_the_log_was_rotated_is_read(
+    tmp_path: Path, rotation: str, history: int
+) -> None:
+    # It was missed: the new file, shorter than where reading had got to, looked empty;
+    # or longer by then (a short log cut), and read from the middle of a line.
     log = tmp_path / "error.log"
-    log.write_text("2026/11/30 12:00:00 [notice] 1#1: a long history\n" * 50)
+    log.write_text("2026/11/30 12:00:00 [notice] 1#1: history\n" * history)
     errors = ErrorLog(log)
     if rotation == "copytruncate":
         log.write_text("")
     else:
         log.rename(tmp_path / "error.log.1")
     with log.open("a") as f:
-        f.write("2026/11/30 12:00:02 [emerg] 1#1: bind() failed\n")
-    assert errors.last_emerg() == "2026/11/30 12:00:02 [emerg] 1#1: bind() failed"
+        f.write("2026/11/30 12:00:02 [emerg] 1#1: bind() to 0.0.0.0:80 failed\n")
+    assert errors.last_emerg() == "2026/11/30 12:00:02 [emerg] 1#1: bind() to 0.0.0.0:80 failed"
 
 
 def test_a_clients_emerg_quoted_in_nginxs_error_log_is_no_refused_reload(tmp_path: Path) -> None:

@@ -35,9 +35,12 @@ class ErrorLog:
 
     READ_LIMIT = 1 << 20
 
+    MARK = 64  # bytes just before the offset that must still be there (not truncated)
+
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._file, self.offset = self._where()  # the file, and its first byte not read yet
+        self._mark = self._bytes_before(self.offset)
         self._emerg: str | None = None
 
     def refused(self) -> bool:
@@ -52,8 +55,27 @@ class ErrorLog:
         if file != self._file or size < self.offset:  # rotated since
             self._file, self.offset = file, 0
         if size > self.offset:
+            if self._bytes_before(self.offset) != self._mark:  # cut, then written past
+                self.offset = 0
             self._read_new_lines(self.path)
+            self._mark = self._bytes_before(self.offset)
         return self._emerg
+
+    def _bytes_before(self, offset: int) -> bytes:
+        """The ``MARK`` bytes before ``offset``: a log cut and written again past where
+        reading had got to (copytruncate) has other bytes there."""
+        if self.path is None or offset == 0:
+            return b""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return b""
+        try:
+            return os.pread(fd, min(self.MARK, offset), offset - min(self.MARK, offset))
+        except OSError:
+            return b""
+        finally:
+            os.close(fd)
 
     def _read_new_lines(self, path: Path) -> None:
         try:

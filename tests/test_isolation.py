@@ -135,14 +135,20 @@ def test_two_apps_cannot_read_or_signal_each_other(open_base, keter_factory, pri
     assert all(psutil.Process(pid).is_running() for pid in pids.values())
 
 
-def test_a_stranger_on_a_crashed_apps_port_gets_no_traffic(keter_factory, private_nginx, tmp_path):
-    keter = keter_factory(**{"port-range": app_port_range()})
+def deploy_moving(keter, private_nginx, tmp_path: Path) -> tuple[int, int, int]:
+    """The app "moving" deployed and served: its deploy id, pid and port."""
     bundle = make_bundle(tmp_path / "moving.keter", config=webapp_config("moving.test", "v1"))
     keter.drop(bundle)
     served(private_nginx, "moving.test", "v1")
     started = re.search(r"moving: deploy #(\d+) started pid (\d+) on port (\d+)", keter.log())
     assert started
     deploy, pid, port = (int(group) for group in started.groups())
+    return deploy, pid, port
+
+
+def test_a_stranger_on_a_crashed_apps_port_gets_no_traffic(keter_factory, private_nginx, tmp_path):
+    keter = keter_factory(**{"port-range": app_port_range()})
+    deploy, pid, port = deploy_moving(keter, private_nginx, tmp_path)
 
     offset = len(keter.log())
     os.kill(pid, signal.SIGKILL)
@@ -195,12 +201,7 @@ def test_a_stranger_holding_every_port_gets_no_traffic_and_the_app_moves_once_on
     a port again until one frees; then the app moves there and serves."""
     low, high = app_port_range()
     keter = keter_factory(**{"port-range": [low, high]})
-    bundle = make_bundle(tmp_path / "moving.keter", config=webapp_config("moving.test", "v1"))
-    keter.drop(bundle)
-    served(private_nginx, "moving.test", "v1")
-    started = re.search(r"moving: deploy #(\d+) started pid (\d+) on port (\d+)", keter.log())
-    assert started
-    deploy, pid, port = (int(group) for group in started.groups())
+    deploy, pid, port = deploy_moving(keter, private_nginx, tmp_path)
     hoard = [s for p in range(low, high + 1) if p != port and (s := listen_on(p)) is not None]
     offset = len(keter.log())
     os.kill(pid, signal.SIGKILL)

@@ -3,8 +3,8 @@
 ``keter.sockdiag`` (which sockets a port holds) and ``keter.switch.nfnetlink``
 (keter's nftables map) speak different protocols over the same framing: each
 message is an ``nlmsghdr`` (``include/uapi/linux/netlink.h``) and its payload,
-padded to 4 bytes, several to a datagram. Here: building a request, and
-splitting a datagram of answers into messages.
+padded to 4 bytes, several to a datagram. Here: building a request, splitting
+a datagram of answers into messages, and finding an attribute in one.
 """
 
 from __future__ import annotations
@@ -46,6 +46,24 @@ def split(data: bytes, error: type[OSError] = OSError) -> Iterator[tuple[int, in
             raise error(errno.EPROTO, "a malformed answer from the kernel")
         yield kind, sequence, data[offset + HEADER.size : offset + length]
         offset += align(length)
+
+
+ATTRIBUTE = struct.Struct("=HH")  # nlattr (rtattr): length, type
+NLA_F_NESTED = 0x8000
+NLA_F_NET_BYTEORDER = 0x4000
+
+
+def attribute(payload: bytes, offset: int, kind: int) -> bytes | None:
+    """The value of the first attribute of type ``kind`` in ``payload`` from ``offset``
+    (where a message's fixed part ends), its flag bits aside; None if there is none."""
+    while offset + ATTRIBUTE.size <= len(payload):
+        length, found = ATTRIBUTE.unpack_from(payload, offset)
+        if length < ATTRIBUTE.size:
+            return None
+        if found & ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER) == kind:
+            return payload[offset + ATTRIBUTE.size : offset + length]
+        offset += align(length)
+    return None
 
 
 def error_code(payload: bytes) -> int:

@@ -126,15 +126,8 @@ def listening(port: int) -> list[Listener]:
 
 def _cgroup_id(message: bytes) -> int:
     """The INET_DIAG_CGROUP_ID attribute after the inet_diag_msg, 0 if there is none."""
-    offset = _MESSAGE_SIZE
-    while offset + 4 <= len(message):
-        length, kind = struct.unpack_from("=HH", message, offset)
-        if length < 4:
-            break
-        if kind == INET_DIAG_CGROUP_ID and length >= 12:
-            return struct.unpack_from("=Q", message, offset + 4)[0]
-        offset += (length + 3) & ~3
-    return 0
+    value = netlink.attribute(message, _MESSAGE_SIZE, INET_DIAG_CGROUP_ID)
+    return struct.unpack("=Q", value)[0] if value is not None and len(value) == 8 else 0
 
 
 def _dump(states: int, low: int, high: int) -> list[bytes]:

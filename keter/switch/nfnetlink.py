@@ -39,7 +39,7 @@ NFT_MSG_DELSETELEM = 14
 NFPROTO_INET = 1
 NFPROTO_IPV4 = 2
 NLM_F_CREATE = 0x400
-NLA_F_NESTED = 0x8000
+NLA_F_NESTED = netlink.NLA_F_NESTED
 NFNLGRP_NFTABLES = 7  # the multicast group of every nf_tables change
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
@@ -55,7 +55,7 @@ NFTA_SET_ELEM_DATA = 2
 NFTA_DATA_VALUE = 1
 
 _NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, resource id (network order)
-_ATTR = struct.Struct("=HH")  # nlattr: length, type
+_ATTR = netlink.ATTRIBUTE  # nlattr: length, type
 _PORT = struct.Struct("!H")  # an inet_service, in network order
 _RECEIVE_SIZE = 1 << 16
 
@@ -282,13 +282,5 @@ class TableWatch:
 
 def table_name(payload: bytes) -> str | None:
     """The ``NFTA_TABLE_NAME`` of a table message (after its nfgenmsg), if it has one."""
-    offset = _NFGEN.size
-    while offset + _ATTR.size <= len(payload):
-        length, kind = _ATTR.unpack_from(payload, offset)
-        if length < _ATTR.size:
-            return None
-        if kind & ~NLA_F_NESTED == NFTA_TABLE_NAME:
-            value = payload[offset + _ATTR.size : offset + length]
-            return value.split(b"\0", 1)[0].decode("ascii", "replace")
-        offset += netlink.align(length)
-    return None
+    value = netlink.attribute(payload, _NFGEN.size, NFTA_TABLE_NAME)
+    return value.split(b"\0", 1)[0].decode("ascii", "replace") if value is not None else None

@@ -13,6 +13,7 @@ import os
 import re
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 from keter import names
 
@@ -40,7 +41,12 @@ class ErrorLog:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._file, self.offset = self._where()  # the file, and its first byte not read yet
-        self._mark = self._bytes_before(self.offset)
+        self._mark = b""  # the MARK bytes before the offset, as they were
+        if self.offset:
+            fd = self._open()
+            if fd is not None:
+                with os.fdopen(fd, "rb") as f:
+                    self._mark = _before(f, self.offset)
         self._emerg: str | None = None
 
     def refused(self) -> bool:
@@ -55,43 +61,35 @@ class ErrorLog:
         if file != self._file or size < self.offset:  # rotated since
             self._file, self.offset = file, 0
         if size > self.offset:
-            if self._bytes_before(self.offset) != self._mark:  # cut, then written past
-                self.offset = 0
-            self._read_new_lines(self.path)
-            self._mark = self._bytes_before(self.offset)
+            self._read_new_lines()
         return self._emerg
 
-    def _bytes_before(self, offset: int) -> bytes:
-        """The ``MARK`` bytes before ``offset``: a log cut and written again past where
-        reading had got to (copytruncate) has other bytes there."""
-        if self.path is None or offset == 0:
-            return b""
+    def _open(self) -> int | None:
+        assert self.path is not None
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            return os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
-            return b""
-        try:
-            return os.pread(fd, min(self.MARK, offset), offset - min(self.MARK, offset))
-        except OSError:
-            return b""
-        finally:
-            os.close(fd)
+            return None
 
-    def _read_new_lines(self, path: Path) -> None:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
+    def _read_new_lines(self) -> None:
+        fd = self._open()
+        if fd is None:
             return
         with os.fdopen(fd, "rb") as f:
             try:
+                # Other bytes before the offset: the log was cut and written again past
+                # where reading had got to (copytruncate). Read it from its start.
+                if _before(f, self.offset) != self._mark:
+                    self.offset = 0
                 f.seek(self.offset)
                 data = f.read(self.READ_LIMIT)
             except OSError:
                 return
-        complete = data[: data.rfind(b"\n") + 1]  # a line nginx is still writing: later
-        if not complete and len(data) >= self.READ_LIMIT:
-            complete = data  # no line is that long (nginx cuts its own at 2 KiB): skipped
-        self.offset += len(complete)
+            complete = data[: data.rfind(b"\n") + 1]  # a line nginx is still writing: later
+            if not complete and len(data) >= self.READ_LIMIT:
+                complete = data  # no line is that long (nginx cuts its own at 2 KiB): skipped
+            self.offset += len(complete)
+            self._mark = _before(f, self.offset)
         text = complete.decode(errors="replace")
         lines = [line for line in text.splitlines() if _EMERG.match(line)]
         if lines:
@@ -109,3 +107,12 @@ class ErrorLog:
         if not stat.S_ISREG(info.st_mode):
             return None, 0
         return (info.st_dev, info.st_ino), info.st_size
+
+
+def _before(f: BinaryIO, offset: int) -> bytes:
+    """The ``ErrorLog.MARK`` bytes of ``f`` before ``offset`` (none at 0)."""
+    size = min(ErrorLog.MARK, offset)
+    try:
+        return os.pread(f.fileno(), size, offset - size) if size else b""
+    except OSError:
+        return b""

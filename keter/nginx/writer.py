@@ -422,7 +422,7 @@ class NginxWriter(Actor):
 
     def _test(self, chosen: Mapping[str, Rendered], generation: int) -> str | None:
         """Write the main file including these sites and run ``nginx -t``."""
-        atomic_write(self.config_file, self._main_text(chosen, generation).encode(), mode=0o644)
+        self._write_main(chosen, generation)
         try:
             error = _run(self.test_command)
         except OSError as exc:
@@ -437,6 +437,10 @@ class NginxWriter(Actor):
             )
             return self._test(chosen, generation)
         return error
+
+    def _write_main(self, chosen: Mapping[str, Rendered], generation: int) -> None:
+        """keter's main file, including these sites, where nginx reads it."""
+        atomic_write(self.config_file, self._main_text(chosen, generation).encode(), mode=0o644)
 
     def _main_text(self, chosen: Mapping[str, Rendered], generation: int) -> str:
         listeners, options, _ = self._globals
@@ -485,7 +489,7 @@ class NginxWriter(Actor):
         """
         if self.error_log is None or not self._error_log_speaks:
             return _Taken.REFUSED
-        atomic_write(self.config_file, self._main_text(chosen, generation).encode(), mode=0o644)
+        self._write_main(chosen, generation)
         missed = self._take(generation)
         if missed is None:
             return _Taken.YES

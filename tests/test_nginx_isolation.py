@@ -143,6 +143,15 @@ def web(app: str, backend: Backend, tls: TlsFiles | None = None, host: str | Non
     return Site(app=app, routes=(route,))
 
 
+def good_and_bad(tmp_path: Path, backends: dict[str, Backend]) -> tuple[Site, Site]:
+    """a with its own certificate and key, and b whose key is a's: nginx refuses b's site,
+    as it reloads and in nginx -t alike (the writers need a TLS listener: ``with_tls``)."""
+    certs = {app: make_certificate(tmp_path / "certs", app, f"{app}.test") for app in "ab"}
+    good = web("a", backends["first"], TlsFiles(certificate=certs["a"][0], key=certs["a"][1]))
+    bad = web("b", backends["second"], TlsFiles(certificate=certs["b"][0], key=certs["a"][1]))
+    return good, bad
+
+
 def answer(nginx: PrivateNginx, host: str) -> str | int:
     """The backend's name for ``host`` through nginx, or the status if it is not 200."""
     status, _, body = nginx.request(host)
@@ -261,9 +270,7 @@ def test_a_refused_site_is_found_when_the_reload_command_itself_refuses_the_conf
     # operator's own run a command, which reads the config and refuses it before nginx
     # hears of it: that was the whole apply failed, every app's deploy with it.
     writers.with_tls(tmp_path / "listener")
-    certs = {app: make_certificate(tmp_path / "certs", app, f"{app}.test") for app in "ab"}
-    good = web("a", backends["first"], TlsFiles(certificate=certs["a"][0], key=certs["a"][1]))
-    bad = web("b", backends["second"], TlsFiles(certificate=certs["b"][0], key=certs["a"][1]))
+    good, bad = good_and_bad(tmp_path, backends)
     writer = writers.start()
     assert set(refused(writers.apply(writer, good, bad))) == {"b"}  # its first apply
     writers.stop(writer)
@@ -359,10 +366,8 @@ def test_a_refused_site_is_found_when_nginx_says_nothing_where_keter_reads(
     # Only a refusal keter sees sends it to nginx -t: this one failed every app's apply.
     writers.with_tls(tmp_path / "listener")
     writer = _silent_log_writer(writers, tmp_path)
-    certs = {app: make_certificate(tmp_path / "certs", app, f"{app}.test") for app in "ab"}
-    good = web("a", backends["first"], TlsFiles(certificate=certs["a"][0], key=certs["a"][1]))
+    good, bad = good_and_bad(tmp_path, backends)
     assert writers.apply(writer, good).refused == ()
-    bad = web("b", backends["second"], TlsFiles(certificate=certs["b"][0], key=certs["a"][1]))
     reply = writers.apply(writer, good, bad, web("c", backends["second"]))
     assert set(refused(reply)) == {"b"}
     assert answer(private_nginx, "c.test") == "second"
@@ -380,10 +385,8 @@ def test_keter_stopped_while_nginx_has_not_taken_an_untested_config_leaves_one_t
     # with a site nginx refuses had stayed on disk.
     writers.with_tls(tmp_path / "listener")
     writer = _silent_log_writer(writers, tmp_path)
-    certs = {app: make_certificate(tmp_path / "certs", app, f"{app}.test") for app in "ab"}
-    good = web("a", backends["first"], TlsFiles(certificate=certs["a"][0], key=certs["a"][1]))
+    good, bad = good_and_bad(tmp_path, backends)
     assert writers.apply(writer, good).refused == ()
-    bad = web("b", backends["second"], TlsFiles(certificate=certs["b"][0], key=certs["a"][1]))
     writer.tell(ApplyNginx(generation=writers.generation + 1, sites=(good, bad)))
     wait_for(
         lambda: "# generation 2" in private_nginx.config_file.read_text(),
@@ -557,13 +560,11 @@ def test_nginx_t_runs_only_when_nginx_refuses_a_reload(
     script.chmod(0o755)
     writers.with_tls(tmp_path / "listener")
     writer = writers.start(test_command=[str(script)])
-    certs = {app: make_certificate(tmp_path / "certs", app, f"{app}.test") for app in "ab"}
-    good = web("a", backends["first"], TlsFiles(certificate=certs["a"][0], key=certs["a"][1]))
+    good, bad = good_and_bad(tmp_path, backends)
     assert writers.apply(writer, good).refused == ()
     assert writers.apply(writer, good, web("c", backends["second"])).refused == ()
     assert not runs.exists()
     # b's key is not its certificate's: nginx refuses the reload, the test finds b.
-    bad = web("b", backends["second"], TlsFiles(certificate=certs["b"][0], key=certs["a"][1]))
     reply = writers.apply(writer, good, bad, web("c", backends["second"]))
     assert set(refused(reply)) == {"b"}
     assert runs.exists()

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import pwd
+import queue
 import re
 import signal
 import socket
@@ -51,7 +52,7 @@ from keter.processes.applog import (
 )
 from keter.processes.cgroups import Cgroups
 from keter.processes.groups import group_members, wait_group_gone
-from keter.processes.health import is_healthy, probe_http
+from keter.processes.health import Prober, is_healthy
 from keter.processes.ports import port_is_free
 from keter.processes.spawn import APP_ENV, ROOT_ENV, SHELL, SpawnError, environment_file
 from keter.processes.states import (
@@ -733,6 +734,19 @@ def test_health_status_rules():
     assert not is_healthy(500, strict=False) and not is_healthy(199, strict=True)
 
 
+def probe_http(port: int, check: HealthCheck, timeout: float = 1.0) -> tuple[bool, str]:
+    """One probe, run as the monitor runs them: by a Prober (of its own here)."""
+    answers: queue.Queue = queue.Queue()
+    prober = Prober(lambda key, healthy, detail: answers.put((key, healthy, detail)))
+    try:
+        prober.probe("the one", port, check, timeout)
+        key, healthy, detail = answers.get(timeout=timeout + 10)
+    finally:
+        prober.close(timeout=5)
+    assert key == "the one"
+    return healthy, detail
+
+
 def test_probe_of_a_closed_port_and_of_bad_input():
     check = HealthCheck(host="app.test")
     assert probe_http(free_port(), check) == (False, "connection refused")
@@ -740,9 +754,96 @@ def test_probe_of_a_closed_port_and_of_bad_input():
     assert probe_http(free_port(), injected)[0] is False
 
 
+def test_apps_that_accept_and_never_answer_delay_no_other_apps_probe():
+    # Eight apps (twice the four workers probes once shared) hold their probes for
+    # their whole 3 s; an app that answers is told healthy meanwhile, at once.
+    answers: queue.Queue = queue.Queue()
+    prober = Prober(
+        lambda key, healthy, detail: answers.put((key, healthy, detail, time.monotonic()))
+    )
+    check = HealthCheck(host="app.test")
+    with contextlib.ExitStack() as stack:
+        silent = [stack.enter_context(socket.create_server(("127.0.0.1", 0))) for _ in range(8)]
+        stack.callback(prober.close, 5)
+        for n, server in enumerate(silent):
+            prober.probe(f"silent {n}", server.getsockname()[1], check, 3.0)
+        good = stack.enter_context(socket.create_server(("127.0.0.1", 0)))
+        asked = time.monotonic()
+        prober.probe("good", good.getsockname()[1], check, 3.0)
+        connection, _ = good.accept()
+        with connection:
+            connection.recv(4096)
+            connection.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+        key, healthy, detail, at = answers.get(timeout=10)
+        assert (key, healthy, detail) == ("good", True, "HTTP 204 on /")
+        assert at - asked < 1.5  # the silent ones end at 3 s
+        silent_answers = [answers.get(timeout=10) for _ in silent]
+    assert sorted(key for key, *_ in silent_answers) == [f"silent {n}" for n in range(8)]
+    assert {detail for _, _, detail, _ in silent_answers} == {"no answer within 3s"}
+
+
+def test_many_probes_at_once_each_get_their_own_answer():
+    # 300 apps answering at once, half of them 503: every probe is reported once,
+    # under its own key, with its own app's answer.
+    answers: queue.Queue = queue.Queue()
+    prober = Prober(lambda key, healthy, detail: answers.put((key, healthy, detail)))
+    servers = [socket.create_server(("127.0.0.1", 0)) for _ in range(300)]
+    stop = threading.Event()
+
+    def serve() -> None:
+        import selectors
+
+        with selectors.DefaultSelector() as selector:
+            for n, server in enumerate(servers):
+                selector.register(server, selectors.EVENT_READ, n)
+            while not stop.is_set():
+                for selected, _ in selector.select(0.1):
+                    connection, _ = selected.fileobj.accept()
+                    with connection:
+                        connection.recv(4096)
+                        status = b"503" if selected.data % 2 else b"200"
+                        connection.sendall(b"HTTP/1.1 " + status + b" X\r\n\r\n")
+
+    server_thread = threading.Thread(target=serve, daemon=True)
+    server_thread.start()
+    try:
+        for n, server in enumerate(servers):
+            prober.probe(n, server.getsockname()[1], HealthCheck(host="app.test"), 10.0)
+        got = [answers.get(timeout=30) for _ in servers]
+    finally:
+        stop.set()
+        server_thread.join(5)
+        prober.close(5)
+        for server in servers:
+            server.close()
+    assert sorted(key for key, _, _ in got) == list(range(300))
+    for key, healthy, detail in got:
+        assert (healthy, detail) == (
+            (False, "HTTP 503 on /") if key % 2 else (True, "HTTP 200 on /")
+        )
+    assert answers.empty()
+
+
+def test_a_failing_report_stops_no_later_probe():
+    answers: queue.Queue = queue.Queue()
+
+    def report(key: object, healthy: bool, detail: str) -> None:
+        if key == "first":
+            raise RuntimeError("a bug in whoever is told")
+        answers.put((key, detail))
+
+    prober = Prober(report)
+    try:
+        prober.probe("first", free_port(), HealthCheck(host="app.test"), 1.0)
+        prober.probe("second", free_port(), HealthCheck(host="app.test"), 1.0)
+        assert answers.get(timeout=10) == ("second", "connection refused")
+    finally:
+        prober.close(5)
+
+
 def test_a_probe_of_an_app_that_dribbles_its_answer_ends_at_its_timeout():
     # A byte every 0.1 s, never a whole status line: each receive is quick, the probe
-    # is not, and it holds a worker of the pool every app's probes share.
+    # is not. One deadline covers the whole probe.
     stop = threading.Event()
     with socket.create_server(("127.0.0.1", 0)) as server:
 

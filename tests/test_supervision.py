@@ -86,7 +86,7 @@ def test_the_kernel_knows_each_keter_thread_by_its_name(keter, private_nginx, tm
         "keter-processes",
         "keter-output",
         "keter-spawn_0",
-        "keter-probe_0",
+        "keter-probes",
         "keter-nginx",
         "keter-status",
         "keter-status-ht",  # keter-status-http, cut to the kernel's 15 bytes

@@ -16,10 +16,9 @@ Nothing here blocks the actor's loop, which manages every app:
 * Exit detection and output capture run in ONE output reader thread for all
   apps (``keter.processes.reader``: a selector on every output pipe and a
   pidfd per process), which posts ``_Exited``.
-* Health probes are plain blocking HTTP requests run in a shared
-  ``ThreadPoolExecutor``; results come back as ``_ProbeDone``. A pool keeps each
-  probe a dozen readable lines (vs. a hand-written non-blocking HTTP client) and
-  bounds the threads; a probe takes at most ``probe_timeout`` of one worker.
+* Health probes run in ONE prober thread for all apps (``keter.processes.health``:
+  a non-blocking socket per probe in a selector, so a slow app delays no other
+  app's probes); results come back as ``_ProbeDone``.
 * Every delay (probe interval, backoff, drain, kill escalation) is a timer
   message from ``Actor.schedule``.
 
@@ -92,7 +91,7 @@ from keter.processes.applog import AppLog, LogRegistry, OutputCapture
 from keter.processes.cgroups import Cgroup, Cgroups
 from keter.processes.controllers import Controllers, DeployLimits, oom_reason
 from keter.processes.groups import KILL_WAIT, group_members, signal_group, stop_groups
-from keter.processes.health import probe_http
+from keter.processes.health import Prober
 from keter.processes.ports import port_is_free, socket_pids, user_pids
 from keter.processes.reader import FAILURE_TAIL, OutputReader
 from keter.processes.records import Record, Records
@@ -284,7 +283,6 @@ class ProcessMonitor(Actor):
         backoff_base: float = 0.025,
         backoff_cap: float = 60.0,
         backoff_reset: float = 10.0,
-        probe_workers: int = 4,
         spawn_workers: int = 4,
         limits: Limits = DEFAULTS,
         users: AppUsers | None = None,
@@ -306,9 +304,7 @@ class ProcessMonitor(Actor):
         self.backoff_reset = backoff_reset  # RUNNING this long forgives earlier crashes
         self._logs = LogRegistry(log_max_bytes, log_backups)
         self._reader = OutputReader(self._logs, self._exited)
-        self._probes = ThreadPoolExecutor(
-            probe_workers, thread_name_prefix="keter-probe", initializer=name_this_thread
-        )
+        self._prober = Prober(self._probe_done)
         # Spawning waits for the child's exec; in a pool, spawns overlap and the
         # monitor's loop never waits for one.
         self._spawner = ThreadPoolExecutor(
@@ -425,7 +421,7 @@ class ProcessMonitor(Actor):
             log.info("%s: stopped (keter is shutting down)", entry.app)
             self.report(ProcessStopped(app=entry.app, deploy_id=entry.deploy_id))
         self._entries.clear()
-        self._probes.shutdown(wait=False, cancel_futures=True)
+        self._prober.close(timeout=KILL_WAIT)
 
     # -- messages ---------------------------------------------------------------------
 
@@ -719,19 +715,17 @@ class ProcessMonitor(Actor):
             self._submit_probe(entry)
 
     def _submit_probe(self, entry: _Entry) -> None:
-        deploy_id, run, spec = entry.deploy_id, entry.runs, entry.spec
+        spec = entry.spec
         assert spec.health is not None and spec.port is not None
-        future = self._probes.submit(probe_http, spec.port, spec.health, self.probe_timeout)
+        self._prober.probe(
+            (entry.deploy_id, entry.runs), spec.port, spec.health, self.probe_timeout
+        )
         entry.probing = True
 
-        def done(f: Future) -> None:
-            try:
-                healthy, detail = f.result()
-            except Exception as exc:  # a bug in the probe must not hang the start
-                healthy, detail = False, f"probe failed: {exc}"
-            self.tell(_ProbeDone(deploy_id=deploy_id, run=run, healthy=healthy, detail=detail))
-
-        future.add_done_callback(done)
+    def _probe_done(self, key: object, healthy: bool, detail: str) -> None:
+        """In the prober's thread: the answer goes to the monitor's inbox."""
+        deploy_id, run = key
+        self.tell(_ProbeDone(deploy_id=deploy_id, run=run, healthy=healthy, detail=detail))
 
     def _on_health(self, entry: _Entry, msg: _Probe | _ProbeDone | _HealthDeadline) -> None:
         match msg:

@@ -25,8 +25,6 @@ gone; whoever still holds the pipe escaped the group and is not waited for).
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import heapq
 import logging
 import os
@@ -38,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from keter.processes.applog import LogRegistry, OutputCapture
+from keter.processes.mailbox import Mailbox
 from keter.threadnames import name_this_thread
 
 log = logging.getLogger(__name__)
@@ -76,9 +75,7 @@ class OutputReader:
     def __init__(self, logs: LogRegistry, on_exit: ExitCallback) -> None:
         self._logs = logs
         self._on_exit = on_exit
-        # Commands from other threads: deque appends and pops are atomic.
-        self._commands: collections.deque[tuple[str, object]] = collections.deque()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._commands = Mailbox()  # (command, argument) from the monitor's thread
         self._selector = selectors.DefaultSelector()
         self._watched: dict[object, _Watched] = {}
         self._paused: list[tuple[float, int, _Watched]] = []  # a heap: (until, seq, run)
@@ -109,23 +106,19 @@ class OutputReader:
             self._thread.join(timeout)
         if not self._thread.is_alive():
             self._selector.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self._commands.close()
 
     def _send(self, command: str, argument: object) -> None:
-        self._commands.append((command, argument))
+        self._commands.put((command, argument))
         if not self._started:
             self._started = True
             self._thread.start()
-        # A full pipe holds wake-ups already: the thread will look.
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._wake_w, b"x")
 
     # -- the thread -------------------------------------------------------------------
 
     def _loop(self) -> None:
         name_this_thread()
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._selector.register(self._commands, selectors.EVENT_READ, None)
         while True:
             timeout = None
             if self._paused:
@@ -149,11 +142,7 @@ class OutputReader:
 
     def _take_commands(self) -> bool:
         """Handle what other threads asked for; False once asked to close."""
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self._wake_r, 4096):
-                pass
-        while self._commands:
-            command, argument = self._commands.popleft()
+        for command, argument in self._commands.take():
             if command == "watch":
                 assert isinstance(argument, _Watched)
                 self._add(argument)

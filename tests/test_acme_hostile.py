@@ -306,7 +306,9 @@ def test_a_whole_order_ends_at_its_deadline(
     state = component.next((CertificateState, CertificateIssued), timeout=30)
     assert isinstance(state, CertificateState), "the order went on past its deadline"
     assert time.monotonic() - began < 8
-    assert "AnswerError: " in state.detail
+    # Ended by the deadline: between requests (AnswerError), or, on a loaded machine, by a
+    # request whose read timeout was what was left of it.
+    assert "AnswerError: " in state.detail or "Read timed out" in state.detail, state.detail
 
 
 @pytest.mark.parametrize("declared", [True, False], ids=["content-length", "until-close"])

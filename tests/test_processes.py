@@ -42,6 +42,7 @@ from keter.messages import (
     StopProcess,
 )
 from keter.processes import applog as applog_module
+from keter.processes import health as health_module
 from keter.processes import monitor as monitor_module
 from keter.processes.applog import (
     MAX_PARTIAL,
@@ -822,6 +823,67 @@ def test_many_probes_at_once_each_get_their_own_answer():
             (False, "HTTP 503 on /") if key % 2 else (True, "HTTP 200 on /")
         )
     assert answers.empty()
+
+
+def answering(answer: bytes) -> tuple[socket.socket, threading.Thread]:
+    """A server that answers its one connection with ``answer`` and closes it."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        connection, _ = server.accept()
+        with connection:
+            connection.recv(4096)
+            with contextlib.suppress(OSError):
+                connection.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return server, thread
+
+
+@pytest.mark.parametrize(
+    ("answer", "verdict"),
+    [
+        (b"HTTP/1.1 200\r\n\r\n", (True, "HTTP 200 on /")),  # no reason phrase
+        (b"HTTP/1.0 404 Not Found\n\n", (True, "HTTP 404 on /")),  # a bare LF
+        (b"HTTP/1.1 000 Zero\r\n\r\n", (False, "not an HTTP answer")),
+        (b"HTTP/1.1 2000 OK\r\n\r\n", (False, "not an HTTP answer")),
+        (b"HTTP/1.1 200 " + b"x" * 100_000, (False, "not an HTTP answer")),  # no line end
+        (b"HTTP/1.1 200 OK", (False, "not an HTTP answer")),  # closed mid-line
+    ],
+    ids=["no-reason", "bare-lf", "status-000", "four-digits", "endless-line", "cut-line"],
+)
+def test_only_a_whole_status_line_with_a_real_code_is_an_answer(answer, verdict):
+    server, thread = answering(answer)
+    with server:
+        assert probe_http(server.getsockname()[1], HealthCheck(host="app.test")) == verdict
+    thread.join(5)
+
+
+def test_a_probe_that_cannot_start_fails_alone(monkeypatch):
+    # A bug (or a full selector) starting one probe fails that probe; the thread that
+    # runs every app's probes goes on.
+    real, calls = health_module.Exchange, []
+
+    def exchange(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise ValueError("a bug")
+        return real(*args)
+
+    monkeypatch.setattr(health_module, "Exchange", exchange)
+    answers: queue.Queue = queue.Queue()
+    prober = Prober(lambda key, healthy, detail: answers.put((key, healthy, detail)))
+    try:
+        prober.probe("first", free_port(), HealthCheck(host="app.test"), 1.0)
+        assert answers.get(timeout=10) == ("first", False, "probe failed: ValueError")
+        server, thread = answering(b"HTTP/1.1 200 OK\r\n\r\n")
+        with server:
+            prober.probe("second", server.getsockname()[1], HealthCheck(host="app.test"), 5.0)
+            assert answers.get(timeout=10) == ("second", True, "HTTP 200 on /")
+        thread.join(5)
+    finally:
+        prober.close(5)
 
 
 def test_a_failing_report_stops_no_later_probe():

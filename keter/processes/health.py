@@ -42,7 +42,8 @@ def is_healthy(status: int, strict: bool) -> bool:
 
 _SAFE_PATH = re.compile(r"/[\x21-\x7e]*")  # no spaces or control characters: no injection
 _SAFE_HOST = re.compile(r"[\x21-\x7e]+")
-_STATUS_LINE = re.compile(rb"HTTP/\d(?:\.\d)? (\d{3})")
+# A whole status line: the code is three digits from 100, then the reason (may be empty).
+_STATUS_LINE = re.compile(rb"HTTP/\d(?:\.\d)? ([1-9]\d\d)(?: [^\r\n]*)?\r?\n")
 
 
 class Exchange:
@@ -95,7 +96,7 @@ class Exchange:
                 self._connecting = False
             while self._out:
                 self._out = self._out[self.sock.send(self._out) :]
-            while b"\r\n" not in self._head and len(self._head) < MAX_HEAD:
+            while b"\n" not in self._head and len(self._head) < MAX_HEAD:
                 chunk = self.sock.recv(1024)
                 if not chunk:
                     break
@@ -186,20 +187,30 @@ class Prober:
         for request in self._requests.take():
             if request is _CLOSE:
                 return False
-            key, port, check, timeout = request
-            try:
-                exchange = Exchange(port, check, timeout)
-            except OSError as exc:  # no socket to be had (EMFILE): this probe fails
-                self._report(key, False, exc.strerror or str(exc))
-                continue
-            if exchange.result is not None:  # refused at once, or an invalid check
-                exchange.close()
-                self._report(key, *exchange.result)
-                continue
-            assert exchange.sock is not None
-            self._selector.register(exchange.sock, exchange.events, (key, exchange))
-            heapq.heappush(self._deadlines, (exchange.deadline, next(self._order), key, exchange))
+            self._start(*request)
         return True
+
+    def _start(self, key: object, port: int, check: HealthCheck, timeout: float) -> None:
+        """Start one probe; one that cannot start is reported failed at once, and the
+        thread goes on with every other app's."""
+        exchange: Exchange | None = None
+        try:
+            exchange = Exchange(port, check, timeout)
+            if exchange.result is None:  # else refused at once, or an invalid check
+                assert exchange.sock is not None
+                self._selector.register(exchange.sock, exchange.events, (key, exchange))
+                deadline = (exchange.deadline, next(self._order), key, exchange)
+                heapq.heappush(self._deadlines, deadline)
+                return
+            result = exchange.result
+        except OSError as exc:  # no socket to be had (EMFILE), no room in the selector
+            result = (False, exc.strerror or str(exc))
+        except Exception as exc:
+            log.exception("processes: a health probe could not start")
+            result = (False, f"probe failed: {type(exc).__name__}")
+        if exchange is not None:
+            exchange.close()
+        self._report(key, *result)
 
     def _guarded(self, key: object, exchange: Exchange, action: Callable[[], None]) -> None:
         """Run one step of one probe: whatever it raises fails that probe alone."""

@@ -903,6 +903,36 @@ def test_a_failing_report_stops_no_later_probe():
         prober.close(5)
 
 
+# Listens and never accepts; a child holds the listener while the leader exits.
+SILENT_THEN_EXIT = r"""
+import os, socket, time
+server = socket.create_server(("127.0.0.1", int(os.environ["PORT"])))
+if os.fork() == 0:
+    time.sleep(60)
+    os._exit(0)
+time.sleep(0.3)  # a probe is out meanwhile, waiting in the listener's backlog
+raise SystemExit(3)
+"""
+
+
+def test_a_stop_while_the_leaders_exit_waits_for_a_probe_finishes(make_monitor):
+    # A leader's exit while a probe is out waits for the probe's answer. A stop then
+    # had the deploy STOPPING, which takes no probe answer: ProcessStopped never came,
+    # and the deploy's port and folder were never given back.
+    monitor = make_monitor(stop_timeout=1.0, probe_timeout=30.0)
+    monitor.start(
+        1, monitor.spec(port=free_port(), command=(sys.executable, "-c", SILENT_THEN_EXIT))
+    )
+    monitor.expect(ProcessStarted, deploy_id=1)
+    wait_for(
+        lambda: getattr(monitor.monitor._entries.get(1), "exit_pending", None) is not None,
+        10,
+        "the leader's exit to wait for the probe",
+    )
+    monitor.monitor.tell(StopProcess(app="app", deploy_id=1, delay=0))
+    monitor.expect(ProcessStopped, deploy_id=1, timeout=10)  # the probe has 30 s left
+
+
 def test_a_probe_of_an_app_that_dribbles_its_answer_ends_at_its_timeout():
     # A byte every 0.1 s, never a whole status line: each receive is quick, the probe
     # is not. One deadline covers the whole probe.

@@ -922,6 +922,11 @@ class ProcessMonitor(Actor):
         self._state_timer(
             entry, self.stop_timeout, _Escalate(deploy_id=entry.deploy_id, run=entry.runs)
         )
+        if run.exited:
+            # The leader's exit came while a probe was out and waited for its answer,
+            # which a stopping deploy never takes: no other _Exited will finish the stop.
+            entry.probing, entry.exit_pending = False, None
+            self._check_gone(entry)
 
     def _escalate(self, entry: _Entry) -> None:
         run = entry.run

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -39,7 +40,7 @@ from keter.stats.histogram import (
     Histogram,
     bucket,
 )
-from keter.stats.record import access_log_directive, log_format_directive, parse
+from keter.stats.record import access_log_directive, log_format_directive, parse, status_class
 from keter.stats.slot import Slot, packed_records
 from keter.stats.traffic import (
     FINE,
@@ -141,26 +142,63 @@ def test_a_record_becomes_an_access_line():
     [
         b"",
         b"garbage",
-        spool_line(status=700),
-        spool_line(status=0),
-        spool_line().replace(b"k1", b"k2", 1),
+        spool_line(status=1000),
+        spool_line(status=-1),
+        spool_line().replace(b"k2", b"k3", 1),
+        spool_line().replace(b"k2", b"k1", 1),  # the old tag, with the new field count
         spool_line() + b"\textra",
         spool_line().replace(b"200", b"2x0", 1),
         spool_line(upstream="nope"),
         spool_line(at=math.nan),
         spool_line(at=math.inf),
         spool_line(at=-math.inf),
-        "\t".join(["k1", "h\u00e9llo"] + ["1"] * 13).encode(),
+        "\t".join(["k2", "h\u00e9llo"] + ["1"] * 14).encode(),
     ],
 )
 def test_a_line_that_is_not_a_record_is_skipped(line):
     assert parse(line) is None
 
 
+def test_a_line_of_the_format_before_is_still_read():
+    # k1 had no $upstream_addr: a keter upgraded with records left in its spool.
+    old = spool_line(upstream="0.004", upstream_addr="DROP").replace(b"\tDROP", b"", 1)
+    record = parse(old.replace(b"k2", b"k1", 1))
+    assert record is not None and record.upstream_time == 0.004
+    assert record.line == parse(spool_line(upstream="0.004")).line
+
+
+@pytest.mark.parametrize(
+    ("addr", "reached"),
+    [
+        ("127.0.0.1:40001", True),
+        ("[::1]:40001", True),
+        ("unix:/run/app.sock", True),
+        ("keter_up_hello", False),  # max_conns all taken: nginx's own 502 at once
+        ("127.0.0.1:40001, keter_up_hello", False),  # the last try found none
+        ("keter_up_hello, 127.0.0.1:40001", True),
+        ("127.0.0.1:40001 : keter_up_other", False),  # after an internal redirect
+        ("-", False),
+    ],
+)
+def test_an_answer_is_the_apps_only_if_nginx_reached_an_address(addr, reached):
+    record = parse(spool_line(status=502, upstream="0.000", upstream_addr=addr))
+    assert (record.upstream_time is not None) is reached
+    assert record.line.endswith(b" 0.000 0123456789ab" if reached else b" - 0123456789ab")
+
+
+@pytest.mark.parametrize(
+    ("status", "index"), [(0, 4), (101, 0), (204, 1), (399, 2), (404, 3), (599, 4), (999, 4)]
+)
+def test_a_status_outside_http_counts_as_a_server_error_and_is_never_left_out(status, index):
+    record = parse(spool_line(status=status))
+    assert record is not None and record.status == status  # its access line is written
+    assert status_class(status) == index
+
+
 def test_the_renderer_lines_name_the_app_and_version_literally():
     directive = log_format_directive("my-app.x", "0123456789ab")
     assert directive.startswith(
-        "log_format keter_log_my_2dapp_2ex 'k1\\tmy-app.x\\t0123456789ab\\t"
+        "log_format keter_log_my_2dapp_2ex 'k2\\tmy-app.x\\t0123456789ab\\t"
     )
     assert log_format_directive("a", "unknown") != log_format_directive("a", "0123")
     assert "\\t-\\t$msec" in log_format_directive("a", "unknown")
@@ -186,7 +224,7 @@ def test_the_renderer_logs_apps_with_a_version_and_nothing_else():
     ]
     listeners = [Listener("127.0.0.1", 8080)]
     on = render(sites, listeners, 1, ProxyOptions(access_spool=Path("/r/run/access.spool")))
-    assert on.count("log_format ") == 1 and "'k1\\ta\\t0123456789ab\\t" in on
+    assert on.count("log_format ") == 1 and "'k2\\ta\\t0123456789ab\\t" in on
     assert on.count("access_log /r/run/access.spool keter_log_a buffer=64k flush=1s;") == 1
     off = render(sites, listeners, 1, ProxyOptions())
     assert "log_format" not in off and "access_log" not in off
@@ -864,6 +902,64 @@ def test_a_healthy_version_passes_its_watch(keter_factory, private_nginx, tmp_pa
     assert [e["outcome"] for e in client.app("fine")["history"]] == ["serving", "serving"]
     assert clients.failures == [] and {status for status, _ in answers} == {200}
     assert client.app("fine")["watch"]["verdict"] == "passed"
+
+
+def get_status(port: int, host: str, path: str = "/") -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", path, headers={"Host": host})
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def test_nginx_answering_for_a_full_connection_cap_judges_no_version(
+    keter_factory, private_nginx, tmp_path
+):
+    """Any client that holds an app's connections (a slow page, a long poll) has nginx answer
+    every other request 502 itself ("no live upstreams"), with an upstream time of 0.000.
+    Counted, 30 of them had a healthy watched version rolled back."""
+    keter = keter_factory(
+        **{"watch-seconds": 60, "watch-min-requests": 20, "app-max-connections": 1}
+    )
+    client = status_api(keter)
+    deploy(keter, client, private_nginx, tmp_path, "capped", "v1")
+    (tmp_path / "v2").mkdir()
+    v2 = make_bundle(tmp_path / "v2" / "capped.keter", config=webapp_config("capped.test", "v2"))
+    keter.drop(v2)
+    wait_for(
+        lambda: (client.app("capped").get("watch") or {}).get("verdict") == "watching",
+        30,
+        "v2 to be watched",
+    )
+    private_nginx.wait_settled()
+    held = []
+    try:
+        for _ in range(private_nginx.workers):  # each worker's one connection to the app
+            connection = socket.create_connection(("127.0.0.1", private_nginx.port))
+            connection.sendall(b"GET /slow?60 HTTP/1.1\r\nHost: capped.test\r\n\r\n")
+            held.append(connection)
+        wait_for(lambda: get_status(private_nginx.port, "capped.test") == 502, 10, "the cap full")
+        statuses = [get_status(private_nginx.port, "capped.test") for _ in range(30)]
+        assert set(statuses) == {502}
+        access = keter.root / "log" / "access-capped.log"
+        wait_for(
+            lambda: access.exists() and access.read_text().count('" 502 ') >= 31,
+            10,
+            "the 502s read",
+        )
+        # Its access lines say so: no upstream time ("-") before the version.
+        ours = [line for line in access.read_text().splitlines() if '" 502 ' in line]
+        assert all(re.search(r" capped\.test [\d.]+ - [0-9a-f]+$", line) for line in ours), ours
+    finally:
+        for connection in held:
+            connection.close()
+    # One request that reaches v2, read after the 502s: the watch has counted those by then.
+    wait_for(lambda: get_status(private_nginx.port, "capped.test") == 200, 10, "the cap free")
+    watch = wait_for(
+        lambda: (w := client.app("capped")["watch"])["requests"] >= 1 and w, 10, "v2's answer"
+    )
+    assert (watch["verdict"], watch["errors"]) == ("watching", 0), watch
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,7 @@ from keter.messages import (
 from keter.names import validate_app_name
 from keter.processes.applog import AppLog
 from keter.stats import spool
-from keter.stats.record import Record, parse
+from keter.stats.record import SERVER_ERROR, Record, parse, status_class
 from keter.stats.traffic import CLASSES, METRIC_BUCKETS, SLOT, WINDOWS, Summary, Traffic
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ class StatsCollector(Actor):
                 self._watch_dirty.add(record.app)
                 if watch.counts(record):
                     watch.requests += 1
-                    watch.errors += record.status >= 500
+                    watch.errors += status_class(record.status) == SERVER_ERROR
                     self._watches_changed = True
         for app, access in by_app.items():
             self._access_log(app, access)

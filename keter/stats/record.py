@@ -12,9 +12,17 @@ One record, fields separated by tabs (nginx escapes a tab, a quote, a
 backslash and every byte below 32 or above 126 inside a value as ``\\xHH``,
 so a record is always one line)::
 
-    k1 APP VERSION $msec $status $body_bytes_sent $request_time
-    $upstream_response_time $remote_addr $remote_user $time_local $host
-    $request $http_referer $http_user_agent
+    k2 APP VERSION $msec $status $body_bytes_sent $request_time
+    $upstream_response_time $upstream_addr $remote_addr $remote_user $time_local
+    $host $request $http_referer $http_user_agent
+
+``$upstream_addr`` tells an answer of the app's from one nginx gave itself
+with an upstream time all the same: when the app's ``max_conns`` are all
+taken, nginx answers 502 at once ("no live upstreams"), logs ``0.000`` and
+names the upstream block instead of an address. Such a record has no upstream
+time here: it says nothing of the version (any client that holds the app's
+connections can make them). Lines of the format before (``k1``, without the
+address) are still read: a keter upgraded with records left in the spool.
 
 ``access_line`` turns a record into the line of ``ROOT/log/access-APP.log``:
 the combined log format followed by the host, the request time, the upstream
@@ -35,16 +43,19 @@ from dataclasses import dataclass
 
 from keter.names import validate_app_name
 
-TAG = b"k1"  # the format's version: a spool line of another format is skipped
-_FIELDS = 15
+TAG = b"k2"  # the format's version: a spool line of another format is skipped
+_FIELDS = 16
+_OLD_TAG, _OLD_FIELDS = b"k1", 15  # the format before, without $upstream_addr
 _VERSION = re.compile(r"[0-9a-f]{1,64}|-")
 _SEPARATORS = re.compile(rb"[,:]")
+_TRIES = re.compile(rb", | : ")  # between the upstreams nginx tried, in $upstream_addr
 _VARIABLES = (
     "$msec",
     "$status",
     "$body_bytes_sent",
     "$request_time",
     "$upstream_response_time",
+    "$upstream_addr",
     "$remote_addr",
     "$remote_user",
     "$time_local",
@@ -91,14 +102,16 @@ class Record:
     status: int
     bytes_sent: int
     request_time: float
-    upstream_time: float | None  # None when nginx answered without an upstream
+    upstream_time: float | None  # None when nginx answered without the app
     line: bytes  # the access log line, without its newline
 
 
 def parse(raw: bytes) -> Record | None:
     """A spool line (without its newline) as a Record; None if it is not one of keter's."""
     fields = raw.split(b"\t")
-    if len(fields) != _FIELDS or fields[0] != TAG:
+    if len(fields) == _OLD_FIELDS and fields[0] == _OLD_TAG:
+        fields.insert(8, b"")  # no address: the upstream time alone tells
+    elif len(fields) != _FIELDS or fields[0] != TAG:
         return None
     (
         _,
@@ -109,6 +122,7 @@ def parse(raw: bytes) -> Record | None:
         sent,
         request_time,
         upstream,
+        upstream_addr,
         addr,
         user,
         time_local,
@@ -117,6 +131,8 @@ def parse(raw: bytes) -> Record | None:
         referer,
         agent,
     ) = fields
+    if upstream_addr and b":" not in _TRIES.split(upstream_addr)[-1]:
+        upstream = b"-"  # the last try found no live upstream: nginx's own 502
     try:
         code = int(status)
         record = Record(
@@ -146,9 +162,19 @@ def parse(raw: bytes) -> Record | None:
         )
     except (ValueError, UnicodeDecodeError):
         return None
-    if not 100 <= code <= 599 or not math.isfinite(record.at):
+    if not 0 <= code <= 999 or not math.isfinite(record.at):
         return None  # a time that is no time ("nan", "inf") has no slot
     return record
+
+
+SERVER_ERROR = 4  # the class of 5xx, as status_class numbers them
+
+
+def status_class(code: int) -> int:
+    """The index of a status's class (0 for 1xx .. 4 for 5xx). A code outside 100-599
+    is no HTTP status (an app may answer 999, nginx logs 000 when it sent nothing):
+    counted as a server error, never left out (an app would hide its requests)."""
+    return code // 100 - 1 if 100 <= code <= 599 else SERVER_ERROR
 
 
 def _upstream_time(text: bytes) -> float | None:

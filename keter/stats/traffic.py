@@ -41,7 +41,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from keter.stats.histogram import Histogram
-from keter.stats.record import Record
+from keter.stats.record import Record, status_class
 from keter.stats.slot import Run, Slot
 
 SLOT = 10  # seconds per recent slot
@@ -245,7 +245,7 @@ class Traffic:
 
     def add(self, record: Record) -> None:
         app, version = record.app, record.version
-        index = CLASSES_INDEX[record.status // 100]
+        index = status_class(record.status)
         totals = self.totals.get(app)
         if totals is None:
             totals = self.totals[app] = Totals()
@@ -383,6 +383,3 @@ class Traffic:
             p99 = Histogram.of(slots).quantile(0.99) if slots else None
             points.append((minute, requests, errors, p99))
         return points
-
-
-CLASSES_INDEX = {1: 0, 2: 1, 3: 2, 4: 3, 5: 4}

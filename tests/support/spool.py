@@ -15,6 +15,7 @@ def spool_line(
     status: int = 200,
     sent: int = 3,
     upstream: str = "0.004",
+    upstream_addr: str = "127.0.0.1:40001",
     request: str = "GET / HTTP/1.1",
 ) -> bytes:
     """A record as nginx writes it with keter's log format (without its newline)."""
@@ -27,6 +28,7 @@ def spool_line(
         str(sent),
         "0.005",
         upstream,
+        upstream_addr,
         "127.0.0.1",
         "-",
         "30/Nov/2026:03:40:25 +0000",

@@ -147,6 +147,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         self.rfile.next_request()  # type: ignore[attr-defined]
+        # Until the head is in, a full server may close this connection for a new one.
+        self.server.head_awaited(self.connection)  # type: ignore[attr-defined]
         try:
             super().handle_one_request()
         except HeadTooLarge:
@@ -154,6 +156,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             self.command, self.request_version = None, "HTTP/1.1"
             self.send_error(431, f"request line and headers larger than {MAX_HEAD} bytes")
+
+    def parse_request(self) -> bool:
+        """The head (its line and headers) is read here: from now on the connection is
+        never closed to make room for another."""
+        try:
+            return super().parse_request()
+        finally:
+            self.server.head_read(self.connection)  # type: ignore[attr-defined]
 
     def do_GET(self) -> None:
         self._dispatch("GET")

@@ -5,10 +5,15 @@ a further thread (``ThreadingMixIn``), so a long poll never blocks the others.
 
 Whoever can connect is not trusted yet (on TCP, anyone who reaches the port,
 before any login), so what a connection can hold is bounded: at most
-``MAX_CONNECTIONS`` at once per listener (one more is closed at once, not given
-a thread), and the request head (``handler.Handler``) is bounded in size and
-time. A backlog of 128 lets a burst of CLI clients wait for their turn instead
-of being refused. A client that hangs up early is not an error of keter's.
+``MAX_CONNECTIONS`` at once per listener, and the request head
+(``handler.Handler``) is bounded in size and time. When every slot is taken,
+the connection that has waited longest for its request head is closed to make
+room for the new one (one with none to close is closed itself, never given a
+thread): clients that connect and send nothing, or a byte now and then, had
+held every slot and locked out every client that sends its request at once,
+each for as long as they reconnected. A backlog of 128 lets a burst of CLI
+clients wait for their turn instead of being refused. A client that hangs up
+early is not an error of keter's.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import socket
 import socketserver
 import sys
 import threading
+import time
 from pathlib import Path
 
 from keter.status.handler import Handler
@@ -45,20 +51,42 @@ def join_host_port(host: str, port: int) -> str:
 # users are root and keter's group (long polls of `keter deploy`, the CLI); TCP is
 # the dashboard's and the metrics scraper's, reachable by more.
 MAX_CONNECTIONS = {False: 256, True: 64}  # keyed by "is TCP"
+# How long a new connection waits for the slot of one closed for it (its thread ends
+# as soon as its read fails, in microseconds).
+EVICT_WAIT = 1.0
 BACKLOG = 128
 # A client gone before its answer was written: its own doing.
 _HUNG_UP = (BrokenPipeError, ConnectionResetError, TimeoutError)
 
 
 class _Bounded:
-    """A threading server that gives at most ``slots`` connections a thread at once."""
+    """A threading server that gives at most ``slots`` connections a thread at once,
+    closing the one that has waited longest for its request head to make room."""
 
     daemon_threads = True
     request_queue_size = BACKLOG
     slots: threading.BoundedSemaphore
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        # Connections whose request head has not come yet, and since when.
+        self._awaiting: dict[socket.socket, float] = {}
+        self._awaiting_lock = threading.Lock()
+
+    def head_awaited(self, connection: socket.socket) -> None:
+        """The handler waits for ``connection``'s request head from now."""
+        with self._awaiting_lock:
+            self._awaiting[connection] = time.monotonic()
+
+    def head_read(self, connection: socket.socket) -> None:
+        """``connection``'s request head came (or it ended): it is not closed for another."""
+        with self._awaiting_lock:
+            self._awaiting.pop(connection, None)
+
     def process_request(self, request, client_address) -> None:
-        if not self.slots.acquire(blocking=False):
+        if not self.slots.acquire(blocking=False) and not (
+            self._close_longest_waiting() and self.slots.acquire(timeout=EVICT_WAIT)
+        ):
             self.shutdown_request(request)  # type: ignore[attr-defined]
             return
         try:
@@ -71,7 +99,20 @@ class _Bounded:
         try:
             super().process_request_thread(request, client_address)  # type: ignore[misc]
         finally:
+            self.head_read(request)
             self.slots.release()
+
+    def _close_longest_waiting(self) -> bool:
+        """Close the connection that has waited longest for its head; False if none is
+        waiting. Its handler's read ends at once, and its thread with it."""
+        with self._awaiting_lock:
+            if not self._awaiting:
+                return False
+            longest = min(self._awaiting, key=self._awaiting.__getitem__)
+            del self._awaiting[longest]
+        with contextlib.suppress(OSError):  # it ended meanwhile
+            longest.shutdown(socket.SHUT_RDWR)
+        return True
 
     def handle_error(self, request, client_address) -> None:
         """One line in keter's log, not socketserver's traceback on stderr."""

@@ -19,12 +19,16 @@ class Mailbox:
     def __init__(self) -> None:
         self._items: collections.deque[object] = collections.deque()
         self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._closed = False
 
     def fileno(self) -> int:
         return self._read
 
     def put(self, item: object) -> None:
-        """From any thread."""
+        """From any thread. Once closed, nothing: the pipe's descriptor numbers may belong
+        to another file by then."""
+        if self._closed:
+            return
         self._items.append(item)
         # A full pipe holds wake-ups already: the thread will look.
         with contextlib.suppress(BlockingIOError):
@@ -41,5 +45,6 @@ class Mailbox:
         return taken
 
     def close(self) -> None:
+        self._closed = True
         os.close(self._read)
         os.close(self._write)

@@ -3,11 +3,15 @@
 Files. ``ROOT/backups/APP/STAMP-KIND-VERSION.dump``: pg_dump's custom format,
 root's, mode 0600, in folders of mode 0700, so no app (and no local user) can
 read them. STAMP is the UTC time it was taken, KIND why (``BackupKind``:
-``release`` before VERSION's release ran, ``manual`` from ``keter db backup``,
-``restore`` before a restore replaced the data; VERSION then is the version
-that was serving). Each app keeps its last ``backup-keep`` (default 5), of any
-kind. A dump is written under a hidden ``.part`` name and renamed when
-complete, so a listed backup is always whole.
+``release`` before VERSION's release ran as it replaced another version,
+``rerelease`` before the release of VERSION, serving already, ran again (a
+restart), ``manual`` from ``keter db backup``, ``restore`` before a restore
+replaced the data; VERSION then is the version that was serving). Each app
+keeps its last ``backup-keep`` (default 5), of any kind, and beside them the
+``release`` backup of each version they name: what ``rollback --with-data``
+restores, which five restarts would otherwise have deleted. A dump is written
+under a hidden ``.part`` name and renamed when complete, so a listed backup is
+always whole.
 
 Why a component of its own (not the postgres provisioner): a dump or a
 restore may take minutes, and provisioning another app's database must not
@@ -78,7 +82,7 @@ log = logging.getLogger(__name__)
 SUFFIX = ".dump"
 DUMP_MAGIC = b"PGDMP"  # how pg_dump's custom format begins
 _NAME = re.compile(
-    r"(?P<stamp>\d{8}T\d{6}\.\d{6}Z)-(?P<kind>release|manual|restore)-(?P<version>[0-9a-f]{12}|unknown)"
+    r"(?P<stamp>\d{8}T\d{6}\.\d{6}Z)-(?P<kind>release|rerelease|manual|restore)-(?P<version>[0-9a-f]{12}|unknown)"
     + re.escape(SUFFIX)
 )
 STAMP_FORMAT = "%Y%m%dT%H%M%S.%fZ"
@@ -134,8 +138,12 @@ def list_backups(backups_dir: Path, app: str) -> list[BackupInfo]:
 
 
 def backup_before(backups_dir: Path, app: str, version: str) -> BackupInfo | None:
-    """The newest backup taken before ``version``'s release (what ``rollback --with-data``
-    restores when it undoes ``version``)."""
+    """The newest backup taken before ``version``'s release as it replaced another version
+    (what ``rollback --with-data`` restores when it undoes ``version``).
+
+    Not a ``rerelease``: a restart of the version serving backs up data its release
+    has already changed.
+    """
     return next(
         (
             b
@@ -147,8 +155,13 @@ def backup_before(backups_dir: Path, app: str, version: str) -> BackupInfo | Non
 
 
 def prune(backups_dir: Path, app: str, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` backups; returns the names deleted."""
-    doomed = list_backups(backups_dir, app)[keep:]
+    """Delete all but the newest ``keep`` backups and the newest ``release`` backup of
+    each version they name; returns the names deleted."""
+    backups = list_backups(backups_dir, app)
+    kept = backups[:keep]
+    anchors = {b.version: b for b in reversed(backups) if b.kind is BackupKind.RELEASE}
+    kept += [anchors[version] for version in {b.version for b in kept} if version in anchors]
+    doomed = [b for b in backups if b not in kept]
     for backup in doomed:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(app_dir(backups_dir, app) / backup.name)

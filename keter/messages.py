@@ -102,7 +102,10 @@ class AppState(enum.StrEnum):
 class BackupKind(enum.StrEnum):
     """Why a database backup was taken (part of its file name)."""
 
-    RELEASE = "release"  # before a version's release command ran
+    RELEASE = "release"  # before a version's release ran, as it replaced another (or came first)
+    # Before the release of the version already serving ran again (a restart, new settings,
+    # a restore's redeploy): never what `rollback --with-data` restores.
+    RERELEASE = "rerelease"
     MANUAL = "manual"  # `keter db backup`
     RESTORE = "restore"  # before `keter db restore` replaced the data
 

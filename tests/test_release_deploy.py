@@ -265,13 +265,19 @@ def test_rollback_with_data_restores_the_backup_before_the_undone_version(
     keter = pg_keter
     serve_v1(keter, private_nginx, tmp_path, app)
     body(private_nginx, HOST, "/write?note=by-v1")
-    v2_release = ["--sql", NOTES, "--sql", "CREATE TABLE v2_only (x int)"]
+    v2_release = ["--sql", NOTES, "--sql", "CREATE TABLE IF NOT EXISTS v2_only (x int)"]
     assert (
         deploy(keter, app, release_bundle(tmp_path / "v2.keter", "v2", v2_release)).returncode == 0
     )
     served(private_nginx, HOST, "v2")
     body(private_nginx, HOST, "/write?note=by-v2")
     assert info(private_nginx)["tables"] == ["notes", "v2_only"]
+    # A restart of v2 backs up and runs its release again: that backup holds v2's data,
+    # and once had --with-data restore it (v1 then ran on v2's tables).
+    restarted = keter_cli(keter.root, "restart", app)
+    assert restarted.returncode == 0, restarted.stderr
+    kinds = [b["kind"] for b in status_api(keter).backups(app)]
+    assert kinds[:2] == ["rerelease", "release"], kinds
 
     result = keter_cli(keter.root, "rollback", app, "--with-data")
     assert result.returncode == 0, result.stderr

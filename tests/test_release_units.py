@@ -403,6 +403,24 @@ def test_listing_and_pruning_keep_the_newest(tmp_path: Path) -> None:
     assert list_backups(tmp_path, "other") == []
 
 
+def test_restarts_neither_stand_for_nor_prune_the_backup_before_a_version(tmp_path: Path) -> None:
+    # v2 replaced v1, then restarted six times (each a backup before its release ran
+    # again). rollback --with-data had restored the newest (v2's data, migrated), and
+    # five restarts pruned the one before v2's release.
+    folder = tmp_path / "app"
+    folder.mkdir()
+    first = backup_name(BackupKind.RELEASE, "aaaaaaaaaaaa", 100)
+    before_v2 = backup_name(BackupKind.RELEASE, "bbbbbbbbbbbb", 200)
+    restarts = [backup_name(BackupKind.RERELEASE, "bbbbbbbbbbbb", 300 + n) for n in range(6)]
+    for name in (first, before_v2, *restarts):
+        (folder / name).write_text("x")
+    assert parse_name("app", restarts[0]).kind is BackupKind.RERELEASE
+    assert backup_before(tmp_path, "app", "bbbbbbbbbbbb").name == before_v2
+    assert sorted(prune(tmp_path, "app", 5)) == sorted([first, restarts[0]])
+    assert backup_before(tmp_path, "app", "bbbbbbbbbbbb").name == before_v2
+    assert prune(tmp_path, "app", 5) == []
+
+
 def test_a_bundle_cannot_set_keter_data_dir(tmp_path: Path) -> None:
     folder = bundle(tmp_path, "exec: ../bin/app\nhost: a.test\nenv: {KETER_DATA_DIR: /tmp}\n")
     [warning] = parse_bundle_config(folder, "app").warnings

@@ -58,13 +58,15 @@ class Preparing(SupervisorState):
             self._start(deploy)
         elif deploy.db is not None:
             deploy.move(Stage.BACKING_UP)
+            serving = self.apps[deploy.app].serving
+            again = serving is not None and serving.version == deploy.version
             self.c.backups.tell(
                 BackupDatabase(
                     app=deploy.app,
                     deploy_id=deploy.id,
                     db=deploy.db,
                     user=app_user(self.config, deploy.app),
-                    kind=BackupKind.RELEASE,
+                    kind=BackupKind.RERELEASE if again else BackupKind.RELEASE,
                     version=deploy.version,
                 )
             )

@@ -125,6 +125,7 @@ def build_components(config: KeterConfig, inbox: queue.SimpleQueue) -> Component
             etc_dir=config.etc_dir,
             admin_dsn=config.postgres.admin_dsn,
             retry_for=config.postgres.retry_seconds,
+            connection_limit=config.postgres.connection_limit or -1,
             report_to=inbox,
         ),
         backups=Backups(

@@ -29,9 +29,10 @@ Requests (``op`` plus the connection string ``dsn`` and ``connect_timeout``):
   OWNER]`` of each role matching ``pattern`` that is not in ``claimed``, OWNER
   the app its comment names (None without one: made by an older keter); used
   to adopt an app's role and database after its postgres.yaml entry was lost.
-* ``{"op": "ensure", "name": DB, "user": ROLE, "password": PW, "app": APP}``
-  -> ``None``; makes the role and database exist with least privilege and the
-  role's comment name APP (see ``ensure_role_and_database``).
+* ``{"op": "ensure", "name": DB, "user": ROLE, "password": PW, "app": APP,
+  "connection_limit": N}`` -> ``None``; makes the role and database exist with
+  least privilege, at most N connections (-1: no limit) and the role's comment
+  name APP (see ``ensure_role_and_database``).
 
 Answers: ``{"ok": true, "result": ...}`` or
 ``{"ok": false, "error": "one line", "retry": bool}``; ``retry`` is true when the
@@ -104,10 +105,21 @@ def _owner(comment: str | None) -> str | None:
 
 
 def ensure_role_and_database(
-    conn: psycopg.Connection, *, name: str, user: str, password: str, app: str | None = None
+    conn: psycopg.Connection,
+    *,
+    name: str,
+    user: str,
+    password: str,
+    app: str | None = None,
+    connection_limit: int = -1,
 ) -> None:
-    """Make role ``user`` (password ``password``) and database ``name`` it owns exist,
-    the role's comment naming ``app``.
+    """Make role ``user`` (password ``password``, at most ``connection_limit``
+    connections at once, -1: no limit) and database ``name`` it owns exist, the role's
+    comment naming ``app``.
+
+    The limit keeps one app from taking every connection of the server, which had
+    failed every other app's connections, backups and provisioning (the server keeps
+    its last few for superusers only). A role cannot raise its own.
 
     Every step looks at the catalogs first, so running this again after a crash
     at any point converges instead of failing. ``conn`` must be in autocommit
@@ -122,16 +134,17 @@ def ensure_role_and_database(
     if role_is_superuser is None:
         conn.execute(
             sql.SQL(
-                "CREATE ROLE {} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}"
-            ).format(sql.Identifier(user), sql.Literal(verifier))
+                "CREATE ROLE {} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE "
+                "CONNECTION LIMIT {} PASSWORD {}"
+            ).format(sql.Identifier(user), sql.Literal(connection_limit), sql.Literal(verifier))
         )
     else:
         # The stored password is the truth: reset it. (A non-superuser may not
         # even mention SUPERUSER here; the role was checked above.)
         conn.execute(
-            sql.SQL("ALTER ROLE {} WITH LOGIN NOCREATEDB NOCREATEROLE PASSWORD {}").format(
-                sql.Identifier(user), sql.Literal(verifier)
-            )
+            sql.SQL(
+                "ALTER ROLE {} WITH LOGIN NOCREATEDB NOCREATEROLE CONNECTION LIMIT {} PASSWORD {}"
+            ).format(sql.Identifier(user), sql.Literal(connection_limit), sql.Literal(verifier))
         )
     if app is not None:
         conn.execute(
@@ -198,6 +211,7 @@ def run(request: Request) -> Answer:
                         user=request["user"],
                         password=request["password"],
                         app=request.get("app"),
+                        connection_limit=int(request.get("connection_limit", -1)),
                     )
                     result = None
                 case op:

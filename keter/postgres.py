@@ -208,12 +208,14 @@ class PostgresProvisioner(Actor):
         admin_dsn: str,
         report_to: queue.Queue,
         retry_for: float = 30.0,
+        connection_limit: int = -1,
         connect_timeout: float = 5.0,
         peer_dsn: str = DEFAULT_PEER_DSN,
     ) -> None:
         super().__init__("postgres", report_to)
         self.store_path = Path(etc_dir) / "postgres.yaml"
         self.retry_for = retry_for
+        self.connection_limit = connection_limit  # per app role; -1: none
         self.connect_timeout = connect_timeout
         self._peer = not admin_dsn
         self._given_dsn = admin_dsn or peer_dsn
@@ -309,7 +311,14 @@ class PostgresProvisioner(Actor):
             store[app] = db_to_entry(db)
             self._save(store)
         self._admin(
-            {"op": "ensure", "name": db.name, "user": db.user, "password": db.password, "app": app}
+            {
+                "op": "ensure",
+                "name": db.name,
+                "user": db.user,
+                "password": db.password,
+                "app": app,
+                "connection_limit": self.connection_limit,
+            }
         )
         self._tighten_mode()
         return db

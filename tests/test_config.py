@@ -100,7 +100,8 @@ def test_every_key_is_read() -> None:
         drain-seconds: 0
         stop-timeout: 3
         env: {MODE: production, WORKERS: 4, RATIO: 0.5, DEBUG: false}
-        postgres: {admin-dsn: "host=/run/pg port=5433 user=postgres", retry-seconds: 4}
+        postgres:
+          {admin-dsn: "host=/run/pg port=5433 user=postgres", retry-seconds: 4, connection-limit: 7}
         setuid: root
         log-max-bytes: 1024
         log-backups: 0
@@ -131,7 +132,7 @@ def test_every_key_is_read() -> None:
         "DEBUG": "false",
     }
     assert config.postgres_admin_dsn == "host=/run/pg port=5433 user=postgres"
-    assert config.postgres.retry_seconds == 4
+    assert (config.postgres.retry_seconds, config.postgres.connection_limit) == (4, 7)
     assert config.setuid == "root"
     assert (config.log_max_bytes, config.log_backups) == (1024, 0)
     assert (config.max_unpacked_bytes, config.max_members) == (5_000_000, 10)
@@ -261,6 +262,10 @@ def test_port_range_may_touch_but_not_overlap_the_ephemeral_range() -> None:
         (
             "postgres: {retry-seconds: -1}",
             "postgres.retry-seconds: expected a number of seconds > 0, got -1",
+        ),
+        (
+            "postgres: {connection-limit: -1}",
+            "postgres.connection-limit: expected an integer >= 0, got -1",
         ),
         ("setuid: 3999999", "setuid: no user with uid 3999999 on this machine"),
         ("setuid: [root]", 'setuid: expected a user name or uid, got ["root"]'),

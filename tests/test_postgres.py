@@ -228,6 +228,24 @@ def test_provision_creates_least_privilege_role_and_database(
     }
 
 
+def test_an_apps_role_holds_at_most_its_connection_limit(
+    private_postgres: PrivatePostgres, start: Callable[..., Running]
+) -> None:
+    # One app had taken every connection of the server: every other app's connections,
+    # its backups and new apps' provisioning failed. A role cannot raise its own limit.
+    app = unique_app("greedy")
+    db = start(private_postgres.admin_dsn, connection_limit=2).ready(app)
+    with connect_as(db) as first, connect_as(db):
+        with pytest.raises(psycopg.OperationalError, match="too many connections for role"):
+            connect_as(db)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            first.execute(f'ALTER ROLE "{db.user}" CONNECTION LIMIT -1')
+    # A later provisioning (another deploy) sets the limit keter has then.
+    start(private_postgres.admin_dsn, connection_limit=5).ready(app, deploy_id=2)
+    limit = query(private_postgres, "SELECT rolconnlimit FROM pg_roles WHERE rolname = %s", db.user)
+    assert limit == [(5,)]
+
+
 def test_credentials_are_reused_by_later_deploys_and_after_a_restart(
     private_postgres: PrivatePostgres, start: Callable[..., Running], etc_dir: Path
 ) -> None:

@@ -121,6 +121,9 @@ class PostgresSettings:
     admin_dsn: str = field(default="", repr=False)
     # How long a deploy waits for an unreachable server before it fails.
     retry_seconds: float = 30.0
+    # Connections each app's role may hold at once (0: no limit): one app cannot take
+    # every connection of the server.
+    connection_limit: int = 20
 
     def server(self) -> tuple[str, int]:
         """The server keter provisions on: the admin DSN's first host and port, or the

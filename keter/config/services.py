@@ -14,7 +14,7 @@ from keter.config.model import (
     conninfo,
     first_server,
 )
-from keter.config.values import seconds_key
+from keter.config.values import count_key, seconds_key
 from keter.yamlcheck import (
     Checker,
     absolute,
@@ -141,6 +141,10 @@ def parse_acme(value: object, path: str, check: Checker, base: Path) -> object:
     return AcmeSettings(**settings)
 
 
+# PostgreSQL's own bound on max_connections.
+MAX_CONNECTION_LIMIT = 262143
+
+
 def parse_postgres(value: object, path: str, check: Checker, base: Path) -> object:
     if not isinstance(value, dict):
         check.problem(path, f'expected a mapping like {{admin-dsn: ""}}, got {describe(value)}')
@@ -156,8 +160,13 @@ def parse_postgres(value: object, path: str, check: Checker, base: Path) -> obje
             seconds = seconds_key(0, inclusive=False)(item, where, check, base)
             if seconds is not None:
                 settings["retry_seconds"] = seconds
+        elif key == "connection-limit":
+            limit = count_key(0, MAX_CONNECTION_LIMIT)(item, where, check, base)
+            if limit is not None:
+                settings["connection_limit"] = limit
         else:
-            check.problem(where, unknown_key(key, ("admin-dsn", "retry-seconds")))
+            known = ("admin-dsn", "retry-seconds", "connection-limit")
+            check.problem(where, unknown_key(key, known))
     return PostgresSettings(**settings)
 
 

@@ -224,7 +224,10 @@ def cmd_db_restore(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print(f"{app}: database restored from {result['restored']['name']}", file=sys.stderr)
     print(f"{app}: the data before it is in {result['safety_backup']['name']}", file=sys.stderr)
-    print(f"{app}: restarting {result['version']} on the restored data", file=sys.stderr)
+    if result.get("newer"):
+        print(f"{app}: {result['version']}, uploaded meanwhile, deploys on it", file=sys.stderr)
+    else:
+        print(f"{app}: restarting {result['version']} on the restored data", file=sys.stderr)
     entry = wait_for_verdict(client, app, result["after"], result["sha256"], args.timeout)
     return report_verdict(client, args.root, app, entry, args.timeout)
 

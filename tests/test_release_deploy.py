@@ -19,7 +19,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
+import yaml
 from support.bundles import make_bundle, member
 from support.daemon import keter_cli, status_api
 from support.net import Load, app_port_range, body, served
@@ -285,6 +287,43 @@ def test_rollback_with_data_restores_the_backup_before_the_undone_version(
     served(private_nginx, HOST, "v1")
     back = info(private_nginx)
     assert back["tables"] == ["notes"] and back["notes"] == ["by-v1"]
+
+
+def test_a_bundle_uploaded_during_a_restore_deploys_on_the_restored_data(
+    pg_keter, private_nginx, tmp_path, app
+) -> None:
+    # The restore's redeploy of the version serving had copied it over the upload: the
+    # newer version was dropped with no error, and v1 served again.
+    keter = pg_keter
+    serve_v1(keter, private_nginx, tmp_path, app)
+    body(private_nginx, HOST, "/write?note=kept")
+    taken = keter_cli(keter.root, "db", "backup", app)
+    assert taken.returncode == 0, taken.stderr
+    body(private_nginx, HOST, "/write?note=after-the-backup")
+    entry = yaml.safe_load((keter.root / "etc" / "postgres.yaml").read_text())[app]
+    dsn = (
+        f"host=127.0.0.1 port={entry['port']} user={entry['user']} "
+        f"password={entry['pass']} dbname={entry['name']}"
+    )
+    v2 = release_bundle(tmp_path / "v2.keter", "v2", ["--sql", NOTES])
+    with psycopg.connect(dsn) as holder:
+        holder.execute("LOCK TABLE notes IN ACCESS SHARE MODE")  # the restore waits for it
+        restore = subprocess.Popen(
+            [sys.executable, "-m", "keter", "db", "restore", "--root", str(keter.root), app],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for(lambda: re.search(r": psql started", keter.log_since_start()), 30, "psql")
+        keter.drop(v2, f"{app}.keter")
+        wait_for(lambda: status_api(keter).app(app)["deploying"], 30, "v2 on its way")
+        holder.rollback()
+    _, err = restore.communicate(timeout=120)
+    assert restore.returncode == 0, err
+    assert "uploaded meanwhile, deploys on it" in err
+    served(private_nginx, HOST, "v2")
+    assert (keter.incoming / f"{app}.keter").read_bytes() == v2.read_bytes()
+    assert info(private_nginx)["notes"] == ["kept"]  # v2 runs on the restored data
 
 
 # -- KETER_DATA_DIR ------------------------------------------------------------------------

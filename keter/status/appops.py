@@ -9,7 +9,10 @@
   awaited here. A restore is followed by a redeploy of the version serving
   (from the archive of served versions, like a rollback to it: a newer bundle
   in incoming/ that failed is replaced, since the data was restored for the
-  version that serves), so the app starts again on the restored data.
+  version that serves), so the app starts again on the restored data. A
+  newer bundle on its way is left to deploy instead, on the restored data
+  (its release waits for the restore behind its own backup): copying the
+  version serving over it had dropped an upload made during the restore.
   ``rollback --with-data`` restores the backup taken before the serving
   version's release, then rolls back.
 * The data folder: purged on request, never while the app runs.
@@ -29,7 +32,7 @@ from keter.appdata import data_dir, purge_data_dir
 from keter.backups import backup_before, info_json, list_backups
 from keter.messages import DatabaseRequest, DbAction, RequestRefused
 from keter.status.errors import ApiError
-from keter.status.redeploy import Action, rollback_target
+from keter.status.redeploy import Action, incoming_sha256, rollback_target
 
 if TYPE_CHECKING:
     from keter.status.component import StatusServer
@@ -115,7 +118,17 @@ def restore(api: StatusServer, app: str, body: dict) -> dict:
     name = body.get("backup")
     if name is not None and not isinstance(name, str):
         raise ApiError(400, "backup must be a file name")
+    after = api.board.history.seq  # a deploy that begins during the restore ends past it
     result = database(api, DbAction.RESTORE, app, name or None)
+    snapshot = api.board.snapshot(app)
+    if snapshot is not None and snapshot.deploying not in (None, snapshot.version):
+        # Uploaded during the restore: it deploys on the restored data.
+        sha256 = incoming_sha256(api.config.incoming_dir, app)
+        log.info("%s: version %s, on its way, deploys on the restored data", app, sha256[:12])
+        result.update(
+            {"app": app, "version": sha256[:12], "sha256": sha256, "after": after, "newer": True}
+        )
+        return result
     result.update(_redeploy_serving(api, app))
     return result
 

@@ -15,6 +15,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 
 from keter.archive import SUFFIX, ArchivedBundle, ArchiveError
 from keter.incoming.files import NotABundleFile, open_regular
@@ -60,23 +61,32 @@ def run(board: StatusBoard, request: Redeploy) -> None:
 def restart(board: StatusBoard, app: str) -> dict:
     if board.snapshot(app) is None:
         raise ApiError(404, f"no app named {app}")
-    bundle = board.config.incoming_dir / f"{app}{SUFFIX}"
     after = board.history.seq
-    # Whoever may write incoming/ chooses what lies there: a FIFO would hold this thread
-    # (and every status request after it) for ever, a link would have root hash and
-    # touch whatever it names. Opened as the watcher opens bundles, touched through
-    # that descriptor.
+    sha256 = incoming_sha256(board.config.incoming_dir, app, touch=True)
+    log.info("%s: restart requested through the status API", app)
+    return {"app": app, "version": sha256[:12], "sha256": sha256, "after": after}
+
+
+def incoming_sha256(incoming: Path, app: str, *, touch: bool = False) -> str:
+    """The sha256 of the app's bundle in incoming/, touched (the watcher redeploys it)
+    if ``touch``; raises ApiError(409) when there is none.
+
+    Whoever may write incoming/ chooses what lies there: a FIFO would hold this thread
+    for ever, a link would have root hash and touch whatever it names. Opened as the
+    watcher opens bundles, touched through that descriptor.
+    """
+    bundle = incoming / f"{app}{SUFFIX}"
     try:
         fd, _ = open_regular(bundle)
     except FileNotFoundError:
-        raise ApiError(409, f"{app} has no bundle in incoming/ to restart") from None
+        raise ApiError(409, f"{app} has no bundle in incoming/") from None
     except NotABundleFile as exc:
         raise ApiError(409, f"incoming/{bundle.name} is no bundle: {exc}") from None
     with os.fdopen(fd, "rb") as f:
         sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-        os.utime(f.fileno())
-    log.info("%s: restart requested through the status API", app)
-    return {"app": app, "version": sha256[:12], "sha256": sha256, "after": after}
+        if touch:
+            os.utime(f.fileno())
+    return sha256
 
 
 def rollback(board: StatusBoard, app: str, version: str | None) -> dict:

@@ -133,6 +133,7 @@ class Intake(SupervisorState):
             return
         config = deploy.config = msg.config
         deploy.sha256 = msg.sha256
+        self._changed.add(msg.app)  # its version is known: `keter status` shows it deploying
         for warning in msg.warnings:
             log.warning("%s: %s", msg.app, warning)
         if not config.runs_something and not config.serves_http:

@@ -73,7 +73,7 @@ from keter.messages import (
     message,
 )
 from keter.names import log_text
-from keter.processes.spawn import Identity
+from keter.processes.spawn import Identity, oom_first
 from keter.threadnames import name_this_thread
 from keter.users import AppUsers, tools_key
 
@@ -523,7 +523,9 @@ class Backups(Actor):
         identity = self._identity(request)
         run_as = credentials(identity)
         job.child = subprocess.Popen(
-            [pg_program(program), *args],
+            # The app's data shapes how much memory they take (pg_dump holds every large
+            # object's entry): the OOM killer picks them before keter, as it picks apps.
+            oom_first([pg_program(program), *args]),
             env=program_env(request.db),
             cwd="/",
             stdin=streams.pop("stdin", subprocess.DEVNULL),

@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import psycopg
 import pytest
 import yaml
@@ -324,6 +325,36 @@ def test_a_bundle_uploaded_during_a_restore_deploys_on_the_restored_data(
     served(private_nginx, HOST, "v2")
     assert (keter.incoming / f"{app}.keter").read_bytes() == v2.read_bytes()
     assert info(private_nginx)["notes"] == ["kept"]  # v2 runs on the restored data
+
+
+def test_pg_dump_goes_before_keter_to_the_oom_killer(
+    pg_keter, private_nginx, tmp_path, app
+) -> None:
+    # An app's data decides pg_dump's memory (an entry per large object): it had kept
+    # keter's own OOM score, the last the kernel picks.
+    keter = pg_keter
+    serve_v1(keter, private_nginx, tmp_path, app)
+    entry = yaml.safe_load((keter.root / "etc" / "postgres.yaml").read_text())[app]
+    dsn = (
+        f"host=127.0.0.1 port={entry['port']} user={entry['user']} "
+        f"password={entry['pass']} dbname={entry['name']}"
+    )
+    with psycopg.connect(dsn) as holder:
+        holder.execute("LOCK TABLE notes IN ACCESS EXCLUSIVE MODE")  # pg_dump waits for it
+        backup = subprocess.Popen(
+            [sys.executable, "-m", "keter", "db", "backup", "--root", str(keter.root), app],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+        def dump() -> list[psutil.Process]:
+            children = psutil.Process(keter.proc.pid).children(recursive=True)
+            return [p for p in children if p.name() == "pg_dump"]
+
+        [pg_dump] = wait_for(dump, 30, "pg_dump")
+        assert Path(f"/proc/{pg_dump.pid}/oom_score_adj").read_text().strip() == "500"
+        holder.rollback()
+    assert backup.wait(60) == 0
 
 
 # -- KETER_DATA_DIR ------------------------------------------------------------------------

@@ -68,6 +68,16 @@ CHAIN = (
     'while [ "$1" != -- ]; do ulimit "$1" "$2" || exit 126; shift 2; done; shift; '
     'exec "$@"'
 )
+# What keter runs for an app outside its cgroup (pg_dump, psql) goes before keter too:
+# an app's data decides how much memory they take.
+OOM_FIRST = f'echo {APP_OOM_SCORE_ADJ} > /proc/self/oom_score_adj || exit 126; exec "$@"'
+
+
+def oom_first(command: Sequence[str]) -> list[str]:
+    """``command`` with the apps' OOM score (``APP_OOM_SCORE_ADJ``), not keter's."""
+    return [SHELL, "-c", OOM_FIRST, "keter-tool", *command]
+
+
 # Run as the app's user, in the environment of the root part: takes the app's own
 # environment from stdin (a memfd of ``export NAME='VALUE'`` lines), then execs the app.
 APP_ENV = '. /dev/fd/0 || exit 126; exec "$@" </dev/null'

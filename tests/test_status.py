@@ -878,6 +878,12 @@ def test_a_client_that_sends_its_request_slowly_is_let_go(make_status, monkeypat
         assert sock.recv(100) == b""  # closed, nothing answered to a request never sent
 
 
+def closed(sock: socket.socket) -> bool:
+    """Whether keter closed this connection (without an answer)."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+
+
 def test_connections_past_the_bound_take_the_slots_of_the_longest_stalled_ones(make_status):
     status = make_status()
     process = psutil.Process()
@@ -889,11 +895,13 @@ def test_connections_past_the_bound_take_the_slots_of_the_longest_stalled_ones(m
         for sock in held:
             sock.sendall(b"GET /api/sta")  # and no more
         wait_for(lambda: process.num_threads() >= before + bound, 10, "a thread per connection")
-        # Each newcomer closes the connection that has waited longest for its head.
-        for n in range(20):
+        # Each newcomer closes a connection that has waited longer for its head, in the
+        # order their threads began waiting (not quite the order they connected).
+        for _ in range(20):
             extra.append(socket.create_connection(status.server.tcp_address, timeout=10))
             extra[-1].sendall(b"GET /api/sta")
-            assert held[n].recv(100) == b""  # closed, nothing answered
+        wait_for(lambda: sum(map(closed, held)) == 20, 10, "20 held connections closed")
+        assert not any(map(closed, extra))
         assert process.num_threads() < before + bound + 5
     finally:
         for sock in held + extra:

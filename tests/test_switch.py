@@ -222,6 +222,28 @@ def test_closed_connections_through_the_table_leave_conntrack_within_seconds(
             assert state == "TIME_WAIT" and 0 < left <= nft.SHORT_CLOSE
 
 
+@pytest.mark.skipif(not CONNTRACK.exists(), reason="no /proc/net/nf_conntrack")
+def test_nothing_but_tcp_over_loopback_is_tracked(table: Table) -> None:
+    """The table's NAT has the kernel track every connection on the machine: one app
+    sending UDP between loopback addresses (no descriptor per entry, two minutes each
+    once answered) filled conntrack's 262,144 entries in 4 s, and every new connection
+    of every program was dropped."""
+    nft.apply(table.create_script(), NFT)
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender,
+    ):
+        receiver.bind(("127.0.0.1", 0))
+        sender.bind(("127.0.0.1", 0))
+        sender.sendto(b"x", receiver.getsockname())
+        _, source = receiver.recvfrom(10)
+        receiver.sendto(b"y", source)  # answered: an entry conntrack would keep
+        assert sender.recv(10) == b"y"
+        ports = {f"sport={sender.getsockname()[1]}", f"dport={receiver.getsockname()[1]}"}
+        lines = CONNTRACK.read_text().splitlines()
+    assert [line for line in lines if ports <= set(line.split())] == []
+
+
 def test_creating_the_table_replaces_an_earlier_runs_rules_only_its_own(
     tmp_path: Path, table: Table, listeners: list[NamingListener]
 ) -> None:

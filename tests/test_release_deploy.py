@@ -290,6 +290,15 @@ def test_rollback_with_data_restores_the_backup_before_the_undone_version(
     assert back["tables"] == ["notes"] and back["notes"] == ["by-v1"]
 
 
+def app_dsn(keter, app: str) -> str:
+    """The app's own connection string, from keter's record of its credentials."""
+    entry = yaml.safe_load((keter.root / "etc" / "postgres.yaml").read_text())[app]
+    return (
+        f"host=127.0.0.1 port={entry['port']} user={entry['user']} "
+        f"password={entry['pass']} dbname={entry['name']}"
+    )
+
+
 def test_a_bundle_uploaded_during_a_restore_deploys_on_the_restored_data(
     pg_keter, private_nginx, tmp_path, app
 ) -> None:
@@ -301,11 +310,7 @@ def test_a_bundle_uploaded_during_a_restore_deploys_on_the_restored_data(
     taken = keter_cli(keter.root, "db", "backup", app)
     assert taken.returncode == 0, taken.stderr
     body(private_nginx, HOST, "/write?note=after-the-backup")
-    entry = yaml.safe_load((keter.root / "etc" / "postgres.yaml").read_text())[app]
-    dsn = (
-        f"host=127.0.0.1 port={entry['port']} user={entry['user']} "
-        f"password={entry['pass']} dbname={entry['name']}"
-    )
+    dsn = app_dsn(keter, app)
     v2 = release_bundle(tmp_path / "v2.keter", "v2", ["--sql", NOTES])
     with psycopg.connect(dsn) as holder:
         holder.execute("LOCK TABLE notes IN ACCESS SHARE MODE")  # the restore waits for it
@@ -334,11 +339,7 @@ def test_pg_dump_goes_before_keter_to_the_oom_killer(
     # keter's own OOM score, the last the kernel picks.
     keter = pg_keter
     serve_v1(keter, private_nginx, tmp_path, app)
-    entry = yaml.safe_load((keter.root / "etc" / "postgres.yaml").read_text())[app]
-    dsn = (
-        f"host=127.0.0.1 port={entry['port']} user={entry['user']} "
-        f"password={entry['pass']} dbname={entry['name']}"
-    )
+    dsn = app_dsn(keter, app)
     with psycopg.connect(dsn) as holder:
         holder.execute("LOCK TABLE notes IN ACCESS EXCLUSIVE MODE")  # pg_dump waits for it
         backup = subprocess.Popen(

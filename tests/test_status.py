@@ -884,17 +884,25 @@ def closed(sock: socket.socket) -> bool:
     return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
 
 
-def test_connections_past_the_bound_take_the_slots_of_the_longest_stalled_ones(make_status):
-    status = make_status()
+def hold_every_slot(status, head: bytes) -> list[socket.socket]:
+    """As many TCP connections as keter serves at once, each sending ``head`` and no
+    more, once each has its thread."""
     process = psutil.Process()
     before = process.num_threads()
     bound = servers.MAX_CONNECTIONS[True]
     held = [socket.create_connection(status.server.tcp_address, timeout=10) for _ in range(bound)]
+    for sock in held:
+        sock.sendall(head)
+    wait_for(lambda: process.num_threads() >= before + bound, 10, "a thread per connection")
+    return held
+
+
+def test_connections_past_the_bound_take_the_slots_of_the_longest_stalled_ones(make_status):
+    status = make_status()
+    threads = psutil.Process().num_threads()
+    held = hold_every_slot(status, b"GET /api/sta")
     extra = []
     try:
-        for sock in held:
-            sock.sendall(b"GET /api/sta")  # and no more
-        wait_for(lambda: process.num_threads() >= before + bound, 10, "a thread per connection")
         # Each newcomer closes a connection that has waited longer for its head, in the
         # order their threads began waiting (not quite the order they connected).
         for _ in range(20):
@@ -902,7 +910,7 @@ def test_connections_past_the_bound_take_the_slots_of_the_longest_stalled_ones(m
             extra[-1].sendall(b"GET /api/sta")
         wait_for(lambda: sum(map(closed, held)) == 20, 10, "20 held connections closed")
         assert not any(map(closed, extra))
-        assert process.num_threads() < before + bound + 5
+        assert psutil.Process().num_threads() < threads + len(held) + 5
     finally:
         for sock in held + extra:
             sock.close()
@@ -915,12 +923,8 @@ def test_clients_that_send_no_request_cannot_lock_out_one_that_does(make_status)
     # that sent nothing (reconnecting as keter let them go): the CLI, the dashboard and
     # the metrics scraper were closed at once, every time.
     status = make_status()
-    process = psutil.Process()
-    before = process.num_threads()
-    bound = servers.MAX_CONNECTIONS[True]
-    held = [socket.create_connection(status.server.tcp_address, timeout=10) for _ in range(bound)]
+    held = hold_every_slot(status, b"")
     try:
-        wait_for(lambda: process.num_threads() >= before + bound, 10, "every slot held")
         for _ in range(3):
             assert status.http("GET", "/api/status")[0] == 200
     finally:

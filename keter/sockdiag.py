@@ -29,6 +29,7 @@ import ipaddress
 import os
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from keter import netlink
@@ -36,6 +37,7 @@ from keter import netlink
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 TCPDIAG_GETSOCK = 18  # the older request: its dumps cover IPv4 and IPv6 in one walk
+SOCK_DESTROY = 21  # close a socket as if its process had (CONFIG_INET_DIAG_DESTROY)
 INET_DIAG_REQ_BYTECODE = 1
 INET_DIAG_CGROUP_ID = 21  # an answer's attribute: the socket's cgroup v2 id (u64)
 NO_COOKIE = 0xFFFFFFFF
@@ -122,6 +124,33 @@ def listening(port: int) -> list[Listener]:
         uid, inode = _OWNER.unpack_from(message, _OWNER_AT)
         found.append(Listener(uid=uid, inode=inode, cgroup=_cgroup_id(message)))
     return found
+
+
+def destroy_listeners(port: int, owned: Callable[[int], bool]) -> int:
+    """Close each socket listening on TCP ``port`` whose owner's uid ``owned`` accepts,
+    whatever process holds it (the kernel closes it as if that process had; connections
+    not yet accepted are reset); how many were closed.
+
+    Raises DiagError when the kernel cannot (no ``CONFIG_INET_DIAG_DESTROY``, no
+    ``CAP_NET_ADMIN``).
+    """
+    closed = 0
+    for message in _dump(1 << TCP_LISTEN, port, port):
+        uid, _ = _OWNER.unpack_from(message, _OWNER_AT)
+        if not owned(uid):
+            continue
+        # The answer's own family and socket id (its cookie included) name it exactly.
+        ident = message[_HEAD.size : _HEAD.size + _SOCKID.size + _TAIL.size]
+        body = _HEAD.pack(message[0], socket.IPPROTO_TCP, 0, 0)
+        body += struct.pack("=I", 1 << TCP_LISTEN) + ident
+        try:
+            _ask(SOCK_DESTROY, netlink.NLM_F_ACK, body)
+        except DiagError as exc:
+            if exc.errno == errno.ENOENT:
+                continue  # closed meanwhile
+            raise
+        closed += 1
+    return closed
 
 
 def _cgroup_id(message: bytes) -> int:

@@ -571,3 +571,85 @@ def test_the_reload_mode_does_not_isolate_apps_and_says_so(open_base, keter_fact
     assert request_as(uids["alpha"], "127.0.0.1", ports["beta"]) == "HTTP/1.0 200 OK"
     assert "/from-another-app 10.9.8.7" in seen_by(keter, "beta")
     assert keter.log().count("apps can connect to each other's ports (no nftables isolation)") == 1
+
+
+# Serves its VERSION on PORT, and hands its listening socket (and those it was handed)
+# to the next version, which asks every earlier one over an abstract Unix socket.
+HANDS_ON = r"""
+import array, http.server, os, socket, threading
+PORT, VERSION = int(os.environ["PORT"]), os.environ["VERSION"]
+held = []
+for line in open("/proc/net/unix").read().splitlines()[1:]:
+    name = line.split()[-1]
+    if name.startswith("@hand-on-") and name != f"@hand-on-{PORT}":
+        with socket.socket(socket.AF_UNIX) as elder:
+            elder.connect("\0" + name[1:])
+            _, ancillary, _, _ = elder.recvmsg(16, socket.CMSG_SPACE(4 * 64))
+            for _, _, data in ancillary:
+                fds = array.array("i")
+                fds.frombytes(data[: len(data) - len(data) % 4])
+                held += [socket.socket(fileno=fd) for fd in fds]
+
+class Answer(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(f"{VERSION}\n".encode())
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", PORT), Answer)
+
+def hand_on():
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(f"\0hand-on-{PORT}")
+        listener.listen()
+        while True:
+            younger, _ = listener.accept()
+            fds = array.array("i", [server.fileno()] + [s.fileno() for s in held])
+            younger.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            younger.close()
+
+threading.Thread(target=hand_on, daemon=True).start()
+server.serve_forever()
+"""
+
+
+def test_a_port_handed_on_to_the_next_version_goes_back_to_the_pool(
+    keter_factory, private_nginx, open_base
+):
+    # No bind, so no bind guard: each version kept the ports of every one before it,
+    # and the pool shrank by a port a deploy until every app's deploys failed.
+    keter = keter_factory(
+        root=open_base / "root",
+        **{"port-range": app_port_range(), "run-apps-as-root": False, "drain-seconds": 0},
+    )
+    source = open_base / "hands_on.py"
+    source.write_text(HANDS_ON)
+    ports = []
+    for version in ("v1", "v2"):
+        config = {"exec": "../bin/app", "host": "hands.test", "env": {"VERSION": version}}
+        bundle = make_bundle(
+            open_base / "hands.keter", config=config, app_source=source, interpreter=SYSTEM_PYTHON
+        )
+        keter.drop(bundle)
+        served(private_nginx, "hands.test", version)
+        ports.append(
+            int(re.findall(r"hands: deploy #\d+ started pid \d+ on port (\d+)", keter.log())[-1])
+        )
+    first = ports[0]
+    wait_for(
+        lambda: f"closed 1 listening socket(s) on port {first}" in keter.log(),
+        20,
+        "v1's port closed",
+    )
+    assert not [p for p in app_processes(keter) if first in listening_ports(p)]
+    served(private_nginx, "hands.test", "v2")
+
+
+def listening_ports(process: psutil.Process) -> set[int]:
+    with contextlib.suppress(psutil.Error):
+        return {
+            c.laddr.port
+            for c in process.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN
+        }
+    return set()

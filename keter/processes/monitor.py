@@ -972,11 +972,40 @@ class ProcessMonitor(Actor):
             )
         self.report(ProcessStopped(app=entry.app, deploy_id=entry.deploy_id))
 
+    def _close_apps_listeners(self, entry: _Entry, port: int) -> int:
+        """Close what processes of keter's apps still listen on the stopped deploy's port.
+
+        The deploy's own processes are gone: such a socket was handed on (a newer
+        version took it over a Unix socket, no bind, so no bind guard) and would keep
+        the port from the pool for good, one port a deploy. Apps with their own users
+        only: without them an app's socket is not told from keter's or root's.
+        """
+        users = self.users
+        if users is None:
+            return 0
+        try:
+            closed = sockdiag.destroy_listeners(port, lambda uid: users.low <= uid <= users.high)
+        except sockdiag.DiagError as exc:
+            log.debug("%s: cannot close what holds port %d: %s", entry.app, port, exc)
+            return 0
+        if closed:
+            log.warning(
+                "%s: closed %d listening socket(s) on port %d, which a process of an app "
+                "still held after deploy %d stopped (handed on); the port goes back to the pool",
+                entry.app,
+                closed,
+                port,
+                entry.deploy_id,
+            )
+        return closed
+
     def _warn_if_port_held(self, entry: _Entry) -> None:
         """The deploy is gone and something still listens on its port: another deploy
         that shares it, or (without cgroups) a process that left the app's group."""
         port = entry.spec.port
         if port is None or port_is_free(port):
+            return
+        if self._close_apps_listeners(entry, port) and port_is_free(port):
             return
         holders = ", ".join(map(self._holder, sockdiag.listeners(port))) or "unknown"
         left = "" if entry.cgroup is not None else " (setsid or a daemon's double fork)"

@@ -185,7 +185,10 @@ class StatsCollector(Actor):
                 # delete it, and its disk space must come back then.
                 self._close_log(app)
             case TrafficQuery(app=app, reply=reply):
-                reply.set_result(self.details(app, time.time()))
+                # One its asker gave up on is not worked out: a flood of queries timed out
+                # had kept the actor from the spool and the watches for as long.
+                if reply.set_running_or_notify_cancel():
+                    reply.set_result(self.details(app, time.time()))
             case _:
                 self.unexpected(message)
 
@@ -454,7 +457,11 @@ class StatsCollector(Actor):
         """For the status API's threads: ``details`` from the actor's thread."""
         request = TrafficQuery(app=app)
         self.tell(request)
-        return request.reply.result(timeout=QUERY_TIMEOUT)
+        try:
+            return request.reply.result(timeout=QUERY_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            request.reply.cancel()  # still queued: the actor skips it
+            raise
 
 
 def _percent(ratio: float, requests: int) -> str:

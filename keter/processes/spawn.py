@@ -62,15 +62,16 @@ SHELL = "/bin/sh"
 # the app's OOM score goes up (keter lowers its own where it may, keter.daemon): the
 # kernel's OOM killer picks an app, any app process, before keter, nginx or PostgreSQL.
 APP_OOM_SCORE_ADJ = 500
+_OOM_SCORE_UP = f"echo {APP_OOM_SCORE_ADJ} > /proc/self/oom_score_adj || exit 126; "
 CHAIN = (
-    f"echo {APP_OOM_SCORE_ADJ} > /proc/self/oom_score_adj || exit 126; "
-    'while [ "$1" != -- ]; do echo 0 > "$1" || exit 126; shift; done; shift; '
-    'while [ "$1" != -- ]; do ulimit "$1" "$2" || exit 126; shift 2; done; shift; '
-    'exec "$@"'
+    _OOM_SCORE_UP
+    + 'while [ "$1" != -- ]; do echo 0 > "$1" || exit 126; shift; done; shift; '
+    + 'while [ "$1" != -- ]; do ulimit "$1" "$2" || exit 126; shift 2; done; shift; '
+    + 'exec "$@"'
 )
 # What keter runs for an app outside its cgroup (pg_dump, psql) goes before keter too:
 # an app's data decides how much memory they take.
-OOM_FIRST = f'echo {APP_OOM_SCORE_ADJ} > /proc/self/oom_score_adj || exit 126; exec "$@"'
+OOM_FIRST = _OOM_SCORE_UP + 'exec "$@"'
 
 
 def oom_first(command: Sequence[str]) -> list[str]:

@@ -48,7 +48,6 @@ _FIELDS = 16
 _OLD_TAG, _OLD_FIELDS = b"k1", 15  # the format before, without $upstream_addr
 _VERSION = re.compile(r"[0-9a-f]{1,64}|-")
 _SEPARATORS = re.compile(rb"[,:]")
-_TRIES = re.compile(rb", | : ")  # between the upstreams nginx tried, in $upstream_addr
 _VARIABLES = (
     "$msec",
     "$status",
@@ -131,8 +130,10 @@ def parse(raw: bytes) -> Record | None:
         referer,
         agent,
     ) = fields
-    if upstream_addr and b":" not in _TRIES.split(upstream_addr)[-1]:
-        upstream = b"-"  # the last try found no live upstream: nginx's own 502
+    # The last upstream tried: nginx puts ", " or " : " between tries; no address (an
+    # upstream's name, no ":") when it found no live one and answered 502 itself.
+    if upstream_addr and b":" not in upstream_addr.rpartition(b" ")[2]:
+        upstream = b"-"
     try:
         code = int(status)
         record = Record(

@@ -1000,8 +1000,9 @@ class ProcessMonitor(Actor):
         return closed
 
     def _warn_if_port_held(self, entry: _Entry) -> None:
-        """The deploy is gone and something still listens on its port: another deploy
-        that shares it, or (without cgroups) a process that left the app's group."""
+        """The deploy is gone and something still listens on its port: a process of an app
+        it was handed to (closed here, apps with their own users), or (without cgroups)
+        a process that left the app's group; a stranger's is only named."""
         port = entry.spec.port
         if port is None or port_is_free(port):
             return

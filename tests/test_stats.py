@@ -925,15 +925,6 @@ def test_a_healthy_version_passes_its_watch(keter_factory, private_nginx, tmp_pa
     assert client.app("fine")["watch"]["verdict"] == "passed"
 
 
-def get_status(port: int, host: str, path: str = "/") -> int:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        connection.request("GET", path, headers={"Host": host})
-        return connection.getresponse().status
-    finally:
-        connection.close()
-
-
 def test_nginx_answering_for_a_full_connection_cap_judges_no_version(
     keter_factory, private_nginx, tmp_path
 ):
@@ -960,8 +951,8 @@ def test_nginx_answering_for_a_full_connection_cap_judges_no_version(
             connection = socket.create_connection(("127.0.0.1", private_nginx.port))
             connection.sendall(b"GET /slow?60 HTTP/1.1\r\nHost: capped.test\r\n\r\n")
             held.append(connection)
-        wait_for(lambda: get_status(private_nginx.port, "capped.test") == 502, 10, "the cap full")
-        statuses = [get_status(private_nginx.port, "capped.test") for _ in range(30)]
+        wait_for(lambda: private_nginx.request("capped.test")[0] == 502, 10, "the cap full")
+        statuses = [private_nginx.request("capped.test")[0] for _ in range(30)]
         assert set(statuses) == {502}
         access = keter.root / "log" / "access-capped.log"
         wait_for(
@@ -976,7 +967,7 @@ def test_nginx_answering_for_a_full_connection_cap_judges_no_version(
         for connection in held:
             connection.close()
     # One request that reaches v2, read after the 502s: the watch has counted those by then.
-    wait_for(lambda: get_status(private_nginx.port, "capped.test") == 200, 10, "the cap free")
+    wait_for(lambda: private_nginx.request("capped.test")[0] == 200, 10, "the cap free")
     watch = wait_for(
         lambda: (w := client.app("capped")["watch"])["requests"] >= 1 and w, 10, "v2's answer"
     )

@@ -331,14 +331,30 @@ def test_an_apply_queued_as_keter_stops_never_reaches_nginx(
     # generation on disk nowhere and reported failed.
     writer = writers.start()
     writers.apply(writer, web("a", backends["first"]))
+    # Two gates make the race happen every time (without them the test passed without
+    # its fix): the apply reaches nginx only once the stop has begun, and the old file
+    # is put back only once nginx had time to read the new one, had it been told.
+    take, restore = writer._take, writer._restore
+    writer._take = lambda generation: writer._stopping.wait(10) and take(generation)
+
+    def restore_once_nginx_could_read() -> str:
+        deadline = time.monotonic() + 3
+        while fetch_generation("127.0.0.1", private_nginx.port) != "2":
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        return restore()
+
+    writer._restore = restore_once_nginx_could_read
     writer.tell(
         ApplyNginx(generation=2, sites=(web("a", backends["first"]), web("b", backends["second"])))
     )
     writers.stop(writer)
     reply = writers.reports.get(timeout=10)
-    served = "2" if isinstance(reply, NginxApplied) else "1"  # taken before the stop, or not
-    private_nginx.wait_generation(int(served))
-    assert f"# generation {served}\n" in private_nginx.config_file.read_text()
+    assert not isinstance(reply, NginxApplied), reply
+    private_nginx.wait_settled()  # had nginx been told, its newest workers would serve 2
+    assert {fetch_generation("127.0.0.1", private_nginx.port) for _ in range(5)} == {"1"}
+    assert "# generation 1\n" in private_nginx.config_file.read_text()
 
 
 def _silent_log_writer(writers: Writers, tmp_path: Path) -> NginxWriter:

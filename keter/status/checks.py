@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import grp
 import hmac
@@ -89,7 +88,7 @@ class RequestChecks:
     def _user_matches(self, credentials: str) -> bool:
         try:
             decoded = base64.b64decode(credentials, validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # binascii.Error, UnicodeDecodeError, and non-ASCII text
             return False
         user, colon, password = decoded.partition(":")
         expected = self._users.get(user)

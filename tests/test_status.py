@@ -932,6 +932,34 @@ def test_clients_that_send_no_request_cannot_lock_out_one_that_does(make_status)
             sock.close()
 
 
+def test_clients_that_send_a_body_slowly_without_logging_in_cannot_lock_out_one_that_does(
+    make_status,
+):
+    # A POST's head and one byte of its body: keter read the body before it checked
+    # the login, and such a connection was never closed for another, so 64 of them
+    # closed every logged-in client (the dashboard, the scraper) 15 s at a time.
+    status = make_status()
+    head = b"POST /api/apps/x/restart HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 60000\r\n\r\n"
+    held = hold_every_slot(status, head + b"A")
+    try:
+        for _ in range(3):
+            assert status.http("GET", "/api/status")[0] == 200
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_credentials_that_are_not_ascii_are_refused_not_a_failure(make_status, caplog):
+    # base64 of a non-ASCII text raised past the login check: a 500 and a traceback
+    # in keter's log at each request, for anyone who reaches the port.
+    status = make_status()
+    for credentials in ("Basic \xe9\xe9", "Bearer \xe9\xe9", "Basic w6k6w6k="):
+        code, headers, _ = status.http("GET", "/api/status", {"Authorization": credentials})
+        assert code == 401, credentials
+        assert "WWW-Authenticate" in headers
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+
 def test_a_client_that_hangs_up_early_leaves_no_trace_in_keters_output(make_status, capfd):
     status = make_status()
     for _ in range(10):

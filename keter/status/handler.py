@@ -147,8 +147,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         self.rfile.next_request()  # type: ignore[attr-defined]
-        # Until the head is in, a full server may close this connection for a new one.
-        self.server.head_awaited(self.connection)  # type: ignore[attr-defined]
+        # Until its request is let in, a full server may close this connection for a new one.
+        self.server.may_close(self.connection)  # type: ignore[attr-defined]
         try:
             super().handle_one_request()
         except HeadTooLarge:
@@ -158,12 +158,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(431, f"request line and headers larger than {MAX_HEAD} bytes")
 
     def parse_request(self) -> bool:
-        """The head (its line and headers) is read here: from now on the connection is
-        never closed to make room for another."""
-        try:
-            return super().parse_request()
-        finally:
-            self.server.head_read(self.connection)  # type: ignore[attr-defined]
+        """The head (its line and headers) is read here. On the socket (whoever can
+        open it may ask) the connection is from now on never closed to make room for
+        another; on TCP only once its request is let in (``_dispatch``)."""
+        parsed = super().parse_request()
+        if not self.server.tcp:  # type: ignore[attr-defined]
+            self.server.keep(self.connection)  # type: ignore[attr-defined]
+        return parsed
 
     def do_GET(self) -> None:
         self._dispatch("GET")
@@ -179,13 +180,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         self.body = b""
         try:
+            refused = self._refusal(api)
+            if refused is None:
+                self.server.keep(self.connection)  # type: ignore[attr-defined]
             # Read before anything can answer: closing a connection with the body unread
             # makes the client's send fail (EPIPE) or its read (a reset) lose the answer.
+            # A refused client's slow body still leaves its connection to be closed for
+            # another: it must not keep out those who log in.
             if method == "POST":
                 self.body = self._read_body()
-            api.checks.check_host(self.headers.get("Host"))
-            if self.server.tcp:  # type: ignore[attr-defined]
-                api.checks.check_login(self.headers.get("Authorization"))
+            if refused is not None:
+                raise refused
             matched = False
             for route_method, pattern, name in _ROUTES:
                 match = pattern.fullmatch(url.path)
@@ -206,6 +211,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except Exception:  # a bug answers 500 instead of dropping the connection
             log.exception("keter: status request %s %s failed", method, url.path)
             self._send_json(500, {"error": "internal error; see keter's log"})
+
+    def _refusal(self, api: StatusServer) -> ApiError | None:
+        """Why this request is not let in (its Host, or on TCP its login), or None."""
+        try:
+            api.checks.check_host(self.headers.get("Host"))
+            if self.server.tcp:  # type: ignore[attr-defined]
+                api.checks.check_login(self.headers.get("Authorization"))
+        except ApiError as refusal:
+            return refusal
+        return None
 
     # -- pages -----------------------------------------------------------------------
 

@@ -61,7 +61,8 @@ _HUNG_UP = (BrokenPipeError, ConnectionResetError, TimeoutError)
 
 class _Bounded:
     """A threading server that gives at most ``slots`` connections a thread at once,
-    closing the one that has waited longest for its request head to make room."""
+    closing, to make room, the one that has waited longest for its request to be let
+    in (its head read; on TCP, its login checked: see the handler)."""
 
     daemon_threads = True
     request_queue_size = BACKLOG
@@ -69,17 +70,17 @@ class _Bounded:
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
-        # Connections whose request head has not come yet, and since when.
+        # Connections whose request is not let in yet, and since when they wait.
         self._awaiting: dict[socket.socket, float] = {}
         self._awaiting_lock = threading.Lock()
 
-    def head_awaited(self, connection: socket.socket) -> None:
-        """The handler waits for ``connection``'s request head from now."""
+    def may_close(self, connection: socket.socket) -> None:
+        """From now ``connection`` may be closed to make room for another."""
         with self._awaiting_lock:
             self._awaiting[connection] = time.monotonic()
 
-    def head_read(self, connection: socket.socket) -> None:
-        """``connection``'s request head came (or it ended): it is not closed for another."""
+    def keep(self, connection: socket.socket) -> None:
+        """``connection``'s request is let in (or it ended): it is not closed for another."""
         with self._awaiting_lock:
             self._awaiting.pop(connection, None)
 
@@ -99,11 +100,11 @@ class _Bounded:
         try:
             super().process_request_thread(request, client_address)  # type: ignore[misc]
         finally:
-            self.head_read(request)
+            self.keep(request)
             self.slots.release()
 
     def _close_longest_waiting(self) -> bool:
-        """Close the connection that has waited longest for its head; False if none is
+        """Close the connection that has waited longest to be let in; False if none is
         waiting. Its handler's read ends at once, and its thread with it."""
         with self._awaiting_lock:
             if not self._awaiting:

@@ -29,7 +29,9 @@ def test_dashboard_lists_apps_and_follows_a_state_change_without_reload(
     port = free_port()
     keter = keter_factory(**LOGIN_SETTINGS, **{"status-listen": f"127.0.0.1:{port}"})
     client = status_api(keter)
-    keter.drop(make_bundle(tmp_path / "alpha.keter", config=webapp_config("alpha.test", "v1")))
+    # alpha.te's link went to alpha.test, whose URL begins with its name.
+    alpha = webapp_config("alpha.test", "v1", **{"extra-hosts": ["alpha.te"]})
+    keter.drop(make_bundle(tmp_path / "alpha.keter", config=alpha))
     browser.open(f"http://127.0.0.1:{port}/")  # not logged in: nothing but the refusal
     # Headless Chromium has no login prompt: it gives up on the page with an error page.
     wait_for(lambda: browser.js("location.href").startswith("chrome-error:"), 10, "a refusal")
@@ -49,6 +51,12 @@ def test_dashboard_lists_apps_and_follows_a_state_change_without_reload(
     assert rows == [
         ["alpha", "running", f"http://alpha.test:{private_nginx.port}/"],
         ["beta", "failed", None],  # nothing serves beta: no link
+    ]
+    links = browser.js(
+        "[...document.querySelectorAll('.hosts a')].map(a => [a.textContent, a.href])"
+    )
+    assert sorted(links) == [
+        [host, f"http://{host}:{private_nginx.port}/"] for host in ("alpha.te", "alpha.test")
     ]
     events = browser.js("document.getElementById('events').textContent")
     assert "failed: exited with status 3 before answering" in events

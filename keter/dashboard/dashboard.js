@@ -73,7 +73,8 @@ function poll(step) {
 function hostLinks(app) {
   const cell = el("td", { class: "hosts" });
   for (const host of app.hosts) {
-    const url = app.urls.find((u) => u.startsWith(`http://${host}`));
+    // The host's own URL: a.test's is not a.test.example's, whose URL begins with it.
+    const url = app.urls.find((u) => new URL(u).hostname === host);
     cell.append(url ? el("a", { href: url, rel: "noreferrer" }, host) : el("span", {}, host), " ");
   }
   return cell;

@@ -786,9 +786,11 @@ class CertificateOutcome(enum.StrEnum):
 @message
 class CertificatesWanted:
     """Supervisor -> ACME: every host that should have a certificate now (ssl: acme),
-    in the order to try them: the apps' hosts in turn."""
+    in the order to try them: the apps' hosts in turn; and the app of each (an app
+    whose orders fail waits as a whole)."""
 
     hosts: tuple[str, ...]
+    owners: Mapping[str, str]  # host -> app
 
 
 @message

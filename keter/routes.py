@@ -323,9 +323,9 @@ def with_certificates(site: Site, certificates: Mapping[str, TlsFiles]) -> Site:
 
 
 def acme_hosts_in_turn(sites: tuple[Site, ...]) -> tuple[str, ...]:
-    """``acme_hosts`` in the order keter.acme tries them: each app's first host, then
-    each app's second, and so on, so one bundle's hundreds of hosts do not keep
-    another app waiting for its certificate."""
+    """The hosts that want a certificate from keter.acme (``ssl: acme``), in the order
+    it tries them: each app's first host, then each app's second, and so on, so one
+    bundle's hundreds of hosts do not keep another app waiting for its certificate."""
     per_app = [
         sorted({host for route in site.all_routes if route.acme for host in route.hosts})
         for site in sorted(sites, key=lambda s: s.app)
@@ -334,8 +334,12 @@ def acme_hosts_in_turn(sites: tuple[Site, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(host for turn in turns for host in turn if host is not None))
 
 
-def acme_hosts(sites: tuple[Site, ...]) -> frozenset[str]:
-    """Every host of these sites that wants a certificate from keter.acme."""
-    return frozenset(
-        host for site in sites for route in site.all_routes if route.acme for host in route.hosts
-    )
+def acme_owners(sites: tuple[Site, ...]) -> dict[str, str]:
+    """Each host that wants a certificate from keter.acme, and the app it belongs to."""
+    return {
+        host: site.app
+        for site in sites
+        for route in site.all_routes
+        if route.acme
+        for host in route.hosts
+    }

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.acme import PrivatePebble
+from support.acme import PrivatePebble, wanted
 from support.bundles import make_bundle
 from support.net import Backend, free_port, https_get
 from support.nginx import PrivateNginx, WriterRig
@@ -36,7 +36,6 @@ from keter.messages import (
     CertificateIssued,
     CertificateOutcome,
     CertificateState,
-    CertificatesWanted,
     ProxyApp,
     Route,
     Site,
@@ -133,7 +132,7 @@ def rig(
 def issue_all(rig: Rig, manager: AcmeManager) -> dict[str, CertificateIssued]:
     if rig.writer_rig.generation == 0:
         rig.serve({})  # keter's config answers the challenges on every plain server
-    manager.tell(CertificatesWanted(hosts=HOSTS))
+    manager.tell(wanted(*HOSTS))
     issued = {}
     while len(issued) < len(HOSTS):
         message = rig.next(CertificateIssued)
@@ -173,7 +172,7 @@ def test_a_restart_reuses_stored_certificates_without_a_new_order(rig: Rig) -> N
         message = rig.next(CertificateIssued, timeout=10)
         stored[message.host] = message
     assert stored == issued
-    again.tell(CertificatesWanted(hosts=HOSTS))
+    again.tell(wanted(*HOSTS))
     state = rig.next(CertificateState, timeout=10)
     assert state.outcome is CertificateOutcome.STORED
     assert state.next_attempt > time.time() + 20 * 24 * 3600  # not due for weeks
@@ -192,7 +191,7 @@ def test_a_certificate_is_renewed_thirty_days_before_it_expires(rig: Rig) -> Non
     renewing = rig.manager(clock=lambda: time.time() + offset[0])
     for _ in HOSTS:  # the stored ones, reported at start
         rig.next(CertificateIssued, timeout=10)
-    renewing.tell(CertificatesWanted(hosts=HOSTS))
+    renewing.tell(wanted(*HOSTS))
     renewed = {}
     while len(renewed) < len(HOSTS):
         message = rig.next(CertificateIssued)
@@ -216,14 +215,14 @@ def test_a_certificate_is_renewed_thirty_days_before_it_expires(rig: Rig) -> Non
 def test_a_ca_that_is_down_is_retried_later_and_the_site_stays_on_http(rig: Rig, caplog) -> None:
     rig.serve({})
     manager = rig.manager(directory=f"https://localhost:{free_port()}/dir")
-    manager.tell(CertificatesWanted(hosts=("one.test",)))
+    manager.tell(wanted("one.test"))
     state = rig.next(CertificateState)
     assert state.outcome is CertificateOutcome.FAILED
     assert state.next_attempt > time.time() + 30  # backoff, not a retry storm
     assert "one.test: no certificate (attempt 1" in caplog.text
     assert rig.nginx.request("one.test")[0] == 200
     # Asking again does not order again before the backoff is over.
-    manager.tell(CertificatesWanted(hosts=("one.test",)))
+    manager.tell(wanted("one.test"))
     with pytest.raises(queue.Empty):
         rig.next(CertificateState, timeout=2)
 
@@ -240,7 +239,7 @@ def test_a_failing_challenge_is_one_line_and_a_retry(rig: Rig, caplog) -> None:
     (rig.base / "elsewhere").mkdir()
     manager.start()
     rig.managers.append(manager)
-    manager.tell(CertificatesWanted(hosts=("two.test",)))
+    manager.tell(wanted("two.test"))
     state = rig.next(CertificateState)
     assert state.outcome is CertificateOutcome.FAILED
     assert "unauthorized" in state.detail or "404" in state.detail, state.detail
@@ -262,7 +261,7 @@ def test_a_wildcard_host_is_refused_with_a_line(tmp_path: Path, caplog) -> None:
     )
     manager.start()
     try:
-        manager.tell(CertificatesWanted(hosts=("*.example.com",)))
+        manager.tell(wanted("*.example.com"))
         state = reports.get(timeout=10)
         assert state.outcome is CertificateOutcome.REFUSED
     finally:

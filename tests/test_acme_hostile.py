@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.acme import wanted
 from support.bundles import make_bundle, webapp_config
 from support.fakeca import JUNK_BLOCK, FakeCa
 from support.net import free_port
@@ -86,9 +87,13 @@ class Component:
         self.manager.start()
         return self.manager
 
-    def want(self, *hosts: str) -> None:
+    def want(self, *hosts: str, owners: dict[str, str] | None = None) -> None:
+        """``hosts`` wanted, of one app unless ``owners`` names each host's."""
         assert self.manager is not None
-        self.manager.tell(CertificatesWanted(hosts=hosts))
+        message = wanted(*hosts)
+        if owners is not None:
+            message = CertificatesWanted(hosts=hosts, owners=owners)
+        self.manager.tell(message)
 
     def next(self, kind: type | tuple[type, ...], timeout: float = 30) -> object:
         """The next report of ``kind`` (others are skipped)."""
@@ -360,7 +365,7 @@ def test_a_row_of_state_json_with_a_wrong_type_is_dropped_with_a_line(
     manager = _start_with_state(component, {"odd.test": row, "kept.test": kept})
     told = component.next(CertificateState, timeout=10)
     assert (told.host, told.next_attempt) == ("kept.test", now + 600)
-    manager.tell(CertificatesWanted(hosts=("odd.test", "kept.test")))
+    manager.tell(wanted("odd.test", "kept.test"))
     # odd.test is a host never tried: ordered now (the CA is the fake one).
     assert component.next(CertificateIssued).host == "odd.test"
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -385,7 +390,7 @@ def test_a_host_that_failed_for_years_gets_its_line_and_a_day_of_backoff(
     manager.start()
     try:
         reports.get(timeout=10)  # what state.json holds
-        manager.tell(CertificatesWanted(hosts=("dead.test",)))
+        manager.tell(wanted("dead.test"))
         state = reports.get(timeout=30)
     finally:
         manager.stop()
@@ -451,7 +456,45 @@ def test_one_bundles_many_hosts_do_not_keep_another_apps_host_waiting(
     component.want(*many)
     wait_for(lambda: len(component.ca.orders) >= 3, 30, "the first orders")
     # What the supervisor asks once another app with ssl: acme is deployed.
-    component.want(many[0], "zzz.test", *many[1:])
+    owners = dict.fromkeys(many, "many") | {"zzz.test": "other"}
+    component.want(many[0], "zzz.test", *many[1:], owners=owners)
     before = len(component.ca.orders)
     wait_for(lambda: "zzz.test" in component.ca.orders, 60, "zzz.test's order")
     assert component.ca.orders.index("zzz.test") <= before + 1, component.ca.orders
+
+
+def test_an_app_whose_orders_fail_orders_no_more_than_an_app_with_one_host(
+    component: Component,
+) -> None:
+    """Each of a bundle's hosts had its own backoff only: 6 hosts failing validation
+    ordered 6 times as often as one, and 100 of them used up Let's Encrypt's 300
+    orders per account in 3 hours, which every app's certificates share."""
+    noisy = [f"n{i}.test" for i in range(6)]
+    owners = dict.fromkeys(noisy, "noisy") | {HOST: "shop"}
+    now = [time.time()]
+    manager = AcmeManager(
+        settings=AcmeSettings(directory=component.ca.directory),
+        folder=component.folder,
+        challenges=component.base / "challenges",
+        report_to=queue.Queue(),
+        clock=lambda: now[0],
+    )
+    component.ca.cert_mode = "wrong_host"  # every certificate the CA issues is refused
+    # Driven on this thread, a simulated minute at a time (each _Check orders at most
+    # one due host), for an hour: the first order and 1 minute doubling, 7 orders a host.
+    manager.on_start()
+    manager.handle(CertificatesWanted(hosts=(noisy[0], HOST, *noisy[1:]), owners=owners))
+    for _ in range(64):
+        now[0] += 60
+        for _ in range(len(owners)):
+            manager.handle(manager_module._Check())
+    orders = list(component.ca.orders)
+    assert orders.count(HOST) == 7, orders
+    assert len(orders) - orders.count(HOST) <= 8, orders
+
+    # One success ends the app's streak: its hosts are ordered as soon as each is due.
+    component.ca.cert_mode = "good"
+    now[0] += 86400
+    for _ in range(len(owners)):
+        manager.handle(manager_module._Check())
+    assert sorted(component.ca.orders[len(orders) :]) == sorted(owners)

@@ -20,6 +20,13 @@ last attempt: no answer of the CA makes keter order again and again. A failure
 retry with backoff (1 minute doubling to a day, at least an hour after a rate
 limit), kept across restarts so a restart never makes a retry storm. A wildcard
 cannot be validated by HTTP-01: refused with a line.
+
+Every app's orders count against one account's limits at the CA (Let's Encrypt:
+300 new orders in 3 hours), so an app whose orders fail also waits as a whole:
+after each failure none of its hosts is ordered for the same doubling backoff,
+until one of its orders succeeds. One bundle with a hundred hosts that fail
+validation would otherwise order about 800 times in 3 hours, each host on its
+own backoff, and use up the limit every other app's certificates share.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import math
 import os
 import queue
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -78,6 +85,14 @@ class HostState:
     retry_at: float = 0.0  # after a failure: not before this
 
 
+@dataclass
+class AppBudget:
+    """An app's streak of failed orders (any of its hosts), and when it may order again."""
+
+    failures: int = 0
+    retry_at: float = 0.0
+
+
 @dataclass(frozen=True, kw_only=True)
 class _Check:
     """Private timer: look for hosts whose certificate is due."""
@@ -102,6 +117,10 @@ class AcmeManager(Actor):
         self.clock = clock
         self.hosts: dict[str, HostState] = {}
         self.wanted: tuple[str, ...] = ()  # in the order to try them (apps in turn)
+        self.owners: Mapping[str, str] = {}  # each wanted host's app
+        # Apps whose orders failed lately. Kept while keter runs (a removed app that
+        # comes back keeps its streak), each for a day past its last retry time.
+        self.apps: dict[str, AppBudget] = {}
         self._timer: int | None = None
         self._told = False  # a _Check waits in the inbox already
         self._loaded = False
@@ -126,8 +145,15 @@ class AcmeManager(Actor):
 
     def handle(self, message: object) -> None:
         match message:
-            case CertificatesWanted(hosts=hosts):
+            case CertificatesWanted(hosts=hosts, owners=owners):
                 self.wanted = tuple(dict.fromkeys(hosts))
+                self.owners = owners
+                now = self.clock()
+                self.apps = {
+                    app: budget
+                    for app, budget in self.apps.items()
+                    if budget.retry_at + MAX_BACKOFF > now
+                }
                 for host in sorted(self.wanted):
                     if names.is_wildcard(host) and self._state(host).outcome != "refused":
                         self._refuse(host)
@@ -166,6 +192,9 @@ class AcmeManager(Actor):
         # Never sooner than a minute after any attempt, whatever the certificate is or
         # state.json says: nothing the CA answers can make keter order again and again.
         floor = max(state.retry_at, (state.last_attempt or 0.0) + FIRST_BACKOFF)
+        budget = self.apps.get(self.owners.get(host, ""))
+        if budget is not None:
+            floor = max(floor, budget.retry_at)  # its app's orders failed lately
         if state.not_after is None:
             return floor
         # 30 days before expiry, or with a third of its life left for a short-lived
@@ -193,6 +222,7 @@ class AcmeManager(Actor):
         state.not_before, state.not_after = issued.not_before, issued.not_after
         state.issuer = issued.issuer
         state.failures, state.detail = 0, ""
+        self.apps.pop(self.owners.get(host, ""), None)  # the app's streak ends
         # Not renewed before half the time it has left is over, however the CA dated it:
         # one issued near its end must not be ordered again at once.
         state.retry_at = now + max(FIRST_BACKOFF, (issued.not_after - now) / 2)
@@ -227,12 +257,15 @@ class AcmeManager(Actor):
     def _failed(self, host: str, state: HostState, exc: Exception) -> None:
         detail = names.log_text(_reason(exc), 500)
         state.failures += 1
-        # The exponent is capped: failures are kept across restarts, and a host failing
-        # daily for three years would have 2 ** 1024, more than a float holds.
-        backoff = min(FIRST_BACKOFF * 2 ** min(state.failures - 1, 20), MAX_BACKOFF)
+        backoff = _backoff(state.failures)
         if _rate_limited(exc):
             backoff = max(backoff, RATE_LIMIT_BACKOFF)
         state.retry_at = self.clock() + backoff
+        app = self.owners.get(host)
+        if app is not None:
+            budget = self.apps.setdefault(app, AppBudget())
+            budget.failures += 1
+            budget.retry_at = self.clock() + _backoff(budget.failures)
         state.outcome, state.detail = CertificateOutcome.FAILED.value, detail
         log.warning(
             "acme: %s: no certificate (attempt %d; next in %ds): %s",
@@ -411,6 +444,13 @@ _FIELDS: dict[str, tuple[Callable[[object], object], bool]] = {
     "failures": (_count, False),
     "retry_at": (_time, False),
 }
+
+
+def _backoff(failures: int) -> float:
+    """The wait after the ``failures``-th failure in a row: 1 minute doubling to a day.
+    The exponent is capped: failures are kept across restarts, and a host failing
+    daily for three years would have 2 ** 1024, more than a float holds."""
+    return min(FIRST_BACKOFF * 2 ** min(failures - 1, 20), MAX_BACKOFF)
 
 
 def _client():

@@ -11,7 +11,7 @@ import logging
 
 from keter.deploys import App, Deploy, Stage
 from keter.messages import ApplyNginx, CertificatesWanted, FailureKind, Site
-from keter.routes import acme_hosts, acme_hosts_in_turn, with_certificates
+from keter.routes import acme_hosts_in_turn, acme_owners, with_certificates
 from keter.supervisor.state import SupervisorState
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,10 @@ class Routing(SupervisorState):
         self._nginx_dirty = False
         sites = self._desired_sites()
         self.c.nginx.tell(ApplyNginx(generation=generation, sites=sites))
-        wanted = acme_hosts(sites)
-        if wanted != self._acme_hosts and self.c.acme is not None:
-            self._acme_hosts = wanted
-            self.c.acme.tell(CertificatesWanted(hosts=acme_hosts_in_turn(sites)))
+        wanted = acme_owners(sites)
+        if wanted != self._acme_owners and self.c.acme is not None:
+            self._acme_owners = wanted
+            self.c.acme.tell(CertificatesWanted(hosts=acme_hosts_in_turn(sites), owners=wanted))
 
     def _nginx_replied(self, generation: int, failure: str | None, refused: dict[str, str]) -> None:
         """Finish every switch and removal that rode on ``generation``, either way.

@@ -70,9 +70,10 @@ class SupervisorState:
         self._switch_ready = components.switch is None
         self.stable_ports = StablePorts()
         self._dashboard = dashboard_site(config)  # routed with the apps when configured
-        # keter.acme: the certificates it has issued, and the hosts it was last asked for.
+        # keter.acme: the certificates it has issued, and the hosts (and their apps) it
+        # was last asked for.
         self._certificates: dict[str, TlsFiles] = {}
-        self._acme_hosts: frozenset[str] = frozenset()
+        self._acme_owners: dict[str, str] = {}
         self._published: dict[str, AppSnapshot] = {}
         self._changed: set[str] = set()  # apps whose snapshot may have changed
         self._failures: dict[Component, list[float]] = {}  # recent component failures

@@ -16,6 +16,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+from keter.messages import CertificatesWanted
 from support.dns import PrivateDns
 from support.net import free_port, listening
 from support.processes import stop_child
@@ -106,3 +107,8 @@ class PrivatePebble:
         if self._process is not None and self._process.poll() is not None:
             raise RuntimeError(f"pebble exited: {(self.base / 'pebble.log').read_text()}")
         return listening(self.port)
+
+
+def wanted(*hosts: str, app: str = "app") -> CertificatesWanted:
+    """What the supervisor tells keter.acme when ``app`` is the one app with ssl: acme."""
+    return CertificatesWanted(hosts=hosts, owners=dict.fromkeys(hosts, app))

@@ -175,7 +175,8 @@ def test_a_malformed_pax_header_is_refused_in_one_line(rig: Rig, pax: dict[str, 
         members=[pax_member("static/file", b"hello", pax)],  # tarfile writes pax by default
     )
     rig.drop(f"{app}.keter", data)
-    rig.refused(before, app, f"cannot unpack {app}.keter", "malformed tar header (ValueError")
+    # Once tarfile's ValueError (int() of "x"); refused before tarfile reads them now.
+    rig.refused(before, app, f"cannot unpack {app}.keter", "a member is a sparse file")
     alive(rig)
     # The unpacker is still there: the next bundle deploys.
     rig.drop(f"{app}.keter", bundle_bytes(config=webapp_config(f"{app}.test", "p2")))

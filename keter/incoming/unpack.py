@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import tarfile
 import zlib
@@ -59,6 +60,18 @@ _META_TYPES = frozenset(
     | {tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK}
 )
 _MAX_META_BYTES = 1 << 20
+
+# pax headers are read by ``_check_pax`` before tarfile parses them. tarfile's own
+# parsing (Pythons before 3.11.10 and 3.12.6: CVE-2024-6232) searches a whole header
+# with regular expressions whose time grows with the square of a run of digits: a
+# bundle of 1 KiB, one header of a million digits, held the unpacking worker (and
+# with it every other deploy) for about 50 minutes. No pax value needs a longer run
+# than a time with nanoseconds (20 digits); with runs this short and all of an
+# archive's pax headers bounded together, tarfile's work stays within a few seconds
+# (a 1 MiB header of the worst kind: about 0.1 s).
+_MAX_PAX_DIGITS = 32
+_MAX_PAX_TOTAL = 64 << 20  # bytes of all pax headers of one archive (a few 100 a member)
+_PAX_DIGITS = re.compile(rb"[0-9]{%d}" % (_MAX_PAX_DIGITS + 1))
 
 # shutil.rmtree recurses once per folder level, so a deeper tree could not be
 # removed again (RecursionError); real apps nest far less.
@@ -250,8 +263,27 @@ class _CheckedTarInfo(tarfile.TarInfo):
 
     tarfile in stream mode treats a bad or cut-off header after the first one
     as the end of the archive; here it is an error. Oversized pax / long-name
-    headers are refused before tarfile reads them into memory.
+    headers are refused before tarfile reads them into memory, and a pax header
+    tarfile would take long over, or read as a sparse file's map, before tarfile
+    parses it (``_check_pax``).
     """
+
+    def _proc_pax(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:
+        stream = tarfile.fileobj
+        data = stream.read(self._block(self.size))
+        # Counted on the archive's TarFile: the budget is per archive, and this class
+        # (given to tarfile.open) is shared by all.
+        left = getattr(tarfile, "keter_pax_left", _MAX_PAX_TOTAL) - len(data)
+        if left < 0:
+            raise UnpackError(f"pax headers of more than {_MAX_PAX_TOTAL} bytes in all")
+        tarfile.keter_pax_left = left  # type: ignore[attr-defined]
+        _check_pax(data, self.size)
+        # tarfile's parsing reads the header itself: handed the bytes already read.
+        tarfile.fileobj = _Replay(data, stream)
+        try:
+            return super()._proc_pax(tarfile)
+        finally:
+            tarfile.fileobj = stream
 
     @classmethod
     def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
@@ -264,6 +296,46 @@ class _CheckedTarInfo(tarfile.TarInfo):
         if info.type in _META_TYPES and info.size > _MAX_META_BYTES:
             raise UnpackError(f"extended header of {info.size} bytes is too large")
         return info
+
+
+def _check_pax(data: bytes, size: int) -> None:
+    """Refuse a pax header (``data``, its records in the first ``size`` bytes) that is
+    not records of ``LENGTH KEYWORD=VALUE\\n``, holds a run of digits tarfile would
+    take long over, or describes a sparse file (tarfile builds a sparse file's map
+    of any length in memory before keter sees the member). Time linear in ``data``."""
+    if _PAX_DIGITS.search(data):
+        raise UnpackError(f"a pax header holds a run of more than {_MAX_PAX_DIGITS} digits")
+    pos = 0
+    while pos < size and data[pos] != 0:  # NULs pad the records
+        space = data.find(b" ", pos, pos + _MAX_PAX_DIGITS + 1)
+        digits = data[pos:space] if space > pos else b""
+        length = int(digits) if digits.isdigit() else 0
+        record = data[pos : pos + length]
+        keyword, equals, _ = record[len(digits) + 1 :].partition(b"=")
+        if pos + length > size or not record.endswith(b"\n") or not equals or not keyword:
+            raise UnpackError("malformed pax header")
+        if keyword.startswith(b"GNU.sparse."):
+            raise UnpackError("a member is a sparse file (GNU.sparse pax records)")
+        pos += length
+
+
+class _Replay:
+    """A stream that gives ``data`` first, then reads on from ``stream``."""
+
+    def __init__(self, data: bytes, stream) -> None:
+        self.data = data
+        self.stream = stream
+
+    def read(self, size: int) -> bytes:
+        if not self.data:
+            return self.stream.read(size)
+        given, self.data = self.data[:size], self.data[size:]
+        if len(given) < size:
+            given += self.stream.read(size - len(given))
+        return given
+
+    def tell(self) -> int:
+        return self.stream.tell() - len(self.data)
 
 
 def _parsing(parse, *args, **kwargs):

@@ -8,9 +8,15 @@ with stand-in workers that die or answer nonsense on cue.
 from __future__ import annotations
 
 import gzip
+import io
 import os
+import re
 import signal
+import subprocess
 import sys
+import tarfile
+import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -125,3 +131,71 @@ def test_keters_worker_lives_as_long_as_keter(keter, private_nginx, tmp_path) ->
     assert worker is not None
     keter.stop()
     assert not alive(worker.pid)
+
+
+SPIN = "any(iter(int, 1))"  # stuck inside one header: no word, no read, no write
+
+
+def test_a_worker_stuck_on_a_bundle_is_killed_and_that_bundle_refused(tmp_path, worker) -> None:
+    """A 1 KiB bundle that tarfile parsed for 50 minutes held the worker, and every
+    deploy behind it, all that time: keter waited on it without a deadline."""
+    stuck = worker(stand_in(f"os.makedirs({str(tmp_path / 'a')!r}); {SPIN}"))
+    stuck.stall_seconds = 1
+    began = time.monotonic()
+    with pytest.raises(UnpackError, match="made no progress for 1 s"):
+        stuck.unpack(bundle(tmp_path / "a.keter"), tmp_path / "a", max_bytes=MIB, max_members=10)
+    assert time.monotonic() - began < 5
+    assert stuck.pid is None and not (tmp_path / "a").exists()
+
+
+def test_a_worker_that_says_it_is_working_is_waited_for(tmp_path, worker) -> None:
+    working = "print('[\"working\"]', flush=True); __import__('time').sleep(0.4)"
+    answer = f'print(\'["unpacked", "{"0" * 64}"]\', flush=True)'
+    slow = worker(stand_in(f"{working}; " * 6 + answer))
+    slow.stall_seconds = 1
+    assert slow.unpack(tmp_path / "a.keter", tmp_path / "a", max_bytes=MIB, max_members=10)
+
+
+def test_keter_stopping_gives_up_a_bundle_at_once(tmp_path, worker) -> None:
+    stuck = worker(stand_in(SPIN))
+    threading.Timer(0.3, stuck.cancelled.set).start()
+    began = time.monotonic()
+    with pytest.raises(UnpackError, match="keter is stopping"):
+        stuck.unpack(bundle(tmp_path / "a.keter"), tmp_path / "a", max_bytes=MIB, max_members=10)
+    assert time.monotonic() - began < 3
+
+
+KETER = """
+import sys
+from keter.incoming.worker import UnpackWorker
+worker = UnpackWorker()
+worker.start()
+print(worker.pid, flush=True)
+worker.unpack(sys.argv[1], sys.argv[2], max_bytes=1 << 30, max_members=1 << 20)
+"""
+
+
+def test_the_worker_dies_with_keter_also_mid_unpack(tmp_path) -> None:
+    """A killed keter's worker went on unpacking (its input is read between bundles
+    only) into temp/, where the next keter unpacks into folders of the same names."""
+    members = 40_000  # about 9 s of unpacking here
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w") as writing:
+        for i in range(members):
+            writing.addfile(tarfile.TarInfo(f"d{i % 100}/f{i}"))
+    big = tmp_path / "big.keter"
+    big.write_bytes(gzip.compress(tar.getvalue()))
+    dest = tmp_path / "big"
+    keter = subprocess.Popen(
+        [sys.executable, "-c", KETER, str(big), str(dest)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        pid = int(keter.stdout.readline())
+        wait_for(lambda: dest.exists() and len(os.listdir(dest)) > 1, 30, "the unpacking to begin")
+        limits = Path(f"/proc/{pid}/limits").read_text()
+        assert re.search(r"Max address space\s+1073741824\s+1073741824", limits), limits
+    finally:
+        keter.kill()
+        keter.wait()
+    wait_for(lambda: not alive(pid), 2, "the worker to die with keter")
+    assert sum(len(files) for _, _, files in os.walk(dest)) < members

@@ -33,6 +33,7 @@ import re
 import shutil
 import tarfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -90,7 +91,14 @@ class UnpackError(Exception):
     """A bundle was refused; ``str()`` is one clear reason."""
 
 
-def safe_unpack(bundle: Path, dest: Path, *, max_bytes: int, max_members: int) -> str:
+def safe_unpack(
+    bundle: Path,
+    dest: Path,
+    *,
+    max_bytes: int,
+    max_members: int,
+    progress: Callable[[], None] = lambda: None,
+) -> str:
     """Extract the gzip tarball ``bundle`` into the new folder ``dest``; return its sha256.
 
     The hash is of the bytes actually unpacked (the file is read once, from one
@@ -103,6 +111,8 @@ def safe_unpack(bundle: Path, dest: Path, *, max_bytes: int, max_members: int) -
     data are written (counted as written, so lying headers do not matter).
 
     On any failure ``dest`` is removed entirely and ``UnpackError`` is raised.
+    ``progress`` is called with each member and each MiB written (the worker's sign
+    of life).
     """
     dest = Path(dest)
     try:
@@ -122,7 +132,9 @@ def safe_unpack(bundle: Path, dest: Path, *, max_bytes: int, max_members: int) -
         except OSError as exc:
             raise UnpackError(f"cannot open {bundle}: {exc.strerror}") from None
         with open(fd, "rb") as raw:
-            extraction = _Extraction(raw, dest, max_bytes=max_bytes, max_members=max_members)
+            extraction = _Extraction(
+                raw, dest, max_bytes=max_bytes, max_members=max_members, progress=progress
+            )
             extraction.run()
             digest = extraction.stream.sha256_of_rest()
         done = True
@@ -182,8 +194,11 @@ class _GzipReader:
     stream, as gzip does.
     """
 
-    def __init__(self, raw: BinaryIO, limit: int) -> None:
+    def __init__(
+        self, raw: BinaryIO, limit: int, progress: Callable[[], None] = lambda: None
+    ) -> None:
         self._raw = raw
+        self._progress = progress  # called at each read of the file and each piece inflated
         self._limit = limit
         self._zlib = zlib.decompressobj(_GZIP_WBITS)
         self._buf = b""
@@ -231,6 +246,7 @@ class _GzipReader:
                 data = self._zlib.unconsumed_tail or self._read_raw()
                 if not data:
                     raise UnpackError("truncated archive")
+            self._progress()
             try:
                 out = self._zlib.decompress(data, _OUTPUT_CHUNK)
             except zlib.error as exc:
@@ -244,6 +260,7 @@ class _GzipReader:
         return False
 
     def _read_raw(self) -> bytes:
+        self._progress()
         try:
             data = self._raw.read(_INPUT_CHUNK)
         except OSError as exc:
@@ -357,11 +374,20 @@ def _parsing(parse, *args, **kwargs):
 class _Extraction:
     """One pass over one archive: check each member, then write it."""
 
-    def __init__(self, raw: BinaryIO, dest: Path, *, max_bytes: int, max_members: int) -> None:
+    def __init__(
+        self,
+        raw: BinaryIO,
+        dest: Path,
+        *,
+        max_bytes: int,
+        max_members: int,
+        progress: Callable[[], None],
+    ) -> None:
+        self.progress = progress
         self.dest = os.path.realpath(dest)
         self.max_bytes = max_bytes
         self.max_members = max_members
-        self.stream = _GzipReader(raw, stream_limit(max_bytes, max_members))
+        self.stream = _GzipReader(raw, stream_limit(max_bytes, max_members), progress)
         self.members = 0
         self.written = 0
         self.dirs: set[str] = {self.dest}  # folders known to exist
@@ -375,6 +401,7 @@ class _Extraction:
             # million-member archive is not held in memory.
             while (member := _parsing(tar.next)) is not None:
                 tar.members.clear()
+                self.progress()
                 self.members += 1
                 if self.members > self.max_members:
                     raise UnpackError(f"more than {self.max_members} members")

@@ -63,6 +63,12 @@ class Unpacker(Actor):
             self._remove(entry, why="stale ")
         self.worker.start()  # now rather than at the first deploy
 
+    def stop(self) -> None:
+        """Queue Stop and give up a bundle being unpacked (a stuck one would hold keter's
+        stop until the worker is found stuck)."""
+        self.worker.cancelled.set()
+        super().stop()
+
     def on_stop(self) -> None:
         self.worker.stop()
 

@@ -18,10 +18,20 @@ sha256, or raises ``UnpackError`` with the worker's reason. A worker that died
 have died before the bundle reached it; a bundle that takes the worker down
 twice raises ``WorkerDied``.
 
+While it unpacks, the worker says so (``["working"]``, at most every
+``PROGRESS_INTERVAL``, as it takes each member and each piece of the bundle it
+reads or inflates); one that
+says nothing for ``STALL_SECONDS`` is stuck inside one header (one a parser
+takes hours over): it is killed and that bundle refused, so no bundle holds up
+the deploys behind it. The worker dies with keter (the parent-death signal),
+also mid-unpack, and its memory is bounded (``MEMORY_LIMIT``): what nobody
+foresaw fails one bundle, not the host.
+
 The protocol is private to keter: one JSON document per line each way. A
 request is ``[bundle, dest, max_bytes, max_members]`` (paths as ``os.fsdecode``
 gives them); an answer is ``["unpacked", sha256]``, ``["refused", reason]``
-(an ``UnpackError``) or ``["failed", reason]`` (anything else, a bug). JSON,
+(an ``UnpackError``) or ``["failed", reason]`` (anything else, a bug), after
+any number of ``["working"]``. JSON,
 not pickle: what a hostile bundle may have touched never becomes code in
 keter.
 """
@@ -29,17 +39,34 @@ keter.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import resource
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from keter.incoming.unpack import UnpackError, safe_unpack
 from keter.threadnames import name_this_thread
 
 STOP_TIMEOUT = 5.0  # seconds the worker gets to exit once its input is closed
+# Seconds a worker with a bundle may go without a word. Between two words there is
+# one header to parse, or 1 MiB to inflate: microseconds' work for a real archive.
+STALL_SECONDS = 30.0
+PROGRESS_INTERVAL = 1.0  # the worker says it is working at most this often
+CHECK_INTERVAL = 0.5  # how often keter looks at the time and at a stop meanwhile
+_WORKING = b'["working"]\n'
+# The worker's address space. It holds a few MiB at a time (1 MiB chunks, headers
+# of at most 1 MiB): past this, what a bundle asked for is a MemoryError, that
+# bundle's failure, not the host's memory.
+MEMORY_LIMIT = 1 << 30
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 class WorkerDied(Exception):
@@ -50,15 +77,26 @@ class UnpackWorker:
     """keter's end of the worker process (started at the first use)."""
 
     def __init__(self, command: list[str] | None = None) -> None:
-        # -P: keter's working folder is not put on the worker's import path.
-        self.command = command or [sys.executable, "-P", "-m", "keter.incoming.worker"]
+        # -P: keter's working folder is not put on the worker's import path. keter's
+        # pid: the worker checks that its parent is still keter once it asked to die
+        # with it (keter may have died before that).
+        worker = [sys.executable, "-P", "-m", "keter.incoming.worker", str(os.getpid())]
+        self.command = command or worker
         self._proc: subprocess.Popen | None = None
+        self.stall_seconds = STALL_SECONDS
+        # Set from another thread (keter is stopping): a bundle being unpacked is given up.
+        self.cancelled = threading.Event()
 
     def unpack(self, bundle: Path, dest: Path, *, max_bytes: int, max_members: int) -> str:
-        """``safe_unpack(bundle, dest, ...)`` in the worker: its sha256, or its UnpackError."""
+        """``safe_unpack(bundle, dest, ...)`` in the worker: its sha256, or its UnpackError
+        (also when the worker is stuck on it, or keter is stopping)."""
         request = json.dumps([os.fsdecode(bundle), os.fsdecode(dest), max_bytes, max_members])
         for _ in range(2):
-            answer = self._ask(request)
+            try:
+                answer = self._ask(request)
+            except UnpackError:
+                shutil.rmtree(dest, ignore_errors=True)
+                raise
             if answer is None:  # it died: whatever it had written goes
                 shutil.rmtree(dest, ignore_errors=True)
                 continue
@@ -96,13 +134,12 @@ class UnpackWorker:
         if self._proc is not None and self._proc.poll() is None:
             return
         self.stop()
+        self._unread = b""
         self._proc = subprocess.Popen(
             self.command,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            text=True,
-            encoding="utf-8",
-            bufsize=1,  # lines
+            bufsize=0,  # keter waits on the pipe itself (select): nothing may wait in a buffer
             # Not in keter's process group: a Ctrl-C meant for keter is keter's to
             # handle. Once keter is gone, its input ends and it exits.
             start_new_session=True,
@@ -112,11 +149,12 @@ class UnpackWorker:
         """Send one request and read its answer; None if the worker died meanwhile."""
         self.start()
         try:
-            self._proc.stdin.write(request + "\n")
-            self._proc.stdin.flush()
-            line = self._proc.stdout.readline()
+            data = request.encode() + b"\n"
+            while data:  # an unbuffered pipe may take a long request in parts
+                data = data[self._proc.stdin.write(data) :]
+            line = self._answer()
         except OSError:  # BrokenPipeError: it had died
-            line = ""
+            line = b""
         if not line:
             self.stop()
             return None
@@ -124,10 +162,66 @@ class UnpackWorker:
             return json.loads(line)
         except ValueError:
             self.stop()  # whatever it writes next cannot be trusted to match a request
-            raise RuntimeError(f"the unpacking process answered {line[:100]!r}") from None
+            text = line[:100].decode(errors="backslashreplace")
+            raise RuntimeError(f"the unpacking process answered {text!r}") from None
+
+    def _answer(self) -> bytes:
+        """The worker's next line but ``["working"]`` (b"" once it ended). Raises
+        UnpackError if it says nothing for ``stall_seconds``, or keter is stopping; the
+        worker is killed then (a new one starts at the next bundle)."""
+        heard = time.monotonic()
+        while True:
+            line, newline, rest = self._unread.partition(b"\n")
+            if newline:
+                self._unread = rest
+                if line + newline != _WORKING:
+                    return line
+                heard = time.monotonic()
+                continue
+            if self.cancelled.is_set():
+                self._kill()
+                raise UnpackError("keter is stopping")
+            if time.monotonic() - heard >= self.stall_seconds:
+                self._kill()
+                raise UnpackError(
+                    f"the unpacking made no progress for {self.stall_seconds:g} s "
+                    "(a header that takes too long to parse)"
+                )
+            if select.select([self._proc.stdout], [], [], CHECK_INTERVAL)[0]:
+                chunk = os.read(self._proc.stdout.fileno(), 65536)
+                if not chunk:
+                    return b""  # it ended (died) mid-line or before a word
+                self._unread += chunk
+
+    def _kill(self) -> None:
+        proc = self._proc
+        if proc is not None:
+            proc.kill()
+            self.stop()
+
+
+def _die_with_keter(keter: int) -> None:
+    """Have the kernel kill this process when keter's thread that started it ends (the
+    unpacker's: keter's end, or that component failing), then check keter did not
+    end before that. A worker left alone would go on writing into temp/, where the
+    next keter unpacks into folders of the same names."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != keter:
+        sys.exit(0)
 
 
 def _serve(requests, answers) -> None:
+    said = 0.0
+
+    def working() -> None:
+        nonlocal said
+        if time.monotonic() - said >= PROGRESS_INTERVAL:
+            said = time.monotonic()
+            answers.write(_WORKING.decode())
+            answers.flush()
+
     for line in requests:
         bundle, dest, max_bytes, max_members = json.loads(line)
         try:
@@ -136,6 +230,7 @@ def _serve(requests, answers) -> None:
                 Path(dest),
                 max_bytes=max_bytes,
                 max_members=max_members,
+                progress=working,
             )
             answer = ["unpacked", sha256]
         except UnpackError as exc:
@@ -150,6 +245,9 @@ if __name__ == "__main__":
     # stdout carries answers only: anything printed goes to stderr (keter's log).
     answers, sys.stdout = sys.stdout, sys.stderr
     name_this_thread("keter-unpack")  # ps and top: keter's, not some "python"
+    if len(sys.argv) > 1:  # keter's pid (tests may start a worker of their own)
+        _die_with_keter(int(sys.argv[1]))
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
     # keter gone mid-answer: nothing to tell, and no traceback in its log.
     with contextlib.suppress(BrokenPipeError):
         _serve(sys.stdin, answers)

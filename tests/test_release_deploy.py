@@ -26,6 +26,7 @@ import yaml
 from support.bundles import make_bundle, member
 from support.daemon import keter_cli, status_api
 from support.net import Load, app_port_range, body, served
+from support.processes import alive
 from support.wait import wait_for
 
 from keter.processes.spawn import SETPRIV
@@ -348,14 +349,36 @@ def test_pg_dump_goes_before_keter_to_the_oom_killer(
             stderr=subprocess.DEVNULL,
         )
 
-        def dump() -> list[psutil.Process]:
-            children = psutil.Process(keter.proc.pid).children(recursive=True)
-            return [p for p in children if p.name() == "pg_dump"]
-
-        [pg_dump] = wait_for(dump, 30, "pg_dump")
+        [pg_dump] = wait_for(lambda: keters_children(keter, "pg_dump"), 30, "pg_dump")
         assert Path(f"/proc/{pg_dump.pid}/oom_score_adj").read_text().strip() == "500"
         holder.rollback()
     assert backup.wait(60) == 0
+
+
+def keters_children(keter, name: str) -> list[psutil.Process]:
+    return [p for p in psutil.Process(keter.proc.pid).children(recursive=True) if p.name() == name]
+
+
+def test_a_database_tool_dies_with_a_killed_keter(pg_keter, private_nginx, tmp_path, app) -> None:
+    # pg_dump outlived a SIGKILLed keter (as did a restore's psql): its timeout gone with
+    # keter, it held the app's connection and its lock, and a restore could commit
+    # after the next keter had redeployed the app.
+    keter = pg_keter
+    serve_v1(keter, private_nginx, tmp_path, app)
+    with psycopg.connect(app_dsn(keter, app)) as holder:
+        holder.execute("LOCK TABLE notes IN ACCESS EXCLUSIVE MODE")  # pg_dump waits for it
+        backup = subprocess.Popen(
+            [sys.executable, "-m", "keter", "db", "backup", "--root", str(keter.root), app],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        [pg_dump] = wait_for(lambda: keters_children(keter, "pg_dump"), 30, "pg_dump")
+        keter.kill()
+        wait_for(lambda: not alive(pg_dump.pid), 10, "pg_dump to die with keter")
+        holder.rollback()
+    assert backup.wait(30) != 0  # keter went before it answered
+    keter.start()
+    served(private_nginx, HOST, "v1")
 
 
 # -- KETER_DATA_DIR ------------------------------------------------------------------------

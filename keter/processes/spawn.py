@@ -75,8 +75,13 @@ OOM_FIRST = _OOM_SCORE_UP + 'exec "$@"'
 
 
 def oom_first(command: Sequence[str]) -> list[str]:
-    """``command`` with the apps' OOM score (``APP_OOM_SCORE_ADJ``), not keter's."""
-    return [SHELL, "-c", OOM_FIRST, "keter-tool", *command]
+    """``command`` with the apps' OOM score (``APP_OOM_SCORE_ADJ``), not keter's, killed
+    when keter's thread that starts it ends (setpriv's parent-death signal): a tool
+    of a SIGKILLed keter went on (its timeout gone with keter) holding the app's
+    connections and locks, and a restore's psql could commit after the next keter
+    had redeployed the app."""
+    dies_with_keter = [SETPRIV, "--pdeathsig", "KILL", "--"] if SETPRIV else []
+    return [SHELL, "-c", OOM_FIRST, "keter-tool", *dies_with_keter, *command]
 
 
 # Run as the app's user, in the environment of the root part: takes the app's own

@@ -17,6 +17,7 @@ import threading
 
 from keter import __version__
 from keter.config import ConfigError, KeterConfig, load_config
+from keter.fsutil import remove_partial_writes
 from keter.log import setup_logging
 
 log = logging.getLogger("keter")
@@ -73,6 +74,15 @@ def take_lock(config: KeterConfig) -> int:
     return fd
 
 
+def remove_leftovers(config: KeterConfig) -> None:
+    """The half-written files of a killed keter (a bundle's copy to the archive can be
+    a gigabyte): nothing else removes them. Not data/ (the apps') nor temp/ (the
+    unpacker empties it)."""
+    folders = (config.etc_dir, config.archive_dir, config.incoming_dir, config.run_dir)
+    if removed := sum(remove_partial_writes(folder) for folder in folders):
+        log.info("keter: removed %d half-written files a stopped keter left", removed)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:
@@ -106,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prepare_root(config)
         lock_fd = take_lock(config)
+        remove_leftovers(config)
     except AlreadyRunning as exc:
         print(f"keter: {exc}", file=sys.stderr)
         return 1

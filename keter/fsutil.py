@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import stat
 import tempfile
 from pathlib import Path
+
+# What atomic_write (and the archive's copy_hashed) write to before their rename:
+# mkstemp's ".NAME." + 8 random characters + ".tmp".
+_PARTIAL = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = True) -> None:
@@ -42,3 +48,18 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def remove_partial_writes(folder: Path) -> int:
+    """Remove the temporary files of atomic writes a killed keter left under ``folder``
+    (links not followed); how many. Only keter writes in its folders, and only one
+    keter runs per ROOT: at its start none of them is being written."""
+    removed = 0
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(parent, name)
+            with contextlib.suppress(OSError):  # gone meanwhile, or unreadable: left
+                if _PARTIAL.fullmatch(name) and stat.S_ISREG(os.lstat(path).st_mode):
+                    os.unlink(path)
+                    removed += 1
+    return removed

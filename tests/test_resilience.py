@@ -136,3 +136,29 @@ def test_a_sigterm_that_lands_on_another_thread_still_stops_keter(keter, private
     tgkill(keter.proc.pid, threads[-1], signal.SIGTERM)
     assert keter.proc.wait(10) == 0
     assert "SIGTERM received" in keter.log()
+
+
+def test_a_killed_keters_half_written_files_are_removed_at_the_next_start(keter, private_nginx):
+    # A keter killed while it copied a bundle into the archive left a temporary file
+    # of up to the bundle's size there for good (and so in etc/, incoming/, run/).
+    keter.kill()
+    root = keter.root
+    (root / "archive" / "app").mkdir(parents=True, exist_ok=True)
+    left = [
+        root / "archive" / "app" / f".{'0' * 64}.keter.k7ykvdzj.tmp",
+        root / "etc" / ".history.json.a_b0c1d2.tmp",
+        root / "incoming" / ".app.keter.zzzzzzzz.tmp",
+        root / "run" / "processes" / ".7.json.12345678.tmp",
+    ]
+    kept = [
+        root / "incoming" / ".hidden",
+        root / "etc" / "notes.tmp",
+        root / "etc" / ".x.short.tmp",
+    ]
+    for path in left + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    keter.start()
+    assert [path for path in left if path.exists()] == []
+    assert all(path.exists() for path in kept)
+    assert "keter: removed 4 half-written files a stopped keter left" in keter.log()

@@ -211,6 +211,31 @@ def test_a_stored_certificate_that_fails_the_checks_is_not_served_and_a_new_one_
     assert component.ca.orders == [HOST, HOST]
 
 
+def test_a_host_wanted_again_gets_its_stored_certificate_only_while_it_is_good(
+    component: Component,
+) -> None:
+    """The supervisor kept every certificate it was ever told of: a host claimed again
+    weeks after its app went (maybe by another app) was served its old, expired one."""
+    now = [time.time()]
+    component.start(clock=lambda: now[0])
+    component.want(HOST)
+    issued = component.next(CertificateIssued)
+    component.want()  # its app removed: the supervisor forgets the certificate
+    component.want(HOST, owners={HOST: "another"})
+    again = component.next(CertificateIssued, timeout=10)
+    assert (again.host, again.certificate, again.key) == (HOST, issued.certificate, issued.key)
+    assert component.ca.orders == [HOST]  # told again, not ordered again
+
+    component.want()
+    now[0] = issued.not_after + 1  # long gone, then claimed again: expired meanwhile
+    component.want(HOST)
+    wait_for(lambda: component.ca.orders == [HOST, HOST], 30, "a new order")
+    told = [component.reports.get(timeout=10) for _ in range(component.reports.qsize())]
+    assert issued.certificate not in {
+        m.certificate for m in told if isinstance(m, CertificateIssued)
+    }
+
+
 # -- end to end: a real keter and nginx, the fake CA -----------------------------------------
 
 

@@ -121,6 +121,7 @@ class AcmeManager(Actor):
         # Apps whose orders failed lately. Kept while keter runs (a removed app that
         # comes back keeps its streak), each for a day past its last retry time.
         self.apps: dict[str, AppBudget] = {}
+        self.served: set[str] = set()  # hosts whose certificate the supervisor was told
         self._timer: int | None = None
         self._told = False  # a _Check waits in the inbox already
         self._loaded = False
@@ -135,10 +136,7 @@ class AcmeManager(Actor):
         now = self.clock()
         for host, state in sorted(self.hosts.items()):
             if self._reusable(host, state, now):
-                # Served again at once; a failed renewal stays the last attempt's outcome
-                # (what `keter certs` shows) until the next attempt.
-                outcome = CertificateOutcome.FAILED if state.failures else CertificateOutcome.STORED
-                self._issued(host, state, outcome)
+                self._served_again(host, state)
             elif state.outcome in frozenset(CertificateOutcome):
                 # No certificate (a failed first order): `keter certs` shows it until the retry.
                 self.report(self._state_message(host, state))
@@ -146,9 +144,17 @@ class AcmeManager(Actor):
     def handle(self, message: object) -> None:
         match message:
             case CertificatesWanted(hosts=hosts, owners=owners):
+                now = self.clock()
+                # The supervisor forgets the certificate of a host no longer wanted. One
+                # wanted again (its app back, or another app claiming it) is told its
+                # stored certificate again if that is still good (it may have expired).
+                self.served &= set(hosts)
+                for host in sorted(set(hosts) - self.served):
+                    state = self.hosts.get(host)
+                    if state is not None and self._reusable(host, state, now):
+                        self._served_again(host, state)
                 self.wanted = tuple(dict.fromkeys(hosts))
                 self.owners = owners
-                now = self.clock()
                 self.apps = {
                     app: budget
                     for app, budget in self.apps.items()
@@ -260,12 +266,13 @@ class AcmeManager(Actor):
         backoff = _backoff(state.failures)
         if _rate_limited(exc):
             backoff = max(backoff, RATE_LIMIT_BACKOFF)
-        state.retry_at = self.clock() + backoff
+        now = self.clock()
+        state.retry_at = now + backoff
         app = self.owners.get(host)
         if app is not None:
             budget = self.apps.setdefault(app, AppBudget())
             budget.failures += 1
-            budget.retry_at = self.clock() + _backoff(budget.failures)
+            budget.retry_at = now + _backoff(budget.failures)
         state.outcome, state.detail = CertificateOutcome.FAILED.value, detail
         log.warning(
             "acme: %s: no certificate (attempt %d; next in %ds): %s",
@@ -286,6 +293,7 @@ class AcmeManager(Actor):
 
     def _issued(self, host: str, state: HostState, outcome: CertificateOutcome) -> None:
         state.outcome = outcome.value
+        self.served.add(host)
         self._save()
         self.report(
             CertificateIssued(
@@ -296,6 +304,13 @@ class AcmeManager(Actor):
             )
         )
         self.report(self._state_message(host, state))
+
+    def _served_again(self, host: str, state: HostState) -> None:
+        """A stored certificate that passed ``_reusable`` goes to the supervisor; a failed
+        renewal stays the last attempt's outcome (what `keter certs` shows) until the
+        next attempt."""
+        outcome = CertificateOutcome.FAILED if state.failures else CertificateOutcome.STORED
+        self._issued(host, state, outcome)
 
     def _state_message(self, host: str, state: HostState) -> CertificateState:
         return CertificateState(

@@ -59,6 +59,10 @@ class Routing(SupervisorState):
         wanted = acme_owners(sites)
         if wanted != self._acme_owners and self.c.acme is not None:
             self._acme_owners = wanted
+            # A host no longer wanted loses its certificate here: claimed again (weeks
+            # later, maybe by another app), it gets the one keter.acme says is good then.
+            for host in set(self._certificates) - set(wanted):
+                del self._certificates[host]
             self.c.acme.tell(CertificatesWanted(hosts=acme_hosts_in_turn(sites), owners=wanted))
 
     def _nginx_replied(self, generation: int, failure: str | None, refused: dict[str, str]) -> None:

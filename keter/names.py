@@ -28,11 +28,10 @@ order on them: ``host_precedence`` is the sort key (smaller wins), e.g.
 ``*.*.example.com``. nginx picks regex server names in the order they appear
 in its config, so the renderer writes them sorted by this key.
 
-``nginx_server_name`` gives a name's nginx form. A leading-wildcard name stays
-nginx's own wildcard (``*.example.com``), which nginx matches at any depth
-(``a.b.example.com`` too) and ranks above every regex; pass
-``one_label=True`` to get Keter's exact one-label meaning as a regex instead.
-Other wildcards become anchored regexes (``~^foo\\.[^.]+\\.example\\.com$``).
+``nginx_server_name`` gives a name's nginx form: every wildcard becomes an
+anchored regex (``~^foo\\.[^.]+\\.example\\.com$``), a leading one too: nginx's
+own ``*.example.com`` would match at any depth (``a.b.example.com``) and rank
+above every regex, where Keter's ``*`` is exactly one label.
 """
 
 from __future__ import annotations
@@ -190,19 +189,17 @@ def host_precedence(host: str) -> tuple[tuple[bool, str], ...]:
     return tuple((label == WILDCARD, label) for label in reversed(host.split(".")))
 
 
-def nginx_server_name(host: str, *, one_label: bool = False) -> str:
+def nginx_server_name(host: str) -> str:
     """A validated host name as an nginx ``server_name`` argument.
 
-    Exact names and (unless ``one_label``) names whose only wildcard is a
-    leading ``*.`` stay as they are; other wildcards become an anchored,
-    case-insensitive-by-nginx regex where each ``*`` matches one label.
+    Exact names stay as they are; a wildcard becomes an anchored,
+    case-insensitive-by-nginx regex where each ``*`` matches one label, as in
+    Keter (nginx's own ``*.example.com`` would also match ``a.b.example.com``).
     Raises ValueError for a name ``validate_host`` would refuse.
     """
     name = validate_host(host)
     labels = name.split(".")
     if WILDCARD not in labels:
-        return name
-    if not one_label and labels[0] == WILDCARD and WILDCARD not in labels[1:]:
         return name
     # Labels are [a-z0-9_-] only: nothing in them is special to a regex or to nginx.
     parts = [_ANY_LABEL if label == WILDCARD else label for label in labels]

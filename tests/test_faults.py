@@ -494,9 +494,7 @@ def test_fuzzed_host_list_never_changes_the_config_structure(hosts: list[str]) -
     assert skeleton(tokens) == skeleton(nginx_tokens(reference))
     # ... and the hosts are exactly the accepted names, one token each.
     exact = sorted(host for host in accepted if not is_wildcard(host))
-    wildcards = [
-        [nginx_server_name(host, one_label=True)] for host in accepted if is_wildcard(host)
-    ]
+    wildcards = [[nginx_server_name(host)] for host in accepted if is_wildcard(host)]
     for expected in ([exact] if exact else []) + wildcards:
         assert expected in server_names(tokens)
 

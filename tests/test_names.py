@@ -307,15 +307,14 @@ def test_the_first_match_in_precedence_order_is_kept_route(patterns, data) -> No
     first = next((p for p in ordered if host_matches(p, host)), None)
     assert first == keter_route(patterns, host)
     for pattern in patterns:
-        form = nginx_server_name(pattern, one_label=True)
+        form = nginx_server_name(pattern)
         regex = form[1:] if form.startswith("~") else re.escape(form) + "$"
         assert bool(re.match(regex, host, re.IGNORECASE)) == host_matches(pattern, host)
 
 
 def test_nginx_forms() -> None:
     assert nginx_server_name("Example.COM") == "example.com"
-    assert nginx_server_name("*.example.com") == "*.example.com"
-    assert nginx_server_name("*.example.com", one_label=True) == r"~^[^.]+\.example\.com$"
+    assert nginx_server_name("*.example.com") == r"~^[^.]+\.example\.com$"
     assert nginx_server_name("foo.*.example.com") == r"~^foo\.[^.]+\.example\.com$"
     assert nginx_server_name("example.*") == r"~^example\.[^.]+$"
     assert nginx_server_name("*.a_b.*") == r"~^[^.]+\.a_b\.[^.]+$"
@@ -587,10 +586,10 @@ def test_real_nginx_takes_the_longest_texts_keter_accepts(private_nginx) -> None
 
 def test_real_nginx_routes_as_keter_and_quotes_exactly(private_nginx) -> None:
     """Every pattern gets a server answering its own name; regex names are written in
-    host_precedence order with one_label=True, which is Keter's exact routing."""
+    host_precedence order, which is Keter's exact routing."""
     servers = []
     for pattern in sorted(_PATTERNS, key=host_precedence):
-        name = nginx_server_name(pattern, one_label=True)
+        name = nginx_server_name(pattern)
         servers.append(
             f"server {{\n    listen 127.0.0.1:{private_nginx.port};\n"
             f"    server_name {name};\n"

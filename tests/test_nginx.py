@@ -284,7 +284,7 @@ def test_render_never_emits_unsafe_host(host: str) -> None:
     except ValueError:
         return
     assert re.fullmatch(r"[a-z0-9.*_-]+", host)
-    assert f"server_name {names.nginx_server_name(host, one_label=True)};" in text
+    assert f"server_name {names.nginx_server_name(host)};" in text
 
 
 @pytest.mark.parametrize(

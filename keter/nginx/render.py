@@ -619,7 +619,7 @@ class _Renderer:
         action = route.action
         lines = [f"listen {listen}{' ssl http2' if secure else ''};"]
         # A wildcard's "*" is one label, as in Keter (nginx's own "*.x" matches any depth).
-        server_names = (names.nginx_server_name(host, one_label=True) for host in sorted(hosts))
+        server_names = (names.nginx_server_name(host) for host in sorted(hosts))
         lines.append(f"server_name {' '.join(server_names)};")
         if logged and self.options.access_spool is not None:
             lines.append(access_log_directive(str(self.options.access_spool), app))

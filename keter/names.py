@@ -328,6 +328,16 @@ def validate_header_value(text: object) -> str:
     return text
 
 
+def validate_realm(text: object) -> str:
+    """A basic-auth realm: a header value without ``"`` or ``\\``. nginx writes it into
+    ``WWW-Authenticate: Basic realm="..."`` as it is: either would end or break the
+    quoted string the client reads."""
+    realm = validate_header_value(text)
+    if '"' in realm or "\\" in realm:
+        raise ValueError(f'a realm cannot hold " or \\, got {_shown(realm)}')
+    return realm
+
+
 # -- environment, command lines, file paths ------------------------------------------
 
 

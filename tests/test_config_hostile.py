@@ -199,6 +199,16 @@ def test_lone_surrogates_anywhere_are_config_problems(folder, text, where) -> No
     assert_refused(folder, text, where)
 
 
+@pytest.mark.parametrize("realm", ['Team \\"A\\"', "a\\\\b"], ids=["quote", "backslash"])
+def test_a_realm_that_would_break_the_header_nginx_sends_is_refused(folder, realm) -> None:
+    # nginx writes the realm as it is into WWW-Authenticate: Basic realm="...".
+    text = (
+        "stanzas:\n- type: webapp\n  exec: ../hello\n  host: a.test\n  middleware:\n"
+        f'  - basic-auth: {{realm: "{realm}", creds: {{u: p}}}}\n'
+    )
+    assert_refused(folder, text, "basic-auth.realm", "a realm cannot hold")
+
+
 @pytest.mark.parametrize(
     "text",
     [

@@ -940,7 +940,7 @@ def test_middleware_becomes_guards_in_every_serving_location() -> None:
             route(
                 "a.test",
                 action=ProxyApp(port=4000),
-                basic_auth=BasicAuth(realm='Team "A"', user_file=Path("/n/a.htpasswd")),
+                basic_auth=BasicAuth(realm="Team $A", user_file=Path("/n/a.htpasswd")),
                 headers=(("X-Frame-Options", "DENY"), ("X-Price", "$5")),
                 local_only=LocalOnly(status=405, text="local only"),
             ),
@@ -949,7 +949,7 @@ def test_middleware_becomes_guards_in_every_serving_location() -> None:
     block = one_block(render([site], LOCAL, 1, ProxyOptions(healthcheck_path="/up")), "a.test")
     location = block[block.index("location / {") :]
     assert 'if ($keter_nonlocal) {\n            return 405 "local only";' in location
-    assert 'auth_basic "Team \\"A\\"";' in location
+    assert 'auth_basic "Team ${keter_dollar}A";' in location
     assert 'auth_basic_user_file "/n/a.htpasswd";' in location
     assert 'add_header X-Frame-Options "DENY" always;' in location
     assert 'add_header X-Price "${keter_dollar}5" always;' in location

@@ -92,7 +92,7 @@ def _basic_auth(body: object, path: str, check: Checker) -> list[Middleware]:
             check.problem(f"{path}.{key_name(key)}", unknown_key(key, ("realm", "creds")))
     realm = body.get("realm", KETER_REALM)
     try:
-        names.validate_header_value(realm)
+        names.validate_realm(realm)
     except ValueError as exc:
         check.problem(f"{path}.realm", str(exc))
     creds = body.get("creds") or {}

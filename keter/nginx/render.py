@@ -757,7 +757,7 @@ class _Renderer:
             auth: BasicAuth = route.basic_auth
             if auth.user_file is None:
                 raise ValueError("basic-auth has no user file yet")
-            realm = names.nginx_quote(names.validate_header_value(auth.realm))
+            realm = names.nginx_quote(names.validate_realm(auth.realm))
             lines.append(f"auth_basic {realm};")
             lines.append(f"auth_basic_user_file {self.file(auth.user_file)};")
         for name, value in route.headers:

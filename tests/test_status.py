@@ -446,6 +446,9 @@ def test_writes_need_the_token_and_the_same_origin(make_status):
     assert status.http("POST", path, good)[0] == 202
     # A page that rebinds its own name to 127.0.0.1 reads nothing.
     assert status.http("GET", "/api/token", {"Host": f"evil.example:{port}"})[0] == 421
+    for odd in ("[::1]evil.example", f"[::1]:{port}x", "[::1", "[::1]:"):
+        assert status.http("GET", "/api/status", {"Host": odd})[0] == 421, odd
+    assert status.http("GET", "/api/status", {"Host": f"[::1]:{port}"})[0] == 200
     assert status.http("GET", "/api/status", {"Host": here})[0] == 200
     assert status.http("GET", path, {"Host": here})[0] == 405
 

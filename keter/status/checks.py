@@ -141,6 +141,9 @@ def host_name(header: str) -> str:
     """The name in a Host header, without its port and IPv6 brackets, lower-cased."""
     header = header.strip().lower()
     if header.startswith("["):
-        return header[1:].partition("]")[0]
+        # Nothing but a port may follow the address: "[::1]evil.example" names no one.
+        name, bracket, rest = header[1:].partition("]")
+        port = rest.removeprefix(":")
+        return name if bracket and (rest == "" or (rest != port and port.isdigit())) else header
     name, _, port = header.rpartition(":")
     return name if name and port.isdigit() else header

@@ -236,6 +236,27 @@ def test_a_host_wanted_again_gets_its_stored_certificate_only_while_it_is_good(
     }
 
 
+def test_a_renewal_under_the_same_serial_reaches_nginx_as_a_new_certificate(
+    component: Component,
+) -> None:
+    """Files were named by the serial alone: the renewal got the old names, the site
+    compared equal, and nginx kept its copy of the old certificate."""
+    component.ca.serial = 4242
+    now = [time.time()]
+    component.start(clock=lambda: now[0])
+    component.want(HOST)
+    first = component.next(CertificateIssued)
+    first_pem = first.certificate.read_bytes()
+    now[0] = first.not_after - 20 * 86400  # due for renewal
+    component.want()
+    component.want(HOST)
+    renewed = component.next(CertificateIssued)
+    while renewed.certificate == first.certificate:  # told again first, then renewed
+        renewed = component.next(CertificateIssued, timeout=10)
+    assert renewed.certificate.read_bytes() != first_pem
+    assert component.ca.orders == [HOST, HOST]
+
+
 # -- end to end: a real keter and nginx, the fake CA -----------------------------------------
 
 

@@ -242,7 +242,11 @@ class AcmeManager(Actor):
         folder = self.folder / "hosts" / host
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         new_chain, new_key = folder / "new.crt.tmp", folder / "new.key.tmp"
-        chain, key = folder / f"{issued.serial}.crt", folder / f"{issued.serial}.key"
+        # Named by the chain's own hash too: a CA that issues a renewal under the same
+        # serial (RFC 5280 forbids it) would otherwise give the site the same file names,
+        # and the nginx writer, seeing the same site, would keep its copy of the old one.
+        stem = f"{issued.serial}-{hashlib.sha256(issued.chain).hexdigest()[:12]}"
+        chain, key = folder / f"{stem}.crt", folder / f"{stem}.key"
         try:
             atomic_write(new_key, issued.key, mode=0o600)
             atomic_write(new_chain, issued.chain, mode=0o600)

@@ -12,7 +12,8 @@ no signature, validates every challenge at once, and misbehaves on demand:
 - ``huge_path``: requests to paths starting with it get ``huge_bytes`` of JSON
   whitespace (with a Content-Length if ``huge_declared``, else up to the
   connection's end); ``huge_sent`` counts what the client took;
-- ``delay``: every answer waits this many seconds first.
+- ``delay``: every answer waits this many seconds first;
+- ``serial``: the serial of every certificate it issues (else a random one).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class FakeCa:
         self.huge_declared = True
         self.huge_sent = 0
         self.delay = 0.0
+        self.serial: int | None = None  # every leaf's serial, if set (RFC 5280 forbids it)
         self.orders: list[str] = []  # the host of each new order, in order
         self.token = "tok" + "A" * 40
         self._state: dict[str, object] = {"host": None, "csr": None, "answered": False}
@@ -239,7 +241,7 @@ class FakeCa:
             .subject_name(_name(host))
             .issuer_name(self.ca_cert.subject)
             .public_key(key)
-            .serial_number(x509.random_serial_number())
+            .serial_number(self.serial or x509.random_serial_number())
             .not_valid_before(begins)
             .not_valid_after(ends)
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)

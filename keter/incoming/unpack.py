@@ -111,8 +111,8 @@ def safe_unpack(
     data are written (counted as written, so lying headers do not matter).
 
     On any failure ``dest`` is removed entirely and ``UnpackError`` is raised.
-    ``progress`` is called with each member and each MiB written (the worker's sign
-    of life).
+    ``progress`` is called with each member, each read of the bundle and each piece
+    inflated (the worker's sign of life, ``keter.incoming.worker``).
     """
     dest = Path(dest)
     try:

@@ -20,12 +20,11 @@ twice raises ``WorkerDied``.
 
 While it unpacks, the worker says so (``["working"]``, at most every
 ``PROGRESS_INTERVAL``, as it takes each member and each piece of the bundle it
-reads or inflates); one that
-says nothing for ``STALL_SECONDS`` is stuck inside one header (one a parser
-takes hours over): it is killed and that bundle refused, so no bundle holds up
-the deploys behind it. The worker dies with keter (the parent-death signal),
-also mid-unpack, and its memory is bounded (``MEMORY_LIMIT``): what nobody
-foresaw fails one bundle, not the host.
+reads or inflates); one that says nothing for ``STALL_SECONDS`` is stuck inside
+one header (one a parser takes hours over): it is killed and that bundle
+refused, so no bundle holds up the deploys behind it. The worker dies with
+keter (the parent-death signal), also mid-unpack, and its memory is bounded
+(``MEMORY_LIMIT``): what nobody foresaw fails one bundle, not the host.
 
 The protocol is private to keter: one JSON document per line each way. A
 request is ``[bundle, dest, max_bytes, max_members]`` (paths as ``os.fsdecode``
@@ -83,6 +82,7 @@ class UnpackWorker:
         worker = [sys.executable, "-P", "-m", "keter.incoming.worker", str(os.getpid())]
         self.command = command or worker
         self._proc: subprocess.Popen | None = None
+        self._unread = b""  # what the worker wrote past the last line read
         self.stall_seconds = STALL_SECONDS
         # Set from another thread (keter is stopping): a bundle being unpacked is given up.
         self.cancelled = threading.Event()
@@ -141,7 +141,7 @@ class UnpackWorker:
             stdout=subprocess.PIPE,
             bufsize=0,  # keter waits on the pipe itself (select): nothing may wait in a buffer
             # Not in keter's process group: a Ctrl-C meant for keter is keter's to
-            # handle. Once keter is gone, its input ends and it exits.
+            # handle. It ends with keter all the same (_die_with_keter).
             start_new_session=True,
         )
 

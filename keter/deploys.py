@@ -252,16 +252,22 @@ class App:
     # While its bundle is in incoming/, an app stays known, even with nothing serving
     # (its first deploy failed): the operator must see it as failed, not as absent.
     bundle_present: bool = True
+    # Its deploys draining or retiring: until they have ended the app stays known too
+    # (processes of it still run: its data folder must not be purged yet).
+    ending: set[int] = field(default_factory=set)
 
     @property
     def idle(self) -> bool:
-        return self.serving is None and self.next is None and self.waiting is None
+        busy = self.serving or self.next or self.waiting or self.ending
+        return not busy
 
     def snapshot(self) -> AppSnapshot:
         shown = self.serving
         if shown is None:
             busy = self.next is not None or self.waiting is not None
             state = AppState.DEPLOYING if busy else AppState.FAILED
+            if not busy and self.ending and not self.bundle_present:
+                state = AppState.STOPPING
         elif any(w.state in (ProcessState.BACKOFF, ProcessState.STARTING) for w in shown.web):
             state = AppState.BACKOFF  # a serving version is only STARTING again after a crash
         else:

@@ -97,6 +97,7 @@ class AppState(enum.StrEnum):
     RUNNING = "running"
     BACKOFF = "backoff"  # crashed, being restarted
     FAILED = "failed"  # no version serving after a failed deploy
+    STOPPING = "stopping"  # removed: its last version's processes are being stopped
 
 
 class BackupKind(enum.StrEnum):

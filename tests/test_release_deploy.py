@@ -23,8 +23,8 @@ import psutil
 import psycopg
 import pytest
 import yaml
-from support.bundles import make_bundle, member
-from support.daemon import keter_cli, status_api
+from support.bundles import make_bundle, member, webapp_config
+from support.daemon import app_processes, keter_cli, status_api
 from support.net import Load, app_port_range, body, served
 from support.processes import alive
 from support.wait import wait_for
@@ -421,6 +421,33 @@ def test_the_data_folder_survives_redeploys_restarts_and_removal(
     wait_for(lambda: app not in [a["name"] for a in status_api(keter).status()["apps"]], 20)
     wrong = keter_cli(keter.root, "data", "purge", app, stdin=b"other\n")
     assert wrong.returncode == 1 and (folder / "kept").exists()
+    purged = keter_cli(keter.root, "data", "purge", app, stdin=f"{app}\n".encode())
+    assert purged.returncode == 0, purged.stderr
+    assert not folder.exists()
+
+
+def test_a_purge_waits_until_the_removed_apps_processes_have_ended(
+    keter_factory, private_nginx, tmp_path, app
+) -> None:
+    # The app was forgotten as its bundle went, while its processes still drained and
+    # stopped: a purge went ahead, and the app still running wrote its folder back.
+    keter = keter_factory(**{"stop-timeout": 10})
+    config = webapp_config(HOST, "v1", args=["--ignore-term"])  # stopped at stop-timeout
+    keter.drop(make_bundle(tmp_path / "v1.keter", config=config), f"{app}.keter")
+    served(private_nginx, HOST, "v1")
+    folder = keter.root / "data" / app
+    folder.mkdir(exist_ok=True)
+    (folder / "kept").write_text("hello")
+    (keter.incoming / f"{app}.keter").unlink()
+    wait_for(lambda: body(private_nginx, HOST) is None, 20, "the app to be removed")
+    assert app_processes(keter)
+    [shown] = [a for a in status_api(keter).status()["apps"] if a["name"] == app]
+    assert shown["state"] == "stopping"
+    refused = keter_cli(keter.root, "data", "purge", app, stdin=f"{app}\n".encode())
+    assert refused.returncode == 1 and "still stops" in refused.stderr, refused.stderr
+    assert (folder / "kept").exists()
+    wait_for(lambda: not app_processes(keter), 20, "the app's processes to end")
+    wait_for(lambda: app not in [a["name"] for a in status_api(keter).status()["apps"]], 10)
     purged = keter_cli(keter.root, "data", "purge", app, stdin=f"{app}\n".encode())
     assert purged.returncode == 0, purged.stderr
     assert not folder.exists()

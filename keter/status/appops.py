@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from keter import envstore
 from keter.appdata import data_dir, purge_data_dir
 from keter.backups import backup_before, info_json, list_backups
-from keter.messages import DatabaseRequest, DbAction, RequestRefused
+from keter.messages import AppState, DatabaseRequest, DbAction, RequestRefused
 from keter.status.errors import ApiError
 from keter.status.redeploy import Action, incoming_sha256, rollback_target
 
@@ -172,7 +172,10 @@ def rollback_with_data(api: StatusServer, app: str, version: str | None) -> dict
 def purge(api: StatusServer, app: str, body: dict) -> dict:
     if body.get("confirm") != app:
         raise ApiError(400, 'confirm by sending {"confirm": APP}, the app\'s name again')
-    if api.board.snapshot(app) is not None:
+    snapshot = api.board.snapshot(app)
+    if snapshot is not None and snapshot.state is AppState.STOPPING:
+        raise ApiError(409, f"keter still stops {app}'s processes; try again once they ended")
+    if snapshot is not None:
         raise ApiError(409, f"keter still runs or deploys {app}; remove its bundle first")
     folder = data_dir(api.config, app)
     try:

@@ -108,6 +108,7 @@ class Endings(SupervisorState):
             self._retire(deploy, 0)
             return
         deploy.move(Stage.DRAINING)
+        self._ending(deploy)
         log.info("%s: deploy #%d drains (at most %.1fs)", deploy.app, deploy.id, drain)
         ports = tuple(web.port for web in deploy.web)
         if self.c.switch is not None and ports:
@@ -129,9 +130,16 @@ class Endings(SupervisorState):
         if deploy.stage in (Stage.SERVING, Stage.DRAINING):
             log.info("%s: stopping deploy #%d", deploy.app, deploy.id)
         deploy.move(Stage.RETIRING)
+        self._ending(deploy)
         for process_id in deploy.process_ids:
             if process_id != skip and self.owners.get(process_id) is deploy:
                 self.c.monitor.tell(StopProcess(app=deploy.app, deploy_id=process_id, delay=delay))
+
+    def _ending(self, deploy: Deploy) -> None:
+        """The deploy drains or retires: its app stays known until it has ended."""
+        app = self.apps.get(deploy.app)
+        if app is not None:
+            app.ending.add(deploy.id)
 
     def _ended(self, deploy: Deploy, *, remove_folder: bool = True) -> None:
         """Nothing of the deploy runs any more: release its ports, remove its folder."""
@@ -147,6 +155,8 @@ class Endings(SupervisorState):
             log.info("%s: deploy #%d stopped and removed", deploy.app, deploy.id)
         app = self.apps.get(deploy.app)
         if app is not None:
+            app.ending.discard(deploy.id)
+            self._changed.add(app.name)  # a removed app's last processes ended: gone now
             self._forget_if_idle(app)
 
     def _release_stable_ports(self, deploy: Deploy) -> None:

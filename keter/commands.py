@@ -420,8 +420,21 @@ def watch_verdict(client: KeterClient, app: str, served: dict) -> int:
         if watch and watch["version"] == version and watch["verdict"] == "passed":
             print(f"{app} {version} passed its watch ({watch['requests']} requests)")
             return EXIT_OK
+        if stays := _not_rolled_back(client, app, version):
+            print(f"keter: {app}: {capped_text(stays, REASON_LIMIT)}", file=sys.stderr)
+            return EXIT_FAILED
     print(f"keter: {app} {version}: no end of its watch seen in time", file=sys.stderr)
     return EXIT_TIMEOUT
+
+
+def _not_rolled_back(client: KeterClient, app: str, version: str) -> str | None:
+    """Why ``version`` made things worse and stays (its predecessor could not be put
+    back), as keter's events say; None if they do not say so."""
+    for event in client.status()["events"]:
+        text = event["text"]
+        if event["app"] == app and event["kind"] == "no-rollback" and version in text:
+            return text
+    return None
 
 
 @dataclass(frozen=True)

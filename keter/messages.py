@@ -124,6 +124,7 @@ class EventKind(enum.StrEnum):
     CRASH = "crash"
     RESTART = "restart"
     REMOVED = "removed"
+    NO_ROLLBACK = "no-rollback"  # a watched version made things worse, and stays
 
 
 # -- value types carried by messages -------------------------------------------------
@@ -971,11 +972,23 @@ class VersionUnhealthy:
 @message
 class RollBack:
     """Supervisor -> status: put this archived version back into incoming/ (a watched
-    version made things worse); the usual pipeline deploys it."""
+    version made things worse); the usual pipeline deploys it. Answered RollBackDone."""
 
     app: str
-    sha256: str
+    version: str  # the version rolled back
+    sha256: str  # the version to put back
     reason: str
+
+
+@message
+class RollBackDone:
+    """Status -> supervisor: what came of a RollBack. Only a rollback that took place
+    is recorded as one (the version to go back to may not be archived any more)."""
+
+    app: str
+    version: str
+    reason: str
+    failure: str | None = None  # why the archived version could not be put back
 
 
 @message

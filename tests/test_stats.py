@@ -991,3 +991,26 @@ def test_a_bundle_may_set_its_own_watch_seconds(tmp_path, text, expected):
     (tmp_path / "bin" / "app").chmod(0o755)
     (tmp_path / "config" / "keter.yaml").write_text(text)
     assert parse_bundle_config(tmp_path, "a").watch_seconds == expected
+
+
+def test_a_rollback_with_nothing_archived_to_go_back_to_is_not_reported_as_one(
+    keter_factory, private_nginx, tmp_path
+):
+    # archive-keep: 1 prunes v1 as v2 switches: the rollback could not take place, yet
+    # history said "rolled-back" and `keter deploy --watch` said so too.
+    keter = keter_factory(**WATCH, **{"archive-keep": 1})
+    client = status_api(keter)
+    deploy(keter, client, private_nginx, tmp_path, "kept", "v1")
+    clients = Clients(private_nginx.port, "kept.test")
+    try:
+        bad = webapp_config("kept.test", "v2", args=["--fail-every", "2"])
+        (tmp_path / "v2").mkdir()
+        bundle = make_bundle(tmp_path / "v2" / "kept.keter", config=bad)
+        result = keter_cli(keter.root, "deploy", str(bundle), "--watch", timeout=90)
+    finally:
+        clients.finish()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "made things worse (5xx" in result.stderr and "and stays:" in result.stderr
+    assert "is not archived" in result.stderr, result.stderr
+    assert [e["outcome"] for e in client.app("kept")["history"]] == ["serving", "serving"]
+    assert "made things worse" in keter.log() and "rolled back" not in keter.log()

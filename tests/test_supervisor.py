@@ -28,6 +28,7 @@ from keter.bundle.model import PostgresServer
 from keter.config import KeterConfig
 from keter.deploys import TRANSITIONS, Deploy, IllegalTransition, Stage
 from keter.messages import (
+    AppEvent,
     AppGone,
     ApplyNginx,
     AppState,
@@ -42,6 +43,7 @@ from keter.messages import (
     DbInfo,
     DeployFinished,
     Drained,
+    EventKind,
     FailureKind,
     GrantPorts,
     MoveProcess,
@@ -61,6 +63,7 @@ from keter.messages import (
     RemoveFolder,
     RevokePorts,
     RollBack,
+    RollBackDone,
     ScanCompleted,
     ServicesPointed,
     ShutdownRequested,
@@ -564,17 +567,33 @@ def test_a_watched_version_that_made_things_worse_rolls_back_once(watched: Rig) 
     assert watch.seconds == watched.sup.config.watch_seconds
     unhealthy = VersionUnhealthy(app="a", version="22" * 6, reason="5xx 50% of 40 requests")
     watched.send(unhealthy)
+    order = watched.status.one(RollBack)
+    assert (order.sha256, order.version) == ("11" * 32, "22" * 6)
+    assert watched.finished() == []  # recorded once the archived version is put back
+    watched.send(RollBackDone(app="a", version=order.version, reason=order.reason))
     [done] = watched.finished()
     assert (done.outcome, done.sha256, done.reason) == (
         Outcome.ROLLED_BACK,
         "22" * 32,
         unhealthy.reason,
     )
-    assert watched.status.one(RollBack).sha256 == "11" * 32
     serving = watched.sup.apps["a"].serving
     assert serving.sha256 == "22" * 32 and serving.outcome is Outcome.SERVING  # until replaced
     watched.send(unhealthy)  # once only
     assert watched.finished() == [] and watched.status.take(RollBack) == []
+
+
+def test_a_rollback_that_could_not_take_place_is_not_recorded_as_one(watched: Rig) -> None:
+    # Its predecessor was no longer archived (archive-keep: 1 prunes it at the switch):
+    # history said "rolled-back" and the bad version went on serving.
+    watched.send(VersionUnhealthy(app="a", version="22" * 6, reason="5xx 50% of 40 requests"))
+    order = watched.status.one(RollBack)
+    failure = "cannot put 111111111111 back: not archived"
+    watched.send(RollBackDone(app="a", version=order.version, reason=order.reason, failure=failure))
+    assert watched.finished() == []
+    [event] = [e for e in watched.status.take(AppEvent) if e.kind is EventKind.NO_ROLLBACK]
+    assert event.text.endswith("and stays: " + failure)
+    assert watched.sup.apps["a"].serving.sha256 == "22" * 32
 
 
 def test_a_verdict_after_the_watch_or_for_another_version_changes_nothing(watched: Rig) -> None:
@@ -589,9 +608,11 @@ def test_a_watched_version_that_crash_loops_rolls_back(watched: Rig) -> None:
     for _ in range(3):
         for state in (ProcessState.RUNNING, ProcessState.BACKOFF):
             watched.send(ProcessStateChanged(app="a", deploy_id=process_id, state=state))
+    order = watched.status.one(RollBack)
+    assert order.sha256 == "11" * 32 and "crashed 3 times" in order.reason
+    watched.send(RollBackDone(app="a", version=order.version, reason=order.reason))
     [done] = watched.finished()
     assert done.outcome is Outcome.ROLLED_BACK and "crashed 3 times" in done.reason
-    assert watched.status.one(RollBack).sha256 == "11" * 32
 
 
 # -- kernel mode (keter.switch): stable addresses instead of nginx reloads -------------------

@@ -30,6 +30,7 @@ from keter.messages import (
     FailureKind,
     Outcome,
     RollBack,
+    RollBackDone,
     ServeLastServed,
     SwitchReady,
     TrafficReport,
@@ -142,8 +143,9 @@ class StatusServer(Actor):
                 self.board.add_event(app, kind, text, at)
             case Redeploy():
                 redeploy.run(self.board, message)
-            case RollBack():
-                redeploy.roll_back(self.board, message)
+            case RollBack(app=app, version=version, reason=reason):
+                failure = redeploy.roll_back(self.board, message)
+                self.report(RollBackDone(app=app, version=version, reason=reason, failure=failure))
             case ServeLastServed():
                 redeploy.serve_last_served(self.board, message)
             case TrafficReport():

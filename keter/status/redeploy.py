@@ -144,16 +144,15 @@ def serve_last_served(board: StatusBoard, order: ServeLastServed) -> bool:
     return True
 
 
-def roll_back(board: StatusBoard, order: RollBack) -> bool:
+def roll_back(board: StatusBoard, order: RollBack) -> str | None:
     """The supervisor's automatic rollback (a watched version made things worse).
 
-    Puts the archived version back into incoming/; False (with a line) if it cannot.
+    Puts the archived version back into incoming/; why it cannot, or None.
     """
     try:
         chosen = board.archive.find(order.app, order.sha256)
         board.archive.restore(order.app, chosen, board.config.incoming_dir)
     except (ArchiveError, OSError) as exc:
-        log.error("%s: cannot roll back to %s: %s", order.app, order.sha256[:12], exc)
-        return False
+        return f"cannot put {order.sha256[:12]} back: {exc}"
     log.info("%s: rolling back to version %s", order.app, chosen.version)
-    return True
+    return None

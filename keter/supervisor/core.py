@@ -35,6 +35,7 @@ from keter.messages import (
     ProcessStopped,
     Rescan,
     RescanRequested,
+    RollBackDone,
     RunFinished,
     ScanCompleted,
     ServicesPointed,
@@ -167,6 +168,8 @@ class Supervisor(
                     self.c.status.tell(msg)
             case VersionUnhealthy(app=app, version=version, reason=reason):
                 self._unhealthy(app, version, reason)
+            case RollBackDone():
+                self._rollback_done(msg)
             case SwitchReady():
                 self._switch_known(msg)
             case ServicesPointed(deploy_id=deploy_id, at=at):

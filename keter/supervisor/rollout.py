@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from keter.deploys import Deploy
-from keter.messages import Outcome, RollBack, WatchVersion
+from keter.messages import EventKind, Outcome, RollBack, RollBackDone, WatchVersion
 from keter.supervisor.state import SupervisorState
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,21 @@ class Rollout(SupervisorState):
         if app.next is not None or self.clock() > deploy.watch_until + WATCH_GRACE:
             return  # a newer bundle is on its way, or the watch is over
         target, deploy.rollback_to = deploy.rollback_to, None
-        log.warning("%s: version %s rolled back to %s: %s", app_name, version, target[:12], reason)
-        self._finished(deploy, Outcome.ROLLED_BACK, reason, history_only=True)
+        log.warning("%s: version %s made things worse (%s)", app_name, version, reason)
         if self.c.status is not None:
-            self.c.status.tell(RollBack(app=app_name, sha256=target, reason=reason))
+            order = RollBack(app=app_name, version=version, sha256=target, reason=reason)
+            self.c.status.tell(order)
+
+    def _rollback_done(self, msg: RollBackDone) -> None:
+        """Recorded as rolled back only once its predecessor is back in incoming/ (it may
+        not be archived: pruned by archive-keep, or replaced before it was archived)."""
+        if msg.failure is not None:
+            text = f"version {msg.version} made things worse ({msg.reason}), and stays: "
+            log.error("%s: %s%s", msg.app, text, msg.failure)
+            self._event(msg.app, EventKind.NO_ROLLBACK, text + msg.failure)
+            return
+        app = self.apps.get(msg.app)
+        deploy = app.serving if app is not None else None
+        log.warning("%s: version %s rolled back: %s", msg.app, msg.version, msg.reason)
+        if deploy is not None and deploy.version == msg.version:
+            self._finished(deploy, Outcome.ROLLED_BACK, msg.reason, history_only=True)

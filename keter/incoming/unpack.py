@@ -73,6 +73,13 @@ _MAX_META_BYTES = 1 << 20
 _MAX_PAX_DIGITS = 32
 _MAX_PAX_TOTAL = 64 << 20  # bytes of all pax headers of one archive (a few 100 a member)
 _PAX_DIGITS = re.compile(rb"[0-9]{%d}" % (_MAX_PAX_DIGITS + 1))
+# The fixed tarfile reads each record's length with this pattern (and no regex runs
+# over a whole header); a Debian backport of the fix has it too.
+_TARFILE_FIXED = hasattr(tarfile, "_header_length_prefix_re")
+# Records of global pax headers, all together: tarfile applies every one of them to
+# every later member (and copies them for each), so 900,000 of them (ten 1 MiB headers)
+# made each member cost 0.36 s: hours for a bundle of 2.4 MB. Archivers write a few.
+_MAX_GLOBAL_PAX = 64
 
 # shutil.rmtree recurses once per folder level, so a deeper tree could not be
 # removed again (RecursionError); real apps nest far less.
@@ -151,8 +158,24 @@ def safe_unpack(
         raise UnpackError(f"malformed archive ({type(exc).__name__}: {_text(exc)})") from None
     finally:
         if not done:
-            shutil.rmtree(dest, ignore_errors=True)
+            _remove(dest, progress)
     return digest
+
+
+def _remove(dest: Path, progress: Callable[[], None]) -> None:
+    """Remove what was unpacked into ``dest``, a sign of life per folder: up to
+    ``max_members`` files and as many folders take a while on a cold disk, and the
+    worker must not look stuck meanwhile. Links are removed, never followed."""
+    for parent, folders, files in os.walk(dest, topdown=False):
+        progress()
+        for name in files:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(parent, name))
+        for name in folders:
+            path = os.path.join(parent, name)
+            with contextlib.suppress(OSError):
+                os.unlink(path) if os.path.islink(path) else os.rmdir(path)
+    shutil.rmtree(dest, ignore_errors=True)  # what the walk could not (or dest alone)
 
 
 def stream_limit(max_bytes: int, max_members: int) -> int:
@@ -285,22 +308,25 @@ class _CheckedTarInfo(tarfile.TarInfo):
     parses it (``_check_pax``).
     """
 
-    def _proc_pax(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:
-        stream = tarfile.fileobj
+    def _proc_pax(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        stream = archive.fileobj
         data = stream.read(self._block(self.size))
         # Counted on the archive's TarFile: the budget is per archive, and this class
         # (given to tarfile.open) is shared by all.
-        left = getattr(tarfile, "keter_pax_left", _MAX_PAX_TOTAL) - len(data)
+        left = getattr(archive, "keter_pax_left", _MAX_PAX_TOTAL) - len(data)
         if left < 0:
             raise UnpackError(f"pax headers of more than {_MAX_PAX_TOTAL} bytes in all")
-        tarfile.keter_pax_left = left  # type: ignore[attr-defined]
-        _check_pax(data, self.size)
+        archive.keter_pax_left = left  # type: ignore[attr-defined]
+        keywords = _check_pax(data)
+        global_records = {*archive.pax_headers, *keywords}
+        if self.type == tarfile.XGLTYPE and len(global_records) > _MAX_GLOBAL_PAX:
+            raise UnpackError(f"global pax headers of more than {_MAX_GLOBAL_PAX} records")
         # tarfile's parsing reads the header itself: handed the bytes already read.
-        tarfile.fileobj = _Replay(data, stream)
+        archive.fileobj = _Replay(data, stream)
         try:
-            return super()._proc_pax(tarfile)
+            return super()._proc_pax(archive)
         finally:
-            tarfile.fileobj = stream
+            archive.fileobj = stream
 
     @classmethod
     def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
@@ -315,25 +341,34 @@ class _CheckedTarInfo(tarfile.TarInfo):
         return info
 
 
-def _check_pax(data: bytes, size: int) -> None:
-    """Refuse a pax header (``data``, its records in the first ``size`` bytes) that is
-    not records of ``LENGTH KEYWORD=VALUE\\n``, holds a run of digits tarfile would
-    take long over, or describes a sparse file (tarfile builds a sparse file's map
-    of any length in memory before keter sees the member). Time linear in ``data``."""
-    if _PAX_DIGITS.search(data):
+def _check_pax(data: bytes) -> set[str]:
+    """The keywords of a pax header (``data``: its blocks, as tarfile reads them).
+    Refused: one that is not records of ``LENGTH KEYWORD=VALUE\\n`` up to the first
+    NUL, holds a run of digits an unfixed tarfile would take long over, or describes
+    a sparse file (tarfile builds a sparse file's map of any length in memory before
+    keter sees the member). Time linear in ``data``.
+
+    tarfile reads records past the header's size, in its last block's padding (and
+    so does the fixed one): so does this, or a sparse file's records hidden there
+    would reach tarfile.
+    """
+    if not _TARFILE_FIXED and _PAX_DIGITS.search(data):
         raise UnpackError(f"a pax header holds a run of more than {_MAX_PAX_DIGITS} digits")
+    keywords = set()
     pos = 0
-    while pos < size and data[pos] != 0:  # NULs pad the records
+    while pos < len(data) and data[pos] != 0:  # NULs pad the records
         space = data.find(b" ", pos, pos + _MAX_PAX_DIGITS + 1)
         digits = data[pos:space] if space > pos else b""
         length = int(digits) if digits.isdigit() else 0
         record = data[pos : pos + length]
         keyword, equals, _ = record[len(digits) + 1 :].partition(b"=")
-        if pos + length > size or not record.endswith(b"\n") or not equals or not keyword:
+        if pos + length > len(data) or not record.endswith(b"\n") or not equals or not keyword:
             raise UnpackError("malformed pax header")
         if keyword.startswith(b"GNU.sparse."):
             raise UnpackError("a member is a sparse file (GNU.sparse pax records)")
+        keywords.add(keyword.decode("utf-8", "surrogateescape"))
         pos += length
+    return keywords
 
 
 class _Replay:
@@ -390,6 +425,9 @@ class _Extraction:
         self.stream = _GzipReader(raw, stream_limit(max_bytes, max_members), progress)
         self.members = 0
         self.written = 0
+        # Folders made, those a member's path implies too: at most max_members. A 10 KB
+        # bundle of 1000 members, each a path 127 folders deep, made 127,000 of them.
+        self.folders = 0
         self.dirs: set[str] = {self.dest}  # folders known to exist
         self.resolved: dict[str, str] = {}  # folder -> its realpath
 
@@ -480,6 +518,9 @@ class _Extraction:
             missing.append(path)
             path = os.path.dirname(path)
         for folder in reversed(missing):
+            self.folders += 1
+            if self.folders > self.max_members:
+                raise UnpackError(f"more than {self.max_members} folders")
             try:
                 os.mkdir(folder, 0o755)
             except FileExistsError:

@@ -402,6 +402,8 @@ def _parsing(parse, *args, **kwargs):
         return parse(*args, **kwargs)
     except (UnpackError, tarfile.TarError):
         raise
+    except MemoryError:  # the worker's address space is bounded (keter.incoming.worker)
+        raise UnpackError("a tar header takes more memory than unpacking may use") from None
     except Exception as exc:
         raise UnpackError(f"malformed tar header ({type(exc).__name__}: {_text(exc)})") from None
 

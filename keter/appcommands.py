@@ -134,6 +134,7 @@ def cmd_env(args: argparse.Namespace) -> int:
             changes, removals = {}, [envstore.check_name(name) for name in rest]
     except envstore.SettingsError as exc:
         raise Refused(str(exc)) from None
+    since = time.time()
     try:
         result = client.env_change(app, changes, removals, restart=not args.no_restart)
     except ApiError as exc:
@@ -152,7 +153,8 @@ def cmd_env(args: argparse.Namespace) -> int:
         print(f"{app}: stored ({why}); the next deploy applies them", file=sys.stderr)
         return EXIT_OK
     print(f"{app}: restarting {started['version']} with the new settings", file=sys.stderr)
-    entry = wait_for_verdict(client, app, started["after"], started["sha256"], args.timeout)
+    after, sha256 = started["after"], started["sha256"]
+    entry = wait_for_verdict(client, app, after, sha256, args.timeout, since=since)
     return report_verdict(client, args.root, app, entry, args.timeout)
 
 
@@ -217,6 +219,7 @@ def cmd_db_restore(args: argparse.Namespace) -> int:
     client = KeterClient(args.root)
     which = args.backup or "the newest backup"
     print(f"{app}: restoring {which} (the current data is backed up first)", file=sys.stderr)
+    since = time.time()
     try:
         result = client.restore(app, args.backup, timeout=args.timeout)
     except ApiError as exc:
@@ -228,7 +231,8 @@ def cmd_db_restore(args: argparse.Namespace) -> int:
         print(f"{app}: {result['version']}, uploaded meanwhile, deploys on it", file=sys.stderr)
     else:
         print(f"{app}: restarting {result['version']} on the restored data", file=sys.stderr)
-    entry = wait_for_verdict(client, app, result["after"], result["sha256"], args.timeout)
+    after, sha256 = result["after"], result["sha256"]
+    entry = wait_for_verdict(client, app, after, sha256, args.timeout, since=since)
     return report_verdict(client, args.root, app, entry, args.timeout)
 
 

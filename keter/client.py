@@ -190,18 +190,44 @@ def _json(status: int, raw: bytes) -> dict:
     return value
 
 
-def wait_for_verdict(
-    client: KeterClient, app: str, after: int, sha256: str | None, timeout: float
-) -> dict | None:
-    """The first history entry after ``after`` about this version of ``app``, or None.
+# How much earlier than the command a deploy of its own may seem to begin: an entry's
+# beginning is worked out from its end and its duration, each rounded.
+BEGAN_SLACK = 0.1
 
-    An entry with an empty sha256 is a deploy that failed before the bundle was
-    read (it cannot name its version) and so counts as ours too.
+
+def wait_for_verdict(
+    client: KeterClient,
+    app: str,
+    after: int,
+    sha256: str | None,
+    timeout: float,
+    *,
+    since: float,
+) -> dict | None:
+    """The history entry after ``after`` that ends the deploy of this version of ``app``
+    the command began at ``since`` (wall clock, before its bundle was put in place or
+    its request sent), or None.
+
+    An entry of a deploy that began before ``since`` is another's (one that was
+    unpacking when this bundle came, and so was superseded by it). An entry with an
+    empty sha256 is a deploy that ended before its bundle was read (it cannot name its
+    version): ours too. A deploy of ours superseded by another of the same version
+    (a restart, the same bundle copied again) is followed to that one's end; one
+    superseded by another version is the verdict.
     """
     deadline = time.monotonic() + timeout
+    superseded = None
     while (left := deadline - time.monotonic()) > 0:
         for entry in client.history_after(app, after, wait=min(left, 25.0)):
             after = max(after, entry["seq"])
-            if sha256 is None or entry["sha256"] in (sha256, ""):
+            if entry["at"] - entry["duration"] < since - BEGAN_SLACK:
+                continue
+            if sha256 is None:
                 return entry
-    return None
+            if entry["sha256"] == sha256 and entry["outcome"] == "superseded":
+                superseded = superseded or entry
+            elif entry["sha256"] == sha256 or (entry["sha256"] == "" and superseded is None):
+                return entry
+            elif superseded is not None and entry["sha256"]:
+                return superseded  # another version took its place
+    return superseded

@@ -382,6 +382,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
         after = client.status()["history_seq"]
         incoming = args.root / "incoming"
+        since = time.time()
         try:
             with open(spool, "rb") as source:
                 sha256 = install_bundle(source, incoming, name)
@@ -390,7 +391,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise ClientError(f"cannot copy the bundle into {incoming}: {exc}") from None
     print(f"{name}: {sha256[:12]} copied to {incoming}, waiting for keter", file=sys.stderr)
-    entry = wait_for_verdict(client, name, after, sha256, args.timeout)
+    entry = wait_for_verdict(client, name, after, sha256, args.timeout, since=since)
     code = report_verdict(client, args.root, name, entry, args.timeout)
     if code == EXIT_OK and args.watch and entry is not None:
         return watch_verdict(client, name, entry)
@@ -590,13 +591,15 @@ def _redeploy(
     client: KeterClient, args: argparse.Namespace, app: str, doing: str, request: Callable[[], dict]
 ) -> int:
     """Ask keter to redeploy, then wait for the verdict like ``deploy`` does."""
+    since = time.time()
     try:
         started = request()
     except ApiError as exc:
         print(f"keter: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(f"{app}: {doing} {started['version']}", file=sys.stderr)
-    entry = wait_for_verdict(client, app, started["after"], started["sha256"], args.timeout)
+    after, sha256 = started["after"], started["sha256"]
+    entry = wait_for_verdict(client, app, after, sha256, args.timeout, since=since)
     return report_verdict(client, args.root, app, entry, args.timeout)
 
 

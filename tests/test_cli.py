@@ -569,3 +569,48 @@ def test_a_refusal_naming_a_hostile_file_is_one_escaped_line(capsys, tmp_path):
     assert err.endswith("\n") and err.count("\n") == 1
     assert err.rstrip("\n").isprintable(), err
     assert "\\x1b]0;pwned\\x07" in err and "\\nketer: wrote" in err
+
+
+# -- which history entry is a command's verdict ------------------------------------------------
+
+
+class History:
+    """A status API that has these entries of app "a" (as history_after gives them)."""
+
+    def __init__(self, *entries: dict) -> None:
+        self.entries = [{"seq": seq, **entry} for seq, entry in enumerate(entries, 1)]
+
+    def history_after(self, app: str, after: int, wait: float) -> list[dict]:
+        return [entry for entry in self.entries if entry["seq"] > after]
+
+
+def ended(outcome: str, sha256: str, began: float, at: float = 100.0) -> dict:
+    return {"outcome": outcome, "sha256": sha256, "at": at, "duration": at - began}
+
+
+OURS, OTHER = "a" * 64, "b" * 64
+
+
+@pytest.mark.parametrize(
+    ("entries", "expected"),
+    [
+        # The bundle that was unpacking when ours came: superseded, with no sha256 yet.
+        ([ended("superseded", "", 40.0), ended("serving", OURS, 51.0)], 1),
+        # The same version's deploy under way when `keter restart` touched it again.
+        ([ended("superseded", OURS, 45.0), ended("serving", OURS, 52.0)], 1),
+        # Ours superseded by the same bundle copied again: followed to that one's end.
+        ([ended("superseded", OURS, 51.0), ended("serving", OURS, 52.0)], 1),
+        # Ours superseded by another version: that is the verdict.
+        ([ended("superseded", OURS, 51.0), ended("serving", OTHER, 52.0)], 0),
+        # Ours failed before its bundle was read: it cannot name its version.
+        ([ended("failed", "", 51.0)], 0),
+    ],
+    ids=["older-unpacking", "older-same-version", "followed", "replaced", "unread"],
+)
+def test_a_commands_verdict_is_the_end_of_its_own_deploy(entries, expected) -> None:
+    """`keter deploy` took the end of a deploy that had begun before its own (the bundle
+    it superseded, with no sha256 yet) for its verdict, and exited 1 while its version
+    served; `keter restart` did the same with the deploy of its own version it replaced."""
+    history = History(*entries)
+    verdict = commands.wait_for_verdict(history, "a", 0, OURS, 1.0, since=50.0)
+    assert verdict == history.entries[expected]

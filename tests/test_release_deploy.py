@@ -440,9 +440,12 @@ def test_a_purge_waits_until_the_removed_apps_processes_have_ended(
     (folder / "kept").write_text("hello")
     (keter.incoming / f"{app}.keter").unlink()
     wait_for(lambda: body(private_nginx, HOST) is None, 20, "the app to be removed")
+
+    def state() -> str | None:
+        return {a["name"]: a["state"] for a in status_api(keter).status()["apps"]}.get(app)
+
+    wait_for(lambda: state() == "stopping", 10, "the app shown as stopping")  # once nginx said
     assert app_processes(keter)
-    [shown] = [a for a in status_api(keter).status()["apps"] if a["name"] == app]
-    assert shown["state"] == "stopping"
     refused = keter_cli(keter.root, "data", "purge", app, stdin=f"{app}\n".encode())
     assert refused.returncode == 1 and "still stops" in refused.stderr, refused.stderr
     assert (folder / "kept").exists()

@@ -415,6 +415,9 @@ def test_headers_and_environment() -> None:
     for bad in ("2X", "A-B", "A B", "", "x" * 256):
         with pytest.raises(ValueError):
             names.validate_env_name(bad)
+    # dash refuses `export OPTIND=abc`: every process of the app failed to start.
+    with pytest.raises(ValueError, match="the shell's own"):
+        names.validate_env_name("OPTIND")
     assert names.validate_arg("any text, even\nnew lines") is not None
     for bad in ("a\0b", "\ud800", 1):
         with pytest.raises(ValueError):

@@ -141,6 +141,7 @@ def test_settings_are_stored_atomically_and_privately(tmp_path: Path) -> None:
         ({"PORT": "s3cr3t-1"}, "set by keter"),
         ({"KETER_DATA_DIR": "s3cr3t-2"}, "set by keter"),
         ({"1BAD": "s3cr3t-3"}, "variable name"),
+        ({"OPTIND": "s3cr3t-6"}, "the shell's own"),  # dash would not start the app
         ({"A": "s3cr3t-4\0"}, "NUL"),
         ({"A": "s3cr3t-5" * envstore.MAX_VALUE}, "longer than"),
     ],

@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import quote, urlencode
 
 from keter.status import TOKEN_HEADER, socket_path
+from keter.status.handler import MAX_BODY
 
 
 class ClientError(Exception):
@@ -156,7 +157,12 @@ class KeterClient:
         headers = {"Connection": "close"}
         data = None
         if body is not None:
-            data = json.dumps(body).encode()
+            data = json.dumps(body, ensure_ascii=False).encode()
+            if len(data) > MAX_BODY:  # keter would close it unread: say why here
+                raise ClientError(
+                    f"the request is {len(data)} bytes, more than keter takes ({MAX_BODY}): "
+                    "send less at once"
+                )
             headers.update({"Content-Type": "application/json", TOKEN_HEADER: self._token or ""})
         try:
             connection.request(method, path, body=data, headers=headers)

@@ -29,6 +29,7 @@ from support.net import Load, app_port_range, body, served
 from support.processes import alive
 from support.wait import wait_for
 
+from keter import envstore
 from keter.processes.spawn import SETPRIV
 
 appS = Path(__file__).parent / "apps"
@@ -505,6 +506,16 @@ def test_env_set_under_load_restarts_without_a_failed_request(
     assert info(private_nginx, "FROM_STDIN", settled=True)["env"]["FROM_STDIN"] == "yes"
     refused = keter_cli(keter.root, "env", "set", app, "PORT=1")
     assert refused.returncode == 2 and "set by keter" in refused.stderr
+
+    # The largest value the store takes, of 4-byte characters, reaches keter: its JSON was
+    # 384 KiB (\\ud83d\\ude00 for each), past the 64 KiB keter read, and the CLI said
+    # "Broken pipe".
+    big = "\U0001f600" * envstore.MAX_VALUE
+    stored = keter_cli(
+        keter.root, "env", "set", app, "--stdin", "--no-restart", stdin=f"BIG={big}\n".encode()
+    )
+    assert stored.returncode == 0, stored.stderr
+    assert envstore.load(keter.root / "etc", app)["BIG"] == big
 
 
 def test_no_setting_value_leaves_keter_but_to_the_app(

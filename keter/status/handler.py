@@ -32,7 +32,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 64 * 1024  # `keter env set` values (certificates, keys) may be a few KiB
+# A request's body: one app's settings (`keter env set`: certificates, keys) take up to
+# envstore.MAX_FILE (2 MiB) on disk, and their JSON a little more. A request not let in
+# (its login, its Host) is answered after its body only up to REFUSED_BODY; past that it
+# is closed unread, so that no stranger makes keter read megabytes.
+MAX_BODY = 4 * 1024 * 1024
+REFUSED_BODY = 64 * 1024
 # A request's line and headers: a browser's are well under 8 KiB. Bounded before any
 # login is checked, so that a client cannot make keter hold megabytes per connection.
 MAX_HEAD = 16 * 1024
@@ -188,7 +193,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             # A refused client's slow body still leaves its connection to be closed for
             # another: it must not keep out those who log in.
             if method == "POST":
-                self.body = self._read_body()
+                self.body = self._read_body(MAX_BODY if refused is None else REFUSED_BODY)
             if refused is not None:
                 raise refused
             matched = False
@@ -303,15 +308,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     # -- plumbing --------------------------------------------------------------------
 
-    def _read_body(self) -> bytes:
+    def _read_body(self, limit: int) -> bytes:
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             self.close_connection = True
             raise ApiError(400, "bad Content-Length") from None
-        if length > MAX_BODY:
+        if length > limit:
             self.close_connection = True
-            raise ApiError(413, f"request body larger than {MAX_BODY} bytes")
+            raise ApiError(413, f"request body larger than {limit} bytes")
         try:
             return self.rfile.read(length) if length > 0 else b""
         except TimeoutError:

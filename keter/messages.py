@@ -430,6 +430,9 @@ class UnpackFailed:
     deploy_id: int
     reason: str
     kind: FailureKind = FailureKind.UNPACK  # or CONFIG when config/keter.yaml was refused
+    # Its bundle is no longer in incoming/: removed before it could be read, which is
+    # no failure of the deploy (BundleRemoved follows).
+    gone: bool = False
 
 
 @message

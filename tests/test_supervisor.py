@@ -381,6 +381,16 @@ def test_failure_while_unpacking(rig: Rig, serving: StartProcess) -> None:
     assert rig.unpacker.take(RemoveFolder) == []  # the unpacker removed it itself
 
 
+def test_a_bundle_removed_before_it_was_read_is_no_failed_deploy(
+    rig: Rig, serving: StartProcess
+) -> None:
+    unpack = rig.arrive("a")
+    rig.send(UnpackFailed(app="a", deploy_id=unpack.deploy_id, reason="cannot open", gone=True))
+    [done] = rig.finished()
+    assert (done.outcome, done.reason) == (Outcome.SUPERSEDED, "its bundle was removed")
+    assert_kept_serving(rig, serving)
+
+
 def test_a_file_the_watcher_refused_is_a_line_of_its_apps_history(rig: Rig) -> None:
     rig.send(BundleIgnored(filename="x.keter", reason="x.keter: refused: it is a FIFO"))
     [done] = rig.finished()

@@ -538,6 +538,16 @@ def test_actor_reports_a_hostile_bundle(area: Area, unpacker) -> None:
     assert list(area.outside.iterdir()) == []
 
 
+def test_actor_says_a_bundle_removed_before_it_was_read_is_gone(area: Area, unpacker) -> None:
+    # It was reported as the deploy's failure ("cannot open"), a deliberate removal
+    # counted among failed deploys.
+    actor, reports = unpacker
+    bundle = area.bundle(good_entries())
+    bundle.unlink()
+    reply = ask(actor, reports, UnpackBundle(app="app", deploy_id=6, bundle=bundle, dest=area.dest))
+    assert isinstance(reply, UnpackFailed) and reply.gone
+
+
 def test_actor_reports_a_bad_config_and_removes_the_folder(area: Area, unpacker) -> None:
     actor, reports = unpacker
     bundle = area.bundle([entry("app", APP_SCRIPT, mode=0o755)])

@@ -104,7 +104,8 @@ class Unpacker(Actor):
                 msg.bundle, msg.dest, max_bytes=self.max_bytes, max_members=self.max_members
             )
         except UnpackError as exc:
-            self._failed(msg, f"cannot unpack {msg.bundle.name}: {exc}")
+            gone = not os.path.lexists(msg.bundle)
+            self._failed(msg, f"cannot unpack {msg.bundle.name}: {exc}", gone=gone)
             return
         try:
             config = parse_bundle_config(msg.dest, msg.app)
@@ -132,11 +133,18 @@ class Unpacker(Actor):
         )
 
     def _failed(
-        self, msg: UnpackBundle, reason: str, kind: FailureKind = FailureKind.UNPACK
+        self,
+        msg: UnpackBundle,
+        reason: str,
+        kind: FailureKind = FailureKind.UNPACK,
+        *,
+        gone: bool = False,
     ) -> None:
         # The supervisor logs the failure ("APP: deploy failed: REASON"); once is enough.
         log.debug("%s: %s", msg.app, reason)
-        self.report(UnpackFailed(app=msg.app, deploy_id=msg.deploy_id, reason=reason, kind=kind))
+        self.report(
+            UnpackFailed(app=msg.app, deploy_id=msg.deploy_id, reason=reason, kind=kind, gone=gone)
+        )
 
     def _remove(self, path: Path, why: str = "") -> None:
         if not self._inside_temp(path):

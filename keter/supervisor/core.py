@@ -122,10 +122,13 @@ class Supervisor(
                 systemd.notify("READY=1")
             case BundleUnpacked():
                 self._unpacked(msg)
-            case UnpackFailed(app=app, deploy_id=deploy_id, reason=reason, kind=kind):
+            case UnpackFailed(app=app, deploy_id=deploy_id, reason=reason, kind=kind, gone=gone):
                 if deploy := self._next(app, deploy_id):
                     deploy.folder_exists = False  # the unpacker removed it
-                    self._fail(deploy, reason, kind=kind)
+                    if gone:  # removed before it was read: no failure of the deploy
+                        self._abandon(deploy, "its bundle was removed")
+                    else:
+                        self._fail(deploy, reason, kind=kind)
             case DatabaseReady(app=app, deploy_id=deploy_id, db=db):
                 if deploy := self._next(app, deploy_id):
                     deploy.db = db

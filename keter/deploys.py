@@ -173,6 +173,7 @@ class Deploy:
     pointed_at: float | None = None  # wall clock: the kernel began leading connections to it
     web: list[WebProcess] = field(default_factory=list)
     workers: dict[int, Worker] = field(default_factory=dict)  # by process id
+    worker_restarts: int = 0  # of all its workers, those stopped for good too
     sites: tuple[Site, ...] = ()  # what nginx serves for it, from the moment it switches
     outcome: Outcome | None = None  # how its attempt ended, once it did
     folder_exists: bool = True  # False once the unpacker removed it (or never made it)
@@ -238,6 +239,11 @@ class Deploy:
     def all_healthy(self) -> bool:
         return all(w.healthy for w in self.web)
 
+    @property
+    def restarts(self) -> int:
+        """Crash restarts of its web apps and its background workers."""
+        return sum(w.restarts for w in self.web) + self.worker_restarts
+
 
 @dataclass(kw_only=True, eq=False)
 class App:
@@ -282,7 +288,9 @@ class App:
             port=first.port if first else None,
             pid=first.pid if first else None,
             started_at=first.started_at if first else None,
-            restarts=sum(w.restarts for w in shown.web) if shown else 0,
+            # Its background workers' too: a worker crash-looping behind a healthy web
+            # app showed 0 restarts.
+            restarts=shown.restarts if shown else 0,
             database=shown.db.name if shown and shown.db else None,
             deploying=self.next.version if self.next and self.next.sha256 else None,
         )

@@ -231,6 +231,8 @@ def test_workers_start_once_the_version_serves_and_stop_with_it(rig: Rig) -> Non
     assert stop.deploy_id == worker.deploy_id
     rig.stopped(stop)
     assert rig.sup.apps["a"].serving.workers == {}
+    # Its crashes are the app's restarts (a worker crash-looping showed 0).
+    assert rig.sup.apps["a"].snapshot().restarts == 2
 
 
 @pytest.mark.parametrize("kernel_mode", [False, True], ids=["reload", "kernel"])

@@ -119,6 +119,8 @@ class ProcessFacts(SupervisorState):
         assert deploy.config is not None
         limit = deploy.config.backgrounds[worker.index].restart_count
         worker.restarts += 1
+        deploy.worker_restarts += 1
+        self._changed.add(deploy.app)  # its restarts are the app's (keter status)
         self._event(msg.app, EventKind.CRASH, f"background worker #{msg.deploy_id}: {msg.detail}")
         if limit is not None and worker.restarts > limit:
             log.error(

@@ -8,6 +8,7 @@ new bundle (``keter env``), whose values never leave keter but to the app.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -341,8 +342,16 @@ def test_pg_dump_goes_before_keter_to_the_oom_killer(
     # keter's own OOM score, the last the kernel picks.
     keter = pg_keter
     serve_v1(keter, private_nginx, tmp_path, app)
-    dsn = app_dsn(keter, app)
-    with psycopg.connect(dsn) as holder:
+    with waiting_pg_dump(keter, app) as (pg_dump, backup):
+        assert Path(f"/proc/{pg_dump.pid}/oom_score_adj").read_text().strip() == "500"
+    assert backup.wait(60) == 0
+
+
+@contextlib.contextmanager
+def waiting_pg_dump(keter, app: str) -> Iterator[tuple[psutil.Process, subprocess.Popen]]:
+    """`keter db backup APP` run, and its pg_dump waiting for a lock on the app's table
+    while the block runs (the lock is let go after it)."""
+    with psycopg.connect(app_dsn(keter, app)) as holder:
         holder.execute("LOCK TABLE notes IN ACCESS EXCLUSIVE MODE")  # pg_dump waits for it
         backup = subprocess.Popen(
             [sys.executable, "-m", "keter", "db", "backup", "--root", str(keter.root), app],
@@ -350,14 +359,13 @@ def test_pg_dump_goes_before_keter_to_the_oom_killer(
             stderr=subprocess.DEVNULL,
         )
 
-        [pg_dump] = wait_for(lambda: keters_children(keter, "pg_dump"), 30, "pg_dump")
-        assert Path(f"/proc/{pg_dump.pid}/oom_score_adj").read_text().strip() == "500"
+        def dump() -> list[psutil.Process]:
+            children = psutil.Process(keter.proc.pid).children(recursive=True)
+            return [p for p in children if p.name() == "pg_dump"]
+
+        [pg_dump] = wait_for(dump, 30, "pg_dump")
+        yield pg_dump, backup
         holder.rollback()
-    assert backup.wait(60) == 0
-
-
-def keters_children(keter, name: str) -> list[psutil.Process]:
-    return [p for p in psutil.Process(keter.proc.pid).children(recursive=True) if p.name() == name]
 
 
 def test_a_database_tool_dies_with_a_killed_keter(pg_keter, private_nginx, tmp_path, app) -> None:
@@ -366,17 +374,9 @@ def test_a_database_tool_dies_with_a_killed_keter(pg_keter, private_nginx, tmp_p
     # after the next keter had redeployed the app.
     keter = pg_keter
     serve_v1(keter, private_nginx, tmp_path, app)
-    with psycopg.connect(app_dsn(keter, app)) as holder:
-        holder.execute("LOCK TABLE notes IN ACCESS EXCLUSIVE MODE")  # pg_dump waits for it
-        backup = subprocess.Popen(
-            [sys.executable, "-m", "keter", "db", "backup", "--root", str(keter.root), app],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        [pg_dump] = wait_for(lambda: keters_children(keter, "pg_dump"), 30, "pg_dump")
+    with waiting_pg_dump(keter, app) as (pg_dump, backup):
         keter.kill()
         wait_for(lambda: not alive(pg_dump.pid), 10, "pg_dump to die with keter")
-        holder.rollback()
     assert backup.wait(30) != 0  # keter went before it answered
     keter.start()
     served(private_nginx, HOST, "v1")

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import psutil
 import pytest
@@ -860,6 +861,14 @@ class Clients:
 WATCH = {"watch-seconds": 8, "watch-min-requests": 20}
 
 
+def deploy_failing_v2(keter, tmp_path, app: str) -> CompletedProcess:
+    """`keter deploy --watch` of a v2 of ``app`` that answers 500 to every other request."""
+    bad = webapp_config(f"{app}.test", "v2", args=["--fail-every", "2"])
+    (tmp_path / "v2").mkdir()
+    bundle = make_bundle(tmp_path / "v2" / f"{app}.keter", config=bad)
+    return keter_cli(keter.root, "deploy", str(bundle), "--watch", timeout=90)
+
+
 def test_a_version_that_fails_real_traffic_is_rolled_back_without_losing_a_request(
     keter_factory, private_nginx, tmp_path
 ):
@@ -871,10 +880,7 @@ def test_a_version_that_fails_real_traffic_is_rolled_back_without_losing_a_reque
     deploy(keter, client, private_nginx, tmp_path, "watched", "v1")
     clients = Clients(private_nginx.port, "watched.test")
     try:
-        bad = webapp_config("watched.test", "v2", args=["--fail-every", "2"])
-        (tmp_path / "v2").mkdir()
-        bundle = make_bundle(tmp_path / "v2" / "watched.keter", config=bad)
-        result = keter_cli(keter.root, "deploy", str(bundle), "--watch", timeout=90)
+        result = deploy_failing_v2(keter, tmp_path, "watched")
         assert result.returncode == 1, result.stdout + result.stderr
         assert "watching real traffic for 8s" in result.stderr
         # About half: keter's own health checks of / (straight to the app, so never
@@ -1003,10 +1009,7 @@ def test_a_rollback_with_nothing_archived_to_go_back_to_is_not_reported_as_one(
     deploy(keter, client, private_nginx, tmp_path, "kept", "v1")
     clients = Clients(private_nginx.port, "kept.test")
     try:
-        bad = webapp_config("kept.test", "v2", args=["--fail-every", "2"])
-        (tmp_path / "v2").mkdir()
-        bundle = make_bundle(tmp_path / "v2" / "kept.keter", config=bad)
-        result = keter_cli(keter.root, "deploy", str(bundle), "--watch", timeout=90)
+        result = deploy_failing_v2(keter, tmp_path, "kept")
     finally:
         clients.finish()
     assert result.returncode == 1, result.stdout + result.stderr

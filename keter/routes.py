@@ -34,6 +34,7 @@ from keter.bundle import (
 from keter.config import KeterConfig
 from keter.messages import (
     BasicAuth,
+    CertificateIssued,
     LocalOnly,
     ProxyApp,
     ProxyRemote,
@@ -311,15 +312,26 @@ def _host_header(proxy: ReverseProxy) -> str:
     return host if proxy.reversed_port == default else f"{host}:{proxy.reversed_port}"
 
 
-def with_certificates(site: Site, certificates: Mapping[str, TlsFiles]) -> Site:
-    """``site`` with the certificates keter.acme has issued put into its ssl: acme routes."""
+def with_certificates(
+    site: Site, certificates: Mapping[str, CertificateIssued], now: float
+) -> Site:
+    """``site`` with the certificates keter.acme has issued put into its ssl: acme routes,
+    those still valid at ``now``: a host claimed again weeks after its app went (maybe by
+    another app) was served the old one it had, expired; without one it serves plain
+    HTTP until keter.acme has a new one."""
     routes = tuple(
-        dataclasses.replace(route, tls=certificates.get(route.hosts[0]))
+        dataclasses.replace(route, tls=_valid(certificates.get(route.hosts[0]), now))
         if route.acme and route.hosts
         else route
         for route in site.routes
     )
     return site if routes == site.routes else dataclasses.replace(site, routes=routes)
+
+
+def _valid(issued: CertificateIssued | None, now: float) -> TlsFiles | None:
+    if issued is None or issued.not_after <= now:
+        return None
+    return TlsFiles(certificate=issued.certificate, key=issued.key)
 
 
 def acme_hosts_in_turn(sites: tuple[Site, ...]) -> tuple[str, ...]:

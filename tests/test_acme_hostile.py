@@ -43,8 +43,9 @@ from keter.messages import (
     ProxyApp,
     Route,
     Site,
+    TlsFiles,
 )
-from keter.routes import acme_hosts_in_turn
+from keter.routes import acme_hosts_in_turn, with_certificates
 
 HOST = "shop.test"
 PKCS8 = (
@@ -211,29 +212,44 @@ def test_a_stored_certificate_that_fails_the_checks_is_not_served_and_a_new_one_
     assert component.ca.orders == [HOST, HOST]
 
 
-def test_a_host_wanted_again_gets_its_stored_certificate_only_while_it_is_good(
+def test_a_host_claimed_again_gets_its_certificate_only_while_it_is_good(tmp_path: Path) -> None:
+    """The supervisor kept every certificate it was ever told of: a host claimed again
+    weeks after its app went (maybe by another app) was served the old one, expired."""
+    issued = CertificateIssued(
+        host=HOST, certificate=tmp_path / "c.crt", key=tmp_path / "c.key", not_after=1000.0
+    )
+    route = Route(hosts=(HOST,), action=ProxyApp(port=4000), acme=True)
+    site = Site(app="another", routes=(route,))
+    [served] = with_certificates(site, {HOST: issued}, now=999.0).routes
+    assert served.tls == TlsFiles(certificate=issued.certificate, key=issued.key)
+    [expired] = with_certificates(site, {HOST: issued}, now=1000.0).routes
+    assert expired.tls is None  # plain HTTP until keter.acme has a new one
+
+
+def test_a_host_whose_orders_keep_failing_takes_no_turn_of_its_sibling(
     component: Component,
 ) -> None:
-    """The supervisor kept every certificate it was ever told of: a host claimed again
-    weeks after its app went (maybe by another app) was served its old, expired one."""
+    """The app's backoff made its failing host due the moment the app was, and first in
+    the order it was ordered every time: its sibling never got a certificate (nor would
+    it have been renewed)."""
+    component.ca.failing_hosts = {"api.shop.test"}
+    owners = {"api.shop.test": "shop", HOST: "shop"}
     now = [time.time()]
-    component.start(clock=lambda: now[0])
-    component.want(HOST)
-    issued = component.next(CertificateIssued)
-    component.want()  # its app removed: the supervisor forgets the certificate
-    component.want(HOST, owners={HOST: "another"})
-    again = component.next(CertificateIssued, timeout=10)
-    assert (again.host, again.certificate, again.key) == (HOST, issued.certificate, issued.key)
-    assert component.ca.orders == [HOST]  # told again, not ordered again
-
-    component.want()
-    now[0] = issued.not_after + 1  # long gone, then claimed again: expired meanwhile
-    component.want(HOST)
-    wait_for(lambda: component.ca.orders == [HOST, HOST], 30, "a new order")
-    told = [component.reports.get(timeout=10) for _ in range(component.reports.qsize())]
-    assert issued.certificate not in {
-        m.certificate for m in told if isinstance(m, CertificateIssued)
-    }
+    manager = AcmeManager(
+        settings=AcmeSettings(directory=component.ca.directory),
+        folder=component.folder,
+        challenges=component.base / "challenges",
+        report_to=queue.Queue(),
+        clock=lambda: now[0],
+    )
+    manager.on_start()
+    manager.handle(CertificatesWanted(hosts=("api.shop.test", HOST), owners=owners))
+    for _ in range(10):
+        now[0] += 60
+        for _ in range(len(owners)):
+            manager.handle(manager_module._Check())
+    assert HOST in component.ca.orders
+    assert manager.hosts[HOST].certificate is not None
 
 
 def test_a_renewal_under_the_same_serial_reaches_nginx_as_a_new_certificate(

@@ -121,7 +121,6 @@ class AcmeManager(Actor):
         # Apps whose orders failed lately. Kept while keter runs (a removed app that
         # comes back keeps its streak), each for a day past its last retry time.
         self.apps: dict[str, AppBudget] = {}
-        self.served: set[str] = set()  # hosts whose certificate the supervisor was told
         self._timer: int | None = None
         self._told = False  # a _Check waits in the inbox already
         self._loaded = False
@@ -136,7 +135,10 @@ class AcmeManager(Actor):
         now = self.clock()
         for host, state in sorted(self.hosts.items()):
             if self._reusable(host, state, now):
-                self._served_again(host, state)
+                # Served again at once; a failed renewal stays the last attempt's outcome
+                # (what `keter certs` shows) until the next attempt.
+                outcome = CertificateOutcome.FAILED if state.failures else CertificateOutcome.STORED
+                self._issued(host, state, outcome)
             elif state.outcome in frozenset(CertificateOutcome):
                 # No certificate (a failed first order): `keter certs` shows it until the retry.
                 self.report(self._state_message(host, state))
@@ -145,14 +147,6 @@ class AcmeManager(Actor):
         match message:
             case CertificatesWanted(hosts=hosts, owners=owners):
                 now = self.clock()
-                # The supervisor forgets the certificate of a host no longer wanted. One
-                # wanted again (its app back, or another app claiming it) is told its
-                # stored certificate again if that is still good (it may have expired).
-                self.served &= set(hosts)
-                for host in sorted(set(hosts) - self.served):
-                    state = self.hosts.get(host)
-                    if state is not None and self._reusable(host, state, now):
-                        self._served_again(host, state)
                 self.wanted = tuple(dict.fromkeys(hosts))
                 self.owners = owners
                 self.apps = {
@@ -176,11 +170,14 @@ class AcmeManager(Actor):
         due, else when the next one is."""
         orderable = [host for host in self.wanted if not names.is_wildcard(host)]
         now = self.clock()
-        # The first due in the supervisor's order, which takes the apps' hosts in turn:
-        # one bundle's hundreds of hosts do not keep another app's waiting.
-        host = next((host for host in orderable if self._due(host) <= now), None)
-        if host is not None:
-            self._order(host)
+        # Of the hosts due, the one that has waited longest on its own account, ties in
+        # the supervisor's order, which takes the apps' hosts in turn: one bundle's
+        # hundreds of hosts do not keep another app's waiting. A host whose orders keep
+        # failing is due as soon as its app's backoff ends: first in that order, it took
+        # every turn of its app from a sibling host that never failed (a renewal too).
+        due = [host for host in orderable if self._due(host) <= now]
+        if due:
+            self._order(min(due, key=self._own_due))
         if self._timer is not None:
             self.cancel(self._timer)
             self._timer = None
@@ -194,13 +191,16 @@ class AcmeManager(Actor):
             self._timer = self.schedule(min(max(wait, 0.0), 3600.0), _Check())
 
     def _due(self, host: str) -> float:
+        """When ``host`` is to be ordered: its own time, or its app's after the app's
+        orders failed lately, whichever is later."""
+        budget = self.apps.get(self.owners.get(host, ""))
+        return max(self._own_due(host), budget.retry_at if budget is not None else 0.0)
+
+    def _own_due(self, host: str) -> float:
         state = self._state(host)
         # Never sooner than a minute after any attempt, whatever the certificate is or
         # state.json says: nothing the CA answers can make keter order again and again.
         floor = max(state.retry_at, (state.last_attempt or 0.0) + FIRST_BACKOFF)
-        budget = self.apps.get(self.owners.get(host, ""))
-        if budget is not None:
-            floor = max(floor, budget.retry_at)  # its app's orders failed lately
         if state.not_after is None:
             return floor
         # 30 days before expiry, or with a third of its life left for a short-lived
@@ -297,7 +297,6 @@ class AcmeManager(Actor):
 
     def _issued(self, host: str, state: HostState, outcome: CertificateOutcome) -> None:
         state.outcome = outcome.value
-        self.served.add(host)
         self._save()
         self.report(
             CertificateIssued(
@@ -308,13 +307,6 @@ class AcmeManager(Actor):
             )
         )
         self.report(self._state_message(host, state))
-
-    def _served_again(self, host: str, state: HostState) -> None:
-        """A stored certificate that passed ``_reusable`` goes to the supervisor; a failed
-        renewal stays the last attempt's outcome (what `keter certs` shows) until the
-        next attempt."""
-        outcome = CertificateOutcome.FAILED if state.failures else CertificateOutcome.STORED
-        self._issued(host, state, outcome)
 
     def _state_message(self, host: str, state: HostState) -> CertificateState:
         return CertificateState(

@@ -41,7 +41,6 @@ from keter.messages import (
     ServicesPointed,
     ShutdownRequested,
     SwitchReady,
-    TlsFiles,
     UnpackFailed,
     VersionUnhealthy,
 )
@@ -160,9 +159,9 @@ class Supervisor(
                 self._nginx_replied(generation, None, {r.app: r.reason for r in refused})
             case NginxFailed(generation=generation, reason=reason):
                 self._nginx_replied(generation, reason, {})
-            case CertificateIssued(host=host, certificate=certificate, key=key):
+            case CertificateIssued(host=host):
                 # keter.acme: the host's sites get it at the next nginx generation.
-                self._certificates[host] = TlsFiles(certificate=certificate, key=key)
+                self._certificates[host] = msg
                 self._request_nginx()
             case CertificateState():
                 # keter.acme's view of one host (logged there), for `keter certs`, the

@@ -8,6 +8,7 @@ batched into the next.
 from __future__ import annotations
 
 import logging
+import time
 
 from keter.deploys import App, Deploy, Stage
 from keter.messages import ApplyNginx, CertificatesWanted, FailureKind, Site
@@ -34,7 +35,8 @@ class Routing(SupervisorState):
                 sites.extend(deploy.sites)
         if self._dashboard is not None:
             sites.append(self._dashboard)
-        sites = [with_certificates(site, self._certificates) for site in sites]
+        now = time.time()
+        sites = [with_certificates(site, self._certificates, now) for site in sites]
         return tuple(sorted(sites, key=lambda s: s.app))
 
     def _request_nginx(self) -> None:
@@ -59,10 +61,6 @@ class Routing(SupervisorState):
         wanted = acme_owners(sites)
         if wanted != self._acme_owners and self.c.acme is not None:
             self._acme_owners = wanted
-            # A host no longer wanted loses its certificate here: claimed again (weeks
-            # later, maybe by another app), it gets the one keter.acme says is good then.
-            for host in set(self._certificates) - set(wanted):
-                del self._certificates[host]
             self.c.acme.tell(CertificatesWanted(hosts=acme_hosts_in_turn(sites), owners=wanted))
 
     def _nginx_replied(self, generation: int, failure: str | None, refused: dict[str, str]) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from keter.config import KeterConfig
 from keter.deploys import App, Deploy
-from keter.messages import AppSnapshot, BundleArrived, Component, SwitchMode, TlsFiles
+from keter.messages import AppSnapshot, BundleArrived, CertificateIssued, Component, SwitchMode
 from keter.processes.ports import PortPool
 from keter.routes import dashboard_site
 from keter.supervisor.components import Components
@@ -72,7 +72,7 @@ class SupervisorState:
         self._dashboard = dashboard_site(config)  # routed with the apps when configured
         # keter.acme: the certificates it has issued, and the hosts (and their apps) it
         # was last asked for.
-        self._certificates: dict[str, TlsFiles] = {}
+        self._certificates: dict[str, CertificateIssued] = {}
         self._acme_owners: dict[str, str] = {}
         self._published: dict[str, AppSnapshot] = {}
         self._changed: set[str] = set()  # apps whose snapshot may have changed

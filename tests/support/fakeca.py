@@ -13,7 +13,8 @@ no signature, validates every challenge at once, and misbehaves on demand:
   whitespace (with a Content-Length if ``huge_declared``, else up to the
   connection's end); ``huge_sent`` counts what the client took;
 - ``delay``: every answer waits this many seconds first;
-- ``serial``: the serial of every certificate it issues (else a random one).
+- ``serial``: the serial of every certificate it issues (else a random one);
+- ``failing_hosts``: hosts whose certificates are ``wrong_host`` whatever the mode.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class FakeCa:
         self.huge_sent = 0
         self.delay = 0.0
         self.serial: int | None = None  # every leaf's serial, if set (RFC 5280 forbids it)
+        self.failing_hosts: set[str] = set()  # these get "wrong_host" whatever cert_mode says
         self.orders: list[str] = []  # the host of each new order, in order
         self.token = "tok" + "A" * 40
         self._state: dict[str, object] = {"host": None, "csr": None, "answered": False}
@@ -225,7 +227,7 @@ class FakeCa:
         host, key = self._state["host"], csr.public_key()
         now = datetime.datetime.now(datetime.UTC)
         begins, ends = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=90)
-        mode = self.cert_mode
+        mode = "wrong_host" if host in self.failing_hosts else self.cert_mode
         if mode == "wrong_key":
             key = ec.generate_private_key(ec.SECP256R1()).public_key()
         elif mode == "wrong_host":

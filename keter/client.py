@@ -214,26 +214,37 @@ def wait_for_verdict(
     the command began at ``since`` (wall clock, before its bundle was put in place or
     its request sent), or None.
 
-    An entry of a deploy that began before ``since`` is another's (one that was
-    unpacking when this bundle came, and so was superseded by it). An entry with an
-    empty sha256 is a deploy that ended before its bundle was read (it cannot name its
-    version): ours too. A deploy of ours superseded by another of the same version
-    (a restart, the same bundle copied again) is followed to that one's end; one
-    superseded by another version is the verdict.
+    Entries are matched by version: one of another version is another deploy's. An
+    entry with an empty sha256 is a deploy that ended before its bundle was read (it
+    cannot name its version): ours if it began after ``since`` (a bundle that was
+    unpacking when ours came ended so too, superseded by ours). A deploy of ours
+    superseded is the verdict, unless a deploy of the same version, or of one not
+    read yet, is under way (a restart, the same bundle copied again): that one's end
+    is, then.
     """
     deadline = time.monotonic() + timeout
     superseded = None
     while (left := deadline - time.monotonic()) > 0:
         for entry in client.history_after(app, after, wait=min(left, 25.0)):
             after = max(after, entry["seq"])
-            if entry["at"] - entry["duration"] < since - BEGAN_SLACK:
-                continue
-            if sha256 is None:
-                return entry
-            if entry["sha256"] == sha256 and entry["outcome"] == "superseded":
-                superseded = superseded or entry
-            elif entry["sha256"] == sha256 or (entry["sha256"] == "" and superseded is None):
-                return entry
-            elif superseded is not None and entry["sha256"]:
-                return superseded  # another version took its place
+            found = entry["sha256"]
+            if found == "" and entry["at"] - entry["duration"] < since - BEGAN_SLACK:
+                continue  # an older deploy, ended before its bundle was read
+            if sha256 is None or found in (sha256, ""):
+                if entry["outcome"] != "superseded":
+                    return entry
+                superseded = entry
+        if superseded is not None and not _still_coming(client, app, sha256):
+            return superseded
     return superseded
+
+
+def _still_coming(client: KeterClient, app: str, sha256: str | None) -> bool:
+    """Whether a deploy of ``app`` that may be of this version is under way."""
+    try:
+        deploying = client.app(app).get("deploying")
+    except ClientError:  # gone (its bundle removed)
+        return False
+    if deploying is None:
+        return False
+    return deploying == "" or (sha256 is not None and sha256.startswith(deploying))

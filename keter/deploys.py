@@ -267,6 +267,13 @@ class App:
         busy = self.serving or self.next or self.waiting or self.ending
         return not busy
 
+    @property
+    def _deploying(self) -> str | None:
+        """The version on its way, "" while it is not read yet, None when none is."""
+        if self.next is not None:
+            return self.next.version if self.next.sha256 else ""
+        return "" if self.waiting is not None else None
+
     def snapshot(self) -> AppSnapshot:
         shown = self.serving
         if shown is None:
@@ -292,5 +299,5 @@ class App:
             # app showed 0 restarts.
             restarts=shown.restarts if shown else 0,
             database=shown.db.name if shown and shown.db else None,
-            deploying=self.next.version if self.next and self.next.sha256 else None,
+            deploying=self._deploying,
         )

@@ -838,7 +838,7 @@ class AppSnapshot:
     started_at: float | None  # wall clock time the serving process (re)started
     restarts: int  # crash restarts of the serving version
     database: str | None  # never the password
-    deploying: str | None = None  # short sha256 of a version on its way, if any
+    deploying: str | None = None  # short sha256 of a version on its way ("": not read yet)
 
 
 @message

@@ -19,6 +19,7 @@ import sys
 import tarfile
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -575,13 +576,18 @@ def test_a_refusal_naming_a_hostile_file_is_one_escaped_line(capsys, tmp_path):
 
 
 class History:
-    """A status API that has these entries of app "a" (as history_after gives them)."""
+    """A status API that has these entries of app "a" (as history_after gives them), and
+    shows app "a" deploying ``deploying`` (None: nothing; "": a version not read yet)."""
 
-    def __init__(self, *entries: dict) -> None:
+    def __init__(self, *entries: dict, deploying: str | None = None) -> None:
         self.entries = [{"seq": seq, **entry} for seq, entry in enumerate(entries, 1)]
+        self.deploying = deploying
 
     def history_after(self, app: str, after: int, wait: float) -> list[dict]:
         return [entry for entry in self.entries if entry["seq"] > after]
+
+    def app(self, name: str) -> dict:
+        return {"name": name, "deploying": self.deploying}
 
 
 def ended(outcome: str, sha256: str, began: float, at: float = 100.0) -> dict:
@@ -592,25 +598,32 @@ OURS, OTHER = "a" * 64, "b" * 64
 
 
 @pytest.mark.parametrize(
-    ("entries", "expected"),
+    ("entries", "deploying", "expected"),
     [
         # The bundle that was unpacking when ours came: superseded, with no sha256 yet.
-        ([ended("superseded", "", 40.0), ended("serving", OURS, 51.0)], 1),
+        ([ended("superseded", "", 40.0), ended("serving", OURS, 51.0)], OURS[:12], 1),
         # The same version's deploy under way when `keter restart` touched it again.
-        ([ended("superseded", OURS, 45.0), ended("serving", OURS, 52.0)], 1),
-        # Ours superseded by the same bundle copied again: followed to that one's end.
-        ([ended("superseded", OURS, 51.0), ended("serving", OURS, 52.0)], 1),
-        # Ours superseded by another version: that is the verdict.
-        ([ended("superseded", OURS, 51.0), ended("serving", OTHER, 52.0)], 0),
+        ([ended("superseded", OURS, 45.0), ended("serving", OURS, 52.0)], OURS[:12], 1),
+        # Ours superseded by the same bundle copied again, not read yet: followed.
+        ([ended("superseded", OURS, 51.0), ended("serving", OURS, 52.0)], "", 1),
+        # Ours superseded by another version: that is the verdict, at once.
+        ([ended("superseded", OURS, 51.0), ended("serving", OTHER, 52.0)], OTHER[:12], 0),
+        # Ours superseded as its bundle was removed: nothing follows; the verdict at once.
+        ([ended("superseded", OURS, 51.0)], None, 0),
         # Ours failed before its bundle was read: it cannot name its version.
-        ([ended("failed", "", 51.0)], 0),
+        ([ended("failed", "", 51.0)], None, 0),
+        # Our serving entry, though the wall clock was stepped back meanwhile.
+        ([ended("serving", OURS, 49.5)], None, 0),
     ],
-    ids=["older-unpacking", "older-same-version", "followed", "replaced", "unread"],
-)
-def test_a_commands_verdict_is_the_end_of_its_own_deploy(entries, expected) -> None:
+    ids=["older-unpacking", "older-same-version", "followed", "replaced", "removed", "unread",
+         "clock-stepped-back"],
+)  # fmt: skip
+def test_a_commands_verdict_is_the_end_of_its_own_deploy(entries, deploying, expected) -> None:
     """`keter deploy` took the end of a deploy that had begun before its own (the bundle
     it superseded, with no sha256 yet) for its verdict, and exited 1 while its version
     served; `keter restart` did the same with the deploy of its own version it replaced."""
-    history = History(*entries)
-    verdict = commands.wait_for_verdict(history, "a", 0, OURS, 1.0, since=50.0)
+    history = History(*entries, deploying=deploying)
+    began = time.monotonic()
+    verdict = commands.wait_for_verdict(history, "a", 0, OURS, 5.0, since=50.0)
     assert verdict == history.entries[expected]
+    assert time.monotonic() - began < 1  # none waits for its timeout

@@ -943,6 +943,18 @@ def test_clients_that_do_not_log_in_cannot_lock_out_one_that_does(make_status, s
             sock.close()
 
 
+def test_a_refused_request_with_a_large_body_gets_its_refusal(make_status) -> None:
+    # A script with a stale token sending its settings was told to shrink its body (413,
+    # "larger than 65536 bytes"), when it needed to log in (401) or name keter (421).
+    status = make_status()
+    body = json.dumps({"set": {"BIG": "x" * 100_000}}).encode()
+    stale = {"Authorization": "Bearer stale"}
+    code, headers, _ = status.http("POST", "/api/apps/x/env", stale, body, login=False)
+    assert code == 401 and "WWW-Authenticate" in headers
+    assert status.http("POST", "/api/apps/x/env", {"Host": "evil.example"}, body)[0] == 421
+    assert status.http("POST", "/api/apps/x/env", stale, b"{}", login=False)[0] == 401
+
+
 def test_credentials_that_are_not_ascii_are_refused_not_a_failure(make_status, caplog):
     # base64 of a non-ASCII text raised past the login check: a 500 and a traceback
     # in keter's log at each request, for anyone who reaches the port.

@@ -192,8 +192,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             # makes the client's send fail (EPIPE) or its read (a reset) lose the answer.
             # A refused client's slow body still leaves its connection to be closed for
             # another: it must not keep out those who log in.
-            if method == "POST":
-                self.body = self._read_body(MAX_BODY if refused is None else REFUSED_BODY)
+            if method == "POST" and refused is None:
+                self.body = self._read_body(MAX_BODY)
+            elif method == "POST" and 0 <= self._body_length() <= REFUSED_BODY:
+                self._read_body(REFUSED_BODY)
+            elif method == "POST":  # the refusal is the answer, the body left unread
+                self.close_connection = True
             if refused is not None:
                 raise refused
             matched = False
@@ -308,12 +312,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     # -- plumbing --------------------------------------------------------------------
 
-    def _read_body(self, limit: int) -> bytes:
+    def _body_length(self) -> int:
+        """The body's length its head declares (-1 if it says nonsense)."""
         try:
-            length = int(self.headers.get("Content-Length") or 0)
+            return int(self.headers.get("Content-Length") or 0)
         except ValueError:
+            return -1
+
+    def _read_body(self, limit: int) -> bytes:
+        length = self._body_length()
+        if length < 0:
             self.close_connection = True
-            raise ApiError(400, "bad Content-Length") from None
+            raise ApiError(400, "bad Content-Length")
         if length > limit:
             self.close_connection = True
             raise ApiError(413, f"request body larger than {limit} bytes")

@@ -111,8 +111,9 @@ class _Bounded:
                 return False
             longest = min(self._awaiting, key=self._awaiting.__getitem__)
             del self._awaiting[longest]
-        with contextlib.suppress(OSError):  # it ended meanwhile
-            longest.shutdown(socket.SHUT_RDWR)
+            # Under the lock: a request let in (keep) meanwhile would be cut mid-way.
+            with contextlib.suppress(OSError):  # it ended meanwhile
+                longest.shutdown(socket.SHUT_RDWR)
         return True
 
     def handle_error(self, request, client_address) -> None:

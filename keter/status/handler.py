@@ -188,16 +188,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             refused = self._refusal(api)
             if refused is None:
                 self.server.keep(self.connection)  # type: ignore[attr-defined]
-            # Read before anything can answer: closing a connection with the body unread
-            # makes the client's send fail (EPIPE) or its read (a reset) lose the answer.
-            # A refused client's slow body still leaves its connection to be closed for
-            # another: it must not keep out those who log in.
-            if method == "POST" and refused is None:
-                self.body = self._read_body(MAX_BODY)
-            elif method == "POST" and 0 <= self._body_length() <= REFUSED_BODY:
-                self._read_body(REFUSED_BODY)
-            elif method == "POST":  # the refusal is the answer, the body left unread
-                self.close_connection = True
+            if method == "POST":
+                self.body = self._take_body(refused)
             if refused is not None:
                 raise refused
             matched = False
@@ -311,6 +303,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send_json(200, appops.purge(api, app, self._read_json()))
 
     # -- plumbing --------------------------------------------------------------------
+
+    def _take_body(self, refused: ApiError | None) -> bytes:
+        """The body, read before anything answers: closing a connection with the body
+        unread makes the client's send fail (EPIPE) or its read (a reset) lose the answer.
+        A refused request's is read up to REFUSED_BODY only (past that, the refusal is the
+        answer and the connection closes), and its connection may still be closed for
+        another meanwhile: a stranger makes keter read no megabytes, and keeps out no one
+        who logs in."""
+        if refused is None:
+            return self._read_body(MAX_BODY)
+        if 0 <= self._body_length() <= REFUSED_BODY:
+            self._read_body(REFUSED_BODY)
+        else:
+            self.close_connection = True
+        return b""
 
     def _body_length(self) -> int:
         """The body's length its head declares (-1 if it says nonsense)."""

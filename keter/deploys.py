@@ -264,8 +264,8 @@ class App:
 
     @property
     def idle(self) -> bool:
-        busy = self.serving or self.next or self.waiting or self.ending
-        return not busy
+        nothing_on = self.serving is None and self.next is None and self.waiting is None
+        return nothing_on and not self.ending
 
     @property
     def _deploying(self) -> str | None:

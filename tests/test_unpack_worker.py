@@ -152,7 +152,7 @@ def test_a_worker_that_says_it_is_working_is_waited_for(tmp_path, worker) -> Non
     working = "print('[\"working\"]', flush=True); __import__('time').sleep(0.4)"
     answer = f'print(\'["unpacked", "{"0" * 64}"]\', flush=True)'
     slow = worker(stand_in(f"{working}; " * 6 + answer))
-    slow.stall_seconds = 1
+    slow.stall_seconds = 2  # its words come every 0.4 s; more than 2 s in all
     assert slow.unpack(tmp_path / "a.keter", tmp_path / "a", max_bytes=MIB, max_members=10)
 
 

@@ -114,6 +114,32 @@ class Component:
             self.reports.get_nowait()
 
 
+class Driven:
+    """An AcmeManager driven on the test's thread, on a clock the test moves, that wants
+    ``owners``' hosts (in that order) for their apps."""
+
+    def __init__(self, component: Component, owners: dict[str, str]) -> None:
+        self.now = time.time()
+        self.manager = AcmeManager(
+            settings=AcmeSettings(directory=component.ca.directory),
+            folder=component.folder,
+            challenges=component.base / "challenges",
+            report_to=queue.Queue(),
+            clock=lambda: self.now,
+        )
+        self.manager.on_start()
+        self.manager.handle(CertificatesWanted(hosts=tuple(owners), owners=owners))
+        self.hosts = len(owners)
+
+    def minutes(self, count: int, step: float = 60) -> None:
+        """``count`` times: the clock moves ``step`` seconds on, then as many checks as
+        there are hosts (each orders at most one host that is due)."""
+        for _ in range(count):
+            self.now += step
+            for _ in range(self.hosts):
+                self.manager.handle(manager_module._Check())
+
+
 @pytest.fixture
 def component(tmp_path: Path, ca: FakeCa) -> Iterator[Component]:
     made = Component(tmp_path, ca)
@@ -233,23 +259,10 @@ def test_a_host_whose_orders_keep_failing_takes_no_turn_of_its_sibling(
     the order it was ordered every time: its sibling never got a certificate (nor would
     it have been renewed)."""
     component.ca.failing_hosts = {"api.shop.test"}
-    owners = {"api.shop.test": "shop", HOST: "shop"}
-    now = [time.time()]
-    manager = AcmeManager(
-        settings=AcmeSettings(directory=component.ca.directory),
-        folder=component.folder,
-        challenges=component.base / "challenges",
-        report_to=queue.Queue(),
-        clock=lambda: now[0],
-    )
-    manager.on_start()
-    manager.handle(CertificatesWanted(hosts=("api.shop.test", HOST), owners=owners))
-    for _ in range(10):
-        now[0] += 60
-        for _ in range(len(owners)):
-            manager.handle(manager_module._Check())
+    driven = Driven(component, {"api.shop.test": "shop", HOST: "shop"})
+    driven.minutes(10)
     assert HOST in component.ca.orders
-    assert manager.hosts[HOST].certificate is not None
+    assert driven.manager.hosts[HOST].certificate is not None
 
 
 def test_a_renewal_under_the_same_serial_reaches_nginx_as_a_new_certificate(
@@ -532,31 +545,15 @@ def test_an_app_whose_orders_fail_orders_no_more_than_an_app_with_one_host(
     ordered 6 times as often as one, and 100 of them used up Let's Encrypt's 300
     orders per account in 3 hours, which every app's certificates share."""
     noisy = [f"n{i}.test" for i in range(6)]
-    owners = dict.fromkeys(noisy, "noisy") | {HOST: "shop"}
-    now = [time.time()]
-    manager = AcmeManager(
-        settings=AcmeSettings(directory=component.ca.directory),
-        folder=component.folder,
-        challenges=component.base / "challenges",
-        report_to=queue.Queue(),
-        clock=lambda: now[0],
-    )
+    owners = {noisy[0]: "noisy", HOST: "shop"} | dict.fromkeys(noisy[1:], "noisy")
     component.ca.cert_mode = "wrong_host"  # every certificate the CA issues is refused
-    # Driven on this thread, a simulated minute at a time (each _Check orders at most
-    # one due host), for an hour: the first order and 1 minute doubling, 7 orders a host.
-    manager.on_start()
-    manager.handle(CertificatesWanted(hosts=(noisy[0], HOST, *noisy[1:]), owners=owners))
-    for _ in range(64):
-        now[0] += 60
-        for _ in range(len(owners)):
-            manager.handle(manager_module._Check())
+    driven = Driven(component, owners)
+    driven.minutes(64)  # the first order and 1 minute doubling: 7 orders a host
     orders = list(component.ca.orders)
     assert orders.count(HOST) == 7, orders
     assert len(orders) - orders.count(HOST) <= 8, orders
 
     # One success ends the app's streak: its hosts are ordered as soon as each is due.
     component.ca.cert_mode = "good"
-    now[0] += 86400
-    for _ in range(len(owners)):
-        manager.handle(manager_module._Check())
+    driven.minutes(1, step=86400)
     assert sorted(component.ca.orders[len(orders) :]) == sorted(owners)

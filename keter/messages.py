@@ -60,7 +60,8 @@ class Outcome(enum.StrEnum):
 
     SERVING = "serving"  # it took the traffic
     FAILED = "failed"  # it never served; the previous version (if any) serves on
-    SUPERSEDED = "superseded"  # a newer bundle (or the bundle's removal) replaced it first
+    # A newer bundle (or the bundle's removal) replaced it first, or keter stopped.
+    SUPERSEDED = "superseded"
     ROLLED_BACK = "rolled-back"  # it served, made real traffic worse, and was rolled back
 
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import time
@@ -24,6 +25,7 @@ from support.net import body, served
 from support.wait import wait_for
 
 from keter.daemon import SHUTDOWN_MARGIN
+from keter.supervisor.endings import INTERRUPTED
 
 FAULTS = Path(__file__).parent / "apps" / "fault_injection"
 
@@ -162,3 +164,20 @@ def test_a_killed_keters_half_written_files_are_removed_at_the_next_start(keter,
     assert [path for path in left if path.exists()] == []
     assert all(path.exists() for path in kept)
     assert "keter: removed 4 half-written files a stopped keter left" in keter.log()
+
+
+def test_a_deploy_keter_stops_in_the_middle_of_keeps_its_line_of_history(
+    keter, private_nginx, tmp_path
+):
+    # The bundle deploys again at the next start, as an attempt of its own; the one
+    # keter's stop cut short was in no history.
+    config = webapp_config("slow.test", "v1", args=["--never-listen"])
+    keter.drop(make_bundle(tmp_path / "slow.keter", config=config))
+    wait_for(lambda: app_processes(keter), 10, "the app to start")
+    assert keter.stop() == 0
+    history = json.loads((keter.root / "etc" / "history.json").read_text())
+    [entry] = history["apps"]["slow"]
+    assert entry["outcome"] == "superseded"
+    assert entry["reason"] == INTERRUPTED
+    assert len(entry["sha256"]) == 64
+    assert "slow: deploy #1 cut short: keter stops" in keter.log()

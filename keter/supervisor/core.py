@@ -188,6 +188,7 @@ class Supervisor(
                 self.c.watcher.tell(Rescan())
             case ShutdownRequested(signal_name=name):
                 log.info("keter: %s received, stopping every app", name)
+                self._keter_stops()
                 self.exit_code = 0
             case ComponentFailed():
                 self._component_failed(msg)

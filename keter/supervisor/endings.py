@@ -26,6 +26,9 @@ from keter.supervisor.timers import DrainOver
 
 log = logging.getLogger(__name__)
 
+# The history's reason for a deploy that keter's own stop cut short.
+INTERRUPTED = "keter stopped before it finished; it deploys again at the next start"
+
 
 class Endings(SupervisorState):
     """Failing, abandoning, draining, retiring and ending deploys; removing apps."""
@@ -96,6 +99,18 @@ class Endings(SupervisorState):
         app.next = None
         self._release_hosts(deploy, keep=app.serving)
         self._retire(deploy, 0)
+
+    def _keter_stops(self) -> None:
+        """Each deploy on its way gets its line of history before keter stops.
+
+        The monitor stops its processes with every other app's; the bundle deploys
+        again at the next start, as an attempt of its own.
+        """
+        for app in self.apps.values():
+            deploy = app.next
+            if deploy is not None and deploy.outcome is None:
+                log.info("%s: deploy #%d cut short: keter stops", app.name, deploy.id)
+                self._finished(deploy, Outcome.SUPERSEDED, INTERRUPTED)
 
     def _drain(self, deploy: Deploy) -> None:
         """A version that served no longer gets new connections (SERVING -> DRAINING).

@@ -25,6 +25,7 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -64,19 +65,23 @@ def copy_hashed(
     mode: int = 0o644,
     expected: str | None = None,
     durable: bool = True,
+    unless: Callable[[], str | None] = lambda: None,
 ) -> str:
     """Copy ``source`` to ``folder/name`` atomically; return the sha256 of what was written.
 
     The data goes to a hidden temporary file in the same folder, is fsynced
     (unless not ``durable``: the caller syncs later), and is renamed over
     ``name`` only when complete, and only if its sha256 is ``expected`` (when
-    given; else HashMismatch is raised and nothing changes).
+    given; else HashMismatch is raised and nothing changes), and only if
+    ``unless()``, asked last, gives no reason not to (else ArchiveError(reason)).
     """
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     try:
         digest = _write_hashed(source, fd, mode, durable)
         if expected is not None and digest != expected:
             raise HashMismatch(f"got sha256 {digest[:12]}, expected {expected[:12]}")
+        if reason := unless():
+            raise ArchiveError(reason)
         os.replace(tmp, folder / name)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -203,8 +208,15 @@ class BundleArchive:
         shown = ", ".join(b.version for b in versions) or "none"
         raise ArchiveError(f"version {version} of {app} is not archived (archived: {shown})")
 
-    def restore(self, app: str, archived: ArchivedBundle, incoming: Path) -> None:
-        """Copy an archived bundle into incoming/ as ``APP.keter``, checking its bytes."""
+    def restore(
+        self,
+        app: str,
+        archived: ArchivedBundle,
+        incoming: Path,
+        unless: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        """Copy an archived bundle into incoming/ as ``APP.keter``, checking its bytes
+        (and ``unless``, as ``copy_hashed`` does)."""
         try:
             source = open(archived.path, "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError:
@@ -213,7 +225,7 @@ class BundleArchive:
             ) from None
         with source:
             try:
-                copy_hashed(source, incoming, app + SUFFIX, expected=archived.sha256)
+                copy_hashed(source, incoming, app + SUFFIX, expected=archived.sha256, unless=unless)
             except HashMismatch:
                 raise ArchiveError(f"archived version {archived.version} is damaged") from None
 

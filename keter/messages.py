@@ -982,6 +982,9 @@ class RollBack:
     version: str  # the version rolled back
     sha256: str  # the version to put back
     reason: str
+    # The rolled-back version's whole hash: its bundle must still be the one in
+    # incoming/ (not removed, nor replaced by a newer upload, since the order was sent).
+    replaces: str = ""
 
 
 @message

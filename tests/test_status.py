@@ -36,6 +36,7 @@ from support.daemon import status_api
 from support.net import free_port
 from support.wait import wait_for
 
+from keter import archive as archive_module
 from keter import envstore
 from keter.archive import BundleArchive
 from keter.client import ApiError, KeterClient
@@ -50,6 +51,7 @@ from keter.messages import (
     EventKind,
     FailureKind,
     Outcome,
+    RollBack,
 )
 from keter.status import StatusServer, handler, servers
 from keter.status.checks import RequestChecks
@@ -388,6 +390,51 @@ def test_rollback_needs_an_earlier_version(make_status):
         status.client.rollback("hello")
     assert info.value.status == 409
     assert "no earlier version" in str(info.value)
+
+
+@pytest.mark.parametrize("meanwhile", ["nothing", "removed", "replaced", "removed as it copies"])
+def test_an_automatic_rollback_puts_back_only_over_the_version_it_rolls_back(
+    make_status, monkeypatch, meanwhile
+):
+    # The supervisor orders it as a watched version fails; by the time it is carried
+    # out the operator may have removed the bundle (the removed app came back) or
+    # uploaded a newer one (replaced by the old version).
+    status = make_status()
+    v1 = drop_bundle(status.config, "hello", b"v1")
+    status.tell_and_wait(finished(sha256=v1))
+    v2 = drop_bundle(status.config, "hello", b"v2")
+    status.tell_and_wait(finished(sha256=v2))
+    bundle = status.config.incoming_dir / "hello.keter"
+    if meanwhile == "removed":
+        bundle.unlink()
+    elif meanwhile == "replaced":
+        drop_bundle(status.config, "hello", b"v3")
+    elif meanwhile == "removed as it copies":
+        write = archive_module._write_hashed
+
+        def write_then_remove(*args, **kwargs):
+            digest = write(*args, **kwargs)
+            bundle.unlink()
+            return digest
+
+        monkeypatch.setattr(archive_module, "_write_hashed", write_then_remove)
+    order = RollBack(app="hello", version=v2[:12], sha256=v1, reason="5xx", replaces=v2)
+    status.tell_and_wait(order)
+    done = status.reports.get(timeout=5)
+    assert (done.app, done.version) == ("hello", v2[:12])
+    if meanwhile == "nothing":
+        assert done.failure is None
+        assert bundle.read_bytes() == b"v1"
+        return
+    assert (
+        done.failure
+        == f"cannot put {v1[:12]} back: incoming/hello.keter was removed or replaced meanwhile"
+    )
+    assert [p.name for p in status.config.incoming_dir.iterdir()] == (
+        ["hello.keter"] if meanwhile == "replaced" else []
+    )
+    if meanwhile == "replaced":
+        assert bundle.read_bytes() == b"v3"
 
 
 def test_a_damaged_archive_is_never_deployed(tmp_path):

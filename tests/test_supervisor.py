@@ -608,6 +608,24 @@ def test_a_rollback_that_could_not_take_place_is_not_recorded_as_one(watched: Ri
     assert watched.sup.apps["a"].serving.sha256 == "22" * 32
 
 
+def test_a_rollback_is_recorded_even_once_the_version_put_back_serves(watched: Rig) -> None:
+    # The status component answers after its copy into incoming/; the watcher may see
+    # the copy first, and that version may deploy before the answer is handled.
+    watched.send(VersionUnhealthy(app="a", version="22" * 6, reason="5xx 50% of 40 requests"))
+    order = watched.status.one(RollBack)
+    assert order.replaces == "22" * 32
+    watched.deploy("a", webapp(watched.tmp), sha="11" * 32)
+    [back] = watched.finished()
+    assert (back.outcome, back.sha256) == (Outcome.SERVING, "11" * 32)
+    watched.send(RollBackDone(app="a", version=order.version, reason=order.reason))
+    [done] = watched.finished()
+    assert (done.outcome, done.sha256, done.reason) == (
+        Outcome.ROLLED_BACK,
+        "22" * 32,
+        order.reason,
+    )
+
+
 def test_a_verdict_after_the_watch_or_for_another_version_changes_nothing(watched: Rig) -> None:
     watched.send(VersionUnhealthy(app="a", version="11" * 6, reason="old news"))
     watched.clock.now += watched.sup.config.watch_seconds + 60

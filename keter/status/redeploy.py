@@ -147,12 +147,38 @@ def serve_last_served(board: StatusBoard, order: ServeLastServed) -> bool:
 def roll_back(board: StatusBoard, order: RollBack) -> str | None:
     """The supervisor's automatic rollback (a watched version made things worse).
 
-    Puts the archived version back into incoming/; why it cannot, or None.
+    Puts the archived version back into incoming/; why it cannot, or None. Only over
+    the bundle it rolls back: one removed meanwhile (the app is being removed) or
+    replaced by a newer upload stays as the operator left it.
     """
+    incoming = board.config.incoming_dir
+    bundle = incoming / f"{order.app}{SUFFIX}"
+    changed = f"incoming/{bundle.name} was removed or replaced meanwhile"
     try:
+        seen = _identity(bundle)
+        if seen is None or incoming_sha256(incoming, order.app) != order.replaces:
+            raise ArchiveError(changed)
         chosen = board.archive.find(order.app, order.sha256)
-        board.archive.restore(order.app, chosen, board.config.incoming_dir)
+        # Asked again just before the copy takes its place (the copy takes a while).
+        board.archive.restore(
+            order.app,
+            chosen,
+            incoming,
+            unless=lambda: changed if _identity(bundle) != seen else None,
+        )
+    except ApiError as exc:  # incoming_sha256: no bundle, or not a regular file
+        return f"cannot put {order.sha256[:12]} back: {exc.message}"
     except (ArchiveError, OSError) as exc:
         return f"cannot put {order.sha256[:12]} back: {exc}"
     log.info("%s: rolling back to version %s", order.app, chosen.version)
     return None
+
+
+def _identity(path: Path) -> tuple[int, int, int, int] | None:
+    """What tells one file at ``path`` from another (or from itself rewritten); None if
+    there is none."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)

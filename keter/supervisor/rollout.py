@@ -63,19 +63,23 @@ class Rollout(SupervisorState):
         target, deploy.rollback_to = deploy.rollback_to, None
         log.warning("%s: version %s made things worse (%s)", app_name, version, reason)
         if self.c.status is not None:
-            order = RollBack(app=app_name, version=version, sha256=target, reason=reason)
+            # Kept for RollBackDone: by then the version put back may have deployed
+            # and replaced it.
+            self._rollbacks[app_name] = deploy
+            order = RollBack(
+                app=app_name, version=version, sha256=target, reason=reason, replaces=deploy.sha256
+            )
             self.c.status.tell(order)
 
     def _rollback_done(self, msg: RollBackDone) -> None:
         """Recorded as rolled back only once its predecessor is back in incoming/ (it may
         not be archived: pruned by archive-keep, or replaced before it was archived)."""
+        deploy = self._rollbacks.pop(msg.app, None)
         if msg.failure is not None:
             text = f"version {msg.version} made things worse ({msg.reason}), and stays: "
             log.error("%s: %s%s", msg.app, text, msg.failure)
             self._event(msg.app, EventKind.NO_ROLLBACK, text + msg.failure)
             return
-        app = self.apps.get(msg.app)
-        deploy = app.serving if app is not None else None
         log.warning("%s: version %s rolled back: %s", msg.app, msg.version, msg.reason)
         if deploy is not None and deploy.version == msg.version:
             self._finished(deploy, Outcome.ROLLED_BACK, msg.reason, history_only=True)

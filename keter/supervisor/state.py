@@ -73,6 +73,8 @@ class SupervisorState:
         # keter.acme: the certificates it has issued, and the hosts (and their apps) it
         # was last asked for.
         self._certificates: dict[str, CertificateIssued] = {}
+        # keter.supervisor.rollout: per app the version a RollBack in flight rolls back.
+        self._rollbacks: dict[str, Deploy] = {}
         self._acme_owners: dict[str, str] = {}
         self._published: dict[str, AppSnapshot] = {}
         self._changed: set[str] = set()  # apps whose snapshot may have changed

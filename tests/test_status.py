@@ -973,6 +973,22 @@ SLOW_BODY = (
 )
 
 
+def test_a_connection_closed_to_make_room_is_shut_down_under_the_lock_keep_takes():
+    # Shut down after the lock was let go, a connection whose request was let in
+    # (keep) in between was cut mid-answer.
+    server = servers._Bounded()
+    held = []
+
+    class Connection:
+        def shutdown(self, how: int) -> None:
+            held.append(server._awaiting_lock.locked())
+
+    server.may_close(Connection())
+    assert server._close_longest_waiting()
+    assert held == [True]
+    assert not server._close_longest_waiting()  # it waits no more
+
+
 @pytest.mark.parametrize("sent", [b"", SLOW_BODY], ids=["nothing", "a body byte by byte"])
 def test_clients_that_do_not_log_in_cannot_lock_out_one_that_does(make_status, sent):
     # Anyone who reaches the port, before any login, held every slot with connections

@@ -31,7 +31,7 @@ from support.spool import spool_line
 from support.wait import wait_for
 
 from keter.config import KeterConfig
-from keter.messages import WatchVerdict, WatchVersion
+from keter.messages import AppGone, VersionServing, WatchVerdict, WatchVersion
 from keter.stats import component as stats_component
 from keter.stats import spool
 from keter.stats.component import FORGET_WATCH, StatsCollector, _Watch
@@ -615,6 +615,38 @@ def test_a_quiet_keter_adds_up_no_app_and_reports_nothing(tmp_path, monkeypatch)
     stats.on_stop()
 
 
+def test_a_removed_app_is_forgotten_and_its_late_records_only_written(tmp_path):
+    """nginx flushes its buffers up to a second late (its retiring workers as they
+    exit): such records of a removed app had reopened its access log for an hour and
+    brought its series back into /metrics, which keeps none of an app that is gone."""
+    stats = StatsCollector(KeterConfig(root=tmp_path / "root"))
+    stats.on_start()
+
+    def read(n: int) -> None:
+        with stats.spool_path.open("ab") as out:
+            out.write(b"".join(spool_line("hello") + b"\n" for _ in range(n)))
+        stats._read(time.monotonic() + 30)
+
+    read(3)
+    first = stats.traffic_report(time.time())
+    assert first is not None and [a.app for a in first.apps] == ["hello"]
+    access = stats.config.log_dir / "access-hello.log"
+    stats.handle(AppGone(app="hello"))
+    assert "hello" not in stats._logs and "hello" not in stats.traffic.totals
+    gone = stats.traffic_report(time.time())
+    assert gone is not None and gone.gone == ("hello",) and not gone.apps
+    read(2)  # late
+    assert len(access.read_bytes().splitlines()) == 5  # written
+    assert "hello" not in stats._logs  # not held open
+    assert "hello" not in stats.traffic.totals and stats.traffic_report(time.time()) is None
+    stats.handle(VersionServing(app="hello", version="0123456789ab", since=time.time()))
+    read(1)  # deployed again: counted again
+    again = stats.traffic_report(time.time())
+    assert again is not None and [a.app for a in again.apps] == ["hello"]
+    assert again.apps[0].versions[0].classes == (0, 1, 0, 0, 0)  # only the new one
+    stats.on_stop()
+
+
 def test_quiet_watched_versions_cost_nothing_until_their_window_ends(tmp_path, monkeypatch):
     """1000 versions watched at once, without traffic (issue 16.5: idle): a second's
     check looks at none of them and the report is not rebuilt; each passes once at its
@@ -771,6 +803,8 @@ def test_counts_per_status_class_are_exact_per_version(keter, private_nginx, tmp
     assert holds(keter, log_file)
     (keter.incoming / "traf.keter").unlink()
     wait_for(lambda: not holds(keter, log_file), 10, "keter to close the access log")
+    # Its series go with it.
+    wait_for(lambda: 'app="traf"' not in client.text("/metrics"), 10, "its series to go")
 
 
 def holds(keter, path: Path) -> bool:

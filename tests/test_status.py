@@ -211,7 +211,7 @@ def test_events_feed_is_newest_first_and_names_deploys(make_status):
 
 def test_app_urls(tmp_path):
     on_8080 = KeterConfig(root=tmp_path, listeners=(Listener("*", 8080),))
-    assert app_urls(("a.test", "*.b.test"), on_8080) == ["http://a.test:8080/"]
+    assert app_urls(("a.test", "*.b.test", "c.*.test"), on_8080) == ["http://a.test:8080/"]
     assert app_urls(("a.test",), KeterConfig(root=tmp_path)) == ["http://a.test/"]
 
 

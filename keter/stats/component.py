@@ -57,6 +57,9 @@ BASELINE_SECONDS = 300  # the window of the previous version's 5xx ratio
 QUERY_TIMEOUT = 10.0
 SERVING_KEPT = 8  # versions remembered per app to name the records that say "-"
 SETTLE_SECONDS = 1.0  # records that say "-" wait this long for news of a switch
+# A removed app's late records (nginx flushes its buffers up to a second later, and
+# its retiring workers as they exit) are written, not counted, for this long.
+REMOVED_KEPT = 3600.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,6 +149,9 @@ class StatsCollector(Actor):
         self._reported: dict[str, AppTraffic] = {}
         self._counted: set[str] = set()
         self._gone: set[str] = set()  # apps forgotten (an hour without requests), to report
+        # Apps removed (AppGone), oldest first, and when: not counted or reported again
+        # unless they serve again (VersionServing).
+        self._removed: dict[str, float] = {}
         self._reported_watches: tuple[WatchState, ...] = ()
         self._left = -float("inf")  # slots starting by this had left the last report's minute
         self._last_report = 0.0
@@ -177,13 +183,12 @@ class StatsCollector(Actor):
             case WatchVersion():
                 self._watch(message)
             case VersionServing(app=app, version=version, since=since):
+                self._removed.pop(app, None)
                 kept = self._serving.setdefault(app, [])
                 kept.append((since, version))
                 del kept[:-SERVING_KEPT]
             case AppGone(app=app):
-                # Its access log is closed now, not after an hour idle: the operator may
-                # delete it, and its disk space must come back then.
-                self._close_log(app)
+                self._forget(app)
             case TrafficQuery(app=app, reply=reply):
                 # One its asker gave up on is not worked out: a flood of queries timed out
                 # had kept the actor from the spool and the watches for as long.
@@ -199,6 +204,7 @@ class StatsCollector(Actor):
             self._last_report = now
             self._gone |= self.traffic.prune(now)
             self._close_idle_logs(now)
+            self._forget_removed(time.monotonic() - REMOVED_KEPT)
             self._check_watches(now)
             report = self.traffic_report(now)
             if self.status is not None and report is not None:
@@ -232,6 +238,9 @@ class StatsCollector(Actor):
     def _count(self, records: list[Record]) -> None:
         by_app: dict[str, list[bytes]] = {}
         for record in records:
+            if record.app in self._removed:  # its access line only
+                by_app.setdefault(record.app, []).append(record.line)
+                continue
             self.traffic.add(record)
             self._counted.add(record.app)
             by_app.setdefault(record.app, []).append(record.line)
@@ -275,6 +284,10 @@ class StatsCollector(Actor):
 
     def _access_log(self, app: str, lines: list[bytes]) -> None:
         applog = self._logs.get(app)
+        if applog is None and app in self._removed:
+            # Late lines of a removed app: its log is not held open again.
+            self._append_once(app, lines)
+            return
         if applog is None:
             try:
                 validate_app_name(app)  # it names a file
@@ -291,6 +304,40 @@ class StatsCollector(Actor):
         self._log_used.pop(app, None)
         self._log_used[app] = time.monotonic()  # now the most recent: last in the dict
         applog.append(lines, b"", app)  # a full disk: said once, and the statistics go on
+
+    def _append_once(self, app: str, lines: list[bytes]) -> None:
+        path = self.config.log_dir / f"access-{app}.log"
+        try:
+            applog = AppLog(path, self.config.log_max_bytes, self.config.log_backups)
+        except OSError as exc:
+            log.error("%s: cannot open %s: %s", app, path, exc)
+            return
+        try:
+            applog.append(lines, b"", app)
+        finally:
+            applog.close()
+
+    def _forget(self, app: str) -> None:
+        """The app was removed. Its access log closes now, not after an hour idle: the
+        operator may delete it and must get its disk space back. Its statistics go
+        (from /metrics too: its series go with the app); its last hour's slots age out
+        as any do (``keter stats`` shows them if it comes back within the hour)."""
+        self._close_log(app)
+        self._serving.pop(app, None)
+        if self._watches.pop(app, None) is not None:
+            self._watches_changed = True
+        self.traffic.totals.pop(app, None)
+        self._counted.discard(app)
+        self._gone.add(app)  # the next report drops its entry
+        self._removed.pop(app, None)
+        self._removed[app] = time.monotonic()  # the most recent: last
+
+    def _forget_removed(self, before: float) -> None:
+        while self._removed:
+            app, at = next(iter(self._removed.items()))  # the oldest
+            if at >= before:
+                break
+            del self._removed[app]
 
     def _close_idle_logs(self, now: float) -> None:
         idle = time.monotonic() - 3600
@@ -381,7 +428,7 @@ class StatsCollector(Actor):
         self._left = left
         self._counted = set()
         apps = []
-        for app in sorted(changed - self._gone):
+        for app in sorted(changed - self._gone - self._removed.keys()):
             entry = self._app_traffic(app, now)
             if entry == self._reported.get(app):
                 continue

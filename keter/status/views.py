@@ -30,7 +30,7 @@ from keter.messages import (
     TrafficReport,
     WatchState,
 )
-from keter.names import log_text
+from keter.names import WILDCARD, log_text
 from keter.routes import approot
 from keter.status.errors import ApiError
 
@@ -50,7 +50,7 @@ def app_urls(hosts: tuple[str, ...], config: KeterConfig) -> list[str]:
     return [
         approot(host, secure=False, settings=config) + "/"
         for host in hosts
-        if not host.startswith("*.")
+        if WILDCARD not in host.split(".")
     ]
 
 

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import psutil
 import pytest
@@ -1034,6 +1035,70 @@ def test_a_setsid_daemon_stays_in_the_apps_cgroup_and_goes_with_it(cgroups, make
     monitor.expect(ProcessStopped, deploy_id=1)
     assert not alive(daemon) and not alive(started.pid)
     assert not cgroup.exists()
+
+
+LEAVES_A_SESSION = r"""
+import os, signal, sys
+if os.fork() == 0:
+    os.setsid()  # out of the group, still in the cgroup
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.stdout.write(f"session pid {os.getpid()}\n")
+    sys.stdout.flush()
+    while True:
+        signal.pause()
+while True:
+    signal.pause()
+"""
+
+
+def take_pid(pid: int) -> subprocess.Popen | None:
+    """A new session (its pgid its pid) as the next process made, with ``pid`` if that
+    number is free; None if it is not (or the kernel will not be told, ns_last_pid)."""
+    for _ in range(20):
+        try:
+            Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+        except OSError:
+            return None
+        proc = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+        if proc.pid == pid:
+            return proc
+        proc.kill()
+        proc.wait()
+    return None
+
+
+def test_the_group_id_is_kept_until_the_group_is_no_longer_signalled(
+    cgroups, make_monitor, tmp_path
+):
+    # The leader exits at SIGTERM; a child in a session of its own ignores it and keeps
+    # the cgroup populated. The leader was reaped at once: with its group empty, its
+    # number (the group's id) went to the next process made, and keter's SIGKILL to the
+    # group at stop-timeout killed that stranger's whole session.
+    # stop-timeout: the time the test has to try to take the number
+    monitor = make_monitor(cgroups=cgroups, stop_timeout=3.0)
+    script = tmp_path / "leaves.py"
+    script.write_text(LEAVES_A_SESSION)
+    monitor.start(1, monitor.spec(command=(sys.executable, str(script))))
+    leader = monitor.expect(ProcessStarted, deploy_id=1).pid
+    log_path = tmp_path / "log" / "app.log"
+    wait_for(lambda: b"session pid" in log_path.read_bytes(), what="the child's session")
+    monitor.monitor.tell(StopProcess(app="app", deploy_id=1))
+    wait_for(
+        lambda: not psutil.pid_exists(leader) or psutil.Process(leader).status() == "zombie",
+        what="the leader to exit",
+    )
+    stranger = take_pid(leader)
+    try:
+        assert stranger is None  # its number is still taken: by its zombie
+        assert psutil.Process(leader).status() == "zombie"
+        monitor.expect(ProcessStopped, deploy_id=1)
+        assert not psutil.pid_exists(leader)  # reaped once the group was gone
+    finally:
+        if stranger is not None:
+            alive_then = stranger.poll() is None
+            stranger.kill()
+            stranger.wait()
+            assert alive_then, "keter killed a stranger's session"
 
 
 # -- ports that cannot be stolen ---------------------------------------------------------------

@@ -71,6 +71,7 @@ class Cgroup:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._id: int | None = None
+        self._tail = f"/{path.parent.name}/{path.name}".encode()  # see _signal_member
 
     @property
     def id(self) -> int:
@@ -107,8 +108,7 @@ class Cgroup:
             pass
         # Kernels before 5.14 have no cgroup.kill: kill what is listed, as often as needed.
         for pid in self.pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            self._signal_member(pid, signal.SIGKILL)
 
     def wait_empty(self, timeout: float) -> bool:
         """Block until no process is left, or ``timeout``; for start-up and shutdown only.
@@ -135,8 +135,27 @@ class Cgroup:
     def signal(self, sig: int) -> None:
         """Send ``sig`` to every process in it (one that forks meanwhile may be missed)."""
         for pid in self.pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
+            self._signal_member(pid, sig)
+
+    def _signal_member(self, pid: int, sig: int) -> None:
+        """Signal ``pid`` only if it is still in this cgroup: between reading
+        cgroup.procs and the signal it may have exited, been reaped by its parent and
+        its number gone to a stranger. The pidfd pins the process first; the check
+        after it is of that process (a pid is not reused while its process lives)."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except (ProcessLookupError, OSError):
+            return
+        try:
+            # "0::/.../keter-ID/dN-APP" (the same path whatever the cgroup namespace).
+            with open(f"/proc/{pid}/cgroup", "rb") as f:
+                if not any(line.endswith(self._tail) for line in f.read().splitlines()):
+                    return
+            signal.pidfd_send_signal(pidfd, sig)
+        except (ProcessLookupError, OSError):
+            return  # ended meanwhile
+        finally:
+            os.close(pidfd)
 
     def pids(self) -> list[int]:
         try:

@@ -1222,10 +1222,13 @@ class ProcessMonitor(Actor):
             entry.limit_groups.remove()
 
     def _release_run(self, run: _Run) -> None:
-        """The run's group is gone: the reader may stop reading its output."""
+        """The run's group is gone: the reader may stop reading its output, and the
+        leader's zombie, which kept the group's id from being reused while keter might
+        still signal the group (``reader.exit_status``), is reaped."""
         if not run.gone:
             run.gone = True
             self._reader.release(run)
+            run.proc.poll()
             self._records.remove(run.deploy_id)
 
 

@@ -5,8 +5,9 @@ pipe and a pidfd of its leader, plus a wake pipe that tells it about new
 runs and released ones. A pidfd becomes readable the moment the leader
 exits, even when a daemonised grandchild keeps the output pipe open, so an
 exit is seen at once; the thread then takes what the pipe holds (the leader's
-last words), reaps the leader and calls ``on_exit`` (the monitor posts
-``_Exited`` to itself).
+last words), reads the leader's exit status and calls ``on_exit`` (the monitor
+posts ``_Exited`` to itself). It does not reap the leader: the monitor does,
+once it has stopped signalling the group (``exit_status``).
 
 Why one thread: a thread per process costs a stack and a scheduler entry per
 app, and 1000 apps meant 1000 threads. One selector scales with the number
@@ -208,7 +209,10 @@ class OutputReader:
         if watched.pipe_open and not drain(watched.capture, watched.fd):
             self._close_pipe(watched)
         watched.capture.flush()
-        returncode = watched.proc.wait()  # it has exited: this reaps it at once
+        try:
+            returncode = exit_status(watched.pidfd)
+        except ChildProcessError:  # reaped already: keter is stopping (monitor.on_stop)
+            returncode = watched.proc.returncode if watched.proc.returncode is not None else -9
         self._close_pidfd(watched)
         self._on_exit(watched.key, returncode, watched.capture.tail(FAILURE_TAIL))
         self._finish_if_done(watched)
@@ -263,6 +267,24 @@ class OutputReader:
             watched.exited = True
             self._selector.unregister(watched.pidfd)
             os.close(watched.pidfd)
+
+
+def exit_status(pidfd: int) -> int:
+    """The exited process's status as Popen's returncode, without reaping it.
+
+    A leader's pid is its process group's id. Reaped, the number is free for any new
+    process as soon as the group has no member left, which an app empties while it
+    still runs (a child that calls setsid() stays in the cgroup, not in the group):
+    keter's next SIGKILL to the group would then reach a stranger's new session. The
+    zombie keeps the number until the monitor, done with the group, reaps it
+    (``Popen.poll`` in its ``_release_run``).
+    """
+    info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOWAIT)
+    if info is None:  # not exited after all (WNOHANG is not set: cannot happen)
+        raise ChildProcessError("the process has not exited")
+    if info.si_code == os.CLD_EXITED:
+        return info.si_status
+    return -info.si_status  # killed by (or dumped core on) signal si_status
 
 
 def read_once(capture: OutputCapture, fd: int) -> int | bool | None:

@@ -561,16 +561,22 @@ def test_an_apps_pair_follows_its_port_through_redeploys_restarts_and_removal(
 
 
 def test_the_reload_mode_does_not_isolate_apps_and_says_so(open_base, keter_factory, private_nginx):
+    # After a kernel-mode keter that was killed: its tables stayed, and their isolation
+    # reset an app's connections to its own new port.
     keter = keter_factory(
-        root=open_base / "root",
-        switch="reload",
-        **{"port-range": app_port_range(), "run-apps-as-root": False},
+        root=open_base / "root", **{"port-range": app_port_range(), "run-apps-as-root": False}
     )
+    assert Table.for_root(keter.root).exists(family="inet")
+    keter.kill()
+    keter.settings["switch"] = "reload"
+    keter.start()
     uids, ports = two_apps(keter, private_nginx, open_base)
+    assert not Table.for_root(keter.root).exists(family="ip")
     assert not Table.for_root(keter.root).exists(family="inet")
     assert request_as(uids["alpha"], "127.0.0.1", ports["beta"]) == "HTTP/1.0 200 OK"
     assert "/from-another-app 10.9.8.7" in seen_by(keter, "beta")
-    assert keter.log().count("apps can connect to each other's ports (no nftables isolation)") == 1
+    said = "apps can connect to each other's ports (no nftables isolation)"
+    assert keter.log_since_start().count(said) == 1
 
 
 # Serves its VERSION on PORT, and hands its listening socket (and those it was handed)

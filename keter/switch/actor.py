@@ -189,10 +189,11 @@ class Switch(Actor):
 
         The isolation table is part of the same transaction; a kernel that refuses it
         (no reject for inet, say) gets the kernel mode without it, and a warning."""
-        if not self.wanted:
-            return "keter-config.yaml sets switch: reload"
         if self.nft is None:
             self.nft = nft.find_nft()
+        if not self.wanted:
+            self._delete_leftovers()
+            return "keter-config.yaml sets switch: reload"
         if self.nft is None:
             return "nft is not installed (Debian's nftables package)"
         refused: dict[tuple[bool, bool], nft.NftError] = {}
@@ -221,7 +222,18 @@ class Switch(Actor):
                         refused[short_close, True],
                     )
                 return None
+        self._delete_leftovers()
         return f"nft cannot create table {self.table.name}: {refused[False, False]}"
+
+    def _delete_leftovers(self) -> None:
+        """Reload mode: a killed keter's tables go (its map, and its isolation set,
+        which would reset an app's connections to its own new port)."""
+        if self.nft is None:
+            return  # no nft, no tables (nft is how keter makes them)
+        try:
+            nft.apply(self.table.delete_script(), self.nft)
+        except nft.NftError as exc:
+            log.error("keter: cannot delete nftables table %s: %s", self.table.name, exc)
 
     def _hear(self) -> None:
         """Start the thread that tells this actor when the table may have been deleted."""

@@ -1006,3 +1006,6 @@ class ServeLastServed:
 
     app: str
     failed_sha256: str  # "" when the bundle failed before its hash was known
+    # What tells the failed bundle when its hash is not known: nothing is put back over
+    # a newer upload (it deploys instead).
+    failed_mtime: float = 0.0

@@ -52,6 +52,7 @@ from keter.messages import (
     FailureKind,
     Outcome,
     RollBack,
+    ServeLastServed,
 )
 from keter.status import StatusServer, handler, servers
 from keter.status.checks import RequestChecks
@@ -435,6 +436,29 @@ def test_an_automatic_rollback_puts_back_only_over_the_version_it_rolls_back(
     )
     if meanwhile == "replaced":
         assert bundle.read_bytes() == b"v3"
+
+
+@pytest.mark.parametrize("known", ["by its hash", "by its mtime"])
+@pytest.mark.parametrize("meanwhile", ["nothing", "replaced"])
+def test_the_version_that_served_last_goes_back_only_over_the_bundle_that_failed(
+    make_status, known, meanwhile
+):
+    # At keter's start the bundle in incoming/ failed and nothing serves: the archived
+    # version goes back in its place, but not over a fix the operator uploaded since.
+    status = make_status()
+    v1 = drop_bundle(status.config, "hello", b"v1")
+    status.tell_and_wait(finished(sha256=v1))
+    bad = drop_bundle(status.config, "hello", b"v2, failing")
+    bundle = status.config.incoming_dir / "hello.keter"
+    failed_mtime = bundle.stat().st_mtime_ns / 1e9
+    if meanwhile == "replaced":
+        drop_bundle(status.config, "hello", b"v3, the fix")
+        os.utime(bundle, ns=(0, 1_000_000_000))  # another mtime, whatever the clock
+    order = ServeLastServed(
+        app="hello", failed_sha256=bad if known == "by its hash" else "", failed_mtime=failed_mtime
+    )
+    status.tell_and_wait(order)
+    assert bundle.read_bytes() == (b"v1" if meanwhile == "nothing" else b"v3, the fix")
 
 
 def test_a_damaged_archive_is_never_deployed(tmp_path):

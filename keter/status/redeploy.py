@@ -130,8 +130,22 @@ def serve_last_served(board: StatusBoard, order: ServeLastServed) -> bool:
     if last.sha256 == order.failed_sha256:
         log.error("%s: the version that served last is the one failing; nothing serves", order.app)
         return False
+    incoming = board.config.incoming_dir
+    bundle = incoming / f"{order.app}{SUFFIX}"
     try:
-        board.archive.restore(order.app, last, board.config.incoming_dir)
+        seen = _identity(bundle)
+        if seen is None or not _is_failed_bundle(incoming, order, seen):
+            log.info(
+                "%s: incoming/%s changed since it failed; it deploys instead of version %s",
+                order.app,
+                bundle.name,
+                last.version,
+            )
+            return False
+        changed = f"incoming/{bundle.name} changed meanwhile"
+        board.archive.restore(
+            order.app, last, incoming, unless=lambda: changed if _identity(bundle) != seen else None
+        )
     except (ArchiveError, OSError) as exc:
         log.error("%s: cannot put back version %s: %s", order.app, last.version, exc)
         return False
@@ -172,6 +186,16 @@ def roll_back(board: StatusBoard, order: RollBack) -> str | None:
         return f"cannot put {order.sha256[:12]} back: {exc}"
     log.info("%s: rolling back to version %s", order.app, chosen.version)
     return None
+
+
+def _is_failed_bundle(incoming: Path, order: ServeLastServed, seen: tuple) -> bool:
+    """Whether incoming/ still holds the bundle that failed (``seen``: its identity)."""
+    if order.failed_sha256:
+        try:
+            return incoming_sha256(incoming, order.app) == order.failed_sha256
+        except ApiError:  # gone, or no regular file
+            return False
+    return seen[3] / 1e9 == order.failed_mtime  # as the supervisor has it (mtime_ns / 1e9)
 
 
 def _identity(path: Path) -> tuple[int, int, int, int] | None:

@@ -89,7 +89,11 @@ class Endings(SupervisorState):
             # The version that served before keter (re)started is gone with it: one bad
             # upload and a reboot must not take the app down. Once only: what this puts
             # back begins after the first scan.
-            self.c.status.tell(ServeLastServed(app=app.name, failed_sha256=deploy.sha256))
+            self.c.status.tell(
+                ServeLastServed(
+                    app=app.name, failed_sha256=deploy.sha256, failed_mtime=deploy.bundle_mtime
+                )
+            )
         self._continue_waiting(app)
 
     def _abandon(self, deploy: Deploy, reason: str) -> None:

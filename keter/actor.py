@@ -104,18 +104,17 @@ class Actor:
             self._timers_cancelled.add(timer)  # dropped once it is the next due, without waking
 
     def take_queued(self, kind: type | tuple[type, ...]) -> list:
-        """Take the messages of ``kind`` waiting in the inbox now; the rest keep their
-        order. For a component that answers many at once: the switch's one transaction
-        for every switch queued, the watcher's one rescan for every rescan asked."""
-        taken, others = [], []
-        while True:
-            try:
-                queued = self.inbox.get_nowait()
-            except queue.Empty:
-                break
-            (taken if isinstance(queued, kind) else others).append(queued)
-        for other in others:
-            self.inbox.put(other)
+        """Take the messages of ``kind`` at the head of the inbox now, up to the first
+        of another kind. For a component that answers many at once: the switch's one
+        transaction for every switch queued, the watcher's one rescan for every rescan
+        asked. Only from the head: a message taken past another would be carried out
+        before it (a port pointed again before its earlier release, which then deleted
+        it), and one put back would queue behind what came meanwhile."""
+        taken = []
+        with self.inbox.mutex:  # Queue's own lock: put() takes it too
+            waiting = self.inbox.queue
+            while waiting and isinstance(waiting[0], kind):
+                taken.append(waiting.popleft())
         return taken
 
     def _pop_timer(self) -> object:

@@ -83,3 +83,18 @@ def test_the_kernel_keeps_fifteen_ascii_bytes_of_a_name() -> None:
     assert kernel_name("keter-processes") == b"keter-processes"
     assert kernel_name("keter-status-http") == b"keter-status-ht"
     assert kernel_name("keter-backup-çafé") == b"keter-backup-?a"
+
+
+def test_messages_taken_at_once_are_only_those_at_the_head() -> None:
+    # The switch takes every queued PointServices for one transaction: taken from behind
+    # a ReleaseServices of the same port, the port was pointed again first and then
+    # deleted; and messages put back queued behind those that came meanwhile.
+    actor = Recorder(lambda actor: None)
+    for message in ["a1", "a2", 3, "a3"]:
+        actor.tell(message)
+    assert actor.take_queued(str) == ["a1", "a2"]
+    assert actor.take_queued(str) == []  # 3 comes first
+    assert actor._next_message() == 3
+    actor.tell(4)
+    assert actor.take_queued(str) == ["a3"]
+    assert actor._next_message() == 4

@@ -10,6 +10,7 @@ import pwd
 import re
 import shutil
 import signal
+import stat
 import socket
 import subprocess
 import sysconfig
@@ -298,6 +299,19 @@ def test_sighup_rescans_incoming(keter, private_nginx, tmp_path):
     wait_for(lambda: "rescanning" in keter.log(), 10, "the rescan")
     # An unchanged bundle is not deployed again.
     assert keter.log().count("hup: bundle seen") == 1
+
+
+def test_the_units_sandbox_allows_the_setgid_folders_keter_makes(keter, private_nginx, tmp_path):
+    # RestrictSUIDSGID=yes refuses the setgid bit on folders as well as on files, and
+    # the folders keter keeps beside nginx's config are setgid (files nginx reads take
+    # their group): under the shipped unit every deploy failed.
+    keter.drop(make_bundle(tmp_path / "sg.keter", config=webapp_config("sg.test", "v1")))
+    served(private_nginx, "sg.test", "v1")
+    config_file = Path(keter.settings["nginx"]["config-file"])
+    folders = [config_file.parent / f".{config_file.name}.d"]
+    assert folders and all(p.stat().st_mode & stat.S_ISGID for p in folders)
+    directives = (ROOT_DIR / "keter.service").read_text().splitlines()
+    assert not [line for line in directives if line.startswith("RestrictSUIDSGID=")]
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")

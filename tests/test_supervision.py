@@ -10,8 +10,8 @@ import pwd
 import re
 import shutil
 import signal
-import stat
 import socket
+import stat
 import subprocess
 import sysconfig
 import tempfile

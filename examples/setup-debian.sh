@@ -8,6 +8,11 @@
 # foreground.
 set -euo pipefail
 root=${1:-/opt/keter}
+# It goes into the systemd unit's ExecStart= and ReadWritePaths= as it is.
+[[ "$root" =~ ^/[A-Za-z0-9._/-]+$ ]] || {
+    echo "ROOT must be an absolute path of letters, digits and . _ / - (got: $root)" >&2
+    exit 1
+}
 src=$(cd "$(dirname "$0")/.." && pwd)
 [ "$(id -u)" = 0 ] || { echo "run as root (sudo)" >&2; exit 1; }
 

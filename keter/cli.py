@@ -14,11 +14,13 @@ import logging
 import os
 import sys
 import threading
+from pathlib import Path
 
-from keter import __version__
-from keter.config import ConfigError, KeterConfig, load_config
+from keter import __version__, rootcheck
+from keter.config import CONFIG_NAME, ConfigError, KeterConfig, load_config
 from keter.fsutil import remove_partial_writes
 from keter.log import setup_logging
+from keter.yamlcheck import absolute
 
 log = logging.getLogger("keter")
 
@@ -112,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.target)
     except ConfigError as exc:
         print(f"keter: bad configuration:\n{exc}", file=sys.stderr)
+        return 2
+    target = absolute(Path(args.target))
+    config_file = target / "etc" / CONFIG_NAME if target.is_dir() else target
+    if problems := rootcheck.problems(config.root, config_file):
+        for problem in problems:
+            print(f"keter: {problem}", file=sys.stderr)
         return 2
     try:
         prepare_root(config)

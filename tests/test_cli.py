@@ -35,7 +35,7 @@ from support.daemon import app_processes, keter_cli, status_api
 from support.net import Load, served
 from support.wait import wait_for
 
-from keter import commands
+from keter import commands, rootcheck
 from keter.cli import COMMANDS, prepare_root, take_lock
 from keter.config import KeterConfig
 from keter.processes.records import Records
@@ -627,3 +627,62 @@ def test_a_commands_verdict_is_the_end_of_its_own_deploy(entries, deploying, exp
     verdict = commands.wait_for_verdict(history, "a", 0, OURS, 5.0, since=50.0)
     assert verdict == history.entries[expected]
     assert time.monotonic() - began < 1  # none waits for its timeout
+
+
+# -- what keter checks of ROOT before it touches it -------------------------------------------
+
+
+def run_keter(target: Path | str) -> subprocess.CompletedProcess:
+    """``keter TARGET`` that is expected to refuse at once."""
+    return subprocess.run(
+        [sys.executable, "-m", "keter", str(target)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("folder", ["/", "/etc", "/root", "/usr/local", "/var/lib"])
+def test_a_system_folder_is_no_root(folder) -> None:
+    # `keter /root/keter-config.yaml` made ROOT /: keter made /etc 0700 (every other
+    # service broke), /run 0711, and looked for half-written files to remove in both.
+    assert rootcheck.problems(Path(folder), Path(folder) / "etc" / "keter-config.yaml") == [
+        f"ROOT is {folder}, a system folder: keter would take over its etc/, run/ and log/; "
+        "give keter a folder of its own (e.g. /opt/keter)"
+    ]
+
+
+@pytest.mark.parametrize("whose", ["ROOT", "etc/", "the config file", "a folder above"])
+def test_a_root_someone_else_may_change_is_refused_untouched(tmp_path, whose) -> None:
+    # Whoever owns ROOT could write a reload-command that keter runs as root.
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give files away")
+    above = tmp_path / "srv"
+    root = above / "keter"
+    (root / "etc").mkdir(parents=True)
+    config_file = root / "etc" / "keter-config.yaml"
+    config_file.write_text("stop-timeout: 5\n")
+    changed = {"ROOT": root, "etc/": root / "etc", "the config file": config_file}.get(whose, above)
+    if whose == "a folder above":
+        changed.chmod(0o777)  # writable by all, not sticky
+    else:
+        os.chown(changed, 65534, 65534)
+    result = run_keter(root)
+    assert result.returncode == 2, result.stderr
+    assert f"keter: {changed} " in result.stderr and "what keter runs as root" in result.stderr
+    assert sorted(p.name for p in root.iterdir()) == ["etc"]  # nothing made
+
+
+def test_keter_refuses_to_run_as_another_user_than_root(tmp_path) -> None:
+    assert rootcheck.problems(tmp_path, tmp_path / "etc" / "k.yaml", euid=1000) == [
+        "keter must run as root: it runs each app as a user of its own and writes "
+        "nginx's config and the kernel's rules"
+    ]
+
+
+def test_a_root_that_nginx_would_read_as_a_variable_is_refused(tmp_path) -> None:
+    root = tmp_path / "a$b"
+    assert rootcheck.problems(root, root / "etc" / "k.yaml") == [
+        f"ROOT {root} has a $, which nginx would read as a variable"
+    ]

@@ -39,6 +39,16 @@ def test_bundle_is_served_through_nginx_with_port_and_approot(keter, private_ngi
         assert re.search(rf"hello: .*{event}", log), event
 
 
+def test_a_root_with_a_space_and_letters_beyond_ascii_deploys(
+    keter_factory, private_nginx, tmp_path
+):
+    # keter started, then every deploy failed: nginx refused the access spool's path.
+    keter = keter_factory(name="apps; été 1")
+    keter.drop(make_bundle(tmp_path / "sp.keter", config=webapp_config("sp.test", "v1")))
+    served(private_nginx, "sp.test", "v1")
+    assert not failures(keter, "sp")
+
+
 def test_unknown_host_gets_a_404_from_nginx(keter, private_nginx, tmp_path):
     keter.drop(make_bundle(tmp_path / "hello.keter", config=webapp_config("hello.test", "v1")))
     served(private_nginx, "hello.test", "v1")

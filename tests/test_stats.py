@@ -206,9 +206,11 @@ def test_the_renderer_lines_name_the_app_and_version_literally():
     assert log_format_directive("a", "unknown") != log_format_directive("a", "0123")
     assert "\\t-\\t$msec" in log_format_directive("a", "unknown")
     assert access_log_directive("/r/run/access.spool", "a") == (
-        "access_log /r/run/access.spool keter_log_a buffer=64k flush=1s;"
+        'access_log "/r/run/access.spool" keter_log_a buffer=64k flush=1s;'
     )
-    for bad in ("/r/run/a spool", "/r/run/a;b", "relative"):
+    # Any ROOT keter takes: a space, a ; or a letter beyond ASCII made every deploy fail.
+    assert access_log_directive('/r é/a;b"c/s', "a").startswith('access_log "/r é/a;b\\"c/s" ')
+    for bad in ("/r/$run/spool", "/r/a\nb", "relative"):
         with pytest.raises(ValueError):
             access_log_directive(bad, "a")
     with pytest.raises(ValueError):

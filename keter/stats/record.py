@@ -41,7 +41,7 @@ import re
 import sys
 from dataclasses import dataclass
 
-from keter.names import validate_app_name
+from keter.names import nginx_quote, validate_app_name
 
 TAG = b"k2"  # the format's version: a spool line of another format is skipped
 _FIELDS = 16
@@ -86,9 +86,11 @@ def access_log_directive(spool: str, app: str) -> str:
     Buffered: nginx writes the spool every 64 KiB or every second, whichever
     comes first, so a request costs it no system call.
     """
-    if not re.fullmatch(r"/[A-Za-z0-9._/+-]+", spool):
+    # A $ would make the path a variable: nginx would open the file at every write,
+    # and buffer= is refused with one (keter refuses a ROOT with a $ at start).
+    if not spool.startswith("/") or "$" in spool:
         raise ValueError(f"invalid access spool path {spool!r}")
-    return f"access_log {spool} {log_format_name(app)} buffer=64k flush=1s;"
+    return f"access_log {nginx_quote(spool)} {log_format_name(app)} buffer=64k flush=1s;"
 
 
 @dataclass(slots=True)

@@ -36,28 +36,39 @@ Requests (``op`` plus the connection string ``dsn`` and ``connect_timeout``):
 
 Answers: ``{"ok": true, "result": ...}`` or
 ``{"ok": false, "error": "one line", "retry": bool}``; ``retry`` is true when the
-server could not be reached or refused the login, i.e. trying later may help.
+server could not be reached or refused the login, i.e. trying later may help. A
+statement that waited too long for a lock (``LOCK_TIMEOUT_MS``) or ran too long
+(``STATEMENT_TIMEOUT_MS``) is no such case: the server answered, and trying again
+would hold up every other app's request just as long.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import pwd
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql
+from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict
 
-# Bounds how long one admin statement may block the provisioner's thread (a lock
-# held by someone else, say) so other apps' requests are not held up forever.
+# Bounds how long one admin statement may block the provisioner's thread so other
+# apps' requests are not held up forever.
 STATEMENT_TIMEOUT_MS = 30_000
+# How long an admin statement waits for a lock another session holds. An app's role may
+# change its own role (its password) or its own database (ALTER DATABASE) in a
+# transaction it leaves open: keter's ALTER ROLE or REVOKE then waits on that row. The
+# provisioner serves every app on one thread, so such a wait must end long before
+# STATEMENT_TIMEOUT_MS.
+LOCK_TIMEOUT_MS = 2_000
 # Headroom for the child's interpreter start-up and its statements.
 CHILD_EXTRA_SECONDS = 2 * STATEMENT_TIMEOUT_MS / 1000 + 10
 # Where the admin session looks up names: the system catalog alone. Every role may log
@@ -131,50 +142,70 @@ def ensure_role_and_database(
     role_is_superuser = _scalar(conn, "SELECT rolsuper FROM pg_roles WHERE rolname = %s", user)
     if role_is_superuser:
         raise Refused(f"role {user} is a superuser; refusing to give it to an app")
-    if role_is_superuser is None:
-        conn.execute(
-            sql.SQL(
-                "CREATE ROLE {} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE "
-                "CONNECTION LIMIT {} PASSWORD {}"
-            ).format(sql.Identifier(user), sql.Literal(connection_limit), sql.Literal(verifier))
+    holder = app if app is not None else f"role {user}"
+    with _lock_wait(f"a session of {holder} holds a lock on its role {user}"):
+        if role_is_superuser is None:
+            conn.execute(
+                sql.SQL(
+                    "CREATE ROLE {} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE "
+                    "CONNECTION LIMIT {} PASSWORD {}"
+                ).format(sql.Identifier(user), sql.Literal(connection_limit), sql.Literal(verifier))
+            )
+        else:
+            # The stored password is the truth: reset it. (A non-superuser may not
+            # even mention SUPERUSER here; the role was checked above.)
+            conn.execute(
+                sql.SQL(
+                    "ALTER ROLE {} WITH LOGIN NOCREATEDB NOCREATEROLE CONNECTION LIMIT {} "
+                    "PASSWORD {}"
+                ).format(sql.Identifier(user), sql.Literal(connection_limit), sql.Literal(verifier))
+            )
+        if app is not None:
+            conn.execute(
+                sql.SQL("COMMENT ON ROLE {} IS {}").format(
+                    sql.Identifier(user), sql.Literal(OWNER_COMMENT + app)
+                )
+            )
+        if not _scalar(conn, "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+            # Giving a database to a role (CREATE DATABASE ... OWNER, ALTER ... OWNER
+            # TO) requires membership in it; repeating the grant is harmless.
+            conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(sql.Identifier(user)))
+    with _lock_wait(f"a session of {holder} holds a lock on its database {name}"):
+        owner = _scalar(
+            conn, "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", name
         )
-    else:
-        # The stored password is the truth: reset it. (A non-superuser may not
-        # even mention SUPERUSER here; the role was checked above.)
+        if owner is None:
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} WITH OWNER {} TEMPLATE template0").format(
+                    sql.Identifier(name), sql.Identifier(user)
+                )
+            )
+        elif owner != user:
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+                    sql.Identifier(name), sql.Identifier(user)
+                )
+            )
+        # Without this every role may connect to every database: keep apps apart.
         conn.execute(
-            sql.SQL(
-                "ALTER ROLE {} WITH LOGIN NOCREATEDB NOCREATEROLE CONNECTION LIMIT {} PASSWORD {}"
-            ).format(sql.Identifier(user), sql.Literal(connection_limit), sql.Literal(verifier))
-        )
-    if app is not None:
-        conn.execute(
-            sql.SQL("COMMENT ON ROLE {} IS {}").format(
-                sql.Identifier(user), sql.Literal(OWNER_COMMENT + app)
+            sql.SQL("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC").format(
+                sql.Identifier(name)
             )
         )
-    if not _scalar(conn, "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
-        # Giving a database to a role (CREATE DATABASE ... OWNER, ALTER ... OWNER
-        # TO) requires membership in it; repeating the grant is harmless.
-        conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(sql.Identifier(user)))
-    owner = _scalar(
-        conn, "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", name
-    )
-    if owner is None:
-        conn.execute(
-            sql.SQL("CREATE DATABASE {} WITH OWNER {} TEMPLATE template0").format(
-                sql.Identifier(name), sql.Identifier(user)
-            )
-        )
-    elif owner != user:
-        conn.execute(
-            sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
-                sql.Identifier(name), sql.Identifier(user)
-            )
-        )
-    # Without this every role may connect to every database: keep apps apart.
-    conn.execute(
-        sql.SQL("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC").format(sql.Identifier(name))
-    )
+
+
+@contextlib.contextmanager
+def _lock_wait(holds: str) -> Iterator[None]:
+    """A statement inside that waited LOCK_TIMEOUT_MS for a lock is refused: ``holds``."""
+    try:
+        yield
+    except errors.LockNotAvailable:
+        # Most likely the app's own session left a transaction open after changing its
+        # role or database; waiting longer would hold up every other app's request.
+        raise Refused(
+            f"{holds} (a transaction that changed it is still open; keter waited"
+            f" {LOCK_TIMEOUT_MS / 1000:g}s): end that session, then deploy again"
+        ) from None
 
 
 def _scalar(conn: psycopg.Connection, query: str, *params: str) -> Any:
@@ -195,10 +226,11 @@ def run(request: Request) -> Answer:
         with psycopg.connect(
             dsn, autocommit=True, connect_timeout=timeout, options=options
         ) as conn:
-            conn.execute(
-                "SELECT pg_catalog.set_config('statement_timeout', %s, false)",
-                (str(STATEMENT_TIMEOUT_MS),),
-            )
+            for setting, value in (
+                ("statement_timeout", STATEMENT_TIMEOUT_MS),
+                ("lock_timeout", LOCK_TIMEOUT_MS),
+            ):
+                conn.execute("SELECT pg_catalog.set_config(%s, %s, false)", (setting, str(value)))
             match request["op"]:
                 case "find":
                     result: Any = find_unclaimed_roles(
@@ -216,6 +248,10 @@ def run(request: Request) -> Answer:
                     result = None
                 case op:
                     return _failed(f"unknown request {op!r}", retry=False)
+    except errors.QueryCanceled as exc:
+        # statement_timeout (an OperationalError too): the server answered; trying again
+        # would hold up every other app's request as long once more.
+        return _failed(f"an admin statement took too long: {exc}", retry=False)
     except psycopg.OperationalError as exc:
         # Connection refused, login refused, server shutting down: may pass.
         return _failed(str(exc), retry=True)

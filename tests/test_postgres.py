@@ -616,6 +616,47 @@ def test_server_outage_is_waited_out_and_later_requests_succeed(
     impatient.ready(failing)  # the next request after a failure works
 
 
+@pytest.mark.parametrize(
+    ("hold", "what"),
+    [
+        ("ALTER ROLE CURRENT_USER PASSWORD 'changed by the app'", "role"),
+        ('ALTER DATABASE "{name}" CONNECTION LIMIT 5', "database"),
+    ],
+)
+def test_an_app_holding_a_lock_on_its_role_or_database_fails_its_deploy_alone_and_fast(
+    private_postgres: PrivatePostgres,
+    start: Callable[..., Running],
+    caplog: pytest.LogCaptureFixture,
+    hold: str,
+    what: str,
+) -> None:
+    # The app's own session changes its role or database and leaves the transaction
+    # open: keter's ALTER ROLE (or REVOKE on the database) waits on that row. It had
+    # waited the whole statement timeout (30 s) on the provisioner's one thread, every
+    # other app's request queued behind it, then called it "unavailable" and retried.
+    caplog.set_level(logging.INFO, logger="keter")
+    running = start(private_postgres.admin_dsn, retry_for=30.0)
+    locker, bystander = unique_app("locker"), unique_app("bystander")
+    db = running.ready(locker)
+    bound = pgadmin.LOCK_TIMEOUT_MS / 1000 + 5  # far below the statement timeout
+    with connect_as(db) as conn:  # not autocommit: the transaction stays open
+        conn.execute(hold.format(name=db.name))
+        sent = time.monotonic()
+        running.send(locker, deploy_id=2)
+        running.send(bystander, deploy_id=3)
+        failed = running.reply(timeout=bound)
+        ready = running.reply(timeout=bound)
+        took = time.monotonic() - sent
+        conn.rollback()
+    assert isinstance(failed, DatabaseFailed) and failed.deploy_id == 2, failed
+    assert f"a session of {locker} holds a lock on its {what} {db.name}" in failed.reason
+    assert "unavailable" not in failed.reason
+    assert not retry_logged(caplog, locker)
+    assert isinstance(ready, DatabaseReady) and ready.app == bystander, ready
+    assert took < bound
+    assert running.ready(locker, deploy_id=4) == db  # the session let go: it deploys
+
+
 def test_passwords_never_reach_the_log(
     private_postgres: PrivatePostgres,
     start: Callable[..., Running],

@@ -25,14 +25,16 @@ the same SQL either way:
 
 Requests (``op`` plus the connection string ``dsn`` and ``connect_timeout``):
 
-* ``{"op": "find", "pattern": REGEX, "claimed": [NAME, ...]}`` -> ``[NAME,
-  OWNER]`` of each role matching ``pattern`` that is not in ``claimed``, OWNER
-  the app its comment names (None without one: made by an older keter); used
-  to adopt an app's role and database after its postgres.yaml entry was lost.
+* ``{"op": "find", "pattern": REGEX, "claimed": [NAME, ...], "owner": COMMENT}``
+  -> ``[NAME, ADOPTABLE]`` of each role matching ``pattern`` that is not in
+  ``claimed``; ADOPTABLE is true when its comment is exactly ``owner`` (this
+  keter's instance and the app: ``owner_comment``) and it may do nothing but log
+  in (see ``find_roles``). Used to adopt an app's role and database after its
+  postgres.yaml entry was lost, and to keep a new name off every existing role.
 * ``{"op": "ensure", "name": DB, "user": ROLE, "password": PW, "app": APP,
-  "connection_limit": N}`` -> ``None``; makes the role and database exist with
-  least privilege, at most N connections (-1: no limit) and the role's comment
-  name APP (see ``ensure_role_and_database``).
+  "instance": ID, "connection_limit": N}`` -> ``None``; makes the role and
+  database exist with least privilege, at most N connections (-1: no limit) and
+  the role's comment ``owner_comment(ID, APP)`` (see ``ensure_role_and_database``).
 
 Answers: ``{"ok": true, "result": ...}`` or
 ``{"ok": false, "error": "one line", "retry": bool}``; ``retry`` is true when the
@@ -90,29 +92,39 @@ class Refused(Exception):
 # -- the SQL ----------------------------------------------------------------------------
 
 
-# A role's comment names the app it was made for: app names that slug alike ("a-b",
-# "a.b") share a name pattern, and only the comment tells whose a role is.
-OWNER_COMMENT = "keter app "
+# A role's comment names the keter that made it (its instance id, keter.postgres) and the
+# app it was made for. Several keters may share one server (staging and production,
+# each with an app "shop"), app names that slug alike ("a-b", "a.b") share a name
+# pattern, and an operator may name a role of their own like an app's: only the
+# comment tells a role this keter made for this app from one it must leave alone.
+def owner_comment(instance: str, app: str) -> str:
+    return f"keter {instance} app {app}"
 
 
-def find_unclaimed_roles(
-    conn: psycopg.Connection, *, pattern: str, claimed: list[str]
-) -> list[tuple[str, str | None]]:
-    """(name, owner app or None) of each role matching the POSIX regex ``pattern`` and
-    not in ``claimed``."""
+def find_roles(
+    conn: psycopg.Connection, *, pattern: str, claimed: list[str], owner: str
+) -> list[tuple[str, bool]]:
+    """(name, adoptable) of each role matching the POSIX regex ``pattern`` and not in
+    ``claimed``.
+
+    Adoptable: its comment is exactly ``owner``, and it has no power beyond logging in
+    (no SUPERUSER, CREATEDB, CREATEROLE, REPLICATION or BYPASSRLS, and membership in
+    no role). keter never makes a role with any of these, so one that has them was
+    changed by someone else since: its password is not keter's to reset, nor its rights
+    an app's to get.
+    """
     rows = conn.execute(
-        "SELECT rolname, pg_catalog.shobj_description(oid, 'pg_authid') FROM pg_catalog.pg_roles"
-        " WHERE rolname OPERATOR(pg_catalog.~) %s::text AND NOT rolname = ANY(%s::text[])"
+        "SELECT r.rolname, pg_catalog.shobj_description(r.oid, 'pg_authid'),"
+        " r.rolsuper OR r.rolcreatedb OR r.rolcreaterole OR r.rolreplication"
+        " OR r.rolbypassrls OR EXISTS (SELECT FROM pg_catalog.pg_auth_members m"
+        " WHERE m.member OPERATOR(pg_catalog.=) r.oid)"
+        " FROM pg_catalog.pg_roles r"
+        " WHERE r.rolname OPERATOR(pg_catalog.~) %s::text"
+        " AND NOT r.rolname OPERATOR(pg_catalog.=) ANY(%s::text[])"
         " ORDER BY 1",
         (pattern, claimed),
     ).fetchall()
-    return [(name, _owner(comment)) for name, comment in rows]
-
-
-def _owner(comment: str | None) -> str | None:
-    if comment is None or not comment.startswith(OWNER_COMMENT):
-        return None
-    return comment.removeprefix(OWNER_COMMENT)
+    return [(name, comment == owner and not powers) for name, comment, powers in rows]
 
 
 def ensure_role_and_database(
@@ -122,11 +134,13 @@ def ensure_role_and_database(
     user: str,
     password: str,
     app: str | None = None,
+    instance: str | None = None,
     connection_limit: int = -1,
 ) -> None:
     """Make role ``user`` (password ``password``, at most ``connection_limit``
     connections at once, -1: no limit) and database ``name`` it owns exist, the role's
-    comment naming ``app``.
+    comment naming keter ``instance`` and ``app`` (``owner_comment``: set every time, so
+    a role an older keter commented gets the current form).
 
     The limit keeps one app from taking every connection of the server, which had
     failed every other app's connections, backups and provisioning (the server keeps
@@ -160,10 +174,10 @@ def ensure_role_and_database(
                     "PASSWORD {}"
                 ).format(sql.Identifier(user), sql.Literal(connection_limit), sql.Literal(verifier))
             )
-        if app is not None:
+        if app is not None and instance is not None:
             conn.execute(
                 sql.SQL("COMMENT ON ROLE {} IS {}").format(
-                    sql.Identifier(user), sql.Literal(OWNER_COMMENT + app)
+                    sql.Identifier(user), sql.Literal(owner_comment(instance, app))
                 )
             )
         if not _scalar(conn, "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
@@ -233,8 +247,11 @@ def run(request: Request) -> Answer:
                 conn.execute("SELECT pg_catalog.set_config(%s, %s, false)", (setting, str(value)))
             match request["op"]:
                 case "find":
-                    result: Any = find_unclaimed_roles(
-                        conn, pattern=request["pattern"], claimed=list(request["claimed"])
+                    result: Any = find_roles(
+                        conn,
+                        pattern=request["pattern"],
+                        claimed=list(request["claimed"]),
+                        owner=request["owner"],
                     )
                 case "ensure":
                     ensure_role_and_database(
@@ -243,6 +260,7 @@ def run(request: Request) -> Answer:
                         user=request["user"],
                         password=request["password"],
                         app=request.get("app"),
+                        instance=request.get("instance"),
                         connection_limit=int(request.get("connection_limit", -1)),
                     )
                     result = None

@@ -10,9 +10,12 @@ file already holds the truth and the next request converges the server to it
 restart reuses the stored credentials; removing a bundle never drops anything.
 
 If an app has no entry although its role exists (postgres.yaml was lost or
-restored from an old backup), the one unclaimed role whose name fits the app
-is adopted with a fresh password rather than leaving it orphaned next to a
-second one.
+restored from an old backup), the one unclaimed role whose comment says this
+keter made it for this app is adopted with a fresh password rather than leaving
+it orphaned next to a second one. "This keter" is a random instance id made once
+in ROOT/etc/instance-id: several keters may share one server, each with an app of
+the same name, and a role of an operator's may fit an app's names; neither is
+ever taken (see keter.pgadmin.find_roles).
 
 How keter reaches the server (an admin DSN, or by default the local cluster as
 the ``postgres`` OS user through a child process) is described in
@@ -57,6 +60,8 @@ SUFFIX_LENGTH = 10
 SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
 FIRST_RETRY_DELAY = 0.25
 MAX_RETRY_DELAY = 5.0
+INSTANCE_FILE = "instance-id"
+_INSTANCE_ID = re.compile(r"[a-z0-9]{16,64}")
 
 
 class ProvisionError(Exception):
@@ -190,6 +195,37 @@ def save_store(path: Path, store: dict[str, Any]) -> None:
     atomic_write(path, data.encode(), mode=0o600)
 
 
+def load_instance_id(etc_dir: Path) -> str:
+    """This keter's instance id (``etc_dir/instance-id``), made once when there is none.
+
+    It goes into every role's comment, so the id must stay: a malformed file is an
+    error to fix, not one to replace (a new id would disown every role made so far).
+    """
+    path = etc_dir / INSTANCE_FILE
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:
+        raise ProvisionError(f"cannot read {path}: {exc}") from None
+    else:
+        if not _INSTANCE_ID.fullmatch(text):
+            raise ProvisionError(
+                f"{path} holds no instance id (16 to 64 of [a-z0-9]); fix it, or remove it"
+                " to make a new one (keter then adopts none of the roles it made before"
+                " should postgres.yaml lose their entries)"
+            )
+        return text
+    instance = secrets.token_hex(8)  # 64 random bits: no two keters pick the same
+    try:
+        etc_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, f"{instance}\n".encode(), mode=0o600)
+    except OSError as exc:
+        raise ProvisionError(f"cannot save {path}: {exc}") from exc
+    log.info("postgres: this keter's instance id is %s (in %s)", instance, path)
+    return instance
+
+
 # -- the component --------------------------------------------------------------------------
 
 
@@ -213,7 +249,8 @@ class PostgresProvisioner(Actor):
         peer_dsn: str = DEFAULT_PEER_DSN,
     ) -> None:
         super().__init__("postgres", report_to)
-        self.store_path = Path(etc_dir) / "postgres.yaml"
+        self.etc_dir = Path(etc_dir)
+        self.store_path = self.etc_dir / "postgres.yaml"
         self.retry_for = retry_for
         self.connection_limit = connection_limit  # per app role; -1: none
         self.connect_timeout = connect_timeout
@@ -248,6 +285,11 @@ class PostgresProvisioner(Actor):
                 "postgres admin-dsn is not a valid libpq connection string"
             ) from None
         return server, dsn
+
+    @functools.cached_property
+    def _instance(self) -> str:
+        """This keter's instance id, read (or made) at the first provision."""
+        return load_instance_id(self.etc_dir)
 
     def handle(self, message: object) -> None:
         match message:
@@ -317,6 +359,7 @@ class PostgresProvisioner(Actor):
                 "user": db.user,
                 "password": db.password,
                 "app": app,
+                "instance": self._instance,
                 "connection_limit": self.connection_limit,
             }
         )
@@ -327,12 +370,15 @@ class PostgresProvisioner(Actor):
         claimed = sorted(
             {str(e.get(k)) for e in store.values() if isinstance(e, dict) for k in ("name", "user")}
         )
-        found = self._admin({"op": "find", "pattern": name_pattern(app), "claimed": claimed})
-        # Apps whose names slug alike share the pattern: a role whose comment names
-        # another app is that app's. One that names none was made by an older keter.
-        own = [name for name, owner in found if owner == app]
-        unknown = [name for name, owner in found if owner is None]
-        orphans = own or unknown
+        from keter import pgadmin  # psycopg with it: see the module docstring
+
+        owner = pgadmin.owner_comment(self._instance, app)
+        request = {"op": "find", "pattern": name_pattern(app), "claimed": claimed, "owner": owner}
+        found = self._admin(request)
+        # Only a role whose comment says this keter made it for this app is the app's:
+        # other keters on the server, apps whose names slug alike and operators name
+        # roles like these too (keter.pgadmin.find_roles).
+        orphans = [name for name, adoptable in found if adoptable]
         if len(orphans) == 1:
             log.warning("%s: adopting role and database %s (not in postgres.yaml)", app, orphans[0])
             return orphans[0]

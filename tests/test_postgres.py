@@ -452,9 +452,155 @@ def test_a_lost_credentials_file_never_hands_an_app_the_role_of_a_namesake(
         "SELECT rolname, shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = ANY(%s)",
         [db.user, other.user],
     )
+    instance = instance_id(etc_dir)
     assert sorted(comments) == sorted(
-        [(db.user, f"keter app {dotted}"), (other.user, f"keter app {dashed}")]
+        [
+            (db.user, f"keter {instance} app {dotted}"),
+            (other.user, f"keter {instance} app {dashed}"),
+        ]
     )
+
+
+def instance_id(etc_dir: Path) -> str:
+    return (etc_dir / "instance-id").read_text().strip()
+
+
+def comment_of(pg: PrivatePostgres, role: str) -> str | None:
+    [(comment,)] = query(
+        pg, "SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = %s", role
+    )
+    return comment
+
+
+def test_two_keters_sharing_a_server_never_take_each_others_database(
+    private_postgres: PrivatePostgres, start: Callable[..., Running], tmp_path: Path
+) -> None:
+    # Staging and production on one PostgreSQL server, each with an app "shop": the
+    # second keter's first deploy had taken the first's role, reset its password and
+    # handed its data to the other app, locking the first out.
+    app = unique_app("shop")
+    production = start(private_postgres.admin_dsn, etc_dir=tmp_path / "production")
+    staging = start(private_postgres.admin_dsn, etc_dir=tmp_path / "staging")
+    ours = production.ready(app)
+    with connect_as(ours) as conn:
+        conn.execute("CREATE TABLE cards (number text)")
+
+    theirs = staging.ready(app)
+    assert theirs.name != ours.name and theirs.user != ours.user
+    with connect_as(theirs) as conn:
+        assert conn.execute("SELECT to_regclass('cards')").fetchone() == (None,)
+    with connect_as(ours) as conn:  # the first keter's app still logs in, data intact
+        assert conn.execute("SELECT to_regclass('cards')::text").fetchone() == ("cards",)
+    assert instance_id(tmp_path / "production") != instance_id(tmp_path / "staging")
+    assert comment_of(private_postgres, ours.user).startswith(
+        f"keter {instance_id(tmp_path / 'production')} app "
+    )
+
+
+def test_an_operators_role_that_fits_an_apps_names_is_never_taken(
+    private_postgres: PrivatePostgres, start: Callable[..., Running]
+) -> None:
+    app = unique_app("reports")
+    role = f"{slug(app)}_readerbot1"  # the operator's; it happens to fit the app's names
+    assert re.fullmatch(name_pattern(app), role)
+    superuser_run(private_postgres, "CREATE ROLE {} LOGIN CREATEDB PASSWORD 'ops-password'", role)
+
+    db = start(private_postgres.admin_dsn).ready(app)  # the app's first deploy
+    assert db.user != role
+    assert comment_of(private_postgres, role) is None
+    attributes = "SELECT rolcreatedb, rolconnlimit FROM pg_roles WHERE rolname = %s"
+    assert query(private_postgres, attributes, role) == [(True, -1)]
+    with psycopg.connect(
+        host="127.0.0.1",
+        port=private_postgres.port,
+        user=role,
+        password="ops-password",
+        dbname="postgres",
+    ) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (role,)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "ALTER ROLE {} CREATEDB",
+        "ALTER ROLE {} CREATEROLE",
+        "ALTER ROLE {} BYPASSRLS",
+        "ALTER ROLE {} REPLICATION",
+        "ALTER ROLE {} SUPERUSER",
+        "GRANT pg_monitor TO {}",
+    ],
+)
+def test_a_lost_apps_role_given_more_rights_since_is_not_adopted(
+    private_postgres: PrivatePostgres,
+    start: Callable[..., Running],
+    etc_dir: Path,
+    change: str,
+) -> None:
+    # The comment says this keter made it for this app, but someone gave it more than
+    # logging in since: neither its password is keter's to reset nor its rights the app's.
+    app = unique_app("lifted")
+    running = start(private_postgres.admin_dsn)
+    db = running.ready(app, deploy_id=1)
+    superuser_run(private_postgres, change, db.user)
+    (etc_dir / "postgres.yaml").unlink()
+
+    again = running.ready(app, deploy_id=2)
+    assert again.user != db.user
+    with connect_as(db) as conn:  # its password was left alone
+        assert conn.execute("SELECT current_user").fetchone() == (db.user,)
+
+
+def test_a_role_an_older_keter_made_keeps_working_and_gets_the_new_comment(
+    private_postgres: PrivatePostgres, start: Callable[..., Running], etc_dir: Path
+) -> None:
+    app, lost = unique_app("upgraded"), unique_app("upgradedlost")
+    running = start(private_postgres.admin_dsn)
+    db = running.ready(app, deploy_id=1)
+    old = running.ready(lost, deploy_id=2)
+    # What an older keter wrote: no instance in the comment.
+    superuser_run(private_postgres, f"COMMENT ON ROLE {{}} IS 'keter app {app}'", db.user)
+    superuser_run(private_postgres, f"COMMENT ON ROLE {{}} IS 'keter app {lost}'", old.user)
+
+    assert running.ready(app, deploy_id=3) == db  # in postgres.yaml: still the app's
+    assert comment_of(private_postgres, db.user) == f"keter {instance_id(etc_dir)} app {app}"
+
+    # Without an entry, a role of the old form names no keter: it might be another's.
+    store = stored(etc_dir)
+    del store[lost]
+    (etc_dir / "postgres.yaml").write_text(yaml.safe_dump(store))
+    assert running.ready(lost, deploy_id=4).user != old.user
+    with connect_as(old) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (old.user,)
+
+
+def test_the_instance_id_is_made_once_owner_only_and_kept(
+    private_postgres: PrivatePostgres, start: Callable[..., Running], etc_dir: Path
+) -> None:
+    first = start(private_postgres.admin_dsn)
+    first.ready(unique_app("ident"))
+    path = etc_dir / "instance-id"
+    made = path.read_bytes()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert re.fullmatch(rb"[a-z0-9]{16}\n", made)
+
+    first.actor.stop()
+    first.actor.join(timeout=10)
+    start(private_postgres.admin_dsn).ready(unique_app("ident"))
+    assert path.read_bytes() == made
+
+
+def test_a_malformed_instance_id_fails_clearly_and_is_left_alone(
+    private_postgres: PrivatePostgres, start: Callable[..., Running], etc_dir: Path
+) -> None:
+    etc_dir.mkdir()
+    path = etc_dir / "instance-id"
+    path.write_text("not an id!\n")
+    running = start(private_postgres.admin_dsn)
+    running.send(unique_app("ident"))
+    reply = running.reply()
+    assert isinstance(reply, DatabaseFailed) and "instance-id" in reply.reason
+    assert path.read_text() == "not an id!\n"
 
 
 def test_an_unclaimed_role_of_a_similar_app_name_is_not_adopted_when_claimed(

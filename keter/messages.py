@@ -464,6 +464,10 @@ class DatabaseFailed:
     app: str
     deploy_id: int
     reason: str
+    # The server could not be reached or refused keter's login for all of retry-seconds:
+    # the same bundle may deploy later. False: provisioning was refused (a bad entry in
+    # postgres.yaml, a role keter must not hand out, a lock an app holds): it will not.
+    unavailable: bool = False
 
 
 # -- backups (keter.backups) ---------------------------------------------------------

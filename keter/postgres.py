@@ -315,7 +315,8 @@ class PostgresProvisioner(Actor):
         except ServerUnavailable as exc:
             remaining = attempt.deadline - time.monotonic()
             if remaining <= 0:
-                self._fail(app, f"database server unavailable for {self.retry_for:g}s: {exc}")
+                reason = f"database server unavailable for {self.retry_for:g}s: {exc}"
+                self._fail(app, reason, unavailable=True)
                 return
             delay = min(attempt.delay, remaining)
             log.warning("%s: database server unavailable, retrying in %.2gs: %s", app, delay, exc)
@@ -328,10 +329,14 @@ class PostgresProvisioner(Actor):
             log.info("%s: database %s ready for role %s", app, db.name, db.user)
             self.report(DatabaseReady(app=app, deploy_id=attempt.deploy_id, db=db))
 
-    def _fail(self, app: str, reason: str) -> None:
+    def _fail(self, app: str, reason: str, *, unavailable: bool = False) -> None:
         attempt = self._attempts.pop(app)
         log.debug("%s: no database: %s", app, reason)  # the supervisor logs the failed deploy
-        self.report(DatabaseFailed(app=app, deploy_id=attempt.deploy_id, reason=reason))
+        self.report(
+            DatabaseFailed(
+                app=app, deploy_id=attempt.deploy_id, reason=reason, unavailable=unavailable
+            )
+        )
 
     def _provision(self, app: str) -> DbInfo:
         """Credentials for ``app``, saved first, then made true on the server."""

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from support.bundles import make_bundle, webapp_config
-from support.daemon import KeterDaemon
+from support.daemon import KeterDaemon, failures
 from support.faults import (
     NO_JOURNAL,
     assert_one_error,
@@ -170,3 +170,25 @@ def test_server_down_for_good_fails_the_new_version_and_keeps_the_old(
     keter.drop(db_bundle(bundle, "gone.test", "g3"))
     served(private_nginx, "gone.test", "g3")
     assert (keter.root / "etc" / "postgres.yaml").read_bytes() == store
+
+
+def test_keter_restarted_while_the_server_is_down_serves_the_app_once_it_is_back(
+    keter_factory, private_nginx, own_postgres, tmp_path: Path
+) -> None:
+    # A reboot where PostgreSQL comes up late (or keter restarted during an outage):
+    # the deploy of every database app failed after retry-seconds and was never tried
+    # again; each app answered 404 until an operator acted.
+    keter = start_keter(keter_factory, own_postgres.admin_dsn, retry=1)
+    keter.drop(db_bundle(tmp_path / "reboot.keter", "reboot.test", "r1"))
+    served(private_nginx, "reboot.test", "r1")
+    keter.stop()
+    own_postgres.stop()
+    try:
+        keter.start(env=NO_JOURNAL)
+        wait_for(lambda: failures(keter, "reboot"), 30, "the deploy at start to fail")
+        retrying = "reboot: database server unavailable and nothing serves the app"
+        wait_for(lambda: retrying in keter.log(), 10, "a retry to be announced")
+        assert private_nginx.request("reboot.test")[0] == 404
+    finally:
+        own_postgres.start()
+    served(private_nginx, "reboot.test", "r1", timeout=60)

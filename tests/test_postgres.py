@@ -683,6 +683,7 @@ def test_malformed_entry_fails_clearly_and_is_left_alone(
     running.send("shop")
     reply = running.reply(timeout=5)
     assert isinstance(reply, DatabaseFailed) and "lacks 'user'" in reply.reason
+    assert not reply.unavailable  # deploying again will not help
     assert path.read_text() == "shop:\n  name: shop_x\n"
 
 
@@ -717,6 +718,7 @@ def test_unreachable_server_fails_after_retry_for_without_holding_up_other_apps(
     for reply, app in ((reply_a, "first"), (reply_b, "second")):
         assert isinstance(reply, DatabaseFailed) and reply.app == app
         assert "unavailable for 1.5s" in reply.reason and "refused" in reply.reason
+        assert reply.unavailable  # the supervisor may deploy the bundle again later
     # Each gave up after its own retry_for: the second was not queued behind
     # the first app's retries.
     assert retry_for <= got_a - sent_a < retry_for + 1.0
@@ -796,7 +798,7 @@ def test_an_app_holding_a_lock_on_its_role_or_database_fails_its_deploy_alone_an
         conn.rollback()
     assert isinstance(failed, DatabaseFailed) and failed.deploy_id == 2, failed
     assert f"a session of {locker} holds a lock on its {what} {db.name}" in failed.reason
-    assert "unavailable" not in failed.reason
+    assert not failed.unavailable and "unavailable" not in failed.reason
     assert not retry_logged(caplog, locker)
     assert isinstance(ready, DatabaseReady) and ready.app == bystander, ready
     assert took < bound

@@ -49,7 +49,7 @@ add one part of it (a mixin over the state in ``state``):
     core        the loop's API (start, dispatch, timers) and the one ``match``
     state       what it holds: apps, deploys by id, ports, hosts, bookkeeping
     components  the components it owns (``Components``, ``Teller``)
-    timers      messages it sends itself after a delay (drains, restarts, moves)
+    timers      messages it sends itself after a delay (drains, restarts, moves, retries)
     intake      bundles arrive or go: begin, supersede, remove; checks after unpacking
     conflicts   hosts other apps claim; a bundle refused for one waits, then deploys
     preparing   settings and ports, backup before a release, the release itself
@@ -61,7 +61,8 @@ add one part of it (a mixin over the state in ``state``):
     endings     failing, abandoning, draining, retiring, ending; app removal
     restarts    failures of keter itself: component restarts, handler bugs
     reports     what the status component hears: snapshots, events, outcomes
-    database    an operator's ``keter db backup`` / ``restore`` requests
+    database    a deploy retried while the database server is down (nothing serving);
+                an operator's ``keter db backup`` / ``restore`` requests
 """
 
 from keter.supervisor.components import Components, Teller

@@ -56,7 +56,7 @@ from keter.supervisor.rollout import Rollout
 from keter.supervisor.routing import Routing
 from keter.supervisor.starting import Starting
 from keter.supervisor.switching import Switching
-from keter.supervisor.timers import DrainOver, RestartComponent, RetryMove
+from keter.supervisor.timers import DrainOver, RestartComponent, RetryDeploy, RetryMove
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +129,15 @@ class Supervisor(
                     else:
                         self._fail(deploy, reason, kind=kind)
             case DatabaseReady(app=app, deploy_id=deploy_id, db=db):
+                self._database_answered(app)
                 if deploy := self._next(app, deploy_id):
                     deploy.db = db
                     self._prepare(deploy)
             case DatabaseFailed(app=app, deploy_id=deploy_id, reason=reason):
                 if deploy := self._next(app, deploy_id):
-                    self._fail(deploy, f"database: {reason}", kind=FailureKind.DATABASE)
+                    self._database_failed(deploy, reason, unavailable=msg.unavailable)
+            case RetryDeploy(app=app, deploy_id=deploy_id):
+                self._retry_deploy(app, deploy_id)
             case BackupTaken() | BackupFailed():
                 self._backup_done(msg)
             case RunFinished():

@@ -34,6 +34,7 @@ class Intake(SupervisorState):
     def _bundle_arrived(self, arrived: BundleArrived) -> None:
         app = self.apps.setdefault(arrived.app, App(name=arrived.app))
         app.bundle_present = True
+        self._cancel_db_retry(arrived.app)  # the newer bundle deploys instead
         self._changed.add(app.name)
         log.info("%s: bundle seen (%d bytes)", arrived.app, arrived.size)
         if app.removing:
@@ -112,6 +113,7 @@ class Intake(SupervisorState):
             return
         log.info("%s: bundle removed from incoming/", name)
         self._changed.add(name)
+        self._cancel_db_retry(name, forget=True)
         app.waiting = None
         app.bundle_present = False
         self._stop_waiting(name)

@@ -31,6 +31,14 @@ class HostWait:
     hosts: tuple[str, ...]  # those other apps claimed when it was refused
 
 
+@dataclass(frozen=True, kw_only=True)
+class DbRetry:
+    """A bundle that deploys again: its deploy found the database server unavailable."""
+
+    deploy_id: int  # the deploy that failed (its RetryDeploy timer carries it)
+    arrival: BundleArrived  # offered again as it first arrived
+
+
 class SupervisorState:
     """The supervisor's state; every part of it (a mixin) builds on this."""
 
@@ -80,6 +88,11 @@ class SupervisorState:
         self._changed: set[str] = set()  # apps whose snapshot may have changed
         self._failures: dict[Component, list[float]] = {}  # recent component failures
         self._own_failures: list[float] = []  # recent failures of the supervisor's handlers
+        # keter.supervisor.database: per app the deploy whose bundle deploys again once its
+        # RetryDeploy is due, and the delay before the next such retry (kept from the
+        # first failure until the server answers).
+        self._db_retries: dict[str, DbRetry] = {}
+        self._db_retry_delays: dict[str, float] = {}
         self.timers = Timers(clock)
 
     def _next(self, app: str, deploy_id: int) -> Deploy | None:

@@ -37,6 +37,15 @@ class RetryMove:
     port: int  # the port it was to move off: a retry for a port it left is stale
 
 
+@message
+class RetryDeploy:
+    """Timer: deploy again the bundle whose deploy found the database server unavailable
+    with nothing serving its app (keter.supervisor.database)."""
+
+    app: str
+    deploy_id: int  # the deploy that failed: a retry a newer bundle or removal cancelled is stale
+
+
 class Timers:
     """Timer messages ordered by when they are due (ties: in the order scheduled)."""
 

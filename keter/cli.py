@@ -16,10 +16,12 @@ import sys
 import threading
 from pathlib import Path
 
-from keter import __version__, rootcheck
+from keter import __version__, names, rootcheck
 from keter.config import CONFIG_NAME, ConfigError, KeterConfig, load_config
 from keter.fsutil import remove_partial_writes
 from keter.log import setup_logging
+from keter.nginx.files import LOCK
+from keter.nginx.render import support_dir
 from keter.yamlcheck import absolute
 
 log = logging.getLogger("keter")
@@ -76,6 +78,32 @@ def take_lock(config: KeterConfig) -> int:
     return fd
 
 
+def take_nginx_lock(config: KeterConfig) -> int:
+    """Hold a lock beside nginx's config file for the life of the process: two keters
+    on different ROOTs writing one config file replaced each other's sites in silence.
+
+    The lock file lives in the config's hidden support folder, where nginx's
+    ``include .../*`` never reads."""
+    config_file = config.nginx.config_file
+    folder = support_dir(config_file)
+    folder.mkdir(mode=0o750, exist_ok=True)  # nginx's own folder must be there
+    fd = os.open(
+        folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+    )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise AlreadyRunning(
+            f"another keter ({names.log_text(holder)}) writes nginx's {config_file}; give "
+            "each keter a config-file of its own (nginx: config-file: in keter-config.yaml)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {config.root}\n".encode(), 0)
+    return fd
+
+
 def remove_leftovers(config: KeterConfig) -> None:
     """The half-written files of a killed keter (a bundle's copy to the archive can be
     a gigabyte): nothing else removes them. Not data/ (the apps') nor temp/ (the
@@ -124,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prepare_root(config)
         lock_fd = take_lock(config)
+        nginx_lock_fd = take_nginx_lock(config)
         remove_leftovers(config)
     except AlreadyRunning as exc:
         print(f"keter: {exc}", file=sys.stderr)
@@ -137,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = daemon.run(config)
     finally:
+        os.close(nginx_lock_fd)
         os.close(lock_fd)
     main = threading.main_thread()
     if running := [

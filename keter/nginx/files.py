@@ -15,6 +15,7 @@ else there as config)::
 
     .keter.d/apps/<app>/    one app's site file and its copies, removed with the app
     .keter.d/global/        copies of the listener certificates and response pages
+    .keter.d/keter.lock     held by the keter that writes this config (keter.cli)
 
 Every file is named after a hash of its content, so a site's new files never
 replace the files its live version uses; files no live site names are pruned
@@ -62,6 +63,7 @@ MAX_PAGE_BYTES = 1 << 20  # a response page
 RESOLV_CONF = Path("/etc/resolv.conf")
 APPS = "apps"
 GLOBAL = "global"
+LOCK = "keter.lock"
 
 _PEM_BLOCK = re.compile(
     rb"-----BEGIN ([A-Z0-9 ]{1,40})-----\r?\n([A-Za-z0-9+/=\r\n]{1,1048576}?)-----END \1-----"
@@ -201,7 +203,7 @@ class SupportFiles:
             if path not in global_files:
                 _remove(path)
         for path in _children(self.support):
-            if path.name not in (APPS, GLOBAL, ACME_CHALLENGES):
+            if path.name not in (APPS, GLOBAL, ACME_CHALLENGES, LOCK):
                 _remove(path)
 
     # -- parts -------------------------------------------------------------------------

@@ -506,7 +506,9 @@ def test_the_isolation_stays_until_the_last_app_has_stopped(
     def running(app: str) -> bool:
         for process in keter.children():
             with contextlib.suppress(psutil.Error):  # one that just ended
-                if process.uids().real == uids[app]:
+                # A leader's zombie stays until keter is done with its group: not running.
+                alive = process.status() != psutil.STATUS_ZOMBIE
+                if alive and process.uids().real == uids[app]:
                     return True
         return False
 

@@ -230,7 +230,7 @@ def test_the_renderer_logs_apps_with_a_version_and_nothing_else():
     listeners = [Listener("127.0.0.1", 8080)]
     on = render(sites, listeners, 1, ProxyOptions(access_spool=Path("/r/run/access.spool")))
     assert on.count("log_format ") == 1 and "'k2\\ta\\t0123456789ab\\t" in on
-    assert on.count("access_log /r/run/access.spool keter_log_a buffer=64k flush=1s;") == 1
+    assert on.count('access_log "/r/run/access.spool" keter_log_a buffer=64k flush=1s;') == 1
     off = render(sites, listeners, 1, ProxyOptions())
     assert "log_format" not in off and "access_log" not in off
 

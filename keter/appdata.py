@@ -140,7 +140,7 @@ def _walk(folder: Path) -> Iterator[tuple[_Level, os.DirEntry]]:
             os.close(level.fd)
 
 
-def _remove_tree(folder: Path) -> None:
+def remove_tree(folder: Path) -> None:
     """rm -rf ``folder`` without following links, however deep, one descriptor open.
 
     An app may nest its folders as deep as the file system lets it, and what it left
@@ -209,7 +209,7 @@ def purge_data_dir(folder: Path) -> bool:
         except FileNotFoundError:
             continue
         found = True
-        _remove_tree(doomed)  # links inside are removed, never followed
+        remove_tree(doomed)  # links inside are removed, never followed
     return found
 
 

@@ -40,6 +40,7 @@ from keter.postgres import PostgresProvisioner
 from keter.processes import ProcessMonitor
 from keter.processes.cgroups import Cgroups
 from keter.processes.controllers import Controllers
+from keter.processes.private import Private
 from keter.stats.component import StatsCollector
 from keter.status import StatusServer
 from keter.supervisor import Components, Supervisor
@@ -65,6 +66,20 @@ ACME_GRACE = 2.0
 
 class CannotStart(Exception):
     """keter cannot start; ``str()`` says why in one line."""
+
+
+def apps_need(config: KeterConfig) -> list[str]:
+    """What app processes must keep reaching by path, which their private /tmp must not
+    hide (keter.processes.private): ROOT (their folders, KETER_DATA_DIR), and the
+    database server's socket folder when it is one."""
+    needed = [str(config.root)]
+    # Parsing the DSN loads libpq (keter.config.model.conninfo): only when it may name
+    # a folder in /tmp or /var/tmp.
+    if "tmp" in config.postgres.admin_dsn:
+        host, _ = config.postgres.server()
+        if host.startswith("/"):
+            needed.append(host)
+    return needed
 
 
 def build_components(config: KeterConfig, inbox: queue.SimpleQueue) -> Components:
@@ -111,6 +126,7 @@ def build_components(config: KeterConfig, inbox: queue.SimpleQueue) -> Component
             limits=config.app_limits.defaults,
             controllers=Controllers.find(config.root, cgroups),
             port_range=config.port_range,  # each deploy's cgroup binds only its own of them
+            private=Private(config.run_dir / "tmp", needed=apps_need(config)),
         ),
         nginx=NginxWriter(
             listeners=config.listeners,

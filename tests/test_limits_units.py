@@ -487,7 +487,23 @@ def test_the_chain_stops_before_the_command_when_a_limit_is_refused(tmp_path) ->
     # Above keter's own hard limit (root may raise it: ask what no kernel gives).
     limits = ResourceLimits(nofile=None, nproc=None, core=None)
     command = chain([], limits, ["/bin/touch", str(marker)])
-    command[command.index("--") + 1 : command.index("--") + 1] = ["-n", "99999999999"]
+    # The ulimit options follow the second "--" (after the mounts, then the groups).
+    at = command.index("--", command.index("--") + 1) + 1
+    command[at:at] = ["-n", "99999999999"]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 126
+    assert not marker.exists()
+
+
+def test_the_chain_stops_before_the_command_when_a_mount_fails(tmp_path) -> None:
+    """A private /tmp that cannot be mounted (keter.processes.private) starts nothing: the
+    app would otherwise run with the machine's. (No namespace here: the source is
+    missing, so nothing is mounted.)"""
+    marker = tmp_path / "ran"
+    target = tmp_path / "target"
+    target.mkdir()
+    mounts = ["none", "bind", str(tmp_path / "missing"), str(target)]
+    command = chain([], NO_LIMITS, ["/bin/touch", str(marker)], mounts)
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     assert result.returncode == 126
     assert not marker.exists()

@@ -93,6 +93,7 @@ from keter.processes.controllers import Controllers, DeployLimits, oom_reason
 from keter.processes.groups import KILL_WAIT, group_members, signal_group, stop_groups
 from keter.processes.health import Prober
 from keter.processes.ports import port_is_free, socket_pids, user_pids
+from keter.processes.private import Private, PrivateStart, remove_ipc
 from keter.processes.reader import FAILURE_TAIL, OutputReader
 from keter.processes.records import Record, Records
 from keter.processes.spawn import Identity, SpawnError, spawn
@@ -290,10 +291,13 @@ class ProcessMonitor(Actor):
         cgroups: Cgroups | None = None,
         controllers: Controllers | None = None,
         port_range: tuple[int, int] | None = None,
+        private: Private | None = None,
     ) -> None:
         """``limits`` are app-limits' defaults; ``controllers`` where each limit is carried
         out (None: by rlimits only); ``port_range`` the ports keter hands out, which an
-        app may not bind unless they are its own (None: no bind guard)."""
+        app may not bind unless they are its own (None: no bind guard); ``private`` where
+        each process's own /tmp is kept and how it gets its namespaces (None: the
+        machine's /tmp, /dev/shm and IPC)."""
         super().__init__("processes", report_to)
         self.run_dir = Path(run_dir)
         self.health_check_timeout = health_check_timeout
@@ -322,6 +326,7 @@ class ProcessMonitor(Actor):
         self._cgroups = cgroups
         self.port_range = port_range
         self._guarding = False  # decided at start (_check_guard)
+        self.private = private
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -344,6 +349,11 @@ class ProcessMonitor(Actor):
                 cgroup.remove()
         self.controllers.sweep()
         self._check_guard()
+        if self.private is not None:
+            self.private.check()
+            # Renamed away now, deleted in the pool: an app's leftovers may be large.
+            self._spawner.submit(self.private.remove_swept, self.private.sweep())
+        self._remove_apps_ipc("a previous keter's")
 
     def _check_guard(self) -> None:
         """Once at start: whether each deploy's cgroup gets a bind guard, said in one line."""
@@ -413,7 +423,10 @@ class ProcessMonitor(Actor):
         for entry in entries:
             if entry.limit_groups is not None:
                 entry.limit_groups.remove()
+            if self.private is not None:
+                self.private.remove(_private_name(entry))
         self.controllers.remove()
+        self._remove_apps_ipc("keter is shutting down")
         for run in runs:
             self._release_run(run)
         self._reader.close(timeout=KILL_WAIT)
@@ -578,6 +591,9 @@ class ProcessMonitor(Actor):
                 done.error = f"cannot set its limits: {exc.strerror or exc}"
                 return done
         done.oom_kills = done.limit_groups.oom_kills()
+        private = None
+        if self.private is not None:
+            private = PrivateStart(self.private, private_name(app, deploy_id), limits.memory)
         try:
             done.proc = spawn(
                 spec,
@@ -585,6 +601,7 @@ class ProcessMonitor(Actor):
                 identity=identity,
                 cgroup=done.cgroup,
                 join=done.limit_groups.procs(),
+                private=private,
             )
         except SpawnError as exc:
             done.error = str(exc)
@@ -671,6 +688,7 @@ class ProcessMonitor(Actor):
         self._transition(entry, ProcessState.FATAL, error)
         del self._entries[entry.deploy_id]
         self._remove_groups(entry)  # nothing ever ran in them
+        self._ended(entry)
         if entry.once_timeout is not None:
             self.report(
                 RunFinished(app=entry.app, deploy_id=entry.deploy_id, returncode=None, reason=error)
@@ -957,6 +975,7 @@ class ProcessMonitor(Actor):
         final = ProcessState.FATAL if entry.failure else ProcessState.EXITED
         self._transition(entry, final, entry.failure or "stopped")
         del self._entries[entry.deploy_id]
+        self._ended(entry)
         if entry.once_timeout is not None:
             self.report(self._once_finished(entry))
             return
@@ -1221,6 +1240,38 @@ class ProcessMonitor(Actor):
         if entry.limit_groups is not None:
             entry.limit_groups.remove()
 
+    def _ended(self, entry: _Entry) -> None:
+        """The entry is gone and nothing of it runs: its /tmp goes (in the pool: an app
+        may have left a large tree), and with the app's last process what IPC objects
+        its uid left in keter's namespace (systemd's RemoveIPC). The app's other
+        processes (another version, a worker) keep theirs: each has its own /tmp, and
+        a uid's objects are removed only once none of them runs."""
+        if self.private is not None:
+            self._spawner.submit(self.private.remove, _private_name(entry))
+        if not self._machine_ipc or entry.spec.user is not None:
+            return  # nothing there, or a uid shared by every app (setuid): not its own
+        if any(other.app == entry.app for other in self._entries.values()):
+            return
+        assert self.users is not None
+        uid = self.users.known().get(entry.app)
+        if uid is not None and (removed := remove_ipc({uid})):
+            log.info("%s: removed %d IPC object(s) its processes left", entry.app, removed)
+
+    def _remove_apps_ipc(self, why: str) -> None:
+        """At start (what a killed keter's apps left) and once every app stopped at the
+        end: every app user's IPC objects in keter's namespace."""
+        if not self._machine_ipc:
+            return
+        assert self.users is not None
+        if removed := remove_ipc(set(self.users.known().values())):
+            log.info("processes: removed %d IPC object(s) apps left (%s)", removed, why)
+
+    @property
+    def _machine_ipc(self) -> bool:
+        """Whether apps with users of their own may leave IPC objects in keter's namespace
+        (keter.processes.private): they are then removed once their uid runs nothing."""
+        return self.users is not None and (self.private is None or self.private.machine_ipc)
+
     def _release_run(self, run: _Run) -> None:
         """The run's group is gone: the reader may stop reading its output, and the
         leader's zombie, which kept the group's id from being reused while keter might
@@ -1230,6 +1281,16 @@ class ProcessMonitor(Actor):
             self._reader.release(run)
             run.proc.poll()
             self._records.remove(run.deploy_id)
+
+
+def _private_name(entry: _Entry) -> str:
+    """The entry's folder under ROOT/run/tmp (``private_name``)."""
+    return private_name(entry.app, entry.deploy_id)
+
+
+def private_name(app: str, process_id: int) -> str:
+    """``APP-ID``: unique, as the id, after the last "-", has none of its own."""
+    return f"{app}-{process_id}"
 
 
 def _user_name(uid: int) -> str:

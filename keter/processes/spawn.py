@@ -12,7 +12,10 @@ Every start execs one shell first (``chain``): it joins the deploy's cgroups
 (writing its pid into each ``cgroup.procs`` as root), sets the rlimits with
 its ``ulimit`` builtin, and execs the app (through util-linux ``setpriv`` when
 the app has its own user and groups to enter as root), so the groups and
-limits are in place before the app's first instruction.
+limits are in place before the app's first instruction. Where the app gets a
+``/tmp``, ``/dev/shm`` and IPC of its own (``keter.processes.private``), util-linux
+``unshare`` comes first (new mount and IPC namespaces) and the shell mounts its
+folders before it joins the cgroups; the shell also sets ``umask 077``.
 
 What runs as root before the privilege drop (the chain's shell and setpriv)
 gets a fixed environment, never the app's: the dynamic loader and libc read
@@ -39,6 +42,7 @@ import logging
 import os
 import pwd
 import resource
+import shlex
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -49,25 +53,34 @@ from keter import names
 from keter.appdata import prepare_data_dir
 from keter.messages import ProcessSpec
 from keter.processes.cgroups import Cgroup
+from keter.processes.private import MOUNT, PrivateStart
 
 log = logging.getLogger(__name__)
 
 SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
 SETPRIV = shutil.which("setpriv", path=SYSTEM_PATH)
 SHELL = "/bin/sh"
-# The chain's shell, with its arguments: the cgroup.procs files to join, "--", the
-# ulimit options and values, "--", the command. A step that fails ends the chain with
-# 126 before the command runs. ``[``, ``echo`` and ``ulimit`` are builtins: a start
-# execs one program before the app (two when setpriv drops to the app's user). First
-# the app's OOM score goes up (keter lowers its own where it may, keter.daemon): the
-# kernel's OOM killer picks an app, any app process, before keter, nginx or PostgreSQL.
+# The chain's shell, with its arguments: the mounts of the app's private folders (four
+# arguments each, keter.processes.private), "--", the cgroup.procs files to join, "--",
+# the ulimit options and values, "--", the command. A step that fails ends the chain with
+# 126 before the command runs. ``[``, ``echo``, ``ulimit`` and ``umask`` are builtins: a
+# start execs one program before the app (two when setpriv drops to the app's user; one
+# more, unshare, first, and a ``mount`` per private folder where the app gets
+# namespaces of its own). First the app's OOM score goes up (keter lowers its own where
+# it may, keter.daemon): the kernel's OOM killer picks an app, any app process, before
+# keter, nginx or PostgreSQL. The mounts come before the cgroups: a ``mount`` process
+# in the app's cgroup would count against its ``processes`` limit (a limit of 1 could
+# never start). umask 077: what an app writes is its own unless it says otherwise.
 APP_OOM_SCORE_ADJ = 500
 _OOM_SCORE_UP = f"echo {APP_OOM_SCORE_ADJ} > /proc/self/oom_score_adj || exit 126; "
+_MOUNT = shlex.quote(MOUNT or "mount")
 CHAIN = (
     _OOM_SCORE_UP
+    + 'while [ "$1" != -- ]; do '
+    + f'{_MOUNT} -n -t "$1" -o "$2" -- "$3" "$4" || exit 126; shift 4; done; shift; '
     + 'while [ "$1" != -- ]; do echo 0 > "$1" || exit 126; shift; done; shift; '
     + 'while [ "$1" != -- ]; do ulimit "$1" "$2" || exit 126; shift 2; done; shift; '
-    + 'exec "$@"'
+    + 'umask 077; exec "$@"'
 )
 # What keter runs for an app outside its cgroup (pg_dump, psql) goes before keter too:
 # an app's data decides how much memory they take.
@@ -225,15 +238,23 @@ def environment_file(env: Mapping[str, str]) -> int:
     return fd
 
 
-def chain(procs: Sequence[Path], limits: ResourceLimits, command: Sequence[str]) -> list[str]:
-    """``command`` run by the chain's shell: it joins every cgroup of ``procs`` (their
-    ``cgroup.procs`` files: its v2 cgroup, its v1 limit groups) and sets ``limits``
-    before it execs ``command``."""
+def chain(
+    procs: Sequence[Path],
+    limits: ResourceLimits,
+    command: Sequence[str],
+    mounts: Sequence[str] = (),
+) -> list[str]:
+    """``command`` run by the chain's shell: it makes ``mounts`` (type, options, source,
+    target: four each), joins every cgroup of ``procs`` (their ``cgroup.procs`` files:
+    its v2 cgroup, its v1 limit groups) and sets ``limits`` before it execs
+    ``command``."""
     return [
         SHELL,
         "-c",
         CHAIN,
         "keter-start",
+        *mounts,
+        "--",
         *map(str, procs),
         "--",
         *limits.ulimit_args(),
@@ -249,16 +270,18 @@ def spawn(
     identity: Identity | None = None,
     cgroup: Cgroup | None = None,
     join: tuple[Path, ...] = (),
+    private: PrivateStart | None = None,
 ) -> subprocess.Popen:
     """Start ``spec``'s program in a session of its own, its output on one pipe.
 
     It runs as ``identity`` (else as ``spec.user``, else as keter), inside
     ``cgroup`` if given and in the v1 limit groups whose ``cgroup.procs`` files
-    ``join`` lists (keter.processes.controllers), under ``limits`` (the rlimits).
-    The chain (see above): ``sh`` enters the cgroups (as root) and sets the
-    limits, then execs ``setpriv``, which drops to the app's uid, gid and
-    groups, then the app. Raises ``SpawnError`` with a reason fit for the
-    operator when it cannot run.
+    ``join`` lists (keter.processes.controllers), under ``limits`` (the rlimits),
+    with the private folders and namespaces of ``private`` (keter.processes.private).
+    The chain (see above): ``unshare`` enters new namespaces, ``sh`` mounts the
+    private folders, enters the cgroups (as root) and sets the limits, then execs
+    ``setpriv``, which drops to the app's uid, gid and groups, then the app.
+    Raises ``SpawnError`` with a reason fit for the operator when it cannot run.
     """
     if not spec.command:
         raise SpawnError("empty command")
@@ -282,7 +305,21 @@ def spawn(
     env: dict[str, str] = dict(spec.env)
     stdin: int = subprocess.DEVNULL
     procs = ([cgroup.procs] if cgroup is not None else []) + list(join)
-    if identity is not None and (SETPRIV is None or not procs):
+    prefix: list[str] = []
+    mounts: list[str] = []
+    if private is not None:
+        uid, gid = (identity.uid, identity.gid) if identity else (os.getuid(), os.getgid())
+        try:
+            folders = private.private.prepare(private.name, uid, gid)
+        except OSError as exc:
+            raise SpawnError(f"cannot prepare its /tmp: {exc.strerror or exc}") from None
+        env = private.private.environment(folders, env)
+        # The namespaces need root: with no setpriv to drop to the app's user after
+        # them, the app keeps the machine's (TMPDIR still its own).
+        if private.private.namespaces and (identity is None or SETPRIV is not None):
+            prefix = private.private.prefix()
+            mounts = private.private.mounts(folders, private.memory)
+    if identity is not None and (SETPRIV is None or not (procs or prefix)):
         # Popen switches users itself (no cgroup to enter as root first): nothing runs
         # as root after the fork, so the app's environment may go along.
         credentials = {
@@ -298,7 +335,7 @@ def spawn(
         except OSError as exc:
             raise SpawnError(f"cannot pass the environment: {exc.strerror or exc}") from None
         env = dict(ROOT_ENV)
-    command = chain(procs, limits, command)
+    command = prefix + chain(procs, limits, command, mounts)
     try:
         proc = subprocess.Popen(
             command,

@@ -1,0 +1,239 @@
+"""Every app process gets /tmp, /var/tmp, /dev/shm and IPC of its own, which go with it
+(keter.processes.private).
+
+An adversarial probe had found them shared by all apps: an app limited to 64M wrote
+48 MiB to /dev/shm per version, 240 MiB after five deploys, all of it still there
+after the app's removal; a SysV segment and /tmp files outlived the app; with umask
+022 one app read another's /tmp/alpha-session.txt. Against the real daemon as root,
+each app a user of its own (tests/apps/private_app.py says what it saw).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from support.bundles import APPS, make_bundle, webapp_config
+from support.net import app_port_range, served
+from support.wait import wait_for
+
+from keter.processes.private import remove_ipc, sysv_objects
+from keter.processes.spawn import SETPRIV
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # the tests' own Python may lie in /tmp, which is hidden
+PRIVATE_APP = APPS / "private_app.py"
+
+
+@pytest.fixture
+def root_outside_tmp() -> Iterator[Path]:
+    """A keter ROOT outside /tmp and /var/tmp (pytest's folders are in /tmp: an app's
+    private /tmp would hide them, so keter keeps the machine's there)."""
+    base = Path(tempfile.mkdtemp(prefix="keter-private-", dir="/var/lib"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def open_base() -> Iterator[Path]:
+    """A folder in /tmp every user may cross (tmp_path is root's alone)."""
+    base = Path(tempfile.mkdtemp(prefix="keter-private-", dir="/tmp"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def deploy(keter, base: Path, app: str, **env: str) -> dict:
+    """Deploy ``app`` (private_app.py), wait until it serves; what it saw."""
+    config = webapp_config(f"{app}.test", "v1", env={"APPNAME": app, **env})
+    bundle = make_bundle(
+        base / f"{app}.keter", config=config, app_source=PRIVATE_APP, interpreter=SYSTEM_PYTHON
+    )
+    keter.drop(bundle)
+    log = keter.root / "log" / f"app-{app}.log"
+    line = wait_for(
+        lambda: next((x for x in _lines(log) if "PRIVATE {" in x), None), 30, f"{app}'s report"
+    )
+    return json.loads(line.split("PRIVATE ", 1)[1])
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def uid_processes(uid: int) -> list[int]:
+    found = []
+    for process in psutil.process_iter(["uids", "status"]):
+        try:
+            if process.info["uids"].real == uid and process.info["status"] != "zombie":
+                found.append(process.pid)
+        except (psutil.Error, AttributeError):
+            continue
+    return found
+
+
+def folders_of(keter, app: str) -> list[Path]:
+    return sorted((keter.root / "run" / "tmp").glob(f"{app}-*"))
+
+
+@pytest.mark.skipif(SETPRIV is None, reason="needs util-linux setpriv")
+def test_an_apps_tmp_shm_and_ipc_are_its_own_and_go_when_it_is_removed(
+    root_outside_tmp, keter_factory, private_nginx
+):
+    keter = keter_factory(
+        root=root_outside_tmp / "root",
+        **{
+            "port-range": app_port_range(),
+            "run-apps-as-root": False,
+            "app-limits": {"memory": "64M"},
+        },
+    )
+    said = "every app process gets /tmp, /var/tmp and /dev/shm of its own"
+    wait_for(lambda: said in keter.log(), 10, "keter's line at start")
+    alpha = deploy(keter, root_outside_tmp, "alpha", SECRET="alpha-session-key-42", SHM_MB="16")
+    [alpha_folder] = folders_of(keter, "alpha")
+    beta = deploy(
+        keter,
+        root_outside_tmp,
+        "beta",
+        PEEK=f"/tmp/alpha-secret.txt:{alpha_folder}/tmp/alpha-secret.txt",
+    )
+    served(private_nginx, "alpha.test", "v1")
+    served(private_nginx, "beta.test", "v1")
+    uids = json.loads((keter.root / "etc" / "app-users.json").read_text())
+
+    # Nothing of alpha's /tmp reaches beta: not by its name, not by its folder (0700).
+    assert beta["peeked"] == {
+        "/tmp/alpha-secret.txt": "No such file or directory",
+        f"{alpha_folder}/tmp/alpha-secret.txt": "Permission denied",
+    }, beta
+    assert alpha["umask"] == beta["umask"] == "077"
+    assert alpha["secret_mode"] == "600"
+    assert alpha["tmpdir"] is None  # /tmp itself is its own
+    # On the machine: in alpha's folder, nowhere else; its /dev/shm is a tmpfs of its own
+    # as big as its memory limit, its System V objects in an IPC namespace of its own.
+    secret = alpha_folder / "tmp" / "alpha-secret.txt"
+    assert secret.read_text() == "alpha-session-key-42"
+    assert (secret.stat().st_uid, secret.stat().st_mode & 0o777) == (uids["alpha"], 0o600)
+    assert (alpha_folder / "var-tmp" / "alpha-var.txt").exists()
+    assert not Path("/tmp/alpha-secret.txt").exists()
+    assert not Path("/var/tmp/alpha-var.txt").exists()
+    assert not Path("/dev/shm/alpha-shm").exists()
+    assert alpha["shm_bytes"] == 64 << 20
+    assert alpha["ipc"] == beta["ipc"] == [0, 0, 0]  # each made its three objects
+    assert sysv_objects({uids["alpha"]}) == [] and sysv_objects({uids["beta"]}) == []
+
+    (keter.incoming / "alpha.keter").unlink()
+    wait_for(lambda: folders_of(keter, "alpha") == [], 20, "alpha's folders removed")
+    wait_for(lambda: uid_processes(uids["alpha"]) == [], 10, "alpha's processes gone")
+    assert folders_of(keter, "beta") != []  # beta's are its own, and it runs on
+    served(private_nginx, "beta.test", "v1")
+
+
+@pytest.mark.skipif(SETPRIV is None, reason="needs util-linux setpriv")
+def test_with_root_in_tmp_an_app_keeps_the_machines_tmp_but_gets_a_tmpdir_of_its_own(
+    open_base, keter_factory, private_nginx
+):
+    """ROOT in /tmp (here, and while trying keter out): a private /tmp would hide the
+    app's own folders. keter says so at start; the app gets a TMPDIR of its own, which
+    goes with it, umask 077, and /dev/shm and IPC of its own all the same."""
+    keter = keter_factory(
+        root=open_base / "root", **{"port-range": app_port_range(), "run-apps-as-root": False}
+    )
+    said = "apps keep the machine's /tmp and /var/tmp"
+    wait_for(lambda: said in keter.log(), 10, "keter's line at start")
+    host_file = Path(f"/tmp/keter-private-{secrets.token_hex(6)}.txt")
+    try:
+        seen = deploy(
+            keter, open_base, "gamma", SECRET="gamma-key", HOST_FILE=str(host_file), SHM_MB="1"
+        )
+        served(private_nginx, "gamma.test", "v1")
+        [folder] = folders_of(keter, "gamma")
+        assert seen["tmpdir"] == str(folder / "tmp")
+        assert (folder / "tmp" / "gamma-tmpdir.txt").read_text() == "gamma-key"
+        assert seen["umask"] == "077" and seen["secret_mode"] == "600"
+        assert host_file.stat().st_mode & 0o777 == 0o600  # no other user reads it
+        assert not Path("/dev/shm/gamma-shm").exists()
+        assert seen["ipc"] == [0, 0, 0]
+        uid = json.loads((keter.root / "etc" / "app-users.json").read_text())["gamma"]
+        assert sysv_objects({uid}) == []
+        (keter.incoming / "gamma.keter").unlink()
+        wait_for(lambda: folders_of(keter, "gamma") == [], 20, "gamma's folders removed")
+    finally:
+        host_file.unlink(missing_ok=True)
+        Path("/var/tmp/gamma-var.txt").unlink(missing_ok=True)
+
+
+def as_uid(uid: int, *command: str) -> str:
+    assert SETPRIV is not None
+    run = [SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *command]
+    return subprocess.run(run, capture_output=True, text=True, check=True, timeout=30).stdout
+
+
+@pytest.mark.skipif(SETPRIV is None, reason="needs util-linux setpriv")
+def test_remove_ipc_removes_every_ipc_object_of_the_uid_and_no_other():
+    """Where there are no namespaces, what an app's uid left in the machine's IPC goes
+    when its last process stops (systemd's RemoveIPC): System V shared memory,
+    semaphores and queues, and its files in /dev/shm."""
+    gone, kept = 1_900_999_901, 1_900_999_902  # in keter's default range, unused here
+    for option in ("-M4096", "-S1", "-Q"):
+        as_uid(gone, "ipcmk", option)
+    as_uid(kept, "ipcmk", "-M4096")
+    name = f"keter-test-{secrets.token_hex(6)}"
+    as_uid(gone, "touch", f"/dev/shm/{name}")
+    assert sorted(option for option, _ in sysv_objects({gone})) == ["-m", "-q", "-s"]
+    try:
+        assert remove_ipc({gone}) == 4
+        assert sysv_objects({gone}) == []
+        assert not Path(f"/dev/shm/{name}").exists()
+        assert [option for option, _ in sysv_objects({kept})] == ["-m"]
+    finally:
+        remove_ipc({gone})
+        remove_ipc({kept})
+    assert sysv_objects({kept}) == []
+
+
+@pytest.mark.skipif(SETPRIV is None, reason="needs util-linux setpriv")
+def test_without_namespaces_an_app_gets_a_tmpdir_and_its_ipc_goes_when_it_is_removed(
+    open_base, keter_factory, private_nginx
+):
+    """keter without CAP_SYS_ADMIN (a container, say) cannot give apps namespaces: it
+    says so once at start and every deploy still works; each app process gets a TMPDIR
+    of its own, and what its uid left in the machine's IPC and /dev/shm goes once the
+    app's last process has stopped (systemd's RemoveIPC)."""
+    assert SETPRIV is not None
+    keter = keter_factory(
+        root=open_base / "root",
+        wrapper=(SETPRIV, "--bounding-set=-sys_admin", "--"),
+        **{"port-range": app_port_range(), "run-apps-as-root": False},
+    )
+    said = "no private /tmp, /dev/shm or IPC for apps"
+    wait_for(lambda: said in keter.log(), 10, "keter's line at start")
+    try:
+        seen = deploy(keter, open_base, "delta", SECRET="delta-key", SHM_MB="1")
+        served(private_nginx, "delta.test", "v1")
+        [folder] = folders_of(keter, "delta")
+        assert seen["tmpdir"] == str(folder / "tmp")
+        assert seen["umask"] == "077" and seen["secret_mode"] == "600"
+        uid = json.loads((keter.root / "etc" / "app-users.json").read_text())["delta"]
+        # The machine's, this time: what the app made is there while it runs.
+        assert Path("/dev/shm/delta-shm").stat().st_uid == uid
+        assert sorted(option for option, _ in sysv_objects({uid})) == ["-m", "-q", "-s"]
+        (keter.incoming / "delta.keter").unlink()
+        wait_for(lambda: folders_of(keter, "delta") == [], 20, "delta's folders removed")
+        wait_for(lambda: "delta: removed 4 IPC object(s)" in keter.log(), 10, "its IPC removed")
+        assert sysv_objects({uid}) == []
+        assert not Path("/dev/shm/delta-shm").exists()
+    finally:
+        Path("/tmp/delta-secret.txt").unlink(missing_ok=True)
+        Path("/var/tmp/delta-var.txt").unlink(missing_ok=True)

@@ -87,9 +87,7 @@ def take_nginx_lock(config: KeterConfig) -> int:
     config_file = config.nginx.config_file
     folder = support_dir(config_file)
     folder.mkdir(mode=0o750, exist_ok=True)  # nginx's own folder must be there
-    fd = os.open(
-        folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-    )
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

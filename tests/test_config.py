@@ -22,6 +22,7 @@ from keter.config import (
     read_ephemeral_range,
 )
 from keter.config.model import conninfo, first_server
+from keter.config.reader import _FIELDS
 from keter.yamlcheck import load_yaml, read_yaml_file
 
 ROOT = Path("/srv/keter")
@@ -159,6 +160,34 @@ def test_relative_root_is_relative_to_the_config_folder() -> None:
     assert parse("root: ../../other").root == Path("/srv/other")
 
 
+NULLABLE = [
+    *(f"{key}:" for key in (*_FIELDS, "root", "graceful-drain-micros", "host", "port", "ssl")),
+    *(
+        f"nginx: {{{key}: null}}"
+        for key in ("config-file", "test-command", "reload-command", "resolver")
+    ),
+    "nginx: {shared-certificates: null}",
+    *(f"acme: {{{key}: null}}" for key in ("directory", "email", "eab", "ca-bundle")),
+    *(f"postgres: {{{key}: null}}" for key in ("admin-dsn", "retry-seconds", "connection-limit")),
+    "listeners: [{host: null, port: null, certificate: null, key: null}]",
+    # Empty where the default is empty.
+    "dashboard-users: {}",
+    "ip-from-header: []",
+    "acme: {eab: {}}",
+]
+
+
+@pytest.mark.parametrize("text", NULLABLE)
+def test_null_is_the_default(text: str) -> None:
+    # README's table of defaults writes "key: null" for a key whose default is none:
+    # copied as it is, it must be the default, not refused.
+    assert parse(text) == KeterConfig(root=ROOT)
+
+
+def test_null_error_log_keeps_its_own_meaning() -> None:
+    assert parse("nginx: {error-log: null}").nginx.error_log is None  # nginx's log not read
+
+
 @pytest.mark.parametrize("key", KETER_ONLY_KEYS)
 def test_keter_keys_without_meaning_warn_once(key: str) -> None:
     config = parse(f"{key}: 1")
@@ -241,10 +270,6 @@ def test_port_range_may_touch_but_not_overlap_the_ephemeral_range() -> None:
         ),
         ("health-check-timeout: .inf", "health-check-timeout: expected a number of seconds > 0"),
         ("health-check-timeout: .nan", "health-check-timeout: expected a number of seconds > 0"),
-        (
-            "health-check-timeout:",
-            "health-check-timeout: expected a number of seconds > 0, got nothing",
-        ),
         ("drain-seconds: -1", "drain-seconds: expected a number of seconds >= 0, got -1"),
         ("stop-timeout: [10]", "stop-timeout: expected a number of seconds > 0, got [10]"),
         ("env: [A=b]", 'env: expected a mapping of NAME: value, got ["A=b"]'),

@@ -13,7 +13,9 @@ them astray. So every name the docs make a claim with is checked here:
   transitions table exactly ``keter.processes.states.TRANSITIONS``;
 * every message in its "Who sends what" diagram is a class of ``keter.messages``,
   every class of ``keter.messages`` is named in it somewhere, and every
-  ``Component`` has a row in its components table.
+  ``Component`` has a row in its components table;
+* README.md's table of the config's defaults is taken by ``load_config`` and is
+  exactly the defaults.
 
 Each table is found under its heading, so a failure names the section to fix.
 """
@@ -28,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from keter import deploys, messages
+from keter.config import CONFIG_NAME, KeterConfig, load_config
 from keter.messages import Component, ProcessState
 from keter.processes import states
 
@@ -93,6 +96,24 @@ def code_block(body: str) -> str:
     found = re.search(r"```text\n(.*?)```", body, re.S)
     assert found, "no ```text block in the section"
     return found.group(1)
+
+
+# -- the config's defaults --------------------------------------------------------------
+
+
+def test_the_readme_table_of_config_defaults_is_the_defaults(tmp_path: Path) -> None:
+    """README's "these are the defaults" block, copied verbatim into keter-config.yaml, is
+    taken and is exactly the defaults (it once had nulls keter refused)."""
+    body = section(text(README), "Global config: `ROOT/etc/keter-config.yaml`")
+    found = re.search(r"```yaml\n(.*?)```", body, re.S)
+    assert found, "no ```yaml block in the section"
+    config_file = tmp_path / "etc" / CONFIG_NAME
+    config_file.parent.mkdir()
+    config_file.write_text(found.group(1))
+    # Given, so that this machine's own ephemeral range cannot refuse port-range.
+    config = load_config(tmp_path, ephemeral_range=(32768, 60999))
+    assert config.warnings == ()
+    assert config == KeterConfig(root=tmp_path)
 
 
 # -- paths and names ----------------------------------------------------------------------

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from keter.config.model import Listener
+from keter.config.values import without_nulls
 from keter.names import validate_ip
 from keter.yamlcheck import Checker, describe, integer, key_name, pem_file, pem_files, unknown_key
 
@@ -50,6 +51,7 @@ def parse_listener(entry: object, where: str, check: Checker, base: Path) -> Lis
             where, f'expected a mapping like {{host: "*", port: 80}}, got {describe(entry)}'
         )
         return None
+    entry = without_nulls(entry)  # host: null is "*", certificate: null none (a plain listener)
     before = len(check.problems)
     tls = any(key in entry for key in TLS_LISTENER_KEYS if key != "session")
     host, port = "*", 443 if tls else 80  # Keter's defaults

@@ -57,6 +57,7 @@ from keter.config.values import (
     parse_uid_range,
     parse_url_path,
     seconds_key,
+    without_nulls,
 )
 from keter.yamlcheck import (
     MAX_SECONDS,
@@ -154,6 +155,7 @@ def _parse_config(
     check = Checker()
     root, base = absolute(root), absolute(base)
     values: dict[str, Any] = {}
+    data = without_nulls(data)  # null is the default, for every key (compat's too)
     for key, value in data.items():
         if key in _FIELDS:
             attr, parser = _FIELDS[key]

@@ -14,7 +14,7 @@ from keter.config.model import (
     conninfo,
     first_server,
 )
-from keter.config.values import count_key, seconds_key
+from keter.config.values import count_key, seconds_key, without_nulls
 from keter.yamlcheck import (
     Checker,
     absolute,
@@ -42,7 +42,7 @@ def parse_nginx(value: object, path: str, check: Checker, base: Path) -> object:
         "resolver",
         "shared-certificates",
     )
-    for key, item in value.items():
+    for key, item in without_nulls(value, keep=("error-log",)).items():
         where = f"{path}.{key_name(key)}"
         if key == "config-file":
             text = file_path(item, where, check)
@@ -110,7 +110,7 @@ def parse_acme(value: object, path: str, check: Checker, base: Path) -> object:
         check.problem(path, f"expected a mapping like {{email: ...}}, got {describe(value)}")
         return None
     settings: dict[str, Any] = {}
-    for key, item in value.items():
+    for key, item in without_nulls(value).items():
         where = f"{path}.{key_name(key)}"
         if key == "directory":
             if isinstance(item, str) and re.fullmatch(r"https?://[\x21-\x7e]{1,2000}", item):
@@ -122,6 +122,8 @@ def parse_acme(value: object, path: str, check: Checker, base: Path) -> object:
                 settings["email"] = item
             else:
                 check.problem(where, f"expected an email address, got {describe(item)}")
+        elif key == "eab" and item == {}:
+            pass  # no binding: the default
         elif key == "eab":
             eab = item if isinstance(item, dict) else {}
             kid, hmac = eab.get("kid"), eab.get("hmac-key")
@@ -150,7 +152,7 @@ def parse_postgres(value: object, path: str, check: Checker, base: Path) -> obje
         check.problem(path, f'expected a mapping like {{admin-dsn: ""}}, got {describe(value)}')
         return None
     settings: dict[str, Any] = {}
-    for key, item in value.items():
+    for key, item in without_nulls(value).items():
         where = f"{path}.{key_name(key)}"
         if key == "admin-dsn":
             dsn = _parse_dsn(item, where, check)

@@ -67,7 +67,9 @@ def parse_status_hosts(value: object, path: str, check: Checker, base: Path) -> 
 
 
 def parse_dashboard_users(value: object, path: str, check: Checker, base: Path) -> object:
-    if not isinstance(value, dict) or not value:
+    if value == {}:
+        return ()  # nobody: the default
+    if not isinstance(value, dict):
         check.problem(path, f"expected a mapping like {{admin: PASSWORD}}, got {describe(value)}")
         return None
     users = []

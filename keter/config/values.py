@@ -33,6 +33,13 @@ from keter.yamlcheck import (
 Parser = Callable[[object, str, Checker, Path], object]
 
 
+def without_nulls(mapping: dict, *, keep: tuple[str, ...] = ()) -> dict:
+    """``mapping`` without its null values: a key set to null means its default, as if it
+    were absent (README's table of defaults spells them so). ``keep`` names the keys
+    whose null has a meaning of its own (``nginx.error-log``: no log read)."""
+    return {key: item for key, item in mapping.items() if item is not None or key in keep}
+
+
 def parse_uid_range(value: object, path: str, check: Checker, base: Path) -> object:
     # Above Debian's reserved ids (policy 9.2.2: up to 65535), below 2^31 (signed 32 bits).
     if (
@@ -185,7 +192,9 @@ def parse_ip_from_header(value: object, path: str, check: Checker, base: Path) -
     """``true`` (trust the usual proxy networks), ``false``, or a list of trusted networks."""
     if isinstance(value, bool):
         return TRUSTED_PROXIES if value else ()
-    if isinstance(value, list) and value:
+    if value == []:
+        return ()  # nobody trusted: the default, as false
+    if isinstance(value, list):
         networks = []
         for i, item in enumerate(value):
             try:

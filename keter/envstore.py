@@ -118,7 +118,7 @@ def update(
         path = settings_path(etc_dir, app)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(path.parent, 0o700)
-        data = (json.dumps(settings, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+        data = encoded(settings)
         if len(data) > MAX_FILE:  # load() would refuse it, and every deploy of the app with it
             raise SettingsError(
                 f"the settings of {app} would take {len(data)} bytes, more than {MAX_FILE}; "
@@ -126,6 +126,12 @@ def update(
             )
         atomic_write(path, data, mode=0o600)
     return sorted(changes), removed
+
+
+def encoded(settings: Mapping[str, str]) -> bytes:
+    """``settings`` as APP.json holds them: what ``MAX_FILE`` bounds."""
+    text = json.dumps(dict(settings), indent=2, sort_keys=True, ensure_ascii=False)
+    return (text + "\n").encode()
 
 
 def parse_assignments(words: Iterable[str]) -> dict[str, str]:

@@ -343,12 +343,12 @@ def validate_realm(text: object) -> str:
 
 # The one name /bin/sh (dash) refuses to export with most values ("Illegal number"):
 # an app's processes get their environment from it (keter.processes.spawn).
-_SHELL_OWN = frozenset({"OPTIND"})
+SHELL_OWN = frozenset({"OPTIND"})
 
 
 def validate_env_name(text: object) -> str:
     """An environment variable name, shell style: letters, digits and '_'."""
-    if isinstance(text, str) and text in _SHELL_OWN:
+    if isinstance(text, str) and text in SHELL_OWN:
         raise ValueError(f"{text} is the shell's own (it starts the app's processes)")
     if isinstance(text, str) and _ENV_NAME.fullmatch(text):
         return text

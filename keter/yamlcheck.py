@@ -275,6 +275,9 @@ def parse_env(value: object, path: str, check: Checker) -> Mapping[str, str] | N
         elif not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
             check.problem(where, "expected a variable name of letters, digits and _")
             ok = False
+        elif name in names.SHELL_OWN:  # as keter env refuses it (names.validate_env_name)
+            check.problem(where, f"{name} is the shell's own (it starts the app's processes)")
+            ok = False
         elif isinstance(item, bool):
             env[name] = "true" if item else "false"  # as written in YAML, not Python's True
         elif isinstance(item, int | float | str) and is_arg(str(item)):

@@ -227,6 +227,8 @@ def test_a_flat_config_with_a_stanzas_guard_is_refused_not_served_unguarded(
         ),
         ("exec: ../hello\nhost: a\nenv: [A]", 'env: expected a mapping of NAME: value, got ["A"]'),
         ("exec: ../hello\nhost: a\nenv: {A: {}}", "env.A: expected a string, number or boolean"),
+        # README says a bundle's env refuses it as keter env does: dash would not start it.
+        ("exec: ../hello\nhost: a\nenv: {OPTIND: '1'}", "env.OPTIND: OPTIND is the shell's own"),
         (
             "exec: ../hello\nhost: a\nhealth-check-path: health",
             "health-check-path: expected a URL path",

@@ -318,6 +318,26 @@ def test_each_mistake_is_named_with_its_key_path(text: str, expected: str) -> No
     assert "\n" not in found[0]  # a hostile value cannot forge a second log line
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # dash refuses `export OPTIND=abc`: every process of every app failed to start.
+        ("env: {OPTIND: abc}", "env.OPTIND: OPTIND is the shell's own"),
+        # One variable past the kernel's bound: every app failed "Argument list too long".
+        (f"env: {{BIG: {'x' * 200_000}}}", "env.BIG: the value is longer than 32768 characters"),
+        ("env: {" + ", ".join(f"A{i}: x" for i in range(257)) + "}", "env: more than 256"),
+        (
+            "env: {" + ", ".join(f"A{i}: {'x' * 30_000}" for i in range(80)) + "}",
+            "env: takes 2",  # bytes, more than 2 MiB in all, as an app's settings file
+        ),
+    ],
+)
+def test_the_global_env_is_held_to_the_rules_of_keter_env(text: str, expected: str) -> None:
+    [found] = problems(text)
+    assert found.startswith(expected), found
+    assert "xxx" not in found  # a value may be a secret
+
+
 def test_every_problem_is_reported_at_once() -> None:
     found = problems(
         """

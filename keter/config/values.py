@@ -13,6 +13,7 @@ import pwd
 from collections.abc import Callable
 from pathlib import Path
 
+from keter import envstore
 from keter.limits import parse_app_limits
 from keter.names import validate_url_path
 from keter.yamlcheck import (
@@ -102,7 +103,25 @@ def count_key(minimum: int, maximum: int = MAX_INT) -> Parser:
 
 
 def parse_env_key(value: object, path: str, check: Checker, base: Path) -> object:
-    return parse_env(value, path, check)
+    """The global env, held to what ``keter env`` allows an app (keter.envstore): every
+    app's processes get it, so a value past the kernel's bound for one variable
+    (Argument list too long) failed the start of every app, not keter's."""
+    env = parse_env(value, path, check)
+    if env is None:
+        return None
+    before = len(check.problems)
+    if len(env) > envstore.MAX_SETTINGS:
+        check.problem(path, f"more than {envstore.MAX_SETTINGS} variables")
+    for name, item in env.items():
+        if len(item) > envstore.MAX_VALUE:
+            # The value may be a secret: its length only.
+            check.problem(
+                f"{path}.{name}",
+                f"the value is longer than {envstore.MAX_VALUE} characters ({len(item)})",
+            )
+    if len(check.problems) == before and (size := len(envstore.encoded(env))) > envstore.MAX_FILE:
+        check.problem(path, f"takes {size} bytes, more than {envstore.MAX_FILE}")
+    return env if len(check.problems) == before else None
 
 
 def parse_limits_key(value: object, path: str, check: Checker, base: Path) -> object:

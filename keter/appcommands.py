@@ -35,6 +35,7 @@ from keter.commands import (
     human_duration,
     report_verdict,
     run,
+    seconds,
 )
 from keter.history import REASON_LIMIT, capped_text
 from keter.names import log_text
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument(
         "--no-restart", action="store_true", help="only store; the next deploy applies them"
     )
-    env.add_argument("--timeout", type=float, default=120, help="seconds to wait (120)")
+    env.add_argument("--timeout", type=seconds, default=120, help="seconds to wait (120)")
     env.set_defaults(root=default_root())
 
     db_commands = group("db", "an app's database backups")
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("app")
     backup = command(db_commands, "backup", cmd_db_backup, "back up the app's database now")
     backup.add_argument("app")
-    backup.add_argument("--timeout", type=float, default=DB_TIMEOUT, help="seconds to wait")
+    backup.add_argument("--timeout", type=seconds, default=DB_TIMEOUT, help="seconds to wait")
     restore = command(
         db_commands,
         "restore",
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     restore.add_argument("app")
     restore.add_argument("backup", nargs="?", help="a backup's name (see keter db backups)")
-    restore.add_argument("--timeout", type=float, default=DB_TIMEOUT, help="seconds to wait")
+    restore.add_argument("--timeout", type=seconds, default=DB_TIMEOUT, help="seconds to wait")
 
     data_commands = group("data", "an app's data folder, ROOT/data/APP")
     purge = command(
@@ -123,13 +124,15 @@ def cmd_env(args: argparse.Namespace) -> int:
         if rest:
             raise Refused("keter env APP takes no more words (did you mean env set?)")
         return _env_list(client, args.root, app, show=args.show)
+    piped = []
     if action == "set" and args.stdin:
-        rest += [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not rest:
+        piped = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not rest and not piped:
         raise Refused(f"keter env {action} {app}: name at least one setting")
     try:
         if action == "set":
             changes, removals = envstore.parse_assignments(rest), []
+            changes.update(envstore.parse_assignments(piped, where="stdin"))
         else:
             changes, removals = {}, [envstore.check_name(name) for name in rest]
     except envstore.SettingsError as exc:

@@ -38,6 +38,11 @@ _CHUNK = 1 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+def is_version(text: str) -> bool:
+    """Whether ``text`` can name a version: a prefix of its sha256, 4 to 64 hex digits."""
+    return re.fullmatch(r"[0-9a-fA-F]{4,64}", text) is not None
+
+
 class ArchiveError(Exception):
     """An archive operation was refused; ``str()`` is the reason."""
 
@@ -197,7 +202,7 @@ class BundleArchive:
     def find(self, app: str, version: str) -> ArchivedBundle:
         """The archived version whose sha256 starts with ``version``; raises ArchiveError."""
         wanted = version.lower()
-        if not re.fullmatch(r"[0-9a-f]{4,64}", wanted):
+        if not is_version(wanted):
             raise ArchiveError(f"{version!r} is not a version (4 to 64 hex digits)")
         versions = self.versions(app)
         matches = [b for b in versions if b.sha256.startswith(wanted)]

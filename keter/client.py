@@ -26,6 +26,28 @@ class PermissionDenied(ClientError):
     """The socket exists but this user may not use it."""
 
 
+class NotAnswering(ClientError):
+    """keter took the connection but gave no answer in time (hung, stopped, overloaded)."""
+
+
+class UnexpectedAnswer(ClientError):
+    """keter answered something this command cannot read (another version of keter?)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "keter answered something this keter command does not understand (another version?)"
+        )
+
+
+# How many answers this process has read from keter: a KeyError or TypeError in a command
+# after one is read is an answer of a shape it does not know (keter.commands.run).
+_answers_read = 0
+
+
+def answers_read() -> int:
+    return _answers_read
+
+
 class ApiError(ClientError):
     """keter answered with an error (``status``: the HTTP status)."""
 
@@ -178,7 +200,7 @@ class KeterClient:
                 "group set by status-group"
             ) from None
         except TimeoutError:
-            raise ClientError(f"keter did not answer within {connection.timeout:g}s") from None
+            raise NotAnswering(f"keter did not answer within {connection.timeout:g}s") from None
         except (OSError, http.client.HTTPException) as exc:
             raise ClientError(f"cannot talk to keter on {self.socket}: {exc}") from None
         finally:
@@ -187,12 +209,16 @@ class KeterClient:
 
 
 def _json(status: int, raw: bytes) -> dict:
+    global _answers_read
+    _answers_read += 1
     try:
         value = json.loads(raw)
     except ValueError:
         raise ClientError(f"keter answered {status} with something not JSON") from None
+    if not isinstance(value, dict):  # every answer of the API is an object
+        raise UnexpectedAnswer
     if status >= 400:
-        raise ApiError(status, value.get("error", f"HTTP {status}"))
+        raise ApiError(status, str(value.get("error", f"HTTP {status}")))
     return value
 
 

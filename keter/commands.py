@@ -4,7 +4,8 @@ rollback, restart.
 All but ``bundle`` talk to the running daemon through its status socket
 (``keter.client``). Exit codes: 0 done; 1 the operation failed (a deploy
 failed, an unknown app); 2 bad usage or a bundle refused locally; 3 keter is
-not running or the socket may not be used; 4 no verdict within ``--timeout``.
+not running, does not answer (or answers what this command cannot read) or the
+socket may not be used; 4 no verdict within ``--timeout``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import select
 import signal
@@ -26,14 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from keter.archive import SUFFIX, copy_hashed, install_bundle
+from keter.archive import SUFFIX, copy_hashed, install_bundle, is_version
 from keter.bundle import BundleConfigError, parse_bundle_config
 from keter.client import (
     ApiError,
     ClientError,
     KeterClient,
+    NotAnswering,
     NotRunning,
     PermissionDenied,
+    UnexpectedAnswer,
+    answers_read,
     wait_for_verdict,
 )
 from keter.config import KeterConfig
@@ -43,6 +48,7 @@ from keter.incoming.unpack import UnpackError, safe_unpack
 from keter.log import MESSAGE_LIMIT
 from keter.logtail import LogFollower, tail_lines
 from keter.names import log_text, validate_app_name
+from keter.yamlcheck import MAX_SECONDS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 DEFAULT_ROOT = "/opt/keter"
@@ -63,13 +69,21 @@ def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     """Parse ``argv`` and run its subcommand, mapping failures to exit codes
     (``keter.appcommands`` runs env, db and data through this too)."""
     args = parser.parse_args(argv)
+    answers = answers_read()
     try:
         return args.run(args)
     except Refused as exc:
         _say(exc)
         return EXIT_USAGE
-    except (NotRunning, PermissionDenied) as exc:
+    except (NotRunning, PermissionDenied, NotAnswering, UnexpectedAnswer) as exc:
         _say(exc)
+        return EXIT_UNAVAILABLE
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError):
+        # Commands read keter's answers as this version writes them; a keter of another
+        # version ({} or null where a list was) would end them in a traceback.
+        if answers_read() == answers:
+            raise  # no answer read: a fault of the command's own
+        _say(UnexpectedAnswer())
         return EXIT_UNAVAILABLE
     except ClientError as exc:
         _say(exc)
@@ -78,6 +92,20 @@ def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
         with contextlib.suppress(OSError):
             sys.stdout.close()
         return EXIT_OK
+
+
+def seconds(text: str) -> float:
+    """A ``--timeout``: a finite number of seconds above 0, at most a year (inf, nan or
+    -1 ended commands in a traceback where the socket's timeout is set)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 < value <= MAX_SECONDS):  # also false for nan
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds above 0 and at most {MAX_SECONDS}, got {text!r}"
+        )
+    return value
 
 
 def _say(failure: Exception) -> None:
@@ -121,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     deploy.add_argument("bundle", help="NAME.keter, or - to read the bundle from stdin")
     deploy.add_argument("--name", help="the app's name (required with -; default: from BUNDLE)")
-    deploy.add_argument("--timeout", type=float, default=120, help="seconds to wait (120)")
+    deploy.add_argument("--timeout", type=seconds, default=120, help="seconds to wait (120)")
     deploy.add_argument(
         "--watch",
         action="store_true",
@@ -171,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="first restore the database backup taken before the version being undone",
     )
-    rollback.add_argument("--timeout", type=float, default=120, help="seconds to wait (120)")
+    rollback.add_argument("--timeout", type=seconds, default=120, help="seconds to wait (120)")
 
     restart = command(
         "restart",
@@ -180,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Redeploy the app's current bundle with the usual zero-downtime switch.",
     )
     restart.add_argument("app")
-    restart.add_argument("--timeout", type=float, default=120, help="seconds to wait (120)")
+    restart.add_argument("--timeout", type=seconds, default=120, help="seconds to wait (120)")
     return parser
 
 
@@ -568,6 +596,8 @@ def report_verdict(
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     app = checked_name(args.app)
+    if args.version is not None and not is_version(args.version):
+        raise Refused(f"{args.version!r} is not a version (4 to 64 hex digits of its sha256)")
     client = KeterClient(args.root)
 
     def request() -> dict:
@@ -732,7 +762,11 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     if not (config.runs_something or config.serves_http):
         raise Refused(f"{folder}: config/keter.yaml defines nothing to run or serve")
     members = bundle_members(folder, skip=output)
-    write_bundle(output, members)
+    try:
+        write_bundle(output, members)
+    except OSError as exc:  # a folder missing or read-only, -o naming a folder, a file unread
+        about = f" ({exc.filename})" if exc.filename in {str(p) for p, _ in members} else ""
+        raise Refused(f"cannot write {output}: {exc.strerror or exc}{about}") from None
     hosts = ", ".join(config.all_hosts) or "no host"
     print(f"wrote {output} ({len(members)} entries) for {hosts}")
     return EXIT_OK

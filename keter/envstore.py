@@ -134,12 +134,13 @@ def encoded(settings: Mapping[str, str]) -> bytes:
     return (text + "\n").encode()
 
 
-def parse_assignments(words: Iterable[str]) -> dict[str, str]:
-    """``KEY=VALUE`` words (the CLI's) as a mapping; raises SettingsError."""
+def parse_assignments(words: Iterable[str], where: str = "the command line") -> dict[str, str]:
+    """``KEY=VALUE`` words (the CLI's) as a mapping; raises SettingsError. ``where`` they
+    came from: "the command line", or "stdin" (``keter env set --stdin``)."""
     settings = {}
     for word in words:
         name, equals, value = word.partition("=")
         if not equals:
-            raise SettingsError("expected NAME=VALUE, but a word has no '='")
-        settings[check_name(name)] = _check_value(name, value, "the command line")
+            raise SettingsError(f"expected NAME=VALUE, but a word on {where} has no '='")
+        settings[check_name(name)] = _check_value(name, value, where)
     return settings

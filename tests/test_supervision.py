@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 from support.bundles import make_bundle, webapp_config
-from support.daemon import app_processes, is_unpacking_worker
+from support.daemon import app_processes, is_unpacking_worker, status_api
 from support.net import body, served
 from support.wait import wait_for
 
@@ -279,6 +279,17 @@ def test_ready_is_notified_after_the_initial_scan(keter_factory, private_nginx, 
     # A bundle this young may still be being written: its completeness check follows
     # READY (which never waits for one), then it is picked up.
     wait_for(lambda: "early: bundle seen" in keter.log(), 10, "the bundle to be picked up")
+
+
+@pytest.mark.parametrize("address", ["/nonexistent/notify", "@keter-test-nobody-listens"])
+def test_a_notify_socket_nobody_listens_on_is_one_warning(keter_factory, tmp_path, address):
+    # keter logged CRITICAL "internal error handling ScanCompleted" with a traceback.
+    keter = keter_factory(start=False)
+    keter.start(env={"NOTIFY_SOCKET": address})
+    status_api(keter)  # keter runs on and answers
+    log = keter.log_since_start()
+    assert log.count("cannot notify systemd") == 1, log
+    assert "internal error" not in log and "Traceback" not in log
 
 
 def test_journal_lines_carry_priorities_and_no_timestamp(keter_factory, private_nginx, tmp_path):

@@ -28,7 +28,7 @@ import time
 
 from keter.acme import AcmeManager
 from keter.backups import Backups
-from keter.config import KeterConfig
+from keter.config import ConfigError, KeterConfig, load_config
 from keter.heap import Heap
 from keter.incoming.unpack import stream_limit
 from keter.incoming.unpacker import Unpacker
@@ -288,9 +288,34 @@ def run(config: KeterConfig) -> int:
             message = inbox.get(timeout=MAX_WAIT if due is None else min(due, MAX_WAIT))
         except queue.Empty:
             continue
+        if isinstance(message, RescanRequested):
+            # Here, not in the supervisor, which never blocks: reading a file and looking
+            # up users and groups may.
+            recheck_config(config)
         supervisor.dispatch(message)
     shutdown(components, inbox, config.stop_timeout)
     return supervisor.exit_code
+
+
+def recheck_config(config: KeterConfig) -> None:
+    """On SIGHUP: one line on whether keter-config.yaml still says what keter runs with.
+
+    keter reads it at start only; an edit that changes nothing until the next start
+    (or that the next start would refuse) was silent.
+    """
+    if config.source is None:
+        return
+    shown = config.config_file
+    try:
+        now = load_config(config.source)
+    except ConfigError as exc:
+        problems = "; ".join(exc.problems)
+        log.error("keter: %s is now invalid: %s; the next start would refuse it", shown, problems)
+        return
+    if now == config:
+        log.info("keter: %s unchanged", shown)
+    else:
+        log.warning("keter: %s changed: restart keter to apply it", shown)
 
 
 def shutdown(components: Components, inbox: queue.SimpleQueue, stop_timeout: float) -> bool:

@@ -325,6 +325,29 @@ def test_the_units_sandbox_allows_the_setgid_folders_keter_makes(keter, private_
     assert not [line for line in directives if line.startswith("RestrictSUIDSGID=")]
 
 
+def test_sighup_says_whether_the_config_has_changed(keter):
+    # keter reads keter-config.yaml at start only: an edit was silently ignored, and one
+    # the next start would refuse was found out at that start.
+    config = keter.root / "etc" / "keter-config.yaml"
+
+    def hup_says(line: str) -> None:
+        before = keter.log().count(line)
+        keter.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: keter.log().count(line) == before + 1, 10, line)
+
+    hup_says(f"keter: {config} unchanged")
+    keter.settings["stop-timeout"] = 4
+    keter.write_config()
+    hup_says(f"keter: {config} changed: restart keter to apply it")
+    config.write_text(config.read_text() + "stop-timout: 3\n")
+    hup_says(
+        f"keter: {config} is now invalid: stop-timout: unknown key (did you mean "
+        "stop-timeout?); the next start would refuse it"
+    )
+    assert "ERROR" in next(line for line in keter.log().splitlines() if "now invalid" in line)
+    status_api(keter)  # keter runs on with the config it started with
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
 def test_systemd_unit_verifies(tmp_path):
     unit = (ROOT_DIR / "keter.service").read_text()

@@ -229,6 +229,16 @@ class KeterConfig:
     backup_required: bool = True
     backup_timeout: float = 600.0
     warnings: tuple[str, ...] = ()
+    # What load_config read: ROOT or the config file, as keter was started with (None:
+    # parsed from data). keter reads it again on SIGHUP, only to say if it has changed.
+    source: Path | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def config_file(self) -> Path | None:
+        """The file keter's settings come from (it may not exist), or None."""
+        if self.source is None:
+            return None
+        return self.source / "etc" / "keter-config.yaml" if self.source.is_dir() else self.source
 
     @property
     def postgres_admin_dsn(self) -> str:

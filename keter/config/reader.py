@@ -17,6 +17,7 @@ it; the cross-key checks run once every key is read.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,8 @@ def load_config(
         path = target / "etc" / CONFIG_NAME
         root, base, root_given = target, target / "etc", True
         if not path.exists():
-            return parse_config({}, root=root, base=base, ephemeral_range=ephemeral_range)
+            config = parse_config({}, root=root, base=base, ephemeral_range=ephemeral_range)
+            return replace(config, source=target)
     elif target.exists():
         path = target
         root, base, root_given = target.parent.parent, target.parent, False
@@ -103,11 +105,12 @@ def load_config(
     except ValueError as exc:
         raise ConfigError([str(exc)], source=str(path)) from None
     try:
-        return parse_config(
+        config = parse_config(
             data, root=root, base=base, ephemeral_range=ephemeral_range, root_given=root_given
         )
     except ConfigError as exc:
         raise ConfigError(exc.problems, source=str(path)) from None
+    return replace(config, source=target)
 
 
 def parse_config(

@@ -757,6 +757,49 @@ def test_status_keys_are_read() -> None:
     assert parse('status-listen: "[::1]:8999"').status_listen == ("::1", 8999)
 
 
+ELSEWHERE = "203.0.113.77"  # TEST-NET-3: no interface of a test machine has it
+
+
+def test_an_address_of_another_machine_is_refused_at_start() -> None:
+    # It passed, then every deploy failed at nginx's bind.
+    [problem] = problems(f"listeners: [{{host: '*', port: 8080}}, {{host: {ELSEWHERE}}}]")
+    assert problem.startswith(f"listeners[1].host: {ELSEWHERE} is not an address of this machine")
+    text = f'status-listen: "{ELSEWHERE}:8999"\ndashboard-users: {{ops: pw}}'
+    [problem] = problems(text)
+    assert problem.startswith(f"status-listen: {ELSEWHERE} is not an address of this machine")
+    # Every address of a family, and this machine's own, are fine.
+    listeners = "[{host: '*'}, {host: '*6', port: 81}, {host: 127.0.0.1, port: 82}]"
+    assert len(parse(f"listeners: {listeners}").listeners) == 3
+
+
+@pytest.mark.parametrize(
+    ("listeners", "listen"),
+    [
+        (None, "127.0.0.1:80"),  # the default listener, *:80
+        ("[{host: 127.0.0.1, port: 8080}]", "127.0.0.1:8080"),
+        ("[{host: '*', port: 8080}, {host: '*6', port: 8999}]", "[::1]:8999"),
+    ],
+)
+def test_the_status_listener_takes_no_port_nginx_listens_on(listeners, listen) -> None:
+    text = f'status-listen: "{listen}"' + (f"\nlisteners: {listeners}" if listeners else "")
+    [problem] = problems(text)
+    assert problem.startswith("status-listen: port "), problem
+    assert "where nginx listens" in problem
+
+
+@pytest.mark.parametrize(
+    ("listeners", "listen"),
+    [
+        (None, "[::1]:80"),  # nginx's *:80 is IPv4 only
+        ("[{host: 127.0.0.1, port: 8999}]", "[::1]:8999"),
+        ("[{host: 127.0.0.2, port: 8999}]", "127.0.0.1:8999"),
+    ],
+)
+def test_the_status_listener_may_share_a_port_on_another_address(listeners, listen) -> None:
+    text = f'status-listen: "{listen}"' + (f"\nlisteners: {listeners}" if listeners else "")
+    assert parse(text).status_listen is not None
+
+
 def test_a_status_listener_beyond_loopback_needs_dashboard_users() -> None:
     for address in ("0.0.0.0", "[::]", "192.0.2.7"):
         [problem] = problems(f'status-listen: "{address}:8999"')

@@ -6,7 +6,8 @@
     listeners  ``listeners``: plain and TLS addresses nginx listens on
     services   the ``nginx``, ``postgres`` and ``acme`` sections
     status     the operator's side: status API and dashboard keys, kept from being open
-    ports      where ports could collide (port-range, ephemeral range, listeners)
+    ports      where ports could collide (port-range, ephemeral range, listeners), and
+               that every address listened on is this machine's
     compat     Keter's own keys: accepted with a warning, or read as Keter reads them
 
 The YAML reading and value checks it shares with ``keter.bundle`` live in

@@ -1,9 +1,13 @@
 """Where ports could collide: ``port-range`` against the kernel's ephemeral
-range, the listeners and the status listener.
+range, the listeners and the status listener; and that the addresses they
+listen on are this machine's.
 """
 
 from __future__ import annotations
 
+import errno
+import ipaddress
+import socket
 from pathlib import Path
 
 from keter.config.model import KeterConfig
@@ -73,3 +77,61 @@ def check_status_port(values: dict[str, object], check: Checker) -> None:
             f"port {listen[1]} is inside port-range [{low}, {high}], so keter could give it "
             "to an app",
         )
+
+
+# Addresses that are every address of their family: always this machine's.
+WILDCARDS = ("*", "0.0.0.0", "::")
+
+
+def not_local(address: str) -> str | None:
+    """Why ``address`` is none of this machine's (nginx could not listen there), or None.
+
+    Binding a socket to it on port 0 asks the kernel itself: it refuses an address no
+    interface has (EADDRNOTAVAIL), and a family the machine lacks.
+    """
+    if address in WILDCARDS:
+        return None
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((address, 0))
+    except OSError as exc:
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+            return f"{address} is not an address of this machine ({exc.strerror})"
+    return None
+
+
+def _overlap(one: str, other: str) -> bool:
+    """Whether a socket on ``one`` and one on ``other`` (same port) would collide."""
+    one, other = ("0.0.0.0" if a == "*" else a for a in (one, other))
+    if one == other:
+        return True
+    v6 = [ipaddress.ip_address(a).version == 6 for a in (one, other)]
+    if v6[0] != v6[1]:
+        return False  # nginx listens on [::] for IPv6 only (ipv6only=on)
+    wildcard = "::" if v6[0] else "0.0.0.0"
+    return wildcard in (one, other)
+
+
+def check_addresses(values: dict[str, object], check: Checker) -> None:
+    """Cross-key checks at start: every address nginx and the status API listen on is
+    this machine's (an address of another one passed, then every deploy failed at
+    nginx's bind), and the status API takes no port a listener has."""
+    listeners = values.get("listeners", KeterConfig.listeners)
+    for i, listener in enumerate(listeners):
+        if problem := not_local(listener.host):
+            check.problem(f"listeners[{i}].host", f"{problem}: nginx could not listen there")
+    listen = values.get("status_listen")
+    if listen is None or any(p.startswith("status-listen:") for p in check.problems):
+        return  # none, or already refused
+    if problem := not_local(listen[0]):
+        check.problem("status-listen", f"{problem}: keter could not listen there")
+        return
+    for i, listener in enumerate(listeners):
+        if listener.port == listen[1] and _overlap(listener.host, listen[0]):
+            check.problem(
+                "status-listen",
+                f"port {listen[1]} on {listen[0]} is also listeners[{i}]'s "
+                f"({listener.host} port {listener.port}), where nginx listens",
+            )
+            return

@@ -31,7 +31,7 @@ from keter.config.compat import (
 )
 from keter.config.listeners import parse_listeners
 from keter.config.model import ConfigError, KeterConfig
-from keter.config.ports import check_ports, check_status_port, parse_port_range
+from keter.config.ports import check_addresses, check_ports, check_status_port, parse_port_range
 from keter.config.services import parse_acme, parse_nginx, parse_postgres
 from keter.config.status import (
     check_dashboard,
@@ -189,6 +189,7 @@ def _parse_config(
     check_status_port(values, check)
     check_dashboard(values, check)
     check_status_auth(values, check)
+    check_addresses(values, check)  # last: a status-listen refused already is not bound
     if check.problems:
         raise ConfigError(check.problems)
     return KeterConfig(**values, warnings=tuple(check.warnings))

@@ -14,7 +14,6 @@ import logging
 import os
 import sys
 import threading
-from pathlib import Path
 
 from keter import __version__, names, rootcheck
 from keter.config import CONFIG_NAME, ConfigError, KeterConfig, load_config
@@ -22,7 +21,6 @@ from keter.fsutil import remove_partial_writes
 from keter.log import setup_logging
 from keter.nginx.files import LOCK
 from keter.nginx.render import support_dir
-from keter.yamlcheck import absolute
 
 log = logging.getLogger("keter")
 
@@ -141,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"keter: bad configuration:\n{exc}", file=sys.stderr)
         return 2
-    target = absolute(Path(args.target))
-    config_file = target / "etc" / CONFIG_NAME if target.is_dir() else target
+    config_file = config.config_file or config.root / "etc" / CONFIG_NAME
     if problems := rootcheck.problems(config.root, config_file):
         for problem in problems:
             print(f"keter: {problem}", file=sys.stderr)

@@ -289,8 +289,8 @@ def run(config: KeterConfig) -> int:
         except queue.Empty:
             continue
         if isinstance(message, RescanRequested):
-            # Here, not in the supervisor, which never blocks: reading a file and looking
-            # up users and groups may.
+            # Here, beside the supervisor rather than in it: its handlers act on messages
+            # and never read files; this reads one small file once per SIGHUP.
             recheck_config(config)
         supervisor.dispatch(message)
     shutdown(components, inbox, config.stop_timeout)

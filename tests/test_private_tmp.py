@@ -204,8 +204,11 @@ def test_remove_ipc_removes_every_ipc_object_of_the_uid_and_no_other():
 
 
 @pytest.mark.skipif(SETPRIV is None, reason="needs util-linux setpriv")
+@pytest.mark.parametrize(
+    ("kids", "end"), [(0, "removed"), (3, "removed"), (0, "keter stops")], ids=str
+)
 def test_without_namespaces_an_app_gets_a_tmpdir_and_its_ipc_goes_when_it_is_removed(
-    open_base, keter_factory, private_nginx
+    open_base, keter_factory, private_nginx, kids, end
 ):
     """keter without CAP_SYS_ADMIN (a container, say) cannot give apps namespaces: it
     says so once at start and every deploy still works; each app process gets a TMPDIR
@@ -220,7 +223,10 @@ def test_without_namespaces_an_app_gets_a_tmpdir_and_its_ipc_goes_when_it_is_rem
     said = "no private /tmp, /dev/shm or IPC for apps"
     wait_for(lambda: said in keter.log(), 10, "keter's line at start")
     try:
-        seen = deploy(keter, open_base, "delta", SECRET="delta-key", SHM_MB="1")
+        # Children, as a pre-fork server has: orphaned as the app stops, they wait as
+        # zombies for PID 1, which counted as the uid still running, and the objects
+        # stayed. At keter's stop the leaders themselves were still zombies.
+        seen = deploy(keter, open_base, "delta", SECRET="delta-key", SHM_MB="1", KIDS=str(kids))
         served(private_nginx, "delta.test", "v1")
         [folder] = folders_of(keter, "delta")
         assert seen["tmpdir"] == str(folder / "tmp")
@@ -229,9 +235,14 @@ def test_without_namespaces_an_app_gets_a_tmpdir_and_its_ipc_goes_when_it_is_rem
         # The machine's, this time: what the app made is there while it runs.
         assert Path("/dev/shm/delta-shm").stat().st_uid == uid
         assert sorted(option for option, _ in sysv_objects({uid})) == ["-m", "-q", "-s"]
-        (keter.incoming / "delta.keter").unlink()
-        wait_for(lambda: folders_of(keter, "delta") == [], 20, "delta's folders removed")
-        wait_for(lambda: "delta: removed 4 IPC object(s)" in keter.log(), 10, "its IPC removed")
+        if end == "keter stops":
+            assert keter.stop() == 0
+            assert "removed 4 IPC object(s) apps left (keter is shutting down)" in keter.log()
+        else:
+            (keter.incoming / "delta.keter").unlink()
+            wait_for(lambda: folders_of(keter, "delta") == [], 20, "delta's folders removed")
+            said = "delta: removed 4 IPC object(s)"
+            wait_for(lambda: said in keter.log(), 10, "its IPC removed")
         assert sysv_objects({uid}) == []
         assert not Path("/dev/shm/delta-shm").exists()
     finally:

@@ -426,9 +426,9 @@ class ProcessMonitor(Actor):
             if self.private is not None:
                 self.private.remove(_private_name(entry))
         self.controllers.remove()
-        self._remove_apps_ipc("keter is shutting down")
         for run in runs:
             self._release_run(run)
+        self._remove_apps_ipc("keter is shutting down")  # once their leaders are reaped
         self._reader.close(timeout=KILL_WAIT)
         for entry in entries:
             log.info("%s: stopped (keter is shutting down)", entry.app)

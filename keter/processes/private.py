@@ -280,11 +280,15 @@ SYSV += (("/proc/sysvipc/msg", "msqid", "-q"),)
 
 
 def running_uids() -> set[int]:
-    """The real uids of every process on the machine (zombies count: not yet reaped)."""
+    """The real uids of every live process on the machine. Not zombies: they hold no
+    shared memory and have undone their semaphores, and a forking app's orphans wait as
+    zombies for a PID 1 that may reap them late (or, in a container, never): counted,
+    they kept their app's objects for good."""
     found = set()
-    for process in psutil.process_iter(["uids"]):
+    for process in psutil.process_iter(["uids", "status"]):
         with contextlib.suppress(psutil.Error, AttributeError):
-            found.add(process.info["uids"].real)
+            if process.info["status"] != psutil.STATUS_ZOMBIE:
+                found.add(process.info["uids"].real)
     return found
 
 

@@ -4,12 +4,14 @@ saw in one ``PRIVATE {json}`` line of output, then answers its VERSION.
 
 Environment: APPNAME; SECRET (written to /tmp/APPNAME-secret.txt, or to HOST_FILE when
 given); SHM_MB (MiB written to /dev/shm/APPNAME-shm); PEEK (paths of another app's
-files, ":"-separated, read and reported); PORT, VERSION.
+files, ":"-separated, read and reported); KIDS (children forked to wait, as a pre-fork
+server's workers); PORT, VERSION.
 """
 
 import http.server
 import json
 import os
+import signal
 import subprocess
 
 app = os.environ["APPNAME"]
@@ -46,6 +48,10 @@ for path in filter(None, os.environ.get("PEEK", "").split(":")):
             seen["peeked"][path] = f.read()
     except OSError as exc:
         seen["peeked"][path] = exc.strerror
+for _ in range(int(os.environ.get("KIDS", "0"))):
+    if os.fork() == 0:
+        while True:
+            signal.pause()
 print("PRIVATE " + json.dumps(seen), flush=True)
 
 

@@ -248,3 +248,19 @@ def test_without_namespaces_an_app_gets_a_tmpdir_and_its_ipc_goes_when_it_is_rem
     finally:
         Path("/tmp/delta-secret.txt").unlink(missing_ok=True)
         Path("/var/tmp/delta-var.txt").unlink(missing_ok=True)
+
+
+def test_an_app_run_as_root_keeps_the_umask_that_lets_nginx_read_what_it_makes(
+    open_base, keter_factory, private_nginx
+):
+    # run-apps-as-root keeps the old behaviour: files such an app (or its release) makes
+    # in its own folder for a static-files stanza, made 0600 by umask 077, were refused
+    # to nginx's workers (www-data).
+    keter = keter_factory(root=open_base / "root", **{"port-range": app_port_range()})
+    try:
+        seen = deploy(keter, open_base, "rooted", SECRET="rooted-key")
+        served(private_nginx, "rooted.test", "v1")
+        assert seen["umask"] == "022" and seen["secret_mode"] == "644"
+    finally:  # ROOT in /tmp: the machine's /tmp
+        Path("/tmp/rooted-secret.txt").unlink(missing_ok=True)
+        Path("/var/tmp/rooted-var.txt").unlink(missing_ok=True)

@@ -60,8 +60,9 @@ log = logging.getLogger(__name__)
 SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
 SETPRIV = shutil.which("setpriv", path=SYSTEM_PATH)
 SHELL = "/bin/sh"
-# The chain's shell, with its arguments: the mounts of the app's private folders (four
-# arguments each, keter.processes.private), "--", the cgroup.procs files to join, "--",
+# The chain's shell, with its arguments: the umask, the mounts of the app's private
+# folders (four arguments each, keter.processes.private), "--", the cgroup.procs files
+# to join, "--",
 # the ulimit options and values, "--", the command. A step that fails ends the chain with
 # 126 before the command runs. ``[``, ``echo``, ``ulimit`` and ``umask`` are builtins: a
 # start execs one program before the app (two when setpriv drops to the app's user; one
@@ -70,17 +71,23 @@ SHELL = "/bin/sh"
 # it may, keter.daemon): the kernel's OOM killer picks an app, any app process, before
 # keter, nginx or PostgreSQL. The mounts come before the cgroups: a ``mount`` process
 # in the app's cgroup would count against its ``processes`` limit (a limit of 1 could
-# never start). umask 077: what an app writes is its own unless it says otherwise.
+# never start). umask 077 for an app with a user of its own: what it writes is its own
+# unless it says otherwise; 022 for one run as keter's user (run-apps-as-root keeps the
+# old behaviour: the files it makes for nginx's workers, collected static files, say,
+# stay readable to them).
 APP_OOM_SCORE_ADJ = 500
+OWN_UMASK = "077"  # an app with a user of its own (see CHAIN)
+KETERS_UMASK = "022"  # an app run as keter's user
 _OOM_SCORE_UP = f"echo {APP_OOM_SCORE_ADJ} > /proc/self/oom_score_adj || exit 126; "
 _MOUNT = shlex.quote(MOUNT or "mount")
 CHAIN = (
-    _OOM_SCORE_UP
+    'umask "$1" || exit 126; shift; '
+    + _OOM_SCORE_UP
     + 'while [ "$1" != -- ]; do '
     + f'{_MOUNT} -n -t "$1" -o "$2" -- "$3" "$4" || exit 126; shift 4; done; shift; '
     + 'while [ "$1" != -- ]; do echo 0 > "$1" || exit 126; shift; done; shift; '
     + 'while [ "$1" != -- ]; do ulimit "$1" "$2" || exit 126; shift 2; done; shift; '
-    + 'umask 077; exec "$@"'
+    + 'exec "$@"'
 )
 # What keter runs for an app outside its cgroup (pg_dump, psql) goes before keter too:
 # an app's data decides how much memory they take.
@@ -243,16 +250,18 @@ def chain(
     limits: ResourceLimits,
     command: Sequence[str],
     mounts: Sequence[str] = (),
+    umask: str = OWN_UMASK,
 ) -> list[str]:
-    """``command`` run by the chain's shell: it makes ``mounts`` (type, options, source,
-    target: four each), joins every cgroup of ``procs`` (their ``cgroup.procs`` files:
-    its v2 cgroup, its v1 limit groups) and sets ``limits`` before it execs
-    ``command``."""
+    """``command`` run by the chain's shell: it sets ``umask``, makes ``mounts`` (type,
+    options, source, target: four each), joins every cgroup of ``procs`` (their
+    ``cgroup.procs`` files: its v2 cgroup, its v1 limit groups) and sets ``limits``
+    before it execs ``command``."""
     return [
         SHELL,
         "-c",
         CHAIN,
         "keter-start",
+        umask,
         *mounts,
         "--",
         *map(str, procs),
@@ -335,7 +344,8 @@ def spawn(
         except OSError as exc:
             raise SpawnError(f"cannot pass the environment: {exc.strerror or exc}") from None
         env = dict(ROOT_ENV)
-    command = prefix + chain(procs, limits, command, mounts)
+    umask = OWN_UMASK if identity is not None else KETERS_UMASK
+    command = prefix + chain(procs, limits, command, mounts, umask)
     try:
         proc = subprocess.Popen(
             command,

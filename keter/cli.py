@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import threading
+from pathlib import Path
 
 from keter import __version__, names, rootcheck
 from keter.config import CONFIG_NAME, ConfigError, KeterConfig, load_config
@@ -134,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     setup_logging(logging.DEBUG if args.debug else logging.INFO)
+    target = os.path.abspath(args.target)
+    named = os.path.join(target, "etc", CONFIG_NAME) if os.path.isdir(target) else target
+    if os.path.exists(named) and (problems := rootcheck.file_problems(Path(named))):
+        for problem in problems:  # before it is read: it names commands keter runs
+            print(f"keter: {problem}", file=sys.stderr)
+        return 2
     try:
         config = load_config(args.target)
     except ConfigError as exc:
@@ -147,11 +154,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prepare_root(config)
         lock_fd = take_lock(config)
-        nginx_lock_fd = take_nginx_lock(config)
-        remove_leftovers(config)
     except AlreadyRunning as exc:
         print(f"keter: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"keter: cannot prepare {config.root}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        nginx_lock_fd = take_nginx_lock(config)
+    except AlreadyRunning as exc:
+        print(f"keter: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"keter: cannot use nginx's {config.nginx.config_file}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        remove_leftovers(config)
     except OSError as exc:
         print(f"keter: cannot prepare {config.root}: {exc}", file=sys.stderr)
         return 1

@@ -26,9 +26,10 @@ import resource
 import signal
 import time
 
+from keter import rootcheck
 from keter.acme import AcmeManager
 from keter.backups import Backups
-from keter.config import ConfigError, KeterConfig, load_config
+from keter.config import CONFIG_NAME, ConfigError, KeterConfig, load_config
 from keter.heap import Heap
 from keter.incoming.unpack import stream_limit
 from keter.incoming.unpacker import Unpacker
@@ -297,6 +298,9 @@ def run(config: KeterConfig) -> int:
     return supervisor.exit_code
 
 
+PROBLEMS_SHOWN = 5  # of the start-up checks' problems, in the one line a SIGHUP logs
+
+
 def recheck_config(config: KeterConfig) -> None:
     """On SIGHUP: one line on whether keter-config.yaml still says what keter runs with.
 
@@ -312,6 +316,8 @@ def recheck_config(config: KeterConfig) -> None:
         problems = "; ".join(exc.problems)
         log.error("keter: %s is now invalid: %s; the next start would refuse it", shown, problems)
         return
+    if problems := rootcheck.problems(now.root, shown or now.root / "etc" / CONFIG_NAME):
+        log.error("keter: %s; the next start would refuse it", "; ".join(problems[:PROBLEMS_SHOWN]))
     if now == config:
         log.info("keter: %s unchanged", shown)
     else:

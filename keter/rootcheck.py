@@ -13,8 +13,11 @@ reads there:
   config whose ``reload-command`` keter runs as root. A sticky folder above
   ROOT (``/tmp``) is fine: nobody else can rename what root made in it;
 * a path nginx's config can name as it is (the access spool, certificates and
-  static files live under ROOT): the shared grammar of file paths, and no ``$``,
-  which nginx reads as a variable.
+  static files live under ROOT): the shared grammar of file paths nginx reads
+  (``names.validate_nginx_file_path``: no ``$``, ``;``, braces, quotes or backslash).
+
+keter then runs on ROOT's real path (``os.path.realpath``, keter.cli): a link on
+the way, re-pointed later by whoever may, changes nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ import stat
 from pathlib import Path
 
 from keter import names
+
+# ROOT's folders keter writes as root (a link planted in one, say log/app-NAME.log, led
+# keter's writes elsewhere); incoming/ is the status-group's to write when one is set.
+KETERS_FOLDERS = ("etc", "log", "run", "temp", "data", "backups", "archive")
 
 # Folders that belong to the system: keter would take over their etc/, run/ and log/.
 SYSTEM_FOLDERS = frozenset(
@@ -67,11 +74,9 @@ def problems(root: Path, config_file: Path, *, euid: int | None = None) -> list[
         )
     text = str(root)
     try:
-        names.validate_file_path(text)
+        names.validate_nginx_file_path(text)
     except ValueError as exc:
         return [*found, f"ROOT {names.log_text(text)}: {exc}"]
-    if "$" in text:
-        found.append(f"ROOT {text} has a $, which nginx would read as a variable")
     if root in SYSTEM_FOLDERS or root.resolve() in SYSTEM_FOLDERS:
         found.append(
             f"ROOT is {text}, a system folder: keter would take over its etc/, run/ and "
@@ -80,8 +85,19 @@ def problems(root: Path, config_file: Path, *, euid: int | None = None) -> list[
     resolved = root.resolve()
     for folder in [resolved, *resolved.parents]:
         found += _owner_problems(folder, above=folder != resolved)
-    for path in (root / "etc", config_file):
-        found += _owner_problems(path, above=False)
+    for folder in KETERS_FOLDERS:
+        found += _owner_problems(root / folder, above=False)
+    return found + file_problems(config_file)
+
+
+def file_problems(path: Path) -> list[str]:
+    """Why keter must not read ``path`` (its config): it, or a folder on the way to
+    where it really is, may be changed by someone other than root. Checked before the
+    file is read, and again with ROOT's checks."""
+    real = Path(os.path.realpath(path))
+    found = _owner_problems(real, above=False)
+    for folder in real.parents:
+        found += _owner_problems(folder, above=True)
     return found
 
 

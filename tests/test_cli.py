@@ -37,7 +37,7 @@ from support.wait import wait_for
 
 from keter import commands, rootcheck
 from keter.cli import COMMANDS, prepare_root, take_lock
-from keter.config import KeterConfig
+from keter.config import KeterConfig, load_config
 from keter.processes.records import Records
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 1, 2, 3
@@ -653,7 +653,7 @@ def test_a_system_folder_is_no_root(folder) -> None:
     ]
 
 
-@pytest.mark.parametrize("whose", ["ROOT", "etc/", "the config file", "a folder above"])
+@pytest.mark.parametrize("whose", ["ROOT", "etc/", "log/", "the config file", "a folder above"])
 def test_a_root_someone_else_may_change_is_refused_untouched(tmp_path, whose) -> None:
     # Whoever owns ROOT could write a reload-command that keter runs as root.
     if os.geteuid() != 0:
@@ -663,7 +663,13 @@ def test_a_root_someone_else_may_change_is_refused_untouched(tmp_path, whose) ->
     (root / "etc").mkdir(parents=True)
     config_file = root / "etc" / "keter-config.yaml"
     config_file.write_text("stop-timeout: 5\n")
-    changed = {"ROOT": root, "etc/": root / "etc", "the config file": config_file}.get(whose, above)
+    (root / "log").mkdir()
+    changed = {
+        "ROOT": root,
+        "etc/": root / "etc",
+        "log/": root / "log",  # a link planted there led keter's writes of app output
+        "the config file": config_file,
+    }.get(whose, above)
     if whose == "a folder above":
         changed.chmod(0o777)  # writable by all, not sticky
     else:
@@ -671,7 +677,7 @@ def test_a_root_someone_else_may_change_is_refused_untouched(tmp_path, whose) ->
     result = run_keter(root)
     assert result.returncode == 2, result.stderr
     assert f"keter: {changed} " in result.stderr and "what keter runs as root" in result.stderr
-    assert sorted(p.name for p in root.iterdir()) == ["etc"]  # nothing made
+    assert sorted(p.name for p in root.iterdir()) == ["etc", "log"]  # nothing made
 
 
 def test_keter_refuses_to_run_as_another_user_than_root(tmp_path) -> None:
@@ -681,8 +687,40 @@ def test_keter_refuses_to_run_as_another_user_than_root(tmp_path) -> None:
     ]
 
 
-def test_a_root_that_nginx_would_read_as_a_variable_is_refused(tmp_path) -> None:
-    root = tmp_path / "a$b"
-    assert rootcheck.problems(root, root / "etc" / "k.yaml") == [
-        f"ROOT {root} has a $, which nginx would read as a variable"
-    ]
+def test_a_config_file_reached_through_another_users_folder_is_refused_unread(tmp_path) -> None:
+    # ROOT/etc/keter-config.yaml a link to a root-owned file in a folder another user
+    # owns: that user could put another file there, naming commands keter runs as root.
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give files away")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "keter-config.yaml").write_text("stop-timeout: 5\n")
+    os.chown(theirs, 65534, 65534)
+    root = tmp_path / "keter"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "keter-config.yaml").symlink_to(theirs / "keter-config.yaml")
+    result = run_keter(root)
+    assert result.returncode == 2, result.stderr
+    assert f"keter: {theirs} is owned by uid 65534" in result.stderr
+    assert "bad configuration" not in result.stderr
+
+
+def test_keter_runs_on_roots_real_path(tmp_path) -> None:
+    # ROOT given through a link: re-pointed while keter runs (by whoever may), it had
+    # keter take bundles from, and write as root into, the folder it then led to.
+    real = tmp_path / "real"
+    (real / "etc").mkdir(parents=True)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert load_config(link).root == real
+    (real / "etc" / "keter-config.yaml").write_text("stop-timeout: 5\n")
+    assert load_config(link).root == real
+    assert load_config(link / "etc" / "keter-config.yaml").root == real
+
+
+@pytest.mark.parametrize("character", [";", "{", '"', "\\", "$"])
+def test_a_root_whose_path_nginx_cannot_take_is_refused(tmp_path, character) -> None:
+    # Passed, then every static-files deploy failed, blaming the bundle.
+    root = tmp_path / f"a{character}b"
+    [problem] = rootcheck.problems(root, root / "etc" / "k.yaml")
+    assert problem.startswith(f"ROOT {root}: the path has characters nginx cannot take")

@@ -317,15 +317,18 @@ def test_a_second_keter_on_the_same_root_is_refused(keter):
     assert keter.proc.poll() is None
 
 
-def test_a_second_keter_on_the_same_nginx_config_file_is_refused(keter, keter_factory, tmp_path):
+def test_a_second_keter_on_the_same_nginx_config_file_is_refused(
+    keter, keter_factory, private_nginx, tmp_path
+):
     # Two ROOTs writing one config file replaced each other's sites in silence: the
     # first keter's app answered 404 while keter said it served.
     keter.drop(make_bundle(tmp_path / "one.keter", config=webapp_config("one.test", "one")))
+    served(private_nginx, "one.test", "one")
     second = keter_factory("other", start=False)
     second.start(wait_ready=False)
     assert second.proc.wait(15) == 1
     assert f"another keter (pid {keter.proc.pid} on {keter.root}) writes nginx's" in second.log()
-    assert not (second.root / "incoming").exists() or not list(second.incoming.iterdir())
+    assert body(private_nginx, "one.test") == b"one\n"  # its first config had none of it
     assert keter.proc.poll() is None
 
 

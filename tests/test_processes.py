@@ -614,6 +614,17 @@ def test_a_flood_of_output_is_rotated_within_the_cap(make_monitor, tmp_path):
         assert all(STAMP.match(line) for line in lines[:5] + lines[-5:])
 
 
+def test_an_app_log_is_never_written_through_a_link(tmp_path):
+    # keter writes what an app prints, as root: through a link planted in log/, into any
+    # file (/etc/cron.d/x).
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"")
+    (tmp_path / "a.log").symlink_to(victim)
+    with pytest.raises(OSError):
+        AppLog(tmp_path / "a.log", max_bytes=100, backups=2)
+    assert victim.read_bytes() == b""
+
+
 def test_applog_rotates_and_keeps_the_newest(tmp_path):
     applog = AppLog(tmp_path / "a.log", max_bytes=100, backups=2)
     for n in range(20):

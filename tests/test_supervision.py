@@ -339,6 +339,12 @@ def test_sighup_says_whether_the_config_has_changed(keter):
     keter.settings["stop-timeout"] = 4
     keter.write_config()
     hup_says(f"keter: {config} changed: restart keter to apply it")
+    config.chmod(0o666)  # what the next start refuses too, though the text is the same
+    hup_says(
+        f"keter: {config} is writable by others (mode 666): they could change what keter "
+        "runs as root; the next start would refuse it"
+    )
+    config.chmod(0o644)
     config.write_text(config.read_text() + "stop-timout: 3\n")
     hup_says(
         f"keter: {config} is now invalid: stop-timout: unknown key (did you mean "

@@ -17,6 +17,7 @@ it; the cross-key checks run once every key is read.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,7 @@ def load_config(
         root, base, root_given = target, target / "etc", True
         if not path.exists():
             config = parse_config({}, root=root, base=base, ephemeral_range=ephemeral_range)
-            return replace(config, source=target)
+            return _settled(config, target)
     elif target.exists():
         path = target
         root, base, root_given = target.parent.parent, target.parent, False
@@ -110,7 +111,13 @@ def load_config(
         )
     except ConfigError as exc:
         raise ConfigError(exc.problems, source=str(path)) from None
-    return replace(config, source=target)
+    return _settled(config, target)
+
+
+def _settled(config: KeterConfig, source: Path) -> KeterConfig:
+    """ROOT as its real path, fixed now: a link on the way that someone re-points while
+    keter runs changes nothing (keter.rootcheck checks that real path's owners)."""
+    return replace(config, root=Path(os.path.realpath(config.root)), source=source)
 
 
 def parse_config(

@@ -103,8 +103,12 @@ class AppLog:
 
     def _reopen(self, mode: str) -> None:
         # Unbuffered: every batch is one write() that reaches the file at once,
-        # so the log is current when an app dies and keter is killed.
-        self._file = open(self.path, mode, buffering=0)  # noqa: SIM115 - lives as long as the log
+        # so the log is current when an app dies and keter is killed. Never through a
+        # link: keter writes as root what an app chose, wherever the link leads.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags |= os.O_APPEND if mode == "ab" else os.O_TRUNC
+        fd = os.open(self.path, flags, 0o644)
+        self._file = open(fd, mode, buffering=0)  # noqa: SIM115 - lives as long as the log
         self._size = self._file.seek(0, os.SEEK_END)
 
     def _write(self, data: bytes | bytearray) -> None:

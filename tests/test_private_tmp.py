@@ -245,9 +245,12 @@ def test_without_namespaces_an_app_gets_a_tmpdir_and_its_ipc_goes_when_it_is_rem
             wait_for(lambda: said in keter.log(), 10, "its IPC removed")
         assert sysv_objects({uid}) == []
         assert not Path("/dev/shm/delta-shm").exists()
-    finally:
+    finally:  # what a failure left on the machine would fail the next run
         Path("/tmp/delta-secret.txt").unlink(missing_ok=True)
         Path("/var/tmp/delta-var.txt").unlink(missing_ok=True)
+        Path("/dev/shm/delta-shm").unlink(missing_ok=True)
+        if "uid" in locals():
+            remove_ipc({uid})
 
 
 def test_an_app_run_as_root_keeps_the_umask_that_lets_nginx_read_what_it_makes(

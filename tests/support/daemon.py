@@ -19,7 +19,7 @@ import yaml
 from keter.client import KeterClient
 from keter.processes import cgroups, controllers
 from keter.switch import Table, nft
-from support.net import app_port_range
+from support.net import app_port_range, app_uid_range
 from support.wait import wait_for
 
 LOG_SHOWN = 120  # lines of each keter's log a failed test shows
@@ -108,6 +108,7 @@ def keter_settings(nginx, **overrides) -> dict:
     settings.update(
         {
             "port-range": app_port_range(),
+            "app-uid-range": app_uid_range(),
             "health-check-timeout": 10,
             # nginx's old workers may take new connections briefly after a reload.
             "drain-seconds": 1,

@@ -117,6 +117,25 @@ def app_port_range() -> list[int]:
     return [low, low + _RANGE_WIDTH - 1]
 
 
+_UIDS = range(1_900_000_000, 1_900_999_000)  # keter's default range, but its last 1000
+_UID_WIDTH = 1000
+_next_uid_slot = itertools.count(random.randrange(1000))
+
+
+def app_uid_range() -> list[int]:
+    """A private ``app-uid-range`` for one test keter: [low, high].
+
+    Keters on one machine hand out uids from the same default range: two of one suite
+    gave their apps the same uid, and one's app counted as the other's still running
+    (its IPC objects were kept). Sliced as ``app_port_range`` is.
+    """
+    workers, worker = _xdist_worker()
+    span = len(_UIDS) // workers
+    slots = span // _UID_WIDTH
+    low = _UIDS.start + worker * span + (next(_next_uid_slot) % slots) * _UID_WIDTH
+    return [low, low + _UID_WIDTH - 1]
+
+
 # -- through a private nginx ----------------------------------------------------------------
 
 

@@ -108,16 +108,26 @@ def find_roles(
     ``claimed``.
 
     Adoptable: its comment is exactly ``owner``, and it has no power beyond logging in
-    (no SUPERUSER, CREATEDB, CREATEROLE, REPLICATION or BYPASSRLS, and membership in
-    no role). keter never makes a role with any of these, so one that has them was
-    changed by someone else since: its password is not keter's to reset, nor its rights
-    an app's to get.
+    (no SUPERUSER, CREATEDB, CREATEROLE, REPLICATION or BYPASSRLS, membership in no
+    role, and nothing owned or granted outside its own database). keter never makes a
+    role with any of these, so one that has them was changed by someone else since: its
+    password is not keter's to reset, nor its rights an app's to get.
     """
     rows = conn.execute(
         "SELECT r.rolname, pg_catalog.shobj_description(r.oid, 'pg_authid'),"
         " r.rolsuper OR r.rolcreatedb OR r.rolcreaterole OR r.rolreplication"
         " OR r.rolbypassrls OR EXISTS (SELECT FROM pg_catalog.pg_auth_members m"
         " WHERE m.member OPERATOR(pg_catalog.=) r.oid)"
+        # Anything it owns or was granted outside its own database (named as the role):
+        # another database, or an object in one.
+        " OR EXISTS (SELECT FROM pg_catalog.pg_shdepend d"
+        " WHERE d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_authid'::pg_catalog.regclass"
+        " AND d.refobjid OPERATOR(pg_catalog.=) r.oid"
+        " AND d.dbid OPERATOR(pg_catalog.<>) ALL (SELECT o.oid FROM pg_catalog.pg_database o"
+        " WHERE o.datname OPERATOR(pg_catalog.=) r.rolname)"
+        " AND NOT (d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_database'::pg_catalog.regclass"
+        " AND d.objid OPERATOR(pg_catalog.=) ANY (SELECT o.oid FROM pg_catalog.pg_database o"
+        " WHERE o.datname OPERATOR(pg_catalog.=) r.rolname)))"
         " FROM pg_catalog.pg_roles r"
         " WHERE r.rolname OPERATOR(pg_catalog.~) %s::text"
         " AND NOT r.rolname OPERATOR(pg_catalog.=) ANY(%s::text[])"

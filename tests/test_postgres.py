@@ -424,6 +424,8 @@ def test_lost_credentials_file_adopts_the_existing_role_and_database(
     other = unique_app("kept")
     running = start(private_postgres.admin_dsn)
     db = running.ready(app, deploy_id=1)
+    with connect_as(db) as conn:  # the app's data: what it owns there is no reason to refuse
+        conn.execute("CREATE TABLE data (x int)")
     (etc_dir / "postgres.yaml").unlink()
     kept = running.ready(other, deploy_id=2)  # the file exists again, without app
 
@@ -529,6 +531,8 @@ def test_an_operators_role_that_fits_an_apps_names_is_never_taken(
         "ALTER ROLE {} REPLICATION",
         "ALTER ROLE {} SUPERUSER",
         "GRANT pg_monitor TO {}",
+        "GRANT CONNECT ON DATABASE postgres TO {}",
+        "CREATE DATABASE {} OWNER {}",  # another database of its own
     ],
 )
 def test_a_lost_apps_role_given_more_rights_since_is_not_adopted(
@@ -542,7 +546,12 @@ def test_a_lost_apps_role_given_more_rights_since_is_not_adopted(
     app = unique_app("lifted")
     running = start(private_postgres.admin_dsn)
     db = running.ready(app, deploy_id=1)
-    superuser_run(private_postgres, change, db.user)
+    with connect_as(db) as conn:  # what it owns in its own database does not count
+        conn.execute("CREATE TABLE kept (x int)")
+    if change.startswith("CREATE DATABASE"):
+        superuser_run(private_postgres, change, f"{db.user}_other", db.user)
+    else:
+        superuser_run(private_postgres, change, db.user)
     (etc_dir / "postgres.yaml").unlink()
 
     again = running.ready(app, deploy_id=2)

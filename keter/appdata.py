@@ -19,7 +19,6 @@ release command and database tools run as; None means the app's own uid
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keter.config import KeterConfig
+from keter.fsutil import make_folder
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,7 @@ def prepare_data_dir(folder: Path, uid: int, gid: int) -> None:
     if stat.S_IMODE(info.st_mode) != PARENT_MODE or info.st_uid != os.getuid():
         os.chown(parent, os.getuid(), os.getgid(), follow_symlinks=False)
         os.chmod(parent, PARENT_MODE)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(folder, DATA_MODE)
-    info = os.lstat(folder)
-    if not stat.S_ISDIR(info.st_mode):
-        raise NotADirectoryError(f"{folder} is not a folder")
+    info = make_folder(folder, DATA_MODE)
     if (info.st_uid, info.st_gid) != (uid, gid):
         _give(folder, uid, gid)
     if stat.S_IMODE(info.st_mode) != DATA_MODE:

@@ -30,7 +30,11 @@ COMMANDS = ("status", "certs", "deploy", "bundle", "logs", "stats", "rollback", 
 APP_COMMANDS = ("env", "db", "data")  # an app's settings, database and data folder
 
 
-class AlreadyRunning(Exception):
+class StartRefused(Exception):
+    """keter cannot start on this ROOT; ``str()`` says why in one line (exit 1)."""
+
+
+class AlreadyRunning(StartRefused):
     pass
 
 
@@ -101,6 +105,38 @@ def take_nginx_lock(config: KeterConfig) -> int:
     return fd
 
 
+def take_root(config: KeterConfig) -> tuple[int, int]:
+    """Prepare ROOT and take keter's two locks (ROOT's, nginx's config file's): their
+    descriptors, held for the life of the process. Raises StartRefused."""
+    try:
+        prepare_root(config)
+        lock_fd = take_lock(config)
+    except OSError as exc:
+        raise StartRefused(f"cannot prepare {config.root}: {exc}") from None
+    try:
+        nginx_lock_fd = take_nginx_lock(config)
+    except OSError as exc:
+        os.close(lock_fd)
+        raise StartRefused(f"cannot use nginx's {config.nginx.config_file}: {exc}") from None
+    except StartRefused:
+        os.close(lock_fd)
+        raise
+    try:
+        remove_leftovers(config)
+    except OSError as exc:
+        os.close(nginx_lock_fd)
+        os.close(lock_fd)
+        raise StartRefused(f"cannot prepare {config.root}: {exc}") from None
+    return lock_fd, nginx_lock_fd
+
+
+def refused(problems: list[str]) -> int:
+    """Say why keter does not start, one line each; the exit code (2: bad setup)."""
+    for problem in problems:
+        print(f"keter: {problem}", file=sys.stderr)
+    return 2
+
+
 def remove_leftovers(config: KeterConfig) -> None:
     """The half-written files of a killed keter (a bundle's copy to the archive can be
     a gigabyte): nothing else removes them. Not data/ (the apps') nor temp/ (the
@@ -137,10 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(logging.DEBUG if args.debug else logging.INFO)
     target = os.path.abspath(args.target)
     named = os.path.join(target, "etc", CONFIG_NAME) if os.path.isdir(target) else target
+    # Checked before it is read: it names commands keter runs as root.
     if os.path.exists(named) and (problems := rootcheck.file_problems(Path(named))):
-        for problem in problems:  # before it is read: it names commands keter runs
-            print(f"keter: {problem}", file=sys.stderr)
-        return 2
+        return refused(problems)
     try:
         config = load_config(args.target)
     except ConfigError as exc:
@@ -148,30 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config_file = config.config_file or config.root / "etc" / CONFIG_NAME
     if problems := rootcheck.problems(config.root, config_file):
-        for problem in problems:
-            print(f"keter: {problem}", file=sys.stderr)
-        return 2
+        return refused(problems)
     try:
-        prepare_root(config)
-        lock_fd = take_lock(config)
-    except AlreadyRunning as exc:
+        lock_fd, nginx_lock_fd = take_root(config)
+    except StartRefused as exc:
         print(f"keter: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"keter: cannot prepare {config.root}: {exc}", file=sys.stderr)
-        return 1
-    try:
-        nginx_lock_fd = take_nginx_lock(config)
-    except AlreadyRunning as exc:
-        print(f"keter: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"keter: cannot use nginx's {config.nginx.config_file}: {exc}", file=sys.stderr)
-        return 1
-    try:
-        remove_leftovers(config)
-    except OSError as exc:
-        print(f"keter: cannot prepare {config.root}: {exc}", file=sys.stderr)
         return 1
 
     from keter import daemon  # imports every component; after the cheap checks

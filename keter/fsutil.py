@@ -1,4 +1,4 @@
-"""Crash-safe file replacement."""
+"""Crash-safe file replacement, and folders made safely."""
 
 from __future__ import annotations
 
@@ -40,6 +40,19 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = 
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def make_folder(folder: Path, mode: int) -> os.stat_result:
+    """Make ``folder`` (``mode``) unless there is one; what is there now (lstat).
+
+    Raises NotADirectoryError when that is anything but a folder (a link to one
+    included: whoever may write beside it could have put it there) and OSError."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(folder, mode)
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode):
+        raise NotADirectoryError(f"{folder} is not a folder")
+    return info
 
 
 def fsync_dir(folder: Path) -> None:

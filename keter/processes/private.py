@@ -46,6 +46,7 @@ from pathlib import Path
 import psutil
 
 from keter.appdata import remove_tree
+from keter.fsutil import make_folder
 
 log = logging.getLogger(__name__)
 
@@ -185,11 +186,7 @@ class Private:
             os.mkdir(parent, FOLDER_MODE)
         _check_own(parent, os.getuid(), FOLDER_MODE)
         for folder in (folders.tmp, folders.var_tmp):
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(folder, TMP_MODE)
-            info = os.lstat(folder)
-            if not stat.S_ISDIR(info.st_mode):
-                raise NotADirectoryError(f"{folder} is not a folder")
+            info = make_folder(folder, TMP_MODE)
             if (info.st_uid, info.st_gid) != (uid, gid):
                 os.chown(folder, uid, gid, follow_symlinks=False)
             os.chmod(folder, TMP_MODE)

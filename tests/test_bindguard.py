@@ -53,8 +53,13 @@ def cgroups(tmp_path: Path) -> Iterator[Cgroups]:
 
 def ports_in_a_range(count: int) -> tuple[list[int], tuple[int, int], int]:
     """``count`` free ports, the range they span, and a free port outside it."""
-    ports = [free_port() for _ in range(count)]
-    low, high = min(ports), max(ports)
+    while True:
+        ports = [free_port() for _ in range(count)]
+        low, high = min(ports), max(ports)
+        # free_port hands out its slice in turn: ports taken as it wrapped around span
+        # all of it, and the search for one outside never ended.
+        if high - low < 100:
+            break
     outside = next(p for p in iter(free_port, None) if not low <= p <= high)
     return ports, (low, high), outside
 

@@ -43,7 +43,7 @@ def test_a_root_with_a_space_and_letters_beyond_ascii_deploys(
     keter_factory, private_nginx, tmp_path
 ):
     # keter started, then every deploy failed: nginx refused the access spool's path.
-    keter = keter_factory(name="apps; été 1")
+    keter = keter_factory(name="apps été 1")
     keter.drop(make_bundle(tmp_path / "sp.keter", config=webapp_config("sp.test", "v1")))
     served(private_nginx, "sp.test", "v1")
     assert not failures(keter, "sp")

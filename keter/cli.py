@@ -171,18 +171,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     setup_logging(logging.DEBUG if args.debug else logging.INFO)
-    target = os.path.abspath(args.target)
+    if problems := rootcheck.user_problems():
+        return refused(problems)
+    # Resolved once: what is checked is what is read (a link on the way, re-pointed in
+    # between, had keter read another user's config and run its commands as root).
+    target = os.path.realpath(args.target)
     named = os.path.join(target, "etc", CONFIG_NAME) if os.path.isdir(target) else target
     # Checked before it is read: it names commands keter runs as root.
     if os.path.exists(named) and (problems := rootcheck.file_problems(Path(named))):
         return refused(problems)
     try:
-        config = load_config(args.target)
+        config = load_config(target)
     except ConfigError as exc:
         print(f"keter: bad configuration:\n{exc}", file=sys.stderr)
         return 2
     config_file = config.config_file or config.root / "etc" / CONFIG_NAME
-    if problems := rootcheck.problems(config.root, config_file):
+    if problems := rootcheck.problems(
+        config.root, config_file, nginx_config=config.nginx.config_file
+    ):
         return refused(problems)
     try:
         lock_fd, nginx_lock_fd = take_root(config)

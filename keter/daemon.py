@@ -316,7 +316,8 @@ def recheck_config(config: KeterConfig) -> None:
         problems = "; ".join(exc.problems)
         log.error("keter: %s is now invalid: %s; the next start would refuse it", shown, problems)
         return
-    if problems := rootcheck.problems(now.root, shown or now.root / "etc" / CONFIG_NAME):
+    config_file = shown or now.root / "etc" / CONFIG_NAME
+    if problems := rootcheck.problems(now.root, config_file, nginx_config=now.nginx.config_file):
         log.error("keter: %s; the next start would refuse it", "; ".join(problems[:PROBLEMS_SHOWN]))
     if now == config:
         log.info("keter: %s unchanged", shown)

@@ -125,6 +125,10 @@ def find_roles(
         " AND d.refobjid OPERATOR(pg_catalog.=) r.oid"
         " AND d.dbid OPERATOR(pg_catalog.<>) ALL (SELECT o.oid FROM pg_catalog.pg_database o"
         " WHERE o.datname OPERATOR(pg_catalog.=) r.rolname)"
+        # A large object needs no right to make, in any database it may connect to: the
+        # app could make keter refuse its own role.
+        " AND d.classid OPERATOR(pg_catalog.<>)"
+        " 'pg_catalog.pg_largeobject'::pg_catalog.regclass"
         " AND NOT (d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_database'::pg_catalog.regclass"
         " AND d.objid OPERATOR(pg_catalog.=) ANY (SELECT o.oid FROM pg_catalog.pg_database o"
         " WHERE o.datname OPERATOR(pg_catalog.=) r.rolname)))"

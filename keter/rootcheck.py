@@ -27,6 +27,7 @@ import stat
 from pathlib import Path
 
 from keter import names
+from keter.nginx.render import support_dir
 
 # ROOT's folders keter writes as root (a link planted in one, say log/app-NAME.log, led
 # keter's writes elsewhere); incoming/ is the status-group's to write when one is set.
@@ -62,59 +63,95 @@ SYSTEM_FOLDERS = frozenset(
         "/var/tmp",
     )
 )
+# As they really are: on a merged-/usr system /bin is /usr/bin.
+_SYSTEM_REAL = frozenset(Path(os.path.realpath(p)) for p in SYSTEM_FOLDERS) | SYSTEM_FOLDERS
 
 
-def problems(root: Path, config_file: Path, *, euid: int | None = None) -> list[str]:
-    """Why keter must not run on ``root`` (with its ``config_file``); [] if it may."""
+NOT_ROOT = (
+    "keter must run as root: it runs each app as a user of its own and writes nginx's "
+    "config and the kernel's rules"
+)
+
+
+def user_problems(*, euid: int | None = None) -> list[str]:
+    """Whether keter runs as root: checked first, before it reads anything."""
+    return [NOT_ROOT] if (os.geteuid() if euid is None else euid) != 0 else []
+
+
+def problems(root: Path, config_file: Path, *, nginx_config: Path | None = None) -> list[str]:
+    """Why keter must not run on ``root`` (a real path: ``load_config`` resolves it)
+    with its ``config_file`` and nginx's ``nginx_config``; [] if it may."""
     found = []
-    if (os.geteuid() if euid is None else euid) != 0:
-        found.append(
-            "keter must run as root: it runs each app as a user of its own and writes "
-            "nginx's config and the kernel's rules"
-        )
     text = str(root)
     try:
         names.validate_nginx_file_path(text)
     except ValueError as exc:
-        return [*found, f"ROOT {names.log_text(text)}: {exc}"]
-    if root in SYSTEM_FOLDERS or root.resolve() in SYSTEM_FOLDERS:
+        return [f"ROOT {names.log_text(text)}: {exc}"]
+    resolved = root.resolve()
+    if resolved in _SYSTEM_REAL:
         found.append(
             f"ROOT is {text}, a system folder: keter would take over its etc/, run/ and "
             "log/; give keter a folder of its own (e.g. /opt/keter)"
         )
-    resolved = root.resolve()
     for folder in [resolved, *resolved.parents]:
         found += _owner_problems(folder, above=folder != resolved)
     for folder in KETERS_FOLDERS:
-        found += _owner_problems(root / folder, above=False)
+        found += _own_folder_problems(resolved / folder)
+    # incoming/ may be the status-group's to write (2770), but is keter's folder.
+    found += _own_folder_problems(resolved / "incoming", group_writes=True)
+    if nginx_config is not None:
+        # keter writes beside it as root (its support folder, a lock) and removes there.
+        found += file_problems(nginx_config.parent)
+        found += _own_folder_problems(support_dir(nginx_config))
     return found + file_problems(config_file)
 
 
 def file_problems(path: Path) -> list[str]:
-    """Why keter must not read ``path`` (its config): it, or a folder on the way to
-    where it really is, may be changed by someone other than root. Checked before the
-    file is read, and again with ROOT's checks."""
-    real = Path(os.path.realpath(path))
-    found = _owner_problems(real, above=False)
-    for folder in real.parents:
-        found += _owner_problems(folder, above=True)
+    """Why keter must not use ``path`` (its config, nginx's folder): it, or a folder on
+    the way to it, may be changed by someone other than root. ``path`` is taken as
+    it is, links and all: a link on the way is refused unless root alone may change
+    the folder it lies in (the caller resolves it once and uses what it resolved)."""
+    found = []
+    path = Path(os.path.abspath(path))
+    for part in [path, *path.parents]:
+        found += _owner_problems(part, above=part != path, follow=False)
+        if part.is_symlink():
+            found += file_problems(Path(os.path.realpath(part)))
     return found
 
 
-def _owner_problems(path: Path, *, above: bool) -> list[str]:
+def _own_folder_problems(path: Path, *, group_writes: bool = False) -> list[str]:
+    """One of keter's folders: a folder (never a link: keter's writes as root would go
+    where it leads), root's, written by no one else (but its group where ``group_writes``)."""
     try:
-        info = os.stat(path)
+        info = os.lstat(path)
     except FileNotFoundError:
         return []  # keter makes it, as root
     except OSError as exc:
         return [f"cannot check {path}: {exc.strerror}"]
+    if not stat.S_ISDIR(info.st_mode):
+        return [f"{path} is not a folder (a link?): keter keeps its own files there"]
+    return _owner_problems(path, above=False, follow=False, group_writes=group_writes)
+
+
+def _owner_problems(
+    path: Path, *, above: bool, follow: bool = True, group_writes: bool = False
+) -> list[str]:
+    try:
+        info = os.stat(path, follow_symlinks=follow)
+    except FileNotFoundError:
+        return []  # keter makes it, as root
+    except OSError as exc:
+        return [f"cannot check {path}: {exc.strerror}"]
+    if stat.S_ISLNK(info.st_mode):
+        return []  # a link's own owner and mode change nothing; its folder's do
     found = []
     if info.st_uid != 0:
         found.append(
             f"{path} is owned by uid {info.st_uid}, not root: its owner could change what "
             "keter runs as root"
         )
-    writable = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    writable = info.st_mode & (stat.S_IWOTH if group_writes else stat.S_IWGRP | stat.S_IWOTH)
     sticky = above and stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
     if writable and not sticky:
         found.append(

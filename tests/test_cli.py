@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -643,10 +644,11 @@ def run_keter(target: Path | str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("folder", ["/", "/etc", "/root", "/usr/local", "/var/lib"])
+@pytest.mark.parametrize("folder", ["/", "/etc", "/root", "/usr/local", "/var/lib", "/bin"])
 def test_a_system_folder_is_no_root(folder) -> None:
     # `keter /root/keter-config.yaml` made ROOT /: keter made /etc 0700 (every other
     # service broke), /run 0711, and looked for half-written files to remove in both.
+    # (/bin is /usr/bin on a merged-/usr system: as it really is.)
     assert rootcheck.problems(Path(folder), Path(folder) / "etc" / "keter-config.yaml") == [
         f"ROOT is {folder}, a system folder: keter would take over its etc/, run/ and log/; "
         "give keter a folder of its own (e.g. /opt/keter)"
@@ -680,11 +682,14 @@ def test_a_root_someone_else_may_change_is_refused_untouched(tmp_path, whose) ->
     assert sorted(p.name for p in root.iterdir()) == ["etc", "log"]  # nothing made
 
 
-def test_keter_refuses_to_run_as_another_user_than_root(tmp_path) -> None:
-    assert rootcheck.problems(tmp_path, tmp_path / "etc" / "k.yaml", euid=1000) == [
+def test_keter_refuses_to_run_as_another_user_than_root() -> None:
+    # Checked first (main): as another user, an unreadable config had said "bad
+    # configuration" instead.
+    assert rootcheck.user_problems(euid=1000) == [
         "keter must run as root: it runs each app as a user of its own and writes "
         "nginx's config and the kernel's rules"
     ]
+    assert rootcheck.user_problems(euid=0) == []
 
 
 def test_a_config_file_reached_through_another_users_folder_is_refused_unread(tmp_path) -> None:
@@ -694,7 +699,8 @@ def test_a_config_file_reached_through_another_users_folder_is_refused_unread(tm
         pytest.skip("needs root to give files away")
     theirs = tmp_path / "theirs"
     theirs.mkdir()
-    (theirs / "keter-config.yaml").write_text("stop-timeout: 5\n")
+    # Refused unread: read, it would be "bad configuration".
+    (theirs / "keter-config.yaml").write_text("stop-timout: 5\n")
     os.chown(theirs, 65534, 65534)
     root = tmp_path / "keter"
     (root / "etc").mkdir(parents=True)
@@ -724,3 +730,35 @@ def test_a_root_whose_path_nginx_cannot_take_is_refused(tmp_path, character) -> 
     root = tmp_path / f"a{character}b"
     [problem] = rootcheck.problems(root, root / "etc" / "k.yaml")
     assert problem.startswith(f"ROOT {root}: the path has characters nginx cannot take")
+
+
+@pytest.mark.parametrize("folder", ["incoming", "log", "run"])
+def test_a_link_as_one_of_keters_folders_is_refused(tmp_path, folder) -> None:
+    # keter made where it led 0700 (a link to /etc: every other service broken) and
+    # wrote there as root.
+    root = tmp_path / "keter"
+    root.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o755)
+    (root / folder).symlink_to(elsewhere)
+    result = run_keter(root)
+    assert result.returncode == 2, result.stderr
+    assert f"keter: {root / folder} is not a folder (a link?)" in result.stderr
+    assert stat.S_IMODE(elsewhere.stat().st_mode) == 0o755
+
+
+def test_nginx_config_folder_others_may_change_is_refused(tmp_path) -> None:
+    # keter writes beside nginx's config file as root (its support folder, its lock) and
+    # removes what it does not know there: a link planted as that folder led it anywhere.
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give files away")
+    theirs = tmp_path / "sites"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    root = tmp_path / "keter"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "keter-config.yaml").write_text(f"nginx: {{config-file: {theirs}/keter}}\n")
+    result = run_keter(root)
+    assert result.returncode == 2, result.stderr
+    assert f"keter: {theirs} is owned by uid 65534" in result.stderr
+    assert not (theirs / ".keter.d").exists()

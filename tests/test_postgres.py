@@ -426,6 +426,10 @@ def test_lost_credentials_file_adopts_the_existing_role_and_database(
     db = running.ready(app, deploy_id=1)
     with connect_as(db) as conn:  # the app's data: what it owns there is no reason to refuse
         conn.execute("CREATE TABLE data (x int)")
+    # Nor a large object it made where any role may (the postgres database): that had
+    # let an app have keter refuse its own role.
+    with connect_as(db, dbname="postgres") as conn:
+        conn.execute("SELECT lo_create(0)")
     (etc_dir / "postgres.yaml").unlink()
     kept = running.ready(other, deploy_id=2)  # the file exists again, without app
 

@@ -24,7 +24,7 @@ from support.bundles import APPS, make_bundle, webapp_config
 from support.net import app_port_range, served
 from support.wait import wait_for
 
-from keter.processes.private import remove_ipc, sysv_objects
+from keter.processes.private import remove_ipc, running_uids, sysv_objects
 from keter.processes.spawn import SETPRIV
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # the tests' own Python may lie in /tmp, which is hidden
@@ -253,13 +253,14 @@ def test_without_namespaces_an_app_gets_a_tmpdir_and_its_ipc_goes_when_it_is_rem
             remove_ipc({uid})
 
 
-def test_an_app_run_as_root_keeps_the_umask_that_lets_nginx_read_what_it_makes(
-    open_base, keter_factory, private_nginx
+@pytest.mark.parametrize("settings", [{}, {"setuid": "nobody"}], ids=["as root", "setuid"])
+def test_an_app_of_a_shared_user_keeps_the_umask_that_lets_nginx_read_what_it_makes(
+    open_base, keter_factory, private_nginx, settings
 ):
-    # run-apps-as-root keeps the old behaviour: files such an app (or its release) makes
-    # in its own folder for a static-files stanza, made 0600 by umask 077, were refused
-    # to nginx's workers (www-data).
-    keter = keter_factory(root=open_base / "root", **{"port-range": app_port_range()})
+    # run-apps-as-root and setuid keep the old behaviour: files such an app (or its
+    # release) makes for a static-files stanza, made 0600 by umask 077, were refused to
+    # nginx's workers (www-data).
+    keter = keter_factory(root=open_base / "root", **{"port-range": app_port_range(), **settings})
     try:
         seen = deploy(keter, open_base, "rooted", SECRET="rooted-key")
         served(private_nginx, "rooted.test", "v1")
@@ -267,3 +268,39 @@ def test_an_app_run_as_root_keeps_the_umask_that_lets_nginx_read_what_it_makes(
     finally:  # ROOT in /tmp: the machine's /tmp
         Path("/tmp/rooted-secret.txt").unlink(missing_ok=True)
         Path("/var/tmp/rooted-var.txt").unlink(missing_ok=True)
+
+
+MAIN_THREAD_ENDS = r"""
+import ctypes, sys, threading, time
+threading.Thread(target=time.sleep, args=(60,)).start()
+print("ready", flush=True)
+ctypes.CDLL(None).pthread_exit(None)  # the main thread ends; the process runs on
+"""
+
+
+@pytest.mark.skipif(SETPRIV is None, reason="needs util-linux setpriv")
+def test_a_process_whose_main_thread_ended_still_runs_as_its_uid():
+    # It shows as a zombie; counted as gone, its uid's IPC objects were removed under
+    # the threads still using them.
+    uid = 1_900_999_903  # in keter's default range, unused here
+    assert SETPRIV is not None
+    proc = subprocess.Popen(
+        [
+            SETPRIV,
+            f"--reuid={uid}",
+            f"--regid={uid}",
+            "--clear-groups",
+            SYSTEM_PYTHON,
+            "-c",
+            MAIN_THREAD_ENDS,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        wait_for(lambda: psutil.Process(proc.pid).status() == "zombie", 5, "the main thread's end")
+        assert uid in running_uids()
+    finally:
+        proc.kill()
+        proc.wait()

@@ -176,7 +176,9 @@ def _parse_config(
             given = file_path(value, "root", check, "a folder path")
             if given:
                 values["root"] = absolute(base / given)
-                if root_given and values["root"] != root:
+                # The same folder, however named (keter runs on its real path).
+                same = os.path.realpath(values["root"]) == os.path.realpath(root)
+                if root_given and not same:
                     check.problem(
                         "root",
                         f"points to {values['root']}, but keter was started with ROOT {root}; "

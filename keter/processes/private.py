@@ -282,10 +282,12 @@ def running_uids() -> set[int]:
     zombies for a PID 1 that may reap them late (or, in a container, never): counted,
     they kept their app's objects for good."""
     found = set()
-    for process in psutil.process_iter(["uids", "status"]):
-        with contextlib.suppress(psutil.Error, AttributeError):
-            if process.info["status"] != psutil.STATUS_ZOMBIE:
-                found.add(process.info["uids"].real)
+    for process in psutil.process_iter(["uids", "status", "num_threads"]):
+        with contextlib.suppress(psutil.Error, AttributeError, TypeError):
+            info = process.info
+            # A process whose main thread ended while others run shows as a zombie too.
+            if info["status"] != psutil.STATUS_ZOMBIE or info["num_threads"] > 1:
+                found.add(info["uids"].real)
     return found
 
 

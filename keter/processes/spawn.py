@@ -72,12 +72,12 @@ SHELL = "/bin/sh"
 # keter, nginx or PostgreSQL. The mounts come before the cgroups: a ``mount`` process
 # in the app's cgroup would count against its ``processes`` limit (a limit of 1 could
 # never start). umask 077 for an app with a user of its own: what it writes is its own
-# unless it says otherwise; 022 for one run as keter's user (run-apps-as-root keeps the
-# old behaviour: the files it makes for nginx's workers, collected static files, say,
-# stay readable to them).
+# unless it says otherwise; 022 for one run as keter's user or the setuid user (both
+# keep the old behaviour: the files it makes for nginx's workers, collected static
+# files, say, stay readable to them).
 APP_OOM_SCORE_ADJ = 500
 OWN_UMASK = "077"  # an app with a user of its own (see CHAIN)
-KETERS_UMASK = "022"  # an app run as keter's user
+KETERS_UMASK = "022"  # an app run as keter's user or setuid's
 _OOM_SCORE_UP = f"echo {APP_OOM_SCORE_ADJ} > /proc/self/oom_score_adj || exit 126; "
 _MOUNT = shlex.quote(MOUNT or "mount")
 CHAIN = (
@@ -294,6 +294,9 @@ def spawn(
     """
     if not spec.command:
         raise SpawnError("empty command")
+    # A user of its own (keter.users) makes what it writes its own; one every app shares
+    # (setuid) or keter's (run-apps-as-root) keeps the old behaviour.
+    umask = OWN_UMASK if identity is not None else KETERS_UMASK
     if identity is None and spec.user:
         try:
             identity = Identity.of_user(spec.user)
@@ -344,7 +347,6 @@ def spawn(
         except OSError as exc:
             raise SpawnError(f"cannot pass the environment: {exc.strerror or exc}") from None
         env = dict(ROOT_ENV)
-    umask = OWN_UMASK if identity is not None else KETERS_UMASK
     command = prefix + chain(procs, limits, command, mounts, umask)
     try:
         proc = subprocess.Popen(

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from keter import __version__, names, rootcheck
@@ -65,20 +66,11 @@ def prepare_root(config: KeterConfig) -> None:
 
 def take_lock(config: KeterConfig) -> int:
     """Hold ROOT/run/keter.lock for the life of the process: one keter per ROOT."""
-    path = config.run_dir / "keter.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    os.fchmod(fd, 0o600)  # root's alone, also when an earlier version made it 0644
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise AlreadyRunning(
-            f"another keter (pid {holder}) is already running on {config.root}"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+    return _hold(
+        config.run_dir / "keter.lock",
+        str(os.getpid()),
+        lambda holder: f"another keter (pid {holder}) is already running on {config.root}",
+    )
 
 
 def take_nginx_lock(config: KeterConfig) -> int:
@@ -90,18 +82,29 @@ def take_nginx_lock(config: KeterConfig) -> int:
     config_file = config.nginx.config_file
     folder = support_dir(config_file)
     folder.mkdir(mode=0o750, exist_ok=True)  # nginx's own folder must be there
-    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    return _hold(
+        folder / LOCK,
+        f"pid {os.getpid()} on {config.root}",
+        lambda holder: (
+            f"another keter ({holder}) writes nginx's {config_file}; give each keter a "
+            "config-file of its own (nginx: config-file: in keter-config.yaml)"
+        ),
+    )
+
+
+def _hold(path: Path, holder: str, refusal: Callable[[str], str]) -> int:
+    """Lock ``path`` for the life of the process and write ``holder`` into it; raises
+    AlreadyRunning with ``refusal(what the holder wrote)``."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)  # root's alone, also when an earlier version made it 0644
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+        written = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise AlreadyRunning(
-            f"another keter ({names.log_text(holder)}) writes nginx's {config_file}; give "
-            "each keter a config-file of its own (nginx: config-file: in keter-config.yaml)"
-        ) from None
+        raise AlreadyRunning(refusal(names.log_text(written))) from None
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {config.root}\n".encode(), 0)
+    os.pwrite(fd, f"{holder}\n".encode(), 0)
     return fd
 
 

@@ -6,7 +6,7 @@ helpers import as the ``support`` package: ``from support.wait import wait_for``
 
 import pytest
 from support.browser import browser  # noqa: F401  (headless Chromium, for the dashboard)
-from support.daemon import keter, keter_factory  # noqa: F401  (a real keter daemon)
+from support.daemon import keter, keter_factory, open_base  # noqa: F401  (a real keter daemon)
 from support.dns import private_dns  # noqa: F401  (a private DNS server)
 from support.nginx import private_nginx  # noqa: F401  (a private nginx)
 from support.outside import pytest_sessionfinish, pytest_sessionstart  # noqa: F401  (no writes outside)

@@ -13,11 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -182,15 +180,6 @@ def test_without_a_bind_guard_keter_says_so_once_and_apps_bind_as_before(
 
 
 # -- the daemon against a squatter -------------------------------------------------------------
-
-
-@pytest.fixture
-def open_base() -> Iterator[Path]:
-    """A folder every app user may cross (tmp_path is root's alone)."""
-    base = Path(tempfile.mkdtemp(prefix="keter-bindguard-", dir="/tmp"))
-    base.chmod(0o755)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
 
 
 def test_a_squatter_cannot_take_the_port_range_from_other_apps(

@@ -15,12 +15,9 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -55,15 +52,6 @@ attempt("log", lambda: open(log, "rb").read())
 attempt("signal", lambda: os.kill(int(pid), signal.SIGTERM if sys.argv[5] == "kill" else 0))
 print(json.dumps(results))
 """
-
-
-@pytest.fixture
-def open_base() -> Iterator[Path]:
-    """A folder every user may cross (tmp_path is root's alone); removed after keter stops."""
-    base = Path(tempfile.mkdtemp(prefix="keter-isolation-", dir="/tmp"))
-    base.chmod(0o755)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
 
 
 def uid_of(pid: int) -> int:

@@ -42,15 +42,6 @@ def root_outside_tmp() -> Iterator[Path]:
     shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture
-def open_base() -> Iterator[Path]:
-    """A folder in /tmp every user may cross (tmp_path is root's alone)."""
-    base = Path(tempfile.mkdtemp(prefix="keter-private-", dir="/tmp"))
-    base.chmod(0o755)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
-
-
 def deploy(keter, base: Path, app: str, **env: str) -> dict:
     """Deploy ``app`` (private_app.py), wait until it serves; what it saw."""
     config = webapp_config(f"{app}.test", "v1", env={"APPNAME": app, **env})

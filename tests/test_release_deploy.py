@@ -12,11 +12,9 @@ import contextlib
 import json
 import re
 import secrets
-import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -554,15 +552,6 @@ def test_no_setting_value_leaves_keter_but_to_the_app(
 # -- as the app's own user (issue 11's default) ------------------------------------------------
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # readable by every user, unlike the tests' own Python
-
-
-@pytest.fixture
-def open_base() -> Iterator[Path]:
-    """A folder every user may cross (tmp_path is root's alone); removed afterwards."""
-    base = Path(tempfile.mkdtemp(prefix="keter-release-", dir="/tmp"))
-    base.chmod(0o755)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.skipif(SETPRIV is None, reason="needs util-linux setpriv")

@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -120,6 +122,16 @@ def keter_settings(nginx, **overrides) -> dict:
     )
     settings.update(overrides)
     return settings
+
+
+@pytest.fixture
+def open_base() -> Iterator[Path]:
+    """A folder in /tmp every user may cross (tmp_path is root's alone), for a ROOT whose
+    apps run as users of their own; removed afterwards."""
+    base = Path(tempfile.mkdtemp(prefix="keter-open-", dir="/tmp"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -487,8 +487,8 @@ def test_the_chain_stops_before_the_command_when_a_limit_is_refused(tmp_path) ->
     # Above keter's own hard limit (root may raise it: ask what no kernel gives).
     limits = ResourceLimits(nofile=None, nproc=None, core=None)
     command = chain([], limits, ["/bin/touch", str(marker)])
-    # The ulimit options follow the first "--" (after the mount table, then the groups).
-    at = command.index("--") + 1
+    # The ulimit options follow the second "--" (after the mounts, then the groups).
+    at = command.index("--", command.index("--") + 1) + 1
     command[at:at] = ["-n", "99999999999"]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     assert result.returncode == 126
@@ -502,9 +502,8 @@ def test_the_chain_stops_before_the_command_when_a_mount_fails(tmp_path) -> None
     marker = tmp_path / "ran"
     target = tmp_path / "target"
     target.mkdir()
-    table = tmp_path / "fstab"
-    table.write_text(f"{tmp_path / 'missing'} {target} none bind 0 0\n")
-    command = chain([], NO_LIMITS, ["/bin/touch", str(marker)], str(table))
+    mounts = ["none", "bind", str(tmp_path / "missing"), str(target)]
+    command = chain([], NO_LIMITS, ["/bin/touch", str(marker)], mounts)
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     assert result.returncode == 126
     assert not marker.exists()

@@ -11,7 +11,6 @@ each app a user of its own (tests/apps/private_app.py says what it saw).
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import subprocess
@@ -25,7 +24,7 @@ from support.bundles import APPS, make_bundle, webapp_config
 from support.net import app_port_range, served
 from support.wait import wait_for
 
-from keter.processes.private import Private, remove_ipc, running_uids, sysv_objects
+from keter.processes.private import remove_ipc, running_uids, sysv_objects
 from keter.processes.spawn import SETPRIV
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # the tests' own Python may lie in /tmp, which is hidden
@@ -296,30 +295,3 @@ def test_a_process_whose_main_thread_ended_still_runs_as_its_uid():
     finally:
         proc.kill()
         proc.wait()
-
-
-@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
-def test_the_mount_table_names_folders_with_spaces_as_mount_reads_them():
-    # One `mount -a` for every private folder (a mount each cost 1.5 ms a start); a ROOT
-    # may hold a space, which an fstab field must carry as \040. (Outside /tmp, as keter
-    # mounts /tmp only for a ROOT there.)
-    base = Path(tempfile.mkdtemp(prefix="keter-fstab-", dir="/var/lib"))
-    try:
-        private = Private(base / "run tmp")
-        private.tmp, private.shm = True, True
-        private.base.mkdir()
-        folders = private.prepare("app-1", os.getuid(), os.getgid())
-        (folders.tmp / "seen").write_text("mine")
-        table = private.mount_table(folders, 1 << 20)
-        assert "run\\040tmp/app-1/tmp /tmp none" in Path(table).read_text()
-        script = f'mount -n -T "{table}" -a && cat /tmp/seen && df -k /dev/shm | tail -1'
-        shown = subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert shown.returncode == 0, shown.stderr
-        assert shown.stdout.startswith("mine") and " 1024 " in shown.stdout
-    finally:
-        shutil.rmtree(base)

@@ -46,7 +46,7 @@ from pathlib import Path
 import psutil
 
 from keter.appdata import remove_tree
-from keter.fsutil import atomic_write, make_folder
+from keter.fsutil import make_folder
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,6 @@ TMP_MODE = 0o700
 TMP_TARGETS = ("/tmp", "/var/tmp")
 SHM = "/dev/shm"
 MQUEUE = "/dev/mqueue"
-MOUNT_TABLE = "fstab"  # in ROOT/run/tmp/APP-ID, root's: the chain's mount -a reads it
 _OLD = ".old-"  # ROOT/run/tmp.old-XXXXXXXX: what a previous keter left, being deleted
 
 
@@ -80,12 +79,6 @@ class Folders:
 
     tmp: Path
     var_tmp: Path
-
-
-def _fstab_field(text: str) -> str:
-    """One field of an fstab line: a space, tab, backslash or newline as octal, as
-    mount reads it back (ROOT may hold a space)."""
-    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in text)
 
 
 def under(path: str | Path, folder: str) -> bool:
@@ -199,24 +192,18 @@ class Private:
             os.chmod(folder, TMP_MODE)
         return folders
 
-    def mount_table(self, folders: Folders, memory: int | None) -> str:
-        """The chain's mounts as an fstab (``mount -a`` makes them all in one program),
-        written in the process's root-owned folder; its path, or "" for none."""
-        rows: list[tuple[str, str, str, str]] = []  # source, target, type, options
+    def mounts(self, folders: Folders, memory: int | None) -> list[str]:
+        """The chain's mounts, four arguments each (type, options, source, target)."""
+        found: list[str] = []
         if self.tmp:
-            rows.append((str(folders.tmp), "/tmp", "none", "bind,nosuid,nodev"))
-            rows.append((str(folders.var_tmp), "/var/tmp", "none", "bind,nosuid,nodev"))
+            found += ["none", "bind,nosuid,nodev", str(folders.tmp), "/tmp"]
+            found += ["none", "bind,nosuid,nodev", str(folders.var_tmp), "/var/tmp"]
         if self.shm:
             size = f"size={memory}," if memory is not None else ""
-            rows.append(("keter-shm", SHM, "tmpfs", f"{size}mode=1777,nosuid,nodev"))
+            found += ["tmpfs", f"{size}mode=1777,nosuid,nodev", "keter-shm", SHM]
         if self.mqueue:
-            rows.append(("keter-mqueue", MQUEUE, "mqueue", "nosuid,nodev,noexec"))
-        if not rows:
-            return ""
-        table = folders.tmp.parent / MOUNT_TABLE
-        text = "".join(" ".join(map(_fstab_field, row)) + " 0 0\n" for row in rows)
-        atomic_write(table, text.encode(), mode=0o600, durable=False)
-        return str(table)
+            found += ["mqueue", "nosuid,nodev,noexec", "keter-mqueue", MQUEUE]
+        return found
 
     def environment(self, folders: Folders, env: dict[str, str]) -> dict[str, str]:
         """``env`` with ``TMPDIR``, its own folder, where ``/tmp`` is the machine's."""

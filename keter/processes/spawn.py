@@ -60,21 +60,21 @@ log = logging.getLogger(__name__)
 SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
 SETPRIV = shutil.which("setpriv", path=SYSTEM_PATH)
 SHELL = "/bin/sh"
-# The chain's shell, with its arguments: the umask, the mount table of the app's
-# private folders (keter.processes.private; "" for none), the cgroup.procs files to
-# join, "--", the ulimit options and values, "--", the command. A step that fails ends
-# the chain with 126 before the command runs. ``[``, ``echo``, ``ulimit`` and ``umask``
-# are builtins: a start execs one program before the app (two when setpriv drops to the
-# app's user; two more where the app gets namespaces of its own: unshare first, and one
-# ``mount -a`` for all its private folders; a ``mount`` each cost 1.5 ms apiece, and
-# 1000 apps dropped at once took 12.5 s, not 7.9, to answer). First the app's OOM score
-# goes up (keter lowers its own where it may, keter.daemon): the kernel's OOM killer
-# picks an app, any app process, before keter, nginx or PostgreSQL. The mounts come
-# before the cgroups: a ``mount`` process in the app's cgroup would count against its
-# ``processes`` limit (a limit of 1 could never start). umask 077 for an app with a
-# user of its own: what it writes is its own unless it says otherwise; 022 for one run
-# as keter's user or the setuid user (both keep the old behaviour: the files it makes
-# for nginx's workers, collected static files, say, stay readable to them).
+# The chain's shell, with its arguments: the umask, the mounts of the app's private
+# folders (four arguments each, keter.processes.private), "--", the cgroup.procs files
+# to join, "--",
+# the ulimit options and values, "--", the command. A step that fails ends the chain with
+# 126 before the command runs. ``[``, ``echo``, ``ulimit`` and ``umask`` are builtins: a
+# start execs one program before the app (two when setpriv drops to the app's user; one
+# more, unshare, first, and a ``mount`` per private folder where the app gets
+# namespaces of its own). First the app's OOM score goes up (keter lowers its own where
+# it may, keter.daemon): the kernel's OOM killer picks an app, any app process, before
+# keter, nginx or PostgreSQL. The mounts come before the cgroups: a ``mount`` process
+# in the app's cgroup would count against its ``processes`` limit (a limit of 1 could
+# never start). umask 077 for an app with a user of its own: what it writes is its own
+# unless it says otherwise; 022 for one run as keter's user or the setuid user (both
+# keep the old behaviour: the files it makes for nginx's workers, collected static
+# files, say, stay readable to them).
 APP_OOM_SCORE_ADJ = 500
 OWN_UMASK = "077"  # an app with a user of its own (see CHAIN)
 KETERS_UMASK = "022"  # an app run as keter's user or setuid's
@@ -83,7 +83,8 @@ _MOUNT = shlex.quote(MOUNT or "mount")
 CHAIN = (
     'umask "$1" || exit 126; shift; '
     + _OOM_SCORE_UP
-    + f'[ -z "$1" ] || {_MOUNT} -n -T "$1" -a || exit 126; shift; '
+    + 'while [ "$1" != -- ]; do '
+    + f'{_MOUNT} -n -t "$1" -o "$2" -- "$3" "$4" || exit 126; shift 4; done; shift; '
     + 'while [ "$1" != -- ]; do echo 0 > "$1" || exit 126; shift; done; shift; '
     + 'while [ "$1" != -- ]; do ulimit "$1" "$2" || exit 126; shift 2; done; shift; '
     + 'exec "$@"'
@@ -248,20 +249,21 @@ def chain(
     procs: Sequence[Path],
     limits: ResourceLimits,
     command: Sequence[str],
-    mount_table: str = "",
+    mounts: Sequence[str] = (),
     umask: str = OWN_UMASK,
 ) -> list[str]:
-    """``command`` run by the chain's shell: it sets ``umask``, mounts what
-    ``mount_table`` lists (an fstab; "" for nothing), joins every cgroup of ``procs``
-    (their ``cgroup.procs`` files: its v2 cgroup, its v1 limit groups) and sets
-    ``limits`` before it execs ``command``."""
+    """``command`` run by the chain's shell: it sets ``umask``, makes ``mounts`` (type,
+    options, source, target: four each), joins every cgroup of ``procs`` (their
+    ``cgroup.procs`` files: its v2 cgroup, its v1 limit groups) and sets ``limits``
+    before it execs ``command``."""
     return [
         SHELL,
         "-c",
         CHAIN,
         "keter-start",
         umask,
-        mount_table,
+        *mounts,
+        "--",
         *map(str, procs),
         "--",
         *limits.ulimit_args(),
@@ -316,7 +318,7 @@ def spawn(
     stdin: int = subprocess.DEVNULL
     procs = ([cgroup.procs] if cgroup is not None else []) + list(join)
     prefix: list[str] = []
-    mount_table = ""
+    mounts: list[str] = []
     if private is not None:
         uid, gid = (identity.uid, identity.gid) if identity else (os.getuid(), os.getgid())
         try:
@@ -328,10 +330,7 @@ def spawn(
         # them, the app keeps the machine's (TMPDIR still its own).
         if private.private.namespaces and (identity is None or SETPRIV is not None):
             prefix = private.private.prefix()
-            try:
-                mount_table = private.private.mount_table(folders, private.memory)
-            except OSError as exc:
-                raise SpawnError(f"cannot prepare its /tmp: {exc.strerror or exc}") from None
+            mounts = private.private.mounts(folders, private.memory)
     if identity is not None and (SETPRIV is None or not (procs or prefix)):
         # Popen switches users itself (no cgroup to enter as root first): nothing runs
         # as root after the fork, so the app's environment may go along.
@@ -348,7 +347,7 @@ def spawn(
         except OSError as exc:
             raise SpawnError(f"cannot pass the environment: {exc.strerror or exc}") from None
         env = dict(ROOT_ENV)
-    command = prefix + chain(procs, limits, command, mount_table, umask)
+    command = prefix + chain(procs, limits, command, mounts, umask)
     try:
         proc = subprocess.Popen(
             command,

@@ -32,10 +32,15 @@ def worker(version: str, **keys) -> dict:
 
 
 def processes(keter, marker: str) -> list[psutil.Process]:
+    """The app processes run with ``marker`` among their arguments: not the start's
+    chain (unshare, its shell, and a child it forked, a mount, before that child's exec,
+    whose arguments are the shell's: that had counted twice)."""
     found = []
     for process in keter.children():
         try:
-            if marker in process.cmdline():
+            command = process.cmdline()
+            chain = command[:2] == ["/bin/sh", "-c"] or command[0].endswith("/unshare")
+            if marker in command and not chain:
                 found.append(process)
         except psutil.NoSuchProcess:
             pass

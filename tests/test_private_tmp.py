@@ -252,13 +252,16 @@ def test_an_app_of_a_shared_user_keeps_the_umask_that_lets_nginx_read_what_it_ma
     # release) makes for a static-files stanza, made 0600 by umask 077, were refused to
     # nginx's workers (www-data).
     keter = keter_factory(root=open_base / "root", **{"port-range": app_port_range(), **settings})
+    # A name per case: ROOT in /tmp, so the app writes the machine's /tmp, and the two
+    # cases may run at once (as different users).
+    app = "shared" if settings else "rooted"
     try:
-        seen = deploy(keter, open_base, "rooted", SECRET="rooted-key")
-        served(private_nginx, "rooted.test", "v1")
+        seen = deploy(keter, open_base, app, SECRET=f"{app}-key")
+        served(private_nginx, f"{app}.test", "v1")
         assert seen["umask"] == "022" and seen["secret_mode"] == "644"
-    finally:  # ROOT in /tmp: the machine's /tmp
-        Path("/tmp/rooted-secret.txt").unlink(missing_ok=True)
-        Path("/var/tmp/rooted-var.txt").unlink(missing_ok=True)
+    finally:
+        Path(f"/tmp/{app}-secret.txt").unlink(missing_ok=True)
+        Path(f"/var/tmp/{app}-var.txt").unlink(missing_ok=True)
 
 
 MAIN_THREAD_ENDS = r"""

@@ -182,9 +182,10 @@ class Private:
         Raises OSError."""
         folders = self.folders(name)
         parent = folders.tmp.parent
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(parent, FOLDER_MODE)
-        _check_own(parent, os.getuid(), FOLDER_MODE)
+        info = make_folder(parent, FOLDER_MODE)
+        if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) != FOLDER_MODE:
+            os.chown(parent, os.getuid(), os.getgid(), follow_symlinks=False)
+            os.chmod(parent, FOLDER_MODE)
         for folder in (folders.tmp, folders.var_tmp):
             info = make_folder(folder, TMP_MODE)
             if (info.st_uid, info.st_gid) != (uid, gid):
@@ -252,15 +253,6 @@ class Private:
                 pass
             except OSError as exc:
                 log.warning("processes: cannot remove %s: %s", folder, exc.strerror or exc)
-
-
-def _check_own(folder: Path, uid: int, mode: int) -> None:
-    info = os.lstat(folder)
-    if not stat.S_ISDIR(info.st_mode):
-        raise NotADirectoryError(f"{folder} is not a folder")
-    if info.st_uid != uid or stat.S_IMODE(info.st_mode) != mode:
-        os.chown(folder, uid, os.getgid(), follow_symlinks=False)
-        os.chmod(folder, mode)
 
 
 def _listdir(folder: Path) -> list[str]:

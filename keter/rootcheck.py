@@ -93,8 +93,7 @@ def problems(root: Path, config_file: Path, *, nginx_config: Path | None = None)
             f"ROOT is {text}, a system folder: keter would take over its etc/, run/ and "
             "log/; give keter a folder of its own (e.g. /opt/keter)"
         )
-    for folder in [resolved, *resolved.parents]:
-        found += _owner_problems(folder, above=folder != resolved)
+    found += file_problems(resolved)
     for folder in KETERS_FOLDERS:
         found += _own_folder_problems(resolved / folder)
     # incoming/ may be the status-group's to write (2770), but is keter's folder.
@@ -103,7 +102,8 @@ def problems(root: Path, config_file: Path, *, nginx_config: Path | None = None)
         # keter writes beside it as root (its support folder, a lock) and removes there.
         found += file_problems(nginx_config.parent)
         found += _own_folder_problems(support_dir(nginx_config))
-    return found + file_problems(config_file)
+    # The chains share their upper folders: a problem with one is said once.
+    return list(dict.fromkeys(found + file_problems(config_file)))
 
 
 def file_problems(path: Path) -> list[str]:
@@ -114,7 +114,7 @@ def file_problems(path: Path) -> list[str]:
     found = []
     path = Path(os.path.abspath(path))
     for part in [path, *path.parents]:
-        found += _owner_problems(part, above=part != path, follow=False)
+        found += _owner_problems(part, above=part != path)
         if part.is_symlink():
             found += file_problems(Path(os.path.realpath(part)))
     return found
@@ -131,14 +131,13 @@ def _own_folder_problems(path: Path, *, group_writes: bool = False) -> list[str]
         return [f"cannot check {path}: {exc.strerror}"]
     if not stat.S_ISDIR(info.st_mode):
         return [f"{path} is not a folder (a link?): keter keeps its own files there"]
-    return _owner_problems(path, above=False, follow=False, group_writes=group_writes)
+    return _owner_problems(path, above=False, group_writes=group_writes)
 
 
-def _owner_problems(
-    path: Path, *, above: bool, follow: bool = True, group_writes: bool = False
-) -> list[str]:
+def _owner_problems(path: Path, *, above: bool, group_writes: bool = False) -> list[str]:
+    """``path`` itself (a link is not followed: its folder is what counts)."""
     try:
-        info = os.stat(path, follow_symlinks=follow)
+        info = os.lstat(path)
     except FileNotFoundError:
         return []  # keter makes it, as root
     except OSError as exc:

@@ -284,38 +284,33 @@ class StatsCollector(Actor):
 
     def _access_log(self, app: str, lines: list[bytes]) -> None:
         applog = self._logs.get(app)
-        if applog is None and app in self._removed:
-            # Late lines of a removed app: its log is not held open again.
-            self._append_once(app, lines)
-            return
         if applog is None:
-            try:
-                validate_app_name(app)  # it names a file
-            except ValueError:
+            applog = self._open_log(app)
+            if applog is None:
                 return
-            path = self.config.log_dir / f"access-{app}.log"
-            try:
-                applog = self._logs[app] = AppLog(
-                    path, self.config.log_max_bytes, self.config.log_backups
-                )
-            except OSError as exc:
-                log.error("%s: cannot open %s: %s", app, path, exc)
+            if app in self._removed:
+                # Late lines of a removed app: its log is not held open again.
+                try:
+                    applog.append(lines, b"", app)
+                finally:
+                    applog.close()
                 return
+            self._logs[app] = applog
         self._log_used.pop(app, None)
         self._log_used[app] = time.monotonic()  # now the most recent: last in the dict
         applog.append(lines, b"", app)  # a full disk: said once, and the statistics go on
 
-    def _append_once(self, app: str, lines: list[bytes]) -> None:
+    def _open_log(self, app: str) -> AppLog | None:
+        try:
+            validate_app_name(app)  # it names a file
+        except ValueError:
+            return None
         path = self.config.log_dir / f"access-{app}.log"
         try:
-            applog = AppLog(path, self.config.log_max_bytes, self.config.log_backups)
+            return AppLog(path, self.config.log_max_bytes, self.config.log_backups)
         except OSError as exc:
             log.error("%s: cannot open %s: %s", app, path, exc)
-            return
-        try:
-            applog.append(lines, b"", app)
-        finally:
-            applog.close()
+            return None
 
     def _forget(self, app: str) -> None:
         """The app was removed. Its access log closes now, not after an hour idle: the

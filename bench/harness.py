@@ -35,6 +35,9 @@ import yaml
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
+# Where a run's work folder goes: outside /tmp, as a production ROOT, so that its apps get
+# their private /tmp (keter.processes.private) and their starts cost what they cost there.
+WORK_PARENT = "/var/lib"
 # The tests' helpers are the package tests/support/; the benchmarks reuse them as they are.
 sys.path.insert(0, str(REPO / "tests"))
 

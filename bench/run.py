@@ -30,7 +30,7 @@ import proxy
 import scale
 import spawn
 import stats
-from harness import BENCH, Row, Settings
+from harness import BENCH, WORK_PARENT, Row, Settings
 
 BENCHMARKS = {
     module.NAME: module for module in (deploy, downtime, proxy, crash, scale, stats, spawn)
@@ -42,9 +42,6 @@ COLUMNS = ("benchmark", "figure", "reference", "target", "met?")
 
 class OutOfTime(Exception):
     pass
-
-
-WORK_PARENT = "/var/lib"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from pathlib import Path
 import psutil
 from harness import (
     BENCH,
+    WORK_PARENT,
     CpuSpent,
     Row,
     Settings,
@@ -268,7 +269,8 @@ def quick(apps: int, idle: float, rounds: int, keep: bool = False) -> None:
     A quick look for whoever changes the process monitor; the suite's table
     comes from ``run``. The work folder (keter's log among it) goes unless ``keep``.
     """
-    settings = Settings(quick=False, workdir=Path(tempfile.mkdtemp(prefix="keter-scale-")))
+    workdir = Path(tempfile.mkdtemp(prefix="keter-scale-", dir=WORK_PARENT))
+    settings = Settings(quick=False, workdir=workdir)
     try:
         _quick(settings, apps, idle, rounds)
     finally:

@@ -27,7 +27,7 @@ from support.daemon import app_processes, failures
 from support.net import app_port_range, bind_when_free, body, free_port, served
 from support.wait import wait_for
 
-from keter.processes.spawn import SETPRIV
+from keter.processes.programs import SETPRIV
 from keter.switch import Table
 from keter.users import DEFAULT_RANGE
 

@@ -25,7 +25,7 @@ from support.net import app_port_range, served
 from support.wait import wait_for
 
 from keter.processes.private import remove_ipc, running_uids, sysv_objects
-from keter.processes.spawn import SETPRIV
+from keter.processes.programs import SETPRIV
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # the tests' own Python may lie in /tmp, which is hidden
 PRIVATE_APP = APPS / "private_app.py"

@@ -56,7 +56,8 @@ from keter.processes.cgroups import Cgroups
 from keter.processes.groups import group_members, wait_group_gone
 from keter.processes.health import Prober, is_healthy
 from keter.processes.ports import port_is_free
-from keter.processes.spawn import APP_ENV, ROOT_ENV, SHELL, SpawnError, environment_file
+from keter.processes.programs import SHELL
+from keter.processes.spawn import APP_ENV, ROOT_ENV, SpawnError, environment_file
 from keter.processes.states import (
     TRANSITIONS,
     IllegalTransition,

@@ -29,7 +29,7 @@ from support.processes import alive
 from support.wait import wait_for
 
 from keter import envstore
-from keter.processes.spawn import SETPRIV
+from keter.processes.programs import SETPRIV
 
 appS = Path(__file__).parent / "apps"
 HOST = "rel.test"

@@ -36,7 +36,6 @@ import contextlib
 import logging
 import os
 import secrets
-import shutil
 import stat
 import subprocess
 from collections.abc import Collection, Iterable
@@ -47,14 +46,10 @@ import psutil
 
 from keter.appdata import remove_tree
 from keter.fsutil import make_folder
+from keter.processes.programs import IPCRM, MOUNT, SETPRIV, UNSHARE
 
 log = logging.getLogger(__name__)
 
-SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
-UNSHARE = shutil.which("unshare", path=SYSTEM_PATH)
-MOUNT = shutil.which("mount", path=SYSTEM_PATH)
-IPCRM = shutil.which("ipcrm", path=SYSTEM_PATH)
-SETPRIV = shutil.which("setpriv", path=SYSTEM_PATH)
 FOLDER_MODE = 0o711  # ROOT/run/tmp and APP-ID: the app crosses them to its TMPDIR
 TMP_MODE = 0o700
 TMP_TARGETS = ("/tmp", "/var/tmp")

@@ -53,13 +53,11 @@ from keter import names
 from keter.appdata import prepare_data_dir
 from keter.messages import ProcessSpec
 from keter.processes.cgroups import Cgroup
-from keter.processes.private import MOUNT, PrivateStart
+from keter.processes.private import PrivateStart
+from keter.processes.programs import MOUNT, SETPRIV, SHELL, SYSTEM_PATH
 
 log = logging.getLogger(__name__)
 
-SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
-SETPRIV = shutil.which("setpriv", path=SYSTEM_PATH)
-SHELL = "/bin/sh"
 # The chain's shell, with its arguments: the umask, the mounts of the app's private
 # folders (four arguments each, keter.processes.private), "--", the cgroup.procs files
 # to join, "--",

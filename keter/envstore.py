@@ -24,7 +24,9 @@ from keter.fsutil import atomic_write
 from keter.names import validate_arg, validate_env_name
 
 MAX_SETTINGS = 256
-MAX_VALUE = 32 * 1024  # characters of one value
+# Bytes of one value in UTF-8, as the kernel counts a variable (NAME=VALUE at most 128 KiB,
+# MAX_ARG_STRLEN): in characters, 32 Ki 4-byte ones passed it and the app could never start.
+MAX_VALUE = 32 * 1024
 MAX_FILE = 2 * 1024 * 1024  # bytes; a bigger file is refused unread
 # Set by keter for every process, always winning: storing them could never take effect.
 KETER_OWNED = ("PORT", "APPROOT", "KETER_DATA_DIR")
@@ -93,12 +95,18 @@ def _check_value(name: object, value: object, where: str) -> str:
     # The messages name the variable, never its value.
     if not isinstance(value, str):
         raise SettingsError(f"{where}: the value of {name} is not a string")
-    if len(value) > MAX_VALUE:
-        raise SettingsError(f"{where}: the value of {name} is longer than {MAX_VALUE} characters")
     try:
-        return validate_arg(value)
+        value = validate_arg(value)
     except ValueError:
         raise SettingsError(f"{where}: the value of {name} holds NUL or unencodable text") from None
+    if value_size(value) > MAX_VALUE:
+        raise SettingsError(f"{where}: the value of {name} is longer than {MAX_VALUE} bytes")
+    return value
+
+
+def value_size(value: str) -> int:
+    """Bytes of ``value`` as the app's environment will hold it (UTF-8)."""
+    return len(value.encode("utf-8", "surrogateescape"))
 
 
 def update(

@@ -105,7 +105,7 @@ def test_a_bad_setting_from_stdin_is_said_to_come_from_stdin(capsys, tmp_path, m
     monkeypatch.setattr("sys.stdin", lines)
     code, err = run(capsys, tmp_path, "env", "set", "app", "--stdin")
     assert code == EXIT_USAGE
-    assert err == "keter: stdin: the value of BIG is longer than 32768 characters\n"
+    assert err == "keter: stdin: the value of BIG is longer than 32768 bytes\n"
     monkeypatch.setattr("sys.stdin", iter(["no equals sign\n"]))
     code, err = run(capsys, tmp_path, "env", "set", "app", "--stdin")
     assert err == "keter: expected NAME=VALUE, but a word on stdin has no '='\n"

@@ -324,7 +324,7 @@ def test_each_mistake_is_named_with_its_key_path(text: str, expected: str) -> No
         # dash refuses `export OPTIND=abc`: every process of every app failed to start.
         ("env: {OPTIND: abc}", "env.OPTIND: OPTIND is the shell's own"),
         # One variable past the kernel's bound: every app failed "Argument list too long".
-        (f"env: {{BIG: {'x' * 200_000}}}", "env.BIG: the value is longer than 32768 characters"),
+        (f"env: {{BIG: {'x' * 200_000}}}", "env.BIG: the value is longer than 32768 bytes"),
         ("env: {" + ", ".join(f"A{i}: x" for i in range(257)) + "}", "env: more than 256"),
         (
             "env: {" + ", ".join(f"A{i}: {'x' * 30_000}" for i in range(80)) + "}",

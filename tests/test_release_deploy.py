@@ -505,10 +505,10 @@ def test_env_set_under_load_restarts_without_a_failed_request(
     refused = keter_cli(keter.root, "env", "set", app, "PORT=1")
     assert refused.returncode == 2 and "set by keter" in refused.stderr
 
-    # The largest value the store takes, of 4-byte characters, reaches keter: its JSON was
-    # 384 KiB (\\ud83d\\ude00 for each), past the 64 KiB keter read, and the CLI said
+    # The largest value the store takes, of 4-byte characters, reaches keter: its JSON is
+    # 96 KiB (\\ud83d\\ude00 for each), past the 64 KiB keter read, where the CLI said
     # "Broken pipe".
-    big = "\U0001f600" * envstore.MAX_VALUE
+    big = "\U0001f600" * (envstore.MAX_VALUE // 4)
     stored = keter_cli(
         keter.root, "env", "set", app, "--stdin", "--no-restart", stdin=f"BIG={big}\n".encode()
     )

@@ -144,6 +144,9 @@ def test_settings_are_stored_atomically_and_privately(tmp_path: Path) -> None:
         ({"OPTIND": "s3cr3t-6"}, "the shell's own"),  # dash would not start the app
         ({"A": "s3cr3t-4\0"}, "NUL"),
         ({"A": "s3cr3t-5" * envstore.MAX_VALUE}, "longer than"),
+        # Bytes, as the kernel counts them: 32 Ki 4-byte characters made a variable past
+        # its 128 KiB, and the app could never start.
+        ({"A": "s3cr3t-7" + "\U0001f600" * (envstore.MAX_VALUE // 4)}, "longer than 32768 bytes"),
     ],
 )
 def test_bad_settings_are_refused_without_showing_values(

@@ -113,11 +113,10 @@ def parse_env_key(value: object, path: str, check: Checker, base: Path) -> objec
     if len(env) > envstore.MAX_SETTINGS:
         check.problem(path, f"more than {envstore.MAX_SETTINGS} variables")
     for name, item in env.items():
-        if len(item) > envstore.MAX_VALUE:
+        if (size := envstore.value_size(item)) > envstore.MAX_VALUE:
             # The value may be a secret: its length only.
             check.problem(
-                f"{path}.{name}",
-                f"the value is longer than {envstore.MAX_VALUE} characters ({len(item)})",
+                f"{path}.{name}", f"the value is longer than {envstore.MAX_VALUE} bytes ({size})"
             )
     if len(check.problems) == before and (size := len(envstore.encoded(env))) > envstore.MAX_FILE:
         check.problem(path, f"takes {size} bytes, more than {envstore.MAX_FILE}")

@@ -582,6 +582,27 @@ def test_a_query_its_asker_gave_up_on_is_not_worked_out(tmp_path, monkeypatch):
     stats.on_stop()
 
 
+def test_a_clock_set_back_does_not_stop_the_reports_or_the_watches(tmp_path, monkeypatch):
+    """The interval between reports was measured on the wall clock: set back an hour
+    (NTP, a virtual machine resumed), it stopped the reports and the checks of watched
+    versions (their automatic rollback) for that hour."""
+    clock = {"wall": time.time(), "mono": time.monotonic()}
+    fake = type("Clock", (), {})()
+    fake.time, fake.monotonic = (lambda: clock["wall"]), (lambda: clock["mono"])
+    monkeypatch.setattr(stats_component, "time", fake)
+    stats = StatsCollector(KeterConfig(root=tmp_path / "root"))
+    stats.on_start()
+    monkeypatch.setattr(stats, "schedule", lambda delay, message: None)
+    checked = count_calls(monkeypatch, stats, "_check_watches", key=lambda now: now)
+    stats._tick()
+    assert list(checked) == [clock["wall"]]
+    clock["wall"] -= 3600  # set back
+    clock["mono"] += stats_component.REPORT_EVERY
+    stats._tick()
+    assert list(checked) == [clock["wall"] + 3600, clock["wall"]]
+    stats.on_stop()
+
+
 def test_a_quiet_keter_adds_up_no_app_and_reports_nothing(tmp_path, monkeypatch):
     """Idle costs nothing per app (issue 16.5): after 1000 apps' last requests, each app
     is added up once more (when their slot leaves the minute, its rate falls to 0);

@@ -23,6 +23,7 @@ import collections
 import concurrent.futures
 import heapq
 import logging
+import math
 import queue
 import time
 from dataclasses import dataclass, field
@@ -154,7 +155,7 @@ class StatsCollector(Actor):
         self._removed: dict[str, float] = {}
         self._reported_watches: tuple[WatchState, ...] = ()
         self._left = -float("inf")  # slots starting by this had left the last report's minute
-        self._last_report = 0.0
+        self._last_report = -math.inf  # time.monotonic() of the last report
         # Made now, before nginx is first configured: nginx would make it readable by all.
         self.spool_path.parent.mkdir(parents=True, exist_ok=True)
         spool.create(self.spool_path)
@@ -199,9 +200,12 @@ class StatsCollector(Actor):
 
     def _tick(self) -> None:
         busy = self._read(time.monotonic() + TICK_BUDGET)
-        now = time.time()
-        if now - self._last_report >= REPORT_EVERY:
-            self._last_report = now
+        # The interval on the monotonic clock: the wall clock set back an hour (NTP, a
+        # virtual machine resumed) had stopped the reports and the watched versions'
+        # checks for that hour. The records' own times stay the wall clock's.
+        if (ticked := time.monotonic()) - self._last_report >= REPORT_EVERY:
+            self._last_report = ticked
+            now = time.time()
             self._gone |= self.traffic.prune(now)
             self._close_idle_logs(now)
             self._forget_removed(time.monotonic() - REMOVED_KEPT)

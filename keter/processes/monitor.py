@@ -353,7 +353,7 @@ class ProcessMonitor(Actor):
             self.private.check()
             # Renamed away now, deleted in the pool: an app's leftovers may be large.
             self._spawner.submit(self.private.remove_swept, self.private.sweep())
-        self._remove_apps_ipc("a previous keter's")
+        self._remove_all_apps_ipc("a previous keter's")
 
     def _check_guard(self) -> None:
         """Once at start: whether each deploy's cgroup gets a bind guard, said in one line."""
@@ -428,7 +428,7 @@ class ProcessMonitor(Actor):
         self.controllers.remove()
         for run in runs:
             self._release_run(run)
-        self._remove_apps_ipc("keter is shutting down")  # once their leaders are reaped
+        self._remove_all_apps_ipc("keter is shutting down")  # once their leaders are reaped
         self._reader.close(timeout=KILL_WAIT)
         for entry in entries:
             log.info("%s: stopped (keter is shutting down)", entry.app)
@@ -1254,10 +1254,12 @@ class ProcessMonitor(Actor):
             return
         assert self.users is not None
         uid = self.users.known().get(entry.app)
-        if uid is not None and (removed := remove_ipc({uid})):
-            log.info("%s: removed %d IPC object(s) its processes left", entry.app, removed)
+        if uid is not None:
+            # In the pool too: it reads every process on the machine and runs ipcrm,
+            # which the actor's loop must not wait for.
+            self._spawner.submit(_remove_app_ipc, entry.app, uid)
 
-    def _remove_apps_ipc(self, why: str) -> None:
+    def _remove_all_apps_ipc(self, why: str) -> None:
         """At start (what a killed keter's apps left) and once every app stopped at the
         end: every app user's IPC objects in keter's namespace."""
         if not self._machine_ipc:
@@ -1281,6 +1283,18 @@ class ProcessMonitor(Actor):
             self._reader.release(run)
             run.proc.poll()
             self._records.remove(run.deploy_id)
+
+
+def _remove_app_ipc(app: str, uid: int) -> None:
+    """In the pool: what IPC objects the app's uid left (``_ended``). The pool keeps
+    what a task raises to itself: said here, as the actor's loop would have."""
+    try:
+        removed = remove_ipc({uid})
+    except Exception:
+        log.exception("%s: cannot remove the IPC objects its processes left", app)
+        return
+    if removed:
+        log.info("%s: removed %d IPC object(s) its processes left", app, removed)
 
 
 def _private_name(entry: _Entry) -> str:

@@ -51,6 +51,7 @@ class Actor:
         self._timers_cancelled: set[int] = set()  # those of them that must not fire
         self._thread: threading.Thread | None = None
         self._started = False  # on_start completed once
+        self._failed = False  # its last thread ended in a failure (reported)
 
     # -- API used by other threads -------------------------------------------------
 
@@ -58,10 +59,31 @@ class Actor:
         self.inbox.put(message)
 
     def stop(self) -> None:
+        """Its thread handles Stop, then runs ``on_stop`` (the monitor's stops every app).
+        A thread a failure ended (its restart's backoff not over, or keter stopping
+        because it kept failing) is started again first: nobody handled the Stop, and
+        every app ran on without a keter. What waited in its inbox and its timers is
+        dropped, not handled before the Stop: it may be what made the component fail."""
+        if self._failed:
+            self.join(1.0)  # it ends right after its report
+            if not self.is_alive():
+                self._drop_pending()
+                self.start()
         self.inbox.put(Stop())
+
+    def _drop_pending(self) -> None:
+        self._timers.clear()
+        self._timers_live.clear()
+        self._timers_cancelled.clear()
+        while True:
+            try:
+                self.inbox.get_nowait()
+            except queue.Empty:
+                return
 
     def start(self) -> None:
         """Start the component's thread (``on_start`` first, then the loop)."""
+        self._failed = False
         self._thread = threading.Thread(
             target=self._run, name=f"keter-{self.component}", daemon=False
         )
@@ -159,6 +181,7 @@ class Actor:
                 self.handle(message)
         except Exception as exc:  # reported, never swallowed
             log.error("%s: failed handling %s: %s", self.component, type(message).__name__, exc)
+            self._failed = True
             self.report(
                 ComponentFailed(
                     component=self.component,

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -26,6 +27,7 @@ from support.wait import wait_for
 
 from keter.daemon import SHUTDOWN_MARGIN
 from keter.supervisor.endings import INTERRUPTED
+from keter.supervisor.restarts import RESTART_LIMIT
 
 FAULTS = Path(__file__).parent / "apps" / "fault_injection"
 
@@ -66,6 +68,31 @@ def test_a_failing_component_is_restarted_and_only_its_deploy_fails(
             "the crashed app to be restarted",
         )
         served(private_nginx, "good.test", "v2")
+
+
+def test_keter_giving_up_on_a_failing_monitor_still_stops_every_app(
+    keter_factory, private_nginx, tmp_path
+):
+    """The process monitor fails again and again: keter stops, non-zero. The monitor's
+    thread was dead then (its failure ended it, the restart's backoff not over), so
+    nobody handled the Stop that stops every app: they ran on without a keter."""
+    keter = keter_factory(start=False, **{"stop-timeout": 2})
+    keter.start(env=fault_env("processes"))
+    keter.drop(make_bundle(tmp_path / "good.keter", config=webapp_config("good.test", "v1")))
+    served(private_nginx, "good.test", "v1")
+    [app] = app_processes(keter)
+
+    try:
+        for n in range(RESTART_LIMIT + 1):
+            config = webapp_config(f"boom{n}.test", "v1")
+            keter.drop(make_bundle(tmp_path / f"boom{n}.keter", config=config))
+        assert keter.proc.wait(60) == 1
+        assert "failed 6 times" in keter.log() and "keter cannot go on" in keter.log()
+        assert not app.is_running() or app.status() == psutil.STATUS_ZOMBIE
+        assert "keter: stopped" in keter.log()
+    finally:
+        with contextlib.suppress(psutil.Error):
+            app.kill()
 
 
 def test_shutdown_has_a_deadline_when_a_component_is_stuck(keter_factory, private_nginx, tmp_path):

@@ -24,6 +24,8 @@ Every component answers a message it does not know the same way:
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import heapq
 import itertools
 import logging
@@ -182,6 +184,7 @@ class Actor:
         except Exception as exc:  # reported, never swallowed
             log.error("%s: failed handling %s: %s", self.component, type(message).__name__, exc)
             self._failed = True
+            answer_failure(message, self.component, exc)
             self.report(
                 ComponentFailed(
                     component=self.component,
@@ -211,6 +214,16 @@ class Actor:
             return self.inbox.get(timeout=timeout)
         except queue.Empty:
             return None
+
+
+def answer_failure(message: object, handler: str, exc: Exception) -> None:
+    """A request whose handler raised is answered with the failure: its asker (an HTTP
+    thread) waited out its whole timeout for an answer that would never come, then said
+    "busy"."""
+    reply = getattr(message, "reply", None)
+    if isinstance(reply, concurrent.futures.Future):
+        with contextlib.suppress(concurrent.futures.InvalidStateError):  # given up on
+            reply.set_exception(RuntimeError(f"internal error in {handler}: {exc}"))
 
 
 def _field(message: object, name: str, kind: type) -> object:

@@ -1,14 +1,19 @@
-"""The actor loop's timers (keter/actor.py): what is scheduled arrives, what is cancelled
-never does and never wakes the thread."""
+"""The actor loop (keter/actor.py): what is scheduled arrives, what is cancelled never
+does and never wakes the thread; a failure answers its request and a Stop still runs
+``on_stop``."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import queue
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from keter.actor import Actor
-from keter.messages import Component
+from keter.messages import Component, ComponentFailed
 from keter.threadnames import kernel_name
 
 
@@ -98,3 +103,65 @@ def test_messages_taken_at_once_are_only_those_at_the_head() -> None:
     actor.tell(4)
     assert actor.take_queued(str) == ["a3"]
     assert actor._next_message() == 4
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ask:
+    """A request its asker waits on, as the status API's threads do."""
+
+    boom: bool = False
+    reply: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+class Failing(Actor):
+    """Raises on a request that says so; records what it handled and its stop."""
+
+    def __init__(self, report_to: queue.Queue) -> None:
+        super().__init__(Component.STATS, report_to)
+        self.handled: list[object] = []
+        self.stopped = threading.Event()
+
+    def handle(self, message: object) -> None:
+        self.handled.append(message)
+        match message:
+            case Ask(boom=True):
+                raise RuntimeError("boom")
+            case Ask(reply=reply):
+                reply.set_result("answered")
+
+    def on_stop(self) -> None:
+        self.stopped.set()
+
+
+def test_a_request_whose_handler_raises_is_answered_with_the_failure() -> None:
+    """Its asker waited out its whole timeout (10 s, 60 s) for an answer that never came."""
+    reports: queue.Queue = queue.Queue()
+    actor = Failing(reports)
+    actor.start()
+    asked = Ask(boom=True)
+    actor.tell(asked)
+    with pytest.raises(RuntimeError, match="internal error in stats: boom"):
+        asked.reply.result(timeout=5)
+    assert isinstance(reports.get(timeout=5), ComponentFailed)
+    actor.join(5)
+    assert not actor.is_alive()
+
+
+def test_stopping_a_component_a_failure_ended_runs_its_stop_and_nothing_queued() -> None:
+    """Its thread was gone (the restart's backoff not over, or keter stopping because it
+    kept failing): nobody handled the Stop, and the monitor's on_stop, which stops every
+    app, never ran. What waited for it may be what fails it again: dropped."""
+    reports: queue.Queue = queue.Queue()
+    actor = Failing(reports)
+    actor.start()
+    actor.tell(Ask(boom=True))
+    reports.get(timeout=5)
+    actor.join(5)
+    waiting = Ask(boom=True)
+    actor.tell(waiting)
+    actor.schedule(0, Ask(boom=True))
+    actor.stop()
+    assert actor.stopped.wait(5)
+    actor.join(5)
+    assert len(actor.handled) == 1 and reports.empty()
+    assert not waiting.reply.done()  # dropped: its asker's own timeout answers it

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import traceback
 
+from keter.actor import answer_failure
 from keter.messages import Component, ComponentFailed, FailureKind, Rescan
 from keter.names import log_text
 from keter.supervisor.components import Teller
@@ -82,6 +83,7 @@ class Restarts(SupervisorState):
             exc,
             traceback.format_exc().rstrip(),
         )
+        answer_failure(msg, "the supervisor", exc)
         recent = self._recent(self._own_failures)
         deploy_id = getattr(msg, "deploy_id", None)
         if isinstance(deploy_id, int):

@@ -645,6 +645,21 @@ def test_a_watched_version_that_crash_loops_rolls_back(watched: Rig) -> None:
     assert done.outcome is Outcome.ROLLED_BACK and "crashed 3 times" in done.reason
 
 
+def test_restarts_that_cannot_start_are_not_crashes(watched: Rig) -> None:
+    """One crash, then its restart found its port taken (by a process an app's crash
+    let bind it) and waited for another, twice: that was counted as three crashes, and
+    the watched version was rolled back."""
+    process_id = watched.sup.apps["a"].serving.id
+    watched.send(ProcessStateChanged(app="a", deploy_id=process_id, state=ProcessState.BACKOFF))
+    for detail in ("port 20001 taken by pid 99; waiting for another", "restart failed"):
+        changed = ProcessStateChanged(
+            app="a", deploy_id=process_id, state=ProcessState.BACKOFF, detail=detail
+        )
+        watched.send(changed)
+    assert watched.status.take(RollBack) == []
+    assert watched.sup.apps["a"].snapshot().restarts == 1
+
+
 # -- kernel mode (keter.switch): stable addresses instead of nginx reloads -------------------
 
 

@@ -98,7 +98,8 @@ class ProcessFacts(SupervisorState):
         if web.repoint and msg.state is ProcessState.RUNNING:
             web.repoint = False  # it answers on the port it moved to (_port_taken)
             self._point_services(deploy, ((deploy.services[web.index], web.port),))
-        if msg.state is ProcessState.BACKOFF:
+        # A restart that could not start (its port taken, say) stays in BACKOFF: no crash.
+        if msg.state is ProcessState.BACKOFF and previous is not ProcessState.BACKOFF:
             web.restarts += 1
             if previous is ProcessState.RUNNING:
                 self._event(msg.app, EventKind.CRASH, msg.detail)

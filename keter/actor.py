@@ -53,7 +53,8 @@ class Actor:
         self._timers_cancelled: set[int] = set()  # those of them that must not fire
         self._thread: threading.Thread | None = None
         self._started = False  # on_start completed once
-        self._failed = False  # its last thread ended in a failure (reported)
+        # Its last thread ended in a failure (reported). Mangled: subclasses have a _failed.
+        self.__failed = False
 
     # -- API used by other threads -------------------------------------------------
 
@@ -66,7 +67,7 @@ class Actor:
         because it kept failing) is started again first: nobody handled the Stop, and
         every app ran on without a keter. What waited in its inbox and its timers is
         dropped, not handled before the Stop: it may be what made the component fail."""
-        if self._failed:
+        if self.__failed:
             self.join(1.0)  # it ends right after its report
             if not self.is_alive():
                 self._drop_pending()
@@ -85,7 +86,7 @@ class Actor:
 
     def start(self) -> None:
         """Start the component's thread (``on_start`` first, then the loop)."""
-        self._failed = False
+        self.__failed = False
         self._thread = threading.Thread(
             target=self._run, name=f"keter-{self.component}", daemon=False
         )
@@ -183,7 +184,7 @@ class Actor:
                 self.handle(message)
         except Exception as exc:  # reported, never swallowed
             log.error("%s: failed handling %s: %s", self.component, type(message).__name__, exc)
-            self._failed = True
+            self.__failed = True
             answer_failure(message, self.component, exc)
             self.report(
                 ComponentFailed(

@@ -88,8 +88,9 @@ class Unpacker(Actor):
         try:
             self._unpack_and_parse(msg)
         except Exception as exc:
-            # A bug, or a failure nobody foresaw: this bundle's, not the unpacker's.
-            log.debug("%s: unpacking failed:\n%s", msg.app, traceback.format_exc())
+            # A bug, or a failure nobody foresaw: this bundle's, not the unpacker's. Its
+            # traceback is what a fix needs.
+            log.error("%s: unpacking failed:\n%s", msg.app, traceback.format_exc())
             shutil.rmtree(msg.dest, ignore_errors=True)
             reason = log_text(f"{type(exc).__name__}: {exc}")
             self._failed(

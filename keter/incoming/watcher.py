@@ -284,7 +284,10 @@ class IncomingWatcher(Actor):
             self._file_failed(filename, exc)
 
     def _file_failed(self, filename: str, exc: Exception) -> None:
-        log.debug("incoming: %s failed:\n%s", log_text(filename), traceback.format_exc())
+        # Anything but the file system's refusal is a bug of keter's: its traceback is
+        # what a fix needs (and it names no value of the file's).
+        level = logging.DEBUG if isinstance(exc, OSError) else logging.ERROR
+        log.log(level, "incoming: %s failed:\n%s", log_text(filename), traceback.format_exc())
         app = filename.removesuffix(SUFFIX)
         if (pending := self._pending.pop(app, None)) is not None:
             self._cancel_check(pending)

@@ -24,6 +24,7 @@ import os
 import pwd
 import stat
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 from keter.fsutil import atomic_write
@@ -160,3 +161,37 @@ def secure_folder(folder: Path, gid: int) -> None:
                 continue
             owner = mode & 0o700
             os.chmod(path, owner | ((owner & 0o500) >> 3))
+
+
+def publish_static(folder: Path, roots: Iterable[Path]) -> None:
+    """Open a bundle's static roots (made the app's alone by ``secure_folder``) to nginx's
+    workers: they run as a user of their own (Debian's www-data) and answered 403 for
+    every file. The roots' folders and files become readable to every user, the folders
+    on the way from the bundle's top only crossable (what else lies in them stays the
+    app's): what lies in a static root is published on the web anyway. Links are never
+    followed (nginx serves none: ``disable_symlinks``)."""
+    top = Path(os.path.realpath(folder))
+    for root in roots:
+        root = Path(root)
+        if root != top and top not in root.parents:
+            raise ValueError(f"static root {root} is outside {top}")
+        on_the_way = [top, *(top / part for part in _parts_between(top, root))]
+        for path in on_the_way:
+            _add_mode(path, 0o001)
+        for parent, _dirs, files in os.walk(root):  # links to folders: not walked
+            _add_mode(Path(parent), 0o005)
+            for name in files:
+                _add_mode(Path(parent) / name, 0o004)
+
+
+def _parts_between(top: Path, root: Path) -> list[Path]:
+    """``top``'s descendants down to ``root`` (included), as paths relative to ``top``."""
+    relative = root.relative_to(top).parts
+    return [Path(*relative[: n + 1]) for n in range(len(relative))]
+
+
+def _add_mode(path: Path, bits: int) -> None:
+    """``bits`` for "other" on ``path`` unless it is a link (not followed)."""
+    mode = os.lstat(path).st_mode
+    if not stat.S_ISLNK(mode):
+        os.chmod(path, stat.S_IMODE(mode) | bits)

@@ -29,7 +29,7 @@ from support.wait import wait_for
 
 from keter.processes.programs import SETPRIV
 from keter.switch import Table
-from keter.users import DEFAULT_RANGE
+from keter.users import DEFAULT_RANGE, publish_static, secure_folder
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # readable by every user, unlike the tests' own Python
 
@@ -649,3 +649,66 @@ def listening_ports(process: psutil.Process) -> set[int]:
             if c.status == psutil.CONN_LISTEN
         }
     return set()
+
+
+@pytest.mark.skipif(SETPRIV is None, reason="needs util-linux setpriv")
+def test_a_static_root_is_readable_by_nginxs_workers_and_nothing_else_of_the_bundle(
+    open_base, keter_factory, private_nginx
+):
+    """A bundle is its app's alone (root:APP, 0750/0640); nginx's workers run as a user
+    of their own (Debian's www-data), so they answered 403 for every file of a static
+    root. The tests' nginx runs its workers as root: reading as an unprivileged user
+    stands in for them."""
+    keter = keter_factory(
+        root=open_base / "root", **{"port-range": app_port_range(), "run-apps-as-root": False}
+    )
+    config = {"stanzas": [{"type": "static-files", "root": "../site/public", "host": "own.test"}]}
+    files = {
+        "site/public/index.html": "hi",
+        "site/public/sub/page.html": "page",
+        "site/secret.txt": "s3cr3t",
+    }
+    bundle = make_bundle(open_base / "own.keter", config=config, files=files, app_source=None)
+    keter.drop(bundle)
+    wait_for(lambda: body(private_nginx, "own.test", "/index.html") == b"hi", 20, "the site")
+    [top] = keter.root.glob("temp/own-*")
+
+    def read_as_nobody(path: Path) -> str:
+        done = subprocess.run(
+            [SETPRIV, "--reuid=65534", "--regid=65534", "--clear-groups", "cat", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        return done.stdout if done.returncode == 0 else "refused"
+
+    assert read_as_nobody(top / "site/public/index.html") == "hi"
+    assert read_as_nobody(top / "site/public/sub/page.html") == "page"
+    assert read_as_nobody(top / "site/secret.txt") == "refused"
+    assert read_as_nobody(top / "config/keter.yaml") == "refused"
+    # The folders on the way are crossed, not listed.
+    assert os.stat(top).st_mode & 0o007 == 0o001
+    assert os.stat(top / "site").st_mode & 0o007 == 0o001
+
+
+def test_publishing_a_static_root_follows_no_link_and_opens_nothing_beside_it(tmp_path) -> None:
+    top = tmp_path / "bundle"
+    (top / "site" / "public" / "sub").mkdir(parents=True)
+    (top / "site" / "public" / "sub" / "a.css").write_text("a")
+    (top / "site" / "private.key").write_text("k")
+    outside = tmp_path / "outside"
+    outside.write_text("o")
+    os.chmod(outside, 0o600)
+    (top / "site" / "public" / "leak").symlink_to(outside)
+    secure_folder(top, os.getgid())
+    publish_static(top, [top / "site" / "public"])
+
+    def other(path: Path) -> int:
+        return os.lstat(path).st_mode & 0o007
+
+    assert [other(top), other(top / "site")] == [0o001, 0o001]
+    assert [other(top / "site/public"), other(top / "site/public/sub")] == [0o005, 0o005]
+    assert other(top / "site/public/sub/a.css") == 0o004
+    assert other(top / "site/private.key") == 0 and other(outside) == 0  # the link's target
+    with pytest.raises(ValueError, match="outside"):
+        publish_static(top, [tmp_path])

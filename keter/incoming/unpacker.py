@@ -32,7 +32,7 @@ from keter.messages import (
     UnpackFailed,
 )
 from keter.names import log_text
-from keter.users import AppUsers, NoFreeUid, secure_folder
+from keter.users import AppUsers, NoFreeUid, publish_static, secure_folder
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,8 @@ class Unpacker(Actor):
         if self.users is not None:
             try:
                 secure_folder(msg.dest, self.users.uid(msg.app))
-            except (OSError, NoFreeUid) as exc:
+                publish_static(msg.dest, (static.root for static in config.static_files))
+            except (OSError, ValueError, NoFreeUid) as exc:
                 shutil.rmtree(msg.dest, ignore_errors=True)
                 self._failed(msg, f"cannot hand {msg.dest.name} to its app's group: {exc}")
                 return

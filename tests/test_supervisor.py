@@ -608,6 +608,33 @@ def test_a_rollback_that_could_not_take_place_is_not_recorded_as_one(watched: Ri
     assert watched.sup.apps["a"].serving.sha256 == "22" * 32
 
 
+def test_a_version_restarted_in_its_watch_stays_under_it_and_goes_back_to_the_one_before(
+    watched: Rig,
+) -> None:
+    """A restart (keter env set, keter restart) of the watched version was watched anew
+    against itself: its "rollback" redeployed it, again and again, and 11.. never came
+    back."""
+    watched.stats.one(WatchVersion)
+    until = watched.sup.apps["a"].serving.watch_until
+    watched.clock.now += 5
+    watched.deploy("a", webapp(watched.tmp), sha="22" * 32)  # the same bundle again
+    assert watched.stats.take(WatchVersion) == []  # its watch goes on
+    again = watched.sup.apps["a"].serving
+    assert (again.rollback_to, again.watch_until) == ("11" * 32, until)
+    watched.send(VersionUnhealthy(app="a", version="22" * 6, reason="5xx 50% of 40 requests"))
+    assert watched.status.one(RollBack).sha256 == "11" * 32
+
+
+def test_a_first_version_restarted_is_not_watched_against_itself(tmp_path: Path) -> None:
+    rig = make_rig(tmp_path, kernel=False, stats=True)
+    rig.deploy("a", webapp(rig.tmp), sha="11" * 32)
+    rig.deploy("a", webapp(rig.tmp), sha="11" * 32)
+    assert rig.stats.take(WatchVersion) == []
+    assert rig.sup.apps["a"].serving.rollback_to is None
+    rig.send(VersionUnhealthy(app="a", version="11" * 6, reason="5xx 20% of 69 requests"))
+    assert rig.status.take(RollBack) == []
+
+
 def test_a_rollback_is_recorded_even_once_the_version_put_back_serves(watched: Rig) -> None:
     # The status component answers after its copy into incoming/; the watcher may see
     # the copy first, and that version may deploy before the answer is handled.

@@ -26,12 +26,22 @@ class Rollout(SupervisorState):
     def _watch(self, deploy: Deploy, previous: Deploy | None) -> float:
         """Have the stats component watch a version that replaced ``previous``; the seconds.
 
-        Not watched: the first version (nothing to go back to), or watch-seconds 0.
+        Not watched: the first version (nothing to go back to), or watch-seconds 0. The
+        same version again (a restart, ``keter env set``, a restore's redeploy) is no new
+        version: "rolling back" to itself redeployed it, again and again, and the version
+        before it never came back. It stays under the watch it was under, if any, until
+        that watch's end (the stats component's watch goes on: it is by version).
         """
         assert deploy.config is not None
         seconds = deploy.config.watch_seconds
         if seconds is None:
             seconds = self.config.watch_seconds
+        if previous is not None and previous.sha256 == deploy.sha256:
+            left = previous.watch_until - self.clock()
+            if previous.rollback_to is None or left <= 0:
+                return 0.0
+            deploy.rollback_to, deploy.watch_until = previous.rollback_to, previous.watch_until
+            return left
         if self.c.stats is None or previous is None or not previous.sha256 or seconds <= 0:
             return 0.0
         deploy.rollback_to = previous.sha256

@@ -236,6 +236,14 @@ def _app_port_problems(shown: str, proxy: ReverseProxy, settings: KeterConfig) -
             f"hosts {shown}: reverse-proxy: {address}:{proxy.reversed_port} is in keter's "
             f"port-range ({low}-{high}), where apps listen: reach an app through its host"
         ]
+    # keter's status API: apps are kept off it (keter.switch.nft), a bundle's host must
+    # not publish it past the operator's choice (dashboard-host, status-listen).
+    status = settings.status_listen
+    if local and status is not None and proxy.reversed_port == status[1]:
+        return [
+            f"hosts {shown}: reverse-proxy: {address}:{proxy.reversed_port} is keter's "
+            "status API (status-listen): no bundle may publish it"
+        ]
     return []
 
 

@@ -944,6 +944,22 @@ def test_a_reverse_proxy_to_an_apps_port_or_a_stable_address_is_refused(tmp_path
     assert problems[4] == f"hosts e: reverse-proxy: {stable} is keter's own stable address"
 
 
+def test_a_reverse_proxy_to_keters_status_api_is_refused(tmp_path) -> None:
+    """Apps are kept off the status API, but a bundle's host proxied to it published it
+    on the web, past dashboard-host and the operator's choice of a local address."""
+    stanzas = "".join(
+        f"  - {{type: reverse-proxy, reversing-host: {name}, reversed-host: '{host}', "
+        f"reversed-port: 7900}}\n"
+        for name, host in (("a", "127.0.0.1"), ("b", "::1"), ("c", "10.9.8.7"))
+    )
+    config = parse(tmp_path, "stanzas:\n" + stanzas)
+    keter = settings(tmp_path, status_listen=("127.0.0.1", 7900), port_range=(4000, 4999))
+    problems = deploy_problems(config, keter)
+    assert [problem.split(":")[0] for problem in problems] == ["hosts a", "hosts b"]
+    said = "127.0.0.1:7900 is keter's status API (status-listen): no bundle may publish it"
+    assert problems[0].endswith(said)
+
+
 def test_deploy_problems_read_the_certificates_again(tmp_path) -> None:
     certificate, key = make_certificate(tmp_path / "certs", "own", "a")
     config = parse(

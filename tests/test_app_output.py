@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 import psutil
-from support.bundles import APPS, make_bundle, webapp_config
+from support.bundles import APPS, make_bundle, member, webapp_config
 from support.net import app_port_range
 from support.wait import wait_for
 
 from keter.processes.applog import TAIL_LINE_LIMIT
-from keter.processes.reader import MAX_PIPE_BUFFER, OUTPUT_RATE
+from keter.processes.reader import LINE_COST, MAX_PIPE_BUFFER, OUTPUT_RATE, READ_CHUNK
 
 HOSTILE = (
     "\x1b]0;pwned\x07\x1b[2J\x1b[31mRED\x1b[0m",
@@ -130,3 +130,32 @@ def test_an_app_flooding_its_output_costs_keter_little_and_waits_itself(
     # 1 MiB/s of output ("flood\n": a 31-byte line in the log for 6 read) and a pipe's worth.
     assert grown < (elapsed * OUTPUT_RATE + MAX_PIPE_BUFFER) * 31 / 6
     assert private_nginx.request("flood.test")[0] == 200
+
+
+def test_an_app_flooding_from_many_processes_shares_one_budget_and_pays_for_its_lines(
+    keter_factory, private_nginx, tmp_path
+):
+    """Six background workers of one bundle, each writing empty lines (``yes ""``): each
+    run had a budget of its own, and keter's one reader thread, at 1 MiB/s each of
+    lines that cost it a time stamp apiece, took a whole core and never throttled."""
+    workers = 6
+    keter = keter_factory(**{"port-range": app_port_range()})
+    stanzas = [dict(webapp_config("lines.test", "v1"), type="webapp")]
+    stanzas += [{"type": "background", "exec": "../bin/flood"} for _ in range(workers)]
+    flood = member("bin/flood", b'#!/bin/sh\nexec yes ""\n', mode=0o755)
+    bundle = make_bundle(tmp_path / "lines.keter", config={"stanzas": stanzas}, members=[flood])
+    keter.drop(bundle)
+    wait_for(lambda: "lines: deploy #" in keter.log() and "now serving" in keter.log(), 20)
+    wait_for(lambda: "writes output faster than 1024 KiB/s" in keter.log(), 20, "the throttle")
+    log = keter.root / "log" / "app-lines.log"
+    process = psutil.Process(keter.proc.pid)
+    size, cpu, started = log.stat().st_size, process.cpu_times(), time.monotonic()
+    wait_for(lambda: time.monotonic() - started > 3, 5)
+    elapsed = time.monotonic() - started
+    spent = sum(process.cpu_times()[:2]) - sum(cpu[:2])
+    grown = log.stat().st_size - size
+    assert spent < 0.5 * elapsed, f"keter spent {spent:.2f} s of CPU in {elapsed:.2f} s"
+    # One app's rate, its burst's remainder and a chunk each run may read past it.
+    bound = (elapsed + 1) * OUTPUT_RATE + workers * READ_CHUNK * (1 + LINE_COST)
+    assert grown < bound, f"{grown} bytes written in {elapsed:.2f} s"
+    assert private_nginx.request("lines.test")[0] == 200

@@ -13,11 +13,15 @@ Why one thread: a thread per process costs a stack and a scheduler entry per
 app, and 1000 apps meant 1000 threads. One selector scales with the number
 of *ready* pipes, not of apps. Fairness: a pipe is read one chunk per round,
 so an app that floods its output cannot starve the others. Nor can it take
-keter's CPU: each run's output is read at most ``OUTPUT_RATE`` bytes a second
-after a burst of ``OUTPUT_BURST`` (a token bucket). Past that its pipe is left
-unread for as long as the excess takes at that rate; the pipe fills and the
-app's own writes wait, so the flood costs the app, not keter (an app running
-``yes`` had cost keter a whole core). One line says so, once per run.
+keter's CPU: an app's output is read at most ``OUTPUT_RATE`` bytes a second
+after a burst of ``OUTPUT_BURST`` (a token bucket), all its processes together
+(a bundle may run 64: with a bucket each they had a whole core of keter's, and
+the throttle never began), and each line costs ``LINE_COST`` bytes more, what
+its time stamp and its handling cost (``yes ""``, a line per byte, had cost a
+fifth of a core within the rate). Past that the pipe of the run that overdrew
+is left unread for as long as the excess takes at that rate; the pipe fills
+and the app's own writes wait, so the flood costs the app, not keter (an app
+running ``yes`` had cost keter a whole core). One line says so, once per run.
 
 A run is watched until its leader has exited and either its pipe reached end
 of file (the whole group is gone) or the monitor released it (its group is
@@ -43,13 +47,23 @@ from keter.threadnames import name_this_thread
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
-OUTPUT_RATE = 1 << 20  # bytes a second read of one run's output, past its burst
+OUTPUT_RATE = 1 << 20  # bytes a second read of one app's output, past its burst
 OUTPUT_BURST = 8 << 20  # bytes read at once before the rate applies (a stack dump)
+LINE_COST = 32  # bytes charged per line besides its own: the log's time stamp, its handling
 MAX_PIPE_BUFFER = 1024 * 1024  # Linux's default /proc/sys/fs/pipe-max-size
 FAILURE_TAIL = 20  # output lines sent with an exit report
 
 # on_exit(key, returncode, last output lines); called in the reader's thread.
 ExitCallback = Callable[[object, int, tuple[str, ...]], None]
+
+
+@dataclass(eq=False)
+class _Budget:
+    """One app's output budget, shared by its runs (touched by the reader thread only)."""
+
+    tokens: float = OUTPUT_BURST  # bytes it may write before its runs wait
+    counted_at: float = 0.0  # when ``tokens`` was last brought up to date
+    runs: int = 0  # its runs being watched: the budget goes with the last
 
 
 @dataclass(eq=False)
@@ -64,8 +78,7 @@ class _Watched:
     pipe_open: bool = True
     exited: bool = False
     released: bool = False
-    tokens: float = OUTPUT_BURST  # bytes it may write before it waits
-    counted_at: float = 0.0  # when ``tokens`` was last brought up to date
+    budget: _Budget | None = None  # its app's, from _add
     paused_until: float | None = None  # its pipe is left unread until then
     throttled: bool = False  # the line saying so was logged
 
@@ -79,6 +92,7 @@ class OutputReader:
         self._commands = Mailbox()  # (command, argument) from the monitor's thread
         self._selector = selectors.DefaultSelector()
         self._watched: dict[object, _Watched] = {}
+        self._budgets: dict[str, _Budget] = {}  # by app
         self._paused: list[tuple[float, int, _Watched]] = []  # a heap: (until, seq, run)
         self._pause_seq = 0
         self._thread = threading.Thread(target=self._loop, name="keter-output", daemon=True)
@@ -156,6 +170,8 @@ class OutputReader:
         return True
 
     def _add(self, watched: _Watched) -> None:
+        watched.budget = self._budgets.setdefault(watched.capture.app, _Budget())
+        watched.budget.runs += 1
         self._watched[watched.key] = watched
         self._selector.register(watched.fd, selectors.EVENT_READ, ("out", watched))
         self._selector.register(watched.pidfd, selectors.EVENT_READ, ("exit", watched))
@@ -171,13 +187,15 @@ class OutputReader:
         elif got:
             self._spent(watched, got)
 
-    def _spent(self, watched: _Watched, count: int) -> None:
-        """Take ``count`` bytes from the run's budget; pause its pipe when it is spent."""
+    def _spent(self, watched: _Watched, cost: int) -> None:
+        """Take ``cost`` from its app's budget; pause the run's pipe when it is spent."""
+        budget = watched.budget
+        assert budget is not None
         now = time.monotonic()
-        elapsed = now - watched.counted_at
-        watched.tokens = min(OUTPUT_BURST, watched.tokens + elapsed * OUTPUT_RATE) - count
-        watched.counted_at = now
-        if watched.tokens >= 0:
+        elapsed = now - budget.counted_at
+        budget.tokens = min(OUTPUT_BURST, budget.tokens + elapsed * OUTPUT_RATE) - cost
+        budget.counted_at = now
+        if budget.tokens >= 0:
             return
         if not watched.throttled:
             watched.throttled = True
@@ -188,7 +206,7 @@ class OutputReader:
                 watched.proc.pid,
                 OUTPUT_RATE // 1024,
             )
-        watched.paused_until = now - watched.tokens / OUTPUT_RATE
+        watched.paused_until = now - budget.tokens / OUTPUT_RATE
         self._selector.unregister(watched.fd)
         self._pause_seq += 1
         heapq.heappush(self._paused, (watched.paused_until, self._pause_seq, watched))
@@ -246,6 +264,10 @@ class OutputReader:
         watched.capture.flush()
         self._logs.release(watched.capture.applog)
         del self._watched[watched.key]
+        if watched.budget is not None:
+            watched.budget.runs -= 1
+            if not watched.budget.runs:
+                del self._budgets[watched.capture.app]
 
     def _finish_all(self) -> None:
         for watched in list(self._watched.values()):
@@ -290,8 +312,8 @@ def exit_status(pidfd: int) -> int:
 def read_once(capture: OutputCapture, fd: int) -> int | bool | None:
     """One chunk from a non-blocking pipe into the log.
 
-    The number of bytes read, None when there are none right now, False at end
-    of file.
+    What it cost (bytes read, and ``LINE_COST`` a line), None when there are none
+    right now, False at end of file.
     """
     try:
         data = os.read(fd, READ_CHUNK)
@@ -300,7 +322,7 @@ def read_once(capture: OutputCapture, fd: int) -> int | bool | None:
     if not data:
         return False
     capture.feed(data)
-    return len(data)
+    return len(data) + LINE_COST * data.count(b"\n")
 
 
 def drain(capture: OutputCapture, fd: int) -> bool:

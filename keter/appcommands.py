@@ -126,7 +126,8 @@ def cmd_env(args: argparse.Namespace) -> int:
         return _env_list(client, args.root, app, show=args.show)
     piped = []
     if action == "set" and args.stdin:
-        piped = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        # A file edited on Windows: each value had kept its line's carriage return.
+        piped = [line.removesuffix("\n").removesuffix("\r") for line in sys.stdin if line.strip()]
     if not rest and not piped:
         raise Refused(f"keter env {action} {app}: name at least one setting")
     try:

@@ -115,6 +115,10 @@ def new_password() -> str:
     return secrets.token_urlsafe(32)
 
 
+# What db_env sets: for an app with a database, keter's, whatever else names them.
+DB_ENV_NAMES = ("PGHOST", "PGPORT", "PGUSER", "PGPASS", "PGPASSWORD", "PGDATABASE", "DATABASE_URL")
+
+
 def db_env(db: DbInfo) -> dict[str, str]:
     """The variables that let an app reach its database with no code of its own.
 
@@ -130,7 +134,7 @@ def db_env(db: DbInfo) -> dict[str, str]:
     else:
         host = f"[{db.host}]" if ":" in db.host else db.host
         url = f"postgresql://{user}:{password}@{quote(host, safe='[]:')}:{db.port}/{database}"
-    return {
+    return {  # DB_ENV_NAMES
         "PGHOST": db.host,
         "PGPORT": str(db.port),
         "PGUSER": db.user,

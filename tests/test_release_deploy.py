@@ -499,7 +499,8 @@ def test_env_set_under_load_restarts_without_a_failed_request(
     assert now == {"GREETING": "later", "API_KEY": None}
 
     # Settings from stdin stay off the command line.
-    piped = keter_cli(keter.root, "env", "set", app, "--stdin", stdin=b"FROM_STDIN=yes\n")
+    # A file edited on Windows: the line's carriage return is not the value's.
+    piped = keter_cli(keter.root, "env", "set", app, "--stdin", stdin=b"FROM_STDIN=yes\r\n")
     assert piped.returncode == 0, piped.stderr
     assert info(private_nginx, "FROM_STDIN", settled=True)["env"]["FROM_STDIN"] == "yes"
     refused = keter_cli(keter.root, "env", "set", app, "PORT=1")
@@ -531,6 +532,11 @@ def test_no_setting_value_leaves_keter_but_to_the_app(
     assert info(private_nginx, "SECRET_TOKEN", settled=True)["env"]["SECRET_TOKEN"] == secret
     password = info(private_nginx, "PGPASSWORD")["env"]["PGPASSWORD"]
     assert password
+    # keter sets the database variables of an app with postgres: true: one stored was
+    # accepted and silently overridden.
+    refused = keter_cli(keter.root, "env", "set", app, "DATABASE_URL=postgresql://x/prod")
+    assert refused.returncode == 1  # keter refused it (the CLI cannot know the app's database)
+    assert "DATABASE_URL: set by keter for " in refused.stderr, refused.stderr
 
     client = status_api(keter)
     seen = {

@@ -21,6 +21,7 @@ from keter.bundle.model import RELEASE_TIMEOUT
 from keter.config import ConfigError, parse_config
 from keter.environment import app_environment
 from keter.messages import BackupKind, DbInfo
+from keter.postgres import DB_ENV_NAMES, db_env
 
 
 def bundle(tmp_path: Path, config: str) -> Path:
@@ -133,6 +134,11 @@ def test_settings_are_stored_atomically_and_privately(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert [p.name for p in path.parent.iterdir()] == ["app.json"]  # no temporary left
+
+
+def test_db_env_names_every_variable_it_sets() -> None:
+    db = DbInfo(name="n", user="u", password="p", host="/run/postgresql", port=5432)
+    assert tuple(db_env(db)) == DB_ENV_NAMES
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ from keter import envstore
 from keter.appdata import data_dir, purge_data_dir
 from keter.backups import backup_before, info_json, list_backups
 from keter.messages import AppState, DatabaseRequest, DbAction, RequestRefused
+from keter.postgres import DB_ENV_NAMES
 from keter.status.errors import ApiError
 from keter.status.redeploy import Action, incoming_sha256, rollback_target
 
@@ -64,6 +65,15 @@ def env_change(api: StatusServer, app: str, body: dict) -> dict:
         raise ApiError(400, "restart must be true or false")
     if not changes and not removals:
         raise ApiError(400, "nothing to set or unset")
+    snapshot = api.board.snapshot(app)
+    has_database = snapshot is not None and snapshot.database is not None
+    # Stored, they were silently overridden: the app kept keter's database.
+    if has_database and (owned := sorted(name for name in changes if name in DB_ENV_NAMES)):
+        raise ApiError(
+            400,
+            f"{', '.join(owned)}: set by keter for {app}'s database (postgres: true); "
+            "it cannot be changed",
+        )
     try:
         changed, removed = envstore.update(api.config.etc_dir, app, changes, removals)
     except envstore.SettingsError as exc:

@@ -158,6 +158,8 @@ def _check_label(label: str, wildcard: bool) -> None:
         raise ValueError(f"the host name contains {_quoted(''.join(bad))}")
     if label.startswith("_"):
         raise ValueError(f"the label {label} starts with '_'")
+    if label.endswith("_"):
+        raise ValueError(f"the label {label} ends with '_'")
     raise ValueError(f"the label {label} starts or ends with '-'")
 
 

@@ -157,7 +157,8 @@ def test_valid_hosts(host: str, expected: str) -> None:
         ("_a", "starts with '_'"),
         ("a._b", "starts with '_'"),
         ("_keter-status", "starts with '_'"),  # keter's own nginx server name
-        ("a_", "starts or ends"),
+        ("a_.test", "the label a_ ends with '_'"),
+        ("a_", "ends with '_'"),
         ("a..b", "empty label"),
         (".a", "empty label"),
         ("example.com.", "ends with a dot"),

@@ -14,6 +14,7 @@ import http.client
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 from collections.abc import Iterator, Sequence
@@ -69,8 +70,13 @@ http {{
 class PrivateNginx:
     """An nginx master process confined to ``base``."""
 
-    def __init__(self, base: Path, port: int | None = None, workers: int = WORKERS) -> None:
+    def __init__(
+        self, base: Path, port: int | None = None, workers: int = WORKERS, user: str | None = None
+    ) -> None:
+        """``user``: the workers' (as root; default root). Debian's nginx runs them as
+        www-data; then ``base`` must lie where that user may cross (``open_base``)."""
         self.base = Path(base)
+        self.user = user
         self.port = port if port is not None else free_port()
         self.workers = workers
         self.config_file = self.base / "keter.conf"
@@ -93,6 +99,9 @@ class PrivateNginx:
         # A root master's workers would run as nobody and could not use the temp
         # dirs inside the test's private (0700) tmp dir.
         user = "user root;\n" if os.geteuid() == 0 else ""
+        if self.user is not None:
+            user = f"user {self.user};\n"
+            shutil.chown(self.base / "temp", self.user)
         self.main_conf.write_text(
             _MAIN_CONF.format(
                 user=user,

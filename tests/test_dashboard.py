@@ -18,6 +18,8 @@ from support.wait import wait_for
 USER = ("ops", "dashboard-pw")
 LOGIN_SETTINGS = {"dashboard-users": dict([USER])}
 
+LONG_HOST = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])  # 253 characters
+
 ROWS = """[...document.querySelectorAll('#apps tbody tr')].map(tr => [
     tr.dataset.app, tr.querySelector('.state .badge').textContent,
     tr.querySelector('.hosts a') ? tr.querySelector('.hosts a').href : null])"""
@@ -29,8 +31,9 @@ def test_dashboard_lists_apps_and_follows_a_state_change_without_reload(
     port = free_port()
     keter = keter_factory(**LOGIN_SETTINGS, **{"status-listen": f"127.0.0.1:{port}"})
     client = status_api(keter)
-    # alpha.te's link went to alpha.test, whose URL begins with its name.
-    alpha = webapp_config("alpha.test", "v1", **{"extra-hosts": ["alpha.te"]})
+    # alpha.te's link went to alpha.test, whose URL begins with its name. A host of the
+    # longest length pushed every app's other columns out of view.
+    alpha = webapp_config("alpha.test", "v1", **{"extra-hosts": ["alpha.te", LONG_HOST]})
     keter.drop(make_bundle(tmp_path / "alpha.keter", config=alpha))
     browser.open(f"http://127.0.0.1:{port}/")  # not logged in: nothing but the refusal
     # Headless Chromium has no login prompt: it gives up on the page with an error page.
@@ -55,9 +58,13 @@ def test_dashboard_lists_apps_and_follows_a_state_change_without_reload(
     links = browser.js(
         "[...document.querySelectorAll('.hosts a')].map(a => [a.textContent, a.href])"
     )
-    assert sorted(links) == [
-        [host, f"http://{host}:{private_nginx.port}/"] for host in ("alpha.te", "alpha.test")
-    ]
+    assert sorted(links) == sorted(
+        [host, f"http://{host}:{private_nginx.port}/"]
+        for host in ("alpha.te", "alpha.test", LONG_HOST)
+    )
+    widths = "['#apps', 'main'].map(s => document.querySelector(s).offsetWidth)"
+    table, page = browser.js(widths)
+    assert table <= page, (table, page)
     events = browser.js("document.getElementById('events').textContent")
     assert "failed: exited with status 3 before answering" in events
     browser.js("window.keterTestMarker = 42")  # gone if the page ever reloads

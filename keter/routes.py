@@ -154,6 +154,10 @@ def dashboard_site(settings: KeterConfig) -> Site | None:
             host={"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address, address), port=port
         ),
         basic_auth=BasicAuth(realm="keter", credentials=settings.dashboard_users),
+        # Its password, and the page that restarts apps, never cross the network in clear
+        # where nginx can do HTTPS: plain HTTP is redirected (keter.config.status warns
+        # where it cannot).
+        requires_secure=any(listener.tls for listener in settings.listeners),
     )
     return Site(app=DASHBOARD_SITE, routes=(route,))
 

@@ -865,6 +865,11 @@ def test_dashboard_host_needs_a_tcp_status_listener_and_users() -> None:
     )
     assert config.dashboard_users == (("admin", "hunter2"),)
     assert "hunter2" not in repr(config)
+    # No listener with a certificate: its password crosses the network in clear.
+    assert config.warnings == (
+        "dashboard-host: is served over plain HTTP (no listener has a certificate): its "
+        "password and the page that restarts apps cross the network in clear",
+    )
 
 
 def test_dashboard_users_are_checked_without_showing_passwords() -> None:

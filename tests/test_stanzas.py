@@ -43,7 +43,7 @@ from keter.messages import (
     Site,
     TlsFiles,
 )
-from keter.routes import approot, deploy_problems, sites_for
+from keter.routes import approot, dashboard_site, deploy_problems, sites_for
 from keter.switch.nft import Table
 
 EXECUTABLES = ("hello", "worker", "nc.sh", "chat", "bin/backend")
@@ -942,6 +942,22 @@ def test_a_reverse_proxy_to_an_apps_port_or_a_stable_address_is_refused(tmp_path
     ]
     assert "is in keter's port-range (4000-4999)" in problems[0]
     assert problems[4] == f"hosts e: reverse-proxy: {stable} is keter's own stable address"
+
+
+def test_the_dashboard_host_is_redirected_to_https_where_nginx_can_do_it(tmp_path) -> None:
+    """Its basic-auth password and the page that restarts apps crossed the network in
+    clear, with a TLS listener right there."""
+    certificate, key = make_certificate(tmp_path / "certs", "default", "dash.test")
+    dashboard = {
+        "status_listen": ("127.0.0.1", 8999),
+        "dashboard_host": "dash.test",
+        "dashboard_users": (("ops", "pw"),),
+    }
+    plain = dashboard_site(settings(tmp_path, **dashboard))
+    assert plain is not None and not plain.routes[0].requires_secure
+    tls = Listener("*", 443, certificate=certificate, key=key)
+    both = dashboard_site(settings(tmp_path, Listener("*", 80), tls, **dashboard))
+    assert both is not None and both.routes[0].requires_secure
 
 
 def test_a_reverse_proxy_to_keters_status_api_is_refused(tmp_path) -> None:

@@ -104,6 +104,13 @@ def check_dashboard(values: dict[str, object], check: Checker) -> None:
             "dashboard-host",
             "needs dashboard-users ({user: password}): nginx asks for them (basic auth)",
         )
+    listeners = values.get("listeners") or ()
+    if not any(getattr(listener, "tls", False) for listener in listeners):
+        check.warn(
+            "dashboard-host",
+            "is served over plain HTTP (no listener has a certificate): its password and "
+            "the page that restarts apps cross the network in clear",
+        )
 
 
 def check_status_auth(values: dict[str, object], check: Checker) -> None:

@@ -83,13 +83,44 @@ class _Watched:
     throttled: bool = False  # the line saying so was logged
 
 
+# What the selector hands back with a ready descriptor (the mailbox's is None).
+@dataclass(frozen=True, slots=True)
+class _Output:
+    """The run's output pipe is readable."""
+
+    watched: _Watched
+
+
+@dataclass(frozen=True, slots=True)
+class _LeaderExit:
+    """The run's pidfd is readable: its leader exited."""
+
+    watched: _Watched
+
+
+# What the monitor's thread asks of the reader's, through the mailbox.
+@dataclass(frozen=True, slots=True)
+class _Watch:
+    watched: _Watched
+
+
+@dataclass(frozen=True, slots=True)
+class _Release:
+    key: object
+
+
+@dataclass(frozen=True, slots=True)
+class _Close:
+    pass
+
+
 class OutputReader:
     """Copies each run's output to its log and reports its leader's exit."""
 
     def __init__(self, logs: LogRegistry, on_exit: ExitCallback) -> None:
         self._logs = logs
         self._on_exit = on_exit
-        self._commands = Mailbox()  # (command, argument) from the monitor's thread
+        self._commands = Mailbox()  # _Watch, _Release, _Close from the monitor's thread
         self._selector = selectors.DefaultSelector()
         self._watched: dict[object, _Watched] = {}
         self._budgets: dict[str, _Budget] = {}  # by app
@@ -108,23 +139,23 @@ class OutputReader:
         pidfd = os.pidfd_open(proc.pid)
         fd = proc.stdout.fileno()
         os.set_blocking(fd, False)
-        self._send("watch", _Watched(key=key, proc=proc, capture=capture, fd=fd, pidfd=pidfd))
+        self._send(_Watch(_Watched(key=key, proc=proc, capture=capture, fd=fd, pidfd=pidfd)))
 
     def release(self, key: object) -> None:
         """The run's group is gone: read what is left and stop watching it."""
-        self._send("release", key)
+        self._send(_Release(key))
 
     def close(self, timeout: float) -> None:
         """Finish every run (what their pipes hold is logged) and end the thread."""
         if self._started:
-            self._send("close", None)
+            self._send(_Close())
             self._thread.join(timeout)
         if not self._thread.is_alive():
             self._selector.close()
             self._commands.close()
 
-    def _send(self, command: str, argument: object) -> None:
-        self._commands.put((command, argument))
+    def _send(self, command: _Watch | _Release | _Close) -> None:
+        self._commands.put(command)
         if not self._started:
             self._started = True
             self._thread.start()
@@ -141,40 +172,42 @@ class OutputReader:
             ready = self._selector.select(timeout)
             self._resume_due()
             for key, _ in ready:
-                if key.data is None:
-                    if not self._take_commands():
-                        self._finish_all()
-                        return
-                    continue
-                kind, watched = key.data
-                try:
-                    if kind == "out":
-                        self._readable(watched)
-                    else:
-                        self._leader_exited(watched)
-                except Exception:
-                    self._failed(watched)
+                match key.data:
+                    case None:
+                        if not self._take_commands():
+                            self._finish_all()
+                            return
+                    case _Output(watched):
+                        try:
+                            self._readable(watched)
+                        except Exception:
+                            self._failed(watched)
+                    case _LeaderExit(watched):
+                        try:
+                            self._leader_exited(watched)
+                        except Exception:
+                            self._failed(watched)
 
     def _take_commands(self) -> bool:
         """Handle what other threads asked for; False once asked to close."""
-        for command, argument in self._commands.take():
-            if command == "watch":
-                assert isinstance(argument, _Watched)
-                self._add(argument)
-            elif command == "release":
-                if (watched := self._watched.get(argument)) is not None:
-                    watched.released = True
-                    self._finish_if_done(watched)
-            else:
-                return False
+        for command in self._commands.take():
+            match command:
+                case _Watch(watched):
+                    self._add(watched)
+                case _Release(key):
+                    if (watched := self._watched.get(key)) is not None:
+                        watched.released = True
+                        self._finish_if_done(watched)
+                case _:  # _Close
+                    return False
         return True
 
     def _add(self, watched: _Watched) -> None:
         watched.budget = self._budgets.setdefault(watched.capture.app, _Budget())
         watched.budget.runs += 1
         self._watched[watched.key] = watched
-        self._selector.register(watched.fd, selectors.EVENT_READ, ("out", watched))
-        self._selector.register(watched.pidfd, selectors.EVENT_READ, ("exit", watched))
+        self._selector.register(watched.fd, selectors.EVENT_READ, _Output(watched))
+        self._selector.register(watched.pidfd, selectors.EVENT_READ, _LeaderExit(watched))
 
     def _readable(self, watched: _Watched) -> None:
         if not watched.pipe_open or watched.paused_until is not None:
@@ -217,7 +250,7 @@ class OutputReader:
             _, _, watched = heapq.heappop(self._paused)
             watched.paused_until = None
             if watched.pipe_open:
-                self._selector.register(watched.fd, selectors.EVENT_READ, ("out", watched))
+                self._selector.register(watched.fd, selectors.EVENT_READ, _Output(watched))
 
     def _leader_exited(self, watched: _Watched) -> None:
         if watched.exited:

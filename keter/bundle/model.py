@@ -49,7 +49,7 @@ class TlsConfig:
     chain: tuple[Path, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AcmeTls:
     """``ssl: acme``: keter gets a certificate for each host from its ACME CA (keter.acme)."""
 

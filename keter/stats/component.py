@@ -41,6 +41,7 @@ from keter.messages import (
     WatchState,
     WatchVerdict,
     WatchVersion,
+    message,
 )
 from keter.names import validate_app_name
 from keter.processes.applog import AppLog
@@ -63,7 +64,7 @@ SETTLE_SECONDS = 1.0  # records that say "-" wait this long for news of a switch
 REMOVED_KEPT = 3600.0
 
 
-@dataclass(frozen=True, kw_only=True)
+@message
 class TrafficQuery:
     """From a status HTTP thread: one app's windows and last hour; the answer in ``reply``."""
 
@@ -71,7 +72,7 @@ class TrafficQuery:
     reply: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
-@dataclass(frozen=True)
+@message
 class _Tick:
     """Private timer: read the spool."""
 

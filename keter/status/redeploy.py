@@ -13,25 +13,25 @@ import concurrent.futures
 import hashlib
 import logging
 import os
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import field
+from enum import StrEnum
 from pathlib import Path
 
 from keter.archive import SUFFIX, ArchivedBundle, ArchiveError
 from keter.incoming.files import NotABundleFile, open_regular
-from keter.messages import RollBack, ServeLastServed
+from keter.messages import RollBack, ServeLastServed, message
 from keter.status.errors import ApiError
 from keter.status.views import StatusBoard
 
 log = logging.getLogger(__name__)
 
 
-class Action(Enum):
+class Action(StrEnum):
     RESTART = "restart"
     ROLLBACK = "rollback"
 
 
-@dataclass(frozen=True, kw_only=True)
+@message
 class Redeploy:
     """From an HTTP thread to the status actor; the answer comes back in ``reply``."""
 

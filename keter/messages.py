@@ -17,8 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from keter.bundle import BundleConfig
-from keter.bundle.model import RateLimiterConfig
+from keter.bundle.model import BundleConfig, RateLimiterConfig
 from keter.limits import NO_LIMITS, Limits
 
 message = dataclass(frozen=True, kw_only=True, slots=True)

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 from keter.fsutil import atomic_write
 from keter.messages import DeployFinished
-from keter.names import log_text, validate_app_name
+from keter.names import cut_text, log_text, validate_app_name
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,7 @@ def capped_text(text: object, limit: int) -> str:
     """
     if not isinstance(text, str) or not text.isprintable():
         return log_text(text, limit)
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+    return cut_text(text, limit)
 
 
 class DeployHistory:

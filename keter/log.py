@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 
-from keter.names import log_text
+from keter.names import cut_text, log_text
 
 MESSAGE_LIMIT = 16 * 1024  # characters; journald's LineMax is 48 KiB
 
@@ -39,8 +39,7 @@ def one_line(text: str, limit: int = MESSAGE_LIMIT) -> str:
     Printable characters (backslashes included) are kept as they are, so text
     that was already made safe with ``log_text`` is not escaped twice.
     """
-    if len(text) > limit:
-        text = f"{text[:limit]}... ({len(text) - limit} more characters)"
+    text = cut_text(text, limit)
     if text.isprintable():
         return text
     return "".join(char if char.isprintable() else log_text(char) for char in text)

@@ -490,11 +490,23 @@ def log_text(value: object, limit: int = LOG_LIMIT) -> str:
     for i, char in enumerate(value):
         piece = _ESCAPES.get(char) or (char if char.isprintable() else _escape(char))
         if size + len(piece) > limit:
-            out.append(f"... ({len(value) - i} more characters)")
+            out.append(_more_characters(len(value) - i))
             break
         out.append(piece)
         size += len(piece)
     return "".join(out)
+
+
+def cut_text(text: str, limit: int) -> str:
+    """``text`` itself if it has at most ``limit`` characters, else its first ``limit``
+    and ``... (N more characters)``; nothing is escaped (``log_text`` escapes)."""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + _more_characters(len(text) - limit)
+
+
+def _more_characters(count: int) -> str:
+    return f"... ({count} more characters)"
 
 
 def _escape(char: str) -> str:

@@ -20,7 +20,7 @@ from keter.messages import (
     StopProcess,
     WatchDrain,
 )
-from keter.names import PROBLEMS_LIMIT
+from keter.names import PROBLEMS_LIMIT, cut_text
 from keter.supervisor.state import SupervisorState
 from keter.supervisor.timers import DrainOver
 
@@ -67,10 +67,7 @@ class Endings(SupervisorState):
         stopped_already: int | None = None,
     ) -> None:
         """The deploy on its way failed: undo it; the serving version is untouched."""
-        if len(reason) > PROBLEMS_LIMIT:  # components cap theirs; this is the last gate
-            reason = (
-                f"{reason[:PROBLEMS_LIMIT]}... ({len(reason) - PROBLEMS_LIMIT} more characters)"
-            )
+        reason = cut_text(reason, PROBLEMS_LIMIT)  # components cap theirs; this is the last gate
         log.error("%s: deploy #%d failed: %s", deploy.app, deploy.id, reason)
         self._finished(deploy, Outcome.FAILED, reason, kind)
         if tail:

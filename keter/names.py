@@ -47,10 +47,7 @@ MAX_APP_NAME = 64
 MAX_HOST = 253
 MAX_LABEL = 63
 MAX_URL_PATH = 1024
-MAX_URL = 2048
-MAX_HEADER_NAME = 128
 MAX_HEADER_VALUE = 3900  # nginx's token bound, less room for its quotes and escapes
-MAX_ENV_NAME = 255
 MAX_PATH_BYTES = 4096  # PATH_MAX
 MAX_PATH_PART_BYTES = 255  # NAME_MAX
 # Bytes of one quoted string in nginx's config: its parser reads the config in 4 KiB

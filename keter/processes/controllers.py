@@ -47,9 +47,8 @@ from keter.processes.states import describe_exit
 
 log = logging.getLogger(__name__)
 
-# The controllers keter uses, and which limit each carries out.
+# The controllers keter uses.
 CONTROLLERS = ("memory", "pids", "cpu")
-LIMIT_OF = {"memory": "memory", "pids": "processes", "cpu": "cpu"}
 CPU_PERIOD = 100_000  # microseconds: the kernel's default CFS period
 # The file each v1 controller must have in keter's group for keter to use it.
 V1_PROBE = {"memory": "memory.limit_in_bytes", "pids": "pids.max", "cpu": "cpu.cfs_quota_us"}

@@ -208,7 +208,7 @@ class StatsCollector(Actor):
             self._last_report = ticked
             now = time.time()
             self._gone |= self.traffic.prune(now)
-            self._close_idle_logs(now)
+            self._close_idle_logs()
             self._forget_removed(time.monotonic() - REMOVED_KEPT)
             self._check_watches(now)
             report = self.traffic_report(now)
@@ -339,8 +339,8 @@ class StatsCollector(Actor):
                 break
             del self._removed[app]
 
-    def _close_idle_logs(self, now: float) -> None:
-        idle = time.monotonic() - 3600
+    def _close_idle_logs(self) -> None:
+        idle = time.monotonic() - 3600  # _log_used is on the monotonic clock
         while self._log_used:
             app, used = next(iter(self._log_used.items()))  # the least recent
             if used >= idle:

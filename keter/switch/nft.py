@@ -51,7 +51,7 @@ import hashlib
 import json
 import shutil
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,7 +281,3 @@ def run(command: list[str], stdin: str | None = None) -> str:
 def find_nft() -> str | None:
     """The nft program (Debian's nftables package), or None."""
     return shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
-
-
-def _ports(ports: Iterable[int]) -> str:
-    return ", ".join(str(p) for p in ports)

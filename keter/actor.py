@@ -43,8 +43,8 @@ log = logging.getLogger(__name__)
 class Actor:
     """A named component with an inbox, private timers and a (restartable) thread."""
 
-    def __init__(self, component: Component | str, report_to: queue.Queue | None) -> None:
-        self.component = Component(component)
+    def __init__(self, component: Component, report_to: queue.Queue | None) -> None:
+        self.component = component
         self.inbox: queue.Queue = queue.Queue()
         self._report_to = report_to
         self._timers: list[tuple[float, int, object]] = []

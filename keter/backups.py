@@ -67,6 +67,7 @@ from keter.messages import (
     BackupInfo,
     BackupKind,
     BackupTaken,
+    Component,
     DbInfo,
     RequestRefused,
     RestoreDatabase,
@@ -266,7 +267,7 @@ class Backups(Actor):
         users: AppUsers | None = None,
     ) -> None:
         """``users``: each app's own uid, as the process monitor has them (issue 11)."""
-        super().__init__("backups", report_to)
+        super().__init__(Component.BACKUPS, report_to)
         self.users = users
         self.backups_dir = Path(backups_dir)
         self.keep = keep

@@ -47,7 +47,14 @@ import yaml
 from keter.actor import Actor
 from keter.config.model import DEFAULT_PG_PORT, LOCAL_SOCKET_DIR, conninfo, first_server
 from keter.fsutil import atomic_write
-from keter.messages import DatabaseFailed, DatabaseReady, DbInfo, ProvisionDatabase, message
+from keter.messages import (
+    Component,
+    DatabaseFailed,
+    DatabaseReady,
+    DbInfo,
+    ProvisionDatabase,
+    message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +259,7 @@ class PostgresProvisioner(Actor):
         connect_timeout: float = 5.0,
         peer_dsn: str = DEFAULT_PEER_DSN,
     ) -> None:
-        super().__init__("postgres", report_to)
+        super().__init__(Component.POSTGRES, report_to)
         self.etc_dir = Path(etc_dir)
         self.store_path = self.etc_dir / "postgres.yaml"
         self.retry_for = retry_for

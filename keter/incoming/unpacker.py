@@ -26,6 +26,7 @@ from keter.incoming.unpack import UnpackError
 from keter.incoming.worker import UnpackWorker
 from keter.messages import (
     BundleUnpacked,
+    Component,
     FailureKind,
     RemoveFolder,
     UnpackBundle,
@@ -49,7 +50,7 @@ class Unpacker(Actor):
         report_to: queue.Queue,
         users: AppUsers | None = None,
     ) -> None:
-        super().__init__("unpacker", report_to)
+        super().__init__(Component.UNPACKER, report_to)
         self.users = users  # each app's own group gets its folder (keter.users)
         self.temp_dir = Path(temp_dir)
         self.max_bytes = max_bytes

@@ -69,6 +69,7 @@ from keter.messages import (
     BundleArrived,
     BundleIgnored,
     BundleRemoved,
+    Component,
     Rescan,
     ScanCompleted,
 )
@@ -210,7 +211,7 @@ class IncomingWatcher(Actor):
         report_to: queue.Queue,
         expand_limit: int = stream_limit(KeterConfig.max_unpacked_bytes, KeterConfig.max_members),
     ) -> None:
-        super().__init__("watcher", report_to)
+        super().__init__(Component.WATCHER, report_to)
         self.incoming_dir = Path(incoming_dir)
         self.expand_limit = expand_limit
         self._observer: Observer | None = None

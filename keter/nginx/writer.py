@@ -50,7 +50,7 @@ from pathlib import Path
 from keter import names
 from keter.actor import Actor
 from keter.fsutil import atomic_write
-from keter.messages import ApplyNginx, NginxApplied, NginxFailed, Site, SiteRefused
+from keter.messages import ApplyNginx, Component, NginxApplied, NginxFailed, Site, SiteRefused
 from keter.nginx import blame
 from keter.nginx.errorlog import ErrorLog
 from keter.nginx.files import Localized, SupportFiles
@@ -156,7 +156,7 @@ class NginxWriter(Actor):
         lines explain a reload nginx did not take. ``options`` are the global
         proxy settings (``ProxyOptions.from_config``). ``auth_group`` is the
         group of nginx's workers (Debian's www-data)."""
-        super().__init__("nginx", report_to)
+        super().__init__(Component.NGINX, report_to)
         self.listeners = tuple(listeners)
         self.options = options or ProxyOptions()
         self.config_file = Path(config_file)

@@ -70,6 +70,7 @@ from keter import sockdiag
 from keter.actor import Actor
 from keter.limits import DEFAULTS, Limits
 from keter.messages import (
+    Component,
     FailureKind,
     MoveProcess,
     ProcessFailed,
@@ -298,7 +299,7 @@ class ProcessMonitor(Actor):
         app may not bind unless they are its own (None: no bind guard); ``private`` where
         each process's own /tmp is kept and how it gets its namespaces (None: the
         machine's /tmp, /dev/shm and IPC)."""
-        super().__init__("processes", report_to)
+        super().__init__(Component.PROCESSES, report_to)
         self.run_dir = Path(run_dir)
         self.health_check_timeout = health_check_timeout
         self.stop_timeout = stop_timeout

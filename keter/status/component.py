@@ -26,6 +26,7 @@ from keter.messages import (
     AppSnapshot,
     AppState,
     CertificateState,
+    Component,
     DeployFinished,
     FailureKind,
     Outcome,
@@ -62,7 +63,7 @@ class StatusServer(Actor):
     """The status actor and its HTTP listeners (Unix socket, optional TCP)."""
 
     def __init__(self, config: KeterConfig, report_to: queue.Queue | None = None) -> None:
-        super().__init__("status", report_to)
+        super().__init__(Component.STATUS, report_to)
         self.config = config
         self._save_pending = False  # a _SaveHistory timer is set
         self.socket_path = socket_path(config.root)

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING
 from keter import sockdiag
 from keter.actor import Actor
 from keter.messages import (
+    Component,
     Drained,
     GrantPorts,
     PointFailed,
@@ -125,7 +126,7 @@ class Switch(Actor):
         users: AppUsers | None = None,
         closed_ports: tuple[int, ...] = (),
     ) -> None:
-        super().__init__("switch", report_to)
+        super().__init__(Component.SWITCH, report_to)
         self.table = nft.Table.for_root(root)
         self.port_range = port_range
         self.pool_seconds = pool_seconds

@@ -17,6 +17,12 @@ sleep: they ``schedule`` a message to themselves and the loop waits on the
 inbox with a timeout that ends when the earliest timer is due. A timer that is
 no longer wanted (a health deadline once the app answered) is ``cancel``led: it
 never wakes the thread, so 1000 apps started leave no 1000 wakeups behind.
+The one exception is the nginx writer: an apply waits inside its handler until
+nginx's status server reports the new generation and the old workers stop
+accepting (``Event.wait`` in steps of a few ms, each wait bounded by
+``confirm_timeout``; ``stop`` cuts it short). Its reply must not come before
+nginx serves the new config, and the supervisor sends the next generation only
+once it has that reply, so nothing waits behind it in the writer's inbox.
 
 Every component answers a message it does not know the same way:
 ``unexpected`` logs one ERROR line and the message is ignored.

@@ -1,7 +1,8 @@
 """The supervisor: the one place that decides what is deployed.
 
 It owns the components (watcher, unpacker, process monitor, nginx writer,
-postgres provisioner, status) and every app's state. Components report facts
+switch, postgres provisioner, backups, acme, stats, status: see
+``keter.supervisor.components``) and every app's state. Components report facts
 into its inbox; it decides and sends them commands. ``dispatch(message)`` is
 the whole behaviour: a function of (state, message) that changes the state and
 ``tell``s components. Nothing here blocks, sleeps or starts a thread, so

@@ -494,6 +494,38 @@ def test_a_refused_site_fails_only_its_own_deploy(rig: Rig, serving: StartProces
     assert (done.app, done.outcome) == ("b", Outcome.SERVING)
 
 
+def test_a_late_nginx_reply_leaves_the_generation_in_flight_alone(rig: Rig) -> None:
+    """A reply about a generation that is no longer in flight (the writer failed on
+    its way there, and the supervisor gave that generation up) finishes nothing and
+    does not let a second generation go out beside the one in flight."""
+    unpack_a = rig.arrive("a")
+    rig.unpacked(unpack_a, webapp(rig.tmp))
+    start_a = rig.monitor.one(StartProcess)
+    rig.healthy(start_a)
+    given_up = rig.nginx.one(ApplyNginx)  # a's switch
+    rig.send(ComponentFailed(component=Component.NGINX, error="OSError: boom"))
+    [done] = rig.finished()
+    assert (done.app, done.outcome, done.kind) == ("a", Outcome.FAILED, FailureKind.NGINX)
+    unpack_b = rig.arrive("b")
+    rig.unpacked(unpack_b, webapp(rig.tmp, "b.test"))
+    start_b = rig.monitor.one(StartProcess)
+    rig.healthy(start_b)
+    in_flight = rig.nginx.one(ApplyNginx)  # b's switch
+    rig.send(NginxApplied(generation=given_up.generation))  # the restarted writer, late
+    assert rig.finished() == []
+    unpack_c = rig.arrive("c")
+    rig.unpacked(unpack_c, webapp(rig.tmp, "c.test"))
+    start_c = rig.monitor.one(StartProcess)
+    rig.healthy(start_c)
+    assert rig.nginx.take(ApplyNginx) == []  # c waits for b's generation
+    rig.send(NginxApplied(generation=in_flight.generation))
+    [done] = rig.finished()
+    assert (done.app, done.outcome) == ("b", Outcome.SERVING)
+    rig.nginx_ok()  # c's, batched after
+    [done] = rig.finished()
+    assert (done.app, done.outcome) == ("c", Outcome.SERVING)
+
+
 def test_no_free_port_fails_the_deploy(rig: Rig, serving: StartProcess) -> None:
     pool = rig.sup.ports
     for _ in range(pool.high - pool.low + 1):

@@ -67,7 +67,17 @@ class Routing(SupervisorState):
         """Finish every switch and removal that rode on ``generation``, either way.
 
         The nginx writer has logged a failure already; each deploy it sinks says so too.
+        A reply about a generation that is not the one in flight is late (the writer
+        failed, and the supervisor gave that generation up): it finishes nothing, and
+        clearing the one in flight would let a second generation go out beside it.
         """
+        if generation != self._nginx_inflight:
+            log.warning(
+                "nginx: a late reply about generation %d ignored (in flight: %s)",
+                generation,
+                self._nginx_inflight,
+            )
+            return
         for name in sorted(self._waiting_on_nginx):
             app = self.apps.get(name)
             if app is None:

@@ -12,6 +12,7 @@ import concurrent.futures
 import http.client
 import math
 import os
+import queue
 import random
 import re
 import socket
@@ -31,7 +32,7 @@ from support.spool import spool_line
 from support.wait import wait_for
 
 from keter.config import KeterConfig
-from keter.messages import AppGone, VersionServing, WatchVerdict, WatchVersion
+from keter.messages import AppGone, VersionServing, VersionUnhealthy, WatchVerdict, WatchVersion
 from keter.stats import component as stats_component
 from keter.stats import spool
 from keter.stats.component import FORGET_WATCH, StatsCollector, _Watch
@@ -712,6 +713,35 @@ def test_quiet_watched_versions_cost_nothing_until_their_window_ends(tmp_path, m
     assert stats.traffic_report(start + 61) is not None
     stats._check_watches(start + 61 + FORGET_WATCH)
     assert not stats._watches
+    stats.on_stop()
+
+
+def test_a_verdict_is_said_again_when_the_version_serves_again_in_its_window(tmp_path):
+    """The supervisor lets a verdict pass while a deploy is on its way, and a restart of
+    the watched version (keter env set) is one: the bad version stayed for good."""
+    reports: queue.Queue = queue.Queue()
+    stats = StatsCollector(KeterConfig(root=tmp_path / "root"), report_to=reports)
+    stats.on_start()
+    order = WatchVersion(
+        app="hello",
+        version="0123456789ab",
+        previous="ba9876543210",
+        seconds=60,
+        max_error_ratio=0.05,
+        min_requests=20,
+    )
+    stats.handle(order)
+    [watch] = stats._watches.values()
+    with stats.spool_path.open("ab") as out:
+        out.write(b"".join(spool_line(status=500, upstream="0.001") + b"\n" for _ in range(30)))
+    stats._read(time.monotonic() + 30)
+    stats._check_watches(watch.started + 1)
+    first = reports.get_nowait()
+    assert isinstance(first, VersionUnhealthy) and first.version == order.version
+    stats.handle(VersionServing(app="hello", version="ffffffffffff", since=time.time()))
+    assert reports.empty()  # another version: the verdict is not its
+    stats.handle(VersionServing(app="hello", version=order.version, since=time.time()))
+    assert reports.get_nowait() == first
     stats.on_stop()
 
 

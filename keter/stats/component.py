@@ -189,6 +189,7 @@ class StatsCollector(Actor):
                 kept = self._serving.setdefault(app, [])
                 kept.append((since, version))
                 del kept[:-SERVING_KEPT]
+                self._say_again(app, version)
             case AppGone(app=app):
                 self._forget(app)
             case TrafficQuery(app=app, reply=reply):
@@ -408,6 +409,16 @@ class StatsCollector(Actor):
                     watch.requests,
                 )
                 self._ended(watch)
+
+    def _say_again(self, app: str, version: str) -> None:
+        """The version found unhealthy serves again within its window (a restart of it,
+        ``keter env set``): the verdict is said again. The supervisor let it pass while
+        that restart was on its way, and the bad version stayed for good."""
+        watch = self._watches.get(app)
+        if watch is None or watch.order.version != version:
+            return
+        if watch.verdict is WatchVerdict.FAILED and time.time() < watch.until:
+            self.report(VersionUnhealthy(app=app, version=version, reason=watch.reason))
 
     def _ended(self, watch: _Watch) -> None:
         """A verdict: shown until ``FORGET_WATCH`` after the window, then forgotten."""

@@ -59,8 +59,12 @@ class Actor:
         self._timers_cancelled: set[int] = set()  # those of them that must not fire
         self._thread: threading.Thread | None = None
         self._started = False  # on_start completed once
-        # Its last thread ended in a failure (reported). Mangled: subclasses have a _failed.
+        # Its last thread ended in a failure (reported), and whether it was asked to stop:
+        # read and set together under the lock, so that exactly one of stop() and the
+        # failing thread sees to on_stop. Mangled: subclasses have a _failed.
+        self.__lock = threading.Lock()
         self.__failed = False
+        self.__stopping = False
 
     # -- API used by other threads -------------------------------------------------
 
@@ -72,8 +76,12 @@ class Actor:
         A thread a failure ended (its restart's backoff not over, or keter stopping
         because it kept failing) is started again first: nobody handled the Stop, and
         every app ran on without a keter. What waited in its inbox and its timers is
-        dropped, not handled before the Stop: it may be what made the component fail."""
-        if self.__failed:
+        dropped, not handled before the Stop: it may be what made the component fail.
+        A thread that fails after this call runs ``on_stop`` itself (``_run``)."""
+        with self.__lock:
+            self.__stopping = True
+            failed = self.__failed
+        if failed:
             self.join(1.0)  # it ends right after its report
             if not self.is_alive():
                 self._drop_pending()
@@ -190,7 +198,9 @@ class Actor:
                 self.handle(message)
         except Exception as exc:  # reported, never swallowed
             log.error("%s: failed handling %s: %s", self.component, type(message).__name__, exc)
-            self.__failed = True
+            with self.__lock:
+                self.__failed = True
+                stopping = self.__stopping
             answer_failure(message, self.component, exc)
             self.report(
                 ComponentFailed(
@@ -202,7 +212,11 @@ class Actor:
                     deploy_id=_field(message, "deploy_id", int),
                 )
             )
-            return
+            if not stopping:
+                return  # restarted after a backoff, or stop() starts it again
+            # Asked to stop before this failure: nobody starts this thread again, and the
+            # Stop behind the failing message is never reached. What waits is dropped.
+            self._drop_pending()
         try:
             self.on_stop()
         except Exception:

@@ -165,3 +165,26 @@ def test_stopping_a_component_a_failure_ended_runs_its_stop_and_nothing_queued()
     actor.join(5)
     assert len(actor.handled) == 1 and reports.empty()
     assert not waiting.reply.done()  # dropped: its asker's own timeout answers it
+
+
+def test_a_component_failing_after_it_was_asked_to_stop_still_runs_its_stop() -> None:
+    """Stop queued behind a message whose handling then fails: the thread ended after its
+    report and the Stop was never reached (the monitor's on_stop stops every app)."""
+    reports: queue.Queue = queue.Queue()
+    actor = Failing(reports)
+    handling, fail = threading.Event(), threading.Event()
+
+    def slow_boom(message: object) -> None:
+        handling.set()
+        fail.wait(5)
+        raise RuntimeError("boom")
+
+    actor.handle = slow_boom  # type: ignore[method-assign]
+    actor.start()
+    actor.tell(Ask())
+    assert handling.wait(5)
+    actor.stop()  # it is handling: alive, not failed yet
+    fail.set()
+    assert actor.stopped.wait(5)
+    actor.join(5)
+    assert isinstance(reports.get(timeout=5), ComponentFailed) and reports.empty()

@@ -587,6 +587,9 @@ class ProcessStateChanged:
     state: ProcessState
     detail: str = ""
     pid: int | None = None  # the current process, if one is running
+    # Into BACKOFF by a failure of the process's: it ended, or its restart could not start
+    # (what a crash loop counts). Not when keter stopped it itself (its port taken).
+    failed: bool = False
 
 
 @message

@@ -301,6 +301,7 @@ def test_crash_is_restarted_on_the_same_port(monitor, caplog):
     os.kill(pid, signal.SIGKILL)
     backoff = monitor.expect(ProcessStateChanged, deploy_id=1, state="BACKOFF")
     assert backoff.detail.startswith("killed by SIGKILL; restarting in ")
+    assert backoff.failed  # a crash: what a crash loop counts
     after = monitor.index(backoff)
     restarted = monitor.expect(ProcessStateChanged, deploy_id=1, state="STARTING", after=after)
     monitor.expect(ProcessStateChanged, deploy_id=1, state="RUNNING", after=after)
@@ -1130,6 +1131,7 @@ def test_a_stranger_on_a_crashed_apps_port_makes_it_move(make_monitor):
             ProcessStateChanged, deploy_id=1, state="BACKOFF", after=monitor.index(taken) - 1
         )
         assert f"port {port} taken by pid {os.getpid()} (user root)" in parked.detail
+        assert not parked.failed  # keter stopped it to move it: no crash of the version's
         new_port = free_port()
         spec = monitor.spec(port=new_port)
         monitor.monitor.tell(MoveProcess(app="app", deploy_id=1, spec=spec))

@@ -696,7 +696,9 @@ def test_a_watched_version_that_crash_loops_rolls_back(watched: Rig) -> None:
     process_id = watched.sup.apps["a"].serving.id  # its web app's process (the first)
     for _ in range(3):
         for state in (ProcessState.RUNNING, ProcessState.BACKOFF):
-            watched.send(ProcessStateChanged(app="a", deploy_id=process_id, state=state))
+            failed = state is ProcessState.BACKOFF  # it ended: the monitor backs off
+            changed = ProcessStateChanged(app="a", deploy_id=process_id, state=state, failed=failed)
+            watched.send(changed)
     order = watched.status.one(RollBack)
     assert order.sha256 == "11" * 32 and "crashed 3 times" in order.reason
     watched.send(RollBackDone(app="a", version=order.version, reason=order.reason))
@@ -704,19 +706,33 @@ def test_a_watched_version_that_crash_loops_rolls_back(watched: Rig) -> None:
     assert done.outcome is Outcome.ROLLED_BACK and "crashed 3 times" in done.reason
 
 
-def test_restarts_that_cannot_start_are_not_crashes(watched: Rig) -> None:
-    """One crash, then its restart found its port taken (by a process an app's crash
-    let bind it) and waited for another, twice: that was counted as three crashes, and
-    the watched version was rolled back."""
+def test_a_process_moved_off_a_taken_port_did_not_crash(watched: Rig) -> None:
+    """keter stopping a process to move it off a port a stranger took is no crash of
+    the version's: counted as one, it rolled a watched version back as a crash loop."""
     process_id = watched.sup.apps["a"].serving.id
-    watched.send(ProcessStateChanged(app="a", deploy_id=process_id, state=ProcessState.BACKOFF))
-    for detail in ("port 20001 taken by pid 99; waiting for another", "restart failed"):
-        changed = ProcessStateChanged(
-            app="a", deploy_id=process_id, state=ProcessState.BACKOFF, detail=detail
+    for _ in range(3):
+        moved = ProcessStateChanged(
+            app="a",
+            deploy_id=process_id,
+            state=ProcessState.BACKOFF,
+            detail="port 20001 taken by pid 99; waiting for another",
         )
-        watched.send(changed)
+        watched.send(moved)
     assert watched.status.take(RollBack) == []
-    assert watched.sup.apps["a"].snapshot().restarts == 1
+    assert watched.sup.apps["a"].snapshot().restarts == 0
+
+
+def test_restarts_that_cannot_start_count_as_crashes(watched: Rig) -> None:
+    """A version that deleted its own program: its restarts fail to start, BACKOFF to
+    BACKOFF. Not counted, it stayed down (nginx's 502) for good, showing 1 restart."""
+    process_id = watched.sup.apps["a"].serving.id
+    for detail in ("exited with status 3", "cannot run bin/app", "cannot run bin/app"):
+        failed = ProcessStateChanged(
+            app="a", deploy_id=process_id, state=ProcessState.BACKOFF, detail=detail, failed=True
+        )
+        watched.send(failed)
+    assert "crashed 3 times" in watched.status.one(RollBack).reason
+    assert watched.sup.apps["a"].snapshot().restarts == 3
 
 
 # -- kernel mode (keter.switch): stable addresses instead of nginx reloads -------------------
@@ -914,7 +930,11 @@ def test_removing_an_app_removes_its_stable_address(kernel: Rig) -> None:
 def test_a_crash_restart_changes_neither_nginx_nor_the_kernel(kernel: Rig) -> None:
     start = kernel_deploy(kernel, webapp(kernel.tmp))
     for state in (ProcessState.BACKOFF, ProcessState.STARTING, ProcessState.RUNNING):
-        kernel.send(ProcessStateChanged(app="a", deploy_id=start.deploy_id, state=state, pid=99))
+        failed = state is ProcessState.BACKOFF  # it crashed
+        changed = ProcessStateChanged(
+            app="a", deploy_id=start.deploy_id, state=state, pid=99, failed=failed
+        )
+        kernel.send(changed)
     assert kernel.nginx.take(ApplyNginx) == []
     assert kernel.switch.take(PointServices) == []
     assert kernel.snapshot("a").restarts == 1

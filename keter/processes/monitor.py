@@ -886,7 +886,8 @@ class ProcessMonitor(Actor):
         if entry.spec.restart_delay is not None:
             delay = max(delay, entry.spec.restart_delay)
         entry.failures += 1
-        self._transition(entry, ProcessState.BACKOFF, f"{reason}; restarting in {delay:.3f}s")
+        detail = f"{reason}; restarting in {delay:.3f}s"
+        self._transition(entry, ProcessState.BACKOFF, detail, failed=True)
         self.schedule(delay, _Restart(deploy_id=entry.deploy_id, run=entry.runs))
 
     def _restart(self, entry: _Entry) -> None:
@@ -1093,7 +1094,9 @@ class ProcessMonitor(Actor):
             self.cancel(entry.state_timer)
         entry.state_timer = self.schedule(delay, message)
 
-    def _transition(self, entry: _Entry, new: ProcessState, detail: str) -> None:
+    def _transition(
+        self, entry: _Entry, new: ProcessState, detail: str, *, failed: bool = False
+    ) -> None:
         """The one place where an entry changes state: checked, logged and reported."""
         check_transition(entry.state, new)
         log.info("%s: state %s -> %s (%s)", entry.app, entry.state.value, new.value, detail)
@@ -1104,7 +1107,12 @@ class ProcessMonitor(Actor):
         pid = entry.run.pid if entry.run is not None and not entry.run.gone else None
         self.report(
             ProcessStateChanged(
-                app=entry.app, deploy_id=entry.deploy_id, state=new, detail=detail, pid=pid
+                app=entry.app,
+                deploy_id=entry.deploy_id,
+                state=new,
+                detail=detail,
+                pid=pid,
+                failed=failed,
             )
         )
 

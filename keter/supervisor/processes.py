@@ -98,8 +98,9 @@ class ProcessFacts(SupervisorState):
         if web.repoint and msg.state is ProcessState.RUNNING:
             web.repoint = False  # it answers on the port it moved to (_port_taken)
             self._point_services(deploy, ((deploy.services[web.index], web.port),))
-        # A restart that could not start (its port taken, say) stays in BACKOFF: no crash.
-        if msg.state is ProcessState.BACKOFF and previous is not ProcessState.BACKOFF:
+        # A crash, or a restart that could not start; not keter stopping it to move it off
+        # a port a stranger took (that had rolled a watched version back as a crash loop).
+        if msg.state is ProcessState.BACKOFF and msg.failed:
             web.restarts += 1
             if previous is ProcessState.RUNNING:
                 self._event(msg.app, EventKind.CRASH, msg.detail)

@@ -92,7 +92,6 @@ def validate_app_name(name: object) -> str:
 
 WILDCARD = "*"
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9_-]{0,61}[a-z0-9])?")
-_NUMBER = re.compile(r"[0-9]+|0x[0-9a-f]*")  # what the URL standard reads as part of an IPv4
 # A label Keter's "*" stands for, in nginx's regex syntax.
 _ANY_LABEL = "[^.]+"
 
@@ -128,13 +127,6 @@ def validate_host(host: object, *, wildcard: bool = True) -> str:
     labels = name.split(".")
     for label in labels:
         _check_label(label, wildcard)
-    if _NUMBER.fullmatch(labels[-1]):
-        # The URL standard reads a name that ends in a number as an IPv4 address, and
-        # refuses it: no browser reaches it (and the dashboard's list of apps stopped).
-        raise ValueError(
-            f"the last label {labels[-1]} is a number: browsers read such a name as an IPv4 "
-            "address and never reach it"
-        )
     if all(label == WILDCARD for label in labels):
         raise ValueError(
             "a wildcard needs at least one named label (as in *.example.com): "

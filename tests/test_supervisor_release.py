@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import pytest
 from support.supervisor import Rig, assert_kept_serving, make_rig, webapp
@@ -221,6 +222,21 @@ def test_bad_settings_fail_the_deploy(rig: Rig, serving: StartProcess) -> None:
     assert (done.outcome, done.kind) == (Outcome.FAILED, FailureKind.CONFIG)
     assert "is not JSON" in done.reason and "hunter2" not in done.reason
     assert_kept_serving(rig, serving)
+
+
+def test_database_settings_stored_before_the_app_had_one_are_named_as_overridden(
+    rig: Rig, caplog
+) -> None:
+    """keter env refuses them for an app with a database; stored before it had one, they
+    were overridden without a word and still listed as if they applied."""
+    settings = rig.sup.config.etc_dir / "env" / "a.json"
+    settings.parent.mkdir(parents=True)
+    settings.write_text(json.dumps({"DATABASE_URL": "postgresql://elsewhere/db", "A": "1"}))
+    with caplog.at_level(logging.WARNING, logger="keter.supervisor"):
+        to_backup(rig)
+    said = "a: keter env DATABASE_URL: overridden by the app's database (postgres: true)"
+    assert any(record.getMessage().startswith(said) for record in caplog.records)
+    assert "elsewhere" not in caplog.text
 
 
 def test_keter_failing_during_a_release_stops_it(rig: Rig, serving: StartProcess) -> None:

@@ -21,6 +21,7 @@ from keter.messages import (
     RunFinished,
     RunOnce,
 )
+from keter.postgres import DB_ENV_NAMES
 from keter.processes.ports import NoFreePort
 from keter.release import failure_reason, release_command
 from keter.supervisor.state import SupervisorState
@@ -41,6 +42,14 @@ class Preparing(SupervisorState):
             self._fail(deploy, f"its settings (keter env): {exc}", kind=FailureKind.CONFIG)
             return
         deploy.settings = MappingProxyType(settings)
+        if deploy.db is not None and (owned := sorted(set(settings) & set(DB_ENV_NAMES))):
+            # Stored before the app had a database (keter env refuses them since): keter's
+            # own win, and the operator should not think theirs apply.
+            log.warning(
+                "%s: keter env %s: overridden by the app's database (postgres: true); unset them",
+                deploy.app,
+                ", ".join(owned),
+            )
         ports: list[int] = []
         try:
             for _ in deploy.config.webapps:

@@ -872,6 +872,34 @@ def test_dashboard_host_needs_a_tcp_status_listener_and_users() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("names", "warned"),
+    [(("apps.example.com",), True), (("dash.example.com",), False), (("*.example.com",), False)],
+)
+def test_a_dashboard_host_no_tls_certificate_names_is_warned_of(
+    tmp_path: Path, names: tuple[str, ...], warned: bool
+) -> None:
+    """Plain HTTP to it is redirected to HTTPS: with a certificate for other names,
+    browsers refused the page the operator had used."""
+    make_certificate(tmp_path / "etc", "tls", *names)
+    config = parse_config(
+        load_yaml(
+            "listeners: [{port: 80}, {port: 443, certificate: tls.crt, key: tls.key}]\n"
+            "dashboard-host: dash.example.com\n"
+            'status-listen: "127.0.0.1:8999"\n'
+            "dashboard-users: {admin: hunter2}\n"
+        ),
+        root=tmp_path,
+        base=tmp_path / "etc",
+        ephemeral_range=EPHEMERAL,
+    )
+    expected = (
+        "dashboard-host: no TLS listener's certificate names dash.example.com: browsers "
+        "will refuse the HTTPS page plain HTTP is redirected to"
+    )
+    assert config.warnings == ((expected,) if warned else ())
+
+
 def test_dashboard_users_are_checked_without_showing_passwords() -> None:
     found = problems("dashboard-users: {'a b': x, ops: 5}")
     assert found == [

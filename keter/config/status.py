@@ -105,12 +105,41 @@ def check_dashboard(values: dict[str, object], check: Checker) -> None:
             "needs dashboard-users ({user: password}): nginx asks for them (basic auth)",
         )
     listeners = values.get("listeners") or ()
-    if not any(getattr(listener, "tls", False) for listener in listeners):
+    certificates = [listener.certificate for listener in listeners if listener.tls]
+    host = values["dashboard_host"]
+    if not certificates:
         check.warn(
             "dashboard-host",
             "is served over plain HTTP (no listener has a certificate): its password and "
             "the page that restarts apps cross the network in clear",
         )
+    elif isinstance(host, str) and not any(_names(host, path) for path in certificates):
+        # Plain HTTP to it is redirected to HTTPS (keter.routes.dashboard_site), where
+        # browsers would refuse the listeners' certificate.
+        check.warn(
+            "dashboard-host",
+            f"no TLS listener's certificate names {host}: browsers will refuse the HTTPS "
+            "page plain HTTP is redirected to",
+        )
+
+
+def _names(host: str, certificate: Path) -> bool:
+    """Whether ``certificate`` (PEM, its first block) names ``host``, a wildcard name
+    covering one label. True when it cannot be read: other checks say why."""
+    from cryptography import x509  # on demand: keter's memory without TLS stays small
+
+    try:
+        leaf = x509.load_pem_x509_certificate(certificate.read_bytes())
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    except (OSError, ValueError):
+        return True
+    for name in names.get_values_for_type(x509.DNSName):
+        name = name.lower()
+        if name == host or (name.startswith("*.") and host.partition(".")[2] == name[2:]):
+            return True
+    return False
 
 
 def check_status_auth(values: dict[str, object], check: Checker) -> None:

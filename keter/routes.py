@@ -244,10 +244,15 @@ def _app_port_problems(shown: str, proxy: ReverseProxy, settings: KeterConfig) -
     # not publish it past the operator's choice (dashboard-host, status-listen).
     status = settings.status_listen
     if local and status is not None and proxy.reversed_port == status[1]:
-        return [
-            f"hosts {shown}: reverse-proxy: {address}:{proxy.reversed_port} is keter's "
-            "status API (status-listen): no bundle may publish it"
-        ]
+        listen = ipaddress.ip_address(status[0])
+        # What a connection to ``address`` reaches: the listener's own address, or any
+        # local one when it listens on all; 0.0.0.0 and :: connect to loopback.
+        if listen.is_unspecified or address == listen or address.is_unspecified:
+            where = f"[{address}]" if address.version == 6 else str(address)
+            return [
+                f"hosts {shown}: reverse-proxy: {where}:{proxy.reversed_port} is keter's "
+                "status API (status-listen): no bundle may publish it"
+            ]
     return []
 
 

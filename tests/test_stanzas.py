@@ -966,12 +966,29 @@ def test_a_reverse_proxy_to_keters_status_api_is_refused(tmp_path) -> None:
     stanzas = "".join(
         f"  - {{type: reverse-proxy, reversing-host: {name}, reversed-host: '{host}', "
         f"reversed-port: 7900}}\n"
-        for name, host in (("a", "127.0.0.1"), ("b", "::1"), ("c", "10.9.8.7"))
+        for name, host in (
+            ("a", "127.0.0.1"),
+            ("b", "::ffff:127.0.0.1"),
+            ("c", "0.0.0.0"),
+            ("d", "10.9.8.7"),  # another machine
+            ("e", "127.0.0.2"),  # another local service: the API is on 127.0.0.1 alone
+            ("f", "::1"),
+        )
     )
     config = parse(tmp_path, "stanzas:\n" + stanzas)
     keter = settings(tmp_path, status_listen=("127.0.0.1", 7900), port_range=(4000, 4999))
     problems = deploy_problems(config, keter)
-    assert [problem.split(":")[0] for problem in problems] == ["hosts a", "hosts b"]
+    assert [problem.split(":")[0] for problem in problems] == ["hosts a", "hosts b", "hosts c"]
+    everywhere = settings(tmp_path, status_listen=("::", 7900), port_range=(4000, 4999))
+    problems = deploy_problems(config, everywhere)
+    assert [problem.split(":")[0] for problem in problems] == [
+        "hosts a",
+        "hosts b",
+        "hosts c",
+        "hosts e",
+        "hosts f",
+    ]
+    assert "reverse-proxy: [::1]:7900 is keter's status API" in problems[-1]
     said = "127.0.0.1:7900 is keter's status API (status-listen): no bundle may publish it"
     assert problems[0].endswith(said)
 

@@ -753,7 +753,7 @@ def test_status_keys_are_read() -> None:
     assert config.status_group == "daemon"
     assert config.archive_keep == 5
     assert config.dashboard_host == "keter.example.com"
-    assert config.warnings == ()
+    assert config.warnings == (PLAIN_DASHBOARD,)  # no listener has a certificate
     assert parse('status-listen: "[::1]:8999"').status_listen == ("::1", 8999)
 
 
@@ -851,6 +851,12 @@ def test_status_key_mistakes_are_named(text: str, expected: str) -> None:
     assert found[0].startswith(expected), found[0]
 
 
+PLAIN_DASHBOARD = (
+    "dashboard-host: is served over plain HTTP (no listener has a certificate): its "
+    "password and the page that restarts apps cross the network in clear"
+)
+
+
 def test_dashboard_host_needs_a_tcp_status_listener_and_users() -> None:
     assert problems("dashboard-host: dash.example.com") == [
         'dashboard-host: needs status-listen (e.g. "127.0.0.1:8999"): '
@@ -866,10 +872,7 @@ def test_dashboard_host_needs_a_tcp_status_listener_and_users() -> None:
     assert config.dashboard_users == (("admin", "hunter2"),)
     assert "hunter2" not in repr(config)
     # No listener with a certificate: its password crosses the network in clear.
-    assert config.warnings == (
-        "dashboard-host: is served over plain HTTP (no listener has a certificate): its "
-        "password and the page that restarts apps cross the network in clear",
-    )
+    assert config.warnings == (PLAIN_DASHBOARD,)
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import itertools
 import json
 import logging
@@ -57,6 +58,7 @@ from keter.processes.groups import group_members, wait_group_gone
 from keter.processes.health import Prober, is_healthy
 from keter.processes.ports import port_is_free
 from keter.processes.programs import SHELL
+from keter.processes.reader import MAX_PIPE_BUFFER, READ_CHUNK, drain_tail
 from keter.processes.spawn import APP_ENV, ROOT_ENV, SpawnError, environment_file
 from keter.processes.states import (
     TRANSITIONS,
@@ -681,6 +683,28 @@ def test_applog_whose_new_file_cannot_be_made_logs_again_once_it_can(tmp_path, m
         f"app: writing {tmp_path / 'a.log'} again",
     ]
     assert (tmp_path / "a.log").read_bytes().splitlines()[-1].endswith(b"line 09")
+
+
+def test_draining_past_the_budget_logs_the_last_words_and_drops_the_rest(tmp_path):
+    """At an exit, a run past its app's output budget: its pipe's whole content logged
+    (16 floods of 1 MiB pipes) held other apps' exit reports up to 3 s."""
+    applog = AppLog(tmp_path / "a.log", max_bytes=10_000_000, backups=1)
+    capture = OutputCapture("app", applog)
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, MAX_PIPE_BUFFER)
+    os.set_blocking(read_end, False)
+    flood = b"".join(b"flood %06d\n" % n for n in range(40_000))  # 480 KB, 8 chunks
+    os.write(write_end, flood + b"last words\n")
+    os.close(write_end)
+    open_, dropped = drain_tail(capture, read_end)
+    os.close(read_end)
+    capture.flush()
+    applog.close()
+    lines = (tmp_path / "a.log").read_bytes().splitlines()
+    assert not open_ and lines[-1].endswith(b"last words")
+    assert len(lines) < READ_CHUNK // 12 + 2  # one chunk's lines, not 40,000
+    assert len(flood) - READ_CHUNK < dropped < len(flood)
+    assert capture.tail(1) == ("last words",)
 
 
 def test_output_capture_joins_split_lines_and_keeps_a_tail(tmp_path):

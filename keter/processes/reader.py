@@ -257,7 +257,7 @@ class OutputReader:
             return
         # Everything the leader wrote is in the pipe by now: take it first so the
         # exit report shows its last words.
-        if watched.pipe_open and not drain(watched.capture, watched.fd):
+        if watched.pipe_open and not self._drain(watched):
             self._close_pipe(watched)
         watched.capture.flush()
         try:
@@ -267,6 +267,28 @@ class OutputReader:
         self._close_pidfd(watched)
         self._on_exit(watched.key, returncode, watched.capture.tail(FAILURE_TAIL))
         self._finish_if_done(watched)
+
+    def _drain(self, watched: _Watched) -> bool:
+        """``drain``, within the app's budget: past it, only the pipe's last chunk is
+        logged (the last words) and the rest dropped, said once per run. Taken whole,
+        16 flooding processes exiting at once with full 1 MiB pipes held another app's
+        exit report up to 3 s."""
+        budget = watched.budget
+        assert budget is not None
+        if budget.tokens > 0:
+            open_, cost = drain(watched.capture, watched.fd)
+            budget.tokens -= cost
+            return open_
+        open_, dropped = drain_tail(watched.capture, watched.fd)
+        if dropped and not watched.throttled:
+            watched.throttled = True
+            log.warning(
+                "%s: pid %d: %d bytes of its output dropped (past its output budget)",
+                watched.capture.app,
+                watched.proc.pid,
+                dropped,
+            )
+        return open_
 
     def _failed(self, watched: _Watched) -> None:
         """A bug while handling one run must not stop the thread that serves all."""
@@ -289,7 +311,7 @@ class OutputReader:
 
     def _finish(self, watched: _Watched) -> None:
         if watched.pipe_open:
-            drain(watched.capture, watched.fd)
+            self._drain(watched)
             self._close_pipe(watched)
         if not watched.exited:
             self._close_pidfd(watched)
@@ -358,14 +380,39 @@ def read_once(capture: OutputCapture, fd: int) -> int | bool | None:
     return len(data) + LINE_COST * data.count(b"\n")
 
 
-def drain(capture: OutputCapture, fd: int) -> bool:
-    """Read what the pipe holds right now without waiting; False at end of file.
+def drain(capture: OutputCapture, fd: int) -> tuple[bool, int]:
+    """Read what the pipe holds right now without waiting: (False at end of file, what
+    it cost, as ``read_once`` counts).
 
     Reads at most the largest pipe buffer: enough for everything a dead
     leader wrote, and a chatty grandchild cannot keep the reader here.
     """
+    cost = 0
     for _ in range(MAX_PIPE_BUFFER // READ_CHUNK):
         got = read_once(capture, fd)
         if got is None or got is False:
-            return got is None
-    return True
+            return got is None, cost
+        cost += got
+    return True, cost
+
+
+def drain_tail(capture: OutputCapture, fd: int) -> tuple[bool, int]:
+    """``drain``, but only the last chunk's whole lines go to the log: (False at end of
+    file, bytes dropped). Reading without logging costs next to nothing."""
+    last, dropped, open_ = b"", 0, True
+    for _ in range(MAX_PIPE_BUFFER // READ_CHUNK):
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            break
+        if not data:
+            open_ = False
+            break
+        dropped += len(last)
+        last = data
+    if dropped:
+        capture.flush()  # what came before the gap stays a line of its own
+        cut = last.find(b"\n") + 1
+        dropped, last = dropped + cut, last[cut:]
+    capture.feed(last)
+    return open_, dropped

@@ -17,12 +17,14 @@ keeps its uid for good: its files, data and anything it left stay its own.
 
 from __future__ import annotations
 
+import errno
 import grp
 import json
 import logging
 import os
 import pwd
 import stat
+import struct
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,6 +32,8 @@ from pathlib import Path
 from keter.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
+
+NGINX_GROUP = "www-data"  # Debian's nginx workers run as www-data
 
 USERS_FILE = "app-users.json"
 DEFAULT_RANGE = (1_900_000_000, 1_900_999_999)
@@ -163,25 +167,31 @@ def secure_folder(folder: Path, gid: int) -> None:
             os.chmod(path, owner | ((owner & 0o500) >> 3))
 
 
-def publish_static(folder: Path, roots: Iterable[Path]) -> None:
+def publish_static(folder: Path, roots: Iterable[Path], nginx_group: str = NGINX_GROUP) -> None:
     """Open a bundle's static roots (made the app's alone by ``secure_folder``) to nginx's
-    workers: they run as a user of their own (Debian's www-data) and answered 403 for
-    every file. The roots' folders and files become readable to every user, the folders
-    on the way from the bundle's top only crossable (what else lies in them stays the
-    app's): what lies in a static root is published on the web anyway. Links are never
-    followed (nginx serves none: ``disable_symlinks``)."""
+    workers: they run as a user of their own (Debian's www-data), and answered 403 for
+    every file. A POSIX ACL gives their group read on the roots' folders and files and
+    passage through the folders on the way from the bundle's top, nothing else: a root
+    behind basic-auth or ``local`` stays unreadable to other apps and local users. Links
+    are never followed (nginx serves none: ``disable_symlinks``).
+
+    Where the file system has no ACLs, or the group is missing, "other" gets those bits
+    instead, said once: then every local user reads the roots."""
     top = Path(os.path.realpath(folder))
+    try:
+        gid: int | None = grp.getgrnam(nginx_group).gr_gid
+    except KeyError:
+        gid = None
     for root in roots:
         root = Path(root)
         if root != top and top not in root.parents:
             raise ValueError(f"static root {root} is outside {top}")
-        on_the_way = [top, *(top / part for part in _parts_between(top, root))]
-        for path in on_the_way:
-            _add_mode(path, 0o001)
+        for path in [top, *(top / part for part in _parts_between(top, root))]:
+            gid = _open_to(path, gid, 0o1)
         for parent, _dirs, files in os.walk(root):  # links to folders: not walked
-            _add_mode(Path(parent), 0o005)
+            gid = _open_to(Path(parent), gid, 0o5)
             for name in files:
-                _add_mode(Path(parent) / name, 0o004)
+                gid = _open_to(Path(parent) / name, gid, 0o4)
 
 
 def _parts_between(top: Path, root: Path) -> list[Path]:
@@ -190,8 +200,38 @@ def _parts_between(top: Path, root: Path) -> list[Path]:
     return [Path(*relative[: n + 1]) for n in range(len(relative))]
 
 
-def _add_mode(path: Path, bits: int) -> None:
-    """``bits`` for "other" on ``path`` unless it is a link (not followed)."""
+# struct posix_acl_xattr_header and _entry (linux/posix_acl_xattr.h), little-endian.
+_ACL_VERSION = 2
+_USER_OBJ, _GROUP_OBJ, _GROUP, _MASK, _OTHER = 0x01, 0x04, 0x08, 0x10, 0x20
+_NO_ID = 0xFFFFFFFF
+
+
+def _open_to(path: Path, gid: int | None, bits: int) -> int | None:
+    """``bits`` (r=4, x=1) for group ``gid`` on ``path`` by an ACL, unless it is a link;
+    for "other" where ACLs cannot be (then None: the rest goes the same way)."""
     mode = os.lstat(path).st_mode
-    if not stat.S_ISLNK(mode):
-        os.chmod(path, stat.S_IMODE(mode) | bits)
+    if stat.S_ISLNK(mode):
+        return gid
+    if gid is not None:
+        owner, group, other = (mode >> 6) & 7, (mode >> 3) & 7, mode & 7
+        entries = (
+            (_USER_OBJ, owner, _NO_ID),
+            (_GROUP_OBJ, group, _NO_ID),
+            (_GROUP, bits, gid),
+            (_MASK, group | bits, _NO_ID),  # the mask (the mode's group bits) keeps group's
+            (_OTHER, other, _NO_ID),
+        )
+        acl = struct.pack("<I", _ACL_VERSION)
+        acl += b"".join(struct.pack("<HHI", *entry) for entry in entries)
+        try:
+            os.setxattr(path, "system.posix_acl_access", acl, follow_symlinks=False)
+            return gid
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            log.warning(
+                "unpacker: %s has no POSIX ACLs: static roots are opened to every local user",
+                path,
+            )
+    os.chmod(path, stat.S_IMODE(mode) | bits)
+    return None

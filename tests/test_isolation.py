@@ -12,11 +12,15 @@ so the failures are the isolation and not a broken probe.
 from __future__ import annotations
 
 import contextlib
+import functools
+import grp
 import json
 import os
+import pwd
 import re
 import signal
 import socket
+import struct
 import subprocess
 from pathlib import Path
 
@@ -29,7 +33,7 @@ from support.wait import wait_for
 
 from keter.processes.programs import SETPRIV
 from keter.switch import Table
-from keter.users import DEFAULT_RANGE, publish_static, secure_folder
+from keter.users import DEFAULT_RANGE, NGINX_GROUP, publish_static, secure_folder
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # readable by every user, unlike the tests' own Python
 
@@ -652,43 +656,47 @@ def listening_ports(process: psutil.Process) -> set[int]:
 
 
 @pytest.mark.skipif(SETPRIV is None, reason="needs util-linux setpriv")
-def test_a_static_root_is_readable_by_nginxs_workers_and_nothing_else_of_the_bundle(
+def test_a_static_root_is_readable_by_nginxs_workers_and_nobody_else(
     open_base, keter_factory, private_nginx
 ):
     """A bundle is its app's alone (root:APP, 0750/0640); nginx's workers run as a user
     of their own (Debian's www-data), so they answered 403 for every file of a static
-    root. The tests' nginx runs its workers as root: reading as an unprivileged user
-    stands in for them."""
+    root. Opened to every user, a root behind basic-auth was readable by other apps.
+    The tests' nginx runs its workers as root: reading as www-data stands in for them
+    (tests/test_nginx_unprivileged.py has nginx do it)."""
     keter = keter_factory(
         root=open_base / "root", **{"port-range": app_port_range(), "run-apps-as-root": False}
     )
-    config = {"stanzas": [{"type": "static-files", "root": "../site/public", "host": "own.test"}]}
+    guard = [{"basic-auth": {"realm": "Staff", "creds": {"jon": "rocks"}}}]
+    stanza = {"type": "static-files", "root": "../site/public", "host": "own.test"}
+    config = {"stanzas": [dict(stanza, middleware=guard)]}
     files = {
-        "site/public/index.html": "hi",
+        "site/public/payroll.csv": "salary",
         "site/public/sub/page.html": "page",
         "site/secret.txt": "s3cr3t",
     }
     bundle = make_bundle(open_base / "own.keter", config=config, files=files, app_source=None)
     keter.drop(bundle)
-    wait_for(lambda: body(private_nginx, "own.test", "/index.html") == b"hi", 20, "the site")
+    wait_for(lambda: private_nginx.request("own.test", "/payroll.csv")[0] == 401, 20, "the site")
     [top] = keter.root.glob("temp/own-*")
+    www_data = pwd.getpwnam("www-data")
 
-    def read_as_nobody(path: Path) -> str:
+    def read_as(uid: int, gid: int, path: Path) -> str:
+        who = [f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
         done = subprocess.run(
-            [SETPRIV, "--reuid=65534", "--regid=65534", "--clear-groups", "cat", str(path)],
-            capture_output=True,
-            text=True,
-            check=False,
+            [SETPRIV, *who, "cat", str(path)], capture_output=True, text=True, check=False
         )
         return done.stdout if done.returncode == 0 else "refused"
 
-    assert read_as_nobody(top / "site/public/index.html") == "hi"
-    assert read_as_nobody(top / "site/public/sub/page.html") == "page"
-    assert read_as_nobody(top / "site/secret.txt") == "refused"
-    assert read_as_nobody(top / "config/keter.yaml") == "refused"
-    # The folders on the way are crossed, not listed.
-    assert os.stat(top).st_mode & 0o007 == 0o001
-    assert os.stat(top / "site").st_mode & 0o007 == 0o001
+    nginx = functools.partial(read_as, www_data.pw_uid, www_data.pw_gid)
+    nobody = functools.partial(read_as, 65534, 65534)
+    assert nginx(top / "site/public/payroll.csv") == "salary"
+    assert nginx(top / "site/public/sub/page.html") == "page"
+    for path in ("site/public/payroll.csv", "site/secret.txt", "config/keter.yaml"):
+        assert nobody(top / path) == "refused", path
+    for path in ("site/secret.txt", "config/keter.yaml"):
+        assert nginx(top / path) == "refused", path
+    assert os.stat(top).st_mode & 0o007 == 0  # nothing for "other" anywhere
 
 
 def test_publishing_a_static_root_follows_no_link_and_opens_nothing_beside_it(tmp_path) -> None:
@@ -702,13 +710,25 @@ def test_publishing_a_static_root_follows_no_link_and_opens_nothing_beside_it(tm
     (top / "site" / "public" / "leak").symlink_to(outside)
     secure_folder(top, os.getgid())
     publish_static(top, [top / "site" / "public"])
+    www_data = grp.getgrnam(NGINX_GROUP).gr_gid
 
-    def other(path: Path) -> int:
-        return os.lstat(path).st_mode & 0o007
+    def granted(path: Path) -> str:
+        """What the ACL gives nginx's group on ``path`` ("" if no entry)."""
+        acl = os.getxattr(path, "system.posix_acl_access", follow_symlinks=False)
+        entries = [struct.unpack_from("<HHI", acl, 4 + 8 * n) for n in range((len(acl) - 4) // 8)]
+        return "".join(
+            "rwx"[i] if perm & (4 >> i) else "-"
+            for tag, perm, ident in entries
+            if tag == 0x08 and ident == www_data
+            for i in range(3)
+        )
 
-    assert [other(top), other(top / "site")] == [0o001, 0o001]
-    assert [other(top / "site/public"), other(top / "site/public/sub")] == [0o005, 0o005]
-    assert other(top / "site/public/sub/a.css") == 0o004
-    assert other(top / "site/private.key") == 0 and other(outside) == 0  # the link's target
+    assert [granted(top), granted(top / "site")] == ["--x", "--x"]
+    assert [granted(top / "site/public"), granted(top / "site/public/sub")] == ["r-x", "r-x"]
+    assert granted(top / "site/public/sub/a.css") == "r--"
+    with pytest.raises(OSError):  # no ACL: the app's alone
+        os.getxattr(top / "site/private.key", "system.posix_acl_access")
+    assert os.stat(outside).st_mode & 0o777 == 0o600  # the link's target is untouched
+    assert all(os.lstat(p).st_mode & 0o007 == 0 for p in top.rglob("*") if not p.is_symlink())
     with pytest.raises(ValueError, match="outside"):
         publish_static(top, [tmp_path])

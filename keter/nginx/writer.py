@@ -70,6 +70,7 @@ from keter.nginx.render import (
 )
 from keter.nginx.workers import Retiring
 from keter.shortrun import run_short
+from keter.users import NGINX_GROUP
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class NginxWriter(Actor):
         confirm_timeout: float = 10.0,
         error_log: Path | None = None,
         options: ProxyOptions | None = None,
-        auth_group: str | None = "www-data",
+        auth_group: str | None = NGINX_GROUP,
     ) -> None:
         """``error_log``, if given, is nginx's error log; its new ``[emerg]``
         lines explain a reload nginx did not take. ``options`` are the global

@@ -108,6 +108,18 @@ def flooding_app(tmp_path: Path) -> Path:
     return path
 
 
+def flood_costs(keter, app: str, seconds: float) -> tuple[float, float, int]:
+    """Over ``seconds`` of an app's flood: (the seconds, keter's CPU seconds meanwhile,
+    the bytes its log grew by)."""
+    log = keter.root / "log" / f"app-{app}.log"
+    process = psutil.Process(keter.proc.pid)
+    size, cpu, started = log.stat().st_size, process.cpu_times(), time.monotonic()
+    wait_for(lambda: time.monotonic() - started > seconds, seconds + 2)
+    elapsed = time.monotonic() - started
+    spent = sum(process.cpu_times()[:2]) - sum(cpu[:2])
+    return elapsed, spent, log.stat().st_size - size
+
+
 def test_an_app_flooding_its_output_costs_keter_little_and_waits_itself(
     keter_factory, private_nginx, tmp_path
 ):
@@ -117,15 +129,9 @@ def test_an_app_flooding_its_output_costs_keter_little_and_waits_itself(
     keter.drop(make_bundle(tmp_path / "flood.keter", config=config, app_source=app))
     wait_for(lambda: "flood: deploy #" in keter.log() and "now serving" in keter.log(), 20)
     wait_for(lambda: "writes output faster than 1024 KiB/s" in keter.log(), 20, "the throttle")
-    log = keter.root / "log" / "app-flood.log"
-    process = psutil.Process(keter.proc.pid)
-    size, cpu, started = log.stat().st_size, process.cpu_times(), time.monotonic()
     # yes writes a few hundred MB a second; keter reads it at 1 MiB/s and stays idle.
     # (Read as fast as it came, it took 1.8 s of keter's CPU in 2 s.)
-    wait_for(lambda: time.monotonic() - started > 2, 5)
-    elapsed = time.monotonic() - started
-    spent = sum(process.cpu_times()[:2]) - sum(cpu[:2])
-    grown = log.stat().st_size - size
+    elapsed, spent, grown = flood_costs(keter, "flood", 2)
     assert spent < 0.5 * elapsed, f"keter spent {spent:.2f} s of CPU in {elapsed:.2f} s"
     # 1 MiB/s of output ("flood\n": a 31-byte line in the log for 6 read) and a pipe's worth.
     assert grown < (elapsed * OUTPUT_RATE + MAX_PIPE_BUFFER) * 31 / 6
@@ -147,13 +153,7 @@ def test_an_app_flooding_from_many_processes_shares_one_budget_and_pays_for_its_
     keter.drop(bundle)
     wait_for(lambda: "lines: deploy #" in keter.log() and "now serving" in keter.log(), 20)
     wait_for(lambda: "writes output faster than 1024 KiB/s" in keter.log(), 20, "the throttle")
-    log = keter.root / "log" / "app-lines.log"
-    process = psutil.Process(keter.proc.pid)
-    size, cpu, started = log.stat().st_size, process.cpu_times(), time.monotonic()
-    wait_for(lambda: time.monotonic() - started > 3, 5)
-    elapsed = time.monotonic() - started
-    spent = sum(process.cpu_times()[:2]) - sum(cpu[:2])
-    grown = log.stat().st_size - size
+    elapsed, spent, grown = flood_costs(keter, "lines", 3)
     assert spent < 0.5 * elapsed, f"keter spent {spent:.2f} s of CPU in {elapsed:.2f} s"
     # One app's rate, its burst's remainder and a chunk each run may read past it.
     bound = (elapsed + 1) * OUTPUT_RATE + workers * READ_CHUNK * (1 + LINE_COST)

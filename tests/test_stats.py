@@ -9,6 +9,7 @@ received.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import http.client
 import math
 import os
@@ -671,6 +672,16 @@ def test_a_removed_app_is_forgotten_and_its_late_records_only_written(tmp_path):
     stats.on_stop()
 
 
+HELLO_WATCH = WatchVersion(
+    app="hello",
+    version="0123456789ab",
+    previous="ba9876543210",
+    seconds=60,
+    max_error_ratio=0.05,
+    min_requests=20,
+)
+
+
 def test_quiet_watched_versions_cost_nothing_until_their_window_ends(tmp_path, monkeypatch):
     """1000 versions watched at once, without traffic (issue 16.5: idle): a second's
     check looks at none of them and the report is not rebuilt; each passes once at its
@@ -679,16 +690,7 @@ def test_quiet_watched_versions_cost_nothing_until_their_window_ends(tmp_path, m
     stats.on_start()
     apps = [f"app{i:04d}" for i in range(1000)]
     for app in apps:
-        stats.handle(
-            WatchVersion(
-                app=app,
-                version="0123456789ab",
-                previous="ba9876543210",
-                seconds=60,
-                max_error_ratio=0.05,
-                min_requests=20,
-            )
-        )
+        stats.handle(dataclasses.replace(HELLO_WATCH, app=app))
     start = min(w.started for w in stats._watches.values())
     looked_at = count_calls(monkeypatch, stats.traffic, "summary", key=str)
     states = count_calls(monkeypatch, _Watch, "state", key=lambda watch: watch.order.app)
@@ -722,14 +724,7 @@ def test_a_verdict_is_said_again_when_the_version_serves_again_in_its_window(tmp
     reports: queue.Queue = queue.Queue()
     stats = StatsCollector(KeterConfig(root=tmp_path / "root"), report_to=reports)
     stats.on_start()
-    order = WatchVersion(
-        app="hello",
-        version="0123456789ab",
-        previous="ba9876543210",
-        seconds=60,
-        max_error_ratio=0.05,
-        min_requests=20,
-    )
+    order = HELLO_WATCH
     stats.handle(order)
     [watch] = stats._watches.values()
     with stats.spool_path.open("ab") as out:
@@ -751,16 +746,7 @@ def test_answers_nginx_gave_itself_do_not_judge_a_watched_version(tmp_path):
     Counted, 30 of them had a healthy version rolled back."""
     stats = StatsCollector(KeterConfig(root=tmp_path / "root"))
     stats.on_start()
-    stats.handle(
-        WatchVersion(
-            app="hello",
-            version="0123456789ab",
-            previous="ba9876543210",
-            seconds=60,
-            max_error_ratio=0.05,
-            min_requests=20,
-        )
-    )
+    stats.handle(HELLO_WATCH)
     [watch] = stats._watches.values()
     with stats.spool_path.open("ab") as out:
         for _ in range(30):

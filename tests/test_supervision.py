@@ -103,9 +103,10 @@ def test_crash_loop_backs_off_cheaply_and_a_good_bundle_replaces_it_at_once(
     keter, private_nginx, tmp_path
 ):
     bundle = tmp_path / "loop.keter"
-    keter.drop(
-        make_bundle(bundle, config=webapp_config("loop.test", "v1", args=["--exit-after", "0.2"]))
-    )
+    # Up for a second each time: long enough for its first switch to be confirmed (at
+    # 0.2 s its first crash could fall into it, and the deploy failed instead of looping).
+    config = webapp_config("loop.test", "v1", args=["--exit-after", "1"])
+    keter.drop(make_bundle(bundle, config=config))
     delays = wait_for(
         lambda: (
             (d := re.findall(r"loop: .*restarting in ([\d.]+)s", keter.log())) and len(d) >= 4 and d

@@ -9,6 +9,7 @@ again after a restart. No answer makes keter order again and again.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import queue
@@ -40,6 +41,7 @@ from keter.messages import (
     CertificateOutcome,
     CertificateState,
     CertificatesWanted,
+    ComponentFailed,
     ProxyApp,
     Route,
     Site,
@@ -557,3 +559,98 @@ def test_an_app_whose_orders_fail_orders_no_more_than_an_app_with_one_host(
     component.ca.cert_mode = "good"
     driven.minutes(1, step=86400)
     assert sorted(component.ca.orders[len(orders) :]) == sorted(owners)
+
+
+# -- after a failure: of the disk, of the component ------------------------------------------
+
+
+def _state_json_fails(monkeypatch: pytest.MonkeyPatch, times: int) -> list[str]:
+    """The next ``times`` writes of state.json fail as on a full disk; the names written."""
+    real = manager_module.atomic_write
+    written: list[str] = []
+
+    def write(path: Path, data: bytes, mode: int = 0o644, **kw: object) -> None:
+        if Path(path).name == "state.json":
+            written.append("failed" if len(written) < times else "written")
+            if written[-1] == "failed":
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data, mode, **kw)
+
+    monkeypatch.setattr(manager_module, "atomic_write", write)
+    return written
+
+
+def _reports_until(component: Component, kind: type, timeout: float = 30) -> list[object]:
+    """Every report up to the first of ``kind``, that one included."""
+    deadline = time.monotonic() + timeout
+    reports = []
+    while not isinstance(reports[-1:] and reports[-1], kind):
+        remaining = deadline - time.monotonic()
+        try:
+            reports.append(component.reports.get(timeout=max(0.05, remaining)))
+        except queue.Empty:
+            pytest.fail(f"no {kind.__name__} in {timeout}s; reports: {reports}")
+    return reports
+
+
+def test_a_state_json_that_cannot_be_written_is_a_line_and_the_orders_go_on(
+    component: Component, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The failed save ended the component (ComponentFailed), and after the supervisor's
+    restart it never ordered again: no certificate for any app until the hosts changed."""
+    written = _state_json_fails(monkeypatch, times=1)
+    component.ca.failing_hosts = {"a.test"}  # its failure is the first save
+    component.start()
+    component.want("a.test", HOST, owners={"a.test": "a", HOST: "shop"})
+    reports = _reports_until(component, CertificateIssued)
+    assert not [r for r in reports if isinstance(r, ComponentFailed)], reports
+    assert reports[-1].host == HOST
+    assert written == ["failed", "written"]
+    lines = [r.getMessage() for r in caplog.records if "state.json" in r.getMessage()]
+    assert lines == [
+        "acme: state.json not saved (written again at the next save): "
+        "[Errno 28] No space left on device"
+    ]
+    # What the failed save had is in the next one: memory is what counts.
+    saved = json.loads((component.folder / "state.json").read_text())
+    assert saved["a.test"]["failures"] == 1 and saved[HOST]["certificate"]
+
+
+@pytest.mark.parametrize("failing", ["_order", "_check"])
+def test_after_a_failure_and_a_restart_the_component_orders_again(
+    component: Component, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """A bug raising in a look (or before it) left no look armed: after the supervisor's
+    restart the component waited for a change of hosts that might never come."""
+    real = getattr(AcmeManager, failing)
+    calls: list[str] = []
+
+    def once(self: AcmeManager, *args: object) -> None:
+        calls.append(failing)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        real(self, *args)
+
+    monkeypatch.setattr(AcmeManager, failing, once)
+    manager = component.start()
+    component.want(HOST)
+    failed = component.next(ComponentFailed)
+    assert failed.error == "RuntimeError: a bug"
+    manager.join(10)
+    assert not manager.is_alive()
+    manager.restart()  # what the supervisor does, after its backoff
+    assert component.next(CertificateIssued).host == HOST
+
+
+def test_a_look_that_raises_still_arms_the_next(
+    component: Component, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def bug(self: AcmeManager, host: str) -> None:
+        raise RuntimeError("a bug")
+
+    manager = Driven(component, {}).manager
+    monkeypatch.setattr(AcmeManager, "_order", bug)
+    with pytest.raises(RuntimeError):
+        manager.handle(wanted(HOST))
+    armed = [m for m in manager.inbox.queue if isinstance(m, manager_module._Check)]
+    assert armed or manager._timer is not None

@@ -143,6 +143,14 @@ class AcmeManager(Actor):
                 # No certificate (a failed first order): `keter certs` shows it until the retry.
                 self.report(self._state_message(host, state))
 
+    def on_restart(self) -> None:
+        # The handler that failed may have been a look that had not armed the next one, or
+        # a CertificatesWanted that had not looked yet: without a look now, no host was
+        # ordered or renewed again until the set of hosts changed. A second _Check, if one
+        # waits already, is one more look, which orders nothing that is not due.
+        self._told = True
+        self.tell(_Check())
+
     def handle(self, message: object) -> None:
         match message:
             case CertificatesWanted(hosts=hosts, owners=owners):
@@ -169,15 +177,24 @@ class AcmeManager(Actor):
         (after the messages already waiting: a new app's hosts, a stop) if another is
         due, else when the next one is."""
         orderable = [host for host in self.wanted if not names.is_wildcard(host)]
-        now = self.clock()
-        # Of the hosts due, the one that has waited longest on its own account, ties in
-        # the supervisor's order, which takes the apps' hosts in turn: one bundle's
-        # hundreds of hosts do not keep another app's waiting. A host whose orders keep
-        # failing is due as soon as its app's backoff ends: first in that order, it took
-        # every turn of its app from a sibling host that never failed (a renewal too).
-        due = [host for host in orderable if self._due(host) <= now]
-        if due:
-            self._order(min(due, key=self._own_due))
+        try:
+            now = self.clock()
+            # Of the hosts due, the one that has waited longest on its own account, ties
+            # in the supervisor's order, which takes the apps' hosts in turn: one bundle's
+            # hundreds of hosts do not keep another app's waiting. A host whose orders
+            # keep failing is due as soon as its app's backoff ends: first in that order,
+            # it took every turn of its app from a sibling host that never failed (a
+            # renewal too).
+            due = [host for host in orderable if self._due(host) <= now]
+            if due:
+                self._order(min(due, key=self._own_due))
+        finally:
+            # Armed even when the order raised (a bug: the CA's answers are the host's
+            # failures): the look this one replaced is gone, and no other would come.
+            self._arm(orderable)
+
+    def _arm(self, orderable: list[str]) -> None:
+        """The next look: at once if a host is due, else when the first one is."""
         if self._timer is not None:
             self.cancel(self._timer)
             self._timer = None
@@ -385,10 +402,20 @@ class AcmeManager(Actor):
             except ValueError as exc:  # one host forgotten (a hand-edited file), not all
                 log.warning("acme: state.json: %s dropped: %s", names.log_text(host, 300), exc)
 
-    def _save(self) -> None:
-        self._make_folder()
+    def _save(self) -> bool:
+        """Write state.json; whether it was written. A failure (a full disk) is a line, not
+        the component's: it ended the component, which never ordered again. The state in
+        memory stays what counts, and the next save writes it whole."""
         data = {host: asdict(state) for host, state in sorted(self.hosts.items())}
-        atomic_write(self.folder / "state.json", json.dumps(data, indent=1).encode(), mode=0o600)
+        try:
+            self._make_folder()
+            atomic_write(
+                self.folder / "state.json", json.dumps(data, indent=1).encode(), mode=0o600
+            )
+        except OSError as exc:
+            log.warning("acme: state.json not saved (written again at the next save): %s", exc)
+            return False
+        return True
 
     def _make_folder(self) -> None:
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -654,3 +654,44 @@ def test_a_look_that_raises_still_arms_the_next(
         manager.handle(wanted(HOST))
     armed = [m for m in manager.inbox.queue if isinstance(m, manager_module._Check)]
     assert armed or manager._timer is not None
+
+
+def _renew(driven: Driven) -> Path:
+    """Moves the clock to the host's renewal and looks; the chain now in use."""
+    before = driven.manager.hosts[HOST].certificate
+    driven.now = driven.manager._due(HOST)
+    driven.manager.handle(manager_module._Check())
+    assert driven.manager.hosts[HOST].certificate != before
+    return Path(driven.manager.hosts[HOST].certificate)
+
+
+def test_a_renewal_whose_save_fails_removes_no_certificate_state_json_names(
+    component: Component, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The previous pair was removed before state.json was written: a full disk (or a
+    crash) then left it naming a deleted file, and after a restart the site served plain
+    HTTP until a new order, and a redeploy copying the old path failed."""
+    driven = Driven(component, {HOST: "shop"})
+    first = Path(driven.manager.hosts[HOST].certificate)
+    _state_json_fails(monkeypatch, times=1)
+    renewed = _renew(driven)
+    assert renewed != first  # in use while keter runs: memory is what counts
+    saved = json.loads((component.folder / "state.json").read_text())[HOST]
+    assert saved["certificate"] == str(first) and first.exists()
+    # keter restarted: what state.json names is served again, without an order.
+    orders = len(component.ca.orders)
+    again = Driven(component, {HOST: "shop"}).manager
+    assert again.hosts[HOST].certificate == str(first)
+    assert len(component.ca.orders) == orders
+
+
+def test_a_renewal_keeps_the_previous_pair_until_the_next(component: Component) -> None:
+    """A deploy in flight may still have the nginx writer copy the pair the renewal
+    replaced: it stays until the next renewal, then goes."""
+    driven = Driven(component, {HOST: "shop"})
+    first = Path(driven.manager.hosts[HOST].certificate)
+    second = _renew(driven)
+    third = _renew(driven)
+    kept = sorted(p.name for p in first.parent.iterdir())
+    assert kept == sorted(p.with_suffix(s).name for p in (second, third) for s in (".crt", ".key"))
+    assert not first.exists()

@@ -241,6 +241,7 @@ class AcmeManager(Actor):
         except Exception as exc:  # the library raises many kinds; each is this host's failure
             self._failed(host, state, exc)
             return
+        previous = {Path(each) for each in (state.certificate, state.key) if each is not None}
         state.certificate, state.key = str(chain), str(key)
         state.not_before, state.not_after = issued.not_before, issued.not_after
         state.issuer = issued.issuer
@@ -250,12 +251,17 @@ class AcmeManager(Actor):
         # one issued near its end must not be ordered again at once.
         state.retry_at = now + max(FIRST_BACKOFF, (issued.not_after - now) / 2)
         log.info("acme: %s: certificate issued by %s", host, names.log_text(issued.issuer))
-        self._issued(host, state, CertificateOutcome.ISSUED)
+        if self._issued(host, state, CertificateOutcome.ISSUED):
+            # Only once state.json names the new pair: removed before, a crash or a full
+            # disk left it naming a deleted file (the site on plain HTTP after a restart).
+            # The previous pair stays until the next renewal: the supervisor may be
+            # having the nginx writer copy it for a deploy in flight.
+            self._remove_files(host, keep={chain, key, *previous})
 
     def _store(self, host: str, issued: client.Issued) -> tuple[Path, Path]:
         """Write the host's new key and chain, and name them as its own only once OpenSSL
         (nginx's library) has loaded them as nginx will: nginx refuses the whole site
-        for a chain it cannot read. The previous ones go (nginx reads keter's copies)."""
+        for a chain it cannot read. Nothing else is removed here (see ``_order``)."""
         folder = self.folder / "hosts" / host
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         new_chain, new_key = folder / "new.crt.tmp", folder / "new.key.tmp"
@@ -275,11 +281,18 @@ class AcmeManager(Actor):
             for left in (new_chain, new_key):
                 with contextlib.suppress(OSError):
                     left.unlink()
-        for old in folder.iterdir():
-            if old not in (chain, key):
+        return chain, key
+
+    def _remove_files(self, host: str, keep: set[Path]) -> None:
+        """Remove the files of the host's folder but ``keep`` (older pairs, leftovers)."""
+        try:
+            files = list((self.folder / "hosts" / host).iterdir())
+        except OSError:
+            return  # nothing to remove, or nothing to be done about it now
+        for old in files:
+            if old not in keep:
                 with contextlib.suppress(OSError):
                     old.unlink()
-        return chain, key
 
     def _failed(self, host: str, state: HostState, exc: Exception) -> None:
         detail = names.log_text(_reason(exc), 500)
@@ -312,9 +325,10 @@ class AcmeManager(Actor):
         log.warning("acme: %s: %s", host, state.detail)
         self.report(self._state_message(host, state))
 
-    def _issued(self, host: str, state: HostState, outcome: CertificateOutcome) -> None:
+    def _issued(self, host: str, state: HostState, outcome: CertificateOutcome) -> bool:
+        """Save and report the host's certificate; whether state.json was written."""
         state.outcome = outcome.value
-        self._save()
+        saved = self._save()
         self.report(
             CertificateIssued(
                 host=host,
@@ -324,6 +338,7 @@ class AcmeManager(Actor):
             )
         )
         self.report(self._state_message(host, state))
+        return saved
 
     def _state_message(self, host: str, state: HostState) -> CertificateState:
         return CertificateState(

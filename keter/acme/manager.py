@@ -132,6 +132,7 @@ class AcmeManager(Actor):
             return  # a restart after a failure: the state is in memory
         self._loaded = True
         self._load()
+        self._clear_challenges()
         now = self.clock()
         for host, state in sorted(self.hosts.items()):
             if self._reusable(host, state, now):
@@ -233,6 +234,10 @@ class AcmeManager(Actor):
     def _order(self, host: str) -> None:
         state = self._state(host)
         now = state.last_attempt = self.clock()
+        # Written before the order: keter stopped mid-order (SIGTERM abandons one the CA
+        # is slow to answer) had it in memory only, and ordered the host again at once at
+        # its next start, however often it was restarted.
+        self._save()
         try:
             # Normally made (group nginx) by the nginx writer; it may not have run yet.
             self.challenges.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -395,6 +400,20 @@ class AcmeManager(Actor):
             eab_hmac_key=settings.eab_hmac_key,
             ca_bundle=settings.ca_bundle,
         )
+
+    def _clear_challenges(self) -> None:
+        """Remove what earlier orders left in the challenge folder. keter stopped mid-order
+        left its answer there for good (the order's own cleanup never ran). Only keter
+        writes there, one order at a time, and none runs yet: every file there is left
+        over, atomic_write's hidden temporaries (``.TOKEN.*.tmp``) too."""
+        try:
+            entries = list(os.scandir(self.challenges))
+        except OSError:
+            return  # none yet: the nginx writer or the first order makes it
+        for entry in entries:
+            if not entry.is_dir(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
     def _state(self, host: str) -> HostState:
         return self.hosts.setdefault(host, HostState())

@@ -191,6 +191,9 @@ class FakeCa:
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", "1000000")
         h.end_headers()
+        # Never whole: once the CA closes, the connection ends too (else the server
+        # waited on it for a next request while the client waited for the rest).
+        h.close_connection = True
         try:
             h.wfile.write(b"{")
             h.wfile.flush()

@@ -720,3 +720,36 @@ def test_keter_stopped_mid_order_leaves_no_challenge_and_no_order_at_once(
         assert driven.manager.hosts[HOST].certificate is not None
     finally:
         ca.close()  # ends the first order, on the first component's thread
+
+
+def test_state_json_keeps_only_hosts_tried_and_forgets_those_long_gone(
+    component: Component,
+) -> None:
+    """Every host ever wanted got a row just by being looked at, tried or not: a bundle
+    asking for a hundred new hosts at each deploy grew state.json (written whole at every
+    attempt) and keter's memory for good."""
+    (component.folder / "hosts").mkdir(parents=True)  # as a keter that ordered before left it
+    account = component.folder / "account.key"
+    account.write_bytes(key := client.new_account_key())
+    # A hand edit: a "host" that names no host's folder (this one, ROOT/etc/acme).
+    (component.folder / "state.json").write_text(json.dumps({"..": {"outcome": "failed"}}))
+    component.ca.failing_hosts = {"gone.test", "kept.test"}
+    driven = Driven(component, {HOST: "shop", "gone.test": "evil"})
+    driven.minutes(1)
+    assert sorted(component.ca.orders) == ["gone.test", HOST]
+    assert account.read_bytes() == key  # ".." was forgotten, and nothing of etc/acme with it
+    many = [f"h{i}.test" for i in range(100)]  # of an app waiting after its failure
+    owners = {HOST: "shop", "gone.test": "evil"} | dict.fromkeys(many, "evil")
+    driven.manager.handle(CertificatesWanted(hosts=tuple(owners), owners=owners))
+    assert sorted(driven.manager.hosts) == ["gone.test", HOST]
+
+    def want(*hosts: str) -> None:
+        driven.manager.handle(CertificatesWanted(hosts=hosts, owners=dict.fromkeys(hosts, "evil")))
+
+    driven.now += 80 * 86400
+    want("kept.test")  # tried (and failed) 80 days on
+    driven.now += 11 * 86400
+    want()  # no app wants any: those not tried for 90 days, without a valid certificate, go
+    assert sorted(driven.manager.hosts) == ["kept.test"]
+    assert sorted(json.loads((component.folder / "state.json").read_text())) == ["kept.test"]
+    assert not (component.folder / "hosts" / HOST).exists()

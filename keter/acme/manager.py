@@ -67,6 +67,9 @@ RENEW_SPREAD = 2 * DAY
 FIRST_BACKOFF = 60.0
 MAX_BACKOFF = DAY
 RATE_LIMIT_BACKOFF = 3600.0
+# A host no longer wanted, without a valid certificate, is forgotten this long after its
+# last attempt (a certificate issued then has expired by now if it lived 90 days).
+FORGET_AFTER = 90 * DAY
 
 
 @dataclass
@@ -163,8 +166,9 @@ class AcmeManager(Actor):
                     for app, budget in self.apps.items()
                     if budget.retry_at + MAX_BACKOFF > now
                 }
+                self._forget(now)
                 for host in sorted(self.wanted):
-                    if names.is_wildcard(host) and self._state(host).outcome != "refused":
+                    if names.is_wildcard(host) and self._known(host).outcome != "refused":
                         self._refuse(host)
                 self._check()
             case _Check():
@@ -215,7 +219,7 @@ class AcmeManager(Actor):
         return max(self._own_due(host), budget.retry_at if budget is not None else 0.0)
 
     def _own_due(self, host: str) -> float:
-        state = self._state(host)
+        state = self._known(host)
         # Never sooner than a minute after any attempt, whatever the certificate is or
         # state.json says: nothing the CA answers can make keter order again and again.
         floor = max(state.retry_at, (state.last_attempt or 0.0) + FIRST_BACKOFF)
@@ -416,7 +420,47 @@ class AcmeManager(Actor):
                     os.unlink(entry.path)
 
     def _state(self, host: str) -> HostState:
+        """The host's row, made if there is none: for an attempt or an outcome."""
         return self.hosts.setdefault(host, HostState())
+
+    def _known(self, host: str) -> HostState:
+        """The host's row, or an empty one that is not kept: looking makes no row. It
+        made one for every host ever wanted, tried or not, and state.json, written whole
+        at every attempt, grew with each (a bundle can ask for a hundred at a time)."""
+        return self.hosts.get(host) or HostState()
+
+    def _forget(self, now: float) -> None:
+        """Drop the rows of hosts no longer wanted that have no valid certificate and were
+        not tried for FORGET_AFTER, and their folders: nothing in them is of use, and
+        else every host ever wanted stayed in state.json (and in memory) for good. A row
+        with a valid certificate stays: its app may come back and serve it again."""
+        wanted = set(self.wanted)
+        gone = [
+            host
+            for host, state in self.hosts.items()
+            if host not in wanted
+            and (state.certificate is None or (state.not_after or 0.0) <= now)
+            and (state.last_attempt or 0.0) + FORGET_AFTER <= now
+        ]
+        for host in gone:
+            del self.hosts[host]
+            self._remove_folder(host)
+        if gone:
+            log.info("acme: forgot %d host(s) no longer wanted", len(gone))
+            self._save()
+
+    def _remove_folder(self, host: str) -> None:
+        # A host read from state.json may be anything (a hand edit): "..", or a path,
+        # would name a folder that is not one host's.
+        try:
+            if names.validate_host(host) != host:
+                return
+        except ValueError:
+            return
+        folder = self.folder / "hosts" / host
+        self._remove_files(host, keep=set())
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
     def _load(self) -> None:
         self.hosts = {}

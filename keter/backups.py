@@ -155,13 +155,14 @@ def backup_before(backups_dir: Path, app: str, version: str) -> BackupInfo | Non
     )
 
 
-def prune(backups_dir: Path, app: str, keep: int) -> list[str]:
+def prune(backups_dir: Path, app: str, keep: int, serving: str | None = None) -> list[str]:
     """Delete all but the newest ``keep`` backups and the newest ``release`` backup of
-    each version they name; returns the names deleted."""
+    each version they name and of the version ``serving``; returns the names deleted."""
     backups = list_backups(backups_dir, app)
     kept = backups[:keep]
     anchors = {b.version: b for b in reversed(backups) if b.kind is BackupKind.RELEASE}
-    kept += [anchors[version] for version in {b.version for b in kept} if version in anchors]
+    named = {b.version for b in kept} | ({serving} if serving else set())
+    kept += [anchors[version] for version in named if version in anchors]
     doomed = [b for b in backups if b not in kept]
     for backup in doomed:
         with contextlib.suppress(FileNotFoundError):
@@ -418,18 +419,24 @@ class Backups(Actor):
         if job.part is not None and failure is not None:
             with contextlib.suppress(OSError):
                 job.part.unlink()
+        # After a failure too: failed restores' safety dumps had piled up past the bound.
+        self._prune(job)
         if failure is None:
             self._succeeded(job)
         else:
             self._failed(job, failure)
         self._next_job(app)
 
+    def _prune(self, job: _Job) -> None:
+        request = job.request
+        serving = request.version if isinstance(request, RestoreDatabase) else request.serving
+        pruned = prune(self.backups_dir, request.app, self.keep, serving)
+        if pruned:
+            log.info("%s: deleted old backup(s) %s", request.app, ", ".join(pruned))
+
     def _succeeded(self, job: _Job) -> None:
         request, backup = job.request, job.backup
         assert backup is not None
-        pruned = prune(self.backups_dir, request.app, self.keep)
-        if pruned:
-            log.info("%s: deleted old backup(s) %s", request.app, ", ".join(pruned))
         if isinstance(request, RestoreDatabase):
             assert job.restoring is not None
             log.info("%s: database restored from %s", request.app, job.restoring.name)

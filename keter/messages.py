@@ -488,6 +488,9 @@ class BackupDatabase:
     kind: BackupKind
     version: str
     reply: concurrent.futures.Future | None = field(default=None, repr=False, compare=False)
+    # The version serving (None: none), whose newest release backup pruning never deletes:
+    # what rollback --with-data restores (failed deploys' backups had pushed it out).
+    serving: str | None = None
 
 
 @message

@@ -10,7 +10,7 @@ import socket
 import pytest
 
 import keter.backups
-from keter.backups import Backups
+from keter.backups import Backups, backup_name, list_backups
 from keter.messages import (
     BackupDatabase,
     BackupFailed,
@@ -97,3 +97,19 @@ def test_a_dump_program_that_exits_0_without_a_dump_takes_no_backup(
     assert isinstance(failed, BackupFailed)
     assert failed.reason == "pg_dump exited with status 0 but wrote no dump"
     assert list((tmp_path / "backups" / "app").iterdir()) == []
+
+
+def test_a_failed_job_prunes_too(backups, tmp_path) -> None:
+    # Failed restores each left a full safety dump, never pruned until a job succeeded:
+    # a hostile app holding a lock made every restore fail, and each retry added one.
+    component, reports = backups
+    folder = tmp_path / "backups" / "app"
+    folder.mkdir(parents=True)
+    for n in range(5):
+        (folder / backup_name(BackupKind.RESTORE, "0123456789ab", 100 + n)).write_text("x")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    component.tell(request(port))
+    assert isinstance(reports.get(timeout=20), BackupFailed)
+    assert len(list_backups(tmp_path / "backups", "app")) == 2  # backup-keep

@@ -413,6 +413,20 @@ def test_listing_and_pruning_keep_the_newest(tmp_path: Path) -> None:
     assert list_backups(tmp_path, "other") == []
 
 
+def test_failed_deploys_never_prune_the_backup_before_the_version_serving(tmp_path: Path) -> None:
+    # v2 serves; two new versions failed their release, each after its own backup. With
+    # backup-keep 2 they pushed v2's out, and rollback --with-data had nothing to restore.
+    folder = tmp_path / "app"
+    folder.mkdir()
+    before_v2 = backup_name(BackupKind.RELEASE, "bbbbbbbbbbbb", 200)
+    failed = [backup_name(BackupKind.RELEASE, f"{n}" * 12, 300 + n) for n in (3, 4)]
+    for name in (backup_name(BackupKind.RELEASE, "aaaaaaaaaaaa", 100), before_v2, *failed):
+        (folder / name).write_text("x")
+    prune(tmp_path, "app", 2, serving="bbbbbbbbbbbb")
+    assert backup_before(tmp_path, "app", "bbbbbbbbbbbb").name == before_v2
+    assert {b.name for b in list_backups(tmp_path, "app")} == {before_v2, *failed}
+
+
 def test_restarts_neither_stand_for_nor_prune_the_backup_before_a_version(tmp_path: Path) -> None:
     # v2 replaced v1, then restarted six times (each a backup before its release ran
     # again). rollback --with-data had restored the newest (v2's data, migrated), and

@@ -291,6 +291,7 @@ def test_a_newer_bundle_after_a_failed_release_deploys(rig: Rig, serving: StartP
 
 def test_a_newer_bundle_stops_a_backup_at_once(rig: Rig, serving: StartProcess) -> None:
     backup = to_backup(rig)
+    assert backup.serving == "11" * 6  # its newest release backup is never pruned
     rig.send(BundleArrived(app="a", path=rig.tmp / "a.keter", mtime_ns=2, size=1))
     [done] = rig.finished()
     assert done.outcome is Outcome.SUPERSEDED  # a dump changes nothing: no need to wait

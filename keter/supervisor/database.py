@@ -119,6 +119,7 @@ class DatabaseRequests(SupervisorState):
                 kind=BackupKind.MANUAL,
                 version=serving.version,
                 reply=request.reply,
+                serving=serving.version,
             )
         else:
             command = RestoreDatabase(

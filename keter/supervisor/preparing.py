@@ -77,6 +77,7 @@ class Preparing(SupervisorState):
                     user=app_user(self.config, deploy.app),
                     kind=BackupKind.RERELEASE if again else BackupKind.RELEASE,
                     version=deploy.version,
+                    serving=serving.version if serving is not None else None,
                 )
             )
         else:

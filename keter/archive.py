@@ -234,6 +234,22 @@ class BundleArchive:
             except HashMismatch:
                 raise ArchiveError(f"archived version {archived.version} is damaged") from None
 
+    @staticmethod
+    def check(archived: ArchivedBundle) -> None:
+        """Whether the archived bundle still holds its version's bytes: raises
+        ArchiveError (what ``restore`` would find) before anything depends on it."""
+        digest = hashlib.sha256()
+        try:
+            with open(archived.path, "rb") as source:
+                while chunk := source.read(1 << 20):
+                    digest.update(chunk)
+        except FileNotFoundError:
+            raise ArchiveError(
+                f"version {archived.version} was just removed from the archive"
+            ) from None
+        if digest.hexdigest() != archived.sha256:
+            raise ArchiveError(f"archived version {archived.version} is damaged")
+
     def _prune(self, app: str) -> None:
         for old in self.versions(app)[self.keep :]:
             with contextlib.suppress(FileNotFoundError):

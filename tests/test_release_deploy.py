@@ -291,6 +291,32 @@ def test_rollback_with_data_restores_the_backup_before_the_undone_version(
     assert back["tables"] == ["notes"] and back["notes"] == ["by-v1"]
 
 
+def test_rollback_with_data_to_a_damaged_version_changes_no_data(
+    pg_keter, private_nginx, tmp_path, app
+) -> None:
+    """The archived bundle was checked only after the restore: the rollback failed on it,
+    and the version it was to undo served on, on the data from before its release."""
+    keter = pg_keter
+    serve_v1(keter, private_nginx, tmp_path, app)
+    v2_release = ["--sql", NOTES, "--sql", "CREATE TABLE IF NOT EXISTS v2_only (x int)"]
+    v2 = release_bundle(tmp_path / "v2.keter", "v2", v2_release)
+    assert deploy(keter, app, v2).returncode == 0
+    served(private_nginx, HOST, "v2")
+    body(private_nginx, HOST, "/write?note=by-v2")
+    serving = status_api(keter).app(app)["version"]
+    archived = (keter.root / "archive" / app).glob("*.keter")
+    [v1] = [path for path in archived if not path.name.startswith(serving)]
+    data = bytearray(v1.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # the same size: bit rot
+    v1.write_bytes(bytes(data))
+
+    result = keter_cli(keter.root, "rollback", app, "--with-data")
+    assert result.returncode != 0
+    assert "is damaged; nothing was restored" in result.stderr, result.stderr
+    now = info(private_nginx)
+    assert now["tables"] == ["notes", "v2_only"] and "by-v2" in now["notes"]
+
+
 def app_dsn(keter, app: str) -> str:
     """The app's own connection string, from keter's record of its credentials."""
     entry = yaml.safe_load((keter.root / "etc" / "postgres.yaml").read_text())[app]

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from keter import envstore
 from keter.appdata import data_dir, purge_data_dir
+from keter.archive import ArchiveError
 from keter.backups import backup_before, info_json, list_backups
 from keter.messages import AppState, DatabaseRequest, DbAction, RequestRefused
 from keter.postgres import DB_ENV_NAMES
@@ -170,8 +171,22 @@ def rollback_with_data(api: StatusServer, app: str, version: str | None) -> dict
             "(it has no release or no database, or the backup was deleted); "
             "roll back without --with-data, or restore a backup by name",
         )
+    try:
+        # The rollback's own check, before the data changes: a damaged archived bundle
+        # had it fail after the restore, the version undone serving on the old data.
+        api.board.archive.check(target)
+    except ArchiveError as exc:
+        raise ApiError(409, f"{exc}; nothing was restored") from None
     restored = database(api, DbAction.RESTORE, app, backup.name)
-    result = api.command(Action.ROLLBACK, app, target.version)
+    try:
+        result = api.command(Action.ROLLBACK, app, target.version)
+    except ApiError as exc:
+        safety = restored["safety_backup"]["name"]
+        raise ApiError(
+            exc.status,
+            f"{exc.message}; but the database was restored from {backup.name} and version "
+            f"{snapshot.version} serves on it (its data before is in backup {safety})",
+        ) from None
     result.update(restored)
     return result
 

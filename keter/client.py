@@ -149,7 +149,7 @@ class KeterClient:
         return self.post(f"/api/apps/{quote(name, safe='')}/backups", {}, timeout=timeout)
 
     def restore(self, name: str, backup: str | None, timeout: float) -> dict:
-        body = {"backup": backup} if backup else {}
+        body = {"backup": backup} if backup is not None else {}
         return self.post(f"/api/apps/{quote(name, safe='')}/restore", body, timeout=timeout)
 
     def purge(self, name: str) -> dict:

@@ -54,7 +54,7 @@ from keter.messages import (
     RollBack,
     ServeLastServed,
 )
-from keter.status import StatusServer, handler, servers
+from keter.status import StatusServer, appops, handler, servers
 from keter.status.checks import RequestChecks
 from keter.status.errors import ApiError as StatusApiError
 from keter.status.views import MAX_LOG_ANSWER, app_urls
@@ -1068,3 +1068,11 @@ def test_a_burst_of_cli_clients_is_served_not_turned_away(make_status):
     with concurrent.futures.ThreadPoolExecutor(60) as pool:
         answers = list(pool.map(lambda _: status.client.status(), range(60)))
     assert all("apps" in answer for answer in answers)
+
+
+@pytest.mark.parametrize("named", ["", 5, ["x.dump"]])
+def test_a_restore_names_a_backup_or_none_but_nothing_else(named) -> None:
+    # An empty name restored the newest backup: a script's unset variable did it.
+    with pytest.raises(StatusApiError) as refused:
+        appops.restore(None, "app", {"backup": named})  # type: ignore[arg-type]
+    assert refused.value.status == 400

@@ -127,10 +127,11 @@ def take_backup(api: StatusServer, app: str) -> dict:
 def restore(api: StatusServer, app: str, body: dict) -> dict:
     """Restore a backup (the newest if none is named), then restart the app on it."""
     name = body.get("backup")
-    if name is not None and not isinstance(name, str):
-        raise ApiError(400, "backup must be a file name")
+    # "" is refused, not read as "the newest": a script's unset variable restored it.
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ApiError(400, "backup must be a file name (leave it out for the newest)")
     after = api.board.history.seq  # a deploy that begins during the restore ends past it
-    result = database(api, DbAction.RESTORE, app, name or None)
+    result = database(api, DbAction.RESTORE, app, name)
     snapshot = api.board.snapshot(app)
     if snapshot is not None and snapshot.deploying not in (None, snapshot.version):
         # Uploaded during the restore: it deploys on the restored data.

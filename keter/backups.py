@@ -90,6 +90,12 @@ STAMP_FORMAT = "%Y%m%dT%H%M%S.%fZ"
 ERROR_TAIL = 4096  # bytes of a program's error output kept for the reason
 SYSTEM_PATH = "/usr/bin:/bin"
 LOCK_TIMEOUT_MS = 60_000  # a restore waits this long for the app's locks, then fails
+# What a dump or a restore's SQL must leave free on ROOT's disk. Past it the writer gets
+# SIGXFSZ and the job fails alone; unbounded, a restore's SQL (about 1000 times its dump
+# for compressible data) had filled the disk every app shares. A share of the disk
+# instead would fail every backup (and so every deploy) of a large disk kept nearly full.
+DISK_RESERVE = 256 * 1024 * 1024
+PRLIMIT = shutil.which("prlimit", path=SYSTEM_PATH)  # util-linux
 
 
 # -- the files -----------------------------------------------------------------------------
@@ -180,6 +186,12 @@ def info_json(backup: BackupInfo) -> dict:
     }
 
 
+def write_bound(folder: Path) -> tuple[int, int]:
+    """(bytes one file may grow to in ``folder``, the reserve that leaves free there)."""
+    disk = os.statvfs(folder)
+    return max(0, disk.f_bavail * disk.f_frsize - DISK_RESERVE), DISK_RESERVE
+
+
 def pg_program(name: str) -> str:
     """The newest installed PostgreSQL's ``name`` (pg_dump refuses newer servers), else PATH's."""
 
@@ -249,6 +261,7 @@ class _Job:
     part: Path | None = None  # a file being written (removed if the job fails)
     part_fd: int | None = None
     input_fd: int | None = None
+    reserve: int = 0  # bytes the step writing ``part`` must leave free (write_bound)
 
 
 class BackupFailure(Exception):
@@ -395,6 +408,9 @@ class Backups(Actor):
         if done.returncode != 0 or job.timed_out:
             if job.timed_out:
                 why = f"did not finish within {self.timeout:g}s"
+            elif done.returncode == -signal.SIGXFSZ:
+                reserve = job.reserve // 2**20
+                why = f"stopped: it would have left less than {reserve} MiB free on ROOT's disk"
             else:
                 why = f"exited with status {done.returncode}"
             last = [line for line in done.errors.strip().splitlines() if line.strip()]
@@ -479,7 +495,8 @@ class Backups(Actor):
         job.part_fd = os.open(
             job.part, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
         )
-        self._spawn(job, "pg_dump", ["--format=custom", "--no-password"], stdout=job.part_fd)
+        args = ["--format=custom", "--no-password"]
+        self._spawn(job, "pg_dump", args, stdout=job.part_fd, bounded=folder)
 
     def _dump_written(self, job: _Job) -> None:
         """The dump is complete: make it durable and give it its name."""
@@ -505,7 +522,7 @@ class Backups(Actor):
             job.part, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
         )
         args = ["--no-owner", "--no-acl", "--file=-"]
-        self._spawn(job, "pg_restore", args, stdin=job.input_fd, stdout=job.part_fd)
+        self._spawn(job, "pg_restore", args, stdin=job.input_fd, stdout=job.part_fd, bounded=folder)
 
     def _start_psql(self, job: _Job) -> None:
         """psql runs DROP OWNED and the SQL in one transaction (see the module docstring)."""
@@ -525,15 +542,28 @@ class Backups(Actor):
         ]
         self._spawn(job, "psql", args, stdin=job.input_fd, stdout=subprocess.DEVNULL)
 
-    def _spawn(self, job: _Job, program: str, args: list[str], **streams: object) -> None:
+    def _spawn(
+        self,
+        job: _Job,
+        program: str,
+        args: list[str],
+        bounded: Path | None = None,
+        **streams: object,
+    ) -> None:
+        """Start ``program``; one writing a file in ``bounded`` may leave no less free
+        there than the reserve (RLIMIT_FSIZE, by util-linux prlimit)."""
         request = job.request
         job.program = program
         identity = self._identity(request)
         run_as = credentials(identity)
+        command = [pg_program(program), *args]
+        if bounded is not None and PRLIMIT is not None:
+            limit, job.reserve = write_bound(bounded)
+            command = [PRLIMIT, f"--fsize={limit}", "--", *command]
         job.child = subprocess.Popen(
             # The app's data shapes how much memory they take (pg_dump holds every large
             # object's entry): the OOM killer picks them before keter, as it picks apps.
-            oom_first([pg_program(program), *args]),
+            oom_first(command),
             env=program_env(request.db),
             cwd="/",
             stdin=streams.pop("stdin", subprocess.DEVNULL),

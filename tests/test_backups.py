@@ -113,3 +113,21 @@ def test_a_failed_job_prunes_too(backups, tmp_path) -> None:
     component.tell(request(port))
     assert isinstance(reports.get(timeout=20), BackupFailed)
     assert len(list_backups(tmp_path / "backups", "app")) == 2  # backup-keep
+
+
+def test_a_dump_that_would_fill_roots_disk_is_stopped(backups, tmp_path, monkeypatch) -> None:
+    # A restore's SQL is about 1000 times its dump for compressible data: unbounded, it
+    # had filled the disk every app shares. A dump is bounded alike.
+    writer = tmp_path / "writer"
+    writer.write_text("#!/bin/sh\nexec head -c 8388608 /dev/zero\n")
+    writer.chmod(0o755)
+    monkeypatch.setattr(keter.backups, "pg_program", lambda name: str(writer))
+    monkeypatch.setattr(keter.backups, "write_bound", lambda folder: (1 << 20, 5 << 30))
+    component, reports = backups
+    component.tell(request(1))
+    failed = reports.get(timeout=20)
+    assert isinstance(failed, BackupFailed)
+    assert failed.reason == (
+        "pg_dump stopped: it would have left less than 5120 MiB free on ROOT's disk"
+    )
+    assert list((tmp_path / "backups" / "app").iterdir()) == []

@@ -55,6 +55,7 @@ def test_workers_of_their_own_serve_static_files_guarded_and_proxied_apps(
         assert body(www_nginx, "files.test", "/css/site.css") == b"body{}"
         assert www_nginx.request("files.test", "/config/keter.yaml")[0] == 404
         wait_for(lambda: www_nginx.request("guarded.test")[0] == 401, 20, "the guarded app")
+        www_nginx.wait_settled()  # a retiring worker (the old config) may take the next one
         signed = {"Authorization": "Basic am9uOnJvY2tz"}  # jon:rocks
         assert get(www_nginx.port, "guarded.test", "/", signed)[2] == b"v1\n"
         assert "Permission denied" not in www_nginx.error_log_text()

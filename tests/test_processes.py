@@ -58,7 +58,15 @@ from keter.processes.groups import group_members, wait_group_gone
 from keter.processes.health import Prober, is_healthy
 from keter.processes.ports import port_is_free
 from keter.processes.programs import SHELL
-from keter.processes.reader import MAX_PIPE_BUFFER, READ_CHUNK, drain_tail
+from keter.processes.reader import (
+    MAX_PIPE_BUFFER,
+    OUTPUT_BURST,
+    READ_CHUNK,
+    OutputReader,
+    _Budget,
+    _Watched,
+    drain_tail,
+)
 from keter.processes.spawn import APP_ENV, ROOT_ENV, SpawnError, environment_file
 from keter.processes.states import (
     TRANSITIONS,
@@ -705,6 +713,28 @@ def test_draining_past_the_budget_logs_the_last_words_and_drops_the_rest(tmp_pat
     assert len(lines) < READ_CHUNK // 12 + 2  # one chunk's lines, not 40,000
     assert len(flood) - READ_CHUNK < dropped < len(flood)
     assert capture.tail(1) == ("last words",)
+
+
+def test_an_app_quiet_since_its_flood_has_its_whole_last_output_logged(tmp_path):
+    """Its budget, spent an hour ago, was not brought up to date before the exit's drain:
+    all but the pipe's last 64 KiB was dropped, for an app within its rate for an hour."""
+    applog = AppLog(tmp_path / "a.log", max_bytes=10_000_000, backups=1)
+    capture = OutputCapture("app", applog)
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, MAX_PIPE_BUFFER)
+    os.set_blocking(read_end, False)
+    os.write(write_end, b"".join(b"line %06d\n" % n for n in range(20_000)))  # 240 KB
+    os.close(write_end)
+    spent = _Budget(tokens=-OUTPUT_BURST, counted_at=time.monotonic() - 3600, runs=1)
+    quiet = subprocess.Popen(["true"])  # the run's process: only named in log lines
+    quiet.wait()
+    watched = _Watched(key=1, proc=quiet, capture=capture, fd=read_end, pidfd=-1, budget=spent)
+    reader = OutputReader(LogRegistry(max_bytes=1, backups=0), on_exit=lambda *args: None)
+    assert reader._drain(watched) is False  # end of file
+    os.close(read_end)
+    capture.flush()
+    applog.close()
+    assert len((tmp_path / "a.log").read_bytes().splitlines()) == 20_000
 
 
 def test_output_capture_joins_split_lines_and_keeps_a_tail(tmp_path):

@@ -224,10 +224,8 @@ class OutputReader:
         """Take ``cost`` from its app's budget; pause the run's pipe when it is spent."""
         budget = watched.budget
         assert budget is not None
-        now = time.monotonic()
-        elapsed = now - budget.counted_at
-        budget.tokens = min(OUTPUT_BURST, budget.tokens + elapsed * OUTPUT_RATE) - cost
-        budget.counted_at = now
+        now = _refill(budget)
+        budget.tokens -= cost
         if budget.tokens >= 0:
             return
         if not watched.throttled:
@@ -275,6 +273,7 @@ class OutputReader:
         exit report up to 3 s."""
         budget = watched.budget
         assert budget is not None
+        _refill(budget)  # an app quiet since its flood has its budget back
         if budget.tokens > 0:
             open_, cost = drain(watched.capture, watched.fd)
             budget.tokens -= cost
@@ -344,6 +343,15 @@ class OutputReader:
             watched.exited = True
             self._selector.unregister(watched.pidfd)
             os.close(watched.pidfd)
+
+
+def _refill(budget: _Budget) -> float:
+    """Bring ``budget`` up to date (what the rate gave back since); returns now."""
+    now = time.monotonic()
+    elapsed = now - budget.counted_at
+    budget.tokens = min(OUTPUT_BURST, budget.tokens + elapsed * OUTPUT_RATE)
+    budget.counted_at = now
+    return now
 
 
 def exit_status(pidfd: int) -> int:

@@ -471,7 +471,11 @@ class Backups(Actor):
             refusal = failure
         else:
             what = "restore" if isinstance(request, RestoreDatabase) else "backup"
-            log.error("%s: database %s failed: %s", request.app, what, failure)
+            # A deploy's backup: the supervisor's line says what it meant for the deploy
+            # (failed, or released anyway); a second ERROR for one failure was noise.
+            for_deploy = isinstance(request, BackupDatabase) and request.deploy_id is not None
+            level = logging.INFO if for_deploy else logging.ERROR
+            log.log(level, "%s: database %s failed: %s", request.app, what, failure)
             refusal = RequestRefused(500, f"{what} failed: {failure}")
         if isinstance(request, BackupDatabase) and request.deploy_id is not None:
             reason = str(failure) if isinstance(failure, str) else refusal.message

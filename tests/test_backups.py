@@ -4,6 +4,7 @@ PostgreSQL in tests/test_release_deploy.py."""
 
 from __future__ import annotations
 
+import logging
 import queue
 import socket
 
@@ -47,7 +48,8 @@ def request(port: int, deploy_id: int = 1) -> BackupDatabase:
     )
 
 
-def test_a_dump_that_cannot_connect_fails_with_pg_dumps_reason(backups, tmp_path) -> None:
+def test_a_dump_that_cannot_connect_fails_with_pg_dumps_reason(backups, tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="keter.backups")
     component, reports = backups
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
@@ -58,6 +60,9 @@ def test_a_dump_that_cannot_connect_fails_with_pg_dumps_reason(backups, tmp_path
     assert failed.reason.startswith("pg_dump exited with status 1: ")
     assert "connection" in failed.reason.lower()
     assert list((tmp_path / "backups" / "app").iterdir()) == []  # no half-written file
+    # One ERROR for one failure: the supervisor's, which says what it meant for the deploy.
+    mine = [r for r in caplog.records if r.name == "keter.backups" and "failed" in r.getMessage()]
+    assert [r.levelno for r in mine] == [logging.INFO]
 
 
 def test_a_dump_that_hangs_is_killed_at_backup_timeout(backups, tmp_path) -> None:

@@ -238,11 +238,9 @@ class BundleArchive:
     def check(archived: ArchivedBundle) -> None:
         """Whether the archived bundle still holds its version's bytes: raises
         ArchiveError (what ``restore`` would find) before anything depends on it."""
-        digest = hashlib.sha256()
         try:
             with open(archived.path, "rb") as source:
-                while chunk := source.read(1 << 20):
-                    digest.update(chunk)
+                digest = hashlib.file_digest(source, "sha256")
         except FileNotFoundError:
             raise ArchiveError(
                 f"version {archived.version} was just removed from the archive"

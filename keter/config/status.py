@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from keter.config.values import machine_name
-from keter.names import validate_host, validate_ip, validate_upstream_host
+from keter.names import host_matches, validate_host, validate_ip, validate_upstream_host
 from keter.yamlcheck import Checker, describe, is_arg, key_name, string, type_name
 
 
@@ -135,11 +135,7 @@ def _names(host: str, certificate: Path) -> bool:
         return False
     except (OSError, ValueError):
         return True
-    for name in names.get_values_for_type(x509.DNSName):
-        name = name.lower()
-        if name == host or (name.startswith("*.") and host.partition(".")[2] == name[2:]):
-            return True
-    return False
+    return any(host_matches(name, host) for name in names.get_values_for_type(x509.DNSName))
 
 
 def check_status_auth(values: dict[str, object], check: Checker) -> None:

@@ -182,6 +182,10 @@ def publish_static(folder: Path, roots: Iterable[Path], nginx_group: str = NGINX
         gid: int | None = grp.getgrnam(nginx_group).gr_gid
     except KeyError:
         gid = None
+        log.warning(
+            "unpacker: no group %s (nginx's workers): static roots are opened to every local user",
+            nginx_group,
+        )
     for root in roots:
         root = Path(root)
         if root != top and top not in root.parents:

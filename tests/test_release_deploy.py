@@ -359,6 +359,40 @@ def test_a_bundle_uploaded_during_a_restore_deploys_on_the_restored_data(
     assert info(private_nginx)["notes"] == ["kept"]  # v2 runs on the restored data
 
 
+def test_a_restore_whose_restart_a_newer_version_supersedes_reports_that_versions_end(
+    pg_keter, private_nginx, tmp_path, app
+) -> None:
+    # The data was restored and v2 served on it, but the restart of v1 it superseded was
+    # the verdict: the restore "failed" (exit 1) after it had succeeded.
+    keter = pg_keter
+    held = "SELECT pg_advisory_lock(7207)"  # v1's release waits for the test's lock
+    v1 = release_bundle(tmp_path / "v1.keter", "v1", ["--sql", NOTES, "--sql", held])
+    assert deploy(keter, app, v1).returncode == 0
+    served(private_nginx, HOST, "v1")
+    body(private_nginx, HOST, "/write?note=kept")
+    taken = keter_cli(keter.root, "db", "backup", app)
+    assert taken.returncode == 0, taken.stderr
+    body(private_nginx, HOST, "/write?note=after-the-backup")
+    v2 = release_bundle(tmp_path / "v2.keter", "v2", ["--sql", NOTES])
+    with psycopg.connect(app_dsn(keter, app), autocommit=True) as holder:
+        holder.execute(held)
+        restore = subprocess.Popen(
+            [sys.executable, "-m", "keter", "db", "restore", "--root", str(keter.root), app],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        # The restart's release (v1's second) waits for the lock: v2 comes now.
+        wait_for(lambda: app_log(keter, app).count(f"ran: {NOTES}") == 2, 60, "the restart")
+        keter.drop(v2, f"{app}.keter")
+        wait_for(lambda: "waiting for the release of" in keter.log_since_start(), 30, "v2 seen")
+    _, err = restore.communicate(timeout=120)
+    assert restore.returncode == 0, err
+    assert "a newer version came meanwhile and deploys on it" in err
+    served(private_nginx, HOST, "v2")
+    assert info(private_nginx)["notes"] == ["kept"]
+
+
 def test_pg_dump_goes_before_keter_to_the_oom_killer(
     pg_keter, private_nginx, tmp_path, app
 ) -> None:

@@ -606,6 +606,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         started = client.rollback(app, args.version, with_data=args.with_data, timeout=args.timeout)
         if "restored" in started:
             print(f"{app}: database restored from {started['restored']['name']}", file=sys.stderr)
+        if "replaced" in started:
+            replaced = log_text(str(started["replaced"]))
+            print(f"{app}: the bundle on its way ({replaced}) was replaced", file=sys.stderr)
         return started
 
     return _redeploy(client, args, app, "rolling back to", request)

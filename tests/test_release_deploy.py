@@ -317,6 +317,38 @@ def test_rollback_with_data_to_a_damaged_version_changes_no_data(
     assert now["tables"] == ["notes", "v2_only"] and "by-v2" in now["notes"]
 
 
+def test_a_bundle_a_rollback_with_data_replaces_is_said(
+    pg_keter, private_nginx, tmp_path, app
+) -> None:
+    # The upload that came while the restore ran was replaced by the rollback's bundle
+    # with no word of it: the operator saw v1 serve and believed v3 was on its way.
+    keter = pg_keter
+    serve_v1(keter, private_nginx, tmp_path, app)
+    v2 = release_bundle(tmp_path / "v2.keter", "v2", ["--sql", NOTES])
+    assert deploy(keter, app, v2).returncode == 0
+    served(private_nginx, HOST, "v2")
+    v3 = release_bundle(tmp_path / "v3.keter", "v3", ["--sql", NOTES])
+    with psycopg.connect(app_dsn(keter, app)) as holder:
+        holder.execute("LOCK TABLE notes IN ACCESS SHARE MODE")  # the restore waits for it
+        command = ["rollback", "--with-data", "--root", str(keter.root), app]
+        rollback = subprocess.Popen(
+            [sys.executable, "-m", "keter", *command],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for(lambda: re.search(r": psql started", keter.log_since_start()), 30, "psql")
+        keter.drop(v3, f"{app}.keter")
+        wait_for(lambda: status_api(keter).app(app)["deploying"] is not None, 30, "v3 coming")
+        holder.rollback()
+    _, err = rollback.communicate(timeout=120)
+    assert rollback.returncode == 0, err
+    replaced = r"the bundle on its way \((?:[0-9a-f]{12}|not read yet)\) was replaced"
+    assert re.search(replaced, err), err
+    assert "the rollback replaces the bundle on its way" in keter.log_since_start()
+    served(private_nginx, HOST, "v1")
+
+
 def app_dsn(keter, app: str) -> str:
     """The app's own connection string, from keter's record of its credentials."""
     entry = yaml.safe_load((keter.root / "etc" / "postgres.yaml").read_text())[app]

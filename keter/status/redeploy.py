@@ -92,12 +92,21 @@ def incoming_sha256(incoming: Path, app: str, *, touch: bool = False) -> str:
 def rollback(board: StatusBoard, app: str, version: str | None) -> dict:
     chosen = rollback_target(board, app, version)
     after = board.history.seq
+    snapshot = board.snapshot(app)
+    coming = snapshot.deploying if snapshot is not None else None
     try:
         board.archive.restore(app, chosen, board.config.incoming_dir)
     except ArchiveError as exc:
         raise ApiError(409, str(exc)) from None
     log.info("%s: rolling back to version %s", app, chosen.version)
-    return {"app": app, "version": chosen.version, "sha256": chosen.sha256, "after": after}
+    answer = {"app": app, "version": chosen.version, "sha256": chosen.sha256, "after": after}
+    if coming is not None and coming not in (snapshot.version, chosen.version):
+        # An upload on its way is replaced, as the operator asked; said, not silent
+        # (a rollback --with-data restoring for minutes met uploads most).
+        replaced = coming or "not read yet"
+        log.warning("%s: the rollback replaces the bundle on its way (%s)", app, replaced)
+        answer["replaced"] = replaced
+    return answer
 
 
 def rollback_target(board: StatusBoard, app: str, version: str | None) -> ArchivedBundle:

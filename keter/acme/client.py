@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from keter.acme import network
+from keter.certnames import dns_names
 from keter.fsutil import atomic_write
 
 USER_AGENT = "keter"
@@ -164,7 +165,7 @@ def check(chain: bytes, key: bytes, host: str) -> Issued:
     public = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if leaf.public_key().public_bytes(*public) != private.public_key().public_bytes(*public):
         raise BadCertificate("the certificate is not for the key keter made")
-    if host.lower() not in _dns_names(leaf):
+    if host.lower() not in dns_names(leaf):
         raise BadCertificate(f"the certificate does not name {host}")
     return Issued(
         chain=b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certificates),
@@ -200,14 +201,6 @@ def _read(path: Path) -> bytes:
     if len(data) > MAX_STORED:
         raise BadCertificate(f"{path} is larger than {MAX_STORED} bytes")
     return data
-
-
-def _dns_names(leaf: x509.Certificate) -> set[str]:
-    try:
-        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return set()
-    return {name.lower() for name in names.get_values_for_type(x509.DNSName)}
 
 
 def _utc(when: float) -> str:

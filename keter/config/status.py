@@ -10,6 +10,7 @@ import ipaddress
 import re
 from pathlib import Path
 
+from keter.certnames import dns_names
 from keter.config.values import machine_name
 from keter.names import host_matches, validate_host, validate_ip, validate_upstream_host
 from keter.yamlcheck import Checker, describe, is_arg, key_name, string, type_name
@@ -130,12 +131,9 @@ def _names(host: str, certificate: Path) -> bool:
 
     try:
         leaf = x509.load_pem_x509_certificate(certificate.read_bytes())
-        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return False
     except (OSError, ValueError):
         return True
-    return any(host_matches(name, host) for name in names.get_values_for_type(x509.DNSName))
+    return any(host_matches(name, host) for name in dns_names(leaf))
 
 
 def check_status_auth(values: dict[str, object], check: Checker) -> None:

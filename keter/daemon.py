@@ -35,7 +35,7 @@ from keter.incoming.unpack import stream_limit
 from keter.incoming.unpacker import Unpacker
 from keter.incoming.watcher import IncomingWatcher
 from keter.messages import RescanRequested, ShutdownRequested
-from keter.nginx import NginxWriter, ProxyOptions
+from keter.nginx import NginxWriter, ProxyOptions, last_generation
 from keter.nginx.render import POOL_SECONDS, acme_challenges
 from keter.postgres import PostgresProvisioner
 from keter.processes import ProcessMonitor
@@ -273,7 +273,9 @@ def run(config: KeterConfig) -> int:
     except CannotStart as exc:  # nothing has started yet
         log.error("keter: %s", exc)
         return 1
-    supervisor = Supervisor(config, components)
+    supervisor = Supervisor(
+        config, components, generation=last_generation(config.nginx.config_file)
+    )
     install_signal_handlers(inbox)
     log.info("keter: starting on %s", config.root)
     supervisor.start()

@@ -627,6 +627,93 @@ def test_reload_not_taken_is_reported_and_rolled_back(
     assert workers_after and not workers_after & workers_before
 
 
+def test_a_refused_reload_is_no_success_when_nginx_serves_the_same_number(
+    private_nginx: PrivateNginx, reports: queue.Queue, backends
+) -> None:
+    # A keter run numbers its generations from 1 again: nginx, refusing the new run's
+    # generation 1, answered the earlier run's 1, and the refusal was reported applied
+    # (a deploy "now serving" on a 404) after 10 s waiting for workers to retire.
+    first, second = backends
+    earlier = make_writer(private_nginx, reports)
+    earlier.start()
+    try:
+        assert apply(earlier, reports, 1, site("blog", "blog.test", port=first.port)) == (
+            NginxApplied(generation=1)
+        )
+    finally:
+        earlier.stop()
+        earlier.join(timeout=15)
+    private_nginx.wait_settled()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = [
+            Listener("127.0.0.1", private_nginx.port),
+            Listener("127.0.0.1", squatter.getsockname()[1]),
+        ]
+        later = make_writer(private_nginx, reports, listeners=taken)
+        later.start()
+        try:
+            reply = apply(later, reports, 1, site("blog", "blog.test", port=second.port))
+        finally:
+            later.stop()
+            later.join(timeout=15)
+    assert isinstance(reply, NginxFailed), reply
+    assert "Address already in use" in reply.reason
+    assert app_name(private_nginx, "blog.test") == "first"
+
+
+def test_nginx_refusing_the_config_put_back_while_serving_it_is_back(
+    private_nginx: PrivateNginx, writer: NginxWriter, reports: queue.Queue, backends, caplog
+) -> None:
+    # The operator's own include broken: nginx refuses every reload, the one back to the
+    # config it runs too, and serves that config on; keter warned of workers stuck.
+    first, second = backends
+    assert apply(writer, reports, 1, site("blog", "blog.test", port=first.port)) == (
+        NginxApplied(generation=1)
+    )
+    (private_nginx.extra_dir / "mine.conf").write_text("syntax {\n")
+    failed = apply(writer, reports, 2, site("blog", "blog.test", port=second.port))
+    assert isinstance(failed, NginxFailed), failed
+    assert "did not come back" not in failed.reason
+    assert "still accept connections" not in caplog.text
+    assert app_name(private_nginx, "blog.test") == "first"
+    (private_nginx.extra_dir / "mine.conf").unlink()
+    assert apply(writer, reports, 3, site("blog", "blog.test", port=second.port)) == (
+        NginxApplied(generation=3)
+    )
+
+
+def test_a_frozen_nginx_is_not_taken_for_an_error_log_that_says_nothing(
+    private_nginx: PrivateNginx, reports: queue.Queue, backends, caplog
+) -> None:
+    # An nginx that did not answer at all (frozen past the confirmation's timeout) was
+    # taken for one whose errors go elsewhere: a false warning, and every apply was
+    # tested first for the rest of keter's run.
+    first, second = backends
+    writer = make_writer(private_nginx, reports, confirm_timeout=1.0)
+    writer.start()
+    try:
+        assert apply(writer, reports, 1, site("blog", "blog.test", port=first.port)) == (
+            NginxApplied(generation=1)
+        )
+        master = psutil.Process(private_nginx.pid)
+        frozen = [master, *master.children()]
+        for process in frozen:
+            process.suspend()
+        try:
+            failed = apply(writer, reports, 2, site("blog", "blog.test", port=second.port))
+        finally:
+            for process in frozen:
+                process.resume()
+    finally:
+        writer.stop()
+        writer.join(timeout=15)
+    assert isinstance(failed, NginxFailed), failed
+    assert "says nothing of it" not in caplog.text
+    assert writer._error_log_speaks
+
+
 def test_nginx_error_log_is_read_from_the_reload_on_without_blocking(tmp_path: Path) -> None:
     log = tmp_path / "error.log"
     log.write_text("2026/11/30 12:00:00 [emerg] 1#1: an old refusal\n")

@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -208,3 +209,17 @@ def test_a_deploy_keter_stops_in_the_middle_of_keeps_its_line_of_history(
     assert entry["reason"] == INTERRUPTED
     assert len(entry["sha256"]) == 64
     assert "slow: deploy #1 cut short: keter stops" in keter.log()
+
+
+def test_a_new_run_numbers_nginx_generations_after_the_last_run(keter, private_nginx, tmp_path):
+    # Each run began again at 1: nginx, refusing a new run's reload, answered the same
+    # number with the earlier run's config, and keter took the refusal for a yes.
+    keter.drop(make_bundle(tmp_path / "app.keter", config=webapp_config("app.test", "v1")))
+    served(private_nginx, "app.test", "v1")
+    last = max(int(n) for n in re.findall(r"nginx: generation (\d+) applied", keter.log()))
+    keter.stop()
+    keter.start()
+    served(private_nginx, "app.test", "v1")
+    wait_for(lambda: "nginx: generation" in keter.log_since_start(), 30, "a generation")
+    first = re.search(r"nginx: generation (\d+) applied", keter.log_since_start())
+    assert first is not None and int(first.group(1)) == last + 1

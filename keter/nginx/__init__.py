@@ -12,7 +12,7 @@
 from keter.nginx.files import hash_password
 from keter.nginx.probe import fetch_generation
 from keter.nginx.render import STATUS_HOST, ProxyOptions, render, support_dir, upstream_name
-from keter.nginx.writer import NginxWriter
+from keter.nginx.writer import NginxWriter, last_generation
 
 __all__ = [
     "STATUS_HOST",
@@ -20,6 +20,7 @@ __all__ = [
     "ProxyOptions",
     "fetch_generation",
     "hash_password",
+    "last_generation",
     "render",
     "support_dir",
     "upstream_name",

@@ -131,6 +131,16 @@ class Retiring:
             # workers from before ours are told apart by when they started.
             self.master, self.before = master, set()
 
+    def older(self, worker: int) -> bool:
+        """Whether ``worker`` ran before the reload (it serves the config from before);
+        False for 0, a worker nginx did not name."""
+        if not worker:
+            return False
+        if worker in self.before:
+            return True
+        begun = started(worker)
+        return begun is not None and begun < self.at
+
     @property
     def known(self) -> bool:
         return self.master is not None
@@ -141,10 +151,7 @@ class Retiring:
             return []
         listening = listening_sockets(self.master, self.ports)
         old = set(self.before)
-        for child in children(self.master):
-            begun = started(child)
-            if begun is not None and begun < self.at:
-                old.add(child)
+        old.update(child for child in children(self.master) if self.older(child))
         return sorted(pid for pid in old if holds_any(pid, listening))
 
 

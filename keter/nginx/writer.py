@@ -114,6 +114,9 @@ class _Missed:
     # The reload command ran and said no (``nginx -s reload`` reads the config first and
     # refuses one nginx would refuse), rather than hanging or not starting at all.
     answered: bool = False
+    # nginx's status server answered meanwhile (with another generation): nginx is
+    # alive, so its silence in the error log says something; a paused nginx's does not.
+    heard: bool = False
 
 
 class _Taken(enum.Enum):
@@ -510,6 +513,10 @@ class NginxWriter(Actor):
                 return _Taken.REFUSED
             self._missed(generation, missed)
             return _Taken.NO
+        if not missed.emerg and not missed.heard:
+            # nginx did not answer at all (paused, swamped): its silence says nothing of
+            # the error log. The tested path reloads again and waits once more.
+            return _Taken.REFUSED
         if not missed.emerg:
             # Not taken, and no word of it where keter reads nginx's errors: nginx's own
             # config sends them elsewhere (or to a terminal). Without that word a refused
@@ -562,22 +569,32 @@ class NginxWriter(Actor):
         live = generation_of(self._live_main)
         if live is None:
             return ""  # not keter's file (or none): nothing nginx can be asked to confirm
-        missed = self._take(live)
-        if missed is None:
-            return ""
+        # nginx's [emerg] lines may be the refused reload's yet (it tries to bind a
+        # taken port again for 2.5 s): only new workers serving ``live``, or the
+        # timeout, tell.
+        missed = self._take(live, refusals=False)
+        if missed is None or self._serves(live):
+            return ""  # taken; or refused too (the operator's own file?), ``live`` serving
         why = missed.emerg or missed.reason
         return f" (and nginx did not come back to generation {live}: {why})"
 
-    def _take(self, generation: int) -> _Missed | None:
+    def _serves(self, generation: int) -> bool:
+        """Whether nginx's status server answers ``generation`` now."""
+        listener = next(each for each in self.listeners if not is_tls(each))
+        answer = probe(status_address(listener), listener.port)
+        return answer is not None and answer[0] == str(generation)
+
+    def _take(self, generation: int, *, refusals: bool = True) -> _Missed | None:
         """Have nginx reload and serve ``generation``, its old workers retired.
 
         None once it does, else what went wrong. A new ``[emerg]`` line in nginx's
         error log means nginx refused the reload (it logs one and keeps its running
-        config): no use waiting for the confirmation's timeout then.
+        config): no use waiting for the confirmation's timeout then (unless not
+        ``refusals``: then such lines are not read).
         """
         if self._stopping.is_set():  # nginx must not take a config keter will not confirm
             return _Missed(reason="keter is stopping", sent=False)
-        errors = ErrorLog(self.error_log)
+        errors = ErrorLog(self.error_log if refusals else None)
         retiring = Retiring.before_reload(self._master, {each.port for each in self.listeners})
         if not retiring.known:
             self._wait_until(retiring.in_a_later_tick, time.monotonic() + 1)
@@ -589,10 +606,10 @@ class NginxWriter(Actor):
             # Watching the workers is quicker than asking: while old workers still
             # accept, half the questions would reach them.
             self._wait_until(lambda: retiring.replaced() or errors.refused(), deadline)
-        worker = self._confirm(generation, deadline, errors)
+        worker, heard = self._confirm(generation, deadline, errors, retiring)
         if worker is None:
             reason = f"nginx did not serve generation {generation} within {self.confirm_timeout:g}s"
-            return _Missed(reason=reason, emerg=errors.last_emerg())
+            return _Missed(reason=reason, emerg=errors.last_emerg(), heard=heard)
         retiring.after_reload(worker or None)
         self._master = retiring.master
         self._wait_retired(retiring, generation)
@@ -618,24 +635,30 @@ class NginxWriter(Actor):
             return _Missed(reason=f"cannot run {_shell(command)}: {exc}", sent=False)
         return None if error is None else _Missed(reason=error, sent=False, answered=True)
 
-    def _confirm(self, generation: int, deadline: float, errors: ErrorLog) -> int | None:
-        """Poll the status server until it reports ``generation``; None on timeout or
-        once nginx logs that it refused the reload.
+    def _confirm(
+        self, generation: int, deadline: float, errors: ErrorLog, retiring: Retiring
+    ) -> tuple[int | None, bool]:
+        """Poll the status server until a worker started by this reload reports
+        ``generation``: (its pid, 0 if nginx did not say; whether nginx answered at all).
 
-        Returns the pid of the worker that answered (0 if nginx did not say).
+        The pid is None on timeout or once nginx logs that it refused the reload. What
+        nginx ran before may carry the same number (put back by ``_back_to_live``, or
+        an earlier keter run's): a worker from before the reload answering it is no yes.
         """
         listener = next(each for each in self.listeners if not is_tls(each))
         host, port = status_address(listener), listener.port
         expected = str(generation)
+        heard = False
         while True:
             answer = probe(host, port)
-            if answer is not None and answer[0] == expected:
-                return answer[1] or 0
+            heard = heard or answer is not None
+            if answer is not None and answer[0] == expected and not retiring.older(answer[1] or 0):
+                return answer[1] or 0, True
             if time.monotonic() >= deadline or errors.refused():
-                return None
+                return None, heard
             # An Event wait, not a sleep: stop() cuts the wait short.
             if self._stopping.wait(CONFIRM_INTERVAL):
-                return None
+                return None, heard
 
     def _wait_retired(self, retiring: Retiring, generation: int) -> None:
         """Wait until no worker from before the reload accepts connections any more.
@@ -667,6 +690,17 @@ class NginxWriter(Actor):
             if time.monotonic() >= deadline or self._stopping.wait(RETIRE_INTERVAL):
                 return False
         return True
+
+
+def last_generation(config_file: Path) -> int:
+    """The generation keter's main file carries from an earlier run (0 if none): the
+    supervisor numbers this run's generations after it (keter.supervisor.state)."""
+    try:
+        with open(config_file, "rb") as f:
+            head = f.read(4096)  # the number is on the second line
+    except OSError:
+        return 0
+    return generation_of(head) or 0
 
 
 def _run(command: Sequence[str]) -> str | None:

@@ -49,6 +49,7 @@ class SupervisorState:
         *,
         ports: PortPool | None = None,
         clock: Callable[[], float] = time.monotonic,
+        generation: int = 0,
     ) -> None:
         self.config = config
         self.c = components
@@ -65,7 +66,10 @@ class SupervisorState:
         self.ports = ports or PortPool(*config.port_range)
         self.exit_code: int | None = None  # set when keter must stop
         self._ids = itertools.count(1)
-        self._generation = 0
+        # The last nginx generation: numbers go on from the one nginx's config carries
+        # from an earlier run (keter.daemon reads it). nginx still serving that config
+        # after refusing a reload would answer a reused number and confirm the refusal.
+        self._generation = generation
         self._nginx_inflight: int | None = None
         self._nginx_dirty = False
         self._waiting_on_nginx: set[str] = set()  # apps with a switch or removal in flight

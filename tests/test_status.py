@@ -1053,6 +1053,18 @@ def test_credentials_that_are_not_ascii_are_refused_not_a_failure(make_status, c
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
 
 
+def test_a_body_nested_too_deep_is_not_json_not_a_failure(make_status, caplog):
+    # json.loads raised RecursionError: a 500 and a traceback in keter's log at each
+    # request, for any API user.
+    status = make_status()
+    host, port = status.server.tcp_address
+    writes = {"Host": f"{host}:{port}", "X-Keter-Token": status.server.token}
+    deep = b"[" * 100_000 + b"]" * 100_000
+    code, _, body = status.http("POST", "/api/apps/hello/env", writes, deep)
+    assert code == 400 and b"not JSON" in body
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
 def test_a_client_that_hangs_up_early_leaves_no_trace_in_keters_output(make_status, capfd):
     status = make_status()
     for _ in range(10):

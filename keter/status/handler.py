@@ -345,7 +345,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return {}
         try:
             body = json.loads(self.body)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested past Python's stack: not a bug of ours
             raise ApiError(400, "request body is not JSON") from None
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")

@@ -54,7 +54,7 @@ from keter.messages import (
     RollBack,
     ServeLastServed,
 )
-from keter.status import StatusServer, appops, handler, servers
+from keter.status import StatusServer, appops, component, handler, redeploy, servers
 from keter.status.checks import RequestChecks
 from keter.status.errors import ApiError as StatusApiError
 from keter.status.views import MAX_LOG_ANSWER, app_urls
@@ -1028,6 +1028,38 @@ def test_clients_that_do_not_log_in_cannot_lock_out_one_that_does(make_status, s
     finally:
         for sock in held:
             sock.close()
+
+
+def test_a_restart_answered_busy_is_not_carried_out_later(make_status, monkeypatch):
+    # "503 try again", and the queued restart ran once the actor was free all the same:
+    # the retry the answer asked for redeployed twice.
+    status = make_status()
+    status.tell_and_wait(AppChanged(snapshot=snapshot("first")), AppChanged(snapshot=snapshot()))
+    drop_bundle(status.config, "first", b"v1")
+    drop_bundle(status.config, "hello", b"v1")
+    bundle = status.config.incoming_dir / "hello.keter"
+    os.utime(bundle, (1_000_000, 1_000_000))
+    monkeypatch.setattr(component, "COMMAND_TIMEOUT", 0.5)
+    entered, free = threading.Event(), threading.Event()
+    hashing = redeploy.incoming_sha256
+
+    def held(incoming, app, **options):
+        if app == "first":
+            entered.set()
+            free.wait(30)  # the actor busy (a large bundle hashed, a slow disk)
+        return hashing(incoming, app, **options)
+
+    monkeypatch.setattr(redeploy, "incoming_sha256", held)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(status.client.restart, "first")
+        assert entered.wait(10)
+        with pytest.raises(ApiError) as busy:
+            status.client.restart("hello")
+        assert busy.value.status == 503 and "nothing was done" in str(busy.value)
+        free.set()
+        assert first.result(timeout=10)["app"] == "first"  # begun: answered, not refused
+    status.tell_and_wait()
+    assert bundle.stat().st_mtime == 1_000_000
 
 
 def test_a_refused_request_with_a_large_body_gets_its_refusal(make_status) -> None:

@@ -218,4 +218,14 @@ class StatusServer(Actor):
         try:
             return request.reply.result(timeout=COMMAND_TIMEOUT)
         except concurrent.futures.TimeoutError:
-            raise ApiError(503, "keter is busy or stopping; try again") from None
+            pass
+        # "Try again" must mean nothing happened: a request still queued is withdrawn
+        # (it had been carried out later all the same, and a retry did it twice).
+        if request.reply.cancel():
+            raise ApiError(503, "keter is busy or stopping; nothing was done; try again")
+        try:
+            return request.reply.result(timeout=COMMAND_TIMEOUT)  # begun: its answer is near
+        except concurrent.futures.TimeoutError:
+            raise ApiError(
+                503, f"keter is still carrying out the {action.value}; see keter status"
+            ) from None

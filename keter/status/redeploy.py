@@ -42,7 +42,10 @@ class Redeploy:
 
 
 def run(board: StatusBoard, request: Redeploy) -> None:
-    """Carry out ``request`` and answer it: a dict for the client, or an ApiError."""
+    """Carry out ``request`` and answer it: a dict for the client, or an ApiError;
+    nothing if the HTTP thread gave up waiting and withdrew it."""
+    if not request.reply.set_running_or_notify_cancel():
+        return
     try:
         if request.action is Action.RESTART:
             result = restart(board, request.app)

@@ -144,8 +144,21 @@ def remove_leftovers(config: KeterConfig) -> None:
     """The half-written files of a killed keter (a bundle's copy to the archive can be
     a gigabyte): nothing else removes them. Not data/ (the apps') nor temp/ (the
     unpacker empties it)."""
-    folders = (config.etc_dir, config.archive_dir, config.incoming_dir, config.run_dir)
-    if removed := sum(remove_partial_writes(folder) for folder in folders):
+    # Where keter writes them: etc/, etc/env/, etc/acme/hosts/HOST/; archive/APP/;
+    # incoming/; run/ and run/processes/, never the apps' own folders in run/tmp/.
+    folders = (
+        (config.etc_dir, 3, frozenset()),
+        (config.archive_dir, 1, frozenset()),
+        (config.incoming_dir, 0, frozenset()),
+        (config.run_dir, 1, frozenset({"tmp"})),
+    )
+    removed = 0
+    for folder, depth, skip in folders:
+        try:
+            removed += remove_partial_writes(folder, depth, skip)
+        except OSError as exc:  # a leftover must not stop keter's start
+            log.warning("keter: half-written files under %s not looked for: %s", folder, exc)
+    if removed:
         log.info("keter: removed %d half-written files a stopped keter left", removed)
 
 

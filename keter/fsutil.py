@@ -63,16 +63,44 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def remove_partial_writes(folder: Path) -> int:
-    """Remove the temporary files of atomic writes a killed keter left under ``folder``
-    (links not followed); how many. Only keter writes in its folders, and only one
-    keter runs per ROOT: at its start none of them is being written."""
+def remove_partial_writes(folder: Path, depth: int = 0, skip: frozenset[str] = frozenset()) -> int:
+    """Remove the temporary files of atomic writes a killed keter left in ``folder`` and
+    its subfolders down to ``depth`` levels (but those named in ``skip``); how many.
+
+    Only keter writes there, and only one keter runs per ROOT: at its start none of
+    them is being written. Only folders keter's own user owns are entered, each
+    through a descriptor opened without following links, and no deeper than where
+    keter writes: an app's /tmp (under run/) or an uploader's folder in incoming/
+    may be a tree deep enough to end a recursive walk, and a folder on the way
+    swapped for a link had root delete files elsewhere.
+    """
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return 0  # not there (yet), or a link: nothing of keter's
+    try:
+        return _remove_partial_in(fd, depth, skip)
+    finally:
+        os.close(fd)
+
+
+def _remove_partial_in(fd: int, depth: int, skip: frozenset[str]) -> int:
     removed = 0
-    for parent, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(parent, name)
-            with contextlib.suppress(OSError):  # gone meanwhile, or unreadable: left
-                if _PARTIAL.fullmatch(name) and stat.S_ISREG(os.lstat(path).st_mode):
-                    os.unlink(path)
-                    removed += 1
+    with os.scandir(fd) as entries:
+        listed = list(entries)
+    for entry in listed:
+        with contextlib.suppress(OSError):  # gone meanwhile, or unreadable: left
+            info = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(info.st_mode) and _PARTIAL.fullmatch(entry.name):
+                os.unlink(entry.name, dir_fd=fd)
+                removed += 1
+            elif stat.S_ISDIR(info.st_mode) and depth > 0 and entry.name not in skip:
+                if info.st_uid != os.geteuid():
+                    continue  # not keter's: an app's or an uploader's
+                flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                child = os.open(entry.name, flags, dir_fd=fd)
+                try:
+                    removed += _remove_partial_in(child, depth - 1, frozenset())
+                finally:
+                    os.close(child)
     return removed

@@ -27,6 +27,7 @@ from support.net import body, served
 from support.wait import wait_for
 
 from keter.daemon import SHUTDOWN_MARGIN
+from keter.fsutil import remove_partial_writes
 from keter.supervisor.endings import INTERRUPTED
 from keter.supervisor.restarts import RESTART_LIMIT
 
@@ -192,6 +193,45 @@ def test_a_killed_keters_half_written_files_are_removed_at_the_next_start(keter,
     assert [path for path in left if path.exists()] == []
     assert all(path.exists() for path in kept)
     assert "keter: removed 4 half-written files a stopped keter left" in keter.log()
+
+
+def test_deep_trees_an_app_or_an_uploader_made_do_not_stop_keters_start(keter, private_nginx):
+    # The start's search for half-written files walked all of run/ (the apps' own /tmp)
+    # and incoming/'s folders recursively: 1100 nested folders ended every start with a
+    # RecursionError, the killed run's apps never stopped.
+    keter.kill()
+    for top in (keter.root / "run" / "tmp" / "deep-1" / "tmp", keter.incoming / "deep"):
+        top.mkdir(parents=True, exist_ok=True)
+        fd = os.open(top, os.O_RDONLY)
+        try:
+            for _ in range(1100):
+                os.mkdir("d", dir_fd=fd)
+                inner = os.open("d", os.O_RDONLY, dir_fd=fd)
+                os.close(fd)
+                fd = inner
+        finally:
+            os.close(fd)
+    keter.start()
+    assert keter.proc.poll() is None
+
+
+def test_the_search_for_half_written_files_stays_in_keters_own_folders(tmp_path):
+    top = tmp_path / "etc"
+    (top / "env").mkdir(parents=True)
+    (top / "theirs").mkdir()
+    os.chown(top / "theirs", 65534, 65534)  # an app's (or an uploader's) folder
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (top / "linked").symlink_to(elsewhere)
+    partial = ".state.json.abcd1234.tmp"
+    for folder in (top, top / "env", top / "theirs", elsewhere):
+        (folder / partial).write_bytes(b"half")
+    (top / "env" / "deeper").mkdir()
+    (top / "env" / "deeper" / partial).write_bytes(b"half")
+    assert remove_partial_writes(top, depth=1) == 2
+    assert not (top / partial).exists() and not (top / "env" / partial).exists()
+    kept = [top / "theirs", elsewhere, top / "env" / "deeper"]
+    assert all((folder / partial).exists() for folder in kept)
 
 
 def test_a_deploy_keter_stops_in_the_middle_of_keeps_its_line_of_history(

@@ -181,6 +181,9 @@ class Deploy:
     # (sha256) until the watch ends (supervisor clock); None when not watched.
     rollback_to: str | None = None
     watch_until: float = 0.0
+    # Its verdict "made things worse", come while another deploy was on its way: acted
+    # on if that one fails (the stats component says a verdict once).
+    held_verdict: str | None = None
     # Ports held for its web apps, in config.webapps order: reserved before its release
     # runs (the release gets the app's PORT), released when it ends.
     ports_held: tuple[int, ...] = ()

@@ -657,6 +657,28 @@ def test_a_version_restarted_in_its_watch_stays_under_it_and_goes_back_to_the_on
     assert watched.status.one(RollBack).sha256 == "11" * 32
 
 
+def test_a_verdict_come_during_a_deploy_that_then_fails_rolls_back(watched: Rig) -> None:
+    # It was dropped while a deploy was on its way, and said only once: that deploy
+    # failed, the bad version served on, and nothing ever rolled it back.
+    watched.stats.one(WatchVersion)
+    unpack = watched.arrive("a")
+    watched.send(VersionUnhealthy(app="a", version="22" * 6, reason="5xx 50% of 40 requests"))
+    assert watched.status.take(RollBack) == []  # the deploy on its way may replace it
+    watched.send(UnpackFailed(app="a", deploy_id=unpack.deploy_id, reason="not gzip"))
+    assert watched.status.one(RollBack).sha256 == "11" * 32
+
+
+def test_a_verdict_held_for_a_deploy_that_replaces_the_version_changes_nothing(
+    watched: Rig,
+) -> None:
+    watched.stats.one(WatchVersion)
+    watched.clock.now += 1
+    watched.arrive("a")
+    watched.send(VersionUnhealthy(app="a", version="22" * 6, reason="5xx 50% of 40 requests"))
+    watched.deploy("a", webapp(watched.tmp), sha="33" * 32)
+    assert watched.status.take(RollBack) == []
+
+
 def test_a_first_version_restarted_is_not_watched_against_itself(tmp_path: Path) -> None:
     rig = make_rig(tmp_path, kernel=False, stats=True)
     rig.deploy("a", webapp(rig.tmp), sha="11" * 32)

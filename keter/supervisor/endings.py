@@ -92,6 +92,7 @@ class Endings(SupervisorState):
                 )
             )
         self._continue_waiting(app)
+        self._verdict_held(app.name)
 
     def _abandon(self, deploy: Deploy, reason: str) -> None:
         log.info("%s: deploy #%d abandoned: %s", deploy.app, deploy.id, reason)

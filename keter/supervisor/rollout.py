@@ -68,8 +68,15 @@ class Rollout(SupervisorState):
         deploy = app.serving if app is not None else None
         if deploy is None or deploy.version != version or deploy.rollback_to is None:
             return  # replaced, removed or rolled back meanwhile
-        if app.next is not None or self.clock() > deploy.watch_until + WATCH_GRACE:
-            return  # a newer bundle is on its way, or the watch is over
+        if self.clock() > deploy.watch_until + WATCH_GRACE:
+            return  # the watch is over
+        if app.next is not None:
+            # A newer bundle (or a restart) is on its way: it replaces this version, or
+            # fails and this verdict stands (``_verdict_held``).
+            text = "%s: version %s made things worse (%s); a deploy is on its way"
+            log.info(text, app_name, version, reason)
+            deploy.held_verdict = reason
+            return
         target, deploy.rollback_to = deploy.rollback_to, None
         log.warning("%s: version %s made things worse (%s)", app_name, version, reason)
         if self.c.status is not None:
@@ -80,6 +87,18 @@ class Rollout(SupervisorState):
                 app=app_name, version=version, sha256=target, reason=reason, replaces=deploy.sha256
             )
             self.c.status.tell(order)
+
+    def _verdict_held(self, app_name: str) -> None:
+        """The deploy on its way ended without replacing the version serving: a verdict
+        held for it is acted on now, within its watch."""
+        app = self.apps.get(app_name)
+        deploy = app.serving if app is not None else None
+        if deploy is None or deploy.held_verdict is None:
+            return
+        if app.next is not None or app.waiting is not None or app.removing:
+            return  # still one on its way: it decides
+        reason, deploy.held_verdict = deploy.held_verdict, None
+        self._unhealthy(app_name, deploy.version, reason)
 
     def _rollback_done(self, msg: RollBackDone) -> None:
         """Recorded as rolled back only once its predecessor is back in incoming/ (it may

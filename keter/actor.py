@@ -197,7 +197,10 @@ class Actor:
                     break
                 self.handle(message)
         except Exception as exc:  # reported, never swallowed
-            log.error("%s: failed handling %s: %s", self.component, type(message).__name__, exc)
+            doing = "starting" if not self._started else "restarting"
+            if message is not None:
+                doing = f"handling {type(message).__name__}"
+            log.error("%s: failed %s: %s", self.component, doing, exc)
             with self.__lock:
                 self.__failed = True
                 stopping = self.__stopping

@@ -188,3 +188,24 @@ def test_a_component_failing_after_it_was_asked_to_stop_still_runs_its_stop() ->
     assert actor.stopped.wait(5)
     actor.join(5)
     assert isinstance(reports.get(timeout=5), ComponentFailed) and reports.empty()
+
+
+def test_a_failure_in_its_restart_is_said_as_such(caplog) -> None:
+    # It was logged as "failed handling NoneType": no message was being handled.
+    reports: queue.Queue = queue.Queue()
+    actor = Failing(reports)
+
+    def no_restart() -> None:
+        raise RuntimeError("restart boom")
+
+    actor.on_restart = no_restart  # type: ignore[method-assign]
+    actor.start()
+    actor.tell(Ask(boom=True))
+    reports.get(timeout=5)
+    actor.join(5)
+    actor.restart()
+    assert isinstance(reports.get(timeout=5), ComponentFailed)
+    actor.join(5)
+    lines = [record.getMessage() for record in caplog.records]
+    assert "stats: failed handling Ask: boom" in lines
+    assert "stats: failed restarting: restart boom" in lines

@@ -47,7 +47,7 @@ from keter.status import StatusServer
 from keter.supervisor import Components, Supervisor
 from keter.switch import Switch
 from keter.threadnames import name_this_thread
-from keter.users import app_users
+from keter.users import UsersFileError, app_users
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +90,15 @@ def build_components(config: KeterConfig, inbox: queue.SimpleQueue) -> Component
         status.bind()
     except OSError as exc:
         raise CannotStart(f"cannot serve the status API: {exc.strerror or exc}") from None
-    users = app_users(
-        config.etc_dir,
-        config.app_uid_range,
-        setuid=config.setuid,
-        as_root=config.run_apps_as_root,
-    )
+    try:
+        users = app_users(
+            config.etc_dir,
+            config.app_uid_range,
+            setuid=config.setuid,
+            as_root=config.run_apps_as_root,
+        )
+    except UsersFileError as exc:
+        raise CannotStart(str(exc)) from None
     cgroups = Cgroups.find(config.root)
     stats = None
     if config.traffic_stats:

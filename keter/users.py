@@ -79,6 +79,10 @@ def tools_key(app: str) -> str:
     return f"{app}/tools"
 
 
+class UsersFileError(Exception):
+    """etc/app-users.json cannot be trusted: keter does not start (one line says why)."""
+
+
 class AppUsers:
     """Allocates and remembers each app's uid (= its gid), and its tools'. Thread-safe."""
 
@@ -122,12 +126,19 @@ class AppUsers:
             return {}
         except (OSError, ValueError) as exc:
             # Refusing to start is better than handing an app another app's files.
-            raise RuntimeError(f"cannot read {self.path}: {exc}") from exc
+            raise UsersFileError(f"cannot read {self.path}: {exc}") from None
         if not isinstance(raw, dict) or not all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
             for k, v in raw.items()
         ):
-            raise RuntimeError(f"{self.path}: expected a mapping of app names to uids")
+            raise UsersFileError(f"{self.path}: expected a mapping of app names to uids")
+        owners: dict[int, str] = {}
+        for name, uid in sorted(raw.items()):
+            if uid <= 0:  # root's (or no uid at all): an app must never run as it
+                raise UsersFileError(f"{self.path}: {name} has uid {uid}")
+            if uid in owners:  # two apps would read and change each other's files
+                raise UsersFileError(f"{self.path}: {owners[uid]} and {name} share uid {uid}")
+            owners[uid] = name
         return raw
 
 

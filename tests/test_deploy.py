@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from support.bundles import make_bundle, webapp_config
 from support.daemon import app_processes, failures
 from support.net import Load, body, served
@@ -330,6 +331,27 @@ def test_a_second_keter_on_the_same_nginx_config_file_is_refused(
     assert f"another keter (pid {keter.proc.pid} on {keter.root}) writes nginx's" in second.log()
     assert body(private_nginx, "one.test") == b"one\n"  # its first config had none of it
     assert keter.proc.poll() is None
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("", "cannot read"),
+        ('{"a": 1500, "b": 1500}', "a and b share uid 1500"),
+        ('{"a": 0}', "a has uid 0"),
+    ],
+)
+def test_an_app_users_file_keter_cannot_trust_stops_its_start_in_one_line(
+    keter_factory, text, said
+):
+    # An empty file ended the start with a traceback; two apps given one uid, or an app
+    # given root's, were taken as they were.
+    keter = keter_factory(start=False, **{"run-apps-as-root": False})
+    (keter.root / "etc").mkdir(parents=True, exist_ok=True)
+    (keter.root / "etc" / "app-users.json").write_text(text)
+    keter.start(wait_ready=False)
+    assert keter.proc.wait(15) == 1
+    assert said in keter.log() and "Traceback" not in keter.log()
 
 
 # -- bad bundles ---------------------------------------------------------------------------

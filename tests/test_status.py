@@ -241,6 +241,19 @@ def test_history_is_kept_bounded_and_survives_a_restart(make_status):
     assert again.client.app("hello")["history"][0]["seq"] == 3  # numbers never repeat
 
 
+def test_a_deploy_alone_is_on_disk_before_its_verdict_is_heard(make_status, monkeypatch):
+    # The file was written 0.2 s after each deploy: keter killed right after a deploy's
+    # "now serving" (keter deploy had printed it) lost its line of history.
+    monkeypatch.setattr(component, "HISTORY_SAVE_DELAY", 60.0)
+    status = make_status()
+    path = status.config.etc_dir / "history.json"
+    status.server.tell(finished(outcome="serving"))
+    status.client.history_after("hello", 0, wait=5)
+    assert json.loads(path.read_text())  # written before the entry could be read
+    status.tell_and_wait(finished(outcome="failed", reason="boom"))
+    assert "boom" not in path.read_text()  # one of a burst: written with the next save
+
+
 def test_history_request_waits_for_the_next_entry(make_status):
     status = make_status()
     status.tell_and_wait(AppChanged(snapshot=snapshot()))

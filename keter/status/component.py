@@ -14,6 +14,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 
 from keter.actor import Actor
 from keter.archive import SUFFIX, ArchiveError, BundleArchive
@@ -66,6 +67,7 @@ class StatusServer(Actor):
         super().__init__(Component.STATUS, report_to)
         self.config = config
         self._save_pending = False  # a _SaveHistory timer is set
+        self._saved = -HISTORY_SAVE_DELAY  # when the history file was last written (monotonic)
         self.socket_path = socket_path(config.root)
         self.checks = RequestChecks(config)
         self.archive = BundleArchive(config.archive_dir, config.archive_keep)
@@ -158,6 +160,7 @@ class StatusServer(Actor):
             case _SaveHistory():
                 self._save_pending = False
                 self.board.save_history()
+                self._saved = time.monotonic()
                 self._sync_archive()
             case _:
                 self.unexpected(message)
@@ -183,8 +186,13 @@ class StatusServer(Actor):
             self._archive(msg)  # before the verdict is visible, so a rollback can use it at once
         elif msg.kind is FailureKind.HEALTH_CHECK:
             self.metrics.health_check_failures.labels(msg.app).inc()
-        entry = self.board.record(msg)
-        if not self._save_pending:
+        # A deploy alone is on disk before anyone hears its verdict (a keter killed
+        # right after "now serving" lost it); one of a burst within HISTORY_SAVE_DELAY.
+        alone = not self._save_pending and time.monotonic() >= self._saved + HISTORY_SAVE_DELAY
+        entry = self.board.record(msg, save=alone)
+        if alone:
+            self._saved = time.monotonic()
+        elif not self._save_pending:
             self._save_pending = True
             self.schedule(HISTORY_SAVE_DELAY, _SaveHistory())
         if msg.outcome is Outcome.SERVING:

@@ -91,13 +91,14 @@ class StatusBoard:
         with self.cond:
             self._apps.pop(app, None)
 
-    def record(self, finished: DeployFinished) -> dict:
+    def record(self, finished: DeployFinished, *, save: bool = False) -> dict:
         """Add a deploy to the history and wake the requests waiting for one; its entry.
 
-        The file is written by ``save_history`` (the status actor, soon after).
+        The file is written first with ``save``, else by ``save_history`` (the status
+        actor, soon after).
         """
         with self.cond:
-            entry = self.history.record(finished, save=False)
+            entry = self.history.record(finished, save=save)
             self.cond.notify_all()
         return entry
 

@@ -1127,6 +1127,127 @@ def test_a_burst_of_cli_clients_is_served_not_turned_away(make_status):
     assert all("apps" in answer for answer in answers)
 
 
+def long_polls_waiting(status) -> int:
+    """How many history requests wait for a new entry now."""
+    return len(status.server.board.cond._waiters)
+
+
+def accept_queue(address: tuple[str, int]) -> int:
+    """How many connections wait in the queue of the TCP listener at ``address``."""
+    host, port = address
+    local = f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"  # as the kernel shows it
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local and fields[3] == "0A":  # LISTEN: rx_queue is the accept queue
+            return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"no listener at {address}")
+
+
+def test_a_client_past_every_slot_held_by_long_polls_waits_its_turn_not_closed(
+    make_status, monkeypatch
+):
+    # A newcomer with no connection to close for it was accepted and closed at once:
+    # behind 256 long polls (waiting `keter deploy`s) `keter restart` failed, exit 1.
+    monkeypatch.setitem(servers.MAX_CONNECTIONS, True, 4)
+    monkeypatch.setitem(servers.MAX_LONG_POLLS, True, 4)
+    status = make_status()
+    status.tell_and_wait(AppChanged(snapshot=snapshot()))
+    seq = status.client.status()["history_seq"]
+    poll = f"/api/apps/hello/history?after={seq}&wait=20"
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        polls = [pool.submit(status.http, "GET", poll) for _ in range(4)]
+        wait_for(lambda: long_polls_waiting(status) == 4, 10, "4 long polls holding every slot")
+        token = status.api_token()
+        with socket.create_connection(status.server.tcp_address, timeout=10) as sock:
+            sock.sendall(
+                b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                + f"Authorization: Bearer {token}\r\n\r\n".encode()
+            )
+            wait_for(
+                lambda: closed(sock) or accept_queue(status.server.tcp_address) == 1,
+                10,
+                "the newcomer queued",
+            )
+            assert not closed(sock)
+            status.server.tell(finished(outcome="serving"))  # the long polls end
+            assert all(poll.result(timeout=10)[0] == 200 for poll in polls)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+    assert answer.split(b" ")[1] == b"200", answer[:80]
+
+
+def test_long_polls_take_their_share_of_the_slots_and_the_cli_finds_room(make_status, monkeypatch):
+    # Long polls could take every slot, each for up to 30 s: `keter restart` waited behind
+    # them until its own timeout.
+    monkeypatch.setitem(servers.MAX_CONNECTIONS, False, 4)
+    monkeypatch.setitem(servers.MAX_LONG_POLLS, False, 2)
+    status = make_status()
+    status.tell_and_wait(AppChanged(snapshot=snapshot()))
+    seq = status.client.status()["history_seq"]
+    drop_bundle(status.config, "hello", b"v1")
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        polls = [pool.submit(status.client.history_after, "hello", seq, 20) for _ in range(4)]
+        # Past their share, two are answered within SHORT_POLL: empty, nothing happened.
+        wait_for(lambda: sum(poll.done() for poll in polls) == 2, 10, "two short polls")
+        short = [poll for poll in polls if poll.done()]
+        assert [poll.result() for poll in short] == [[], []]
+        assert long_polls_waiting(status) == 2
+        quick = KeterClient(status.config.root, timeout=5)
+        assert quick.restart("hello")["version"] == hashlib.sha256(b"v1").hexdigest()[:12]
+        status.server.tell(finished(outcome="serving"))
+        long = [poll for poll in polls if poll not in short]
+        assert [len(poll.result(timeout=10)) for poll in long] == [1, 1]
+
+
+def test_post_heads_without_their_body_cannot_lock_out_the_cli_on_the_socket(
+    make_status, monkeypatch
+):
+    # On the socket a request was let in once its head was read: a POST's head with
+    # Content-Length 1000000 and no body held its slot 15 s, and 256 of them every slot.
+    monkeypatch.setitem(servers.MAX_CONNECTIONS, False, 4)
+    status = make_status()
+    process = psutil.Process()
+    before = process.num_threads()
+    held = []
+    try:
+        for _ in range(4):
+            held.append(socket.socket(socket.AF_UNIX))
+            held[-1].connect(str(status.config.root / "run" / "keter.sock"))
+            held[-1].sendall(
+                b"POST /api/apps/x/env HTTP/1.1\r\nHost: localhost\r\n"
+                b"Content-Length: 1000000\r\n\r\n"
+            )
+        wait_for(lambda: process.num_threads() >= before + 4, 10, "a thread per connection")
+        quick = KeterClient(status.config.root, timeout=5)
+        for _ in range(3):
+            assert "apps" in quick.status()
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_a_request_body_cut_short_is_refused_not_acted_on(make_status):
+    # A body shorter than its Content-Length (its client gone, or its connection closed
+    # for another) was taken as it came: a prefix that is JSON was acted on.
+    status = make_status()
+    status.tell_and_wait(AppChanged(snapshot=snapshot()))
+    body = b'{"set": {"MODE": "1"}}'
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(status.config.root / "run" / "keter.sock"))
+        sock.sendall(
+            b"POST /api/apps/hello/env HTTP/1.1\r\nHost: localhost\r\n"
+            + f"X-Keter-Token: {status.server.token}\r\n".encode()
+            + f"Content-Length: {len(body) + 2}\r\n\r\n".encode()
+            + body
+        )
+        sock.shutdown(socket.SHUT_WR)
+        answer = sock.recv(65536)
+    assert answer.split(b" ")[1] == b"400", answer[:80]
+    assert envstore.load(status.config.etc_dir, "hello") == {}
+
+
 @pytest.mark.parametrize("named", ["", 5, ["x.dump"]])
 def test_a_restore_names_a_backup_or_none_but_nothing_else(named) -> None:
     # An empty name restored the newest backup: a script's unset variable did it.

@@ -162,15 +162,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.command, self.request_version = None, "HTTP/1.1"
             self.send_error(431, f"request line and headers larger than {MAX_HEAD} bytes")
 
-    def parse_request(self) -> bool:
-        """The head (its line and headers) is read here. On the socket (whoever can
-        open it may ask) the connection is from now on never closed to make room for
-        another; on TCP only once its request is let in (``_dispatch``)."""
-        parsed = super().parse_request()
-        if not self.server.tcp:  # type: ignore[attr-defined]
-            self.server.keep(self.connection)  # type: ignore[attr-defined]
-        return parsed
-
     def do_GET(self) -> None:
         self._dispatch("GET")
 
@@ -185,13 +176,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         self.body = b""
         try:
+            # Let in, a request's connection is never closed to make room for another: on
+            # TCP once its login is checked, before its body is read; on the socket, where
+            # whoever can open it may ask, once it is read whole (the heads of POSTs whose
+            # bodies never came had held every slot for 15 s each).
             refused = self._refusal(api)
-            if refused is None:
+            if refused is None and self.server.tcp:  # type: ignore[attr-defined]
                 self.server.keep(self.connection)  # type: ignore[attr-defined]
             if method == "POST":
                 self.body = self._take_body(refused)
             if refused is not None:
                 raise refused
+            self.server.keep(self.connection)  # type: ignore[attr-defined]
             matched = False
             for route_method, pattern, name in _ROUTES:
                 match = pattern.fullmatch(url.path)
@@ -261,7 +257,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _history(self, api: StatusServer, query: dict, app: str) -> None:
         after = _number(query, "after", 0, int)
         wait = _number(query, "wait", 0.0, float)
-        self._send_json(200, api.board.history_after(app, after, wait))
+        with self.server.long_poll(wait) as wait:  # type: ignore[attr-defined]
+            entries = api.board.history_after(app, after, wait)
+        self._send_json(200, entries)
 
     def _log(self, api: StatusServer, query: dict, app: str) -> None:
         self._send_json(200, api.board.log_lines(app, _number(query, "n", 100, int)))
@@ -335,10 +333,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             raise ApiError(413, f"request body larger than {limit} bytes")
         try:
-            return self.rfile.read(length) if length > 0 else b""
+            body = self.rfile.read(length) if length > 0 else b""
         except TimeoutError:
             self.close_connection = True
             raise ApiError(408, f"the request body was not sent within {READ_SECONDS} s") from None
+        if len(body) < length:  # the client hung up, or its connection was closed for another
+            self.close_connection = True
+            raise ApiError(400, "the request body ended early")
+        return body
 
     def _read_json(self) -> dict:
         if not self.body.strip():

@@ -6,14 +6,17 @@ a further thread (``ThreadingMixIn``), so a long poll never blocks the others.
 Whoever can connect is not trusted yet (on TCP, anyone who reaches the port,
 before any login), so what a connection can hold is bounded: at most
 ``MAX_CONNECTIONS`` at once per listener, and the request head
-(``handler.Handler``) is bounded in size and time. When every slot is taken,
-the connection that has waited longest for its request head is closed to make
-room for the new one (one with none to close is closed itself, never given a
-thread): clients that connect and send nothing, or a byte now and then, had
-held every slot and locked out every client that sends its request at once,
-each for as long as they reconnected. A backlog of 128 lets a burst of CLI
-clients wait for their turn instead of being refused. A client that hangs up
-early is not an error of keter's.
+(``handler.Handler``) is bounded in size and time. When every slot is taken and
+a client comes, the connection that has waited longest for its request to be let
+in is closed to make room for it: clients that connect and send nothing, or a
+byte now and then, had held every slot and locked out every client that sends
+its request at once, each for as long as they reconnected. With none to close,
+the newcomer is not accepted until a slot frees: it waits in the listen queue
+(``BACKLOG``), within its own timeout. Closed at once instead, a burst of CLI
+calls behind 256 long polls (each waiting `keter deploy`) had failed with a
+broken pipe. Long polls have a share of the slots of their own
+(``MAX_LONG_POLLS``), so that requests answered at once always find room. A
+client that hangs up early is not an error of keter's.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ import grp
 import http.server
 import logging
 import os
+import select
 import socket
 import socketserver
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from keter.status.handler import Handler
@@ -51,9 +56,17 @@ def join_host_port(host: str, port: int) -> str:
 # users are root and keter's group (long polls of `keter deploy`, the CLI); TCP is
 # the dashboard's and the metrics scraper's, reachable by more.
 MAX_CONNECTIONS = {False: 256, True: 64}  # keyed by "is TCP"
+# How many of them may wait for news at once (history requests with a wait: every waiting
+# `keter deploy`, restart, rollback, env set); one more waits SHORT_POLL at most, so the
+# rest of the slots stay free for requests answered at once.
+MAX_LONG_POLLS = {False: 192, True: 48}
+SHORT_POLL = 1.0
 # How long a new connection waits for the slot of one closed for it (its thread ends
 # as soon as its read fails, in microseconds).
 EVICT_WAIT = 1.0
+# How often a client waiting in the listen queue for a slot looks for a connection to close
+# for it (a request that ended waits for the next on its connection).
+SLOT_POLL = 0.25
 BACKLOG = 128
 # A client gone before its answer was written: its own doing.
 _HUNG_UP = (BrokenPipeError, ConnectionResetError, TimeoutError)
@@ -62,17 +75,20 @@ _HUNG_UP = (BrokenPipeError, ConnectionResetError, TimeoutError)
 class _Bounded:
     """A threading server that gives at most ``slots`` connections a thread at once,
     closing, to make room, the one that has waited longest for its request to be let
-    in (its head read; on TCP, its login checked: see the handler)."""
+    in (its request read; on TCP, its login checked: see the handler), and otherwise
+    leaving the newcomer in the listen queue until a slot frees."""
 
     daemon_threads = True
     request_queue_size = BACKLOG
     slots: threading.BoundedSemaphore
+    long_polls: threading.BoundedSemaphore
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         # Connections whose request is not let in yet, and since when they wait.
         self._awaiting: dict[socket.socket, float] = {}
         self._awaiting_lock = threading.Lock()
+        self._slot_held = False  # by the accept thread, for the next connection
 
     def may_close(self, connection: socket.socket) -> None:
         """From now ``connection`` may be closed to make room for another."""
@@ -84,12 +100,40 @@ class _Bounded:
         with self._awaiting_lock:
             self._awaiting.pop(connection, None)
 
-    def process_request(self, request, client_address) -> None:
-        if not self.slots.acquire(blocking=False) and not (
-            self._close_longest_waiting() and self.slots.acquire(timeout=EVICT_WAIT)
-        ):
-            self.shutdown_request(request)  # type: ignore[attr-defined]
+    @contextlib.contextmanager
+    def long_poll(self, wait: float) -> Iterator[float]:
+        """How long a request may wait for news: ``wait``, or SHORT_POLL at most while
+        every long poll's slot is taken."""
+        if wait <= SHORT_POLL or not self.long_polls.acquire(blocking=False):
+            yield min(wait, SHORT_POLL)
             return
+        try:
+            yield wait
+        finally:
+            self.long_polls.release()
+
+    def take_slot(self) -> bool:
+        """Hold a slot for the next connection (the accept thread, before accepting it);
+        False if none could be had yet. With every slot taken, the newcomer stays in the
+        listen queue (its client waits there) until a connection is closed for it or a
+        request ends."""
+        if not self._slot_held:
+            self._slot_held = self.slots.acquire(blocking=False) or self._slot_for_newcomer()
+        return self._slot_held
+
+    def _slot_for_newcomer(self) -> bool:
+        """Wait for a client, then for a slot for it: closing no one for no one."""
+        waiting = select.poll()
+        waiting.register(self.socket, select.POLLIN)  # type: ignore[attr-defined]
+        waiting.poll()  # closing the listener wakes it too (``_wake``)
+        if self.slots.acquire(blocking=False):  # a request ended meanwhile
+            return True
+        if self._close_longest_waiting():
+            return self.slots.acquire(timeout=EVICT_WAIT)
+        return self.slots.acquire(timeout=SLOT_POLL)
+
+    def process_request(self, request, client_address) -> None:
+        self._slot_held = False  # the connection's thread gives it back
         try:
             super().process_request(request, client_address)  # type: ignore[misc]
         except BaseException:
@@ -225,6 +269,7 @@ class Listeners:
         server.api = self.api  # type: ignore[attr-defined]
         server.tcp = tcp  # type: ignore[attr-defined]
         server.slots = threading.BoundedSemaphore(MAX_CONNECTIONS[tcp])  # type: ignore[attr-defined]
+        server.long_polls = threading.BoundedSemaphore(MAX_LONG_POLLS[tcp])  # type: ignore[attr-defined]
         self._servers.append(server)
 
     def _serve(self, server: socketserver.BaseServer) -> None:
@@ -236,7 +281,8 @@ class Listeners:
         """
         name_this_thread()
         while not self._closing:
-            server.handle_request()
+            if server.take_slot():  # type: ignore[attr-defined]
+                server.handle_request()
 
 
 def _wake(server: socketserver.BaseServer) -> None:

@@ -201,6 +201,10 @@ class KeterClient:
             ) from None
         except TimeoutError:
             raise NotAnswering(f"keter did not answer within {connection.timeout:g}s") from None
+        except (BrokenPipeError, ConnectionResetError):  # RemoteDisconnected is one too
+            # Dropped unanswered (keter stopping, or an older keter full): no answer says
+            # the operation failed, and "failed" (exit 1) had said so.
+            raise NotAnswering("keter closed the connection without an answer") from None
         except (OSError, http.client.HTTPException) as exc:
             raise ClientError(f"cannot talk to keter on {self.socket}: {exc}") from None
         finally:
@@ -225,6 +229,10 @@ def _json(status: int, raw: bytes) -> dict:
 # How much earlier than the command a deploy of its own may seem to begin: an entry's
 # beginning is worked out from its end and its duration, each rounded.
 BEGAN_SLACK = 0.1
+# A poll that failed is tried again this much later, until the command's deadline; not
+# answers that say something of the request or of who asks.
+RETRY_PAUSE = 0.5
+_FINAL = (ApiError, NotRunning, PermissionDenied, UnexpectedAnswer)
 
 
 def wait_for_verdict(
@@ -250,8 +258,18 @@ def wait_for_verdict(
     """
     deadline = time.monotonic() + timeout
     superseded = None
+    failed: ClientError | None = None
     while (left := deadline - time.monotonic()) > 0:
-        for entry in client.history_after(app, after, wait=min(left, 25.0)):
+        try:
+            entries = client.history_after(app, after, wait=min(left, 25.0))
+        except _FINAL:
+            raise
+        except ClientError as exc:  # keter too busy to answer: the deploy goes on meanwhile
+            failed = exc
+            time.sleep(min(RETRY_PAUSE, max(deadline - time.monotonic(), 0.0)))
+            continue
+        failed = None
+        for entry in entries:
             after = max(after, entry["seq"])
             found = entry["sha256"]
             if found == "" and entry["at"] - entry["duration"] < since - BEGAN_SLACK:
@@ -262,6 +280,8 @@ def wait_for_verdict(
                 superseded = entry
         if superseded is not None and not _still_coming(client, app, sha256):
             return superseded
+    if failed is not None and superseded is None:
+        raise failed  # no answer at the end: that, not "no verdict in time", is the news
     return superseded
 
 

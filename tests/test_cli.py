@@ -7,6 +7,7 @@ need no daemon call ``keter.commands.main`` in the test's process.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -14,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -38,6 +40,7 @@ from support.wait import wait_for
 
 from keter import commands, rootcheck
 from keter.cli import COMMANDS, prepare_root, take_lock
+from keter.client import NotAnswering
 from keter.config import KeterConfig, load_config
 from keter.processes.records import Records
 
@@ -411,6 +414,32 @@ def test_every_command_says_when_keter_is_not_running(capsys, tmp_path):
     assert list((root / "incoming").iterdir()) == []  # not copied: nobody would deploy it
 
 
+def test_a_keter_that_drops_the_connection_unanswered_is_not_answering(capsys, tmp_path):
+    # A keter that closes a connection unanswered (stopping; a full one once did) gave
+    # "[Errno 32] Broken pipe" or "Connection reset by peer" and exit 1, "the operation
+    # failed", which nothing said.
+    root = tmp_path / "root"
+    (root / "run").mkdir(parents=True)
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(root / "run" / "keter.sock"))
+    listener.listen()
+
+    def drop_every_connection() -> None:
+        with contextlib.suppress(OSError):  # the listener closed: the test is over
+            while True:
+                listener.accept()[0].close()
+
+    threading.Thread(target=drop_every_connection, daemon=True).start()
+    try:
+        for args in (["status"], ["restart", "ok"], ["rollback", "ok"]):
+            code, _, err = cli(capsys, root, *args)
+            assert code == EXIT_UNAVAILABLE, (args, err)
+            assert err == "keter: keter closed the connection without an answer\n", args
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+
+
 def test_a_user_without_access_to_the_socket_is_told_so(keter):
     status_api(keter)
     read, write = os.pipe()
@@ -628,6 +657,31 @@ def test_a_commands_verdict_is_the_end_of_its_own_deploy(entries, deploying, exp
     verdict = commands.wait_for_verdict(history, "a", 0, OURS, 5.0, since=50.0)
     assert verdict == history.entries[expected]
     assert time.monotonic() - began < 1  # none waits for its timeout
+
+
+class Flaky(History):
+    """History whose first ``failures`` polls fail as a keter too busy to answer does."""
+
+    def __init__(self, *entries: dict, failures: int) -> None:
+        super().__init__(*entries)
+        self.failures = failures
+
+    def history_after(self, app: str, after: int, wait: float) -> list[dict]:
+        if self.failures > 0:
+            self.failures -= 1
+            raise NotAnswering("keter closed the connection without an answer")
+        return super().history_after(app, after, wait)
+
+
+def test_a_deploy_waiting_for_its_verdict_asks_again_when_a_poll_fails() -> None:
+    # One poll that keter dropped (busy) ended `keter deploy` in "failed", exit 1, while
+    # its deploy went on to serve.
+    history = Flaky(ended("serving", OURS, 51.0), failures=2)
+    verdict = commands.wait_for_verdict(history, "a", 0, OURS, 10.0, since=50.0)
+    assert verdict == history.entries[0]
+    # Failing until the deadline, the failure is the news, not "no verdict in time".
+    with pytest.raises(NotAnswering):
+        commands.wait_for_verdict(Flaky(failures=10**6), "a", 0, OURS, 1.0, since=50.0)
 
 
 # -- what keter checks of ROOT before it touches it -------------------------------------------

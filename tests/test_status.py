@@ -1120,6 +1120,26 @@ def test_a_client_that_hangs_up_early_leaves_no_trace_in_keters_output(make_stat
     assert "Traceback" not in capfd.readouterr().err
 
 
+def test_a_long_poll_whose_client_hung_up_leaves_no_error(make_status, caplog):
+    # Its answer's write failed into the handler's catch-all: an ERROR and a traceback
+    # for every waiting `keter deploy` cut short with Ctrl-C.
+    status = make_status()
+    server = next(each for each in status.server.listeners._servers if each.tcp)
+    free = server.long_polls._value
+    host, port = status.server.tcp_address
+    request = (
+        f"GET /api/apps/hello/history?after=0&wait=1.5 HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Authorization: Bearer {status.api_token()}\r\n\r\n"
+    )
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(request.encode())
+        wait_for(lambda: server.long_polls._value < free, 5, "the long poll")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    wait_for(lambda: server.long_polls._value == free, 5, "the poll's end")
+    assert status.http("GET", "/api/status")[0] == 200
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
 def test_a_burst_of_cli_clients_is_served_not_turned_away(make_status):
     status = make_status()
     with concurrent.futures.ThreadPoolExecutor(60) as pool:

@@ -205,6 +205,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise ApiError(404, f"nothing at {url.path}")
         except ApiError as exc:
             self._send_json(exc.status, {"error": exc.message}, exc.headers)
+        except (BrokenPipeError, ConnectionResetError):
+            raise  # the client hung up (a waiting `keter deploy` cut short): no bug of ours
         except Exception:  # a bug answers 500 instead of dropping the connection
             log.exception("keter: status request %s %s failed", method, url.path)
             self._send_json(500, {"error": "internal error; see keter's log"})

@@ -60,6 +60,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from keter.actor import Actor
+from keter.diskshare import DiskShare
 from keter.fsutil import fsync_dir
 from keter.messages import (
     BackupDatabase,
@@ -90,12 +91,6 @@ STAMP_FORMAT = "%Y%m%dT%H%M%S.%fZ"
 ERROR_TAIL = 4096  # bytes of a program's error output kept for the reason
 SYSTEM_PATH = "/usr/bin:/bin"
 LOCK_TIMEOUT_MS = 60_000  # a restore waits this long for the app's locks, then fails
-# What a dump or a restore's SQL must leave free on ROOT's disk. Past it the writer gets
-# SIGXFSZ and the job fails alone; unbounded, a restore's SQL (about 1000 times its dump
-# for compressible data) had filled the disk every app shares. A share of the disk
-# instead would fail every backup (and so every deploy) of a large disk kept nearly full.
-DISK_RESERVE = 256 * 1024 * 1024
-PRLIMIT = shutil.which("prlimit", path=SYSTEM_PATH)  # util-linux
 
 
 # -- the files -----------------------------------------------------------------------------
@@ -186,12 +181,6 @@ def info_json(backup: BackupInfo) -> dict:
     }
 
 
-def write_bound(folder: Path) -> tuple[int, int]:
-    """(bytes one file may grow to in ``folder``, the reserve that leaves free there)."""
-    disk = os.statvfs(folder)
-    return max(0, disk.f_bavail * disk.f_frsize - DISK_RESERVE), DISK_RESERVE
-
-
 def pg_program(name: str) -> str:
     """The newest installed PostgreSQL's ``name`` (pg_dump refuses newer servers), else PATH's."""
 
@@ -261,7 +250,6 @@ class _Job:
     part: Path | None = None  # a file being written (removed if the job fails)
     part_fd: int | None = None
     input_fd: int | None = None
-    reserve: int = 0  # bytes the step writing ``part`` must leave free (write_bound)
 
 
 class BackupFailure(Exception):
@@ -289,6 +277,7 @@ class Backups(Actor):
         self._numbers = iter(range(1, 1 << 62))
         self._queues: dict[str, deque[_Job]] = {}
         self._running: dict[str, _Job] = {}
+        self._disk = DiskShare(self.backups_dir)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -404,13 +393,13 @@ class Backups(Actor):
 
     def _step_done(self, job: _Job, done: _StepDone) -> None:
         job.child = None
+        others = self._disk.remove(job)
         _close(job, "input_fd")
         if done.returncode != 0 or job.timed_out:
             if job.timed_out:
                 why = f"did not finish within {self.timeout:g}s"
             elif done.returncode == -signal.SIGXFSZ:
-                reserve = job.reserve // 2**20
-                why = f"stopped: it would have left less than {reserve} MiB free on ROOT's disk"
+                why = self._out_of_space(others)
             else:
                 why = f"exited with status {done.returncode}"
             last = [line for line in done.errors.strip().splitlines() if line.strip()]
@@ -424,12 +413,23 @@ class Backups(Actor):
             self._dump_written(job)
         self._advance(job)
 
+    def _out_of_space(self, others: int) -> str:
+        """Why a writer was stopped at its bound (keter.diskshare)."""
+        reserve = f"less than {self._disk.reserve // 2**20} MiB free on ROOT's disk"
+        if not others:
+            return f"stopped: it would have left {reserve}"
+        beside = (
+            "1 other backup or restore" if others == 1 else f"{others} other backups or restores"
+        )
+        return f"stopped: it and {beside} writing beside it would have left {reserve}"
+
     def _finish(self, job: _Job, failure: str | RequestRefused | None) -> None:
         """Report the job's end, clean up what it left, start the app's next job."""
         request = job.request
         app = request.app
         if self._running.get(app) is job:
             del self._running[app]
+        self._disk.remove(job)
         _close(job, "input_fd")
         _close(job, "part_fd")
         if job.part is not None and failure is not None:
@@ -500,7 +500,7 @@ class Backups(Actor):
             job.part, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
         )
         args = ["--format=custom", "--no-password"]
-        self._spawn(job, "pg_dump", args, stdout=job.part_fd, bounded=folder)
+        self._spawn(job, "pg_dump", args, stdout=job.part_fd, bounded=True)
 
     def _dump_written(self, job: _Job) -> None:
         """The dump is complete: make it durable and give it its name."""
@@ -526,7 +526,7 @@ class Backups(Actor):
             job.part, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
         )
         args = ["--no-owner", "--no-acl", "--file=-"]
-        self._spawn(job, "pg_restore", args, stdin=job.input_fd, stdout=job.part_fd, bounded=folder)
+        self._spawn(job, "pg_restore", args, stdin=job.input_fd, stdout=job.part_fd, bounded=True)
 
     def _start_psql(self, job: _Job) -> None:
         """psql runs DROP OWNED and the SQL in one transaction (see the module docstring)."""
@@ -551,19 +551,16 @@ class Backups(Actor):
         job: _Job,
         program: str,
         args: list[str],
-        bounded: Path | None = None,
+        bounded: bool = False,
         **streams: object,
     ) -> None:
-        """Start ``program``; one writing a file in ``bounded`` may leave no less free
-        there than the reserve (RLIMIT_FSIZE, by util-linux prlimit)."""
+        """Start ``program``; a ``bounded`` one (writing ``job.part_fd``) gets its share of
+        what is free on ROOT's disk above the reserve (keter.diskshare)."""
         request = job.request
         job.program = program
         identity = self._identity(request)
         run_as = credentials(identity)
         command = [pg_program(program), *args]
-        if bounded is not None and PRLIMIT is not None:
-            limit, job.reserve = write_bound(bounded)
-            command = [PRLIMIT, f"--fsize={limit}", "--", *command]
         job.child = subprocess.Popen(
             # The app's data shapes how much memory they take (pg_dump holds every large
             # object's entry): the OOM killer picks them before keter, as it picks apps.
@@ -578,6 +575,10 @@ class Backups(Actor):
             **run_as,
         )
         uid = identity.uid if identity is not None else os.getuid()
+        if bounded:
+            assert job.part_fd is not None
+            gid = identity.gid if identity is not None else os.getgid()
+            self._disk.add(job, request.app, job.child.pid, job.part_fd, uid, gid)
         log.info("%s: %s started (pid %d, uid %d)", request.app, program, job.child.pid, uid)
 
     def _identity(self, request: BackupDatabase | RestoreDatabase) -> Identity | None:

@@ -4,18 +4,25 @@ PostgreSQL in tests/test_release_deploy.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import queue
+import re
 import socket
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 import keter.backups
 from keter.backups import Backups, backup_name, list_backups
+from keter.diskshare import DISK_RESERVE
 from keter.messages import (
     BackupDatabase,
     BackupFailed,
     BackupKind,
+    BackupTaken,
     DbInfo,
     RequestRefused,
     RestoreDatabase,
@@ -127,12 +134,68 @@ def test_a_dump_that_would_fill_roots_disk_is_stopped(backups, tmp_path, monkeyp
     writer.write_text("#!/bin/sh\nexec head -c 8388608 /dev/zero\n")
     writer.chmod(0o755)
     monkeypatch.setattr(keter.backups, "pg_program", lambda name: str(writer))
-    monkeypatch.setattr(keter.backups, "write_bound", lambda folder: (1 << 20, 5 << 30))
+    small_disk(monkeypatch, tmp_path / "backups", 1 << 20)
     component, reports = backups
     component.tell(request(1))
     failed = reports.get(timeout=20)
     assert isinstance(failed, BackupFailed)
     assert failed.reason == (
-        "pg_dump stopped: it would have left less than 5120 MiB free on ROOT's disk"
+        "pg_dump stopped: it would have left less than 256 MiB free on ROOT's disk"
     )
     assert list((tmp_path / "backups" / "app").iterdir()) == []
+
+
+def small_disk(monkeypatch, folder: Path, spare: int) -> None:
+    """``folder``'s disk has ``spare`` bytes above the reserve, less what is written in it."""
+    real = os.statvfs
+
+    def statvfs(path):
+        if not Path(path).is_relative_to(folder):
+            return real(path)
+        written = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        return SimpleNamespace(f_bavail=DISK_RESERVE + spare - written, f_frsize=1)
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+
+
+def test_dumps_of_apps_side_by_side_together_leave_the_reserve_free(tmp_path, monkeypatch) -> None:
+    # Each dump was bounded by all that was free when it started: dumps of several apps
+    # together could fill the disk (three left 0 bytes free and failed with ENOSPC).
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    writer = tmp_path / "writer"
+    writer.write_text(
+        "#!/bin/sh\n"
+        f": > {ready}/$$\n"
+        f'while set -- {ready}/*; [ "$#" -lt 3 ]; do :; done  # all three bounded first\n'
+        "printf PGDMP; exec head -c 8388603 /dev/zero\n"  # 8 MiB of a dump
+    )
+    writer.chmod(0o755)
+    monkeypatch.setattr(keter.backups, "pg_program", lambda name: str(writer))
+    small_disk(monkeypatch, tmp_path / "backups", 12 << 20)  # room for one of them
+    reports: queue.Queue = queue.Queue()
+    component = Backups(backups_dir=tmp_path / "backups", keep=2, timeout=30, report_to=reports)
+    component.start()
+    try:
+        for app in ("a", "b", "c"):
+            component.tell(dataclasses.replace(request(1), app=app))
+        ends = [reports.get(timeout=30) for _ in range(3)]
+        # Two do not fit: one may be taken with the room the others gave back as they failed.
+        taken = [end for end in ends if isinstance(end, BackupTaken)]
+        assert len(taken) <= 1, ends
+        shared = r"pg_dump stopped: it and [12] other backups? or restores? writing beside it"
+        for end in ends:
+            if isinstance(end, BackupFailed):
+                assert re.fullmatch(
+                    shared + r" would have left less than 256 MiB free on ROOT's disk", end.reason
+                )
+        # What they wrote is given back: one dump alone has all the room there is.
+        for end in taken:
+            (tmp_path / "backups" / end.app / end.backup.name).unlink()
+        (ready / "d").touch()
+        (ready / "e").touch()
+        component.tell(dataclasses.replace(request(1), app="d"))
+        assert isinstance(reports.get(timeout=30), BackupTaken)
+    finally:
+        component.stop()
+        component.join(10)

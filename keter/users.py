@@ -197,16 +197,21 @@ def publish_static(folder: Path, roots: Iterable[Path], nginx_group: str = NGINX
             "unpacker: no group %s (nginx's workers): static roots are opened to every local user",
             nginx_group,
         )
+    # Each path once, with every bit any root asks for: an ACL is written whole, so a
+    # root nested in another, handled after it, took back the outer root's listing (r).
+    wanted: dict[Path, int] = {}
     for root in roots:
         root = Path(root)
         if root != top and top not in root.parents:
             raise ValueError(f"static root {root} is outside {top}")
         for path in [top, *(top / part for part in _parts_between(top, root))]:
-            gid = _open_to(path, gid, 0o1)
+            wanted[path] = wanted.get(path, 0) | 0o1
         for parent, _dirs, files in os.walk(root):  # links to folders: not walked
-            gid = _open_to(Path(parent), gid, 0o5)
+            wanted[Path(parent)] = wanted.get(Path(parent), 0) | 0o5
             for name in files:
-                gid = _open_to(Path(parent) / name, gid, 0o4)
+                wanted[Path(parent) / name] = wanted.get(Path(parent) / name, 0) | 0o4
+    for path, bits in wanted.items():
+        gid = _open_to(path, gid, bits)
 
 
 def _parts_between(top: Path, root: Path) -> list[Path]:

@@ -710,19 +710,6 @@ def test_publishing_a_static_root_follows_no_link_and_opens_nothing_beside_it(tm
     (top / "site" / "public" / "leak").symlink_to(outside)
     secure_folder(top, os.getgid())
     publish_static(top, [top / "site" / "public"])
-    www_data = grp.getgrnam(NGINX_GROUP).gr_gid
-
-    def granted(path: Path) -> str:
-        """What the ACL gives nginx's group on ``path`` ("" if no entry)."""
-        acl = os.getxattr(path, "system.posix_acl_access", follow_symlinks=False)
-        entries = [struct.unpack_from("<HHI", acl, 4 + 8 * n) for n in range((len(acl) - 4) // 8)]
-        return "".join(
-            "rwx"[i] if perm & (4 >> i) else "-"
-            for tag, perm, ident in entries
-            if tag == 0x08 and ident == www_data
-            for i in range(3)
-        )
-
     assert [granted(top), granted(top / "site")] == ["--x", "--x"]
     assert [granted(top / "site/public"), granted(top / "site/public/sub")] == ["r-x", "r-x"]
     assert granted(top / "site/public/sub/a.css") == "r--"
@@ -732,3 +719,32 @@ def test_publishing_a_static_root_follows_no_link_and_opens_nothing_beside_it(tm
     assert all(os.lstat(p).st_mode & 0o007 == 0 for p in top.rglob("*") if not p.is_symlink())
     with pytest.raises(ValueError, match="outside"):
         publish_static(top, [tmp_path])
+
+
+def granted(path: Path) -> str:
+    """What the ACL gives nginx's group on ``path`` ("" if no entry)."""
+    www_data = grp.getgrnam(NGINX_GROUP).gr_gid
+    acl = os.getxattr(path, "system.posix_acl_access", follow_symlinks=False)
+    entries = [struct.unpack_from("<HHI", acl, 4 + 8 * n) for n in range((len(acl) - 4) // 8)]
+    return "".join(
+        "rwx"[i] if perm & (4 >> i) else "-"
+        for tag, perm, ident in entries
+        if tag == 0x08 and ident == www_data
+        for i in range(3)
+    )
+
+
+@pytest.mark.parametrize(
+    "roots", [["public", "public/docs"], ["public/docs", "public"], [".", "public"]]
+)
+def test_a_static_root_inside_another_leaves_the_outer_one_listable(tmp_path, roots) -> None:
+    # An ACL is written whole: the inner root's passage (--x) on its way down replaced the
+    # outer root's r-x when handled after it, and the outer root's listing answered 403.
+    top = tmp_path / "bundle"
+    (top / "public" / "docs").mkdir(parents=True)
+    (top / "public" / "docs" / "a.txt").write_text("a")
+    secure_folder(top, os.getgid())
+    publish_static(top, [top / root for root in roots])
+    assert granted(top / min(roots, key=len)) == "r-x"  # the outer root
+    assert [granted(top / "public"), granted(top / "public/docs")] == ["r-x", "r-x"]
+    assert granted(top / "public/docs/a.txt") == "r--"

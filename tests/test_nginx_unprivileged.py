@@ -64,3 +64,33 @@ def test_workers_of_their_own_serve_static_files_guarded_and_proxied_apps(
         raise
     finally:
         keter.stop()
+
+
+def test_a_listed_static_root_with_another_inside_it_is_listed(
+    open_base: Path, www_nginx: PrivateNginx
+) -> None:
+    # The inner root, published after the outer one, left its folders passable but no
+    # longer readable by nginx's workers: the outer root's listing answered 403.
+    keter = KeterDaemon(
+        open_base / "root", keter_settings(www_nginx, **{"run-apps-as-root": False})
+    )
+    keter.start()
+    try:
+        listed = {"type": "static-files", "directory-listing": True}
+        stanzas = [
+            dict(listed, root="../public", host="files.test"),
+            dict(listed, root="../public/docs", host="docs.test"),
+        ]
+        files = {"public/i.txt": "i", "public/docs/a.txt": "a"}
+        bundle = make_bundle(
+            open_base / "files.keter", config={"stanzas": stanzas}, files=files, app_source=None
+        )
+        keter.drop(bundle)
+        wait_for(lambda: body(www_nginx, "docs.test", "/a.txt") == b"a", 20, "the inner root")
+        www_nginx.wait_settled()
+        assert www_nginx.request("docs.test", "/")[0] == 200
+        status, _, listing = get(www_nginx.port, "files.test", "/")
+        assert status == 200 and b"docs/" in listing and b"i.txt" in listing
+        assert "Permission denied" not in www_nginx.error_log_text()
+    finally:
+        keter.stop()

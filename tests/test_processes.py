@@ -65,7 +65,7 @@ from keter.processes.reader import (
     OutputReader,
     _Budget,
     _Watched,
-    drain_tail,
+    drain,
 )
 from keter.processes.spawn import APP_ENV, ROOT_ENV, SpawnError, environment_file
 from keter.processes.states import (
@@ -704,7 +704,7 @@ def test_draining_past_the_budget_logs_the_last_words_and_drops_the_rest(tmp_pat
     flood = b"".join(b"flood %06d\n" % n for n in range(40_000))  # 480 KB, 8 chunks
     os.write(write_end, flood + b"last words\n")
     os.close(write_end)
-    open_, dropped = drain_tail(capture, read_end)
+    open_, _, dropped = drain(capture, read_end, allowance=0)
     os.close(read_end)
     capture.flush()
     applog.close()
@@ -713,6 +713,35 @@ def test_draining_past_the_budget_logs_the_last_words_and_drops_the_rest(tmp_pat
     assert len(lines) < READ_CHUNK // 12 + 2  # one chunk's lines, not 40,000
     assert len(flood) - READ_CHUNK < dropped < len(flood)
     assert capture.tail(1) == ("last words",)
+
+
+def test_an_exit_drain_logs_no_more_than_the_budget_left_and_the_last_words(tmp_path, caplog):
+    """A byte of budget left was enough for the exit's drain to log the whole pipe: 16
+    apps exiting at once, each just within its budget, still held exit reports 2 s."""
+    applog = AppLog(tmp_path / "a.log", max_bytes=10_000_000, backups=1)
+    capture = OutputCapture("app", applog)
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, MAX_PIPE_BUFFER)
+    os.set_blocking(read_end, False)
+    flood = b"".join(b"flood %06d\n" % n for n in range(40_000))  # 480 KB, 8 chunks
+    os.write(write_end, flood + b"last words\n")
+    os.close(write_end)
+    nearly_spent = _Budget(tokens=1, counted_at=time.monotonic(), runs=1)
+    done = subprocess.Popen(["true"])  # the run's process: only named in log lines
+    done.wait()
+    watched = _Watched(
+        key=1, proc=done, capture=capture, fd=read_end, pidfd=-1, budget=nearly_spent
+    )
+    reader = OutputReader(LogRegistry(max_bytes=1, backups=0), on_exit=lambda *args: None)
+    with caplog.at_level(logging.WARNING, logger="keter.processes.reader"):
+        assert reader._drain(watched) is False  # end of file
+    os.close(read_end)
+    capture.flush()
+    applog.close()
+    lines = (tmp_path / "a.log").read_bytes().splitlines()
+    assert lines[-1].endswith(b"last words")
+    assert len(lines) < 2 * (READ_CHUNK // 12 + 2)  # its first and its last chunk
+    assert any("of its output dropped" in r.getMessage() for r in caplog.records)
 
 
 def test_an_app_quiet_since_its_flood_has_its_whole_last_output_logged(tmp_path):

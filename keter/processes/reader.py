@@ -270,15 +270,12 @@ class OutputReader:
         """``drain``, within the app's budget: past it, only the pipe's last chunk is
         logged (the last words) and the rest dropped, said once per run. Taken whole,
         16 flooding processes exiting at once with full 1 MiB pipes held another app's
-        exit report up to 3 s."""
+        exit report up to 3 s; so they did with a byte of budget left each."""
         budget = watched.budget
         assert budget is not None
         _refill(budget)  # an app quiet since its flood has its budget back
-        if budget.tokens > 0:
-            open_, cost = drain(watched.capture, watched.fd)
-            budget.tokens -= cost
-            return open_
-        open_, dropped = drain_tail(watched.capture, watched.fd)
+        open_, cost, dropped = drain(watched.capture, watched.fd, max(budget.tokens, 0))
+        budget.tokens -= cost
         if dropped and not watched.throttled:
             watched.throttled = True
             log.warning(
@@ -388,26 +385,17 @@ def read_once(capture: OutputCapture, fd: int) -> int | bool | None:
     return len(data) + LINE_COST * data.count(b"\n")
 
 
-def drain(capture: OutputCapture, fd: int) -> tuple[bool, int]:
+def drain(capture: OutputCapture, fd: int, allowance: float) -> tuple[bool, int, int]:
     """Read what the pipe holds right now without waiting: (False at end of file, what
-    it cost, as ``read_once`` counts).
+    was logged cost, as ``read_once`` counts, bytes dropped).
 
-    Reads at most the largest pipe buffer: enough for everything a dead
-    leader wrote, and a chatty grandchild cannot keep the reader here.
+    Chunks are logged while what they cost stays within ``allowance`` (one at least
+    if any is left); of the rest only the last chunk's whole lines, the last words:
+    reading without logging costs next to nothing. Reads at most the largest pipe
+    buffer: enough for everything a dead leader wrote, and a chatty grandchild
+    cannot keep the reader here.
     """
-    cost = 0
-    for _ in range(MAX_PIPE_BUFFER // READ_CHUNK):
-        got = read_once(capture, fd)
-        if got is None or got is False:
-            return got is None, cost
-        cost += got
-    return True, cost
-
-
-def drain_tail(capture: OutputCapture, fd: int) -> tuple[bool, int]:
-    """``drain``, but only the last chunk's whole lines go to the log: (False at end of
-    file, bytes dropped). Reading without logging costs next to nothing."""
-    last, dropped, open_ = b"", 0, True
+    cost, dropped, last, open_ = 0, 0, b"", True
     for _ in range(MAX_PIPE_BUFFER // READ_CHUNK):
         try:
             data = os.read(fd, READ_CHUNK)
@@ -416,11 +404,15 @@ def drain_tail(capture: OutputCapture, fd: int) -> tuple[bool, int]:
         if not data:
             open_ = False
             break
-        dropped += len(last)
-        last = data
+        if cost < allowance:
+            capture.feed(data)
+            cost += len(data) + LINE_COST * data.count(b"\n")
+        else:
+            dropped += len(last)
+            last = data
     if dropped:
         capture.flush()  # what came before the gap stays a line of its own
         cut = last.find(b"\n") + 1
         dropped, last = dropped + cut, last[cut:]
     capture.feed(last)
-    return open_, dropped
+    return open_, cost, dropped

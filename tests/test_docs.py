@@ -31,6 +31,7 @@ import pytest
 
 from keter import deploys, messages
 from keter.config import CONFIG_NAME, KeterConfig, load_config
+from keter.incoming.unpack import bundle_limit
 from keter.messages import Component, ProcessState
 from keter.processes import states
 
@@ -114,6 +115,11 @@ def test_the_readme_table_of_config_defaults_is_the_defaults(tmp_path: Path) -> 
     config = load_config(tmp_path, ephemeral_range=(32768, 60999))
     assert config.warnings == ()
     assert config == KeterConfig(root=tmp_path)
+
+
+def test_the_bundle_size_cap_the_readme_gives_is_the_defaults() -> None:
+    limit = bundle_limit(KeterConfig.max_unpacked_bytes, KeterConfig.max_members)
+    assert f"{limit:,} bytes with the defaults" in " ".join(text(README).split())
 
 
 # -- paths and names ----------------------------------------------------------------------

@@ -184,6 +184,37 @@ def test_a_malformed_pax_header_is_refused_in_one_line(rig: Rig, pax: dict[str, 
     remove_app(rig, app)
 
 
+# -- a bundle followed by a hole -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "reason"),
+    [(1 << 40, "larger than any bundle keter unpacks"), (8 * MIB, "bytes after the gzip data")],
+    ids=["a terabyte", "within the size cap"],
+)
+def test_a_bundle_followed_by_a_hole_is_refused_and_holds_up_no_other_deploy(
+    rig: Rig, size: int, reason: str
+) -> None:
+    # A 3 KB bundle extended by a hole (`truncate -s 20G`: no disk used) was read and hashed
+    # whole (17 s; 14 minutes for 1 TiB) while every other deploy waited, then deployed and
+    # archived: the archive wrote the zeros out.
+    app = "hole" + str(len(rig.keter.log()))
+    before = rig.checkpoint()
+    hidden = rig.keter.incoming / f".{app}.keter.part"
+    hidden.write_bytes(bundle_bytes(config=webapp_config(f"{app}.test", "h1")))
+    os.truncate(hidden, size)
+    os.replace(hidden, rig.keter.incoming / f"{app}.keter")
+    wait_for(lambda: f"{app}: bundle seen" in rig.log_since(before), 10, f"{app} to be seen")
+    rig.drop("other.keter", bundle_bytes(config=webapp_config("other.test", "o1")))
+    served(rig.nginx, "other.test", "o1")  # the unpacker took the hole's bundle first
+    line = assert_one_error(rig.log_since(before), app, f"cannot unpack {app}.keter", reason)
+    assert re.match(rf"{app}: deploy #\d+ failed: ", line), line
+    assert not (rig.keter.root / "archive" / app).exists()
+    (rig.keter.incoming / f"{app}.keter").unlink()
+    remove_app(rig, "other")
+    alive(rig)
+
+
 # -- issue 10 (a), the tar half: a fuzz test against the running keter -----------------------
 
 _names = itertools.count(1)

@@ -27,12 +27,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import tars
 from support.bundles import Zeros
+from support.iocount import bytes_read, bytes_written
 from support.wait import wait_for
 
 from keter.bundle import BundleConfig
 from keter.incoming import unpack as unpack_module
 from keter.incoming import unpacker as unpacker_module
-from keter.incoming.unpack import MAX_DEPTH, UnpackError, safe_unpack
+from keter.incoming.unpack import MAX_DEPTH, MAX_PADDING, UnpackError, bundle_limit, safe_unpack
 from keter.incoming.unpacker import Unpacker
 from keter.messages import (
     BundleUnpacked,
@@ -117,13 +118,6 @@ class Area:
         assert self.snapshot() == before
         assert list(self.temp.iterdir()) == []
         return str(caught.value)
-
-
-def written_bytes() -> int:
-    """Bytes this process has passed to write(2) so far (Linux /proc accounting)."""
-    with open("/proc/self/io") as f:
-        fields = dict(line.split(": ") for line in f.read().splitlines())
-    return int(fields["wchar"])
 
 
 APP_SCRIPT = b"#!/bin/sh\nexec sleep 1000\n"
@@ -239,6 +233,41 @@ def test_returns_the_sha256_of_the_whole_file(area: Area) -> None:
     assert digest == hashlib.sha256(payload).hexdigest()
 
 
+def test_padding_up_to_its_bound_is_accepted_and_hashed(area: Area) -> None:
+    payload = gzip.compress(tar_bytes(good_entries())) + bytes(MAX_PADDING)
+    digest = safe_unpack(area.bundle(payload), area.dest, **CAPS)
+    assert digest == hashlib.sha256(payload).hexdigest()
+
+
+@pytest.mark.parametrize("after", [MAX_PADDING + 1, 2 << 30], ids=["a byte more", "a 2 GiB hole"])
+def test_a_bundle_with_more_than_padding_after_its_gzip_data_is_refused_unread(
+    area: Area, after: int
+) -> None:
+    # Read and hashed to the end once, however long: 20 GiB of a hole (no disk used) held
+    # the unpacking 17 s, and the archive then wrote the zeros out.
+    gz = gzip.compress(tar_bytes(good_entries()))
+    bundle = area.bundle(gz)
+    os.truncate(bundle, len(gz) + after)  # a hole: the file system stores no zeros
+    read_before = bytes_read()
+    reason = area.refused(bundle, max_bytes=2 << 30)
+    assert reason == f"{after} bytes after the gzip data (padding is {MAX_PADDING} at most)"
+    assert bytes_read() - read_before < MAX_PADDING + 2 * MIB
+
+
+def test_a_file_larger_than_any_bundle_is_refused_before_it_is_read(area: Area) -> None:
+    # A bundle of 3 KB extended to a terabyte by a hole was read and hashed whole (about
+    # 14 minutes, every other deploy waiting; each read counted as the worker's progress).
+    bundle = area.bundle(gzip.compress(tar_bytes(good_entries())))
+    os.truncate(bundle, 1 << 40)
+    read_before = bytes_read()
+    reason = area.refused(bundle)
+    limit = bundle_limit(CAPS["max_bytes"], CAPS["max_members"])
+    assert reason == (
+        f"the file is {1 << 40} bytes, larger than any bundle keter unpacks ({limit} at most)"
+    )
+    assert bytes_read() - read_before < MIB
+
+
 def test_caps_are_inclusive(area: Area) -> None:
     entries = [entry(f"f{i}", bytes(100)) for i in range(9)] + [folder("d")]
     safe_unpack(area.bundle(entries), area.dest, max_bytes=900, max_members=10)
@@ -336,10 +365,10 @@ def test_gzip_bomb_is_refused_before_writing_past_the_cap(area: Area) -> None:
         tar.addfile(info, Zeros(info.size))
     assert bundle.stat().st_size < MIB
 
-    before = written_bytes()
+    before = bytes_written()
     reason = area.refused(bundle)
     assert reason == f"unpacked size exceeds the limit of {10 * MIB} bytes"
-    assert written_bytes() - before < MIB
+    assert bytes_written() - before < MIB
 
 
 def test_many_small_members_stop_at_the_byte_cap(area: Area) -> None:
@@ -350,10 +379,10 @@ def test_many_small_members_stop_at_the_byte_cap(area: Area) -> None:
             info.size = 3 * MIB
             tar.addfile(info, Zeros(info.size))
 
-    before = written_bytes()
+    before = bytes_written()
     reason = area.refused(bundle)
     assert reason == f"unpacked size exceeds the limit of {10 * MIB} bytes"
-    assert written_bytes() - before <= 10 * MIB + 64 * 1024
+    assert bytes_written() - before <= 10 * MIB + 64 * 1024
 
 
 def test_data_after_the_end_of_archive_counts_against_the_cap(area: Area) -> None:

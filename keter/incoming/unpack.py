@@ -3,7 +3,10 @@
 A bundle is untrusted input: anyone who can drop a file into incoming/ must not
 be able to write outside the bundle's folder, create device nodes or setuid
 programs, or fill the disk. ``safe_unpack`` therefore checks every member before
-writing it and counts what it writes against hard caps.
+writing it and counts what it writes against hard caps. Nor may it make keter
+read for hours: a file larger than any bundle within those caps can be
+(``bundle_limit``) is refused unread, and at most ``MAX_PADDING`` bytes may
+follow the gzip data.
 
 The archive is read once, as a stream (``tarfile`` mode ``"r|"``), from a file
 descriptor opened once. A bundle replaced by a rename while being read keeps
@@ -53,6 +56,13 @@ _GZIP_WBITS = 16 + zlib.MAX_WBITS  # gzip header and trailer, not raw deflate
 # and still bounds the work a hostile stream can cause.
 _OVERHEAD_PER_MEMBER = 8192
 _OVERHEAD_FIXED = 1 << 20
+
+# What may follow the last gzip member: gzip ignores it, and tools that write to
+# blocks pad an archive with a few (tar's own padding, 10 KiB records, is inside the
+# gzip data). More is no padding: a 3 KB bundle extended by a hole (``truncate -s 20G``,
+# no disk used) made the unpacker hash 20 GiB of zeros (17 s, every other deploy
+# waiting behind it) and the archive write them out.
+MAX_PADDING = 1 << 20
 
 # pax and GNU long-name headers are read whole into memory by tarfile, so their
 # declared size is checked before tarfile reads them.
@@ -133,12 +143,18 @@ def safe_unpack(
     try:
         os.chmod(dest, 0o755)  # mkdir's mode was reduced by the umask
         try:
-            fd, _ = open_regular(bundle)
+            fd, st = open_regular(bundle)
         except NotABundleFile as exc:
             raise UnpackError(f"{Path(bundle).name} is not a regular file: {exc}") from None
         except OSError as exc:
             raise UnpackError(f"cannot open {bundle}: {exc.strerror}") from None
         with open(fd, "rb") as raw:
+            limit = bundle_limit(max_bytes, max_members)
+            if st.st_size > limit:
+                raise UnpackError(
+                    f"the file is {st.st_size} bytes, larger than any bundle keter unpacks "
+                    f"({limit} at most)"
+                )
             extraction = _Extraction(
                 raw, dest, max_bytes=max_bytes, max_members=max_members, progress=progress
             )
@@ -187,6 +203,15 @@ def stream_limit(max_bytes: int, max_members: int) -> int:
     return max_bytes + max_members * _OVERHEAD_PER_MEMBER + _OVERHEAD_FIXED
 
 
+def bundle_limit(max_bytes: int, max_members: int) -> int:
+    """How large the file of an acceptable bundle can be: its tar stream
+    (``stream_limit``) as gzip stores what does not compress (deflate adds 5 bytes per
+    64 KiB), a MiB for gzip headers, and ``MAX_PADDING``. A larger file is refused
+    before a byte of it is read: its size is no bundle's.
+    """
+    return stream_limit(max_bytes, max_members) * 1001 // 1000 + (1 << 20) + MAX_PADDING
+
+
 def _name(name: str) -> str:
     """A member name as a reason quotes it: escaped, capped (a hostile archive can
     carry names of a megabyte; TEAM.md decision 5), in single quotes."""
@@ -230,6 +255,9 @@ class _GzipReader:
         self._finished = False
         self.produced = 0
         self._sha256 = hashlib.sha256()
+        self._raw_read = 0  # bytes of the file read so far
+        self._gzip_end = 0  # where the last gzip member ended, once it has
+        self._padding = 0  # bytes read after it
 
     def read(self, size: int = -1) -> bytes:
         if size < 0:
@@ -242,9 +270,15 @@ class _GzipReader:
         return chunk
 
     def sha256_of_rest(self) -> str:
-        """The hash of the whole file, reading what follows the gzip data (padding)."""
-        while self._read_raw():
-            pass
+        """The hash of the whole file, reading what follows the gzip data: padding, of
+        at most ``MAX_PADDING`` bytes."""
+        while data := self._read_raw():
+            self._padding += len(data)
+            if self._padding > MAX_PADDING:
+                after = os.fstat(self._raw.fileno()).st_size - self._gzip_end
+                raise UnpackError(
+                    f"{after} bytes after the gzip data (padding is {MAX_PADDING} at most)"
+                )
         return self._sha256.hexdigest()
 
     def drain(self) -> None:
@@ -259,9 +293,12 @@ class _GzipReader:
                 rest = self._zlib.unused_data or self._read_raw()
                 if len(rest) < len(_GZIP_MAGIC):  # a read may end inside the next magic
                     rest += self._read_raw()
-                # Anything but another gzip member is trailing padding; gzip ignores it too.
+                # Anything but another gzip member is trailing padding (gzip ignores it
+                # too), of at most MAX_PADDING bytes: ``sha256_of_rest`` reads it.
                 if not rest.startswith(_GZIP_MAGIC):
                     self._finished = True
+                    self._gzip_end = self._raw_read - len(rest)
+                    self._padding = len(rest)
                     break
                 self._zlib = zlib.decompressobj(_GZIP_WBITS)
                 data = rest
@@ -289,6 +326,7 @@ class _GzipReader:
         except OSError as exc:
             raise UnpackError(f"cannot read bundle: {exc.strerror or exc}") from None
         self._sha256.update(data)
+        self._raw_read += len(data)
         if not self._started:
             self._started = True
             if not data:

@@ -30,8 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from keter.config import KeterConfig
 from keter.fsutil import fsync_dir
 from keter.incoming.files import NotABundleFile, open_regular
+from keter.incoming.unpack import bundle_limit
 
 SUFFIX = ".keter"
 _CHUNK = 1 << 20
@@ -71,6 +73,7 @@ def copy_hashed(
     expected: str | None = None,
     durable: bool = True,
     unless: Callable[[], str | None] = lambda: None,
+    max_bytes: int | None = None,
 ) -> str:
     """Copy ``source`` to ``folder/name`` atomically; return the sha256 of what was written.
 
@@ -79,10 +82,11 @@ def copy_hashed(
     ``name`` only when complete, and only if its sha256 is ``expected`` (when
     given; else HashMismatch is raised and nothing changes), and only if
     ``unless()``, asked last, gives no reason not to (else ArchiveError(reason)).
+    A source longer than ``max_bytes`` is ArchiveError as soon as the copy passes it.
     """
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     try:
-        digest = _write_hashed(source, fd, mode, durable)
+        digest = _write_hashed(source, fd, mode, durable, max_bytes)
         if expected is not None and digest != expected:
             raise HashMismatch(f"got sha256 {digest[:12]}, expected {expected[:12]}")
         if reason := unless():
@@ -97,11 +101,17 @@ def copy_hashed(
     return digest
 
 
-def _write_hashed(source: BinaryIO, fd: int, mode: int, durable: bool = True) -> str:
+def _write_hashed(
+    source: BinaryIO, fd: int, mode: int, durable: bool = True, max_bytes: int | None = None
+) -> str:
     digest = hashlib.sha256()
+    copied = 0
     with os.fdopen(fd, "wb") as out:
         os.fchmod(out.fileno(), mode)
         while chunk := source.read(_CHUNK):
+            copied += len(chunk)
+            if max_bytes is not None and copied > max_bytes:
+                raise ArchiveError(f"more than {max_bytes} bytes to copy")
             digest.update(chunk)
             out.write(chunk)
         out.flush()
@@ -116,11 +126,21 @@ def install_bundle(source: BinaryIO, incoming: Path, app: str) -> str:
 
 
 class BundleArchive:
-    """``ROOT/archive``: per app, the last ``keep`` versions that were served."""
+    """``ROOT/archive``: per app, the last ``keep`` versions that were served.
 
-    def __init__(self, folder: Path, keep: int) -> None:
+    ``limit`` is the largest bundle keter unpacks (``unpack.bundle_limit``): a file in
+    incoming/ larger than that is no version that was deployed, and is not copied.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        keep: int,
+        limit: int = bundle_limit(KeterConfig.max_unpacked_bytes, KeterConfig.max_members),
+    ) -> None:
         self.folder = Path(folder)
         self.keep = max(1, keep)
+        self.limit = limit
         self._unsynced: set[Path] = set()  # copies made since the last sync
 
     def store(self, app: str, bundle: Path, sha256: str, served_at: float) -> ArchivedBundle:
@@ -137,10 +157,23 @@ class BundleArchive:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.folder, 0o700)  # bundles may hold secrets in their config
             try:
-                fd, _ = open_regular(bundle)  # never a FIFO's wait, never a link's target
+                fd, st = open_regular(bundle)  # never a FIFO's wait, never a link's target
                 with os.fdopen(fd, "rb") as source:
+                    # Replaced since its deploy by a file no deploy reads (a hole of
+                    # terabytes costs no disk in incoming/ but would here): not read.
+                    if st.st_size > self.limit:
+                        raise ArchiveError(
+                            f"{bundle.name} is {st.st_size} bytes now, larger than any "
+                            "bundle keter unpacks"
+                        )
                     copy_hashed(
-                        source, folder, target.name, mode=0o600, expected=sha256, durable=False
+                        source,
+                        folder,
+                        target.name,
+                        mode=0o600,
+                        expected=sha256,
+                        durable=False,
+                        max_bytes=self.limit,
                     )
                 self._unsynced.add(target)
             except FileNotFoundError:

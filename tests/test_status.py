@@ -13,6 +13,7 @@ import contextlib
 import grp
 import hashlib
 import http.client
+import io
 import itertools
 import json
 import logging
@@ -320,6 +321,32 @@ def test_a_bundle_replaced_since_its_deploy_is_not_archived(make_status, caplog)
         (status.config.archive_dir / "hello").iterdir()
     )
     assert "hello: version" in caplog.text and "has changed since" in caplog.text
+
+
+def test_a_file_larger_than_any_bundle_is_neither_archived_nor_hashed(make_status, caplog):
+    """A bundle in incoming/ extended by a hole (`truncate -s 20G`: no disk used) was
+    copied into archive/, its zeros written out onto ROOT's disk, and restart hashed it
+    whole in the status thread, every status request waiting."""
+    status = make_status(max_unpacked_bytes=1 << 20, max_members=10)  # about 4 MB at most
+    bundle = status.config.incoming_dir / "hello.keter"
+    bundle.write_bytes(b"v1")
+    os.truncate(bundle, 64 << 20)
+    with open(bundle, "rb") as f:
+        sha = hashlib.file_digest(f, "sha256").hexdigest()
+    with caplog.at_level(logging.WARNING):
+        status.tell_and_wait(AppChanged(snapshot=snapshot()), finished(sha256=sha))
+    assert list(status.config.archive_dir.glob("hello/*")) == []
+    assert "hello.keter is 67108864 bytes now, larger than any bundle keter unpacks" in caplog.text
+    with pytest.raises(ApiError) as info:
+        status.client.restart("hello")
+    assert info.value.status == 409 and "larger than any bundle keter unpacks" in str(info.value)
+
+
+def test_a_copy_longer_than_its_bound_stops_there_and_leaves_nothing(tmp_path):
+    # A bundle growing while the archive copies it is copied no further than any bundle.
+    with pytest.raises(archive_module.ArchiveError, match="more than 5 bytes"):
+        archive_module.copy_hashed(io.BytesIO(b"123456"), tmp_path, "x.keter", max_bytes=5)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_restart_touches_the_bundle(make_status):

@@ -135,7 +135,7 @@ def restore(api: StatusServer, app: str, body: dict) -> dict:
     snapshot = api.board.snapshot(app)
     if snapshot is not None and snapshot.deploying not in (None, snapshot.version):
         # Uploaded during the restore: it deploys on the restored data.
-        sha256 = incoming_sha256(api.config.incoming_dir, app)
+        sha256 = incoming_sha256(api.config, app)
         log.info("%s: version %s, on its way, deploys on the restored data", app, sha256[:12])
         result.update(
             {"app": app, "version": sha256[:12], "sha256": sha256, "after": after, "newer": True}

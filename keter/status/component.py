@@ -20,6 +20,7 @@ from keter.actor import Actor
 from keter.archive import SUFFIX, ArchiveError, BundleArchive
 from keter.config import KeterConfig
 from keter.history import DeployHistory
+from keter.incoming.unpack import bundle_limit
 from keter.messages import (
     AppChanged,
     AppEvent,
@@ -70,7 +71,11 @@ class StatusServer(Actor):
         self._saved = -HISTORY_SAVE_DELAY  # when the history file was last written (monotonic)
         self.socket_path = socket_path(config.root)
         self.checks = RequestChecks(config)
-        self.archive = BundleArchive(config.archive_dir, config.archive_keep)
+        self.archive = BundleArchive(
+            config.archive_dir,
+            config.archive_keep,
+            bundle_limit(config.max_unpacked_bytes, config.max_members),
+        )
         self.board = StatusBoard(
             config, DeployHistory(config.etc_dir / "history.json"), self.archive
         )

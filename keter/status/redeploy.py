@@ -18,7 +18,9 @@ from enum import StrEnum
 from pathlib import Path
 
 from keter.archive import SUFFIX, ArchivedBundle, ArchiveError
+from keter.config import KeterConfig
 from keter.incoming.files import NotABundleFile, open_regular
+from keter.incoming.unpack import bundle_limit
 from keter.messages import RollBack, ServeLastServed, message
 from keter.status.errors import ApiError
 from keter.status.views import StatusBoard
@@ -65,27 +67,34 @@ def restart(board: StatusBoard, app: str) -> dict:
     if board.snapshot(app) is None:
         raise ApiError(404, f"no app named {app}")
     after = board.history.seq
-    sha256 = incoming_sha256(board.config.incoming_dir, app, touch=True)
+    sha256 = incoming_sha256(board.config, app, touch=True)
     log.info("%s: restart requested through the status API", app)
     return {"app": app, "version": sha256[:12], "sha256": sha256, "after": after}
 
 
-def incoming_sha256(incoming: Path, app: str, *, touch: bool = False) -> str:
+def incoming_sha256(config: KeterConfig, app: str, *, touch: bool = False) -> str:
     """The sha256 of the app's bundle in incoming/, touched (the watcher redeploys it)
     if ``touch``; raises ApiError(409) when there is none.
 
     Whoever may write incoming/ chooses what lies there: a FIFO would hold this thread
-    for ever, a link would have root hash and touch whatever it names. Opened as the
-    watcher opens bundles, touched through that descriptor.
+    for ever, a link would have root hash and touch whatever it names, and a file
+    larger than any bundle (a hole of terabytes costs no disk) would hold it for hours.
+    Opened as the watcher opens bundles, touched through that descriptor.
     """
-    bundle = incoming / f"{app}{SUFFIX}"
+    bundle = config.incoming_dir / f"{app}{SUFFIX}"
     try:
-        fd, _ = open_regular(bundle)
+        fd, st = open_regular(bundle)
     except FileNotFoundError:
         raise ApiError(409, f"{app} has no bundle in incoming/") from None
     except NotABundleFile as exc:
         raise ApiError(409, f"incoming/{bundle.name} is no bundle: {exc}") from None
     with os.fdopen(fd, "rb") as f:
+        if st.st_size > bundle_limit(config.max_unpacked_bytes, config.max_members):
+            raise ApiError(
+                409,
+                f"incoming/{bundle.name} is no bundle: {st.st_size} bytes, larger than any "
+                "bundle keter unpacks",
+            )
         sha256 = hashlib.file_digest(f, "sha256").hexdigest()
         if touch:
             os.utime(f.fileno())
@@ -146,7 +155,7 @@ def serve_last_served(board: StatusBoard, order: ServeLastServed) -> bool:
     bundle = incoming / f"{order.app}{SUFFIX}"
     try:
         seen = _identity(bundle)
-        if seen is None or not _is_failed_bundle(incoming, order, seen):
+        if seen is None or not _is_failed_bundle(board.config, order, seen):
             log.info(
                 "%s: incoming/%s changed since it failed; it deploys instead of version %s",
                 order.app,
@@ -182,7 +191,7 @@ def roll_back(board: StatusBoard, order: RollBack) -> str | None:
     changed = f"incoming/{bundle.name} was removed or replaced meanwhile"
     try:
         seen = _identity(bundle)
-        if seen is None or incoming_sha256(incoming, order.app) != order.replaces:
+        if seen is None or incoming_sha256(board.config, order.app) != order.replaces:
             raise ArchiveError(changed)
         chosen = board.archive.find(order.app, order.sha256)
         # Asked again just before the copy takes its place (the copy takes a while).
@@ -192,7 +201,7 @@ def roll_back(board: StatusBoard, order: RollBack) -> str | None:
             incoming,
             unless=lambda: changed if _identity(bundle) != seen else None,
         )
-    except ApiError as exc:  # incoming_sha256: no bundle, or not a regular file
+    except ApiError as exc:  # incoming_sha256: no bundle, not a regular file, too large
         return f"cannot put {order.sha256[:12]} back: {exc.message}"
     except (ArchiveError, OSError) as exc:
         return f"cannot put {order.sha256[:12]} back: {exc}"
@@ -200,11 +209,11 @@ def roll_back(board: StatusBoard, order: RollBack) -> str | None:
     return None
 
 
-def _is_failed_bundle(incoming: Path, order: ServeLastServed, seen: tuple) -> bool:
+def _is_failed_bundle(config: KeterConfig, order: ServeLastServed, seen: tuple) -> bool:
     """Whether incoming/ still holds the bundle that failed (``seen``: its identity)."""
     if order.failed_sha256:
         try:
-            return incoming_sha256(incoming, order.app) == order.failed_sha256
+            return incoming_sha256(config, order.app) == order.failed_sha256
         except ApiError:  # gone, or no regular file
             return False
     return seen[3] / 1e9 == order.failed_mtime  # as the supervisor has it (mtime_ns / 1e9)

@@ -44,7 +44,7 @@ from keter.client import (
 from keter.config import KeterConfig
 from keter.history import REASON_LIMIT, capped_text
 from keter.incoming.gzipcheck import GZIP_MAGIC
-from keter.incoming.unpack import UnpackError, safe_unpack
+from keter.incoming.unpack import UnpackError, bundle_limit, safe_unpack
 from keter.log import MESSAGE_LIMIT
 from keter.logtail import LogFollower, tail_lines
 from keter.names import log_text, validate_app_name
@@ -475,9 +475,8 @@ class BundleLimits:
 
     @property
     def max_bundle_bytes(self) -> int:
-        """The most such a bundle can take as a gzip: its bytes, a tar header and padding
-        per member, gzip's few bytes per 32 KiB of what does not compress, and slack."""
-        return self.max_unpacked_bytes * 1001 // 1000 + self.max_members * 1024 + (1 << 20)
+        """The most such a bundle can take as a file (keter refuses a larger one unread)."""
+        return bundle_limit(self.max_unpacked_bytes, self.max_members)
 
 
 DEFAULT_LIMITS = BundleLimits()  # keter's defaults: when no keter answers
@@ -503,6 +502,12 @@ class _Bundle:
             self.fd: int | None = source.fileno()  # nothing has read it yet: no buffer
         except (OSError, ValueError):  # io.UnsupportedOperation is both
             self.fd = None
+        if self.fd is not None:
+            # Said at once, not after copying as much into $TMPDIR (a hole of terabytes
+            # is a file of that size that costs no disk).
+            st = os.fstat(self.fd)
+            if stat.S_ISREG(st.st_mode) and st.st_size > limit:
+                raise Refused(f"{shown}: larger than any bundle keter unpacks")
 
     def read(self, size: int) -> bytes:
         if self.fd is None:

@@ -35,6 +35,7 @@ from support.bundles import (
     webapp_config,
 )
 from support.daemon import app_processes, keter_cli, status_api
+from support.iocount import bytes_read
 from support.net import Load, served
 from support.wait import wait_for
 
@@ -228,6 +229,25 @@ def test_endless_input_is_refused_early_and_leaves_nothing_behind(
     assert code == EXIT_USAGE and reason in err
     assert stdin.given <= limits.max_bundle_bytes + (2 << 20)
     assert list(spools.iterdir()) == []
+
+
+def test_a_file_larger_than_any_bundle_is_refused_before_it_is_copied(
+    capsys, monkeypatch, tmp_path
+):
+    """A bundle extended by a hole (`truncate -s 1T`: no disk used) was copied into $TMPDIR
+    as far as the limit (gigabytes of zeros written out with the defaults) before the
+    refusal."""
+    spools = tmp_path / "tmp"
+    spools.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spools))
+    limits = commands.BundleLimits(max_unpacked_bytes=8 << 20, max_members=100)
+    monkeypatch.setattr(commands, "DEFAULT_LIMITS", limits)  # no keter: these
+    bundle = make_bundle(tmp_path / "hello.keter", config=webapp_config("hello.test", "v1"))
+    os.truncate(bundle, 1 << 40)
+    read_before = bytes_read()
+    code, _, err = cli(capsys, tmp_path / "root", "deploy", str(bundle))
+    assert code == EXIT_USAGE and "larger than any bundle keter unpacks" in err
+    assert bytes_read() - read_before < (1 << 20) and list(spools.iterdir()) == []
 
 
 @pytest.mark.parametrize("hangup", [signal.SIGHUP, signal.SIGTERM])

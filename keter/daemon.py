@@ -29,7 +29,7 @@ import time
 from keter import rootcheck
 from keter.acme import AcmeManager
 from keter.backups import Backups
-from keter.config import CONFIG_NAME, ConfigError, KeterConfig, load_config
+from keter.config import CONFIG_NAME, ConfigError, KeterConfig, SwitchSetting, load_config
 from keter.heap import Heap
 from keter.incoming.unpack import stream_limit
 from keter.incoming.unpacker import Unpacker
@@ -164,7 +164,7 @@ def build_components(config: KeterConfig, inbox: queue.SimpleQueue) -> Component
             # for nginx's timers), see keter.nginx.render.
             pool_seconds=POOL_SECONDS + 0.05,
             report_to=inbox,
-            kernel=config.switch == "auto",
+            kernel=config.switch is SwitchSetting.AUTO,
             users=users,  # apps kept off each other's ports: by their uids
             # ... and off the status API's port: one app could hold its every connection.
             closed_ports=(config.status_listen[1],) if config.status_listen else (),

@@ -17,6 +17,7 @@ from keter.config import (
     KeterConfig,
     Listener,
     NginxSettings,
+    SwitchSetting,
     load_config,
     parse_config,
     read_ephemeral_range,
@@ -100,6 +101,7 @@ def test_every_key_is_read() -> None:
         health-check-timeout: 7.5
         drain-seconds: 0
         stop-timeout: 3
+        switch: reload
         env: {MODE: production, WORKERS: 4, RATIO: 0.5, DEBUG: false}
         postgres:
           {admin-dsn: "host=/run/pg port=5433 user=postgres", retry-seconds: 4, connection-limit: 7}
@@ -126,6 +128,8 @@ def test_every_key_is_read() -> None:
     assert config.health_check_timeout == 7.5
     assert config.drain_seconds == 0
     assert config.stop_timeout == 3
+    # Read once into the enum: whoever uses it matches members, not spellings.
+    assert config.switch is SwitchSetting.RELOAD
     assert dict(config.env) == {
         "MODE": "production",
         "WORKERS": "4",
@@ -272,6 +276,8 @@ def test_port_range_may_touch_but_not_overlap_the_ephemeral_range() -> None:
         ("health-check-timeout: .nan", "health-check-timeout: expected a number of seconds > 0"),
         ("drain-seconds: -1", "drain-seconds: expected a number of seconds >= 0, got -1"),
         ("stop-timeout: [10]", "stop-timeout: expected a number of seconds > 0, got [10]"),
+        ("switch: kernel", 'switch: expected one of auto, reload, got "kernel"'),
+        ("switch: [auto]", 'switch: expected one of auto, reload, got ["auto"]'),
         ("env: [A=b]", 'env: expected a mapping of NAME: value, got ["A=b"]'),
         ("env: {A: [1]}", "env.A: expected a string, number or boolean, got a list"),
         ("env: {A: }", "env.A: expected a string, number or boolean, got nothing (null)"),

@@ -22,6 +22,7 @@ from keter.config.model import (
     Listener,
     NginxSettings,
     PostgresSettings,
+    SwitchSetting,
 )
 from keter.config.ports import read_ephemeral_range
 from keter.config.reader import CONFIG_NAME, load_config, parse_config
@@ -35,6 +36,7 @@ __all__ = [
     "Listener",
     "NginxSettings",
     "PostgresSettings",
+    "SwitchSetting",
     "load_config",
     "parse_config",
     "read_ephemeral_range",

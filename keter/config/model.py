@@ -5,6 +5,7 @@ Every field but ``root`` has Keter's default, so an absent file is a valid confi
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,13 @@ GIB = 1 << 30
 LOCAL_SOCKET_DIR = "/var/run/postgresql"
 DEFAULT_PG_PORT = 5432
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+class SwitchSetting(enum.StrEnum):
+    """How the operator wants versions switched (``switch:``; keter.switch decides the rest)."""
+
+    AUTO = "auto"  # re-point stable addresses in the kernel where nftables allows it
+    RELOAD = "reload"  # always reload nginx
 
 
 class ConfigError(Exception):
@@ -166,9 +174,8 @@ class KeterConfig:
     health_check_timeout: float = 30.0
     drain_seconds: float = 2.0
     stop_timeout: float = 10.0
-    # How versions are switched (keter.switch): "auto" re-points stable addresses in the
-    # kernel where nftables allows it, else reloads nginx; "reload" always reloads nginx.
-    switch: str = "auto"
+    # How versions are switched (keter.switch); AUTO falls back to reloading nginx.
+    switch: SwitchSetting = SwitchSetting.AUTO
     # Values may be secrets (API keys, a DSN with a password): kept out of repr.
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
     postgres: PostgresSettings = PostgresSettings()

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from keter import envstore
+from keter.config.model import SwitchSetting
 from keter.limits import parse_app_limits
 from keter.names import validate_url_path
 from keter.yamlcheck import (
@@ -184,13 +185,11 @@ def machine_name(
     return name
 
 
-SWITCH_MODES = ("auto", "reload")
-
-
 def parse_switch(value: object, path: str, check: Checker, base: Path) -> object:
-    if value in SWITCH_MODES:
-        return value
-    check.problem(path, f"expected one of {', '.join(SWITCH_MODES)}, got {describe(value)}")
+    if isinstance(value, str) and value in tuple(SwitchSetting):
+        return SwitchSetting(value)
+    shown = ", ".join(SwitchSetting)
+    check.problem(path, f"expected one of {shown}, got {describe(value)}")
     return None
 
 

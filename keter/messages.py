@@ -119,12 +119,29 @@ class DbAction(enum.StrEnum):
 
 
 class EventKind(enum.StrEnum):
-    """Entries of the recent-events feed that are not deploy outcomes."""
+    """What an entry of the recent-events feed tells: a deploy's outcome, or an app's news."""
 
+    DEPLOY_SERVING = "deploy-serving"
+    DEPLOY_FAILED = "deploy-failed"
+    DEPLOY_SUPERSEDED = "deploy-superseded"
+    DEPLOY_ROLLED_BACK = "deploy-rolled-back"
     CRASH = "crash"
     RESTART = "restart"
     REMOVED = "removed"
     NO_ROLLBACK = "no-rollback"  # a watched version made things worse, and stays
+
+    @classmethod
+    def deploy(cls, outcome: Outcome) -> EventKind:
+        """The entry for a deploy that ended with ``outcome``."""
+        match outcome:
+            case Outcome.SERVING:
+                return cls.DEPLOY_SERVING
+            case Outcome.FAILED:
+                return cls.DEPLOY_FAILED
+            case Outcome.SUPERSEDED:
+                return cls.DEPLOY_SUPERSEDED
+            case Outcome.ROLLED_BACK:
+                return cls.DEPLOY_ROLLED_BACK
 
 
 # -- value types carried by messages -------------------------------------------------

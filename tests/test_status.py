@@ -211,6 +211,13 @@ def test_events_feed_is_newest_first_and_names_deploys(make_status):
     assert "did not answer" in events[0]["text"]
 
 
+def test_a_deploys_event_kind_is_deploy_and_its_outcome() -> None:
+    # The dashboard and the API's clients read these spellings; they were once built
+    # from the outcome ad hoc, now each is an EventKind member.
+    for outcome in Outcome:
+        assert EventKind.deploy(outcome) == f"deploy-{outcome}"
+
+
 def test_app_urls(tmp_path):
     on_8080 = KeterConfig(root=tmp_path, listeners=(Listener("*", 8080),))
     assert app_urls(("a.test", "*.b.test", "c.*.test"), on_8080) == ["http://a.test:8080/"]

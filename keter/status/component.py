@@ -30,6 +30,7 @@ from keter.messages import (
     CertificateState,
     Component,
     DeployFinished,
+    EventKind,
     FailureKind,
     Outcome,
     RollBack,
@@ -204,7 +205,7 @@ class StatusServer(Actor):
             text = f"version {msg.version} serving (took {msg.duration:.1f}s)"
         else:  # the reason as the history keeps it: capped, whatever the bundle made of it
             text = f"version {msg.version} {msg.outcome.value}: {entry['reason']}"
-        self.board.add_event(msg.app, f"deploy-{msg.outcome.value}", text, msg.at)
+        self.board.add_event(msg.app, EventKind.deploy(msg.outcome), text, msg.at)
 
     def _sync_archive(self) -> None:
         """The bundles archived since the last time, made durable in one batch."""

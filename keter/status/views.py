@@ -27,6 +27,7 @@ from keter.messages import (
     CertificateOutcome,
     CertificateState,
     DeployFinished,
+    EventKind,
     TrafficReport,
     WatchState,
 )
@@ -118,7 +119,7 @@ class StatusBoard:
             self._watches = watches
         return traffic
 
-    def add_event(self, app: str, kind: str, text: str, at: float) -> None:
+    def add_event(self, app: str, kind: EventKind, text: str, at: float) -> None:
         event = {"at": at, "app": app, "kind": str(kind), "text": capped_text(text, EVENT_LIMIT)}
         with self.cond:
             self._events.append(event)

@@ -28,6 +28,7 @@ from keter.messages import (
     CertificateState,
     DeployFinished,
     EventKind,
+    SwitchMode,
     TrafficReport,
     WatchState,
 )
@@ -134,7 +135,7 @@ class StatusBoard:
         with self.cond:
             self._certificates[state.host] = shown
 
-    def set_switch(self, mode: str, reason: str) -> None:
+    def set_switch(self, mode: SwitchMode, reason: str) -> None:
         with self.cond:
             self._switch = {"mode": str(mode), "reason": reason}
 

@@ -83,10 +83,6 @@ class AppLimits:
     defaults: Limits = DEFAULTS
     ceiling: Limits = DEFAULTS
 
-    def for_stanza(self, own: Limits) -> Limits:
-        """What a process whose bundle asks for ``own`` runs under."""
-        return self.defaults.merged(own)
-
     def over_ceiling(self, stanzas: Iterable[tuple[str, Limits]]) -> list[str]:
         """One problem per limit a bundle's stanza asks for above the ceiling.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -350,13 +351,30 @@ def make_writer(
     )
 
 
+@contextlib.contextmanager
+def running(actor: NginxWriter) -> Iterator[NginxWriter]:
+    """The writer started, then stopped and joined however the block ends."""
+    actor.start()
+    try:
+        yield actor
+    finally:
+        actor.stop()
+        actor.join(timeout=15)
+
+
+@contextlib.contextmanager
+def one_port_taken(nginx: PrivateNginx) -> Iterator[list[Listener]]:
+    """nginx's own listener and one on a port another socket holds: a reload nginx refuses."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        yield [Listener("127.0.0.1", nginx.port), Listener("127.0.0.1", squatter.getsockname()[1])]
+
+
 @pytest.fixture
 def writer(private_nginx: PrivateNginx, reports: queue.Queue) -> Iterator[NginxWriter]:
-    actor = make_writer(private_nginx, reports)
-    actor.start()
-    yield actor
-    actor.stop()
-    actor.join(timeout=15)
+    with running(make_writer(private_nginx, reports)) as actor:
+        yield actor
     assert not actor.is_alive()
 
 
@@ -512,8 +530,7 @@ def test_a_test_command_saying_bytes_that_are_no_utf8_fails_the_apply_and_restor
     )
     # Without nginx's error log every apply is tested before its reload.
     writer = make_writer(private_nginx, reports, test_command=command, error_log=None)
-    writer.start()
-    try:
+    with running(writer):
         assert apply(writer, reports, 1, site("blog", "blog.test", port=first.port)) == (
             NginxApplied(generation=1)
         )
@@ -530,9 +547,6 @@ def test_a_test_command_saying_bytes_that_are_no_utf8_fails_the_apply_and_restor
         assert apply(writer, reports, 3, site("blog", "blog.test", port=second.port)) == (
             NginxApplied(generation=3)
         )
-    finally:
-        writer.stop()
-        writer.join(timeout=15)
 
 
 def test_a_hung_test_command_is_killed_with_its_children_and_tried_once(
@@ -549,15 +563,11 @@ def test_a_hung_test_command_is_killed_with_its_children_and_tried_once(
     command = _wrapped_test(tmp_path, private_nginx, f"sleep {marker}")
     # Without nginx's error log every apply is tested before its reload.
     writer = make_writer(private_nginx, reports, test_command=command, error_log=None)
-    writer.start()
-    try:
+    with running(writer):
         (tmp_path / "bad").touch()
         began = time.monotonic()
         failed = apply(writer, reports, 1, site("blog", "blog.test", port=backends[0].port))
         took = time.monotonic() - began
-    finally:
-        writer.stop()
-        writer.join(timeout=15)
     assert isinstance(failed, NginxFailed)
     assert "did not finish within 1s" in failed.reason
     assert took < 1.9, took
@@ -581,37 +591,19 @@ def test_reload_not_taken_is_reported_and_rolled_back(
 ) -> None:
     first, second = backends
     writer = make_writer(private_nginx, reports)
-    writer.start()
-    try:
+    with running(writer):
         assert apply(writer, reports, 1, site("blog", "blog.test", port=first.port)) == (
             NginxApplied(generation=1)
         )
         before = private_nginx.config_file.read_bytes()
-    finally:
-        writer.stop()
-        writer.join(timeout=15)
     private_nginx.wait_settled()
     workers_before = private_nginx.accepting_workers()
 
-    with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", 0))
-        squatter.listen()
-        taken = [
-            Listener("127.0.0.1", private_nginx.port),
-            Listener("127.0.0.1", squatter.getsockname()[1]),
-        ]
-        blocked = make_writer(
-            private_nginx,
-            reports,
-            listeners=taken,
-            error_log=private_nginx.error_log,
-        )
-        blocked.start()
-        try:
-            failed = apply(blocked, reports, 2, site("blog", "blog.test", port=second.port))
-        finally:
-            blocked.stop()
-            blocked.join(timeout=15)
+    with (
+        one_port_taken(private_nginx) as taken,
+        running(make_writer(private_nginx, reports, listeners=taken)) as blocked,
+    ):
+        failed = apply(blocked, reports, 2, site("blog", "blog.test", port=second.port))
 
     assert isinstance(failed, NginxFailed), failed
     assert failed.generation == 2
@@ -635,29 +627,16 @@ def test_a_refused_reload_is_no_success_when_nginx_serves_the_same_number(
     # (a deploy "now serving" on a 404) after 10 s waiting for workers to retire.
     first, second = backends
     earlier = make_writer(private_nginx, reports)
-    earlier.start()
-    try:
+    with running(earlier):
         assert apply(earlier, reports, 1, site("blog", "blog.test", port=first.port)) == (
             NginxApplied(generation=1)
         )
-    finally:
-        earlier.stop()
-        earlier.join(timeout=15)
     private_nginx.wait_settled()
-    with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", 0))
-        squatter.listen()
-        taken = [
-            Listener("127.0.0.1", private_nginx.port),
-            Listener("127.0.0.1", squatter.getsockname()[1]),
-        ]
-        later = make_writer(private_nginx, reports, listeners=taken)
-        later.start()
-        try:
-            reply = apply(later, reports, 1, site("blog", "blog.test", port=second.port))
-        finally:
-            later.stop()
-            later.join(timeout=15)
+    with (
+        one_port_taken(private_nginx) as taken,
+        running(make_writer(private_nginx, reports, listeners=taken)) as later,
+    ):
+        reply = apply(later, reports, 1, site("blog", "blog.test", port=second.port))
     assert isinstance(reply, NginxFailed), reply
     assert "Address already in use" in reply.reason
     assert app_name(private_nginx, "blog.test") == "first"
@@ -692,8 +671,7 @@ def test_a_frozen_nginx_is_not_taken_for_an_error_log_that_says_nothing(
     # tested first for the rest of keter's run.
     first, second = backends
     writer = make_writer(private_nginx, reports, confirm_timeout=1.0)
-    writer.start()
-    try:
+    with running(writer):
         assert apply(writer, reports, 1, site("blog", "blog.test", port=first.port)) == (
             NginxApplied(generation=1)
         )
@@ -706,9 +684,6 @@ def test_a_frozen_nginx_is_not_taken_for_an_error_log_that_says_nothing(
         finally:
             for process in frozen:
                 process.resume()
-    finally:
-        writer.stop()
-        writer.join(timeout=15)
     assert isinstance(failed, NginxFailed), failed
     assert "says nothing of it" not in caplog.text
     assert writer._error_log_speaks
@@ -785,12 +760,8 @@ def test_reload_command_failure_restores_old_file(
         reload_command=(*private_nginx.reload_command[:-2], "-s", "no-such-signal"),
         report_to=reports,
     )
-    writer.start()
-    try:
+    with running(writer):
         failed = apply(writer, reports, 1)
-    finally:
-        writer.stop()
-        writer.join(timeout=15)
     assert isinstance(failed, NginxFailed)
     assert "reload failed" in failed.reason
     assert "no-such-signal" in failed.reason
@@ -810,14 +781,10 @@ def test_once_nginxs_master_is_known_the_writer_signals_it_instead_of_running_ng
     wrapper.chmod(0o755)
     writer = make_writer(private_nginx, reports)
     writer.reload_command = (str(wrapper), *private_nginx.reload_command[1:])
-    writer.start()
-    try:
+    with running(writer):
         for generation in (1, 2, 3):
             assert apply(writer, reports, generation) == NginxApplied(generation=generation)
             assert fetch_generation("127.0.0.1", private_nginx.port) == str(generation)
-    finally:
-        writer.stop()
-        writer.join(timeout=15)
     assert len(ran.read_text().splitlines()) == runs
 
 
@@ -935,8 +902,7 @@ def test_a_reverse_proxy_back_to_nginx_itself_ends_in_a_508_not_a_storm(
     meanwhile; keter's token in X-Keter-Hop ends it after HOP_PASSES passes."""
     first, _ = backends
     writer = make_writer(private_nginx, reports, options=ProxyOptions(hop_token="0123abcd"))
-    writer.start()
-    try:
+    with running(writer):
         itself = ProxyRemote(host="127.0.0.1", port=private_nginx.port)  # Host kept
         alias = ProxyRemote(host="127.0.0.1", port=private_nginx.port, host_header="blog.test")
         sites = (
@@ -955,9 +921,6 @@ def test_a_reverse_proxy_back_to_nginx_itself_ends_in_a_508_not_a_storm(
         status, _, body = private_nginx.request("alias.test")
         assert status == 200
         assert json.loads(body)["headers"]["x-keter-hop"].strip() == "0123abcd"
-    finally:
-        writer.stop()
-        writer.join(timeout=15)
 
 
 def test_tls_listener_serves_every_host_with_its_own_or_the_default_certificate() -> None:

@@ -31,7 +31,7 @@ import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from keter import names
 from keter.bundle.model import RateIdentifier, RateZone
@@ -477,10 +477,7 @@ def render(
     if len({upstream_name(site.app) for site in ordered}) < len(ordered):
         raise ValueError("an app appears twice")
     texts = [render_site(site, listeners, options) for site in ordered]
-    wildcards = sorted(
-        (wildcard for text in texts for wildcard in text.wildcards),
-        key=lambda wildcard: wildcard_order(wildcard[0]),
-    )
+    wildcards = in_wildcard_order(wildcard for text in texts for wildcard in text.wildcards)
     parts = [text.text for text in texts] + [servers for _, servers in wildcards]
     return render_main(parts, listeners, generation, options)
 
@@ -495,17 +492,20 @@ class SiteText:
     ``text`` holds its upstreams and the servers of its exact host names.
     Each wildcard host gets servers of its own in ``wildcards`` (host, text):
     nginx tries regex server names in the order the config lists them, so
-    the writer lists every app's wildcards together, sorted by
-    ``wildcard_order`` (Keter's precedence).
+    every app's wildcards go together, in ``in_wildcard_order``.
     """
 
     text: str
     wildcards: tuple[tuple[str, str], ...] = ()
 
 
-def wildcard_order(host: str) -> tuple:
-    """Where a wildcard host's servers go among all wildcards: Keter's precedence."""
-    return names.host_precedence(host)
+_Servers = TypeVar("_Servers")  # a wildcard host's servers: their text, or the file holding it
+
+
+def in_wildcard_order(wildcards: Iterable[tuple[str, _Servers]]) -> list[tuple[str, _Servers]]:
+    """Every app's wildcard (host, servers) pairs in the order the config must list them:
+    Keter's precedence, as nginx tries regex server names in config order."""
+    return sorted(wildcards, key=lambda wildcard: names.host_precedence(wildcard[0]))
 
 
 def render_site(

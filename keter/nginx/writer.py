@@ -60,13 +60,13 @@ from keter.nginx.render import (
     ProxyOptions,
     generation_of,
     hosts_of,
+    in_wildcard_order,
     include_line,
     is_tls,
     render_main,
     render_site,
     status_address,
     support_dir,
-    wildcard_order,
 )
 from keter.nginx.workers import Retiring
 from keter.shortrun import run_short
@@ -449,10 +449,8 @@ class NginxWriter(Actor):
     def _main_text(self, chosen: Mapping[str, Rendered], generation: int) -> str:
         listeners, options, _ = self._globals
         includes = [chosen[app].include for app in sorted(chosen)]
-        # nginx tries regex server names in config order: every app's wildcards, by precedence.
-        wildcards = sorted(
-            (wildcard for rendered in chosen.values() for wildcard in rendered.wildcards),
-            key=lambda wildcard: wildcard_order(wildcard[0]),
+        wildcards = in_wildcard_order(
+            wildcard for rendered in chosen.values() for wildcard in rendered.wildcards
         )
         includes += [include_line(file) for _, file in wildcards]
         return render_main(

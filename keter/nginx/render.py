@@ -460,7 +460,13 @@ def render(
     generation: int,
     options: ProxyOptions | None = None,
 ) -> str:
-    """The whole config in one text, each site inline (tests and the benchmark).
+    """The whole config in one text, each site inline.
+
+    keter itself never calls it: the writer keeps each site in a file of its own
+    (``render_site``, ``include_line``) to refuse a failing one alone. It stays for the
+    benchmark, which runs nginx on this text without a writer (bench/proxy.py,
+    bench/stats.py), and for the renderer's tests; it joins the same pieces as the
+    writer (``render_site``, ``in_wildcard_order``, ``render_main``).
 
     Sites are sorted by app, so the same state always renders the same text.
     Raises ValueError for anything ``render_site`` refuses and for a host

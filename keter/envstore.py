@@ -34,6 +34,9 @@ KETER_OWNED = ("PORT", "APPROOT", "KETER_DATA_DIR")
 _lock = threading.Lock()  # one read-modify-write at a time
 
 
+_MEND = " (mend it by hand, or delete it and set the app's settings again)"
+
+
 class SettingsError(ValueError):
     """A setting or the file is unusable; the message never shows a value.
 
@@ -65,9 +68,11 @@ def load(etc_dir: Path, app: str) -> dict[str, str]:
     try:
         value = json.loads(data)
     except (ValueError, UnicodeDecodeError):
-        raise SettingsError(f"{path} is not JSON") from None  # its text may hold secrets
+        # Its text may hold secrets: not quoted. keter env cannot mend what it cannot
+        # read, so the way out is said.
+        raise SettingsError(f"{path} is not JSON{_MEND}") from None
     if not isinstance(value, dict):
-        raise SettingsError(f"{path} is not a JSON object of NAME: value")
+        raise SettingsError(f"{path} is not a JSON object of NAME: value{_MEND}")
     return check(value, where=str(path))
 
 

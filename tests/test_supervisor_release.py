@@ -221,6 +221,7 @@ def test_bad_settings_fail_the_deploy(rig: Rig, serving: StartProcess) -> None:
     [done] = rig.finished()
     assert (done.outcome, done.kind) == (Outcome.FAILED, FailureKind.CONFIG)
     assert "is not JSON" in done.reason and "hunter2" not in done.reason
+    assert "delete it and set the app's settings again" in done.reason  # the way out
     assert_kept_serving(rig, serving)
 
 

@@ -11,8 +11,11 @@ each app a user of its own (tests/apps/private_app.py says what it saw).
 from __future__ import annotations
 
 import json
+import logging
+import re
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -20,12 +23,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from support.bundles import APPS, make_bundle, webapp_config
+from support.bundles import APPS, make_bundle, member, webapp_config
 from support.net import app_port_range, served
 from support.wait import wait_for
 
-from keter.processes.private import remove_ipc, running_uids, sysv_objects
+from keter.processes.private import Private, remove_ipc, running_uids, sysv_objects
 from keter.processes.programs import SETPRIV
+from keter.processes.reaper import Reaper
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # the tests' own Python may lie in /tmp, which is hidden
 PRIVATE_APP = APPS / "private_app.py"
@@ -298,3 +302,127 @@ def test_a_process_whose_main_thread_ended_still_runs_as_its_uid():
     finally:
         proc.kill()
         proc.wait()
+
+
+class HeldFs:
+    """An ext4 file system on a loop device whose writes the test holds (``fsfreeze``):
+    deleting a file in it waits until ``thaw``, as the deletion of an app's huge tree
+    would take that long. ``hold(folder)`` mounts a folder of it, a file inside, there."""
+
+    def __init__(self, top: Path) -> None:
+        self.top = top
+        self.held = 0
+
+    def hold(self, folder: Path) -> None:
+        self.held += 1
+        inner = self.top / f"held-{self.held}"
+        inner.mkdir()
+        (inner / "left-by-the-app").write_text("x")
+        subprocess.run(["mount", "--bind", str(inner), str(folder)], check=True)
+
+    def freeze(self) -> None:
+        subprocess.run(["fsfreeze", "--freeze", str(self.top)], check=True)
+
+    def thaw(self) -> None:
+        subprocess.run(["fsfreeze", "--unfreeze", str(self.top)], capture_output=True, check=False)
+
+    def unmount_held(self) -> None:
+        """Every mount of ``hold``, wherever keter renamed its folder to (lazily: a
+        failed test's keter may still be deleting in one)."""
+        for target in self._targets():
+            if Path(target) != self.top:
+                subprocess.run(["umount", "--lazy", target], check=True)
+
+    def _targets(self) -> list[str]:
+        lines = subprocess.run(
+            ["findmnt", "-rn", "-o", "TARGET,SOURCE"], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+        mounts = [line.split() for line in lines]
+        device = next(source for target, source in mounts if target == str(self.top))
+        return [target for target, source in mounts if source.split("[")[0] == device]
+
+
+@pytest.fixture
+def held_fs(tmp_path) -> Iterator[HeldFs]:
+    """A ``HeldFs``; thawed and unmounted afterwards. Requested after keter's fixtures,
+    so that it is thawed before keter is stopped."""
+    if not all(shutil.which(p) for p in ("mkfs.ext4", "fsfreeze", "findmnt")):
+        pytest.skip("needs mkfs.ext4, fsfreeze and findmnt")
+    image, top = tmp_path / "held.img", tmp_path / "held"
+    top.mkdir()
+    with image.open("wb") as sparse:
+        sparse.truncate(16 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    mounted = subprocess.run(
+        ["mount", "-o", "loop", str(image), str(top)], capture_output=True, text=True, check=False
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a loop device here: {mounted.stderr.strip()}")
+    fs = HeldFs(top)
+    try:
+        yield fs
+    finally:
+        fs.thaw()
+        fs.unmount_held()
+        subprocess.run(["umount", "--lazy", str(top)], check=True)
+
+
+def test_removing_an_apps_tmp_delays_no_other_start_and_not_keters_stop(
+    keter_factory, private_nginx, tmp_path, held_fs
+):
+    # A stopped process's /tmp was deleted in the spawn pool: four folders of an app
+    # that left 200,000 files in each held its four threads, and another app's deploy
+    # (and keter's stop) waited for rm -rf: for good here, as the file system is held.
+    keter = keter_factory(**{"port-range": app_port_range()})
+    keter.drop(make_bundle(tmp_path / "good.keter", config=webapp_config("good.test", "v1")))
+    stanzas = [dict(webapp_config("tree.test", "t1"), type="webapp")]
+    stanzas += [{"type": "background", "exec": "../bin/idle"} for _ in range(3)]
+    idle = member("bin/idle", b"#!/bin/sh\nexec sleep 600\n", mode=0o755)
+    keter.drop(make_bundle(tmp_path / "tree.keter", config={"stanzas": stanzas}, members=[idle]))
+    served(private_nginx, "good.test", "v1")
+    served(private_nginx, "tree.test", "t1")
+    trees = wait_for(lambda: len(f := folders_of(keter, "tree")) == 4 and f, 10, "tree's /tmp")
+    for folder in trees:
+        held_fs.hold(folder / "tmp")
+    held_fs.freeze()
+
+    (keter.incoming / "tree.keter").unlink()
+    wait_for(lambda: re.search(r"tree: deploy #\d+ stopped", keter.log()), 20, "tree's stop")
+    keter.drop(make_bundle(tmp_path / "good.keter", config=webapp_config("good.test", "v2")))
+    served(private_nginx, "good.test", "v2", timeout=10)
+    run_tmp = keter.root / "run" / "tmp"
+    assert folders_of(keter, "tree") == []  # renamed away at once, their deletion held
+    assert len(list(run_tmp.glob(".old-tree-*"))) == 4
+
+    keter.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: "keter: stopped" in keter.log_since_start(), 15, "keter's stop")
+    assert "keter stops before its clean-up is done (tree: removing" in keter.log_since_start()
+    # Its process ends once the file system is thawed (a held write is not killable);
+    # what it could not delete goes at the next start.
+    held_fs.thaw()
+    assert keter.proc.wait(10) == 0
+    held_fs.unmount_held()
+    keter.start()
+    wait_for(lambda: not list(run_tmp.glob(".old-*")), 10, "the leftovers swept")
+    served(private_nginx, "good.test", "v2")
+
+
+def test_a_slow_clean_up_is_said_with_its_app_and_how_long_it_took(tmp_path, caplog):
+    # An app's /tmp that took seconds to delete was deleted in silence; a clean-up that
+    # failed was kept by the pool to itself. Here every clean-up counts as slow.
+    reaper = Reaper(slow=0.0)
+    tree = tmp_path / "tree"
+    (tree / "deep").mkdir(parents=True)
+    (tree / "deep" / "file").write_text("x")
+    reaper.submit("tree: removing what process tree-4 left", lambda: Private.remove_swept([tree]))
+    reaper.submit("tree: removing its IPC objects", lambda: 1 / 0)
+    reaper.submit("tree: after a failure", lambda: None)
+    with caplog.at_level(logging.INFO, logger="keter.processes.reaper"):
+        reaper.close(timeout=10)
+    said = [record.getMessage() for record in caplog.records]
+    assert re.fullmatch(r"tree: removing what process tree-4 left took \d+\.\ds", said[0]), said
+    assert said[1] == "tree: removing its IPC objects failed", said
+    assert caplog.records[1].exc_info is not None  # with its traceback
+    assert said[2].startswith("tree: removing its IPC objects took"), said
+    assert said[3].startswith("tree: after a failure took"), said
+    assert not tree.exists()

@@ -13,6 +13,9 @@ Nothing here blocks the actor's loop, which manages every app:
   child's exec, and spawns must not wait on each other. While a deploy's
   spawn is in flight nothing else happens to it; a stop is carried out once
   the spawn is done.
+* What a stopped process leaves (its /tmp, of any size, and its app's IPC
+  objects) is deleted by ONE reaper thread (``keter.processes.reaper``), which
+  no spawn and no stop waits for.
 * Exit detection and output capture run in ONE output reader thread for all
   apps (``keter.processes.reader``: a selector on every output pipe and a
   pidfd per process), which posts ``_Exited``.
@@ -62,6 +65,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import psutil
@@ -96,6 +100,7 @@ from keter.processes.health import Prober
 from keter.processes.ports import port_is_free, socket_pids, user_pids
 from keter.processes.private import Private, PrivateStart, remove_ipc
 from keter.processes.reader import FAILURE_TAIL, OutputReader
+from keter.processes.reaper import Reaper
 from keter.processes.records import Record, Records
 from keter.processes.spawn import Identity, SpawnError, spawn
 from keter.processes.states import backoff_delay, check_transition, describe_exit
@@ -109,6 +114,7 @@ PROBE_FIRST_INTERVAL = 0.01
 PROBE_MAX_INTERVAL = 0.25
 GONE_FIRST_POLL = 0.01  # polling for a group's stragglers after its leader died
 GONE_MAX_POLL = 0.2
+REAPER_GRACE = 2.0  # seconds keter's stop waits for the reaper; the next start sweeps the rest
 
 
 # -- private messages (timers and reports from this actor's own threads) --------------
@@ -315,6 +321,9 @@ class ProcessMonitor(Actor):
         self._spawner = ThreadPoolExecutor(
             spawn_workers, thread_name_prefix="keter-spawn", initializer=name_this_thread
         )
+        self._reaper = Reaper()
+        # Per app, the IPC clean-up the reaper was asked for: set to call it off.
+        self._ipc_pending: dict[str, threading.Event] = {}
         self._entries: dict[int, _Entry] = {}
         self._records = Records(self.run_dir)
         self._kill_now = threading.Event()  # set by kill_now(): no grace period any more
@@ -352,8 +361,12 @@ class ProcessMonitor(Actor):
         self._check_guard()
         if self.private is not None:
             self.private.check()
-            # Renamed away now, deleted in the pool: an app's leftovers may be large.
-            self._spawner.submit(self.private.remove_swept, self.private.sweep())
+            # Renamed away now, deleted by the reaper: an app's leftovers may be large.
+            if swept := self.private.sweep():
+                self._reaper.submit(
+                    "processes: removing what an earlier keter left in ROOT/run/tmp",
+                    partial(self.private.remove_swept, swept),
+                )
         self._remove_all_apps_ipc("a previous keter's")
 
     def _check_guard(self) -> None:
@@ -404,7 +417,7 @@ class ProcessMonitor(Actor):
 
     def on_stop(self) -> None:
         """Keter is shutting down: stop every process in parallel and wait for all."""
-        self._spawner.shutdown(wait=True)  # spawns take milliseconds
+        self._spawner.shutdown(wait=True)  # spawns take milliseconds (nothing else is there)
         entries = list(self._entries.values())
         for entry in entries:
             if entry.spawning is not None:
@@ -424,8 +437,7 @@ class ProcessMonitor(Actor):
         for entry in entries:
             if entry.limit_groups is not None:
                 entry.limit_groups.remove()
-            if self.private is not None:
-                self.private.remove(_private_name(entry))
+            self._remove_private(entry)
         self.controllers.remove()
         for run in runs:
             self._release_run(run)
@@ -436,6 +448,7 @@ class ProcessMonitor(Actor):
             self.report(ProcessStopped(app=entry.app, deploy_id=entry.deploy_id))
         self._entries.clear()
         self._prober.close(timeout=KILL_WAIT)
+        self._reaper.close(timeout=REAPER_GRACE)
 
     # -- messages ---------------------------------------------------------------------
 
@@ -492,8 +505,15 @@ class ProcessMonitor(Actor):
             )
             return
         entry = _Entry(app=msg.app, deploy_id=msg.deploy_id, spec=msg.spec)
-        self._entries[msg.deploy_id] = entry
+        self._add(entry)
         self._spawn(entry)
+
+    def _add(self, entry: _Entry) -> None:
+        """A new process of the app: an IPC clean-up of the app that the reaper has not
+        done yet is called off (the objects it would remove may soon be this one's)."""
+        self._entries[entry.deploy_id] = entry
+        if (pending := self._ipc_pending.pop(entry.app, None)) is not None:
+            pending.set()
 
     def _spawn(self, entry: _Entry) -> None:
         """Hand a new run of ``entry`` to the spawn pool; ``_Spawned`` follows.
@@ -1048,7 +1068,7 @@ class ProcessMonitor(Actor):
             return
         entry = _Entry(app=msg.app, deploy_id=msg.deploy_id, spec=msg.spec)
         entry.once_timeout = msg.timeout
-        self._entries[msg.deploy_id] = entry
+        self._add(entry)
         self._spawn(entry)  # _Spawned follows: _once_spawned, or _spawn_failed
 
     def _once_spawned(self, entry: _Entry) -> None:
@@ -1250,13 +1270,14 @@ class ProcessMonitor(Actor):
             entry.limit_groups.remove()
 
     def _ended(self, entry: _Entry) -> None:
-        """The entry is gone and nothing of it runs: its /tmp goes (in the pool: an app
-        may have left a large tree), and with the app's last process what IPC objects
-        its uid left in keter's namespace (systemd's RemoveIPC). The app's other
-        processes (another version, a worker) keep theirs: each has its own /tmp, and
-        a uid's objects are removed only once none of them runs."""
-        if self.private is not None:
-            self._spawner.submit(self.private.remove, _private_name(entry))
+        """The entry is gone and nothing of it runs: its /tmp goes, and with the app's
+        last process what IPC objects its uid left in keter's namespace (systemd's
+        RemoveIPC). The app's other processes (another version, a worker) keep theirs:
+        each has its own /tmp, and a uid's objects are removed only once none of them
+        runs. Both by the reaper, which no spawn waits for: an app may have left a
+        large tree, and the IPC clean-up reads every process on the machine and runs
+        ipcrm (up to 30 s)."""
+        self._remove_private(entry)
         if not self._machine_ipc or entry.spec.user is not None:
             return  # nothing there, or a uid shared by every app (setuid): not its own
         if any(other.app == entry.app for other in self._entries.values()):
@@ -1264,9 +1285,23 @@ class ProcessMonitor(Actor):
         assert self.users is not None
         uid = self.users.known().get(entry.app)
         if uid is not None:
-            # In the pool too: it reads every process on the machine and runs ipcrm,
-            # which the actor's loop must not wait for.
-            self._spawner.submit(_remove_app_ipc, entry.app, uid)
+            called_off = self._ipc_pending[entry.app] = threading.Event()
+            self._reaper.submit(
+                f"{entry.app}: removing the IPC objects its processes left",
+                partial(_remove_app_ipc, entry.app, uid, called_off),
+            )
+
+    def _remove_private(self, entry: _Entry) -> None:
+        """The entry's folders are renamed away now, on the loop (one rename: a start of
+        the same name meanwhile gets fresh ones), and deleted by the reaper."""
+        if self.private is None:
+            return
+        name = _private_name(entry)
+        if (doomed := self.private.retire(name)) is not None:
+            self._reaper.submit(
+                f"{entry.app}: removing what process {name} left in its /tmp and /var/tmp",
+                partial(self.private.remove_swept, [doomed]),
+            )
 
     def _remove_all_apps_ipc(self, why: str) -> None:
         """At start (what a killed keter's apps left) and once every app stopped at the
@@ -1294,15 +1329,14 @@ class ProcessMonitor(Actor):
             self._records.remove(run.deploy_id)
 
 
-def _remove_app_ipc(app: str, uid: int) -> None:
-    """In the pool: what IPC objects the app's uid left (``_ended``). The pool keeps
-    what a task raises to itself: said here, as the actor's loop would have."""
-    try:
-        removed = remove_ipc({uid})
-    except Exception:
-        log.exception("%s: cannot remove the IPC objects its processes left", app)
+def _remove_app_ipc(app: str, uid: int, called_off: threading.Event) -> None:
+    """By the reaper: what IPC objects the app's uid left (``_ended``). Unless the app
+    started again meanwhile (``_add``): the reaper may come to it late, behind a large
+    /tmp, and a new version's objects, say between a crash and its restart, are its
+    own (``remove_ipc`` spares only a uid that runs)."""
+    if called_off.is_set():
         return
-    if removed:
+    if removed := remove_ipc({uid}):
         log.info("%s: removed %d IPC object(s) its processes left", app, removed)
 
 

@@ -14,7 +14,8 @@ release command) gets:
 * ``/tmp`` and ``/var/tmp``: folders of its own, ``ROOT/run/tmp/APP-ID/{tmp,var-tmp}``,
   owned by the app's user, mode 0700, bind-mounted (``nosuid,nodev``). They are kept
   across the restarts of that process and deleted once it has stopped for good
-  (``remove``), and at keter's next start for those a killed keter left (``sweep``);
+  (``retire``, then ``remove_swept`` in ``keter.processes.reaper``), and at keter's
+  next start for those a killed keter, or a stop that could not wait, left (``sweep``);
 * ``/dev/shm``: a fresh tmpfs, as big as the process's ``memory`` limit (else the
   kernel's default, half of RAM), gone with the namespace when its last process ends.
   Its pages are charged to the app's cgroup like any memory of the app;
@@ -55,7 +56,7 @@ TMP_MODE = 0o700
 TMP_TARGETS = ("/tmp", "/var/tmp")
 SHM = "/dev/shm"
 MQUEUE = "/dev/mqueue"
-_OLD = ".old-"  # ROOT/run/tmp.old-XXXXXXXX: what a previous keter left, being deleted
+_OLD = ".old-"  # ROOT/run/tmp/.old-APP-ID-XXXXXXXX: renamed away, being deleted
 
 
 @dataclass(frozen=True)
@@ -209,18 +210,21 @@ class Private:
 
     # -- the end ----------------------------------------------------------------------
 
-    def remove(self, name: str) -> None:
-        """The process stopped for good: its folders go, links inside never followed."""
+    def retire(self, name: str) -> Path | None:
+        """The process stopped for good: its folders are renamed away at once (a start of
+        the same name meanwhile gets new ones), and returned for ``remove_swept``, which
+        may take long (an app's tree of any size). None: it had none, or the rename
+        failed (said; the next start's ``sweep`` takes them)."""
         folder = self.base / name
         doomed = folder.with_name(f"{_OLD}{name}-{secrets.token_hex(4)}")
         try:
-            os.rename(folder, doomed)  # a start of the same name meanwhile gets new ones
+            os.rename(folder, doomed)
         except FileNotFoundError:
-            return
-        try:
-            remove_tree(doomed)
+            return None
         except OSError as exc:
-            log.warning("processes: cannot remove %s: %s", doomed, exc.strerror or exc)
+            log.warning("processes: cannot rename %s away: %s", folder, exc.strerror or exc)
+            return None
+        return doomed
 
     def sweep(self) -> list[Path]:
         """At start, before any app runs: what a previous keter left is renamed away at
@@ -238,6 +242,7 @@ class Private:
 
     @staticmethod
     def remove_swept(swept: list[Path]) -> None:
+        """Delete what ``sweep`` or ``retire`` renamed away, links inside never followed."""
         for folder in swept:
             try:
                 if folder.is_dir() and not folder.is_symlink():

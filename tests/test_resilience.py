@@ -263,3 +263,23 @@ def test_a_new_run_numbers_nginx_generations_after_the_last_run(keter, private_n
     wait_for(lambda: "nginx: generation" in keter.log_since_start(), 30, "a generation")
     first = re.search(r"nginx: generation (\d+) applied", keter.log_since_start())
     assert first is not None and int(first.group(1)) == last + 1
+
+
+def test_a_keter_frozen_past_a_health_deadline_asks_once_more_before_failing(
+    keter_factory, private_nginx, tmp_path
+):
+    # Frozen (a VM paused, swapping) right after a start, keter woke past the deadline and
+    # failed a version that had answered all along: it was never asked meanwhile.
+    keter = keter_factory(**{"health-check-timeout": 2})
+    keter.drop(make_bundle(tmp_path / "app.keter", config=webapp_config("app.test", "v1")))
+    served(private_nginx, "app.test", "v1")
+    keter.drop(make_bundle(tmp_path / "app.keter", config=webapp_config("app.test", "v2")))
+    wait_for(lambda: "app: deploy #2 started" in keter.log(), 20, "v2 started")
+    os.kill(keter.proc.pid, signal.SIGSTOP)
+    try:
+        frozen = time.monotonic()
+        wait_for(lambda: time.monotonic() - frozen > 2 + 3.5, 10, "the deadline long past")
+    finally:
+        os.kill(keter.proc.pid, signal.SIGCONT)
+    served(private_nginx, "app.test", "v2")
+    assert "did not answer" not in keter.log()

@@ -235,6 +235,8 @@ class _Entry:
     failure_tail: tuple[str, ...] = ()
     probe_interval: float = PROBE_FIRST_INTERVAL
     last_probe: str = "no probe finished"
+    probe_done_at: float = 0.0  # when the last probe finished (or probing began; monotonic)
+    last_chance: bool = False  # the health deadline passed while keter stalled: one more probe
     gone_poll: float = GONE_FIRST_POLL
     spawning: Future | None = None  # a spawn in the pool; nothing else happens meanwhile
     spawn_log: AppLog | None = None  # the log that spawn will write to
@@ -730,6 +732,7 @@ class ProcessMonitor(Actor):
         entry.probe_interval = PROBE_FIRST_INTERVAL
         entry.last_probe = "no probe finished"
         entry.probing, entry.exit_pending = False, None
+        entry.probe_done_at, entry.last_chance = time.monotonic(), False
         self._state_timer(
             entry,
             self._health_timeout(spec),
@@ -785,25 +788,45 @@ class ProcessMonitor(Actor):
             case _ProbeDone(healthy=True):
                 entry.probing = False
                 self._became_healthy(entry)
+            case _ProbeDone(detail=detail) if entry.last_chance:
+                entry.probing, entry.last_probe = False, detail
+                self._not_healthy(entry)
             case _ProbeDone(detail=detail):
-                entry.probing = False
-                entry.last_probe = detail
+                entry.probing, entry.last_probe = False, detail
+                entry.probe_done_at = time.monotonic()
                 self.schedule(
                     entry.probe_interval, _Probe(deploy_id=entry.deploy_id, run=entry.runs)
                 )
                 entry.probe_interval = min(entry.probe_interval * 1.5, PROBE_MAX_INTERVAL)
+            case _HealthDeadline() if self._stalled(entry):
+                # keter itself did not run for a while (a frozen VM, swapping): the app was
+                # not asked meanwhile, and failing it unasked failed a healthy version.
+                # One more probe decides.
+                entry.last_chance = True
+                if not entry.probing:
+                    self._probe(entry)
             case _HealthDeadline():
-                reason = (
-                    f"did not answer on port {entry.spec.port} within "
-                    f"{self._health_timeout(entry.spec):g}s (last: {entry.last_probe})"
-                )
-                if entry.ever_healthy:
-                    # A restart that never answered is killed, not drained: it served nobody.
-                    assert entry.run is not None
-                    self._kill(entry)
-                    self._crashed(entry, reason, entry.run.capture.tail(CRASH_TAIL))
-                else:
-                    self._fail_start(entry, reason, FailureKind.HEALTH_CHECK)
+                self._not_healthy(entry)
+
+    def _stalled(self, entry: _Entry) -> bool:
+        """Whether no probe of the entry finished for longer than probing ever takes (an
+        interval, then a probe's whole timeout, and a second of slack)."""
+        longest = PROBE_MAX_INTERVAL + self.probe_timeout + 1.0
+        return not entry.last_chance and time.monotonic() - entry.probe_done_at > longest
+
+    def _not_healthy(self, entry: _Entry) -> None:
+        """Its health deadline passed, and the app did not answer."""
+        reason = (
+            f"did not answer on port {entry.spec.port} within "
+            f"{self._health_timeout(entry.spec):g}s (last: {entry.last_probe})"
+        )
+        if entry.ever_healthy:
+            # A restart that never answered is killed, not drained: it served nobody.
+            assert entry.run is not None
+            self._kill(entry)
+            self._crashed(entry, reason, entry.run.capture.tail(CRASH_TAIL))
+        else:
+            self._fail_start(entry, reason, FailureKind.HEALTH_CHECK)
 
     def _became_healthy(self, entry: _Entry) -> None:
         self._transition(entry, ProcessState.RUNNING, self._where(entry))

@@ -31,6 +31,9 @@ COMMANDS = ("status", "certs", "deploy", "bundle", "logs", "stats", "rollback", 
 APP_COMMANDS = ("env", "db", "data")  # an app's settings, database and data folder
 
 
+INCOMING_QUIET = 600.0  # seconds a `keter deploy` copy in incoming/ is never untouched for
+
+
 class StartRefused(Exception):
     """keter cannot start on this ROOT; ``str()`` says why in one line (exit 1)."""
 
@@ -145,17 +148,19 @@ def remove_leftovers(config: KeterConfig) -> None:
     a gigabyte): nothing else removes them. Not data/ (the apps') nor temp/ (the
     unpacker empties it)."""
     # Where keter writes them: etc/, etc/env/, etc/acme/hosts/HOST/; archive/APP/;
-    # incoming/; run/ and run/processes/, never the apps' own folders in run/tmp/.
+    # incoming/; run/ and run/processes/, never the apps' own folders in run/tmp/. In
+    # incoming/ `keter deploy` writes too, and its copy may be under way: only those
+    # quiet for INCOMING_QUIET are left over.
     folders = (
-        (config.etc_dir, 3, frozenset()),
-        (config.archive_dir, 1, frozenset()),
-        (config.incoming_dir, 0, frozenset()),
-        (config.run_dir, 1, frozenset({"tmp"})),
+        (config.etc_dir, 3, frozenset(), 0.0),
+        (config.archive_dir, 1, frozenset(), 0.0),
+        (config.incoming_dir, 0, frozenset(), INCOMING_QUIET),
+        (config.run_dir, 1, frozenset({"tmp"}), 0.0),
     )
     removed = 0
-    for folder, depth, skip in folders:
+    for folder, depth, skip, quiet in folders:
         try:
-            removed += remove_partial_writes(folder, depth, skip)
+            removed += remove_partial_writes(folder, depth, skip, quiet)
         except OSError as exc:  # a leftover must not stop keter's start
             log.warning("keter: half-written files under %s not looked for: %s", folder, exc)
     if removed:

@@ -7,6 +7,7 @@ import os
 import re
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 # What atomic_write (and the archive's copy_hashed) write to before their rename:
@@ -63,9 +64,12 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def remove_partial_writes(folder: Path, depth: int = 0, skip: frozenset[str] = frozenset()) -> int:
+def remove_partial_writes(
+    folder: Path, depth: int = 0, skip: frozenset[str] = frozenset(), quiet: float = 0.0
+) -> int:
     """Remove the temporary files of atomic writes a killed keter left in ``folder`` and
-    its subfolders down to ``depth`` levels (but those named in ``skip``); how many.
+    its subfolders down to ``depth`` levels (but those named in ``skip``, and those
+    changed within ``quiet`` seconds); how many.
 
     Only keter writes there, and only one keter runs per ROOT: at its start none of
     them is being written. Only folders keter's own user owns are entered, each
@@ -79,19 +83,20 @@ def remove_partial_writes(folder: Path, depth: int = 0, skip: frozenset[str] = f
     except OSError:
         return 0  # not there (yet), or a link: nothing of keter's
     try:
-        return _remove_partial_in(fd, depth, skip)
+        return _remove_partial_in(fd, depth, skip, time.time() - quiet)
     finally:
         os.close(fd)
 
 
-def _remove_partial_in(fd: int, depth: int, skip: frozenset[str]) -> int:
+def _remove_partial_in(fd: int, depth: int, skip: frozenset[str], before: float) -> int:
     removed = 0
     with os.scandir(fd) as entries:
         listed = list(entries)
     for entry in listed:
         with contextlib.suppress(OSError):  # gone meanwhile, or unreadable: left
             info = entry.stat(follow_symlinks=False)
-            if stat.S_ISREG(info.st_mode) and _PARTIAL.fullmatch(entry.name):
+            partial = stat.S_ISREG(info.st_mode) and _PARTIAL.fullmatch(entry.name)
+            if partial and info.st_mtime < before:
                 os.unlink(entry.name, dir_fd=fd)
                 removed += 1
             elif stat.S_ISDIR(info.st_mode) and depth > 0 and entry.name not in skip:
@@ -100,7 +105,7 @@ def _remove_partial_in(fd: int, depth: int, skip: frozenset[str]) -> int:
                 flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
                 child = os.open(entry.name, flags, dir_fd=fd)
                 try:
-                    removed += _remove_partial_in(child, depth - 1, frozenset())
+                    removed += _remove_partial_in(child, depth - 1, frozenset(), before)
                 finally:
                     os.close(child)
     return removed

@@ -59,6 +59,9 @@ def subordinate_ranges(paths: tuple[str, ...] = ("/etc/subuid", "/etc/subgid")) 
     return ranges
 
 
+NO_UID = (1 << 32) - 1  # (uid_t)-1: "leave it unchanged" to setresuid, setpriv and Popen
+
+
 def _known(uid: int) -> bool:
     """Whether the system already uses ``uid`` as a user or group id."""
     try:
@@ -134,8 +137,12 @@ class AppUsers:
             raise UsersFileError(f"{self.path}: expected a mapping of app names to uids")
         owners: dict[int, str] = {}
         for name, uid in sorted(raw.items()):
-            if uid <= 0:  # root's (or no uid at all): an app must never run as it
+            # Root's, none at all, or (uid_t)-1, which setresuid reads as "unchanged":
+            # an app given it ran as root.
+            if not 0 < uid < NO_UID:
                 raise UsersFileError(f"{self.path}: {name} has uid {uid}")
+            if _known(uid):  # the app could read and change what that user owns
+                raise UsersFileError(f"{self.path}: {name}'s uid {uid} is the system's")
             if uid in owners:  # two apps would read and change each other's files
                 raise UsersFileError(f"{self.path}: {owners[uid]} and {name} share uid {uid}")
             owners[uid] = name

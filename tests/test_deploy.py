@@ -339,6 +339,9 @@ def test_a_second_keter_on_the_same_nginx_config_file_is_refused(
         ("", "cannot read"),
         ('{"a": 1500, "b": 1500}', "a and b share uid 1500"),
         ('{"a": 0}', "a has uid 0"),
+        ('{"a": 4294967295}', "a has uid 4294967295"),  # (uid_t)-1: it ran as root
+        ('{"a": 1099511627776}', "a has uid 1099511627776"),
+        ('{"a": 33}', "a's uid 33 is the system's"),  # www-data: nginx's files
     ],
 )
 def test_an_app_users_file_keter_cannot_trust_stops_its_start_in_one_line(

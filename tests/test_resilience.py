@@ -26,6 +26,7 @@ from support.daemon import app_processes, failures
 from support.net import body, served
 from support.wait import wait_for
 
+from keter.cli import INCOMING_QUIET
 from keter.daemon import SHUTDOWN_MARGIN
 from keter.fsutil import remove_partial_writes
 from keter.supervisor.endings import INTERRUPTED
@@ -185,10 +186,14 @@ def test_a_killed_keters_half_written_files_are_removed_at_the_next_start(keter,
         root / "incoming" / ".hidden",
         root / "etc" / "notes.tmp",
         root / "etc" / ".x.short.tmp",
+        # A `keter deploy` copying in right now (it had failed at its rename).
+        root / "incoming" / ".web.keter.aq6vfj0m.tmp",
     ]
     for path in left + kept:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half")
+    long_ago = time.time() - INCOMING_QUIET - 60
+    os.utime(root / "incoming" / ".app.keter.zzzzzzzz.tmp", (long_ago, long_ago))
     keter.start()
     assert [path for path in left if path.exists()] == []
     assert all(path.exists() for path in kept)

@@ -232,7 +232,10 @@ BEGAN_SLACK = 0.1
 # A poll that failed is tried again this much later, until the command's deadline; not
 # answers that say something of the request or of who asks.
 RETRY_PAUSE = 0.5
-_FINAL = (ApiError, NotRunning, PermissionDenied, UnexpectedAnswer)
+_FINAL = (ApiError, PermissionDenied, UnexpectedAnswer)
+# How long a keter gone from its socket is waited for: restarted (an upgrade, systemctl
+# restart), it deploys again what it was deploying, and that deploy's end is the verdict.
+RESTART_GRACE = 30.0
 
 
 def wait_for_verdict(
@@ -259,16 +262,21 @@ def wait_for_verdict(
     deadline = time.monotonic() + timeout
     superseded = None
     failed: ClientError | None = None
+    gone_since: float | None = None  # since when keter's socket answers nothing
     while (left := deadline - time.monotonic()) > 0:
         try:
             entries = client.history_after(app, after, wait=min(left, 25.0))
         except _FINAL:
             raise
         except ClientError as exc:  # keter too busy to answer: the deploy goes on meanwhile
+            if isinstance(exc, NotRunning):
+                gone_since = gone_since or time.monotonic()
+                if time.monotonic() - gone_since > RESTART_GRACE:
+                    raise  # stopped for good, not restarting
             failed = exc
             time.sleep(min(RETRY_PAUSE, max(deadline - time.monotonic(), 0.0)))
             continue
-        failed = None
+        failed, gone_since = None, None
         for entry in entries:
             after = max(after, entry["seq"])
             found = entry["sha256"]
@@ -278,19 +286,22 @@ def wait_for_verdict(
                 if entry["outcome"] != "superseded":
                     return entry
                 superseded = entry
-        if superseded is not None and not _still_coming(client, app, sha256):
+        if superseded is not None and not still_coming(client, app, sha256):
             return superseded
     if failed is not None and superseded is None:
         raise failed  # no answer at the end: that, not "no verdict in time", is the news
     return superseded
 
 
-def _still_coming(client: KeterClient, app: str, sha256: str | None) -> bool:
-    """Whether a deploy of ``app`` that may be of this version is under way."""
+def still_coming(client: KeterClient, app: str, sha256: str | None) -> bool:
+    """Whether a deploy of ``app`` that may be of this version (any, for None) is under
+    way; while keter restarts, maybe (it deploys again what it was deploying)."""
     try:
         deploying = client.app(app).get("deploying")
+    except NotRunning:
+        return True  # asked again once it is back (wait_for_verdict's RESTART_GRACE)
     except ClientError:  # gone (its bundle removed)
         return False
     if deploying is None:
         return False
-    return deploying == "" or (sha256 is not None and sha256.startswith(deploying))
+    return deploying == "" or sha256 is None or sha256.startswith(deploying)

@@ -836,3 +836,61 @@ def test_nginx_config_folder_others_may_change_is_refused(tmp_path) -> None:
     assert result.returncode == 2, result.stderr
     assert f"keter: {theirs} is owned by uid 65534" in result.stderr
     assert not (theirs / ".keter.d").exists()
+
+
+def told(outcome: str, sha256: str) -> dict:
+    """An entry as the API tells it, ended after the command began."""
+    reason = "its bundle was removed" if outcome == "superseded" else ""
+    return {**ended(outcome, sha256, 99.0), "version": sha256[:12], "reason": reason}
+
+
+class Restoring(History):
+    """A status API whose restore of app "a" succeeded and restarts version OURS; once
+    the entries are read, each of ``later`` ends a deploy."""
+
+    def __init__(self, *entries: dict, deploying: str | None, later: list[dict]) -> None:
+        super().__init__(*entries, deploying=deploying)
+        self.later = later
+
+    def restore(self, app: str, backup: str | None, timeout: float) -> dict:
+        restored = {"restored": {"name": "b1.dump"}, "safety_backup": {"name": "b0.dump"}}
+        return {**restored, "version": OURS[:12], "sha256": OURS, "after": 0}
+
+    def log(self, app: str, lines: int) -> list[str]:
+        return []
+
+    def history_after(self, app: str, after: int, wait: float) -> list[dict]:
+        told = super().history_after(app, after, wait)
+        if not told and self.later:  # the version deploying ends: one more entry
+            self.entries.append({"seq": len(self.entries) + 1, **self.later.pop(0)})
+        return told
+
+
+@pytest.mark.parametrize(
+    ("entries", "deploying", "code", "said"),
+    [
+        # The restart superseded by B, B by C: C's end is the verdict (B's was said).
+        (
+            [told("superseded", OURS), told("superseded", OTHER)],
+            "c" * 12,
+            0,
+            "a newer version came meanwhile",
+        ),
+        # The bundle removed during the restart: said at once, no newer version claimed.
+        ([told("superseded", OURS)], None, 1, "superseded: its bundle was removed"),
+    ],
+    ids=["two-uploads", "removed"],
+)  # fmt: skip
+def test_a_restore_follows_newer_versions_to_their_end_but_not_a_removal(
+    monkeypatch, capsys, tmp_path, entries, deploying, code, said
+) -> None:
+    from keter import appcommands
+
+    later = [told("serving", "c" * 64)] if deploying else []
+    restoring = Restoring(*entries, deploying=deploying, later=later)
+    monkeypatch.setattr(appcommands, "KeterClient", lambda root: restoring)
+    began = time.monotonic()
+    command = ["db", "restore", "a", "--root", str(tmp_path), "--timeout", "5"]
+    assert appcommands.main(command) == code
+    assert said in capsys.readouterr().err
+    assert time.monotonic() - began < 2  # no timeout waited out

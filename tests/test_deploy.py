@@ -6,6 +6,8 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -331,6 +333,24 @@ def test_a_second_keter_on_the_same_nginx_config_file_is_refused(
     assert f"another keter (pid {keter.proc.pid} on {keter.root}) writes nginx's" in second.log()
     assert body(private_nginx, "one.test") == b"one\n"  # its first config had none of it
     assert keter.proc.poll() is None
+
+
+def test_keter_deploy_waits_through_a_restart_of_keter_for_the_verdict(keter_factory, tmp_path):
+    # keter restarted (an upgrade) while `keter deploy` waited: "keter is not running"
+    # (exit 3), though keter deployed the bundle again at its start and said how it went.
+    keter = keter_factory(**{"health-check-timeout": 2})
+    config = webapp_config("hello.test", "v1", args=["--never-listen"])
+    bundle = make_bundle(tmp_path / "hello.keter", config=config)
+    command = ["deploy", "--root", str(keter.root), str(bundle), "--timeout", "60"]
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "keter", *command], stderr=subprocess.PIPE, text=True
+    )
+    wait_for(lambda: "hello: deploy #1 started" in keter.log(), 20, "the deploy on its way")
+    keter.stop()
+    keter.start()
+    _, err = cli.communicate(timeout=90)
+    assert cli.returncode == 1, err  # its verdict: failed, not "keter is not running"
+    assert "failed: did not answer" in err
 
 
 @pytest.mark.parametrize(

@@ -689,6 +689,25 @@ def test_a_frozen_nginx_is_not_taken_for_an_error_log_that_says_nothing(
     assert writer._error_log_speaks
 
 
+def test_nginx_in_another_pid_namespace_has_its_reloads_confirmed(
+    tmp_path: Path, reports: queue.Queue
+) -> None:
+    # Its worker names a pid of its own namespace; here that pid is another process (a
+    # kernel thread started at boot), judged older than the reload: every apply failed.
+    nginx = PrivateNginx(tmp_path / "nginx")
+    nginx.start_command = ("unshare", "--pid", "--fork", "--mount-proc", *nginx.start_command)
+    nginx.start()
+    try:
+        [inside] = psutil.Process(nginx.pid).children()  # the master, pid 1 in there
+        reload = ("nsenter", "-t", str(inside.pid), "-p", "-m", *nginx.test_command[:-2])
+        writer = make_writer(nginx, reports, reload_command=(*reload, "-s", "reload"))
+        with running(writer):
+            assert apply(writer, reports, 1) == NginxApplied(generation=1)
+        assert fetch_generation("127.0.0.1", nginx.port) == "1"
+    finally:
+        nginx.stop()
+
+
 def test_nginx_error_log_is_read_from_the_reload_on_without_blocking(tmp_path: Path) -> None:
     log = tmp_path / "error.log"
     log.write_text("2026/11/30 12:00:00 [emerg] 1#1: an old refusal\n")

@@ -133,11 +133,16 @@ class Retiring:
 
     def older(self, worker: int) -> bool:
         """Whether ``worker`` ran before the reload (it serves the config from before);
-        False for 0, a worker nginx did not name."""
+        False for 0, a worker nginx did not name, and for a pid that is no nginx worker
+        here: nginx in another PID namespace names its own pids, which here are other
+        processes' (judged by their start, every reload had failed)."""
         if not worker:
             return False
         if worker in self.before:
             return True
+        parent = master_of(worker)
+        if parent is None or not is_master(parent):
+            return False
         begun = started(worker)
         return begun is not None and begun < self.at
 

@@ -156,3 +156,12 @@ def test_workers_started_in_the_tick_before_the_reload_count_as_old() -> None:
         finally:
             for each in (old, new):
                 each.communicate(b"")
+
+
+def test_uptime_is_read_in_ticks_exactly() -> None:
+    # Through a float, "1024.09" seconds came out 102408 ticks: one uptime in twenty.
+    assert workers.uptime_ticks("1024.09", 100) == 102409
+    assert all(
+        workers.uptime_ticks(f"{n // 100}.{n % 100:02d}", 100) == n for n in range(100_000, 200_000)
+    )
+    assert workers.uptime_ticks("7.5", 250) == 1875

@@ -148,7 +148,7 @@ class Retiring:
         if worker in self.before:
             return True
         parent = master_of(worker)
-        if parent is None or not is_master(parent):
+        if parent is None or (parent != self.master and not is_master(parent)):
             return False
         begun = started(worker)
         return begun is not None and begun < self.at

@@ -693,17 +693,24 @@ def test_applog_whose_new_file_cannot_be_made_logs_again_once_it_can(tmp_path, m
     assert (tmp_path / "a.log").read_bytes().splitlines()[-1].endswith(b"line 09")
 
 
-def test_draining_past_the_budget_logs_the_last_words_and_drops_the_rest(tmp_path):
-    """At an exit, a run past its app's output budget: its pipe's whole content logged
-    (16 floods of 1 MiB pipes) held other apps' exit reports up to 3 s."""
+def flooded_pipe(tmp_path: Path) -> tuple[AppLog, OutputCapture, int, bytes]:
+    """An app's log and capture, and the read end of a full pipe its exited run left: a
+    flood (480 KB, 8 chunks), then its last words."""
     applog = AppLog(tmp_path / "a.log", max_bytes=10_000_000, backups=1)
     capture = OutputCapture("app", applog)
     read_end, write_end = os.pipe()
     fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, MAX_PIPE_BUFFER)
     os.set_blocking(read_end, False)
-    flood = b"".join(b"flood %06d\n" % n for n in range(40_000))  # 480 KB, 8 chunks
+    flood = b"".join(b"flood %06d\n" % n for n in range(40_000))
     os.write(write_end, flood + b"last words\n")
     os.close(write_end)
+    return applog, capture, read_end, flood
+
+
+def test_draining_past_the_budget_logs_the_last_words_and_drops_the_rest(tmp_path):
+    """At an exit, a run past its app's output budget: its pipe's whole content logged
+    (16 floods of 1 MiB pipes) held other apps' exit reports up to 3 s."""
+    applog, capture, read_end, flood = flooded_pipe(tmp_path)
     open_, _, dropped = drain(capture, read_end, allowance=0)
     os.close(read_end)
     capture.flush()
@@ -718,14 +725,7 @@ def test_draining_past_the_budget_logs_the_last_words_and_drops_the_rest(tmp_pat
 def test_an_exit_drain_logs_no_more_than_the_budget_left_and_the_last_words(tmp_path, caplog):
     """A byte of budget left was enough for the exit's drain to log the whole pipe: 16
     apps exiting at once, each just within its budget, still held exit reports 2 s."""
-    applog = AppLog(tmp_path / "a.log", max_bytes=10_000_000, backups=1)
-    capture = OutputCapture("app", applog)
-    read_end, write_end = os.pipe()
-    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, MAX_PIPE_BUFFER)
-    os.set_blocking(read_end, False)
-    flood = b"".join(b"flood %06d\n" % n for n in range(40_000))  # 480 KB, 8 chunks
-    os.write(write_end, flood + b"last words\n")
-    os.close(write_end)
+    applog, capture, read_end, _ = flooded_pipe(tmp_path)
     nearly_spent = _Budget(tokens=1, counted_at=time.monotonic(), runs=1)
     done = subprocess.Popen(["true"])  # the run's process: only named in log lines
     done.wait()

@@ -188,6 +188,16 @@ def host_precedence(host: str) -> tuple[tuple[bool, str], ...]:
     return tuple((label == WILDCARD, label) for label in reversed(host.split(".")))
 
 
+def nginx_name_part(app: str) -> str:
+    """A valid app name as part of the names keter gives nginx (upstreams, log formats,
+    zones), distinct for distinct apps though nginx compares some of them ignoring
+    case: every character but lower-case letters and digits is hex-escaped as
+    ``_xx``. Escapes never put two '_' in a row, so a ``__`` suffix cannot make one
+    app's name another's."""
+    validate_app_name(app)
+    return "".join(c if c.isdigit() or ("a" <= c <= "z") else f"_{ord(c):02x}" for c in app)
+
+
 def nginx_server_name(host: str) -> str:
     """A validated host name as an nginx ``server_name`` argument.
 

@@ -29,11 +29,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.bundles import make_bundle, webapp_config
 from support.daemon import keter_cli, status_api
+from support.net import served
 from support.spool import spool_line
 from support.wait import wait_for
 
 from keter.config import KeterConfig
 from keter.messages import AppGone, VersionServing, VersionUnhealthy, WatchVerdict, WatchVersion
+from keter.names import validate_app_name
 from keter.stats import component as stats_component
 from keter.stats import spool
 from keter.stats.component import FORGET_WATCH, StatsCollector, _Watch
@@ -45,7 +47,13 @@ from keter.stats.histogram import (
     Histogram,
     bucket,
 )
-from keter.stats.record import access_log_directive, log_format_directive, parse, status_class
+from keter.stats.record import (
+    access_log_directive,
+    log_format_directive,
+    log_format_name,
+    parse,
+    status_class,
+)
 from keter.stats.slot import Slot, packed_records
 from keter.stats.traffic import (
     FINE,
@@ -198,6 +206,45 @@ def test_a_status_outside_http_counts_as_a_server_error_and_is_never_left_out(st
     record = parse(spool_line(status=status))
     assert record is not None and record.status == status  # its access line is written
     assert status_class(status) == index
+
+
+def _valid_app(name: str) -> bool:
+    try:
+        validate_app_name(name)
+    except ValueError:
+        return False
+    return True
+
+
+APP_NAMES = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True).filter(_valid_app)
+
+
+@given(st.lists(APP_NAMES, min_size=2))
+def test_no_two_apps_log_formats_are_one_to_nginx(apps):
+    # nginx finds an access_log's format ignoring case: "Foo" and "foo" were one format.
+    named = {log_format_name(app).lower() for app in set(apps)}
+    assert len(named) == len(set(apps))
+
+
+def test_apps_whose_names_differ_in_case_have_their_own_traffic(keter, private_nginx, tmp_path):
+    # foo's requests went to access-Foo.log and were counted as Foo's.
+    for name, host in (("Foo", "upper.test"), ("foo", "lower.test")):
+        folder = tmp_path / name
+        folder.mkdir()
+        keter.drop(make_bundle(folder / f"{name}.keter", config=webapp_config(host, name)))
+        served(private_nginx, host, name)
+    client = status_api(keter)
+    logs = keter.root / "log"
+
+    def hosts(app: str) -> list[str]:
+        path = logs / f"access-{app}.log"
+        text = path.read_text() if path.exists() else ""
+        return [line.rsplit('"', 1)[1].split()[0] for line in text.splitlines()]
+
+    assert send(private_nginx.port, "lower.test", ["/"] * 5)[0] == {2: 5}
+    wait_for(lambda: hosts("foo").count("lower.test") >= 5, 10, "foo's requests in its log")
+    assert set(hosts("foo")) == {"lower.test"} and set(hosts("Foo")) <= {"upper.test"}
+    assert wait_for(lambda: client.get("/api/apps/foo/stats")["windows"][0]["requests"], 10)
 
 
 def test_the_renderer_lines_name_the_app_and_version_literally():

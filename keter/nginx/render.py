@@ -336,17 +336,15 @@ def acme_challenges(config_file: Path) -> Path:
 def upstream_name(app: str) -> str:
     """A unique nginx upstream name for ``app``.
 
-    nginx compares upstream names case-insensitively, so every character but
-    lower-case letters and digits is hex-escaped as ``_xx``; distinct app names
-    ("a.b", "a-b", "a_b", "A") therefore never share an upstream. Escapes
-    never put two '_' in a row, so the ``__wN`` and ``__rN`` suffixes (an
-    app's further web apps and its reverse proxies) cannot collide with
-    another app's name either. The same escaped name names the app's folder
-    of files (see ``keter.nginx.files``).
+    nginx compares upstream names case-insensitively: the app's name is escaped
+    (``names.nginx_name_part``), so distinct app names ("a.b", "a-b", "a_b", "A")
+    never share an upstream, and the ``__wN`` and ``__rN`` suffixes (an app's
+    further web apps and its reverse proxies) cannot collide with another app's
+    name either. The same escaped name names the app's folder of files (see
+    ``keter.nginx.files``).
     """
     _check_app(app)
-    escaped = "".join(c if c.isdigit() or ("a" <= c <= "z") else f"_{ord(c):02x}" for c in app)
-    return f"keter_{escaped}"
+    return f"keter_{names.nginx_name_part(app)}"
 
 
 def listen_address(listener: ListenerLike) -> str:

@@ -41,7 +41,7 @@ import re
 import sys
 from dataclasses import dataclass
 
-from keter.names import nginx_quote, validate_app_name
+from keter.names import nginx_name_part, nginx_quote, validate_app_name
 
 TAG = b"k2"  # the format's version: a spool line of another format is skipped
 _FIELDS = 16
@@ -66,10 +66,10 @@ _VARIABLES = (
 
 
 def log_format_name(app: str) -> str:
-    """The nginx name of an app's log format: letters, digits and ``_`` only."""
-    validate_app_name(app)
-    escaped = "".join(c if c.isascii() and c.isalnum() else f"_{ord(c):02x}" for c in app)
-    return f"keter_log_{escaped}"
+    """The nginx name of an app's log format. nginx defines formats by their exact name
+    but finds an access_log's ignoring case: "Foo" and "foo" kept their case, and foo's
+    requests were logged and counted as Foo's (its watch rolled Foo back)."""
+    return f"keter_log_{nginx_name_part(app)}"
 
 
 def log_format_directive(app: str, version: str) -> str:

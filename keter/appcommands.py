@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from keter import envstore
-from keter.client import ApiError, KeterClient, PermissionDenied, still_coming, wait_for_verdict
+from keter.client import ApiError, KeterClient, PermissionDenied, wait_for_verdict
 from keter.commands import (
     EXIT_FAILED,
     EXIT_OK,
@@ -238,12 +238,16 @@ def cmd_db_restore(args: argparse.Namespace) -> int:
     after, sha256 = result["after"], result["sha256"]
     deadline = time.monotonic() + args.timeout
     entry = wait_for_verdict(client, app, after, sha256, args.timeout, since=since)
-    if entry is not None and entry["outcome"] == "superseded" and still_coming(client, app, None):
-        # The data is restored all the same: the version that superseded the restart
-        # deploys on it, and its end is the restore's verdict (a removal is no newer one).
-        print(f"{app}: a newer version came meanwhile and deploys on it", file=sys.stderr)
+    if entry is not None and entry["outcome"] == "superseded":
+        # The data is restored all the same: a version that superseded the restart
+        # deploys on it, and its end is the restore's verdict (a removal ends it here).
         left = max(0.0, deadline - time.monotonic())
-        entry = wait_for_verdict(client, app, entry["seq"], None, left, since=since)
+        newer = wait_for_verdict(
+            client, app, entry["seq"], None, left, since=since, superseded=entry
+        )
+        if newer is not entry:
+            print(f"{app}: a newer version came meanwhile and deployed on it", file=sys.stderr)
+            entry = newer
     return report_verdict(client, args.root, app, entry, args.timeout)
 
 

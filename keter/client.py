@@ -236,6 +236,7 @@ _FINAL = (ApiError, PermissionDenied, UnexpectedAnswer)
 # How long a keter gone from its socket is waited for: restarted (an upgrade, systemctl
 # restart), it deploys again what it was deploying, and that deploy's end is the verdict.
 RESTART_GRACE = 30.0
+LAST_LOOK = 1.0  # seconds the history is waited on once nothing seems under way
 
 
 def wait_for_verdict(
@@ -246,26 +247,33 @@ def wait_for_verdict(
     timeout: float,
     *,
     since: float,
+    superseded: dict | None = None,
 ) -> dict | None:
     """The history entry after ``after`` that ends the deploy of this version of ``app``
     the command began at ``since`` (wall clock, before its bundle was put in place or
     its request sent), or None.
 
-    Entries are matched by version: one of another version is another deploy's. An
-    entry with an empty sha256 is a deploy that ended before its bundle was read (it
-    cannot name its version): ours if it began after ``since`` (a bundle that was
-    unpacking when ours came ended so too, superseded by ours). A deploy of ours
-    superseded is the verdict, unless a deploy of the same version, or of one not
-    read yet, is under way (a restart, the same bundle copied again): that one's end
-    is, then.
+    Entries are matched by version (any, for None): one of another version is another
+    deploy's. An entry with an empty sha256 is a deploy that ended before its bundle
+    was read (it cannot name its version): ours if it began after ``since`` (a bundle
+    that was unpacking when ours came ended so too, superseded by ours). A deploy of
+    ours ``superseded`` (found here, or given) is the verdict, unless a deploy of the
+    same version, or of one not read yet, is under way (a restart, the same bundle
+    copied again): that one's end is, then. The app's state is told a moment before
+    a deploy's end: once nothing seems under way, the history is looked at once more.
     """
     deadline = time.monotonic() + timeout
-    superseded = None
     failed: ClientError | None = None
     gone_since: float | None = None  # since when keter's socket answers nothing
+    last_look = False
     while (left := deadline - time.monotonic()) > 0:
+        wait = 25.0
+        if superseded is not None and not still_coming(client, app, sha256):
+            if last_look:
+                return superseded
+            last_look, wait = True, LAST_LOOK
         try:
-            entries = client.history_after(app, after, wait=min(left, 25.0))
+            entries = client.history_after(app, after, wait=min(left, wait))
         except _FINAL:
             raise
         except ClientError as exc:  # keter too busy to answer: the deploy goes on meanwhile
@@ -273,7 +281,7 @@ def wait_for_verdict(
                 gone_since = gone_since or time.monotonic()
                 if time.monotonic() - gone_since > RESTART_GRACE:
                     raise  # stopped for good, not restarting
-            failed = exc
+            failed, last_look = exc, False
             time.sleep(min(RETRY_PAUSE, max(deadline - time.monotonic(), 0.0)))
             continue
         failed, gone_since = None, None
@@ -285,9 +293,7 @@ def wait_for_verdict(
             if sha256 is None or found in (sha256, ""):
                 if entry["outcome"] != "superseded":
                     return entry
-                superseded = entry
-        if superseded is not None and not still_coming(client, app, sha256):
-            return superseded
+                superseded, last_look = entry, False
     if failed is not None and superseded is None:
         raise failed  # no answer at the end: that, not "no verdict in time", is the news
     return superseded

@@ -420,7 +420,7 @@ def test_a_restore_whose_restart_a_newer_version_supersedes_reports_that_version
         wait_for(lambda: "waiting for the release of" in keter.log_since_start(), 30, "v2 seen")
     _, err = restore.communicate(timeout=120)
     assert restore.returncode == 0, err
-    assert "a newer version came meanwhile and deploys on it" in err
+    assert "a newer version came meanwhile and deployed on it" in err
     served(private_nginx, HOST, "v2")
     assert info(private_nginx)["notes"] == ["kept"]
 

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -205,7 +206,8 @@ def test_deep_trees_an_app_or_an_uploader_made_do_not_stop_keters_start(keter, p
     # and incoming/'s folders recursively: 1100 nested folders ended every start with a
     # RecursionError, the killed run's apps never stopped.
     keter.kill()
-    for top in (keter.root / "run" / "tmp" / "deep-1" / "tmp", keter.incoming / "deep"):
+    tops = (keter.root / "run" / "tmp" / "deep-1" / "tmp", keter.incoming / "deep")
+    for top in tops:
         top.mkdir(parents=True, exist_ok=True)
         fd = os.open(top, os.O_RDONLY)
         try:
@@ -216,8 +218,12 @@ def test_deep_trees_an_app_or_an_uploader_made_do_not_stop_keters_start(keter, p
                 fd = inner
         finally:
             os.close(fd)
-    keter.start()
-    assert keter.proc.poll() is None
+    try:
+        keter.start()
+        assert keter.proc.poll() is None
+    finally:
+        # Python's own rmtree (pytest's clean-up of old runs) recurses as deep; rm does not.
+        subprocess.run(["rm", "-rf", *map(str, tops)], check=True)
 
 
 def test_the_search_for_half_written_files_stays_in_keters_own_folders(tmp_path):
@@ -261,8 +267,8 @@ def test_a_new_run_numbers_nginx_generations_after_the_last_run(keter, private_n
     # number with the earlier run's config, and keter took the refusal for a yes.
     keter.drop(make_bundle(tmp_path / "app.keter", config=webapp_config("app.test", "v1")))
     served(private_nginx, "app.test", "v1")
-    last = max(int(n) for n in re.findall(r"nginx: generation (\d+) applied", keter.log()))
     keter.stop()
+    last = max(int(n) for n in re.findall(r"nginx: generation (\d+) applied", keter.log()))
     keter.start()
     served(private_nginx, "app.test", "v1")
     wait_for(lambda: "nginx: generation" in keter.log_since_start(), 30, "a generation")

@@ -28,6 +28,7 @@ from keter.bundle.model import PostgresServer
 from keter.config import KeterConfig
 from keter.deploys import TRANSITIONS, Deploy, IllegalTransition, Stage
 from keter.messages import (
+    AppChanged,
     AppEvent,
     AppGone,
     ApplyNginx,
@@ -391,6 +392,19 @@ def test_a_bundle_removed_before_it_was_read_is_no_failed_deploy(
     [done] = rig.finished()
     assert (done.outcome, done.reason) == (Outcome.SUPERSEDED, "its bundle was removed")
     assert_kept_serving(rig, serving)
+
+
+def test_a_deploys_end_is_told_after_its_apps_next_deploy_shows(rig: Rig) -> None:
+    # Told first, a client woken by "superseded" read the app with nothing on its way
+    # yet, and `keter db restore` failed a restore whose newer version went on to serve.
+    rig.deploy("a", webapp(rig.tmp))
+    rig.status.take()
+    rig.arrive("a")
+    rig.arrive("a")  # a newer bundle: the one unpacking is superseded
+    told = [m for m in rig.status.take() if isinstance(m, (AppChanged, DeployFinished))]
+    [ended] = [i for i, m in enumerate(told) if isinstance(m, DeployFinished)]
+    assert told[ended].outcome is Outcome.SUPERSEDED
+    assert [m.snapshot.deploying for m in told[:ended]] == [""]  # the newer one, not read yet
 
 
 def test_a_file_the_watcher_refused_is_a_line_of_its_apps_history(rig: Rig) -> None:

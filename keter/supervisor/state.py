@@ -15,7 +15,14 @@ from dataclasses import dataclass
 
 from keter.config import KeterConfig
 from keter.deploys import App, Deploy
-from keter.messages import AppSnapshot, BundleArrived, CertificateIssued, Component, SwitchMode
+from keter.messages import (
+    AppSnapshot,
+    BundleArrived,
+    CertificateIssued,
+    Component,
+    DeployFinished,
+    SwitchMode,
+)
 from keter.processes.ports import PortPool
 from keter.routes import dashboard_site
 from keter.supervisor.components import Components
@@ -90,6 +97,7 @@ class SupervisorState:
         self._acme_owners: dict[str, str] = {}
         self._published: dict[str, AppSnapshot] = {}
         self._changed: set[str] = set()  # apps whose snapshot may have changed
+        self._verdicts: list[DeployFinished] = []  # deploys ended, told after the snapshots
         self._failures: dict[Component, list[float]] = {}  # recent component failures
         self._own_failures: list[float] = []  # recent failures of the supervisor's handlers
         # keter.supervisor.database: per app the deploy whose bundle deploys again once its

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from keter.bundle import Background, WebApp
+from keter.bundle.values import never_forwarded
 from keter.config import KeterConfig
 from keter.messages import DbInfo
 from keter.postgres import db_env
@@ -84,6 +85,7 @@ def _base_environment(config: KeterConfig, forward: tuple[str, ...]) -> dict[str
         home = pwd.getpwnam(config.setuid).pw_dir
     env = {"PATH": BASE_PATH, "LANG": os.environ.get("LANG", "C.UTF-8"), "HOME": home}
     env.update(config.env)
-    # Only what the bundle names: the rest of keter's environment stays out.
-    env.update({name: os.environ[name] for name in forward if name in os.environ})
+    # Only what the bundle names, and never keter's own secrets: the rest stays out.
+    forwarded = [name for name in forward if name in os.environ and not never_forwarded(name)]
+    env.update({name: os.environ[name] for name in forwarded})
     return env

@@ -31,6 +31,7 @@ from keter.bundle import (
     parse_bundle_config,
 )
 from keter.config import KeterConfig, Listener, NginxSettings
+from keter.environment import app_environment
 from keter.messages import (
     BasicAuth,
     LocalOnly,
@@ -269,6 +270,30 @@ def test_every_webapp_key(tmp_path) -> None:
     assert webapp.health_check_path == "/healthz"
     assert config.postgres is True
     assert config.warnings == ()
+
+
+def test_keters_own_secrets_are_never_forwarded(tmp_path, monkeypatch) -> None:
+    # An admin password in keter's environment (PGPASSWORD, kept out of the config
+    # file) was any bundle's for the asking: forward-env: [PGPASSWORD].
+    config = parse(
+        tmp_path,
+        """
+        stanzas:
+          - type: webapp
+            exec: ../hello
+            host: a.test
+            forward-env: [PGPASSWORD, NOTIFY_SOCKET, REGION]
+        """,
+    )
+    assert [w for w in config.warnings if "never forwarded" in w] == [
+        "stanzas[0].forward-env[0]: keter's own PGPASSWORD is never forwarded to an app; ignored",
+        "stanzas[0].forward-env[1]: keter's own NOTIFY_SOCKET is never forwarded to an app; "
+        "ignored",
+    ]
+    for name, value in (("PGPASSWORD", "s3cret"), ("NOTIFY_SOCKET", "@n"), ("REGION", "eu")):
+        monkeypatch.setenv(name, value)
+    env = app_environment(KeterConfig(root=tmp_path / "root"), config.webapp, 4001, None)
+    assert env["REGION"] == "eu" and "PGPASSWORD" not in env and "NOTIFY_SOCKET" not in env
 
 
 def test_webapp_ssl_true_uses_the_listener_certificate(tmp_path) -> None:

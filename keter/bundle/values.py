@@ -377,6 +377,17 @@ _WHY = {
 }
 
 
+def never_forwarded(name: str) -> bool:
+    """Whether keter keeps ``name`` of its own environment from every app, ``forward-env``
+    or not: libpq's variables (an admin password kept out of keter-config.yaml, in
+    keter's environment, was any bundle's for the asking, and with it every app's data)
+    and systemd's channels to keter (its notify socket, its credentials)."""
+    return name.startswith("PG") or name in _NEVER_FORWARDED
+
+
+_NEVER_FORWARDED = frozenset({"DATABASE_URL", "NOTIFY_SOCKET", "CREDENTIALS_DIRECTORY"})
+
+
 def warn_overridden_env(stanzas: list[tuple[str, object]], postgres: bool, check: Checker) -> None:
     """One warning for each ``env`` or ``forward-env`` name a stanza gives that keter sets itself.
 
@@ -392,6 +403,12 @@ def warn_overridden_env(stanzas: list[tuple[str, object]], postgres: bool, check
             owned["APPROOT"] = _WHY["APPROOT"]
         if postgres:
             owned.update({name: _WHY["database"] for name in DATABASE_VARIABLES})
+        for i, name in enumerate(stanza.forward_env):
+            if never_forwarded(name) and name not in owned:
+                check.warn(
+                    f"{prefix}forward-env[{i}]",
+                    f"keter's own {name} is never forwarded to an app; ignored",
+                )
         given = [(f"env.{name}", name) for name in stanza.env]
         given += [(f"forward-env[{i}]", name) for i, name in enumerate(stanza.forward_env)]
         for where, name in given:

@@ -5,9 +5,14 @@ Every admin action is a JSON-able *request* (a dict) answered by a JSON-able
 of the provisioner (keter.postgres) go through it, so the same functions build
 the same SQL either way:
 
-* With an admin DSN (``postgres: {admin-dsn: ...}``) keter calls ``run``
-  directly over that connection. The admin role needs only CREATEROLE and
-  CREATEDB.
+* With an admin DSN (``postgres: {admin-dsn: ...}``) keter runs it in the same
+  short-lived child as below, as keter's own user (``run_as(None, request)``):
+  in keter's thread, a connection the server (or a failover, a partition) went
+  silent on after its login held the provisioner, and every app's deploy behind
+  it, for as long as TCP keeps a dead peer (hours); the child's wall-clock
+  timeout ends it. libpq's own ``PG*`` variables and ``HOME`` (``~/.pgpass``) of
+  keter's environment go along: they may hold how the DSN logs in. The admin
+  role needs only CREATEROLE and CREATEDB.
 * With no DSN (the default) keter targets a stock Debian host: the
   distribution's cluster on /var/run/postgresql port 5432, where only the
   ``postgres`` OS user may log in as the ``postgres`` superuser (peer
@@ -292,20 +297,31 @@ def run(request: Request) -> Answer:
     return {"ok": True, "result": result}
 
 
-def run_as(os_user: str, request: Request, *, timeout: float) -> Answer:
-    """Execute ``request`` in a child process connected as OS user ``os_user``."""
+def run_as(os_user: str | None, request: Request, *, timeout: float) -> Answer:
+    """Execute ``request`` in a child process connected as OS user ``os_user`` (None:
+    keter's own, with libpq's variables of keter's environment), within ``timeout``."""
     package_parent = Path(__file__).resolve().parent.parent
+    # PYTHONPATH finds keter when it runs from a checkout rather than an installed package.
+    env = {"PATH": os.defpath, "PYTHONPATH": str(package_parent)}
+    command = [sys.executable, "-m", "keter.pgadmin"]
+    if os_user is not None:
+        # A clean environment: keter's own (PG* variables included) must not steer
+        # the connection to the machine's cluster.
+        command += ["--as-user", os_user]
+    else:
+        env.update(
+            (name, value)
+            for name, value in os.environ.items()
+            if name.startswith("PG") or name == "HOME"
+        )
     try:
         child = subprocess.run(
-            [sys.executable, "-m", "keter.pgadmin", "--as-user", os_user],
+            command,
             input=json.dumps(request).encode(),
             capture_output=True,
             timeout=timeout,
             cwd="/",
-            # A clean environment: keter's own (PG* variables included) must not
-            # steer the admin connection. PYTHONPATH finds keter when it runs
-            # from a checkout rather than an installed package.
-            env={"PATH": os.defpath, "PYTHONPATH": str(package_parent)},
+            env=env,
         )
     except subprocess.TimeoutExpired:
         return _failed(f"admin helper gave no answer within {timeout:.0f}s", retry=True)
@@ -343,12 +359,14 @@ def become(os_user: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Child entry point: become ``--as-user``, answer the JSON request on stdin."""
+    """Child entry point: become ``--as-user`` (if given), answer the JSON request on
+    stdin."""
     parser = argparse.ArgumentParser(prog="python -m keter.pgadmin", description=__doc__)
-    parser.add_argument("--as-user", required=True, help="OS user to connect as")
+    parser.add_argument("--as-user", help="OS user to connect as (else this process's)")
     args = parser.parse_args(argv)
     try:
-        become(args.as_user)
+        if args.as_user is not None:
+            become(args.as_user)
     except (KeyError, OSError) as exc:
         answer = _failed(f"cannot become OS user {args.as_user}: {exc}", retry=False)
     else:

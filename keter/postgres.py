@@ -412,11 +412,8 @@ class PostgresProvisioner(Actor):
 
         _, dsn = self._target
         request = {"dsn": dsn, "connect_timeout": self.connect_timeout, **request}
-        if self._peer:
-            timeout = self.connect_timeout + pgadmin.CHILD_EXTRA_SECONDS
-            answer = pgadmin.run_as(PEER_OS_USER, request, timeout=timeout)
-        else:
-            answer = pgadmin.run(request)
+        timeout = self.connect_timeout + pgadmin.CHILD_EXTRA_SECONDS
+        answer = pgadmin.run_as(PEER_OS_USER if self._peer else None, request, timeout=timeout)
         if answer["ok"]:
             return answer["result"]
         if answer.get("retry"):

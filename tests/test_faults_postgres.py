@@ -12,6 +12,7 @@ malformed postgres.yaml (tests/test_postgres.py).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -97,8 +98,13 @@ def test_refused_login_fails_the_deploy_in_one_line_without_the_password(
 
 
 def keter_connected_to(keter: KeterDaemon, port: int) -> bool:
-    """Whether keter has a TCP connection open to ``port`` (it waits on the server)."""
-    connections = psutil.Process(keter.proc.pid).net_connections(kind="tcp")
+    """Whether keter (its admin helper, a child) has a TCP connection open to ``port``
+    (it waits on the server)."""
+    daemon = psutil.Process(keter.proc.pid)
+    connections = []
+    for process in [daemon, *daemon.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):  # ended meanwhile
+            connections += process.net_connections(kind="tcp")
     return any(c.raddr and c.raddr.port == port for c in connections)
 
 

@@ -7,9 +7,11 @@ import logging
 import os
 import queue
 import re
+import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -869,3 +871,76 @@ def test_admin_helper_reports_an_unknown_os_user_in_one_line() -> None:
     answer = pgadmin.run_as("no-such-user-keter", {"op": "find"}, timeout=30)
     assert (answer["ok"], answer["retry"]) == (False, False)
     assert answer["error"].startswith("cannot become OS user no-such-user-keter")
+
+
+class SilencingProxy:
+    """A TCP proxy to the server that, once a client sends ``trigger``, forwards nothing
+    more on that connection: a partition, a failover, as keter's side sees it."""
+
+    def __init__(self, port: int, trigger: bytes = b"set_config") -> None:
+        self.port, self.trigger = port, trigger
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.silenced = threading.Event()
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def listen_port(self) -> int:
+        return self.listener.getsockname()[1]
+
+    def close(self) -> None:
+        for sock in [self.listener, *self.held]:
+            sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.port))
+            self.held += [client, server]
+            silent = threading.Event()
+            for source, target in ((client, server), (server, client)):
+                pump = (source, target, source is client, silent)
+                threading.Thread(target=self._pump, args=pump, daemon=True).start()
+
+    def _pump(self, source, target, from_client: bool, silent: threading.Event) -> None:
+        while data := self._recv(source):
+            if from_client and self.trigger in data:
+                silent.set()
+                self.silenced.set()
+            if not silent.is_set():
+                try:
+                    target.sendall(data)
+                except OSError:
+                    return
+
+    @staticmethod
+    def _recv(sock: socket.socket) -> bytes:
+        try:
+            return sock.recv(65536)
+        except OSError:
+            return b""
+
+
+def test_an_admin_connection_gone_silent_fails_within_its_bound(
+    private_postgres: PrivatePostgres, start: Callable[..., Running], monkeypatch
+) -> None:
+    # Silent after its login, the admin-dsn connection held the provisioner (and every
+    # app's deploy behind it) for as long as TCP keeps a dead peer: hours, unsaid.
+    monkeypatch.setattr(pgadmin, "CHILD_EXTRA_SECONDS", 3)
+    proxy = SilencingProxy(private_postgres.port)
+    try:
+        dsn = make_conninfo(private_postgres.admin_dsn, port=proxy.listen_port)
+        running = start(dsn, retry_for=1, connect_timeout=2)
+        app = unique_app("silent")
+        began = time.monotonic()
+        running.send(app)
+        reply = running.reply(timeout=30)
+        assert proxy.silenced.is_set()
+        assert isinstance(reply, DatabaseFailed) and reply.unavailable, reply
+        assert "gave no answer within" in reply.reason
+        assert time.monotonic() - began < 20
+    finally:
+        proxy.close()

@@ -652,6 +652,23 @@ def test_a_clock_set_back_does_not_stop_the_reports_or_the_watches(tmp_path, mon
     stats.on_stop()
 
 
+def test_a_record_made_before_the_clock_was_set_back_holds_up_no_other(tmp_path, monkeypatch):
+    # It waited to settle until the wall clock caught up with it, an hour, and every
+    # record behind it (every app the kernel switches) waited, in memory, uncounted.
+    stats = StatsCollector(KeterConfig(root=tmp_path / "root"))
+    stats.on_start()
+    monkeypatch.setattr(stats, "schedule", lambda delay, message: None)
+    now = time.time()
+    with stats.spool_path.open("ab") as out:
+        out.write(spool_line("hello", "-", at=now + 3600) + b"\n")
+        out.write(b"".join(spool_line("other", "-", at=now - 5) + b"\n" for _ in range(100)))
+    stats._tick()  # read
+    stats._tick()  # settled
+    assert len(stats._unsettled) == 0
+    assert (tmp_path / "root" / "log" / "access-other.log").read_text().count("\n") == 100
+    stats.on_stop()
+
+
 def test_a_quiet_keter_adds_up_no_app_and_reports_nothing(tmp_path, monkeypatch):
     """Idle costs nothing per app (issue 16.5): after 1000 apps' last requests, each app
     is added up once more (when their slot leaves the minute, its rate falls to 0);

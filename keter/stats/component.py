@@ -268,7 +268,11 @@ class StatsCollector(Actor):
         follow (``VersionServing``) has arrived.
         """
         ready = []
-        while self._unsettled and self._unsettled[0].at < before:
+        # A record from past the settling (made before the wall clock was set back) would
+        # hold every one behind it, of every app, until the clock caught up: an hour of
+        # statistics, access logs and watches, all kept in memory. It settles at once.
+        future = before + 2 * SETTLE_SECONDS
+        while self._unsettled and not before <= self._unsettled[0].at <= future:
             record = self._unsettled.popleft()
             self._resolve(record)
             ready.append(record)

@@ -17,6 +17,7 @@ import queue
 import random
 import re
 import socket
+import stat
 import threading
 import time
 from collections import Counter
@@ -666,6 +667,36 @@ def test_a_record_made_before_the_clock_was_set_back_holds_up_no_other(tmp_path,
     stats._tick()  # settled
     assert len(stats._unsettled) == 0
     assert (tmp_path / "root" / "log" / "access-other.log").read_text().count("\n") == 100
+    stats.on_stop()
+
+
+@pytest.mark.parametrize("cleanup", ["cut short", "removed"])
+def test_a_spool_cut_short_or_removed_by_hand_is_followed(tmp_path, monkeypatch, caplog, cleanup):
+    # Its length only grows, which invites a clean-up. Cut short, it was never read again
+    # (keter waited at the length it knew); removed, nginx made it again readable by
+    # every local user, and keter read the old one for good: statistics stopped, unsaid.
+    stats = StatsCollector(KeterConfig(root=tmp_path / "root"))
+    stats.on_start()
+    monkeypatch.setattr(stats, "schedule", lambda delay, message: None)
+    monkeypatch.setattr(stats_component, "REPORT_EVERY", 0.0)
+    path = stats.spool_path
+
+    def write(count: int) -> None:
+        with path.open("ab") as out:
+            out.write(b"".join(spool_line("hello") + b"\n" for _ in range(count)))
+
+    write(50)
+    stats._tick()
+    if cleanup == "cut short":
+        os.truncate(path, 0)
+    else:
+        path.unlink()
+    stats._tick()  # follows it
+    assert f"{path} was {cleanup}" in caplog.text
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    write(10)
+    stats._tick()
+    assert (tmp_path / "root" / "log" / "access-hello.log").read_text().count("\n") == 60
     stats.on_stop()
 
 

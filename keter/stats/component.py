@@ -134,6 +134,7 @@ class StatsCollector(Actor):
         self.records = 0  # parsed since keter started
         self.skipped = 0  # spool lines that were not keter's records
         self._spool: spool.Spool | None = None
+        self._spool_trouble: str | None = None  # why the spool cannot be followed, once said
         self._logs: dict[str, AppLog] = {}
         self._log_used: dict[str, float] = {}  # app -> last write; least recent first
         self._watches: dict[str, _Watch] = {}
@@ -207,6 +208,7 @@ class StatsCollector(Actor):
         # checks for that hour. The records' own times stay the wall clock's.
         if (ticked := time.monotonic()) - self._last_report >= REPORT_EVERY:
             self._last_report = ticked
+            self._follow_spool()
             now = time.time()
             self._gone |= self.traffic.prune(now)
             self._close_idle_logs()
@@ -218,6 +220,20 @@ class StatsCollector(Actor):
         self.schedule(0 if busy else TICK, _Tick())
 
     # -- reading -------------------------------------------------------------------------
+
+    def _follow_spool(self) -> None:
+        assert self._spool is not None
+        try:
+            changed = self._spool.follow()
+        except OSError as exc:
+            trouble = f"{self.spool_path} cannot be made again: {exc}; statistics stop"
+            if trouble != self._spool_trouble:  # said once, not every second
+                log.error("stats: %s", trouble)
+            self._spool_trouble = trouble
+            return
+        self._spool_trouble = None
+        if changed is not None:
+            log.warning("stats: %s", changed)
 
     def _read(self, deadline: float) -> bool:
         """Take in what nginx wrote; True if there is more than one tick could read."""

@@ -70,6 +70,36 @@ class Spool:
             self._punch()
         return lines
 
+    def follow(self) -> str | None:
+        """Keep reading the spool nginx writes, should it be cut short or removed by hand
+        (its length only grows: it invites a clean-up); what changed, for a log line.
+
+        Cut short (``: > access.spool``), it is read from its first record again: keter
+        had waited for the length it knew, weeks of records. Removed or replaced, it is
+        made again, root's only (nginx makes it readable by every local user, and it
+        holds every app's requests), and read from there: nginx writes to it from its
+        next reload, until which its records are lost, said once.
+        """
+        held = os.fstat(self._fd)
+        if held.st_size < self.position:
+            self.position = self._punched = self._resume()
+            return f"{self.path} was cut short; read again from its first record"
+        try:
+            there = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            there = None
+        if there is not None and (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino):
+            return None
+        create(self.path)  # refuses a link planted there (O_NOFOLLOW)
+        fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        os.close(self._fd)
+        self._fd = fd
+        self.position = self._punched = self._resume()
+        return (
+            f"{self.path} was removed or replaced; made again, root's only: nginx writes "
+            "to it from its next reload (requests until then are not counted)"
+        )
+
     def pending(self) -> int:
         """Bytes written but not read yet."""
         return max(0, os.fstat(self._fd).st_size - self.position)

@@ -189,12 +189,12 @@ def host_precedence(host: str) -> tuple[tuple[bool, str], ...]:
 
 
 def nginx_name_part(app: str) -> str:
-    """A valid app name as part of the names keter gives nginx (upstreams, log formats,
+    """An app name (validated by the caller: keter's own sites have names of their own,
+    ``_dashboard``) as part of the names keter gives nginx (upstreams, log formats,
     zones), distinct for distinct apps though nginx compares some of them ignoring
     case: every character but lower-case letters and digits is hex-escaped as
     ``_xx``. Escapes never put two '_' in a row, so a ``__`` suffix cannot make one
     app's name another's."""
-    validate_app_name(app)
     return "".join(c if c.isdigit() or ("a" <= c <= "z") else f"_{ord(c):02x}" for c in app)
 
 

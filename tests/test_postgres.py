@@ -726,18 +726,17 @@ def test_unreachable_server_fails_after_retry_for_without_holding_up_other_apps(
     sent_b = time.monotonic()
     running.send("second")
 
-    reply_a = running.reply()
-    got_a = time.monotonic()
-    reply_b = running.reply()
-    got_b = time.monotonic()
-    for reply, app in ((reply_a, "first"), (reply_b, "second")):
-        assert isinstance(reply, DatabaseFailed) and reply.app == app
+    got = {}
+    for _ in range(2):
+        reply = running.reply()
+        got[reply.app] = time.monotonic()
+        assert isinstance(reply, DatabaseFailed)
         assert "unavailable for 1.5s" in reply.reason and "refused" in reply.reason
         assert reply.unavailable  # the supervisor may deploy the bundle again later
-    # Each gave up after its own retry_for: the second was not queued behind
-    # the first app's retries.
-    assert retry_for <= got_a - sent_a < retry_for + 1.0
-    assert retry_for <= got_b - sent_b < retry_for + 1.0
+    # Each gave up after its own retry_for (and the attempt under way then: a helper
+    # process each): the second was not queued behind the first app's retries.
+    assert retry_for <= got["first"] - sent_a < 2 * retry_for
+    assert retry_for <= got["second"] - sent_b < 2 * retry_for
     assert retry_logged(caplog, "second")
 
 

@@ -69,7 +69,7 @@ def log_format_name(app: str) -> str:
     """The nginx name of an app's log format. nginx defines formats by their exact name
     but finds an access_log's ignoring case: "Foo" and "foo" kept their case, and foo's
     requests were logged and counted as Foo's (its watch rolled Foo back)."""
-    return f"keter_log_{nginx_name_part(app)}"
+    return f"keter_log_{nginx_name_part(validate_app_name(app))}"
 
 
 def log_format_directive(app: str, version: str) -> str:

@@ -55,6 +55,10 @@ class Spool:
         self.position = self._resume()
         self._punched = self.position  # everything before this is a hole already
         self._holes = True
+        # The spool made again after it was removed by hand: nginx writes to it from its
+        # next reload, and the old one is read until then (``follow``).
+        self._next: int | None = None
+        self._old_size = -1  # the old one's length at the last look, while _next waits
 
     def read_lines(self, limit: int = CHUNK) -> list[bytes]:
         """The complete lines written since the last call (at most about ``limit`` bytes)."""
@@ -73,17 +77,22 @@ class Spool:
     def follow(self) -> str | None:
         """Keep reading the spool nginx writes, should it be cut short or removed by hand
         (its length only grows: it invites a clean-up); what changed, for a log line.
+        Called about once a second.
 
         Cut short (``: > access.spool``), it is read from its first record again: keter
         had waited for the length it knew, weeks of records. Removed or replaced, it is
-        made again, root's only (nginx makes it readable by every local user, and it
-        holds every app's requests), and read from there: nginx writes to it from its
-        next reload, until which its records are lost, said once.
+        made again at once, root's only (nginx would make it readable by every local
+        user, and it holds every app's requests); nginx goes on writing to the one it
+        has open until its next reload, and that one is read (and its space given
+        back) until nginx writes to the new one and the old has stopped growing.
         """
         held = os.fstat(self._fd)
         if held.st_size < self.position:
             self.position = self._punched = self._resume()
             return f"{self.path} was cut short; read again from its first record"
+        if self._next is not None:
+            self._switch_when_nginx_has(held.st_size)
+            return None
         try:
             there = os.stat(self.path, follow_symlinks=False)
         except FileNotFoundError:
@@ -91,14 +100,24 @@ class Spool:
         if there is not None and (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino):
             return None
         create(self.path)  # refuses a link planted there (O_NOFOLLOW)
-        fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        os.close(self._fd)
-        self._fd = fd
-        self.position = self._punched = self._resume()
+        self._next = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         return (
             f"{self.path} was removed or replaced; made again, root's only: nginx writes "
-            "to it from its next reload (requests until then are not counted)"
+            "to it from its next reload, and the one it writes to now is read until then"
         )
+
+    def _switch_when_nginx_has(self, old_size: int) -> None:
+        """Read the new spool once nginx writes to it and the old one, read to its end,
+        has not grown since the last look (old workers flush their last records there)."""
+        assert self._next is not None
+        quiet = old_size == self._old_size and self.position >= old_size
+        self._old_size = old_size
+        if not quiet or os.fstat(self._next).st_size == 0:
+            return
+        self._punch()
+        os.close(self._fd)
+        self._fd, self._next, self._old_size = self._next, None, -1
+        self.position = self._punched = self._resume()
 
     def pending(self) -> int:
         """Bytes written but not read yet."""
@@ -107,6 +126,8 @@ class Spool:
     def close(self) -> None:
         self._punch()
         os.close(self._fd)
+        if self._next is not None:
+            os.close(self._next)
 
     def _resume(self) -> int:
         """Where reading starts: the first byte not read before.

@@ -304,8 +304,8 @@ def still_coming(client: KeterClient, app: str, sha256: str | None) -> bool:
     way; while keter restarts, maybe (it deploys again what it was deploying)."""
     try:
         deploying = client.app(app).get("deploying")
-    except NotRunning:
-        return True  # asked again once it is back (wait_for_verdict's RESTART_GRACE)
+    except (NotRunning, NotAnswering):
+        return True  # asked again once it is back or less busy (wait_for_verdict)
     except ClientError:  # gone (its bundle removed)
         return False
     if deploying is None:

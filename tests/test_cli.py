@@ -894,3 +894,29 @@ def test_a_restore_follows_newer_versions_to_their_end_but_not_a_removal(
     assert appcommands.main(command) == code
     assert said in capsys.readouterr().err
     assert time.monotonic() - began < 2  # no timeout waited out
+
+
+class Busy(History):
+    """History whose app view is too busy to answer once; then a deploy of our version
+    that was on its way ends, serving."""
+
+    def __init__(self, *entries: dict) -> None:
+        super().__init__(*entries)
+        self.busy = 2  # twice: past the wait's last look
+
+    def app(self, name: str) -> dict:
+        if self.busy:
+            self.busy -= 1
+            if not self.busy:
+                serving = {"seq": len(self.entries) + 1, **ended("serving", OURS, 52.0)}
+                self.entries.append(serving)
+            raise NotAnswering("keter did not answer within 10s")
+        return super().app(name)
+
+
+def test_a_keter_too_busy_to_say_what_is_on_its_way_is_asked_again() -> None:
+    # Its silence was taken for the app gone: "superseded" was the verdict, while the
+    # restart of the same version went on to serve.
+    history = Busy(ended("superseded", OURS, 51.0))
+    verdict = commands.wait_for_verdict(history, "a", 0, OURS, 5.0, since=50.0)
+    assert verdict is not None and verdict["outcome"] == "serving"

@@ -236,7 +236,6 @@ class _Entry:
     probe_interval: float = PROBE_FIRST_INTERVAL
     last_probe: str = "no probe finished"
     probe_done_at: float = 0.0  # when the last probe finished (or probing began; monotonic)
-    last_chance: bool = False  # the health deadline passed while keter stalled: one more probe
     gone_poll: float = GONE_FIRST_POLL
     spawning: Future | None = None  # a spawn in the pool; nothing else happens meanwhile
     spawn_log: AppLog | None = None  # the log that spawn will write to
@@ -732,7 +731,7 @@ class ProcessMonitor(Actor):
         entry.probe_interval = PROBE_FIRST_INTERVAL
         entry.last_probe = "no probe finished"
         entry.probing, entry.exit_pending = False, None
-        entry.probe_done_at, entry.last_chance = time.monotonic(), False
+        entry.probe_done_at = time.monotonic()
         self._state_timer(
             entry,
             self._health_timeout(spec),
@@ -788,9 +787,6 @@ class ProcessMonitor(Actor):
             case _ProbeDone(healthy=True):
                 entry.probing = False
                 self._became_healthy(entry)
-            case _ProbeDone(detail=detail) if entry.last_chance:
-                entry.probing, entry.last_probe = False, detail
-                self._not_healthy(entry)
             case _ProbeDone(detail=detail):
                 entry.probing, entry.last_probe = False, detail
                 entry.probe_done_at = time.monotonic()
@@ -800,19 +796,25 @@ class ProcessMonitor(Actor):
                 entry.probe_interval = min(entry.probe_interval * 1.5, PROBE_MAX_INTERVAL)
             case _HealthDeadline() if self._stalled(entry):
                 # keter itself did not run for a while (a frozen VM, swapping): the app was
-                # not asked meanwhile, and failing it unasked failed a healthy version.
-                # One more probe decides.
-                entry.last_chance = True
+                # not asked meanwhile (a probe out then timed out on the frozen clock), and
+                # failing it unasked failed a healthy version. The freeze does not count:
+                # one more probing round decides.
+                entry.probe_done_at = time.monotonic()
+                deadline = _HealthDeadline(deploy_id=entry.deploy_id, run=entry.runs)
+                self._state_timer(entry, self._probe_round(), deadline)
                 if not entry.probing:
                     self._probe(entry)
             case _HealthDeadline():
                 self._not_healthy(entry)
 
+    def _probe_round(self) -> float:
+        """The longest a probing round takes: an interval, then a probe's whole timeout,
+        and a second of slack."""
+        return PROBE_MAX_INTERVAL + self.probe_timeout + 1.0
+
     def _stalled(self, entry: _Entry) -> bool:
-        """Whether no probe of the entry finished for longer than probing ever takes (an
-        interval, then a probe's whole timeout, and a second of slack)."""
-        longest = PROBE_MAX_INTERVAL + self.probe_timeout + 1.0
-        return not entry.last_chance and time.monotonic() - entry.probe_done_at > longest
+        """Whether no probe of the entry finished for longer than a probing round."""
+        return time.monotonic() - entry.probe_done_at > self._probe_round()
 
     def _not_healthy(self, entry: _Entry) -> None:
         """Its health deadline passed, and the app did not answer."""
